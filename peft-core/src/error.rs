@@ -1,0 +1,131 @@
+//! The error type of `peft-core`.
+//!
+//! Every variant is `Copy` and carries enough numbers to say what was wrong.
+//! A function that returns an error has written nothing to its outputs.
+
+use core::fmt;
+
+/// `Result` with [`Error`].
+pub type Result<T> = core::result::Result<T, Error>;
+
+/// Which operand of an operation an error is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Operand {
+    /// The input activations `x`.
+    Input,
+    /// The output `y`.
+    Output,
+    /// The frozen base weight `W`.
+    Weight,
+    /// The base bias `b`.
+    Bias,
+    /// The LoRA down-projection `A`.
+    LoraA,
+    /// The LoRA up-projection `B`.
+    LoraB,
+    /// The upstream gradient `dL/dy`.
+    GradOutput,
+    /// The input gradient `dL/dx`.
+    GradInput,
+    /// The gradient buffer of `A`.
+    GradA,
+    /// The gradient buffer of `B`.
+    GradB,
+    /// A backup buffer for the base weight.
+    Backup,
+    /// The left operand of a gemm.
+    Lhs,
+    /// The right operand of a gemm.
+    Rhs,
+    /// The destination of a gemm.
+    Dst,
+}
+
+/// Everything that can go wrong in `peft-core`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Error {
+    /// A slice is too short for the view asked of it
+    /// (`(rows - 1) * row_stride + cols` elements are needed).
+    SliceTooShort {
+        /// Elements the view needs.
+        needed: usize,
+        /// Elements the slice has.
+        len: usize,
+    },
+    /// A row stride smaller than the number of columns.
+    BadStride {
+        /// The stride given.
+        row_stride: usize,
+        /// The number of columns.
+        cols: usize,
+    },
+    /// A dimension product overflows `usize`.
+    Overflow,
+    /// An operand's dimension does not match what the operation requires.
+    ShapeMismatch {
+        /// The operand at fault.
+        operand: Operand,
+        /// The size the operation requires.
+        expected: usize,
+        /// The size given.
+        found: usize,
+    },
+    /// Rank 0, or a rank above `min(in, out)`.
+    InvalidRank {
+        /// The rank given.
+        rank: usize,
+        /// The largest rank allowed, `min(in, out)`.
+        max: usize,
+    },
+    /// `alpha` is zero, infinite or NaN.
+    InvalidAlpha,
+    /// The caller's scratch buffer is shorter than the `*_scratch_len`
+    /// function says.
+    ScratchTooSmall {
+        /// Elements needed.
+        needed: usize,
+        /// Elements given.
+        len: usize,
+    },
+    /// `merge` on a layer that is already merged (a second merge would add
+    /// `s B A` twice).
+    AlreadyMerged,
+    /// `unmerge` on a layer that is not merged.
+    NotMerged,
+    /// The adapter of a merged layer cannot be changed (its product is baked
+    /// into `W`); unmerge first.
+    MergedAdapterLocked,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Error::SliceTooShort { needed, len } => {
+                write!(f, "slice of {len} elements is too short for a view of {needed}")
+            }
+            Error::BadStride { row_stride, cols } => {
+                write!(f, "row stride {row_stride} is smaller than {cols} columns")
+            }
+            Error::Overflow => f.write_str("dimension product overflows usize"),
+            Error::ShapeMismatch { operand, expected, found } => {
+                write!(f, "{operand:?}: expected dimension {expected}, found {found}")
+            }
+            Error::InvalidRank { rank, max } => {
+                write!(f, "rank {rank} is invalid: it must be in 1..={max} (min(in, out))")
+            }
+            Error::InvalidAlpha => f.write_str("alpha must be finite and non-zero"),
+            Error::ScratchTooSmall { needed, len } => {
+                write!(f, "scratch of {len} elements is smaller than the {needed} needed")
+            }
+            Error::AlreadyMerged => f.write_str("the adapter is already merged into the base weight"),
+            Error::NotMerged => f.write_str("the adapter is not merged"),
+            Error::MergedAdapterLocked => {
+                f.write_str("the adapter is merged into the base weight; unmerge before changing it")
+            }
+        }
+    }
+}
+
+impl core::error::Error for Error {}

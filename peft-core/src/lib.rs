@@ -1,0 +1,51 @@
+//! # peft-core
+//!
+//! The math of parameter-efficient fine-tuning, `#![no_std]`, without a heap
+//! and without `unsafe`.
+//!
+//! * [`element`]: the element types (f32, f64; f16 and bf16 behind the `half`
+//!   feature, stored in half precision and computed in f32).
+//! * [`matrix`]: checked row-major views over slices.
+//! * [`backend`]: the [`Backend`] trait (a gemm in faer's sense) and the
+//!   portable [`Reference`] backend.
+//! * [`rng`]: a seedable, bit-reproducible PRNG for initialization.
+//! * [`lora`]: LoRA and rsLoRA: forward, analytic backward, merge and unmerge.
+//!
+//! Layouts follow PyTorch and Hugging Face PEFT so files map across without
+//! transposes: `W [out, in]`, `A [r, in]`, `B [out, r]`, `x [tokens, in]`,
+//! `y [tokens, out]`, all row-major.
+//!
+//! ## Contracts
+//!
+//! * Every fallible public function returns [`Result`]; when it returns an
+//!   error it has written nothing (heapless's contract).
+//! * No function panics on caller input.
+//! * Forward, backward and merge never allocate: temporaries come from a
+//!   caller-provided scratch slice whose length a `*_scratch_len` function
+//!   states.
+//! * The frozen base is structural: forward and backward borrow the base
+//!   weight immutably and have no gradient output for it.
+#![no_std]
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
+pub mod backend;
+pub mod element;
+pub mod error;
+pub mod lora;
+pub mod matrix;
+pub mod rng;
+
+pub use backend::{Accum, Backend, Op, Reference};
+pub use element::{Element, Real};
+pub use error::{Error, Result};
+pub use matrix::{MatMut, MatRef};
+pub use rng::Rng;
+
+/// The README's examples, compiled and run as doctests so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

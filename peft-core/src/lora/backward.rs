@@ -1,0 +1,110 @@
+//! LoRA backward pass.
+//!
+//! With `t = x A^T` `[tokens, r]` and `G = dL/dy` `[tokens, out]`, the
+//! forward `y = x W^T + b + s t B^T` gives, element by element
+//! (`y_ij = ... + s sum_k t_ik B_jk`, `t_ik = sum_l x_il A_kl`):
+//!
+//! ```text
+//! dL/dB = s G^T t              [out, r]   = s G^T (x A^T)
+//! u     = G B                  [tokens, r]
+//! dL/dA = s u^T x              [r, in]    = s B^T G^T x
+//! dL/dx = G W + s u A          [tokens, in] = G (W + s B A), without forming B A
+//! ```
+//!
+//! The seed document's `grad_B = (x A^T)^T (s G)` has shape `[r, out]`, the
+//! transpose of `B`; the correct `s G^T (x A^T)` is `[out, r]`. Every formula
+//! here is checked against central finite differences in f64.
+//!
+//! There is no `dL/dW` and no `dL/db`: the base is frozen (the seed's
+//! mistakes 1 and 12), and the layer holds it through a shared borrow here.
+
+use super::layer::{LoraLinear, check_len};
+use crate::backend::{Accum, Backend, Op};
+use crate::element::Element;
+use crate::error::{Error, Operand, Result};
+use crate::matrix::{MatMut, MatRef, checked_len};
+
+/// Gradient buffers of the adapter, accumulated into (`+=`), so that
+/// several micro-batches sum. Zero them before the first micro-batch.
+#[derive(Debug)]
+pub struct LoraGrads<'g, E> {
+    /// `dL/dA`, `[r, in]`.
+    pub a: &'g mut [E],
+    /// `dL/dB`, `[out, r]`.
+    pub b: &'g mut [E],
+}
+
+impl<E: Element> LoraLinear<'_, E> {
+    /// Scratch elements [`backward`](Self::backward) needs: `2 * tokens * r`
+    /// (`t = x A^T` and `u = G B`). Saturates at `usize::MAX`.
+    pub fn backward_scratch_len(&self, tokens: usize) -> usize {
+        tokens.saturating_mul(self.rank).saturating_mul(2)
+    }
+
+    /// Accumulates `dL/dA` and `dL/dB` into `grads` and, if `grad_x` is
+    /// given, writes `dL/dx` into it (overwriting).
+    ///
+    /// Shapes: `x [tokens, in]` (the forward input), `grad_y [tokens, out]`,
+    /// `grad_x [tokens, in]`, `grads.a [r, in]`, `grads.b [out, r]`; scratch
+    /// at least [`backward_scratch_len(tokens)`](Self::backward_scratch_len).
+    ///
+    /// On a merged layer `W` already holds `W + s B A`, so `dL/dx = G W`;
+    /// the adapter gradients are the same in both states.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Input`, `GradOutput`, `GradInput`, `GradA`,
+    /// `GradB`), [`Error::ScratchTooSmall`], [`Error::Overflow`], before
+    /// anything is written.
+    pub fn backward<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        x: MatRef<'_, E>,
+        grad_y: MatRef<'_, E>,
+        grad_x: Option<MatMut<'_, E>>,
+        grads: LoraGrads<'_, E>,
+        scratch: &mut [E],
+    ) -> Result<()> {
+        let tokens = x.rows();
+        let (r, n_in, n_out) = (self.rank, self.in_features, self.out_features);
+        self.check_io(&x, grad_y.rows(), grad_y.cols(), Operand::GradOutput)?;
+        if let Some(gx) = &grad_x {
+            if gx.rows() != tokens || gx.cols() != n_in {
+                let (expected, found) = if gx.rows() != tokens { (tokens, gx.rows()) } else { (n_in, gx.cols()) };
+                return Err(Error::ShapeMismatch { operand: Operand::GradInput, expected, found });
+            }
+        }
+        check_len(Operand::GradA, checked_len(r, n_in)?, grads.a.len())?;
+        check_len(Operand::GradB, checked_len(n_out, r)?, grads.b.len())?;
+        let need = self.backward_scratch_len(tokens);
+        if scratch.len() < need {
+            return Err(Error::ScratchTooSmall { needed: need, len: scratch.len() });
+        }
+
+        let one = <E::Accum as Element>::from_f64(1.0);
+        let s = self.scale_accum();
+        let w = MatRef::new(self.weight, n_out, n_in)?;
+        let a = MatRef::new(self.a, r, n_in)?;
+        let b = MatRef::new(self.b, n_out, r)?;
+        let (t_buf, rest) = scratch.split_at_mut(need / 2);
+        let u_buf = rest.get_mut(..need / 2).unwrap_or(&mut []);
+        let mut t = MatMut::new(t_buf, tokens, r)?;
+        let mut u = MatMut::new(u_buf, tokens, r)?;
+
+        // t = x A^T;  dB += s G^T t
+        backend.gemm(t.rb_mut(), Accum::Replace, x, Op::N, a, Op::T, one)?;
+        let gb = MatMut::new(grads.b, n_out, r)?;
+        backend.gemm(gb, Accum::Add, grad_y, Op::T, t.as_ref(), Op::N, s)?;
+        // u = G B;  dA += s u^T x
+        backend.gemm(u.rb_mut(), Accum::Replace, grad_y, Op::N, b, Op::N, one)?;
+        let ga = MatMut::new(grads.a, r, n_in)?;
+        backend.gemm(ga, Accum::Add, u.as_ref(), Op::T, x, Op::N, s)?;
+        // dx = G W (+ s u A when unmerged)
+        if let Some(mut gx) = grad_x {
+            backend.gemm(gx.rb_mut(), Accum::Replace, grad_y, Op::N, w, Op::N, one)?;
+            if !self.merged {
+                backend.gemm(gx, Accum::Add, u.as_ref(), Op::N, a, Op::N, s)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,553 @@
+//! LoRA unit tests, independent of `peft-verify`. Each names the seed
+//! mistake it would catch.
+
+extern crate std;
+use std::vec;
+use std::vec::Vec;
+
+use super::*;
+use crate::backend::{Accum, Backend, Op, Reference};
+use crate::error::{Error, Operand};
+use crate::matrix::{MatMut, MatRef};
+use crate::rng::Rng;
+
+/// Owned buffers for one layer.
+struct Bufs {
+    w: Vec<f64>,
+    bias: Vec<f64>,
+    a: Vec<f64>,
+    b: Vec<f64>,
+}
+
+fn random(rng: &mut Rng, n: usize) -> Vec<f64> {
+    (0..n).map(|_| rng.uniform_range(-1.0, 1.0)).collect()
+}
+
+fn bufs(rng: &mut Rng, n_in: usize, n_out: usize, r: usize) -> Bufs {
+    Bufs { w: random(rng, n_out * n_in), bias: random(rng, n_out), a: random(rng, r * n_in), b: random(rng, n_out * r) }
+}
+
+/// f64 oracle: `x W^T + b + s (x A^T) B^T` by plain loops.
+fn oracle(x: &[f64], t: usize, n_in: usize, n_out: usize, r: usize, bf: &Bufs, s: f64) -> Vec<f64> {
+    let mut y = vec![0.0; t * n_out];
+    for i in 0..t {
+        for j in 0..n_out {
+            let mut base = bf.bias[j];
+            for l in 0..n_in {
+                base += x[i * n_in + l] * bf.w[j * n_in + l];
+            }
+            let mut low = 0.0;
+            for k in 0..r {
+                let mut xa = 0.0;
+                for l in 0..n_in {
+                    xa += x[i * n_in + l] * bf.a[k * n_in + l];
+                }
+                low += xa * bf.b[j * r + k];
+            }
+            y[i * n_out + j] = base + s * low;
+        }
+    }
+    y
+}
+
+fn forward(layer: &LoraLinear<'_, f64>, x: &[f64], t: usize) -> Vec<f64> {
+    let mut y = vec![0.0; t * layer.out_features()];
+    let mut scratch = vec![0.0; layer.forward_scratch_len(t)];
+    layer
+        .forward(
+            &Reference,
+            MatRef::new(x, t, layer.in_features()).unwrap(),
+            MatMut::new(&mut y, t, layer.out_features()).unwrap(),
+            &mut scratch,
+        )
+        .unwrap();
+    y
+}
+
+fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-300);
+    got.iter().zip(want).fold(0.0f64, |m, (g, w)| m.max((g - w).abs())) / scale
+}
+
+#[test]
+fn mistake2_fresh_adapter_output_equals_base_exactly() {
+    let mut rng = Rng::new(1);
+    let (n_in, n_out, r, t) = (13, 9, 4, 5);
+    let mut bf = bufs(&mut rng, n_in, n_out, r);
+    let x = random(&mut rng, t * n_in);
+    // Base output through the same backend: x W^T, then + b.
+    let mut base = vec![0.0; t * n_out];
+    Reference
+        .gemm(
+            MatMut::new(&mut base, t, n_out).unwrap(),
+            Accum::Replace,
+            MatRef::new(&x, t, n_in).unwrap(),
+            Op::N,
+            MatRef::new(&bf.w, n_out, n_in).unwrap(),
+            Op::T,
+            1.0,
+        )
+        .unwrap();
+    for row in base.chunks_mut(n_out) {
+        for (v, b) in row.iter_mut().zip(&bf.bias) {
+            *v += b;
+        }
+    }
+    for init in [LoraInit::KaimingUniform, LoraInit::Gaussian] {
+        let cfg = LoraConfig::new(r, 16.0).with_init(init);
+        let mut layer = LoraLinear::new(&cfg, n_in, n_out, &mut bf.w, Some(&bf.bias), &mut bf.a, &mut bf.b).unwrap();
+        layer.init_adapter(&mut rng).unwrap();
+        assert!(layer.lora_b().iter().all(|&v| v == 0.0), "B must be zero at init");
+        assert!(layer.lora_a().iter().any(|&v| v != 0.0), "A must be random");
+        if init == LoraInit::KaimingUniform {
+            let bound = 1.0 / (n_in as f64).sqrt();
+            assert!(layer.lora_a().iter().all(|v| v.abs() <= bound));
+        }
+        let y = forward(&layer, &x, t);
+        assert_eq!(y, base, "{init:?}: fresh LoRA changed the base output");
+    }
+}
+
+#[test]
+fn kaiming_and_gaussian_spread() {
+    // Var of U(-c, c) is c^2/3 = 1/(3 in); of N(0, 1/r^2) is 1/r^2.
+    let mut rng = Rng::new(3);
+    let (n_in, n_out, r) = (400, 400, 10);
+    let mut bf = bufs(&mut rng, n_in, n_out, r);
+    for (init, var) in [(LoraInit::KaimingUniform, 1.0 / (3.0 * n_in as f64)), (LoraInit::Gaussian, 0.01)] {
+        let cfg = LoraConfig::new(r, 1.0).with_init(init);
+        let mut layer = LoraLinear::new(&cfg, n_in, n_out, &mut bf.w, None, &mut bf.a, &mut bf.b).unwrap();
+        layer.init_adapter(&mut rng).unwrap();
+        let a = layer.lora_a();
+        let got = a.iter().map(|v| v * v).sum::<f64>() / a.len() as f64;
+        assert!((got / var - 1.0).abs() < 0.05, "{init:?}: variance {got} vs {var}");
+    }
+}
+
+#[test]
+fn mistake3_scale_applies_to_low_rank_path_only() {
+    // Hand calculation: in = out = 2, r = 1, alpha = 4, so s = 4.
+    // W = I, b = [0.5, -1], A = [1, 2], B = [1, 0.5]^T, x = [1, 1].
+    // x W^T + b = [1.5, 0]; x A^T = 3; s * 3 * B = [12, 6]; y = [13.5, 6].
+    // Without the scale: [4.5, 1.5]. Scaling the base too: [16.5, 3].
+    let (mut w, bias, mut a, mut b) = ([1.0, 0.0, 0.0, 1.0], [0.5, -1.0], [1.0, 2.0], [1.0, 0.5]);
+    let cfg = LoraConfig::new(1, 4.0);
+    let layer = LoraLinear::new(&cfg, 2, 2, &mut w, Some(&bias), &mut a, &mut b).unwrap();
+    assert_eq!(forward(&layer, &[1.0, 1.0], 1), vec![13.5, 6.0]);
+
+    // rsLoRA, hand calculation: r = 2, alpha = 4, s = 4/sqrt(2) = 2 sqrt(2);
+    // W = 0, A = B = I, x = [1, 2]: y = s x = [2 sqrt 2, 4 sqrt 2].
+    let (mut w, mut a, mut b) = ([0.0; 4], [1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0]);
+    let cfg = LoraConfig::new(2, 4.0).with_rslora(true);
+    let layer = LoraLinear::new(&cfg, 2, 2, &mut w, None, &mut a, &mut b).unwrap();
+    let y = forward(&layer, &[1.0, 2.0], 1);
+    let s = 2.0 * core::f64::consts::SQRT_2;
+    assert!((y[0] - s).abs() < 1e-15 && (y[1] - 2.0 * s).abs() < 1e-15, "{y:?}");
+}
+
+#[test]
+fn forward_matches_f64_oracle() {
+    let mut rng = Rng::new(5);
+    for &(n_in, n_out, r, t) in &[(7, 5, 2, 3), (33, 17, 8, 9), (1, 1, 1, 1), (130, 20, 3, 70)] {
+        let mut bf = bufs(&mut rng, n_in, n_out, r);
+        let x = random(&mut rng, t * n_in);
+        let cfg = LoraConfig::new(r, 3.0);
+        let s = cfg.scale().unwrap();
+        let want = oracle(&x, t, n_in, n_out, r, &bf, s);
+        let bias = bf.bias.clone();
+        let layer = LoraLinear::new(&cfg, n_in, n_out, &mut bf.w, Some(&bias), &mut bf.a, &mut bf.b).unwrap();
+        assert!(max_rel_err(&forward(&layer, &x, t), &want) < 1e-13);
+    }
+}
+
+#[test]
+fn mistake6_merged_forward_equals_unmerged_and_is_one_matmul() {
+    let mut rng = Rng::new(11);
+    let (n_in, n_out, r, t) = (24, 16, 4, 6);
+    let mut bf = bufs(&mut rng, n_in, n_out, r);
+    let x = random(&mut rng, t * n_in);
+    // alpha != r, random non-zero A and B.
+    let cfg = LoraConfig::new(r, 7.0);
+    let bias = bf.bias.clone();
+    let mut layer = LoraLinear::new(&cfg, n_in, n_out, &mut bf.w, Some(&bias), &mut bf.a, &mut bf.b).unwrap();
+    let unmerged = forward(&layer, &x, t);
+    layer.merge(&Reference, None).unwrap();
+    assert!(layer.is_merged());
+    assert_eq!(layer.forward_scratch_len(t), 0, "merged forward needs no low-rank temporaries");
+    let merged = forward(&layer, &x, t);
+    // f64, inner lengths <= 24: 1e-13 relative leaves a wide margin over
+    // the ~(in + r) eps accumulated error.
+    assert!(max_rel_err(&merged, &unmerged) < 1e-13);
+}
+
+#[test]
+fn merge_twice_is_an_error_and_changes_nothing() {
+    let mut rng = Rng::new(2);
+    let mut bf = bufs(&mut rng, 6, 5, 2);
+    let cfg = LoraConfig::new(2, 4.0);
+    let mut layer = LoraLinear::new(&cfg, 6, 5, &mut bf.w, None, &mut bf.a, &mut bf.b).unwrap();
+    assert_eq!(layer.unmerge(&Reference), Err(Error::NotMerged));
+    layer.merge(&Reference, None).unwrap();
+    let once: Vec<f64> = layer.weight().to_vec();
+    assert_eq!(layer.merge(&Reference, None), Err(Error::AlreadyMerged));
+    assert_eq!(layer.weight(), &once[..]);
+    assert_eq!(layer.adapter_mut().unwrap_err(), Error::MergedAdapterLocked);
+    assert_eq!(layer.init_adapter(&mut rng), Err(Error::MergedAdapterLocked));
+    assert_eq!(layer.weight(), &once[..]);
+}
+
+#[test]
+fn unmerge_with_backup_is_bit_exact() {
+    let mut rng = Rng::new(4);
+    let mut w: Vec<f32> = (0..48).map(|_| rng.uniform_range(-1.0, 1.0) as f32).collect();
+    let orig = w.clone();
+    let mut a: Vec<f32> = (0..12).map(|_| rng.uniform_range(-1.0, 1.0) as f32).collect();
+    let mut b: Vec<f32> = (0..16).map(|_| rng.uniform_range(-1.0, 1.0) as f32).collect();
+    let mut backup = vec![0.0f32; 48];
+    let cfg = LoraConfig::new(2, 3.0);
+    let mut layer = LoraLinear::new(&cfg, 6, 8, &mut w, None, &mut a, &mut b).unwrap();
+    let mut short = [0.0f32; 47];
+    assert_eq!(
+        layer.merge(&Reference, Some(&mut short)),
+        Err(Error::ShapeMismatch { operand: Operand::Backup, expected: 48, found: 47 })
+    );
+    assert!(!layer.is_merged());
+    layer.merge(&Reference, Some(&mut backup)).unwrap();
+    assert_ne!(layer.weight(), &orig[..]);
+    layer.unmerge(&Reference).unwrap();
+    assert!(layer.weight().iter().zip(&orig).all(|(a, b)| a.to_bits() == b.to_bits()));
+}
+
+#[test]
+fn unmerge_without_backup_drift_within_bound_over_1000_cycles() {
+    let mut rng = Rng::new(8);
+    let (n_in, n_out, r) = (32, 24, 4);
+    let mut w: Vec<f32> = (0..n_in * n_out).map(|_| rng.uniform_range(-1.0, 1.0) as f32).collect();
+    let orig = w.clone();
+    let mut a: Vec<f32> = (0..r * n_in).map(|_| rng.uniform_range(-1.0, 1.0) as f32).collect();
+    let mut b: Vec<f32> = (0..n_out * r).map(|_| rng.uniform_range(-1.0, 1.0) as f32).collect();
+    // |p| = |s (B A)_ij| in f64, for the bound.
+    let s = 2.5f64;
+    let p: Vec<f64> = (0..n_out * n_in)
+        .map(|idx| {
+            let (i, j) = (idx / n_in, idx % n_in);
+            (s * (0..r).map(|k| b[i * r + k] as f64 * a[k * n_in + j] as f64).sum::<f64>()).abs()
+        })
+        .collect();
+    let cfg = LoraConfig::new(r, s * r as f64);
+    let mut layer = LoraLinear::new(&cfg, n_in, n_out, &mut w, None, &mut a, &mut b).unwrap();
+    let cycles = 1000;
+    for _ in 0..cycles {
+        layer.merge(&Reference, None).unwrap();
+        layer.unmerge(&Reference).unwrap();
+    }
+    let u = f32::EPSILON as f64 / 2.0;
+    let mut worst = 0.0f64;
+    for ((got, want), p) in layer.weight().iter().zip(&orig).zip(&p) {
+        let drift = (*got as f64 - *want as f64).abs();
+        // Documented bound (merge.rs): n u (2|W| + |p|) (1 + u), with |W|
+        // bounded by its value plus the drift so far.
+        let bound = cycles as f64 * u * (2.0 * (want.abs() as f64 + drift) + p) * (1.0 + u);
+        assert!(drift <= bound, "drift {drift} > bound {bound}");
+        worst = worst.max(drift);
+    }
+    assert!(worst < 1e-3);
+}
+
+/// Loss `L = sum(y * g)`, in f64.
+fn loss(layer: &LoraLinear<'_, f64>, x: &[f64], t: usize, g: &[f64]) -> f64 {
+    forward(layer, x, t).iter().zip(g).map(|(a, b)| a * b).sum()
+}
+
+#[test]
+fn gradients_match_central_finite_differences() {
+    let mut rng = Rng::new(21);
+    let (n_in, n_out, r, t) = (7, 6, 3, 4);
+    for rslora in [false, true] {
+        let mut bf = bufs(&mut rng, n_in, n_out, r);
+        let mut x = random(&mut rng, t * n_in);
+        let g = random(&mut rng, t * n_out);
+        let bias = bf.bias.clone();
+        let cfg = LoraConfig::new(r, 5.0).with_rslora(rslora);
+        let mut layer = LoraLinear::new(&cfg, n_in, n_out, &mut bf.w, Some(&bias), &mut bf.a, &mut bf.b).unwrap();
+
+        let (mut ga, mut gb, mut gx) = (vec![0.0; r * n_in], vec![0.0; n_out * r], vec![0.0; t * n_in]);
+        let mut scratch = vec![0.0; layer.backward_scratch_len(t)];
+        layer
+            .backward(
+                &Reference,
+                MatRef::new(&x, t, n_in).unwrap(),
+                MatRef::new(&g, t, n_out).unwrap(),
+                Some(MatMut::new(&mut gx, t, n_in).unwrap()),
+                LoraGrads { a: &mut ga, b: &mut gb },
+                &mut scratch,
+            )
+            .unwrap();
+
+        let h = 1e-6;
+        let fd = |l: &LoraLinear<'_, f64>, x: &[f64]| loss(l, x, t, &g);
+        // dL/dA and dL/dB: perturb one element at a time.
+        for (which, analytic) in [(0, &ga), (1, &gb)] {
+            for idx in 0..analytic.len() {
+                let (a, b) = layer.adapter_mut().unwrap();
+                let p = if which == 0 { &mut a[idx] } else { &mut b[idx] };
+                let orig = *p;
+                *p = orig + h;
+                let up = fd(&layer, &x);
+                let (a, b) = layer.adapter_mut().unwrap();
+                let p = if which == 0 { &mut a[idx] } else { &mut b[idx] };
+                *p = orig - h;
+                let down = fd(&layer, &x);
+                let (a, b) = layer.adapter_mut().unwrap();
+                let p = if which == 0 { &mut a[idx] } else { &mut b[idx] };
+                *p = orig;
+                let numeric = (up - down) / (2.0 * h);
+                let rel = (numeric - analytic[idx]).abs() / analytic[idx].abs().max(1.0);
+                assert!(rel < 1e-6, "param {which} idx {idx}: fd {numeric} vs {}", analytic[idx]);
+            }
+        }
+        for idx in 0..x.len() {
+            let orig = x[idx];
+            x[idx] = orig + h;
+            let up = fd(&layer, &x);
+            x[idx] = orig - h;
+            let down = fd(&layer, &x);
+            x[idx] = orig;
+            let numeric = (up - down) / (2.0 * h);
+            let rel = (numeric - gx[idx]).abs() / gx[idx].abs().max(1.0);
+            assert!(rel < 1e-6, "dx idx {idx}: fd {numeric} vs {}", gx[idx]);
+        }
+
+        // The merged layer gives the same dx (G W' = G (W + s B A)) and the
+        // same adapter gradients.
+        layer.merge(&Reference, None).unwrap();
+        let (mut ga2, mut gb2, mut gx2) = (vec![0.0; r * n_in], vec![0.0; n_out * r], vec![0.0; t * n_in]);
+        layer
+            .backward(
+                &Reference,
+                MatRef::new(&x, t, n_in).unwrap(),
+                MatRef::new(&g, t, n_out).unwrap(),
+                Some(MatMut::new(&mut gx2, t, n_in).unwrap()),
+                LoraGrads { a: &mut ga2, b: &mut gb2 },
+                &mut scratch,
+            )
+            .unwrap();
+        assert_eq!(ga2, ga);
+        assert_eq!(gb2, gb);
+        assert!(max_rel_err(&gx2, &gx) < 1e-13);
+    }
+}
+
+#[test]
+fn gradients_accumulate_across_micro_batches() {
+    let mut rng = Rng::new(9);
+    let (n_in, n_out, r, t) = (5, 4, 2, 3);
+    let mut bf = bufs(&mut rng, n_in, n_out, r);
+    let x = random(&mut rng, t * n_in);
+    let g = random(&mut rng, t * n_out);
+    let cfg = LoraConfig::new(r, 2.0);
+    let layer = LoraLinear::new(&cfg, n_in, n_out, &mut bf.w, None, &mut bf.a, &mut bf.b).unwrap();
+    let (mut ga, mut gb) = (vec![0.0; r * n_in], vec![0.0; n_out * r]);
+    let mut scratch = vec![0.0; layer.backward_scratch_len(t)];
+    let mut run = |ga: &mut Vec<f64>, gb: &mut Vec<f64>| {
+        layer
+            .backward(
+                &Reference,
+                MatRef::new(&x, t, n_in).unwrap(),
+                MatRef::new(&g, t, n_out).unwrap(),
+                None,
+                LoraGrads { a: ga, b: gb },
+                &mut scratch,
+            )
+            .unwrap();
+    };
+    run(&mut ga, &mut gb);
+    let (once_a, once_b) = (ga.clone(), gb.clone());
+    run(&mut ga, &mut gb);
+    // x + x is exact in binary floating point.
+    assert!(ga.iter().zip(&once_a).all(|(two, one)| *two == 2.0 * one));
+    assert!(gb.iter().zip(&once_b).all(|(two, one)| *two == 2.0 * one));
+}
+
+#[test]
+fn mistakes_1_and_12_base_is_bit_identical_after_training() {
+    let mut rng = Rng::new(13);
+    let (n_in, n_out, r, t) = (12, 10, 3, 8);
+    let mut bf = bufs(&mut rng, n_in, n_out, r);
+    let w_bits: Vec<u64> = bf.w.iter().map(|v| v.to_bits()).collect();
+    let b_bits: Vec<u64> = bf.bias.iter().map(|v| v.to_bits()).collect();
+    let x = random(&mut rng, t * n_in);
+    let target = random(&mut rng, t * n_out);
+    let bias = bf.bias.clone();
+    let cfg = LoraConfig::new(r, 6.0);
+    let mut layer = LoraLinear::new(&cfg, n_in, n_out, &mut bf.w, Some(&bias), &mut bf.a, &mut bf.b).unwrap();
+    layer.init_adapter(&mut rng).unwrap();
+    let mut scratch = vec![0.0; layer.backward_scratch_len(t)];
+    let mut first = None;
+    let mut last = 0.0;
+    for _ in 0..50 {
+        let y = forward(&layer, &x, t);
+        // L = 0.5 |y - target|^2 / t, dL/dy = (y - target) / t.
+        let gy: Vec<f64> = y.iter().zip(&target).map(|(a, b)| (a - b) / t as f64).collect();
+        last = y.iter().zip(&target).map(|(a, b)| 0.5 * (a - b) * (a - b)).sum::<f64>() / t as f64;
+        first.get_or_insert(last);
+        let (mut ga, mut gb) = (vec![0.0; r * n_in], vec![0.0; n_out * r]);
+        layer
+            .backward(
+                &Reference,
+                MatRef::new(&x, t, n_in).unwrap(),
+                MatRef::new(&gy, t, n_out).unwrap(),
+                None,
+                LoraGrads { a: &mut ga, b: &mut gb },
+                &mut scratch,
+            )
+            .unwrap();
+        let (a, b) = layer.adapter_mut().unwrap();
+        for (p, g) in a.iter_mut().zip(&ga).chain(b.iter_mut().zip(&gb)) {
+            *p -= 0.05 * g;
+        }
+    }
+    assert!(last < first.unwrap(), "training must reduce the loss");
+    assert!(layer.lora_b().iter().any(|&v| v != 0.0), "B must have trained");
+    assert_eq!(bf.w.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), w_bits);
+    assert_eq!(bias.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b_bits);
+}
+
+#[test]
+fn constructor_errors() {
+    let mut rng = Rng::new(0);
+    let mut bf = bufs(&mut rng, 4, 3, 2);
+    let ok = LoraConfig::new(2, 2.0);
+    let e = |cfg: &LoraConfig<'_>, bf: &mut Bufs, bias: Option<&[f64]>| {
+        LoraLinear::new(cfg, 4, 3, &mut bf.w, bias, &mut bf.a, &mut bf.b).map(|_| ()).unwrap_err()
+    };
+    assert_eq!(e(&LoraConfig::new(0, 2.0), &mut bf, None), Error::InvalidRank { rank: 0, max: 3 });
+    assert_eq!(e(&LoraConfig::new(4, 2.0), &mut bf, None), Error::InvalidRank { rank: 4, max: 3 });
+    assert_eq!(e(&LoraConfig::new(2, f64::NAN), &mut bf, None), Error::InvalidAlpha);
+    let short_bias = [0.0; 2];
+    assert_eq!(
+        e(&ok, &mut bf, Some(&short_bias)),
+        Error::ShapeMismatch { operand: Operand::Bias, expected: 3, found: 2 }
+    );
+    bf.w.pop();
+    assert_eq!(e(&ok, &mut bf, None), Error::ShapeMismatch { operand: Operand::Weight, expected: 12, found: 11 });
+    bf.w.push(0.0);
+    bf.a.push(0.0);
+    assert_eq!(e(&ok, &mut bf, None), Error::ShapeMismatch { operand: Operand::LoraA, expected: 8, found: 9 });
+    bf.a.pop();
+    bf.b.pop();
+    assert_eq!(e(&ok, &mut bf, None), Error::ShapeMismatch { operand: Operand::LoraB, expected: 6, found: 5 });
+}
+
+#[test]
+fn forward_errors_leave_output_unchanged() {
+    let mut rng = Rng::new(6);
+    let (n_in, n_out, r, t) = (4, 3, 2, 2);
+    let mut bf = bufs(&mut rng, n_in, n_out, r);
+    let layer = LoraLinear::new(&LoraConfig::new(r, 2.0), n_in, n_out, &mut bf.w, None, &mut bf.a, &mut bf.b).unwrap();
+    let x = random(&mut rng, t * (n_in + 1));
+    let sentinel = -7.25;
+    let run = |x: MatRef<'_, f64>, rows: usize, cols: usize, scratch: usize| {
+        let mut y = vec![sentinel; rows * cols];
+        let mut s = vec![0.0; scratch];
+        let err = layer.forward(&Reference, x, MatMut::new(&mut y, rows, cols).unwrap(), &mut s).unwrap_err();
+        assert!(y.iter().all(|&v| v == sentinel), "{err:?} wrote to y");
+        err
+    };
+    let good_x = MatRef::new(&x[..t * n_in], t, n_in).unwrap();
+    let wide_x = MatRef::new(&x, t, n_in + 1).unwrap();
+    assert_eq!(
+        run(wide_x, t, n_out, 100),
+        Error::ShapeMismatch { operand: Operand::Input, expected: n_in, found: n_in + 1 }
+    );
+    assert_eq!(
+        run(good_x, t + 1, n_out, 100),
+        Error::ShapeMismatch { operand: Operand::Output, expected: t, found: t + 1 }
+    );
+    assert_eq!(
+        run(good_x, t, n_out - 1, 100),
+        Error::ShapeMismatch { operand: Operand::Output, expected: n_out, found: n_out - 1 }
+    );
+    assert_eq!(run(good_x, t, n_out, t * r - 1), Error::ScratchTooSmall { needed: t * r, len: t * r - 1 });
+}
+
+#[test]
+fn backward_errors_leave_outputs_unchanged() {
+    let mut rng = Rng::new(10);
+    let (n_in, n_out, r, t) = (4, 3, 2, 2);
+    let mut bf = bufs(&mut rng, n_in, n_out, r);
+    let layer = LoraLinear::new(&LoraConfig::new(r, 2.0), n_in, n_out, &mut bf.w, None, &mut bf.a, &mut bf.b).unwrap();
+    let x = random(&mut rng, t * n_in);
+    let g = random(&mut rng, (t + 1) * (n_out + 1));
+    let s = 3.5;
+    // (grad_y rows, grad_y cols, grad_x rows, grad_x cols, gA len, gB len, scratch)
+    type Case = ((usize, usize, usize, usize, usize, usize, usize), Error);
+    let cases: [Case; 7] = [
+        (
+            (t + 1, n_out, t, n_in, 8, 6, 8),
+            Error::ShapeMismatch { operand: Operand::GradOutput, expected: t, found: t + 1 },
+        ),
+        (
+            (t, n_out + 1, t, n_in, 8, 6, 8),
+            Error::ShapeMismatch { operand: Operand::GradOutput, expected: n_out, found: n_out + 1 },
+        ),
+        (
+            (t, n_out, t + 1, n_in, 8, 6, 8),
+            Error::ShapeMismatch { operand: Operand::GradInput, expected: t, found: t + 1 },
+        ),
+        (
+            (t, n_out, t, n_in - 1, 8, 6, 8),
+            Error::ShapeMismatch { operand: Operand::GradInput, expected: n_in, found: n_in - 1 },
+        ),
+        ((t, n_out, t, n_in, 7, 6, 8), Error::ShapeMismatch { operand: Operand::GradA, expected: 8, found: 7 }),
+        ((t, n_out, t, n_in, 8, 5, 8), Error::ShapeMismatch { operand: Operand::GradB, expected: 6, found: 5 }),
+        ((t, n_out, t, n_in, 8, 6, 7), Error::ScratchTooSmall { needed: 8, len: 7 }),
+    ];
+    for ((gyr, gyc, gxr, gxc, la, lb, ls), want) in cases {
+        let (mut gx, mut ga, mut gb) = (vec![s; gxr * gxc], vec![s; la], vec![s; lb]);
+        let mut scratch = vec![0.0; ls];
+        let err = layer
+            .backward(
+                &Reference,
+                MatRef::new(&x, t, n_in).unwrap(),
+                MatRef::new(&g[..gyr * gyc], gyr, gyc).unwrap(),
+                Some(MatMut::new(&mut gx, gxr, gxc).unwrap()),
+                LoraGrads { a: &mut ga, b: &mut gb },
+                &mut scratch,
+            )
+            .unwrap_err();
+        assert_eq!(err, want);
+        assert!(gx.iter().chain(&ga).chain(&gb).all(|&v| v == s), "{err:?} wrote an output");
+    }
+}
+
+#[cfg(feature = "half")]
+#[test]
+fn half_precision_forward_tracks_f32() {
+    use half::bf16;
+    let mut rng = Rng::new(17);
+    let (n_in, n_out, r, t) = (16, 8, 2, 3);
+    let conv = |v: &[f64]| v.iter().map(|&x| bf16::from_f64(x)).collect::<Vec<_>>();
+    let bf = bufs(&mut rng, n_in, n_out, r);
+    let x = random(&mut rng, t * n_in);
+    let (mut w, mut a, mut b, xh) = (conv(&bf.w), conv(&bf.a), conv(&bf.b), conv(&x));
+    // Oracle on the bf16-rounded inputs, in f64.
+    let rounded = Bufs {
+        w: w.iter().map(|v| v.to_f64()).collect(),
+        bias: vec![0.0; n_out],
+        a: a.iter().map(|v| v.to_f64()).collect(),
+        b: b.iter().map(|v| v.to_f64()).collect(),
+    };
+    let xr: Vec<f64> = xh.iter().map(|v| v.to_f64()).collect();
+    let want = oracle(&xr, t, n_in, n_out, r, &rounded, 1.0);
+    let layer = LoraLinear::new(&LoraConfig::new(r, 2.0), n_in, n_out, &mut w, None, &mut a, &mut b).unwrap();
+    let mut y = vec![bf16::ZERO; t * n_out];
+    let mut scratch = vec![bf16::ZERO; layer.forward_scratch_len(t)];
+    layer
+        .forward(&Reference, MatRef::new(&xh, t, n_in).unwrap(), MatMut::new(&mut y, t, n_out).unwrap(), &mut scratch)
+        .unwrap();
+    let got: Vec<f64> = y.iter().map(|v| v.to_f64()).collect();
+    // bf16 has u = 2^-8; the stored t = x A^T and y are each rounded once,
+    // so 4 u of the output scale is a safe bound.
+    assert!(max_rel_err(&got, &want) < 4.0 / 256.0, "{}", max_rel_err(&got, &want));
+}
