@@ -13,17 +13,22 @@
 //! * [`forward`], [`backward`], [`merge`]: the three verbs, each with its
 //!   derivation and its scratch requirement.
 //! * [`params`]: trainable versus frozen parameter counts.
+//! * `owned` (feature `alloc`): `LoraParams`, heap-owned adapter buffers.
 
 pub mod backward;
 pub mod config;
 pub mod forward;
 pub mod layer;
 pub mod merge;
+#[cfg(feature = "alloc")]
+pub mod owned;
 pub mod params;
 
 pub use backward::LoraGrads;
 pub use config::{DEFAULT_TARGET_MODULES, LOW_SAVINGS_RATIO, LoraConfig, LoraInit};
 pub use layer::LoraLinear;
+#[cfg(feature = "alloc")]
+pub use owned::LoraParams;
 pub use params::ParamReport;
 
 #[cfg(test)]
