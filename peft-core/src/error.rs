@@ -40,6 +40,34 @@ pub enum Operand {
     Rhs,
     /// The destination of a gemm.
     Dst,
+    /// The adapter's down-projection `W_down` (or its gradient).
+    AdapterDown,
+    /// The adapter's up-projection `W_up` (or its gradient).
+    AdapterUp,
+    /// An adapter bias (`b_down` or `b_up`, or a gradient).
+    AdapterBias,
+    /// A soft prompt or its gradient.
+    Prompt,
+    /// Input embeddings, or their gradient.
+    Embeddings,
+    /// An attention mask.
+    Mask,
+    /// Position ids.
+    Positions,
+    /// Token ids.
+    TokenIds,
+    /// An embedding table.
+    EmbeddingTable,
+    /// Attention queries `Q` (or their gradient).
+    Query,
+    /// Attention keys `K` (or their gradient).
+    Key,
+    /// Attention values `V` (or their gradient).
+    Value,
+    /// Prefix keys and values (or their gradient).
+    Prefix,
+    /// A parameter of the prefix reparameterization MLP (or its gradient).
+    PrefixEncoder,
 }
 
 /// Everything that can go wrong in `peft-core`.
@@ -89,6 +117,30 @@ pub enum Error {
         /// Elements given.
         len: usize,
     },
+    /// Query heads not a positive multiple of key/value heads, or a zero
+    /// head count or head size.
+    InvalidHeads {
+        /// Query heads.
+        heads: usize,
+        /// Key/value heads.
+        kv_heads: usize,
+        /// Size of one head.
+        head_dim: usize,
+    },
+    /// A configuration value that must be positive is zero (its name says
+    /// which: `"n_virtual"`, `"n_prefix"`, `"bottleneck width"`, ...), or a
+    /// scale that must be finite is not.
+    InvalidParameter {
+        /// The parameter's name.
+        name: &'static str,
+    },
+    /// A token id at or beyond the vocabulary size.
+    TokenOutOfRange {
+        /// The id.
+        id: usize,
+        /// The vocabulary size.
+        vocab: usize,
+    },
     /// `merge` on a layer that is already merged (a second merge would add
     /// `s B A` twice).
     AlreadyMerged,
@@ -119,6 +171,13 @@ impl fmt::Display for Error {
             Error::ScratchTooSmall { needed, len } => {
                 write!(f, "scratch of {len} elements is smaller than the {needed} needed")
             }
+            Error::InvalidHeads { heads, kv_heads, head_dim } => write!(
+                f,
+                "{heads} query heads, {kv_heads} key/value heads, head size {head_dim}: \
+                 heads must be positive and a multiple of key/value heads"
+            ),
+            Error::InvalidParameter { name } => write!(f, "invalid {name}: it must be positive and finite"),
+            Error::TokenOutOfRange { id, vocab } => write!(f, "token id {id} is outside a vocabulary of {vocab}"),
             Error::AlreadyMerged => f.write_str("the adapter is already merged into the base weight"),
             Error::NotMerged => f.write_str("the adapter is not merged"),
             Error::MergedAdapterLocked => {
@@ -129,3 +188,13 @@ impl fmt::Display for Error {
 }
 
 impl core::error::Error for Error {}
+
+/// `Ok` if a slice's length `found` is the `expected` one.
+pub(crate) fn check_len(operand: Operand, expected: usize, found: usize) -> Result<()> {
+    if expected == found { Ok(()) } else { Err(Error::ShapeMismatch { operand, expected, found }) }
+}
+
+/// `Ok` if a scratch slice of `len` elements holds the `needed` ones.
+pub(crate) fn check_scratch(needed: usize, len: usize) -> Result<()> {
+    if len >= needed { Ok(()) } else { Err(Error::ScratchTooSmall { needed, len }) }
+}

@@ -10,6 +10,12 @@
 //!   portable [`Reference`] backend.
 //! * [`rng`]: a seedable, bit-reproducible PRNG for initialization.
 //! * [`lora`]: LoRA and rsLoRA: forward, analytic backward, merge and unmerge.
+//! * [`adapter`]: bottleneck adapters (Houlsby/Pfeiffer), with [`activation`]s.
+//! * [`prompt`]: prompt tuning (soft prompts prepended to the input embeddings).
+//! * [`attention`]: multi-head and grouped-query attention with masks, forward
+//!   and backward, optionally with a trainable prefix.
+//! * [`prefix`]: prefix tuning: per-layer prefix keys and values, and PEFT's
+//!   MLP reparameterization.
 //!
 //! Layouts follow PyTorch and Hugging Face PEFT so files map across without
 //! transposes: `W [out, in]`, `A [r, in]`, `B [out, r]`, `x [tokens, in]`,
@@ -32,6 +38,8 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+pub mod activation;
+pub mod adapter;
 pub mod backend;
 pub mod element;
 pub mod error;

@@ -18,10 +18,10 @@
 //! There is no `dL/dW` and no `dL/db`: the base is frozen (the seed's
 //! mistakes 1 and 12), and the layer holds it through a shared borrow here.
 
-use super::layer::{LoraLinear, check_len};
+use super::layer::LoraLinear;
 use crate::backend::{Accum, Backend, Op};
 use crate::element::Element;
-use crate::error::{Error, Operand, Result};
+use crate::error::{Error, Operand, Result, check_len, check_scratch};
 use crate::matrix::{MatMut, MatRef, checked_len};
 
 /// Gradient buffers of the adapter, accumulated into (`+=`), so that
@@ -76,9 +76,7 @@ impl<E: Element> LoraLinear<'_, E> {
         check_len(Operand::GradA, checked_len(r, n_in)?, grads.a.len())?;
         check_len(Operand::GradB, checked_len(n_out, r)?, grads.b.len())?;
         let need = self.backward_scratch_len(tokens);
-        if scratch.len() < need {
-            return Err(Error::ScratchTooSmall { needed: need, len: scratch.len() });
-        }
+        check_scratch(need, scratch.len())?;
 
         let one = <E::Accum as Element>::from_f64(1.0);
         let s = self.scale_accum();

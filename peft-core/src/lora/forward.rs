@@ -12,7 +12,7 @@
 use super::layer::LoraLinear;
 use crate::backend::{Accum, Backend, Op};
 use crate::element::Element;
-use crate::error::{Error, Operand, Result};
+use crate::error::{Error, Operand, Result, check_scratch};
 use crate::matrix::{MatMut, MatRef};
 
 impl<E: Element> LoraLinear<'_, E> {
@@ -43,9 +43,7 @@ impl<E: Element> LoraLinear<'_, E> {
         let tokens = x.rows();
         self.check_io(&x, y.rows(), y.cols(), Operand::Output)?;
         let need = self.forward_scratch_len(tokens);
-        if scratch.len() < need {
-            return Err(Error::ScratchTooSmall { needed: need, len: scratch.len() });
-        }
+        check_scratch(need, scratch.len())?;
         let one = <E::Accum as Element>::from_f64(1.0);
         let w = MatRef::new(self.weight, self.out_features, self.in_features)?;
         backend.gemm(y.rb_mut(), Accum::Replace, x, Op::N, w, Op::T, one)?;

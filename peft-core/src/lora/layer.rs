@@ -3,7 +3,7 @@
 use super::config::{LoraConfig, LoraInit};
 use super::params::ParamReport;
 use crate::element::Element;
-use crate::error::{Error, Operand, Result};
+use crate::error::{Error, Operand, Result, check_len};
 use crate::matrix::checked_len;
 use crate::rng::Rng;
 
@@ -28,11 +28,6 @@ pub struct LoraLinear<'a, E: Element> {
     pub(super) init: LoraInit,
     pub(super) merged: bool,
     pub(super) backup: Option<&'a mut [E]>,
-}
-
-/// Checks that `len == expected`.
-pub(super) fn check_len(operand: Operand, expected: usize, found: usize) -> Result<()> {
-    if expected == found { Ok(()) } else { Err(Error::ShapeMismatch { operand, expected, found }) }
 }
 
 impl<'a, E: Element> LoraLinear<'a, E> {

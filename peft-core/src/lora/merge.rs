@@ -24,10 +24,10 @@
 //! A caller who needs `W` back bit for bit passes a backup buffer to
 //! [`LoraLinear::merge`].
 
-use super::layer::{LoraLinear, check_len};
+use super::layer::LoraLinear;
 use crate::backend::{Accum, Backend, Op};
 use crate::element::Element;
-use crate::error::{Error, Operand, Result};
+use crate::error::{Error, Operand, Result, check_len};
 use crate::matrix::{MatMut, MatRef};
 
 impl<'a, E: Element> LoraLinear<'a, E> {

@@ -1,0 +1,91 @@
+//! Bottleneck adapter forward pass.
+//!
+//! ```text
+//! z = x W_down^T + b_down         [tokens, m]   (scratch)
+//! a = act(z)                      [tokens, m]   (in place)
+//! h = x + scale * (a W_up^T + b_up)
+//! ```
+//!
+//! Adding an exactly-zero branch leaves `x` bit for bit (including the sign
+//! of a zero), so a fresh adapter is the identity exactly.
+
+use super::BottleneckAdapter;
+use crate::backend::{Accum, Backend, Op};
+use crate::element::Element;
+use crate::error::{Error, Operand, Result, check_scratch};
+use crate::matrix::{MatMut, MatRef};
+
+impl<E: Element> BottleneckAdapter<'_, E> {
+    /// Scratch [`forward`](Self::forward) needs: `tokens * m`.
+    pub fn forward_scratch_len(&self, tokens: usize) -> usize {
+        tokens.saturating_mul(self.width)
+    }
+
+    /// `h = x + scale * (act(x W_down^T + b_down) W_up^T + b_up)`.
+    ///
+    /// Shapes: `x [tokens, d]`, `h [tokens, d]` (overwritten, never read).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Input`, `Output`), [`Error::ScratchTooSmall`],
+    /// before anything is written.
+    pub fn forward<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        x: MatRef<'_, E>,
+        mut h: MatMut<'_, E>,
+        scratch: &mut [E],
+    ) -> Result<()> {
+        self.check_rows(&x, h.rows(), h.cols(), Operand::Output)?;
+        let tokens = x.rows();
+        let need = self.forward_scratch_len(tokens);
+        check_scratch(need, scratch.len())?;
+        let (z_buf, _) = scratch.split_at_mut(need);
+        let mut z = MatMut::new(z_buf, tokens, self.width)?;
+        self.bottleneck(backend, x, &mut z, true)?;
+        let one = <E::Accum as Element>::from_f64(1.0);
+        let w_up = MatRef::new(self.w_up, self.dim, self.width)?;
+        backend.gemm(h.rb_mut(), Accum::Replace, z.as_ref(), Op::N, w_up, Op::T, one)?;
+        let s = <E::Accum as Element>::from_f64(self.scale);
+        for (i, h_row) in h.row_iter_mut().enumerate() {
+            for ((hv, &xv), &bu) in h_row.iter_mut().zip(x.row(i)).zip(self.b_up.iter()) {
+                let branch = s * (hv.to_accum() + bu.to_accum());
+                *hv = if branch == E::Accum::ZERO { xv } else { E::from_accum(xv.to_accum() + branch) };
+            }
+        }
+        Ok(())
+    }
+
+    /// `z = x W_down^T + b_down`, then `z = act(z)` if `activate`.
+    pub(super) fn bottleneck<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        x: MatRef<'_, E>,
+        z: &mut MatMut<'_, E>,
+        activate: bool,
+    ) -> Result<()> {
+        let one = <E::Accum as Element>::from_f64(1.0);
+        let w_down = MatRef::new(self.w_down, self.width, self.dim)?;
+        backend.gemm(z.rb_mut(), Accum::Replace, x, Op::N, w_down, Op::T, one)?;
+        for row in z.row_iter_mut() {
+            for (v, &b) in row.iter_mut().zip(self.b_down.iter()) {
+                let pre = v.to_accum() + b.to_accum();
+                *v = E::from_accum(if activate { self.activation.apply(pre) } else { pre });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks `x [tokens, d]` and another `[tokens, d]` operand.
+    pub(super) fn check_rows(&self, x: &MatRef<'_, E>, rows: usize, cols: usize, operand: Operand) -> Result<()> {
+        if x.cols() != self.dim {
+            return Err(Error::ShapeMismatch { operand: Operand::Input, expected: self.dim, found: x.cols() });
+        }
+        if rows != x.rows() {
+            return Err(Error::ShapeMismatch { operand, expected: x.rows(), found: rows });
+        }
+        if cols != self.dim {
+            return Err(Error::ShapeMismatch { operand, expected: self.dim, found: cols });
+        }
+        Ok(())
+    }
+}

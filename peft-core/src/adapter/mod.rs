@@ -1,0 +1,217 @@
+//! Bottleneck adapters (Houlsby et al., 2019; Pfeiffer et al., 2020).
+//!
+//! ```text
+//! h = x + scale * (act(x W_down^T + b_down) W_up^T + b_up)
+//! x, h [tokens, d]   W_down [m, d]   b_down [m]   W_up [d, m]   b_up [d]
+//! ```
+//!
+//! The residual `x + ...` is part of the layer and cannot be switched off
+//! (the seed's mistake 8: an adapter without it replaces the sublayer's
+//! output instead of refining it). `W_up` and `b_up` start at zero, so a
+//! fresh adapter returns its input bit for bit.
+//!
+//! * [`forward`]: the forward pass and its scratch.
+//! * [`backward`]: gradients of all four parameters and of `x`.
+
+pub mod backward;
+pub mod forward;
+
+pub use backward::AdapterGrads;
+
+use crate::activation::Activation;
+use crate::element::Element;
+use crate::error::{Error, Operand, Result, check_len};
+use crate::matrix::checked_len;
+use crate::rng::Rng;
+
+/// The bottleneck width `m`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Width {
+    /// `m` given directly.
+    Explicit(usize),
+    /// `m = d / factor` (integer division), the `adapters` library's
+    /// `reduction_factor`.
+    Reduction(usize),
+}
+
+/// How `W_down` is initialized (`b_down`, `W_up`, `b_up` start at zero).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AdapterInit {
+    /// `U(-1/sqrt(d), 1/sqrt(d))`, as PyTorch's default `nn.Linear` init.
+    #[default]
+    KaimingUniform,
+    /// `N(0, 0.02^2)`: the `adapters` library's `init_weights="bert"`.
+    Bert,
+}
+
+/// Bottleneck adapter hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdapterConfig {
+    /// The bottleneck width.
+    pub width: Width,
+    /// The nonlinearity.
+    pub activation: Activation,
+    /// The factor on the adapter's branch (1 for Houlsby/Pfeiffer).
+    pub scale: f64,
+    /// How `W_down` is initialized.
+    pub init: AdapterInit,
+}
+
+impl AdapterConfig {
+    /// Width from a reduction factor, ReLU, scale 1, Kaiming-uniform init.
+    pub const fn reduction(factor: usize) -> Self {
+        Self {
+            width: Width::Reduction(factor),
+            activation: Activation::Relu,
+            scale: 1.0,
+            init: AdapterInit::KaimingUniform,
+        }
+    }
+
+    /// An explicit width `m`, ReLU, scale 1, Kaiming-uniform init.
+    pub const fn width(m: usize) -> Self {
+        Self { width: Width::Explicit(m), activation: Activation::Relu, scale: 1.0, init: AdapterInit::KaimingUniform }
+    }
+
+    /// Sets the activation.
+    pub const fn with_activation(mut self, activation: Activation) -> Self {
+        self.activation = activation;
+        self
+    }
+
+    /// Sets the branch scale.
+    pub const fn with_scale(mut self, scale: f64) -> Self {
+        self.scale = scale;
+        self
+    }
+
+    /// Sets the init of `W_down`.
+    pub const fn with_init(mut self, init: AdapterInit) -> Self {
+        self.init = init;
+        self
+    }
+
+    /// The bottleneck width `m` for model width `d`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] (`"bottleneck width"`) if `m` would be 0
+    /// (including a zero reduction factor or a factor above `d`).
+    pub fn bottleneck(&self, d: usize) -> Result<usize> {
+        let m = match self.width {
+            Width::Explicit(m) => m,
+            Width::Reduction(f) => d.checked_div(f).unwrap_or(0),
+        };
+        if m == 0 {
+            return Err(Error::InvalidParameter { name: "bottleneck width" });
+        }
+        Ok(m)
+    }
+}
+
+/// A bottleneck adapter over borrowed parameters. All four are trainable;
+/// the sublayer it follows is frozen and not its business.
+#[derive(Debug)]
+pub struct BottleneckAdapter<'a, E: Element> {
+    pub(crate) w_down: &'a mut [E],
+    pub(crate) b_down: &'a mut [E],
+    pub(crate) w_up: &'a mut [E],
+    pub(crate) b_up: &'a mut [E],
+    pub(crate) dim: usize,
+    pub(crate) width: usize,
+    pub(crate) activation: Activation,
+    pub(crate) scale: f64,
+    pub(crate) init: AdapterInit,
+}
+
+/// The four parameters of an adapter, mutably (for an optimizer step).
+#[derive(Debug)]
+pub struct AdapterParams<'p, E> {
+    /// `W_down [m, d]`.
+    pub w_down: &'p mut [E],
+    /// `b_down [m]`.
+    pub b_down: &'p mut [E],
+    /// `W_up [d, m]`.
+    pub w_up: &'p mut [E],
+    /// `b_up [d]`.
+    pub b_up: &'p mut [E],
+}
+
+impl<'a, E: Element> BottleneckAdapter<'a, E> {
+    /// Wraps parameters for model width `dim`; they keep their values (call
+    /// [`init`](Self::init) for a fresh adapter).
+    ///
+    /// Shapes: `w_down [m, dim]`, `b_down [m]`, `w_up [dim, m]`, `b_up [dim]`
+    /// with `m = config.bottleneck(dim)`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for a zero width or `dim`, or a
+    /// non-finite scale; [`Error::ShapeMismatch`]; [`Error::Overflow`].
+    pub fn new(config: &AdapterConfig, dim: usize, params: AdapterParams<'a, E>) -> Result<Self> {
+        if dim == 0 {
+            return Err(Error::InvalidParameter { name: "model width" });
+        }
+        if !config.scale.is_finite() {
+            return Err(Error::InvalidParameter { name: "adapter scale" });
+        }
+        let m = config.bottleneck(dim)?;
+        let AdapterParams { w_down, b_down, w_up, b_up } = params;
+        check_len(Operand::AdapterDown, checked_len(m, dim)?, w_down.len())?;
+        check_len(Operand::AdapterBias, m, b_down.len())?;
+        check_len(Operand::AdapterUp, checked_len(dim, m)?, w_up.len())?;
+        check_len(Operand::AdapterBias, dim, b_up.len())?;
+        Ok(Self {
+            w_down,
+            b_down,
+            w_up,
+            b_up,
+            dim,
+            width: m,
+            activation: config.activation,
+            scale: config.scale,
+            init: config.init,
+        })
+    }
+
+    /// A fresh adapter: `W_down` by the configured [`AdapterInit`],
+    /// `b_down = 0`, `W_up = 0`, `b_up = 0`, so the adapter is the identity.
+    pub fn init(&mut self, rng: &mut Rng) {
+        match self.init {
+            AdapterInit::KaimingUniform => {
+                let bound = 1.0 / libm::sqrt(self.dim as f64);
+                rng.fill_uniform(self.w_down, -bound, bound);
+            }
+            AdapterInit::Bert => rng.fill_normal(self.w_down, 0.02),
+        }
+        self.b_down.fill(E::ZERO);
+        self.w_up.fill(E::ZERO);
+        self.b_up.fill(E::ZERO);
+    }
+
+    /// Model width `d`.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Bottleneck width `m`.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Trainable parameters: `2 m d + m + d`.
+    pub fn num_params(&self) -> usize {
+        self.w_down.len() + self.b_down.len() + self.w_up.len() + self.b_up.len()
+    }
+
+    /// The parameters, mutably.
+    pub fn params_mut(&mut self) -> AdapterParams<'_, E> {
+        AdapterParams { w_down: self.w_down, b_down: self.b_down, w_up: self.w_up, b_up: self.b_up }
+    }
+
+    /// `(W_down, b_down, W_up, b_up)`.
+    pub fn params(&self) -> (&[E], &[E], &[E], &[E]) {
+        (self.w_down, self.b_down, self.w_up, self.b_up)
+    }
+}
+
+#[cfg(test)]
+mod tests;
