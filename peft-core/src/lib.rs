@@ -45,6 +45,7 @@ pub mod element;
 pub mod error;
 pub mod lora;
 pub mod matrix;
+pub mod prompt;
 pub mod rng;
 
 pub use backend::{Accum, Backend, Op, Reference};
