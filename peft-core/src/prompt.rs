@@ -18,7 +18,7 @@
 //! the prompt and the real tokens and remains masked). PEFT then drops any
 //! given position ids and lets the model derive them from the mask the way
 //! Hugging Face models do: `cumsum(mask) - 1`, with masked positions set to
-//! 1. [`PromptTuning::extend_mask`] produces exactly that, so the virtual
+//! one. [`PromptTuning::extend_mask`] produces exactly that, so the virtual
 //! tokens take positions `0..n_virtual` and the real tokens' positions follow
 //! them, skipping padding.
 
