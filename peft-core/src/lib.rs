@@ -40,6 +40,7 @@ extern crate alloc;
 
 pub mod activation;
 pub mod adapter;
+pub mod attention;
 pub mod backend;
 pub mod element;
 pub mod error;

@@ -110,6 +110,15 @@ impl<'a, E: Element> MatRef<'a, E> {
         (0..self.rows).map(move |i| self.row(i))
     }
 
+    /// The sub-view of columns `start..start + n`, or `None` if out of range.
+    pub fn cols_range(&self, start: usize, n: usize) -> Option<MatRef<'a, E>> {
+        if start.checked_add(n)? > self.cols {
+            return None;
+        }
+        let data = if self.rows == 0 || n == 0 { &[][..] } else { self.data.get(start..)? };
+        MatRef::with_stride(data, self.rows, n, self.row_stride.max(n)).ok()
+    }
+
     /// The sub-view of rows `start..start + n`, or `None` if out of range.
     pub fn rows_range(&self, start: usize, n: usize) -> Option<MatRef<'a, E>> {
         let end = start.checked_add(n)?;
@@ -171,6 +180,17 @@ impl<'a, E: Element> MatMut<'a, E> {
     #[inline]
     pub fn rb_mut(&mut self) -> MatMut<'_, E> {
         MatMut { data: self.data, rows: self.rows, cols: self.cols, row_stride: self.row_stride }
+    }
+
+    /// The mutable sub-view of columns `start..start + n`, or `None` if out
+    /// of range.
+    pub fn cols_range_mut(&mut self, start: usize, n: usize) -> Option<MatMut<'_, E>> {
+        if start.checked_add(n)? > self.cols {
+            return None;
+        }
+        let (rows, stride) = (self.rows, self.row_stride.max(n));
+        let data = if rows == 0 || n == 0 { &mut [][..] } else { self.data.get_mut(start..)? };
+        MatMut::with_stride(data, rows, n, stride).ok()
     }
 
     /// Row `i` mutably, or an empty slice if `i >= rows`.

@@ -1,0 +1,152 @@
+//! Attention backward pass.
+//!
+//! Per query head `h` (key/value group `g`), with `c = 1 / sqrt(d_head)`,
+//! `P` the masked softmax probabilities `[tq, p + tk]`, `Kx = [PK_g; K_g]`,
+//! `Vx = [PV_g; V_g]` and `G = dL/dO_h`:
+//!
+//! ```text
+//! dP      = G Vx^T                                  [tq, p + tk]
+//! dVx    += P^T G                                   (summed over the heads of group g)
+//! dS      = P * (dP - rowsum(P * dP))               (softmax backward; hidden entries: P = 0, so dS = 0)
+//! dQ_h    = c dS Kx
+//! dKx    += c dS^T Q_h
+//! ```
+//!
+//! The first `p` rows of `dKx`, `dVx` are the prefix gradients. The mask
+//! has no parameters and gets no gradient.
+
+use super::forward::{HeadViews, split_cols};
+use super::{AttentionShape, Mask, Prefix, backward_scratch_len, validate};
+use crate::backend::{Accum, Backend, Op};
+use crate::element::Element;
+use crate::error::{Error, Operand, Result, check_scratch};
+use crate::matrix::{MatMut, MatRef};
+
+/// Gradients of the prefix of one layer, accumulated into (`+=`),
+/// `[p, kv_heads * d_head]` each.
+#[derive(Debug)]
+pub struct PrefixGrads<'g, E> {
+    /// `dL/dPK`.
+    pub keys: MatMut<'g, E>,
+    /// `dL/dPV`.
+    pub values: MatMut<'g, E>,
+}
+
+/// Outputs of [`backward`]: `dq`, `dk`, `dv` are overwritten; the prefix
+/// gradients, which belong to trainable parameters, are accumulated.
+#[derive(Debug)]
+pub struct AttentionGrads<'g, E> {
+    /// `dL/dQ [tq, heads * d_head]`.
+    pub q: MatMut<'g, E>,
+    /// `dL/dK [tk, kv_heads * d_head]`.
+    pub k: MatMut<'g, E>,
+    /// `dL/dV [tk, kv_heads * d_head]`.
+    pub v: MatMut<'g, E>,
+    /// `dL/dPK`, `dL/dPV`, if the prefix is trained.
+    pub prefix: Option<PrefixGrads<'g, E>>,
+}
+
+fn same(operand: Operand, m: &MatMut<'_, impl Element>, rows: usize, cols: usize) -> Result<()> {
+    if m.rows() != rows {
+        return Err(Error::ShapeMismatch { operand, expected: rows, found: m.rows() });
+    }
+    if m.cols() != cols {
+        return Err(Error::ShapeMismatch { operand, expected: cols, found: m.cols() });
+    }
+    Ok(())
+}
+
+/// Gradients of [`forward`](super::forward::forward) given `grad_out =
+/// dL/dO [tq, heads * d_head]`.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] (`Query`, `Key`, `Value`, `Prefix`, `Mask`,
+/// `GradOutput`), [`Error::ScratchTooSmall`] (needs
+/// [`backward_scratch_len`]), before anything is written. Prefix gradients
+/// without a prefix are a `Prefix` mismatch.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<E: Element, B: Backend<E> + ?Sized>(
+    backend: &B,
+    shape: &AttentionShape,
+    q: MatRef<'_, E>,
+    k: MatRef<'_, E>,
+    v: MatRef<'_, E>,
+    prefix: Option<&Prefix<'_, E>>,
+    mask: &Mask<'_, E>,
+    grad_out: MatRef<'_, E>,
+    mut grads: AttentionGrads<'_, E>,
+    scratch: &mut [E],
+) -> Result<()> {
+    let dims = validate(shape, &q, &k, &v, prefix, mask)?;
+    if grad_out.rows() != dims.tq || grad_out.cols() != shape.q_width() {
+        let (expected, found) =
+            if grad_out.rows() != dims.tq { (dims.tq, grad_out.rows()) } else { (shape.q_width(), grad_out.cols()) };
+        return Err(Error::ShapeMismatch { operand: Operand::GradOutput, expected, found });
+    }
+    same(Operand::Query, &grads.q, dims.tq, shape.q_width())?;
+    same(Operand::Key, &grads.k, dims.tk, shape.kv_width())?;
+    same(Operand::Value, &grads.v, dims.tk, shape.kv_width())?;
+    if let Some(pg) = &grads.prefix {
+        if prefix.is_none() {
+            return Err(Error::ShapeMismatch { operand: Operand::Prefix, expected: 0, found: pg.keys.rows() });
+        }
+        same(Operand::Prefix, &pg.keys, dims.p, shape.kv_width())?;
+        same(Operand::Prefix, &pg.values, dims.p, shape.kv_width())?;
+    }
+    let need = backward_scratch_len(dims.tq, dims.tk, dims.p);
+    check_scratch(need, scratch.len())?;
+
+    let (p_buf, rest) = scratch.split_at_mut(need / 2);
+    let dp_buf = rest.get_mut(..need / 2).unwrap_or(&mut []);
+    let mut probs = MatMut::new(p_buf, dims.tq, dims.keys())?;
+    let mut dprobs = MatMut::new(dp_buf, dims.tq, dims.keys())?;
+    let one = <E::Accum as Element>::from_f64(1.0);
+    let c = <E::Accum as Element>::from_f64(1.0 / libm::sqrt(shape.head_dim() as f64));
+    let dh = shape.head_dim();
+
+    for row in grads.k.row_iter_mut().chain(grads.v.row_iter_mut()) {
+        row.fill(E::ZERO);
+    }
+    for h in 0..shape.heads() {
+        let g = shape.group_of(h) * dh;
+        let views = HeadViews::new(shape, h, &q, &k, &v, prefix)?;
+        views.probabilities(backend, shape, dims, mask, &mut probs)?;
+        let go = grad_out.cols_range(h * dh, dh).ok_or(Error::Overflow)?;
+        // dP = G [PV; V]^T
+        let d_pre = dprobs.cols_range_mut(0, dims.p).ok_or(Error::Overflow)?;
+        backend.gemm(d_pre, Accum::Replace, go, Op::N, views.pv, Op::T, one)?;
+        let d_real = dprobs.cols_range_mut(dims.p, dims.tk).ok_or(Error::Overflow)?;
+        backend.gemm(d_real, Accum::Replace, go, Op::N, views.v, Op::T, one)?;
+        // d[PV; V] += P^T G
+        let (p_pre, p_real) = split_cols(&probs.as_ref(), dims)?;
+        let dv = grads.v.cols_range_mut(g, dh).ok_or(Error::Overflow)?;
+        backend.gemm(dv, Accum::Add, p_real, Op::T, go, Op::N, one)?;
+        if let Some(pg) = grads.prefix.as_mut() {
+            let dpv = pg.values.cols_range_mut(g, dh).ok_or(Error::Overflow)?;
+            backend.gemm(dpv, Accum::Add, p_pre, Op::T, go, Op::N, one)?;
+        }
+        // dS = P * (dP - rowsum(P * dP)), into dP's buffer.
+        for (dp_row, p_row) in dprobs.row_iter_mut().zip(probs.as_ref().row_iter()) {
+            let mut dot = E::Accum::ZERO;
+            for (&d, &p) in dp_row.iter().zip(p_row) {
+                dot += d.to_accum() * p.to_accum();
+            }
+            for (d, &p) in dp_row.iter_mut().zip(p_row) {
+                *d = E::from_accum(p.to_accum() * (d.to_accum() - dot));
+            }
+        }
+        let (ds_pre, ds_real) = split_cols(&dprobs.as_ref(), dims)?;
+        // dQ_h = c dS [PK; K]
+        let mut dq = grads.q.cols_range_mut(h * dh, dh).ok_or(Error::Overflow)?;
+        backend.gemm(dq.rb_mut(), Accum::Replace, ds_pre, Op::N, views.pk, Op::N, c)?;
+        backend.gemm(dq, Accum::Add, ds_real, Op::N, views.k, Op::N, c)?;
+        // d[PK; K] += c dS^T Q_h
+        let dk = grads.k.cols_range_mut(g, dh).ok_or(Error::Overflow)?;
+        backend.gemm(dk, Accum::Add, ds_real, Op::T, views.q, Op::N, c)?;
+        if let Some(pg) = grads.prefix.as_mut() {
+            let dpk = pg.keys.cols_range_mut(g, dh).ok_or(Error::Overflow)?;
+            backend.gemm(dpk, Accum::Add, ds_pre, Op::T, views.q, Op::N, c)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! Multi-head scaled dot-product attention, with grouped-query attention,
+//! causal, padding and additive masks, and an optional trainable prefix.
+//!
+//! ```text
+//! O_h = softmax(Q_h [PK_g; K_g]^T / sqrt(d_head) + M) [PV_g; V_g]      g = h / (heads / kv_heads)
+//! Q [tq, heads * d_head]   K, V [tk, kv_heads * d_head]   PK, PV [p, kv_heads * d_head]
+//! O [tq, heads * d_head]   M [tq, p + tk]
+//! ```
+//!
+//! Head `h` occupies columns `h * d_head .. (h + 1) * d_head` (PyTorch's
+//! `view(tokens, heads, d_head)` layout). The prefix is concatenated in
+//! front of the keys and values without a copy: the score matrix is computed
+//! in two column blocks.
+//!
+//! ## The mask, extended (the seed's mistake 11)
+//!
+//! Key column `j < p` is a prefix column and is visible to every query.
+//! A real key `j = p + r` is visible to query `i` unless the mask hides it:
+//! causality applies among real tokens only (`r <= i + tk - tq`, the
+//! bottom-right alignment that also serves a key cache), and
+//! `key_padding[r] == 0` hides a padded key. An optional additive mask
+//! covers the whole extended width `[tq, p + tk]`, so a caller may still
+//! hide prefix columns explicitly; entries of `-inf` exclude a key.
+//! [`extend_additive_mask`] builds the extended mask from a `[tq, tk]` one
+//! the way the seed's fix does (zeros in front).
+//!
+//! ## Softmax
+//!
+//! Each row subtracts its maximum over visible keys before `exp`, so no
+//! finite input overflows. A row with no visible key yields an output of
+//! zeros (and zero gradients), not NaN.
+
+pub mod backward;
+pub mod forward;
+
+pub use backward::{AttentionGrads, PrefixGrads};
+
+use crate::element::{Element, Real};
+use crate::error::{Error, Operand, Result};
+use crate::matrix::{MatMut, MatRef};
+
+/// Head counts and head size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl AttentionShape {
+    /// `heads` query heads sharing `kv_heads` key/value heads (GQA; equal
+    /// counts give standard multi-head attention), each `head_dim` wide.
+    ///
+    /// # Errors
+    /// [`Error::InvalidHeads`] unless all three are positive and `heads` is
+    /// a multiple of `kv_heads`.
+    pub fn new(heads: usize, kv_heads: usize, head_dim: usize) -> Result<Self> {
+        if heads == 0 || kv_heads == 0 || head_dim == 0 || heads % kv_heads != 0 {
+            return Err(Error::InvalidHeads { heads, kv_heads, head_dim });
+        }
+        Ok(Self { heads, kv_heads, head_dim })
+    }
+
+    /// Query heads.
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
+    /// Key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.kv_heads
+    }
+
+    /// Size of one head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// Width of `Q` and `O`: `heads * head_dim`.
+    pub fn q_width(&self) -> usize {
+        self.heads.saturating_mul(self.head_dim)
+    }
+
+    /// Width of `K`, `V` and the prefix: `kv_heads * head_dim`.
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads.saturating_mul(self.head_dim)
+    }
+
+    /// The key/value head that query head `h` reads.
+    pub(crate) fn group_of(&self, h: usize) -> usize {
+        h / (self.heads / self.kv_heads)
+    }
+}
+
+/// Which keys each query may see (see the [module docs](self)).
+#[derive(Clone, Copy, Debug)]
+pub struct Mask<'m, E> {
+    /// Real key `r` is hidden from query `i` when `r > i + tk - tq`.
+    pub causal: bool,
+    /// `[tk]`: 0 hides a padded real key.
+    pub key_padding: Option<&'m [u8]>,
+    /// `[tq, p + tk]`, added to the scaled scores; `-inf` hides a key.
+    /// Must not hold NaN or `+inf`.
+    pub additive: Option<MatRef<'m, E>>,
+}
+
+impl<E> Mask<'_, E> {
+    /// Every key visible.
+    pub const fn none() -> Self {
+        Self { causal: false, key_padding: None, additive: None }
+    }
+
+    /// Causal among real tokens; prefix visible.
+    pub const fn causal() -> Self {
+        Self { causal: true, key_padding: None, additive: None }
+    }
+}
+
+/// Trainable prefix keys and values of one layer, `[p, kv_heads * d_head]`
+/// each (strided views are fine: see `prefix::PrefixTuning::layer`).
+#[derive(Clone, Copy, Debug)]
+pub struct Prefix<'p, E> {
+    /// Prefix keys.
+    pub keys: MatRef<'p, E>,
+    /// Prefix values.
+    pub values: MatRef<'p, E>,
+}
+
+/// Validated dimensions of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub tq: usize,
+    pub tk: usize,
+    pub p: usize,
+}
+
+impl Dims {
+    /// Extended key count `p + tk`.
+    pub fn keys(&self) -> usize {
+        self.p + self.tk
+    }
+}
+
+fn mismatch(operand: Operand, expected: usize, found: usize) -> Result<()> {
+    if expected == found { Ok(()) } else { Err(Error::ShapeMismatch { operand, expected, found }) }
+}
+
+/// Checks every operand's shape and returns the dimensions.
+pub(crate) fn validate<E: Element>(
+    shape: &AttentionShape,
+    q: &MatRef<'_, E>,
+    k: &MatRef<'_, E>,
+    v: &MatRef<'_, E>,
+    prefix: Option<&Prefix<'_, E>>,
+    mask: &Mask<'_, E>,
+) -> Result<Dims> {
+    mismatch(Operand::Query, shape.q_width(), q.cols())?;
+    mismatch(Operand::Key, shape.kv_width(), k.cols())?;
+    mismatch(Operand::Value, shape.kv_width(), v.cols())?;
+    mismatch(Operand::Value, k.rows(), v.rows())?;
+    let p = match prefix {
+        Some(pr) => {
+            mismatch(Operand::Prefix, shape.kv_width(), pr.keys.cols())?;
+            mismatch(Operand::Prefix, shape.kv_width(), pr.values.cols())?;
+            mismatch(Operand::Prefix, pr.keys.rows(), pr.values.rows())?;
+            pr.keys.rows()
+        }
+        None => 0,
+    };
+    let dims = Dims { tq: q.rows(), tk: k.rows(), p };
+    if let Some(pad) = mask.key_padding {
+        mismatch(Operand::Mask, dims.tk, pad.len())?;
+    }
+    if let Some(add) = &mask.additive {
+        mismatch(Operand::Mask, dims.tq, add.rows())?;
+        mismatch(Operand::Mask, dims.keys(), add.cols())?;
+    }
+    Ok(dims)
+}
+
+/// Scratch [`forward`](forward::forward) needs: `tq * (p + tk)` (one
+/// head's probabilities at a time).
+pub fn forward_scratch_len(tq: usize, tk: usize, p: usize) -> usize {
+    tq.saturating_mul(p.saturating_add(tk))
+}
+
+/// Scratch [`backward`](backward::backward) needs: `2 * tq * (p + tk)`.
+pub fn backward_scratch_len(tq: usize, tk: usize, p: usize) -> usize {
+    forward_scratch_len(tq, tk, p).saturating_mul(2)
+}
+
+/// The seed's fix for mistake 11, for callers with their own attention:
+/// `out = [0 (tq x n_prefix) | mask]`, so every query sees every prefix
+/// column and the original mask applies to the real keys unchanged.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] (`Mask`) unless `out` is
+/// `[mask.rows, n_prefix + mask.cols]`; nothing is written.
+pub fn extend_additive_mask<E: Element>(mask: MatRef<'_, E>, n_prefix: usize, mut out: MatMut<'_, E>) -> Result<()> {
+    mismatch(Operand::Mask, mask.rows(), out.rows())?;
+    mismatch(Operand::Mask, mask.cols().saturating_add(n_prefix), out.cols())?;
+    for (i, row) in out.row_iter_mut().enumerate() {
+        let (head, tail) = row.split_at_mut(n_prefix.min(row.len()));
+        head.fill(E::ZERO);
+        for (d, &s) in tail.iter_mut().zip(mask.row(i)) {
+            *d = s;
+        }
+    }
+    Ok(())
+}
+
+/// Softmax of each row of `s` (scaled scores) in place, under the mask.
+/// Hidden entries become exactly 0; a row with nothing visible becomes all
+/// zeros.
+pub(crate) fn masked_softmax<E: Element>(s: &mut MatMut<'_, E>, dims: Dims, mask: &Mask<'_, E>) {
+    let neg_inf = <E::Accum as Element>::from_f64(f64::NEG_INFINITY);
+    let Dims { tq, tk, p } = dims;
+    for (i, row) in s.row_iter_mut().enumerate() {
+        let add = mask.additive.as_ref().map(|m| m.row(i));
+        let visible = |j: usize, v: E::Accum| -> E::Accum {
+            let structural = j < p || {
+                let r = j - p;
+                (!mask.causal || r + tq <= i + tk) && mask.key_padding.is_none_or(|m| m.get(r).is_some_and(|&x| x != 0))
+            };
+            if !structural {
+                return neg_inf;
+            }
+            match add.and_then(|a| a.get(j)) {
+                Some(&m) => v + m.to_accum(),
+                None => v,
+            }
+        };
+        let mut max = neg_inf;
+        for (j, v) in row.iter().enumerate() {
+            let x = visible(j, v.to_accum());
+            if x > max {
+                max = x;
+            }
+        }
+        if max == neg_inf {
+            row.fill(E::ZERO);
+            continue;
+        }
+        let mut sum = E::Accum::ZERO;
+        for (j, v) in row.iter_mut().enumerate() {
+            let x = visible(j, v.to_accum());
+            let e = if x == neg_inf { E::Accum::ZERO } else { (x - max).exp() };
+            sum += e;
+            *v = E::from_accum(e);
+        }
+        let inv = <E::Accum as Element>::from_f64(1.0) / sum;
+        for v in row.iter_mut() {
+            *v = E::from_accum(v.to_accum() * inv);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
