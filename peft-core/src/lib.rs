@@ -46,6 +46,7 @@ pub mod element;
 pub mod error;
 pub mod lora;
 pub mod matrix;
+pub mod prefix;
 pub mod prompt;
 pub mod rng;
 

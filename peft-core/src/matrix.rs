@@ -185,6 +185,12 @@ impl<'a, E: Element> MatMut<'a, E> {
     /// The mutable sub-view of columns `start..start + n`, or `None` if out
     /// of range.
     pub fn cols_range_mut(&mut self, start: usize, n: usize) -> Option<MatMut<'_, E>> {
+        self.rb_mut().into_cols_range(start, n)
+    }
+
+    /// The columns `start..start + n` as a view of the same lifetime,
+    /// consuming `self`; `None` if out of range.
+    pub fn into_cols_range(self, start: usize, n: usize) -> Option<MatMut<'a, E>> {
         if start.checked_add(n)? > self.cols {
             return None;
         }

@@ -22,14 +22,15 @@ use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_scratch};
 use crate::matrix::{MatMut, MatRef};
 
-/// Gradients of the prefix of one layer, accumulated into (`+=`),
-/// `[p, kv_heads * d_head]` each.
+/// Gradients of the prefix of one layer, accumulated into (`+=`): one
+/// `[p, 2 * kv_heads * d_head]` view, `dL/dPK` in the first
+/// `kv_heads * d_head` columns and `dL/dPV` in the rest. This is exactly one
+/// layer's block of PEFT's prefix layout (see `prefix::PrefixTuning`), so a
+/// layer's gradient is a strided view of the whole gradient buffer.
 #[derive(Debug)]
 pub struct PrefixGrads<'g, E> {
-    /// `dL/dPK`.
-    pub keys: MatMut<'g, E>,
-    /// `dL/dPV`.
-    pub values: MatMut<'g, E>,
+    /// `[dL/dPK | dL/dPV]`.
+    pub kv: MatMut<'g, E>,
 }
 
 /// Outputs of [`backward`]: `dq`, `dk`, `dv` are overwritten; the prefix
@@ -88,10 +89,9 @@ pub fn backward<E: Element, B: Backend<E> + ?Sized>(
     same(Operand::Value, &grads.v, dims.tk, shape.kv_width())?;
     if let Some(pg) = &grads.prefix {
         if prefix.is_none() {
-            return Err(Error::ShapeMismatch { operand: Operand::Prefix, expected: 0, found: pg.keys.rows() });
+            return Err(Error::ShapeMismatch { operand: Operand::Prefix, expected: 0, found: pg.kv.rows() });
         }
-        same(Operand::Prefix, &pg.keys, dims.p, shape.kv_width())?;
-        same(Operand::Prefix, &pg.values, dims.p, shape.kv_width())?;
+        same(Operand::Prefix, &pg.kv, dims.p, shape.kv_width().saturating_mul(2))?;
     }
     let need = backward_scratch_len(dims.tq, dims.tk, dims.p);
     check_scratch(need, scratch.len())?;
@@ -122,7 +122,7 @@ pub fn backward<E: Element, B: Backend<E> + ?Sized>(
         let dv = grads.v.cols_range_mut(g, dh).ok_or(Error::Overflow)?;
         backend.gemm(dv, Accum::Add, p_real, Op::T, go, Op::N, one)?;
         if let Some(pg) = grads.prefix.as_mut() {
-            let dpv = pg.values.cols_range_mut(g, dh).ok_or(Error::Overflow)?;
+            let dpv = pg.kv.cols_range_mut(shape.kv_width() + g, dh).ok_or(Error::Overflow)?;
             backend.gemm(dpv, Accum::Add, p_pre, Op::T, go, Op::N, one)?;
         }
         // dS = P * (dP - rowsum(P * dP)), into dP's buffer.
@@ -144,7 +144,7 @@ pub fn backward<E: Element, B: Backend<E> + ?Sized>(
         let dk = grads.k.cols_range_mut(g, dh).ok_or(Error::Overflow)?;
         backend.gemm(dk, Accum::Add, ds_real, Op::T, views.q, Op::N, c)?;
         if let Some(pg) = grads.prefix.as_mut() {
-            let dpk = pg.keys.cols_range_mut(g, dh).ok_or(Error::Overflow)?;
+            let dpk = pg.kv.cols_range_mut(g, dh).ok_or(Error::Overflow)?;
             backend.gemm(dpk, Accum::Add, ds_pre, Op::T, views.q, Op::N, c)?;
         }
     }

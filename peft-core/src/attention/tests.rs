@@ -174,22 +174,23 @@ fn gradients_match_central_finite_differences() {
         let (qw, kw) = (pr.shape.q_width(), pr.shape.kv_width());
         let g: Vec<f64> = (0..pr.tq * qw).map(|_| rng.uniform_range(-1.0, 1.0)).collect();
         let (mut dq, mut dk, mut dv) = (vec![0.0; pr.q.len()], vec![0.0; pr.k.len()], vec![0.0; pr.v.len()]);
-        let (mut dpk, mut dpv) = (vec![0.0; pr.pk.len()], vec![0.0; pr.pv.len()]);
+        let mut dpkv = vec![0.0; 2 * pr.pk.len()];
         {
             let (q, k, v, prefix, mask) = pr.views();
             let grads = AttentionGrads {
                 q: MatMut::new(&mut dq, pr.tq, qw).unwrap(),
                 k: MatMut::new(&mut dk, pr.tk, kw).unwrap(),
                 v: MatMut::new(&mut dv, pr.tk, kw).unwrap(),
-                prefix: prefix.as_ref().map(|_| PrefixGrads {
-                    keys: MatMut::new(&mut dpk, pr.p, kw).unwrap(),
-                    values: MatMut::new(&mut dpv, pr.p, kw).unwrap(),
-                }),
+                prefix: prefix.as_ref().map(|_| PrefixGrads { kv: MatMut::new(&mut dpkv, pr.p, 2 * kw).unwrap() }),
             };
             let mut s = vec![0.0; backward_scratch_len(pr.tq, pr.tk, pr.p)];
             let go = MatRef::new(&g, pr.tq, qw).unwrap();
             backward(&Reference, &pr.shape, q, k, v, prefix.as_ref(), &mask, go, grads, &mut s).unwrap();
         }
+        let (dpk, dpv): (Vec<f64>, Vec<f64>) = {
+            let rows: Vec<&[f64]> = dpkv.chunks(2 * kw).collect();
+            (rows.iter().flat_map(|r| r[..kw].to_vec()).collect(), rows.iter().flat_map(|r| r[kw..].to_vec()).collect())
+        };
         let h = 1e-6;
         for (which, analytic) in [(0, &dq), (1, &dk), (2, &dv), (3, &dpk), (4, &dpv)] {
             for (idx, &want) in analytic.iter().enumerate() {
@@ -407,21 +408,18 @@ fn invalid_heads_and_shapes_are_errors() {
     assert!(out.iter().all(|&x| x == sentinel));
 
     // Backward: prefix gradients without a prefix; nothing written.
-    let (mut dq, mut dk, mut dv, mut dpk, mut dpv) =
-        (vec![sentinel; 12], vec![sentinel; 8], vec![sentinel; 8], vec![sentinel; 2], vec![sentinel; 2]);
+    let (mut dq, mut dk, mut dv, mut dpkv) =
+        (vec![sentinel; 12], vec![sentinel; 8], vec![sentinel; 8], vec![sentinel; 4]);
     let grads = AttentionGrads {
         q: MatMut::new(&mut dq, 3, 4).unwrap(),
         k: MatMut::new(&mut dk, 4, 2).unwrap(),
         v: MatMut::new(&mut dv, 4, 2).unwrap(),
-        prefix: Some(PrefixGrads {
-            keys: MatMut::new(&mut dpk, 1, 2).unwrap(),
-            values: MatMut::new(&mut dpv, 1, 2).unwrap(),
-        }),
+        prefix: Some(PrefixGrads { kv: MatMut::new(&mut dpkv, 1, 4).unwrap() }),
     };
     let g = vec![1.0; 12];
     let mut s = vec![0.0; 30];
     let err = backward(&Reference, &pr.shape, q, k, v, None, &mask, MatRef::new(&g, 3, 4).unwrap(), grads, &mut s)
         .unwrap_err();
     assert_eq!(err, Error::ShapeMismatch { operand: Operand::Prefix, expected: 0, found: 1 });
-    assert!(dq.iter().chain(&dk).chain(&dv).chain(&dpk).chain(&dpv).all(|&x| x == sentinel));
+    assert!(dq.iter().chain(&dk).chain(&dv).chain(&dpkv).all(|&x| x == sentinel));
 }
