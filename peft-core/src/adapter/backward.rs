@@ -45,8 +45,8 @@ impl<E: Element> BottleneckAdapter<'_, E> {
     /// `grad_x [tokens, d]`, `grads` as the parameters.
     ///
     /// # Errors
-    /// [`Error::ShapeMismatch`] (`Input`, `GradOutput`, `GradInput`,
-    /// `AdapterDown`, `AdapterUp`, `AdapterBias`), [`Error::ScratchTooSmall`],
+    /// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) (`Input`, `GradOutput`, `GradInput`,
+    /// `AdapterDown`, `AdapterUp`, `AdapterBias`), [`Error::ScratchTooSmall`](crate::Error::ScratchTooSmall),
     /// before anything is written.
     pub fn backward<B: Backend<E> + ?Sized>(
         &self,
