@@ -423,3 +423,40 @@ fn invalid_heads_and_shapes_are_errors() {
     assert_eq!(err, Error::ShapeMismatch { operand: Operand::Prefix, expected: 0, found: 1 });
     assert!(dq.iter().chain(&dk).chain(&dv).chain(&dpkv).all(|&x| x == sentinel));
 }
+
+#[cfg(feature = "half")]
+#[test]
+fn f16_attention_tracks_the_f64_oracle() {
+    use half::f16;
+    let mut rng = Rng::new(41);
+    let mut pr = Problem::random(&mut rng, 4, 2, 4, 5, 6, 2);
+    pr.causal = true;
+    // Round every input to f16 first, so the oracle sees the same operands.
+    let round = |v: &mut Vec<f64>| v.iter_mut().for_each(|x| *x = f16::from_f64(*x).to_f64());
+    for t in [&mut pr.q, &mut pr.k, &mut pr.v, &mut pr.pk, &mut pr.pv] {
+        round(t);
+    }
+    let want = pr.oracle();
+    let h = |v: &[f64]| v.iter().map(|&x| f16::from_f64(x)).collect::<Vec<_>>();
+    let (q, k, v, pk, pv) = (h(&pr.q), h(&pr.k), h(&pr.v), h(&pr.pk), h(&pr.pv));
+    let prefix = Prefix { keys: MatRef::new(&pk, 2, 8).unwrap(), values: MatRef::new(&pv, 2, 8).unwrap() };
+    let mut out = vec![f16::ZERO; 5 * 16];
+    let mut s = vec![f16::ZERO; forward_scratch_len(5, 6, 2)];
+    forward(
+        &Reference,
+        &pr.shape,
+        MatRef::new(&q, 5, 16).unwrap(),
+        MatRef::new(&k, 6, 8).unwrap(),
+        MatRef::new(&v, 6, 8).unwrap(),
+        Some(&prefix),
+        &Mask::causal(),
+        MatMut::new(&mut out, 5, 16).unwrap(),
+        &mut s,
+    )
+    .unwrap();
+    // f16 has u = 2^-11; scores, probabilities and outputs are each stored
+    // once in f16, and the values are O(1): 8 u absolute is a safe bound.
+    for (g, w) in out.iter().zip(&want) {
+        assert!((g.to_f64() - w).abs() < 8.0 / 2048.0, "{} vs {w}", g.to_f64());
+    }
+}
