@@ -194,6 +194,34 @@ pub(crate) fn check_len(operand: Operand, expected: usize, found: usize) -> Resu
     if expected == found { Ok(()) } else { Err(Error::ShapeMismatch { operand, expected, found }) }
 }
 
+/// `Ok` if a `rows x cols` operand has the required `want_rows x want_cols`
+/// shape; otherwise the first dimension that differs.
+pub(crate) fn check_shape(
+    operand: Operand,
+    rows: usize,
+    cols: usize,
+    want_rows: usize,
+    want_cols: usize,
+) -> Result<()> {
+    check_len(operand, want_rows, rows)?;
+    check_len(operand, want_cols, cols)
+}
+
+/// Checks an input `x [tokens, in_features]` and an operand `[tokens,
+/// out_features]` that goes with it (an output or a gradient).
+pub(crate) fn check_io(
+    x_rows: usize,
+    x_cols: usize,
+    in_features: usize,
+    operand: Operand,
+    rows: usize,
+    cols: usize,
+    out_features: usize,
+) -> Result<()> {
+    check_len(Operand::Input, in_features, x_cols)?;
+    check_shape(operand, rows, cols, x_rows, out_features)
+}
+
 /// `Ok` if a scratch slice of `len` elements holds the `needed` ones.
 pub(crate) fn check_scratch(needed: usize, len: usize) -> Result<()> {
     if len >= needed { Ok(()) } else { Err(Error::ScratchTooSmall { needed, len }) }

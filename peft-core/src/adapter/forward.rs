@@ -12,7 +12,7 @@
 use super::BottleneckAdapter;
 use crate::backend::{Accum, Backend, Op};
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_scratch};
+use crate::error::{Operand, Result, check_io, check_scratch};
 use crate::matrix::{MatMut, MatRef};
 
 impl<E: Element> BottleneckAdapter<'_, E> {
@@ -26,7 +26,7 @@ impl<E: Element> BottleneckAdapter<'_, E> {
     /// Shapes: `x [tokens, d]`, `h [tokens, d]` (overwritten, never read).
     ///
     /// # Errors
-    /// [`Error::ShapeMismatch`] (`Input`, `Output`), [`Error::ScratchTooSmall`],
+    /// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) (`Input`, `Output`), [`Error::ScratchTooSmall`](crate::Error::ScratchTooSmall),
     /// before anything is written.
     pub fn forward<B: Backend<E> + ?Sized>(
         &self,
@@ -77,15 +77,6 @@ impl<E: Element> BottleneckAdapter<'_, E> {
 
     /// Checks `x [tokens, d]` and another `[tokens, d]` operand.
     pub(super) fn check_rows(&self, x: &MatRef<'_, E>, rows: usize, cols: usize, operand: Operand) -> Result<()> {
-        if x.cols() != self.dim {
-            return Err(Error::ShapeMismatch { operand: Operand::Input, expected: self.dim, found: x.cols() });
-        }
-        if rows != x.rows() {
-            return Err(Error::ShapeMismatch { operand, expected: x.rows(), found: rows });
-        }
-        if cols != self.dim {
-            return Err(Error::ShapeMismatch { operand, expected: self.dim, found: cols });
-        }
-        Ok(())
+        check_io(x.rows(), x.cols(), self.dim, operand, rows, cols, self.dim)
     }
 }

@@ -19,7 +19,7 @@ use super::forward::{HeadViews, split_cols};
 use super::{AttentionShape, Mask, Prefix, backward_scratch_len, validate};
 use crate::backend::{Accum, Backend, Op};
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_scratch};
+use crate::error::{Error, Operand, Result, check_scratch, check_shape};
 use crate::matrix::{MatMut, MatRef};
 
 /// Gradients of the prefix of one layer, accumulated into (`+=`): one
@@ -47,16 +47,6 @@ pub struct AttentionGrads<'g, E> {
     pub prefix: Option<PrefixGrads<'g, E>>,
 }
 
-fn same(operand: Operand, m: &MatMut<'_, impl Element>, rows: usize, cols: usize) -> Result<()> {
-    if m.rows() != rows {
-        return Err(Error::ShapeMismatch { operand, expected: rows, found: m.rows() });
-    }
-    if m.cols() != cols {
-        return Err(Error::ShapeMismatch { operand, expected: cols, found: m.cols() });
-    }
-    Ok(())
-}
-
 /// Gradients of [`forward`](super::forward::forward) given `grad_out =
 /// dL/dO [tq, heads * d_head]`.
 ///
@@ -79,19 +69,15 @@ pub fn backward<E: Element, B: Backend<E> + ?Sized>(
     scratch: &mut [E],
 ) -> Result<()> {
     let dims = validate(shape, &q, &k, &v, prefix, mask)?;
-    if grad_out.rows() != dims.tq || grad_out.cols() != shape.q_width() {
-        let (expected, found) =
-            if grad_out.rows() != dims.tq { (dims.tq, grad_out.rows()) } else { (shape.q_width(), grad_out.cols()) };
-        return Err(Error::ShapeMismatch { operand: Operand::GradOutput, expected, found });
-    }
-    same(Operand::Query, &grads.q, dims.tq, shape.q_width())?;
-    same(Operand::Key, &grads.k, dims.tk, shape.kv_width())?;
-    same(Operand::Value, &grads.v, dims.tk, shape.kv_width())?;
+    check_shape(Operand::GradOutput, grad_out.rows(), grad_out.cols(), dims.tq, shape.q_width())?;
+    check_shape(Operand::Query, grads.q.rows(), grads.q.cols(), dims.tq, shape.q_width())?;
+    check_shape(Operand::Key, grads.k.rows(), grads.k.cols(), dims.tk, shape.kv_width())?;
+    check_shape(Operand::Value, grads.v.rows(), grads.v.cols(), dims.tk, shape.kv_width())?;
     if let Some(pg) = &grads.prefix {
         if prefix.is_none() {
             return Err(Error::ShapeMismatch { operand: Operand::Prefix, expected: 0, found: pg.kv.rows() });
         }
-        same(Operand::Prefix, &pg.kv, dims.p, shape.kv_width().saturating_mul(2))?;
+        check_shape(Operand::Prefix, pg.kv.rows(), pg.kv.cols(), dims.p, shape.kv_width().saturating_mul(2))?;
     }
     let need = backward_scratch_len(dims.tq, dims.tk, dims.p);
     check_scratch(need, scratch.len())?;

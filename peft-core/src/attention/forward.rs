@@ -3,7 +3,7 @@
 use super::{AttentionShape, Dims, Mask, Prefix, forward_scratch_len, masked_softmax, validate};
 use crate::backend::{Accum, Backend, Op};
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_scratch};
+use crate::error::{Error, Operand, Result, check_scratch, check_shape};
 use crate::matrix::{MatMut, MatRef};
 
 /// `O = softmax(Q [PK; K]^T / sqrt(d_head) + M) [PV; V]`, head by head.
@@ -28,11 +28,7 @@ pub fn forward<E: Element, B: Backend<E> + ?Sized>(
     scratch: &mut [E],
 ) -> Result<()> {
     let dims = validate(shape, &q, &k, &v, prefix, mask)?;
-    if out.rows() != dims.tq || out.cols() != shape.q_width() {
-        let (expected, found) =
-            if out.rows() != dims.tq { (dims.tq, out.rows()) } else { (shape.q_width(), out.cols()) };
-        return Err(Error::ShapeMismatch { operand: Operand::Output, expected, found });
-    }
+    check_shape(Operand::Output, out.rows(), out.cols(), dims.tq, shape.q_width())?;
     let need = forward_scratch_len(dims.tq, dims.tk, dims.p);
     check_scratch(need, scratch.len())?;
     let (s_buf, _) = scratch.split_at_mut(need);

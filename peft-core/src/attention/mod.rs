@@ -36,7 +36,7 @@ pub mod forward;
 pub use backward::{AttentionGrads, PrefixGrads};
 
 use crate::element::{Element, Real};
-use crate::error::{Error, Operand, Result};
+use crate::error::{Error, Operand, Result, check_len};
 use crate::matrix::{MatMut, MatRef};
 
 /// Head counts and head size.
@@ -141,10 +141,6 @@ impl Dims {
     }
 }
 
-fn mismatch(operand: Operand, expected: usize, found: usize) -> Result<()> {
-    if expected == found { Ok(()) } else { Err(Error::ShapeMismatch { operand, expected, found }) }
-}
-
 /// Checks every operand's shape and returns the dimensions.
 pub(crate) fn validate<E: Element>(
     shape: &AttentionShape,
@@ -154,26 +150,26 @@ pub(crate) fn validate<E: Element>(
     prefix: Option<&Prefix<'_, E>>,
     mask: &Mask<'_, E>,
 ) -> Result<Dims> {
-    mismatch(Operand::Query, shape.q_width(), q.cols())?;
-    mismatch(Operand::Key, shape.kv_width(), k.cols())?;
-    mismatch(Operand::Value, shape.kv_width(), v.cols())?;
-    mismatch(Operand::Value, k.rows(), v.rows())?;
+    check_len(Operand::Query, shape.q_width(), q.cols())?;
+    check_len(Operand::Key, shape.kv_width(), k.cols())?;
+    check_len(Operand::Value, shape.kv_width(), v.cols())?;
+    check_len(Operand::Value, k.rows(), v.rows())?;
     let p = match prefix {
         Some(pr) => {
-            mismatch(Operand::Prefix, shape.kv_width(), pr.keys.cols())?;
-            mismatch(Operand::Prefix, shape.kv_width(), pr.values.cols())?;
-            mismatch(Operand::Prefix, pr.keys.rows(), pr.values.rows())?;
+            check_len(Operand::Prefix, shape.kv_width(), pr.keys.cols())?;
+            check_len(Operand::Prefix, shape.kv_width(), pr.values.cols())?;
+            check_len(Operand::Prefix, pr.keys.rows(), pr.values.rows())?;
             pr.keys.rows()
         }
         None => 0,
     };
     let dims = Dims { tq: q.rows(), tk: k.rows(), p };
     if let Some(pad) = mask.key_padding {
-        mismatch(Operand::Mask, dims.tk, pad.len())?;
+        check_len(Operand::Mask, dims.tk, pad.len())?;
     }
     if let Some(add) = &mask.additive {
-        mismatch(Operand::Mask, dims.tq, add.rows())?;
-        mismatch(Operand::Mask, dims.keys(), add.cols())?;
+        check_len(Operand::Mask, dims.tq, add.rows())?;
+        check_len(Operand::Mask, dims.keys(), add.cols())?;
     }
     Ok(dims)
 }
@@ -197,8 +193,8 @@ pub fn backward_scratch_len(tq: usize, tk: usize, p: usize) -> usize {
 /// [`Error::ShapeMismatch`] (`Mask`) unless `out` is
 /// `[mask.rows, n_prefix + mask.cols]`; nothing is written.
 pub fn extend_additive_mask<E: Element>(mask: MatRef<'_, E>, n_prefix: usize, mut out: MatMut<'_, E>) -> Result<()> {
-    mismatch(Operand::Mask, mask.rows(), out.rows())?;
-    mismatch(Operand::Mask, mask.cols().saturating_add(n_prefix), out.cols())?;
+    check_len(Operand::Mask, mask.rows(), out.rows())?;
+    check_len(Operand::Mask, mask.cols().saturating_add(n_prefix), out.cols())?;
     for (i, row) in out.row_iter_mut().enumerate() {
         let (head, tail) = row.split_at_mut(n_prefix.min(row.len()));
         head.fill(E::ZERO);

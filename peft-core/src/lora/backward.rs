@@ -21,7 +21,7 @@
 use super::layer::LoraLinear;
 use crate::backend::{Accum, Backend, Op};
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_len, check_scratch};
+use crate::error::{Operand, Result, check_len, check_scratch, check_shape};
 use crate::matrix::{MatMut, MatRef, checked_len};
 
 /// Gradient buffers of the adapter, accumulated into (`+=`), so that
@@ -52,8 +52,8 @@ impl<E: Element> LoraLinear<'_, E> {
     /// the adapter gradients are the same in both states.
     ///
     /// # Errors
-    /// [`Error::ShapeMismatch`] (`Input`, `GradOutput`, `GradInput`, `GradA`,
-    /// `GradB`), [`Error::ScratchTooSmall`], [`Error::Overflow`], before
+    /// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) (`Input`, `GradOutput`, `GradInput`, `GradA`,
+    /// `GradB`), [`Error::ScratchTooSmall`](crate::Error::ScratchTooSmall), [`Error::Overflow`](crate::Error::Overflow), before
     /// anything is written.
     pub fn backward<B: Backend<E> + ?Sized>(
         &self,
@@ -68,10 +68,7 @@ impl<E: Element> LoraLinear<'_, E> {
         let (r, n_in, n_out) = (self.rank, self.in_features, self.out_features);
         self.check_io(&x, grad_y.rows(), grad_y.cols(), Operand::GradOutput)?;
         if let Some(gx) = &grad_x {
-            if gx.rows() != tokens || gx.cols() != n_in {
-                let (expected, found) = if gx.rows() != tokens { (tokens, gx.rows()) } else { (n_in, gx.cols()) };
-                return Err(Error::ShapeMismatch { operand: Operand::GradInput, expected, found });
-            }
+            check_shape(Operand::GradInput, gx.rows(), gx.cols(), tokens, n_in)?;
         }
         check_len(Operand::GradA, checked_len(r, n_in)?, grads.a.len())?;
         check_len(Operand::GradB, checked_len(n_out, r)?, grads.b.len())?;

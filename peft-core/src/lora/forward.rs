@@ -12,7 +12,7 @@
 use super::layer::LoraLinear;
 use crate::backend::{Accum, Backend, Op};
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_scratch};
+use crate::error::{Operand, Result, check_io, check_scratch};
 use crate::matrix::{MatMut, MatRef};
 
 impl<E: Element> LoraLinear<'_, E> {
@@ -30,8 +30,8 @@ impl<E: Element> LoraLinear<'_, E> {
     /// [`forward_scratch_len(tokens)`](Self::forward_scratch_len).
     ///
     /// # Errors
-    /// [`Error::ShapeMismatch`] (`Input`, `Output`) or
-    /// [`Error::ScratchTooSmall`], before anything is written. A backend that
+    /// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) (`Input`, `Output`) or
+    /// [`Error::ScratchTooSmall`](crate::Error::ScratchTooSmall), before anything is written. A backend that
     /// fails after validation passes its own error through.
     pub fn forward<B: Backend<E> + ?Sized>(
         &self,
@@ -63,16 +63,7 @@ impl<E: Element> LoraLinear<'_, E> {
 
     /// Checks `x [tokens, in]` and an output-like operand `[tokens, out]`.
     pub(super) fn check_io(&self, x: &MatRef<'_, E>, rows: usize, cols: usize, operand: Operand) -> Result<()> {
-        if x.cols() != self.in_features {
-            return Err(Error::ShapeMismatch { operand: Operand::Input, expected: self.in_features, found: x.cols() });
-        }
-        if rows != x.rows() {
-            return Err(Error::ShapeMismatch { operand, expected: x.rows(), found: rows });
-        }
-        if cols != self.out_features {
-            return Err(Error::ShapeMismatch { operand, expected: self.out_features, found: cols });
-        }
-        Ok(())
+        check_io(x.rows(), x.cols(), self.in_features, operand, rows, cols, self.out_features)
     }
 }
 
