@@ -222,6 +222,13 @@ pub(crate) fn check_io(
     check_shape(operand, rows, cols, x_rows, out_features)
 }
 
+/// Two disjoint `n`-element temporaries from the front of `scratch`.
+pub(crate) fn scratch_pair<E>(scratch: &mut [E], n: usize) -> Result<(&mut [E], &mut [E])> {
+    check_scratch(n.checked_mul(2).ok_or(Error::Overflow)?, scratch.len())?;
+    let (first, rest) = scratch.split_at_mut(n);
+    Ok((first, rest.get_mut(..n).unwrap_or(&mut [])))
+}
+
 /// `Ok` if a scratch slice of `len` elements holds the `needed` ones.
 pub(crate) fn check_scratch(needed: usize, len: usize) -> Result<()> {
     if len >= needed { Ok(()) } else { Err(Error::ScratchTooSmall { needed, len }) }

@@ -16,7 +16,7 @@
 use super::BottleneckAdapter;
 use crate::backend::{Accum, Backend, Op};
 use crate::element::Element;
-use crate::error::{Operand, Result, check_len, check_scratch};
+use crate::error::{Operand, Result, check_len, check_scratch, scratch_pair};
 use crate::matrix::{MatMut, MatRef};
 
 /// Gradient buffers of an adapter, accumulated into (`+=`).
@@ -71,8 +71,7 @@ impl<E: Element> BottleneckAdapter<'_, E> {
 
         let one = <E::Accum as Element>::from_f64(1.0);
         let s = <E::Accum as Element>::from_f64(self.scale);
-        let (z_buf, rest) = scratch.split_at_mut(need / 2);
-        let a_buf = rest.get_mut(..need / 2).unwrap_or(&mut []);
+        let (z_buf, a_buf) = scratch_pair(scratch, need / 2)?;
         let mut z = MatMut::new(z_buf, tokens, m)?;
         let mut a = MatMut::new(a_buf, tokens, m)?;
         // z = pre-activation; a = act(z).

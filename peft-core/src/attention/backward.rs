@@ -19,7 +19,7 @@ use super::forward::{HeadViews, split_cols};
 use super::{AttentionShape, Mask, Prefix, backward_scratch_len, validate};
 use crate::backend::{Accum, Backend, Op};
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_scratch, check_shape};
+use crate::error::{Error, Operand, Result, check_scratch, check_shape, scratch_pair};
 use crate::matrix::{MatMut, MatRef};
 
 /// Gradients of the prefix of one layer, accumulated into (`+=`): one
@@ -82,8 +82,7 @@ pub fn backward<E: Element, B: Backend<E> + ?Sized>(
     let need = backward_scratch_len(dims.tq, dims.tk, dims.p);
     check_scratch(need, scratch.len())?;
 
-    let (p_buf, rest) = scratch.split_at_mut(need / 2);
-    let dp_buf = rest.get_mut(..need / 2).unwrap_or(&mut []);
+    let (p_buf, dp_buf) = scratch_pair(scratch, need / 2)?;
     let mut probs = MatMut::new(p_buf, dims.tq, dims.keys())?;
     let mut dprobs = MatMut::new(dp_buf, dims.tq, dims.keys())?;
     let one = <E::Accum as Element>::from_f64(1.0);

@@ -21,7 +21,7 @@
 use super::layer::LoraLinear;
 use crate::backend::{Accum, Backend, Op};
 use crate::element::Element;
-use crate::error::{Operand, Result, check_len, check_scratch, check_shape};
+use crate::error::{Operand, Result, check_len, check_scratch, check_shape, scratch_pair};
 use crate::matrix::{MatMut, MatRef, checked_len};
 
 /// Gradient buffers of the adapter, accumulated into (`+=`), so that
@@ -80,8 +80,7 @@ impl<E: Element> LoraLinear<'_, E> {
         let w = MatRef::new(self.weight, n_out, n_in)?;
         let a = MatRef::new(self.a, r, n_in)?;
         let b = MatRef::new(self.b, n_out, r)?;
-        let (t_buf, rest) = scratch.split_at_mut(need / 2);
-        let u_buf = rest.get_mut(..need / 2).unwrap_or(&mut []);
+        let (t_buf, u_buf) = scratch_pair(scratch, need / 2)?;
         let mut t = MatMut::new(t_buf, tokens, r)?;
         let mut u = MatMut::new(u_buf, tokens, r)?;
 

@@ -20,7 +20,7 @@ use super::PrefixConfig;
 use crate::adapter::backward::add_colsum;
 use crate::backend::{Accum, Backend, Op};
 use crate::element::{Element, Real};
-use crate::error::{Error, Operand, Result, check_len, check_scratch};
+use crate::error::{Error, Operand, Result, check_len, check_scratch, scratch_pair};
 use crate::matrix::{MatMut, MatRef, checked_len};
 use crate::rng::Rng;
 
@@ -182,8 +182,7 @@ impl<'a, E: Element> PrefixEncoder<'a, E> {
         check_scratch(need, scratch.len())?;
         let (n, h, o) = (self.cfg.n_prefix(), self.hidden, self.cfg.row_width());
         let one = <E::Accum as Element>::from_f64(1.0);
-        let (a_buf, rest) = scratch.split_at_mut(need / 2);
-        let da_buf = rest.get_mut(..need / 2).unwrap_or(&mut []);
+        let (a_buf, da_buf) = scratch_pair(scratch, need / 2)?;
         let mut a = MatMut::new(a_buf, n, h)?;
         let mut da = MatMut::new(da_buf, n, h)?;
         self.hidden_layer(backend, &mut a)?;
