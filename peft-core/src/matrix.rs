@@ -89,10 +89,10 @@ impl<'a, E: Element> MatRef<'a, E> {
     /// Row `i` (`cols` elements), or an empty slice if `i >= rows`.
     #[inline]
     pub fn row(&self, i: usize) -> &'a [E] {
-        let start = i.wrapping_mul(self.row_stride);
         if i >= self.rows {
             return &[];
         }
+        let start = i * self.row_stride;
         self.data.get(start..start + self.cols).unwrap_or(&[])
     }
 

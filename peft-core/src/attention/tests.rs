@@ -347,65 +347,33 @@ fn invalid_heads_and_shapes_are_errors() {
     let pr = Problem::random(&mut rng, 2, 1, 2, 3, 4, 1);
     let (q, k, v, prefix, mask) = pr.views();
     let sentinel = 5.5;
-    let mut out = vec![sentinel; 12];
-    let mut s = vec![0.0; 15];
-    let err = forward(
-        &Reference,
-        &pr.shape,
-        q,
-        v,
-        k,
-        prefix.as_ref(),
-        &mask,
-        MatMut::new(&mut out, 3, 4).unwrap(),
-        &mut s[..14],
-    )
-    .unwrap_err();
-    assert_eq!(err, Error::ScratchTooSmall { needed: 15, len: 14 });
+    // Each call changes one operand; the output must stay untouched.
+    let run = |q, k, v, mask: &Mask<'_, f64>, scratch: usize| {
+        let mut out = vec![sentinel; 12];
+        let mut s = vec![0.0; scratch];
+        let err = forward(
+            &Reference,
+            &pr.shape,
+            q,
+            k,
+            v,
+            prefix.as_ref(),
+            mask,
+            MatMut::new(&mut out, 3, 4).unwrap(),
+            &mut s,
+        )
+        .unwrap_err();
+        assert!(out.iter().all(|&x| x == sentinel), "{err:?} wrote to the output");
+        err
+    };
+    assert_eq!(run(q, k, v, &mask, 14), Error::ScratchTooSmall { needed: 15, len: 14 });
     let short_k = MatRef::new(&pr.k[..6], 3, 2).unwrap();
-    let err = forward(
-        &Reference,
-        &pr.shape,
-        q,
-        short_k,
-        v,
-        prefix.as_ref(),
-        &mask,
-        MatMut::new(&mut out, 3, 4).unwrap(),
-        &mut s,
-    )
-    .unwrap_err();
-    assert_eq!(err, Error::ShapeMismatch { operand: Operand::Value, expected: 3, found: 4 });
+    assert_eq!(run(q, short_k, v, &mask, 15), Error::ShapeMismatch { operand: Operand::Value, expected: 3, found: 4 });
     let wrong_q = MatRef::new(&pr.q[..9], 3, 3).unwrap();
-    let err = forward(
-        &Reference,
-        &pr.shape,
-        wrong_q,
-        k,
-        v,
-        prefix.as_ref(),
-        &mask,
-        MatMut::new(&mut out, 3, 4).unwrap(),
-        &mut s,
-    )
-    .unwrap_err();
-    assert_eq!(err, Error::ShapeMismatch { operand: Operand::Query, expected: 4, found: 3 });
+    assert_eq!(run(wrong_q, k, v, &mask, 15), Error::ShapeMismatch { operand: Operand::Query, expected: 4, found: 3 });
     let pad = [1u8; 3];
     let bad_mask = Mask { causal: false, key_padding: Some(&pad[..]), additive: None };
-    let err = forward(
-        &Reference,
-        &pr.shape,
-        q,
-        k,
-        v,
-        prefix.as_ref(),
-        &bad_mask,
-        MatMut::new(&mut out, 3, 4).unwrap(),
-        &mut s,
-    )
-    .unwrap_err();
-    assert_eq!(err, Error::ShapeMismatch { operand: Operand::Mask, expected: 4, found: 3 });
-    assert!(out.iter().all(|&x| x == sentinel));
+    assert_eq!(run(q, k, v, &bad_mask, 15), Error::ShapeMismatch { operand: Operand::Mask, expected: 4, found: 3 });
 
     // Backward: prefix gradients without a prefix; nothing written.
     let (mut dq, mut dk, mut dv, mut dpkv) =
