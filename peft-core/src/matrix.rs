@@ -86,6 +86,15 @@ impl<'a, E: Element> MatRef<'a, E> {
         self.row_stride
     }
 
+    /// The underlying slice: element `(i, j)` is at `i * row_stride + j`.
+    /// It holds at least `(rows - 1) * row_stride + cols` elements (when
+    /// the view is not empty), and may hold more; a backend that hands the
+    /// view to another library maps it through this and the stride.
+    #[inline]
+    pub fn as_slice(&self) -> &'a [E] {
+        self.data
+    }
+
     /// Row `i` (`cols` elements), or an empty slice if `i >= rows`.
     #[inline]
     pub fn row(&self, i: usize) -> &'a [E] {
@@ -197,6 +206,17 @@ impl<'a, E: Element> MatMut<'a, E> {
         let (rows, stride) = (self.rows, self.row_stride.max(n));
         let data = if rows == 0 || n == 0 { &mut [][..] } else { self.data.get_mut(start..)? };
         MatMut::with_stride(data, rows, n, stride).ok()
+    }
+
+    /// The rows `start..start + n` as a view of the same lifetime,
+    /// consuming `self`; `None` if out of range.
+    pub fn into_rows_range(self, start: usize, n: usize) -> Option<MatMut<'a, E>> {
+        if start.checked_add(n)? > self.rows {
+            return None;
+        }
+        let offset = if n == 0 { 0 } else { start * self.row_stride };
+        let (cols, stride) = (self.cols, self.row_stride);
+        MatMut::with_stride(self.data.get_mut(offset..)?, n, cols, stride).ok()
     }
 
     /// Row `i` mutably, or an empty slice if `i >= rows`.

@@ -1,5 +1,11 @@
 //! # peft-faer
 //!
-//! The std side of `peft`. For now it re-exports `peft-core` for hosts; the
-//! faer backend, adapter files and the `peft` command build on it.
+//! The std side of `peft`: [`Faer`], `peft-core`'s [`Backend`](peft_core::Backend)
+//! on faer's SIMD matmul (f32, f64) and [`FaerHalf`] for f16/bf16 staged
+//! through f32.
+#![deny(missing_docs)]
+
+pub mod backend;
+
+pub use backend::{Faer, FaerHalf};
 pub use peft_core as core;

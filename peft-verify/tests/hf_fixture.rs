@@ -184,3 +184,14 @@ fn reference_backend_reproduces_peft_modules() {
 fn reference_backend_reproduces_peft_model_and_merge() {
     check_model(&Reference);
 }
+
+#[test]
+fn faer_backend_reproduces_peft_modules() {
+    check_modules(&peft_faer::Faer::new());
+    check_modules(&peft_faer::Faer::with_threads(2));
+}
+
+#[test]
+fn faer_backend_reproduces_peft_model_and_merge() {
+    check_model(&peft_faer::Faer::new());
+}

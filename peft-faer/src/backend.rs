@@ -1,0 +1,356 @@
+//! `peft-core`'s [`Backend`] on faer's SIMD matmul.
+//!
+//! * [`Faer`] computes f32 and f64 gemms with
+//!   [`faer::linalg::matmul::matmul`]. `peft-core`'s row-major views map onto
+//!   faer's strided views with no copy: a view with row stride `s` is faer's
+//!   matrix with row stride `s` and column stride 1, and a transposed operand
+//!   is faer's `.transpose()` of it (a stride swap, not a copy).
+//! * [`FaerHalf`] computes f16 and bf16 gemms: operands are widened to f32
+//!   into a staging buffer the caller provides once, multiplied by faer in
+//!   f32, and each result is rounded once to the element type
+//!   (round-to-nearest-even). It never allocates; a staging buffer shorter
+//!   than [`FaerHalf::staging_len`] makes it work in tiles.
+//!
+//! Shapes are checked with [`check_gemm`] before faer is called, so a shape
+//! error is `peft-core`'s typed [`Error`], never a faer panic.
+//!
+//! ## Parallelism
+//!
+//! The default is single-threaded ([`Faer::new`]): a service usually runs
+//! one request per core, and the small LoRA products gain nothing from
+//! threads. [`Faer::with_threads`] splits each gemm over `n` tasks of rayon's
+//! global pool.
+//!
+//! ## AVX-512 and `vzeroupper`
+//!
+//! faer's AVX-512 kernels can return with the upper halves of the vector
+//! registers dirty. SSE code that runs afterwards on the same thread (every
+//! elementwise loop of a default, non-`target-cpu` build: activations,
+//! softmax, the LoRA scale) then pays a state-transition penalty on every
+//! instruction. After each faer call the backend therefore executes
+//! `vzeroupper` when the CPU has AVX (runtime detection, cached by std).
+//! [`Faer::clear_upper`] turns it off, only to measure the effect.
+
+use core::cell::RefCell;
+
+use faer::Par;
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use peft_core::backend::check_gemm;
+use peft_core::{Accum, Backend, Element, Error, MatMut, MatRef, Op, Result};
+
+/// The faer backend for `f32` and `f64`.
+///
+/// `Copy` and cheap: it holds only the parallelism setting.
+#[derive(Clone, Copy, Debug)]
+pub struct Faer {
+    par: Par,
+    clear_upper: bool,
+}
+
+impl Default for Faer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Faer {
+    /// A single-threaded faer backend.
+    pub fn new() -> Self {
+        Self { par: Par::Seq, clear_upper: true }
+    }
+
+    /// A backend that splits each gemm over `threads` tasks on rayon's
+    /// global pool; `0` or `1` means single-threaded.
+    pub fn with_threads(threads: usize) -> Self {
+        let par = if threads <= 1 { Par::Seq } else { Par::rayon(threads) };
+        Self { par, clear_upper: true }
+    }
+
+    /// The number of tasks each gemm is split over.
+    pub fn threads(&self) -> usize {
+        match self.par {
+            Par::Seq => 1,
+            Par::Rayon(n) => n.get(),
+        }
+    }
+
+    /// Whether to execute `vzeroupper` after each faer call (default
+    /// `true`; see the module docs). Turning it off exists to measure the
+    /// penalty in the benches; there is no other reason to.
+    pub fn clear_upper(mut self, on: bool) -> Self {
+        self.clear_upper = on;
+        self
+    }
+
+    fn after_call(&self) {
+        if self.clear_upper {
+            zero_upper();
+        }
+    }
+}
+
+/// Clears the upper halves of the AVX registers when the CPU has AVX.
+#[inline]
+fn zero_upper() {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if std::arch::is_x86_feature_detected!("avx") {
+        #[cfg(target_arch = "x86")]
+        use std::arch::x86::_mm256_zeroupper;
+        #[cfg(target_arch = "x86_64")]
+        use std::arch::x86_64::_mm256_zeroupper;
+        // SAFETY: the intrinsic needs AVX, which was detected at run time
+        // just above; it only clears register state.
+        unsafe { _mm256_zeroupper() }
+    }
+}
+
+/// faer's view of a `peft-core` view, transposed when `op` says so.
+///
+/// A view with at most one row never uses its stride; it is normalized to
+/// `cols` so that a huge stride cannot wrap in faer's `isize` strides.
+fn faer_ref<'a, T>(m: MatRef<'a, T>, op: Op) -> faer::MatRef<'a, T>
+where
+    T: Element,
+{
+    let stride = if m.rows() <= 1 { m.cols() } else { m.row_stride() };
+    let v = faer::MatRef::from_row_major_slice_with_stride(m.as_slice(), m.rows(), m.cols(), stride);
+    match op {
+        Op::N => v,
+        Op::T => v.transpose(),
+    }
+}
+
+fn faer_mut<T: Element>(m: MatMut<'_, T>) -> faer::MatMut<'_, T> {
+    let (rows, cols) = (m.rows(), m.cols());
+    let stride = if rows <= 1 { cols } else { m.row_stride() };
+    // Built as the transpose of a column-major view: faer 0.24.4's
+    // `from_row_major_slice_with_stride_mut` passes its strides to
+    // `from_raw_parts_mut` swapped (it builds the column-major matrix),
+    // which `peft-faer/tests/agree.rs` catches.
+    faer::MatMut::from_column_major_slice_with_stride_mut(m.into_slice(), cols, rows, stride).transpose_mut()
+}
+
+fn faer_accum(a: Accum) -> faer::Accum {
+    match a {
+        Accum::Replace => faer::Accum::Replace,
+        Accum::Add => faer::Accum::Add,
+    }
+}
+
+macro_rules! impl_faer {
+    ($t:ty) => {
+        impl Backend<$t> for Faer {
+            fn gemm(
+                &self,
+                dst: MatMut<'_, $t>,
+                accum: Accum,
+                lhs: MatRef<'_, $t>,
+                lhs_op: Op,
+                rhs: MatRef<'_, $t>,
+                rhs_op: Op,
+                alpha: $t,
+            ) -> Result<()> {
+                check_gemm(&dst, &lhs, lhs_op, &rhs, rhs_op)?;
+                faer::linalg::matmul::matmul(
+                    faer_mut(dst),
+                    faer_accum(accum),
+                    faer_ref(lhs, lhs_op),
+                    faer_ref(rhs, rhs_op),
+                    alpha,
+                    self.par,
+                );
+                self.after_call();
+                Ok(())
+            }
+        }
+    };
+}
+
+impl_faer!(f32);
+impl_faer!(f64);
+
+/// A half-precision element faer cannot multiply directly: widened to f32
+/// for the product.
+trait Half: Element<Accum = f32> {
+    fn widen(src: &[Self], dst: &mut [f32]);
+    fn narrow(src: &[f32], dst: &mut [Self]);
+}
+
+macro_rules! impl_half {
+    ($t:ty) => {
+        impl Half for $t {
+            #[inline]
+            fn widen(src: &[Self], dst: &mut [f32]) {
+                // `half`'s slice conversions use F16C / SIMD where present.
+                src.convert_to_f32_slice(dst);
+            }
+            #[inline]
+            fn narrow(src: &[f32], dst: &mut [Self]) {
+                // Round-to-nearest-even, as `from_f32`.
+                dst.convert_from_f32_slice(src);
+            }
+        }
+    };
+}
+
+impl_half!(f16);
+impl_half!(bf16);
+
+/// The faer backend for `f16` and `bf16`: storage in 16 bits, products and
+/// sums in f32, each result rounded once.
+///
+/// ```text
+/// Replace:  C = round(alpha * op(A) op(B))          (in f32)
+/// Add:      C = round(f32(C) + alpha * op(A) op(B))
+/// ```
+///
+/// `S` is the staging buffer (`Vec<f32>`, `Box<[f32]>`, `&mut [f32]`),
+/// provided once; gemms borrow it in turn, so the backend is `!Sync` (give
+/// each thread its own). With at least [`FaerHalf::staging_len`]`(m, n, k)`
+/// elements a gemm is one faer call; with less it is split into row and
+/// column tiles of the output (each tile still sums over all of `k`, so the
+/// result is rounded once either way). The smallest workable buffer holds
+/// `2 k + 1` elements.
+#[derive(Debug)]
+pub struct FaerHalf<S> {
+    faer: Faer,
+    staging: RefCell<S>,
+}
+
+impl<S: AsMut<[f32]>> FaerHalf<S> {
+    /// A half-precision backend over `faer`'s settings and `staging`.
+    pub fn new(faer: Faer, staging: S) -> Self {
+        Self { faer, staging: RefCell::new(staging) }
+    }
+
+    /// Staging elements for an untiled `m x n x k` gemm:
+    /// `k (m + n) + m n` (saturating).
+    pub fn staging_len(m: usize, n: usize, k: usize) -> usize {
+        k.saturating_mul(m.saturating_add(n)).saturating_add(m.saturating_mul(n))
+    }
+
+    /// Gives the staging buffer back.
+    pub fn into_staging(self) -> S {
+        self.staging.into_inner()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_half<E: Half>(
+        &self,
+        mut dst: MatMut<'_, E>,
+        accum: Accum,
+        lhs: MatRef<'_, E>,
+        lhs_op: Op,
+        rhs: MatRef<'_, E>,
+        rhs_op: Op,
+        alpha: f32,
+    ) -> Result<()> {
+        let (m, n, k) = check_gemm(&dst, &lhs, lhs_op, &rhs, rhs_op)?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let mut staging = self.staging.try_borrow_mut().map_err(|_| Error::ScratchTooSmall { needed: 1, len: 0 })?;
+        let buf = staging.as_mut();
+        let (mb, nb) = tiles(m, n, k, buf.len()).ok_or(Error::ScratchTooSmall { needed: 2 * k + 1, len: buf.len() })?;
+        for j0 in (0..n).step_by(nb) {
+            let nj = nb.min(n - j0);
+            let (rhs_s, rest) = buf.split_at_mut(k * nj);
+            // op(rhs)[:, j0..j0+nj], staged as the rows (Op::N) or columns
+            // (Op::T) of `rhs` it reads, keeping the transposition flag.
+            let rhs_f = match rhs_op {
+                Op::N => stage(rhs, 0, k, j0, nj, rhs_s),
+                Op::T => stage(rhs, j0, nj, 0, k, rhs_s),
+            };
+            for i0 in (0..m).step_by(mb) {
+                let mi = mb.min(m - i0);
+                let (lhs_s, rest) = rest.split_at_mut(mi * k);
+                let dst_s = rest.get_mut(..mi * nj).ok_or(Error::ScratchTooSmall { needed: 1, len: 0 })?;
+                let lhs_f = match lhs_op {
+                    Op::N => stage(lhs, i0, mi, 0, k, lhs_s),
+                    Op::T => stage(lhs, 0, k, i0, mi, lhs_s),
+                };
+                let mut tile = dst
+                    .rb_mut()
+                    .into_rows_range(i0, mi)
+                    .and_then(|t| t.into_cols_range(j0, nj))
+                    .ok_or(Error::ScratchTooSmall { needed: 1, len: 0 })?;
+                if accum == Accum::Add {
+                    for (row, s) in tile.row_iter_mut().zip(dst_s.chunks_exact_mut(nj)) {
+                        E::widen(row, s);
+                    }
+                }
+                let dst_f = faer::MatMut::from_row_major_slice_mut(&mut *dst_s, mi, nj);
+                let lhs_v = faer_ref(lhs_f?, lhs_op);
+                let rhs_v = faer_ref(rhs_f?, rhs_op);
+                faer::linalg::matmul::matmul(dst_f, faer_accum(accum), lhs_v, rhs_v, alpha, self.faer.par);
+                self.faer.after_call();
+                for (row, s) in tile.row_iter_mut().zip(dst_s.chunks_exact(nj)) {
+                    E::narrow(s, row);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Widens rows `r0..r0+nr`, columns `c0..c0+nc` of `m` into `out` (dense,
+/// row-major) and returns the f32 view of them.
+fn stage<'a, E: Half>(
+    m: MatRef<'_, E>,
+    r0: usize,
+    nr: usize,
+    c0: usize,
+    nc: usize,
+    out: &'a mut [f32],
+) -> Result<MatRef<'a, f32>> {
+    let block = m.rows_range(r0, nr).and_then(|b| b.cols_range(c0, nc)).ok_or(Error::Overflow)?;
+    let out = out.get_mut(..nr * nc).ok_or(Error::ScratchTooSmall { needed: nr * nc, len: 0 })?;
+    if nc > 0 {
+        for (row, o) in block.row_iter().zip(out.chunks_exact_mut(nc)) {
+            E::widen(row, o);
+        }
+    }
+    MatRef::new(out, nr, nc)
+}
+
+/// Output tile sizes `(mb, nb)` whose staging `k nb + mb k + mb nb` fits in
+/// `cap`, halving the larger side until it does; `None` if even `1 x 1`
+/// does not fit.
+fn tiles(m: usize, n: usize, k: usize, cap: usize) -> Option<(usize, usize)> {
+    let need = |mb: usize, nb: usize| FaerHalf::<&mut [f32]>::staging_len(mb, nb, k);
+    let (mut mb, mut nb) = (m, n);
+    while need(mb, nb) > cap {
+        if mb == 1 && nb == 1 {
+            return None;
+        }
+        if mb >= nb {
+            mb = mb.div_ceil(2);
+        } else {
+            nb = nb.div_ceil(2);
+        }
+    }
+    Some((mb, nb))
+}
+
+macro_rules! impl_faer_half {
+    ($t:ty) => {
+        impl<S: AsMut<[f32]>> Backend<$t> for FaerHalf<S> {
+            fn gemm(
+                &self,
+                dst: MatMut<'_, $t>,
+                accum: Accum,
+                lhs: MatRef<'_, $t>,
+                lhs_op: Op,
+                rhs: MatRef<'_, $t>,
+                rhs_op: Op,
+                alpha: f32,
+            ) -> Result<()> {
+                self.gemm_half(dst, accum, lhs, lhs_op, rhs, rhs_op, alpha)
+            }
+        }
+    };
+}
+
+impl_faer_half!(f16);
+impl_faer_half!(bf16);
