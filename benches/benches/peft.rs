@@ -1,0 +1,314 @@
+//! Speed targets of `peft`, as ratios against a baseline measured in the
+//! same group of the same run (so machine noise and clock drift cancel).
+//!
+//! Group names are `<operation>.<shape>.<threads>t`; each group holds the
+//! operation and its baseline. Throughput is in FLOPs (multiply and add
+//! counted separately), so criterion prints FLOP/s. `cargo run -p
+//! peft-benches --bin ratios` prints every ratio on one line after a run;
+//! `benches/report` does both.
+//!
+//! | group | operation | baseline | target |
+//! |---|---|---|---|
+//! | `lora_forward_unmerged` | `x W^T + s (x A^T) B^T` | `base_gemm` (`x W^T`) | <= 1.05 |
+//! | `lora_forward_merged` | `x W'^T` after merge | `base_gemm` | <= 1.02 |
+//! | `lora_backward` | dA, dB, dx (no dW) | `base_gemm`, `full_backward` (dx + dW) | <= 1.10, <= 0.60 |
+//! | `merge` | merge + unmerge (`W += s B A`, `W -= s B A`) | `copy_w` (W -> tmp -> W) | <= 2.0 |
+//! | `reference` | the `no_std` reference backend | faer on the same call | visible gap |
+//! | `gemm_rate` | faer `x W^T`, 128 x 1024 x 1024 | (absolute GFLOP/s) | >= 170 |
+//! | `ref_vs_faer` | reference gemm, 32 x 768 x 768 | faer gemm | >= 0.15 of faer's FLOP/s |
+//! | `vzeroupper` | adapter forward (2 gemms + GELU + residual) without `vzeroupper` | with it | the penalty avoided |
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime};
+use peft_core::activation::Activation;
+use peft_core::adapter::{AdapterConfig, AdapterParams, BottleneckAdapter};
+use peft_core::lora::{LoraConfig, LoraGrads, LoraLinear};
+use peft_core::{Accum, Backend, MatMut, MatRef, Op, Reference, Rng};
+use peft_faer::Faer;
+
+/// A LoRA problem: `tokens x d_in -> tokens x d_out`, rank `r`.
+#[derive(Clone, Copy)]
+struct Shape {
+    name: &'static str,
+    tokens: usize,
+    d_in: usize,
+    d_out: usize,
+    r: usize,
+}
+
+const SHAPES: [Shape; 2] = [
+    Shape { name: "t128_4096_r16", tokens: 128, d_in: 4096, d_out: 4096, r: 16 },
+    Shape { name: "t1_1024_r8", tokens: 1, d_in: 1024, d_out: 1024, r: 8 },
+];
+
+impl Shape {
+    fn base_flops(&self) -> u64 {
+        2 * (self.tokens * self.d_in * self.d_out) as u64
+    }
+    fn lora_forward_flops(&self) -> u64 {
+        self.base_flops() + 2 * (self.tokens * self.r * (self.d_in + self.d_out)) as u64
+    }
+    /// `t = x A^T`, `dB += s G^T t`, `u = G B`, `dA += s u^T x`,
+    /// `dx = G W + s u A`.
+    fn lora_backward_flops(&self) -> u64 {
+        self.base_flops() + 2 * (self.tokens * self.r * (3 * self.d_in + 2 * self.d_out)) as u64
+    }
+}
+
+/// Owned tensors of one LoRA layer and its inputs, seeded.
+struct Problem {
+    s: Shape,
+    w: Vec<f32>,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    x: Vec<f32>,
+    gy: Vec<f32>,
+}
+
+impl Problem {
+    fn new(s: Shape) -> Self {
+        let mut rng = Rng::new(7);
+        let mut v = |n: usize| {
+            let mut v = vec![0.0f32; n];
+            rng.fill_uniform(&mut v, -0.5, 0.5);
+            v
+        };
+        Self {
+            s,
+            w: v(s.d_out * s.d_in),
+            a: v(s.r * s.d_in),
+            // Non-zero B: a trained adapter, not the identity at init.
+            b: v(s.d_out * s.r),
+            x: v(s.tokens * s.d_in),
+            gy: v(s.tokens * s.d_out),
+        }
+    }
+}
+
+fn configure(group: &mut BenchmarkGroup<'_, WallTime>, big: bool) {
+    group.warm_up_time(Duration::from_millis(500));
+    group.measurement_time(Duration::from_secs(if big { 4 } else { 2 }));
+    group.sample_size(if big { 20 } else { 50 });
+}
+
+/// `y = x W^T`, the baseline of the forward and backward groups.
+fn bench_base_gemm<B: Backend<f32>>(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, backend: &B, p: &Problem) {
+    let s = p.s;
+    let mut y = vec![0.0f32; s.tokens * s.d_out];
+    group.throughput(Throughput::Elements(s.base_flops()));
+    group.bench_function(name, |bench| {
+        bench.iter(|| {
+            let x = MatRef::new(&p.x, s.tokens, s.d_in).unwrap();
+            let w = MatRef::new(&p.w, s.d_out, s.d_in).unwrap();
+            backend
+                .gemm(MatMut::new(&mut y, s.tokens, s.d_out).unwrap(), Accum::Replace, x, Op::N, w, Op::T, 1.0)
+                .unwrap();
+            black_box(&y);
+        })
+    });
+}
+
+fn bench_lora_forward<B: Backend<f32>>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    backend: &B,
+    p: &mut Problem,
+    merged: bool,
+) {
+    let s = p.s;
+    let cfg = LoraConfig::new(s.r, 2.0 * s.r as f64);
+    let mut layer = LoraLinear::new(&cfg, s.d_in, s.d_out, &mut p.w, None, &mut p.a, &mut p.b).unwrap();
+    if merged {
+        layer.merge(backend, None).unwrap();
+    }
+    let mut y = vec![0.0f32; s.tokens * s.d_out];
+    let mut scratch = vec![0.0f32; layer.forward_scratch_len(s.tokens)];
+    group.throughput(Throughput::Elements(if merged { s.base_flops() } else { s.lora_forward_flops() }));
+    group.bench_function(name, |bench| {
+        bench.iter(|| {
+            let x = MatRef::new(&p.x, s.tokens, s.d_in).unwrap();
+            layer.forward(backend, x, MatMut::new(&mut y, s.tokens, s.d_out).unwrap(), &mut scratch).unwrap();
+            black_box(&y);
+        })
+    });
+    if merged {
+        layer.unmerge(backend).unwrap();
+    }
+}
+
+fn bench_lora_backward<B: Backend<f32>>(group: &mut BenchmarkGroup<'_, WallTime>, backend: &B, p: &mut Problem) {
+    let s = p.s;
+    let cfg = LoraConfig::new(s.r, 2.0 * s.r as f64);
+    let layer = LoraLinear::new(&cfg, s.d_in, s.d_out, &mut p.w, None, &mut p.a, &mut p.b).unwrap();
+    let (mut ga, mut gb) = (vec![0.0f32; s.r * s.d_in], vec![0.0f32; s.d_out * s.r]);
+    let mut gx = vec![0.0f32; s.tokens * s.d_in];
+    let mut scratch = vec![0.0f32; layer.backward_scratch_len(s.tokens)];
+    group.throughput(Throughput::Elements(s.lora_backward_flops()));
+    group.bench_function("lora_backward", |bench| {
+        bench.iter(|| {
+            let x = MatRef::new(&p.x, s.tokens, s.d_in).unwrap();
+            let gy = MatRef::new(&p.gy, s.tokens, s.d_out).unwrap();
+            let gxv = MatMut::new(&mut gx, s.tokens, s.d_in).unwrap();
+            let grads = LoraGrads { a: &mut ga, b: &mut gb };
+            layer.backward(backend, x, gy, Some(gxv), grads, &mut scratch).unwrap();
+            black_box((&gx, &ga, &gb));
+        })
+    });
+}
+
+/// What full fine-tuning pays per layer: `dx = G W` and `dW += G^T x`.
+fn bench_full_backward<B: Backend<f32>>(group: &mut BenchmarkGroup<'_, WallTime>, backend: &B, p: &Problem) {
+    let s = p.s;
+    let mut gx = vec![0.0f32; s.tokens * s.d_in];
+    let mut gw = vec![0.0f32; s.d_out * s.d_in];
+    group.throughput(Throughput::Elements(2 * s.base_flops()));
+    group.bench_function("full_backward", |bench| {
+        bench.iter(|| {
+            let x = MatRef::new(&p.x, s.tokens, s.d_in).unwrap();
+            let gy = MatRef::new(&p.gy, s.tokens, s.d_out).unwrap();
+            let w = MatRef::new(&p.w, s.d_out, s.d_in).unwrap();
+            backend
+                .gemm(MatMut::new(&mut gx, s.tokens, s.d_in).unwrap(), Accum::Replace, gy, Op::N, w, Op::N, 1.0)
+                .unwrap();
+            backend.gemm(MatMut::new(&mut gw, s.d_out, s.d_in).unwrap(), Accum::Add, gy, Op::T, x, Op::N, 1.0).unwrap();
+            black_box((&gx, &gw));
+        })
+    });
+}
+
+/// One merge and one unmerge (no backup: the unmerge subtracts), against
+/// two plain copies of W: both read and write W twice.
+fn bench_merge<B: Backend<f32>>(group: &mut BenchmarkGroup<'_, WallTime>, backend: &B, p: &mut Problem) {
+    let s = p.s;
+    let bytes = (s.d_out * s.d_in * 4) as u64;
+    group.throughput(Throughput::Bytes(4 * bytes));
+    let mut tmp = vec![0.0f32; s.d_out * s.d_in];
+    group.bench_function("copy_w", |bench| {
+        bench.iter(|| {
+            tmp.copy_from_slice(&p.w);
+            p.w.copy_from_slice(black_box(&tmp));
+            black_box(&p.w);
+        })
+    });
+    let cfg = LoraConfig::new(s.r, 2.0 * s.r as f64);
+    let mut layer = LoraLinear::new(&cfg, s.d_in, s.d_out, &mut p.w, None, &mut p.a, &mut p.b).unwrap();
+    group.bench_function("merge", |bench| {
+        bench.iter(|| {
+            layer.merge(backend, None).unwrap();
+            layer.unmerge(backend).unwrap();
+        })
+    });
+}
+
+fn lora_groups(c: &mut Criterion) {
+    for s in SHAPES {
+        let big = s.tokens * s.d_in * s.d_out > 1 << 26;
+        for threads in [1, 2] {
+            let faer = Faer::with_threads(threads);
+            let mut p = Problem::new(s);
+            let tag = format!("{}.{threads}t", s.name);
+
+            let mut g = c.benchmark_group(format!("lora_forward_unmerged.{tag}"));
+            configure(&mut g, big);
+            bench_base_gemm(&mut g, "base_gemm", &faer, &p);
+            bench_lora_forward(&mut g, "lora_forward_unmerged", &faer, &mut p, false);
+            g.finish();
+
+            let mut g = c.benchmark_group(format!("lora_forward_merged.{tag}"));
+            configure(&mut g, big);
+            bench_base_gemm(&mut g, "base_gemm", &faer, &p);
+            bench_lora_forward(&mut g, "lora_forward_merged", &faer, &mut p, true);
+            g.finish();
+
+            let mut g = c.benchmark_group(format!("lora_backward.{tag}"));
+            configure(&mut g, big);
+            bench_base_gemm(&mut g, "base_gemm", &faer, &p);
+            bench_full_backward(&mut g, &faer, &p);
+            bench_lora_backward(&mut g, &faer, &mut p);
+            g.finish();
+
+            let mut g = c.benchmark_group(format!("merge.{tag}"));
+            configure(&mut g, big);
+            bench_merge(&mut g, &faer, &mut p);
+            g.finish();
+        }
+        // The no_std default on the same shape, single-threaded.
+        let mut p = Problem::new(s);
+        let mut g = c.benchmark_group(format!("reference.{}.1t", s.name));
+        configure(&mut g, big);
+        g.sample_size(10);
+        bench_base_gemm(&mut g, "base_gemm", &Faer::new(), &p);
+        bench_base_gemm(&mut g, "reference_base_gemm", &Reference, &p);
+        bench_lora_forward(&mut g, "reference_lora_forward_unmerged", &Reference, &mut p, false);
+        g.finish();
+    }
+}
+
+/// Absolute faer f32 rate, and the reference backend's share of it.
+fn gemm_groups(c: &mut Criterion) {
+    let s = Shape { name: "t128_1024", tokens: 128, d_in: 1024, d_out: 1024, r: 1 };
+    let p = Problem::new(s);
+    let mut g = c.benchmark_group("gemm_rate.t128_1024.1t");
+    configure(&mut g, false);
+    bench_base_gemm(&mut g, "base_gemm", &Faer::new(), &p);
+    g.finish();
+    let mut g = c.benchmark_group("gemm_rate.t128_1024.2t");
+    configure(&mut g, false);
+    bench_base_gemm(&mut g, "base_gemm", &Faer::with_threads(2), &p);
+    g.finish();
+
+    let s = Shape { name: "t32_768", tokens: 32, d_in: 768, d_out: 768, r: 1 };
+    let p = Problem::new(s);
+    let mut g = c.benchmark_group("ref_vs_faer.t32_768.1t");
+    configure(&mut g, false);
+    bench_base_gemm(&mut g, "base_gemm", &Faer::new(), &p);
+    bench_base_gemm(&mut g, "reference_base_gemm", &Reference, &p);
+    g.finish();
+}
+
+/// A method that mixes faer calls with elementwise work: a bottleneck
+/// adapter (d = 1024, m = 64, GELU) on 128 tokens. Without `vzeroupper`,
+/// the GELU and residual loops (SSE in a default build) run after faer's
+/// AVX-512 kernels with dirty upper register state.
+fn vzeroupper_group(c: &mut Criterion) {
+    const T: usize = 128;
+    const D: usize = 1024;
+    const M: usize = 64;
+    let cfg = AdapterConfig::width(M).with_activation(Activation::GeluErf);
+    let mut rng = Rng::new(3);
+    let mut v = |n: usize| {
+        let mut v = vec![0.0f32; n];
+        rng.fill_uniform(&mut v, -0.5, 0.5);
+        v
+    };
+    let (mut wd, mut bd, mut wu, mut bu, x) = (v(M * D), v(M), v(D * M), v(D), v(T * D));
+    let params = AdapterParams { w_down: &mut wd, b_down: &mut bd, w_up: &mut wu, b_up: &mut bu };
+    let adapter = BottleneckAdapter::new(&cfg, D, params).unwrap();
+    let mut h = vec![0.0f32; T * D];
+    let mut scratch = vec![0.0f32; adapter.forward_scratch_len(T)];
+    let mut g = c.benchmark_group("vzeroupper.adapter_t128_1024_m64.1t");
+    configure(&mut g, false);
+    g.throughput(Throughput::Elements(2 * 2 * (T * D * M) as u64));
+    for (name, backend) in
+        [("adapter_forward", Faer::new()), ("adapter_forward_without_vzeroupper", Faer::new().clear_upper(false))]
+    {
+        g.bench_function(name, |bench| {
+            bench.iter(|| {
+                let xv = MatRef::new(&x, T, D).unwrap();
+                adapter.forward(&backend, xv, MatMut::new(&mut h, T, D).unwrap(), &mut scratch).unwrap();
+                black_box(&h);
+            })
+        });
+    }
+    g.finish();
+}
+
+// `criterion_group!` makes an undocumented `pub fn`; it lives in a private
+// module so the missing-docs lint has nothing to say.
+mod group {
+    use super::*;
+    criterion_group!(benches, gemm_groups, vzeroupper_group, lora_groups);
+}
+criterion_main!(group::benches);
