@@ -26,6 +26,13 @@ pub trait Element: Copy + Default + PartialEq + Debug + Send + Sync + 'static {
     fn from_f64(v: f64) -> Self;
     /// Widens to `f64` (exact).
     fn to_f64(self) -> f64;
+    /// Bytes in the stored form (4, 8 or 2).
+    const BYTES: usize;
+    /// The stored bits, zero-extended (for files: bit-exact, NaN payloads
+    /// included).
+    fn to_bits64(self) -> u64;
+    /// From stored bits (the low `8 * BYTES` bits of `bits`).
+    fn from_bits64(bits: u64) -> Self;
 }
 
 /// An arithmetic type: `f32` or `f64`. Its own accumulation type.
@@ -82,6 +89,16 @@ macro_rules! impl_real {
             #[inline(always)]
             fn to_f64(self) -> f64 {
                 self as f64
+            }
+            const BYTES: usize = core::mem::size_of::<$t>();
+            #[inline(always)]
+            fn to_bits64(self) -> u64 {
+                u64::from(self.to_bits())
+            }
+            #[inline(always)]
+            #[allow(clippy::cast_possible_truncation)]
+            fn from_bits64(bits: u64) -> Self {
+                <$t>::from_bits(bits as _)
             }
         }
 
@@ -145,6 +162,16 @@ macro_rules! impl_half {
             #[inline(always)]
             fn to_f64(self) -> f64 {
                 <$t>::to_f64(self)
+            }
+            const BYTES: usize = 2;
+            #[inline(always)]
+            fn to_bits64(self) -> u64 {
+                u64::from(self.to_bits())
+            }
+            #[inline(always)]
+            #[allow(clippy::cast_possible_truncation)]
+            fn from_bits64(bits: u64) -> Self {
+                <$t>::from_bits(bits as u16)
             }
         }
     };

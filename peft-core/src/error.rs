@@ -68,6 +68,14 @@ pub enum Operand {
     Prefix,
     /// A parameter of the prefix reparameterization MLP (or its gradient).
     PrefixEncoder,
+    /// A trainable parameter tensor (optimizer step).
+    Parameter,
+    /// A gradient handed to an optimizer.
+    Gradient,
+    /// Optimizer state (momentum, Adam moments).
+    OptimizerState,
+    /// The loss of a training step.
+    Loss,
 }
 
 /// Everything that can go wrong in `peft-core`.
@@ -149,6 +157,16 @@ pub enum Error {
     /// The adapter of a merged layer cannot be changed (its product is baked
     /// into `W`); unmerge first.
     MergedAdapterLocked,
+    /// A training step saw an infinite or NaN value (in a gradient or the
+    /// loss) and was refused: parameters and optimizer state are unchanged.
+    NonFinite {
+        /// Where: [`Operand::Gradient`] or [`Operand::Loss`].
+        operand: Operand,
+        /// Index of the offending tensor in the step's list (0 for the loss).
+        index: usize,
+    },
+    /// An adapter file is malformed; see [`FormatError`](crate::format::FormatError).
+    Format(crate::format::FormatError),
 }
 
 impl fmt::Display for Error {
@@ -183,11 +201,21 @@ impl fmt::Display for Error {
             Error::MergedAdapterLocked => {
                 f.write_str("the adapter is merged into the base weight; unmerge before changing it")
             }
+            Error::NonFinite { operand, index } => {
+                write!(f, "non-finite value in {operand:?} #{index}: step refused, nothing changed")
+            }
+            Error::Format(e) => write!(f, "adapter file: {e}"),
         }
     }
 }
 
 impl core::error::Error for Error {}
+
+impl From<crate::format::FormatError> for Error {
+    fn from(e: crate::format::FormatError) -> Self {
+        Error::Format(e)
+    }
+}
 
 /// `Ok` if a slice's length `found` is the `expected` one.
 pub(crate) fn check_len(operand: Operand, expected: usize, found: usize) -> Result<()> {

@@ -16,6 +16,9 @@
 //!   and backward, optionally with a trainable prefix.
 //! * [`prefix`]: prefix tuning: per-layer prefix keys and values, and PEFT's
 //!   MLP reparameterization.
+//! * [`optim`]: SGD with momentum and AdamW over adapter parameters only,
+//!   with global-norm clipping; non-finite steps are refused.
+//! * [`format`]: the adapter-only file format, read and written in place.
 //!
 //! Layouts follow PyTorch and Hugging Face PEFT so files map across without
 //! transposes: `W [out, in]`, `A [r, in]`, `B [out, r]`, `x [tokens, in]`,
@@ -44,8 +47,10 @@ pub mod attention;
 pub mod backend;
 pub mod element;
 pub mod error;
+pub mod format;
 pub mod lora;
 pub mod matrix;
+pub mod optim;
 pub mod prefix;
 pub mod prompt;
 pub mod rng;
@@ -54,6 +59,7 @@ pub use backend::{Accum, Backend, Op, Reference};
 pub use element::{Element, Real};
 pub use error::{Error, Result};
 pub use matrix::{MatMut, MatRef};
+pub use optim::Method;
 pub use rng::Rng;
 
 /// The README's examples, compiled and run as doctests so it stays true.
