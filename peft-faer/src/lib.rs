@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod tiny;
 
 pub use backend::{Faer, FaerHalf};
 pub use peft_core as core;

@@ -1,0 +1,141 @@
+use super::*;
+use crate::Faer;
+use peft_core::Reference;
+
+fn small() -> TinyConfig {
+    TinyConfig { vocab: 11, d: 8, heads: 2, layers: 2, hidden: 12, seq: 5 }
+}
+
+fn specs() -> Vec<Spec> {
+    vec![
+        Spec::lora(2, 4.0, &PROJECTIONS).unwrap(),
+        Spec::Adapter { config: AdapterConfig::width(3).with_activation(Activation::GeluErf) },
+        Spec::Prompt { n_virtual: 3 },
+        Spec::Prefix { n_prefix: 2 },
+    ]
+}
+
+/// Perturbs every trainable tensor so that no gradient is zero by
+/// construction (LoRA's B and the adapters' up projection start at zero).
+fn perturb(peft: &mut Peft, seed: u64) {
+    let mut rng = Rng::new(seed);
+    for p in &mut peft.params {
+        for v in &mut p.value {
+            *v += rng.uniform_range(-0.3, 0.3) as f32;
+        }
+    }
+}
+
+fn loss<B: Backend<f32>>(r: &mut Runner<'_, B>, peft: &mut Peft, tokens: &[usize], target: &[f32]) -> f64 {
+    let mut tr = Trace::default();
+    r.forward(Some(peft), tokens, &mut tr).unwrap();
+    let d = r.model().cfg.d;
+    let mut g = vec![0.0; target.len()];
+    mse(tr.output(peft.n_virtual(), d), target, 1.0, &mut g)
+}
+
+/// The composed backward of every method against central differences of
+/// the loss along a random direction, per trainable tensor. In f32 with
+/// h = 1e-2: truncation error O(h^2) and rounding O(eps L / h) are both far
+/// below the 2% tolerance, which a missing or wrong term exceeds by far.
+#[test]
+fn gradients_match_finite_differences_for_every_method() {
+    let cfg = small();
+    let mut model = TinyModel::new(cfg, 1).unwrap();
+    let tokens = [3, 1, 4, 1, 5];
+    let mut rng = Rng::new(9);
+    let target = normal(&mut rng, cfg.seq * cfg.d, 1.0);
+    for spec in specs() {
+        let mut peft = Peft::new(&model, spec.clone(), 2).unwrap();
+        perturb(&mut peft, 3);
+        let mut r = Runner::new(&mut model, Reference).unwrap();
+        let mut tr = Trace::default();
+        r.forward(Some(&mut peft), &tokens, &mut tr).unwrap();
+        let mut g = vec![0.0; target.len()];
+        mse(tr.output(peft.n_virtual(), cfg.d), &target, 1.0, &mut g);
+        peft.zero_grad();
+        r.backward(Some(&mut peft), &tr, &g).unwrap();
+        for i in 0..peft.params.len() {
+            let dir: Vec<f32> = (0..peft.params[i].value.len()).map(|_| rng.uniform_range(-1.0, 1.0) as f32).collect();
+            let analytic: f64 = peft.params[i].grad.iter().zip(&dir).map(|(g, u)| f64::from(*g) * f64::from(*u)).sum();
+            let h = 1e-2f32;
+            let orig = peft.params[i].value.clone();
+            let mut at = |sign: f32, peft: &mut Peft| {
+                for ((v, o), u) in peft.params[i].value.iter_mut().zip(&orig).zip(&dir) {
+                    *v = o + sign * h * u;
+                }
+                loss(&mut r, peft, &tokens, &target)
+            };
+            let (lp, lm) = (at(1.0, &mut peft), at(-1.0, &mut peft));
+            peft.params[i].value = orig;
+            let numeric = (lp - lm) / (2.0 * f64::from(h));
+            let name = &peft.params[i].name;
+            assert!(
+                (numeric - analytic).abs() <= 2e-2 * numeric.abs().max(analytic.abs()).max(1e-3),
+                "{name}: finite differences {numeric}, analytic {analytic}"
+            );
+        }
+    }
+}
+
+/// LoRA and adapters at init change nothing (B = 0, W_up = b_up = 0): the
+/// output is bit-identical to the frozen model's; forward and backward
+/// never write a frozen tensor.
+#[test]
+fn identity_at_init_and_frozen_base_untouched() {
+    let cfg = small();
+    let mut model = TinyModel::new(cfg, 4).unwrap();
+    let before = model.clone();
+    let tokens = [0, 10, 2, 2, 7];
+    let mut r = Runner::new(&mut model, Faer::new()).unwrap();
+    let mut base = Trace::default();
+    r.forward(None, &tokens, &mut base).unwrap();
+    for spec in specs() {
+        let mut peft = Peft::new(r.model(), spec, 5).unwrap();
+        let mut tr = Trace::default();
+        r.forward(Some(&mut peft), &tokens, &mut tr).unwrap();
+        if matches!(peft.method(), Method::Lora | Method::Adapter) {
+            let same = tr.output(0, cfg.d).iter().zip(base.output(0, cfg.d)).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{:?} is not the identity at init", peft.method());
+        }
+        perturb(&mut peft, 6);
+        r.forward(Some(&mut peft), &tokens, &mut tr).unwrap();
+        let g = vec![0.5f32; cfg.seq * cfg.d];
+        r.backward(Some(&mut peft), &tr, &g).unwrap();
+    }
+    assert_eq!(*r.model(), before, "a frozen tensor changed");
+}
+
+/// Merged LoRA gives the unmerged output (to f32 rounding), and unmerging
+/// from the backups restores every weight bit for bit.
+#[test]
+fn merged_equals_unmerged_and_unmerge_restores() {
+    let cfg = small();
+    let mut model = TinyModel::new(cfg, 7).unwrap();
+    let before = model.clone();
+    let tokens = [1, 2, 3, 4, 5];
+    let mut peft = Peft::new(&model, specs().remove(0), 8).unwrap();
+    perturb(&mut peft, 9);
+    let mut r = Runner::new(&mut model, Faer::new()).unwrap();
+    let mut un = Trace::default();
+    r.forward(Some(&mut peft), &tokens, &mut un).unwrap();
+    let backups = r.merge_lora(&mut peft).unwrap();
+    let mut merged = Trace::default();
+    r.forward(None, &tokens, &mut merged).unwrap();
+    let max = un.output(0, cfg.d).iter().zip(merged.output(0, cfg.d)).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(max < 1e-4, "merged vs unmerged {max}");
+    assert!(max > 0.0 || peft.params.iter().all(|p| p.value.iter().all(|v| *v == 0.0)));
+    r.unmerge_lora(&peft, backups).unwrap();
+    assert_eq!(*r.model(), before);
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let cfg = small();
+    let mut model = TinyModel::new(cfg, 1).unwrap();
+    let mut r = Runner::new(&mut model, Faer::new()).unwrap();
+    let mut tr = Trace::default();
+    assert_eq!(r.forward(None, &[1, 2, 3, 4, 11], &mut tr), Err(Error::TokenOutOfRange { id: 11, vocab: 11 }));
+    assert!(matches!(r.forward(None, &[1, 2], &mut tr), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(TinyModel::new(TinyConfig { heads: 3, ..cfg }, 1), Err(Error::InvalidHeads { .. })));
+}
