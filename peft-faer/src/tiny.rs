@@ -461,7 +461,7 @@ impl<'m, B: Backend<f32>> Runner<'m, B> {
         res
     }
 
-    /// `gx (+)= dL/dx` of [`project`](Self::project), accumulating LoRA
+    /// `gx += dL/dx` of [`project`](Self::project), accumulating LoRA
     /// gradients.
     fn project_backward(
         &mut self,
@@ -471,7 +471,6 @@ impl<'m, B: Backend<f32>> Runner<'m, B> {
         x: &[f32],
         gy: &[f32],
         gx: &mut [f32],
-        accum: Accum,
     ) -> Result<()> {
         let (d, rows) = (self.model.cfg.d, x.len() / self.model.cfg.d);
         let mut scratch = self.scratch(2 * rows * d + rows * d);
@@ -493,15 +492,12 @@ impl<'m, B: Backend<f32>> Runner<'m, B> {
                     grads,
                     rest,
                 )?;
-                match accum {
-                    Accum::Replace => gx.copy_from_slice(tmp),
-                    Accum::Add => gx.iter_mut().zip(tmp.iter()).for_each(|(g, t)| *g += t),
-                }
+                gx.iter_mut().zip(tmp.iter()).for_each(|(g, t)| *g += t);
                 Ok(())
             }
             None => self.backend.gemm(
                 MatMut::new(gx, rows, d)?,
-                accum,
+                Accum::Add,
                 MatRef::new(gy, rows, d)?,
                 Op::N,
                 MatRef::new(w, d, d)?,
@@ -719,18 +715,18 @@ impl<'m, B: Backend<f32>> Runner<'m, B> {
             let mut ga = vec![0.0f32; rows * d];
             self.adapter_backward(&mut peft, l, 0, &c.a, &gx1, &mut ga)?;
             let mut go = vec![0.0f32; rows * d];
-            self.project_backward(&mut peft, l, 3, &c.o, &ga, &mut go, Accum::Replace)?;
+            self.project_backward(&mut peft, l, 3, &c.o, &ga, &mut go)?;
             // Attention.
             let mut gqkv = [vec![0.0f32; rows * d], vec![0.0f32; rows * d], vec![0.0f32; rows * d]];
             self.attention_backward(&mut peft, l, c, &go, &mut gqkv)?;
             // q, k, v = x W^T; the residual carries gx1 to x.
             let mut gx = gx1;
             for (p, gp) in gqkv.iter().enumerate() {
-                self.project_backward(&mut peft, l, p, &c.x, gp, &mut gx, Accum::Add)?;
+                self.project_backward(&mut peft, l, p, &c.x, gp, &mut gx)?;
             }
             g = gx;
         }
-        if let Some(Peft { spec: Spec::Prompt { n_virtual }, params }) = peft.as_deref_mut() {
+        if let Some(Peft { spec: Spec::Prompt { n_virtual }, params }) = peft {
             let p0 = &mut params[0];
             PromptTuning::new(&mut p0.value, *n_virtual, d)?.backward(&g, 1, cfg.seq, &mut p0.grad, None)?;
         }
