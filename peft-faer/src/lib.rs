@@ -6,7 +6,9 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod io;
 pub mod tiny;
+pub mod train;
 
 pub use backend::{Faer, FaerHalf};
 pub use peft_core as core;

@@ -1,0 +1,327 @@
+//! The `peft` command.
+//!
+//! `peft finetune` trains adapters of each method on a tiny frozen decoder
+//! and a built-in task (see `peft_faer::tiny`), then prints one table.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use peft_core::Method;
+use peft_core::activation::Activation;
+use peft_core::adapter::AdapterConfig;
+use peft_core::optim::AdamW;
+use peft_faer::Faer;
+use peft_faer::io::{encode, load, write_atomic};
+use peft_faer::tiny::{Peft, Runner, Spec, TinyConfig, TinyModel, Trace};
+use peft_faer::train::{Task, Trainer, loss, setup, train};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "peft",
+    version,
+    about = "Parameter-efficient fine-tuning: train, inspect, merge and convert adapters"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train adapters on a tiny frozen model and a built-in task (no
+    /// download), save and reload them, and print a table.
+    Finetune(FinetuneArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum MethodArg {
+    Lora,
+    Adapter,
+    Prompt,
+    Prefix,
+    All,
+}
+
+#[derive(clap::Args)]
+struct FinetuneArgs {
+    /// Which method to train.
+    #[arg(long, value_enum, default_value = "all")]
+    method: MethodArg,
+    /// Optimizer steps per method (batches of 8 sequences).
+    #[arg(long, default_value_t = 2000)]
+    steps: usize,
+    /// LoRA rank (the task's hidden change has rank 2).
+    #[arg(long, default_value_t = 4)]
+    rank: usize,
+    /// Seed of the frozen model, the task and the adapters.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Threads per matrix product (faer over rayon); 1 is single-threaded.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Learning rate for every method (default: each method's own, see
+    /// `peft_core::optim`).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Folder for the adapter files (`<method>.peft`).
+    #[arg(long, default_value = "peft-out")]
+    out: PathBuf,
+    /// Print one JSON document instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The task's hidden change has this rank.
+const HIDDEN_RANK: usize = 2;
+/// Sequences per optimizer step.
+const BATCH: usize = 8;
+/// Adapter files above this are refused when reloading.
+const MAX_FILE: u64 = 1 << 30;
+
+/// One method's row of the table.
+struct Row {
+    method: Method,
+    params: usize,
+    base_params: usize,
+    state_bytes: usize,
+    lr: f64,
+    initial: f64,
+    final_loss: f64,
+    seconds: f64,
+    merge_diff: Option<f32>,
+    file: PathBuf,
+    file_bytes: usize,
+    reload_identical: bool,
+}
+
+fn spec(method: Method, rank: usize) -> Result<Spec, peft_core::Error> {
+    Ok(match method {
+        Method::Lora => Spec::lora(rank, 2.0 * rank as f64, &["q_proj", "v_proj"])?,
+        Method::Adapter => Spec::Adapter { config: AdapterConfig::width(8).with_activation(Activation::GeluErf) },
+        Method::Prompt => Spec::Prompt { n_virtual: 8 },
+        Method::Prefix => Spec::Prefix { n_prefix: 8 },
+    })
+}
+
+/// Output of every held-out sequence, for the reload and merge checks.
+fn outputs(
+    runner: &mut Runner<'_, Faer>,
+    mut peft: Option<&mut Peft>,
+    task: &Task,
+) -> Result<Vec<f32>, peft_core::Error> {
+    let d = runner.model().cfg.d;
+    let nv = peft.as_deref().map_or(0, Peft::n_virtual);
+    let mut all = Vec::new();
+    let mut trace = Trace::default();
+    for t in &task.held_out.tokens {
+        runner.forward(peft.as_deref_mut(), t, &mut trace)?;
+        all.extend_from_slice(trace.output(nv, d));
+    }
+    Ok(all)
+}
+
+fn run_method(
+    model: &mut TinyModel,
+    task: &Task,
+    method: Method,
+    args: &FinetuneArgs,
+    backend: Faer,
+) -> Result<Row, Box<dyn std::error::Error>> {
+    let base_params = model.num_params();
+    let mut peft = Peft::new(model, spec(method, args.rank)?, args.seed ^ 0xada)?;
+    let lr = args.lr.unwrap_or(method.default_lr());
+    let mut trainer = Trainer::new(&peft, AdamW::new(lr).with_weight_decay(0.0).with_max_grad_norm(Some(1.0)));
+    let mut runner = Runner::new(model, backend)?;
+    let initial = loss(&mut runner, Some(&mut peft), &task.held_out)?;
+
+    let bar = if std::io::stderr().is_terminal() && !args.json {
+        let b = ProgressBar::new(args.steps as u64);
+        b.set_style(ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")?.progress_chars("=> "));
+        b.set_prefix(method.name());
+        Some(b)
+    } else {
+        None
+    };
+    let every = (args.steps / 5).max(1);
+    let start = Instant::now();
+    train(&mut runner, &mut peft, &mut trainer, task, args.steps, BATCH, |step, l| match &bar {
+        Some(b) => {
+            b.set_position(step as u64 + 1);
+            b.set_message(format!("train loss {l:.4}"));
+        }
+        None if !args.json && (step + 1) % every == 0 => {
+            eprintln!("{:>8} step {:>5}/{}  train loss {l:.5}", method.name(), step + 1, args.steps);
+        }
+        None => {}
+    })?;
+    let seconds = start.elapsed().as_secs_f64();
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let final_loss = loss(&mut runner, Some(&mut peft), &task.held_out)?;
+
+    let unmerged = outputs(&mut runner, Some(&mut peft), task)?;
+    let merge_diff = if method == Method::Lora {
+        let backups = runner.merge_lora(&mut peft)?;
+        let merged = outputs(&mut runner, None, task)?;
+        runner.unmerge_lora(&peft, backups)?;
+        Some(unmerged.iter().zip(&merged).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max))
+    } else {
+        None
+    };
+
+    let bytes = encode(&peft, runner.model())?;
+    let file = args.out.join(format!("{}.peft", method.name()));
+    write_atomic(&file, &bytes)?;
+    let mut reloaded = load(&file, runner.model(), MAX_FILE)?;
+    let again = outputs(&mut runner, Some(&mut reloaded), task)?;
+    let same_values = reloaded.spec == peft.spec
+        && reloaded.params.len() == peft.params.len()
+        && reloaded.params.iter().zip(&peft.params).all(|(a, b)| {
+            a.name == b.name
+                && a.shape == b.shape
+                && a.value.iter().zip(&b.value).all(|(x, y)| x.to_bits() == y.to_bits())
+        });
+    let reload_identical = same_values && again.iter().zip(&unmerged).all(|(a, b)| a.to_bits() == b.to_bits());
+
+    Ok(Row {
+        method,
+        params: peft.num_params(),
+        base_params,
+        state_bytes: trainer.state_bytes(),
+        lr,
+        initial,
+        final_loss,
+        seconds,
+        merge_diff,
+        file,
+        file_bytes: bytes.len(),
+        reload_identical,
+    })
+}
+
+fn finetune(args: &FinetuneArgs) -> Result<bool, Box<dyn std::error::Error>> {
+    let cfg = TinyConfig::default();
+    let backend = Faer::with_threads(args.threads);
+    let mut model = TinyModel::new(cfg, args.seed)?;
+    let frozen = model.clone();
+    let task = setup(&model, HIDDEN_RANK, backend, args.seed)?;
+    std::fs::create_dir_all(&args.out)?;
+    let methods: Vec<Method> = match args.method {
+        MethodArg::Lora => vec![Method::Lora],
+        MethodArg::Adapter => vec![Method::Adapter],
+        MethodArg::Prompt => vec![Method::Prompt],
+        MethodArg::Prefix => vec![Method::Prefix],
+        MethodArg::All => vec![Method::Lora, Method::Adapter, Method::Prompt, Method::Prefix],
+    };
+    if !args.json {
+        eprintln!(
+            "tiny decoder: d={} layers={} heads={} vocab={} seq={}, {} frozen parameters; teacher = base + rank-{HIDDEN_RANK} change on q_proj, v_proj",
+            cfg.d,
+            cfg.layers,
+            cfg.heads,
+            cfg.vocab,
+            cfg.seq,
+            model.num_params()
+        );
+    }
+    let mut rows = Vec::new();
+    for m in methods {
+        rows.push(run_method(&mut model, &task, m, args, backend)?);
+    }
+    let base_identical = model == frozen;
+    let full_state = 2 * 4 * model.num_params();
+    let ok = base_identical && rows.iter().all(|r| r.reload_identical && r.final_loss < r.initial);
+    if args.json {
+        let methods: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "method": r.method.name(),
+                    "trainable_params": r.params,
+                    "percent_of_base": 100.0 * r.params as f64 / r.base_params as f64,
+                    "optimizer_state_bytes": r.state_bytes,
+                    "full_finetune_optimizer_state_bytes": full_state,
+                    "lr": r.lr,
+                    "initial_held_out_loss": r.initial,
+                    "final_held_out_loss": r.final_loss,
+                    "seconds": r.seconds,
+                    "merged_vs_unmerged_max_abs_diff": r.merge_diff,
+                    "adapter_file": r.file.display().to_string(),
+                    "adapter_file_bytes": r.file_bytes,
+                    "reload_identical": r.reload_identical,
+                })
+            })
+            .collect();
+        let doc = json!({
+            "model": { "d": cfg.d, "layers": cfg.layers, "heads": cfg.heads, "vocab": cfg.vocab, "seq": cfg.seq,
+                       "frozen_params": model.num_params() },
+            "steps": args.steps, "batch": BATCH, "rank": args.rank, "seed": args.seed, "threads": args.threads,
+            "hidden_rank": HIDDEN_RANK,
+            "methods": methods,
+            "frozen_base_bit_identical": base_identical,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print_table(&rows, full_state, base_identical, &args.out);
+    }
+    Ok(ok)
+}
+
+fn print_table(rows: &[Row], full_state: usize, base_identical: bool, out: &Path) {
+    println!(
+        "{:<8} {:>9} {:>7} {:>21} {:>7} {:>10} {:>10} {:>7} {:>11} {:>9} {:>7}",
+        "method",
+        "trainable",
+        "% base",
+        "optim state / full",
+        "lr",
+        "held-out0",
+        "held-out",
+        "time s",
+        "merge diff",
+        "file B",
+        "reload"
+    );
+    for r in rows {
+        println!(
+            "{:<8} {:>9} {:>6.2}% {:>21} {:>7.0e} {:>10.4e} {:>10.4e} {:>7.1} {:>11} {:>9} {:>7}",
+            r.method.name(),
+            r.params,
+            100.0 * r.params as f64 / r.base_params as f64,
+            format!("{} / {}", r.state_bytes, full_state),
+            r.lr,
+            r.initial,
+            r.final_loss,
+            r.seconds,
+            r.merge_diff.map_or("-".to_string(), |d| format!("{d:.1e}")),
+            r.file_bytes,
+            if r.reload_identical { "exact" } else { "DIFFERS" },
+        );
+    }
+    println!("frozen base bit-identical after training: {}", if base_identical { "yes" } else { "NO" });
+    println!("adapters written to {}", out.display());
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Finetune(args) => finetune(args),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("peft: a check failed (see the table)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("peft: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
