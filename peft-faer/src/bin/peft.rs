@@ -230,6 +230,7 @@ fn finetune(args: &FinetuneArgs) -> Result<bool, Box<dyn std::error::Error>> {
             model.num_params()
         );
     }
+    let base_loss = loss(&mut Runner::new(&mut model, backend)?, None, &task.held_out)?;
     let mut rows = Vec::new();
     for m in methods {
         rows.push(run_method(&mut model, &task, m, args, backend)?);
@@ -263,11 +264,13 @@ fn finetune(args: &FinetuneArgs) -> Result<bool, Box<dyn std::error::Error>> {
                        "frozen_params": model.num_params() },
             "steps": args.steps, "batch": BATCH, "rank": args.rank, "seed": args.seed, "threads": args.threads,
             "hidden_rank": HIDDEN_RANK,
+            "frozen_model_held_out_loss": base_loss,
             "methods": methods,
             "frozen_base_bit_identical": base_identical,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
+        println!("frozen model alone (no adapter): held-out loss {base_loss:.4e}");
         print_table(&rows, full_state, base_identical, &args.out);
     }
     Ok(ok)

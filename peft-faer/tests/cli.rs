@@ -1,0 +1,49 @@
+//! The `peft` binary end to end: `finetune --json` prints one JSON document
+//! with the table's fields, every method's held-out loss falls, reloaded
+//! adapters are exact, and the frozen base is bit-identical.
+
+use std::process::Command;
+
+#[test]
+fn finetune_json_is_one_document_with_the_tables_fields() {
+    let out_dir = std::env::temp_dir().join(format!("peft-cli-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(["finetune", "--steps", "40", "--json", "--out"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    assert_eq!(doc["frozen_base_bit_identical"], true);
+    let methods = doc["methods"].as_array().unwrap();
+    let names: Vec<&str> = methods.iter().map(|m| m["method"].as_str().unwrap()).collect();
+    assert_eq!(names, ["lora", "adapter", "prompt", "prefix"]);
+    for m in methods {
+        for key in [
+            "trainable_params",
+            "percent_of_base",
+            "optimizer_state_bytes",
+            "full_finetune_optimizer_state_bytes",
+            "initial_held_out_loss",
+            "final_held_out_loss",
+            "seconds",
+            "adapter_file_bytes",
+        ] {
+            assert!(m[key].is_number(), "{key} missing in {m}");
+        }
+        assert!(m["final_held_out_loss"].as_f64() < m["initial_held_out_loss"].as_f64(), "{m}");
+        assert_eq!(m["reload_identical"], true);
+        let file = m["adapter_file"].as_str().unwrap();
+        assert_eq!(std::fs::metadata(file).unwrap().len(), m["adapter_file_bytes"].as_u64().unwrap());
+    }
+    assert!(methods[0]["merged_vs_unmerged_max_abs_diff"].as_f64().unwrap() < 1e-4);
+    assert!(methods[1]["merged_vs_unmerged_max_abs_diff"].is_null());
+    std::fs::remove_dir_all(&out_dir).ok();
+}
+
+#[test]
+fn bad_arguments_are_rejected() {
+    let out = Command::new(env!("CARGO_BIN_EXE_peft")).args(["finetune", "--method", "dora"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dora"));
+}
