@@ -79,8 +79,11 @@ fn activation_from(name: &str) -> Option<Activation> {
 pub fn encode(peft: &Peft, model: &TinyModel) -> Result<Vec<u8>, IoError> {
     let cfg = model.cfg;
     let targets: String;
-    let mut config: Vec<(&str, Value<'_>)> =
-        vec![("d_model", Value::U64(cfg.d as u64)), ("num_layers", Value::U64(cfg.layers as u64))];
+    let mut config: Vec<(&str, Value<'_>)> = vec![
+        ("d_model", Value::U64(cfg.d as u64)),
+        ("num_layers", Value::U64(cfg.layers as u64)),
+        ("num_attention_heads", Value::U64(cfg.heads as u64)),
+    ];
     match &peft.spec {
         Spec::Lora { rank, alpha, use_rslora, targets: t } => {
             targets = t.iter().map(|&i| PROJECTIONS[i]).collect::<Vec<_>>().join(",");

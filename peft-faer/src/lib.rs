@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod hf;
 pub mod io;
 pub mod tiny;
 pub mod train;

@@ -15,9 +15,14 @@ use peft_core::activation::Activation;
 use peft_core::adapter::AdapterConfig;
 use peft_core::optim::AdamW;
 use peft_faer::Faer;
+use peft_faer::hf::base::Base;
+use peft_faer::hf::convert::{own_to_peft_dir, peft_dir_to_own};
+use peft_faer::hf::merge::merge;
+use peft_faer::hf::{HfAdapter, MAX_ADAPTER_BYTES, PeftConfig};
 use peft_faer::io::{encode, load, write_atomic};
 use peft_faer::tiny::{Peft, Runner, Spec, TinyConfig, TinyModel, Trace};
 use peft_faer::train::{Task, Trainer, loss, setup, train};
+use safetensors::Dtype;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -36,6 +41,50 @@ enum Command {
     /// Train adapters on a tiny frozen model and a built-in task (no
     /// download), save and reload them, and print a table.
     Finetune(FinetuneArgs),
+    /// Describe a Hugging Face PEFT adapter directory: method, per module its
+    /// base tensor, in, out, r, alpha, scale, parameters; totals; warnings.
+    Inspect {
+        /// The adapter directory (adapter_config.json + adapter_model.safetensors).
+        adapter: PathBuf,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the base checkpoint with every adapted weight replaced by
+    /// `W + s B A` (f32, rounded once), everything else copied unchanged.
+    Merge {
+        /// Base weights: a .safetensors file or a sharded checkpoint folder.
+        #[arg(long)]
+        base: PathBuf,
+        /// The PEFT adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output: a .safetensors file (single-file base) or a new folder (sharded base).
+        #[arg(long)]
+        out: PathBuf,
+        /// Element type of the output's float tensors (default: as the base).
+        #[arg(long, value_enum)]
+        dtype: Option<DtypeArg>,
+        /// Threads per matrix product.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Convert between this project's .peft files and PEFT directories (the
+    /// direction follows SRC: a folder becomes a .peft file, a file becomes
+    /// a folder). Bit-exact both ways.
+    Convert {
+        /// A PEFT directory or a .peft file.
+        src: PathBuf,
+        /// The .peft file or PEFT directory to write.
+        dst: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -311,10 +360,145 @@ fn print_table(rows: &[Row], full_state: usize, base_identical: bool, out: &Path
     println!("adapters written to {}", out.display());
 }
 
+fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>> {
+    let ad = HfAdapter::read_dir(dir)?;
+    match &ad.config {
+        PeftConfig::Prompt(p) => {
+            let (shape, _) = ad.prompt.as_ref().ok_or("no prompt tensor")?;
+            let kind = if p.prefix { "prefix" } else { "prompt" };
+            let params: usize = shape.iter().product();
+            if as_json {
+                let doc = json!({ "method": kind, "num_virtual_tokens": p.num_virtual_tokens, "token_dim": p.token_dim,
+                    "num_layers": p.num_layers, "shape": shape, "total_params": params, "warnings": [] });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                println!(
+                    "method {kind}: {} virtual tokens, token_dim {}, prompt_embeddings {shape:?}, {params} parameters",
+                    p.num_virtual_tokens, p.token_dim
+                );
+            }
+        }
+        PeftConfig::Lora(c) => {
+            let mut warnings = Vec::new();
+            let mut rows = Vec::new();
+            for m in &ad.modules {
+                let params = m.r * (m.n_in + m.n_out);
+                let min = m.n_in.min(m.n_out);
+                if 2 * m.r >= min {
+                    warnings.push(format!(
+                        "{}: rank {} is close to min(in, out) = {min}; LoRA saves little there",
+                        m.name, m.r
+                    ));
+                }
+                rows.push(json!({ "module": m.name, "base_tensor": format!("{}.weight", m.name), "in": m.n_in,
+                    "out": m.n_out, "r": m.r, "alpha": m.alpha, "scale": m.scale, "params": params }));
+            }
+            let total: usize = ad.modules.iter().map(|m| m.r * (m.n_in + m.n_out)).sum();
+            if as_json {
+                let doc = json!({ "method": "lora", "r": c.r, "lora_alpha": c.lora_alpha, "use_rslora": c.use_rslora,
+                    "dtype": format!("{:?}", ad.dtype), "modules": rows, "total_params": total,
+                    "replaced_tensors": ad.replacements.iter().map(|r| r.name.clone()).collect::<Vec<_>>(), "warnings": warnings });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                println!(
+                    "method lora: r={} lora_alpha={} use_rslora={} dtype {:?}",
+                    c.r, c.lora_alpha, c.use_rslora, ad.dtype
+                );
+                println!(
+                    "{:<40} {:<48} {:>6} {:>6} {:>4} {:>7} {:>8} {:>9}",
+                    "module", "base tensor", "in", "out", "r", "alpha", "scale", "params"
+                );
+                for m in &ad.modules {
+                    println!(
+                        "{:<40} {:<48} {:>6} {:>6} {:>4} {:>7} {:>8} {:>9}",
+                        m.name,
+                        format!("{}.weight", m.name),
+                        m.n_in,
+                        m.n_out,
+                        m.r,
+                        m.alpha,
+                        m.scale,
+                        m.r * (m.n_in + m.n_out)
+                    );
+                }
+                println!("total: {} modules, {total} trainable parameters", ad.modules.len());
+                for r in &ad.replacements {
+                    println!("replaces {} {:?} whole", r.name, r.shape);
+                }
+                for w in &warnings {
+                    println!("warning: {w}");
+                }
+            }
+        }
+    }
+    Ok(true)
+}
+
+fn merge_cmd(
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    dtype: Option<DtypeArg>,
+    threads: usize,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    let ad = HfAdapter::read_dir(adapter)?;
+    let b = Base::open(base)?;
+    let dtype = dtype.map(|d| match d {
+        DtypeArg::F32 => Dtype::F32,
+        DtypeArg::F16 => Dtype::F16,
+        DtypeArg::Bf16 => Dtype::BF16,
+    });
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new(b.total_bytes());
+        if let Ok(style) = ProgressStyle::with_template("merge [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}") {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar
+    });
+    let start = Instant::now();
+    let report = merge(&b, &ad, out, dtype, Faer::with_threads(threads), |n| {
+        if let Some(bar) = &bar {
+            bar.inc(n);
+        }
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    eprintln!(
+        "merged {} weights, replaced {}, copied {} tensors: {} bytes to {} in {:.2} s",
+        report.merged,
+        report.replaced,
+        report.copied,
+        report.bytes,
+        out.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(true)
+}
+
+fn convert_cmd(src: &Path, dst: &Path) -> Result<bool, Box<dyn std::error::Error>> {
+    if src.is_dir() {
+        let bytes = peft_dir_to_own(src)?;
+        write_atomic(dst, &bytes)?;
+        eprintln!("{} -> {} ({} bytes, peft format)", src.display(), dst.display(), bytes.len());
+    } else {
+        let len = std::fs::metadata(src)?.len();
+        if len > MAX_ADAPTER_BYTES {
+            return Err(format!("{}: {len} bytes exceeds the adapter limit", src.display()).into());
+        }
+        own_to_peft_dir(&std::fs::read(src)?, dst)?;
+        eprintln!("{} -> {} (Hugging Face PEFT directory)", src.display(), dst.display());
+    }
+    Ok(true)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Finetune(args) => finetune(args),
+        Command::Inspect { adapter, json } => inspect(adapter, *json),
+        Command::Merge { base, adapter, out, dtype, threads } => merge_cmd(base, adapter, out, *dtype, *threads),
+        Command::Convert { src, dst } => convert_cmd(src, dst),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

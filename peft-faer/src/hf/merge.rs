@@ -1,0 +1,299 @@
+//! `W' = W + s B A` for every adapted weight of a base checkpoint, streamed
+//! tensor by tensor (and row block by row block), computed in f32 with
+//! faer and rounded once to the output type.
+//!
+//! Peak memory is one row block (at most [`CHUNK_BYTES`] of f32) plus the
+//! adapter, not the model: tensors are read with positioned reads and
+//! written through a buffered writer. Everything is checked (every adapted
+//! module's base weight present with the right shape, every replaced tensor
+//! present with its shape) before the first byte of output is written, and
+//! the output appears atomically (a temporary file or folder, renamed).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use peft_core::{Accum, Backend, MatMut, MatRef, Op};
+use safetensors::Dtype;
+
+use super::base::{Base, INDEX_FILE};
+use super::st::{self, Entry, OutEntry, float_size};
+use super::{HfAdapter, HfError, LoraModule, PeftConfig, Replacement, temp_sibling};
+use crate::Faer;
+
+/// Row blocks of adapted weights, and copy chunks, hold at most this many
+/// bytes of f32.
+pub const CHUNK_BYTES: usize = 8 << 20;
+
+/// What happens to one base tensor.
+enum Action<'a> {
+    Copy,
+    Lora(&'a LoraModule, bool),
+    LoraBias(&'a LoraModule),
+    Replace(&'a Replacement),
+}
+
+/// What a merge did.
+#[derive(Clone, Debug, Default)]
+pub struct MergeReport {
+    /// Weights that received `s B A`.
+    pub merged: usize,
+    /// Tensors replaced whole (trained biases, `modules_to_save`).
+    pub replaced: usize,
+    /// Tensors copied.
+    pub copied: usize,
+    /// Bytes of tensor data written.
+    pub bytes: u64,
+}
+
+fn plan<'a>(base: &Base, adapter: &'a HfAdapter) -> Result<BTreeMap<String, Action<'a>>, HfError> {
+    let PeftConfig::Lora(lc) = &adapter.config else {
+        return Err(HfError::Unsupported(
+            "merging prompt or prefix tuning (they have no weights to merge into)".into(),
+        ));
+    };
+    let mut actions = BTreeMap::new();
+    for m in &adapter.modules {
+        let name = format!("{}.weight", m.name);
+        let (_, e) =
+            base.find(&name).ok_or_else(|| HfError::Base(format!("{name}, adapted by the adapter, is missing")))?;
+        let want = if lc.fan_in_fan_out { [m.n_in, m.n_out] } else { [m.n_out, m.n_in] };
+        if e.shape != want {
+            return Err(HfError::Base(format!("{name} has shape {:?}, the adapter needs {want:?}", e.shape)));
+        }
+        float_size(e.dtype).ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
+        actions.insert(name, Action::Lora(m, lc.fan_in_fan_out));
+        if m.lora_bias.is_some() {
+            let bias = format!("{}.bias", m.name);
+            let (_, e) =
+                base.find(&bias).ok_or_else(|| HfError::Base(format!("{bias} is missing (lora_bias needs it)")))?;
+            if e.shape != [m.n_out] {
+                return Err(HfError::Base(format!("{bias} has shape {:?}, expected [{}]", e.shape, m.n_out)));
+            }
+            actions.insert(bias, Action::LoraBias(m));
+        }
+    }
+    for r in &adapter.replacements {
+        let (_, e) =
+            base.find(&r.name).ok_or_else(|| HfError::Base(format!("{}, saved by the adapter, is missing", r.name)))?;
+        if e.shape != r.shape {
+            return Err(HfError::Base(format!("{} has shape {:?}, the adapter's has {:?}", r.name, e.shape, r.shape)));
+        }
+        if actions.insert(r.name.clone(), Action::Replace(r)).is_some() {
+            return Err(HfError::Tensor(format!("{} is both adapted and replaced", r.name)));
+        }
+    }
+    Ok(actions)
+}
+
+/// Merges `adapter` into `base`, writing `out` (a `.safetensors` file for a
+/// single-file base, a new folder with the same shard names and an index
+/// for a sharded one). Every tensor keeps its name and storage order;
+/// float tensors take `dtype` if given, others keep theirs. `progress` is
+/// called with the bytes of each tensor written.
+///
+/// # Errors
+/// [`HfError`]s from the checks, before any output exists; I/O errors
+/// while writing (the temporary output is removed).
+pub fn merge(
+    base: &Base,
+    adapter: &HfAdapter,
+    out: &Path,
+    dtype: Option<Dtype>,
+    backend: Faer,
+    mut progress: impl FnMut(u64),
+) -> Result<MergeReport, HfError> {
+    let actions = plan(base, adapter)?;
+    if base.index.is_some() && out.exists() {
+        return Err(HfError::OutputExists(out.to_path_buf()));
+    }
+    let tmp = temp_sibling(out);
+    let result = (|| {
+        let mut report = MergeReport::default();
+        let mut weight_map = serde_json::Map::new();
+        if base.index.is_some() {
+            std::fs::create_dir_all(&tmp).map_err(|e| HfError::Io(tmp.clone(), e))?;
+        }
+        for shard in &base.shards {
+            let target = match base.index {
+                Some(_) => tmp.join(shard.path.file_name().unwrap_or_default()),
+                None => tmp.clone(),
+            };
+            let entries: Vec<OutEntry> = shard
+                .entries
+                .iter()
+                .map(|e| OutEntry {
+                    name: e.name.clone(),
+                    dtype: match (dtype, float_size(e.dtype)) {
+                        (Some(d), Some(_)) => d,
+                        _ => e.dtype,
+                    },
+                    shape: e.shape.clone(),
+                })
+                .collect();
+            let mut metadata = shard.metadata.clone();
+            metadata.entry("format".into()).or_insert_with(|| "pt".into());
+            let file = File::create(&target).map_err(|e| HfError::Io(target.clone(), e))?;
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            let io = |e| HfError::Io(target.clone(), e);
+            w.write_all(&st::header(&entries, &metadata)?).map_err(io)?;
+            for (e, oe) in shard.entries.iter().zip(&entries) {
+                let action = actions.get(&e.name).unwrap_or(&Action::Copy);
+                write_tensor(shard, e, oe.dtype, action, &backend, &mut w).map_err(|err| match err {
+                    WriteError::Io(x) => HfError::Io(target.clone(), x),
+                    WriteError::Hf(h) => h,
+                })?;
+                match action {
+                    Action::Copy => report.copied += 1,
+                    Action::Lora(..) => report.merged += 1,
+                    Action::LoraBias(_) | Action::Replace(_) => report.replaced += 1,
+                }
+                report.bytes += oe.bytes();
+                progress(oe.bytes());
+                let shard_name = shard.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                weight_map.insert(e.name.clone(), serde_json::Value::String(shard_name));
+            }
+            let file = w.into_inner().map_err(|e| HfError::Io(target.clone(), e.into_error()))?;
+            file.sync_all().map_err(|e| HfError::Io(target.clone(), e))?;
+        }
+        if let Some((_, extra)) = &base.index {
+            let mut index = extra.clone();
+            let meta = index.entry("metadata").or_insert_with(|| serde_json::json!({}));
+            if let Some(m) = meta.as_object_mut() {
+                m.insert("total_size".into(), report.bytes.into());
+            }
+            index.insert("weight_map".into(), serde_json::Value::Object(weight_map));
+            let path = tmp.join(INDEX_FILE);
+            let text = serde_json::to_vec_pretty(&index).map_err(HfError::json)?;
+            std::fs::write(&path, text).map_err(|e| HfError::Io(path.clone(), e))?;
+        }
+        std::fs::rename(&tmp, out).map_err(|e| HfError::Io(out.to_path_buf(), e))?;
+        Ok(report)
+    })();
+    if result.is_err() {
+        if tmp.is_dir() {
+            std::fs::remove_dir_all(&tmp).ok();
+        } else {
+            std::fs::remove_file(&tmp).ok();
+        }
+    }
+    result
+}
+
+enum WriteError {
+    Io(std::io::Error),
+    Hf(HfError),
+}
+
+impl From<HfError> for WriteError {
+    fn from(e: HfError) -> Self {
+        WriteError::Hf(e)
+    }
+}
+
+impl From<std::io::Error> for WriteError {
+    fn from(e: std::io::Error) -> Self {
+        WriteError::Io(e)
+    }
+}
+
+impl From<peft_core::Error> for WriteError {
+    fn from(e: peft_core::Error) -> Self {
+        WriteError::Hf(HfError::Core(e))
+    }
+}
+
+fn write_tensor(
+    shard: &st::StFile,
+    e: &Entry,
+    out_dtype: Dtype,
+    action: &Action<'_>,
+    backend: &Faer,
+    w: &mut impl Write,
+) -> Result<(), WriteError> {
+    let mut out = Vec::new();
+    match action {
+        Action::Copy if out_dtype == e.dtype => {
+            let mut buf = vec![0u8; CHUNK_BYTES.min(e.len as usize)];
+            let mut at = 0u64;
+            while at < e.len {
+                let n = buf.len().min((e.len - at) as usize);
+                shard.read_at(e, at, &mut buf[..n])?;
+                w.write_all(&buf[..n])?;
+                at += n as u64;
+            }
+        }
+        Action::Copy => {
+            // A dtype change: convert in chunks.
+            let size = float_size(e.dtype).unwrap_or(4);
+            let per = (CHUNK_BYTES / 4).max(1);
+            let mut bytes = vec![0u8; per * size];
+            let mut vals = vec![0.0f32; per];
+            let (mut done, total) = (0usize, e.numel());
+            while done < total {
+                let n = per.min(total - done);
+                shard.read_at(e, (done * size) as u64, &mut bytes[..n * size])?;
+                st::to_f32(e.dtype, &bytes[..n * size], &mut vals[..n])?;
+                out.clear();
+                st::from_f32(out_dtype, &vals[..n], &mut out)?;
+                w.write_all(&out)?;
+                done += n;
+            }
+        }
+        Action::Replace(r) => {
+            st::from_f32(out_dtype, &r.data, &mut out)?;
+            w.write_all(&out)?;
+        }
+        Action::LoraBias(m) => {
+            let mut bias = shard.read_f32(e)?;
+            let s = m.scale as f32;
+            if let Some(lb) = &m.lora_bias {
+                bias.iter_mut().zip(lb).for_each(|(b, l)| *b += s * l);
+            }
+            st::from_f32(out_dtype, &bias, &mut out)?;
+            w.write_all(&out)?;
+        }
+        Action::Lora(m, fan_in_fan_out) => {
+            let size = float_size(e.dtype).unwrap_or(4);
+            let (rows, cols) = (e.shape[0], e.shape[1]);
+            let block = (CHUNK_BYTES / 4 / cols.max(1)).clamp(1, rows.max(1));
+            let mut bytes = vec![0u8; block * cols * size];
+            let mut vals = vec![0.0f32; block * cols];
+            let a = MatRef::new(&m.a, m.r, m.n_in)?;
+            let b = MatRef::new(&m.b, m.n_out, m.r)?;
+            let mut i0 = 0;
+            while i0 < rows {
+                let n = block.min(rows - i0);
+                let nb = n * cols * size;
+                shard.read_at(e, (i0 * cols * size) as u64, &mut bytes[..nb])?;
+                st::to_f32(e.dtype, &bytes[..nb], &mut vals[..n * cols])?;
+                let dst = MatMut::new(&mut vals[..n * cols], n, cols)?;
+                let s = m.scale as f32;
+                let overflow = || peft_core::Error::Overflow;
+                if *fan_in_fan_out {
+                    // W [in, out]: rows i0.. += s A^T[i0.., :] B^T.
+                    let at = a.cols_range(i0, n).ok_or_else(overflow)?;
+                    backend.gemm(dst, Accum::Add, at, Op::T, b, Op::T, s)?;
+                } else {
+                    // W [out, in]: rows i0.. += s B[i0.., :] A.
+                    let bt = b.rows_range(i0, n).ok_or_else(overflow)?;
+                    backend.gemm(dst, Accum::Add, bt, Op::N, a, Op::N, s)?;
+                }
+                out.clear();
+                st::from_f32(out_dtype, &vals[..n * cols], &mut out)?;
+                w.write_all(&out)?;
+                i0 += n;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The output path's kind, for messages.
+pub fn describe(out: &Path, base: &Base) -> PathBuf {
+    match base.index {
+        Some(_) => out.join(INDEX_FILE),
+        None => out.to_path_buf(),
+    }
+}

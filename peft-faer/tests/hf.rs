@@ -1,0 +1,386 @@
+//! Hugging Face PEFT interoperability against the fixture written by PEFT
+//! 0.21.2 (`peft-verify/tests/fixtures/peft/lora_qv`: its `ref.safetensors`
+//! holds PEFT's own `merge_and_unload` weights as `merged.<name>`), and a
+//! suite of malformed inputs, each a clear error with no output written.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use peft_faer::Faer;
+use peft_faer::hf::base::Base;
+use peft_faer::hf::convert::{own_to_peft_dir, peft_dir_to_own};
+use peft_faer::hf::merge::merge;
+use peft_faer::hf::{HfAdapter, HfError, PeftConfig};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../peft-verify/tests/fixtures/peft/lora_qv")
+}
+
+/// A fresh scratch folder per test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("peft-hf-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Every tensor of a safetensors file as f32 (F32/F16/BF16), read with the
+/// `safetensors` crate (independent of this crate's reader).
+fn load(path: &Path) -> HashMap<String, (Dtype, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let data = match v.dtype() {
+                Dtype::F32 => v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+                Dtype::F16 => {
+                    v.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+                }
+                Dtype::BF16 => {
+                    v.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+                }
+                d => panic!("{d:?}"),
+            };
+            (k, (v.dtype(), v.shape().to_vec(), data))
+        })
+        .collect()
+}
+
+/// Writes tensors with the `safetensors` crate.
+fn save(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)], meta: Option<HashMap<String, String>>) {
+    let views: Vec<(String, TensorView<'_>)> =
+        tensors.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, &meta, path).unwrap();
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn max_rel(got: &[f32], want: &[f32]) -> f64 {
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(f64::from(v.abs())));
+    got.iter().zip(want).fold(0.0f64, |m, (g, w)| m.max(f64::from((g - w).abs()))) / scale
+}
+
+fn merge_into(base: &Path, adapter: &Path, out: &Path) -> Result<(), HfError> {
+    let ad = HfAdapter::read_dir(adapter)?;
+    let b = Base::open(base)?;
+    merge(&b, &ad, out, None, Faer::new(), |_| {}).map(|_| ())
+}
+
+#[test]
+fn merge_reproduces_peft_merge_and_unload() {
+    let dir = scratch("merge");
+    let out = dir.join("merged.safetensors");
+    merge_into(&fixture().join("base.safetensors"), &fixture(), &out).unwrap();
+    let merged = load(&out);
+    let refs = load(&fixture().join("ref.safetensors"));
+    let base = load(&fixture().join("base.safetensors"));
+    assert_eq!(merged.len(), base.len());
+    for (name, (_, shape, data)) in &merged {
+        let (_, rshape, want) = &refs[&format!("merged.{name}")];
+        assert_eq!(shape, rshape);
+        let e = max_rel(data, want);
+        assert!(e <= 1e-6, "{name}: relative error {e}");
+    }
+    // Untouched tensors are copied bit for bit.
+    assert_eq!(merged["layers.0.k_proj.weight"].2, base["layers.0.k_proj.weight"].2);
+    // Storage order is the base's.
+    let order = |p: &Path| {
+        let b = std::fs::read(p).unwrap();
+        let (_, m) = SafeTensors::read_metadata(&b).unwrap();
+        let mut v: Vec<(usize, String)> = m.tensors().into_iter().map(|(k, i)| (i.data_offsets.0, k)).collect();
+        v.sort();
+        v.into_iter().map(|(_, k)| k).collect::<Vec<_>>()
+    };
+    assert_eq!(order(&out), order(&fixture().join("base.safetensors")));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn cli_inspect_and_merge_on_the_fixture() {
+    let peft = env!("CARGO_BIN_EXE_peft");
+    let out = Command::new(peft).args(["inspect", "--json"]).arg(fixture()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let modules: Vec<&str> = doc["modules"].as_array().unwrap().iter().map(|m| m["module"].as_str().unwrap()).collect();
+    assert_eq!(modules, ["layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj", "layers.1.v_proj"]);
+    for m in doc["modules"].as_array().unwrap() {
+        assert_eq!((m["r"].as_u64(), m["alpha"].as_f64(), m["scale"].as_f64()), (Some(4), Some(8.0), Some(2.0)));
+    }
+    assert_eq!(doc["modules"][1]["out"], 24);
+    assert_eq!(doc["total_params"], 960);
+
+    let dir = scratch("cli");
+    let merged = dir.join("merged.safetensors");
+    let st = Command::new(peft)
+        .current_dir(fixture())
+        .args(["merge", "--base", "base.safetensors", "--adapter", ".", "--out"])
+        .arg(&merged)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let refs = load(&fixture().join("ref.safetensors"));
+    for (name, (_, _, data)) in load(&merged) {
+        assert!(max_rel(&data, &refs[&format!("merged.{name}")].2) <= 1e-6, "{name}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The fixture's base split into two shards with an index; the sharded
+/// merge equals the single-file merge, shard by shard.
+#[test]
+fn sharded_base_merges_like_a_single_file() {
+    let dir = scratch("sharded");
+    let base = load(&fixture().join("base.safetensors"));
+    let shard_dir = dir.join("base");
+    std::fs::create_dir_all(&shard_dir).unwrap();
+    let mut names: Vec<&String> = base.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (i, chunk) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let tensors: Vec<_> = chunk
+            .iter()
+            .map(|n| {
+                weight_map.insert((*n).clone(), file.clone().into());
+                ((*n).clone(), Dtype::F32, base[*n].1.clone(), f32_bytes(&base[*n].2))
+            })
+            .collect();
+        save(&shard_dir.join(&file), &tensors, None);
+    }
+    let index = serde_json::json!({ "metadata": { "total_size": 0 }, "weight_map": weight_map });
+    std::fs::write(shard_dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let out = dir.join("merged");
+    merge_into(&shard_dir, &fixture(), &out).unwrap();
+    let single = dir.join("single.safetensors");
+    merge_into(&fixture().join("base.safetensors"), &fixture(), &single).unwrap();
+    let want = load(&single);
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let mut seen = 0;
+    for i in 1..=2 {
+        for (name, (_, _, data)) in load(&out.join(format!("model-0000{i}-of-00002.safetensors"))) {
+            assert_eq!(data, want[&name].2, "{name}");
+            assert_eq!(index["weight_map"][&name], format!("model-0000{i}-of-00002.safetensors"));
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, want.len());
+    assert_eq!(index["metadata"]["total_size"], 28864);
+    // A sharded output never overwrites an existing folder.
+    assert!(matches!(merge_into(&shard_dir, &fixture(), &out), Err(HfError::OutputExists(_))));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A bf16 base merged to bf16: each adapted weight is round(W + s B A)
+/// computed in f32 and rounded once (checked against an f64 oracle of the
+/// same rounding: at most one bf16 ulp apart, where the f32 sum sits on a
+/// rounding boundary), and copies stay bit-exact.
+#[test]
+fn half_precision_base_is_rounded_once() {
+    let dir = scratch("bf16");
+    let base = load(&fixture().join("base.safetensors"));
+    let tensors: Vec<_> = base
+        .iter()
+        .map(|(n, (_, s, d))| {
+            let b: Vec<u8> = d.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect();
+            (n.clone(), Dtype::BF16, s.clone(), b)
+        })
+        .collect();
+    let base16 = dir.join("base16.safetensors");
+    save(&base16, &tensors, None);
+    let out = dir.join("out.safetensors");
+    merge_into(&base16, &fixture(), &out).unwrap();
+    let got = load(&out);
+    let b16 = load(&base16);
+    let ad = load(&fixture().join("adapter_model.safetensors"));
+    for (name, (dtype, shape, data)) in &got {
+        assert_eq!(*dtype, Dtype::BF16);
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        let key = |x: &str| format!("base_model.model.{module}.lora_{x}.weight");
+        let w = &b16[name].2;
+        let Some((_, sa, a)) = ad.get(&key("A")) else {
+            assert_eq!(data, w, "{name} copied");
+            continue;
+        };
+        let (_, _, b) = &ad[&key("B")];
+        let (r, n_in, n_out) = (sa[0], sa[1], shape[0]);
+        for o in 0..n_out {
+            for i in 0..n_in {
+                let delta: f64 =
+                    (0..r).map(|k| f64::from(b[o * r + k]) * f64::from(a[k * n_in + i])).sum::<f64>() * 2.0;
+                let want = half::bf16::from_f64(f64::from(w[o * n_in + i]) + delta).to_f32();
+                let g = data[o * n_in + i];
+                let ulp = half::bf16::from_f32(want.abs()).to_f32() * 2f32.powi(-7);
+                assert!((g - want).abs() <= ulp, "{name}[{o},{i}]: {g} vs {want}");
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A copy of the fixture adapter with its config edited.
+fn adapter_with(dir: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("adapter_config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(d.join("adapter_config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(fixture().join("adapter_model.safetensors"), d.join("adapter_model.safetensors")).unwrap();
+    d
+}
+
+#[test]
+fn config_fields_that_change_the_math() {
+    let dir = scratch("fields");
+    // alpha_pattern (PEFT's rule: first key in file order whose regex
+    // matches a dotted suffix), float alpha, rsLoRA.
+    let d = adapter_with(&dir, "pat", |c| {
+        c["alpha_pattern"] = serde_json::json!({ "0.q_proj": 16, "q_proj": 4.5 });
+        c["lora_alpha"] = serde_json::json!(8.0);
+        c["use_rslora"] = serde_json::json!(true);
+    });
+    let ad = HfAdapter::read_dir(&d).unwrap();
+    let scales: Vec<(String, f64)> = ad.modules.iter().map(|m| (m.name.clone(), m.scale)).collect();
+    assert_eq!(
+        scales,
+        [
+            ("layers.0.q_proj".into(), 16.0 / 2.0),
+            ("layers.0.v_proj".into(), 8.0 / 2.0),
+            ("layers.1.q_proj".into(), 4.5 / 2.0),
+            ("layers.1.v_proj".into(), 8.0 / 2.0),
+        ]
+    );
+    // rank_pattern that disagrees with the tensors.
+    let d = adapter_with(&dir, "rank", |c| c["rank_pattern"] = serde_json::json!({ "v_proj": 8 }));
+    assert!(matches!(HfAdapter::read_dir(&d), Err(HfError::RankMismatch { config: 8, tensors: 4, .. })));
+    // target_modules as a regex, and layers_to_transform.
+    let d = adapter_with(&dir, "regex", |c| c["target_modules"] = serde_json::json!(r"layers\.\d+\.(q|v)_proj"));
+    assert!(HfAdapter::read_dir(&d).is_ok());
+    let d = adapter_with(&dir, "regex_miss", |c| c["target_modules"] = serde_json::json!(r"layers\.\d+\.q_proj"));
+    assert!(matches!(HfAdapter::read_dir(&d), Err(HfError::Tensor(m)) if m.contains("does not target")));
+    let d = adapter_with(&dir, "layers", |c| c["layers_to_transform"] = serde_json::json!([0]));
+    assert!(matches!(HfAdapter::read_dir(&d), Err(HfError::Tensor(m)) if m.contains("layers.1.q_proj")));
+    // Fields whose math is not implemented are errors naming the field.
+    for (field, value) in [
+        ("use_dora", serde_json::json!(true)),
+        ("eva_config", serde_json::json!({ "rho": 2.0 })),
+        ("init_lora_weights", serde_json::json!("loftq")),
+        ("use_qalora", serde_json::json!(true)),
+    ] {
+        let d = adapter_with(&dir, field, |c| c[field] = value);
+        let err = HfAdapter::read_dir(&d).unwrap_err();
+        assert!(matches!(&err, HfError::Unsupported(m) if m.contains(field)), "{field}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// fan_in_fan_out (GPT-2 `Conv1D`, weights `[in, out]`): the merge adds
+/// `s (B A)^T`, which equals PEFT's merge of the transposed base.
+#[test]
+fn fan_in_fan_out_merges_the_transpose() {
+    let dir = scratch("fifo");
+    let base = load(&fixture().join("base.safetensors"));
+    let tensors: Vec<_> = base
+        .iter()
+        .map(|(n, (_, s, d))| {
+            if s.len() == 2 {
+                let (r, c) = (s[0], s[1]);
+                let t: Vec<f32> = (0..c * r).map(|k| d[(k % r) * c + k / r]).collect();
+                (n.clone(), Dtype::F32, vec![c, r], f32_bytes(&t))
+            } else {
+                (n.clone(), Dtype::F32, s.clone(), f32_bytes(d))
+            }
+        })
+        .collect();
+    let bt = dir.join("base_t.safetensors");
+    save(&bt, &tensors, None);
+    let ad = adapter_with(&dir, "fifo", |c| c["fan_in_fan_out"] = serde_json::json!(true));
+    let out = dir.join("out.safetensors");
+    merge_into(&bt, &ad, &out).unwrap();
+    let refs = load(&fixture().join("ref.safetensors"));
+    for (name, (_, s, data)) in load(&out) {
+        let (_, _, want) = &refs[&format!("merged.{name}")];
+        if s.len() == 2 {
+            let (c, r) = (s[0], s[1]);
+            let back: Vec<f32> = (0..r * c).map(|k| data[(k % c) * r + k / c]).collect();
+            assert!(max_rel(&back, want) <= 1e-6, "{name}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Written adapters read back equal, with PEFT's key names, shapes and
+/// `{"format": "pt"}`.
+#[test]
+fn writer_produces_peft_layout() {
+    let dir = scratch("write");
+    let ad = HfAdapter::read_dir(&fixture()).unwrap();
+    let out = dir.join("copy");
+    ad.write_dir(&out).unwrap();
+    let back = HfAdapter::read_dir(&out).unwrap();
+    assert_eq!(back.modules, ad.modules);
+    let want = load(&fixture().join("adapter_model.safetensors"));
+    let got = load(&out.join("adapter_model.safetensors"));
+    assert_eq!(got, want);
+    let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
+    let cfg = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join("adapter_config.json")).unwrap()).unwrap()
+    };
+    assert_eq!(cfg(&out), cfg(&fixture()));
+    assert!(matches!(ad.write_dir(&out), Err(HfError::OutputExists(_))));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// PEFT -> .peft -> PEFT keeps every tensor bit for bit and the config;
+/// .peft -> PEFT -> .peft gives the same bytes, for LoRA, prompt and prefix
+/// adapters trained here; bottleneck adapters are refused.
+#[test]
+fn convert_round_trips_are_bit_exact() {
+    use peft_faer::tiny::{Peft, Spec, TinyConfig, TinyModel};
+    let dir = scratch("convert");
+    let own = peft_dir_to_own(&fixture()).unwrap();
+    own_to_peft_dir(&own, &dir.join("back")).unwrap();
+    assert_eq!(load(&dir.join("back/adapter_model.safetensors")), load(&fixture().join("adapter_model.safetensors")));
+    assert!(matches!(HfAdapter::read_dir(&dir.join("back")).unwrap().config, PeftConfig::Lora(_)));
+    assert_eq!(peft_dir_to_own(&dir.join("back")).unwrap(), own);
+
+    let model = TinyModel::new(TinyConfig { vocab: 10, d: 8, heads: 2, layers: 2, hidden: 8, seq: 4 }, 1).unwrap();
+    for (i, spec) in [
+        Spec::lora(2, 5.0, &["q_proj", "v_proj"]).unwrap(),
+        Spec::Prompt { n_virtual: 3 },
+        Spec::Prefix { n_prefix: 2 },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut peft = Peft::new(&model, spec, 3).unwrap();
+        for p in &mut peft.params {
+            p.value.iter_mut().enumerate().for_each(|(k, v)| *v += k as f32 * 1e-3);
+        }
+        let bytes = peft_faer::io::encode(&peft, &model).unwrap();
+        let hf = dir.join(format!("m{i}"));
+        own_to_peft_dir(&bytes, &hf).unwrap();
+        HfAdapter::read_dir(&hf).unwrap();
+        assert_eq!(peft_dir_to_own(&hf).unwrap(), bytes, "{:?}", peft.method());
+        // And the tiny model loads it again.
+        let again = peft_faer::io::decode(&peft_dir_to_own(&hf).unwrap(), &model).unwrap();
+        assert_eq!(
+            again.params.iter().map(|p| &p.value).collect::<Vec<_>>(),
+            peft.params.iter().map(|p| &p.value).collect::<Vec<_>>()
+        );
+    }
+    let adapter = Peft::new(&model, Spec::Adapter { config: peft_core::adapter::AdapterConfig::width(2) }, 1).unwrap();
+    let bytes = peft_faer::io::encode(&adapter, &model).unwrap();
+    assert!(matches!(own_to_peft_dir(&bytes, &dir.join("adapter")), Err(HfError::Unsupported(_))));
+    assert!(!dir.join("adapter").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
