@@ -13,6 +13,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
@@ -82,8 +83,19 @@ pub fn float_size(d: Dtype) -> Option<usize> {
 
 /// Widens little-endian `bytes` of type `d` into `out` (same count).
 pub fn to_f32(d: Dtype, bytes: &[u8], out: &mut [f32]) -> Result<(), HfError> {
-    let size =
-        float_size(d).ok_or_else(|| HfError::Unsupported(format!("element type {d:?} (need F32, F16 or BF16)")))?;
+    let size = float_size(d).ok_or_else(|| unsupported(d))?;
+    // Fast path: aligned little-endian halves, converted with `half`'s
+    // slice conversions (F16C / SIMD where the CPU has them).
+    if cfg!(target_endian = "little") && out.len() * 2 == bytes.len() {
+        let done = match d {
+            Dtype::F16 => bytemuck::try_cast_slice::<u8, f16>(bytes).map(|h| h.convert_to_f32_slice(out)).is_ok(),
+            Dtype::BF16 => bytemuck::try_cast_slice::<u8, bf16>(bytes).map(|h| h.convert_to_f32_slice(out)).is_ok(),
+            _ => false,
+        };
+        if done {
+            return Ok(());
+        }
+    }
     for (o, c) in out.iter_mut().zip(bytes.chunks_exact(size)) {
         *o = match d {
             Dtype::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
@@ -94,10 +106,27 @@ pub fn to_f32(d: Dtype, bytes: &[u8], out: &mut [f32]) -> Result<(), HfError> {
     Ok(())
 }
 
+fn unsupported(d: Dtype) -> HfError {
+    HfError::Unsupported(format!("element type {d:?} (need F32, F16 or BF16)"))
+}
+
 /// Rounds `vals` once (to nearest, ties to even) to type `d`, appending the
 /// little-endian bytes to `out`.
 pub fn from_f32(d: Dtype, vals: &[f32], out: &mut Vec<u8>) -> Result<(), HfError> {
-    float_size(d).ok_or_else(|| HfError::Unsupported(format!("element type {d:?} (need F32, F16 or BF16)")))?;
+    float_size(d).ok_or_else(|| unsupported(d))?;
+    if cfg!(target_endian = "little") && matches!(d, Dtype::F16 | Dtype::BF16) {
+        let start = out.len();
+        out.resize(start + 2 * vals.len(), 0);
+        if let Ok(h) = bytemuck::try_cast_slice_mut::<u8, u16>(&mut out[start..]) {
+            if d == Dtype::F16 {
+                bytemuck::cast_slice_mut::<u16, f16>(h).convert_from_f32_slice(vals);
+            } else {
+                bytemuck::cast_slice_mut::<u16, bf16>(h).convert_from_f32_slice(vals);
+            }
+            return Ok(());
+        }
+        out.truncate(start);
+    }
     for &v in vals {
         match d {
             Dtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
