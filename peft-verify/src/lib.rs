@@ -1,4 +1,235 @@
 //! # peft-verify
 //!
-//! Checks that any `peft-core` backend keeps the invariants of the methods.
-pub use peft_core as core;
+//! The seed document's twelve mistakes as properties that any
+//! [`Backend`](peft_core::Backend) can run against itself, on random shapes
+//! and values (proptest), against an f64 oracle ([`oracle`]) that shares no
+//! code with `peft-core`.
+//!
+//! ```no_run
+//! use peft_core::Reference;
+//! // Every property, 256 cases each (PROPTEST_CASES overrides), in f32:
+//! peft_verify::verify::<f32, _>(&Reference, &peft_verify::Config::default()).assert_ok();
+//! ```
+//!
+//! A backend of your own (a DSP library, a GPU) implements
+//! `Backend<E>` for the element types it supports and calls [`verify`] for
+//! each. The properties, each its own name in the [`Report`]:
+//!
+//! | property | what it checks | seed mistake |
+//! |---|---|---|
+//! | `gemm_matches_oracle` | the backend's gemm (shapes with 1 row or column, transposes, Replace and Add) against the oracle | - |
+//! | `backends_agree` | the backend and `Reference` give the same LoRA output within the bound | - |
+//! | `lora_identity_at_init` | `B = 0` at init: the output equals the base output exactly | 2 |
+//! | `lora_matches_oracle` | `x W^T + b + s (x A^T) B^T`, `s = alpha / r` or `alpha / sqrt(r)`, applied once | 3 |
+//! | `lora_merged_equals_unmerged` | after merge the single matmul gives the unmerged output | 6 |
+//! | `lora_unmerge_restores` | bit-exact with a backup, within the documented drift bound without | 6 |
+//! | `lora_double_merge_rejected` | a second merge is `AlreadyMerged` and changes nothing | 6 |
+//! | `lora_gradients_match_fd` | dA, dB, dx against central differences of the oracle | 12 |
+//! | `lora_backward_is_adapter_sized` | backward needs `O(tokens r)` scratch: no `[out, in]` gradient exists | 12 |
+//! | `lora_targets_follow_peft` | the target-module rule against PEFT's (`==` or `.`-suffix) | 4 |
+//! | `lora_param_report_flags_high_rank` | the parameter report flags ranks at >= 25% of the layer | 5 |
+//! | `adapter_identity_at_init` | a fresh adapter returns its input exactly | 8 |
+//! | `adapter_matches_oracle` | `x + s (act(x Wd^T + bd) Wu^T + bu)`: the residual is always there | 8 |
+//! | `adapter_gradients_match_fd` | all four parameters and dx | - |
+//! | `prompt_prepends_and_shifts` | virtual tokens first, mask ones in front, positions shifted by n_virtual | 7 |
+//! | `prompt_gradient_is_batch_sum` | the prompt's gradient sums the virtual rows over the batch | 7 |
+//! | `attention_matches_oracle` | MHA/GQA, causal and padding masks, with a prefix | 11 |
+//! | `prefix_seen_by_every_query` | prefix columns visible to every query; causality among real tokens unchanged | 11 |
+//! | `empty_prefix_is_identity` | a zero-length prefix equals no prefix exactly | 11 |
+//! | `attention_gradients_match_fd` | dQ, dK, dV and the prefix gradient | - |
+//! | `frozen_base_untouched` | after training steps of every method, every base tensor is bit-identical | 1 |
+//! | `adapter_file_round_trip` | adapter-only files round-trip bit-exact and hold no base tensor | 10 |
+//! | `bad_input_is_typed` | invalid shapes, ranks, heads, scratch: a typed error, outputs untouched, no panic | - |
+//!
+//! Mistake 9 (one learning rate for every method) is a unit test of
+//! `peft_core::optim::Method::default_lr`.
+//!
+//! ## Tolerances
+//!
+//! Each element type states two unit roundoffs ([`Precision`]): `u` of its
+//! storage and `u_acc` of its arithmetic. A value computed by a reduction of
+//! length `k` may differ from the oracle by
+//! `c (k u_acc + 2 u) |.|`, where `|.|` is the same computation on absolute
+//! values (the standard bound, as faer's tests use `eps * n`); `c` is 4.
+//! Gradients are compared normwise against central differences (`h = 1e-6`
+//! on the f64 oracle).
+
+pub mod oracle;
+mod props;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use peft_core::{Backend, Element};
+use proptest::test_runner::{Config as PtConfig, FileFailurePersistence, TestError, TestRunner};
+
+/// Unit roundoffs of an element type.
+pub trait Precision: Element {
+    /// Unit roundoff of the stored type (half an ulp of 1).
+    const U: f64;
+    /// Unit roundoff of the accumulation type.
+    const U_ACC: f64;
+}
+
+impl Precision for f32 {
+    const U: f64 = 5.960_464_477_539_063e-8; // 2^-24
+    const U_ACC: f64 = Self::U;
+}
+
+impl Precision for f64 {
+    const U: f64 = 1.110_223_024_625_156_5e-16; // 2^-53
+    const U_ACC: f64 = Self::U;
+}
+
+impl Precision for half::f16 {
+    const U: f64 = 4.882_812_5e-4; // 2^-11
+    const U_ACC: f64 = <f32 as Precision>::U;
+}
+
+impl Precision for half::bf16 {
+    const U: f64 = 3.906_25e-3; // 2^-8
+    const U_ACC: f64 = <f32 as Precision>::U;
+}
+
+/// How many cases each property runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Cases per property (default: `PROPTEST_CASES`, else 256).
+    pub cases: u32,
+    /// Where failing seeds are recorded (`None`: nowhere). Defaults to
+    /// `proptest-regressions/<property>-<type>.txt` under the current
+    /// directory, replayed first on the next run.
+    pub regressions: Option<std::path::PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+        Self { cases, regressions: Some("proptest-regressions".into()) }
+    }
+}
+
+/// The outcome of every property.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// `(property, element type, Ok or the failure with its minimal case)`.
+    pub results: Vec<(&'static str, &'static str, Result<(), String>)>,
+}
+
+impl Report {
+    /// The failed properties.
+    pub fn failures(&self) -> Vec<String> {
+        self.results.iter().filter_map(|(p, e, r)| r.as_ref().err().map(|m| format!("{p} ({e}): {m}"))).collect()
+    }
+
+    /// Panics listing every failed property.
+    ///
+    /// # Panics
+    /// If any property failed.
+    pub fn assert_ok(&self) {
+        let f = self.failures();
+        assert!(f.is_empty(), "{} of {} properties failed:\n{}", f.len(), self.results.len(), f.join("\n"));
+    }
+}
+
+/// A property body's verdict for one case.
+pub type CaseResult = Result<(), proptest::test_runner::TestCaseError>;
+
+/// Runs one named property with its own runner; a panic inside the
+/// backend or the library is a failure, not an abort.
+pub(crate) fn run<S: proptest::strategy::Strategy>(
+    report: &mut Report,
+    config: &Config,
+    name: &'static str,
+    elem: &'static str,
+    strategy: S,
+    test: impl Fn(S::Value) -> CaseResult,
+) {
+    let persistence = config.regressions.as_ref().map(|dir| {
+        let path = static_path(&dir.join(format!("{name}-{elem}.txt")));
+        Box::new(FileFailurePersistence::Direct(path)) as Box<dyn proptest::test_runner::FailurePersistence>
+    });
+    let pt = PtConfig { cases: config.cases, failure_persistence: persistence, ..PtConfig::default() };
+    let mut runner =
+        TestRunner::new_with_rng(pt.clone(), proptest::test_runner::TestRng::deterministic_rng(pt.rng_algorithm));
+    let outcome = runner.run(&strategy, |v| match catch_unwind(AssertUnwindSafe(|| test(v))) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+            Err(proptest::test_runner::TestCaseError::fail(format!("panicked: {}", msg.unwrap_or_default())))
+        }
+    });
+    let result = match outcome {
+        Ok(()) => Ok(()),
+        Err(TestError::Fail(why, case)) => Err(format!("{why}; minimal case: {case:?}")),
+        Err(TestError::Abort(why)) => Err(format!("aborted: {why}")),
+    };
+    report.results.push((name, elem, result));
+}
+
+/// Runs every property against `backend` in element type `E`.
+pub fn verify<E: Precision, B: Backend<E>>(backend: &B, config: &Config) -> Report
+where
+    peft_core::Reference: Backend<E>,
+{
+    let mut report = Report::default();
+    props::gemm::run_all::<E, B>(backend, config, &mut report);
+    props::lora::run_all::<E, B>(backend, config, &mut report);
+    props::adapter::run_all::<E, B>(backend, config, &mut report);
+    props::prompt::run_all::<E>(config, &mut report);
+    props::attention::run_all::<E, B>(backend, config, &mut report);
+    props::training::run_all::<E, B>(backend, config, &mut report);
+    props::errors::run_all::<E, B>(backend, config, &mut report);
+    report
+}
+
+/// proptest's file persistence takes a `&'static str`: each distinct path
+/// is interned once for the life of the process.
+fn static_path(path: &std::path::Path) -> &'static str {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static PATHS: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
+    let key = path.to_string_lossy().into_owned();
+    let mut map = PATHS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    map.entry(key.clone()).or_insert_with(|| Box::leak(key.into_boxed_str()))
+}
+
+/// Values of a slice widened to f64.
+pub(crate) fn wide<E: Element>(v: &[E]) -> Vec<f64> {
+    v.iter().map(|x| x.to_f64()).collect()
+}
+
+/// f64 values rounded to `E`.
+pub(crate) fn narrow<E: Element>(v: &[f64]) -> Vec<E> {
+    v.iter().map(|&x| E::from_f64(x)).collect()
+}
+
+/// `c (k u_acc + 2 u) mag`, the bound of the module docs, plus an absolute
+/// floor for values whose magnitude underflows.
+pub(crate) fn bound<E: Precision>(k: usize, mag: f64) -> f64 {
+    4.0 * (k as f64 * E::U_ACC + 2.0 * E::U) * mag + 1e-30
+}
+
+/// Checks `got` against `want` elementwise with per-element magnitudes.
+pub(crate) fn close<E: Precision>(what: &str, got: &[f64], want: &[f64], mag: &[f64], k: usize) -> CaseResult {
+    proptest::prop_assert_eq!(got.len(), want.len(), "{}: length", what);
+    for (i, ((g, w), m)) in got.iter().zip(want).zip(mag).enumerate() {
+        let tol = bound::<E>(k, *m);
+        proptest::prop_assert!((g - w).abs() <= tol, "{}[{}]: got {}, oracle {}, bound {}", what, i, g, w, tol);
+    }
+    Ok(())
+}
+
+/// Normwise: `max |got - want| <= c (k u_acc + 2 u) (max |want| + scale)`.
+pub(crate) fn close_norm<E: Precision>(what: &str, got: &[f64], want: &[f64], scale: f64, k: usize) -> CaseResult {
+    proptest::prop_assert_eq!(got.len(), want.len(), "{}: length", what);
+    let norm = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let err = got.iter().zip(want).fold(0.0f64, |m, (g, w)| m.max((g - w).abs()));
+    let tol = 4.0 * bound::<E>(k, norm + scale) + 1e-7 * (norm + scale);
+    proptest::prop_assert!(err <= tol, "{}: max error {} > {} (norm {})", what, err, tol, norm);
+    Ok(())
+}
+
+/// Whether `f` panics.
+pub(crate) fn panics<R>(f: impl FnOnce() -> R) -> bool {
+    catch_unwind(AssertUnwindSafe(f)).is_err()
+}

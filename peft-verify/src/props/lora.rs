@@ -1,0 +1,355 @@
+//! LoRA: init, forward against the oracle, merge and unmerge, gradients,
+//! targets, the parameter report.
+
+use peft_core::lora::{LoraConfig, LoraGrads, LoraLinear, ParamReport};
+use peft_core::{Backend, Error, MatMut, MatRef, Reference, Rng};
+use proptest::prelude::*;
+
+use super::vals;
+use crate::oracle::{self, M};
+use crate::{Config, Precision, Report, close, close_norm, narrow, run, wide};
+
+/// A LoRA layer and inputs, shape-matched.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub t: usize,
+    pub n_in: usize,
+    pub n_out: usize,
+    pub r: usize,
+    pub alpha: f64,
+    pub rslora: bool,
+    pub w: Vec<f64>,
+    pub bias: Option<Vec<f64>>,
+    pub a: Vec<f64>,
+    pub b: Vec<f64>,
+    pub x: Vec<f64>,
+    pub g: Vec<f64>,
+    pub seed: u64,
+}
+
+pub fn case() -> impl Strategy<Value = Case> {
+    (1usize..=6, 1usize..=10, 1usize..=10)
+        .prop_flat_map(|(t, n_in, n_out)| (Just((t, n_in, n_out)), 1..=n_in.min(n_out)))
+        .prop_flat_map(|((t, n_in, n_out), r)| {
+            (
+                (0.5f64..16.0, any::<bool>(), proptest::option::of(vals(n_out)), any::<u64>()),
+                (vals(n_out * n_in), vals(r * n_in), vals(n_out * r), vals(t * n_in), vals(t * n_out)),
+            )
+                .prop_map(move |((alpha, rslora, bias, seed), (w, a, b, x, g))| Case {
+                    t,
+                    n_in,
+                    n_out,
+                    r,
+                    alpha,
+                    rslora,
+                    w,
+                    bias,
+                    a,
+                    b,
+                    x,
+                    g,
+                    seed,
+                })
+        })
+}
+
+impl Case {
+    pub fn config(&self) -> LoraConfig<'static> {
+        LoraConfig::new(self.r, self.alpha).with_rslora(self.rslora)
+    }
+
+    pub fn scale(&self) -> f64 {
+        if self.rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
+    }
+}
+
+/// The case's tensors rounded to `E`.
+pub struct Tensors<E> {
+    pub w: Vec<E>,
+    pub bias: Option<Vec<E>>,
+    pub a: Vec<E>,
+    pub b: Vec<E>,
+    pub x: Vec<E>,
+    pub g: Vec<E>,
+}
+
+impl<E: Precision> Tensors<E> {
+    pub fn of(c: &Case) -> Self {
+        Self {
+            w: narrow(&c.w),
+            bias: c.bias.as_deref().map(narrow),
+            a: narrow(&c.a),
+            b: narrow(&c.b),
+            x: narrow(&c.x),
+            g: narrow(&c.g),
+        }
+    }
+}
+
+fn fail(e: Error) -> TestCaseError {
+    TestCaseError::fail(format!("unexpected error: {e}"))
+}
+
+/// The oracle's output and its magnitude for the tensors as rounded.
+fn oracle_y<E: Precision>(c: &Case, t: &Tensors<E>) -> (Vec<f64>, Vec<f64>) {
+    let m = |d: &[E], r, cols| M::new(r, cols, wide(d));
+    let (x, w, a, b) = (m(&t.x, c.t, c.n_in), m(&t.w, c.n_out, c.n_in), m(&t.a, c.r, c.n_in), m(&t.b, c.n_out, c.r));
+    let bias = t.bias.as_deref().map(wide);
+    let y = oracle::lora(&x, &w, bias.as_deref(), &a, &b, c.scale());
+    let abs_bias = bias.as_ref().map(|v| v.iter().map(|x| x.abs()).collect::<Vec<_>>());
+    let mag = oracle::lora(&x.abs(), &w.abs(), abs_bias.as_deref(), &a.abs(), &b.abs(), c.scale().abs());
+    (y.d, mag.d)
+}
+
+fn forward<E: Precision, B: Backend<E>>(
+    backend: &B,
+    layer: &LoraLinear<'_, E>,
+    c: &Case,
+    x: &[E],
+) -> Result<Vec<E>, Error> {
+    let mut y = vec![E::ZERO; c.t * c.n_out];
+    let mut scratch = vec![E::ZERO; layer.forward_scratch_len(c.t)];
+    layer.forward(backend, MatRef::new(x, c.t, c.n_in)?, MatMut::new(&mut y, c.t, c.n_out)?, &mut scratch)?;
+    Ok(y)
+}
+
+pub fn run_all<E: Precision, B: Backend<E>>(backend: &B, config: &Config, report: &mut Report)
+where
+    Reference: Backend<E>,
+{
+    let name = E::NAME;
+    run(report, config, "lora_identity_at_init", name, case(), |c| {
+        let mut t = Tensors::<E>::of(&c);
+        let base = {
+            let mut y = vec![E::ZERO; c.t * c.n_out];
+            let x = MatRef::new(&t.x, c.t, c.n_in).map_err(fail)?;
+            let w = MatRef::new(&t.w, c.n_out, c.n_in).map_err(fail)?;
+            backend
+                .gemm(
+                    MatMut::new(&mut y, c.t, c.n_out).map_err(fail)?,
+                    peft_core::Accum::Replace,
+                    x,
+                    peft_core::Op::N,
+                    w,
+                    peft_core::Op::T,
+                    <E::Accum as peft_core::Element>::from_f64(1.0),
+                )
+                .map_err(fail)?;
+            if let Some(bias) = &t.bias {
+                for row in y.chunks_exact_mut(c.n_out) {
+                    for (v, b) in row.iter_mut().zip(bias) {
+                        *v = E::from_f64(v.to_f64() + b.to_f64());
+                    }
+                }
+            }
+            y
+        };
+        let x = t.x.clone();
+        let cfg = c.config();
+        let mut layer =
+            LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, t.bias.as_deref(), &mut t.a, &mut t.b).map_err(fail)?;
+        layer.init_adapter(&mut Rng::new(c.seed)).map_err(fail)?;
+        prop_assert!(layer.lora_b().iter().all(|v| v.to_f64() == 0.0), "B is not zero at init");
+        prop_assert!(
+            layer.lora_a().iter().any(|v| v.to_f64() != 0.0),
+            "A is all zero at init (no gradient would flow to B)"
+        );
+        let y = forward(backend, &layer, &c, &x).map_err(fail)?;
+        // Exactly the base output: x W^T (+ b), whatever the backend's
+        // rounding, because adding s * 0 changes nothing (-0 aside).
+        for (i, (got, want)) in y.iter().zip(&base).enumerate() {
+            if c.bias.is_none() {
+                prop_assert!(got.to_f64() == want.to_f64(), "y[{}] = {:?}, base {:?}", i, got, want);
+            } else {
+                let tol = crate::bound::<E>(c.n_in + 2, want.to_f64().abs() + 1.0);
+                prop_assert!((got.to_f64() - want.to_f64()).abs() <= tol, "y[{}] = {:?}, base {:?}", i, got, want);
+            }
+        }
+        Ok(())
+    });
+
+    run(report, config, "lora_matches_oracle", name, case(), |c| {
+        let mut t = Tensors::<E>::of(&c);
+        let (want, mag) = oracle_y(&c, &t);
+        let x = t.x.clone();
+        let cfg = c.config();
+        let layer =
+            LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, t.bias.as_deref(), &mut t.a, &mut t.b).map_err(fail)?;
+        prop_assert!(
+            (layer.scale() - c.scale()).abs() <= 1e-12 * c.scale(),
+            "scale {} != {}",
+            layer.scale(),
+            c.scale()
+        );
+        let y = forward(backend, &layer, &c, &x).map_err(fail)?;
+        close::<E>("y", &wide(&y), &want, &mag, c.n_in + c.r + 2)
+    });
+
+    run(report, config, "backends_agree", name, case(), |c| {
+        let mut t = Tensors::<E>::of(&c);
+        let (_, mag) = oracle_y(&c, &t);
+        let x = t.x.clone();
+        let cfg = c.config();
+        let layer =
+            LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, t.bias.as_deref(), &mut t.a, &mut t.b).map_err(fail)?;
+        let mine = forward(backend, &layer, &c, &x).map_err(fail)?;
+        let reference = forward(&Reference, &layer, &c, &x).map_err(fail)?;
+        let twice: Vec<f64> = mag.iter().map(|m| 2.0 * m).collect();
+        close::<E>("y vs Reference", &wide(&mine), &wide(&reference), &twice, c.n_in + c.r + 2)
+    });
+
+    run(report, config, "lora_merged_equals_unmerged", name, case(), |c| {
+        let mut t = Tensors::<E>::of(&c);
+        let (_, mag) = oracle_y(&c, &t);
+        let x = t.x.clone();
+        let cfg = c.config();
+        let mut layer =
+            LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, t.bias.as_deref(), &mut t.a, &mut t.b).map_err(fail)?;
+        let unmerged = forward(backend, &layer, &c, &x).map_err(fail)?;
+        layer.merge(backend, None).map_err(fail)?;
+        prop_assert_eq!(layer.forward_scratch_len(c.t), 0, "merged forward still needs the LoRA temporaries");
+        let merged = forward(backend, &layer, &c, &x).map_err(fail)?;
+        // Both are within the bound of the oracle; merging adds one
+        // rounding of W + s B A per weight, seen through x.
+        let twice: Vec<f64> = mag.iter().map(|m| 3.0 * m).collect();
+        close::<E>("merged y", &wide(&merged), &wide(&unmerged), &twice, c.n_in + c.r + 3)
+    });
+
+    run(report, config, "lora_unmerge_restores", name, case(), |c| {
+        let mut t = Tensors::<E>::of(&c);
+        let w0 = t.w.clone();
+        let cfg = c.config();
+        {
+            let mut backup = vec![E::ZERO; c.n_out * c.n_in];
+            let mut layer = LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, None, &mut t.a, &mut t.b).map_err(fail)?;
+            layer.merge(backend, Some(&mut backup)).map_err(fail)?;
+            layer.unmerge(backend).map_err(fail)?;
+        }
+        prop_assert!(
+            t.w.iter().zip(&w0).all(|(a, b)| a.to_bits64() == b.to_bits64()),
+            "backup restore is not bit-exact"
+        );
+        // Without a backup: u (2|W| + |p|)(1 + u) per weight, p = s (B A),
+        // plus the product's own rounding (computed twice).
+        {
+            let mut layer = LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, None, &mut t.a, &mut t.b).map_err(fail)?;
+            layer.merge(backend, None).map_err(fail)?;
+            layer.unmerge(backend).map_err(fail)?;
+        }
+        let (a, b) = (M::new(c.r, c.n_in, wide(&t.a)), M::new(c.n_out, c.r, wide(&t.b)));
+        let p = b.abs().mul(&a.abs()).scale(c.scale());
+        for (i, (got, want)) in t.w.iter().zip(&w0).enumerate() {
+            let (w, pm) = (want.to_f64().abs(), p.d[i]);
+            let tol = E::U * (2.0 * w + pm) * (1.0 + E::U) + 2.0 * crate::bound::<E>(c.r, pm);
+            prop_assert!(
+                (got.to_f64() - want.to_f64()).abs() <= tol,
+                "W[{}] drifted {} > {}",
+                i,
+                (got.to_f64() - want.to_f64()).abs(),
+                tol
+            );
+        }
+        Ok(())
+    });
+
+    run(report, config, "lora_double_merge_rejected", name, case(), |c| {
+        let mut t = Tensors::<E>::of(&c);
+        let cfg = c.config();
+        let mut layer = LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, None, &mut t.a, &mut t.b).map_err(fail)?;
+        prop_assert_eq!(layer.unmerge(backend), Err(Error::NotMerged));
+        layer.merge(backend, None).map_err(fail)?;
+        let after_one = layer.weight().to_vec();
+        prop_assert_eq!(layer.merge(backend, None), Err(Error::AlreadyMerged));
+        prop_assert!(
+            layer.weight().iter().zip(&after_one).all(|(a, b)| a.to_bits64() == b.to_bits64()),
+            "second merge changed W"
+        );
+        prop_assert_eq!(layer.adapter_mut().err(), Some(Error::MergedAdapterLocked));
+        Ok(())
+    });
+
+    run(report, config, "lora_gradients_match_fd", name, case(), |c| {
+        let mut t = Tensors::<E>::of(&c);
+        let x = t.x.clone();
+        let g = t.g.clone();
+        let cfg = c.config();
+        let layer = LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, None, &mut t.a, &mut t.b).map_err(fail)?;
+        let (mut ga, mut gb, mut gx) =
+            (vec![E::ZERO; c.r * c.n_in], vec![E::ZERO; c.n_out * c.r], vec![E::ZERO; c.t * c.n_in]);
+        let mut scratch = vec![E::ZERO; layer.backward_scratch_len(c.t)];
+        layer
+            .backward(
+                backend,
+                MatRef::new(&x, c.t, c.n_in).map_err(fail)?,
+                MatRef::new(&g, c.t, c.n_out).map_err(fail)?,
+                Some(MatMut::new(&mut gx, c.t, c.n_in).map_err(fail)?),
+                LoraGrads { a: &mut ga, b: &mut gb },
+                &mut scratch,
+            )
+            .map_err(fail)?;
+        let (w, a, b, xw, gw) = (wide(layer.weight()), wide(layer.lora_a()), wide(layer.lora_b()), wide(&x), wide(&g));
+        let gm = M::new(c.t, c.n_out, gw.clone());
+        let s = c.scale();
+        let loss = |x: &[f64], a: &[f64], b: &[f64]| {
+            let y = oracle::lora(
+                &M::new(c.t, c.n_in, x.to_vec()),
+                &M::new(c.n_out, c.n_in, w.clone()),
+                None,
+                &M::new(c.r, c.n_in, a.to_vec()),
+                &M::new(c.n_out, c.r, b.to_vec()),
+                s,
+            );
+            oracle::dot(&gm, &y)
+        };
+        let fa = oracle::grad_fd(&a, 1e-6, |p| loss(&xw, p, &b));
+        let fb = oracle::grad_fd(&b, 1e-6, |p| loss(&xw, &a, p));
+        let fx = oracle::grad_fd(&xw, 1e-6, |p| loss(p, &a, &b));
+        // Scale of the terms summed: |G| |x| |B| s etc., bounded by s + 1
+        // times the sizes (entries are in [-1, 1]).
+        let scale = (s + 1.0) * (c.t * c.n_out * c.r.max(1)) as f64;
+        let k = c.t + c.n_out + c.r;
+        close_norm::<E>("dA", &wide(&ga), &fa, scale, k)?;
+        close_norm::<E>("dB", &wide(&gb), &fb, scale, k)?;
+        close_norm::<E>("dx", &wide(&gx), &fx, scale, k)
+    });
+
+    run(report, config, "lora_backward_is_adapter_sized", name, case(), |c| {
+        let mut t = Tensors::<E>::of(&c);
+        let cfg = c.config();
+        let layer = LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, None, &mut t.a, &mut t.b).map_err(fail)?;
+        prop_assert!(
+            layer.backward_scratch_len(c.t) <= 2 * c.t * c.r,
+            "backward needs {} scratch",
+            layer.backward_scratch_len(c.t)
+        );
+        prop_assert!(layer.forward_scratch_len(c.t) <= c.t * c.r);
+        Ok(())
+    });
+
+    if E::NAME == "f32" {
+        let names = (
+            proptest::sample::select(vec!["q_proj", "v_proj", "k_proj", "o_proj", "q_proj_extra", "xq_proj"]),
+            0usize..4,
+        );
+        run(report, config, "lora_targets_follow_peft", "-", names, |(leaf, depth)| {
+            let name = (0..depth).map(|i| format!("m{i}.")).collect::<String>() + leaf;
+            let cfg = LoraConfig::new(1, 1.0);
+            let want = ["q_proj", "v_proj"].iter().any(|t| name == *t || name.ends_with(&format!(".{t}")));
+            prop_assert_eq!(cfg.targets(&name), want, "{}", name);
+            Ok(())
+        });
+        run(
+            report,
+            config,
+            "lora_param_report_flags_high_rank",
+            "-",
+            (1usize..64, 1usize..64, 1usize..64),
+            |(i, o, r)| {
+                let rep = ParamReport::for_layer(i, o, r, false).map_err(fail)?;
+                prop_assert_eq!(rep.trainable, r * (i + o));
+                prop_assert_eq!(rep.low_savings(), 4 * r * (i + o) >= i * o);
+                Ok(())
+            },
+        );
+    }
+}

@@ -1,0 +1,16 @@
+//! The properties, one module per method (see the table in the crate docs).
+
+pub mod adapter;
+pub mod attention;
+pub mod errors;
+pub mod gemm;
+pub mod lora;
+pub mod prompt;
+pub mod training;
+
+use proptest::prelude::*;
+
+/// `n` values uniform in `[-1, 1)`.
+pub fn vals(n: usize) -> impl Strategy<Value = Vec<f64>> {
+    prop::collection::vec(-1.0f64..1.0, n)
+}

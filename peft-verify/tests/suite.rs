@@ -1,0 +1,90 @@
+//! The whole invariant suite against the reference backend and the faer
+//! backend, in f32, f64, f16 and bf16 (256 cases per property by default;
+//! `PROPTEST_CASES` overrides). Failing seeds are saved under
+//! `peft-verify/proptest-regressions/` and replayed first on later runs.
+
+use half::{bf16, f16};
+use peft_core::Reference;
+use peft_faer::{Faer, FaerHalf};
+use peft_verify::{Config, verify};
+
+fn config() -> Config {
+    Config {
+        regressions: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/proptest-regressions").into()),
+        ..Config::default()
+    }
+}
+
+#[test]
+fn reference_f32() {
+    verify::<f32, _>(&Reference, &config()).assert_ok();
+}
+
+#[test]
+fn reference_f64() {
+    verify::<f64, _>(&Reference, &config()).assert_ok();
+}
+
+#[test]
+fn reference_f16() {
+    verify::<f16, _>(&Reference, &config()).assert_ok();
+}
+
+#[test]
+fn reference_bf16() {
+    verify::<bf16, _>(&Reference, &config()).assert_ok();
+}
+
+#[test]
+fn faer_f32() {
+    verify::<f32, _>(&Faer::new(), &config()).assert_ok();
+}
+
+#[test]
+fn faer_f64() {
+    verify::<f64, _>(&Faer::new(), &config()).assert_ok();
+}
+
+#[test]
+fn faer_f16() {
+    verify::<f16, _>(&FaerHalf::new(Faer::new(), vec![0.0f32; 4096]), &config()).assert_ok();
+}
+
+#[test]
+fn faer_bf16() {
+    verify::<bf16, _>(&FaerHalf::new(Faer::new(), vec![0.0f32; 4096]), &config()).assert_ok();
+}
+
+/// The report names every property of the crate docs' table.
+#[test]
+fn every_property_runs() {
+    let r = verify::<f32, _>(&Reference, &Config { cases: 1, regressions: None });
+    let names: Vec<&str> = r.results.iter().map(|(n, _, _)| *n).collect();
+    for want in [
+        "gemm_matches_oracle",
+        "backends_agree",
+        "lora_identity_at_init",
+        "lora_matches_oracle",
+        "lora_merged_equals_unmerged",
+        "lora_unmerge_restores",
+        "lora_double_merge_rejected",
+        "lora_gradients_match_fd",
+        "lora_backward_is_adapter_sized",
+        "lora_targets_follow_peft",
+        "lora_param_report_flags_high_rank",
+        "adapter_identity_at_init",
+        "adapter_matches_oracle",
+        "adapter_gradients_match_fd",
+        "prompt_prepends_and_shifts",
+        "prompt_gradient_is_batch_sum",
+        "attention_matches_oracle",
+        "prefix_seen_by_every_query",
+        "empty_prefix_is_identity",
+        "attention_gradients_match_fd",
+        "frozen_base_untouched",
+        "adapter_file_round_trip",
+        "bad_input_is_typed",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+}
