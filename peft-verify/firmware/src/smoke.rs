@@ -1,0 +1,137 @@
+//! The computation the firmware runs and the host repeats: fixed-seed
+//! data, the reference backend, stack arrays only (no heap). Each result is
+//! reduced to an FNV-1a hash of its f32 bit patterns, so "equal" means
+//! bit-identical.
+//!
+//! Shared by `src/main.rs` (Cortex-M4F) and `peft-verify/tests/firmware.rs`
+//! (the host) through `#[path]`.
+
+use peft_core::activation::Activation;
+use peft_core::adapter::{AdapterConfig, AdapterParams, BottleneckAdapter};
+use peft_core::attention::forward::forward as attention;
+use peft_core::attention::{AttentionShape, Mask};
+use peft_core::lora::{LoraConfig, LoraGrads, LoraLinear};
+use peft_core::optim::{AdamW, Slot};
+use peft_core::prefix::{PrefixConfig, PrefixTuning};
+use peft_core::{MatMut, MatRef, Reference, Result, Rng};
+
+/// Names of the checksums, in order.
+pub const NAMES: [&str; 7] =
+    ["lora_forward", "lora_grad_a", "lora_grad_b", "lora_grad_x", "adamw_step", "lora_merged_w", "adapter_forward"];
+
+const T: usize = 4;
+const IN: usize = 8;
+const OUT: usize = 6;
+const R: usize = 2;
+
+/// FNV-1a (32-bit) over the bit patterns.
+pub fn fnv(v: &[f32]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for x in v {
+        for b in x.to_bits().to_le_bytes() {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+    }
+    h
+}
+
+/// Every checksum, the prefix-attention one last.
+pub fn run() -> Result<[(&'static str, u32); 8]> {
+    let mut rng = Rng::new(2026);
+    let mut w = [0.0f32; OUT * IN];
+    let mut bias = [0.0f32; OUT];
+    let mut x = [0.0f32; T * IN];
+    let mut gy = [0.0f32; T * OUT];
+    rng.fill_normal(&mut w, 0.3);
+    rng.fill_normal(&mut bias, 0.1);
+    rng.fill_normal(&mut x, 1.0);
+    rng.fill_normal(&mut gy, 1.0);
+    let (mut a, mut b) = ([0.0f32; R * IN], [0.0f32; OUT * R]);
+    let cfg = LoraConfig::new(R, 4.0);
+    let mut layer = LoraLinear::new(&cfg, IN, OUT, &mut w, Some(&bias), &mut a, &mut b)?;
+    layer.init_adapter(&mut rng)?;
+    // A trained-looking B, so every path carries signal.
+    {
+        let (_, b) = layer.adapter_mut()?;
+        rng.fill_normal(b, 0.2);
+    }
+    let mut scratch = [0.0f32; 2 * T * R];
+    let mut y = [0.0f32; T * OUT];
+    layer.forward(&Reference, MatRef::new(&x, T, IN)?, MatMut::new(&mut y, T, OUT)?, &mut scratch)?;
+    let (mut ga, mut gb, mut gx) = ([0.0f32; R * IN], [0.0f32; OUT * R], [0.0f32; T * IN]);
+    layer.backward(
+        &Reference,
+        MatRef::new(&x, T, IN)?,
+        MatRef::new(&gy, T, OUT)?,
+        Some(MatMut::new(&mut gx, T, IN)?),
+        LoraGrads { a: &mut ga, b: &mut gb },
+        &mut scratch,
+    )?;
+    let mut opt = AdamW::new(1e-2);
+    let (mut sa, mut sb) = ([0.0f32; 2 * R * IN], [0.0f32; 2 * OUT * R]);
+    {
+        let (pa, pb) = layer.adapter_mut()?;
+        let mut slots = [
+            Slot { param: pa, grad: &ga, state: &mut sa, decay: true },
+            Slot { param: pb, grad: &gb, state: &mut sb, decay: true },
+        ];
+        opt.step(&mut slots, None)?;
+    }
+    let mut after = [0.0f32; R * IN + OUT * R];
+    after[..R * IN].copy_from_slice(layer.lora_a());
+    after[R * IN..].copy_from_slice(layer.lora_b());
+    layer.merge(&Reference, None)?;
+    let merged = fnv(layer.weight());
+
+    // Bottleneck adapter (d = 8, m = 3, GELU) on x, with trained-looking
+    // up weights.
+    let (mut wd, mut bd, mut wu, mut bu) = ([0.0f32; 3 * IN], [0.0f32; 3], [0.0f32; IN * 3], [0.0f32; IN]);
+    let acfg = AdapterConfig::width(3).with_activation(Activation::GeluErf);
+    let mut ad = BottleneckAdapter::new(
+        &acfg,
+        IN,
+        AdapterParams { w_down: &mut wd, b_down: &mut bd, w_up: &mut wu, b_up: &mut bu },
+    )?;
+    ad.init(&mut rng);
+    rng.fill_normal(ad.params_mut().w_up, 0.3);
+    let mut h = [0.0f32; T * IN];
+    let mut ascratch = [0.0f32; T * 3];
+    ad.forward(&Reference, MatRef::new(&x, T, IN)?, MatMut::new(&mut h, T, IN)?, &mut ascratch)?;
+
+    // Prefix attention: 2 query heads sharing 1 key/value head of size 4,
+    // 3 tokens, 2 prefix positions, causal.
+    let shape = AttentionShape::new(2, 1, 4)?;
+    let pc = PrefixConfig::new(2, 1, &shape)?;
+    let mut kv = [0.0f32; 2 * 2 * 4];
+    let mut pt = PrefixTuning::new(pc, &mut kv)?;
+    pt.init_normal(&mut rng);
+    let (mut q, mut k, mut v) = ([0.0f32; 3 * 8], [0.0f32; 3 * 4], [0.0f32; 3 * 4]);
+    rng.fill_normal(&mut q, 1.0);
+    rng.fill_normal(&mut k, 1.0);
+    rng.fill_normal(&mut v, 1.0);
+    let mut o = [0.0f32; 3 * 8];
+    let mut pscratch = [0.0f32; 3 * 5];
+    let prefix = pt.layer(0)?;
+    attention(
+        &Reference,
+        &shape,
+        MatRef::new(&q, 3, 8)?,
+        MatRef::new(&k, 3, 4)?,
+        MatRef::new(&v, 3, 4)?,
+        Some(&prefix),
+        &Mask::causal(),
+        MatMut::new(&mut o, 3, 8)?,
+        &mut pscratch,
+    )?;
+
+    Ok([
+        (NAMES[0], fnv(&y)),
+        (NAMES[1], fnv(&ga)),
+        (NAMES[2], fnv(&gb)),
+        (NAMES[3], fnv(&gx)),
+        (NAMES[4], fnv(&after)),
+        (NAMES[5], merged),
+        (NAMES[6], fnv(&h)),
+        ("prefix_attention", fnv(&o)),
+    ])
+}
