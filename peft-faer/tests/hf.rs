@@ -371,6 +371,17 @@ fn convert_round_trips_are_bit_exact() {
         own_to_peft_dir(&bytes, &hf).unwrap();
         HfAdapter::read_dir(&hf).unwrap();
         assert_eq!(peft_dir_to_own(&hf).unwrap(), bytes, "{:?}", peft.method());
+        // peft-core's types over the PEFT tensor, in PEFT's layout.
+        let mut ad = HfAdapter::read_dir(&hf).unwrap();
+        match peft.method() {
+            peft_core::Method::Prompt => assert_eq!(ad.prompt_tuning().unwrap().prompt(), &peft.params[0].value[..]),
+            peft_core::Method::Prefix => {
+                let pt = ad.prefix_tuning().unwrap();
+                assert_eq!(pt.kv(), &peft.params[0].value[..]);
+                assert_eq!(pt.layer(1).unwrap().keys.get(0, 0), Some(peft.params[0].value[2 * 8]));
+            }
+            _ => assert!(ad.prompt_tuning().is_err() && ad.prefix_tuning().is_err()),
+        }
         // And the tiny model loads it again.
         let again = peft_faer::io::decode(&peft_dir_to_own(&hf).unwrap(), &model).unwrap();
         assert_eq!(

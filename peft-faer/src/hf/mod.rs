@@ -339,6 +339,46 @@ impl HfAdapter {
         Ok(())
     }
 
+    /// Prompt tuning as `peft-core`'s type, over this adapter's
+    /// `prompt_embeddings` (`[num_virtual_tokens, token_dim]`).
+    ///
+    /// # Errors
+    /// [`HfError::Unsupported`] for another method or an encoder-decoder
+    /// prompt (`num_transformer_submodules` = 2); `peft-core`'s errors.
+    pub fn prompt_tuning(&mut self) -> Result<peft_core::prompt::PromptTuning<'_, f32>, HfError> {
+        let (PeftConfig::Prompt(c), Some((_, data))) = (&self.config, self.prompt.as_mut()) else {
+            return Err(HfError::Unsupported("not a prompt-tuning adapter".into()));
+        };
+        if c.prefix || c.num_transformer_submodules > 1 {
+            return Err(HfError::Unsupported(
+                "prefix tuning or an encoder-decoder prompt as plain prompt tuning".into(),
+            ));
+        }
+        Ok(peft_core::prompt::PromptTuning::new(data, c.num_virtual_tokens, c.token_dim)?)
+    }
+
+    /// Prefix tuning as `peft-core`'s type, over this adapter's
+    /// `prompt_embeddings` (`[num_virtual_tokens, num_layers * 2 *
+    /// token_dim]`, PEFT's layout), with `num_attention_heads` heads of
+    /// `token_dim / num_attention_heads` (multi-head attention; PEFT stores
+    /// the same layout for every model).
+    ///
+    /// # Errors
+    /// [`HfError::Unsupported`] for another method; `peft-core`'s errors
+    /// (e.g. `token_dim` not a multiple of the heads).
+    pub fn prefix_tuning(&mut self) -> Result<peft_core::prefix::PrefixTuning<'_, f32>, HfError> {
+        let (PeftConfig::Prompt(c), Some((_, data))) = (&self.config, self.prompt.as_mut()) else {
+            return Err(HfError::Unsupported("not a prefix-tuning adapter".into()));
+        };
+        if !c.prefix || c.num_attention_heads == 0 || c.token_dim % c.num_attention_heads != 0 {
+            return Err(HfError::Unsupported("not a prefix-tuning adapter with whole heads".into()));
+        }
+        let heads = c.num_attention_heads;
+        let shape = peft_core::attention::AttentionShape::new(heads, heads, c.token_dim / heads)?;
+        let cfg = peft_core::prefix::PrefixConfig::new(c.num_virtual_tokens, c.num_layers, &shape)?;
+        Ok(peft_core::prefix::PrefixTuning::new(cfg, data)?)
+    }
+
     /// The config as PEFT 0.21 writes it.
     pub fn config_json(&self) -> serde_json::Value {
         match &self.config {
