@@ -361,6 +361,22 @@ impl Peft {
         }
     }
 
+    /// LoRA on projection `p` of layer `l`: the config and its `A`, `B`.
+    fn lora_pair(&mut self, l: usize, p: usize) -> Option<(LoraConfig<'static>, &mut Param, &mut Param)> {
+        let i = self.lora_index(l, p)?;
+        let config = self.spec.lora_config()?;
+        let (pa, pb) = self.params.split_at_mut(i + 1);
+        Some((config, pa.get_mut(i)?, pb.get_mut(0)?))
+    }
+
+    /// The adapter at `site` (0 after attention, 1 after the MLP) of layer
+    /// `l`: its config and its four tensors `[W_down, b_down, W_up, b_up]`.
+    fn adapter_site(&mut self, l: usize, site: usize) -> Option<(AdapterConfig, &mut [Param])> {
+        let Spec::Adapter { config } = self.spec else { return None };
+        let i = 4 * (2 * l + site);
+        Some((config, self.params.get_mut(i..i + 4)?))
+    }
+
     /// LoRA: the parameter index of `A` for layer `l`, projection `p`.
     fn lora_index(&self, l: usize, p: usize) -> Option<usize> {
         match &self.spec {
@@ -440,11 +456,9 @@ impl<'m, B: Backend<f32>> Runner<'m, B> {
         let (d, rows) = (self.model.cfg.d, x.len() / self.model.cfg.d);
         let mut scratch = self.scratch(rows * d);
         let w = &mut self.model.blocks[l].proj[p];
-        let res = match peft.as_deref_mut().and_then(|pf| pf.lora_index(l, p).map(|i| (i, pf))) {
-            Some((i, pf)) => {
-                let config = pf.spec.lora_config().ok_or(Error::InvalidParameter { name: "LoRA target" })?;
-                let (pa, pb) = pf.params.split_at_mut(i + 1);
-                let layer = LoraLinear::new(&config, d, d, w, None, &mut pa[i].value, &mut pb[0].value)?;
+        let res = match peft.as_deref_mut().and_then(|pf| pf.lora_pair(l, p)) {
+            Some((config, a, b)) => {
+                let layer = LoraLinear::new(&config, d, d, w, None, &mut a.value, &mut b.value)?;
                 layer.forward(&self.backend, MatRef::new(x, rows, d)?, MatMut::new(y, rows, d)?, &mut scratch)
             }
             None => self.backend.gemm(
@@ -475,11 +489,8 @@ impl<'m, B: Backend<f32>> Runner<'m, B> {
         let (d, rows) = (self.model.cfg.d, x.len() / self.model.cfg.d);
         let mut scratch = self.scratch(2 * rows * d + rows * d);
         let w = &mut self.model.blocks[l].proj[p];
-        let res = match peft.as_deref_mut().and_then(|pf| pf.lora_index(l, p).map(|i| (i, pf))) {
-            Some((i, pf)) => {
-                let config = pf.spec.lora_config().ok_or(Error::InvalidParameter { name: "LoRA target" })?;
-                let (pa, pb) = pf.params.split_at_mut(i + 1);
-                let (a, b) = (&mut pa[i], &mut pb[0]);
+        let res = match peft.as_deref_mut().and_then(|pf| pf.lora_pair(l, p)) {
+            Some((config, a, b)) => {
                 let layer = LoraLinear::new(&config, d, d, w, None, &mut a.value, &mut b.value)?;
                 let (tmp, rest) = scratch.split_at_mut(rows * d);
                 let grads = LoraGrads { a: &mut a.grad, b: &mut b.grad };
@@ -520,17 +531,9 @@ impl<'m, B: Backend<f32>> Runner<'m, B> {
         h: &mut [f32],
     ) -> Result<()> {
         let (d, rows) = (self.model.cfg.d, x.len() / self.model.cfg.d);
-        let Some(pf) = peft.as_deref_mut() else {
+        let Some((config, [wd, bd, wu, bu])) = peft.as_deref_mut().and_then(|pf| pf.adapter_site(l, site)) else {
             h.copy_from_slice(x);
             return Ok(());
-        };
-        let Spec::Adapter { config } = pf.spec else {
-            h.copy_from_slice(x);
-            return Ok(());
-        };
-        let i = 4 * (2 * l + site);
-        let [wd, bd, wu, bu] = &mut pf.params[i..i + 4] else {
-            return Err(Error::InvalidParameter { name: "adapter site" });
         };
         let params =
             AdapterParams { w_down: &mut wd.value, b_down: &mut bd.value, w_up: &mut wu.value, b_up: &mut bu.value };
@@ -552,17 +555,9 @@ impl<'m, B: Backend<f32>> Runner<'m, B> {
         gx: &mut [f32],
     ) -> Result<()> {
         let (d, rows) = (self.model.cfg.d, x.len() / self.model.cfg.d);
-        let Some(pf) = peft.as_deref_mut() else {
+        let Some((config, [wd, bd, wu, bu])) = peft.as_deref_mut().and_then(|pf| pf.adapter_site(l, site)) else {
             gx.copy_from_slice(gh);
             return Ok(());
-        };
-        let Spec::Adapter { config } = pf.spec else {
-            gx.copy_from_slice(gh);
-            return Ok(());
-        };
-        let i = 4 * (2 * l + site);
-        let [wd, bd, wu, bu] = &mut pf.params[i..i + 4] else {
-            return Err(Error::InvalidParameter { name: "adapter site" });
         };
         let params =
             AdapterParams { w_down: &mut wd.value, b_down: &mut bd.value, w_up: &mut wu.value, b_up: &mut bu.value };

@@ -52,6 +52,19 @@ fn fail(e: Error) -> TestCaseError {
     TestCaseError::fail(format!("unexpected error: {e}"))
 }
 
+/// `h = Ad(x)` through the backend.
+fn forward<E: Precision, B: Backend<E>>(
+    backend: &B,
+    ad: &BottleneckAdapter<'_, E>,
+    c: &Case,
+    x: &[E],
+) -> Result<Vec<E>, Error> {
+    let mut h = vec![E::ZERO; c.t * c.d];
+    let mut scratch = vec![E::ZERO; ad.forward_scratch_len(c.t)];
+    ad.forward(backend, MatRef::new(x, c.t, c.d)?, MatMut::new(&mut h, c.t, c.d)?, &mut scratch)?;
+    Ok(h)
+}
+
 pub fn run_all<E: Precision, B: Backend<E>>(backend: &B, config: &Config, report: &mut Report) {
     let name = E::NAME;
     run(report, config, "adapter_identity_at_init", name, case(), |c| {
@@ -61,15 +74,7 @@ pub fn run_all<E: Precision, B: Backend<E>>(backend: &B, config: &Config, report
         let params = AdapterParams { w_down: &mut wd, b_down: &mut bd, w_up: &mut wu, b_up: &mut bu };
         let mut ad = BottleneckAdapter::new(&c.config(), c.d, params).map_err(fail)?;
         ad.init(&mut Rng::new(c.seed));
-        let mut h = vec![E::ZERO; c.t * c.d];
-        let mut scratch = vec![E::ZERO; ad.forward_scratch_len(c.t)];
-        ad.forward(
-            backend,
-            MatRef::new(&x, c.t, c.d).map_err(fail)?,
-            MatMut::new(&mut h, c.t, c.d).map_err(fail)?,
-            &mut scratch,
-        )
-        .map_err(fail)?;
+        let h = forward(backend, &ad, &c, &x).map_err(fail)?;
         for (i, (a, b)) in h.iter().zip(&x).enumerate() {
             prop_assert!(a.to_bits64() == b.to_bits64(), "h[{}] = {:?} but x = {:?}", i, a, b);
         }
@@ -99,15 +104,7 @@ pub fn run_all<E: Precision, B: Backend<E>>(backend: &B, config: &Config, report
             (0..c.t * c.d).map(|i| wide(&x)[i].abs() + c.scale * (u.d[i] + wide(&bu)[i % c.d].abs())).collect();
         let params = AdapterParams { w_down: &mut wd, b_down: &mut bd, w_up: &mut wu, b_up: &mut bu };
         let ad = BottleneckAdapter::new(&c.config(), c.d, params).map_err(fail)?;
-        let mut h = vec![E::ZERO; c.t * c.d];
-        let mut scratch = vec![E::ZERO; ad.forward_scratch_len(c.t)];
-        ad.forward(
-            backend,
-            MatRef::new(&x, c.t, c.d).map_err(fail)?,
-            MatMut::new(&mut h, c.t, c.d).map_err(fail)?,
-            &mut scratch,
-        )
-        .map_err(fail)?;
+        let h = forward(backend, &ad, &c, &x).map_err(fail)?;
         close::<E>("h", &wide(&h), &want.d, &mag, c.d + c.m + 8)
     });
 
