@@ -1,7 +1,7 @@
 //! # peft-verify
 //!
 //! The seed document's twelve mistakes as properties that any
-//! [`Backend`](peft_core::Backend) can run against itself, on random shapes
+//! [`Backend`] can run against itself, on random shapes
 //! and values (proptest), against an f64 oracle ([`oracle`]) that shares no
 //! code with `peft-core`.
 //!
