@@ -195,3 +195,29 @@ fn shape_errors_are_typed() {
     assert_eq!(got, Err(Error::ShapeMismatch { operand: peft_core::error::Operand::Dst, expected: 2, found: 1 }));
     assert_eq!(c, [7.0; 4]);
 }
+
+/// A product above `PAR_MIN_MACS`, so two threads really split it, in
+/// every transposition, against the reference backend.
+#[test]
+fn two_threads_split_large_products_correctly() {
+    let (m, n, k) = (160, 200, 150);
+    assert!(m * n * k >= peft_faer::backend::PAR_MIN_MACS);
+    let mut rng = Rng::new(11);
+    for (lhs_op, rhs_op) in [(Op::N, Op::N), (Op::T, Op::N), (Op::N, Op::T), (Op::T, Op::T)] {
+        let (lr, lc) = if lhs_op == Op::N { (m, k) } else { (k, m) };
+        let (rr, rc) = if rhs_op == Op::N { (k, n) } else { (n, k) };
+        let lhs = Strided::<f32>::random(&mut rng, lr, lc, 1);
+        let rhs = Strided::<f32>::random(&mut rng, rr, rc, 0);
+        let mut c2 = Strided::<f32>::random(&mut rng, m, n, 3);
+        let mut c1 = Strided { data: c2.data.clone(), rows: m, cols: n, stride: c2.stride };
+        Faer::with_threads(2).gemm(c2.view_mut(), Accum::Add, lhs.view(), lhs_op, rhs.view(), rhs_op, 0.5).unwrap();
+        Reference.gemm(c1.view_mut(), Accum::Add, lhs.view(), lhs_op, rhs.view(), rhs_op, 0.5).unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                // |c| <= 1 + 0.5 k; the bound of the module docs.
+                let tol = 2.0 * (k as f64 + 1.0) * U32 * (1.0 + 0.5 * k as f64);
+                assert!((c1.at(i, j) - c2.at(i, j)).abs() <= tol, "{lhs_op:?}{rhs_op:?} ({i},{j})");
+            }
+        }
+    }
+}
