@@ -112,13 +112,18 @@ impl<'a> LoraConfig<'a> {
     /// `"." + target` (so `"q_proj"` matches `"model.layers.0.self_attn.q_proj"`
     /// but not `"model.layers.0.self_attn.q_proj_extra"`).
     pub fn targets(&self, name: &str) -> bool {
-        self.target_modules.iter().any(|t| {
-            name == *t
-                || (name.len() > t.len()
-                    && name.ends_with(t)
-                    && name.as_bytes().get(name.len() - t.len() - 1) == Some(&b'.'))
-        })
+        self.target_modules.iter().any(|t| module_matches(name, t))
     }
+}
+
+/// Hugging Face PEFT's rule for one entry of a list of module names: the
+/// module `name` equals `target` or ends with `"." + target`. PEFT uses it
+/// for `target_modules` given as a list and for `modules_to_save`.
+pub fn module_matches(name: &str, target: &str) -> bool {
+    name == target
+        || (name.len() > target.len()
+            && name.ends_with(target)
+            && name.as_bytes().get(name.len() - target.len() - 1) == Some(&b'.'))
 }
 
 #[cfg(test)]

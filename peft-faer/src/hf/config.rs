@@ -1,6 +1,7 @@
 //! `adapter_config.json`: every field that changes the math, read exactly;
 //! fields this crate cannot honour are errors naming the field.
 
+use peft_core::lora::config::module_matches;
 use regex::Regex;
 use serde_json::{Map, Value};
 
@@ -21,7 +22,7 @@ impl Targets {
     /// Whether module `name` is targeted.
     pub fn matches(&self, name: &str) -> bool {
         match self {
-            Targets::List(list) => list.iter().any(|t| name == t || name.ends_with(&format!(".{t}"))),
+            Targets::List(list) => list.iter().any(|t| module_matches(name, t)),
             Targets::Regex(_, re) => re.find(name).is_some_and(|m| m.start() == 0 && m.end() == name.len()),
         }
     }

@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use peft_core::lora::config::module_matches;
 use safetensors::Dtype;
 
 pub use config::{BiasMode, LoraConfig, PeftConfig, PromptConfig, Targets};
@@ -281,7 +282,7 @@ impl HfAdapter {
                 }
                 None => {
                     let module = key.rsplit_once('.').map_or("", |(m, _)| m);
-                    let saved = lc.modules_to_save.iter().any(|m| module == m || module.ends_with(&format!(".{m}")));
+                    let saved = lc.modules_to_save.iter().any(|m| module_matches(module, m));
                     let bias = key.ends_with(".bias") && lc.bias != BiasMode::None;
                     if !(saved || bias) {
                         return Err(HfError::Tensor(format!(
