@@ -9,7 +9,7 @@
 
 use std::fs::{self, File};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use peft_core::activation::Activation;
 use peft_core::adapter::{AdapterConfig, AdapterInit, Width};
@@ -188,25 +188,37 @@ pub fn decode(bytes: &[u8], model: &TinyModel) -> Result<Peft, IoError> {
 /// # Errors
 /// File-system errors; the temporary file is removed on failure.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| std::io::Error::other("path has no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let tmp = temp_sibling(path);
     let result = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
-        fs::rename(&tmp, path)?;
-        // The rename is durable once the directory entry is.
-        if let Ok(d) = File::open(dir) {
-            d.sync_all().ok();
-        }
-        Ok(())
+        rename_durably(&tmp, path)
     })();
     if result.is_err() {
         fs::remove_file(&tmp).ok();
     }
     result
+}
+
+/// A temporary path beside `path` (the same folder, so renaming it over
+/// `path` is atomic).
+pub(crate) fn temp_sibling(path: &Path) -> PathBuf {
+    let name = path.file_name().map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
+}
+
+/// Renames `tmp` (a file or folder whose contents are already synced) to
+/// `path`, then syncs the folder holding them: the rename is durable once
+/// the directory entry is.
+pub(crate) fn rename_durably(tmp: &Path, path: &Path) -> std::io::Result<()> {
+    fs::rename(tmp, path)?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if let Ok(d) = File::open(dir) {
+        d.sync_all().ok();
+    }
+    Ok(())
 }
 
 /// Reads an adapter file for `model`, refusing files over `max_bytes`

@@ -12,15 +12,16 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use peft_core::{Accum, Backend, MatMut, MatRef, Op};
 use safetensors::Dtype;
 
 use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry, float_size};
-use super::{HfAdapter, HfError, LoraModule, PeftConfig, Replacement, temp_sibling};
+use super::{HfAdapter, HfError, LoraModule, PeftConfig, Replacement};
 use crate::Faer;
+use crate::io::{rename_durably, temp_sibling};
 
 /// Row blocks of adapted weights, and copy chunks, hold at most this many
 /// bytes of f32.
@@ -116,6 +117,7 @@ pub fn merge(
             std::fs::create_dir_all(&tmp).map_err(|e| HfError::Io(tmp.clone(), e))?;
         }
         for shard in &base.shards {
+            let shard_name = shard.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let target = match base.index {
                 Some(_) => tmp.join(shard.path.file_name().unwrap_or_default()),
                 None => tmp.clone(),
@@ -151,8 +153,7 @@ pub fn merge(
                 }
                 report.bytes += oe.bytes();
                 progress(oe.bytes());
-                let shard_name = shard.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                weight_map.insert(e.name.clone(), serde_json::Value::String(shard_name));
+                weight_map.insert(e.name.clone(), serde_json::Value::String(shard_name.clone()));
             }
             let file = w.into_inner().map_err(|e| HfError::Io(target.clone(), e.into_error()))?;
             file.sync_all().map_err(|e| HfError::Io(target.clone(), e))?;
@@ -166,9 +167,12 @@ pub fn merge(
             index.insert("weight_map".into(), serde_json::Value::Object(weight_map));
             let path = tmp.join(INDEX_FILE);
             let text = serde_json::to_vec_pretty(&index).map_err(HfError::json)?;
-            std::fs::write(&path, text).map_err(|e| HfError::Io(path.clone(), e))?;
+            let io = |e| HfError::Io(path.clone(), e);
+            let mut f = File::create(&path).map_err(io)?;
+            f.write_all(&text).map_err(io)?;
+            f.sync_all().map_err(io)?;
         }
-        std::fs::rename(&tmp, out).map_err(|e| HfError::Io(out.to_path_buf(), e))?;
+        rename_durably(&tmp, out).map_err(|e| HfError::Io(out.to_path_buf(), e))?;
         Ok(report)
     })();
     if result.is_err() {
@@ -288,12 +292,4 @@ fn write_tensor(
         }
     }
     Ok(())
-}
-
-/// The output path's kind, for messages.
-pub fn describe(out: &Path, base: &Base) -> PathBuf {
-    match base.index {
-        Some(_) => out.join(INDEX_FILE),
-        None => out.to_path_buf(),
-    }
 }

@@ -25,6 +25,8 @@ use safetensors::Dtype;
 pub use config::{BiasMode, LoraConfig, PeftConfig, PromptConfig, Targets};
 use st::{OutEntry, StFile};
 
+use crate::io::{rename_durably, temp_sibling};
+
 /// Everything that can be wrong with PEFT files and checkpoints.
 #[derive(Debug)]
 pub enum HfError {
@@ -446,16 +448,10 @@ pub fn write_dir_atomic(dir: &Path, files: &[(&str, &[u8])]) -> Result<(), HfErr
             std::io::Write::write_all(&mut f, data).map_err(io(&path))?;
             f.sync_all().map_err(io(&path))?;
         }
-        std::fs::rename(&tmp, dir).map_err(io(dir))
+        rename_durably(&tmp, dir).map_err(io(dir))
     })();
     if result.is_err() {
         std::fs::remove_dir_all(&tmp).ok();
     }
     result
-}
-
-/// A temporary path in the same folder as `path`.
-pub(crate) fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
-    path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
 }
