@@ -831,15 +831,18 @@ fn cfg_prefix(peft: &Option<&mut Peft>) -> usize {
     }
 }
 
-/// Mean squared error `L = mean((y - t)^2)` and `dL/dy = 2 (y - t) / n`,
-/// the gradient scaled by `weight` (e.g. `1 / batch`).
-pub fn mse(y: &[f32], t: &[f32], weight: f64, grad: &mut [f32]) -> f64 {
+/// Mean squared error `L = mean((y - t)^2)`, and, if `grad` is given,
+/// `dL/dy = 2 (y - t) / n` scaled by `weight` (e.g. `1 / batch`) written
+/// into it.
+pub fn mse(y: &[f32], t: &[f32], weight: f64, mut grad: Option<&mut [f32]>) -> f64 {
     let n = y.len().max(1) as f64;
     let mut sum = 0.0f64;
-    for ((g, &a), &b) in grad.iter_mut().zip(y).zip(t) {
+    for (i, (&a, &b)) in y.iter().zip(t).enumerate() {
         let diff = f64::from(a) - f64::from(b);
         sum += diff * diff;
-        *g = (2.0 * diff / n * weight) as f32;
+        if let Some(g) = grad.as_deref_mut().and_then(|g| g.get_mut(i)) {
+            *g = (2.0 * diff / n * weight) as f32;
+        }
     }
     sum / n
 }

@@ -68,8 +68,7 @@ pub fn loss<B: Backend<f32>>(runner: &mut Runner<'_, B>, mut peft: Option<&mut P
     let mut total = 0.0;
     for (t, y) in data.tokens.iter().zip(&data.targets) {
         runner.forward(peft.as_deref_mut(), t, &mut trace)?;
-        let mut g = vec![0.0f32; y.len()];
-        total += mse(trace.output(nv, d), y, 1.0, &mut g);
+        total += mse(trace.output(nv, d), y, 1.0, None);
     }
     Ok(total / data.tokens.len().max(1) as f64)
 }
@@ -94,7 +93,7 @@ impl Trainer {
         self.state.iter().map(|s| s.len() * 4).sum()
     }
 
-    /// One step on a batch: the mean loss over the batch, its gradient
+    /// One step on a batch of `(tokens, target)` pairs: the mean loss over the batch, its gradient
     /// through the model into the adapter only, and an AdamW update.
     /// Returns the batch loss and what the optimizer did.
     ///
@@ -105,19 +104,19 @@ impl Trainer {
         &mut self,
         runner: &mut Runner<'_, B>,
         peft: &mut Peft,
-        tokens: &[Vec<usize>],
-        targets: &[Vec<f32>],
+        batch: &[(&[usize], &[f32])],
     ) -> Result<(f64, StepInfo)> {
         let d = runner.model().cfg.d;
         let nv = peft.n_virtual();
-        let weight = 1.0 / tokens.len().max(1) as f64;
+        let weight = 1.0 / batch.len().max(1) as f64;
         peft.zero_grad();
         let mut trace = Trace::default();
         let mut total = 0.0;
-        for (t, y) in tokens.iter().zip(targets) {
+        let mut g = Vec::new();
+        for &(t, y) in batch {
             runner.forward(Some(peft), t, &mut trace)?;
-            let mut g = vec![0.0f32; y.len()];
-            total += mse(trace.output(nv, d), y, weight, &mut g) * weight;
+            g.resize(y.len(), 0.0);
+            total += mse(trace.output(nv, d), y, weight, Some(&mut g)) * weight;
             runner.backward(Some(peft), &trace, &g)?;
         }
         let info = self.apply(peft, Some(total))?;
@@ -157,10 +156,11 @@ pub fn train<B: Backend<f32>>(
     let n = task.train.tokens.len().max(1);
     for step in 0..steps {
         let start = (step * batch) % n;
-        let idx: Vec<usize> = (0..batch).map(|i| (start + i) % n).collect();
-        let toks: Vec<Vec<usize>> = idx.iter().map(|&i| task.train.tokens[i].clone()).collect();
-        let tgts: Vec<Vec<f32>> = idx.iter().map(|&i| task.train.targets[i].clone()).collect();
-        let (l, _) = trainer.step(runner, peft, &toks, &tgts)?;
+        let pairs: Vec<(&[usize], &[f32])> = (0..batch)
+            .map(|i| (start + i) % n)
+            .map(|i| (task.train.tokens[i].as_slice(), task.train.targets[i].as_slice()))
+            .collect();
+        let (l, _) = trainer.step(runner, peft, &pairs)?;
         progress(step, l);
     }
     Ok(())
