@@ -50,10 +50,6 @@ fn decode_value(s: &str) -> Option<Value<'_>> {
     })
 }
 
-fn fmt_err(e: peft_core::Error) -> HfError {
-    HfError::Core(e)
-}
-
 /// Encodes the adapter's tensors (names, shapes, f32 data) in `dtype`.
 fn encode_in(
     dtype: Dtype,
@@ -70,8 +66,8 @@ fn encode_in(
             tensors.iter().map(|(_, _, d)| d.iter().map(|&v| E::from_f64(f64::from(v))).collect()).collect();
         let ts: Vec<Tensor<'_, E>> =
             tensors.iter().zip(&data).map(|((n, s, _), d)| Tensor { name: n, shape: s, data: d }).collect();
-        let mut out = vec![0u8; format::encoded_len(config, &ts).map_err(fmt_err)?];
-        let n = format::encode(method, config, &ts, &mut out).map_err(fmt_err)?;
+        let mut out = vec![0u8; format::encoded_len(config, &ts)?];
+        let n = format::encode(method, config, &ts, &mut out)?;
         out.truncate(n);
         Ok(out)
     }
@@ -152,8 +148,7 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
 /// [`HfError::Config`] if the entries cannot make a PEFT config;
 /// [`HfError::OutputExists`].
 pub fn own_to_peft_dir(bytes: &[u8], dst: &Path) -> Result<(), HfError> {
-    let f = AdapterFile::parse(bytes).map_err(|e| HfError::Core(e.into()))?;
-    let fe = |e: format::FormatError| HfError::Core(e.into());
+    let f = AdapterFile::parse(bytes)?;
     let dtype = match f.tensors().next().map(|t| t.dtype()) {
         Some(format::Dtype::F16) => Dtype::F16,
         Some(format::Dtype::Bf16) => Dtype::BF16,
@@ -183,20 +178,20 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path) -> Result<(), HfError> {
     };
     let read = |t: &format::TensorView<'_>| -> Result<Vec<f32>, HfError> {
         let mut v = vec![0.0f32; t.numel()];
-        t.read_into(&mut v).map_err(HfError::Core)?;
+        t.read_into(&mut v)?;
         Ok(v)
     };
     let tensors: Vec<_> = f.tensors().collect();
     match &config {
         PeftConfig::Prompt(_) => {
-            let t = f.tensor("prompt_embeddings").map_err(fe)?;
+            let t = f.tensor("prompt_embeddings")?;
             ad.prompt = Some((t.shape().to_vec(), read(&t)?));
         }
         PeftConfig::Lora(lc) => {
             for t in &tensors {
                 let name = t.name();
                 if let Some(module) = name.strip_suffix(".lora_A.weight") {
-                    let b = f.tensor(&format!("{module}.lora_B.weight")).map_err(fe)?;
+                    let b = f.tensor(&format!("{module}.lora_B.weight"))?;
                     let (&[r, n_in], &[n_out, r2]) = (t.shape(), b.shape()) else {
                         return Err(HfError::Tensor(format!("{module}: LoRA factors must be matrices")));
                     };

@@ -109,6 +109,12 @@ impl From<peft_core::Error> for HfError {
     }
 }
 
+impl From<peft_core::format::FormatError> for HfError {
+    fn from(e: peft_core::format::FormatError) -> Self {
+        HfError::Core(e.into())
+    }
+}
+
 /// One LoRA-adapted module.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraModule {
