@@ -8,8 +8,8 @@
 //! Run: `cargo run --release -p peft-core --example train_lora`
 
 use peft_core::backend::{Accum, Backend, Op, Reference};
-use peft_core::lora::{LoraConfig, LoraGrads, LoraLinear};
-use peft_core::{MatMut, MatRef, Rng};
+use peft_core::lora::{Lora, LoraConfig, LoraGrads};
+use peft_core::{Dense, MatMut, MatRef, Rng};
 
 const D: usize = 64;
 const RANK: usize = 4;
@@ -58,9 +58,9 @@ fn main() -> peft_core::Result<()> {
 
     let cfg = LoraConfig::new(RANK, 8.0);
     let (mut a, mut b) = (vec![0.0f32; RANK * D], vec![0.0f32; D * RANK]);
-    let mut layer = LoraLinear::new(&cfg, D, D, &mut w, None, &mut a, &mut b)?;
-    layer.init_adapter(&mut rng)?;
-    let report = layer.param_report()?;
+    let mut layer = Lora::new(&cfg, D, D, &mut a[..], &mut b[..])?;
+    layer.init_adapter(&mut rng);
+    let report = layer.param_report(false)?;
     println!(
         "LoRA r={RANK} on a {D}x{D} layer: {} trainable of {} base parameters ({:.1}%), scale {}",
         report.trainable,
@@ -71,9 +71,12 @@ fn main() -> peft_core::Result<()> {
 
     let mut scratch = vec![0.0f32; layer.backward_scratch_len(TOKENS)];
     let mut y = vec![0.0f32; TOKENS * D];
-    let loss = |layer: &LoraLinear<'_, f32>, y: &mut [f32], scratch: &mut [f32]| -> peft_core::Result<f32> {
+    // The frozen base: read only, shared by the loss and the training loop.
+    let base = Dense::new(&w, D, D)?;
+    let mse = |y: &[f32]| y.iter().zip(&held_out_target).map(|(p, t)| (p - t) * (p - t)).sum::<f32>() / (TOKENS * D) as f32;
+    let loss = |layer: &Lora<f32, &mut [f32]>, y: &mut [f32], scratch: &mut [f32]| -> peft_core::Result<f32> {
         let x = MatRef::new(&held_out, TOKENS, D)?;
-        layer.forward(&Reference, x, MatMut::new(y, TOKENS, D)?, scratch)?;
+        layer.forward(&Reference, &base, x, MatMut::new(y, TOKENS, D)?, scratch)?;
         Ok(y.iter().zip(&held_out_target).map(|(p, t)| (p - t) * (p - t)).sum::<f32>() / (TOKENS * D) as f32)
     };
     let lr = 0.002f32;
@@ -86,28 +89,30 @@ fn main() -> peft_core::Result<()> {
         rng.fill_normal(&mut x, 1.0);
         let target = apply(&teacher, &x, TOKENS)?;
         let xv = MatRef::new(&x, TOKENS, D)?;
-        layer.forward(&Reference, xv, MatMut::new(&mut y, TOKENS, D)?, &mut scratch)?;
+        layer.forward(&Reference, &base, xv, MatMut::new(&mut y, TOKENS, D)?, &mut scratch)?;
         // L = sum((y - t)^2) / tokens  =>  dL/dy = 2 (y - t) / tokens
         let gy: Vec<f32> = y.iter().zip(&target).map(|(p, t)| 2.0 * (p - t) / TOKENS as f32).collect();
         ga.fill(0.0);
         gb.fill(0.0);
         layer.backward(
             &Reference,
+            &base,
             xv,
             MatRef::new(&gy, TOKENS, D)?,
             None,
             LoraGrads { a: &mut ga, b: &mut gb },
             &mut scratch,
         )?;
-        let (a, b) = layer.adapter_mut()?;
+        let (a, b) = layer.adapter_mut();
         for (p, g) in a.iter_mut().zip(&ga).chain(b.iter_mut().zip(&gb)) {
             *p -= lr * g;
         }
     }
     let mut backup = vec![0.0f32; D * D];
-    layer.merge(&Reference, Some(&mut backup))?;
-    println!("merged:    held-out mse {:.3e}, one matmul per forward", loss(&layer, &mut y, &mut scratch)?);
-    layer.unmerge(&Reference)?;
+    let merged = layer.merge_into(&Reference, &mut w, Some(&mut backup))?;
+    merged.forward(MatRef::new(&held_out, TOKENS, D)?, MatMut::new(&mut y, TOKENS, D)?)?;
+    println!("merged:    held-out mse {:.3e}, one matmul per forward", mse(&y));
+    merged.unmerge()?;
     let identical = w.iter().zip(&w_before).all(|(p, q)| p.to_bits() == q.to_bits());
     println!("frozen base bit-identical after training and merge/unmerge cycle: {identical}");
     Ok(())

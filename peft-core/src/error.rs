@@ -135,12 +135,14 @@ pub enum Error {
         /// Size of one head.
         head_dim: usize,
     },
-    /// A configuration value that must be positive is zero (its name says
-    /// which: `"n_virtual"`, `"n_prefix"`, `"bottleneck width"`, ...), or a
-    /// scale that must be finite is not.
+    /// A configuration value breaks its rule: `name` says which value
+    /// (`"n_virtual"`, `"lr"`, `"layer index"`, ...) and `rule` the rule it
+    /// broke (`"must be positive"`, `"must be in [0, 1)"`, ...).
     InvalidParameter {
         /// The parameter's name.
         name: &'static str,
+        /// The rule the value broke, as a phrase after the name.
+        rule: &'static str,
     },
     /// A token id at or beyond the vocabulary size.
     TokenOutOfRange {
@@ -149,14 +151,6 @@ pub enum Error {
         /// The vocabulary size.
         vocab: usize,
     },
-    /// `merge` on a layer that is already merged (a second merge would add
-    /// `s B A` twice).
-    AlreadyMerged,
-    /// `unmerge` on a layer that is not merged.
-    NotMerged,
-    /// The adapter of a merged layer cannot be changed (its product is baked
-    /// into `W`); unmerge first.
-    MergedAdapterLocked,
     /// A training step saw an infinite or NaN value (in a gradient or the
     /// loss) and was refused: parameters and optimizer state are unchanged.
     NonFinite {
@@ -194,13 +188,8 @@ impl fmt::Display for Error {
                 "{heads} query heads, {kv_heads} key/value heads, head size {head_dim}: \
                  heads must be positive and a multiple of key/value heads"
             ),
-            Error::InvalidParameter { name } => write!(f, "invalid {name}: it must be positive and finite"),
+            Error::InvalidParameter { name, rule } => write!(f, "invalid {name}: it {rule}"),
             Error::TokenOutOfRange { id, vocab } => write!(f, "token id {id} is outside a vocabulary of {vocab}"),
-            Error::AlreadyMerged => f.write_str("the adapter is already merged into the base weight"),
-            Error::NotMerged => f.write_str("the adapter is not merged"),
-            Error::MergedAdapterLocked => {
-                f.write_str("the adapter is merged into the base weight; unmerge before changing it")
-            }
             Error::NonFinite { operand, index } => {
                 write!(f, "non-finite value in {operand:?} #{index}: step refused, nothing changed")
             }

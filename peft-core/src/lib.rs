@@ -9,7 +9,10 @@
 //! * [`backend`]: the [`Backend`] trait (a gemm in faer's sense) and the
 //!   portable [`Reference`] backend.
 //! * [`rng`]: a seedable, bit-reproducible PRNG for initialization.
-//! * [`lora`]: LoRA and rsLoRA: forward, analytic backward, merge and unmerge.
+//! * [`base`]: the frozen base, [`FrozenLinear`], read only and shared by
+//!   any number of adapters; [`Dense`] holds `W` as a slice (in flash too).
+//! * [`lora`]: LoRA and rsLoRA: forward, analytic backward, and merging as a
+//!   typed step ([`lora::Merged`]).
 //! * [`adapter`]: bottleneck adapters (Houlsby/Pfeiffer), with [`activation`]s.
 //! * [`prompt`]: prompt tuning (soft prompts prepended to the input embeddings).
 //! * [`attention`]: multi-head and grouped-query attention with masks, forward
@@ -32,8 +35,11 @@
 //! * Forward, backward and merge never allocate: temporaries come from a
 //!   caller-provided scratch slice whose length a `*_scratch_len` function
 //!   states.
-//! * The frozen base is structural: forward and backward borrow the base
-//!   weight immutably and have no gradient output for it.
+//! * The frozen base is structural: forward and backward take it as a
+//!   read-only [`FrozenLinear`] and have no gradient output for it. Only a
+//!   merge writes a base weight, and it changes the type.
+//! * A method that runs a [`Backend`] returns the backend's own error type
+//!   ([`Backend::Error`], which every [`Error`] converts into).
 #![no_std]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -45,6 +51,7 @@ pub mod activation;
 pub mod adapter;
 pub mod attention;
 pub mod backend;
+pub mod base;
 pub mod element;
 pub mod error;
 pub mod format;
@@ -55,7 +62,8 @@ pub mod prefix;
 pub mod prompt;
 pub mod rng;
 
-pub use backend::{Accum, Backend, Op, Reference};
+pub use backend::{Accum, Backend, BackendError, ErrorKind, Op, Reference};
+pub use base::{Dense, FrozenLinear};
 pub use element::{Element, Real};
 pub use error::{Error, Result};
 pub use matrix::{MatMut, MatRef};

@@ -44,6 +44,11 @@ pub struct MatMut<'a, E> {
 }
 
 impl<'a, E: Element> MatRef<'a, E> {
+    /// The `0 x 0` view.
+    pub const fn empty() -> Self {
+        Self { data: &[], rows: 0, cols: 0, row_stride: 0 }
+    }
+
     /// A dense `rows x cols` view of `data` (row stride `cols`).
     ///
     /// # Errors

@@ -128,8 +128,10 @@ fn clip_factor(max_norm: Option<f64>, norm: f64) -> f64 {
     }
 }
 
-fn check_hyper(name: &'static str, v: f64, ok: bool) -> Result<()> {
-    if v.is_finite() && ok { Ok(()) } else { Err(Error::InvalidParameter { name }) }
+/// `Ok` if `v` is finite and `ok`; otherwise names the parameter and the
+/// `rule` that `ok` tested.
+fn check_hyper(name: &'static str, v: f64, ok: bool, rule: &'static str) -> Result<()> {
+    if v.is_finite() && ok { Ok(()) } else { Err(Error::InvalidParameter { name, rule }) }
 }
 
 /// SGD with momentum (PyTorch's `torch.optim.SGD`, dampening 0):
@@ -170,11 +172,11 @@ impl Sgd {
     /// [`Error::ShapeMismatch`] (`Gradient`, `OptimizerState`);
     /// [`Error::NonFinite`]. Nothing is written on error.
     pub fn step<E: Element>(&mut self, slots: &mut [Slot<'_, E>], loss: Option<f64>) -> Result<StepInfo> {
-        check_hyper("lr", self.lr, self.lr > 0.0)?;
-        check_hyper("momentum", self.momentum, (0.0..1.0).contains(&self.momentum))?;
-        check_hyper("weight_decay", self.weight_decay, self.weight_decay >= 0.0)?;
+        check_hyper("lr", self.lr, self.lr > 0.0, "must be positive and finite")?;
+        check_hyper("momentum", self.momentum, (0.0..1.0).contains(&self.momentum), "must be in [0, 1)")?;
+        check_hyper("weight_decay", self.weight_decay, self.weight_decay >= 0.0, "must be finite and >= 0")?;
         if let Some(m) = self.max_grad_norm {
-            check_hyper("max_grad_norm", m, m > 0.0)?;
+            check_hyper("max_grad_norm", m, m > 0.0, "must be positive and finite")?;
         }
         let per = usize::from(self.momentum != 0.0);
         let norm = check_step(slots, per, loss)?;
@@ -273,13 +275,13 @@ impl AdamW {
     /// [`Error::NonFinite`]. Nothing is written, and the step counter does
     /// not advance, on error.
     pub fn step<E: Element>(&mut self, slots: &mut [Slot<'_, E>], loss: Option<f64>) -> Result<StepInfo> {
-        check_hyper("lr", self.lr, self.lr > 0.0)?;
-        check_hyper("beta1", self.beta1, (0.0..1.0).contains(&self.beta1))?;
-        check_hyper("beta2", self.beta2, (0.0..1.0).contains(&self.beta2))?;
-        check_hyper("eps", self.eps, self.eps > 0.0)?;
-        check_hyper("weight_decay", self.weight_decay, self.weight_decay >= 0.0)?;
+        check_hyper("lr", self.lr, self.lr > 0.0, "must be positive and finite")?;
+        check_hyper("beta1", self.beta1, (0.0..1.0).contains(&self.beta1), "must be in [0, 1)")?;
+        check_hyper("beta2", self.beta2, (0.0..1.0).contains(&self.beta2), "must be in [0, 1)")?;
+        check_hyper("eps", self.eps, self.eps > 0.0, "must be positive and finite")?;
+        check_hyper("weight_decay", self.weight_decay, self.weight_decay >= 0.0, "must be finite and >= 0")?;
         if let Some(m) = self.max_grad_norm {
-            check_hyper("max_grad_norm", m, m > 0.0)?;
+            check_hyper("max_grad_norm", m, m > 0.0, "must be positive and finite")?;
         }
         let norm = check_step(slots, 2, loss)?;
         let c = clip_factor(self.max_grad_norm, norm);
@@ -436,9 +438,9 @@ mod tests {
             .unwrap_err();
         assert_eq!(err, Error::ShapeMismatch { operand: Operand::Gradient, expected: 2, found: 1 });
         let err = Sgd::new(-1.0).step::<f32>(&mut [], None).unwrap_err();
-        assert_eq!(err, Error::InvalidParameter { name: "lr" });
+        assert_eq!(err, Error::InvalidParameter { name: "lr", rule: "must be positive and finite" });
         let err = AdamW { beta2: 1.0, ..AdamW::new(0.1) }.step::<f32>(&mut [], None).unwrap_err();
-        assert_eq!(err, Error::InvalidParameter { name: "beta2" });
+        assert_eq!(err, Error::InvalidParameter { name: "beta2", rule: "must be in [0, 1)" });
         assert_eq!(p, [1.0, 2.0]);
     }
 

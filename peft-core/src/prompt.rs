@@ -44,10 +44,10 @@ impl<'a, E: Element> PromptTuning<'a, E> {
     /// [`Error::ShapeMismatch`] (`Prompt`); [`Error::Overflow`].
     pub fn new(prompt: &'a mut [E], n_virtual: usize, dim: usize) -> Result<Self> {
         if n_virtual == 0 {
-            return Err(Error::InvalidParameter { name: "n_virtual" });
+            return Err(Error::InvalidParameter { name: "n_virtual", rule: "must be positive" });
         }
         if dim == 0 {
-            return Err(Error::InvalidParameter { name: "model width" });
+            return Err(Error::InvalidParameter { name: "model width", rule: "must be positive" });
         }
         check_len(Operand::Prompt, checked_len(n_virtual, dim)?, prompt.len())?;
         Ok(Self { prompt, n_virtual, dim })
@@ -95,7 +95,7 @@ impl<'a, E: Element> PromptTuning<'a, E> {
             });
         }
         if ids.is_empty() {
-            return Err(Error::InvalidParameter { name: "token ids" });
+            return Err(Error::InvalidParameter { name: "token ids", rule: "must not be empty" });
         }
         if let Some(&id) = ids.iter().find(|&&id| id >= table.rows()) {
             return Err(Error::TokenOutOfRange { id, vocab: table.rows() });
@@ -116,7 +116,7 @@ impl<'a, E: Element> PromptTuning<'a, E> {
     /// [`Error::InvalidParameter`] (`"vocabulary"`) for an empty table.
     pub fn init_sample_vocab(&mut self, table: MatRef<'_, E>, rng: &mut Rng) -> Result<()> {
         if table.rows() == 0 {
-            return Err(Error::InvalidParameter { name: "vocabulary" });
+            return Err(Error::InvalidParameter { name: "vocabulary", rule: "must not be empty" });
         }
         if table.cols() != self.dim {
             return Err(Error::ShapeMismatch {
@@ -360,7 +360,7 @@ mod tests {
         pt.init_from_vocab(t, &[2, 0]).unwrap();
         assert_eq!(pt.prompt(), &[2.0, 2.5, 0.0, 0.5, 2.0, 2.5]);
         assert_eq!(pt.init_from_vocab(t, &[3]), Err(Error::TokenOutOfRange { id: 3, vocab: 3 }));
-        assert_eq!(pt.init_from_vocab(t, &[]), Err(Error::InvalidParameter { name: "token ids" }));
+        assert_eq!(pt.init_from_vocab(t, &[]), Err(Error::InvalidParameter { name: "token ids", rule: "must not be empty" }));
         assert_eq!(pt.prompt(), &[2.0, 2.5, 0.0, 0.5, 2.0, 2.5]);
         let mut rng = Rng::new(1);
         pt.init_sample_vocab(t, &mut rng).unwrap();
@@ -374,7 +374,7 @@ mod tests {
     #[test]
     fn errors() {
         let mut p = [0.0f32; 4];
-        assert_eq!(PromptTuning::new(&mut p, 0, 4).unwrap_err(), Error::InvalidParameter { name: "n_virtual" });
+        assert_eq!(PromptTuning::new(&mut p, 0, 4).unwrap_err(), Error::InvalidParameter { name: "n_virtual", rule: "must be positive" });
         assert_eq!(
             PromptTuning::new(&mut p, 2, 3).unwrap_err(),
             Error::ShapeMismatch { operand: Operand::Prompt, expected: 6, found: 4 }

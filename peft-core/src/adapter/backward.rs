@@ -16,7 +16,7 @@
 use super::BottleneckAdapter;
 use crate::backend::{Accum, Backend, Op};
 use crate::element::Element;
-use crate::error::{Operand, Result, check_len, check_scratch, scratch_pair};
+use crate::error::{Operand, check_len, check_scratch, scratch_pair};
 use crate::matrix::{MatMut, MatRef};
 
 /// Gradient buffers of an adapter, accumulated into (`+=`).
@@ -35,7 +35,7 @@ pub struct AdapterGrads<'g, E> {
 impl<E: Element> BottleneckAdapter<'_, E> {
     /// Scratch [`backward`](Self::backward) needs: `2 * tokens * m`.
     pub fn backward_scratch_len(&self, tokens: usize) -> usize {
-        tokens.saturating_mul(self.width).saturating_mul(2)
+        super::backward_scratch_len(tokens, self.width)
     }
 
     /// Accumulates the four parameter gradients into `grads` and, if given,
@@ -56,7 +56,7 @@ impl<E: Element> BottleneckAdapter<'_, E> {
         grad_x: Option<MatMut<'_, E>>,
         grads: AdapterGrads<'_, E>,
         scratch: &mut [E],
-    ) -> Result<()> {
+    ) -> core::result::Result<(), B::Error> {
         let (d, m, tokens) = (self.dim, self.width, x.rows());
         self.check_rows(&x, grad_h.rows(), grad_h.cols(), Operand::GradOutput)?;
         if let Some(gx) = &grad_x {

@@ -18,7 +18,7 @@ use crate::matrix::{MatMut, MatRef};
 impl<E: Element> BottleneckAdapter<'_, E> {
     /// Scratch [`forward`](Self::forward) needs: `tokens * m`.
     pub fn forward_scratch_len(&self, tokens: usize) -> usize {
-        tokens.saturating_mul(self.width)
+        super::forward_scratch_len(tokens, self.width)
     }
 
     /// `h = x + scale * (act(x W_down^T + b_down) W_up^T + b_up)`.
@@ -34,7 +34,7 @@ impl<E: Element> BottleneckAdapter<'_, E> {
         x: MatRef<'_, E>,
         mut h: MatMut<'_, E>,
         scratch: &mut [E],
-    ) -> Result<()> {
+    ) -> core::result::Result<(), B::Error> {
         self.check_rows(&x, h.rows(), h.cols(), Operand::Output)?;
         let tokens = x.rows();
         let need = self.forward_scratch_len(tokens);
@@ -62,7 +62,7 @@ impl<E: Element> BottleneckAdapter<'_, E> {
         x: MatRef<'_, E>,
         z: &mut MatMut<'_, E>,
         activate: bool,
-    ) -> Result<()> {
+    ) -> core::result::Result<(), B::Error> {
         let one = <E::Accum as Element>::from_f64(1.0);
         let w_down = MatRef::new(self.w_down, self.width, self.dim)?;
         backend.gemm(z.rb_mut(), Accum::Replace, x, Op::N, w_down, Op::T, one)?;

@@ -24,6 +24,19 @@ use crate::error::{Error, Operand, Result, check_len};
 use crate::matrix::checked_len;
 use crate::rng::Rng;
 
+/// Scratch [`BottleneckAdapter::forward`] needs for `tokens` rows at
+/// bottleneck width `m`: `tokens * m` (saturating). A `const fn`, so firmware
+/// sizes its buffers at compile time.
+pub const fn forward_scratch_len(tokens: usize, m: usize) -> usize {
+    tokens.saturating_mul(m)
+}
+
+/// Scratch [`BottleneckAdapter::backward`] needs: `2 * tokens * m`
+/// (saturating).
+pub const fn backward_scratch_len(tokens: usize, m: usize) -> usize {
+    tokens.saturating_mul(m).saturating_mul(2)
+}
+
 /// The bottleneck width `m`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Width {
@@ -102,7 +115,7 @@ impl AdapterConfig {
             Width::Reduction(f) => d.checked_div(f).unwrap_or(0),
         };
         if m == 0 {
-            return Err(Error::InvalidParameter { name: "bottleneck width" });
+            return Err(Error::InvalidParameter { name: "bottleneck width", rule: "must be positive (a zero reduction factor, or one above the model width, gives 0)" });
         }
         Ok(m)
     }
@@ -148,10 +161,10 @@ impl<'a, E: Element> BottleneckAdapter<'a, E> {
     /// non-finite scale; [`Error::ShapeMismatch`]; [`Error::Overflow`].
     pub fn new(config: &AdapterConfig, dim: usize, params: AdapterParams<'a, E>) -> Result<Self> {
         if dim == 0 {
-            return Err(Error::InvalidParameter { name: "model width" });
+            return Err(Error::InvalidParameter { name: "model width", rule: "must be positive" });
         }
         if !config.scale.is_finite() {
-            return Err(Error::InvalidParameter { name: "adapter scale" });
+            return Err(Error::InvalidParameter { name: "adapter scale", rule: "must be finite" });
         }
         let m = config.bottleneck(dim)?;
         let AdapterParams { w_down, b_down, w_up, b_up } = params;

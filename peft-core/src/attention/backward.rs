@@ -19,7 +19,7 @@ use super::forward::{HeadViews, split_cols};
 use super::{AttentionShape, Mask, Prefix, backward_scratch_len, validate};
 use crate::backend::{Accum, Backend, Op};
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_scratch, check_shape, scratch_pair};
+use crate::error::{Error, Operand, check_scratch, check_shape, scratch_pair};
 use crate::matrix::{MatMut, MatRef};
 
 /// Gradients of the prefix of one layer, accumulated into (`+=`): one
@@ -67,7 +67,7 @@ pub fn backward<E: Element, B: Backend<E> + ?Sized>(
     grad_out: MatRef<'_, E>,
     mut grads: AttentionGrads<'_, E>,
     scratch: &mut [E],
-) -> Result<()> {
+) -> core::result::Result<(), B::Error> {
     let dims = validate(shape, &q, &k, &v, prefix, mask)?;
     check_shape(Operand::GradOutput, grad_out.rows(), grad_out.cols(), dims.tq, shape.q_width())?;
     check_shape(Operand::Query, grads.q.rows(), grads.q.cols(), dims.tq, shape.q_width())?;
@@ -75,7 +75,7 @@ pub fn backward<E: Element, B: Backend<E> + ?Sized>(
     check_shape(Operand::Value, grads.v.rows(), grads.v.cols(), dims.tk, shape.kv_width())?;
     if let Some(pg) = &grads.prefix {
         if prefix.is_none() {
-            return Err(Error::ShapeMismatch { operand: Operand::Prefix, expected: 0, found: pg.kv.rows() });
+            return Err(Error::ShapeMismatch { operand: Operand::Prefix, expected: 0, found: pg.kv.rows() }.into());
         }
         check_shape(Operand::Prefix, pg.kv.rows(), pg.kv.cols(), dims.p, shape.kv_width().saturating_mul(2))?;
     }

@@ -26,7 +26,7 @@ pub fn forward<E: Element, B: Backend<E> + ?Sized>(
     mask: &Mask<'_, E>,
     mut out: MatMut<'_, E>,
     scratch: &mut [E],
-) -> Result<()> {
+) -> core::result::Result<(), B::Error> {
     let dims = validate(shape, &q, &k, &v, prefix, mask)?;
     check_shape(Operand::Output, out.rows(), out.cols(), dims.tq, shape.q_width())?;
     let need = forward_scratch_len(dims.tq, dims.tk, dims.p);
@@ -82,7 +82,7 @@ impl<'a, E: Element> HeadViews<'a, E> {
         dims: Dims,
         mask: &Mask<'_, E>,
         probs: &mut MatMut<'_, E>,
-    ) -> Result<()> {
+    ) -> core::result::Result<(), B::Error> {
         let scale = <E::Accum as Element>::from_f64(1.0 / libm::sqrt(shape.head_dim() as f64));
         let s_pre = probs.cols_range_mut(0, dims.p).ok_or(Error::Overflow)?;
         backend.gemm(s_pre, Accum::Replace, self.q, Op::N, self.pk, Op::T, scale)?;

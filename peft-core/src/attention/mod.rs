@@ -176,12 +176,12 @@ pub(crate) fn validate<E: Element>(
 
 /// Scratch [`forward`](forward::forward) needs: `tq * (p + tk)` (one
 /// head's probabilities at a time).
-pub fn forward_scratch_len(tq: usize, tk: usize, p: usize) -> usize {
+pub const fn forward_scratch_len(tq: usize, tk: usize, p: usize) -> usize {
     tq.saturating_mul(p.saturating_add(tk))
 }
 
 /// Scratch [`backward`](backward::backward) needs: `2 * tq * (p + tk)`.
-pub fn backward_scratch_len(tq: usize, tk: usize, p: usize) -> usize {
+pub const fn backward_scratch_len(tq: usize, tk: usize, p: usize) -> usize {
     forward_scratch_len(tq, tk, p).saturating_mul(2)
 }
 

@@ -12,14 +12,74 @@
 //! `op(X)` is `X` or `X^T` as [`Op`] says; `op(A)` is `m x k`, `op(B)` is
 //! `k x n`, `C` is `m x n`. Products and sums run in the element's
 //! accumulation type and each element of `C` is rounded once.
+//!
+//! ## Errors belong to the backend
+//!
+//! As embedded-hal's `ErrorType`, a backend brings its own error type,
+//! [`Backend::Error`]: a GPU backend reports a lost device, the staged
+//! half-precision faer backend a busy staging buffer, each in its own words.
+//! Every method of this crate that runs a backend returns that type, so
+//! nothing is lost on the way to the caller. Two bounds make that work:
+//!
+//! * `From<`[`Error`]`>`: a method's own validation errors (a shape, a
+//!   scratch length) convert into the backend's type. The backends that can
+//!   fail only on shapes ([`Reference`], faer's f32/f64 backend) simply use
+//!   [`Error`] itself.
+//! * [`BackendError`]: code generic over the backend still learns what
+//!   kind of failure it was, through [`BackendError::kind`].
 
 mod reference;
 
 pub use reference::Reference;
 
+use core::fmt;
+
 use crate::element::Element;
 use crate::error::{Error, Operand, Result};
 use crate::matrix::{MatMut, MatRef};
+
+/// What kind of failure a backend reported: what generic code (the methods
+/// of this crate, `peft-verify`) may branch on without knowing the
+/// backend's error type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// An operand's shape or length is wrong ([`Error::ShapeMismatch`],
+    /// [`Error::SliceTooShort`], [`Error::BadStride`], [`Error::Overflow`]).
+    Shape,
+    /// A caller-provided buffer (scratch, staging) is too small.
+    Scratch,
+    /// A resource the backend needs is in use (for example a staging buffer
+    /// borrowed by a gemm further up the same thread's stack).
+    Busy,
+    /// An invalid configuration or parameter value.
+    Invalid,
+    /// Any other failure of the backend's own (a device error, ...).
+    Other,
+}
+
+/// The error of a [`Backend`]: printable, and classified by [`kind`](Self::kind).
+pub trait BackendError: fmt::Debug + fmt::Display {
+    /// The kind of failure.
+    fn kind(&self) -> ErrorKind;
+}
+
+impl BackendError for Error {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Error::SliceTooShort { .. } | Error::BadStride { .. } | Error::Overflow | Error::ShapeMismatch { .. } => {
+                ErrorKind::Shape
+            }
+            Error::ScratchTooSmall { .. } => ErrorKind::Scratch,
+            Error::InvalidRank { .. }
+            | Error::InvalidAlpha
+            | Error::InvalidHeads { .. }
+            | Error::InvalidParameter { .. }
+            | Error::TokenOutOfRange { .. } => ErrorKind::Invalid,
+            _ => ErrorKind::Other,
+        }
+    }
+}
 
 /// Whether a gemm overwrites or accumulates into its destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +113,10 @@ impl Op {
 
 /// A matrix-multiply engine over element type `E`.
 pub trait Backend<E: Element> {
+    /// The backend's error (see the [module docs](self)). Backends that fail
+    /// only on shapes use [`Error`].
+    type Error: BackendError + From<Error>;
+
     /// `dst (=|+=) alpha * op(lhs) * op(rhs)`.
     ///
     /// Shapes: `op(lhs)` is `m x k`, `op(rhs)` is `k x n`, `dst` is `m x n`;
@@ -60,7 +124,8 @@ pub trait Backend<E: Element> {
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] (checked with [`check_gemm`] before anything
-    /// is written).
+    /// is written), converted into [`Self::Error`]; and whatever the backend
+    /// itself reports, in which case `dst` is unspecified.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -71,10 +136,12 @@ pub trait Backend<E: Element> {
         rhs: MatRef<'_, E>,
         rhs_op: Op,
         alpha: E::Accum,
-    ) -> Result<()>;
+    ) -> core::result::Result<(), Self::Error>;
 }
 
 impl<E: Element, B: Backend<E> + ?Sized> Backend<E> for &B {
+    type Error = B::Error;
+
     #[inline]
     fn gemm(
         &self,
@@ -85,7 +152,7 @@ impl<E: Element, B: Backend<E> + ?Sized> Backend<E> for &B {
         rhs: MatRef<'_, E>,
         rhs_op: Op,
         alpha: E::Accum,
-    ) -> Result<()> {
+    ) -> core::result::Result<(), B::Error> {
         (**self).gemm(dst, accum, lhs, lhs_op, rhs, rhs_op, alpha)
     }
 }

@@ -35,6 +35,8 @@ const MB: usize = 16;
 pub struct Reference;
 
 impl<E: Element> Backend<E> for Reference {
+    type Error = crate::Error;
+
     fn gemm(
         &self,
         mut dst: MatMut<'_, E>,

@@ -15,13 +15,15 @@
 //! transpose of `B`; the correct `s G^T (x A^T)` is `[out, r]`. Every formula
 //! here is checked against central finite differences in f64.
 //!
-//! There is no `dL/dW` and no `dL/db`: the base is frozen (the seed's
-//! mistakes 1 and 12), and the layer holds it through a shared borrow here.
+//! There is no `dL/dW` and no `dL/db`: the base is frozen (mistakes 1 and
+//! 12 in `peft_verify::mistakes`), and it is a read-only
+//! [`FrozenLinear`] here.
 
-use super::layer::LoraLinear;
+use super::layer::Lora;
 use crate::backend::{Accum, Backend, Op};
+use crate::base::FrozenLinear;
 use crate::element::Element;
-use crate::error::{Operand, Result, check_len, check_scratch, check_shape, scratch_pair};
+use crate::error::{Operand, check_io, check_len, check_scratch, check_shape, scratch_pair};
 use crate::matrix::{MatMut, MatRef, checked_len};
 
 /// Gradient buffers of the adapter, accumulated into (`+=`), so that
@@ -34,39 +36,34 @@ pub struct LoraGrads<'g, E> {
     pub b: &'g mut [E],
 }
 
-impl<E: Element> LoraLinear<'_, E> {
-    /// Scratch elements [`backward`](Self::backward) needs: `2 * tokens * r`
-    /// (`t = x A^T` and `u = G B`). Saturates at `usize::MAX`.
-    pub fn backward_scratch_len(&self, tokens: usize) -> usize {
-        tokens.saturating_mul(self.rank).saturating_mul(2)
-    }
-
+impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
     /// Accumulates `dL/dA` and `dL/dB` into `grads` and, if `grad_x` is
-    /// given, writes `dL/dx` into it (overwriting).
+    /// given, writes `dL/dx = G W + s (G B) A` into it (overwriting).
     ///
-    /// Shapes: `x [tokens, in]` (the forward input), `grad_y [tokens, out]`,
-    /// `grad_x [tokens, in]`, `grads.a [r, in]`, `grads.b [out, r]`; scratch
-    /// at least [`backward_scratch_len(tokens)`](Self::backward_scratch_len).
-    ///
-    /// On a merged layer `W` already holds `W + s B A`, so `dL/dx = G W`;
-    /// the adapter gradients are the same in both states.
+    /// Shapes: `base` `in -> out`, `x [tokens, in]` (the forward input),
+    /// `grad_y [tokens, out]`, `grad_x [tokens, in]`, `grads.a [r, in]`,
+    /// `grads.b [out, r]`; scratch at least
+    /// [`backward_scratch_len(tokens)`](Self::backward_scratch_len).
     ///
     /// # Errors
-    /// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) (`Input`, `GradOutput`, `GradInput`, `GradA`,
+    /// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) (`Weight`, `Input`, `GradOutput`, `GradInput`, `GradA`,
     /// `GradB`), [`Error::ScratchTooSmall`](crate::Error::ScratchTooSmall), [`Error::Overflow`](crate::Error::Overflow), before
-    /// anything is written.
-    pub fn backward<B: Backend<E> + ?Sized>(
+    /// anything is written; the backend's own errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         backend: &B,
+        base: &L,
         x: MatRef<'_, E>,
         grad_y: MatRef<'_, E>,
         grad_x: Option<MatMut<'_, E>>,
         grads: LoraGrads<'_, E>,
         scratch: &mut [E],
-    ) -> Result<()> {
+    ) -> Result<(), B::Error> {
         let tokens = x.rows();
         let (r, n_in, n_out) = (self.rank, self.in_features, self.out_features);
-        self.check_io(&x, grad_y.rows(), grad_y.cols(), Operand::GradOutput)?;
+        self.check_base(base)?;
+        check_io(x.rows(), x.cols(), n_in, Operand::GradOutput, grad_y.rows(), grad_y.cols(), n_out)?;
         if let Some(gx) = &grad_x {
             check_shape(Operand::GradInput, gx.rows(), gx.cols(), tokens, n_in)?;
         }
@@ -77,9 +74,7 @@ impl<E: Element> LoraLinear<'_, E> {
 
         let one = <E::Accum as Element>::from_f64(1.0);
         let s = self.scale_accum();
-        let w = MatRef::new(self.weight, n_out, n_in)?;
-        let a = MatRef::new(self.a, r, n_in)?;
-        let b = MatRef::new(self.b, n_out, r)?;
+        let (a, b) = self.views()?;
         let (t_buf, u_buf) = scratch_pair(scratch, need / 2)?;
         let mut t = MatMut::new(t_buf, tokens, r)?;
         let mut u = MatMut::new(u_buf, tokens, r)?;
@@ -92,12 +87,10 @@ impl<E: Element> LoraLinear<'_, E> {
         backend.gemm(u.rb_mut(), Accum::Replace, grad_y, Op::N, b, Op::N, one)?;
         let ga = MatMut::new(grads.a, r, n_in)?;
         backend.gemm(ga, Accum::Add, u.as_ref(), Op::T, x, Op::N, s)?;
-        // dx = G W (+ s u A when unmerged)
+        // dx = G W + s u A
         if let Some(mut gx) = grad_x {
-            backend.gemm(gx.rb_mut(), Accum::Replace, grad_y, Op::N, w, Op::N, one)?;
-            if !self.merged {
-                backend.gemm(gx, Accum::Add, u.as_ref(), Op::N, a, Op::N, s)?;
-            }
+            base.apply_transpose(backend, grad_y, gx.rb_mut(), Accum::Replace)?;
+            backend.gemm(gx, Accum::Add, u.as_ref(), Op::N, a, Op::N, s)?;
         }
         Ok(())
     }

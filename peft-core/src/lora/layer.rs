@@ -1,68 +1,72 @@
-//! [`LoraLinear`]: a frozen linear layer with a LoRA adapter.
+//! [`Lora`]: the adapter tensors `A [r, in]`, `B [out, r]` and their scale.
+
+use core::marker::PhantomData;
 
 use super::config::{LoraConfig, LoraInit};
 use super::params::ParamReport;
+use crate::base::FrozenLinear;
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_len};
-use crate::matrix::checked_len;
+use crate::error::{Operand, Result, check_len};
+use crate::matrix::{MatRef, checked_len};
 use crate::rng::Rng;
 
-/// A frozen linear layer `W [out, in]` (optional bias `b [out]`) with a LoRA
-/// adapter `A [r, in]`, `B [out, r]`, all borrowed from the caller.
+/// Scratch elements [`Lora::forward`] needs for `tokens` rows of a rank-`rank`
+/// adapter: `tokens * rank` (the product `x A^T`). Saturates at
+/// `usize::MAX`, which no slice can satisfy. A `const fn`, so firmware can
+/// size its buffers at compile time.
+pub const fn forward_scratch_len(tokens: usize, rank: usize) -> usize {
+    tokens.saturating_mul(rank)
+}
+
+/// Scratch elements [`Lora::backward`] needs: `2 * tokens * rank`
+/// (`t = x A^T` and `u = G B`). Saturates at `usize::MAX`.
+pub const fn backward_scratch_len(tokens: usize, rank: usize) -> usize {
+    tokens.saturating_mul(rank).saturating_mul(2)
+}
+
+/// A LoRA adapter for a linear layer `in -> out`: `A [r, in]`, `B [out, r]`
+/// and the scale `s`, and nothing else.
 ///
-/// The frozen base is structural: [`forward`](LoraLinear::forward) and
-/// [`backward`](LoraLinear::backward) read `W` through a shared borrow and
-/// produce no gradient for it. Only [`merge`](LoraLinear::merge) and
-/// [`unmerge`](LoraLinear::unmerge) write `W`, and the layer tracks whether
-/// it is merged so that `s B A` is never added twice.
-#[derive(Debug)]
-pub struct LoraLinear<'a, E: Element> {
-    pub(super) weight: &'a mut [E],
-    pub(super) bias: Option<&'a [E]>,
-    pub(super) a: &'a mut [E],
-    pub(super) b: &'a mut [E],
+/// The frozen base is not part of the adapter. [`forward`](Lora::forward)
+/// and [`backward`](Lora::backward) take it as a read-only
+/// [`FrozenLinear`], so one base (in flash, or shared by threads) serves any
+/// number of adapters; only [`merge_into`](Lora::merge_into) writes a base
+/// weight, and it returns a guard that owns the weight until it is
+/// restored.
+///
+/// `S` is the storage of `A` and `B`: `&[E]` to apply an adapter held in
+/// flash, `&mut [E]` to train one in caller buffers, `Vec<E>` (feature
+/// `alloc`) to own it, `[E; N]` for a fixed-size one. The adapter is `Send`
+/// and `Sync` whenever `S` is.
+#[derive(Clone, Debug)]
+pub struct Lora<E, S> {
+    pub(super) a: S,
+    pub(super) b: S,
     pub(super) in_features: usize,
     pub(super) out_features: usize,
     pub(super) rank: usize,
     pub(super) scale: f64,
     pub(super) init: LoraInit,
-    pub(super) merged: bool,
-    pub(super) backup: Option<&'a mut [E]>,
+    // `fn() -> E`: `E` is only a type tag here, so `Send` and `Sync`
+    // follow `S` alone.
+    _element: PhantomData<fn() -> E>,
 }
 
-impl<'a, E: Element> LoraLinear<'a, E> {
-    /// Wraps a base layer and an adapter. `A` and `B` keep their values (so
-    /// a loaded adapter can be wrapped); call
-    /// [`init_adapter`](Self::init_adapter) for a fresh one. The layer starts
-    /// unmerged.
-    ///
-    /// Shapes: `weight [out, in]`, `bias [out]`, `a [r, in]`, `b [out, r]`,
-    /// each a dense row-major slice of exactly that length.
+impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
+    /// An adapter over `a [r, in]` and `b [out, r]`, which keep their
+    /// values (so a loaded adapter can be wrapped); call
+    /// [`init_adapter`](Self::init_adapter) for a fresh one.
     ///
     /// # Errors
     /// [`Error::InvalidRank`], [`Error::InvalidAlpha`] (see
-    /// [`LoraConfig::validate`]); [`Error::ShapeMismatch`] for a slice of the
-    /// wrong length; [`Error::Overflow`].
-    pub fn new(
-        config: &LoraConfig<'_>,
-        in_features: usize,
-        out_features: usize,
-        weight: &'a mut [E],
-        bias: Option<&'a [E]>,
-        a: &'a mut [E],
-        b: &'a mut [E],
-    ) -> Result<Self> {
+    /// [`LoraConfig::validate`]); [`Error::ShapeMismatch`] (`LoraA`,
+    /// `LoraB`) for a slice of the wrong length; [`Error::Overflow`].
+    pub fn new(config: &LoraConfig<'_>, in_features: usize, out_features: usize, a: S, b: S) -> Result<Self> {
         let scale = config.validate(in_features, out_features)?;
         let rank = config.rank;
-        check_len(Operand::Weight, checked_len(out_features, in_features)?, weight.len())?;
-        if let Some(bias) = bias {
-            check_len(Operand::Bias, out_features, bias.len())?;
-        }
-        check_len(Operand::LoraA, checked_len(rank, in_features)?, a.len())?;
-        check_len(Operand::LoraB, checked_len(out_features, rank)?, b.len())?;
+        check_len(Operand::LoraA, checked_len(rank, in_features)?, a.as_ref().len())?;
+        check_len(Operand::LoraB, checked_len(out_features, rank)?, b.as_ref().len())?;
         Ok(Self {
-            weight,
-            bias,
             a,
             b,
             in_features,
@@ -70,31 +74,8 @@ impl<'a, E: Element> LoraLinear<'a, E> {
             rank,
             scale,
             init: config.init,
-            merged: false,
-            backup: None,
+            _element: PhantomData,
         })
-    }
-
-    /// Initializes a fresh adapter: `A` by the configured [`LoraInit`]
-    /// (Kaiming-uniform `U(-1/sqrt(in), 1/sqrt(in))` or `N(0, 1/r^2)`), and
-    /// `B = 0`, so that `B A = 0` and the layer's output equals the base's
-    /// (the seed's mistake 2).
-    ///
-    /// # Errors
-    /// [`Error::MergedAdapterLocked`] on a merged layer (nothing changes).
-    pub fn init_adapter(&mut self, rng: &mut Rng) -> Result<()> {
-        if self.merged {
-            return Err(Error::MergedAdapterLocked);
-        }
-        match self.init {
-            LoraInit::KaimingUniform => {
-                let bound = 1.0 / libm::sqrt(self.in_features as f64);
-                rng.fill_uniform(self.a, -bound, bound);
-            }
-            LoraInit::Gaussian => rng.fill_normal(self.a, 1.0 / self.rank as f64),
-        }
-        self.b.fill(E::ZERO);
-        Ok(())
     }
 
     /// Input features `in`.
@@ -117,54 +98,82 @@ impl<'a, E: Element> LoraLinear<'a, E> {
         self.scale
     }
 
-    /// Whether `s B A` is currently merged into `W`.
-    pub fn is_merged(&self) -> bool {
-        self.merged
-    }
-
-    /// The base weight `W [out, in]` (merged or not, as [`is_merged`](Self::is_merged) says).
-    pub fn weight(&self) -> &[E] {
-        self.weight
-    }
-
-    /// The base bias `[out]`, if any.
-    pub fn bias(&self) -> Option<&[E]> {
-        self.bias
-    }
-
     /// `A [r, in]`.
     pub fn lora_a(&self) -> &[E] {
-        self.a
+        self.a.as_ref()
     }
 
     /// `B [out, r]`.
     pub fn lora_b(&self) -> &[E] {
-        self.b
+        self.b.as_ref()
     }
 
-    /// `(A, B)` mutably, for an optimizer step or a load. The base weight is
-    /// never reachable mutably this way.
-    ///
-    /// # Errors
-    /// [`Error::MergedAdapterLocked`] while merged: changing `A` or `B` then
-    /// would make the later unmerge subtract a different product.
-    pub fn adapter_mut(&mut self) -> Result<(&mut [E], &mut [E])> {
-        if self.merged {
-            return Err(Error::MergedAdapterLocked);
-        }
-        Ok((self.a, self.b))
+    /// Gives the storage back: `(A, B)`.
+    pub fn into_parts(self) -> (S, S) {
+        (self.a, self.b)
     }
 
-    /// Trainable and frozen parameter counts of this layer.
+    /// Trainable and frozen parameter counts of this adapter on a base
+    /// with (`bias = true`) or without a bias.
     ///
     /// # Errors
     /// [`Error::Overflow`].
-    pub fn param_report(&self) -> Result<ParamReport> {
-        ParamReport::for_layer(self.in_features, self.out_features, self.rank, self.bias.is_some())
+    pub fn param_report(&self, bias: bool) -> Result<ParamReport> {
+        ParamReport::for_layer(self.in_features, self.out_features, self.rank, bias)
+    }
+
+    /// Scratch [`forward`](Self::forward) needs: [`forward_scratch_len`]
+    /// at this adapter's rank.
+    pub fn forward_scratch_len(&self, tokens: usize) -> usize {
+        forward_scratch_len(tokens, self.rank)
+    }
+
+    /// Scratch [`backward`](Self::backward) needs: [`backward_scratch_len`]
+    /// at this adapter's rank.
+    pub fn backward_scratch_len(&self, tokens: usize) -> usize {
+        backward_scratch_len(tokens, self.rank)
     }
 
     /// The scale in the accumulation type.
     pub(super) fn scale_accum(&self) -> E::Accum {
         <E::Accum as Element>::from_f64(self.scale)
+    }
+
+    /// `A` and `B` as views.
+    pub(super) fn views(&self) -> Result<(MatRef<'_, E>, MatRef<'_, E>)> {
+        Ok((
+            MatRef::new(self.a.as_ref(), self.rank, self.in_features)?,
+            MatRef::new(self.b.as_ref(), self.out_features, self.rank)?,
+        ))
+    }
+
+    /// `Ok` if `base` is an `in -> out` layer like this adapter.
+    pub(super) fn check_base<L: FrozenLinear<E> + ?Sized>(&self, base: &L) -> Result<()> {
+        check_len(Operand::Weight, self.in_features, base.in_features())?;
+        check_len(Operand::Weight, self.out_features, base.out_features())
+    }
+}
+
+impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Lora<E, S> {
+    /// Initializes a fresh adapter: `A` by the configured [`LoraInit`]
+    /// (Kaiming-uniform `U(-1/sqrt(in), 1/sqrt(in))` or `N(0, 1/r^2)`), and
+    /// `B = 0`, so that `B A = 0` and the adapted layer's output equals the
+    /// base's (mistake 2 in `peft_verify::mistakes`).
+    pub fn init_adapter(&mut self, rng: &mut Rng) {
+        match self.init {
+            LoraInit::KaimingUniform => {
+                let bound = 1.0 / libm::sqrt(self.in_features as f64);
+                rng.fill_uniform(self.a.as_mut(), -bound, bound);
+            }
+            LoraInit::Gaussian => rng.fill_normal(self.a.as_mut(), 1.0 / self.rank as f64),
+        }
+        self.b.as_mut().fill(E::ZERO);
+    }
+
+    /// `(A, B)` mutably, for an optimizer step or a load. While a
+    /// [`Merged`](super::Merged) guard borrows the adapter, this does not
+    /// compile: the unmerge would subtract a different product.
+    pub fn adapter_mut(&mut self) -> (&mut [E], &mut [E]) {
+        (self.a.as_mut(), self.b.as_mut())
     }
 }

@@ -8,10 +8,14 @@
 //! ```
 //!
 //! * [`config`]: rank, alpha, scaling, init, target modules; validation.
-//! * [`layer`]: [`LoraLinear`], which borrows the base weight and the
-//!   adapter and tracks whether the adapter is merged.
-//! * [`forward`], [`backward`], [`merge`]: the three verbs, each with its
-//!   derivation and its scratch requirement.
+//! * [`layer`]: [`Lora`], the adapter's own tensors (borrowed or owned);
+//!   the base is a read-only [`FrozenLinear`](crate::base::FrozenLinear)
+//!   argument of every pass, shared by any number of adapters.
+//! * [`forward`], [`backward`]: the passes, each with its derivation and
+//!   its scratch requirement ([`forward_scratch_len`],
+//!   [`backward_scratch_len`], `const fn`s).
+//! * [`merge`]: merging as a typed step: [`Lora::merge_into`] returns a
+//!   [`Merged`] guard that owns the weight until it is restored.
 //! * [`params`]: trainable versus frozen parameter counts.
 //! * `owned` (feature `alloc`): `LoraParams`, heap-owned adapter buffers.
 
@@ -26,7 +30,8 @@ pub mod params;
 
 pub use backward::LoraGrads;
 pub use config::{DEFAULT_TARGET_MODULES, LOW_SAVINGS_RATIO, LoraConfig, LoraInit};
-pub use layer::LoraLinear;
+pub use layer::{Lora, backward_scratch_len, forward_scratch_len};
+pub use merge::Merged;
 #[cfg(feature = "alloc")]
 pub use owned::LoraParams;
 pub use params::ParamReport;

@@ -1,5 +1,5 @@
-//! LoRA unit tests, independent of `peft-verify`. Each names the seed
-//! mistake it would catch.
+//! LoRA unit tests, independent of `peft-verify`. Each names the mistake
+//! (`peft_verify::mistakes`) it would catch.
 
 extern crate std;
 use std::vec;
@@ -7,6 +7,7 @@ use std::vec::Vec;
 
 use super::*;
 use crate::backend::{Accum, Backend, Op, Reference};
+use crate::base::{Dense, FrozenLinear};
 use crate::error::{Error, Operand};
 use crate::matrix::{MatMut, MatRef};
 use crate::rng::Rng;
@@ -50,12 +51,13 @@ fn oracle(x: &[f64], t: usize, n_in: usize, n_out: usize, r: usize, bf: &Bufs, s
     y
 }
 
-fn forward(layer: &LoraLinear<'_, f64>, x: &[f64], t: usize) -> Vec<f64> {
+fn forward<S: AsRef<[f64]>>(layer: &Lora<f64, S>, base: &Dense<'_, f64>, x: &[f64], t: usize) -> Vec<f64> {
     let mut y = vec![0.0; t * layer.out_features()];
     let mut scratch = vec![0.0; layer.forward_scratch_len(t)];
     layer
         .forward(
             &Reference,
+            base,
             MatRef::new(x, t, layer.in_features()).unwrap(),
             MatMut::new(&mut y, t, layer.out_features()).unwrap(),
             &mut scratch,
@@ -76,10 +78,10 @@ fn mistake2_fresh_adapter_output_equals_base_exactly() {
     let mut bf = bufs(&mut rng, n_in, n_out, r);
     let x = random(&mut rng, t * n_in);
     // Base output through the same backend: x W^T, then + b.
-    let mut base = vec![0.0; t * n_out];
+    let mut base_y = vec![0.0; t * n_out];
     Reference
         .gemm(
-            MatMut::new(&mut base, t, n_out).unwrap(),
+            MatMut::new(&mut base_y, t, n_out).unwrap(),
             Accum::Replace,
             MatRef::new(&x, t, n_in).unwrap(),
             Op::N,
@@ -88,23 +90,24 @@ fn mistake2_fresh_adapter_output_equals_base_exactly() {
             1.0,
         )
         .unwrap();
-    for row in base.chunks_mut(n_out) {
+    for row in base_y.chunks_mut(n_out) {
         for (v, b) in row.iter_mut().zip(&bf.bias) {
             *v += b;
         }
     }
     for init in [LoraInit::KaimingUniform, LoraInit::Gaussian] {
         let cfg = LoraConfig::new(r, 16.0).with_init(init);
-        let mut layer = LoraLinear::new(&cfg, n_in, n_out, &mut bf.w, Some(&bf.bias), &mut bf.a, &mut bf.b).unwrap();
-        layer.init_adapter(&mut rng).unwrap();
+        let base = Dense::new(&bf.w, n_out, n_in).unwrap().with_bias(&bf.bias).unwrap();
+    let mut layer = Lora::new(&cfg, n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
+        layer.init_adapter(&mut rng);
         assert!(layer.lora_b().iter().all(|&v| v == 0.0), "B must be zero at init");
         assert!(layer.lora_a().iter().any(|&v| v != 0.0), "A must be random");
         if init == LoraInit::KaimingUniform {
             let bound = 1.0 / (n_in as f64).sqrt();
             assert!(layer.lora_a().iter().all(|v| v.abs() <= bound));
         }
-        let y = forward(&layer, &x, t);
-        assert_eq!(y, base, "{init:?}: fresh LoRA changed the base output");
+        let y = forward(&layer, &base, &x, t);
+        assert_eq!(y, base_y, "{init:?}: fresh LoRA changed the base output");
     }
 }
 
@@ -116,8 +119,8 @@ fn kaiming_and_gaussian_spread() {
     let mut bf = bufs(&mut rng, n_in, n_out, r);
     for (init, var) in [(LoraInit::KaimingUniform, 1.0 / (3.0 * n_in as f64)), (LoraInit::Gaussian, 0.01)] {
         let cfg = LoraConfig::new(r, 1.0).with_init(init);
-        let mut layer = LoraLinear::new(&cfg, n_in, n_out, &mut bf.w, None, &mut bf.a, &mut bf.b).unwrap();
-        layer.init_adapter(&mut rng).unwrap();
+        let mut layer = Lora::new(&cfg, n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
+        layer.init_adapter(&mut rng);
         let a = layer.lora_a();
         let got = a.iter().map(|v| v * v).sum::<f64>() / a.len() as f64;
         assert!((got / var - 1.0).abs() < 0.05, "{init:?}: variance {got} vs {var}");
@@ -130,17 +133,19 @@ fn mistake3_scale_applies_to_low_rank_path_only() {
     // W = I, b = [0.5, -1], A = [1, 2], B = [1, 0.5]^T, x = [1, 1].
     // x W^T + b = [1.5, 0]; x A^T = 3; s * 3 * B = [12, 6]; y = [13.5, 6].
     // Without the scale: [4.5, 1.5]. Scaling the base too: [16.5, 3].
-    let (mut w, bias, mut a, mut b) = ([1.0, 0.0, 0.0, 1.0], [0.5, -1.0], [1.0, 2.0], [1.0, 0.5]);
+    let (w, bias, mut a, mut b) = ([1.0, 0.0, 0.0, 1.0], [0.5, -1.0], [1.0, 2.0], [1.0, 0.5]);
     let cfg = LoraConfig::new(1, 4.0);
-    let layer = LoraLinear::new(&cfg, 2, 2, &mut w, Some(&bias), &mut a, &mut b).unwrap();
-    assert_eq!(forward(&layer, &[1.0, 1.0], 1), vec![13.5, 6.0]);
+    let base = Dense::new(&w, 2, 2).unwrap().with_bias(&bias).unwrap();
+    let layer = Lora::new(&cfg, 2, 2, &mut a[..], &mut b[..]).unwrap();
+    assert_eq!(forward(&layer, &base, &[1.0, 1.0], 1), vec![13.5, 6.0]);
 
     // rsLoRA, hand calculation: r = 2, alpha = 4, s = 4/sqrt(2) = 2 sqrt(2);
     // W = 0, A = B = I, x = [1, 2]: y = s x = [2 sqrt 2, 4 sqrt 2].
-    let (mut w, mut a, mut b) = ([0.0; 4], [1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0]);
+    let (w, mut a, mut b) = ([0.0; 4], [1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0]);
     let cfg = LoraConfig::new(2, 4.0).with_rslora(true);
-    let layer = LoraLinear::new(&cfg, 2, 2, &mut w, None, &mut a, &mut b).unwrap();
-    let y = forward(&layer, &[1.0, 2.0], 1);
+    let base = Dense::new(&w, 2, 2).unwrap();
+    let layer = Lora::new(&cfg, 2, 2, &mut a[..], &mut b[..]).unwrap();
+    let y = forward(&layer, &base, &[1.0, 2.0], 1);
     let s = 2.0 * core::f64::consts::SQRT_2;
     assert!((y[0] - s).abs() < 1e-15 && (y[1] - 2.0 * s).abs() < 1e-15, "{y:?}");
 }
@@ -155,8 +160,9 @@ fn forward_matches_f64_oracle() {
         let s = cfg.scale().unwrap();
         let want = oracle(&x, t, n_in, n_out, r, &bf, s);
         let bias = bf.bias.clone();
-        let layer = LoraLinear::new(&cfg, n_in, n_out, &mut bf.w, Some(&bias), &mut bf.a, &mut bf.b).unwrap();
-        assert!(max_rel_err(&forward(&layer, &x, t), &want) < 1e-13);
+        let base = Dense::new(&bf.w, n_out, n_in).unwrap().with_bias(&bias).unwrap();
+    let layer = Lora::new(&cfg, n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
+        assert!(max_rel_err(&forward(&layer, &base, &x, t), &want) < 1e-13);
     }
 }
 
@@ -169,31 +175,94 @@ fn mistake6_merged_forward_equals_unmerged_and_is_one_matmul() {
     // alpha != r, random non-zero A and B.
     let cfg = LoraConfig::new(r, 7.0);
     let bias = bf.bias.clone();
-    let mut layer = LoraLinear::new(&cfg, n_in, n_out, &mut bf.w, Some(&bias), &mut bf.a, &mut bf.b).unwrap();
-    let unmerged = forward(&layer, &x, t);
-    layer.merge(&Reference, None).unwrap();
-    assert!(layer.is_merged());
-    assert_eq!(layer.forward_scratch_len(t), 0, "merged forward needs no low-rank temporaries");
-    let merged = forward(&layer, &x, t);
+    let layer = Lora::new(&cfg, n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
+    let unmerged = forward(&layer, &Dense::new(&bf.w, n_out, n_in).unwrap().with_bias(&bias).unwrap(), &x, t);
+    let guard = layer.merge_into(&Reference, &mut bf.w, None).unwrap();
+    // The merged layer's one forward is the base's: a single matmul, no
+    // scratch for low-rank temporaries.
+    let mut merged = vec![0.0; t * n_out];
+    guard
+        .base()
+        .with_bias(&bias)
+        .unwrap()
+        .forward(&Reference, MatRef::new(&x, t, n_in).unwrap(), MatMut::new(&mut merged, t, n_out).unwrap())
+        .unwrap();
+    let mut plain = vec![0.0; t * n_out];
+    guard.forward(MatRef::new(&x, t, n_in).unwrap(), MatMut::new(&mut plain, t, n_out).unwrap()).unwrap();
+    for (row_b, row_p) in merged.chunks(n_out).zip(plain.chunks(n_out)) {
+        for ((yb, yp), b) in row_b.iter().zip(row_p).zip(&bias) {
+            assert_eq!(*yb, *yp + b, "Merged::forward is x W'^T without a bias");
+        }
+    }
     // f64, inner lengths <= 24: 1e-13 relative leaves a wide margin over
     // the ~(in + r) eps accumulated error.
     assert!(max_rel_err(&merged, &unmerged) < 1e-13);
 }
 
 #[test]
-fn merge_twice_is_an_error_and_changes_nothing() {
+fn merge_guard_restores_on_drop_and_keep_stays_merged() {
     let mut rng = Rng::new(2);
     let mut bf = bufs(&mut rng, 6, 5, 2);
+    let orig = bf.w.clone();
     let cfg = LoraConfig::new(2, 4.0);
-    let mut layer = LoraLinear::new(&cfg, 6, 5, &mut bf.w, None, &mut bf.a, &mut bf.b).unwrap();
-    assert_eq!(layer.unmerge(&Reference), Err(Error::NotMerged));
-    layer.merge(&Reference, None).unwrap();
-    let once: Vec<f64> = layer.weight().to_vec();
-    assert_eq!(layer.merge(&Reference, None), Err(Error::AlreadyMerged));
-    assert_eq!(layer.weight(), &once[..]);
-    assert_eq!(layer.adapter_mut().unwrap_err(), Error::MergedAdapterLocked);
-    assert_eq!(layer.init_adapter(&mut rng), Err(Error::MergedAdapterLocked));
-    assert_eq!(layer.weight(), &once[..]);
+    let layer = Lora::new(&cfg, 6, 5, &bf.a[..], &bf.b[..]).unwrap();
+    // W' = W + s B A, s = 2, by hand loops.
+    let want: Vec<f64> = (0..30)
+        .map(|idx| {
+            let (i, j) = (idx / 6, idx % 6);
+            orig[idx] + 2.0 * (0..2).map(|k| bf.b[i * 2 + k] * bf.a[k * 6 + j]).sum::<f64>()
+        })
+        .collect();
+    let mut backup = vec![0.0; 30];
+    {
+        let guard = layer.merge_into(&Reference, &mut bf.w, Some(&mut backup)).unwrap();
+        assert!(max_rel_err(guard.weight(), &want) < 1e-15);
+    } // dropped: restored from the backup
+    assert_eq!(bf.w, orig);
+    let kept = layer.merge_into(&Reference, &mut bf.w, None).unwrap().keep();
+    assert!(max_rel_err(kept, &want) < 1e-15);
+    assert!(max_rel_err(&bf.w, &want) < 1e-15, "keep leaves W merged");
+}
+
+#[test]
+fn merge_errors_write_nothing() {
+    let mut rng = Rng::new(12);
+    let mut bf = bufs(&mut rng, 6, 5, 2);
+    let orig = bf.w.clone();
+    let layer = Lora::new(&LoraConfig::new(2, 4.0), 6, 5, &bf.a[..], &bf.b[..]).unwrap();
+    let err = layer.merge_into(&Reference, &mut bf.w[..29], None).unwrap_err();
+    assert_eq!(err, Error::ShapeMismatch { operand: Operand::Weight, expected: 30, found: 29 });
+    let mut short = [9.0; 29];
+    let err = layer.merge_into(&Reference, &mut bf.w, Some(&mut short)).unwrap_err();
+    assert_eq!(err, Error::ShapeMismatch { operand: Operand::Backup, expected: 30, found: 29 });
+    assert_eq!(bf.w, orig);
+    assert!(short.iter().all(|&v| v == 9.0));
+}
+
+#[test]
+fn two_adapters_share_one_read_only_base() {
+    static W: [f32; 12] = [0.5, -1.0, 0.25, 2.0, 1.5, 0.0, -0.75, 1.0, 0.125, -2.0, 3.0, 0.5];
+    let base = Dense::new(&W, 3, 4).unwrap();
+    let a1 = [1.0f32, 0.0, -1.0, 2.0];
+    let b1 = [1.0f32, 0.5, -0.25];
+    let a2 = [0.0f32, 1.0, 1.0, 0.0];
+    let b2 = [-1.0f32, 2.0, 0.0];
+    let l1 = Lora::new(&LoraConfig::new(1, 2.0), 4, 3, &a1[..], &b1[..]).unwrap();
+    let l2 = Lora::new(&LoraConfig::new(1, 1.0), 4, 3, &a2[..], &b2[..]).unwrap();
+    let x = [1.0f32, 2.0, -1.0, 0.5];
+    let run = |l: &Lora<f32, &[f32]>| {
+        let mut y = [0.0f32; 3];
+        let mut s = [0.0f32; 1];
+        l.forward(&Reference, &base, MatRef::new(&x, 1, 4).unwrap(), MatMut::new(&mut y, 1, 3).unwrap(), &mut s)
+            .unwrap();
+        y
+    };
+    // Hand calculation: x W^T = [0.5 - 2 - 0.25 + 1, 1.5 + 0.75 + 0.5,
+    // 0.125 - 4 - 3 + 0.25] = [-0.75, 2.75, -6.625];
+    // l1: s = 2, x A1^T = 1 + 1 + 1 = 3, adds 6 B1 = [6, 3, -1.5];
+    // l2: s = 1, x A2^T = 2 - 1 = 1, adds B2 = [-1, 2, 0].
+    assert_eq!(run(&l1), [5.25, 5.75, -8.125]);
+    assert_eq!(run(&l2), [-1.75, 4.75, -6.625]);
 }
 
 #[test]
@@ -205,17 +274,11 @@ fn unmerge_with_backup_is_bit_exact() {
     let mut b: Vec<f32> = (0..16).map(|_| rng.uniform_range(-1.0, 1.0) as f32).collect();
     let mut backup = vec![0.0f32; 48];
     let cfg = LoraConfig::new(2, 3.0);
-    let mut layer = LoraLinear::new(&cfg, 6, 8, &mut w, None, &mut a, &mut b).unwrap();
-    let mut short = [0.0f32; 47];
-    assert_eq!(
-        layer.merge(&Reference, Some(&mut short)),
-        Err(Error::ShapeMismatch { operand: Operand::Backup, expected: 48, found: 47 })
-    );
-    assert!(!layer.is_merged());
-    layer.merge(&Reference, Some(&mut backup)).unwrap();
-    assert_ne!(layer.weight(), &orig[..]);
-    layer.unmerge(&Reference).unwrap();
-    assert!(layer.weight().iter().zip(&orig).all(|(a, b)| a.to_bits() == b.to_bits()));
+    let layer = Lora::new(&cfg, 6, 8, &mut a[..], &mut b[..]).unwrap();
+    let guard = layer.merge_into(&Reference, &mut w, Some(&mut backup)).unwrap();
+    assert_ne!(guard.weight(), &orig[..]);
+    guard.unmerge().unwrap();
+    assert!(w.iter().zip(&orig).all(|(a, b)| a.to_bits() == b.to_bits()));
 }
 
 #[test]
@@ -235,15 +298,14 @@ fn unmerge_without_backup_drift_within_bound_over_1000_cycles() {
         })
         .collect();
     let cfg = LoraConfig::new(r, s * r as f64);
-    let mut layer = LoraLinear::new(&cfg, n_in, n_out, &mut w, None, &mut a, &mut b).unwrap();
+    let layer = Lora::new(&cfg, n_in, n_out, &mut a[..], &mut b[..]).unwrap();
     let cycles = 1000;
     for _ in 0..cycles {
-        layer.merge(&Reference, None).unwrap();
-        layer.unmerge(&Reference).unwrap();
+        layer.merge_into(&Reference, &mut w, None).unwrap().unmerge().unwrap();
     }
     let u = f32::EPSILON as f64 / 2.0;
     let mut worst = 0.0f64;
-    for ((got, want), p) in layer.weight().iter().zip(&orig).zip(&p) {
+    for ((got, want), p) in w.iter().zip(&orig).zip(&p) {
         let drift = (*got as f64 - *want as f64).abs();
         // Documented bound (merge.rs): n u (2|W| + |p|) (1 + u), with |W|
         // bounded by its value plus the drift so far.
@@ -255,8 +317,8 @@ fn unmerge_without_backup_drift_within_bound_over_1000_cycles() {
 }
 
 /// Loss `L = sum(y * g)`, in f64.
-fn loss(layer: &LoraLinear<'_, f64>, x: &[f64], t: usize, g: &[f64]) -> f64 {
-    forward(layer, x, t).iter().zip(g).map(|(a, b)| a * b).sum()
+fn loss(layer: &Lora<f64, &mut [f64]>, base: &Dense<'_, f64>, x: &[f64], t: usize, g: &[f64]) -> f64 {
+    forward(layer, base, x, t).iter().zip(g).map(|(a, b)| a * b).sum()
 }
 
 #[test]
@@ -269,13 +331,15 @@ fn gradients_match_central_finite_differences() {
         let g = random(&mut rng, t * n_out);
         let bias = bf.bias.clone();
         let cfg = LoraConfig::new(r, 5.0).with_rslora(rslora);
-        let mut layer = LoraLinear::new(&cfg, n_in, n_out, &mut bf.w, Some(&bias), &mut bf.a, &mut bf.b).unwrap();
+        let base = Dense::new(&bf.w, n_out, n_in).unwrap().with_bias(&bias).unwrap();
+    let mut layer = Lora::new(&cfg, n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
 
         let (mut ga, mut gb, mut gx) = (vec![0.0; r * n_in], vec![0.0; n_out * r], vec![0.0; t * n_in]);
         let mut scratch = vec![0.0; layer.backward_scratch_len(t)];
         layer
             .backward(
                 &Reference,
+                &base,
                 MatRef::new(&x, t, n_in).unwrap(),
                 MatRef::new(&g, t, n_out).unwrap(),
                 Some(MatMut::new(&mut gx, t, n_in).unwrap()),
@@ -285,20 +349,20 @@ fn gradients_match_central_finite_differences() {
             .unwrap();
 
         let h = 1e-6;
-        let fd = |l: &LoraLinear<'_, f64>, x: &[f64]| loss(l, x, t, &g);
+        let fd = |l: &Lora<f64, &mut [f64]>, x: &[f64]| loss(l, &base, x, t, &g);
         // dL/dA and dL/dB: perturb one element at a time.
         for (which, analytic) in [(0, &ga), (1, &gb)] {
             for idx in 0..analytic.len() {
-                let (a, b) = layer.adapter_mut().unwrap();
+                let (a, b) = layer.adapter_mut();
                 let p = if which == 0 { &mut a[idx] } else { &mut b[idx] };
                 let orig = *p;
                 *p = orig + h;
                 let up = fd(&layer, &x);
-                let (a, b) = layer.adapter_mut().unwrap();
+                let (a, b) = layer.adapter_mut();
                 let p = if which == 0 { &mut a[idx] } else { &mut b[idx] };
                 *p = orig - h;
                 let down = fd(&layer, &x);
-                let (a, b) = layer.adapter_mut().unwrap();
+                let (a, b) = layer.adapter_mut();
                 let p = if which == 0 { &mut a[idx] } else { &mut b[idx] };
                 *p = orig;
                 let numeric = (up - down) / (2.0 * h);
@@ -318,22 +382,19 @@ fn gradients_match_central_finite_differences() {
             assert!(rel < 1e-6, "dx idx {idx}: fd {numeric} vs {}", gx[idx]);
         }
 
-        // The merged layer gives the same dx (G W' = G (W + s B A)) and the
-        // same adapter gradients.
-        layer.merge(&Reference, None).unwrap();
-        let (mut ga2, mut gb2, mut gx2) = (vec![0.0; r * n_in], vec![0.0; n_out * r], vec![0.0; t * n_in]);
-        layer
-            .backward(
+        // dx through the merged weight alone, G W' = G (W + s B A), is the
+        // same dx: the low-rank term belongs to the unmerged pass only.
+        let guard = layer.merge_into(&Reference, &mut bf.w, None).unwrap();
+        let mut gx2 = vec![0.0; t * n_in];
+        guard
+            .base()
+            .apply_transpose(
                 &Reference,
-                MatRef::new(&x, t, n_in).unwrap(),
                 MatRef::new(&g, t, n_out).unwrap(),
-                Some(MatMut::new(&mut gx2, t, n_in).unwrap()),
-                LoraGrads { a: &mut ga2, b: &mut gb2 },
-                &mut scratch,
+                MatMut::new(&mut gx2, t, n_in).unwrap(),
+                Accum::Replace,
             )
             .unwrap();
-        assert_eq!(ga2, ga);
-        assert_eq!(gb2, gb);
         assert!(max_rel_err(&gx2, &gx) < 1e-13);
     }
 }
@@ -346,13 +407,15 @@ fn gradients_accumulate_across_micro_batches() {
     let x = random(&mut rng, t * n_in);
     let g = random(&mut rng, t * n_out);
     let cfg = LoraConfig::new(r, 2.0);
-    let layer = LoraLinear::new(&cfg, n_in, n_out, &mut bf.w, None, &mut bf.a, &mut bf.b).unwrap();
+    let base = Dense::new(&bf.w, n_out, n_in).unwrap();
+    let layer = Lora::new(&cfg, n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
     let (mut ga, mut gb) = (vec![0.0; r * n_in], vec![0.0; n_out * r]);
     let mut scratch = vec![0.0; layer.backward_scratch_len(t)];
     let mut run = |ga: &mut Vec<f64>, gb: &mut Vec<f64>| {
         layer
             .backward(
                 &Reference,
+                &base,
                 MatRef::new(&x, t, n_in).unwrap(),
                 MatRef::new(&g, t, n_out).unwrap(),
                 None,
@@ -380,13 +443,14 @@ fn mistakes_1_and_12_base_is_bit_identical_after_training() {
     let target = random(&mut rng, t * n_out);
     let bias = bf.bias.clone();
     let cfg = LoraConfig::new(r, 6.0);
-    let mut layer = LoraLinear::new(&cfg, n_in, n_out, &mut bf.w, Some(&bias), &mut bf.a, &mut bf.b).unwrap();
-    layer.init_adapter(&mut rng).unwrap();
+    let base = Dense::new(&bf.w, n_out, n_in).unwrap().with_bias(&bias).unwrap();
+    let mut layer = Lora::new(&cfg, n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
+    layer.init_adapter(&mut rng);
     let mut scratch = vec![0.0; layer.backward_scratch_len(t)];
     let mut first = None;
     let mut last = 0.0;
     for _ in 0..50 {
-        let y = forward(&layer, &x, t);
+        let y = forward(&layer, &base, &x, t);
         // L = 0.5 |y - target|^2 / t, dL/dy = (y - target) / t.
         let gy: Vec<f64> = y.iter().zip(&target).map(|(a, b)| (a - b) / t as f64).collect();
         last = y.iter().zip(&target).map(|(a, b)| 0.5 * (a - b) * (a - b)).sum::<f64>() / t as f64;
@@ -395,6 +459,7 @@ fn mistakes_1_and_12_base_is_bit_identical_after_training() {
         layer
             .backward(
                 &Reference,
+                &base,
                 MatRef::new(&x, t, n_in).unwrap(),
                 MatRef::new(&gy, t, n_out).unwrap(),
                 None,
@@ -402,7 +467,7 @@ fn mistakes_1_and_12_base_is_bit_identical_after_training() {
                 &mut scratch,
             )
             .unwrap();
-        let (a, b) = layer.adapter_mut().unwrap();
+        let (a, b) = layer.adapter_mut();
         for (p, g) in a.iter_mut().zip(&ga).chain(b.iter_mut().zip(&gb)) {
             *p -= 0.05 * g;
         }
@@ -418,25 +483,25 @@ fn constructor_errors() {
     let mut rng = Rng::new(0);
     let mut bf = bufs(&mut rng, 4, 3, 2);
     let ok = LoraConfig::new(2, 2.0);
-    let e = |cfg: &LoraConfig<'_>, bf: &mut Bufs, bias: Option<&[f64]>| {
-        LoraLinear::new(cfg, 4, 3, &mut bf.w, bias, &mut bf.a, &mut bf.b).map(|_| ()).unwrap_err()
-    };
-    assert_eq!(e(&LoraConfig::new(0, 2.0), &mut bf, None), Error::InvalidRank { rank: 0, max: 3 });
-    assert_eq!(e(&LoraConfig::new(4, 2.0), &mut bf, None), Error::InvalidRank { rank: 4, max: 3 });
-    assert_eq!(e(&LoraConfig::new(2, f64::NAN), &mut bf, None), Error::InvalidAlpha);
-    let short_bias = [0.0; 2];
-    assert_eq!(
-        e(&ok, &mut bf, Some(&short_bias)),
-        Error::ShapeMismatch { operand: Operand::Bias, expected: 3, found: 2 }
-    );
-    bf.w.pop();
-    assert_eq!(e(&ok, &mut bf, None), Error::ShapeMismatch { operand: Operand::Weight, expected: 12, found: 11 });
-    bf.w.push(0.0);
+    let e = |cfg: &LoraConfig<'_>, bf: &Bufs| Lora::new(cfg, 4, 3, &bf.a[..], &bf.b[..]).map(|_| ()).unwrap_err();
+    assert_eq!(e(&LoraConfig::new(0, 2.0), &bf), Error::InvalidRank { rank: 0, max: 3 });
+    assert_eq!(e(&LoraConfig::new(4, 2.0), &bf), Error::InvalidRank { rank: 4, max: 3 });
+    assert_eq!(e(&LoraConfig::new(2, f64::NAN), &bf), Error::InvalidAlpha);
     bf.a.push(0.0);
-    assert_eq!(e(&ok, &mut bf, None), Error::ShapeMismatch { operand: Operand::LoraA, expected: 8, found: 9 });
+    assert_eq!(e(&ok, &bf), Error::ShapeMismatch { operand: Operand::LoraA, expected: 8, found: 9 });
     bf.a.pop();
     bf.b.pop();
-    assert_eq!(e(&ok, &mut bf, None), Error::ShapeMismatch { operand: Operand::LoraB, expected: 6, found: 5 });
+    assert_eq!(e(&ok, &bf), Error::ShapeMismatch { operand: Operand::LoraB, expected: 6, found: 5 });
+    bf.b.push(0.0);
+    // A base of another shape than the adapter's is refused by every pass.
+    let layer = Lora::new(&ok, 4, 3, &bf.a[..], &bf.b[..]).unwrap();
+    let wide = Dense::new(&[0.0; 15], 3, 5).unwrap();
+    let mut y = [1.5; 3];
+    let err = layer
+        .forward(&Reference, &wide, MatRef::new(&[0.0; 4], 1, 4).unwrap(), MatMut::new(&mut y, 1, 3).unwrap(), &mut [0.0; 2])
+        .unwrap_err();
+    assert_eq!(err, Error::ShapeMismatch { operand: Operand::Weight, expected: 4, found: 5 });
+    assert_eq!(y, [1.5; 3]);
 }
 
 #[test]
@@ -444,13 +509,14 @@ fn forward_errors_leave_output_unchanged() {
     let mut rng = Rng::new(6);
     let (n_in, n_out, r, t) = (4, 3, 2, 2);
     let mut bf = bufs(&mut rng, n_in, n_out, r);
-    let layer = LoraLinear::new(&LoraConfig::new(r, 2.0), n_in, n_out, &mut bf.w, None, &mut bf.a, &mut bf.b).unwrap();
+    let base = Dense::new(&bf.w, n_out, n_in).unwrap();
+    let layer = Lora::new(&LoraConfig::new(r, 2.0), n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
     let x = random(&mut rng, t * (n_in + 1));
     let sentinel = -7.25;
     let run = |x: MatRef<'_, f64>, rows: usize, cols: usize, scratch: usize| {
         let mut y = vec![sentinel; rows * cols];
         let mut s = vec![0.0; scratch];
-        let err = layer.forward(&Reference, x, MatMut::new(&mut y, rows, cols).unwrap(), &mut s).unwrap_err();
+        let err = layer.forward(&Reference, &base, x, MatMut::new(&mut y, rows, cols).unwrap(), &mut s).unwrap_err();
         assert!(y.iter().all(|&v| v == sentinel), "{err:?} wrote to y");
         err
     };
@@ -476,7 +542,8 @@ fn backward_errors_leave_outputs_unchanged() {
     let mut rng = Rng::new(10);
     let (n_in, n_out, r, t) = (4, 3, 2, 2);
     let mut bf = bufs(&mut rng, n_in, n_out, r);
-    let layer = LoraLinear::new(&LoraConfig::new(r, 2.0), n_in, n_out, &mut bf.w, None, &mut bf.a, &mut bf.b).unwrap();
+    let base = Dense::new(&bf.w, n_out, n_in).unwrap();
+    let layer = Lora::new(&LoraConfig::new(r, 2.0), n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
     let x = random(&mut rng, t * n_in);
     let g = random(&mut rng, (t + 1) * (n_out + 1));
     let s = 3.5;
@@ -509,6 +576,7 @@ fn backward_errors_leave_outputs_unchanged() {
         let err = layer
             .backward(
                 &Reference,
+                &base,
                 MatRef::new(&x, t, n_in).unwrap(),
                 MatRef::new(&g[..gyr * gyc], gyr, gyc).unwrap(),
                 Some(MatMut::new(&mut gx, gxr, gxc).unwrap()),
@@ -540,11 +608,12 @@ fn half_precision_forward_tracks_f32() {
     };
     let xr: Vec<f64> = xh.iter().map(|v| v.to_f64()).collect();
     let want = oracle(&xr, t, n_in, n_out, r, &rounded, 1.0);
-    let layer = LoraLinear::new(&LoraConfig::new(r, 2.0), n_in, n_out, &mut w, None, &mut a, &mut b).unwrap();
+    let base = Dense::new(&w, n_out, n_in).unwrap();
+    let layer = Lora::new(&LoraConfig::new(r, 2.0), n_in, n_out, &mut a[..], &mut b[..]).unwrap();
     let mut y = vec![bf16::ZERO; t * n_out];
     let mut scratch = vec![bf16::ZERO; layer.forward_scratch_len(t)];
     layer
-        .forward(&Reference, MatRef::new(&xh, t, n_in).unwrap(), MatMut::new(&mut y, t, n_out).unwrap(), &mut scratch)
+        .forward(&Reference, &base, MatRef::new(&xh, t, n_in).unwrap(), MatMut::new(&mut y, t, n_out).unwrap(), &mut scratch)
         .unwrap();
     let got: Vec<f64> = y.iter().map(|v| v.to_f64()).collect();
     // bf16 has u = 2^-8; the stored t = x A^T and y are each rounded once,

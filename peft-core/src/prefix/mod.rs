@@ -44,10 +44,10 @@ impl PrefixConfig {
     /// [`Error::Overflow`].
     pub fn new(n_prefix: usize, n_layers: usize, shape: &AttentionShape) -> Result<Self> {
         if n_prefix == 0 {
-            return Err(Error::InvalidParameter { name: "n_prefix" });
+            return Err(Error::InvalidParameter { name: "n_prefix", rule: "must be positive" });
         }
         if n_layers == 0 {
-            return Err(Error::InvalidParameter { name: "n_layers" });
+            return Err(Error::InvalidParameter { name: "n_layers", rule: "must be positive" });
         }
         let cfg = Self { n_prefix, n_layers, kv_width: shape.kv_width() };
         checked_len(n_prefix, checked_len(checked_len(n_layers, 2)?, cfg.kv_width)?)?;
@@ -86,7 +86,7 @@ impl PrefixConfig {
 
     fn check_layer(&self, layer: usize) -> Result<()> {
         if layer >= self.n_layers {
-            return Err(Error::InvalidParameter { name: "layer index" });
+            return Err(Error::InvalidParameter { name: "layer index", rule: "must be below n_layers" });
         }
         Ok(())
     }

@@ -62,6 +62,18 @@ impl<E> EncoderParams<'_, E> {
     }
 }
 
+/// Scratch [`PrefixEncoder::forward`] needs: `n_prefix * hidden`
+/// (saturating). A `const fn`, for buffers sized at compile time.
+pub const fn forward_scratch_len(n_prefix: usize, hidden: usize) -> usize {
+    n_prefix.saturating_mul(hidden)
+}
+
+/// Scratch [`PrefixEncoder::backward`] needs: `2 * n_prefix * hidden`
+/// (saturating).
+pub const fn backward_scratch_len(n_prefix: usize, hidden: usize) -> usize {
+    forward_scratch_len(n_prefix, hidden).saturating_mul(2)
+}
+
 impl<'a, E: Element> PrefixEncoder<'a, E> {
     /// Wraps parameters for embedding width `d` and MLP width `hidden`.
     ///
@@ -70,10 +82,10 @@ impl<'a, E: Element> PrefixEncoder<'a, E> {
     /// size"`) for zero; [`Error::ShapeMismatch`] (`PrefixEncoder`).
     pub fn new(cfg: PrefixConfig, d: usize, hidden: usize, params: EncoderParams<'a, E>) -> Result<Self> {
         if d == 0 {
-            return Err(Error::InvalidParameter { name: "embedding width" });
+            return Err(Error::InvalidParameter { name: "embedding width", rule: "must be positive" });
         }
         if hidden == 0 {
-            return Err(Error::InvalidParameter { name: "encoder hidden size" });
+            return Err(Error::InvalidParameter { name: "encoder hidden size", rule: "must be positive" });
         }
         params.check(&cfg, d, hidden)?;
         Ok(Self { p: params, cfg, d, hidden })
@@ -104,12 +116,12 @@ impl<'a, E: Element> PrefixEncoder<'a, E> {
 
     /// Scratch [`forward`](Self::forward) needs: `n_prefix * hidden`.
     pub fn forward_scratch_len(&self) -> usize {
-        self.cfg.n_prefix() * self.hidden
+        forward_scratch_len(self.cfg.n_prefix(), self.hidden)
     }
 
     /// Scratch [`backward`](Self::backward) needs: `2 * n_prefix * hidden`.
     pub fn backward_scratch_len(&self) -> usize {
-        2 * self.forward_scratch_len()
+        backward_scratch_len(self.cfg.n_prefix(), self.hidden)
     }
 
     /// `kv = tanh(E W1^T + b1) W2^T + b2`, written into `kv` (the plain
@@ -119,7 +131,7 @@ impl<'a, E: Element> PrefixEncoder<'a, E> {
     /// # Errors
     /// [`Error::ShapeMismatch`] (`Prefix`), [`Error::ScratchTooSmall`];
     /// nothing is written.
-    pub fn forward<B: Backend<E> + ?Sized>(&self, backend: &B, kv: &mut [E], scratch: &mut [E]) -> Result<()> {
+    pub fn forward<B: Backend<E> + ?Sized>(&self, backend: &B, kv: &mut [E], scratch: &mut [E]) -> core::result::Result<(), B::Error> {
         check_len(Operand::Prefix, self.cfg.len(), kv.len())?;
         let need = self.forward_scratch_len();
         check_scratch(need, scratch.len())?;
@@ -131,7 +143,7 @@ impl<'a, E: Element> PrefixEncoder<'a, E> {
     }
 
     /// `a = tanh(E W1^T + b1)`.
-    fn hidden_layer<B: Backend<E> + ?Sized>(&self, backend: &B, a: &mut MatMut<'_, E>) -> Result<()> {
+    fn hidden_layer<B: Backend<E> + ?Sized>(&self, backend: &B, a: &mut MatMut<'_, E>) -> core::result::Result<(), B::Error> {
         let one = <E::Accum as Element>::from_f64(1.0);
         let emb = MatRef::new(self.p.embedding, self.cfg.n_prefix(), self.d)?;
         let w1 = MatRef::new(self.p.w1, self.hidden, self.d)?;
@@ -150,7 +162,7 @@ impl<'a, E: Element> PrefixEncoder<'a, E> {
         backend: &B,
         a: MatRef<'_, E>,
         mut out: MatMut<'_, E>,
-    ) -> Result<()> {
+    ) -> core::result::Result<(), B::Error> {
         let one = <E::Accum as Element>::from_f64(1.0);
         let w2 = MatRef::new(self.p.w2, self.cfg.row_width(), self.hidden)?;
         backend.gemm(out.rb_mut(), Accum::Replace, a, Op::N, w2, Op::T, one)?;
@@ -175,7 +187,7 @@ impl<'a, E: Element> PrefixEncoder<'a, E> {
         grad_kv: &[E],
         grads: EncoderGrads<'_, E>,
         scratch: &mut [E],
-    ) -> Result<()> {
+    ) -> core::result::Result<(), B::Error> {
         check_len(Operand::Prefix, self.cfg.len(), grad_kv.len())?;
         grads.check(&self.cfg, self.d, self.hidden)?;
         let need = self.backward_scratch_len();
