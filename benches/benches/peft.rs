@@ -24,8 +24,8 @@ use std::time::Duration;
 use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime};
 use peft_core::activation::Activation;
 use peft_core::adapter::{AdapterConfig, AdapterParams, BottleneckAdapter};
-use peft_core::lora::{LoraConfig, LoraGrads, LoraLinear};
-use peft_core::{Accum, Backend, MatMut, MatRef, Op, Reference, Rng};
+use peft_core::lora::{Lora, LoraConfig, LoraGrads};
+use peft_core::{Accum, Backend, Dense, Error, MatMut, MatRef, Op, Reference, Rng};
 use peft_faer::Faer;
 
 /// A LoRA problem: `tokens x d_in -> tokens x d_out`, rank `r`.
@@ -119,29 +119,42 @@ fn bench_lora_forward<B: Backend<f32>>(
 ) {
     let s = p.s;
     let cfg = LoraConfig::new(s.r, 2.0 * s.r as f64);
-    let mut layer = LoraLinear::new(&cfg, s.d_in, s.d_out, &mut p.w, None, &mut p.a, &mut p.b).unwrap();
-    if merged {
-        layer.merge(backend, None).unwrap();
-    }
+    let layer = Lora::new(&cfg, s.d_in, s.d_out, &p.a[..], &p.b[..]).unwrap();
     let mut y = vec![0.0f32; s.tokens * s.d_out];
-    let mut scratch = vec![0.0f32; layer.forward_scratch_len(s.tokens)];
-    group.throughput(Throughput::Elements(if merged { s.base_flops() } else { s.lora_forward_flops() }));
-    group.bench_function(name, |bench| {
-        bench.iter(|| {
-            let x = MatRef::new(&p.x, s.tokens, s.d_in).unwrap();
-            layer.forward(backend, x, MatMut::new(&mut y, s.tokens, s.d_out).unwrap(), &mut scratch).unwrap();
-            black_box(&y);
-        })
-    });
+    let x = MatRef::new(&p.x, s.tokens, s.d_in).unwrap();
     if merged {
-        layer.unmerge(backend).unwrap();
+        let merged = layer.merge_into(backend, &mut p.w, None).unwrap();
+        group.throughput(Throughput::Elements(s.base_flops()));
+        group.bench_function(name, |bench| {
+            bench.iter(|| {
+                merged.forward(x, MatMut::new(&mut y, s.tokens, s.d_out).unwrap()).unwrap();
+                black_box(&y);
+            })
+        });
+        merged.unmerge().unwrap();
+    } else {
+        let base = Dense::new(&p.w, s.d_out, s.d_in).unwrap();
+        let mut scratch = vec![0.0f32; layer.forward_scratch_len(s.tokens)];
+        group.throughput(Throughput::Elements(s.lora_forward_flops()));
+        group.bench_function(name, |bench| {
+            bench.iter(|| {
+                let yv = MatMut::new(&mut y, s.tokens, s.d_out).unwrap();
+                layer.forward(backend, &base, x, yv, &mut scratch).unwrap();
+                black_box(&y);
+            })
+        });
     }
 }
 
-fn bench_lora_backward<B: Backend<f32>>(group: &mut BenchmarkGroup<'_, WallTime>, backend: &B, p: &mut Problem) {
+fn bench_lora_backward<B: Backend<f32, Error = Error>>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    backend: &B,
+    p: &Problem,
+) {
     let s = p.s;
     let cfg = LoraConfig::new(s.r, 2.0 * s.r as f64);
-    let layer = LoraLinear::new(&cfg, s.d_in, s.d_out, &mut p.w, None, &mut p.a, &mut p.b).unwrap();
+    let layer = Lora::new(&cfg, s.d_in, s.d_out, &p.a[..], &p.b[..]).unwrap();
+    let base = Dense::new(&p.w, s.d_out, s.d_in).unwrap();
     let (mut ga, mut gb) = (vec![0.0f32; s.r * s.d_in], vec![0.0f32; s.d_out * s.r]);
     let mut gx = vec![0.0f32; s.tokens * s.d_in];
     let mut scratch = vec![0.0f32; layer.backward_scratch_len(s.tokens)];
@@ -152,7 +165,7 @@ fn bench_lora_backward<B: Backend<f32>>(group: &mut BenchmarkGroup<'_, WallTime>
             let gy = MatRef::new(&p.gy, s.tokens, s.d_out).unwrap();
             let gxv = MatMut::new(&mut gx, s.tokens, s.d_in).unwrap();
             let grads = LoraGrads { a: &mut ga, b: &mut gb };
-            layer.backward(backend, x, gy, Some(gxv), grads, &mut scratch).unwrap();
+            layer.backward(backend, &base, x, gy, Some(gxv), grads, &mut scratch).unwrap();
             black_box((&gx, &ga, &gb));
         })
     });
@@ -193,11 +206,10 @@ fn bench_merge<B: Backend<f32>>(group: &mut BenchmarkGroup<'_, WallTime>, backen
         })
     });
     let cfg = LoraConfig::new(s.r, 2.0 * s.r as f64);
-    let mut layer = LoraLinear::new(&cfg, s.d_in, s.d_out, &mut p.w, None, &mut p.a, &mut p.b).unwrap();
+    let layer = Lora::new(&cfg, s.d_in, s.d_out, &p.a[..], &p.b[..]).unwrap();
     group.bench_function("merge", |bench| {
         bench.iter(|| {
-            layer.merge(backend, None).unwrap();
-            layer.unmerge(backend).unwrap();
+            layer.merge_into(backend, &mut p.w, None).unwrap().unmerge().unwrap();
         })
     });
 }
@@ -226,7 +238,7 @@ fn lora_groups(c: &mut Criterion) {
             configure(&mut g, big);
             bench_base_gemm(&mut g, "base_gemm", &faer, &p);
             bench_full_backward(&mut g, &faer, &p);
-            bench_lora_backward(&mut g, &faer, &mut p);
+            bench_lora_backward(&mut g, &faer, &p);
             g.finish();
 
             let mut g = c.benchmark_group(format!("merge.{tag}"));

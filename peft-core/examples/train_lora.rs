@@ -73,7 +73,8 @@ fn main() -> peft_core::Result<()> {
     let mut y = vec![0.0f32; TOKENS * D];
     // The frozen base: read only, shared by the loss and the training loop.
     let base = Dense::new(&w, D, D)?;
-    let mse = |y: &[f32]| y.iter().zip(&held_out_target).map(|(p, t)| (p - t) * (p - t)).sum::<f32>() / (TOKENS * D) as f32;
+    let mse =
+        |y: &[f32]| y.iter().zip(&held_out_target).map(|(p, t)| (p - t) * (p - t)).sum::<f32>() / (TOKENS * D) as f32;
     let loss = |layer: &Lora<f32, &mut [f32]>, y: &mut [f32], scratch: &mut [f32]| -> peft_core::Result<f32> {
         let x = MatRef::new(&held_out, TOKENS, D)?;
         layer.forward(&Reference, &base, x, MatMut::new(y, TOKENS, D)?, scratch)?;

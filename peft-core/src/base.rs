@@ -238,14 +238,18 @@ mod tests {
         let b = [1.0, 0.0, -1.0];
         let base = Dense::new(&w, 3, 2).unwrap().with_bias(&b).unwrap();
         let mut y = [0.0; 3];
-        base.forward(&Reference, MatRef::new(&[1.0, 1.0], 1, 2).unwrap(), MatMut::new(&mut y, 1, 3).unwrap())
-            .unwrap();
+        base.forward(&Reference, MatRef::new(&[1.0, 1.0], 1, 2).unwrap(), MatMut::new(&mut y, 1, 3).unwrap()).unwrap();
         // x W^T + b = [3, 7, 11] + [1, 0, -1].
         assert_eq!(y, [4.0, 7.0, 10.0]);
         let mut gx = [0.0; 2];
         let g = [1.0, 0.0, 1.0];
-        base.apply_transpose(&Reference, MatRef::new(&g, 1, 3).unwrap(), MatMut::new(&mut gx, 1, 2).unwrap(), Accum::Replace)
-            .unwrap();
+        base.apply_transpose(
+            &Reference,
+            MatRef::new(&g, 1, 3).unwrap(),
+            MatMut::new(&mut gx, 1, 2).unwrap(),
+            Accum::Replace,
+        )
+        .unwrap();
         // g W = row0 + row2 = [6, 8].
         assert_eq!(gx, [6.0, 8.0]);
     }
@@ -269,7 +273,12 @@ mod tests {
             .unwrap_err();
         assert_eq!(err, Error::ShapeMismatch { operand: Operand::Input, expected: 2, found: 3 });
         let err = base
-            .apply_transpose(&Reference, MatRef::new(&x[..2], 1, 2).unwrap(), MatMut::new(&mut y[..2], 1, 2).unwrap(), Accum::Replace)
+            .apply_transpose(
+                &Reference,
+                MatRef::new(&x[..2], 1, 2).unwrap(),
+                MatMut::new(&mut y[..2], 1, 2).unwrap(),
+                Accum::Replace,
+            )
             .unwrap_err();
         assert_eq!(err, Error::ShapeMismatch { operand: Operand::GradOutput, expected: 3, found: 2 });
         assert_eq!(y, [7.0; 3]);

@@ -360,7 +360,10 @@ mod tests {
         pt.init_from_vocab(t, &[2, 0]).unwrap();
         assert_eq!(pt.prompt(), &[2.0, 2.5, 0.0, 0.5, 2.0, 2.5]);
         assert_eq!(pt.init_from_vocab(t, &[3]), Err(Error::TokenOutOfRange { id: 3, vocab: 3 }));
-        assert_eq!(pt.init_from_vocab(t, &[]), Err(Error::InvalidParameter { name: "token ids", rule: "must not be empty" }));
+        assert_eq!(
+            pt.init_from_vocab(t, &[]),
+            Err(Error::InvalidParameter { name: "token ids", rule: "must not be empty" })
+        );
         assert_eq!(pt.prompt(), &[2.0, 2.5, 0.0, 0.5, 2.0, 2.5]);
         let mut rng = Rng::new(1);
         pt.init_sample_vocab(t, &mut rng).unwrap();
@@ -374,7 +377,10 @@ mod tests {
     #[test]
     fn errors() {
         let mut p = [0.0f32; 4];
-        assert_eq!(PromptTuning::new(&mut p, 0, 4).unwrap_err(), Error::InvalidParameter { name: "n_virtual", rule: "must be positive" });
+        assert_eq!(
+            PromptTuning::new(&mut p, 0, 4).unwrap_err(),
+            Error::InvalidParameter { name: "n_virtual", rule: "must be positive" }
+        );
         assert_eq!(
             PromptTuning::new(&mut p, 2, 3).unwrap_err(),
             Error::ShapeMismatch { operand: Operand::Prompt, expected: 6, found: 4 }

@@ -36,7 +36,7 @@ use core::cell::RefCell;
 use faer::Par;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use peft_core::backend::check_gemm;
+use peft_core::backend::{BackendError, ErrorKind, check_gemm};
 use peft_core::{Accum, Backend, Element, Error, MatMut, MatRef, Op, Result};
 
 /// Products with fewer multiply-adds than this run single-threaded
@@ -154,6 +154,8 @@ fn faer_accum(a: Accum) -> faer::Accum {
 macro_rules! impl_faer {
     ($t:ty) => {
         impl Backend<$t> for Faer {
+            type Error = Error;
+
             fn gemm(
                 &self,
                 dst: MatMut<'_, $t>,
@@ -258,14 +260,15 @@ impl<S: AsMut<[f32]>> FaerHalf<S> {
         rhs: MatRef<'_, E>,
         rhs_op: Op,
         alpha: f32,
-    ) -> Result<()> {
+    ) -> core::result::Result<(), HalfError> {
         let (m, n, k) = check_gemm(&dst, &lhs, lhs_op, &rhs, rhs_op)?;
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let mut staging = self.staging.try_borrow_mut().map_err(|_| Error::ScratchTooSmall { needed: 1, len: 0 })?;
+        let mut staging = self.staging.try_borrow_mut().map_err(|_| HalfError::StagingBusy)?;
         let buf = staging.as_mut();
-        let (mb, nb) = tiles(m, n, k, buf.len()).ok_or(Error::ScratchTooSmall { needed: 2 * k + 1, len: buf.len() })?;
+        let (mb, nb) = tiles(m, n, k, buf.len())
+            .ok_or(HalfError::StagingTooSmall { needed: k.saturating_mul(2).saturating_add(1), len: buf.len() })?;
         for j0 in (0..n).step_by(nb) {
             let nj = nb.min(n - j0);
             let (rhs_s, rest) = buf.split_at_mut(k * nj);
@@ -278,7 +281,8 @@ impl<S: AsMut<[f32]>> FaerHalf<S> {
             for i0 in (0..m).step_by(mb) {
                 let mi = mb.min(m - i0);
                 let (lhs_s, rest) = rest.split_at_mut(mi * k);
-                let dst_s = rest.get_mut(..mi * nj).ok_or(Error::ScratchTooSmall { needed: 1, len: 0 })?;
+                // `tiles` sized the buffer for `k nj + mi k + mi nj`.
+                let dst_s = rest.get_mut(..mi * nj).ok_or(HalfError::Internal("staging tile"))?;
                 let lhs_f = match lhs_op {
                     Op::N => stage(lhs, i0, mi, 0, k, lhs_s),
                     Op::T => stage(lhs, 0, k, i0, mi, lhs_s),
@@ -287,7 +291,7 @@ impl<S: AsMut<[f32]>> FaerHalf<S> {
                     .rb_mut()
                     .into_rows_range(i0, mi)
                     .and_then(|t| t.into_cols_range(j0, nj))
-                    .ok_or(Error::ScratchTooSmall { needed: 1, len: 0 })?;
+                    .ok_or(HalfError::Internal("output tile"))?;
                 if accum == Accum::Add {
                     for (row, s) in tile.row_iter_mut().zip(dst_s.chunks_exact_mut(nj)) {
                         E::widen(row, s);
@@ -314,6 +318,61 @@ impl<S: AsMut<[f32]>> FaerHalf<S> {
     }
 }
 
+/// The error of [`FaerHalf`]: `peft-core`'s shape errors, and the staging
+/// buffer's own failures.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum HalfError {
+    /// A shape or length error (`peft-core`'s [`Error`]).
+    Core(Error),
+    /// The staging buffer is borrowed by a gemm further up this thread's
+    /// stack (a backend shared with a callback that runs a gemm itself).
+    StagingBusy,
+    /// The staging buffer cannot hold even a `1 x 1` output tile of a
+    /// product with inner dimension `k`: it needs `2 k + 1` elements.
+    StagingTooSmall {
+        /// Elements needed (`2 k + 1`).
+        needed: usize,
+        /// Elements the buffer has.
+        len: usize,
+    },
+    /// A tile the tiling arithmetic sized did not fit: a bug in this
+    /// backend, reported rather than panicking.
+    Internal(&'static str),
+}
+
+impl From<Error> for HalfError {
+    fn from(e: Error) -> Self {
+        HalfError::Core(e)
+    }
+}
+
+impl std::fmt::Display for HalfError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HalfError::Core(e) => e.fmt(f),
+            HalfError::StagingBusy => f.write_str("the f32 staging buffer is in use by another gemm on this thread"),
+            HalfError::StagingTooSmall { needed, len } => {
+                write!(f, "f32 staging buffer of {len} elements is smaller than the {needed} one tile needs")
+            }
+            HalfError::Internal(what) => write!(f, "internal tiling error ({what}); please report"),
+        }
+    }
+}
+
+impl std::error::Error for HalfError {}
+
+impl BackendError for HalfError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            HalfError::Core(e) => e.kind(),
+            HalfError::StagingBusy => ErrorKind::Busy,
+            HalfError::StagingTooSmall { .. } => ErrorKind::Scratch,
+            HalfError::Internal(_) => ErrorKind::Other,
+        }
+    }
+}
+
 /// Widens rows `r0..r0+nr`, columns `c0..c0+nc` of `m` into `out` (dense,
 /// row-major) and returns the f32 view of them.
 fn stage<'a, E: Half>(
@@ -323,15 +382,15 @@ fn stage<'a, E: Half>(
     c0: usize,
     nc: usize,
     out: &'a mut [f32],
-) -> Result<MatRef<'a, f32>> {
+) -> core::result::Result<MatRef<'a, f32>, HalfError> {
     let block = m.rows_range(r0, nr).and_then(|b| b.cols_range(c0, nc)).ok_or(Error::Overflow)?;
-    let out = out.get_mut(..nr * nc).ok_or(Error::ScratchTooSmall { needed: nr * nc, len: 0 })?;
+    let out = out.get_mut(..nr * nc).ok_or(HalfError::Internal("staging operand"))?;
     if nc > 0 {
         for (row, o) in block.row_iter().zip(out.chunks_exact_mut(nc)) {
             E::widen(row, o);
         }
     }
-    MatRef::new(out, nr, nc)
+    Ok(MatRef::new(out, nr, nc)?)
 }
 
 /// Output tile sizes `(mb, nb)` whose staging `k nb + mb k + mb nb` fits in
@@ -356,6 +415,8 @@ fn tiles(m: usize, n: usize, k: usize, cap: usize) -> Option<(usize, usize)> {
 macro_rules! impl_faer_half {
     ($t:ty) => {
         impl<S: AsMut<[f32]>> Backend<$t> for FaerHalf<S> {
+            type Error = HalfError;
+
             fn gemm(
                 &self,
                 dst: MatMut<'_, $t>,
@@ -365,7 +426,7 @@ macro_rules! impl_faer_half {
                 rhs: MatRef<'_, $t>,
                 rhs_op: Op,
                 alpha: f32,
-            ) -> Result<()> {
+            ) -> core::result::Result<(), HalfError> {
                 self.gemm_half(dst, accum, lhs, lhs_op, rhs, rhs_op, alpha)
             }
         }

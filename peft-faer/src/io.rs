@@ -141,7 +141,11 @@ pub fn decode(bytes: &[u8], model: &TinyModel) -> Result<Peft, IoError> {
         Method::Lora => {
             let names: Vec<&str> = f.get_str("target_modules")?.split(',').collect();
             let Spec::Lora { targets, .. } = Spec::lora(1, 1.0, &names)? else {
-                return Err(Error::InvalidParameter { name: "LoRA" }.into());
+                return Err(Error::InvalidParameter {
+                    name: "LoRA targets",
+                    rule: "must name projections of the tiny model",
+                }
+                .into());
             };
             Spec::Lora {
                 rank: usize_of(&f, "r")?,
@@ -151,8 +155,10 @@ pub fn decode(bytes: &[u8], model: &TinyModel) -> Result<Peft, IoError> {
             }
         }
         Method::Adapter => {
-            let activation = activation_from(f.get_str("activation")?)
-                .ok_or(Error::InvalidParameter { name: "adapter activation" })?;
+            let activation = activation_from(f.get_str("activation")?).ok_or(Error::InvalidParameter {
+                name: "adapter activation",
+                rule: "must be relu, gelu, tanh or identity",
+            })?;
             Spec::Adapter {
                 config: AdapterConfig {
                     width: Width::Explicit(usize_of(&f, "bottleneck")?),

@@ -23,5 +23,5 @@ pub mod io;
 pub mod tiny;
 pub mod train;
 
-pub use backend::{Faer, FaerHalf};
+pub use backend::{Faer, FaerHalf, HalfError};
 pub use peft_core as core;

@@ -35,10 +35,10 @@ use peft_core::adapter::{AdapterConfig, AdapterGrads, AdapterParams, BottleneckA
 use peft_core::attention::backward::{AttentionGrads, backward as attn_backward};
 use peft_core::attention::forward::forward as attn_forward;
 use peft_core::attention::{AttentionShape, Mask, backward_scratch_len as attn_bwd_len};
-use peft_core::lora::{LoraConfig, LoraGrads, LoraLinear};
+use peft_core::lora::{Lora, LoraConfig, LoraGrads};
 use peft_core::prefix::{PrefixConfig, PrefixTuning};
 use peft_core::prompt::PromptTuning;
-use peft_core::{Accum, Backend, Error, MatMut, MatRef, Method, Op, Result, Rng};
+use peft_core::{Accum, Backend, Dense, Error, FrozenLinear, MatMut, MatRef, Method, Op, Result, Rng};
 
 /// PEFT's names of the attention projections, in the order LoRA targets
 /// are indexed.
@@ -107,7 +107,7 @@ impl TinyModel {
     pub fn new(cfg: TinyConfig, seed: u64) -> Result<Self> {
         for (name, v) in [("vocab", cfg.vocab), ("layers", cfg.layers), ("hidden", cfg.hidden), ("seq", cfg.seq)] {
             if v == 0 {
-                return Err(Error::InvalidParameter { name });
+                return Err(Error::InvalidParameter { name, rule: "must be positive" });
             }
         }
         shape_of(&cfg)?;
@@ -235,6 +235,28 @@ pub struct Peft {
     pub params: Vec<Param>,
 }
 
+/// The error for a LoRA target list that names no projection of the model.
+const LORA_TARGET: Error =
+    Error::InvalidParameter { name: "LoRA target", rule: "must be one or more of q_proj, k_proj, v_proj, o_proj" };
+
+/// The error for merging an adapter that is not LoRA.
+const NOT_LORA: Error = Error::InvalidParameter { name: "adapter", rule: "must be LoRA to merge" };
+
+/// PEFT's module name of projection `p` of layer `l`.
+fn lora_key(l: usize, p: usize) -> Option<String> {
+    PROJECTIONS.get(p).map(|name| format!("layers.{l}.self_attn.{name}"))
+}
+
+/// The name prefix of the bottleneck adapter at `site` (0 after attention,
+/// 1 after the MLP) of layer `l`.
+fn adapter_key(l: usize, site: usize) -> String {
+    format!("layers.{l}.adapter_{}", if site == 0 { "attn" } else { "mlp" })
+}
+
+/// The name of the prompt (prompt tuning) or prefix (prefix tuning) tensor:
+/// PEFT's.
+const PROMPT_KEY: &str = "prompt_embeddings";
+
 impl Spec {
     /// LoRA on `targets` (names from [`PROJECTIONS`]), PEFT's defaults
     /// otherwise (no rsLoRA).
@@ -245,12 +267,12 @@ impl Spec {
     pub fn lora(rank: usize, alpha: f64, targets: &[&str]) -> Result<Self> {
         let mut idx = Vec::new();
         for t in targets {
-            idx.push(PROJECTIONS.iter().position(|p| p == t).ok_or(Error::InvalidParameter { name: "LoRA target" })?);
+            idx.push(PROJECTIONS.iter().position(|p| p == t).ok_or(LORA_TARGET)?);
         }
         idx.sort_unstable();
         idx.dedup();
         if idx.is_empty() {
-            return Err(Error::InvalidParameter { name: "LoRA target" });
+            return Err(LORA_TARGET);
         }
         Ok(Spec::Lora { rank, alpha, use_rslora: false, targets: idx })
     }
@@ -284,16 +306,14 @@ impl Peft {
         let mut params = Vec::new();
         match &spec {
             Spec::Lora { rank, targets, .. } => {
-                let config = spec.lora_config().ok_or(Error::InvalidParameter { name: "LoRA" })?;
+                let config = spec.lora_config().ok_or(LORA_TARGET)?;
                 let r = *rank;
                 for l in 0..cfg.layers {
                     for &t in targets {
-                        let name = PROJECTIONS.get(t).ok_or(Error::InvalidParameter { name: "LoRA target" })?;
-                        let (mut a, mut b) = (vec![0.0; r * d], vec![0.0; d * r]);
-                        let mut w = model.blocks[l].proj[t].clone();
-                        let mut layer = LoraLinear::new(&config, d, d, &mut w, None, &mut a, &mut b)?;
-                        layer.init_adapter(&mut rng)?;
-                        let key = format!("layers.{l}.self_attn.{name}");
+                        let key = lora_key(l, t).ok_or(LORA_TARGET)?;
+                        let mut layer = Lora::new(&config, d, d, vec![0.0; r * d], vec![0.0; d * r])?;
+                        layer.init_adapter(&mut rng);
+                        let (a, b) = layer.into_parts();
                         params.push(Param::new(format!("{key}.lora_A.weight"), vec![r, d], a, true));
                         params.push(Param::new(format!("{key}.lora_B.weight"), vec![d, r], b, true));
                     }
@@ -302,12 +322,12 @@ impl Peft {
             Spec::Adapter { config } => {
                 let m = config.bottleneck(d)?;
                 for l in 0..cfg.layers {
-                    for site in ["attn", "mlp"] {
+                    for site in 0..2 {
                         let (mut wd, mut bd, mut wu, mut bu) =
                             (vec![0.0; m * d], vec![0.0; m], vec![0.0; d * m], vec![0.0; d]);
                         let p = AdapterParams { w_down: &mut wd, b_down: &mut bd, w_up: &mut wu, b_up: &mut bu };
                         BottleneckAdapter::new(config, d, p)?.init(&mut rng);
-                        let key = format!("layers.{l}.adapter_{site}");
+                        let key = adapter_key(l, site);
                         params.push(Param::new(format!("{key}.down.weight"), vec![m, d], wd, true));
                         params.push(Param::new(format!("{key}.down.bias"), vec![m], bd, false));
                         params.push(Param::new(format!("{key}.up.weight"), vec![d, m], wu, true));
@@ -319,13 +339,13 @@ impl Peft {
                 let mut p = vec![0.0; n_virtual * d];
                 let table = MatRef::new(&model.embed, cfg.vocab, d)?;
                 PromptTuning::new(&mut p, *n_virtual, d)?.init_sample_vocab(table, &mut rng)?;
-                params.push(Param::new("prompt_embeddings".into(), vec![*n_virtual, d], p, false));
+                params.push(Param::new(PROMPT_KEY.into(), vec![*n_virtual, d], p, false));
             }
             Spec::Prefix { n_prefix } => {
                 let pc = PrefixConfig::new(*n_prefix, cfg.layers, &shape_of(&cfg)?)?;
                 let mut kv = vec![0.0; pc.len()];
                 PrefixTuning::new(pc, &mut kv)?.init_normal(&mut rng);
-                params.push(Param::new("prompt_embeddings".into(), vec![*n_prefix, pc.row_width()], kv, false));
+                params.push(Param::new(PROMPT_KEY.into(), vec![*n_prefix, pc.row_width()], kv, false));
             }
         }
         Ok(Self { spec, params })
@@ -361,28 +381,57 @@ impl Peft {
         }
     }
 
-    /// LoRA on projection `p` of layer `l`: the config and its `A`, `B`.
+    /// The tensor named `name`.
+    pub fn param(&self, name: &str) -> Option<&Param> {
+        self.params.iter().find(|p| p.name == name)
+    }
+
+    /// The tensor named `name`, mutably.
+    pub fn param_mut(&mut self, name: &str) -> Option<&mut Param> {
+        self.params.iter_mut().find(|p| p.name == name)
+    }
+
+    /// The tensors named `names`, mutably and all at once; `None` unless
+    /// each name is found (exactly once).
+    fn params_mut<const N: usize>(&mut self, names: [&str; N]) -> Option<[&mut Param; N]> {
+        let mut found: [Option<&mut Param>; N] = [const { None }; N];
+        for p in &mut self.params {
+            if let Some(slot) = names.iter().position(|n| *n == p.name).and_then(|i| found.get_mut(i)) {
+                if slot.is_some() {
+                    return None;
+                }
+                *slot = Some(p);
+            }
+        }
+        if found.iter().any(Option::is_none) {
+            return None;
+        }
+        Some(found.map(|p| p.unwrap_or_else(|| unreachable!("checked above"))))
+    }
+
+    /// LoRA on projection `p` of layer `l`, by PEFT's names: the config and
+    /// the tensors `A`, `B`.
     fn lora_pair(&mut self, l: usize, p: usize) -> Option<(LoraConfig<'static>, &mut Param, &mut Param)> {
-        let i = self.lora_index(l, p)?;
         let config = self.spec.lora_config()?;
-        let (pa, pb) = self.params.split_at_mut(i + 1);
-        Some((config, pa.get_mut(i)?, pb.get_mut(0)?))
+        let key = lora_key(l, p)?;
+        let [a, b] = self.params_mut([&format!("{key}.lora_A.weight"), &format!("{key}.lora_B.weight")])?;
+        Some((config, a, b))
     }
 
     /// The adapter at `site` (0 after attention, 1 after the MLP) of layer
-    /// `l`: its config and its four tensors `[W_down, b_down, W_up, b_up]`.
-    fn adapter_site(&mut self, l: usize, site: usize) -> Option<(AdapterConfig, &mut [Param])> {
+    /// `l`, by name: its config and its four tensors `[W_down, b_down,
+    /// W_up, b_up]`.
+    fn adapter_site(&mut self, l: usize, site: usize) -> Option<(AdapterConfig, [&mut Param; 4])> {
         let Spec::Adapter { config } = self.spec else { return None };
-        let i = 4 * (2 * l + site);
-        Some((config, self.params.get_mut(i..i + 4)?))
+        let key = adapter_key(l, site);
+        let names = ["down.weight", "down.bias", "up.weight", "up.bias"].map(|n| format!("{key}.{n}"));
+        let params = self.params_mut([&names[0], &names[1], &names[2], &names[3]])?;
+        Some((config, params))
     }
 
-    /// LoRA: the parameter index of `A` for layer `l`, projection `p`.
-    fn lora_index(&self, l: usize, p: usize) -> Option<usize> {
-        match &self.spec {
-            Spec::Lora { targets, .. } => targets.iter().position(|&t| t == p).map(|ti| 2 * (l * targets.len() + ti)),
-            _ => None,
-        }
+    /// The prompt or prefix tensor.
+    fn prompt(&mut self) -> Result<&mut Param> {
+        self.param_mut(PROMPT_KEY).ok_or(Error::InvalidParameter { name: PROMPT_KEY, rule: "must be present" })
     }
 }
 
@@ -417,22 +466,24 @@ impl Trace {
 const GELU: Activation = Activation::GeluTanh;
 
 /// Forward and backward of the tiny model with an optional adapter.
+///
+/// The model is borrowed read-only: every frozen weight reaches the methods
+/// as a [`Dense`] base, so one model can serve several runners (threads,
+/// adapters) at once.
 pub struct Runner<'m, B> {
-    model: &'m mut TinyModel,
+    model: &'m TinyModel,
     backend: B,
     shape: AttentionShape,
     scratch: Vec<f32>,
 }
 
-impl<'m, B: Backend<f32>> Runner<'m, B> {
-    /// A runner over `model`. It borrows the model mutably only because
-    /// `peft-core`'s `LoraLinear` borrows `W` mutably (for merge); the
-    /// runner's forward and backward never write it (checked in the tests
-    /// and by `peft finetune`).
+impl<'m, B: Backend<f32, Error = Error>> Runner<'m, B> {
+    /// A runner over `model`, on a backend whose errors are `peft-core`'s
+    /// (the reference and faer backends).
     ///
     /// # Errors
     /// [`Error::InvalidHeads`].
-    pub fn new(model: &'m mut TinyModel, backend: B) -> Result<Self> {
+    pub fn new(model: &'m TinyModel, backend: B) -> Result<Self> {
         let shape = shape_of(&model.cfg)?;
         Ok(Self { model, backend, shape, scratch: Vec::new() })
     }
@@ -455,21 +506,14 @@ impl<'m, B: Backend<f32>> Runner<'m, B> {
     fn project(&mut self, peft: &mut Option<&mut Peft>, l: usize, p: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
         let (d, rows) = (self.model.cfg.d, x.len() / self.model.cfg.d);
         let mut scratch = self.scratch(rows * d);
-        let w = &mut self.model.blocks[l].proj[p];
+        let base = Dense::new(&self.model.blocks[l].proj[p], d, d)?;
+        let (x, y) = (MatRef::new(x, rows, d)?, MatMut::new(y, rows, d)?);
         let res = match peft.as_deref_mut().and_then(|pf| pf.lora_pair(l, p)) {
             Some((config, a, b)) => {
-                let layer = LoraLinear::new(&config, d, d, w, None, &mut a.value, &mut b.value)?;
-                layer.forward(&self.backend, MatRef::new(x, rows, d)?, MatMut::new(y, rows, d)?, &mut scratch)
+                let layer = Lora::new(&config, d, d, &a.value[..], &b.value[..])?;
+                layer.forward(&self.backend, &base, x, y, &mut scratch)
             }
-            None => self.backend.gemm(
-                MatMut::new(y, rows, d)?,
-                Accum::Replace,
-                MatRef::new(x, rows, d)?,
-                Op::N,
-                MatRef::new(w, d, d)?,
-                Op::T,
-                1.0,
-            ),
+            None => base.forward(&self.backend, x, y),
         };
         self.scratch = scratch;
         res
@@ -488,15 +532,16 @@ impl<'m, B: Backend<f32>> Runner<'m, B> {
     ) -> Result<()> {
         let (d, rows) = (self.model.cfg.d, x.len() / self.model.cfg.d);
         let mut scratch = self.scratch(2 * rows * d + rows * d);
-        let w = &mut self.model.blocks[l].proj[p];
+        let base = Dense::new(&self.model.blocks[l].proj[p], d, d)?;
         let res = match peft.as_deref_mut().and_then(|pf| pf.lora_pair(l, p)) {
             Some((config, a, b)) => {
-                let layer = LoraLinear::new(&config, d, d, w, None, &mut a.value, &mut b.value)?;
+                let layer = Lora::new(&config, d, d, &a.value[..], &b.value[..])?;
                 let (tmp, rest) = scratch.split_at_mut(rows * d);
                 let grads = LoraGrads { a: &mut a.grad, b: &mut b.grad };
                 let xv = MatRef::new(x, rows, d)?;
                 layer.backward(
                     &self.backend,
+                    &base,
                     xv,
                     MatRef::new(gy, rows, d)?,
                     Some(MatMut::new(tmp, rows, d)?),
@@ -506,15 +551,9 @@ impl<'m, B: Backend<f32>> Runner<'m, B> {
                 gx.iter_mut().zip(tmp.iter()).for_each(|(g, t)| *g += t);
                 Ok(())
             }
-            None => self.backend.gemm(
-                MatMut::new(gx, rows, d)?,
-                Accum::Add,
-                MatRef::new(gy, rows, d)?,
-                Op::N,
-                MatRef::new(w, d, d)?,
-                Op::N,
-                1.0,
-            ),
+            None => {
+                base.apply_transpose(&self.backend, MatRef::new(gy, rows, d)?, MatMut::new(gx, rows, d)?, Accum::Add)
+            }
         };
         self.scratch = scratch;
         res
@@ -602,8 +641,9 @@ impl<'m, B: Backend<f32>> Runner<'m, B> {
         }
         let mut x = vec![0.0f32; rows * d];
         match peft.as_deref_mut() {
-            Some(Peft { spec: Spec::Prompt { n_virtual }, params }) => {
-                PromptTuning::new(&mut params[0].value, *n_virtual, d)?.prepend(&embeds, 1, cfg.seq, &mut x)?
+            Some(pf @ Peft { spec: Spec::Prompt { .. }, .. }) => {
+                let n_virtual = pf.n_virtual();
+                PromptTuning::new(&mut pf.prompt()?.value, n_virtual, d)?.prepend(&embeds, 1, cfg.seq, &mut x)?
             }
             _ => x.copy_from_slice(&embeds),
         }
@@ -622,9 +662,9 @@ impl<'m, B: Backend<f32>> Runner<'m, B> {
             let (q, k, v) = (MatRef::new(q, rows, d)?, MatRef::new(k, rows, d)?, MatRef::new(v, rows, d)?);
             let out = MatMut::new(&mut c.o, rows, d)?;
             let res = match peft.as_deref_mut() {
-                Some(Peft { spec: Spec::Prefix { n_prefix }, params }) => {
-                    let pc = PrefixConfig::new(*n_prefix, cfg.layers, &self.shape)?;
-                    let pt = PrefixTuning::new(pc, &mut params[0].value)?;
+                Some(pf @ Peft { spec: Spec::Prefix { .. }, .. }) => {
+                    let pc = PrefixConfig::new(cfg_prefix(&Some(&mut *pf)), cfg.layers, &self.shape)?;
+                    let pt = PrefixTuning::new(pc, &mut pf.prompt()?.value)?;
                     let prefix = pt.layer(l)?;
                     attn_forward(&self.backend, &self.shape, q, k, v, Some(&prefix), &Mask::causal(), out, &mut scratch)
                 }
@@ -721,9 +761,10 @@ impl<'m, B: Backend<f32>> Runner<'m, B> {
             }
             g = gx;
         }
-        if let Some(Peft { spec: Spec::Prompt { n_virtual }, params }) = peft {
-            let p0 = &mut params[0];
-            PromptTuning::new(&mut p0.value, *n_virtual, d)?.backward(&g, 1, cfg.seq, &mut p0.grad, None)?;
+        if let Some(pf @ Peft { spec: Spec::Prompt { .. }, .. }) = peft {
+            let n_virtual = pf.n_virtual();
+            let p0 = pf.prompt()?;
+            PromptTuning::new(&mut p0.value, n_virtual, d)?.backward(&g, 1, cfg.seq, &mut p0.grad, None)?;
         }
         Ok(())
     }
@@ -745,9 +786,9 @@ impl<'m, B: Backend<f32>> Runner<'m, B> {
         let go = MatRef::new(go, rows, d)?;
         let mask = Mask::causal();
         let res = match peft.as_deref_mut() {
-            Some(Peft { spec: Spec::Prefix { n_prefix }, params }) => {
-                let pc = PrefixConfig::new(*n_prefix, layers, &self.shape)?;
-                let p0 = &mut params[0];
+            Some(pf @ Peft { spec: Spec::Prefix { .. }, .. }) => {
+                let pc = PrefixConfig::new(cfg_prefix(&Some(&mut *pf)), layers, &self.shape)?;
+                let p0 = pf.prompt()?;
                 let grads = AttentionGrads {
                     q: MatMut::new(gq, rows, d)?,
                     k: MatMut::new(gk, rows, d)?,
@@ -771,55 +812,32 @@ impl<'m, B: Backend<f32>> Runner<'m, B> {
         self.scratch = scratch;
         res
     }
+}
 
-    /// Merges every LoRA module of `peft` into the model (`W += s B A`),
-    /// keeping bit-exact backups; [`unmerge_lora`](Self::unmerge_lora)
-    /// restores them. Returns the backups.
+impl TinyModel {
+    /// A copy of the model with every LoRA module of `peft` merged into its
+    /// projection (`W + s B A`, PEFT's `merge_and_unload`), through
+    /// [`Lora::merge_into`]. The model itself is not written.
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] for a non-LoRA adapter; `peft-core`'s
-    /// merge errors.
-    pub fn merge_lora(&mut self, peft: &mut Peft) -> Result<Vec<Vec<f32>>> {
-        let (Some(config), Spec::Lora { targets, .. }) = (peft.spec.lora_config(), peft.spec.clone()) else {
-            return Err(Error::InvalidParameter { name: "merge needs a LoRA adapter" });
+    /// [`Error::InvalidParameter`] for an adapter that is not LoRA (or lacks
+    /// a tensor); `peft-core`'s merge errors.
+    pub fn merged<B: Backend<f32, Error = Error>>(&self, peft: &Peft, backend: &B) -> Result<TinyModel> {
+        let (Some(config), Spec::Lora { targets, .. }) = (peft.spec.lora_config(), &peft.spec) else {
+            return Err(NOT_LORA);
         };
-        let d = self.model.cfg.d;
-        let mut backups = Vec::new();
-        for l in 0..self.model.cfg.layers {
-            for &t in &targets {
-                let i = peft.lora_index(l, t).ok_or(Error::InvalidParameter { name: "LoRA target" })?;
-                let (pa, pb) = peft.params.split_at_mut(i + 1);
-                let w = &mut self.model.blocks[l].proj[t];
-                let mut backup = vec![0.0f32; d * d];
-                let mut layer = LoraLinear::new(&config, d, d, w, None, &mut pa[i].value, &mut pb[0].value)?;
-                layer.merge(&self.backend, Some(&mut backup))?;
-                backups.push(backup);
-            }
-        }
-        Ok(backups)
-    }
-
-    /// Restores the weights [`merge_lora`](Self::merge_lora) changed, bit
-    /// for bit, from its backups.
-    ///
-    /// # Errors
-    /// [`Error::InvalidParameter`] if the backups do not match the adapter.
-    pub fn unmerge_lora(&mut self, peft: &Peft, backups: Vec<Vec<f32>>) -> Result<()> {
-        let Spec::Lora { targets, .. } = &peft.spec else {
-            return Err(Error::InvalidParameter { name: "merge needs a LoRA adapter" });
-        };
-        if backups.len() != targets.len() * self.model.cfg.layers {
-            return Err(Error::InvalidParameter { name: "backups" });
-        }
-        let mut it = backups.into_iter();
-        for l in 0..self.model.cfg.layers {
+        let d = self.cfg.d;
+        let mut merged = self.clone();
+        for (l, block) in merged.blocks.iter_mut().enumerate() {
             for &t in targets {
-                if let Some(b) = it.next() {
-                    self.model.blocks[l].proj[t] = b;
-                }
+                let key = lora_key(l, t).ok_or(LORA_TARGET)?;
+                let a = peft.param(&format!("{key}.lora_A.weight")).ok_or(NOT_LORA)?;
+                let b = peft.param(&format!("{key}.lora_B.weight")).ok_or(NOT_LORA)?;
+                let w = block.proj.get_mut(t).ok_or(LORA_TARGET)?;
+                Lora::new(&config, d, d, &a.value[..], &b.value[..])?.merge_into(backend, w, None)?.keep();
             }
         }
-        Ok(())
+        Ok(merged)
     }
 }
 

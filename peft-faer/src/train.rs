@@ -2,7 +2,7 @@
 //! (forward and backward over a batch, then AdamW over adapter tensors only).
 
 use peft_core::optim::{AdamW, Slot, StepInfo};
-use peft_core::{Backend, Result, Rng};
+use peft_core::{Backend, Error, Result, Rng};
 
 use crate::tiny::{Peft, Runner, TinyModel, Trace, mse};
 
@@ -25,7 +25,7 @@ pub struct Task {
     pub held_out: Split,
 }
 
-fn split<B: Backend<f32>>(teacher: &mut Runner<'_, B>, n: usize, seed: u64) -> Result<Split> {
+fn split<B: Backend<f32, Error = Error>>(teacher: &mut Runner<'_, B>, n: usize, seed: u64) -> Result<Split> {
     let cfg = teacher.model().cfg;
     let mut rng = Rng::new(seed);
     let mut tokens = Vec::with_capacity(n);
@@ -45,7 +45,7 @@ impl Task {
     ///
     /// # Errors
     /// The teacher's forward errors.
-    pub fn new<B: Backend<f32>>(
+    pub fn new<B: Backend<f32, Error = Error>>(
         teacher: &mut Runner<'_, B>,
         n_train: usize,
         n_held_out: usize,
@@ -61,7 +61,11 @@ impl Task {
 ///
 /// # Errors
 /// Forward errors.
-pub fn loss<B: Backend<f32>>(runner: &mut Runner<'_, B>, mut peft: Option<&mut Peft>, data: &Split) -> Result<f64> {
+pub fn loss<B: Backend<f32, Error = Error>>(
+    runner: &mut Runner<'_, B>,
+    mut peft: Option<&mut Peft>,
+    data: &Split,
+) -> Result<f64> {
     let d = runner.model().cfg.d;
     let nv = peft.as_deref().map_or(0, Peft::n_virtual);
     let mut trace = Trace::default();
@@ -100,7 +104,7 @@ impl Trainer {
     /// # Errors
     /// Forward/backward errors; [`peft_core::Error::NonFinite`] (the step
     /// is refused and nothing changes).
-    pub fn step<B: Backend<f32>>(
+    pub fn step<B: Backend<f32, Error = Error>>(
         &mut self,
         runner: &mut Runner<'_, B>,
         peft: &mut Peft,
@@ -144,7 +148,7 @@ impl Trainer {
 ///
 /// # Errors
 /// As [`Trainer::step`].
-pub fn train<B: Backend<f32>>(
+pub fn train<B: Backend<f32, Error = Error>>(
     runner: &mut Runner<'_, B>,
     peft: &mut Peft,
     trainer: &mut Trainer,
@@ -168,8 +172,13 @@ pub fn train<B: Backend<f32>>(
 
 /// A frozen model with its teacher-labelled task, ready for `peft
 /// finetune`.
-pub fn setup<B: Backend<f32> + Copy>(model: &TinyModel, hidden_rank: usize, backend: B, seed: u64) -> Result<Task> {
-    let mut teacher = model.with_hidden_change(hidden_rank, 0.15, seed ^ 0x5eed);
-    let mut r = Runner::new(&mut teacher, backend)?;
+pub fn setup<B: Backend<f32, Error = Error> + Copy>(
+    model: &TinyModel,
+    hidden_rank: usize,
+    backend: B,
+    seed: u64,
+) -> Result<Task> {
+    let teacher = model.with_hidden_change(hidden_rank, 0.15, seed ^ 0x5eed);
+    let mut r = Runner::new(&teacher, backend)?;
     Task::new(&mut r, 256, 64, seed ^ 0xda7a)
 }

@@ -11,7 +11,7 @@
 
 use half::{bf16, f16};
 use peft_core::{Accum, Backend, Element, Error, MatMut, MatRef, Op, Reference, Rng};
-use peft_faer::{Faer, FaerHalf};
+use peft_faer::{Faer, FaerHalf, HalfError};
 
 /// A strided `rows x cols` matrix with stride padding filled with NaN (so a
 /// backend that reads padding is caught).
@@ -152,7 +152,8 @@ fn half_tiles_when_staging_is_short() {
             1.0,
         )
         .unwrap_err();
-    assert_eq!(err, Error::ScratchTooSmall { needed: 11, len: 8 });
+    assert_eq!(err, HalfError::StagingTooSmall { needed: 11, len: 8 });
+    assert_eq!(peft_core::BackendError::kind(&err), peft_core::ErrorKind::Scratch);
     assert!(c.iter().all(|v| v.to_f32() == 3.0));
 }
 

@@ -69,7 +69,7 @@ fn max_rel(got: &[f32], want: &[f32]) -> f64 {
 fn merge_into(base: &Path, adapter: &Path, out: &Path) -> Result<(), HfError> {
     let ad = HfAdapter::read_dir(adapter)?;
     let b = Base::open(base)?;
-    merge(&b, &ad, out, None, Faer::new(), |_| {}).map(|_| ())
+    merge(&b, &ad, out, None, &Faer::new(), |_| {}).map(|_| ())
 }
 
 #[test]

@@ -33,7 +33,7 @@ fn merge_fails(dir: &Path, base: &Path) -> HfError {
     let out = dir.join("out.safetensors");
     let err = HfAdapter::read_dir(dir).and_then(|ad| {
         let b = Base::open(base)?;
-        merge(&b, &ad, &out, None, Faer::new(), |_| {})
+        merge(&b, &ad, &out, None, &Faer::new(), |_| {})
     });
     let after: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(before, after, "files appeared");

@@ -10,8 +10,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use half::bf16;
-use peft_core::lora::{LoraConfig, LoraGrads, LoraLinear};
-use peft_core::{Backend, Element, MatMut, MatRef, Rng};
+use peft_core::lora::{Lora, LoraConfig, LoraGrads};
+use peft_core::{Backend, Dense, Element, MatMut, MatRef, Rng};
 use peft_faer::{Faer, FaerHalf};
 
 struct Counting;
@@ -63,18 +63,22 @@ fn round<E: Element, B: Backend<E>>(backend: &B, seed: u64) -> usize {
         vec![E::ZERO; OUT * IN],
     );
     let cfg = LoraConfig::new(R, 16.0);
-    let mut layer = LoraLinear::new(&cfg, IN, OUT, &mut w, None, &mut a, &mut b).unwrap();
+    let layer = Lora::new(&cfg, IN, OUT, &mut a[..], &mut b[..]).unwrap();
     let mut scratch = vec![E::ZERO; layer.backward_scratch_len(T).max(layer.forward_scratch_len(T))];
     let xv = MatRef::new(&x, T, IN).unwrap();
 
     let before = ALLOCS.load(Ordering::SeqCst);
-    layer.forward(backend, xv, MatMut::new(&mut y, T, OUT).unwrap(), &mut scratch).unwrap();
-    let grads = LoraGrads { a: &mut ga, b: &mut gb };
-    let gxv = MatMut::new(&mut gx, T, IN).unwrap();
-    layer.backward(backend, xv, MatRef::new(&gy, T, OUT).unwrap(), Some(gxv), grads, &mut scratch).unwrap();
-    layer.merge(backend, Some(&mut backup)).unwrap();
-    layer.forward(backend, xv, MatMut::new(&mut y, T, OUT).unwrap(), &mut scratch).unwrap();
-    layer.unmerge(backend).unwrap();
+    {
+        let base = Dense::new(&w, OUT, IN).unwrap();
+        layer.forward(backend, &base, xv, MatMut::new(&mut y, T, OUT).unwrap(), &mut scratch).unwrap();
+        let grads = LoraGrads { a: &mut ga, b: &mut gb };
+        let gxv = MatMut::new(&mut gx, T, IN).unwrap();
+        let gyv = MatRef::new(&gy, T, OUT).unwrap();
+        layer.backward(backend, &base, xv, gyv, Some(gxv), grads, &mut scratch).unwrap();
+    }
+    let merged = layer.merge_into(backend, &mut w, Some(&mut backup)).unwrap();
+    merged.forward(xv, MatMut::new(&mut y, T, OUT).unwrap()).unwrap();
+    merged.unmerge().unwrap();
     ALLOCS.load(Ordering::SeqCst) - before
 }
 

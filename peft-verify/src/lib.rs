@@ -23,7 +23,7 @@
 //! | `lora_matches_oracle` | `x W^T + b + s (x A^T) B^T`, `s = alpha / r` or `alpha / sqrt(r)`, applied once | 3 |
 //! | `lora_merged_equals_unmerged` | after merge the single matmul gives the unmerged output | 6 |
 //! | `lora_unmerge_restores` | bit-exact with a backup, within the documented drift bound without | 6 |
-//! | `lora_double_merge_rejected` | a second merge is `AlreadyMerged` and changes nothing | 6 |
+//! | `lora_merge_guard_restores_on_drop` | a dropped merge guard restores W bit for bit, `keep` leaves it merged (merging twice does not compile) | 6 |
 //! | `lora_gradients_match_fd` | dA, dB, dx against central differences of the oracle | 12 |
 //! | `lora_backward_is_adapter_sized` | backward needs `O(tokens r)` scratch: no `[out, in]` gradient exists | 12 |
 //! | `lora_targets_follow_peft` | the target-module rule against PEFT's (`==` or `.`-suffix) | 4 |

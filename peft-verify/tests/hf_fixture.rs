@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use peft_core::backend::{Backend, Reference};
-use peft_core::lora::{LoraConfig, LoraGrads, LoraLinear};
-use peft_core::{MatMut, MatRef};
+use peft_core::lora::{Lora, LoraConfig, LoraGrads};
+use peft_core::{Dense, FrozenLinear, MatMut, MatRef};
 use safetensors::{Dtype, SafeTensors};
 
 const MODULES: [&str; 4] = ["layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj", "layers.1.v_proj"];
@@ -83,13 +83,18 @@ impl Fixture {
 }
 
 /// Forward and every gradient of each adapted module, through `backend`.
-pub fn check_modules<B: Backend<f32>>(backend: &B) {
+pub fn check_modules<B: Backend<f32, Error = peft_core::Error>>(backend: &B) {
     let fx = Fixture::new();
     assert_eq!((fx.rank, fx.alpha), (4, 8.0));
     let cfg = LoraConfig::new(fx.rank, fx.alpha);
     for k in MODULES {
-        let (mut w, bias, mut a, mut b, n_in, n_out) = fx.module(k);
-        let layer = LoraLinear::new(&cfg, n_in, n_out, &mut w, bias.as_deref(), &mut a, &mut b).unwrap();
+        let (w, bias, a, b, n_in, n_out) = fx.module(k);
+        let base = Dense::new(&w, n_out, n_in).unwrap();
+        let base = match &bias {
+            Some(bias) => base.with_bias(bias).unwrap(),
+            None => base,
+        };
+        let layer = Lora::new(&cfg, n_in, n_out, &a[..], &b[..]).unwrap();
         assert_eq!(layer.scale(), 2.0);
         let (xs, x) = &fx.refs[&format!("x_{k}")];
         let t = xs[0];
@@ -97,7 +102,7 @@ pub fn check_modules<B: Backend<f32>>(backend: &B) {
 
         let mut y = vec![0.0f32; t * n_out];
         let mut scratch = vec![0.0f32; layer.backward_scratch_len(t)];
-        layer.forward(backend, xv, MatMut::new(&mut y, t, n_out).unwrap(), &mut scratch).unwrap();
+        layer.forward(backend, &base, xv, MatMut::new(&mut y, t, n_out).unwrap(), &mut scratch).unwrap();
         let e = rel_err(&y, &fx.refs[&format!("y_{k}")].1);
         assert!(e < TOL, "{k}: y rel err {e}");
 
@@ -107,6 +112,7 @@ pub fn check_modules<B: Backend<f32>>(backend: &B) {
         layer
             .backward(
                 backend,
+                &base,
                 xv,
                 MatRef::new(g, t, n_out).unwrap(),
                 Some(MatMut::new(&mut gx, t, n_in).unwrap()),
@@ -123,7 +129,7 @@ pub fn check_modules<B: Backend<f32>>(backend: &B) {
 
 /// Merged weights and the two-layer model
 /// `h = o_proj(v_proj(h)) + q_proj(h) + k_proj(h)`, unmerged and merged.
-pub fn check_model<B: Backend<f32>>(backend: &B) {
+pub fn check_model<B: Backend<f32, Error = peft_core::Error>>(backend: &B) {
     let fx = Fixture::new();
     let cfg = LoraConfig::new(fx.rank, fx.alpha);
     let (xs, x) = &fx.refs["x"];
@@ -133,7 +139,7 @@ pub fn check_model<B: Backend<f32>>(backend: &B) {
         for layer_idx in 0..2 {
             let lin = |name: &str, input: &[f32]| -> Vec<f32> {
                 let full = format!("layers.{layer_idx}.{name}");
-                let (mut w, bias, mut a, mut b, n_in, n_out) = if cfg.targets(&full) {
+                let (mut w, bias, a, b, n_in, n_out) = if cfg.targets(&full) {
                     fx.module(&full)
                 } else {
                     let (shape, w) = &fx.base[&format!("{full}.weight")];
@@ -142,25 +148,30 @@ pub fn check_model<B: Backend<f32>>(backend: &B) {
                     let (n_out, n_in) = (shape[0], shape[1]);
                     (w.clone(), None, vec![0.0; fx.rank * n_in], vec![0.0; n_out * fx.rank], n_in, n_out)
                 };
-                let mut layer = LoraLinear::new(&cfg, n_in, n_out, &mut w, bias.as_deref(), &mut a, &mut b).unwrap();
+                let layer = Lora::new(&cfg, n_in, n_out, &a[..], &b[..]).unwrap();
+                let (x, mut y) = (MatRef::new(input, t, n_in).unwrap(), vec![0.0f32; t * n_out]);
                 if merge {
-                    layer.merge(backend, None).unwrap();
+                    let merged = layer.merge_into(backend, &mut w, None).unwrap();
                     if cfg.targets(&full) {
                         let want = &fx.refs[&format!("merged.{full}.weight")].1;
-                        let e = rel_err(layer.weight(), want);
+                        let e = rel_err(merged.weight(), want);
                         assert!(e < 1e-6, "{full}: merged W rel err {e}");
                     }
+                    let base = merged.base();
+                    let base = match &bias {
+                        Some(bias) => base.with_bias(bias).unwrap(),
+                        None => base,
+                    };
+                    base.forward(backend, x, MatMut::new(&mut y, t, n_out).unwrap()).unwrap();
+                } else {
+                    let base = Dense::new(&w, n_out, n_in).unwrap();
+                    let base = match &bias {
+                        Some(bias) => base.with_bias(bias).unwrap(),
+                        None => base,
+                    };
+                    let mut scratch = vec![0.0f32; layer.forward_scratch_len(t)];
+                    layer.forward(backend, &base, x, MatMut::new(&mut y, t, n_out).unwrap(), &mut scratch).unwrap();
                 }
-                let mut y = vec![0.0f32; t * n_out];
-                let mut scratch = vec![0.0f32; layer.forward_scratch_len(t)];
-                layer
-                    .forward(
-                        backend,
-                        MatRef::new(input, t, n_in).unwrap(),
-                        MatMut::new(&mut y, t, n_out).unwrap(),
-                        &mut scratch,
-                    )
-                    .unwrap();
                 y
             };
             let v = lin("v_proj", &h);

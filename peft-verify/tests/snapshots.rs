@@ -11,10 +11,10 @@ use peft_core::activation::Activation;
 use peft_core::adapter::{AdapterConfig, AdapterParams, BottleneckAdapter};
 use peft_core::attention::forward::forward;
 use peft_core::attention::{AttentionShape, Mask};
-use peft_core::lora::{LoraConfig, LoraLinear, ParamReport};
+use peft_core::lora::{Lora, LoraConfig, ParamReport};
 use peft_core::prefix::{PrefixConfig, PrefixTuning};
 use peft_core::prompt::PromptTuning;
-use peft_core::{MatMut, MatRef, Reference, Rng};
+use peft_core::{Dense, MatMut, MatRef, Reference, Rng};
 
 struct Model {
     name: &'static str,
@@ -109,17 +109,17 @@ fn fixed_seed_outputs() {
         v
     };
     let x = normal(&mut rng, t * n_in, 1.0);
-    let mut w = normal(&mut rng, n_out * n_in, 0.25);
+    let w = normal(&mut rng, n_out * n_in, 0.25);
+    let base = Dense::new(&w, n_out, n_in).unwrap();
     let (mut a, mut b) = (vec![0.0f32; r * n_in], vec![0.0f32; n_out * r]);
     let cfg = LoraConfig::new(r, 8.0);
-    let mut layer = LoraLinear::new(&cfg, n_in, n_out, &mut w, None, &mut a, &mut b).unwrap();
-    layer.init_adapter(&mut rng).unwrap();
-    rng.fill_normal(layer.adapter_mut().unwrap().1, 0.1);
+    let mut layer = Lora::new(&cfg, n_in, n_out, &mut a[..], &mut b[..]).unwrap();
+    layer.init_adapter(&mut rng);
+    rng.fill_normal(layer.adapter_mut().1, 0.1);
     let mut y = vec![0.0f32; t * n_out];
     let mut scratch = vec![0.0f32; t * r];
-    layer
-        .forward(&Reference, MatRef::new(&x, t, n_in).unwrap(), MatMut::new(&mut y, t, n_out).unwrap(), &mut scratch)
-        .unwrap();
+    let (xv, yv) = (MatRef::new(&x, t, n_in).unwrap(), MatMut::new(&mut y, t, n_out).unwrap());
+    layer.forward(&Reference, &base, xv, yv, &mut scratch).unwrap();
     out += &summary("lora_forward", &y);
 
     let (mut wd, mut bd, mut wu, mut bu) =

@@ -67,7 +67,7 @@ fn every_property_runs() {
         "lora_matches_oracle",
         "lora_merged_equals_unmerged",
         "lora_unmerge_restores",
-        "lora_double_merge_rejected",
+        "lora_merge_guard_restores_on_drop",
         "lora_gradients_match_fd",
         "lora_backward_is_adapter_sized",
         "lora_targets_follow_peft",

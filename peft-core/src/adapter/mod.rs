@@ -115,7 +115,10 @@ impl AdapterConfig {
             Width::Reduction(f) => d.checked_div(f).unwrap_or(0),
         };
         if m == 0 {
-            return Err(Error::InvalidParameter { name: "bottleneck width", rule: "must be positive (a zero reduction factor, or one above the model width, gives 0)" });
+            return Err(Error::InvalidParameter {
+                name: "bottleneck width",
+                rule: "must be positive (a zero reduction factor, or one above the model width, gives 0)",
+            });
         }
         Ok(m)
     }

@@ -41,7 +41,13 @@ fn width_from_reduction_factor() {
     assert_eq!(AdapterConfig::reduction(16).bottleneck(768), Ok(48));
     assert_eq!(AdapterConfig::width(7).bottleneck(768), Ok(7));
     for bad in [AdapterConfig::reduction(0), AdapterConfig::reduction(1000), AdapterConfig::width(0)] {
-        assert_eq!(bad.bottleneck(768), Err(Error::InvalidParameter { name: "bottleneck width", rule: "must be positive (a zero reduction factor, or one above the model width, gives 0)" }));
+        assert_eq!(
+            bad.bottleneck(768),
+            Err(Error::InvalidParameter {
+                name: "bottleneck width",
+                rule: "must be positive (a zero reduction factor, or one above the model width, gives 0)"
+            })
+        );
     }
 }
 

@@ -66,16 +66,7 @@ impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
         let rank = config.rank;
         check_len(Operand::LoraA, checked_len(rank, in_features)?, a.as_ref().len())?;
         check_len(Operand::LoraB, checked_len(out_features, rank)?, b.as_ref().len())?;
-        Ok(Self {
-            a,
-            b,
-            in_features,
-            out_features,
-            rank,
-            scale,
-            init: config.init,
-            _element: PhantomData,
-        })
+        Ok(Self { a, b, in_features, out_features, rank, scale, init: config.init, _element: PhantomData })
     }
 
     /// Input features `in`.

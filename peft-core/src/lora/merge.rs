@@ -164,8 +164,7 @@ impl<'w, E: Element, S: AsRef<[E]>, B: Backend<E> + ?Sized> Merged<'w, E, S, B> 
     pub fn base(&self) -> Dense<'_, E> {
         // The length was checked by `merge_into`; `Dense::new` cannot fail,
         // and an empty base would be refused by any forward.
-        Dense::new(self.weight, self.lora.out_features, self.lora.in_features)
-            .unwrap_or_else(|_| Dense::empty())
+        Dense::new(self.weight, self.lora.out_features, self.lora.in_features).unwrap_or_else(|_| Dense::empty())
     }
 
     /// `y = x W'^T`: the merged layer's forward, one matmul.

@@ -45,22 +45,32 @@ impl<E: Element> LoraParams<E> {
 mod tests {
     use super::*;
     use crate::backend::Reference;
+    use crate::base::Dense;
     use crate::error::Error;
-    use crate::lora::{LoraConfig, LoraGrads, LoraLinear};
+    use crate::lora::{Lora, LoraConfig, LoraGrads};
     use crate::matrix::MatRef;
 
     #[test]
     fn owned_buffers_fit_a_layer() {
         let mut p = LoraParams::<f32>::zeros(2, 5, 3).unwrap();
         assert_eq!((p.a.len(), p.b.len()), (10, 6));
-        let mut w = vec![1.0f32; 15];
-        let layer = LoraLinear::new(&LoraConfig::new(2, 2.0), 5, 3, &mut w, None, &mut p.a, &mut p.b).unwrap();
+        let w = vec![1.0f32; 15];
+        let base = Dense::new(&w, 3, 5).unwrap();
+        let layer = Lora::new(&LoraConfig::new(2, 2.0), 5, 3, &p.a[..], &p.b[..]).unwrap();
         let x = [1.0f32; 5];
         let g = [1.0f32; 3];
         let mut s = vec![0.0f32; layer.backward_scratch_len(1)];
         let grads = LoraGrads { a: &mut p.grad_a, b: &mut p.grad_b };
         layer
-            .backward(&Reference, MatRef::new(&x, 1, 5).unwrap(), MatRef::new(&g, 1, 3).unwrap(), None, grads, &mut s)
+            .backward(
+                &Reference,
+                &base,
+                MatRef::new(&x, 1, 5).unwrap(),
+                MatRef::new(&g, 1, 3).unwrap(),
+                None,
+                grads,
+                &mut s,
+            )
             .unwrap();
         // B = 0, so dL/dA = s B^T G^T x = 0; dL/dB = s G^T (x A^T) = 0 as A = 0.
         assert!(p.grad_a.iter().chain(&p.grad_b).all(|&v| v == 0.0));

@@ -98,7 +98,7 @@ fn mistake2_fresh_adapter_output_equals_base_exactly() {
     for init in [LoraInit::KaimingUniform, LoraInit::Gaussian] {
         let cfg = LoraConfig::new(r, 16.0).with_init(init);
         let base = Dense::new(&bf.w, n_out, n_in).unwrap().with_bias(&bf.bias).unwrap();
-    let mut layer = Lora::new(&cfg, n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
+        let mut layer = Lora::new(&cfg, n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
         layer.init_adapter(&mut rng);
         assert!(layer.lora_b().iter().all(|&v| v == 0.0), "B must be zero at init");
         assert!(layer.lora_a().iter().any(|&v| v != 0.0), "A must be random");
@@ -161,7 +161,7 @@ fn forward_matches_f64_oracle() {
         let want = oracle(&x, t, n_in, n_out, r, &bf, s);
         let bias = bf.bias.clone();
         let base = Dense::new(&bf.w, n_out, n_in).unwrap().with_bias(&bias).unwrap();
-    let layer = Lora::new(&cfg, n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
+        let layer = Lora::new(&cfg, n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
         assert!(max_rel_err(&forward(&layer, &base, &x, t), &want) < 1e-13);
     }
 }
@@ -237,6 +237,54 @@ fn merge_errors_write_nothing() {
     assert_eq!(err, Error::ShapeMismatch { operand: Operand::Backup, expected: 30, found: 29 });
     assert_eq!(bf.w, orig);
     assert!(short.iter().all(|&v| v == 9.0));
+}
+
+/// One `static` base, two different adapters, two threads at once: each
+/// thread's output equals the same adapter's single-threaded output bit for
+/// bit (the base is only read, so sharing it changes nothing).
+#[test]
+fn two_threads_share_one_static_base() {
+    const N_IN: usize = 24;
+    const N_OUT: usize = 16;
+    const T: usize = 5;
+    static W: [f32; N_OUT * N_IN] = {
+        let mut w = [0.0f32; N_OUT * N_IN];
+        let mut i = 0;
+        while i < w.len() {
+            w[i] = ((i * 37 % 101) as f32 - 50.0) / 64.0;
+            i += 1;
+        }
+        w
+    };
+    let base = Dense::new(&W, N_OUT, N_IN).unwrap();
+    let mut rng = Rng::new(31);
+    let mut tensors = |r: usize| -> (Vec<f32>, Vec<f32>) {
+        let a = (0..r * N_IN).map(|_| rng.uniform_range(-1.0, 1.0) as f32).collect();
+        let b = (0..N_OUT * r).map(|_| rng.uniform_range(-1.0, 1.0) as f32).collect();
+        (a, b)
+    };
+    let ((a1, b1), (a2, b2)) = (tensors(4), tensors(2));
+    let l1 = Lora::new(&LoraConfig::new(4, 8.0), N_IN, N_OUT, a1, b1).unwrap();
+    let l2 = Lora::new(&LoraConfig::new(2, 3.0).with_rslora(true), N_IN, N_OUT, a2, b2).unwrap();
+    let x: Vec<f32> = (0..T * N_IN).map(|_| rng.uniform_range(-1.0, 1.0) as f32).collect();
+    let run = |l: &Lora<f32, Vec<f32>>, repeats: usize| {
+        let mut y = vec![0.0f32; T * N_OUT];
+        let mut scratch = vec![0.0f32; l.forward_scratch_len(T)];
+        for _ in 0..repeats {
+            let (xv, yv) = (MatRef::new(&x, T, N_IN).unwrap(), MatMut::new(&mut y, T, N_OUT).unwrap());
+            l.forward(&Reference, &base, xv, yv, &mut scratch).unwrap();
+        }
+        y
+    };
+    let (alone1, alone2) = (run(&l1, 1), run(&l2, 1));
+    assert_ne!(alone1, alone2);
+    let (threaded1, threaded2) = std::thread::scope(|s| {
+        let h1 = s.spawn(|| run(&l1, 200));
+        let h2 = s.spawn(|| run(&l2, 200));
+        (h1.join().unwrap(), h2.join().unwrap())
+    });
+    assert_eq!(threaded1, alone1);
+    assert_eq!(threaded2, alone2);
 }
 
 #[test]
@@ -332,7 +380,7 @@ fn gradients_match_central_finite_differences() {
         let bias = bf.bias.clone();
         let cfg = LoraConfig::new(r, 5.0).with_rslora(rslora);
         let base = Dense::new(&bf.w, n_out, n_in).unwrap().with_bias(&bias).unwrap();
-    let mut layer = Lora::new(&cfg, n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
+        let mut layer = Lora::new(&cfg, n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
 
         let (mut ga, mut gb, mut gx) = (vec![0.0; r * n_in], vec![0.0; n_out * r], vec![0.0; t * n_in]);
         let mut scratch = vec![0.0; layer.backward_scratch_len(t)];
@@ -498,7 +546,13 @@ fn constructor_errors() {
     let wide = Dense::new(&[0.0; 15], 3, 5).unwrap();
     let mut y = [1.5; 3];
     let err = layer
-        .forward(&Reference, &wide, MatRef::new(&[0.0; 4], 1, 4).unwrap(), MatMut::new(&mut y, 1, 3).unwrap(), &mut [0.0; 2])
+        .forward(
+            &Reference,
+            &wide,
+            MatRef::new(&[0.0; 4], 1, 4).unwrap(),
+            MatMut::new(&mut y, 1, 3).unwrap(),
+            &mut [0.0; 2],
+        )
         .unwrap_err();
     assert_eq!(err, Error::ShapeMismatch { operand: Operand::Weight, expected: 4, found: 5 });
     assert_eq!(y, [1.5; 3]);
@@ -598,7 +652,7 @@ fn half_precision_forward_tracks_f32() {
     let conv = |v: &[f64]| v.iter().map(|&x| bf16::from_f64(x)).collect::<Vec<_>>();
     let bf = bufs(&mut rng, n_in, n_out, r);
     let x = random(&mut rng, t * n_in);
-    let (mut w, mut a, mut b, xh) = (conv(&bf.w), conv(&bf.a), conv(&bf.b), conv(&x));
+    let (w, mut a, mut b, xh) = (conv(&bf.w), conv(&bf.a), conv(&bf.b), conv(&x));
     // Oracle on the bf16-rounded inputs, in f64.
     let rounded = Bufs {
         w: w.iter().map(|v| v.to_f64()).collect(),
@@ -613,7 +667,13 @@ fn half_precision_forward_tracks_f32() {
     let mut y = vec![bf16::ZERO; t * n_out];
     let mut scratch = vec![bf16::ZERO; layer.forward_scratch_len(t)];
     layer
-        .forward(&Reference, &base, MatRef::new(&xh, t, n_in).unwrap(), MatMut::new(&mut y, t, n_out).unwrap(), &mut scratch)
+        .forward(
+            &Reference,
+            &base,
+            MatRef::new(&xh, t, n_in).unwrap(),
+            MatMut::new(&mut y, t, n_out).unwrap(),
+            &mut scratch,
+        )
         .unwrap();
     let got: Vec<f64> = y.iter().map(|v| v.to_f64()).collect();
     // bf16 has u = 2^-8; the stored t = x A^T and y are each rounded once,

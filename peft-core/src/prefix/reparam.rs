@@ -131,7 +131,12 @@ impl<'a, E: Element> PrefixEncoder<'a, E> {
     /// # Errors
     /// [`Error::ShapeMismatch`] (`Prefix`), [`Error::ScratchTooSmall`];
     /// nothing is written.
-    pub fn forward<B: Backend<E> + ?Sized>(&self, backend: &B, kv: &mut [E], scratch: &mut [E]) -> core::result::Result<(), B::Error> {
+    pub fn forward<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        kv: &mut [E],
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
         check_len(Operand::Prefix, self.cfg.len(), kv.len())?;
         let need = self.forward_scratch_len();
         check_scratch(need, scratch.len())?;
@@ -143,7 +148,11 @@ impl<'a, E: Element> PrefixEncoder<'a, E> {
     }
 
     /// `a = tanh(E W1^T + b1)`.
-    fn hidden_layer<B: Backend<E> + ?Sized>(&self, backend: &B, a: &mut MatMut<'_, E>) -> core::result::Result<(), B::Error> {
+    fn hidden_layer<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        a: &mut MatMut<'_, E>,
+    ) -> core::result::Result<(), B::Error> {
         let one = <E::Accum as Element>::from_f64(1.0);
         let emb = MatRef::new(self.p.embedding, self.cfg.n_prefix(), self.d)?;
         let w1 = MatRef::new(self.p.w1, self.hidden, self.d)?;

@@ -22,7 +22,10 @@ fn layer_views_follow_peft_interleaved_layout() {
     let l1 = pt.layer(1).unwrap();
     assert_eq!(l1.keys.row(0), &[4.0, 5.0]);
     assert_eq!(l1.values.row(1), &[16.0, 17.0]);
-    assert_eq!(pt.layer(2).unwrap_err(), Error::InvalidParameter { name: "layer index", rule: "must be below n_layers" });
+    assert_eq!(
+        pt.layer(2).unwrap_err(),
+        Error::InvalidParameter { name: "layer index", rule: "must be below n_layers" }
+    );
     let mut g = vec![0.0f32; 16];
     let mut lg = cfg.layer_grads(&mut g, 1).unwrap();
     lg.kv.row_mut(1).copy_from_slice(&[1.0, 2.0, 3.0, 4.0]);
@@ -32,8 +35,14 @@ fn layer_views_follow_peft_interleaved_layout() {
 #[test]
 fn config_errors() {
     let shape = AttentionShape::new(2, 2, 2).unwrap();
-    assert_eq!(PrefixConfig::new(0, 2, &shape).unwrap_err(), Error::InvalidParameter { name: "n_prefix", rule: "must be positive" });
-    assert_eq!(PrefixConfig::new(2, 0, &shape).unwrap_err(), Error::InvalidParameter { name: "n_layers", rule: "must be positive" });
+    assert_eq!(
+        PrefixConfig::new(0, 2, &shape).unwrap_err(),
+        Error::InvalidParameter { name: "n_prefix", rule: "must be positive" }
+    );
+    assert_eq!(
+        PrefixConfig::new(2, 0, &shape).unwrap_err(),
+        Error::InvalidParameter { name: "n_layers", rule: "must be positive" }
+    );
     let cfg = PrefixConfig::new(2, 1, &shape).unwrap();
     let mut kv = vec![0.0f32; 15];
     assert_eq!(

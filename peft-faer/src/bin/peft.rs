@@ -216,9 +216,8 @@ fn run_method(
 
     let unmerged = outputs(&mut runner, Some(&mut peft), task)?;
     let merge_diff = if method == Method::Lora {
-        let backups = runner.merge_lora(&mut peft)?;
-        let merged = outputs(&mut runner, None, task)?;
-        runner.unmerge_lora(&peft, backups)?;
+        let merged_model = runner.model().merged(&peft, &backend)?;
+        let merged = outputs(&mut Runner::new(&merged_model, backend)?, None, task)?;
         Some(unmerged.iter().zip(&merged).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max))
     } else {
         None
@@ -456,7 +455,7 @@ fn merge_cmd(
         bar
     });
     let start = Instant::now();
-    let report = merge(&b, &ad, out, dtype, Faer::with_threads(threads), |n| {
+    let report = merge(&b, &ad, out, dtype, &Faer::with_threads(threads), |n| {
         if let Some(bar) = &bar {
             bar.inc(n);
         }

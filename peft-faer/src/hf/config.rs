@@ -82,7 +82,7 @@ pub enum BiasMode {
 
 /// A LoRA adapter's configuration.
 #[derive(Clone, Debug)]
-pub struct LoraConfig {
+pub struct HfLoraConfig {
     /// Default rank.
     pub r: usize,
     /// Default alpha (integer or float in the file).
@@ -135,7 +135,7 @@ pub struct PromptConfig {
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
     /// `peft_type: "LORA"`.
-    Lora(LoraConfig),
+    Lora(HfLoraConfig),
     /// `PROMPT_TUNING` or `PREFIX_TUNING`.
     Prompt(PromptConfig),
 }
@@ -279,7 +279,7 @@ impl PeftConfig {
             // PEFT's COMMON_LAYERS_PATTERN.
             layers_pattern = ["layers", "h", "block", "blocks", "layer"].map(String::from).to_vec();
         }
-        Ok(PeftConfig::Lora(LoraConfig {
+        Ok(PeftConfig::Lora(HfLoraConfig {
             r,
             lora_alpha,
             use_rslora: get_bool(&obj, "use_rslora")?,
@@ -321,7 +321,7 @@ impl PeftConfig {
     }
 }
 
-impl LoraConfig {
+impl HfLoraConfig {
     /// The rank PEFT gives `module`: `rank_pattern`'s first match, else `r`.
     pub fn rank_for(&self, module: &str) -> usize {
         first(&self.rank_pattern, module).copied().unwrap_or(self.r)
@@ -332,10 +332,20 @@ impl LoraConfig {
         first(&self.alpha_pattern, module).copied().unwrap_or(self.lora_alpha)
     }
 
-    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA, for `module`.
-    pub fn scale_for(&self, module: &str) -> f64 {
-        let (a, r) = (self.alpha_for(module), self.rank_for(module) as f64);
-        if self.use_rslora { a / r.sqrt() } else { a / r }
+    /// `peft-core`'s configuration of `module`: its rank and alpha (after
+    /// the patterns) and the scaling rule. `peft-core` owns the scale.
+    pub fn core_config_for(&self, module: &str) -> peft_core::lora::LoraConfig<'static> {
+        peft_core::lora::LoraConfig::new(self.rank_for(module), self.alpha_for(module)).with_rslora(self.use_rslora)
+    }
+
+    /// The scale of `module`: `alpha / r`, or `alpha / sqrt(r)` with
+    /// rsLoRA, from [`peft_core::lora::LoraConfig::scale`].
+    ///
+    /// # Errors
+    /// [`peft_core::Error::InvalidRank`] for `r = 0`,
+    /// [`peft_core::Error::InvalidAlpha`] for a zero or non-finite alpha.
+    pub fn scale_for(&self, module: &str) -> peft_core::Result<f64> {
+        self.core_config_for(module).scale()
     }
 
     /// Whether PEFT would have adapted `module`: targeted, and in

@@ -208,7 +208,7 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path) -> Result<(), HfError> {
                         n_in,
                         n_out,
                         alpha: lc.alpha_for(module),
-                        scale: lc.scale_for(module),
+                        scale: lc.scale_for(module)?,
                     });
                 } else if !name.contains(".lora_B.") {
                     ad.replacements.push(Replacement {

@@ -20,7 +20,6 @@ use safetensors::Dtype;
 use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry, float_size};
 use super::{HfAdapter, HfError, LoraModule, PeftConfig, Replacement};
-use crate::Faer;
 use crate::io::{rename_durably, temp_sibling};
 
 /// Row blocks of adapted weights, and copy chunks, hold at most this many
@@ -97,12 +96,12 @@ fn plan<'a>(base: &Base, adapter: &'a HfAdapter) -> Result<BTreeMap<String, Acti
 /// # Errors
 /// [`HfError`]s from the checks, before any output exists; I/O errors
 /// while writing (the temporary output is removed).
-pub fn merge(
+pub fn merge<B: Backend<f32> + ?Sized>(
     base: &Base,
     adapter: &HfAdapter,
     out: &Path,
     dtype: Option<Dtype>,
-    backend: Faer,
+    backend: &B,
     mut progress: impl FnMut(u64),
 ) -> Result<MergeReport, HfError> {
     let actions = plan(base, adapter)?;
@@ -142,7 +141,7 @@ pub fn merge(
             w.write_all(&st::header(&entries, &metadata)?).map_err(io)?;
             for (e, oe) in shard.entries.iter().zip(&entries) {
                 let action = actions.get(&e.name).unwrap_or(&Action::Copy);
-                write_tensor(shard, e, oe.dtype, action, &backend, &mut w).map_err(|err| match err {
+                write_tensor(shard, e, oe.dtype, action, backend, &mut w).map_err(|err| match err {
                     WriteError::Io(x) => HfError::Io(target.clone(), x),
                     WriteError::Hf(h) => h,
                 })?;
@@ -208,12 +207,12 @@ impl From<peft_core::Error> for WriteError {
     }
 }
 
-fn write_tensor(
+fn write_tensor<B: Backend<f32> + ?Sized>(
     shard: &st::StFile,
     e: &Entry,
     out_dtype: Dtype,
     action: &Action<'_>,
-    backend: &Faer,
+    backend: &B,
     w: &mut impl Write,
 ) -> Result<(), WriteError> {
     let mut out = Vec::new();
@@ -278,11 +277,11 @@ fn write_tensor(
                 if *fan_in_fan_out {
                     // W [in, out]: rows i0.. += s A^T[i0.., :] B^T.
                     let at = a.cols_range(i0, n).ok_or_else(overflow)?;
-                    backend.gemm(dst, Accum::Add, at, Op::T, b, Op::T, s)?;
+                    backend.gemm(dst, Accum::Add, at, Op::T, b, Op::T, s).map_err(HfError::backend)?;
                 } else {
                     // W [out, in]: rows i0.. += s B[i0.., :] A.
                     let bt = b.rows_range(i0, n).ok_or_else(overflow)?;
-                    backend.gemm(dst, Accum::Add, bt, Op::N, a, Op::N, s)?;
+                    backend.gemm(dst, Accum::Add, bt, Op::N, a, Op::N, s).map_err(HfError::backend)?;
                 }
                 out.clear();
                 st::from_f32(out_dtype, &vals[..n * cols], &mut out)?;

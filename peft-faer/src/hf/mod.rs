@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use peft_core::lora::config::module_matches;
 use safetensors::Dtype;
 
-pub use config::{BiasMode, LoraConfig, PeftConfig, PromptConfig, Targets};
+pub use config::{BiasMode, HfLoraConfig, PeftConfig, PromptConfig, Targets};
 use st::{OutEntry, StFile};
 
 use crate::io::{rename_durably, temp_sibling};
@@ -68,11 +68,17 @@ pub enum HfError {
     OutputExists(PathBuf),
     /// `peft-core` rejected a value.
     Core(peft_core::Error),
+    /// The compute backend failed (its own error, printed, and its kind).
+    Backend(String, peft_core::ErrorKind),
 }
 
 impl HfError {
     fn config(field: &str, reason: &str) -> Self {
         HfError::Config { field: field.into(), reason: reason.into() }
+    }
+
+    fn backend<E: peft_core::BackendError>(e: E) -> Self {
+        HfError::Backend(e.to_string(), e.kind())
     }
 
     fn json(e: serde_json::Error) -> Self {
@@ -97,6 +103,7 @@ impl fmt::Display for HfError {
             HfError::MissingShard(p) => write!(f, "the index names shard {}, which does not exist", p.display()),
             HfError::OutputExists(p) => write!(f, "{} already exists", p.display()),
             HfError::Core(e) => write!(f, "{e}"),
+            HfError::Backend(e, kind) => write!(f, "compute backend ({kind:?}): {e}"),
         }
     }
 }
@@ -261,7 +268,7 @@ impl HfAdapter {
         Ok(out)
     }
 
-    fn read_lora(&mut self, lc: &LoraConfig, file: &StFile) -> Result<(), HfError> {
+    fn read_lora(&mut self, lc: &HfLoraConfig, file: &StFile) -> Result<(), HfError> {
         let mut a_b: BTreeMap<String, [Option<&st::Entry>; 3]> = BTreeMap::new();
         let mut order = Vec::new();
         for e in &file.entries {
@@ -332,7 +339,7 @@ impl HfAdapter {
             }
             self.modules.push(LoraModule {
                 alpha: lc.alpha_for(&name),
-                scale: lc.scale_for(&name),
+                scale: lc.scale_for(&name)?,
                 a: file.read_f32(a)?,
                 b: file.read_f32(b)?,
                 lora_bias,

@@ -1,19 +1,21 @@
 //! The computation the firmware runs and the host repeats: fixed-seed
-//! data, the reference backend, stack arrays only (no heap). Each result is
-//! reduced to an FNV-1a hash of its f32 bit patterns, so "equal" means
-//! bit-identical.
+//! data, the reference backend, no heap. The frozen base `W` and its bias
+//! are `static` (in flash on the device), computed at compile time; the
+//! adapter, activations and scratch live on the stack, every buffer sized
+//! by `peft-core`'s `const fn` scratch lengths. Each result is reduced to
+//! an FNV-1a hash of its f32 bit patterns, so "equal" means bit-identical.
 //!
 //! Shared by `src/main.rs` (Cortex-M4F) and `peft-verify/tests/firmware.rs`
 //! (the host) through `#[path]`.
 
 use peft_core::activation::Activation;
-use peft_core::adapter::{AdapterConfig, AdapterParams, BottleneckAdapter};
+use peft_core::adapter::{self, AdapterConfig, AdapterParams, BottleneckAdapter};
 use peft_core::attention::forward::forward as attention;
-use peft_core::attention::{AttentionShape, Mask};
-use peft_core::lora::{LoraConfig, LoraGrads, LoraLinear};
+use peft_core::attention::{self as attn, AttentionShape, Mask};
+use peft_core::lora::{self, Lora, LoraConfig, LoraGrads};
 use peft_core::optim::{AdamW, Slot};
 use peft_core::prefix::{PrefixConfig, PrefixTuning};
-use peft_core::{MatMut, MatRef, Reference, Result, Rng};
+use peft_core::{Dense, MatMut, MatRef, Reference, Result, Rng};
 
 /// Names of the checksums, in order.
 pub const NAMES: [&str; 7] =
@@ -23,6 +25,36 @@ const T: usize = 4;
 const IN: usize = 8;
 const OUT: usize = 6;
 const R: usize = 2;
+/// Bottleneck width of the adapter.
+const M: usize = 3;
+/// Prefix attention: tokens, prefix positions.
+const TQ: usize = 3;
+const P: usize = 2;
+
+/// `n` values in `[-scale, scale)` from a splitmix64 stream, at compile
+/// time: the frozen weights are constants, so they sit in flash.
+const fn const_uniform<const N: usize>(seed: u64, scale: f32) -> [f32; N] {
+    let mut out = [0.0f32; N];
+    let mut state = seed;
+    let mut i = 0;
+    while i < N {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        // 24 random bits -> [0, 1), exactly representable in f32.
+        let unit = (z >> 40) as f32 / (1u64 << 24) as f32;
+        out[i] = (2.0 * unit - 1.0) * scale;
+        i += 1;
+    }
+    out
+}
+
+/// The frozen base `W [OUT, IN]`, read-only, in flash.
+static W: [f32; OUT * IN] = const_uniform(2026, 0.5);
+/// The frozen bias `[OUT]`, in flash.
+static BIAS: [f32; OUT] = const_uniform(2027, 0.1);
 
 /// FNV-1a (32-bit) over the bit patterns.
 pub fn fnv(v: &[f32]) -> u32 {
@@ -38,29 +70,24 @@ pub fn fnv(v: &[f32]) -> u32 {
 /// Every checksum, the prefix-attention one last.
 pub fn run() -> Result<[(&'static str, u32); 8]> {
     let mut rng = Rng::new(2026);
-    let mut w = [0.0f32; OUT * IN];
-    let mut bias = [0.0f32; OUT];
+    let base = Dense::new(&W, OUT, IN)?.with_bias(&BIAS)?;
     let mut x = [0.0f32; T * IN];
     let mut gy = [0.0f32; T * OUT];
-    rng.fill_normal(&mut w, 0.3);
-    rng.fill_normal(&mut bias, 0.1);
     rng.fill_normal(&mut x, 1.0);
     rng.fill_normal(&mut gy, 1.0);
     let (mut a, mut b) = ([0.0f32; R * IN], [0.0f32; OUT * R]);
     let cfg = LoraConfig::new(R, 4.0);
-    let mut layer = LoraLinear::new(&cfg, IN, OUT, &mut w, Some(&bias), &mut a, &mut b)?;
-    layer.init_adapter(&mut rng)?;
+    let mut layer = Lora::new(&cfg, IN, OUT, &mut a[..], &mut b[..])?;
+    layer.init_adapter(&mut rng);
     // A trained-looking B, so every path carries signal.
-    {
-        let (_, b) = layer.adapter_mut()?;
-        rng.fill_normal(b, 0.2);
-    }
-    let mut scratch = [0.0f32; 2 * T * R];
+    rng.fill_normal(layer.adapter_mut().1, 0.2);
+    let mut scratch = [0.0f32; lora::backward_scratch_len(T, R)];
     let mut y = [0.0f32; T * OUT];
-    layer.forward(&Reference, MatRef::new(&x, T, IN)?, MatMut::new(&mut y, T, OUT)?, &mut scratch)?;
+    layer.forward(&Reference, &base, MatRef::new(&x, T, IN)?, MatMut::new(&mut y, T, OUT)?, &mut scratch)?;
     let (mut ga, mut gb, mut gx) = ([0.0f32; R * IN], [0.0f32; OUT * R], [0.0f32; T * IN]);
     layer.backward(
         &Reference,
+        &base,
         MatRef::new(&x, T, IN)?,
         MatRef::new(&gy, T, OUT)?,
         Some(MatMut::new(&mut gx, T, IN)?),
@@ -70,7 +97,7 @@ pub fn run() -> Result<[(&'static str, u32); 8]> {
     let mut opt = AdamW::new(1e-2);
     let (mut sa, mut sb) = ([0.0f32; 2 * R * IN], [0.0f32; 2 * OUT * R]);
     {
-        let (pa, pb) = layer.adapter_mut()?;
+        let (pa, pb) = layer.adapter_mut();
         let mut slots = [
             Slot { param: pa, grad: &ga, state: &mut sa, decay: true },
             Slot { param: pb, grad: &gb, state: &mut sb, decay: true },
@@ -80,13 +107,14 @@ pub fn run() -> Result<[(&'static str, u32); 8]> {
     let mut after = [0.0f32; R * IN + OUT * R];
     after[..R * IN].copy_from_slice(layer.lora_a());
     after[R * IN..].copy_from_slice(layer.lora_b());
-    layer.merge(&Reference, None)?;
-    let merged = fnv(layer.weight());
+    // Merging writes W, so it works on a RAM copy of the flash base.
+    let mut w = W;
+    let merged = fnv(layer.merge_into(&Reference, &mut w, None)?.keep());
 
     // Bottleneck adapter (d = 8, m = 3, GELU) on x, with trained-looking
     // up weights.
-    let (mut wd, mut bd, mut wu, mut bu) = ([0.0f32; 3 * IN], [0.0f32; 3], [0.0f32; IN * 3], [0.0f32; IN]);
-    let acfg = AdapterConfig::width(3).with_activation(Activation::GeluErf);
+    let (mut wd, mut bd, mut wu, mut bu) = ([0.0f32; M * IN], [0.0f32; M], [0.0f32; IN * M], [0.0f32; IN]);
+    let acfg = AdapterConfig::width(M).with_activation(Activation::GeluErf);
     let mut ad = BottleneckAdapter::new(
         &acfg,
         IN,
@@ -95,32 +123,32 @@ pub fn run() -> Result<[(&'static str, u32); 8]> {
     ad.init(&mut rng);
     rng.fill_normal(ad.params_mut().w_up, 0.3);
     let mut h = [0.0f32; T * IN];
-    let mut ascratch = [0.0f32; T * 3];
+    let mut ascratch = [0.0f32; adapter::forward_scratch_len(T, M)];
     ad.forward(&Reference, MatRef::new(&x, T, IN)?, MatMut::new(&mut h, T, IN)?, &mut ascratch)?;
 
     // Prefix attention: 2 query heads sharing 1 key/value head of size 4,
     // 3 tokens, 2 prefix positions, causal.
     let shape = AttentionShape::new(2, 1, 4)?;
-    let pc = PrefixConfig::new(2, 1, &shape)?;
-    let mut kv = [0.0f32; 2 * 2 * 4];
+    let pc = PrefixConfig::new(P, 1, &shape)?;
+    let mut kv = [0.0f32; P * 2 * 4];
     let mut pt = PrefixTuning::new(pc, &mut kv)?;
     pt.init_normal(&mut rng);
-    let (mut q, mut k, mut v) = ([0.0f32; 3 * 8], [0.0f32; 3 * 4], [0.0f32; 3 * 4]);
+    let (mut q, mut k, mut v) = ([0.0f32; TQ * 8], [0.0f32; TQ * 4], [0.0f32; TQ * 4]);
     rng.fill_normal(&mut q, 1.0);
     rng.fill_normal(&mut k, 1.0);
     rng.fill_normal(&mut v, 1.0);
-    let mut o = [0.0f32; 3 * 8];
-    let mut pscratch = [0.0f32; 3 * 5];
+    let mut o = [0.0f32; TQ * 8];
+    let mut pscratch = [0.0f32; attn::forward_scratch_len(TQ, TQ, P)];
     let prefix = pt.layer(0)?;
     attention(
         &Reference,
         &shape,
-        MatRef::new(&q, 3, 8)?,
-        MatRef::new(&k, 3, 4)?,
-        MatRef::new(&v, 3, 4)?,
+        MatRef::new(&q, TQ, 8)?,
+        MatRef::new(&k, TQ, 4)?,
+        MatRef::new(&v, TQ, 4)?,
         Some(&prefix),
         &Mask::causal(),
-        MatMut::new(&mut o, 3, 8)?,
+        MatMut::new(&mut o, TQ, 8)?,
         &mut pscratch,
     )?;
 

@@ -2,7 +2,7 @@
 
 use peft_core::activation::Activation;
 use peft_core::adapter::{AdapterConfig, AdapterGrads, AdapterParams, BottleneckAdapter};
-use peft_core::{Backend, Error, MatMut, MatRef, Rng};
+use peft_core::{Backend, MatMut, MatRef, Rng};
 use proptest::prelude::*;
 
 use super::vals;
@@ -48,7 +48,7 @@ impl Case {
     }
 }
 
-fn fail(e: Error) -> TestCaseError {
+fn fail(e: impl core::fmt::Display) -> TestCaseError {
     TestCaseError::fail(format!("unexpected error: {e}"))
 }
 
@@ -58,7 +58,7 @@ fn forward<E: Precision, B: Backend<E>>(
     ad: &BottleneckAdapter<'_, E>,
     c: &Case,
     x: &[E],
-) -> Result<Vec<E>, Error> {
+) -> Result<Vec<E>, B::Error> {
     let mut h = vec![E::ZERO; c.t * c.d];
     let mut scratch = vec![E::ZERO; ad.forward_scratch_len(c.t)];
     ad.forward(backend, MatRef::new(x, c.t, c.d)?, MatMut::new(&mut h, c.t, c.d)?, &mut scratch)?;

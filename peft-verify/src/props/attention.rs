@@ -4,7 +4,7 @@
 use peft_core::attention::backward::{AttentionGrads, PrefixGrads, backward};
 use peft_core::attention::forward::forward;
 use peft_core::attention::{AttentionShape, Mask, Prefix, backward_scratch_len, forward_scratch_len};
-use peft_core::{Backend, Error, MatMut, MatRef};
+use peft_core::{Backend, MatMut, MatRef};
 use proptest::prelude::*;
 
 use super::vals;
@@ -63,7 +63,7 @@ pub fn case() -> impl Strategy<Value = Case> {
         })
 }
 
-fn fail(e: Error) -> TestCaseError {
+fn fail(e: impl core::fmt::Display) -> TestCaseError {
     TestCaseError::fail(format!("unexpected error: {e}"))
 }
 
@@ -95,7 +95,7 @@ fn fwd<E: Precision, B: Backend<E>>(
     c: &Case,
     t: &[Vec<E>; 5],
     force_prefix: bool,
-) -> Result<Vec<E>, Error> {
+) -> Result<Vec<E>, B::Error> {
     let (qw, kw) = (c.heads * c.dh, c.kv * c.dh);
     let shape = c.shape();
     let mask = Mask { causal: c.causal, key_padding: c.pad.as_deref(), additive: None };

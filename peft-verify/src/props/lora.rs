@@ -1,8 +1,8 @@
 //! LoRA: init, forward against the oracle, merge and unmerge, gradients,
 //! targets, the parameter report.
 
-use peft_core::lora::{LoraConfig, LoraGrads, LoraLinear, ParamReport};
-use peft_core::{Backend, Error, MatMut, MatRef, Reference, Rng};
+use peft_core::lora::{Lora, LoraConfig, LoraGrads, ParamReport};
+use peft_core::{Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
 
 use super::vals;
@@ -86,8 +86,24 @@ impl<E: Precision> Tensors<E> {
     }
 }
 
-fn fail(e: Error) -> TestCaseError {
+fn fail(e: impl core::fmt::Display) -> TestCaseError {
     TestCaseError::fail(format!("unexpected error: {e}"))
+}
+
+impl<E: Precision> Tensors<E> {
+    /// The frozen base, with the case's bias.
+    fn base(&self, c: &Case) -> Result<Dense<'_, E>, TestCaseError> {
+        let base = Dense::new(&self.w, c.n_out, c.n_in).map_err(fail)?;
+        match &self.bias {
+            Some(b) => base.with_bias(b).map_err(fail),
+            None => Ok(base),
+        }
+    }
+
+    /// The adapter over this case's `A` and `B`.
+    fn lora(&self, c: &Case) -> Result<Lora<E, &[E]>, TestCaseError> {
+        Lora::new(&c.config(), c.n_in, c.n_out, &self.a[..], &self.b[..]).map_err(fail)
+    }
 }
 
 /// The oracle's output and its magnitude for the tensors as rounded.
@@ -101,15 +117,28 @@ fn oracle_y<E: Precision>(c: &Case, t: &Tensors<E>) -> (Vec<f64>, Vec<f64>) {
     (y.d, mag.d)
 }
 
-fn forward<E: Precision, B: Backend<E>>(
+fn forward<E: Precision, B: Backend<E>, S: AsRef<[E]>>(
     backend: &B,
-    layer: &LoraLinear<'_, E>,
+    layer: &Lora<E, S>,
+    base: &Dense<'_, E>,
     c: &Case,
     x: &[E],
-) -> Result<Vec<E>, Error> {
+) -> Result<Vec<E>, B::Error> {
     let mut y = vec![E::ZERO; c.t * c.n_out];
     let mut scratch = vec![E::ZERO; layer.forward_scratch_len(c.t)];
-    layer.forward(backend, MatRef::new(x, c.t, c.n_in)?, MatMut::new(&mut y, c.t, c.n_out)?, &mut scratch)?;
+    layer.forward(backend, base, MatRef::new(x, c.t, c.n_in)?, MatMut::new(&mut y, c.t, c.n_out)?, &mut scratch)?;
+    Ok(y)
+}
+
+/// The merged base's forward, `x W'^T + b`.
+fn base_forward<E: Precision, B: Backend<E>>(
+    backend: &B,
+    base: &Dense<'_, E>,
+    c: &Case,
+    x: &[E],
+) -> Result<Vec<E>, B::Error> {
+    let mut y = vec![E::ZERO; c.t * c.n_out];
+    base.forward(backend, MatRef::new(x, c.t, c.n_in)?, MatMut::new(&mut y, c.t, c.n_out)?)?;
     Ok(y)
 }
 
@@ -146,15 +175,19 @@ where
         };
         let x = t.x.clone();
         let cfg = c.config();
-        let mut layer =
-            LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, t.bias.as_deref(), &mut t.a, &mut t.b).map_err(fail)?;
-        layer.init_adapter(&mut Rng::new(c.seed)).map_err(fail)?;
+        let mut layer = Lora::new(&cfg, c.n_in, c.n_out, &mut t.a[..], &mut t.b[..]).map_err(fail)?;
+        layer.init_adapter(&mut Rng::new(c.seed));
+        let base_w = Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?;
+        let base_w = match &t.bias {
+            Some(b) => base_w.with_bias(b).map_err(fail)?,
+            None => base_w,
+        };
         prop_assert!(layer.lora_b().iter().all(|v| v.to_f64() == 0.0), "B is not zero at init");
         prop_assert!(
             layer.lora_a().iter().any(|v| v.to_f64() != 0.0),
             "A is all zero at init (no gradient would flow to B)"
         );
-        let y = forward(backend, &layer, &c, &x).map_err(fail)?;
+        let y = forward(backend, &layer, &base_w, &c, &x).map_err(fail)?;
         // Exactly the base output: x W^T (+ b), whatever the backend's
         // rounding, because adding s * 0 changes nothing (-0 aside).
         for (i, (got, want)) in y.iter().zip(&base).enumerate() {
@@ -169,31 +202,27 @@ where
     });
 
     run(report, config, "lora_matches_oracle", name, case(), |c| {
-        let mut t = Tensors::<E>::of(&c);
+        let t = Tensors::<E>::of(&c);
         let (want, mag) = oracle_y(&c, &t);
         let x = t.x.clone();
-        let cfg = c.config();
-        let layer =
-            LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, t.bias.as_deref(), &mut t.a, &mut t.b).map_err(fail)?;
+        let (layer, base) = (t.lora(&c)?, t.base(&c)?);
         prop_assert!(
             (layer.scale() - c.scale()).abs() <= 1e-12 * c.scale(),
             "scale {} != {}",
             layer.scale(),
             c.scale()
         );
-        let y = forward(backend, &layer, &c, &x).map_err(fail)?;
+        let y = forward(backend, &layer, &base, &c, &x).map_err(fail)?;
         close::<E>("y", &wide(&y), &want, &mag, c.n_in + c.r + 2)
     });
 
     run(report, config, "backends_agree", name, case(), |c| {
-        let mut t = Tensors::<E>::of(&c);
+        let t = Tensors::<E>::of(&c);
         let (_, mag) = oracle_y(&c, &t);
         let x = t.x.clone();
-        let cfg = c.config();
-        let layer =
-            LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, t.bias.as_deref(), &mut t.a, &mut t.b).map_err(fail)?;
-        let mine = forward(backend, &layer, &c, &x).map_err(fail)?;
-        let reference = forward(&Reference, &layer, &c, &x).map_err(fail)?;
+        let (layer, base) = (t.lora(&c)?, t.base(&c)?);
+        let mine = forward(backend, &layer, &base, &c, &x).map_err(fail)?;
+        let reference = forward(&Reference, &layer, &base, &c, &x).map_err(fail)?;
         let twice: Vec<f64> = mag.iter().map(|m| 2.0 * m).collect();
         close::<E>("y vs Reference", &wide(&mine), &wide(&reference), &twice, c.n_in + c.r + 2)
     });
@@ -202,13 +231,15 @@ where
         let mut t = Tensors::<E>::of(&c);
         let (_, mag) = oracle_y(&c, &t);
         let x = t.x.clone();
-        let cfg = c.config();
-        let mut layer =
-            LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, t.bias.as_deref(), &mut t.a, &mut t.b).map_err(fail)?;
-        let unmerged = forward(backend, &layer, &c, &x).map_err(fail)?;
-        layer.merge(backend, None).map_err(fail)?;
-        prop_assert_eq!(layer.forward_scratch_len(c.t), 0, "merged forward still needs the LoRA temporaries");
-        let merged = forward(backend, &layer, &c, &x).map_err(fail)?;
+        let layer = Lora::new(&c.config(), c.n_in, c.n_out, &t.a[..], &t.b[..]).map_err(fail)?;
+        let unmerged = forward(backend, &layer, &t.base(&c)?, &c, &x).map_err(fail)?;
+        let guard = layer.merge_into(backend, &mut t.w, None).map_err(fail)?;
+        let merged_base = match &t.bias {
+            Some(b) => guard.base().with_bias(b).map_err(fail)?,
+            None => guard.base(),
+        };
+        // The merged layer's forward is the base's alone: one matmul.
+        let merged = base_forward(backend, &merged_base, &c, &x).map_err(fail)?;
         // Both are within the bound of the oracle; merging adds one
         // rounding of W + s B A per weight, seen through x.
         let twice: Vec<f64> = mag.iter().map(|m| 3.0 * m).collect();
@@ -221,9 +252,8 @@ where
         let cfg = c.config();
         {
             let mut backup = vec![E::ZERO; c.n_out * c.n_in];
-            let mut layer = LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, None, &mut t.a, &mut t.b).map_err(fail)?;
-            layer.merge(backend, Some(&mut backup)).map_err(fail)?;
-            layer.unmerge(backend).map_err(fail)?;
+            let layer = Lora::new(&cfg, c.n_in, c.n_out, &t.a[..], &t.b[..]).map_err(fail)?;
+            layer.merge_into(backend, &mut t.w, Some(&mut backup)).map_err(fail)?.unmerge().map_err(fail)?;
         }
         prop_assert!(
             t.w.iter().zip(&w0).all(|(a, b)| a.to_bits64() == b.to_bits64()),
@@ -232,9 +262,8 @@ where
         // Without a backup: u (2|W| + |p|)(1 + u) per weight, p = s (B A),
         // plus the product's own rounding (computed twice).
         {
-            let mut layer = LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, None, &mut t.a, &mut t.b).map_err(fail)?;
-            layer.merge(backend, None).map_err(fail)?;
-            layer.unmerge(backend).map_err(fail)?;
+            let layer = Lora::new(&cfg, c.n_in, c.n_out, &t.a[..], &t.b[..]).map_err(fail)?;
+            layer.merge_into(backend, &mut t.w, None).map_err(fail)?.unmerge().map_err(fail)?;
         }
         let (a, b) = (M::new(c.r, c.n_in, wide(&t.a)), M::new(c.n_out, c.r, wide(&t.b)));
         let p = b.abs().mul(&a.abs()).scale(c.scale());
@@ -252,34 +281,44 @@ where
         Ok(())
     });
 
-    run(report, config, "lora_double_merge_rejected", name, case(), |c| {
+    run(report, config, "lora_merge_guard_restores_on_drop", name, case(), |c| {
+        // Merging twice, or changing a merged adapter, does not compile
+        // (`Merged` owns the weight); what remains to check at run time is
+        // that a dropped guard restores W and that `keep` leaves it merged.
         let mut t = Tensors::<E>::of(&c);
-        let cfg = c.config();
-        let mut layer = LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, None, &mut t.a, &mut t.b).map_err(fail)?;
-        prop_assert_eq!(layer.unmerge(backend), Err(Error::NotMerged));
-        layer.merge(backend, None).map_err(fail)?;
-        let after_one = layer.weight().to_vec();
-        prop_assert_eq!(layer.merge(backend, None), Err(Error::AlreadyMerged));
+        let w0 = t.w.clone();
+        let layer = Lora::new(&c.config(), c.n_in, c.n_out, &t.a[..], &t.b[..]).map_err(fail)?;
+        let mut backup = vec![E::ZERO; c.n_out * c.n_in];
+        let merged_once = {
+            let guard = layer.merge_into(backend, &mut t.w, Some(&mut backup)).map_err(fail)?;
+            guard.weight().to_vec()
+        };
         prop_assert!(
-            layer.weight().iter().zip(&after_one).all(|(a, b)| a.to_bits64() == b.to_bits64()),
-            "second merge changed W"
+            t.w.iter().zip(&w0).all(|(a, b)| a.to_bits64() == b.to_bits64()),
+            "dropping the merge guard did not restore W"
         );
-        prop_assert_eq!(layer.adapter_mut().err(), Some(Error::MergedAdapterLocked));
+        let kept = layer.merge_into(backend, &mut t.w, None).map_err(fail)?.keep().to_vec();
+        prop_assert!(
+            kept.iter().zip(&merged_once).all(|(a, b)| a.to_bits64() == b.to_bits64()),
+            "keep() did not leave W merged"
+        );
         Ok(())
     });
 
     run(report, config, "lora_gradients_match_fd", name, case(), |c| {
-        let mut t = Tensors::<E>::of(&c);
+        let t = Tensors::<E>::of(&c);
         let x = t.x.clone();
         let g = t.g.clone();
         let cfg = c.config();
-        let layer = LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, None, &mut t.a, &mut t.b).map_err(fail)?;
+        let layer = Lora::new(&cfg, c.n_in, c.n_out, &t.a[..], &t.b[..]).map_err(fail)?;
+        let base = Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?;
         let (mut ga, mut gb, mut gx) =
             (vec![E::ZERO; c.r * c.n_in], vec![E::ZERO; c.n_out * c.r], vec![E::ZERO; c.t * c.n_in]);
         let mut scratch = vec![E::ZERO; layer.backward_scratch_len(c.t)];
         layer
             .backward(
                 backend,
+                &base,
                 MatRef::new(&x, c.t, c.n_in).map_err(fail)?,
                 MatRef::new(&g, c.t, c.n_out).map_err(fail)?,
                 Some(MatMut::new(&mut gx, c.t, c.n_in).map_err(fail)?),
@@ -287,7 +326,7 @@ where
                 &mut scratch,
             )
             .map_err(fail)?;
-        let (w, a, b, xw, gw) = (wide(layer.weight()), wide(layer.lora_a()), wide(layer.lora_b()), wide(&x), wide(&g));
+        let (w, a, b, xw, gw) = (wide(base.weight()), wide(layer.lora_a()), wide(layer.lora_b()), wide(&x), wide(&g));
         let gm = M::new(c.t, c.n_out, gw.clone());
         let s = c.scale();
         let loss = |x: &[f64], a: &[f64], b: &[f64]| {
@@ -314,9 +353,8 @@ where
     });
 
     run(report, config, "lora_backward_is_adapter_sized", name, case(), |c| {
-        let mut t = Tensors::<E>::of(&c);
-        let cfg = c.config();
-        let layer = LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, None, &mut t.a, &mut t.b).map_err(fail)?;
+        let t = Tensors::<E>::of(&c);
+        let layer = t.lora(&c)?;
         prop_assert!(
             layer.backward_scratch_len(c.t) <= 2 * c.t * c.r,
             "backward needs {} scratch",

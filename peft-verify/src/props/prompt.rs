@@ -1,7 +1,6 @@
 //! Prompt tuning: where the virtual tokens go, the mask, the positions,
 //! the gradient.
 
-use peft_core::Error;
 use peft_core::prompt::PromptTuning;
 use proptest::prelude::*;
 
@@ -27,7 +26,7 @@ fn case() -> impl Strategy<Value = Case> {
     })
 }
 
-fn fail(e: Error) -> TestCaseError {
+fn fail(e: impl core::fmt::Display) -> TestCaseError {
     TestCaseError::fail(format!("unexpected error: {e}"))
 }
 

@@ -6,17 +6,17 @@ use peft_core::attention::backward::{AttentionGrads, backward as attn_backward};
 use peft_core::attention::forward::forward as attn_forward;
 use peft_core::attention::{AttentionShape, Mask, backward_scratch_len, forward_scratch_len};
 use peft_core::format::{AdapterFile, Tensor, encode, encoded_len};
-use peft_core::lora::{LoraGrads, LoraLinear};
+use peft_core::lora::{Lora, LoraGrads};
 use peft_core::optim::{AdamW, Slot};
 use peft_core::prefix::{PrefixConfig, PrefixTuning};
 use peft_core::prompt::PromptTuning;
-use peft_core::{Backend, Error, MatMut, MatRef, Method, Rng};
+use peft_core::{Backend, Dense, Error, MatMut, MatRef, Method, Rng};
 use proptest::prelude::*;
 
 use super::lora::{Tensors, case};
 use crate::{Config, Precision, Report, narrow, run};
 
-fn fail(e: Error) -> TestCaseError {
+fn fail(e: impl core::fmt::Display) -> TestCaseError {
     TestCaseError::fail(format!("unexpected error: {e}"))
 }
 
@@ -52,26 +52,29 @@ pub fn run_all<E: Precision, B: Backend<E>>(backend: &B, config: &Config, report
         {
             let cfg = c.config();
             let mut st = state::<E>(&[t.a.len(), t.b.len()]);
-            let mut layer = LoraLinear::new(&cfg, c.n_in, c.n_out, &mut t.w, t.bias.as_deref(), &mut t.a, &mut t.b)
-                .map_err(fail)?;
+            let mut layer = Lora::new(&cfg, c.n_in, c.n_out, &mut t.a[..], &mut t.b[..]).map_err(fail)?;
             let mut scratch = vec![E::ZERO; layer.backward_scratch_len(c.t)];
             let mut y = vec![E::ZERO; c.t * c.n_out];
             for _ in 0..steps {
+                let base = Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?;
+                let base = match &t.bias {
+                    Some(bias) => base.with_bias(bias).map_err(fail)?,
+                    None => base,
+                };
                 let xv = MatRef::new(&x, c.t, c.n_in).map_err(fail)?;
                 layer
-                    .forward(backend, xv, MatMut::new(&mut y, c.t, c.n_out).map_err(fail)?, &mut scratch)
+                    .forward(backend, &base, xv, MatMut::new(&mut y, c.t, c.n_out).map_err(fail)?, &mut scratch)
                     .map_err(fail)?;
                 let (mut ga, mut gb) = (vec![E::ZERO; c.r * c.n_in], vec![E::ZERO; c.n_out * c.r]);
                 let gv = MatRef::new(&g, c.t, c.n_out).map_err(fail)?;
                 layer
-                    .backward(backend, xv, gv, None, LoraGrads { a: &mut ga, b: &mut gb }, &mut scratch)
+                    .backward(backend, &base, xv, gv, None, LoraGrads { a: &mut ga, b: &mut gb }, &mut scratch)
                     .map_err(fail)?;
-                let (a, b) = layer.adapter_mut().map_err(fail)?;
+                let (a, b) = layer.adapter_mut();
                 step::<E>(&mut opt, vec![(a, &ga), (b, &gb)], &mut st).map_err(fail)?;
             }
             let mut backup = vec![E::ZERO; c.n_out * c.n_in];
-            layer.merge(backend, Some(&mut backup)).map_err(fail)?;
-            layer.unmerge(backend).map_err(fail)?;
+            layer.merge_into(backend, &mut t.w, Some(&mut backup)).map_err(fail)?.unmerge().map_err(fail)?;
         }
         prop_assert!(bits(&t.w) == w0, "LoRA training changed W");
         prop_assert!(t.bias.as_deref().map(bits) == b0, "LoRA training changed the bias");
