@@ -15,7 +15,7 @@
 //!
 //! ## Default learning rates
 //!
-//! The seed's mistake 9 is one learning rate for every method: prompt and
+//! Mistake 9 in `peft_verify::mistakes` is one learning rate for every method: prompt and
 //! prefix tuning move a few vectors that the whole frozen network must
 //! respond to, and need rates one to two orders of magnitude above LoRA's.
 //! [`Method::default_lr`] gives AdamW rates from the methods' papers and

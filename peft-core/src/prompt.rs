@@ -7,7 +7,7 @@
 //! ```
 //!
 //! The prompt goes before the input embeddings, never after the model's
-//! output (the seed's mistake 7): the frozen model must process it.
+//! output (mistake 7 in `peft_verify::mistakes`): the frozen model must process it.
 //!
 //! ## Mask and positions, as Hugging Face PEFT defines them
 //!

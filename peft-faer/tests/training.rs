@@ -32,7 +32,7 @@ fn specs() -> Vec<Spec> {
 /// before, `f32` by `f32`, which for finite values is bit equality).
 #[test]
 fn training_lowers_the_loss_and_leaves_the_base_bit_identical() {
-    let mut model = TinyModel::new(small(), 11).unwrap();
+    let model = TinyModel::new(small(), 11).unwrap();
     let frozen = model.clone();
     let bits: Vec<u32> = frozen.tensors().iter().flat_map(|(_, t)| t.iter().map(|v| v.to_bits())).collect();
     let task = setup(&model, 2, Faer::new(), 12).unwrap();
@@ -40,7 +40,7 @@ fn training_lowers_the_loss_and_leaves_the_base_bit_identical() {
         let mut peft = Peft::new(&model, spec, 13).unwrap();
         let method = peft.method();
         let mut trainer = Trainer::new(&peft, AdamW::new(method.default_lr()).with_max_grad_norm(Some(1.0)));
-        let mut runner = Runner::new(&mut model, Faer::new()).unwrap();
+        let mut runner = Runner::new(&model, Faer::new()).unwrap();
         let before = loss(&mut runner, Some(&mut peft), &task.held_out).unwrap();
         train(&mut runner, &mut peft, &mut trainer, &task, 60, 8, |_, _| {}).unwrap();
         let after = loss(&mut runner, Some(&mut peft), &task.held_out).unwrap();
@@ -90,14 +90,14 @@ fn nan_gradient_step_is_refused_and_changes_nothing() {
 /// after training has moved them off their init.
 #[test]
 fn save_load_round_trip_is_bit_exact() {
-    let mut model = TinyModel::new(small(), 3).unwrap();
+    let model = TinyModel::new(small(), 3).unwrap();
     let task = setup(&model, 2, Faer::new(), 4).unwrap();
     let dir = std::env::temp_dir().join(format!("peft-roundtrip-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for spec in specs() {
         let mut peft = Peft::new(&model, spec, 5).unwrap();
         let mut trainer = Trainer::new(&peft, AdamW::new(peft.method().default_lr()));
-        let mut runner = Runner::new(&mut model, Faer::new()).unwrap();
+        let mut runner = Runner::new(&model, Faer::new()).unwrap();
         train(&mut runner, &mut peft, &mut trainer, &task, 5, 4, |_, _| {}).unwrap();
         let bytes = encode(&peft, &model).unwrap();
         let path = dir.join(format!("{}.peft", peft.method().name()));

@@ -1,6 +1,6 @@
 //! # peft-verify
 //!
-//! The seed document's twelve mistakes as properties that any
+//! The twelve common PEFT mistakes ([`mistakes`]) as properties that any
 //! [`Backend`] can run against itself, on random shapes
 //! and values (proptest), against an f64 oracle ([`oracle`]) that shares no
 //! code with `peft-core`.
@@ -15,7 +15,7 @@
 //! `Backend<E>` for the element types it supports and calls [`verify`] for
 //! each. The properties, each its own name in the [`Report`]:
 //!
-//! | property | what it checks | seed mistake |
+//! | property | what it checks | [mistake](mistakes) |
 //! |---|---|---|
 //! | `gemm_matches_oracle` | the backend's gemm (shapes with 1 row or column, transposes, Replace and Add) against the oracle | - |
 //! | `backends_agree` | the backend and `Reference` give the same LoRA output within the bound | - |
@@ -54,6 +54,7 @@
 //! Gradients are compared normwise against central differences (`h = 1e-6`
 //! on the f64 oracle).
 
+pub mod mistakes;
 pub mod oracle;
 mod props;
 

@@ -6,7 +6,7 @@
 //! ```
 //!
 //! The residual `x + ...` is part of the layer and cannot be switched off
-//! (the seed's mistake 8: an adapter without it replaces the sublayer's
+//! (mistake 8 in `peft_verify::mistakes`: an adapter without it replaces the sublayer's
 //! output instead of refining it). `W_up` and `b_up` start at zero, so a
 //! fresh adapter returns its input bit for bit.
 //!

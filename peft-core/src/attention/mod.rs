@@ -12,7 +12,7 @@
 //! front of the keys and values without a copy: the score matrix is computed
 //! in two column blocks.
 //!
-//! ## The mask, extended (the seed's mistake 11)
+//! ## The mask, extended (mistake 11 in `peft_verify::mistakes`)
 //!
 //! Key column `j < p` is a prefix column and is visible to every query.
 //! A real key `j = p + r` is visible to query `i` unless the mask hides it:
@@ -22,7 +22,7 @@
 //! covers the whole extended width `[tq, p + tk]`, so a caller may still
 //! hide prefix columns explicitly; entries of `-inf` exclude a key.
 //! [`extend_additive_mask`] builds the extended mask from a `[tq, tk]` one
-//! the way the seed's fix does (zeros in front).
+//! the way the mistakes note's fix does (zeros in front).
 //!
 //! ## Softmax
 //!
@@ -185,7 +185,7 @@ pub const fn backward_scratch_len(tq: usize, tk: usize, p: usize) -> usize {
     forward_scratch_len(tq, tk, p).saturating_mul(2)
 }
 
-/// The seed's fix for mistake 11, for callers with their own attention:
+/// The fix for mistake 11 (`peft_verify::mistakes`), for callers with their own attention:
 /// `out = [0 (tq x n_prefix) | mask]`, so every query sees every prefix
 /// column and the original mask applies to the real keys unchanged.
 ///

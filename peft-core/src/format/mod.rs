@@ -1,7 +1,7 @@
 //! The adapter-only file format, read from and written to byte slices.
 //!
 //! A file holds one method's trainable tensors and the configuration that
-//! gives them meaning, never the frozen base (the seed's mistake 10: saving
+//! gives them meaning, never the frozen base (mistake 10 in `peft_verify::mistakes`: saving
 //! the whole model). It is written into a caller's buffer and parsed in
 //! place: the reader borrows names and data from the buffer it is given and
 //! allocates nothing.

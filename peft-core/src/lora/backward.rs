@@ -11,7 +11,7 @@
 //! dL/dx = G W + s u A          [tokens, in] = G (W + s B A), without forming B A
 //! ```
 //!
-//! The seed document's `grad_B = (x A^T)^T (s G)` has shape `[r, out]`, the
+//! The mistakes note's `grad_B = (x A^T)^T (s G)` has shape `[r, out]`, the
 //! transpose of `B`; the correct `s G^T (x A^T)` is `[out, r]`. Every formula
 //! here is checked against central finite differences in f64.
 //!

@@ -41,12 +41,12 @@ pub struct LoraConfig<'a> {
 }
 
 /// The query and value projections: the default targets, after the LoRA
-/// paper (Hu et al., 2021, section 7.1) and the seed document's mistake 4.
+/// paper (Hu et al., 2021, section 7.1) and mistake 4 in `peft_verify::mistakes`.
 /// Add `"k_proj"` and `"o_proj"` for harder tasks.
 pub const DEFAULT_TARGET_MODULES: &[&str] = &["q_proj", "v_proj"];
 
 /// A rank whose adapter holds at least this fraction of the base layer's
-/// parameters is reported as saving little (the seed's mistake 5: `r = 256`
+/// parameters is reported as saving little (mistake 5 in `peft_verify::mistakes`: `r = 256`
 /// on a 512x512 layer trains as many parameters as the layer itself).
 pub const LOW_SAVINGS_RATIO: f64 = 0.25;
 

@@ -9,7 +9,7 @@ use crate::matrix::checked_len;
 
 /// An adapter's tensors and their gradients, owned: `a [r, in]`,
 /// `b [out, r]`, `grad_a`, `grad_b` of the same shapes, all zero at
-/// creation. Lend `a` and `b` to [`LoraLinear::new`](super::LoraLinear::new)
+/// creation. Lend `a` and `b` to [`Lora::new`](super::Lora::new)
 /// and the gradients to [`LoraGrads`](super::LoraGrads).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraParams<E> {

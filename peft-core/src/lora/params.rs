@@ -1,4 +1,4 @@
-//! Parameter accounting (the seed's mistake 5: a rank too high saves
+//! Parameter accounting (mistake 5 in `peft_verify::mistakes`: a rank too high saves
 //! nothing).
 
 use super::config::LOW_SAVINGS_RATIO;

@@ -175,7 +175,7 @@ fn outputs(
 }
 
 fn run_method(
-    model: &mut TinyModel,
+    model: &TinyModel,
     task: &Task,
     method: Method,
     args: &FinetuneArgs,
@@ -256,7 +256,7 @@ fn run_method(
 fn finetune(args: &FinetuneArgs) -> Result<bool, Box<dyn std::error::Error>> {
     let cfg = TinyConfig::default();
     let backend = Faer::with_threads(args.threads);
-    let mut model = TinyModel::new(cfg, args.seed)?;
+    let model = TinyModel::new(cfg, args.seed)?;
     let frozen = model.clone();
     let task = setup(&model, HIDDEN_RANK, backend, args.seed)?;
     std::fs::create_dir_all(&args.out)?;
@@ -278,10 +278,10 @@ fn finetune(args: &FinetuneArgs) -> Result<bool, Box<dyn std::error::Error>> {
             model.num_params()
         );
     }
-    let base_loss = loss(&mut Runner::new(&mut model, backend)?, None, &task.held_out)?;
+    let base_loss = loss(&mut Runner::new(&model, backend)?, None, &task.held_out)?;
     let mut rows = Vec::new();
     for m in methods {
-        rows.push(run_method(&mut model, &task, m, args, backend)?);
+        rows.push(run_method(&model, &task, m, args, backend)?);
     }
     let base_identical = model == frozen;
     let full_state = 2 * 4 * model.num_params();

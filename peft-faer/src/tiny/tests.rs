@@ -45,14 +45,14 @@ fn loss<B: Backend<f32, Error = Error>>(
 #[test]
 fn gradients_match_finite_differences_for_every_method() {
     let cfg = small();
-    let mut model = TinyModel::new(cfg, 1).unwrap();
+    let model = TinyModel::new(cfg, 1).unwrap();
     let tokens = [3, 1, 4, 1, 5];
     let mut rng = Rng::new(9);
     let target = normal(&mut rng, cfg.seq * cfg.d, 1.0);
     for spec in specs() {
         let mut peft = Peft::new(&model, spec.clone(), 2).unwrap();
         perturb(&mut peft, 3);
-        let mut r = Runner::new(&mut model, Reference).unwrap();
+        let mut r = Runner::new(&model, Reference).unwrap();
         let mut tr = Trace::default();
         r.forward(Some(&mut peft), &tokens, &mut tr).unwrap();
         let mut g = vec![0.0; target.len()];
@@ -88,10 +88,10 @@ fn gradients_match_finite_differences_for_every_method() {
 #[test]
 fn identity_at_init_and_frozen_base_untouched() {
     let cfg = small();
-    let mut model = TinyModel::new(cfg, 4).unwrap();
+    let model = TinyModel::new(cfg, 4).unwrap();
     let before = model.clone();
     let tokens = [0, 10, 2, 2, 7];
-    let mut r = Runner::new(&mut model, Faer::new()).unwrap();
+    let mut r = Runner::new(&model, Faer::new()).unwrap();
     let mut base = Trace::default();
     r.forward(None, &tokens, &mut base).unwrap();
     for spec in specs() {
@@ -141,8 +141,8 @@ fn merged_equals_unmerged_and_leaves_the_model() {
 #[test]
 fn bad_input_is_a_typed_error() {
     let cfg = small();
-    let mut model = TinyModel::new(cfg, 1).unwrap();
-    let mut r = Runner::new(&mut model, Faer::new()).unwrap();
+    let model = TinyModel::new(cfg, 1).unwrap();
+    let mut r = Runner::new(&model, Faer::new()).unwrap();
     let mut tr = Trace::default();
     assert_eq!(r.forward(None, &[1, 2, 3, 4, 11], &mut tr), Err(Error::TokenOutOfRange { id: 11, vocab: 11 }));
     assert!(matches!(r.forward(None, &[1, 2], &mut tr), Err(Error::ShapeMismatch { .. })));
