@@ -22,35 +22,41 @@
 //! tokens take positions `0..n_virtual` and the real tokens' positions follow
 //! them, skipping padding.
 
+use core::marker::PhantomData;
+
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len};
 use crate::matrix::{MatRef, checked_len};
 use crate::rng::Rng;
 
-/// A soft prompt `P [n_virtual, d]` over a borrowed buffer.
-#[derive(Debug)]
-pub struct PromptTuning<'a, E> {
-    prompt: &'a mut [E],
+/// A soft prompt `P [n_virtual, d]` in storage `S`: `&[E]` to apply a
+/// prompt held in flash, `&mut [E]` (or `&mut Vec<E>`) to train one, `Vec<E>`
+/// to own it. `Send` and `Sync` whenever `S` is.
+#[derive(Clone, Debug)]
+pub struct PromptTuning<E, S> {
+    prompt: S,
     n_virtual: usize,
     dim: usize,
+    // A type tag only: `Send`/`Sync` follow `S`.
+    _element: PhantomData<fn() -> E>,
 }
 
-impl<'a, E: Element> PromptTuning<'a, E> {
+impl<E: Element, S: AsRef<[E]>> PromptTuning<E, S> {
     /// Wraps `prompt [n_virtual, dim]`, keeping its values.
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] (`"n_virtual"`, `"model width"`) for a
     /// zero count (a zero-length prompt is no prompt tuning at all);
     /// [`Error::ShapeMismatch`] (`Prompt`); [`Error::Overflow`].
-    pub fn new(prompt: &'a mut [E], n_virtual: usize, dim: usize) -> Result<Self> {
+    pub fn new(prompt: S, n_virtual: usize, dim: usize) -> Result<Self> {
         if n_virtual == 0 {
             return Err(Error::InvalidParameter { name: "n_virtual", rule: "must be positive" });
         }
         if dim == 0 {
             return Err(Error::InvalidParameter { name: "model width", rule: "must be positive" });
         }
-        check_len(Operand::Prompt, checked_len(n_virtual, dim)?, prompt.len())?;
-        Ok(Self { prompt, n_virtual, dim })
+        check_len(Operand::Prompt, checked_len(n_virtual, dim)?, prompt.as_ref().len())?;
+        Ok(Self { prompt, n_virtual, dim, _element: PhantomData })
     }
 
     /// Number of virtual tokens.
@@ -65,76 +71,7 @@ impl<'a, E: Element> PromptTuning<'a, E> {
 
     /// `P`.
     pub fn prompt(&self) -> &[E] {
-        self.prompt
-    }
-
-    /// `P`, mutably (for an optimizer step or a load).
-    pub fn prompt_mut(&mut self) -> &mut [E] {
-        self.prompt
-    }
-
-    /// PEFT's `RANDOM` init: `P ~ N(0, 1)` (the default of `nn.Embedding`).
-    pub fn init_normal(&mut self, rng: &mut Rng) {
-        rng.fill_normal(self.prompt, 1.0);
-    }
-
-    /// PEFT's `TEXT` init: row `k` of `P` is row `ids[k % ids.len()]` of the
-    /// model's embedding table (the ids are repeated, then truncated, to
-    /// `n_virtual`).
-    ///
-    /// # Errors
-    /// [`Error::ShapeMismatch`] (`EmbeddingTable`) if the table is not
-    /// `d` wide; [`Error::InvalidParameter`] (`"token ids"`) for no ids;
-    /// [`Error::TokenOutOfRange`]. Nothing is written on error.
-    pub fn init_from_vocab(&mut self, table: MatRef<'_, E>, ids: &[usize]) -> Result<()> {
-        if table.cols() != self.dim {
-            return Err(Error::ShapeMismatch {
-                operand: Operand::EmbeddingTable,
-                expected: self.dim,
-                found: table.cols(),
-            });
-        }
-        if ids.is_empty() {
-            return Err(Error::InvalidParameter { name: "token ids", rule: "must not be empty" });
-        }
-        if let Some(&id) = ids.iter().find(|&&id| id >= table.rows()) {
-            return Err(Error::TokenOutOfRange { id, vocab: table.rows() });
-        }
-        for (row, &id) in self.prompt.chunks_exact_mut(self.dim).zip(ids.iter().cycle()) {
-            for (d, &s) in row.iter_mut().zip(table.row(id)) {
-                *d = s;
-            }
-        }
-        Ok(())
-    }
-
-    /// PEFT's `SAMPLE_VOCAB` init: each row of `P` copies a row of the
-    /// embedding table chosen uniformly at random.
-    ///
-    /// # Errors
-    /// As [`init_from_vocab`](Self::init_from_vocab), and
-    /// [`Error::InvalidParameter`] (`"vocabulary"`) for an empty table.
-    pub fn init_sample_vocab(&mut self, table: MatRef<'_, E>, rng: &mut Rng) -> Result<()> {
-        if table.rows() == 0 {
-            return Err(Error::InvalidParameter { name: "vocabulary", rule: "must not be empty" });
-        }
-        if table.cols() != self.dim {
-            return Err(Error::ShapeMismatch {
-                operand: Operand::EmbeddingTable,
-                expected: self.dim,
-                found: table.cols(),
-            });
-        }
-        let vocab = table.rows() as u64;
-        for row in self.prompt.chunks_exact_mut(self.dim) {
-            // Rejection-free multiply-shift: (x * vocab) >> 64 is uniform
-            // enough for init (bias < vocab / 2^64).
-            let id = ((u128::from(rng.next_u64()) * u128::from(vocab)) >> 64) as usize;
-            for (d, &s) in row.iter_mut().zip(table.row(id)) {
-                *d = s;
-            }
-        }
-        Ok(())
+        self.prompt.as_ref()
     }
 
     /// Length of an extended sequence: `n_virtual + seq`.
@@ -159,8 +96,8 @@ impl<'a, E: Element> PromptTuning<'a, E> {
         for (o, e) in
             out.chunks_exact_mut(ext.max(1)).zip(embeds.chunks_exact(row.max(1)).chain(core::iter::repeat(&[][..])))
         {
-            let (head, tail) = o.split_at_mut(self.prompt.len());
-            head.copy_from_slice(self.prompt);
+            let (head, tail) = o.split_at_mut(self.prompt().len());
+            head.copy_from_slice(self.prompt());
             for (d, &s) in tail.iter_mut().zip(e) {
                 *d = s;
             }
@@ -230,7 +167,7 @@ impl<'a, E: Element> PromptTuning<'a, E> {
     ) -> Result<()> {
         let (in_len, out_len) = self.lens(batch, seq)?;
         check_len(Operand::GradOutput, out_len, grad_out.len())?;
-        check_len(Operand::Prompt, self.prompt.len(), grad_prompt.len())?;
+        check_len(Operand::Prompt, self.prompt().len(), grad_prompt.len())?;
         if let Some(ge) = &grad_embeds {
             check_len(Operand::Embeddings, in_len, ge.len())?;
         }
@@ -248,7 +185,7 @@ impl<'a, E: Element> PromptTuning<'a, E> {
         if let Some(ge) = grad_embeds {
             let row = seq * self.dim;
             for (d, g) in ge.chunks_exact_mut(row.max(1)).zip(grad_out.chunks_exact(ext.max(1))) {
-                for (o, &v) in d.iter_mut().zip(g.iter().skip(self.prompt.len())) {
+                for (o, &v) in d.iter_mut().zip(g.iter().skip(self.prompt().len())) {
                     *o = v;
                 }
             }
@@ -262,6 +199,77 @@ impl<'a, E: Element> PromptTuning<'a, E> {
         let ext = seq.checked_add(self.n_virtual).ok_or(Error::Overflow)?;
         let out_len = checked_len(checked_len(batch, ext)?, self.dim)?;
         Ok((in_len, out_len))
+    }
+}
+
+impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> PromptTuning<E, S> {
+    /// `P`, mutably (for an optimizer step or a load).
+    pub fn prompt_mut(&mut self) -> &mut [E] {
+        self.prompt.as_mut()
+    }
+
+    /// PEFT's `RANDOM` init: `P ~ N(0, 1)` (the default of `nn.Embedding`).
+    pub fn init_normal(&mut self, rng: &mut Rng) {
+        rng.fill_normal(self.prompt.as_mut(), 1.0);
+    }
+
+    /// PEFT's `TEXT` init: row `k` of `P` is row `ids[k % ids.len()]` of the
+    /// model's embedding table (the ids are repeated, then truncated, to
+    /// `n_virtual`).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`EmbeddingTable`) if the table is not
+    /// `d` wide; [`Error::InvalidParameter`] (`"token ids"`) for no ids;
+    /// [`Error::TokenOutOfRange`]. Nothing is written on error.
+    pub fn init_from_vocab(&mut self, table: MatRef<'_, E>, ids: &[usize]) -> Result<()> {
+        if table.cols() != self.dim {
+            return Err(Error::ShapeMismatch {
+                operand: Operand::EmbeddingTable,
+                expected: self.dim,
+                found: table.cols(),
+            });
+        }
+        if ids.is_empty() {
+            return Err(Error::InvalidParameter { name: "token ids", rule: "must not be empty" });
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id >= table.rows()) {
+            return Err(Error::TokenOutOfRange { id, vocab: table.rows() });
+        }
+        for (row, &id) in self.prompt.as_mut().chunks_exact_mut(self.dim).zip(ids.iter().cycle()) {
+            for (d, &s) in row.iter_mut().zip(table.row(id)) {
+                *d = s;
+            }
+        }
+        Ok(())
+    }
+
+    /// PEFT's `SAMPLE_VOCAB` init: each row of `P` copies a row of the
+    /// embedding table chosen uniformly at random.
+    ///
+    /// # Errors
+    /// As [`init_from_vocab`](Self::init_from_vocab), and
+    /// [`Error::InvalidParameter`] (`"vocabulary"`) for an empty table.
+    pub fn init_sample_vocab(&mut self, table: MatRef<'_, E>, rng: &mut Rng) -> Result<()> {
+        if table.rows() == 0 {
+            return Err(Error::InvalidParameter { name: "vocabulary", rule: "must not be empty" });
+        }
+        if table.cols() != self.dim {
+            return Err(Error::ShapeMismatch {
+                operand: Operand::EmbeddingTable,
+                expected: self.dim,
+                found: table.cols(),
+            });
+        }
+        let vocab = table.rows() as u64;
+        for row in self.prompt.as_mut().chunks_exact_mut(self.dim) {
+            // Rejection-free multiply-shift: (x * vocab) >> 64 is uniform
+            // enough for init (bias < vocab / 2^64).
+            let id = ((u128::from(rng.next_u64()) * u128::from(vocab)) >> 64) as usize;
+            for (d, &s) in row.iter_mut().zip(table.row(id)) {
+                *d = s;
+            }
+        }
+        Ok(())
     }
 }
 

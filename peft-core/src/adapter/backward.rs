@@ -32,7 +32,7 @@ pub struct AdapterGrads<'g, E> {
     pub b_up: &'g mut [E],
 }
 
-impl<E: Element> BottleneckAdapter<'_, E> {
+impl<E: Element, S: AsRef<[E]>> BottleneckAdapter<E, S> {
     /// Scratch [`backward`](Self::backward) needs: `2 * tokens * m`.
     pub fn backward_scratch_len(&self, tokens: usize) -> usize {
         super::backward_scratch_len(tokens, self.width)
@@ -62,9 +62,9 @@ impl<E: Element> BottleneckAdapter<'_, E> {
         if let Some(gx) = &grad_x {
             self.check_rows(&x, gx.rows(), gx.cols(), Operand::GradInput)?;
         }
-        check_len(Operand::AdapterDown, self.w_down.len(), grads.w_down.len())?;
+        check_len(Operand::AdapterDown, self.w_down.as_ref().len(), grads.w_down.len())?;
         check_len(Operand::AdapterBias, m, grads.b_down.len())?;
-        check_len(Operand::AdapterUp, self.w_up.len(), grads.w_up.len())?;
+        check_len(Operand::AdapterUp, self.w_up.as_ref().len(), grads.w_up.len())?;
         check_len(Operand::AdapterBias, d, grads.b_up.len())?;
         let need = self.backward_scratch_len(tokens);
         check_scratch(need, scratch.len())?;
@@ -85,7 +85,7 @@ impl<E: Element> BottleneckAdapter<'_, E> {
         add_colsum(grads.b_up, &grad_h, s);
         backend.gemm(MatMut::new(grads.w_up, d, m)?, Accum::Add, grad_h, Op::T, a.as_ref(), Op::N, s)?;
         // da = s G W_up (into a's buffer: a is no longer needed).
-        let w_up = MatRef::new(self.w_up, d, m)?;
+        let w_up = MatRef::new(self.w_up.as_ref(), d, m)?;
         backend.gemm(a.rb_mut(), Accum::Replace, grad_h, Op::N, w_up, Op::N, s)?;
         // dz = da * act'(z) (into z's buffer).
         for (z_row, da_row) in z.row_iter_mut().zip(a.as_ref().row_iter()) {
@@ -104,7 +104,7 @@ impl<E: Element> BottleneckAdapter<'_, E> {
                     *o = v;
                 }
             }
-            let w_down = MatRef::new(self.w_down, m, d)?;
+            let w_down = MatRef::new(self.w_down.as_ref(), m, d)?;
             backend.gemm(gx, Accum::Add, dz, Op::N, w_down, Op::N, one)?;
         }
         Ok(())

@@ -15,7 +15,7 @@ use crate::element::Element;
 use crate::error::{Operand, Result, check_io, check_scratch};
 use crate::matrix::{MatMut, MatRef};
 
-impl<E: Element> BottleneckAdapter<'_, E> {
+impl<E: Element, S: AsRef<[E]>> BottleneckAdapter<E, S> {
     /// Scratch [`forward`](Self::forward) needs: `tokens * m`.
     pub fn forward_scratch_len(&self, tokens: usize) -> usize {
         super::forward_scratch_len(tokens, self.width)
@@ -43,11 +43,11 @@ impl<E: Element> BottleneckAdapter<'_, E> {
         let mut z = MatMut::new(z_buf, tokens, self.width)?;
         self.bottleneck(backend, x, &mut z, true)?;
         let one = <E::Accum as Element>::from_f64(1.0);
-        let w_up = MatRef::new(self.w_up, self.dim, self.width)?;
+        let w_up = MatRef::new(self.w_up.as_ref(), self.dim, self.width)?;
         backend.gemm(h.rb_mut(), Accum::Replace, z.as_ref(), Op::N, w_up, Op::T, one)?;
         let s = <E::Accum as Element>::from_f64(self.scale);
         for (i, h_row) in h.row_iter_mut().enumerate() {
-            for ((hv, &xv), &bu) in h_row.iter_mut().zip(x.row(i)).zip(self.b_up.iter()) {
+            for ((hv, &xv), &bu) in h_row.iter_mut().zip(x.row(i)).zip(self.b_up.as_ref().iter()) {
                 let branch = s * (hv.to_accum() + bu.to_accum());
                 *hv = if branch == E::Accum::ZERO { xv } else { E::from_accum(xv.to_accum() + branch) };
             }
@@ -64,10 +64,10 @@ impl<E: Element> BottleneckAdapter<'_, E> {
         activate: bool,
     ) -> core::result::Result<(), B::Error> {
         let one = <E::Accum as Element>::from_f64(1.0);
-        let w_down = MatRef::new(self.w_down, self.width, self.dim)?;
+        let w_down = MatRef::new(self.w_down.as_ref(), self.width, self.dim)?;
         backend.gemm(z.rb_mut(), Accum::Replace, x, Op::N, w_down, Op::T, one)?;
         for row in z.row_iter_mut() {
-            for (v, &b) in row.iter_mut().zip(self.b_down.iter()) {
+            for (v, &b) in row.iter_mut().zip(self.b_down.as_ref().iter()) {
                 let pre = v.to_accum() + b.to_accum();
                 *v = E::from_accum(if activate { self.activation.apply(pre) } else { pre });
             }

@@ -18,6 +18,8 @@ pub mod forward;
 
 pub use backward::AdapterGrads;
 
+use core::marker::PhantomData;
+
 use crate::activation::Activation;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len};
@@ -124,35 +126,44 @@ impl AdapterConfig {
     }
 }
 
-/// A bottleneck adapter over borrowed parameters. All four are trainable;
-/// the sublayer it follows is frozen and not its business.
-#[derive(Debug)]
-pub struct BottleneckAdapter<'a, E: Element> {
-    pub(crate) w_down: &'a mut [E],
-    pub(crate) b_down: &'a mut [E],
-    pub(crate) w_up: &'a mut [E],
-    pub(crate) b_up: &'a mut [E],
+/// A bottleneck adapter: its four tensors and nothing else. All four are
+/// trainable; the sublayer it follows is frozen and not its business.
+///
+/// `S` is the storage of each tensor: `&[E]` to apply an adapter held in
+/// flash, `&mut [E]` (or `&mut Vec<E>`, `&mut [E; N]`) to train one in
+/// caller buffers, `Vec<E>` (feature `alloc`) to own it. The adapter is
+/// `Send` and `Sync` whenever `S` is.
+#[derive(Clone, Debug)]
+pub struct BottleneckAdapter<E, S> {
+    pub(crate) w_down: S,
+    pub(crate) b_down: S,
+    pub(crate) w_up: S,
+    pub(crate) b_up: S,
     pub(crate) dim: usize,
     pub(crate) width: usize,
     pub(crate) activation: Activation,
     pub(crate) scale: f64,
     pub(crate) init: AdapterInit,
+    // A type tag only: `Send`/`Sync` follow `S`.
+    _element: PhantomData<fn() -> E>,
 }
 
-/// The four parameters of an adapter, mutably (for an optimizer step).
+/// The four parameters of an adapter, in storage `S`: what
+/// [`BottleneckAdapter::new`] takes, and (as `&mut [E]`) what
+/// [`BottleneckAdapter::params_mut`] lends for an optimizer step.
 #[derive(Debug)]
-pub struct AdapterParams<'p, E> {
+pub struct AdapterParams<S> {
     /// `W_down [m, d]`.
-    pub w_down: &'p mut [E],
+    pub w_down: S,
     /// `b_down [m]`.
-    pub b_down: &'p mut [E],
+    pub b_down: S,
     /// `W_up [d, m]`.
-    pub w_up: &'p mut [E],
+    pub w_up: S,
     /// `b_up [d]`.
-    pub b_up: &'p mut [E],
+    pub b_up: S,
 }
 
-impl<'a, E: Element> BottleneckAdapter<'a, E> {
+impl<E: Element, S: AsRef<[E]>> BottleneckAdapter<E, S> {
     /// Wraps parameters for model width `dim`; they keep their values (call
     /// [`init`](Self::init) for a fresh adapter).
     ///
@@ -162,7 +173,7 @@ impl<'a, E: Element> BottleneckAdapter<'a, E> {
     /// # Errors
     /// [`Error::InvalidParameter`] for a zero width or `dim`, or a
     /// non-finite scale; [`Error::ShapeMismatch`]; [`Error::Overflow`].
-    pub fn new(config: &AdapterConfig, dim: usize, params: AdapterParams<'a, E>) -> Result<Self> {
+    pub fn new(config: &AdapterConfig, dim: usize, params: AdapterParams<S>) -> Result<Self> {
         if dim == 0 {
             return Err(Error::InvalidParameter { name: "model width", rule: "must be positive" });
         }
@@ -171,10 +182,10 @@ impl<'a, E: Element> BottleneckAdapter<'a, E> {
         }
         let m = config.bottleneck(dim)?;
         let AdapterParams { w_down, b_down, w_up, b_up } = params;
-        check_len(Operand::AdapterDown, checked_len(m, dim)?, w_down.len())?;
-        check_len(Operand::AdapterBias, m, b_down.len())?;
-        check_len(Operand::AdapterUp, checked_len(dim, m)?, w_up.len())?;
-        check_len(Operand::AdapterBias, dim, b_up.len())?;
+        check_len(Operand::AdapterDown, checked_len(m, dim)?, w_down.as_ref().len())?;
+        check_len(Operand::AdapterBias, m, b_down.as_ref().len())?;
+        check_len(Operand::AdapterUp, checked_len(dim, m)?, w_up.as_ref().len())?;
+        check_len(Operand::AdapterBias, dim, b_up.as_ref().len())?;
         Ok(Self {
             w_down,
             b_down,
@@ -185,22 +196,8 @@ impl<'a, E: Element> BottleneckAdapter<'a, E> {
             activation: config.activation,
             scale: config.scale,
             init: config.init,
+            _element: PhantomData,
         })
-    }
-
-    /// A fresh adapter: `W_down` by the configured [`AdapterInit`],
-    /// `b_down = 0`, `W_up = 0`, `b_up = 0`, so the adapter is the identity.
-    pub fn init(&mut self, rng: &mut Rng) {
-        match self.init {
-            AdapterInit::KaimingUniform => {
-                let bound = 1.0 / libm::sqrt(self.dim as f64);
-                rng.fill_uniform(self.w_down, -bound, bound);
-            }
-            AdapterInit::Bert => rng.fill_normal(self.w_down, 0.02),
-        }
-        self.b_down.fill(E::ZERO);
-        self.w_up.fill(E::ZERO);
-        self.b_up.fill(E::ZERO);
     }
 
     /// Model width `d`.
@@ -215,17 +212,45 @@ impl<'a, E: Element> BottleneckAdapter<'a, E> {
 
     /// Trainable parameters: `2 m d + m + d`.
     pub fn num_params(&self) -> usize {
-        self.w_down.len() + self.b_down.len() + self.w_up.len() + self.b_up.len()
-    }
-
-    /// The parameters, mutably.
-    pub fn params_mut(&mut self) -> AdapterParams<'_, E> {
-        AdapterParams { w_down: self.w_down, b_down: self.b_down, w_up: self.w_up, b_up: self.b_up }
+        let (a, b, c, d) = self.params();
+        a.len() + b.len() + c.len() + d.len()
     }
 
     /// `(W_down, b_down, W_up, b_up)`.
     pub fn params(&self) -> (&[E], &[E], &[E], &[E]) {
-        (self.w_down, self.b_down, self.w_up, self.b_up)
+        (self.w_down.as_ref(), self.b_down.as_ref(), self.w_up.as_ref(), self.b_up.as_ref())
+    }
+
+    /// Gives the storage back.
+    pub fn into_params(self) -> AdapterParams<S> {
+        AdapterParams { w_down: self.w_down, b_down: self.b_down, w_up: self.w_up, b_up: self.b_up }
+    }
+}
+
+impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> BottleneckAdapter<E, S> {
+    /// A fresh adapter: `W_down` by the configured [`AdapterInit`],
+    /// `b_down = 0`, `W_up = 0`, `b_up = 0`, so the adapter is the identity.
+    pub fn init(&mut self, rng: &mut Rng) {
+        match self.init {
+            AdapterInit::KaimingUniform => {
+                let bound = 1.0 / libm::sqrt(self.dim as f64);
+                rng.fill_uniform(self.w_down.as_mut(), -bound, bound);
+            }
+            AdapterInit::Bert => rng.fill_normal(self.w_down.as_mut(), 0.02),
+        }
+        self.b_down.as_mut().fill(E::ZERO);
+        self.w_up.as_mut().fill(E::ZERO);
+        self.b_up.as_mut().fill(E::ZERO);
+    }
+
+    /// The parameters, mutably.
+    pub fn params_mut(&mut self) -> AdapterParams<&mut [E]> {
+        AdapterParams {
+            w_down: self.w_down.as_mut(),
+            b_down: self.b_down.as_mut(),
+            w_up: self.w_up.as_mut(),
+            b_up: self.b_up.as_mut(),
+        }
     }
 }
 

@@ -21,14 +21,14 @@ impl Owned {
         let mut r = |n: usize| (0..n).map(|_| rng.uniform_range(-1.0, 1.0)).collect::<Vec<f64>>();
         Self { wd: r(m * d), bd: r(m), wu: r(d * m), bu: r(d) }
     }
-    fn adapter(&mut self, cfg: &AdapterConfig, d: usize) -> BottleneckAdapter<'_, f64> {
+    fn adapter(&mut self, cfg: &AdapterConfig, d: usize) -> BottleneckAdapter<f64, &mut Vec<f64>> {
         let params =
             AdapterParams { w_down: &mut self.wd, b_down: &mut self.bd, w_up: &mut self.wu, b_up: &mut self.bu };
         BottleneckAdapter::new(cfg, d, params).unwrap()
     }
 }
 
-fn forward(ad: &BottleneckAdapter<'_, f64>, x: &[f64], t: usize) -> Vec<f64> {
+fn forward<S: AsRef<[f64]>>(ad: &BottleneckAdapter<f64, S>, x: &[f64], t: usize) -> Vec<f64> {
     let d = ad.dim();
     let mut h = vec![f64::NAN; t * d];
     let mut s = vec![0.0; ad.forward_scratch_len(t)];
@@ -78,13 +78,10 @@ fn mistake8_hand_computed_output_includes_residual() {
     // W_up = [2, 4]^T, b_up = [1, 0]. x = [3, 1]:
     // z = 3 - 1 + 0.5 = 2.5, a = 2.5, branch = a W_up^T + b_up = [6, 10],
     // h = x + 0.5 * branch = [6, 6]. Without the residual: [3, 5].
-    let (mut wd, mut bd, mut wu, mut bu) = ([1.0, -1.0], [0.5], [2.0, 4.0], [1.0, 0.0]);
+    let (wd, bd, wu, bu) = ([1.0, -1.0], [0.5], [2.0, 4.0], [1.0, 0.0]);
     let cfg = AdapterConfig::width(1).with_scale(0.5);
-    let ad = BottleneckAdapter::new(
-        &cfg,
-        2,
-        AdapterParams { w_down: &mut wd, b_down: &mut bd, w_up: &mut wu, b_up: &mut bu },
-    )
+    // A read-only adapter (as from flash): `&[f64]` storage.
+    let ad = BottleneckAdapter::new(&cfg, 2, AdapterParams { w_down: &wd[..], b_down: &bd[..], w_up: &wu[..], b_up: &bu[..] })
     .unwrap();
     assert_eq!(forward(&ad, &[3.0, 1.0], 1), vec![6.0, 6.0]);
     // x = [-3, 1]: z = -3.5, ReLU gives 0, h = x + 0.5 * b_up = [-2.5, 1].

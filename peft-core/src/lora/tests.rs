@@ -680,3 +680,18 @@ fn half_precision_forward_tracks_f32() {
     // so 4 u of the output scale is a safe bound.
     assert!(max_rel_err(&got, &want) < 4.0 / 256.0, "{}", max_rel_err(&got, &want));
 }
+
+/// Adapters hold only their own tensors, so they are `Send + Sync` exactly
+/// when their storage is (checked at compile time: a field that is not,
+/// such as a `Cell`, would make this test fail to build).
+#[test]
+fn adapters_are_send_and_sync_with_their_storage() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Lora<f32, &'static [f32]>>();
+    send_sync::<Lora<f32, &'static mut [f32]>>();
+    send_sync::<Lora<f64, Vec<f64>>>();
+    send_sync::<Dense<'static, f32>>();
+    send_sync::<crate::adapter::BottleneckAdapter<f32, &'static [f32]>>();
+    send_sync::<crate::prompt::PromptTuning<f32, Vec<f32>>>();
+    send_sync::<crate::prefix::PrefixTuning<f32, &'static [f32]>>();
+}

@@ -21,6 +21,8 @@ pub mod reparam;
 
 pub use reparam::{EncoderGrads, EncoderParams, PrefixEncoder};
 
+use core::marker::PhantomData;
+
 use crate::attention::{AttentionShape, Prefix, PrefixGrads};
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len};
@@ -107,21 +109,24 @@ impl PrefixConfig {
     }
 }
 
-/// All layers' prefix keys and values over a borrowed buffer.
-#[derive(Debug)]
-pub struct PrefixTuning<'a, E> {
-    kv: &'a mut [E],
+/// All layers' prefix keys and values in storage `S` (`&[E]` in flash,
+/// `&mut [E]` to train, `Vec<E>` to own). `Send` and `Sync` whenever `S` is.
+#[derive(Clone, Debug)]
+pub struct PrefixTuning<E, S> {
+    kv: S,
     cfg: PrefixConfig,
+    // A type tag only: `Send`/`Sync` follow `S`.
+    _element: PhantomData<fn() -> E>,
 }
 
-impl<'a, E: Element> PrefixTuning<'a, E> {
+impl<E: Element, S: AsRef<[E]>> PrefixTuning<E, S> {
     /// Wraps `kv [n_prefix, n_layers * 2 * kv_width]`, keeping its values.
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] (`Prefix`).
-    pub fn new(cfg: PrefixConfig, kv: &'a mut [E]) -> Result<Self> {
-        check_len(Operand::Prefix, cfg.len(), kv.len())?;
-        Ok(Self { kv, cfg })
+    pub fn new(cfg: PrefixConfig, kv: S) -> Result<Self> {
+        check_len(Operand::Prefix, cfg.len(), kv.as_ref().len())?;
+        Ok(Self { kv, cfg, _element: PhantomData })
     }
 
     /// The sizes.
@@ -129,20 +134,9 @@ impl<'a, E: Element> PrefixTuning<'a, E> {
         self.cfg
     }
 
-    /// PEFT's init without projection: `N(0, 1)` (an `nn.Embedding`).
-    pub fn init_normal(&mut self, rng: &mut Rng) {
-        rng.fill_normal(self.kv, 1.0);
-    }
-
     /// The whole prefix matrix.
     pub fn kv(&self) -> &[E] {
-        self.kv
-    }
-
-    /// The whole prefix matrix, mutably (optimizer steps, loads, or
-    /// [`PrefixEncoder::forward`] collapsing a reparameterization into it).
-    pub fn kv_mut(&mut self) -> &mut [E] {
-        self.kv
+        self.kv.as_ref()
     }
 
     /// Layer `layer`'s prefix keys and values, as strided views.
@@ -151,13 +145,26 @@ impl<'a, E: Element> PrefixTuning<'a, E> {
     /// [`Error::InvalidParameter`] (`"layer index"`).
     pub fn layer(&self, layer: usize) -> Result<Prefix<'_, E>> {
         self.cfg.check_layer(layer)?;
-        let all = MatRef::new(self.kv, self.cfg.n_prefix, self.cfg.row_width())?;
+        let all = MatRef::new(self.kv.as_ref(), self.cfg.n_prefix, self.cfg.row_width())?;
         let w = self.cfg.kv_width;
         let start = layer * 2 * w;
         Ok(Prefix {
             keys: all.cols_range(start, w).ok_or(Error::Overflow)?,
             values: all.cols_range(start + w, w).ok_or(Error::Overflow)?,
         })
+    }
+}
+
+impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> PrefixTuning<E, S> {
+    /// PEFT's init without projection: `N(0, 1)` (an `nn.Embedding`).
+    pub fn init_normal(&mut self, rng: &mut Rng) {
+        rng.fill_normal(self.kv.as_mut(), 1.0);
+    }
+
+    /// The whole prefix matrix, mutably (optimizer steps, loads, or
+    /// [`PrefixEncoder::forward`] collapsing a reparameterization into it).
+    pub fn kv_mut(&mut self) -> &mut [E] {
+        self.kv.as_mut()
     }
 }
 

@@ -361,7 +361,7 @@ impl HfAdapter {
     /// # Errors
     /// [`HfError::Unsupported`] for another method or an encoder-decoder
     /// prompt (`num_transformer_submodules` = 2); `peft-core`'s errors.
-    pub fn prompt_tuning(&mut self) -> Result<peft_core::prompt::PromptTuning<'_, f32>, HfError> {
+    pub fn prompt_tuning(&mut self) -> Result<peft_core::prompt::PromptTuning<f32, &mut [f32]>, HfError> {
         let (PeftConfig::Prompt(c), Some((_, data))) = (&self.config, self.prompt.as_mut()) else {
             return Err(HfError::Unsupported("not a prompt-tuning adapter".into()));
         };
@@ -370,7 +370,7 @@ impl HfAdapter {
                 "prefix tuning or an encoder-decoder prompt as plain prompt tuning".into(),
             ));
         }
-        Ok(peft_core::prompt::PromptTuning::new(data, c.num_virtual_tokens, c.token_dim)?)
+        Ok(peft_core::prompt::PromptTuning::new(&mut data[..], c.num_virtual_tokens, c.token_dim)?)
     }
 
     /// Prefix tuning as `peft-core`'s type, over this adapter's
@@ -382,7 +382,7 @@ impl HfAdapter {
     /// # Errors
     /// [`HfError::Unsupported`] for another method; `peft-core`'s errors
     /// (e.g. `token_dim` not a multiple of the heads).
-    pub fn prefix_tuning(&mut self) -> Result<peft_core::prefix::PrefixTuning<'_, f32>, HfError> {
+    pub fn prefix_tuning(&mut self) -> Result<peft_core::prefix::PrefixTuning<f32, &mut [f32]>, HfError> {
         let (PeftConfig::Prompt(c), Some((_, data))) = (&self.config, self.prompt.as_mut()) else {
             return Err(HfError::Unsupported("not a prefix-tuning adapter".into()));
         };
@@ -392,7 +392,7 @@ impl HfAdapter {
         let heads = c.num_attention_heads;
         let shape = peft_core::attention::AttentionShape::new(heads, heads, c.token_dim / heads)?;
         let cfg = peft_core::prefix::PrefixConfig::new(c.num_virtual_tokens, c.num_layers, &shape)?;
-        Ok(peft_core::prefix::PrefixTuning::new(cfg, data)?)
+        Ok(peft_core::prefix::PrefixTuning::new(cfg, &mut data[..])?)
     }
 
     /// The config as PEFT 0.21 writes it.

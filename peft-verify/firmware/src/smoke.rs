@@ -118,7 +118,7 @@ pub fn run() -> Result<[(&'static str, u32); 8]> {
     let mut ad = BottleneckAdapter::new(
         &acfg,
         IN,
-        AdapterParams { w_down: &mut wd, b_down: &mut bd, w_up: &mut wu, b_up: &mut bu },
+        AdapterParams { w_down: &mut wd[..], b_down: &mut bd[..], w_up: &mut wu[..], b_up: &mut bu[..] },
     )?;
     ad.init(&mut rng);
     rng.fill_normal(ad.params_mut().w_up, 0.3);

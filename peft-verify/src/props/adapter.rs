@@ -55,7 +55,7 @@ fn fail(e: impl core::fmt::Display) -> TestCaseError {
 /// `h = Ad(x)` through the backend.
 fn forward<E: Precision, B: Backend<E>>(
     backend: &B,
-    ad: &BottleneckAdapter<'_, E>,
+    ad: &BottleneckAdapter<E, &mut Vec<E>>,
     c: &Case,
     x: &[E],
 ) -> Result<Vec<E>, B::Error> {
