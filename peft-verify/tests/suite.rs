@@ -58,10 +58,12 @@ fn faer_bf16() {
 /// The report names every property of the crate docs' table.
 #[test]
 fn every_property_runs() {
-    let r = verify::<f32, _>(&Reference, &Config { cases: 1, regressions: None });
+    let r = verify::<f32, _>(&Reference, &Config { cases: 1, regressions: None, ..Config::default() });
     let names: Vec<&str> = r.results.iter().map(|(n, _, _)| *n).collect();
     for want in [
         "gemm_matches_oracle",
+        "gemm_block_edges",
+        "gemm_past_128",
         "backends_agree",
         "lora_identity_at_init",
         "lora_matches_oracle",
@@ -82,9 +84,30 @@ fn every_property_runs() {
         "empty_prefix_is_identity",
         "attention_gradients_match_fd",
         "frozen_base_untouched",
+        "optimizer_matches_oracle",
+        "optimizer_refuses_nonfinite",
         "adapter_file_round_trip",
         "bad_input_is_typed",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
+}
+
+/// The thorough profile (block-edge products at every case, method shapes
+/// up to 140 wide) for one backend and type per backend family; the whole
+/// matrix runs under `Config::thorough()` in a few minutes with
+/// `--ignored`.
+#[test]
+fn thorough_reference_f32() {
+    verify::<f32, _>(&Reference, &Config { regressions: config().regressions, ..Config::thorough() }).assert_ok();
+}
+
+#[test]
+#[ignore = "minutes: run with --ignored for a backend's release qualification"]
+fn thorough_faer_every_type() {
+    let cfg = Config { regressions: config().regressions, ..Config::thorough() };
+    verify::<f32, _>(&Faer::new(), &cfg).assert_ok();
+    verify::<f64, _>(&Faer::new(), &cfg).assert_ok();
+    verify::<f16, _>(&FaerHalf::new(Faer::new(), vec![0.0f32; 4096]), &cfg).assert_ok();
+    verify::<bf16, _>(&FaerHalf::new(Faer::new(), vec![0.0f32; 4096]), &cfg).assert_ok();
 }

@@ -81,7 +81,11 @@ fn mistake8_hand_computed_output_includes_residual() {
     let (wd, bd, wu, bu) = ([1.0, -1.0], [0.5], [2.0, 4.0], [1.0, 0.0]);
     let cfg = AdapterConfig::width(1).with_scale(0.5);
     // A read-only adapter (as from flash): `&[f64]` storage.
-    let ad = BottleneckAdapter::new(&cfg, 2, AdapterParams { w_down: &wd[..], b_down: &bd[..], w_up: &wu[..], b_up: &bu[..] })
+    let ad = BottleneckAdapter::new(
+        &cfg,
+        2,
+        AdapterParams { w_down: &wd[..], b_down: &bd[..], w_up: &wu[..], b_up: &bu[..] },
+    )
     .unwrap();
     assert_eq!(forward(&ad, &[3.0, 1.0], 1), vec![6.0, 6.0]);
     // x = [-3, 1]: z = -3.5, ReLU gives 0, h = x + 0.5 * b_up = [-2.5, 1].

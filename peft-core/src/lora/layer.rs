@@ -6,9 +6,9 @@ use super::config::{LoraConfig, LoraInit};
 use super::params::ParamReport;
 use crate::base::FrozenLinear;
 use crate::element::Element;
-use crate::error::{Operand, Result, check_len};
 #[cfg(doc)]
 use crate::error::Error;
+use crate::error::{Operand, Result, check_len};
 use crate::matrix::{MatRef, checked_len};
 use crate::rng::Rng;
 

@@ -4,7 +4,7 @@ use peft_core::{Accum, Backend, MatMut, MatRef, Op};
 use proptest::prelude::*;
 
 use super::vals;
-use crate::{Config, Precision, Report, close, narrow, run, wide};
+use crate::{Config, Precision, Report, Shapes, close, narrow, run, run_n, wide};
 
 #[derive(Debug, Clone)]
 struct Gemm {
@@ -21,8 +21,26 @@ struct Gemm {
 }
 
 fn gemm_case() -> impl Strategy<Value = Gemm> {
-    (1usize..=9, 1usize..=9, 0usize..=12, any::<bool>(), any::<bool>(), any::<bool>(), -2.0f64..2.0).prop_flat_map(
-        |(m, n, k, ta, tb, add, alpha)| {
+    with_values((1usize..=9, 1usize..=9, 0usize..=12))
+}
+
+/// Shapes at the block edges of real kernels: `k` across 128 and 256,
+/// `m` and `n` across 64 and 128.
+fn edge_case() -> impl Strategy<Value = Gemm> {
+    let mn = prop::sample::select(vec![1usize, 63, 64, 65, 127, 128, 129]);
+    let k = prop::sample::select(vec![127usize, 128, 129, 255, 256, 257]);
+    with_values((mn.clone(), mn, k))
+}
+
+/// One product past 128 in every dimension (and past the reference
+/// kernel's 128-deep panel twice).
+fn past_128() -> impl Strategy<Value = Gemm> {
+    with_values((Just(129usize), Just(130usize), Just(257usize)))
+}
+
+fn with_values(dims: impl Strategy<Value = (usize, usize, usize)>) -> impl Strategy<Value = Gemm> {
+    (dims, any::<bool>(), any::<bool>(), any::<bool>(), -2.0f64..2.0).prop_flat_map(
+        |((m, n, k), ta, tb, add, alpha)| {
             (vals(m * k), vals(k * n), vals(m * n)).prop_map(move |(a, b, c)| Gemm {
                 m,
                 n,
@@ -40,7 +58,18 @@ fn gemm_case() -> impl Strategy<Value = Gemm> {
 }
 
 pub fn run_all<E: Precision, B: Backend<E>>(backend: &B, config: &Config, report: &mut Report) {
-    run(report, config, "gemm_matches_oracle", E::NAME, gemm_case(), |g| {
+    run(report, config, "gemm_matches_oracle", E::NAME, gemm_case(), |g| check(backend, &g));
+    let edges = match config.shapes {
+        Shapes::Small => (config.cases / 32).max(2),
+        Shapes::Large => config.cases,
+    };
+    run_n(report, config, edges, "gemm_block_edges", E::NAME, edge_case(), |g| check(backend, &g));
+    run_n(report, config, 1, "gemm_past_128", E::NAME, past_128(), |g| check(backend, &g));
+}
+
+/// `C (=|+=) alpha op(A) op(B)` through the backend against the oracle.
+fn check<E: Precision, B: Backend<E>>(backend: &B, g: &Gemm) -> crate::CaseResult {
+    {
         let (a, b): (Vec<E>, Vec<E>) = (narrow(&g.a), narrow(&g.b));
         let mut c: Vec<E> = narrow(&g.c);
         let c0 = wide(&c);
@@ -76,5 +105,5 @@ pub fn run_all<E: Precision, B: Backend<E>>(backend: &B, config: &Config, report
             }
         }
         close::<E>("C", &wide(&c), &want, &mag, g.k + 1)
-    });
+    }
 }

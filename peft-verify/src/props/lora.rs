@@ -27,8 +27,14 @@ pub struct Case {
     pub seed: u64,
 }
 
+/// Small shapes (up to 6 tokens, 10 features).
 pub fn case() -> impl Strategy<Value = Case> {
-    (1usize..=6, 1usize..=10, 1usize..=10)
+    case_in((6, 10))
+}
+
+/// Shapes up to `max_t` tokens and `max_d` features in and out.
+pub fn case_in((max_t, max_d): (usize, usize)) -> impl Strategy<Value = Case> {
+    (1usize..=max_t, 1usize..=max_d, 1usize..=max_d)
         .prop_flat_map(|(t, n_in, n_out)| (Just((t, n_in, n_out)), 1..=n_in.min(n_out)))
         .prop_flat_map(|((t, n_in, n_out), r)| {
             (
@@ -147,7 +153,10 @@ where
     Reference: Backend<E>,
 {
     let name = E::NAME;
-    run(report, config, "lora_identity_at_init", name, case(), |c| {
+    // Forward-type properties follow the profile's shapes; the gradient
+    // properties (finite differences over every parameter) stay small.
+    let dims = config.method_dims();
+    run(report, config, "lora_identity_at_init", name, case_in(dims), |c| {
         let mut t = Tensors::<E>::of(&c);
         let base = {
             let mut y = vec![E::ZERO; c.t * c.n_out];
@@ -201,7 +210,7 @@ where
         Ok(())
     });
 
-    run(report, config, "lora_matches_oracle", name, case(), |c| {
+    run(report, config, "lora_matches_oracle", name, case_in(dims), |c| {
         let t = Tensors::<E>::of(&c);
         let (want, mag) = oracle_y(&c, &t);
         let x = t.x.clone();
@@ -216,7 +225,7 @@ where
         close::<E>("y", &wide(&y), &want, &mag, c.n_in + c.r + 2)
     });
 
-    run(report, config, "backends_agree", name, case(), |c| {
+    run(report, config, "backends_agree", name, case_in(dims), |c| {
         let t = Tensors::<E>::of(&c);
         let (_, mag) = oracle_y(&c, &t);
         let x = t.x.clone();
@@ -227,7 +236,7 @@ where
         close::<E>("y vs Reference", &wide(&mine), &wide(&reference), &twice, c.n_in + c.r + 2)
     });
 
-    run(report, config, "lora_merged_equals_unmerged", name, case(), |c| {
+    run(report, config, "lora_merged_equals_unmerged", name, case_in(dims), |c| {
         let mut t = Tensors::<E>::of(&c);
         let (_, mag) = oracle_y(&c, &t);
         let x = t.x.clone();
@@ -246,7 +255,7 @@ where
         close::<E>("merged y", &wide(&merged), &wide(&unmerged), &twice, c.n_in + c.r + 3)
     });
 
-    run(report, config, "lora_unmerge_restores", name, case(), |c| {
+    run(report, config, "lora_unmerge_restores", name, case_in(dims), |c| {
         let mut t = Tensors::<E>::of(&c);
         let w0 = t.w.clone();
         let cfg = c.config();
@@ -281,7 +290,7 @@ where
         Ok(())
     });
 
-    run(report, config, "lora_merge_guard_restores_on_drop", name, case(), |c| {
+    run(report, config, "lora_merge_guard_restores_on_drop", name, case_in(dims), |c| {
         // Merging twice, or changing a merged adapter, does not compile
         // (`Merged` owns the weight); what remains to check at run time is
         // that a dropped guard restores W and that `keep` leaves it merged.

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod errors;
 pub mod gemm;
 pub mod lora;
+pub mod optim;
 pub mod prompt;
 pub mod training;
 
