@@ -94,16 +94,13 @@ fn every_property_runs() {
 }
 
 /// The thorough profile (block-edge products at every case, method shapes
-/// up to 140 wide) for one backend and type per backend family; the whole
-/// matrix runs under `Config::thorough()` in a few minutes with
-/// `--ignored`.
+/// up to 140 wide, 32 cases per property) for every backend and type.
 #[test]
 fn thorough_reference_f32() {
     verify::<f32, _>(&Reference, &Config { regressions: config().regressions, ..Config::thorough() }).assert_ok();
 }
 
 #[test]
-#[ignore = "minutes: run with --ignored for a backend's release qualification"]
 fn thorough_faer_every_type() {
     let cfg = Config { regressions: config().regressions, ..Config::thorough() };
     verify::<f32, _>(&Faer::new(), &cfg).assert_ok();
