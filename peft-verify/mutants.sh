@@ -57,7 +57,7 @@ for m in "${mutants[@]}"; do
   props=$(grep -oE '^[a-z0-9_]+ \((f32|f64|f16|bf16|-)\):' <<<"$out" | cut -d' ' -f1 | sort -u | paste -sd, - || true)
   if grep -q "test result: FAILED" <<<"$out"; then
     killed=$((killed + 1))
-    echo "$name: killed by ${props:-a failing test (see the suite's output)}"
+    echo "$name: killed by ${props:-a failing test of the suite}"
   elif grep -q "test result: ok" <<<"$out"; then
     echo "$name: SURVIVED"
   else

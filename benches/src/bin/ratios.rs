@@ -1,18 +1,43 @@
-//! Prints each speed target of `benches/benches/peft.rs` as a ratio on one
-//! line, from the estimates criterion left in `target/criterion` (or the
-//! directory given as the first argument):
+//! Prints every performance figure of the last bench run, one per line:
+//! each speed target of `benches/benches/peft.rs` as a ratio of two
+//! criterion means measured back to back in one group (from
+//! `target/criterion`), and each instruction count of
+//! `benches/benches/icount.rs` (from iai-callgrind's callgrind files in
+//! `target/iai`):
 //!
 //! ```text
 //! lora_forward_unmerged/base_gemm [t128_4096_r16 1t] 1.012  (target <= 1.05: ok)
+//! icount lora_forward.t8_d64_r4 1203456 instructions
 //! ```
 //!
-//! Times are criterion's mean estimates; a ratio of times compares the two
-//! benches of one group, measured back to back in the same run. Run
-//! `benches/report` to bench briefly and print this.
+//! Options:
+//!
+//! * `--save NAME`: also store every figure as the baseline `NAME`
+//!   (`target/peft-bench/NAME.json`).
+//! * `--compare NAME`: print each figure with its change against baseline
+//!   `NAME`, and exit 1 on a regression: an instruction count that grew by
+//!   more than 1% ([`ICOUNT_LIMIT`]), or a wall-time ratio with a target
+//!   that moved more than 5% ([`RATIO_LIMIT`]) in the wrong direction.
+//!   `--ratio-limit PCT` changes the latter (see the README: wall time on a
+//!   shared machine moves by more than 5% between identical runs).
+//! * `--json`: print the figures as one JSON array of `{name, unit,
+//!   value}` instead (the shape of github-action-benchmark's
+//!   `customSmallerIsBetter`; GFLOP/s rates, where bigger is better, are
+//!   left out of it).
+//! * `--criterion DIR`, `--iai DIR`, `--baselines DIR`: where to read and
+//!   store (defaults under `$CARGO_TARGET_DIR`, else `target/`).
+//!
+//! Run `benches/report` to bench and print this in one step.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+/// An instruction count that grows by more than this fraction regresses.
+pub const ICOUNT_LIMIT: f64 = 0.01;
+/// A wall-time ratio with a target that moves by more than this fraction in
+/// the wrong direction regresses (default of `--ratio-limit`).
+pub const RATIO_LIMIT: f64 = 0.05;
 
 /// `(group prefix, numerator, denominator, bound)`: the ratio of mean times
 /// `numerator / denominator`, and its target (`Le(x)`: at most `x`).
@@ -30,11 +55,50 @@ const RATIOS: [(&str, &str, &str, Bound); 10] = [
     ("gemm_rate", "base_gemm", "base_gemm", Bound::None),
 ];
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Bound {
     Le(f64),
     Ge(f64),
     None,
+}
+
+/// One figure of a run.
+#[derive(Clone, Debug, PartialEq)]
+struct Figure {
+    name: String,
+    /// `"ratio"`, `"instructions"` or `"GFLOP/s"`.
+    unit: &'static str,
+    value: f64,
+    bound: Bound,
+}
+
+impl Figure {
+    /// The line the plain report prints.
+    fn line(&self) -> String {
+        match (self.unit, self.bound) {
+            ("instructions", _) => format!("{} {:.0} instructions", self.name, self.value),
+            ("GFLOP/s", _) => format!("{} {:.1} GFLOP/s", self.name, self.value),
+            (_, Bound::Le(x)) => {
+                format!("{} {:.3}  (target <= {x}: {})", self.name, self.value, ok(self.value <= x))
+            }
+            (_, Bound::Ge(x)) => {
+                format!("{} {:.3}  (target >= {x}: {})", self.name, self.value, ok(self.value >= x))
+            }
+            (_, Bound::None) => format!("{} {:.3}", self.name, self.value),
+        }
+    }
+
+    fn missed(&self) -> bool {
+        match self.bound {
+            Bound::Le(x) => self.value > x,
+            Bound::Ge(x) => self.value < x,
+            Bound::None => false,
+        }
+    }
+}
+
+fn ok(b: bool) -> &'static str {
+    if b { "ok" } else { "MISSED" }
 }
 
 /// Mean time in ns and FLOPs (if the bench declared element throughput).
@@ -56,7 +120,7 @@ fn estimate(bench_dir: &Path) -> Option<Estimate> {
 }
 
 /// `group -> bench -> estimate` for every bench criterion has recorded.
-fn collect(root: &Path) -> BTreeMap<String, BTreeMap<String, Estimate>> {
+fn collect_criterion(root: &Path) -> BTreeMap<String, BTreeMap<String, Estimate>> {
     let mut out = BTreeMap::new();
     let Ok(groups) = std::fs::read_dir(root) else { return out };
     for g in groups.flatten() {
@@ -73,47 +137,219 @@ fn collect(root: &Path) -> BTreeMap<String, BTreeMap<String, Estimate>> {
     out
 }
 
-fn main() -> ExitCode {
-    let root = std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(|| {
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-        target.join("criterion")
-    });
-    let all = collect(&root);
-    if all.is_empty() {
-        eprintln!("no criterion estimates under {}: run `cargo bench -p peft-benches` first", root.display());
-        return ExitCode::FAILURE;
-    }
-    let mut missed = 0;
+/// The ratios and rates of the criterion run under `root`.
+fn wall_figures(root: &Path) -> Vec<Figure> {
+    let all = collect_criterion(root);
+    let mut out = Vec::new();
     for (prefix, num, den, bound) in RATIOS {
         for (group, benches) in all.iter().filter(|(g, _)| g.split('.').next() == Some(prefix)) {
             let (Some(n), Some(d)) = (benches.get(num), benches.get(den)) else { continue };
             let tag = group.split('.').skip(1).collect::<Vec<_>>().join(" ");
             if num == den {
                 let gflops = n.flops.map_or(f64::NAN, |f| f / n.mean_ns);
-                println!("{num} [{tag}] {gflops:.1} GFLOP/s");
-                continue;
+                out.push(Figure { name: format!("{num} [{tag}]"), unit: "GFLOP/s", value: gflops, bound });
+            } else {
+                let value = n.mean_ns / d.mean_ns;
+                out.push(Figure { name: format!("{num}/{den} [{tag}]"), unit: "ratio", value, bound });
             }
-            let ratio = n.mean_ns / d.mean_ns;
-            let verdict = match bound {
-                Bound::Le(x) if ratio <= x => format!("  (target <= {x}: ok)"),
-                Bound::Le(x) => {
-                    missed += 1;
-                    format!("  (target <= {x}: MISSED)")
-                }
-                Bound::Ge(x) if ratio >= x => format!("  (target >= {x}: ok)"),
-                Bound::Ge(x) => {
-                    missed += 1;
-                    format!("  (target >= {x}: MISSED)")
-                }
-                Bound::None => String::new(),
-            };
-            println!("{num}/{den} [{tag}] {ratio:.3}{verdict}");
         }
     }
-    if missed > 0 {
-        println!("{missed} target(s) missed");
+    out
+}
+
+/// The instruction count (`Ir`) in a callgrind output file: its `summary:`
+/// or `totals:` line.
+fn callgrind_ir(path: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Every instruction count under `root` (iai-callgrind's
+/// `target/iai/<package>/<bench>/<group>/<function>.<id>/callgrind.*.out`).
+fn icount_figures(root: &Path) -> Vec<Figure> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let file = e.file_name().to_string_lossy().into_owned();
+            // The current run's file; `.old` is the previous run's.
+            if !(file.starts_with("callgrind.") && file.ends_with(".out")) {
+                continue;
+            }
+            let Some(ir) = callgrind_ir(&path) else { continue };
+            let bench = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            out.push(Figure { name: format!("icount {bench}"), unit: "instructions", value: ir, bound: Bound::None });
+        }
     }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Figures as the JSON array of `{name, unit, value}` objects.
+fn to_json(figures: &[Figure]) -> serde_json::Value {
+    serde_json::Value::Array(
+        figures.iter().map(|f| serde_json::json!({ "name": f.name, "unit": f.unit, "value": f.value })).collect(),
+    )
+}
+
+/// `(name -> value)` of a saved baseline.
+fn read_baseline(path: &Path) -> Result<BTreeMap<String, f64>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let arr = v.as_array().ok_or_else(|| format!("{}: not a JSON array", path.display()))?;
+    Ok(arr.iter().filter_map(|f| Some((f["name"].as_str()?.to_string(), f["value"].as_f64()?))).collect())
+}
+
+/// Whether `f` regressed against `old`, and the change as a fraction.
+fn regressed(f: &Figure, old: f64, ratio_limit: f64) -> (bool, f64) {
+    let change = f.value / old - 1.0;
+    let bad = match (f.unit, f.bound) {
+        ("instructions", _) => change > ICOUNT_LIMIT,
+        ("ratio", Bound::Le(_)) => change > ratio_limit,
+        ("ratio", Bound::Ge(_)) => change < -ratio_limit,
+        _ => false,
+    };
+    (bad, change)
+}
+
+struct Args {
+    save: Option<String>,
+    compare: Option<String>,
+    json: bool,
+    ratio_limit: f64,
+    criterion: PathBuf,
+    iai: PathBuf,
+    baselines: PathBuf,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let mut a = Args {
+        save: None,
+        compare: None,
+        json: false,
+        ratio_limit: RATIO_LIMIT,
+        criterion: target.join("criterion"),
+        iai: target.join("iai"),
+        baselines: target.join("peft-bench"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--save" => a.save = Some(value("--save")?),
+            "--compare" => a.compare = Some(value("--compare")?),
+            "--json" => a.json = true,
+            "--ratio-limit" => {
+                let v = value("--ratio-limit")?;
+                let pct: f64 = v.parse().map_err(|_| format!("--ratio-limit {v}: not a number"))?;
+                if !(pct.is_finite() && pct >= 0.0) {
+                    return Err(format!("--ratio-limit {v}: must be a percentage >= 0"));
+                }
+                a.ratio_limit = pct / 100.0;
+            }
+            "--criterion" => a.criterion = value("--criterion")?.into(),
+            "--iai" => a.iai = value("--iai")?.into(),
+            "--baselines" => a.baselines = value("--baselines")?.into(),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    for name in a.save.iter().chain(&a.compare) {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(format!("baseline name {name:?}: use letters, digits, '-' and '_'"));
+        }
+    }
+    Ok(a)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("ratios: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut figures = wall_figures(&args.criterion);
+    figures.extend(icount_figures(&args.iai));
+    if figures.is_empty() {
+        eprintln!(
+            "no results under {} or {}: run `benches/report` (or `cargo bench -p peft-benches`) first",
+            args.criterion.display(),
+            args.iai.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    if let Some(name) = &args.save {
+        let path = args.baselines.join(format!("{name}.json"));
+        let text = serde_json::to_string_pretty(&to_json(&figures)).unwrap_or_default();
+        if let Err(e) = std::fs::create_dir_all(&args.baselines).and_then(|()| std::fs::write(&path, text)) {
+            eprintln!("ratios: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        eprintln!("saved {} figures as baseline {name:?} ({})", figures.len(), path.display());
+    }
+    if args.json {
+        let rates_left_out: Vec<Figure> = figures.iter().filter(|f| f.unit != "GFLOP/s").cloned().collect();
+        println!("{}", serde_json::to_string_pretty(&to_json(&rates_left_out)).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    let Some(name) = &args.compare else {
+        for f in &figures {
+            println!("{}", f.line());
+        }
+        let missed = figures.iter().filter(|f| f.missed()).count();
+        if missed > 0 {
+            println!("{missed} target(s) missed");
+        }
+        return ExitCode::SUCCESS;
+    };
+    let path = args.baselines.join(format!("{name}.json"));
+    let base = match read_baseline(&path) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("ratios: baseline {name:?}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut regressions = 0;
+    for f in &figures {
+        match base.get(&f.name) {
+            Some(&old) if old != 0.0 && old.is_finite() => {
+                let (bad, change) = regressed(f, old, args.ratio_limit);
+                let verdict = if bad {
+                    regressions += 1;
+                    "  REGRESSED"
+                } else {
+                    ""
+                };
+                println!("{}  ({:+.2}% vs {name}){verdict}", f.line(), 100.0 * change);
+            }
+            _ => println!("{}  (new: not in {name})", f.line()),
+        }
+    }
+    for old in base.keys().filter(|k| !figures.iter().any(|f| &f.name == *k)) {
+        println!("{old}: in {name}, not measured in this run");
+    }
+    if regressions > 0 {
+        println!(
+            "{regressions} regression(s) against {name} (instruction counts: more than {:.0}%; wall-time ratios: more than {:.0}% in the wrong direction)",
+            100.0 * ICOUNT_LIMIT,
+            100.0 * args.ratio_limit
+        );
+        return ExitCode::FAILURE;
+    }
+    println!("no regression against {name}");
     ExitCode::SUCCESS
 }
