@@ -120,18 +120,19 @@ fn lora_merge_unmerge(mut i: Inputs) -> Inputs {
 /// Bottleneck width of the adapter benches.
 const M: usize = 16;
 
+/// An adapter of width `M` whose four tensors are read from `w`.
+fn adapter(w: &[f32]) -> BottleneckAdapter<f32, &[f32]> {
+    let (wd, rest) = w.split_at(M * D);
+    let (wu, rest) = rest.split_at(D * M);
+    let (bd, bu) = (&rest[..M], &rest[M..M + D]);
+    let params = AdapterParams { w_down: wd, b_down: bd, w_up: wu, b_up: bu };
+    BottleneckAdapter::new(&AdapterConfig::width(M), D, params).unwrap()
+}
+
 #[library_benchmark]
 #[bench::t8_d64_m16(inputs())]
 fn adapter_forward(mut i: Inputs) -> Inputs {
-    let (wd, rest) = i.w.split_at(M * D);
-    let (wu, rest) = rest.split_at(D * M);
-    let (bd, bu) = (&rest[..M], &rest[M..M + D]);
-    let ad = BottleneckAdapter::new(
-        &AdapterConfig::width(M),
-        D,
-        AdapterParams { w_down: wd, b_down: bd, w_up: wu, b_up: bu },
-    )
-    .unwrap();
+    let ad = adapter(&i.w);
     let (x, h) = (MatRef::new(&i.x, T, D).unwrap(), MatMut::new(&mut i.out, T, D).unwrap());
     ad.forward(&Reference, x, h, &mut i.scratch).unwrap();
     black_box(i)
@@ -140,15 +141,7 @@ fn adapter_forward(mut i: Inputs) -> Inputs {
 #[library_benchmark]
 #[bench::t8_d64_m16(inputs())]
 fn adapter_backward(mut i: Inputs) -> Inputs {
-    let (wd, rest) = i.w.split_at(M * D);
-    let (wu, rest) = rest.split_at(D * M);
-    let (bd, bu) = (&rest[..M], &rest[M..M + D]);
-    let ad = BottleneckAdapter::new(
-        &AdapterConfig::width(M),
-        D,
-        AdapterParams { w_down: wd, b_down: bd, w_up: wu, b_up: bu },
-    )
-    .unwrap();
+    let ad = adapter(&i.w);
     let (gwd, rest) = i.ga.split_at_mut(M * D);
     let (gwu, rest) = rest.split_at_mut(D * M);
     let (gbd, rest) = rest.split_at_mut(M);

@@ -87,36 +87,6 @@ pub trait FrozenLinear<E: Element> {
     }
 }
 
-impl<E: Element, T: FrozenLinear<E> + ?Sized> FrozenLinear<E> for &T {
-    fn in_features(&self) -> usize {
-        (**self).in_features()
-    }
-    fn out_features(&self) -> usize {
-        (**self).out_features()
-    }
-    fn bias(&self) -> Option<&[E]> {
-        (**self).bias()
-    }
-    fn apply<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        x: MatRef<'_, E>,
-        y: MatMut<'_, E>,
-        accum: Accum,
-    ) -> core::result::Result<(), B::Error> {
-        (**self).apply(backend, x, y, accum)
-    }
-    fn apply_transpose<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        grad_y: MatRef<'_, E>,
-        grad_x: MatMut<'_, E>,
-        accum: Accum,
-    ) -> core::result::Result<(), B::Error> {
-        (**self).apply_transpose(backend, grad_y, grad_x, accum)
-    }
-}
-
 /// A dense base: `W [out, in]` as a row-major slice of the element type,
 /// and an optional bias, both borrowed (from the heap, the stack or a
 /// `static` in flash).
