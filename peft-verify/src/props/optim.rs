@@ -37,6 +37,9 @@ fn layouts() -> impl Strategy<Value = (&'static str, Vec<(usize, bool)>)> {
     })
 }
 
+/// One vector per tensor, widened to f64.
+type Tensors = Vec<Vec<f64>>;
+
 /// Which optimizer, and its hyper-parameters.
 #[derive(Clone, Debug)]
 enum Opt {
@@ -152,7 +155,6 @@ fn slots<'a, E: Element>(
 /// different `pow` routines; each carries a relative error of about
 /// `u_64 / (1 - b^t)`, which is large for `b2` near 1 and small `t` (the
 /// condition number of the subtraction), and the update inherits it.
-#[allow(clippy::type_complexity)]
 fn oracle_step(
     o: &Opt,
     t: u64,
@@ -160,7 +162,7 @@ fn oracle_step(
     g: &[Vec<f64>],
     state: &[Vec<f64>],
     layout: &[(usize, bool)],
-) -> (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>) {
+) -> (Tensors, Tensors, Tensors, Tensors) {
     let norm = g.iter().flatten().map(|v| v * v).sum::<f64>().sqrt();
     let clip = |max: Option<f64>| match max {
         Some(m) if norm > m => m / norm,
@@ -224,7 +226,7 @@ pub fn run_all<E: Precision>(config: &Config, report: &mut Report) {
         for (t, g) in c.grads.iter().enumerate() {
             let t = t as u64 + 1;
             let grads: Vec<Vec<E>> = g.iter().map(|v| narrow(v)).collect();
-            let (p0, s0, g0): (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>) = (
+            let (p0, s0, g0): (Tensors, Tensors, Tensors) = (
                 params.iter().map(|p| wide(p)).collect(),
                 state.iter().map(|s| wide(s)).collect(),
                 grads.iter().map(|g| wide(g)).collect(),
