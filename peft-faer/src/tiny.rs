@@ -242,15 +242,27 @@ const LORA_TARGET: Error =
 /// The error for merging an adapter that is not LoRA.
 const NOT_LORA: Error = Error::InvalidParameter { name: "adapter", rule: "must be LoRA to merge" };
 
+/// The module of each projection inside a layer, in [`PROJECTIONS`]' order.
+const LORA_MODULES: [&str; 4] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"];
+
+/// The module of the bottleneck adapter at each site of a layer (0 after
+/// attention, 1 after the MLP).
+const ADAPTER_MODULES: [&str; 2] = ["adapter_attn", "adapter_mlp"];
+
 /// PEFT's module name of projection `p` of layer `l`.
 fn lora_key(l: usize, p: usize) -> Option<String> {
-    PROJECTIONS.get(p).map(|name| format!("layers.{l}.self_attn.{name}"))
+    LORA_MODULES.get(p).map(|module| format!("layers.{l}.{module}"))
 }
 
-/// The name prefix of the bottleneck adapter at `site` (0 after attention,
-/// 1 after the MLP) of layer `l`.
+/// The name prefix of the bottleneck adapter at `site` of layer `l`.
 fn adapter_key(l: usize, site: usize) -> String {
-    format!("layers.{l}.adapter_{}", if site == 0 { "attn" } else { "mlp" })
+    format!("layers.{l}.{}", ADAPTER_MODULES.get(site).unwrap_or(&"adapter_mlp"))
+}
+
+/// Whether `name` is `layers.{l}.{module}.{leaf}`.
+fn is_param(name: &str, l: usize, module: &str, leaf: &str) -> bool {
+    let Some((index, rest)) = name.strip_prefix("layers.").and_then(|r| r.split_once('.')) else { return false };
+    index.parse::<usize>() == Ok(l) && rest.strip_prefix(module).and_then(|r| r.strip_prefix('.')) == Some(leaf)
 }
 
 /// The name of the prompt (prompt tuning) or prefix (prefix tuning) tensor:
@@ -391,12 +403,15 @@ impl Peft {
         self.params.iter_mut().find(|p| p.name == name)
     }
 
-    /// The tensors named `names`, mutably and all at once; `None` unless
-    /// each name is found (exactly once).
-    fn params_mut<const N: usize>(&mut self, names: [&str; N]) -> Option<[&mut Param; N]> {
+    /// The tensors named `layers.{l}.{module}.{leaf}` for each of `leaves`,
+    /// mutably and all at once; `None` unless each is found exactly once.
+    /// Names are compared piece by piece, without building strings: this
+    /// runs for every projection of every sequence.
+    fn params_mut<const N: usize>(&mut self, l: usize, module: &str, leaves: [&str; N]) -> Option<[&mut Param; N]> {
         let mut found: [Option<&mut Param>; N] = [const { None }; N];
         for p in &mut self.params {
-            if let Some(slot) = names.iter().position(|n| *n == p.name).and_then(|i| found.get_mut(i)) {
+            let slot = leaves.iter().position(|leaf| is_param(&p.name, l, module, leaf)).and_then(|i| found.get_mut(i));
+            if let Some(slot) = slot {
                 if slot.is_some() {
                     return None;
                 }
@@ -413,8 +428,8 @@ impl Peft {
     /// the tensors `A`, `B`.
     fn lora_pair(&mut self, l: usize, p: usize) -> Option<(LoraConfig<'static>, &mut Param, &mut Param)> {
         let config = self.spec.lora_config()?;
-        let key = lora_key(l, p)?;
-        let [a, b] = self.params_mut([&format!("{key}.lora_A.weight"), &format!("{key}.lora_B.weight")])?;
+        let module = LORA_MODULES.get(p)?;
+        let [a, b] = self.params_mut(l, module, ["lora_A.weight", "lora_B.weight"])?;
         Some((config, a, b))
     }
 
@@ -423,9 +438,8 @@ impl Peft {
     /// W_up, b_up]`.
     fn adapter_site(&mut self, l: usize, site: usize) -> Option<(AdapterConfig, [&mut Param; 4])> {
         let Spec::Adapter { config } = self.spec else { return None };
-        let key = adapter_key(l, site);
-        let names = ["down.weight", "down.bias", "up.weight", "up.bias"].map(|n| format!("{key}.{n}"));
-        let params = self.params_mut([&names[0], &names[1], &names[2], &names[3]])?;
+        let module = ADAPTER_MODULES.get(site)?;
+        let params = self.params_mut(l, module, ["down.weight", "down.bias", "up.weight", "up.bias"])?;
         Some((config, params))
     }
 
