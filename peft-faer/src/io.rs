@@ -1,5 +1,5 @@
 //! Adapter files on disk: [`Peft`] to and from `peft-core`'s adapter-only
-//! format, and atomic writes.
+//! format. Writes go through [`crate::output`].
 //!
 //! Configuration keys follow Hugging Face PEFT's `adapter_config.json`
 //! names where PEFT has one (`r`, `lora_alpha`, `use_rslora`,
@@ -7,9 +7,7 @@
 //! plus the model's `d_model` and `num_layers`, so a file is checked
 //! against the model it is loaded into.
 
-use std::fs::{self, File};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use peft_core::activation::Activation;
 use peft_core::adapter::{AdapterConfig, AdapterInit, Width};
@@ -21,8 +19,9 @@ use crate::tiny::{PROJECTIONS, Peft, Spec, TinyModel};
 /// Errors of reading and writing adapter files.
 #[derive(Debug)]
 pub enum IoError {
-    /// The file system.
-    Io(std::io::Error),
+    /// The file system, or an output that may not be written (it names the
+    /// path).
+    Files(crate::files::OutputError),
     /// `peft-core`: a malformed file, or one that does not fit the model.
     Peft(Error),
 }
@@ -30,7 +29,7 @@ pub enum IoError {
 impl std::fmt::Display for IoError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            IoError::Io(e) => write!(f, "{e}"),
+            IoError::Files(e) => write!(f, "{e}"),
             IoError::Peft(e) => write!(f, "{e}"),
         }
     }
@@ -38,15 +37,15 @@ impl std::fmt::Display for IoError {
 
 impl std::error::Error for IoError {}
 
-impl From<std::io::Error> for IoError {
-    fn from(e: std::io::Error) -> Self {
-        IoError::Io(e)
-    }
-}
-
 impl From<Error> for IoError {
     fn from(e: Error) -> Self {
         IoError::Peft(e)
+    }
+}
+
+impl From<crate::files::OutputError> for IoError {
+    fn from(e: crate::files::OutputError) -> Self {
+        IoError::Files(e)
     }
 }
 
@@ -187,60 +186,12 @@ pub fn decode(bytes: &[u8], model: &TinyModel) -> Result<Peft, IoError> {
     Ok(peft)
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same
-/// folder, written and `fsync`ed, then renamed over `path` (and the folder
-/// synced), so a reader sees the old file or the new one, never a part.
+/// Reads an adapter file for `model`, refusing a non-regular file and
+/// one over `max_bytes` before reading it.
 ///
 /// # Errors
-/// File-system errors; the temporary file is removed on failure.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = temp_sibling(path);
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        rename_durably(&tmp, path)
-    })();
-    if result.is_err() {
-        fs::remove_file(&tmp).ok();
-    }
-    result
-}
-
-/// A temporary path beside `path` (the same folder, so renaming it over
-/// `path` is atomic).
-pub(crate) fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
-    path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
-}
-
-/// Renames `tmp` (a file or folder whose contents are already synced) to
-/// `path`, then syncs the folder holding them: the rename is durable once
-/// the directory entry is.
-pub(crate) fn rename_durably(tmp: &Path, path: &Path) -> std::io::Result<()> {
-    fs::rename(tmp, path)?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if let Ok(d) = File::open(dir) {
-        d.sync_all().ok();
-    }
-    Ok(())
-}
-
-/// Reads an adapter file for `model`, refusing files over `max_bytes`
-/// before reading them.
-///
-/// # Errors
-/// File-system errors, [`FormatError::TrailingBytes`] for an oversized
-/// file, and [`decode`]'s errors.
+/// [`IoError::Files`] naming the path (missing, not a regular file, over
+/// `max_bytes`, unreadable), and [`decode`]'s errors.
 pub fn load(path: &Path, model: &TinyModel, max_bytes: u64) -> Result<Peft, IoError> {
-    let len = fs::metadata(path)?.len();
-    if len > max_bytes {
-        return Err(FormatError::TrailingBytes {
-            expected: max_bytes,
-            len: usize::try_from(len).unwrap_or(usize::MAX),
-        }
-        .into());
-    }
-    decode(&fs::read(path)?, model)
+    decode(&crate::files::read_bounded(path, max_bytes)?, model)
 }

@@ -13,14 +13,31 @@
 //! * [`tiny`]: a tiny frozen decoder hosting every method, and [`train`]:
 //!   its built-in task and the AdamW trainer behind `peft finetune`.
 //!
+//! * [`files`]: the one way outputs are written: atomically, never over
+//!   an input, never over an existing path without `force`, temporaries
+//!   cleaned up on failure, on SIGINT/SIGTERM, and (for killed processes)
+//!   by the next run.
+//!
 //! The `peft` command (`src/bin/peft.rs`): `finetune`, `inspect`, `merge`,
 //! `convert`.
+//!
+//! # Features
+//! Without default features the crate is the backend alone (its
+//! dependencies: faer, half and peft-core). `hf` adds [`hf`] and
+//! [`files`]; `model` adds [`tiny`], [`train`], [`io`] and [`files`];
+//! `cli` (default) adds both and the `peft` command.
 #![deny(missing_docs)]
 
 pub mod backend;
+#[cfg(any(feature = "hf", feature = "model"))]
+pub mod files;
+#[cfg(feature = "hf")]
 pub mod hf;
+#[cfg(feature = "model")]
 pub mod io;
+#[cfg(feature = "model")]
 pub mod tiny;
+#[cfg(feature = "model")]
 pub mod train;
 
 pub use backend::{Faer, FaerHalf, HalfError};

@@ -1,5 +1,5 @@
 //! Hugging Face PEFT interoperability against the fixture written by PEFT
-//! 0.21.2 (`peft-verify/tests/fixtures/peft/lora_qv`: its `ref.safetensors`
+//! 0.21.2 (`tests/fixtures/peft/lora_qv`, a copy of peft-verify's: its `ref.safetensors`
 //! holds PEFT's own `merge_and_unload` weights as `merged.<name>`), and a
 //! suite of malformed inputs, each a clear error with no output written.
 
@@ -10,13 +10,13 @@ use std::process::Command;
 use peft_faer::Faer;
 use peft_faer::hf::base::Base;
 use peft_faer::hf::convert::{own_to_peft_dir, peft_dir_to_own};
-use peft_faer::hf::merge::merge;
+use peft_faer::hf::merge::{MergeOptions, merge};
 use peft_faer::hf::{HfAdapter, HfError, PeftConfig};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../peft-verify/tests/fixtures/peft/lora_qv")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/lora_qv")
 }
 
 /// A fresh scratch folder per test.
@@ -69,7 +69,7 @@ fn max_rel(got: &[f32], want: &[f32]) -> f64 {
 fn merge_into(base: &Path, adapter: &Path, out: &Path) -> Result<(), HfError> {
     let ad = HfAdapter::read_dir(adapter)?;
     let b = Base::open(base)?;
-    merge(&b, &ad, out, None, &Faer::new(), |_| {}).map(|_| ())
+    merge(&b, &ad, out, &MergeOptions::default(), &Faer::new(), |_| {}).map(|_| ())
 }
 
 #[test]
@@ -259,14 +259,21 @@ fn config_fields_that_change_the_math() {
     );
     // rank_pattern that disagrees with the tensors.
     let d = adapter_with(&dir, "rank", |c| c["rank_pattern"] = serde_json::json!({ "v_proj": 8 }));
-    assert!(matches!(HfAdapter::read_dir(&d), Err(HfError::RankMismatch { config: 8, tensors: 4, .. })));
+    assert!(matches!(
+        HfAdapter::read_dir(&d).map_err(HfError::into_root),
+        Err(HfError::RankMismatch { config: 8, tensors: 4, .. })
+    ));
     // target_modules as a regex, and layers_to_transform.
     let d = adapter_with(&dir, "regex", |c| c["target_modules"] = serde_json::json!(r"layers\.\d+\.(q|v)_proj"));
     assert!(HfAdapter::read_dir(&d).is_ok());
     let d = adapter_with(&dir, "regex_miss", |c| c["target_modules"] = serde_json::json!(r"layers\.\d+\.q_proj"));
-    assert!(matches!(HfAdapter::read_dir(&d), Err(HfError::Tensor(m)) if m.contains("does not target")));
+    assert!(
+        matches!(HfAdapter::read_dir(&d).map_err(HfError::into_root), Err(HfError::Tensor(m)) if m.contains("does not target"))
+    );
     let d = adapter_with(&dir, "layers", |c| c["layers_to_transform"] = serde_json::json!([0]));
-    assert!(matches!(HfAdapter::read_dir(&d), Err(HfError::Tensor(m)) if m.contains("layers.1.q_proj")));
+    assert!(
+        matches!(HfAdapter::read_dir(&d).map_err(HfError::into_root), Err(HfError::Tensor(m)) if m.contains("layers.1.q_proj"))
+    );
     // Fields whose math is not implemented are errors naming the field.
     for (field, value) in [
         ("use_dora", serde_json::json!(true)),
@@ -275,7 +282,7 @@ fn config_fields_that_change_the_math() {
         ("use_qalora", serde_json::json!(true)),
     ] {
         let d = adapter_with(&dir, field, |c| c[field] = value);
-        let err = HfAdapter::read_dir(&d).unwrap_err();
+        let err = HfAdapter::read_dir(&d).unwrap_err().into_root();
         assert!(matches!(&err, HfError::Unsupported(m) if m.contains(field)), "{field}: {err}");
     }
     std::fs::remove_dir_all(&dir).ok();
@@ -323,7 +330,7 @@ fn writer_produces_peft_layout() {
     let dir = scratch("write");
     let ad = HfAdapter::read_dir(&fixture()).unwrap();
     let out = dir.join("copy");
-    ad.write_dir(&out).unwrap();
+    ad.write_dir(&out, false).unwrap();
     let back = HfAdapter::read_dir(&out).unwrap();
     assert_eq!(back.modules, ad.modules);
     let want = load(&fixture().join("adapter_model.safetensors"));
@@ -336,7 +343,7 @@ fn writer_produces_peft_layout() {
         serde_json::from_str(&std::fs::read_to_string(p.join("adapter_config.json")).unwrap()).unwrap()
     };
     assert_eq!(cfg(&out), cfg(&fixture()));
-    assert!(matches!(ad.write_dir(&out), Err(HfError::OutputExists(_))));
+    assert!(matches!(ad.write_dir(&out, false), Err(HfError::OutputExists(_))));
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -348,7 +355,7 @@ fn convert_round_trips_are_bit_exact() {
     use peft_faer::tiny::{Peft, Spec, TinyConfig, TinyModel};
     let dir = scratch("convert");
     let own = peft_dir_to_own(&fixture()).unwrap();
-    own_to_peft_dir(&own, &dir.join("back")).unwrap();
+    own_to_peft_dir(&own, &dir.join("back"), false).unwrap();
     assert_eq!(load(&dir.join("back/adapter_model.safetensors")), load(&fixture().join("adapter_model.safetensors")));
     assert!(matches!(HfAdapter::read_dir(&dir.join("back")).unwrap().config, PeftConfig::Lora(_)));
     assert_eq!(peft_dir_to_own(&dir.join("back")).unwrap(), own);
@@ -368,7 +375,7 @@ fn convert_round_trips_are_bit_exact() {
         }
         let bytes = peft_faer::io::encode(&peft, &model).unwrap();
         let hf = dir.join(format!("m{i}"));
-        own_to_peft_dir(&bytes, &hf).unwrap();
+        own_to_peft_dir(&bytes, &hf, false).unwrap();
         HfAdapter::read_dir(&hf).unwrap();
         assert_eq!(peft_dir_to_own(&hf).unwrap(), bytes, "{:?}", peft.method());
         // peft-core's types over the PEFT tensor, in PEFT's layout.
@@ -391,7 +398,7 @@ fn convert_round_trips_are_bit_exact() {
     }
     let adapter = Peft::new(&model, Spec::Adapter { config: peft_core::adapter::AdapterConfig::width(2) }, 1).unwrap();
     let bytes = peft_faer::io::encode(&adapter, &model).unwrap();
-    assert!(matches!(own_to_peft_dir(&bytes, &dir.join("adapter")), Err(HfError::Unsupported(_))));
+    assert!(matches!(own_to_peft_dir(&bytes, &dir.join("adapter"), false), Err(HfError::Unsupported(_))));
     assert!(!dir.join("adapter").exists());
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 
 use peft_faer::Faer;
 use peft_faer::hf::base::Base;
-use peft_faer::hf::merge::merge;
+use peft_faer::hf::merge::{MergeOptions, merge};
 use peft_faer::hf::{HfAdapter, HfError};
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../peft-verify/tests/fixtures/peft/lora_qv")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/lora_qv")
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -33,12 +33,12 @@ fn merge_fails(dir: &Path, base: &Path) -> HfError {
     let out = dir.join("out.safetensors");
     let err = HfAdapter::read_dir(dir).and_then(|ad| {
         let b = Base::open(base)?;
-        merge(&b, &ad, &out, None, &Faer::new(), |_| {})
+        merge(&b, &ad, &out, &MergeOptions::default(), &Faer::new(), |_| {})
     });
     let after: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(before, after, "files appeared");
     assert!(!out.exists());
-    err.unwrap_err()
+    err.unwrap_err().into_root()
 }
 
 /// A safetensors file from a header string and data bytes.

@@ -104,6 +104,9 @@ pub enum FormatError {
     BadName,
     /// Two tensors share a name.
     DuplicateName,
+    /// Two configuration entries share a key (a reader could not know
+    /// which one is meant).
+    DuplicateKey,
     /// An unknown configuration value tag.
     UnknownTag {
         /// The tag found.
@@ -176,6 +179,7 @@ impl fmt::Display for FormatError {
             }
             FormatError::BadName => f.write_str("a name is empty, too long or not UTF-8"),
             FormatError::DuplicateName => f.write_str("two tensors share a name"),
+            FormatError::DuplicateKey => f.write_str("two configuration entries share a key"),
             FormatError::UnknownTag { tag } => write!(f, "unknown config value tag {tag}"),
             FormatError::UnknownDtype { code } => write!(f, "unknown element type code {code}"),
             FormatError::TooManyDims { ndim } => write!(f, "{ndim} dimensions (at most {MAX_DIMS})"),
@@ -328,6 +332,72 @@ pub struct Tensor<'a, E> {
     pub data: &'a [E],
 }
 
+/// A tensor to write from its stored bytes: `data` holds `shape`'s product
+/// of elements of `dtype`, row-major, each little-endian. Files whose
+/// tensors have different element types are written from these
+/// ([`encode_raw`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RawTensor<'a> {
+    /// Unique name, 1 to [`MAX_NAME`] bytes.
+    pub name: &'a str,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Dimensions, at most [`MAX_DIMS`].
+    pub shape: &'a [usize],
+    /// `numel * dtype.size()` bytes.
+    pub data: &'a [u8],
+}
+
+/// What [`encode`] needs of a tensor, whatever holds its data.
+trait Encodable {
+    fn name(&self) -> &str;
+    fn shape(&self) -> &[usize];
+    fn dtype(&self) -> Dtype;
+    /// The data's length in elements.
+    fn len(&self) -> usize;
+    fn write_data(&self, w: &mut Writer<'_>);
+}
+
+impl<E: Element> Encodable for Tensor<'_, E> {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+    fn dtype(&self) -> Dtype {
+        Dtype::of::<E>()
+    }
+    fn len(&self) -> usize {
+        self.data.len()
+    }
+    fn write_data(&self, w: &mut Writer<'_>) {
+        for v in self.data {
+            let le = v.to_bits64().to_le_bytes();
+            w.put(le.get(..E::BYTES).unwrap_or(&le));
+        }
+    }
+}
+
+impl Encodable for RawTensor<'_> {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn len(&self) -> usize {
+        // A partial trailing element makes the length check fail.
+        if self.data.len() % self.dtype.size() == 0 { self.data.len() / self.dtype.size() } else { usize::MAX }
+    }
+    fn write_data(&self, w: &mut Writer<'_>) {
+        w.put(self.data);
+    }
+}
+
 /// A tensor in a parsed file, borrowing from the file's buffer.
 #[derive(Clone, Copy, Debug)]
 pub struct TensorView<'a> {
@@ -352,6 +422,12 @@ impl<'a> TensorView<'a> {
     /// The dimensions.
     pub fn shape(&self) -> &[usize] {
         self.shape.get(..self.ndim).unwrap_or(&[])
+    }
+
+    /// The stored bytes: `numel * dtype().size()`, each element
+    /// little-endian (what a [`RawTensor`] takes).
+    pub fn bytes(&self) -> &'a [u8] {
+        self.data
     }
 
     /// Number of elements.
@@ -550,6 +626,12 @@ impl<'a> AdapterFile<'a> {
             return Err(FormatError::DataLength { declared: data_len as u64, tensors: sum as u64 });
         }
         let file = Self { method, n_config, n_tensors, config, directory, data };
+        // Unique keys: quadratic, bounded by MAX_CONFIG.
+        for (i, (a, _)) in file.config().enumerate() {
+            if file.config().skip(i + 1).any(|(b, _)| b == a) {
+                return Err(FormatError::DuplicateKey);
+            }
+        }
         // Unique names: quadratic, bounded by MAX_TENSORS.
         for (i, a) in file.tensors().enumerate() {
             if file.tensors().skip(i + 1).any(|b| b.name == a.name) {
@@ -665,7 +747,7 @@ fn entry_len(key: &str, v: &Value<'_>) -> Fmt<usize> {
 }
 
 /// Header and data lengths of a file, after checking every entry.
-fn lengths<E: Element>(config: &[(&str, Value<'_>)], tensors: &[Tensor<'_, E>]) -> Result<(usize, usize)> {
+fn lengths<T: Encodable>(config: &[(&str, Value<'_>)], tensors: &[T]) -> Result<(usize, usize)> {
     if config.len() > MAX_CONFIG {
         return Err(FormatError::TooMany { what: "config entries", count: config.len() as u64 }.into());
     }
@@ -673,25 +755,28 @@ fn lengths<E: Element>(config: &[(&str, Value<'_>)], tensors: &[Tensor<'_, E>]) 
         return Err(FormatError::TooMany { what: "tensors", count: tensors.len() as u64 }.into());
     }
     let mut header = 0usize;
-    for (k, v) in config {
+    for (i, (k, v)) in config.iter().enumerate() {
+        if config.iter().skip(i + 1).any(|(j, _)| j == k) {
+            return Err(FormatError::DuplicateKey.into());
+        }
         header = header.checked_add(entry_len(k, v)?).ok_or(Error::Overflow)?;
     }
     let mut data = 0usize;
     for (i, t) in tensors.iter().enumerate() {
-        if t.name.is_empty() || t.name.len() > MAX_NAME {
+        if t.name().is_empty() || t.name().len() > MAX_NAME {
             return Err(FormatError::BadName.into());
         }
-        if tensors.iter().skip(i + 1).any(|u| u.name == t.name) {
+        if tensors.iter().skip(i + 1).any(|u| u.name() == t.name()) {
             return Err(FormatError::DuplicateName.into());
         }
-        if t.shape.len() > MAX_DIMS {
-            return Err(FormatError::TooManyDims { ndim: t.shape.len().min(255) as u8 }.into());
+        if t.shape().len() > MAX_DIMS {
+            return Err(FormatError::TooManyDims { ndim: t.shape().len().min(255) as u8 }.into());
         }
-        let numel = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or(Error::Overflow)?;
-        check_len(Operand::Parameter, numel, t.data.len())?;
-        let entry = 2 + t.name.len() + 2 + 8 * t.shape.len();
+        let numel = t.shape().iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or(Error::Overflow)?;
+        check_len(Operand::Parameter, numel, t.len())?;
+        let entry = 2 + t.name().len() + 2 + 8 * t.shape().len();
         header = header.checked_add(entry).ok_or(Error::Overflow)?;
-        data = numel.checked_mul(E::BYTES).and_then(|b| data.checked_add(b)).ok_or(Error::Overflow)?;
+        data = numel.checked_mul(t.dtype().size()).and_then(|b| data.checked_add(b)).ok_or(Error::Overflow)?;
     }
     Ok((header, data))
 }
@@ -701,6 +786,18 @@ fn lengths<E: Element>(config: &[(&str, Value<'_>)], tensors: &[Tensor<'_, E>]) 
 /// # Errors
 /// As [`encode`], but never [`FormatError::BufferTooSmall`].
 pub fn encoded_len<E: Element>(config: &[(&str, Value<'_>)], tensors: &[Tensor<'_, E>]) -> Result<usize> {
+    total_len(config, tensors)
+}
+
+/// Bytes [`encode_raw`] writes for these entries.
+///
+/// # Errors
+/// As [`encode_raw`], but never [`FormatError::BufferTooSmall`].
+pub fn encoded_len_raw(config: &[(&str, Value<'_>)], tensors: &[RawTensor<'_>]) -> Result<usize> {
+    total_len(config, tensors)
+}
+
+fn total_len<T: Encodable>(config: &[(&str, Value<'_>)], tensors: &[T]) -> Result<usize> {
     let (h, d) = lengths(config, tensors)?;
     h.checked_add(d).and_then(|n| n.checked_add(FIXED + TRAILER)).ok_or(Error::Overflow)
 }
@@ -726,6 +823,7 @@ impl Writer<'_> {
 /// # Errors
 /// [`Error::Format`] with [`FormatError::BufferTooSmall`] (see
 /// [`encoded_len`]), [`FormatError::BadName`], [`FormatError::DuplicateName`],
+/// [`FormatError::DuplicateKey`],
 /// [`FormatError::TooManyDims`], [`FormatError::TooMany`];
 /// [`Error::ShapeMismatch`] (`Parameter`) if a tensor's data does not match
 /// its shape; [`Error::Overflow`]. Nothing is written on error.
@@ -733,6 +831,31 @@ pub fn encode<E: Element>(
     method: Method,
     config: &[(&str, Value<'_>)],
     tensors: &[Tensor<'_, E>],
+    out: &mut [u8],
+) -> Result<usize> {
+    encode_any(method, config, tensors, out)
+}
+
+/// [`encode`] for tensors given as stored bytes, each with its own element
+/// type: a file read with [`AdapterFile::parse`] is written back bit for
+/// bit, whatever mix of types it holds.
+///
+/// # Errors
+/// As [`encode`]; [`Error::ShapeMismatch`] also if a tensor's byte length
+/// is not its element count times its type's size.
+pub fn encode_raw(
+    method: Method,
+    config: &[(&str, Value<'_>)],
+    tensors: &[RawTensor<'_>],
+    out: &mut [u8],
+) -> Result<usize> {
+    encode_any(method, config, tensors, out)
+}
+
+fn encode_any<T: Encodable>(
+    method: Method,
+    config: &[(&str, Value<'_>)],
+    tensors: &[T],
     out: &mut [u8],
 ) -> Result<usize> {
     let (header_len, data_len) = lengths(config, tensors)?;
@@ -770,20 +893,16 @@ pub fn encode<E: Element>(
             }
         }
     }
-    let dtype = Dtype::of::<E>().code();
     for t in tensors {
-        w.put(&(t.name.len() as u16).to_le_bytes());
-        w.put(t.name.as_bytes());
-        w.put(&[dtype, t.shape.len() as u8]);
-        for &d in t.shape {
+        w.put(&(t.name().len() as u16).to_le_bytes());
+        w.put(t.name().as_bytes());
+        w.put(&[t.dtype().code(), t.shape().len() as u8]);
+        for &d in t.shape() {
             w.put(&(d as u64).to_le_bytes());
         }
     }
     for t in tensors {
-        for v in t.data {
-            let le = v.to_bits64().to_le_bytes();
-            w.put(le.get(..E::BYTES).unwrap_or(&le));
-        }
+        t.write_data(&mut w);
     }
     let crc = crc32(w.buf.get(..w.pos).unwrap_or(&[]));
     w.put(&crc.to_le_bytes());

@@ -15,11 +15,12 @@ use peft_core::activation::Activation;
 use peft_core::adapter::AdapterConfig;
 use peft_core::optim::AdamW;
 use peft_faer::Faer;
+use peft_faer::files::{check_output, read_bounded, write_file};
 use peft_faer::hf::base::Base;
 use peft_faer::hf::convert::{own_to_peft_dir, peft_dir_to_own};
-use peft_faer::hf::merge::merge;
-use peft_faer::hf::{HfAdapter, MAX_ADAPTER_BYTES, PeftConfig};
-use peft_faer::io::{encode, load, write_atomic};
+use peft_faer::hf::merge::{MergeOptions, merge};
+use peft_faer::hf::{CONFIG_FILE, HfAdapter, MAX_ADAPTER_BYTES, PeftConfig, WEIGHTS_FILE};
+use peft_faer::io::{encode, load};
 use peft_faer::tiny::{Peft, Runner, Spec, TinyConfig, TinyModel, Trace};
 use peft_faer::train::{Task, Trainer, loss, setup, train};
 use safetensors::Dtype;
@@ -66,8 +67,14 @@ enum Command {
         #[arg(long, value_enum)]
         dtype: Option<DtypeArg>,
         /// Threads per matrix product.
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        threads: u32,
+        /// Replace OUT if it exists (once the new output is complete).
+        #[arg(long)]
+        force: bool,
+        /// Write NaN or infinite merged values instead of refusing them.
+        #[arg(long)]
+        allow_nonfinite: bool,
     },
     /// Convert between this project's .peft files and PEFT directories (the
     /// direction follows SRC: a folder becomes a .peft file, a file becomes
@@ -77,6 +84,9 @@ enum Command {
         src: PathBuf,
         /// The .peft file or PEFT directory to write.
         dst: PathBuf,
+        /// Replace DST if it exists (once the new output is complete).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -102,20 +112,20 @@ struct FinetuneArgs {
     #[arg(long, value_enum, default_value = "all")]
     method: MethodArg,
     /// Optimizer steps per method (batches of 8 sequences).
-    #[arg(long, default_value_t = 2000)]
-    steps: usize,
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    steps: u64,
     /// LoRA rank (the task's hidden change has rank 2).
-    #[arg(long, default_value_t = 4)]
-    rank: usize,
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    rank: u64,
     /// Seed of the frozen model, the task and the adapters.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Threads per matrix product (faer over rayon); 1 is single-threaded.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    threads: u32,
     /// Learning rate for every method (default: each method's own, see
-    /// `peft_core::optim`).
-    #[arg(long)]
+    /// `peft_core::optim`): positive and finite.
+    #[arg(long, value_parser = positive_finite)]
     lr: Option<f64>,
     /// Folder for the adapter files (`<method>.peft`).
     #[arg(long, default_value = "peft-out")]
@@ -123,6 +133,14 @@ struct FinetuneArgs {
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+fn positive_finite(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not positive and finite")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The task's hidden change has this rank.
@@ -182,23 +200,23 @@ fn run_method(
     backend: Faer,
 ) -> Result<Row, Box<dyn std::error::Error>> {
     let base_params = model.num_params();
-    let mut peft = Peft::new(model, spec(method, args.rank)?, args.seed ^ 0xada)?;
+    let mut peft = Peft::new(model, spec(method, args.rank as usize)?, args.seed ^ 0xada)?;
     let lr = args.lr.unwrap_or(method.default_lr());
     let mut trainer = Trainer::new(&peft, AdamW::new(lr).with_weight_decay(0.0).with_max_grad_norm(Some(1.0)));
     let mut runner = Runner::new(model, backend)?;
     let initial = loss(&mut runner, Some(&mut peft), &task.held_out)?;
 
     let bar = if std::io::stderr().is_terminal() && !args.json {
-        let b = ProgressBar::new(args.steps as u64);
+        let b = ProgressBar::new(args.steps);
         b.set_style(ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")?.progress_chars("=> "));
         b.set_prefix(method.name());
         Some(b)
     } else {
         None
     };
-    let every = (args.steps / 5).max(1);
+    let every = (args.steps as usize / 5).max(1);
     let start = Instant::now();
-    train(&mut runner, &mut peft, &mut trainer, task, args.steps, BATCH, |step, l| match &bar {
+    train(&mut runner, &mut peft, &mut trainer, task, args.steps as usize, BATCH, |step, l| match &bar {
         Some(b) => {
             b.set_position(step as u64 + 1);
             b.set_message(format!("train loss {l:.4}"));
@@ -225,7 +243,8 @@ fn run_method(
 
     let bytes = encode(&peft, runner.model())?;
     let file = args.out.join(format!("{}.peft", method.name()));
-    write_atomic(&file, &bytes)?;
+    // Each run replaces its own `<method>.peft` in the output folder.
+    write_file(&file, &bytes, true)?;
     let mut reloaded = load(&file, runner.model(), MAX_FILE)?;
     let again = outputs(&mut runner, Some(&mut reloaded), task)?;
     let same_values = reloaded.spec == peft.spec
@@ -255,7 +274,7 @@ fn run_method(
 
 fn finetune(args: &FinetuneArgs) -> Result<bool, Box<dyn std::error::Error>> {
     let cfg = TinyConfig::default();
-    let backend = Faer::with_threads(args.threads);
+    let backend = Faer::with_threads(args.threads as usize);
     let model = TinyModel::new(cfg, args.seed)?;
     let frozen = model.clone();
     let task = setup(&model, HIDDEN_RANK, backend, args.seed)?;
@@ -363,7 +382,7 @@ fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>
     let ad = HfAdapter::read_dir(dir)?;
     match &ad.config {
         PeftConfig::Prompt(p) => {
-            let (shape, _) = ad.prompt.as_ref().ok_or("no prompt tensor")?;
+            let shape = &ad.prompt.as_ref().ok_or("no prompt tensor")?.shape;
             let kind = if p.prefix { "prefix" } else { "prompt" };
             let params: usize = shape.iter().product();
             if as_json {
@@ -382,6 +401,19 @@ fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>
             let mut rows = Vec::new();
             for m in &ad.modules {
                 let params = m.r * (m.n_in + m.n_out);
+                if !(m.scale as f32).is_finite() {
+                    warnings.push(format!(
+                        "{}: the scale {} overflows f32; a merge would write infinities",
+                        m.name, m.scale
+                    ));
+                }
+                let tensors = [("lora_A.weight", &m.a[..]), ("lora_B.weight", &m.b[..])];
+                let bias = m.lora_bias.as_deref().map(|b| ("lora_B.bias", b));
+                for (t, v) in tensors.into_iter().chain(bias) {
+                    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                        warnings.push(format!("{}.{t}: element {i} is {} (not finite)", m.name, v[i]));
+                    }
+                }
                 let min = m.n_in.min(m.n_out);
                 if 2 * m.r >= min {
                     warnings.push(format!(
@@ -433,16 +465,20 @@ fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>
     Ok(true)
 }
 
-fn merge_cmd(
-    base: &Path,
-    adapter: &Path,
-    out: &Path,
+struct MergeArgs<'a> {
+    base: &'a Path,
+    adapter: &'a Path,
+    out: &'a Path,
     dtype: Option<DtypeArg>,
-    threads: usize,
-) -> Result<bool, Box<dyn std::error::Error>> {
-    let ad = HfAdapter::read_dir(adapter)?;
-    let b = Base::open(base)?;
-    let dtype = dtype.map(|d| match d {
+    threads: u32,
+    force: bool,
+    allow_nonfinite: bool,
+}
+
+fn merge_cmd(a: &MergeArgs<'_>) -> Result<bool, Box<dyn std::error::Error>> {
+    let ad = HfAdapter::read_dir(a.adapter)?;
+    let b = Base::open(a.base)?;
+    let dtype = a.dtype.map(|d| match d {
         DtypeArg::F32 => Dtype::F32,
         DtypeArg::F16 => Dtype::F16,
         DtypeArg::Bf16 => Dtype::BF16,
@@ -454,10 +490,17 @@ fn merge_cmd(
         }
         bar
     });
+    // A test hook: slow each tensor down so that a test can interrupt a
+    // merge in progress (tests/cli.rs).
+    let pause = std::env::var("PEFT_TEST_MERGE_PAUSE_MS").ok().and_then(|v| v.parse().ok());
     let start = Instant::now();
-    let report = merge(&b, &ad, out, dtype, &Faer::with_threads(threads), |n| {
+    let options = MergeOptions { dtype, force: a.force, allow_nonfinite: a.allow_nonfinite };
+    let report = merge(&b, &ad, a.out, &options, &Faer::with_threads(a.threads as usize), |n| {
         if let Some(bar) = &bar {
             bar.inc(n);
+        }
+        if let Some(ms) = pause {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
         }
     })?;
     if let Some(bar) = bar {
@@ -469,23 +512,24 @@ fn merge_cmd(
         report.replaced,
         report.copied,
         report.bytes,
-        out.display(),
+        a.out.display(),
         start.elapsed().as_secs_f64()
     );
     Ok(true)
 }
 
-fn convert_cmd(src: &Path, dst: &Path) -> Result<bool, Box<dyn std::error::Error>> {
-    if src.is_dir() {
+fn convert_cmd(src: &Path, dst: &Path, force: bool) -> Result<bool, Box<dyn std::error::Error>> {
+    let meta = std::fs::metadata(src).map_err(|e| format!("{}: {e}", src.display()))?;
+    if meta.is_dir() {
+        let inputs = [src.join(CONFIG_FILE), src.join(WEIGHTS_FILE)];
+        check_output(dst, &[src, &inputs[0], &inputs[1]], force)?;
         let bytes = peft_dir_to_own(src)?;
-        write_atomic(dst, &bytes)?;
+        write_file(dst, &bytes, force)?;
         eprintln!("{} -> {} ({} bytes, peft format)", src.display(), dst.display(), bytes.len());
     } else {
-        let len = std::fs::metadata(src)?.len();
-        if len > MAX_ADAPTER_BYTES {
-            return Err(format!("{}: {len} bytes exceeds the adapter limit", src.display()).into());
-        }
-        own_to_peft_dir(&std::fs::read(src)?, dst)?;
+        check_output(dst, &[src], force)?;
+        let bytes = read_bounded(src, MAX_ADAPTER_BYTES)?;
+        own_to_peft_dir(&bytes, dst, force).map_err(|e| e.in_file(src))?;
         eprintln!("{} -> {} (Hugging Face PEFT directory)", src.display(), dst.display());
     }
     Ok(true)
@@ -493,11 +537,28 @@ fn convert_cmd(src: &Path, dst: &Path) -> Result<bool, Box<dyn std::error::Error
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Signals run no destructors: remove this process's temporaries, then
+    // exit as a shell expects of an interrupted command.
+    let handler = ctrlc::set_handler(|| {
+        peft_faer::files::remove_registered_temporaries();
+        std::process::exit(130);
+    });
+    if let Err(e) = handler {
+        eprintln!("peft: warning: no SIGINT/SIGTERM handler ({e}); an interrupted run may leave a temporary");
+    }
     let result = match &cli.command {
         Command::Finetune(args) => finetune(args),
         Command::Inspect { adapter, json } => inspect(adapter, *json),
-        Command::Merge { base, adapter, out, dtype, threads } => merge_cmd(base, adapter, out, *dtype, *threads),
-        Command::Convert { src, dst } => convert_cmd(src, dst),
+        Command::Merge { base, adapter, out, dtype, threads, force, allow_nonfinite } => merge_cmd(&MergeArgs {
+            base,
+            adapter,
+            out,
+            dtype: *dtype,
+            threads: *threads,
+            force: *force,
+            allow_nonfinite: *allow_nonfinite,
+        }),
+        Command::Convert { src, dst, force } => convert_cmd(src, dst, *force),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,30 +1,38 @@
 //! Conversion between this crate's adapter format (`.peft`, see
-//! `peft_core::format`) and PEFT directories, both ways, bit-exact.
+//! `peft_core::format`) and PEFT directories, both ways, bit-exact, each
+//! tensor in its own element type.
 //!
 //! * PEFT -> `.peft`: the method from `peft_type`; the whole
-//!   `adapter_config.json` is kept as the string entry
-//!   `adapter_config_json`, beside typed copies of the fields that carry
-//!   the math (`r`, `lora_alpha`, `use_rslora`, `num_virtual_tokens`, ...);
-//!   tensors keep PEFT's names without `base_model.model.` and their element
-//!   type (f32, f16 or bf16).
+//!   `adapter_config.json` is kept as string entries (`adapter_config_json`,
+//!   then `adapter_config_json.1`, `.2`, ... for a config longer than the
+//!   format's 65535-byte strings), beside typed copies of the fields that
+//!   carry the math (`r`, `lora_alpha`, `use_rslora`, `num_virtual_tokens`,
+//!   ...); tensors keep PEFT's names without `base_model.model.` and their
+//!   element type (f32, f16 or bf16).
 //! * `.peft` -> PEFT: the config is `adapter_config_json` when present, or
 //!   built from the typed entries (for files written by `peft finetune`);
 //!   every entry of the `.peft` configuration is also stored in the
 //!   safetensors `__metadata__` under `peft_rs.` so that converting back
-//!   restores the `.peft` file byte for byte.
+//!   restores the `.peft` file byte for byte. The folder is read back with
+//!   [`HfAdapter::read_dir`] (what `inspect` and `merge` use) before it is
+//!   committed, so a `.peft` file PEFT could not load is refused.
+//!
+//! **The config file is the source of truth.** The `peft_rs.` metadata is
+//! used only if the config it implies equals `adapter_config.json` as it is
+//! now; after an edit (`lora_alpha`, `use_rslora`, ...) it is ignored and
+//! the `.peft` file is built from the config, as for a folder PEFT wrote.
 //!
 //! Bottleneck adapters have no PEFT equivalent and are refused.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use half::{bf16, f16};
-use peft_core::format::{self, AdapterFile, Tensor, Value};
-use peft_core::{Element, Method};
+use peft_core::Method;
+use peft_core::format::{self, AdapterFile, Value};
 use safetensors::Dtype;
 use serde_json::json;
 
-use super::{HfAdapter, HfError, LoraModule, PeftConfig, Replacement};
+use super::{HfAdapter, HfError, HfTensor, LoraModule, PeftConfig, st};
 
 const KEYS: &str = "peft_rs.keys";
 const PREFIX: &str = "peft_rs.";
@@ -50,32 +58,68 @@ fn decode_value(s: &str) -> Option<Value<'_>> {
     })
 }
 
-/// Encodes the adapter's tensors (names, shapes, f32 data) in `dtype`.
-fn encode_in(
-    dtype: Dtype,
-    method: Method,
-    config: &[(&str, Value<'_>)],
-    tensors: &[(String, Vec<usize>, &[f32])],
-) -> Result<Vec<u8>, HfError> {
-    fn go<E: Element>(
-        method: Method,
-        config: &[(&str, Value<'_>)],
-        tensors: &[(String, Vec<usize>, &[f32])],
-    ) -> Result<Vec<u8>, HfError> {
-        let data: Vec<Vec<E>> =
-            tensors.iter().map(|(_, _, d)| d.iter().map(|&v| E::from_f64(f64::from(v))).collect()).collect();
-        let ts: Vec<Tensor<'_, E>> =
-            tensors.iter().zip(&data).map(|((n, s, _), d)| Tensor { name: n, shape: s, data: d }).collect();
-        let mut out = vec![0u8; format::encoded_len(config, &ts)?];
-        let n = format::encode(method, config, &ts, &mut out)?;
-        out.truncate(n);
-        Ok(out)
+/// Longest string a `.peft` configuration entry holds.
+const MAX_STR: usize = u16::MAX as usize;
+
+/// `text` in pieces of at most [`MAX_STR`] bytes, cut at character
+/// boundaries, under the keys `adapter_config_json`,
+/// `adapter_config_json.1`, ...
+fn config_chunks(text: &str) -> Vec<(String, &str)> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() || out.is_empty() {
+        let mut cut = rest.len().min(MAX_STR);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (piece, tail) = rest.split_at(cut);
+        let key = if out.is_empty() { CONFIG_KEY.to_string() } else { format!("{CONFIG_KEY}.{}", out.len()) };
+        out.push((key, piece));
+        rest = tail;
     }
-    match dtype {
-        Dtype::F32 => go::<f32>(method, config, tensors),
-        Dtype::F16 => go::<f16>(method, config, tensors),
-        Dtype::BF16 => go::<bf16>(method, config, tensors),
+    out
+}
+
+/// A lookup of `.peft` configuration entries by key.
+type Get<'g, 'a> = &'g dyn Fn(&str) -> Option<Value<'a>>;
+
+/// The config text stored in `get`'s entries (joined chunks), if any.
+fn stored_config(get: Get<'_, '_>) -> Option<String> {
+    let Some(Value::Str(first)) = get(CONFIG_KEY) else { return None };
+    let mut text = first.to_string();
+    for i in 1.. {
+        match get(&format!("{CONFIG_KEY}.{i}")) {
+            Some(Value::Str(piece)) => text.push_str(piece),
+            _ => break,
+        }
+    }
+    Some(text)
+}
+
+/// The PEFT config a `.peft` configuration implies: its stored
+/// `adapter_config.json`, or one built from its typed entries.
+fn implied_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Value, HfError> {
+    match stored_config(get) {
+        Some(text) => serde_json::from_str(&text).map_err(HfError::json),
+        None => generated_config(method, get),
+    }
+}
+
+fn format_dtype(d: Dtype) -> Result<format::Dtype, HfError> {
+    match d {
+        Dtype::F32 => Ok(format::Dtype::F32),
+        Dtype::F16 => Ok(format::Dtype::F16),
+        Dtype::BF16 => Ok(format::Dtype::Bf16),
         d => Err(HfError::Unsupported(format!("element type {d:?}"))),
+    }
+}
+
+fn hf_dtype(d: format::Dtype) -> Result<Dtype, HfError> {
+    match d {
+        format::Dtype::F32 => Ok(Dtype::F32),
+        format::Dtype::F16 => Ok(Dtype::F16),
+        format::Dtype::Bf16 => Ok(Dtype::BF16),
+        _ => Err(HfError::Unsupported("f64 tensors (PEFT files are f32, f16 or bf16)".into())),
     }
 }
 
@@ -86,28 +130,20 @@ fn encode_in(
 /// element type other than f32/f16/bf16.
 pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
     let ad = HfAdapter::read_dir(src)?;
-    let config_text = serde_json::to_string(&ad.config_json()).map_err(HfError::json)?;
-    let mut config: Vec<(String, Value<'_>)> = Vec::new();
-    let restored: Option<Vec<String>> = ad.metadata.get(KEYS).map(|k| k.split(',').map(String::from).collect());
+    let config_json = ad.config_json();
+    let config_text = serde_json::to_string(&config_json).map_err(HfError::json)?;
     let method = match &ad.config {
         PeftConfig::Lora(_) => Method::Lora,
         PeftConfig::Prompt(p) if p.prefix => Method::Prefix,
         PeftConfig::Prompt(_) => Method::Prompt,
     };
-    match restored {
-        // Written by `own_to_peft_dir`: restore the original entries.
-        Some(keys) => {
-            for k in keys.iter().filter(|k| !k.is_empty()) {
-                let raw = ad
-                    .metadata
-                    .get(&format!("{PREFIX}{k}"))
-                    .ok_or_else(|| HfError::Tensor(format!("metadata for {k} missing")))?;
-                let v = decode_value(raw).ok_or_else(|| HfError::Tensor(format!("metadata for {k} unreadable")))?;
-                config.push((k.clone(), v));
-            }
-        }
+    let restored = restored_entries(&ad, method, &config_json);
+    let mut config: Vec<(String, Value<'_>)> = Vec::new();
+    match &restored {
+        // Written by `own_to_peft_dir` from this very config: the original entries.
+        Some(entries) => config.extend(entries.iter().map(|(k, v)| (k.clone(), v.as_value()))),
         None => {
-            config.push((CONFIG_KEY.into(), Value::Str(&config_text)));
+            config.extend(config_chunks(&config_text).into_iter().map(|(k, v)| (k, Value::Str(v))));
             match &ad.config {
                 PeftConfig::Lora(c) => {
                     config.push(("r".into(), Value::U64(c.r as u64)));
@@ -123,124 +159,162 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
             }
         }
     }
-    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-    for m in &ad.modules {
-        tensors.push((format!("{}.lora_A.weight", m.name), vec![m.r, m.n_in], &m.a));
-        tensors.push((format!("{}.lora_B.weight", m.name), vec![m.n_out, m.r], &m.b));
-        if let Some(b) = &m.lora_bias {
-            tensors.push((format!("{}.lora_B.bias", m.name), vec![m.n_out], b));
-        }
+    let tensors = ad.tensors();
+    let mut stored: Vec<(String, format::Dtype, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, dtype, _, data) in &tensors {
+        let mut bytes = Vec::new();
+        st::from_f32(*dtype, data, &mut bytes)?;
+        let name = name.strip_prefix("base_model.model.").unwrap_or(name).to_string();
+        stored.push((name, format_dtype(*dtype)?, bytes));
     }
-    for r in &ad.replacements {
-        tensors.push((r.name.clone(), r.shape.clone(), &r.data));
-    }
-    if let Some((shape, data)) = &ad.prompt {
-        tensors.push(("prompt_embeddings".into(), shape.clone(), data));
-    }
+    let raw: Vec<format::RawTensor<'_>> = stored
+        .iter()
+        .zip(&tensors)
+        .map(|((name, dtype, bytes), (_, _, shape, _))| format::RawTensor { name, dtype: *dtype, shape, data: bytes })
+        .collect();
     let config_ref: Vec<(&str, Value<'_>)> = config.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    encode_in(ad.dtype, method, &config_ref, &tensors)
+    let mut out = vec![0u8; format::encoded_len_raw(&config_ref, &raw)?];
+    let n = format::encode_raw(method, &config_ref, &raw, &mut out)?;
+    out.truncate(n);
+    Ok(out)
 }
 
-/// `.peft` bytes as a new PEFT directory `dst` (written atomically).
+/// A configuration value, owned (decoded from the metadata).
+enum Owned {
+    U64(u64),
+    F64(f64),
+    Bool(bool),
+    Str(String),
+}
+
+impl Owned {
+    fn as_value(&self) -> Value<'_> {
+        match self {
+            Owned::U64(x) => Value::U64(*x),
+            Owned::F64(x) => Value::F64(*x),
+            Owned::Bool(b) => Value::Bool(*b),
+            Owned::Str(s) => Value::Str(s),
+        }
+    }
+}
+
+/// The `.peft` entries stored in the metadata by [`own_to_peft_dir`], if
+/// they are complete, readable, and imply exactly `config` (the config
+/// file wins: metadata that disagrees with it is ignored).
+fn restored_entries(ad: &HfAdapter, method: Method, config: &serde_json::Value) -> Option<Vec<(String, Owned)>> {
+    let keys = ad.metadata.get(KEYS)?;
+    let mut entries = Vec::new();
+    for k in keys.split(',').filter(|k| !k.is_empty()) {
+        let v = match decode_value(ad.metadata.get(&format!("{PREFIX}{k}"))?)? {
+            Value::U64(x) => Owned::U64(x),
+            Value::F64(x) => Owned::F64(x),
+            Value::Bool(b) => Owned::Bool(b),
+            Value::Str(s) => Owned::Str(s.to_string()),
+        };
+        entries.push((k.to_string(), v));
+    }
+    let get = |key: &str| entries.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_value());
+    (implied_config(method, &get).ok()? == *config).then_some(entries)
+}
+
+/// `.peft` bytes as a new PEFT directory `dst`, replacing an existing one
+/// only if `force` (see [`HfAdapter::write_dir`]: written atomically, and
+/// read back before it is committed).
 ///
 /// # Errors
-/// The format's errors; [`HfError::Unsupported`] for bottleneck adapters;
-/// [`HfError::Config`] if the entries cannot make a PEFT config;
-/// [`HfError::OutputExists`].
-pub fn own_to_peft_dir(bytes: &[u8], dst: &Path) -> Result<(), HfError> {
+/// The format's errors; [`HfError::Unsupported`] for bottleneck adapters
+/// and f64 tensors; [`HfError::Config`] if the entries cannot make a PEFT
+/// config; [`HfError::Tensor`] for a `lora_B` or bias without its
+/// `lora_A`, or factors that are not matrices of one rank; the reader's
+/// errors for anything else PEFT could not load; [`HfError::OutputExists`].
+pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfError> {
     let f = AdapterFile::parse(bytes)?;
-    let dtype = match f.tensors().next().map(|t| t.dtype()) {
-        Some(format::Dtype::F16) => Dtype::F16,
-        Some(format::Dtype::Bf16) => Dtype::BF16,
-        Some(format::Dtype::F64) => {
-            return Err(HfError::Unsupported("f64 adapters (PEFT files are f32, f16 or bf16)".into()));
-        }
-        _ => Dtype::F32,
-    };
     let mut metadata = BTreeMap::new();
     let keys: Vec<&str> = f.config().map(|(k, _)| k).collect();
     metadata.insert(KEYS.to_string(), keys.join(","));
     for (k, v) in f.config() {
         metadata.insert(format!("{PREFIX}{k}"), encode_value(&v));
     }
-    let config_text = match f.get_str(CONFIG_KEY) {
-        Ok(t) => t.to_string(),
-        Err(_) => generated_config(&f)?.to_string(),
-    };
+    let get = |k: &str| f.get(k);
+    let config_text = implied_config(f.method(), &get)?.to_string();
     let config = PeftConfig::parse(&config_text)?;
+    let first = f.tensors().next().map_or(Ok(Dtype::F32), |t| hf_dtype(t.dtype()))?;
     let mut ad = HfAdapter {
         config: config.clone(),
         modules: Vec::new(),
         replacements: Vec::new(),
         prompt: None,
-        dtype,
+        dtype: first,
         metadata,
+        source: None,
     };
-    let read = |t: &format::TensorView<'_>| -> Result<Vec<f32>, HfError> {
-        let mut v = vec![0.0f32; t.numel()];
-        t.read_into(&mut v)?;
-        Ok(v)
+    let read = |t: &format::TensorView<'_>| -> Result<HfTensor, HfError> {
+        let mut data = vec![0.0f32; t.numel()];
+        t.read_into(&mut data)?;
+        Ok(HfTensor { name: t.name().to_string(), dtype: hf_dtype(t.dtype())?, shape: t.shape().to_vec(), data })
     };
-    let tensors: Vec<_> = f.tensors().collect();
     match &config {
-        PeftConfig::Prompt(_) => {
-            let t = f.tensor("prompt_embeddings")?;
-            ad.prompt = Some((t.shape().to_vec(), read(&t)?));
-        }
+        PeftConfig::Prompt(_) => ad.prompt = Some(read(&f.tensor("prompt_embeddings")?)?),
         PeftConfig::Lora(lc) => {
-            for t in &tensors {
+            for t in f.tensors() {
                 let name = t.name();
                 if let Some(module) = name.strip_suffix(".lora_A.weight") {
-                    let b = f.tensor(&format!("{module}.lora_B.weight"))?;
+                    let b = f.tensor(&format!("{module}.lora_B.weight")).map_err(|_| {
+                        HfError::Tensor(format!(
+                            "{module}: `{module}.lora_B.weight` is missing (LoRA needs both factors)"
+                        ))
+                    })?;
                     let (&[r, n_in], &[n_out, r2]) = (t.shape(), b.shape()) else {
                         return Err(HfError::Tensor(format!("{module}: LoRA factors must be matrices")));
                     };
                     if r != r2 {
                         return Err(HfError::Tensor(format!("{module}: lora_A rank {r}, lora_B rank {r2}")));
                     }
-                    let lora_bias = f.tensor(&format!("{module}.lora_B.bias")).ok().map(|t| read(&t)).transpose()?;
+                    let bias = f.tensor(&format!("{module}.lora_B.bias")).ok().map(|t| read(&t)).transpose()?;
+                    let (a, b) = (read(&t)?, read(&b)?);
                     ad.modules.push(LoraModule {
                         name: module.to_string(),
-                        a: read(t)?,
-                        b: read(&b)?,
-                        lora_bias,
+                        dtypes: [a.dtype, b.dtype, bias.as_ref().map_or(b.dtype, |t| t.dtype)],
+                        a: a.data,
+                        b: b.data,
+                        lora_bias: bias.map(|t| t.data),
                         r,
                         n_in,
                         n_out,
                         alpha: lc.alpha_for(module),
                         scale: lc.scale_for(module)?,
                     });
-                } else if !name.contains(".lora_B.") {
-                    ad.replacements.push(Replacement {
-                        name: name.to_string(),
-                        shape: t.shape().to_vec(),
-                        data: read(t)?,
-                    });
+                } else if let Some(module) = name.strip_suffix(".lora_B.weight").or(name.strip_suffix(".lora_B.bias")) {
+                    if f.tensor(&format!("{module}.lora_A.weight")).is_err() {
+                        return Err(HfError::Tensor(format!("`{name}` has no `{module}.lora_A.weight`")));
+                    }
+                } else {
+                    ad.replacements.push(read(&t)?);
                 }
             }
         }
     }
-    ad.write_dir(dst)
+    ad.write_dir(dst, force)
 }
 
 /// A PEFT 0.21 config from a `.peft` file's typed entries.
-fn generated_config(f: &AdapterFile<'_>) -> Result<serde_json::Value, HfError> {
+fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Value, HfError> {
     let missing = |k: &str| HfError::config(k, "missing from the .peft file, needed for a PEFT config");
-    let u = |k: &'static str| f.get_u64(k).map_err(|_| missing(k));
-    match f.method() {
+    let u = |k: &'static str| match get(k) {
+        Some(Value::U64(x)) => Ok(x),
+        _ => Err(missing(k)),
+    };
+    match method {
         Method::Lora => {
-            let targets: Vec<String> = f
-                .get_str("target_modules")
-                .map_err(|_| missing("target_modules"))?
-                .split(',')
-                .map(|t| t.to_string())
-                .collect();
-            let alpha = f.get_f64("lora_alpha").map_err(|_| missing("lora_alpha"))?;
+            let Some(Value::Str(targets)) = get("target_modules") else { return Err(missing("target_modules")) };
+            let targets: Vec<String> = targets.split(',').map(|t| t.to_string()).collect();
+            let Some(Value::F64(alpha)) = get("lora_alpha") else { return Err(missing("lora_alpha")) };
             let alpha = if alpha.fract() == 0.0 && alpha.abs() < 1e15 { json!(alpha as i64) } else { json!(alpha) };
+            let rslora = matches!(get("use_rslora"), Some(Value::Bool(true)));
             Ok(json!({
                 "peft_type": "LORA", "task_type": null, "base_model_name_or_path": null, "revision": null,
                 "inference_mode": true, "r": u("r")?, "lora_alpha": alpha,
-                "use_rslora": f.get_bool("use_rslora").unwrap_or(false),
+                "use_rslora": rslora,
                 "target_modules": targets, "lora_dropout": 0.0, "fan_in_fan_out": false, "bias": "none",
                 "modules_to_save": null, "init_lora_weights": true, "layers_to_transform": null,
                 "layers_pattern": null, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": false,
@@ -248,7 +322,7 @@ fn generated_config(f: &AdapterFile<'_>) -> Result<serde_json::Value, HfError> {
             }))
         }
         Method::Prompt | Method::Prefix => {
-            let prefix = f.method() == Method::Prefix;
+            let prefix = method == Method::Prefix;
             let d = u("d_model").or_else(|_| u("token_dim"))?;
             let mut cfg = json!({
                 "peft_type": if prefix { "PREFIX_TUNING" } else { "PROMPT_TUNING" },

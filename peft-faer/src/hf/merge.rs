@@ -7,7 +7,17 @@
 //! written through a buffered writer. Everything is checked (every adapted
 //! module's base weight present with the right shape, every replaced tensor
 //! present with its shape) before the first byte of output is written, and
-//! the output appears atomically (a temporary file or folder, renamed).
+//! the output appears atomically (a temporary file or folder, renamed;
+//! see [`crate::files`]: never over an input, never over an existing
+//! output without `force`).
+//!
+//! **Non-finite values are refused by default.** A scale that overflows
+//! f32, or a NaN or infinity in `A`, `B`, a `lora_B` bias or a replaced
+//! tensor, is an error before anything is written; a merged element that
+//! becomes NaN or infinite while its base element was finite (an overflow
+//! of `W + s B A`) is an error naming the tensor and the first such index.
+//! Base values that were already non-finite are copied as they are.
+//! [`MergeOptions::allow_nonfinite`] writes everything anyway.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -19,8 +29,8 @@ use safetensors::Dtype;
 
 use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry, float_size};
-use super::{HfAdapter, HfError, LoraModule, PeftConfig, Replacement};
-use crate::io::{rename_durably, temp_sibling};
+use super::{HfAdapter, HfError, HfTensor, LoraModule, PeftConfig};
+use crate::files::{Staging, check_output};
 
 /// Row blocks of adapted weights, and copy chunks, hold at most this many
 /// bytes of f32.
@@ -31,7 +41,7 @@ enum Action<'a> {
     Copy,
     Lora(&'a LoraModule, bool),
     LoraBias(&'a LoraModule),
-    Replace(&'a Replacement),
+    Replace(&'a HfTensor),
 }
 
 /// What a merge did.
@@ -45,6 +55,47 @@ pub struct MergeReport {
     pub copied: usize,
     /// Bytes of tensor data written.
     pub bytes: u64,
+}
+
+/// How [`merge`] writes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MergeOptions {
+    /// Element type of the output's float tensors (`None`: each keeps its own).
+    pub dtype: Option<Dtype>,
+    /// Replace an existing output (once the new one is complete).
+    pub force: bool,
+    /// Write NaN or infinite merged values instead of refusing them.
+    pub allow_nonfinite: bool,
+}
+
+/// The first non-finite value of `v`: its index and value.
+fn first_nonfinite(v: &[f32]) -> Option<(usize, f32)> {
+    v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i]))
+}
+
+/// Refuses non-finite adapter values before anything is written.
+fn check_finite(adapter: &HfAdapter) -> Result<(), HfError> {
+    let bad = |tensor: String, (index, value): (usize, f32), cause| HfError::NonFinite { tensor, index, value, cause };
+    for m in &adapter.modules {
+        let s = m.scale as f32;
+        if !s.is_finite() {
+            return Err(bad(format!("{}.weight", m.name), (0, s), "the scale alpha / r overflows f32"));
+        }
+        for (t, v) in [("lora_A.weight", &m.a), ("lora_B.weight", &m.b)] {
+            if let Some(x) = first_nonfinite(v) {
+                return Err(bad(format!("{}.{t}", m.name), x, "the adapter holds it"));
+            }
+        }
+        if let Some(x) = m.lora_bias.as_deref().and_then(first_nonfinite) {
+            return Err(bad(format!("{}.lora_B.bias", m.name), x, "the adapter holds it"));
+        }
+    }
+    for r in &adapter.replacements {
+        if let Some(x) = first_nonfinite(&r.data) {
+            return Err(bad(r.name.clone(), x, "the adapter holds it"));
+        }
+    }
+    Ok(())
 }
 
 fn plan<'a>(base: &Base, adapter: &'a HfAdapter) -> Result<BTreeMap<String, Action<'a>>, HfError> {
@@ -88,33 +139,38 @@ fn plan<'a>(base: &Base, adapter: &'a HfAdapter) -> Result<BTreeMap<String, Acti
 }
 
 /// Merges `adapter` into `base`, writing `out` (a `.safetensors` file for a
-/// single-file base, a new folder with the same shard names and an index
-/// for a sharded one). Every tensor keeps its name and storage order;
-/// float tensors take `dtype` if given, others keep theirs. `progress` is
+/// single-file base, a folder with the same shard names and an index for a
+/// sharded one). Every tensor keeps its name and storage order; float
+/// tensors take `options.dtype` if given, others keep theirs. `progress` is
 /// called with the bytes of each tensor written.
 ///
 /// # Errors
-/// [`HfError`]s from the checks, before any output exists; I/O errors
-/// while writing (the temporary output is removed).
+/// [`HfError::OutputIsInput`] if `out` is one of the base's or adapter's
+/// files (or a folder holding one); [`HfError::OutputExists`] if it
+/// exists and not `options.force`; [`HfError::NonFinite`] (see the module
+/// docs); the other [`HfError`]s from the checks, before any output
+/// exists; I/O errors while writing (the temporary output is removed).
 pub fn merge<B: Backend<f32> + ?Sized>(
     base: &Base,
     adapter: &HfAdapter,
     out: &Path,
-    dtype: Option<Dtype>,
+    options: &MergeOptions,
     backend: &B,
     mut progress: impl FnMut(u64),
 ) -> Result<MergeReport, HfError> {
+    let inputs: Vec<std::path::PathBuf> = base.input_files().into_iter().chain(adapter.source_files()).collect();
+    let input_refs: Vec<&Path> = inputs.iter().map(|p| p.as_path()).collect();
+    check_output(out, &input_refs, options.force)?;
     let actions = plan(base, adapter)?;
-    if base.index.is_some() && out.exists() {
-        return Err(HfError::OutputExists(out.to_path_buf()));
+    if !options.allow_nonfinite {
+        check_finite(adapter)?;
     }
-    let tmp = temp_sibling(out);
+    let dtype = options.dtype;
+    let staging = if base.index.is_some() { Staging::dir(out)? } else { Staging::file(out)? };
+    let tmp = staging.path().to_path_buf();
     let result = (|| {
         let mut report = MergeReport::default();
         let mut weight_map = serde_json::Map::new();
-        if base.index.is_some() {
-            std::fs::create_dir_all(&tmp).map_err(|e| HfError::Io(tmp.clone(), e))?;
-        }
         for shard in &base.shards {
             let shard_name = shard.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let target = match base.index {
@@ -141,7 +197,8 @@ pub fn merge<B: Backend<f32> + ?Sized>(
             w.write_all(&st::header(&entries, &metadata)?).map_err(io)?;
             for (e, oe) in shard.entries.iter().zip(&entries) {
                 let action = actions.get(&e.name).unwrap_or(&Action::Copy);
-                write_tensor(shard, e, oe.dtype, action, backend, &mut w).map_err(|err| match err {
+                let check = !options.allow_nonfinite;
+                write_tensor(shard, e, oe.dtype, action, backend, check, &mut w).map_err(|err| match err {
                     WriteError::Io(x) => HfError::Io(target.clone(), x),
                     WriteError::Hf(h) => h,
                 })?;
@@ -171,17 +228,11 @@ pub fn merge<B: Backend<f32> + ?Sized>(
             f.write_all(&text).map_err(io)?;
             f.sync_all().map_err(io)?;
         }
-        rename_durably(&tmp, out).map_err(|e| HfError::Io(out.to_path_buf(), e))?;
-        Ok(report)
-    })();
-    if result.is_err() {
-        if tmp.is_dir() {
-            std::fs::remove_dir_all(&tmp).ok();
-        } else {
-            std::fs::remove_file(&tmp).ok();
-        }
-    }
-    result
+        Ok::<_, HfError>(report)
+    })()?;
+    // Dropping `staging` on an error above removed the temporary.
+    staging.commit(options.force)?;
+    Ok(result)
 }
 
 enum WriteError {
@@ -213,6 +264,7 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
     out_dtype: Dtype,
     action: &Action<'_>,
     backend: &B,
+    check_finite: bool,
     w: &mut impl Write,
 ) -> Result<(), WriteError> {
     let mut out = Vec::new();
@@ -250,16 +302,22 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
         }
         Action::LoraBias(m) => {
             let mut bias = shard.read_f32(e)?;
+            let before = bias.clone();
             let s = m.scale as f32;
             if let Some(lb) = &m.lora_bias {
                 bias.iter_mut().zip(lb).for_each(|(b, l)| *b += s * l);
+            }
+            if check_finite {
+                refuse_new_nonfinite(&e.name, 0, &bias, |i| before.get(i).copied())?;
             }
             st::from_f32(out_dtype, &bias, &mut out)?;
             w.write_all(&out)?;
         }
         Action::Lora(m, fan_in_fan_out) => {
             let size = float_size(e.dtype).unwrap_or(4);
-            let (rows, cols) = (e.shape[0], e.shape[1]);
+            let &[rows, cols] = e.shape.as_slice() else {
+                return Err(HfError::Base(format!("{}: an adapted weight must be a matrix", e.name)).into());
+            };
             let block = (CHUNK_BYTES / 4 / cols.max(1)).clamp(1, rows.max(1));
             let mut bytes = vec![0u8; block * cols * size];
             let mut vals = vec![0.0f32; block * cols];
@@ -283,12 +341,43 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
                     let bt = b.rows_range(i0, n).ok_or_else(overflow)?;
                     backend.gemm(dst, Accum::Add, bt, Op::N, a, Op::N, s).map_err(HfError::backend)?;
                 }
+                if check_finite {
+                    let base = |i: usize| {
+                        let mut one = [0.0f32];
+                        let c = bytes.get(i * size..(i + 1) * size)?;
+                        st::to_f32(e.dtype, c, &mut one).ok()?;
+                        Some(one[0])
+                    };
+                    refuse_new_nonfinite(&e.name, i0 * cols, &vals[..n * cols], base)?;
+                }
                 out.clear();
                 st::from_f32(out_dtype, &vals[..n * cols], &mut out)?;
                 w.write_all(&out)?;
                 i0 += n;
             }
         }
+    }
+    Ok(())
+}
+
+/// Refuses the first element of `merged` (which starts at element `offset`
+/// of tensor `name`) that is NaN or infinite while its base value (from
+/// `base`) was finite.
+fn refuse_new_nonfinite(
+    name: &str,
+    offset: usize,
+    merged: &[f32],
+    base: impl Fn(usize) -> Option<f32>,
+) -> Result<(), HfError> {
+    let mut rest = merged;
+    let mut at = 0;
+    while let Some((i, value)) = first_nonfinite(rest) {
+        if base(at + i).is_some_and(f32::is_finite) {
+            let cause = "W + s B A overflows or is undefined there";
+            return Err(HfError::NonFinite { tensor: name.to_string(), index: offset + at + i, value, cause });
+        }
+        at += i + 1;
+        rest = rest.get(i + 1..).unwrap_or(&[]);
     }
     Ok(())
 }

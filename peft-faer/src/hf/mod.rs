@@ -25,7 +25,7 @@ use safetensors::Dtype;
 pub use config::{BiasMode, HfLoraConfig, PeftConfig, PromptConfig, Targets};
 use st::{OutEntry, StFile};
 
-use crate::io::{rename_durably, temp_sibling};
+use crate::files::OutputError;
 
 /// Everything that can be wrong with PEFT files and checkpoints.
 #[derive(Debug)]
@@ -70,6 +70,26 @@ pub enum HfError {
     Core(peft_core::Error),
     /// The compute backend failed (its own error, printed, and its kind).
     Backend(String, peft_core::ErrorKind),
+    /// Writing the output would replace or delete an input.
+    OutputIsInput {
+        /// The output.
+        output: PathBuf,
+        /// The input.
+        input: PathBuf,
+    },
+    /// A merged value is NaN or infinite (refused unless allowed).
+    NonFinite {
+        /// The tensor.
+        tensor: String,
+        /// The first bad element (row-major index).
+        index: usize,
+        /// Its value.
+        value: f32,
+        /// Where it comes from.
+        cause: &'static str,
+    },
+    /// An error in the file `.0`.
+    At(PathBuf, Box<HfError>),
 }
 
 impl HfError {
@@ -83,6 +103,38 @@ impl HfError {
 
     fn json(e: serde_json::Error) -> Self {
         HfError::Json(e.to_string())
+    }
+
+    /// The error itself, without the file an [`HfError::At`] names.
+    pub fn into_root(self) -> Self {
+        match self {
+            HfError::At(_, e) => e.into_root(),
+            e => e,
+        }
+    }
+
+    /// This error, naming the file it is about (unless it already names one).
+    pub fn in_file(self, path: &Path) -> Self {
+        match self {
+            e @ (HfError::Io(..)
+            | HfError::Safetensors(..)
+            | HfError::DuplicateKey(..)
+            | HfError::MissingShard(_)
+            | HfError::OutputExists(_)
+            | HfError::OutputIsInput { .. }
+            | HfError::At(..)) => e,
+            e => HfError::At(path.to_path_buf(), Box::new(e)),
+        }
+    }
+}
+
+impl From<OutputError> for HfError {
+    fn from(e: OutputError) -> Self {
+        match e {
+            OutputError::Exists(p) => HfError::OutputExists(p),
+            OutputError::IsInput { output, input } => HfError::OutputIsInput { output, input },
+            OutputError::Io(p, e) => HfError::Io(p, e),
+        }
     }
 }
 
@@ -101,7 +153,15 @@ impl fmt::Display for HfError {
             }
             HfError::Base(msg) => write!(f, "base checkpoint: {msg}"),
             HfError::MissingShard(p) => write!(f, "the index names shard {}, which does not exist", p.display()),
-            HfError::OutputExists(p) => write!(f, "{} already exists", p.display()),
+            HfError::OutputExists(p) => write!(f, "{} already exists (pass --force to replace it)", p.display()),
+            HfError::OutputIsInput { output, input } => {
+                write!(f, "refusing to write {}: it would overwrite the input {}", output.display(), input.display())
+            }
+            HfError::NonFinite { tensor, index, value, cause } => write!(
+                f,
+                "{tensor}: merged element {index} is {value} ({cause}); refused (--allow-nonfinite writes it anyway)"
+            ),
+            HfError::At(p, e) => write!(f, "{}: {e}", p.display()),
             HfError::Core(e) => write!(f, "{e}"),
             HfError::Backend(e, kind) => write!(f, "compute backend ({kind:?}): {e}"),
         }
@@ -144,14 +204,21 @@ pub struct LoraModule {
     pub alpha: f64,
     /// The scale applied to `B A`.
     pub scale: f64,
+    /// The element types `A`, `B` and the `lora_B` bias are stored in (the
+    /// bias slot repeats `B`'s when there is no bias): each tensor is
+    /// written back in its own type.
+    pub dtypes: [Dtype; 3],
 }
 
-/// A base tensor the adapter replaces whole (a trained bias under
-/// `bias = "all" | "lora_only"`, or a `modules_to_save` weight).
+/// A whole tensor of an adapter: a base tensor it replaces (a trained bias
+/// under `bias = "all" | "lora_only"`, or a `modules_to_save` weight), or
+/// prompt learning's `prompt_embeddings`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Replacement {
-    /// The base tensor's name.
+pub struct HfTensor {
+    /// The tensor's name (for a replacement, the base tensor's).
     pub name: String,
+    /// The element type it is stored in.
+    pub dtype: Dtype,
     /// Dimensions.
     pub shape: Vec<usize>,
     /// Values, widened to f32.
@@ -166,13 +233,17 @@ pub struct HfAdapter {
     /// LoRA modules, in the order of their keys.
     pub modules: Vec<LoraModule>,
     /// Whole-tensor replacements.
-    pub replacements: Vec<Replacement>,
-    /// Prompt or prefix tuning: `prompt_embeddings` and its shape.
-    pub prompt: Option<(Vec<usize>, Vec<f32>)>,
-    /// The element type of the adapter's tensors.
+    pub replacements: Vec<HfTensor>,
+    /// Prompt or prefix tuning: `prompt_embeddings`.
+    pub prompt: Option<HfTensor>,
+    /// The element type of the adapter's first tensor, for display; every
+    /// tensor keeps its own (`LoraModule::dtypes`, `HfTensor::dtype`).
     pub dtype: Dtype,
     /// The safetensors `__metadata__`.
     pub metadata: BTreeMap<String, String>,
+    /// The folder it was read from (`None` when built in memory): its
+    /// files are inputs that no output may overwrite.
+    pub source: Option<PathBuf>,
 }
 
 /// The file names PEFT uses.
@@ -183,6 +254,11 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// Adapter files larger than this are refused before reading (a LoRA
 /// adapter of a 70B model at rank 64 is about 1.6 GB in f32).
 pub const MAX_ADAPTER_BYTES: u64 = 8 << 30;
+
+/// `adapter_config.json` and `model.safetensors.index.json` files larger
+/// than this are refused before reading (the largest real ones are a few
+/// MB: an index of 100k tensors, a config listing every module).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
 /// A tensor key without `base_model.model.` and without an adapter name
 /// after `lora_A`/`lora_B`/`modules_to_save`.
@@ -214,9 +290,9 @@ pub fn normalize_key(key: &str) -> String {
 
 fn read_config(dir: &Path) -> Result<PeftConfig, HfError> {
     let path = dir.join(CONFIG_FILE);
-    let bytes = std::fs::read(&path).map_err(|e| HfError::Io(path.clone(), e))?;
+    let bytes = crate::files::read_bounded(&path, MAX_CONFIG_BYTES)?;
     let text = String::from_utf8(bytes).map_err(|_| HfError::config(CONFIG_FILE, "is not UTF-8"))?;
-    PeftConfig::parse(&text)
+    PeftConfig::parse(&text).map_err(|e| e.in_file(&path))
 }
 
 impl HfAdapter {
@@ -229,7 +305,7 @@ impl HfAdapter {
     pub fn read_dir(dir: &Path) -> Result<Self, HfError> {
         let config = read_config(dir)?;
         let path = dir.join(WEIGHTS_FILE);
-        let len = std::fs::metadata(&path).map_err(|e| HfError::Io(path.clone(), e))?.len();
+        let len = crate::files::regular_file(&path)?;
         if len > MAX_ADAPTER_BYTES {
             return Err(HfError::Safetensors(path, format!("{len} bytes exceeds the adapter limit")));
         }
@@ -242,6 +318,7 @@ impl HfAdapter {
             prompt: None,
             dtype,
             metadata: file.metadata.clone(),
+            source: Some(dir.to_path_buf()),
         };
         match &config {
             PeftConfig::Prompt(pc) => {
@@ -261,9 +338,14 @@ impl HfAdapter {
                         e.shape
                     )));
                 }
-                out.prompt = Some((e.shape.clone(), file.read_f32(e)?));
+                out.prompt = Some(HfTensor {
+                    name: e.name.clone(),
+                    dtype: e.dtype,
+                    shape: e.shape.clone(),
+                    data: file.read_f32(e)?,
+                });
             }
-            PeftConfig::Lora(lc) => out.read_lora(lc, &file)?,
+            PeftConfig::Lora(lc) => out.read_lora(lc, &file).map_err(|e| e.in_file(&path))?,
         }
         Ok(out)
     }
@@ -291,8 +373,8 @@ impl HfAdapter {
                         order.push(module.clone());
                         [None; 3]
                     });
-                    if s[i].replace(e).is_some() {
-                        return Err(HfError::Tensor(format!("two tensors map to {key}")));
+                    if let Some(first) = s[i].replace(e) {
+                        return Err(HfError::Tensor(format!("`{}` and `{}` both map to {key}", first.name, e.name)));
                     }
                 }
                 None => {
@@ -305,14 +387,22 @@ impl HfAdapter {
                             e.name
                         )));
                     }
-                    self.replacements.push(Replacement { name: key, shape: e.shape.clone(), data: file.read_f32(e)? });
+                    self.replacements.push(HfTensor {
+                        name: key,
+                        dtype: e.dtype,
+                        shape: e.shape.clone(),
+                        data: file.read_f32(e)?,
+                    });
                 }
             }
         }
         for name in order {
             let [a, b, bias] = a_b[&name];
             let (Some(a), Some(b)) = (a, b) else {
-                return Err(HfError::Tensor(format!("{name}: lora_A and lora_B must both be present")));
+                let missing = if a.is_none() { "lora_A.weight" } else { "lora_B.weight" };
+                return Err(HfError::Tensor(format!(
+                    "{name}: `{name}.{missing}` is missing (LoRA needs both factors)"
+                )));
             };
             let (&[r, n_in], &[n_out, r2]) = (a.shape.as_slice(), b.shape.as_slice()) else {
                 return Err(HfError::Tensor(format!(
@@ -342,6 +432,7 @@ impl HfAdapter {
                 scale: lc.scale_for(&name)?,
                 a: file.read_f32(a)?,
                 b: file.read_f32(b)?,
+                dtypes: [a.dtype, b.dtype, bias.map_or(b.dtype, |e| e.dtype)],
                 lora_bias,
                 r,
                 n_in,
@@ -362,7 +453,7 @@ impl HfAdapter {
     /// [`HfError::Unsupported`] for another method or an encoder-decoder
     /// prompt (`num_transformer_submodules` = 2); `peft-core`'s errors.
     pub fn prompt_tuning(&mut self) -> Result<peft_core::prompt::PromptTuning<f32, &mut [f32]>, HfError> {
-        let (PeftConfig::Prompt(c), Some((_, data))) = (&self.config, self.prompt.as_mut()) else {
+        let (PeftConfig::Prompt(c), Some(HfTensor { data, .. })) = (&self.config, self.prompt.as_mut()) else {
             return Err(HfError::Unsupported("not a prompt-tuning adapter".into()));
         };
         if c.prefix || c.num_transformer_submodules > 1 {
@@ -383,7 +474,7 @@ impl HfAdapter {
     /// [`HfError::Unsupported`] for another method; `peft-core`'s errors
     /// (e.g. `token_dim` not a multiple of the heads).
     pub fn prefix_tuning(&mut self) -> Result<peft_core::prefix::PrefixTuning<f32, &mut [f32]>, HfError> {
-        let (PeftConfig::Prompt(c), Some((_, data))) = (&self.config, self.prompt.as_mut()) else {
+        let (PeftConfig::Prompt(c), Some(HfTensor { data, .. })) = (&self.config, self.prompt.as_mut()) else {
             return Err(HfError::Unsupported("not a prefix-tuning adapter".into()));
         };
         if !c.prefix || c.num_attention_heads == 0 || c.token_dim % c.num_attention_heads != 0 {
@@ -395,6 +486,11 @@ impl HfAdapter {
         Ok(peft_core::prefix::PrefixTuning::new(cfg, &mut data[..])?)
     }
 
+    /// The files it was read from.
+    pub fn source_files(&self) -> Vec<PathBuf> {
+        self.source.iter().flat_map(|d| [d.join(CONFIG_FILE), d.join(WEIGHTS_FILE)]).collect()
+    }
+
     /// The config as PEFT 0.21 writes it.
     pub fn config_json(&self) -> serde_json::Value {
         match &self.config {
@@ -403,68 +499,49 @@ impl HfAdapter {
         }
     }
 
-    /// Writes the directory PEFT's `PeftModel.from_pretrained` loads, in the
-    /// adapter's element type, atomically (both files are written to a
-    /// temporary folder beside `dir`, which is then renamed to `dir`).
-    ///
-    /// # Errors
-    /// [`HfError::OutputExists`] if `dir` exists; I/O errors.
-    pub fn write_dir(&self, dir: &Path) -> Result<(), HfError> {
-        let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+    /// The adapter's tensors as PEFT 0.21 stores them: name (with
+    /// `base_model.model.`), element type, shape, values.
+    pub fn tensors(&self) -> Vec<(String, Dtype, Vec<usize>, &[f32])> {
+        let mut tensors: Vec<(String, Dtype, Vec<usize>, &[f32])> = Vec::new();
         for m in &self.modules {
             let key = format!("base_model.model.{}", m.name);
-            tensors.push((format!("{key}.lora_A.weight"), vec![m.r, m.n_in], &m.a));
-            tensors.push((format!("{key}.lora_B.weight"), vec![m.n_out, m.r], &m.b));
+            tensors.push((format!("{key}.lora_A.weight"), m.dtypes[0], vec![m.r, m.n_in], &m.a));
+            tensors.push((format!("{key}.lora_B.weight"), m.dtypes[1], vec![m.n_out, m.r], &m.b));
             if let Some(bias) = &m.lora_bias {
-                tensors.push((format!("{key}.lora_B.bias"), vec![m.n_out], bias));
+                tensors.push((format!("{key}.lora_B.bias"), m.dtypes[2], vec![m.n_out], bias));
             }
         }
         for r in &self.replacements {
-            tensors.push((format!("base_model.model.{}", r.name), r.shape.clone(), &r.data));
+            tensors.push((format!("base_model.model.{}", r.name), r.dtype, r.shape.clone(), &r.data));
         }
-        if let Some((shape, data)) = &self.prompt {
-            tensors.push(("prompt_embeddings".into(), shape.clone(), data));
+        if let Some(p) = &self.prompt {
+            tensors.push((p.name.clone(), p.dtype, p.shape.clone(), &p.data));
         }
+        tensors
+    }
+
+    /// Writes the directory PEFT's `PeftModel.from_pretrained` loads, each
+    /// tensor in its own element type, through [`crate::files::write_dir`]:
+    /// atomically, replacing an existing `dir` only if `force`, and only
+    /// after [`HfAdapter::read_dir`] (what `peft inspect` and `peft merge`
+    /// use) has read the finished folder back without error.
+    ///
+    /// # Errors
+    /// [`HfError::OutputExists`] if `dir` exists and not `force`; the
+    /// reader's errors for an adapter it would refuse; I/O errors.
+    pub fn write_dir(&self, dir: &Path, force: bool) -> Result<(), HfError> {
+        let tensors = self.tensors();
         let mut metadata = self.metadata.clone();
         metadata.insert("format".into(), "pt".into());
         let entries: Vec<OutEntry> =
-            tensors.iter().map(|(n, s, _)| OutEntry { name: n.clone(), dtype: self.dtype, shape: s.clone() }).collect();
+            tensors.iter().map(|(n, d, s, _)| OutEntry { name: n.clone(), dtype: *d, shape: s.clone() }).collect();
         let mut bytes = st::header(&entries, &metadata)?;
-        for (_, _, data) in &tensors {
-            st::from_f32(self.dtype, data, &mut bytes)?;
+        for (_, dtype, _, data) in &tensors {
+            st::from_f32(*dtype, data, &mut bytes)?;
         }
         let config = serde_json::to_vec_pretty(&self.config_json()).map_err(HfError::json)?;
-        write_dir_atomic(dir, &[(CONFIG_FILE, &config), (WEIGHTS_FILE, &bytes)])
+        crate::files::write_dir(dir, &[(CONFIG_FILE, &config), (WEIGHTS_FILE, &bytes)], force, |tmp| {
+            HfAdapter::read_dir(tmp).map(|_| ())
+        })
     }
-}
-
-/// Writes `files` into a new folder `dir`, atomically: a temporary folder
-/// beside it is filled, each file synced, then renamed to `dir`.
-///
-/// # Errors
-/// [`HfError::OutputExists`] if `dir` exists; I/O errors (the temporary
-/// folder is removed).
-pub fn write_dir_atomic(dir: &Path, files: &[(&str, &[u8])]) -> Result<(), HfError> {
-    if dir.exists() {
-        return Err(HfError::OutputExists(dir.to_path_buf()));
-    }
-    let tmp = temp_sibling(dir);
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |e| HfError::Io(p, e)
-    };
-    let result = (|| {
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        for (name, data) in files {
-            let path = tmp.join(name);
-            let mut f = std::fs::File::create(&path).map_err(io(&path))?;
-            std::io::Write::write_all(&mut f, data).map_err(io(&path))?;
-            f.sync_all().map_err(io(&path))?;
-        }
-        rename_durably(&tmp, dir).map_err(io(dir))
-    })();
-    if result.is_err() {
-        std::fs::remove_dir_all(&tmp).ok();
-    }
-    result
 }

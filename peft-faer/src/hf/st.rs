@@ -1,24 +1,30 @@
 //! safetensors files: checked headers, chunked reads, streaming writes.
 //!
-//! Headers are validated by the `safetensors` crate (contiguous offsets,
-//! sizes that match dtype and shape, a file exactly as long as the header
-//! says) over a memory map of the file, which reads only the header pages;
-//! duplicate tensor names, which a JSON map would silently merge, are
-//! rejected first by a scan of the header's keys. Tensor data is then read
-//! with positioned reads in bounded chunks, so a merge never holds more than
-//! one chunk of a large tensor in memory.
+//! The header is read with plain reads (at most [`MAX_HEADER_BYTES`], never
+//! the data) and checked here, so that every error names the file and the
+//! tensor: a JSON object whose keys are unique (a JSON map would silently
+//! keep the last of two), each tensor's `dtype`, `shape` and
+//! `data_offsets`, element counts that fit the byte ranges, ranges that
+//! tile the data from 0 without gap or overlap, and a file exactly as long
+//! as the header says. Tensor data is then read with positioned reads in
+//! bounded chunks, so a merge never holds more than one chunk of a large
+//! tensor in memory. Nothing here needs a platform-specific API.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use safetensors::{Dtype, SafeTensors};
-use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+use safetensors::Dtype;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use super::HfError;
+
+/// The largest header accepted (the `safetensors` crate's own limit).
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// One tensor of a file: where its bytes are.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,26 +56,109 @@ pub struct StFile {
     file: File,
     /// The tensors in data order (the order they are stored in).
     pub entries: Vec<Entry>,
+    /// Tensor name to its position in `entries`.
+    by_name: HashMap<String, usize>,
     /// The `__metadata__` map.
     pub metadata: BTreeMap<String, String>,
 }
 
-/// The keys of the header's top-level JSON object, in file order.
-struct Keys;
+/// One tensor's header entry, as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInfo {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data_offsets: (u64, u64),
+}
 
-impl<'de> Visitor<'de> for Keys {
-    type Value = Vec<String>;
+/// The header's tensors (in file order) and metadata, duplicates refused.
+struct RawHeader {
+    tensors: Vec<(String, RawInfo)>,
+    metadata: BTreeMap<String, String>,
+}
+
+struct HeaderVisitor;
+
+impl<'de> Visitor<'de> for HeaderVisitor {
+    type Value = RawHeader;
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a JSON object")
+        f.write_str("a JSON object of tensors")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut keys = Vec::new();
+        let mut out = RawHeader { tensors: Vec::new(), metadata: BTreeMap::new() };
+        let mut has_metadata = false;
         while let Some(k) = map.next_key::<String>()? {
-            map.next_value::<IgnoredAny>()?;
-            keys.push(k);
+            if k == "__metadata__" {
+                if std::mem::replace(&mut has_metadata, true) {
+                    return Err(de::Error::custom("`__metadata__` appears twice"));
+                }
+                out.metadata = map
+                    .next_value::<BTreeMap<String, String>>()
+                    .map_err(|e| de::Error::custom(format!("`__metadata__`: {e}")))?;
+                continue;
+            }
+            let info = map.next_value::<RawInfo>().map_err(|e| de::Error::custom(format!("tensor {k:?}: {e}")))?;
+            out.tensors.push((k, info));
         }
-        Ok(keys)
+        Ok(out)
     }
+}
+
+/// The tensors of a header (in data order) and its `__metadata__`.
+pub type Header = (Vec<Entry>, BTreeMap<String, String>);
+
+/// Checks the header of the safetensors file `path`: `json` is its text,
+/// `file_len` the whole file's length (8-byte length prefix, header,
+/// data). Reads nothing: the file system is not touched.
+///
+/// # Errors
+/// [`HfError::DuplicateKey`]; [`HfError::Safetensors`] naming the tensor at
+/// fault: invalid JSON, an unknown field or dtype, a shape whose byte size
+/// overflows or differs from its range, ranges that leave a gap, overlap,
+/// or do not end where the file does.
+pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header, HfError> {
+    let bad = |msg: String| HfError::Safetensors(path.to_path_buf(), msg);
+    let raw = serde_json::Deserializer::from_slice(json)
+        .deserialize_map(HeaderVisitor)
+        .map_err(|e| bad(format!("header: {e}")))?;
+    let mut seen = std::collections::HashSet::with_capacity(raw.tensors.len());
+    if let Some((k, _)) = raw.tensors.iter().find(|(k, _)| !seen.insert(k.as_str())) {
+        return Err(HfError::DuplicateKey(path.to_path_buf(), k.clone()));
+    }
+    let data_start = 8 + json.len() as u64;
+    let mut entries = Vec::with_capacity(raw.tensors.len());
+    for (name, info) in raw.tensors {
+        let (begin, end) = info.data_offsets;
+        let numel = info.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+        let bytes = numel.and_then(|n| n.checked_mul(info.dtype.size() as u64));
+        if end < begin || bytes != Some(end - begin) {
+            return Err(bad(format!(
+                "tensor {name:?}: {:?} {:?} does not fill data_offsets [{begin}, {end}]",
+                info.dtype, info.shape
+            )));
+        }
+        usize::try_from(numel.unwrap_or(u64::MAX))
+            .map_err(|_| bad(format!("tensor {name:?}: too many elements for this machine")))?;
+        let offset = data_start.checked_add(begin).ok_or_else(|| bad(format!("tensor {name:?}: offset overflows")))?;
+        entries.push(Entry { name, dtype: info.dtype, shape: info.shape, offset, len: end - begin });
+    }
+    entries.sort_by_key(|e| e.offset);
+    let mut at = data_start;
+    for e in &entries {
+        if e.offset != at {
+            let what = if e.offset > at { "a gap before" } else { "an overlap at" };
+            return Err(bad(format!("{what} tensor {:?} (data_offsets begin at {})", e.name, e.offset - data_start)));
+        }
+        at += e.len;
+    }
+    if at != file_len {
+        return Err(bad(format!(
+            "the header describes {} bytes of data, the file holds {}",
+            at - data_start,
+            file_len.saturating_sub(data_start)
+        )));
+    }
+    Ok((entries, raw.metadata))
 }
 
 /// The size of one element, for the float types a merge computes in.
@@ -138,61 +227,38 @@ pub fn from_f32(d: Dtype, vals: &[f32], out: &mut Vec<u8>) -> Result<(), HfError
 }
 
 impl StFile {
-    /// Opens and checks `path`.
+    /// Opens and checks `path` (see [`parse_header`]).
     ///
     /// # Errors
-    /// [`HfError::Io`]; [`HfError::Safetensors`] for a truncated file, a
-    /// header that claims more data than the file holds, bad offsets or
-    /// JSON; [`HfError::DuplicateKey`].
+    /// [`HfError::Io`], also for a path that is not a regular file;
+    /// [`HfError::Safetensors`] for a truncated file, a header over
+    /// [`MAX_HEADER_BYTES`] or one [`parse_header`] refuses;
+    /// [`HfError::DuplicateKey`].
     pub fn open(path: &Path) -> Result<Self, HfError> {
         let io = |e| HfError::Io(path.to_path_buf(), e);
         let bad = |msg: String| HfError::Safetensors(path.to_path_buf(), msg);
-        let file = File::open(path).map_err(io)?;
+        crate::files::regular_file(path)?;
+        let mut file = File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         if len < 8 {
             return Err(bad(format!("{len} bytes: shorter than the 8-byte header length")));
         }
-        // SAFETY: the map is read-only and private to this function; if
-        // another process truncates the file meanwhile, reads of the header
-        // could fault, the usual caveat of mapping files. Only the header
-        // pages are touched.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
         let mut n8 = [0u8; 8];
-        n8.copy_from_slice(&map[..8]);
+        file.read_exact(&mut n8).map_err(io)?;
         let n = u64::from_le_bytes(n8);
-        if n > 100_000_000 || n + 8 > len {
+        if n > MAX_HEADER_BYTES || n + 8 > len {
             return Err(bad(format!("header of {n} bytes in a file of {len}")));
         }
-        let header = &map[8..8 + n as usize];
-        let keys = serde_json::Deserializer::from_slice(header)
-            .deserialize_map(Keys)
-            .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
-        let mut sorted = keys.clone();
-        sorted.sort_unstable();
-        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
-            return Err(HfError::DuplicateKey(path.to_path_buf(), w[0].clone()));
-        }
-        let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| bad(format!("{e:?}")))?;
-        let data_start = 8 + n as u64;
-        let mut entries: Vec<Entry> = meta
-            .tensors()
-            .into_iter()
-            .map(|(name, info)| Entry {
-                name,
-                dtype: info.dtype,
-                shape: info.shape.clone(),
-                offset: data_start + info.data_offsets.0 as u64,
-                len: (info.data_offsets.1 - info.data_offsets.0) as u64,
-            })
-            .collect();
-        entries.sort_by_key(|e| e.offset);
-        let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
-        Ok(Self { path: path.to_path_buf(), file, entries, metadata })
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header).map_err(io)?;
+        let (entries, metadata) = parse_header(path, &header, len)?;
+        let by_name = entries.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
+        Ok(Self { path: path.to_path_buf(), file, entries, by_name, metadata })
     }
 
     /// The tensor called `name`.
     pub fn entry(&self, name: &str) -> Option<&Entry> {
-        self.entries.iter().find(|e| e.name == name)
+        self.by_name.get(name).and_then(|&i| self.entries.get(i))
     }
 
     /// Reads `buf.len()` bytes of `e`'s data starting `at` bytes into it.
@@ -204,7 +270,12 @@ impl StFile {
             let msg = format!("read past the end of tensor {}", e.name);
             return Err(HfError::Io(self.path.clone(), std::io::Error::other(msg)));
         }
-        self.file.read_exact_at(buf, e.offset + at).map_err(|err| HfError::Io(self.path.clone(), err))
+        let io = |err| HfError::Io(self.path.clone(), err);
+        // `&File` reads and seeks: positioned reads without a platform API
+        // (reads are sequential per file here).
+        let mut f = &self.file;
+        f.seek(SeekFrom::Start(e.offset + at)).map_err(io)?;
+        f.read_exact(buf).map_err(io)
     }
 
     /// A whole float tensor, widened to f32 (for small tensors: adapters).
