@@ -129,7 +129,10 @@ pub fn check_output(output: &Path, inputs: &[&Path], force: bool) -> Result<(), 
     let out = resolve(output).map_err(io_at(output))?;
     for &input in inputs {
         let Ok(inp) = input.canonicalize() else { continue };
-        let same = inp.starts_with(&out) || same_file::is_same_file(&inp, &out).unwrap_or(false);
+        // Hard links: compared by identity, for regular files only (the
+        // check opens both, which would block on a FIFO).
+        let files = [&inp, &out].iter().all(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file()));
+        let same = inp.starts_with(&out) || (files && same_file::is_same_file(&inp, &out).unwrap_or(false));
         if same {
             return Err(OutputError::IsInput { output: output.to_path_buf(), input: input.to_path_buf() });
         }

@@ -13,8 +13,10 @@ pub enum Targets {
     /// A list: a module matches if its name equals an entry or ends with
     /// `"." + entry` (PEFT's rule).
     List(Vec<String>),
-    /// A regular expression the whole module name must match (PEFT uses
-    /// Python's `re.fullmatch`).
+    /// A regular expression the whole module name must match, as PEFT's
+    /// Python `re.fullmatch`: the text as written, and the compiled
+    /// `^(?:text)$` (anchoring the leftmost match is not enough: `a|ab`
+    /// finds `a` in `ab`, where fullmatch matches `ab`).
     Regex(String, Regex),
 }
 
@@ -23,7 +25,7 @@ impl Targets {
     pub fn matches(&self, name: &str) -> bool {
         match self {
             Targets::List(list) => list.iter().any(|t| module_matches(name, t)),
-            Targets::Regex(_, re) => re.find(name).is_some_and(|m| m.start() == 0 && m.end() == name.len()),
+            Targets::Regex(_, re) => re.is_match(name),
         }
     }
 
@@ -57,7 +59,8 @@ fn patterns<T>(
     let map = v.as_object().ok_or_else(|| HfError::config(field, "must be an object"))?;
     map.iter()
         .map(|(k, v)| {
-            let value = get(v).ok_or_else(|| HfError::config(field, &format!("value for {k:?} has the wrong type")))?;
+            let value =
+                get(v).ok_or_else(|| HfError::config(field, &format!("value for {k:?} has the wrong type or is 0")))?;
             let re = Regex::new(&format!(r"^(.*\.)?({k})$"))
                 .map_err(|e| HfError::config(field, &format!("key {k:?} is not a supported regex: {e}")))?;
             Ok(Pattern { key: k.clone(), re, value })
@@ -218,13 +221,16 @@ impl PeftConfig {
             }
         }
         let r = get_usize(&obj, "r")?;
+        if r == 0 {
+            return Err(HfError::config("r", "must be at least 1 (the scale alpha / r would be infinite)"));
+        }
         let lora_alpha = obj
             .get("lora_alpha")
             .and_then(Value::as_f64)
             .ok_or_else(|| HfError::config("lora_alpha", "missing or not a number"))?;
         let target_modules = match obj.get("target_modules") {
             Some(Value::String(s)) => {
-                let re = Regex::new(s)
+                let re = Regex::new(&format!("^(?:{s})$"))
                     .map_err(|e| HfError::config("target_modules", &format!("not a supported regex: {e}")))?;
                 Targets::Regex(s.clone(), re)
             }
@@ -283,7 +289,7 @@ impl PeftConfig {
             r,
             lora_alpha,
             use_rslora: get_bool(&obj, "use_rslora")?,
-            rank_pattern: patterns(&obj, "rank_pattern", |v| v.as_u64().map(|x| x as usize))?,
+            rank_pattern: patterns(&obj, "rank_pattern", |v| v.as_u64().filter(|&x| x > 0).map(|x| x as usize))?,
             alpha_pattern: patterns(&obj, "alpha_pattern", Value::as_f64)?,
             target_modules,
             fan_in_fan_out: get_bool(&obj, "fan_in_fan_out")?,

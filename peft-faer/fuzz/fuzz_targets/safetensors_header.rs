@@ -1,0 +1,25 @@
+//! The safetensors header check on arbitrary bytes: the first 8 bytes give
+//! the file length it is checked against, the rest is the header text. It
+//! must return, never panic, and what it accepts must describe data that
+//! tiles the file exactly.
+#![no_main]
+
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+use peft_faer::hf::st::parse_header;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((len, json)) = data.split_first_chunk::<8>() else { return };
+    let file_len = u64::from_le_bytes(*len);
+    if let Ok((entries, _)) = parse_header(Path::new("fuzz.safetensors"), json, file_len) {
+        let mut at = 8 + json.len() as u64;
+        for e in &entries {
+            assert_eq!(e.offset, at, "{}: not contiguous", e.name);
+            let numel: u64 = e.shape.iter().map(|&d| d as u64).product();
+            assert_eq!(numel * e.dtype.size() as u64, e.len, "{}: size", e.name);
+            at += e.len;
+        }
+        assert_eq!(at, file_len);
+    }
+});
