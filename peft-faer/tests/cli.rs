@@ -1,6 +1,7 @@
 //! The `peft` binary end to end: `finetune --json` prints one JSON document
 //! with the table's fields, every method's held-out loss falls, reloaded
 //! adapters are exact, and the frozen base is bit-identical.
+#![cfg(feature = "cli")]
 
 use std::process::Command;
 

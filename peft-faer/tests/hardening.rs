@@ -576,3 +576,37 @@ fn bad_numbers_are_refused_before_any_output() {
     assert!(stderr(&o).contains("--threads"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The config is read with serde: a mistyped field is an error naming it
+/// (also inside a pattern), and `rank_pattern` keeps the file's order,
+/// which PEFT's first match depends on (a JSON map would sort the keys).
+#[test]
+fn config_fields_are_typed_and_patterns_keep_file_order() {
+    let dir = scratch("typed");
+    for (field, value, want) in [
+        ("r", serde_json::json!("four"), "r"),
+        ("use_rslora", serde_json::json!(1), "use_rslora"),
+        ("rank_pattern", serde_json::json!({ "q_proj": "x" }), "rank_pattern.q_proj"),
+        ("target_modules", serde_json::json!(7), "target_modules"),
+    ] {
+        let (ad, _) = copy_fixture(&dir);
+        edit_config(&ad, |c| c[field] = value.clone());
+        let e = HfAdapter::read_dir(&ad).unwrap_err().into_root();
+        assert!(matches!(&e, HfError::Config { field: f, .. } if f == want), "{field}: {e}");
+    }
+    // Written in this order, "q_proj" is the first key matching
+    // "layers.0.q_proj" (rank 4, as the tensors have); sorted, "0.q_proj"
+    // would come first and say 8.
+    let (ad, _) = copy_fixture(&dir);
+    let text = std::fs::read_to_string(ad.join("adapter_config.json")).unwrap();
+    let text = text.replacen('{', r#"{"rank_pattern": {"q_proj": 4, "0.q_proj": 8}, "#, 1);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(v.get("rank_pattern").is_some());
+    // serde_json would reorder on re-serialization: write the text as is,
+    // with the original `rank_pattern` removed.
+    let text = text.replacen(r#""rank_pattern": {},"#, "", 1);
+    std::fs::write(ad.join("adapter_config.json"), &text).unwrap();
+    let a = HfAdapter::read_dir(&ad).unwrap();
+    assert!(a.modules.iter().all(|m| m.r == 4));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -2,6 +2,7 @@
 //! 0.21.2 (`tests/fixtures/peft/lora_qv`, a copy of peft-verify's: its `ref.safetensors`
 //! holds PEFT's own `merge_and_unload` weights as `merged.<name>`), and a
 //! suite of malformed inputs, each a clear error with no output written.
+#![cfg(feature = "cli")]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,6 @@
 //! Malformed adapters and checkpoints: each is a clear, typed error, and
 //! `merge` writes no output file (not even a temporary one).
+#![cfg(feature = "hf")]
 
 use std::path::{Path, PathBuf};
 

@@ -2,6 +2,7 @@
 //! bit-identical after training, a NaN gradient is refused with nothing
 //! changed, and adapter files round-trip bit-exact, atomically, and reject
 //! files made for another model.
+#![cfg(feature = "model")]
 
 use peft_core::activation::Activation;
 use peft_core::adapter::AdapterConfig;

@@ -3,6 +3,7 @@
 
 use peft_core::lora::config::module_matches;
 use regex::Regex;
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::HfError;
@@ -50,20 +51,43 @@ pub struct Pattern<T> {
     pub value: T,
 }
 
-fn patterns<T>(
-    obj: &Map<String, Value>,
-    field: &'static str,
-    get: impl Fn(&Value) -> Option<T>,
-) -> Result<Vec<Pattern<T>>, HfError> {
-    let Some(v) = obj.get(field).filter(|v| !v.is_null()) else { return Ok(Vec::new()) };
-    let map = v.as_object().ok_or_else(|| HfError::config(field, "must be an object"))?;
-    map.iter()
-        .map(|(k, v)| {
-            let value =
-                get(v).ok_or_else(|| HfError::config(field, &format!("value for {k:?} has the wrong type or is 0")))?;
+/// A JSON object's entries in file order (Python's `dict` keeps them; a
+/// `serde_json::Map` would sort them, and PEFT's first match depends on
+/// the order). A key written twice is refused.
+#[derive(Clone, Debug)]
+struct Ordered<V>(Vec<(String, V)>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Ordered<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Visit<V> {
+            type Value = Ordered<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out: Vec<(String, V)> = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, V>()? {
+                    if out.iter().any(|(j, _)| *j == k) {
+                        return Err(serde::de::Error::custom(format!("key {k:?} appears twice")));
+                    }
+                    out.push((k, v));
+                }
+                Ok(Ordered(out))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+fn patterns<T>(field: &'static str, entries: Option<Ordered<T>>) -> Result<Vec<Pattern<T>>, HfError> {
+    entries
+        .map_or_else(Vec::new, |o| o.0)
+        .into_iter()
+        .map(|(k, value)| {
             let re = Regex::new(&format!(r"^(.*\.)?({k})$"))
                 .map_err(|e| HfError::config(field, &format!("key {k:?} is not a supported regex: {e}")))?;
-            Ok(Pattern { key: k.clone(), re, value })
+            Ok(Pattern { key: k, re, value })
         })
         .collect()
 }
@@ -143,19 +167,83 @@ pub enum PeftConfig {
     Prompt(PromptConfig),
 }
 
-fn get_usize(obj: &Map<String, Value>, field: &'static str) -> Result<usize, HfError> {
-    obj.get(field)
-        .and_then(Value::as_u64)
-        .and_then(|v| usize::try_from(v).ok())
-        .ok_or_else(|| HfError::config(field, "missing or not a non-negative integer"))
+/// One string or a list of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
 }
 
-fn get_bool(obj: &Map<String, Value>, field: &'static str) -> Result<bool, HfError> {
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(HfError::config(field, "must be true or false")),
+impl<T> OneOrMany<T> {
+    fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(x) => vec![x],
+            OneOrMany::Many(v) => v,
+        }
     }
+}
+
+/// `target_modules`: a list, or one regex string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawTargets {
+    Regex(String),
+    List(Vec<String>),
+}
+
+/// The fields of a LoRA `adapter_config.json` that change the math, typed;
+/// every other field lands in `rest`, where the unsupported pass looks.
+/// `null` is the same as absent (PEFT writes `null` for unset options).
+#[derive(Deserialize)]
+struct RawLora {
+    r: usize,
+    /// An integer or a float in the file.
+    lora_alpha: f64,
+    use_rslora: Option<bool>,
+    rank_pattern: Option<Ordered<usize>>,
+    alpha_pattern: Option<Ordered<f64>>,
+    target_modules: Option<RawTargets>,
+    fan_in_fan_out: Option<bool>,
+    bias: Option<String>,
+    lora_bias: Option<bool>,
+    modules_to_save: Option<OneOrMany<String>>,
+    layers_to_transform: Option<OneOrMany<usize>>,
+    layers_pattern: Option<OneOrMany<String>>,
+    /// A flag, or the name of an initialization.
+    init_lora_weights: Option<Value>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// The fields of a prompt- or prefix-tuning config.
+#[derive(Deserialize)]
+struct RawPrompt {
+    num_virtual_tokens: usize,
+    token_dim: usize,
+    num_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_transformer_submodules: Option<usize>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// Deserializes `T` from the text (not from a `Value`, whose maps have
+/// lost the file's order), naming the field at fault in the error.
+fn typed<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, HfError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let reason = e.into_inner().to_string();
+        // A missing field is reported at the root: take its name from serde's message.
+        let missing = reason.strip_prefix("missing field `").and_then(|r| r.split('`').next());
+        let field = match (path.as_str(), missing) {
+            (".", Some(f)) => f.to_string(),
+            (".", None) => "adapter_config.json".to_string(),
+            (p, _) => p.to_string(),
+        };
+        HfError::Config { field, reason }
+    })
 }
 
 /// A field that must be absent, null, false, empty or equal to `ok`.
@@ -170,43 +258,44 @@ fn unsupported_if_set(obj: &Map<String, Value>, field: &'static str, why: &str) 
 }
 
 impl PeftConfig {
-    /// Parses the text of `adapter_config.json`.
+    /// Parses the text of `adapter_config.json`: the fields that change
+    /// the math into typed values (serde), then a pass over every other
+    /// field for those this crate cannot honour.
     ///
     /// # Errors
-    /// [`HfError::Json`] for invalid JSON, [`HfError::Config`] for a
+    /// [`HfError::Json`] for invalid JSON, [`HfError::Config`] naming a
     /// missing or mistyped field, [`HfError::Unsupported`] for an unknown
     /// `peft_type` or a field whose math this crate does not implement
     /// (DoRA, LoftQ, EVA, QALoRA, ...).
     pub fn parse(text: &str) -> Result<Self, HfError> {
         let v: Value = serde_json::from_str(text).map_err(HfError::json)?;
-        let obj = v.as_object().ok_or_else(|| HfError::config("adapter_config.json", "must be a JSON object"))?.clone();
-        let peft_type = obj
-            .get("peft_type")
-            .and_then(Value::as_str)
-            .ok_or_else(|| HfError::config("peft_type", "missing"))?
-            .to_string();
-        match peft_type.as_str() {
-            "LORA" => Self::lora(obj),
-            "PROMPT_TUNING" | "PREFIX_TUNING" => Self::prompt(obj, peft_type == "PREFIX_TUNING"),
+        let obj = v.as_object().ok_or_else(|| HfError::config("adapter_config.json", "must be a JSON object"))?;
+        let peft_type =
+            obj.get("peft_type").and_then(Value::as_str).ok_or_else(|| HfError::config("peft_type", "missing"))?;
+        match peft_type {
+            "LORA" => Self::lora(text, &v),
+            "PROMPT_TUNING" | "PREFIX_TUNING" => Self::prompt(text, &v, peft_type == "PREFIX_TUNING"),
             other => Err(HfError::Unsupported(format!(
                 "`peft_type` {other:?} (supported: LORA, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }
 
-    fn lora(obj: Map<String, Value>) -> Result<Self, HfError> {
+    fn lora(text: &str, v: &Value) -> Result<Self, HfError> {
+        let raw: RawLora = typed(text)?;
+        let rest = &raw.rest;
         unsupported_if_set(
-            &obj,
+            rest,
             "use_dora",
             "DoRA adapters are not supported yet; merging one as LoRA would be wrong",
         )?;
-        unsupported_if_set(&obj, "use_qalora", "QALoRA pools the input; not supported")?;
-        unsupported_if_set(&obj, "eva_config", "EVA-initialized adapters carry data this reader does not interpret")?;
-        unsupported_if_set(&obj, "layer_replication", "replicated layers are not supported")?;
-        unsupported_if_set(&obj, "target_parameters", "LoRA on nn.Parameter targets is not supported")?;
-        unsupported_if_set(&obj, "trainable_token_indices", "trainable tokens are not supported")?;
-        unsupported_if_set(&obj, "alora_invocation_tokens", "activated LoRA is not supported")?;
-        if let Some(init) = obj.get("init_lora_weights").and_then(Value::as_str) {
+        unsupported_if_set(rest, "use_qalora", "QALoRA pools the input; not supported")?;
+        unsupported_if_set(rest, "eva_config", "EVA-initialized adapters carry data this reader does not interpret")?;
+        unsupported_if_set(rest, "layer_replication", "replicated layers are not supported")?;
+        unsupported_if_set(rest, "target_parameters", "LoRA on nn.Parameter targets is not supported")?;
+        unsupported_if_set(rest, "trainable_token_indices", "trainable tokens are not supported")?;
+        unsupported_if_set(rest, "alora_invocation_tokens", "activated LoRA is not supported")?;
+        if let Some(Value::String(init)) = &raw.init_lora_weights {
             if init.starts_with("loftq")
                 || init == "eva"
                 || init == "corda"
@@ -220,109 +309,73 @@ impl PeftConfig {
                 )));
             }
         }
-        let r = get_usize(&obj, "r")?;
-        if r == 0 {
+        if raw.r == 0 {
             return Err(HfError::config("r", "must be at least 1 (the scale alpha / r would be infinite)"));
         }
-        let lora_alpha = obj
-            .get("lora_alpha")
-            .and_then(Value::as_f64)
-            .ok_or_else(|| HfError::config("lora_alpha", "missing or not a number"))?;
-        let target_modules = match obj.get("target_modules") {
-            Some(Value::String(s)) => {
+        let target_modules = match raw.target_modules {
+            Some(RawTargets::Regex(s)) => {
                 let re = Regex::new(&format!("^(?:{s})$"))
                     .map_err(|e| HfError::config("target_modules", &format!("not a supported regex: {e}")))?;
-                Targets::Regex(s.clone(), re)
+                Targets::Regex(s, re)
             }
-            Some(Value::Array(a)) => Targets::List(
-                a.iter()
-                    .map(|x| {
-                        x.as_str()
-                            .map(String::from)
-                            .ok_or_else(|| HfError::config("target_modules", "entries must be strings"))
-                    })
-                    .collect::<Result<_, _>>()?,
-            ),
-            _ => return Err(HfError::config("target_modules", "missing: must be a list or a regex string")),
+            Some(RawTargets::List(l)) => Targets::List(l),
+            None => return Err(HfError::config("target_modules", "missing: must be a list or a regex string")),
         };
-        let bias = match obj.get("bias").and_then(Value::as_str).unwrap_or("none") {
+        let bias = match raw.bias.as_deref().unwrap_or("none") {
             "none" => BiasMode::None,
             "all" => BiasMode::All,
             "lora_only" => BiasMode::LoraOnly,
             other => return Err(HfError::config("bias", &format!("{other:?} is not none, all or lora_only"))),
         };
-        let strings = |field: &'static str| -> Result<Vec<String>, HfError> {
-            match obj.get(field) {
-                None | Some(Value::Null) => Ok(Vec::new()),
-                Some(Value::String(s)) => Ok(vec![s.clone()]),
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .map(|x| {
-                        x.as_str().map(String::from).ok_or_else(|| HfError::config(field, "entries must be strings"))
-                    })
-                    .collect(),
-                Some(_) => Err(HfError::config(field, "must be a string or a list of strings")),
-            }
-        };
-        let layers_to_transform = match obj.get("layers_to_transform") {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => {
-                Some(vec![n.as_u64().ok_or_else(|| HfError::config("layers_to_transform", "not an index"))? as usize])
-            }
-            Some(Value::Array(a)) => Some(
-                a.iter()
-                    .map(|x| {
-                        x.as_u64()
-                            .map(|v| v as usize)
-                            .ok_or_else(|| HfError::config("layers_to_transform", "not an index"))
-                    })
-                    .collect::<Result<_, _>>()?,
-            ),
-            Some(_) => return Err(HfError::config("layers_to_transform", "must be an index or a list of indices")),
-        };
-        let mut layers_pattern = strings("layers_pattern")?;
+        let rank_pattern = patterns("rank_pattern", raw.rank_pattern)?;
+        if let Some(p) = rank_pattern.iter().find(|p| p.value == 0) {
+            return Err(HfError::config("rank_pattern", &format!("rank 0 for {:?}", p.key)));
+        }
+        let mut layers_pattern = raw.layers_pattern.map_or_else(Vec::new, OneOrMany::into_vec);
         if layers_pattern.is_empty() {
             // PEFT's COMMON_LAYERS_PATTERN.
             layers_pattern = ["layers", "h", "block", "blocks", "layer"].map(String::from).to_vec();
         }
         Ok(PeftConfig::Lora(HfLoraConfig {
-            r,
-            lora_alpha,
-            use_rslora: get_bool(&obj, "use_rslora")?,
-            rank_pattern: patterns(&obj, "rank_pattern", |v| v.as_u64().filter(|&x| x > 0).map(|x| x as usize))?,
-            alpha_pattern: patterns(&obj, "alpha_pattern", Value::as_f64)?,
+            r: raw.r,
+            lora_alpha: raw.lora_alpha,
+            use_rslora: raw.use_rslora.unwrap_or(false),
+            rank_pattern,
+            alpha_pattern: patterns("alpha_pattern", raw.alpha_pattern)?,
             target_modules,
-            fan_in_fan_out: get_bool(&obj, "fan_in_fan_out")?,
+            fan_in_fan_out: raw.fan_in_fan_out.unwrap_or(false),
             bias,
-            lora_bias: get_bool(&obj, "lora_bias")?,
-            modules_to_save: strings("modules_to_save")?,
-            layers_to_transform,
+            lora_bias: raw.lora_bias.unwrap_or(false),
+            modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
+            layers_to_transform: raw.layers_to_transform.map(OneOrMany::into_vec),
             layers_pattern,
-            raw: obj,
+            raw: v.as_object().cloned().unwrap_or_default(),
         }))
     }
 
-    fn prompt(obj: Map<String, Value>, prefix: bool) -> Result<Self, HfError> {
+    fn prompt(text: &str, v: &Value, prefix: bool) -> Result<Self, HfError> {
+        let raw: RawPrompt = typed(text)?;
         if prefix {
             unsupported_if_set(
-                &obj,
+                &raw.rest,
                 "prefix_projection",
                 "saved adapters hold the projected prefix only when inference_mode; re-save with prefix_projection=false",
             )?;
         }
-        let opt = |f: &'static str, default: usize| obj.get(f).and_then(Value::as_u64).map_or(default, |v| v as usize);
+        let need =
+            |x: Option<usize>, field| x.ok_or_else(|| HfError::config(field, "missing (prefix tuning needs it)"));
         Ok(PeftConfig::Prompt(PromptConfig {
             prefix,
-            num_virtual_tokens: get_usize(&obj, "num_virtual_tokens")?,
-            token_dim: get_usize(&obj, "token_dim")?,
-            num_layers: if prefix { get_usize(&obj, "num_layers")? } else { opt("num_layers", 0) },
+            num_virtual_tokens: raw.num_virtual_tokens,
+            token_dim: raw.token_dim,
+            num_layers: if prefix { need(raw.num_layers, "num_layers")? } else { raw.num_layers.unwrap_or(0) },
             num_attention_heads: if prefix {
-                get_usize(&obj, "num_attention_heads")?
+                need(raw.num_attention_heads, "num_attention_heads")?
             } else {
-                opt("num_attention_heads", 0)
+                raw.num_attention_heads.unwrap_or(0)
             },
-            num_transformer_submodules: opt("num_transformer_submodules", 1),
-            raw: obj,
+            num_transformer_submodules: raw.num_transformer_submodules.unwrap_or(1),
+            raw: v.as_object().cloned().unwrap_or_default(),
         }))
     }
 }
