@@ -208,6 +208,13 @@ impl Staging {
         let prefix = format!("{TEMP_PREFIX}{}-", std::process::id());
         let mut b = tempfile::Builder::new();
         b.prefix(&prefix).rand_bytes(8);
+        // Outputs get the modes `File::create` and `create_dir` would give
+        // (0666 / 0777 under the umask), not a temporary's private 0600.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            b.permissions(std::fs::Permissions::from_mode(if dir { 0o777 } else { 0o666 }));
+        }
         // Keep the name, drop tempfile's own guard: this type removes it.
         let tmp = if dir {
             b.tempdir_in(parent).map_err(io_at(parent))?.keep()
@@ -395,6 +402,22 @@ mod tests {
         write_dir::<OutputError>(&dir, &[("b", b"3")], true, |_| Ok(())).unwrap();
         assert_eq!(names(&dir), ["b"]);
         assert_eq!(names(&d), ["out.bin", "out.dir"]);
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    /// Outputs are created with the usual modes, not a temporary's 0600.
+    #[cfg(unix)]
+    #[test]
+    fn outputs_get_the_modes_plain_creation_gives() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = scratch("modes");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        std::fs::File::create(d.join("plain")).unwrap();
+        std::fs::create_dir(d.join("plain-dir")).unwrap();
+        write_file(&d.join("out"), b"x", false).unwrap();
+        write_dir::<OutputError>(&d.join("out-dir"), &[], false, |_| Ok(())).unwrap();
+        assert_eq!(mode(&d.join("out")), mode(&d.join("plain")));
+        assert_eq!(mode(&d.join("out-dir")), mode(&d.join("plain-dir")));
         std::fs::remove_dir_all(&d).ok();
     }
 

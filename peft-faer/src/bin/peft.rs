@@ -379,25 +379,31 @@ fn print_table(rows: &[Row], full_state: usize, base_identical: bool, out: &Path
 }
 
 fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>> {
-    let ad = HfAdapter::read_dir(dir)?;
+    // Headers and a chunked scan for NaN/Inf: memory does not grow with the adapter.
+    let ad = HfAdapter::summarize(dir)?;
+    let nonfinite: Vec<String> =
+        ad.nonfinite.iter().map(|(t, i, v)| format!("{t}: element {i} is {v} (not finite)")).collect();
     match &ad.config {
         PeftConfig::Prompt(p) => {
-            let shape = &ad.prompt.as_ref().ok_or("no prompt tensor")?.shape;
+            let shape = ad.prompt_shape.as_ref().ok_or("no prompt tensor")?;
             let kind = if p.prefix { "prefix" } else { "prompt" };
             let params: usize = shape.iter().product();
             if as_json {
                 let doc = json!({ "method": kind, "num_virtual_tokens": p.num_virtual_tokens, "token_dim": p.token_dim,
-                    "num_layers": p.num_layers, "shape": shape, "total_params": params, "warnings": [] });
+                    "num_layers": p.num_layers, "shape": shape, "total_params": params, "warnings": nonfinite });
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
                 println!(
                     "method {kind}: {} virtual tokens, token_dim {}, prompt_embeddings {shape:?}, {params} parameters",
                     p.num_virtual_tokens, p.token_dim
                 );
+                for w in &nonfinite {
+                    println!("warning: {w}");
+                }
             }
         }
         PeftConfig::Lora(c) => {
-            let mut warnings = Vec::new();
+            let mut warnings = nonfinite;
             let mut rows = Vec::new();
             for m in &ad.modules {
                 let params = m.r * (m.n_in + m.n_out);
@@ -406,13 +412,6 @@ fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>
                         "{}: the scale {} overflows f32; a merge would write infinities",
                         m.name, m.scale
                     ));
-                }
-                let tensors = [("lora_A.weight", &m.a[..]), ("lora_B.weight", &m.b[..])];
-                let bias = m.lora_bias.as_deref().map(|b| ("lora_B.bias", b));
-                for (t, v) in tensors.into_iter().chain(bias) {
-                    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                        warnings.push(format!("{}.{t}: element {i} is {} (not finite)", m.name, v[i]));
-                    }
                 }
                 let min = m.n_in.min(m.n_out);
                 if 2 * m.r >= min {
@@ -428,7 +427,7 @@ fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>
             if as_json {
                 let doc = json!({ "method": "lora", "r": c.r, "lora_alpha": c.lora_alpha, "use_rslora": c.use_rslora,
                     "dtype": format!("{:?}", ad.dtype), "modules": rows, "total_params": total,
-                    "replaced_tensors": ad.replacements.iter().map(|r| r.name.clone()).collect::<Vec<_>>(), "warnings": warnings });
+                    "replaced_tensors": ad.replacements.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), "warnings": warnings });
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
                 println!(
@@ -454,7 +453,7 @@ fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>
                 }
                 println!("total: {} modules, {total} trainable parameters", ad.modules.len());
                 for r in &ad.replacements {
-                    println!("replaces {} {:?} whole", r.name, r.shape);
+                    println!("replaces {} {:?} whole", r.0, r.1);
                 }
                 for w in &warnings {
                     println!("warning: {w}");

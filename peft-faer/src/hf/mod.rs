@@ -246,6 +246,47 @@ pub struct HfAdapter {
     pub source: Option<PathBuf>,
 }
 
+/// How the reader gets a tensor's values (or stands in for them).
+type Reader<'a> = &'a mut dyn FnMut(&StFile, &st::Entry) -> Result<Vec<f32>, HfError>;
+
+/// One LoRA module of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModuleSummary {
+    /// Module name (`layers.0.q_proj`).
+    pub name: String,
+    /// Rank.
+    pub r: usize,
+    /// Input features.
+    pub n_in: usize,
+    /// Output features.
+    pub n_out: usize,
+    /// Alpha.
+    pub alpha: f64,
+    /// The scale applied to `B A`.
+    pub scale: f64,
+    /// Whether `lora_B` has a bias.
+    pub lora_bias: bool,
+}
+
+/// A PEFT adapter directory, checked, without its tensor values
+/// ([`HfAdapter::summarize`]).
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    /// The configuration.
+    pub config: PeftConfig,
+    /// The element type of the first tensor.
+    pub dtype: Dtype,
+    /// LoRA modules, in the order of their keys.
+    pub modules: Vec<ModuleSummary>,
+    /// Tensors replaced whole: name and shape.
+    pub replacements: Vec<(String, Vec<usize>)>,
+    /// Prompt learning: the shape of `prompt_embeddings`.
+    pub prompt_shape: Option<Vec<usize>>,
+    /// Every tensor holding a NaN or infinity: its name as stored, the
+    /// first such element's index and value.
+    pub nonfinite: Vec<(String, usize, f32)>,
+}
+
 /// The file names PEFT uses.
 pub const CONFIG_FILE: &str = "adapter_config.json";
 /// The weights file PEFT writes.
@@ -303,6 +344,47 @@ impl HfAdapter {
     /// # Errors
     /// [`HfError`] naming what is wrong; nothing is returned half-read.
     pub fn read_dir(dir: &Path) -> Result<Self, HfError> {
+        Self::read_dir_with(dir, &mut |f, e| f.read_f32(e))
+    }
+
+    /// Checks a PEFT adapter directory as [`HfAdapter::read_dir`] does, but
+    /// holds no tensor values: each tensor is scanned in bounded chunks for
+    /// NaN and infinities instead, so memory does not grow with the
+    /// adapter (what `peft inspect` uses).
+    ///
+    /// # Errors
+    /// As [`HfAdapter::read_dir`].
+    pub fn summarize(dir: &Path) -> Result<AdapterSummary, HfError> {
+        let mut nonfinite = Vec::new();
+        let ad = Self::read_dir_with(dir, &mut |f, e| {
+            if let Some((i, v)) = f.first_nonfinite(e)? {
+                nonfinite.push((e.name.clone(), i, v));
+            }
+            Ok(Vec::new())
+        })?;
+        Ok(AdapterSummary {
+            modules: ad
+                .modules
+                .iter()
+                .map(|m| ModuleSummary {
+                    name: m.name.clone(),
+                    r: m.r,
+                    n_in: m.n_in,
+                    n_out: m.n_out,
+                    alpha: m.alpha,
+                    scale: m.scale,
+                    lora_bias: m.lora_bias.is_some(),
+                })
+                .collect(),
+            replacements: ad.replacements.iter().map(|r| (r.name.clone(), r.shape.clone())).collect(),
+            prompt_shape: ad.prompt.as_ref().map(|p| p.shape.clone()),
+            dtype: ad.dtype,
+            config: ad.config,
+            nonfinite,
+        })
+    }
+
+    fn read_dir_with(dir: &Path, read: Reader<'_>) -> Result<Self, HfError> {
         let config = read_config(dir)?;
         let path = dir.join(WEIGHTS_FILE);
         let len = crate::files::regular_file(&path)?;
@@ -342,15 +424,15 @@ impl HfAdapter {
                     name: e.name.clone(),
                     dtype: e.dtype,
                     shape: e.shape.clone(),
-                    data: file.read_f32(e)?,
+                    data: read(&file, e)?,
                 });
             }
-            PeftConfig::Lora(lc) => out.read_lora(lc, &file).map_err(|e| e.in_file(&path))?,
+            PeftConfig::Lora(lc) => out.read_lora(lc, &file, read).map_err(|e| e.in_file(&path))?,
         }
         Ok(out)
     }
 
-    fn read_lora(&mut self, lc: &HfLoraConfig, file: &StFile) -> Result<(), HfError> {
+    fn read_lora(&mut self, lc: &HfLoraConfig, file: &StFile, read: Reader<'_>) -> Result<(), HfError> {
         let mut a_b: BTreeMap<String, [Option<&st::Entry>; 3]> = BTreeMap::new();
         let mut order = Vec::new();
         for e in &file.entries {
@@ -391,7 +473,7 @@ impl HfAdapter {
                         name: key,
                         dtype: e.dtype,
                         shape: e.shape.clone(),
-                        data: file.read_f32(e)?,
+                        data: read(file, e)?,
                     });
                 }
             }
@@ -423,15 +505,15 @@ impl HfAdapter {
             if lc.lora_bias && bias.is_none() {
                 return Err(HfError::Tensor(format!("{name}: lora_bias is true but lora_B.bias is missing")));
             }
-            let lora_bias = bias.map(|e| file.read_f32(e)).transpose()?;
-            if lora_bias.as_ref().is_some_and(|v| v.len() != n_out) {
-                return Err(HfError::Tensor(format!("{name}: lora_B.bias does not have {n_out} entries")));
+            if bias.is_some_and(|e| e.shape != [n_out]) {
+                return Err(HfError::Tensor(format!("{name}: lora_B.bias does not have shape [{n_out}]")));
             }
+            let lora_bias = bias.map(|e| read(file, e)).transpose()?;
             self.modules.push(LoraModule {
                 alpha: lc.alpha_for(&name),
                 scale: lc.scale_for(&name)?,
-                a: file.read_f32(a)?,
-                b: file.read_f32(b)?,
+                a: read(file, a)?,
+                b: read(file, b)?,
                 dtypes: [a.dtype, b.dtype, bias.map_or(b.dtype, |e| e.dtype)],
                 lora_bias,
                 r,

@@ -278,6 +278,29 @@ impl StFile {
         f.read_exact(buf).map_err(io)
     }
 
+    /// The first NaN or infinity of a float tensor (its index and value),
+    /// read in chunks of at most 1 MiB.
+    ///
+    /// # Errors
+    /// [`HfError::Io`], [`HfError::Unsupported`] for a non-float type.
+    pub fn first_nonfinite(&self, e: &Entry) -> Result<Option<(usize, f32)>, HfError> {
+        let size = float_size(e.dtype).ok_or_else(|| unsupported(e.dtype))?;
+        let per = (1 << 20) / size;
+        let mut bytes = vec![0u8; per * size];
+        let mut vals = vec![0.0f32; per];
+        let (mut done, total) = (0usize, e.numel());
+        while done < total {
+            let n = per.min(total - done);
+            self.read_at(e, (done * size) as u64, &mut bytes[..n * size])?;
+            to_f32(e.dtype, &bytes[..n * size], &mut vals[..n])?;
+            if let Some(i) = vals[..n].iter().position(|v| !v.is_finite()) {
+                return Ok(Some((done + i, vals[i])));
+            }
+            done += n;
+        }
+        Ok(None)
+    }
+
     /// A whole float tensor, widened to f32 (for small tensors: adapters).
     ///
     /// # Errors
