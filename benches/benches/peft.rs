@@ -317,10 +317,38 @@ fn vzeroupper_group(c: &mut Criterion) {
     g.finish();
 }
 
+/// Opening a base through its shard index against opening the shard
+/// alone, at 160k tensors (one shard): the index's checks are linear, so
+/// the index costs about as much as the shard's own header (they used to
+/// be quadratic: 42 s against 1 s).
+fn shard_index_group(c: &mut Criterion) {
+    use peft_faer::hf::base::{Base, INDEX_FILE};
+    use peft_faer::hf::st::{OutEntry, StFile, header};
+    const N: usize = 160_000;
+    let dir = std::env::temp_dir().join(format!("peft-bench-index-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let names: Vec<String> = (0..N).map(|i| format!("model.layers.{}.t{i}.weight", i % 80)).collect();
+    let entries: Vec<OutEntry> =
+        names.iter().map(|n| OutEntry { name: n.clone(), dtype: safetensors::Dtype::F32, shape: vec![1] }).collect();
+    let mut bytes = header(&entries, &Default::default()).unwrap();
+    bytes.resize(bytes.len() + 4 * N, 0);
+    let shard = dir.join("model-1.safetensors");
+    std::fs::write(&shard, bytes).unwrap();
+    let map: serde_json::Map<String, serde_json::Value> =
+        names.iter().map(|n| (n.clone(), "model-1.safetensors".into())).collect();
+    std::fs::write(dir.join(INDEX_FILE), serde_json::json!({ "weight_map": map }).to_string()).unwrap();
+    let mut g = c.benchmark_group("shard_index.t160000");
+    g.sample_size(10);
+    g.bench_function("open_via_index", |b| b.iter(|| black_box(Base::open(&dir).unwrap())));
+    g.bench_function("open_shard", |b| b.iter(|| black_box(StFile::open(&shard).unwrap())));
+    g.finish();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 // `criterion_group!` makes an undocumented `pub fn`; it lives in a private
 // module so the missing-docs lint has nothing to say.
 mod group {
     use super::*;
-    criterion_group!(benches, gemm_groups, vzeroupper_group, lora_groups);
+    criterion_group!(benches, gemm_groups, vzeroupper_group, lora_groups, shard_index_group);
 }
 criterion_main!(group::benches);

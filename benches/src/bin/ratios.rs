@@ -41,7 +41,7 @@ pub const RATIO_LIMIT: f64 = 0.05;
 
 /// `(group prefix, numerator, denominator, bound)`: the ratio of mean times
 /// `numerator / denominator`, and its target (`Le(x)`: at most `x`).
-const RATIOS: [(&str, &str, &str, Bound); 10] = [
+const RATIOS: [(&str, &str, &str, Bound); 11] = [
     ("lora_forward_unmerged", "lora_forward_unmerged", "base_gemm", Bound::Le(1.05)),
     ("lora_forward_merged", "lora_forward_merged", "base_gemm", Bound::Le(1.02)),
     ("lora_backward", "lora_backward", "base_gemm", Bound::Le(1.10)),
@@ -53,6 +53,8 @@ const RATIOS: [(&str, &str, &str, Bound); 10] = [
     ("ref_vs_faer", "base_gemm", "reference_base_gemm", Bound::Ge(0.15)),
     ("vzeroupper", "adapter_forward_without_vzeroupper", "adapter_forward", Bound::None),
     ("gemm_rate", "base_gemm", "base_gemm", Bound::None),
+    // The index is one more JSON document as large as the shard's header.
+    ("shard_index", "open_via_index", "open_shard", Bound::Le(2.0)),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -1,7 +1,8 @@
 //! Base checkpoints: one `.safetensors` file, or a folder with
 //! `model.safetensors.index.json` and its shards.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -20,16 +21,16 @@ pub struct Base {
     /// For a sharded checkpoint: the folder, and the index's extra fields
     /// (`metadata`) to carry over.
     pub index: Option<(PathBuf, serde_json::Map<String, Value>)>,
-    /// Tensor name to the shard that holds it.
-    owner: HashMap<String, usize>,
 }
 
 /// A sharded checkpoint's index, parsed: tensor to shard file, and the
 /// other top-level fields.
 #[derive(Debug)]
 pub struct Index {
-    /// `weight_map`: tensor name to shard file name, in file order.
-    pub weight_map: Vec<(String, String)>,
+    /// `weight_map`: tensor name to its shard (a position in `shards`).
+    pub weight_map: HashMap<String, usize>,
+    /// The shard file names, sorted, each once.
+    pub shards: Vec<String>,
     /// Every other top-level field (`metadata`, ...).
     pub extra: serde_json::Map<String, Value>,
 }
@@ -42,30 +43,77 @@ impl Index {
     /// file name that is not a string or not a plain name in the folder
     /// (no separators, not hidden), or a tensor listed twice.
     pub fn parse(text: &str) -> Result<Self, HfError> {
-        #[derive(serde::Deserialize)]
-        struct Raw {
-            weight_map: Option<WeightMap>,
-            #[serde(flatten)]
-            extra: serde_json::Map<String, Value>,
-        }
-        let raw: Raw = serde_json::from_str(text).map_err(HfError::json)?;
-        let WeightMap(weight_map) = raw.weight_map.ok_or_else(|| HfError::Base("no `weight_map` object".into()))?;
-        let mut seen = HashSet::with_capacity(weight_map.len());
-        for (tensor, file) in &weight_map {
-            if file.is_empty() || file.contains('/') || file.contains('\\') || file.starts_with('.') {
-                return Err(HfError::Base(format!("shard name {file:?} (for {tensor}) must be a plain file name")));
+        // A visitor rather than `#[serde(flatten)]`, which would buffer the
+        // whole `weight_map` before reading it.
+        struct Top;
+        impl<'de> serde::de::Visitor<'de> for Top {
+            type Value = (Option<WeightMap>, serde_json::Map<String, Value>);
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object with a `weight_map`")
             }
-            if !seen.insert(tensor.as_str()) {
-                return Err(HfError::Base(format!("the index lists {tensor} twice")));
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let (mut weight_map, mut extra) = (None, serde_json::Map::new());
+                while let Some(k) = map.next_key::<String>()? {
+                    if k == "weight_map" {
+                        if weight_map.replace(map.next_value::<WeightMap>()?).is_some() {
+                            return Err(serde::de::Error::custom("`weight_map` appears twice"));
+                        }
+                    } else {
+                        let v = map.next_value::<Value>()?;
+                        extra.insert(k, v);
+                    }
+                }
+                Ok((weight_map, extra))
             }
         }
-        Ok(Self { weight_map, extra: raw.extra })
+        let mut de = serde_json::Deserializer::from_str(text);
+        let (weight_map, extra) = serde::Deserializer::deserialize_map(&mut de, Top).map_err(HfError::json)?;
+        de.end().map_err(HfError::json)?;
+        let WeightMap { map, shards } = weight_map.ok_or_else(|| HfError::Base("no `weight_map` object".into()))?;
+        // Shards sorted by name, positions remapped.
+        let mut order: Vec<usize> = (0..shards.len()).collect();
+        order.sort_unstable_by(|&i, &j| shards[i].cmp(&shards[j]));
+        let mut rank = vec![0; shards.len()];
+        for (r, &i) in order.iter().enumerate() {
+            rank[i] = r;
+        }
+        let weight_map = map.into_iter().map(|(t, i)| (t, rank[i])).collect();
+        let mut sorted: Vec<String> = shards;
+        sorted.sort_unstable();
+        Ok(Self { weight_map, shards: sorted, extra })
     }
 }
 
-/// `weight_map` with its entries in file order and duplicates kept (a JSON
-/// map would keep only the last of two).
-struct WeightMap(Vec<(String, String)>);
+/// A string borrowed from the input when it has no escapes (serde's own
+/// `Cow<str>` always copies).
+struct Name<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Name<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a shard file name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Name<'de>, E> {
+                Ok(Name(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Name<'de>, E> {
+                Ok(Name(std::borrow::Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// `weight_map` read in one pass: each tensor once (a duplicate is an
+/// error, where a JSON map would keep the last), each shard file name
+/// checked and stored once.
+struct WeightMap {
+    map: HashMap<String, usize>,
+    shards: Vec<String>,
+}
 
 impl<'de> serde::Deserialize<'de> for WeightMap {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -75,12 +123,42 @@ impl<'de> serde::Deserialize<'de> for WeightMap {
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("an object of tensor name to shard file name")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<WeightMap, A::Error> {
-                let mut out = Vec::new();
-                while let Some((k, v)) = map.next_entry::<String, String>()? {
-                    out.push((k, v));
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<WeightMap, A::Error> {
+                use serde::de::Error;
+                let mut map = HashMap::new();
+                let mut shards: Vec<String> = Vec::new();
+                let mut shard_ids: HashMap<String, usize> = HashMap::new();
+                // Indexes list runs of tensors in one shard: the last shard
+                // is compared first, the name table consulted on a change.
+                let mut last: Option<usize> = None;
+                while let Some((tensor, Name(file))) = access.next_entry::<String, Name<'de>>()? {
+                    let id = match last.filter(|&i| shards[i] == file) {
+                        Some(id) => id,
+                        None => match shard_ids.get(file.as_ref()) {
+                            Some(&id) => id,
+                            None => {
+                                if file.is_empty() || file.contains('/') || file.contains('\\') || file.starts_with('.') {
+                                    return Err(A::Error::custom(format!(
+                                        "shard name {file:?} (for {tensor}) must be a plain file name"
+                                    )));
+                                }
+                                shards.push(file.to_string());
+                                shard_ids.insert(file.to_string(), shards.len() - 1);
+                                shards.len() - 1
+                            }
+                        },
+                    };
+                    last = Some(id);
+                    match map.entry(tensor) {
+                        std::collections::hash_map::Entry::Occupied(e) => {
+                            return Err(A::Error::custom(format!("the index lists {} twice", e.key())));
+                        }
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(id);
+                        }
+                    }
                 }
-                Ok(WeightMap(out))
+                Ok(WeightMap { map, shards })
             }
         }
         d.deserialize_map(V)
@@ -99,74 +177,61 @@ impl Base {
     /// held by two shards, or one held by a shard but absent from the index.
     pub fn open(path: &Path) -> Result<Self, HfError> {
         if !path.is_dir() {
-            return Self::from_shards(vec![StFile::open(path)?], None);
+            return Ok(Self { shards: vec![StFile::open(path)?], index: None });
         }
         let index_path = path.join(INDEX_FILE);
         if !index_path.exists() {
             let single = path.join("model.safetensors");
             if single.exists() {
-                return Self::from_shards(vec![StFile::open(&single)?], None);
+                return Ok(Self { shards: vec![StFile::open(&single)?], index: None });
             }
             return Err(HfError::Base(format!("{} holds neither {INDEX_FILE} nor model.safetensors", path.display())));
         }
         let bytes = crate::files::read_bounded(&index_path, super::MAX_CONFIG_BYTES)?;
         let text = String::from_utf8(bytes).map_err(|_| HfError::Base("the index is not UTF-8".into()));
         let index = text.and_then(|t| Index::parse(&t)).map_err(|e| e.in_file(&index_path))?;
-        let mut files: Vec<&str> = index.weight_map.iter().map(|(_, f)| f.as_str()).collect();
-        files.sort_unstable();
-        files.dedup();
+        let files = &index.shards;
         let mut shards = Vec::with_capacity(files.len());
-        for f in &files {
+        for f in files {
             let p = path.join(f);
             if !p.exists() {
                 return Err(HfError::MissingShard(p));
             }
             shards.push(StFile::open(&p)?);
         }
-        let base = Self::from_shards(shards, Some((path.to_path_buf(), index.extra)))?;
-        for (tensor, file) in &index.weight_map {
-            let holder = base.owner.get(tensor).and_then(|&i| files.get(i));
-            if holder != Some(&file.as_str()) {
-                let actual = holder.map_or("no shard", |h| h);
-                return Err(HfError::Base(format!("the index puts {tensor} in {file}, but {actual} holds it"))
-                    .in_file(&index_path));
-            }
-        }
-        let listed: HashSet<&str> = index.weight_map.iter().map(|(t, _)| t.as_str()).collect();
-        if let Some((tensor, &i)) = base.owner.iter().find(|(t, _)| !listed.contains(t.as_str())) {
-            let file = files.get(i).copied().unwrap_or_default();
-            return Err(
-                HfError::Base(format!("{file} holds {tensor}, which the index does not list")).in_file(&index_path)
-            );
-        }
-        Ok(base)
-    }
-
-    fn from_shards(
-        shards: Vec<StFile>,
-        index: Option<(PathBuf, serde_json::Map<String, Value>)>,
-    ) -> Result<Self, HfError> {
-        let mut owner = HashMap::with_capacity(shards.iter().map(|s| s.entries.len()).sum());
-        for (i, s) in shards.iter().enumerate() {
+        // Linear: one hash lookup per tensor and direction.
+        let bad = |msg: String| HfError::Base(msg).in_file(&index_path);
+        for (i, (s, file)) in shards.iter().zip(files).enumerate() {
             for e in &s.entries {
-                if let Some(j) = owner.insert(e.name.clone(), i) {
-                    let first = shards.get(j).map_or(PathBuf::new(), |s| s.path.clone());
-                    return Err(HfError::Base(format!(
-                        "{} is stored twice, in {} and in {}",
-                        e.name,
-                        first.display(),
-                        s.path.display()
-                    )));
+                match index.weight_map.get(&e.name) {
+                    None => return Err(bad(format!("{file} holds {}, which the index does not list", e.name))),
+                    Some(&j) if j != i => {
+                        let (f, other) = (&files[j], &shards[j]);
+                        return Err(bad(if other.entry(&e.name).is_some() {
+                            format!("{} is stored twice, in {f} and in {file}", e.name)
+                        } else {
+                            format!("the index puts {} in {f}, but {file} holds it", e.name)
+                        }));
+                    }
+                    Some(_) => {}
                 }
             }
         }
-        Ok(Self { shards, index, owner })
+        // Every tensor the shards hold is listed, with its shard, and names
+        // are unique: if the counts agree, every listed tensor is held.
+        let held: usize = shards.iter().map(|s| s.entries.len()).sum();
+        if held != index.weight_map.len() {
+            if let Some((tensor, &j)) = index.weight_map.iter().find(|(t, j)| shards[**j].entry(t).is_none()) {
+                return Err(bad(format!("the index puts {tensor} in {}, which does not hold it", files[j])));
+            }
+        }
+        Ok(Self { shards, index: Some((path.to_path_buf(), index.extra)) })
     }
 
-    /// The tensor called `name` and the index of its shard.
+    /// The tensor called `name` and the index of its shard (one hash
+    /// lookup per shard).
     pub fn find(&self, name: &str) -> Option<(usize, &Entry)> {
-        let &i = self.owner.get(name)?;
-        Some((i, self.shards.get(i)?.entry(name)?))
+        self.shards.iter().enumerate().find_map(|(i, s)| s.entry(name).map(|e| (i, e)))
     }
 
     /// The files read: every shard, and the index.
