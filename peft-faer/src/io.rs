@@ -1,5 +1,5 @@
 //! Adapter files on disk: [`Peft`] to and from `peft-core`'s adapter-only
-//! format. Writes go through [`crate::output`].
+//! format. Writes go through [`crate::files`].
 //!
 //! Configuration keys follow Hugging Face PEFT's `adapter_config.json`
 //! names where PEFT has one (`r`, `lora_alpha`, `use_rslora`,

@@ -610,3 +610,21 @@ fn config_fields_are_typed_and_patterns_keep_file_order() {
     assert!(a.modules.iter().all(|m| m.r == 4));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `peft inspect DIR | head -1`: a reader that closes the pipe ends the
+/// command quietly (it used to panic "failed printing to stdout").
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .arg("inspect")
+        .arg(fixture())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before the command (still starting) writes.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{err}");
+}

@@ -143,6 +143,15 @@ fn positive_finite(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `println!` that returns write errors instead of panicking on them: a
+/// closed pipe (`peft inspect DIR | head`) ends the command quietly (see
+/// `main`).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        std::io::Write::write_fmt(&mut std::io::stdout().lock(), format_args!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
 /// The task's hidden change has this rank.
 const HIDDEN_RANK: usize = 2;
 /// Sequences per optimizer step.
@@ -335,16 +344,16 @@ fn finetune(args: &FinetuneArgs) -> Result<bool, Box<dyn std::error::Error>> {
             "methods": methods,
             "frozen_base_bit_identical": base_identical,
         });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        println!("frozen model alone (no adapter): held-out loss {base_loss:.4e}");
-        print_table(&rows, full_state, base_identical, &args.out);
+        outln!("frozen model alone (no adapter): held-out loss {base_loss:.4e}");
+        print_table(&rows, full_state, base_identical, &args.out)?;
     }
     Ok(ok)
 }
 
-fn print_table(rows: &[Row], full_state: usize, base_identical: bool, out: &Path) {
-    println!(
+fn print_table(rows: &[Row], full_state: usize, base_identical: bool, out: &Path) -> std::io::Result<()> {
+    outln!(
         "{:<8} {:>9} {:>7} {:>21} {:>7} {:>10} {:>10} {:>7} {:>11} {:>9} {:>7}",
         "method",
         "trainable",
@@ -359,7 +368,7 @@ fn print_table(rows: &[Row], full_state: usize, base_identical: bool, out: &Path
         "reload"
     );
     for r in rows {
-        println!(
+        outln!(
             "{:<8} {:>9} {:>6.2}% {:>21} {:>7.0e} {:>10.4e} {:>10.4e} {:>7.1} {:>11} {:>9} {:>7}",
             r.method.name(),
             r.params,
@@ -374,8 +383,9 @@ fn print_table(rows: &[Row], full_state: usize, base_identical: bool, out: &Path
             if r.reload_identical { "exact" } else { "DIFFERS" },
         );
     }
-    println!("frozen base bit-identical after training: {}", if base_identical { "yes" } else { "NO" });
-    println!("adapters written to {}", out.display());
+    outln!("frozen base bit-identical after training: {}", if base_identical { "yes" } else { "NO" });
+    outln!("adapters written to {}", out.display());
+    Ok(())
 }
 
 fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>> {
@@ -391,14 +401,15 @@ fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>
             if as_json {
                 let doc = json!({ "method": kind, "num_virtual_tokens": p.num_virtual_tokens, "token_dim": p.token_dim,
                     "num_layers": p.num_layers, "shape": shape, "total_params": params, "warnings": nonfinite });
-                println!("{}", serde_json::to_string_pretty(&doc)?);
+                outln!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
-                println!(
+                outln!(
                     "method {kind}: {} virtual tokens, token_dim {}, prompt_embeddings {shape:?}, {params} parameters",
-                    p.num_virtual_tokens, p.token_dim
+                    p.num_virtual_tokens,
+                    p.token_dim
                 );
                 for w in &nonfinite {
-                    println!("warning: {w}");
+                    outln!("warning: {w}");
                 }
             }
         }
@@ -428,18 +439,28 @@ fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>
                 let doc = json!({ "method": "lora", "r": c.r, "lora_alpha": c.lora_alpha, "use_rslora": c.use_rslora,
                     "dtype": format!("{:?}", ad.dtype), "modules": rows, "total_params": total,
                     "replaced_tensors": ad.replacements.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), "warnings": warnings });
-                println!("{}", serde_json::to_string_pretty(&doc)?);
+                outln!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
-                println!(
+                outln!(
                     "method lora: r={} lora_alpha={} use_rslora={} dtype {:?}",
-                    c.r, c.lora_alpha, c.use_rslora, ad.dtype
+                    c.r,
+                    c.lora_alpha,
+                    c.use_rslora,
+                    ad.dtype
                 );
-                println!(
+                outln!(
                     "{:<40} {:<48} {:>6} {:>6} {:>4} {:>7} {:>8} {:>9}",
-                    "module", "base tensor", "in", "out", "r", "alpha", "scale", "params"
+                    "module",
+                    "base tensor",
+                    "in",
+                    "out",
+                    "r",
+                    "alpha",
+                    "scale",
+                    "params"
                 );
                 for m in &ad.modules {
-                    println!(
+                    outln!(
                         "{:<40} {:<48} {:>6} {:>6} {:>4} {:>7} {:>8} {:>9}",
                         m.name,
                         format!("{}.weight", m.name),
@@ -451,12 +472,12 @@ fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>
                         m.r * (m.n_in + m.n_out)
                     );
                 }
-                println!("total: {} modules, {total} trainable parameters", ad.modules.len());
+                outln!("total: {} modules, {total} trainable parameters", ad.modules.len());
                 for r in &ad.replacements {
-                    println!("replaces {} {:?} whole", r.0, r.1);
+                    outln!("replaces {} {:?} whole", r.0, r.1);
                 }
                 for w in &warnings {
-                    println!("warning: {w}");
+                    outln!("warning: {w}");
                 }
             }
         }
@@ -564,6 +585,10 @@ fn main() -> ExitCode {
         Ok(false) => {
             eprintln!("peft: a check failed (see the table)");
             ExitCode::FAILURE
+        }
+        // The reader of stdout went away (`| head`): nothing left to say.
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) => {
+            ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("peft: {e}");

@@ -137,7 +137,8 @@ impl<'de> serde::Deserialize<'de> for WeightMap {
                         None => match shard_ids.get(file.as_ref()) {
                             Some(&id) => id,
                             None => {
-                                if file.is_empty() || file.contains('/') || file.contains('\\') || file.starts_with('.') {
+                                if file.is_empty() || file.contains('/') || file.contains('\\') || file.starts_with('.')
+                                {
                                     return Err(A::Error::custom(format!(
                                         "shard name {file:?} (for {tensor}) must be a plain file name"
                                     )));
