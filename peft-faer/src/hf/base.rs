@@ -69,7 +69,16 @@ impl Index {
         let mut de = serde_json::Deserializer::from_str(text);
         let (weight_map, extra) = serde::Deserializer::deserialize_map(&mut de, Top).map_err(HfError::json)?;
         de.end().map_err(HfError::json)?;
-        let WeightMap { map, shards } = weight_map.ok_or_else(|| HfError::Base("no `weight_map` object".into()))?;
+        let WeightMap { map, shards, duplicate } =
+            weight_map.ok_or_else(|| HfError::Base("no `weight_map` object".into()))?;
+        if let Some(tensor) = duplicate {
+            return Err(HfError::Base(format!("the index lists {tensor} twice")));
+        }
+        if let Some(file) =
+            shards.iter().find(|f| f.is_empty() || f.contains('/') || f.contains('\\') || f.starts_with('.'))
+        {
+            return Err(HfError::Base(format!("shard name {file:?} must be a plain file name")));
+        }
         // Shards sorted by name, positions remapped.
         let mut order: Vec<usize> = (0..shards.len()).collect();
         order.sort_unstable_by(|&i, &j| shards[i].cmp(&shards[j]));
@@ -107,12 +116,14 @@ impl<'de> serde::Deserialize<'de> for Name<'de> {
     }
 }
 
-/// `weight_map` read in one pass: each tensor once (a duplicate is an
-/// error, where a JSON map would keep the last), each shard file name
-/// checked and stored once.
+/// `weight_map` read in one pass: each tensor once (a duplicate is
+/// recorded, where a JSON map would keep the last), each shard file name
+/// stored once.
 struct WeightMap {
     map: HashMap<String, usize>,
     shards: Vec<String>,
+    /// The first tensor listed twice.
+    duplicate: Option<String>,
 }
 
 impl<'de> serde::Deserialize<'de> for WeightMap {
@@ -124,8 +135,8 @@ impl<'de> serde::Deserialize<'de> for WeightMap {
                 f.write_str("an object of tensor name to shard file name")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<WeightMap, A::Error> {
-                use serde::de::Error;
                 let mut map = HashMap::new();
+                let mut duplicate = None;
                 let mut shards: Vec<String> = Vec::new();
                 let mut shard_ids: HashMap<String, usize> = HashMap::new();
                 // Indexes list runs of tensors in one shard: the last shard
@@ -137,12 +148,6 @@ impl<'de> serde::Deserialize<'de> for WeightMap {
                         None => match shard_ids.get(file.as_ref()) {
                             Some(&id) => id,
                             None => {
-                                if file.is_empty() || file.contains('/') || file.contains('\\') || file.starts_with('.')
-                                {
-                                    return Err(A::Error::custom(format!(
-                                        "shard name {file:?} (for {tensor}) must be a plain file name"
-                                    )));
-                                }
                                 shards.push(file.to_string());
                                 shard_ids.insert(file.to_string(), shards.len() - 1);
                                 shards.len() - 1
@@ -152,14 +157,14 @@ impl<'de> serde::Deserialize<'de> for WeightMap {
                     last = Some(id);
                     match map.entry(tensor) {
                         std::collections::hash_map::Entry::Occupied(e) => {
-                            return Err(A::Error::custom(format!("the index lists {} twice", e.key())));
+                            duplicate.get_or_insert_with(|| e.key().clone());
                         }
                         std::collections::hash_map::Entry::Vacant(v) => {
                             v.insert(id);
                         }
                     }
                 }
-                Ok(WeightMap { map, shards })
+                Ok(WeightMap { map, shards, duplicate })
             }
         }
         d.deserialize_map(V)
@@ -233,6 +238,15 @@ impl Base {
     /// lookup per shard).
     pub fn find(&self, name: &str) -> Option<(usize, &Entry)> {
         self.shards.iter().enumerate().find_map(|(i, s)| s.entry(name).map(|e| (i, e)))
+    }
+
+    /// Where the base is: its folder (sharded) or its file.
+    pub fn path(&self) -> &Path {
+        match (&self.index, self.shards.first()) {
+            (Some((dir, _)), _) => dir,
+            (None, Some(s)) => &s.path,
+            (None, None) => Path::new(""),
+        }
     }
 
     /// The files read: every shard, and the index.

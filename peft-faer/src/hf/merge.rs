@@ -161,7 +161,7 @@ pub fn merge<B: Backend<f32> + ?Sized>(
     let inputs: Vec<std::path::PathBuf> = base.input_files().into_iter().chain(adapter.source_files()).collect();
     let input_refs: Vec<&Path> = inputs.iter().map(|p| p.as_path()).collect();
     check_output(out, &input_refs, options.force)?;
-    let actions = plan(base, adapter)?;
+    let actions = plan(base, adapter).map_err(|e| e.in_file(base.path()))?;
     if !options.allow_nonfinite {
         check_finite(adapter)?;
     }
