@@ -222,3 +222,45 @@ fn writer_rejects_bad_entries_and_writes_nothing() {
     assert_eq!(encode(Method::Lora, &[("", Value::Bool(true))], &t, &mut out), Err(FormatError::BadName.into()));
     assert!(out.iter().all(|&b| b == 7));
 }
+
+/// Two configuration entries with one key: the writer refuses them, and a
+/// file that holds them (written by hand, checksum right) is refused.
+#[test]
+fn duplicate_config_keys_are_refused_both_ways() {
+    let t = [Tensor { name: "a", shape: &[1], data: &[1.0f32] }];
+    let mut out = [0u8; 128];
+    let dup = [("r", Value::U64(2)), ("r", Value::U64(4))];
+    assert_eq!(encode(Method::Lora, &dup, &t, &mut out), Err(FormatError::DuplicateKey.into()));
+    // "r" and "s", then "s" patched into a second "r".
+    let (mut buf, n) = encode_vec(Method::Lora, &[("r", Value::U64(2)), ("s", Value::U64(4))], &t);
+    assert!(AdapterFile::parse(&buf[..n]).is_ok());
+    let at = 40 + 11 + 1; // after the first entry: key_len, then the key
+    assert_eq!(buf[at], b's');
+    buf[at] = b'r';
+    let crc = crc32(&buf[..n - 4]);
+    buf[n - 4..n].copy_from_slice(&crc.to_le_bytes());
+    assert_eq!(AdapterFile::parse(&buf[..n]).map(|_| ()), Err(FormatError::DuplicateKey));
+}
+
+/// `encode_raw` writes tensors of different element types from their
+/// stored bytes, and the reader gives each back with its type and bits.
+#[test]
+fn raw_tensors_of_mixed_types_round_trip() {
+    let a: [u8; 4] = 1.5f32.to_le_bytes();
+    let b: [u8; 8] = [0x00, 0x3c, 0x00, 0xc0, 0x00, 0x7c, 0x01, 0x00]; // f16 1, -2, inf, subnormal
+    let t = [
+        RawTensor { name: "a", dtype: Dtype::F32, shape: &[1], data: &a },
+        RawTensor { name: "b", dtype: Dtype::F16, shape: &[4], data: &b },
+    ];
+    let mut out = [0u8; 256];
+    let n = encode_raw(Method::Lora, &CONFIG, &t, &mut out).unwrap();
+    assert_eq!(n, encoded_len_raw(&CONFIG, &t).unwrap());
+    let f = AdapterFile::parse(&out[..n]).unwrap();
+    let back: [(Dtype, &[u8]); 2] = [(Dtype::F32, &a), (Dtype::F16, &b)];
+    for (v, (dtype, bytes)) in f.tensors().zip(back) {
+        assert_eq!((v.dtype(), v.bytes()), (dtype, bytes), "{}", v.name());
+    }
+    // A byte length that is not a whole number of elements.
+    let odd = [RawTensor { name: "b", dtype: Dtype::F16, shape: &[4], data: &b[..7] }];
+    assert!(encode_raw(Method::Lora, &[], &odd, &mut out).is_err());
+}
