@@ -281,20 +281,12 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
         }
         Action::Copy => {
             // A dtype change: convert in chunks.
-            let size = float_size(e.dtype).unwrap_or(4);
-            let per = (CHUNK_BYTES / 4).max(1);
-            let mut bytes = vec![0u8; per * size];
-            let mut vals = vec![0.0f32; per];
-            let (mut done, total) = (0usize, e.numel());
-            while done < total {
-                let n = per.min(total - done);
-                shard.read_at(e, (done * size) as u64, &mut bytes[..n * size])?;
-                st::to_f32(e.dtype, &bytes[..n * size], &mut vals[..n])?;
+            shard.scan_f32(e, CHUNK_BYTES / 4, |_, vals| {
                 out.clear();
-                st::from_f32(out_dtype, &vals[..n], &mut out)?;
+                st::from_f32(out_dtype, vals, &mut out)?;
                 w.write_all(&out)?;
-                done += n;
-            }
+                Ok::<_, WriteError>(None::<()>)
+            })?;
         }
         Action::Replace(r) => {
             st::from_f32(out_dtype, &r.data, &mut out)?;
@@ -302,13 +294,14 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
         }
         Action::LoraBias(m) => {
             let mut bias = shard.read_f32(e)?;
-            let before = bias.clone();
             let s = m.scale as f32;
-            if let Some(lb) = &m.lora_bias {
-                bias.iter_mut().zip(lb).for_each(|(b, l)| *b += s * l);
-            }
-            if check_finite {
-                refuse_new_nonfinite(&e.name, 0, &bias, |i| before.get(i).copied())?;
+            for (i, (b, l)) in bias.iter_mut().zip(m.lora_bias.iter().flatten()).enumerate() {
+                let (before, after) = (*b, *b + s * l);
+                if check_finite && before.is_finite() && !after.is_finite() {
+                    let cause = "b + s lora_B.bias overflows or is undefined there";
+                    return Err(HfError::NonFinite { tensor: e.name.clone(), index: i, value: after, cause }.into());
+                }
+                *b = after;
             }
             st::from_f32(out_dtype, &bias, &mut out)?;
             w.write_all(&out)?;

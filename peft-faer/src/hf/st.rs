@@ -278,14 +278,21 @@ impl StFile {
         f.read_exact(buf).map_err(io)
     }
 
-    /// The first NaN or infinity of a float tensor (its index and value),
-    /// read in chunks of at most 1 MiB.
+    /// Reads a float tensor widened to f32 in chunks of at most `per`
+    /// elements, calling `f(start, values)` for each (`start`: the index of
+    /// the chunk's first element), and stops at the first `Some` it returns.
     ///
     /// # Errors
-    /// [`HfError::Io`], [`HfError::Unsupported`] for a non-float type.
-    pub fn first_nonfinite(&self, e: &Entry) -> Result<Option<(usize, f32)>, HfError> {
+    /// [`HfError::Io`], [`HfError::Unsupported`] for a non-float type, and
+    /// `f`'s errors.
+    pub fn scan_f32<T, E: From<HfError>>(
+        &self,
+        e: &Entry,
+        per: usize,
+        mut f: impl FnMut(usize, &[f32]) -> Result<Option<T>, E>,
+    ) -> Result<Option<T>, E> {
         let size = float_size(e.dtype).ok_or_else(|| unsupported(e.dtype))?;
-        let per = (1 << 20) / size;
+        let per = per.max(1);
         let mut bytes = vec![0u8; per * size];
         let mut vals = vec![0.0f32; per];
         let (mut done, total) = (0usize, e.numel());
@@ -293,12 +300,21 @@ impl StFile {
             let n = per.min(total - done);
             self.read_at(e, (done * size) as u64, &mut bytes[..n * size])?;
             to_f32(e.dtype, &bytes[..n * size], &mut vals[..n])?;
-            if let Some(i) = vals[..n].iter().position(|v| !v.is_finite()) {
-                return Ok(Some((done + i, vals[i])));
+            if let Some(t) = f(done, &vals[..n])? {
+                return Ok(Some(t));
             }
             done += n;
         }
         Ok(None)
+    }
+
+    /// The first NaN or infinity of a float tensor (its index and value),
+    /// read in chunks of 2^18 elements (1 MiB of f32).
+    ///
+    /// # Errors
+    /// [`HfError::Io`], [`HfError::Unsupported`] for a non-float type.
+    pub fn first_nonfinite(&self, e: &Entry) -> Result<Option<(usize, f32)>, HfError> {
+        self.scan_f32(e, 1 << 18, |start, v| Ok(v.iter().position(|x| !x.is_finite()).map(|i| (start + i, v[i]))))
     }
 
     /// A whole float tensor, widened to f32 (for small tensors: adapters).
