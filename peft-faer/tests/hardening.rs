@@ -4,6 +4,8 @@
 //! a user runs, with the library's typed error checked where it matters.
 #![cfg(feature = "cli")]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -14,16 +16,7 @@ use peft_faer::hf::{HfAdapter, HfError};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/lora_qv")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("peft-hard-{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use common::{fixture, scratch};
 
 /// The fixture's adapter folder copied to `dir/adapter`, its base to
 /// `dir/base.safetensors`.
@@ -226,8 +219,8 @@ fn nonfinite_merges_are_refused_by_default() {
     let dir = scratch("nonfinite");
     let (ad, base) = copy_fixture(&dir);
     let out = dir.join("out.safetensors");
-    // alpha = 1e39 is a finite f64; alpha / r = 2.5e38 is finite in f32 but
-    // 1e40 / 4 = 2.5e39 is not.
+    // alpha = 1e40 is a finite f64; the scale alpha / r = 1e40 / 4 = 2.5e39
+    // is above f32's largest value (3.4e38).
     edit_config(&ad, |c| c["lora_alpha"] = serde_json::json!(1e40));
     let o = peft(&[&"merge", &"--base", &base, &"--adapter", &ad, &"--out", &out]);
     assert!(stderr(&o).contains("overflows f32") && stderr(&o).contains("layers.0.q_proj.weight"), "{}", stderr(&o));

@@ -4,6 +4,8 @@
 //! suite of malformed inputs, each a clear error with no output written.
 #![cfg(feature = "cli")]
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,17 +18,7 @@ use peft_faer::hf::{HfAdapter, HfError, PeftConfig};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/lora_qv")
-}
-
-/// A fresh scratch folder per test.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("peft-hf-{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use common::{fixture, scratch};
 
 /// Every tensor of a safetensors file as f32 (F32/F16/BF16), read with the
 /// `safetensors` crate (independent of this crate's reader).

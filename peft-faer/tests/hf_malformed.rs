@@ -2,23 +2,16 @@
 //! `merge` writes no output file (not even a temporary one).
 #![cfg(feature = "hf")]
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use peft_faer::Faer;
 use peft_faer::hf::base::Base;
 use peft_faer::hf::merge::{MergeOptions, merge};
 use peft_faer::hf::{HfAdapter, HfError};
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/lora_qv")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("peft-bad-{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use common::{fixture, scratch};
 
 /// A copy of the fixture (adapter files and base) in `dir`.
 fn copy_fixture(dir: &Path) {
