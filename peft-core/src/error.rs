@@ -76,6 +76,10 @@ pub enum Operand {
     OptimizerState,
     /// The loss of a training step.
     Loss,
+    /// The per-adapter gradient list of an adapter set (one entry per slot).
+    AdapterGrads,
+    /// The routes of a mixed-adapter batch (their rows must sum to the batch's).
+    Routes,
 }
 
 /// Everything that can go wrong in `peft-core`.
@@ -161,6 +165,15 @@ pub enum Error {
     },
     /// An adapter file is malformed; see [`FormatError`](crate::format::FormatError).
     Format(crate::format::FormatError),
+    /// An adapter set holds no adapter of the name (or index) given.
+    UnknownAdapter,
+    /// An adapter set already holds an adapter of the name given.
+    DuplicateAdapter,
+    /// A fixed-capacity adapter set is full.
+    SetFull {
+        /// Its capacity.
+        capacity: usize,
+    },
 }
 
 impl fmt::Display for Error {
@@ -194,6 +207,9 @@ impl fmt::Display for Error {
                 write!(f, "non-finite value in {operand:?} #{index}: step refused, nothing changed")
             }
             Error::Format(e) => write!(f, "adapter file: {e}"),
+            Error::UnknownAdapter => f.write_str("the adapter set holds no adapter of that name"),
+            Error::DuplicateAdapter => f.write_str("the adapter set already holds an adapter of that name"),
+            Error::SetFull { capacity } => write!(f, "the adapter set is full ({capacity} adapters)"),
         }
     }
 }

@@ -19,6 +19,9 @@
 //!   and backward, optionally with a trainable prefix.
 //! * [`prefix`]: prefix tuning: per-layer prefix keys and values, and PEFT's
 //!   MLP reparameterization.
+//! * [`set`]: several LoRA adapters over one base: named, switched, scaled,
+//!   hot-swapped, and mixed-adapter batches (one base gemm, each adapter on
+//!   its own rows); a fixed-capacity form without a heap.
 //! * [`optim`]: SGD with momentum and AdamW over adapter parameters only,
 //!   with global-norm clipping; non-finite steps are refused.
 //! * [`format`]: the adapter-only file format, read and written in place.
@@ -61,6 +64,7 @@ pub mod optim;
 pub mod prefix;
 pub mod prompt;
 pub mod rng;
+pub mod set;
 
 pub use backend::{Accum, Backend, BackendError, ErrorKind, Op, Reference};
 pub use base::{Dense, FrozenLinear};

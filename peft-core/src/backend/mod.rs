@@ -75,7 +75,10 @@ impl BackendError for Error {
             | Error::InvalidAlpha
             | Error::InvalidHeads { .. }
             | Error::InvalidParameter { .. }
-            | Error::TokenOutOfRange { .. } => ErrorKind::Invalid,
+            | Error::TokenOutOfRange { .. }
+            | Error::UnknownAdapter
+            | Error::DuplicateAdapter
+            | Error::SetFull { .. } => ErrorKind::Invalid,
             _ => ErrorKind::Other,
         }
     }

@@ -72,24 +72,52 @@ impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
         let need = self.backward_scratch_len(tokens);
         check_scratch(need, scratch.len())?;
 
-        let one = <E::Accum as Element>::from_f64(1.0);
-        let s = self.scale_accum();
-        let (a, b) = self.views()?;
         let (t_buf, u_buf) = scratch_pair(scratch, need / 2)?;
-        let mut t = MatMut::new(t_buf, tokens, r)?;
-        let mut u = MatMut::new(u_buf, tokens, r)?;
-
-        // t = x A^T;  dB += s G^T t
-        backend.gemm(t.rb_mut(), Accum::Replace, x, Op::N, a, Op::T, one)?;
-        let gb = MatMut::new(grads.b, n_out, r)?;
-        backend.gemm(gb, Accum::Add, grad_y, Op::T, t.as_ref(), Op::N, s)?;
-        // u = G B;  dA += s u^T x
-        backend.gemm(u.rb_mut(), Accum::Replace, grad_y, Op::N, b, Op::N, one)?;
-        let ga = MatMut::new(grads.a, r, n_in)?;
-        backend.gemm(ga, Accum::Add, u.as_ref(), Op::T, x, Op::N, s)?;
-        // dx = G W + s u A
         if let Some(mut gx) = grad_x {
             base.apply_transpose(backend, grad_y, gx.rb_mut(), Accum::Replace)?;
+            self.low_rank_backward(backend, x, grad_y, Some(gx), Some(grads), 1.0, t_buf, u_buf)
+        } else {
+            self.low_rank_backward(backend, x, grad_y, None, Some(grads), 1.0, t_buf, u_buf)
+        }
+    }
+
+    /// The low-rank path's backward at scale `factor s`: accumulates
+    /// `dA += factor s (G B)^T x` and `dB += factor s G^T (x A^T)` when
+    /// `grads` is given (a frozen adapter of a set passes `None`), and adds
+    /// `factor s (G B) A` to `grad_x` when given. `t_buf` and `u_buf` hold
+    /// `tokens * r` elements each. Shapes are the caller's to check.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn low_rank_backward<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        x: MatRef<'_, E>,
+        grad_y: MatRef<'_, E>,
+        grad_x: Option<MatMut<'_, E>>,
+        grads: Option<LoraGrads<'_, E>>,
+        factor: f64,
+        t_buf: &mut [E],
+        u_buf: &mut [E],
+    ) -> Result<(), B::Error> {
+        let (tokens, r, n_in, n_out) = (x.rows(), self.rank, self.in_features, self.out_features);
+        let one = <E::Accum as Element>::from_f64(1.0);
+        let s = self.scale_times(factor);
+        let (a, b) = self.views()?;
+        let mut u = MatMut::new(u_buf, tokens, r)?;
+        if let Some(grads) = grads {
+            let mut t = MatMut::new(t_buf, tokens, r)?;
+            // t = x A^T;  dB += s G^T t
+            backend.gemm(t.rb_mut(), Accum::Replace, x, Op::N, a, Op::T, one)?;
+            let gb = MatMut::new(grads.b, n_out, r)?;
+            backend.gemm(gb, Accum::Add, grad_y, Op::T, t.as_ref(), Op::N, s)?;
+            // u = G B;  dA += s u^T x
+            backend.gemm(u.rb_mut(), Accum::Replace, grad_y, Op::N, b, Op::N, one)?;
+            let ga = MatMut::new(grads.a, r, n_in)?;
+            backend.gemm(ga, Accum::Add, u.as_ref(), Op::T, x, Op::N, s)?;
+        } else if grad_x.is_some() {
+            backend.gemm(u.rb_mut(), Accum::Replace, grad_y, Op::N, b, Op::N, one)?;
+        }
+        // dx += s u A
+        if let Some(gx) = grad_x {
             backend.gemm(gx, Accum::Add, u.as_ref(), Op::N, a, Op::N, s)?;
         }
         Ok(())

@@ -41,12 +41,26 @@ impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
         check_io(x.rows(), x.cols(), self.in_features, Operand::Output, y.rows(), y.cols(), self.out_features)?;
         let need = self.forward_scratch_len(tokens);
         check_scratch(need, scratch.len())?;
-        let one = <E::Accum as Element>::from_f64(1.0);
         base.forward(backend, x, y.rb_mut())?;
-        let (t_buf, _) = scratch.split_at_mut(need);
+        self.add_low_rank(backend, x, y, 1.0, &mut scratch[..need])
+    }
+
+    /// `y += factor s (x A^T) B^T`: the low-rank path alone, added to `y`
+    /// (an adapter set's multiplier is `factor`). `t_buf` holds `x A^T`
+    /// (`tokens * r` elements). Shapes are the caller's to check; a wrong
+    /// one is still an error, from the views or the backend.
+    pub(crate) fn add_low_rank<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        x: MatRef<'_, E>,
+        y: MatMut<'_, E>,
+        factor: f64,
+        t_buf: &mut [E],
+    ) -> Result<(), B::Error> {
+        let one = <E::Accum as Element>::from_f64(1.0);
         let (a, b) = self.views()?;
-        let mut t = MatMut::new(t_buf, tokens, self.rank)?;
+        let mut t = MatMut::new(t_buf, x.rows(), self.rank)?;
         backend.gemm(t.rb_mut(), Accum::Replace, x, Op::N, a, Op::T, one)?;
-        backend.gemm(y, Accum::Add, t.as_ref(), Op::N, b, Op::T, self.scale_accum())
+        backend.gemm(y, Accum::Add, t.as_ref(), Op::N, b, Op::T, self.scale_times(factor))
     }
 }

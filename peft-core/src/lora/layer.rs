@@ -127,9 +127,9 @@ impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
         backward_scratch_len(tokens, self.rank)
     }
 
-    /// The scale in the accumulation type.
-    pub(super) fn scale_accum(&self) -> E::Accum {
-        <E::Accum as Element>::from_f64(self.scale)
+    /// `factor * s` in the accumulation type (rounded once, from f64).
+    pub(crate) fn scale_times(&self, factor: f64) -> E::Accum {
+        <E::Accum as Element>::from_f64(factor * self.scale)
     }
 
     /// `A` and `B` as views.

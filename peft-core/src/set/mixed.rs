@@ -1,0 +1,193 @@
+//! Mixed-adapter batches: each sequence of a batch names its adapter (or
+//! the base alone), as PEFT's `adapter_names=` per sample, LoRAX, or
+//! llama.cpp's per-request adapters.
+//!
+//! The rows of `x` are the sequences one after another; [`Route`]s give
+//! each sequence's row count and adapter (a slot index of the set). The
+//! base product runs once for the whole batch; each adapter's low-rank path
+//! runs on its own rows only:
+//!
+//! ```text
+//! y            = x W^T + b                              (one gemm, all rows)
+//! y[rows_j]   += m_i s_i (x[rows_j] A_i^T) B_i^T         (route j uses adapter i)
+//! dx           = G W                                     (one gemm, all rows)
+//! dx[rows_j]  += m_i s_i (G[rows_j] B_i) A_i
+//! dA_i        += m_i s_i (G[rows_j] B_i)^T x[rows_j]     (summed over i's routes)
+//! dB_i        += m_i s_i G[rows_j]^T (x[rows_j] A_i^T)
+//! ```
+//!
+//! So every row equals that adapter's own forward on that row (a
+//! `peft-verify` property), whatever the mix. A route names its adapter
+//! explicitly: the set's active flags do not apply here, the multipliers
+//! do.
+
+use super::{AdapterSet, Slot, SlotStore};
+use crate::backend::{Accum, Backend};
+use crate::base::FrozenLinear;
+use crate::element::Element;
+use crate::error::{Error, Operand, Result, check_io, check_len, check_scratch, check_shape};
+use crate::lora::LoraGrads;
+use crate::matrix::{MatMut, MatRef};
+
+/// One sequence of a mixed batch: its number of rows and the slot index of
+/// its adapter (`None`: the base alone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Rows (tokens) of the sequence.
+    pub rows: usize,
+    /// The adapter's slot index ([`AdapterSet::index_of`]), or `None`.
+    pub adapter: Option<usize>,
+}
+
+impl Route {
+    /// `rows` rows through adapter slot `index`.
+    pub const fn adapter(rows: usize, index: usize) -> Self {
+        Self { rows, adapter: Some(index) }
+    }
+
+    /// `rows` rows through the base alone.
+    pub const fn base(rows: usize) -> Self {
+        Self { rows, adapter: None }
+    }
+}
+
+impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> AdapterSet<K, E, S, C> {
+    /// Scratch [`forward_mixed`](Self::forward_mixed) needs: the largest
+    /// `rows * r` over the routes that name an adapter (0 for an unknown
+    /// one, which the pass refuses).
+    pub fn mixed_forward_scratch_len(&self, routes: &[Route]) -> usize {
+        routes
+            .iter()
+            .filter_map(|r| Some(r.rows.saturating_mul(self.slot(r.adapter?)?.lora.rank())))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Scratch [`backward_mixed`](Self::backward_mixed) needs: twice
+    /// [`mixed_forward_scratch_len`](Self::mixed_forward_scratch_len).
+    pub fn mixed_backward_scratch_len(&self, routes: &[Route]) -> usize {
+        self.mixed_forward_scratch_len(routes).saturating_mul(2)
+    }
+
+    /// The forward of a mixed batch (see the [module docs](self)).
+    ///
+    /// Shapes: `x [tokens, in]`, `y [tokens, out]` (overwritten), the
+    /// routes' rows summing to `tokens`; scratch at least
+    /// [`mixed_forward_scratch_len`](Self::mixed_forward_scratch_len).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Weight`, `Input`, `Output`, `Routes`),
+    /// [`Error::UnknownAdapter`] for a route naming a free slot,
+    /// [`Error::ScratchTooSmall`], before anything is written; the
+    /// backend's own errors.
+    pub fn forward_mixed<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+        &self,
+        backend: &B,
+        base: &L,
+        x: MatRef<'_, E>,
+        mut y: MatMut<'_, E>,
+        routes: &[Route],
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        self.check_base(base)?;
+        check_io(x.rows(), x.cols(), self.in_features, Operand::Output, y.rows(), y.cols(), self.out_features)?;
+        self.check_routes(routes, x.rows())?;
+        check_scratch(self.mixed_forward_scratch_len(routes), scratch.len())?;
+        base.forward(backend, x, y.rb_mut())?;
+        let mut start = 0;
+        for route in routes {
+            if let Some(slot) = route.adapter.and_then(|i| self.slot(i)) {
+                let (xs, ys) = rows_of(x, y.rb_mut(), start, route.rows)?;
+                let need = slot.lora.forward_scratch_len(route.rows);
+                slot.lora.add_low_rank(backend, xs, ys, slot.multiplier, &mut scratch[..need])?;
+            }
+            start += route.rows;
+        }
+        Ok(())
+    }
+
+    /// The backward of [`forward_mixed`](Self::forward_mixed): accumulates
+    /// (`+=`) the gradients of each routed adapter whose entry in `grads`
+    /// is `Some` (`grads[i]` belongs to slot `i`), over that adapter's
+    /// rows only, and writes `dL/dx` into `grad_x` if given.
+    ///
+    /// Shapes: as [`forward_mixed`](Self::forward_mixed), `grad_y [tokens,
+    /// out]`, `grad_x [tokens, in]`, `grads.len()` equal to
+    /// [`slot_count`](Self::slot_count); scratch at least
+    /// [`mixed_backward_scratch_len`](Self::mixed_backward_scratch_len).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (as [`backward`](Self::backward), and
+    /// `Routes`), [`Error::UnknownAdapter`], [`Error::ScratchTooSmall`],
+    /// before anything is written; the backend's own errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_mixed<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+        &self,
+        backend: &B,
+        base: &L,
+        x: MatRef<'_, E>,
+        grad_y: MatRef<'_, E>,
+        grad_x: Option<MatMut<'_, E>>,
+        grads: &mut [Option<LoraGrads<'_, E>>],
+        routes: &[Route],
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        let tokens = x.rows();
+        self.check_base(base)?;
+        check_io(tokens, x.cols(), self.in_features, Operand::GradOutput, grad_y.rows(), grad_y.cols(), self.out_features)?;
+        if let Some(gx) = &grad_x {
+            check_shape(Operand::GradInput, gx.rows(), gx.cols(), tokens, self.in_features)?;
+        }
+        self.check_routes(routes, tokens)?;
+        self.check_grads(grads, |i| routes.iter().any(|r| r.adapter == Some(i)))?;
+        let need = self.mixed_backward_scratch_len(routes);
+        check_scratch(need, scratch.len())?;
+        let (t_buf, u_buf) = scratch[..need].split_at_mut(need / 2);
+        let mut grad_x = grad_x;
+        if let Some(gx) = grad_x.as_mut() {
+            base.apply_transpose(backend, grad_y, gx.rb_mut(), Accum::Replace)?;
+        }
+        let mut start = 0;
+        for route in routes {
+            if let Some((i, slot)) = route.adapter.and_then(|i| Some((i, self.slot(i)?))) {
+                let n = route.rows;
+                let xs = x.rows_range(start, n).ok_or(Error::Overflow)?;
+                let gs = grad_y.rows_range(start, n).ok_or(Error::Overflow)?;
+                let gx = match grad_x.as_mut() {
+                    Some(gx) => Some(gx.rb_mut().into_rows_range(start, n).ok_or(Error::Overflow)?),
+                    None => None,
+                };
+                let g = grads.get_mut(i).and_then(Option::as_mut).map(|g| LoraGrads { a: &mut *g.a, b: &mut *g.b });
+                let k = slot.lora.forward_scratch_len(n);
+                slot.lora.low_rank_backward(backend, xs, gs, gx, g, slot.multiplier, &mut t_buf[..k], &mut u_buf[..k])?;
+            }
+            start += route.rows;
+        }
+        Ok(())
+    }
+
+    /// `Ok` if the routes' rows sum to `tokens` and each names a held
+    /// adapter or none.
+    fn check_routes(&self, routes: &[Route], tokens: usize) -> Result<()> {
+        let mut total = 0usize;
+        for r in routes {
+            total = total.checked_add(r.rows).ok_or(Error::Overflow)?;
+            if r.adapter.is_some_and(|i| self.slot(i).is_none()) {
+                return Err(Error::UnknownAdapter);
+            }
+        }
+        check_len(Operand::Routes, tokens, total)
+    }
+}
+
+/// Rows `start..start + n` of `x` and of `y`.
+fn rows_of<'x, 'y, E: Element>(
+    x: MatRef<'x, E>,
+    y: MatMut<'y, E>,
+    start: usize,
+    n: usize,
+) -> Result<(MatRef<'x, E>, MatMut<'y, E>)> {
+    let xs = x.rows_range(start, n).ok_or(Error::Overflow)?;
+    let ys = y.into_rows_range(start, n).ok_or(Error::Overflow)?;
+    Ok((xs, ys))
+}
