@@ -56,11 +56,7 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> Adap
     /// `rows * r` over the routes that name an adapter (0 for an unknown
     /// one, which the pass refuses).
     pub fn mixed_forward_scratch_len(&self, routes: &[Route]) -> usize {
-        routes
-            .iter()
-            .filter_map(|r| Some(r.rows.saturating_mul(self.slot(r.adapter?)?.lora.rank())))
-            .max()
-            .unwrap_or(0)
+        routes.iter().filter_map(|r| Some(r.rows.saturating_mul(self.slot(r.adapter?)?.lora.rank()))).max().unwrap_or(0)
     }
 
     /// Scratch [`backward_mixed`](Self::backward_mixed) needs: twice
@@ -134,7 +130,15 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> Adap
     ) -> core::result::Result<(), B::Error> {
         let tokens = x.rows();
         self.check_base(base)?;
-        check_io(tokens, x.cols(), self.in_features, Operand::GradOutput, grad_y.rows(), grad_y.cols(), self.out_features)?;
+        check_io(
+            tokens,
+            x.cols(),
+            self.in_features,
+            Operand::GradOutput,
+            grad_y.rows(),
+            grad_y.cols(),
+            self.out_features,
+        )?;
         if let Some(gx) = &grad_x {
             check_shape(Operand::GradInput, gx.rows(), gx.cols(), tokens, self.in_features)?;
         }
@@ -159,7 +163,16 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> Adap
                 };
                 let g = grads.get_mut(i).and_then(Option::as_mut).map(|g| LoraGrads { a: &mut *g.a, b: &mut *g.b });
                 let k = slot.lora.forward_scratch_len(n);
-                slot.lora.low_rank_backward(backend, xs, gs, gx, g, slot.multiplier, &mut t_buf[..k], &mut u_buf[..k])?;
+                slot.lora.low_rank_backward(
+                    backend,
+                    xs,
+                    gs,
+                    gx,
+                    g,
+                    slot.multiplier,
+                    &mut t_buf[..k],
+                    &mut u_buf[..k],
+                )?;
             }
             start += route.rows;
         }

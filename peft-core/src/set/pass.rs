@@ -77,7 +77,15 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> Adap
     ) -> Result<(), B::Error> {
         let tokens = x.rows();
         self.check_base(base)?;
-        check_io(x.rows(), x.cols(), self.in_features, Operand::GradOutput, grad_y.rows(), grad_y.cols(), self.out_features)?;
+        check_io(
+            x.rows(),
+            x.cols(),
+            self.in_features,
+            Operand::GradOutput,
+            grad_y.rows(),
+            grad_y.cols(),
+            self.out_features,
+        )?;
         if let Some(gx) = &grad_x {
             check_shape(Operand::GradInput, gx.rows(), gx.cols(), tokens, self.in_features)?;
         }
@@ -93,7 +101,16 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> Adap
             let n = slot.lora.forward_scratch_len(tokens);
             let g = grads.get_mut(i).and_then(Option::as_mut).map(|g| LoraGrads { a: &mut *g.a, b: &mut *g.b });
             let gx = grad_x.as_mut().map(MatMut::rb_mut);
-            slot.lora.low_rank_backward(backend, x, grad_y, gx, g, slot.multiplier, &mut t_buf[..n], &mut u_buf[..n])?;
+            slot.lora.low_rank_backward(
+                backend,
+                x,
+                grad_y,
+                gx,
+                g,
+                slot.multiplier,
+                &mut t_buf[..n],
+                &mut u_buf[..n],
+            )?;
         }
         Ok(())
     }
