@@ -22,6 +22,9 @@
 //! * [`set`]: several LoRA adapters over one base: named, switched, scaled,
 //!   hot-swapped, and mixed-adapter batches (one base gemm, each adapter on
 //!   its own rows); a fixed-capacity form without a heap.
+//! * [`combine`]: PEFT's weighted combinations of LoRA adapters (`linear`,
+//!   `cat`, `svd` without forming the dense delta, `ties`, `dare_linear`,
+//!   `dare_ties`, `magnitude_prune`).
 //! * [`optim`]: SGD with momentum and AdamW over adapter parameters only,
 //!   with global-norm clipping; non-finite steps are refused.
 //! * [`format`]: the adapter-only file format, read and written in place.
@@ -55,6 +58,7 @@ pub mod adapter;
 pub mod attention;
 pub mod backend;
 pub mod base;
+pub mod combine;
 pub mod element;
 pub mod error;
 pub mod format;
