@@ -262,6 +262,12 @@ pub(crate) fn scratch_pair<E>(scratch: &mut [E], n: usize) -> Result<(&mut [E], 
     Ok((first, rest.get_mut(..n).unwrap_or(&mut [])))
 }
 
+/// The first `n` elements of `scratch`.
+pub(crate) fn scratch_prefix<E>(scratch: &mut [E], n: usize) -> Result<&mut [E]> {
+    let len = scratch.len();
+    scratch.get_mut(..n).ok_or(Error::ScratchTooSmall { needed: n, len })
+}
+
 /// `Ok` if a scratch slice of `len` elements holds the `needed` ones.
 pub(crate) fn check_scratch(needed: usize, len: usize) -> Result<()> {
     if len >= needed { Ok(()) } else { Err(Error::ScratchTooSmall { needed, len }) }

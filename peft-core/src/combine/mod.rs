@@ -229,20 +229,22 @@ pub fn combine<E: Element, S: AsRef<[E]>>(
             if rank > n_in.min(n_out) {
                 return Err(Error::InvalidRank { rank, max: n_in.min(n_out) });
             }
-            let (bc, rest) = scratch.split_at_mut(n_out * r_total);
-            let (act, rest) = rest.split_at_mut(n_in * r_total);
+            // The scratch length was checked above.
+            let (bc, rest) = scratch.split_at_mut((n_out * r_total).min(scratch.len()));
+            let (act, rest) = rest.split_at_mut((n_in * r_total).min(rest.len()));
             let mut col = 0;
             for w in sources {
                 let (r, k) = (w.lora.rank(), w.weight * w.lora.scale());
                 let (a, b) = (w.lora.lora_a(), w.lora.lora_b());
-                for i in 0..n_out {
-                    for l in 0..r {
-                        bc[i * r_total + col + l] = b[i * r + l].to_f64();
-                    }
+                // Column block `col..col + r` of Bc [out, R] and of Ac^T [in, R].
+                for (dst, src) in bc.chunks_exact_mut(r_total).zip(b.chunks_exact(r)) {
+                    dst.iter_mut().skip(col).zip(src).for_each(|(d, v)| *d = v.to_f64());
                 }
-                for j in 0..n_in {
-                    for l in 0..r {
-                        act[j * r_total + col + l] = k * a[l * n_in + j].to_f64();
+                for (l, a_row) in a.chunks_exact(n_in).enumerate() {
+                    for (dst, v) in act.chunks_exact_mut(r_total).zip(a_row) {
+                        if let Some(d) = dst.get_mut(col + l) {
+                            *d = k * v.to_f64();
+                        }
                     }
                 }
                 col += r;
@@ -255,8 +257,8 @@ pub fn combine<E: Element, S: AsRef<[E]>>(
                 r_total,
                 rank,
                 rest,
-                |i, l, v| b_out[i * rank + l] = E::from_f64(v),
-                |l, j, v| a_out[l * n_in + j] = E::from_f64(v),
+                |i, l, v| put(b_out, i * rank + l, v),
+                |l, j, v| put(a_out, l * n_in + j, v),
             );
         }
         _ => {
@@ -275,6 +277,13 @@ pub fn combine<E: Element, S: AsRef<[E]>>(
     Ok(())
 }
 
+/// `v[i] = x` rounded to `E` (nothing out of range).
+fn put<E: Element>(v: &mut [E], i: usize, x: f64) {
+    if let Some(e) = v.get_mut(i) {
+        *e = E::from_f64(x);
+    }
+}
+
 /// `cat`: `A = [k_i A_i; 0]`, `B = [B_i 0]`.
 fn cat<E: Element, S: AsRef<[E]>>(sources: &[Weighted<'_, E, S>], rank: usize, a_out: &mut [E], b_out: &mut [E]) {
     a_out.fill(E::ZERO);
@@ -283,11 +292,11 @@ fn cat<E: Element, S: AsRef<[E]>>(sources: &[Weighted<'_, E, S>], rank: usize, a
     let mut row = 0;
     for w in sources {
         let (r, k) = (w.lora.rank(), w.weight * w.lora.scale());
-        for (dst, src) in a_out[row * n_in..(row + r) * n_in].iter_mut().zip(w.lora.lora_a()) {
+        for (dst, src) in a_out.iter_mut().skip(row * n_in).zip(w.lora.lora_a()) {
             *dst = E::from_f64(k * src.to_f64());
         }
         for (dst_row, src_row) in b_out.chunks_exact_mut(rank).zip(w.lora.lora_b().chunks_exact(r)) {
-            dst_row[row..row + r].copy_from_slice(src_row);
+            dst_row.iter_mut().skip(row).zip(src_row).for_each(|(d, v)| *d = *v);
         }
         row += r;
     }
@@ -312,10 +321,11 @@ fn task_arithmetic<E: Element, S: AsRef<[E]>>(
     rng: &mut Rng,
 ) {
     let (count, n) = (sources.len(), out.len());
-    let (pruned, rest) = scratch.split_at_mut(n * count);
-    let (acc, rest) = rest.split_at_mut(n);
-    let (sel, rest) = rest.split_at_mut(n);
-    let weights = &mut rest[..count];
+    // The scratch length was checked by `combine`.
+    let (pruned, rest) = scratch.split_at_mut((n * count).min(scratch.len()));
+    let (acc, rest) = rest.split_at_mut(n.min(rest.len()));
+    let (sel, rest) = rest.split_at_mut(n.min(rest.len()));
+    let weights = rest.get_mut(..count).unwrap_or_default();
     for ((w, p), v) in sources.iter().zip(pruned.chunks_exact_mut(n)).zip(weights.iter_mut()) {
         let k = w.weight * w.lora.scale();
         let (tensor, weight) = match factor {

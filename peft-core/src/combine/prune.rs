@@ -33,9 +33,9 @@ pub(super) fn magnitude(t: &[f64], density: f64, dst: &mut [f64], sel: &mut [f64
     for (s, v) in sel.iter_mut().zip(t) {
         *s = libm::fabs(*v);
     }
-    let sel = &mut sel[..n];
+    let Some(sel) = sel.get_mut(..n) else { return };
     sel.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-    let threshold = sel[k - 1];
+    let threshold = sel.get(k - 1).copied().unwrap_or(0.0);
     let above = t.iter().filter(|v| libm::fabs(**v).total_cmp(&threshold).is_gt()).count();
     let mut ties_left = k - above;
     for (d, v) in dst.iter_mut().zip(t) {
@@ -74,7 +74,7 @@ fn sign(x: f64) -> f64 {
 /// `frequency` (sum of signs) or not (sum of values), into `dst` (`n`).
 pub(super) fn elect_and_merge(pruned: &[f64], n: usize, weights: &[f64], frequency: bool, dst: &mut [f64]) {
     for (j, d) in dst.iter_mut().enumerate() {
-        let column = || pruned.chunks_exact(n).map(move |t| t[j]);
+        let column = || pruned.chunks_exact(n).map(move |t| t.get(j).copied().unwrap_or(0.0));
         let total: f64 = if frequency { column().map(sign).sum() } else { column().sum() };
         let majority = if total >= 0.0 { 1.0 } else { -1.0 };
         let (mut sum, mut count) = (0.0, 0usize);

@@ -34,9 +34,33 @@ pub(super) fn scratch_len(n_out: usize, n_in: usize, r_total: usize) -> usize {
         .saturating_add(q)
 }
 
+/// `v[i]`, or 0 out of range (never, for the sizes checked by the caller:
+/// `peft-core` does not index where it could panic).
+#[inline]
+fn at(v: &[f64], i: usize) -> f64 {
+    v.get(i).copied().unwrap_or(0.0)
+}
+
+/// `v[i] = x` (nothing out of range).
+#[inline]
+fn put(v: &mut [f64], i: usize, x: f64) {
+    if let Some(e) = v.get_mut(i) {
+        *e = x;
+    }
+}
+
+/// `v[i] -= x` (nothing out of range).
+#[inline]
+fn sub(v: &mut [f64], i: usize, x: f64) {
+    if let Some(e) = v.get_mut(i) {
+        *e -= x;
+    }
+}
+
 /// Splits `n` elements off the front of `buf`.
 fn take<'a>(buf: &mut &'a mut [f64], n: usize) -> &'a mut [f64] {
-    let (head, tail) = core::mem::take(buf).split_at_mut(n);
+    let all = core::mem::take(buf);
+    let (head, tail) = all.split_at_mut(n.min(all.len()));
     *buf = tail;
     head
 }
@@ -48,40 +72,40 @@ fn qr(a: &mut [f64], m: usize, n: usize, q: &mut [f64], v: &mut [f64], vv: &mut 
     let p = m.min(n);
     v.fill(0.0);
     for j in 0..p {
-        let norm = libm::sqrt((j..m).map(|i| a[i * n + j] * a[i * n + j]).sum::<f64>());
-        let x0 = a[j * n + j];
+        let norm = libm::sqrt((j..m).map(|i| at(a, i * n + j) * at(a, i * n + j)).sum::<f64>());
+        let x0 = at(a, j * n + j);
         let alpha = if x0 > 0.0 { -norm } else { norm };
         for i in j..m {
-            v[i * p + j] = a[i * n + j];
+            put(v, i * p + j, at(a, i * n + j));
         }
-        v[j * p + j] -= alpha;
-        let nv: f64 = (j..m).map(|i| v[i * p + j] * v[i * p + j]).sum();
-        vv[j] = nv;
+        sub(v, j * p + j, alpha);
+        let nv: f64 = (j..m).map(|i| at(v, i * p + j) * at(v, i * p + j)).sum();
+        put(vv, j, nv);
         if nv == 0.0 {
             continue;
         }
         for c in j..n {
-            let dot: f64 = (j..m).map(|i| v[i * p + j] * a[i * n + c]).sum();
+            let dot: f64 = (j..m).map(|i| at(v, i * p + j) * at(a, i * n + c)).sum();
             let f = 2.0 * dot / nv;
             for i in j..m {
-                a[i * n + c] -= f * v[i * p + j];
+                sub(a, i * n + c, f * at(v, i * p + j));
             }
         }
     }
     // Q = H_0 H_1 .. H_{p-1} I[:, :p], applied from the last reflector.
     q.fill(0.0);
     for i in 0..p {
-        q[i * p + i] = 1.0;
+        put(q, i * p + i, 1.0);
     }
     for j in (0..p).rev() {
-        if vv[j] == 0.0 {
+        if at(vv, j) == 0.0 {
             continue;
         }
         for c in 0..p {
-            let dot: f64 = (j..m).map(|i| v[i * p + j] * q[i * p + c]).sum();
-            let f = 2.0 * dot / vv[j];
+            let dot: f64 = (j..m).map(|i| at(v, i * p + j) * at(q, i * p + c)).sum();
+            let f = 2.0 * dot / at(vv, j);
             for i in j..m {
-                q[i * p + c] -= f * v[i * p + j];
+                sub(q, i * p + c, f * at(v, i * p + j));
             }
         }
     }
@@ -94,7 +118,7 @@ fn qr(a: &mut [f64], m: usize, n: usize, q: &mut [f64], v: &mut [f64], vv: &mut 
 fn jacobi(c: &mut [f64], p: usize, q: usize, v: &mut [f64]) {
     v.fill(0.0);
     for i in 0..q {
-        v[i * q + i] = 1.0;
+        put(v, i * q + i, 1.0);
     }
     for _sweep in 0..64 {
         let mut rotated = false;
@@ -102,7 +126,7 @@ fn jacobi(c: &mut [f64], p: usize, q: usize, v: &mut [f64]) {
             for j in i + 1..q {
                 let (mut alpha, mut beta, mut gamma) = (0.0, 0.0, 0.0);
                 for k in 0..p {
-                    let (ci, cj) = (c[k * q + i], c[k * q + j]);
+                    let (ci, cj) = (at(c, k * q + i), at(c, k * q + j));
                     alpha += ci * ci;
                     beta += cj * cj;
                     gamma += ci * cj;
@@ -117,9 +141,9 @@ fn jacobi(c: &mut [f64], p: usize, q: usize, v: &mut [f64]) {
                 let sn = cs * t;
                 for (mat, rows) in [(&mut *c, p), (&mut *v, q)] {
                     for k in 0..rows {
-                        let (xi, xj) = (mat[k * q + i], mat[k * q + j]);
-                        mat[k * q + i] = cs * xi - sn * xj;
-                        mat[k * q + j] = sn * xi + cs * xj;
+                        let (xi, xj) = (at(mat, k * q + i), at(mat, k * q + j));
+                        put(mat, k * q + i, cs * xi - sn * xj);
+                        put(mat, k * q + j, sn * xi + cs * xj);
                     }
                 }
             }
@@ -135,6 +159,7 @@ fn jacobi(c: &mut [f64], p: usize, q: usize, v: &mut [f64]) {
 /// and `a_out [rank, in]` (`V_k^T`), through `emit(row, col, value)`
 /// callbacks so the caller rounds to its element type. Columns past the
 /// sum's rank are zero.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn truncated(
     bc: &mut [f64],
     act: &mut [f64],
@@ -162,24 +187,26 @@ pub(super) fn truncated(
     // C = Rb Ra^T: Rb is rows 0..p of bc, Ra rows 0..q of act.
     for i in 0..p {
         for j in 0..q {
-            core[i * q + j] = (0..r_total).map(|l| bc[i * r_total + l] * act[j * r_total + l]).sum();
+            put(core, i * q + j, (0..r_total).map(|l| at(bc, i * r_total + l) * at(act, j * r_total + l)).sum());
         }
     }
     jacobi(core, p, q, vc);
     for (i, s) in sigma.iter_mut().enumerate() {
-        *s = libm::sqrt((0..p).map(|k| core[k * q + i] * core[k * q + i]).sum::<f64>());
+        *s = libm::sqrt((0..p).map(|k| at(core, k * q + i) * at(core, k * q + i)).sum::<f64>());
     }
     for l in 0..rank {
         // The largest sigma not taken yet (taken ones are set to -1).
-        let pick = (0..q).filter(|&i| sigma[i] >= 0.0).max_by(|&x, &y| sigma[x].total_cmp(&sigma[y]).then(y.cmp(&x)));
+        let pick = (0..q)
+            .filter(|&i| at(sigma, i) >= 0.0)
+            .max_by(|&x, &y| at(sigma, x).total_cmp(&at(sigma, y)).then(y.cmp(&x)));
         match pick {
             Some(i) => {
-                sigma[i] = -1.0;
+                put(sigma, i, -1.0);
                 for row in 0..n_out {
-                    emit_b(row, l, (0..p).map(|k| qb[row * p + k] * core[k * q + i]).sum());
+                    emit_b(row, l, (0..p).map(|k| at(qb, row * p + k) * at(core, k * q + i)).sum());
                 }
                 for col in 0..n_in {
-                    emit_a(l, col, (0..q).map(|k| qa[col * q + k] * vc[k * q + i]).sum());
+                    emit_a(l, col, (0..q).map(|k| at(qa, col * q + k) * at(vc, k * q + i)).sum());
                 }
             }
             None => {

@@ -72,20 +72,21 @@ impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
         let need = self.backward_scratch_len(tokens);
         check_scratch(need, scratch.len())?;
 
-        let (t_buf, u_buf) = scratch_pair(scratch, need / 2)?;
         if let Some(mut gx) = grad_x {
             base.apply_transpose(backend, grad_y, gx.rb_mut(), Accum::Replace)?;
-            self.low_rank_backward(backend, x, grad_y, Some(gx), Some(grads), 1.0, t_buf, u_buf)
+            self.low_rank_backward(backend, x, grad_y, Some(gx), Some(grads), 1.0, scratch)
         } else {
-            self.low_rank_backward(backend, x, grad_y, None, Some(grads), 1.0, t_buf, u_buf)
+            self.low_rank_backward(backend, x, grad_y, None, Some(grads), 1.0, scratch)
         }
     }
 
     /// The low-rank path's backward at scale `factor s`: accumulates
     /// `dA += factor s (G B)^T x` and `dB += factor s G^T (x A^T)` when
     /// `grads` is given (a frozen adapter of a set passes `None`), and adds
-    /// `factor s (G B) A` to `grad_x` when given. `t_buf` and `u_buf` hold
-    /// `tokens * r` elements each. Shapes are the caller's to check.
+    /// `factor s (G B) A` to `grad_x` when given. `scratch` holds `x A^T`
+    /// and `G B` (at least `2 tokens r` elements, else
+    /// [`Error::ScratchTooSmall`](crate::Error::ScratchTooSmall)). Other
+    /// shapes are the caller's to check.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn low_rank_backward<B: Backend<E> + ?Sized>(
         &self,
@@ -95,10 +96,10 @@ impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
         grad_x: Option<MatMut<'_, E>>,
         grads: Option<LoraGrads<'_, E>>,
         factor: f64,
-        t_buf: &mut [E],
-        u_buf: &mut [E],
+        scratch: &mut [E],
     ) -> Result<(), B::Error> {
         let (tokens, r, n_in, n_out) = (x.rows(), self.rank, self.in_features, self.out_features);
+        let (t_buf, u_buf) = scratch_pair(scratch, self.forward_scratch_len(tokens))?;
         let one = <E::Accum as Element>::from_f64(1.0);
         let s = self.scale_times(factor);
         let (a, b) = self.views()?;

@@ -14,7 +14,7 @@ use super::layer::Lora;
 use crate::backend::{Accum, Backend, Op};
 use crate::base::FrozenLinear;
 use crate::element::Element;
-use crate::error::{Operand, check_io, check_scratch};
+use crate::error::{Operand, check_io, check_scratch, scratch_prefix};
 use crate::matrix::{MatMut, MatRef};
 
 impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
@@ -42,23 +42,26 @@ impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
         let need = self.forward_scratch_len(tokens);
         check_scratch(need, scratch.len())?;
         base.forward(backend, x, y.rb_mut())?;
-        self.add_low_rank(backend, x, y, 1.0, &mut scratch[..need])
+        self.add_low_rank(backend, x, y, 1.0, scratch)
     }
 
     /// `y += factor s (x A^T) B^T`: the low-rank path alone, added to `y`
-    /// (an adapter set's multiplier is `factor`). `t_buf` holds `x A^T`
-    /// (`tokens * r` elements). Shapes are the caller's to check; a wrong
-    /// one is still an error, from the views or the backend.
+    /// (an adapter set's multiplier is `factor`). `scratch` holds `x A^T`
+    /// (at least `tokens * r` elements, else
+    /// [`Error::ScratchTooSmall`](crate::Error::ScratchTooSmall)). Other
+    /// shapes are the caller's to check; a wrong one is still an error,
+    /// from the views or the backend.
     pub(crate) fn add_low_rank<B: Backend<E> + ?Sized>(
         &self,
         backend: &B,
         x: MatRef<'_, E>,
         y: MatMut<'_, E>,
         factor: f64,
-        t_buf: &mut [E],
+        scratch: &mut [E],
     ) -> Result<(), B::Error> {
         let one = <E::Accum as Element>::from_f64(1.0);
         let (a, b) = self.views()?;
+        let t_buf = scratch_prefix(scratch, self.forward_scratch_len(x.rows()))?;
         let mut t = MatMut::new(t_buf, x.rows(), self.rank)?;
         backend.gemm(t.rb_mut(), Accum::Replace, x, Op::N, a, Op::T, one)?;
         backend.gemm(y, Accum::Add, t.as_ref(), Op::N, b, Op::T, self.scale_times(factor))

@@ -94,8 +94,7 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> Adap
         for route in routes {
             if let Some(slot) = route.adapter.and_then(|i| self.slot(i)) {
                 let (xs, ys) = rows_of(x, y.rb_mut(), start, route.rows)?;
-                let need = slot.lora.forward_scratch_len(route.rows);
-                slot.lora.add_low_rank(backend, xs, ys, slot.multiplier, &mut scratch[..need])?;
+                slot.lora.add_low_rank(backend, xs, ys, slot.multiplier, scratch)?;
             }
             start += route.rows;
         }
@@ -146,7 +145,6 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> Adap
         self.check_grads(grads, |i| routes.iter().any(|r| r.adapter == Some(i)))?;
         let need = self.mixed_backward_scratch_len(routes);
         check_scratch(need, scratch.len())?;
-        let (t_buf, u_buf) = scratch[..need].split_at_mut(need / 2);
         let mut grad_x = grad_x;
         if let Some(gx) = grad_x.as_mut() {
             base.apply_transpose(backend, grad_y, gx.rb_mut(), Accum::Replace)?;
@@ -162,17 +160,7 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> Adap
                     None => None,
                 };
                 let g = grads.get_mut(i).and_then(Option::as_mut).map(|g| LoraGrads { a: &mut *g.a, b: &mut *g.b });
-                let k = slot.lora.forward_scratch_len(n);
-                slot.lora.low_rank_backward(
-                    backend,
-                    xs,
-                    gs,
-                    gx,
-                    g,
-                    slot.multiplier,
-                    &mut t_buf[..k],
-                    &mut u_buf[..k],
-                )?;
+                slot.lora.low_rank_backward(backend, xs, gs, gx, g, slot.multiplier, scratch)?;
             }
             start += route.rows;
         }

@@ -134,6 +134,9 @@ impl<T> SlotStore<T> for alloc::vec::Vec<Option<T>> {
     }
 }
 
+/// `K`, `E` and `S` as type tags only (so `Send`/`Sync` follow the store).
+type Tags<K, E, S> = PhantomData<fn() -> (K, E, S)>;
+
 /// A set of LoRA adapters for one `in -> out` base layer (see the
 /// [module docs](self)).
 ///
@@ -145,7 +148,7 @@ pub struct AdapterSet<K, E, S, C> {
     store: C,
     in_features: usize,
     out_features: usize,
-    _types: PhantomData<fn() -> (K, E, S)>,
+    _types: Tags<K, E, S>,
 }
 
 /// A set of at most `N` adapters in an array: no heap.

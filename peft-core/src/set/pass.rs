@@ -42,8 +42,7 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> Adap
         check_scratch(self.forward_scratch_len(x.rows()), scratch.len())?;
         base.forward(backend, x, y.rb_mut())?;
         for (_, slot) in self.iter().filter(|(_, s)| s.active) {
-            let need = slot.lora.forward_scratch_len(x.rows());
-            slot.lora.add_low_rank(backend, x, y.rb_mut(), slot.multiplier, &mut scratch[..need])?;
+            slot.lora.add_low_rank(backend, x, y.rb_mut(), slot.multiplier, scratch)?;
         }
         Ok(())
     }
@@ -92,25 +91,14 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> Adap
         self.check_grads(grads, |i| self.slot(i).is_some_and(|s| s.active))?;
         let need = self.backward_scratch_len(tokens);
         check_scratch(need, scratch.len())?;
-        let (t_buf, u_buf) = scratch[..need].split_at_mut(need / 2);
         let mut grad_x = grad_x;
         if let Some(gx) = grad_x.as_mut() {
             base.apply_transpose(backend, grad_y, gx.rb_mut(), Accum::Replace)?;
         }
         for (i, slot) in self.iter().filter(|(_, s)| s.active) {
-            let n = slot.lora.forward_scratch_len(tokens);
             let g = grads.get_mut(i).and_then(Option::as_mut).map(|g| LoraGrads { a: &mut *g.a, b: &mut *g.b });
             let gx = grad_x.as_mut().map(MatMut::rb_mut);
-            slot.lora.low_rank_backward(
-                backend,
-                x,
-                grad_y,
-                gx,
-                g,
-                slot.multiplier,
-                &mut t_buf[..n],
-                &mut u_buf[..n],
-            )?;
+            slot.lora.low_rank_backward(backend, x, grad_y, gx, g, slot.multiplier, scratch)?;
         }
         Ok(())
     }
