@@ -18,30 +18,7 @@ use peft_faer::hf::{HfAdapter, HfError, PeftConfig};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use common::{fixture, scratch};
-
-/// Every tensor of a safetensors file as f32 (F32/F16/BF16), read with the
-/// `safetensors` crate (independent of this crate's reader).
-fn load(path: &Path) -> HashMap<String, (Dtype, Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(k, v)| {
-            let data = match v.dtype() {
-                Dtype::F32 => v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-                Dtype::F16 => {
-                    v.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-                }
-                Dtype::BF16 => {
-                    v.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-                }
-                d => panic!("{d:?}"),
-            };
-            (k, (v.dtype(), v.shape().to_vec(), data))
-        })
-        .collect()
-}
+use common::{fixture, load, max_rel, scratch};
 
 /// Writes tensors with the `safetensors` crate.
 fn save(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)], meta: Option<HashMap<String, String>>) {
@@ -52,11 +29,6 @@ fn save(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)], meta: Opt
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn max_rel(got: &[f32], want: &[f32]) -> f64 {
-    let scale = want.iter().fold(0.0f64, |m, v| m.max(f64::from(v.abs())));
-    got.iter().zip(want).fold(0.0f64, |m, (g, w)| m.max(f64::from((g - w).abs()))) / scale
 }
 
 fn merge_into(base: &Path, adapter: &Path, out: &Path) -> Result<(), HfError> {

@@ -18,8 +18,8 @@ use peft_faer::Faer;
 use peft_faer::files::{check_output, read_bounded, write_file};
 use peft_faer::hf::base::Base;
 use peft_faer::hf::convert::{own_to_peft_dir, peft_dir_to_own};
-use peft_faer::hf::merge::{MergeOptions, merge};
-use peft_faer::hf::{CONFIG_FILE, HfAdapter, MAX_ADAPTER_BYTES, PeftConfig, WEIGHTS_FILE};
+use peft_faer::hf::merge::{MergeOptions, merge_many};
+use peft_faer::hf::{CONFIG_FILE, HfAdapter, HfError, MAX_ADAPTER_BYTES, PeftConfig, WEIGHTS_FILE};
 use peft_faer::io::{encode, load};
 use peft_faer::tiny::{Peft, Runner, Spec, TinyConfig, TinyModel, Trace};
 use peft_faer::train::{Task, Trainer, loss, setup, train};
@@ -30,7 +30,7 @@ use serde_json::json;
 #[command(
     name = "peft",
     version,
-    about = "Parameter-efficient fine-tuning: train, inspect, merge and convert adapters"
+    about = "Parameter-efficient fine-tuning: train, inspect, merge, combine and convert adapters"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -52,14 +52,16 @@ enum Command {
         json: bool,
     },
     /// Write the base checkpoint with every adapted weight replaced by
-    /// `W + s B A` (f32, rounded once), everything else copied unchanged.
+    /// `W + sum_i m_i s_i B_i A_i` (f32, rounded once), everything else
+    /// copied unchanged.
     Merge {
         /// Base weights: a .safetensors file or a sharded checkpoint folder.
         #[arg(long)]
         base: PathBuf,
-        /// The PEFT adapter directory.
-        #[arg(long)]
-        adapter: PathBuf,
+        /// A PEFT adapter directory, optionally with a multiplier `m`
+        /// (`DIR:0.5`; default 1). Repeat to merge several in one pass.
+        #[arg(long = "adapter", required = true, value_parser = weighted_dir)]
+        adapters: Vec<(PathBuf, f64)>,
         /// Output: a .safetensors file (single-file base) or a new folder (sharded base).
         #[arg(long)]
         out: PathBuf,
@@ -75,6 +77,35 @@ enum Command {
         /// Write NaN or infinite merged values instead of refusing them.
         #[arg(long)]
         allow_nonfinite: bool,
+    },
+    /// Combine LoRA adapters into a new PEFT adapter directory, as PEFT's
+    /// `add_weighted_adapter` (same math, same config; PEFT loads it).
+    Combine {
+        /// A PEFT LoRA directory and its weight (`DIR:0.7`; default 1), in
+        /// order. Repeat for each source.
+        #[arg(long = "adapter", required = true, value_parser = weighted_dir)]
+        adapters: Vec<(PathBuf, f64)>,
+        /// How to combine (PEFT's `combination_type`).
+        #[arg(long, value_enum)]
+        combination: CombinationArg,
+        /// Rank kept by `svd` (default: the largest source rank).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        svd_rank: Option<u64>,
+        /// Fraction kept by ties, dare_linear, dare_ties and magnitude_prune.
+        #[arg(long)]
+        density: Option<f64>,
+        /// How ties and dare_ties elect each entry's sign.
+        #[arg(long, value_enum, default_value = "total")]
+        majority_sign: MajoritySignArg,
+        /// Seed of DARE's random masks.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The adapter directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace OUT if it exists (once the new output is complete).
+        #[arg(long)]
+        force: bool,
     },
     /// Convert between this project's .peft files and PEFT directories (the
     /// direction follows SRC: a folder becomes a .peft file, a file becomes
@@ -95,6 +126,39 @@ enum DtypeArg {
     F32,
     F16,
     Bf16,
+}
+
+/// PEFT's `combination_type` names, written as PEFT writes them.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+enum CombinationArg {
+    Linear,
+    Cat,
+    Svd,
+    Ties,
+    DareLinear,
+    DareTies,
+    MagnitudePrune,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum MajoritySignArg {
+    Total,
+    Frequency,
+}
+
+/// `DIR[:WEIGHT]`: the text after the last `:` is the weight when it parses
+/// as a finite number; otherwise the whole text is the folder (weight 1).
+fn weighted_dir(text: &str) -> Result<(PathBuf, f64), String> {
+    if let Some((dir, w)) = text.rsplit_once(':') {
+        if let Ok(w) = w.parse::<f64>() {
+            if !w.is_finite() {
+                return Err(format!("the weight {w} of {dir} is not finite"));
+            }
+            return Ok((PathBuf::from(dir), w));
+        }
+    }
+    Ok((PathBuf::from(text), 1.0))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -487,7 +551,7 @@ fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>
 
 struct MergeArgs<'a> {
     base: &'a Path,
-    adapter: &'a Path,
+    adapters: &'a [(PathBuf, f64)],
     out: &'a Path,
     dtype: Option<DtypeArg>,
     threads: u32,
@@ -496,7 +560,9 @@ struct MergeArgs<'a> {
 }
 
 fn merge_cmd(a: &MergeArgs<'_>) -> Result<bool, Box<dyn std::error::Error>> {
-    let ad = HfAdapter::read_dir(a.adapter)?;
+    let read: Vec<(HfAdapter, f64)> =
+        a.adapters.iter().map(|(dir, m)| Ok((HfAdapter::read_dir(dir)?, *m))).collect::<Result<_, HfError>>()?;
+    let ads: Vec<(&HfAdapter, f64)> = read.iter().map(|(ad, m)| (ad, *m)).collect();
     let b = Base::open(a.base)?;
     let dtype = a.dtype.map(|d| match d {
         DtypeArg::F32 => Dtype::F32,
@@ -515,7 +581,7 @@ fn merge_cmd(a: &MergeArgs<'_>) -> Result<bool, Box<dyn std::error::Error>> {
     let pause = std::env::var("PEFT_TEST_MERGE_PAUSE_MS").ok().and_then(|v| v.parse().ok());
     let start = Instant::now();
     let options = MergeOptions { dtype, force: a.force, allow_nonfinite: a.allow_nonfinite };
-    let report = merge(&b, &ad, a.out, &options, &Faer::with_threads(a.threads as usize), |n| {
+    let report = merge_many(&b, &ads, a.out, &options, &Faer::with_threads(a.threads as usize), |n| {
         if let Some(bar) = &bar {
             bar.inc(n);
         }
@@ -534,6 +600,63 @@ fn merge_cmd(a: &MergeArgs<'_>) -> Result<bool, Box<dyn std::error::Error>> {
         report.bytes,
         a.out.display(),
         start.elapsed().as_secs_f64()
+    );
+    Ok(true)
+}
+
+struct CombineArgs<'a> {
+    adapters: &'a [(PathBuf, f64)],
+    combination: CombinationArg,
+    svd_rank: Option<u64>,
+    density: Option<f64>,
+    majority_sign: MajoritySignArg,
+    seed: u64,
+    out: &'a Path,
+    force: bool,
+}
+
+fn combine_cmd(a: &CombineArgs<'_>) -> Result<bool, Box<dyn std::error::Error>> {
+    use peft_core::combine::{Combination, MajoritySign};
+    let sign = match a.majority_sign {
+        MajoritySignArg::Total => MajoritySign::Total,
+        MajoritySignArg::Frequency => MajoritySign::Frequency,
+    };
+    let density = || a.density.ok_or("--density is required by ties, dare_linear, dare_ties and magnitude_prune");
+    let combination = match a.combination {
+        CombinationArg::Linear => Combination::Linear,
+        CombinationArg::Cat => Combination::Cat,
+        CombinationArg::Svd => Combination::Svd { rank: a.svd_rank.map(|r| r as usize) },
+        CombinationArg::Ties => Combination::Ties { density: density()?, sign },
+        CombinationArg::DareLinear => Combination::DareLinear { density: density()? },
+        CombinationArg::DareTies => Combination::DareTies { density: density()?, sign },
+        CombinationArg::MagnitudePrune => Combination::MagnitudePrune { density: density()? },
+    };
+    if a.svd_rank.is_some() && a.combination != CombinationArg::Svd {
+        return Err("--svd-rank applies to --combination svd only".into());
+    }
+    if a.density.is_some()
+        && matches!(a.combination, CombinationArg::Linear | CombinationArg::Cat | CombinationArg::Svd)
+    {
+        return Err("--density applies to ties, dare_linear, dare_ties and magnitude_prune only".into());
+    }
+    let mut inputs: Vec<PathBuf> = Vec::new();
+    for (dir, _) in a.adapters {
+        inputs.extend([dir.clone(), dir.join(CONFIG_FILE), dir.join(WEIGHTS_FILE)]);
+    }
+    let input_refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    check_output(a.out, &input_refs, a.force)?;
+    let read: Vec<(HfAdapter, f64)> =
+        a.adapters.iter().map(|(dir, w)| Ok((HfAdapter::read_dir(dir)?, *w))).collect::<Result<_, HfError>>()?;
+    let sources: Vec<(&HfAdapter, f64)> = read.iter().map(|(ad, w)| (ad, *w)).collect();
+    let combined = peft_faer::hf::combine::combine(&sources, combination, a.seed)?;
+    combined.write_dir(a.out, a.force)?;
+    let rank = combined.modules.first().map_or(0, |m| m.r);
+    eprintln!(
+        "combined {} adapters ({}): {} modules of rank {rank} -> {}",
+        sources.len(),
+        if sources.len() == 1 { "linear: a single source" } else { combination.name() },
+        combined.modules.len(),
+        a.out.display()
     );
     Ok(true)
 }
@@ -569,15 +692,27 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Finetune(args) => finetune(args),
         Command::Inspect { adapter, json } => inspect(adapter, *json),
-        Command::Merge { base, adapter, out, dtype, threads, force, allow_nonfinite } => merge_cmd(&MergeArgs {
+        Command::Merge { base, adapters, out, dtype, threads, force, allow_nonfinite } => merge_cmd(&MergeArgs {
             base,
-            adapter,
+            adapters,
             out,
             dtype: *dtype,
             threads: *threads,
             force: *force,
             allow_nonfinite: *allow_nonfinite,
         }),
+        Command::Combine { adapters, combination, svd_rank, density, majority_sign, seed, out, force } => {
+            combine_cmd(&CombineArgs {
+                adapters,
+                combination: *combination,
+                svd_rank: *svd_rank,
+                density: *density,
+                majority_sign: *majority_sign,
+                seed: *seed,
+                out,
+                force: *force,
+            })
+        }
         Command::Convert { src, dst, force } => convert_cmd(src, dst, *force),
     };
     match result {

@@ -39,8 +39,11 @@ pub const CHUNK_BYTES: usize = 8 << 20;
 /// What happens to one base tensor.
 enum Action<'a> {
     Copy,
-    Lora(&'a LoraModule, bool),
-    LoraBias(&'a LoraModule),
+    /// `W += sum_i f_i B_i A_i` (`f_i` = the adapter's multiplier times
+    /// its scale), in the adapters' order; `true`: `W` is `[in, out]`.
+    Lora(Vec<(&'a LoraModule, f32)>, bool),
+    /// `b += sum_i f_i lora_B.bias_i`.
+    LoraBias(Vec<(&'a LoraModule, f32)>),
     Replace(&'a HfTensor),
 }
 
@@ -74,12 +77,13 @@ fn first_nonfinite(v: &[f32]) -> Option<(usize, f32)> {
 }
 
 /// Refuses non-finite adapter values before anything is written.
-fn check_finite(adapter: &HfAdapter) -> Result<(), HfError> {
+fn check_finite(adapter: &HfAdapter, multiplier: f64) -> Result<(), HfError> {
     let bad = |tensor: String, (index, value): (usize, f32), cause| HfError::NonFinite { tensor, index, value, cause };
     for m in &adapter.modules {
-        let s = m.scale as f32;
+        let s = (m.scale * multiplier) as f32;
         if !s.is_finite() {
-            return Err(bad(format!("{}.weight", m.name), (0, s), "the scale alpha / r overflows f32"));
+            let cause = "the scale alpha / r (times the adapter's multiplier) is not a finite f32";
+            return Err(bad(format!("{}.weight", m.name), (0, s), cause));
         }
         for (t, v) in [("lora_A.weight", &m.a), ("lora_B.weight", &m.b)] {
             if let Some(x) = first_nonfinite(v) {
@@ -98,41 +102,63 @@ fn check_finite(adapter: &HfAdapter) -> Result<(), HfError> {
     Ok(())
 }
 
-fn plan<'a>(base: &Base, adapter: &'a HfAdapter) -> Result<BTreeMap<String, Action<'a>>, HfError> {
-    let PeftConfig::Lora(lc) = &adapter.config else {
-        return Err(HfError::Unsupported(
-            "merging prompt or prefix tuning (they have no weights to merge into)".into(),
-        ));
-    };
-    let mut actions = BTreeMap::new();
-    for m in &adapter.modules {
-        let name = format!("{}.weight", m.name);
-        let (_, e) =
-            base.find(&name).ok_or_else(|| HfError::Base(format!("{name}, adapted by the adapter, is missing")))?;
-        let want = if lc.fan_in_fan_out { [m.n_in, m.n_out] } else { [m.n_out, m.n_in] };
-        if e.shape != want {
-            return Err(HfError::Base(format!("{name} has shape {:?}, the adapter needs {want:?}", e.shape)));
-        }
-        float_size(e.dtype).ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
-        actions.insert(name, Action::Lora(m, lc.fan_in_fan_out));
-        if m.lora_bias.is_some() {
-            let bias = format!("{}.bias", m.name);
+fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<String, Action<'a>>, HfError> {
+    let mut actions: BTreeMap<String, Action<'a>> = BTreeMap::new();
+    for &(adapter, multiplier) in adapters {
+        let PeftConfig::Lora(lc) = &adapter.config else {
+            return Err(HfError::Unsupported(
+                "merging prompt or prefix tuning (they have no weights to merge into)".into(),
+            ));
+        };
+        for m in &adapter.modules {
+            let name = format!("{}.weight", m.name);
             let (_, e) =
-                base.find(&bias).ok_or_else(|| HfError::Base(format!("{bias} is missing (lora_bias needs it)")))?;
-            if e.shape != [m.n_out] {
-                return Err(HfError::Base(format!("{bias} has shape {:?}, expected [{}]", e.shape, m.n_out)));
+                base.find(&name).ok_or_else(|| HfError::Base(format!("{name}, adapted by the adapter, is missing")))?;
+            let want = if lc.fan_in_fan_out { [m.n_in, m.n_out] } else { [m.n_out, m.n_in] };
+            if e.shape != want {
+                return Err(HfError::Base(format!("{name} has shape {:?}, the adapter needs {want:?}", e.shape)));
             }
-            actions.insert(bias, Action::LoraBias(m));
+            float_size(e.dtype).ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
+            let factor = (m.scale * multiplier) as f32;
+            match actions.entry(name.clone()).or_insert_with(|| Action::Lora(Vec::new(), lc.fan_in_fan_out)) {
+                Action::Lora(list, fan) if *fan == lc.fan_in_fan_out => list.push((m, factor)),
+                Action::Lora(..) => {
+                    return Err(HfError::Unsupported(format!("{name}: adapters disagree on fan_in_fan_out")));
+                }
+                _ => return Err(HfError::Tensor(format!("{name} is both adapted and replaced"))),
+            }
+            if m.lora_bias.is_some() {
+                let bias = format!("{}.bias", m.name);
+                let (_, e) =
+                    base.find(&bias).ok_or_else(|| HfError::Base(format!("{bias} is missing (lora_bias needs it)")))?;
+                if e.shape != [m.n_out] {
+                    return Err(HfError::Base(format!("{bias} has shape {:?}, expected [{}]", e.shape, m.n_out)));
+                }
+                match actions.entry(bias.clone()).or_insert_with(|| Action::LoraBias(Vec::new())) {
+                    Action::LoraBias(list) => list.push((m, factor)),
+                    _ => return Err(HfError::Tensor(format!("{bias} is both adapted and replaced"))),
+                }
+            }
         }
     }
-    for r in &adapter.replacements {
-        let (_, e) =
-            base.find(&r.name).ok_or_else(|| HfError::Base(format!("{}, saved by the adapter, is missing", r.name)))?;
-        if e.shape != r.shape {
-            return Err(HfError::Base(format!("{} has shape {:?}, the adapter's has {:?}", r.name, e.shape, r.shape)));
-        }
-        if actions.insert(r.name.clone(), Action::Replace(r)).is_some() {
-            return Err(HfError::Tensor(format!("{} is both adapted and replaced", r.name)));
+    for &(adapter, _) in adapters {
+        for r in &adapter.replacements {
+            let (_, e) = base
+                .find(&r.name)
+                .ok_or_else(|| HfError::Base(format!("{}, saved by the adapter, is missing", r.name)))?;
+            if e.shape != r.shape {
+                return Err(HfError::Base(format!(
+                    "{} has shape {:?}, the adapter's has {:?}",
+                    r.name, e.shape, r.shape
+                )));
+            }
+            match actions.insert(r.name.clone(), Action::Replace(r)) {
+                None => {}
+                Some(Action::Replace(_)) => {
+                    return Err(HfError::Tensor(format!("{} is replaced by two adapters", r.name)));
+                }
+                Some(_) => return Err(HfError::Tensor(format!("{} is both adapted and replaced", r.name))),
+            }
         }
     }
     Ok(actions)
@@ -156,14 +182,45 @@ pub fn merge<B: Backend<f32> + ?Sized>(
     out: &Path,
     options: &MergeOptions,
     backend: &B,
+    progress: impl FnMut(u64),
+) -> Result<MergeReport, HfError> {
+    merge_many(base, &[(adapter, 1.0)], out, options, backend, progress)
+}
+
+/// Merges several adapters into `base` in one streaming pass, each with a
+/// multiplier `m` (llama.cpp's `--lora-scaled`):
+///
+/// ```text
+/// W' = W + sum_i m_i s_i B_i A_i        (added in the order given, in f32)
+/// b' = b + sum_i m_i s_i lora_B.bias_i  (lora_bias adapters)
+/// ```
+///
+/// as PEFT's `merge_and_unload` with several active adapters does for
+/// `m_i = 1`. A whole-tensor replacement (a trained bias,
+/// `modules_to_save`) is written as saved, whatever the multiplier; a
+/// tensor replaced by two adapters, or replaced by one and adapted by
+/// another, is refused. Otherwise as [`merge`].
+///
+/// # Errors
+/// As [`merge`]; [`HfError::NonFinite`] also for a multiplier that makes a
+/// scale non-finite.
+pub fn merge_many<B: Backend<f32> + ?Sized>(
+    base: &Base,
+    adapters: &[(&HfAdapter, f64)],
+    out: &Path,
+    options: &MergeOptions,
+    backend: &B,
     mut progress: impl FnMut(u64),
 ) -> Result<MergeReport, HfError> {
-    let inputs: Vec<std::path::PathBuf> = base.input_files().into_iter().chain(adapter.source_files()).collect();
+    let inputs: Vec<std::path::PathBuf> =
+        base.input_files().into_iter().chain(adapters.iter().flat_map(|(a, _)| a.source_files())).collect();
     let input_refs: Vec<&Path> = inputs.iter().map(|p| p.as_path()).collect();
     check_output(out, &input_refs, options.force)?;
-    let actions = plan(base, adapter).map_err(|e| e.in_file(base.path()))?;
+    let actions = plan(base, adapters).map_err(|e| e.in_file(base.path()))?;
     if !options.allow_nonfinite {
-        check_finite(adapter)?;
+        for &(adapter, multiplier) in adapters {
+            check_finite(adapter, multiplier)?;
+        }
     }
     let dtype = options.dtype;
     let staging = if base.index.is_some() { Staging::dir(out)? } else { Staging::file(out)? };
@@ -292,21 +349,22 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
             st::from_f32(out_dtype, &r.data, &mut out)?;
             w.write_all(&out)?;
         }
-        Action::LoraBias(m) => {
+        Action::LoraBias(list) => {
             let mut bias = shard.read_f32(e)?;
-            let s = m.scale as f32;
-            for (i, (b, l)) in bias.iter_mut().zip(m.lora_bias.iter().flatten()).enumerate() {
-                let (before, after) = (*b, *b + s * l);
-                if check_finite && before.is_finite() && !after.is_finite() {
-                    let cause = "b + s lora_B.bias overflows or is undefined there";
-                    return Err(HfError::NonFinite { tensor: e.name.clone(), index: i, value: after, cause }.into());
+            for &(m, s) in list {
+                for (i, (b, l)) in bias.iter_mut().zip(m.lora_bias.iter().flatten()).enumerate() {
+                    let (before, after) = (*b, *b + s * l);
+                    if check_finite && before.is_finite() && !after.is_finite() {
+                        let cause = "b + s lora_B.bias overflows or is undefined there";
+                        return Err(HfError::NonFinite { tensor: e.name.clone(), index: i, value: after, cause }.into());
+                    }
+                    *b = after;
                 }
-                *b = after;
             }
             st::from_f32(out_dtype, &bias, &mut out)?;
             w.write_all(&out)?;
         }
-        Action::Lora(m, fan_in_fan_out) => {
+        Action::Lora(list, fan_in_fan_out) => {
             let size = float_size(e.dtype).unwrap_or(4);
             let &[rows, cols] = e.shape.as_slice() else {
                 return Err(HfError::Base(format!("{}: an adapted weight must be a matrix", e.name)).into());
@@ -314,25 +372,26 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
             let block = (CHUNK_BYTES / 4 / cols.max(1)).clamp(1, rows.max(1));
             let mut bytes = vec![0u8; block * cols * size];
             let mut vals = vec![0.0f32; block * cols];
-            let a = MatRef::new(&m.a, m.r, m.n_in)?;
-            let b = MatRef::new(&m.b, m.n_out, m.r)?;
             let mut i0 = 0;
             while i0 < rows {
                 let n = block.min(rows - i0);
                 let nb = n * cols * size;
                 shard.read_at(e, (i0 * cols * size) as u64, &mut bytes[..nb])?;
                 st::to_f32(e.dtype, &bytes[..nb], &mut vals[..n * cols])?;
-                let dst = MatMut::new(&mut vals[..n * cols], n, cols)?;
-                let s = m.scale as f32;
-                let overflow = || peft_core::Error::Overflow;
-                if *fan_in_fan_out {
-                    // W [in, out]: rows i0.. += s A^T[i0.., :] B^T.
-                    let at = a.cols_range(i0, n).ok_or_else(overflow)?;
-                    backend.gemm(dst, Accum::Add, at, Op::T, b, Op::T, s).map_err(HfError::backend)?;
-                } else {
-                    // W [out, in]: rows i0.. += s B[i0.., :] A.
-                    let bt = b.rows_range(i0, n).ok_or_else(overflow)?;
-                    backend.gemm(dst, Accum::Add, bt, Op::N, a, Op::N, s).map_err(HfError::backend)?;
+                for &(m, s) in list {
+                    let a = MatRef::new(&m.a, m.r, m.n_in)?;
+                    let b = MatRef::new(&m.b, m.n_out, m.r)?;
+                    let dst = MatMut::new(&mut vals[..n * cols], n, cols)?;
+                    let overflow = || peft_core::Error::Overflow;
+                    if *fan_in_fan_out {
+                        // W [in, out]: rows i0.. += s A^T[i0.., :] B^T.
+                        let at = a.cols_range(i0, n).ok_or_else(overflow)?;
+                        backend.gemm(dst, Accum::Add, at, Op::T, b, Op::T, s).map_err(HfError::backend)?;
+                    } else {
+                        // W [out, in]: rows i0.. += s B[i0.., :] A.
+                        let bt = b.rows_range(i0, n).ok_or_else(overflow)?;
+                        backend.gemm(dst, Accum::Add, bt, Op::N, a, Op::N, s).map_err(HfError::backend)?;
+                    }
                 }
                 if check_finite {
                     let base = |i: usize| {

@@ -10,6 +10,7 @@
 //! `A [r, in]`, `B [out, r]`, safetensors metadata `{"format": "pt"}`).
 
 pub mod base;
+pub mod combine;
 pub mod config;
 pub mod convert;
 pub mod merge;
