@@ -30,6 +30,12 @@
 //! | `lora_backward_is_adapter_sized` | backward needs `O(tokens r)` scratch: no `[out, in]` gradient exists | 12 |
 //! | `lora_targets_follow_peft` | the target-module rule against PEFT's (`==` or `.`-suffix) | 4 |
 //! | `lora_param_report_flags_high_rank` | the parameter report flags ranks at >= 25% of the layer | 5 |
+//! | `set_active_sum_matches_oracle` | an adapter set with several active adapters and multipliers: `x W^T + b + sum_i m_i s_i (x A_i^T) B_i^T` | - |
+//! | `set_mixed_rows_match_own_forward` | a mixed-adapter batch: every row equals its own adapter's (or the base's) oracle output | - |
+//! | `set_mixed_gradients_match_fd` | the mixed batch's `dA_i`, `dB_i` (summed over each adapter's rows) and `dx` against central differences | - |
+//! | `combine_density_respected` | magnitude pruning keeps at most `int(density n)` entries per factor (TIES of two: at most twice that) | - |
+//! | `combine_density_one_is_linear` | `magnitude_prune` and `dare_linear` at density 1 equal `linear`; `ties` and `dare_ties` do for one source | - |
+//! | `combine_cat_is_exact` | `cat`'s `B A` equals `sum_i w_i s_i B_i A_i` | - |
 //! | `adapter_identity_at_init` | a fresh adapter returns its input exactly | 8 |
 //! | `adapter_matches_oracle` | `x + s (act(x Wd^T + bd) Wu^T + bu)`: the residual is always there | 8 |
 //! | `adapter_gradients_match_fd` | all four parameters and dx | - |
@@ -301,6 +307,7 @@ where
     props::lora::run_all::<E, B>(backend, config, &mut report);
     props::adapter::run_all::<E, B>(backend, config, &mut report);
     props::prompt::run_all::<E>(config, &mut report);
+    props::set::run_all::<E, B>(backend, config, &mut report);
     props::attention::run_all::<E, B>(backend, config, &mut report);
     props::training::run_all::<E, B>(backend, config, &mut report);
     props::optim::run_all::<E>(config, &mut report);

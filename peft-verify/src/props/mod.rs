@@ -7,6 +7,7 @@ pub mod gemm;
 pub mod lora;
 pub mod optim;
 pub mod prompt;
+pub mod set;
 pub mod training;
 
 use proptest::prelude::*;
