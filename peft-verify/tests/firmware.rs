@@ -1,6 +1,8 @@
 //! The firmware smoke test: `peft-verify/firmware` (no_std, no heap,
 //! reference backend) runs LoRA forward, backward, an AdamW step and a
-//! merge, an adapter forward and a prefix-attention forward on an emulated
+//! merge, an adapter forward, a prefix-attention forward, and a
+//! fixed-capacity set of three flash adapters (switched one by one, then a
+//! mixed batch) on an emulated
 //! Cortex-M4F (`qemu-system-arm -machine mps2-an386 -cpu cortex-m4`) and
 //! prints checksums of the bit patterns; the host runs the same code
 //! (`firmware/src/smoke.rs`) and the two must be bit-identical.

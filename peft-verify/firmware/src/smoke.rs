@@ -15,6 +15,7 @@ use peft_core::attention::{self as attn, AttentionShape, Mask};
 use peft_core::lora::{self, Lora, LoraConfig, LoraGrads};
 use peft_core::optim::{AdamW, Slot};
 use peft_core::prefix::{PrefixConfig, PrefixTuning};
+use peft_core::set::{FixedSet, Route};
 use peft_core::{Dense, MatMut, MatRef, Reference, Result, Rng};
 
 /// Names of the checksums, in order.
@@ -56,6 +57,10 @@ static W: [f32; OUT * IN] = const_uniform(2026, 0.5);
 /// The frozen bias `[OUT]`, in flash.
 static BIAS: [f32; OUT] = const_uniform(2027, 0.1);
 
+/// Three LoRA adapters of an adapter set, in flash: `A [R, IN]`, `B [OUT, R]`.
+static SET_A: [[f32; R * IN]; 3] = [const_uniform(31, 0.4), const_uniform(32, 0.4), const_uniform(33, 0.4)];
+static SET_B: [[f32; OUT * R]; 3] = [const_uniform(41, 0.3), const_uniform(42, 0.3), const_uniform(43, 0.3)];
+
 /// FNV-1a (32-bit) over the bit patterns.
 pub fn fnv(v: &[f32]) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
@@ -67,8 +72,8 @@ pub fn fnv(v: &[f32]) -> u32 {
     h
 }
 
-/// Every checksum, the prefix-attention one last.
-pub fn run() -> Result<[(&'static str, u32); 8]> {
+/// Every checksum (the prefix-attention and adapter-set ones last).
+pub fn run() -> Result<[(&'static str, u32); 9]> {
     let mut rng = Rng::new(2026);
     let base = Dense::new(&W, OUT, IN)?.with_bias(&BIAS)?;
     let mut x = [0.0f32; T * IN];
@@ -152,6 +157,25 @@ pub fn run() -> Result<[(&'static str, u32); 8]> {
         &mut pscratch,
     )?;
 
+    // A fixed-capacity set of three flash adapters over the flash base:
+    // switch to each in turn, then one mixed batch (one row per adapter,
+    // one through the base alone). No heap.
+    let mut set: FixedSet<&'static str, f32, &'static [f32], 3> = FixedSet::new(IN, OUT);
+    for (i, name) in ["de", "fr", "es"].into_iter().enumerate() {
+        let lora = Lora::new(&cfg, IN, OUT, &SET_A[i][..], &SET_B[i][..])?;
+        set.insert(name, lora).map_err(|r| r.error)?;
+    }
+    let mut outs = [0.0f32; 4 * T * OUT];
+    let mut sscratch = [0.0f32; lora::backward_scratch_len(T, R)];
+    for (i, name) in ["de", "fr", "es"].into_iter().enumerate() {
+        set.activate_only(name)?;
+        let dst = MatMut::new(&mut outs[i * T * OUT..(i + 1) * T * OUT], T, OUT)?;
+        set.forward(&Reference, &base, MatRef::new(&x, T, IN)?, dst, &mut sscratch)?;
+    }
+    let routes = [Route::adapter(1, 0), Route::adapter(1, 1), Route::base(1), Route::adapter(1, 2)];
+    let dst = MatMut::new(&mut outs[3 * T * OUT..], T, OUT)?;
+    set.forward_mixed(&Reference, &base, MatRef::new(&x, T, IN)?, dst, &routes, &mut sscratch)?;
+
     Ok([
         (NAMES[0], fnv(&y)),
         (NAMES[1], fnv(&ga)),
@@ -161,5 +185,6 @@ pub fn run() -> Result<[(&'static str, u32); 8]> {
         (NAMES[5], merged),
         (NAMES[6], fnv(&h)),
         ("prefix_attention", fnv(&o)),
+        ("adapter_set", fnv(&outs)),
     ])
 }
