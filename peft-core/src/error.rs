@@ -256,6 +256,11 @@ pub(crate) fn check_io(
 }
 
 /// Two disjoint `n`-element temporaries from the front of `scratch`.
+///
+/// Always inlined: the callers' loops over the two halves then know their
+/// lengths (bounds checks elided; the adapter backward ran 4% more
+/// instructions when a new caller made LLVM outline it).
+#[inline(always)]
 pub(crate) fn scratch_pair<E>(scratch: &mut [E], n: usize) -> Result<(&mut [E], &mut [E])> {
     check_scratch(n.checked_mul(2).ok_or(Error::Overflow)?, scratch.len())?;
     let (first, rest) = scratch.split_at_mut(n);
