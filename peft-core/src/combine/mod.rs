@@ -21,8 +21,8 @@
 //!   dare_ties:       f = disjoint_merge(v_i prune_rand(T_i) / density, elect(..))
 //! ```
 //!
-//! (pruning, election and the disjoint merge in [`prune`]; the SVD, which
-//! never forms the `out x in` matrix `M`, in [`svd`]). A density of 1 prunes
+//! (pruning, election and the disjoint merge in `combine/prune.rs`; the SVD, which
+//! never forms the `out x in` matrix `M`, in `combine/svd.rs`). A density of 1 prunes
 //! nothing, so `magnitude_prune` and `dare_linear` then equal `linear`;
 //! `ties` and `dare_ties` still elect signs and average, and equal `linear`
 //! only for a single source. PEFT uses `linear` whatever is asked when it

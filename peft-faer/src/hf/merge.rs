@@ -1,6 +1,7 @@
-//! `W' = W + s B A` for every adapted weight of a base checkpoint, streamed
-//! tensor by tensor (and row block by row block), computed in f32 with
-//! faer and rounded once to the output type.
+//! `W' = W + s B A` for every adapted weight of a base checkpoint (or
+//! `W + sum_i m_i s_i B_i A_i` for several adapters, [`merge_many`]),
+//! streamed tensor by tensor (and row block by row block), computed in f32
+//! with faer and rounded once to the output type.
 //!
 //! Peak memory is one row block (at most [`CHUNK_BYTES`] of f32) plus the
 //! adapter, not the model: tensors are read with positioned reads and
