@@ -69,6 +69,49 @@ pub trait FrozenLinear<E: Element> {
         accum: Accum,
     ) -> core::result::Result<(), B::Error>;
 
+    /// Scratch [`rows`](Self::rows) needs for `n` rows: `n * out` for the
+    /// provided version (the unit rows it multiplies), 0 for [`Dense`].
+    fn rows_scratch_len(&self, n: usize) -> usize {
+        n.saturating_mul(self.out_features())
+    }
+
+    /// Rows `start..start + n` of `W` into `dst [n, in]` (overwritten), in
+    /// the element type: what DoRA reads to form the row norms of
+    /// `W + s B A`.
+    ///
+    /// The provided version computes them as `U W` through
+    /// [`apply_transpose`](Self::apply_transpose), `U [n, out]` the unit
+    /// rows `e_start..e_start+n` (in `scratch`): exact (each element is
+    /// `1 * w` plus zeros), for any storage, at the cost of a product. A
+    /// storage that holds its rows (as [`Dense`]) copies or dequantizes them
+    /// instead.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) (`Weight` for
+    /// rows past `out`, `Dst` for `dst`), [`Error::ScratchTooSmall`](crate::Error::ScratchTooSmall), before
+    /// anything is written; the backend's own errors.
+    fn rows<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        start: usize,
+        dst: MatMut<'_, E>,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        let (n, n_out) = (dst.rows(), self.out_features());
+        check_rows(start, n, n_out, self.in_features(), &dst)?;
+        let need = self.rows_scratch_len(n);
+        let len = scratch.len();
+        let u = scratch.get_mut(..need).ok_or(crate::Error::ScratchTooSmall { needed: need, len })?;
+        u.fill(E::ZERO);
+        let one = <E as Element>::from_f64(1.0);
+        for (k, row) in u.chunks_exact_mut(n_out.max(1)).enumerate() {
+            if let Some(v) = row.get_mut(start + k) {
+                *v = one;
+            }
+        }
+        self.apply_transpose(backend, MatRef::new(u, n, n_out)?, dst, Accum::Replace)
+    }
+
     /// `y = x W^T + b`: the base layer's own forward.
     ///
     /// # Errors
@@ -184,6 +227,35 @@ impl<E: Element> FrozenLinear<E> for Dense<'_, E> {
         let one = <E::Accum as Element>::from_f64(1.0);
         backend.gemm(grad_x, accum, grad_y, Op::N, self.weight, Op::N, one)
     }
+
+    fn rows_scratch_len(&self, _n: usize) -> usize {
+        0
+    }
+
+    /// Copies the rows.
+    fn rows<B: Backend<E> + ?Sized>(
+        &self,
+        _backend: &B,
+        start: usize,
+        mut dst: MatMut<'_, E>,
+        _scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        check_rows(start, dst.rows(), self.weight.rows(), self.weight.cols(), &dst)?;
+        for (k, row) in dst.row_iter_mut().enumerate() {
+            row.copy_from_slice(self.weight.row(start + k));
+        }
+        Ok(())
+    }
+}
+
+/// `Ok` if rows `start..start + n` exist in an `out`-row weight and `dst`
+/// is `[n, in]`.
+fn check_rows<E: Element>(start: usize, n: usize, n_out: usize, n_in: usize, dst: &MatMut<'_, E>) -> Result<()> {
+    let end = start.checked_add(n).ok_or(crate::Error::Overflow)?;
+    if end > n_out {
+        return Err(crate::Error::ShapeMismatch { operand: Operand::Weight, expected: n_out, found: end });
+    }
+    check_len(Operand::Dst, n_in, dst.cols())
 }
 
 /// `y[i, :] += bias` for every row, rounding once per element.

@@ -13,6 +13,8 @@
 //!   any number of adapters; [`Dense`] holds `W` as a slice (in flash too).
 //! * [`lora`]: LoRA and rsLoRA: forward, analytic backward, and merging as a
 //!   typed step ([`lora::Merged`]).
+//! * [`dora`]: DoRA, LoRA with a learned magnitude per output row; the row
+//!   norms of `W + s B A` cached until the adapter changes.
 //! * [`adapter`]: bottleneck adapters (Houlsby/Pfeiffer), with [`activation`]s.
 //! * [`prompt`]: prompt tuning (soft prompts prepended to the input embeddings).
 //! * [`attention`]: multi-head and grouped-query attention with masks, forward
@@ -59,6 +61,7 @@ pub mod attention;
 pub mod backend;
 pub mod base;
 pub mod combine;
+pub mod dora;
 pub mod element;
 pub mod error;
 pub mod format;

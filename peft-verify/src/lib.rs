@@ -30,6 +30,11 @@
 //! | `lora_backward_is_adapter_sized` | backward needs `O(tokens r)` scratch: no `[out, in]` gradient exists | 12 |
 //! | `lora_targets_follow_peft` | the target-module rule against PEFT's (`==` or `.`-suffix) | 4 |
 //! | `lora_param_report_flags_high_rank` | the parameter report flags ranks at >= 25% of the layer | 5 |
+//! | `dora_identity_at_init` | DoRA at init (`B = 0`, `m = ‖W‖_row`): exactly the base output | 2 |
+//! | `dora_matches_oracle` | `b + (m / n) (x W^T + s (x A^T) B^T)`, `n = ‖W + s B A‖_row`, the bias not scaled | 3 |
+//! | `dora_merged_equals_unmerged` | the merged `(m / n) (W + s B A)` gives the unmerged output | 6 |
+//! | `dora_unmerge_restores` | bit-exact with a backup, within four roundings without | 6 |
+//! | `dora_gradients_match_fd` | dA, dB, dm, dx against central differences, the norm held constant (PEFT detaches it) | 12 |
 //! | `set_active_sum_matches_oracle` | an adapter set with several active adapters and multipliers: `x W^T + b + sum_i m_i s_i (x A_i^T) B_i^T` | - |
 //! | `set_mixed_rows_match_own_forward` | a mixed-adapter batch: every row equals its own adapter's (or the base's) oracle output | - |
 //! | `set_mixed_gradients_match_fd` | the mixed batch's `dA_i`, `dB_i` (summed over each adapter's rows) and `dx` against central differences | - |
@@ -305,6 +310,7 @@ where
     let mut report = Report::default();
     props::gemm::run_all::<E, B>(backend, config, &mut report);
     props::lora::run_all::<E, B>(backend, config, &mut report);
+    props::dora::run_all::<E, B>(backend, config, &mut report);
     props::adapter::run_all::<E, B>(backend, config, &mut report);
     props::prompt::run_all::<E>(config, &mut report);
     props::set::run_all::<E, B>(backend, config, &mut report);

@@ -133,7 +133,7 @@ impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
     }
 
     /// `A` and `B` as views.
-    pub(super) fn views(&self) -> Result<(MatRef<'_, E>, MatRef<'_, E>)> {
+    pub(crate) fn views(&self) -> Result<(MatRef<'_, E>, MatRef<'_, E>)> {
         Ok((
             MatRef::new(self.a.as_ref(), self.rank, self.in_features)?,
             MatRef::new(self.b.as_ref(), self.out_features, self.rank)?,
@@ -141,7 +141,7 @@ impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
     }
 
     /// `Ok` if `base` is an `in -> out` layer like this adapter.
-    pub(super) fn check_base<L: FrozenLinear<E> + ?Sized>(&self, base: &L) -> Result<()> {
+    pub(crate) fn check_base<L: FrozenLinear<E> + ?Sized>(&self, base: &L) -> Result<()> {
         check_len(Operand::Weight, self.in_features, base.in_features())?;
         check_len(Operand::Weight, self.out_features, base.out_features())
     }

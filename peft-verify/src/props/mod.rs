@@ -2,6 +2,7 @@
 
 pub mod adapter;
 pub mod attention;
+pub mod dora;
 pub mod errors;
 pub mod gemm;
 pub mod lora;

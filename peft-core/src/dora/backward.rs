@@ -1,0 +1,110 @@
+//! DoRA backward pass.
+//!
+//! With `z = x W^T + s (x A^T) B^T`, `y = b + (m / n) * z`, `n` held
+//! constant (PEFT detaches it) and `G = dL/dy`:
+//!
+//! ```text
+//! dL/dm_j = sum_t G_tj z_tj / n_j             [out]
+//! G'      = G * (m / n)                       [tokens, out]   (per column)
+//! dL/dA, dL/dB, dL/dx = LoRA's backward with G' in place of G
+//!         (dB = s G'^T (x A^T),  dA = s (G' B)^T x,  dx = G' W + s (G' B) A)
+//! ```
+//!
+//! Each formula is checked against central differences in `peft-verify`.
+
+use super::Dora;
+use crate::backend::{Accum, Backend};
+use crate::base::FrozenLinear;
+use crate::element::Element;
+use crate::error::{Operand, check_io, check_len, check_scratch, check_shape};
+use crate::lora::LoraGrads;
+use crate::matrix::{MatMut, MatRef, checked_len};
+
+/// Gradient buffers of a DoRA adapter, accumulated into (`+=`).
+#[derive(Debug)]
+pub struct DoraGrads<'g, E> {
+    /// `dL/dA`, `[r, in]`.
+    pub a: &'g mut [E],
+    /// `dL/dB`, `[out, r]`.
+    pub b: &'g mut [E],
+    /// `dL/dm`, `[out]`.
+    pub magnitude: &'g mut [E],
+}
+
+/// Scratch elements [`Dora::backward`] needs: `2 tokens out` (`z` and
+/// `G'`) plus LoRA's `2 tokens r` (saturating).
+pub const fn backward_scratch_len(tokens: usize, out: usize, rank: usize) -> usize {
+    tokens.saturating_mul(out).saturating_mul(2).saturating_add(crate::lora::backward_scratch_len(tokens, rank))
+}
+
+impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]>> Dora<E, S, C> {
+    /// Accumulates `dL/dA`, `dL/dB`, `dL/dm` into `grads` and, if `grad_x`
+    /// is given, writes `dL/dx` into it (see the [module docs](self)).
+    ///
+    /// Shapes: as [`Lora::backward`](crate::lora::Lora::backward), `grads.magnitude [out]`; scratch
+    /// at least [`backward_scratch_len`]`(tokens, out, r)`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`](crate::Error::InvalidParameter) for a stale cache; [`Error::ShapeMismatch`](crate::Error::ShapeMismatch)
+    /// (`Weight`, `Input`, `GradOutput`, `GradInput`, `GradA`, `GradB`,
+    /// `Parameter`), [`Error::ScratchTooSmall`](crate::Error::ScratchTooSmall), before anything is written;
+    /// the backend's own errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+        &self,
+        backend: &B,
+        base: &L,
+        x: MatRef<'_, E>,
+        grad_y: MatRef<'_, E>,
+        grad_x: Option<MatMut<'_, E>>,
+        grads: DoraGrads<'_, E>,
+        scratch: &mut [E],
+    ) -> Result<(), B::Error> {
+        let lora = &self.lora;
+        let (tokens, r, n_in, n_out) = (x.rows(), lora.rank(), lora.in_features(), lora.out_features());
+        self.check_fresh()?;
+        lora.check_base(base)?;
+        check_io(tokens, x.cols(), n_in, Operand::GradOutput, grad_y.rows(), grad_y.cols(), n_out)?;
+        if let Some(gx) = &grad_x {
+            check_shape(Operand::GradInput, gx.rows(), gx.cols(), tokens, n_in)?;
+        }
+        check_len(Operand::GradA, checked_len(r, n_in)?, grads.a.len())?;
+        check_len(Operand::GradB, checked_len(n_out, r)?, grads.b.len())?;
+        check_len(Operand::Parameter, n_out, grads.magnitude.len())?;
+        check_scratch(backward_scratch_len(tokens, n_out, r), scratch.len())?;
+
+        let tn = checked_len(tokens, n_out)?;
+        let (z_buf, rest) = scratch.split_at_mut(tn);
+        let (gp_buf, rest) = rest.split_at_mut(tn);
+        // z = x W^T + s (x A^T) B^T
+        let mut z = MatMut::new(z_buf, tokens, n_out)?;
+        base.apply(backend, x, z.rb_mut(), Accum::Replace)?;
+        lora.add_low_rank(backend, x, z.rb_mut(), 1.0, rest)?;
+        // dm_j += (sum_t G_tj z_tj) / n_j, the sum in f64 and added once.
+        for (j, dm) in grads.magnitude.iter_mut().enumerate() {
+            let n = self.norms.as_ref().get(j).map_or(0.0, |v| v.to_f64());
+            let dot: f64 = (0..tokens)
+                .map(|t| {
+                    let g = grad_y.get(t, j).map_or(0.0, |v| v.to_f64());
+                    g * z.as_ref().get(t, j).map_or(0.0, |v| v.to_f64())
+                })
+                .sum();
+            *dm = E::from_f64(dm.to_f64() + dot / n);
+        }
+        // G' = G * (m / n), per column.
+        let mut gp = MatMut::new(gp_buf, tokens, n_out)?;
+        for (t, gp_row) in gp.row_iter_mut().enumerate() {
+            for (j, (p, g)) in gp_row.iter_mut().zip(grad_y.row(t)).enumerate() {
+                *p = E::from_accum(g.to_accum() * self.ratio(j));
+            }
+        }
+        let low = LoraGrads { a: grads.a, b: grads.b };
+        match grad_x {
+            Some(mut gx) => {
+                base.apply_transpose(backend, gp.as_ref(), gx.rb_mut(), Accum::Replace)?;
+                lora.low_rank_backward(backend, x, gp.as_ref(), Some(gx), Some(low), 1.0, rest)
+            }
+            None => lora.low_rank_backward(backend, x, gp.as_ref(), None, Some(low), 1.0, rest),
+        }
+    }
+}
