@@ -16,6 +16,7 @@
 //! | `reference` | the `no_std` reference backend | faer on the same call | visible gap |
 //! | `gemm_rate` | faer `x W^T`, 128 x 1024 x 1024 | (absolute GFLOP/s) | >= 170 |
 //! | `ref_vs_faer` | reference gemm, 32 x 768 x 768 | faer gemm | >= 0.15 of faer's FLOP/s |
+//! | `dora_forward` | DoRA's unmerged forward, norms cached | LoRA's unmerged forward | <= 1.10 |
 //! | `mixed_batch` | 4 LoRA adapters (r 16) over 32 tokens each, one base gemm | one adapter over the 128 tokens | <= 1.15 |
 //! | `vzeroupper` | adapter forward (2 gemms + GELU + residual) without `vzeroupper` | with it | the penalty avoided |
 
@@ -391,10 +392,58 @@ fn mixed_batch_group(c: &mut Criterion) {
     g.finish();
 }
 
+/// DoRA's unmerged forward (norms cached by `refresh_norms`, as they are
+/// between optimizer steps) against LoRA's, t = 128, d = 4096, r = 16, one
+/// thread: DoRA adds one scaling of the output per element.
+fn dora_group(c: &mut Criterion) {
+    use peft_core::dora::{Dora, refresh_scratch_len};
+    let s = SHAPES[0];
+    let p = Problem::new(s);
+    let backend = Faer::with_threads(1);
+    let base = Dense::new(&p.w, s.d_out, s.d_in).unwrap();
+    let cfg = LoraConfig::new(s.r, 2.0 * s.r as f64);
+    let lora = Lora::new(&cfg, s.d_in, s.d_out, &p.a[..], &p.b[..]).unwrap();
+    let mut rng = Rng::new(5);
+    let mut m = vec![0.0f32; s.d_out];
+    rng.fill_uniform(&mut m, 0.5, 1.5);
+    let mut dora = Dora::new(&cfg, s.d_in, s.d_out, &p.a[..], &p.b[..], &m[..], vec![0.0f32; s.d_out]).unwrap();
+    let mut sc = vec![0.0f32; refresh_scratch_len(&base, 64)];
+    dora.refresh_norms(&backend, &base, &mut sc).unwrap();
+    let x = MatRef::new(&p.x, s.tokens, s.d_in).unwrap();
+    let mut y = vec![0.0f32; s.tokens * s.d_out];
+    let mut scratch = vec![0.0f32; lora.forward_scratch_len(s.tokens)];
+    let mut g = c.benchmark_group("dora_forward.t128_4096_r16.1t");
+    configure(&mut g, true);
+    g.throughput(Throughput::Elements(s.lora_forward_flops()));
+    g.bench_function("lora_forward", |bench| {
+        bench.iter(|| {
+            let yv = MatMut::new(&mut y, s.tokens, s.d_out).unwrap();
+            lora.forward(&backend, &base, x, yv, &mut scratch).unwrap();
+            black_box(&y);
+        })
+    });
+    g.bench_function("dora_forward", |bench| {
+        bench.iter(|| {
+            let yv = MatMut::new(&mut y, s.tokens, s.d_out).unwrap();
+            dora.forward(&backend, &base, x, yv, &mut scratch).unwrap();
+            black_box(&y);
+        })
+    });
+    g.finish();
+}
+
 // `criterion_group!` makes an undocumented `pub fn`; it lives in a private
 // module so the missing-docs lint has nothing to say.
 mod group {
     use super::*;
-    criterion_group!(benches, gemm_groups, vzeroupper_group, lora_groups, mixed_batch_group, shard_index_group);
+    criterion_group!(
+        benches,
+        gemm_groups,
+        vzeroupper_group,
+        lora_groups,
+        dora_group,
+        mixed_batch_group,
+        shard_index_group
+    );
 }
 criterion_main!(group::benches);

@@ -239,9 +239,13 @@ fn config_fields_that_change_the_math() {
     assert!(
         matches!(HfAdapter::read_dir(&d).map_err(HfError::into_root), Err(HfError::Tensor(m)) if m.contains("layers.1.q_proj"))
     );
+    // DoRA is read, and a DoRA config needs the magnitude vectors.
+    let d = adapter_with(&dir, "dora", |c| c["use_dora"] = serde_json::json!(true));
+    assert!(
+        matches!(HfAdapter::read_dir(&d).map_err(HfError::into_root), Err(HfError::Tensor(m)) if m.contains("lora_magnitude_vector is missing"))
+    );
     // Fields whose math is not implemented are errors naming the field.
     for (field, value) in [
-        ("use_dora", serde_json::json!(true)),
         ("eva_config", serde_json::json!({ "rho": 2.0 })),
         ("init_lora_weights", serde_json::json!("loftq")),
         ("use_qalora", serde_json::json!(true)),

@@ -187,7 +187,7 @@ fn index_naming_a_missing_shard() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// An adapter key that is neither LoRA, a trained bias nor a saved module.
+/// A DoRA magnitude in an adapter whose config does not say `use_dora`.
 #[test]
 fn unexpected_adapter_key() {
     let dir = scratch("key");
@@ -199,6 +199,6 @@ fn unexpected_adapter_key() {
     all.push(("base_model.model.layers.0.q_proj.lora_magnitude_vector".into(), v));
     safetensors::serialize_to_file(all, &None, &dir.join("adapter_model.safetensors")).unwrap();
     let e = merge_fails(&dir, &dir.join("base.safetensors"));
-    assert!(matches!(&e, HfError::Unsupported(m) if m.contains("DoRA")), "{e}");
+    assert!(matches!(&e, HfError::Tensor(m) if m.contains("use_dora is false")), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }

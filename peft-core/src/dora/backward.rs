@@ -94,10 +94,9 @@ impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]>> Dora<E, S, C> {
         // G' = G * (m / n), per column.
         let mut gp = MatMut::new(gp_buf, tokens, n_out)?;
         for (t, gp_row) in gp.row_iter_mut().enumerate() {
-            for (j, (p, g)) in gp_row.iter_mut().zip(grad_y.row(t)).enumerate() {
-                *p = E::from_accum(g.to_accum() * self.ratio(j));
-            }
+            gp_row.copy_from_slice(grad_y.row(t));
         }
+        self.scale_rows(&mut gp);
         let low = LoraGrads { a: grads.a, b: grads.b };
         match grad_x {
             Some(mut gx) => {

@@ -481,7 +481,7 @@ fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>
             let mut warnings = nonfinite;
             let mut rows = Vec::new();
             for m in &ad.modules {
-                let params = m.r * (m.n_in + m.n_out);
+                let params = m.params();
                 if !(m.scale as f32).is_finite() {
                     warnings.push(format!(
                         "{}: the scale {} overflows f32; a merge would write infinities",
@@ -498,15 +498,16 @@ fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>
                 rows.push(json!({ "module": m.name, "base_tensor": format!("{}.weight", m.name), "in": m.n_in,
                     "out": m.n_out, "r": m.r, "alpha": m.alpha, "scale": m.scale, "params": params }));
             }
-            let total: usize = ad.modules.iter().map(|m| m.r * (m.n_in + m.n_out)).sum();
+            let total: usize = ad.modules.iter().map(|m| m.params()).sum();
             if as_json {
-                let doc = json!({ "method": "lora", "r": c.r, "lora_alpha": c.lora_alpha, "use_rslora": c.use_rslora,
+                let doc = json!({ "method": "lora", "use_dora": c.use_dora, "r": c.r, "lora_alpha": c.lora_alpha, "use_rslora": c.use_rslora,
                     "dtype": format!("{:?}", ad.dtype), "modules": rows, "total_params": total,
                     "replaced_tensors": ad.replacements.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), "warnings": warnings });
                 outln!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
                 outln!(
-                    "method lora: r={} lora_alpha={} use_rslora={} dtype {:?}",
+                    "method lora{}: r={} lora_alpha={} use_rslora={} dtype {:?}",
+                    if c.use_dora { " (DoRA: a magnitude per output row)" } else { "" },
                     c.r,
                     c.lora_alpha,
                     c.use_rslora,
@@ -533,7 +534,7 @@ fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>
                         m.r,
                         m.alpha,
                         m.scale,
-                        m.r * (m.n_in + m.n_out)
+                        m.params()
                     );
                 }
                 outln!("total: {} modules, {total} trainable parameters", ad.modules.len());

@@ -17,7 +17,7 @@
 //!   `seed`, modules in the order of the first source's file (then the
 //!   others' new ones).
 //!
-//! Refused, naming the adapter: prompt learning, `lora_bias`, adapters
+//! Refused, naming the adapter: prompt learning, DoRA, `lora_bias`, adapters
 //! that also save whole tensors (`modules_to_save`, trained biases),
 //! `rank_pattern` (PEFT sizes the result from `r` alone, which such
 //! adapters break), differing `fan_in_fan_out`, a mix of list and regex
@@ -51,6 +51,9 @@ pub fn combine(sources: &[(&HfAdapter, f64)], combination: Combination, seed: u6
         let PeftConfig::Lora(lc) = &ad.config else {
             return Err(HfError::Unsupported(format!("{}: only LoRA adapters can be combined", name())));
         };
+        if lc.use_dora {
+            return Err(HfError::Unsupported(format!("{}: combining DoRA adapters (PEFT does not either)", name())));
+        }
         if lc.lora_bias || !ad.replacements.is_empty() {
             return Err(HfError::Unsupported(format!(
                 "{}: combining adapters that also train biases or whole tensors (lora_bias, bias, modules_to_save)",
@@ -123,12 +126,13 @@ pub fn combine(sources: &[(&HfAdapter, f64)], combination: Combination, seed: u6
             a,
             b,
             lora_bias: None,
+            magnitude: None,
             r: rank,
             n_in: m0.n_in,
             n_out: m0.n_out,
             alpha: new_lc.alpha_for(name),
             scale: new_lc.scale_for(name)?,
-            dtypes: [m0.dtypes[0], m0.dtypes[1], m0.dtypes[1]],
+            dtypes: [m0.dtypes[0], m0.dtypes[1], m0.dtypes[1], m0.dtypes[1]],
         });
     }
     Ok(HfAdapter {

@@ -116,6 +116,9 @@ pub struct HfLoraConfig {
     pub lora_alpha: f64,
     /// rsLoRA: scale `alpha / sqrt(r)`.
     pub use_rslora: bool,
+    /// DoRA: each module also holds `lora_magnitude_vector [out]`, and its
+    /// update is `(m / ||W + s B A||_row) (W + s B A)` (`peft_core::dora`).
+    pub use_dora: bool,
     /// Per-module ranks.
     pub rank_pattern: Vec<Pattern<usize>>,
     /// Per-module alphas.
@@ -201,6 +204,7 @@ struct RawLora {
     /// An integer or a float in the file.
     lora_alpha: f64,
     use_rslora: Option<bool>,
+    use_dora: Option<bool>,
     rank_pattern: Option<Ordered<usize>>,
     alpha_pattern: Option<Ordered<f64>>,
     target_modules: Option<RawTargets>,
@@ -284,11 +288,6 @@ impl PeftConfig {
     fn lora(text: &str, v: &Value) -> Result<Self, HfError> {
         let raw: RawLora = typed(text)?;
         let rest = &raw.rest;
-        unsupported_if_set(
-            rest,
-            "use_dora",
-            "DoRA adapters are not supported yet; merging one as LoRA would be wrong",
-        )?;
         unsupported_if_set(rest, "use_qalora", "QALoRA pools the input; not supported")?;
         unsupported_if_set(rest, "eva_config", "EVA-initialized adapters carry data this reader does not interpret")?;
         unsupported_if_set(rest, "layer_replication", "replicated layers are not supported")?;
@@ -340,6 +339,7 @@ impl PeftConfig {
             r: raw.r,
             lora_alpha: raw.lora_alpha,
             use_rslora: raw.use_rslora.unwrap_or(false),
+            use_dora: raw.use_dora.unwrap_or(false),
             rank_pattern,
             alpha_pattern: patterns("alpha_pattern", raw.alpha_pattern)?,
             target_modules,

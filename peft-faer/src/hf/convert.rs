@@ -272,19 +272,31 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
                     }
                     let bias = f.tensor(&format!("{module}.lora_B.bias")).ok().map(|t| read(&t)).transpose()?;
                     let (a, b) = (read(&t)?, read(&b)?);
+                    let magnitude =
+                        f.tensor(&format!("{module}.lora_magnitude_vector")).ok().map(|t| read(&t)).transpose()?;
                     ad.modules.push(LoraModule {
                         name: module.to_string(),
-                        dtypes: [a.dtype, b.dtype, bias.as_ref().map_or(b.dtype, |t| t.dtype)],
+                        dtypes: [
+                            a.dtype,
+                            b.dtype,
+                            bias.as_ref().map_or(b.dtype, |t| t.dtype),
+                            magnitude.as_ref().map_or(b.dtype, |t| t.dtype),
+                        ],
                         a: a.data,
                         b: b.data,
                         lora_bias: bias.map(|t| t.data),
+                        magnitude: magnitude.map(|t| t.data),
                         r,
                         n_in,
                         n_out,
                         alpha: lc.alpha_for(module),
                         scale: lc.scale_for(module)?,
                     });
-                } else if let Some(module) = name.strip_suffix(".lora_B.weight").or(name.strip_suffix(".lora_B.bias")) {
+                } else if let Some(module) = name
+                    .strip_suffix(".lora_B.weight")
+                    .or(name.strip_suffix(".lora_B.bias"))
+                    .or(name.strip_suffix(".lora_magnitude_vector"))
+                {
                     if f.tensor(&format!("{module}.lora_A.weight")).is_err() {
                         return Err(HfError::Tensor(format!("`{name}` has no `{module}.lora_A.weight`")));
                     }

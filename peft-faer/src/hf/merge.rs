@@ -83,7 +83,11 @@ fn check_finite(adapter: &HfAdapter, multiplier: f64) -> Result<(), HfError> {
     for m in &adapter.modules {
         let s = (m.scale * multiplier) as f32;
         if !s.is_finite() {
-            let cause = "the scale alpha / r (times the adapter's multiplier) is not a finite f32";
+            let cause = if multiplier == 1.0 {
+                "the scale alpha / r overflows f32"
+            } else {
+                "the scale alpha / r times the adapter's multiplier overflows f32"
+            };
             return Err(bad(format!("{}.weight", m.name), (0, s), cause));
         }
         for (t, v) in [("lora_A.weight", &m.a), ("lora_B.weight", &m.b)] {
@@ -93,6 +97,9 @@ fn check_finite(adapter: &HfAdapter, multiplier: f64) -> Result<(), HfError> {
         }
         if let Some(x) = m.lora_bias.as_deref().and_then(first_nonfinite) {
             return Err(bad(format!("{}.lora_B.bias", m.name), x, "the adapter holds it"));
+        }
+        if let Some(x) = m.magnitude.as_deref().and_then(first_nonfinite) {
+            return Err(bad(format!("{}.lora_magnitude_vector", m.name), x, "the adapter holds it"));
         }
     }
     for r in &adapter.replacements {
@@ -393,6 +400,12 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
                         let bt = b.rows_range(i0, n).ok_or_else(overflow)?;
                         backend.gemm(dst, Accum::Add, bt, Op::N, a, Op::N, s).map_err(HfError::backend)?;
                     }
+                    if let Some(mag) = &m.magnitude {
+                        // DoRA: each row V_j = W_j + s B_j A, now complete in the
+                        // block, becomes (m_j / ||V_j||) V_j (PEFT's merge; the
+                        // reader refused fan_in_fan_out, so rows are outputs).
+                        dora_rows(&mut vals[..n * cols], cols, &mag[i0..i0 + n]);
+                    }
                 }
                 if check_finite {
                     let base = |i: usize| {
@@ -411,6 +424,18 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
         }
     }
     Ok(())
+}
+
+/// DoRA's merge on a block of complete rows `v` (`cols` each): `V_j <-
+/// (mag_j / ||V_j||) V_j`, the norm summed in f64, the ratio applied in
+/// f32 (PEFT's arithmetic). A multiplier scales `s` before this (`V = W +
+/// m s B A`), as PEFT's `scale_layer` does for DoRA.
+fn dora_rows(v: &mut [f32], cols: usize, mag: &[f32]) {
+    for (row, &mj) in v.chunks_exact_mut(cols.max(1)).zip(mag) {
+        let norm = row.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
+        let ratio = (f64::from(mj) / norm) as f32;
+        row.iter_mut().for_each(|x| *x *= ratio);
+    }
 }
 
 /// Refuses the first element of `merged` (which starts at element `offset`

@@ -205,10 +205,12 @@ pub struct LoraModule {
     pub alpha: f64,
     /// The scale applied to `B A`.
     pub scale: f64,
-    /// The element types `A`, `B` and the `lora_B` bias are stored in (the
-    /// bias slot repeats `B`'s when there is no bias): each tensor is
+    /// DoRA's `lora_magnitude_vector [out]` (`use_dora`).
+    pub magnitude: Option<Vec<f32>>,
+    /// The element types `A`, `B`, the `lora_B` bias and the magnitude are
+    /// stored in (an absent tensor's slot repeats `B`'s): each tensor is
     /// written back in its own type.
-    pub dtypes: [Dtype; 3],
+    pub dtypes: [Dtype; 4],
 }
 
 /// A whole tensor of an adapter: a base tensor it replaces (a trained bias
@@ -267,6 +269,16 @@ pub struct ModuleSummary {
     pub scale: f64,
     /// Whether `lora_B` has a bias.
     pub lora_bias: bool,
+    /// Whether it is DoRA (has a magnitude vector).
+    pub dora: bool,
+}
+
+impl ModuleSummary {
+    /// Trainable parameters of the factors: `r (in + out)`, plus `out` for
+    /// DoRA's magnitude (a `lora_B` bias is not counted, as before).
+    pub fn params(&self) -> usize {
+        self.r * (self.n_in + self.n_out) + if self.dora { self.n_out } else { 0 }
+    }
 }
 
 /// A PEFT adapter directory, checked, without its tensor values
@@ -375,6 +387,7 @@ impl HfAdapter {
                     alpha: m.alpha,
                     scale: m.scale,
                     lora_bias: m.lora_bias.is_some(),
+                    dora: m.magnitude.is_some(),
                 })
                 .collect(),
             replacements: ad.replacements.iter().map(|r| (r.name.clone(), r.shape.clone())).collect(),
@@ -434,27 +447,34 @@ impl HfAdapter {
     }
 
     fn read_lora(&mut self, lc: &HfLoraConfig, file: &StFile, read: Reader<'_>) -> Result<(), HfError> {
-        let mut a_b: BTreeMap<String, [Option<&st::Entry>; 3]> = BTreeMap::new();
+        let mut a_b: BTreeMap<String, [Option<&st::Entry>; 4]> = BTreeMap::new();
         let mut order = Vec::new();
         for e in &file.entries {
             let key = normalize_key(&e.name);
-            if key.contains("lora_magnitude_vector") {
-                return Err(HfError::Unsupported(format!("`{}`: DoRA magnitude vectors (use_dora)", e.name)));
-            }
             if key.contains("lora_embedding_") {
                 return Err(HfError::Unsupported(format!("`{}`: LoRA on embedding layers", e.name)));
             }
-            let slot = [(".lora_A.weight", 0), (".lora_B.weight", 1), (".lora_B.bias", 2)]
-                .into_iter()
-                .find_map(|(suffix, i)| key.strip_suffix(suffix).map(|m| (m.to_string(), i)));
+            // PEFT saves the magnitude without `.weight`; accept both.
+            let slot = [
+                (".lora_A.weight", 0),
+                (".lora_B.weight", 1),
+                (".lora_B.bias", 2),
+                (".lora_magnitude_vector", 3),
+                (".lora_magnitude_vector.weight", 3),
+            ]
+            .into_iter()
+            .find_map(|(suffix, i)| key.strip_suffix(suffix).map(|m| (m.to_string(), i)));
             match slot {
                 Some((module, i)) => {
                     if i == 2 && !lc.lora_bias {
                         return Err(HfError::Tensor(format!("`{}` present but lora_bias is false", e.name)));
                     }
+                    if i == 3 && !lc.use_dora {
+                        return Err(HfError::Tensor(format!("`{}` present but use_dora is false", e.name)));
+                    }
                     let s = a_b.entry(module.clone()).or_insert_with(|| {
                         order.push(module.clone());
-                        [None; 3]
+                        [None; 4]
                     });
                     if let Some(first) = s[i].replace(e) {
                         return Err(HfError::Tensor(format!("`{}` and `{}` both map to {key}", first.name, e.name)));
@@ -479,8 +499,12 @@ impl HfAdapter {
                 }
             }
         }
+        if lc.use_dora && (lc.fan_in_fan_out || lc.lora_bias) {
+            let field = if lc.fan_in_fan_out { "fan_in_fan_out" } else { "lora_bias" };
+            return Err(HfError::Unsupported(format!("`use_dora` with `{field}`")));
+        }
         for name in order {
-            let [a, b, bias] = a_b[&name];
+            let [a, b, bias, magnitude] = a_b[&name];
             let (Some(a), Some(b)) = (a, b) else {
                 let missing = if a.is_none() { "lora_A.weight" } else { "lora_B.weight" };
                 return Err(HfError::Tensor(format!(
@@ -509,14 +533,22 @@ impl HfAdapter {
             if bias.is_some_and(|e| e.shape != [n_out]) {
                 return Err(HfError::Tensor(format!("{name}: lora_B.bias does not have shape [{n_out}]")));
             }
+            if lc.use_dora && magnitude.is_none() {
+                return Err(HfError::Tensor(format!("{name}: use_dora is true but lora_magnitude_vector is missing")));
+            }
+            if magnitude.is_some_and(|e| e.shape != [n_out]) {
+                return Err(HfError::Tensor(format!("{name}: lora_magnitude_vector does not have shape [{n_out}]")));
+            }
             let lora_bias = bias.map(|e| read(file, e)).transpose()?;
+            let magnitude_values = magnitude.map(|e| read(file, e)).transpose()?;
             self.modules.push(LoraModule {
                 alpha: lc.alpha_for(&name),
                 scale: lc.scale_for(&name)?,
                 a: read(file, a)?,
                 b: read(file, b)?,
-                dtypes: [a.dtype, b.dtype, bias.map_or(b.dtype, |e| e.dtype)],
+                dtypes: [a.dtype, b.dtype, bias.map_or(b.dtype, |e| e.dtype), magnitude.map_or(b.dtype, |e| e.dtype)],
                 lora_bias,
+                magnitude: magnitude_values,
                 r,
                 n_in,
                 n_out,
@@ -592,6 +624,9 @@ impl HfAdapter {
             tensors.push((format!("{key}.lora_B.weight"), m.dtypes[1], vec![m.n_out, m.r], &m.b));
             if let Some(bias) = &m.lora_bias {
                 tensors.push((format!("{key}.lora_B.bias"), m.dtypes[2], vec![m.n_out], bias));
+            }
+            if let Some(mag) = &m.magnitude {
+                tensors.push((format!("{key}.lora_magnitude_vector"), m.dtypes[3], vec![m.n_out], mag));
             }
         }
         for r in &self.replacements {

@@ -1,0 +1,103 @@
+//! DoRA against the `lora_dora` fixture PEFT 0.21.2 wrote (see
+//! `tests/fixtures/peft/README.md`): `peft merge` against PEFT's
+//! `merge_and_unload`, `peft_core::dora` against PEFT's unmerged module
+//! outputs, and `peft convert` both ways.
+#![cfg(feature = "cli")]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use peft_core::dora::{Dora, refresh_scratch_len};
+use peft_core::{Dense, MatMut, MatRef};
+use peft_faer::Faer;
+use peft_faer::hf::convert::{own_to_peft_dir, peft_dir_to_own};
+use peft_faer::hf::{HfAdapter, PeftConfig};
+
+use common::{load, max_rel, scratch};
+
+fn case() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/lora_dora")
+}
+
+#[test]
+fn dora_merge_matches_pefts_merge_and_unload() {
+    let dir = scratch("dora-merge");
+    let out = dir.join("merged.safetensors");
+    let res = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(["merge", "--base"])
+        .arg(case().join("base.safetensors"))
+        .arg("--adapter")
+        .arg(case())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let (got, refs) = (load(&out), load(&case().join("ref.safetensors")));
+    let mut n = 0;
+    for (name, (_, _, want)) in refs.iter().filter_map(|(k, v)| Some((k.strip_prefix("merged.")?, v))) {
+        let rel = max_rel(&got[name].2, want);
+        assert!(rel <= 1e-5, "{name}: relative error {rel:.2e}");
+        n += 1;
+    }
+    let base = load(&case().join("base.safetensors"));
+    assert_eq!(n, base.len(), "every base tensor compared");
+    assert_eq!(got["layers.0.v_proj.bias"].2, base["layers.0.v_proj.bias"].2, "DoRA leaves the bias alone");
+}
+
+#[test]
+fn dora_forward_matches_pefts_module_outputs() {
+    let ad = HfAdapter::read_dir(&case()).unwrap();
+    let PeftConfig::Lora(lc) = &ad.config else { panic!("not LoRA") };
+    assert!(lc.use_dora);
+    let (base, refs) = (load(&case().join("base.safetensors")), load(&case().join("ref.safetensors")));
+    let backend = Faer::with_threads(1);
+    assert_eq!(ad.modules.len(), 6);
+    for m in &ad.modules {
+        let w = &base[&format!("{}.weight", m.name)].2;
+        let bias = base.get(&format!("{}.bias", m.name)).map(|b| b.2.clone());
+        let dense = Dense::new(w, m.n_out, m.n_in).unwrap();
+        let dense = match &bias {
+            Some(b) => dense.with_bias(b).unwrap(),
+            None => dense,
+        };
+        let mag = m.magnitude.as_deref().expect("a DoRA module has its magnitude");
+        let mut dora =
+            Dora::new(&lc.core_config_for(&m.name), m.n_in, m.n_out, &m.a[..], &m.b[..], mag, vec![0.0; m.n_out])
+                .unwrap();
+        let mut sc = vec![0.0f32; refresh_scratch_len(&dense, 16)];
+        dora.refresh_norms(&backend, &dense, &mut sc).unwrap();
+        let x = &refs[&format!("x.{}", m.name)].2;
+        let t = x.len() / m.n_in;
+        let mut y = vec![0.0f32; t * m.n_out];
+        let mut scratch = vec![0.0f32; t * m.r];
+        dora.forward(
+            &backend,
+            &dense,
+            MatRef::new(x, t, m.n_in).unwrap(),
+            MatMut::new(&mut y, t, m.n_out).unwrap(),
+            &mut scratch,
+        )
+        .unwrap();
+        let rel = max_rel(&y, &refs[&format!("y.{}", m.name)].2);
+        assert!(rel <= 1e-5, "{}: relative error {rel:.2e}", m.name);
+    }
+}
+
+#[test]
+fn dora_converts_both_ways_bit_for_bit() {
+    let dir = scratch("dora-convert");
+    let own = peft_dir_to_own(&case()).unwrap();
+    own_to_peft_dir(&own, &dir.join("back"), false).unwrap();
+    let (got, want) =
+        (load(&dir.join("back/adapter_model.safetensors")), load(&case().join("adapter_model.safetensors")));
+    assert_eq!(got, want);
+    assert!(want.keys().any(|k| k.ends_with(".lora_magnitude_vector")));
+    assert_eq!(peft_dir_to_own(&dir.join("back")).unwrap(), own);
+    // inspect names the method.
+    let res = Command::new(env!("CARGO_BIN_EXE_peft")).arg("inspect").arg(case()).output().unwrap();
+    let text = String::from_utf8_lossy(&res.stdout);
+    assert!(res.status.success() && text.contains("DoRA"), "{text}");
+}
