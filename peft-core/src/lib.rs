@@ -15,6 +15,8 @@
 //!   typed step ([`lora::Merged`]).
 //! * [`dora`]: DoRA, LoRA with a learned magnitude per output row; the row
 //!   norms of `W + s B A` cached until the adapter changes.
+//! * [`ia3`]: (IA)^3, a learned vector scaling a layer's output (or a
+//!   feedforward layer's input).
 //! * [`adapter`]: bottleneck adapters (Houlsby/Pfeiffer), with [`activation`]s.
 //! * [`prompt`]: prompt tuning (soft prompts prepended to the input embeddings).
 //! * [`attention`]: multi-head and grouped-query attention with masks, forward
@@ -65,6 +67,7 @@ pub mod dora;
 pub mod element;
 pub mod error;
 pub mod format;
+pub mod ia3;
 pub mod lora;
 pub mod matrix;
 pub mod optim;

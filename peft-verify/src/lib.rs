@@ -35,6 +35,11 @@
 //! | `dora_merged_equals_unmerged` | the merged `(m / n) (W + s B A)` gives the unmerged output | 6 |
 //! | `dora_unmerge_restores` | bit-exact with a backup, within four roundings without | 6 |
 //! | `dora_gradients_match_fd` | dA, dB, dm, dx against central differences, the norm held constant (PEFT detaches it) | 12 |
+//! | `ia3_identity_at_init` | (IA)^3 at init (`l = 1`), both kinds: exactly the base output | 2 |
+//! | `ia3_matches_oracle` | `(x W^T + b) * l`, or `(x * l) W^T + b` for a feedforward layer | 3 |
+//! | `ia3_merged_equals_unmerged` | the merged weight (and output kind's bias) gives the unmerged output | 6 |
+//! | `ia3_unmerge_restores` | bit-exact with a backup, within two roundings without | 6 |
+//! | `ia3_gradients_match_fd` | dl and dx against central differences | 12 |
 //! | `set_active_sum_matches_oracle` | an adapter set with several active adapters and multipliers: `x W^T + b + sum_i m_i s_i (x A_i^T) B_i^T` | - |
 //! | `set_mixed_rows_match_own_forward` | a mixed-adapter batch: every row equals its own adapter's (or the base's) oracle output | - |
 //! | `set_mixed_gradients_match_fd` | the mixed batch's `dA_i`, `dB_i` (summed over each adapter's rows) and `dx` against central differences | - |
@@ -311,6 +316,7 @@ where
     props::gemm::run_all::<E, B>(backend, config, &mut report);
     props::lora::run_all::<E, B>(backend, config, &mut report);
     props::dora::run_all::<E, B>(backend, config, &mut report);
+    props::ia3::run_all::<E, B>(backend, config, &mut report);
     props::adapter::run_all::<E, B>(backend, config, &mut report);
     props::prompt::run_all::<E>(config, &mut report);
     props::set::run_all::<E, B>(backend, config, &mut report);

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod dora;
 pub mod errors;
 pub mod gemm;
+pub mod ia3;
 pub mod lora;
 pub mod optim;
 pub mod prompt;
