@@ -477,6 +477,33 @@ fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>
                 }
             }
         }
+        PeftConfig::Ia3(_) => {
+            let total: usize = ad.ia3.iter().map(|m| m.2).sum();
+            if as_json {
+                let modules: Vec<_> = ad
+                    .ia3
+                    .iter()
+                    .map(|(name, ff, n)| {
+                        json!({ "module": name, "base_tensor": format!("{name}.weight"),
+                        "scales": if *ff { "input" } else { "output" }, "params": n })
+                    })
+                    .collect();
+                let doc = json!({ "method": "ia3", "dtype": format!("{:?}", ad.dtype), "modules": modules,
+                    "total_params": total, "warnings": nonfinite });
+                outln!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                outln!("method ia3: a learned vector scales each module's output (or a feedforward module's input)");
+                outln!("{:<40} {:<48} {:>8} {:>9}", "module", "base tensor", "scales", "params");
+                for (name, ff, n) in &ad.ia3 {
+                    let scales = if *ff { "input" } else { "output" };
+                    outln!("{:<40} {:<48} {:>8} {:>9}", name, format!("{name}.weight"), scales, n);
+                }
+                outln!("total: {} modules, {total} trainable parameters", ad.ia3.len());
+                for w in &nonfinite {
+                    outln!("warning: {w}");
+                }
+            }
+        }
         PeftConfig::Lora(c) => {
             let mut warnings = nonfinite;
             let mut rows = Vec::new();

@@ -139,6 +139,7 @@ pub fn combine(sources: &[(&HfAdapter, f64)], combination: Combination, seed: u6
         dtype: first.dtype,
         config,
         modules,
+        ia3: Vec::new(),
         replacements: Vec::new(),
         prompt: None,
         metadata: BTreeMap::new(),

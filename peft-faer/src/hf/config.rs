@@ -161,6 +161,34 @@ pub struct PromptConfig {
     pub raw: Map<String, Value>,
 }
 
+/// An (IA)^3 adapter's configuration.
+#[derive(Clone, Debug)]
+pub struct Ia3Config {
+    /// Targeted modules.
+    pub target_modules: Targets,
+    /// Modules whose input, not output, is scaled: a list (PEFT's rule: the
+    /// module name ends with an entry, a plain suffix) or a regex (full
+    /// match).
+    pub feedforward_modules: Targets,
+    /// Weights stored `[in, out]`.
+    pub fan_in_fan_out: bool,
+    /// Modules whose whole weights are trained and saved.
+    pub modules_to_save: Vec<String>,
+    /// The JSON object as read.
+    pub raw: Map<String, Value>,
+}
+
+impl Ia3Config {
+    /// Whether PEFT treats `module` as feedforward (its vector scales the
+    /// input).
+    pub fn is_feedforward(&self, module: &str) -> bool {
+        match &self.feedforward_modules {
+            Targets::List(l) => l.iter().any(|t| module.ends_with(t.as_str())),
+            Targets::Regex(_, re) => re.is_match(module),
+        }
+    }
+}
+
 /// A parsed `adapter_config.json`.
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
@@ -168,6 +196,8 @@ pub enum PeftConfig {
     Lora(HfLoraConfig),
     /// `PROMPT_TUNING` or `PREFIX_TUNING`.
     Prompt(PromptConfig),
+    /// `peft_type: "IA3"`.
+    Ia3(Ia3Config),
 }
 
 /// One string or a list of strings.
@@ -218,6 +248,30 @@ struct RawLora {
     init_lora_weights: Option<Value>,
     #[serde(flatten)]
     rest: Map<String, Value>,
+}
+
+/// The fields of an IA3 config.
+#[derive(Deserialize)]
+struct RawIa3 {
+    target_modules: Option<RawTargets>,
+    feedforward_modules: Option<RawTargets>,
+    fan_in_fan_out: Option<bool>,
+    modules_to_save: Option<OneOrMany<String>>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// `target_modules`-like field: a list, or a regex matched in full.
+fn targets(field: &str, raw: Option<RawTargets>) -> Result<Targets, HfError> {
+    match raw {
+        Some(RawTargets::Regex(s)) => {
+            let re = Regex::new(&format!("^(?:{s})$"))
+                .map_err(|e| HfError::config(field, &format!("not a supported regex: {e}")))?;
+            Ok(Targets::Regex(s, re))
+        }
+        Some(RawTargets::List(l)) => Ok(Targets::List(l)),
+        None => Err(HfError::config(field, "missing: must be a list or a regex string")),
+    }
 }
 
 /// The fields of a prompt- or prefix-tuning config.
@@ -279,8 +333,9 @@ impl PeftConfig {
         match peft_type {
             "LORA" => Self::lora(text, &v),
             "PROMPT_TUNING" | "PREFIX_TUNING" => Self::prompt(text, &v, peft_type == "PREFIX_TUNING"),
+            "IA3" => Self::ia3(text, &v),
             other => Err(HfError::Unsupported(format!(
-                "`peft_type` {other:?} (supported: LORA, PROMPT_TUNING, PREFIX_TUNING)"
+                "`peft_type` {other:?} (supported: LORA, IA3, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }
@@ -349,6 +404,25 @@ impl PeftConfig {
             modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             layers_to_transform: raw.layers_to_transform.map(OneOrMany::into_vec),
             layers_pattern,
+            raw: v.as_object().cloned().unwrap_or_default(),
+        }))
+    }
+
+    fn ia3(text: &str, v: &Value) -> Result<Self, HfError> {
+        let raw: RawIa3 = typed(text)?;
+        unsupported_if_set(&raw.rest, "layers_to_transform", "IA3 on a subset of layers is not supported")?;
+        let fan_in_fan_out = raw.fan_in_fan_out.unwrap_or(false);
+        if fan_in_fan_out {
+            return Err(HfError::Unsupported("`fan_in_fan_out` with IA3".into()));
+        }
+        Ok(PeftConfig::Ia3(Ia3Config {
+            target_modules: targets("target_modules", raw.target_modules)?,
+            feedforward_modules: match raw.feedforward_modules {
+                None => Targets::List(Vec::new()),
+                some => targets("feedforward_modules", some)?,
+            },
+            fan_in_fan_out,
+            modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             raw: v.as_object().cloned().unwrap_or_default(),
         }))
     }

@@ -30,7 +30,7 @@ use safetensors::Dtype;
 
 use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry, float_size};
-use super::{HfAdapter, HfError, HfTensor, LoraModule, PeftConfig};
+use super::{HfAdapter, HfError, HfTensor, Ia3Module, LoraModule, PeftConfig};
 use crate::files::{Staging, check_output};
 
 /// Row blocks of adapted weights, and copy chunks, hold at most this many
@@ -45,6 +45,10 @@ enum Action<'a> {
     Lora(Vec<(&'a LoraModule, f32)>, bool),
     /// `b += sum_i f_i lora_B.bias_i`.
     LoraBias(Vec<(&'a LoraModule, f32)>),
+    /// (IA)^3: `W` scaled by rows (`l [out]`) or columns (feedforward).
+    Ia3(&'a Ia3Module),
+    /// (IA)^3 on the output: `b *= l`.
+    Ia3Bias(&'a Ia3Module),
     Replace(&'a HfTensor),
 }
 
@@ -102,6 +106,11 @@ fn check_finite(adapter: &HfAdapter, multiplier: f64) -> Result<(), HfError> {
             return Err(bad(format!("{}.lora_magnitude_vector", m.name), x, "the adapter holds it"));
         }
     }
+    for m in &adapter.ia3 {
+        if let Some(x) = first_nonfinite(&m.l) {
+            return Err(bad(format!("{}.ia3_l", m.name), x, "the adapter holds it"));
+        }
+    }
     for r in &adapter.replacements {
         if let Some(x) = first_nonfinite(&r.data) {
             return Err(bad(r.name.clone(), x, "the adapter holds it"));
@@ -113,6 +122,15 @@ fn check_finite(adapter: &HfAdapter, multiplier: f64) -> Result<(), HfError> {
 fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<String, Action<'a>>, HfError> {
     let mut actions: BTreeMap<String, Action<'a>> = BTreeMap::new();
     for &(adapter, multiplier) in adapters {
+        if let PeftConfig::Ia3(_) = &adapter.config {
+            if multiplier != 1.0 {
+                return Err(HfError::Unsupported("a multiplier other than 1 for an IA3 adapter".into()));
+            }
+            for m in &adapter.ia3 {
+                plan_ia3(base, m, &mut actions)?;
+            }
+            continue;
+        }
         let PeftConfig::Lora(lc) = &adapter.config else {
             return Err(HfError::Unsupported(
                 "merging prompt or prefix tuning (they have no weights to merge into)".into(),
@@ -170,6 +188,36 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
         }
     }
     Ok(actions)
+}
+
+/// Plans an (IA)^3 module: its weight scaled, and for the output kind its
+/// bias (when the base has one).
+fn plan_ia3<'a>(base: &Base, m: &'a Ia3Module, actions: &mut BTreeMap<String, Action<'a>>) -> Result<(), HfError> {
+    let name = format!("{}.weight", m.name);
+    let (_, e) =
+        base.find(&name).ok_or_else(|| HfError::Base(format!("{name}, adapted by the adapter, is missing")))?;
+    let fits = match e.shape.as_slice() {
+        &[out, n_in] => {
+            if m.feedforward {
+                n_in == m.l.len()
+            } else {
+                out == m.l.len()
+            }
+        }
+        _ => false,
+    };
+    if !fits {
+        return Err(HfError::Base(format!("{name} has shape {:?}, ia3_l has {:?}", e.shape, m.shape())));
+    }
+    float_size(e.dtype).ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
+    if actions.insert(name.clone(), Action::Ia3(m)).is_some() {
+        return Err(HfError::Tensor(format!("{name} is adapted by two adapters, one of them IA3")));
+    }
+    let bias = format!("{}.bias", m.name);
+    if !m.feedforward && base.find(&bias).is_some() && actions.insert(bias.clone(), Action::Ia3Bias(m)).is_some() {
+        return Err(HfError::Tensor(format!("{bias} is adapted by two adapters, one of them IA3")));
+    }
+    Ok(())
 }
 
 /// Merges `adapter` into `base`, writing `out` (a `.safetensors` file for a
@@ -269,8 +317,8 @@ pub fn merge_many<B: Backend<f32> + ?Sized>(
                 })?;
                 match action {
                     Action::Copy => report.copied += 1,
-                    Action::Lora(..) => report.merged += 1,
-                    Action::LoraBias(_) | Action::Replace(_) => report.replaced += 1,
+                    Action::Lora(..) | Action::Ia3(_) => report.merged += 1,
+                    Action::LoraBias(_) | Action::Ia3Bias(_) | Action::Replace(_) => report.replaced += 1,
                 }
                 report.bytes += oe.bytes();
                 progress(oe.bytes());
@@ -371,6 +419,53 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
             }
             st::from_f32(out_dtype, &bias, &mut out)?;
             w.write_all(&out)?;
+        }
+        Action::Ia3Bias(m) => {
+            let mut bias = shard.read_f32(e)?;
+            bias.iter_mut().zip(&m.l).for_each(|(b, l)| *b *= l);
+            if check_finite {
+                let base = shard.read_f32(e)?;
+                refuse_new_nonfinite(&e.name, 0, &bias, |i| base.get(i).copied())?;
+            }
+            st::from_f32(out_dtype, &bias, &mut out)?;
+            w.write_all(&out)?;
+        }
+        Action::Ia3(m) => {
+            let size = float_size(e.dtype).unwrap_or(4);
+            let &[rows, cols] = e.shape.as_slice() else {
+                return Err(HfError::Base(format!("{}: an adapted weight must be a matrix", e.name)).into());
+            };
+            let block = (CHUNK_BYTES / 4 / cols.max(1)).clamp(1, rows.max(1));
+            let mut bytes = vec![0u8; block * cols * size];
+            let mut vals = vec![0.0f32; block * cols];
+            let mut i0 = 0;
+            while i0 < rows {
+                let n = block.min(rows - i0);
+                let nb = n * cols * size;
+                shard.read_at(e, (i0 * cols * size) as u64, &mut bytes[..nb])?;
+                st::to_f32(e.dtype, &bytes[..nb], &mut vals[..n * cols])?;
+                for (k, row) in vals[..n * cols].chunks_exact_mut(cols.max(1)).enumerate() {
+                    if m.feedforward {
+                        row.iter_mut().zip(&m.l).for_each(|(v, l)| *v *= l);
+                    } else {
+                        let l = m.l[i0 + k];
+                        row.iter_mut().for_each(|v| *v *= l);
+                    }
+                }
+                if check_finite {
+                    let base = |i: usize| {
+                        let mut one = [0.0f32];
+                        let c = bytes.get(i * size..(i + 1) * size)?;
+                        st::to_f32(e.dtype, c, &mut one).ok()?;
+                        Some(one[0])
+                    };
+                    refuse_new_nonfinite(&e.name, i0 * cols, &vals[..n * cols], base)?;
+                }
+                out.clear();
+                st::from_f32(out_dtype, &vals[..n * cols], &mut out)?;
+                w.write_all(&out)?;
+                i0 += n;
+            }
         }
         Action::Lora(list, fan_in_fan_out) => {
             let size = float_size(e.dtype).unwrap_or(4);

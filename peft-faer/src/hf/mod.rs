@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use peft_core::lora::config::module_matches;
 use safetensors::Dtype;
 
-pub use config::{BiasMode, HfLoraConfig, PeftConfig, PromptConfig, Targets};
+pub use config::{BiasMode, HfLoraConfig, Ia3Config, PeftConfig, PromptConfig, Targets};
 use st::{OutEntry, StFile};
 
 use crate::files::OutputError;
@@ -213,6 +213,27 @@ pub struct LoraModule {
     pub dtypes: [Dtype; 4],
 }
 
+/// One (IA)^3-adapted module: its vector `ia3_l`, `[out, 1]` (the output
+/// is scaled) or `[1, in]` (feedforward: the input is).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ia3Module {
+    /// Module name without `base_model.model.`.
+    pub name: String,
+    /// The vector's values, widened to f32.
+    pub l: Vec<f32>,
+    /// Whether it scales the input (PEFT's `feedforward_modules`).
+    pub feedforward: bool,
+    /// The element type it is stored in.
+    pub dtype: Dtype,
+}
+
+impl Ia3Module {
+    /// The shape PEFT stores: `[1, in]` or `[out, 1]`.
+    pub fn shape(&self) -> [usize; 2] {
+        if self.feedforward { [1, self.l.len()] } else { [self.l.len(), 1] }
+    }
+}
+
 /// A whole tensor of an adapter: a base tensor it replaces (a trained bias
 /// under `bias = "all" | "lora_only"`, or a `modules_to_save` weight), or
 /// prompt learning's `prompt_embeddings`.
@@ -235,6 +256,8 @@ pub struct HfAdapter {
     pub config: PeftConfig,
     /// LoRA modules, in the order of their keys.
     pub modules: Vec<LoraModule>,
+    /// (IA)^3 modules, in the order of their keys.
+    pub ia3: Vec<Ia3Module>,
     /// Whole-tensor replacements.
     pub replacements: Vec<HfTensor>,
     /// Prompt or prefix tuning: `prompt_embeddings`.
@@ -295,6 +318,8 @@ pub struct AdapterSummary {
     pub replacements: Vec<(String, Vec<usize>)>,
     /// Prompt learning: the shape of `prompt_embeddings`.
     pub prompt_shape: Option<Vec<usize>>,
+    /// (IA)^3 modules: name, feedforward, the vector's length.
+    pub ia3: Vec<(String, bool, usize)>,
     /// Every tensor holding a NaN or infinity: its name as stored, the
     /// first such element's index and value.
     pub nonfinite: Vec<(String, usize, f32)>,
@@ -392,6 +417,7 @@ impl HfAdapter {
                 .collect(),
             replacements: ad.replacements.iter().map(|r| (r.name.clone(), r.shape.clone())).collect(),
             prompt_shape: ad.prompt.as_ref().map(|p| p.shape.clone()),
+            ia3: ad.ia3.iter().map(|m| (m.name.clone(), m.feedforward, m.shape()[0].max(m.shape()[1]))).collect(),
             dtype: ad.dtype,
             config: ad.config,
             nonfinite,
@@ -410,6 +436,7 @@ impl HfAdapter {
         let mut out = HfAdapter {
             config: config.clone(),
             modules: Vec::new(),
+            ia3: Vec::new(),
             replacements: Vec::new(),
             prompt: None,
             dtype,
@@ -442,6 +469,7 @@ impl HfAdapter {
                 });
             }
             PeftConfig::Lora(lc) => out.read_lora(lc, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::Ia3(ic) => out.read_ia3(ic, &file, read).map_err(|e| e.in_file(&path))?,
         }
         Ok(out)
     }
@@ -561,6 +589,45 @@ impl HfAdapter {
         Ok(())
     }
 
+    fn read_ia3(&mut self, ic: &Ia3Config, file: &StFile, read: Reader<'_>) -> Result<(), HfError> {
+        for e in &file.entries {
+            let key = normalize_key(&e.name);
+            if let Some(module) = key.strip_suffix(".ia3_l") {
+                if !ic.target_modules.matches(module) {
+                    return Err(HfError::Tensor(format!("{module}: has ia3_l but the config does not target it")));
+                }
+                let feedforward = ic.is_feedforward(module);
+                let ok = match (feedforward, e.shape.as_slice()) {
+                    (true, &[1, n]) | (false, &[n, 1]) => n > 0,
+                    _ => false,
+                };
+                if !ok {
+                    let want = if feedforward { "[1, in] (feedforward)" } else { "[out, 1]" };
+                    return Err(HfError::Tensor(format!("{module}: ia3_l has shape {:?}, expected {want}", e.shape)));
+                }
+                if self.ia3.iter().any(|m| m.name == module) {
+                    return Err(HfError::Tensor(format!("{module}: ia3_l appears twice")));
+                }
+                self.ia3.push(Ia3Module { name: module.to_string(), l: read(file, e)?, feedforward, dtype: e.dtype });
+            } else {
+                let owner = key.rsplit_once('.').map_or("", |(m, _)| m);
+                if !ic.modules_to_save.iter().any(|m| module_matches(owner, m)) {
+                    return Err(HfError::Tensor(format!("unexpected key `{}` (not ia3_l or modules_to_save)", e.name)));
+                }
+                self.replacements.push(HfTensor {
+                    name: key,
+                    dtype: e.dtype,
+                    shape: e.shape.clone(),
+                    data: read(file, e)?,
+                });
+            }
+        }
+        if self.ia3.is_empty() {
+            return Err(HfError::Tensor("no ia3_l tensors".into()));
+        }
+        Ok(())
+    }
+
     /// Prompt tuning as `peft-core`'s type, over this adapter's
     /// `prompt_embeddings` (`[num_virtual_tokens, token_dim]`).
     ///
@@ -611,6 +678,7 @@ impl HfAdapter {
         match &self.config {
             PeftConfig::Lora(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Prompt(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::Ia3(c) => serde_json::Value::Object(c.raw.clone()),
         }
     }
 
@@ -628,6 +696,9 @@ impl HfAdapter {
             if let Some(mag) = &m.magnitude {
                 tensors.push((format!("{key}.lora_magnitude_vector"), m.dtypes[3], vec![m.n_out], mag));
             }
+        }
+        for m in &self.ia3 {
+            tensors.push((format!("base_model.model.{}.ia3_l", m.name), m.dtype, m.shape().to_vec(), &m.l));
         }
         for r in &self.replacements {
             tensors.push((format!("base_model.model.{}", r.name), r.dtype, r.shape.clone(), &r.data));

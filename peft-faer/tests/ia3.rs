@@ -1,0 +1,99 @@
+//! (IA)^3 against the `ia3` fixture PEFT 0.21.2 wrote (see
+//! `tests/fixtures/peft/README.md`): `peft merge` against PEFT's
+//! `merge_and_unload`, `peft_core::ia3` against PEFT's unmerged module
+//! outputs (both kinds), and the folder written back unchanged.
+#![cfg(feature = "cli")]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use peft_core::ia3::Ia3;
+use peft_core::{Dense, MatMut, MatRef};
+use peft_faer::Faer;
+use peft_faer::hf::{HfAdapter, PeftConfig};
+
+use common::{load, max_rel, scratch};
+
+fn case() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/ia3")
+}
+
+#[test]
+fn ia3_merge_matches_pefts_merge_and_unload() {
+    let dir = scratch("ia3-merge");
+    let out = dir.join("merged.safetensors");
+    let res = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(["merge", "--base"])
+        .arg(case().join("base.safetensors"))
+        .arg("--adapter")
+        .arg(case())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let (got, refs, base) = (load(&out), load(&case().join("ref.safetensors")), load(&case().join("base.safetensors")));
+    let mut n = 0;
+    for (name, (_, _, want)) in refs.iter().filter_map(|(k, v)| Some((k.strip_prefix("merged.")?, v))) {
+        let rel = max_rel(&got[name].2, want);
+        assert!(rel <= 1e-5, "{name}: relative error {rel:.2e}");
+        n += 1;
+    }
+    assert_eq!(n, base.len(), "every base tensor compared");
+    // The output kind scales its bias; the feedforward kind does not.
+    assert_ne!(got["layers.0.v_proj.bias"].2, base["layers.0.v_proj.bias"].2);
+    assert_eq!(got["layers.0.mlp.fc1.bias"].2, base["layers.0.mlp.fc1.bias"].2);
+}
+
+#[test]
+fn ia3_forward_matches_pefts_module_outputs() {
+    let ad = HfAdapter::read_dir(&case()).unwrap();
+    assert!(matches!(ad.config, PeftConfig::Ia3(_)));
+    let (base, refs) = (load(&case().join("base.safetensors")), load(&case().join("ref.safetensors")));
+    let backend = Faer::with_threads(1);
+    assert_eq!(ad.ia3.len(), 8);
+    assert_eq!(ad.ia3.iter().filter(|m| m.feedforward).count(), 4, "fc1 and fc2 in both layers");
+    for m in &ad.ia3 {
+        let (_, shape, w) = &base[&format!("{}.weight", m.name)];
+        let (n_out, n_in) = (shape[0], shape[1]);
+        let bias = base.get(&format!("{}.bias", m.name)).map(|b| b.2.clone());
+        let dense = Dense::new(w, n_out, n_in).unwrap();
+        let dense = match &bias {
+            Some(b) => dense.with_bias(b).unwrap(),
+            None => dense,
+        };
+        let ia3 = Ia3::new(n_in, n_out, m.feedforward, &m.l[..]).unwrap();
+        let x = &refs[&format!("x.{}", m.name)].2;
+        let t = x.len() / n_in;
+        let mut y = vec![0.0f32; t * n_out];
+        let mut sc = vec![0.0f32; ia3.forward_scratch_len(t)];
+        ia3.forward(
+            &backend,
+            &dense,
+            MatRef::new(x, t, n_in).unwrap(),
+            MatMut::new(&mut y, t, n_out).unwrap(),
+            &mut sc,
+        )
+        .unwrap();
+        let rel = max_rel(&y, &refs[&format!("y.{}", m.name)].2);
+        assert!(rel <= 1e-5, "{}: relative error {rel:.2e}", m.name);
+    }
+}
+
+#[test]
+fn ia3_folders_are_written_back_unchanged_and_inspected() {
+    let dir = scratch("ia3-write");
+    let ad = HfAdapter::read_dir(&case()).unwrap();
+    ad.write_dir(&dir.join("back"), false).unwrap();
+    assert_eq!(load(&dir.join("back/adapter_model.safetensors")), load(&case().join("adapter_model.safetensors")));
+    let res = Command::new(env!("CARGO_BIN_EXE_peft")).arg("inspect").arg(case()).output().unwrap();
+    let text = String::from_utf8_lossy(&res.stdout);
+    assert!(res.status.success() && text.contains("method ia3") && text.contains("input"), "{text}");
+    // `.peft` files do not hold IA3 yet: a clear refusal, nothing written.
+    let res =
+        Command::new(env!("CARGO_BIN_EXE_peft")).arg("convert").arg(case()).arg(dir.join("x.peft")).output().unwrap();
+    assert!(!res.status.success() && String::from_utf8_lossy(&res.stderr).contains("IA3"));
+    assert!(!dir.join("x.peft").exists());
+}
