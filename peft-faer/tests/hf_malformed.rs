@@ -72,9 +72,14 @@ fn config_problems() {
     assert!(matches!(merge_fails(&dir, &base), HfError::Json(_)));
 
     copy_fixture(&dir);
+    edit_config(&dir, |c| c["peft_type"] = "LOHA".into());
+    let e = merge_fails(&dir, &base);
+    assert!(matches!(&e, HfError::Unsupported(m) if m.contains("peft_type") && m.contains("LOHA")), "{e}");
+    // An IA3 config over LoRA tensors: the tensors are refused, named.
+    copy_fixture(&dir);
     edit_config(&dir, |c| c["peft_type"] = "IA3".into());
     let e = merge_fails(&dir, &base);
-    assert!(matches!(&e, HfError::Unsupported(m) if m.contains("peft_type") && m.contains("IA3")), "{e}");
+    assert!(matches!(&e, HfError::Tensor(m) if m.contains("lora_A")), "{e}");
 
     copy_fixture(&dir);
     edit_config(&dir, |c| c["r"] = 8.into());
