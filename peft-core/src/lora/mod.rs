@@ -17,10 +17,12 @@
 //! * [`merge`]: merging as a typed step: [`Lora::merge_into`] returns a
 //!   [`Merged`] guard that owns the weight until it is restored.
 //! * [`params`]: trainable versus frozen parameter counts.
+//! * [`embedding`]: LoRA on an embedding table (PEFT's `lora.Embedding`).
 //! * `owned` (feature `alloc`): `LoraParams`, heap-owned adapter buffers.
 
 pub mod backward;
 pub mod config;
+pub mod embedding;
 pub mod forward;
 pub mod layer;
 pub mod merge;
@@ -30,6 +32,7 @@ pub mod params;
 
 pub use backward::LoraGrads;
 pub use config::{DEFAULT_TARGET_MODULES, LOW_SAVINGS_RATIO, LoraConfig, LoraInit};
+pub use embedding::{LoraEmbedding, LoraEmbeddingGrads};
 pub use layer::{Lora, backward_scratch_len, forward_scratch_len};
 pub use merge::Merged;
 #[cfg(feature = "alloc")]

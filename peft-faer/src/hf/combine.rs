@@ -127,6 +127,7 @@ pub fn combine(sources: &[(&HfAdapter, f64)], combination: Combination, seed: u6
             b,
             lora_bias: None,
             magnitude: None,
+            embedding: m0.embedding,
             r: rank,
             n_in: m0.n_in,
             n_out: m0.n_out,

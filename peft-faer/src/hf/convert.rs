@@ -266,11 +266,12 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
         PeftConfig::Lora(lc) => {
             for t in f.tensors() {
                 let name = t.name();
-                if let Some(module) = name.strip_suffix(".lora_A.weight") {
-                    let b = f.tensor(&format!("{module}.lora_B.weight")).map_err(|_| {
-                        HfError::Tensor(format!(
-                            "{module}: `{module}.lora_B.weight` is missing (LoRA needs both factors)"
-                        ))
+                let linear = name.strip_suffix(".lora_A.weight").map(|m| (m, false));
+                if let Some((module, embedding)) = linear.or(name.strip_suffix(".lora_embedding_A").map(|m| (m, true)))
+                {
+                    let b_name = if embedding { "lora_embedding_B" } else { "lora_B.weight" };
+                    let b = f.tensor(&format!("{module}.{b_name}")).map_err(|_| {
+                        HfError::Tensor(format!("{module}: `{module}.{b_name}` is missing (LoRA needs both factors)"))
                     })?;
                     let (&[r, n_in], &[n_out, r2]) = (t.shape(), b.shape()) else {
                         return Err(HfError::Tensor(format!("{module}: LoRA factors must be matrices")));
@@ -294,6 +295,7 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
                         b: b.data,
                         lora_bias: bias.map(|t| t.data),
                         magnitude: magnitude.map(|t| t.data),
+                        embedding,
                         r,
                         n_in,
                         n_out,
@@ -304,8 +306,10 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
                     .strip_suffix(".lora_B.weight")
                     .or(name.strip_suffix(".lora_B.bias"))
                     .or(name.strip_suffix(".lora_magnitude_vector"))
+                    .or(name.strip_suffix(".lora_embedding_B"))
                 {
-                    if f.tensor(&format!("{module}.lora_A.weight")).is_err() {
+                    let has_a = |n: &str| f.tensor(&format!("{module}.{n}")).is_ok();
+                    if !has_a("lora_A.weight") && !has_a("lora_embedding_A") {
                         return Err(HfError::Tensor(format!("`{name}` has no `{module}.lora_A.weight`")));
                     }
                 } else {

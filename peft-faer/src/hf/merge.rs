@@ -140,14 +140,17 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
             let name = format!("{}.weight", m.name);
             let (_, e) =
                 base.find(&name).ok_or_else(|| HfError::Base(format!("{name}, adapted by the adapter, is missing")))?;
-            let want = if lc.fan_in_fan_out { [m.n_in, m.n_out] } else { [m.n_out, m.n_in] };
+            // An embedding's weight is `[vocab, dim]` = `[in, out]`: its update
+            // `s (B A)^T` is the fan_in_fan_out one.
+            let transposed = lc.fan_in_fan_out || m.embedding;
+            let want = if transposed { [m.n_in, m.n_out] } else { [m.n_out, m.n_in] };
             if e.shape != want {
                 return Err(HfError::Base(format!("{name} has shape {:?}, the adapter needs {want:?}", e.shape)));
             }
             float_size(e.dtype).ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
             let factor = (m.scale * multiplier) as f32;
-            match actions.entry(name.clone()).or_insert_with(|| Action::Lora(Vec::new(), lc.fan_in_fan_out)) {
-                Action::Lora(list, fan) if *fan == lc.fan_in_fan_out => list.push((m, factor)),
+            match actions.entry(name.clone()).or_insert_with(|| Action::Lora(Vec::new(), transposed)) {
+                Action::Lora(list, fan) if *fan == transposed => list.push((m, factor)),
                 Action::Lora(..) => {
                     return Err(HfError::Unsupported(format!("{name}: adapters disagree on fan_in_fan_out")));
                 }

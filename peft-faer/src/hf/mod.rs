@@ -207,6 +207,11 @@ pub struct LoraModule {
     pub scale: f64,
     /// DoRA's `lora_magnitude_vector [out]` (`use_dora`).
     pub magnitude: Option<Vec<f32>>,
+    /// LoRA on an `nn.Embedding` (`lora_embedding_A [r, vocab]`,
+    /// `lora_embedding_B [dim, r]`): `in` is the vocabulary, `out` the
+    /// embedding width, the weight is `[vocab, dim]` and its update
+    /// `s (B A)^T`.
+    pub embedding: bool,
     /// The element types `A`, `B`, the `lora_B` bias and the magnitude are
     /// stored in (an absent tensor's slot repeats `B`'s): each tensor is
     /// written back in its own type.
@@ -475,13 +480,10 @@ impl HfAdapter {
     }
 
     fn read_lora(&mut self, lc: &HfLoraConfig, file: &StFile, read: Reader<'_>) -> Result<(), HfError> {
-        let mut a_b: BTreeMap<String, [Option<&st::Entry>; 4]> = BTreeMap::new();
+        let mut a_b: BTreeMap<String, [Option<&st::Entry>; 6]> = BTreeMap::new();
         let mut order = Vec::new();
         for e in &file.entries {
             let key = normalize_key(&e.name);
-            if key.contains("lora_embedding_") {
-                return Err(HfError::Unsupported(format!("`{}`: LoRA on embedding layers", e.name)));
-            }
             // PEFT saves the magnitude without `.weight`; accept both.
             let slot = [
                 (".lora_A.weight", 0),
@@ -489,6 +491,8 @@ impl HfAdapter {
                 (".lora_B.bias", 2),
                 (".lora_magnitude_vector", 3),
                 (".lora_magnitude_vector.weight", 3),
+                (".lora_embedding_A", 4),
+                (".lora_embedding_B", 5),
             ]
             .into_iter()
             .find_map(|(suffix, i)| key.strip_suffix(suffix).map(|m| (m.to_string(), i)));
@@ -502,7 +506,7 @@ impl HfAdapter {
                     }
                     let s = a_b.entry(module.clone()).or_insert_with(|| {
                         order.push(module.clone());
-                        [None; 4]
+                        [None; 6]
                     });
                     if let Some(first) = s[i].replace(e) {
                         return Err(HfError::Tensor(format!("`{}` and `{}` both map to {key}", first.name, e.name)));
@@ -532,9 +536,25 @@ impl HfAdapter {
             return Err(HfError::Unsupported(format!("`use_dora` with `{field}`")));
         }
         for name in order {
-            let [a, b, bias, magnitude] = a_b[&name];
+            let [a, b, bias, magnitude, ea, eb] = a_b[&name];
+            // LoRA on an nn.Embedding: `lora_embedding_A [r, vocab]`,
+            // `lora_embedding_B [dim, r]`, the same layout as A and B with
+            // in = vocab and out = dim (its weight is `[vocab, dim]`).
+            let embedding = ea.is_some() || eb.is_some();
+            if embedding && (a.is_some() || b.is_some()) {
+                return Err(HfError::Tensor(format!("{name}: both lora_A/lora_B and lora_embedding_A/_B")));
+            }
+            if embedding && (lc.use_dora || bias.is_some()) {
+                return Err(HfError::Unsupported(format!("{name}: DoRA or lora_bias on an embedding")));
+            }
+            let (a, b) = if embedding { (ea, eb) } else { (a, b) };
             let (Some(a), Some(b)) = (a, b) else {
-                let missing = if a.is_none() { "lora_A.weight" } else { "lora_B.weight" };
+                let missing = match (embedding, a.is_none()) {
+                    (false, true) => "lora_A.weight",
+                    (false, false) => "lora_B.weight",
+                    (true, true) => "lora_embedding_A",
+                    (true, false) => "lora_embedding_B",
+                };
                 return Err(HfError::Tensor(format!(
                     "{name}: `{name}.{missing}` is missing (LoRA needs both factors)"
                 )));
@@ -577,6 +597,7 @@ impl HfAdapter {
                 dtypes: [a.dtype, b.dtype, bias.map_or(b.dtype, |e| e.dtype), magnitude.map_or(b.dtype, |e| e.dtype)],
                 lora_bias,
                 magnitude: magnitude_values,
+                embedding,
                 r,
                 n_in,
                 n_out,
@@ -688,8 +709,10 @@ impl HfAdapter {
         let mut tensors: Vec<(String, Dtype, Vec<usize>, &[f32])> = Vec::new();
         for m in &self.modules {
             let key = format!("base_model.model.{}", m.name);
-            tensors.push((format!("{key}.lora_A.weight"), m.dtypes[0], vec![m.r, m.n_in], &m.a));
-            tensors.push((format!("{key}.lora_B.weight"), m.dtypes[1], vec![m.n_out, m.r], &m.b));
+            let (na, nb) =
+                if m.embedding { ("lora_embedding_A", "lora_embedding_B") } else { ("lora_A.weight", "lora_B.weight") };
+            tensors.push((format!("{key}.{na}"), m.dtypes[0], vec![m.r, m.n_in], &m.a));
+            tensors.push((format!("{key}.{nb}"), m.dtypes[1], vec![m.n_out, m.r], &m.b));
             if let Some(bias) = &m.lora_bias {
                 tensors.push((format!("{key}.lora_B.bias"), m.dtypes[2], vec![m.n_out], bias));
             }
