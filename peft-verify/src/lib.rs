@@ -40,6 +40,10 @@
 //! | `ia3_merged_equals_unmerged` | the merged weight (and output kind's bias) gives the unmerged output | 6 |
 //! | `ia3_unmerge_restores` | bit-exact with a backup, within two roundings without | 6 |
 //! | `ia3_gradients_match_fd` | dl and dx against central differences | 12 |
+//! | `lora_embedding_matches_oracle` | LoRA on an embedding table: `E[id] + s B A[:, id]` | 3 |
+//! | `lora_embedding_identity_at_init` | PEFT's embedding init (`A = 0`): exactly the table's rows | 2 |
+//! | `lora_embedding_merged_equals_unmerged` | `E + s (B A)^T` gives the looked-up rows | 6 |
+//! | `lora_embedding_gradients_match_fd` | dA (scattered to the looked-up columns) and dB against central differences | 12 |
 //! | `set_active_sum_matches_oracle` | an adapter set with several active adapters and multipliers: `x W^T + b + sum_i m_i s_i (x A_i^T) B_i^T` | - |
 //! | `set_mixed_rows_match_own_forward` | a mixed-adapter batch: every row equals its own adapter's (or the base's) oracle output | - |
 //! | `set_mixed_gradients_match_fd` | the mixed batch's `dA_i`, `dB_i` (summed over each adapter's rows) and `dx` against central differences | - |
@@ -317,6 +321,7 @@ where
     props::lora::run_all::<E, B>(backend, config, &mut report);
     props::dora::run_all::<E, B>(backend, config, &mut report);
     props::ia3::run_all::<E, B>(backend, config, &mut report);
+    props::embedding::run_all::<E, B>(backend, config, &mut report);
     props::adapter::run_all::<E, B>(backend, config, &mut report);
     props::prompt::run_all::<E>(config, &mut report);
     props::set::run_all::<E, B>(backend, config, &mut report);

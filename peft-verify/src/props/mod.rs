@@ -3,6 +3,7 @@
 pub mod adapter;
 pub mod attention;
 pub mod dora;
+pub mod embedding;
 pub mod errors;
 pub mod gemm;
 pub mod ia3;
