@@ -17,6 +17,7 @@
 //!   norms of `W + s B A` cached until the adapter changes.
 //! * [`ia3`]: (IA)^3, a learned vector scaling a layer's output (or a
 //!   feedforward layer's input).
+//! * [`loha`]: LoHa, the Hadamard product of two low-rank products.
 //! * [`adapter`]: bottleneck adapters (Houlsby/Pfeiffer), with [`activation`]s.
 //! * [`prompt`]: prompt tuning (soft prompts prepended to the input embeddings).
 //! * [`attention`]: multi-head and grouped-query attention with masks, forward
@@ -68,6 +69,7 @@ pub mod element;
 pub mod error;
 pub mod format;
 pub mod ia3;
+pub mod loha;
 pub mod lora;
 pub mod matrix;
 pub mod optim;

@@ -44,6 +44,10 @@
 //! | `lora_embedding_identity_at_init` | PEFT's embedding init (`A = 0`): exactly the table's rows | 2 |
 //! | `lora_embedding_merged_equals_unmerged` | `E + s (B A)^T` gives the looked-up rows | 6 |
 //! | `lora_embedding_gradients_match_fd` | dA (scattered to the looked-up columns) and dB against central differences | 12 |
+//! | `loha_identity_at_init` | LoHa at init (`W2b = 0`): exactly the base output | 2 |
+//! | `loha_matches_oracle` | `x (W + s (W1a W1b) * (W2a W2b))^T` | 3 |
+//! | `loha_merged_equals_unmerged` | `W + dW` gives the unmerged output | 6 |
+//! | `loha_gradients_match_fd` | the four factors' gradients and dx against central differences | 12 |
 //! | `set_active_sum_matches_oracle` | an adapter set with several active adapters and multipliers: `x W^T + b + sum_i m_i s_i (x A_i^T) B_i^T` | - |
 //! | `set_mixed_rows_match_own_forward` | a mixed-adapter batch: every row equals its own adapter's (or the base's) oracle output | - |
 //! | `set_mixed_gradients_match_fd` | the mixed batch's `dA_i`, `dB_i` (summed over each adapter's rows) and `dx` against central differences | - |
@@ -322,6 +326,7 @@ where
     props::dora::run_all::<E, B>(backend, config, &mut report);
     props::ia3::run_all::<E, B>(backend, config, &mut report);
     props::embedding::run_all::<E, B>(backend, config, &mut report);
+    props::loha::run_all::<E, B>(backend, config, &mut report);
     props::adapter::run_all::<E, B>(backend, config, &mut report);
     props::prompt::run_all::<E>(config, &mut report);
     props::set::run_all::<E, B>(backend, config, &mut report);

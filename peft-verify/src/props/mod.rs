@@ -7,6 +7,7 @@ pub mod embedding;
 pub mod errors;
 pub mod gemm;
 pub mod ia3;
+pub mod loha;
 pub mod lora;
 pub mod optim;
 pub mod prompt;

@@ -1,0 +1,298 @@
+//! LoHa (Hyeon-Woo et al., FedPara, 2022; LyCORIS): a Hadamard product of
+//! two low-rank products, as PEFT's `loha.Linear` computes it.
+//!
+//! ```text
+//! dW = s (W1a W1b) * (W2a W2b)          [out, in]   (elementwise product), s = alpha / r
+//! y  = x W^T + b + x dW^T               merged: W' = W + dW, b' = b
+//! W1a, W2a [out, r]   W1b, W2b [r, in]
+//! ```
+//!
+//! The rank of `dW` can reach `r^2` with `2 r (in + out)` parameters. Like
+//! PEFT, the passes form `dW` (in scratch, `out x in`): there is no cheaper
+//! way to apply a Hadamard product of products. The backward, with `P1 =
+//! W1a W1b`, `P2 = W2a W2b` and `Gd = G^T x`:
+//!
+//! ```text
+//! M1 = s Gd * P2:   dW1a += M1 W1b^T   dW1b += W1a^T M1
+//! M2 = s Gd * P1:   dW2a += M2 W2b^T   dW2b += W2a^T M2
+//! dx = G W + G dW
+//! ```
+//!
+//! PEFT's fresh adapter: `W1a`, `W1b`, `W2a` Kaiming-uniform
+//! (`U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, `a = sqrt(5)`), `W2b = 0`, so `dW =
+//! 0`.
+
+use core::marker::PhantomData;
+
+use crate::backend::{Accum, Backend, Op};
+use crate::base::FrozenLinear;
+use crate::element::Element;
+use crate::error::{Error, Operand, Result, check_io, check_len, check_scratch, check_shape};
+use crate::lora::LoraConfig;
+use crate::matrix::{MatMut, MatRef, checked_len};
+use crate::rng::Rng;
+
+/// A LoHa adapter for a linear layer `in -> out`.
+#[derive(Clone, Debug)]
+pub struct Loha<E, S> {
+    w1a: S,
+    w1b: S,
+    w2a: S,
+    w2b: S,
+    in_features: usize,
+    out_features: usize,
+    rank: usize,
+    scale: f64,
+    _element: PhantomData<fn() -> E>,
+}
+
+/// Gradient buffers of a LoHa adapter, accumulated into (`+=`).
+#[derive(Debug)]
+pub struct LohaGrads<'g, E> {
+    /// `dL/dW1a` `[out, r]`.
+    pub w1a: &'g mut [E],
+    /// `dL/dW1b` `[r, in]`.
+    pub w1b: &'g mut [E],
+    /// `dL/dW2a` `[out, r]`.
+    pub w2a: &'g mut [E],
+    /// `dL/dW2b` `[r, in]`.
+    pub w2b: &'g mut [E],
+}
+
+impl<E: Element, S: AsRef<[E]>> Loha<E, S> {
+    /// A LoHa adapter over `[w1a, w1b, w2a, w2b]` (which keep their
+    /// values), rank and `alpha` from `config` (`s = alpha / r`; LoHa has
+    /// no rsLoRA variant, so `config`'s is refused).
+    ///
+    /// # Errors
+    /// As [`LoraConfig::validate`]; [`Error::InvalidParameter`] for rsLoRA;
+    /// [`Error::ShapeMismatch`] (`Parameter`) for a factor of the wrong
+    /// length.
+    pub fn new(config: &LoraConfig<'_>, in_features: usize, out_features: usize, factors: [S; 4]) -> Result<Self> {
+        if config.use_rslora {
+            return Err(Error::InvalidParameter { name: "use_rslora", rule: "does not apply to LoHa" });
+        }
+        let scale = config.validate(in_features, out_features)?;
+        let rank = config.rank;
+        let [w1a, w1b, w2a, w2b] = factors;
+        let (na, nb) = (checked_len(out_features, rank)?, checked_len(rank, in_features)?);
+        for (f, n) in [(&w1a, na), (&w1b, nb), (&w2a, na), (&w2b, nb)] {
+            check_len(Operand::Parameter, n, f.as_ref().len())?;
+        }
+        Ok(Self { w1a, w1b, w2a, w2b, in_features, out_features, rank, scale, _element: PhantomData })
+    }
+
+    /// The scale `s = alpha / r`.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// The factors `[W1a, W1b, W2a, W2b]`.
+    pub fn factors(&self) -> [&[E]; 4] {
+        [self.w1a.as_ref(), self.w1b.as_ref(), self.w2a.as_ref(), self.w2b.as_ref()]
+    }
+
+    /// Scratch [`delta`](Self::delta) and [`forward`](Self::forward) need:
+    /// `2 out in` (saturating).
+    pub fn forward_scratch_len(&self) -> usize {
+        self.out_features.saturating_mul(self.in_features).saturating_mul(2)
+    }
+
+    /// Scratch [`backward`](Self::backward) needs: `4 out in`.
+    pub fn backward_scratch_len(&self) -> usize {
+        self.forward_scratch_len().saturating_mul(2)
+    }
+
+    fn views(&self) -> Result<[MatRef<'_, E>; 4]> {
+        let (o, i, r) = (self.out_features, self.in_features, self.rank);
+        Ok([
+            MatRef::new(self.w1a.as_ref(), o, r)?,
+            MatRef::new(self.w1b.as_ref(), r, i)?,
+            MatRef::new(self.w2a.as_ref(), o, r)?,
+            MatRef::new(self.w2b.as_ref(), r, i)?,
+        ])
+    }
+
+    /// `P1 = W1a W1b` and `P2 = W2a W2b` into the two halves of `buf`.
+    fn products<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        p1: &mut [E],
+        p2: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        let (o, i) = (self.out_features, self.in_features);
+        let one = <E::Accum as Element>::from_f64(1.0);
+        let [w1a, w1b, w2a, w2b] = self.views()?;
+        backend.gemm(MatMut::new(p1, o, i)?, Accum::Replace, w1a, Op::N, w1b, Op::N, one)?;
+        backend.gemm(MatMut::new(p2, o, i)?, Accum::Replace, w2a, Op::N, w2b, Op::N, one)
+    }
+
+    /// `dst (=|+=) factor * dW`, `dW = s (W1a W1b) * (W2a W2b)` `[out, in]`:
+    /// a merge adds it (`factor = 1`), an unmerge subtracts it (`-1`).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Dst`), [`Error::ScratchTooSmall`]
+    /// (`2 out in`), before anything is written; the backend's own errors.
+    pub fn delta<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        mut dst: MatMut<'_, E>,
+        accum: Accum,
+        factor: f64,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        let (o, i) = (self.out_features, self.in_features);
+        check_shape(Operand::Dst, dst.rows(), dst.cols(), o, i)?;
+        check_scratch(self.forward_scratch_len(), scratch.len())?;
+        let n = o * i;
+        let (p1, rest) = scratch.split_at_mut(n);
+        let (p2, _) = rest.split_at_mut(n);
+        self.products(backend, p1, p2)?;
+        let s = factor * self.scale;
+        for (k, row) in dst.row_iter_mut().enumerate() {
+            let (r1, r2) = (p1.get(k * i..(k + 1) * i).unwrap_or(&[]), p2.get(k * i..(k + 1) * i).unwrap_or(&[]));
+            for ((d, a), b) in row.iter_mut().zip(r1).zip(r2) {
+                let v = s * a.to_f64() * b.to_f64();
+                *d = match accum {
+                    Accum::Replace => E::from_f64(v),
+                    Accum::Add => E::from_f64(d.to_f64() + v),
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// `y = x W^T + b + x dW^T`.
+    ///
+    /// Shapes: `x [tokens, in]`, `y [tokens, out]` (overwritten), scratch at
+    /// least [`forward_scratch_len`](Self::forward_scratch_len).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Weight`, `Input`, `Output`),
+    /// [`Error::ScratchTooSmall`], before anything is written; the
+    /// backend's own errors.
+    pub fn forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+        &self,
+        backend: &B,
+        base: &L,
+        x: MatRef<'_, E>,
+        mut y: MatMut<'_, E>,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        let (o, i) = (self.out_features, self.in_features);
+        check_len(Operand::Weight, i, base.in_features())?;
+        check_len(Operand::Weight, o, base.out_features())?;
+        check_io(x.rows(), x.cols(), i, Operand::Output, y.rows(), y.cols(), o)?;
+        check_scratch(self.forward_scratch_len(), scratch.len())?;
+        base.forward(backend, x, y.rb_mut())?;
+        let (dw, rest) = scratch.split_at_mut(o * i);
+        let mut dwm = MatMut::new(dw, o, i)?;
+        // P1 in `dw`, P2 in `rest`, then dw = s P1 * P2 in place.
+        let p2 = rest.get_mut(..o * i).ok_or(Error::ScratchTooSmall { needed: 2 * o * i, len: o * i })?;
+        self.products(backend, dwm.rb_mut().into_slice(), p2)?;
+        let s = self.scale;
+        for (d, b) in dwm.rb_mut().into_slice().iter_mut().zip(p2.iter()) {
+            *d = E::from_f64(s * d.to_f64() * b.to_f64());
+        }
+        let one = <E::Accum as Element>::from_f64(1.0);
+        backend.gemm(y, Accum::Add, x, Op::N, dwm.as_ref(), Op::T, one)
+    }
+
+    /// Accumulates the four factors' gradients into `grads` and, if
+    /// `grad_x` is given, writes `dL/dx = G W + G dW` into it (formulas in
+    /// the [module docs](self)).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Weight`, `Input`, `GradOutput`,
+    /// `GradInput`, `Gradient`), [`Error::ScratchTooSmall`] (`4 out in`),
+    /// before anything is written; the backend's own errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+        &self,
+        backend: &B,
+        base: &L,
+        x: MatRef<'_, E>,
+        grad_y: MatRef<'_, E>,
+        grad_x: Option<MatMut<'_, E>>,
+        grads: LohaGrads<'_, E>,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        let (o, i, r, t) = (self.out_features, self.in_features, self.rank, x.rows());
+        check_len(Operand::Weight, i, base.in_features())?;
+        check_len(Operand::Weight, o, base.out_features())?;
+        check_io(t, x.cols(), i, Operand::GradOutput, grad_y.rows(), grad_y.cols(), o)?;
+        if let Some(gx) = &grad_x {
+            check_shape(Operand::GradInput, gx.rows(), gx.cols(), t, i)?;
+        }
+        let (na, nb) = (checked_len(o, r)?, checked_len(r, i)?);
+        for (g, n) in [(&grads.w1a, na), (&grads.w1b, nb), (&grads.w2a, na), (&grads.w2b, nb)] {
+            check_len(Operand::Gradient, n, g.len())?;
+        }
+        check_scratch(self.backward_scratch_len(), scratch.len())?;
+        let n = o * i;
+        let (p1, rest) = scratch.split_at_mut(n);
+        let (p2, rest) = rest.split_at_mut(n);
+        let (gd, rest) = rest.split_at_mut(n);
+        let (m, _) = rest.split_at_mut(n);
+        self.products(backend, p1, p2)?;
+        let one = <E::Accum as Element>::from_f64(1.0);
+        backend.gemm(MatMut::new(&mut *gd, o, i)?, Accum::Replace, grad_y, Op::T, x, Op::N, one)?;
+        let s = self.scale;
+        let [w1a, w1b, w2a, w2b] = self.views()?;
+        let hadamard = |m: &mut [E], a: &[E], b: &[E], s: f64| {
+            for ((d, u), v) in m.iter_mut().zip(a).zip(b) {
+                *d = E::from_f64(s * u.to_f64() * v.to_f64());
+            }
+        };
+        // M1 = s Gd * P2: dW1a += M1 W1b^T, dW1b += W1a^T M1.
+        hadamard(m, gd, p2, s);
+        backend.gemm(MatMut::new(grads.w1a, o, r)?, Accum::Add, MatRef::new(m, o, i)?, Op::N, w1b, Op::T, one)?;
+        backend.gemm(MatMut::new(grads.w1b, r, i)?, Accum::Add, w1a, Op::T, MatRef::new(m, o, i)?, Op::N, one)?;
+        // M2 = s Gd * P1.
+        hadamard(m, gd, p1, s);
+        backend.gemm(MatMut::new(grads.w2a, o, r)?, Accum::Add, MatRef::new(m, o, i)?, Op::N, w2b, Op::T, one)?;
+        backend.gemm(MatMut::new(grads.w2b, r, i)?, Accum::Add, w2a, Op::T, MatRef::new(m, o, i)?, Op::N, one)?;
+        // dx = G W + G dW, dW = s P1 * P2.
+        if let Some(mut gx) = grad_x {
+            hadamard(m, p1, p2, s);
+            base.apply_transpose(backend, grad_y, gx.rb_mut(), Accum::Replace)?;
+            backend.gemm(gx, Accum::Add, grad_y, Op::N, MatRef::new(m, o, i)?, Op::N, one)?;
+        }
+        Ok(())
+    }
+}
+
+impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Loha<E, S> {
+    /// Initializes as PEFT does: `W1a`, `W1b`, `W2a` Kaiming-uniform
+    /// (`U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, fan_in = the factor's
+    /// columns), `W2b = 0`: `dW = 0`.
+    pub fn init_adapter(&mut self, rng: &mut Rng) {
+        let (r, i) = (self.rank as f64, self.in_features as f64);
+        rng.fill_uniform(self.w1a.as_mut(), -1.0 / libm::sqrt(r), 1.0 / libm::sqrt(r));
+        rng.fill_uniform(self.w1b.as_mut(), -1.0 / libm::sqrt(i), 1.0 / libm::sqrt(i));
+        rng.fill_uniform(self.w2a.as_mut(), -1.0 / libm::sqrt(r), 1.0 / libm::sqrt(r));
+        self.w2b.as_mut().fill(E::ZERO);
+    }
+
+    /// The factors mutably, for an optimizer step or a load.
+    pub fn factors_mut(&mut self) -> [&mut [E]; 4] {
+        [self.w1a.as_mut(), self.w1b.as_mut(), self.w2a.as_mut(), self.w2b.as_mut()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Reference;
+
+    #[test]
+    fn delta_by_hand() {
+        // out 1, in 2, r 1, alpha 2 (s 2): P1 = [1] [2, 3] = [2, 3],
+        // P2 = [2] [1, -1] = [2, -2]: dW = 2 [4, -6] = [8, -12].
+        let l = Loha::new(&LoraConfig::new(1, 2.0), 2, 1, [&[1.0f64][..], &[2.0, 3.0], &[2.0], &[1.0, -1.0]]).unwrap();
+        let mut dw = [0.0; 2];
+        let mut sc = [0.0; 4];
+        l.delta(&Reference, MatMut::new(&mut dw, 1, 2).unwrap(), Accum::Replace, 1.0, &mut sc).unwrap();
+        assert_eq!(dw, [8.0, -12.0]);
+    }
+}
