@@ -72,9 +72,9 @@ fn config_problems() {
     assert!(matches!(merge_fails(&dir, &base), HfError::Json(_)));
 
     copy_fixture(&dir);
-    edit_config(&dir, |c| c["peft_type"] = "LOHA".into());
+    edit_config(&dir, |c| c["peft_type"] = "BOFT".into());
     let e = merge_fails(&dir, &base);
-    assert!(matches!(&e, HfError::Unsupported(m) if m.contains("peft_type") && m.contains("LOHA")), "{e}");
+    assert!(matches!(&e, HfError::Unsupported(m) if m.contains("peft_type") && m.contains("BOFT")), "{e}");
     // An IA3 config over LoRA tensors: the tensors are refused, named.
     copy_fixture(&dir);
     edit_config(&dir, |c| c["peft_type"] = "IA3".into());

@@ -477,6 +477,49 @@ fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>
                 }
             }
         }
+        PeftConfig::Loha(c) => {
+            let params = |r: usize, i: usize, o: usize| 2 * r * (i + o);
+            let total: usize = ad.loha.iter().map(|&(_, i, o, r, _)| params(r, i, o)).sum();
+            if as_json {
+                let modules: Vec<_> = ad
+                    .loha
+                    .iter()
+                    .map(|(name, i, o, r, alpha)| json!({ "module": name, "base_tensor": format!("{name}.weight"),
+                        "in": i, "out": o, "r": r, "alpha": alpha, "scale": alpha / *r as f64, "params": params(*r, *i, *o) }))
+                    .collect();
+                let doc = json!({ "method": "loha", "r": c.r, "alpha": c.alpha, "dtype": format!("{:?}", ad.dtype),
+                    "modules": modules, "total_params": total, "warnings": nonfinite });
+                outln!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                outln!("method loha: r={} alpha={} (dW = s (W1a W1b) * (W2a W2b), s = alpha / r)", c.r, c.alpha);
+                outln!(
+                    "{:<40} {:<48} {:>6} {:>6} {:>4} {:>7} {:>9}",
+                    "module",
+                    "base tensor",
+                    "in",
+                    "out",
+                    "r",
+                    "alpha",
+                    "params"
+                );
+                for (name, i, o, r, alpha) in &ad.loha {
+                    outln!(
+                        "{:<40} {:<48} {:>6} {:>6} {:>4} {:>7} {:>9}",
+                        name,
+                        format!("{name}.weight"),
+                        i,
+                        o,
+                        r,
+                        alpha,
+                        params(*r, *i, *o)
+                    );
+                }
+                outln!("total: {} modules, {total} trainable parameters", ad.loha.len());
+                for w in &nonfinite {
+                    outln!("warning: {w}");
+                }
+            }
+        }
         PeftConfig::Ia3(_) => {
             let total: usize = ad.ia3.iter().map(|m| m.2).sum();
             if as_json {

@@ -141,6 +141,7 @@ pub fn combine(sources: &[(&HfAdapter, f64)], combination: Combination, seed: u6
         config,
         modules,
         ia3: Vec::new(),
+        loha: Vec::new(),
         replacements: Vec::new(),
         prompt: None,
         metadata: BTreeMap::new(),

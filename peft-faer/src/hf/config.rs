@@ -189,9 +189,42 @@ impl Ia3Config {
     }
 }
 
+/// A LoHa adapter's configuration (`peft_type: "LOHA"`).
+#[derive(Clone, Debug)]
+pub struct LohaConfig {
+    /// Default rank.
+    pub r: usize,
+    /// Default alpha (`s = alpha / r`).
+    pub alpha: f64,
+    /// Per-module ranks (PEFT's first-match rule).
+    pub rank_pattern: Vec<Pattern<usize>>,
+    /// Per-module alphas.
+    pub alpha_pattern: Vec<Pattern<f64>>,
+    /// Targeted modules.
+    pub target_modules: Targets,
+    /// Modules whose whole weights are trained and saved.
+    pub modules_to_save: Vec<String>,
+    /// The JSON object as read.
+    pub raw: Map<String, Value>,
+}
+
+impl LohaConfig {
+    /// The rank PEFT gives `module`.
+    pub fn rank_for(&self, module: &str) -> usize {
+        first(&self.rank_pattern, module).copied().unwrap_or(self.r)
+    }
+
+    /// The alpha PEFT gives `module`.
+    pub fn alpha_for(&self, module: &str) -> f64 {
+        first(&self.alpha_pattern, module).copied().unwrap_or(self.alpha)
+    }
+}
+
 /// A parsed `adapter_config.json`.
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
+    /// `peft_type: "LOHA"`.
+    Loha(LohaConfig),
     /// `peft_type: "LORA"`.
     Lora(HfLoraConfig),
     /// `PROMPT_TUNING` or `PREFIX_TUNING`.
@@ -246,6 +279,20 @@ struct RawLora {
     layers_pattern: Option<OneOrMany<String>>,
     /// A flag, or the name of an initialization.
     init_lora_weights: Option<Value>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// The fields of a LoHa config.
+#[derive(Deserialize)]
+struct RawLoha {
+    r: usize,
+    alpha: f64,
+    rank_pattern: Option<Ordered<usize>>,
+    alpha_pattern: Option<Ordered<f64>>,
+    target_modules: Option<RawTargets>,
+    modules_to_save: Option<OneOrMany<String>>,
+    use_effective_conv2d: Option<bool>,
     #[serde(flatten)]
     rest: Map<String, Value>,
 }
@@ -334,8 +381,9 @@ impl PeftConfig {
             "LORA" => Self::lora(text, &v),
             "PROMPT_TUNING" | "PREFIX_TUNING" => Self::prompt(text, &v, peft_type == "PREFIX_TUNING"),
             "IA3" => Self::ia3(text, &v),
+            "LOHA" => Self::loha(text, &v),
             other => Err(HfError::Unsupported(format!(
-                "`peft_type` {other:?} (supported: LORA, IA3, PROMPT_TUNING, PREFIX_TUNING)"
+                "`peft_type` {other:?} (supported: LORA, LOHA, IA3, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }
@@ -404,6 +452,28 @@ impl PeftConfig {
             modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             layers_to_transform: raw.layers_to_transform.map(OneOrMany::into_vec),
             layers_pattern,
+            raw: v.as_object().cloned().unwrap_or_default(),
+        }))
+    }
+
+    fn loha(text: &str, v: &Value) -> Result<Self, HfError> {
+        let raw: RawLoha = typed(text)?;
+        unsupported_if_set(&raw.rest, "layers_to_transform", "LoHa on a subset of layers is not supported")?;
+        let _ = raw.use_effective_conv2d; // convolutions only: linear layers ignore it
+        if raw.r == 0 {
+            return Err(HfError::config("r", "must be at least 1"));
+        }
+        let rank_pattern = patterns("rank_pattern", raw.rank_pattern)?;
+        if let Some(p) = rank_pattern.iter().find(|p| p.value == 0) {
+            return Err(HfError::config("rank_pattern", &format!("rank 0 for {:?}", p.key)));
+        }
+        Ok(PeftConfig::Loha(LohaConfig {
+            r: raw.r,
+            alpha: raw.alpha,
+            rank_pattern,
+            alpha_pattern: patterns("alpha_pattern", raw.alpha_pattern)?,
+            target_modules: targets("target_modules", raw.target_modules)?,
+            modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             raw: v.as_object().cloned().unwrap_or_default(),
         }))
     }

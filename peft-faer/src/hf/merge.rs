@@ -30,7 +30,7 @@ use safetensors::Dtype;
 
 use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry, float_size};
-use super::{HfAdapter, HfError, HfTensor, Ia3Module, LoraModule, PeftConfig};
+use super::{HfAdapter, HfError, HfTensor, Ia3Module, LohaModule, LoraModule, PeftConfig};
 use crate::files::{Staging, check_output};
 
 /// Row blocks of adapted weights, and copy chunks, hold at most this many
@@ -47,6 +47,8 @@ enum Action<'a> {
     LoraBias(Vec<(&'a LoraModule, f32)>),
     /// (IA)^3: `W` scaled by rows (`l [out]`) or columns (feedforward).
     Ia3(&'a Ia3Module),
+    /// LoHa: `W += m dW`, `dW = s (W1a W1b) * (W2a W2b)` (`m` the multiplier).
+    Loha(&'a LohaModule, f64),
     /// (IA)^3 on the output: `b *= l`.
     Ia3Bias(&'a Ia3Module),
     Replace(&'a HfTensor),
@@ -106,6 +108,13 @@ fn check_finite(adapter: &HfAdapter, multiplier: f64) -> Result<(), HfError> {
             return Err(bad(format!("{}.lora_magnitude_vector", m.name), x, "the adapter holds it"));
         }
     }
+    for m in &adapter.loha {
+        for (i, f) in m.factors.iter().enumerate() {
+            if let Some(x) = first_nonfinite(f) {
+                return Err(bad(format!("{}.{}", m.name, super::LOHA_KEYS[i]), x, "the adapter holds it"));
+            }
+        }
+    }
     for m in &adapter.ia3 {
         if let Some(x) = first_nonfinite(&m.l) {
             return Err(bad(format!("{}.ia3_l", m.name), x, "the adapter holds it"));
@@ -122,6 +131,27 @@ fn check_finite(adapter: &HfAdapter, multiplier: f64) -> Result<(), HfError> {
 fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<String, Action<'a>>, HfError> {
     let mut actions: BTreeMap<String, Action<'a>> = BTreeMap::new();
     for &(adapter, multiplier) in adapters {
+        if let PeftConfig::Loha(_) = &adapter.config {
+            for m in &adapter.loha {
+                let name = format!("{}.weight", m.name);
+                let (_, e) = base
+                    .find(&name)
+                    .ok_or_else(|| HfError::Base(format!("{name}, adapted by the adapter, is missing")))?;
+                if e.shape != [m.n_out, m.n_in] {
+                    return Err(HfError::Base(format!(
+                        "{name} has shape {:?}, the adapter needs {:?}",
+                        e.shape,
+                        [m.n_out, m.n_in]
+                    )));
+                }
+                float_size(e.dtype)
+                    .ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
+                if actions.insert(name.clone(), Action::Loha(m, multiplier)).is_some() {
+                    return Err(HfError::Tensor(format!("{name} is adapted by two adapters, one of them LoHa")));
+                }
+            }
+            continue;
+        }
         if let PeftConfig::Ia3(_) = &adapter.config {
             if multiplier != 1.0 {
                 return Err(HfError::Unsupported("a multiplier other than 1 for an IA3 adapter".into()));
@@ -320,7 +350,7 @@ pub fn merge_many<B: Backend<f32> + ?Sized>(
                 })?;
                 match action {
                     Action::Copy => report.copied += 1,
-                    Action::Lora(..) | Action::Ia3(_) => report.merged += 1,
+                    Action::Lora(..) | Action::Ia3(_) | Action::Loha(..) => report.merged += 1,
                     Action::LoraBias(_) | Action::Ia3Bias(_) | Action::Replace(_) => report.replaced += 1,
                 }
                 report.bytes += oe.bytes();
@@ -432,6 +462,42 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
             }
             st::from_f32(out_dtype, &bias, &mut out)?;
             w.write_all(&out)?;
+        }
+        Action::Loha(m, factor) => {
+            let cfg = peft_core::lora::LoraConfig::new(m.r, m.alpha);
+            let [f0, f1, f2, f3] = &m.factors;
+            let loha = peft_core::loha::Loha::new(&cfg, m.n_in, m.n_out, [&f0[..], &f1[..], &f2[..], &f3[..]])?;
+            let cols = m.n_in;
+            let mut dw = vec![0.0f32; m.n_out * cols];
+            let mut sc = vec![0.0f32; loha.forward_scratch_len()];
+            let dst = MatMut::new(&mut dw, m.n_out, cols)?;
+            loha.delta(backend, dst, Accum::Replace, *factor, &mut sc).map_err(HfError::backend)?;
+            let size = float_size(e.dtype).unwrap_or(4);
+            let rows = m.n_out;
+            let block = (CHUNK_BYTES / 4 / cols.max(1)).clamp(1, rows.max(1));
+            let mut bytes = vec![0u8; block * cols * size];
+            let mut vals = vec![0.0f32; block * cols];
+            let mut i0 = 0;
+            while i0 < rows {
+                let n = block.min(rows - i0);
+                let nb = n * cols * size;
+                shard.read_at(e, (i0 * cols * size) as u64, &mut bytes[..nb])?;
+                st::to_f32(e.dtype, &bytes[..nb], &mut vals[..n * cols])?;
+                vals[..n * cols].iter_mut().zip(&dw[i0 * cols..(i0 + n) * cols]).for_each(|(v, d)| *v += d);
+                if check_finite {
+                    let base = |i: usize| {
+                        let mut one = [0.0f32];
+                        let c = bytes.get(i * size..(i + 1) * size)?;
+                        st::to_f32(e.dtype, c, &mut one).ok()?;
+                        Some(one[0])
+                    };
+                    refuse_new_nonfinite(&e.name, i0 * cols, &vals[..n * cols], base)?;
+                }
+                out.clear();
+                st::from_f32(out_dtype, &vals[..n * cols], &mut out)?;
+                w.write_all(&out)?;
+                i0 += n;
+            }
         }
         Action::Ia3(m) => {
             let size = float_size(e.dtype).unwrap_or(4);

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use peft_core::lora::config::module_matches;
 use safetensors::Dtype;
 
-pub use config::{BiasMode, HfLoraConfig, Ia3Config, PeftConfig, PromptConfig, Targets};
+pub use config::{BiasMode, HfLoraConfig, Ia3Config, LohaConfig, PeftConfig, PromptConfig, Targets};
 use st::{OutEntry, StFile};
 
 use crate::files::OutputError;
@@ -218,6 +218,29 @@ pub struct LoraModule {
     pub dtypes: [Dtype; 4],
 }
 
+/// One LoHa-adapted module: `hada_w1_a`, `hada_w2_a` `[out, r]`,
+/// `hada_w1_b`, `hada_w2_b` `[r, in]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LohaModule {
+    /// Module name without `base_model.model.`.
+    pub name: String,
+    /// `[w1_a, w1_b, w2_a, w2_b]`, widened to f32.
+    pub factors: [Vec<f32>; 4],
+    /// Rank.
+    pub r: usize,
+    /// Input features.
+    pub n_in: usize,
+    /// Output features.
+    pub n_out: usize,
+    /// Alpha (`s = alpha / r`).
+    pub alpha: f64,
+    /// Each factor's element type.
+    pub dtypes: [Dtype; 4],
+}
+
+/// LoHa's tensor names, in [`LohaModule::factors`]' order.
+pub const LOHA_KEYS: [&str; 4] = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"];
+
 /// One (IA)^3-adapted module: its vector `ia3_l`, `[out, 1]` (the output
 /// is scaled) or `[1, in]` (feedforward: the input is).
 #[derive(Clone, Debug, PartialEq)]
@@ -263,6 +286,8 @@ pub struct HfAdapter {
     pub modules: Vec<LoraModule>,
     /// (IA)^3 modules, in the order of their keys.
     pub ia3: Vec<Ia3Module>,
+    /// LoHa modules, in the order of their keys.
+    pub loha: Vec<LohaModule>,
     /// Whole-tensor replacements.
     pub replacements: Vec<HfTensor>,
     /// Prompt or prefix tuning: `prompt_embeddings`.
@@ -325,6 +350,8 @@ pub struct AdapterSummary {
     pub prompt_shape: Option<Vec<usize>>,
     /// (IA)^3 modules: name, feedforward, the vector's length.
     pub ia3: Vec<(String, bool, usize)>,
+    /// LoHa modules: name, in, out, r, alpha.
+    pub loha: Vec<(String, usize, usize, usize, f64)>,
     /// Every tensor holding a NaN or infinity: its name as stored, the
     /// first such element's index and value.
     pub nonfinite: Vec<(String, usize, f32)>,
@@ -423,6 +450,7 @@ impl HfAdapter {
             replacements: ad.replacements.iter().map(|r| (r.name.clone(), r.shape.clone())).collect(),
             prompt_shape: ad.prompt.as_ref().map(|p| p.shape.clone()),
             ia3: ad.ia3.iter().map(|m| (m.name.clone(), m.feedforward, m.shape()[0].max(m.shape()[1]))).collect(),
+            loha: ad.loha.iter().map(|m| (m.name.clone(), m.n_in, m.n_out, m.r, m.alpha)).collect(),
             dtype: ad.dtype,
             config: ad.config,
             nonfinite,
@@ -442,6 +470,7 @@ impl HfAdapter {
             config: config.clone(),
             modules: Vec::new(),
             ia3: Vec::new(),
+            loha: Vec::new(),
             replacements: Vec::new(),
             prompt: None,
             dtype,
@@ -475,6 +504,7 @@ impl HfAdapter {
             }
             PeftConfig::Lora(lc) => out.read_lora(lc, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Ia3(ic) => out.read_ia3(ic, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::Loha(lc) => out.read_loha(lc, &file, read).map_err(|e| e.in_file(&path))?,
         }
         Ok(out)
     }
@@ -610,6 +640,78 @@ impl HfAdapter {
         Ok(())
     }
 
+    fn read_loha(&mut self, lc: &LohaConfig, file: &StFile, read: Reader<'_>) -> Result<(), HfError> {
+        let mut by_module: BTreeMap<String, [Option<&st::Entry>; 4]> = BTreeMap::new();
+        let mut order = Vec::new();
+        for e in &file.entries {
+            let key = normalize_key(&e.name);
+            let slot =
+                LOHA_KEYS.iter().enumerate().find_map(|(i, k)| key.strip_suffix(&format!(".{k}")).map(|m| (m, i)));
+            match slot {
+                Some((module, i)) => {
+                    let s = by_module.entry(module.to_string()).or_insert_with(|| {
+                        order.push(module.to_string());
+                        [None; 4]
+                    });
+                    if s[i].replace(e).is_some() {
+                        return Err(HfError::Tensor(format!("{module}: {} appears twice", LOHA_KEYS[i])));
+                    }
+                }
+                None => {
+                    let owner = key.rsplit_once('.').map_or("", |(m, _)| m);
+                    if !lc.modules_to_save.iter().any(|m| module_matches(owner, m)) {
+                        return Err(HfError::Tensor(format!(
+                            "unexpected key `{}` (not LoHa or modules_to_save)",
+                            e.name
+                        )));
+                    }
+                    self.replacements.push(HfTensor {
+                        name: key,
+                        dtype: e.dtype,
+                        shape: e.shape.clone(),
+                        data: read(file, e)?,
+                    });
+                }
+            }
+        }
+        for name in order {
+            let slots = by_module[&name];
+            let mut es = Vec::with_capacity(4);
+            for (i, e) in slots.iter().enumerate() {
+                es.push(e.ok_or_else(|| HfError::Tensor(format!("{name}: {} is missing", LOHA_KEYS[i])))?);
+            }
+            let (&[n_out, r], &[r2, n_in]) = (es[0].shape.as_slice(), es[1].shape.as_slice()) else {
+                return Err(HfError::Tensor(format!("{name}: LoHa factors must be matrices")));
+            };
+            if r != r2 || es[2].shape != [n_out, r] || es[3].shape != [r, n_in] {
+                return Err(HfError::Tensor(format!(
+                    "{name}: factor shapes {:?}, {:?}, {:?}, {:?} do not agree",
+                    es[0].shape, es[1].shape, es[2].shape, es[3].shape
+                )));
+            }
+            if !lc.target_modules.matches(&name) {
+                return Err(HfError::Tensor(format!("{name}: has LoHa tensors but the config does not target it")));
+            }
+            let want = lc.rank_for(&name);
+            if want != r {
+                return Err(HfError::RankMismatch { module: name, config: want, tensors: r });
+            }
+            self.loha.push(LohaModule {
+                factors: [read(file, es[0])?, read(file, es[1])?, read(file, es[2])?, read(file, es[3])?],
+                dtypes: [es[0].dtype, es[1].dtype, es[2].dtype, es[3].dtype],
+                alpha: lc.alpha_for(&name),
+                r,
+                n_in,
+                n_out,
+                name,
+            });
+        }
+        if self.loha.is_empty() {
+            return Err(HfError::Tensor("no hada_w1_a / hada_w1_b / hada_w2_a / hada_w2_b tensors".into()));
+        }
+        Ok(())
+    }
+
     fn read_ia3(&mut self, ic: &Ia3Config, file: &StFile, read: Reader<'_>) -> Result<(), HfError> {
         for e in &file.entries {
             let key = normalize_key(&e.name);
@@ -700,6 +802,7 @@ impl HfAdapter {
             PeftConfig::Lora(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Prompt(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Ia3(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::Loha(c) => serde_json::Value::Object(c.raw.clone()),
         }
     }
 
@@ -718,6 +821,17 @@ impl HfAdapter {
             }
             if let Some(mag) = &m.magnitude {
                 tensors.push((format!("{key}.lora_magnitude_vector"), m.dtypes[3], vec![m.n_out], mag));
+            }
+        }
+        for m in &self.loha {
+            let shapes = [[m.n_out, m.r], [m.r, m.n_in], [m.n_out, m.r], [m.r, m.n_in]];
+            for (i, key) in LOHA_KEYS.iter().enumerate() {
+                tensors.push((
+                    format!("base_model.model.{}.{key}", m.name),
+                    m.dtypes[i],
+                    shapes[i].to_vec(),
+                    &m.factors[i],
+                ));
             }
         }
         for m in &self.ia3 {

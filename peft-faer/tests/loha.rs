@@ -1,0 +1,82 @@
+//! LoHa against the `loha` fixture PEFT 0.21.2 wrote (see
+//! `tests/fixtures/peft/README.md`): `peft merge` against PEFT's
+//! `merge_and_unload`, `peft_core::loha` against PEFT's unmerged module
+//! outputs, the folder written back unchanged, `inspect`.
+#![cfg(feature = "cli")]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use peft_core::loha::Loha;
+use peft_core::lora::LoraConfig;
+use peft_core::{Dense, MatMut, MatRef};
+use peft_faer::Faer;
+use peft_faer::hf::{HfAdapter, PeftConfig};
+
+use common::{load, max_rel, scratch};
+
+fn case() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/loha")
+}
+
+#[test]
+fn loha_merge_and_forward_match_peft() {
+    let dir = scratch("loha-merge");
+    let out = dir.join("merged.safetensors");
+    let res = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(["merge", "--base"])
+        .arg(case().join("base.safetensors"))
+        .arg("--adapter")
+        .arg(case())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let (got, refs, base) = (load(&out), load(&case().join("ref.safetensors")), load(&case().join("base.safetensors")));
+    let mut n = 0;
+    for (name, (_, _, want)) in refs.iter().filter_map(|(k, v)| Some((k.strip_prefix("merged.")?, v))) {
+        let rel = max_rel(&got[name].2, want);
+        assert!(rel <= 1e-5, "{name}: relative error {rel:.2e}");
+        n += 1;
+    }
+    assert_eq!(n, base.len(), "every base tensor compared");
+
+    let ad = HfAdapter::read_dir(&case()).unwrap();
+    assert!(matches!(ad.config, PeftConfig::Loha(_)));
+    assert_eq!(ad.loha.len(), 4);
+    let backend = Faer::with_threads(1);
+    for m in &ad.loha {
+        let w = &base[&format!("{}.weight", m.name)].2;
+        let bias = base.get(&format!("{}.bias", m.name)).map(|b| b.2.clone());
+        let dense = Dense::new(w, m.n_out, m.n_in).unwrap();
+        let dense = match &bias {
+            Some(b) => dense.with_bias(b).unwrap(),
+            None => dense,
+        };
+        let [f0, f1, f2, f3] = &m.factors;
+        let l =
+            Loha::new(&LoraConfig::new(m.r, m.alpha), m.n_in, m.n_out, [&f0[..], &f1[..], &f2[..], &f3[..]]).unwrap();
+        let x = &refs[&format!("x.{}", m.name)].2;
+        let t = x.len() / m.n_in;
+        let mut y = vec![0.0f32; t * m.n_out];
+        let mut sc = vec![0.0f32; l.forward_scratch_len()];
+        l.forward(
+            &backend,
+            &dense,
+            MatRef::new(x, t, m.n_in).unwrap(),
+            MatMut::new(&mut y, t, m.n_out).unwrap(),
+            &mut sc,
+        )
+        .unwrap();
+        let rel = max_rel(&y, &refs[&format!("y.{}", m.name)].2);
+        assert!(rel <= 1e-5, "{}: relative error {rel:.2e}", m.name);
+    }
+    ad.write_dir(&dir.join("back"), false).unwrap();
+    assert_eq!(load(&dir.join("back/adapter_model.safetensors")), load(&case().join("adapter_model.safetensors")));
+    let res = Command::new(env!("CARGO_BIN_EXE_peft")).arg("inspect").arg(case()).output().unwrap();
+    let text = String::from_utf8_lossy(&res.stdout);
+    assert!(res.status.success() && text.contains("method loha") && text.contains("layers.1.v_proj"), "{text}");
+}
