@@ -18,6 +18,7 @@
 //! * [`ia3`]: (IA)^3, a learned vector scaling a layer's output (or a
 //!   feedforward layer's input).
 //! * [`loha`]: LoHa, the Hadamard product of two low-rank products.
+//! * [`lokr`]: LoKr, the Kronecker product of two (possibly low-rank) factors.
 //! * [`adapter`]: bottleneck adapters (Houlsby/Pfeiffer), with [`activation`]s.
 //! * [`prompt`]: prompt tuning (soft prompts prepended to the input embeddings).
 //! * [`attention`]: multi-head and grouped-query attention with masks, forward
@@ -70,6 +71,7 @@ pub mod error;
 pub mod format;
 pub mod ia3;
 pub mod loha;
+pub mod lokr;
 pub mod lora;
 pub mod matrix;
 pub mod optim;

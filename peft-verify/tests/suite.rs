@@ -92,6 +92,8 @@ fn every_property_runs() {
         "loha_matches_oracle",
         "loha_merged_equals_unmerged",
         "loha_gradients_match_fd",
+        "lokr_matches_oracle_and_merges",
+        "lokr_gradients_match_fd",
         "set_active_sum_matches_oracle",
         "set_mixed_rows_match_own_forward",
         "set_mixed_gradients_match_fd",

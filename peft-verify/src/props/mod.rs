@@ -8,6 +8,7 @@ pub mod errors;
 pub mod gemm;
 pub mod ia3;
 pub mod loha;
+pub mod lokr;
 pub mod lora;
 pub mod optim;
 pub mod prompt;
