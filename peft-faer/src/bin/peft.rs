@@ -520,6 +520,47 @@ fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>
                 }
             }
         }
+        PeftConfig::Lokr(c) => {
+            let total: usize = ad.lokr.iter().map(|m| m.6).sum();
+            if as_json {
+                let modules: Vec<_> = ad
+                    .lokr
+                    .iter()
+                    .map(|(name, i, o, r, alpha, d, p)| json!({ "module": name, "base_tensor": format!("{name}.weight"),
+                        "in": i, "out": o, "r": r, "alpha": alpha, "w1": [d[0], d[1]], "w2": [d[2], d[3]], "params": p }))
+                    .collect();
+                let doc = json!({ "method": "lokr", "r": c.common.r, "alpha": c.common.alpha,
+                    "decompose_both": c.decompose_both, "decompose_factor": c.decompose_factor,
+                    "modules": modules, "total_params": total, "warnings": nonfinite });
+                outln!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                outln!(
+                    "method lokr: r={} alpha={} decompose_factor={} (dW = s kron(W1, W2), s = alpha / r)",
+                    c.common.r,
+                    c.common.alpha,
+                    c.decompose_factor
+                );
+                outln!(
+                    "{:<40} {:>6} {:>6} {:>4} {:>7} {:>10} {:>10} {:>9}",
+                    "module",
+                    "in",
+                    "out",
+                    "r",
+                    "alpha",
+                    "W1",
+                    "W2",
+                    "params"
+                );
+                for (name, i, o, r, alpha, d, p) in &ad.lokr {
+                    let (w1, w2) = (format!("{}x{}", d[0], d[1]), format!("{}x{}", d[2], d[3]));
+                    outln!("{:<40} {:>6} {:>6} {:>4} {:>7} {:>10} {:>10} {:>9}", name, i, o, r, alpha, w1, w2, p);
+                }
+                outln!("total: {} modules, {total} trainable parameters", ad.lokr.len());
+                for w in &nonfinite {
+                    outln!("warning: {w}");
+                }
+            }
+        }
         PeftConfig::Ia3(_) => {
             let total: usize = ad.ia3.iter().map(|m| m.2).sum();
             if as_json {

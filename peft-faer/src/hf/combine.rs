@@ -142,6 +142,7 @@ pub fn combine(sources: &[(&HfAdapter, f64)], combination: Combination, seed: u6
         modules,
         ia3: Vec::new(),
         loha: Vec::new(),
+        lokr: Vec::new(),
         replacements: Vec::new(),
         prompt: None,
         metadata: BTreeMap::new(),

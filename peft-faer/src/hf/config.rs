@@ -220,11 +220,25 @@ impl LohaConfig {
     }
 }
 
+/// A LoKr adapter's configuration (`peft_type: "LOKR"`): LoHa's fields
+/// and the factorization's.
+#[derive(Clone, Debug)]
+pub struct LokrConfig {
+    /// `r`, `alpha` (`s = alpha / r` always), the patterns and targets.
+    pub common: LohaConfig,
+    /// Whether `W1` may be low rank too.
+    pub decompose_both: bool,
+    /// `factorization`'s `f` (`-1`: none).
+    pub decompose_factor: i64,
+}
+
 /// A parsed `adapter_config.json`.
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
     /// `peft_type: "LOHA"`.
     Loha(LohaConfig),
+    /// `peft_type: "LOKR"`.
+    Lokr(LokrConfig),
     /// `peft_type: "LORA"`.
     Lora(HfLoraConfig),
     /// `PROMPT_TUNING` or `PREFIX_TUNING`.
@@ -382,8 +396,19 @@ impl PeftConfig {
             "PROMPT_TUNING" | "PREFIX_TUNING" => Self::prompt(text, &v, peft_type == "PREFIX_TUNING"),
             "IA3" => Self::ia3(text, &v),
             "LOHA" => Self::loha(text, &v),
+            "LOKR" => {
+                let PeftConfig::Loha(common) = Self::loha(text, &v)? else {
+                    return Err(HfError::config("peft_type", "LOKR"));
+                };
+                let decompose_both = common.raw.get("decompose_both").and_then(Value::as_bool).unwrap_or(false);
+                let decompose_factor = match common.raw.get("decompose_factor") {
+                    None | Some(Value::Null) => -1,
+                    Some(v) => v.as_i64().ok_or_else(|| HfError::config("decompose_factor", "must be an integer"))?,
+                };
+                Ok(PeftConfig::Lokr(LokrConfig { common, decompose_both, decompose_factor }))
+            }
             other => Err(HfError::Unsupported(format!(
-                "`peft_type` {other:?} (supported: LORA, LOHA, IA3, PROMPT_TUNING, PREFIX_TUNING)"
+                "`peft_type` {other:?} (supported: LORA, LOHA, LOKR, IA3, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }

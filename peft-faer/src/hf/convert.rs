@@ -136,8 +136,10 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
         PeftConfig::Lora(_) => Method::Lora,
         PeftConfig::Prompt(p) if p.prefix => Method::Prefix,
         PeftConfig::Prompt(_) => Method::Prompt,
-        PeftConfig::Ia3(_) | PeftConfig::Loha(_) => {
-            return Err(HfError::Unsupported("IA3 or LoHa in a .peft file (the format has no such method yet)".into()));
+        PeftConfig::Ia3(_) | PeftConfig::Loha(_) | PeftConfig::Lokr(_) => {
+            return Err(HfError::Unsupported(
+                "IA3, LoHa or LoKr in a .peft file (the format has no such method yet)".into(),
+            ));
         }
     };
     let restored = restored_entries(&ad, method, &config_json);
@@ -159,7 +161,7 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
                     config.push(("num_layers".into(), Value::U64(c.num_layers as u64)));
                     config.push(("num_attention_heads".into(), Value::U64(c.num_attention_heads as u64)));
                 }
-                PeftConfig::Ia3(_) | PeftConfig::Loha(_) => {}
+                PeftConfig::Ia3(_) | PeftConfig::Loha(_) | PeftConfig::Lokr(_) => {}
             }
         }
     }
@@ -248,6 +250,7 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
         modules: Vec::new(),
         ia3: Vec::new(),
         loha: Vec::new(),
+        lokr: Vec::new(),
         replacements: Vec::new(),
         prompt: None,
         dtype: first,
@@ -260,8 +263,10 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
         Ok(HfTensor { name: t.name().to_string(), dtype: hf_dtype(t.dtype())?, shape: t.shape().to_vec(), data })
     };
     match &config {
-        PeftConfig::Ia3(_) | PeftConfig::Loha(_) => {
-            return Err(HfError::Unsupported("IA3 or LoHa in a .peft file (the format has no such method yet)".into()));
+        PeftConfig::Ia3(_) | PeftConfig::Loha(_) | PeftConfig::Lokr(_) => {
+            return Err(HfError::Unsupported(
+                "IA3, LoHa or LoKr in a .peft file (the format has no such method yet)".into(),
+            ));
         }
         PeftConfig::Prompt(_) => ad.prompt = Some(read(&f.tensor("prompt_embeddings")?)?),
         PeftConfig::Lora(lc) => {

@@ -30,7 +30,7 @@ use safetensors::Dtype;
 
 use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry, float_size};
-use super::{HfAdapter, HfError, HfTensor, Ia3Module, LohaModule, LoraModule, PeftConfig};
+use super::{HfAdapter, HfError, HfTensor, Ia3Module, LohaModule, LokrModule, LoraModule, PeftConfig};
 use crate::files::{Staging, check_output};
 
 /// Row blocks of adapted weights, and copy chunks, hold at most this many
@@ -49,6 +49,8 @@ enum Action<'a> {
     Ia3(&'a Ia3Module),
     /// LoHa: `W += m dW`, `dW = s (W1a W1b) * (W2a W2b)` (`m` the multiplier).
     Loha(&'a LohaModule, f64),
+    /// LoKr: `W += m dW`, `dW = s kron(W1, W2)`.
+    Lokr(&'a LokrModule, f64),
     /// (IA)^3 on the output: `b *= l`.
     Ia3Bias(&'a Ia3Module),
     Replace(&'a HfTensor),
@@ -115,6 +117,13 @@ fn check_finite(adapter: &HfAdapter, multiplier: f64) -> Result<(), HfError> {
             }
         }
     }
+    for m in &adapter.lokr {
+        for (key, _, v) in m.stored() {
+            if let Some(x) = first_nonfinite(v) {
+                return Err(bad(format!("{}.{key}", m.name), x, "the adapter holds it"));
+            }
+        }
+    }
     for m in &adapter.ia3 {
         if let Some(x) = first_nonfinite(&m.l) {
             return Err(bad(format!("{}.ia3_l", m.name), x, "the adapter holds it"));
@@ -131,6 +140,28 @@ fn check_finite(adapter: &HfAdapter, multiplier: f64) -> Result<(), HfError> {
 fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<String, Action<'a>>, HfError> {
     let mut actions: BTreeMap<String, Action<'a>> = BTreeMap::new();
     for &(adapter, multiplier) in adapters {
+        if let PeftConfig::Lokr(_) = &adapter.config {
+            for m in &adapter.lokr {
+                let name = format!("{}.weight", m.name);
+                let (n_out, n_in) = m.dims();
+                let (_, e) = base
+                    .find(&name)
+                    .ok_or_else(|| HfError::Base(format!("{name}, adapted by the adapter, is missing")))?;
+                if e.shape != [n_out, n_in] {
+                    return Err(HfError::Base(format!(
+                        "{name} has shape {:?}, the adapter needs {:?}",
+                        e.shape,
+                        [n_out, n_in]
+                    )));
+                }
+                float_size(e.dtype)
+                    .ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
+                if actions.insert(name.clone(), Action::Lokr(m, multiplier)).is_some() {
+                    return Err(HfError::Tensor(format!("{name} is adapted by two adapters, one of them LoKr")));
+                }
+            }
+            continue;
+        }
         if let PeftConfig::Loha(_) = &adapter.config {
             for m in &adapter.loha {
                 let name = format!("{}.weight", m.name);
@@ -350,7 +381,7 @@ pub fn merge_many<B: Backend<f32> + ?Sized>(
                 })?;
                 match action {
                     Action::Copy => report.copied += 1,
-                    Action::Lora(..) | Action::Ia3(_) | Action::Loha(..) => report.merged += 1,
+                    Action::Lora(..) | Action::Ia3(_) | Action::Loha(..) | Action::Lokr(..) => report.merged += 1,
                     Action::LoraBias(_) | Action::Ia3Bias(_) | Action::Replace(_) => report.replaced += 1,
                 }
                 report.bytes += oe.bytes();
@@ -467,37 +498,22 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
             let cfg = peft_core::lora::LoraConfig::new(m.r, m.alpha);
             let [f0, f1, f2, f3] = &m.factors;
             let loha = peft_core::loha::Loha::new(&cfg, m.n_in, m.n_out, [&f0[..], &f1[..], &f2[..], &f3[..]])?;
-            let cols = m.n_in;
-            let mut dw = vec![0.0f32; m.n_out * cols];
+            let mut dw = vec![0.0f32; m.n_out * m.n_in];
             let mut sc = vec![0.0f32; loha.forward_scratch_len()];
-            let dst = MatMut::new(&mut dw, m.n_out, cols)?;
+            let dst = MatMut::new(&mut dw, m.n_out, m.n_in)?;
             loha.delta(backend, dst, Accum::Replace, *factor, &mut sc).map_err(HfError::backend)?;
-            let size = float_size(e.dtype).unwrap_or(4);
-            let rows = m.n_out;
-            let block = (CHUNK_BYTES / 4 / cols.max(1)).clamp(1, rows.max(1));
-            let mut bytes = vec![0u8; block * cols * size];
-            let mut vals = vec![0.0f32; block * cols];
-            let mut i0 = 0;
-            while i0 < rows {
-                let n = block.min(rows - i0);
-                let nb = n * cols * size;
-                shard.read_at(e, (i0 * cols * size) as u64, &mut bytes[..nb])?;
-                st::to_f32(e.dtype, &bytes[..nb], &mut vals[..n * cols])?;
-                vals[..n * cols].iter_mut().zip(&dw[i0 * cols..(i0 + n) * cols]).for_each(|(v, d)| *v += d);
-                if check_finite {
-                    let base = |i: usize| {
-                        let mut one = [0.0f32];
-                        let c = bytes.get(i * size..(i + 1) * size)?;
-                        st::to_f32(e.dtype, c, &mut one).ok()?;
-                        Some(one[0])
-                    };
-                    refuse_new_nonfinite(&e.name, i0 * cols, &vals[..n * cols], base)?;
-                }
-                out.clear();
-                st::from_f32(out_dtype, &vals[..n * cols], &mut out)?;
-                w.write_all(&out)?;
-                i0 += n;
-            }
+            add_dense(shard, e, &dw, m.n_in, out_dtype, check_finite, w)?;
+        }
+        Action::Lokr(m, factor) => {
+            use peft_core::lokr::Lokr;
+            let cfg = peft_core::lora::LoraConfig::new(m.r, m.alpha);
+            let lokr = Lokr::new(&cfg, m.d1, m.d2, as_factor(&m.w1), as_factor(&m.w2))?;
+            let (n_out, n_in) = m.dims();
+            let mut dw = vec![0.0f32; n_out * n_in];
+            let mut sc = vec![0.0f32; lokr.forward_scratch_len()];
+            let dst = MatMut::new(&mut dw, n_out, n_in)?;
+            lokr.delta(backend, dst, Accum::Replace, *factor, &mut sc).map_err(HfError::backend)?;
+            add_dense(shard, e, &dw, n_in, out_dtype, check_finite, w)?;
         }
         Action::Ia3(m) => {
             let size = float_size(e.dtype).unwrap_or(4);
@@ -600,6 +616,58 @@ fn dora_rows(v: &mut [f32], cols: usize, mag: &[f32]) {
         let ratio = (f64::from(mj) / norm) as f32;
         row.iter_mut().for_each(|x| *x *= ratio);
     }
+}
+
+/// A LoKr factor's stored tensors as `peft-core`'s form.
+fn as_factor(f: &[Vec<f32>]) -> peft_core::lokr::Factor<&[f32]> {
+    use peft_core::lokr::Factor;
+    match f {
+        [full] => Factor::Full(&full[..]),
+        [a, b] => Factor::LowRank(&a[..], &b[..]),
+        _ => Factor::Full(&[][..]),
+    }
+}
+
+/// Writes tensor `e` (`[rows, cols]`) plus the dense update `dw` of the
+/// same shape, in row blocks of at most [`CHUNK_BYTES`], refusing (when
+/// `check_finite`) an element that becomes non-finite.
+fn add_dense(
+    shard: &st::StFile,
+    e: &Entry,
+    dw: &[f32],
+    cols: usize,
+    out_dtype: Dtype,
+    check_finite: bool,
+    w: &mut impl Write,
+) -> Result<(), WriteError> {
+    let size = float_size(e.dtype).unwrap_or(4);
+    let rows = dw.len() / cols.max(1);
+    let block = (CHUNK_BYTES / 4 / cols.max(1)).clamp(1, rows.max(1));
+    let mut bytes = vec![0u8; block * cols * size];
+    let mut vals = vec![0.0f32; block * cols];
+    let mut out = Vec::new();
+    let mut i0 = 0;
+    while i0 < rows {
+        let n = block.min(rows - i0);
+        let nb = n * cols * size;
+        shard.read_at(e, (i0 * cols * size) as u64, &mut bytes[..nb])?;
+        st::to_f32(e.dtype, &bytes[..nb], &mut vals[..n * cols])?;
+        vals[..n * cols].iter_mut().zip(&dw[i0 * cols..(i0 + n) * cols]).for_each(|(v, d)| *v += d);
+        if check_finite {
+            let base = |i: usize| {
+                let mut one = [0.0f32];
+                let c = bytes.get(i * size..(i + 1) * size)?;
+                st::to_f32(e.dtype, c, &mut one).ok()?;
+                Some(one[0])
+            };
+            refuse_new_nonfinite(&e.name, i0 * cols, &vals[..n * cols], base)?;
+        }
+        out.clear();
+        st::from_f32(out_dtype, &vals[..n * cols], &mut out)?;
+        w.write_all(&out)?;
+        i0 += n;
+    }
+    Ok(())
 }
 
 /// Refuses the first element of `merged` (which starts at element `offset`

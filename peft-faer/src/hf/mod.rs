@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use peft_core::lora::config::module_matches;
 use safetensors::Dtype;
 
-pub use config::{BiasMode, HfLoraConfig, Ia3Config, LohaConfig, PeftConfig, PromptConfig, Targets};
+pub use config::{BiasMode, HfLoraConfig, Ia3Config, LohaConfig, LokrConfig, PeftConfig, PromptConfig, Targets};
 use st::{OutEntry, StFile};
 
 use crate::files::OutputError;
@@ -238,6 +238,52 @@ pub struct LohaModule {
     pub dtypes: [Dtype; 4],
 }
 
+/// One LoKr-adapted module: `W1 [a, c]` and `W2 [b, d]`, each stored
+/// full (`lokr_w1`) or low rank (`lokr_w1_a`, `lokr_w1_b`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LokrModule {
+    /// Module name without `base_model.model.`.
+    pub name: String,
+    /// `W1`'s stored tensors (one, or `_a` and `_b`), widened to f32.
+    pub w1: Vec<Vec<f32>>,
+    /// `W2`'s.
+    pub w2: Vec<Vec<f32>>,
+    /// `(a, c)`.
+    pub d1: (usize, usize),
+    /// `(b, d)`.
+    pub d2: (usize, usize),
+    /// The module's rank (`rank_pattern` or `r`; `s = alpha / r`).
+    pub r: usize,
+    /// Its alpha.
+    pub alpha: f64,
+    /// Each stored tensor's element type, `W1`'s then `W2`'s.
+    pub dtypes: Vec<Dtype>,
+}
+
+impl LokrModule {
+    /// `(out, in) = (a b, c d)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.d1.0 * self.d2.0, self.d1.1 * self.d2.1)
+    }
+
+    /// The stored tensors: PEFT's key suffix, shape, values.
+    pub fn stored(&self) -> Vec<(&'static str, Vec<usize>, &[f32])> {
+        let mut out = Vec::new();
+        for (which, f, (rows, cols)) in [("w1", &self.w1, self.d1), ("w2", &self.w2, self.d2)] {
+            match f.as_slice() {
+                [m] => out.push((if which == "w1" { "lokr_w1" } else { "lokr_w2" }, vec![rows, cols], &m[..])),
+                [a, b] => {
+                    let (ka, kb) = if which == "w1" { ("lokr_w1_a", "lokr_w1_b") } else { ("lokr_w2_a", "lokr_w2_b") };
+                    out.push((ka, vec![rows, self.r], &a[..]));
+                    out.push((kb, vec![self.r, cols], &b[..]));
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
 /// LoHa's tensor names, in [`LohaModule::factors`]' order.
 pub const LOHA_KEYS: [&str; 4] = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"];
 
@@ -288,6 +334,8 @@ pub struct HfAdapter {
     pub ia3: Vec<Ia3Module>,
     /// LoHa modules, in the order of their keys.
     pub loha: Vec<LohaModule>,
+    /// LoKr modules, in the order of their keys.
+    pub lokr: Vec<LokrModule>,
     /// Whole-tensor replacements.
     pub replacements: Vec<HfTensor>,
     /// Prompt or prefix tuning: `prompt_embeddings`.
@@ -334,6 +382,10 @@ impl ModuleSummary {
     }
 }
 
+/// One LoKr module of an [`AdapterSummary`]: name, in, out, r, alpha,
+/// `[a, c, b, d]` (`W1 [a, c]`, `W2 [b, d]`), stored parameters.
+pub type LokrSummary = (String, usize, usize, usize, f64, [usize; 4], usize);
+
 /// A PEFT adapter directory, checked, without its tensor values
 /// ([`HfAdapter::summarize`]).
 #[derive(Clone, Debug)]
@@ -352,6 +404,8 @@ pub struct AdapterSummary {
     pub ia3: Vec<(String, bool, usize)>,
     /// LoHa modules: name, in, out, r, alpha.
     pub loha: Vec<(String, usize, usize, usize, f64)>,
+    /// LoKr modules (see [`LokrSummary`]).
+    pub lokr: Vec<LokrSummary>,
     /// Every tensor holding a NaN or infinity: its name as stored, the
     /// first such element's index and value.
     pub nonfinite: Vec<(String, usize, f32)>,
@@ -451,6 +505,15 @@ impl HfAdapter {
             prompt_shape: ad.prompt.as_ref().map(|p| p.shape.clone()),
             ia3: ad.ia3.iter().map(|m| (m.name.clone(), m.feedforward, m.shape()[0].max(m.shape()[1]))).collect(),
             loha: ad.loha.iter().map(|m| (m.name.clone(), m.n_in, m.n_out, m.r, m.alpha)).collect(),
+            lokr: ad
+                .lokr
+                .iter()
+                .map(|m| {
+                    let (o, i) = m.dims();
+                    let params = m.stored().iter().map(|(_, s, _)| s.iter().product::<usize>()).sum();
+                    (m.name.clone(), i, o, m.r, m.alpha, [m.d1.0, m.d1.1, m.d2.0, m.d2.1], params)
+                })
+                .collect(),
             dtype: ad.dtype,
             config: ad.config,
             nonfinite,
@@ -471,6 +534,7 @@ impl HfAdapter {
             modules: Vec::new(),
             ia3: Vec::new(),
             loha: Vec::new(),
+            lokr: Vec::new(),
             replacements: Vec::new(),
             prompt: None,
             dtype,
@@ -505,6 +569,7 @@ impl HfAdapter {
             PeftConfig::Lora(lc) => out.read_lora(lc, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Ia3(ic) => out.read_ia3(ic, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Loha(lc) => out.read_loha(lc, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::Lokr(kc) => out.read_lokr(kc, &file, read).map_err(|e| e.in_file(&path))?,
         }
         Ok(out)
     }
@@ -712,6 +777,92 @@ impl HfAdapter {
         Ok(())
     }
 
+    fn read_lokr(&mut self, kc: &LokrConfig, file: &StFile, read: Reader<'_>) -> Result<(), HfError> {
+        const KEYS: [&str; 6] = ["lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"];
+        let lc = &kc.common;
+        let mut by_module: BTreeMap<String, [Option<&st::Entry>; 6]> = BTreeMap::new();
+        let mut order = Vec::new();
+        for e in &file.entries {
+            let key = normalize_key(&e.name);
+            let slot = KEYS.iter().enumerate().find_map(|(i, k)| key.strip_suffix(&format!(".{k}")).map(|m| (m, i)));
+            match slot {
+                Some((module, i)) => {
+                    let s = by_module.entry(module.to_string()).or_insert_with(|| {
+                        order.push(module.to_string());
+                        [None; 6]
+                    });
+                    if s[i].replace(e).is_some() {
+                        return Err(HfError::Tensor(format!("{module}: {} appears twice", KEYS[i])));
+                    }
+                }
+                None => {
+                    let owner = key.rsplit_once('.').map_or("", |(m, _)| m);
+                    if !lc.modules_to_save.iter().any(|m| module_matches(owner, m)) {
+                        return Err(HfError::Tensor(format!(
+                            "unexpected key `{}` (not LoKr or modules_to_save)",
+                            e.name
+                        )));
+                    }
+                    self.replacements.push(HfTensor {
+                        name: key,
+                        dtype: e.dtype,
+                        shape: e.shape.clone(),
+                        data: read(file, e)?,
+                    });
+                }
+            }
+        }
+        for name in order {
+            let s = by_module[&name];
+            if !lc.target_modules.matches(&name) {
+                return Err(HfError::Tensor(format!("{name}: has LoKr tensors but the config does not target it")));
+            }
+            let r = lc.rank_for(&name);
+            let mut dtypes = Vec::new();
+            // One factor: full, or low rank of rank r; its (rows, cols).
+            let mut factor = |full: Option<&st::Entry>, a: Option<&st::Entry>, b: Option<&st::Entry>, which: &str| {
+                match (full, a, b) {
+                    (Some(m), None, None) => match m.shape.as_slice() {
+                        &[rows, cols] => {
+                            dtypes.push(m.dtype);
+                            Ok((vec![read(file, m)?], (rows, cols)))
+                        }
+                        _ => Err(HfError::Tensor(format!("{name}: lokr_{which} is not a matrix"))),
+                    },
+                    (None, Some(a), Some(b)) => match (a.shape.as_slice(), b.shape.as_slice()) {
+                        (&[rows, ra], &[rb, cols]) if ra == r && rb == r => {
+                            dtypes.extend([a.dtype, b.dtype]);
+                            Ok((vec![read(file, a)?, read(file, b)?], (rows, cols)))
+                        }
+                        _ => Err(HfError::RankMismatch {
+                            module: name.clone(),
+                            config: r,
+                            tensors: a.shape.get(1).copied().unwrap_or(0),
+                        }),
+                    },
+                    _ => Err(HfError::Tensor(format!("{name}: lokr_{which}, or lokr_{which}_a and _b, expected"))),
+                }
+            };
+            let (w1, d1) = factor(s[0], s[1], s[2], "w1")?;
+            let (w2, d2) = factor(s[3], s[4], s[5], "w2")?;
+            // PEFT's factorization must give these dimensions.
+            let (n_out, n_in) = (d1.0 * d2.0, d1.1 * d2.1);
+            let f = kc.decompose_factor;
+            let (fo, fi) = (peft_core::lokr::factorization(n_out, f), peft_core::lokr::factorization(n_in, f));
+            if fo != (d1.0, d2.0) || fi != (d1.1, d2.1) {
+                return Err(HfError::Tensor(format!(
+                    "{name}: factors [{}, {}] and [{}, {}] are not PEFT's factorization of {n_out} x {n_in} (decompose_factor {f})",
+                    d1.0, d1.1, d2.0, d2.1
+                )));
+            }
+            self.lokr.push(LokrModule { name: name.clone(), w1, w2, d1, d2, r, alpha: lc.alpha_for(&name), dtypes });
+        }
+        if self.lokr.is_empty() {
+            return Err(HfError::Tensor("no lokr_w1 / lokr_w2 tensors".into()));
+        }
+        Ok(())
+    }
+
     fn read_ia3(&mut self, ic: &Ia3Config, file: &StFile, read: Reader<'_>) -> Result<(), HfError> {
         for e in &file.entries {
             let key = normalize_key(&e.name);
@@ -803,6 +954,7 @@ impl HfAdapter {
             PeftConfig::Prompt(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Ia3(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Loha(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::Lokr(c) => serde_json::Value::Object(c.common.raw.clone()),
         }
     }
 
@@ -832,6 +984,11 @@ impl HfAdapter {
                     shapes[i].to_vec(),
                     &m.factors[i],
                 ));
+            }
+        }
+        for m in &self.lokr {
+            for ((key, shape, data), dtype) in m.stored().into_iter().zip(&m.dtypes) {
+                tensors.push((format!("base_model.model.{}.{key}", m.name), *dtype, shape, data));
             }
         }
         for m in &self.ia3 {

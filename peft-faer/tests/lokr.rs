@@ -1,0 +1,91 @@
+//! LoKr against the `lokr` and `lokr_decompose_both` fixtures PEFT 0.21.2
+//! wrote (see `tests/fixtures/peft/README.md`): `peft merge` against
+//! `merge_and_unload`, `peft_core::lokr` against PEFT's unmerged module
+//! outputs, the folder written back unchanged, `inspect`.
+#![cfg(feature = "cli")]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use peft_core::lokr::{Factor, Lokr};
+use peft_core::lora::LoraConfig;
+use peft_core::{Dense, MatMut, MatRef};
+use peft_faer::Faer;
+use peft_faer::hf::{HfAdapter, PeftConfig};
+
+use common::{load, max_rel, scratch};
+
+fn case(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft").join(name)
+}
+
+fn as_factor(f: &[Vec<f32>]) -> Factor<&[f32]> {
+    match f {
+        [m] => Factor::Full(&m[..]),
+        [a, b] => Factor::LowRank(&a[..], &b[..]),
+        _ => panic!("a factor has one or two tensors"),
+    }
+}
+
+#[test]
+fn lokr_merge_and_forward_match_peft() {
+    for name in ["lokr", "lokr_decompose_both"] {
+        let dir = scratch(&format!("{name}-merge"));
+        let out = dir.join("merged.safetensors");
+        let res = Command::new(env!("CARGO_BIN_EXE_peft"))
+            .args(["merge", "--base"])
+            .arg(case(name).join("base.safetensors"))
+            .arg("--adapter")
+            .arg(case(name))
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(res.status.success(), "{name}: {}", String::from_utf8_lossy(&res.stderr));
+        let (got, refs, base) =
+            (load(&out), load(&case(name).join("ref.safetensors")), load(&case(name).join("base.safetensors")));
+        for (param, (_, _, want)) in refs.iter().filter_map(|(k, v)| Some((k.strip_prefix("merged.")?, v))) {
+            let rel = max_rel(&got[param].2, want);
+            assert!(rel <= 1e-5, "{name} {param}: relative error {rel:.2e}");
+        }
+        let ad = HfAdapter::read_dir(&case(name)).unwrap();
+        assert!(matches!(ad.config, PeftConfig::Lokr(_)));
+        assert_eq!(ad.lokr.len(), 6, "{name}");
+        let backend = Faer::with_threads(1);
+        for m in &ad.lokr {
+            let (n_out, n_in) = m.dims();
+            let w = &base[&format!("{}.weight", m.name)].2;
+            let bias = base.get(&format!("{}.bias", m.name)).map(|b| b.2.clone());
+            let dense = Dense::new(w, n_out, n_in).unwrap();
+            let dense = match &bias {
+                Some(b) => dense.with_bias(b).unwrap(),
+                None => dense,
+            };
+            let l = Lokr::new(&LoraConfig::new(m.r, m.alpha), m.d1, m.d2, as_factor(&m.w1), as_factor(&m.w2)).unwrap();
+            let x = &refs[&format!("x.{}", m.name)].2;
+            let t = x.len() / n_in;
+            let mut y = vec![0.0f32; t * n_out];
+            let mut sc = vec![0.0f32; l.forward_scratch_len()];
+            l.forward(
+                &backend,
+                &dense,
+                MatRef::new(x, t, n_in).unwrap(),
+                MatMut::new(&mut y, t, n_out).unwrap(),
+                &mut sc,
+            )
+            .unwrap();
+            let rel = max_rel(&y, &refs[&format!("y.{}", m.name)].2);
+            assert!(rel <= 1e-5, "{name} {}: relative error {rel:.2e}", m.name);
+        }
+        ad.write_dir(&dir.join("back"), false).unwrap();
+        assert_eq!(
+            load(&dir.join("back/adapter_model.safetensors")),
+            load(&case(name).join("adapter_model.safetensors"))
+        );
+        let res = Command::new(env!("CARGO_BIN_EXE_peft")).arg("inspect").arg(case(name)).output().unwrap();
+        let text = String::from_utf8_lossy(&res.stdout);
+        assert!(res.status.success() && text.contains("method lokr"), "{text}");
+    }
+}
