@@ -502,7 +502,7 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
             let mut sc = vec![0.0f32; loha.forward_scratch_len()];
             let dst = MatMut::new(&mut dw, m.n_out, m.n_in)?;
             loha.delta(backend, dst, Accum::Replace, *factor, &mut sc).map_err(HfError::backend)?;
-            add_dense(shard, e, &dw, m.n_in, out_dtype, check_finite, w)?;
+            add_dense(shard, e, &dw, out_dtype, check_finite, w)?;
         }
         Action::Lokr(m, factor) => {
             use peft_core::lokr::Lokr;
@@ -513,95 +513,43 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
             let mut sc = vec![0.0f32; lokr.forward_scratch_len()];
             let dst = MatMut::new(&mut dw, n_out, n_in)?;
             lokr.delta(backend, dst, Accum::Replace, *factor, &mut sc).map_err(HfError::backend)?;
-            add_dense(shard, e, &dw, n_in, out_dtype, check_finite, w)?;
+            add_dense(shard, e, &dw, out_dtype, check_finite, w)?;
         }
-        Action::Ia3(m) => {
-            let size = float_size(e.dtype).unwrap_or(4);
-            let &[rows, cols] = e.shape.as_slice() else {
-                return Err(HfError::Base(format!("{}: an adapted weight must be a matrix", e.name)).into());
-            };
-            let block = (CHUNK_BYTES / 4 / cols.max(1)).clamp(1, rows.max(1));
-            let mut bytes = vec![0u8; block * cols * size];
-            let mut vals = vec![0.0f32; block * cols];
-            let mut i0 = 0;
-            while i0 < rows {
-                let n = block.min(rows - i0);
-                let nb = n * cols * size;
-                shard.read_at(e, (i0 * cols * size) as u64, &mut bytes[..nb])?;
-                st::to_f32(e.dtype, &bytes[..nb], &mut vals[..n * cols])?;
-                for (k, row) in vals[..n * cols].chunks_exact_mut(cols.max(1)).enumerate() {
-                    if m.feedforward {
-                        row.iter_mut().zip(&m.l).for_each(|(v, l)| *v *= l);
-                    } else {
-                        let l = m.l[i0 + k];
-                        row.iter_mut().for_each(|v| *v *= l);
-                    }
+        Action::Ia3(m) => map_rows(shard, e, out_dtype, check_finite, w, |i0, _, cols, vals| {
+            for (k, row) in vals.chunks_exact_mut(cols.max(1)).enumerate() {
+                if m.feedforward {
+                    row.iter_mut().zip(&m.l).for_each(|(v, l)| *v *= l);
+                } else {
+                    let l = m.l[i0 + k];
+                    row.iter_mut().for_each(|v| *v *= l);
                 }
-                if check_finite {
-                    let base = |i: usize| {
-                        let mut one = [0.0f32];
-                        let c = bytes.get(i * size..(i + 1) * size)?;
-                        st::to_f32(e.dtype, c, &mut one).ok()?;
-                        Some(one[0])
-                    };
-                    refuse_new_nonfinite(&e.name, i0 * cols, &vals[..n * cols], base)?;
-                }
-                out.clear();
-                st::from_f32(out_dtype, &vals[..n * cols], &mut out)?;
-                w.write_all(&out)?;
-                i0 += n;
             }
-        }
-        Action::Lora(list, fan_in_fan_out) => {
-            let size = float_size(e.dtype).unwrap_or(4);
-            let &[rows, cols] = e.shape.as_slice() else {
-                return Err(HfError::Base(format!("{}: an adapted weight must be a matrix", e.name)).into());
-            };
-            let block = (CHUNK_BYTES / 4 / cols.max(1)).clamp(1, rows.max(1));
-            let mut bytes = vec![0u8; block * cols * size];
-            let mut vals = vec![0.0f32; block * cols];
-            let mut i0 = 0;
-            while i0 < rows {
-                let n = block.min(rows - i0);
-                let nb = n * cols * size;
-                shard.read_at(e, (i0 * cols * size) as u64, &mut bytes[..nb])?;
-                st::to_f32(e.dtype, &bytes[..nb], &mut vals[..n * cols])?;
-                for &(m, s) in list {
-                    let a = MatRef::new(&m.a, m.r, m.n_in)?;
-                    let b = MatRef::new(&m.b, m.n_out, m.r)?;
-                    let dst = MatMut::new(&mut vals[..n * cols], n, cols)?;
-                    let overflow = || peft_core::Error::Overflow;
-                    if *fan_in_fan_out {
-                        // W [in, out]: rows i0.. += s A^T[i0.., :] B^T.
-                        let at = a.cols_range(i0, n).ok_or_else(overflow)?;
-                        backend.gemm(dst, Accum::Add, at, Op::T, b, Op::T, s).map_err(HfError::backend)?;
-                    } else {
-                        // W [out, in]: rows i0.. += s B[i0.., :] A.
-                        let bt = b.rows_range(i0, n).ok_or_else(overflow)?;
-                        backend.gemm(dst, Accum::Add, bt, Op::N, a, Op::N, s).map_err(HfError::backend)?;
-                    }
-                    if let Some(mag) = &m.magnitude {
-                        // DoRA: each row V_j = W_j + s B_j A, now complete in the
-                        // block, becomes (m_j / ||V_j||) V_j (PEFT's merge; the
-                        // reader refused fan_in_fan_out, so rows are outputs).
-                        dora_rows(&mut vals[..n * cols], cols, &mag[i0..i0 + n]);
-                    }
+            Ok(())
+        })?,
+        Action::Lora(list, fan_in_fan_out) => map_rows(shard, e, out_dtype, check_finite, w, |i0, n, cols, vals| {
+            for &(m, s) in list {
+                let a = MatRef::new(&m.a, m.r, m.n_in)?;
+                let b = MatRef::new(&m.b, m.n_out, m.r)?;
+                let dst = MatMut::new(&mut *vals, n, cols)?;
+                let overflow = || peft_core::Error::Overflow;
+                if *fan_in_fan_out {
+                    // W [in, out]: rows i0.. += s A^T[i0.., :] B^T.
+                    let at = a.cols_range(i0, n).ok_or_else(overflow)?;
+                    backend.gemm(dst, Accum::Add, at, Op::T, b, Op::T, s).map_err(HfError::backend)?;
+                } else {
+                    // W [out, in]: rows i0.. += s B[i0.., :] A.
+                    let bt = b.rows_range(i0, n).ok_or_else(overflow)?;
+                    backend.gemm(dst, Accum::Add, bt, Op::N, a, Op::N, s).map_err(HfError::backend)?;
                 }
-                if check_finite {
-                    let base = |i: usize| {
-                        let mut one = [0.0f32];
-                        let c = bytes.get(i * size..(i + 1) * size)?;
-                        st::to_f32(e.dtype, c, &mut one).ok()?;
-                        Some(one[0])
-                    };
-                    refuse_new_nonfinite(&e.name, i0 * cols, &vals[..n * cols], base)?;
+                if let Some(mag) = &m.magnitude {
+                    // DoRA: each row V_j = W_j + s B_j A, now complete in the
+                    // block, becomes (m_j / ||V_j||) V_j (PEFT's merge; the
+                    // reader refused fan_in_fan_out, so rows are outputs).
+                    dora_rows(vals, cols, &mag[i0..i0 + n]);
                 }
-                out.clear();
-                st::from_f32(out_dtype, &vals[..n * cols], &mut out)?;
-                w.write_all(&out)?;
-                i0 += n;
             }
-        }
+            Ok(())
+        })?,
     }
     Ok(())
 }
@@ -629,19 +577,39 @@ fn as_factor(f: &[Vec<f32>]) -> peft_core::lokr::Factor<&[f32]> {
 }
 
 /// Writes tensor `e` (`[rows, cols]`) plus the dense update `dw` of the
-/// same shape, in row blocks of at most [`CHUNK_BYTES`], refusing (when
-/// `check_finite`) an element that becomes non-finite.
+/// same shape (see [`map_rows`]).
 fn add_dense(
     shard: &st::StFile,
     e: &Entry,
     dw: &[f32],
-    cols: usize,
     out_dtype: Dtype,
     check_finite: bool,
     w: &mut impl Write,
 ) -> Result<(), WriteError> {
+    map_rows(shard, e, out_dtype, check_finite, w, |i0, n, cols, vals| {
+        vals.iter_mut().zip(&dw[i0 * cols..(i0 + n) * cols]).for_each(|(v, d)| *v += d);
+        Ok(())
+    })
+}
+
+/// Writes the matrix `e` (`[rows, cols]`) transformed row block by row
+/// block: each block of at most [`CHUNK_BYTES`] of f32 is read, widened,
+/// handed to `f(first_row, rows, cols, values)`, checked (when
+/// `check_finite`, an element that became non-finite where the base's was
+/// finite is refused) and written in `out_dtype`. The one streaming loop of
+/// every merge that changes a weight.
+fn map_rows(
+    shard: &st::StFile,
+    e: &Entry,
+    out_dtype: Dtype,
+    check_finite: bool,
+    w: &mut impl Write,
+    mut f: impl FnMut(usize, usize, usize, &mut [f32]) -> Result<(), WriteError>,
+) -> Result<(), WriteError> {
     let size = float_size(e.dtype).unwrap_or(4);
-    let rows = dw.len() / cols.max(1);
+    let &[rows, cols] = e.shape.as_slice() else {
+        return Err(HfError::Base(format!("{}: an adapted weight must be a matrix", e.name)).into());
+    };
     let block = (CHUNK_BYTES / 4 / cols.max(1)).clamp(1, rows.max(1));
     let mut bytes = vec![0u8; block * cols * size];
     let mut vals = vec![0.0f32; block * cols];
@@ -652,7 +620,7 @@ fn add_dense(
         let nb = n * cols * size;
         shard.read_at(e, (i0 * cols * size) as u64, &mut bytes[..nb])?;
         st::to_f32(e.dtype, &bytes[..nb], &mut vals[..n * cols])?;
-        vals[..n * cols].iter_mut().zip(&dw[i0 * cols..(i0 + n) * cols]).for_each(|(v, d)| *v += d);
+        f(i0, n, cols, &mut vals[..n * cols])?;
         if check_finite {
             let base = |i: usize| {
                 let mut one = [0.0f32];
