@@ -224,7 +224,7 @@ impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Ia3<E, S> {
 }
 
 /// `y[:, j] *= l_j`, rounding once per element.
-fn scale_columns<E: Element>(y: &mut MatMut<'_, E>, l: &[E]) {
+pub(crate) fn scale_columns<E: Element>(y: &mut MatMut<'_, E>, l: &[E]) {
     for row in y.row_iter_mut() {
         for (v, s) in row.iter_mut().zip(l) {
             *v = E::from_accum(v.to_accum() * s.to_accum());
@@ -233,7 +233,7 @@ fn scale_columns<E: Element>(y: &mut MatMut<'_, E>, l: &[E]) {
 }
 
 /// `acc_j += sum_t a_tj b_tj`, summed in f64 and added once.
-fn column_dots<E: Element>(acc: &mut [E], a: MatRef<'_, E>, b: MatRef<'_, E>) {
+pub(crate) fn column_dots<E: Element>(acc: &mut [E], a: MatRef<'_, E>, b: MatRef<'_, E>) {
     for (j, g) in acc.iter_mut().enumerate() {
         let dot: f64 = (0..a.rows())
             .map(|t| a.get(t, j).map_or(0.0, |v| v.to_f64()) * b.get(t, j).map_or(0.0, |v| v.to_f64()))

@@ -79,6 +79,7 @@ pub mod prefix;
 pub mod prompt;
 pub mod rng;
 pub mod set;
+pub mod vera;
 
 pub use backend::{Accum, Backend, BackendError, ErrorKind, Op, Reference};
 pub use base::{Dense, FrozenLinear};

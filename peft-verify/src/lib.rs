@@ -50,6 +50,10 @@
 //! | `loha_gradients_match_fd` | the four factors' gradients and dx against central differences | 12 |
 //! | `lokr_matches_oracle_and_merges` | LoKr, each factor full or low rank: `x (W + s kron(W1, W2))^T`, and the merged weight gives it | 3, 6 |
 //! | `lokr_gradients_match_fd` | every factor form's gradients and dx against central differences | 12 |
+//! | `vera_identity_at_init` | VeRA at init (`lambda_b = 0`): exactly the base output | 2 |
+//! | `vera_matches_oracle` | `x (W + diag(lambda_b) B diag(lambda_d) A)^T` with `A`, `B` sliced from wider shared projections | 3 |
+//! | `vera_merged_equals_unmerged` | `W + dW` gives the unmerged output; subtracting `dW` gives `W` back | 6 |
+//! | `vera_gradients_match_fd` | `lambda_d`, `lambda_b` and dx against central differences (no gradient for the projections) | 12 |
 //! | `set_active_sum_matches_oracle` | an adapter set with several active adapters and multipliers: `x W^T + b + sum_i m_i s_i (x A_i^T) B_i^T` | - |
 //! | `set_mixed_rows_match_own_forward` | a mixed-adapter batch: every row equals its own adapter's (or the base's) oracle output | - |
 //! | `set_mixed_gradients_match_fd` | the mixed batch's `dA_i`, `dB_i` (summed over each adapter's rows) and `dx` against central differences | - |
@@ -330,6 +334,7 @@ where
     props::embedding::run_all::<E, B>(backend, config, &mut report);
     props::loha::run_all::<E, B>(backend, config, &mut report);
     props::lokr::run_all::<E, B>(backend, config, &mut report);
+    props::vera::run_all::<E, B>(backend, config, &mut report);
     props::adapter::run_all::<E, B>(backend, config, &mut report);
     props::prompt::run_all::<E>(config, &mut report);
     props::set::run_all::<E, B>(backend, config, &mut report);

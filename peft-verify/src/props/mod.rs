@@ -14,6 +14,7 @@ pub mod optim;
 pub mod prompt;
 pub mod set;
 pub mod training;
+pub mod vera;
 
 use proptest::prelude::*;
 
