@@ -27,6 +27,11 @@
 //! | bottleneck adapter | `1e-3` | Houlsby et al. 2019 sweep 3e-5 to 3e-3; 1e-4 to 1e-3 is the usual range |
 //! | prompt tuning | `3e-2` | PEFT's prompt-tuning example; Lester et al. 2021 use 0.3 with Adafactor |
 //! | prefix tuning | `1e-2` | PEFT's prefix-tuning example (Li and Liang 2021 use 5e-5 with the MLP reparameterization on BART) |
+//! | (IA)^3 | `3e-3` | Liu et al. 2022 (T-Few) train the vectors at 3e-3 |
+//! | LoHa, LoKr | `1e-3` | as LoRA: low-rank factors of LoRA's kind; neither PEFT nor LyCORIS sets another default |
+//! | VeRA | `1e-2` | our choice: only scaling vectors train, as for (IA)^3 and prompts, so an order above LoRA's |
+//!
+//! DoRA is a LoRA variant ([`Method::Lora`], `use_dora` in its configuration) and takes LoRA's rate.
 
 use crate::element::{Element, Real};
 use crate::error::{Error, Operand, Result, check_len};
@@ -58,6 +63,14 @@ pub enum Method {
     Prompt,
     /// Prefix tuning.
     Prefix,
+    /// (IA)^3.
+    Ia3,
+    /// LoHa.
+    Loha,
+    /// LoKr.
+    Lokr,
+    /// VeRA.
+    Vera,
 }
 
 impl Method {
@@ -68,16 +81,24 @@ impl Method {
             Method::Adapter => 1e-3,
             Method::Prompt => 3e-2,
             Method::Prefix => 1e-2,
+            Method::Ia3 => 3e-3,
+            Method::Loha | Method::Lokr => 1e-3,
+            Method::Vera => 1e-2,
         }
     }
 
-    /// The lower-case name (`"lora"`, `"adapter"`, `"prompt"`, `"prefix"`).
+    /// The lower-case name (`"lora"`, `"adapter"`, `"prompt"`, `"prefix"`,
+    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`).
     pub const fn name(self) -> &'static str {
         match self {
             Method::Lora => "lora",
             Method::Adapter => "adapter",
             Method::Prompt => "prompt",
             Method::Prefix => "prefix",
+            Method::Ia3 => "ia3",
+            Method::Loha => "loha",
+            Method::Lokr => "lokr",
+            Method::Vera => "vera",
         }
     }
 }

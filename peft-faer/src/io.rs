@@ -169,6 +169,9 @@ pub fn decode(bytes: &[u8], model: &TinyModel) -> Result<Peft, IoError> {
         }
         Method::Prompt => Spec::Prompt { n_virtual: usize_of(&f, "num_virtual_tokens")? },
         Method::Prefix => Spec::Prefix { n_prefix: usize_of(&f, "num_virtual_tokens")? },
+        Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => {
+            return Err(Error::InvalidParameter { name: "method", rule: "is not hosted by the tiny model" }.into());
+        }
     };
     // The structure (names, shapes) from the configuration, then the values.
     let mut peft = Peft::new(model, spec, 0)?;

@@ -12,10 +12,9 @@ use std::process::Command;
 use peft_core::dora::{Dora, refresh_scratch_len};
 use peft_core::{Dense, MatMut, MatRef};
 use peft_faer::Faer;
-use peft_faer::hf::convert::{own_to_peft_dir, peft_dir_to_own};
 use peft_faer::hf::{HfAdapter, PeftConfig};
 
-use common::{load, max_rel, scratch};
+use common::{assert_converts_bit_for_bit, assert_merge_matches, load, max_rel};
 
 fn case() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/lora_dora")
@@ -23,27 +22,7 @@ fn case() -> PathBuf {
 
 #[test]
 fn dora_merge_matches_pefts_merge_and_unload() {
-    let dir = scratch("dora-merge");
-    let out = dir.join("merged.safetensors");
-    let res = Command::new(env!("CARGO_BIN_EXE_peft"))
-        .args(["merge", "--base"])
-        .arg(case().join("base.safetensors"))
-        .arg("--adapter")
-        .arg(case())
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
-    let (got, refs) = (load(&out), load(&case().join("ref.safetensors")));
-    let mut n = 0;
-    for (name, (_, _, want)) in refs.iter().filter_map(|(k, v)| Some((k.strip_prefix("merged.")?, v))) {
-        let rel = max_rel(&got[name].2, want);
-        assert!(rel <= 1e-5, "{name}: relative error {rel:.2e}");
-        n += 1;
-    }
-    let base = load(&case().join("base.safetensors"));
-    assert_eq!(n, base.len(), "every base tensor compared");
+    let (got, _, base) = assert_merge_matches(&case());
     assert_eq!(got["layers.0.v_proj.bias"].2, base["layers.0.v_proj.bias"].2, "DoRA leaves the bias alone");
 }
 
@@ -88,14 +67,9 @@ fn dora_forward_matches_pefts_module_outputs() {
 
 #[test]
 fn dora_converts_both_ways_bit_for_bit() {
-    let dir = scratch("dora-convert");
-    let own = peft_dir_to_own(&case()).unwrap();
-    own_to_peft_dir(&own, &dir.join("back"), false).unwrap();
-    let (got, want) =
-        (load(&dir.join("back/adapter_model.safetensors")), load(&case().join("adapter_model.safetensors")));
-    assert_eq!(got, want);
+    assert_converts_bit_for_bit(&case());
+    let want = load(&case().join("adapter_model.safetensors"));
     assert!(want.keys().any(|k| k.ends_with(".lora_magnitude_vector")));
-    assert_eq!(peft_dir_to_own(&dir.join("back")).unwrap(), own);
     // inspect names the method.
     let res = Command::new(env!("CARGO_BIN_EXE_peft")).arg("inspect").arg(case()).output().unwrap();
     let text = String::from_utf8_lossy(&res.stdout);

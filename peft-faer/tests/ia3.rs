@@ -14,7 +14,7 @@ use peft_core::{Dense, MatMut, MatRef};
 use peft_faer::Faer;
 use peft_faer::hf::{HfAdapter, PeftConfig};
 
-use common::{load, max_rel, scratch};
+use common::{assert_converts_bit_for_bit, assert_merge_matches, load, max_rel, scratch};
 
 fn case() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/ia3")
@@ -22,26 +22,7 @@ fn case() -> PathBuf {
 
 #[test]
 fn ia3_merge_matches_pefts_merge_and_unload() {
-    let dir = scratch("ia3-merge");
-    let out = dir.join("merged.safetensors");
-    let res = Command::new(env!("CARGO_BIN_EXE_peft"))
-        .args(["merge", "--base"])
-        .arg(case().join("base.safetensors"))
-        .arg("--adapter")
-        .arg(case())
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
-    let (got, refs, base) = (load(&out), load(&case().join("ref.safetensors")), load(&case().join("base.safetensors")));
-    let mut n = 0;
-    for (name, (_, _, want)) in refs.iter().filter_map(|(k, v)| Some((k.strip_prefix("merged.")?, v))) {
-        let rel = max_rel(&got[name].2, want);
-        assert!(rel <= 1e-5, "{name}: relative error {rel:.2e}");
-        n += 1;
-    }
-    assert_eq!(n, base.len(), "every base tensor compared");
+    let (got, _, base) = assert_merge_matches(&case());
     // The output kind scales its bias; the feedforward kind does not.
     assert_ne!(got["layers.0.v_proj.bias"].2, base["layers.0.v_proj.bias"].2);
     assert_eq!(got["layers.0.mlp.fc1.bias"].2, base["layers.0.mlp.fc1.bias"].2);
@@ -83,7 +64,7 @@ fn ia3_forward_matches_pefts_module_outputs() {
 }
 
 #[test]
-fn ia3_folders_are_written_back_unchanged_and_inspected() {
+fn ia3_folders_are_written_back_converted_and_inspected() {
     let dir = scratch("ia3-write");
     let ad = HfAdapter::read_dir(&case()).unwrap();
     ad.write_dir(&dir.join("back"), false).unwrap();
@@ -91,9 +72,5 @@ fn ia3_folders_are_written_back_unchanged_and_inspected() {
     let res = Command::new(env!("CARGO_BIN_EXE_peft")).arg("inspect").arg(case()).output().unwrap();
     let text = String::from_utf8_lossy(&res.stdout);
     assert!(res.status.success() && text.contains("method ia3") && text.contains("input"), "{text}");
-    // `.peft` files do not hold IA3 yet: a clear refusal, nothing written.
-    let res =
-        Command::new(env!("CARGO_BIN_EXE_peft")).arg("convert").arg(case()).arg(dir.join("x.peft")).output().unwrap();
-    assert!(!res.status.success() && String::from_utf8_lossy(&res.stderr).contains("IA3"));
-    assert!(!dir.join("x.peft").exists());
+    assert_converts_bit_for_bit(&case());
 }

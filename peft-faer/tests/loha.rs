@@ -15,7 +15,7 @@ use peft_core::{Dense, MatMut, MatRef};
 use peft_faer::Faer;
 use peft_faer::hf::{HfAdapter, PeftConfig};
 
-use common::{load, max_rel, scratch};
+use common::{assert_converts_bit_for_bit, assert_merge_matches, load, max_rel, scratch};
 
 fn case() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/loha")
@@ -23,27 +23,8 @@ fn case() -> PathBuf {
 
 #[test]
 fn loha_merge_and_forward_match_peft() {
-    let dir = scratch("loha-merge");
-    let out = dir.join("merged.safetensors");
-    let res = Command::new(env!("CARGO_BIN_EXE_peft"))
-        .args(["merge", "--base"])
-        .arg(case().join("base.safetensors"))
-        .arg("--adapter")
-        .arg(case())
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
-    let (got, refs, base) = (load(&out), load(&case().join("ref.safetensors")), load(&case().join("base.safetensors")));
-    let mut n = 0;
-    for (name, (_, _, want)) in refs.iter().filter_map(|(k, v)| Some((k.strip_prefix("merged.")?, v))) {
-        let rel = max_rel(&got[name].2, want);
-        assert!(rel <= 1e-5, "{name}: relative error {rel:.2e}");
-        n += 1;
-    }
-    assert_eq!(n, base.len(), "every base tensor compared");
-
+    let (_, refs, base) = assert_merge_matches(&case());
+    assert_converts_bit_for_bit(&case());
     let ad = HfAdapter::read_dir(&case()).unwrap();
     assert!(matches!(ad.config, PeftConfig::Loha(_)));
     assert_eq!(ad.loha.len(), 4);
@@ -74,6 +55,7 @@ fn loha_merge_and_forward_match_peft() {
         let rel = max_rel(&y, &refs[&format!("y.{}", m.name)].2);
         assert!(rel <= 1e-5, "{}: relative error {rel:.2e}", m.name);
     }
+    let dir = scratch("loha-back");
     ad.write_dir(&dir.join("back"), false).unwrap();
     assert_eq!(load(&dir.join("back/adapter_model.safetensors")), load(&case().join("adapter_model.safetensors")));
     let res = Command::new(env!("CARGO_BIN_EXE_peft")).arg("inspect").arg(case()).output().unwrap();

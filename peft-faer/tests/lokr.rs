@@ -15,7 +15,7 @@ use peft_core::{Dense, MatMut, MatRef};
 use peft_faer::Faer;
 use peft_faer::hf::{HfAdapter, PeftConfig};
 
-use common::{load, max_rel, scratch};
+use common::{assert_converts_bit_for_bit, assert_merge_matches, load, max_rel, scratch};
 
 fn case(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft").join(name)
@@ -32,24 +32,8 @@ fn as_factor(f: &[Vec<f32>]) -> Factor<&[f32]> {
 #[test]
 fn lokr_merge_and_forward_match_peft() {
     for name in ["lokr", "lokr_decompose_both"] {
-        let dir = scratch(&format!("{name}-merge"));
-        let out = dir.join("merged.safetensors");
-        let res = Command::new(env!("CARGO_BIN_EXE_peft"))
-            .args(["merge", "--base"])
-            .arg(case(name).join("base.safetensors"))
-            .arg("--adapter")
-            .arg(case(name))
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(res.status.success(), "{name}: {}", String::from_utf8_lossy(&res.stderr));
-        let (got, refs, base) =
-            (load(&out), load(&case(name).join("ref.safetensors")), load(&case(name).join("base.safetensors")));
-        for (param, (_, _, want)) in refs.iter().filter_map(|(k, v)| Some((k.strip_prefix("merged.")?, v))) {
-            let rel = max_rel(&got[param].2, want);
-            assert!(rel <= 1e-5, "{name} {param}: relative error {rel:.2e}");
-        }
+        let (_, refs, base) = assert_merge_matches(&case(name));
+        assert_converts_bit_for_bit(&case(name));
         let ad = HfAdapter::read_dir(&case(name)).unwrap();
         assert!(matches!(ad.config, PeftConfig::Lokr(_)));
         assert_eq!(ad.lokr.len(), 6, "{name}");
@@ -79,6 +63,7 @@ fn lokr_merge_and_forward_match_peft() {
             let rel = max_rel(&y, &refs[&format!("y.{}", m.name)].2);
             assert!(rel <= 1e-5, "{name} {}: relative error {rel:.2e}", m.name);
         }
+        let dir = scratch(&format!("{name}-back"));
         ad.write_dir(&dir.join("back"), false).unwrap();
         assert_eq!(
             load(&dir.join("back/adapter_model.safetensors")),

@@ -10,7 +10,8 @@
 //! offset  size  field                    (integers little-endian)
 //!  0      8     magic "PEFTADPT"
 //!  8      4     version (1)
-//! 12      1     method (1 LoRA, 2 adapter, 3 prompt, 4 prefix)
+//! 12      1     method (1 LoRA or DoRA, 2 adapter, 3 prompt, 4 prefix,
+//!                  5 IA3, 6 LoHa, 7 LoKr, 8 VeRA)
 //! 13      3     reserved, zero
 //! 16      4     n_config   (<= MAX_CONFIG)
 //! 20      4     n_tensors  (<= MAX_TENSORS)
@@ -295,6 +296,10 @@ fn method_code(m: Method) -> u8 {
         Method::Adapter => 2,
         Method::Prompt => 3,
         Method::Prefix => 4,
+        Method::Ia3 => 5,
+        Method::Loha => 6,
+        Method::Lokr => 7,
+        Method::Vera => 8,
     }
 }
 
@@ -304,6 +309,10 @@ const fn method_from_code(code: u8) -> Fmt<Method> {
         2 => Ok(Method::Adapter),
         3 => Ok(Method::Prompt),
         4 => Ok(Method::Prefix),
+        5 => Ok(Method::Ia3),
+        6 => Ok(Method::Loha),
+        7 => Ok(Method::Lokr),
+        8 => Ok(Method::Vera),
         _ => Err(FormatError::UnknownMethod { code }),
     }
 }

@@ -54,6 +54,26 @@ fn layout_matches_the_documentation() {
 }
 
 #[test]
+fn every_method_code_round_trips() {
+    let methods = [
+        (Method::Lora, 1),
+        (Method::Adapter, 2),
+        (Method::Prompt, 3),
+        (Method::Prefix, 4),
+        (Method::Ia3, 5),
+        (Method::Loha, 6),
+        (Method::Lokr, 7),
+        (Method::Vera, 8),
+    ];
+    let t = [Tensor { name: "x", shape: &[1], data: &[1.0f32][..] }];
+    for (m, code) in methods {
+        let (buf, n) = encode_vec(m, &[], &t);
+        assert_eq!(buf[12], code, "{m:?}: the code the format documents");
+        assert_eq!(AdapterFile::parse(&buf[..n]).unwrap().method(), m);
+    }
+}
+
+#[test]
 fn round_trip_is_bit_exact_for_every_element_type() {
     fn check<E: Element>(values: &[E]) {
         let t = [
@@ -172,6 +192,7 @@ fn header_checks_with_a_valid_checksum() {
     assert_eq!(resealed(&|b| b[0] = b'X'), Err(FormatError::BadMagic));
     assert_eq!(resealed(&|b| b[8] = 2), Err(FormatError::UnsupportedVersion { version: 2 }));
     assert_eq!(resealed(&|b| b[12] = 9), Err(FormatError::UnknownMethod { code: 9 }));
+    assert_eq!(resealed(&|b| b[12] = 0), Err(FormatError::UnknownMethod { code: 0 }));
     assert_eq!(resealed(&|b| b[13] = 1), Err(FormatError::Reserved));
     assert_eq!(resealed(&|b| b[23] = 1), Err(FormatError::TooMany { what: "tensors", count: (1 << 24) + 1 }));
     // One tensor more than the directory holds.

@@ -245,6 +245,9 @@ fn spec(method: Method, rank: usize) -> Result<Spec, peft_core::Error> {
         Method::Adapter => Spec::Adapter { config: AdapterConfig::width(8).with_activation(Activation::GeluErf) },
         Method::Prompt => Spec::Prompt { n_virtual: 8 },
         Method::Prefix => Spec::Prefix { n_prefix: 8 },
+        Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => {
+            return Err(peft_core::Error::InvalidParameter { name: "method", rule: "is not hosted by the tiny model" });
+        }
     })
 }
 
@@ -556,6 +559,38 @@ fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>
                     outln!("{:<40} {:>6} {:>6} {:>4} {:>7} {:>10} {:>10} {:>9}", name, i, o, r, alpha, w1, w2, p);
                 }
                 outln!("total: {} modules, {total} trainable parameters", ad.lokr.len());
+                for w in &nonfinite {
+                    outln!("warning: {w}");
+                }
+            }
+        }
+        PeftConfig::Vera(c) => {
+            let (r, max_in, max_out) = ad.vera_projections.ok_or("no VeRA projections")?;
+            let total: usize = ad.vera.iter().map(|(_, r, o)| r + o).sum();
+            if as_json {
+                let modules: Vec<_> = ad
+                    .vera
+                    .iter()
+                    .map(|(name, r, o)| {
+                        json!({ "module": name, "base_tensor": format!("{name}.weight"),
+                        "out": o, "r": r, "params": r + o })
+                    })
+                    .collect();
+                let doc = json!({ "method": "vera", "r": c.r, "d_initial": c.d_initial,
+                    "projections": { "vera_A": [r, max_in], "vera_B": [max_out, r], "frozen_params": r * (max_in + max_out) },
+                    "dtype": format!("{:?}", ad.dtype), "modules": modules, "total_params": total, "warnings": nonfinite });
+                outln!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                outln!("method vera: r={} (dW = diag(lambda_b) B diag(lambda_d) A, no alpha / r)", c.r);
+                outln!(
+                    "shared frozen projections: vera_A [{r}, {max_in}], vera_B [{max_out}, {r}] ({} parameters)",
+                    r * (max_in + max_out)
+                );
+                outln!("{:<40} {:<48} {:>6} {:>4} {:>9}", "module", "base tensor", "out", "r", "params");
+                for (name, r, o) in &ad.vera {
+                    outln!("{:<40} {:<48} {:>6} {:>4} {:>9}", name, format!("{name}.weight"), o, r, r + o);
+                }
+                outln!("total: {} modules, {total} trainable parameters", ad.vera.len());
                 for w in &nonfinite {
                     outln!("warning: {w}");
                 }

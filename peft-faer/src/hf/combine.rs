@@ -136,18 +136,9 @@ pub fn combine(sources: &[(&HfAdapter, f64)], combination: Combination, seed: u6
             dtypes: [m0.dtypes[0], m0.dtypes[1], m0.dtypes[1], m0.dtypes[1]],
         });
     }
-    Ok(HfAdapter {
-        dtype: first.dtype,
-        config,
-        modules,
-        ia3: Vec::new(),
-        loha: Vec::new(),
-        lokr: Vec::new(),
-        replacements: Vec::new(),
-        prompt: None,
-        metadata: BTreeMap::new(),
-        source: None,
-    })
+    let mut out = HfAdapter::empty(config, first.dtype, BTreeMap::new());
+    out.modules = modules;
+    Ok(out)
 }
 
 /// PEFT's union of `target_modules`: lists as a set union (first's order,

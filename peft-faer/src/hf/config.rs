@@ -232,6 +232,24 @@ pub struct LokrConfig {
     pub decompose_factor: i64,
 }
 
+/// A VeRA adapter's configuration (`peft_type: "VERA"`).
+#[derive(Clone, Debug)]
+pub struct VeraConfig {
+    /// The rank of the shared projections.
+    pub r: usize,
+    /// The starting value of every `lambda_d`.
+    pub d_initial: f64,
+    /// The seed PEFT draws the projections from (informational: this crate
+    /// reads them from the file).
+    pub projection_prng_key: u64,
+    /// Targeted modules.
+    pub target_modules: Targets,
+    /// Modules whose whole weights are trained and saved.
+    pub modules_to_save: Vec<String>,
+    /// The JSON object as read.
+    pub raw: Map<String, Value>,
+}
+
 /// A parsed `adapter_config.json`.
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
@@ -245,6 +263,8 @@ pub enum PeftConfig {
     Prompt(PromptConfig),
     /// `peft_type: "IA3"`.
     Ia3(Ia3Config),
+    /// `peft_type: "VERA"`.
+    Vera(VeraConfig),
 }
 
 /// One string or a list of strings.
@@ -307,6 +327,21 @@ struct RawLoha {
     target_modules: Option<RawTargets>,
     modules_to_save: Option<OneOrMany<String>>,
     use_effective_conv2d: Option<bool>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// The fields of a VeRA config.
+#[derive(Deserialize)]
+struct RawVera {
+    r: usize,
+    d_initial: Option<f64>,
+    projection_prng_key: Option<u64>,
+    save_projection: Option<bool>,
+    target_modules: Option<RawTargets>,
+    fan_in_fan_out: Option<bool>,
+    bias: Option<String>,
+    modules_to_save: Option<OneOrMany<String>>,
     #[serde(flatten)]
     rest: Map<String, Value>,
 }
@@ -396,6 +431,7 @@ impl PeftConfig {
             "PROMPT_TUNING" | "PREFIX_TUNING" => Self::prompt(text, &v, peft_type == "PREFIX_TUNING"),
             "IA3" => Self::ia3(text, &v),
             "LOHA" => Self::loha(text, &v),
+            "VERA" => Self::vera(text, &v),
             "LOKR" => {
                 let PeftConfig::Loha(common) = Self::loha(text, &v)? else {
                     return Err(HfError::config("peft_type", "LOKR"));
@@ -408,7 +444,7 @@ impl PeftConfig {
                 Ok(PeftConfig::Lokr(LokrConfig { common, decompose_both, decompose_factor }))
             }
             other => Err(HfError::Unsupported(format!(
-                "`peft_type` {other:?} (supported: LORA, LOHA, LOKR, IA3, PROMPT_TUNING, PREFIX_TUNING)"
+                "`peft_type` {other:?} (supported: LORA, LOHA, LOKR, IA3, VERA, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }
@@ -497,6 +533,37 @@ impl PeftConfig {
             alpha: raw.alpha,
             rank_pattern,
             alpha_pattern: patterns("alpha_pattern", raw.alpha_pattern)?,
+            target_modules: targets("target_modules", raw.target_modules)?,
+            modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
+            raw: v.as_object().cloned().unwrap_or_default(),
+        }))
+    }
+
+    fn vera(text: &str, v: &Value) -> Result<Self, HfError> {
+        let raw: RawVera = typed(text)?;
+        if raw.save_projection == Some(false) {
+            return Err(HfError::Unsupported(
+                "`save_projection` = false: the file does not hold vera_A / vera_B, and PEFT regenerates them \
+                 from torch's random generator, which this crate does not reproduce; re-save with \
+                 save_projection=True"
+                    .into(),
+            ));
+        }
+        unsupported_if_set(&raw.rest, "layers_to_transform", "VeRA on a subset of layers is not supported")?;
+        if raw.fan_in_fan_out.unwrap_or(false) {
+            return Err(HfError::Unsupported("`fan_in_fan_out` with VeRA".into()));
+        }
+        if !matches!(raw.bias.as_deref(), None | Some("none")) {
+            return Err(HfError::Unsupported("`bias` other than \"none\" with VeRA".into()));
+        }
+        if raw.r == 0 {
+            return Err(HfError::config("r", "must be at least 1"));
+        }
+        let d_initial = raw.d_initial.unwrap_or(peft_core::vera::D_INITIAL);
+        Ok(PeftConfig::Vera(VeraConfig {
+            r: raw.r,
+            d_initial,
+            projection_prng_key: raw.projection_prng_key.unwrap_or(0),
             target_modules: targets("target_modules", raw.target_modules)?,
             modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             raw: v.as_object().cloned().unwrap_or_default(),

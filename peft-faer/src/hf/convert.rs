@@ -136,11 +136,10 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
         PeftConfig::Lora(_) => Method::Lora,
         PeftConfig::Prompt(p) if p.prefix => Method::Prefix,
         PeftConfig::Prompt(_) => Method::Prompt,
-        PeftConfig::Ia3(_) | PeftConfig::Loha(_) | PeftConfig::Lokr(_) => {
-            return Err(HfError::Unsupported(
-                "IA3, LoHa or LoKr in a .peft file (the format has no such method yet)".into(),
-            ));
-        }
+        PeftConfig::Ia3(_) => Method::Ia3,
+        PeftConfig::Loha(_) => Method::Loha,
+        PeftConfig::Lokr(_) => Method::Lokr,
+        PeftConfig::Vera(_) => Method::Vera,
     };
     let restored = restored_entries(&ad, method, &config_json);
     let mut config: Vec<(String, Value<'_>)> = Vec::new();
@@ -161,7 +160,15 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
                     config.push(("num_layers".into(), Value::U64(c.num_layers as u64)));
                     config.push(("num_attention_heads".into(), Value::U64(c.num_attention_heads as u64)));
                 }
-                PeftConfig::Ia3(_) | PeftConfig::Loha(_) | PeftConfig::Lokr(_) => {}
+                PeftConfig::Loha(c) | PeftConfig::Lokr(super::LokrConfig { common: c, .. }) => {
+                    config.push(("r".into(), Value::U64(c.r as u64)));
+                    config.push(("alpha".into(), Value::F64(c.alpha)));
+                }
+                PeftConfig::Vera(c) => {
+                    config.push(("r".into(), Value::U64(c.r as u64)));
+                    config.push(("d_initial".into(), Value::F64(c.d_initial)));
+                }
+                PeftConfig::Ia3(_) => {}
             }
         }
     }
@@ -245,28 +252,30 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
     let config_text = implied_config(f.method(), &get)?.to_string();
     let config = PeftConfig::parse(&config_text)?;
     let first = f.tensors().next().map_or(Ok(Dtype::F32), |t| hf_dtype(t.dtype()))?;
-    let mut ad = HfAdapter {
-        config: config.clone(),
-        modules: Vec::new(),
-        ia3: Vec::new(),
-        loha: Vec::new(),
-        lokr: Vec::new(),
-        replacements: Vec::new(),
-        prompt: None,
-        dtype: first,
-        metadata,
-        source: None,
-    };
+    let mut ad = HfAdapter::empty(config.clone(), first, metadata);
     let read = |t: &format::TensorView<'_>| -> Result<HfTensor, HfError> {
         let mut data = vec![0.0f32; t.numel()];
         t.read_into(&mut data)?;
         Ok(HfTensor { name: t.name().to_string(), dtype: hf_dtype(t.dtype())?, shape: t.shape().to_vec(), data })
     };
     match &config {
-        PeftConfig::Ia3(_) | PeftConfig::Loha(_) | PeftConfig::Lokr(_) => {
-            return Err(HfError::Unsupported(
-                "IA3, LoHa or LoKr in a .peft file (the format has no such method yet)".into(),
-            ));
+        PeftConfig::Ia3(_) | PeftConfig::Loha(_) | PeftConfig::Lokr(_) | PeftConfig::Vera(_) => {
+            // Tensors as stored, under PEFT's keys; the reader checks them
+            // against the config before the folder is committed.
+            let names: Vec<String> = f
+                .tensors()
+                .map(|t| {
+                    let n = t.name();
+                    if n.starts_with("base_model.") { n.to_string() } else { format!("base_model.model.{n}") }
+                })
+                .collect();
+            let views: Vec<format::TensorView<'_>> = f.tensors().collect();
+            let mut raw = Vec::with_capacity(views.len());
+            for (name, t) in names.iter().zip(&views) {
+                raw.push((name.as_str(), hf_dtype(t.dtype())?, t.shape(), t.bytes()));
+            }
+            let config_json: serde_json::Value = serde_json::from_str(&config_text).map_err(HfError::json)?;
+            return super::write_raw_dir(dst, &config_json, &ad.metadata, &raw, force);
         }
         PeftConfig::Prompt(_) => ad.prompt = Some(read(&f.tensor("prompt_embeddings")?)?),
         PeftConfig::Lora(lc) => {
@@ -373,5 +382,6 @@ fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Valu
         Method::Adapter => {
             Err(HfError::Unsupported("bottleneck adapters: Hugging Face PEFT has no such adapter type".into()))
         }
+        Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => Err(missing(CONFIG_KEY)),
     }
 }

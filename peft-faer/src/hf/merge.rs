@@ -30,7 +30,10 @@ use safetensors::Dtype;
 
 use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry, float_size};
-use super::{HfAdapter, HfError, HfTensor, Ia3Module, LohaModule, LokrModule, LoraModule, PeftConfig};
+use super::{
+    HfAdapter, HfError, HfTensor, Ia3Module, LohaModule, LokrModule, LoraModule, PeftConfig, VeraModule,
+    VeraProjections,
+};
 use crate::files::{Staging, check_output};
 
 /// Row blocks of adapted weights, and copy chunks, hold at most this many
@@ -51,6 +54,9 @@ enum Action<'a> {
     Loha(&'a LohaModule, f64),
     /// LoKr: `W += m dW`, `dW = s kron(W1, W2)`.
     Lokr(&'a LokrModule, f64),
+    /// VeRA: `W += m dW`, `dW = diag(lambda_b) B diag(lambda_d) A` with
+    /// the shared projections sliced to the layer's `in` (the last field).
+    Vera(&'a VeraModule, &'a VeraProjections, f64, usize),
     /// (IA)^3 on the output: `b *= l`.
     Ia3Bias(&'a Ia3Module),
     Replace(&'a HfTensor),
@@ -124,6 +130,20 @@ fn check_finite(adapter: &HfAdapter, multiplier: f64) -> Result<(), HfError> {
             }
         }
     }
+    for m in &adapter.vera {
+        for (key, v) in [("vera_lambda_d", &m.lambda_d), ("vera_lambda_b", &m.lambda_b)] {
+            if let Some(x) = first_nonfinite(v) {
+                return Err(bad(format!("{}.{key}", m.name), x, "the adapter holds it"));
+            }
+        }
+    }
+    if let Some(p) = &adapter.vera_projections {
+        for (key, v) in [(super::VERA_A_KEY, &p.a), (super::VERA_B_KEY, &p.b)] {
+            if let Some(x) = first_nonfinite(v) {
+                return Err(bad(key.to_string(), x, "the adapter holds it"));
+            }
+        }
+    }
     for m in &adapter.ia3 {
         if let Some(x) = first_nonfinite(&m.l) {
             return Err(bad(format!("{}.ia3_l", m.name), x, "the adapter holds it"));
@@ -158,6 +178,30 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
                     .ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
                 if actions.insert(name.clone(), Action::Lokr(m, multiplier)).is_some() {
                     return Err(HfError::Tensor(format!("{name} is adapted by two adapters, one of them LoKr")));
+                }
+            }
+            continue;
+        }
+        if let (PeftConfig::Vera(_), Some(proj)) = (&adapter.config, &adapter.vera_projections) {
+            for m in &adapter.vera {
+                let name = format!("{}.weight", m.name);
+                let (_, e) = base
+                    .find(&name)
+                    .ok_or_else(|| HfError::Base(format!("{name}, adapted by the adapter, is missing")))?;
+                let n_out = m.n_out;
+                let n_in = match e.shape.as_slice() {
+                    &[o, i] if o == n_out && i <= proj.max_in => i,
+                    s => {
+                        return Err(HfError::Base(format!(
+                            "{name} has shape {s:?}, the adapter needs [{n_out}, in] with in <= vera_A's {} columns",
+                            proj.max_in
+                        )));
+                    }
+                };
+                float_size(e.dtype)
+                    .ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
+                if actions.insert(name.clone(), Action::Vera(m, proj, multiplier, n_in)).is_some() {
+                    return Err(HfError::Tensor(format!("{name} is adapted by two adapters, one of them VeRA")));
                 }
             }
             continue;
@@ -381,7 +425,9 @@ pub fn merge_many<B: Backend<f32> + ?Sized>(
                 })?;
                 match action {
                     Action::Copy => report.copied += 1,
-                    Action::Lora(..) | Action::Ia3(_) | Action::Loha(..) | Action::Lokr(..) => report.merged += 1,
+                    Action::Lora(..) | Action::Ia3(_) | Action::Loha(..) | Action::Lokr(..) | Action::Vera(..) => {
+                        report.merged += 1
+                    }
                     Action::LoraBias(_) | Action::Ia3Bias(_) | Action::Replace(_) => report.replaced += 1,
                 }
                 report.bytes += oe.bytes();
@@ -514,6 +560,24 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
             let dst = MatMut::new(&mut dw, n_out, n_in)?;
             lokr.delta(backend, dst, Accum::Replace, *factor, &mut sc).map_err(HfError::backend)?;
             add_dense(shard, e, &dw, out_dtype, check_finite, w)?;
+        }
+        Action::Vera(m, p, factor, n_in) => {
+            use peft_core::vera::{Vera, VeraProjection};
+            let r = p.r;
+            let mut sc = vec![0.0f32; 0];
+            map_rows(shard, e, out_dtype, check_finite, w, |i0, n, cols, vals| {
+                // Rows i0..i0+n of dW are those of a VeRA layer whose
+                // `vera_B` and `lambda_b` are the same rows.
+                fn rows(v: &[f32], from: usize, to: usize) -> Result<&[f32], peft_core::Error> {
+                    v.get(from..to).ok_or(peft_core::Error::Overflow)
+                }
+                let proj = VeraProjection::new(r, p.max_in, n, &p.a[..], rows(&p.b, i0 * r, (i0 + n) * r)?)?;
+                let layer = Vera::new(r, *n_in, n, &m.lambda_d[..], rows(&m.lambda_b, i0, i0 + n)?)?;
+                sc.resize(layer.delta_scratch_len(), 0.0);
+                let dst = MatMut::new(vals, n, cols)?;
+                layer.delta(backend, &proj, dst, Accum::Add, *factor, &mut sc).map_err(HfError::backend)?;
+                Ok(())
+            })?
         }
         Action::Ia3(m) => map_rows(shard, e, out_dtype, check_finite, w, |i0, _, cols, vals| {
             for (k, row) in vals.chunks_exact_mut(cols.max(1)).enumerate() {

@@ -23,7 +23,9 @@ use std::path::{Path, PathBuf};
 use peft_core::lora::config::module_matches;
 use safetensors::Dtype;
 
-pub use config::{BiasMode, HfLoraConfig, Ia3Config, LohaConfig, LokrConfig, PeftConfig, PromptConfig, Targets};
+pub use config::{
+    BiasMode, HfLoraConfig, Ia3Config, LohaConfig, LokrConfig, PeftConfig, PromptConfig, Targets, VeraConfig,
+};
 use st::{OutEntry, StFile};
 
 use crate::files::OutputError;
@@ -308,6 +310,48 @@ impl Ia3Module {
     }
 }
 
+/// VeRA's shared frozen projections, stored once per adapter under
+/// `base_model.vera_A` `[r, max_in]` and `base_model.vera_B` `[max_out, r]`
+/// (PEFT's `save_projection = true`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct VeraProjections {
+    /// `vera_A`, widened to f32.
+    pub a: Vec<f32>,
+    /// `vera_B`.
+    pub b: Vec<f32>,
+    /// Rank.
+    pub r: usize,
+    /// `vera_A`'s columns: the widest input served.
+    pub max_in: usize,
+    /// `vera_B`'s rows: the widest output served.
+    pub max_out: usize,
+    /// `vera_A`'s and `vera_B`'s element types.
+    pub dtypes: [Dtype; 2],
+}
+
+/// VeRA's key for `vera_A` (not under `base_model.model.`).
+pub const VERA_A_KEY: &str = "base_model.vera_A";
+/// VeRA's key for `vera_B`.
+pub const VERA_B_KEY: &str = "base_model.vera_B";
+
+/// One VeRA-adapted module: `vera_lambda_d [r]`, `vera_lambda_b [out]`. Its
+/// input width is the base weight's (the adapter does not store it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct VeraModule {
+    /// Module name without `base_model.model.`.
+    pub name: String,
+    /// `lambda_d`, widened to f32.
+    pub lambda_d: Vec<f32>,
+    /// `lambda_b`.
+    pub lambda_b: Vec<f32>,
+    /// Rank (`lambda_d`'s length).
+    pub r: usize,
+    /// Output features (`lambda_b`'s length).
+    pub n_out: usize,
+    /// `lambda_d`'s and `lambda_b`'s element types.
+    pub dtypes: [Dtype; 2],
+}
+
 /// A whole tensor of an adapter: a base tensor it replaces (a trained bias
 /// under `bias = "all" | "lora_only"`, or a `modules_to_save` weight), or
 /// prompt learning's `prompt_embeddings`.
@@ -336,6 +380,10 @@ pub struct HfAdapter {
     pub loha: Vec<LohaModule>,
     /// LoKr modules, in the order of their keys.
     pub lokr: Vec<LokrModule>,
+    /// VeRA modules, in the order of their keys.
+    pub vera: Vec<VeraModule>,
+    /// VeRA's shared projections.
+    pub vera_projections: Option<VeraProjections>,
     /// Whole-tensor replacements.
     pub replacements: Vec<HfTensor>,
     /// Prompt or prefix tuning: `prompt_embeddings`.
@@ -406,6 +454,10 @@ pub struct AdapterSummary {
     pub loha: Vec<(String, usize, usize, usize, f64)>,
     /// LoKr modules (see [`LokrSummary`]).
     pub lokr: Vec<LokrSummary>,
+    /// VeRA modules: name, r, out.
+    pub vera: Vec<(String, usize, usize)>,
+    /// VeRA's shared projections: `(r, max_in, max_out)`.
+    pub vera_projections: Option<(usize, usize, usize)>,
     /// Every tensor holding a NaN or infinity: its name as stored, the
     /// first such element's index and value.
     pub nonfinite: Vec<(String, usize, f32)>,
@@ -514,6 +566,8 @@ impl HfAdapter {
                     (m.name.clone(), i, o, m.r, m.alpha, [m.d1.0, m.d1.1, m.d2.0, m.d2.1], params)
                 })
                 .collect(),
+            vera: ad.vera.iter().map(|m| (m.name.clone(), m.r, m.n_out)).collect(),
+            vera_projections: ad.vera_projections.as_ref().map(|p| (p.r, p.max_in, p.max_out)),
             dtype: ad.dtype,
             config: ad.config,
             nonfinite,
@@ -529,18 +583,8 @@ impl HfAdapter {
         }
         let file = StFile::open(&path)?;
         let dtype = file.entries.first().map_or(Dtype::F32, |e| e.dtype);
-        let mut out = HfAdapter {
-            config: config.clone(),
-            modules: Vec::new(),
-            ia3: Vec::new(),
-            loha: Vec::new(),
-            lokr: Vec::new(),
-            replacements: Vec::new(),
-            prompt: None,
-            dtype,
-            metadata: file.metadata.clone(),
-            source: Some(dir.to_path_buf()),
-        };
+        let mut out = HfAdapter::empty(config.clone(), dtype, file.metadata.clone());
+        out.source = Some(dir.to_path_buf());
         match &config {
             PeftConfig::Prompt(pc) => {
                 let e = file.entries.iter().find(|e| normalize_key(&e.name) == "prompt_embeddings");
@@ -570,8 +614,126 @@ impl HfAdapter {
             PeftConfig::Ia3(ic) => out.read_ia3(ic, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Loha(lc) => out.read_loha(lc, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Lokr(kc) => out.read_lokr(kc, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::Vera(vc) => out.read_vera(vc, &file, read).map_err(|e| e.in_file(&path))?,
         }
         Ok(out)
+    }
+
+    /// An adapter of `config` with no tensors yet, not read from a folder.
+    pub fn empty(config: PeftConfig, dtype: Dtype, metadata: BTreeMap<String, String>) -> Self {
+        HfAdapter {
+            config,
+            modules: Vec::new(),
+            ia3: Vec::new(),
+            loha: Vec::new(),
+            lokr: Vec::new(),
+            vera: Vec::new(),
+            vera_projections: None,
+            replacements: Vec::new(),
+            prompt: None,
+            dtype,
+            metadata,
+            source: None,
+        }
+    }
+
+    /// VeRA: the shared `base_model.vera_A` / `vera_B` (rank `r` from the
+    /// config), then per module `vera_lambda_d [r]` and `vera_lambda_b
+    /// [out]` with `out <= max_out` (a module's input width is checked
+    /// against `max_in` at merge, where the base gives it).
+    fn read_vera(&mut self, vc: &VeraConfig, file: &StFile, read: Reader<'_>) -> Result<(), HfError> {
+        const KEYS: [&str; 2] = ["vera_lambda_d", "vera_lambda_b"];
+        let find = |k: &str| file.entries.iter().find(|e| e.name == k);
+        let (Some(a), Some(b)) = (find(VERA_A_KEY), find(VERA_B_KEY)) else {
+            return Err(HfError::Tensor(format!(
+                "`{VERA_A_KEY}` and `{VERA_B_KEY}` are required (PEFT writes them with save_projection=True)"
+            )));
+        };
+        let r = vc.r;
+        let (&[ra, max_in], &[max_out, rb]) = (a.shape.as_slice(), b.shape.as_slice()) else {
+            return Err(HfError::Tensor("vera_A and vera_B must be matrices".into()));
+        };
+        if ra != r || rb != r {
+            return Err(HfError::RankMismatch { module: "vera_A / vera_B".into(), config: r, tensors: ra });
+        }
+        let mut by_module: BTreeMap<String, [Option<&st::Entry>; 2]> = BTreeMap::new();
+        let mut order = Vec::new();
+        for e in &file.entries {
+            if e.name == VERA_A_KEY || e.name == VERA_B_KEY {
+                continue;
+            }
+            let key = normalize_key(&e.name);
+            let slot = KEYS.iter().enumerate().find_map(|(i, k)| key.strip_suffix(&format!(".{k}")).map(|m| (m, i)));
+            match slot {
+                Some((module, i)) => {
+                    let s = by_module.entry(module.to_string()).or_insert_with(|| {
+                        order.push(module.to_string());
+                        [None; 2]
+                    });
+                    if s[i].replace(e).is_some() {
+                        return Err(HfError::Tensor(format!("{module}: {} appears twice", KEYS[i])));
+                    }
+                }
+                None => {
+                    let owner = key.rsplit_once('.').map_or("", |(m, _)| m);
+                    if !vc.modules_to_save.iter().any(|m| module_matches(owner, m)) {
+                        return Err(HfError::Tensor(format!(
+                            "unexpected key `{}` (not VeRA or modules_to_save)",
+                            e.name
+                        )));
+                    }
+                    self.replacements.push(HfTensor {
+                        name: key,
+                        dtype: e.dtype,
+                        shape: e.shape.clone(),
+                        data: read(file, e)?,
+                    });
+                }
+            }
+        }
+        for name in order {
+            let [Some(d), Some(bv)] = by_module[&name] else {
+                return Err(HfError::Tensor(format!("{name}: vera_lambda_d and vera_lambda_b are both required")));
+            };
+            if !vc.target_modules.matches(&name) {
+                return Err(HfError::Tensor(format!("{name}: has VeRA tensors but the config does not target it")));
+            }
+            if d.shape != [r] {
+                return Err(HfError::RankMismatch {
+                    module: name,
+                    config: r,
+                    tensors: d.shape.first().copied().unwrap_or(0),
+                });
+            }
+            let n_out = match bv.shape.as_slice() {
+                &[n_out] if n_out > 0 && n_out <= max_out => n_out,
+                s => {
+                    return Err(HfError::Tensor(format!(
+                        "{name}: vera_lambda_b has shape {s:?}, expected [out] with out <= vera_B's {max_out} rows"
+                    )));
+                }
+            };
+            self.vera.push(VeraModule {
+                lambda_d: read(file, d)?,
+                lambda_b: read(file, bv)?,
+                r,
+                n_out,
+                dtypes: [d.dtype, bv.dtype],
+                name,
+            });
+        }
+        if self.vera.is_empty() {
+            return Err(HfError::Tensor("no vera_lambda_d / vera_lambda_b tensors".into()));
+        }
+        self.vera_projections = Some(VeraProjections {
+            a: read(file, a)?,
+            b: read(file, b)?,
+            r,
+            max_in,
+            max_out,
+            dtypes: [a.dtype, b.dtype],
+        });
+        Ok(())
     }
 
     fn read_lora(&mut self, lc: &HfLoraConfig, file: &StFile, read: Reader<'_>) -> Result<(), HfError> {
@@ -955,6 +1117,7 @@ impl HfAdapter {
             PeftConfig::Ia3(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Loha(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Lokr(c) => serde_json::Value::Object(c.common.raw.clone()),
+            PeftConfig::Vera(c) => serde_json::Value::Object(c.raw.clone()),
         }
     }
 
@@ -994,6 +1157,15 @@ impl HfAdapter {
         for m in &self.ia3 {
             tensors.push((format!("base_model.model.{}.ia3_l", m.name), m.dtype, m.shape().to_vec(), &m.l));
         }
+        for m in &self.vera {
+            let key = format!("base_model.model.{}", m.name);
+            tensors.push((format!("{key}.vera_lambda_b"), m.dtypes[1], vec![m.n_out], &m.lambda_b));
+            tensors.push((format!("{key}.vera_lambda_d"), m.dtypes[0], vec![m.r], &m.lambda_d));
+        }
+        if let Some(p) = &self.vera_projections {
+            tensors.push((VERA_A_KEY.into(), p.dtypes[0], vec![p.r, p.max_in], &p.a));
+            tensors.push((VERA_B_KEY.into(), p.dtypes[1], vec![p.max_out, p.r], &p.b));
+        }
         for r in &self.replacements {
             tensors.push((format!("base_model.model.{}", r.name), r.dtype, r.shape.clone(), &r.data));
         }
@@ -1014,17 +1186,51 @@ impl HfAdapter {
     /// reader's errors for an adapter it would refuse; I/O errors.
     pub fn write_dir(&self, dir: &Path, force: bool) -> Result<(), HfError> {
         let tensors = self.tensors();
-        let mut metadata = self.metadata.clone();
-        metadata.insert("format".into(), "pt".into());
-        let entries: Vec<OutEntry> =
-            tensors.iter().map(|(n, d, s, _)| OutEntry { name: n.clone(), dtype: *d, shape: s.clone() }).collect();
-        let mut bytes = st::header(&entries, &metadata)?;
-        for (_, dtype, _, data) in &tensors {
-            st::from_f32(*dtype, data, &mut bytes)?;
+        let mut data = Vec::with_capacity(tensors.len());
+        for (_, dtype, _, values) in &tensors {
+            let mut bytes = Vec::new();
+            st::from_f32(*dtype, values, &mut bytes)?;
+            data.push(bytes);
         }
-        let config = serde_json::to_vec_pretty(&self.config_json()).map_err(HfError::json)?;
-        crate::files::write_dir(dir, &[(CONFIG_FILE, &config), (WEIGHTS_FILE, &bytes)], force, |tmp| {
-            HfAdapter::read_dir(tmp).map(|_| ())
-        })
+        let raw: Vec<RawOut<'_>> =
+            tensors.iter().zip(&data).map(|((n, d, s, _), b)| (n.as_str(), *d, s.as_slice(), b.as_slice())).collect();
+        write_raw_dir(dir, &self.config_json(), &self.metadata, &raw, force)
     }
+}
+
+/// One tensor to write as stored: its name, element type, shape and
+/// little-endian bytes.
+pub(crate) type RawOut<'a> = (&'a str, Dtype, &'a [usize], &'a [u8]);
+
+/// Writes a PEFT directory from `config` and tensors already in their
+/// stored bytes (`metadata` plus `format: pt` as safetensors'
+/// `__metadata__`), through [`crate::files::write_dir`]: atomically,
+/// replacing `dir` only if `force`, and only once [`HfAdapter::read_dir`]
+/// has read the finished folder back without error.
+///
+/// # Errors
+/// [`HfError::Tensor`] for bytes that do not fill the shape; the reader's
+/// errors; [`HfError::OutputExists`]; I/O errors.
+pub(crate) fn write_raw_dir(
+    dir: &Path,
+    config: &serde_json::Value,
+    metadata: &BTreeMap<String, String>,
+    tensors: &[RawOut<'_>],
+    force: bool,
+) -> Result<(), HfError> {
+    let mut metadata = metadata.clone();
+    metadata.insert("format".into(), "pt".into());
+    let entries: Vec<OutEntry> =
+        tensors.iter().map(|(n, d, s, _)| OutEntry { name: n.to_string(), dtype: *d, shape: s.to_vec() }).collect();
+    let mut bytes = st::header(&entries, &metadata)?;
+    for (e, (name, _, _, data)) in entries.iter().zip(tensors) {
+        if e.bytes() != data.len() as u64 {
+            return Err(HfError::Tensor(format!("{name}: {} bytes for shape {:?}", data.len(), e.shape)));
+        }
+        bytes.extend_from_slice(data);
+    }
+    let config = serde_json::to_vec_pretty(config).map_err(HfError::json)?;
+    crate::files::write_dir(dir, &[(CONFIG_FILE, &config), (WEIGHTS_FILE, &bytes)], force, |tmp| {
+        HfAdapter::read_dir(tmp).map(|_| ())
+    })
 }

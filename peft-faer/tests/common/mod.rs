@@ -48,3 +48,66 @@ pub fn max_rel(got: &[f32], want: &[f32]) -> f64 {
     let scale = want.iter().fold(0.0f64, |m, v| m.max(f64::from(v.abs())));
     got.iter().zip(want).fold(0.0f64, |m, (g, w)| m.max(f64::from((g - w).abs()))) / scale
 }
+
+/// A fixture case folder under `tests/fixtures/peft/`.
+pub fn case_dir(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft").join(case)
+}
+
+/// Runs `peft merge --base <case>/base.safetensors --adapter <case>` through
+/// the binary and checks every `merged.*` tensor of `ref.safetensors` (PEFT's
+/// `merge_and_unload`) within 1e-5 relative; every base tensor must be
+/// compared. Returns `(merged, ref, base)` for the test's own checks.
+#[cfg(feature = "cli")]
+pub fn assert_merge_matches(case: &Path) -> (Tensors, Tensors, Tensors) {
+    let name = case.file_name().unwrap().to_string_lossy().to_string();
+    let dir = scratch(&format!("{name}-merge"));
+    let out = dir.join("merged.safetensors");
+    let res = std::process::Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(["merge", "--base"])
+        .arg(case.join("base.safetensors"))
+        .arg("--adapter")
+        .arg(case)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let (got, refs, base) = (load(&out), load(&case.join("ref.safetensors")), load(&case.join("base.safetensors")));
+    let mut n = 0;
+    for (param, (_, _, want)) in refs.iter().filter_map(|(k, v)| Some((k.strip_prefix("merged.")?, v))) {
+        let rel = max_rel(&got[param].2, want);
+        assert!(rel <= 1e-5, "{name}: {param}: relative error {rel:.2e}");
+        n += 1;
+    }
+    assert_eq!(n, base.len(), "{name}: every base tensor compared");
+    (got, refs, base)
+}
+
+/// `peft convert` both ways on a fixture adapter: PEFT -> `.peft` -> PEFT
+/// gives the same tensors (names, element types, shapes, values bit for
+/// bit) and config, and converting the result again gives the same `.peft`
+/// bytes.
+#[cfg(feature = "cli")]
+pub fn assert_converts_bit_for_bit(case: &Path) {
+    use peft_faer::hf::convert::{own_to_peft_dir, peft_dir_to_own};
+    let name = case.file_name().unwrap().to_string_lossy().to_string();
+    let dir = scratch(&format!("{name}-convert"));
+    let own = peft_dir_to_own(case).unwrap();
+    own_to_peft_dir(&own, &dir.join("back"), false).unwrap();
+    let (got, want) =
+        (load(&dir.join("back/adapter_model.safetensors")), load(&case.join("adapter_model.safetensors")));
+    assert_eq!(got.len(), want.len(), "{name}: tensor count");
+    for (k, (dt, shape, v)) in &want {
+        let (gdt, gshape, gv) = &got[k];
+        assert_eq!((gdt, gshape), (dt, shape), "{name}: {k}");
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(gv), bits(v), "{name}: {k} bit for bit");
+    }
+    let cfg = |p: &Path| -> serde_json::Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+    assert_eq!(cfg(&dir.join("back/adapter_config.json")), cfg(&case.join("adapter_config.json")), "{name}: config");
+    assert_eq!(peft_dir_to_own(&dir.join("back")).unwrap(), own, "{name}: .peft bytes");
+}
+
+/// Tensors by name: element type, shape, values as f32.
+pub type Tensors = HashMap<String, (Dtype, Vec<usize>, Vec<f32>)>;

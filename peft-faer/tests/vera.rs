@@ -1,0 +1,110 @@
+//! VeRA against the `vera` fixture PEFT 0.21.2 wrote (see
+//! `tests/fixtures/peft/README.md`): `peft merge` against PEFT's
+//! `merge_and_unload`, `peft_core::vera` against PEFT's unmerged module
+//! outputs (the shared projections sliced per layer: `q_proj` 64->64 and
+//! `v_proj` 64->48 share one `vera_B [64, 8]`), the folder written back and
+//! converted both ways bit for bit, `inspect`, and the refusals.
+#![cfg(feature = "cli")]
+
+mod common;
+
+use std::process::Command;
+
+use peft_core::vera::{Vera, VeraProjection};
+use peft_core::{Dense, MatMut, MatRef};
+use peft_faer::Faer;
+use peft_faer::hf::{HfAdapter, PeftConfig};
+
+use common::{assert_converts_bit_for_bit, assert_merge_matches, case_dir, load, max_rel, scratch};
+
+#[test]
+fn vera_merge_and_forward_match_peft() {
+    let case = case_dir("vera");
+    let (_, refs, base) = assert_merge_matches(&case);
+    let ad = HfAdapter::read_dir(&case).unwrap();
+    assert!(matches!(ad.config, PeftConfig::Vera(_)));
+    let p = ad.vera_projections.as_ref().unwrap();
+    assert_eq!((p.r, p.max_in, p.max_out), (8, 64, 64));
+    let proj = VeraProjection::new(p.r, p.max_in, p.max_out, &p.a[..], &p.b[..]).unwrap();
+    let backend = Faer::with_threads(1);
+    assert_eq!(ad.vera.len(), 4);
+    for m in &ad.vera {
+        let (_, shape, w) = &base[&format!("{}.weight", m.name)];
+        let (n_out, n_in) = (shape[0], shape[1]);
+        let bias = base.get(&format!("{}.bias", m.name)).map(|b| b.2.clone());
+        let dense = Dense::new(w, n_out, n_in).unwrap();
+        let dense = match &bias {
+            Some(b) => dense.with_bias(b).unwrap(),
+            None => dense,
+        };
+        let layer = Vera::new(p.r, n_in, n_out, &m.lambda_d[..], &m.lambda_b[..]).unwrap();
+        let x = &refs[&format!("x.{}", m.name)].2;
+        let t = x.len() / n_in;
+        let mut y = vec![0.0f32; t * n_out];
+        let mut sc = vec![0.0f32; layer.forward_scratch_len(t)];
+        let (xv, yv) = (MatRef::new(x, t, n_in).unwrap(), MatMut::new(&mut y, t, n_out).unwrap());
+        layer.forward(&backend, &dense, &proj, xv, yv, &mut sc).unwrap();
+        let rel = max_rel(&y, &refs[&format!("y.{}", m.name)].2);
+        assert!(rel <= 1e-5, "{}: relative error {rel:.2e}", m.name);
+    }
+    let dir = scratch("vera-back");
+    ad.write_dir(&dir.join("back"), false).unwrap();
+    assert_eq!(load(&dir.join("back/adapter_model.safetensors")), load(&case.join("adapter_model.safetensors")));
+    assert_converts_bit_for_bit(&case);
+    let res = Command::new(env!("CARGO_BIN_EXE_peft")).arg("inspect").arg(&case).output().unwrap();
+    let text = String::from_utf8_lossy(&res.stdout);
+    assert!(res.status.success() && text.contains("method vera") && text.contains("vera_B [64, 8]"), "{text}");
+    assert!(text.contains("total: 4 modules, 256 trainable parameters"), "2 (8 + 64) + 2 (8 + 48) = 256: {text}");
+}
+
+/// A copy of the fixture with its config edited by `edit`.
+fn edited(name: &str, edit: impl Fn(&mut serde_json::Value)) -> std::path::PathBuf {
+    let dir = scratch(name);
+    let case = case_dir("vera");
+    std::fs::copy(case.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(case.join("adapter_config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.join("adapter_config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    dir
+}
+
+#[test]
+fn vera_refusals_name_the_field() {
+    let no_proj = edited("vera-no-proj", |c| c["save_projection"] = false.into());
+    let err = HfAdapter::read_dir(&no_proj).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("unsupported") && text.contains("`save_projection` = false"), "{text}");
+    let rank = edited("vera-rank", |c| c["r"] = 4.into());
+    let err = HfAdapter::read_dir(&rank).unwrap_err();
+    assert!(err.to_string().contains("vera_A"), "{err}");
+    // A base wider than vera_A: the merge refuses before writing.
+    let dir = scratch("vera-wide");
+    let mut tensors = load(&case_dir("vera/base.safetensors"));
+    let wide: Vec<f32> = vec![0.5; 64 * 80];
+    tensors.insert("layers.0.q_proj.weight".into(), (safetensors::Dtype::F32, vec![64, 80], wide));
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, (_, s, v))| (k.clone(), v.iter().flat_map(|f| f.to_le_bytes()).collect(), s.clone()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(k, b, s)| {
+            (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, &None, &dir.join("base.safetensors")).unwrap();
+    let out = dir.join("out.safetensors");
+    let res = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(["merge", "--base"])
+        .arg(dir.join("base.safetensors"))
+        .arg("--adapter")
+        .arg(case_dir("vera"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("layers.0.q_proj.weight") && err.contains("vera_A"), "{err}");
+    assert!(!out.exists());
+}
