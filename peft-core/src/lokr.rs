@@ -17,6 +17,9 @@
 //! dW2[k, l] = s sum_{i,j} Gd[i b + k, j d + l] W1[i, j]
 //! (low rank: dW_a = dW W_b^T, dW_b = W_a^T dW)      dx = G W + G dW
 //! ```
+//!
+//! [`Layout::of`] is PEFT's choice of factor shapes and forms for a layer;
+//! [`Lokr::init_adapter`] its fresh adapter (`W1 = 0`, so `dW = 0`).
 
 use core::marker::PhantomData;
 
@@ -26,6 +29,7 @@ use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_io, check_len, check_scratch, check_shape};
 use crate::lora::LoraConfig;
 use crate::matrix::{MatMut, MatRef, checked_len};
+use crate::rng::Rng;
 
 /// PEFT's (LyCORIS') `factorization(n, f)`: `(m, k)` with `m k = n`,
 /// `m <= k` (unless `f` divides `n`: then `(f, n / f)`), `m` as large as
@@ -66,6 +70,62 @@ pub fn factorization(n: usize, f: i64) -> (usize, usize) {
         k = n / m2;
     }
     if m > k { (k, m) } else { (m, k) }
+}
+
+/// The factor shapes and forms PEFT gives a linear layer `in -> out`
+/// (`LoKrLayer.update_layer`): `(a, b) = factorization(out, f)`, `(c, d) =
+/// factorization(in, f)`, `W1 [a, c]`, `W2 [b, d]`;
+///
+/// ```text
+/// W1 low rank  iff  decompose_both and r < max(a, c) / 2
+/// W2 low rank  iff  r < max(b, d) / 2
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// `(a, c)`: `W1 [a, c]`.
+    pub d1: (usize, usize),
+    /// `(b, d)`: `W2 [b, d]`.
+    pub d2: (usize, usize),
+    /// Whether `W1` is stored as `lokr_w1_a @ lokr_w1_b`.
+    pub w1_low_rank: bool,
+    /// Whether `W2` is stored as `lokr_w2_a @ lokr_w2_b`.
+    pub w2_low_rank: bool,
+}
+
+impl Layout {
+    /// PEFT's layout for `in -> out` at rank `rank` (see the type docs);
+    /// `decompose_factor` is `f` (`-1`: none).
+    pub fn of(
+        in_features: usize,
+        out_features: usize,
+        rank: usize,
+        decompose_both: bool,
+        decompose_factor: i64,
+    ) -> Self {
+        let (a, b) = factorization(out_features, decompose_factor);
+        let (c, d) = factorization(in_features, decompose_factor);
+        // `r < max / 2` in Python's true division: `2 r < max`.
+        let below = |m: usize| rank.saturating_mul(2) < m;
+        Self { d1: (a, c), d2: (b, d), w1_low_rank: decompose_both && below(a.max(c)), w2_low_rank: below(b.max(d)) }
+    }
+
+    /// The stored tensors' lengths, `W1`'s then `W2`'s (one each for a
+    /// full factor, two for a low-rank one), as PEFT names them:
+    /// `lokr_w1` or `lokr_w1_a`, `lokr_w1_b`; then `W2`'s.
+    pub fn tensors(&self, rank: usize) -> impl Iterator<Item = (&'static str, [usize; 2])> {
+        let ((a, c), (b, d)) = (self.d1, self.d2);
+        let w1: [Option<(&'static str, [usize; 2])>; 2] = if self.w1_low_rank {
+            [Some(("lokr_w1_a", [a, rank])), Some(("lokr_w1_b", [rank, c]))]
+        } else {
+            [Some(("lokr_w1", [a, c])), None]
+        };
+        let w2: [Option<(&'static str, [usize; 2])>; 2] = if self.w2_low_rank {
+            [Some(("lokr_w2_a", [b, rank])), Some(("lokr_w2_b", [rank, d]))]
+        } else {
+            [Some(("lokr_w2", [b, d])), None]
+        };
+        w1.into_iter().chain(w2).flatten()
+    }
 }
 
 /// One Kronecker factor: a full matrix `[rows, cols]`, or `A [rows, r] @ B
@@ -366,10 +426,59 @@ impl<E: Element, S: AsRef<[E]>> Lokr<E, S> {
     }
 }
 
+impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Lokr<E, S> {
+    /// Initializes as PEFT does (`reset_adapter_parameters`): `W1 = 0`
+    /// (full: `lokr_w1 = 0`; low rank: `lokr_w1_a = 0`, `lokr_w1_b`
+    /// Kaiming-uniform), `W2`'s tensors Kaiming-uniform
+    /// (`U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, fan_in = the tensor's
+    /// columns). `dW = 0`.
+    pub fn init_adapter(&mut self, rng: &mut Rng) {
+        let r = self.rank;
+        let kaiming = |rng: &mut Rng, t: &mut [E], fan_in: usize| {
+            let bound = 1.0 / libm::sqrt(fan_in.max(1) as f64);
+            rng.fill_uniform(t, -bound, bound);
+        };
+        match &mut self.w1 {
+            Factor::Full(m) => m.as_mut().fill(E::ZERO),
+            Factor::LowRank(a, b) => {
+                a.as_mut().fill(E::ZERO);
+                kaiming(rng, b.as_mut(), self.d1.1);
+            }
+        }
+        match &mut self.w2 {
+            Factor::Full(m) => kaiming(rng, m.as_mut(), self.d2.1),
+            Factor::LowRank(a, b) => {
+                kaiming(rng, a.as_mut(), r);
+                kaiming(rng, b.as_mut(), self.d2.1);
+            }
+        }
+    }
+
+    /// The factors mutably, for an optimizer step or a load.
+    pub fn factors_mut(&mut self) -> (&mut Factor<S>, &mut Factor<S>) {
+        (&mut self.w1, &mut self.w2)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::Reference;
+
+    #[test]
+    fn layout_is_pefts() {
+        // The fixtures' modules (CASES.md): r = 4, q_proj 64 -> 64 has both
+        // full; fc1 64 -> 96 has W2 = [12, 8] low rank (4 < 12 / 2).
+        let q = Layout::of(64, 64, 4, false, -1);
+        assert_eq!((q.d1, q.d2, q.w1_low_rank, q.w2_low_rank), ((8, 8), (8, 8), false, false));
+        let fc1 = Layout::of(64, 96, 4, false, -1);
+        assert_eq!((fc1.d1, fc1.d2, fc1.w1_low_rank, fc1.w2_low_rank), ((8, 8), (12, 8), false, true));
+        // decompose_both, f = 16, r = 2 (the second fixture's fc1): W1 [16, 16] low rank.
+        let both = Layout::of(64, 96, 2, true, 16);
+        assert_eq!((both.d1, both.d2, both.w1_low_rank, both.w2_low_rank), ((16, 16), (6, 4), true, true));
+        let want = [("lokr_w1_a", [16, 2]), ("lokr_w1_b", [2, 16]), ("lokr_w2_a", [6, 2]), ("lokr_w2_b", [2, 4])];
+        assert!(both.tensors(2).eq(want));
+    }
 
     #[test]
     fn factorization_is_pefts() {

@@ -49,6 +49,7 @@
 //! | `loha_merged_equals_unmerged` | `W + dW` gives the unmerged output | 6 |
 //! | `loha_gradients_match_fd` | the four factors' gradients and dx against central differences | 12 |
 //! | `lokr_matches_oracle_and_merges` | LoKr, each factor full or low rank: `x (W + s kron(W1, W2))^T`, and the merged weight gives it | 3, 6 |
+//! | `lokr_identity_at_init` | LoKr at PEFT's init (`W1 = 0`, each factor form): exactly the base output | 2 |
 //! | `lokr_gradients_match_fd` | every factor form's gradients and dx against central differences | 12 |
 //! | `vera_identity_at_init` | VeRA at init (`lambda_b = 0`): exactly the base output | 2 |
 //! | `vera_matches_oracle` | `x (W + diag(lambda_b) B diag(lambda_d) A)^T` with `A`, `B` sliced from wider shared projections | 3 |

@@ -93,6 +93,7 @@ fn every_property_runs() {
         "loha_merged_equals_unmerged",
         "loha_gradients_match_fd",
         "lokr_matches_oracle_and_merges",
+        "lokr_identity_at_init",
         "lokr_gradients_match_fd",
         "vera_identity_at_init",
         "vera_matches_oracle",

@@ -1,4 +1,4 @@
-//! LoKr: the forward against the oracle (`s kron(W1, W2)`), the merged
+//! LoKr: identity at PEFT's init, the forward against the oracle (`s kron(W1, W2)`), the merged
 //! weight against the unmerged forward, gradients of every factor form
 //! (full and low rank) against finite differences.
 
@@ -128,6 +128,34 @@ where
             .forward(backend, MatRef::new(&x, c.t, i).map_err(fail)?, MatMut::new(&mut ym, c.t, o).map_err(fail)?)
             .map_err(fail)?;
         close::<E>("merged y", &wide(&ym), &wide(&y), &mag.scale(2.0).d, i + 2 * c.r + 4)
+    });
+
+    run(report, config, "lokr_identity_at_init", name, lokr_case(), |c| {
+        // Each factor form keeps its shape; PEFT's init (W1 = 0) then gives
+        // dW = 0, so the output is the base's exactly.
+        let (mut f1, mut f2) = (round(&c.f1), round(&c.f2));
+        let mut parts = |v: &mut [Vec<E>]| -> Factor<Vec<E>> {
+            match v {
+                [a, b] => Factor::LowRank(core::mem::take(a), core::mem::take(b)),
+                [m, ..] => Factor::Full(core::mem::take(m)),
+                [] => Factor::Full(Vec::new()),
+            }
+        };
+        let (w1, w2) = (parts(&mut f1), parts(&mut f2));
+        let mut l = Lokr::new(&LoraConfig::new(c.r, c.alpha), c.d1, c.d2, w1, w2).map_err(fail)?;
+        l.init_adapter(&mut peft_core::Rng::new(c.t as u64));
+        let (o, i) = l.dims();
+        let (w, x): (Vec<E>, Vec<E>) = (narrow(&c.w), narrow(&c.x));
+        let base = Dense::new(&w, o, i).map_err(fail)?;
+        let (mut y, mut yb) = (vec![E::ZERO; c.t * o], vec![E::ZERO; c.t * o]);
+        let mut sc = vec![E::ZERO; l.forward_scratch_len()];
+        let xv = MatRef::new(&x, c.t, i).map_err(fail)?;
+        l.forward(backend, &base, xv, MatMut::new(&mut y, c.t, o).map_err(fail)?, &mut sc).map_err(fail)?;
+        base.forward(backend, xv, MatMut::new(&mut yb, c.t, o).map_err(fail)?).map_err(fail)?;
+        for (k, (got, want)) in y.iter().zip(&yb).enumerate() {
+            prop_assert!(got.to_f64() == want.to_f64(), "y[{}] = {:?}, base {:?}", k, got, want);
+        }
+        Ok(())
     });
 
     run(report, config, "lokr_gradients_match_fd", name, lokr_case(), |c| {
