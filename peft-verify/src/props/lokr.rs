@@ -134,7 +134,7 @@ where
         // Each factor form keeps its shape; PEFT's init (W1 = 0) then gives
         // dW = 0, so the output is the base's exactly.
         let (mut f1, mut f2) = (round(&c.f1), round(&c.f2));
-        let mut parts = |v: &mut [Vec<E>]| -> Factor<Vec<E>> {
+        let parts = |v: &mut [Vec<E>]| -> Factor<Vec<E>> {
             match v {
                 [a, b] => Factor::LowRank(core::mem::take(a), core::mem::take(b)),
                 [m, ..] => Factor::Full(core::mem::take(m)),
