@@ -32,6 +32,9 @@ use crate::lora::LoraConfig;
 use crate::matrix::{MatMut, MatRef, checked_len};
 use crate::rng::Rng;
 
+/// PEFT's names of the four factors, in [`Loha::factors`]' order.
+pub const KEYS: [&str; 4] = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"];
+
 /// A LoHa adapter for a linear layer `in -> out`.
 #[derive(Clone, Debug)]
 pub struct Loha<E, S> {

@@ -14,7 +14,7 @@ use peft_core::adapter::{AdapterConfig, AdapterInit, Width};
 use peft_core::format::{self, AdapterFile, FormatError, Tensor, Value};
 use peft_core::{Error, Method};
 
-use crate::tiny::{PROJECTIONS, Peft, Spec, TinyModel};
+use crate::tiny::{PROJECTIONS, Peft, Spec, TinyModel, projection_indices};
 
 /// Errors of reading and writing adapter files.
 #[derive(Debug)]
@@ -77,15 +77,16 @@ fn activation_from(name: &str) -> Option<Activation> {
 /// [`Peft::new`]).
 pub fn encode(peft: &Peft, model: &TinyModel) -> Result<Vec<u8>, IoError> {
     let cfg = model.cfg;
-    let targets: String;
+    let names = |t: &[usize]| t.iter().filter_map(|&i| PROJECTIONS.get(i).copied()).collect::<Vec<_>>().join(",");
+    let targets = names(peft.spec.targets());
+    let feedforward: String;
     let mut config: Vec<(&str, Value<'_>)> = vec![
         ("d_model", Value::U64(cfg.d as u64)),
         ("num_layers", Value::U64(cfg.layers as u64)),
         ("num_attention_heads", Value::U64(cfg.heads as u64)),
     ];
     match &peft.spec {
-        Spec::Lora { rank, alpha, use_rslora, targets: t } => {
-            targets = t.iter().map(|&i| PROJECTIONS[i]).collect::<Vec<_>>().join(",");
+        Spec::Lora { rank, alpha, use_rslora, .. } => {
             config.extend([
                 ("r", Value::U64(*rank as u64)),
                 ("lora_alpha", Value::F64(*alpha)),
@@ -103,9 +104,33 @@ pub fn encode(peft: &Peft, model: &TinyModel) -> Result<Vec<u8>, IoError> {
         }
         Spec::Prompt { n_virtual } => config.push(("num_virtual_tokens", Value::U64(*n_virtual as u64))),
         Spec::Prefix { n_prefix } => config.push(("num_virtual_tokens", Value::U64(*n_prefix as u64))),
+        Spec::Dora { rank, alpha, .. } => config.extend([
+            ("r", Value::U64(*rank as u64)),
+            ("lora_alpha", Value::F64(*alpha)),
+            ("use_rslora", Value::Bool(false)),
+            ("use_dora", Value::Bool(true)),
+            ("target_modules", Value::Str(&targets)),
+        ]),
+        Spec::Ia3 { feedforward: ff, .. } => {
+            feedforward = names(ff);
+            config
+                .extend([("target_modules", Value::Str(&targets)), ("feedforward_modules", Value::Str(&feedforward))]);
+        }
+        Spec::Loha { rank, alpha, .. } | Spec::Lokr { rank, alpha, .. } => config.extend([
+            ("r", Value::U64(*rank as u64)),
+            ("alpha", Value::F64(*alpha)),
+            ("target_modules", Value::Str(&targets)),
+        ]),
+        Spec::Vera { rank, .. } => {
+            config.extend([("r", Value::U64(*rank as u64)), ("target_modules", Value::Str(&targets))])
+        }
     }
-    let tensors: Vec<Tensor<'_, f32>> =
-        peft.params.iter().map(|p| Tensor { name: &p.name, shape: &p.shape, data: &p.value }).collect();
+    let tensors: Vec<Tensor<'_, f32>> = peft
+        .params
+        .iter()
+        .chain(&peft.frozen)
+        .map(|p| Tensor { name: &p.name, shape: &p.shape, data: &p.value })
+        .collect();
     let mut out = vec![0u8; format::encoded_len(&config, &tensors)?];
     let n = format::encode(peft.method(), &config, &tensors, &mut out)?;
     out.truncate(n);
@@ -136,23 +161,30 @@ pub fn decode(bytes: &[u8], model: &TinyModel) -> Result<Peft, IoError> {
             return Err(Error::ShapeMismatch { operand: op, expected: want, found }.into());
         }
     }
+    let targets = |key: &'static str| -> Result<Vec<usize>, IoError> {
+        let names: Vec<&str> = f.get_str(key)?.split(',').filter(|n| !n.is_empty()).collect();
+        if names.is_empty() && key == "feedforward_modules" {
+            return Ok(Vec::new());
+        }
+        Ok(projection_indices(&names)?)
+    };
     let spec = match f.method() {
-        Method::Lora => {
-            let names: Vec<&str> = f.get_str("target_modules")?.split(',').collect();
-            let Spec::Lora { targets, .. } = Spec::lora(1, 1.0, &names)? else {
-                return Err(Error::InvalidParameter {
-                    name: "LoRA targets",
-                    rule: "must name projections of the tiny model",
-                }
-                .into());
-            };
-            Spec::Lora {
+        Method::Lora if f.get("use_dora") == Some(Value::Bool(true)) => {
+            if f.get_bool("use_rslora")? {
+                return Err(Error::InvalidParameter { name: "use_rslora", rule: "is not hosted with DoRA" }.into());
+            }
+            Spec::Dora {
                 rank: usize_of(&f, "r")?,
                 alpha: f.get_f64("lora_alpha")?,
-                use_rslora: f.get_bool("use_rslora")?,
-                targets,
+                targets: targets("target_modules")?,
             }
         }
+        Method::Lora => Spec::Lora {
+            rank: usize_of(&f, "r")?,
+            alpha: f.get_f64("lora_alpha")?,
+            use_rslora: f.get_bool("use_rslora")?,
+            targets: targets("target_modules")?,
+        },
         Method::Adapter => {
             let activation = activation_from(f.get_str("activation")?).ok_or(Error::InvalidParameter {
                 name: "adapter activation",
@@ -169,16 +201,32 @@ pub fn decode(bytes: &[u8], model: &TinyModel) -> Result<Peft, IoError> {
         }
         Method::Prompt => Spec::Prompt { n_virtual: usize_of(&f, "num_virtual_tokens")? },
         Method::Prefix => Spec::Prefix { n_prefix: usize_of(&f, "num_virtual_tokens")? },
-        Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => {
-            return Err(Error::InvalidParameter { name: "method", rule: "is not hosted by the tiny model" }.into());
+        Method::Ia3 => {
+            let (targets, feedforward) = (targets("target_modules")?, targets("feedforward_modules")?);
+            if feedforward.iter().any(|t| !targets.contains(t)) {
+                return Err(Error::InvalidParameter {
+                    name: "feedforward_modules",
+                    rule: "must be among the target_modules",
+                }
+                .into());
+            }
+            Spec::Ia3 { targets, feedforward }
         }
+        Method::Loha => {
+            Spec::Loha { rank: usize_of(&f, "r")?, alpha: f.get_f64("alpha")?, targets: targets("target_modules")? }
+        }
+        Method::Lokr => {
+            Spec::Lokr { rank: usize_of(&f, "r")?, alpha: f.get_f64("alpha")?, targets: targets("target_modules")? }
+        }
+        Method::Vera => Spec::Vera { rank: usize_of(&f, "r")?, targets: targets("target_modules")? },
     };
     // The structure (names, shapes) from the configuration, then the values.
     let mut peft = Peft::new(model, spec, 0)?;
-    if f.num_tensors() != peft.params.len() {
-        return Err(Error::ShapeMismatch { operand: op, expected: peft.params.len(), found: f.num_tensors() }.into());
+    let expected = peft.params.len() + peft.frozen.len();
+    if f.num_tensors() != expected {
+        return Err(Error::ShapeMismatch { operand: op, expected, found: f.num_tensors() }.into());
     }
-    for p in &mut peft.params {
+    for p in peft.params.iter_mut().chain(&mut peft.frozen) {
         let t = f.tensor(&p.name)?;
         if t.shape() != p.shape.as_slice() {
             let (want, found) = (p.shape.iter().product(), t.numel());

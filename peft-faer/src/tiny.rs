@@ -35,10 +35,15 @@ use peft_core::adapter::{AdapterConfig, AdapterGrads, AdapterParams, BottleneckA
 use peft_core::attention::backward::{AttentionGrads, backward as attn_backward};
 use peft_core::attention::forward::forward as attn_forward;
 use peft_core::attention::{AttentionShape, Mask, backward_scratch_len as attn_bwd_len};
-use peft_core::lora::{Lora, LoraConfig, LoraGrads};
+use peft_core::dora::Dora;
+use peft_core::ia3::Ia3;
+use peft_core::loha::Loha;
+use peft_core::lokr::{Factor, Lokr};
+use peft_core::lora::{Lora, LoraConfig};
 use peft_core::prefix::{PrefixConfig, PrefixTuning};
 use peft_core::prompt::PromptTuning;
-use peft_core::{Accum, Backend, Dense, Error, FrozenLinear, MatMut, MatRef, Method, Op, Result, Rng};
+use peft_core::vera::{Vera, VeraProjection};
+use peft_core::{Accum, Backend, Dense, Error, MatMut, MatRef, Method, Op, Result, Rng};
 
 /// PEFT's names of the attention projections, in the order LoRA targets
 /// are indexed.
@@ -223,6 +228,50 @@ pub enum Spec {
         /// Prefix length.
         n_prefix: usize,
     },
+    /// DoRA on the listed projections (LoRA's `A`, `B` and a magnitude).
+    Dora {
+        /// Rank `r`.
+        rank: usize,
+        /// `alpha`; the scale is `alpha / r`.
+        alpha: f64,
+        /// Targeted projections, indices into [`PROJECTIONS`], ascending.
+        targets: Vec<usize>,
+    },
+    /// (IA)^3 on the listed projections.
+    Ia3 {
+        /// Targeted projections, ascending.
+        targets: Vec<usize>,
+        /// Those among them whose input, not output, is scaled (PEFT's
+        /// `feedforward_modules`).
+        feedforward: Vec<usize>,
+    },
+    /// LoHa on the listed projections.
+    Loha {
+        /// Rank `r`.
+        rank: usize,
+        /// `alpha`; the scale is `alpha / r`.
+        alpha: f64,
+        /// Targeted projections, ascending.
+        targets: Vec<usize>,
+    },
+    /// LoKr on the listed projections, PEFT's layout
+    /// ([`peft_core::lokr::Layout::of`], no `decompose_both`, no factor).
+    Lokr {
+        /// Rank `r` of the low-rank factors.
+        rank: usize,
+        /// `alpha`; the scale is `alpha / r`.
+        alpha: f64,
+        /// Targeted projections, ascending.
+        targets: Vec<usize>,
+    },
+    /// VeRA on the listed projections: one pair of frozen projections
+    /// (`d x d` layers: `vera_A [r, d]`, `vera_B [d, r]`) shared by all.
+    Vera {
+        /// Rank `r` of the shared projections.
+        rank: usize,
+        /// Targeted projections, ascending.
+        targets: Vec<usize>,
+    },
 }
 
 /// An adapter for the tiny model: its method, configuration and trainable
@@ -233,14 +282,19 @@ pub struct Peft {
     pub spec: Spec,
     /// Trainable tensors, in a fixed order per method (see [`Peft::new`]).
     pub params: Vec<Param>,
+    /// Frozen tensors the adapter carries (VeRA's shared projections,
+    /// `base_model.vera_A` and `base_model.vera_B`, PEFT's keys): saved with
+    /// it, never given to an optimizer (their `grad` stays zero).
+    pub frozen: Vec<Param>,
 }
 
 /// The error for a LoRA target list that names no projection of the model.
 const LORA_TARGET: Error =
     Error::InvalidParameter { name: "LoRA target", rule: "must be one or more of q_proj, k_proj, v_proj, o_proj" };
 
-/// The error for merging an adapter that is not LoRA.
-const NOT_LORA: Error = Error::InvalidParameter { name: "adapter", rule: "must be LoRA to merge" };
+/// The error for merging an adapter that has nothing to merge.
+const NOT_MERGEABLE: Error =
+    Error::InvalidParameter { name: "adapter", rule: "must adapt projections (with all its tensors) to merge" };
 
 /// The module of each projection inside a layer, in [`PROJECTIONS`]' order.
 const LORA_MODULES: [&str; 4] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"];
@@ -269,6 +323,27 @@ fn is_param(name: &str, l: usize, module: &str, leaf: &str) -> bool {
 /// PEFT's.
 const PROMPT_KEY: &str = "prompt_embeddings";
 
+/// The module names of `VeRA`'s shared projections (PEFT's keys).
+pub const VERA_KEYS: [&str; 2] = ["base_model.vera_A", "base_model.vera_B"];
+
+/// Indices into [`PROJECTIONS`] of `names`, ascending, without repeats.
+///
+/// # Errors
+/// [`Error::InvalidParameter`] for a name not in [`PROJECTIONS`] or an
+/// empty list.
+pub fn projection_indices(names: &[&str]) -> Result<Vec<usize>> {
+    let mut idx = Vec::new();
+    for t in names {
+        idx.push(PROJECTIONS.iter().position(|p| p == t).ok_or(LORA_TARGET)?);
+    }
+    idx.sort_unstable();
+    idx.dedup();
+    if idx.is_empty() {
+        return Err(LORA_TARGET);
+    }
+    Ok(idx)
+}
+
 impl Spec {
     /// LoRA on `targets` (names from [`PROJECTIONS`]), PEFT's defaults
     /// otherwise (no rsLoRA).
@@ -277,21 +352,39 @@ impl Spec {
     /// [`Error::InvalidParameter`] for a name not in [`PROJECTIONS`] or an
     /// empty list.
     pub fn lora(rank: usize, alpha: f64, targets: &[&str]) -> Result<Self> {
-        let mut idx = Vec::new();
-        for t in targets {
-            idx.push(PROJECTIONS.iter().position(|p| p == t).ok_or(LORA_TARGET)?);
-        }
-        idx.sort_unstable();
-        idx.dedup();
-        if idx.is_empty() {
-            return Err(LORA_TARGET);
-        }
-        Ok(Spec::Lora { rank, alpha, use_rslora: false, targets: idx })
+        Ok(Spec::Lora { rank, alpha, use_rslora: false, targets: projection_indices(targets)? })
     }
 
+    /// The scale's configuration of the rank-and-alpha methods (LoRA, DoRA,
+    /// LoHa, LoKr).
     fn lora_config(&self) -> Option<LoraConfig<'static>> {
         match *self {
             Spec::Lora { rank, alpha, use_rslora, .. } => Some(LoraConfig::new(rank, alpha).with_rslora(use_rslora)),
+            Spec::Dora { rank, alpha, .. } | Spec::Loha { rank, alpha, .. } | Spec::Lokr { rank, alpha, .. } => {
+                Some(LoraConfig::new(rank, alpha))
+            }
+            _ => None,
+        }
+    }
+
+    /// The projections the method adapts (none for adapters, prompts and
+    /// prefixes).
+    pub fn targets(&self) -> &[usize] {
+        match self {
+            Spec::Lora { targets, .. }
+            | Spec::Dora { targets, .. }
+            | Spec::Ia3 { targets, .. }
+            | Spec::Loha { targets, .. }
+            | Spec::Lokr { targets, .. }
+            | Spec::Vera { targets, .. } => targets,
+            Spec::Adapter { .. } | Spec::Prompt { .. } | Spec::Prefix { .. } => &[],
+        }
+    }
+
+    /// LoKr's layout on a `d x d` projection.
+    fn lokr_layout(&self, d: usize) -> Option<peft_core::lokr::Layout> {
+        match *self {
+            Spec::Lokr { rank, .. } => Some(peft_core::lokr::Layout::of(d, d, rank, false, -1)),
             _ => None,
         }
     }
@@ -316,6 +409,7 @@ impl Peft {
         let d = cfg.d;
         let mut rng = Rng::new(seed);
         let mut params = Vec::new();
+        let mut frozen = Vec::new();
         match &spec {
             Spec::Lora { rank, targets, .. } => {
                 let config = spec.lora_config().ok_or(LORA_TARGET)?;
@@ -359,8 +453,108 @@ impl Peft {
                 PrefixTuning::new(pc, &mut kv)?.init_normal(&mut rng);
                 params.push(Param::new(PROMPT_KEY.into(), vec![*n_prefix, pc.row_width()], kv, false));
             }
+            Spec::Dora { rank, targets, .. } => {
+                let config = spec.lora_config().ok_or(LORA_TARGET)?;
+                let r = *rank;
+                for l in 0..cfg.layers {
+                    for &t in targets {
+                        let key = lora_key(l, t).ok_or(LORA_TARGET)?;
+                        let w = model.blocks.get(l).and_then(|b| b.proj.get(t)).ok_or(LORA_TARGET)?;
+                        let base = Dense::new(w, d, d)?;
+                        let (a, b, m) = (vec![0.0; r * d], vec![0.0; d * r], vec![0.0; d]);
+                        let mut layer = Dora::new(&config, d, d, a, b, m, vec![0.0; d])?;
+                        let mut sc = vec![0.0; peft_core::dora::refresh_scratch_len(&base, d)];
+                        layer.init_adapter(&peft_core::Reference, &base, &mut rng, &mut sc)?;
+                        let (a, b, m) = layer.adapter_mut();
+                        params.push(Param::new(format!("{key}.lora_A.weight"), vec![r, d], a.to_vec(), true));
+                        params.push(Param::new(format!("{key}.lora_B.weight"), vec![d, r], b.to_vec(), true));
+                        params.push(Param::new(format!("{key}.lora_magnitude_vector"), vec![d], m.to_vec(), false));
+                    }
+                }
+            }
+            Spec::Ia3 { targets, feedforward } => {
+                for l in 0..cfg.layers {
+                    for &t in targets {
+                        let key = lora_key(l, t).ok_or(LORA_TARGET)?;
+                        let ff = feedforward.contains(&t);
+                        let mut layer = Ia3::new(d, d, ff, vec![0.0; d])?;
+                        layer.init_adapter();
+                        let shape = if ff { vec![1, d] } else { vec![d, 1] };
+                        params.push(Param::new(format!("{key}.ia3_l"), shape, layer.vector().to_vec(), false));
+                    }
+                }
+            }
+            Spec::Loha { rank, targets, .. } => {
+                let config = spec.lora_config().ok_or(LORA_TARGET)?;
+                let r = *rank;
+                for l in 0..cfg.layers {
+                    for &t in targets {
+                        let key = lora_key(l, t).ok_or(LORA_TARGET)?;
+                        let (na, nb) = (vec![0.0; d * r], vec![0.0; r * d]);
+                        let mut layer = Loha::new(&config, d, d, [na.clone(), nb.clone(), na, nb])?;
+                        layer.init_adapter(&mut rng);
+                        let shapes = [[d, r], [r, d], [d, r], [r, d]];
+                        for ((name, f), shape) in peft_core::loha::KEYS.iter().zip(layer.factors_mut()).zip(shapes) {
+                            params.push(Param::new(format!("{key}.{name}"), shape.to_vec(), f.to_vec(), true));
+                        }
+                    }
+                }
+            }
+            Spec::Lokr { rank, targets, .. } => {
+                let config = spec.lora_config().ok_or(LORA_TARGET)?;
+                let layout = spec.lokr_layout(d).ok_or(LORA_TARGET)?;
+                for l in 0..cfg.layers {
+                    for &t in targets {
+                        let key = lora_key(l, t).ok_or(LORA_TARGET)?;
+                        let mut tensors: Vec<(&str, [usize; 2], Vec<f32>)> =
+                            layout.tensors(*rank).map(|(n, s)| (n, s, vec![0.0; s[0] * s[1]])).collect();
+                        {
+                            let mut it = tensors.iter_mut().map(|(_, _, v)| &mut v[..]);
+                            let mut factor = |low: bool| -> Result<Factor<&mut [f32]>> {
+                                let first = it.next().ok_or(LORA_TARGET)?;
+                                Ok(if low {
+                                    Factor::LowRank(first, it.next().ok_or(LORA_TARGET)?)
+                                } else {
+                                    Factor::Full(first)
+                                })
+                            };
+                            let (w1, w2) = (factor(layout.w1_low_rank)?, factor(layout.w2_low_rank)?);
+                            Lokr::new(&config, layout.d1, layout.d2, w1, w2)?.init_adapter(&mut rng);
+                        }
+                        for (name, shape, v) in tensors {
+                            params.push(Param::new(format!("{key}.{name}"), shape.to_vec(), v, true));
+                        }
+                    }
+                }
+            }
+            Spec::Vera { rank, targets } => {
+                let r = *rank;
+                let mut proj = VeraProjection::new(r, d, d, vec![0.0; r * d], vec![0.0; d * r])?;
+                proj.init(&mut rng);
+                frozen.push(Param::new(VERA_KEYS[0].into(), vec![r, d], proj.a().to_vec(), false));
+                frozen.push(Param::new(VERA_KEYS[1].into(), vec![d, r], proj.b().to_vec(), false));
+                for l in 0..cfg.layers {
+                    for &t in targets {
+                        let key = lora_key(l, t).ok_or(LORA_TARGET)?;
+                        let mut layer = Vera::new(r, d, d, vec![0.0; r], vec![0.0; d])?;
+                        layer.init_adapter(peft_core::vera::D_INITIAL);
+                        params.push(Param::new(
+                            format!("{key}.vera_lambda_d"),
+                            vec![r],
+                            layer.lambda_d().to_vec(),
+                            false,
+                        ));
+                        params.push(Param::new(
+                            format!("{key}.vera_lambda_b"),
+                            vec![d],
+                            layer.lambda_b().to_vec(),
+                            false,
+                        ));
+                    }
+                }
+            }
         }
-        Ok(Self { spec, params })
+        Ok(Self { spec, params, frozen })
     }
 
     /// The method.
@@ -370,6 +564,20 @@ impl Peft {
             Spec::Adapter { .. } => Method::Adapter,
             Spec::Prompt { .. } => Method::Prompt,
             Spec::Prefix { .. } => Method::Prefix,
+            Spec::Dora { .. } => Method::Lora,
+            Spec::Ia3 { .. } => Method::Ia3,
+            Spec::Loha { .. } => Method::Loha,
+            Spec::Lokr { .. } => Method::Lokr,
+            Spec::Vera { .. } => Method::Vera,
+        }
+    }
+
+    /// The method's name as `peft finetune` prints it (`"dora"` for DoRA,
+    /// which [`Peft::method`] counts as LoRA).
+    pub fn name(&self) -> &'static str {
+        match self.spec {
+            Spec::Dora { .. } => "dora",
+            _ => self.method().name(),
         }
     }
 
@@ -403,34 +611,40 @@ impl Peft {
         self.params.iter_mut().find(|p| p.name == name)
     }
 
-    /// The tensors named `layers.{l}.{module}.{leaf}` for each of `leaves`,
-    /// mutably and all at once; `None` unless each is found exactly once.
-    /// Names are compared piece by piece, without building strings: this
-    /// runs for every projection of every sequence.
-    fn params_mut<const N: usize>(&mut self, l: usize, module: &str, leaves: [&str; N]) -> Option<[&mut Param; N]> {
-        let mut found: [Option<&mut Param>; N] = [const { None }; N];
-        for p in &mut self.params {
-            let slot = leaves.iter().position(|leaf| is_param(&p.name, l, module, leaf)).and_then(|i| found.get_mut(i));
-            if let Some(slot) = slot {
-                if slot.is_some() {
-                    return None;
-                }
-                *slot = Some(p);
-            }
-        }
-        if found.iter().any(Option::is_none) {
+    /// The adapter on projection `p` (`d x d`) of layer `l`, by PEFT's
+    /// names, if the method targets it.
+    fn site(&mut self, l: usize, p: usize, d: usize) -> Option<Site<'_>> {
+        if !self.spec.targets().contains(&p) {
             return None;
         }
-        Some(found.map(|p| p.unwrap_or_else(|| unreachable!("checked above"))))
-    }
-
-    /// LoRA on projection `p` of layer `l`, by PEFT's names: the config and
-    /// the tensors `A`, `B`.
-    fn lora_pair(&mut self, l: usize, p: usize) -> Option<(LoraConfig<'static>, &mut Param, &mut Param)> {
-        let config = self.spec.lora_config()?;
         let module = LORA_MODULES.get(p)?;
-        let [a, b] = self.params_mut(l, module, ["lora_A.weight", "lora_B.weight"])?;
-        Some((config, a, b))
+        let params = &mut self.params[..];
+        Some(match &self.spec {
+            Spec::Lora { .. } => {
+                Site::Lora(self.spec.lora_config()?, find_n(params, l, module, ["lora_A.weight", "lora_B.weight"])?)
+            }
+            Spec::Dora { .. } => Site::Dora(
+                self.spec.lora_config()?,
+                find_n(params, l, module, ["lora_A.weight", "lora_B.weight", "lora_magnitude_vector"])?,
+            ),
+            Spec::Ia3 { feedforward, .. } => {
+                let [v] = find_n(params, l, module, ["ia3_l"])?;
+                Site::Ia3(feedforward.contains(&p), v)
+            }
+            Spec::Loha { .. } => {
+                Site::Loha(self.spec.lora_config()?, find_n(params, l, module, peft_core::loha::KEYS)?)
+            }
+            Spec::Lokr { rank, .. } => {
+                let layout = self.spec.lokr_layout(d)?;
+                let names: Vec<&str> = layout.tensors(*rank).map(|(n, _)| n).collect();
+                Site::Lokr(self.spec.lora_config()?, layout, find(params, l, module, &names)?)
+            }
+            Spec::Vera { .. } => {
+                let [a, b] = &self.frozen[..] else { return None };
+                Site::Vera([a, b], find_n(params, l, module, ["vera_lambda_d", "vera_lambda_b"])?)
+            }
+            Spec::Adapter { .. } | Spec::Prompt { .. } | Spec::Prefix { .. } => return None,
+        })
     }
 
     /// The adapter at `site` (0 after attention, 1 after the MLP) of layer
@@ -439,7 +653,7 @@ impl Peft {
     fn adapter_site(&mut self, l: usize, site: usize) -> Option<(AdapterConfig, [&mut Param; 4])> {
         let Spec::Adapter { config } = self.spec else { return None };
         let module = ADAPTER_MODULES.get(site)?;
-        let params = self.params_mut(l, module, ["down.weight", "down.bias", "up.weight", "up.bias"])?;
+        let params = find_n(&mut self.params, l, module, ["down.weight", "down.bias", "up.weight", "up.bias"])?;
         Some((config, params))
     }
 
@@ -515,26 +729,27 @@ impl<'m, B: Backend<f32, Error = Error>> Runner<'m, B> {
         s
     }
 
-    /// `y = x W^T` for projection `p` of layer `l`, through LoRA if the
-    /// adapter targets it.
+    /// `y = x W^T` for projection `p` of layer `l`, through the adapter if
+    /// its method targets it.
     fn project(&mut self, peft: &mut Option<&mut Peft>, l: usize, p: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
         let (d, rows) = (self.model.cfg.d, x.len() / self.model.cfg.d);
-        let mut scratch = self.scratch(rows * d);
         let base = Dense::new(&self.model.blocks[l].proj[p], d, d)?;
-        let (x, y) = (MatRef::new(x, rows, d)?, MatMut::new(y, rows, d)?);
-        let res = match peft.as_deref_mut().and_then(|pf| pf.lora_pair(l, p)) {
-            Some((config, a, b)) => {
-                let layer = Lora::new(&config, d, d, &a.value[..], &b.value[..])?;
-                layer.forward(&self.backend, &base, x, y, &mut scratch)
-            }
-            None => base.forward(&self.backend, x, y),
-        };
+        let mut scratch = core::mem::take(&mut self.scratch);
+        let site = peft.as_deref_mut().and_then(|pf| pf.site(l, p, d));
+        let res = projection::forward(
+            site,
+            &self.backend,
+            &base,
+            MatRef::new(x, rows, d)?,
+            MatMut::new(y, rows, d)?,
+            &mut scratch,
+        );
         self.scratch = scratch;
         res
     }
 
-    /// `gx += dL/dx` of [`project`](Self::project), accumulating LoRA
-    /// gradients.
+    /// `gx += dL/dx` of [`project`](Self::project), accumulating the
+    /// adapter's gradients.
     fn project_backward(
         &mut self,
         peft: &mut Option<&mut Peft>,
@@ -545,30 +760,11 @@ impl<'m, B: Backend<f32, Error = Error>> Runner<'m, B> {
         gx: &mut [f32],
     ) -> Result<()> {
         let (d, rows) = (self.model.cfg.d, x.len() / self.model.cfg.d);
-        let mut scratch = self.scratch(2 * rows * d + rows * d);
         let base = Dense::new(&self.model.blocks[l].proj[p], d, d)?;
-        let res = match peft.as_deref_mut().and_then(|pf| pf.lora_pair(l, p)) {
-            Some((config, a, b)) => {
-                let layer = Lora::new(&config, d, d, &a.value[..], &b.value[..])?;
-                let (tmp, rest) = scratch.split_at_mut(rows * d);
-                let grads = LoraGrads { a: &mut a.grad, b: &mut b.grad };
-                let xv = MatRef::new(x, rows, d)?;
-                layer.backward(
-                    &self.backend,
-                    &base,
-                    xv,
-                    MatRef::new(gy, rows, d)?,
-                    Some(MatMut::new(tmp, rows, d)?),
-                    grads,
-                    rest,
-                )?;
-                gx.iter_mut().zip(tmp.iter()).for_each(|(g, t)| *g += t);
-                Ok(())
-            }
-            None => {
-                base.apply_transpose(&self.backend, MatRef::new(gy, rows, d)?, MatMut::new(gx, rows, d)?, Accum::Add)
-            }
-        };
+        let mut scratch = core::mem::take(&mut self.scratch);
+        let site = peft.as_deref_mut().and_then(|pf| pf.site(l, p, d));
+        let (xv, gv) = (MatRef::new(x, rows, d)?, MatRef::new(gy, rows, d)?);
+        let res = projection::backward(site, &self.backend, &base, xv, gv, gx, &mut scratch);
         self.scratch = scratch;
         res
     }
@@ -829,26 +1025,27 @@ impl<'m, B: Backend<f32, Error = Error>> Runner<'m, B> {
 }
 
 impl TinyModel {
-    /// A copy of the model with every LoRA module of `peft` merged into its
-    /// projection (`W + s B A`, PEFT's `merge_and_unload`), through
-    /// [`Lora::merge_into`]. The model itself is not written.
+    /// A copy of the model with every adapted projection of `peft` merged
+    /// into its weight, as PEFT's `merge_and_unload` (LoRA `W + s B A`,
+    /// DoRA, (IA)^3, LoHa, LoKr, VeRA through their `peft-core` merges).
+    /// Neither the model nor `peft` is written.
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] for an adapter that is not LoRA (or lacks
-    /// a tensor); `peft-core`'s merge errors.
+    /// [`Error::InvalidParameter`] for a method with nothing to merge
+    /// (adapters, prompts, prefixes) or a missing tensor; `peft-core`'s
+    /// merge errors.
     pub fn merged<B: Backend<f32, Error = Error>>(&self, peft: &Peft, backend: &B) -> Result<TinyModel> {
-        let (Some(config), Spec::Lora { targets, .. }) = (peft.spec.lora_config(), &peft.spec) else {
-            return Err(NOT_LORA);
-        };
+        if peft.spec.targets().is_empty() {
+            return Err(NOT_MERGEABLE);
+        }
         let d = self.cfg.d;
         let mut merged = self.clone();
+        let mut peft = peft.clone();
         for (l, block) in merged.blocks.iter_mut().enumerate() {
-            for &t in targets {
-                let key = lora_key(l, t).ok_or(LORA_TARGET)?;
-                let a = peft.param(&format!("{key}.lora_A.weight")).ok_or(NOT_LORA)?;
-                let b = peft.param(&format!("{key}.lora_B.weight")).ok_or(NOT_LORA)?;
+            for &t in &peft.spec.targets().to_vec() {
+                let site = peft.site(l, t, d).ok_or(NOT_MERGEABLE)?;
                 let w = block.proj.get_mut(t).ok_or(LORA_TARGET)?;
-                Lora::new(&config, d, d, &a.value[..], &b.value[..])?.merge_into(backend, w, None)?.keep();
+                projection::merge(site, backend, w, d, d)?;
             }
         }
         Ok(merged)
@@ -879,5 +1076,8 @@ pub fn mse(y: &[f32], t: &[f32], weight: f64, mut grad: Option<&mut [f32]>) -> f
     sum / n
 }
 
+mod projection;
 #[cfg(test)]
 mod tests;
+
+use projection::{Site, find, find_n};

@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use peft_core::Method;
 use peft_core::activation::Activation;
 use peft_core::adapter::AdapterConfig;
 use peft_core::optim::AdamW;
@@ -21,7 +20,7 @@ use peft_faer::hf::convert::{own_to_peft_dir, peft_dir_to_own};
 use peft_faer::hf::merge::{MergeOptions, merge_many};
 use peft_faer::hf::{CONFIG_FILE, HfAdapter, HfError, MAX_ADAPTER_BYTES, PeftConfig, WEIGHTS_FILE};
 use peft_faer::io::{encode, load};
-use peft_faer::tiny::{Peft, Runner, Spec, TinyConfig, TinyModel, Trace};
+use peft_faer::tiny::{Peft, Runner, Spec, TinyConfig, TinyModel, Trace, projection_indices};
 use peft_faer::train::{Task, Trainer, loss, setup, train};
 use safetensors::Dtype;
 use serde_json::json;
@@ -164,10 +163,31 @@ fn weighted_dir(text: &str) -> Result<(PathBuf, f64), String> {
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum MethodArg {
     Lora,
+    Dora,
+    Ia3,
+    Loha,
+    Lokr,
+    Vera,
     Adapter,
     Prompt,
     Prefix,
+    /// Every method above, in that order.
     All,
+}
+
+impl MethodArg {
+    /// Every method, in the table's order.
+    const EACH: [MethodArg; 9] = [
+        MethodArg::Lora,
+        MethodArg::Dora,
+        MethodArg::Ia3,
+        MethodArg::Loha,
+        MethodArg::Lokr,
+        MethodArg::Vera,
+        MethodArg::Adapter,
+        MethodArg::Prompt,
+        MethodArg::Prefix,
+    ];
 }
 
 #[derive(clap::Args)]
@@ -178,7 +198,9 @@ struct FinetuneArgs {
     /// Optimizer steps per method (batches of 8 sequences).
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
     steps: u64,
-    /// LoRA rank (the task's hidden change has rank 2).
+    /// Rank of LoRA, DoRA, LoHa and LoKr (the task's hidden change has rank
+    /// 2); VeRA's shared projections get 8 times it (at most the width), as
+    /// VeRA trains only `r + out` numbers per layer.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
     rank: u64,
     /// Seed of the frozen model, the task and the adapters.
@@ -225,7 +247,7 @@ const MAX_FILE: u64 = 1 << 30;
 
 /// One method's row of the table.
 struct Row {
-    method: Method,
+    name: &'static str,
     params: usize,
     base_params: usize,
     state_bytes: usize,
@@ -239,15 +261,27 @@ struct Row {
     reload_identical: bool,
 }
 
-fn spec(method: Method, rank: usize) -> Result<Spec, peft_core::Error> {
+/// The tiny model's configuration of each method for `peft finetune`:
+/// LoRA, DoRA, LoHa and LoKr on `q_proj`, `v_proj` (where the task's change
+/// is) with `alpha = 2 r`; (IA)^3 scaling the outputs of `q_proj`, `v_proj`
+/// and the input of `o_proj` (its feedforward kind); VeRA on `q_proj`,
+/// `v_proj` at rank `min(8 r, d)`.
+fn spec(method: MethodArg, rank: usize, d: usize) -> Result<Spec, peft_core::Error> {
+    let qv = || projection_indices(&["q_proj", "v_proj"]);
+    let alpha = 2.0 * rank as f64;
     Ok(match method {
-        Method::Lora => Spec::lora(rank, 2.0 * rank as f64, &["q_proj", "v_proj"])?,
-        Method::Adapter => Spec::Adapter { config: AdapterConfig::width(8).with_activation(Activation::GeluErf) },
-        Method::Prompt => Spec::Prompt { n_virtual: 8 },
-        Method::Prefix => Spec::Prefix { n_prefix: 8 },
-        Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => {
-            return Err(peft_core::Error::InvalidParameter { name: "method", rule: "is not hosted by the tiny model" });
-        }
+        MethodArg::Lora | MethodArg::All => Spec::lora(rank, alpha, &["q_proj", "v_proj"])?,
+        MethodArg::Dora => Spec::Dora { rank, alpha, targets: qv()? },
+        MethodArg::Ia3 => Spec::Ia3 {
+            targets: projection_indices(&["q_proj", "v_proj", "o_proj"])?,
+            feedforward: projection_indices(&["o_proj"])?,
+        },
+        MethodArg::Loha => Spec::Loha { rank, alpha, targets: qv()? },
+        MethodArg::Lokr => Spec::Lokr { rank, alpha, targets: qv()? },
+        MethodArg::Vera => Spec::Vera { rank: (8 * rank).min(d), targets: qv()? },
+        MethodArg::Adapter => Spec::Adapter { config: AdapterConfig::width(8).with_activation(Activation::GeluErf) },
+        MethodArg::Prompt => Spec::Prompt { n_virtual: 8 },
+        MethodArg::Prefix => Spec::Prefix { n_prefix: 8 },
     })
 }
 
@@ -271,12 +305,13 @@ fn outputs(
 fn run_method(
     model: &TinyModel,
     task: &Task,
-    method: Method,
+    which: MethodArg,
     args: &FinetuneArgs,
     backend: Faer,
 ) -> Result<Row, Box<dyn std::error::Error>> {
     let base_params = model.num_params();
-    let mut peft = Peft::new(model, spec(method, args.rank as usize)?, args.seed ^ 0xada)?;
+    let mut peft = Peft::new(model, spec(which, args.rank as usize, model.cfg.d)?, args.seed ^ 0xada)?;
+    let (method, name) = (peft.method(), peft.name());
     let lr = args.lr.unwrap_or(method.default_lr());
     let mut trainer = Trainer::new(&peft, AdamW::new(lr).with_weight_decay(0.0).with_max_grad_norm(Some(1.0)));
     let mut runner = Runner::new(model, backend)?;
@@ -285,7 +320,7 @@ fn run_method(
     let bar = if std::io::stderr().is_terminal() && !args.json {
         let b = ProgressBar::new(args.steps);
         b.set_style(ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")?.progress_chars("=> "));
-        b.set_prefix(method.name());
+        b.set_prefix(name);
         Some(b)
     } else {
         None
@@ -298,7 +333,7 @@ fn run_method(
             b.set_message(format!("train loss {l:.4}"));
         }
         None if !args.json && (step + 1) % every == 0 => {
-            eprintln!("{:>8} step {:>5}/{}  train loss {l:.5}", method.name(), step + 1, args.steps);
+            eprintln!("{name:>8} step {:>5}/{}  train loss {l:.5}", step + 1, args.steps);
         }
         None => {}
     })?;
@@ -309,7 +344,7 @@ fn run_method(
     let final_loss = loss(&mut runner, Some(&mut peft), &task.held_out)?;
 
     let unmerged = outputs(&mut runner, Some(&mut peft), task)?;
-    let merge_diff = if method == Method::Lora {
+    let merge_diff = if !peft.spec.targets().is_empty() {
         let merged_model = runner.model().merged(&peft, &backend)?;
         let merged = outputs(&mut Runner::new(&merged_model, backend)?, None, task)?;
         Some(unmerged.iter().zip(&merged).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max))
@@ -318,14 +353,15 @@ fn run_method(
     };
 
     let bytes = encode(&peft, runner.model())?;
-    let file = args.out.join(format!("{}.peft", method.name()));
+    let file = args.out.join(format!("{name}.peft"));
     // Each run replaces its own `<method>.peft` in the output folder.
     write_file(&file, &bytes, true)?;
     let mut reloaded = load(&file, runner.model(), MAX_FILE)?;
     let again = outputs(&mut runner, Some(&mut reloaded), task)?;
     let same_values = reloaded.spec == peft.spec
         && reloaded.params.len() == peft.params.len()
-        && reloaded.params.iter().zip(&peft.params).all(|(a, b)| {
+        && reloaded.frozen.len() == peft.frozen.len()
+        && reloaded.params.iter().chain(&reloaded.frozen).zip(peft.params.iter().chain(&peft.frozen)).all(|(a, b)| {
             a.name == b.name
                 && a.shape == b.shape
                 && a.value.iter().zip(&b.value).all(|(x, y)| x.to_bits() == y.to_bits())
@@ -333,7 +369,7 @@ fn run_method(
     let reload_identical = same_values && again.iter().zip(&unmerged).all(|(a, b)| a.to_bits() == b.to_bits());
 
     Ok(Row {
-        method,
+        name,
         params: peft.num_params(),
         base_params,
         state_bytes: trainer.state_bytes(),
@@ -355,12 +391,9 @@ fn finetune(args: &FinetuneArgs) -> Result<bool, Box<dyn std::error::Error>> {
     let frozen = model.clone();
     let task = setup(&model, HIDDEN_RANK, backend, args.seed)?;
     std::fs::create_dir_all(&args.out)?;
-    let methods: Vec<Method> = match args.method {
-        MethodArg::Lora => vec![Method::Lora],
-        MethodArg::Adapter => vec![Method::Adapter],
-        MethodArg::Prompt => vec![Method::Prompt],
-        MethodArg::Prefix => vec![Method::Prefix],
-        MethodArg::All => vec![Method::Lora, Method::Adapter, Method::Prompt, Method::Prefix],
+    let methods: Vec<MethodArg> = match args.method {
+        MethodArg::All => MethodArg::EACH.to_vec(),
+        one => vec![one],
     };
     if !args.json {
         eprintln!(
@@ -386,7 +419,7 @@ fn finetune(args: &FinetuneArgs) -> Result<bool, Box<dyn std::error::Error>> {
             .iter()
             .map(|r| {
                 json!({
-                    "method": r.method.name(),
+                    "method": r.name,
                     "trainable_params": r.params,
                     "percent_of_base": 100.0 * r.params as f64 / r.base_params as f64,
                     "optimizer_state_bytes": r.state_bytes,
@@ -437,7 +470,7 @@ fn print_table(rows: &[Row], full_state: usize, base_identical: bool, out: &Path
     for r in rows {
         outln!(
             "{:<8} {:>9} {:>6.2}% {:>21} {:>7.0e} {:>10.4e} {:>10.4e} {:>7.1} {:>11} {:>9} {:>7}",
-            r.method.name(),
+            r.name,
             r.params,
             100.0 * r.params as f64 / r.base_params as f64,
             format!("{} / {}", r.state_bytes, full_state),

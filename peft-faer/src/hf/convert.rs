@@ -343,23 +343,64 @@ fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Valu
         Some(Value::U64(x)) => Ok(x),
         _ => Err(missing(k)),
     };
+    // A comma-separated list ("" is empty).
+    let list = |k: &'static str| match get(k) {
+        Some(Value::Str(s)) => Ok(s.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect::<Vec<_>>()),
+        _ => Err(missing(k)),
+    };
+    // An f64, written as an integer when it is one (as Python writes `8`).
+    let number = |k: &'static str| match get(k) {
+        Some(Value::F64(x)) if x.fract() == 0.0 && x.abs() < 1e15 => Ok(json!(x as i64)),
+        Some(Value::F64(x)) => Ok(json!(x)),
+        _ => Err(missing(k)),
+    };
     match method {
         Method::Lora => {
-            let Some(Value::Str(targets)) = get("target_modules") else { return Err(missing("target_modules")) };
-            let targets: Vec<String> = targets.split(',').map(|t| t.to_string()).collect();
-            let Some(Value::F64(alpha)) = get("lora_alpha") else { return Err(missing("lora_alpha")) };
-            let alpha = if alpha.fract() == 0.0 && alpha.abs() < 1e15 { json!(alpha as i64) } else { json!(alpha) };
+            let targets = list("target_modules")?;
+            let alpha = number("lora_alpha")?;
             let rslora = matches!(get("use_rslora"), Some(Value::Bool(true)));
+            let dora = matches!(get("use_dora"), Some(Value::Bool(true)));
             Ok(json!({
                 "peft_type": "LORA", "task_type": null, "base_model_name_or_path": null, "revision": null,
                 "inference_mode": true, "r": u("r")?, "lora_alpha": alpha,
                 "use_rslora": rslora,
                 "target_modules": targets, "lora_dropout": 0.0, "fan_in_fan_out": false, "bias": "none",
                 "modules_to_save": null, "init_lora_weights": true, "layers_to_transform": null,
-                "layers_pattern": null, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": false,
+                "layers_pattern": null, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": dora,
                 "lora_bias": false,
             }))
         }
+        Method::Ia3 => Ok(json!({
+            "peft_type": "IA3", "task_type": null, "base_model_name_or_path": null, "revision": null,
+            "inference_mode": true, "target_modules": list("target_modules")?,
+            "feedforward_modules": list("feedforward_modules")?, "fan_in_fan_out": false,
+            "modules_to_save": null, "init_ia3_weights": true,
+        })),
+        Method::Loha | Method::Lokr => {
+            let mut cfg = json!({
+                "peft_type": if method == Method::Loha { "LOHA" } else { "LOKR" }, "task_type": null,
+                "base_model_name_or_path": null, "revision": null, "inference_mode": true,
+                "r": u("r")?, "alpha": number("alpha")?, "rank_dropout": 0.0, "module_dropout": 0.0,
+                "target_modules": list("target_modules")?, "init_weights": true, "layers_to_transform": null,
+                "layers_pattern": null, "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": null,
+            });
+            if let Some(obj) = cfg.as_object_mut() {
+                if method == Method::Lokr {
+                    obj.insert("decompose_both".into(), json!(false));
+                    obj.insert("decompose_factor".into(), json!(-1));
+                } else {
+                    obj.insert("use_effective_conv2d".into(), json!(false));
+                }
+            }
+            Ok(cfg)
+        }
+        Method::Vera => Ok(json!({
+            "peft_type": "VERA", "task_type": null, "base_model_name_or_path": null, "revision": null,
+            "inference_mode": true, "r": u("r")?, "target_modules": list("target_modules")?,
+            "projection_prng_key": 0, "save_projection": true, "vera_dropout": 0.0, "d_initial": 0.1,
+            "fan_in_fan_out": false, "bias": "none", "modules_to_save": null, "init_weights": true,
+            "layers_to_transform": null, "layers_pattern": null,
+        })),
         Method::Prompt | Method::Prefix => {
             let prefix = method == Method::Prefix;
             let d = u("d_model").or_else(|_| u("token_dim"))?;
@@ -382,6 +423,5 @@ fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Valu
         Method::Adapter => {
             Err(HfError::Unsupported("bottleneck adapters: Hugging Face PEFT has no such adapter type".into()))
         }
-        Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => Err(missing(CONFIG_KEY)),
     }
 }

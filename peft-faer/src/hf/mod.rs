@@ -287,7 +287,7 @@ impl LokrModule {
 }
 
 /// LoHa's tensor names, in [`LohaModule::factors`]' order.
-pub const LOHA_KEYS: [&str; 4] = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"];
+pub const LOHA_KEYS: [&str; 4] = peft_core::loha::KEYS;
 
 /// One (IA)^3-adapted module: its vector `ia3_l`, `[out, 1]` (the output
 /// is scaled) or `[1, in]` (feedforward: the input is).
