@@ -65,6 +65,7 @@ pub mod attention;
 pub mod backend;
 pub mod base;
 pub mod combine;
+pub mod delta;
 pub mod dora;
 pub mod element;
 pub mod error;

@@ -265,6 +265,29 @@ impl<E: Element, S: AsRef<[E]>> Loha<E, S> {
     }
 }
 
+impl<E: Element, S: AsRef<[E]>> crate::delta::DenseDelta<E> for Loha<E, S> {
+    /// `(out, in)`.
+    fn delta_dims(&self) -> (usize, usize) {
+        (self.out_features, self.in_features)
+    }
+
+    /// `2 out in`.
+    fn delta_scratch_len(&self) -> usize {
+        self.forward_scratch_len()
+    }
+
+    /// `weight += factor * dW` ([`Loha::delta`] with `Accum::Add`).
+    fn add_delta<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        weight: MatMut<'_, E>,
+        factor: f64,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        self.delta(backend, weight, Accum::Add, factor, scratch)
+    }
+}
+
 impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Loha<E, S> {
     /// Initializes as PEFT does: `W1a`, `W1b`, `W2a` Kaiming-uniform
     /// (`U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, fan_in = the factor's

@@ -426,6 +426,29 @@ impl<E: Element, S: AsRef<[E]>> Lokr<E, S> {
     }
 }
 
+impl<E: Element, S: AsRef<[E]>> crate::delta::DenseDelta<E> for Lokr<E, S> {
+    /// `(out, in) = (a b, c d)`.
+    fn delta_dims(&self) -> (usize, usize) {
+        self.dims()
+    }
+
+    /// `out in + a c + b d`.
+    fn delta_scratch_len(&self) -> usize {
+        self.forward_scratch_len()
+    }
+
+    /// `weight += factor * dW` ([`Lokr::delta`] with `Accum::Add`).
+    fn add_delta<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        weight: MatMut<'_, E>,
+        factor: f64,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        self.delta(backend, weight, Accum::Add, factor, scratch)
+    }
+}
+
 impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Lokr<E, S> {
     /// Initializes as PEFT does (`reset_adapter_parameters`): `W1 = 0`
     /// (full: `lokr_w1 = 0`; low rank: `lokr_w1_a = 0`, `lokr_w1_b`

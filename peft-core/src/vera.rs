@@ -386,6 +386,46 @@ impl<E: Element, S: AsRef<[E]>> Vera<E, S> {
     }
 }
 
+/// A [`Vera`] adapter with the projections it reads: what merges (a
+/// [`DenseDelta`](crate::delta::DenseDelta)), from [`Vera::bound`].
+#[derive(Debug)]
+pub struct BoundVera<'a, E, S, P> {
+    vera: &'a Vera<E, S>,
+    proj: &'a VeraProjection<E, P>,
+}
+
+impl<E: Element, S: AsRef<[E]>> Vera<E, S> {
+    /// This adapter over `proj`, as one [`DenseDelta`](crate::delta::DenseDelta)
+    /// (`merge_into` and its guard). Whether `proj` fits is checked when
+    /// the delta is formed.
+    pub fn bound<'a, P: AsRef<[E]>>(&'a self, proj: &'a VeraProjection<E, P>) -> BoundVera<'a, E, S, P> {
+        BoundVera { vera: self, proj }
+    }
+}
+
+impl<E: Element, S: AsRef<[E]>, P: AsRef<[E]>> crate::delta::DenseDelta<E> for BoundVera<'_, E, S, P> {
+    /// `(out, in)`.
+    fn delta_dims(&self) -> (usize, usize) {
+        (self.vera.out_features, self.vera.in_features)
+    }
+
+    /// `out r`.
+    fn delta_scratch_len(&self) -> usize {
+        self.vera.delta_scratch_len()
+    }
+
+    /// `weight += factor * dW` ([`Vera::delta`] with `Accum::Add`).
+    fn add_delta<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        weight: MatMut<'_, E>,
+        factor: f64,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        self.vera.delta(backend, self.proj, weight, Accum::Add, factor, scratch)
+    }
+}
+
 impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Vera<E, S> {
     /// Initializes as PEFT does: `lambda_b = 0` (so `dW = 0`), `lambda_d =
     /// d_initial` ([`D_INITIAL`] is PEFT's default).

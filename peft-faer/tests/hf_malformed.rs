@@ -71,10 +71,12 @@ fn config_problems() {
     std::fs::write(dir.join("adapter_config.json"), b"{ not json").unwrap();
     assert!(matches!(merge_fails(&dir, &base), HfError::Json(_)));
 
-    copy_fixture(&dir);
-    edit_config(&dir, |c| c["peft_type"] = "BOFT".into());
-    let e = merge_fails(&dir, &base);
-    assert!(matches!(&e, HfError::Unsupported(m) if m.contains("peft_type") && m.contains("BOFT")), "{e}");
+    for method in ["BOFT", "OFT", "ADALORA", "FOURIERFT"] {
+        copy_fixture(&dir);
+        edit_config(&dir, |c| c["peft_type"] = method.into());
+        let e = merge_fails(&dir, &base);
+        assert!(matches!(&e, HfError::Unsupported(m) if m.contains("peft_type") && m.contains(method)), "{e}");
+    }
     // An IA3 config over LoRA tensors: the tensors are refused, named.
     copy_fixture(&dir);
     edit_config(&dir, |c| c["peft_type"] = "IA3".into());

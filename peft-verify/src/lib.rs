@@ -43,17 +43,21 @@
 //! | `lora_embedding_matches_oracle` | LoRA on an embedding table: `E[id] + s B A[:, id]` | 3 |
 //! | `lora_embedding_identity_at_init` | PEFT's embedding init (`A = 0`): exactly the table's rows | 2 |
 //! | `lora_embedding_merged_equals_unmerged` | `E + s (B A)^T` gives the looked-up rows | 6 |
+//! | `lora_embedding_unmerge_restores` | the embedding table's typed merge: as `loha_unmerge_restores` | 6 |
 //! | `lora_embedding_gradients_match_fd` | dA (scattered to the looked-up columns) and dB against central differences | 12 |
 //! | `loha_identity_at_init` | LoHa at init (`W2b = 0`): exactly the base output | 2 |
 //! | `loha_matches_oracle` | `x (W + s (W1a W1b) * (W2a W2b))^T` | 3 |
 //! | `loha_merged_equals_unmerged` | `W + dW` gives the unmerged output | 6 |
+//! | `loha_unmerge_restores` | LoHa's typed merge: bit-exact with a backup, within two roundings without, `keep` stays merged | 6 |
 //! | `loha_gradients_match_fd` | the four factors' gradients and dx against central differences | 12 |
 //! | `lokr_matches_oracle_and_merges` | LoKr, each factor full or low rank: `x (W + s kron(W1, W2))^T`, and the merged weight gives it | 3, 6 |
+//! | `lokr_unmerge_restores` | LoKr's typed merge, each factor form: as `loha_unmerge_restores` | 6 |
 //! | `lokr_identity_at_init` | LoKr at PEFT's init (`W1 = 0`, each factor form): exactly the base output | 2 |
 //! | `lokr_gradients_match_fd` | every factor form's gradients and dx against central differences | 12 |
 //! | `vera_identity_at_init` | VeRA at init (`lambda_b = 0`): exactly the base output | 2 |
 //! | `vera_matches_oracle` | `x (W + diag(lambda_b) B diag(lambda_d) A)^T` with `A`, `B` sliced from wider shared projections | 3 |
-//! | `vera_merged_equals_unmerged` | `W + dW` gives the unmerged output; subtracting `dW` gives `W` back | 6 |
+//! | `vera_merged_equals_unmerged` | `W + dW` gives the unmerged output | 6 |
+//! | `vera_unmerge_restores` | the typed merge (`DenseDelta::merge_into`): bit-exact with a backup, within two roundings without, `keep` stays merged | 6 |
 //! | `vera_gradients_match_fd` | `lambda_d`, `lambda_b` and dx against central differences (no gradient for the projections) | 12 |
 //! | `set_active_sum_matches_oracle` | an adapter set with several active adapters and multipliers: `x W^T + b + sum_i m_i s_i (x A_i^T) B_i^T` | - |
 //! | `set_mixed_rows_match_own_forward` | a mixed-adapter batch: every row equals its own adapter's (or the base's) oracle output | - |

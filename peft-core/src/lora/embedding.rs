@@ -196,6 +196,29 @@ impl<E: Element, S: AsRef<[E]>> LoraEmbedding<E, S> {
     }
 }
 
+impl<E: Element, S: AsRef<[E]>> crate::delta::DenseDelta<E> for LoraEmbedding<E, S> {
+    /// `(vocab, dim)`: the table's shape.
+    fn delta_dims(&self) -> (usize, usize) {
+        (self.vocab, self.dim)
+    }
+
+    /// None.
+    fn delta_scratch_len(&self) -> usize {
+        0
+    }
+
+    /// `table += factor * s (B A)^T` ([`LoraEmbedding::add_delta`]).
+    fn add_delta<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        weight: MatMut<'_, E>,
+        factor: f64,
+        _scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        LoraEmbedding::add_delta(self, backend, weight, factor)
+    }
+}
+
 impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> LoraEmbedding<E, S> {
     /// Initializes as PEFT does for embeddings: `A = 0`, `B ~ N(0, 1)`.
     pub fn init_adapter(&mut self, rng: &mut Rng) {

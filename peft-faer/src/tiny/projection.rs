@@ -8,6 +8,7 @@
 //! step changes `A` and `B` anyway. (`peft_core::dora` caches the norms
 //! for callers that run many passes between updates.)
 
+use peft_core::delta::DenseDelta;
 use peft_core::dora::{Dora, DoraGrads};
 use peft_core::ia3::Ia3;
 use peft_core::loha::{Loha, LohaGrads};
@@ -258,21 +259,22 @@ pub(super) fn merge<B: Backend<f32, Error = Error>>(
         }
         Site::Loha(cfg, [f0, f1, f2, f3]) => {
             let layer = Loha::new(&cfg, n_in, n_out, [&f0.value[..], &f1.value[..], &f2.value[..], &f3.value[..]])?;
-            let mut s = vec![0.0; layer.forward_scratch_len()];
-            layer.delta(backend, MatMut::new(w, n_out, n_in)?, Accum::Add, 1.0, &mut s)?;
+            let mut s = vec![0.0; layer.delta_scratch_len()];
+            layer.merge_into(backend, w, None, &mut s)?.keep();
         }
         Site::Lokr(cfg, layout, mut ps) => {
             let (w1, w2, _) = lokr_parts(&mut ps, [layout.w1_low_rank, layout.w2_low_rank]).ok_or(LOKR_TENSORS)?;
             let layer = Lokr::new(&cfg, layout.d1, layout.d2, w1, w2)?;
-            let mut s = vec![0.0; layer.forward_scratch_len()];
-            layer.delta(backend, MatMut::new(w, n_out, n_in)?, Accum::Add, 1.0, &mut s)?;
+            let mut s = vec![0.0; layer.delta_scratch_len()];
+            layer.merge_into(backend, w, None, &mut s)?.keep();
         }
         Site::Vera([pa, pb], [ld, lb]) => {
             let r = ld.value.len();
             let proj = VeraProjection::new(r, n_in, n_out, &pa.value[..], &pb.value[..])?;
             let layer = Vera::new(r, n_in, n_out, &ld.value[..], &lb.value[..])?;
-            let mut s = vec![0.0; layer.delta_scratch_len()];
-            layer.delta(backend, &proj, MatMut::new(w, n_out, n_in)?, Accum::Add, 1.0, &mut s)?;
+            let bound = layer.bound(&proj);
+            let mut s = vec![0.0; bound.delta_scratch_len()];
+            bound.merge_into(backend, w, None, &mut s)?.keep();
         }
     }
     Ok(())

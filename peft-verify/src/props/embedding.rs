@@ -117,6 +117,21 @@ where
         close::<E>("merged rows", &merged, &wide(&y), &mag, c.r + 3)
     });
 
+    run(report, config, "lora_embedding_unmerge_restores", name, emb_case(), |c| {
+        let (table, a, b): (Vec<E>, Vec<E>, Vec<E>) = (narrow(&c.table), narrow(&c.a), narrow(&c.b));
+        let lora = LoraEmbedding::new(&LoraConfig::new(c.r, c.alpha), c.vocab, c.dim, &a[..], &b[..]).map_err(fail)?;
+        // |s (B A)^T| per table element, from the rounded factors.
+        let s = c.alpha / c.r as f64;
+        let (aw, bw) = (wide(&a), wide(&b));
+        let dmag: Vec<f64> = (0..c.vocab * c.dim)
+            .map(|i| {
+                let (id, j) = (i / c.dim, i % c.dim);
+                (0..c.r).map(|k| (s * bw[j * c.r + k] * aw[k * c.vocab + id]).abs()).sum()
+            })
+            .collect();
+        super::check_delta_guard(backend, &lora, &table, &dmag)
+    });
+
     run(report, config, "lora_embedding_gradients_match_fd", name, emb_case(), |c| {
         let (table, a, b): (Vec<E>, Vec<E>, Vec<E>) = (narrow(&c.table), narrow(&c.a), narrow(&c.b));
         let g: Vec<E> = narrow(&c.g);

@@ -1,5 +1,5 @@
 //! LoHa: identity at init, the forward against the oracle, the merged
-//! weight against the unmerged forward, gradients against finite
+//! weight against the unmerged forward, the typed merge's unmerge, gradients against finite
 //! differences.
 
 use peft_core::loha::{Loha, LohaGrads};
@@ -110,6 +110,13 @@ where
         let (x, w) = (M::new(c.t, c.n_in, wide(&t.x)), M::new(c.n_out, c.n_in, wide(&t.w)));
         let mag = x.abs().mul_t(&w.abs().add(&dm)).scale(3.0);
         close::<E>("merged y", &wide(&ym), &wide(&y), &mag.d, c.n_in + 2 * c.r + 4)
+    });
+
+    run(report, config, "loha_unmerge_restores", name, case_in(dims), |c| {
+        let t = Tensors::<E>::of(&c);
+        let f: [Vec<E>; 4] = factors(&c).map(|v| narrow(&v));
+        let (_, dm) = delta(&c, &f.clone().map(|v| wide(&v)));
+        super::check_delta_guard(backend, &layer(&c, &f)?, &t.w, &dm.d)
     });
 
     run(report, config, "loha_gradients_match_fd", name, case(), |c| {

@@ -158,6 +158,14 @@ where
         Ok(())
     });
 
+    run(report, config, "lokr_unmerge_restores", name, lokr_case(), |c| {
+        let (f1, f2) = (round(&c.f1), round(&c.f2));
+        let l = Lokr::new(&LoraConfig::new(c.r, c.alpha), c.d1, c.d2, as_factor(&f1), as_factor(&f2)).map_err(fail)?;
+        let wide_f = |f: &[Vec<E>]| f.iter().map(|v| wide(v)).collect::<Vec<Vec<f64>>>();
+        let (_, dm) = delta(&c, &wide_f(&f1), &wide_f(&f2));
+        super::check_delta_guard(backend, &l, &narrow::<E>(&c.w), &dm.d)
+    });
+
     run(report, config, "lokr_gradients_match_fd", name, lokr_case(), |c| {
         let (f1, f2) = (round(&c.f1), round(&c.f2));
         let l = Lokr::new(&LoraConfig::new(c.r, c.alpha), c.d1, c.d2, as_factor(&f1), as_factor(&f2)).map_err(fail)?;

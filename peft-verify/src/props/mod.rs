@@ -16,7 +16,40 @@ pub mod set;
 pub mod training;
 pub mod vera;
 
+use peft_core::Backend;
+use peft_core::delta::DenseDelta;
 use proptest::prelude::*;
+
+use crate::{CaseResult, Precision, close, wide};
+
+/// The typed merge ([`DenseDelta::merge_into`]) of `d` into a copy of `w0`,
+/// three ways: with a backup, dropping the guard gives `w0` back bit for
+/// bit; without, [`unmerge`](peft_core::delta::DeltaMerged::unmerge) gives
+/// it back within two roundings of `2 |W| + |dW|` (`dmag`: `|dW|` per
+/// element, from the oracle); [`keep`](peft_core::delta::DeltaMerged::keep)
+/// leaves the same merged bits as the guard showed.
+pub(crate) fn check_delta_guard<E: Precision, B: Backend<E>, D: DenseDelta<E>>(
+    backend: &B,
+    d: &D,
+    w0: &[E],
+    dmag: &[f64],
+) -> CaseResult {
+    let fail = |e: B::Error| TestCaseError::fail(format!("unexpected error: {e}"));
+    let bits = |v: &[E]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+    let mut sc = vec![E::ZERO; d.delta_scratch_len()];
+    let (mut w, mut backup) = (w0.to_vec(), vec![E::ZERO; w0.len()]);
+    let merged = bits(d.merge_into(backend, &mut w, Some(&mut backup), &mut sc).map_err(fail)?.weight());
+    prop_assert!(bits(&w) == bits(w0), "dropping the guard (with a backup) did not restore W bit for bit");
+    let guard = d.merge_into(backend, &mut w, None, &mut sc).map_err(fail)?;
+    prop_assert!(bits(guard.weight()) == merged, "a second merge of the same W differs");
+    guard.unmerge().map_err(fail)?;
+    let mag: Vec<f64> = w0.iter().zip(dmag).map(|(x, m)| 2.0 * x.to_f64().abs() + m).collect();
+    close::<E>("unmerged W", &wide(&w), &wide(w0), &mag, 1)?;
+    let mut w = w0.to_vec();
+    let kept = d.merge_into(backend, &mut w, None, &mut sc).map_err(fail)?.keep();
+    prop_assert!(bits(kept) == merged, "keep did not leave the merged weight");
+    Ok(())
+}
 
 /// `n` values uniform in `[-1, 1)`.
 pub fn vals(n: usize) -> impl Strategy<Value = Vec<f64>> {

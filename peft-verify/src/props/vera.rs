@@ -1,5 +1,5 @@
 //! VeRA: identity at init, the forward against the oracle, the merged
-//! weight against the unmerged forward and the unmerge back to `W`,
+//! weight against the unmerged forward, the typed merge's unmerge,
 //! gradients against finite differences. The shared projections are drawn
 //! wider than the layer (up to 2 more inputs and outputs), so a wrong slice
 //! of `vera_A` or `vera_B` fails the oracle.
@@ -103,11 +103,8 @@ where
         let parts = parts(&c, mi, mo, &f)?;
         let y = fwd(&c, &parts, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x)?;
         let mut sc = vec![E::ZERO; parts.1.delta_scratch_len()];
-        let merge = |w: &mut [E], factor: f64, sc: &mut [E]| -> Result<(), TestCaseError> {
-            let dst = MatMut::new(w, c.n_out, c.n_in).map_err(fail)?;
-            parts.1.delta(backend, &parts.0, dst, Accum::Add, factor, sc).map_err(fail)
-        };
-        merge(&mut t.w, 1.0, &mut sc)?;
+        let dst = MatMut::new(&mut t.w, c.n_out, c.n_in).map_err(fail)?;
+        parts.1.delta(backend, &parts.0, dst, Accum::Add, 1.0, &mut sc).map_err(fail)?;
         let mut ym = vec![E::ZERO; c.t * c.n_out];
         Dense::new(&t.w, c.n_out, c.n_in)
             .map_err(fail)?
@@ -120,11 +117,16 @@ where
         let (_, dm) = delta(&c, mi, &f.map(|v| wide(&v)));
         let (x, w) = (M::new(c.t, c.n_in, wide(&t.x)), M::new(c.n_out, c.n_in, wide(&w0)));
         let mag = x.abs().mul_t(&w.abs().add(&dm)).scale(4.0);
-        close::<E>("merged y", &wide(&ym), &wide(&y), &mag.d, c.n_in + 2 * c.r + 4)?;
-        // Unmerge: W' - dW is W up to the two roundings of the merge.
-        merge(&mut t.w, -1.0, &mut sc)?;
-        let wmag: Vec<f64> = w.abs().add(&dm).d.iter().map(|v| 2.0 * v).collect();
-        close::<E>("unmerged W", &wide(&t.w), &w.d, &wmag, c.r + 2)
+        close::<E>("merged y", &wide(&ym), &wide(&y), &mag.d, c.n_in + 2 * c.r + 4)
+    });
+
+    run(report, config, "vera_unmerge_restores", name, case_in(dims), |c| {
+        let t = Tensors::<E>::of(&c);
+        let (mi, mo, f) = tensors(&c);
+        let f: [Vec<E>; 4] = f.map(|v| narrow(&v));
+        let (proj, layer) = parts(&c, mi, mo, &f)?;
+        let (_, dm) = delta(&c, mi, &f.map(|v| wide(&v)));
+        super::check_delta_guard(backend, &layer.bound(&proj), &t.w, &dm.d)
     });
 
     run(report, config, "vera_gradients_match_fd", name, case(), |c| {
