@@ -80,6 +80,7 @@ pub mod prefix;
 pub mod prompt;
 pub mod rng;
 pub mod set;
+pub mod storage;
 pub mod vera;
 
 pub use backend::{Accum, Backend, BackendError, ErrorKind, Op, Reference};

@@ -37,6 +37,7 @@ use core::fmt;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result};
 use crate::matrix::{MatMut, MatRef};
+use crate::storage::StoredWeight;
 
 /// What kind of failure a backend reported: what generic code (the methods
 /// of this crate, `peft-verify`) may branch on without knowing the
@@ -140,6 +141,41 @@ pub trait Backend<E: Element> {
         rhs_op: Op,
         alpha: E::Accum,
     ) -> core::result::Result<(), Self::Error>;
+
+    /// `y (=|+=) x deq(W)^T` over a stored (half-precision or quantized)
+    /// weight, without an f32 copy of `W`: what
+    /// [`StoredLinear`](crate::storage::StoredLinear) runs. The provided
+    /// version is the portable kernel [`storage::apply`](crate::storage::apply);
+    /// a backend overrides it with faster ones.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Input`, `Output`) before anything is
+    /// written; the backend's own errors.
+    fn stored_apply(
+        &self,
+        w: &StoredWeight<'_>,
+        x: MatRef<'_, E>,
+        y: MatMut<'_, E>,
+        accum: Accum,
+    ) -> core::result::Result<(), Self::Error> {
+        crate::storage::apply(w, x, y, accum).map_err(Self::Error::from)
+    }
+
+    /// `grad_x (=|+=) grad_y deq(W)` over a stored weight (provided:
+    /// [`storage::apply_transpose`](crate::storage::apply_transpose)).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`GradOutput`, `GradInput`) before anything
+    /// is written; the backend's own errors.
+    fn stored_apply_transpose(
+        &self,
+        w: &StoredWeight<'_>,
+        grad_y: MatRef<'_, E>,
+        grad_x: MatMut<'_, E>,
+        accum: Accum,
+    ) -> core::result::Result<(), Self::Error> {
+        crate::storage::apply_transpose(w, grad_y, grad_x, accum).map_err(Self::Error::from)
+    }
 }
 
 impl<E: Element, B: Backend<E> + ?Sized> Backend<E> for &B {
@@ -157,6 +193,28 @@ impl<E: Element, B: Backend<E> + ?Sized> Backend<E> for &B {
         alpha: E::Accum,
     ) -> core::result::Result<(), B::Error> {
         (**self).gemm(dst, accum, lhs, lhs_op, rhs, rhs_op, alpha)
+    }
+
+    #[inline]
+    fn stored_apply(
+        &self,
+        w: &StoredWeight<'_>,
+        x: MatRef<'_, E>,
+        y: MatMut<'_, E>,
+        accum: Accum,
+    ) -> core::result::Result<(), B::Error> {
+        (**self).stored_apply(w, x, y, accum)
+    }
+
+    #[inline]
+    fn stored_apply_transpose(
+        &self,
+        w: &StoredWeight<'_>,
+        grad_y: MatRef<'_, E>,
+        grad_x: MatMut<'_, E>,
+        accum: Accum,
+    ) -> core::result::Result<(), B::Error> {
+        (**self).stored_apply_transpose(w, grad_y, grad_x, accum)
     }
 }
 

@@ -1,0 +1,523 @@
+//! Frozen weights stored as f32, f16, bf16, int8 rows, GGUF's Q8_0 or
+//! GGUF's Q4_0, read by every method through [`FrozenLinear`] without an
+//! f32 copy of `W`.
+//!
+//! | format | stored per row of `in` values | value |
+//! |---|---|---|
+//! | [`Format::F32`] | `in` f32 | `w` |
+//! | [`Format::F16`] | `in` IEEE half (bits) | `w` |
+//! | [`Format::Bf16`] | `in` bfloat16 (bits) | `w` |
+//! | [`Format::Int8`] | `in` i8, one f32 scale per row | `q * scale` |
+//! | [`Format::Q8_0`] | `in / 32` blocks of 34 bytes: f16 `d` (little-endian), 32 i8 | `q * d` |
+//! | [`Format::Q4_0`] | `in / 32` blocks of 18 bytes: f16 `d`, 16 bytes of nibbles | `(nibble - 8) * d` |
+//!
+//! Q8_0 and Q4_0 are GGUF's `block_q8_0` and `block_q4_0`, rows of blocks
+//! in row-major order: in a Q4_0 block, byte `j` holds element `j` in its low
+//! nibble and element `j + 16` in its high nibble. Every dequantized value
+//! is exact in f32 (a half times an 8-bit integer), so "the f32 forward over
+//! the dequantized `W`" is one well-defined oracle for every format.
+//!
+//! [`StoredLinear`] is the base: its products go through
+//! [`Backend::stored_apply`] and [`Backend::stored_apply_transpose`], whose
+//! provided versions are this module's portable kernels ([`apply`],
+//! [`apply_transpose`]: a dot product per output, dequantizing on the fly,
+//! no scratch, no heap); a backend with faster kernels overrides them. The
+//! stored bytes are only ever read.
+//!
+//! [`quantize`] has the quantizers from f32, with GGUF's reference
+//! rounding (`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`).
+
+pub mod half;
+pub mod quantize;
+
+use crate::backend::{Accum, Backend};
+use crate::base::FrozenLinear;
+use crate::element::Element;
+use crate::error::{Error, Operand, Result, check_io, check_len, check_shape};
+use crate::matrix::{MatMut, MatRef, checked_len};
+
+pub use quantize::{error_bound, quantize};
+
+/// Values per Q8_0 / Q4_0 block.
+pub const QK: usize = 32;
+/// Bytes of a Q8_0 block: an f16 scale and 32 i8.
+pub const Q8_0_BYTES: usize = 34;
+/// Bytes of a Q4_0 block: an f16 scale and 16 bytes of nibbles.
+pub const Q4_0_BYTES: usize = 18;
+
+/// How a frozen weight's values are stored (see the [module docs](self)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// f32.
+    F32,
+    /// IEEE binary16, as bits.
+    F16,
+    /// bfloat16, as bits.
+    Bf16,
+    /// Symmetric int8 with one f32 scale per output row.
+    Int8,
+    /// GGUF Q8_0 blocks.
+    Q8_0,
+    /// GGUF Q4_0 blocks.
+    Q4_0,
+}
+
+impl Format {
+    /// Every format, in the table's order.
+    pub const ALL: [Format; 6] = [Format::F32, Format::F16, Format::Bf16, Format::Int8, Format::Q8_0, Format::Q4_0];
+
+    /// The lower-case name (`"f32"`, `"f16"`, `"bf16"`, `"int8"`, `"q8_0"`,
+    /// `"q4_0"`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Format::F32 => "f32",
+            Format::F16 => "f16",
+            Format::Bf16 => "bf16",
+            Format::Int8 => "int8",
+            Format::Q8_0 => "q8_0",
+            Format::Q4_0 => "q4_0",
+        }
+    }
+
+    /// Bytes one row of `cols` values takes (int8: the values only, the
+    /// scale is separate); `None` on overflow or, for the block formats,
+    /// `cols` not a multiple of [`QK`].
+    pub fn row_bytes(self, cols: usize) -> Option<usize> {
+        match self {
+            Format::F32 => cols.checked_mul(4),
+            Format::F16 | Format::Bf16 => cols.checked_mul(2),
+            Format::Int8 => Some(cols),
+            Format::Q8_0 | Format::Q4_0 if cols % QK != 0 => None,
+            Format::Q8_0 => (cols / QK).checked_mul(Q8_0_BYTES),
+            Format::Q4_0 => (cols / QK).checked_mul(Q4_0_BYTES),
+        }
+    }
+}
+
+/// The stored values, borrowed.
+#[derive(Clone, Copy, Debug)]
+enum Data<'a> {
+    F32(&'a [f32]),
+    Half(&'a [u16]),
+    Int8 { q: &'a [i8], scales: &'a [f32] },
+    Blocks(&'a [u8]),
+}
+
+/// A frozen `W [out, in]` in one of the [`Format`]s, borrowed read-only
+/// (flash, a memory map, a file's bytes).
+#[derive(Clone, Copy, Debug)]
+pub struct StoredWeight<'a> {
+    format: Format,
+    data: Data<'a>,
+    out_features: usize,
+    in_features: usize,
+}
+
+/// The error for block formats whose rows are not whole blocks.
+const NOT_BLOCKS: Error =
+    Error::InvalidParameter { name: "in_features", rule: "must be a multiple of 32 for Q8_0 and Q4_0" };
+
+impl<'a> StoredWeight<'a> {
+    fn new(format: Format, data: Data<'a>, out_features: usize, in_features: usize, len: usize) -> Result<Self> {
+        let row =
+            format.row_bytes(in_features).ok_or(if in_features % QK != 0 { NOT_BLOCKS } else { Error::Overflow })?;
+        let per = match format {
+            Format::F32 => 4,
+            Format::F16 | Format::Bf16 => 2,
+            Format::Int8 | Format::Q8_0 | Format::Q4_0 => 1,
+        };
+        check_len(Operand::Weight, out_features.checked_mul(row).ok_or(Error::Overflow)? / per, len)?;
+        Ok(Self { format, data, out_features, in_features })
+    }
+
+    /// An f32 weight `[out, in]`.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Weight`), [`Error::Overflow`].
+    pub fn f32(w: &'a [f32], out_features: usize, in_features: usize) -> Result<Self> {
+        Self::new(Format::F32, Data::F32(w), out_features, in_features, w.len())
+    }
+
+    /// An f16 weight `[out, in]`, as IEEE half bits.
+    ///
+    /// # Errors
+    /// As [`f32`](Self::f32).
+    pub fn f16(bits: &'a [u16], out_features: usize, in_features: usize) -> Result<Self> {
+        Self::new(Format::F16, Data::Half(bits), out_features, in_features, bits.len())
+    }
+
+    /// A bf16 weight `[out, in]`, as bits.
+    ///
+    /// # Errors
+    /// As [`f32`](Self::f32).
+    pub fn bf16(bits: &'a [u16], out_features: usize, in_features: usize) -> Result<Self> {
+        Self::new(Format::Bf16, Data::Half(bits), out_features, in_features, bits.len())
+    }
+
+    /// An int8 weight `[out, in]` with one scale per row (`scales [out]`,
+    /// finite): `w = q * scale`.
+    ///
+    /// # Errors
+    /// As [`f32`](Self::f32); [`Error::ShapeMismatch`] (`Parameter`) for the
+    /// scales; [`Error::NonFinite`] (`Parameter`) for a scale that is not
+    /// finite.
+    pub fn int8(q: &'a [i8], scales: &'a [f32], out_features: usize, in_features: usize) -> Result<Self> {
+        check_len(Operand::Parameter, out_features, scales.len())?;
+        if let Some(i) = scales.iter().position(|s| !s.is_finite()) {
+            return Err(Error::NonFinite { operand: Operand::Parameter, index: i });
+        }
+        Self::new(Format::Int8, Data::Int8 { q, scales }, out_features, in_features, q.len())
+    }
+
+    /// Q8_0 blocks for `[out, in]` (`in` a multiple of 32; `out * in / 32 *
+    /// 34` bytes).
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] (`in_features`) for `in` not a multiple
+    /// of 32; as [`f32`](Self::f32).
+    pub fn q8_0(bytes: &'a [u8], out_features: usize, in_features: usize) -> Result<Self> {
+        Self::new(Format::Q8_0, Data::Blocks(bytes), out_features, in_features, bytes.len())
+    }
+
+    /// Q4_0 blocks for `[out, in]` (`in` a multiple of 32; `out * in / 32 *
+    /// 18` bytes).
+    ///
+    /// # Errors
+    /// As [`q8_0`](Self::q8_0).
+    pub fn q4_0(bytes: &'a [u8], out_features: usize, in_features: usize) -> Result<Self> {
+        Self::new(Format::Q4_0, Data::Blocks(bytes), out_features, in_features, bytes.len())
+    }
+
+    /// The format.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Output features (rows).
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// Input features (columns).
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// Bytes of stored data (int8: values and scales).
+    pub fn stored_bytes(&self) -> usize {
+        match self.data {
+            Data::F32(w) => w.len() * 4,
+            Data::Half(w) => w.len() * 2,
+            Data::Int8 { q, scales } => q.len() + scales.len() * 4,
+            Data::Blocks(b) => b.len(),
+        }
+    }
+
+    /// The raw stored data of row `j`, as [`RowRef`]; `None` past the end.
+    pub fn row(&self, j: usize) -> Option<RowRef<'a>> {
+        let n = self.in_features;
+        let range = |width: usize| j.checked_mul(width).and_then(|s| Some(s..s.checked_add(width)?));
+        Some(match (self.format, self.data) {
+            (Format::F32, Data::F32(w)) => RowRef::F32(w.get(range(n)?)?),
+            (Format::F16, Data::Half(w)) => RowRef::F16(w.get(range(n)?)?),
+            (Format::Bf16, Data::Half(w)) => RowRef::Bf16(w.get(range(n)?)?),
+            (Format::Int8, Data::Int8 { q, scales }) => RowRef::Int8(q.get(range(n)?)?, *scales.get(j)?),
+            (Format::Q8_0, Data::Blocks(b)) => RowRef::Q8_0(b.get(range(n / QK * Q8_0_BYTES)?)?),
+            (Format::Q4_0, Data::Blocks(b)) => RowRef::Q4_0(b.get(range(n / QK * Q4_0_BYTES)?)?),
+            _ => return None,
+        })
+    }
+
+    /// Row `j` dequantized into `dst [in]` (f32, exact).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Dst`) for `dst` of another length or `j`
+    /// past the last row, before anything is written.
+    pub fn dequantize_row(&self, j: usize, dst: &mut [f32]) -> Result<()> {
+        check_len(Operand::Dst, self.in_features, dst.len())?;
+        let row =
+            self.row(j).ok_or(Error::ShapeMismatch { operand: Operand::Dst, expected: self.out_features, found: j })?;
+        row.dequantize(dst);
+        Ok(())
+    }
+
+    /// Element `(j, k)` dequantized (`None` out of range).
+    pub fn get(&self, j: usize, k: usize) -> Option<f32> {
+        if k >= self.in_features {
+            return None;
+        }
+        self.row(j)?.get(k)
+    }
+}
+
+/// One stored row, borrowed (what fast kernels read).
+#[derive(Clone, Copy, Debug)]
+pub enum RowRef<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// f16 bits.
+    F16(&'a [u16]),
+    /// bf16 bits.
+    Bf16(&'a [u16]),
+    /// int8 values and the row's scale.
+    Int8(&'a [i8], f32),
+    /// Q8_0 blocks.
+    Q8_0(&'a [u8]),
+    /// Q4_0 blocks.
+    Q4_0(&'a [u8]),
+}
+
+/// A block's f16 scale as f32.
+fn block_scale(block: &[u8]) -> f32 {
+    match block {
+        [lo, hi, ..] => half::f16_to_f32(u16::from_le_bytes([*lo, *hi])),
+        _ => 0.0,
+    }
+}
+
+impl RowRef<'_> {
+    /// Element `k` dequantized (`None` past the row).
+    pub fn get(&self, k: usize) -> Option<f32> {
+        Some(match *self {
+            RowRef::F32(w) => *w.get(k)?,
+            RowRef::F16(w) => half::f16_to_f32(*w.get(k)?),
+            RowRef::Bf16(w) => half::bf16_to_f32(*w.get(k)?),
+            RowRef::Int8(q, s) => f32::from(*q.get(k)?) * s,
+            RowRef::Q8_0(b) => {
+                let block = b.get(k / QK * Q8_0_BYTES..)?;
+                f32::from(*block.get(2 + k % QK)? as i8) * block_scale(block)
+            }
+            RowRef::Q4_0(b) => {
+                let block = b.get(k / QK * Q4_0_BYTES..)?;
+                let i = k % QK;
+                let byte = *block.get(2 + i % (QK / 2))?;
+                let nibble = if i < QK / 2 { byte & 0x0F } else { byte >> 4 };
+                f32::from(i16::from(nibble) as i8 - 8) * block_scale(block)
+            }
+        })
+    }
+
+    /// The whole row into `dst` (which has the row's length).
+    pub fn dequantize(&self, dst: &mut [f32]) {
+        match *self {
+            RowRef::F32(w) => dst.iter_mut().zip(w).for_each(|(d, v)| *d = *v),
+            RowRef::F16(w) => dst.iter_mut().zip(w).for_each(|(d, v)| *d = half::f16_to_f32(*v)),
+            RowRef::Bf16(w) => dst.iter_mut().zip(w).for_each(|(d, v)| *d = half::bf16_to_f32(*v)),
+            RowRef::Int8(q, s) => dst.iter_mut().zip(q).for_each(|(d, v)| *d = f32::from(*v) * s),
+            RowRef::Q8_0(b) => {
+                for (out, block) in dst.chunks_exact_mut(QK).zip(b.chunks_exact(Q8_0_BYTES)) {
+                    let d = block_scale(block);
+                    out.iter_mut().zip(block.iter().skip(2)).for_each(|(o, q)| *o = f32::from(*q as i8) * d);
+                }
+            }
+            RowRef::Q4_0(b) => {
+                for (out, block) in dst.chunks_exact_mut(QK).zip(b.chunks_exact(Q4_0_BYTES)) {
+                    let d = block_scale(block);
+                    let (lo, hi) = out.split_at_mut(QK / 2);
+                    for ((l, h), byte) in lo.iter_mut().zip(hi).zip(block.iter().skip(2)) {
+                        *l = f32::from((byte & 0x0F) as i8 - 8) * d;
+                        *h = f32::from((byte >> 4) as i8 - 8) * d;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `sum_k x_k w_k` in `E`'s accumulation type (block formats: each
+    /// block's `sum q x` first, then times `d`).
+    pub fn dot<E: Element>(&self, x: &[E]) -> E::Accum {
+        let a = |v: f32| <E::Accum as Element>::from_f64(f64::from(v));
+        let mut acc = <E::Accum as Element>::ZERO;
+        match *self {
+            RowRef::F32(w) => w.iter().zip(x).for_each(|(w, x)| acc += a(*w) * x.to_accum()),
+            RowRef::F16(w) => w.iter().zip(x).for_each(|(w, x)| acc += a(half::f16_to_f32(*w)) * x.to_accum()),
+            RowRef::Bf16(w) => w.iter().zip(x).for_each(|(w, x)| acc += a(half::bf16_to_f32(*w)) * x.to_accum()),
+            RowRef::Int8(q, s) => {
+                q.iter().zip(x).for_each(|(q, x)| acc += a(f32::from(*q)) * x.to_accum());
+                acc *= a(s);
+            }
+            RowRef::Q8_0(b) => {
+                for (xs, block) in x.chunks_exact(QK).zip(b.chunks_exact(Q8_0_BYTES)) {
+                    let mut s = <E::Accum as Element>::ZERO;
+                    xs.iter().zip(block.iter().skip(2)).for_each(|(x, q)| s += a(f32::from(*q as i8)) * x.to_accum());
+                    acc += s * a(block_scale(block));
+                }
+            }
+            RowRef::Q4_0(b) => {
+                for (xs, block) in x.chunks_exact(QK).zip(b.chunks_exact(Q4_0_BYTES)) {
+                    let mut s = <E::Accum as Element>::ZERO;
+                    let (lo, hi) = xs.split_at(QK / 2);
+                    for ((xl, xh), byte) in lo.iter().zip(hi).zip(block.iter().skip(2)) {
+                        s += a(f32::from((byte & 0x0F) as i8 - 8)) * xl.to_accum();
+                        s += a(f32::from((byte >> 4) as i8 - 8)) * xh.to_accum();
+                    }
+                    acc += s * a(block_scale(block));
+                }
+            }
+        }
+        acc
+    }
+}
+
+/// A frozen linear layer `y = x deq(W)^T + b` over a [`StoredWeight`], with
+/// an optional bias in the element type.
+#[derive(Clone, Copy, Debug)]
+pub struct StoredLinear<'a, E> {
+    weight: StoredWeight<'a>,
+    bias: Option<&'a [E]>,
+}
+
+impl<'a, E: Element> StoredLinear<'a, E> {
+    /// The layer over `weight`, without a bias.
+    pub fn new(weight: StoredWeight<'a>) -> Self {
+        Self { weight, bias: None }
+    }
+
+    /// The same layer with a bias `[out]`.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Bias`).
+    pub fn with_bias(mut self, bias: &'a [E]) -> Result<Self> {
+        check_len(Operand::Bias, self.weight.out_features, bias.len())?;
+        self.bias = Some(bias);
+        Ok(self)
+    }
+
+    /// The stored weight.
+    pub fn weight(&self) -> &StoredWeight<'a> {
+        &self.weight
+    }
+}
+
+impl<E: Element> FrozenLinear<E> for StoredLinear<'_, E> {
+    fn in_features(&self) -> usize {
+        self.weight.in_features
+    }
+
+    fn out_features(&self) -> usize {
+        self.weight.out_features
+    }
+
+    fn bias(&self) -> Option<&[E]> {
+        self.bias
+    }
+
+    fn apply<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        x: MatRef<'_, E>,
+        y: MatMut<'_, E>,
+        accum: Accum,
+    ) -> core::result::Result<(), B::Error> {
+        let w = &self.weight;
+        check_io(x.rows(), x.cols(), w.in_features, Operand::Output, y.rows(), y.cols(), w.out_features)?;
+        backend.stored_apply(w, x, y, accum)
+    }
+
+    fn apply_transpose<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        grad_y: MatRef<'_, E>,
+        grad_x: MatMut<'_, E>,
+        accum: Accum,
+    ) -> core::result::Result<(), B::Error> {
+        let w = &self.weight;
+        check_shape(Operand::GradOutput, grad_y.rows(), grad_y.cols(), grad_y.rows(), w.out_features)?;
+        check_shape(Operand::GradInput, grad_x.rows(), grad_x.cols(), grad_y.rows(), w.in_features)?;
+        backend.stored_apply_transpose(w, grad_y, grad_x, accum)
+    }
+
+    fn rows_scratch_len(&self, _n: usize) -> usize {
+        0
+    }
+
+    fn rows<B: Backend<E> + ?Sized>(
+        &self,
+        _backend: &B,
+        start: usize,
+        mut dst: MatMut<'_, E>,
+        _scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        let w = &self.weight;
+        check_shape(Operand::Dst, dst.rows(), dst.cols(), dst.rows(), w.in_features)?;
+        if start.checked_add(dst.rows()).is_none_or(|end| end > w.out_features) {
+            return Err(Error::ShapeMismatch { operand: Operand::Dst, expected: w.out_features, found: start }.into());
+        }
+        for (i, out) in dst.row_iter_mut().enumerate() {
+            let row = w.row(start + i).ok_or(Error::Overflow)?;
+            for (k, o) in out.iter_mut().enumerate() {
+                *o = E::from_f64(f64::from(row.get(k).unwrap_or(0.0)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The portable `y (=|+=) x deq(W)^T`: one dot product per output element,
+/// dequantizing on the fly ([`RowRef::dot`]), rounded once. No scratch.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] (`Input`, `Output`) before anything is written.
+pub fn apply<E: Element>(w: &StoredWeight<'_>, x: MatRef<'_, E>, mut y: MatMut<'_, E>, accum: Accum) -> Result<()> {
+    check_io(x.rows(), x.cols(), w.in_features, Operand::Output, y.rows(), y.cols(), w.out_features)?;
+    for (t, yr) in y.row_iter_mut().enumerate() {
+        let xr = x.row(t);
+        for (j, v) in yr.iter_mut().enumerate() {
+            let dot = w.row(j).map_or(<E::Accum as Element>::ZERO, |r| r.dot(xr));
+            *v = match accum {
+                Accum::Replace => E::from_accum(dot),
+                Accum::Add => E::from_accum(v.to_accum() + dot),
+            };
+        }
+    }
+    Ok(())
+}
+
+/// The portable `grad_x (=|+=) grad_y deq(W)`: each element
+/// `sum_j g_tj W_jk` in the accumulation type, rounded once (column reads
+/// through [`RowRef::get`]). No scratch.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] (`GradOutput`, `GradInput`) before anything is
+/// written.
+pub fn apply_transpose<E: Element>(
+    w: &StoredWeight<'_>,
+    grad_y: MatRef<'_, E>,
+    mut grad_x: MatMut<'_, E>,
+    accum: Accum,
+) -> Result<()> {
+    let t = grad_y.rows();
+    check_shape(Operand::GradOutput, t, grad_y.cols(), t, w.out_features)?;
+    check_shape(Operand::GradInput, grad_x.rows(), grad_x.cols(), t, w.in_features)?;
+    let a = |v: f32| <E::Accum as Element>::from_f64(f64::from(v));
+    for (ti, gx) in grad_x.row_iter_mut().enumerate() {
+        let gy = grad_y.row(ti);
+        for (k, v) in gx.iter_mut().enumerate() {
+            let mut acc = <E::Accum as Element>::ZERO;
+            for (j, g) in gy.iter().enumerate() {
+                acc += g.to_accum() * a(w.get(j, k).unwrap_or(0.0));
+            }
+            *v = match accum {
+                Accum::Replace => E::from_accum(acc),
+                Accum::Add => E::from_accum(v.to_accum() + acc),
+            };
+        }
+    }
+    Ok(())
+}
+
+/// `W` dequantized whole into `dst [out, in]` (for tests and merges; the
+/// passes never do this).
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] (`Dst`).
+pub fn dequantize(w: &StoredWeight<'_>, dst: &mut [f32]) -> Result<()> {
+    check_len(Operand::Dst, checked_len(w.out_features, w.in_features)?, dst.len())?;
+    for (j, out) in dst.chunks_exact_mut(w.in_features.max(1)).enumerate().take(w.out_features) {
+        w.dequantize_row(j, out)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

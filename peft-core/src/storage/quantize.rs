@@ -1,0 +1,164 @@
+//! Quantizers from f32 into each [`Format`], with GGUF's reference
+//! rounding, and the error each guarantees.
+//!
+//! ```text
+//! int8   per row:    s = amax / 127           q = round(x / s)           (x ~ q s)
+//! Q8_0   per block:  d = amax / 127           q = round(x / d)           (x ~ q f16(d))
+//! Q4_0   per block:  d = max / -8 (max: the   q = min(15, trunc(x / d + 8.5))   (x ~ (q - 8) f16(d))
+//!                    value of largest |x|)
+//! f16, bf16:         round to nearest, ties to even
+//! ```
+//!
+//! `round` is half away from zero (C's `roundf`), and the Q formats keep
+//! `f16(d)` while quantizing with the f32 `1 / d`, exactly as ggml's
+//! `quantize_row_q8_0_ref` and `quantize_row_q4_0_ref`. A block or row
+//! whose scale would not be finite in its storage (|x| above `65504 * 127`
+//! for Q8_0) and non-finite inputs are refused.
+
+use super::half::{f32_to_bf16, f32_to_f16};
+use super::{Format, Q4_0_BYTES, Q8_0_BYTES, QK};
+use crate::error::{Error, Operand, Result, check_len};
+use crate::matrix::checked_len;
+
+/// Where [`quantize`] writes, one variant per [`Format`].
+#[derive(Debug)]
+pub enum Quantized<'a> {
+    /// f32 values (a copy).
+    F32(&'a mut [f32]),
+    /// f16 bits.
+    F16(&'a mut [u16]),
+    /// bf16 bits.
+    Bf16(&'a mut [u16]),
+    /// int8 values `[out, in]` and scales `[out]`.
+    Int8(&'a mut [i8], &'a mut [f32]),
+    /// Q8_0 blocks.
+    Q8_0(&'a mut [u8]),
+    /// Q4_0 blocks.
+    Q4_0(&'a mut [u8]),
+}
+
+/// `C`'s `roundf`: half away from zero.
+fn round(x: f32) -> f32 {
+    libm::roundf(x)
+}
+
+/// The largest |x| of `xs`, and the value that has it (first on ties).
+fn amax(xs: &[f32]) -> (f32, f32) {
+    xs.iter().fold((0.0f32, 0.0f32), |(a, m), &v| if a < v.abs() { (v.abs(), v) } else { (a, m) })
+}
+
+/// Quantizes `w [out, in]` into `dst`, whose variant picks the format.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] (`Weight`, `Dst`, `Parameter` for the int8
+/// scales); [`Error::InvalidParameter`] (`in_features`) for a block format
+/// with `in` not a multiple of 32; [`Error::NonFinite`] (`Weight`) for a
+/// non-finite input or a scale that overflows its storage (the index of the
+/// first element of that block or row). All before anything is written.
+pub fn quantize(w: &[f32], out_features: usize, in_features: usize, dst: Quantized<'_>) -> Result<()> {
+    let n = checked_len(out_features, in_features)?;
+    check_len(Operand::Weight, n, w.len())?;
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite { operand: Operand::Weight, index: i });
+    }
+    let format = match &dst {
+        Quantized::F32(_) => Format::F32,
+        Quantized::F16(_) => Format::F16,
+        Quantized::Bf16(_) => Format::Bf16,
+        Quantized::Int8(..) => Format::Int8,
+        Quantized::Q8_0(_) => Format::Q8_0,
+        Quantized::Q4_0(_) => Format::Q4_0,
+    };
+    let row = format
+        .row_bytes(in_features)
+        .ok_or(Error::InvalidParameter { name: "in_features", rule: "must be a multiple of 32 for Q8_0 and Q4_0" })?;
+    let overflow = |i: usize| Error::NonFinite { operand: Operand::Weight, index: i };
+    match dst {
+        Quantized::F32(d) => {
+            check_len(Operand::Dst, n, d.len())?;
+            d.copy_from_slice(w);
+        }
+        Quantized::F16(d) => {
+            check_len(Operand::Dst, n, d.len())?;
+            if let Some(i) = w.iter().position(|v| v.abs() >= 65520.0) {
+                return Err(overflow(i));
+            }
+            d.iter_mut().zip(w).for_each(|(d, v)| *d = f32_to_f16(*v));
+        }
+        Quantized::Bf16(d) => {
+            check_len(Operand::Dst, n, d.len())?;
+            d.iter_mut().zip(w).for_each(|(d, v)| *d = f32_to_bf16(*v));
+        }
+        Quantized::Int8(q, scales) => {
+            check_len(Operand::Dst, n, q.len())?;
+            check_len(Operand::Parameter, out_features, scales.len())?;
+            for ((qr, s), wr) in
+                q.chunks_exact_mut(in_features.max(1)).zip(scales.iter_mut()).zip(w.chunks_exact(in_features.max(1)))
+            {
+                let (a, _) = amax(wr);
+                let scale = a / 127.0;
+                let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+                *s = scale;
+                qr.iter_mut().zip(wr).for_each(|(q, x)| *q = round(x * inv).clamp(-127.0, 127.0) as i8);
+            }
+        }
+        Quantized::Q8_0(d) => {
+            check_len(Operand::Dst, out_features.checked_mul(row).ok_or(Error::Overflow)?, d.len())?;
+            if let Some(b) = w.chunks_exact(QK).position(|xs| amax(xs).0 / 127.0 >= 65520.0) {
+                return Err(overflow(b * QK));
+            }
+            for (block, xs) in d.chunks_exact_mut(Q8_0_BYTES).zip(w.chunks_exact(QK)) {
+                let scale = amax(xs).0 / 127.0;
+                let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+                let (head, qs) = block.split_at_mut(2);
+                head.copy_from_slice(&f32_to_f16(scale).to_le_bytes());
+                qs.iter_mut().zip(xs).for_each(|(q, x)| *q = round(x * inv) as i8 as u8);
+            }
+        }
+        Quantized::Q4_0(d) => {
+            check_len(Operand::Dst, out_features.checked_mul(row).ok_or(Error::Overflow)?, d.len())?;
+            if let Some(b) = w.chunks_exact(QK).position(|xs| amax(xs).0 / 8.0 >= 65520.0) {
+                return Err(overflow(b * QK));
+            }
+            for (block, xs) in d.chunks_exact_mut(Q4_0_BYTES).zip(w.chunks_exact(QK)) {
+                let (_, max) = amax(xs);
+                let scale = max / -8.0;
+                let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+                let (head, qs) = block.split_at_mut(2);
+                head.copy_from_slice(&f32_to_f16(scale).to_le_bytes());
+                let (lo, hi) = xs.split_at(QK / 2);
+                for ((q, x0), x1) in qs.iter_mut().zip(lo).zip(hi) {
+                    // trunc(x / d + 8.5) >= 0 here: |x / d| <= 8.
+                    let q0 = ((x0 * inv + 8.5) as i8).min(15) as u8;
+                    let q1 = ((x1 * inv + 8.5) as i8).min(15) as u8;
+                    *q = q0 | (q1 << 4);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The largest `|x - deq(quant(x))|` [`quantize`] allows for an element of
+/// a group (the row for int8, the 32-block for Q8_0 and Q4_0, the element
+/// itself for f16 and bf16) whose largest magnitude is `group_amax`:
+///
+/// ```text
+/// f32:  0          f16: 2^-11 a + 2^-25      bf16: 2^-8 a
+/// int8: s/2 + 2^-22 a                        (s = a / 127)
+/// Q8_0: d/2 + 127 e(d) + 2^-22 a             (d = a / 127, e(d) = max(2^-11 d, 2^-25): f16(d)'s error)
+/// Q4_0: d + 8 e(d) + 2^-22 a                 (d = a / 8: the element opposite the extreme may clamp by one step)
+/// ```
+pub fn error_bound(format: Format, group_amax: f32) -> f64 {
+    let a = f64::from(group_amax);
+    let u = |bits: i32| libm::ldexp(1.0, -bits);
+    let e = |d: f64| (d * u(11)).max(u(25));
+    match format {
+        Format::F32 => 0.0,
+        Format::F16 => a * u(11) + u(25),
+        Format::Bf16 => a * u(8),
+        Format::Int8 => a / 127.0 / 2.0 + a * u(22),
+        Format::Q8_0 => a / 127.0 / 2.0 + 127.0 * e(a / 127.0) + a * u(22),
+        Format::Q4_0 => a / 8.0 + 8.0 * e(a / 8.0) + a * u(22),
+    }
+}

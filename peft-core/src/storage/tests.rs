@@ -1,0 +1,145 @@
+extern crate std;
+use std::vec;
+use std::vec::Vec;
+
+use super::quantize::Quantized;
+use super::*;
+use crate::backend::Reference;
+use crate::base::Dense;
+use crate::rng::Rng;
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| rng.uniform_range(-2.0, 2.0) as f32).collect()
+}
+
+#[test]
+fn q4_0_and_q8_0_by_hand() {
+    // One block: x_j = j - 16 (j = 0..31). Q8_0: amax 16, d = 16/127.
+    let x: Vec<f32> = (0..32).map(|j| j as f32 - 16.0).collect();
+    let mut q8 = vec![0u8; Q8_0_BYTES];
+    quantize(&x, 1, 32, Quantized::Q8_0(&mut q8)).unwrap();
+    assert_eq!(u16::from_le_bytes([q8[0], q8[1]]), half::f32_to_f16(16.0 / 127.0));
+    assert_eq!(q8[2] as i8, -127, "x_0 = -16 is the extreme");
+    assert_eq!(q8[2 + 16] as i8, 0);
+    // Q4_0: max (the first value of largest |x|) = -16, d = -16 / -8 = 2,
+    // q = min(15, trunc(x / 2 + 8.5)).
+    let mut q4 = vec![0u8; Q4_0_BYTES];
+    quantize(&x, 1, 32, Quantized::Q4_0(&mut q4)).unwrap();
+    assert_eq!(half::f16_to_f32(u16::from_le_bytes([q4[0], q4[1]])), 2.0);
+    assert_eq!(q4[2] & 0x0F, 0, "x_0 = -16: -8 + 8.5 -> 0");
+    assert_eq!(q4[2] >> 4, 8, "x_16 = 0: 8.5 -> 8");
+    assert_eq!(q4[2 + 15] >> 4, 15, "x_31 = 15: 7.5 + 8.5 = 16, clamped to 15");
+    let w = StoredWeight::q4_0(&q4, 1, 32).unwrap();
+    assert_eq!(w.get(0, 0), Some(-16.0));
+    assert_eq!(w.get(0, 31), Some(14.0), "(15 - 8) 2: the clamp costs one step");
+    assert_eq!(w.get(0, 17), Some(2.0), "x_17 = 1: 0.5 + 8.5 = 9 -> (9 - 8) 2");
+}
+
+#[test]
+fn every_format_stays_within_its_bound_and_forwards_as_the_dequantized_base() {
+    let (out, inn, t) = (3, 64, 2);
+    let w = values(out * inn, 1);
+    let x = values(t * inn, 2);
+    for format in Format::ALL {
+        let (mut f, mut h, mut q, mut s, mut b) = (
+            vec![0f32; out * inn],
+            vec![0u16; out * inn],
+            vec![0i8; out * inn],
+            vec![0f32; out],
+            vec![0u8; out * format.row_bytes(inn).unwrap()],
+        );
+        let stored = match format {
+            Format::F32 => {
+                quantize(&w, out, inn, Quantized::F32(&mut f)).unwrap();
+                StoredWeight::f32(&f, out, inn)
+            }
+            Format::F16 => {
+                quantize(&w, out, inn, Quantized::F16(&mut h)).unwrap();
+                StoredWeight::f16(&h, out, inn)
+            }
+            Format::Bf16 => {
+                quantize(&w, out, inn, Quantized::Bf16(&mut h)).unwrap();
+                StoredWeight::bf16(&h, out, inn)
+            }
+            Format::Int8 => {
+                quantize(&w, out, inn, Quantized::Int8(&mut q, &mut s)).unwrap();
+                StoredWeight::int8(&q, &s, out, inn)
+            }
+            Format::Q8_0 => {
+                quantize(&w, out, inn, Quantized::Q8_0(&mut b)).unwrap();
+                StoredWeight::q8_0(&b, out, inn)
+            }
+            Format::Q4_0 => {
+                quantize(&w, out, inn, Quantized::Q4_0(&mut b)).unwrap();
+                StoredWeight::q4_0(&b, out, inn)
+            }
+        }
+        .unwrap();
+        let mut deq = vec![0f32; out * inn];
+        dequantize(&stored, &mut deq).unwrap();
+        for (i, (d, v)) in deq.iter().zip(&w).enumerate() {
+            let group: &[f32] = match format {
+                Format::Int8 => &w[i / inn * inn..][..inn],
+                Format::Q8_0 | Format::Q4_0 => &w[i / QK * QK..][..QK],
+                _ => core::slice::from_ref(v),
+            };
+            let a = group.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = f64::from((d - v).abs());
+            assert!(err <= error_bound(format, a), "{format:?}[{i}]: {v} -> {d}");
+        }
+        // The forward over the stored base equals the dense forward over deq(W).
+        let base = StoredLinear::<f32>::new(stored);
+        let (mut y, mut yd) = (vec![0f32; t * out], vec![0f32; t * out]);
+        base.forward(&Reference, MatRef::new(&x, t, inn).unwrap(), MatMut::new(&mut y, t, out).unwrap()).unwrap();
+        let dense = Dense::new(&deq, out, inn).unwrap();
+        dense.forward(&Reference, MatRef::new(&x, t, inn).unwrap(), MatMut::new(&mut yd, t, out).unwrap()).unwrap();
+        for (a, b) in y.iter().zip(&yd) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{format:?}: {a} vs {b}");
+        }
+        // And the transposed product.
+        let (mut gx, mut gxd) = (vec![0f32; t * inn], vec![0f32; t * inn]);
+        let g = values(t * out, 3);
+        base.apply_transpose(
+            &Reference,
+            MatRef::new(&g, t, out).unwrap(),
+            MatMut::new(&mut gx, t, inn).unwrap(),
+            Accum::Replace,
+        )
+        .unwrap();
+        dense
+            .apply_transpose(
+                &Reference,
+                MatRef::new(&g, t, out).unwrap(),
+                MatMut::new(&mut gxd, t, inn).unwrap(),
+                Accum::Replace,
+            )
+            .unwrap();
+        for (a, b) in gx.iter().zip(&gxd) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{format:?}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_and_values_are_typed_errors() {
+    assert!(matches!(StoredWeight::q8_0(&[0u8; 34], 1, 16), Err(Error::InvalidParameter { name: "in_features", .. })));
+    assert!(matches!(
+        StoredWeight::q4_0(&[0u8; 17], 1, 32),
+        Err(Error::ShapeMismatch { operand: Operand::Weight, .. })
+    ));
+    assert!(matches!(StoredWeight::int8(&[0i8; 4], &[f32::NAN, 1.0], 2, 2), Err(Error::NonFinite { .. })));
+    let mut b = vec![0u8; 34];
+    let mut w = vec![0f32; 32];
+    w[3] = f32::INFINITY;
+    assert_eq!(
+        quantize(&w, 1, 32, Quantized::Q8_0(&mut b)),
+        Err(Error::NonFinite { operand: Operand::Weight, index: 3 })
+    );
+    w[3] = 1e10;
+    assert_eq!(
+        quantize(&w, 1, 32, Quantized::Q8_0(&mut b)),
+        Err(Error::NonFinite { operand: Operand::Weight, index: 0 })
+    );
+    assert_eq!(b, vec![0u8; 34], "nothing written");
+}
