@@ -59,6 +59,9 @@
 //! | `vera_merged_equals_unmerged` | `W + dW` gives the unmerged output | 6 |
 //! | `vera_unmerge_restores` | the typed merge (`DenseDelta::merge_into`): bit-exact with a backup, within two roundings without, `keep` stays merged | 6 |
 //! | `vera_gradients_match_fd` | `lambda_d`, `lambda_b` and dx against central differences (no gradient for the projections) | 12 |
+//! | `storage_quantization_within_bound` | int8, Q8_0, Q4_0 (GGUF's rounding), f16, bf16: `|w - deq(quant(w))|` within the format's bound (`storage::error_bound`) | - |
+//! | `storage_forward_matches_dequantized` | every storage: `x deq(W)^T` and `g deq(W)` through the backend against the oracle over the dequantized `W` | - |
+//! | `storage_lora_gradients_match_fd` | LoRA over every storage: dA, dB, dx against central differences; the stored bytes unchanged | 1, 12 |
 //! | `set_active_sum_matches_oracle` | an adapter set with several active adapters and multipliers: `x W^T + b + sum_i m_i s_i (x A_i^T) B_i^T` | - |
 //! | `set_mixed_rows_match_own_forward` | a mixed-adapter batch: every row equals its own adapter's (or the base's) oracle output | - |
 //! | `set_mixed_gradients_match_fd` | the mixed batch's `dA_i`, `dB_i` (summed over each adapter's rows) and `dx` against central differences | - |
@@ -343,6 +346,7 @@ where
     props::adapter::run_all::<E, B>(backend, config, &mut report);
     props::prompt::run_all::<E>(config, &mut report);
     props::set::run_all::<E, B>(backend, config, &mut report);
+    props::storage::run_all::<E, B>(backend, config, &mut report);
     props::attention::run_all::<E, B>(backend, config, &mut report);
     props::training::run_all::<E, B>(backend, config, &mut report);
     props::optim::run_all::<E>(config, &mut report);

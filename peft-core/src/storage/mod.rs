@@ -323,8 +323,9 @@ impl RowRef<'_> {
         }
     }
 
-    /// `sum_k x_k w_k` in `E`'s accumulation type (block formats: each
-    /// block's `sum q x` first, then times `d`).
+    /// `sum_k x_k w_k` in `E`'s accumulation type, `w_k` the dequantized
+    /// (f32) value (block formats: each block's `sum q x` first, then times
+    /// `d`, which is the same sum since `q d` is exact in f32).
     pub fn dot<E: Element>(&self, x: &[E]) -> E::Accum {
         let a = |v: f32| <E::Accum as Element>::from_f64(f64::from(v));
         let mut acc = <E::Accum as Element>::ZERO;
@@ -332,10 +333,9 @@ impl RowRef<'_> {
             RowRef::F32(w) => w.iter().zip(x).for_each(|(w, x)| acc += a(*w) * x.to_accum()),
             RowRef::F16(w) => w.iter().zip(x).for_each(|(w, x)| acc += a(half::f16_to_f32(*w)) * x.to_accum()),
             RowRef::Bf16(w) => w.iter().zip(x).for_each(|(w, x)| acc += a(half::bf16_to_f32(*w)) * x.to_accum()),
-            RowRef::Int8(q, s) => {
-                q.iter().zip(x).for_each(|(q, x)| acc += a(f32::from(*q)) * x.to_accum());
-                acc *= a(s);
-            }
+            // `q s` is not exact in f32: each product is rounded, as the
+            // dequantized W is.
+            RowRef::Int8(q, s) => q.iter().zip(x).for_each(|(q, x)| acc += a(f32::from(*q) * s) * x.to_accum()),
             RowRef::Q8_0(b) => {
                 for (xs, block) in x.chunks_exact(QK).zip(b.chunks_exact(Q8_0_BYTES)) {
                     let mut s = <E::Accum as Element>::ZERO;

@@ -13,6 +13,7 @@ pub mod lora;
 pub mod optim;
 pub mod prompt;
 pub mod set;
+pub mod storage;
 pub mod training;
 pub mod vera;
 

@@ -1,0 +1,260 @@
+//! Frozen bases in every storage format ([`peft_core::storage`]): the
+//! quantizers' error bounds, the forward and the input gradient against the
+//! oracle over the dequantized `W`, and LoRA's gradients over a stored base
+//! against finite differences, the stored bytes unchanged.
+
+use peft_core::lora::{Lora, LoraConfig, LoraGrads};
+use peft_core::storage::quantize::Quantized;
+use peft_core::storage::{Format, QK, StoredLinear, StoredWeight, dequantize, error_bound, quantize};
+use peft_core::{Accum, Backend, FrozenLinear, MatMut, MatRef, Reference};
+use proptest::prelude::*;
+
+use super::vals;
+use crate::oracle::{self, M};
+use crate::{Config, Precision, Report, close, close_norm, narrow, run, wide};
+
+/// `W [out, in]` (`in` whole blocks), rank-`r` LoRA factors, an input and
+/// an upstream gradient, all in `[-1, 1)` (`W` scaled by `scale`, to reach
+/// small and large block scales).
+#[derive(Debug, Clone)]
+pub struct StorageCase {
+    out: usize,
+    inn: usize,
+    t: usize,
+    r: usize,
+    w: Vec<f64>,
+    a: Vec<f64>,
+    b: Vec<f64>,
+    x: Vec<f64>,
+    g: Vec<f64>,
+}
+
+fn storage_case() -> impl Strategy<Value = StorageCase> {
+    (1usize..=4, 1usize..=2, 1usize..=3, 1usize..=2, prop_oneof![Just(1e-3), Just(1.0), Just(30.0)])
+        .prop_map(|(out, blocks, t, r, scale)| (out, blocks, t, r.min(out), scale))
+        .prop_flat_map(|(out, blocks, t, r, scale)| {
+            let inn = blocks * QK;
+            (Just((out, inn, t, r, scale)), vals(out * inn), vals(r * inn), vals(out * r), vals(t * inn), vals(t * out))
+        })
+        .prop_map(|((out, inn, t, r, scale), w, a, b, x, g)| StorageCase {
+            out,
+            inn,
+            t,
+            r,
+            w: w.iter().map(|v| v * scale).collect(),
+            a,
+            b,
+            x,
+            g,
+        })
+}
+
+fn fail(e: impl core::fmt::Display) -> TestCaseError {
+    TestCaseError::fail(format!("unexpected error: {e}"))
+}
+
+/// The stored bytes of one format (owned), and views of them.
+struct Stored {
+    format: Format,
+    f: Vec<f32>,
+    h: Vec<u16>,
+    q: Vec<i8>,
+    s: Vec<f32>,
+    b: Vec<u8>,
+    out: usize,
+    inn: usize,
+}
+
+impl Stored {
+    fn of(format: Format, w: &[f32], out: usize, inn: usize) -> Result<Self, TestCaseError> {
+        let n = out * inn;
+        let row = format.row_bytes(inn).ok_or_else(|| fail("row bytes"))?;
+        let mut st = Stored {
+            format,
+            f: vec![0.0; n],
+            h: vec![0; n],
+            q: vec![0; n],
+            s: vec![0.0; out],
+            b: vec![0; out * row],
+            out,
+            inn,
+        };
+        let dst = match format {
+            Format::F32 => Quantized::F32(&mut st.f),
+            Format::F16 => Quantized::F16(&mut st.h),
+            Format::Bf16 => Quantized::Bf16(&mut st.h),
+            Format::Int8 => Quantized::Int8(&mut st.q, &mut st.s),
+            Format::Q8_0 => Quantized::Q8_0(&mut st.b),
+            Format::Q4_0 => Quantized::Q4_0(&mut st.b),
+        };
+        quantize(w, out, inn, dst).map_err(fail)?;
+        Ok(st)
+    }
+
+    fn weight(&self) -> Result<StoredWeight<'_>, TestCaseError> {
+        let (o, i) = (self.out, self.inn);
+        match self.format {
+            Format::F32 => StoredWeight::f32(&self.f, o, i),
+            Format::F16 => StoredWeight::f16(&self.h, o, i),
+            Format::Bf16 => StoredWeight::bf16(&self.h, o, i),
+            Format::Int8 => StoredWeight::int8(&self.q, &self.s, o, i),
+            Format::Q8_0 => StoredWeight::q8_0(&self.b, o, i),
+            Format::Q4_0 => StoredWeight::q4_0(&self.b, o, i),
+        }
+        .map_err(fail)
+    }
+
+    /// Every stored byte, for the "never written" check.
+    fn bytes(&self) -> Vec<u64> {
+        let f = self.f.iter().map(|v| u64::from(v.to_bits()));
+        let h = self.h.iter().map(|v| u64::from(*v));
+        let q = self.q.iter().map(|v| u64::from(*v as u8));
+        let s = self.s.iter().map(|v| u64::from(v.to_bits()));
+        f.chain(h).chain(q).chain(s).chain(self.b.iter().map(|v| u64::from(*v))).collect()
+    }
+
+    /// `deq(W)` decoded here from the stored bytes, independently of
+    /// `peft-core`'s decoder (GGUF's block layouts; f16 and bf16 through
+    /// the `half` crate), and checked against `peft_core::storage::dequantize`.
+    fn dequantized(&self) -> Result<Vec<f64>, TestCaseError> {
+        let scale16 = |blk: &[u8]| half::f16::from_le_bytes([blk[0], blk[1]]).to_f64();
+        let d: Vec<f64> = match self.format {
+            Format::F32 => self.f.iter().map(|v| f64::from(*v)).collect(),
+            Format::F16 => self.h.iter().map(|v| half::f16::from_bits(*v).to_f64()).collect(),
+            Format::Bf16 => self.h.iter().map(|v| half::bf16::from_bits(*v).to_f64()).collect(),
+            Format::Int8 => {
+                (0..self.out * self.inn).map(|i| f64::from(f32::from(self.q[i]) * self.s[i / self.inn])).collect()
+            }
+            Format::Q8_0 => self
+                .b
+                .chunks_exact(34)
+                .flat_map(|blk| blk[2..].iter().map(move |q| f64::from(*q as i8) * scale16(blk)))
+                .collect(),
+            Format::Q4_0 => self
+                .b
+                .chunks_exact(18)
+                .flat_map(|blk| {
+                    let lo = blk[2..].iter().map(move |q| f64::from(i32::from(q & 0x0F) - 8) * scale16(blk));
+                    let hi = blk[2..].iter().map(move |q| f64::from(i32::from(q >> 4) - 8) * scale16(blk));
+                    lo.chain(hi)
+                })
+                .collect(),
+        };
+        let mut core = vec![0.0f32; self.out * self.inn];
+        dequantize(&self.weight()?, &mut core).map_err(fail)?;
+        for (i, (a, b)) in d.iter().zip(&core).enumerate() {
+            prop_assert!(
+                *a == f64::from(*b),
+                "{:?}: peft-core decodes element {} as {}, GGUF's layout as {}",
+                self.format,
+                i,
+                b,
+                a
+            );
+        }
+        Ok(d)
+    }
+}
+
+pub fn run_all<E: Precision, B: Backend<E>>(backend: &B, config: &Config, report: &mut Report)
+where
+    Reference: Backend<E>,
+{
+    let name = E::NAME;
+
+    run(report, config, "storage_quantization_within_bound", name, storage_case(), |c| {
+        let w: Vec<f32> = c.w.iter().map(|v| *v as f32).collect();
+        for format in Format::ALL {
+            let deq = Stored::of(format, &w, c.out, c.inn)?.dequantized()?;
+            for (i, (d, v)) in deq.iter().zip(&w).enumerate() {
+                let group: &[f32] = match format {
+                    Format::Int8 => &w[i / c.inn * c.inn..][..c.inn],
+                    Format::Q8_0 | Format::Q4_0 => &w[i / QK * QK..][..QK],
+                    _ => core::slice::from_ref(v),
+                };
+                let a = group.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let bound = error_bound(format, a);
+                prop_assert!(
+                    (d - f64::from(*v)).abs() <= bound,
+                    "{:?}[{}]: {} -> {} (bound {})",
+                    format,
+                    i,
+                    v,
+                    d,
+                    bound
+                );
+            }
+        }
+        Ok(())
+    });
+
+    run(report, config, "storage_forward_matches_dequantized", name, storage_case(), |c| {
+        let w: Vec<f32> = c.w.iter().map(|v| *v as f32).collect();
+        let (x, g): (Vec<E>, Vec<E>) = (narrow(&c.x), narrow(&c.g));
+        let (xm, gm) = (M::new(c.t, c.inn, wide(&x)), M::new(c.t, c.out, wide(&g)));
+        for format in Format::ALL {
+            let st = Stored::of(format, &w, c.out, c.inn)?;
+            let wm = M::new(c.out, c.inn, st.dequantized()?);
+            let base = StoredLinear::<E>::new(st.weight()?);
+            let mut y = vec![E::ZERO; c.t * c.out];
+            let (xv, yv) = (MatRef::new(&x, c.t, c.inn).map_err(fail)?, MatMut::new(&mut y, c.t, c.out).map_err(fail)?);
+            base.forward(backend, xv, yv).map_err(fail)?;
+            let (want, mag) = (xm.mul_t(&wm), xm.abs().mul_t(&wm.abs()));
+            close::<E>(&format!("{format:?} y"), &wide(&y), &want.d, &mag.d, c.inn + 2)?;
+            // grad_x = g deq(W), added to what is there.
+            let mut gx = vec![E::from_f64(0.5); c.t * c.inn];
+            let (gv, gxv) =
+                (MatRef::new(&g, c.t, c.out).map_err(fail)?, MatMut::new(&mut gx, c.t, c.inn).map_err(fail)?);
+            base.apply_transpose(backend, gv, gxv, Accum::Add).map_err(fail)?;
+            let (want, mag) = (gm.mul(&wm), gm.abs().mul(&wm.abs()));
+            let want: Vec<f64> = want.d.iter().map(|v| v + 0.5).collect();
+            let mag: Vec<f64> = mag.d.iter().map(|v| v + 0.5).collect();
+            close::<E>(&format!("{format:?} grad_x"), &wide(&gx), &want, &mag, c.out + 2)?;
+        }
+        Ok(())
+    });
+
+    run(report, config, "storage_lora_gradients_match_fd", name, storage_case(), |c| {
+        let w: Vec<f32> = c.w.iter().map(|v| *v as f32).collect();
+        let (x, g, a, b): (Vec<E>, Vec<E>, Vec<E>, Vec<E>) = (narrow(&c.x), narrow(&c.g), narrow(&c.a), narrow(&c.b));
+        let cfg = LoraConfig::new(c.r, 2.0 * c.r as f64);
+        let layer = Lora::new(&cfg, c.inn, c.out, &a[..], &b[..]).map_err(fail)?;
+        for format in Format::ALL {
+            let st = Stored::of(format, &w, c.out, c.inn)?;
+            let before = st.bytes();
+            let base = StoredLinear::<E>::new(st.weight()?);
+            let (mut ga, mut gb, mut gx) =
+                (vec![E::ZERO; c.r * c.inn], vec![E::ZERO; c.out * c.r], vec![E::ZERO; c.t * c.inn]);
+            let mut sc = vec![E::ZERO; layer.backward_scratch_len(c.t)];
+            let (xv, gv) = (MatRef::new(&x, c.t, c.inn).map_err(fail)?, MatRef::new(&g, c.t, c.out).map_err(fail)?);
+            let grads = LoraGrads { a: &mut ga, b: &mut gb };
+            let gxv = MatMut::new(&mut gx, c.t, c.inn).map_err(fail)?;
+            layer.backward(backend, &base, xv, gv, Some(gxv), grads, &mut sc).map_err(fail)?;
+            prop_assert!(st.bytes() == before, "{:?}: the stored base changed", format);
+            let wd = st.dequantized()?;
+            let wmax = wd.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1.0);
+            let (aw, bw, xw) = (wide(&a), wide(&b), wide(&x));
+            let gm = M::new(c.t, c.out, wide(&g));
+            let loss = |x: &[f64], a: &[f64], b: &[f64]| {
+                let y = oracle::lora(
+                    &M::new(c.t, c.inn, x.to_vec()),
+                    &M::new(c.out, c.inn, wd.clone()),
+                    None,
+                    &M::new(c.r, c.inn, a.to_vec()),
+                    &M::new(c.out, c.r, b.to_vec()),
+                    2.0,
+                );
+                oracle::dot(&gm, &y)
+            };
+            let scale = 3.0 * wmax * (c.t * c.out * c.inn * c.r) as f64;
+            let k = c.t + c.out + c.inn + c.r;
+            let fa = oracle::grad_fd(&aw, 1e-6, |p| loss(&xw, p, &bw));
+            close_norm::<E>(&format!("{format:?} dA"), &wide(&ga), &fa, scale, k)?;
+            let fb = oracle::grad_fd(&bw, 1e-6, |p| loss(&xw, &aw, p));
+            close_norm::<E>(&format!("{format:?} dB"), &wide(&gb), &fb, scale, k)?;
+            let fx = oracle::grad_fd(&xw, 1e-6, |p| loss(p, &aw, &bw));
+            close_norm::<E>(&format!("{format:?} dx"), &wide(&gx), &fx, scale, k)?;
+        }
+        Ok(())
+    });
+}
