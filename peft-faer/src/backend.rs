@@ -37,6 +37,7 @@ use faer::Par;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use peft_core::backend::{BackendError, ErrorKind, check_gemm};
+use peft_core::storage::StoredWeight;
 use peft_core::{Accum, Backend, Element, Error, MatMut, MatRef, Op, Result};
 
 /// Products with fewer multiply-adds than this run single-threaded
@@ -182,8 +183,50 @@ macro_rules! impl_faer {
     };
 }
 
-impl_faer!(f32);
 impl_faer!(f64);
+
+impl Backend<f32> for Faer {
+    type Error = Error;
+
+    fn gemm(
+        &self,
+        dst: MatMut<'_, f32>,
+        accum: Accum,
+        lhs: MatRef<'_, f32>,
+        lhs_op: Op,
+        rhs: MatRef<'_, f32>,
+        rhs_op: Op,
+        alpha: f32,
+    ) -> Result<()> {
+        let (m, n, k) = check_gemm(&dst, &lhs, lhs_op, &rhs, rhs_op)?;
+        faer::linalg::matmul::matmul(
+            faer_mut(dst),
+            faer_accum(accum),
+            faer_ref(lhs, lhs_op),
+            faer_ref(rhs, rhs_op),
+            alpha,
+            self.par_for(m, n, k),
+        );
+        self.after_call();
+        Ok(())
+    }
+
+    /// [`crate::stored`]'s kernels: no f32 copy of `W`.
+    fn stored_apply(&self, w: &StoredWeight<'_>, x: MatRef<'_, f32>, y: MatMut<'_, f32>, accum: Accum) -> Result<()> {
+        crate::stored::apply(self, w, x, y, accum)
+    }
+
+    /// [`crate::stored`]'s kernels: decoded panels, each multiplied by faer.
+    fn stored_apply_transpose(
+        &self,
+        w: &StoredWeight<'_>,
+        grad_y: MatRef<'_, f32>,
+        grad_x: MatMut<'_, f32>,
+        accum: Accum,
+    ) -> Result<()> {
+        crate::stored::apply_transpose(self, w, grad_y, grad_x, accum)
+    }
+}
 
 /// A half-precision element faer cannot multiply directly: widened to f32
 /// for the product.

@@ -29,6 +29,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod stored;
 #[cfg(any(feature = "hf", feature = "model"))]
 pub mod files;
 #[cfg(feature = "hf")]

@@ -213,6 +213,15 @@ impl<'a> StoredWeight<'a> {
         }
     }
 
+    /// The whole weight when it is stored as f32 (a backend multiplies it
+    /// directly).
+    pub fn as_f32(&self) -> Option<&'a [f32]> {
+        match self.data {
+            Data::F32(w) => Some(w),
+            _ => None,
+        }
+    }
+
     /// The raw stored data of row `j`, as [`RowRef`]; `None` past the end.
     pub fn row(&self, j: usize) -> Option<RowRef<'a>> {
         let n = self.in_features;
