@@ -18,6 +18,9 @@
 //! | `ref_vs_faer` | reference gemm, 32 x 768 x 768 | faer gemm | >= 0.15 of faer's FLOP/s |
 //! | `dora_forward` | DoRA's unmerged forward, norms cached | LoRA's unmerged forward | <= 1.10 |
 //! | `mixed_batch` | 4 LoRA adapters (r 16) over 32 tokens each, one base gemm | one adapter over the 128 tokens | <= 1.15 |
+//! | `storage` | LoRA forward over a stored base (f16, bf16, int8, q8_0, q4_0), t = 1, d = 4096, r = 16 | `stream`: one read of the stored bytes (a sum) | <= 1.3 |
+//! | `storage` | the same through the `no_std` reference kernels | faer's path | faer time / reference time >= 0.25 |
+//! | `storage_vs_f32_t1`, `storage_vs_f32_t128` | bf16 and q4_0 LoRA forward at t = 1; bf16 and q8_0 at t = 128 | f32 LoRA forward | t = 1: f32 / bf16 >= 1.7, f32 / q4_0 >= 4; t = 128: <= 1.15 |
 //! | `vzeroupper` | adapter forward (2 gemms + GELU + residual) without `vzeroupper` | with it | the penalty avoided |
 
 use std::hint::black_box;
@@ -432,6 +435,146 @@ fn dora_group(c: &mut Criterion) {
     g.finish();
 }
 
+/// A stored copy of `w [out, in]` in `format` (owned bytes).
+struct StoredCopy {
+    f: Vec<f32>,
+    h: Vec<u16>,
+    q: Vec<i8>,
+    scales: Vec<f32>,
+    b: Vec<u8>,
+    format: peft_core::storage::Format,
+    out: usize,
+    inn: usize,
+}
+
+impl StoredCopy {
+    fn new(format: peft_core::storage::Format, w: &[f32], out: usize, inn: usize) -> Self {
+        use peft_core::storage::quantize::Quantized;
+        use peft_core::storage::{Format, quantize};
+        let n = out * inn;
+        let mut st = StoredCopy {
+            f: Vec::new(),
+            h: Vec::new(),
+            q: Vec::new(),
+            scales: Vec::new(),
+            b: Vec::new(),
+            format,
+            out,
+            inn,
+        };
+        let dst = match format {
+            Format::F32 => {
+                st.f = vec![0.0; n];
+                Quantized::F32(&mut st.f)
+            }
+            Format::F16 | Format::Bf16 => {
+                st.h = vec![0; n];
+                if format == Format::F16 { Quantized::F16(&mut st.h) } else { Quantized::Bf16(&mut st.h) }
+            }
+            Format::Int8 => {
+                st.q = vec![0; n];
+                st.scales = vec![0.0; out];
+                Quantized::Int8(&mut st.q, &mut st.scales)
+            }
+            Format::Q8_0 | Format::Q4_0 => {
+                st.b = vec![0; out * format.row_bytes(inn).unwrap()];
+                if format == Format::Q8_0 { Quantized::Q8_0(&mut st.b) } else { Quantized::Q4_0(&mut st.b) }
+            }
+        };
+        quantize(w, out, inn, dst).unwrap();
+        st
+    }
+
+    fn weight(&self) -> peft_core::storage::StoredWeight<'_> {
+        use peft_core::storage::{Format, StoredWeight};
+        let (o, i) = (self.out, self.inn);
+        match self.format {
+            Format::F32 => StoredWeight::f32(&self.f, o, i),
+            Format::F16 => StoredWeight::f16(&self.h, o, i),
+            Format::Bf16 => StoredWeight::bf16(&self.h, o, i),
+            Format::Int8 => StoredWeight::int8(&self.q, &self.scales, o, i),
+            Format::Q8_0 => StoredWeight::q8_0(&self.b, o, i),
+            Format::Q4_0 => StoredWeight::q4_0(&self.b, o, i),
+        }
+        .unwrap()
+    }
+
+    /// One read of every stored byte (the memory-bound limit of a pass
+    /// over `W`): a sum the compiler vectorizes.
+    fn stream(&self) -> u64 {
+        let f = self.f.iter().fold(0u32, |a, v| a.wrapping_add(v.to_bits()));
+        let h = self.h.iter().fold(0u32, |a, v| a.wrapping_add(u32::from(*v)));
+        let q = self.q.iter().fold(0u32, |a, v| a.wrapping_add(*v as u8 as u32));
+        let s = self.scales.iter().fold(0u32, |a, v| a.wrapping_add(v.to_bits()));
+        let b = self.b.iter().fold(0u32, |a, v| a.wrapping_add(u32::from(*v)));
+        u64::from(f) + u64::from(h) + u64::from(q) + u64::from(s) + u64::from(b)
+    }
+}
+
+/// LoRA's forward over a stored base: `x deq(W)^T + s (x A^T) B^T`.
+fn stored_lora_forward<B: Backend<f32>>(
+    backend: &B,
+    lora: &Lora<f32, &[f32]>,
+    w: peft_core::storage::StoredWeight<'_>,
+    x: MatRef<'_, f32>,
+    y: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let base = peft_core::storage::StoredLinear::<f32>::new(w);
+    let yv = MatMut::new(y, x.rows(), w.out_features()).unwrap();
+    assert!(lora.forward(backend, &base, x, yv, scratch).is_ok());
+}
+
+/// Stored bases, one thread: each format's LoRA forward at t = 1 against a
+/// single read of its bytes and against the portable reference kernels;
+/// then bf16 and q4_0 (t = 1) and bf16 and q8_0 (t = 128) against f32.
+fn storage_groups(c: &mut Criterion) {
+    use peft_core::storage::Format;
+    let (d, r) = (4096, 16);
+    let backend = Faer::with_threads(1);
+    let mut rng = Rng::new(11);
+    let mut v = |n: usize| {
+        let mut v = vec![0.0f32; n];
+        rng.fill_uniform(&mut v, -0.5, 0.5);
+        v
+    };
+    let (w, a, b, x) = (v(d * d), v(r * d), v(d * r), v(128 * d));
+    let cfg = LoraConfig::new(r, 2.0 * r as f64);
+    let lora = Lora::new(&cfg, d, d, &a[..], &b[..]).unwrap();
+    let mut y = vec![0.0f32; 128 * d];
+    let mut scratch = vec![0.0f32; lora.forward_scratch_len(128)];
+    let x1 = MatRef::new(&x[..d], 1, d).unwrap();
+    let stored: Vec<StoredCopy> = Format::ALL.iter().map(|f| StoredCopy::new(*f, &w, d, d)).collect();
+    let flops = 2 * (d * d + r * 2 * d) as u64;
+    for st in stored.iter().filter(|s| s.format != Format::F32) {
+        let mut g = c.benchmark_group(format!("storage.t1_4096_r16.{}.1t", st.format.name()));
+        configure(&mut g, true);
+        g.throughput(Throughput::Elements(flops));
+        g.bench_function("stream", |bench| bench.iter(|| black_box(st.stream())));
+        g.bench_function("lora_forward", |bench| {
+            bench.iter(|| stored_lora_forward(&backend, &lora, st.weight(), x1, &mut y[..d], &mut scratch))
+        });
+        g.bench_function("reference_lora_forward", |bench| {
+            bench.iter(|| stored_lora_forward(&Reference, &lora, st.weight(), x1, &mut y[..d], &mut scratch))
+        });
+        g.finish();
+    }
+    let find = |f: Format| stored.iter().find(|s| s.format == f).unwrap();
+    for (tokens, formats) in [(1usize, [Format::Bf16, Format::Q4_0]), (128, [Format::Bf16, Format::Q8_0])] {
+        let mut g = c.benchmark_group(format!("storage_vs_f32_t{tokens}.d4096_r16.1t"));
+        configure(&mut g, true);
+        g.throughput(Throughput::Elements(flops * tokens as u64));
+        let xt = MatRef::new(&x[..tokens * d], tokens, d).unwrap();
+        for f in [Format::F32, formats[0], formats[1]] {
+            let st = find(f);
+            g.bench_function(format!("{}_lora_forward", f.name()), |bench| {
+                bench.iter(|| stored_lora_forward(&backend, &lora, st.weight(), xt, &mut y[..tokens * d], &mut scratch))
+            });
+        }
+        g.finish();
+    }
+}
+
 // `criterion_group!` makes an undocumented `pub fn`; it lives in a private
 // module so the missing-docs lint has nothing to say.
 mod group {
@@ -443,6 +586,7 @@ mod group {
         lora_groups,
         dora_group,
         mixed_batch_group,
+        storage_groups,
         shard_index_group
     );
 }

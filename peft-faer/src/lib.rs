@@ -29,13 +29,13 @@
 #![deny(missing_docs)]
 
 pub mod backend;
-pub mod stored;
 #[cfg(any(feature = "hf", feature = "model"))]
 pub mod files;
 #[cfg(feature = "hf")]
 pub mod hf;
 #[cfg(feature = "model")]
 pub mod io;
+pub mod stored;
 #[cfg(feature = "model")]
 pub mod tiny;
 #[cfg(feature = "model")]

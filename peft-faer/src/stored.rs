@@ -17,8 +17,8 @@
 //! products the portable kernels in `peft-core` do, in another order: the
 //! results agree within the rounding bound `peft-verify` checks.
 
-use peft_core::storage::{Format, QK, Q4_0_BYTES, Q8_0_BYTES, RowRef, StoredWeight};
 use peft_core::error::Operand;
+use peft_core::storage::{Format, Q4_0_BYTES, Q8_0_BYTES, QK, RowRef, StoredWeight};
 use peft_core::{Accum, Backend, Error, MatMut, MatRef, Op, Result};
 
 use crate::Faer;
@@ -134,33 +134,190 @@ fn decode_rows(w: &StoredWeight<'_>, j0: usize, dst: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
-/// `dots[i] = row . xs[i]` for each token, the row decoded once.
+/// `dots[i] = row . xs[i]` for each token (at most [`GEMV_TOKENS`]), the
+/// row decoded once.
 fn dot_rows(row: RowRef<'_>, xs: &[&[f32]], dots: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: `dot_rows_avx2` only needs AVX2 and FMA, both detected
-        // at run time just above.
+    if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        // SAFETY: `dot_rows_avx2` needs AVX2, FMA and F16C, all detected at
+        // run time just above.
         return unsafe { dot_rows_avx2(row, xs, dots) };
     }
     dot_rows_generic::<false>(row, xs, dots);
 }
 
-/// [`dot_rows_generic`] compiled with AVX2 and FMA.
+/// [`dot_rows_generic`] compiled with AVX2, FMA and F16C; one token (the
+/// decode step) through [`gemv1_avx2`].
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot_rows_avx2(row: RowRef<'_>, xs: &[&[f32]], dots: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_avx2(row: RowRef<'_>, xs: &[&[f32]], dots: &mut [f32]) {
+    if let ([x], [d]) = (xs, &mut *dots) {
+        // SAFETY: the caller's CPU has the features (this function's own
+        // precondition).
+        *d = unsafe { gemv1_avx2(row, x) };
+        return;
+    }
     dot_rows_generic::<true>(row, xs, dots);
 }
 
-/// Values decoded per step (one Q block).
-const CHUNK: usize = QK;
+/// One row dotted with one token, in AVX2 intrinsics: each block decoded
+/// into four 8-lane registers and multiplied into four independent
+/// accumulators (no round trip through memory).
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C. `x` must hold the row's length
+/// (`apply` checked it); every load below stays inside `x` and the row's
+/// bytes (bounds derived from their lengths).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv1_avx2(row: RowRef<'_>, x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    // A block's f16 scale, broadcast (F16C).
+    let scale8 = |blk: &[u8]| {
+        let bits = i32::from(u16::from_le_bytes([blk[0], blk[1]]));
+        // SAFETY: register-only intrinsics; F16C and AVX2 are present.
+        // (Safe to call here from Rust 1.87; the block keeps the MSRV.)
+        #[allow(unused_unsafe)]
+        unsafe {
+            _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+        }
+    };
+    // acc += d (sum_k q_k x_k) over one block: the integer values are
+    // multiplied first (exact products of small integers and x), then
+    // scaled once.
+    let block_fma = |acc: &mut __m256, q: [__m256; 4], x: *const f32, d: __m256| {
+        // SAFETY: `x` points at a whole block of 32 values of the input
+        // (the callers' bounds); AVX2 and FMA are present.
+        unsafe {
+            let mut t = _mm256_mul_ps(q[0], _mm256_loadu_ps(x));
+            for (k, qk) in q.iter().enumerate().skip(1) {
+                t = _mm256_fmadd_ps(*qk, _mm256_loadu_ps(x.add(8 * k)), t);
+            }
+            *acc = _mm256_fmadd_ps(d, t, *acc);
+        }
+    };
+    // SAFETY (all loads): block `bi` is read only while `(bi + 1) QK <=
+    // x.len()` and the row's slice holds that block (the `min` below).
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let xp = x.as_ptr();
+        let mut fma4 = |bi: usize, v: [__m256; 4]| {
+            for (k, (a, v)) in acc.iter_mut().zip(v).enumerate() {
+                *a = _mm256_fmadd_ps(v, _mm256_loadu_ps(xp.add(bi * QK + 8 * k)), *a);
+            }
+        };
+        let tail_from = match row {
+            RowRef::F32(v) => {
+                let nb = v.len().min(x.len()) / QK;
+                let p = v.as_ptr();
+                for bi in 0..nb {
+                    fma4(bi, core::array::from_fn(|k| _mm256_loadu_ps(p.add(bi * QK + 8 * k))));
+                }
+                nb * QK
+            }
+            RowRef::F16(v) | RowRef::Bf16(v) => {
+                let nb = v.len().min(x.len()) / QK;
+                let p = v.as_ptr();
+                let bf16 = matches!(row, RowRef::Bf16(_));
+                for bi in 0..nb {
+                    fma4(
+                        bi,
+                        core::array::from_fn(|k| {
+                            let bits = _mm_loadu_si128(p.add(bi * QK + 8 * k).cast::<__m128i>());
+                            if bf16 {
+                                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
+                            } else {
+                                _mm256_cvtph_ps(bits)
+                            }
+                        }),
+                    );
+                }
+                nb * QK
+            }
+            RowRef::Int8(q, s) => {
+                let nb = q.len().min(x.len()) / QK;
+                let (p, sv) = (q.as_ptr(), _mm256_set1_ps(s));
+                for bi in 0..nb {
+                    fma4(
+                        bi,
+                        core::array::from_fn(|k| {
+                            let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(bi * QK + 8 * k).cast::<__m128i>()));
+                            _mm256_mul_ps(_mm256_cvtepi32_ps(v), sv)
+                        }),
+                    );
+                }
+                nb * QK
+            }
+            RowRef::Q8_0(b) => {
+                let nb = (b.len() / Q8_0_BYTES).min(x.len() / QK);
+                for (bi, blk) in b.chunks_exact(Q8_0_BYTES).take(nb).enumerate() {
+                    let p = blk.as_ptr().add(2);
+                    let q: [__m256; 4] = core::array::from_fn(|k| {
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * k).cast::<__m128i>())))
+                    });
+                    block_fma(&mut acc[bi % 2], q, xp.add(bi * QK), scale8(blk));
+                }
+                x.len()
+            }
+            RowRef::Q4_0(b) => {
+                let nb = (b.len() / Q4_0_BYTES).min(x.len() / QK);
+                let (mask, eight) = (_mm_set1_epi8(0x0F), _mm256_set1_epi32(8));
+                for (bi, blk) in b.chunks_exact(Q4_0_BYTES).take(nb).enumerate() {
+                    let bytes = _mm_loadu_si128(blk.as_ptr().add(2).cast::<__m128i>());
+                    // Low nibbles are values 0..16, high nibbles 16..32.
+                    let lo = _mm_and_si128(bytes, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), mask);
+                    let parts = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
+                    let q = parts.map(|part| _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(part), eight)));
+                    block_fma(&mut acc[bi % 2], q, xp.add(bi * QK), scale8(blk));
+                }
+                x.len()
+            }
+        };
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+        let mut total: f32 = lanes.iter().sum();
+        // Rows of the element formats need not be whole blocks.
+        for (k, xk) in x.iter().enumerate().skip(tail_from) {
+            total += row.get(k).unwrap_or(0.0) * xk;
+        }
+        total
+    }
+}
 
-/// The dot products: the row decoded `CHUNK` values at a time into a stack
-/// buffer, then multiplied into eight accumulators per token.
+/// Dispatches on the token count, so that each kernel has fixed-size loops
+/// the compiler vectorizes.
 #[inline(always)]
-fn dot_rows_generic<const FMA: bool>(row: RowRef<'_>, xs: &[&[f32]], dots: &mut [f32]) {
-    let mut acc = [[0.0f32; 8]; GEMV_TOKENS];
-    let mut buf = [0.0f32; CHUNK];
+fn dot_rows_generic<const AVX2: bool>(row: RowRef<'_>, xs: &[&[f32]], dots: &mut [f32]) {
+    macro_rules! tokens {
+        ($($t:literal)*) => {
+            match xs.len() {
+                $($t => {
+                    let x: [&[f32]; $t] = core::array::from_fn(|i| xs.get(i).copied().unwrap_or(&[]));
+                    let d = gemv::<AVX2, $t>(row, &x);
+                    dots.iter_mut().zip(d).for_each(|(o, v)| *o = v);
+                })*
+                _ => {}
+            }
+        };
+    }
+    tokens!(1 2 3 4);
+}
+
+/// `T` dot products of one row: each [`QK`]-value block decoded into a
+/// stack array, then multiplied into [`QK`] accumulators per token (four
+/// independent 8-lane chains: an FMA's latency is hidden).
+#[inline(always)]
+fn gemv<const AVX2: bool, const T: usize>(row: RowRef<'_>, xs: &[&[f32]; T]) -> [f32; T] {
+    let mut acc = [[0.0f32; QK]; T];
+    let mut w = [0.0f32; QK];
     let n = match row {
         RowRef::F32(v) => v.len(),
         RowRef::F16(v) | RowRef::Bf16(v) => v.len(),
@@ -168,59 +325,57 @@ fn dot_rows_generic<const FMA: bool>(row: RowRef<'_>, xs: &[&[f32]], dots: &mut 
         RowRef::Q8_0(b) => b.len() / Q8_0_BYTES * QK,
         RowRef::Q4_0(b) => b.len() / Q4_0_BYTES * QK,
     };
-    let mut c = 0;
-    while c < n {
-        let len = CHUNK.min(n - c);
-        decode_chunk(row, c, &mut buf[..len]);
+    let blocks = n / QK;
+    for bi in 0..blocks {
+        decode_block::<AVX2>(row, bi, &mut w);
         for (a, x) in acc.iter_mut().zip(xs) {
-            let xc = x.get(c..c + len).unwrap_or(&[]);
-            fma_into::<FMA>(a, &buf[..len], xc);
-        }
-        c += len;
-    }
-    for (d, a) in dots.iter_mut().zip(&acc) {
-        *d = a.iter().sum();
-    }
-}
-
-/// `a[k % 8] += w[k] x[k]`.
-#[inline(always)]
-fn fma_into<const FMA: bool>(a: &mut [f32; 8], w: &[f32], x: &[f32]) {
-    let (wc, wr) = w.as_chunks::<8>();
-    let (xc, xr) = x.as_chunks::<8>();
-    for (wv, xv) in wc.iter().zip(xc) {
-        for k in 0..8 {
-            a[k] = if FMA { wv[k].mul_add(xv[k], a[k]) } else { wv[k] * xv[k] + a[k] };
+            let Some(x) = x.get(bi * QK..(bi + 1) * QK) else { continue };
+            for ((a, w), x) in a.iter_mut().zip(&w).zip(x) {
+                *a = if AVX2 { w.mul_add(*x, *a) } else { w * x + *a };
+            }
         }
     }
-    for (k, (wv, xv)) in wr.iter().zip(xr).enumerate() {
-        a[k] += wv * xv;
+    // The tail (f16, bf16, int8, f32 rows not a multiple of QK).
+    let tail = blocks * QK;
+    if tail < n {
+        let len = n - tail;
+        decode_chunk(row, tail, &mut w[..len]);
+        for (a, x) in acc.iter_mut().zip(xs) {
+            for (k, (w, x)) in w[..len].iter().zip(x.get(tail..).unwrap_or(&[])).enumerate() {
+                a[k] += w * x;
+            }
+        }
     }
+    acc.map(|a| a.iter().sum())
 }
 
-/// Values `c..c + dst.len()` of the row, decoded (a chunk never crosses a
-/// Q block: `c` is a multiple of [`QK`]).
+/// Block `bi` (values `bi QK..`) of the row, decoded into `w`.
 #[inline(always)]
-fn decode_chunk(row: RowRef<'_>, c: usize, dst: &mut [f32]) {
-    let n = dst.len();
+fn decode_block<const AVX2: bool>(row: RowRef<'_>, bi: usize, w: &mut [f32; QK]) {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: AVX2 = true only inside `dot_rows_avx2`, which runs when
+        // the CPU has AVX2, FMA and F16C.
+        unsafe { decode_block_avx2(row, bi, w) };
+        return;
+    }
+    let c = bi * QK;
     match row {
-        RowRef::F32(v) => dst.copy_from_slice(&v[c..c + n]),
+        RowRef::F32(v) => w.copy_from_slice(&v[c..c + QK]),
         RowRef::F16(v) => {
-            use half::slice::HalfFloatSliceExt;
-            let h: &[half::f16] = bytemuck_u16(&v[c..c + n]);
-            h.convert_to_f32_slice(dst);
+            w.iter_mut().zip(&v[c..c + QK]).for_each(|(o, b)| *o = peft_core::storage::half::f16_to_f32(*b))
         }
-        RowRef::Bf16(v) => dst.iter_mut().zip(&v[c..c + n]).for_each(|(d, b)| *d = f32::from_bits(u32::from(*b) << 16)),
-        RowRef::Int8(q, s) => dst.iter_mut().zip(&q[c..c + n]).for_each(|(d, q)| *d = f32::from(*q) * s),
+        RowRef::Bf16(v) => w.iter_mut().zip(&v[c..c + QK]).for_each(|(o, b)| *o = f32::from_bits(u32::from(*b) << 16)),
+        RowRef::Int8(q, s) => w.iter_mut().zip(&q[c..c + QK]).for_each(|(o, q)| *o = f32::from(*q) * s),
         RowRef::Q8_0(b) => {
-            let blk = &b[c / QK * Q8_0_BYTES..][..Q8_0_BYTES];
+            let blk = &b[bi * Q8_0_BYTES..(bi + 1) * Q8_0_BYTES];
             let d = peft_core::storage::half::f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
-            dst.iter_mut().zip(&blk[2..]).for_each(|(o, q)| *o = f32::from(*q as i8) * d);
+            w.iter_mut().zip(&blk[2..]).for_each(|(o, q)| *o = f32::from(*q as i8) * d);
         }
         RowRef::Q4_0(b) => {
-            let blk = &b[c / QK * Q4_0_BYTES..][..Q4_0_BYTES];
+            let blk = &b[bi * Q4_0_BYTES..(bi + 1) * Q4_0_BYTES];
             let d = peft_core::storage::half::f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
-            let (lo, hi) = dst.split_at_mut(QK / 2);
+            let (lo, hi) = w.split_at_mut(QK / 2);
             for ((l, h), q) in lo.iter_mut().zip(hi).zip(&blk[2..]) {
                 *l = f32::from((q & 0x0F) as i8 - 8) * d;
                 *h = f32::from((q >> 4) as i8 - 8) * d;
@@ -229,11 +384,88 @@ fn decode_chunk(row: RowRef<'_>, c: usize, dst: &mut [f32]) {
     }
 }
 
-/// f16 bits as `half::f16` (same layout).
-fn bytemuck_u16(v: &[u16]) -> &[half::f16] {
-    // `half::f16` is `repr(transparent)` over `u16`: reinterpreting is
-    // what `half`'s own `from_bits` slice API does.
-    half::slice::HalfBitsSliceExt::reinterpret_cast(v)
+/// [`decode_block`] with AVX2 and F16C intrinsics, 8 values per step.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C. Every load reads inside the block's
+/// slice (bounds checked by the slicing below) and every store writes
+/// inside `w` (32 values).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn decode_block_avx2(row: RowRef<'_>, bi: usize, w: &mut [f32; QK]) {
+    use std::arch::x86_64::*;
+    let c = bi * QK;
+    let out = w.as_mut_ptr();
+    // SAFETY (all blocks below): the slices are bounds-checked, 8-value
+    // loads and stores stay within them (QK = 32 values per block).
+    unsafe {
+        match row {
+            RowRef::F32(v) => w.copy_from_slice(&v[c..c + QK]),
+            RowRef::F16(v) => {
+                let h = v[c..c + QK].as_ptr();
+                for k in 0..QK / 8 {
+                    let bits = _mm_loadu_si128(h.add(8 * k).cast::<__m128i>());
+                    _mm256_storeu_ps(out.add(8 * k), _mm256_cvtph_ps(bits));
+                }
+            }
+            RowRef::Bf16(v) => {
+                let h = v[c..c + QK].as_ptr();
+                for k in 0..QK / 8 {
+                    let bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(h.add(8 * k).cast::<__m128i>()));
+                    _mm256_storeu_ps(out.add(8 * k), _mm256_castsi256_ps(_mm256_slli_epi32::<16>(bits)));
+                }
+            }
+            RowRef::Int8(q, s) => {
+                let p = q[c..c + QK].as_ptr();
+                let scale = _mm256_set1_ps(s);
+                for k in 0..QK / 8 {
+                    let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * k).cast::<__m128i>()));
+                    _mm256_storeu_ps(out.add(8 * k), _mm256_mul_ps(_mm256_cvtepi32_ps(v), scale));
+                }
+            }
+            RowRef::Q8_0(b) => {
+                let blk = &b[bi * Q8_0_BYTES..(bi + 1) * Q8_0_BYTES];
+                let d = _mm256_set1_ps(peft_core::storage::half::f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])));
+                let p = blk[2..].as_ptr();
+                for k in 0..QK / 8 {
+                    let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * k).cast::<__m128i>()));
+                    _mm256_storeu_ps(out.add(8 * k), _mm256_mul_ps(_mm256_cvtepi32_ps(v), d));
+                }
+            }
+            RowRef::Q4_0(b) => {
+                let blk = &b[bi * Q4_0_BYTES..(bi + 1) * Q4_0_BYTES];
+                let d = _mm256_set1_ps(peft_core::storage::half::f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])));
+                let bytes = _mm_loadu_si128(blk[2..].as_ptr().cast::<__m128i>());
+                let mask = _mm_set1_epi8(0x0F);
+                let eight = _mm256_set1_epi32(8);
+                // Low nibbles are values 0..16, high nibbles 16..32.
+                let lo = _mm_and_si128(bytes, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), mask);
+                for (half, nib) in [(0usize, lo), (16, hi)] {
+                    for (k, part) in [(0usize, nib), (8, _mm_srli_si128::<8>(nib))] {
+                        let v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(part), eight);
+                        _mm256_storeu_ps(out.add(half + k), _mm256_mul_ps(_mm256_cvtepi32_ps(v), d));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Values `c..c + dst.len()` of the row, decoded (the row's tail, shorter
+/// than a block; only the element formats have one).
+fn decode_chunk(row: RowRef<'_>, c: usize, dst: &mut [f32]) {
+    let n = dst.len();
+    match row {
+        RowRef::F32(v) => dst.copy_from_slice(&v[c..c + n]),
+        RowRef::F16(v) => {
+            dst.iter_mut().zip(&v[c..c + n]).for_each(|(o, b)| *o = peft_core::storage::half::f16_to_f32(*b))
+        }
+        RowRef::Bf16(v) => dst.iter_mut().zip(&v[c..c + n]).for_each(|(d, b)| *d = f32::from_bits(u32::from(*b) << 16)),
+        RowRef::Int8(q, s) => dst.iter_mut().zip(&q[c..c + n]).for_each(|(d, q)| *d = f32::from(*q) * s),
+        RowRef::Q8_0(_) | RowRef::Q4_0(_) => {}
+    }
 }
 
 /// The format's kernel name, for benches and errors.
@@ -242,5 +474,86 @@ pub fn kernel(format: Format, tokens: usize) -> &'static str {
         (Format::F32, _) => "faer gemm",
         (_, true) => "row dot (AVX2+FMA when present)",
         (_, false) => "decoded panels + faer gemm",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use peft_core::storage::quantize::{Quantized, quantize};
+    use peft_core::storage::{Format, StoredWeight};
+    use peft_core::{Accum, Backend, MatMut, MatRef, Reference, Rng};
+
+    use crate::Faer;
+
+    /// Faer's kernels against the portable ones: every format, 1 (the
+    /// intrinsics path), 3 (the generic few-token path) and 7 tokens
+    /// (panels), rows of whole blocks plus, for the element formats, rows
+    /// with a tail (`in` = 45).
+    #[test]
+    fn faer_paths_agree_with_the_portable_kernels() {
+        let mut rng = Rng::new(3);
+        for (inn, formats) in
+            [(64, &Format::ALL[..]), (45, &[Format::F32, Format::F16, Format::Bf16, Format::Int8][..])]
+        {
+            let out = 5;
+            let mut w = vec![0.0f32; out * inn];
+            rng.fill_uniform(&mut w, -1.0, 1.0);
+            for &format in formats {
+                let (mut f, mut h, mut q, mut s) =
+                    (vec![0.0; out * inn], vec![0u16; out * inn], vec![0i8; out * inn], vec![0.0; out]);
+                let mut b = vec![0u8; out * format.row_bytes(inn).unwrap_or(0)];
+                let sw = match format {
+                    Format::F32 => {
+                        quantize(&w, out, inn, Quantized::F32(&mut f)).unwrap();
+                        StoredWeight::f32(&f, out, inn)
+                    }
+                    Format::F16 => {
+                        quantize(&w, out, inn, Quantized::F16(&mut h)).unwrap();
+                        StoredWeight::f16(&h, out, inn)
+                    }
+                    Format::Bf16 => {
+                        quantize(&w, out, inn, Quantized::Bf16(&mut h)).unwrap();
+                        StoredWeight::bf16(&h, out, inn)
+                    }
+                    Format::Int8 => {
+                        quantize(&w, out, inn, Quantized::Int8(&mut q, &mut s)).unwrap();
+                        StoredWeight::int8(&q, &s, out, inn)
+                    }
+                    Format::Q8_0 => {
+                        quantize(&w, out, inn, Quantized::Q8_0(&mut b)).unwrap();
+                        StoredWeight::q8_0(&b, out, inn)
+                    }
+                    Format::Q4_0 => {
+                        quantize(&w, out, inn, Quantized::Q4_0(&mut b)).unwrap();
+                        StoredWeight::q4_0(&b, out, inn)
+                    }
+                }
+                .unwrap();
+                for t in [1, 3, 7] {
+                    let mut x = vec![0.0f32; t * inn];
+                    rng.fill_uniform(&mut x, -1.0, 1.0);
+                    let (mut y, mut yr) = (vec![0.25f32; t * out], vec![0.25f32; t * out]);
+                    let xv = MatRef::new(&x, t, inn).unwrap();
+                    Faer::new().stored_apply(&sw, xv, MatMut::new(&mut y, t, out).unwrap(), Accum::Add).unwrap();
+                    Reference.stored_apply(&sw, xv, MatMut::new(&mut yr, t, out).unwrap(), Accum::Add).unwrap();
+                    for (a, b) in y.iter().zip(&yr) {
+                        assert!((a - b).abs() <= 1e-5 * inn as f32, "{format:?} t={t}: {a} vs {b}");
+                    }
+                    let mut g = vec![0.0f32; t * out];
+                    rng.fill_uniform(&mut g, -1.0, 1.0);
+                    let (mut gx, mut gxr) = (vec![0.0f32; t * inn], vec![0.0f32; t * inn]);
+                    let gv = MatRef::new(&g, t, out).unwrap();
+                    Faer::new()
+                        .stored_apply_transpose(&sw, gv, MatMut::new(&mut gx, t, inn).unwrap(), Accum::Replace)
+                        .unwrap();
+                    Reference
+                        .stored_apply_transpose(&sw, gv, MatMut::new(&mut gxr, t, inn).unwrap(), Accum::Replace)
+                        .unwrap();
+                    for (a, b) in gx.iter().zip(&gxr) {
+                        assert!((a - b).abs() <= 1e-5 * out as f32, "{format:?} t={t} grad_x: {a} vs {b}");
+                    }
+                }
+            }
+        }
     }
 }

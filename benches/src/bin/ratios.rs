@@ -41,7 +41,7 @@ pub const RATIO_LIMIT: f64 = 0.05;
 
 /// `(group prefix, numerator, denominator, bound)`: the ratio of mean times
 /// `numerator / denominator`, and its target (`Le(x)`: at most `x`).
-const RATIOS: [(&str, &str, &str, Bound); 13] = [
+const RATIOS: [(&str, &str, &str, Bound); 19] = [
     ("lora_forward_unmerged", "lora_forward_unmerged", "base_gemm", Bound::Le(1.05)),
     ("lora_forward_merged", "lora_forward_merged", "base_gemm", Bound::Le(1.02)),
     ("lora_backward", "lora_backward", "base_gemm", Bound::Le(1.10)),
@@ -59,6 +59,16 @@ const RATIOS: [(&str, &str, &str, Bound); 13] = [
     ("dora_forward", "dora_forward", "lora_forward", Bound::Le(1.10)),
     // Four adapters' low-rank paths on 32 rows each beside one base gemm.
     ("mixed_batch", "mixed_forward", "single_forward", Bound::Le(1.15)),
+    // A stored base's LoRA forward at t = 1 against one read of its bytes.
+    ("storage", "lora_forward", "stream", Bound::Le(1.3)),
+    // The portable kernels' speed as a share of faer's (time ratio faer / reference).
+    ("storage", "lora_forward", "reference_lora_forward", Bound::Ge(0.25)),
+    // t = 1: how much faster than f32 (f32 time / stored time).
+    ("storage_vs_f32_t1", "f32_lora_forward", "bf16_lora_forward", Bound::Ge(1.7)),
+    ("storage_vs_f32_t1", "f32_lora_forward", "q4_0_lora_forward", Bound::Ge(4.0)),
+    // t = 128: the stored base's cost over f32's.
+    ("storage_vs_f32_t128", "bf16_lora_forward", "f32_lora_forward", Bound::Le(1.15)),
+    ("storage_vs_f32_t128", "q8_0_lora_forward", "f32_lora_forward", Bound::Le(1.15)),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq)]
