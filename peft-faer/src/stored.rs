@@ -129,9 +129,38 @@ fn columns<'a>(y: &'a mut MatMut<'_, f32>, j0: usize, p: usize) -> Result<MatMut
 fn decode_rows(w: &StoredWeight<'_>, j0: usize, dst: &mut [f32]) -> Result<()> {
     let n_in = w.in_features();
     for (i, out) in dst.chunks_exact_mut(n_in.max(1)).enumerate() {
-        w.row(j0 + i).ok_or(Error::Overflow)?.dequantize(out);
+        let row = w.row(j0 + i).ok_or(Error::Overflow)?;
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+            // SAFETY: `decode_row_avx2` needs AVX2 and F16C, detected at
+            // run time just above.
+            unsafe { decode_row_avx2(row, out) };
+            continue;
+        }
+        row.dequantize(out);
     }
     Ok(())
+}
+
+/// A whole row decoded with [`decode_block_avx2`], block by block (the
+/// element formats' tail, if any, by the portable decoder).
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_row_avx2(row: RowRef<'_>, out: &mut [f32]) {
+    let blocks = out.len() / QK;
+    for (bi, chunk) in out.chunks_exact_mut(QK).enumerate().take(blocks) {
+        if let Ok(block) = <&mut [f32; QK]>::try_from(chunk) {
+            // SAFETY: this function's own precondition.
+            unsafe { decode_block_avx2(row, bi, block) };
+        }
+    }
+    let tail = blocks * QK;
+    if tail < out.len() {
+        decode_chunk(row, tail, &mut out[tail..]);
+    }
 }
 
 /// `dots[i] = row . xs[i]` for each token (at most [`GEMV_TOKENS`]), the

@@ -332,39 +332,47 @@ impl RowRef<'_> {
         }
     }
 
+    /// Values `start..start + dst.len()` decoded into `dst` (for the block
+    /// formats, `start` and the length are whole blocks; other ranges
+    /// leave `dst` as it was).
+    pub fn decode_range(&self, start: usize, dst: &mut [f32]) {
+        let n = dst.len();
+        let sub = |len: usize| start.checked_add(n).filter(|end| *end <= len).map(|end| start..end);
+        let blocks = |bytes: usize| {
+            let ok = start % QK == 0 && n % QK == 0;
+            ok.then(|| start / QK * bytes..(start + n) / QK * bytes)
+        };
+        let part = match *self {
+            RowRef::F32(w) => sub(w.len()).and_then(|r| w.get(r)).map(RowRef::F32),
+            RowRef::F16(w) => sub(w.len()).and_then(|r| w.get(r)).map(RowRef::F16),
+            RowRef::Bf16(w) => sub(w.len()).and_then(|r| w.get(r)).map(RowRef::Bf16),
+            RowRef::Int8(q, s) => sub(q.len()).and_then(|r| q.get(r)).map(|q| RowRef::Int8(q, s)),
+            RowRef::Q8_0(b) => blocks(Q8_0_BYTES).and_then(|r| b.get(r)).map(RowRef::Q8_0),
+            RowRef::Q4_0(b) => blocks(Q4_0_BYTES).and_then(|r| b.get(r)).map(RowRef::Q4_0),
+        };
+        if let Some(p) = part {
+            p.dequantize(dst);
+        }
+    }
+
     /// `sum_k x_k w_k` in `E`'s accumulation type, `w_k` the dequantized
-    /// (f32) value (block formats: each block's `sum q x` first, then times
-    /// `d`, which is the same sum since `q d` is exact in f32).
+    /// (f32) value: the row decoded [`QK`] values at a time into a stack
+    /// buffer, the products summed in eight lanes (which the compiler
+    /// vectorizes), the lanes added at the end.
     pub fn dot<E: Element>(&self, x: &[E]) -> E::Accum {
         let a = |v: f32| <E::Accum as Element>::from_f64(f64::from(v));
-        let mut acc = <E::Accum as Element>::ZERO;
-        match *self {
-            RowRef::F32(w) => w.iter().zip(x).for_each(|(w, x)| acc += a(*w) * x.to_accum()),
-            RowRef::F16(w) => w.iter().zip(x).for_each(|(w, x)| acc += a(half::f16_to_f32(*w)) * x.to_accum()),
-            RowRef::Bf16(w) => w.iter().zip(x).for_each(|(w, x)| acc += a(half::bf16_to_f32(*w)) * x.to_accum()),
-            // `q s` is not exact in f32: each product is rounded, as the
-            // dequantized W is.
-            RowRef::Int8(q, s) => q.iter().zip(x).for_each(|(q, x)| acc += a(f32::from(*q) * s) * x.to_accum()),
-            RowRef::Q8_0(b) => {
-                for (xs, block) in x.chunks_exact(QK).zip(b.chunks_exact(Q8_0_BYTES)) {
-                    let mut s = <E::Accum as Element>::ZERO;
-                    xs.iter().zip(block.iter().skip(2)).for_each(|(x, q)| s += a(f32::from(*q as i8)) * x.to_accum());
-                    acc += s * a(block_scale(block));
-                }
-            }
-            RowRef::Q4_0(b) => {
-                for (xs, block) in x.chunks_exact(QK).zip(b.chunks_exact(Q4_0_BYTES)) {
-                    let mut s = <E::Accum as Element>::ZERO;
-                    let (lo, hi) = xs.split_at(QK / 2);
-                    for ((xl, xh), byte) in lo.iter().zip(hi).zip(block.iter().skip(2)) {
-                        s += a(f32::from((byte & 0x0F) as i8 - 8)) * xl.to_accum();
-                        s += a(f32::from((byte >> 4) as i8 - 8)) * xh.to_accum();
-                    }
-                    acc += s * a(block_scale(block));
+        let mut lanes = [<E::Accum as Element>::ZERO; 8];
+        let mut w = [0.0f32; QK];
+        for (c, xs) in x.chunks(QK).enumerate() {
+            let wb = w.get_mut(..xs.len()).unwrap_or(&mut []);
+            self.decode_range(c * QK, wb);
+            for (k, (wv, xv)) in wb.iter().zip(xs).enumerate() {
+                if let Some(l) = lanes.get_mut(k % 8) {
+                    *l += a(*wv) * xv.to_accum();
                 }
             }
         }
-        acc
+        lanes.iter().fold(<E::Accum as Element>::ZERO, |s, l| s + *l)
     }
 }
 
