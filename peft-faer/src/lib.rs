@@ -4,7 +4,8 @@
 //!
 //! * [`backend`]: [`Faer`], `peft-core`'s [`Backend`](peft_core::Backend)
 //!   on faer's SIMD matmul (f32, f64), and [`FaerHalf`] for f16/bf16 staged
-//!   through f32 and rounded once.
+//!   through f32 and rounded once; [`stored`]: `Faer`'s kernels for frozen
+//!   bases stored as f16, bf16, int8, Q8_0 or Q4_0.
 //! * [`hf`]: Hugging Face PEFT adapter directories (read, write, convert),
 //!   base checkpoints (single or sharded safetensors) and the streaming
 //!   merge behind `peft merge`.

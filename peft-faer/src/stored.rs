@@ -1,4 +1,4 @@
-//! [`Faer`](crate::Faer)'s kernels for frozen bases stored as f16, bf16,
+//! [`Faer`]'s kernels for frozen bases stored as f16, bf16,
 //! int8, Q8_0 or Q4_0 ([`peft_core::storage`]), in f32 activations. `W` is
 //! never copied to f32 whole:
 //!

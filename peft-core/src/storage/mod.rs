@@ -24,7 +24,7 @@
 //! no scratch, no heap); a backend with faster kernels overrides them. The
 //! stored bytes are only ever read.
 //!
-//! [`quantize`] has the quantizers from f32, with GGUF's reference
+//! [`quantize`](mod@quantize) has the quantizers from f32, with GGUF's reference
 //! rounding (`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`).
 
 pub mod half;
