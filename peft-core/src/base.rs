@@ -250,7 +250,13 @@ impl<E: Element> FrozenLinear<E> for Dense<'_, E> {
 
 /// `Ok` if rows `start..start + n` exist in an `out`-row weight and `dst`
 /// is `[n, in]`.
-fn check_rows<E: Element>(start: usize, n: usize, n_out: usize, n_in: usize, dst: &MatMut<'_, E>) -> Result<()> {
+pub(crate) fn check_rows<E: Element>(
+    start: usize,
+    n: usize,
+    n_out: usize,
+    n_in: usize,
+    dst: &MatMut<'_, E>,
+) -> Result<()> {
     let end = start.checked_add(n).ok_or(crate::Error::Overflow)?;
     if end > n_out {
         return Err(crate::Error::ShapeMismatch { operand: Operand::Weight, expected: n_out, found: end });

@@ -139,18 +139,44 @@ impl<E: Element, S: AsRef<[E]>> Loha<E, S> {
     pub fn delta<B: Backend<E> + ?Sized>(
         &self,
         backend: &B,
+        dst: MatMut<'_, E>,
+        accum: Accum,
+        factor: f64,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        check_shape(Operand::Dst, dst.rows(), dst.cols(), self.out_features, self.in_features)?;
+        self.delta_rows(backend, 0, dst, accum, factor, scratch)
+    }
+
+    /// Rows `start..start + n` of [`delta`](Self::delta) into `dst [n,
+    /// in]`: what a streaming merge needs, with scratch `2 n in` (not `2
+    /// out in`).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`]: `Weight` for rows past `out`, `Dst` for a
+    /// `dst` of another width; [`Error::ScratchTooSmall`]; all before
+    /// anything is written; the backend's own errors.
+    pub fn delta_rows<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        start: usize,
         mut dst: MatMut<'_, E>,
         accum: Accum,
         factor: f64,
         scratch: &mut [E],
     ) -> core::result::Result<(), B::Error> {
-        let (o, i) = (self.out_features, self.in_features);
-        check_shape(Operand::Dst, dst.rows(), dst.cols(), o, i)?;
-        check_scratch(self.forward_scratch_len(), scratch.len())?;
-        let n = o * i;
-        let (p1, rest) = scratch.split_at_mut(n);
-        let (p2, _) = rest.split_at_mut(n);
-        self.products(backend, p1, p2)?;
+        let (o, i, n) = (self.out_features, self.in_features, dst.rows());
+        crate::base::check_rows(start, n, o, i, &dst)?;
+        let ni = checked_len(n, i)?;
+        check_scratch(ni.saturating_mul(2), scratch.len())?;
+        let (p1, rest) = scratch.split_at_mut(ni);
+        let (p2, _) = rest.split_at_mut(ni);
+        let one = <E::Accum as Element>::from_f64(1.0);
+        let [w1a, w1b, w2a, w2b] = self.views()?;
+        let (w1a, w2a) =
+            (w1a.rows_range(start, n).ok_or(Error::Overflow)?, w2a.rows_range(start, n).ok_or(Error::Overflow)?);
+        backend.gemm(MatMut::new(&mut *p1, n, i)?, Accum::Replace, w1a, Op::N, w1b, Op::N, one)?;
+        backend.gemm(MatMut::new(&mut *p2, n, i)?, Accum::Replace, w2a, Op::N, w2b, Op::N, one)?;
         let s = factor * self.scale;
         for (k, row) in dst.row_iter_mut().enumerate() {
             let (r1, r2) = (p1.get(k * i..(k + 1) * i).unwrap_or(&[]), p2.get(k * i..(k + 1) * i).unwrap_or(&[]));
@@ -310,6 +336,26 @@ impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Loha<E, S> {
 mod tests {
     use super::*;
     use crate::backend::Reference;
+
+    /// Row blocks of the delta (a streaming merge's) are the delta's rows.
+    #[test]
+    fn delta_rows_are_the_deltas_rows() {
+        let mut rng = Rng::new(4);
+        let mut f = [[0.0f64; 15]; 4];
+        f.iter_mut().for_each(|v| rng.fill_uniform(v, -1.0, 1.0));
+        // out 5, in 3, r 3: W1a, W2a [5, 3]; W1b, W2b [3, 3] (first 9 values).
+        let l = Loha::new(&LoraConfig::new(3, 2.0), 3, 5, [&f[0][..], &f[1][..9], &f[2][..], &f[3][..9]]).unwrap();
+        let (mut whole, mut parts) = ([0.5f64; 15], [0.5f64; 15]);
+        let mut sc = [0.0; 30];
+        l.delta(&Reference, MatMut::new(&mut whole, 5, 3).unwrap(), Accum::Add, 1.0, &mut sc).unwrap();
+        for (start, n) in [(0, 1), (1, 3), (4, 1)] {
+            let dst = MatMut::new(&mut parts[start * 3..(start + n) * 3], n, 3).unwrap();
+            l.delta_rows(&Reference, start, dst, Accum::Add, 1.0, &mut sc).unwrap();
+        }
+        assert_eq!(whole, parts);
+        let past = l.delta_rows(&Reference, 4, MatMut::new(&mut parts[..6], 2, 3).unwrap(), Accum::Add, 1.0, &mut sc);
+        assert!(matches!(past, Err(Error::ShapeMismatch { operand: Operand::Weight, expected: 5, found: 6 })));
+    }
 
     #[test]
     fn delta_by_hand() {

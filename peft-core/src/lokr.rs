@@ -254,13 +254,34 @@ impl<E: Element, S: AsRef<[E]>> Lokr<E, S> {
     pub fn delta<B: Backend<E> + ?Sized>(
         &self,
         backend: &B,
-        mut dst: MatMut<'_, E>,
+        dst: MatMut<'_, E>,
         accum: Accum,
         factor: f64,
         scratch: &mut [E],
     ) -> core::result::Result<(), B::Error> {
         let (o, i) = self.dims();
         check_shape(Operand::Dst, dst.rows(), dst.cols(), o, i)?;
+        self.delta_rows(backend, 0, dst, accum, factor, scratch)
+    }
+
+    /// Rows `start..start + n` of [`delta`](Self::delta) into `dst [n,
+    /// in]` (what a streaming merge needs); scratch `a c + b d`.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`]: `Weight` for rows past `out`, `Dst` for a
+    /// `dst` of another width; [`Error::ScratchTooSmall`]; all before
+    /// anything is written; the backend's own errors.
+    pub fn delta_rows<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        start: usize,
+        mut dst: MatMut<'_, E>,
+        accum: Accum,
+        factor: f64,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        let (o, i) = self.dims();
+        crate::base::check_rows(start, dst.rows(), o, i, &dst)?;
         let (n1, n2) = (self.d1.0 * self.d1.1, self.d2.0 * self.d2.1);
         check_scratch(n1 + n2, scratch.len())?;
         let (m1, rest) = scratch.split_at_mut(n1);
@@ -269,7 +290,7 @@ impl<E: Element, S: AsRef<[E]>> Lokr<E, S> {
         let ((_, c), (b, d)) = (self.d1, self.d2);
         let s = factor * self.scale;
         for (row_idx, row) in dst.row_iter_mut().enumerate() {
-            let (ii, k) = (row_idx / b, row_idx % b);
+            let (ii, k) = ((start + row_idx) / b, (start + row_idx) % b);
             for (col, v) in row.iter_mut().enumerate() {
                 let (j, l) = (col / d, col % d);
                 let w1 = m1.get(ii * c + j).map_or(0.0, |x| x.to_f64());
@@ -512,6 +533,31 @@ mod tests {
         assert_eq!(factorization(64, 16), (16, 4));
         assert_eq!(factorization(48, 16), (16, 3));
         assert_eq!(factorization(96, 16), (16, 6));
+    }
+
+    /// Row blocks of the delta (a streaming merge's) are the delta's rows,
+    /// also when a block starts inside a `W2`-high band of rows.
+    #[test]
+    fn delta_rows_are_the_deltas_rows() {
+        // W1 [2, 1], W2 [3, 2] low rank (r 1): out 6, in 2.
+        let l = Lokr::new(
+            &LoraConfig::new(1, 2.0),
+            (2, 1),
+            (3, 2),
+            Factor::Full(&[1.5f64, -2.0][..]),
+            Factor::LowRank(&[1.0, 2.0, -1.0][..], &[0.5, 3.0][..]),
+        )
+        .unwrap();
+        let (mut whole, mut parts) = ([0.25f64; 12], [0.25f64; 12]);
+        let mut sc = [0.0; 8];
+        l.delta(&Reference, MatMut::new(&mut whole, 6, 2).unwrap(), Accum::Add, 1.0, &mut sc).unwrap();
+        for (start, n) in [(0, 2), (2, 3), (5, 1)] {
+            let dst = MatMut::new(&mut parts[start * 2..(start + n) * 2], n, 2).unwrap();
+            l.delta_rows(&Reference, start, dst, Accum::Add, 1.0, &mut sc).unwrap();
+        }
+        assert_eq!(whole, parts);
+        // Row 4 = W1[1] W2[1]: s (-2) (2 * [0.5, 3]) = 2 * -2 * [1, 6] = [-4, -24].
+        assert_eq!(&whole[8..10], &[0.25 - 4.0, 0.25 - 24.0]);
     }
 
     #[test]

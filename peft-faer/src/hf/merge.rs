@@ -540,26 +540,31 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
             st::from_f32(out_dtype, &bias, &mut out)?;
             w.write_all(&out)?;
         }
+        // LoHa and LoKr: each row block of W gets the same rows of dW,
+        // formed for that block only (scratch of the block's size, not
+        // `out x in`).
         Action::Loha(m, factor) => {
             let cfg = peft_core::lora::LoraConfig::new(m.r, m.alpha);
             let [f0, f1, f2, f3] = &m.factors;
             let loha = peft_core::loha::Loha::new(&cfg, m.n_in, m.n_out, [&f0[..], &f1[..], &f2[..], &f3[..]])?;
-            let mut dw = vec![0.0f32; m.n_out * m.n_in];
-            let mut sc = vec![0.0f32; loha.forward_scratch_len()];
-            let dst = MatMut::new(&mut dw, m.n_out, m.n_in)?;
-            loha.delta(backend, dst, Accum::Replace, *factor, &mut sc).map_err(HfError::backend)?;
-            add_dense(shard, e, &dw, out_dtype, check_finite, w)?;
+            let mut sc = Vec::new();
+            map_rows(shard, e, out_dtype, check_finite, w, |i0, n, cols, vals| {
+                sc.resize(2 * n * cols, 0.0);
+                let dst = MatMut::new(vals, n, cols)?;
+                loha.delta_rows(backend, i0, dst, Accum::Add, *factor, &mut sc).map_err(HfError::backend)?;
+                Ok(())
+            })?
         }
         Action::Lokr(m, factor) => {
             use peft_core::lokr::Lokr;
             let cfg = peft_core::lora::LoraConfig::new(m.r, m.alpha);
             let lokr = Lokr::new(&cfg, m.d1, m.d2, as_factor(&m.w1), as_factor(&m.w2))?;
-            let (n_out, n_in) = m.dims();
-            let mut dw = vec![0.0f32; n_out * n_in];
-            let mut sc = vec![0.0f32; lokr.forward_scratch_len()];
-            let dst = MatMut::new(&mut dw, n_out, n_in)?;
-            lokr.delta(backend, dst, Accum::Replace, *factor, &mut sc).map_err(HfError::backend)?;
-            add_dense(shard, e, &dw, out_dtype, check_finite, w)?;
+            let mut sc = vec![0.0f32; m.d1.0 * m.d1.1 + m.d2.0 * m.d2.1];
+            map_rows(shard, e, out_dtype, check_finite, w, |i0, n, cols, vals| {
+                let dst = MatMut::new(vals, n, cols)?;
+                lokr.delta_rows(backend, i0, dst, Accum::Add, *factor, &mut sc).map_err(HfError::backend)?;
+                Ok(())
+            })?
         }
         Action::Vera(m, p, factor, n_in) => {
             use peft_core::vera::{Vera, VeraProjection};
@@ -638,22 +643,6 @@ fn as_factor(f: &[Vec<f32>]) -> peft_core::lokr::Factor<&[f32]> {
         [a, b] => Factor::LowRank(&a[..], &b[..]),
         _ => Factor::Full(&[][..]),
     }
-}
-
-/// Writes tensor `e` (`[rows, cols]`) plus the dense update `dw` of the
-/// same shape (see [`map_rows`]).
-fn add_dense(
-    shard: &st::StFile,
-    e: &Entry,
-    dw: &[f32],
-    out_dtype: Dtype,
-    check_finite: bool,
-    w: &mut impl Write,
-) -> Result<(), WriteError> {
-    map_rows(shard, e, out_dtype, check_finite, w, |i0, n, cols, vals| {
-        vals.iter_mut().zip(&dw[i0 * cols..(i0 + n) * cols]).for_each(|(v, d)| *v += d);
-        Ok(())
-    })
 }
 
 /// Writes the matrix `e` (`[rows, cols]`) transformed row block by row
