@@ -159,7 +159,7 @@ unsafe fn decode_row_avx2(row: RowRef<'_>, out: &mut [f32]) {
     }
     let tail = blocks * QK;
     if tail < out.len() {
-        decode_chunk(row, tail, &mut out[tail..]);
+        row.decode_range(tail, &mut out[tail..]);
     }
 }
 
@@ -368,7 +368,7 @@ fn gemv<const AVX2: bool, const T: usize>(row: RowRef<'_>, xs: &[&[f32]; T]) -> 
     let tail = blocks * QK;
     if tail < n {
         let len = n - tail;
-        decode_chunk(row, tail, &mut w[..len]);
+        row.decode_range(tail, &mut w[..len]);
         for (a, x) in acc.iter_mut().zip(xs) {
             for (k, (w, x)) in w[..len].iter().zip(x.get(tail..).unwrap_or(&[])).enumerate() {
                 a[k] += w * x;
@@ -388,29 +388,7 @@ fn decode_block<const AVX2: bool>(row: RowRef<'_>, bi: usize, w: &mut [f32; QK])
         unsafe { decode_block_avx2(row, bi, w) };
         return;
     }
-    let c = bi * QK;
-    match row {
-        RowRef::F32(v) => w.copy_from_slice(&v[c..c + QK]),
-        RowRef::F16(v) => {
-            w.iter_mut().zip(&v[c..c + QK]).for_each(|(o, b)| *o = peft_core::storage::half::f16_to_f32(*b))
-        }
-        RowRef::Bf16(v) => w.iter_mut().zip(&v[c..c + QK]).for_each(|(o, b)| *o = f32::from_bits(u32::from(*b) << 16)),
-        RowRef::Int8(q, s) => w.iter_mut().zip(&q[c..c + QK]).for_each(|(o, q)| *o = f32::from(*q) * s),
-        RowRef::Q8_0(b) => {
-            let blk = &b[bi * Q8_0_BYTES..(bi + 1) * Q8_0_BYTES];
-            let d = peft_core::storage::half::f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
-            w.iter_mut().zip(&blk[2..]).for_each(|(o, q)| *o = f32::from(*q as i8) * d);
-        }
-        RowRef::Q4_0(b) => {
-            let blk = &b[bi * Q4_0_BYTES..(bi + 1) * Q4_0_BYTES];
-            let d = peft_core::storage::half::f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
-            let (lo, hi) = w.split_at_mut(QK / 2);
-            for ((l, h), q) in lo.iter_mut().zip(hi).zip(&blk[2..]) {
-                *l = f32::from((q & 0x0F) as i8 - 8) * d;
-                *h = f32::from((q >> 4) as i8 - 8) * d;
-            }
-        }
-    }
+    row.decode_range(bi * QK, w);
 }
 
 /// [`decode_block`] with AVX2 and F16C intrinsics, 8 values per step.
@@ -479,21 +457,6 @@ unsafe fn decode_block_avx2(row: RowRef<'_>, bi: usize, w: &mut [f32; QK]) {
                 }
             }
         }
-    }
-}
-
-/// Values `c..c + dst.len()` of the row, decoded (the row's tail, shorter
-/// than a block; only the element formats have one).
-fn decode_chunk(row: RowRef<'_>, c: usize, dst: &mut [f32]) {
-    let n = dst.len();
-    match row {
-        RowRef::F32(v) => dst.copy_from_slice(&v[c..c + n]),
-        RowRef::F16(v) => {
-            dst.iter_mut().zip(&v[c..c + n]).for_each(|(o, b)| *o = peft_core::storage::half::f16_to_f32(*b))
-        }
-        RowRef::Bf16(v) => dst.iter_mut().zip(&v[c..c + n]).for_each(|(d, b)| *d = f32::from_bits(u32::from(*b) << 16)),
-        RowRef::Int8(q, s) => dst.iter_mut().zip(&q[c..c + n]).for_each(|(d, q)| *d = f32::from(*q) * s),
-        RowRef::Q8_0(_) | RowRef::Q4_0(_) => {}
     }
 }
 
