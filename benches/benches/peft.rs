@@ -334,7 +334,7 @@ fn shard_index_group(c: &mut Criterion) {
     std::fs::create_dir_all(&dir).unwrap();
     let names: Vec<String> = (0..N).map(|i| format!("model.layers.{}.t{i}.weight", i % 80)).collect();
     let entries: Vec<OutEntry> =
-        names.iter().map(|n| OutEntry { name: n.clone(), dtype: safetensors::Dtype::F32, shape: vec![1] }).collect();
+        names.iter().map(|n| OutEntry::plain(n.clone(), safetensors::Dtype::F32, vec![1])).collect();
     let mut bytes = header(&entries, &Default::default()).unwrap();
     bytes.resize(bytes.len() + 4 * N, 0);
     let shard = dir.join("model-1.safetensors");

@@ -42,8 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     for (s, chunk) in names.chunks(per).enumerate() {
         let file = format!("model-{:05}-of-{shards:05}.safetensors", s + 1);
-        let entries: Vec<OutEntry> =
-            chunk.iter().map(|n| OutEntry { name: n.clone(), dtype: Dtype::F16, shape: vec![D, D] }).collect();
+        let entries: Vec<OutEntry> = chunk.iter().map(|n| OutEntry::plain(n.clone(), Dtype::F16, vec![D, D])).collect();
         let mut w = std::io::BufWriter::new(std::fs::File::create(base.join(&file))?);
         w.write_all(&header(&entries, &BTreeMap::from([("format".to_string(), "pt".to_string())]))?)?;
         for (i, n) in chunk.iter().enumerate() {
@@ -64,8 +63,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut b = vec![0.0f32; D * R];
             rng.fill_normal(&mut a, 0.01);
             rng.fill_normal(&mut b, 0.01);
-            tensors.push((OutEntry { name: format!("{key}.lora_A.weight"), dtype: Dtype::F32, shape: vec![R, D] }, a));
-            tensors.push((OutEntry { name: format!("{key}.lora_B.weight"), dtype: Dtype::F32, shape: vec![D, R] }, b));
+            tensors.push((OutEntry::plain(format!("{key}.lora_A.weight"), Dtype::F32, vec![R, D]), a));
+            tensors.push((OutEntry::plain(format!("{key}.lora_B.weight"), Dtype::F32, vec![D, R]), b));
         }
     }
     let entries: Vec<OutEntry> = tensors.iter().map(|(e, _)| e.clone()).collect();

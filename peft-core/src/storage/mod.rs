@@ -79,6 +79,11 @@ impl Format {
         }
     }
 
+    /// Whether values are quantized (int8, Q8_0, Q4_0) rather than floats.
+    pub const fn is_quantized(self) -> bool {
+        matches!(self, Format::Int8 | Format::Q8_0 | Format::Q4_0)
+    }
+
     /// Bytes one row of `cols` values takes (int8: the values only, the
     /// scale is separate); `None` on overflow or, for the block formats,
     /// `cols` not a multiple of [`QK`].

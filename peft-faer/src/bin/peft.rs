@@ -13,16 +13,16 @@ use indicatif::{ProgressBar, ProgressStyle};
 use peft_core::activation::Activation;
 use peft_core::adapter::AdapterConfig;
 use peft_core::optim::AdamW;
+use peft_core::storage::Format;
 use peft_faer::Faer;
 use peft_faer::files::{check_output, read_bounded, write_file};
 use peft_faer::hf::base::Base;
 use peft_faer::hf::convert::{own_to_peft_dir, peft_dir_to_own};
-use peft_faer::hf::merge::{MergeOptions, merge_many};
+use peft_faer::hf::merge::{MergeOptions, MergeReport, merge_many};
 use peft_faer::hf::{CONFIG_FILE, HfAdapter, HfError, MAX_ADAPTER_BYTES, PeftConfig, WEIGHTS_FILE};
 use peft_faer::io::{encode, load};
 use peft_faer::tiny::{Peft, Runner, Spec, TinyConfig, TinyModel, Trace, projection_indices};
 use peft_faer::train::{Task, Trainer, loss, setup, train};
-use safetensors::Dtype;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -41,10 +41,12 @@ enum Command {
     /// Train adapters on a tiny frozen model and a built-in task (no
     /// download), save and reload them, and print a table.
     Finetune(FinetuneArgs),
-    /// Describe a Hugging Face PEFT adapter directory: method, per module its
-    /// base tensor, in, out, r, alpha, scale, parameters; totals; warnings.
+    /// Describe a Hugging Face PEFT adapter directory (method, per module its
+    /// base tensor, in, out, r, alpha, scale, parameters; totals; warnings),
+    /// or a base checkpoint (each tensor's storage, shape and bytes).
     Inspect {
-        /// The adapter directory (adapter_config.json + adapter_model.safetensors).
+        /// The adapter directory (adapter_config.json + adapter_model.safetensors),
+        /// or a base: a .safetensors file or a checkpoint folder.
         adapter: PathBuf,
         /// One JSON document instead of text.
         #[arg(long)]
@@ -64,7 +66,10 @@ enum Command {
         /// Output: a .safetensors file (single-file base) or a new folder (sharded base).
         #[arg(long)]
         out: PathBuf,
-        /// Element type of the output's float tensors (default: as the base).
+        /// Storage of the output's float and quantized tensors (default: each
+        /// as in the base). int8, q8_0 and q4_0 apply to the matrices they
+        /// fit; each quantized tensor's max error against the f32 merge is
+        /// printed.
         #[arg(long, value_enum)]
         dtype: Option<DtypeArg>,
         /// Threads per matrix product.
@@ -76,6 +81,24 @@ enum Command {
         /// Write NaN or infinite merged values instead of refusing them.
         #[arg(long)]
         allow_nonfinite: bool,
+    },
+    /// Quantize a safetensors base: every matrix the format fits becomes
+    /// int8 (one scale per row), GGUF Q8_0 or GGUF Q4_0, stored as U8 with
+    /// its format and shape in the header metadata; prints each tensor's
+    /// max error.
+    Quantize {
+        /// Base weights: a .safetensors file or a sharded checkpoint folder.
+        #[arg(long)]
+        base: PathBuf,
+        /// Output: a .safetensors file (single-file base) or a new folder (sharded base).
+        #[arg(long)]
+        out: PathBuf,
+        /// The format.
+        #[arg(long, value_enum)]
+        format: QuantArg,
+        /// Replace OUT if it exists (once the new output is complete).
+        #[arg(long)]
+        force: bool,
     },
     /// Combine LoRA adapters into a new PEFT adapter directory, as PEFT's
     /// `add_weighted_adapter` (same math, same config; PEFT loads it).
@@ -125,6 +148,34 @@ enum DtypeArg {
     F32,
     F16,
     Bf16,
+    Int8,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+}
+
+impl DtypeArg {
+    fn format(self) -> Format {
+        match self {
+            DtypeArg::F32 => Format::F32,
+            DtypeArg::F16 => Format::F16,
+            DtypeArg::Bf16 => Format::Bf16,
+            DtypeArg::Int8 => Format::Int8,
+            DtypeArg::Q8_0 => Format::Q8_0,
+            DtypeArg::Q4_0 => Format::Q4_0,
+        }
+    }
+}
+
+/// The formats `peft quantize` writes.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum QuantArg {
+    Int8,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
 }
 
 /// PEFT's `combination_type` names, written as PEFT writes them.
@@ -488,7 +539,49 @@ fn print_table(rows: &[Row], full_state: usize, base_identical: bool, out: &Path
     Ok(())
 }
 
+/// A base checkpoint: each tensor's storage, logical shape and stored
+/// bytes, in storage order, then the totals per storage.
+fn inspect_base(path: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>> {
+    let b = Base::open(path)?;
+    let storage =
+        |e: &peft_faer::hf::st::Entry| e.format().map_or_else(|| format!("{:?}", e.dtype), |f| f.name().into());
+    let mut totals: std::collections::BTreeMap<String, (usize, u64, u64)> = Default::default();
+    for (_, e) in b.entries() {
+        let t = totals.entry(storage(e)).or_default();
+        *t = (t.0 + 1, t.1 + e.numel() as u64, t.2 + e.len);
+    }
+    if as_json {
+        let tensors: Vec<_> = b
+            .entries()
+            .map(|(_, e)| json!({ "tensor": e.name, "storage": storage(e), "shape": e.shape, "bytes": e.len }))
+            .collect();
+        let totals: serde_json::Map<String, serde_json::Value> = totals
+            .iter()
+            .map(|(k, (n, p, by))| (k.clone(), json!({ "tensors": n, "values": p, "bytes": by })))
+            .collect();
+        let doc = json!({ "base": path, "tensors": tensors, "totals": totals, "bytes": b.total_bytes() });
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(true);
+    }
+    outln!("base {}: {} tensors, {} bytes", path.display(), b.entries().count(), b.total_bytes());
+    outln!("{:<56} {:>7} {:>16} {:>12}", "tensor", "storage", "shape", "bytes");
+    for (_, e) in b.entries() {
+        outln!("{:<56} {:>7} {:>16} {:>12}", e.name, storage(e), format!("{:?}", e.shape), e.len);
+    }
+    for (k, (n, values, bytes)) in &totals {
+        let per = if *values > 0 { *bytes as f64 / *values as f64 } else { 0.0 };
+        outln!("{k}: {n} tensors, {values} values, {bytes} bytes ({per:.4} bytes per value)");
+    }
+    Ok(true)
+}
+
 fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::error::Error>> {
+    let is_base = dir.is_file()
+        || (!dir.join(CONFIG_FILE).exists()
+            && (dir.join(peft_faer::hf::base::INDEX_FILE).exists() || dir.join("model.safetensors").exists()));
+    if is_base {
+        return inspect_base(dir, as_json);
+    }
     // Headers and a chunked scan for NaN/Inf: memory does not grow with the adapter.
     let ad = HfAdapter::summarize(dir)?;
     let nonfinite: Vec<String> =
@@ -744,11 +837,7 @@ fn merge_cmd(a: &MergeArgs<'_>) -> Result<bool, Box<dyn std::error::Error>> {
         a.adapters.iter().map(|(dir, m)| Ok((HfAdapter::read_dir(dir)?, *m))).collect::<Result<_, HfError>>()?;
     let ads: Vec<(&HfAdapter, f64)> = read.iter().map(|(ad, m)| (ad, *m)).collect();
     let b = Base::open(a.base)?;
-    let dtype = a.dtype.map(|d| match d {
-        DtypeArg::F32 => Dtype::F32,
-        DtypeArg::F16 => Dtype::F16,
-        DtypeArg::Bf16 => Dtype::BF16,
-    });
+    let dtype = a.dtype.map(DtypeArg::format);
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(b.total_bytes());
         if let Ok(style) = ProgressStyle::with_template("merge [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}") {
@@ -781,6 +870,55 @@ fn merge_cmd(a: &MergeArgs<'_>) -> Result<bool, Box<dyn std::error::Error>> {
         a.out.display(),
         start.elapsed().as_secs_f64()
     );
+    print_quant_report(&report, "the f32 merge")?;
+    Ok(true)
+}
+
+/// Each quantized tensor's max error (and the format's bound for its
+/// largest value), then the tensors the requested format did not fit.
+fn print_quant_report(report: &MergeReport, against: &str) -> std::io::Result<()> {
+    if !report.quantized.is_empty() {
+        outln!("max |quantized - exact| per tensor, against {against}:");
+        outln!("{:<56} {:>6} {:>12} {:>12} {:>12}", "tensor", "format", "max error", "bound", "max |value|");
+        for q in &report.quantized {
+            let bound = peft_core::storage::error_bound(q.format, q.max_abs);
+            outln!(
+                "{:<56} {:>6} {:>12.4e} {:>12.4e} {:>12.4e}",
+                q.tensor,
+                q.format.name(),
+                q.max_error,
+                bound,
+                q.max_abs
+            );
+        }
+    }
+    for t in &report.kept {
+        outln!("{t}: kept in its own storage (the format does not fit its shape)");
+    }
+    Ok(())
+}
+
+fn quantize_cmd(base: &Path, out: &Path, format: QuantArg, force: bool) -> Result<bool, Box<dyn std::error::Error>> {
+    let b = Base::open(base)?;
+    let format = match format {
+        QuantArg::Int8 => Format::Int8,
+        QuantArg::Q8_0 => Format::Q8_0,
+        QuantArg::Q4_0 => Format::Q4_0,
+    };
+    let options = MergeOptions { dtype: Some(format), force, allow_nonfinite: false };
+    let start = Instant::now();
+    let report = merge_many(&b, &[], out, &options, &Faer::new(), |_| {})?;
+    eprintln!(
+        "{} tensors quantized to {}, {} kept: {} bytes (from {}) to {} in {:.2} s",
+        report.quantized.len(),
+        format.name(),
+        report.kept.len(),
+        report.bytes,
+        b.total_bytes(),
+        out.display(),
+        start.elapsed().as_secs_f64()
+    );
+    print_quant_report(&report, "the base")?;
     Ok(true)
 }
 
@@ -894,6 +1032,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Convert { src, dst, force } => convert_cmd(src, dst, *force),
+        Command::Quantize { base, out, format, force } => quantize_cmd(base, out, *format, *force),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

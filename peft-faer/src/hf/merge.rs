@@ -19,17 +19,27 @@
 //! of `W + s B A`) is an error naming the tensor and the first such index.
 //! Base values that were already non-finite are copied as they are.
 //! [`MergeOptions::allow_nonfinite`] writes everything anyway.
+//!
+//! **Quantized bases and outputs.** A base may hold int8, Q8_0 or Q4_0
+//! matrices (see [`st`](super::st#quantized-tensors)): they are
+//! dequantized row block by row block, merged in f32 and, unless
+//! [`MergeOptions::dtype`] says otherwise, quantized again (once) to their
+//! own format. [`MergeOptions::dtype`] may name a quantized format: every
+//! matrix it fits is then written in it. Every tensor written quantized
+//! from computed values gets a [`QuantError`] in the report: the largest
+//! `|deq(quant(v)) - v|` against the f32 merge `v`. A merged value that is
+//! not finite cannot be quantized and is always refused.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
+use peft_core::storage::Format;
 use peft_core::{Accum, Backend, MatMut, MatRef, Op};
-use safetensors::Dtype;
 
 use super::base::{Base, INDEX_FILE};
-use super::st::{self, Entry, OutEntry, float_size};
+use super::st::{self, Entry, OutEntry};
 use super::{
     HfAdapter, HfError, HfTensor, Ia3Module, LohaModule, LokrModule, LoraModule, PeftConfig, VeraModule,
     VeraProjections,
@@ -73,13 +83,52 @@ pub struct MergeReport {
     pub copied: usize,
     /// Bytes of tensor data written.
     pub bytes: u64,
+    /// Tensors written in a quantized format from computed values, in
+    /// storage order, with their rounding error.
+    pub quantized: Vec<QuantError>,
+    /// Matrices [`MergeOptions::dtype`] does not fit (Q8_0 or Q4_0 asked
+    /// of rows not a multiple of 32 long): written in their own format.
+    /// Vectors and other non-matrices never take a quantized format (they
+    /// keep their own, unreported).
+    pub kept: Vec<String>,
+}
+
+/// The rounding error of one tensor written quantized.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantError {
+    /// The tensor.
+    pub tensor: String,
+    /// Its format in the output.
+    pub format: Format,
+    /// The largest `|deq(quant(v)) - v|` over its elements, `v` the f32
+    /// values (the f32 merge) before quantization.
+    pub max_error: f32,
+    /// The largest `|v|`: [`peft_core::storage::error_bound`] of it bounds
+    /// `max_error`.
+    pub max_abs: f32,
+}
+
+impl QuantError {
+    fn new(tensor: &str, format: Format) -> Self {
+        Self { tensor: tensor.to_string(), format, max_error: 0.0, max_abs: 0.0 }
+    }
+
+    /// Takes in the values `v` and their dequantized round trip `back`.
+    fn update(&mut self, v: &[f32], back: &[f32]) {
+        for (x, y) in v.iter().zip(back) {
+            self.max_error = self.max_error.max((x - y).abs());
+            self.max_abs = self.max_abs.max(x.abs());
+        }
+    }
 }
 
 /// How [`merge`] writes.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MergeOptions {
-    /// Element type of the output's float tensors (`None`: each keeps its own).
-    pub dtype: Option<Dtype>,
+    /// Storage of the output's float and quantized tensors (`None`: each
+    /// keeps its own). A quantized format applies to the matrices it fits
+    /// (see [`MergeReport::kept`]).
+    pub dtype: Option<Format>,
     /// Replace an existing output (once the new one is complete).
     pub force: bool,
     /// Write NaN or infinite merged values instead of refusing them.
@@ -174,8 +223,7 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
                         [n_out, n_in]
                     )));
                 }
-                float_size(e.dtype)
-                    .ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
+                e.format().ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
                 if actions.insert(name.clone(), Action::Lokr(m, multiplier)).is_some() {
                     return Err(HfError::Tensor(format!("{name} is adapted by two adapters, one of them LoKr")));
                 }
@@ -198,8 +246,7 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
                         )));
                     }
                 };
-                float_size(e.dtype)
-                    .ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
+                e.format().ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
                 if actions.insert(name.clone(), Action::Vera(m, proj, multiplier, n_in)).is_some() {
                     return Err(HfError::Tensor(format!("{name} is adapted by two adapters, one of them VeRA")));
                 }
@@ -219,8 +266,7 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
                         [m.n_out, m.n_in]
                     )));
                 }
-                float_size(e.dtype)
-                    .ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
+                e.format().ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
                 if actions.insert(name.clone(), Action::Loha(m, multiplier)).is_some() {
                     return Err(HfError::Tensor(format!("{name} is adapted by two adapters, one of them LoHa")));
                 }
@@ -252,7 +298,7 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
             if e.shape != want {
                 return Err(HfError::Base(format!("{name} has shape {:?}, the adapter needs {want:?}", e.shape)));
             }
-            float_size(e.dtype).ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
+            e.format().ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
             let factor = (m.scale * multiplier) as f32;
             match actions.entry(name.clone()).or_insert_with(|| Action::Lora(Vec::new(), transposed)) {
                 Action::Lora(list, fan) if *fan == transposed => list.push((m, factor)),
@@ -317,7 +363,7 @@ fn plan_ia3<'a>(base: &Base, m: &'a Ia3Module, actions: &mut BTreeMap<String, Ac
     if !fits {
         return Err(HfError::Base(format!("{name} has shape {:?}, ia3_l has {:?}", e.shape, m.shape())));
     }
-    float_size(e.dtype).ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
+    e.format().ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
     if actions.insert(name.clone(), Action::Ia3(m)).is_some() {
         return Err(HfError::Tensor(format!("{name} is adapted by two adapters, one of them IA3")));
     }
@@ -401,13 +447,17 @@ pub fn merge_many<B: Backend<f32> + ?Sized>(
             let entries: Vec<OutEntry> = shard
                 .entries
                 .iter()
-                .map(|e| OutEntry {
-                    name: e.name.clone(),
-                    dtype: match (dtype, float_size(e.dtype)) {
-                        (Some(d), Some(_)) => d,
-                        _ => e.dtype,
-                    },
-                    shape: e.shape.clone(),
+                .map(|e| match (e.format(), dtype) {
+                    (Some(_), Some(want)) if st::fits(want, &e.shape) => {
+                        OutEntry::stored(&e.name, want, e.shape.clone())
+                    }
+                    (Some(f), want) => {
+                        if want.is_some() && e.shape.len() == 2 {
+                            report.kept.push(e.name.clone());
+                        }
+                        OutEntry::stored(&e.name, f, e.shape.clone())
+                    }
+                    (None, _) => OutEntry::plain(&e.name, e.dtype, e.shape.clone()),
                 })
                 .collect();
             let mut metadata = shard.metadata.clone();
@@ -419,10 +469,13 @@ pub fn merge_many<B: Backend<f32> + ?Sized>(
             for (e, oe) in shard.entries.iter().zip(&entries) {
                 let action = actions.get(&e.name).unwrap_or(&Action::Copy);
                 let check = !options.allow_nonfinite;
-                write_tensor(shard, e, oe.dtype, action, backend, check, &mut w).map_err(|err| match err {
-                    WriteError::Io(x) => HfError::Io(target.clone(), x),
-                    WriteError::Hf(h) => h,
-                })?;
+                let out_format = oe.quant.or_else(|| st::float_format(oe.dtype));
+                let error =
+                    write_tensor(shard, e, out_format, action, backend, check, &mut w).map_err(|err| match err {
+                        WriteError::Io(x) => HfError::Io(target.clone(), x),
+                        WriteError::Hf(h) => h,
+                    })?;
+                report.quantized.extend(error);
                 match action {
                     Action::Copy => report.copied += 1,
                     Action::Lora(..) | Action::Ia3(_) | Action::Loha(..) | Action::Lokr(..) | Action::Vera(..) => {
@@ -481,18 +534,22 @@ impl From<peft_core::Error> for WriteError {
     }
 }
 
+/// Writes one tensor in `out_format` (`None`: a non-float tensor, copied
+/// as stored); returns the rounding error if it was quantized from
+/// computed values.
 fn write_tensor<B: Backend<f32> + ?Sized>(
     shard: &st::StFile,
     e: &Entry,
-    out_dtype: Dtype,
+    out_format: Option<Format>,
     action: &Action<'_>,
     backend: &B,
     check_finite: bool,
     w: &mut impl Write,
-) -> Result<(), WriteError> {
-    let mut out = Vec::new();
-    match action {
-        Action::Copy if out_dtype == e.dtype => {
+) -> Result<Option<QuantError>, WriteError> {
+    let out_f = match out_format {
+        Some(f) if e.format() != Some(f) || !matches!(action, Action::Copy) => f,
+        // Unchanged: the stored bytes, whatever they are.
+        _ => {
             let mut buf = vec![0u8; CHUNK_BYTES.min(e.len as usize)];
             let mut at = 0u64;
             while at < e.len {
@@ -501,20 +558,34 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
                 w.write_all(&buf[..n])?;
                 at += n as u64;
             }
+            return Ok(None);
+        }
+    };
+    // Vectors and other non-matrices: whole (biases) or chunked (a copy).
+    let cols = match e.shape.as_slice() {
+        &[_, c] => c,
+        _ => e.numel().max(1),
+    };
+    let mut out = Vec::new();
+    let mut error = out_f.is_quantized().then(|| QuantError::new(&e.name, out_f));
+    let mut put = |vals: &[f32], offset: usize, w: &mut dyn Write| -> Result<(), WriteError> {
+        out.clear();
+        encode(&e.name, out_f, vals, cols, offset, &mut out, error.as_mut())?;
+        w.write_all(&out)?;
+        Ok(())
+    };
+    match action {
+        Action::Copy if e.shape.len() == 2 => {
+            return map_rows(shard, e, out_f, false, w, |_, _, _, _| Ok(()));
         }
         Action::Copy => {
-            // A dtype change: convert in chunks.
-            shard.scan_f32(e, CHUNK_BYTES / 4, |_, vals| {
-                out.clear();
-                st::from_f32(out_dtype, vals, &mut out)?;
-                w.write_all(&out)?;
+            // A dtype change of a float tensor that is not a matrix.
+            shard.scan_f32(e, CHUNK_BYTES / 4, |start, vals| {
+                put(vals, start, w)?;
                 Ok::<_, WriteError>(None::<()>)
             })?;
         }
-        Action::Replace(r) => {
-            st::from_f32(out_dtype, &r.data, &mut out)?;
-            w.write_all(&out)?;
-        }
+        Action::Replace(r) => put(&r.data, 0, w)?,
         Action::LoraBias(list) => {
             let mut bias = shard.read_f32(e)?;
             for &(m, s) in list {
@@ -527,8 +598,7 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
                     *b = after;
                 }
             }
-            st::from_f32(out_dtype, &bias, &mut out)?;
-            w.write_all(&out)?;
+            put(&bias, 0, w)?;
         }
         Action::Ia3Bias(m) => {
             let mut bias = shard.read_f32(e)?;
@@ -537,8 +607,7 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
                 let base = shard.read_f32(e)?;
                 refuse_new_nonfinite(&e.name, 0, &bias, |i| base.get(i).copied())?;
             }
-            st::from_f32(out_dtype, &bias, &mut out)?;
-            w.write_all(&out)?;
+            put(&bias, 0, w)?;
         }
         // LoHa and LoKr: each row block of W gets the same rows of dW,
         // formed for that block only (scratch of the block's size, not
@@ -548,29 +617,29 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
             let [f0, f1, f2, f3] = &m.factors;
             let loha = peft_core::loha::Loha::new(&cfg, m.n_in, m.n_out, [&f0[..], &f1[..], &f2[..], &f3[..]])?;
             let mut sc = Vec::new();
-            map_rows(shard, e, out_dtype, check_finite, w, |i0, n, cols, vals| {
+            return map_rows(shard, e, out_f, check_finite, w, |i0, n, cols, vals| {
                 sc.resize(2 * n * cols, 0.0);
                 let dst = MatMut::new(vals, n, cols)?;
                 loha.delta_rows(backend, i0, dst, Accum::Add, *factor, &mut sc).map_err(HfError::backend)?;
                 Ok(())
-            })?
+            });
         }
         Action::Lokr(m, factor) => {
             use peft_core::lokr::Lokr;
             let cfg = peft_core::lora::LoraConfig::new(m.r, m.alpha);
             let lokr = Lokr::new(&cfg, m.d1, m.d2, as_factor(&m.w1), as_factor(&m.w2))?;
             let mut sc = vec![0.0f32; m.d1.0 * m.d1.1 + m.d2.0 * m.d2.1];
-            map_rows(shard, e, out_dtype, check_finite, w, |i0, n, cols, vals| {
+            return map_rows(shard, e, out_f, check_finite, w, |i0, n, cols, vals| {
                 let dst = MatMut::new(vals, n, cols)?;
                 lokr.delta_rows(backend, i0, dst, Accum::Add, *factor, &mut sc).map_err(HfError::backend)?;
                 Ok(())
-            })?
+            });
         }
         Action::Vera(m, p, factor, n_in) => {
             use peft_core::vera::{Vera, VeraProjection};
             let r = p.r;
             let mut sc = vec![0.0f32; 0];
-            map_rows(shard, e, out_dtype, check_finite, w, |i0, n, cols, vals| {
+            return map_rows(shard, e, out_f, check_finite, w, |i0, n, cols, vals| {
                 // Rows i0..i0+n of dW are those of a VeRA layer whose
                 // `vera_B` and `lambda_b` are the same rows.
                 fn rows(v: &[f32], from: usize, to: usize) -> Result<&[f32], peft_core::Error> {
@@ -582,45 +651,49 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
                 let dst = MatMut::new(vals, n, cols)?;
                 layer.delta(backend, &proj, dst, Accum::Add, *factor, &mut sc).map_err(HfError::backend)?;
                 Ok(())
-            })?
+            });
         }
-        Action::Ia3(m) => map_rows(shard, e, out_dtype, check_finite, w, |i0, _, cols, vals| {
-            for (k, row) in vals.chunks_exact_mut(cols.max(1)).enumerate() {
-                if m.feedforward {
-                    row.iter_mut().zip(&m.l).for_each(|(v, l)| *v *= l);
-                } else {
-                    let l = m.l[i0 + k];
-                    row.iter_mut().for_each(|v| *v *= l);
+        Action::Ia3(m) => {
+            return map_rows(shard, e, out_f, check_finite, w, |i0, _, cols, vals| {
+                for (k, row) in vals.chunks_exact_mut(cols.max(1)).enumerate() {
+                    if m.feedforward {
+                        row.iter_mut().zip(&m.l).for_each(|(v, l)| *v *= l);
+                    } else {
+                        let l = m.l[i0 + k];
+                        row.iter_mut().for_each(|v| *v *= l);
+                    }
                 }
-            }
-            Ok(())
-        })?,
-        Action::Lora(list, fan_in_fan_out) => map_rows(shard, e, out_dtype, check_finite, w, |i0, n, cols, vals| {
-            for &(m, s) in list {
-                let a = MatRef::new(&m.a, m.r, m.n_in)?;
-                let b = MatRef::new(&m.b, m.n_out, m.r)?;
-                let dst = MatMut::new(&mut *vals, n, cols)?;
-                let overflow = || peft_core::Error::Overflow;
-                if *fan_in_fan_out {
-                    // W [in, out]: rows i0.. += s A^T[i0.., :] B^T.
-                    let at = a.cols_range(i0, n).ok_or_else(overflow)?;
-                    backend.gemm(dst, Accum::Add, at, Op::T, b, Op::T, s).map_err(HfError::backend)?;
-                } else {
-                    // W [out, in]: rows i0.. += s B[i0.., :] A.
-                    let bt = b.rows_range(i0, n).ok_or_else(overflow)?;
-                    backend.gemm(dst, Accum::Add, bt, Op::N, a, Op::N, s).map_err(HfError::backend)?;
+                Ok(())
+            });
+        }
+        Action::Lora(list, fan_in_fan_out) => {
+            return map_rows(shard, e, out_f, check_finite, w, |i0, n, cols, vals| {
+                for &(m, s) in list {
+                    let a = MatRef::new(&m.a, m.r, m.n_in)?;
+                    let b = MatRef::new(&m.b, m.n_out, m.r)?;
+                    let dst = MatMut::new(&mut *vals, n, cols)?;
+                    let overflow = || peft_core::Error::Overflow;
+                    if *fan_in_fan_out {
+                        // W [in, out]: rows i0.. += s A^T[i0.., :] B^T.
+                        let at = a.cols_range(i0, n).ok_or_else(overflow)?;
+                        backend.gemm(dst, Accum::Add, at, Op::T, b, Op::T, s).map_err(HfError::backend)?;
+                    } else {
+                        // W [out, in]: rows i0.. += s B[i0.., :] A.
+                        let bt = b.rows_range(i0, n).ok_or_else(overflow)?;
+                        backend.gemm(dst, Accum::Add, bt, Op::N, a, Op::N, s).map_err(HfError::backend)?;
+                    }
+                    if let Some(mag) = &m.magnitude {
+                        // DoRA: each row V_j = W_j + s B_j A, now complete in the
+                        // block, becomes (m_j / ||V_j||) V_j (PEFT's merge; the
+                        // reader refused fan_in_fan_out, so rows are outputs).
+                        dora_rows(vals, cols, &mag[i0..i0 + n]);
+                    }
                 }
-                if let Some(mag) = &m.magnitude {
-                    // DoRA: each row V_j = W_j + s B_j A, now complete in the
-                    // block, becomes (m_j / ||V_j||) V_j (PEFT's merge; the
-                    // reader refused fan_in_fan_out, so rows are outputs).
-                    dora_rows(vals, cols, &mag[i0..i0 + n]);
-                }
-            }
-            Ok(())
-        })?,
+                Ok(())
+            });
+        }
     }
-    Ok(())
+    Ok(error)
 }
 
 /// DoRA's merge on a block of complete rows `v` (`cols` each): `V_j <-
@@ -645,48 +718,81 @@ fn as_factor(f: &[Vec<f32>]) -> peft_core::lokr::Factor<&[f32]> {
     }
 }
 
-/// Writes the matrix `e` (`[rows, cols]`) transformed row block by row
-/// block: each block of at most [`CHUNK_BYTES`] of f32 is read, widened,
-/// handed to `f(first_row, rows, cols, values)`, checked (when
-/// `check_finite`, an element that became non-finite where the base's was
-/// finite is refused) and written in `out_dtype`. The one streaming loop of
-/// every merge that changes a weight.
+/// Writes the matrix `e` (`[rows, cols]`, any float or quantized format)
+/// transformed row block by row block: each block of at most
+/// [`CHUNK_BYTES`] of f32 is read, widened, handed to `f(first_row, rows,
+/// cols, values)`, checked (when `check_finite`, an element that became
+/// non-finite where the base's was finite is refused) and written in
+/// `out`. The one streaming loop of every merge that changes a weight;
+/// returns the rounding error when `out` is quantized.
 fn map_rows(
     shard: &st::StFile,
     e: &Entry,
-    out_dtype: Dtype,
+    out: Format,
     check_finite: bool,
     w: &mut impl Write,
     mut f: impl FnMut(usize, usize, usize, &mut [f32]) -> Result<(), WriteError>,
-) -> Result<(), WriteError> {
-    let size = float_size(e.dtype).unwrap_or(4);
-    let &[rows, cols] = e.shape.as_slice() else {
-        return Err(HfError::Base(format!("{}: an adapted weight must be a matrix", e.name)).into());
+) -> Result<Option<QuantError>, WriteError> {
+    let (Some(own), &[rows, cols]) = (e.format(), e.shape.as_slice()) else {
+        return Err(HfError::Base(format!("{}: an adapted weight must be a float matrix", e.name)).into());
     };
+    let rb = st::row_bytes(own, cols).unwrap_or(0);
     let block = (CHUNK_BYTES / 4 / cols.max(1)).clamp(1, rows.max(1));
-    let mut bytes = vec![0u8; block * cols * size];
+    let mut bytes = Vec::new();
     let mut vals = vec![0.0f32; block * cols];
-    let mut out = Vec::new();
+    let mut error = out.is_quantized().then(|| QuantError::new(&e.name, out));
+    let mut encoded = Vec::new();
     let mut i0 = 0;
     while i0 < rows {
         let n = block.min(rows - i0);
-        let nb = n * cols * size;
-        shard.read_at(e, (i0 * cols * size) as u64, &mut bytes[..nb])?;
-        st::to_f32(e.dtype, &bytes[..nb], &mut vals[..n * cols])?;
-        f(i0, n, cols, &mut vals[..n * cols])?;
+        let vals = &mut vals[..n * cols];
+        shard.read_rows(e, i0, vals, &mut bytes)?;
+        f(i0, n, cols, vals)?;
         if check_finite {
+            // The base's value, its row decoded again (only at a non-finite
+            // merged value).
             let base = |i: usize| {
-                let mut one = [0.0f32];
-                let c = bytes.get(i * size..(i + 1) * size)?;
-                st::to_f32(e.dtype, c, &mut one).ok()?;
-                Some(one[0])
+                let mut row = vec![0.0f32; cols];
+                let stored = bytes.get(i / cols.max(1) * rb..)?.get(..rb)?;
+                st::decode_rows(own, stored, cols, &mut row).ok()?;
+                row.get(i % cols.max(1)).copied()
             };
-            refuse_new_nonfinite(&e.name, i0 * cols, &vals[..n * cols], base)?;
+            refuse_new_nonfinite(&e.name, i0 * cols, vals, base)?;
         }
-        out.clear();
-        st::from_f32(out_dtype, &vals[..n * cols], &mut out)?;
-        w.write_all(&out)?;
+        encoded.clear();
+        encode(&e.name, out, vals, cols, i0 * cols, &mut encoded, error.as_mut())?;
+        w.write_all(&encoded)?;
         i0 += n;
+    }
+    Ok(error)
+}
+
+/// Encodes `vals` (whole rows of `cols`; element 0 is element `offset` of
+/// tensor `name`) in format `f` onto `out`, and when `error` is given,
+/// takes the round trip's error into it.
+fn encode(
+    name: &str,
+    f: Format,
+    vals: &[f32],
+    cols: usize,
+    offset: usize,
+    out: &mut Vec<u8>,
+    error: Option<&mut QuantError>,
+) -> Result<(), HfError> {
+    let start = out.len();
+    st::encode_rows(f, vals, cols, out).map_err(|e| match e {
+        HfError::Core(peft_core::Error::NonFinite { index, .. }) => HfError::NonFinite {
+            tensor: name.to_string(),
+            index: offset + index,
+            value: vals.get(index).copied().unwrap_or(f32::NAN),
+            cause: "a quantized format cannot store a non-finite value",
+        },
+        other => other,
+    })?;
+    if let Some(error) = error {
+        let mut back = vec![0.0f32; vals.len()];
+        st::decode_rows(f, &out[start..], cols, &mut back)?;
+        error.update(vals, &back);
     }
     Ok(())
 }

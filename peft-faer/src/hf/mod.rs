@@ -1220,8 +1220,7 @@ pub(crate) fn write_raw_dir(
 ) -> Result<(), HfError> {
     let mut metadata = metadata.clone();
     metadata.insert("format".into(), "pt".into());
-    let entries: Vec<OutEntry> =
-        tensors.iter().map(|(n, d, s, _)| OutEntry { name: n.to_string(), dtype: *d, shape: s.to_vec() }).collect();
+    let entries: Vec<OutEntry> = tensors.iter().map(|(n, d, s, _)| OutEntry::plain(*n, *d, s.to_vec())).collect();
     let mut bytes = st::header(&entries, &metadata)?;
     for (e, (name, _, _, data)) in entries.iter().zip(tensors) {
         if e.bytes() != data.len() as u64 {

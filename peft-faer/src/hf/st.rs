@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+use peft_core::storage::{Format, RowRef, StoredWeight};
 use safetensors::Dtype;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
@@ -26,6 +27,10 @@ use super::HfError;
 /// The largest header accepted (the `safetensors` crate's own limit).
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 
+/// The `__metadata__` key prefix that marks a quantized tensor (see the
+/// [module docs](self)): `peft.storage.` + the tensor's name.
+pub const STORAGE_KEY: &str = "peft.storage.";
+
 /// One tensor of a file: where its bytes are.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Entry {
@@ -33,12 +38,15 @@ pub struct Entry {
     pub name: String,
     /// Element type.
     pub dtype: Dtype,
-    /// Dimensions.
+    /// Dimensions (for a quantized tensor, the matrix's: `[rows, cols]`).
     pub shape: Vec<usize>,
     /// Absolute byte offset of the data in the file.
     pub offset: u64,
     /// Bytes of data.
     pub len: u64,
+    /// For a quantized matrix, its format (int8, Q8_0 or Q4_0; `dtype` is
+    /// then `U8`); `None` for a plain tensor.
+    pub quant: Option<Format>,
 }
 
 impl Entry {
@@ -46,6 +54,120 @@ impl Entry {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// How the values are stored: the quantized format, or F32, F16 or
+    /// BF16 as [`Format::F32`], [`Format::F16`], [`Format::Bf16`]; `None`
+    /// for any other element type (integers, f64, ...).
+    pub fn format(&self) -> Option<Format> {
+        self.quant.or_else(|| float_format(self.dtype))
+    }
+}
+
+/// The [`Format`] of a float element type (F32, F16, BF16).
+pub fn float_format(d: Dtype) -> Option<Format> {
+    match d {
+        Dtype::F32 => Some(Format::F32),
+        Dtype::F16 => Some(Format::F16),
+        Dtype::BF16 => Some(Format::Bf16),
+        _ => None,
+    }
+}
+
+/// The element type of a float [`Format`]; `U8` for the quantized ones.
+pub fn format_dtype(f: Format) -> Dtype {
+    match f {
+        Format::F32 => Dtype::F32,
+        Format::F16 => Dtype::F16,
+        Format::Bf16 => Dtype::BF16,
+        Format::Int8 | Format::Q8_0 | Format::Q4_0 => Dtype::U8,
+    }
+}
+
+/// Bytes a file stores per row of `cols` values in format `f` (int8: the
+/// scale's 4 bytes and `cols` i8; see the [module docs](self)). `None` on
+/// overflow, or for Q8_0 and Q4_0 with `cols` not a multiple of 32.
+pub fn row_bytes(f: Format, cols: usize) -> Option<usize> {
+    match f {
+        Format::Int8 => cols.checked_add(4),
+        _ => f.row_bytes(cols),
+    }
+}
+
+/// Whether a matrix of `shape` can be stored in format `f`: any tensor
+/// for the float formats; for the quantized ones a matrix `[rows, cols]`
+/// (Q8_0 and Q4_0: `cols` a multiple of 32).
+pub fn fits(f: Format, shape: &[usize]) -> bool {
+    match (f, shape) {
+        (Format::F32 | Format::F16 | Format::Bf16, _) => true,
+        (_, &[_, cols]) => row_bytes(f, cols).is_some(),
+        _ => false,
+    }
+}
+
+/// The stored bytes of a tensor of `shape` in format `f`.
+fn stored_bytes(f: Format, shape: &[usize]) -> u64 {
+    match (f, shape) {
+        (Format::Int8 | Format::Q8_0 | Format::Q4_0, &[rows, cols]) => {
+            rows as u64 * row_bytes(f, cols).unwrap_or(0) as u64
+        }
+        _ => shape.iter().product::<usize>() as u64 * format_dtype(f).size() as u64,
+    }
+}
+
+/// The logical description of a quantized tensor, as the metadata holds it.
+#[derive(Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct QuantInfo {
+    format: String,
+    shape: Vec<usize>,
+}
+
+/// Applies the [`STORAGE_KEY`] entries of `metadata` to `entries`
+/// (removing them from `metadata`): each must name a `U8` tensor whose
+/// stored shape is `[rows, row_bytes(format, cols)]` for its logical
+/// `[rows, cols]`.
+fn apply_storage(
+    entries: &mut [Entry],
+    metadata: &mut BTreeMap<String, String>,
+    bad: impl Fn(String) -> HfError,
+) -> Result<(), HfError> {
+    let keys: Vec<String> = metadata.keys().filter(|k| k.starts_with(STORAGE_KEY)).cloned().collect();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let by_name: HashMap<&str, usize> = entries.iter().enumerate().map(|(i, e)| (e.name.as_str(), i)).collect();
+    let mut found = Vec::with_capacity(keys.len());
+    for key in keys {
+        let value = metadata.remove(&key).unwrap_or_default();
+        let name = &key[STORAGE_KEY.len()..];
+        let info: QuantInfo = serde_json::from_str(&value)
+            .map_err(|e| bad(format!("tensor {name:?}: metadata `{key}`: {e} (want {{\"format\", \"shape\"}})")))?;
+        let format = match info.format.as_str() {
+            "int8" => Format::Int8,
+            "q8_0" => Format::Q8_0,
+            "q4_0" => Format::Q4_0,
+            other => return Err(bad(format!("tensor {name:?}: unknown storage format {other:?} (int8, q8_0, q4_0)"))),
+        };
+        let &i = by_name.get(name).ok_or_else(|| bad(format!("metadata `{key}` names no tensor of the file")))?;
+        let e = &entries[i];
+        let want = match info.shape.as_slice() {
+            &[rows, cols] => row_bytes(format, cols).map(|rb| vec![rows, rb]),
+            _ => None,
+        };
+        if e.dtype != Dtype::U8 || want.as_deref() != Some(e.shape.as_slice()) {
+            return Err(bad(format!(
+                "tensor {name:?}: stored as {:?} {:?}, but {} {:?} is U8 [rows, row bytes] (q8_0, q4_0: cols a \
+                 multiple of 32)",
+                e.dtype, e.shape, info.format, info.shape
+            )));
+        }
+        found.push((i, format, info.shape));
+    }
+    for (i, format, shape) in found {
+        entries[i].quant = Some(format);
+        entries[i].shape = shape;
+    }
+    Ok(())
 }
 
 /// An open, checked safetensors file.
@@ -115,7 +237,10 @@ pub type Header = (Vec<Entry>, BTreeMap<String, String>);
 /// [`HfError::DuplicateKey`]; [`HfError::Safetensors`] naming the tensor at
 /// fault: invalid JSON, an unknown field or dtype, a shape whose byte size
 /// overflows or differs from its range, ranges that leave a gap, overlap,
-/// or do not end where the file does.
+/// or do not end where the file does, a [`STORAGE_KEY`] entry that is not
+/// valid JSON, names an unknown format or tensor, or does not match the
+/// tensor's type and shape. The storage keys are consumed: the metadata
+/// returned holds the others.
 pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header, HfError> {
     let bad = |msg: String| HfError::Safetensors(path.to_path_buf(), msg);
     let raw = serde_json::Deserializer::from_slice(json)
@@ -140,7 +265,7 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header, H
         usize::try_from(numel.unwrap_or(u64::MAX))
             .map_err(|_| bad(format!("tensor {name:?}: too many elements for this machine")))?;
         let offset = data_start.checked_add(begin).ok_or_else(|| bad(format!("tensor {name:?}: offset overflows")))?;
-        entries.push(Entry { name, dtype: info.dtype, shape: info.shape, offset, len: end - begin });
+        entries.push(Entry { name, dtype: info.dtype, shape: info.shape, offset, len: end - begin, quant: None });
     }
     entries.sort_by_key(|e| e.offset);
     let mut at = data_start;
@@ -158,7 +283,9 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header, H
             file_len.saturating_sub(data_start)
         )));
     }
-    Ok((entries, raw.metadata))
+    let mut metadata = raw.metadata;
+    apply_storage(&mut entries, &mut metadata, bad)?;
+    Ok((entries, metadata))
 }
 
 /// The size of one element, for the float types a merge computes in.
@@ -221,6 +348,78 @@ pub fn from_f32(d: Dtype, vals: &[f32], out: &mut Vec<u8>) -> Result<(), HfError
             Dtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
             Dtype::F16 => out.extend_from_slice(&f16::from_f32(v).to_le_bytes()),
             _ => out.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
+        }
+    }
+    Ok(())
+}
+
+/// Decodes whole rows of `cols` values stored as `f` (`bytes`: the rows as
+/// a file stores them, see [`row_bytes`]) into `out` (`rows * cols`).
+///
+/// # Errors
+/// [`HfError::Core`] if the lengths disagree.
+pub fn decode_rows(f: Format, bytes: &[u8], cols: usize, out: &mut [f32]) -> Result<(), HfError> {
+    let rb = row_bytes(f, cols).ok_or(HfError::Core(peft_core::Error::Overflow))?;
+    let rows = bytes.len() / rb.max(1);
+    if rows * rb != bytes.len() || rows * cols != out.len() {
+        return Err(HfError::Core(peft_core::Error::ShapeMismatch {
+            operand: peft_core::error::Operand::Dst,
+            expected: rows * cols,
+            found: out.len(),
+        }));
+    }
+    match f {
+        Format::F32 | Format::F16 | Format::Bf16 => to_f32(format_dtype(f), bytes, out),
+        Format::Int8 => {
+            for (row, dst) in bytes.chunks_exact(rb).zip(out.chunks_exact_mut(cols.max(1))) {
+                let (scale, q) = row.split_at(4);
+                let scale = f32::from_le_bytes([scale[0], scale[1], scale[2], scale[3]]);
+                RowRef::Int8(bytemuck::cast_slice(q), scale).dequantize(dst);
+            }
+            Ok(())
+        }
+        Format::Q8_0 | Format::Q4_0 => {
+            let w = if f == Format::Q8_0 {
+                StoredWeight::q8_0(bytes, rows, cols)
+            } else {
+                StoredWeight::q4_0(bytes, rows, cols)
+            };
+            peft_core::storage::dequantize(&w?, out).map_err(HfError::Core)
+        }
+    }
+}
+
+/// Encodes `vals` (whole rows of `cols` values) in format `f`, appending
+/// the bytes a file stores (see [`row_bytes`]) to `out`: floats rounded
+/// once to nearest, quantized formats with GGUF's reference rounding
+/// ([`peft_core::storage::quantize()`]).
+///
+/// # Errors
+/// [`HfError::Core`]: lengths that are not whole rows, `cols` not a
+/// multiple of 32 for Q8_0 and Q4_0, a non-finite value for a quantized
+/// format ([`peft_core::Error::NonFinite`] with its index in `vals`).
+pub fn encode_rows(f: Format, vals: &[f32], cols: usize, out: &mut Vec<u8>) -> Result<(), HfError> {
+    use peft_core::storage::quantize::{Quantized, quantize};
+    let rows = vals.len() / cols.max(1);
+    let rb = row_bytes(f, cols).ok_or(HfError::Core(peft_core::Error::Overflow))?;
+    let start = out.len();
+    match f {
+        Format::F32 | Format::F16 | Format::Bf16 => return from_f32(format_dtype(f), vals, out),
+        Format::Int8 => {
+            let mut q = vec![0i8; vals.len()];
+            let mut scales = vec![0f32; rows];
+            quantize(vals, rows, cols, Quantized::Int8(&mut q, &mut scales))?;
+            out.reserve(rows * rb);
+            for (s, row) in scales.iter().zip(q.chunks_exact(cols.max(1))) {
+                out.extend_from_slice(&s.to_le_bytes());
+                out.extend_from_slice(bytemuck::cast_slice(row));
+            }
+        }
+        Format::Q8_0 | Format::Q4_0 => {
+            out.resize(start + rows * rb, 0);
+            let dst = &mut out[start..];
+            quantize(vals, rows, cols, if f == Format::Q8_0 { Quantized::Q8_0(dst) } else { Quantized::Q4_0(dst) })
+                .inspect_err(|_| out.truncate(start))?;
         }
     }
     Ok(())
@@ -291,21 +490,44 @@ impl StFile {
         per: usize,
         mut f: impl FnMut(usize, &[f32]) -> Result<Option<T>, E>,
     ) -> Result<Option<T>, E> {
-        let size = float_size(e.dtype).ok_or_else(|| unsupported(e.dtype))?;
-        let per = per.max(1);
-        let mut bytes = vec![0u8; per * size];
-        let mut vals = vec![0.0f32; per];
-        let (mut done, total) = (0usize, e.numel());
+        let format = e.format().ok_or_else(|| unsupported(e.dtype))?;
+        // Quantized rows are read whole: `per` rounds to a number of rows.
+        let (unit, unit_bytes) = match (e.quant, e.shape.as_slice()) {
+            (Some(q), &[_, cols]) => (cols.max(1), row_bytes(q, cols).unwrap_or(0)),
+            _ => (1, e.dtype.size()),
+        };
+        let units = (per / unit).max(1);
+        let mut bytes = vec![0u8; units * unit_bytes];
+        let mut vals = vec![0.0f32; units * unit];
+        let (mut done, total) = (0usize, e.numel() / unit.max(1));
         while done < total {
-            let n = per.min(total - done);
-            self.read_at(e, (done * size) as u64, &mut bytes[..n * size])?;
-            to_f32(e.dtype, &bytes[..n * size], &mut vals[..n])?;
-            if let Some(t) = f(done, &vals[..n])? {
+            let n = units.min(total - done);
+            self.read_at(e, (done * unit_bytes) as u64, &mut bytes[..n * unit_bytes])?;
+            decode_rows(format, &bytes[..n * unit_bytes], unit, &mut vals[..n * unit])?;
+            if let Some(t) = f(done * unit, &vals[..n * unit])? {
                 return Ok(Some(t));
             }
             done += n;
         }
         Ok(None)
+    }
+
+    /// Rows `first..first + n` of the matrix `e` (`[rows, cols]`, any
+    /// float or quantized format) widened to f32 into `out` (`n * cols`);
+    /// `scratch` holds the stored bytes.
+    ///
+    /// # Errors
+    /// [`HfError::Io`] (also for rows past the end), [`HfError::Unsupported`]
+    /// for a tensor that is not a float matrix.
+    pub fn read_rows(&self, e: &Entry, first: usize, out: &mut [f32], scratch: &mut Vec<u8>) -> Result<(), HfError> {
+        let (Some(format), &[_, cols]) = (e.format(), e.shape.as_slice()) else {
+            return Err(HfError::Unsupported(format!("{}: {:?} {:?} is not a float matrix", e.name, e.dtype, e.shape)));
+        };
+        let rb = row_bytes(format, cols).ok_or(HfError::Core(peft_core::Error::Overflow))?;
+        let n = out.len() / cols.max(1);
+        scratch.resize(n * rb, 0);
+        self.read_at(e, (first * rb) as u64, scratch)?;
+        decode_rows(format, scratch, cols, out)
     }
 
     /// The first NaN or infinity of a float tensor (its index and value),
@@ -322,10 +544,15 @@ impl StFile {
     /// # Errors
     /// [`HfError::Io`], [`HfError::Unsupported`] for a non-float type.
     pub fn read_f32(&self, e: &Entry) -> Result<Vec<f32>, HfError> {
+        let format = e.format().ok_or_else(|| unsupported(e.dtype))?;
         let mut bytes = vec![0u8; e.len as usize];
         self.read_at(e, 0, &mut bytes)?;
         let mut out = vec![0.0f32; e.numel()];
-        to_f32(e.dtype, &bytes, &mut out)?;
+        let cols = match (e.quant, e.shape.as_slice()) {
+            (Some(_), &[_, cols]) => cols,
+            _ => e.numel().max(1),
+        };
+        decode_rows(format, &bytes, cols, &mut out)?;
         Ok(out)
     }
 }
@@ -335,16 +562,40 @@ impl StFile {
 pub struct OutEntry {
     /// Name.
     pub name: String,
-    /// Element type.
+    /// Element type (ignored when `quant` is set: `U8`).
     pub dtype: Dtype,
-    /// Dimensions.
+    /// Dimensions (for a quantized matrix, the matrix's).
     pub shape: Vec<usize>,
+    /// A quantized matrix's format (see the [module docs](self)).
+    pub quant: Option<Format>,
 }
 
 impl OutEntry {
+    /// A plain tensor.
+    pub fn plain(name: impl Into<String>, dtype: Dtype, shape: Vec<usize>) -> Self {
+        Self { name: name.into(), dtype, shape, quant: None }
+    }
+
+    /// A float or quantized tensor stored in format `f`.
+    pub fn stored(name: impl Into<String>, f: Format, shape: Vec<usize>) -> Self {
+        let quant = matches!(f, Format::Int8 | Format::Q8_0 | Format::Q4_0).then_some(f);
+        Self { name: name.into(), dtype: format_dtype(f), shape, quant }
+    }
+
     /// Bytes of data.
     pub fn bytes(&self) -> u64 {
-        self.shape.iter().product::<usize>() as u64 * self.dtype.size() as u64
+        match self.quant {
+            Some(q) => stored_bytes(q, &self.shape),
+            None => self.shape.iter().product::<usize>() as u64 * self.dtype.size() as u64,
+        }
+    }
+
+    /// The shape written in the header (a quantized matrix: `[rows, row_bytes]`).
+    fn stored_shape(&self) -> Vec<usize> {
+        match (self.quant, self.shape.as_slice()) {
+            (Some(q), &[rows, cols]) => vec![rows, row_bytes(q, cols).unwrap_or(0)],
+            _ => self.shape.clone(),
+        }
     }
 }
 
@@ -356,15 +607,23 @@ impl OutEntry {
 /// [`HfError::Json`] if serialization fails.
 pub fn header(entries: &[OutEntry], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>, HfError> {
     let mut map = serde_json::Map::new();
+    let mut metadata = metadata.clone();
+    for e in entries {
+        if let Some(q) = e.quant {
+            let info = QuantInfo { format: q.name().into(), shape: e.shape.clone() };
+            metadata.insert(format!("{STORAGE_KEY}{}", e.name), serde_json::to_string(&info).map_err(HfError::json)?);
+        }
+    }
     if !metadata.is_empty() {
-        map.insert("__metadata__".into(), serde_json::to_value(metadata).map_err(HfError::json)?);
+        map.insert("__metadata__".into(), serde_json::to_value(&metadata).map_err(HfError::json)?);
     }
     let mut offset = 0u64;
     for e in entries {
         let end = offset + e.bytes();
+        let dtype = if e.quant.is_some() { Dtype::U8 } else { e.dtype };
         map.insert(
             e.name.clone(),
-            serde_json::json!({ "dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, end] }),
+            serde_json::json!({ "dtype": dtype, "shape": e.stored_shape(), "data_offsets": [offset, end] }),
         );
         offset = end;
     }
