@@ -2,7 +2,8 @@
 //! reference backend) runs LoRA forward, backward, an AdamW step and a
 //! merge, an adapter forward, a prefix-attention forward, and a
 //! fixed-capacity set of three flash adapters (switched one by one, then a
-//! mixed batch) on an emulated
+//! mixed batch), and LoRA forward, backward and an AdamW step over an int8
+//! and a Q8_0 base in flash, on an emulated
 //! Cortex-M4F (`qemu-system-arm -machine mps2-an386 -cpu cortex-m4`) and
 //! prints checksums of the bit patterns; the host runs the same code
 //! (`firmware/src/smoke.rs`) and the two must be bit-identical.

@@ -5,6 +5,13 @@
 //! by `peft-core`'s `const fn` scratch lengths. Each result is reduced to
 //! an FNV-1a hash of its f32 bit patterns, so "equal" means bit-identical.
 //!
+//! Two more bases are stored, not f32: an int8 one (one f32 scale per
+//! row) and a GGUF Q8_0 one (blocks of 32 i8 and an f16 scale), both
+//! `static` byte tables in flash built at compile time. LoRA runs its
+//! forward, backward and an AdamW step over each through
+//! `peft_core::storage::StoredLinear`, which reads the stored bytes in
+//! place (no f32 copy of `W`, no heap).
+//!
 //! Shared by `src/main.rs` (Cortex-M4F) and `peft-verify/tests/firmware.rs`
 //! (the host) through `#[path]`.
 
@@ -16,7 +23,8 @@ use peft_core::lora::{self, Lora, LoraConfig, LoraGrads};
 use peft_core::optim::{AdamW, Slot};
 use peft_core::prefix::{PrefixConfig, PrefixTuning};
 use peft_core::set::{FixedSet, Route};
-use peft_core::{Dense, MatMut, MatRef, Reference, Result, Rng};
+use peft_core::storage::{Q8_0_BYTES, QK, StoredLinear, StoredWeight};
+use peft_core::{Dense, FrozenLinear, MatMut, MatRef, Reference, Result, Rng};
 
 /// Names of the checksums, in order.
 pub const NAMES: [&str; 7] =
@@ -61,6 +69,89 @@ static BIAS: [f32; OUT] = const_uniform(2027, 0.1);
 static SET_A: [[f32; R * IN]; 3] = [const_uniform(31, 0.4), const_uniform(32, 0.4), const_uniform(33, 0.4)];
 static SET_B: [[f32; OUT * R]; 3] = [const_uniform(41, 0.3), const_uniform(42, 0.3), const_uniform(43, 0.3)];
 
+/// Inputs of the stored bases (a multiple of Q8_0's 32-value blocks).
+const IN_Q: usize = 64;
+
+/// `n` integers in `[-127, 127]` from a splitmix64 stream, at compile time.
+const fn const_i8<const N: usize>(seed: u64) -> [i8; N] {
+    let mut out = [0i8; N];
+    let mut state = seed;
+    let mut i = 0;
+    while i < N {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        out[i] = (((z >> 32) % 255) as i32 - 127) as i8;
+        i += 1;
+    }
+    out
+}
+
+/// The int8 base `[OUT, IN_Q]`: values, and one f32 scale per row.
+static W_INT8: [i8; OUT * IN_Q] = const_i8(2028);
+static W_INT8_SCALES: [f32; OUT] = [0.004, 0.003, 0.005, 0.0035, 0.0045, 0.0025];
+
+/// The Q8_0 base `[OUT, IN_Q]`: GGUF `block_q8_0`s (f16 `d` little-endian,
+/// then 32 i8), row-major; `d` cycles through the f16 values 2^-8, 2^-7,
+/// 1.5 2^-7 and 2^-6.
+static W_Q8_0: [u8; OUT * IN_Q / QK * Q8_0_BYTES] = {
+    const D: [u16; 4] = [0x1C00, 0x2000, 0x2200, 0x2400];
+    let q: [i8; OUT * IN_Q] = const_i8(2029);
+    let mut out = [0u8; OUT * IN_Q / QK * Q8_0_BYTES];
+    let mut blk = 0;
+    while blk < OUT * IN_Q / QK {
+        let d = D[blk % 4].to_le_bytes();
+        out[blk * Q8_0_BYTES] = d[0];
+        out[blk * Q8_0_BYTES + 1] = d[1];
+        let mut j = 0;
+        while j < QK {
+            out[blk * Q8_0_BYTES + 2 + j] = q[blk * QK + j] as u8;
+            j += 1;
+        }
+        blk += 1;
+    }
+    out
+};
+
+/// LoRA forward, backward and one AdamW step over a stored base `[OUT,
+/// IN_Q]`: checksums of `y`, `dx` and the stepped `[A, B]`.
+fn stored_lora(base: &impl FrozenLinear<f32>, rng: &mut Rng) -> Result<[u32; 3]> {
+    let mut x = [0.0f32; T * IN_Q];
+    let mut gy = [0.0f32; T * OUT];
+    rng.fill_normal(&mut x, 1.0);
+    rng.fill_normal(&mut gy, 1.0);
+    let (mut a, mut b) = ([0.0f32; R * IN_Q], [0.0f32; OUT * R]);
+    let mut layer = Lora::new(&LoraConfig::new(R, 4.0), IN_Q, OUT, &mut a[..], &mut b[..])?;
+    layer.init_adapter(rng);
+    rng.fill_normal(layer.adapter_mut().1, 0.2);
+    let mut scratch = [0.0f32; lora::backward_scratch_len(T, R)];
+    let mut y = [0.0f32; T * OUT];
+    layer.forward(&Reference, base, MatRef::new(&x, T, IN_Q)?, MatMut::new(&mut y, T, OUT)?, &mut scratch)?;
+    let (mut ga, mut gb, mut gx) = ([0.0f32; R * IN_Q], [0.0f32; OUT * R], [0.0f32; T * IN_Q]);
+    layer.backward(
+        &Reference,
+        base,
+        MatRef::new(&x, T, IN_Q)?,
+        MatRef::new(&gy, T, OUT)?,
+        Some(MatMut::new(&mut gx, T, IN_Q)?),
+        LoraGrads { a: &mut ga, b: &mut gb },
+        &mut scratch,
+    )?;
+    let (mut sa, mut sb) = ([0.0f32; 2 * R * IN_Q], [0.0f32; 2 * OUT * R]);
+    let (pa, pb) = layer.adapter_mut();
+    let mut slots = [
+        Slot { param: pa, grad: &ga, state: &mut sa, decay: true },
+        Slot { param: pb, grad: &gb, state: &mut sb, decay: true },
+    ];
+    AdamW::new(1e-2).step(&mut slots, None)?;
+    let mut after = [0.0f32; R * IN_Q + OUT * R];
+    after[..R * IN_Q].copy_from_slice(layer.lora_a());
+    after[R * IN_Q..].copy_from_slice(layer.lora_b());
+    Ok([fnv(&y), fnv(&gx), fnv(&after)])
+}
+
 /// FNV-1a (32-bit) over the bit patterns.
 pub fn fnv(v: &[f32]) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
@@ -72,8 +163,9 @@ pub fn fnv(v: &[f32]) -> u32 {
     h
 }
 
-/// Every checksum (the prefix-attention and adapter-set ones last).
-pub fn run() -> Result<[(&'static str, u32); 9]> {
+/// Every checksum (the prefix-attention, adapter-set and stored-base ones
+/// last).
+pub fn run() -> Result<[(&'static str, u32); 15]> {
     let mut rng = Rng::new(2026);
     let base = Dense::new(&W, OUT, IN)?.with_bias(&BIAS)?;
     let mut x = [0.0f32; T * IN];
@@ -176,6 +268,12 @@ pub fn run() -> Result<[(&'static str, u32); 9]> {
     let dst = MatMut::new(&mut outs[3 * T * OUT..], T, OUT)?;
     set.forward_mixed(&Reference, &base, MatRef::new(&x, T, IN)?, dst, &routes, &mut sscratch)?;
 
+    // LoRA over the int8 and Q8_0 bases in flash.
+    let int8 = StoredLinear::new(StoredWeight::int8(&W_INT8, &W_INT8_SCALES, OUT, IN_Q)?).with_bias(&BIAS)?;
+    let [i8_y, i8_gx, i8_step] = stored_lora(&int8, &mut rng)?;
+    let q8 = StoredLinear::new(StoredWeight::q8_0(&W_Q8_0, OUT, IN_Q)?).with_bias(&BIAS)?;
+    let [q8_y, q8_gx, q8_step] = stored_lora(&q8, &mut rng)?;
+
     Ok([
         (NAMES[0], fnv(&y)),
         (NAMES[1], fnv(&ga)),
@@ -186,5 +284,11 @@ pub fn run() -> Result<[(&'static str, u32); 9]> {
         (NAMES[6], fnv(&h)),
         ("prefix_attention", fnv(&o)),
         ("adapter_set", fnv(&outs)),
+        ("int8_lora_forward", i8_y),
+        ("int8_lora_grad_x", i8_gx),
+        ("int8_adamw_step", i8_step),
+        ("q8_0_lora_forward", q8_y),
+        ("q8_0_lora_grad_x", q8_gx),
+        ("q8_0_adamw_step", q8_step),
     ])
 }
