@@ -7,11 +7,15 @@
 //!   every token's input while it is in L1. The dot products use eight
 //!   independent f32 accumulators, compiled twice: for AVX2 + FMA (chosen
 //!   at run time when the CPU has both) and for the baseline target.
-//! * **More tokens**: `W` is decoded a panel of rows at a time into a
-//!   buffer of about [`PANEL_BYTES`], and faer multiplies each panel: the
-//!   decode cost is shared by all tokens.
+//! * **More tokens**: `W` is decoded a tile at a time (a block of rows
+//!   by a block of columns, about [`PANEL_BYTES`] of f32) and faer
+//!   multiplies each tile by the matching block of the input's columns.
+//!   The column blocks are the outer loop and hold at most
+//!   [`INPUT_BLOCK_BYTES`] of the input, so that block stays in L2 while
+//!   every row of `W` passes by; each element of `W` is decoded once, and
+//!   the decode cost is shared by all tokens.
 //! * **The input gradient** `grad_x (=|+=) grad_y deq(W)`: the same
-//!   panels, each panel's contribution added by faer.
+//!   tiles, each adding its product to a block of `grad_x`'s columns.
 //!
 //! f32 bases go straight to faer (no copy at all). Every path computes the
 //! products the portable kernels in `peft-core` do, in another order: the
@@ -27,9 +31,12 @@ use crate::Faer;
 /// (decoded once per row, dotted with every token).
 pub const GEMV_TOKENS: usize = 4;
 
-/// The decoded panel's size for the many-token path (f32 bytes): small
+/// The decoded tile's size for the many-token path (f32 bytes): small
 /// enough to stay in L2 beside the activations.
 pub const PANEL_BYTES: usize = 256 << 10;
+
+/// The many-token path's block of input columns (f32 bytes, all tokens).
+pub const INPUT_BLOCK_BYTES: usize = 256 << 10;
 
 /// `y (=|+=) x deq(W)^T` (see the module docs).
 pub(crate) fn apply(
@@ -63,17 +70,8 @@ pub(crate) fn apply(
         }
         return Ok(());
     }
-    let rows = panel_rows(n_in, n_out);
-    let mut panel = vec![0.0f32; rows * n_in];
-    let mut j0 = 0;
-    while j0 < n_out {
-        let p = rows.min(n_out - j0);
-        decode_rows(w, j0, &mut panel[..p * n_in])?;
-        let dst = columns(&mut y, j0, p)?;
-        faer.gemm(dst, accum, x, Op::N, MatRef::new(&panel[..p * n_in], p, n_in)?, Op::T, 1.0)?;
-        j0 += p;
-    }
-    Ok(())
+    let (cols, rows) = tile(t, n_in, n_out);
+    tiled(faer, w, x, y, accum, cols, rows, false)
 }
 
 /// `grad_x (=|+=) grad_y deq(W)` (see the module docs).
@@ -81,7 +79,7 @@ pub(crate) fn apply_transpose(
     faer: &Faer,
     w: &StoredWeight<'_>,
     grad_y: MatRef<'_, f32>,
-    mut grad_x: MatMut<'_, f32>,
+    grad_x: MatMut<'_, f32>,
     accum: Accum,
 ) -> Result<()> {
     let (t, n_in, n_out) = (grad_y.rows(), w.in_features(), w.out_features());
@@ -91,31 +89,73 @@ pub(crate) fn apply_transpose(
     if let Some(full) = w.as_f32() {
         return faer.gemm(grad_x, accum, grad_y, Op::N, MatRef::new(full, n_out, n_in)?, Op::N, 1.0);
     }
-    let rows = panel_rows(n_in, n_out);
-    let mut panel = vec![0.0f32; rows * n_in];
-    let mut j0 = 0;
-    let mut first = true;
-    while j0 < n_out || first {
-        let p = rows.min(n_out - j0);
-        decode_rows(w, j0, &mut panel[..p * n_in])?;
-        let g = grad_y.cols_range(j0, p).ok_or(Error::Overflow)?;
-        let acc = if first { accum } else { Accum::Add };
-        faer.gemm(grad_x.rb_mut(), acc, g, Op::N, MatRef::new(&panel[..p * n_in], p, n_in)?, Op::N, 1.0)?;
-        first = false;
-        j0 += p;
+    let (cols, rows) = tile(t, n_in, n_out);
+    tiled(faer, w, grad_y, grad_x, accum, cols, rows, true)
+}
+
+/// The many-token products over tiles of `cols` columns by `rows` rows of
+/// `W`, the column blocks outermost:
+///
+/// * `transpose = false`: `y[:, J] (=|+=) x[:, K] deq(W[J, K])^T`
+///   (`a` = `x`, `c` = `y`);
+/// * `transpose = true`: `grad_x[:, K] (=|+=) grad_y[:, J] deq(W[J, K])`
+///   (`a` = `grad_y`, `c` = `grad_x`).
+///
+/// The first product into each block of `c` takes `accum`, the others add.
+/// `cols` is a multiple of [`QK`] unless it is all of `in` (a tile starts
+/// on a block).
+#[allow(clippy::too_many_arguments)]
+fn tiled(
+    faer: &Faer,
+    w: &StoredWeight<'_>,
+    a: MatRef<'_, f32>,
+    mut c: MatMut<'_, f32>,
+    accum: Accum,
+    cols: usize,
+    rows: usize,
+    transpose: bool,
+) -> Result<()> {
+    let (n_in, n_out) = (w.in_features(), w.out_features());
+    let mut panel = vec![0.0f32; rows * cols];
+    let mut k0 = 0;
+    // `n_in == 0`: one empty pass still applies `accum` (a Replace zeroes).
+    while k0 < n_in || (k0 == 0 && n_in == 0) {
+        let k = cols.min(n_in - k0);
+        let mut j0 = 0;
+        while j0 < n_out || (j0 == 0 && n_out == 0 && transpose) {
+            let p = rows.min(n_out - j0);
+            decode_tile(w, j0, k0, k, &mut panel[..p * k])?;
+            let tile = MatRef::new(&panel[..p * k], p, k)?;
+            let overflow = || Error::Overflow;
+            if transpose {
+                let acc = if j0 == 0 { accum } else { Accum::Add };
+                let g = a.cols_range(j0, p).ok_or_else(overflow)?;
+                faer.gemm(columns(&mut c, k0, k)?, acc, g, Op::N, tile, Op::N, 1.0)?;
+            } else {
+                let acc = if k0 == 0 { accum } else { Accum::Add };
+                let xk = a.cols_range(k0, k).ok_or_else(overflow)?;
+                faer.gemm(columns(&mut c, j0, p)?, acc, xk, Op::N, tile, Op::T, 1.0)?;
+            }
+            j0 += p.max(1);
+        }
+        k0 += k.max(1);
     }
     Ok(())
+}
+
+/// The tile shape `(cols, rows)` for `t` tokens: as many input columns as
+/// fit [`INPUT_BLOCK_BYTES`] for all tokens (a multiple of [`QK`], at
+/// least two blocks, at most `in`), and as many rows as then fit
+/// [`PANEL_BYTES`].
+fn tile(t: usize, n_in: usize, n_out: usize) -> (usize, usize) {
+    let cols = (INPUT_BLOCK_BYTES / 4 / t.max(1) / QK * QK).max(2 * QK);
+    let cols = if cols >= n_in { n_in } else { cols };
+    (cols, (PANEL_BYTES / 4 / cols.max(1)).clamp(1, n_out.max(1)))
 }
 
 /// `Ok` if a dimension is the one required.
 fn check(operand: Operand, found: usize, expected: usize) -> Result<()> {
     if found == expected { Ok(()) } else { Err(Error::ShapeMismatch { operand, expected, found }) }
-}
-
-/// Rows per decoded panel: [`PANEL_BYTES`] of f32, at least 1, at most
-/// all.
-fn panel_rows(n_in: usize, n_out: usize) -> usize {
-    (PANEL_BYTES / 4 / n_in.max(1)).clamp(1, n_out.max(1))
 }
 
 /// Columns `j0..j0 + p` of `y` as a strided view.
@@ -125,41 +165,47 @@ fn columns<'a>(y: &'a mut MatMut<'_, f32>, j0: usize, p: usize) -> Result<MatMut
     MatMut::with_stride(data.get_mut(j0..).unwrap_or(&mut []), t, p, stride)
 }
 
-/// Rows `j0..` of `deq(W)` into `dst` (whole rows).
-fn decode_rows(w: &StoredWeight<'_>, j0: usize, dst: &mut [f32]) -> Result<()> {
-    let n_in = w.in_features();
-    for (i, out) in dst.chunks_exact_mut(n_in.max(1)).enumerate() {
+/// Columns `k0..k0 + k` of rows `j0..` of `deq(W)` into `dst` (`k`
+/// values per row, as many rows as `dst` holds). `k0` is a multiple of
+/// [`QK`]; whole blocks go through the AVX2 decoder when the CPU has it.
+fn decode_tile(w: &StoredWeight<'_>, j0: usize, k0: usize, k: usize, dst: &mut [f32]) -> Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c");
+    for (i, out) in dst.chunks_exact_mut(k.max(1)).enumerate() {
         let row = w.row(j0 + i).ok_or(Error::Overflow)?;
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        if avx2 && k0 % QK == 0 {
             // SAFETY: `decode_row_avx2` needs AVX2 and F16C, detected at
-            // run time just above.
-            unsafe { decode_row_avx2(row, out) };
+            // run time above.
+            unsafe { decode_row_avx2(row, k0 / QK, out) };
             continue;
         }
-        row.dequantize(out);
+        row.decode_range(k0, out);
     }
     Ok(())
 }
 
-/// A whole row decoded with [`decode_block_avx2`], block by block (the
-/// element formats' tail, if any, by the portable decoder).
+/// `out.len()` values of a row from block `first` on, decoded with
+/// [`decode_block_avx2`] block by block (the element formats' tail, if
+/// any, by the portable decoder).
 ///
 /// # Safety
-/// The CPU must have AVX2 and F16C.
+/// The CPU must have AVX2 and F16C. The row must hold the values asked
+/// for (`decode_block_avx2`'s slicing panics otherwise: callers pass a
+/// range inside the row).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decode_row_avx2(row: RowRef<'_>, out: &mut [f32]) {
+unsafe fn decode_row_avx2(row: RowRef<'_>, first: usize, out: &mut [f32]) {
     let blocks = out.len() / QK;
     for (bi, chunk) in out.chunks_exact_mut(QK).enumerate().take(blocks) {
         if let Ok(block) = <&mut [f32; QK]>::try_from(chunk) {
             // SAFETY: this function's own precondition.
-            unsafe { decode_block_avx2(row, bi, block) };
+            unsafe { decode_block_avx2(row, first + bi, block) };
         }
     }
     let tail = blocks * QK;
     if tail < out.len() {
-        row.decode_range(tail, &mut out[tail..]);
+        row.decode_range(first * QK + tail, &mut out[tail..]);
     }
 }
 
@@ -465,7 +511,7 @@ pub fn kernel(format: Format, tokens: usize) -> &'static str {
     match (format, tokens <= GEMV_TOKENS) {
         (Format::F32, _) => "faer gemm",
         (_, true) => "row dot (AVX2+FMA when present)",
-        (_, false) => "decoded panels + faer gemm",
+        (_, false) => "decoded tiles + faer gemm",
     }
 }
 
@@ -543,6 +589,29 @@ mod tests {
                         .unwrap();
                     for (a, b) in gx.iter().zip(&gxr) {
                         assert!((a - b).abs() <= 1e-5 * out as f32, "{format:?} t={t} grad_x: {a} vs {b}");
+                    }
+                    // Tiles of one block of columns by two rows: several
+                    // column blocks (the last a tail at in = 45) and row
+                    // blocks, `accum` on the first product only.
+                    let f = Faer::new();
+                    for accum in [Accum::Replace, Accum::Add] {
+                        let mut yt = vec![0.25f32; t * out];
+                        super::tiled(&f, &sw, xv, MatMut::new(&mut yt, t, out).unwrap(), accum, 32, 2, false).unwrap();
+                        let mut gt = vec![0.5f32; t * inn];
+                        super::tiled(&f, &sw, gv, MatMut::new(&mut gt, t, inn).unwrap(), accum, 32, 2, true).unwrap();
+                        let (y0, g0) = if accum == Accum::Add { (0.25, 0.5) } else { (0.0, 0.0) };
+                        for (a, b) in yt.iter().zip(&yr) {
+                            assert!(
+                                (a - (b - 0.25 + y0)).abs() <= 1e-5 * inn as f32,
+                                "{format:?} t={t} tiles: {a} vs {b}"
+                            );
+                        }
+                        for (a, b) in gt.iter().zip(&gxr) {
+                            assert!(
+                                (a - (b + g0)).abs() <= 1e-5 * out as f32,
+                                "{format:?} t={t} tiles grad_x: {a} vs {b}"
+                            );
+                        }
                     }
                 }
             }
