@@ -53,6 +53,27 @@ pub(crate) fn apply(
     if let Some(full) = w.as_f32() {
         return faer.gemm(y, accum, x, Op::N, MatRef::new(full, n_out, n_in)?, Op::T, 1.0);
     }
+    #[cfg(target_arch = "x86_64")]
+    if t == 1
+        && w.format() == Format::Q4_0
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        let xp = q4_permute(x.row(0));
+        let yrow = y.row_mut(0);
+        for (j, v) in yrow.iter_mut().enumerate().take(n_out) {
+            let Some(RowRef::Q4_0(bytes)) = w.row(j) else { return Err(Error::Overflow) };
+            // SAFETY: AVX2, FMA and F16C are detected just above; `xp`
+            // holds the row's `in` values (`check` above).
+            let d = unsafe { gemv1_q4_0_avx2(bytes, &xp) };
+            *v = match accum {
+                Accum::Replace => d,
+                Accum::Add => *v + d,
+            };
+        }
+        return Ok(());
+    }
     if t <= GEMV_TOKENS {
         let mut dots = [0.0f32; GEMV_TOKENS];
         for j in 0..n_out {
@@ -364,6 +385,113 @@ unsafe fn gemv1_avx2(row: RowRef<'_>, x: &[f32]) -> f32 {
             total += row.get(k).unwrap_or(0.0) * xk;
         }
         total
+    }
+}
+
+/// Lane `l` of register `m` of a Q4_0 block in [`gemv1_q4_0_avx2`] holds
+/// element `Q4_LANE[8 m + l]` of the block: dword `m` (bytes `4m..4m+4`)
+/// broadcast and shifted right by `Q4_SHIFTS[l]`, so the four low nibbles
+/// (elements `4m..4m+4`) then the four high ones (`4m+16..4m+20`).
+const Q4_LANE: [usize; QK] = {
+    let mut lane = [0; QK];
+    let mut i = 0;
+    while i < QK {
+        let (m, l) = (i / 8, i % 8);
+        lane[i] = if l < 4 { 4 * m + l } else { 16 + 4 * m + (l - 4) };
+        i += 1;
+    }
+    lane
+};
+
+/// The right shifts that bring each lane's nibble down (see [`Q4_LANE`]).
+#[cfg(target_arch = "x86_64")]
+const Q4_SHIFTS: [i32; 8] = [0, 8, 16, 24, 4, 12, 20, 28];
+
+/// `x` reordered block by block into the lane order of [`Q4_LANE`] (done
+/// once per product, then read by every row).
+fn q4_permute(x: &[f32]) -> Vec<f32> {
+    let mut xp = vec![0.0f32; x.len() / QK * QK];
+    for (dst, src) in xp.chunks_exact_mut(QK).zip(x.chunks_exact(QK)) {
+        for (d, &k) in dst.iter_mut().zip(&Q4_LANE) {
+            *d = src[k];
+        }
+    }
+    xp
+}
+
+/// Every f16 bit pattern's f32 value (256 KiB, built on first use): a
+/// block's scale becomes one load, with no conversion or shuffle-port work
+/// per block.
+fn f16_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| (0..=u16::MAX).map(peft_core::storage::half::f16_to_f32).collect())
+}
+
+/// One Q4_0 row (`bytes`, whole blocks) dotted with one permuted input
+/// `xp` ([`q4_permute`]): per block, each dword of nibbles is broadcast
+/// from memory, shifted per lane, masked and offset by 8 in integers
+/// (exact), converted, and multiplied by `xp` into a block sum `t`; then
+/// `acc += d t`, `d` read from [`f16_table`]. Four accumulators.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C. Loads stay inside `bytes`, `xp`
+/// (the block count is the smaller of the two) and the table (indexed by
+/// a `u16`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv1_q4_0_avx2(bytes: &[u8], xp: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = (bytes.len() / Q4_0_BYTES).min(xp.len() / QK);
+    let table = f16_table();
+    // SAFETY (all intrinsics and loads): the CPU features are this
+    // function's precondition; block `bi < nb` lies inside `bytes` and its
+    // 32 inputs inside `xp`; the table has 65536 entries.
+    unsafe {
+        let shifts = _mm256_loadu_si256(Q4_SHIFTS.as_ptr().cast::<__m256i>());
+        let (mask, eight) = (_mm256_set1_epi32(0x0F), _mm256_set1_epi32(8));
+        let (b, t) = (bytes.as_ptr(), table.as_ptr());
+        // d (sum_k (q_k - 8) x_k) for block `bi`.
+        let block = |bi: usize| {
+            let blk = b.add(bi * Q4_0_BYTES);
+            let q = blk.add(2);
+            let x = xp.as_ptr().add(bi * QK);
+            let v = |m: usize| {
+                let dw = _mm256_set1_epi32(q.add(4 * m).cast::<i32>().read_unaligned());
+                let nib = _mm256_and_si256(_mm256_srlv_epi32(dw, shifts), mask);
+                _mm256_cvtepi32_ps(_mm256_sub_epi32(nib, eight))
+            };
+            let mut s = _mm256_mul_ps(v(0), _mm256_loadu_ps(x));
+            s = _mm256_fmadd_ps(v(1), _mm256_loadu_ps(x.add(8)), s);
+            s = _mm256_fmadd_ps(v(2), _mm256_loadu_ps(x.add(16)), s);
+            s = _mm256_fmadd_ps(v(3), _mm256_loadu_ps(x.add(24)), s);
+            let h = usize::from(u16::from_le(blk.cast::<u16>().read_unaligned()));
+            (_mm256_broadcast_ss(&*t.add(h)), s)
+        };
+        // Two blocks per step, each into its own accumulators (registers).
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut bi = 0;
+        while bi + 2 <= nb {
+            let (d0, s0) = block(bi);
+            let (d1, s1) = block(bi + 1);
+            acc[0] = _mm256_fmadd_ps(d0, s0, acc[0]);
+            acc[1] = _mm256_fmadd_ps(d1, s1, acc[1]);
+            bi += 2;
+            if bi + 2 <= nb {
+                let (d2, s2) = block(bi);
+                let (d3, s3) = block(bi + 1);
+                acc[2] = _mm256_fmadd_ps(d2, s2, acc[2]);
+                acc[3] = _mm256_fmadd_ps(d3, s3, acc[3]);
+                bi += 2;
+            }
+        }
+        if bi < nb {
+            let (d, s) = block(bi);
+            acc[0] = _mm256_fmadd_ps(d, s, acc[0]);
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+        lanes.iter().sum()
     }
 }
 

@@ -361,24 +361,61 @@ impl RowRef<'_> {
     }
 
     /// `sum_k x_k w_k` in `E`'s accumulation type, `w_k` the dequantized
-    /// (f32) value: the row decoded [`QK`] values at a time into a stack
-    /// buffer, the products summed in eight lanes (which the compiler
-    /// vectorizes), the lanes added at the end.
+    /// (f32) value, decoded on the fly: value `k` is summed into lane
+    /// `k mod 8` (eight independent sums, which the compiler vectorizes),
+    /// the lanes added at the end. Every format runs one fused loop over
+    /// chunks of eight values (no scratch), so the order, and so the
+    /// result, does not depend on the format's block size.
     pub fn dot<E: Element>(&self, x: &[E]) -> E::Accum {
-        let a = |v: f32| <E::Accum as Element>::from_f64(f64::from(v));
         let mut lanes = [<E::Accum as Element>::ZERO; 8];
-        let mut w = [0.0f32; QK];
-        for (c, xs) in x.chunks(QK).enumerate() {
-            let wb = w.get_mut(..xs.len()).unwrap_or(&mut []);
-            self.decode_range(c * QK, wb);
-            for (k, (wv, xv)) in wb.iter().zip(xs).enumerate() {
-                if let Some(l) = lanes.get_mut(k % 8) {
-                    *l += a(*wv) * xv.to_accum();
+        match *self {
+            RowRef::F32(v) => dot_elements(&mut lanes, v, x, |w| w),
+            RowRef::F16(v) => dot_elements(&mut lanes, v, x, half::f16_to_f32),
+            RowRef::Bf16(v) => dot_elements(&mut lanes, v, x, half::bf16_to_f32),
+            RowRef::Int8(q, s) => dot_elements(&mut lanes, q, x, |q| f32::from(q) * s),
+            RowRef::Q8_0(b) => {
+                for (block, xs) in b.chunks_exact(Q8_0_BYTES).zip(x.chunks_exact(QK)) {
+                    if let [lo, hi, qs @ ..] = block {
+                        let d = half::f16_to_f32(u16::from_le_bytes([*lo, *hi]));
+                        dot_elements(&mut lanes, qs, xs, |q| f32::from(q as i8) * d);
+                    }
+                }
+            }
+            RowRef::Q4_0(b) => {
+                for (block, xs) in b.chunks_exact(Q4_0_BYTES).zip(x.chunks_exact(QK)) {
+                    if let ([lo, hi, qs @ ..], (xlo, xhi)) = (block, xs.split_at(QK / 2)) {
+                        let d = half::f16_to_f32(u16::from_le_bytes([*lo, *hi]));
+                        dot_elements(&mut lanes, qs, xlo, |q| f32::from((q & 0x0F) as i8 - 8) * d);
+                        dot_elements(&mut lanes, qs, xhi, |q| f32::from((q >> 4) as i8 - 8) * d);
+                    }
                 }
             }
         }
         lanes.iter().fold(<E::Accum as Element>::ZERO, |s, l| s + *l)
     }
+}
+
+/// `lanes[k mod 8] += decode(v_k) x_k` over `k < min(len v, len x)`,
+/// starting at lane 0 (callers pass runs whose length is a multiple of 8
+/// before the last): chunks of eight values, each a fixed-size loop.
+#[inline(always)]
+fn dot_elements<T: Copy, E: Element>(lanes: &mut [E::Accum; 8], v: &[T], x: &[E], decode: impl Fn(T) -> f32) {
+    let a = |w: f32| <E::Accum as Element>::from_f64(f64::from(w));
+    let mut acc = *lanes;
+    let (mut vc, mut xc) = (v.chunks_exact(8), x.chunks_exact(8));
+    for (vs, xs) in (&mut vc).zip(&mut xc) {
+        if let (Ok(vs), Ok(xs)) = (<&[T; 8]>::try_from(vs), <&[E; 8]>::try_from(xs)) {
+            // Decoded whole first: a fixed-size map the compiler vectorizes.
+            let w = vs.map(|v| a(decode(v)));
+            for ((l, w), xv) in acc.iter_mut().zip(w).zip(xs) {
+                *l += w * xv.to_accum();
+            }
+        }
+    }
+    for ((l, w), xv) in acc.iter_mut().zip(vc.remainder()).zip(xc.remainder()) {
+        *l += a(decode(*w)) * xv.to_accum();
+    }
+    *lanes = acc;
 }
 
 /// A frozen linear layer `y = x deq(W)^T + b` over a [`StoredWeight`], with
