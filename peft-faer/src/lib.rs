@@ -13,6 +13,9 @@
 //!   atomic writes.
 //! * [`tiny`]: a tiny frozen decoder hosting every method, and [`train`]:
 //!   its built-in task and the AdamW trainer behind `peft finetune`.
+//! * [`llama`]: a Llama-architecture decoder loaded from a Hugging Face
+//!   checkpoint, hosting LoRA, prompt and prefix tuning, behind `peft
+//!   forward` and `peft generate`.
 //!
 //! * [`files`]: the one way outputs are written: atomically, never over
 //!   an input, never over an existing path without `force`, temporaries
@@ -26,7 +29,8 @@
 //! Without default features the crate is the backend alone (its
 //! dependencies: faer, half and peft-core). `hf` adds [`hf`] and
 //! [`files`]; `model` adds [`tiny`], [`train`], [`io`] and [`files`];
-//! `cli` (default) adds both and the `peft` command.
+//! `hf` and `model` together add [`llama`]; `cli` (default) adds both and
+//! the `peft` command.
 #![deny(missing_docs)]
 
 pub mod backend;
@@ -36,6 +40,8 @@ pub mod files;
 pub mod hf;
 #[cfg(feature = "model")]
 pub mod io;
+#[cfg(all(feature = "hf", feature = "model"))]
+pub mod llama;
 pub mod stored;
 #[cfg(feature = "model")]
 pub mod tiny;

@@ -21,6 +21,7 @@ use peft_faer::hf::convert::{own_to_peft_dir, peft_dir_to_own};
 use peft_faer::hf::merge::{MergeOptions, MergeReport, merge_many};
 use peft_faer::hf::{CONFIG_FILE, HfAdapter, HfError, MAX_ADAPTER_BYTES, PeftConfig, WEIGHTS_FILE};
 use peft_faer::io::{encode, load};
+use peft_faer::llama::{KvCache, Llama, LlamaAdapter};
 use peft_faer::tiny::{Peft, Runner, Spec, TinyConfig, TinyModel, Trace, projection_indices};
 use peft_faer::train::{Task, Trainer, loss, setup, train};
 use serde_json::json;
@@ -99,6 +100,52 @@ enum Command {
         /// Replace OUT if it exists (once the new output is complete).
         #[arg(long)]
         force: bool,
+    },
+    /// Run a Llama checkpoint (optionally with a PEFT adapter: LoRA, prompt
+    /// or prefix tuning) over token ids and print the top next tokens.
+    Forward {
+        /// A Hugging Face LlamaForCausalLM folder (config.json and
+        /// model.safetensors, or a sharded checkpoint).
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT adapter directory.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Token ids, comma-separated.
+        #[arg(long, value_parser = token_ids)]
+        ids: TokenIds,
+        /// Write the logits [1, rows, vocab] (f32) to this .safetensors file
+        /// (prompt tuning: rows include the virtual tokens, as PEFT's output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// How many next tokens to print.
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Greedy decoding with a KV cache (prefix tuning enters as the cache's
+    /// first entries): print the new token ids.
+    Generate {
+        /// A Hugging Face LlamaForCausalLM folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT adapter directory.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The prompt's token ids, comma-separated.
+        #[arg(long, value_parser = token_ids)]
+        ids: TokenIds,
+        /// Tokens to generate.
+        #[arg(long)]
+        max_new_tokens: usize,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Combine LoRA adapters into a new PEFT adapter directory, as PEFT's
     /// `add_weighted_adapter` (same math, same config; PEFT loads it).
@@ -199,6 +246,22 @@ enum MajoritySignArg {
 
 /// `DIR[:WEIGHT]`: the text after the last `:` is the weight when it parses
 /// as a finite number; otherwise the whole text is the folder (weight 1).
+/// Token ids given on the command line.
+#[derive(Clone, Debug)]
+struct TokenIds(Vec<u32>);
+
+fn token_ids(text: &str) -> Result<TokenIds, String> {
+    let ids: Result<Vec<u32>, String> = text
+        .split(',')
+        .map(|t| t.trim().parse::<u32>().map_err(|_| format!("{t:?} is not a token id (a non-negative integer)")))
+        .collect();
+    let ids = ids?;
+    if ids.is_empty() {
+        return Err("no token ids".into());
+    }
+    Ok(TokenIds(ids))
+}
+
 fn weighted_dir(text: &str) -> Result<(PathBuf, f64), String> {
     if let Some((dir, w)) = text.rsplit_once(':') {
         if let Ok(w) = w.parse::<f64>() {
@@ -922,6 +985,86 @@ fn quantize_cmd(base: &Path, out: &Path, format: QuantArg, force: bool) -> Resul
     Ok(true)
 }
 
+/// The model and, if given, the adapter read from its directory.
+fn llama_and_adapter(model: &Path, adapter: Option<&Path>) -> Result<(Llama, Option<HfAdapter>), HfError> {
+    let m = Llama::load_dir(model)?;
+    let ad = adapter.map(HfAdapter::read_dir).transpose()?;
+    Ok((m, ad))
+}
+
+fn forward_cmd(
+    model: &Path,
+    adapter: Option<&Path>,
+    ids: &[u32],
+    out: Option<&Path>,
+    top: usize,
+    as_json: bool,
+    force: bool,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    let (m, ad) = llama_and_adapter(model, adapter)?;
+    if let Some(out) = out {
+        let mut inputs: Vec<PathBuf> = Base::open(model)?.input_files();
+        inputs.push(model.join("config.json"));
+        inputs.extend(ad.iter().flat_map(HfAdapter::source_files));
+        let refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+        check_output(out, &refs, force)?;
+    }
+    let hosted = ad.as_ref().map(|a| LlamaAdapter::new(&m, a)).transpose()?;
+    let logits = m.forward(&Faer::new(), ids, hosted.as_ref(), &mut KvCache::new())?;
+    let vocab = m.config.vocab_size;
+    let rows = logits.len() / vocab;
+    let last = &logits[(rows - 1) * vocab..];
+    // Softmax of the last row, in f64.
+    let max = last.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let z: f64 = last.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum();
+    let mut order: Vec<usize> = (0..vocab).collect();
+    order.sort_by(|&a, &b| last[b].total_cmp(&last[a]).then(a.cmp(&b)));
+    let best: Vec<(usize, f32, f64)> =
+        order.iter().take(top).map(|&t| (t, last[t], (f64::from(last[t]) - f64::from(max)).exp() / z)).collect();
+    if let Some(out) = out {
+        let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let entries = [peft_faer::hf::st::OutEntry::plain("logits", safetensors::Dtype::F32, vec![1, rows, vocab])];
+        let mut file = peft_faer::hf::st::header(&entries, &Default::default())?;
+        file.extend_from_slice(&bytes);
+        write_file(out, &file, force)?;
+    }
+    if as_json {
+        let top: Vec<_> = best.iter().map(|(t, l, p)| json!({ "token": t, "logit": l, "probability": p })).collect();
+        let doc = json!({ "rows": rows, "vocab": vocab, "next": top, "out": out });
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        outln!("next token after {} ids ({rows} rows of logits):", ids.len());
+        outln!("{:>8} {:>12} {:>12}", "token", "logit", "probability");
+        for (t, l, p) in &best {
+            outln!("{t:>8} {l:>12.5} {p:>12.5}");
+        }
+        if let Some(out) = out {
+            outln!("logits [1, {rows}, {vocab}] written to {}", out.display());
+        }
+    }
+    Ok(true)
+}
+
+fn generate_cmd(
+    model: &Path,
+    adapter: Option<&Path>,
+    ids: &[u32],
+    max_new: usize,
+    as_json: bool,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    let (m, ad) = llama_and_adapter(model, adapter)?;
+    let hosted = ad.as_ref().map(|a| LlamaAdapter::new(&m, a)).transpose()?;
+    let new = m.generate(&Faer::new(), ids, hosted.as_ref(), max_new)?;
+    if as_json {
+        outln!("{}", serde_json::to_string_pretty(&json!({ "prompt": ids, "new_tokens": new }))?);
+    } else {
+        let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        outln!("prompt:     {}", list(ids));
+        outln!("new tokens: {}", list(&new));
+    }
+    Ok(true)
+}
+
 struct CombineArgs<'a> {
     adapters: &'a [(PathBuf, f64)],
     combination: CombinationArg,
@@ -1033,6 +1176,12 @@ fn main() -> ExitCode {
         }
         Command::Convert { src, dst, force } => convert_cmd(src, dst, *force),
         Command::Quantize { base, out, format, force } => quantize_cmd(base, out, *format, *force),
+        Command::Forward { model, adapter, ids, out, top, json, force } => {
+            forward_cmd(model, adapter.as_deref(), &ids.0, out.as_deref(), *top, *json, *force)
+        }
+        Command::Generate { model, adapter, ids, max_new_tokens, json } => {
+            generate_cmd(model, adapter.as_deref(), &ids.0, *max_new_tokens, *json)
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -267,6 +267,22 @@ pub enum PeftConfig {
     Vera(VeraConfig),
 }
 
+impl PeftConfig {
+    /// The method's name as PEFT's `peft_type` spells it (`"LORA"`,
+    /// `"PROMPT_TUNING"`, `"PREFIX_TUNING"`, ...).
+    pub fn method_name(&self) -> &'static str {
+        match self {
+            PeftConfig::Loha(_) => "LOHA",
+            PeftConfig::Lokr(_) => "LOKR",
+            PeftConfig::Lora(_) => "LORA",
+            PeftConfig::Prompt(p) if p.prefix => "PREFIX_TUNING",
+            PeftConfig::Prompt(_) => "PROMPT_TUNING",
+            PeftConfig::Ia3(_) => "IA3",
+            PeftConfig::Vera(_) => "VERA",
+        }
+    }
+}
+
 /// One string or a list of strings.
 #[derive(Deserialize)]
 #[serde(untagged)]

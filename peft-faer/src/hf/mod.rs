@@ -100,11 +100,11 @@ impl HfError {
         HfError::Config { field: field.into(), reason: reason.into() }
     }
 
-    fn backend<E: peft_core::BackendError>(e: E) -> Self {
+    pub(crate) fn backend<E: peft_core::BackendError>(e: E) -> Self {
         HfError::Backend(e.to_string(), e.kind())
     }
 
-    fn json(e: serde_json::Error) -> Self {
+    pub(crate) fn json(e: serde_json::Error) -> Self {
         HfError::Json(e.to_string())
     }
 

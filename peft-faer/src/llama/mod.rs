@@ -1,0 +1,561 @@
+//! A Llama-architecture decoder: RMSNorm, RoPE, grouped-query attention
+//! and a SwiGLU MLP, loaded from a Hugging Face `LlamaForCausalLM` folder
+//! (`config.json` and `model.safetensors`, or a sharded checkpoint), with
+//! a PEFT adapter hosted unmerged.
+//!
+//! ```text
+//! h_0 = embed(ids)                            (prompt tuning: [P; embed(ids)])
+//! a   = h + o_proj(attn(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))    n = rms(h) w_in
+//! h'  = a + down_proj(silu(gate_proj(m)) * up_proj(m))                   m = rms(a) w_post
+//! logits = lm_head(rms(h_L) w_norm)
+//! rms(x) = x / sqrt(mean(x^2) + eps)
+//! ```
+//!
+//! transformers' conventions throughout: RoPE rotates the pairs `(i, i +
+//! head_dim / 2)` (`rotate_half`) by `pos / theta^(2i / head_dim)`; query
+//! head `h` reads key/value head `h / (heads / kv_heads)` (`repeat_kv`);
+//! the attention is causal with scale `1 / sqrt(head_dim)`
+//! ([`peft_core::attention`]).
+//!
+//! The frozen matrices stay in the checkpoint's storage (f32, f16, bf16,
+//! or this crate's int8, Q8_0 and Q4_0, see [`crate::hf::st`]) and are
+//! multiplied in place through [`Backend::stored_apply`]; norms are read
+//! as f32.
+//!
+//! **Adapters** ([`LlamaAdapter`]): LoRA (and rsLoRA, per-module ranks and
+//! alphas, `lora_bias`) on any of the seven projections of every layer;
+//! prompt tuning (`P [n, hidden]` before the tokens: they take positions
+//! `0..n`, and their rows are part of the logits, as in PEFT's output);
+//! prefix tuning (per layer, keys and values `[n, kv_heads * head_dim]`
+//! read from PEFT's `prompt_embeddings [n, layers * 2 * token_dim]`,
+//! `token_dim = head_dim * kv_heads` for GQA models: they enter the
+//! attention as the first cache entries, without RoPE, and the tokens
+//! take positions `n..`). Other methods are refused by name for now.
+//!
+//! **Decoding**: [`KvCache`] keeps each layer's keys (after RoPE) and
+//! values; [`Llama::forward`] appends to it, so a prompt and then one token
+//! at a time give the same logits as one pass over the whole sequence.
+
+pub mod config;
+pub mod weights;
+
+use std::path::Path;
+
+use peft_core::attention::{AttentionShape, Mask, Prefix};
+use peft_core::{Accum, Backend, MatMut, MatRef, Op};
+
+pub use config::LlamaConfig;
+pub use weights::{Matrix, OwnedWeight};
+
+use crate::hf::base::Base;
+use crate::hf::{HfAdapter, HfError, LoraModule, PeftConfig};
+
+/// The projections of a layer, in the order [`LlamaAdapter`] indexes them
+/// (the module names under `model.layers.N.`).
+pub const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// A frozen linear layer: `y = x W^T (+ b)`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// `W [out, in]`.
+    pub weight: Matrix,
+    /// `b [out]`, when the config has biases.
+    pub bias: Option<Vec<f32>>,
+}
+
+/// One decoder layer.
+#[derive(Clone, Debug)]
+struct Layer {
+    input_norm: Vec<f32>,
+    /// q, k, v, o, gate, up, down ([`PROJECTIONS`]' order).
+    proj: [Linear; 7],
+    post_norm: Vec<f32>,
+}
+
+/// A loaded Llama model (frozen).
+#[derive(Clone, Debug)]
+pub struct Llama {
+    /// Its configuration.
+    pub config: LlamaConfig,
+    embed: Matrix,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    /// `None`: tied to `embed`.
+    lm_head: Option<Matrix>,
+    /// RoPE's `1 / theta^(2i / head_dim)`, `i < head_dim / 2`, in f32 as
+    /// transformers computes it.
+    inv_freq: Vec<f32>,
+}
+
+/// Keys (after RoPE) and values of the positions seen so far, per layer.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions held (prompt tuning's virtual tokens included; prefix
+    /// tuning's entries are the adapter's, not counted).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing has been run yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A PEFT adapter placed on a [`Llama`] (borrowing the adapter's tensors).
+#[derive(Clone, Debug)]
+pub enum LlamaAdapter<'a> {
+    /// Prompt tuning: `P [tokens, hidden]`.
+    Prompt {
+        /// The virtual tokens' embeddings, row-major.
+        embeddings: &'a [f32],
+        /// Virtual tokens.
+        tokens: usize,
+    },
+    /// Prefix tuning: PEFT's `[tokens, layers * 2 * kv_width]` table.
+    Prefix {
+        /// The table, row-major.
+        table: &'a [f32],
+        /// Virtual tokens.
+        tokens: usize,
+    },
+    /// LoRA: per layer, per projection ([`PROJECTIONS`]), the module if
+    /// adapted.
+    Lora(Vec<[Option<&'a LoraModule>; 7]>),
+}
+
+impl<'a> LlamaAdapter<'a> {
+    /// Places `adapter` on `model`, checking every shape against the
+    /// model's config.
+    ///
+    /// # Errors
+    /// [`HfError::Config`] for a prompt or prefix adapter whose
+    /// `token_dim`, `num_layers` or table shape disagree with the model
+    /// (naming the field); [`HfError::Base`] for a LoRA module the model
+    /// does not have or of another shape; [`HfError::Unsupported`] for
+    /// DoRA and for the methods not hosted yet (IA3, LoHa, LoKr, VeRA).
+    pub fn new(model: &Llama, adapter: &'a HfAdapter) -> Result<Self, HfError> {
+        let c = &model.config;
+        match &adapter.config {
+            PeftConfig::Prompt(p) => {
+                let t =
+                    adapter.prompt.as_ref().ok_or_else(|| HfError::Tensor("prompt_embeddings is missing".into()))?;
+                let n = p.num_virtual_tokens;
+                let bad = |field: &str, reason: String| Err(HfError::Config { field: field.into(), reason });
+                if p.prefix {
+                    let width = c.num_layers * 2 * c.kv_width();
+                    if p.token_dim != c.kv_width() {
+                        return bad(
+                            "token_dim",
+                            format!(
+                                "{}: the model's keys are head_dim * num_key_value_heads = {} wide",
+                                p.token_dim,
+                                c.kv_width()
+                            ),
+                        );
+                    }
+                    if p.num_layers != c.num_layers {
+                        return bad("num_layers", format!("{}: the model has {}", p.num_layers, c.num_layers));
+                    }
+                    if t.shape != [n, width] {
+                        return bad(
+                            "prompt_embeddings",
+                            format!("shape {:?}, the model needs [{n}, {width}]", t.shape),
+                        );
+                    }
+                    Ok(Self::Prefix { table: &t.data, tokens: n })
+                } else {
+                    if p.token_dim != c.hidden_size {
+                        return bad(
+                            "token_dim",
+                            format!("{}: the model's hidden_size is {}", p.token_dim, c.hidden_size),
+                        );
+                    }
+                    if t.shape != [n, c.hidden_size] {
+                        return bad(
+                            "prompt_embeddings",
+                            format!("shape {:?}, the model needs [{n}, {}]", t.shape, c.hidden_size),
+                        );
+                    }
+                    Ok(Self::Prompt { embeddings: &t.data, tokens: n })
+                }
+            }
+            PeftConfig::Lora(_) => {
+                let mut layers = vec![[None; 7]; c.num_layers];
+                for m in &adapter.modules {
+                    let (layer, proj) = locate(&m.name, c.num_layers).ok_or_else(|| {
+                        HfError::Base(format!(
+                            "{}: not a projection of this model (model.layers.N.{{{}}})",
+                            m.name,
+                            PROJECTIONS.join(",")
+                        ))
+                    })?;
+                    let w = &model.layers[layer].proj[proj].weight;
+                    if m.embedding || (m.n_out, m.n_in) != (w.rows, w.cols) {
+                        return Err(HfError::Base(format!(
+                            "{}: the adapter is [{}, {}], the model's weight [{}, {}]",
+                            m.name, m.n_out, m.n_in, w.rows, w.cols
+                        )));
+                    }
+                    if m.magnitude.is_some() {
+                        return Err(HfError::Unsupported(format!("{}: DoRA in the Llama model (not yet)", m.name)));
+                    }
+                    layers[layer][proj] = Some(m);
+                }
+                Ok(Self::Lora(layers))
+            }
+            other => Err(HfError::Unsupported(format!(
+                "{} adapters in the Llama model (not yet: LoRA, prompt and prefix tuning are)",
+                other.method_name()
+            ))),
+        }
+    }
+
+    /// Virtual tokens (0 for LoRA).
+    pub fn virtual_tokens(&self) -> usize {
+        match self {
+            Self::Prompt { tokens, .. } | Self::Prefix { tokens, .. } => *tokens,
+            Self::Lora(_) => 0,
+        }
+    }
+}
+
+/// `(layer, projection)` of a module name `model.layers.N.<projection>`.
+fn locate(name: &str, layers: usize) -> Option<(usize, usize)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (n, proj) = rest.split_once('.')?;
+    let layer: usize = n.parse().ok().filter(|&l| l < layers)?;
+    Some((layer, PROJECTIONS.iter().position(|p| *p == proj)?))
+}
+
+/// Reads the vector `name` (`[len]`) as f32.
+fn vector(base: &Base, name: &str, len: usize) -> Result<Vec<f32>, HfError> {
+    let (shard, e) = base.find(name).ok_or_else(|| HfError::Base(format!("{name} is missing")))?;
+    if e.shape != [len] {
+        return Err(HfError::Base(format!("{name} has shape {:?}, the config needs [{len}]", e.shape)));
+    }
+    base.shards[shard].read_f32(e)
+}
+
+impl Llama {
+    /// Loads a Hugging Face `LlamaForCausalLM` folder: `config.json` and
+    /// `model.safetensors` (or `model.safetensors.index.json` and its
+    /// shards).
+    ///
+    /// # Errors
+    /// As [`Llama::load`].
+    pub fn load_dir(dir: &Path) -> Result<Self, HfError> {
+        Self::load(&dir.join("config.json"), dir)
+    }
+
+    /// Loads the config at `config` and the weights at `weights` (a
+    /// `.safetensors` file or a checkpoint folder).
+    ///
+    /// # Errors
+    /// I/O errors; [`LlamaConfig::parse`]'s; [`HfError::Base`] for a
+    /// missing tensor or one of another shape (named); unsupported element
+    /// types. Every error names its file.
+    pub fn load(config: &Path, weights: &Path) -> Result<Self, HfError> {
+        let text = crate::files::read_bounded(config, crate::hf::MAX_CONFIG_BYTES)?;
+        let text = String::from_utf8(text).map_err(|_| HfError::Json("config.json is not UTF-8".into()));
+        let config_parsed = text.and_then(|t| LlamaConfig::parse(&t)).map_err(|e| e.in_file(config))?;
+        let base = Base::open(weights)?;
+        Self::from_base(config_parsed, &base).map_err(|e| e.in_file(weights))
+    }
+
+    /// Builds the model from an open checkpoint.
+    ///
+    /// # Errors
+    /// As [`Llama::load`].
+    pub fn from_base(config: LlamaConfig, base: &Base) -> Result<Self, HfError> {
+        let c = &config;
+        let (d, f) = (c.hidden_size, c.intermediate_size);
+        let embed = Matrix::read(base, "model.embed_tokens.weight", c.vocab_size, d)?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let p = |s: &str| format!("model.layers.{l}.{s}");
+            let shapes =
+                [(c.q_width(), d), (c.kv_width(), d), (c.kv_width(), d), (d, c.q_width()), (f, d), (f, d), (d, f)];
+            let mut proj = Vec::with_capacity(7);
+            for (i, (name, (rows, cols))) in PROJECTIONS.iter().zip(shapes).enumerate() {
+                let weight = Matrix::read(base, &p(&format!("{name}.weight")), rows, cols)?;
+                let has_bias = if i < 4 { c.attention_bias } else { c.mlp_bias };
+                let bias = if has_bias { Some(vector(base, &p(&format!("{name}.bias")), rows)?) } else { None };
+                proj.push(Linear { weight, bias });
+            }
+            let proj: [Linear; 7] = proj.try_into().map_err(|_| HfError::Base("projections".into()))?;
+            layers.push(Layer {
+                input_norm: vector(base, &p("input_layernorm.weight"), d)?,
+                proj,
+                post_norm: vector(base, &p("post_attention_layernorm.weight"), d)?,
+            });
+        }
+        let norm = vector(base, "model.norm.weight", d)?;
+        let lm_head = if c.tie_word_embeddings && base.find("lm_head.weight").is_none() {
+            None
+        } else {
+            Some(Matrix::read(base, "lm_head.weight", c.vocab_size, d)?)
+        };
+        let half = c.head_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| {
+                let e = (2 * i) as f32 / c.head_dim as f32;
+                1.0 / (c.rope_theta.powf(f64::from(e)) as f32)
+            })
+            .collect();
+        Ok(Self { config, embed, layers, norm, lm_head, inv_freq })
+    }
+
+    /// RoPE's `(cos, sin)` of position `pos` for each pair `i < head_dim /
+    /// 2`: the angle `pos * inv_freq_i` in f32 (as transformers forms it),
+    /// its cosine and sine rounded once.
+    pub fn rope(&self, pos: usize) -> (Vec<f32>, Vec<f32>) {
+        self.inv_freq
+            .iter()
+            .map(|f| {
+                let angle = f64::from(pos as f32 * f);
+                (angle.cos() as f32, angle.sin() as f32)
+            })
+            .unzip()
+    }
+
+    /// Runs `ids` after what `cache` holds and returns their logits, row
+    /// by row `[rows, vocab]`: with prompt tuning and an empty cache the
+    /// virtual tokens come first and have rows too (`rows = tokens +
+    /// ids.len()`), otherwise `rows = ids.len()`. The cache takes the new
+    /// keys and values.
+    ///
+    /// # Errors
+    /// [`HfError::Config`] (`ids`) for an id outside the vocabulary or an
+    /// empty `ids` on an empty cache without virtual tokens, before
+    /// anything runs; the backend's errors.
+    pub fn forward<B: Backend<f32> + ?Sized>(
+        &self,
+        backend: &B,
+        ids: &[u32],
+        adapter: Option<&LlamaAdapter<'_>>,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>, HfError> {
+        let c = &self.config;
+        let d = c.hidden_size;
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(HfError::Config {
+                field: "ids".into(),
+                reason: format!("token {id} is outside the vocabulary (vocab_size {})", c.vocab_size),
+            });
+        }
+        // The rows entering the first layer.
+        let prompt = match adapter {
+            Some(LlamaAdapter::Prompt { embeddings, tokens }) if cache.is_empty() => Some((*embeddings, *tokens)),
+            _ => None,
+        };
+        let n = ids.len() + prompt.map_or(0, |(_, t)| t);
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut h = vec![0.0f32; n * d];
+        let mut at = 0;
+        if let Some((p, t)) = prompt {
+            h[..t * d].copy_from_slice(p);
+            at = t * d;
+        }
+        let embed = self.embed.view()?;
+        for (&id, row) in ids.iter().zip(h[at..].chunks_exact_mut(d)) {
+            embed.row(id as usize).ok_or(HfError::Core(peft_core::Error::Overflow))?.dequantize(row);
+        }
+        // Positions: after the cache, and after a prefix's entries.
+        let prefix_tokens = match adapter {
+            Some(LlamaAdapter::Prefix { tokens, .. }) => *tokens,
+            _ => 0,
+        };
+        let first_pos = prefix_tokens + cache.len;
+        let rope: Vec<(Vec<f32>, Vec<f32>)> = (0..n).map(|i| self.rope(first_pos + i)).collect();
+        if cache.k.len() != c.num_layers {
+            cache.k = vec![Vec::new(); c.num_layers];
+            cache.v = vec![Vec::new(); c.num_layers];
+        }
+        let shape = AttentionShape::new(c.num_heads, c.num_kv_heads, c.head_dim).map_err(HfError::Core)?;
+        let (qw, kvw, f) = (c.q_width(), c.kv_width(), c.intermediate_size);
+        let mut norm = vec![0.0f32; n * d];
+        let mut q = vec![0.0f32; n * qw];
+        let (mut k, mut v) = (vec![0.0f32; n * kvw], vec![0.0f32; n * kvw]);
+        let mut attn = vec![0.0f32; n * qw];
+        let mut out = vec![0.0f32; n * d];
+        let (mut gate, mut up) = (vec![0.0f32; n * f], vec![0.0f32; n * f]);
+        let mut scratch = Vec::new();
+        let mut lora_t = Vec::new();
+        let be = HfError::backend;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let lora = |i: usize| match adapter {
+                Some(LlamaAdapter::Lora(layers)) => layers.get(l).and_then(|m| m[i]),
+                _ => None,
+            };
+            rms_norm(&h, &layer.input_norm, c.rms_norm_eps, &mut norm);
+            let x = MatRef::new(&norm, n, d)?;
+            linear(backend, &layer.proj[0], x, &mut q, lora(0), &mut lora_t)?;
+            linear(backend, &layer.proj[1], x, &mut k, lora(1), &mut lora_t)?;
+            linear(backend, &layer.proj[2], x, &mut v, lora(2), &mut lora_t)?;
+            apply_rope(&mut q, c.num_heads, c.head_dim, &rope);
+            apply_rope(&mut k, c.num_kv_heads, c.head_dim, &rope);
+            cache.k[l].extend_from_slice(&k);
+            cache.v[l].extend_from_slice(&v);
+            let tk = cache.k[l].len() / kvw;
+            let prefix = match adapter {
+                Some(LlamaAdapter::Prefix { table, tokens }) => {
+                    let t = MatRef::new(table, *tokens, c.num_layers * 2 * kvw)?;
+                    let cols = |j: usize| t.cols_range(j * kvw, kvw).ok_or(HfError::Core(peft_core::Error::Overflow));
+                    Some(Prefix { keys: cols(2 * l)?, values: cols(2 * l + 1)? })
+                }
+                _ => None,
+            };
+            let p = prefix.as_ref().map_or(0, |p| p.keys.rows());
+            scratch.resize(peft_core::attention::forward_scratch_len(n, tk, p), 0.0);
+            peft_core::attention::forward::forward(
+                backend,
+                &shape,
+                MatRef::new(&q, n, qw)?,
+                MatRef::new(&cache.k[l], tk, kvw)?,
+                MatRef::new(&cache.v[l], tk, kvw)?,
+                prefix.as_ref(),
+                &Mask { causal: true, key_padding: None, additive: None },
+                MatMut::new(&mut attn, n, qw)?,
+                &mut scratch,
+            )
+            .map_err(be)?;
+            linear(backend, &layer.proj[3], MatRef::new(&attn, n, qw)?, &mut out, lora(3), &mut lora_t)?;
+            h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
+            rms_norm(&h, &layer.post_norm, c.rms_norm_eps, &mut norm);
+            let x = MatRef::new(&norm, n, d)?;
+            linear(backend, &layer.proj[4], x, &mut gate, lora(4), &mut lora_t)?;
+            linear(backend, &layer.proj[5], x, &mut up, lora(5), &mut lora_t)?;
+            gate.iter_mut().zip(&up).for_each(|(g, u)| *g = silu(*g) * u);
+            linear(backend, &layer.proj[6], MatRef::new(&gate, n, f)?, &mut out, lora(6), &mut lora_t)?;
+            h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
+        }
+        cache.len += n;
+        rms_norm(&h, &self.norm, c.rms_norm_eps, &mut norm);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed).view()?;
+        let mut logits = vec![0.0f32; n * c.vocab_size];
+        backend
+            .stored_apply(&head, MatRef::new(&norm, n, d)?, MatMut::new(&mut logits, n, c.vocab_size)?, Accum::Replace)
+            .map_err(be)?;
+        Ok(logits)
+    }
+
+    /// Greedy decoding: runs `ids`, then appends the argmax token
+    /// `max_new` times, each step one token through the [`KvCache`].
+    /// Returns the new tokens.
+    ///
+    /// # Errors
+    /// As [`Llama::forward`].
+    pub fn generate<B: Backend<f32> + ?Sized>(
+        &self,
+        backend: &B,
+        ids: &[u32],
+        adapter: Option<&LlamaAdapter<'_>>,
+        max_new: usize,
+    ) -> Result<Vec<u32>, HfError> {
+        let mut cache = KvCache::new();
+        let mut out = Vec::with_capacity(max_new);
+        let mut logits = self.forward(backend, ids, adapter, &mut cache)?;
+        for _ in 0..max_new {
+            let last = logits.len().saturating_sub(self.config.vocab_size);
+            let Some(next) = argmax(&logits[last..]) else { break };
+            out.push(next as u32);
+            logits = self.forward(backend, &[next as u32], adapter, &mut cache)?;
+        }
+        Ok(out)
+    }
+}
+
+/// The index of the largest value (the first on ties; NaN never wins).
+pub fn argmax(v: &[f32]) -> Option<usize> {
+    v.iter()
+        .enumerate()
+        .filter(|(_, x)| !x.is_nan())
+        .fold(None, |best: Option<(usize, f32)>, (i, &x)| match best {
+            Some((_, b)) if x <= b => best,
+            _ => Some((i, x)),
+        })
+        .map(|(i, _)| i)
+}
+
+/// `y = x W^T + b + s (x A^T) B^T (+ s lora_bias)`; `t` is scratch.
+fn linear<B: Backend<f32> + ?Sized>(
+    backend: &B,
+    lin: &Linear,
+    x: MatRef<'_, f32>,
+    y: &mut [f32],
+    lora: Option<&LoraModule>,
+    t: &mut Vec<f32>,
+) -> Result<(), HfError> {
+    let (n, out) = (x.rows(), lin.weight.rows);
+    let be = HfError::backend;
+    backend.stored_apply(&lin.weight.view()?, x, MatMut::new(y, n, out)?, Accum::Replace).map_err(be)?;
+    if let Some(b) = &lin.bias {
+        y.chunks_exact_mut(out).for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+    }
+    if let Some(m) = lora {
+        let s = m.scale as f32;
+        t.resize(n * m.r, 0.0);
+        let a = MatRef::new(&m.a, m.r, m.n_in)?;
+        let b = MatRef::new(&m.b, m.n_out, m.r)?;
+        backend.gemm(MatMut::new(t, n, m.r)?, Accum::Replace, x, Op::N, a, Op::T, 1.0).map_err(be)?;
+        backend.gemm(MatMut::new(y, n, out)?, Accum::Add, MatRef::new(t, n, m.r)?, Op::N, b, Op::T, s).map_err(be)?;
+        if let Some(lb) = &m.lora_bias {
+            y.chunks_exact_mut(out).for_each(|row| row.iter_mut().zip(lb).for_each(|(y, b)| *y += s * b));
+        }
+    }
+    Ok(())
+}
+
+/// `out = x / sqrt(mean(x^2) + eps) * w`, row by row (the mean summed in
+/// f64, the scale rounded to f32 once, as transformers' f32 RMSNorm).
+fn rms_norm(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
+    let d = w.len().max(1);
+    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ms = row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>() / d as f64;
+        let r = (1.0 / (ms + eps).sqrt()) as f32;
+        o.iter_mut().zip(row).zip(w).for_each(|((o, x), w)| *o = w * (x * r));
+    }
+}
+
+/// Rotates each head's pairs `(i, i + half)` of every row by its
+/// position's angles (`rope[row]`).
+fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, rope: &[(Vec<f32>, Vec<f32>)]) {
+    let half = head_dim / 2;
+    for (row, (cos, sin)) in x.chunks_exact_mut(heads * head_dim).zip(rope) {
+        for head in row.chunks_exact_mut(head_dim) {
+            let (a, b) = head.split_at_mut(half);
+            for (((x1, x2), c), s) in a.iter_mut().zip(b).zip(cos).zip(sin) {
+                let (u, v) = (*x1, *x2);
+                *x1 = u * c - v * s;
+                *x2 = v * c + u * s;
+            }
+        }
+    }
+}
+
+/// `x sigmoid(x)`.
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}

@@ -1,0 +1,111 @@
+//! Frozen matrices held in their stored format (f32, f16, bf16, int8,
+//! Q8_0, Q4_0): read once from a checkpoint, multiplied in place through
+//! [`Backend::stored_apply`](peft_core::Backend::stored_apply), never
+//! widened to f32 whole.
+
+use peft_core::storage::{Format, StoredWeight};
+
+use crate::hf::HfError;
+use crate::hf::base::Base;
+use crate::hf::st::row_bytes;
+
+/// A matrix `[rows, cols]`'s stored values, owned.
+#[derive(Clone, Debug)]
+pub enum OwnedWeight {
+    /// f32 values.
+    F32(Vec<f32>),
+    /// f16 bits.
+    F16(Vec<u16>),
+    /// bf16 bits.
+    Bf16(Vec<u16>),
+    /// int8 values and one f32 scale per row.
+    Int8(Vec<i8>, Vec<f32>),
+    /// GGUF Q8_0 blocks.
+    Q8_0(Vec<u8>),
+    /// GGUF Q4_0 blocks.
+    Q4_0(Vec<u8>),
+}
+
+/// A frozen matrix and its shape.
+#[derive(Clone, Debug)]
+pub struct Matrix {
+    /// The tensor's name in the checkpoint.
+    pub name: String,
+    /// Rows (`out`).
+    pub rows: usize,
+    /// Columns (`in`).
+    pub cols: usize,
+    /// The values.
+    pub data: OwnedWeight,
+}
+
+impl Matrix {
+    /// Reads the matrix `name` of `base`, which must be `[rows, cols]` in a
+    /// float or quantized format.
+    ///
+    /// # Errors
+    /// [`HfError::Base`] for a missing tensor or another shape;
+    /// [`HfError::Unsupported`] for another element type; I/O errors.
+    pub fn read(base: &Base, name: &str, rows: usize, cols: usize) -> Result<Self, HfError> {
+        let (shard, e) = base.find(name).ok_or_else(|| HfError::Base(format!("{name} is missing")))?;
+        if e.shape != [rows, cols] {
+            return Err(HfError::Base(format!("{name} has shape {:?}, the config needs [{rows}, {cols}]", e.shape)));
+        }
+        let format = e.format().ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
+        let st = &base.shards[shard];
+        let mut bytes = vec![0u8; usize::try_from(e.len).map_err(|_| HfError::Base(format!("{name}: too large")))?];
+        st.read_at(e, 0, &mut bytes)?;
+        let halves = |b: &[u8]| b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        let data = match format {
+            Format::F32 => {
+                OwnedWeight::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+            }
+            Format::F16 => OwnedWeight::F16(halves(&bytes)),
+            Format::Bf16 => OwnedWeight::Bf16(halves(&bytes)),
+            Format::Int8 => {
+                let rb = row_bytes(Format::Int8, cols).unwrap_or(cols + 4);
+                let (mut q, mut s) = (Vec::with_capacity(rows * cols), Vec::with_capacity(rows));
+                for row in bytes.chunks_exact(rb) {
+                    s.push(f32::from_le_bytes([row[0], row[1], row[2], row[3]]));
+                    q.extend(row[4..].iter().map(|&b| b as i8));
+                }
+                OwnedWeight::Int8(q, s)
+            }
+            Format::Q8_0 => OwnedWeight::Q8_0(bytes),
+            Format::Q4_0 => OwnedWeight::Q4_0(bytes),
+        };
+        let m = Self { name: name.to_string(), rows, cols, data };
+        m.view()?;
+        Ok(m)
+    }
+
+    /// The stored weight, borrowed.
+    ///
+    /// # Errors
+    /// [`HfError::Core`] if the values do not fill the shape (not after
+    /// [`Matrix::read`], which checks).
+    pub fn view(&self) -> Result<StoredWeight<'_>, HfError> {
+        let (r, c) = (self.rows, self.cols);
+        match &self.data {
+            OwnedWeight::F32(v) => StoredWeight::f32(v, r, c),
+            OwnedWeight::F16(v) => StoredWeight::f16(v, r, c),
+            OwnedWeight::Bf16(v) => StoredWeight::bf16(v, r, c),
+            OwnedWeight::Int8(q, s) => StoredWeight::int8(q, s, r, c),
+            OwnedWeight::Q8_0(b) => StoredWeight::q8_0(b, r, c),
+            OwnedWeight::Q4_0(b) => StoredWeight::q4_0(b, r, c),
+        }
+        .map_err(HfError::Core)
+    }
+
+    /// How the values are stored.
+    pub fn format(&self) -> Format {
+        match &self.data {
+            OwnedWeight::F32(_) => Format::F32,
+            OwnedWeight::F16(_) => Format::F16,
+            OwnedWeight::Bf16(_) => Format::Bf16,
+            OwnedWeight::Int8(..) => Format::Int8,
+            OwnedWeight::Q8_0(_) => Format::Q8_0,
+            OwnedWeight::Q4_0(_) => Format::Q4_0,
+        }
+    }
+}

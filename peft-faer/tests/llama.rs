@@ -1,0 +1,251 @@
+//! The Llama model against transformers + PEFT: the fixtures `prompt_llama`
+//! and `prefix_llama` (a tiny `LlamaForCausalLM` with GQA, written by PEFT
+//! 0.21.2 on transformers 5.24; see `tests/fixtures/peft/README.md`) hold
+//! the model, the adapter, and PEFT's logits and intermediate tensors.
+//! Hosted LoRA is checked against the same model with the adapter merged
+//! by `peft merge` (an independent path: the merge is checked against
+//! PEFT's own `merge_and_unload` in `tests/hf.rs`), and greedy decoding
+//! through the KV cache against the full forward's argmax, step by step.
+#![cfg(feature = "cli")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use peft_faer::Faer;
+use peft_faer::hf::HfAdapter;
+use peft_faer::hf::base::Base;
+use peft_faer::hf::merge::{MergeOptions, merge};
+use peft_faer::llama::{KvCache, Llama, LlamaAdapter, argmax};
+use safetensors::{Dtype, SafeTensors};
+
+use common::{case_dir, scratch};
+
+fn model(case: &str) -> Llama {
+    let dir = case_dir(case);
+    Llama::load(&dir.join("base_config.json"), &dir.join("base.safetensors")).unwrap()
+}
+
+/// `ref.safetensors`: f32 tensors as values, i64 ones (`input_ids`) widened.
+fn refs(case: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(case_dir(case).join("ref.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let data = match v.dtype() {
+                Dtype::F32 => {
+                    v.data().chunks_exact(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap()))).collect()
+                }
+                Dtype::I64 => {
+                    v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+                }
+                d => panic!("{k}: {d:?}"),
+            };
+            (k, (v.shape().to_vec(), data))
+        })
+        .collect()
+}
+
+/// `max |got - want| / max |want|`.
+fn rel(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    got.iter().zip(want).fold(0.0f64, |m, (g, w)| m.max((f64::from(*g) - w).abs())) / scale
+}
+
+fn ids(r: &HashMap<String, (Vec<usize>, Vec<f64>)>) -> Vec<u32> {
+    r["input_ids"].1.iter().map(|&v| v as u32).collect()
+}
+
+#[test]
+fn prompt_tuning_logits_match_peft() {
+    let m = model("prompt_llama");
+    let ad = HfAdapter::read_dir(&case_dir("prompt_llama")).unwrap();
+    let hosted = LlamaAdapter::new(&m, &ad).unwrap();
+    let r = refs("prompt_llama");
+    let logits = m.forward(&Faer::new(), &ids(&r), Some(&hosted), &mut KvCache::new()).unwrap();
+    // 5 virtual tokens + 7: PEFT's logits cover all 12 rows.
+    assert_eq!(r["logits"].0, [1, 12, 100]);
+    let e = rel(&logits, &r["logits"].1);
+    eprintln!("prompt_llama: logits' relative error {e:.2e}");
+    assert!(e <= 1e-4, "relative error {e}");
+    // The prompt matters: without it the real rows differ by far more.
+    let plain = m.forward(&Faer::new(), &ids(&r), None, &mut KvCache::new()).unwrap();
+    assert!(rel(&plain, &r["logits"].1[5 * 100..]) > 1e-2);
+}
+
+#[test]
+fn prefix_tuning_logits_match_peft_with_gqa() {
+    let m = model("prefix_llama");
+    let ad = HfAdapter::read_dir(&case_dir("prefix_llama")).unwrap();
+    let hosted = LlamaAdapter::new(&m, &ad).unwrap();
+    assert_eq!(hosted.virtual_tokens(), 4);
+    let r = refs("prefix_llama");
+    // RoPE of the real tokens, positions 4..10 (after the 4 prefix entries).
+    let (pos_shape, pos) = &r["position_ids"];
+    assert_eq!((pos_shape.as_slice(), pos[0]), ([1, 7].as_slice(), 4.0));
+    for (i, &p) in pos.iter().enumerate() {
+        let (cos, sin) = m.rope(p as usize);
+        for k in 0..16 {
+            let (wc, ws) = (r["rope_cos.0"].1[i * 16 + k], r["rope_sin.0"].1[i * 16 + k]);
+            assert!((f64::from(cos[k % 8]) - wc).abs() <= 1e-6, "cos pos {p} {k}");
+            assert!((f64::from(sin[k % 8]) - ws).abs() <= 1e-6, "sin pos {p} {k}");
+        }
+    }
+    let logits = m.forward(&Faer::new(), &ids(&r), Some(&hosted), &mut KvCache::new()).unwrap();
+    assert_eq!(r["logits"].0, [1, 7, 100]);
+    let e = rel(&logits, &r["logits"].1);
+    eprintln!("prefix_llama: logits' relative error {e:.2e}");
+    assert!(e <= 1e-4, "relative error {e}");
+}
+
+/// A LoRA adapter on four projections of the `prompt_llama` base, written
+/// as PEFT writes it (random `A` and `B`, so it changes the output).
+fn lora_dir(dir: &Path) -> PathBuf {
+    let out = dir.join("lora");
+    std::fs::create_dir_all(&out).unwrap();
+    let config = r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj", "gate_proj", "down_proj"], "fan_in_fan_out": false,
+        "bias": "none", "use_rslora": false, "use_dora": false}"#;
+    std::fs::write(out.join("adapter_config.json"), config).unwrap();
+    let mut rng = peft_core::Rng::new(16);
+    let mut tensors = Vec::new();
+    for l in 0..2 {
+        for (proj, n_out, n_in) in [
+            ("self_attn.q_proj", 64, 64),
+            ("self_attn.v_proj", 32, 64),
+            ("mlp.gate_proj", 128, 64),
+            ("mlp.down_proj", 64, 128),
+        ] {
+            let key = format!("base_model.model.model.layers.{l}.{proj}");
+            let (mut a, mut b) = (vec![0.0f32; 4 * n_in], vec![0.0f32; n_out * 4]);
+            rng.fill_normal(&mut a, 0.2);
+            rng.fill_normal(&mut b, 0.2);
+            let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+            tensors.push((format!("{key}.lora_A.weight"), vec![4, n_in], bytes(&a)));
+            tensors.push((format!("{key}.lora_B.weight"), vec![n_out, 4], bytes(&b)));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, s, b)| (k.clone(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, &None, &out.join("adapter_model.safetensors")).unwrap();
+    out
+}
+
+#[test]
+fn hosted_lora_equals_the_merged_model() {
+    let dir = scratch("llama-lora");
+    let case = case_dir("prompt_llama");
+    let lora = lora_dir(&dir);
+    let ad = HfAdapter::read_dir(&lora).unwrap();
+    let m = model("prompt_llama");
+    let hosted = LlamaAdapter::new(&m, &ad).unwrap();
+    let merged_file = dir.join("merged.safetensors");
+    let base = Base::open(&case.join("base.safetensors")).unwrap();
+    merge(&base, &ad, &merged_file, &MergeOptions::default(), &Faer::new(), |_| {}).unwrap();
+    let merged = Llama::load(&case.join("base_config.json"), &merged_file).unwrap();
+    let ids = [3, 14, 15, 92, 65, 35, 89, 79];
+    let got = m.forward(&Faer::new(), &ids, Some(&hosted), &mut KvCache::new()).unwrap();
+    let want = merged.forward(&Faer::new(), &ids, None, &mut KvCache::new()).unwrap();
+    let want64: Vec<f64> = want.iter().map(|&v| f64::from(v)).collect();
+    let e = rel(&got, &want64);
+    eprintln!("hosted LoRA vs merged: relative error {e:.2e}");
+    assert!(e <= 1e-5, "hosted vs merged: {e}");
+    let plain = m.forward(&Faer::new(), &ids, None, &mut KvCache::new()).unwrap();
+    assert!(rel(&plain, &want64) > 1e-2, "the adapter changes the output");
+}
+
+/// Greedy decoding through the cache: each new token is the argmax of the
+/// full forward's last row over the sequence so far (with and without
+/// each adapter kind).
+#[test]
+fn generate_follows_the_full_forward_argmax() {
+    let dir = scratch("llama-generate");
+    let lora = HfAdapter::read_dir(&lora_dir(&dir)).unwrap();
+    for case in ["prompt_llama", "prefix_llama"] {
+        let m = model(case);
+        let ad = HfAdapter::read_dir(&case_dir(case)).unwrap();
+        let kinds = [None, Some(LlamaAdapter::new(&m, &ad).unwrap())];
+        let lora_kind = (case == "prompt_llama").then(|| LlamaAdapter::new(&m, &lora).unwrap());
+        for hosted in kinds.iter().chain([&lora_kind]) {
+            let prompt = [5u32, 17, 42];
+            let new = m.generate(&Faer::new(), &prompt, hosted.as_ref(), 6).unwrap();
+            assert_eq!(new.len(), 6);
+            let mut seq = prompt.to_vec();
+            for &t in &new {
+                let logits = m.forward(&Faer::new(), &seq, hosted.as_ref(), &mut KvCache::new()).unwrap();
+                let last = &logits[logits.len() - 100..];
+                assert_eq!(argmax(last), Some(t as usize), "{case}: step {}", seq.len() - prompt.len());
+                seq.push(t);
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_ids_and_mismatched_adapters_are_refused() {
+    let m = model("prompt_llama");
+    let err = m.forward(&Faer::new(), &[1, 100], None, &mut KvCache::new()).unwrap_err().to_string();
+    assert!(err.contains("token 100") && err.contains("vocab_size 100"), "{err}");
+    // The prefix adapter was made for this architecture; a model with one
+    // layer fewer is refused, naming the field.
+    let ad = HfAdapter::read_dir(&case_dir("prefix_llama")).unwrap();
+    let dir = case_dir("prompt_llama");
+    let text = std::fs::read_to_string(dir.join("base_config.json")).unwrap();
+    let one_layer = text.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1");
+    let cfg = peft_faer::llama::LlamaConfig::parse(&one_layer).unwrap();
+    let small = Llama::from_base(cfg, &Base::open(&dir.join("base.safetensors")).unwrap()).unwrap();
+    let err = LlamaAdapter::new(&small, &ad).unwrap_err().to_string();
+    assert!(err.contains("num_layers"), "{err}");
+}
+
+#[test]
+fn cli_forward_and_generate() {
+    let dir = scratch("llama-cli");
+    // A Hugging Face folder: config.json + model.safetensors.
+    let model_dir = dir.join("model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    let case = case_dir("prefix_llama");
+    std::fs::copy(case.join("base_config.json"), model_dir.join("config.json")).unwrap();
+    std::fs::copy(case.join("base.safetensors"), model_dir.join("model.safetensors")).unwrap();
+    let r = refs("prefix_llama");
+    let id_list = ids(&r).iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let out = dir.join("logits.safetensors");
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_peft")).args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let (md, cd) = (model_dir.to_str().unwrap(), case.to_str().unwrap());
+    let text = run(&["forward", "--model", md, "--adapter", cd, "--ids", &id_list, "--out", out.to_str().unwrap()]);
+    let bytes = std::fs::read(&out).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("logits").unwrap();
+    assert_eq!(t.shape(), [1, 7, 100]);
+    let got: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert!(rel(&got, &r["logits"].1) <= 1e-4);
+    // The top token printed is the argmax of the last row.
+    let top = argmax(&got[600..]).unwrap();
+    assert!(text.lines().any(|l| l.split_whitespace().next() == Some(&top.to_string())), "{top} not first:\n{text}");
+    let json: serde_json::Value = serde_json::from_str(&run(&[
+        "generate",
+        "--model",
+        md,
+        "--adapter",
+        cd,
+        "--ids",
+        &id_list,
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]))
+    .unwrap();
+    let new = json["new_tokens"].as_array().unwrap();
+    assert_eq!(new.len(), 4);
+    assert_eq!(new[0].as_u64(), Some(top as u64), "the first generated token is forward's argmax");
+}
