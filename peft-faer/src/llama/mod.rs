@@ -36,6 +36,7 @@
 //! values; [`Llama::forward`] appends to it, so a prompt and then one token
 //! at a time give the same logits as one pass over the whole sequence.
 
+mod backward;
 pub mod config;
 pub mod weights;
 
@@ -44,6 +45,7 @@ use std::path::Path;
 use peft_core::attention::{AttentionShape, Mask, Prefix};
 use peft_core::{Accum, Backend, MatMut, MatRef, Op};
 
+pub use backward::{LlamaGrads, LoraGrad, lm_loss};
 pub use config::LlamaConfig;
 pub use weights::{Matrix, OwnedWeight};
 
@@ -355,6 +357,32 @@ impl Llama {
         adapter: Option<&LlamaAdapter<'_>>,
         cache: &mut KvCache,
     ) -> Result<Vec<f32>, HfError> {
+        self.run(backend, ids, adapter, cache, None)
+    }
+
+    /// [`Llama::forward`] of a whole sequence (no cache) that keeps what
+    /// [`Llama::backward`] needs in `trace`.
+    ///
+    /// # Errors
+    /// As [`Llama::forward`].
+    pub fn forward_traced<B: Backend<f32> + ?Sized>(
+        &self,
+        backend: &B,
+        ids: &[u32],
+        adapter: Option<&LlamaAdapter<'_>>,
+        trace: &mut Trace,
+    ) -> Result<Vec<f32>, HfError> {
+        self.run(backend, ids, adapter, &mut KvCache::new(), Some(trace))
+    }
+
+    fn run<B: Backend<f32> + ?Sized>(
+        &self,
+        backend: &B,
+        ids: &[u32],
+        adapter: Option<&LlamaAdapter<'_>>,
+        cache: &mut KvCache,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Vec<f32>, HfError> {
         let c = &self.config;
         let d = c.hidden_size;
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
@@ -404,7 +432,13 @@ impl Llama {
         let mut scratch = Vec::new();
         let mut lora_t = Vec::new();
         let be = HfError::backend;
+        if let Some(t) = trace.as_deref_mut() {
+            t.rows = n;
+            t.virtual_rows = prompt.map_or(0, |(_, t)| t);
+            t.layers.clear();
+        }
         for (l, layer) in self.layers.iter().enumerate() {
+            let h_in = trace.is_some().then(|| h.clone());
             let lora = |i: usize| match adapter {
                 Some(LlamaAdapter::Lora(layers)) => layers.get(l).and_then(|m| m[i]),
                 _ => None,
@@ -447,12 +481,31 @@ impl Llama {
             let x = MatRef::new(&norm, n, d)?;
             linear(backend, &layer.proj[4], x, &mut gate, lora(4), &mut lora_t)?;
             linear(backend, &layer.proj[5], x, &mut up, lora(5), &mut lora_t)?;
+            let pre_gate = trace.is_some().then(|| gate.clone());
             gate.iter_mut().zip(&up).for_each(|(g, u)| *g = silu(*g) * u);
             linear(backend, &layer.proj[6], MatRef::new(&gate, n, f)?, &mut out, lora(6), &mut lora_t)?;
+            if let Some(t) = trace.as_deref_mut() {
+                t.layers.push(LayerTrace {
+                    h_in: h_in.unwrap_or_default(),
+                    a: h.clone(),
+                    x2: norm.clone(),
+                    q: q.clone(),
+                    k: k.clone(),
+                    v: v.clone(),
+                    attn: attn.clone(),
+                    gate: pre_gate.unwrap_or_default(),
+                    up: up.clone(),
+                    act: gate.clone(),
+                });
+            }
             h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
         }
         cache.len += n;
         rms_norm(&h, &self.norm, c.rms_norm_eps, &mut norm);
+        if let Some(t) = trace {
+            t.h_final = h;
+            t.normed = norm.clone();
+        }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed).view()?;
         let mut logits = vec![0.0f32; n * c.vocab_size];
         backend
@@ -484,6 +537,49 @@ impl Llama {
             logits = self.forward(backend, &[next as u32], adapter, &mut cache)?;
         }
         Ok(out)
+    }
+}
+
+/// What [`Llama::forward_traced`] keeps of one layer.
+#[derive(Clone, Debug, Default)]
+struct LayerTrace {
+    /// The residual entering the layer `[n, d]`.
+    h_in: Vec<f32>,
+    /// The residual after attention `[n, d]`.
+    a: Vec<f32>,
+    /// `rms(a) w_post` `[n, d]`.
+    x2: Vec<f32>,
+    /// Queries and keys after RoPE, values.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// The attention's output before `o_proj` `[n, q_width]`.
+    attn: Vec<f32>,
+    /// `gate_proj` and `up_proj` outputs, and `silu(gate) * up` `[n, f]`.
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    act: Vec<f32>,
+}
+
+/// The activations of one traced forward pass (see [`Llama::backward`]).
+#[derive(Clone, Debug, Default)]
+pub struct Trace {
+    rows: usize,
+    virtual_rows: usize,
+    layers: Vec<LayerTrace>,
+    h_final: Vec<f32>,
+    normed: Vec<f32>,
+}
+
+impl Trace {
+    /// Rows of the pass (virtual tokens included).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Prompt tuning's virtual rows at the front (0 otherwise).
+    pub fn virtual_rows(&self) -> usize {
+        self.virtual_rows
     }
 }
 
@@ -530,7 +626,7 @@ fn linear<B: Backend<f32> + ?Sized>(
 
 /// `out = x / sqrt(mean(x^2) + eps) * w`, row by row (the mean summed in
 /// f64, the scale rounded to f32 once, as transformers' f32 RMSNorm).
-fn rms_norm(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
+pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
     let d = w.len().max(1);
     for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         let ms = row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>() / d as f64;
@@ -541,13 +637,19 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
 
 /// Rotates each head's pairs `(i, i + half)` of every row by its
 /// position's angles (`rope[row]`).
-fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, rope: &[(Vec<f32>, Vec<f32>)]) {
+pub(super) fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, rope: &[(Vec<f32>, Vec<f32>)]) {
+    rotate(x, heads, head_dim, rope, 1.0);
+}
+
+/// Each pair rotated by `sign` times its angle (`-1`: the transpose, which
+/// is RoPE's backward).
+pub(super) fn rotate(x: &mut [f32], heads: usize, head_dim: usize, rope: &[(Vec<f32>, Vec<f32>)], sign: f32) {
     let half = head_dim / 2;
     for (row, (cos, sin)) in x.chunks_exact_mut(heads * head_dim).zip(rope) {
         for head in row.chunks_exact_mut(head_dim) {
             let (a, b) = head.split_at_mut(half);
             for (((x1, x2), c), s) in a.iter_mut().zip(b).zip(cos).zip(sin) {
-                let (u, v) = (*x1, *x2);
+                let (u, v, s) = (*x1, *x2, sign * s);
                 *x1 = u * c - v * s;
                 *x2 = v * c + u * s;
             }
@@ -556,6 +658,6 @@ fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, rope: &[(Vec<f32>, V
 }
 
 /// `x sigmoid(x)`.
-fn silu(x: f32) -> f32 {
+pub(super) fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }

@@ -1,0 +1,287 @@
+//! The Llama model's backward pass over the adapter's tensors only, and the
+//! language-model loss.
+//!
+//! Given `dL/dlogits` and the [`Trace`] of the same forward pass, the
+//! gradient flows back through `lm_head`, the final RMSNorm and each layer
+//! (SwiGLU, RMSNorm, `o_proj`, attention with its prefix, RoPE's
+//! transpose, q/k/v, RMSNorm, the residuals) to the embeddings. The frozen
+//! matrices only ever meet `stored_apply_transpose` (`dL/dx = dL/dy W`);
+//! no gradient is formed for them. The adapter's gradients accumulate in
+//! [`LlamaGrads`]:
+//!
+//! ```text
+//! LoRA (y = x W^T + s (x A^T) B^T):  dA += s (dy B)^T x    dB += s dy^T (x A^T)    dx += dy W + s (dy B) A
+//! prompt tuning:                    dP  += dL/d(rows 0..n of the first layer's input)
+//! prefix tuning:                    d[PK | PV] of layer l += the attention's prefix gradients
+//! RMSNorm (y = w x r, r = (mean x^2 + eps)^-1/2):  dx = r g - (r^3 / d) x (g . x),  g = w dy
+//! ```
+//!
+//! A LoRA module's `lora_bias`, when present, is held fixed (it receives no
+//! gradient).
+
+use peft_core::attention::backward::{AttentionGrads, backward as attn_backward};
+use peft_core::attention::{AttentionShape, Mask, Prefix};
+use peft_core::prefix::PrefixConfig;
+use peft_core::{Accum, Backend, MatMut, MatRef, Op};
+
+use super::{Linear, Llama, LlamaAdapter, Trace, rms_norm, rotate, silu};
+use crate::hf::{HfError, LoraModule};
+
+/// One LoRA module's `(dA, dB)`.
+pub type LoraGrad = (Vec<f32>, Vec<f32>);
+
+/// A LoRA module and its gradient buffers, when the projection is adapted.
+type LoraSlot<'a> = Option<(&'a LoraModule, &'a mut LoraGrad)>;
+
+/// Gradient buffers shaped like a [`LlamaAdapter`]'s tensors.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LlamaGrads {
+    /// `dP`, `[tokens, hidden]`.
+    Prompt(Vec<f32>),
+    /// The prefix table's gradient, `[tokens, layers * 2 * kv_width]`.
+    Prefix(Vec<f32>),
+    /// Per layer and projection, `(dA, dB)` of the adapted ones.
+    Lora(Vec<[Option<LoraGrad>; 7]>),
+}
+
+impl LlamaGrads {
+    /// Zeros for every tensor of `adapter`.
+    pub fn zeros(adapter: &LlamaAdapter<'_>) -> Self {
+        match adapter {
+            LlamaAdapter::Prompt { embeddings, .. } => Self::Prompt(vec![0.0; embeddings.len()]),
+            LlamaAdapter::Prefix { table, .. } => Self::Prefix(vec![0.0; table.len()]),
+            LlamaAdapter::Lora(layers) => Self::Lora(
+                layers
+                    .iter()
+                    .map(|projs| projs.map(|m| m.map(|m| (vec![0.0; m.a.len()], vec![0.0; m.b.len()]))))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// The mean next-token cross-entropy of a forward pass over `ids`: row
+/// `skip + j` (after `skip` virtual rows) predicts `ids[j + 1]`, `j <
+/// len - 1`:
+///
+/// ```text
+/// L = -(1 / (len - 1)) sum_j log softmax(logits[skip + j])[ids[j + 1]]
+/// ```
+///
+/// With `grad` (`[rows, vocab]`), writes `dL/dlogits` there (zero on the
+/// rows that predict nothing). Sums in f64.
+pub fn lm_loss(logits: &[f32], vocab: usize, skip: usize, ids: &[u32], mut grad: Option<&mut [f32]>) -> f64 {
+    if let Some(g) = grad.as_deref_mut() {
+        g.fill(0.0);
+    }
+    let count = ids.len().saturating_sub(1);
+    if count == 0 || vocab == 0 {
+        return 0.0;
+    }
+    let mut total = 0.0f64;
+    for (j, next) in ids.iter().skip(1).enumerate() {
+        let row = skip + j;
+        let Some(z) = logits.get(row * vocab..(row + 1) * vocab) else { continue };
+        let max = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let sum: f64 = z.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum();
+        let log_z = f64::from(max) + sum.ln();
+        let t = *next as usize;
+        total += log_z - f64::from(z[t.min(vocab - 1)]);
+        if let Some(g) = grad.as_deref_mut().and_then(|g| g.get_mut(row * vocab..(row + 1) * vocab)) {
+            for (k, (gk, &zk)) in g.iter_mut().zip(z).enumerate() {
+                let p = (f64::from(zk) - log_z).exp();
+                *gk = ((p - if k == t { 1.0 } else { 0.0 }) / count as f64) as f32;
+            }
+        }
+    }
+    total / count as f64
+}
+
+/// `dx` of `out = rms(x) w` for each row, accumulated into `dx`.
+fn rms_norm_backward(x: &[f32], w: &[f32], eps: f64, dy: &[f32], dx: &mut [f32]) {
+    let d = w.len().max(1);
+    for ((row, g), o) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+        let ms = row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>() / d as f64;
+        let r = 1.0 / (ms + eps).sqrt();
+        let dot: f64 = row.iter().zip(g).zip(w).map(|((x, g), w)| f64::from(*x) * f64::from(g * w)).sum();
+        let c = r * r * r * dot / d as f64;
+        for (((o, x), g), w) in o.iter_mut().zip(row).zip(g).zip(w) {
+            *o += (r * f64::from(g * w) - c * f64::from(*x)) as f32;
+        }
+    }
+}
+
+/// `gx += dL/dx` of [`super::linear`], and the LoRA module's gradients.
+fn linear_backward<B: Backend<f32> + ?Sized>(
+    backend: &B,
+    lin: &Linear,
+    x: MatRef<'_, f32>,
+    gy: &[f32],
+    gx: &mut [f32],
+    lora: LoraSlot<'_>,
+) -> Result<(), HfError> {
+    let (n, n_in, n_out) = (x.rows(), lin.weight.cols, lin.weight.rows);
+    let be = HfError::backend;
+    let gyv = MatRef::new(gy, n, n_out)?;
+    backend.stored_apply_transpose(&lin.weight.view()?, gyv, MatMut::new(gx, n, n_in)?, Accum::Add).map_err(be)?;
+    if let Some((m, (ga, gb))) = lora {
+        let (r, s) = (m.r, m.scale as f32);
+        let a = MatRef::new(&m.a, r, n_in)?;
+        let b = MatRef::new(&m.b, n_out, r)?;
+        let (mut u, mut t) = (vec![0.0f32; n * r], vec![0.0f32; n * r]);
+        backend.gemm(MatMut::new(&mut u, n, r)?, Accum::Replace, gyv, Op::N, b, Op::N, 1.0).map_err(be)?;
+        backend.gemm(MatMut::new(&mut t, n, r)?, Accum::Replace, x, Op::N, a, Op::T, 1.0).map_err(be)?;
+        let (uv, tv) = (MatRef::new(&u, n, r)?, MatRef::new(&t, n, r)?);
+        backend.gemm(MatMut::new(ga, r, n_in)?, Accum::Add, uv, Op::T, x, Op::N, s).map_err(be)?;
+        backend.gemm(MatMut::new(gb, n_out, r)?, Accum::Add, gyv, Op::T, tv, Op::N, s).map_err(be)?;
+        backend.gemm(MatMut::new(gx, n, n_in)?, Accum::Add, uv, Op::N, a, Op::N, s).map_err(be)?;
+    }
+    Ok(())
+}
+
+impl Llama {
+    /// Accumulates the adapter's gradients into `grads`, given `dlogits =
+    /// dL/dlogits [rows, vocab]` and the [`Trace`] of the forward pass that
+    /// produced the logits, with the same adapter (see the module docs).
+    /// Nothing frozen is written.
+    ///
+    /// # Errors
+    /// [`HfError::Config`] (`dlogits`, `grads`) when the shapes do not
+    /// match the trace or the adapter; the backend's errors.
+    pub fn backward<B: Backend<f32> + ?Sized>(
+        &self,
+        backend: &B,
+        adapter: Option<&LlamaAdapter<'_>>,
+        trace: &Trace,
+        dlogits: &[f32],
+        grads: Option<&mut LlamaGrads>,
+    ) -> Result<(), HfError> {
+        let c = &self.config;
+        let (n, d, f) = (trace.rows, c.hidden_size, c.intermediate_size);
+        let (qw, kvw) = (c.q_width(), c.kv_width());
+        let bad = |field: &str, reason: &str| HfError::Config { field: field.into(), reason: reason.into() };
+        if dlogits.len() != n * c.vocab_size || trace.layers.len() != c.num_layers {
+            return Err(bad("dlogits", "must be [rows, vocab] of the traced pass"));
+        }
+        let matches = match (adapter, grads.as_deref()) {
+            (None, _) | (Some(_), None) => true,
+            (Some(a), Some(g)) => {
+                std::mem::discriminant(&LlamaGrads::zeros(a)) == std::mem::discriminant(g)
+                    && match (a, g) {
+                        (LlamaAdapter::Prompt { embeddings: p, .. }, LlamaGrads::Prompt(gp))
+                        | (LlamaAdapter::Prefix { table: p, .. }, LlamaGrads::Prefix(gp)) => p.len() == gp.len(),
+                        (LlamaAdapter::Lora(_), LlamaGrads::Lora(gl)) => gl.len() == c.num_layers,
+                        _ => false,
+                    }
+            }
+        };
+        if !matches {
+            return Err(bad("grads", "must be LlamaGrads::zeros of the adapter"));
+        }
+        let be = HfError::backend;
+        let shape = AttentionShape::new(c.num_heads, c.num_kv_heads, c.head_dim).map_err(HfError::Core)?;
+        let prefix_tokens = match adapter {
+            Some(LlamaAdapter::Prefix { tokens, .. }) => *tokens,
+            _ => 0,
+        };
+        let rope: Vec<(Vec<f32>, Vec<f32>)> = (0..n).map(|i| self.rope(prefix_tokens + i)).collect();
+
+        // lm_head and the final norm.
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed).view()?;
+        let mut dnormed = vec![0.0f32; n * d];
+        let dl = MatRef::new(dlogits, n, c.vocab_size)?;
+        backend.stored_apply_transpose(&head, dl, MatMut::new(&mut dnormed, n, d)?, Accum::Replace).map_err(be)?;
+        let mut dh = vec![0.0f32; n * d];
+        rms_norm_backward(&trace.h_final, &self.norm, c.rms_norm_eps, &dnormed, &mut dh);
+
+        // Each method's buffers, apart (they are never used together).
+        let (mut lora_g, mut prefix_g, mut prompt_g) = (None, None, None);
+        match grads {
+            Some(LlamaGrads::Lora(g)) => lora_g = Some(g),
+            Some(LlamaGrads::Prefix(g)) => prefix_g = Some(g),
+            Some(LlamaGrads::Prompt(g)) => prompt_g = Some(g),
+            None => {}
+        }
+        let mut x1 = vec![0.0f32; n * d];
+        let mut scratch = Vec::new();
+        for l in (0..c.num_layers).rev() {
+            let (layer, t) = (&self.layers[l], &trace.layers[l]);
+            let mut lora_grads: [LoraSlot<'_>; 7] = Default::default();
+            if let (Some(LlamaAdapter::Lora(ml)), Some(gl)) = (adapter, lora_g.as_deref_mut()) {
+                for ((slot, m), g) in lora_grads.iter_mut().zip(&ml[l]).zip(gl[l].iter_mut()) {
+                    if let (Some(m), Some(g)) = (m, g.as_mut()) {
+                        *slot = Some((*m, g));
+                    }
+                }
+            }
+            let [gq_l, gk_l, gv_l, go_l, gg_l, gu_l, gd_l] = lora_grads;
+            // h_out = a + down(act): da = dh + (norm2 and MLP's share).
+            let mut dact = vec![0.0f32; n * f];
+            linear_backward(backend, &layer.proj[6], MatRef::new(&t.act, n, f)?, &dh, &mut dact, gd_l)?;
+            let (mut dg, mut du) = (vec![0.0f32; n * f], vec![0.0f32; n * f]);
+            for ((((dg, du), &da), &g), &u) in dg.iter_mut().zip(du.iter_mut()).zip(&dact).zip(&t.gate).zip(&t.up) {
+                let sig = 1.0 / (1.0 + (-g).exp());
+                *du = da * silu(g);
+                *dg = da * u * sig * (1.0 + g * (1.0 - sig));
+            }
+            let mut dx2 = vec![0.0f32; n * d];
+            let x2 = MatRef::new(&t.x2, n, d)?;
+            linear_backward(backend, &layer.proj[4], x2, &dg, &mut dx2, gg_l)?;
+            linear_backward(backend, &layer.proj[5], x2, &du, &mut dx2, gu_l)?;
+            let mut da = dh;
+            rms_norm_backward(&t.a, &layer.post_norm, c.rms_norm_eps, &dx2, &mut da);
+            // a = h_in + o(attn).
+            let mut dattn = vec![0.0f32; n * qw];
+            linear_backward(backend, &layer.proj[3], MatRef::new(&t.attn, n, qw)?, &da, &mut dattn, go_l)?;
+            let (mut dq, mut dk, mut dv) = (vec![0.0f32; n * qw], vec![0.0f32; n * kvw], vec![0.0f32; n * kvw]);
+            let prefix = match adapter {
+                Some(LlamaAdapter::Prefix { table, tokens }) => {
+                    let tv = MatRef::new(table, *tokens, c.num_layers * 2 * kvw)?;
+                    let cols = |j: usize| tv.cols_range(j * kvw, kvw).ok_or(HfError::Core(peft_core::Error::Overflow));
+                    Some(Prefix { keys: cols(2 * l)?, values: cols(2 * l + 1)? })
+                }
+                _ => None,
+            };
+            let p = prefix.as_ref().map_or(0, |p| p.keys.rows());
+            let prefix_grads = match (prefix_g.as_deref_mut(), p) {
+                (Some(gp), p) if p > 0 => Some(PrefixConfig::new(p, c.num_layers, &shape)?.layer_grads(gp, l)?),
+                _ => None,
+            };
+            scratch.resize(peft_core::attention::backward_scratch_len(n, n, p), 0.0);
+            let ag = AttentionGrads {
+                q: MatMut::new(&mut dq, n, qw)?,
+                k: MatMut::new(&mut dk, n, kvw)?,
+                v: MatMut::new(&mut dv, n, kvw)?,
+                prefix: prefix_grads,
+            };
+            attn_backward(
+                backend,
+                &shape,
+                MatRef::new(&t.q, n, qw)?,
+                MatRef::new(&t.k, n, kvw)?,
+                MatRef::new(&t.v, n, kvw)?,
+                prefix.as_ref(),
+                &Mask { causal: true, key_padding: None, additive: None },
+                MatRef::new(&dattn, n, qw)?,
+                ag,
+                &mut scratch,
+            )
+            .map_err(be)?;
+            rotate(&mut dq, c.num_heads, c.head_dim, &rope, -1.0);
+            rotate(&mut dk, c.num_kv_heads, c.head_dim, &rope, -1.0);
+            rms_norm(&t.h_in, &layer.input_norm, c.rms_norm_eps, &mut x1);
+            let mut dx1 = vec![0.0f32; n * d];
+            let x1v = MatRef::new(&x1, n, d)?;
+            linear_backward(backend, &layer.proj[0], x1v, &dq, &mut dx1, gq_l)?;
+            linear_backward(backend, &layer.proj[1], x1v, &dk, &mut dx1, gk_l)?;
+            linear_backward(backend, &layer.proj[2], x1v, &dv, &mut dx1, gv_l)?;
+            let mut dh_in = da;
+            rms_norm_backward(&t.h_in, &layer.input_norm, c.rms_norm_eps, &dx1, &mut dh_in);
+            dh = dh_in;
+        }
+        if let Some(gp) = prompt_g {
+            gp.iter_mut().zip(&dh[..trace.virtual_rows * d]).for_each(|(g, d)| *g += d);
+        }
+        Ok(())
+    }
+}
