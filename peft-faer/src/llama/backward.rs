@@ -11,27 +11,30 @@
 //!
 //! ```text
 //! LoRA (y = x W^T + s (x A^T) B^T):  dA += s (dy B)^T x    dB += s dy^T (x A^T)    dx += dy W + s (dy B) A
+//! DoRA, (IA)^3, LoHa, LoKr, VeRA:    peft-core's backward of each layer
 //! prompt tuning:                    dP  += dL/d(rows 0..n of the first layer's input)
 //! prefix tuning:                    d[PK | PV] of layer l += the attention's prefix gradients
 //! RMSNorm (y = w x r, r = (mean x^2 + eps)^-1/2):  dx = r g - (r^3 / d) x (g . x),  g = w dy
 //! ```
 //!
 //! A LoRA module's `lora_bias`, when present, is held fixed (it receives no
-//! gradient).
+//! gradient); so are VeRA's shared projections (frozen by the method).
 
 use peft_core::attention::backward::{AttentionGrads, backward as attn_backward};
 use peft_core::attention::{AttentionShape, Mask, Prefix};
 use peft_core::prefix::PrefixConfig;
-use peft_core::{Accum, Backend, MatMut, MatRef, Op};
+use peft_core::{Accum, Backend, MatMut, MatRef};
 
-use super::{Linear, Llama, LlamaAdapter, Trace, rms_norm, rotate, silu};
-use crate::hf::{HfError, LoraModule};
+use super::sites::{self, Module};
+use super::{Llama, LlamaAdapter, Trace, rms_norm, rotate, silu};
+use crate::hf::HfError;
 
-/// One LoRA module's `(dA, dB)`.
-pub type LoraGrad = (Vec<f32>, Vec<f32>);
+/// An adapted projection's module and its gradient buffers.
+type Slot<'a, 'g> = Option<(Module<'a>, &'g mut [Vec<f32>])>;
 
-/// A LoRA module and its gradient buffers, when the projection is adapted.
-type LoraSlot<'a> = Option<(&'a LoraModule, &'a mut LoraGrad)>;
+/// One adapted projection's gradient buffers, in
+/// [`Module::tensor_lens`]' order.
+pub type SiteGrads = Vec<Vec<f32>>;
 
 /// Gradient buffers shaped like a [`LlamaAdapter`]'s tensors.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,8 +43,8 @@ pub enum LlamaGrads {
     Prompt(Vec<f32>),
     /// The prefix table's gradient, `[tokens, layers * 2 * kv_width]`.
     Prefix(Vec<f32>),
-    /// Per layer and projection, `(dA, dB)` of the adapted ones.
-    Lora(Vec<[Option<LoraGrad>; 7]>),
+    /// Per layer and projection, the adapted ones' buffers.
+    Modules(Vec<[Option<SiteGrads>; 7]>),
 }
 
 impl LlamaGrads {
@@ -50,10 +53,10 @@ impl LlamaGrads {
         match adapter {
             LlamaAdapter::Prompt { embeddings, .. } => Self::Prompt(vec![0.0; embeddings.len()]),
             LlamaAdapter::Prefix { table, .. } => Self::Prefix(vec![0.0; table.len()]),
-            LlamaAdapter::Lora(layers) => Self::Lora(
+            LlamaAdapter::Modules(layers) => Self::Modules(
                 layers
                     .iter()
-                    .map(|projs| projs.map(|m| m.map(|m| (vec![0.0; m.a.len()], vec![0.0; m.b.len()]))))
+                    .map(|projs| projs.map(|m| m.map(|m| m.tensor_lens().into_iter().map(|n| vec![0.0; n]).collect())))
                     .collect(),
             ),
         }
@@ -111,34 +114,6 @@ fn rms_norm_backward(x: &[f32], w: &[f32], eps: f64, dy: &[f32], dx: &mut [f32])
     }
 }
 
-/// `gx += dL/dx` of [`super::linear`], and the LoRA module's gradients.
-fn linear_backward<B: Backend<f32> + ?Sized>(
-    backend: &B,
-    lin: &Linear,
-    x: MatRef<'_, f32>,
-    gy: &[f32],
-    gx: &mut [f32],
-    lora: LoraSlot<'_>,
-) -> Result<(), HfError> {
-    let (n, n_in, n_out) = (x.rows(), lin.weight.cols, lin.weight.rows);
-    let be = HfError::backend;
-    let gyv = MatRef::new(gy, n, n_out)?;
-    backend.stored_apply_transpose(&lin.weight.view()?, gyv, MatMut::new(gx, n, n_in)?, Accum::Add).map_err(be)?;
-    if let Some((m, (ga, gb))) = lora {
-        let (r, s) = (m.r, m.scale as f32);
-        let a = MatRef::new(&m.a, r, n_in)?;
-        let b = MatRef::new(&m.b, n_out, r)?;
-        let (mut u, mut t) = (vec![0.0f32; n * r], vec![0.0f32; n * r]);
-        backend.gemm(MatMut::new(&mut u, n, r)?, Accum::Replace, gyv, Op::N, b, Op::N, 1.0).map_err(be)?;
-        backend.gemm(MatMut::new(&mut t, n, r)?, Accum::Replace, x, Op::N, a, Op::T, 1.0).map_err(be)?;
-        let (uv, tv) = (MatRef::new(&u, n, r)?, MatRef::new(&t, n, r)?);
-        backend.gemm(MatMut::new(ga, r, n_in)?, Accum::Add, uv, Op::T, x, Op::N, s).map_err(be)?;
-        backend.gemm(MatMut::new(gb, n_out, r)?, Accum::Add, gyv, Op::T, tv, Op::N, s).map_err(be)?;
-        backend.gemm(MatMut::new(gx, n, n_in)?, Accum::Add, uv, Op::N, a, Op::N, s).map_err(be)?;
-    }
-    Ok(())
-}
-
 impl Llama {
     /// Accumulates the adapter's gradients into `grads`, given `dlogits =
     /// dL/dlogits [rows, vocab]` and the [`Trace`] of the forward pass that
@@ -170,7 +145,7 @@ impl Llama {
                     && match (a, g) {
                         (LlamaAdapter::Prompt { embeddings: p, .. }, LlamaGrads::Prompt(gp))
                         | (LlamaAdapter::Prefix { table: p, .. }, LlamaGrads::Prefix(gp)) => p.len() == gp.len(),
-                        (LlamaAdapter::Lora(_), LlamaGrads::Lora(gl)) => gl.len() == c.num_layers,
+                        (LlamaAdapter::Modules(_), LlamaGrads::Modules(gl)) => gl.len() == c.num_layers,
                         _ => false,
                     }
             }
@@ -197,7 +172,7 @@ impl Llama {
         // Each method's buffers, apart (they are never used together).
         let (mut lora_g, mut prefix_g, mut prompt_g) = (None, None, None);
         match grads {
-            Some(LlamaGrads::Lora(g)) => lora_g = Some(g),
+            Some(LlamaGrads::Modules(g)) => lora_g = Some(g),
             Some(LlamaGrads::Prefix(g)) => prefix_g = Some(g),
             Some(LlamaGrads::Prompt(g)) => prompt_g = Some(g),
             None => {}
@@ -206,18 +181,18 @@ impl Llama {
         let mut scratch = Vec::new();
         for l in (0..c.num_layers).rev() {
             let (layer, t) = (&self.layers[l], &trace.layers[l]);
-            let mut lora_grads: [LoraSlot<'_>; 7] = Default::default();
-            if let (Some(LlamaAdapter::Lora(ml)), Some(gl)) = (adapter, lora_g.as_deref_mut()) {
+            let mut lora_grads: [Slot<'_, '_>; 7] = Default::default();
+            if let (Some(LlamaAdapter::Modules(ml)), Some(gl)) = (adapter, lora_g.as_deref_mut()) {
                 for ((slot, m), g) in lora_grads.iter_mut().zip(&ml[l]).zip(gl[l].iter_mut()) {
                     if let (Some(m), Some(g)) = (m, g.as_mut()) {
-                        *slot = Some((*m, g));
+                        *slot = Some((*m, &mut g[..]));
                     }
                 }
             }
             let [gq_l, gk_l, gv_l, go_l, gg_l, gu_l, gd_l] = lora_grads;
             // h_out = a + down(act): da = dh + (norm2 and MLP's share).
             let mut dact = vec![0.0f32; n * f];
-            linear_backward(backend, &layer.proj[6], MatRef::new(&t.act, n, f)?, &dh, &mut dact, gd_l)?;
+            sites::backward(backend, &layer.proj[6], gd_l, MatRef::new(&t.act, n, f)?, &dh, &mut dact)?;
             let (mut dg, mut du) = (vec![0.0f32; n * f], vec![0.0f32; n * f]);
             for ((((dg, du), &da), &g), &u) in dg.iter_mut().zip(du.iter_mut()).zip(&dact).zip(&t.gate).zip(&t.up) {
                 let sig = 1.0 / (1.0 + (-g).exp());
@@ -226,13 +201,13 @@ impl Llama {
             }
             let mut dx2 = vec![0.0f32; n * d];
             let x2 = MatRef::new(&t.x2, n, d)?;
-            linear_backward(backend, &layer.proj[4], x2, &dg, &mut dx2, gg_l)?;
-            linear_backward(backend, &layer.proj[5], x2, &du, &mut dx2, gu_l)?;
+            sites::backward(backend, &layer.proj[4], gg_l, x2, &dg, &mut dx2)?;
+            sites::backward(backend, &layer.proj[5], gu_l, x2, &du, &mut dx2)?;
             let mut da = dh;
             rms_norm_backward(&t.a, &layer.post_norm, c.rms_norm_eps, &dx2, &mut da);
             // a = h_in + o(attn).
             let mut dattn = vec![0.0f32; n * qw];
-            linear_backward(backend, &layer.proj[3], MatRef::new(&t.attn, n, qw)?, &da, &mut dattn, go_l)?;
+            sites::backward(backend, &layer.proj[3], go_l, MatRef::new(&t.attn, n, qw)?, &da, &mut dattn)?;
             let (mut dq, mut dk, mut dv) = (vec![0.0f32; n * qw], vec![0.0f32; n * kvw], vec![0.0f32; n * kvw]);
             let prefix = match adapter {
                 Some(LlamaAdapter::Prefix { table, tokens }) => {
@@ -272,9 +247,9 @@ impl Llama {
             rms_norm(&t.h_in, &layer.input_norm, c.rms_norm_eps, &mut x1);
             let mut dx1 = vec![0.0f32; n * d];
             let x1v = MatRef::new(&x1, n, d)?;
-            linear_backward(backend, &layer.proj[0], x1v, &dq, &mut dx1, gq_l)?;
-            linear_backward(backend, &layer.proj[1], x1v, &dk, &mut dx1, gk_l)?;
-            linear_backward(backend, &layer.proj[2], x1v, &dv, &mut dx1, gv_l)?;
+            sites::backward(backend, &layer.proj[0], gq_l, x1v, &dq, &mut dx1)?;
+            sites::backward(backend, &layer.proj[1], gk_l, x1v, &dk, &mut dx1)?;
+            sites::backward(backend, &layer.proj[2], gv_l, x1v, &dv, &mut dx1)?;
             let mut dh_in = da;
             rms_norm_backward(&t.h_in, &layer.input_norm, c.rms_norm_eps, &dx1, &mut dh_in);
             dh = dh_in;

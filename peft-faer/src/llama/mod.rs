@@ -22,15 +22,17 @@
 //! multiplied in place through [`Backend::stored_apply`]; norms are read
 //! as f32.
 //!
-//! **Adapters** ([`LlamaAdapter`]): LoRA (and rsLoRA, per-module ranks and
-//! alphas, `lora_bias`) on any of the seven projections of every layer;
+//! **Adapters** ([`LlamaAdapter`]): on any of the seven projections of
+//! every layer, LoRA (and rsLoRA, per-module ranks and alphas, `lora_bias`),
+//! DoRA, (IA)^3, LoHa, LoKr and VeRA ([`Module`]);
 //! prompt tuning (`P [n, hidden]` before the tokens: they take positions
 //! `0..n`, and their rows are part of the logits, as in PEFT's output);
 //! prefix tuning (per layer, keys and values `[n, kv_heads * head_dim]`
 //! read from PEFT's `prompt_embeddings [n, layers * 2 * token_dim]`,
 //! `token_dim = head_dim * kv_heads` for GQA models: they enter the
 //! attention as the first cache entries, without RoPE, and the tokens
-//! take positions `n..`). Other methods are refused by name for now.
+//! take positions `n..`). Bottleneck adapters, which PEFT does not have,
+//! are not hosted here.
 //!
 //! **Decoding**: [`KvCache`] keeps each layer's keys (after RoPE) and
 //! values; [`Llama::forward`] appends to it, so a prompt and then one token
@@ -38,19 +40,21 @@
 
 mod backward;
 pub mod config;
+mod sites;
 pub mod weights;
 
 use std::path::Path;
 
 use peft_core::attention::{AttentionShape, Mask, Prefix};
-use peft_core::{Accum, Backend, MatMut, MatRef, Op};
+use peft_core::{Accum, Backend, MatMut, MatRef};
 
-pub use backward::{LlamaGrads, LoraGrad, lm_loss};
+pub use backward::{LlamaGrads, SiteGrads, lm_loss};
 pub use config::LlamaConfig;
+pub use sites::Module;
 pub use weights::{Matrix, OwnedWeight};
 
 use crate::hf::base::Base;
-use crate::hf::{HfAdapter, HfError, LoraModule, PeftConfig};
+use crate::hf::{HfAdapter, HfError, PeftConfig};
 
 /// The projections of a layer, in the order [`LlamaAdapter`] indexes them
 /// (the module names under `model.layers.N.`).
@@ -140,9 +144,9 @@ pub enum LlamaAdapter<'a> {
         /// Virtual tokens.
         tokens: usize,
     },
-    /// LoRA: per layer, per projection ([`PROJECTIONS`]), the module if
-    /// adapted.
-    Lora(Vec<[Option<&'a LoraModule>; 7]>),
+    /// A weight-adapting method: per layer, per projection
+    /// ([`PROJECTIONS`]), the module if adapted.
+    Modules(Vec<[Option<Module<'a>>; 7]>),
 }
 
 impl<'a> LlamaAdapter<'a> {
@@ -201,42 +205,98 @@ impl<'a> LlamaAdapter<'a> {
                     Ok(Self::Prompt { embeddings: &t.data, tokens: n })
                 }
             }
-            PeftConfig::Lora(_) => {
+            other => {
                 let mut layers = vec![[None; 7]; c.num_layers];
-                for m in &adapter.modules {
-                    let (layer, proj) = locate(&m.name, c.num_layers).ok_or_else(|| {
+                let mut place = |name: &str, module: Module<'a>, (out, inn): (usize, usize)| {
+                    let (layer, proj) = locate(name, c.num_layers).ok_or_else(|| {
                         HfError::Base(format!(
-                            "{}: not a projection of this model (model.layers.N.{{{}}})",
-                            m.name,
+                            "{name}: not a projection of this model (model.layers.N.{{{}}})",
                             PROJECTIONS.join(",")
                         ))
                     })?;
                     let w = &model.layers[layer].proj[proj].weight;
-                    if m.embedding || (m.n_out, m.n_in) != (w.rows, w.cols) {
+                    let fits = match module {
+                        // VeRA's layers read the first `in` columns of the
+                        // shared projections.
+                        Module::Vera(_, p) => out == w.rows && w.cols <= p.max_in,
+                        _ => (out, inn) == (w.rows, w.cols),
+                    };
+                    if !fits {
                         return Err(HfError::Base(format!(
-                            "{}: the adapter is [{}, {}], the model's weight [{}, {}]",
-                            m.name, m.n_out, m.n_in, w.rows, w.cols
+                            "{name}: the adapter is [{out}, {inn}], the model's weight [{}, {}]",
+                            w.rows, w.cols
                         )));
                     }
-                    if m.magnitude.is_some() {
-                        return Err(HfError::Unsupported(format!("{}: DoRA in the Llama model (not yet)", m.name)));
+                    if layers[layer][proj].replace(module).is_some() {
+                        return Err(HfError::Tensor(format!("{name} is adapted twice")));
                     }
-                    layers[layer][proj] = Some(m);
+                    Ok(())
+                };
+                match other {
+                    PeftConfig::Lora(lc) => {
+                        for m in &adapter.modules {
+                            if m.embedding {
+                                return Err(HfError::Unsupported(format!(
+                                    "{}: LoRA on embeddings in the Llama model",
+                                    m.name
+                                )));
+                            }
+                            let module = if m.magnitude.is_some() {
+                                Module::Dora(
+                                    m,
+                                    peft_core::lora::LoraConfig::new(m.r, m.alpha).with_rslora(lc.use_rslora),
+                                )
+                            } else {
+                                Module::Lora(m)
+                            };
+                            place(&m.name, module, (m.n_out, m.n_in))?;
+                        }
+                    }
+                    PeftConfig::Ia3(_) => {
+                        for m in &adapter.ia3 {
+                            let [o, i] = m.shape();
+                            // `ia3_l` is [out, 1] or, feedforward, [1, in]: the
+                            // other side is the model's, checked there.
+                            let w = locate(&m.name, c.num_layers).map(|(l, p)| &model.layers[l].proj[p].weight);
+                            let dims = match w {
+                                Some(w) if m.feedforward => (w.rows, i),
+                                Some(w) => (o, w.cols),
+                                None => (o, i),
+                            };
+                            place(&m.name, Module::Ia3(m), dims)?;
+                        }
+                    }
+                    PeftConfig::Loha(_) => {
+                        for m in &adapter.loha {
+                            place(&m.name, Module::Loha(m), (m.n_out, m.n_in))?;
+                        }
+                    }
+                    PeftConfig::Lokr(_) => {
+                        for m in &adapter.lokr {
+                            place(&m.name, Module::Lokr(m), m.dims())?;
+                        }
+                    }
+                    PeftConfig::Vera(_) => {
+                        let p = adapter
+                            .vera_projections
+                            .as_ref()
+                            .ok_or_else(|| HfError::Tensor("base_model.vera_A is missing".into()))?;
+                        for m in &adapter.vera {
+                            place(&m.name, Module::Vera(m, p), (m.n_out, p.max_in))?;
+                        }
+                    }
+                    PeftConfig::Prompt(_) => {}
                 }
-                Ok(Self::Lora(layers))
+                Ok(Self::Modules(layers))
             }
-            other => Err(HfError::Unsupported(format!(
-                "{} adapters in the Llama model (not yet: LoRA, prompt and prefix tuning are)",
-                other.method_name()
-            ))),
         }
     }
 
-    /// Virtual tokens (0 for LoRA).
+    /// Virtual tokens (0 for the weight-adapting methods).
     pub fn virtual_tokens(&self) -> usize {
         match self {
             Self::Prompt { tokens, .. } | Self::Prefix { tokens, .. } => *tokens,
-            Self::Lora(_) => 0,
+            Self::Modules(_) => 0,
         }
     }
 }
@@ -430,7 +490,7 @@ impl Llama {
         let mut out = vec![0.0f32; n * d];
         let (mut gate, mut up) = (vec![0.0f32; n * f], vec![0.0f32; n * f]);
         let mut scratch = Vec::new();
-        let mut lora_t = Vec::new();
+        let mut site_t = Vec::new();
         let be = HfError::backend;
         if let Some(t) = trace.as_deref_mut() {
             t.rows = n;
@@ -439,15 +499,15 @@ impl Llama {
         }
         for (l, layer) in self.layers.iter().enumerate() {
             let h_in = trace.is_some().then(|| h.clone());
-            let lora = |i: usize| match adapter {
-                Some(LlamaAdapter::Lora(layers)) => layers.get(l).and_then(|m| m[i]),
+            let module = |i: usize| match adapter {
+                Some(LlamaAdapter::Modules(layers)) => layers.get(l).and_then(|m| m[i]),
                 _ => None,
             };
             rms_norm(&h, &layer.input_norm, c.rms_norm_eps, &mut norm);
             let x = MatRef::new(&norm, n, d)?;
-            linear(backend, &layer.proj[0], x, &mut q, lora(0), &mut lora_t)?;
-            linear(backend, &layer.proj[1], x, &mut k, lora(1), &mut lora_t)?;
-            linear(backend, &layer.proj[2], x, &mut v, lora(2), &mut lora_t)?;
+            sites::forward(backend, &layer.proj[0], module(0), x, &mut q, &mut site_t)?;
+            sites::forward(backend, &layer.proj[1], module(1), x, &mut k, &mut site_t)?;
+            sites::forward(backend, &layer.proj[2], module(2), x, &mut v, &mut site_t)?;
             apply_rope(&mut q, c.num_heads, c.head_dim, &rope);
             apply_rope(&mut k, c.num_kv_heads, c.head_dim, &rope);
             cache.k[l].extend_from_slice(&k);
@@ -475,15 +535,15 @@ impl Llama {
                 &mut scratch,
             )
             .map_err(be)?;
-            linear(backend, &layer.proj[3], MatRef::new(&attn, n, qw)?, &mut out, lora(3), &mut lora_t)?;
+            sites::forward(backend, &layer.proj[3], module(3), MatRef::new(&attn, n, qw)?, &mut out, &mut site_t)?;
             h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
             rms_norm(&h, &layer.post_norm, c.rms_norm_eps, &mut norm);
             let x = MatRef::new(&norm, n, d)?;
-            linear(backend, &layer.proj[4], x, &mut gate, lora(4), &mut lora_t)?;
-            linear(backend, &layer.proj[5], x, &mut up, lora(5), &mut lora_t)?;
+            sites::forward(backend, &layer.proj[4], module(4), x, &mut gate, &mut site_t)?;
+            sites::forward(backend, &layer.proj[5], module(5), x, &mut up, &mut site_t)?;
             let pre_gate = trace.is_some().then(|| gate.clone());
             gate.iter_mut().zip(&up).for_each(|(g, u)| *g = silu(*g) * u);
-            linear(backend, &layer.proj[6], MatRef::new(&gate, n, f)?, &mut out, lora(6), &mut lora_t)?;
+            sites::forward(backend, &layer.proj[6], module(6), MatRef::new(&gate, n, f)?, &mut out, &mut site_t)?;
             if let Some(t) = trace.as_deref_mut() {
                 t.layers.push(LayerTrace {
                     h_in: h_in.unwrap_or_default(),
@@ -593,35 +653,6 @@ pub fn argmax(v: &[f32]) -> Option<usize> {
             _ => Some((i, x)),
         })
         .map(|(i, _)| i)
-}
-
-/// `y = x W^T + b + s (x A^T) B^T (+ s lora_bias)`; `t` is scratch.
-fn linear<B: Backend<f32> + ?Sized>(
-    backend: &B,
-    lin: &Linear,
-    x: MatRef<'_, f32>,
-    y: &mut [f32],
-    lora: Option<&LoraModule>,
-    t: &mut Vec<f32>,
-) -> Result<(), HfError> {
-    let (n, out) = (x.rows(), lin.weight.rows);
-    let be = HfError::backend;
-    backend.stored_apply(&lin.weight.view()?, x, MatMut::new(y, n, out)?, Accum::Replace).map_err(be)?;
-    if let Some(b) = &lin.bias {
-        y.chunks_exact_mut(out).for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
-    }
-    if let Some(m) = lora {
-        let s = m.scale as f32;
-        t.resize(n * m.r, 0.0);
-        let a = MatRef::new(&m.a, m.r, m.n_in)?;
-        let b = MatRef::new(&m.b, m.n_out, m.r)?;
-        backend.gemm(MatMut::new(t, n, m.r)?, Accum::Replace, x, Op::N, a, Op::T, 1.0).map_err(be)?;
-        backend.gemm(MatMut::new(y, n, out)?, Accum::Add, MatRef::new(t, n, m.r)?, Op::N, b, Op::T, s).map_err(be)?;
-        if let Some(lb) = &m.lora_bias {
-            y.chunks_exact_mut(out).for_each(|row| row.iter_mut().zip(lb).for_each(|(y, b)| *y += s * b));
-        }
-    }
-    Ok(())
 }
 
 /// `out = x / sqrt(mean(x^2) + eps) * w`, row by row (the mean summed in
