@@ -41,6 +41,7 @@
 mod backward;
 pub mod config;
 mod sites;
+pub mod train;
 pub mod weights;
 
 use std::path::Path;
@@ -377,14 +378,19 @@ impl Llama {
         } else {
             Some(Matrix::read(base, "lm_head.weight", c.vocab_size, d)?)
         };
-        let half = c.head_dim / 2;
-        let inv_freq = (0..half)
+        let inv_freq = Self::inv_freq(c);
+        Ok(Self { config, embed, layers, norm, lm_head, inv_freq })
+    }
+
+    /// RoPE's `1 / theta^(2i / head_dim)`, `i < head_dim / 2`, in f32 as
+    /// transformers computes it.
+    fn inv_freq(c: &LlamaConfig) -> Vec<f32> {
+        (0..c.head_dim / 2)
             .map(|i| {
                 let e = (2 * i) as f32 / c.head_dim as f32;
                 1.0 / (c.rope_theta.powf(f64::from(e)) as f32)
             })
-            .collect();
-        Ok(Self { config, embed, layers, norm, lm_head, inv_freq })
+            .collect()
     }
 
     /// RoPE's `(cos, sin)` of position `pos` for each pair `i < head_dim /

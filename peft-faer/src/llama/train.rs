@@ -1,0 +1,608 @@
+//! Training PEFT adapters on the [`Llama`] model: each method's fresh
+//! adapter with PEFT's initialization ([`init_adapter`]), a random model
+//! from a seed ([`Llama::random`]), the built-in distillation task
+//! ([`Distill`]), and one AdamW step over the adapter's tensors only
+//! ([`Trainer`]).
+//!
+//! The adapter is an [`HfAdapter`]: the same value PEFT's folders load into,
+//! so a trained adapter is written with [`HfAdapter::write_dir`] and loaded
+//! back by PEFT or by `peft forward`.
+
+use std::collections::BTreeMap;
+
+use peft_core::lokr::{Factor, Layout, Lokr};
+use peft_core::lora::{Lora, LoraConfig};
+use peft_core::optim::{AdamW, Slot};
+use peft_core::prefix::{PrefixConfig, PrefixTuning};
+use peft_core::prompt::PromptTuning;
+use peft_core::vera::VeraProjection;
+use peft_core::{Backend, MatRef, Rng};
+use safetensors::Dtype;
+
+use super::weights::{Matrix, OwnedWeight};
+use super::{Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Trace};
+use crate::hf::{
+    HfAdapter, HfError, HfTensor, Ia3Module, LohaModule, LokrModule, LoraModule, PeftConfig, VeraModule,
+    VeraProjections,
+};
+
+/// A method and its configuration on the Llama model's projections
+/// (`targets`: short names from [`PROJECTIONS`], e.g. `"q_proj"`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Method {
+    /// LoRA (`dora`: DoRA) with rank `r` and `alpha`.
+    Lora {
+        /// Rank.
+        r: usize,
+        /// `lora_alpha`.
+        alpha: f64,
+        /// DoRA.
+        dora: bool,
+        /// Adapted projections.
+        targets: Vec<String>,
+    },
+    /// (IA)^3; `feedforward` among `targets` scale their input.
+    Ia3 {
+        /// Adapted projections.
+        targets: Vec<String>,
+        /// Those scaling their input.
+        feedforward: Vec<String>,
+    },
+    /// LoHa with rank `r` and `alpha`.
+    Loha {
+        /// Rank.
+        r: usize,
+        /// `alpha`.
+        alpha: f64,
+        /// Adapted projections.
+        targets: Vec<String>,
+    },
+    /// LoKr with rank `r` and `alpha` (PEFT's layout, no `decompose_both`).
+    Lokr {
+        /// Rank.
+        r: usize,
+        /// `alpha`.
+        alpha: f64,
+        /// Adapted projections.
+        targets: Vec<String>,
+    },
+    /// VeRA with shared projections of rank `r`.
+    Vera {
+        /// Rank.
+        r: usize,
+        /// Adapted projections.
+        targets: Vec<String>,
+    },
+    /// Prompt tuning with `n` virtual tokens.
+    Prompt {
+        /// Virtual tokens.
+        n: usize,
+    },
+    /// Prefix tuning with `n` virtual tokens.
+    Prefix {
+        /// Virtual tokens.
+        n: usize,
+    },
+}
+
+impl Method {
+    fn targets(&self) -> &[String] {
+        match self {
+            Method::Lora { targets, .. }
+            | Method::Ia3 { targets, .. }
+            | Method::Loha { targets, .. }
+            | Method::Lokr { targets, .. }
+            | Method::Vera { targets, .. } => targets,
+            Method::Prompt { .. } | Method::Prefix { .. } => &[],
+        }
+    }
+
+    /// The `adapter_config.json` PEFT writes for this method on `c`.
+    fn config(&self, c: &LlamaConfig) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            Method::Lora { r, alpha, dora, targets } => json!({"peft_type": "LORA", "task_type": "CAUSAL_LM",
+                "r": r, "lora_alpha": alpha, "target_modules": targets, "use_dora": dora, "use_rslora": false,
+                "fan_in_fan_out": false, "bias": "none", "lora_dropout": 0.0}),
+            Method::Ia3 { targets, feedforward } => json!({"peft_type": "IA3", "task_type": "CAUSAL_LM",
+                "target_modules": targets, "feedforward_modules": feedforward, "fan_in_fan_out": false}),
+            Method::Loha { r, alpha, targets } => json!({"peft_type": "LOHA", "task_type": "CAUSAL_LM", "r": r,
+                "alpha": alpha, "target_modules": targets, "rank_dropout": 0.0, "module_dropout": 0.0,
+                "use_effective_conv2d": false, "init_weights": true}),
+            Method::Lokr { r, alpha, targets } => json!({"peft_type": "LOKR", "task_type": "CAUSAL_LM", "r": r,
+                "alpha": alpha, "target_modules": targets, "rank_dropout": 0.0, "module_dropout": 0.0,
+                "decompose_both": false, "decompose_factor": -1, "use_effective_conv2d": false, "init_weights": true}),
+            Method::Vera { r, targets } => json!({"peft_type": "VERA", "task_type": "CAUSAL_LM", "r": r,
+                "target_modules": targets, "save_projection": true, "projection_prng_key": 0, "d_initial": 0.1,
+                "fan_in_fan_out": false, "bias": "none"}),
+            Method::Prompt { n } => json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
+                "num_virtual_tokens": n, "token_dim": c.hidden_size, "num_layers": c.num_layers,
+                "num_attention_heads": c.num_heads, "num_transformer_submodules": 1,
+                "prompt_tuning_init": "SAMPLE_VOCAB"}),
+            Method::Prefix { n } => json!({"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM",
+                "num_virtual_tokens": n, "token_dim": c.kv_width(), "num_layers": c.num_layers,
+                "num_attention_heads": c.num_kv_heads, "num_transformer_submodules": 1,
+                "prefix_projection": false, "encoder_hidden_size": c.kv_width()}),
+        }
+    }
+}
+
+/// A normal matrix as an f32 [`Matrix`].
+fn random_matrix(rng: &mut Rng, name: String, rows: usize, cols: usize, std: f64) -> Matrix {
+    let mut v = vec![0.0f32; rows * cols];
+    rng.fill_normal(&mut v, std);
+    Matrix { name, rows, cols, data: OwnedWeight::F32(v) }
+}
+
+impl Llama {
+    /// A model with random f32 weights from `seed`: embeddings `N(0, 1)`,
+    /// each projection and `lm_head` `N(0, 1 / in)` (unit-variance outputs),
+    /// norms 1, no biases (whatever `config` says of them).
+    pub fn random(config: LlamaConfig, seed: u64) -> Self {
+        let mut config = config;
+        config.attention_bias = false;
+        config.mlp_bias = false;
+        let c = &config;
+        let mut rng = Rng::new(seed);
+        let (d, f) = (c.hidden_size, c.intermediate_size);
+        let embed = random_matrix(&mut rng, "model.embed_tokens.weight".into(), c.vocab_size, d, 1.0);
+        let shapes = [(c.q_width(), d), (c.kv_width(), d), (c.kv_width(), d), (d, c.q_width()), (f, d), (f, d), (d, f)];
+        let layers = (0..c.num_layers)
+            .map(|l| {
+                let proj = core::array::from_fn(|i| {
+                    let (rows, cols) = shapes[i];
+                    let name = format!("model.layers.{l}.{}.weight", PROJECTIONS[i]);
+                    Linear { weight: random_matrix(&mut rng, name, rows, cols, 1.0 / (cols as f64).sqrt()), bias: None }
+                });
+                Layer { input_norm: vec![1.0; d], proj, post_norm: vec![1.0; d] }
+            })
+            .collect();
+        let lm_head = (!c.tie_word_embeddings)
+            .then(|| random_matrix(&mut rng, "lm_head.weight".into(), c.vocab_size, d, 1.0 / (d as f64).sqrt()));
+        let inv_freq = Self::inv_freq(c);
+        Self { config, embed, layers, norm: vec![1.0; d], lm_head, inv_freq }
+    }
+
+    /// A copy with `W += U V` on projection `proj` (an index into
+    /// [`PROJECTIONS`]) of every layer, `U [out, rank]` and `V [rank, in]`
+    /// `N(0, std^2)` from `seed` (the teacher of [`Distill`]).
+    ///
+    /// # Errors
+    /// [`HfError::Unsupported`] for a projection not stored as f32.
+    pub fn with_hidden_change(&self, projs: &[usize], rank: usize, std: f64, seed: u64) -> Result<Self, HfError> {
+        let mut t = self.clone();
+        let mut rng = Rng::new(seed);
+        for layer in &mut t.layers {
+            for &p in projs {
+                let w = &mut layer.proj[p].weight;
+                let (rows, cols) = (w.rows, w.cols);
+                let OwnedWeight::F32(v) = &mut w.data else {
+                    return Err(HfError::Unsupported(format!("{}: a hidden change of a stored base", w.name)));
+                };
+                let mut u = vec![0.0f32; rows * rank];
+                let mut vv = vec![0.0f32; rank * cols];
+                rng.fill_normal(&mut u, std);
+                rng.fill_normal(&mut vv, std);
+                for i in 0..rows {
+                    for j in 0..cols {
+                        v[i * cols + j] += (0..rank).map(|k| u[i * rank + k] * vv[k * cols + j]).sum::<f32>();
+                    }
+                }
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// A fresh adapter of `method` for `model`, initialized from `seed` as PEFT
+/// initializes it: LoRA `A` Kaiming-uniform, `B = 0`; DoRA also `m =
+/// ||W||_row`; (IA)^3 `l = 1`; LoHa and LoKr `peft-core`'s (PEFT's) inits
+/// (the update is zero); VeRA shared projections Kaiming-uniform, `lambda_d
+/// = 0.1`, `lambda_b = 0`; prompt tuning rows of the embedding table
+/// sampled at random (`SAMPLE_VOCAB`); prefix tuning `N(0, 1)`. Every
+/// method but prompt and prefix tuning starts as the identity.
+///
+/// # Errors
+/// [`HfError::Config`] for a target that is not one of [`PROJECTIONS`];
+/// `peft-core`'s validation errors (a rank above a projection's size).
+pub fn init_adapter(model: &Llama, method: &Method, seed: u64) -> Result<HfAdapter, HfError> {
+    let c = &model.config;
+    let config = PeftConfig::parse(&method.config(c).to_string())?;
+    let mut ad = HfAdapter::empty(config, Dtype::F32, BTreeMap::new());
+    let mut rng = Rng::new(seed);
+    let mut sites = Vec::new();
+    for l in 0..c.num_layers {
+        for (p, full) in PROJECTIONS.iter().enumerate() {
+            let short = full.rsplit('.').next().unwrap_or(full);
+            if method.targets().iter().any(|t| t == short) {
+                sites.push((l, p, format!("model.layers.{l}.{full}")));
+            }
+        }
+    }
+    for t in method.targets() {
+        if !PROJECTIONS.iter().any(|p| p.ends_with(&format!(".{t}"))) {
+            return Err(HfError::Config {
+                field: "target_modules".into(),
+                reason: format!("{t:?} is not a projection"),
+            });
+        }
+    }
+    let f32s = [Dtype::F32; 4];
+    match method {
+        Method::Lora { r, alpha, dora, .. } => {
+            for (l, p, name) in sites {
+                let w = &model.layers[l].proj[p].weight;
+                let (n_out, n_in) = (w.rows, w.cols);
+                let cfg = LoraConfig::new(*r, *alpha);
+                let mut layer = Lora::new(&cfg, n_in, n_out, vec![0.0f32; r * n_in], vec![0.0f32; n_out * r])?;
+                layer.init_adapter(&mut rng);
+                let (a, b) = layer.into_parts();
+                let magnitude = if *dora {
+                    // m = ||W||_row (B = 0), in f64.
+                    let mut row = vec![0.0f32; n_in];
+                    let view = w.view()?;
+                    let mut m = vec![0.0f32; n_out];
+                    for (j, mj) in m.iter_mut().enumerate() {
+                        view.dequantize_row(j, &mut row)?;
+                        *mj = row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt() as f32;
+                    }
+                    Some(m)
+                } else {
+                    None
+                };
+                ad.modules.push(LoraModule {
+                    name,
+                    a,
+                    b,
+                    lora_bias: None,
+                    r: *r,
+                    n_in,
+                    n_out,
+                    alpha: *alpha,
+                    scale: cfg.scale()?,
+                    magnitude,
+                    embedding: false,
+                    dtypes: f32s,
+                });
+            }
+        }
+        Method::Ia3 { feedforward, .. } => {
+            for (l, p, name) in sites {
+                let w = &model.layers[l].proj[p].weight;
+                let short = PROJECTIONS[p].rsplit('.').next().unwrap_or("");
+                let ff = feedforward.iter().any(|t| t == short);
+                let n = if ff { w.cols } else { w.rows };
+                ad.ia3.push(Ia3Module { name, l: vec![1.0; n], feedforward: ff, dtype: Dtype::F32 });
+            }
+        }
+        Method::Loha { r, alpha, .. } => {
+            for (l, p, name) in sites {
+                let w = &model.layers[l].proj[p].weight;
+                let (n_out, n_in) = (w.rows, w.cols);
+                let (fa, fb) = (vec![0.0f32; n_out * r], vec![0.0f32; r * n_in]);
+                let mut layer = peft_core::loha::Loha::new(
+                    &LoraConfig::new(*r, *alpha),
+                    n_in,
+                    n_out,
+                    [fa.clone(), fb.clone(), fa, fb],
+                )?;
+                layer.init_adapter(&mut rng);
+                let factors = layer.factors_mut().map(|f| f.to_vec());
+                ad.loha.push(LohaModule { name, factors, r: *r, n_in, n_out, alpha: *alpha, dtypes: f32s });
+            }
+        }
+        Method::Lokr { r, alpha, .. } => {
+            for (l, p, name) in sites {
+                let w = &model.layers[l].proj[p].weight;
+                let layout = Layout::of(w.cols, w.rows, *r, false, -1);
+                let mut tensors: Vec<Vec<f32>> = layout.tensors(*r).map(|(_, s)| vec![0.0f32; s[0] * s[1]]).collect();
+                let n1 = if layout.w1_low_rank { 2 } else { 1 };
+                {
+                    let (t1, t2) = tensors.split_at_mut(n1);
+                    fn factor(t: &mut [Vec<f32>]) -> Factor<&mut [f32]> {
+                        match t {
+                            [a, b] => Factor::LowRank(&mut a[..], &mut b[..]),
+                            [full, ..] => Factor::Full(&mut full[..]),
+                            [] => Factor::Full(&mut [][..]),
+                        }
+                    }
+                    let cfg = LoraConfig::new(*r, *alpha);
+                    Lokr::new(&cfg, layout.d1, layout.d2, factor(t1), factor(t2))?.init_adapter(&mut rng);
+                }
+                let w2 = tensors.split_off(n1);
+                ad.lokr.push(LokrModule {
+                    name,
+                    w1: tensors,
+                    w2,
+                    d1: layout.d1,
+                    d2: layout.d2,
+                    r: *r,
+                    alpha: *alpha,
+                    dtypes: vec![Dtype::F32; layout.tensors(*r).count()],
+                });
+            }
+        }
+        Method::Vera { r, .. } => {
+            let max_in = sites.iter().map(|(l, p, _)| model.layers[*l].proj[*p].weight.cols).max().unwrap_or(0);
+            let max_out = sites.iter().map(|(l, p, _)| model.layers[*l].proj[*p].weight.rows).max().unwrap_or(0);
+            let mut proj =
+                VeraProjection::new(*r, max_in, max_out, vec![0.0f32; r * max_in], vec![0.0f32; max_out * r])?;
+            proj.init(&mut rng);
+            ad.vera_projections = Some(VeraProjections {
+                a: proj.a().to_vec(),
+                b: proj.b().to_vec(),
+                r: *r,
+                max_in,
+                max_out,
+                dtypes: [Dtype::F32; 2],
+            });
+            for (l, p, name) in sites {
+                let n_out = model.layers[l].proj[p].weight.rows;
+                let lambda_d = vec![peft_core::vera::D_INITIAL as f32; *r];
+                ad.vera.push(VeraModule {
+                    name,
+                    lambda_d,
+                    lambda_b: vec![0.0; n_out],
+                    r: *r,
+                    n_out,
+                    dtypes: [Dtype::F32; 2],
+                });
+            }
+        }
+        Method::Prompt { n } => {
+            let d = c.hidden_size;
+            let mut table = vec![0.0f32; c.vocab_size * d];
+            peft_core::storage::dequantize(&model.embed.view()?, &mut table)?;
+            let mut p = vec![0.0f32; n * d];
+            PromptTuning::new(&mut p, *n, d)?.init_sample_vocab(MatRef::new(&table, c.vocab_size, d)?, &mut rng)?;
+            ad.prompt =
+                Some(HfTensor { name: "prompt_embeddings".into(), dtype: Dtype::F32, shape: vec![*n, d], data: p });
+        }
+        Method::Prefix { n } => {
+            let shape = peft_core::attention::AttentionShape::new(c.num_heads, c.num_kv_heads, c.head_dim)?;
+            let pc = PrefixConfig::new(*n, c.num_layers, &shape)?;
+            let mut kv = vec![0.0f32; pc.len()];
+            PrefixTuning::new(pc, &mut kv)?.init_normal(&mut rng);
+            ad.prompt = Some(HfTensor {
+                name: "prompt_embeddings".into(),
+                dtype: Dtype::F32,
+                shape: vec![*n, pc.row_width()],
+                data: kv,
+            });
+        }
+    }
+    Ok(ad)
+}
+
+/// Every trainable tensor of `ad` in [`LlamaGrads::flatten`]'s order
+/// (VeRA's shared projections are frozen, not listed).
+pub fn tensors_mut(ad: &mut HfAdapter) -> Vec<&mut Vec<f32>> {
+    if let Some(p) = ad.prompt.as_mut() {
+        return vec![&mut p.data];
+    }
+    // By module name, in (layer, projection) order.
+    let mut named: Vec<(String, Vec<&mut Vec<f32>>)> = Vec::new();
+    for m in &mut ad.modules {
+        let mut v = vec![&mut m.a, &mut m.b];
+        if let Some(mag) = m.magnitude.as_mut() {
+            v.push(mag);
+        }
+        named.push((m.name.clone(), v));
+    }
+    for m in &mut ad.ia3 {
+        named.push((m.name.clone(), vec![&mut m.l]));
+    }
+    for m in &mut ad.loha {
+        named.push((m.name.clone(), m.factors.iter_mut().collect()));
+    }
+    for m in &mut ad.lokr {
+        named.push((m.name.clone(), m.w1.iter_mut().chain(m.w2.iter_mut()).collect()));
+    }
+    for m in &mut ad.vera {
+        named.push((m.name.clone(), vec![&mut m.lambda_d, &mut m.lambda_b]));
+    }
+    let key = |name: &str| {
+        let rest = name.strip_prefix("model.layers.").unwrap_or(name);
+        let (l, proj) = rest.split_once('.').unwrap_or((rest, ""));
+        (l.parse::<usize>().unwrap_or(usize::MAX), PROJECTIONS.iter().position(|p| *p == proj).unwrap_or(usize::MAX))
+    };
+    named.sort_by_key(|(n, _)| key(n));
+    named.into_iter().flat_map(|(_, v)| v).collect()
+}
+
+impl LlamaGrads {
+    /// Every buffer, in order: the prompt or prefix table; or per layer,
+    /// per projection, the module's tensors.
+    pub fn flatten(&self) -> Vec<&Vec<f32>> {
+        match self {
+            LlamaGrads::Prompt(g) | LlamaGrads::Prefix(g) => vec![g],
+            LlamaGrads::Modules(layers) => layers.iter().flat_map(|p| p.iter().flatten().flatten()).collect(),
+        }
+    }
+
+    /// Sets every buffer to zero.
+    pub fn zero(&mut self) {
+        match self {
+            LlamaGrads::Prompt(g) | LlamaGrads::Prefix(g) => g.fill(0.0),
+            LlamaGrads::Modules(layers) => {
+                layers.iter_mut().flat_map(|p| p.iter_mut().flatten().flatten()).for_each(|g| g.fill(0.0))
+            }
+        }
+    }
+}
+
+/// Token ids and the teacher's next-token probabilities `[len, vocab]`.
+pub type Example = (Vec<u32>, Vec<f32>);
+
+/// The built-in task: match a teacher's next-token distributions on
+/// random token sequences (train and held-out sets from different seeds).
+/// The teacher reads a hidden `context` before every sequence (its rows
+/// are the sequence's); with the frozen model as the teacher, the frozen
+/// model has something to learn (the context's effect), prompt and prefix
+/// tuning can represent it exactly, and the weight-adapting methods
+/// approximate it. The loss of a row is `KL(teacher || student)`; the
+/// task's loss is the mean over rows (prompt tuning's virtual rows
+/// excluded).
+#[derive(Clone, Debug)]
+pub struct Distill {
+    /// The training sequences and the teacher's probabilities.
+    pub train: Vec<Example>,
+    /// The same for the held-out sequences.
+    pub held_out: Vec<Example>,
+}
+
+/// `softmax` of each row of `logits` (`vocab` wide), in f64, rounded once.
+fn softmax_rows(logits: &[f32], vocab: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; logits.len()];
+    for (z, p) in logits.chunks_exact(vocab).zip(out.chunks_exact_mut(vocab)) {
+        let max = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let sum: f64 = z.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum();
+        p.iter_mut().zip(z).for_each(|(p, &v)| *p = ((f64::from(v) - f64::from(max)).exp() / sum) as f32);
+    }
+    out
+}
+
+/// `mean_rows KL(p || softmax(z))` over the rows of `logits` after `skip`,
+/// `p` the teacher's rows; with `grad` (`[rows, vocab]`), `dL/dz = (softmax(z)
+/// - p) / rows` there (zero on the skipped rows).
+pub fn kl_loss(logits: &[f32], teacher: &[f32], vocab: usize, skip: usize, mut grad: Option<&mut [f32]>) -> f64 {
+    if let Some(g) = grad.as_deref_mut() {
+        g.fill(0.0);
+    }
+    let rows = teacher.len() / vocab.max(1);
+    let mut total = 0.0f64;
+    for (i, p) in teacher.chunks_exact(vocab).enumerate() {
+        let r = skip + i;
+        let Some(z) = logits.get(r * vocab..(r + 1) * vocab) else { continue };
+        let max = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let log_sum = f64::from(max) + z.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum::<f64>().ln();
+        for (&pk, &zk) in p.iter().zip(z) {
+            if pk > 0.0 {
+                total += f64::from(pk) * (f64::from(pk).ln() - (f64::from(zk) - log_sum));
+            }
+        }
+        if let Some(g) = grad.as_deref_mut().and_then(|g| g.get_mut(r * vocab..(r + 1) * vocab)) {
+            for ((gk, &zk), &pk) in g.iter_mut().zip(z).zip(p) {
+                *gk = (((f64::from(zk) - log_sum).exp() - f64::from(pk)) / rows as f64) as f32;
+            }
+        }
+    }
+    total / rows.max(1) as f64
+}
+
+impl Distill {
+    /// `n_train` and `n_held_out` sequences of `len` random tokens (seeds
+    /// `seed` and `seed + 1`) and the teacher's distributions on them,
+    /// each read after `context`.
+    ///
+    /// # Errors
+    /// The teacher's forward errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new<B: Backend<f32> + ?Sized>(
+        backend: &B,
+        teacher: &Llama,
+        context: &[u32],
+        len: usize,
+        n_train: usize,
+        n_held_out: usize,
+        seed: u64,
+    ) -> Result<Self, HfError> {
+        let vocab = teacher.config.vocab_size;
+        let set = |n: usize, seed: u64| -> Result<Vec<Example>, HfError> {
+            let mut rng = Rng::new(seed);
+            (0..n)
+                .map(|_| {
+                    let ids: Vec<u32> = (0..len).map(|_| (rng.next_u64() % vocab as u64) as u32).collect();
+                    let full: Vec<u32> = context.iter().chain(&ids).copied().collect();
+                    let logits = teacher.forward(backend, &full, None, &mut super::KvCache::new())?;
+                    Ok((ids, softmax_rows(&logits[context.len() * vocab..], vocab)))
+                })
+                .collect()
+        };
+        Ok(Self { train: set(n_train, seed)?, held_out: set(n_held_out, seed.wrapping_add(1))? })
+    }
+
+    /// The mean loss of `model` with `adapter` over the held-out set.
+    ///
+    /// # Errors
+    /// The forward's errors.
+    pub fn held_out_loss<B: Backend<f32> + ?Sized>(
+        &self,
+        backend: &B,
+        model: &Llama,
+        adapter: Option<&HfAdapter>,
+    ) -> Result<f64, HfError> {
+        let hosted = adapter.map(|a| LlamaAdapter::new(model, a)).transpose()?;
+        let vocab = model.config.vocab_size;
+        let mut total = 0.0;
+        for (ids, p) in &self.held_out {
+            let logits = model.forward(backend, ids, hosted.as_ref(), &mut super::KvCache::new())?;
+            total += kl_loss(&logits, p, vocab, logits.len() / vocab - ids.len(), None);
+        }
+        Ok(total / self.held_out.len().max(1) as f64)
+    }
+}
+
+/// AdamW over an adapter's tensors, with their optimizer state.
+#[derive(Debug)]
+pub struct Trainer {
+    /// The optimizer (its step count).
+    pub opt: AdamW,
+    state: Vec<Vec<f32>>,
+}
+
+impl Trainer {
+    /// A trainer with learning rate `lr` (AdamW's other defaults).
+    pub fn new(lr: f64) -> Self {
+        Self { opt: AdamW::new(lr), state: Vec::new() }
+    }
+
+    /// One step over a batch of `task.train` (indices `batch`): the mean
+    /// loss's gradient through the adapter's tensors, then AdamW. Returns
+    /// the batch's mean loss.
+    ///
+    /// # Errors
+    /// The forward and backward passes' errors, AdamW's.
+    pub fn step<B: Backend<f32> + ?Sized>(
+        &mut self,
+        backend: &B,
+        model: &Llama,
+        adapter: &mut HfAdapter,
+        task: &Distill,
+        batch: &[usize],
+    ) -> Result<f64, HfError> {
+        let vocab = model.config.vocab_size;
+        let (loss, grads) = {
+            let hosted = LlamaAdapter::new(model, adapter)?;
+            let mut grads = LlamaGrads::zeros(&hosted);
+            let mut trace = Trace::default();
+            let mut loss = 0.0;
+            for &i in batch {
+                let (ids, p) = &task.train[i % task.train.len().max(1)];
+                let logits = model.forward_traced(backend, ids, Some(&hosted), &mut trace)?;
+                let mut dl = vec![0.0f32; logits.len()];
+                loss += kl_loss(&logits, p, vocab, trace.virtual_rows(), Some(&mut dl));
+                let w = 1.0 / batch.len().max(1) as f32;
+                dl.iter_mut().for_each(|g| *g *= w);
+                model.backward(backend, Some(&hosted), &trace, &dl, Some(&mut grads))?;
+            }
+            (loss / batch.len().max(1) as f64, grads)
+        };
+        let flat = grads.flatten();
+        let mut params = tensors_mut(adapter);
+        if params.len() != flat.len() {
+            return Err(HfError::Config { field: "adapter".into(), reason: "tensors and gradients disagree".into() });
+        }
+        if self.state.len() != params.len() {
+            self.state = params.iter().map(|p| vec![0.0f32; self.opt.state_len(p.len())]).collect();
+        }
+        let mut slots: Vec<Slot<'_, f32>> = params
+            .iter_mut()
+            .zip(&flat)
+            .zip(self.state.iter_mut())
+            .map(|((p, g), s)| Slot { param: &mut p[..], grad: &g[..], state: &mut s[..], decay: false })
+            .collect();
+        self.opt.step(&mut slots, Some(loss))?;
+        Ok(loss)
+    }
+}

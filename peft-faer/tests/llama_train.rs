@@ -1,0 +1,63 @@
+//! Training on the Llama model (`peft_faer::llama::train`): every method,
+//! initialized as PEFT initializes it, trained with AdamW over its own
+//! tensors on the hidden-context task, ends below the frozen model's
+//! held-out loss.
+#![cfg(feature = "cli")]
+
+use peft_faer::Faer;
+use peft_faer::llama::train::{Distill, Method, Trainer, init_adapter};
+use peft_faer::llama::{Llama, LlamaConfig};
+
+fn config() -> LlamaConfig {
+    LlamaConfig::parse(
+        r#"{"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}"#,
+    )
+    .unwrap()
+}
+
+/// The teacher is the frozen model reading a hidden 8-token context before
+/// every sequence. Prompt and prefix tuning with 8 virtual tokens can
+/// represent it exactly (the context's embeddings; its keys and values);
+/// the weight-adapting methods approximate its effect. 150 steps of batch
+/// 8. Measured (2026-11-30): frozen 0.175; LoRA 0.119, DoRA 0.105, (IA)^3
+/// 0.116, LoHa 0.122, LoKr 0.153, VeRA 0.149, prompt 0.024, prefix 0.028.
+#[test]
+fn every_method_beats_the_frozen_model() {
+    let be = Faer::new();
+    let model = Llama::random(config(), 1);
+    let context: Vec<u32> = (0..8u32).map(|i| (i * 37 + 5) % 64).collect();
+    let task = Distill::new(&be, &model, &context, 16, 64, 32, 11).unwrap();
+    let frozen = task.held_out_loss(&be, &model, None).unwrap();
+    assert!(frozen > 0.1, "the frozen model has something to learn: {frozen}");
+    let qv = vec!["q_proj".to_string(), "v_proj".to_string()];
+    let ia3 = Method::Ia3 {
+        targets: vec!["k_proj".into(), "v_proj".into(), "down_proj".into()],
+        feedforward: vec!["down_proj".into()],
+    };
+    let methods = [
+        ("lora", Method::Lora { r: 4, alpha: 8.0, dora: false, targets: qv.clone() }, 1e-3, 0.95),
+        ("dora", Method::Lora { r: 4, alpha: 8.0, dora: true, targets: qv.clone() }, 1e-3, 0.95),
+        ("ia3", ia3, 3e-3, 0.95),
+        ("loha", Method::Loha { r: 4, alpha: 8.0, targets: qv.clone() }, 1e-3, 0.95),
+        ("lokr", Method::Lokr { r: 4, alpha: 8.0, targets: qv.clone() }, 1e-3, 0.95),
+        ("vera", Method::Vera { r: 32, targets: qv.clone() }, 1e-2, 0.95),
+        ("prompt", Method::Prompt { n: 8 }, 3e-2, 0.5),
+        ("prefix", Method::Prefix { n: 8 }, 1e-2, 0.5),
+    ];
+    for (name, m, lr, below) in methods {
+        let mut ad = init_adapter(&model, &m, 2).unwrap();
+        let start = task.held_out_loss(&be, &model, Some(&ad)).unwrap();
+        if !matches!(m, Method::Prompt { .. } | Method::Prefix { .. }) {
+            assert_eq!(start, frozen, "{name}: identity at init");
+        }
+        let mut tr = Trainer::new(lr);
+        for step in 0..150 {
+            let batch: Vec<usize> = (0..8).map(|i| step * 8 + i).collect();
+            tr.step(&be, &model, &mut ad, &task, &batch).unwrap();
+        }
+        let end = task.held_out_loss(&be, &model, Some(&ad)).unwrap();
+        eprintln!("{name:8} start {start:.4e} end {end:.4e} (frozen {frozen:.4e})");
+        assert!(end < below * frozen, "{name}: held-out {end} is not below {below} x the frozen model's {frozen}");
+    }
+}
