@@ -480,6 +480,7 @@ fn backward_matches_finite_differences() {
                 }
                 assert!(checks.len() >= 14, "every projection of both layers");
             }
+            LlamaGrads::Bottleneck(_) => unreachable!("no PEFT adapter is a bottleneck adapter"),
         }
         let mut rng = peft_core::Rng::new(5);
         for (name, analytic_grad, values) in &checks {
@@ -552,5 +553,70 @@ fn quantized_checkpoints_run_in_place() {
         // bounds only say the model is not garbage.
         let bound = if format == Format::Q4_0 { 0.5 } else { 0.05 };
         assert!(vs_peft <= bound, "{format:?}: {vs_peft}");
+    }
+}
+
+/// Bottleneck adapters (after attention and after the MLP of each layer):
+/// the model is unchanged at init (bit for bit), and the backward of every
+/// adapter tensor passes the same finite-difference check as the PEFT
+/// methods (after a random perturbation, so that `W_up` is not zero).
+#[test]
+fn bottleneck_adapters_identity_and_gradients() {
+    use peft_core::activation::Activation;
+    use peft_core::adapter::AdapterConfig;
+    use peft_faer::llama::Bottleneck;
+    let m = model("prompt_llama");
+    let be = Faer::new();
+    let ids = [7u32, 3, 91, 12, 55, 40, 8, 23];
+    let config = AdapterConfig::width(8).with_activation(Activation::GeluTanh);
+    let mut b = Bottleneck::new(&m, config, 3).unwrap();
+    let plain = m.forward(&be, &ids, None, &mut KvCache::new()).unwrap();
+    let at_init = m.forward(&be, &ids, Some(&LlamaAdapter::bottleneck(&m, &b).unwrap()), &mut KvCache::new()).unwrap();
+    assert_eq!(plain, at_init, "W_up = b_up = 0: the adapters change nothing");
+    let mut rng = peft_core::Rng::new(8);
+    for site in b.sites.iter_mut().flatten() {
+        for v in [&mut site.w_down, &mut site.b_down, &mut site.w_up, &mut site.b_up] {
+            v.iter_mut().for_each(|x| *x += rng.uniform_range(-0.3, 0.3) as f32);
+        }
+    }
+    let loss = |b: &Bottleneck| {
+        let hosted = LlamaAdapter::bottleneck(&m, b).unwrap();
+        lm_loss(&m.forward(&be, &ids, Some(&hosted), &mut KvCache::new()).unwrap(), 100, 0, &ids, None)
+    };
+    let hosted = LlamaAdapter::bottleneck(&m, &b).unwrap();
+    let mut trace = Trace::default();
+    let logits = m.forward_traced(&be, &ids, Some(&hosted), &mut trace).unwrap();
+    let mut dl = vec![0.0f32; logits.len()];
+    lm_loss(&logits, 100, 0, &ids, Some(&mut dl));
+    let mut grads = LlamaGrads::zeros(&hosted);
+    m.backward(&be, Some(&hosted), &trace, &dl, Some(&mut grads)).unwrap();
+    let LlamaGrads::Bottleneck(g) = grads else { panic!("bottleneck gradients") };
+    for l in 0..2 {
+        for site in 0..2 {
+            for k in 0..4 {
+                let analytic_grad = &g[l][site][k];
+                fn tensor(b: &mut Bottleneck, l: usize, site: usize, k: usize) -> &mut Vec<f32> {
+                    let t = &mut b.sites[l][site];
+                    [&mut t.w_down, &mut t.b_down, &mut t.w_up, &mut t.b_up].into_iter().nth(k).unwrap()
+                }
+                let mut probe = b.clone();
+                let orig = tensor(&mut probe, l, site, k).clone();
+                let dir: Vec<f32> = (0..orig.len()).map(|_| rng.uniform_range(-1.0, 1.0) as f32).collect();
+                let analytic: f64 = analytic_grad.iter().zip(&dir).map(|(g, u)| f64::from(*g) * f64::from(*u)).sum();
+                let h = 1e-3f32;
+                let mut at = |sign: f32| {
+                    for ((v, o), u) in tensor(&mut probe, l, site, k).iter_mut().zip(&orig).zip(&dir) {
+                        *v = o + sign * h * u;
+                    }
+                    loss(&probe)
+                };
+                let (l2, l1, m1, m2) = (at(2.0), at(1.0), at(-1.0), at(-2.0));
+                let numeric = (-l2 + 8.0 * l1 - 8.0 * m1 + m2) / (12.0 * f64::from(h));
+                assert!(
+                    (numeric - analytic).abs() <= 2e-2 * numeric.abs().max(analytic.abs()) + 5e-4,
+                    "layer {l} site {site} tensor {k}: finite differences {numeric}, analytic {analytic}"
+                );
+            }
+        }
     }
 }

@@ -45,6 +45,9 @@ pub enum LlamaGrads {
     Prefix(Vec<f32>),
     /// Per layer and projection, the adapted ones' buffers.
     Modules(Vec<[Option<SiteGrads>; 7]>),
+    /// Per layer, the two bottleneck adapters' `[dW_down, db_down, dW_up,
+    /// db_up]`.
+    Bottleneck(Vec<[[Vec<f32>; 4]; 2]>),
 }
 
 impl LlamaGrads {
@@ -53,6 +56,12 @@ impl LlamaGrads {
         match adapter {
             LlamaAdapter::Prompt { embeddings, .. } => Self::Prompt(vec![0.0; embeddings.len()]),
             LlamaAdapter::Prefix { table, .. } => Self::Prefix(vec![0.0; table.len()]),
+            LlamaAdapter::Bottleneck(b) => Self::Bottleneck(
+                b.sites
+                    .iter()
+                    .map(|s| s.clone().map(|t| [t.w_down, t.b_down, t.w_up, t.b_up].map(|v| vec![0.0f32; v.len()])))
+                    .collect(),
+            ),
             LlamaAdapter::Modules(layers) => Self::Modules(
                 layers
                     .iter()
@@ -114,6 +123,44 @@ fn rms_norm_backward(x: &[f32], w: &[f32], eps: f64, dy: &[f32], dx: &mut [f32])
     }
 }
 
+/// With bottleneck adapters, `dL/dz` of `z + up(act(down(z)))` (the
+/// adapter at `site` of layer `l`, `z` its input) from `dL/d(output)`,
+/// accumulating the adapter's gradients; `None` without them.
+#[allow(clippy::too_many_arguments)]
+fn bottleneck_backward<B: Backend<f32> + ?Sized>(
+    backend: &B,
+    adapter: Option<&LlamaAdapter<'_>>,
+    grads: Option<&mut Vec<[[Vec<f32>; 4]; 2]>>,
+    l: usize,
+    site: usize,
+    z: &[f32],
+    dout: &[f32],
+) -> Result<Option<Vec<f32>>, HfError> {
+    let Some(LlamaAdapter::Bottleneck(b)) = adapter else { return Ok(None) };
+    let d = b.sites.first().map_or(0, |s| s[0].b_up.len());
+    let n = z.len() / d.max(1);
+    let layer = b.layer(l, site, d)?;
+    let mut dz = vec![0.0f32; n * d];
+    let mut scratch = vec![0.0f32; layer.backward_scratch_len(n)];
+    // Without gradient buffers, the adapter's gradients go to a spare set.
+    let t = &b.sites[l][site];
+    let mut spare: [Vec<f32>; 4] = [&t.w_down, &t.b_down, &t.w_up, &t.b_up].map(|v| vec![0.0f32; v.len()]);
+    let g = grads.and_then(|g| g.get_mut(l)).and_then(|s| s.get_mut(site)).unwrap_or(&mut spare);
+    let [gwd, gbd, gwu, gbu] = g;
+    let grads = peft_core::adapter::AdapterGrads { w_down: gwd, b_down: gbd, w_up: gwu, b_up: gbu };
+    layer
+        .backward(
+            backend,
+            MatRef::new(z, n, d)?,
+            MatRef::new(dout, n, d)?,
+            Some(MatMut::new(&mut dz, n, d)?),
+            grads,
+            &mut scratch,
+        )
+        .map_err(HfError::backend)?;
+    Ok(Some(dz))
+}
+
 impl Llama {
     /// Accumulates the adapter's gradients into `grads`, given `dlogits =
     /// dL/dlogits [rows, vocab]` and the [`Trace`] of the forward pass that
@@ -146,6 +193,7 @@ impl Llama {
                         (LlamaAdapter::Prompt { embeddings: p, .. }, LlamaGrads::Prompt(gp))
                         | (LlamaAdapter::Prefix { table: p, .. }, LlamaGrads::Prefix(gp)) => p.len() == gp.len(),
                         (LlamaAdapter::Modules(_), LlamaGrads::Modules(gl)) => gl.len() == c.num_layers,
+                        (LlamaAdapter::Bottleneck(_), LlamaGrads::Bottleneck(gb)) => gb.len() == c.num_layers,
                         _ => false,
                     }
             }
@@ -170,8 +218,9 @@ impl Llama {
         rms_norm_backward(&trace.h_final, &self.norm, c.rms_norm_eps, &dnormed, &mut dh);
 
         // Each method's buffers, apart (they are never used together).
-        let (mut lora_g, mut prefix_g, mut prompt_g) = (None, None, None);
+        let (mut lora_g, mut prefix_g, mut prompt_g, mut bottleneck_g) = (None, None, None, None);
         match grads {
+            Some(LlamaGrads::Bottleneck(g)) => bottleneck_g = Some(g),
             Some(LlamaGrads::Modules(g)) => lora_g = Some(g),
             Some(LlamaGrads::Prefix(g)) => prefix_g = Some(g),
             Some(LlamaGrads::Prompt(g)) => prompt_g = Some(g),
@@ -191,8 +240,10 @@ impl Llama {
             }
             let [gq_l, gk_l, gv_l, go_l, gg_l, gu_l, gd_l] = lora_grads;
             // h_out = a + down(act): da = dh + (norm2 and MLP's share).
+            let dmlp = bottleneck_backward(backend, adapter, bottleneck_g.as_deref_mut(), l, 1, &t.mlp_pre, &dh)?;
+            let dh_mlp = dmlp.as_deref().unwrap_or(&dh);
             let mut dact = vec![0.0f32; n * f];
-            sites::backward(backend, &layer.proj[6], gd_l, MatRef::new(&t.act, n, f)?, &dh, &mut dact)?;
+            sites::backward(backend, &layer.proj[6], gd_l, MatRef::new(&t.act, n, f)?, dh_mlp, &mut dact)?;
             let (mut dg, mut du) = (vec![0.0f32; n * f], vec![0.0f32; n * f]);
             for ((((dg, du), &da), &g), &u) in dg.iter_mut().zip(du.iter_mut()).zip(&dact).zip(&t.gate).zip(&t.up) {
                 let sig = 1.0 / (1.0 + (-g).exp());
@@ -206,8 +257,10 @@ impl Llama {
             let mut da = dh;
             rms_norm_backward(&t.a, &layer.post_norm, c.rms_norm_eps, &dx2, &mut da);
             // a = h_in + o(attn).
+            let dpre = bottleneck_backward(backend, adapter, bottleneck_g.as_deref_mut(), l, 0, &t.attn_pre, &da)?;
             let mut dattn = vec![0.0f32; n * qw];
-            sites::backward(backend, &layer.proj[3], go_l, MatRef::new(&t.attn, n, qw)?, &da, &mut dattn)?;
+            let d_o = dpre.as_deref().unwrap_or(&da);
+            sites::backward(backend, &layer.proj[3], go_l, MatRef::new(&t.attn, n, qw)?, d_o, &mut dattn)?;
             let (mut dq, mut dk, mut dv) = (vec![0.0f32; n * qw], vec![0.0f32; n * kvw], vec![0.0f32; n * kvw]);
             let prefix = match adapter {
                 Some(LlamaAdapter::Prefix { table, tokens }) => {

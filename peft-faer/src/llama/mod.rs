@@ -31,8 +31,10 @@
 //! read from PEFT's `prompt_embeddings [n, layers * 2 * token_dim]`,
 //! `token_dim = head_dim * kv_heads` for GQA models: they enter the
 //! attention as the first cache entries, without RoPE, and the tokens
-//! take positions `n..`). Bottleneck adapters, which PEFT does not have,
-//! are not hosted here.
+//! take positions `n..`); and bottleneck adapters ([`Bottleneck`], Houlsby
+//! placement: after each layer's `o_proj` and after its `down_proj`,
+//! `z + up(act(down(z)))` before the residual add), which PEFT does not
+//! have.
 //!
 //! **Decoding**: [`KvCache`] keeps each layer's keys (after RoPE) and
 //! values; [`Llama::forward`] appends to it, so a prompt and then one token
@@ -128,6 +130,81 @@ impl KvCache {
     }
 }
 
+/// One bottleneck adapter's tensors: `W_down [m, d]`, `b_down [m]`, `W_up
+/// [d, m]`, `b_up [d]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BottleneckTensors {
+    /// `W_down`.
+    pub w_down: Vec<f32>,
+    /// `b_down`.
+    pub b_down: Vec<f32>,
+    /// `W_up`.
+    pub w_up: Vec<f32>,
+    /// `b_up`.
+    pub b_up: Vec<f32>,
+}
+
+/// Bottleneck adapters for every layer: `sites[l][0]` after attention
+/// (`o_proj`'s output), `sites[l][1]` after the MLP (`down_proj`'s).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Bottleneck {
+    /// Width, activation, init.
+    pub config: peft_core::adapter::AdapterConfig,
+    /// Per layer, the two adapters.
+    pub sites: Vec<[BottleneckTensors; 2]>,
+}
+
+impl Bottleneck {
+    /// Fresh adapters for `model` (`peft-core`'s init: `W_up = b_up = 0`,
+    /// so the model is unchanged).
+    ///
+    /// # Errors
+    /// `peft-core`'s validation of `config` for the model's width.
+    pub fn new(model: &Llama, config: peft_core::adapter::AdapterConfig, seed: u64) -> Result<Self, HfError> {
+        let d = model.config.hidden_size;
+        let m = config.bottleneck(d)?;
+        let mut rng = peft_core::Rng::new(seed);
+        let mut one = || -> Result<BottleneckTensors, HfError> {
+            let mut t = BottleneckTensors {
+                w_down: vec![0.0; m * d],
+                b_down: vec![0.0; m],
+                w_up: vec![0.0; d * m],
+                b_up: vec![0.0; d],
+            };
+            let p = peft_core::adapter::AdapterParams {
+                w_down: &mut t.w_down[..],
+                b_down: &mut t.b_down[..],
+                w_up: &mut t.w_up[..],
+                b_up: &mut t.b_up[..],
+            };
+            peft_core::adapter::BottleneckAdapter::new(&config, d, p)?.init(&mut rng);
+            Ok(t)
+        };
+        let sites = (0..model.config.num_layers).map(|_| Ok([one()?, one()?])).collect::<Result<_, HfError>>()?;
+        Ok(Self { config, sites })
+    }
+
+    /// The adapter at `site` of layer `l` as `peft-core`'s layer.
+    fn layer(
+        &self,
+        l: usize,
+        site: usize,
+        d: usize,
+    ) -> Result<peft_core::adapter::BottleneckAdapter<f32, &[f32]>, HfError> {
+        let t = self.sites.get(l).and_then(|s| s.get(site)).ok_or_else(|| HfError::Config {
+            field: "bottleneck".into(),
+            reason: format!("no adapter for layer {l}"),
+        })?;
+        let p = peft_core::adapter::AdapterParams {
+            w_down: &t.w_down[..],
+            b_down: &t.b_down[..],
+            w_up: &t.w_up[..],
+            b_up: &t.b_up[..],
+        };
+        Ok(peft_core::adapter::BottleneckAdapter::new(&self.config, d, p)?)
+    }
+}
+
 /// A PEFT adapter placed on a [`Llama`] (borrowing the adapter's tensors).
 #[derive(Clone, Debug)]
 pub enum LlamaAdapter<'a> {
@@ -148,6 +225,8 @@ pub enum LlamaAdapter<'a> {
     /// A weight-adapting method: per layer, per projection
     /// ([`PROJECTIONS`]), the module if adapted.
     Modules(Vec<[Option<Module<'a>>; 7]>),
+    /// Bottleneck adapters (one per layer and site).
+    Bottleneck(&'a Bottleneck),
 }
 
 impl<'a> LlamaAdapter<'a> {
@@ -293,11 +372,32 @@ impl<'a> LlamaAdapter<'a> {
         }
     }
 
+    /// Bottleneck adapters on `model`.
+    ///
+    /// # Errors
+    /// [`HfError::Config`] unless there is one pair per layer, each of the
+    /// model's width.
+    pub fn bottleneck(model: &Llama, b: &'a Bottleneck) -> Result<Self, HfError> {
+        let d = model.config.hidden_size;
+        if b.sites.len() != model.config.num_layers {
+            return Err(HfError::Config {
+                field: "bottleneck".into(),
+                reason: format!("{} layers of adapters for {} layers", b.sites.len(), model.config.num_layers),
+            });
+        }
+        for l in 0..b.sites.len() {
+            for site in 0..2 {
+                b.layer(l, site, d)?;
+            }
+        }
+        Ok(Self::Bottleneck(b))
+    }
+
     /// Virtual tokens (0 for the weight-adapting methods).
     pub fn virtual_tokens(&self) -> usize {
         match self {
             Self::Prompt { tokens, .. } | Self::Prefix { tokens, .. } => *tokens,
-            Self::Modules(_) => 0,
+            Self::Modules(_) | Self::Bottleneck(_) => 0,
         }
     }
 }
@@ -542,6 +642,7 @@ impl Llama {
             )
             .map_err(be)?;
             sites::forward(backend, &layer.proj[3], module(3), MatRef::new(&attn, n, qw)?, &mut out, &mut site_t)?;
+            let attn_pre = bottleneck(backend, adapter, l, 0, &mut out, &mut site_t)?;
             h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
             rms_norm(&h, &layer.post_norm, c.rms_norm_eps, &mut norm);
             let x = MatRef::new(&norm, n, d)?;
@@ -550,6 +651,7 @@ impl Llama {
             let pre_gate = trace.is_some().then(|| gate.clone());
             gate.iter_mut().zip(&up).for_each(|(g, u)| *g = silu(*g) * u);
             sites::forward(backend, &layer.proj[6], module(6), MatRef::new(&gate, n, f)?, &mut out, &mut site_t)?;
+            let mlp_pre = bottleneck(backend, adapter, l, 1, &mut out, &mut site_t)?;
             if let Some(t) = trace.as_deref_mut() {
                 t.layers.push(LayerTrace {
                     h_in: h_in.unwrap_or_default(),
@@ -562,6 +664,8 @@ impl Llama {
                     gate: pre_gate.unwrap_or_default(),
                     up: up.clone(),
                     act: gate.clone(),
+                    attn_pre,
+                    mlp_pre,
                 });
             }
             h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
@@ -625,6 +729,10 @@ struct LayerTrace {
     gate: Vec<f32>,
     up: Vec<f32>,
     act: Vec<f32>,
+    /// With bottleneck adapters, `o_proj`'s and `down_proj`'s outputs
+    /// before them.
+    attn_pre: Vec<f32>,
+    mlp_pre: Vec<f32>,
 }
 
 /// The activations of one traced forward pass (see [`Llama::backward`]).
@@ -659,6 +767,28 @@ pub fn argmax(v: &[f32]) -> Option<usize> {
             _ => Some((i, x)),
         })
         .map(|(i, _)| i)
+}
+
+/// With bottleneck adapters, `z <- z + up(act(down(z)))` for the adapter
+/// at `site` of layer `l`; returns the `z` it read (empty otherwise).
+fn bottleneck<B: Backend<f32> + ?Sized>(
+    backend: &B,
+    adapter: Option<&LlamaAdapter<'_>>,
+    l: usize,
+    site: usize,
+    z: &mut [f32],
+    scratch: &mut Vec<f32>,
+) -> Result<Vec<f32>, HfError> {
+    let Some(LlamaAdapter::Bottleneck(b)) = adapter else { return Ok(Vec::new()) };
+    let d = b.sites.first().map_or(0, |s| s[0].b_up.len());
+    let n = z.len() / d.max(1);
+    let layer = b.layer(l, site, d)?;
+    let pre = z.to_vec();
+    scratch.resize(layer.forward_scratch_len(n).max(scratch.len()), 0.0);
+    layer
+        .forward(backend, MatRef::new(&pre, n, d)?, MatMut::new(z, n, d)?, &mut scratch[..])
+        .map_err(HfError::backend)?;
+    Ok(pre)
 }
 
 /// `out = x / sqrt(mean(x^2) + eps) * w`, row by row (the mean summed in

@@ -20,7 +20,7 @@ use peft_core::{Backend, MatRef, Rng};
 use safetensors::Dtype;
 
 use super::weights::{Matrix, OwnedWeight};
-use super::{Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Trace};
+use super::{Bottleneck, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Trace};
 use crate::hf::{
     HfAdapter, HfError, HfTensor, Ia3Module, LohaModule, LokrModule, LoraModule, PeftConfig, VeraModule,
     VeraProjections,
@@ -374,6 +374,46 @@ pub fn init_adapter(model: &Llama, method: &Method, seed: u64) -> Result<HfAdapt
     Ok(ad)
 }
 
+/// An adapter being trained: a PEFT one, or bottleneck adapters.
+#[derive(Clone, Debug)]
+pub enum Trainable {
+    /// A PEFT method (the tensors PEFT's folders hold).
+    Peft(Box<HfAdapter>),
+    /// Bottleneck adapters.
+    Bottleneck(Bottleneck),
+}
+
+impl Trainable {
+    /// The adapter placed on `model`.
+    ///
+    /// # Errors
+    /// As [`LlamaAdapter::new`] and [`LlamaAdapter::bottleneck`].
+    pub fn hosted<'a>(&'a self, model: &Llama) -> Result<LlamaAdapter<'a>, HfError> {
+        match self {
+            Trainable::Peft(a) => LlamaAdapter::new(model, a),
+            Trainable::Bottleneck(b) => LlamaAdapter::bottleneck(model, b),
+        }
+    }
+
+    /// Every trainable tensor, in [`LlamaGrads::flatten`]'s order.
+    pub fn tensors_mut(&mut self) -> Vec<&mut Vec<f32>> {
+        match self {
+            Trainable::Peft(a) => tensors_mut(a),
+            Trainable::Bottleneck(b) => b
+                .sites
+                .iter_mut()
+                .flat_map(|s| s.iter_mut())
+                .flat_map(|t| [&mut t.w_down, &mut t.b_down, &mut t.w_up, &mut t.b_up])
+                .collect(),
+        }
+    }
+
+    /// Trainable parameters.
+    pub fn num_params(&mut self) -> usize {
+        self.tensors_mut().iter().map(|t| t.len()).sum()
+    }
+}
+
 /// Every trainable tensor of `ad` in [`LlamaGrads::flatten`]'s order
 /// (VeRA's shared projections are frozen, not listed).
 pub fn tensors_mut(ad: &mut HfAdapter) -> Vec<&mut Vec<f32>> {
@@ -412,11 +452,13 @@ pub fn tensors_mut(ad: &mut HfAdapter) -> Vec<&mut Vec<f32>> {
 
 impl LlamaGrads {
     /// Every buffer, in order: the prompt or prefix table; or per layer,
-    /// per projection, the module's tensors.
+    /// per projection, the module's tensors; or per layer, per site, the
+    /// bottleneck adapter's four.
     pub fn flatten(&self) -> Vec<&Vec<f32>> {
         match self {
             LlamaGrads::Prompt(g) | LlamaGrads::Prefix(g) => vec![g],
             LlamaGrads::Modules(layers) => layers.iter().flat_map(|p| p.iter().flatten().flatten()).collect(),
+            LlamaGrads::Bottleneck(layers) => layers.iter().flat_map(|s| s.iter().flatten()).collect(),
         }
     }
 
@@ -426,6 +468,9 @@ impl LlamaGrads {
             LlamaGrads::Prompt(g) | LlamaGrads::Prefix(g) => g.fill(0.0),
             LlamaGrads::Modules(layers) => {
                 layers.iter_mut().flat_map(|p| p.iter_mut().flatten().flatten()).for_each(|g| g.fill(0.0))
+            }
+            LlamaGrads::Bottleneck(layers) => {
+                layers.iter_mut().flat_map(|s| s.iter_mut().flatten()).for_each(|g| g.fill(0.0))
             }
         }
     }
@@ -530,9 +575,9 @@ impl Distill {
         &self,
         backend: &B,
         model: &Llama,
-        adapter: Option<&HfAdapter>,
+        adapter: Option<&Trainable>,
     ) -> Result<f64, HfError> {
-        let hosted = adapter.map(|a| LlamaAdapter::new(model, a)).transpose()?;
+        let hosted = adapter.map(|a| a.hosted(model)).transpose()?;
         let vocab = model.config.vocab_size;
         let mut total = 0.0;
         for (ids, p) in &self.held_out {
@@ -567,13 +612,13 @@ impl Trainer {
         &mut self,
         backend: &B,
         model: &Llama,
-        adapter: &mut HfAdapter,
+        adapter: &mut Trainable,
         task: &Distill,
         batch: &[usize],
     ) -> Result<f64, HfError> {
         let vocab = model.config.vocab_size;
         let (loss, grads) = {
-            let hosted = LlamaAdapter::new(model, adapter)?;
+            let hosted = adapter.hosted(model)?;
             let mut grads = LlamaGrads::zeros(&hosted);
             let mut trace = Trace::default();
             let mut loss = 0.0;
@@ -589,7 +634,7 @@ impl Trainer {
             (loss / batch.len().max(1) as f64, grads)
         };
         let flat = grads.flatten();
-        let mut params = tensors_mut(adapter);
+        let mut params = adapter.tensors_mut();
         if params.len() != flat.len() {
             return Err(HfError::Config { field: "adapter".into(), reason: "tensors and gradients disagree".into() });
         }
