@@ -1,6 +1,7 @@
 //! The `peft` binary end to end: `finetune --json` prints one JSON document
 //! with the table's fields, every method's held-out loss falls, reloaded
-//! adapters are exact, and the frozen base is bit-identical.
+//! adapters are exact, the merged models match, the frozen base is
+//! bit-identical, and the saved model and adapters run in `peft forward`.
 #![cfg(feature = "cli")]
 
 use std::process::Command;
@@ -33,9 +34,29 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
             assert!(m[key].is_number(), "{key} missing in {m}");
         }
         assert!(m["final_held_out_loss"].as_f64() < m["initial_held_out_loss"].as_f64(), "{m}");
+        assert_eq!(
+            m["beats_frozen_model"].as_bool(),
+            Some(m["final_held_out_loss"].as_f64() < doc["frozen_model_held_out_loss"].as_f64())
+        );
         assert_eq!(m["reload_identical"], true);
-        let file = m["adapter_file"].as_str().unwrap();
-        assert_eq!(std::fs::metadata(file).unwrap().len(), m["adapter_file_bytes"].as_u64().unwrap());
+        // A PEFT folder (its files' bytes), or the bottleneck adapters' file.
+        let file = std::path::Path::new(m["adapter_file"].as_str().unwrap());
+        let bytes: u64 = match std::fs::read_dir(file) {
+            Ok(dir) => dir.map(|e| e.unwrap().metadata().unwrap().len()).sum(),
+            Err(_) => std::fs::metadata(file).unwrap().len(),
+        };
+        assert_eq!(bytes, m["adapter_file_bytes"].as_u64().unwrap(), "{m}");
+        if file.is_dir() {
+            let model = out_dir.join("model");
+            let o = Command::new(env!("CARGO_BIN_EXE_peft"))
+                .args(["forward", "--ids", "1,2,3", "--model"])
+                .arg(&model)
+                .arg("--adapter")
+                .arg(file)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
     }
     // The six methods on projections merge; the others have nothing to merge.
     for m in &methods[..6] {

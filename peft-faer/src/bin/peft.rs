@@ -20,10 +20,8 @@ use peft_faer::hf::base::Base;
 use peft_faer::hf::convert::{own_to_peft_dir, peft_dir_to_own};
 use peft_faer::hf::merge::{MergeOptions, MergeReport, merge_many};
 use peft_faer::hf::{CONFIG_FILE, HfAdapter, HfError, MAX_ADAPTER_BYTES, PeftConfig, WEIGHTS_FILE};
-use peft_faer::io::{encode, load};
-use peft_faer::llama::{KvCache, Llama, LlamaAdapter};
-use peft_faer::tiny::{Peft, Runner, Spec, TinyConfig, TinyModel, Trace, projection_indices};
-use peft_faer::train::{Task, Trainer, loss, setup, train};
+use peft_faer::llama::train::{Distill, Method as LlamaMethod, Trainable, Trainer as LlamaTrainer, init_adapter};
+use peft_faer::llama::{Bottleneck, KvCache, Llama, LlamaAdapter, LlamaConfig};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -327,9 +325,14 @@ struct FinetuneArgs {
     /// `peft_core::optim`): positive and finite.
     #[arg(long, value_parser = positive_finite)]
     lr: Option<f64>,
-    /// Folder for the adapter files (`<method>.peft`).
+    /// Folder for the model (`model/`, unless --model) and the adapters
+    /// (`<method>/`, a PEFT folder; `adapter.safetensors`).
     #[arg(long, default_value = "peft-out")]
     out: PathBuf,
+    /// A Hugging Face LlamaForCausalLM folder to train on (default: a small
+    /// Llama from --seed, written to OUT/model).
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
@@ -352,12 +355,15 @@ macro_rules! outln {
     };
 }
 
-/// The task's hidden change has this rank.
-const HIDDEN_RANK: usize = 2;
 /// Sequences per optimizer step.
 const BATCH: usize = 8;
-/// Adapter files above this are refused when reloading.
-const MAX_FILE: u64 = 1 << 30;
+/// Tokens per training sequence.
+const SEQ: usize = 16;
+/// Tokens of the hidden context the teacher reads.
+const CONTEXT: usize = 8;
+/// Training and held-out sequences.
+const TRAIN: usize = 64;
+const HELD_OUT: usize = 32;
 
 /// One method's row of the table.
 struct Row {
@@ -371,65 +377,103 @@ struct Row {
     seconds: f64,
     merge_diff: Option<f32>,
     file: PathBuf,
-    file_bytes: usize,
+    file_bytes: u64,
     reload_identical: bool,
 }
 
-/// The tiny model's configuration of each method for `peft finetune`:
-/// LoRA, DoRA, LoHa and LoKr on `q_proj`, `v_proj` (where the task's change
-/// is) with `alpha = 2 r`; (IA)^3 scaling the outputs of `q_proj`, `v_proj`
-/// and the input of `o_proj` (its feedforward kind); VeRA on `q_proj`,
-/// `v_proj` at rank `min(8 r, d)`.
-fn spec(method: MethodArg, rank: usize, d: usize) -> Result<Spec, peft_core::Error> {
-    let qv = || projection_indices(&["q_proj", "v_proj"]);
-    let alpha = 2.0 * rank as f64;
-    Ok(match method {
-        MethodArg::Lora | MethodArg::All => Spec::lora(rank, alpha, &["q_proj", "v_proj"])?,
-        MethodArg::Dora => Spec::Dora { rank, alpha, targets: qv()? },
-        MethodArg::Ia3 => Spec::Ia3 {
-            targets: projection_indices(&["q_proj", "v_proj", "o_proj"])?,
-            feedforward: projection_indices(&["o_proj"])?,
-        },
-        MethodArg::Loha => Spec::Loha { rank, alpha, targets: qv()? },
-        MethodArg::Lokr => Spec::Lokr { rank, alpha, targets: qv()? },
-        MethodArg::Vera => Spec::Vera { rank: (8 * rank).min(d), targets: qv()? },
-        MethodArg::Adapter => Spec::Adapter { config: AdapterConfig::width(8).with_activation(Activation::GeluErf) },
-        MethodArg::Prompt => Spec::Prompt { n_virtual: 8 },
-        MethodArg::Prefix => Spec::Prefix { n_prefix: 8 },
-    })
+/// The default model of `peft finetune`: a small Llama with grouped-query
+/// attention.
+fn default_llama() -> Result<LlamaConfig, HfError> {
+    LlamaConfig::parse(
+        r#"{"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}"#,
+    )
 }
 
-/// Output of every held-out sequence, for the reload and merge checks.
-fn outputs(
-    runner: &mut Runner<'_, Faer>,
-    mut peft: Option<&mut Peft>,
-    task: &Task,
-) -> Result<Vec<f32>, peft_core::Error> {
-    let d = runner.model().cfg.d;
-    let nv = peft.as_deref().map_or(0, Peft::n_virtual);
+/// Each method's configuration for `peft finetune`, PEFT's defaults for
+/// Llama models where PEFT has them: LoRA, DoRA, LoHa and LoKr on `q_proj`
+/// and `v_proj` with `alpha = 2 r`; (IA)^3 on `k_proj`, `v_proj` and the
+/// input of `down_proj` (PEFT's Llama targets); VeRA on `q_proj`, `v_proj`
+/// at rank `8 r`; bottleneck adapters of width 16 (GELU); prompt and prefix
+/// tuning with as many virtual tokens as the hidden context.
+fn trainable(model: &Llama, method: MethodArg, rank: usize, seed: u64) -> Result<Trainable, HfError> {
+    let qv = || vec!["q_proj".to_string(), "v_proj".to_string()];
+    let (r, alpha) = (rank, 2.0 * rank as f64);
+    let m = match method {
+        MethodArg::Lora | MethodArg::All => LlamaMethod::Lora { r, alpha, dora: false, targets: qv() },
+        MethodArg::Dora => LlamaMethod::Lora { r, alpha, dora: true, targets: qv() },
+        MethodArg::Ia3 => LlamaMethod::Ia3 {
+            targets: vec!["k_proj".into(), "v_proj".into(), "down_proj".into()],
+            feedforward: vec!["down_proj".into()],
+        },
+        MethodArg::Loha => LlamaMethod::Loha { r, alpha, targets: qv() },
+        MethodArg::Lokr => LlamaMethod::Lokr { r, alpha, targets: qv() },
+        MethodArg::Vera => LlamaMethod::Vera { r: 8 * r, targets: qv() },
+        MethodArg::Adapter => {
+            let config = AdapterConfig::width(16).with_activation(Activation::GeluErf);
+            return Ok(Trainable::Bottleneck(Bottleneck::new(model, config, seed)?));
+        }
+        MethodArg::Prompt => LlamaMethod::Prompt { n: CONTEXT },
+        MethodArg::Prefix => LlamaMethod::Prefix { n: CONTEXT },
+    };
+    Ok(Trainable::Peft(Box::new(init_adapter(model, &m, seed)?)))
+}
+
+/// The method's name in the table and `peft_core::Method`'s default
+/// learning rate.
+fn method_info(method: MethodArg) -> (&'static str, peft_core::Method) {
+    use peft_core::Method as M;
+    match method {
+        MethodArg::Lora | MethodArg::All => ("lora", M::Lora),
+        MethodArg::Dora => ("dora", M::Lora),
+        MethodArg::Ia3 => ("ia3", M::Ia3),
+        MethodArg::Loha => ("loha", M::Loha),
+        MethodArg::Lokr => ("lokr", M::Lokr),
+        MethodArg::Vera => ("vera", M::Vera),
+        MethodArg::Adapter => ("adapter", M::Adapter),
+        MethodArg::Prompt => ("prompt", M::Prompt),
+        MethodArg::Prefix => ("prefix", M::Prefix),
+    }
+}
+
+/// The logits of every held-out sequence, concatenated.
+fn held_out_logits(
+    model: &Llama,
+    adapter: Option<&Trainable>,
+    task: &Distill,
+    backend: &Faer,
+) -> Result<Vec<f32>, HfError> {
+    let hosted = adapter.map(|a| a.hosted(model)).transpose()?;
     let mut all = Vec::new();
-    let mut trace = Trace::default();
-    for t in &task.held_out.tokens {
-        runner.forward(peft.as_deref_mut(), t, &mut trace)?;
-        all.extend_from_slice(trace.output(nv, d));
+    for (ids, _) in &task.held_out {
+        all.extend(model.forward(backend, ids, hosted.as_ref(), &mut KvCache::new())?);
     }
     Ok(all)
 }
 
+/// Bytes of a file, or of the files of a folder.
+fn bytes_of(path: &Path) -> u64 {
+    match std::fs::read_dir(path) {
+        Ok(dir) => dir.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum(),
+        Err(_) => std::fs::metadata(path).map_or(0, |m| m.len()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_method(
-    model: &TinyModel,
-    task: &Task,
+    model: &Llama,
+    base_dir: &Path,
+    task: &Distill,
     which: MethodArg,
     args: &FinetuneArgs,
-    backend: Faer,
+    backend: &Faer,
 ) -> Result<Row, Box<dyn std::error::Error>> {
     let base_params = model.num_params();
-    let mut peft = Peft::new(model, spec(which, args.rank as usize, model.cfg.d)?, args.seed ^ 0xada)?;
-    let (method, name) = (peft.method(), peft.name());
+    let mut adapter = trainable(model, which, args.rank as usize, args.seed ^ 0xada)?;
+    let (name, method) = method_info(which);
     let lr = args.lr.unwrap_or(method.default_lr());
-    let mut trainer = Trainer::new(&peft, AdamW::new(lr).with_weight_decay(0.0).with_max_grad_norm(Some(1.0)));
-    let mut runner = Runner::new(model, backend)?;
-    let initial = loss(&mut runner, Some(&mut peft), &task.held_out)?;
+    let mut trainer = LlamaTrainer::with_optimizer(AdamW::new(lr).with_weight_decay(0.0).with_max_grad_norm(Some(1.0)));
+    let initial = task.held_out_loss(backend, model, Some(&adapter))?;
 
     let bar = if std::io::stderr().is_terminal() && !args.json {
         let b = ProgressBar::new(args.steps);
@@ -441,50 +485,71 @@ fn run_method(
     };
     let every = (args.steps as usize / 5).max(1);
     let start = Instant::now();
-    train(&mut runner, &mut peft, &mut trainer, task, args.steps as usize, BATCH, |step, l| match &bar {
-        Some(b) => {
-            b.set_position(step as u64 + 1);
-            b.set_message(format!("train loss {l:.4}"));
+    for step in 0..args.steps as usize {
+        let batch: Vec<usize> = (0..BATCH).map(|i| step * BATCH + i).collect();
+        let l = trainer.step(backend, model, &mut adapter, task, &batch)?;
+        match &bar {
+            Some(b) => {
+                b.set_position(step as u64 + 1);
+                b.set_message(format!("train loss {l:.4}"));
+            }
+            None if !args.json && (step + 1) % every == 0 => {
+                eprintln!("{name:>8} step {:>5}/{}  train loss {l:.5}", step + 1, args.steps);
+            }
+            None => {}
         }
-        None if !args.json && (step + 1) % every == 0 => {
-            eprintln!("{name:>8} step {:>5}/{}  train loss {l:.5}", step + 1, args.steps);
-        }
-        None => {}
-    })?;
+    }
     let seconds = start.elapsed().as_secs_f64();
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let final_loss = loss(&mut runner, Some(&mut peft), &task.held_out)?;
+    let final_loss = task.held_out_loss(backend, model, Some(&adapter))?;
+    let unmerged = held_out_logits(model, Some(&adapter), task, backend)?;
 
-    let unmerged = outputs(&mut runner, Some(&mut peft), task)?;
-    let merge_diff = if !peft.spec.targets().is_empty() {
-        let merged_model = runner.model().merged(&peft, &backend)?;
-        let merged = outputs(&mut Runner::new(&merged_model, backend)?, None, task)?;
-        Some(unmerged.iter().zip(&merged).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max))
-    } else {
-        None
+    // Saved (a PEFT folder, or this crate's bottleneck file), read back:
+    // the same logits, bit for bit. Each run replaces its own output.
+    let (file, reloaded) = match &adapter {
+        Trainable::Peft(ad) => {
+            let dir = args.out.join(name);
+            ad.write_dir(&dir, true)?;
+            (dir.clone(), Trainable::Peft(Box::new(HfAdapter::read_dir(&dir)?)))
+        }
+        Trainable::Bottleneck(b) => {
+            let file = args.out.join(format!("{name}.safetensors"));
+            b.save(&file, true)?;
+            (file.clone(), Trainable::Bottleneck(Bottleneck::load(&file)?))
+        }
     };
+    let again = held_out_logits(model, Some(&reloaded), task, backend)?;
+    let reload_identical =
+        again.len() == unmerged.len() && again.iter().zip(&unmerged).all(|(a, b)| a.to_bits() == b.to_bits());
 
-    let bytes = encode(&peft, runner.model())?;
-    let file = args.out.join(format!("{name}.peft"));
-    // Each run replaces its own `<method>.peft` in the output folder.
-    write_file(&file, &bytes, true)?;
-    let mut reloaded = load(&file, runner.model(), MAX_FILE)?;
-    let again = outputs(&mut runner, Some(&mut reloaded), task)?;
-    let same_values = reloaded.spec == peft.spec
-        && reloaded.params.len() == peft.params.len()
-        && reloaded.frozen.len() == peft.frozen.len()
-        && reloaded.params.iter().chain(&reloaded.frozen).zip(peft.params.iter().chain(&peft.frozen)).all(|(a, b)| {
-            a.name == b.name
-                && a.shape == b.shape
-                && a.value.iter().zip(&b.value).all(|(x, y)| x.to_bits() == y.to_bits())
-        });
-    let reload_identical = same_values && again.iter().zip(&unmerged).all(|(a, b)| a.to_bits() == b.to_bits());
-
+    // The methods that merge: `peft merge` of the saved folder into the
+    // saved model gives the same logits (up to rounding).
+    let merge_diff = match &adapter {
+        Trainable::Peft(ad) if !matches!(ad.config, PeftConfig::Prompt(_)) => {
+            let merged_file = args.out.join(format!(".{name}-merged.safetensors"));
+            let base = Base::open(base_dir)?;
+            let saved = HfAdapter::read_dir(&file)?;
+            merge_many(
+                &base,
+                &[(&saved, 1.0)],
+                &merged_file,
+                &MergeOptions { force: true, ..Default::default() },
+                backend,
+                |_| {},
+            )?;
+            let merged = Llama::load(&base_dir.join("config.json"), &merged_file);
+            std::fs::remove_file(&merged_file)?;
+            let merged = held_out_logits(&merged?, None, task, backend)?;
+            Some(unmerged.iter().zip(&merged).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max))
+        }
+        _ => None,
+    };
+    let mut adapter = adapter;
     Ok(Row {
         name,
-        params: peft.num_params(),
+        params: adapter.num_params(),
         base_params,
         state_bytes: trainer.state_bytes(),
         lr,
@@ -492,41 +557,56 @@ fn run_method(
         final_loss,
         seconds,
         merge_diff,
+        file_bytes: bytes_of(&file),
         file,
-        file_bytes: bytes.len(),
         reload_identical,
     })
 }
 
 fn finetune(args: &FinetuneArgs) -> Result<bool, Box<dyn std::error::Error>> {
-    let cfg = TinyConfig::default();
     let backend = Faer::with_threads(args.threads as usize);
-    let model = TinyModel::new(cfg, args.seed)?;
-    let frozen = model.clone();
-    let task = setup(&model, HIDDEN_RANK, backend, args.seed)?;
     std::fs::create_dir_all(&args.out)?;
+    // The frozen model: a checkpoint, or the default small Llama saved to
+    // OUT/model (the base `peft merge` and `peft forward` read).
+    let (model, base_dir) = match &args.model {
+        Some(dir) => (Llama::load_dir(dir)?, dir.clone()),
+        None => {
+            let model = Llama::random(default_llama()?, args.seed);
+            let dir = args.out.join("model");
+            model.save_dir(&dir, true)?;
+            (model, dir)
+        }
+    };
+    let frozen = model.clone();
+    let c = model.config.clone();
+    let mut rng = peft_core::Rng::new(args.seed ^ 0xc0de);
+    let context: Vec<u32> = (0..CONTEXT).map(|_| (rng.next_u64() % c.vocab_size as u64) as u32).collect();
+    let task = Distill::new(&backend, &model, &context, SEQ, TRAIN, HELD_OUT, args.seed)?;
     let methods: Vec<MethodArg> = match args.method {
         MethodArg::All => MethodArg::EACH.to_vec(),
         one => vec![one],
     };
     if !args.json {
         eprintln!(
-            "tiny decoder: d={} layers={} heads={} vocab={} seq={}, {} frozen parameters; teacher = base + rank-{HIDDEN_RANK} change on q_proj, v_proj",
-            cfg.d,
-            cfg.layers,
-            cfg.heads,
-            cfg.vocab,
-            cfg.seq,
-            model.num_params()
+            "llama: hidden={} layers={} heads={} kv_heads={} vocab={}, {} frozen parameters ({}); task: match the model's next-token distributions when it reads a hidden {CONTEXT}-token context first ({TRAIN} train, {HELD_OUT} held-out sequences of {SEQ} tokens)",
+            c.hidden_size,
+            c.num_layers,
+            c.num_heads,
+            c.num_kv_heads,
+            c.vocab_size,
+            model.num_params(),
+            base_dir.display()
         );
     }
-    let base_loss = loss(&mut Runner::new(&model, backend)?, None, &task.held_out)?;
+    let base_loss = task.held_out_loss(&backend, &model, None)?;
     let mut rows = Vec::new();
     for m in methods {
-        rows.push(run_method(&model, &task, m, args, backend)?);
+        rows.push(run_method(&model, &base_dir, &task, m, args, &backend)?);
     }
     let base_identical = model == frozen;
     let full_state = 2 * 4 * model.num_params();
+    // A failed check is an error exit; a method still above the frozen
+    // model (too few steps) is reported, not an error.
     let ok = base_identical && rows.iter().all(|r| r.reload_identical && r.final_loss < r.initial);
     if args.json {
         let methods: Vec<_> = rows
@@ -541,6 +621,7 @@ fn finetune(args: &FinetuneArgs) -> Result<bool, Box<dyn std::error::Error>> {
                     "lr": r.lr,
                     "initial_held_out_loss": r.initial,
                     "final_held_out_loss": r.final_loss,
+                    "beats_frozen_model": r.final_loss < base_loss,
                     "seconds": r.seconds,
                     "merged_vs_unmerged_max_abs_diff": r.merge_diff,
                     "adapter_file": r.file.display().to_string(),
@@ -550,10 +631,12 @@ fn finetune(args: &FinetuneArgs) -> Result<bool, Box<dyn std::error::Error>> {
             })
             .collect();
         let doc = json!({
-            "model": { "d": cfg.d, "layers": cfg.layers, "heads": cfg.heads, "vocab": cfg.vocab, "seq": cfg.seq,
-                       "frozen_params": model.num_params() },
+            "model": { "hidden_size": c.hidden_size, "layers": c.num_layers, "heads": c.num_heads,
+                       "kv_heads": c.num_kv_heads, "vocab": c.vocab_size, "frozen_params": model.num_params(),
+                       "path": base_dir.display().to_string() },
+            "task": { "hidden_context_tokens": CONTEXT, "sequence_tokens": SEQ, "train_sequences": TRAIN,
+                      "held_out_sequences": HELD_OUT, "loss": "mean KL(teacher || student) per token" },
             "steps": args.steps, "batch": BATCH, "rank": args.rank, "seed": args.seed, "threads": args.threads,
-            "hidden_rank": HIDDEN_RANK,
             "frozen_model_held_out_loss": base_loss,
             "methods": methods,
             "frozen_base_bit_identical": base_identical,

@@ -42,6 +42,7 @@
 
 mod backward;
 pub mod config;
+mod save;
 mod sites;
 pub mod train;
 pub mod weights;
@@ -72,7 +73,7 @@ pub const PROJECTIONS: [&str; 7] = [
 ];
 
 /// A frozen linear layer: `y = x W^T (+ b)`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Linear {
     /// `W [out, in]`.
     pub weight: Matrix,
@@ -81,7 +82,7 @@ pub struct Linear {
 }
 
 /// One decoder layer.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct Layer {
     input_norm: Vec<f32>,
     /// q, k, v, o, gate, up, down ([`PROJECTIONS`]' order).
@@ -90,7 +91,7 @@ struct Layer {
 }
 
 /// A loaded Llama model (frozen).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Llama {
     /// Its configuration.
     pub config: LlamaConfig,
@@ -480,6 +481,21 @@ impl Llama {
         };
         let inv_freq = Self::inv_freq(c);
         Ok(Self { config, embed, layers, norm, lm_head, inv_freq })
+    }
+
+    /// Frozen parameters: every matrix's values, norms and biases.
+    pub fn num_params(&self) -> usize {
+        let m = |w: &Matrix| w.rows * w.cols;
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.input_norm.len()
+                    + l.post_norm.len()
+                    + l.proj.iter().map(|p| m(&p.weight) + p.bias.as_ref().map_or(0, Vec::len)).sum::<usize>()
+            })
+            .sum();
+        m(&self.embed) + layers + self.norm.len() + self.lm_head.as_ref().map_or(0, m)
     }
 
     /// RoPE's `1 / theta^(2i / head_dim)`, `i < head_dim / 2`, in f32 as

@@ -599,7 +599,17 @@ pub struct Trainer {
 impl Trainer {
     /// A trainer with learning rate `lr` (AdamW's other defaults).
     pub fn new(lr: f64) -> Self {
-        Self { opt: AdamW::new(lr), state: Vec::new() }
+        Self::with_optimizer(AdamW::new(lr))
+    }
+
+    /// A trainer with this optimizer.
+    pub fn with_optimizer(opt: AdamW) -> Self {
+        Self { opt, state: Vec::new() }
+    }
+
+    /// Bytes of optimizer state (f32), once a step has run.
+    pub fn state_bytes(&self) -> usize {
+        self.state.iter().map(|s| 4 * s.len()).sum()
     }
 
     /// One step over a batch of `task.train` (indices `batch`): the mean

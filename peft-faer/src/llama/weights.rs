@@ -10,7 +10,7 @@ use crate::hf::base::Base;
 use crate::hf::st::row_bytes;
 
 /// A matrix `[rows, cols]`'s stored values, owned.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum OwnedWeight {
     /// f32 values.
     F32(Vec<f32>),
@@ -27,7 +27,7 @@ pub enum OwnedWeight {
 }
 
 /// A frozen matrix and its shape.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Matrix {
     /// The tensor's name in the checkpoint.
     pub name: String,
