@@ -11,11 +11,11 @@
 //!   merge behind `peft merge`.
 //! * [`io`]: this project's adapter-only files for the tiny model, with
 //!   atomic writes.
-//! * [`tiny`]: a tiny frozen decoder hosting every method, and [`train`]:
-//!   its built-in task and the AdamW trainer behind `peft finetune`.
-//! * [`llama`]: a Llama-architecture decoder loaded from a Hugging Face
-//!   checkpoint, hosting LoRA, prompt and prefix tuning, behind `peft
-//!   forward` and `peft generate`.
+//! * [`tiny`]: the earlier tiny frozen decoder (no norms) hosting every
+//!   method, and [`train`]: its teacher task and trainer.
+//! * [`llama`]: a Llama-architecture decoder (random, or loaded from a
+//!   Hugging Face checkpoint) hosting every method, with its backward and
+//!   trainer, behind `peft finetune`, `peft forward` and `peft generate`.
 //!
 //! * [`files`]: the one way outputs are written: atomically, never over
 //!   an input, never over an existing path without `force`, temporaries

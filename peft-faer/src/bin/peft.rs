@@ -1,7 +1,8 @@
 //! The `peft` command.
 //!
-//! `peft finetune` trains adapters of each method on a tiny frozen decoder
-//! and a built-in task (see `peft_faer::tiny`), then prints one table.
+//! `peft finetune` trains adapters of each method on a small frozen Llama
+//! and a built-in task (see `peft_faer::llama::train`), then prints one
+//! table.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -37,7 +38,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train adapters on a tiny frozen model and a built-in task (no
+    /// Train adapters of every method on a small frozen Llama and a built-in task (no
     /// download), save and reload them, and print a table.
     Finetune(FinetuneArgs),
     /// Describe a Hugging Face PEFT adapter directory (method, per module its
