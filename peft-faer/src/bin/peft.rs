@@ -29,7 +29,7 @@ use serde_json::json;
 #[command(
     name = "peft",
     version,
-    about = "Parameter-efficient fine-tuning: train, inspect, merge, combine and convert adapters"
+    about = "Parameter-efficient fine-tuning: train, inspect, merge, quantize, combine, convert and run adapters"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -100,8 +100,8 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Run a Llama checkpoint (optionally with a PEFT adapter: LoRA, prompt
-    /// or prefix tuning) over token ids and print the top next tokens.
+    /// Run a Llama checkpoint (optionally with a PEFT adapter of any method
+    /// this crate reads) over token ids and print the top next tokens.
     Forward {
         /// A Hugging Face LlamaForCausalLM folder (config.json and
         /// model.safetensors, or a sharded checkpoint).
@@ -311,9 +311,9 @@ struct FinetuneArgs {
     /// Optimizer steps per method (batches of 8 sequences).
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
     steps: u64,
-    /// Rank of LoRA, DoRA, LoHa and LoKr (the task's hidden change has rank
-    /// 2); VeRA's shared projections get 8 times it (at most the width), as
-    /// VeRA trains only `r + out` numbers per layer.
+    /// Rank of LoRA, DoRA, LoHa and LoKr (alpha = 2 r); VeRA's shared
+    /// projections get 8 times it, as VeRA trains only `r + out` numbers per
+    /// layer.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
     rank: u64,
     /// Seed of the frozen model, the task and the adapters.
