@@ -64,3 +64,46 @@ fn every_method_beats_the_frozen_model() {
         assert!(end < below * frozen, "{name}: held-out {end} is not below {below} x the frozen model's {frozen}");
     }
 }
+
+/// A model written by `Llama::save_dir` (a Hugging Face folder) loads back
+/// equal, tied embeddings included (no `lm_head.weight`: the embedding
+/// table is the output layer), and `peft finetune --model DIR` trains on a
+/// checkpoint folder.
+#[test]
+fn saved_models_load_back_and_finetune_takes_a_checkpoint() {
+    let dir = std::env::temp_dir().join(format!("peft-llama-save-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = r#"{"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "tie_word_embeddings": true}"#;
+    let tied = Llama::random(LlamaConfig::parse(text).unwrap(), 5);
+    tied.save_dir(&dir.join("tied"), false).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&std::fs::read(dir.join("tied/model.safetensors")).unwrap())
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    assert!(!names.iter().any(|n| n == "lm_head.weight"), "tied: no lm_head");
+    let back = Llama::load_dir(&dir.join("tied")).unwrap();
+    assert_eq!(back, tied);
+    let be = Faer::new();
+    let ids = [1, 2, 3, 4];
+    let mut c = peft_faer::llama::KvCache::new();
+    let logits = back.forward(&be, &ids, None, &mut c).unwrap();
+    assert_eq!(logits, tied.forward(&be, &ids, None, &mut peft_faer::llama::KvCache::new()).unwrap());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(["finetune", "--method", "lora", "--steps", "3", "--json", "--model"])
+        .arg(dir.join("tied"))
+        .arg("--out")
+        .arg(dir.join("out"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["model"]["path"], dir.join("tied").display().to_string());
+    assert!(!dir.join("out/model").exists(), "the checkpoint is used in place");
+    assert_eq!(doc["methods"][0]["reload_identical"], true);
+    assert!(doc["methods"][0]["merged_vs_unmerged_max_abs_diff"].as_f64().unwrap() < 1e-4);
+    std::fs::remove_dir_all(&dir).ok();
+}

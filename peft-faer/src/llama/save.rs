@@ -45,7 +45,8 @@ fn safetensors(
 
 impl Llama {
     /// Writes the model as a Hugging Face `LlamaForCausalLM` folder:
-    /// `config.json` and `model.safetensors` (f32).
+    /// `config.json` and `model.safetensors` (f32), read back before the
+    /// folder is committed. The parent folder must exist.
     ///
     /// # Errors
     /// [`HfError::Unsupported`] for a matrix not stored as f32; output
