@@ -21,7 +21,7 @@
 //! gradient); so are VeRA's shared projections (frozen by the method).
 
 use peft_core::attention::backward::{AttentionGrads, backward as attn_backward};
-use peft_core::attention::{AttentionShape, Mask, Prefix};
+use peft_core::attention::{AttentionShape, Mask};
 use peft_core::prefix::PrefixConfig;
 use peft_core::{Accum, Backend, MatMut, MatRef};
 
@@ -203,11 +203,8 @@ impl Llama {
         }
         let be = HfError::backend;
         let shape = AttentionShape::new(c.num_heads, c.num_kv_heads, c.head_dim).map_err(HfError::Core)?;
-        let prefix_tokens = match adapter {
-            Some(LlamaAdapter::Prefix { tokens, .. }) => *tokens,
-            _ => 0,
-        };
-        let rope: Vec<(Vec<f32>, Vec<f32>)> = (0..n).map(|i| self.rope(prefix_tokens + i)).collect();
+        let first_pos = adapter.map_or(0, LlamaAdapter::prefix_tokens);
+        let rope: Vec<(Vec<f32>, Vec<f32>)> = (0..n).map(|i| self.rope(first_pos + i)).collect();
 
         // lm_head and the final norm.
         let head = self.lm_head.as_ref().unwrap_or(&self.embed).view()?;
@@ -262,14 +259,7 @@ impl Llama {
             let d_o = dpre.as_deref().unwrap_or(&da);
             sites::backward(backend, &layer.proj[3], go_l, MatRef::new(&t.attn, n, qw)?, d_o, &mut dattn)?;
             let (mut dq, mut dk, mut dv) = (vec![0.0f32; n * qw], vec![0.0f32; n * kvw], vec![0.0f32; n * kvw]);
-            let prefix = match adapter {
-                Some(LlamaAdapter::Prefix { table, tokens }) => {
-                    let tv = MatRef::new(table, *tokens, c.num_layers * 2 * kvw)?;
-                    let cols = |j: usize| tv.cols_range(j * kvw, kvw).ok_or(HfError::Core(peft_core::Error::Overflow));
-                    Some(Prefix { keys: cols(2 * l)?, values: cols(2 * l + 1)? })
-                }
-                _ => None,
-            };
+            let prefix = adapter.map(|a| a.prefix_layer(c, l)).transpose()?.flatten();
             let p = prefix.as_ref().map_or(0, |p| p.keys.rows());
             let prefix_grads = match (prefix_g.as_deref_mut(), p) {
                 (Some(gp), p) if p > 0 => Some(PrefixConfig::new(p, c.num_layers, &shape)?.layer_grads(gp, l)?),

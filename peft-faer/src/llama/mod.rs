@@ -394,6 +394,25 @@ impl<'a> LlamaAdapter<'a> {
         Ok(Self::Bottleneck(b))
     }
 
+    /// Prefix tuning's entries ahead of every layer's keys (0 otherwise).
+    fn prefix_tokens(&self) -> usize {
+        match self {
+            Self::Prefix { tokens, .. } => *tokens,
+            _ => 0,
+        }
+    }
+
+    /// Prefix tuning's keys and values of layer `l` (columns `2 l kv_width`
+    /// and `(2 l + 1) kv_width` of PEFT's table); `None` for the other
+    /// methods.
+    fn prefix_layer(&self, c: &LlamaConfig, l: usize) -> Result<Option<Prefix<'_, f32>>, HfError> {
+        let Self::Prefix { table, tokens } = self else { return Ok(None) };
+        let kvw = c.kv_width();
+        let t = MatRef::new(table, *tokens, c.num_layers * 2 * kvw)?;
+        let cols = |j: usize| t.cols_range(j * kvw, kvw).ok_or(HfError::Core(peft_core::Error::Overflow));
+        Ok(Some(Prefix { keys: cols(2 * l)?, values: cols(2 * l + 1)? }))
+    }
+
     /// Virtual tokens (0 for the weight-adapting methods).
     pub fn virtual_tokens(&self) -> usize {
         match self {
@@ -529,9 +548,9 @@ impl Llama {
     /// keys and values.
     ///
     /// # Errors
-    /// [`HfError::Config`] (`ids`) for an id outside the vocabulary or an
-    /// empty `ids` on an empty cache without virtual tokens, before
-    /// anything runs; the backend's errors.
+    /// [`HfError::Config`] (`ids`) for an id outside the vocabulary, before
+    /// anything runs; the backend's errors. Nothing to run (no ids, no
+    /// virtual rows) gives no logits.
     pub fn forward<B: Backend<f32> + ?Sized>(
         &self,
         backend: &B,
@@ -593,11 +612,7 @@ impl Llama {
             embed.row(id as usize).ok_or(HfError::Core(peft_core::Error::Overflow))?.dequantize(row);
         }
         // Positions: after the cache, and after a prefix's entries.
-        let prefix_tokens = match adapter {
-            Some(LlamaAdapter::Prefix { tokens, .. }) => *tokens,
-            _ => 0,
-        };
-        let first_pos = prefix_tokens + cache.len;
+        let first_pos = adapter.map_or(0, LlamaAdapter::prefix_tokens) + cache.len;
         let rope: Vec<(Vec<f32>, Vec<f32>)> = (0..n).map(|i| self.rope(first_pos + i)).collect();
         if cache.k.len() != c.num_layers {
             cache.k = vec![Vec::new(); c.num_layers];
@@ -635,14 +650,7 @@ impl Llama {
             cache.k[l].extend_from_slice(&k);
             cache.v[l].extend_from_slice(&v);
             let tk = cache.k[l].len() / kvw;
-            let prefix = match adapter {
-                Some(LlamaAdapter::Prefix { table, tokens }) => {
-                    let t = MatRef::new(table, *tokens, c.num_layers * 2 * kvw)?;
-                    let cols = |j: usize| t.cols_range(j * kvw, kvw).ok_or(HfError::Core(peft_core::Error::Overflow));
-                    Some(Prefix { keys: cols(2 * l)?, values: cols(2 * l + 1)? })
-                }
-                _ => None,
-            };
+            let prefix = adapter.map(|a| a.prefix_layer(c, l)).transpose()?.flatten();
             let p = prefix.as_ref().map_or(0, |p| p.keys.rows());
             scratch.resize(peft_core::attention::forward_scratch_len(n, tk, p), 0.0);
             peft_core::attention::forward::forward(
