@@ -40,6 +40,16 @@ const M: usize = 3;
 const TQ: usize = 3;
 const P: usize = 2;
 
+/// The next output of a splitmix64 stream at `state` (advanced), usable
+/// at compile time.
+const fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// `n` values in `[-scale, scale)` from a splitmix64 stream, at compile
 /// time: the frozen weights are constants, so they sit in flash.
 const fn const_uniform<const N: usize>(seed: u64, scale: f32) -> [f32; N] {
@@ -47,13 +57,8 @@ const fn const_uniform<const N: usize>(seed: u64, scale: f32) -> [f32; N] {
     let mut state = seed;
     let mut i = 0;
     while i < N {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
         // 24 random bits -> [0, 1), exactly representable in f32.
-        let unit = (z >> 40) as f32 / (1u64 << 24) as f32;
+        let unit = (splitmix64(&mut state) >> 40) as f32 / (1u64 << 24) as f32;
         out[i] = (2.0 * unit - 1.0) * scale;
         i += 1;
     }
@@ -78,12 +83,7 @@ const fn const_i8<const N: usize>(seed: u64) -> [i8; N] {
     let mut state = seed;
     let mut i = 0;
     while i < N {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        out[i] = (((z >> 32) % 255) as i32 - 127) as i8;
+        out[i] = (((splitmix64(&mut state) >> 32) % 255) as i32 - 127) as i8;
         i += 1;
     }
     out
