@@ -110,39 +110,37 @@ fn lora_dir(dir: &Path) -> PathBuf {
 
 /// [`lora_dir`] on the projections named (PEFT's short names).
 fn lora_dir_on(dir: &Path, name: &str, targets: &[&str]) -> PathBuf {
-    let out = dir.join(name);
-    std::fs::create_dir_all(&out).unwrap();
     let config = serde_json::json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
         "target_modules": targets, "fan_in_fan_out": false, "bias": "none", "use_rslora": false, "use_dora": false});
-    std::fs::write(out.join("adapter_config.json"), config.to_string()).unwrap();
     let mut rng = peft_core::Rng::new(16);
     let mut tensors = Vec::new();
-    let all = [
-        ("self_attn.q_proj", 64, 64),
-        ("self_attn.k_proj", 32, 64),
-        ("self_attn.v_proj", 32, 64),
-        ("self_attn.o_proj", 64, 64),
-        ("mlp.gate_proj", 128, 64),
-        ("mlp.up_proj", 128, 64),
-        ("mlp.down_proj", 64, 128),
-    ];
     for l in 0..2 {
-        for (proj, n_out, n_in) in all.into_iter().filter(|(p, ..)| targets.iter().any(|t| p.ends_with(t))) {
+        for &(proj, n_out, n_in) in SHAPES.iter().filter(|(p, ..)| targets.iter().any(|t| p.ends_with(t))) {
             let key = format!("base_model.model.model.layers.{l}.{proj}");
             let (mut a, mut b) = (vec![0.0f32; 4 * n_in], vec![0.0f32; n_out * 4]);
             rng.fill_normal(&mut a, 0.2);
             rng.fill_normal(&mut b, 0.2);
-            let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-            tensors.push((format!("{key}.lora_A.weight"), vec![4, n_in], bytes(&a)));
-            tensors.push((format!("{key}.lora_B.weight"), vec![n_out, 4], bytes(&b)));
+            tensors.push((format!("{key}.lora_A.weight"), vec![4, n_in], a));
+            tensors.push((format!("{key}.lora_B.weight"), vec![n_out, 4], b));
         }
     }
+    write_adapter(&dir.join(name), &config, &tensors)
+}
+
+/// Writes a PEFT adapter folder: `config` and the f32 `tensors` (name,
+/// shape, values), with the `safetensors` crate.
+fn write_adapter(out: &Path, config: &serde_json::Value, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> PathBuf {
+    std::fs::create_dir_all(out).unwrap();
+    std::fs::write(out.join("adapter_config.json"), config.to_string()).unwrap();
+    let bytes: Vec<Vec<u8>> =
+        tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
-        .map(|(k, s, b)| (k.clone(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
+        .zip(&bytes)
+        .map(|((k, s, _), b)| (k.clone(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
         .collect();
     safetensors::serialize_to_file(views, &None, &out.join("adapter_model.safetensors")).unwrap();
-    out
+    out.to_path_buf()
 }
 
 /// The shapes `(out, in)` of the seven projections of the fixtures' model.
@@ -162,8 +160,6 @@ const SHAPES: [(&str, usize, usize); 7] = [
 /// that it changes the output). (IA)^3 scales the inputs of `up_proj` and
 /// `down_proj` (`feedforward_modules`).
 fn method_dir(dir: &Path, method: &str) -> PathBuf {
-    let out = dir.join(method);
-    std::fs::create_dir_all(&out).unwrap();
     let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
     let config = match method {
         "dora" => serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": targets,
@@ -179,7 +175,6 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
             "projection_prng_key": 0, "d_initial": 0.1, "fan_in_fan_out": false, "bias": "none"}),
         other => panic!("{other}"),
     };
-    std::fs::write(out.join("adapter_config.json"), config.to_string()).unwrap();
     let mut rng = peft_core::Rng::new(17);
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     let mut put = |name: String, shape: Vec<usize>, std: f64, offset: f32| {
@@ -225,15 +220,7 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
             }
         }
     }
-    let bytes: Vec<Vec<u8>> =
-        tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((k, s, _), b)| (k.clone(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, &None, &out.join("adapter_model.safetensors")).unwrap();
-    out
+    write_adapter(&dir.join(method), &config, &tensors)
 }
 
 /// Every weight-adapting method hosted unmerged gives the logits of the
