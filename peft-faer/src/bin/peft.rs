@@ -103,16 +103,8 @@ enum Command {
     /// Run a Llama checkpoint (optionally with a PEFT adapter of any method
     /// this crate reads) over token ids and print the top next tokens.
     Forward {
-        /// A Hugging Face LlamaForCausalLM folder (config.json and
-        /// model.safetensors, or a sharded checkpoint).
-        #[arg(long)]
-        model: PathBuf,
-        /// A PEFT adapter directory.
-        #[arg(long)]
-        adapter: Option<PathBuf>,
-        /// Token ids, comma-separated.
-        #[arg(long, value_parser = token_ids)]
-        ids: TokenIds,
+        #[command(flatten)]
+        run: RunArgs,
         /// Write the logits [1, rows, vocab] (f32) to this .safetensors file
         /// (prompt tuning: rows include the virtual tokens, as PEFT's output).
         #[arg(long)]
@@ -130,15 +122,8 @@ enum Command {
     /// Greedy decoding with a KV cache (prefix tuning enters as the cache's
     /// first entries): print the new token ids.
     Generate {
-        /// A Hugging Face LlamaForCausalLM folder.
-        #[arg(long)]
-        model: PathBuf,
-        /// A PEFT adapter directory.
-        #[arg(long)]
-        adapter: Option<PathBuf>,
-        /// The prompt's token ids, comma-separated.
-        #[arg(long, value_parser = token_ids)]
-        ids: TokenIds,
+        #[command(flatten)]
+        run: RunArgs,
         /// Tokens to generate.
         #[arg(long)]
         max_new_tokens: usize,
@@ -245,6 +230,21 @@ enum MajoritySignArg {
 
 /// `DIR[:WEIGHT]`: the text after the last `:` is the weight when it parses
 /// as a finite number; otherwise the whole text is the folder (weight 1).
+/// What `peft forward` and `peft generate` run.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// A Hugging Face LlamaForCausalLM folder (config.json and
+    /// model.safetensors, or a sharded checkpoint).
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT adapter directory.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Token ids (the prompt's, for generate), comma-separated.
+    #[arg(long, value_parser = token_ids)]
+    ids: TokenIds,
+}
+
 /// Token ids given on the command line.
 #[derive(Clone, Debug)]
 struct TokenIds(Vec<u32>);
@@ -1260,11 +1260,11 @@ fn main() -> ExitCode {
         }
         Command::Convert { src, dst, force } => convert_cmd(src, dst, *force),
         Command::Quantize { base, out, format, force } => quantize_cmd(base, out, *format, *force),
-        Command::Forward { model, adapter, ids, out, top, json, force } => {
-            forward_cmd(model, adapter.as_deref(), &ids.0, out.as_deref(), *top, *json, *force)
+        Command::Forward { run, out, top, json, force } => {
+            forward_cmd(&run.model, run.adapter.as_deref(), &run.ids.0, out.as_deref(), *top, *json, *force)
         }
-        Command::Generate { model, adapter, ids, max_new_tokens, json } => {
-            generate_cmd(model, adapter.as_deref(), &ids.0, *max_new_tokens, *json)
+        Command::Generate { run, max_new_tokens, json } => {
+            generate_cmd(&run.model, run.adapter.as_deref(), &run.ids.0, *max_new_tokens, *json)
         }
     };
     match result {
