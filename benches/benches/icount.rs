@@ -14,7 +14,8 @@
 // iai-callgrind's macros generate public modules without docs at the crate
 // root of this bench target.
 #![allow(missing_docs)]
-
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::hint::black_box;
 
 use iai_callgrind::{library_benchmark, library_benchmark_group, main};
@@ -102,7 +103,7 @@ fn lora_backward(mut i: Inputs) -> Inputs {
     let base = Dense::new(&i.w, D, D).unwrap();
     let lora = Lora::new(&LoraConfig::new(R, 8.0), D, D, &i.a[..], &i.b[..]).unwrap();
     let (x, gy) = (MatRef::new(&i.x, T, D).unwrap(), MatRef::new(&i.gy, T, D).unwrap());
-    let grads = LoraGrads { a: &mut i.ga[..R * D], b: &mut i.gb[..D * R] };
+    let grads = LoraGrads::new(&mut i.ga[..R * D], &mut i.gb[..D * R]);
     let gx = MatMut::new(&mut i.gx, T, D).unwrap();
     lora.backward(&Reference, &base, x, gy, Some(gx), grads, &mut i.scratch).unwrap();
     black_box(i)
@@ -113,7 +114,7 @@ fn lora_backward(mut i: Inputs) -> Inputs {
 #[bench::d64_r4(inputs())]
 fn lora_merge_unmerge(mut i: Inputs) -> Inputs {
     let lora = Lora::new(&LoraConfig::new(R, 8.0), D, D, &i.a[..], &i.b[..]).unwrap();
-    lora.merge_into(&Reference, &mut i.w, None).unwrap().unmerge().unwrap();
+    lora.merge_into(&Reference, MergeTarget::new(&mut i.w), &mut []).unwrap().unmerge().unwrap();
     black_box(i)
 }
 

@@ -22,7 +22,8 @@
 //! | `storage` | the same through the `no_std` reference kernels | faer's path | faer time / reference time >= 0.25 |
 //! | `storage_vs_f32_t1`, `storage_vs_f32_t128` | bf16 and q4_0 LoRA forward at t = 1; bf16 and q8_0 at t = 128 | f32 LoRA forward | t = 1: f32 / bf16 >= 1.7, f32 / q4_0 >= 4; t = 128: <= 1.15 |
 //! | `vzeroupper` | adapter forward (2 gemms + GELU + residual) without `vzeroupper` | with it | the penalty avoided |
-
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -128,7 +129,7 @@ fn bench_lora_forward<B: Backend<f32>>(
     let mut y = vec![0.0f32; s.tokens * s.d_out];
     let x = MatRef::new(&p.x, s.tokens, s.d_in).unwrap();
     if merged {
-        let merged = layer.merge_into(backend, &mut p.w, None).unwrap();
+        let merged = layer.merge_into(backend, MergeTarget::new(&mut p.w), &mut []).unwrap();
         group.throughput(Throughput::Elements(s.base_flops()));
         group.bench_function(name, |bench| {
             bench.iter(|| {
@@ -169,7 +170,7 @@ fn bench_lora_backward<B: Backend<f32, Error = Error>>(
             let x = MatRef::new(&p.x, s.tokens, s.d_in).unwrap();
             let gy = MatRef::new(&p.gy, s.tokens, s.d_out).unwrap();
             let gxv = MatMut::new(&mut gx, s.tokens, s.d_in).unwrap();
-            let grads = LoraGrads { a: &mut ga, b: &mut gb };
+            let grads = LoraGrads::new(&mut ga, &mut gb);
             layer.backward(backend, &base, x, gy, Some(gxv), grads, &mut scratch).unwrap();
             black_box((&gx, &ga, &gb));
         })
@@ -214,7 +215,7 @@ fn bench_merge<B: Backend<f32>>(group: &mut BenchmarkGroup<'_, WallTime>, backen
     let layer = Lora::new(&cfg, s.d_in, s.d_out, &p.a[..], &p.b[..]).unwrap();
     group.bench_function("merge", |bench| {
         bench.iter(|| {
-            layer.merge_into(backend, &mut p.w, None).unwrap().unmerge().unwrap();
+            layer.merge_into(backend, MergeTarget::new(&mut p.w), &mut []).unwrap().unmerge().unwrap();
         })
     });
 }

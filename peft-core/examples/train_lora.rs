@@ -6,7 +6,7 @@
 //! loss should fall by orders of magnitude while `W` stays bit-identical.
 //!
 //! Run: `cargo run --release -p peft-core --example train_lora`
-
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::backend::{Accum, Backend, Op, Reference};
 use peft_core::lora::{Lora, LoraConfig, LoraGrads};
 use peft_core::{Dense, MatMut, MatRef, Rng};
@@ -101,7 +101,7 @@ fn main() -> peft_core::Result<()> {
             xv,
             MatRef::new(&gy, TOKENS, D)?,
             None,
-            LoraGrads { a: &mut ga, b: &mut gb },
+            LoraGrads::new(&mut ga, &mut gb),
             &mut scratch,
         )?;
         let (a, b) = layer.adapter_mut();
@@ -110,7 +110,7 @@ fn main() -> peft_core::Result<()> {
         }
     }
     let mut backup = vec![0.0f32; D * D];
-    let merged = layer.merge_into(&Reference, &mut w, Some(&mut backup))?;
+    let merged = layer.merge_into(&Reference, MergeTarget::new(&mut w).with_backup(&mut backup), &mut [])?;
     merged.forward(MatRef::new(&held_out, TOKENS, D)?, MatMut::new(&mut y, TOKENS, D)?)?;
     println!("merged:    held-out mse {:.3e}, one matmul per forward", mse(&y));
     merged.unmerge()?;

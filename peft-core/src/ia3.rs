@@ -18,18 +18,19 @@
 //! feedforward:      dl_j = sum_t x_tj (G W)_tj           dx = (G W) * l
 //! ```
 //!
-//! Merging scales `W` (and for the output kind `b`) in place; the guard
-//! [`Ia3Merged`] restores it from a backup bit for bit, or by dividing by
-//! `l` (refused at merge time without a backup when some `l_j = 0`).
-
+//! Merging scales `W` (and for the output kind `b`) in place, through the
+//! one guard ([`WeightUpdate::merge_into`]), which restores it from a
+//! backup bit for bit, or by dividing by `l` (refused at merge time without
+//! a backup when some `l_j = 0`).
 use core::marker::PhantomData;
 
 use crate::backend::{Accum, Backend};
-use crate::base::{Dense, FrozenLinear};
+use crate::base::{FrozenLinear, check_rows};
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_io, check_len, check_scratch, check_shape};
+use crate::error::{Error, Operand, Result, check_len};
 use crate::lora::ParamReport;
 use crate::matrix::{MatMut, MatRef, checked_len};
+use crate::method::{Direction, LinearAdapter, UpdateKind, WeightUpdate};
 
 /// An (IA)^3 vector for a linear layer `in -> out`: `l [out]` on the
 /// output, or `l [in]` on the input of a feedforward layer.
@@ -86,17 +87,38 @@ impl<E: Element, S: AsRef<[E]>> Ia3<E, S> {
             .ok_or(Error::Overflow)?;
         Ok(ParamReport { trainable: self.l.as_ref().len(), base })
     }
+}
+
+impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Ia3<E, S> {
+    /// `dL/dl`, as `l`.
+    type Grads<'g>
+        = &'g mut [E]
+    where
+        E: 'g;
+
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// `dL/dl` has `l`'s length (`Gradient`).
+    fn check_grads(&self, grads: &&mut [E]) -> Result<()> {
+        check_len(Operand::Gradient, self.l.as_ref().len(), grads.len())
+    }
 
     /// Scratch [`forward`](Self::forward) needs: `tokens * in` for the
     /// feedforward kind (`x * l`), 0 otherwise (saturating).
-    pub fn forward_scratch_len(&self, tokens: usize) -> usize {
+    fn forward_scratch_len(&self, tokens: usize) -> usize {
         if self.feedforward { tokens.saturating_mul(self.in_features) } else { 0 }
     }
 
     /// Scratch [`backward`](Self::backward) needs: `2 tokens out` (`x W^T +
     /// b` and `G * l`) for the output kind, `tokens * in` (`G W`) for the
     /// feedforward kind (saturating).
-    pub fn backward_scratch_len(&self, tokens: usize) -> usize {
+    fn backward_scratch_len(&self, tokens: usize) -> usize {
         if self.feedforward {
             tokens.saturating_mul(self.in_features)
         } else {
@@ -113,7 +135,7 @@ impl<E: Element, S: AsRef<[E]>> Ia3<E, S> {
     /// [`Error::ShapeMismatch`] (`Weight`, `Input`, `Output`),
     /// [`Error::ScratchTooSmall`], before anything is written; the
     /// backend's own errors.
-    pub fn forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+    fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         backend: &B,
         base: &L,
@@ -121,10 +143,7 @@ impl<E: Element, S: AsRef<[E]>> Ia3<E, S> {
         mut y: MatMut<'_, E>,
         scratch: &mut [E],
     ) -> core::result::Result<(), B::Error> {
-        self.check_base(base)?;
-        check_io(x.rows(), x.cols(), self.in_features, Operand::Output, y.rows(), y.cols(), self.out_features)?;
         let need = self.forward_scratch_len(x.rows());
-        check_scratch(need, scratch.len())?;
         if self.feedforward {
             let xs = scratch.get_mut(..need).ok_or(Error::ScratchTooSmall { needed: need, len: 0 })?;
             let mut xl = MatMut::new(xs, x.rows(), self.in_features)?;
@@ -152,8 +171,7 @@ impl<E: Element, S: AsRef<[E]>> Ia3<E, S> {
     /// [`Error::ShapeMismatch`] (`Weight`, `Input`, `GradOutput`,
     /// `GradInput`, `Gradient`), [`Error::ScratchTooSmall`], before anything
     /// is written; the backend's own errors.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+    fn run_backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         backend: &B,
         base: &L,
@@ -164,13 +182,6 @@ impl<E: Element, S: AsRef<[E]>> Ia3<E, S> {
         scratch: &mut [E],
     ) -> core::result::Result<(), B::Error> {
         let (tokens, n_in, n_out) = (x.rows(), self.in_features, self.out_features);
-        self.check_base(base)?;
-        check_io(tokens, x.cols(), n_in, Operand::GradOutput, grad_y.rows(), grad_y.cols(), n_out)?;
-        if let Some(gx) = &grad_x {
-            check_shape(Operand::GradInput, gx.rows(), gx.cols(), tokens, n_in)?;
-        }
-        check_len(Operand::Gradient, self.l.as_ref().len(), grad_l.len())?;
-        check_scratch(self.backward_scratch_len(tokens), scratch.len())?;
         if self.feedforward {
             // u = G W;  dl_j += sum_t x_tj u_tj;  dx = u * l
             let (u_buf, _) = scratch.split_at_mut(checked_len(tokens, n_in)?);
@@ -203,10 +214,74 @@ impl<E: Element, S: AsRef<[E]>> Ia3<E, S> {
         }
         Ok(())
     }
+}
 
-    fn check_base<L: FrozenLinear<E> + ?Sized>(&self, base: &L) -> Result<()> {
-        check_len(Operand::Weight, self.in_features, base.in_features())?;
-        check_len(Operand::Weight, self.out_features, base.out_features())
+impl<E: Element, S: AsRef<[E]>> WeightUpdate<E> for Ia3<E, S> {
+    /// `(out, in)`.
+    fn weight_dims(&self) -> (usize, usize) {
+        (self.out_features, self.in_features)
+    }
+
+    /// [`UpdateKind::Multiplicative`]: rows (or columns) are scaled.
+    fn kind(&self) -> UpdateKind {
+        UpdateKind::Multiplicative
+    }
+
+    /// The output kind scales the bias too; the feedforward kind leaves it.
+    fn touches_bias(&self) -> bool {
+        !self.feedforward
+    }
+
+    /// None.
+    fn update_scratch_len(&self, _rows: usize) -> usize {
+        0
+    }
+
+    /// Refused when some `l_j = 0`: the unmerge divides by `l`.
+    fn check_invertible(&self) -> Result<()> {
+        if self.l.as_ref().iter().any(|v| v.to_f64() == 0.0) {
+            return Err(Error::InvalidParameter {
+                name: "IA3 vector",
+                rule: "has a zero: merging without a backup could not be undone",
+            });
+        }
+        Ok(())
+    }
+
+    /// `W[rows] *= l` (rows for the output kind, columns for the
+    /// feedforward kind) and `b[rows] *= l` for the output kind; divides on
+    /// unmerge. Each element rounds once.
+    fn update_rows<B: Backend<E> + ?Sized>(
+        &self,
+        _backend: &B,
+        start: usize,
+        mut block: MatMut<'_, E>,
+        bias: Option<&mut [E]>,
+        direction: Direction,
+        _scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        let n = block.rows();
+        check_rows(start, n, self.out_features, self.in_features, &block)?;
+        if let Some(b) = &bias {
+            check_len(Operand::Bias, n, b.len())?;
+        }
+        let invert = direction == Direction::Unmerge;
+        let f = |v: &mut E, l: &E| {
+            let l = l.to_accum();
+            *v = E::from_accum(if invert { v.to_accum() / l } else { v.to_accum() * l });
+        };
+        let l = self.l.as_ref();
+        for (k, row) in block.row_iter_mut().enumerate() {
+            if self.feedforward {
+                row.iter_mut().zip(l).for_each(|(v, l)| f(v, l));
+            } else if let Some(l) = l.get(start + k) {
+                row.iter_mut().for_each(|v| f(v, l));
+            }
+        }
+        if let (Some(b), false) = (bias, self.feedforward) {
+            b.iter_mut().zip(l.get(start..).unwrap_or(&[])).for_each(|(v, l)| f(v, l));
+        }
+        Ok(())
     }
 }
 
@@ -242,155 +317,18 @@ pub(crate) fn column_dots<E: Element>(acc: &mut [E], a: MatRef<'_, E>, b: MatRef
     }
 }
 
-impl<E: Element, S: AsRef<[E]>> Ia3<E, S> {
-    /// Merges `l` into `weight` (`[out, in]`) and, for the output kind,
-    /// into `bias` (`[out]`), and returns the guard that owns them until
-    /// [`Ia3Merged::unmerge`] (or its drop) restores them.
-    ///
-    /// `backup` (`out * in`, plus `out` when a bias is merged) restores bit
-    /// for bit; without it the restore divides by `l`, which is refused
-    /// here when some `l_j = 0`.
-    ///
-    /// # Errors
-    /// [`Error::ShapeMismatch`] (`Weight`, `Bias`, `Backup`),
-    /// [`Error::InvalidParameter`] (`"IA3 vector"`) for a zero without a
-    /// backup; all before anything is written.
-    pub fn merge_into<'w>(
-        &'w self,
-        weight: &'w mut [E],
-        bias: Option<&'w mut [E]>,
-        backup: Option<&'w mut [E]>,
-    ) -> Result<Ia3Merged<'w, E, S>> {
-        let (n_in, n_out) = (self.in_features, self.out_features);
-        let n = checked_len(n_out, n_in)?;
-        check_len(Operand::Weight, n, weight.len())?;
-        // The feedforward kind leaves the bias alone: it is not taken.
-        let bias = if self.feedforward { None } else { bias };
-        if let Some(b) = &bias {
-            check_len(Operand::Bias, n_out, b.len())?;
-        }
-        let need = n + bias.as_ref().map_or(0, |b| b.len());
-        match &backup {
-            Some(bk) => check_len(Operand::Backup, need, bk.len())?,
-            None if self.l.as_ref().iter().any(|v| v.to_f64() == 0.0) => {
-                return Err(Error::InvalidParameter {
-                    name: "IA3 vector",
-                    rule: "has a zero: merging without a backup could not be undone",
-                });
-            }
-            None => {}
-        }
-        let mut backup = backup;
-        if let Some(bk) = backup.as_deref_mut() {
-            let (bw, bb) = bk.split_at_mut(n);
-            bw.copy_from_slice(weight);
-            if let Some(b) = bias.as_deref() {
-                bb.copy_from_slice(b);
-            }
-        }
-        let mut bias = bias;
-        self.scale(weight, bias.as_deref_mut(), false);
-        Ok(Ia3Merged { ia3: self, weight, bias, backup, active: true })
-    }
-
-    /// `W *= l` (rows or columns), `b *= l` for the output kind; with
-    /// `invert`, divides instead.
-    fn scale(&self, weight: &mut [E], bias: Option<&mut [E]>, invert: bool) {
-        let f = |v: &mut E, l: &E| {
-            let l = l.to_accum();
-            *v = E::from_accum(if invert { v.to_accum() / l } else { v.to_accum() * l });
-        };
-        for (row, lo) in weight.chunks_exact_mut(self.in_features.max(1)).zip(0..self.out_features) {
-            if self.feedforward {
-                row.iter_mut().zip(self.l.as_ref()).for_each(|(v, l)| f(v, l));
-            } else if let Some(l) = self.l.as_ref().get(lo) {
-                row.iter_mut().for_each(|v| f(v, l));
-            }
-        }
-        if let Some(b) = bias {
-            b.iter_mut().zip(self.l.as_ref()).for_each(|(v, l)| f(v, l));
-        }
-    }
-}
-
-/// A base weight (and, for the output kind, its bias) with an (IA)^3 vector
-/// merged in. Owns the borrows until restored; dropping it restores them
-/// (as [`unmerge`](Self::unmerge)); [`keep`](Self::keep) stays merged.
-#[must_use = "dropping the guard unmerges at once"]
-#[derive(Debug)]
-pub struct Ia3Merged<'w, E: Element, S: AsRef<[E]>> {
-    ia3: &'w Ia3<E, S>,
-    weight: &'w mut [E],
-    bias: Option<&'w mut [E]>,
-    backup: Option<&'w mut [E]>,
-    active: bool,
-}
-
-impl<'w, E: Element, S: AsRef<[E]>> Ia3Merged<'w, E, S> {
-    /// The merged weight `W' [out, in]`.
-    pub fn weight(&self) -> &[E] {
-        self.weight
-    }
-
-    /// The merged bias, when one was merged (output kind).
-    pub fn bias(&self) -> Option<&[E]> {
-        self.bias.as_deref()
-    }
-
-    /// The merged weight as a read-only base, with the merged bias if one
-    /// was merged (the feedforward kind's bias is the caller's, unchanged).
-    pub fn base(&self) -> Dense<'_, E> {
-        let base =
-            Dense::new(self.weight, self.ia3.out_features, self.ia3.in_features).unwrap_or_else(|_| Dense::empty());
-        match self.bias.as_deref() {
-            Some(b) => base.with_bias(b).unwrap_or(base),
-            None => base,
-        }
-    }
-
-    /// Restores `W` (and `b`): from the backup bit for bit, or by dividing
-    /// by `l`.
-    pub fn unmerge(mut self) {
-        self.restore();
-    }
-
-    /// Leaves them merged for good; gives the weight back.
-    pub fn keep(mut self) -> &'w mut [E] {
-        self.active = false;
-        core::mem::take(&mut self.weight)
-    }
-
-    fn restore(&mut self) {
-        if !core::mem::replace(&mut self.active, false) {
-            return;
-        }
-        match self.backup.as_deref() {
-            Some(bk) => {
-                let (bw, bb) = bk.split_at(self.weight.len().min(bk.len()));
-                self.weight.iter_mut().zip(bw).for_each(|(v, s)| *v = *s);
-                if let Some(b) = self.bias.as_deref_mut() {
-                    // Same length: checked by `merge_into`.
-                    b.iter_mut().zip(bb).for_each(|(v, s)| *v = *s);
-                }
-            }
-            None => self.ia3.scale(self.weight, self.bias.as_deref_mut(), true),
-        }
-    }
-}
-
-impl<E: Element, S: AsRef<[E]>> Drop for Ia3Merged<'_, E, S> {
-    fn drop(&mut self) {
-        self.restore();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     extern crate std;
     use std::vec;
 
     use super::*;
+
+    
+
+    use crate::method::{LinearAdapter, MergeTarget, WeightUpdate};
     use crate::backend::Reference;
+    use crate::base::Dense;
 
     #[test]
     fn both_kinds_by_hand_and_merged() {
@@ -415,13 +353,13 @@ mod tests {
         for ia3 in [&out, &ff] {
             let (mut w, mut b) = (w0, bias0);
             let want = run(ia3, &base);
-            let merged = ia3.merge_into(&mut w, Some(&mut b), None).unwrap();
+            let merged = ia3.merge_into(&Reference, MergeTarget::new(&mut w).with_bias(&mut b), &mut []).unwrap();
             let mut y = [0.0; 2];
             let mb = merged.base();
             let mb = if ia3.is_feedforward() { mb.with_bias(&bias0).unwrap() } else { mb };
             mb.forward(&Reference, MatRef::new(&x, 1, 2).unwrap(), MatMut::new(&mut y, 1, 2).unwrap()).unwrap();
             assert_eq!(y, want, "merged equals unmerged (feedforward: {})", ia3.is_feedforward());
-            merged.unmerge();
+            merged.unmerge().unwrap();
             assert_eq!((w, b), (w0, bias0), "restored (powers of two: exact)");
         }
         // A fresh vector is the identity.
@@ -432,9 +370,10 @@ mod tests {
         assert_eq!(run(&fresh, &base), yb);
         let zero = Ia3::new(2, 2, false, [0.0, 1.0]).unwrap();
         let mut w = w0;
-        assert!(matches!(zero.merge_into(&mut w, None, None).map(|_| ()), Err(Error::InvalidParameter { .. })));
+        let refused = zero.merge_into(&Reference, MergeTarget::new(&mut w), &mut []).map(|_| ());
+        assert!(matches!(refused, Err(Error::InvalidParameter { .. })));
         let mut backup = vec![0.0; 4];
-        zero.merge_into(&mut w, None, Some(&mut backup)).unwrap().unmerge();
+        zero.merge_into(&Reference, MergeTarget::new(&mut w).with_backup(&mut backup), &mut []).unwrap().unmerge().unwrap();
         assert_eq!(w, w0);
     }
 }

@@ -11,8 +11,11 @@
 //! * [`rng`]: a seedable, bit-reproducible PRNG for initialization.
 //! * [`base`]: the frozen base, [`FrozenLinear`], read only and shared by
 //!   any number of adapters; [`Dense`] holds `W` as a slice (in flash too).
-//! * [`lora`]: LoRA and rsLoRA: forward, analytic backward, and merging as a
-//!   typed step ([`lora::Merged`]).
+//! * [`method`]: the one trait of every weight-adapting method
+//!   ([`LinearAdapter`]: forward, backward, scratch lengths) and of its
+//!   merge ([`WeightUpdate`], with the one guard [`method::Merged`]);
+//!   [`delta`]: the additive methods' rows of `dW`.
+//! * [`lora`]: LoRA and rsLoRA (and PEFT's `lora_bias`).
 //! * [`dora`]: DoRA, LoRA with a learned magnitude per output row; the row
 //!   norms of `W + s B A` cached until the adapter changes.
 //! * [`ia3`]: (IA)^3, a learned vector scaling a layer's output (or a
@@ -75,6 +78,7 @@ pub mod loha;
 pub mod lokr;
 pub mod lora;
 pub mod matrix;
+pub mod method;
 pub mod optim;
 pub mod prefix;
 pub mod prompt;
@@ -88,6 +92,7 @@ pub use base::{Dense, FrozenLinear};
 pub use element::{Element, Real};
 pub use error::{Error, Result};
 pub use matrix::{MatMut, MatRef};
+pub use method::{LinearAdapter, WeightUpdate};
 pub use optim::Method;
 pub use rng::Rng;
 

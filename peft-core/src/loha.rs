@@ -21,14 +21,15 @@
 //! PEFT's fresh adapter: `W1a`, `W1b`, `W2a` Kaiming-uniform
 //! (`U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, `a = sqrt(5)`), `W2b = 0`, so `dW =
 //! 0`.
-
 use core::marker::PhantomData;
 
 use crate::backend::{Accum, Backend, Op};
 use crate::base::FrozenLinear;
+use crate::delta::DeltaRows;
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_io, check_len, check_scratch, check_shape};
+use crate::error::{Error, Operand, Result, check_len, check_scratch};
 use crate::lora::LoraConfig;
+use crate::method::LinearAdapter;
 use crate::matrix::{MatMut, MatRef, checked_len};
 use crate::rng::Rng;
 
@@ -95,17 +96,6 @@ impl<E: Element, S: AsRef<[E]>> Loha<E, S> {
         [self.w1a.as_ref(), self.w1b.as_ref(), self.w2a.as_ref(), self.w2b.as_ref()]
     }
 
-    /// Scratch [`delta`](Self::delta) and [`forward`](Self::forward) need:
-    /// `2 out in` (saturating).
-    pub fn forward_scratch_len(&self) -> usize {
-        self.out_features.saturating_mul(self.in_features).saturating_mul(2)
-    }
-
-    /// Scratch [`backward`](Self::backward) needs: `4 out in`.
-    pub fn backward_scratch_len(&self) -> usize {
-        self.forward_scratch_len().saturating_mul(2)
-    }
-
     fn views(&self) -> Result<[MatRef<'_, E>; 4]> {
         let (o, i, r) = (self.out_features, self.in_features, self.rank);
         Ok([
@@ -129,64 +119,38 @@ impl<E: Element, S: AsRef<[E]>> Loha<E, S> {
         backend.gemm(MatMut::new(p1, o, i)?, Accum::Replace, w1a, Op::N, w1b, Op::N, one)?;
         backend.gemm(MatMut::new(p2, o, i)?, Accum::Replace, w2a, Op::N, w2b, Op::N, one)
     }
+}
 
-    /// `dst (=|+=) factor * dW`, `dW = s (W1a W1b) * (W2a W2b)` `[out, in]`:
-    /// a merge adds it (`factor = 1`), an unmerge subtracts it (`-1`).
-    ///
-    /// # Errors
-    /// [`Error::ShapeMismatch`] (`Dst`), [`Error::ScratchTooSmall`]
-    /// (`2 out in`), before anything is written; the backend's own errors.
-    pub fn delta<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        dst: MatMut<'_, E>,
-        accum: Accum,
-        factor: f64,
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
-        check_shape(Operand::Dst, dst.rows(), dst.cols(), self.out_features, self.in_features)?;
-        self.delta_rows(backend, 0, dst, accum, factor, scratch)
+impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Loha<E, S> {
+    type Grads<'g>
+        = LohaGrads<'g, E>
+    where
+        E: 'g;
+
+    fn in_features(&self) -> usize {
+        self.in_features
     }
 
-    /// Rows `start..start + n` of [`delta`](Self::delta) into `dst [n,
-    /// in]`: what a streaming merge needs, with scratch `2 n in` (not `2
-    /// out in`).
-    ///
-    /// # Errors
-    /// [`Error::ShapeMismatch`]: `Weight` for rows past `out`, `Dst` for a
-    /// `dst` of another width; [`Error::ScratchTooSmall`]; all before
-    /// anything is written; the backend's own errors.
-    pub fn delta_rows<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        start: usize,
-        mut dst: MatMut<'_, E>,
-        accum: Accum,
-        factor: f64,
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
-        let (o, i, n) = (self.out_features, self.in_features, dst.rows());
-        crate::base::check_rows(start, n, o, i, &dst)?;
-        let ni = checked_len(n, i)?;
-        check_scratch(ni.saturating_mul(2), scratch.len())?;
-        let (p1, rest) = scratch.split_at_mut(ni);
-        let (p2, _) = rest.split_at_mut(ni);
-        let one = <E::Accum as Element>::from_f64(1.0);
-        let [w1a, w1b, w2a, w2b] = self.views()?;
-        let (w1a, w2a) =
-            (w1a.rows_range(start, n).ok_or(Error::Overflow)?, w2a.rows_range(start, n).ok_or(Error::Overflow)?);
-        backend.gemm(MatMut::new(&mut *p1, n, i)?, Accum::Replace, w1a, Op::N, w1b, Op::N, one)?;
-        backend.gemm(MatMut::new(&mut *p2, n, i)?, Accum::Replace, w2a, Op::N, w2b, Op::N, one)?;
-        let s = factor * self.scale;
-        for (k, row) in dst.row_iter_mut().enumerate() {
-            let (r1, r2) = (p1.get(k * i..(k + 1) * i).unwrap_or(&[]), p2.get(k * i..(k + 1) * i).unwrap_or(&[]));
-            for ((d, a), b) in row.iter_mut().zip(r1).zip(r2) {
-                let v = s * a.to_f64() * b.to_f64();
-                *d = match accum {
-                    Accum::Replace => E::from_f64(v),
-                    Accum::Add => E::from_f64(d.to_f64() + v),
-                };
-            }
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// `2 out in` (`dW` is formed whole), whatever the tokens.
+    fn forward_scratch_len(&self, _tokens: usize) -> usize {
+        self.out_features.saturating_mul(self.in_features).saturating_mul(2)
+    }
+
+    /// `4 out in`.
+    fn backward_scratch_len(&self, tokens: usize) -> usize {
+        self.forward_scratch_len(tokens).saturating_mul(2)
+    }
+
+    /// `W1a`, `W2a` `[out, r]`, `W1b`, `W2b` `[r, in]` (`Gradient`).
+    fn check_grads(&self, grads: &LohaGrads<'_, E>) -> Result<()> {
+        let (o, i, r) = (self.out_features, self.in_features, self.rank);
+        let (na, nb) = (checked_len(o, r)?, checked_len(r, i)?);
+        for (g, n) in [(&grads.w1a, na), (&grads.w1b, nb), (&grads.w2a, na), (&grads.w2b, nb)] {
+            check_len(Operand::Gradient, n, g.len())?;
         }
         Ok(())
     }
@@ -200,7 +164,7 @@ impl<E: Element, S: AsRef<[E]>> Loha<E, S> {
     /// [`Error::ShapeMismatch`] (`Weight`, `Input`, `Output`),
     /// [`Error::ScratchTooSmall`], before anything is written; the
     /// backend's own errors.
-    pub fn forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+    fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         backend: &B,
         base: &L,
@@ -209,10 +173,6 @@ impl<E: Element, S: AsRef<[E]>> Loha<E, S> {
         scratch: &mut [E],
     ) -> core::result::Result<(), B::Error> {
         let (o, i) = (self.out_features, self.in_features);
-        check_len(Operand::Weight, i, base.in_features())?;
-        check_len(Operand::Weight, o, base.out_features())?;
-        check_io(x.rows(), x.cols(), i, Operand::Output, y.rows(), y.cols(), o)?;
-        check_scratch(self.forward_scratch_len(), scratch.len())?;
         base.forward(backend, x, y.rb_mut())?;
         let (dw, rest) = scratch.split_at_mut(o * i);
         let mut dwm = MatMut::new(dw, o, i)?;
@@ -235,8 +195,7 @@ impl<E: Element, S: AsRef<[E]>> Loha<E, S> {
     /// [`Error::ShapeMismatch`] (`Weight`, `Input`, `GradOutput`,
     /// `GradInput`, `Gradient`), [`Error::ScratchTooSmall`] (`4 out in`),
     /// before anything is written; the backend's own errors.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+    fn run_backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         backend: &B,
         base: &L,
@@ -246,18 +205,7 @@ impl<E: Element, S: AsRef<[E]>> Loha<E, S> {
         grads: LohaGrads<'_, E>,
         scratch: &mut [E],
     ) -> core::result::Result<(), B::Error> {
-        let (o, i, r, t) = (self.out_features, self.in_features, self.rank, x.rows());
-        check_len(Operand::Weight, i, base.in_features())?;
-        check_len(Operand::Weight, o, base.out_features())?;
-        check_io(t, x.cols(), i, Operand::GradOutput, grad_y.rows(), grad_y.cols(), o)?;
-        if let Some(gx) = &grad_x {
-            check_shape(Operand::GradInput, gx.rows(), gx.cols(), t, i)?;
-        }
-        let (na, nb) = (checked_len(o, r)?, checked_len(r, i)?);
-        for (g, n) in [(&grads.w1a, na), (&grads.w1b, nb), (&grads.w2a, na), (&grads.w2b, nb)] {
-            check_len(Operand::Gradient, n, g.len())?;
-        }
-        check_scratch(self.backward_scratch_len(), scratch.len())?;
+        let (o, i, r) = (self.out_features, self.in_features, self.rank);
         let n = o * i;
         let (p1, rest) = scratch.split_at_mut(n);
         let (p2, rest) = rest.split_at_mut(n);
@@ -291,28 +239,56 @@ impl<E: Element, S: AsRef<[E]>> Loha<E, S> {
     }
 }
 
-impl<E: Element, S: AsRef<[E]>> crate::delta::DenseDelta<E> for Loha<E, S> {
+impl<E: Element, S: AsRef<[E]>> DeltaRows<E> for Loha<E, S> {
     /// `(out, in)`.
     fn delta_dims(&self) -> (usize, usize) {
         (self.out_features, self.in_features)
     }
 
-    /// `2 out in`.
-    fn delta_scratch_len(&self) -> usize {
-        self.forward_scratch_len()
+    /// `2 rows in`.
+    fn delta_scratch_len(&self, rows: usize) -> usize {
+        rows.saturating_mul(self.in_features).saturating_mul(2)
     }
 
-    /// `weight += factor * dW` ([`Loha::delta`] with `Accum::Add`).
-    fn add_delta<B: Backend<E> + ?Sized>(
+    /// Rows `start..start + n` of `factor * dW`, `dW = s (W1a W1b) * (W2a
+    /// W2b)`, with scratch `2 n in` (not `2 out in`).
+    fn delta_rows<B: Backend<E> + ?Sized>(
         &self,
         backend: &B,
-        weight: MatMut<'_, E>,
+        start: usize,
+        mut dst: MatMut<'_, E>,
+        accum: Accum,
         factor: f64,
         scratch: &mut [E],
     ) -> core::result::Result<(), B::Error> {
-        self.delta(backend, weight, Accum::Add, factor, scratch)
+        let (o, i, n) = (self.out_features, self.in_features, dst.rows());
+        crate::base::check_rows(start, n, o, i, &dst)?;
+        let ni = checked_len(n, i)?;
+        check_scratch(ni.saturating_mul(2), scratch.len())?;
+        let (p1, rest) = scratch.split_at_mut(ni);
+        let (p2, _) = rest.split_at_mut(ni);
+        let one = <E::Accum as Element>::from_f64(1.0);
+        let [w1a, w1b, w2a, w2b] = self.views()?;
+        let (w1a, w2a) =
+            (w1a.rows_range(start, n).ok_or(Error::Overflow)?, w2a.rows_range(start, n).ok_or(Error::Overflow)?);
+        backend.gemm(MatMut::new(&mut *p1, n, i)?, Accum::Replace, w1a, Op::N, w1b, Op::N, one)?;
+        backend.gemm(MatMut::new(&mut *p2, n, i)?, Accum::Replace, w2a, Op::N, w2b, Op::N, one)?;
+        let s = factor * self.scale;
+        for (k, row) in dst.row_iter_mut().enumerate() {
+            let (r1, r2) = (p1.get(k * i..(k + 1) * i).unwrap_or(&[]), p2.get(k * i..(k + 1) * i).unwrap_or(&[]));
+            for ((d, a), b) in row.iter_mut().zip(r1).zip(r2) {
+                let v = s * a.to_f64() * b.to_f64();
+                *d = match accum {
+                    Accum::Replace => E::from_f64(v),
+                    Accum::Add => E::from_f64(d.to_f64() + v),
+                };
+            }
+        }
+        Ok(())
     }
 }
+
+crate::delta::additive_update!([E: Element, S: AsRef<[E]>] Loha<E, S>);
 
 impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Loha<E, S> {
     /// Initializes as PEFT does: `W1a`, `W1b`, `W2a` Kaiming-uniform
@@ -335,6 +311,8 @@ impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Loha<E, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delta::DeltaRows;
+    
     use crate::backend::Reference;
 
     /// Row blocks of the delta (a streaming merge's) are the delta's rows.
@@ -347,7 +325,7 @@ mod tests {
         let l = Loha::new(&LoraConfig::new(3, 2.0), 3, 5, [&f[0][..], &f[1][..9], &f[2][..], &f[3][..9]]).unwrap();
         let (mut whole, mut parts) = ([0.5f64; 15], [0.5f64; 15]);
         let mut sc = [0.0; 30];
-        l.delta(&Reference, MatMut::new(&mut whole, 5, 3).unwrap(), Accum::Add, 1.0, &mut sc).unwrap();
+        l.delta_rows(&Reference, 0, MatMut::new(&mut whole, 5, 3).unwrap(), Accum::Add, 1.0, &mut sc).unwrap();
         for (start, n) in [(0, 1), (1, 3), (4, 1)] {
             let dst = MatMut::new(&mut parts[start * 3..(start + n) * 3], n, 3).unwrap();
             l.delta_rows(&Reference, start, dst, Accum::Add, 1.0, &mut sc).unwrap();
@@ -364,7 +342,7 @@ mod tests {
         let l = Loha::new(&LoraConfig::new(1, 2.0), 2, 1, [&[1.0f64][..], &[2.0, 3.0], &[2.0], &[1.0, -1.0]]).unwrap();
         let mut dw = [0.0; 2];
         let mut sc = [0.0; 4];
-        l.delta(&Reference, MatMut::new(&mut dw, 1, 2).unwrap(), Accum::Replace, 1.0, &mut sc).unwrap();
+        l.delta_rows(&Reference, 0, MatMut::new(&mut dw, 1, 2).unwrap(), Accum::Replace, 1.0, &mut sc).unwrap();
         assert_eq!(dw, [8.0, -12.0]);
     }
 }

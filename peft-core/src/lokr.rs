@@ -20,14 +20,15 @@
 //!
 //! [`Layout::of`] is PEFT's choice of factor shapes and forms for a layer;
 //! [`Lokr::init_adapter`] its fresh adapter (`W1 = 0`, so `dW = 0`).
-
 use core::marker::PhantomData;
 
 use crate::backend::{Accum, Backend, Op};
 use crate::base::FrozenLinear;
+use crate::delta::DeltaRows;
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_io, check_len, check_scratch, check_shape};
+use crate::error::{Error, Operand, Result, check_len, check_scratch};
 use crate::lora::LoraConfig;
+use crate::method::LinearAdapter;
 use crate::matrix::{MatMut, MatRef, checked_len};
 use crate::rng::Rng;
 
@@ -210,19 +211,6 @@ impl<E: Element, S: AsRef<[E]>> Lokr<E, S> {
         self.scale
     }
 
-    /// Scratch [`forward`](Self::forward) and [`delta`](Self::delta) need:
-    /// `out in + a c + b d`.
-    pub fn forward_scratch_len(&self) -> usize {
-        let (o, i) = self.dims();
-        o.saturating_mul(i).saturating_add(self.d1.0 * self.d1.1).saturating_add(self.d2.0 * self.d2.1)
-    }
-
-    /// Scratch [`backward`](Self::backward) needs: twice
-    /// [`forward_scratch_len`](Self::forward_scratch_len).
-    pub fn backward_scratch_len(&self) -> usize {
-        self.forward_scratch_len().saturating_mul(2)
-    }
-
     /// The full `W1` and `W2` into `m1 [a c]`, `m2 [b d]`.
     fn full<B: Backend<E> + ?Sized>(
         &self,
@@ -245,61 +233,57 @@ impl<E: Element, S: AsRef<[E]>> Lokr<E, S> {
         Ok(())
     }
 
-    /// `dst (=|+=) factor * s kron(W1, W2)` (`[out, in]`); `scratch` at
-    /// least `a c + b d`.
-    ///
-    /// # Errors
-    /// [`Error::ShapeMismatch`] (`Dst`), [`Error::ScratchTooSmall`], before
-    /// anything is written; the backend's own errors.
-    pub fn delta<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        dst: MatMut<'_, E>,
-        accum: Accum,
-        factor: f64,
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
-        let (o, i) = self.dims();
-        check_shape(Operand::Dst, dst.rows(), dst.cols(), o, i)?;
-        self.delta_rows(backend, 0, dst, accum, factor, scratch)
+    /// `dw = s kron(m1, m2)` from the full factors.
+    fn kron_into(&self, dw: &mut [E], m1: &[E], m2: &[E]) -> Result<()> {
+        let ((_, c), (b, d)) = (self.d1, self.d2);
+        let (_, i) = self.dims();
+        for (idx, v) in dw.iter_mut().enumerate() {
+            let (row, col) = (idx / i.max(1), idx % i.max(1));
+            let w1 = m1.get((row / b) * c + col / d).map_or(0.0, |x| x.to_f64());
+            let w2 = m2.get((row % b) * d + col % d).map_or(0.0, |x| x.to_f64());
+            *v = E::from_f64(self.scale * w1 * w2);
+        }
+        Ok(())
+    }
+}
+
+impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Lokr<E, S> {
+    type Grads<'g>
+        = LokrGrads<'g, E>
+    where
+        E: 'g;
+
+    fn in_features(&self) -> usize {
+        self.dims().1
     }
 
-    /// Rows `start..start + n` of [`delta`](Self::delta) into `dst [n,
-    /// in]` (what a streaming merge needs); scratch `a c + b d`.
-    ///
-    /// # Errors
-    /// [`Error::ShapeMismatch`]: `Weight` for rows past `out`, `Dst` for a
-    /// `dst` of another width; [`Error::ScratchTooSmall`]; all before
-    /// anything is written; the backend's own errors.
-    pub fn delta_rows<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        start: usize,
-        mut dst: MatMut<'_, E>,
-        accum: Accum,
-        factor: f64,
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    fn out_features(&self) -> usize {
+        self.dims().0
+    }
+
+    /// `out in + a c + b d` (`dW` is formed whole), whatever the tokens.
+    fn forward_scratch_len(&self, _tokens: usize) -> usize {
         let (o, i) = self.dims();
-        crate::base::check_rows(start, dst.rows(), o, i, &dst)?;
-        let (n1, n2) = (self.d1.0 * self.d1.1, self.d2.0 * self.d2.1);
-        check_scratch(n1 + n2, scratch.len())?;
-        let (m1, rest) = scratch.split_at_mut(n1);
-        let (m2, _) = rest.split_at_mut(n2);
-        self.full(backend, m1, m2)?;
-        let ((_, c), (b, d)) = (self.d1, self.d2);
-        let s = factor * self.scale;
-        for (row_idx, row) in dst.row_iter_mut().enumerate() {
-            let (ii, k) = ((start + row_idx) / b, (start + row_idx) % b);
-            for (col, v) in row.iter_mut().enumerate() {
-                let (j, l) = (col / d, col % d);
-                let w1 = m1.get(ii * c + j).map_or(0.0, |x| x.to_f64());
-                let w2 = m2.get(k * d + l).map_or(0.0, |x| x.to_f64());
-                let x = s * w1 * w2;
-                *v = match accum {
-                    Accum::Replace => E::from_f64(x),
-                    Accum::Add => E::from_f64(v.to_f64() + x),
-                };
+        o.saturating_mul(i).saturating_add(self.d1.0 * self.d1.1).saturating_add(self.d2.0 * self.d2.1)
+    }
+
+    /// Twice [`forward_scratch_len`](Self::forward_scratch_len).
+    fn backward_scratch_len(&self, tokens: usize) -> usize {
+        self.forward_scratch_len(tokens).saturating_mul(2)
+    }
+
+    /// Each factor's gradient of the factor's form and lengths
+    /// (`Gradient`).
+    fn check_grads(&self, grads: &LokrGrads<'_, E>) -> Result<()> {
+        let r = self.rank;
+        for (g, f, (rows, cols)) in [(&grads.w1, &self.w1, self.d1), (&grads.w2, &self.w2, self.d2)] {
+            match (g, f) {
+                (Factor::Full(g), Factor::Full(_)) => check_len(Operand::Gradient, rows * cols, g.len())?,
+                (Factor::LowRank(ga, gb), Factor::LowRank(..)) => {
+                    check_len(Operand::Gradient, rows * r, ga.len())?;
+                    check_len(Operand::Gradient, r * cols, gb.len())?;
+                }
+                _ => return Err(Error::ShapeMismatch { operand: Operand::Gradient, expected: 0, found: 1 }),
             }
         }
         Ok(())
@@ -311,7 +295,7 @@ impl<E: Element, S: AsRef<[E]>> Lokr<E, S> {
     /// [`Error::ShapeMismatch`] (`Weight`, `Input`, `Output`),
     /// [`Error::ScratchTooSmall`], before anything is written; the
     /// backend's own errors.
-    pub fn forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+    fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         backend: &B,
         base: &L,
@@ -320,13 +304,9 @@ impl<E: Element, S: AsRef<[E]>> Lokr<E, S> {
         scratch: &mut [E],
     ) -> core::result::Result<(), B::Error> {
         let (o, i) = self.dims();
-        check_len(Operand::Weight, i, base.in_features())?;
-        check_len(Operand::Weight, o, base.out_features())?;
-        check_io(x.rows(), x.cols(), i, Operand::Output, y.rows(), y.cols(), o)?;
-        check_scratch(self.forward_scratch_len(), scratch.len())?;
         base.forward(backend, x, y.rb_mut())?;
         let (dw, rest) = scratch.split_at_mut(o * i);
-        self.delta(backend, MatMut::new(&mut *dw, o, i)?, Accum::Replace, 1.0, rest)?;
+        self.delta_rows(backend, 0, MatMut::new(&mut *dw, o, i)?, Accum::Replace, 1.0, rest)?;
         backend.gemm(y, Accum::Add, x, Op::N, MatRef::new(dw, o, i)?, Op::T, <E::Accum as Element>::from_f64(1.0))
     }
 
@@ -338,8 +318,7 @@ impl<E: Element, S: AsRef<[E]>> Lokr<E, S> {
     /// `GradInput`, `Gradient` for a gradient of another form or length),
     /// [`Error::ScratchTooSmall`], before anything is written; the
     /// backend's own errors.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+    fn run_backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         backend: &B,
         base: &L,
@@ -349,26 +328,7 @@ impl<E: Element, S: AsRef<[E]>> Lokr<E, S> {
         grads: LokrGrads<'_, E>,
         scratch: &mut [E],
     ) -> core::result::Result<(), B::Error> {
-        let (o, i) = self.dims();
-        let t = x.rows();
-        check_len(Operand::Weight, i, base.in_features())?;
-        check_len(Operand::Weight, o, base.out_features())?;
-        check_io(t, x.cols(), i, Operand::GradOutput, grad_y.rows(), grad_y.cols(), o)?;
-        if let Some(gx) = &grad_x {
-            check_shape(Operand::GradInput, gx.rows(), gx.cols(), t, i)?;
-        }
-        let r = self.rank;
-        for (g, f, (rows, cols)) in [(&grads.w1, &self.w1, self.d1), (&grads.w2, &self.w2, self.d2)] {
-            match (g, f) {
-                (Factor::Full(g), Factor::Full(_)) => check_len(Operand::Gradient, rows * cols, g.len())?,
-                (Factor::LowRank(ga, gb), Factor::LowRank(..)) => {
-                    check_len(Operand::Gradient, rows * r, ga.len())?;
-                    check_len(Operand::Gradient, r * cols, gb.len())?;
-                }
-                _ => return Err(Error::ShapeMismatch { operand: Operand::Gradient, expected: 0, found: 1 }.into()),
-            }
-        }
-        check_scratch(self.backward_scratch_len(), scratch.len())?;
+        let ((o, i), r) = (self.dims(), self.rank);
         let ((a, c), (b, d)) = (self.d1, self.d2);
         let (n1, n2) = (a * c, b * d);
         let (gd, rest) = scratch.split_at_mut(o * i);
@@ -432,43 +392,62 @@ impl<E: Element, S: AsRef<[E]>> Lokr<E, S> {
         }
         Ok(())
     }
-
-    /// `dw = s kron(m1, m2)` from the full factors.
-    fn kron_into(&self, dw: &mut [E], m1: &[E], m2: &[E]) -> Result<()> {
-        let ((_, c), (b, d)) = (self.d1, self.d2);
-        let (_, i) = self.dims();
-        for (idx, v) in dw.iter_mut().enumerate() {
-            let (row, col) = (idx / i.max(1), idx % i.max(1));
-            let w1 = m1.get((row / b) * c + col / d).map_or(0.0, |x| x.to_f64());
-            let w2 = m2.get((row % b) * d + col % d).map_or(0.0, |x| x.to_f64());
-            *v = E::from_f64(self.scale * w1 * w2);
-        }
-        Ok(())
-    }
 }
 
-impl<E: Element, S: AsRef<[E]>> crate::delta::DenseDelta<E> for Lokr<E, S> {
+impl<E: Element, S: AsRef<[E]>> DeltaRows<E> for Lokr<E, S> {
     /// `(out, in) = (a b, c d)`.
     fn delta_dims(&self) -> (usize, usize) {
         self.dims()
     }
 
-    /// `out in + a c + b d`.
-    fn delta_scratch_len(&self) -> usize {
-        self.forward_scratch_len()
+    /// `a c + b d` (the full factors), whatever the rows.
+    fn delta_scratch_len(&self, _rows: usize) -> usize {
+        (self.d1.0 * self.d1.1).saturating_add(self.d2.0 * self.d2.1)
     }
 
-    /// `weight += factor * dW` ([`Lokr::delta`] with `Accum::Add`).
-    fn add_delta<B: Backend<E> + ?Sized>(
+    /// Rows `start..start + n` of [`delta`](Self::delta) into `dst [n,
+    /// in]` (what a streaming merge needs); scratch `a c + b d`.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`]: `Weight` for rows past `out`, `Dst` for a
+    /// `dst` of another width; [`Error::ScratchTooSmall`]; all before
+    /// anything is written; the backend's own errors.
+    fn delta_rows<B: Backend<E> + ?Sized>(
         &self,
         backend: &B,
-        weight: MatMut<'_, E>,
+        start: usize,
+        mut dst: MatMut<'_, E>,
+        accum: Accum,
         factor: f64,
         scratch: &mut [E],
     ) -> core::result::Result<(), B::Error> {
-        self.delta(backend, weight, Accum::Add, factor, scratch)
+        let (o, i) = self.dims();
+        crate::base::check_rows(start, dst.rows(), o, i, &dst)?;
+        let (n1, n2) = (self.d1.0 * self.d1.1, self.d2.0 * self.d2.1);
+        check_scratch(n1 + n2, scratch.len())?;
+        let (m1, rest) = scratch.split_at_mut(n1);
+        let (m2, _) = rest.split_at_mut(n2);
+        self.full(backend, m1, m2)?;
+        let ((_, c), (b, d)) = (self.d1, self.d2);
+        let s = factor * self.scale;
+        for (row_idx, row) in dst.row_iter_mut().enumerate() {
+            let (ii, k) = ((start + row_idx) / b, (start + row_idx) % b);
+            for (col, v) in row.iter_mut().enumerate() {
+                let (j, l) = (col / d, col % d);
+                let w1 = m1.get(ii * c + j).map_or(0.0, |x| x.to_f64());
+                let w2 = m2.get(k * d + l).map_or(0.0, |x| x.to_f64());
+                let x = s * w1 * w2;
+                *v = match accum {
+                    Accum::Replace => E::from_f64(x),
+                    Accum::Add => E::from_f64(v.to_f64() + x),
+                };
+            }
+        }
+        Ok(())
     }
 }
+
+crate::delta::additive_update!([E: Element, S: AsRef<[E]>] Lokr<E, S>);
 
 impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Lokr<E, S> {
     /// Initializes as PEFT does (`reset_adapter_parameters`): `W1 = 0`
@@ -507,6 +486,8 @@ impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Lokr<E, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delta::DeltaRows;
+    
     use crate::backend::Reference;
 
     #[test]
@@ -550,7 +531,7 @@ mod tests {
         .unwrap();
         let (mut whole, mut parts) = ([0.25f64; 12], [0.25f64; 12]);
         let mut sc = [0.0; 8];
-        l.delta(&Reference, MatMut::new(&mut whole, 6, 2).unwrap(), Accum::Add, 1.0, &mut sc).unwrap();
+        l.delta_rows(&Reference, 0, MatMut::new(&mut whole, 6, 2).unwrap(), Accum::Add, 1.0, &mut sc).unwrap();
         for (start, n) in [(0, 2), (2, 3), (5, 1)] {
             let dst = MatMut::new(&mut parts[start * 2..(start + n) * 2], n, 2).unwrap();
             l.delta_rows(&Reference, start, dst, Accum::Add, 1.0, &mut sc).unwrap();
@@ -574,7 +555,7 @@ mod tests {
         .unwrap();
         let mut dw = [0.0; 4];
         let mut sc = [0.0; 4];
-        l.delta(&Reference, MatMut::new(&mut dw, 2, 2).unwrap(), Accum::Replace, 1.0, &mut sc).unwrap();
+        l.delta_rows(&Reference, 0, MatMut::new(&mut dw, 2, 2).unwrap(), Accum::Replace, 1.0, &mut sc).unwrap();
         assert_eq!(dw, [6.0, 12.0, 8.0, 16.0]);
     }
 }

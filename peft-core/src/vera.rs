@@ -37,13 +37,14 @@
 //! `projection_prng_key`. PEFT's generator is torch's, which this crate does
 //! not reproduce: files carry the projections (`save_projection = true`), and
 //! [`VeraProjection::init`] draws them from this crate's [`Rng`].
-
 use core::marker::PhantomData;
 
 use crate::backend::{Accum, Backend, Op};
-use crate::base::FrozenLinear;
+use crate::base::{FrozenLinear, check_rows};
+use crate::delta::DeltaRows;
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_io, check_len, check_scratch, check_shape};
+use crate::error::{Error, Operand, Result, check_len, check_scratch};
+use crate::method::LinearAdapter;
 use crate::ia3::{column_dots, scale_columns};
 use crate::lora::ParamReport;
 use crate::matrix::{MatMut, MatRef, checked_len};
@@ -203,29 +204,6 @@ impl<E: Element, S: AsRef<[E]>> Vera<E, S> {
         Ok(ParamReport { trainable, base })
     }
 
-    /// Scratch [`forward`](Self::forward) needs: `tokens (r + out)`
-    /// (saturating).
-    pub fn forward_scratch_len(&self, tokens: usize) -> usize {
-        tokens.saturating_mul(self.rank.saturating_add(self.out_features))
-    }
-
-    /// Scratch [`backward`](Self::backward) needs: `tokens (2 r + out)`
-    /// (saturating).
-    pub fn backward_scratch_len(&self, tokens: usize) -> usize {
-        tokens.saturating_mul(self.rank.saturating_mul(2).saturating_add(self.out_features))
-    }
-
-    /// Scratch [`delta`](Self::delta) needs: `out r` (saturating).
-    pub fn delta_scratch_len(&self) -> usize {
-        self.out_features.saturating_mul(self.rank)
-    }
-
-    /// `Ok` if `base` is `in -> out`.
-    fn check_base<L: FrozenLinear<E> + ?Sized>(&self, base: &L) -> Result<()> {
-        check_len(Operand::Weight, self.in_features, base.in_features())?;
-        check_len(Operand::Weight, self.out_features, base.out_features())
-    }
-
     /// `Ok` if `proj` has this rank and covers the layer.
     fn check_projection<P: AsRef<[E]>>(&self, proj: &VeraProjection<E, P>) -> Result<()> {
         check_len(Operand::LoraA, self.rank, proj.rank)?;
@@ -245,82 +223,102 @@ impl<E: Element, S: AsRef<[E]>> Vera<E, S> {
         }
         Ok(())
     }
+}
 
-    /// `y = x W^T + b + lambda_b * ((lambda_d * (x A^T)) B^T)`.
-    ///
-    /// Shapes: `x [tokens, in]`, `y [tokens, out]` (overwritten), scratch at
-    /// least [`forward_scratch_len`](Self::forward_scratch_len).
-    ///
-    /// # Errors
-    /// [`Error::ShapeMismatch`] (`Weight`, `LoraA`, `LoraB` for projections
-    /// of another rank or too small for the layer, `Input`, `Output`),
-    /// [`Error::ScratchTooSmall`], before anything is written; the backend's
-    /// own errors.
-    pub fn forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized, P: AsRef<[E]>>(
+/// A [`Vera`] adapter with the projections it reads, from [`Vera::bound`]:
+/// the [`LinearAdapter`] (forward, backward) and the [`DeltaRows`] (merge).
+#[derive(Debug)]
+pub struct BoundVera<'a, E, S, P> {
+    vera: &'a Vera<E, S>,
+    proj: &'a VeraProjection<E, P>,
+}
+
+impl<E: Element, S: AsRef<[E]>> Vera<E, S> {
+    /// This adapter over `proj`: what runs, trains and merges. Whether
+    /// `proj` fits is checked by every pass and merge.
+    pub fn bound<'a, P: AsRef<[E]>>(&'a self, proj: &'a VeraProjection<E, P>) -> BoundVera<'a, E, S, P> {
+        BoundVera { vera: self, proj }
+    }
+}
+
+impl<E: Element, S: AsRef<[E]>, P: AsRef<[E]>> LinearAdapter<E> for BoundVera<'_, E, S, P> {
+    type Grads<'g>
+        = VeraGrads<'g, E>
+    where
+        E: 'g;
+
+    fn in_features(&self) -> usize {
+        self.vera.in_features
+    }
+
+    fn out_features(&self) -> usize {
+        self.vera.out_features
+    }
+
+    /// `tokens (r + out)` (saturating).
+    fn forward_scratch_len(&self, tokens: usize) -> usize {
+        tokens.saturating_mul(self.vera.rank.saturating_add(self.vera.out_features))
+    }
+
+    /// `tokens (2 r + out)` (saturating).
+    fn backward_scratch_len(&self, tokens: usize) -> usize {
+        tokens.saturating_mul(self.vera.rank.saturating_mul(2).saturating_add(self.vera.out_features))
+    }
+
+    /// `lambda_d [r]`, `lambda_b [out]` (`Gradient`).
+    fn check_grads(&self, grads: &VeraGrads<'_, E>) -> Result<()> {
+        check_len(Operand::Gradient, self.vera.rank, grads.lambda_d.len())?;
+        check_len(Operand::Gradient, self.vera.out_features, grads.lambda_b.len())
+    }
+
+    /// `y = x W^T + b + lambda_b * ((lambda_d * (x A^T)) B^T)`;
+    /// [`Error::ShapeMismatch`] (`LoraA`, `LoraB`) for projections of
+    /// another rank or too small for the layer, before anything is written.
+    fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         backend: &B,
         base: &L,
-        proj: &VeraProjection<E, P>,
         x: MatRef<'_, E>,
         mut y: MatMut<'_, E>,
         scratch: &mut [E],
     ) -> core::result::Result<(), B::Error> {
-        let (t, r, o) = (x.rows(), self.rank, self.out_features);
-        self.check_base(base)?;
-        self.check_projection(proj)?;
-        check_io(t, x.cols(), self.in_features, Operand::Output, y.rows(), y.cols(), o)?;
-        check_scratch(self.forward_scratch_len(t), scratch.len())?;
-        let (a, b) = proj.slices(self.in_features, o)?;
+        let (vera, proj) = (self.vera, self.proj);
+        let (t, r, o) = (x.rows(), vera.rank, vera.out_features);
+        vera.check_projection(proj)?;
+        let (a, b) = proj.slices(vera.in_features, o)?;
         base.forward(backend, x, y.rb_mut())?;
         let (h_buf, rest) = scratch.split_at_mut(checked_len(t, r)?);
         let z_buf = rest.get_mut(..checked_len(t, o)?).unwrap_or(&mut []);
         let one = <E::Accum as Element>::from_f64(1.0);
         let mut h = MatMut::new(h_buf, t, r)?;
         backend.gemm(h.rb_mut(), Accum::Replace, x, Op::N, a, Op::T, one)?;
-        scale_columns(&mut h, self.lambda_d.as_ref());
+        scale_columns(&mut h, vera.lambda_d.as_ref());
         let mut z = MatMut::new(z_buf, t, o)?;
         backend.gemm(z.rb_mut(), Accum::Replace, h.as_ref(), Op::N, b, Op::T, one)?;
         for (yr, zr) in y.row_iter_mut().zip(z.as_ref().row_iter()) {
-            for ((v, zv), lb) in yr.iter_mut().zip(zr).zip(self.lambda_b.as_ref()) {
+            for ((v, zv), lb) in yr.iter_mut().zip(zr).zip(vera.lambda_b.as_ref()) {
                 *v = E::from_accum(v.to_accum() + lb.to_accum() * zv.to_accum());
             }
         }
         Ok(())
     }
 
-    /// Accumulates `dL/dlambda_d` and `dL/dlambda_b` into `grads` and, if
-    /// `grad_x` is given, writes `dL/dx` into it (formulas in the
-    /// [module docs](self)). The projections get no gradient.
-    ///
-    /// Shapes: `x [tokens, in]` (the forward input), `grad_y [tokens, out]`,
-    /// `grad_x [tokens, in]`; scratch at least
-    /// [`backward_scratch_len`](Self::backward_scratch_len).
-    ///
-    /// # Errors
-    /// As [`forward`](Self::forward), with `GradOutput`, `GradInput` and
-    /// `Gradient`, before anything is written; the backend's own errors.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized, P: AsRef<[E]>>(
+    /// The gradients of `lambda_d` and `lambda_b` (formulas in the [module
+    /// docs](self)); the projections get none. Refuses projections that do
+    /// not fit, as the forward does.
+    fn run_backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         backend: &B,
         base: &L,
-        proj: &VeraProjection<E, P>,
         x: MatRef<'_, E>,
         grad_y: MatRef<'_, E>,
         grad_x: Option<MatMut<'_, E>>,
         grads: VeraGrads<'_, E>,
         scratch: &mut [E],
     ) -> core::result::Result<(), B::Error> {
-        let (t, r, o, i) = (x.rows(), self.rank, self.out_features, self.in_features);
-        self.check_base(base)?;
-        self.check_projection(proj)?;
-        check_io(t, x.cols(), i, Operand::GradOutput, grad_y.rows(), grad_y.cols(), o)?;
-        if let Some(gx) = &grad_x {
-            check_shape(Operand::GradInput, gx.rows(), gx.cols(), t, i)?;
-        }
-        check_len(Operand::Gradient, r, grads.lambda_d.len())?;
-        check_len(Operand::Gradient, o, grads.lambda_b.len())?;
-        check_scratch(self.backward_scratch_len(t), scratch.len())?;
+        let (vera, proj) = (self.vera, self.proj);
+        let (t, r, o, i) = (x.rows(), vera.rank, vera.out_features, vera.in_features);
+        vera.check_projection(proj)?;
         let (a, b) = proj.slices(i, o)?;
         let (tr, to) = (checked_len(t, r)?, checked_len(t, o)?);
         let (h_buf, rest) = scratch.split_at_mut(tr);
@@ -332,7 +330,7 @@ impl<E: Element, S: AsRef<[E]>> Vera<E, S> {
         backend.gemm(h.rb_mut(), Accum::Replace, x, Op::N, a, Op::T, one)?;
         let mut u = MatMut::new(u_buf, t, r)?;
         u.rb_mut().into_slice().copy_from_slice(h.as_ref().as_slice());
-        scale_columns(&mut u, self.lambda_d.as_ref());
+        scale_columns(&mut u, vera.lambda_d.as_ref());
         let mut z = MatMut::new(z_buf, t, o)?;
         backend.gemm(z.rb_mut(), Accum::Replace, u.as_ref(), Op::N, b, Op::T, one)?;
         column_dots(grads.lambda_b, grad_y, z.as_ref());
@@ -340,45 +338,55 @@ impl<E: Element, S: AsRef<[E]>> Vera<E, S> {
         for (zr, gr) in z.row_iter_mut().zip(grad_y.row_iter()) {
             zr.copy_from_slice(gr);
         }
-        scale_columns(&mut z, self.lambda_b.as_ref());
+        scale_columns(&mut z, vera.lambda_b.as_ref());
         backend.gemm(u.rb_mut(), Accum::Replace, z.as_ref(), Op::N, b, Op::N, one)?;
         column_dots(grads.lambda_d, u.as_ref(), h.as_ref());
         // dx = G W + (u * lambda_d) A.
         if let Some(mut gx) = grad_x {
-            scale_columns(&mut u, self.lambda_d.as_ref());
+            scale_columns(&mut u, vera.lambda_d.as_ref());
             base.apply_transpose(backend, grad_y, gx.rb_mut(), Accum::Replace)?;
             backend.gemm(gx, Accum::Add, u.as_ref(), Op::N, a, Op::N, one)?;
         }
         Ok(())
     }
+}
 
-    /// `dst (=|+=) factor * dW`, `dW = diag(lambda_b) B diag(lambda_d) A`
-    /// `[out, in]`: a merge adds it (`factor = 1`), an unmerge subtracts it
-    /// (`-1`).
-    ///
-    /// # Errors
-    /// [`Error::ShapeMismatch`] (`Dst`, `LoraA`, `LoraB`),
-    /// [`Error::ScratchTooSmall`] (`out r`), before anything is written;
-    /// the backend's own errors.
-    pub fn delta<B: Backend<E> + ?Sized, P: AsRef<[E]>>(
+impl<E: Element, S: AsRef<[E]>, P: AsRef<[E]>> DeltaRows<E> for BoundVera<'_, E, S, P> {
+    /// `(out, in)`.
+    fn delta_dims(&self) -> (usize, usize) {
+        (self.vera.out_features, self.vera.in_features)
+    }
+
+    /// `rows r`: the block's rows of `diag(lambda_b) B diag(lambda_d)`.
+    fn delta_scratch_len(&self, rows: usize) -> usize {
+        rows.saturating_mul(self.vera.rank)
+    }
+
+    /// Rows `start..start + n` of `factor * dW`, `dW = diag(lambda_b) B
+    /// diag(lambda_d) A`; [`Error::ShapeMismatch`] (`LoraA`, `LoraB`) for
+    /// projections that do not fit.
+    fn delta_rows<B: Backend<E> + ?Sized>(
         &self,
         backend: &B,
-        proj: &VeraProjection<E, P>,
+        start: usize,
         dst: MatMut<'_, E>,
         accum: Accum,
         factor: f64,
         scratch: &mut [E],
     ) -> core::result::Result<(), B::Error> {
-        let (r, o) = (self.rank, self.out_features);
-        self.check_projection(proj)?;
-        check_shape(Operand::Dst, dst.rows(), dst.cols(), o, self.in_features)?;
-        check_scratch(self.delta_scratch_len(), scratch.len())?;
-        let (a, b) = proj.slices(self.in_features, o)?;
+        let (vera, n) = (self.vera, dst.rows());
+        let r = vera.rank;
+        vera.check_projection(self.proj)?;
+        check_rows(start, n, vera.out_features, vera.in_features, &dst)?;
+        check_scratch(self.delta_scratch_len(n), scratch.len())?;
+        let (a, b) = self.proj.slices(vera.in_features, vera.out_features)?;
+        let b = b.rows_range(start, n).ok_or(Error::Overflow)?;
+        let lambda_b = vera.lambda_b.as_ref().get(start..).unwrap_or(&[]);
         // Bs = diag(lambda_b) B diag(lambda_d), each entry rounded once.
-        let bs_buf = scratch.get_mut(..o * r).unwrap_or(&mut []);
-        let mut bs = MatMut::new(bs_buf, o, r)?;
-        for ((row, br), lb) in bs.row_iter_mut().zip(b.row_iter()).zip(self.lambda_b.as_ref()) {
-            for ((v, bv), ld) in row.iter_mut().zip(br).zip(self.lambda_d.as_ref()) {
+        let bs_buf = scratch.get_mut(..n * r).unwrap_or(&mut []);
+        let mut bs = MatMut::new(bs_buf, n, r)?;
+        for ((row, br), lb) in bs.row_iter_mut().zip(b.row_iter()).zip(lambda_b) {
+            for ((v, bv), ld) in row.iter_mut().zip(br).zip(vera.lambda_d.as_ref()) {
                 *v = E::from_f64(lb.to_f64() * bv.to_f64() * ld.to_f64());
             }
         }
@@ -386,45 +394,7 @@ impl<E: Element, S: AsRef<[E]>> Vera<E, S> {
     }
 }
 
-/// A [`Vera`] adapter with the projections it reads: what merges (a
-/// [`DenseDelta`](crate::delta::DenseDelta)), from [`Vera::bound`].
-#[derive(Debug)]
-pub struct BoundVera<'a, E, S, P> {
-    vera: &'a Vera<E, S>,
-    proj: &'a VeraProjection<E, P>,
-}
-
-impl<E: Element, S: AsRef<[E]>> Vera<E, S> {
-    /// This adapter over `proj`, as one [`DenseDelta`](crate::delta::DenseDelta)
-    /// (`merge_into` and its guard). Whether `proj` fits is checked when
-    /// the delta is formed.
-    pub fn bound<'a, P: AsRef<[E]>>(&'a self, proj: &'a VeraProjection<E, P>) -> BoundVera<'a, E, S, P> {
-        BoundVera { vera: self, proj }
-    }
-}
-
-impl<E: Element, S: AsRef<[E]>, P: AsRef<[E]>> crate::delta::DenseDelta<E> for BoundVera<'_, E, S, P> {
-    /// `(out, in)`.
-    fn delta_dims(&self) -> (usize, usize) {
-        (self.vera.out_features, self.vera.in_features)
-    }
-
-    /// `out r`.
-    fn delta_scratch_len(&self) -> usize {
-        self.vera.delta_scratch_len()
-    }
-
-    /// `weight += factor * dW` ([`Vera::delta`] with `Accum::Add`).
-    fn add_delta<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        weight: MatMut<'_, E>,
-        factor: f64,
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
-        self.vera.delta(backend, self.proj, weight, Accum::Add, factor, scratch)
-    }
-}
+crate::delta::additive_update!([E: Element, S: AsRef<[E]>, P: AsRef<[E]>] BoundVera<'_, E, S, P>);
 
 impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Vera<E, S> {
     /// Initializes as PEFT does: `lambda_b = 0` (so `dW = 0`), `lambda_d =
@@ -443,6 +413,8 @@ impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Vera<E, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delta::DeltaRows;
+    use crate::method::LinearAdapter;
     use crate::backend::Reference;
     use crate::base::Dense;
 
@@ -455,7 +427,7 @@ mod tests {
         let v = Vera::new(1, 2, 1, [3.0f64], [0.5]).unwrap();
         let mut dw = [0.0; 2];
         let mut sc = [0.0; 1];
-        v.delta(&Reference, &proj, MatMut::new(&mut dw, 1, 2).unwrap(), Accum::Replace, 1.0, &mut sc).unwrap();
+        v.bound(&proj).delta_rows(&Reference, 0, MatMut::new(&mut dw, 1, 2).unwrap(), Accum::Replace, 1.0, &mut sc).unwrap();
         assert_eq!(dw, [3.0, 6.0]);
         // Forward, W = [1, 1], x = [1, -1]: x W^T = 0, x dW^T = 3 - 6 = -3.
         let w = [1.0, 1.0];
@@ -463,12 +435,12 @@ mod tests {
         let mut y = [0.0];
         let mut sc = [0.0; 2];
         let x = MatRef::new(&[1.0, -1.0], 1, 2).unwrap();
-        v.forward(&Reference, &base, &proj, x, MatMut::new(&mut y, 1, 1).unwrap(), &mut sc).unwrap();
+        v.bound(&proj).forward(&Reference, &base, x, MatMut::new(&mut y, 1, 1).unwrap(), &mut sc).unwrap();
         assert_eq!(y, [-3.0]);
         // A layer wider than the projections is refused.
         let wide = Vera::new(1, 4, 1, [1.0f64], [1.0]).unwrap();
         assert!(matches!(
-            wide.delta(&Reference, &proj, MatMut::new(&mut [0.0; 4], 1, 4).unwrap(), Accum::Replace, 1.0, &mut sc),
+            wide.bound(&proj).delta_rows(&Reference, 0, MatMut::new(&mut [0.0; 4], 1, 4).unwrap(), Accum::Replace, 1.0, &mut sc),
             Err(Error::ShapeMismatch { operand: Operand::LoraA, expected: 4, found: 3 })
         ));
     }

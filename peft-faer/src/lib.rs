@@ -9,10 +9,6 @@
 //! * [`hf`]: Hugging Face PEFT adapter directories (read, write, convert),
 //!   base checkpoints (single or sharded safetensors) and the streaming
 //!   merge behind `peft merge`.
-//! * [`io`]: this project's adapter-only files for the tiny model, with
-//!   atomic writes.
-//! * [`tiny`]: the earlier tiny frozen decoder (no norms) hosting every
-//!   method, and [`train`]: its teacher task and trainer.
 //! * [`llama`]: a Llama-architecture decoder (random, or loaded from a
 //!   Hugging Face checkpoint) hosting every method, with its backward and
 //!   trainer, behind `peft finetune`, `peft forward` and `peft generate`.
@@ -28,25 +24,18 @@
 //! # Features
 //! Without default features the crate is the backend alone (its
 //! dependencies: faer, half and peft-core). `hf` adds [`hf`] and
-//! [`files`]; `model` adds [`tiny`], [`train`], [`io`] and [`files`];
-//! `hf` and `model` together add [`llama`]; `cli` (default) adds both and
-//! the `peft` command.
+//! [`files`]; `llama` (which needs `hf`) adds [`llama`]; `cli` (default)
+//! adds both and the `peft` command.
 #![deny(missing_docs)]
 
 pub mod backend;
-#[cfg(any(feature = "hf", feature = "model"))]
+#[cfg(feature = "hf")]
 pub mod files;
 #[cfg(feature = "hf")]
 pub mod hf;
-#[cfg(feature = "model")]
-pub mod io;
-#[cfg(all(feature = "hf", feature = "model"))]
+#[cfg(feature = "llama")]
 pub mod llama;
 pub mod stored;
-#[cfg(feature = "model")]
-pub mod tiny;
-#[cfg(feature = "model")]
-pub mod train;
 
 pub use backend::{Faer, FaerHalf, HalfError};
 pub use peft_core as core;

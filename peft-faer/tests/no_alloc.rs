@@ -5,7 +5,8 @@
 //!
 //! One test in its own binary, so no other test's threads allocate while it
 //! counts.
-
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -71,12 +72,12 @@ fn round<E: Element, B: Backend<E>>(backend: &B, seed: u64) -> usize {
     {
         let base = Dense::new(&w, OUT, IN).unwrap();
         layer.forward(backend, &base, xv, MatMut::new(&mut y, T, OUT).unwrap(), &mut scratch).unwrap();
-        let grads = LoraGrads { a: &mut ga, b: &mut gb };
+        let grads = LoraGrads::new(&mut ga, &mut gb);
         let gxv = MatMut::new(&mut gx, T, IN).unwrap();
         let gyv = MatRef::new(&gy, T, OUT).unwrap();
         layer.backward(backend, &base, xv, gyv, Some(gxv), grads, &mut scratch).unwrap();
     }
-    let merged = layer.merge_into(backend, &mut w, Some(&mut backup)).unwrap();
+    let merged = layer.merge_into(backend, MergeTarget::new(&mut w).with_backup(&mut backup), &mut []).unwrap();
     merged.forward(xv, MatMut::new(&mut y, T, OUT).unwrap()).unwrap();
     merged.unmerge().unwrap();
     ALLOCS.load(Ordering::SeqCst) - before

@@ -4,6 +4,8 @@
 //! or the new one, bit for bit, never a mix, and the base is never
 //! disturbed.
 
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::sync::RwLock;
 
 use peft_core::lora::{Lora, LoraConfig};

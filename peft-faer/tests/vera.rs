@@ -7,7 +7,8 @@
 #![cfg(feature = "cli")]
 
 mod common;
-
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::process::Command;
 
 use peft_core::vera::{Vera, VeraProjection};
@@ -43,7 +44,7 @@ fn vera_merge_and_forward_match_peft() {
         let mut y = vec![0.0f32; t * n_out];
         let mut sc = vec![0.0f32; layer.forward_scratch_len(t)];
         let (xv, yv) = (MatRef::new(x, t, n_in).unwrap(), MatMut::new(&mut y, t, n_out).unwrap());
-        layer.forward(&backend, &dense, &proj, xv, yv, &mut sc).unwrap();
+        layer.bound(&proj).forward(&backend, &dense, xv, yv, &mut sc).unwrap();
         let rel = max_rel(&y, &refs[&format!("y.{}", m.name)].2);
         assert!(rel <= 1e-5, "{}: relative error {rel:.2e}", m.name);
     }

@@ -2,7 +2,8 @@
 //! autograd (`tests/fixtures/peft/lora_qv`, see its README): an independent
 //! implementation is the oracle for the forward pass, every gradient, the
 //! merged weights and a two-layer model.
-
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -116,7 +117,7 @@ pub fn check_modules<B: Backend<f32, Error = peft_core::Error>>(backend: &B) {
                 xv,
                 MatRef::new(g, t, n_out).unwrap(),
                 Some(MatMut::new(&mut gx, t, n_in).unwrap()),
-                LoraGrads { a: &mut ga, b: &mut gb },
+                LoraGrads::new(&mut ga, &mut gb),
                 &mut scratch,
             )
             .unwrap();
@@ -151,7 +152,7 @@ pub fn check_model<B: Backend<f32, Error = peft_core::Error>>(backend: &B) {
                 let layer = Lora::new(&cfg, n_in, n_out, &a[..], &b[..]).unwrap();
                 let (x, mut y) = (MatRef::new(input, t, n_in).unwrap(), vec![0.0f32; t * n_out]);
                 if merge {
-                    let merged = layer.merge_into(backend, &mut w, None).unwrap();
+                    let merged = layer.merge_into(backend, MergeTarget::new(&mut w), &mut []).unwrap();
                     if cfg.targets(&full) {
                         let want = &fx.refs[&format!("merged.{full}.weight")].1;
                         let e = rel_err(merged.weight(), want);

@@ -7,6 +7,8 @@
 //! `print_trainable_parameters` reports 4,194,304 trainable (0.0622%) for
 //! LoRA r=8 on q_proj and v_proj (its README's example output).
 
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::activation::Activation;
 use peft_core::adapter::{AdapterConfig, AdapterParams, BottleneckAdapter};
 use peft_core::attention::forward::forward;

@@ -11,12 +11,10 @@
 //! ```
 //!
 //! Each formula is checked against central differences in `peft-verify`.
-
 use super::Dora;
 use crate::backend::{Accum, Backend};
 use crate::base::FrozenLinear;
 use crate::element::Element;
-use crate::error::{Operand, check_io, check_len, check_scratch, check_shape};
 use crate::lora::LoraGrads;
 use crate::matrix::{MatMut, MatRef, checked_len};
 
@@ -39,18 +37,13 @@ pub const fn backward_scratch_len(tokens: usize, out: usize, rank: usize) -> usi
 
 impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]>> Dora<E, S, C> {
     /// Accumulates `dL/dA`, `dL/dB`, `dL/dm` into `grads` and, if `grad_x`
-    /// is given, writes `dL/dx` into it (see the [module docs](self)).
-    ///
-    /// Shapes: as [`Lora::backward`](crate::lora::Lora::backward), `grads.magnitude [out]`; scratch
-    /// at least [`backward_scratch_len`]`(tokens, out, r)`.
-    ///
-    /// # Errors
-    /// [`Error::InvalidParameter`](crate::Error::InvalidParameter) for a stale cache; [`Error::ShapeMismatch`](crate::Error::ShapeMismatch)
-    /// (`Weight`, `Input`, `GradOutput`, `GradInput`, `GradA`, `GradB`,
-    /// `Parameter`), [`Error::ScratchTooSmall`](crate::Error::ScratchTooSmall), before anything is written;
-    /// the backend's own errors.
+    /// is given, writes `dL/dx` into it (see the [module docs](self)),
+    /// shapes checked by
+    /// [`LinearAdapter::backward`](crate::method::LinearAdapter::backward);
+    /// [`Error::InvalidParameter`](crate::Error::InvalidParameter) for a
+    /// stale cache.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+    pub(super) fn backward_cached<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         backend: &B,
         base: &L,
@@ -61,17 +54,8 @@ impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]>> Dora<E, S, C> {
         scratch: &mut [E],
     ) -> Result<(), B::Error> {
         let lora = &self.lora;
-        let (tokens, r, n_in, n_out) = (x.rows(), lora.rank(), lora.in_features(), lora.out_features());
+        let (tokens, n_out) = (x.rows(), lora.out_features());
         self.check_fresh()?;
-        lora.check_base(base)?;
-        check_io(tokens, x.cols(), n_in, Operand::GradOutput, grad_y.rows(), grad_y.cols(), n_out)?;
-        if let Some(gx) = &grad_x {
-            check_shape(Operand::GradInput, gx.rows(), gx.cols(), tokens, n_in)?;
-        }
-        check_len(Operand::GradA, checked_len(r, n_in)?, grads.a.len())?;
-        check_len(Operand::GradB, checked_len(n_out, r)?, grads.b.len())?;
-        check_len(Operand::Parameter, n_out, grads.magnitude.len())?;
-        check_scratch(backward_scratch_len(tokens, n_out, r), scratch.len())?;
 
         let tn = checked_len(tokens, n_out)?;
         let (z_buf, rest) = scratch.split_at_mut(tn);
@@ -97,7 +81,7 @@ impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]>> Dora<E, S, C> {
             gp_row.copy_from_slice(grad_y.row(t));
         }
         self.scale_rows(&mut gp);
-        let low = LoraGrads { a: grads.a, b: grads.b };
+        let low = LoraGrads::new(grads.a, grads.b);
         match grad_x {
             Some(mut gx) => {
                 base.apply_transpose(backend, gp.as_ref(), gx.rb_mut(), Accum::Replace)?;

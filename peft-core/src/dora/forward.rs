@@ -7,32 +7,24 @@
 //!
 //! PEFT's order: the base and low-rank products first, then the magnitude
 //! scale, then the bias, which DoRA never scales.
-
 use super::Dora;
 use crate::backend::{Accum, Backend};
 use crate::base::{FrozenLinear, add_bias};
 use crate::element::Element;
-use crate::error::{Operand, check_io, check_scratch};
 use crate::matrix::{MatMut, MatRef};
 
-/// Scratch elements [`Dora::forward`] needs: LoRA's, `tokens * r`.
+/// Scratch elements DoRA's forward needs: LoRA's, `tokens * r`.
 pub const fn forward_scratch_len(tokens: usize, rank: usize) -> usize {
     crate::lora::forward_scratch_len(tokens, rank)
 }
 
 impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]>> Dora<E, S, C> {
     /// `y = b + (m / n) * (x W^T + s (x A^T) B^T)` over the read-only
-    /// `base`, with the cached norms.
-    ///
-    /// Shapes: `x [tokens, in]`, `y [tokens, out]` (overwritten), scratch
-    /// at least [`forward_scratch_len`]`(tokens, r)`.
-    ///
-    /// # Errors
-    /// [`Error::InvalidParameter`](crate::Error::InvalidParameter) (`"DoRA norms"`) for a stale cache;
-    /// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) (`Weight`, `Input`, `Output`),
-    /// [`Error::ScratchTooSmall`](crate::Error::ScratchTooSmall), before
-    /// anything is written; the backend's own errors.
-    pub fn forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+    /// `base`, with the cached norms, shapes checked by
+    /// [`LinearAdapter::forward`](crate::method::LinearAdapter::forward);
+    /// [`Error::InvalidParameter`](crate::Error::InvalidParameter) (`"DoRA
+    /// norms"`) for a stale cache.
+    pub(super) fn forward_cached<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         backend: &B,
         base: &L,
@@ -42,9 +34,6 @@ impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]>> Dora<E, S, C> {
     ) -> Result<(), B::Error> {
         let lora = &self.lora;
         self.check_fresh()?;
-        lora.check_base(base)?;
-        check_io(x.rows(), x.cols(), lora.in_features(), Operand::Output, y.rows(), y.cols(), lora.out_features())?;
-        check_scratch(lora.forward_scratch_len(x.rows()), scratch.len())?;
         base.apply(backend, x, y.rb_mut(), Accum::Replace)?;
         lora.add_low_rank(backend, x, y.rb_mut(), 1.0, scratch)?;
         self.scale_rows(&mut y);

@@ -28,24 +28,26 @@
 //! A row whose norm is 0 divides by zero, as in PEFT (which adds no
 //! epsilon either): the output is infinite or NaN there.
 //!
-//! * [`forward`], [`backward`], [`merge`]: the passes and the merge guard
-//!   [`DoraMerged`].
+//! * [`forward`], [`backward`]: the passes, behind [`LinearAdapter`];
+//!   [`merge`]: the [`WeightUpdate`](crate::method::WeightUpdate) that
+//!   merges through the one guard. [`LinearAdapter::prepare`] is
+//!   [`Dora::refresh_norms`].
 
 pub mod backward;
 pub mod forward;
 pub mod merge;
-
 use crate::backend::{Accum, Backend, Op};
 use crate::base::FrozenLinear;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len, check_scratch};
 use crate::lora::{Lora, LoraConfig, ParamReport};
 use crate::matrix::{MatMut, checked_len};
+use crate::matrix::MatRef;
+use crate::method::LinearAdapter;
 use crate::rng::Rng;
 
 pub use backward::{DoraGrads, backward_scratch_len};
 pub use forward::forward_scratch_len;
-pub use merge::DoraMerged;
 
 /// A DoRA adapter for a linear layer `in -> out`: LoRA's `A [r, in]` and
 /// `B [out, r]`, the magnitude `m [out]` (storage `S`), and the cached row
@@ -216,6 +218,79 @@ impl<E: Element, S: AsRef<[E]> + AsMut<[E]>, C: AsRef<[E]> + AsMut<[E]>> Dora<E,
         self.refresh_norms(backend, base, scratch)?;
         self.magnitude.as_mut().copy_from_slice(self.norms.as_ref());
         Ok(())
+    }
+}
+
+impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]> + AsMut<[E]>> LinearAdapter<E> for Dora<E, S, C> {
+    type Grads<'g>
+        = DoraGrads<'g, E>
+    where
+        E: 'g;
+
+    fn in_features(&self) -> usize {
+        self.lora.in_features()
+    }
+
+    fn out_features(&self) -> usize {
+        self.lora.out_features()
+    }
+
+    /// [`forward_scratch_len`]: LoRA's, `tokens r`.
+    fn forward_scratch_len(&self, tokens: usize) -> usize {
+        forward_scratch_len(tokens, self.lora.rank())
+    }
+
+    /// [`backward_scratch_len`]: `2 tokens out + 2 tokens r`.
+    fn backward_scratch_len(&self, tokens: usize) -> usize {
+        backward_scratch_len(tokens, self.lora.out_features(), self.lora.rank())
+    }
+
+    /// LoRA's `A`, `B` buffers (`GradA`, `GradB`), `m [out]` (`Parameter`).
+    fn check_grads(&self, grads: &DoraGrads<'_, E>) -> Result<()> {
+        let (r, n_in, n_out) = (self.lora.rank(), self.lora.in_features(), self.lora.out_features());
+        check_len(Operand::GradA, checked_len(r, n_in)?, grads.a.len())?;
+        check_len(Operand::GradB, checked_len(n_out, r)?, grads.b.len())?;
+        check_len(Operand::Parameter, n_out, grads.magnitude.len())
+    }
+
+    /// [`refresh_scratch_len`] for the whole base in one block (a smaller
+    /// scratch given to [`Dora::refresh_norms`] works in smaller blocks).
+    fn prepare_scratch_len<L: FrozenLinear<E> + ?Sized>(&self, base: &L) -> usize {
+        refresh_scratch_len(base, self.lora.out_features())
+    }
+
+    /// [`Dora::refresh_norms`].
+    fn prepare<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+        &mut self,
+        backend: &B,
+        base: &L,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        self.refresh_norms(backend, base, scratch)
+    }
+
+    fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+        &self,
+        backend: &B,
+        base: &L,
+        x: MatRef<'_, E>,
+        y: MatMut<'_, E>,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        Dora::forward_cached(self, backend, base, x, y, scratch)
+    }
+
+    fn run_backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+        &self,
+        backend: &B,
+        base: &L,
+        x: MatRef<'_, E>,
+        grad_y: MatRef<'_, E>,
+        grad_x: Option<MatMut<'_, E>>,
+        grads: DoraGrads<'_, E>,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        Dora::backward_cached(self, backend, base, x, grad_y, grad_x, grads, scratch)
     }
 }
 

@@ -3,6 +3,7 @@
 //! `peft-verify`'s `dora_gradients_match_fd`.
 
 extern crate std;
+use crate::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::vec;
 use std::vec::Vec;
 
@@ -46,7 +47,8 @@ fn forward_and_merge_by_hand() {
     assert_eq!(y[0], 14.0);
     assert!((y[1] - 2.0f64.sqrt()).abs() <= 1e-15);
     // Merged: W' = [[6, 8], [1/sqrt 2, 1/sqrt 2]] gives the same y.
-    let merged = dora.merge_into(&Reference, &mut w, None).unwrap();
+    let mut norms = [0.0; 2];
+    let merged = dora.merge_into(&Reference, MergeTarget::new(&mut w), &mut norms).unwrap();
     assert_eq!(&merged.weight()[..2], &[6.0, 8.0]);
     let mut ym = [0.0; 2];
     merged.forward(MatRef::new(&x, 1, 2).unwrap(), MatMut::new(&mut ym, 1, 2).unwrap()).unwrap();
@@ -84,10 +86,11 @@ fn a_fresh_adapter_is_the_base_and_a_zero_magnitude_needs_a_backup() {
     assert_eq!(y, yb, "m / n = 1 and B = 0: exactly the base");
     dora.adapter_mut().2[1] = 0.0;
     let mut w2 = w.clone();
-    let e = dora.merge_into(&Reference, &mut w2, None).map(|_| ()).unwrap_err();
+    let mut norms = vec![0.0; n_out];
+    let e = dora.merge_into(&Reference, MergeTarget::new(&mut w2), &mut norms).map(|_| ()).unwrap_err();
     assert!(matches!(e, Error::InvalidParameter { name: "magnitude", .. }));
     assert_eq!(w2, w, "nothing written");
     let mut backup = vec![0.0; w.len()];
-    dora.merge_into(&Reference, &mut w2, Some(&mut backup)).unwrap().unmerge().unwrap();
+    dora.merge_into(&Reference, MergeTarget::new(&mut w2).with_backup(&mut backup), &mut norms).unwrap().unmerge().unwrap();
     assert_eq!(w2, w, "restored from the backup bit for bit");
 }

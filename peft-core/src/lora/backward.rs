@@ -9,6 +9,7 @@
 //! u     = G B                  [tokens, r]
 //! dL/dA = s u^T x              [r, in]    = s B^T G^T x
 //! dL/dx = G W + s u A          [tokens, in] = G (W + s B A), without forming B A
+//! dL/dlb = s sum_t G[t, :]     [out]      (PEFT's lora_bias, when present)
 //! ```
 //!
 //! The mistakes note's `grad_B = (x A^T)^T (s G)` has shape `[r, out]`, the
@@ -17,14 +18,14 @@
 //!
 //! There is no `dL/dW` and no `dL/db`: the base is frozen (mistakes 1 and
 //! 12 in `peft_verify::mistakes`), and it is a read-only
-//! [`FrozenLinear`] here.
-
-use super::layer::Lora;
+//! [`FrozenLinear`](crate::base::FrozenLinear) here. The pass itself is
+//! [`LinearAdapter::backward`](crate::method::LinearAdapter::backward)
+//! (the impl is in [`layer`](super::layer)).
+use super::layer::{Lora, forward_scratch_len};
 use crate::backend::{Accum, Backend, Op};
-use crate::base::FrozenLinear;
 use crate::element::Element;
-use crate::error::{Operand, check_io, check_len, check_scratch, check_shape, scratch_pair};
-use crate::matrix::{MatMut, MatRef, checked_len};
+use crate::error::scratch_pair;
+use crate::matrix::{MatMut, MatRef};
 
 /// Gradient buffers of the adapter, accumulated into (`+=`), so that
 /// several micro-batches sum. Zero them before the first micro-batch.
@@ -34,52 +35,19 @@ pub struct LoraGrads<'g, E> {
     pub a: &'g mut [E],
     /// `dL/dB`, `[out, r]`.
     pub b: &'g mut [E],
+    /// `dL/d lora_bias`, `[out]`, for an adapter with PEFT's `lora_bias`
+    /// (`None` otherwise, or to leave it frozen).
+    pub bias: Option<&'g mut [E]>,
+}
+
+impl<'g, E> LoraGrads<'g, E> {
+    /// The buffers of `A` and `B` (no `lora_bias`).
+    pub fn new(a: &'g mut [E], b: &'g mut [E]) -> Self {
+        Self { a, b, bias: None }
+    }
 }
 
 impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
-    /// Accumulates `dL/dA` and `dL/dB` into `grads` and, if `grad_x` is
-    /// given, writes `dL/dx = G W + s (G B) A` into it (overwriting).
-    ///
-    /// Shapes: `base` `in -> out`, `x [tokens, in]` (the forward input),
-    /// `grad_y [tokens, out]`, `grad_x [tokens, in]`, `grads.a [r, in]`,
-    /// `grads.b [out, r]`; scratch at least
-    /// [`backward_scratch_len(tokens)`](Self::backward_scratch_len).
-    ///
-    /// # Errors
-    /// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) (`Weight`, `Input`, `GradOutput`, `GradInput`, `GradA`,
-    /// `GradB`), [`Error::ScratchTooSmall`](crate::Error::ScratchTooSmall), [`Error::Overflow`](crate::Error::Overflow), before
-    /// anything is written; the backend's own errors.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
-        &self,
-        backend: &B,
-        base: &L,
-        x: MatRef<'_, E>,
-        grad_y: MatRef<'_, E>,
-        grad_x: Option<MatMut<'_, E>>,
-        grads: LoraGrads<'_, E>,
-        scratch: &mut [E],
-    ) -> Result<(), B::Error> {
-        let tokens = x.rows();
-        let (r, n_in, n_out) = (self.rank, self.in_features, self.out_features);
-        self.check_base(base)?;
-        check_io(x.rows(), x.cols(), n_in, Operand::GradOutput, grad_y.rows(), grad_y.cols(), n_out)?;
-        if let Some(gx) = &grad_x {
-            check_shape(Operand::GradInput, gx.rows(), gx.cols(), tokens, n_in)?;
-        }
-        check_len(Operand::GradA, checked_len(r, n_in)?, grads.a.len())?;
-        check_len(Operand::GradB, checked_len(n_out, r)?, grads.b.len())?;
-        let need = self.backward_scratch_len(tokens);
-        check_scratch(need, scratch.len())?;
-
-        if let Some(mut gx) = grad_x {
-            base.apply_transpose(backend, grad_y, gx.rb_mut(), Accum::Replace)?;
-            self.low_rank_backward(backend, x, grad_y, Some(gx), Some(grads), 1.0, scratch)
-        } else {
-            self.low_rank_backward(backend, x, grad_y, None, Some(grads), 1.0, scratch)
-        }
-    }
-
     /// The low-rank path's backward at scale `factor s`: accumulates
     /// `dA += factor s (G B)^T x` and `dB += factor s G^T (x A^T)` when
     /// `grads` is given (a frozen adapter of a set passes `None`), and adds
@@ -99,7 +67,7 @@ impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
         scratch: &mut [E],
     ) -> Result<(), B::Error> {
         let (tokens, r, n_in, n_out) = (x.rows(), self.rank, self.in_features, self.out_features);
-        let (t_buf, u_buf) = scratch_pair(scratch, self.forward_scratch_len(tokens))?;
+        let (t_buf, u_buf) = scratch_pair(scratch, forward_scratch_len(tokens, r))?;
         let one = <E::Accum as Element>::from_f64(1.0);
         let s = self.scale_times(factor);
         let (a, b) = self.views()?;
@@ -114,6 +82,15 @@ impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
             backend.gemm(u.rb_mut(), Accum::Replace, grad_y, Op::N, b, Op::N, one)?;
             let ga = MatMut::new(grads.a, r, n_in)?;
             backend.gemm(ga, Accum::Add, u.as_ref(), Op::T, x, Op::N, s)?;
+            // d lora_bias += s sum_t G[t, :]
+            if let Some(gl) = grads.bias {
+                for (j, g) in gl.iter_mut().enumerate() {
+                    let sum = grad_y.row_iter().fold(<E::Accum as Element>::ZERO, |acc, row| {
+                        acc + row.get(j).map_or(<E::Accum as Element>::ZERO, |v| v.to_accum())
+                    });
+                    *g = E::from_accum(g.to_accum() + s * sum);
+                }
+            }
         } else if grad_x.is_some() {
             backend.gemm(u.rb_mut(), Accum::Replace, grad_y, Op::N, b, Op::N, one)?;
         }

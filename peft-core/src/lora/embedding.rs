@@ -12,11 +12,12 @@
 //! normal, the reverse of a linear layer's, so that `B A = 0` still. The
 //! table is frozen: no gradient for it, and ids outside the vocabulary are
 //! refused ([`Error::TokenOutOfRange`]) before anything is written.
-
 use core::marker::PhantomData;
 
 use super::config::LoraConfig;
 use crate::backend::{Accum, Backend, Op};
+use crate::base::check_rows;
+use crate::delta::DeltaRows;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len, check_scratch, check_shape};
 use crate::matrix::{MatMut, MatRef, checked_len};
@@ -178,46 +179,40 @@ impl<E: Element, S: AsRef<[E]>> LoraEmbedding<E, S> {
         }
         Ok(())
     }
-
-    /// `table += factor * s (B A)^T`: the merge (`factor = 1`) or its undo
-    /// (`-1`) of a `[vocab, dim]` table.
-    ///
-    /// # Errors
-    /// [`Error::ShapeMismatch`] (`Dst`); the backend's own errors.
-    pub fn add_delta<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        table: MatMut<'_, E>,
-        factor: f64,
-    ) -> core::result::Result<(), B::Error> {
-        let a = MatRef::new(self.a.as_ref(), self.rank, self.vocab)?;
-        let b = MatRef::new(self.b.as_ref(), self.dim, self.rank)?;
-        backend.gemm(table, Accum::Add, a, Op::T, b, Op::T, <E::Accum as Element>::from_f64(factor * self.scale))
-    }
 }
 
-impl<E: Element, S: AsRef<[E]>> crate::delta::DenseDelta<E> for LoraEmbedding<E, S> {
+impl<E: Element, S: AsRef<[E]>> DeltaRows<E> for LoraEmbedding<E, S> {
     /// `(vocab, dim)`: the table's shape.
     fn delta_dims(&self) -> (usize, usize) {
         (self.vocab, self.dim)
     }
 
-    /// None.
-    fn delta_scratch_len(&self) -> usize {
+    /// None: the product is formed by the gemm into the table.
+    fn delta_scratch_len(&self, _rows: usize) -> usize {
         0
     }
 
-    /// `table += factor * s (B A)^T` ([`LoraEmbedding::add_delta`]).
-    fn add_delta<B: Backend<E> + ?Sized>(
+    /// Rows `start..start + n` of `factor * s (B A)^T`: `factor s A[:,
+    /// start..start + n]^T B^T`, one gemm (a merge adds it, `factor = 1`;
+    /// an unmerge subtracts it, `-1`).
+    fn delta_rows<B: Backend<E> + ?Sized>(
         &self,
         backend: &B,
-        weight: MatMut<'_, E>,
+        start: usize,
+        dst: MatMut<'_, E>,
+        accum: Accum,
         factor: f64,
         _scratch: &mut [E],
     ) -> core::result::Result<(), B::Error> {
-        LoraEmbedding::add_delta(self, backend, weight, factor)
+        check_rows(start, dst.rows(), self.vocab, self.dim, &dst)?;
+        let a = MatRef::new(self.a.as_ref(), self.rank, self.vocab)?;
+        let a = a.cols_range(start, dst.rows()).ok_or(Error::Overflow)?;
+        let b = MatRef::new(self.b.as_ref(), self.dim, self.rank)?;
+        backend.gemm(dst, accum, a, Op::T, b, Op::T, <E::Accum as Element>::from_f64(factor * self.scale))
     }
 }
+
+crate::delta::additive_update!([E: Element, S: AsRef<[E]>] LoraEmbedding<E, S>);
 
 impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> LoraEmbedding<E, S> {
     /// Initializes as PEFT does for embeddings: `A = 0`, `B ~ N(0, 1)`.
@@ -235,6 +230,8 @@ impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> LoraEmbedding<E, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delta::DeltaRows;
+    use crate::method::LinearAdapter;
     use crate::backend::Reference;
 
     #[test]
@@ -249,7 +246,7 @@ mod tests {
         assert_eq!(y, [2.0, 1.0, 2.0, 5.0]);
         // Merged table gives the same rows.
         let mut merged = table;
-        lora.add_delta(&Reference, MatMut::new(&mut merged, 3, 2).unwrap(), 1.0).unwrap();
+        lora.delta_rows(&Reference, 0, MatMut::new(&mut merged, 3, 2).unwrap(), Accum::Add, 1.0, &mut []).unwrap();
         assert_eq!([merged[4], merged[5], merged[0], merged[1]], y);
         // G = [[1, 0], [0, 1]]: dB = s G^T T = 2 [[-1], [1]]... T = [[-1], [1]]:
         // dB[0] = 2 (1 * -1 + 0 * 1) = -2, dB[1] = 2 (0 * -1 + 1 * 1) = 2.

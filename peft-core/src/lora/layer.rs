@@ -1,15 +1,15 @@
 //! [`Lora`]: the adapter tensors `A [r, in]`, `B [out, r]` and their scale.
-
 use core::marker::PhantomData;
 
 use super::config::{LoraConfig, LoraInit};
 use super::params::ParamReport;
 use crate::base::FrozenLinear;
 use crate::element::Element;
-#[cfg(doc)]
-use crate::error::Error;
-use crate::error::{Operand, Result, check_len};
-use crate::matrix::{MatRef, checked_len};
+use super::backward::LoraGrads;
+use crate::backend::{Accum, Backend};
+use crate::error::{Error, Operand, Result, check_len};
+use crate::method::LinearAdapter;
+use crate::matrix::{MatMut, MatRef, checked_len};
 use crate::rng::Rng;
 
 /// Scratch elements [`Lora::forward`] needs for `tokens` rows of a rank-`rank`
@@ -49,6 +49,7 @@ pub struct Lora<E, S> {
     pub(super) rank: usize,
     pub(super) scale: f64,
     pub(super) init: LoraInit,
+    pub(super) bias: Option<S>,
     // `fn() -> E`: `E` is only a type tag here, so `Send` and `Sync`
     // follow `S` alone.
     _element: PhantomData<fn() -> E>,
@@ -68,7 +69,38 @@ impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
         let rank = config.rank;
         check_len(Operand::LoraA, checked_len(rank, in_features)?, a.as_ref().len())?;
         check_len(Operand::LoraB, checked_len(out_features, rank)?, b.as_ref().len())?;
-        Ok(Self { a, b, in_features, out_features, rank, scale, init: config.init, _element: PhantomData })
+        Ok(Self { a, b, in_features, out_features, rank, scale, init: config.init, bias: None, _element: PhantomData })
+    }
+
+    /// The adapter with PEFT's `lora_bias` (`lora_B`'s bias, `[out]`):
+    /// `y += s lora_bias`, and a merge adds `s lora_bias` to the layer's
+    /// bias.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Bias`) for a vector of another length.
+    pub fn with_lora_bias(mut self, bias: S) -> Result<Self> {
+        check_len(Operand::Bias, self.out_features, bias.as_ref().len())?;
+        self.bias = Some(bias);
+        Ok(self)
+    }
+
+    /// The adapter with the scale `s` given as resolved (PEFT resolves it
+    /// per module: `rank_pattern`, `alpha_pattern`, rsLoRA, a combination's
+    /// weight) instead of the config's `alpha / r`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidAlpha`] for a non-finite scale.
+    pub fn with_scale(mut self, scale: f64) -> Result<Self> {
+        if !scale.is_finite() {
+            return Err(Error::InvalidAlpha);
+        }
+        self.scale = scale;
+        Ok(self)
+    }
+
+    /// PEFT's `lora_bias` `[out]`, when the adapter has one.
+    pub fn lora_bias(&self) -> Option<&[E]> {
+        self.bias.as_ref().map(AsRef::as_ref)
     }
 
     /// Input features `in`.
@@ -115,18 +147,6 @@ impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
         ParamReport::for_layer(self.in_features, self.out_features, self.rank, bias)
     }
 
-    /// Scratch [`forward`](Self::forward) needs: [`forward_scratch_len`]
-    /// at this adapter's rank.
-    pub fn forward_scratch_len(&self, tokens: usize) -> usize {
-        forward_scratch_len(tokens, self.rank)
-    }
-
-    /// Scratch [`backward`](Self::backward) needs: [`backward_scratch_len`]
-    /// at this adapter's rank.
-    pub fn backward_scratch_len(&self, tokens: usize) -> usize {
-        backward_scratch_len(tokens, self.rank)
-    }
-
     /// `factor * s` in the accumulation type (rounded once, from f64).
     pub(crate) fn scale_times(&self, factor: f64) -> E::Accum {
         <E::Accum as Element>::from_f64(factor * self.scale)
@@ -138,12 +158,6 @@ impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
             MatRef::new(self.a.as_ref(), self.rank, self.in_features)?,
             MatRef::new(self.b.as_ref(), self.out_features, self.rank)?,
         ))
-    }
-
-    /// `Ok` if `base` is an `in -> out` layer like this adapter.
-    pub(crate) fn check_base<L: FrozenLinear<E> + ?Sized>(&self, base: &L) -> Result<()> {
-        check_len(Operand::Weight, self.in_features, base.in_features())?;
-        check_len(Operand::Weight, self.out_features, base.out_features())
     }
 }
 
@@ -168,5 +182,77 @@ impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Lora<E, S> {
     /// compile: the unmerge would subtract a different product.
     pub fn adapter_mut(&mut self) -> (&mut [E], &mut [E]) {
         (self.a.as_mut(), self.b.as_mut())
+    }
+}
+
+impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Lora<E, S> {
+    type Grads<'g>
+        = LoraGrads<'g, E>
+    where
+        E: 'g;
+
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// [`forward_scratch_len`] at this adapter's rank: `tokens r`.
+    fn forward_scratch_len(&self, tokens: usize) -> usize {
+        forward_scratch_len(tokens, self.rank)
+    }
+
+    /// [`backward_scratch_len`] at this adapter's rank: `2 tokens r`.
+    fn backward_scratch_len(&self, tokens: usize) -> usize {
+        backward_scratch_len(tokens, self.rank)
+    }
+
+    /// `grads.a [r, in]`, `grads.b [out, r]`, `grads.bias [out]` (only
+    /// for an adapter with `lora_bias`).
+    fn check_grads(&self, grads: &LoraGrads<'_, E>) -> Result<()> {
+        check_len(Operand::GradA, checked_len(self.rank, self.in_features)?, grads.a.len())?;
+        check_len(Operand::GradB, checked_len(self.out_features, self.rank)?, grads.b.len())?;
+        if let Some(g) = &grads.bias {
+            let want = if self.bias.is_some() { self.out_features } else { 0 };
+            check_len(Operand::Bias, want, g.len())?;
+        }
+        Ok(())
+    }
+
+    /// `y = x W^T + b + s (x A^T) B^T (+ s lora_bias)` (see
+    /// [`forward`](super::forward)).
+    fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+        &self,
+        backend: &B,
+        base: &L,
+        x: MatRef<'_, E>,
+        mut y: MatMut<'_, E>,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        base.forward(backend, x, y.rb_mut())?;
+        self.add_low_rank(backend, x, y, 1.0, scratch)
+    }
+
+    /// `dA`, `dB` (and `d lora_bias`) accumulated, `dL/dx = G W + s (G B)
+    /// A` (see [`backward`](super::backward)).
+    fn run_backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+        &self,
+        backend: &B,
+        base: &L,
+        x: MatRef<'_, E>,
+        grad_y: MatRef<'_, E>,
+        grad_x: Option<MatMut<'_, E>>,
+        grads: LoraGrads<'_, E>,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        match grad_x {
+            Some(mut gx) => {
+                base.apply_transpose(backend, grad_y, gx.rb_mut(), Accum::Replace)?;
+                self.low_rank_backward(backend, x, grad_y, Some(gx), Some(grads), 1.0, scratch)
+            }
+            None => self.low_rank_backward(backend, x, grad_y, None, Some(grads), 1.0, scratch),
+        }
     }
 }

@@ -14,8 +14,8 @@
 //! * [`forward`], [`backward`]: the passes, each with its derivation and
 //!   its scratch requirement ([`forward_scratch_len`],
 //!   [`backward_scratch_len`], `const fn`s).
-//! * [`merge`]: merging as a typed step: [`Lora::merge_into`] returns a
-//!   [`Merged`] guard that owns the weight until it is restored.
+//! * [`merge`]: LoRA's rows of `dW = s B A`, which merge through the one
+//!   guard ([`WeightUpdate::merge_into`](crate::method::WeightUpdate::merge_into)).
 //! * [`params`]: trainable versus frozen parameter counts.
 //! * [`embedding`]: LoRA on an embedding table (PEFT's `lora.Embedding`).
 //! * `owned` (feature `alloc`): `LoraParams`, heap-owned adapter buffers.
@@ -34,7 +34,6 @@ pub use backward::LoraGrads;
 pub use config::{DEFAULT_TARGET_MODULES, LOW_SAVINGS_RATIO, LoraConfig, LoraInit};
 pub use embedding::{LoraEmbedding, LoraEmbeddingGrads};
 pub use layer::{Lora, backward_scratch_len, forward_scratch_len};
-pub use merge::Merged;
 #[cfg(feature = "alloc")]
 pub use owned::LoraParams;
 pub use params::ParamReport;

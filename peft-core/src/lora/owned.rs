@@ -1,5 +1,4 @@
 //! Owned buffers for hosts with a heap (feature `alloc`).
-
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -44,6 +43,8 @@ impl<E: Element> LoraParams<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delta::DeltaRows;
+    use crate::method::{LinearAdapter, MergeTarget, WeightUpdate};
     use crate::backend::Reference;
     use crate::base::Dense;
     use crate::error::Error;
@@ -60,7 +61,7 @@ mod tests {
         let x = [1.0f32; 5];
         let g = [1.0f32; 3];
         let mut s = vec![0.0f32; layer.backward_scratch_len(1)];
-        let grads = LoraGrads { a: &mut p.grad_a, b: &mut p.grad_b };
+        let grads = LoraGrads::new(&mut p.grad_a, &mut p.grad_b);
         layer
             .backward(
                 &Reference,

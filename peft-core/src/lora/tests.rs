@@ -2,6 +2,7 @@
 //! (`peft_verify::mistakes`) it would catch.
 
 extern crate std;
+use crate::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::vec;
 use std::vec::Vec;
 
@@ -177,7 +178,7 @@ fn mistake6_merged_forward_equals_unmerged_and_is_one_matmul() {
     let bias = bf.bias.clone();
     let layer = Lora::new(&cfg, n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
     let unmerged = forward(&layer, &Dense::new(&bf.w, n_out, n_in).unwrap().with_bias(&bias).unwrap(), &x, t);
-    let guard = layer.merge_into(&Reference, &mut bf.w, None).unwrap();
+    let guard = layer.merge_into(&Reference, MergeTarget::new(&mut bf.w), &mut []).unwrap();
     // The merged layer's one forward is the base's: a single matmul, no
     // scratch for low-rank temporaries.
     let mut merged = vec![0.0; t * n_out];
@@ -215,11 +216,11 @@ fn merge_guard_restores_on_drop_and_keep_stays_merged() {
         .collect();
     let mut backup = vec![0.0; 30];
     {
-        let guard = layer.merge_into(&Reference, &mut bf.w, Some(&mut backup)).unwrap();
+        let guard = layer.merge_into(&Reference, MergeTarget::new(&mut bf.w).with_backup(&mut backup), &mut []).unwrap();
         assert!(max_rel_err(guard.weight(), &want) < 1e-15);
     } // dropped: restored from the backup
     assert_eq!(bf.w, orig);
-    let kept = layer.merge_into(&Reference, &mut bf.w, None).unwrap().keep();
+    let kept = layer.merge_into(&Reference, MergeTarget::new(&mut bf.w), &mut []).unwrap().keep();
     assert!(max_rel_err(kept, &want) < 1e-15);
     assert!(max_rel_err(&bf.w, &want) < 1e-15, "keep leaves W merged");
 }
@@ -230,10 +231,10 @@ fn merge_errors_write_nothing() {
     let mut bf = bufs(&mut rng, 6, 5, 2);
     let orig = bf.w.clone();
     let layer = Lora::new(&LoraConfig::new(2, 4.0), 6, 5, &bf.a[..], &bf.b[..]).unwrap();
-    let err = layer.merge_into(&Reference, &mut bf.w[..29], None).unwrap_err();
+    let err = layer.merge_into(&Reference, MergeTarget::new(&mut bf.w[..29]), &mut []).unwrap_err();
     assert_eq!(err, Error::ShapeMismatch { operand: Operand::Weight, expected: 30, found: 29 });
     let mut short = [9.0; 29];
-    let err = layer.merge_into(&Reference, &mut bf.w, Some(&mut short)).unwrap_err();
+    let err = layer.merge_into(&Reference, MergeTarget::new(&mut bf.w).with_backup(&mut short), &mut []).unwrap_err();
     assert_eq!(err, Error::ShapeMismatch { operand: Operand::Backup, expected: 30, found: 29 });
     assert_eq!(bf.w, orig);
     assert!(short.iter().all(|&v| v == 9.0));
@@ -323,7 +324,7 @@ fn unmerge_with_backup_is_bit_exact() {
     let mut backup = vec![0.0f32; 48];
     let cfg = LoraConfig::new(2, 3.0);
     let layer = Lora::new(&cfg, 6, 8, &mut a[..], &mut b[..]).unwrap();
-    let guard = layer.merge_into(&Reference, &mut w, Some(&mut backup)).unwrap();
+    let guard = layer.merge_into(&Reference, MergeTarget::new(&mut w).with_backup(&mut backup), &mut []).unwrap();
     assert_ne!(guard.weight(), &orig[..]);
     guard.unmerge().unwrap();
     assert!(w.iter().zip(&orig).all(|(a, b)| a.to_bits() == b.to_bits()));
@@ -349,7 +350,7 @@ fn unmerge_without_backup_drift_within_bound_over_1000_cycles() {
     let layer = Lora::new(&cfg, n_in, n_out, &mut a[..], &mut b[..]).unwrap();
     let cycles = 1000;
     for _ in 0..cycles {
-        layer.merge_into(&Reference, &mut w, None).unwrap().unmerge().unwrap();
+        layer.merge_into(&Reference, MergeTarget::new(&mut w), &mut []).unwrap().unmerge().unwrap();
     }
     let u = f32::EPSILON as f64 / 2.0;
     let mut worst = 0.0f64;
@@ -391,7 +392,7 @@ fn gradients_match_central_finite_differences() {
                 MatRef::new(&x, t, n_in).unwrap(),
                 MatRef::new(&g, t, n_out).unwrap(),
                 Some(MatMut::new(&mut gx, t, n_in).unwrap()),
-                LoraGrads { a: &mut ga, b: &mut gb },
+                LoraGrads::new(&mut ga, &mut gb),
                 &mut scratch,
             )
             .unwrap();
@@ -432,7 +433,7 @@ fn gradients_match_central_finite_differences() {
 
         // dx through the merged weight alone, G W' = G (W + s B A), is the
         // same dx: the low-rank term belongs to the unmerged pass only.
-        let guard = layer.merge_into(&Reference, &mut bf.w, None).unwrap();
+        let guard = layer.merge_into(&Reference, MergeTarget::new(&mut bf.w), &mut []).unwrap();
         let mut gx2 = vec![0.0; t * n_in];
         guard
             .base()
@@ -467,7 +468,7 @@ fn gradients_accumulate_across_micro_batches() {
                 MatRef::new(&x, t, n_in).unwrap(),
                 MatRef::new(&g, t, n_out).unwrap(),
                 None,
-                LoraGrads { a: ga, b: gb },
+                LoraGrads::new(ga, gb),
                 &mut scratch,
             )
             .unwrap();
@@ -511,7 +512,7 @@ fn mistakes_1_and_12_base_is_bit_identical_after_training() {
                 MatRef::new(&x, t, n_in).unwrap(),
                 MatRef::new(&gy, t, n_out).unwrap(),
                 None,
-                LoraGrads { a: &mut ga, b: &mut gb },
+                LoraGrads::new(&mut ga, &mut gb),
                 &mut scratch,
             )
             .unwrap();
@@ -634,7 +635,7 @@ fn backward_errors_leave_outputs_unchanged() {
                 MatRef::new(&x, t, n_in).unwrap(),
                 MatRef::new(&g[..gyr * gyc], gyr, gyc).unwrap(),
                 Some(MatMut::new(&mut gx, gxr, gxc).unwrap()),
-                LoraGrads { a: &mut ga, b: &mut gb },
+                LoraGrads::new(&mut ga, &mut gb),
                 &mut scratch,
             )
             .unwrap_err();

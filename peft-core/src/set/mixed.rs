@@ -20,7 +20,6 @@
 //! `peft-verify` property), whatever the mix. A route names its adapter
 //! explicitly: the set's active flags do not apply here, the multipliers
 //! do.
-
 use super::{AdapterSet, Slot, SlotStore};
 use crate::backend::{Accum, Backend};
 use crate::base::FrozenLinear;
@@ -159,7 +158,7 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> Adap
                     Some(gx) => Some(gx.rb_mut().into_rows_range(start, n).ok_or(Error::Overflow)?),
                     None => None,
                 };
-                let g = grads.get_mut(i).and_then(Option::as_mut).map(|g| LoraGrads { a: &mut *g.a, b: &mut *g.b });
+                let g = grads.get_mut(i).and_then(Option::as_mut).map(|g| LoraGrads::new(&mut *g.a, &mut *g.b));
                 slot.lora.low_rank_backward(backend, xs, gs, gx, g, slot.multiplier, scratch)?;
             }
             start += route.rows;

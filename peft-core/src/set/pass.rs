@@ -8,7 +8,6 @@
 //!
 //! (sums over the active adapters `i`, in slot order; each term is LoRA's
 //! own pass at scale `m_i s_i`, see [`crate::lora::backward`]).
-
 use super::{AdapterSet, Slot, SlotStore};
 use crate::backend::{Accum, Backend};
 use crate::base::FrozenLinear;
@@ -96,7 +95,7 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> Adap
             base.apply_transpose(backend, grad_y, gx.rb_mut(), Accum::Replace)?;
         }
         for (i, slot) in self.iter().filter(|(_, s)| s.active) {
-            let g = grads.get_mut(i).and_then(Option::as_mut).map(|g| LoraGrads { a: &mut *g.a, b: &mut *g.b });
+            let g = grads.get_mut(i).and_then(Option::as_mut).map(|g| LoraGrads::new(&mut *g.a, &mut *g.b));
             let gx = grad_x.as_mut().map(MatMut::rb_mut);
             slot.lora.low_rank_backward(backend, x, grad_y, gx, g, slot.multiplier, scratch)?;
         }

@@ -1,6 +1,7 @@
 //! Adapter-set unit tests. The `FixedSet` tests use no heap: arrays for the
 //! adapters, a `static` base, `&'static str` names.
 
+use crate::method::LinearAdapter;
 use super::*;
 use crate::backend::Reference;
 use crate::base::Dense;
@@ -141,7 +142,7 @@ mod mixed {
         let mut grads_b: Vec<Vec<f64>> = set.iter().map(|(_, s)| vec![0.0; s.lora().lora_b().len()]).collect();
         {
             let mut grads: Vec<Option<LoraGrads<'_, f64>>> =
-                grads_a.iter_mut().zip(grads_b.iter_mut()).map(|(a, b)| Some(LoraGrads { a, b })).collect();
+                grads_a.iter_mut().zip(grads_b.iter_mut()).map(|(a, b)| Some(LoraGrads::new(a, b))).collect();
             grads[1] = None; // b stays frozen
             let gxv = MatMut::new(&mut gx, tokens, n_in).unwrap();
             set.backward_mixed(&Reference, &base, xv, gv, Some(gxv), &mut grads, &routes, &mut scratch).unwrap();
@@ -179,7 +180,7 @@ mod mixed {
                     own.forward(&Reference, &base, xs, MatMut::new(&mut ys, n, n_out).unwrap(), &mut sc).unwrap();
                     let mut ga = vec![0.0; want_a[i].len()];
                     let mut gb = vec![0.0; want_b[i].len()];
-                    let grads = LoraGrads { a: &mut ga, b: &mut gb };
+                    let grads = LoraGrads::new(&mut ga, &mut gb);
                     own.backward(
                         &Reference,
                         &base,

@@ -1,4 +1,5 @@
 extern crate std;
+use crate::method::LinearAdapter;
 use std::vec;
 use std::vec::Vec;
 

@@ -30,6 +30,8 @@
 //! `|deq(quant(v)) - v|` against the f32 merge `v`. A merged value that is
 //! not finite cannot be quantized and is always refused.
 
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -649,7 +651,7 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
                 let layer = Vera::new(r, *n_in, n, &m.lambda_d[..], rows(&m.lambda_b, i0, i0 + n)?)?;
                 sc.resize(layer.delta_scratch_len(), 0.0);
                 let dst = MatMut::new(vals, n, cols)?;
-                layer.delta(backend, &proj, dst, Accum::Add, *factor, &mut sc).map_err(HfError::backend)?;
+                layer.bound(&proj).delta_rows(backend, 0, dst, Accum::Add, *factor, &mut sc).map_err(HfError::backend)?;
                 Ok(())
             });
         }

@@ -20,6 +20,8 @@
 //! A LoRA module's `lora_bias`, when present, is held fixed (it receives no
 //! gradient); so are VeRA's shared projections (frozen by the method).
 
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::attention::backward::{AttentionGrads, backward as attn_backward};
 use peft_core::attention::{AttentionShape, Mask};
 use peft_core::prefix::PrefixConfig;

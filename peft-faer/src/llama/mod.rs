@@ -47,6 +47,8 @@ mod sites;
 pub mod train;
 pub mod weights;
 
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::path::Path;
 
 use peft_core::attention::{AttentionShape, Mask, Prefix};

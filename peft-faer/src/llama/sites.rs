@@ -9,7 +9,8 @@
 //! and `B` at every pass (nothing is cached between passes, and a training
 //! step changes `A` and `B`); their gradient is not propagated, as in
 //! PEFT, which detaches the norm.
-
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::dora::{Dora, DoraGrads};
 use peft_core::ia3::Ia3;
 use peft_core::loha::{Loha, LohaGrads};
@@ -154,7 +155,7 @@ pub(super) fn forward<B: Backend<f32> + ?Sized>(
         Some(Module::Vera(m, p)) => {
             let proj = VeraProjection::new(p.r, p.max_in, p.max_out, &p.a[..], &p.b[..])?;
             let layer = Vera::new(m.r, n_in, n_out, &m.lambda_d[..], &m.lambda_b[..])?;
-            layer.forward(backend, &base(lin)?, &proj, x, yv, grow(t, layer.forward_scratch_len(n))).map_err(be)?;
+            layer.bound(&proj).forward(backend, &base(lin)?, x, yv, grow(t, layer.forward_scratch_len(n))).map_err(be)?;
         }
     }
     Ok(())
@@ -240,7 +241,7 @@ pub(super) fn backward<B: Backend<f32> + ?Sized>(
             let layer = Vera::new(m.r, n_in, n_out, &m.lambda_d[..], &m.lambda_b[..])?;
             let g = VeraGrads { lambda_d: &mut gd[..], lambda_b: &mut gb[..] };
             layer
-                .backward(backend, &base, &proj, x, gyv, dx, g, grow(&mut scratch, layer.backward_scratch_len(n)))
+                .bound(&proj).backward(backend, &base, x, gyv, dx, g, grow(&mut scratch, layer.backward_scratch_len(n)))
                 .map_err(be)?;
         }
     }

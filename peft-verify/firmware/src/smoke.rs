@@ -14,7 +14,6 @@
 //!
 //! Shared by `src/main.rs` (Cortex-M4F) and `peft-verify/tests/firmware.rs`
 //! (the host) through `#[path]`.
-
 use peft_core::activation::Activation;
 use peft_core::adapter::{self, AdapterConfig, AdapterParams, BottleneckAdapter};
 use peft_core::attention::forward::forward as attention;
@@ -136,7 +135,7 @@ fn stored_lora(base: &impl FrozenLinear<f32>, rng: &mut Rng) -> Result<[u32; 3]>
         MatRef::new(&x, T, IN_Q)?,
         MatRef::new(&gy, T, OUT)?,
         Some(MatMut::new(&mut gx, T, IN_Q)?),
-        LoraGrads { a: &mut ga, b: &mut gb },
+        LoraGrads::new(&mut ga, &mut gb),
         &mut scratch,
     )?;
     let (mut sa, mut sb) = ([0.0f32; 2 * R * IN_Q], [0.0f32; 2 * OUT * R]);
@@ -188,7 +187,7 @@ pub fn run() -> Result<[(&'static str, u32); 15]> {
         MatRef::new(&x, T, IN)?,
         MatRef::new(&gy, T, OUT)?,
         Some(MatMut::new(&mut gx, T, IN)?),
-        LoraGrads { a: &mut ga, b: &mut gb },
+        LoraGrads::new(&mut ga, &mut gb),
         &mut scratch,
     )?;
     let mut opt = AdamW::new(1e-2);
@@ -206,7 +205,7 @@ pub fn run() -> Result<[(&'static str, u32); 15]> {
     after[R * IN..].copy_from_slice(layer.lora_b());
     // Merging writes W, so it works on a RAM copy of the flash base.
     let mut w = W;
-    let merged = fnv(layer.merge_into(&Reference, &mut w, None)?.keep());
+    let merged = fnv(layer.merge_into(&Reference, MergeTarget::new(&mut w), &mut [])?.keep());
 
     // Bottleneck adapter (d = 8, m = 3, GELU) on x, with trained-looking
     // up weights.

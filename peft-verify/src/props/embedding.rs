@@ -1,6 +1,8 @@
 //! LoRA on an embedding table: identity at init, the lookup against the
 //! oracle, merged equals unmerged, gradients against finite differences.
 
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::lora::{LoraConfig, LoraEmbedding, LoraEmbeddingGrads};
 use peft_core::{Backend, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;

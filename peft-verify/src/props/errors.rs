@@ -1,5 +1,7 @@
 //! Bad input: a typed error, outputs untouched, no panic.
 
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::attention::forward::forward as attn_forward;
 use peft_core::attention::{AttentionShape, Mask};
 use peft_core::lora::{Lora, LoraConfig};

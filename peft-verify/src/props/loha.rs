@@ -1,7 +1,8 @@
 //! LoHa: identity at init, the forward against the oracle, the merged
 //! weight against the unmerged forward, the typed merge's unmerge, gradients against finite
 //! differences.
-
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::loha::{Loha, LohaGrads};
 use peft_core::lora::LoraConfig;
 use peft_core::{Accum, Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, Rng};
@@ -95,7 +96,7 @@ where
         let l = layer(&c, &f)?;
         let y = fwd(&c, &l, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x)?;
         let mut sc = vec![E::ZERO; l.forward_scratch_len()];
-        l.delta(backend, MatMut::new(&mut t.w, c.n_out, c.n_in).map_err(fail)?, Accum::Add, 1.0, &mut sc)
+        l.delta_rows(backend, 0, MatMut::new(&mut t.w, c.n_out, c.n_in).map_err(fail)?, Accum::Add, 1.0, &mut sc)
             .map_err(fail)?;
         let mut ym = vec![E::ZERO; c.t * c.n_out];
         let merged = Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?;

@@ -1,7 +1,8 @@
 //! LoKr: identity at PEFT's init, the forward against the oracle (`s kron(W1, W2)`), the merged
 //! weight against the unmerged forward, gradients of every factor form
 //! (full and low rank) against finite differences.
-
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::lokr::{Factor, Lokr, LokrGrads};
 use peft_core::lora::LoraConfig;
 use peft_core::{Accum, Backend, Dense, FrozenLinear, MatMut, MatRef, Reference};
@@ -121,7 +122,7 @@ where
         let mag = xm.abs().mul_t(&wm.abs().add(&dm)).scale(1.5);
         close::<E>("y", &wide(&y), &want.d, &mag.d, i + 2 * c.r + 4)?;
         // Merged: W + dW gives the same output.
-        l.delta(backend, MatMut::new(&mut w, o, i).map_err(fail)?, Accum::Add, 1.0, &mut sc).map_err(fail)?;
+        l.delta_rows(backend, 0, MatMut::new(&mut w, o, i).map_err(fail)?, Accum::Add, 1.0, &mut sc).map_err(fail)?;
         let mut ym = vec![E::ZERO; c.t * o];
         Dense::new(&w, o, i)
             .map_err(fail)?

@@ -1,6 +1,7 @@
 //! LoRA: init, forward against the oracle, merge and unmerge, gradients,
 //! targets, the parameter report.
-
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::lora::{Lora, LoraConfig, LoraGrads, ParamReport};
 use peft_core::{Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
@@ -242,7 +243,7 @@ where
         let x = t.x.clone();
         let layer = Lora::new(&c.config(), c.n_in, c.n_out, &t.a[..], &t.b[..]).map_err(fail)?;
         let unmerged = forward(backend, &layer, &t.base(&c)?, &c, &x).map_err(fail)?;
-        let guard = layer.merge_into(backend, &mut t.w, None).map_err(fail)?;
+        let guard = layer.merge_into(backend, MergeTarget::new(&mut t.w), &mut []).map_err(fail)?;
         let merged_base = match &t.bias {
             Some(b) => guard.base().with_bias(b).map_err(fail)?,
             None => guard.base(),
@@ -262,7 +263,7 @@ where
         {
             let mut backup = vec![E::ZERO; c.n_out * c.n_in];
             let layer = Lora::new(&cfg, c.n_in, c.n_out, &t.a[..], &t.b[..]).map_err(fail)?;
-            layer.merge_into(backend, &mut t.w, Some(&mut backup)).map_err(fail)?.unmerge().map_err(fail)?;
+            layer.merge_into(backend, MergeTarget::new(&mut t.w).with_backup(&mut backup), &mut []).map_err(fail)?.unmerge().map_err(fail)?;
         }
         prop_assert!(
             t.w.iter().zip(&w0).all(|(a, b)| a.to_bits64() == b.to_bits64()),
@@ -272,7 +273,7 @@ where
         // plus the product's own rounding (computed twice).
         {
             let layer = Lora::new(&cfg, c.n_in, c.n_out, &t.a[..], &t.b[..]).map_err(fail)?;
-            layer.merge_into(backend, &mut t.w, None).map_err(fail)?.unmerge().map_err(fail)?;
+            layer.merge_into(backend, MergeTarget::new(&mut t.w), &mut []).map_err(fail)?.unmerge().map_err(fail)?;
         }
         let (a, b) = (M::new(c.r, c.n_in, wide(&t.a)), M::new(c.n_out, c.r, wide(&t.b)));
         let p = b.abs().mul(&a.abs()).scale(c.scale());
@@ -299,14 +300,14 @@ where
         let layer = Lora::new(&c.config(), c.n_in, c.n_out, &t.a[..], &t.b[..]).map_err(fail)?;
         let mut backup = vec![E::ZERO; c.n_out * c.n_in];
         let merged_once = {
-            let guard = layer.merge_into(backend, &mut t.w, Some(&mut backup)).map_err(fail)?;
+            let guard = layer.merge_into(backend, MergeTarget::new(&mut t.w).with_backup(&mut backup), &mut []).map_err(fail)?;
             guard.weight().to_vec()
         };
         prop_assert!(
             t.w.iter().zip(&w0).all(|(a, b)| a.to_bits64() == b.to_bits64()),
             "dropping the merge guard did not restore W"
         );
-        let kept = layer.merge_into(backend, &mut t.w, None).map_err(fail)?.keep().to_vec();
+        let kept = layer.merge_into(backend, MergeTarget::new(&mut t.w), &mut []).map_err(fail)?.keep().to_vec();
         prop_assert!(
             kept.iter().zip(&merged_once).all(|(a, b)| a.to_bits64() == b.to_bits64()),
             "keep() did not leave W merged"
@@ -331,7 +332,7 @@ where
                 MatRef::new(&x, c.t, c.n_in).map_err(fail)?,
                 MatRef::new(&g, c.t, c.n_out).map_err(fail)?,
                 Some(MatMut::new(&mut gx, c.t, c.n_in).map_err(fail)?),
-                LoraGrads { a: &mut ga, b: &mut gb },
+                LoraGrads::new(&mut ga, &mut gb),
                 &mut scratch,
             )
             .map_err(fail)?;

@@ -16,7 +16,8 @@ pub mod set;
 pub mod storage;
 pub mod training;
 pub mod vera;
-
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::Backend;
 use peft_core::delta::DenseDelta;
 use proptest::prelude::*;
@@ -39,15 +40,15 @@ pub(crate) fn check_delta_guard<E: Precision, B: Backend<E>, D: DenseDelta<E>>(
     let bits = |v: &[E]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
     let mut sc = vec![E::ZERO; d.delta_scratch_len()];
     let (mut w, mut backup) = (w0.to_vec(), vec![E::ZERO; w0.len()]);
-    let merged = bits(d.merge_into(backend, &mut w, Some(&mut backup), &mut sc).map_err(fail)?.weight());
+    let merged = bits(d.merge_into(backend, MergeTarget::new(&mut w).with_backup(&mut backup), &mut sc).map_err(fail)?.weight());
     prop_assert!(bits(&w) == bits(w0), "dropping the guard (with a backup) did not restore W bit for bit");
-    let guard = d.merge_into(backend, &mut w, None, &mut sc).map_err(fail)?;
+    let guard = d.merge_into(backend, MergeTarget::new(&mut w), &mut sc).map_err(fail)?;
     prop_assert!(bits(guard.weight()) == merged, "a second merge of the same W differs");
     guard.unmerge().map_err(fail)?;
     let mag: Vec<f64> = w0.iter().zip(dmag).map(|(x, m)| 2.0 * x.to_f64().abs() + m).collect();
     close::<E>("unmerged W", &wide(&w), &wide(w0), &mag, 1)?;
     let mut w = w0.to_vec();
-    let kept = d.merge_into(backend, &mut w, None, &mut sc).map_err(fail)?.keep();
+    let kept = d.merge_into(backend, MergeTarget::new(&mut w), &mut sc).map_err(fail)?.keep();
     prop_assert!(bits(kept) == merged, "keep did not leave the merged weight");
     Ok(())
 }

@@ -9,7 +9,8 @@
 //! * `combine_density_respected`, `combine_density_one_is_linear`,
 //!   `combine_cat_is_exact`: the combinations' own contracts (element-type
 //!   independent, run once).
-
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::combine::{Combination, MajoritySign, Weighted, combine, combine_scratch_len};
 use peft_core::lora::{Lora, LoraConfig, LoraGrads};
 use peft_core::set::{Route, VecSet};
@@ -214,7 +215,7 @@ where
         let mut gx = vec![E::ZERO; c.t * c.n_in];
         {
             let mut grads: Vec<Option<LoraGrads<'_, E>>> =
-                ga.iter_mut().zip(gb.iter_mut()).map(|(a, b)| Some(LoraGrads { a, b })).collect();
+                ga.iter_mut().zip(gb.iter_mut()).map(|(a, b)| Some(LoraGrads::new(a, b))).collect();
             let mut scratch = vec![E::ZERO; set.mixed_backward_scratch_len(&routes)];
             let x = MatRef::new(&r.x, c.t, c.n_in).map_err(fail)?;
             let g = MatRef::new(&r.g, c.t, c.n_out).map_err(fail)?;

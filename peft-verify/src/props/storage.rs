@@ -2,7 +2,8 @@
 //! quantizers' error bounds, the forward and the input gradient against the
 //! oracle over the dequantized `W`, and LoRA's gradients over a stored base
 //! against finite differences, the stored bytes unchanged.
-
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::lora::{Lora, LoraConfig, LoraGrads};
 use peft_core::storage::quantize::Quantized;
 use peft_core::storage::{Format, QK, StoredLinear, StoredWeight, dequantize, error_bound, quantize};
@@ -228,7 +229,7 @@ where
                 (vec![E::ZERO; c.r * c.inn], vec![E::ZERO; c.out * c.r], vec![E::ZERO; c.t * c.inn]);
             let mut sc = vec![E::ZERO; layer.backward_scratch_len(c.t)];
             let (xv, gv) = (MatRef::new(&x, c.t, c.inn).map_err(fail)?, MatRef::new(&g, c.t, c.out).map_err(fail)?);
-            let grads = LoraGrads { a: &mut ga, b: &mut gb };
+            let grads = LoraGrads::new(&mut ga, &mut gb);
             let gxv = MatMut::new(&mut gx, c.t, c.inn).map_err(fail)?;
             layer.backward(backend, &base, xv, gv, Some(gxv), grads, &mut sc).map_err(fail)?;
             prop_assert!(st.bytes() == before, "{:?}: the stored base changed", format);

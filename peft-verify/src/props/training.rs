@@ -1,6 +1,7 @@
 //! Training steps never touch the frozen base (mistake 1), and adapter
 //! files hold the adapter alone (mistake 10).
-
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::adapter::{AdapterConfig, AdapterGrads, AdapterParams, BottleneckAdapter};
 use peft_core::attention::backward::{AttentionGrads, backward as attn_backward};
 use peft_core::attention::forward::forward as attn_forward;
@@ -68,13 +69,13 @@ pub fn run_all<E: Precision, B: Backend<E>>(backend: &B, config: &Config, report
                 let (mut ga, mut gb) = (vec![E::ZERO; c.r * c.n_in], vec![E::ZERO; c.n_out * c.r]);
                 let gv = MatRef::new(&g, c.t, c.n_out).map_err(fail)?;
                 layer
-                    .backward(backend, &base, xv, gv, None, LoraGrads { a: &mut ga, b: &mut gb }, &mut scratch)
+                    .backward(backend, &base, xv, gv, None, LoraGrads::new(&mut ga, &mut gb), &mut scratch)
                     .map_err(fail)?;
                 let (a, b) = layer.adapter_mut();
                 step::<E>(&mut opt, vec![(a, &ga), (b, &gb)], &mut st).map_err(fail)?;
             }
             let mut backup = vec![E::ZERO; c.n_out * c.n_in];
-            layer.merge_into(backend, &mut t.w, Some(&mut backup)).map_err(fail)?.unmerge().map_err(fail)?;
+            layer.merge_into(backend, MergeTarget::new(&mut t.w).with_backup(&mut backup), &mut []).map_err(fail)?.unmerge().map_err(fail)?;
         }
         prop_assert!(bits(&t.w) == w0, "LoRA training changed W");
         prop_assert!(t.bias.as_deref().map(bits) == b0, "LoRA training changed the bias");

@@ -3,7 +3,8 @@
 //! gradients against finite differences. The shared projections are drawn
 //! wider than the layer (up to 2 more inputs and outputs), so a wrong slice
 //! of `vera_A` or `vera_B` fails the oracle.
-
+use peft_core::delta::DeltaRows;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::vera::{D_INITIAL, Vera, VeraGrads, VeraProjection};
 use peft_core::{Accum, Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
@@ -55,7 +56,7 @@ where
         let mut y = vec![E::ZERO; c.t * c.n_out];
         let mut sc = vec![E::ZERO; v.forward_scratch_len(c.t)];
         let (xv, yv) = (MatRef::new(x, c.t, c.n_in).map_err(fail)?, MatMut::new(&mut y, c.t, c.n_out).map_err(fail)?);
-        v.forward(backend, base, p, xv, yv, &mut sc).map_err(fail)?;
+        v.bound(p).forward(backend, base, xv, yv, &mut sc).map_err(fail)?;
         Ok(y)
     };
 
@@ -104,7 +105,7 @@ where
         let y = fwd(&c, &parts, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x)?;
         let mut sc = vec![E::ZERO; parts.1.delta_scratch_len()];
         let dst = MatMut::new(&mut t.w, c.n_out, c.n_in).map_err(fail)?;
-        parts.1.delta(backend, &parts.0, dst, Accum::Add, 1.0, &mut sc).map_err(fail)?;
+        parts.1.bound(&parts.0).delta_rows(backend, 0, dst, Accum::Add, 1.0, &mut sc).map_err(fail)?;
         let mut ym = vec![E::ZERO; c.t * c.n_out];
         Dense::new(&t.w, c.n_out, c.n_in)
             .map_err(fail)?
@@ -141,7 +142,7 @@ where
         let (xv, gv) = (MatRef::new(&t.x, c.t, c.n_in).map_err(fail)?, MatRef::new(&t.g, c.t, c.n_out).map_err(fail)?);
         let grads = VeraGrads { lambda_d: &mut gd, lambda_b: &mut gb };
         let gxv = MatMut::new(&mut gx, c.t, c.n_in).map_err(fail)?;
-        parts.1.backward(backend, &base, &parts.0, xv, gv, Some(gxv), grads, &mut sc).map_err(fail)?;
+        parts.1.bound(&parts.0).backward(backend, &base, xv, gv, Some(gxv), grads, &mut sc).map_err(fail)?;
         let fw: [Vec<f64>; 4] = f.map(|v| wide(&v));
         let (w, gm) = (M::new(c.n_out, c.n_in, wide(&t.w)), M::new(c.t, c.n_out, wide(&t.g)));
         let loss = |x: &[f64], f: &[Vec<f64>; 4]| {

@@ -1,0 +1,295 @@
+//! One trait for every weight-adapting method, and one merge guard.
+//!
+//! A weight-adapting method changes what a frozen linear layer `y = x W^T
+//! + b` computes, through tensors of its own. Hugging Face PEFT gives each
+//! such method the same shape (`BaseTunerLayer`: `forward`, and
+//! `get_delta_weight` behind one `merge`/`unmerge`); here it is two traits:
+//!
+//! * [`LinearAdapter`]: the passes. [`forward`](LinearAdapter::forward)
+//!   and [`backward`](LinearAdapter::backward) are written once, here:
+//!   they check the base, the activations, the gradients and the scratch,
+//!   then call the method's own [`run_forward`](LinearAdapter::run_forward)
+//!   and [`run_backward`](LinearAdapter::run_backward), which can take
+//!   the shapes as given. Scratch lengths are methods of the adapter with
+//!   one signature for every method.
+//! * [`WeightUpdate`]: what merging does to `W` (and `b`), row block by
+//!   row block: `W + dW` for the additive methods (LoRA, LoHa, LoKr, VeRA,
+//!   LoRA on embeddings: [`UpdateKind::Additive`]), a transform of the
+//!   rows for the others ((IA)^3 scales rows or columns, DoRA rescales the
+//!   rows of `W + dW`, and rotations such as OFT's multiply each row by a
+//!   matrix: [`UpdateKind::Multiplicative`]). Row blocks are what a
+//!   streaming merge of a large checkpoint needs, and every method's update
+//!   is row-local: row `i` of the merged weight depends on row `i` of `W`
+//!   alone.
+//!
+//! [`WeightUpdate::merge_into`] returns the one guard, [`Merged`], which
+//! owns the weight (and bias) until it is restored, for every method.
+//!
+//! ## Adding a method
+//!
+//! The recipe (CONTRIBUTING.md has the whole of it, the file I/O and the
+//! registry included): one file (or folder) in `peft-core/src/` with the
+//! adapter's type, its constructor and PEFT's initialization; an `impl
+//! LinearAdapter` with its forward and backward (the derivation in the
+//! module docs, every derivative checked against finite differences by
+//! `peft-verify`); an `impl WeightUpdate` where the method can be merged.
+
+mod merge;
+
+pub use merge::{MergeTarget, Merged};
+
+use crate::backend::Backend;
+use crate::base::FrozenLinear;
+use crate::element::Element;
+#[cfg(doc)]
+use crate::error::Error;
+use crate::error::{Operand, Result, check_io, check_len, check_scratch, check_shape};
+use crate::matrix::{MatMut, MatRef};
+
+/// A weight-adapting method on a linear layer `in -> out` over a frozen
+/// base: forward, analytic backward, and their scratch.
+///
+/// Shapes, for every method: the base is `in -> out` (`W [out, in]`),
+/// `x [tokens, in]`, `y [tokens, out]`, `grad_y [tokens, out]`, `grad_x
+/// [tokens, in]`. The base is a read-only argument: there is no gradient
+/// for it.
+pub trait LinearAdapter<E: Element> {
+    /// The gradient buffers of the method's trainable tensors, accumulated
+    /// into (`+=`), so that micro-batches sum.
+    type Grads<'g>
+    where
+        E: 'g;
+
+    /// Input features `in`.
+    fn in_features(&self) -> usize;
+
+    /// Output features `out`.
+    fn out_features(&self) -> usize;
+
+    /// Scratch elements [`forward`](Self::forward) needs for `tokens` rows
+    /// (saturating: a length no slice has when it overflows).
+    fn forward_scratch_len(&self, tokens: usize) -> usize;
+
+    /// Scratch elements [`backward`](Self::backward) needs for `tokens`
+    /// rows (saturating).
+    fn backward_scratch_len(&self, tokens: usize) -> usize;
+
+    /// `Ok` when every buffer of `grads` has its tensor's length.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] naming the buffer.
+    fn check_grads(&self, grads: &Self::Grads<'_>) -> Result<()>;
+
+    /// Scratch elements [`prepare`](Self::prepare) needs over `base`: 0
+    /// unless the method caches something that depends on the base.
+    fn prepare_scratch_len<L: FrozenLinear<E> + ?Sized>(&self, base: &L) -> usize {
+        let _ = base;
+        0
+    }
+
+    /// Brings what the method caches from the base up to date (DoRA's row
+    /// norms of `W + s B A`); a no-op for the others. A host calls it after
+    /// the adapter's tensors change and before the next pass.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Weight`) for a base of other dimensions,
+    /// [`Error::ScratchTooSmall`]; the backend's own errors.
+    fn prepare<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+        &mut self,
+        backend: &B,
+        base: &L,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        let _ = (backend, scratch);
+        self.check_base(base)?;
+        Ok(())
+    }
+
+    /// `y = f(x)`: the adapted layer's output over the read-only `base`
+    /// (`y` is overwritten, never read).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Weight`, `Input`, `Output`),
+    /// [`Error::ScratchTooSmall`] (less than
+    /// [`forward_scratch_len`](Self::forward_scratch_len)), before anything
+    /// is written; the method's own refusals (DoRA over stale norms); the
+    /// backend's own errors.
+    fn forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+        &self,
+        backend: &B,
+        base: &L,
+        x: MatRef<'_, E>,
+        y: MatMut<'_, E>,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        self.check_base(base)?;
+        check_io(x.rows(), x.cols(), self.in_features(), Operand::Output, y.rows(), y.cols(), self.out_features())?;
+        check_scratch(self.forward_scratch_len(x.rows()), scratch.len())?;
+        self.run_forward(backend, base, x, y, scratch)
+    }
+
+    /// Accumulates the gradients of the method's tensors into `grads` and,
+    /// when `grad_x` is given, writes `dL/dx` into it (overwriting), from
+    /// the forward input `x` and `grad_y = dL/dy`.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Weight`, `Input`, `GradOutput`,
+    /// `GradInput`, the gradient buffers), [`Error::ScratchTooSmall`],
+    /// before anything is written; the backend's own errors.
+    #[allow(clippy::too_many_arguments)]
+    fn backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+        &self,
+        backend: &B,
+        base: &L,
+        x: MatRef<'_, E>,
+        grad_y: MatRef<'_, E>,
+        grad_x: Option<MatMut<'_, E>>,
+        grads: Self::Grads<'_>,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        let (tokens, n_in) = (x.rows(), self.in_features());
+        self.check_base(base)?;
+        check_io(tokens, x.cols(), n_in, Operand::GradOutput, grad_y.rows(), grad_y.cols(), self.out_features())?;
+        if let Some(gx) = &grad_x {
+            check_shape(Operand::GradInput, gx.rows(), gx.cols(), tokens, n_in)?;
+        }
+        self.check_grads(&grads)?;
+        check_scratch(self.backward_scratch_len(tokens), scratch.len())?;
+        self.run_backward(backend, base, x, grad_y, grad_x, grads, scratch)
+    }
+
+    /// `Ok` when `base` is an `in -> out` layer like the adapter.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Weight`).
+    fn check_base<L: FrozenLinear<E> + ?Sized>(&self, base: &L) -> Result<()> {
+        check_len(Operand::Weight, self.in_features(), base.in_features())?;
+        check_len(Operand::Weight, self.out_features(), base.out_features())
+    }
+
+    /// The method's forward, called by [`forward`](Self::forward) once the
+    /// shapes and the scratch length are checked (callers use `forward`).
+    ///
+    /// # Errors
+    /// The method's own refusals; the backend's own errors.
+    fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+        &self,
+        backend: &B,
+        base: &L,
+        x: MatRef<'_, E>,
+        y: MatMut<'_, E>,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error>;
+
+    /// The method's backward, called by [`backward`](Self::backward) once
+    /// the shapes, the gradient buffers and the scratch are checked.
+    ///
+    /// # Errors
+    /// The method's own refusals; the backend's own errors.
+    #[allow(clippy::too_many_arguments)]
+    fn run_backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
+        &self,
+        backend: &B,
+        base: &L,
+        x: MatRef<'_, E>,
+        grad_y: MatRef<'_, E>,
+        grad_x: Option<MatMut<'_, E>>,
+        grads: Self::Grads<'_>,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error>;
+}
+
+/// How a method's update enters the weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpdateKind {
+    /// `W' = W + dW`: the rows of `dW` are added (LoRA, LoHa, LoKr, VeRA,
+    /// LoRA on embeddings). Several additive adapters on one weight commute.
+    Additive,
+    /// `W'` is a transform of `W`'s rows ((IA)^3's scaling, DoRA's
+    /// normalization of `W + dW`, rotations). Merges of several adapters on
+    /// one weight are applied in order and do not commute.
+    Multiplicative,
+}
+
+/// Whether [`WeightUpdate::update_rows`] merges or undoes a merge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// `W <- W'`.
+    Merge,
+    /// `W' <- W` (the inverse, in the element's rounding).
+    Unmerge,
+}
+
+/// What merging a method does to a weight `[rows, cols]` and its bias
+/// `[rows]`, a block of rows at a time.
+pub trait WeightUpdate<E: Element> {
+    /// `(rows, cols)` of the weight the update applies to: `(out, in)` for
+    /// a linear layer, `(vocab, dim)` for an embedding table.
+    fn weight_dims(&self) -> (usize, usize);
+
+    /// Additive (`W + dW`) or multiplicative.
+    fn kind(&self) -> UpdateKind;
+
+    /// Whether the update changes the bias (the output kind of (IA)^3).
+    fn touches_bias(&self) -> bool {
+        false
+    }
+
+    /// Scratch elements [`update_rows`](Self::update_rows) needs for a
+    /// block of `rows` rows. Where an unmerge needs what the merge of the
+    /// same rows computed (DoRA's norms), it is kept at the front of this
+    /// scratch, which the caller hands back unchanged.
+    fn update_scratch_len(&self, rows: usize) -> usize;
+
+    /// `Ok` when a merge can be undone without a backup.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] naming what would be divided by zero.
+    fn check_invertible(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Merges (or unmerges) rows `start..start + block.rows()` of the
+    /// weight, held in `block [n, cols]`, and of the bias, in `bias [n]`
+    /// when the update touches it.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Weight` for rows past the end, `Dst` for
+    /// a block of another width, `Bias`), [`Error::ScratchTooSmall`],
+    /// before anything is written; the backend's own errors.
+    fn update_rows<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        start: usize,
+        block: MatMut<'_, E>,
+        bias: Option<&mut [E]>,
+        direction: Direction,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error>;
+
+    /// Merges the update into `target`'s weight (and bias, when the update
+    /// touches it and `target` has one) and returns the guard that owns
+    /// them, and `scratch` (at least
+    /// [`update_scratch_len(rows)`](Self::update_scratch_len)), until
+    /// [`Merged::unmerge`] or the guard's drop restores them: from the
+    /// backup bit for bit, else by the inverse update.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Weight`, `Bias`, `Backup`: the backup
+    /// holds the weight, then the bias when one is merged),
+    /// [`Error::ScratchTooSmall`], and without a backup
+    /// [`check_invertible`](Self::check_invertible)'s refusal, all before
+    /// anything is written; the backend's own errors (then the weight is
+    /// restored from the backup if one was given).
+    fn merge_into<'w, B: Backend<E> + ?Sized>(
+        &'w self,
+        backend: &'w B,
+        target: MergeTarget<'w, E>,
+        scratch: &'w mut [E],
+    ) -> core::result::Result<Merged<'w, E, Self, B>, B::Error>
+    where
+        Self: Sized,
+    {
+        Merged::new(self, backend, target, scratch)
+    }
+}
