@@ -14,7 +14,6 @@
 // iai-callgrind's macros generate public modules without docs at the crate
 // root of this bench target.
 #![allow(missing_docs)]
-use peft_core::delta::DeltaRows;
 use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::hint::black_box;
 

@@ -22,7 +22,6 @@
 //! | `storage` | the same through the `no_std` reference kernels | faer's path | faer time / reference time >= 0.25 |
 //! | `storage_vs_f32_t1`, `storage_vs_f32_t128` | bf16 and q4_0 LoRA forward at t = 1; bf16 and q8_0 at t = 128 | f32 LoRA forward | t = 1: f32 / bf16 >= 1.7, f32 / q4_0 >= 4; t = 128: <= 1.15 |
 //! | `vzeroupper` | adapter forward (2 gemms + GELU + residual) without `vzeroupper` | with it | the penalty avoided |
-use peft_core::delta::DeltaRows;
 use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::hint::black_box;
 use std::time::Duration;

@@ -16,7 +16,7 @@
 //! unchanged.
 //!
 //! The one step that writes `W` is a merge, and it changes the type: see
-//! [`lora::Merged`](crate::lora::Merged).
+//! [`method::Merged`](crate::method::Merged).
 
 use crate::backend::{Accum, Backend, Op};
 use crate::element::Element;

@@ -7,7 +7,7 @@
 //! ```
 //!
 //! A method implements [`DeltaRows`] and becomes a
-//! [`WeightUpdate`](crate::method::WeightUpdate) of
+//! [`WeightUpdate`] of
 //! [`UpdateKind::Additive`](crate::method::UpdateKind::Additive) through
 //! one line, `additive_update!`, so it gets the one merge guard
 //! ([`Merged`](crate::method::Merged)) and the streaming merge's row
@@ -16,10 +16,10 @@
 use crate::backend::{Accum, Backend};
 use crate::element::Element;
 use crate::error::{Operand, check_len};
+use crate::matrix::MatMut;
 use crate::method::Direction;
 #[cfg(doc)]
 use crate::method::WeightUpdate;
-use crate::matrix::MatMut;
 
 /// A method whose update is a dense `dW [rows, cols]` added to a weight of
 /// that shape (`[out, in]` for a linear layer, `[vocab, dim]` for an

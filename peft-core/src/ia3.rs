@@ -324,11 +324,9 @@ mod tests {
 
     use super::*;
 
-    
-
-    use crate::method::{LinearAdapter, MergeTarget, WeightUpdate};
     use crate::backend::Reference;
     use crate::base::Dense;
+    use crate::method::{LinearAdapter, MergeTarget, WeightUpdate};
 
     #[test]
     fn both_kinds_by_hand_and_merged() {
@@ -373,7 +371,10 @@ mod tests {
         let refused = zero.merge_into(&Reference, MergeTarget::new(&mut w), &mut []).map(|_| ());
         assert!(matches!(refused, Err(Error::InvalidParameter { .. })));
         let mut backup = vec![0.0; 4];
-        zero.merge_into(&Reference, MergeTarget::new(&mut w).with_backup(&mut backup), &mut []).unwrap().unmerge().unwrap();
+        zero.merge_into(&Reference, MergeTarget::new(&mut w).with_backup(&mut backup), &mut [])
+            .unwrap()
+            .unmerge()
+            .unwrap();
         assert_eq!(w, w0);
     }
 }

@@ -29,8 +29,8 @@ use crate::delta::DeltaRows;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len, check_scratch};
 use crate::lora::LoraConfig;
-use crate::method::LinearAdapter;
 use crate::matrix::{MatMut, MatRef, checked_len};
+use crate::method::LinearAdapter;
 use crate::rng::Rng;
 
 /// PEFT's names of the four factors, in [`Loha::factors`]' order.
@@ -312,7 +312,7 @@ impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Loha<E, S> {
 mod tests {
     use super::*;
     use crate::delta::DeltaRows;
-    
+
     use crate::backend::Reference;
 
     /// Row blocks of the delta (a streaming merge's) are the delta's rows.

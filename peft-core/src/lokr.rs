@@ -28,8 +28,8 @@ use crate::delta::DeltaRows;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len, check_scratch};
 use crate::lora::LoraConfig;
-use crate::method::LinearAdapter;
 use crate::matrix::{MatMut, MatRef, checked_len};
+use crate::method::LinearAdapter;
 use crate::rng::Rng;
 
 /// PEFT's (LyCORIS') `factorization(n, f)`: `(m, k)` with `m k = n`,
@@ -405,7 +405,7 @@ impl<E: Element, S: AsRef<[E]>> DeltaRows<E> for Lokr<E, S> {
         (self.d1.0 * self.d1.1).saturating_add(self.d2.0 * self.d2.1)
     }
 
-    /// Rows `start..start + n` of [`delta`](Self::delta) into `dst [n,
+    /// Rows `start..start + n` of `factor * s kron(W1, W2)` into `dst [n,
     /// in]` (what a streaming merge needs); scratch `a c + b d`.
     ///
     /// # Errors
@@ -487,7 +487,7 @@ impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Lokr<E, S> {
 mod tests {
     use super::*;
     use crate::delta::DeltaRows;
-    
+
     use crate::backend::Reference;
 
     #[test]

@@ -44,10 +44,10 @@ use crate::base::{FrozenLinear, check_rows};
 use crate::delta::DeltaRows;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len, check_scratch};
-use crate::method::LinearAdapter;
 use crate::ia3::{column_dots, scale_columns};
 use crate::lora::ParamReport;
 use crate::matrix::{MatMut, MatRef, checked_len};
+use crate::method::LinearAdapter;
 use crate::rng::Rng;
 
 /// PEFT's default `d_initial`: the starting value of every `lambda_d`.
@@ -413,10 +413,10 @@ impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Vera<E, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delta::DeltaRows;
-    use crate::method::LinearAdapter;
     use crate::backend::Reference;
     use crate::base::Dense;
+    use crate::delta::DeltaRows;
+    use crate::method::LinearAdapter;
 
     #[test]
     fn slices_and_delta_by_hand() {
@@ -427,7 +427,9 @@ mod tests {
         let v = Vera::new(1, 2, 1, [3.0f64], [0.5]).unwrap();
         let mut dw = [0.0; 2];
         let mut sc = [0.0; 1];
-        v.bound(&proj).delta_rows(&Reference, 0, MatMut::new(&mut dw, 1, 2).unwrap(), Accum::Replace, 1.0, &mut sc).unwrap();
+        v.bound(&proj)
+            .delta_rows(&Reference, 0, MatMut::new(&mut dw, 1, 2).unwrap(), Accum::Replace, 1.0, &mut sc)
+            .unwrap();
         assert_eq!(dw, [3.0, 6.0]);
         // Forward, W = [1, 1], x = [1, -1]: x W^T = 0, x dW^T = 3 - 6 = -3.
         let w = [1.0, 1.0];
@@ -440,7 +442,14 @@ mod tests {
         // A layer wider than the projections is refused.
         let wide = Vera::new(1, 4, 1, [1.0f64], [1.0]).unwrap();
         assert!(matches!(
-            wide.bound(&proj).delta_rows(&Reference, 0, MatMut::new(&mut [0.0; 4], 1, 4).unwrap(), Accum::Replace, 1.0, &mut sc),
+            wide.bound(&proj).delta_rows(
+                &Reference,
+                0,
+                MatMut::new(&mut [0.0; 4], 1, 4).unwrap(),
+                Accum::Replace,
+                1.0,
+                &mut sc
+            ),
             Err(Error::ShapeMismatch { operand: Operand::LoraA, expected: 4, found: 3 })
         ));
     }

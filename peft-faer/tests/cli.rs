@@ -4,8 +4,6 @@
 //! bit-identical, and the saved model and adapters run in `peft forward`.
 #![cfg(feature = "cli")]
 
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::process::Command;
 
 #[test]

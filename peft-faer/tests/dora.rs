@@ -6,8 +6,7 @@
 
 mod common;
 
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
+use peft_core::method::LinearAdapter;
 use std::path::PathBuf;
 use std::process::Command;
 

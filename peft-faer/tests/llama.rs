@@ -10,8 +10,6 @@
 
 mod common;
 
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

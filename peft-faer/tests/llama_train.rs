@@ -4,8 +4,6 @@
 //! held-out loss.
 #![cfg(feature = "cli")]
 
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_faer::Faer;
 use peft_faer::llama::train::{Distill, Method, Trainable, Trainer, init_adapter};
 use peft_faer::llama::{Bottleneck, Llama, LlamaConfig};

@@ -6,8 +6,7 @@
 
 mod common;
 
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
+use peft_core::method::LinearAdapter;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -53,7 +52,7 @@ fn lokr_merge_and_forward_match_peft() {
             let x = &refs[&format!("x.{}", m.name)].2;
             let t = x.len() / n_in;
             let mut y = vec![0.0f32; t * n_out];
-            let mut sc = vec![0.0f32; l.forward_scratch_len()];
+            let mut sc = vec![0.0f32; l.forward_scratch_len(t)];
             l.forward(
                 &backend,
                 &dense,

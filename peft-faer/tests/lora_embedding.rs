@@ -7,8 +7,6 @@
 
 mod common;
 
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::path::PathBuf;
 use std::process::Command;
 

@@ -5,7 +5,6 @@
 //!
 //! One test in its own binary, so no other test's threads allocate while it
 //! counts.
-use peft_core::delta::DeltaRows;
 use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -4,8 +4,7 @@
 //! or the new one, bit for bit, never a mix, and the base is never
 //! disturbed.
 
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
+use peft_core::method::LinearAdapter;
 use std::sync::RwLock;
 
 use peft_core::lora::{Lora, LoraConfig};

@@ -7,8 +7,7 @@
 #![cfg(feature = "cli")]
 
 mod common;
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
+use peft_core::method::LinearAdapter;
 use std::process::Command;
 
 use peft_core::vera::{Vera, VeraProjection};
@@ -38,13 +37,14 @@ fn vera_merge_and_forward_match_peft() {
             Some(b) => dense.with_bias(b).unwrap(),
             None => dense,
         };
-        let layer = Vera::new(p.r, n_in, n_out, &m.lambda_d[..], &m.lambda_b[..]).unwrap();
+        let vera = Vera::new(p.r, n_in, n_out, &m.lambda_d[..], &m.lambda_b[..]).unwrap();
+        let layer = vera.bound(&proj);
         let x = &refs[&format!("x.{}", m.name)].2;
         let t = x.len() / n_in;
         let mut y = vec![0.0f32; t * n_out];
         let mut sc = vec![0.0f32; layer.forward_scratch_len(t)];
         let (xv, yv) = (MatRef::new(x, t, n_in).unwrap(), MatMut::new(&mut y, t, n_out).unwrap());
-        layer.bound(&proj).forward(&backend, &dense, xv, yv, &mut sc).unwrap();
+        layer.forward(&backend, &dense, xv, yv, &mut sc).unwrap();
         let rel = max_rel(&y, &refs[&format!("y.{}", m.name)].2);
         assert!(rel <= 1e-5, "{}: relative error {rel:.2e}", m.name);
     }

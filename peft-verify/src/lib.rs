@@ -139,8 +139,6 @@ pub mod mistakes;
 pub mod oracle;
 mod props;
 
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use peft_core::{Backend, Element};

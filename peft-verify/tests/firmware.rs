@@ -12,8 +12,6 @@
 //! (`.ci/run` installs both). Without QEMU the test says so and passes,
 //! unless `PEFT_REQUIRE_QEMU` is set, as `.ci/run` does.
 
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::path::PathBuf;
 use std::process::Command;
 

@@ -2,7 +2,6 @@
 //! autograd (`tests/fixtures/peft/lora_qv`, see its README): an independent
 //! implementation is the oracle for the forward pass, every gradient, the
 //! merged weights and a two-layer model.
-use peft_core::delta::DeltaRows;
 use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -7,13 +7,12 @@
 //! `print_trainable_parameters` reports 4,194,304 trainable (0.0622%) for
 //! LoRA r=8 on q_proj and v_proj (its README's example output).
 
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::activation::Activation;
 use peft_core::adapter::{AdapterConfig, AdapterParams, BottleneckAdapter};
 use peft_core::attention::forward::forward;
 use peft_core::attention::{AttentionShape, Mask};
 use peft_core::lora::{Lora, LoraConfig, ParamReport};
+use peft_core::method::LinearAdapter;
 use peft_core::prefix::{PrefixConfig, PrefixTuning};
 use peft_core::prompt::PromptTuning;
 use peft_core::{Dense, MatMut, MatRef, Reference, Rng};

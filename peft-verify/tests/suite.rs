@@ -3,8 +3,6 @@
 //! `PROPTEST_CASES` overrides). Failing seeds are saved under
 //! `peft-verify/proptest-regressions/` and replayed first on later runs.
 
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use half::{bf16, f16};
 use peft_core::Reference;
 use peft_faer::{Faer, FaerHalf};

@@ -29,7 +29,7 @@ pub struct DoraGrads<'g, E> {
     pub magnitude: &'g mut [E],
 }
 
-/// Scratch elements [`Dora::backward`] needs: `2 tokens out` (`z` and
+/// Scratch elements DoRA's backward needs: `2 tokens out` (`z` and
 /// `G'`) plus LoRA's `2 tokens r` (saturating).
 pub const fn backward_scratch_len(tokens: usize, out: usize, rank: usize) -> usize {
     tokens.saturating_mul(out).saturating_mul(2).saturating_add(crate::lora::backward_scratch_len(tokens, rank))

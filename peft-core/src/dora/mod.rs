@@ -41,8 +41,8 @@ use crate::base::FrozenLinear;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len, check_scratch};
 use crate::lora::{Lora, LoraConfig, ParamReport};
-use crate::matrix::{MatMut, checked_len};
 use crate::matrix::MatRef;
+use crate::matrix::{MatMut, checked_len};
 use crate::method::LinearAdapter;
 use crate::rng::Rng;
 
@@ -88,6 +88,17 @@ impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]>> Dora<E, S, C> {
         check_len(Operand::Parameter, out_features, magnitude.as_ref().len())?;
         check_len(Operand::Parameter, out_features, norms.as_ref().len())?;
         Ok(Self { lora, magnitude, norms, fresh: false })
+    }
+
+    /// The adapter with the scale `s` given as resolved (see
+    /// [`Lora::with_scale`]); the norm cache becomes stale.
+    ///
+    /// # Errors
+    /// [`Error::InvalidAlpha`] for a non-finite scale.
+    pub fn with_scale(mut self, scale: f64) -> Result<Self> {
+        self.lora = self.lora.with_scale(scale)?;
+        self.fresh = false;
+        Ok(self)
     }
 
     /// The LoRA part (`A`, `B`, the scale).

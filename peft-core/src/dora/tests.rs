@@ -91,6 +91,9 @@ fn a_fresh_adapter_is_the_base_and_a_zero_magnitude_needs_a_backup() {
     assert!(matches!(e, Error::InvalidParameter { name: "magnitude", .. }));
     assert_eq!(w2, w, "nothing written");
     let mut backup = vec![0.0; w.len()];
-    dora.merge_into(&Reference, MergeTarget::new(&mut w2).with_backup(&mut backup), &mut norms).unwrap().unmerge().unwrap();
+    dora.merge_into(&Reference, MergeTarget::new(&mut w2).with_backup(&mut backup), &mut norms)
+        .unwrap()
+        .unmerge()
+        .unwrap();
     assert_eq!(w2, w, "restored from the backup bit for bit");
 }

@@ -230,9 +230,8 @@ impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> LoraEmbedding<E, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delta::DeltaRows;
-    use crate::method::LinearAdapter;
     use crate::backend::Reference;
+    use crate::delta::DeltaRows;
 
     #[test]
     fn lookup_merge_and_gradients_by_hand() {

@@ -1,15 +1,15 @@
 //! [`Lora`]: the adapter tensors `A [r, in]`, `B [out, r]` and their scale.
 use core::marker::PhantomData;
 
+use super::backward::LoraGrads;
 use super::config::{LoraConfig, LoraInit};
 use super::params::ParamReport;
+use crate::backend::{Accum, Backend};
 use crate::base::FrozenLinear;
 use crate::element::Element;
-use super::backward::LoraGrads;
-use crate::backend::{Accum, Backend};
 use crate::error::{Error, Operand, Result, check_len};
-use crate::method::LinearAdapter;
 use crate::matrix::{MatMut, MatRef, checked_len};
+use crate::method::LinearAdapter;
 use crate::rng::Rng;
 
 /// Scratch elements [`Lora::forward`] needs for `tokens` rows of a rank-`rank`
@@ -32,7 +32,7 @@ pub const fn backward_scratch_len(tokens: usize, rank: usize) -> usize {
 /// The frozen base is not part of the adapter. [`forward`](Lora::forward)
 /// and [`backward`](Lora::backward) take it as a read-only
 /// [`FrozenLinear`], so one base (in flash, or shared by threads) serves any
-/// number of adapters; only [`merge_into`](Lora::merge_into) writes a base
+/// number of adapters; only [`merge_into`](crate::method::WeightUpdate::merge_into) writes a base
 /// weight, and it returns a guard that owns the weight until it is
 /// restored.
 ///
@@ -178,7 +178,7 @@ impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Lora<E, S> {
     }
 
     /// `(A, B)` mutably, for an optimizer step or a load. While a
-    /// [`Merged`](super::Merged) guard borrows the adapter, this does not
+    /// [`Merged`](crate::method::Merged) guard borrows the adapter, this does not
     /// compile: the unmerge would subtract a different product.
     pub fn adapter_mut(&mut self) -> (&mut [E], &mut [E]) {
         (self.a.as_mut(), self.b.as_mut())

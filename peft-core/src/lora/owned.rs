@@ -43,13 +43,13 @@ impl<E: Element> LoraParams<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delta::DeltaRows;
-    use crate::method::{LinearAdapter, MergeTarget, WeightUpdate};
+
     use crate::backend::Reference;
     use crate::base::Dense;
     use crate::error::Error;
     use crate::lora::{Lora, LoraConfig, LoraGrads};
     use crate::matrix::MatRef;
+    use crate::method::LinearAdapter;
 
     #[test]
     fn owned_buffers_fit_a_layer() {

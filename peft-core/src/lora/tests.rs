@@ -216,7 +216,8 @@ fn merge_guard_restores_on_drop_and_keep_stays_merged() {
         .collect();
     let mut backup = vec![0.0; 30];
     {
-        let guard = layer.merge_into(&Reference, MergeTarget::new(&mut bf.w).with_backup(&mut backup), &mut []).unwrap();
+        let guard =
+            layer.merge_into(&Reference, MergeTarget::new(&mut bf.w).with_backup(&mut backup), &mut []).unwrap();
         assert!(max_rel_err(guard.weight(), &want) < 1e-15);
     } // dropped: restored from the backup
     assert_eq!(bf.w, orig);

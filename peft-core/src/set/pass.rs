@@ -53,7 +53,7 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> Adap
     /// active adapters into `grad_x` if given. Inactive adapters'
     /// gradients are not touched.
     ///
-    /// Shapes: as [`Lora::backward`](crate::lora::Lora::backward);
+    /// Shapes: as [`LinearAdapter::backward`](crate::method::LinearAdapter::backward);
     /// `grads.len()` equals [`slot_count`](Self::slot_count); scratch at
     /// least [`backward_scratch_len(tokens)`](Self::backward_scratch_len).
     ///

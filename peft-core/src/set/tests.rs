@@ -1,12 +1,12 @@
 //! Adapter-set unit tests. The `FixedSet` tests use no heap: arrays for the
 //! adapters, a `static` base, `&'static str` names.
 
-use crate::method::LinearAdapter;
 use super::*;
 use crate::backend::Reference;
 use crate::base::Dense;
 use crate::lora::LoraConfig;
 use crate::matrix::{MatMut, MatRef};
+use crate::method::LinearAdapter;
 
 /// The identity 2 x 2, in "flash".
 static W: [f32; 4] = [1.0, 0.0, 0.0, 1.0];

@@ -1,5 +1,4 @@
 extern crate std;
-use crate::method::LinearAdapter;
 use std::vec;
 use std::vec::Vec;
 

@@ -30,13 +30,15 @@
 //! `|deq(quant(v)) - v|` against the f32 merge `v`. A merged value that is
 //! not finite cannot be quantized and is always refused.
 
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
+use peft_core::delta::DeltaRows;
+use peft_core::dora::Dora;
+use peft_core::lora::Lora;
+use peft_core::method::{Direction, WeightUpdate};
 use peft_core::storage::Format;
 use peft_core::{Accum, Backend, MatMut, MatRef, Op};
 
@@ -639,56 +641,55 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
         }
         Action::Vera(m, p, factor, n_in) => {
             use peft_core::vera::{Vera, VeraProjection};
-            let r = p.r;
-            let mut sc = vec![0.0f32; 0];
+            let proj = VeraProjection::new(p.r, p.max_in, p.max_out, &p.a[..], &p.b[..])?;
+            let layer = Vera::new(p.r, *n_in, m.lambda_b.len(), &m.lambda_d[..], &m.lambda_b[..])?;
+            let layer = layer.bound(&proj);
+            let mut sc = Vec::new();
             return map_rows(shard, e, out_f, check_finite, w, |i0, n, cols, vals| {
-                // Rows i0..i0+n of dW are those of a VeRA layer whose
-                // `vera_B` and `lambda_b` are the same rows.
-                fn rows(v: &[f32], from: usize, to: usize) -> Result<&[f32], peft_core::Error> {
-                    v.get(from..to).ok_or(peft_core::Error::Overflow)
-                }
-                let proj = VeraProjection::new(r, p.max_in, n, &p.a[..], rows(&p.b, i0 * r, (i0 + n) * r)?)?;
-                let layer = Vera::new(r, *n_in, n, &m.lambda_d[..], rows(&m.lambda_b, i0, i0 + n)?)?;
-                sc.resize(layer.delta_scratch_len(), 0.0);
+                sc.resize(layer.delta_scratch_len(n), 0.0);
                 let dst = MatMut::new(vals, n, cols)?;
-                layer.bound(&proj).delta_rows(backend, 0, dst, Accum::Add, *factor, &mut sc).map_err(HfError::backend)?;
+                layer.delta_rows(backend, i0, dst, Accum::Add, *factor, &mut sc).map_err(HfError::backend)?;
                 Ok(())
             });
         }
         Action::Ia3(m) => {
-            return map_rows(shard, e, out_f, check_finite, w, |i0, _, cols, vals| {
-                for (k, row) in vals.chunks_exact_mut(cols.max(1)).enumerate() {
-                    if m.feedforward {
-                        row.iter_mut().zip(&m.l).for_each(|(v, l)| *v *= l);
-                    } else {
-                        let l = m.l[i0 + k];
-                        row.iter_mut().for_each(|v| *v *= l);
-                    }
-                }
+            let (n_out, n_in) = match e.shape.as_slice() {
+                &[o, i] => (o, i),
+                _ => (0, 0),
+            };
+            let layer = peft_core::ia3::Ia3::new(n_in, n_out, m.feedforward, &m.l[..])?;
+            return map_rows(shard, e, out_f, check_finite, w, |i0, n, cols, vals| {
+                let block = MatMut::new(vals, n, cols)?;
+                layer.update_rows(backend, i0, block, None, Direction::Merge, &mut []).map_err(HfError::backend)?;
                 Ok(())
             });
         }
         Action::Lora(list, fan_in_fan_out) => {
+            let mut norms = Vec::new();
             return map_rows(shard, e, out_f, check_finite, w, |i0, n, cols, vals| {
                 for &(m, s) in list {
-                    let a = MatRef::new(&m.a, m.r, m.n_in)?;
-                    let b = MatRef::new(&m.b, m.n_out, m.r)?;
+                    let cfg = peft_core::lora::LoraConfig::new(m.r, m.alpha);
+                    let lora = Lora::new(&cfg, m.n_in, m.n_out, &m.a[..], &m.b[..])?.with_scale(f64::from(s))?;
                     let dst = MatMut::new(&mut *vals, n, cols)?;
-                    let overflow = || peft_core::Error::Overflow;
                     if *fan_in_fan_out {
                         // W [in, out]: rows i0.. += s A^T[i0.., :] B^T.
-                        let at = a.cols_range(i0, n).ok_or_else(overflow)?;
+                        let (a, b) = (MatRef::new(&m.a, m.r, m.n_in)?, MatRef::new(&m.b, m.n_out, m.r)?);
+                        let at = a.cols_range(i0, n).ok_or(peft_core::Error::Overflow)?;
                         backend.gemm(dst, Accum::Add, at, Op::T, b, Op::T, s).map_err(HfError::backend)?;
+                    } else if let Some(mag) = &m.magnitude {
+                        // DoRA (the reader refused fan_in_fan_out, so rows
+                        // are outputs): V = W + s B A, then (m / ||V||) V,
+                        // each row over the weight merged so far.
+                        // A merge forms its own norms: the cache is not read.
+                        let cache = &mag[..];
+                        let dora = Dora::new(&cfg, m.n_in, m.n_out, &m.a[..], &m.b[..], &mag[..], cache)?;
+                        let dora = dora.with_scale(f64::from(s))?;
+                        norms.resize(n, 0.0);
+                        dora.update_rows(backend, i0, dst, None, Direction::Merge, &mut norms)
+                            .map_err(HfError::backend)?;
                     } else {
-                        // W [out, in]: rows i0.. += s B[i0.., :] A.
-                        let bt = b.rows_range(i0, n).ok_or_else(overflow)?;
-                        backend.gemm(dst, Accum::Add, bt, Op::N, a, Op::N, s).map_err(HfError::backend)?;
-                    }
-                    if let Some(mag) = &m.magnitude {
-                        // DoRA: each row V_j = W_j + s B_j A, now complete in the
-                        // block, becomes (m_j / ||V_j||) V_j (PEFT's merge; the
-                        // reader refused fan_in_fan_out, so rows are outputs).
-                        dora_rows(vals, cols, &mag[i0..i0 + n]);
+                        lora.update_rows(backend, i0, dst, None, Direction::Merge, &mut [])
+                            .map_err(HfError::backend)?;
                     }
                 }
                 Ok(())
@@ -696,18 +697,6 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
         }
     }
     Ok(error)
-}
-
-/// DoRA's merge on a block of complete rows `v` (`cols` each): `V_j <-
-/// (mag_j / ||V_j||) V_j`, the norm summed in f64, the ratio applied in
-/// f32 (PEFT's arithmetic). A multiplier scales `s` before this (`V = W +
-/// m s B A`), as PEFT's `scale_layer` does for DoRA.
-fn dora_rows(v: &mut [f32], cols: usize, mag: &[f32]) {
-    for (row, &mj) in v.chunks_exact_mut(cols.max(1)).zip(mag) {
-        let norm = row.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
-        let ratio = (f64::from(mj) / norm) as f32;
-        row.iter_mut().for_each(|x| *x *= ratio);
-    }
 }
 
 /// A LoKr factor's stored tensors as `peft-core`'s form.

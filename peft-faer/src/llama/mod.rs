@@ -47,8 +47,6 @@ mod sites;
 pub mod train;
 pub mod weights;
 
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::path::Path;
 
 use peft_core::attention::{AttentionShape, Mask, Prefix};
@@ -629,7 +627,7 @@ impl Llama {
         let mut out = vec![0.0f32; n * d];
         let (mut gate, mut up) = (vec![0.0f32; n * f], vec![0.0f32; n * f]);
         let mut scratch = Vec::new();
-        let mut site_t = Vec::new();
+        let mut ws = sites::SiteScratch::default();
         let be = HfError::backend;
         if let Some(t) = trace.as_deref_mut() {
             t.rows = n;
@@ -644,9 +642,9 @@ impl Llama {
             };
             rms_norm(&h, &layer.input_norm, c.rms_norm_eps, &mut norm);
             let x = MatRef::new(&norm, n, d)?;
-            sites::forward(backend, &layer.proj[0], module(0), x, &mut q, &mut site_t)?;
-            sites::forward(backend, &layer.proj[1], module(1), x, &mut k, &mut site_t)?;
-            sites::forward(backend, &layer.proj[2], module(2), x, &mut v, &mut site_t)?;
+            sites::forward(backend, &layer.proj[0], module(0), x, &mut q, &mut ws)?;
+            sites::forward(backend, &layer.proj[1], module(1), x, &mut k, &mut ws)?;
+            sites::forward(backend, &layer.proj[2], module(2), x, &mut v, &mut ws)?;
             apply_rope(&mut q, c.num_heads, c.head_dim, &rope);
             apply_rope(&mut k, c.num_kv_heads, c.head_dim, &rope);
             cache.k[l].extend_from_slice(&k);
@@ -667,17 +665,17 @@ impl Llama {
                 &mut scratch,
             )
             .map_err(be)?;
-            sites::forward(backend, &layer.proj[3], module(3), MatRef::new(&attn, n, qw)?, &mut out, &mut site_t)?;
-            let attn_pre = bottleneck(backend, adapter, l, 0, &mut out, &mut site_t)?;
+            sites::forward(backend, &layer.proj[3], module(3), MatRef::new(&attn, n, qw)?, &mut out, &mut ws)?;
+            let attn_pre = bottleneck(backend, adapter, l, 0, &mut out, &mut ws.scratch)?;
             h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
             rms_norm(&h, &layer.post_norm, c.rms_norm_eps, &mut norm);
             let x = MatRef::new(&norm, n, d)?;
-            sites::forward(backend, &layer.proj[4], module(4), x, &mut gate, &mut site_t)?;
-            sites::forward(backend, &layer.proj[5], module(5), x, &mut up, &mut site_t)?;
+            sites::forward(backend, &layer.proj[4], module(4), x, &mut gate, &mut ws)?;
+            sites::forward(backend, &layer.proj[5], module(5), x, &mut up, &mut ws)?;
             let pre_gate = trace.is_some().then(|| gate.clone());
             gate.iter_mut().zip(&up).for_each(|(g, u)| *g = silu(*g) * u);
-            sites::forward(backend, &layer.proj[6], module(6), MatRef::new(&gate, n, f)?, &mut out, &mut site_t)?;
-            let mlp_pre = bottleneck(backend, adapter, l, 1, &mut out, &mut site_t)?;
+            sites::forward(backend, &layer.proj[6], module(6), MatRef::new(&gate, n, f)?, &mut out, &mut ws)?;
+            let mlp_pre = bottleneck(backend, adapter, l, 1, &mut out, &mut ws.scratch)?;
             if let Some(t) = trace.as_deref_mut() {
                 t.layers.push(LayerTrace {
                     h_in: h_in.unwrap_or_default(),

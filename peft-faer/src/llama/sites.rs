@@ -1,24 +1,23 @@
 //! One adapted projection of the Llama model: the module of each
 //! weight-adapting method, its forward (`y = f(x)` through the frozen
 //! matrix, which stays in its stored format) and its backward (`dL/dx`
-//! and the module's gradients). LoRA runs on the backend directly; DoRA,
-//! (IA)^3, LoHa, LoKr and VeRA through `peft-core`'s layers over a
-//! [`StoredLinear`] base.
+//! and the module's gradients). Every method runs through `peft-core`'s
+//! [`LinearAdapter`] over a [`StoredLinear`] base: no method's arithmetic
+//! is written here. Scratch is sized by the trait and kept in a
+//! [`SiteScratch`] for the whole pass.
 //!
 //! DoRA's weight norms `||W + s B A||` are recomputed from the current `A`
 //! and `B` at every pass (nothing is cached between passes, and a training
 //! step changes `A` and `B`); their gradient is not propagated, as in
 //! PEFT, which detaches the norm.
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::dora::{Dora, DoraGrads};
 use peft_core::ia3::Ia3;
 use peft_core::loha::{Loha, LohaGrads};
 use peft_core::lokr::{Factor, Lokr, LokrGrads};
-use peft_core::lora::LoraConfig;
+use peft_core::lora::{Lora, LoraConfig, LoraGrads};
 use peft_core::storage::StoredLinear;
 use peft_core::vera::{Vera, VeraGrads, VeraProjection};
-use peft_core::{Accum, Backend, MatMut, MatRef, Op};
+use peft_core::{Accum, Backend, FrozenLinear, LinearAdapter, MatMut, MatRef};
 
 use super::Linear;
 use crate::hf::{HfError, Ia3Module, LohaModule, LokrModule, LoraModule, VeraModule, VeraProjections};
@@ -45,7 +44,7 @@ pub enum Module<'a> {
 
 impl Module<'_> {
     /// The module's trainable tensors' lengths, in the order of its
-    /// gradient buffers: LoRA `A, B`; DoRA `A, B, m`; (IA)^3 `l`; LoHa
+    /// gradient buffers: LoRA `A, B` (its `lora_bias` stays frozen); DoRA `A, B, m`; (IA)^3 `l`; LoHa
     /// `W1a, W1b, W2a, W2b`; LoKr `W1`'s stored tensors then `W2`'s; VeRA
     /// `lambda_d, lambda_b`.
     pub fn tensor_lens(&self) -> Vec<usize> {
@@ -80,12 +79,26 @@ fn factor_grads<'g>(m: &LokrModule, g: &'g mut [Vec<f32>]) -> Option<LokrGrads<'
     Some(LokrGrads { w1: f(g1)?, w2: f(g2)? })
 }
 
-/// The first `len` elements of `v`, grown (zeros) to hold them.
+/// The first `len` elements of `v`, grown (zeros) to hold them: the
+/// buffers live as long as the forward or backward pass, so a site
+/// allocates only the first time it needs more than any site before it.
 fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if v.len() < len {
         v.resize(len, 0.0);
     }
     &mut v[..len]
+}
+
+/// The buffers the projections of one pass share, each sized by the
+/// method's [`LinearAdapter`] scratch lengths and grown, never shrunk.
+#[derive(Debug, Default)]
+pub(super) struct SiteScratch {
+    /// The method's scratch (the bottleneck adapters use it too).
+    pub(super) scratch: Vec<f32>,
+    /// `dL/dx` of one projection, before it is added to the sum.
+    dx: Vec<f32>,
+    /// DoRA's norm cache `[out]`.
+    norms: Vec<f32>,
 }
 
 /// The frozen layer as `peft-core`'s base.
@@ -97,68 +110,110 @@ fn base(lin: &Linear) -> Result<StoredLinear<'_, f32>, HfError> {
     })
 }
 
+/// LoRA's layer over the module's tensors, with its resolved scale and
+/// `lora_bias`.
+fn lora(m: &LoraModule) -> Result<Lora<f32, &[f32]>, HfError> {
+    let layer = Lora::new(&LoraConfig::new(m.r, m.alpha), m.n_in, m.n_out, &m.a[..], &m.b[..])?.with_scale(m.scale)?;
+    Ok(match &m.lora_bias {
+        Some(lb) => layer.with_lora_bias(&lb[..])?,
+        None => layer,
+    })
+}
+
+/// DoRA over a module's tensors, its norm cache in a [`SiteScratch`].
+type HostedDora<'a> = Dora<f32, &'a [f32], &'a mut [f32]>;
+
+/// DoRA's layer, its norms refreshed over `base` (A and B may have changed
+/// since the last pass: a training step changes them).
+fn dora<'a, B: Backend<f32> + ?Sized>(
+    backend: &B,
+    base: &StoredLinear<'_, f32>,
+    m: &'a LoraModule,
+    cfg: &LoraConfig<'_>,
+    ws: &'a mut SiteScratch,
+) -> Result<(HostedDora<'a>, &'a mut Vec<f32>), HfError> {
+    let mag = m.magnitude.as_deref().unwrap_or(&[]);
+    let norms = grow(&mut ws.norms, m.n_out);
+    let layer = Dora::new(cfg, m.n_in, m.n_out, &m.a[..], &m.b[..], mag, norms)?;
+    let mut layer = layer.with_scale(m.scale)?;
+    let need = layer.prepare_scratch_len(base);
+    layer.prepare(backend, base, grow(&mut ws.scratch, need)).map_err(HfError::backend)?;
+    Ok((layer, &mut ws.scratch))
+}
+
+/// `y = f(x)` through any method, its scratch sized by the trait.
+fn run_forward<A: LinearAdapter<f32>, B: Backend<f32> + ?Sized>(
+    backend: &B,
+    base: &StoredLinear<'_, f32>,
+    layer: &A,
+    x: MatRef<'_, f32>,
+    y: MatMut<'_, f32>,
+    scratch: &mut Vec<f32>,
+) -> Result<(), HfError> {
+    let s = grow(scratch, layer.forward_scratch_len(x.rows()));
+    layer.forward(backend, base, x, y, s).map_err(HfError::backend)
+}
+
+/// `gx += dL/dx` and the method's gradients accumulated, through any
+/// method.
+#[allow(clippy::too_many_arguments)]
+fn run_backward<A: LinearAdapter<f32>, B: Backend<f32> + ?Sized>(
+    backend: &B,
+    base: &StoredLinear<'_, f32>,
+    layer: &A,
+    x: MatRef<'_, f32>,
+    gy: MatRef<'_, f32>,
+    gx: &mut [f32],
+    grads: A::Grads<'_>,
+    scratch: &mut Vec<f32>,
+    dx: &mut Vec<f32>,
+) -> Result<(), HfError> {
+    let (n, n_in) = (x.rows(), layer.in_features());
+    let dx = grow(dx, n * n_in);
+    let s = grow(scratch, layer.backward_scratch_len(n));
+    layer.backward(backend, base, x, gy, Some(MatMut::new(&mut *dx, n, n_in)?), grads, s).map_err(HfError::backend)?;
+    gx.iter_mut().zip(dx.iter()).for_each(|(g, d)| *g += d);
+    Ok(())
+}
+
 /// `y = f(x)` for the projection `lin` through `module` (or the frozen
-/// layer alone); `t` is scratch.
+/// layer alone).
 pub(super) fn forward<B: Backend<f32> + ?Sized>(
     backend: &B,
     lin: &Linear,
     module: Option<Module<'_>>,
     x: MatRef<'_, f32>,
     y: &mut [f32],
-    t: &mut Vec<f32>,
+    ws: &mut SiteScratch,
 ) -> Result<(), HfError> {
     let (n, n_in, n_out) = (x.rows(), lin.weight.cols, lin.weight.rows);
-    let be = HfError::backend;
-    let yv = MatMut::new(y, n, n_out)?;
+    let base = base(lin)?;
+    let y = MatMut::new(y, n, n_out)?;
     match module {
-        None | Some(Module::Lora(_)) => {
-            backend.stored_apply(&lin.weight.view()?, x, yv, Accum::Replace).map_err(be)?;
-            if let Some(b) = &lin.bias {
-                y.chunks_exact_mut(n_out).for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
-            }
-            if let Some(Module::Lora(m)) = module {
-                let s = m.scale as f32;
-                let a = MatRef::new(&m.a, m.r, m.n_in)?;
-                let b = MatRef::new(&m.b, m.n_out, m.r)?;
-                let u = grow(t, n * m.r);
-                backend.gemm(MatMut::new(u, n, m.r)?, Accum::Replace, x, Op::N, a, Op::T, 1.0).map_err(be)?;
-                let u = MatRef::new(&t[..n * m.r], n, m.r)?;
-                backend.gemm(MatMut::new(y, n, n_out)?, Accum::Add, u, Op::N, b, Op::T, s).map_err(be)?;
-                if let Some(lb) = &m.lora_bias {
-                    y.chunks_exact_mut(n_out).for_each(|row| row.iter_mut().zip(lb).for_each(|(y, b)| *y += s * b));
-                }
-            }
-        }
+        None => base.forward(backend, x, y).map_err(HfError::backend),
+        Some(Module::Lora(m)) => run_forward(backend, &base, &lora(m)?, x, y, &mut ws.scratch),
         Some(Module::Dora(m, cfg)) => {
-            let base = base(lin)?;
-            let mag = m.magnitude.as_deref().unwrap_or(&[]);
-            let mut layer = Dora::new(&cfg, n_in, n_out, &m.a[..], &m.b[..], mag, vec![0.0; n_out])?;
-            let need = peft_core::dora::refresh_scratch_len(&base, n_out)
-                .max(peft_core::dora::forward_scratch_len(n, cfg.rank));
-            let s = grow(t, need);
-            layer.refresh_norms(backend, &base, s).map_err(be)?;
-            layer.forward(backend, &base, x, yv, s).map_err(be)?;
+            let (layer, scratch) = dora(backend, &base, m, &cfg, ws)?;
+            run_forward(backend, &base, &layer, x, y, scratch)
         }
         Some(Module::Ia3(m)) => {
-            let layer = Ia3::new(n_in, n_out, m.feedforward, &m.l[..])?;
-            layer.forward(backend, &base(lin)?, x, yv, grow(t, layer.forward_scratch_len(n))).map_err(be)?;
+            run_forward(backend, &base, &Ia3::new(n_in, n_out, m.feedforward, &m.l[..])?, x, y, &mut ws.scratch)
         }
         Some(Module::Loha(m)) => {
             let [f0, f1, f2, f3] = &m.factors;
             let layer = Loha::new(&LoraConfig::new(m.r, m.alpha), n_in, n_out, [&f0[..], &f1[..], &f2[..], &f3[..]])?;
-            layer.forward(backend, &base(lin)?, x, yv, grow(t, layer.forward_scratch_len())).map_err(be)?;
+            run_forward(backend, &base, &layer, x, y, &mut ws.scratch)
         }
         Some(Module::Lokr(m)) => {
             let layer = Lokr::new(&LoraConfig::new(m.r, m.alpha), m.d1, m.d2, factor(&m.w1), factor(&m.w2))?;
-            layer.forward(backend, &base(lin)?, x, yv, grow(t, layer.forward_scratch_len())).map_err(be)?;
+            run_forward(backend, &base, &layer, x, y, &mut ws.scratch)
         }
         Some(Module::Vera(m, p)) => {
             let proj = VeraProjection::new(p.r, p.max_in, p.max_out, &p.a[..], &p.b[..])?;
             let layer = Vera::new(m.r, n_in, n_out, &m.lambda_d[..], &m.lambda_b[..])?;
-            layer.bound(&proj).forward(backend, &base(lin)?, x, yv, grow(t, layer.forward_scratch_len(n))).map_err(be)?;
+            run_forward(backend, &base, &layer.bound(&proj), x, y, &mut ws.scratch)
         }
     }
-    Ok(())
 }
 
 /// `gx += dL/dx` of [`forward`], the module's gradients (`grads`, in
@@ -170,81 +225,53 @@ pub(super) fn backward<B: Backend<f32> + ?Sized>(
     x: MatRef<'_, f32>,
     gy: &[f32],
     gx: &mut [f32],
+    ws: &mut SiteScratch,
 ) -> Result<(), HfError> {
     let (n, n_in, n_out) = (x.rows(), lin.weight.cols, lin.weight.rows);
-    let be = HfError::backend;
-    let gyv = MatRef::new(gy, n, n_out)?;
+    let base = base(lin)?;
+    let gy = MatRef::new(gy, n, n_out)?;
     let bad = || HfError::Config { field: "grads".into(), reason: "must be LlamaGrads::zeros of the adapter".into() };
     let Some((module, grads)) = module else {
-        let w = lin.weight.view()?;
-        return backend.stored_apply_transpose(&w, gyv, MatMut::new(gx, n, n_in)?, Accum::Add).map_err(be);
+        return base.apply_transpose(backend, gy, MatMut::new(gx, n, n_in)?, Accum::Add).map_err(HfError::backend);
     };
-    if let Module::Lora(m) = module {
-        let [ga, gb] = grads else { return Err(bad()) };
-        let w = lin.weight.view()?;
-        backend.stored_apply_transpose(&w, gyv, MatMut::new(gx, n, n_in)?, Accum::Add).map_err(be)?;
-        let (r, s) = (m.r, m.scale as f32);
-        let a = MatRef::new(&m.a, r, n_in)?;
-        let b = MatRef::new(&m.b, n_out, r)?;
-        let (mut u, mut t) = (vec![0.0f32; n * r], vec![0.0f32; n * r]);
-        backend.gemm(MatMut::new(&mut u, n, r)?, Accum::Replace, gyv, Op::N, b, Op::N, 1.0).map_err(be)?;
-        backend.gemm(MatMut::new(&mut t, n, r)?, Accum::Replace, x, Op::N, a, Op::T, 1.0).map_err(be)?;
-        let (uv, tv) = (MatRef::new(&u, n, r)?, MatRef::new(&t, n, r)?);
-        backend.gemm(MatMut::new(ga, r, n_in)?, Accum::Add, uv, Op::T, x, Op::N, s).map_err(be)?;
-        backend.gemm(MatMut::new(gb, n_out, r)?, Accum::Add, gyv, Op::T, tv, Op::N, s).map_err(be)?;
-        return backend.gemm(MatMut::new(gx, n, n_in)?, Accum::Add, uv, Op::N, a, Op::N, s).map_err(be);
-    }
-    // The other methods write dL/dx to `tmp`, then it is added to `gx`.
-    let base = base(lin)?;
-    let mut tmp = vec![0.0f32; n * n_in];
-    let dx = Some(MatMut::new(&mut tmp, n, n_in)?);
-    let mut scratch = Vec::new();
     match module {
-        Module::Lora(_) => {}
+        Module::Lora(m) => {
+            let [ga, gb] = grads else { return Err(bad()) };
+            let g = LoraGrads::new(&mut ga[..], &mut gb[..]);
+            run_backward(backend, &base, &lora(m)?, x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
+        }
         Module::Dora(m, cfg) => {
             let [ga, gb, gm] = grads else { return Err(bad()) };
-            let mag = m.magnitude.as_deref().unwrap_or(&[]);
-            let mut layer = Dora::new(&cfg, n_in, n_out, &m.a[..], &m.b[..], mag, vec![0.0; n_out])?;
-            let need = peft_core::dora::refresh_scratch_len(&base, n_out)
-                .max(peft_core::dora::backward_scratch_len(n, n_out, cfg.rank));
-            let s = grow(&mut scratch, need);
-            layer.refresh_norms(backend, &base, s).map_err(be)?;
+            let mut dx = core::mem::take(&mut ws.dx);
+            let (layer, scratch) = dora(backend, &base, m, &cfg, ws)?;
             let g = DoraGrads { a: &mut ga[..], b: &mut gb[..], magnitude: &mut gm[..] };
-            layer.backward(backend, &base, x, gyv, dx, g, s).map_err(be)?;
+            let done = run_backward(backend, &base, &layer, x, gy, gx, g, scratch, &mut dx);
+            ws.dx = dx;
+            done
         }
         Module::Ia3(m) => {
             let [gl] = grads else { return Err(bad()) };
             let layer = Ia3::new(n_in, n_out, m.feedforward, &m.l[..])?;
-            layer
-                .backward(backend, &base, x, gyv, dx, &mut gl[..], grow(&mut scratch, layer.backward_scratch_len(n)))
-                .map_err(be)?;
+            run_backward(backend, &base, &layer, x, gy, gx, &mut gl[..], &mut ws.scratch, &mut ws.dx)
         }
         Module::Loha(m) => {
             let [g0, g1, g2, g3] = grads else { return Err(bad()) };
             let [f0, f1, f2, f3] = &m.factors;
             let layer = Loha::new(&LoraConfig::new(m.r, m.alpha), n_in, n_out, [&f0[..], &f1[..], &f2[..], &f3[..]])?;
             let g = LohaGrads { w1a: &mut g0[..], w1b: &mut g1[..], w2a: &mut g2[..], w2b: &mut g3[..] };
-            layer
-                .backward(backend, &base, x, gyv, dx, g, grow(&mut scratch, layer.backward_scratch_len()))
-                .map_err(be)?;
+            run_backward(backend, &base, &layer, x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
         }
         Module::Lokr(m) => {
             let layer = Lokr::new(&LoraConfig::new(m.r, m.alpha), m.d1, m.d2, factor(&m.w1), factor(&m.w2))?;
             let g = factor_grads(m, grads).ok_or_else(bad)?;
-            layer
-                .backward(backend, &base, x, gyv, dx, g, grow(&mut scratch, layer.backward_scratch_len()))
-                .map_err(be)?;
+            run_backward(backend, &base, &layer, x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
         }
         Module::Vera(m, p) => {
             let [gd, gb] = grads else { return Err(bad()) };
             let proj = VeraProjection::new(p.r, p.max_in, p.max_out, &p.a[..], &p.b[..])?;
             let layer = Vera::new(m.r, n_in, n_out, &m.lambda_d[..], &m.lambda_b[..])?;
             let g = VeraGrads { lambda_d: &mut gd[..], lambda_b: &mut gb[..] };
-            layer
-                .bound(&proj).backward(backend, &base, x, gyv, dx, g, grow(&mut scratch, layer.backward_scratch_len(n)))
-                .map_err(be)?;
+            run_backward(backend, &base, &layer.bound(&proj), x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
         }
     }
-    gx.iter_mut().zip(&tmp).for_each(|(g, t)| *g += t);
-    Ok(())
 }

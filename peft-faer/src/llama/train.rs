@@ -8,8 +8,6 @@
 //! so a trained adapter is written with [`HfAdapter::write_dir`] and loaded
 //! back by PEFT or by `peft forward`.
 
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::collections::BTreeMap;
 
 use peft_core::lokr::{Factor, Layout, Lokr};

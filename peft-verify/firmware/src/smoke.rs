@@ -19,6 +19,7 @@ use peft_core::adapter::{self, AdapterConfig, AdapterParams, BottleneckAdapter};
 use peft_core::attention::forward::forward as attention;
 use peft_core::attention::{self as attn, AttentionShape, Mask};
 use peft_core::lora::{self, Lora, LoraConfig, LoraGrads};
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::optim::{AdamW, Slot};
 use peft_core::prefix::{PrefixConfig, PrefixTuning};
 use peft_core::set::{FixedSet, Route};

@@ -1,7 +1,5 @@
 //! Bottleneck adapters: identity at init, the residual, gradients.
 
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::activation::Activation;
 use peft_core::adapter::{AdapterConfig, AdapterGrads, AdapterParams, BottleneckAdapter};
 use peft_core::{Backend, MatMut, MatRef, Rng};

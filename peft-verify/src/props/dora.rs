@@ -1,9 +1,8 @@
 //! DoRA: the identity at init, the forward against the oracle, merged
 //! equals unmerged, unmerge restores, gradients against finite
 //! differences (the norm held constant, as PEFT detaches it).
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::dora::{Dora, DoraGrads, backward_scratch_len, refresh_scratch_len};
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::{Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
 
@@ -156,9 +155,10 @@ where
             forward(backend, &d, &base, &c, &t.x)?
         };
         let (a, b, x, bias) = (t.a.clone(), t.b.clone(), t.x.clone(), t.bias.clone());
-        let mut d =
+        let d =
             Dora::new(&c.config(), c.n_in, c.n_out, &a[..], &b[..], &m[..], vec![E::ZERO; c.n_out]).map_err(fail)?;
-        let guard = d.merge_into(backend, MergeTarget::new(&mut t.w), &mut []).map_err(fail)?;
+        let mut norms = vec![E::ZERO; c.n_out];
+        let guard = d.merge_into(backend, MergeTarget::new(&mut t.w), &mut norms).map_err(fail)?;
         let merged_base = match &bias {
             Some(bv) => guard.base().with_bias(bv).map_err(fail)?,
             None => guard.base(),
@@ -185,15 +185,19 @@ where
         let w0 = t.w.clone();
         let m: Vec<E> = narrow(&magnitude(&c));
         let (a, b) = (t.a.clone(), t.b.clone());
-        let mut d =
+        let d =
             Dora::new(&c.config(), c.n_in, c.n_out, &a[..], &b[..], &m[..], vec![E::ZERO; c.n_out]).map_err(fail)?;
         let mut backup = vec![E::ZERO; w0.len()];
-        d.merge_into(backend, MergeTarget::new(&mut t.w).with_backup(&mut backup), &mut []).map_err(fail)?.unmerge().map_err(fail)?;
+        let mut norms = vec![E::ZERO; c.n_out];
+        d.merge_into(backend, MergeTarget::new(&mut t.w).with_backup(&mut backup), &mut norms)
+            .map_err(fail)?
+            .unmerge()
+            .map_err(fail)?;
         prop_assert!(
             t.w.iter().zip(&w0).all(|(p, q)| p.to_bits64() == q.to_bits64()),
             "backup restore is not bit-exact"
         );
-        d.merge_into(backend, MergeTarget::new(&mut t.w), &mut []).map_err(fail)?.unmerge().map_err(fail)?;
+        d.merge_into(backend, MergeTarget::new(&mut t.w), &mut norms).map_err(fail)?.unmerge().map_err(fail)?;
         // Without a backup: V = W + p rounded, scaled by m / n, scaled back
         // by n / m, then - p: four roundings of values of size |W| + |p|
         // (times the ratio and back), plus the product's own (twice).

@@ -2,9 +2,8 @@
 //! oracle, merged equals unmerged, gradients against finite differences.
 
 use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::lora::{LoraConfig, LoraEmbedding, LoraEmbeddingGrads};
-use peft_core::{Backend, MatMut, MatRef, Reference, Rng};
+use peft_core::{Accum, Backend, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
 
 use super::vals;
@@ -113,7 +112,8 @@ where
         let lora = LoraEmbedding::new(&LoraConfig::new(c.r, c.alpha), c.vocab, c.dim, &a[..], &b[..]).map_err(fail)?;
         let y = forward(&c, &lora, &table)?;
         let (_, mag) = oracle_y(&c, &wide(&table), &wide(&a), &wide(&b));
-        lora.add_delta(backend, MatMut::new(&mut table, c.vocab, c.dim).map_err(fail)?, 1.0).map_err(fail)?;
+        let dst = MatMut::new(&mut table, c.vocab, c.dim).map_err(fail)?;
+        lora.delta_rows(backend, 0, dst, Accum::Add, 1.0, &mut []).map_err(fail)?;
         let merged: Vec<f64> = c.ids.iter().flat_map(|&id| wide(&table[id * c.dim..(id + 1) * c.dim])).collect();
         let mag: Vec<f64> = mag.iter().map(|m| 3.0 * m).collect();
         close::<E>("merged rows", &merged, &wide(&y), &mag, c.r + 3)

@@ -1,10 +1,9 @@
 //! Bad input: a typed error, outputs untouched, no panic.
 
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::attention::forward::forward as attn_forward;
 use peft_core::attention::{AttentionShape, Mask};
 use peft_core::lora::{Lora, LoraConfig};
+use peft_core::method::LinearAdapter;
 use peft_core::{Accum, Backend, BackendError, Dense, Error, ErrorKind, MatMut, MatRef, Op};
 use proptest::prelude::*;
 

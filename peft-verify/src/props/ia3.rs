@@ -1,9 +1,8 @@
 //! (IA)^3, both kinds (output and feedforward): identity at init, the
 //! forward against the oracle, merged equals unmerged, unmerge restores,
 //! gradients against finite differences.
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::ia3::Ia3;
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::{Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
 
@@ -111,7 +110,9 @@ where
         let x = t.x.clone();
         let bias0 = t.bias.clone();
         let mut bias = t.bias.clone();
-        let merged = ia3.merge_into(&Reference, MergeTarget::new(&mut t.w).with_bias_opt(bias.as_deref_mut()), &mut []).map_err(fail)?;
+        let merged = ia3
+            .merge_into(&Reference, MergeTarget::new(&mut t.w).with_bias_opt(bias.as_deref_mut()), &mut [])
+            .map_err(fail)?;
         let mb = match (ff, bias0.as_deref()) {
             (true, Some(b)) => merged.base().with_bias(b).map_err(fail)?,
             _ => merged.base(),
@@ -136,11 +137,21 @@ where
         let mut bias = t.bias.clone();
         let mut backup = vec![E::ZERO; c.n_out * c.n_in + c.n_out];
         let need = c.n_out * c.n_in + if ff || bias.is_none() { 0 } else { c.n_out };
-        ia3.merge_into(&Reference, MergeTarget::new(&mut t.w).with_backup(&mut backup[..need]).with_bias_opt(bias.as_deref_mut()), &mut []).map_err(fail)?.unmerge();
+        ia3.merge_into(
+            &Reference,
+            MergeTarget::new(&mut t.w).with_backup(&mut backup[..need]).with_bias_opt(bias.as_deref_mut()),
+            &mut [],
+        )
+        .map_err(fail)?
+        .unmerge()
+        .map_err(fail)?;
         prop_assert!(t.w.iter().zip(&w0).all(|(p, q)| p.to_bits64() == q.to_bits64()), "W not restored bit for bit");
         prop_assert!(bias == b0, "bias not restored");
         // Without a backup: two roundings (times l, divided by l) per value.
-        ia3.merge_into(&Reference, MergeTarget::new(&mut t.w).with_bias_opt(bias.as_deref_mut()), &mut []).map_err(fail)?.unmerge();
+        ia3.merge_into(&Reference, MergeTarget::new(&mut t.w).with_bias_opt(bias.as_deref_mut()), &mut [])
+            .map_err(fail)?
+            .unmerge()
+            .map_err(fail)?;
         for (i, (got, want)) in t.w.iter().zip(&w0).enumerate() {
             let tol = 3.0 * E::U * want.to_f64().abs() + 3.0 * E::ETA;
             prop_assert!((got.to_f64() - want.to_f64()).abs() <= tol, "W[{}]: {:?} vs {:?}", i, got, want);

@@ -2,9 +2,9 @@
 //! weight against the unmerged forward, the typed merge's unmerge, gradients against finite
 //! differences.
 use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::loha::{Loha, LohaGrads};
 use peft_core::lora::LoraConfig;
+use peft_core::method::LinearAdapter;
 use peft_core::{Accum, Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
 
@@ -49,7 +49,7 @@ where
     };
     let fwd = |c: &Case, l: &Loha<E, Vec<E>>, base: &Dense<'_, E>, x: &[E]| -> Result<Vec<E>, TestCaseError> {
         let mut y = vec![E::ZERO; c.t * c.n_out];
-        let mut sc = vec![E::ZERO; l.forward_scratch_len()];
+        let mut sc = vec![E::ZERO; l.forward_scratch_len(0)];
         let (xv, yv) = (MatRef::new(x, c.t, c.n_in).map_err(fail)?, MatMut::new(&mut y, c.t, c.n_out).map_err(fail)?);
         l.forward(backend, base, xv, yv, &mut sc).map_err(fail)?;
         Ok(y)
@@ -95,7 +95,7 @@ where
         let f: [Vec<E>; 4] = factors(&c).map(|v| narrow(&v));
         let l = layer(&c, &f)?;
         let y = fwd(&c, &l, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x)?;
-        let mut sc = vec![E::ZERO; l.forward_scratch_len()];
+        let mut sc = vec![E::ZERO; l.forward_scratch_len(0)];
         l.delta_rows(backend, 0, MatMut::new(&mut t.w, c.n_out, c.n_in).map_err(fail)?, Accum::Add, 1.0, &mut sc)
             .map_err(fail)?;
         let mut ym = vec![E::ZERO; c.t * c.n_out];
@@ -127,7 +127,7 @@ where
         let base = Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?;
         let mut g: [Vec<E>; 4] = f.clone().map(|v| vec![E::ZERO; v.len()]);
         let mut gx = vec![E::ZERO; c.t * c.n_in];
-        let mut sc = vec![E::ZERO; l.backward_scratch_len()];
+        let mut sc = vec![E::ZERO; l.backward_scratch_len(0)];
         {
             let [g0, g1, g2, g3] = &mut g;
             let grads = LohaGrads { w1a: g0, w1b: g1, w2a: g2, w2b: g3 };

@@ -2,9 +2,9 @@
 //! weight against the unmerged forward, gradients of every factor form
 //! (full and low rank) against finite differences.
 use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::lokr::{Factor, Lokr, LokrGrads};
 use peft_core::lora::LoraConfig;
+use peft_core::method::LinearAdapter;
 use peft_core::{Accum, Backend, Dense, FrozenLinear, MatMut, MatRef, Reference};
 use proptest::prelude::*;
 
@@ -109,7 +109,7 @@ where
         let (o, i) = l.dims();
         let (mut w, x): (Vec<E>, Vec<E>) = (narrow(&c.w), narrow(&c.x));
         let mut y = vec![E::ZERO; c.t * o];
-        let mut sc = vec![E::ZERO; l.forward_scratch_len()];
+        let mut sc = vec![E::ZERO; l.forward_scratch_len(0)];
         {
             let base = Dense::new(&w, o, i).map_err(fail)?;
             let (xv, yv) = (MatRef::new(&x, c.t, i).map_err(fail)?, MatMut::new(&mut y, c.t, o).map_err(fail)?);
@@ -149,7 +149,7 @@ where
         let (w, x): (Vec<E>, Vec<E>) = (narrow(&c.w), narrow(&c.x));
         let base = Dense::new(&w, o, i).map_err(fail)?;
         let (mut y, mut yb) = (vec![E::ZERO; c.t * o], vec![E::ZERO; c.t * o]);
-        let mut sc = vec![E::ZERO; l.forward_scratch_len()];
+        let mut sc = vec![E::ZERO; l.forward_scratch_len(0)];
         let xv = MatRef::new(&x, c.t, i).map_err(fail)?;
         l.forward(backend, &base, xv, MatMut::new(&mut y, c.t, o).map_err(fail)?, &mut sc).map_err(fail)?;
         base.forward(backend, xv, MatMut::new(&mut yb, c.t, o).map_err(fail)?).map_err(fail)?;
@@ -175,7 +175,7 @@ where
         let mut g1: Vec<Vec<E>> = f1.iter().map(|v| vec![E::ZERO; v.len()]).collect();
         let mut g2: Vec<Vec<E>> = f2.iter().map(|v| vec![E::ZERO; v.len()]).collect();
         let mut gx = vec![E::ZERO; c.t * i];
-        let mut sc = vec![E::ZERO; l.backward_scratch_len()];
+        let mut sc = vec![E::ZERO; l.backward_scratch_len(0)];
         {
             let base = Dense::new(&w, o, i).map_err(fail)?;
             let grads = LokrGrads { w1: as_grad(&mut g1), w2: as_grad(&mut g2) };

@@ -1,8 +1,7 @@
 //! LoRA: init, forward against the oracle, merge and unmerge, gradients,
 //! targets, the parameter report.
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::lora::{Lora, LoraConfig, LoraGrads, ParamReport};
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::{Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
 
@@ -263,7 +262,11 @@ where
         {
             let mut backup = vec![E::ZERO; c.n_out * c.n_in];
             let layer = Lora::new(&cfg, c.n_in, c.n_out, &t.a[..], &t.b[..]).map_err(fail)?;
-            layer.merge_into(backend, MergeTarget::new(&mut t.w).with_backup(&mut backup), &mut []).map_err(fail)?.unmerge().map_err(fail)?;
+            layer
+                .merge_into(backend, MergeTarget::new(&mut t.w).with_backup(&mut backup), &mut [])
+                .map_err(fail)?
+                .unmerge()
+                .map_err(fail)?;
         }
         prop_assert!(
             t.w.iter().zip(&w0).all(|(a, b)| a.to_bits64() == b.to_bits64()),
@@ -300,7 +303,9 @@ where
         let layer = Lora::new(&c.config(), c.n_in, c.n_out, &t.a[..], &t.b[..]).map_err(fail)?;
         let mut backup = vec![E::ZERO; c.n_out * c.n_in];
         let merged_once = {
-            let guard = layer.merge_into(backend, MergeTarget::new(&mut t.w).with_backup(&mut backup), &mut []).map_err(fail)?;
+            let guard = layer
+                .merge_into(backend, MergeTarget::new(&mut t.w).with_backup(&mut backup), &mut [])
+                .map_err(fail)?;
             guard.weight().to_vec()
         };
         prop_assert!(

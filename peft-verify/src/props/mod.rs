@@ -16,21 +16,19 @@ pub mod set;
 pub mod storage;
 pub mod training;
 pub mod vera;
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::Backend;
-use peft_core::delta::DenseDelta;
+use peft_core::method::{MergeTarget, WeightUpdate};
 use proptest::prelude::*;
 
 use crate::{CaseResult, Precision, close, wide};
 
-/// The typed merge ([`DenseDelta::merge_into`]) of `d` into a copy of `w0`,
-/// three ways: with a backup, dropping the guard gives `w0` back bit for
-/// bit; without, [`unmerge`](peft_core::delta::DeltaMerged::unmerge) gives
-/// it back within two roundings of `2 |W| + |dW|` (`dmag`: `|dW|` per
-/// element, from the oracle); [`keep`](peft_core::delta::DeltaMerged::keep)
+/// The typed merge ([`WeightUpdate::merge_into`]) of an additive `d` into
+/// a copy of `w0`, three ways: with a backup, dropping the guard gives `w0`
+/// back bit for bit; without, [`unmerge`](peft_core::method::Merged::unmerge)
+/// gives it back within two roundings of `2 |W| + |dW|` (`dmag`: `|dW|` per
+/// element, from the oracle); [`keep`](peft_core::method::Merged::keep)
 /// leaves the same merged bits as the guard showed.
-pub(crate) fn check_delta_guard<E: Precision, B: Backend<E>, D: DenseDelta<E>>(
+pub(crate) fn check_delta_guard<E: Precision, B: Backend<E>, D: WeightUpdate<E>>(
     backend: &B,
     d: &D,
     w0: &[E],
@@ -38,9 +36,10 @@ pub(crate) fn check_delta_guard<E: Precision, B: Backend<E>, D: DenseDelta<E>>(
 ) -> CaseResult {
     let fail = |e: B::Error| TestCaseError::fail(format!("unexpected error: {e}"));
     let bits = |v: &[E]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
-    let mut sc = vec![E::ZERO; d.delta_scratch_len()];
+    let mut sc = vec![E::ZERO; d.update_scratch_len(d.weight_dims().0)];
     let (mut w, mut backup) = (w0.to_vec(), vec![E::ZERO; w0.len()]);
-    let merged = bits(d.merge_into(backend, MergeTarget::new(&mut w).with_backup(&mut backup), &mut sc).map_err(fail)?.weight());
+    let merged =
+        bits(d.merge_into(backend, MergeTarget::new(&mut w).with_backup(&mut backup), &mut sc).map_err(fail)?.weight());
     prop_assert!(bits(&w) == bits(w0), "dropping the guard (with a backup) did not restore W bit for bit");
     let guard = d.merge_into(backend, MergeTarget::new(&mut w), &mut sc).map_err(fail)?;
     prop_assert!(bits(guard.weight()) == merged, "a second merge of the same W differs");

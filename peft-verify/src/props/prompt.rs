@@ -1,8 +1,6 @@
 //! Prompt tuning: where the virtual tokens go, the mask, the positions,
 //! the gradient.
 
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::prompt::PromptTuning;
 use proptest::prelude::*;
 

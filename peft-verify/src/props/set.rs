@@ -9,8 +9,6 @@
 //! * `combine_density_respected`, `combine_density_one_is_linear`,
 //!   `combine_cat_is_exact`: the combinations' own contracts (element-type
 //!   independent, run once).
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::combine::{Combination, MajoritySign, Weighted, combine, combine_scratch_len};
 use peft_core::lora::{Lora, LoraConfig, LoraGrads};
 use peft_core::set::{Route, VecSet};

@@ -2,9 +2,8 @@
 //! quantizers' error bounds, the forward and the input gradient against the
 //! oracle over the dequantized `W`, and LoRA's gradients over a stored base
 //! against finite differences, the stored bytes unchanged.
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::lora::{Lora, LoraConfig, LoraGrads};
+use peft_core::method::LinearAdapter;
 use peft_core::storage::quantize::Quantized;
 use peft_core::storage::{Format, QK, StoredLinear, StoredWeight, dequantize, error_bound, quantize};
 use peft_core::{Accum, Backend, FrozenLinear, MatMut, MatRef, Reference};

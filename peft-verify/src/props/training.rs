@@ -1,13 +1,12 @@
 //! Training steps never touch the frozen base (mistake 1), and adapter
 //! files hold the adapter alone (mistake 10).
-use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::adapter::{AdapterConfig, AdapterGrads, AdapterParams, BottleneckAdapter};
 use peft_core::attention::backward::{AttentionGrads, backward as attn_backward};
 use peft_core::attention::forward::forward as attn_forward;
 use peft_core::attention::{AttentionShape, Mask, backward_scratch_len, forward_scratch_len};
 use peft_core::format::{AdapterFile, Tensor, encode, encoded_len};
 use peft_core::lora::{Lora, LoraGrads};
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::optim::{AdamW, Slot};
 use peft_core::prefix::{PrefixConfig, PrefixTuning};
 use peft_core::prompt::PromptTuning;
@@ -75,7 +74,11 @@ pub fn run_all<E: Precision, B: Backend<E>>(backend: &B, config: &Config, report
                 step::<E>(&mut opt, vec![(a, &ga), (b, &gb)], &mut st).map_err(fail)?;
             }
             let mut backup = vec![E::ZERO; c.n_out * c.n_in];
-            layer.merge_into(backend, MergeTarget::new(&mut t.w).with_backup(&mut backup), &mut []).map_err(fail)?.unmerge().map_err(fail)?;
+            layer
+                .merge_into(backend, MergeTarget::new(&mut t.w).with_backup(&mut backup), &mut [])
+                .map_err(fail)?
+                .unmerge()
+                .map_err(fail)?;
         }
         prop_assert!(bits(&t.w) == w0, "LoRA training changed W");
         prop_assert!(t.bias.as_deref().map(bits) == b0, "LoRA training changed the bias");

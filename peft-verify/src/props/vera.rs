@@ -4,7 +4,7 @@
 //! wider than the layer (up to 2 more inputs and outputs), so a wrong slice
 //! of `vera_A` or `vera_B` fails the oracle.
 use peft_core::delta::DeltaRows;
-use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
+use peft_core::method::LinearAdapter;
 use peft_core::vera::{D_INITIAL, Vera, VeraGrads, VeraProjection};
 use peft_core::{Accum, Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
@@ -54,7 +54,7 @@ where
     };
     let fwd = |c: &Case, (p, v): &Parts<E>, base: &Dense<'_, E>, x: &[E]| -> Result<Vec<E>, TestCaseError> {
         let mut y = vec![E::ZERO; c.t * c.n_out];
-        let mut sc = vec![E::ZERO; v.forward_scratch_len(c.t)];
+        let mut sc = vec![E::ZERO; v.bound(p).forward_scratch_len(c.t)];
         let (xv, yv) = (MatRef::new(x, c.t, c.n_in).map_err(fail)?, MatMut::new(&mut y, c.t, c.n_out).map_err(fail)?);
         v.bound(p).forward(backend, base, xv, yv, &mut sc).map_err(fail)?;
         Ok(y)
@@ -103,7 +103,7 @@ where
         let f: [Vec<E>; 4] = f.map(|v| narrow(&v));
         let parts = parts(&c, mi, mo, &f)?;
         let y = fwd(&c, &parts, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x)?;
-        let mut sc = vec![E::ZERO; parts.1.delta_scratch_len()];
+        let mut sc = vec![E::ZERO; parts.1.bound(&parts.0).delta_scratch_len(c.n_out)];
         let dst = MatMut::new(&mut t.w, c.n_out, c.n_in).map_err(fail)?;
         parts.1.bound(&parts.0).delta_rows(backend, 0, dst, Accum::Add, 1.0, &mut sc).map_err(fail)?;
         let mut ym = vec![E::ZERO; c.t * c.n_out];
@@ -138,7 +138,7 @@ where
         let base = Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?;
         let (mut gd, mut gb) = (vec![E::ZERO; c.r], vec![E::ZERO; c.n_out]);
         let mut gx = vec![E::ZERO; c.t * c.n_in];
-        let mut sc = vec![E::ZERO; parts.1.backward_scratch_len(c.t)];
+        let mut sc = vec![E::ZERO; parts.1.bound(&parts.0).backward_scratch_len(c.t)];
         let (xv, gv) = (MatRef::new(&t.x, c.t, c.n_in).map_err(fail)?, MatRef::new(&t.g, c.t, c.n_out).map_err(fail)?);
         let grads = VeraGrads { lambda_d: &mut gd, lambda_b: &mut gb };
         let gxv = MatMut::new(&mut gx, c.t, c.n_in).map_err(fail)?;
