@@ -24,6 +24,7 @@
 //!
 //! [`WeightUpdate::merge_into`] returns the one guard, [`Merged`], which
 //! owns the weight (and bias) until it is restored, for every method.
+//! [`METHODS`] ([`registry`]) is the one list of methods.
 //!
 //! ## Adding a method
 //!
@@ -35,8 +36,10 @@
 //! `peft-verify`); an `impl WeightUpdate` where the method can be merged.
 
 mod merge;
+pub mod registry;
 
 pub use merge::{MergeTarget, Merged};
+pub use registry::{Family, METHODS, MethodSpec};
 
 use crate::backend::Backend;
 use crate::base::FrozenLinear;

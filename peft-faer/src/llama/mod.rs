@@ -42,6 +42,7 @@
 
 mod backward;
 pub mod config;
+pub mod finetune;
 mod save;
 mod sites;
 pub mod train;

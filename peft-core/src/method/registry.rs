@@ -1,0 +1,171 @@
+//! The one list of methods.
+//!
+//! Every path that has to know every method reads [`METHODS`]: the `peft`
+//! command's `--method` values and the order of `peft finetune`'s table,
+//! the trainer's per-method setup (`peft_faer::llama::train`), the
+//! learning-rate defaults, inspect's names, and the PEFT `peft_type` each
+//! method's files carry. A test in `peft-faer` walks this list through
+//! each of those paths, so a method added here and forgotten there fails
+//! (libm's `check_coverage` does the same for its functions).
+//!
+//! Adding a method (the recipe is in CONTRIBUTING.md): its file in
+//! `peft-core/src/`, its module in `peft-faer/src/`, its properties in
+//! `peft-verify/src/props/`, and one line here.
+
+use crate::optim::Method;
+
+/// What a method adapts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// A linear layer's weight ([`LinearAdapter`](super::LinearAdapter)):
+    /// LoRA, DoRA, (IA)^3, LoHa, LoKr, VeRA.
+    Weight,
+    /// The input of the model (prompt tuning) or the keys and values of
+    /// every attention layer (prefix tuning).
+    Tokens,
+    /// Layers inserted after a block (bottleneck adapters): no PEFT
+    /// equivalent.
+    Inserted,
+}
+
+/// One method: its name and what the rest of the code needs to know of it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MethodSpec {
+    /// The name on the command line, in tables and in folder names
+    /// (`"lora"`, `"dora"`, ...).
+    pub name: &'static str,
+    /// Hugging Face PEFT's `peft_type` in `adapter_config.json` (`None`:
+    /// no PEFT equivalent). DoRA is `"LORA"` with `use_dora`.
+    pub peft_type: Option<&'static str>,
+    /// The tag of this crate's adapter files and the key of the optimizer
+    /// defaults ([`Method`]).
+    pub file_method: Method,
+    /// What it adapts.
+    pub family: Family,
+    /// Whether a merge into the base weights exists.
+    pub merges: bool,
+    /// One line: the formula.
+    pub summary: &'static str,
+}
+
+impl MethodSpec {
+    /// The default AdamW learning rate ([`Method::default_lr`], with its
+    /// sources).
+    pub const fn default_lr(&self) -> f64 {
+        self.file_method.default_lr()
+    }
+}
+
+/// Every method, in the order `peft finetune` trains and prints them.
+pub const METHODS: [MethodSpec; 9] = [
+    MethodSpec {
+        name: "lora",
+        peft_type: Some("LORA"),
+        file_method: Method::Lora,
+        family: Family::Weight,
+        merges: true,
+        summary: "y = x W^T + b + s (x A^T) B^T, s = alpha / r (rsLoRA: alpha / sqrt r)",
+    },
+    MethodSpec {
+        name: "dora",
+        peft_type: Some("LORA"),
+        file_method: Method::Lora,
+        family: Family::Weight,
+        merges: true,
+        summary: "y = b + (m / ||W + s B A||_row) (x W^T + s (x A^T) B^T)",
+    },
+    MethodSpec {
+        name: "ia3",
+        peft_type: Some("IA3"),
+        file_method: Method::Ia3,
+        family: Family::Weight,
+        merges: true,
+        summary: "y = (x W^T + b) * l, or (x * l) W^T + b for a feedforward module",
+    },
+    MethodSpec {
+        name: "loha",
+        peft_type: Some("LOHA"),
+        file_method: Method::Loha,
+        family: Family::Weight,
+        merges: true,
+        summary: "dW = s (W1a W1b) * (W2a W2b), s = alpha / r",
+    },
+    MethodSpec {
+        name: "lokr",
+        peft_type: Some("LOKR"),
+        file_method: Method::Lokr,
+        family: Family::Weight,
+        merges: true,
+        summary: "dW = s kron(W1, W2), s = alpha / r",
+    },
+    MethodSpec {
+        name: "vera",
+        peft_type: Some("VERA"),
+        file_method: Method::Vera,
+        family: Family::Weight,
+        merges: true,
+        summary: "dW = diag(lambda_b) B diag(lambda_d) A, shared frozen A and B",
+    },
+    MethodSpec {
+        name: "adapter",
+        peft_type: None,
+        file_method: Method::Adapter,
+        family: Family::Inserted,
+        merges: false,
+        summary: "h + f(h W_down^T + b_down) W_up^T + b_up after attention and after the MLP",
+    },
+    MethodSpec {
+        name: "prompt",
+        peft_type: Some("PROMPT_TUNING"),
+        file_method: Method::Prompt,
+        family: Family::Tokens,
+        merges: false,
+        summary: "trained embeddings prepended to the input",
+    },
+    MethodSpec {
+        name: "prefix",
+        peft_type: Some("PREFIX_TUNING"),
+        file_method: Method::Prefix,
+        family: Family::Tokens,
+        merges: false,
+        summary: "trained keys and values prepended in every attention layer",
+    },
+];
+
+/// The method named `name` (case-sensitive, as listed).
+pub fn find(name: &str) -> Option<&'static MethodSpec> {
+    METHODS.iter().find(|m| m.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_every_file_method_is_listed() {
+        for (i, a) in METHODS.iter().enumerate() {
+            assert!(METHODS.iter().skip(i + 1).all(|b| b.name != a.name), "{} twice", a.name);
+            assert_eq!(find(a.name).map(|m| m.name), Some(a.name));
+        }
+        // The match is exhaustive: a new file method fails to compile here
+        // until it is added to the list below and to METHODS.
+        let known = |m: Method| match m {
+            Method::Lora | Method::Adapter | Method::Prompt | Method::Prefix => true,
+            Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => true,
+        };
+        for m in [
+            Method::Lora,
+            Method::Adapter,
+            Method::Prompt,
+            Method::Prefix,
+            Method::Ia3,
+            Method::Loha,
+            Method::Lokr,
+            Method::Vera,
+        ] {
+            assert!(known(m));
+            assert!(METHODS.iter().any(|s| s.file_method == m), "{m:?} has no entry");
+        }
+        assert!(METHODS.iter().all(|m| m.merges == (m.family == Family::Weight)));
+    }
+}

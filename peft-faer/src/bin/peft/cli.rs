@@ -1,0 +1,305 @@
+//! The command line: every subcommand's arguments (clap derive).
+
+use std::path::PathBuf;
+
+use clap::builder::PossibleValuesParser;
+use clap::{Parser, Subcommand, ValueEnum};
+use peft_core::method::METHODS;
+use peft_core::storage::Format;
+
+#[derive(Parser)]
+#[command(
+    name = "peft",
+    version,
+    about = "Parameter-efficient fine-tuning: train, inspect, merge, quantize, combine, convert and run adapters"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Train adapters of every method on a small frozen Llama and a built-in task (no
+    /// download), save and reload them, and print a table.
+    Finetune(FinetuneArgs),
+    /// Describe a Hugging Face PEFT adapter directory (method, per module its
+    /// base tensor, in, out, r, alpha, scale, parameters; totals; warnings),
+    /// or a base checkpoint (each tensor's storage, shape and bytes).
+    Inspect {
+        /// The adapter directory (adapter_config.json + adapter_model.safetensors),
+        /// or a base: a .safetensors file or a checkpoint folder.
+        adapter: PathBuf,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the base checkpoint with every adapted weight replaced by
+    /// `W + sum_i m_i s_i B_i A_i` (f32, rounded once), everything else
+    /// copied unchanged.
+    Merge {
+        /// Base weights: a .safetensors file or a sharded checkpoint folder.
+        #[arg(long)]
+        base: PathBuf,
+        /// A PEFT adapter directory, optionally with a multiplier `m`
+        /// (`DIR:0.5`; default 1). Repeat to merge several in one pass.
+        #[arg(long = "adapter", required = true, value_parser = weighted_dir)]
+        adapters: Vec<(PathBuf, f64)>,
+        /// Output: a .safetensors file (single-file base) or a new folder (sharded base).
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage of the output's float and quantized tensors (default: each
+        /// as in the base). int8, q8_0 and q4_0 apply to the matrices they
+        /// fit; each quantized tensor's max error against the f32 merge is
+        /// printed.
+        #[arg(long, value_enum)]
+        dtype: Option<DtypeArg>,
+        /// Threads per matrix product.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        threads: u32,
+        /// Replace OUT if it exists (once the new output is complete).
+        #[arg(long)]
+        force: bool,
+        /// Write NaN or infinite merged values instead of refusing them.
+        #[arg(long)]
+        allow_nonfinite: bool,
+    },
+    /// Quantize a safetensors base: every matrix the format fits becomes
+    /// int8 (one scale per row), GGUF Q8_0 or GGUF Q4_0, stored as U8 with
+    /// its format and shape in the header metadata; prints each tensor's
+    /// max error.
+    Quantize {
+        /// Base weights: a .safetensors file or a sharded checkpoint folder.
+        #[arg(long)]
+        base: PathBuf,
+        /// Output: a .safetensors file (single-file base) or a new folder (sharded base).
+        #[arg(long)]
+        out: PathBuf,
+        /// The format.
+        #[arg(long, value_enum)]
+        format: QuantArg,
+        /// Replace OUT if it exists (once the new output is complete).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run a Llama checkpoint (optionally with a PEFT adapter of any method
+    /// this crate reads) over token ids and print the top next tokens.
+    Forward {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Write the logits [1, rows, vocab] (f32) to this .safetensors file
+        /// (prompt tuning: rows include the virtual tokens, as PEFT's output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// How many next tokens to print.
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Greedy decoding with a KV cache (prefix tuning enters as the cache's
+    /// first entries): print the new token ids.
+    Generate {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Tokens to generate.
+        #[arg(long)]
+        max_new_tokens: usize,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Combine LoRA adapters into a new PEFT adapter directory, as PEFT's
+    /// `add_weighted_adapter` (same math, same config; PEFT loads it).
+    Combine {
+        /// A PEFT LoRA directory and its weight (`DIR:0.7`; default 1), in
+        /// order. Repeat for each source.
+        #[arg(long = "adapter", required = true, value_parser = weighted_dir)]
+        adapters: Vec<(PathBuf, f64)>,
+        /// How to combine (PEFT's `combination_type`).
+        #[arg(long, value_enum)]
+        combination: CombinationArg,
+        /// Rank kept by `svd` (default: the largest source rank).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        svd_rank: Option<u64>,
+        /// Fraction kept by ties, dare_linear, dare_ties and magnitude_prune.
+        #[arg(long)]
+        density: Option<f64>,
+        /// How ties and dare_ties elect each entry's sign.
+        #[arg(long, value_enum, default_value = "total")]
+        majority_sign: MajoritySignArg,
+        /// Seed of DARE's random masks.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The adapter directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace OUT if it exists (once the new output is complete).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Convert between this project's .peft files and PEFT directories (the
+    /// direction follows SRC: a folder becomes a .peft file, a file becomes
+    /// a folder). Bit-exact both ways.
+    Convert {
+        /// A PEFT directory or a .peft file.
+        src: PathBuf,
+        /// The .peft file or PEFT directory to write.
+        dst: PathBuf,
+        /// Replace DST if it exists (once the new output is complete).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+    Int8,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+}
+
+impl DtypeArg {
+    pub(crate) fn format(self) -> Format {
+        match self {
+            DtypeArg::F32 => Format::F32,
+            DtypeArg::F16 => Format::F16,
+            DtypeArg::Bf16 => Format::Bf16,
+            DtypeArg::Int8 => Format::Int8,
+            DtypeArg::Q8_0 => Format::Q8_0,
+            DtypeArg::Q4_0 => Format::Q4_0,
+        }
+    }
+}
+
+/// The formats `peft quantize` writes.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum QuantArg {
+    Int8,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+}
+
+/// PEFT's `combination_type` names, written as PEFT writes them.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub(crate) enum CombinationArg {
+    Linear,
+    Cat,
+    Svd,
+    Ties,
+    DareLinear,
+    DareTies,
+    MagnitudePrune,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum MajoritySignArg {
+    Total,
+    Frequency,
+}
+
+/// `DIR[:WEIGHT]`: the text after the last `:` is the weight when it parses
+/// as a finite number; otherwise the whole text is the folder (weight 1).
+/// What `peft forward` and `peft generate` run.
+#[derive(clap::Args)]
+pub(crate) struct RunArgs {
+    /// A Hugging Face LlamaForCausalLM folder (config.json and
+    /// model.safetensors, or a sharded checkpoint).
+    #[arg(long)]
+    pub(crate) model: PathBuf,
+    /// A PEFT adapter directory.
+    #[arg(long)]
+    pub(crate) adapter: Option<PathBuf>,
+    /// Token ids (the prompt's, for generate), comma-separated.
+    #[arg(long, value_parser = token_ids)]
+    pub(crate) ids: TokenIds,
+}
+
+/// Token ids given on the command line.
+#[derive(Clone, Debug)]
+pub(crate) struct TokenIds(pub(crate) Vec<u32>);
+
+pub(crate) fn token_ids(text: &str) -> Result<TokenIds, String> {
+    let ids: Result<Vec<u32>, String> = text
+        .split(',')
+        .map(|t| t.trim().parse::<u32>().map_err(|_| format!("{t:?} is not a token id (a non-negative integer)")))
+        .collect();
+    let ids = ids?;
+    if ids.is_empty() {
+        return Err("no token ids".into());
+    }
+    Ok(TokenIds(ids))
+}
+
+pub(crate) fn weighted_dir(text: &str) -> Result<(PathBuf, f64), String> {
+    if let Some((dir, w)) = text.rsplit_once(':') {
+        if let Ok(w) = w.parse::<f64>() {
+            if !w.is_finite() {
+                return Err(format!("the weight {w} of {dir} is not finite"));
+            }
+            return Ok((PathBuf::from(dir), w));
+        }
+    }
+    Ok((PathBuf::from(text), 1.0))
+}
+
+#[derive(clap::Args)]
+pub(crate) struct FinetuneArgs {
+    /// Which method to train (`all`: every one, in the table's order).
+    #[arg(long, default_value = "all", value_parser = method_names())]
+    pub(crate) method: String,
+    /// Optimizer steps per method (batches of 8 sequences).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) steps: u64,
+    /// Rank of LoRA, DoRA, LoHa and LoKr (alpha = 2 r); VeRA's shared
+    /// projections get 8 times it, as VeRA trains only `r + out` numbers per
+    /// layer.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) rank: u64,
+    /// Seed of the frozen model, the task and the adapters.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Threads per matrix product (faer over rayon); 1 is single-threaded.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) threads: u32,
+    /// Learning rate for every method (default: each method's own, see
+    /// `peft_core::optim`): positive and finite.
+    #[arg(long, value_parser = positive_finite)]
+    pub(crate) lr: Option<f64>,
+    /// Folder for the model (`model/`, unless --model) and the adapters
+    /// (`<method>/`, a PEFT folder; `adapter.safetensors`).
+    #[arg(long, default_value = "peft-out")]
+    pub(crate) out: PathBuf,
+    /// A Hugging Face LlamaForCausalLM folder to train on (default: a small
+    /// Llama from --seed, written to OUT/model).
+    #[arg(long)]
+    pub(crate) model: Option<PathBuf>,
+    /// Print one JSON document instead of the table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub(crate) fn positive_finite(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not positive and finite")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `--method`'s values: every name in the list of methods, and `all`.
+fn method_names() -> PossibleValuesParser {
+    PossibleValuesParser::new(METHODS.iter().map(|m| m.name).chain(["all"]))
+}

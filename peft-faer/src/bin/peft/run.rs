@@ -1,0 +1,90 @@
+//! `peft forward` and `peft generate` on a Llama checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use peft_faer::Faer;
+use peft_faer::files::{check_output, write_file};
+use peft_faer::hf::base::Base;
+use peft_faer::hf::{HfAdapter, HfError};
+use peft_faer::llama::{KvCache, Llama, LlamaAdapter};
+use serde_json::json;
+
+/// The model and, if given, the adapter read from its directory.
+pub(crate) fn llama_and_adapter(model: &Path, adapter: Option<&Path>) -> Result<(Llama, Option<HfAdapter>), HfError> {
+    let m = Llama::load_dir(model)?;
+    let ad = adapter.map(HfAdapter::read_dir).transpose()?;
+    Ok((m, ad))
+}
+
+pub(crate) fn forward_cmd(
+    model: &Path,
+    adapter: Option<&Path>,
+    ids: &[u32],
+    out: Option<&Path>,
+    top: usize,
+    as_json: bool,
+    force: bool,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    let (m, ad) = llama_and_adapter(model, adapter)?;
+    if let Some(out) = out {
+        let mut inputs: Vec<PathBuf> = Base::open(model)?.input_files();
+        inputs.push(model.join("config.json"));
+        inputs.extend(ad.iter().flat_map(HfAdapter::source_files));
+        let refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+        check_output(out, &refs, force)?;
+    }
+    let hosted = ad.as_ref().map(|a| LlamaAdapter::new(&m, a)).transpose()?;
+    let logits = m.forward(&Faer::new(), ids, hosted.as_ref(), &mut KvCache::new())?;
+    let vocab = m.config.vocab_size;
+    let rows = logits.len() / vocab;
+    let last = &logits[(rows - 1) * vocab..];
+    // Softmax of the last row, in f64.
+    let max = last.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let z: f64 = last.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum();
+    let mut order: Vec<usize> = (0..vocab).collect();
+    order.sort_by(|&a, &b| last[b].total_cmp(&last[a]).then(a.cmp(&b)));
+    let best: Vec<(usize, f32, f64)> =
+        order.iter().take(top).map(|&t| (t, last[t], (f64::from(last[t]) - f64::from(max)).exp() / z)).collect();
+    if let Some(out) = out {
+        let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let entries = [peft_faer::hf::st::OutEntry::plain("logits", safetensors::Dtype::F32, vec![1, rows, vocab])];
+        let mut file = peft_faer::hf::st::header(&entries, &Default::default())?;
+        file.extend_from_slice(&bytes);
+        write_file(out, &file, force)?;
+    }
+    if as_json {
+        let top: Vec<_> = best.iter().map(|(t, l, p)| json!({ "token": t, "logit": l, "probability": p })).collect();
+        let doc = json!({ "rows": rows, "vocab": vocab, "next": top, "out": out });
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        outln!("next token after {} ids ({rows} rows of logits):", ids.len());
+        outln!("{:>8} {:>12} {:>12}", "token", "logit", "probability");
+        for (t, l, p) in &best {
+            outln!("{t:>8} {l:>12.5} {p:>12.5}");
+        }
+        if let Some(out) = out {
+            outln!("logits [1, {rows}, {vocab}] written to {}", out.display());
+        }
+    }
+    Ok(true)
+}
+
+pub(crate) fn generate_cmd(
+    model: &Path,
+    adapter: Option<&Path>,
+    ids: &[u32],
+    max_new: usize,
+    as_json: bool,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    let (m, ad) = llama_and_adapter(model, adapter)?;
+    let hosted = ad.as_ref().map(|a| LlamaAdapter::new(&m, a)).transpose()?;
+    let new = m.generate(&Faer::new(), ids, hosted.as_ref(), max_new)?;
+    if as_json {
+        outln!("{}", serde_json::to_string_pretty(&json!({ "prompt": ids, "new_tokens": new }))?);
+    } else {
+        let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        outln!("prompt:     {}", list(ids));
+        outln!("new tokens: {}", list(&new));
+    }
+    Ok(true)
+}

@@ -1,0 +1,350 @@
+//! `peft finetune`'s task, as a library: every method of
+//! [`METHODS`](peft_core::method::METHODS) trained on a frozen Llama with
+//! PEFT's initialization and defaults, saved, read back, merged through
+//! `peft merge`, and measured. The command only parses its arguments and
+//! prints a [`Report`].
+//!
+//! The task is [`Distill`]: the teacher is the frozen model reading a
+//! hidden context of [`CONTEXT`] random tokens before every sequence, and
+//! the student (the model with the adapter) must match its next-token
+//! distributions without that context. The loss is the mean KL divergence
+//! per token over [`HELD_OUT`] held-out sequences of [`SEQ`] tokens.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use peft_core::activation::Activation;
+use peft_core::adapter::AdapterConfig;
+use peft_core::method::{METHODS, MethodSpec};
+use peft_core::optim::AdamW;
+
+use super::train::{Distill, Method, Trainable, Trainer, init_adapter};
+use super::{Bottleneck, KvCache, Llama, LlamaConfig};
+use crate::Faer;
+use crate::hf::base::Base;
+use crate::hf::merge::{MergeOptions, merge_many};
+use crate::hf::{HfAdapter, HfError, PeftConfig};
+
+/// Sequences per optimizer step.
+pub const BATCH: usize = 8;
+/// Tokens per training sequence.
+pub const SEQ: usize = 16;
+/// Tokens of the hidden context the teacher reads.
+pub const CONTEXT: usize = 8;
+/// Training sequences.
+pub const TRAIN: usize = 64;
+/// Held-out sequences.
+pub const HELD_OUT: usize = 32;
+
+/// What `peft finetune` runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The methods, in order (default: every one of
+    /// [`METHODS`](peft_core::method::METHODS)).
+    pub methods: Vec<&'static MethodSpec>,
+    /// Optimizer steps per method (batches of [`BATCH`] sequences).
+    pub steps: usize,
+    /// Rank of LoRA, DoRA, LoHa and LoKr (alpha = 2 r); VeRA's shared
+    /// projections get `8 r`.
+    pub rank: usize,
+    /// Seed of the frozen model, the task and the adapters.
+    pub seed: u64,
+    /// Threads per matrix product.
+    pub threads: usize,
+    /// One learning rate for every method (default: each method's own).
+    pub lr: Option<f64>,
+    /// Output folder: `model/` (unless `model`), `<method>/` (PEFT
+    /// folders), `adapter.safetensors`.
+    pub out: PathBuf,
+    /// A Hugging Face `LlamaForCausalLM` folder to train on (default: a
+    /// small Llama from `seed`, saved to `out/model`).
+    pub model: Option<PathBuf>,
+}
+
+/// One method's results.
+#[derive(Clone, Debug)]
+pub struct MethodRun {
+    /// The method.
+    pub method: &'static MethodSpec,
+    /// Trainable parameters.
+    pub params: usize,
+    /// The frozen model's parameters.
+    pub base_params: usize,
+    /// Optimizer state (bytes).
+    pub state_bytes: usize,
+    /// Learning rate.
+    pub lr: f64,
+    /// Held-out loss before training.
+    pub initial: f64,
+    /// Held-out loss after training.
+    pub final_loss: f64,
+    /// Training time.
+    pub seconds: f64,
+    /// Largest logit difference between the adapter and the model merged
+    /// by `peft merge` (methods that merge).
+    pub merge_diff: Option<f32>,
+    /// The saved adapter (folder or file).
+    pub file: PathBuf,
+    /// Its bytes.
+    pub file_bytes: u64,
+    /// Whether the saved adapter, read back, gives the same logits bit for
+    /// bit.
+    pub reload_identical: bool,
+}
+
+/// The whole run.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The frozen model's configuration.
+    pub config: LlamaConfig,
+    /// Its parameters.
+    pub frozen_params: usize,
+    /// Its folder (what `peft merge` and `peft forward` read).
+    pub model_dir: PathBuf,
+    /// The frozen model's held-out loss (no adapter).
+    pub base_loss: f64,
+    /// One entry per method.
+    pub runs: Vec<MethodRun>,
+    /// Whether the frozen model is bit-identical after all the training.
+    pub base_identical: bool,
+}
+
+impl Report {
+    /// Every check passed: the base unchanged, every reload exact and
+    /// every method below its starting loss.
+    pub fn ok(&self) -> bool {
+        self.base_identical && self.runs.iter().all(|r| r.reload_identical && r.final_loss < r.initial)
+    }
+}
+
+/// The default model of `peft finetune`: a small Llama with grouped-query
+/// attention (hidden 64, 2 layers, 4 heads sharing 2 key/value heads,
+/// SwiGLU width 128, vocabulary 64).
+///
+/// # Errors
+/// None in practice (the configuration is fixed); [`HfError::Config`] if
+/// its parse ever fails.
+pub fn default_llama() -> Result<LlamaConfig, HfError> {
+    LlamaConfig::parse(
+        r#"{"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}"#,
+    )
+}
+
+/// Each method's trainable for `peft finetune`, PEFT's defaults for Llama
+/// models where PEFT has them: LoRA, DoRA, LoHa and LoKr on `q_proj` and
+/// `v_proj` with `alpha = 2 r`; (IA)^3 on `k_proj`, `v_proj` and the input
+/// of `down_proj` (PEFT's Llama targets); VeRA on `q_proj`, `v_proj` at
+/// rank `8 r`; bottleneck adapters of width 16 (GELU); prompt and prefix
+/// tuning with [`CONTEXT`] virtual tokens. `None` for a method this
+/// function does not know (the registry test catches that).
+///
+/// # Errors
+/// As [`init_adapter`] and [`Bottleneck::new`].
+pub fn trainable(model: &Llama, method: &MethodSpec, rank: usize, seed: u64) -> Result<Option<Trainable>, HfError> {
+    let qv = || vec!["q_proj".to_string(), "v_proj".to_string()];
+    let (r, alpha) = (rank, 2.0 * rank as f64);
+    let m = match method.name {
+        "lora" => Method::Lora { r, alpha, dora: false, targets: qv() },
+        "dora" => Method::Lora { r, alpha, dora: true, targets: qv() },
+        "ia3" => Method::Ia3 {
+            targets: vec!["k_proj".into(), "v_proj".into(), "down_proj".into()],
+            feedforward: vec!["down_proj".into()],
+        },
+        "loha" => Method::Loha { r, alpha, targets: qv() },
+        "lokr" => Method::Lokr { r, alpha, targets: qv() },
+        "vera" => Method::Vera { r: 8 * r, targets: qv() },
+        "adapter" => {
+            let config = AdapterConfig::width(16).with_activation(Activation::GeluErf);
+            return Ok(Some(Trainable::Bottleneck(Bottleneck::new(model, config, seed)?)));
+        }
+        "prompt" => Method::Prompt { n: CONTEXT },
+        "prefix" => Method::Prefix { n: CONTEXT },
+        _ => return Ok(None),
+    };
+    Ok(Some(Trainable::Peft(Box::new(init_adapter(model, &m, seed)?))))
+}
+
+/// The logits of every held-out sequence, concatenated.
+fn held_out_logits(
+    model: &Llama,
+    adapter: Option<&Trainable>,
+    task: &Distill,
+    backend: &Faer,
+) -> Result<Vec<f32>, HfError> {
+    let hosted = adapter.map(|a| a.hosted(model)).transpose()?;
+    let mut all = Vec::new();
+    for (ids, _) in &task.held_out {
+        all.extend(model.forward(backend, ids, hosted.as_ref(), &mut KvCache::new())?);
+    }
+    Ok(all)
+}
+
+/// Bytes of a file, or of the files of a folder.
+fn bytes_of(path: &Path) -> u64 {
+    match std::fs::read_dir(path) {
+        Ok(dir) => dir.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum(),
+        Err(_) => std::fs::metadata(path).map_or(0, |m| m.len()),
+    }
+}
+
+/// Saves the trained adapter (a PEFT folder, or this crate's bottleneck
+/// file) under `out` and reads it back.
+fn save_and_reload(adapter: &Trainable, name: &str, out: &Path) -> Result<(PathBuf, Trainable), HfError> {
+    Ok(match adapter {
+        Trainable::Peft(ad) => {
+            let dir = out.join(name);
+            ad.write_dir(&dir, true)?;
+            (dir.clone(), Trainable::Peft(Box::new(HfAdapter::read_dir(&dir)?)))
+        }
+        Trainable::Bottleneck(b) => {
+            let file = out.join(format!("{name}.safetensors"));
+            b.save(&file, true)?;
+            (file.clone(), Trainable::Bottleneck(Bottleneck::load(&file)?))
+        }
+    })
+}
+
+/// `peft merge` of the saved folder into the saved model, and the largest
+/// logit difference from `unmerged` (the methods that merge).
+fn merge_diff(
+    adapter: &Trainable,
+    file: &Path,
+    base_dir: &Path,
+    unmerged: &[f32],
+    task: &Distill,
+    backend: &Faer,
+) -> Result<Option<f32>, HfError> {
+    let Trainable::Peft(ad) = adapter else { return Ok(None) };
+    if matches!(ad.config, PeftConfig::Prompt(_)) {
+        return Ok(None);
+    }
+    let name = file.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let merged_file = file.with_file_name(format!(".{name}-merged.safetensors"));
+    let base = Base::open(base_dir)?;
+    let saved = HfAdapter::read_dir(file)?;
+    let options = MergeOptions { force: true, ..Default::default() };
+    merge_many(&base, &[(&saved, 1.0)], &merged_file, &options, backend, |_| {})?;
+    let merged = Llama::load(&base_dir.join("config.json"), &merged_file);
+    std::fs::remove_file(&merged_file).map_err(|e| HfError::Io(merged_file.clone(), e))?;
+    let merged = held_out_logits(&merged?, None, task, backend)?;
+    Ok(Some(unmerged.iter().zip(&merged).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max)))
+}
+
+/// Trains one method for `options.steps` steps; `progress(step, loss)`
+/// after each.
+///
+/// # Errors
+/// As the trainer, the writers and the merge; [`HfError::Config`]
+/// (`method`) for a method [`trainable`] does not know.
+pub fn run_method(
+    model: &Llama,
+    base_dir: &Path,
+    task: &Distill,
+    method: &'static MethodSpec,
+    options: &Options,
+    backend: &Faer,
+    progress: &mut dyn FnMut(usize, f64),
+) -> Result<MethodRun, HfError> {
+    let unknown = || HfError::Config { field: "method".into(), reason: format!("{} has no trainer", method.name) };
+    let mut adapter = trainable(model, method, options.rank, options.seed ^ 0xada)?.ok_or_else(unknown)?;
+    let lr = options.lr.unwrap_or(method.default_lr());
+    let mut trainer = Trainer::with_optimizer(AdamW::new(lr).with_weight_decay(0.0).with_max_grad_norm(Some(1.0)));
+    let initial = task.held_out_loss(backend, model, Some(&adapter))?;
+    let start = Instant::now();
+    for step in 0..options.steps {
+        let batch: Vec<usize> = (0..BATCH).map(|i| step * BATCH + i).collect();
+        let loss = trainer.step(backend, model, &mut adapter, task, &batch)?;
+        progress(step, loss);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let final_loss = task.held_out_loss(backend, model, Some(&adapter))?;
+    let unmerged = held_out_logits(model, Some(&adapter), task, backend)?;
+    let (file, reloaded) = save_and_reload(&adapter, method.name, &options.out)?;
+    let again = held_out_logits(model, Some(&reloaded), task, backend)?;
+    let reload_identical =
+        again.len() == unmerged.len() && again.iter().zip(&unmerged).all(|(a, b)| a.to_bits() == b.to_bits());
+    let merge_diff = merge_diff(&adapter, &file, base_dir, &unmerged, task, backend)?;
+    Ok(MethodRun {
+        method,
+        params: adapter.num_params(),
+        base_params: model.num_params(),
+        state_bytes: trainer.state_bytes(),
+        lr,
+        initial,
+        final_loss,
+        seconds,
+        merge_diff,
+        file_bytes: bytes_of(&file),
+        file,
+        reload_identical,
+    })
+}
+
+/// The frozen model (`options.model`, or the default small Llama saved to
+/// `out/model`) and its folder, and the task from `options.seed`.
+///
+/// # Errors
+/// As [`Llama::load_dir`], [`Llama::save_dir`] and [`Distill::new`].
+pub fn setup(options: &Options, backend: &Faer) -> Result<(Llama, PathBuf, Distill), HfError> {
+    std::fs::create_dir_all(&options.out).map_err(|e| HfError::Io(options.out.clone(), e))?;
+    let (model, base_dir) = match &options.model {
+        Some(dir) => (Llama::load_dir(dir)?, dir.clone()),
+        None => {
+            let model = Llama::random(default_llama()?, options.seed);
+            let dir = options.out.join("model");
+            model.save_dir(&dir, true)?;
+            (model, dir)
+        }
+    };
+    let vocab = model.config.vocab_size as u64;
+    let mut rng = peft_core::Rng::new(options.seed ^ 0xc0de);
+    let context: Vec<u32> = (0..CONTEXT).map(|_| (rng.next_u64() % vocab) as u32).collect();
+    let task = Distill::new(backend, &model, &context, SEQ, TRAIN, HELD_OUT, options.seed)?;
+    Ok((model, base_dir, task))
+}
+
+/// Trains every method of `options` on `task` over `model` (whose folder
+/// is `model_dir`); `progress(method, step, loss)` after each step.
+///
+/// # Errors
+/// As [`run_method`].
+pub fn train_all(
+    model: &Llama,
+    model_dir: &Path,
+    task: &Distill,
+    options: &Options,
+    backend: &Faer,
+    progress: &mut dyn FnMut(&MethodSpec, usize, f64),
+) -> Result<Report, HfError> {
+    let frozen = model.clone();
+    let base_loss = task.held_out_loss(backend, model, None)?;
+    let mut runs = Vec::new();
+    for &method in &options.methods {
+        let mut each = |step: usize, loss: f64| progress(method, step, loss);
+        runs.push(run_method(model, model_dir, task, method, options, backend, &mut each)?);
+    }
+    Ok(Report {
+        config: model.config.clone(),
+        frozen_params: model.num_params(),
+        model_dir: model_dir.to_path_buf(),
+        base_loss,
+        runs,
+        base_identical: *model == frozen,
+    })
+}
+
+/// [`setup`], then [`train_all`].
+///
+/// # Errors
+/// As those.
+pub fn finetune(options: &Options, progress: &mut dyn FnMut(&MethodSpec, usize, f64)) -> Result<Report, HfError> {
+    let backend = Faer::with_threads(options.threads);
+    let (model, model_dir, task) = setup(options, &backend)?;
+    train_all(&model, &model_dir, &task, options, &backend, progress)
+}
+
+/// Every method `peft finetune` trains: [`METHODS`], in order.
+pub fn all_methods() -> Vec<&'static MethodSpec> {
+    METHODS.iter().collect()
+}
