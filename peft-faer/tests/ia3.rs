@@ -73,5 +73,7 @@ fn ia3_folders_are_written_back_converted_and_inspected() {
     let res = Command::new(env!("CARGO_BIN_EXE_peft")).arg("inspect").arg(case()).output().unwrap();
     let text = String::from_utf8_lossy(&res.stdout);
     assert!(res.status.success() && text.contains("method ia3") && text.contains("input"), "{text}");
+    // Each vector's length from the fixture's shapes: k 64, fc1 64, fc2 96, v 48, two layers.
+    assert!(text.contains("total: 8 modules, 544 trainable parameters"), "{text}");
     assert_converts_bit_for_bit(&case());
 }

@@ -1,0 +1,312 @@
+//! [`HfAdapter`]: a PEFT adapter folder read whole (every method's
+//! modules, the tensors it replaces, prompt learning's embeddings), and
+//! written back as PEFT writes it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::Dtype;
+
+use super::keys::{Reader, normalize_key};
+use super::st::{self, OutEntry, StFile};
+use super::{
+    CONFIG_FILE, HfError, Ia3Module, LOHA_KEYS, LohaModule, LokrModule, LoraModule, MAX_ADAPTER_BYTES,
+    MAX_CONFIG_BYTES, PeftConfig, VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections, WEIGHTS_FILE,
+};
+
+/// A whole tensor of an adapter: a base tensor it replaces (a trained bias
+/// under `bias = "all" | "lora_only"`, or a `modules_to_save` weight), or
+/// prompt learning's `prompt_embeddings`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HfTensor {
+    /// The tensor's name (for a replacement, the base tensor's).
+    pub name: String,
+    /// The element type it is stored in.
+    pub dtype: Dtype,
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Values, widened to f32.
+    pub data: Vec<f32>,
+}
+
+/// A PEFT adapter directory, read.
+#[derive(Clone, Debug)]
+pub struct HfAdapter {
+    /// The configuration.
+    pub config: PeftConfig,
+    /// LoRA modules, in the order of their keys.
+    pub modules: Vec<LoraModule>,
+    /// (IA)^3 modules, in the order of their keys.
+    pub ia3: Vec<Ia3Module>,
+    /// LoHa modules, in the order of their keys.
+    pub loha: Vec<LohaModule>,
+    /// LoKr modules, in the order of their keys.
+    pub lokr: Vec<LokrModule>,
+    /// VeRA modules, in the order of their keys.
+    pub vera: Vec<VeraModule>,
+    /// VeRA's shared projections.
+    pub vera_projections: Option<VeraProjections>,
+    /// Whole-tensor replacements.
+    pub replacements: Vec<HfTensor>,
+    /// Prompt or prefix tuning: `prompt_embeddings`.
+    pub prompt: Option<HfTensor>,
+    /// The element type of the adapter's first tensor, for display; every
+    /// tensor keeps its own (`LoraModule::dtypes`, `HfTensor::dtype`).
+    pub dtype: Dtype,
+    /// The safetensors `__metadata__`.
+    pub metadata: BTreeMap<String, String>,
+    /// The folder it was read from (`None` when built in memory): its
+    /// files are inputs that no output may overwrite.
+    pub source: Option<PathBuf>,
+}
+
+fn read_config(dir: &Path) -> Result<PeftConfig, HfError> {
+    let path = dir.join(CONFIG_FILE);
+    let bytes = crate::files::read_bounded(&path, MAX_CONFIG_BYTES)?;
+    let text = String::from_utf8(bytes).map_err(|_| HfError::config(CONFIG_FILE, "is not UTF-8"))?;
+    PeftConfig::parse(&text).map_err(|e| e.in_file(&path))
+}
+
+impl HfAdapter {
+    /// Reads and checks a PEFT adapter directory: the config, every tensor
+    /// key, shapes, ranks against `r` / `rank_pattern`, and that the config
+    /// targets every adapted module.
+    ///
+    /// # Errors
+    /// [`HfError`] naming what is wrong; nothing is returned half-read.
+    pub fn read_dir(dir: &Path) -> Result<Self, HfError> {
+        Self::read_dir_with(dir, &mut |f, e| f.read_f32(e))
+    }
+
+    pub(super) fn read_dir_with(dir: &Path, read: Reader<'_>) -> Result<Self, HfError> {
+        let config = read_config(dir)?;
+        let path = dir.join(WEIGHTS_FILE);
+        let len = crate::files::regular_file(&path)?;
+        if len > MAX_ADAPTER_BYTES {
+            return Err(HfError::Safetensors(path, format!("{len} bytes exceeds the adapter limit")));
+        }
+        let file = StFile::open(&path)?;
+        let dtype = file.entries.first().map_or(Dtype::F32, |e| e.dtype);
+        let mut out = HfAdapter::empty(config.clone(), dtype, file.metadata.clone());
+        out.source = Some(dir.to_path_buf());
+        match &config {
+            PeftConfig::Prompt(pc) => {
+                let e = file.entries.iter().find(|e| normalize_key(&e.name) == "prompt_embeddings");
+                let e = e.ok_or_else(|| HfError::Tensor("`prompt_embeddings` is missing".into()))?;
+                if file.entries.len() != 1 {
+                    return Err(HfError::Tensor(format!(
+                        "{} tensors where prompt learning saves one",
+                        file.entries.len()
+                    )));
+                }
+                let rows = pc.num_virtual_tokens * pc.num_transformer_submodules.max(1);
+                let cols = if pc.prefix { pc.num_layers * 2 * pc.token_dim } else { pc.token_dim };
+                if e.shape != [rows, cols] {
+                    return Err(HfError::Tensor(format!(
+                        "prompt_embeddings has shape {:?}, the config implies [{rows}, {cols}]",
+                        e.shape
+                    )));
+                }
+                out.prompt = Some(HfTensor {
+                    name: e.name.clone(),
+                    dtype: e.dtype,
+                    shape: e.shape.clone(),
+                    data: read(&file, e)?,
+                });
+            }
+            PeftConfig::Lora(lc) => out.read_lora(lc, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::Ia3(ic) => out.read_ia3(ic, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::Loha(lc) => out.read_loha(lc, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::Lokr(kc) => out.read_lokr(kc, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::Vera(vc) => out.read_vera(vc, &file, read).map_err(|e| e.in_file(&path))?,
+        }
+        Ok(out)
+    }
+
+    /// An adapter of `config` with no tensors yet, not read from a folder.
+    pub fn empty(config: PeftConfig, dtype: Dtype, metadata: BTreeMap<String, String>) -> Self {
+        HfAdapter {
+            config,
+            modules: Vec::new(),
+            ia3: Vec::new(),
+            loha: Vec::new(),
+            lokr: Vec::new(),
+            vera: Vec::new(),
+            vera_projections: None,
+            replacements: Vec::new(),
+            prompt: None,
+            dtype,
+            metadata,
+            source: None,
+        }
+    }
+
+    /// Prompt tuning as `peft-core`'s type, over this adapter's
+    /// `prompt_embeddings` (`[num_virtual_tokens, token_dim]`).
+    ///
+    /// # Errors
+    /// [`HfError::Unsupported`] for another method or an encoder-decoder
+    /// prompt (`num_transformer_submodules` = 2); `peft-core`'s errors.
+    pub fn prompt_tuning(&mut self) -> Result<peft_core::prompt::PromptTuning<f32, &mut [f32]>, HfError> {
+        let (PeftConfig::Prompt(c), Some(HfTensor { data, .. })) = (&self.config, self.prompt.as_mut()) else {
+            return Err(HfError::Unsupported("not a prompt-tuning adapter".into()));
+        };
+        if c.prefix || c.num_transformer_submodules > 1 {
+            return Err(HfError::Unsupported(
+                "prefix tuning or an encoder-decoder prompt as plain prompt tuning".into(),
+            ));
+        }
+        Ok(peft_core::prompt::PromptTuning::new(&mut data[..], c.num_virtual_tokens, c.token_dim)?)
+    }
+
+    /// Prefix tuning as `peft-core`'s type, over this adapter's
+    /// `prompt_embeddings` (`[num_virtual_tokens, num_layers * 2 *
+    /// token_dim]`, PEFT's layout), with `num_attention_heads` heads of
+    /// `token_dim / num_attention_heads` (multi-head attention; PEFT stores
+    /// the same layout for every model).
+    ///
+    /// # Errors
+    /// [`HfError::Unsupported`] for another method; `peft-core`'s errors
+    /// (e.g. `token_dim` not a multiple of the heads).
+    pub fn prefix_tuning(&mut self) -> Result<peft_core::prefix::PrefixTuning<f32, &mut [f32]>, HfError> {
+        let (PeftConfig::Prompt(c), Some(HfTensor { data, .. })) = (&self.config, self.prompt.as_mut()) else {
+            return Err(HfError::Unsupported("not a prefix-tuning adapter".into()));
+        };
+        if !c.prefix || c.num_attention_heads == 0 || c.token_dim % c.num_attention_heads != 0 {
+            return Err(HfError::Unsupported("not a prefix-tuning adapter with whole heads".into()));
+        }
+        let heads = c.num_attention_heads;
+        let shape = peft_core::attention::AttentionShape::new(heads, heads, c.token_dim / heads)?;
+        let cfg = peft_core::prefix::PrefixConfig::new(c.num_virtual_tokens, c.num_layers, &shape)?;
+        Ok(peft_core::prefix::PrefixTuning::new(cfg, &mut data[..])?)
+    }
+
+    /// The files it was read from.
+    pub fn source_files(&self) -> Vec<PathBuf> {
+        self.source.iter().flat_map(|d| [d.join(CONFIG_FILE), d.join(WEIGHTS_FILE)]).collect()
+    }
+
+    /// The config as PEFT 0.21 writes it.
+    pub fn config_json(&self) -> serde_json::Value {
+        match &self.config {
+            PeftConfig::Lora(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::Prompt(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::Ia3(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::Loha(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::Lokr(c) => serde_json::Value::Object(c.common.raw.clone()),
+            PeftConfig::Vera(c) => serde_json::Value::Object(c.raw.clone()),
+        }
+    }
+
+    /// The adapter's tensors as PEFT 0.21 stores them: name (with
+    /// `base_model.model.`), element type, shape, values.
+    pub fn tensors(&self) -> Vec<(String, Dtype, Vec<usize>, &[f32])> {
+        let mut tensors: Vec<(String, Dtype, Vec<usize>, &[f32])> = Vec::new();
+        for m in &self.modules {
+            let key = format!("base_model.model.{}", m.name);
+            let (na, nb) =
+                if m.embedding { ("lora_embedding_A", "lora_embedding_B") } else { ("lora_A.weight", "lora_B.weight") };
+            tensors.push((format!("{key}.{na}"), m.dtypes[0], vec![m.r, m.n_in], &m.a));
+            tensors.push((format!("{key}.{nb}"), m.dtypes[1], vec![m.n_out, m.r], &m.b));
+            if let Some(bias) = &m.lora_bias {
+                tensors.push((format!("{key}.lora_B.bias"), m.dtypes[2], vec![m.n_out], bias));
+            }
+            if let Some(mag) = &m.magnitude {
+                tensors.push((format!("{key}.lora_magnitude_vector"), m.dtypes[3], vec![m.n_out], mag));
+            }
+        }
+        for m in &self.loha {
+            let shapes = [[m.n_out, m.r], [m.r, m.n_in], [m.n_out, m.r], [m.r, m.n_in]];
+            for (i, key) in LOHA_KEYS.iter().enumerate() {
+                tensors.push((
+                    format!("base_model.model.{}.{key}", m.name),
+                    m.dtypes[i],
+                    shapes[i].to_vec(),
+                    &m.factors[i],
+                ));
+            }
+        }
+        for m in &self.lokr {
+            for ((key, shape, data), dtype) in m.stored().into_iter().zip(&m.dtypes) {
+                tensors.push((format!("base_model.model.{}.{key}", m.name), *dtype, shape, data));
+            }
+        }
+        for m in &self.ia3 {
+            tensors.push((format!("base_model.model.{}.ia3_l", m.name), m.dtype, m.shape().to_vec(), &m.l));
+        }
+        for m in &self.vera {
+            let key = format!("base_model.model.{}", m.name);
+            tensors.push((format!("{key}.vera_lambda_b"), m.dtypes[1], vec![m.n_out], &m.lambda_b));
+            tensors.push((format!("{key}.vera_lambda_d"), m.dtypes[0], vec![m.r], &m.lambda_d));
+        }
+        if let Some(p) = &self.vera_projections {
+            tensors.push((VERA_A_KEY.into(), p.dtypes[0], vec![p.r, p.max_in], &p.a));
+            tensors.push((VERA_B_KEY.into(), p.dtypes[1], vec![p.max_out, p.r], &p.b));
+        }
+        for r in &self.replacements {
+            tensors.push((format!("base_model.model.{}", r.name), r.dtype, r.shape.clone(), &r.data));
+        }
+        if let Some(p) = &self.prompt {
+            tensors.push((p.name.clone(), p.dtype, p.shape.clone(), &p.data));
+        }
+        tensors
+    }
+
+    /// Writes the directory PEFT's `PeftModel.from_pretrained` loads, each
+    /// tensor in its own element type, through [`crate::files::write_dir`]:
+    /// atomically, replacing an existing `dir` only if `force`, and only
+    /// after [`HfAdapter::read_dir`] (what `peft inspect` and `peft merge`
+    /// use) has read the finished folder back without error.
+    ///
+    /// # Errors
+    /// [`HfError::OutputExists`] if `dir` exists and not `force`; the
+    /// reader's errors for an adapter it would refuse; I/O errors.
+    pub fn write_dir(&self, dir: &Path, force: bool) -> Result<(), HfError> {
+        let tensors = self.tensors();
+        let mut data = Vec::with_capacity(tensors.len());
+        for (_, dtype, _, values) in &tensors {
+            let mut bytes = Vec::new();
+            st::from_f32(*dtype, values, &mut bytes)?;
+            data.push(bytes);
+        }
+        let raw: Vec<RawOut<'_>> =
+            tensors.iter().zip(&data).map(|((n, d, s, _), b)| (n.as_str(), *d, s.as_slice(), b.as_slice())).collect();
+        write_raw_dir(dir, &self.config_json(), &self.metadata, &raw, force)
+    }
+}
+
+/// One tensor to write as stored: its name, element type, shape and
+/// little-endian bytes.
+pub(crate) type RawOut<'a> = (&'a str, Dtype, &'a [usize], &'a [u8]);
+
+/// Writes a PEFT directory from `config` and tensors already in their
+/// stored bytes (`metadata` plus `format: pt` as safetensors'
+/// `__metadata__`), through [`crate::files::write_dir`]: atomically,
+/// replacing `dir` only if `force`, and only once [`HfAdapter::read_dir`]
+/// has read the finished folder back without error.
+///
+/// # Errors
+/// [`HfError::Tensor`] for bytes that do not fill the shape; the reader's
+/// errors; [`HfError::OutputExists`]; I/O errors.
+pub(crate) fn write_raw_dir(
+    dir: &Path,
+    config: &serde_json::Value,
+    metadata: &BTreeMap<String, String>,
+    tensors: &[RawOut<'_>],
+    force: bool,
+) -> Result<(), HfError> {
+    let mut metadata = metadata.clone();
+    metadata.insert("format".into(), "pt".into());
+    let entries: Vec<OutEntry> = tensors.iter().map(|(n, d, s, _)| OutEntry::plain(*n, *d, s.to_vec())).collect();
+    let mut bytes = st::header(&entries, &metadata)?;
+    for (e, (name, _, _, data)) in entries.iter().zip(tensors) {
+        if e.bytes() != data.len() as u64 {
+            return Err(HfError::Tensor(format!("{name}: {} bytes for shape {:?}", data.len(), e.shape)));
+        }
+        bytes.extend_from_slice(data);
+    }
+    let config = serde_json::to_vec_pretty(config).map_err(HfError::json)?;
+    crate::files::write_dir(dir, &[(CONFIG_FILE, &config), (WEIGHTS_FILE, &bytes)], force, |tmp| {
+        HfAdapter::read_dir(tmp).map(|_| ())
+    })
+}

@@ -1,0 +1,240 @@
+//! `peft inspect`'s report of an adapter folder: one [`Report`] built from
+//! an [`AdapterSummary`], rendered as text ([`Report::text`]) or as one
+//! JSON document ([`Report::json`]). Every method fills the same fields:
+//! its name, the configuration fields that change its math, a line of
+//! formula, one row per module, the total of trainable parameters, the
+//! tensors it replaces whole, and warnings.
+
+use serde_json::{Map, Value, json};
+
+use super::{AdapterSummary, PeftConfig};
+
+/// One module's row: the columns of its method, in order.
+pub type Row = Vec<(&'static str, Value)>;
+
+/// What `peft inspect` says of an adapter folder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    /// The method's name (`"lora"` for DoRA too, with `use_dora`).
+    pub method: &'static str,
+    /// The configuration fields that change the math.
+    pub fields: Map<String, Value>,
+    /// The first line of the text: the method, its fields, its formula.
+    pub headline: String,
+    /// Further lines before the table (VeRA's shared projections).
+    pub notes: Vec<String>,
+    /// One row per module (none for prompt learning).
+    pub modules: Vec<Row>,
+    /// Trainable parameters.
+    pub total_params: usize,
+    /// Tensors the adapter replaces whole: name and shape.
+    pub replaced: Vec<(String, Vec<usize>)>,
+    /// NaN or infinite values, scales that overflow f32, ranks that save
+    /// little.
+    pub warnings: Vec<String>,
+}
+
+/// A module's first two columns.
+fn named(name: &str) -> Row {
+    vec![("module", json!(name)), ("base_tensor", json!(format!("{name}.weight")))]
+}
+
+/// The sum of every row's `params`.
+fn total(rows: &[Row]) -> usize {
+    rows.iter().flat_map(|r| r.iter()).filter(|(k, _)| *k == "params").filter_map(|(_, v)| v.as_u64()).sum::<u64>()
+        as usize
+}
+
+impl Report {
+    /// The report of `ad` (from [`HfAdapter::summarize`](super::HfAdapter::summarize)).
+    ///
+    /// # Errors
+    /// A message when the summary lacks what its config implies (a prompt
+    /// without its tensor, VeRA without its projections).
+    pub fn new(ad: &AdapterSummary) -> Result<Self, String> {
+        let warnings: Vec<String> = ad
+            .nonfinite
+            .iter()
+            .map(|n| format!("{}: element {} is {} (not finite)", n.tensor, n.index, n.value))
+            .collect();
+        let dtype = json!(format!("{:?}", ad.dtype));
+        let mut r = Report {
+            method: "lora",
+            fields: Map::new(),
+            headline: String::new(),
+            notes: Vec::new(),
+            modules: Vec::new(),
+            total_params: 0,
+            replaced: ad.replacements.iter().map(|t| (t.name.clone(), t.shape.clone())).collect(),
+            warnings,
+        };
+        match &ad.config {
+            PeftConfig::Prompt(p) => {
+                let shape = ad.prompt_shape.as_ref().ok_or("no prompt tensor")?;
+                r.method = if p.prefix { "prefix" } else { "prompt" };
+                r.total_params = shape.iter().product();
+                r.fields = json_map(json!({ "num_virtual_tokens": p.num_virtual_tokens, "token_dim": p.token_dim,
+                    "num_layers": p.num_layers, "shape": shape }));
+                r.headline = format!(
+                    "method {}: {} virtual tokens, token_dim {}, prompt_embeddings {shape:?}, {} parameters",
+                    r.method, p.num_virtual_tokens, p.token_dim, r.total_params
+                );
+            }
+            PeftConfig::Loha(c) => {
+                r.method = "loha";
+                r.fields = json_map(json!({ "r": c.r, "alpha": c.alpha, "dtype": dtype }));
+                r.headline =
+                    format!("method loha: r={} alpha={} (dW = s (W1a W1b) * (W2a W2b), s = alpha / r)", c.r, c.alpha);
+                for m in &ad.loha {
+                    let mut row = named(&m.name);
+                    row.extend([("in", json!(m.n_in)), ("out", json!(m.n_out)), ("r", json!(m.r))]);
+                    row.extend([("alpha", json!(m.alpha)), ("scale", json!(m.alpha / m.r as f64))]);
+                    row.push(("params", json!(2 * m.r * (m.n_in + m.n_out))));
+                    r.modules.push(row);
+                }
+            }
+            PeftConfig::Lokr(c) => {
+                r.method = "lokr";
+                r.fields = json_map(json!({ "r": c.common.r, "alpha": c.common.alpha,
+                    "decompose_both": c.decompose_both, "decompose_factor": c.decompose_factor }));
+                r.headline = format!(
+                    "method lokr: r={} alpha={} decompose_factor={} (dW = s kron(W1, W2), s = alpha / r)",
+                    c.common.r, c.common.alpha, c.decompose_factor
+                );
+                for m in &ad.lokr {
+                    let mut row = named(&m.name);
+                    row.extend([("in", json!(m.n_in)), ("out", json!(m.n_out)), ("r", json!(m.r))]);
+                    row.extend([("alpha", json!(m.alpha)), ("w1", json!(m.w1)), ("w2", json!(m.w2))]);
+                    row.push(("params", json!(m.params)));
+                    r.modules.push(row);
+                }
+            }
+            PeftConfig::Vera(c) => {
+                let p = ad.vera_projections.ok_or("no VeRA projections")?;
+                r.method = "vera";
+                let frozen = p.r * (p.max_in + p.max_out);
+                r.fields = json_map(json!({ "r": c.r, "d_initial": c.d_initial, "dtype": dtype,
+                    "projections": { "vera_A": [p.r, p.max_in], "vera_B": [p.max_out, p.r], "frozen_params": frozen } }));
+                r.headline = format!("method vera: r={} (dW = diag(lambda_b) B diag(lambda_d) A, no alpha / r)", c.r);
+                r.notes.push(format!(
+                    "shared frozen projections: vera_A [{}, {}], vera_B [{}, {}] ({frozen} parameters)",
+                    p.r, p.max_in, p.max_out, p.r
+                ));
+                for m in &ad.vera {
+                    let mut row = named(&m.name);
+                    row.extend([("out", json!(m.n_out)), ("r", json!(m.r)), ("params", json!(m.r + m.n_out))]);
+                    r.modules.push(row);
+                }
+            }
+            PeftConfig::Ia3(_) => {
+                r.method = "ia3";
+                r.fields = json_map(json!({ "dtype": dtype }));
+                r.headline =
+                    "method ia3: a learned vector scales each module's output (or a feedforward module's input)".into();
+                for m in &ad.ia3 {
+                    let mut row = named(&m.name);
+                    let scales = if m.feedforward { "input" } else { "output" };
+                    row.extend([("scales", json!(scales)), ("params", json!(m.len))]);
+                    r.modules.push(row);
+                }
+            }
+            PeftConfig::Lora(c) => {
+                r.fields = json_map(json!({ "use_dora": c.use_dora, "r": c.r, "lora_alpha": c.lora_alpha,
+                    "use_rslora": c.use_rslora, "dtype": dtype }));
+                let dora = if c.use_dora { " (DoRA: a magnitude per output row)" } else { "" };
+                r.headline = format!(
+                    "method lora{dora}: r={} lora_alpha={} use_rslora={} dtype {:?}",
+                    c.r, c.lora_alpha, c.use_rslora, ad.dtype
+                );
+                for m in &ad.modules {
+                    if !(m.scale as f32).is_finite() {
+                        r.warnings.push(format!(
+                            "{}: the scale {} overflows f32; a merge would write infinities",
+                            m.name, m.scale
+                        ));
+                    }
+                    let min = m.n_in.min(m.n_out);
+                    if 2 * m.r >= min {
+                        r.warnings.push(format!(
+                            "{}: rank {} is close to min(in, out) = {min}; LoRA saves little there",
+                            m.name, m.r
+                        ));
+                    }
+                    let mut row = named(&m.name);
+                    row.extend([("in", json!(m.n_in)), ("out", json!(m.n_out)), ("r", json!(m.r))]);
+                    row.extend([("alpha", json!(m.alpha)), ("scale", json!(m.scale)), ("params", json!(m.params()))]);
+                    r.modules.push(row);
+                }
+            }
+        }
+        if !r.modules.is_empty() {
+            r.total_params = total(&r.modules);
+        }
+        Ok(r)
+    }
+
+    /// One JSON document: `method`, the fields, `modules` (each row an
+    /// object), `total_params`, `replaced_tensors`, `warnings`.
+    pub fn json(&self) -> Value {
+        let mut doc = Map::new();
+        doc.insert("method".into(), json!(self.method));
+        doc.extend(self.fields.clone());
+        if !self.modules.is_empty() {
+            let rows: Vec<Value> = self
+                .modules
+                .iter()
+                .map(|row| Value::Object(row.iter().map(|(k, v)| ((*k).into(), v.clone())).collect()))
+                .collect();
+            doc.insert("modules".into(), Value::Array(rows));
+        }
+        doc.insert("total_params".into(), json!(self.total_params));
+        doc.insert("replaced_tensors".into(), json!(self.replaced.iter().map(|t| &t.0).collect::<Vec<_>>()));
+        doc.insert("warnings".into(), json!(self.warnings));
+        Value::Object(doc)
+    }
+
+    /// The text: the headline, the notes, a table of the modules (their
+    /// columns, in order), the total, the replaced tensors, the warnings.
+    pub fn text(&self) -> String {
+        let mut out = vec![self.headline.clone()];
+        out.extend(self.notes.iter().cloned());
+        if let Some(first) = self.modules.first() {
+            let cols: Vec<&str> = first.iter().map(|(k, _)| *k).collect();
+            let cell = |v: &Value| match v {
+                Value::String(s) => s.clone(),
+                Value::Array(a) => a.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("x"),
+                v => v.to_string(),
+            };
+            let table: Vec<Vec<String>> =
+                self.modules.iter().map(|row| row.iter().map(|(_, v)| cell(v)).collect()).collect();
+            let widths: Vec<usize> = (0..cols.len())
+                .map(|i| {
+                    table.iter().map(|r| r.get(i).map_or(0, String::len)).chain([cols[i].len()]).max().unwrap_or(0)
+                })
+                .collect();
+            let line = |cells: Vec<String>| {
+                let padded: Vec<String> = cells
+                    .iter()
+                    .zip(&widths)
+                    .enumerate()
+                    .map(|(i, (c, w))| if i < 2 { format!("{c:<w$}") } else { format!("{c:>w$}") })
+                    .collect();
+                padded.join(" ").trim_end().to_string()
+            };
+            out.push(line(cols.iter().map(|c| c.replace('_', " ")).collect()));
+            out.extend(table.into_iter().map(line));
+            out.push(format!("total: {} modules, {} trainable parameters", self.modules.len(), self.total_params));
+        }
+        out.extend(self.replaced.iter().map(|(name, shape)| format!("replaces {name} {shape:?} whole")));
+        out.extend(self.warnings.iter().map(|w| format!("warning: {w}")));
+        out.join("\n")
+    }
+}
+
+/// The object of a `json!({...})` literal.
+fn json_map(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}

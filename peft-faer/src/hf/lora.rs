@@ -1,0 +1,144 @@
+//! LoRA (with DoRA, `lora_bias` and LoRA on embeddings) in PEFT's files:
+//! the module as read, and its reader.
+
+use safetensors::Dtype;
+
+use super::keys::{Groups, Reader, group, saved};
+use super::st::StFile;
+use super::{BiasMode, HfAdapter, HfError, HfLoraConfig};
+
+/// One LoRA-adapted module.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraModule {
+    /// Module name without `base_model.model.` (`layers.0.q_proj`); its
+    /// base weight is `<name>.weight`.
+    pub name: String,
+    /// `A [r, in]`, widened to f32 (exactly).
+    pub a: Vec<f32>,
+    /// `B [out, r]`.
+    pub b: Vec<f32>,
+    /// `lora_B.bias [out]` when `lora_bias`.
+    pub lora_bias: Option<Vec<f32>>,
+    /// Rank.
+    pub r: usize,
+    /// Input features.
+    pub n_in: usize,
+    /// Output features.
+    pub n_out: usize,
+    /// Alpha (from `alpha_pattern` or `lora_alpha`).
+    pub alpha: f64,
+    /// The scale applied to `B A`.
+    pub scale: f64,
+    /// DoRA's `lora_magnitude_vector [out]` (`use_dora`).
+    pub magnitude: Option<Vec<f32>>,
+    /// LoRA on an `nn.Embedding` (`lora_embedding_A [r, vocab]`,
+    /// `lora_embedding_B [dim, r]`): `in` is the vocabulary, `out` the
+    /// embedding width, the weight is `[vocab, dim]` and its update
+    /// `s (B A)^T`.
+    pub embedding: bool,
+    /// The element types `A`, `B`, the `lora_B` bias and the magnitude are
+    /// stored in (an absent tensor's slot repeats `B`'s): each tensor is
+    /// written back in its own type.
+    pub dtypes: [Dtype; 4],
+}
+
+impl HfAdapter {
+    pub(super) fn read_lora(&mut self, lc: &HfLoraConfig, file: &StFile, read: Reader<'_>) -> Result<(), HfError> {
+        // PEFT saves the magnitude without `.weight`; accept both.
+        let suffixes = [
+            (".lora_A.weight", 0),
+            (".lora_B.weight", 1),
+            (".lora_B.bias", 2),
+            (".lora_magnitude_vector", 3),
+            (".lora_magnitude_vector.weight", 3),
+            (".lora_embedding_A", 4),
+            (".lora_embedding_B", 5),
+        ];
+        let replaces =
+            |key: &str| saved(&lc.modules_to_save, key) || (key.ends_with(".bias") && lc.bias != BiasMode::None);
+        let groups: Groups<'_, 6> =
+            group(file, file.entries.iter(), &suffixes, "LoRA", &replaces, &mut self.replacements, read)?;
+        for (_, slots) in &groups {
+            if let (Some(e), false) = (slots[2], lc.lora_bias) {
+                return Err(HfError::Tensor(format!("`{}` present but lora_bias is false", e.name)));
+            }
+            if let (Some(e), false) = (slots[3], lc.use_dora) {
+                return Err(HfError::Tensor(format!("`{}` present but use_dora is false", e.name)));
+            }
+        }
+        if lc.use_dora && (lc.fan_in_fan_out || lc.lora_bias) {
+            let field = if lc.fan_in_fan_out { "fan_in_fan_out" } else { "lora_bias" };
+            return Err(HfError::Unsupported(format!("`use_dora` with `{field}`")));
+        }
+        for (name, [a, b, bias, magnitude, ea, eb]) in groups {
+            // LoRA on an nn.Embedding: `lora_embedding_A [r, vocab]`,
+            // `lora_embedding_B [dim, r]`, the same layout as A and B with
+            // in = vocab and out = dim (its weight is `[vocab, dim]`).
+            let embedding = ea.is_some() || eb.is_some();
+            if embedding && (a.is_some() || b.is_some()) {
+                return Err(HfError::Tensor(format!("{name}: both lora_A/lora_B and lora_embedding_A/_B")));
+            }
+            if embedding && (lc.use_dora || bias.is_some()) {
+                return Err(HfError::Unsupported(format!("{name}: DoRA or lora_bias on an embedding")));
+            }
+            let (a, b) = if embedding { (ea, eb) } else { (a, b) };
+            let (Some(a), Some(b)) = (a, b) else {
+                let missing = match (embedding, a.is_none()) {
+                    (false, true) => "lora_A.weight",
+                    (false, false) => "lora_B.weight",
+                    (true, true) => "lora_embedding_A",
+                    (true, false) => "lora_embedding_B",
+                };
+                return Err(HfError::MissingTensor { module: name, tensor: missing.into() });
+            };
+            let (&[r, n_in], &[n_out, r2]) = (a.shape.as_slice(), b.shape.as_slice()) else {
+                return Err(HfError::Tensor(format!(
+                    "{name}: lora_A {:?} / lora_B {:?} are not matrices",
+                    a.shape, b.shape
+                )));
+            };
+            if r != r2 {
+                return Err(HfError::Tensor(format!("{name}: lora_A has rank {r}, lora_B has rank {r2}")));
+            }
+            let want = lc.rank_for(&name);
+            if want != r {
+                return Err(HfError::RankMismatch { module: name, config: want, tensors: r });
+            }
+            if !lc.adapts(&name) {
+                return Err(HfError::Tensor(format!("{name}: has LoRA tensors but the config does not target it")));
+            }
+            if lc.lora_bias && bias.is_none() {
+                return Err(HfError::Tensor(format!("{name}: lora_bias is true but lora_B.bias is missing")));
+            }
+            if bias.is_some_and(|e| e.shape != [n_out]) {
+                return Err(HfError::Tensor(format!("{name}: lora_B.bias does not have shape [{n_out}]")));
+            }
+            if lc.use_dora && magnitude.is_none() {
+                return Err(HfError::Tensor(format!("{name}: use_dora is true but lora_magnitude_vector is missing")));
+            }
+            if magnitude.is_some_and(|e| e.shape != [n_out]) {
+                return Err(HfError::Tensor(format!("{name}: lora_magnitude_vector does not have shape [{n_out}]")));
+            }
+            let lora_bias = bias.map(|e| read(file, e)).transpose()?;
+            let magnitude_values = magnitude.map(|e| read(file, e)).transpose()?;
+            self.modules.push(LoraModule {
+                alpha: lc.alpha_for(&name),
+                scale: lc.scale_for(&name)?,
+                a: read(file, a)?,
+                b: read(file, b)?,
+                dtypes: [a.dtype, b.dtype, bias.map_or(b.dtype, |e| e.dtype), magnitude.map_or(b.dtype, |e| e.dtype)],
+                lora_bias,
+                magnitude: magnitude_values,
+                embedding,
+                r,
+                n_in,
+                n_out,
+                name,
+            });
+        }
+        if self.modules.is_empty() {
+            return Err(HfError::Tensor("no lora_A / lora_B tensors".into()));
+        }
+        Ok(())
+    }
+}

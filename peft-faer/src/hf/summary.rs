@@ -1,0 +1,231 @@
+//! [`AdapterSummary`]: a PEFT adapter folder checked without holding its
+//! tensor values (what `peft inspect` reports).
+
+use std::path::Path;
+
+use safetensors::Dtype;
+
+use super::{HfAdapter, HfError, PeftConfig};
+
+/// One LoRA module of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModuleSummary {
+    /// Module name (`layers.0.q_proj`).
+    pub name: String,
+    /// Rank.
+    pub r: usize,
+    /// Input features.
+    pub n_in: usize,
+    /// Output features.
+    pub n_out: usize,
+    /// Alpha.
+    pub alpha: f64,
+    /// The scale applied to `B A`.
+    pub scale: f64,
+    /// Whether `lora_B` has a bias.
+    pub lora_bias: bool,
+    /// Whether it is DoRA (has a magnitude vector).
+    pub dora: bool,
+}
+
+impl ModuleSummary {
+    /// Trainable parameters of the factors: `r (in + out)`, plus `out` for
+    /// DoRA's magnitude (a `lora_B` bias is not counted, as before).
+    pub fn params(&self) -> usize {
+        self.r * (self.n_in + self.n_out) + if self.dora { self.n_out } else { 0 }
+    }
+}
+
+/// One (IA)^3 module of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ia3Summary {
+    /// Module name.
+    pub name: String,
+    /// Whether it scales the input (a feedforward module).
+    pub feedforward: bool,
+    /// The vector's length.
+    pub len: usize,
+}
+
+/// One LoHa module of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct LohaSummary {
+    /// Module name.
+    pub name: String,
+    /// Input features.
+    pub n_in: usize,
+    /// Output features.
+    pub n_out: usize,
+    /// Rank.
+    pub r: usize,
+    /// Alpha.
+    pub alpha: f64,
+}
+
+/// One LoKr module of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct LokrSummary {
+    /// Module name.
+    pub name: String,
+    /// Input features `c d`.
+    pub n_in: usize,
+    /// Output features `a b`.
+    pub n_out: usize,
+    /// Rank of the low-rank factors.
+    pub r: usize,
+    /// Alpha.
+    pub alpha: f64,
+    /// `W1 [a, c]`.
+    pub w1: [usize; 2],
+    /// `W2 [b, d]`.
+    pub w2: [usize; 2],
+    /// Stored parameters.
+    pub params: usize,
+}
+
+/// One VeRA module of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct VeraSummary {
+    /// Module name.
+    pub name: String,
+    /// Rank (`lambda_d`'s length).
+    pub r: usize,
+    /// Output features (`lambda_b`'s length).
+    pub n_out: usize,
+}
+
+/// VeRA's shared projections in an [`AdapterSummary`]: `vera_A [r,
+/// max_in]`, `vera_B [max_out, r]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProjectionSummary {
+    /// Rank.
+    pub r: usize,
+    /// Columns of `vera_A`.
+    pub max_in: usize,
+    /// Rows of `vera_B`.
+    pub max_out: usize,
+}
+
+/// A tensor the adapter replaces whole.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorSummary {
+    /// Its name in the base.
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+}
+
+/// A tensor holding a NaN or an infinity.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NonFinite {
+    /// The tensor's name as stored.
+    pub tensor: String,
+    /// The first such element (row-major).
+    pub index: usize,
+    /// Its value.
+    pub value: f32,
+}
+
+/// A PEFT adapter directory, checked, without its tensor values
+/// ([`HfAdapter::summarize`]).
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    /// The configuration.
+    pub config: PeftConfig,
+    /// The element type of the first tensor.
+    pub dtype: Dtype,
+    /// LoRA modules, in the order of their keys.
+    pub modules: Vec<ModuleSummary>,
+    /// Tensors replaced whole.
+    pub replacements: Vec<TensorSummary>,
+    /// Prompt learning: the shape of `prompt_embeddings`.
+    pub prompt_shape: Option<Vec<usize>>,
+    /// (IA)^3 modules.
+    pub ia3: Vec<Ia3Summary>,
+    /// LoHa modules.
+    pub loha: Vec<LohaSummary>,
+    /// LoKr modules.
+    pub lokr: Vec<LokrSummary>,
+    /// VeRA modules.
+    pub vera: Vec<VeraSummary>,
+    /// VeRA's shared projections.
+    pub vera_projections: Option<ProjectionSummary>,
+    /// Every tensor holding a NaN or infinity.
+    pub nonfinite: Vec<NonFinite>,
+}
+
+impl HfAdapter {
+    /// Checks a PEFT adapter directory as [`HfAdapter::read_dir`] does, but
+    /// holds no tensor values: each tensor is scanned in bounded chunks for
+    /// NaN and infinities instead, so memory does not grow with the
+    /// adapter (what `peft inspect` uses).
+    ///
+    /// # Errors
+    /// As [`HfAdapter::read_dir`].
+    pub fn summarize(dir: &Path) -> Result<AdapterSummary, HfError> {
+        let mut nonfinite = Vec::new();
+        // The values are not held, so lengths come from the headers.
+        let mut lens = std::collections::BTreeMap::new();
+        let ad = Self::read_dir_with(dir, &mut |f, e| {
+            if let Some((i, v)) = f.first_nonfinite(e)? {
+                nonfinite.push(NonFinite { tensor: e.name.clone(), index: i, value: v });
+            }
+            lens.insert(super::normalize_key(&e.name), e.numel());
+            Ok(Vec::new())
+        })?;
+        Ok(AdapterSummary {
+            modules: ad
+                .modules
+                .iter()
+                .map(|m| ModuleSummary {
+                    name: m.name.clone(),
+                    r: m.r,
+                    n_in: m.n_in,
+                    n_out: m.n_out,
+                    alpha: m.alpha,
+                    scale: m.scale,
+                    lora_bias: m.lora_bias.is_some(),
+                    dora: m.magnitude.is_some(),
+                })
+                .collect(),
+            replacements: ad
+                .replacements
+                .iter()
+                .map(|r| TensorSummary { name: r.name.clone(), shape: r.shape.clone() })
+                .collect(),
+            prompt_shape: ad.prompt.as_ref().map(|p| p.shape.clone()),
+            ia3: ad
+                .ia3
+                .iter()
+                .map(|m| {
+                    let len = lens.get(&format!("{}.ia3_l", m.name)).copied().unwrap_or(0);
+                    Ia3Summary { name: m.name.clone(), feedforward: m.feedforward, len }
+                })
+                .collect(),
+            loha: ad
+                .loha
+                .iter()
+                .map(|m| LohaSummary { name: m.name.clone(), n_in: m.n_in, n_out: m.n_out, r: m.r, alpha: m.alpha })
+                .collect(),
+            lokr: ad
+                .lokr
+                .iter()
+                .map(|m| {
+                    let (o, i) = m.dims();
+                    let params = m.stored().iter().map(|(_, s, _)| s.iter().product::<usize>()).sum();
+                    let (w1, w2) = ([m.d1.0, m.d1.1], [m.d2.0, m.d2.1]);
+                    LokrSummary { name: m.name.clone(), n_in: i, n_out: o, r: m.r, alpha: m.alpha, w1, w2, params }
+                })
+                .collect(),
+            vera: ad.vera.iter().map(|m| VeraSummary { name: m.name.clone(), r: m.r, n_out: m.n_out }).collect(),
+            vera_projections: ad.vera_projections.as_ref().map(|p| ProjectionSummary {
+                r: p.r,
+                max_in: p.max_in,
+                max_out: p.max_out,
+            }),
+            dtype: ad.dtype,
+            config: ad.config,
+            nonfinite,
+        })
+    }
+}
