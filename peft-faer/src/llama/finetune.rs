@@ -1,5 +1,5 @@
 //! `peft finetune`'s task, as a library: every method of
-//! [`METHODS`](peft_core::method::METHODS) trained on a frozen Llama with
+//! [`METHODS`] trained on a frozen Llama with
 //! PEFT's initialization and defaults, saved, read back, merged through
 //! `peft merge`, and measured. The command only parses its arguments and
 //! prints a [`Report`].
@@ -40,7 +40,7 @@ pub const HELD_OUT: usize = 32;
 #[derive(Clone, Debug)]
 pub struct Options {
     /// The methods, in order (default: every one of
-    /// [`METHODS`](peft_core::method::METHODS)).
+    /// [`METHODS`]).
     pub methods: Vec<&'static MethodSpec>,
     /// Optimizer steps per method (batches of [`BATCH`] sequences).
     pub steps: usize,
