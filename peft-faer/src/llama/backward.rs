@@ -25,6 +25,7 @@ use peft_core::attention::{AttentionShape, Mask};
 use peft_core::prefix::PrefixConfig;
 use peft_core::{Accum, Backend, MatMut, MatRef};
 
+use super::Projection;
 use super::sites::{self, Module};
 use super::{Llama, LlamaAdapter, Trace, rms_norm, rotate, silu};
 use crate::hf::HfError;
@@ -241,7 +242,15 @@ impl Llama {
             let dmlp = bottleneck_backward(backend, adapter, bottleneck_g.as_deref_mut(), l, 1, &t.mlp_pre, &dh)?;
             let dh_mlp = dmlp.as_deref().unwrap_or(&dh);
             let mut dact = vec![0.0f32; n * f];
-            sites::backward(backend, &layer.proj[6], gd_l, MatRef::new(&t.act, n, f)?, dh_mlp, &mut dact, &mut ws)?;
+            sites::backward(
+                backend,
+                layer.linear(Projection::Down),
+                gd_l,
+                MatRef::new(&t.act, n, f)?,
+                dh_mlp,
+                &mut dact,
+                &mut ws,
+            )?;
             let (mut dg, mut du) = (vec![0.0f32; n * f], vec![0.0f32; n * f]);
             for ((((dg, du), &da), &g), &u) in dg.iter_mut().zip(du.iter_mut()).zip(&dact).zip(&t.gate).zip(&t.up) {
                 let sig = 1.0 / (1.0 + (-g).exp());
@@ -250,15 +259,23 @@ impl Llama {
             }
             let mut dx2 = vec![0.0f32; n * d];
             let x2 = MatRef::new(&t.x2, n, d)?;
-            sites::backward(backend, &layer.proj[4], gg_l, x2, &dg, &mut dx2, &mut ws)?;
-            sites::backward(backend, &layer.proj[5], gu_l, x2, &du, &mut dx2, &mut ws)?;
+            sites::backward(backend, layer.linear(Projection::Gate), gg_l, x2, &dg, &mut dx2, &mut ws)?;
+            sites::backward(backend, layer.linear(Projection::Up), gu_l, x2, &du, &mut dx2, &mut ws)?;
             let mut da = dh;
             rms_norm_backward(&t.a, &layer.post_norm, c.rms_norm_eps, &dx2, &mut da);
             // a = h_in + o(attn).
             let dpre = bottleneck_backward(backend, adapter, bottleneck_g.as_deref_mut(), l, 0, &t.attn_pre, &da)?;
             let mut dattn = vec![0.0f32; n * qw];
             let d_o = dpre.as_deref().unwrap_or(&da);
-            sites::backward(backend, &layer.proj[3], go_l, MatRef::new(&t.attn, n, qw)?, d_o, &mut dattn, &mut ws)?;
+            sites::backward(
+                backend,
+                layer.linear(Projection::O),
+                go_l,
+                MatRef::new(&t.attn, n, qw)?,
+                d_o,
+                &mut dattn,
+                &mut ws,
+            )?;
             let (mut dq, mut dk, mut dv) = (vec![0.0f32; n * qw], vec![0.0f32; n * kvw], vec![0.0f32; n * kvw]);
             let prefix = adapter.map(|a| a.prefix_layer(c, l)).transpose()?.flatten();
             let p = prefix.as_ref().map_or(0, |p| p.keys.rows());
@@ -291,9 +308,9 @@ impl Llama {
             rms_norm(&t.h_in, &layer.input_norm, c.rms_norm_eps, &mut x1);
             let mut dx1 = vec![0.0f32; n * d];
             let x1v = MatRef::new(&x1, n, d)?;
-            sites::backward(backend, &layer.proj[0], gq_l, x1v, &dq, &mut dx1, &mut ws)?;
-            sites::backward(backend, &layer.proj[1], gk_l, x1v, &dk, &mut dx1, &mut ws)?;
-            sites::backward(backend, &layer.proj[2], gv_l, x1v, &dv, &mut dx1, &mut ws)?;
+            sites::backward(backend, layer.linear(Projection::Q), gq_l, x1v, &dq, &mut dx1, &mut ws)?;
+            sites::backward(backend, layer.linear(Projection::K), gk_l, x1v, &dk, &mut dx1, &mut ws)?;
+            sites::backward(backend, layer.linear(Projection::V), gv_l, x1v, &dv, &mut dx1, &mut ws)?;
             let mut dh_in = da;
             rms_norm_backward(&t.h_in, &layer.input_norm, c.rms_norm_eps, &dx1, &mut dh_in);
             dh = dh_in;

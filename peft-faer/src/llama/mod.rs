@@ -61,8 +61,61 @@ pub use weights::{Matrix, OwnedWeight};
 use crate::hf::base::Base;
 use crate::hf::{HfAdapter, HfError, PeftConfig};
 
-/// The projections of a layer, in the order [`LlamaAdapter`] indexes them
-/// (the module names under `model.layers.N.`).
+/// A projection of a decoder layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Projection {
+    /// `self_attn.q_proj`.
+    Q,
+    /// `self_attn.k_proj`.
+    K,
+    /// `self_attn.v_proj`.
+    V,
+    /// `self_attn.o_proj`.
+    O,
+    /// `mlp.gate_proj`.
+    Gate,
+    /// `mlp.up_proj`.
+    Up,
+    /// `mlp.down_proj`.
+    Down,
+}
+
+impl Projection {
+    /// Every projection, in a layer's order (what [`PROJECTIONS`] names).
+    pub const ALL: [Projection; 7] = [
+        Projection::Q,
+        Projection::K,
+        Projection::V,
+        Projection::O,
+        Projection::Gate,
+        Projection::Up,
+        Projection::Down,
+    ];
+
+    /// Its module name under `model.layers.N.` (`"self_attn.q_proj"`).
+    pub const fn name(self) -> &'static str {
+        PROJECTIONS[self as usize]
+    }
+
+    /// Its place in [`Projection::ALL`] (and in per-layer arrays).
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The projection whose module name is `name` (`"mlp.up_proj"`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// Whether it belongs to attention (its bias follows
+    /// `attention_bias`) rather than the MLP (`mlp_bias`).
+    pub const fn is_attention(self) -> bool {
+        self.index() < 4
+    }
+}
+
+/// The projections' module names under `model.layers.N.`, in
+/// [`Projection::ALL`]'s order.
 pub const PROJECTIONS: [&str; 7] = [
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -86,9 +139,16 @@ pub struct Linear {
 #[derive(Clone, Debug, PartialEq)]
 struct Layer {
     input_norm: Vec<f32>,
-    /// q, k, v, o, gate, up, down ([`PROJECTIONS`]' order).
+    /// q, k, v, o, gate, up, down ([`Projection::ALL`]'s order).
     proj: [Linear; 7],
     post_norm: Vec<f32>,
+}
+
+impl Layer {
+    /// The frozen layer of projection `p`.
+    fn linear(&self, p: Projection) -> &Linear {
+        &self.proj[p.index()]
+    }
 }
 
 /// A loaded Llama model (frozen).
@@ -296,7 +356,7 @@ impl<'a> LlamaAdapter<'a> {
                             PROJECTIONS.join(",")
                         ))
                     })?;
-                    let w = &model.layers[layer].proj[proj].weight;
+                    let w = &model.layers[layer].linear(proj).weight;
                     let fits = match module {
                         // VeRA's layers read the first `in` columns of the
                         // shared projections.
@@ -309,7 +369,7 @@ impl<'a> LlamaAdapter<'a> {
                             w.rows, w.cols
                         )));
                     }
-                    if layers[layer][proj].replace(module).is_some() {
+                    if layers[layer][proj.index()].replace(module).is_some() {
                         return Err(HfError::Tensor(format!("{name} is adapted twice")));
                     }
                     Ok(())
@@ -339,7 +399,7 @@ impl<'a> LlamaAdapter<'a> {
                             let [o, i] = m.shape();
                             // `ia3_l` is [out, 1] or, feedforward, [1, in]: the
                             // other side is the model's, checked there.
-                            let w = locate(&m.name, c.num_layers).map(|(l, p)| &model.layers[l].proj[p].weight);
+                            let w = locate(&m.name, c.num_layers).map(|(l, p)| &model.layers[l].linear(p).weight);
                             let dims = match w {
                                 Some(w) if m.feedforward => (w.rows, i),
                                 Some(w) => (o, w.cols),
@@ -424,11 +484,11 @@ impl<'a> LlamaAdapter<'a> {
 }
 
 /// `(layer, projection)` of a module name `model.layers.N.<projection>`.
-fn locate(name: &str, layers: usize) -> Option<(usize, usize)> {
+fn locate(name: &str, layers: usize) -> Option<(usize, Projection)> {
     let rest = name.strip_prefix("model.layers.")?;
     let (n, proj) = rest.split_once('.')?;
     let layer: usize = n.parse().ok().filter(|&l| l < layers)?;
-    Some((layer, PROJECTIONS.iter().position(|p| *p == proj)?))
+    Some((layer, Projection::from_name(proj)?))
 }
 
 /// Reads the vector `name` (`[len]`) as f32.
@@ -480,9 +540,10 @@ impl Llama {
             let shapes =
                 [(c.q_width(), d), (c.kv_width(), d), (c.kv_width(), d), (d, c.q_width()), (f, d), (f, d), (d, f)];
             let mut proj = Vec::with_capacity(7);
-            for (i, (name, (rows, cols))) in PROJECTIONS.iter().zip(shapes).enumerate() {
+            for (pr, (rows, cols)) in Projection::ALL.into_iter().zip(shapes) {
+                let name = pr.name();
                 let weight = Matrix::read(base, &p(&format!("{name}.weight")), rows, cols)?;
-                let has_bias = if i < 4 { c.attention_bias } else { c.mlp_bias };
+                let has_bias = if pr.is_attention() { c.attention_bias } else { c.mlp_bias };
                 let bias = if has_bias { Some(vector(base, &p(&format!("{name}.bias")), rows)?) } else { None };
                 proj.push(Linear { weight, bias });
             }
@@ -637,15 +698,16 @@ impl Llama {
         }
         for (l, layer) in self.layers.iter().enumerate() {
             let h_in = trace.is_some().then(|| h.clone());
-            let module = |i: usize| match adapter {
-                Some(LlamaAdapter::Modules(layers)) => layers.get(l).and_then(|m| m[i]),
+            let module = |p: Projection| match adapter {
+                Some(LlamaAdapter::Modules(layers)) => layers.get(l).and_then(|m| m[p.index()]),
                 _ => None,
             };
+            use Projection::{Down, Gate, K, O, Q, Up, V};
             rms_norm(&h, &layer.input_norm, c.rms_norm_eps, &mut norm);
             let x = MatRef::new(&norm, n, d)?;
-            sites::forward(backend, &layer.proj[0], module(0), x, &mut q, &mut ws)?;
-            sites::forward(backend, &layer.proj[1], module(1), x, &mut k, &mut ws)?;
-            sites::forward(backend, &layer.proj[2], module(2), x, &mut v, &mut ws)?;
+            sites::forward(backend, layer.linear(Q), module(Q), x, &mut q, &mut ws)?;
+            sites::forward(backend, layer.linear(K), module(K), x, &mut k, &mut ws)?;
+            sites::forward(backend, layer.linear(V), module(V), x, &mut v, &mut ws)?;
             apply_rope(&mut q, c.num_heads, c.head_dim, &rope);
             apply_rope(&mut k, c.num_kv_heads, c.head_dim, &rope);
             cache.k[l].extend_from_slice(&k);
@@ -666,16 +728,16 @@ impl Llama {
                 &mut scratch,
             )
             .map_err(be)?;
-            sites::forward(backend, &layer.proj[3], module(3), MatRef::new(&attn, n, qw)?, &mut out, &mut ws)?;
+            sites::forward(backend, layer.linear(O), module(O), MatRef::new(&attn, n, qw)?, &mut out, &mut ws)?;
             let attn_pre = bottleneck(backend, adapter, l, 0, &mut out, &mut ws.scratch)?;
             h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
             rms_norm(&h, &layer.post_norm, c.rms_norm_eps, &mut norm);
             let x = MatRef::new(&norm, n, d)?;
-            sites::forward(backend, &layer.proj[4], module(4), x, &mut gate, &mut ws)?;
-            sites::forward(backend, &layer.proj[5], module(5), x, &mut up, &mut ws)?;
+            sites::forward(backend, layer.linear(Gate), module(Gate), x, &mut gate, &mut ws)?;
+            sites::forward(backend, layer.linear(Up), module(Up), x, &mut up, &mut ws)?;
             let pre_gate = trace.is_some().then(|| gate.clone());
             gate.iter_mut().zip(&up).for_each(|(g, u)| *g = silu(*g) * u);
-            sites::forward(backend, &layer.proj[6], module(6), MatRef::new(&gate, n, f)?, &mut out, &mut ws)?;
+            sites::forward(backend, layer.linear(Down), module(Down), MatRef::new(&gate, n, f)?, &mut out, &mut ws)?;
             let mlp_pre = bottleneck(backend, adapter, l, 1, &mut out, &mut ws.scratch)?;
             if let Some(t) = trace.as_deref_mut() {
                 t.layers.push(LayerTrace {

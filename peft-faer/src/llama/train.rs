@@ -20,7 +20,7 @@ use peft_core::{Backend, MatRef, Rng};
 use safetensors::Dtype;
 
 use super::weights::{Matrix, OwnedWeight};
-use super::{Bottleneck, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Trace};
+use super::{Bottleneck, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Projection, Trace};
 use crate::hf::{
     HfAdapter, HfError, HfTensor, Ia3Module, LohaModule, LokrModule, LoraModule, PeftConfig, VeraModule,
     VeraProjections,
@@ -163,18 +163,17 @@ impl Llama {
         Self { config, embed, layers, norm: vec![1.0; d], lm_head, inv_freq }
     }
 
-    /// A copy with `W += U V` on projection `proj` (an index into
-    /// [`PROJECTIONS`]) of every layer, `U [out, rank]` and `V [rank, in]`
+    /// A copy with `W += U V` on the projections `projs` of every layer, `U [out, rank]` and `V [rank, in]`
     /// `N(0, std^2)` from `seed` (the teacher of [`Distill`]).
     ///
     /// # Errors
     /// [`HfError::Unsupported`] for a projection not stored as f32.
-    pub fn with_hidden_change(&self, projs: &[usize], rank: usize, std: f64, seed: u64) -> Result<Self, HfError> {
+    pub fn with_hidden_change(&self, projs: &[Projection], rank: usize, std: f64, seed: u64) -> Result<Self, HfError> {
         let mut t = self.clone();
         let mut rng = Rng::new(seed);
         for layer in &mut t.layers {
             for &p in projs {
-                let w = &mut layer.proj[p].weight;
+                let w = &mut layer.proj[p.index()].weight;
                 let (rows, cols) = (w.rows, w.cols);
                 let OwnedWeight::F32(v) = &mut w.data else {
                     return Err(HfError::Unsupported(format!("{}: a hidden change of a stored base", w.name)));
@@ -210,15 +209,66 @@ pub fn init_adapter(model: &Llama, method: &Method, seed: u64) -> Result<HfAdapt
     let config = PeftConfig::parse(&method.config(c).to_string())?;
     let mut ad = HfAdapter::empty(config, Dtype::F32, BTreeMap::new());
     let mut rng = Rng::new(seed);
-    let mut sites = Vec::new();
-    for l in 0..c.num_layers {
-        for (p, full) in PROJECTIONS.iter().enumerate() {
-            let short = full.rsplit('.').next().unwrap_or(full);
-            if method.targets().iter().any(|t| t == short) {
-                sites.push((l, p, format!("model.layers.{l}.{full}")));
+    let sites = sites(model, method)?;
+    match method {
+        Method::Lora { r, alpha, dora, .. } => {
+            for s in sites {
+                ad.modules.push(init_lora(s, *r, *alpha, *dora, &mut rng)?);
             }
         }
+        Method::Ia3 { feedforward, .. } => {
+            for s in sites {
+                let ff = feedforward.iter().any(|t| t == s.short());
+                let n = if ff { s.weight.cols } else { s.weight.rows };
+                ad.ia3.push(Ia3Module { name: s.name, l: vec![1.0; n], feedforward: ff, dtype: Dtype::F32 });
+            }
+        }
+        Method::Loha { r, alpha, .. } => {
+            for s in sites {
+                ad.loha.push(init_loha(s, *r, *alpha, &mut rng)?);
+            }
+        }
+        Method::Lokr { r, alpha, .. } => {
+            for s in sites {
+                ad.lokr.push(init_lokr(s, *r, *alpha, &mut rng)?);
+            }
+        }
+        Method::Vera { r, .. } => init_vera(&mut ad, sites, *r, &mut rng)?,
+        Method::Prompt { n } => ad.prompt = Some(init_prompt(model, *n, &mut rng)?),
+        Method::Prefix { n } => {
+            let shape = peft_core::attention::AttentionShape::new(c.num_heads, c.num_kv_heads, c.head_dim)?;
+            let pc = PrefixConfig::new(*n, c.num_layers, &shape)?;
+            let mut kv = vec![0.0f32; pc.len()];
+            PrefixTuning::new(pc, &mut kv)?.init_normal(&mut rng);
+            let shape = vec![*n, pc.row_width()];
+            ad.prompt = Some(HfTensor { name: "prompt_embeddings".into(), dtype: Dtype::F32, shape, data: kv });
+        }
     }
+    Ok(ad)
+}
+
+/// A projection of the model that a method targets.
+struct Site<'m> {
+    proj: Projection,
+    /// `model.layers.N.<projection>`.
+    name: String,
+    weight: &'m Matrix,
+}
+
+impl Site<'_> {
+    /// The projection's short name (`"q_proj"`), what `target_modules`
+    /// lists.
+    fn short(&self) -> &'static str {
+        self.proj.name().rsplit('.').next().unwrap_or("")
+    }
+}
+
+/// Every projection of every layer that `method` targets.
+///
+/// # Errors
+/// [`HfError::Config`] (`target_modules`) for a target that is not a
+/// projection.
+fn sites<'m>(model: &'m Llama, method: &Method) -> Result<Vec<Site<'m>>, HfError> {
     for t in method.targets() {
         if !PROJECTIONS.iter().any(|p| p.ends_with(&format!(".{t}"))) {
             return Err(HfError::Config {
@@ -227,151 +277,97 @@ pub fn init_adapter(model: &Llama, method: &Method, seed: u64) -> Result<HfAdapt
             });
         }
     }
-    let f32s = [Dtype::F32; 4];
-    match method {
-        Method::Lora { r, alpha, dora, .. } => {
-            for (l, p, name) in sites {
-                let w = &model.layers[l].proj[p].weight;
-                let (n_out, n_in) = (w.rows, w.cols);
-                let cfg = LoraConfig::new(*r, *alpha);
-                let mut layer = Lora::new(&cfg, n_in, n_out, vec![0.0f32; r * n_in], vec![0.0f32; n_out * r])?;
-                layer.init_adapter(&mut rng);
-                let (a, b) = layer.into_parts();
-                let magnitude = if *dora {
-                    // m = ||W||_row (B = 0), in f64.
-                    let mut row = vec![0.0f32; n_in];
-                    let view = w.view()?;
-                    let mut m = vec![0.0f32; n_out];
-                    for (j, mj) in m.iter_mut().enumerate() {
-                        view.dequantize_row(j, &mut row)?;
-                        *mj = row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt() as f32;
-                    }
-                    Some(m)
-                } else {
-                    None
-                };
-                ad.modules.push(LoraModule {
-                    name,
-                    a,
-                    b,
-                    lora_bias: None,
-                    r: *r,
-                    n_in,
-                    n_out,
-                    alpha: *alpha,
-                    scale: cfg.scale()?,
-                    magnitude,
-                    embedding: false,
-                    dtypes: f32s,
-                });
+    let mut sites = Vec::new();
+    for (l, layer) in model.layers.iter().enumerate() {
+        for proj in Projection::ALL {
+            let name = format!("model.layers.{l}.{}", proj.name());
+            let site = Site { proj, name, weight: &layer.linear(proj).weight };
+            if method.targets().iter().any(|t| t == site.short()) {
+                sites.push(site);
             }
-        }
-        Method::Ia3 { feedforward, .. } => {
-            for (l, p, name) in sites {
-                let w = &model.layers[l].proj[p].weight;
-                let short = PROJECTIONS[p].rsplit('.').next().unwrap_or("");
-                let ff = feedforward.iter().any(|t| t == short);
-                let n = if ff { w.cols } else { w.rows };
-                ad.ia3.push(Ia3Module { name, l: vec![1.0; n], feedforward: ff, dtype: Dtype::F32 });
-            }
-        }
-        Method::Loha { r, alpha, .. } => {
-            for (l, p, name) in sites {
-                let w = &model.layers[l].proj[p].weight;
-                let (n_out, n_in) = (w.rows, w.cols);
-                let (fa, fb) = (vec![0.0f32; n_out * r], vec![0.0f32; r * n_in]);
-                let mut layer = peft_core::loha::Loha::new(
-                    &LoraConfig::new(*r, *alpha),
-                    n_in,
-                    n_out,
-                    [fa.clone(), fb.clone(), fa, fb],
-                )?;
-                layer.init_adapter(&mut rng);
-                let factors = layer.factors_mut().map(|f| f.to_vec());
-                ad.loha.push(LohaModule { name, factors, r: *r, n_in, n_out, alpha: *alpha, dtypes: f32s });
-            }
-        }
-        Method::Lokr { r, alpha, .. } => {
-            for (l, p, name) in sites {
-                let w = &model.layers[l].proj[p].weight;
-                let layout = Layout::of(w.cols, w.rows, *r, false, -1);
-                let mut tensors: Vec<Vec<f32>> = layout.tensors(*r).map(|(_, s)| vec![0.0f32; s[0] * s[1]]).collect();
-                let n1 = if layout.w1_low_rank { 2 } else { 1 };
-                {
-                    let (t1, t2) = tensors.split_at_mut(n1);
-                    fn factor(t: &mut [Vec<f32>]) -> Factor<&mut [f32]> {
-                        match t {
-                            [a, b] => Factor::LowRank(&mut a[..], &mut b[..]),
-                            [full, ..] => Factor::Full(&mut full[..]),
-                            [] => Factor::Full(&mut [][..]),
-                        }
-                    }
-                    let cfg = LoraConfig::new(*r, *alpha);
-                    Lokr::new(&cfg, layout.d1, layout.d2, factor(t1), factor(t2))?.init_adapter(&mut rng);
-                }
-                let w2 = tensors.split_off(n1);
-                ad.lokr.push(LokrModule {
-                    name,
-                    w1: tensors,
-                    w2,
-                    d1: layout.d1,
-                    d2: layout.d2,
-                    r: *r,
-                    alpha: *alpha,
-                    dtypes: vec![Dtype::F32; layout.tensors(*r).count()],
-                });
-            }
-        }
-        Method::Vera { r, .. } => {
-            let max_in = sites.iter().map(|(l, p, _)| model.layers[*l].proj[*p].weight.cols).max().unwrap_or(0);
-            let max_out = sites.iter().map(|(l, p, _)| model.layers[*l].proj[*p].weight.rows).max().unwrap_or(0);
-            let mut proj =
-                VeraProjection::new(*r, max_in, max_out, vec![0.0f32; r * max_in], vec![0.0f32; max_out * r])?;
-            proj.init(&mut rng);
-            ad.vera_projections = Some(VeraProjections {
-                a: proj.a().to_vec(),
-                b: proj.b().to_vec(),
-                r: *r,
-                max_in,
-                max_out,
-                dtypes: [Dtype::F32; 2],
-            });
-            for (l, p, name) in sites {
-                let n_out = model.layers[l].proj[p].weight.rows;
-                let lambda_d = vec![peft_core::vera::D_INITIAL as f32; *r];
-                ad.vera.push(VeraModule {
-                    name,
-                    lambda_d,
-                    lambda_b: vec![0.0; n_out],
-                    r: *r,
-                    n_out,
-                    dtypes: [Dtype::F32; 2],
-                });
-            }
-        }
-        Method::Prompt { n } => {
-            let d = c.hidden_size;
-            let mut table = vec![0.0f32; c.vocab_size * d];
-            peft_core::storage::dequantize(&model.embed.view()?, &mut table)?;
-            let mut p = vec![0.0f32; n * d];
-            PromptTuning::new(&mut p, *n, d)?.init_sample_vocab(MatRef::new(&table, c.vocab_size, d)?, &mut rng)?;
-            ad.prompt =
-                Some(HfTensor { name: "prompt_embeddings".into(), dtype: Dtype::F32, shape: vec![*n, d], data: p });
-        }
-        Method::Prefix { n } => {
-            let shape = peft_core::attention::AttentionShape::new(c.num_heads, c.num_kv_heads, c.head_dim)?;
-            let pc = PrefixConfig::new(*n, c.num_layers, &shape)?;
-            let mut kv = vec![0.0f32; pc.len()];
-            PrefixTuning::new(pc, &mut kv)?.init_normal(&mut rng);
-            ad.prompt = Some(HfTensor {
-                name: "prompt_embeddings".into(),
-                dtype: Dtype::F32,
-                shape: vec![*n, pc.row_width()],
-                data: kv,
-            });
         }
     }
-    Ok(ad)
+    Ok(sites)
+}
+
+/// LoRA (DoRA: `m = ||W||_row`, in f64) as PEFT initializes it.
+fn init_lora(s: Site<'_>, r: usize, alpha: f64, dora: bool, rng: &mut Rng) -> Result<LoraModule, HfError> {
+    let (n_out, n_in) = (s.weight.rows, s.weight.cols);
+    let cfg = LoraConfig::new(r, alpha);
+    let mut layer = Lora::new(&cfg, n_in, n_out, vec![0.0f32; r * n_in], vec![0.0f32; n_out * r])?;
+    layer.init_adapter(rng);
+    let (a, b) = layer.into_parts();
+    let magnitude = if dora {
+        let mut row = vec![0.0f32; n_in];
+        let view = s.weight.view()?;
+        let mut m = vec![0.0f32; n_out];
+        for (j, mj) in m.iter_mut().enumerate() {
+            view.dequantize_row(j, &mut row)?;
+            *mj = row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt() as f32;
+        }
+        Some(m)
+    } else {
+        None
+    };
+    let scale = cfg.scale()?;
+    let (lora_bias, embedding, dtypes) = (None, false, [Dtype::F32; 4]);
+    Ok(LoraModule { name: s.name, a, b, lora_bias, r, n_in, n_out, alpha, scale, magnitude, embedding, dtypes })
+}
+
+/// LoHa as PEFT initializes it (`peft-core`'s init).
+fn init_loha(s: Site<'_>, r: usize, alpha: f64, rng: &mut Rng) -> Result<LohaModule, HfError> {
+    let (n_out, n_in) = (s.weight.rows, s.weight.cols);
+    let (fa, fb) = (vec![0.0f32; n_out * r], vec![0.0f32; r * n_in]);
+    let cfg = LoraConfig::new(r, alpha);
+    let mut layer = peft_core::loha::Loha::new(&cfg, n_in, n_out, [fa.clone(), fb.clone(), fa, fb])?;
+    layer.init_adapter(rng);
+    let factors = layer.factors_mut().map(|f| f.to_vec());
+    Ok(LohaModule { name: s.name, factors, r, n_in, n_out, alpha, dtypes: [Dtype::F32; 4] })
+}
+
+/// LoKr in PEFT's layout, as PEFT initializes it (`peft-core`'s init).
+fn init_lokr(s: Site<'_>, r: usize, alpha: f64, rng: &mut Rng) -> Result<LokrModule, HfError> {
+    fn factor(t: &mut [Vec<f32>]) -> Factor<&mut [f32]> {
+        match t {
+            [a, b] => Factor::LowRank(&mut a[..], &mut b[..]),
+            [full, ..] => Factor::Full(&mut full[..]),
+            [] => Factor::Full(&mut [][..]),
+        }
+    }
+    let layout = Layout::of(s.weight.cols, s.weight.rows, r, false, -1);
+    let mut w1: Vec<Vec<f32>> = layout.tensors(r).map(|(_, s)| vec![0.0f32; s[0] * s[1]]).collect();
+    let mut w2 = w1.split_off(if layout.w1_low_rank { 2 } else { 1 });
+    Lokr::new(&LoraConfig::new(r, alpha), layout.d1, layout.d2, factor(&mut w1), factor(&mut w2))?.init_adapter(rng);
+    let dtypes = vec![Dtype::F32; layout.tensors(r).count()];
+    Ok(LokrModule { name: s.name, w1, w2, d1: layout.d1, d2: layout.d2, r, alpha, dtypes })
+}
+
+/// VeRA: the shared projections sized for the largest site, Kaiming-
+/// uniform; per site `lambda_d = 0.1`, `lambda_b = 0`.
+fn init_vera(ad: &mut HfAdapter, sites: Vec<Site<'_>>, r: usize, rng: &mut Rng) -> Result<(), HfError> {
+    let max_in = sites.iter().map(|s| s.weight.cols).max().unwrap_or(0);
+    let max_out = sites.iter().map(|s| s.weight.rows).max().unwrap_or(0);
+    let mut proj = VeraProjection::new(r, max_in, max_out, vec![0.0f32; r * max_in], vec![0.0f32; max_out * r])?;
+    proj.init(rng);
+    let (a, b, dtypes) = (proj.a().to_vec(), proj.b().to_vec(), [Dtype::F32; 2]);
+    ad.vera_projections = Some(VeraProjections { a, b, r, max_in, max_out, dtypes });
+    for s in sites {
+        let (n_out, lambda_d) = (s.weight.rows, vec![peft_core::vera::D_INITIAL as f32; r]);
+        ad.vera.push(VeraModule { name: s.name, lambda_d, lambda_b: vec![0.0; n_out], r, n_out, dtypes });
+    }
+    Ok(())
+}
+
+/// Prompt tuning: `n` rows of the embedding table sampled at random
+/// (`SAMPLE_VOCAB`).
+fn init_prompt(model: &Llama, n: usize, rng: &mut Rng) -> Result<HfTensor, HfError> {
+    let c = &model.config;
+    let d = c.hidden_size;
+    let mut table = vec![0.0f32; c.vocab_size * d];
+    peft_core::storage::dequantize(&model.embed.view()?, &mut table)?;
+    let mut p = vec![0.0f32; n * d];
+    PromptTuning::new(&mut p, n, d)?.init_sample_vocab(MatRef::new(&table, c.vocab_size, d)?, rng)?;
+    Ok(HfTensor { name: "prompt_embeddings".into(), dtype: Dtype::F32, shape: vec![n, d], data: p })
 }
 
 /// An adapter being trained: a PEFT one, or bottleneck adapters.
