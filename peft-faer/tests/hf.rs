@@ -315,6 +315,24 @@ fn writer_produces_peft_layout() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// The `.peft` file the firmware smoke test embeds and runs on the
+/// Cortex-M4F (`peft-verify/firmware/adapters/lora_qv.peft`) is what `peft
+/// convert` writes of the PEFT fixture, byte for byte: regenerate it with
+/// `peft convert peft-faer/tests/fixtures/peft/lora_qv
+/// peft-verify/firmware/adapters/lora_qv.peft --force` when the format
+/// changes.
+#[test]
+fn the_firmware_embeds_the_converted_fixture() {
+    let embedded =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../peft-verify/firmware/adapters/lora_qv.peft"));
+    let Ok(embedded) = embedded else {
+        // A packaged crate has no sibling folders; the workspace always does.
+        eprintln!("peft-verify/firmware is not beside this crate: skipped");
+        return;
+    };
+    assert_eq!(peft_dir_to_own(&fixture()).unwrap(), embedded);
+}
+
 /// PEFT -> .peft -> PEFT keeps every tensor bit for bit and the config,
 /// and .peft -> PEFT -> .peft gives the same bytes, for PEFT-written LoRA,
 /// prompt-tuning and prefix-tuning folders; a `.peft` file of bottleneck

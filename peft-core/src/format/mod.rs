@@ -1,5 +1,14 @@
 //! The adapter-only file format, read from and written to byte slices.
 //!
+//! **Why it exists beside PEFT's folders.** A PEFT folder is a JSON config
+//! and a safetensors file: parsing either needs a heap and a JSON parser.
+//! A `.peft` file is one byte slice that `no_std` code parses in place,
+//! with every length and a CRC checked, so firmware can carry an adapter in
+//! flash and run it: the firmware smoke test embeds the LoRA Hugging Face
+//! PEFT wrote for `lora_qv` (converted by `peft convert`) and runs it on a
+//! Cortex-M4F, bit-identical to the host. `peft convert` turns every PEFT
+//! method this project reads into a `.peft` file and back, bit for bit.
+//!
 //! A file holds one method's trainable tensors and the configuration that
 //! gives them meaning, never the frozen base (mistake 10 in `peft_verify::mistakes`: saving
 //! the whole model). It is written into a caller's buffer and parsed in

@@ -12,6 +12,10 @@
 //! `peft_core::storage::StoredLinear`, which reads the stored bytes in
 //! place (no f32 copy of `W`, no heap).
 //!
+//! An adapter Hugging Face PEFT wrote, converted to this project's
+//! `.peft` file, is embedded in flash and parsed in place: the edge
+//! deployment the format exists for.
+//!
 //! Shared by `src/main.rs` (Cortex-M4F) and `peft-verify/tests/firmware.rs`
 //! (the host) through `#[path]`.
 use peft_core::activation::Activation;
@@ -115,6 +119,39 @@ static W_Q8_0: [u8; OUT * IN_Q / QK * Q8_0_BYTES] = {
     out
 };
 
+/// A PEFT adapter as this project's `.peft` file, embedded in flash:
+/// `peft convert peft-faer/tests/fixtures/peft/lora_qv` (the LoRA Hugging
+/// Face PEFT 0.21.2 wrote, r = 4, alpha = 8 on q and v of two layers),
+/// byte for byte (`peft-faer/tests/hf.rs` checks it is still what the
+/// converter writes).
+static PEFT_FILE: &[u8] = include_bytes!("../adapters/lora_qv.peft");
+
+/// `in` and `out` of the embedded adapter's `layers.0.q_proj`.
+const QV: usize = 32;
+/// Its rank.
+const QV_R: usize = 4;
+/// A frozen `q_proj` `[QV, QV]` for it, in flash.
+static W_QV: [f32; QV * QV] = const_uniform(2030, 0.2);
+
+/// Runs `layers.0.q_proj` of the embedded `.peft` file: parsed in place
+/// (every length and the CRC checked, no heap), `r` and `lora_alpha` from
+/// its configuration, `A` and `B` read into stack buffers, the LoRA
+/// forward over [`W_QV`]. The checksum of `y`.
+fn embedded_lora(x: &[f32; T * QV]) -> Result<u32> {
+    let file = peft_core::format::AdapterFile::parse(PEFT_FILE)?;
+    let r = file.get_u64("r")? as usize;
+    let alpha = file.get_f64("lora_alpha")?;
+    let (mut a, mut b) = ([0.0f32; QV_R * QV], [0.0f32; QV * QV_R]);
+    file.tensor("layers.0.q_proj.lora_A.weight")?.read_into(&mut a)?;
+    file.tensor("layers.0.q_proj.lora_B.weight")?.read_into(&mut b)?;
+    let layer = Lora::new(&LoraConfig::new(r, alpha), QV, QV, &a[..], &b[..])?;
+    let base = Dense::new(&W_QV, QV, QV)?;
+    let mut y = [0.0f32; T * QV];
+    let mut scratch = [0.0f32; lora::forward_scratch_len(T, QV_R)];
+    layer.forward(&Reference, &base, MatRef::new(x, T, QV)?, MatMut::new(&mut y, T, QV)?, &mut scratch)?;
+    Ok(fnv(&y))
+}
+
 /// LoRA forward, backward and one AdamW step over a stored base `[OUT,
 /// IN_Q]`: checksums of `y`, `dx` and the stepped `[A, B]`.
 fn stored_lora(base: &impl FrozenLinear<f32>, rng: &mut Rng) -> Result<[u32; 3]> {
@@ -165,7 +202,7 @@ pub fn fnv(v: &[f32]) -> u32 {
 
 /// Every checksum (the prefix-attention, adapter-set and stored-base ones
 /// last).
-pub fn run() -> Result<[(&'static str, u32); 15]> {
+pub fn run() -> Result<[(&'static str, u32); 16]> {
     let mut rng = Rng::new(2026);
     let base = Dense::new(&W, OUT, IN)?.with_bias(&BIAS)?;
     let mut x = [0.0f32; T * IN];
@@ -274,6 +311,11 @@ pub fn run() -> Result<[(&'static str, u32); 15]> {
     let q8 = StoredLinear::new(StoredWeight::q8_0(&W_Q8_0, OUT, IN_Q)?).with_bias(&BIAS)?;
     let [q8_y, q8_gx, q8_step] = stored_lora(&q8, &mut rng)?;
 
+    // The PEFT adapter embedded as a `.peft` file.
+    let mut xq = [0.0f32; T * QV];
+    rng.fill_normal(&mut xq, 1.0);
+    let embedded = embedded_lora(&xq)?;
+
     Ok([
         (NAMES[0], fnv(&y)),
         (NAMES[1], fnv(&ga)),
@@ -290,5 +332,6 @@ pub fn run() -> Result<[(&'static str, u32); 15]> {
         ("q8_0_lora_forward", q8_y),
         ("q8_0_lora_grad_x", q8_gx),
         ("q8_0_adamw_step", q8_step),
+        ("peft_file_lora_forward", embedded),
     ])
 }
