@@ -63,3 +63,43 @@ fn loha_merge_and_forward_match_peft() {
     let text = String::from_utf8_lossy(&res.stdout);
     assert!(res.status.success() && text.contains("method loha") && text.contains("layers.1.v_proj"), "{text}");
 }
+
+/// Two LoHa adapters on one weight merge as PEFT merges them: the sum of
+/// their deltas. The fixture given twice equals the fixture given once at
+/// multiplier 2 (`W + dW + dW` against `W + 2 dW`: equal up to one f32
+/// rounding of each sum), and PEFT's own merge at multiplier 1 is the
+/// half-way point (`ref.safetensors`: `W + dW`).
+#[test]
+fn two_loha_adapters_on_one_weight_add_their_deltas() {
+    let dir = scratch("loha-twice");
+    let merge = |adapters: &[&str], out: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_peft"));
+        cmd.args(["merge", "--base"]).arg(case().join("base.safetensors"));
+        for a in adapters {
+            cmd.arg("--adapter").arg(format!("{}{a}", case().display()));
+        }
+        let res = cmd.arg("--out").arg(dir.join(out)).output().unwrap();
+        assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+        load(&dir.join(out))
+    };
+    let twice = merge(&["", ""], "twice.safetensors");
+    let doubled = merge(&[":2"], "doubled.safetensors");
+    let (base, refs) = (load(&case().join("base.safetensors")), load(&case().join("ref.safetensors")));
+    let modules: Vec<String> =
+        HfAdapter::read_dir(&case()).unwrap().loha.iter().map(|m| format!("{}.weight", m.name)).collect();
+    let mut adapted = 0;
+    for (name, (_, _, w2)) in &twice {
+        if !modules.contains(name) {
+            assert_eq!(w2, &base[name].2, "{name}: not adapted, copied");
+            continue;
+        }
+        let once = &refs[&format!("merged.{name}")].2;
+        adapted += 1;
+        assert!(max_rel(w2, &doubled[name].2) <= 1e-6, "{name}: twice vs doubled");
+        // (W + 2 dW + W) / 2 = W + dW, PEFT's single merge.
+        let mid: Vec<f32> = w2.iter().zip(&base[name].2).map(|(t, w)| (t + w) / 2.0).collect();
+        assert!(max_rel(&mid, once) <= 1e-5, "{name}: half-way is not PEFT's merge");
+    }
+    assert_eq!(adapted, 4, "every LoHa module's weight");
+    std::fs::remove_dir_all(&dir).ok();
+}

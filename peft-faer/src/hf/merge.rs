@@ -45,7 +45,7 @@ use peft_core::{Accum, Backend, MatMut, MatRef, Op};
 use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry};
 use super::{
-    HfAdapter, HfError, HfTensor, Ia3Module, LohaModule, LokrModule, LoraModule, PeftConfig, VeraModule,
+    HfAdapter, HfError, HfLoraConfig, HfTensor, Ia3Module, LohaModule, LokrModule, LoraModule, PeftConfig, VeraModule,
     VeraProjections,
 };
 use crate::files::{Staging, check_output};
@@ -54,25 +54,38 @@ use crate::files::{Staging, check_output};
 /// bytes of f32.
 pub const CHUNK_BYTES: usize = 8 << 20;
 
+/// One adapter module's change to a weight. A weight several adapters
+/// change takes each change in the adapters' order, as PEFT's
+/// `merge_and_unload` merges them: sums for the additive methods, products
+/// of scalings for (IA)^3, and DoRA's norm over the weight merged so far.
+enum Update<'a> {
+    /// LoRA (DoRA when the module has a magnitude), `W += f B A` with `f`
+    /// the multiplier times the scale; `true`: `W` is `[in, out]`
+    /// (`fan_in_fan_out`, or an embedding's `[vocab, dim]`).
+    Lora(&'a LoraModule, f32, bool),
+    /// (IA)^3: `W` scaled by rows (`l [out]`) or columns (feedforward).
+    Ia3(&'a Ia3Module),
+    /// LoHa: `W += m dW` (`m` the multiplier).
+    Loha(&'a LohaModule, f64),
+    /// LoKr: `W += m dW`.
+    Lokr(&'a LokrModule, f64),
+    /// VeRA: `W += m dW` over the shared projections.
+    Vera(&'a VeraModule, &'a VeraProjections, f64),
+}
+
+/// One adapter module's change to a bias, in the adapters' order.
+enum BiasUpdate<'a> {
+    /// `b += f lora_B.bias` (`lora_bias`).
+    Lora(&'a LoraModule, f32),
+    /// (IA)^3 on the output: `b *= l`.
+    Ia3(&'a Ia3Module),
+}
+
 /// What happens to one base tensor.
 enum Action<'a> {
     Copy,
-    /// `W += sum_i f_i B_i A_i` (`f_i` = the adapter's multiplier times
-    /// its scale), in the adapters' order; `true`: `W` is `[in, out]`.
-    Lora(Vec<(&'a LoraModule, f32)>, bool),
-    /// `b += sum_i f_i lora_B.bias_i`.
-    LoraBias(Vec<(&'a LoraModule, f32)>),
-    /// (IA)^3: `W` scaled by rows (`l [out]`) or columns (feedforward).
-    Ia3(&'a Ia3Module),
-    /// LoHa: `W += m dW`, `dW = s (W1a W1b) * (W2a W2b)` (`m` the multiplier).
-    Loha(&'a LohaModule, f64),
-    /// LoKr: `W += m dW`, `dW = s kron(W1, W2)`.
-    Lokr(&'a LokrModule, f64),
-    /// VeRA: `W += m dW`, `dW = diag(lambda_b) B diag(lambda_d) A` with
-    /// the shared projections sliced to the layer's `in` (the last field).
-    Vera(&'a VeraModule, &'a VeraProjections, f64, usize),
-    /// (IA)^3 on the output: `b *= l`.
-    Ia3Bias(&'a Ia3Module),
+    Weight(Vec<Update<'a>>),
+    Bias(Vec<BiasUpdate<'a>>),
     Replace(&'a HfTensor),
 }
 
@@ -210,124 +223,106 @@ fn check_finite(adapter: &HfAdapter, multiplier: f64) -> Result<(), HfError> {
     Ok(())
 }
 
-fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<String, Action<'a>>, HfError> {
-    let mut actions: BTreeMap<String, Action<'a>> = BTreeMap::new();
-    for &(adapter, multiplier) in adapters {
-        if let PeftConfig::Lokr(_) = &adapter.config {
-            for m in &adapter.lokr {
-                let name = format!("{}.weight", m.name);
-                let (n_out, n_in) = m.dims();
-                let (_, e) = base
-                    .find(&name)
-                    .ok_or_else(|| HfError::Base(format!("{name}, adapted by the adapter, is missing")))?;
-                if e.shape != [n_out, n_in] {
-                    return Err(HfError::Base(format!(
-                        "{name} has shape {:?}, the adapter needs {:?}",
-                        e.shape,
-                        [n_out, n_in]
-                    )));
-                }
-                e.format().ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
-                if actions.insert(name.clone(), Action::Lokr(m, multiplier)).is_some() {
-                    return Err(HfError::Tensor(format!("{name} is adapted by two adapters, one of them LoKr")));
-                }
-            }
-            continue;
+/// The merge's plan: every base tensor an adapter changes, and how.
+struct Plan<'a, 'b> {
+    base: &'b Base,
+    actions: BTreeMap<String, Action<'a>>,
+}
+
+impl<'a> Plan<'a, '_> {
+    /// `Ok` when the base has float tensor `name` and `fits` its shape
+    /// (`want` says what the adapter needs).
+    fn check(&self, name: &str, fits: &dyn Fn(&[usize]) -> bool, want: &str) -> Result<(), HfError> {
+        let (_, e) =
+            self.base.find(name).ok_or_else(|| HfError::Base(format!("{name}, adapted by the adapter, is missing")))?;
+        if !fits(&e.shape) {
+            return Err(HfError::Base(format!("{name} has shape {:?}, the adapter needs {want}", e.shape)));
         }
-        if let (PeftConfig::Vera(_), Some(proj)) = (&adapter.config, &adapter.vera_projections) {
-            for m in &adapter.vera {
-                let name = format!("{}.weight", m.name);
-                let (_, e) = base
-                    .find(&name)
-                    .ok_or_else(|| HfError::Base(format!("{name}, adapted by the adapter, is missing")))?;
-                let n_out = m.n_out;
-                let n_in = match e.shape.as_slice() {
-                    &[o, i] if o == n_out && i <= proj.max_in => i,
-                    s => {
-                        return Err(HfError::Base(format!(
-                            "{name} has shape {s:?}, the adapter needs [{n_out}, in] with in <= vera_A's {} columns",
-                            proj.max_in
-                        )));
-                    }
-                };
-                e.format().ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
-                if actions.insert(name.clone(), Action::Vera(m, proj, multiplier, n_in)).is_some() {
-                    return Err(HfError::Tensor(format!("{name} is adapted by two adapters, one of them VeRA")));
-                }
+        e.format().ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
+        Ok(())
+    }
+
+    /// Adds `update` to `<module>.weight`, of shape `[rows, cols]`.
+    fn weight(&mut self, module: &str, shape: [usize; 2], update: Update<'a>) -> Result<(), HfError> {
+        let name = format!("{module}.weight");
+        self.check(&name, &|s| s == shape, &format!("{shape:?}"))?;
+        self.push_weight(name, update)
+    }
+
+    fn push_weight(&mut self, name: String, update: Update<'a>) -> Result<(), HfError> {
+        match self.actions.entry(name.clone()).or_insert_with(|| Action::Weight(Vec::new())) {
+            Action::Weight(list) => {
+                list.push(update);
+                Ok(())
             }
-            continue;
-        }
-        if let PeftConfig::Loha(_) = &adapter.config {
-            for m in &adapter.loha {
-                let name = format!("{}.weight", m.name);
-                let (_, e) = base
-                    .find(&name)
-                    .ok_or_else(|| HfError::Base(format!("{name}, adapted by the adapter, is missing")))?;
-                if e.shape != [m.n_out, m.n_in] {
-                    return Err(HfError::Base(format!(
-                        "{name} has shape {:?}, the adapter needs {:?}",
-                        e.shape,
-                        [m.n_out, m.n_in]
-                    )));
-                }
-                e.format().ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
-                if actions.insert(name.clone(), Action::Loha(m, multiplier)).is_some() {
-                    return Err(HfError::Tensor(format!("{name} is adapted by two adapters, one of them LoHa")));
-                }
-            }
-            continue;
-        }
-        if let PeftConfig::Ia3(_) = &adapter.config {
-            if multiplier != 1.0 {
-                return Err(HfError::Unsupported("a multiplier other than 1 for an IA3 adapter".into()));
-            }
-            for m in &adapter.ia3 {
-                plan_ia3(base, m, &mut actions)?;
-            }
-            continue;
-        }
-        let PeftConfig::Lora(lc) = &adapter.config else {
-            return Err(HfError::Unsupported(
-                "merging prompt or prefix tuning (they have no weights to merge into)".into(),
-            ));
-        };
-        for m in &adapter.modules {
-            let name = format!("{}.weight", m.name);
-            let (_, e) =
-                base.find(&name).ok_or_else(|| HfError::Base(format!("{name}, adapted by the adapter, is missing")))?;
-            // An embedding's weight is `[vocab, dim]` = `[in, out]`: its update
-            // `s (B A)^T` is the fan_in_fan_out one.
-            let transposed = lc.fan_in_fan_out || m.embedding;
-            let want = if transposed { [m.n_in, m.n_out] } else { [m.n_out, m.n_in] };
-            if e.shape != want {
-                return Err(HfError::Base(format!("{name} has shape {:?}, the adapter needs {want:?}", e.shape)));
-            }
-            e.format().ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
-            let factor = (m.scale * multiplier) as f32;
-            match actions.entry(name.clone()).or_insert_with(|| Action::Lora(Vec::new(), transposed)) {
-                Action::Lora(list, fan) if *fan == transposed => list.push((m, factor)),
-                Action::Lora(..) => {
-                    return Err(HfError::Unsupported(format!("{name}: adapters disagree on fan_in_fan_out")));
-                }
-                _ => return Err(HfError::Tensor(format!("{name} is both adapted and replaced"))),
-            }
-            if m.lora_bias.is_some() {
-                let bias = format!("{}.bias", m.name);
-                let (_, e) =
-                    base.find(&bias).ok_or_else(|| HfError::Base(format!("{bias} is missing (lora_bias needs it)")))?;
-                if e.shape != [m.n_out] {
-                    return Err(HfError::Base(format!("{bias} has shape {:?}, expected [{}]", e.shape, m.n_out)));
-                }
-                match actions.entry(bias.clone()).or_insert_with(|| Action::LoraBias(Vec::new())) {
-                    Action::LoraBias(list) => list.push((m, factor)),
-                    _ => return Err(HfError::Tensor(format!("{bias} is both adapted and replaced"))),
-                }
-            }
+            _ => Err(HfError::Tensor(format!("{name} is both adapted and replaced"))),
         }
     }
-    for &(adapter, _) in adapters {
+
+    /// Adds `update` to the bias `name`.
+    fn bias(&mut self, name: String, update: BiasUpdate<'a>) -> Result<(), HfError> {
+        match self.actions.entry(name.clone()).or_insert_with(|| Action::Bias(Vec::new())) {
+            Action::Bias(list) => {
+                list.push(update);
+                Ok(())
+            }
+            _ => Err(HfError::Tensor(format!("{name} is both adapted and replaced"))),
+        }
+    }
+
+    fn lora(&mut self, lc: &HfLoraConfig, m: &'a LoraModule, multiplier: f64) -> Result<(), HfError> {
+        // An embedding's weight is `[vocab, dim]` = `[in, out]`: its update
+        // `s (B A)^T` is the fan_in_fan_out one.
+        let transposed = lc.fan_in_fan_out || m.embedding;
+        let shape = if transposed { [m.n_in, m.n_out] } else { [m.n_out, m.n_in] };
+        let factor = (m.scale * multiplier) as f32;
+        self.weight(&m.name, shape, Update::Lora(m, factor, transposed))?;
+        if m.lora_bias.is_some() {
+            let bias = format!("{}.bias", m.name);
+            let (_, e) = self
+                .base
+                .find(&bias)
+                .ok_or_else(|| HfError::Base(format!("{bias} is missing (lora_bias needs it)")))?;
+            if e.shape != [m.n_out] {
+                return Err(HfError::Base(format!("{bias} has shape {:?}, expected [{}]", e.shape, m.n_out)));
+            }
+            self.bias(bias, BiasUpdate::Lora(m, factor))?;
+        }
+        Ok(())
+    }
+
+    /// An (IA)^3 module: its weight scaled, and for the output kind its
+    /// bias (when the base has one).
+    fn ia3(&mut self, m: &'a Ia3Module) -> Result<(), HfError> {
+        let name = format!("{}.weight", m.name);
+        let n = m.l.len();
+        let fits = |s: &[usize]| matches!(s, &[out, n_in] if (if m.feedforward { n_in } else { out }) == n);
+        self.check(
+            &name,
+            &fits,
+            &format!("{:?} for ia3_l {:?}", if m.feedforward { "[out, l]" } else { "[l, in]" }, m.shape()),
+        )?;
+        self.push_weight(name, Update::Ia3(m))?;
+        let bias = format!("{}.bias", m.name);
+        if !m.feedforward && self.base.find(&bias).is_some() {
+            self.bias(bias, BiasUpdate::Ia3(m))?;
+        }
+        Ok(())
+    }
+
+    fn vera(&mut self, m: &'a VeraModule, proj: &'a VeraProjections, multiplier: f64) -> Result<(), HfError> {
+        let name = format!("{}.weight", m.name);
+        let fits = |s: &[usize]| matches!(s, &[o, i] if o == m.n_out && i <= proj.max_in);
+        let want = format!("[{}, in] with in <= vera_A's {} columns", m.n_out, proj.max_in);
+        self.check(&name, &fits, &want)?;
+        self.push_weight(name, Update::Vera(m, proj, multiplier))
+    }
+
+    /// Every tensor an adapter replaces whole, once.
+    fn replacements(&mut self, adapter: &'a HfAdapter) -> Result<(), HfError> {
         for r in &adapter.replacements {
-            let (_, e) = base
+            let (_, e) = self
+                .base
                 .find(&r.name)
                 .ok_or_else(|| HfError::Base(format!("{}, saved by the adapter, is missing", r.name)))?;
             if e.shape != r.shape {
@@ -336,7 +331,7 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
                     r.name, e.shape, r.shape
                 )));
             }
-            match actions.insert(r.name.clone(), Action::Replace(r)) {
+            match self.actions.insert(r.name.clone(), Action::Replace(r)) {
                 None => {}
                 Some(Action::Replace(_)) => {
                     return Err(HfError::Tensor(format!("{} is replaced by two adapters", r.name)));
@@ -344,38 +339,59 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
                 Some(_) => return Err(HfError::Tensor(format!("{} is both adapted and replaced", r.name))),
             }
         }
+        Ok(())
     }
-    Ok(actions)
 }
 
-/// Plans an (IA)^3 module: its weight scaled, and for the output kind its
-/// bias (when the base has one).
-fn plan_ia3<'a>(base: &Base, m: &'a Ia3Module, actions: &mut BTreeMap<String, Action<'a>>) -> Result<(), HfError> {
-    let name = format!("{}.weight", m.name);
-    let (_, e) =
-        base.find(&name).ok_or_else(|| HfError::Base(format!("{name}, adapted by the adapter, is missing")))?;
-    let fits = match e.shape.as_slice() {
-        &[out, n_in] => {
-            if m.feedforward {
-                n_in == m.l.len()
-            } else {
-                out == m.l.len()
+/// What the merge of `adapters` into `base` does to each tensor.
+fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<String, Action<'a>>, HfError> {
+    let mut plan = Plan { base, actions: BTreeMap::new() };
+    for &(adapter, multiplier) in adapters {
+        match &adapter.config {
+            PeftConfig::Lora(lc) => {
+                for m in &adapter.modules {
+                    plan.lora(lc, m, multiplier)?;
+                }
+            }
+            PeftConfig::Ia3(_) if multiplier != 1.0 => {
+                return Err(HfError::Unsupported("a multiplier other than 1 for an IA3 adapter".into()));
+            }
+            PeftConfig::Ia3(_) => {
+                for m in &adapter.ia3 {
+                    plan.ia3(m)?;
+                }
+            }
+            PeftConfig::Loha(_) => {
+                for m in &adapter.loha {
+                    plan.weight(&m.name, [m.n_out, m.n_in], Update::Loha(m, multiplier))?;
+                }
+            }
+            PeftConfig::Lokr(_) => {
+                for m in &adapter.lokr {
+                    let (n_out, n_in) = m.dims();
+                    plan.weight(&m.name, [n_out, n_in], Update::Lokr(m, multiplier))?;
+                }
+            }
+            PeftConfig::Vera(_) => {
+                let proj = adapter
+                    .vera_projections
+                    .as_ref()
+                    .ok_or_else(|| HfError::Tensor("VeRA adapter without its shared projections".into()))?;
+                for m in &adapter.vera {
+                    plan.vera(m, proj, multiplier)?;
+                }
+            }
+            PeftConfig::Prompt(_) => {
+                return Err(HfError::Unsupported(
+                    "merging prompt or prefix tuning (they have no weights to merge into)".into(),
+                ));
             }
         }
-        _ => false,
-    };
-    if !fits {
-        return Err(HfError::Base(format!("{name} has shape {:?}, ia3_l has {:?}", e.shape, m.shape())));
     }
-    e.format().ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
-    if actions.insert(name.clone(), Action::Ia3(m)).is_some() {
-        return Err(HfError::Tensor(format!("{name} is adapted by two adapters, one of them IA3")));
+    for &(adapter, _) in adapters {
+        plan.replacements(adapter)?;
     }
-    let bias = format!("{}.bias", m.name);
-    if !m.feedforward && base.find(&bias).is_some() && actions.insert(bias.clone(), Action::Ia3Bias(m)).is_some() {
-        return Err(HfError::Tensor(format!("{bias} is adapted by two adapters, one of them IA3")));
-    }
-    Ok(())
+    Ok(plan.actions)
 }
 
 /// Merges `adapter` into `base`, writing `out` (a `.safetensors` file for a
@@ -410,7 +426,11 @@ pub fn merge<B: Backend<f32> + ?Sized>(
 /// ```
 ///
 /// as PEFT's `merge_and_unload` with several active adapters does for
-/// `m_i = 1`. A whole-tensor replacement (a trained bias,
+/// `m_i = 1`. Every method's change to a weight is applied in the order
+/// the adapters are given, a block of rows at a time, through `peft-core`'s
+/// merge of that method: several LoHa, LoKr or VeRA adapters on one weight
+/// add their deltas, several (IA)^3 vectors multiply, and DoRA normalizes
+/// the weight merged so far. A whole-tensor replacement (a trained bias,
 /// `modules_to_save`) is written as saved, whatever the multiplier; a
 /// tensor replaced by two adapters, or replaced by one and adapted by
 /// another, is refused. Otherwise as [`merge`].
@@ -482,10 +502,8 @@ pub fn merge_many<B: Backend<f32> + ?Sized>(
                 report.quantized.extend(error);
                 match action {
                     Action::Copy => report.copied += 1,
-                    Action::Lora(..) | Action::Ia3(_) | Action::Loha(..) | Action::Lokr(..) | Action::Vera(..) => {
-                        report.merged += 1
-                    }
-                    Action::LoraBias(_) | Action::Ia3Bias(_) | Action::Replace(_) => report.replaced += 1,
+                    Action::Weight(_) => report.merged += 1,
+                    Action::Bias(_) | Action::Replace(_) => report.replaced += 1,
                 }
                 report.bytes += oe.bytes();
                 progress(oe.bytes());
@@ -590,113 +608,104 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
             })?;
         }
         Action::Replace(r) => put(&r.data, 0, w)?,
-        Action::LoraBias(list) => {
-            let mut bias = shard.read_f32(e)?;
-            for &(m, s) in list {
-                for (i, (b, l)) in bias.iter_mut().zip(m.lora_bias.iter().flatten()).enumerate() {
-                    let (before, after) = (*b, *b + s * l);
-                    if check_finite && before.is_finite() && !after.is_finite() {
-                        let cause = "b + s lora_B.bias overflows or is undefined there";
-                        return Err(HfError::NonFinite { tensor: e.name.clone(), index: i, value: after, cause }.into());
+        Action::Bias(list) => {
+            let base = shard.read_f32(e)?;
+            let mut bias = base.clone();
+            for u in list {
+                match u {
+                    BiasUpdate::Lora(m, f) => {
+                        bias.iter_mut().zip(m.lora_bias.iter().flatten()).for_each(|(b, l)| *b += f * l);
                     }
-                    *b = after;
+                    BiasUpdate::Ia3(m) => bias.iter_mut().zip(&m.l).for_each(|(b, l)| *b *= l),
                 }
             }
-            put(&bias, 0, w)?;
-        }
-        Action::Ia3Bias(m) => {
-            let mut bias = shard.read_f32(e)?;
-            bias.iter_mut().zip(&m.l).for_each(|(b, l)| *b *= l);
             if check_finite {
-                let base = shard.read_f32(e)?;
                 refuse_new_nonfinite(&e.name, 0, &bias, |i| base.get(i).copied())?;
             }
             put(&bias, 0, w)?;
         }
-        // LoHa and LoKr: each row block of W gets the same rows of dW,
-        // formed for that block only (scratch of the block's size, not
-        // `out x in`).
-        Action::Loha(m, factor) => {
-            let cfg = peft_core::lora::LoraConfig::new(m.r, m.alpha);
-            let [f0, f1, f2, f3] = &m.factors;
-            let loha = peft_core::loha::Loha::new(&cfg, m.n_in, m.n_out, [&f0[..], &f1[..], &f2[..], &f3[..]])?;
-            let mut sc = Vec::new();
+        Action::Weight(list) => {
+            let mut scratch = Vec::new();
             return map_rows(shard, e, out_f, check_finite, w, |i0, n, cols, vals| {
-                sc.resize(2 * n * cols, 0.0);
-                let dst = MatMut::new(vals, n, cols)?;
-                loha.delta_rows(backend, i0, dst, Accum::Add, *factor, &mut sc).map_err(HfError::backend)?;
-                Ok(())
-            });
-        }
-        Action::Lokr(m, factor) => {
-            use peft_core::lokr::Lokr;
-            let cfg = peft_core::lora::LoraConfig::new(m.r, m.alpha);
-            let lokr = Lokr::new(&cfg, m.d1, m.d2, as_factor(&m.w1), as_factor(&m.w2))?;
-            let mut sc = vec![0.0f32; m.d1.0 * m.d1.1 + m.d2.0 * m.d2.1];
-            return map_rows(shard, e, out_f, check_finite, w, |i0, n, cols, vals| {
-                let dst = MatMut::new(vals, n, cols)?;
-                lokr.delta_rows(backend, i0, dst, Accum::Add, *factor, &mut sc).map_err(HfError::backend)?;
-                Ok(())
-            });
-        }
-        Action::Vera(m, p, factor, n_in) => {
-            use peft_core::vera::{Vera, VeraProjection};
-            let proj = VeraProjection::new(p.r, p.max_in, p.max_out, &p.a[..], &p.b[..])?;
-            let layer = Vera::new(p.r, *n_in, m.lambda_b.len(), &m.lambda_d[..], &m.lambda_b[..])?;
-            let layer = layer.bound(&proj);
-            let mut sc = Vec::new();
-            return map_rows(shard, e, out_f, check_finite, w, |i0, n, cols, vals| {
-                sc.resize(layer.delta_scratch_len(n), 0.0);
-                let dst = MatMut::new(vals, n, cols)?;
-                layer.delta_rows(backend, i0, dst, Accum::Add, *factor, &mut sc).map_err(HfError::backend)?;
-                Ok(())
-            });
-        }
-        Action::Ia3(m) => {
-            let (n_out, n_in) = match e.shape.as_slice() {
-                &[o, i] => (o, i),
-                _ => (0, 0),
-            };
-            let layer = peft_core::ia3::Ia3::new(n_in, n_out, m.feedforward, &m.l[..])?;
-            return map_rows(shard, e, out_f, check_finite, w, |i0, n, cols, vals| {
-                let block = MatMut::new(vals, n, cols)?;
-                layer.update_rows(backend, i0, block, None, Direction::Merge, &mut []).map_err(HfError::backend)?;
-                Ok(())
-            });
-        }
-        Action::Lora(list, fan_in_fan_out) => {
-            let mut norms = Vec::new();
-            return map_rows(shard, e, out_f, check_finite, w, |i0, n, cols, vals| {
-                for &(m, s) in list {
-                    let cfg = peft_core::lora::LoraConfig::new(m.r, m.alpha);
-                    let lora = Lora::new(&cfg, m.n_in, m.n_out, &m.a[..], &m.b[..])?.with_scale(f64::from(s))?;
-                    let dst = MatMut::new(&mut *vals, n, cols)?;
-                    if *fan_in_fan_out {
-                        // W [in, out]: rows i0.. += s A^T[i0.., :] B^T.
-                        let (a, b) = (MatRef::new(&m.a, m.r, m.n_in)?, MatRef::new(&m.b, m.n_out, m.r)?);
-                        let at = a.cols_range(i0, n).ok_or(peft_core::Error::Overflow)?;
-                        backend.gemm(dst, Accum::Add, at, Op::T, b, Op::T, s).map_err(HfError::backend)?;
-                    } else if let Some(mag) = &m.magnitude {
-                        // DoRA (the reader refused fan_in_fan_out, so rows
-                        // are outputs): V = W + s B A, then (m / ||V||) V,
-                        // each row over the weight merged so far.
-                        // A merge forms its own norms: the cache is not read.
-                        let cache = &mag[..];
-                        let dora = Dora::new(&cfg, m.n_in, m.n_out, &m.a[..], &m.b[..], &mag[..], cache)?;
-                        let dora = dora.with_scale(f64::from(s))?;
-                        norms.resize(n, 0.0);
-                        dora.update_rows(backend, i0, dst, None, Direction::Merge, &mut norms)
-                            .map_err(HfError::backend)?;
-                    } else {
-                        lora.update_rows(backend, i0, dst, None, Direction::Merge, &mut [])
-                            .map_err(HfError::backend)?;
-                    }
+                for u in list {
+                    u.apply(backend, i0, MatMut::new(&mut *vals, n, cols)?, &mut scratch)?;
                 }
                 Ok(())
             });
         }
     }
     Ok(error)
+}
+
+impl Update<'_> {
+    /// Applies the change to rows `i0..i0 + n` of the weight, held in
+    /// `block [n, cols]`, through `peft-core`'s [`WeightUpdate`] or
+    /// [`DeltaRows`] of the method (`scratch` grows as they need).
+    fn apply<B: Backend<f32> + ?Sized>(
+        &self,
+        backend: &B,
+        i0: usize,
+        block: MatMut<'_, f32>,
+        scratch: &mut Vec<f32>,
+    ) -> Result<(), HfError> {
+        let be = HfError::backend;
+        let (n, cols) = (block.rows(), block.cols());
+        fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+            &mut v[..len]
+        }
+        match *self {
+            Update::Lora(m, s, true) => {
+                // W [in, out]: rows i0.. += s A^T[i0.., :] B^T.
+                let (a, b) = (MatRef::new(&m.a, m.r, m.n_in)?, MatRef::new(&m.b, m.n_out, m.r)?);
+                let at = a.cols_range(i0, n).ok_or(peft_core::Error::Overflow)?;
+                backend.gemm(block, Accum::Add, at, Op::T, b, Op::T, s).map_err(be)
+            }
+            Update::Lora(m, s, false) => {
+                let cfg = peft_core::lora::LoraConfig::new(m.r, m.alpha);
+                let lora = Lora::new(&cfg, m.n_in, m.n_out, &m.a[..], &m.b[..])?.with_scale(f64::from(s))?;
+                match &m.magnitude {
+                    // DoRA (the reader refused fan_in_fan_out): V = W + s B A,
+                    // then (m / ||V||) V, each row over the weight merged so far.
+                    Some(mag) => {
+                        // A merge forms its own norms: the cache is not read.
+                        let dora = Dora::new(&cfg, m.n_in, m.n_out, &m.a[..], &m.b[..], &mag[..], &mag[..])?;
+                        let dora = dora.with_scale(f64::from(s))?;
+                        dora.update_rows(backend, i0, block, None, Direction::Merge, grow(scratch, n)).map_err(be)
+                    }
+                    None => lora.update_rows(backend, i0, block, None, Direction::Merge, &mut []).map_err(be),
+                }
+            }
+            Update::Ia3(m) => {
+                let n_out = if m.feedforward { i0 + n } else { m.l.len() };
+                let layer = peft_core::ia3::Ia3::new(cols, n_out, m.feedforward, &m.l[..])?;
+                layer.update_rows(backend, i0, block, None, Direction::Merge, &mut []).map_err(be)
+            }
+            Update::Loha(m, factor) => {
+                let [f0, f1, f2, f3] = &m.factors;
+                let cfg = peft_core::lora::LoraConfig::new(m.r, m.alpha);
+                let loha = peft_core::loha::Loha::new(&cfg, m.n_in, m.n_out, [&f0[..], &f1[..], &f2[..], &f3[..]])?;
+                let sc = grow(scratch, loha.delta_scratch_len(n));
+                loha.delta_rows(backend, i0, block, Accum::Add, factor, sc).map_err(be)
+            }
+            Update::Lokr(m, factor) => {
+                let cfg = peft_core::lora::LoraConfig::new(m.r, m.alpha);
+                let lokr = peft_core::lokr::Lokr::new(&cfg, m.d1, m.d2, as_factor(&m.w1), as_factor(&m.w2))?;
+                let sc = grow(scratch, lokr.delta_scratch_len(n));
+                lokr.delta_rows(backend, i0, block, Accum::Add, factor, sc).map_err(be)
+            }
+            Update::Vera(m, p, factor) => {
+                use peft_core::vera::{Vera, VeraProjection};
+                let proj = VeraProjection::new(p.r, p.max_in, p.max_out, &p.a[..], &p.b[..])?;
+                let vera = Vera::new(p.r, cols, m.n_out, &m.lambda_d[..], &m.lambda_b[..])?;
+                let layer = vera.bound(&proj);
+                let sc = grow(scratch, layer.delta_scratch_len(n));
+                layer.delta_rows(backend, i0, block, Accum::Add, factor, sc).map_err(be)
+            }
+        }
+    }
 }
 
 /// A LoKr factor's stored tensors as `peft-core`'s form.
