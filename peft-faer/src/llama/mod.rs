@@ -51,6 +51,7 @@ pub mod weights;
 use std::path::Path;
 
 use peft_core::attention::{AttentionShape, Mask, Prefix};
+use peft_core::lora::LoraConfig;
 use peft_core::{Accum, Backend, MatMut, MatRef};
 
 pub use backward::{LlamaGrads, SiteGrads, lm_loss};
@@ -59,7 +60,7 @@ pub use sites::Module;
 pub use weights::{Matrix, OwnedWeight};
 
 use crate::hf::base::Base;
-use crate::hf::{HfAdapter, HfError, PeftConfig};
+use crate::hf::{HfAdapter, HfError, PeftConfig, PromptConfig};
 
 /// A projection of a decoder layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -302,136 +303,123 @@ impl<'a> LlamaAdapter<'a> {
     /// does not have or of another shape; [`HfError::Unsupported`] for
     /// DoRA and for the methods not hosted yet (IA3, LoHa, LoKr, VeRA).
     pub fn new(model: &Llama, adapter: &'a HfAdapter) -> Result<Self, HfError> {
-        let c = &model.config;
         match &adapter.config {
-            PeftConfig::Prompt(p) => {
-                let t =
-                    adapter.prompt.as_ref().ok_or_else(|| HfError::Tensor("prompt_embeddings is missing".into()))?;
-                let n = p.num_virtual_tokens;
-                let bad = |field: &str, reason: String| Err(HfError::Config { field: field.into(), reason });
-                if p.prefix {
-                    let width = c.num_layers * 2 * c.kv_width();
-                    if p.token_dim != c.kv_width() {
-                        return bad(
-                            "token_dim",
-                            format!(
-                                "{}: the model's keys are head_dim * num_key_value_heads = {} wide",
-                                p.token_dim,
-                                c.kv_width()
-                            ),
-                        );
-                    }
-                    if p.num_layers != c.num_layers {
-                        return bad("num_layers", format!("{}: the model has {}", p.num_layers, c.num_layers));
-                    }
-                    if t.shape != [n, width] {
-                        return bad(
-                            "prompt_embeddings",
-                            format!("shape {:?}, the model needs [{n}, {width}]", t.shape),
-                        );
-                    }
-                    Ok(Self::Prefix { table: &t.data, tokens: n })
-                } else {
-                    if p.token_dim != c.hidden_size {
-                        return bad(
-                            "token_dim",
-                            format!("{}: the model's hidden_size is {}", p.token_dim, c.hidden_size),
-                        );
-                    }
-                    if t.shape != [n, c.hidden_size] {
-                        return bad(
-                            "prompt_embeddings",
-                            format!("shape {:?}, the model needs [{n}, {}]", t.shape, c.hidden_size),
-                        );
-                    }
-                    Ok(Self::Prompt { embeddings: &t.data, tokens: n })
-                }
-            }
-            other => {
-                let mut layers = vec![[None; 7]; c.num_layers];
-                let mut place = |name: &str, module: Module<'a>, (out, inn): (usize, usize)| {
-                    let (layer, proj) = locate(name, c.num_layers).ok_or_else(|| {
-                        HfError::Base(format!(
-                            "{name}: not a projection of this model (model.layers.N.{{{}}})",
-                            PROJECTIONS.join(",")
-                        ))
-                    })?;
-                    let w = &model.layers[layer].linear(proj).weight;
-                    let fits = match module {
-                        // VeRA's layers read the first `in` columns of the
-                        // shared projections.
-                        Module::Vera(_, p) => out == w.rows && w.cols <= p.max_in,
-                        _ => (out, inn) == (w.rows, w.cols),
-                    };
-                    if !fits {
-                        return Err(HfError::Base(format!(
-                            "{name}: the adapter is [{out}, {inn}], the model's weight [{}, {}]",
-                            w.rows, w.cols
-                        )));
-                    }
-                    if layers[layer][proj.index()].replace(module).is_some() {
-                        return Err(HfError::Tensor(format!("{name} is adapted twice")));
-                    }
-                    Ok(())
-                };
-                match other {
-                    PeftConfig::Lora(lc) => {
-                        for m in &adapter.modules {
-                            if m.embedding {
-                                return Err(HfError::Unsupported(format!(
-                                    "{}: LoRA on embeddings in the Llama model",
-                                    m.name
-                                )));
-                            }
-                            let module = if m.magnitude.is_some() {
-                                Module::Dora(
-                                    m,
-                                    peft_core::lora::LoraConfig::new(m.r, m.alpha).with_rslora(lc.use_rslora),
-                                )
-                            } else {
-                                Module::Lora(m)
-                            };
-                            place(&m.name, module, (m.n_out, m.n_in))?;
-                        }
-                    }
-                    PeftConfig::Ia3(_) => {
-                        for m in &adapter.ia3 {
-                            let [o, i] = m.shape();
-                            // `ia3_l` is [out, 1] or, feedforward, [1, in]: the
-                            // other side is the model's, checked there.
-                            let w = locate(&m.name, c.num_layers).map(|(l, p)| &model.layers[l].linear(p).weight);
-                            let dims = match w {
-                                Some(w) if m.feedforward => (w.rows, i),
-                                Some(w) => (o, w.cols),
-                                None => (o, i),
-                            };
-                            place(&m.name, Module::Ia3(m), dims)?;
-                        }
-                    }
-                    PeftConfig::Loha(_) => {
-                        for m in &adapter.loha {
-                            place(&m.name, Module::Loha(m), (m.n_out, m.n_in))?;
-                        }
-                    }
-                    PeftConfig::Lokr(_) => {
-                        for m in &adapter.lokr {
-                            place(&m.name, Module::Lokr(m), m.dims())?;
-                        }
-                    }
-                    PeftConfig::Vera(_) => {
-                        let p = adapter
-                            .vera_projections
-                            .as_ref()
-                            .ok_or_else(|| HfError::Tensor("base_model.vera_A is missing".into()))?;
-                        for m in &adapter.vera {
-                            place(&m.name, Module::Vera(m, p), (m.n_out, p.max_in))?;
-                        }
-                    }
-                    PeftConfig::Prompt(_) => {}
-                }
-                Ok(Self::Modules(layers))
-            }
+            PeftConfig::Prompt(p) => Self::prompt_learning(&model.config, p, adapter),
+            _ => Self::modules(model, adapter),
         }
+    }
+
+    /// Prompt or prefix tuning, its table checked against the model.
+    fn prompt_learning(c: &LlamaConfig, p: &PromptConfig, adapter: &'a HfAdapter) -> Result<Self, HfError> {
+        let t = adapter.prompt.as_ref().ok_or_else(|| HfError::Tensor("prompt_embeddings is missing".into()))?;
+        let n = p.num_virtual_tokens;
+        let bad = |field: &str, reason: String| Err(HfError::Config { field: field.into(), reason });
+        if p.prefix {
+            let width = c.num_layers * 2 * c.kv_width();
+            if p.token_dim != c.kv_width() {
+                let why = format!(
+                    "{}: the model's keys are head_dim * num_key_value_heads = {} wide",
+                    p.token_dim,
+                    c.kv_width()
+                );
+                return bad("token_dim", why);
+            }
+            if p.num_layers != c.num_layers {
+                return bad("num_layers", format!("{}: the model has {}", p.num_layers, c.num_layers));
+            }
+            if t.shape != [n, width] {
+                return bad("prompt_embeddings", format!("shape {:?}, the model needs [{n}, {width}]", t.shape));
+            }
+            return Ok(Self::Prefix { table: &t.data, tokens: n });
+        }
+        if p.token_dim != c.hidden_size {
+            return bad("token_dim", format!("{}: the model's hidden_size is {}", p.token_dim, c.hidden_size));
+        }
+        if t.shape != [n, c.hidden_size] {
+            return bad("prompt_embeddings", format!("shape {:?}, the model needs [{n}, {}]", t.shape, c.hidden_size));
+        }
+        Ok(Self::Prompt { embeddings: &t.data, tokens: n })
+    }
+
+    /// A weight-adapting method: each module placed on its projection,
+    /// its shape checked against the model's weight.
+    fn modules(model: &Llama, adapter: &'a HfAdapter) -> Result<Self, HfError> {
+        let c = &model.config;
+        let mut layers = vec![[None; 7]; c.num_layers];
+        let mut place = |name: &str, module: Module<'a>, (out, inn): (usize, usize)| {
+            let (layer, proj) = locate(name, c.num_layers).ok_or_else(|| {
+                HfError::Base(format!(
+                    "{name}: not a projection of this model (model.layers.N.{{{}}})",
+                    PROJECTIONS.join(",")
+                ))
+            })?;
+            let w = &model.layers[layer].linear(proj).weight;
+            let fits = match module {
+                // VeRA's layers read the first `in` columns of the shared
+                // projections.
+                Module::Vera(_, p) => out == w.rows && w.cols <= p.max_in,
+                _ => (out, inn) == (w.rows, w.cols),
+            };
+            if !fits {
+                return Err(HfError::Base(format!(
+                    "{name}: the adapter is [{out}, {inn}], the model's weight [{}, {}]",
+                    w.rows, w.cols
+                )));
+            }
+            if layers[layer][proj.index()].replace(module).is_some() {
+                return Err(HfError::Tensor(format!("{name} is adapted twice")));
+            }
+            Ok(())
+        };
+        match &adapter.config {
+            PeftConfig::Lora(lc) => {
+                for m in &adapter.modules {
+                    if m.embedding {
+                        return Err(HfError::Unsupported(format!("{}: LoRA on embeddings in the Llama model", m.name)));
+                    }
+                    let module = match m.magnitude {
+                        Some(_) => Module::Dora(m, LoraConfig::new(m.r, m.alpha).with_rslora(lc.use_rslora)),
+                        None => Module::Lora(m),
+                    };
+                    place(&m.name, module, (m.n_out, m.n_in))?;
+                }
+            }
+            PeftConfig::Ia3(_) => {
+                for m in &adapter.ia3 {
+                    let [o, i] = m.shape();
+                    // `ia3_l` is [out, 1] or, feedforward, [1, in]: the other
+                    // side is the model's, checked there.
+                    let w = locate(&m.name, c.num_layers).map(|(l, p)| &model.layers[l].linear(p).weight);
+                    let dims = match w {
+                        Some(w) if m.feedforward => (w.rows, i),
+                        Some(w) => (o, w.cols),
+                        None => (o, i),
+                    };
+                    place(&m.name, Module::Ia3(m), dims)?;
+                }
+            }
+            PeftConfig::Loha(_) => {
+                for m in &adapter.loha {
+                    place(&m.name, Module::Loha(m), (m.n_out, m.n_in))?;
+                }
+            }
+            PeftConfig::Lokr(_) => {
+                for m in &adapter.lokr {
+                    place(&m.name, Module::Lokr(m), m.dims())?;
+                }
+            }
+            PeftConfig::Vera(_) => {
+                let p = adapter
+                    .vera_projections
+                    .as_ref()
+                    .ok_or_else(|| HfError::Tensor("base_model.vera_A is missing".into()))?;
+                for m in &adapter.vera {
+                    place(&m.name, Module::Vera(m, p), (m.n_out, p.max_in))?;
+                }
+            }
+            PeftConfig::Prompt(_) => {}
+        }
+        Ok(Self::Modules(layers))
     }
 
     /// Bottleneck adapters on `model`.
@@ -638,6 +626,33 @@ impl Llama {
         self.run(backend, ids, adapter, &mut KvCache::new(), Some(trace))
     }
 
+    /// The rows entering the first layer: the prompt's virtual tokens
+    /// (when given), then the embeddings of `ids`, `[n, hidden]`.
+    ///
+    /// # Errors
+    /// [`HfError::Config`] (`ids`) for an id outside the vocabulary.
+    fn embed_rows(&self, ids: &[u32], prompt: Option<(&[f32], usize)>) -> Result<Vec<f32>, HfError> {
+        let (vocab, d) = (self.config.vocab_size, self.config.hidden_size);
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(HfError::Config {
+                field: "ids".into(),
+                reason: format!("token {id} is outside the vocabulary (vocab_size {vocab})"),
+            });
+        }
+        let n = ids.len() + prompt.map_or(0, |(_, t)| t);
+        let mut h = vec![0.0f32; n * d];
+        let mut at = 0;
+        if let Some((p, t)) = prompt {
+            h[..t * d].copy_from_slice(p);
+            at = t * d;
+        }
+        let embed = self.embed.view()?;
+        for (&id, row) in ids.iter().zip(h[at..].chunks_exact_mut(d)) {
+            embed.row(id as usize).ok_or(HfError::Core(peft_core::Error::Overflow))?.dequantize(row);
+        }
+        Ok(h)
+    }
+
     fn run<B: Backend<f32> + ?Sized>(
         &self,
         backend: &B,
@@ -648,30 +663,15 @@ impl Llama {
     ) -> Result<Vec<f32>, HfError> {
         let c = &self.config;
         let d = c.hidden_size;
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
-            return Err(HfError::Config {
-                field: "ids".into(),
-                reason: format!("token {id} is outside the vocabulary (vocab_size {})", c.vocab_size),
-            });
-        }
         // The rows entering the first layer.
         let prompt = match adapter {
             Some(LlamaAdapter::Prompt { embeddings, tokens }) if cache.is_empty() => Some((*embeddings, *tokens)),
             _ => None,
         };
-        let n = ids.len() + prompt.map_or(0, |(_, t)| t);
+        let mut h = self.embed_rows(ids, prompt)?;
+        let n = h.len() / d;
         if n == 0 {
             return Ok(Vec::new());
-        }
-        let mut h = vec![0.0f32; n * d];
-        let mut at = 0;
-        if let Some((p, t)) = prompt {
-            h[..t * d].copy_from_slice(p);
-            at = t * d;
-        }
-        let embed = self.embed.view()?;
-        for (&id, row) in ids.iter().zip(h[at..].chunks_exact_mut(d)) {
-            embed.row(id as usize).ok_or(HfError::Core(peft_core::Error::Overflow))?.dequantize(row);
         }
         // Positions: after the cache, and after a prefix's entries.
         let first_pos = adapter.map_or(0, LlamaAdapter::prefix_tokens) + cache.len;
@@ -690,7 +690,6 @@ impl Llama {
         let (mut gate, mut up) = (vec![0.0f32; n * f], vec![0.0f32; n * f]);
         let mut scratch = Vec::new();
         let mut ws = sites::SiteScratch::default();
-        let be = HfError::backend;
         if let Some(t) = trace.as_deref_mut() {
             t.rows = n;
             t.virtual_rows = prompt.map_or(0, |(_, t)| t);
@@ -712,22 +711,9 @@ impl Llama {
             apply_rope(&mut k, c.num_kv_heads, c.head_dim, &rope);
             cache.k[l].extend_from_slice(&k);
             cache.v[l].extend_from_slice(&v);
-            let tk = cache.k[l].len() / kvw;
             let prefix = adapter.map(|a| a.prefix_layer(c, l)).transpose()?.flatten();
-            let p = prefix.as_ref().map_or(0, |p| p.keys.rows());
-            scratch.resize(peft_core::attention::forward_scratch_len(n, tk, p), 0.0);
-            peft_core::attention::forward::forward(
-                backend,
-                &shape,
-                MatRef::new(&q, n, qw)?,
-                MatRef::new(&cache.k[l], tk, kvw)?,
-                MatRef::new(&cache.v[l], tk, kvw)?,
-                prefix.as_ref(),
-                &Mask { causal: true, key_padding: None, additive: None },
-                MatMut::new(&mut attn, n, qw)?,
-                &mut scratch,
-            )
-            .map_err(be)?;
+            let kv = (&cache.k[l][..], &cache.v[l][..]);
+            attend(backend, &shape, &q, kv, prefix.as_ref(), &mut attn, &mut scratch)?;
             sites::forward(backend, layer.linear(O), module(O), MatRef::new(&attn, n, qw)?, &mut out, &mut ws)?;
             let attn_pre = bottleneck(backend, adapter, l, 0, &mut out, &mut ws.scratch)?;
             h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
@@ -763,11 +749,18 @@ impl Llama {
             t.h_final = h;
             t.normed = norm.clone();
         }
+        self.logits(backend, &norm)
+    }
+
+    /// `lm_head` (or the tied embeddings) over the final normed rows:
+    /// `[n, vocab]`.
+    fn logits<B: Backend<f32> + ?Sized>(&self, backend: &B, normed: &[f32]) -> Result<Vec<f32>, HfError> {
+        let (d, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let n = normed.len() / d.max(1);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed).view()?;
-        let mut logits = vec![0.0f32; n * c.vocab_size];
-        backend
-            .stored_apply(&head, MatRef::new(&norm, n, d)?, MatMut::new(&mut logits, n, c.vocab_size)?, Accum::Replace)
-            .map_err(be)?;
+        let mut logits = vec![0.0f32; n * vocab];
+        let (x, y) = (MatRef::new(normed, n, d)?, MatMut::new(&mut logits, n, vocab)?);
+        backend.stored_apply(&head, x, y, Accum::Replace).map_err(HfError::backend)?;
         Ok(logits)
     }
 
@@ -795,6 +788,28 @@ impl Llama {
         }
         Ok(out)
     }
+}
+
+/// Causal attention of `q [n, q_width]` over the cached keys and values
+/// `kv` (`[tk, kv_width]` each, the new rows last) and a prefix, into
+/// `attn [n, q_width]`.
+fn attend<B: Backend<f32> + ?Sized>(
+    backend: &B,
+    shape: &AttentionShape,
+    q: &[f32],
+    (k, v): (&[f32], &[f32]),
+    prefix: Option<&Prefix<'_, f32>>,
+    attn: &mut [f32],
+    scratch: &mut Vec<f32>,
+) -> Result<(), HfError> {
+    let (qw, kvw) = (shape.q_width(), shape.kv_width());
+    let (n, tk) = (q.len() / qw.max(1), k.len() / kvw.max(1));
+    let p = prefix.map_or(0, |p| p.keys.rows());
+    scratch.resize(peft_core::attention::forward_scratch_len(n, tk, p), 0.0);
+    let mask = Mask { causal: true, key_padding: None, additive: None };
+    let (q, k, v) = (MatRef::new(q, n, qw)?, MatRef::new(k, tk, kvw)?, MatRef::new(v, tk, kvw)?);
+    peft_core::attention::forward::forward(backend, shape, q, k, v, prefix, &mask, MatMut::new(attn, n, qw)?, scratch)
+        .map_err(HfError::backend)
 }
 
 /// What [`Llama::forward_traced`] keeps of one layer.
