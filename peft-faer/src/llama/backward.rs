@@ -20,14 +20,14 @@
 //! A LoRA module's `lora_bias`, when present, is held fixed (it receives no
 //! gradient); so are VeRA's shared projections (frozen by the method).
 
-use peft_core::attention::backward::{AttentionGrads, backward as attn_backward};
-use peft_core::attention::{AttentionShape, Mask};
+use peft_core::attention::backward::{AttentionGrads, PrefixGrads, backward as attn_backward};
+use peft_core::attention::{AttentionShape, Mask, Prefix};
 use peft_core::prefix::PrefixConfig;
 use peft_core::{Accum, Backend, MatMut, MatRef};
 
-use super::Projection;
+use super::Projection::{Down, Gate, K, O, Q, Up, V};
 use super::sites::{self, Module};
-use super::{Llama, LlamaAdapter, Trace, rms_norm, rotate, silu};
+use super::{LayerTrace, Llama, LlamaAdapter, Trace, rms_norm, rotate, silu};
 use crate::hf::HfError;
 
 /// An adapted projection's module and its gradient buffers.
@@ -181,25 +181,12 @@ impl Llama {
     ) -> Result<(), HfError> {
         let c = &self.config;
         let (n, d, f) = (trace.rows, c.hidden_size, c.intermediate_size);
-        let (qw, kvw) = (c.q_width(), c.kv_width());
+        let qw = c.q_width();
         let bad = |field: &str, reason: &str| HfError::Config { field: field.into(), reason: reason.into() };
         if dlogits.len() != n * c.vocab_size || trace.layers.len() != c.num_layers {
             return Err(bad("dlogits", "must be [rows, vocab] of the traced pass"));
         }
-        let matches = match (adapter, grads.as_deref()) {
-            (None, _) | (Some(_), None) => true,
-            (Some(a), Some(g)) => {
-                std::mem::discriminant(&LlamaGrads::zeros(a)) == std::mem::discriminant(g)
-                    && match (a, g) {
-                        (LlamaAdapter::Prompt { embeddings: p, .. }, LlamaGrads::Prompt(gp))
-                        | (LlamaAdapter::Prefix { table: p, .. }, LlamaGrads::Prefix(gp)) => p.len() == gp.len(),
-                        (LlamaAdapter::Modules(_), LlamaGrads::Modules(gl)) => gl.len() == c.num_layers,
-                        (LlamaAdapter::Bottleneck(_), LlamaGrads::Bottleneck(gb)) => gb.len() == c.num_layers,
-                        _ => false,
-                    }
-            }
-        };
-        if !matches {
+        if !grads_match(c, adapter, grads.as_deref()) {
             return Err(bad("grads", "must be LlamaGrads::zeros of the adapter"));
         }
         let be = HfError::backend;
@@ -242,75 +229,37 @@ impl Llama {
             let dmlp = bottleneck_backward(backend, adapter, bottleneck_g.as_deref_mut(), l, 1, &t.mlp_pre, &dh)?;
             let dh_mlp = dmlp.as_deref().unwrap_or(&dh);
             let mut dact = vec![0.0f32; n * f];
-            sites::backward(
-                backend,
-                layer.linear(Projection::Down),
-                gd_l,
-                MatRef::new(&t.act, n, f)?,
-                dh_mlp,
-                &mut dact,
-                &mut ws,
-            )?;
-            let (mut dg, mut du) = (vec![0.0f32; n * f], vec![0.0f32; n * f]);
-            for ((((dg, du), &da), &g), &u) in dg.iter_mut().zip(du.iter_mut()).zip(&dact).zip(&t.gate).zip(&t.up) {
-                let sig = 1.0 / (1.0 + (-g).exp());
-                *du = da * silu(g);
-                *dg = da * u * sig * (1.0 + g * (1.0 - sig));
-            }
+            let act = MatRef::new(&t.act, n, f)?;
+            sites::backward(backend, layer.linear(Down), gd_l, act, dh_mlp, &mut dact, &mut ws)?;
+            let (dg, du) = swiglu_backward(&dact, &t.gate, &t.up);
             let mut dx2 = vec![0.0f32; n * d];
             let x2 = MatRef::new(&t.x2, n, d)?;
-            sites::backward(backend, layer.linear(Projection::Gate), gg_l, x2, &dg, &mut dx2, &mut ws)?;
-            sites::backward(backend, layer.linear(Projection::Up), gu_l, x2, &du, &mut dx2, &mut ws)?;
+            sites::backward(backend, layer.linear(Gate), gg_l, x2, &dg, &mut dx2, &mut ws)?;
+            sites::backward(backend, layer.linear(Up), gu_l, x2, &du, &mut dx2, &mut ws)?;
             let mut da = dh;
             rms_norm_backward(&t.a, &layer.post_norm, c.rms_norm_eps, &dx2, &mut da);
             // a = h_in + o(attn).
             let dpre = bottleneck_backward(backend, adapter, bottleneck_g.as_deref_mut(), l, 0, &t.attn_pre, &da)?;
             let mut dattn = vec![0.0f32; n * qw];
             let d_o = dpre.as_deref().unwrap_or(&da);
-            sites::backward(
-                backend,
-                layer.linear(Projection::O),
-                go_l,
-                MatRef::new(&t.attn, n, qw)?,
-                d_o,
-                &mut dattn,
-                &mut ws,
-            )?;
-            let (mut dq, mut dk, mut dv) = (vec![0.0f32; n * qw], vec![0.0f32; n * kvw], vec![0.0f32; n * kvw]);
+            let attn = MatRef::new(&t.attn, n, qw)?;
+            sites::backward(backend, layer.linear(O), go_l, attn, d_o, &mut dattn, &mut ws)?;
             let prefix = adapter.map(|a| a.prefix_layer(c, l)).transpose()?.flatten();
             let p = prefix.as_ref().map_or(0, |p| p.keys.rows());
             let prefix_grads = match (prefix_g.as_deref_mut(), p) {
                 (Some(gp), p) if p > 0 => Some(PrefixConfig::new(p, c.num_layers, &shape)?.layer_grads(gp, l)?),
                 _ => None,
             };
-            scratch.resize(peft_core::attention::backward_scratch_len(n, n, p), 0.0);
-            let ag = AttentionGrads {
-                q: MatMut::new(&mut dq, n, qw)?,
-                k: MatMut::new(&mut dk, n, kvw)?,
-                v: MatMut::new(&mut dv, n, kvw)?,
-                prefix: prefix_grads,
-            };
-            attn_backward(
-                backend,
-                &shape,
-                MatRef::new(&t.q, n, qw)?,
-                MatRef::new(&t.k, n, kvw)?,
-                MatRef::new(&t.v, n, kvw)?,
-                prefix.as_ref(),
-                &Mask { causal: true, key_padding: None, additive: None },
-                MatRef::new(&dattn, n, qw)?,
-                ag,
-                &mut scratch,
-            )
-            .map_err(be)?;
+            let [mut dq, mut dk, dv] =
+                attend_backward(backend, &shape, t, prefix.as_ref(), prefix_grads, &dattn, &mut scratch)?;
             rotate(&mut dq, c.num_heads, c.head_dim, &rope, -1.0);
             rotate(&mut dk, c.num_kv_heads, c.head_dim, &rope, -1.0);
             rms_norm(&t.h_in, &layer.input_norm, c.rms_norm_eps, &mut x1);
             let mut dx1 = vec![0.0f32; n * d];
             let x1v = MatRef::new(&x1, n, d)?;
-            sites::backward(backend, layer.linear(Projection::Q), gq_l, x1v, &dq, &mut dx1, &mut ws)?;
-            sites::backward(backend, layer.linear(Projection::K), gk_l, x1v, &dk, &mut dx1, &mut ws)?;
-            sites::backward(backend, layer.linear(Projection::V), gv_l, x1v, &dv, &mut dx1, &mut ws)?;
+            sites::backward(backend, layer.linear(Q), gq_l, x1v, &dq, &mut dx1, &mut ws)?;
+            sites::backward(backend, layer.linear(K), gk_l, x1v, &dk, &mut dx1, &mut ws)?;
+            sites::backward(backend, layer.linear(V), gv_l, x1v, &dv, &mut dx1, &mut ws)?;
             let mut dh_in = da;
             rms_norm_backward(&t.h_in, &layer.input_norm, c.rms_norm_eps, &dx1, &mut dh_in);
             dh = dh_in;
@@ -320,4 +269,58 @@ impl Llama {
         }
         Ok(())
     }
+}
+
+/// Whether `grads` is [`LlamaGrads::zeros`] of `adapter` on a model of
+/// configuration `c` (any buffers when there is no adapter or no grads).
+fn grads_match(c: &super::LlamaConfig, adapter: Option<&LlamaAdapter<'_>>, grads: Option<&LlamaGrads>) -> bool {
+    let (Some(a), Some(g)) = (adapter, grads) else { return true };
+    std::mem::discriminant(&LlamaGrads::zeros(a)) == std::mem::discriminant(g)
+        && match (a, g) {
+            (LlamaAdapter::Prompt { embeddings: p, .. }, LlamaGrads::Prompt(gp))
+            | (LlamaAdapter::Prefix { table: p, .. }, LlamaGrads::Prefix(gp)) => p.len() == gp.len(),
+            (LlamaAdapter::Modules(_), LlamaGrads::Modules(gl)) => gl.len() == c.num_layers,
+            (LlamaAdapter::Bottleneck(_), LlamaGrads::Bottleneck(gb)) => gb.len() == c.num_layers,
+            _ => false,
+        }
+}
+
+/// The backward of `act = silu(gate) * up`: `(d gate, d up)` from `d act`.
+fn swiglu_backward(dact: &[f32], gate: &[f32], up: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (mut dg, mut du) = (vec![0.0f32; dact.len()], vec![0.0f32; dact.len()]);
+    for ((((dg, du), &da), &g), &u) in dg.iter_mut().zip(du.iter_mut()).zip(dact).zip(gate).zip(up) {
+        let sig = 1.0 / (1.0 + (-g).exp());
+        *du = da * silu(g);
+        *dg = da * u * sig * (1.0 + g * (1.0 - sig));
+    }
+    (dg, du)
+}
+
+/// The attention's backward for one traced layer: `(dq, dk, dv)` from
+/// `dattn [n, q_width]`, the prefix's gradients accumulated into
+/// `prefix_grads`.
+fn attend_backward<B: Backend<f32> + ?Sized>(
+    backend: &B,
+    shape: &AttentionShape,
+    t: &LayerTrace,
+    prefix: Option<&Prefix<'_, f32>>,
+    prefix_grads: Option<PrefixGrads<'_, f32>>,
+    dattn: &[f32],
+    scratch: &mut Vec<f32>,
+) -> Result<[Vec<f32>; 3], HfError> {
+    let (qw, kvw) = (shape.q_width(), shape.kv_width());
+    let n = dattn.len() / qw.max(1);
+    let (mut dq, mut dk, mut dv) = (vec![0.0f32; n * qw], vec![0.0f32; n * kvw], vec![0.0f32; n * kvw]);
+    scratch.resize(peft_core::attention::backward_scratch_len(n, n, prefix.map_or(0, |p| p.keys.rows())), 0.0);
+    let ag = AttentionGrads {
+        q: MatMut::new(&mut dq, n, qw)?,
+        k: MatMut::new(&mut dk, n, kvw)?,
+        v: MatMut::new(&mut dv, n, kvw)?,
+        prefix: prefix_grads,
+    };
+    let (q, k, v) = (MatRef::new(&t.q, n, qw)?, MatRef::new(&t.k, n, kvw)?, MatRef::new(&t.v, n, kvw)?);
+    let mask = Mask { causal: true, key_padding: None, additive: None };
+    attn_backward(backend, shape, q, k, v, prefix, &mask, MatRef::new(dattn, n, qw)?, ag, scratch)
+        .map_err(HfError::backend)?;
+    Ok([dq, dk, dv])
 }
