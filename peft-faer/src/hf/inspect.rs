@@ -7,7 +7,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{AdapterSummary, PeftConfig};
+use super::{AdapterSummary, HfLoraConfig, LohaConfig, LokrConfig, PeftConfig, PromptConfig, VeraConfig};
 
 /// One module's row: the columns of its method, in order.
 pub type Row = Vec<(&'static str, Value)>;
@@ -69,108 +69,126 @@ impl Report {
             warnings,
         };
         match &ad.config {
-            PeftConfig::Prompt(p) => {
-                let shape = ad.prompt_shape.as_ref().ok_or("no prompt tensor")?;
-                r.method = if p.prefix { "prefix" } else { "prompt" };
-                r.total_params = shape.iter().product();
-                r.fields = json_map(json!({ "num_virtual_tokens": p.num_virtual_tokens, "token_dim": p.token_dim,
-                    "num_layers": p.num_layers, "shape": shape }));
-                r.headline = format!(
-                    "method {}: {} virtual tokens, token_dim {}, prompt_embeddings {shape:?}, {} parameters",
-                    r.method, p.num_virtual_tokens, p.token_dim, r.total_params
-                );
-            }
-            PeftConfig::Loha(c) => {
-                r.method = "loha";
-                r.fields = json_map(json!({ "r": c.r, "alpha": c.alpha, "dtype": dtype }));
-                r.headline =
-                    format!("method loha: r={} alpha={} (dW = s (W1a W1b) * (W2a W2b), s = alpha / r)", c.r, c.alpha);
-                for m in &ad.loha {
-                    let mut row = named(&m.name);
-                    row.extend([("in", json!(m.n_in)), ("out", json!(m.n_out)), ("r", json!(m.r))]);
-                    row.extend([("alpha", json!(m.alpha)), ("scale", json!(m.alpha / m.r as f64))]);
-                    row.push(("params", json!(2 * m.r * (m.n_in + m.n_out))));
-                    r.modules.push(row);
-                }
-            }
-            PeftConfig::Lokr(c) => {
-                r.method = "lokr";
-                r.fields = json_map(json!({ "r": c.common.r, "alpha": c.common.alpha,
-                    "decompose_both": c.decompose_both, "decompose_factor": c.decompose_factor }));
-                r.headline = format!(
-                    "method lokr: r={} alpha={} decompose_factor={} (dW = s kron(W1, W2), s = alpha / r)",
-                    c.common.r, c.common.alpha, c.decompose_factor
-                );
-                for m in &ad.lokr {
-                    let mut row = named(&m.name);
-                    row.extend([("in", json!(m.n_in)), ("out", json!(m.n_out)), ("r", json!(m.r))]);
-                    row.extend([("alpha", json!(m.alpha)), ("w1", json!(m.w1)), ("w2", json!(m.w2))]);
-                    row.push(("params", json!(m.params)));
-                    r.modules.push(row);
-                }
-            }
-            PeftConfig::Vera(c) => {
-                let p = ad.vera_projections.ok_or("no VeRA projections")?;
-                r.method = "vera";
-                let frozen = p.r * (p.max_in + p.max_out);
-                r.fields = json_map(json!({ "r": c.r, "d_initial": c.d_initial, "dtype": dtype,
-                    "projections": { "vera_A": [p.r, p.max_in], "vera_B": [p.max_out, p.r], "frozen_params": frozen } }));
-                r.headline = format!("method vera: r={} (dW = diag(lambda_b) B diag(lambda_d) A, no alpha / r)", c.r);
-                r.notes.push(format!(
-                    "shared frozen projections: vera_A [{}, {}], vera_B [{}, {}] ({frozen} parameters)",
-                    p.r, p.max_in, p.max_out, p.r
-                ));
-                for m in &ad.vera {
-                    let mut row = named(&m.name);
-                    row.extend([("out", json!(m.n_out)), ("r", json!(m.r)), ("params", json!(m.r + m.n_out))]);
-                    r.modules.push(row);
-                }
-            }
-            PeftConfig::Ia3(_) => {
-                r.method = "ia3";
-                r.fields = json_map(json!({ "dtype": dtype }));
-                r.headline =
-                    "method ia3: a learned vector scales each module's output (or a feedforward module's input)".into();
-                for m in &ad.ia3 {
-                    let mut row = named(&m.name);
-                    let scales = if m.feedforward { "input" } else { "output" };
-                    row.extend([("scales", json!(scales)), ("params", json!(m.len))]);
-                    r.modules.push(row);
-                }
-            }
-            PeftConfig::Lora(c) => {
-                r.fields = json_map(json!({ "use_dora": c.use_dora, "r": c.r, "lora_alpha": c.lora_alpha,
-                    "use_rslora": c.use_rslora, "dtype": dtype }));
-                let dora = if c.use_dora { " (DoRA: a magnitude per output row)" } else { "" };
-                r.headline = format!(
-                    "method lora{dora}: r={} lora_alpha={} use_rslora={} dtype {:?}",
-                    c.r, c.lora_alpha, c.use_rslora, ad.dtype
-                );
-                for m in &ad.modules {
-                    if !(m.scale as f32).is_finite() {
-                        r.warnings.push(format!(
-                            "{}: the scale {} overflows f32; a merge would write infinities",
-                            m.name, m.scale
-                        ));
-                    }
-                    let min = m.n_in.min(m.n_out);
-                    if 2 * m.r >= min {
-                        r.warnings.push(format!(
-                            "{}: rank {} is close to min(in, out) = {min}; LoRA saves little there",
-                            m.name, m.r
-                        ));
-                    }
-                    let mut row = named(&m.name);
-                    row.extend([("in", json!(m.n_in)), ("out", json!(m.n_out)), ("r", json!(m.r))]);
-                    row.extend([("alpha", json!(m.alpha)), ("scale", json!(m.scale)), ("params", json!(m.params()))]);
-                    r.modules.push(row);
-                }
-            }
+            PeftConfig::Prompt(p) => r.prompt(p, ad)?,
+            PeftConfig::Loha(c) => r.loha(c, ad, dtype),
+            PeftConfig::Lokr(c) => r.lokr(c, ad),
+            PeftConfig::Vera(c) => r.vera(c, ad, dtype)?,
+            PeftConfig::Ia3(_) => r.ia3(ad, dtype),
+            PeftConfig::Lora(c) => r.lora(c, ad, dtype),
         }
         if !r.modules.is_empty() {
             r.total_params = total(&r.modules);
         }
         Ok(r)
+    }
+
+    /// Prompt or prefix tuning: the table's shape.
+    fn prompt(&mut self, p: &PromptConfig, ad: &AdapterSummary) -> Result<(), String> {
+        let shape = ad.prompt_shape.as_ref().ok_or("no prompt tensor")?;
+        self.method = if p.prefix { "prefix" } else { "prompt" };
+        self.total_params = shape.iter().product();
+        self.fields = json_map(json!({ "num_virtual_tokens": p.num_virtual_tokens, "token_dim": p.token_dim,
+                "num_layers": p.num_layers, "shape": shape }));
+        self.headline = format!(
+            "method {}: {} virtual tokens, token_dim {}, prompt_embeddings {shape:?}, {} parameters",
+            self.method, p.num_virtual_tokens, p.token_dim, self.total_params
+        );
+        Ok(())
+    }
+
+    /// LoHa's modules.
+    fn loha(&mut self, c: &LohaConfig, ad: &AdapterSummary, dtype: Value) {
+        self.method = "loha";
+        self.fields = json_map(json!({ "r": c.r, "alpha": c.alpha, "dtype": dtype }));
+        self.headline =
+            format!("method loha: r={} alpha={} (dW = s (W1a W1b) * (W2a W2b), s = alpha / r)", c.r, c.alpha);
+        for m in &ad.loha {
+            let mut row = named(&m.name);
+            row.extend([("in", json!(m.n_in)), ("out", json!(m.n_out)), ("r", json!(m.r))]);
+            row.extend([("alpha", json!(m.alpha)), ("scale", json!(m.alpha / m.r as f64))]);
+            row.push(("params", json!(2 * m.r * (m.n_in + m.n_out))));
+            self.modules.push(row);
+        }
+    }
+
+    /// LoKr's modules and factor shapes.
+    fn lokr(&mut self, c: &LokrConfig, ad: &AdapterSummary) {
+        self.method = "lokr";
+        self.fields = json_map(json!({ "r": c.common.r, "alpha": c.common.alpha,
+                "decompose_both": c.decompose_both, "decompose_factor": c.decompose_factor }));
+        self.headline = format!(
+            "method lokr: r={} alpha={} decompose_factor={} (dW = s kron(W1, W2), s = alpha / r)",
+            c.common.r, c.common.alpha, c.decompose_factor
+        );
+        for m in &ad.lokr {
+            let mut row = named(&m.name);
+            row.extend([("in", json!(m.n_in)), ("out", json!(m.n_out)), ("r", json!(m.r))]);
+            row.extend([("alpha", json!(m.alpha)), ("w1", json!(m.w1)), ("w2", json!(m.w2))]);
+            row.push(("params", json!(m.params)));
+            self.modules.push(row);
+        }
+    }
+
+    /// VeRA's shared projections and modules.
+    fn vera(&mut self, c: &VeraConfig, ad: &AdapterSummary, dtype: Value) -> Result<(), String> {
+        let p = ad.vera_projections.ok_or("no VeRA projections")?;
+        self.method = "vera";
+        let frozen = p.r * (p.max_in + p.max_out);
+        self.fields = json_map(json!({ "r": c.r, "d_initial": c.d_initial, "dtype": dtype,
+                "projections": { "vera_A": [p.r, p.max_in], "vera_B": [p.max_out, p.r], "frozen_params": frozen } }));
+        self.headline = format!("method vera: r={} (dW = diag(lambda_b) B diag(lambda_d) A, no alpha / r)", c.r);
+        self.notes.push(format!(
+            "shared frozen projections: vera_A [{}, {}], vera_B [{}, {}] ({frozen} parameters)",
+            p.r, p.max_in, p.max_out, p.r
+        ));
+        for m in &ad.vera {
+            let mut row = named(&m.name);
+            row.extend([("out", json!(m.n_out)), ("r", json!(m.r)), ("params", json!(m.r + m.n_out))]);
+            self.modules.push(row);
+        }
+        Ok(())
+    }
+
+    /// (IA)^3's modules and what each scales.
+    fn ia3(&mut self, ad: &AdapterSummary, dtype: Value) {
+        self.method = "ia3";
+        self.fields = json_map(json!({ "dtype": dtype }));
+        self.headline =
+            "method ia3: a learned vector scales each module's output (or a feedforward module's input)".into();
+        for m in &ad.ia3 {
+            let mut row = named(&m.name);
+            let scales = if m.feedforward { "input" } else { "output" };
+            row.extend([("scales", json!(scales)), ("params", json!(m.len))]);
+            self.modules.push(row);
+        }
+    }
+
+    /// LoRA's (and DoRA's) modules, with warnings for scales that overflow f32 and ranks that save little.
+    fn lora(&mut self, c: &HfLoraConfig, ad: &AdapterSummary, dtype: Value) {
+        self.fields = json_map(json!({ "use_dora": c.use_dora, "r": c.r, "lora_alpha": c.lora_alpha,
+                "use_rslora": c.use_rslora, "dtype": dtype }));
+        let dora = if c.use_dora { " (DoRA: a magnitude per output row)" } else { "" };
+        self.headline = format!(
+            "method lora{dora}: r={} lora_alpha={} use_rslora={} dtype {:?}",
+            c.r, c.lora_alpha, c.use_rslora, ad.dtype
+        );
+        for m in &ad.modules {
+            if !(m.scale as f32).is_finite() {
+                self.warnings
+                    .push(format!("{}: the scale {} overflows f32; a merge would write infinities", m.name, m.scale));
+            }
+            let min = m.n_in.min(m.n_out);
+            if 2 * m.r >= min {
+                self.warnings.push(format!(
+                    "{}: rank {} is close to min(in, out) = {min}; LoRA saves little there",
+                    m.name, m.r
+                ));
+            }
+            let mut row = named(&m.name);
+            row.extend([("in", json!(m.n_in)), ("out", json!(m.n_out)), ("r", json!(m.r))]);
+            row.extend([("alpha", json!(m.alpha)), ("scale", json!(m.scale)), ("params", json!(m.params()))]);
+            self.modules.push(row);
+        }
     }
 
     /// One JSON document: `method`, the fields, `modules` (each row an
