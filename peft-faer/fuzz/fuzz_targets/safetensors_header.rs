@@ -12,9 +12,9 @@ use peft_faer::hf::st::parse_header;
 fuzz_target!(|data: &[u8]| {
     let Some((len, json)) = data.split_first_chunk::<8>() else { return };
     let file_len = u64::from_le_bytes(*len);
-    if let Ok((entries, _)) = parse_header(Path::new("fuzz.safetensors"), json, file_len) {
+    if let Ok(header) = parse_header(Path::new("fuzz.safetensors"), json, file_len) {
         let mut at = 8 + json.len() as u64;
-        for e in &entries {
+        for e in &header.entries {
             assert_eq!(e.offset, at, "{}: not contiguous", e.name);
             let numel: u64 = e.shape.iter().map(|&d| d as u64).product();
             assert_eq!(numel * e.dtype.size() as u64, e.len, "{}: size", e.name);

@@ -9,8 +9,23 @@ use serde_json::{Map, Value, json};
 
 use super::{AdapterSummary, HfLoraConfig, LohaConfig, LokrConfig, PeftConfig, PromptConfig, VeraConfig};
 
-/// One module's row: the columns of its method, in order.
-pub type Row = Vec<(&'static str, Value)>;
+/// One module's row: the columns of its method, in order, each a name and
+/// a value.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Row {
+    /// `(column, value)`, in the method's order.
+    pub cells: Vec<(&'static str, Value)>,
+}
+
+impl Row {
+    fn extend<const N: usize>(&mut self, cells: [(&'static str, Value); N]) {
+        self.cells.extend(cells);
+    }
+
+    fn push(&mut self, cell: (&'static str, Value)) {
+        self.cells.push(cell);
+    }
+}
 
 /// What `peft inspect` says of an adapter folder.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,13 +51,16 @@ pub struct Report {
 
 /// A module's first two columns.
 fn named(name: &str) -> Row {
-    vec![("module", json!(name)), ("base_tensor", json!(format!("{name}.weight")))]
+    Row { cells: vec![("module", json!(name)), ("base_tensor", json!(format!("{name}.weight")))] }
 }
 
 /// The sum of every row's `params`.
 fn total(rows: &[Row]) -> usize {
-    rows.iter().flat_map(|r| r.iter()).filter(|(k, _)| *k == "params").filter_map(|(_, v)| v.as_u64()).sum::<u64>()
-        as usize
+    rows.iter()
+        .flat_map(|r| r.cells.iter())
+        .filter(|(k, _)| *k == "params")
+        .filter_map(|(_, v)| v.as_u64())
+        .sum::<u64>() as usize
 }
 
 impl Report {
@@ -201,7 +219,7 @@ impl Report {
             let rows: Vec<Value> = self
                 .modules
                 .iter()
-                .map(|row| Value::Object(row.iter().map(|(k, v)| ((*k).into(), v.clone())).collect()))
+                .map(|row| Value::Object(row.cells.iter().map(|(k, v)| ((*k).into(), v.clone())).collect()))
                 .collect();
             doc.insert("modules".into(), Value::Array(rows));
         }
@@ -217,14 +235,14 @@ impl Report {
         let mut out = vec![self.headline.clone()];
         out.extend(self.notes.iter().cloned());
         if let Some(first) = self.modules.first() {
-            let cols: Vec<&str> = first.iter().map(|(k, _)| *k).collect();
+            let cols: Vec<&str> = first.cells.iter().map(|(k, _)| *k).collect();
             let cell = |v: &Value| match v {
                 Value::String(s) => s.clone(),
                 Value::Array(a) => a.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("x"),
                 v => v.to_string(),
             };
             let table: Vec<Vec<String>> =
-                self.modules.iter().map(|row| row.iter().map(|(_, v)| cell(v)).collect()).collect();
+                self.modules.iter().map(|row| row.cells.iter().map(|(_, v)| cell(v)).collect()).collect();
             let widths: Vec<usize> = (0..cols.len())
                 .map(|i| {
                     table.iter().map(|r| r.get(i).map_or(0, String::len)).chain([cols[i].len()]).max().unwrap_or(0)

@@ -226,8 +226,14 @@ impl<'de> Visitor<'de> for HeaderVisitor {
     }
 }
 
-/// The tensors of a header (in data order) and its `__metadata__`.
-pub type Header = (Vec<Entry>, BTreeMap<String, String>);
+/// A checked safetensors header.
+#[derive(Clone, Debug)]
+pub struct Header {
+    /// The tensors, in data order.
+    pub entries: Vec<Entry>,
+    /// Its `__metadata__` (without this crate's storage keys).
+    pub metadata: BTreeMap<String, String>,
+}
 
 /// Checks the header of the safetensors file `path`: `json` is its text,
 /// `file_len` the whole file's length (8-byte length prefix, header,
@@ -285,7 +291,7 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header, H
     }
     let mut metadata = raw.metadata;
     apply_storage(&mut entries, &mut metadata, bad)?;
-    Ok((entries, metadata))
+    Ok(Header { entries, metadata })
 }
 
 /// The size of one element, for the float types a merge computes in.
@@ -450,7 +456,7 @@ impl StFile {
         }
         let mut header = vec![0u8; n as usize];
         file.read_exact(&mut header).map_err(io)?;
-        let (entries, metadata) = parse_header(path, &header, len)?;
+        let Header { entries, metadata } = parse_header(path, &header, len)?;
         let by_name = entries.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
         Ok(Self { path: path.to_path_buf(), file, entries, by_name, metadata })
     }

@@ -174,8 +174,8 @@ fn held_out_logits(
 ) -> Result<Vec<f32>, HfError> {
     let hosted = adapter.map(|a| a.hosted(model)).transpose()?;
     let mut all = Vec::new();
-    for (ids, _) in &task.held_out {
-        all.extend(model.forward(backend, ids, hosted.as_ref(), &mut KvCache::new())?);
+    for ex in &task.held_out {
+        all.extend(model.forward(backend, &ex.ids, hosted.as_ref(), &mut KvCache::new())?);
     }
     Ok(all)
 }

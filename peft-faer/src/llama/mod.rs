@@ -167,12 +167,46 @@ pub struct Llama {
     inv_freq: Vec<f32>,
 }
 
-/// Keys (after RoPE) and values of the positions seen so far, per layer.
+/// Keys (after RoPE) and values of the positions seen so far, per layer,
+/// and the buffers of a pass, kept between calls: decoding one token at a
+/// time reuses them instead of allocating each step.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     len: usize,
+    buffers: Buffers,
+}
+
+/// The activations of one pass (see [`KvCache`]): each resized to the
+/// pass's rows, its capacity kept.
+#[derive(Clone, Debug, Default)]
+struct Buffers {
+    norm: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    out: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    attention: Vec<f32>,
+    sites: sites::SiteScratch,
+}
+
+impl Buffers {
+    /// Every activation sized for `n` rows of a model of configuration
+    /// `c` (their old contents are overwritten by the pass).
+    fn sized(mut self, n: usize, c: &LlamaConfig) -> Self {
+        let (d, qw, kvw, f) = (c.hidden_size, c.q_width(), c.kv_width(), c.intermediate_size);
+        for (buf, width) in [(&mut self.norm, d), (&mut self.q, qw), (&mut self.k, kvw), (&mut self.v, kvw)] {
+            buf.resize(n * width, 0.0);
+        }
+        for (buf, width) in [(&mut self.attn, qw), (&mut self.out, d), (&mut self.gate, f), (&mut self.up, f)] {
+            buf.resize(n * width, 0.0);
+        }
+        self
+    }
 }
 
 impl KvCache {
@@ -681,15 +715,10 @@ impl Llama {
             cache.v = vec![Vec::new(); c.num_layers];
         }
         let shape = AttentionShape::new(c.num_heads, c.num_kv_heads, c.head_dim).map_err(HfError::Core)?;
-        let (qw, kvw, f) = (c.q_width(), c.kv_width(), c.intermediate_size);
-        let mut norm = vec![0.0f32; n * d];
-        let mut q = vec![0.0f32; n * qw];
-        let (mut k, mut v) = (vec![0.0f32; n * kvw], vec![0.0f32; n * kvw]);
-        let mut attn = vec![0.0f32; n * qw];
-        let mut out = vec![0.0f32; n * d];
-        let (mut gate, mut up) = (vec![0.0f32; n * f], vec![0.0f32; n * f]);
-        let mut scratch = Vec::new();
-        let mut ws = sites::SiteScratch::default();
+        let (qw, f) = (c.q_width(), c.intermediate_size);
+        let Buffers { mut norm, mut q, mut k, mut v, mut attn, mut out, mut gate, mut up, mut attention, mut sites } =
+            std::mem::take(&mut cache.buffers).sized(n, c);
+        let (scratch, ws) = (&mut attention, &mut sites);
         if let Some(t) = trace.as_deref_mut() {
             t.rows = n;
             t.virtual_rows = prompt.map_or(0, |(_, t)| t);
@@ -704,26 +733,26 @@ impl Llama {
             use Projection::{Down, Gate, K, O, Q, Up, V};
             rms_norm(&h, &layer.input_norm, c.rms_norm_eps, &mut norm);
             let x = MatRef::new(&norm, n, d)?;
-            sites::forward(backend, layer.linear(Q), module(Q), x, &mut q, &mut ws)?;
-            sites::forward(backend, layer.linear(K), module(K), x, &mut k, &mut ws)?;
-            sites::forward(backend, layer.linear(V), module(V), x, &mut v, &mut ws)?;
+            sites::forward(backend, layer.linear(Q), module(Q), x, &mut q, ws)?;
+            sites::forward(backend, layer.linear(K), module(K), x, &mut k, ws)?;
+            sites::forward(backend, layer.linear(V), module(V), x, &mut v, ws)?;
             apply_rope(&mut q, c.num_heads, c.head_dim, &rope);
             apply_rope(&mut k, c.num_kv_heads, c.head_dim, &rope);
             cache.k[l].extend_from_slice(&k);
             cache.v[l].extend_from_slice(&v);
             let prefix = adapter.map(|a| a.prefix_layer(c, l)).transpose()?.flatten();
             let kv = (&cache.k[l][..], &cache.v[l][..]);
-            attend(backend, &shape, &q, kv, prefix.as_ref(), &mut attn, &mut scratch)?;
-            sites::forward(backend, layer.linear(O), module(O), MatRef::new(&attn, n, qw)?, &mut out, &mut ws)?;
+            attend(backend, &shape, &q, kv, prefix.as_ref(), &mut attn, scratch)?;
+            sites::forward(backend, layer.linear(O), module(O), MatRef::new(&attn, n, qw)?, &mut out, ws)?;
             let attn_pre = bottleneck(backend, adapter, l, 0, &mut out, &mut ws.scratch)?;
             h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
             rms_norm(&h, &layer.post_norm, c.rms_norm_eps, &mut norm);
             let x = MatRef::new(&norm, n, d)?;
-            sites::forward(backend, layer.linear(Gate), module(Gate), x, &mut gate, &mut ws)?;
-            sites::forward(backend, layer.linear(Up), module(Up), x, &mut up, &mut ws)?;
+            sites::forward(backend, layer.linear(Gate), module(Gate), x, &mut gate, ws)?;
+            sites::forward(backend, layer.linear(Up), module(Up), x, &mut up, ws)?;
             let pre_gate = trace.is_some().then(|| gate.clone());
             gate.iter_mut().zip(&up).for_each(|(g, u)| *g = silu(*g) * u);
-            sites::forward(backend, layer.linear(Down), module(Down), MatRef::new(&gate, n, f)?, &mut out, &mut ws)?;
+            sites::forward(backend, layer.linear(Down), module(Down), MatRef::new(&gate, n, f)?, &mut out, ws)?;
             let mlp_pre = bottleneck(backend, adapter, l, 1, &mut out, &mut ws.scratch)?;
             if let Some(t) = trace.as_deref_mut() {
                 t.layers.push(LayerTrace {
@@ -749,7 +778,9 @@ impl Llama {
             t.h_final = h;
             t.normed = norm.clone();
         }
-        self.logits(backend, &norm)
+        let logits = self.logits(backend, &norm)?;
+        cache.buffers = Buffers { norm, q, k, v, attn, out, gate, up, attention, sites };
+        Ok(logits)
     }
 
     /// `lm_head` (or the tied embeddings) over the final normed rows:

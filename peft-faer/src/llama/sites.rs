@@ -91,7 +91,7 @@ fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
 
 /// The buffers the projections of one pass share, each sized by the
 /// method's [`LinearAdapter`] scratch lengths and grown, never shrunk.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(super) struct SiteScratch {
     /// The method's scratch (the bottleneck adapters use it too).
     pub(super) scratch: Vec<f32>,

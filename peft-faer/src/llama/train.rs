@@ -472,8 +472,14 @@ impl LlamaGrads {
     }
 }
 
-/// Token ids and the teacher's next-token probabilities `[len, vocab]`.
-pub type Example = (Vec<u32>, Vec<f32>);
+/// One sequence of the task.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Example {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// The teacher's next-token probabilities `[len, vocab]`.
+    pub probs: Vec<f32>,
+}
 
 /// The built-in task: match a teacher's next-token distributions on
 /// random token sequences (train and held-out sets from different seeds).
@@ -556,7 +562,7 @@ impl Distill {
                     let ids: Vec<u32> = (0..len).map(|_| (rng.next_u64() % vocab as u64) as u32).collect();
                     let full: Vec<u32> = context.iter().chain(&ids).copied().collect();
                     let logits = teacher.forward(backend, &full, None, &mut super::KvCache::new())?;
-                    Ok((ids, softmax_rows(&logits[context.len() * vocab..], vocab)))
+                    Ok(Example { ids, probs: softmax_rows(&logits[context.len() * vocab..], vocab) })
                 })
                 .collect()
         };
@@ -576,7 +582,7 @@ impl Distill {
         let hosted = adapter.map(|a| a.hosted(model)).transpose()?;
         let vocab = model.config.vocab_size;
         let mut total = 0.0;
-        for (ids, p) in &self.held_out {
+        for Example { ids, probs: p } in &self.held_out {
             let logits = model.forward(backend, ids, hosted.as_ref(), &mut super::KvCache::new())?;
             total += kl_loss(&logits, p, vocab, logits.len() / vocab - ids.len(), None);
         }
@@ -629,7 +635,7 @@ impl Trainer {
             let mut trace = Trace::default();
             let mut loss = 0.0;
             for &i in batch {
-                let (ids, p) = &task.train[i % task.train.len().max(1)];
+                let Example { ids, probs: p } = &task.train[i % task.train.len().max(1)];
                 let logits = model.forward_traced(backend, ids, Some(&hosted), &mut trace)?;
                 let mut dl = vec![0.0f32; logits.len()];
                 loss += kl_loss(&logits, p, vocab, trace.virtual_rows(), Some(&mut dl));
