@@ -5,7 +5,7 @@
 #![cfg(feature = "cli")]
 
 use peft_faer::Faer;
-use peft_faer::llama::train::{Distill, Method, Trainable, Trainer, init_adapter};
+use peft_faer::llama::train::{Distill, MethodSetup, Trainable, Trainer, init_adapter};
 use peft_faer::llama::{Bottleneck, Llama, LlamaConfig};
 
 fn config() -> LlamaConfig {
@@ -32,22 +32,22 @@ fn every_method_beats_the_frozen_model() {
     let frozen = task.held_out_loss(&be, &model, None).unwrap();
     assert!(frozen > 0.1, "the frozen model has something to learn: {frozen}");
     let qv = vec!["q_proj".to_string(), "v_proj".to_string()];
-    let ia3 = Method::Ia3 {
+    let ia3 = MethodSetup::Ia3 {
         targets: vec!["k_proj".into(), "v_proj".into(), "down_proj".into()],
         feedforward: vec!["down_proj".into()],
     };
-    let peft = |m: Method| Trainable::Peft(Box::new(init_adapter(&model, &m, 2).unwrap()));
+    let peft = |m: MethodSetup| Trainable::Peft(Box::new(init_adapter(&model, &m, 2).unwrap()));
     let adapter = peft_core::adapter::AdapterConfig::width(16);
     let methods = [
-        ("lora", peft(Method::Lora { r: 4, alpha: 8.0, dora: false, targets: qv.clone() }), 1e-3, 0.95),
-        ("dora", peft(Method::Lora { r: 4, alpha: 8.0, dora: true, targets: qv.clone() }), 1e-3, 0.95),
+        ("lora", peft(MethodSetup::Lora { r: 4, alpha: 8.0, dora: false, targets: qv.clone() }), 1e-3, 0.95),
+        ("dora", peft(MethodSetup::Lora { r: 4, alpha: 8.0, dora: true, targets: qv.clone() }), 1e-3, 0.95),
         ("ia3", peft(ia3), 3e-3, 0.95),
-        ("loha", peft(Method::Loha { r: 4, alpha: 8.0, targets: qv.clone() }), 1e-3, 0.95),
-        ("lokr", peft(Method::Lokr { r: 4, alpha: 8.0, targets: qv.clone() }), 1e-3, 0.95),
-        ("vera", peft(Method::Vera { r: 32, targets: qv.clone() }), 1e-2, 0.95),
+        ("loha", peft(MethodSetup::Loha { r: 4, alpha: 8.0, targets: qv.clone() }), 1e-3, 0.95),
+        ("lokr", peft(MethodSetup::Lokr { r: 4, alpha: 8.0, targets: qv.clone() }), 1e-3, 0.95),
+        ("vera", peft(MethodSetup::Vera { r: 32, targets: qv.clone() }), 1e-2, 0.95),
         ("adapter", Trainable::Bottleneck(Bottleneck::new(&model, adapter, 2).unwrap()), 1e-3, 0.95),
-        ("prompt", peft(Method::Prompt { n: 8 }), 3e-2, 0.5),
-        ("prefix", peft(Method::Prefix { n: 8 }), 1e-2, 0.5),
+        ("prompt", peft(MethodSetup::Prompt { n: 8 }), 3e-2, 0.5),
+        ("prefix", peft(MethodSetup::Prefix { n: 8 }), 1e-2, 0.5),
     ];
     for (name, mut ad, lr, below) in methods {
         let start = task.held_out_loss(&be, &model, Some(&ad)).unwrap();

@@ -20,7 +20,7 @@
 //! `peft-verify` property), whatever the mix. A route names its adapter
 //! explicitly: the set's active flags do not apply here, the multipliers
 //! do.
-use super::{AdapterSet, Slot, SlotStore};
+use super::{AdapterSet, AdapterSlot, SlotStore};
 use crate::backend::{Accum, Backend};
 use crate::base::FrozenLinear;
 use crate::element::Element;
@@ -50,7 +50,7 @@ impl Route {
     }
 }
 
-impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> AdapterSet<K, E, S, C> {
+impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<AdapterSlot<K, E, S>>> AdapterSet<K, E, S, C> {
     /// Scratch [`forward_mixed`](Self::forward_mixed) needs: the largest
     /// `rows * r` over the routes that name an adapter (0 for an unknown
     /// one, which the pass refuses).

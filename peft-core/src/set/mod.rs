@@ -20,7 +20,7 @@
 //!   `push` does.
 //! * `VecSet` (feature `alloc`): as many slots as inserted.
 //!
-//! Slot indices are stable: removing an adapter frees its slot and leaves
+//! AdapterSlot indices are stable: removing an adapter frees its slot and leaves
 //! the others where they are, so an index taken from
 //! [`index_of`](AdapterSet::index_of) stays valid (and a route of a
 //! [mixed batch](mixed) can name an adapter without a string lookup per
@@ -52,14 +52,14 @@ pub use mixed::Route;
 /// One adapter of a set: its name, tensors, whether it is active, and its
 /// multiplier.
 #[derive(Clone, Debug)]
-pub struct Slot<K, E, S> {
+pub struct AdapterSlot<K, E, S> {
     name: K,
     lora: Lora<E, S>,
     active: bool,
     multiplier: f64,
 }
 
-impl<K, E, S> Slot<K, E, S> {
+impl<K, E, S> AdapterSlot<K, E, S> {
     /// The adapter's name.
     pub fn name(&self) -> &K {
         &self.name
@@ -152,13 +152,13 @@ pub struct AdapterSet<K, E, S, C> {
 }
 
 /// A set of at most `N` adapters in an array: no heap.
-pub type FixedSet<K, E, S, const N: usize> = AdapterSet<K, E, S, [Option<Slot<K, E, S>>; N]>;
+pub type FixedSet<K, E, S, const N: usize> = AdapterSet<K, E, S, [Option<AdapterSlot<K, E, S>>; N]>;
 
 /// A set of any number of adapters, in a `Vec` (feature `alloc`).
 #[cfg(feature = "alloc")]
-pub type VecSet<K, E, S> = AdapterSet<K, E, S, alloc::vec::Vec<Option<Slot<K, E, S>>>>;
+pub type VecSet<K, E, S> = AdapterSet<K, E, S, alloc::vec::Vec<Option<AdapterSlot<K, E, S>>>>;
 
-impl<K, E, S, const N: usize> AdapterSet<K, E, S, [Option<Slot<K, E, S>>; N]> {
+impl<K, E, S, const N: usize> AdapterSet<K, E, S, [Option<AdapterSlot<K, E, S>>; N]> {
     /// An empty set of capacity `N` for a base `in_features -> out_features`.
     pub fn new(in_features: usize, out_features: usize) -> Self {
         Self { store: core::array::from_fn(|_| None), in_features, out_features, _types: PhantomData }
@@ -166,7 +166,7 @@ impl<K, E, S, const N: usize> AdapterSet<K, E, S, [Option<Slot<K, E, S>>; N]> {
 }
 
 #[cfg(feature = "alloc")]
-impl<K, E, S> AdapterSet<K, E, S, alloc::vec::Vec<Option<Slot<K, E, S>>>> {
+impl<K, E, S> AdapterSet<K, E, S, alloc::vec::Vec<Option<AdapterSlot<K, E, S>>>> {
     /// An empty set for a base `in_features -> out_features`.
     pub fn new(in_features: usize, out_features: usize) -> Self {
         Self { store: alloc::vec::Vec::new(), in_features, out_features, _types: PhantomData }
@@ -185,7 +185,7 @@ pub struct Refused<K, E, S> {
     pub lora: Lora<E, S>,
 }
 
-impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> AdapterSet<K, E, S, C> {
+impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<AdapterSlot<K, E, S>>> AdapterSet<K, E, S, C> {
     /// Input features of the base.
     pub fn in_features(&self) -> usize {
         self.in_features
@@ -222,17 +222,17 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> Adap
     }
 
     /// The slot at `index`, if it holds an adapter.
-    pub fn slot(&self, index: usize) -> Option<&Slot<K, E, S>> {
+    pub fn slot(&self, index: usize) -> Option<&AdapterSlot<K, E, S>> {
         self.store.slots().get(index)?.as_ref()
     }
 
     /// The adapter named `name`.
-    pub fn get(&self, name: &str) -> Option<&Slot<K, E, S>> {
+    pub fn get(&self, name: &str) -> Option<&AdapterSlot<K, E, S>> {
         self.slot(self.index_of(name)?)
     }
 
     /// The held adapters with their slot indices, in slot order.
-    pub fn iter(&self) -> impl Iterator<Item = (usize, &Slot<K, E, S>)> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = (usize, &AdapterSlot<K, E, S>)> + '_ {
         self.store.slots().iter().enumerate().filter_map(|(i, s)| Some((i, s.as_ref()?)))
     }
 
@@ -258,7 +258,7 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> Adap
         };
         match self.store.slots_mut().get_mut(i) {
             Some(slot) => {
-                *slot = Some(Slot { name, lora, active: false, multiplier: 1.0 });
+                *slot = Some(AdapterSlot { name, lora, active: false, multiplier: 1.0 });
                 Ok(i)
             }
             None => Err(Refused { error: Error::SetFull { capacity }, name, lora }),
@@ -365,7 +365,7 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> Adap
         crate::lora::backward_scratch_len(tokens, self.max_active_rank())
     }
 
-    fn slot_mut(&mut self, name: &str) -> Result<&mut Slot<K, E, S>> {
+    fn slot_mut(&mut self, name: &str) -> Result<&mut AdapterSlot<K, E, S>> {
         let i = self.index_of(name).ok_or(Error::UnknownAdapter)?;
         self.store.slots_mut().get_mut(i).and_then(Option::as_mut).ok_or(Error::UnknownAdapter)
     }
@@ -376,7 +376,7 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> Adap
     }
 }
 
-impl<K: AsRef<str>, E: Element, S: AsRef<[E]> + AsMut<[E]>, C: SlotStore<Slot<K, E, S>>> AdapterSet<K, E, S, C> {
+impl<K: AsRef<str>, E: Element, S: AsRef<[E]> + AsMut<[E]>, C: SlotStore<AdapterSlot<K, E, S>>> AdapterSet<K, E, S, C> {
     /// Adapter `name`, mutably: to train it, or to overwrite its tensors
     /// in place (through [`Lora::adapter_mut`]).
     ///

@@ -8,7 +8,7 @@
 //!
 //! (sums over the active adapters `i`, in slot order; each term is LoRA's
 //! own pass at scale `m_i s_i`, see [`crate::lora::backward`]).
-use super::{AdapterSet, Slot, SlotStore};
+use super::{AdapterSet, AdapterSlot, SlotStore};
 use crate::backend::{Accum, Backend};
 use crate::base::FrozenLinear;
 use crate::element::Element;
@@ -16,7 +16,7 @@ use crate::error::{Operand, check_io, check_len, check_scratch, check_shape};
 use crate::lora::LoraGrads;
 use crate::matrix::{MatMut, MatRef, checked_len};
 
-impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<Slot<K, E, S>>> AdapterSet<K, E, S, C> {
+impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<AdapterSlot<K, E, S>>> AdapterSet<K, E, S, C> {
     /// `y = x W^T + b + sum_i m_i s_i (x A_i^T) B_i^T` over the active
     /// adapters; with none active, the base's own output.
     ///

@@ -16,7 +16,9 @@ fn rank1(a: [f32; 2], b: [f32; 2]) -> Lora<f32, [f32; 2]> {
     Lora::new(&LoraConfig::new(1, 1.0), 2, 2, a, b).unwrap()
 }
 
-fn run<C: SlotStore<Slot<&'static str, f32, [f32; 2]>>>(set: &AdapterSet<&'static str, f32, [f32; 2], C>) -> [f32; 2] {
+fn run<C: SlotStore<AdapterSlot<&'static str, f32, [f32; 2]>>>(
+    set: &AdapterSet<&'static str, f32, [f32; 2], C>,
+) -> [f32; 2] {
     let base = Dense::new(&W, 2, 2).unwrap();
     let x = [1.0f32, 2.0];
     let mut y = [f32::NAN; 2];

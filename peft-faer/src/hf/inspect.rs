@@ -1,6 +1,6 @@
-//! `peft inspect`'s report of an adapter folder: one [`Report`] built from
-//! an [`AdapterSummary`], rendered as text ([`Report::text`]) or as one
-//! JSON document ([`Report::json`]). Every method fills the same fields:
+//! `peft inspect`'s report of an adapter folder: one [`InspectReport`] built from
+//! an [`AdapterSummary`], rendered as text ([`InspectReport::text`]) or as one
+//! JSON document ([`InspectReport::json`]). Every method fills the same fields:
 //! its name, the configuration fields that change its math, a line of
 //! formula, one row per module, the total of trainable parameters, the
 //! tensors it replaces whole, and warnings.
@@ -29,7 +29,7 @@ impl Row {
 
 /// What `peft inspect` says of an adapter folder.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Report {
+pub struct InspectReport {
     /// The method's name (`"lora"` for DoRA too, with `use_dora`).
     pub method: &'static str,
     /// The configuration fields that change the math.
@@ -63,7 +63,7 @@ fn total(rows: &[Row]) -> usize {
         .sum::<u64>() as usize
 }
 
-impl Report {
+impl InspectReport {
     /// The report of `ad` (from [`HfAdapter::summarize`](super::HfAdapter::summarize)).
     ///
     /// # Errors
@@ -76,7 +76,7 @@ impl Report {
             .map(|n| format!("{}: element {} is {} (not finite)", n.tensor, n.index, n.value))
             .collect();
         let dtype = json!(format!("{:?}", ad.dtype));
-        let mut r = Report {
+        let mut r = InspectReport {
             method: "lora",
             fields: Map::new(),
             headline: String::new(),

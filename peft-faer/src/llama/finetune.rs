@@ -2,7 +2,7 @@
 //! [`METHODS`] trained on a frozen Llama with
 //! PEFT's initialization and defaults, saved, read back, merged through
 //! `peft merge`, and measured. The command only parses its arguments and
-//! prints a [`Report`].
+//! prints a [`FinetuneReport`].
 //!
 //! The task is [`Distill`]: the teacher is the frozen model reading a
 //! hidden context of [`CONTEXT`] random tokens before every sequence, and
@@ -18,7 +18,7 @@ use peft_core::adapter::AdapterConfig;
 use peft_core::method::{METHODS, MethodSpec};
 use peft_core::optim::AdamW;
 
-use super::train::{Distill, Method, Trainable, Trainer, init_adapter};
+use super::train::{Distill, MethodSetup, Trainable, Trainer, init_adapter};
 use super::{Bottleneck, KvCache, Llama, LlamaConfig};
 use crate::Faer;
 use crate::hf::base::Base;
@@ -94,7 +94,7 @@ pub struct MethodRun {
 
 /// The whole run.
 #[derive(Clone, Debug)]
-pub struct Report {
+pub struct FinetuneReport {
     /// The frozen model's configuration.
     pub config: LlamaConfig,
     /// Its parameters.
@@ -109,7 +109,7 @@ pub struct Report {
     pub base_identical: bool,
 }
 
-impl Report {
+impl FinetuneReport {
     /// Every check passed: the base unchanged, every reload exact and
     /// every method below its starting loss.
     pub fn ok(&self) -> bool {
@@ -145,21 +145,21 @@ pub fn trainable(model: &Llama, method: &MethodSpec, rank: usize, seed: u64) -> 
     let qv = || vec!["q_proj".to_string(), "v_proj".to_string()];
     let (r, alpha) = (rank, 2.0 * rank as f64);
     let m = match method.name {
-        "lora" => Method::Lora { r, alpha, dora: false, targets: qv() },
-        "dora" => Method::Lora { r, alpha, dora: true, targets: qv() },
-        "ia3" => Method::Ia3 {
+        "lora" => MethodSetup::Lora { r, alpha, dora: false, targets: qv() },
+        "dora" => MethodSetup::Lora { r, alpha, dora: true, targets: qv() },
+        "ia3" => MethodSetup::Ia3 {
             targets: vec!["k_proj".into(), "v_proj".into(), "down_proj".into()],
             feedforward: vec!["down_proj".into()],
         },
-        "loha" => Method::Loha { r, alpha, targets: qv() },
-        "lokr" => Method::Lokr { r, alpha, targets: qv() },
-        "vera" => Method::Vera { r: 8 * r, targets: qv() },
+        "loha" => MethodSetup::Loha { r, alpha, targets: qv() },
+        "lokr" => MethodSetup::Lokr { r, alpha, targets: qv() },
+        "vera" => MethodSetup::Vera { r: 8 * r, targets: qv() },
         "adapter" => {
             let config = AdapterConfig::width(16).with_activation(Activation::GeluErf);
             return Ok(Some(Trainable::Bottleneck(Bottleneck::new(model, config, seed)?)));
         }
-        "prompt" => Method::Prompt { n: CONTEXT },
-        "prefix" => Method::Prefix { n: CONTEXT },
+        "prompt" => MethodSetup::Prompt { n: CONTEXT },
+        "prefix" => MethodSetup::Prefix { n: CONTEXT },
         _ => return Ok(None),
     };
     Ok(Some(Trainable::Peft(Box::new(init_adapter(model, &m, seed)?))))
@@ -316,7 +316,7 @@ pub fn train_all(
     options: &Options,
     backend: &Faer,
     progress: &mut dyn FnMut(&MethodSpec, usize, f64),
-) -> Result<Report, HfError> {
+) -> Result<FinetuneReport, HfError> {
     let frozen = model.clone();
     let base_loss = task.held_out_loss(backend, model, None)?;
     let mut runs = Vec::new();
@@ -324,7 +324,7 @@ pub fn train_all(
         let mut each = |step: usize, loss: f64| progress(method, step, loss);
         runs.push(run_method(model, model_dir, task, method, options, backend, &mut each)?);
     }
-    Ok(Report {
+    Ok(FinetuneReport {
         config: model.config.clone(),
         frozen_params: model.num_params(),
         model_dir: model_dir.to_path_buf(),
@@ -338,7 +338,10 @@ pub fn train_all(
 ///
 /// # Errors
 /// As those.
-pub fn finetune(options: &Options, progress: &mut dyn FnMut(&MethodSpec, usize, f64)) -> Result<Report, HfError> {
+pub fn finetune(
+    options: &Options,
+    progress: &mut dyn FnMut(&MethodSpec, usize, f64),
+) -> Result<FinetuneReport, HfError> {
     let backend = Faer::with_threads(options.threads);
     let (model, model_dir, task) = setup(options, &backend)?;
     train_all(&model, &model_dir, &task, options, &backend, progress)

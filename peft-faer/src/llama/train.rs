@@ -29,7 +29,7 @@ use crate::hf::{
 /// A method and its configuration on the Llama model's projections
 /// (`targets`: short names from [`PROJECTIONS`], e.g. `"q_proj"`).
 #[derive(Clone, Debug, PartialEq)]
-pub enum Method {
+pub enum MethodSetup {
     /// LoRA (`dora`: DoRA) with rank `r` and `alpha`.
     Lora {
         /// Rank.
@@ -85,15 +85,15 @@ pub enum Method {
     },
 }
 
-impl Method {
+impl MethodSetup {
     fn targets(&self) -> &[String] {
         match self {
-            Method::Lora { targets, .. }
-            | Method::Ia3 { targets, .. }
-            | Method::Loha { targets, .. }
-            | Method::Lokr { targets, .. }
-            | Method::Vera { targets, .. } => targets,
-            Method::Prompt { .. } | Method::Prefix { .. } => &[],
+            MethodSetup::Lora { targets, .. }
+            | MethodSetup::Ia3 { targets, .. }
+            | MethodSetup::Loha { targets, .. }
+            | MethodSetup::Lokr { targets, .. }
+            | MethodSetup::Vera { targets, .. } => targets,
+            MethodSetup::Prompt { .. } | MethodSetup::Prefix { .. } => &[],
         }
     }
 
@@ -101,25 +101,25 @@ impl Method {
     fn config(&self, c: &LlamaConfig) -> serde_json::Value {
         use serde_json::json;
         match self {
-            Method::Lora { r, alpha, dora, targets } => json!({"peft_type": "LORA", "task_type": "CAUSAL_LM",
+            MethodSetup::Lora { r, alpha, dora, targets } => json!({"peft_type": "LORA", "task_type": "CAUSAL_LM",
                 "r": r, "lora_alpha": alpha, "target_modules": targets, "use_dora": dora, "use_rslora": false,
                 "fan_in_fan_out": false, "bias": "none", "lora_dropout": 0.0}),
-            Method::Ia3 { targets, feedforward } => json!({"peft_type": "IA3", "task_type": "CAUSAL_LM",
+            MethodSetup::Ia3 { targets, feedforward } => json!({"peft_type": "IA3", "task_type": "CAUSAL_LM",
                 "target_modules": targets, "feedforward_modules": feedforward, "fan_in_fan_out": false}),
-            Method::Loha { r, alpha, targets } => json!({"peft_type": "LOHA", "task_type": "CAUSAL_LM", "r": r,
+            MethodSetup::Loha { r, alpha, targets } => json!({"peft_type": "LOHA", "task_type": "CAUSAL_LM", "r": r,
                 "alpha": alpha, "target_modules": targets, "rank_dropout": 0.0, "module_dropout": 0.0,
                 "use_effective_conv2d": false, "init_weights": true}),
-            Method::Lokr { r, alpha, targets } => json!({"peft_type": "LOKR", "task_type": "CAUSAL_LM", "r": r,
+            MethodSetup::Lokr { r, alpha, targets } => json!({"peft_type": "LOKR", "task_type": "CAUSAL_LM", "r": r,
                 "alpha": alpha, "target_modules": targets, "rank_dropout": 0.0, "module_dropout": 0.0,
                 "decompose_both": false, "decompose_factor": -1, "use_effective_conv2d": false, "init_weights": true}),
-            Method::Vera { r, targets } => json!({"peft_type": "VERA", "task_type": "CAUSAL_LM", "r": r,
+            MethodSetup::Vera { r, targets } => json!({"peft_type": "VERA", "task_type": "CAUSAL_LM", "r": r,
                 "target_modules": targets, "save_projection": true, "projection_prng_key": 0, "d_initial": 0.1,
                 "fan_in_fan_out": false, "bias": "none"}),
-            Method::Prompt { n } => json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
+            MethodSetup::Prompt { n } => json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
                 "num_virtual_tokens": n, "token_dim": c.hidden_size, "num_layers": c.num_layers,
                 "num_attention_heads": c.num_heads, "num_transformer_submodules": 1,
                 "prompt_tuning_init": "SAMPLE_VOCAB"}),
-            Method::Prefix { n } => json!({"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM",
+            MethodSetup::Prefix { n } => json!({"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM",
                 "num_virtual_tokens": n, "token_dim": c.kv_width(), "num_layers": c.num_layers,
                 "num_attention_heads": c.num_kv_heads, "num_transformer_submodules": 1,
                 "prefix_projection": false, "encoder_hidden_size": c.kv_width()}),
@@ -204,38 +204,38 @@ impl Llama {
 /// # Errors
 /// [`HfError::Config`] for a target that is not one of [`PROJECTIONS`];
 /// `peft-core`'s validation errors (a rank above a projection's size).
-pub fn init_adapter(model: &Llama, method: &Method, seed: u64) -> Result<HfAdapter, HfError> {
+pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<HfAdapter, HfError> {
     let c = &model.config;
     let config = PeftConfig::parse(&method.config(c).to_string())?;
     let mut ad = HfAdapter::empty(config, Dtype::F32, BTreeMap::new());
     let mut rng = Rng::new(seed);
     let sites = sites(model, method)?;
     match method {
-        Method::Lora { r, alpha, dora, .. } => {
+        MethodSetup::Lora { r, alpha, dora, .. } => {
             for s in sites {
                 ad.modules.push(init_lora(s, *r, *alpha, *dora, &mut rng)?);
             }
         }
-        Method::Ia3 { feedforward, .. } => {
+        MethodSetup::Ia3 { feedforward, .. } => {
             for s in sites {
                 let ff = feedforward.iter().any(|t| t == s.short());
                 let n = if ff { s.weight.cols } else { s.weight.rows };
                 ad.ia3.push(Ia3Module { name: s.name, l: vec![1.0; n], feedforward: ff, dtype: Dtype::F32 });
             }
         }
-        Method::Loha { r, alpha, .. } => {
+        MethodSetup::Loha { r, alpha, .. } => {
             for s in sites {
                 ad.loha.push(init_loha(s, *r, *alpha, &mut rng)?);
             }
         }
-        Method::Lokr { r, alpha, .. } => {
+        MethodSetup::Lokr { r, alpha, .. } => {
             for s in sites {
                 ad.lokr.push(init_lokr(s, *r, *alpha, &mut rng)?);
             }
         }
-        Method::Vera { r, .. } => init_vera(&mut ad, sites, *r, &mut rng)?,
-        Method::Prompt { n } => ad.prompt = Some(init_prompt(model, *n, &mut rng)?),
-        Method::Prefix { n } => {
+        MethodSetup::Vera { r, .. } => init_vera(&mut ad, sites, *r, &mut rng)?,
+        MethodSetup::Prompt { n } => ad.prompt = Some(init_prompt(model, *n, &mut rng)?),
+        MethodSetup::Prefix { n } => {
             let shape = peft_core::attention::AttentionShape::new(c.num_heads, c.num_kv_heads, c.head_dim)?;
             let pc = PrefixConfig::new(*n, c.num_layers, &shape)?;
             let mut kv = vec![0.0f32; pc.len()];
@@ -268,7 +268,7 @@ impl Site<'_> {
 /// # Errors
 /// [`HfError::Config`] (`target_modules`) for a target that is not a
 /// projection.
-fn sites<'m>(model: &'m Llama, method: &Method) -> Result<Vec<Site<'m>>, HfError> {
+fn sites<'m>(model: &'m Llama, method: &MethodSetup) -> Result<Vec<Site<'m>>, HfError> {
     for t in method.targets() {
         if !PROJECTIONS.iter().any(|p| p.ends_with(&format!(".{t}"))) {
             return Err(HfError::Config {

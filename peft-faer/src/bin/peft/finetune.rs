@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use peft_core::method::{MethodSpec, registry};
 use peft_faer::Faer;
 use peft_faer::llama::finetune::{
-    BATCH, CONTEXT, HELD_OUT, MethodRun, Options, Report, SEQ, TRAIN, all_methods, setup, train_all,
+    BATCH, CONTEXT, FinetuneReport, HELD_OUT, MethodRun, Options, SEQ, TRAIN, all_methods, setup, train_all,
 };
 use serde_json::json;
 
@@ -105,7 +105,7 @@ pub(crate) fn finetune(args: &FinetuneArgs) -> Result<bool, Box<dyn std::error::
 }
 
 /// The report as one JSON document.
-fn print_json(report: &Report, args: &FinetuneArgs) -> Result<(), Box<dyn std::error::Error>> {
+fn print_json(report: &FinetuneReport, args: &FinetuneArgs) -> Result<(), Box<dyn std::error::Error>> {
     let (c, full_state) = (&report.config, 2 * 4 * report.frozen_params);
     let methods: Vec<_> = report
         .runs

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use peft_faer::hf::base::Base;
-use peft_faer::hf::inspect::Report;
+use peft_faer::hf::inspect::InspectReport;
 use peft_faer::hf::{CONFIG_FILE, HfAdapter};
 use serde_json::json;
 
@@ -52,7 +52,7 @@ pub(crate) fn inspect(dir: &Path, as_json: bool) -> Result<bool, Box<dyn std::er
         return inspect_base(dir, as_json);
     }
     // Headers and a chunked scan for NaN/Inf: memory does not grow with the adapter.
-    let report = Report::new(&HfAdapter::summarize(dir)?)?;
+    let report = InspectReport::new(&HfAdapter::summarize(dir)?)?;
     if as_json {
         outln!("{}", serde_json::to_string_pretty(&report.json())?);
     } else {
