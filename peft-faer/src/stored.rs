@@ -274,16 +274,6 @@ unsafe fn dot_rows_avx2(row: RowRef<'_>, xs: &[&[f32]], dots: &mut [f32]) {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn gemv1_avx2(row: RowRef<'_>, x: &[f32]) -> f32 {
     use std::arch::x86_64::*;
-    // A block's f16 scale, broadcast (F16C).
-    let scale8 = |blk: &[u8]| {
-        let bits = i32::from(u16::from_le_bytes([blk[0], blk[1]]));
-        // SAFETY: register-only intrinsics; F16C and AVX2 are present.
-        // (Safe to call here from Rust 1.87; the block keeps the MSRV.)
-        #[allow(unused_unsafe)]
-        unsafe {
-            _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
-        }
-    };
     // acc += d (sum_k q_k x_k) over one block: the integer values are
     // multiplied first (exact products of small integers and x), then
     // scaled once.
@@ -376,11 +366,45 @@ unsafe fn gemv1_avx2(row: RowRef<'_>, x: &[f32]) -> f32 {
                 x.len()
             }
         };
+        finish_dot(acc, row, x, tail_from)
+    }
+}
+
+/// A block's f16 scale (its first two bytes), broadcast to 8 lanes (F16C).
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C; `blk` holds at least two bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn scale8(blk: &[u8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let bits = i32::from(u16::from_le_bytes([blk[0], blk[1]]));
+    // SAFETY: register-only intrinsics; F16C and AVX2 are present.
+    // (Safe to call here from Rust 1.87; the block keeps the MSRV.)
+    #[allow(unused_unsafe)]
+    unsafe {
+        _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+    }
+}
+
+/// [`gemv1_avx2`]'s end: the four accumulators summed across lanes, then
+/// the row's elements from `tail_from` on (rows of the element formats
+/// need not be whole blocks) in scalar code.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn finish_dot(acc: [std::arch::x86_64::__m256; 4], row: RowRef<'_>, x: &[f32], tail_from: usize) -> f32 {
+    use std::arch::x86_64::*;
+    // SAFETY: register and stack-array intrinsics; AVX2 is present.
+    #[allow(unused_unsafe)]
+    unsafe {
         let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
         let mut lanes = [0.0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
         let mut total: f32 = lanes.iter().sum();
-        // Rows of the element formats need not be whole blocks.
         for (k, xk) in x.iter().enumerate().skip(tail_from) {
             total += row.get(k).unwrap_or(0.0) * xk;
         }
