@@ -127,14 +127,6 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Ia3<E, S> {
     }
 
     /// `y = (x W^T + b) * l`, or `y = (x * l) W^T + b` when feedforward.
-    ///
-    /// Shapes: `x [tokens, in]`, `y [tokens, out]` (overwritten), scratch at
-    /// least [`forward_scratch_len`](Self::forward_scratch_len).
-    ///
-    /// # Errors
-    /// [`Error::ShapeMismatch`] (`Weight`, `Input`, `Output`),
-    /// [`Error::ScratchTooSmall`], before anything is written; the
-    /// backend's own errors.
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         backend: &B,
@@ -162,15 +154,6 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Ia3<E, S> {
 
     /// Accumulates `dL/dl` into `grad_l` and, if `grad_x` is given, writes
     /// `dL/dx` into it (formulas in the [module docs](self)).
-    ///
-    /// Shapes: `x [tokens, in]` (the forward input), `grad_y [tokens, out]`,
-    /// `grad_x [tokens, in]`, `grad_l` as `l`; scratch at least
-    /// [`backward_scratch_len`](Self::backward_scratch_len).
-    ///
-    /// # Errors
-    /// [`Error::ShapeMismatch`] (`Weight`, `Input`, `GradOutput`,
-    /// `GradInput`, `Gradient`), [`Error::ScratchTooSmall`], before anything
-    /// is written; the backend's own errors.
     fn run_backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         backend: &B,

@@ -156,14 +156,6 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Loha<E, S> {
     }
 
     /// `y = x W^T + b + x dW^T`.
-    ///
-    /// Shapes: `x [tokens, in]`, `y [tokens, out]` (overwritten), scratch at
-    /// least [`forward_scratch_len`](Self::forward_scratch_len).
-    ///
-    /// # Errors
-    /// [`Error::ShapeMismatch`] (`Weight`, `Input`, `Output`),
-    /// [`Error::ScratchTooSmall`], before anything is written; the
-    /// backend's own errors.
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         backend: &B,
@@ -190,11 +182,6 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Loha<E, S> {
     /// Accumulates the four factors' gradients into `grads` and, if
     /// `grad_x` is given, writes `dL/dx = G W + G dW` into it (formulas in
     /// the [module docs](self)).
-    ///
-    /// # Errors
-    /// [`Error::ShapeMismatch`] (`Weight`, `Input`, `GradOutput`,
-    /// `GradInput`, `Gradient`), [`Error::ScratchTooSmall`] (`4 out in`),
-    /// before anything is written; the backend's own errors.
     fn run_backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         backend: &B,

@@ -290,11 +290,6 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Lokr<E, S> {
     }
 
     /// `y = x W^T + b + x dW^T`.
-    ///
-    /// # Errors
-    /// [`Error::ShapeMismatch`] (`Weight`, `Input`, `Output`),
-    /// [`Error::ScratchTooSmall`], before anything is written; the
-    /// backend's own errors.
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         backend: &B,
@@ -312,12 +307,6 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Lokr<E, S> {
 
     /// Accumulates the factors' gradients and, if `grad_x` is given,
     /// writes `dL/dx = G W + G dW` (formulas in the [module docs](self)).
-    ///
-    /// # Errors
-    /// [`Error::ShapeMismatch`] (`Weight`, `Input`, `GradOutput`,
-    /// `GradInput`, `Gradient` for a gradient of another form or length),
-    /// [`Error::ScratchTooSmall`], before anything is written; the
-    /// backend's own errors.
     fn run_backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         backend: &B,
