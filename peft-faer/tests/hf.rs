@@ -244,15 +244,47 @@ fn config_fields_that_change_the_math() {
         matches!(HfAdapter::read_dir(&d).map_err(HfError::into_root), Err(HfError::Tensor(m)) if m.contains("lora_magnitude_vector is missing"))
     );
     // Fields whose math is not implemented are errors naming the field.
-    for (field, value) in [
+    // `init_lora_weights` is compared as PEFT's `LoraLayer.update_layer`
+    // compares it: "OLoRA" (the documented spelling) is olora, and
+    // "lora_ga..." / "corda..." are prefixes.
+    for (i, (field, value)) in [
         ("eva_config", serde_json::json!({ "rho": 2.0 })),
         ("init_lora_weights", serde_json::json!("loftq")),
+        ("init_lora_weights", serde_json::json!("OLoRA")),
+        ("init_lora_weights", serde_json::json!("lora_ga")),
+        ("init_lora_weights", serde_json::json!("corda_ipm")),
+        ("init_lora_weights", serde_json::json!("pissa_niter_4")),
         ("use_qalora", serde_json::json!(true)),
-    ] {
-        let d = adapter_with(&dir, field, |c| c[field] = value);
+        ("kasa_config", serde_json::json!({ "r": 4 })),
+        ("arrow_config", serde_json::json!({ "top_k": 2 })),
+        ("use_bdlora", serde_json::json!(true)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let d = adapter_with(&dir, &format!("{field}{i}"), |c| c[field] = value.clone());
         let err = HfAdapter::read_dir(&d).unwrap_err().into_root();
-        assert!(matches!(&err, HfError::Unsupported(m) if m.contains(field)), "{field}: {err}");
+        assert!(matches!(&err, HfError::Unsupported(m) if m.contains(field)), "{field} = {value}: {err}");
     }
+    // An init that leaves the base alone is read.
+    let d = adapter_with(&dir, "gaussian", |c| c["init_lora_weights"] = serde_json::json!("gaussian"));
+    assert!(HfAdapter::read_dir(&d).is_ok());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A folder holding both `model.safetensors` and an index is read from
+/// `model.safetensors`, as transformers' `from_pretrained` reads it (here
+/// the index names a shard that is not there: reading it would fail).
+#[test]
+fn a_single_file_beside_an_index_is_what_is_read() {
+    let dir = scratch("single-and-index");
+    std::fs::copy(fixture().join("base.safetensors"), dir.join("model.safetensors")).unwrap();
+    let index = r#"{"metadata": {"total_size": 4}, "weight_map": {"w": "model-00001-of-00001.safetensors"}}"#;
+    std::fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
+    let base = Base::open(&dir).unwrap();
+    let single = Base::open(&fixture().join("base.safetensors")).unwrap();
+    let names = |b: &Base| b.entries().map(|(_, e)| e.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&base), names(&single));
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -172,9 +172,10 @@ impl<'de> serde::Deserialize<'de> for WeightMap {
 }
 
 impl Base {
-    /// Opens `path`: a `.safetensors` file, or a folder holding
-    /// [`INDEX_FILE`] (or a single `model.safetensors`). Every check is
-    /// linear in the number of tensors.
+    /// Opens `path`: a `.safetensors` file, or a folder holding a single
+    /// `model.safetensors` (read first, as transformers reads it, even
+    /// when an [`INDEX_FILE`] lies beside it) or [`INDEX_FILE`] and its
+    /// shards. Every check is linear in the number of tensors.
     ///
     /// # Errors
     /// [`HfError::MissingShard`], [`HfError::Json`], the shards' own
@@ -185,12 +186,14 @@ impl Base {
         if !path.is_dir() {
             return Ok(Self { shards: vec![StFile::open(path)?], index: None });
         }
+        // transformers' order: `model.safetensors` when the folder holds it,
+        // whatever index lies beside it; the index otherwise.
+        let single = path.join("model.safetensors");
+        if single.exists() {
+            return Ok(Self { shards: vec![StFile::open(&single)?], index: None });
+        }
         let index_path = path.join(INDEX_FILE);
         if !index_path.exists() {
-            let single = path.join("model.safetensors");
-            if single.exists() {
-                return Ok(Self { shards: vec![StFile::open(&single)?], index: None });
-            }
             return Err(HfError::Base(format!("{} holds neither {INDEX_FILE} nor model.safetensors", path.display())));
         }
         let bytes = crate::files::read_bounded(&index_path, super::MAX_CONFIG_BYTES)?;

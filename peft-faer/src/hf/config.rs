@@ -474,13 +474,18 @@ impl PeftConfig {
         unsupported_if_set(rest, "target_parameters", "LoRA on nn.Parameter targets is not supported")?;
         unsupported_if_set(rest, "trainable_token_indices", "trainable tokens are not supported")?;
         unsupported_if_set(rest, "alora_invocation_tokens", "activated LoRA is not supported")?;
+        unsupported_if_set(rest, "kasa_config", "KaSA adapters are not supported")?;
+        unsupported_if_set(rest, "arrow_config", "Arrow routing over LoRA experts is not supported")?;
+        unsupported_if_set(rest, "use_bdlora", "block-diagonal LoRA is not supported")?;
         if let Some(Value::String(init)) = &raw.init_lora_weights {
-            if init.starts_with("loftq")
-                || init == "eva"
-                || init == "corda"
-                || init.starts_with("pissa")
-                || init.starts_with("olora")
-            {
+            // PEFT's own tests of the string (`LoraLayer.update_layer`):
+            // `startswith` for pissa, corda, lora_ga and lora_ns, a
+            // case-insensitive equality for olora, `==` for loftq and eva.
+            let modifies_base = ["pissa", "corda", "lora_ga", "lora_ns"].iter().any(|p| init.starts_with(p))
+                || init.eq_ignore_ascii_case("olora")
+                || init == "loftq"
+                || init == "eva";
+            if modifies_base {
                 // These change the base weights at init: merging into the
                 // original base would be wrong.
                 return Err(HfError::Unsupported(format!(

@@ -104,7 +104,11 @@ impl LlamaConfig {
             Some(x) if x.is_finite() && x > 0.0 => Ok(x),
             _ => Err(bad(f, "must be a positive number")),
         };
-        let rms_norm_eps = positive("rms_norm_eps", obj.get("rms_norm_eps").and_then(Value::as_f64))?;
+        // transformers' `LlamaConfig` default when the field is absent.
+        let rms_norm_eps = match obj.get("rms_norm_eps") {
+            None | Some(Value::Null) => 1e-6,
+            Some(v) => positive("rms_norm_eps", v.as_f64())?,
+        };
         let rope_theta = rope_theta(obj)?;
         Ok(Self {
             vocab_size: size("vocab_size")?,
@@ -125,8 +129,15 @@ impl LlamaConfig {
 
 /// `rope_theta` from the top level or `rope_parameters`; RoPE scaling refused.
 fn rope_theta(obj: &Map<String, Value>) -> Result<f64, HfError> {
-    if obj.get("rope_scaling").is_some_and(|v| !v.is_null()) {
-        return Err(HfError::Unsupported("config.json: rope_scaling (scaled RoPE: llama3, yarn, linear, ...)".into()));
+    // transformers reads `rope_type` (or the older `type`); "default" is
+    // plain RoPE, whatever else the object holds.
+    if let Some(scaling) = obj.get("rope_scaling").filter(|v| !v.is_null()) {
+        let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Value::as_str);
+        if kind != Some("default") {
+            return Err(HfError::Unsupported(
+                "config.json: rope_scaling (scaled RoPE: llama3, yarn, linear, ...)".into(),
+            ));
+        }
     }
     let params = obj.get("rope_parameters").and_then(Value::as_object);
     if let Some(t) = params.and_then(|p| p.get("rope_type")).and_then(Value::as_str) {
@@ -188,5 +199,19 @@ mod tests {
         assert!(matches!(scaled, Err(HfError::Unsupported(_))), "{scaled:?}");
         let yarn = with(r#", "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}"#);
         assert!(matches!(yarn, Err(HfError::Unsupported(_))), "{yarn:?}");
+        assert_eq!(field(with(r#", "rms_norm_eps": 0"#)), "rms_norm_eps");
+    }
+
+    /// What transformers loads, read as transformers reads it: an absent
+    /// `rms_norm_eps` is `LlamaConfig`'s default 1e-6, and `rope_scaling`
+    /// of type "default" is plain RoPE.
+    #[test]
+    fn transformers_defaults() {
+        let no_eps = LlamaConfig::parse(&BASE.replace(r#", "rms_norm_eps": 1e-6"#, "}")).unwrap();
+        assert_eq!(no_eps.rms_norm_eps, 1e-6);
+        let plain = with(r#", "rope_scaling": {"rope_type": "default"}, "rope_theta": 5e5"#).unwrap();
+        assert_eq!(plain.rope_theta, 5e5);
+        assert!(with(r#", "rope_scaling": {"type": "default"}"#).is_ok());
+        assert!(matches!(with(r#", "rope_scaling": {"type": "linear", "factor": 2.0}"#), Err(HfError::Unsupported(_))));
     }
 }
