@@ -607,3 +607,77 @@ fn bottleneck_adapters_identity_and_gradients() {
         }
     }
 }
+
+/// `modules_to_save` runs in `peft forward` as PEFT runs it: the saved
+/// copies (`lm_head`, and `model.norm` named by its suffix "norm", as PEFT
+/// matches it) replace the checkpoint's tensors. The reference is the
+/// model `peft merge` writes (which puts the copies in place and merges
+/// the LoRA), run without an adapter.
+#[test]
+fn modules_to_save_run_in_forward_as_in_the_merged_model() {
+    let dir = scratch("llama-modules-to-save");
+    let case = case_dir("prefix_llama");
+    let model_dir = dir.join("model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    std::fs::copy(case.join("base_config.json"), model_dir.join("config.json")).unwrap();
+    std::fs::copy(case.join("base.safetensors"), model_dir.join("model.safetensors")).unwrap();
+    let targets = ["q_proj", "v_proj"];
+    let config = serde_json::json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+        "target_modules": targets, "bias": "none", "modules_to_save": ["lm_head", "norm"]});
+    let mut rng = peft_core::Rng::new(29);
+    let mut tensors = Vec::new();
+    for l in 0..2 {
+        for &(proj, n_out, n_in) in SHAPES.iter().filter(|(p, ..)| targets.iter().any(|t| p.ends_with(t))) {
+            let key = format!("base_model.model.model.layers.{l}.{proj}");
+            let (mut a, mut b) = (vec![0.0f32; 4 * n_in], vec![0.0f32; n_out * 4]);
+            rng.fill_normal(&mut a, 0.2);
+            rng.fill_normal(&mut b, 0.2);
+            tensors.push((format!("{key}.lora_A.weight"), vec![4, n_in], a));
+            tensors.push((format!("{key}.lora_B.weight"), vec![n_out, 4], b));
+        }
+    }
+    let (mut head, mut norm) = (vec![0.0f32; 100 * 64], vec![0.0f32; 64]);
+    rng.fill_normal(&mut head, 0.1);
+    rng.fill_normal(&mut norm, 0.5);
+    tensors.push(("base_model.model.lm_head.modules_to_save.default.weight".into(), vec![100, 64], head));
+    tensors.push(("base_model.model.model.norm.modules_to_save.default.weight".into(), vec![64], norm));
+    let adapter = write_adapter(&dir.join("adapter"), &config, &tensors);
+    let peft = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_peft")).args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let merged_dir = dir.join("merged");
+    std::fs::create_dir_all(&merged_dir).unwrap();
+    std::fs::copy(case.join("base_config.json"), merged_dir.join("config.json")).unwrap();
+    let (md, ad, mm) = (model_dir.to_str().unwrap(), adapter.to_str().unwrap(), merged_dir.to_str().unwrap());
+    peft(&[
+        "merge",
+        "--base",
+        &format!("{md}/model.safetensors"),
+        "--adapter",
+        ad,
+        "--out",
+        &format!("{mm}/model.safetensors"),
+    ]);
+    let logits = |args: &[&str], out: &str| {
+        let path = dir.join(out);
+        let mut all = args.to_vec();
+        all.extend(["--ids", "3,14,15,92,65", "--out", path.to_str().unwrap()]);
+        peft(&all);
+        let bytes = std::fs::read(&path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        st.tensor("logits")
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect::<Vec<f32>>()
+    };
+    let hosted = logits(&["forward", "--model", md, "--adapter", ad], "hosted.safetensors");
+    let merged = logits(&["forward", "--model", mm], "merged.safetensors");
+    let plain = logits(&["forward", "--model", md], "plain.safetensors");
+    let want: Vec<f64> = merged.iter().map(|&v| f64::from(v)).collect();
+    assert!(rel(&hosted, &want) <= 1e-5, "hosted vs merged: {:.2e}", rel(&hosted, &want));
+    assert!(rel(&plain, &want) > 1e-2, "the copies change the output");
+    std::fs::remove_dir_all(&dir).ok();
+}

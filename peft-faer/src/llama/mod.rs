@@ -60,7 +60,7 @@ pub use sites::Module;
 pub use weights::{Matrix, OwnedWeight};
 
 use crate::hf::base::Base;
-use crate::hf::{HfAdapter, HfError, PeftConfig, PromptConfig};
+use crate::hf::{HfAdapter, HfError, HfTensor, PeftConfig, PromptConfig};
 
 /// A projection of a decoder layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -658,6 +658,115 @@ impl Llama {
         trace: &mut Trace,
     ) -> Result<Vec<f32>, HfError> {
         self.run(backend, ids, adapter, &mut KvCache::new(), Some(trace))
+    }
+
+    /// Puts every tensor `adapter` replaces whole (PEFT's `modules_to_save`
+    /// copies, and the biases `bias = "all" | "lora_only"` trained) in
+    /// place of the checkpoint's: what PEFT runs. A tied model keeps its
+    /// head on the original embeddings when only `embed_tokens` is
+    /// replaced (PEFT's copy is a new module; the head still points at the
+    /// original weights).
+    ///
+    /// # Errors
+    /// [`HfError::Base`] naming a tensor the model does not have or of
+    /// another shape, before anything is changed.
+    pub fn apply_replacements(&mut self, adapter: &HfAdapter) -> Result<(), HfError> {
+        let mut check = self.clone_shapes();
+        for t in &adapter.replacements {
+            check.replace(t)?;
+        }
+        for t in &adapter.replacements {
+            self.replace(t)?;
+        }
+        Ok(())
+    }
+
+    /// The model with its matrices emptied (shapes and names kept): what
+    /// [`apply_replacements`](Self::apply_replacements) checks against
+    /// without copying the weights.
+    fn clone_shapes(&self) -> Self {
+        let empty = |m: &Matrix| Matrix {
+            name: m.name.clone(),
+            rows: m.rows,
+            cols: m.cols,
+            data: OwnedWeight::F32(Vec::new()),
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| Layer {
+                input_norm: l.input_norm.clone(),
+                proj: core::array::from_fn(|i| Linear {
+                    weight: empty(&l.proj[i].weight),
+                    bias: l.proj[i].bias.clone(),
+                }),
+                post_norm: l.post_norm.clone(),
+            })
+            .collect();
+        Self {
+            config: self.config.clone(),
+            embed: empty(&self.embed),
+            layers,
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.as_ref().map(empty),
+            inv_freq: self.inv_freq.clone(),
+        }
+    }
+
+    /// Replaces the tensor `t.name` (`model.embed_tokens.weight`,
+    /// `lm_head.weight`, `model.norm.weight`, a layer's norm, projection
+    /// weight or bias) by `t`'s values, stored as f32.
+    fn replace(&mut self, t: &HfTensor) -> Result<(), HfError> {
+        let bad = |why: &str| HfError::Base(format!("{}: {why}", t.name));
+        let c = &self.config;
+        let matrix = |rows: usize, cols: usize| -> Result<Matrix, HfError> {
+            if t.shape != [rows, cols] {
+                return Err(bad(&format!("shape {:?}, the model's is [{rows}, {cols}]", t.shape)));
+            }
+            Ok(Matrix { name: t.name.clone(), rows, cols, data: OwnedWeight::F32(t.data.clone()) })
+        };
+        let vector = |dst: &mut Vec<f32>| {
+            if t.shape != [dst.len()] {
+                return Err(bad(&format!("shape {:?}, the model's is [{}]", t.shape, dst.len())));
+            }
+            dst.copy_from_slice(&t.data);
+            Ok(())
+        };
+        match t.name.as_str() {
+            "model.embed_tokens.weight" => {
+                let new = matrix(c.vocab_size, c.hidden_size)?;
+                let old = std::mem::replace(&mut self.embed, new);
+                self.lm_head.get_or_insert(old);
+            }
+            // A replaced head is the model's own, even where it was tied.
+            "lm_head.weight" => self.lm_head = Some(matrix(c.vocab_size, c.hidden_size)?),
+            "model.norm.weight" => vector(&mut self.norm)?,
+            name => {
+                let (layer, rest) = name
+                    .strip_prefix("model.layers.")
+                    .and_then(|r| r.split_once('.'))
+                    .and_then(|(l, rest)| Some((l.parse::<usize>().ok()?, rest)))
+                    .filter(|(l, _)| *l < c.num_layers)
+                    .ok_or_else(|| bad("not a tensor of this model"))?;
+                let layer = &mut self.layers[layer];
+                match rest {
+                    "input_layernorm.weight" => vector(&mut layer.input_norm)?,
+                    "post_attention_layernorm.weight" => vector(&mut layer.post_norm)?,
+                    _ => {
+                        let (proj, param) = rest.rsplit_once('.').ok_or_else(|| bad("not a tensor of this model"))?;
+                        let p = Projection::from_name(proj).ok_or_else(|| bad("not a tensor of this model"))?;
+                        let lin = &mut layer.proj[p.index()];
+                        match (param, &mut lin.bias) {
+                            ("weight", _) => lin.weight = matrix(lin.weight.rows, lin.weight.cols)?,
+                            ("bias", Some(b)) => vector(b)?,
+                            ("bias", None) => return Err(bad("the model's projection has no bias")),
+                            _ => return Err(bad("not a tensor of this model")),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The rows entering the first layer: the prompt's virtual tokens

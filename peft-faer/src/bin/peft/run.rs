@@ -9,10 +9,16 @@ use peft_faer::hf::{HfAdapter, HfError};
 use peft_faer::llama::{KvCache, Llama, LlamaAdapter};
 use serde_json::json;
 
-/// The model and, if given, the adapter read from its directory.
+/// The model and, if given, the adapter read from its directory, with
+/// the tensors the adapter replaces whole put in place.
 pub(crate) fn llama_and_adapter(model: &Path, adapter: Option<&Path>) -> Result<(Llama, Option<HfAdapter>), HfError> {
-    let m = Llama::load_dir(model)?;
+    let mut m = Llama::load_dir(model)?;
     let ad = adapter.map(HfAdapter::read_dir).transpose()?;
+    // The tensors the adapter replaces whole (modules_to_save, trained
+    // biases) run as PEFT runs them.
+    if let Some(ad) = &ad {
+        m.apply_replacements(ad)?;
+    }
     Ok((m, ad))
 }
 
