@@ -272,6 +272,43 @@ fn config_fields_that_change_the_math() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `bias = "all"`: PEFT saves the trained bias of a targeted module under
+/// its wrapper, `<module>.base_layer.bias`; the merge writes it in place of
+/// the base's bias (as saved) and merges the LoRA as before (PEFT's
+/// `merge_and_unload` of the unchanged factors: `ref.safetensors`).
+#[test]
+fn trained_biases_under_base_layer_are_written() {
+    let dir = scratch("base-layer-bias");
+    let mut tensors = load(&fixture().join("adapter_model.safetensors"));
+    let bias = |l: usize| (0..24).map(|k| (l * 24 + k) as f32 * 0.01 - 0.1).collect::<Vec<f32>>();
+    for l in 0..2 {
+        tensors.insert(format!("base_model.model.layers.{l}.v_proj.base_layer.bias"), (Dtype::F32, vec![24], bias(l)));
+    }
+    let d = adapter_with(&dir, "biased", |c| c["bias"] = serde_json::json!("all"));
+    let list: Vec<_> = tensors.iter().map(|(n, (_, s, v))| (n.clone(), Dtype::F32, s.clone(), f32_bytes(v))).collect();
+    save(&d.join("adapter_model.safetensors"), &list, None);
+    let out = dir.join("merged.safetensors");
+    let peft = env!("CARGO_BIN_EXE_peft");
+    let res = Command::new(peft)
+        .arg("merge")
+        .arg("--base")
+        .arg(fixture().join("base.safetensors"))
+        .arg("--adapter")
+        .arg(&d)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let (got, refs) = (load(&out), load(&fixture().join("ref.safetensors")));
+    for l in 0..2 {
+        assert_eq!(got[&format!("layers.{l}.v_proj.bias")].2, bias(l), "the trained bias, as saved");
+        let w = format!("layers.{l}.v_proj.weight");
+        assert!(max_rel(&got[&w].2, &refs[&format!("merged.{w}")].2) <= 1e-6, "{w}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A folder holding both `model.safetensors` and an index is read from
 /// `model.safetensors`, as transformers' `from_pretrained` reads it (here
 /// the index names a shard that is not there: reading it would fail).

@@ -11,8 +11,10 @@ use super::{HfError, HfTensor};
 /// How the reader gets a tensor's values (or stands in for them).
 pub(crate) type Reader<'a> = &'a mut dyn FnMut(&StFile, &st::Entry) -> Result<Vec<f32>, HfError>;
 
-/// A tensor key without `base_model.model.` and without an adapter name
-/// after `lora_A`/`lora_B`/`modules_to_save`.
+/// A tensor key without `base_model.model.`, without an adapter name
+/// after `lora_A`/`lora_B`/`modules_to_save`, and without the
+/// `base_layer` of a wrapped module (`layers.0.v_proj.base_layer.bias` is
+/// the base's `layers.0.v_proj.bias`).
 pub fn normalize_key(key: &str) -> String {
     let key = key.strip_prefix("base_model.model.").unwrap_or(key);
     let parts: Vec<&str> = key.split('.').collect();
@@ -20,6 +22,12 @@ pub fn normalize_key(key: &str) -> String {
     let mut i = 0;
     while i < parts.len() {
         let p = parts[i];
+        if p == "base_layer" {
+            // `<module>.base_layer.<param>`: the wrapped layer's own tensor
+            // (a bias trained with `bias = "all" | "lora_only"`).
+            i += 1;
+            continue;
+        }
         if p == "modules_to_save" {
             // `<module>.modules_to_save[.<adapter>].<param>` -> `<module>.<param>`.
             if i + 2 < parts.len() {
