@@ -112,7 +112,13 @@ fn lora_dir(dir: &Path) -> PathBuf {
 fn lora_dir_on(dir: &Path, name: &str, targets: &[&str]) -> PathBuf {
     let config = serde_json::json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
         "target_modules": targets, "fan_in_fan_out": false, "bias": "none", "use_rslora": false, "use_dora": false});
-    let mut rng = peft_core::Rng::new(16);
+    let tensors = lora_tensors(&mut peft_core::Rng::new(16), targets);
+    write_adapter(&dir.join(name), &config, &tensors)
+}
+
+/// Rank-4 LoRA factors `N(0, 0.04)` on the projections named, both layers,
+/// under PEFT's keys.
+fn lora_tensors(rng: &mut peft_core::Rng, targets: &[&str]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut tensors = Vec::new();
     for l in 0..2 {
         for &(proj, n_out, n_in) in SHAPES.iter().filter(|(p, ..)| targets.iter().any(|t| p.ends_with(t))) {
@@ -124,7 +130,7 @@ fn lora_dir_on(dir: &Path, name: &str, targets: &[&str]) -> PathBuf {
             tensors.push((format!("{key}.lora_B.weight"), vec![n_out, 4], b));
         }
     }
-    write_adapter(&dir.join(name), &config, &tensors)
+    tensors
 }
 
 /// Writes a PEFT adapter folder: `config` and the f32 `tensors` (name,
@@ -625,17 +631,7 @@ fn modules_to_save_run_in_forward_as_in_the_merged_model() {
     let config = serde_json::json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
         "target_modules": targets, "bias": "none", "modules_to_save": ["lm_head", "norm"]});
     let mut rng = peft_core::Rng::new(29);
-    let mut tensors = Vec::new();
-    for l in 0..2 {
-        for &(proj, n_out, n_in) in SHAPES.iter().filter(|(p, ..)| targets.iter().any(|t| p.ends_with(t))) {
-            let key = format!("base_model.model.model.layers.{l}.{proj}");
-            let (mut a, mut b) = (vec![0.0f32; 4 * n_in], vec![0.0f32; n_out * 4]);
-            rng.fill_normal(&mut a, 0.2);
-            rng.fill_normal(&mut b, 0.2);
-            tensors.push((format!("{key}.lora_A.weight"), vec![4, n_in], a));
-            tensors.push((format!("{key}.lora_B.weight"), vec![n_out, 4], b));
-        }
-    }
+    let mut tensors = lora_tensors(&mut rng, &targets);
     let (mut head, mut norm) = (vec![0.0f32; 100 * 64], vec![0.0f32; 64]);
     rng.fill_normal(&mut head, 0.1);
     rng.fill_normal(&mut norm, 0.5);
