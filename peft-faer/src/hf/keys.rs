@@ -98,3 +98,9 @@ pub(crate) fn group<'f, const N: usize>(
     }
     Ok(groups)
 }
+
+/// `(".<key>", slot)` for each of a method's tensor names, in slot order:
+/// the suffixes [`group`] matches.
+pub(crate) fn suffixes(keys: &[&str]) -> Vec<(String, usize)> {
+    keys.iter().enumerate().map(|(i, k)| (format!(".{k}"), i)).collect()
+}

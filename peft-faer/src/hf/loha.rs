@@ -2,7 +2,7 @@
 
 use safetensors::Dtype;
 
-use super::keys::{Groups, Reader, group, saved};
+use super::keys::{Groups, Reader, group, saved, suffixes};
 use super::st::StFile;
 use super::{HfAdapter, HfError, LohaConfig};
 
@@ -31,8 +31,8 @@ pub const LOHA_KEYS: [&str; 4] = peft_core::loha::KEYS;
 
 impl HfAdapter {
     pub(super) fn read_loha(&mut self, lc: &LohaConfig, file: &StFile, read: Reader<'_>) -> Result<(), HfError> {
-        let suffixes: Vec<(String, usize)> = LOHA_KEYS.iter().enumerate().map(|(i, k)| (format!(".{k}"), i)).collect();
-        let suffixes: Vec<(&str, usize)> = suffixes.iter().map(|(s, i)| (s.as_str(), *i)).collect();
+        let owned = suffixes(&LOHA_KEYS);
+        let suffixes: Vec<(&str, usize)> = owned.iter().map(|(s, i)| (s.as_str(), *i)).collect();
         let replaces = |key: &str| saved(&lc.modules_to_save, key);
         let groups: Groups<'_, 4> =
             group(file, file.entries.iter(), &suffixes, "LoHa", &replaces, &mut self.replacements, read)?;

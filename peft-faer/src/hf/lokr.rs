@@ -3,7 +3,7 @@
 
 use safetensors::Dtype;
 
-use super::keys::{Groups, Reader, group, saved};
+use super::keys::{Groups, Reader, group, saved, suffixes};
 use super::st::{self, StFile};
 use super::{HfAdapter, HfError, LokrConfig};
 
@@ -57,8 +57,8 @@ impl HfAdapter {
     pub(super) fn read_lokr(&mut self, kc: &LokrConfig, file: &StFile, read: Reader<'_>) -> Result<(), HfError> {
         const KEYS: [&str; 6] = ["lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"];
         let lc = &kc.common;
-        let suffixes: Vec<(String, usize)> = KEYS.iter().enumerate().map(|(i, k)| (format!(".{k}"), i)).collect();
-        let suffixes: Vec<(&str, usize)> = suffixes.iter().map(|(s, i)| (s.as_str(), *i)).collect();
+        let owned = suffixes(&KEYS);
+        let suffixes: Vec<(&str, usize)> = owned.iter().map(|(s, i)| (s.as_str(), *i)).collect();
         let replaces = |key: &str| saved(&lc.modules_to_save, key);
         let groups: Groups<'_, 6> =
             group(file, file.entries.iter(), &suffixes, "LoKr", &replaces, &mut self.replacements, read)?;
