@@ -69,14 +69,19 @@ impl<E: Element, S: AsRef<[E]>> Loha<E, S> {
     /// no rsLoRA variant, so `config`'s is refused).
     ///
     /// # Errors
-    /// As [`LoraConfig::validate`]; [`Error::InvalidParameter`] for rsLoRA;
+    /// As [`LoraConfig::scale`] (`r = 0`, a non-finite or zero alpha; a rank
+    /// above `min(in, out)` is accepted, as PEFT accepts it);
+    /// [`Error::InvalidParameter`] for rsLoRA;
     /// [`Error::ShapeMismatch`] (`Parameter`) for a factor of the wrong
     /// length.
     pub fn new(config: &LoraConfig<'_>, in_features: usize, out_features: usize, factors: [S; 4]) -> Result<Self> {
         if config.use_rslora {
             return Err(Error::InvalidParameter { name: "use_rslora", rule: "does not apply to LoHa" });
         }
-        let scale = config.validate(in_features, out_features)?;
+        // Any r >= 1, as PEFT accepts it: the Hadamard product of two rank-r
+        // products has rank up to r^2, so r above min(in, out) still
+        // parameterizes a full-rank dW (LoRA's bound does not apply).
+        let scale = config.scale()?;
         let rank = config.rank;
         let [w1a, w1b, w2a, w2b] = factors;
         let (na, nb) = (checked_len(out_features, rank)?, checked_len(rank, in_features)?);
@@ -320,6 +325,17 @@ mod tests {
         assert_eq!(whole, parts);
         let past = l.delta_rows(&Reference, 4, MatMut::new(&mut parts[..6], 2, 3).unwrap(), Accum::Add, 1.0, &mut sc);
         assert!(matches!(past, Err(Error::ShapeMismatch { operand: Operand::Weight, expected: 5, found: 6 })));
+    }
+
+    #[test]
+    fn a_rank_above_min_in_out_is_accepted() {
+        // in = out = 1, r = 2, alpha = 2 (s = 1): W1a W1b = 1*3 + 2*4 = 11,
+        // W2a W2b = 1*2 + 1*(-1) = 1; dW = s * 11 * 1 = 11.
+        let l =
+            Loha::new(&LoraConfig::new(2, 2.0), 1, 1, [[1.0f64, 2.0], [3.0, 4.0], [1.0, 1.0], [2.0, -1.0]]).unwrap();
+        let mut dw = [0.0f64];
+        l.delta_rows(&Reference, 0, MatMut::new(&mut dw, 1, 1).unwrap(), Accum::Replace, 1.0, &mut [0.0; 2]).unwrap();
+        assert_eq!(dw, [11.0]);
     }
 
     #[test]
