@@ -102,6 +102,29 @@ fn prefix_tuning_logits_match_peft_with_gqa() {
     assert!(e <= 1e-4, "relative error {e}");
 }
 
+/// A prefix-tuning folder with `prefix_projection = true` runs its saved
+/// table as the prefix, as PEFT runs a folder loaded for inference (the
+/// saved table is the projected prefix): the `prefix_llama` fixture with
+/// that flag set gives PEFT's logits.
+#[test]
+fn a_projected_prefix_runs_its_saved_table() {
+    let dir = scratch("prefix-projection");
+    let case = case_dir("prefix_llama");
+    std::fs::copy(case.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case.join("adapter_config.json")).unwrap()).unwrap();
+    config["prefix_projection"] = serde_json::json!(true);
+    config["encoder_hidden_size"] = serde_json::json!(32);
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let m = model("prefix_llama");
+    let ad = HfAdapter::read_dir(&dir).unwrap();
+    let hosted = LlamaAdapter::new(&m, &ad).unwrap();
+    let r = refs("prefix_llama");
+    let logits = m.forward(&Faer::new(), &ids(&r), Some(&hosted), &mut KvCache::new()).unwrap();
+    assert!(rel(&logits, &r["logits"].1) <= 1e-4);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A LoRA adapter on four projections of the `prompt_llama` base, written
 /// as PEFT writes it (random `A` and `B`, so it changes the output).
 fn lora_dir(dir: &Path) -> PathBuf {

@@ -386,7 +386,8 @@ fn targets(field: &str, raw: Option<RawTargets>) -> Result<Targets, HfError> {
     }
 }
 
-/// The fields of a prompt- or prefix-tuning config.
+/// The fields of a prompt- or prefix-tuning config (the others, kept in
+/// `PromptConfig::raw`, do not change what runs).
 #[derive(Deserialize)]
 struct RawPrompt {
     num_virtual_tokens: usize,
@@ -394,8 +395,6 @@ struct RawPrompt {
     num_layers: Option<usize>,
     num_attention_heads: Option<usize>,
     num_transformer_submodules: Option<usize>,
-    #[serde(flatten)]
-    rest: Map<String, Value>,
 }
 
 /// Deserializes `T` from the text (not from a `Value`, whose maps have
@@ -611,14 +610,12 @@ impl PeftConfig {
     }
 
     fn prompt(text: &str, v: &Value, prefix: bool) -> Result<Self, HfError> {
+        // `prefix_projection = true` is read as it is saved: PEFT saves the
+        // projected prefix (`get_prompt_embedding_to_save` runs the MLP; in
+        // `inference_mode` the table is already projected) and loads a
+        // folder for inference in `inference_mode`, where that table is
+        // what runs. The MLP's weights are never saved and are not needed.
         let raw: RawPrompt = typed(text)?;
-        if prefix {
-            unsupported_if_set(
-                &raw.rest,
-                "prefix_projection",
-                "saved adapters hold the projected prefix only when inference_mode; re-save with prefix_projection=false",
-            )?;
-        }
         let need =
             |x: Option<usize>, field| x.ok_or_else(|| HfError::config(field, "missing (prefix tuning needs it)"));
         Ok(PeftConfig::Prompt(PromptConfig {
