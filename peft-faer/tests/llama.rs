@@ -700,3 +700,60 @@ fn modules_to_save_run_in_forward_as_in_the_merged_model() {
     assert!(rel(&plain, &want) > 1e-2, "the copies change the output");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// LoRA on `embed_tokens` (PEFT's `lora_embedding_A [r, vocab]`,
+/// `lora_embedding_B [dim, r]`) and on `lm_head` runs in `peft forward`:
+/// the logits equal those of the model `peft merge` writes, run without an
+/// adapter. Training them is refused, naming what.
+#[test]
+fn lora_on_embeddings_and_lm_head_runs_as_merged() {
+    let dir = scratch("llama-embed-head");
+    let case = case_dir("prefix_llama");
+    let model_dir = dir.join("model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    std::fs::copy(case.join("base_config.json"), model_dir.join("config.json")).unwrap();
+    std::fs::copy(case.join("base.safetensors"), model_dir.join("model.safetensors")).unwrap();
+    let config = serde_json::json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+        "target_modules": ["q_proj", "embed_tokens", "lm_head"], "bias": "none"});
+    let mut rng = peft_core::Rng::new(31);
+    let mut tensors = lora_tensors(&mut rng, &["q_proj"]);
+    let mut normal = |n: usize, std: f64| {
+        let mut v = vec![0.0f32; n];
+        rng.fill_normal(&mut v, std);
+        v
+    };
+    let e = "base_model.model.model.embed_tokens";
+    tensors.push((format!("{e}.lora_embedding_A"), vec![4, 100], normal(400, 0.5)));
+    tensors.push((format!("{e}.lora_embedding_B"), vec![64, 4], normal(256, 0.5)));
+    tensors.push(("base_model.model.lm_head.lora_A.weight".into(), vec![4, 64], normal(256, 0.2)));
+    tensors.push(("base_model.model.lm_head.lora_B.weight".into(), vec![100, 4], normal(400, 0.2)));
+    let adapter = write_adapter(&dir.join("adapter"), &config, &tensors);
+    let merged_dir = dir.join("merged");
+    std::fs::create_dir_all(&merged_dir).unwrap();
+    std::fs::copy(case.join("base_config.json"), merged_dir.join("config.json")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(["merge", "--base"])
+        .arg(model_dir.join("model.safetensors"))
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--out")
+        .arg(merged_dir.join("model.safetensors"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (m, merged) = (Llama::load_dir(&model_dir).unwrap(), Llama::load_dir(&merged_dir).unwrap());
+    let ad = HfAdapter::read_dir(&adapter).unwrap();
+    let hosted = LlamaAdapter::new(&m, &ad).unwrap();
+    let ids = [3u32, 14, 15, 92, 65];
+    let got = m.forward(&Faer::new(), &ids, Some(&hosted), &mut KvCache::new()).unwrap();
+    let want = merged.forward(&Faer::new(), &ids, None, &mut KvCache::new()).unwrap();
+    let plain = m.forward(&Faer::new(), &ids, None, &mut KvCache::new()).unwrap();
+    let want64: Vec<f64> = want.iter().map(|&v| f64::from(v)).collect();
+    assert!(rel(&got, &want64) <= 1e-5, "hosted vs merged: {:.2e}", rel(&got, &want64));
+    assert!(rel(&plain, &want64) > 1e-2, "the adapter changes the output");
+    let mut trace = peft_faer::llama::Trace::default();
+    m.forward_traced(&Faer::new(), &ids, Some(&hosted), &mut trace).unwrap();
+    let err = m.backward(&Faer::new(), Some(&hosted), &trace, &vec![0.0; got.len()], None).unwrap_err();
+    assert!(err.to_string().contains("lm_head"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

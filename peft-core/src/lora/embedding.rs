@@ -59,6 +59,19 @@ impl<E: Element, S: AsRef<[E]>> LoraEmbedding<E, S> {
         Ok(Self { a, b, vocab, dim, rank, scale, _element: PhantomData })
     }
 
+    /// The adapter with the scale `s` given as resolved (see
+    /// [`Lora::with_scale`](super::Lora::with_scale)).
+    ///
+    /// # Errors
+    /// [`Error::InvalidAlpha`] for a non-finite scale.
+    pub fn with_scale(mut self, scale: f64) -> Result<Self> {
+        if !scale.is_finite() {
+            return Err(Error::InvalidAlpha);
+        }
+        self.scale = scale;
+        Ok(self)
+    }
+
     /// The scale `s`.
     pub fn scale(&self) -> f64 {
         self.scale
@@ -123,6 +136,32 @@ impl<E: Element, S: AsRef<[E]>> LoraEmbedding<E, S> {
                 row.copy_from_slice(src);
             }
         }
+        self.add_low_rank(backend, ids, y, scratch)
+    }
+
+    /// `y[t, :] += s (B A)^T[id_t, :]`: the low-rank part alone, for a
+    /// caller that looked the rows up itself (a table stored quantized, a
+    /// host with its own embedding).
+    ///
+    /// Shapes: `y [ids.len(), dim]`; scratch at least
+    /// [`scratch_len(ids.len())`](Self::scratch_len).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (`Output`), [`Error::TokenOutOfRange`],
+    /// [`Error::ScratchTooSmall`], before anything is written; the
+    /// backend's own errors.
+    pub fn add_low_rank<B: Backend<E> + ?Sized>(
+        &self,
+        backend: &B,
+        ids: &[usize],
+        y: MatMut<'_, E>,
+        scratch: &mut [E],
+    ) -> core::result::Result<(), B::Error> {
+        let n = ids.len();
+        check_shape(Operand::Output, y.rows(), y.cols(), n, self.dim)?;
+        self.check_ids(ids)?;
+        let need = self.scratch_len(n);
+        check_scratch(need, scratch.len())?;
         let (t_buf, _) = scratch.split_at_mut(need);
         self.gather(ids, t_buf)?;
         let t = MatRef::new(t_buf, n, self.rank)?;

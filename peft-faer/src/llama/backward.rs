@@ -63,7 +63,7 @@ impl LlamaGrads {
                     .map(|s| s.clone().map(|t| [t.w_down, t.b_down, t.w_up, t.b_up].map(|v| vec![0.0f32; v.len()])))
                     .collect(),
             ),
-            LlamaAdapter::Modules(layers) => Self::Modules(
+            LlamaAdapter::Modules { layers, .. } => Self::Modules(
                 layers
                     .iter()
                     .map(|projs| projs.map(|m| m.map(|m| m.tensor_lens().into_iter().map(|n| vec![0.0; n]).collect())))
@@ -186,6 +186,11 @@ impl Llama {
         if dlogits.len() != n * c.vocab_size || trace.layers.len() != c.num_layers {
             return Err(bad("dlogits", "must be [rows, vocab] of the traced pass"));
         }
+        if let Some(LlamaAdapter::Modules { embed, head, .. }) = adapter {
+            if embed.is_some() || head.is_some() {
+                return Err(HfError::Unsupported("training LoRA on embed_tokens or lm_head".into()));
+            }
+        }
         if !grads_match(c, adapter, grads.as_deref()) {
             return Err(bad("grads", "must be LlamaGrads::zeros of the adapter"));
         }
@@ -217,7 +222,7 @@ impl Llama {
         for l in (0..c.num_layers).rev() {
             let (layer, t) = (&self.layers[l], &trace.layers[l]);
             let mut lora_grads: [Slot<'_, '_>; 7] = Default::default();
-            if let (Some(LlamaAdapter::Modules(ml)), Some(gl)) = (adapter, lora_g.as_deref_mut()) {
+            if let (Some(LlamaAdapter::Modules { layers: ml, .. }), Some(gl)) = (adapter, lora_g.as_deref_mut()) {
                 for ((slot, m), g) in lora_grads.iter_mut().zip(&ml[l]).zip(gl[l].iter_mut()) {
                     if let (Some(m), Some(g)) = (m, g.as_mut()) {
                         *slot = Some((*m, &mut g[..]));
@@ -279,7 +284,7 @@ fn grads_match(c: &super::LlamaConfig, adapter: Option<&LlamaAdapter<'_>>, grads
         && match (a, g) {
             (LlamaAdapter::Prompt { embeddings: p, .. }, LlamaGrads::Prompt(gp))
             | (LlamaAdapter::Prefix { table: p, .. }, LlamaGrads::Prefix(gp)) => p.len() == gp.len(),
-            (LlamaAdapter::Modules(_), LlamaGrads::Modules(gl)) => gl.len() == c.num_layers,
+            (LlamaAdapter::Modules { .. }, LlamaGrads::Modules(gl)) => gl.len() == c.num_layers,
             (LlamaAdapter::Bottleneck(_), LlamaGrads::Bottleneck(gb)) => gb.len() == c.num_layers,
             _ => false,
         }

@@ -50,8 +50,10 @@ pub mod weights;
 
 use std::path::Path;
 
+use peft_core::LinearAdapter;
 use peft_core::attention::{AttentionShape, Mask, Prefix};
-use peft_core::lora::LoraConfig;
+use peft_core::lora::{Lora, LoraConfig, LoraEmbedding};
+use peft_core::storage::StoredLinear;
 use peft_core::{Accum, Backend, MatMut, MatRef};
 
 pub use backward::{LlamaGrads, SiteGrads, lm_loss};
@@ -60,7 +62,7 @@ pub use sites::Module;
 pub use weights::{Matrix, OwnedWeight};
 
 use crate::hf::base::Base;
-use crate::hf::{HfAdapter, HfError, HfTensor, PeftConfig, PromptConfig};
+use crate::hf::{HfAdapter, HfError, HfTensor, LoraModule, PeftConfig, PromptConfig};
 
 /// A projection of a decoder layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -320,8 +322,17 @@ pub enum LlamaAdapter<'a> {
         tokens: usize,
     },
     /// A weight-adapting method: per layer, per projection
-    /// ([`PROJECTIONS`]), the module if adapted.
-    Modules(Vec<[Option<Module<'a>>; 7]>),
+    /// ([`PROJECTIONS`]), the module if adapted; and LoRA on the
+    /// embeddings (`model.embed_tokens`, PEFT's `lora_embedding_A/_B`) and
+    /// on `lm_head`, which run in the forward (training them is refused).
+    Modules {
+        /// Per layer, per projection.
+        layers: Vec<[Option<Module<'a>>; 7]>,
+        /// LoRA on `model.embed_tokens`.
+        embed: Option<&'a LoraModule>,
+        /// LoRA on `lm_head`.
+        head: Option<&'a LoraModule>,
+    },
     /// Bottleneck adapters (one per layer and site).
     Bottleneck(&'a Bottleneck),
 }
@@ -379,6 +390,7 @@ impl<'a> LlamaAdapter<'a> {
     /// its shape checked against the model's weight.
     fn modules(model: &Llama, adapter: &'a HfAdapter) -> Result<Self, HfError> {
         let c = &model.config;
+        let (mut embed, mut head) = (None, None);
         let mut layers = vec![[None; 7]; c.num_layers];
         let mut place = |name: &str, module: Module<'a>, (out, inn): (usize, usize)| {
             let (layer, proj) = locate(name, c.num_layers).ok_or_else(|| {
@@ -408,8 +420,28 @@ impl<'a> LlamaAdapter<'a> {
         match &adapter.config {
             PeftConfig::Lora(lc) => {
                 for m in &adapter.modules {
+                    let (d, vocab) = (c.hidden_size, c.vocab_size);
+                    let whole_model = match (m.name.as_str(), m.embedding) {
+                        ("model.embed_tokens", true) => Some((&mut embed, (m.n_in, m.n_out) == (vocab, d))),
+                        ("lm_head", false) => Some((&mut head, (m.n_in, m.n_out) == (d, vocab))),
+                        _ => None,
+                    };
+                    if let Some((slot, fits)) = whole_model {
+                        if m.magnitude.is_some() || m.lora_bias.is_some() {
+                            let why = "DoRA or lora_bias on the embeddings or lm_head";
+                            return Err(HfError::Unsupported(format!("{}: {why}", m.name)));
+                        }
+                        if !fits {
+                            return Err(HfError::Base(format!("{}: the adapter's shape is not the model's", m.name)));
+                        }
+                        *slot = Some(m);
+                        continue;
+                    }
                     if m.embedding {
-                        return Err(HfError::Unsupported(format!("{}: LoRA on embeddings in the Llama model", m.name)));
+                        return Err(HfError::Unsupported(format!(
+                            "{}: LoRA on embeddings other than embed_tokens",
+                            m.name
+                        )));
                     }
                     let module = match m.magnitude {
                         Some(_) => Module::Dora(m, LoraConfig::new(m.r, m.alpha).with_rslora(lc.use_rslora)),
@@ -453,7 +485,7 @@ impl<'a> LlamaAdapter<'a> {
             }
             PeftConfig::Prompt(_) => {}
         }
-        Ok(Self::Modules(layers))
+        Ok(Self::Modules { layers, embed, head })
     }
 
     /// Bottleneck adapters on `model`.
@@ -500,7 +532,7 @@ impl<'a> LlamaAdapter<'a> {
     pub fn virtual_tokens(&self) -> usize {
         match self {
             Self::Prompt { tokens, .. } | Self::Prefix { tokens, .. } => *tokens,
-            Self::Modules(_) | Self::Bottleneck(_) => 0,
+            Self::Modules { .. } | Self::Bottleneck(_) => 0,
         }
     }
 }
@@ -816,6 +848,20 @@ impl Llama {
         if n == 0 {
             return Ok(Vec::new());
         }
+        let (embed_lora, head_lora) = match adapter {
+            Some(LlamaAdapter::Modules { embed, head, .. }) => (*embed, *head),
+            _ => (None, None),
+        };
+        if let Some(m) = embed_lora {
+            // y += s (B A)^T[id]: peft-core's embedding LoRA over the rows
+            // looked up above (no virtual rows: prompt tuning is another
+            // adapter).
+            let layer = LoraEmbedding::new(&LoraConfig::new(m.r, m.alpha), m.n_in, m.n_out, &m.a[..], &m.b[..])?
+                .with_scale(m.scale)?;
+            let idx: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
+            let mut sc = vec![0.0f32; layer.scratch_len(idx.len())];
+            layer.add_low_rank(backend, &idx, MatMut::new(&mut h, n, d)?, &mut sc).map_err(HfError::backend)?;
+        }
         // Positions: after the cache, and after a prefix's entries.
         let first_pos = adapter.map_or(0, LlamaAdapter::prefix_tokens) + cache.len;
         let rope: Vec<(Vec<f32>, Vec<f32>)> = (0..n).map(|i| self.rope(first_pos + i)).collect();
@@ -836,7 +882,7 @@ impl Llama {
         for (l, layer) in self.layers.iter().enumerate() {
             let h_in = trace.is_some().then(|| h.clone());
             let module = |p: Projection| match adapter {
-                Some(LlamaAdapter::Modules(layers)) => layers.get(l).and_then(|m| m[p.index()]),
+                Some(LlamaAdapter::Modules { layers, .. }) => layers.get(l).and_then(|m| m[p.index()]),
                 _ => None,
             };
             use Projection::{Down, Gate, K, O, Q, Up, V};
@@ -887,20 +933,34 @@ impl Llama {
             t.h_final = h;
             t.normed = norm.clone();
         }
-        let logits = self.logits(backend, &norm)?;
+        let logits = self.logits(backend, &norm, head_lora)?;
         cache.buffers = Buffers { norm, q, k, v, attn, out, gate, up, attention, sites };
         Ok(logits)
     }
 
     /// `lm_head` (or the tied embeddings) over the final normed rows:
     /// `[n, vocab]`.
-    fn logits<B: Backend<f32> + ?Sized>(&self, backend: &B, normed: &[f32]) -> Result<Vec<f32>, HfError> {
+    fn logits<B: Backend<f32> + ?Sized>(
+        &self,
+        backend: &B,
+        normed: &[f32],
+        lora: Option<&LoraModule>,
+    ) -> Result<Vec<f32>, HfError> {
         let (d, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let n = normed.len() / d.max(1);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed).view()?;
         let mut logits = vec![0.0f32; n * vocab];
         let (x, y) = (MatRef::new(normed, n, d)?, MatMut::new(&mut logits, n, vocab)?);
-        backend.stored_apply(&head, x, y, Accum::Replace).map_err(HfError::backend)?;
+        match lora {
+            None => backend.stored_apply(&head, x, y, Accum::Replace).map_err(HfError::backend)?,
+            Some(m) => {
+                // LoRA on lm_head: peft-core's forward over the stored head.
+                let layer =
+                    Lora::new(&LoraConfig::new(m.r, m.alpha), d, vocab, &m.a[..], &m.b[..])?.with_scale(m.scale)?;
+                let mut sc = vec![0.0f32; layer.forward_scratch_len(n)];
+                layer.forward(backend, &StoredLinear::new(head), x, y, &mut sc).map_err(HfError::backend)?;
+            }
+        }
         Ok(logits)
     }
 
