@@ -186,11 +186,7 @@ impl Llama {
         if dlogits.len() != n * c.vocab_size || trace.layers.len() != c.num_layers {
             return Err(bad("dlogits", "must be [rows, vocab] of the traced pass"));
         }
-        if let Some(LlamaAdapter::Modules { embed, head, .. }) = adapter {
-            if embed.is_some() || head.is_some() {
-                return Err(HfError::Unsupported("training LoRA on embed_tokens or lm_head".into()));
-            }
-        }
+        refuse_untrainable(adapter)?;
         if !grads_match(c, adapter, grads.as_deref()) {
             return Err(bad("grads", "must be LlamaGrads::zeros of the adapter"));
         }
@@ -328,4 +324,15 @@ fn attend_backward<B: Backend<f32> + ?Sized>(
     attn_backward(backend, shape, q, k, v, prefix, &mask, MatRef::new(dattn, n, qw)?, ag, scratch)
         .map_err(HfError::backend)?;
     Ok([dq, dk, dv])
+}
+
+/// Refuses the adapters the backward does not train: LoRA on the
+/// embeddings or on `lm_head` (they run in the forward).
+fn refuse_untrainable(adapter: Option<&LlamaAdapter<'_>>) -> Result<(), HfError> {
+    match adapter {
+        Some(LlamaAdapter::Modules { embed, head, .. }) if embed.is_some() || head.is_some() => {
+            Err(HfError::Unsupported("training LoRA on embed_tokens or lm_head".into()))
+        }
+        _ => Ok(()),
+    }
 }

@@ -338,6 +338,14 @@ pub enum LlamaAdapter<'a> {
 }
 
 impl<'a> LlamaAdapter<'a> {
+    /// LoRA on the embeddings and on `lm_head`, when the adapter has them.
+    fn whole_model_lora(&self) -> (Option<&'a LoraModule>, Option<&'a LoraModule>) {
+        match self {
+            Self::Modules { embed, head, .. } => (*embed, *head),
+            _ => (None, None),
+        }
+    }
+
     /// Places `adapter` on `model`, checking every shape against the
     /// model's config.
     ///
@@ -848,19 +856,9 @@ impl Llama {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let (embed_lora, head_lora) = match adapter {
-            Some(LlamaAdapter::Modules { embed, head, .. }) => (*embed, *head),
-            _ => (None, None),
-        };
+        let (embed_lora, head_lora) = adapter.map_or((None, None), LlamaAdapter::whole_model_lora);
         if let Some(m) = embed_lora {
-            // y += s (B A)^T[id]: peft-core's embedding LoRA over the rows
-            // looked up above (no virtual rows: prompt tuning is another
-            // adapter).
-            let layer = LoraEmbedding::new(&LoraConfig::new(m.r, m.alpha), m.n_in, m.n_out, &m.a[..], &m.b[..])?
-                .with_scale(m.scale)?;
-            let idx: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
-            let mut sc = vec![0.0f32; layer.scratch_len(idx.len())];
-            layer.add_low_rank(backend, &idx, MatMut::new(&mut h, n, d)?, &mut sc).map_err(HfError::backend)?;
+            embedding_lora(backend, m, ids, &mut h)?;
         }
         // Positions: after the cache, and after a prefix's entries.
         let first_pos = adapter.map_or(0, LlamaAdapter::prefix_tokens) + cache.len;
@@ -988,6 +986,22 @@ impl Llama {
         }
         Ok(out)
     }
+}
+
+/// `h[t] += s (B A)^T[ids[t]]`: `peft-core`'s embedding LoRA over the rows
+/// the model looked up (no virtual rows: prompt tuning is another adapter).
+fn embedding_lora<B: Backend<f32> + ?Sized>(
+    backend: &B,
+    m: &LoraModule,
+    ids: &[u32],
+    h: &mut [f32],
+) -> Result<(), HfError> {
+    let layer =
+        LoraEmbedding::new(&LoraConfig::new(m.r, m.alpha), m.n_in, m.n_out, &m.a[..], &m.b[..])?.with_scale(m.scale)?;
+    let idx: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
+    let mut sc = vec![0.0f32; layer.scratch_len(idx.len())];
+    let rows = MatMut::new(h, idx.len(), m.n_out)?;
+    layer.add_low_rank(backend, &idx, rows, &mut sc).map_err(HfError::backend)
 }
 
 /// Causal attention of `q [n, q_width]` over the cached keys and values
