@@ -702,7 +702,8 @@ fn modules_to_save_run_in_forward_as_in_the_merged_model() {
 }
 
 /// LoRA on `embed_tokens` (PEFT's `lora_embedding_A [r, vocab]`,
-/// `lora_embedding_B [dim, r]`) and on `lm_head` runs in `peft forward`:
+/// `lora_embedding_B [dim, r]`) and on `lm_head`, with the layers' weights
+/// PEFT saves beside them (`save_embedding_layers`), runs in the host:
 /// the logits equal those of the model `peft merge` writes, run without an
 /// adapter. Training them is refused, naming what.
 #[test]
@@ -727,6 +728,15 @@ fn lora_on_embeddings_and_lm_head_runs_as_merged() {
     tensors.push((format!("{e}.lora_embedding_B"), vec![64, 4], normal(256, 0.5)));
     tensors.push(("base_model.model.lm_head.lora_A.weight".into(), vec![4, 64], normal(256, 0.2)));
     tensors.push(("base_model.model.lm_head.lora_B.weight".into(), vec![100, 4], normal(400, 0.2)));
+    // PEFT's `save_embedding_layers="auto"` saves the targeted embedding
+    // layers' weights beside their LoRA, under `base_layer`.
+    let base = common::load(&case.join("base.safetensors"));
+    for (key, name) in [
+        (format!("{e}.base_layer.weight"), "model.embed_tokens.weight"),
+        ("base_model.model.lm_head.base_layer.weight".to_string(), "lm_head.weight"),
+    ] {
+        tensors.push((key, base[name].1.clone(), base[name].2.clone()));
+    }
     let adapter = write_adapter(&dir.join("adapter"), &config, &tensors);
     let merged_dir = dir.join("merged");
     std::fs::create_dir_all(&merged_dir).unwrap();

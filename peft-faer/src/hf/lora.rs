@@ -1,6 +1,7 @@
 //! LoRA (with DoRA, `lora_bias` and LoRA on embeddings) in PEFT's files:
 //! the module as read, and its reader.
 
+use peft_core::lora::config::module_matches;
 use safetensors::Dtype;
 
 use super::keys::{Groups, Reader, group, saved};
@@ -54,8 +55,7 @@ impl HfAdapter {
             (".lora_embedding_A", 4),
             (".lora_embedding_B", 5),
         ];
-        let replaces =
-            |key: &str| saved(&lc.modules_to_save, key) || (key.ends_with(".bias") && lc.bias != BiasMode::None);
+        let replaces = |key: &str| replaces(lc, key);
         let groups: Groups<'_, 6> =
             group(file, file.entries.iter(), &suffixes, "LoRA", &replaces, &mut self.replacements, read)?;
         for (_, slots) in &groups {
@@ -141,4 +141,15 @@ impl HfAdapter {
         }
         Ok(())
     }
+}
+
+/// Whether the LoRA adapter of `lc` may replace the whole tensor `key`
+/// (normalized): a `modules_to_save` copy, a trained bias, or an
+/// embedding layer's weight PEFT saves beside a LoRA on it
+/// (`save_embedding_layers`, keyed `<module>.base_layer.weight`).
+fn replaces(lc: &HfLoraConfig, key: &str) -> bool {
+    let embedding_layer = key
+        .strip_suffix(".weight")
+        .is_some_and(|owner| ["embed_tokens", "lm_head"].iter().any(|n| module_matches(owner, n)) && lc.adapts(owner));
+    saved(&lc.modules_to_save, key) || (key.ends_with(".bias") && lc.bias != BiasMode::None) || embedding_layer
 }

@@ -84,7 +84,10 @@ enum BiasUpdate<'a> {
 /// What happens to one base tensor.
 enum Action<'a> {
     Copy,
-    Weight(Vec<Update<'a>>),
+    /// The weight's changes, in order, applied to the adapter's saved copy
+    /// of the weight when it has one (PEFT's `save_embedding_layers`: the
+    /// copy is loaded into the base layer, then the LoRA merges on top).
+    Weight(Option<&'a HfTensor>, Vec<Update<'a>>),
     Bias(Vec<BiasUpdate<'a>>),
     Replace(&'a HfTensor),
 }
@@ -250,8 +253,8 @@ impl<'a> Plan<'a, '_> {
     }
 
     fn push_weight(&mut self, name: String, update: Update<'a>) -> Result<(), HfError> {
-        match self.actions.entry(name.clone()).or_insert_with(|| Action::Weight(Vec::new())) {
-            Action::Weight(list) => {
+        match self.actions.entry(name.clone()).or_insert_with(|| Action::Weight(None, Vec::new())) {
+            Action::Weight(_, list) => {
                 list.push(update);
                 Ok(())
             }
@@ -331,9 +334,13 @@ impl<'a> Plan<'a, '_> {
                     r.name, e.shape, r.shape
                 )));
             }
-            match self.actions.insert(r.name.clone(), Action::Replace(r)) {
-                None => {}
-                Some(Action::Replace(_)) => {
+            match self.actions.get_mut(&r.name) {
+                None => {
+                    self.actions.insert(r.name.clone(), Action::Replace(r));
+                }
+                // The saved copy of an adapted weight: the changes apply to it.
+                Some(Action::Weight(start @ None, _)) => *start = Some(r),
+                Some(Action::Replace(_) | Action::Weight(Some(_), _)) => {
                     return Err(HfError::Tensor(format!("{} is replaced by two adapters", r.name)));
                 }
                 Some(_) => return Err(HfError::Tensor(format!("{} is both adapted and replaced", r.name))),
@@ -502,7 +509,7 @@ pub fn merge_many<B: Backend<f32> + ?Sized>(
                 report.quantized.extend(error);
                 match action {
                     Action::Copy => report.copied += 1,
-                    Action::Weight(_) => report.merged += 1,
+                    Action::Weight(..) => report.merged += 1,
                     Action::Bias(_) | Action::Replace(_) => report.replaced += 1,
                 }
                 report.bytes += oe.bytes();
@@ -624,9 +631,13 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
             }
             put(&bias, 0, w)?;
         }
-        Action::Weight(list) => {
+        Action::Weight(start, list) => {
             let mut scratch = Vec::new();
             return map_rows(shard, e, out_f, check_finite, w, |i0, n, cols, vals| {
+                if let Some(r) = start {
+                    let rows = r.data.get(i0 * cols..(i0 + n) * cols).ok_or(peft_core::Error::Overflow)?;
+                    vals.copy_from_slice(rows);
+                }
                 for u in list {
                     u.apply(backend, i0, MatMut::new(&mut *vals, n, cols)?, &mut scratch)?;
                 }
