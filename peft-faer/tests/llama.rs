@@ -767,3 +767,37 @@ fn lora_on_embeddings_and_lm_head_runs_as_merged() {
     assert!(err.to_string().contains("lm_head"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A model whose logits are NaN (one NaN in `lm_head`): `peft generate`
+/// and `peft forward` fail naming the logits, instead of stopping early
+/// with exit 0 or ranking the NaN first (issue 27, class 6).
+#[test]
+fn nan_logits_are_an_error_not_an_argmax() {
+    let dir = scratch("llama-nan-logits");
+    let case = case_dir("prefix_llama");
+    let model_dir = dir.join("model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    std::fs::copy(case.join("base_config.json"), model_dir.join("config.json")).unwrap();
+    let mut base = common::load(&case.join("base.safetensors"));
+    base.get_mut("lm_head.weight").unwrap().2[5 * 64] = f32::NAN; // token 5's row
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = base
+        .iter()
+        .map(|(n, (_, s, v))| (n.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, &None, &model_dir.join("model.safetensors")).unwrap();
+    let md = model_dir.to_str().unwrap();
+    for args in [
+        vec!["generate", "--model", md, "--ids", "3,14,15", "--max-new-tokens", "4"],
+        vec!["forward", "--model", md, "--ids", "3,14,15"],
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_peft")).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{}: exit 0", args[0]);
+        assert!(err.contains("logits") && err.contains("token 5") && err.contains("NaN"), "{}: {err}", args[0]);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -967,7 +967,9 @@ impl Llama {
     /// Returns the new tokens.
     ///
     /// # Errors
-    /// As [`Llama::forward`].
+    /// As [`Llama::forward`]; [`HfError::NonFinite`] (`logits`) when the
+    /// row to decode from holds a NaN or an infinity (a corrupt weight or an
+    /// overflow): there is no argmax to take.
     pub fn generate<B: Backend<f32> + ?Sized>(
         &self,
         backend: &B,
@@ -980,11 +982,30 @@ impl Llama {
         let mut logits = self.forward(backend, ids, adapter, &mut cache)?;
         for _ in 0..max_new {
             let last = logits.len().saturating_sub(self.config.vocab_size);
-            let Some(next) = argmax(&logits[last..]) else { break };
+            let row = &logits[last..];
+            check_finite_logits(row, cache.len().saturating_sub(1))?;
+            let Some(next) = argmax(row) else { break };
             out.push(next as u32);
             logits = self.forward(backend, &[next as u32], adapter, &mut cache)?;
         }
         Ok(out)
+    }
+}
+
+/// `Ok` when every logit of `row` (position `pos`) is finite.
+///
+/// # Errors
+/// [`HfError::NonFinite`] naming `logits`, the position's first bad
+/// element (`pos * vocab + token`) and its value.
+pub fn check_finite_logits(row: &[f32], pos: usize) -> Result<(), HfError> {
+    match row.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(t) => Err(HfError::NonFinite {
+            tensor: format!("logits (position {pos}, token {t})"),
+            index: pos * row.len() + t,
+            value: row[t],
+            cause: "the model's output is not finite (a NaN or infinite weight, or an overflow)",
+        }),
     }
 }
 

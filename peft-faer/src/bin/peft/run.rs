@@ -44,6 +44,9 @@ pub(crate) fn forward_cmd(
     let vocab = m.config.vocab_size;
     let rows = logits.len() / vocab;
     let last = &logits[(rows - 1) * vocab..];
+    // A NaN would sort first and an infinity would make every probability
+    // NaN: refused, naming the position and token.
+    peft_faer::llama::check_finite_logits(last, rows - 1)?;
     // Softmax of the last row, in f64.
     let max = last.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let z: f64 = last.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum();
