@@ -801,3 +801,25 @@ fn nan_logits_are_an_error_not_an_argmax() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A model `config.json` error names that file and the field, not
+/// `adapter_config.json` (issue 27, class 8).
+#[test]
+fn model_config_errors_name_config_json() {
+    let dir = scratch("llama-config-error");
+    let case = case_dir("prefix_llama");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case.join("base_config.json")).unwrap()).unwrap();
+    config["hidden_act"] = serde_json::json!("gelu");
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(case.join("base.safetensors"), dir.join("model.safetensors")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(["forward", "--model", dir.to_str().unwrap(), "--ids", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("config.json") && err.contains("hidden_act"), "{err}");
+    assert!(!err.contains("adapter_config.json"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

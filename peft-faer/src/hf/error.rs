@@ -13,7 +13,10 @@ pub enum HfError {
     Io(PathBuf, std::io::Error),
     /// Invalid JSON (config or index).
     Json(String),
-    /// A config field is missing or has the wrong type or value.
+    /// A field is missing or has the wrong type or value: of
+    /// `adapter_config.json`, of a model's `config.json`, or an argument
+    /// (`ids`). Readers of a file wrap it in [`HfError::At`] naming the
+    /// file, so the message never guesses which file it was.
     Config {
         /// The field.
         field: String,
@@ -145,7 +148,7 @@ impl fmt::Display for HfError {
         match self {
             HfError::Io(p, e) => write!(f, "{}: {e}", p.display()),
             HfError::Json(e) => write!(f, "invalid JSON: {e}"),
-            HfError::Config { field, reason } => write!(f, "adapter_config.json: `{field}`: {reason}"),
+            HfError::Config { field, reason } => write!(f, "`{field}`: {reason}"),
             HfError::Unsupported(what) => write!(f, "unsupported: {what}"),
             HfError::Safetensors(p, e) => write!(f, "{}: not a valid safetensors file: {e}", p.display()),
             HfError::DuplicateKey(p, k) => write!(f, "{}: tensor {k:?} appears twice in the header", p.display()),
