@@ -218,3 +218,34 @@ fn pruning_kinds_write_loadable_adapters_and_refuse_bad_arguments() {
     ]);
     assert!(!res.status.success());
 }
+
+/// An SVD rank above min(in, out) is refused, naming `svd_rank`, before
+/// anything is allocated from it (issue 27, class 3: u64::MAX overflowed
+/// `rank * in` and panicked); nothing is written.
+#[test]
+fn an_svd_rank_beyond_the_module_is_refused() {
+    let dir = scratch("combine-svd-rank");
+    let out = dir.join("out");
+    let a = format!("{}:1", arg(&case().join("a")));
+    // The adapted modules are q_proj [64, 64] and v_proj [48, 64]: 49 > 48.
+    for rank in ["18446744073709551615", "49"] {
+        let o = peft(&[
+            "combine",
+            "--adapter",
+            &a,
+            "--adapter",
+            &a,
+            "--combination",
+            "svd",
+            "--svd-rank",
+            rank,
+            "--out",
+            &arg(&out),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{rank}: {err}");
+        assert!(err.contains("svd_rank") && err.contains("min(in, out)"), "{rank}: {err}");
+        assert!(!out.exists());
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -116,8 +116,17 @@ pub fn combine(sources: &[(&HfAdapter, f64)], combination: Combination, seed: u6
         }
         let weighted: Vec<Weighted<'_, f32, &[f32]>> =
             loras.iter().zip(parts).map(|(lora, &(_, weight, _))| Weighted { lora, weight }).collect();
-        let mut a = vec![0.0f32; rank * m0.n_in];
-        let mut b = vec![0.0f32; m0.n_out * rank];
+        // The SVD of an `out x in` update has min(in, out) triplets: a larger
+        // rank is refused before anything is allocated from it.
+        if matches!(combination, Combination::Svd { .. }) && rank > m0.n_in.min(m0.n_out) {
+            return Err(HfError::Config {
+                field: "svd_rank".into(),
+                reason: format!("{rank} exceeds min(in, out) = {} of {name}", m0.n_in.min(m0.n_out)),
+            });
+        }
+        let too_large = || HfError::Core(peft_core::Error::Overflow);
+        let mut a = vec![0.0f32; rank.checked_mul(m0.n_in).ok_or_else(too_large)?];
+        let mut b = vec![0.0f32; m0.n_out.checked_mul(rank).ok_or_else(too_large)?];
         let mut scratch = vec![0.0f64; combine_scratch_len(&combination, &weighted, rank)];
         core_combine(&combination, &weighted, rank, &mut a, &mut b, &mut scratch, &mut rng)
             .map_err(|e| HfError::Tensor(format!("{name}: {e}")))?;
