@@ -978,7 +978,9 @@ impl Llama {
         max_new: usize,
     ) -> Result<Vec<u32>, HfError> {
         let mut cache = KvCache::new();
-        let mut out = Vec::with_capacity(max_new);
+        // Grown as tokens come: `max_new` is a bound, not a size to reserve
+        // (2^40 would ask for terabytes up front).
+        let mut out = Vec::with_capacity(max_new.min(1 << 12));
         let mut logits = self.forward(backend, ids, adapter, &mut cache)?;
         for _ in 0..max_new {
             let last = logits.len().saturating_sub(self.config.vocab_size);
