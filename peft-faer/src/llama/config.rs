@@ -49,7 +49,8 @@ impl LlamaConfig {
     ///
     /// # Errors
     /// [`HfError::Json`]; [`HfError::Config`] naming the field: a missing
-    /// or non-positive size, `model_type` other than `llama` (when given),
+    /// or non-positive size, a size above [`MAX_DIM`] ([`MAX_LAYERS`] for
+    /// `num_hidden_layers`) or a matrix above [`MAX_ELEMENTS`] values, `model_type` other than `llama` (when given),
     /// `hidden_act` other than `silu`, heads that do not divide, an odd
     /// `head_dim`, a non-finite or non-positive `rms_norm_eps` or
     /// `rope_theta`; [`HfError::Unsupported`] for RoPE scaling (`rope_type`
@@ -59,8 +60,10 @@ impl LlamaConfig {
         let v: Value = serde_json::from_str(text).map_err(HfError::json)?;
         let obj = v.as_object().ok_or_else(|| bad("config.json", "must be a JSON object"))?;
         let size = |f: &str| -> Result<usize, HfError> {
+            let max = if f == "num_hidden_layers" { MAX_LAYERS } else { MAX_DIM };
             match obj.get(f).and_then(Value::as_u64) {
-                Some(n) if n > 0 => usize::try_from(n).map_err(|_| bad(f, "too large")),
+                Some(n) if n > 0 && n <= max as u64 => Ok(n as usize),
+                Some(n) if n > 0 => Err(bad(f, &format!("{n} is above this reader's limit of {max}"))),
                 _ => Err(bad(f, "must be a positive integer")),
             }
         };
@@ -110,10 +113,26 @@ impl LlamaConfig {
             Some(v) => positive("rms_norm_eps", v.as_f64())?,
         };
         let rope_theta = rope_theta(obj)?;
+        // Every matrix's element count fits in memory's address range, so
+        // no later product of sizes overflows.
+        let intermediate_size = size("intermediate_size")?;
+        let vocab_size = size("vocab_size")?;
+        for (field, a, b) in [
+            ("head_dim", head_dim, num_heads),
+            ("vocab_size", vocab_size, hidden_size),
+            ("intermediate_size", intermediate_size, hidden_size),
+        ] {
+            if a.checked_mul(b).is_none_or(|n| n > MAX_ELEMENTS) {
+                return Err(bad(
+                    field,
+                    &format!("a {a} x {b} matrix is above this reader's limit of {MAX_ELEMENTS} values"),
+                ));
+            }
+        }
         Ok(Self {
-            vocab_size: size("vocab_size")?,
+            vocab_size,
             hidden_size,
-            intermediate_size: size("intermediate_size")?,
+            intermediate_size,
             num_layers: size("num_hidden_layers")?,
             num_heads,
             num_kv_heads,
@@ -126,6 +145,14 @@ impl LlamaConfig {
         })
     }
 }
+
+/// The largest size any one dimension (hidden, heads, vocabulary, ...) may
+/// have: `2^24` (the largest real models are below `2^18`).
+pub const MAX_DIM: usize = 1 << 24;
+/// The most layers a config may have: `2^16`.
+pub const MAX_LAYERS: usize = 1 << 16;
+/// The most values one matrix may hold: `2^34` (64 GiB of f32).
+pub const MAX_ELEMENTS: usize = 1 << 34;
 
 /// `rope_theta` from the top level or `rope_parameters`; RoPE scaling refused.
 fn rope_theta(obj: &Map<String, Value>) -> Result<f64, HfError> {
@@ -200,6 +227,18 @@ mod tests {
         let yarn = with(r#", "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}"#);
         assert!(matches!(yarn, Err(HfError::Unsupported(_))), "{yarn:?}");
         assert_eq!(field(with(r#", "rms_norm_eps": 0"#)), "rms_norm_eps");
+        // Sizes are bounded before anything is allocated from them (issue
+        // 27, class 3: 2^62 layers panicked, 1e9 asked for 832 GB).
+        let layers = BASE.replace(r#""num_hidden_layers": 2"#, r#""num_hidden_layers": 4611686018427387904"#);
+        assert_eq!(field(LlamaConfig::parse(&format!("{layers}}}"))), "num_hidden_layers");
+        let layers = BASE.replace(r#""num_hidden_layers": 2"#, r#""num_hidden_layers": 1000000000"#);
+        assert_eq!(field(LlamaConfig::parse(&format!("{layers}}}"))), "num_hidden_layers");
+        // head_dim x heads wrapped to 0 and panicked in inv_freq.
+        assert_eq!(field(with(r#", "head_dim": 4611686018427387904"#)), "head_dim");
+        let wide = BASE
+            .replace(r#""hidden_size": 64"#, r#""hidden_size": 16777216"#)
+            .replace(r#""vocab_size": 100"#, r#""vocab_size": 16777216"#);
+        assert_eq!(field(LlamaConfig::parse(&format!("{wide}, \"head_dim\": 16}}"))), "vocab_size");
     }
 
     /// What transformers loads, read as transformers reads it: an absent
