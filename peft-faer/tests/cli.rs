@@ -73,4 +73,15 @@ fn bad_arguments_are_rejected() {
     let out = Command::new(env!("CARGO_BIN_EXE_peft")).args(["finetune", "--method", "adalora"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("adalora"));
+    // A rank no projection can hold is refused, naming it, before a factor
+    // is allocated from it (issue 27, class 3: 1e8 asked for 25.6 GB).
+    let dir = std::env::temp_dir().join(format!("peft-test-cli-rank-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(["finetune", "--method", "lora", "--steps", "1", "--rank", "100000000", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("rank") && err.contains("100000000"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }

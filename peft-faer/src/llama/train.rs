@@ -86,6 +86,17 @@ pub enum MethodSetup {
 }
 
 impl MethodSetup {
+    /// The rank of the methods that have one.
+    fn rank(&self) -> Option<usize> {
+        match self {
+            MethodSetup::Lora { r, .. }
+            | MethodSetup::Loha { r, .. }
+            | MethodSetup::Lokr { r, .. }
+            | MethodSetup::Vera { r, .. } => Some(*r),
+            MethodSetup::Ia3 { .. } | MethodSetup::Prompt { .. } | MethodSetup::Prefix { .. } => None,
+        }
+    }
+
     fn targets(&self) -> &[String] {
         match self {
             MethodSetup::Lora { targets, .. }
@@ -210,6 +221,17 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
     let mut ad = HfAdapter::empty(config, Dtype::F32, BTreeMap::new());
     let mut rng = Rng::new(seed);
     let sites = sites(model, method)?;
+    // A rank is checked before any factor is allocated from it (a rank of
+    // 1e8 asked for gigabytes before the layers' own checks).
+    if let (Some(r), Some(s)) = (method.rank(), sites.iter().min_by_key(|s| s.weight.rows.max(s.weight.cols))) {
+        let side = s.weight.rows.max(s.weight.cols);
+        if r > side {
+            return Err(HfError::Config {
+                field: "rank".into(),
+                reason: format!("{r} is above {side}, the larger side of {}", s.name),
+            });
+        }
+    }
     match method {
         MethodSetup::Lora { r, alpha, dora, .. } => {
             for s in sites {
