@@ -116,17 +116,8 @@ pub fn combine(sources: &[(&HfAdapter, f64)], combination: Combination, seed: u6
         }
         let weighted: Vec<Weighted<'_, f32, &[f32]>> =
             loras.iter().zip(parts).map(|(lora, &(_, weight, _))| Weighted { lora, weight }).collect();
-        // The SVD of an `out x in` update has min(in, out) triplets: a larger
-        // rank is refused before anything is allocated from it.
-        if matches!(combination, Combination::Svd { .. }) && rank > m0.n_in.min(m0.n_out) {
-            return Err(HfError::Config {
-                field: "svd_rank".into(),
-                reason: format!("{rank} exceeds min(in, out) = {} of {name}", m0.n_in.min(m0.n_out)),
-            });
-        }
-        let too_large = || HfError::Core(peft_core::Error::Overflow);
-        let mut a = vec![0.0f32; rank.checked_mul(m0.n_in).ok_or_else(too_large)?];
-        let mut b = vec![0.0f32; m0.n_out.checked_mul(rank).ok_or_else(too_large)?];
+        let (na, nb) = factor_lens(&combination, rank, m0, name)?;
+        let (mut a, mut b) = (vec![0.0f32; na], vec![0.0f32; nb]);
         let mut scratch = vec![0.0f64; combine_scratch_len(&combination, &weighted, rank)];
         core_combine(&combination, &weighted, rank, &mut a, &mut b, &mut scratch, &mut rng)
             .map_err(|e| HfError::Tensor(format!("{name}: {e}")))?;
@@ -175,4 +166,19 @@ fn union_targets<'a>(targets: impl Iterator<Item = &'a Targets>) -> Result<Value
     } else {
         Err(HfError::Unsupported("combining adapters whose `target_modules` mix lists and regular expressions".into()))
     }
+}
+
+/// The lengths of the combined `A [rank, in]` and `B [out, rank]` of
+/// module `name`, checked before anything is allocated from them: the SVD
+/// of an `out x in` update has `min(in, out)` triplets, so a larger rank is
+/// refused naming `svd_rank`.
+fn factor_lens(combination: &Combination, rank: usize, m: &LoraModule, name: &str) -> Result<(usize, usize), HfError> {
+    if matches!(combination, Combination::Svd { .. }) && rank > m.n_in.min(m.n_out) {
+        return Err(HfError::Config {
+            field: "svd_rank".into(),
+            reason: format!("{rank} exceeds min(in, out) = {} of {name}", m.n_in.min(m.n_out)),
+        });
+    }
+    let too_large = || HfError::Core(peft_core::Error::Overflow);
+    Ok((rank.checked_mul(m.n_in).ok_or_else(too_large)?, m.n_out.checked_mul(rank).ok_or_else(too_large)?))
 }
