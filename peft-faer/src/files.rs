@@ -86,6 +86,9 @@ pub enum OutputError {
         /// The input it would destroy.
         input: PathBuf,
     },
+    /// The output exists and is not a regular file or a folder (a
+    /// device, a FIFO, a socket): never replaced, even with `force`.
+    NotAFile(PathBuf),
     /// A file-system error on a path.
     Io(PathBuf, std::io::Error),
 }
@@ -97,6 +100,11 @@ impl std::fmt::Display for OutputError {
             OutputError::IsInput { output, input } => {
                 write!(f, "refusing to write {}: it would overwrite the input {}", output.display(), input.display())
             }
+            OutputError::NotAFile(p) => write!(
+                f,
+                "refusing to write {}: it is not a regular file or a folder (a device, FIFO or socket), even with --force",
+                p.display()
+            ),
             OutputError::Io(p, e) => write!(f, "{}: {e}", p.display()),
         }
     }
@@ -123,8 +131,10 @@ fn resolve(path: &Path) -> std::io::Result<PathBuf> {
 /// `force`: see the module docs.
 ///
 /// # Errors
-/// [`OutputError::IsInput`] naming the input; [`OutputError::Exists`];
-/// [`OutputError::Io`] if the output's folder cannot be resolved.
+/// [`OutputError::IsInput`] naming the input; [`OutputError::NotAFile`]
+/// for a device, FIFO or socket (whatever `force` says);
+/// [`OutputError::Exists`]; [`OutputError::Io`] if the output's folder
+/// cannot be resolved.
 pub fn check_output(output: &Path, inputs: &[&Path], force: bool) -> Result<(), OutputError> {
     let out = resolve(output).map_err(io_at(output))?;
     for &input in inputs {
@@ -137,8 +147,14 @@ pub fn check_output(output: &Path, inputs: &[&Path], force: bool) -> Result<(), 
             return Err(OutputError::IsInput { output: output.to_path_buf(), input: input.to_path_buf() });
         }
     }
-    if out.symlink_metadata().is_ok() && !force {
-        return Err(OutputError::Exists(output.to_path_buf()));
+    if let Ok(m) = out.symlink_metadata() {
+        let kind = m.file_type();
+        if !(kind.is_file() || kind.is_dir() || kind.is_symlink()) {
+            return Err(OutputError::NotAFile(output.to_path_buf()));
+        }
+        if !force {
+            return Err(OutputError::Exists(output.to_path_buf()));
+        }
     }
     Ok(())
 }
@@ -381,6 +397,23 @@ mod tests {
         check_output(&other, &[&input], true).unwrap();
         check_output(&d.join("new.bin"), &[&input], false).unwrap();
         std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn devices_and_fifos_are_never_replaced_even_with_force() {
+        // As root, `--out /dev/null --force` would have replaced the
+        // system's /dev/null with a regular file (issue 27, class 5).
+        for force in [false, true] {
+            let e = check_output(Path::new("/dev/null"), &[], force).unwrap_err();
+            assert!(matches!(e, OutputError::NotAFile(_)), "{e}");
+        }
+        let dir = scratch("fifo");
+        let fifo = dir.join("pipe");
+        if std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success()) {
+            assert!(matches!(check_output(&fifo, &[], true), Err(OutputError::NotAFile(_))));
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -138,6 +138,7 @@ impl From<OutputError> for HfError {
         match e {
             OutputError::Exists(p) => HfError::OutputExists(p),
             OutputError::IsInput { output, input } => HfError::OutputIsInput { output, input },
+            e @ OutputError::NotAFile(_) => HfError::Base(e.to_string()),
             OutputError::Io(p, e) => HfError::Io(p, e),
         }
     }
