@@ -330,7 +330,8 @@ pub fn train_all(
         model_dir: model_dir.to_path_buf(),
         base_loss,
         runs,
-        base_identical: *model == frozen,
+        // Bit for bit: a NaN weight is not a change (`==` would say so).
+        base_identical: model.bit_identical(&frozen),
     })
 }
 

@@ -700,6 +700,37 @@ impl Llama {
         self.run(backend, ids, adapter, &mut KvCache::new(), Some(trace))
     }
 
+    /// Whether `other` holds the same weights bit for bit (a NaN weight
+    /// equals itself here, where `==` would call the models different).
+    pub fn bit_identical(&self, other: &Self) -> bool {
+        let bits =
+            |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        let matrix = |a: &Matrix, b: &Matrix| (a.rows, a.cols) == (b.rows, b.cols) && a.data.same_bits(&b.data);
+        let linear = |a: &Linear, b: &Linear| {
+            matrix(&a.weight, &b.weight)
+                && match (&a.bias, &b.bias) {
+                    (Some(x), Some(y)) => bits(x, y),
+                    (None, None) => true,
+                    _ => false,
+                }
+        };
+        let heads = match (&self.lm_head, &other.lm_head) {
+            (Some(a), Some(b)) => matrix(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        self.config == other.config
+            && matrix(&self.embed, &other.embed)
+            && heads
+            && bits(&self.norm, &other.norm)
+            && self.layers.len() == other.layers.len()
+            && self.layers.iter().zip(&other.layers).all(|(a, b)| {
+                bits(&a.input_norm, &b.input_norm)
+                    && bits(&a.post_norm, &b.post_norm)
+                    && a.proj.iter().zip(&b.proj).all(|(x, y)| linear(x, y))
+            })
+    }
+
     /// Puts every tensor `adapter` replaces whole (PEFT's `modules_to_save`
     /// copies, and the biases `bias = "all" | "lora_only"` trained) in
     /// place of the checkpoint's: what PEFT runs. A tied model keeps its

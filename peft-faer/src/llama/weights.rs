@@ -39,6 +39,20 @@ pub struct Matrix {
     pub data: OwnedWeight,
 }
 
+impl OwnedWeight {
+    /// Whether `self` and `other` hold the same format and the same bits
+    /// (a NaN equals itself here, unlike `==`).
+    pub fn same_bits(&self, other: &Self) -> bool {
+        let f32_bits =
+            |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        match (self, other) {
+            (OwnedWeight::F32(a), OwnedWeight::F32(b)) => f32_bits(a, b),
+            (OwnedWeight::Int8(a, sa), OwnedWeight::Int8(b, sb)) => a == b && f32_bits(sa, sb),
+            _ => self == other,
+        }
+    }
+}
+
 impl Matrix {
     /// Reads the matrix `name` of `base`, which must be `[rows, cols]` in a
     /// float or quantized format.
