@@ -1,5 +1,7 @@
 //! LoHa in PEFT's files: the module as read, and its reader.
 
+use peft_core::loha::Loha;
+use peft_core::lora::LoraConfig;
 use safetensors::Dtype;
 
 use super::keys::{Groups, Reader, group, saved, suffixes};
@@ -28,6 +30,18 @@ pub struct LohaModule {
 
 /// LoHa's tensor names, in [`LohaModule::factors`]' order.
 pub const LOHA_KEYS: [&str; 4] = peft_core::loha::KEYS;
+
+impl LohaModule {
+    /// `peft-core`'s LoHa over this module's factors.
+    ///
+    /// # Errors
+    /// `peft-core`'s validation.
+    pub fn layer(&self) -> Result<Loha<f32, &[f32]>, HfError> {
+        let [f0, f1, f2, f3] = &self.factors;
+        let cfg = LoraConfig::new(self.r, self.alpha);
+        Ok(Loha::new(&cfg, self.n_in, self.n_out, [&f0[..], &f1[..], &f2[..], &f3[..]])?)
+    }
+}
 
 impl HfAdapter {
     pub(super) fn read_loha(&mut self, lc: &LohaConfig, file: &StFile, read: Reader<'_>) -> Result<(), HfError> {

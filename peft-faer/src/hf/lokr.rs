@@ -1,6 +1,8 @@
 //! LoKr in PEFT's files: the module as read (each factor full or low
 //! rank), and its reader.
 
+use peft_core::lokr::{Factor, Lokr};
+use peft_core::lora::LoraConfig;
 use safetensors::Dtype;
 
 use super::keys::{Groups, Reader, group, saved, suffixes};
@@ -30,6 +32,23 @@ pub struct LokrModule {
 }
 
 impl LokrModule {
+    /// `peft-core`'s LoKr over this module's factors (each full or low
+    /// rank, as stored).
+    ///
+    /// # Errors
+    /// `peft-core`'s validation.
+    pub fn layer(&self) -> Result<Lokr<f32, &[f32]>, HfError> {
+        fn factor(f: &[Vec<f32>]) -> Factor<&[f32]> {
+            match f {
+                [a, b] => Factor::LowRank(&a[..], &b[..]),
+                [full, ..] => Factor::Full(&full[..]),
+                [] => Factor::Full(&[][..]),
+            }
+        }
+        let cfg = LoraConfig::new(self.r, self.alpha);
+        Ok(Lokr::new(&cfg, self.d1, self.d2, factor(&self.w1), factor(&self.w2))?)
+    }
+
     /// `(out, in) = (a b, c d)`.
     pub fn dims(&self) -> (usize, usize) {
         (self.d1.0 * self.d2.0, self.d1.1 * self.d2.1)

@@ -1,7 +1,9 @@
 //! LoRA (with DoRA, `lora_bias` and LoRA on embeddings) in PEFT's files:
 //! the module as read, and its reader.
 
+use peft_core::dora::Dora;
 use peft_core::lora::config::module_matches;
+use peft_core::lora::{Lora, LoraConfig};
 use safetensors::Dtype;
 
 use super::keys::{Groups, Reader, group, saved};
@@ -41,6 +43,35 @@ pub struct LoraModule {
     /// stored in (an absent tensor's slot repeats `B`'s): each tensor is
     /// written back in its own type.
     pub dtypes: [Dtype; 4],
+}
+
+impl LoraModule {
+    /// `peft-core`'s LoRA over this module's tensors, with its resolved
+    /// scale and its `lora_bias`: what the host runs and the merge adds.
+    ///
+    /// # Errors
+    /// `peft-core`'s validation (a rank above `min(in, out)`, factors of
+    /// the wrong length).
+    pub fn lora(&self) -> Result<Lora<f32, &[f32]>, HfError> {
+        let layer = Lora::new(&LoraConfig::new(self.r, self.alpha), self.n_in, self.n_out, &self.a[..], &self.b[..])?
+            .with_scale(self.scale)?;
+        Ok(match &self.lora_bias {
+            Some(lb) => layer.with_lora_bias(&lb[..])?,
+            None => layer,
+        })
+    }
+
+    /// `peft-core`'s DoRA over this module's tensors (its magnitude, or an
+    /// empty one, which `Dora::new` refuses), with its resolved scale and
+    /// the norm cache `norms [out]` (stale until refreshed).
+    ///
+    /// # Errors
+    /// As [`LoraModule::lora`]; a magnitude or cache of the wrong length.
+    pub fn dora<C: AsRef<[f32]>>(&self, norms: C) -> Result<Dora<f32, &[f32], C>, HfError> {
+        let mag = self.magnitude.as_deref().unwrap_or(&[]);
+        let cfg = LoraConfig::new(self.r, self.alpha);
+        Ok(Dora::new(&cfg, self.n_in, self.n_out, &self.a[..], &self.b[..], mag, norms)?.with_scale(self.scale)?)
+    }
 }
 
 impl HfAdapter {

@@ -36,8 +36,6 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use peft_core::delta::DeltaRows;
-use peft_core::dora::Dora;
-use peft_core::lora::Lora;
 use peft_core::method::{Direction, WeightUpdate};
 use peft_core::storage::Format;
 use peft_core::{Accum, Backend, MatMut, MatRef, Op};
@@ -674,58 +672,41 @@ impl Update<'_> {
                 let at = a.cols_range(i0, n).ok_or(peft_core::Error::Overflow)?;
                 backend.gemm(block, Accum::Add, at, Op::T, b, Op::T, s).map_err(be)
             }
-            Update::Lora(m, s, false) => {
-                let cfg = peft_core::lora::LoraConfig::new(m.r, m.alpha);
-                let lora = Lora::new(&cfg, m.n_in, m.n_out, &m.a[..], &m.b[..])?.with_scale(f64::from(s))?;
-                match &m.magnitude {
-                    // DoRA (the reader refused fan_in_fan_out): V = W + s B A,
-                    // then (m / ||V||) V, each row over the weight merged so far.
-                    Some(mag) => {
-                        // A merge forms its own norms: the cache is not read.
-                        let dora = Dora::new(&cfg, m.n_in, m.n_out, &m.a[..], &m.b[..], &mag[..], &mag[..])?;
-                        let dora = dora.with_scale(f64::from(s))?;
-                        dora.update_rows(backend, i0, block, None, Direction::Merge, grow(scratch, n)).map_err(be)
-                    }
-                    None => lora.update_rows(backend, i0, block, None, Direction::Merge, &mut []).map_err(be),
+            Update::Lora(m, s, false) => match &m.magnitude {
+                // DoRA (the reader refused fan_in_fan_out): V = W + s B A,
+                // then (m / ||V||) V, each row over the weight merged so far.
+                // A merge forms its own norms: the cache is not read.
+                Some(mag) => {
+                    let dora = m.dora(&mag[..])?.with_scale(f64::from(s))?;
+                    dora.update_rows(backend, i0, block, None, Direction::Merge, grow(scratch, n)).map_err(be)
                 }
-            }
+                None => {
+                    let lora = m.lora()?.with_scale(f64::from(s))?;
+                    lora.update_rows(backend, i0, block, None, Direction::Merge, &mut []).map_err(be)
+                }
+            },
             Update::Ia3(m) => {
                 let n_out = if m.feedforward { i0 + n } else { m.l.len() };
                 let layer = peft_core::ia3::Ia3::new(cols, n_out, m.feedforward, &m.l[..])?;
                 layer.update_rows(backend, i0, block, None, Direction::Merge, &mut []).map_err(be)
             }
             Update::Loha(m, factor) => {
-                let [f0, f1, f2, f3] = &m.factors;
-                let cfg = peft_core::lora::LoraConfig::new(m.r, m.alpha);
-                let loha = peft_core::loha::Loha::new(&cfg, m.n_in, m.n_out, [&f0[..], &f1[..], &f2[..], &f3[..]])?;
+                let loha = m.layer()?;
                 let sc = grow(scratch, loha.delta_scratch_len(n));
                 loha.delta_rows(backend, i0, block, Accum::Add, factor, sc).map_err(be)
             }
             Update::Lokr(m, factor) => {
-                let cfg = peft_core::lora::LoraConfig::new(m.r, m.alpha);
-                let lokr = peft_core::lokr::Lokr::new(&cfg, m.d1, m.d2, as_factor(&m.w1), as_factor(&m.w2))?;
+                let lokr = m.layer()?;
                 let sc = grow(scratch, lokr.delta_scratch_len(n));
                 lokr.delta_rows(backend, i0, block, Accum::Add, factor, sc).map_err(be)
             }
             Update::Vera(m, p, factor) => {
-                use peft_core::vera::{Vera, VeraProjection};
-                let proj = VeraProjection::new(p.r, p.max_in, p.max_out, &p.a[..], &p.b[..])?;
-                let vera = Vera::new(p.r, cols, m.n_out, &m.lambda_d[..], &m.lambda_b[..])?;
+                let (proj, vera) = (p.projection()?, m.layer(cols)?);
                 let layer = vera.bound(&proj);
                 let sc = grow(scratch, layer.delta_scratch_len(n));
                 layer.delta_rows(backend, i0, block, Accum::Add, factor, sc).map_err(be)
             }
         }
-    }
-}
-
-/// A LoKr factor's stored tensors as `peft-core`'s form.
-fn as_factor(f: &[Vec<f32>]) -> peft_core::lokr::Factor<&[f32]> {
-    use peft_core::lokr::Factor;
-    match f {
-        [full] => Factor::Full(&full[..]),
-        [a, b] => Factor::LowRank(&a[..], &b[..]),
-        _ => Factor::Full(&[][..]),
     }
 }
 

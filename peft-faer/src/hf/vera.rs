@@ -1,6 +1,7 @@
 //! VeRA in PEFT's files: the shared projections and the modules as read,
 //! and the reader.
 
+use peft_core::vera::{Vera, VeraProjection};
 use safetensors::Dtype;
 
 use super::keys::{Groups, Reader, group, saved};
@@ -47,6 +48,27 @@ pub struct VeraModule {
     pub n_out: usize,
     /// `lambda_d`'s and `lambda_b`'s element types.
     pub dtypes: [Dtype; 2],
+}
+
+impl VeraProjections {
+    /// `peft-core`'s shared projections over these tensors.
+    ///
+    /// # Errors
+    /// `peft-core`'s validation.
+    pub fn projection(&self) -> Result<VeraProjection<f32, &[f32]>, HfError> {
+        Ok(VeraProjection::new(self.r, self.max_in, self.max_out, &self.a[..], &self.b[..])?)
+    }
+}
+
+impl VeraModule {
+    /// `peft-core`'s VeRA vectors of this module on a layer of `n_in`
+    /// inputs (the base's: the adapter does not store it).
+    ///
+    /// # Errors
+    /// `peft-core`'s validation.
+    pub fn layer(&self, n_in: usize) -> Result<Vera<f32, &[f32]>, HfError> {
+        Ok(Vera::new(self.r, n_in, self.n_out, &self.lambda_d[..], &self.lambda_b[..])?)
+    }
 }
 
 impl HfAdapter {

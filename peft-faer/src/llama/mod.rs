@@ -52,7 +52,7 @@ use std::path::Path;
 
 use peft_core::LinearAdapter;
 use peft_core::attention::{AttentionShape, Mask, Prefix};
-use peft_core::lora::{Lora, LoraConfig, LoraEmbedding};
+use peft_core::lora::{LoraConfig, LoraEmbedding};
 use peft_core::storage::StoredLinear;
 use peft_core::{Accum, Backend, MatMut, MatRef};
 
@@ -426,7 +426,7 @@ impl<'a> LlamaAdapter<'a> {
             Ok(())
         };
         match &adapter.config {
-            PeftConfig::Lora(lc) => {
+            PeftConfig::Lora(_) => {
                 for m in &adapter.modules {
                     let (d, vocab) = (c.hidden_size, c.vocab_size);
                     let whole_model = match (m.name.as_str(), m.embedding) {
@@ -452,7 +452,7 @@ impl<'a> LlamaAdapter<'a> {
                         )));
                     }
                     let module = match m.magnitude {
-                        Some(_) => Module::Dora(m, LoraConfig::new(m.r, m.alpha).with_rslora(lc.use_rslora)),
+                        Some(_) => Module::Dora(m),
                         None => Module::Lora(m),
                     };
                     place(&m.name, module, (m.n_out, m.n_in))?;
@@ -984,8 +984,7 @@ impl Llama {
             None => backend.stored_apply(&head, x, y, Accum::Replace).map_err(HfError::backend)?,
             Some(m) => {
                 // LoRA on lm_head: peft-core's forward over the stored head.
-                let layer =
-                    Lora::new(&LoraConfig::new(m.r, m.alpha), d, vocab, &m.a[..], &m.b[..])?.with_scale(m.scale)?;
+                let layer = m.lora()?;
                 let mut sc = vec![0.0f32; layer.forward_scratch_len(n)];
                 layer.forward(backend, &StoredLinear::new(head), x, y, &mut sc).map_err(HfError::backend)?;
             }

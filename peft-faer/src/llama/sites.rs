@@ -12,11 +12,11 @@
 //! PEFT, which detaches the norm.
 use peft_core::dora::{Dora, DoraGrads};
 use peft_core::ia3::Ia3;
-use peft_core::loha::{Loha, LohaGrads};
-use peft_core::lokr::{Factor, Lokr, LokrGrads};
-use peft_core::lora::{Lora, LoraConfig, LoraGrads};
+use peft_core::loha::LohaGrads;
+use peft_core::lokr::{Factor, LokrGrads};
+use peft_core::lora::LoraGrads;
 use peft_core::storage::StoredLinear;
-use peft_core::vera::{Vera, VeraGrads, VeraProjection};
+use peft_core::vera::VeraGrads;
 use peft_core::{Accum, Backend, FrozenLinear, LinearAdapter, MatMut, MatRef};
 
 use super::Linear;
@@ -29,8 +29,8 @@ pub enum Module<'a> {
     /// LoRA: `y = x W^T + b + s (x A^T) B^T (+ s lora_bias)`.
     Lora(&'a LoraModule),
     /// DoRA: `y = (m / ||W + s B A||) * (x (W + s B A)^T) + b` (row norms),
-    /// with its LoRA configuration (rank, alpha, rsLoRA).
-    Dora(&'a LoraModule, LoraConfig<'static>),
+    /// at the module's resolved scale.
+    Dora(&'a LoraModule),
     /// (IA)^3: `y = (x W^T + b) * l`, or `(x * l) W^T + b` (feedforward).
     Ia3(&'a Ia3Module),
     /// LoHa: `dW = s (W1a W1b) * (W2a W2b)`.
@@ -50,21 +50,12 @@ impl Module<'_> {
     pub fn tensor_lens(&self) -> Vec<usize> {
         match self {
             Module::Lora(m) => vec![m.a.len(), m.b.len()],
-            Module::Dora(m, _) => vec![m.a.len(), m.b.len(), m.magnitude.as_ref().map_or(0, Vec::len)],
+            Module::Dora(m) => vec![m.a.len(), m.b.len(), m.magnitude.as_ref().map_or(0, Vec::len)],
             Module::Ia3(m) => vec![m.l.len()],
             Module::Loha(m) => m.factors.iter().map(Vec::len).collect(),
             Module::Lokr(m) => m.w1.iter().chain(&m.w2).map(Vec::len).collect(),
             Module::Vera(m, _) => vec![m.lambda_d.len(), m.lambda_b.len()],
         }
-    }
-}
-
-/// A LoKr factor's stored tensors as `peft-core`'s form.
-fn factor(f: &[Vec<f32>]) -> Factor<&[f32]> {
-    match f {
-        [a, b] => Factor::LowRank(&a[..], &b[..]),
-        [full, ..] => Factor::Full(&full[..]),
-        [] => Factor::Full(&[][..]),
     }
 }
 
@@ -110,16 +101,6 @@ fn base(lin: &Linear) -> Result<StoredLinear<'_, f32>, HfError> {
     })
 }
 
-/// LoRA's layer over the module's tensors, with its resolved scale and
-/// `lora_bias`.
-fn lora(m: &LoraModule) -> Result<Lora<f32, &[f32]>, HfError> {
-    let layer = Lora::new(&LoraConfig::new(m.r, m.alpha), m.n_in, m.n_out, &m.a[..], &m.b[..])?.with_scale(m.scale)?;
-    Ok(match &m.lora_bias {
-        Some(lb) => layer.with_lora_bias(&lb[..])?,
-        None => layer,
-    })
-}
-
 /// DoRA over a module's tensors, its norm cache in a [`SiteScratch`].
 type HostedDora<'a> = Dora<f32, &'a [f32], &'a mut [f32]>;
 
@@ -129,13 +110,9 @@ fn dora<'a, B: Backend<f32> + ?Sized>(
     backend: &B,
     base: &StoredLinear<'_, f32>,
     m: &'a LoraModule,
-    cfg: &LoraConfig<'_>,
     ws: &'a mut SiteScratch,
 ) -> Result<(HostedDora<'a>, &'a mut Vec<f32>), HfError> {
-    let mag = m.magnitude.as_deref().unwrap_or(&[]);
-    let norms = grow(&mut ws.norms, m.n_out);
-    let layer = Dora::new(cfg, m.n_in, m.n_out, &m.a[..], &m.b[..], mag, norms)?;
-    let mut layer = layer.with_scale(m.scale)?;
+    let mut layer = m.dora(grow(&mut ws.norms, m.n_out))?;
     let need = layer.prepare_scratch_len(base);
     layer.prepare(backend, base, grow(&mut ws.scratch, need)).map_err(HfError::backend)?;
     Ok((layer, &mut ws.scratch))
@@ -191,26 +168,24 @@ pub(super) fn forward<B: Backend<f32> + ?Sized>(
     let y = MatMut::new(y, n, n_out)?;
     match module {
         None => base.forward(backend, x, y).map_err(HfError::backend),
-        Some(Module::Lora(m)) => run_forward(backend, &base, &lora(m)?, x, y, &mut ws.scratch),
-        Some(Module::Dora(m, cfg)) => {
-            let (layer, scratch) = dora(backend, &base, m, &cfg, ws)?;
+        Some(Module::Lora(m)) => run_forward(backend, &base, &m.lora()?, x, y, &mut ws.scratch),
+        Some(Module::Dora(m)) => {
+            let (layer, scratch) = dora(backend, &base, m, ws)?;
             run_forward(backend, &base, &layer, x, y, scratch)
         }
         Some(Module::Ia3(m)) => {
             run_forward(backend, &base, &Ia3::new(n_in, n_out, m.feedforward, &m.l[..])?, x, y, &mut ws.scratch)
         }
         Some(Module::Loha(m)) => {
-            let [f0, f1, f2, f3] = &m.factors;
-            let layer = Loha::new(&LoraConfig::new(m.r, m.alpha), n_in, n_out, [&f0[..], &f1[..], &f2[..], &f3[..]])?;
+            let layer = m.layer()?;
             run_forward(backend, &base, &layer, x, y, &mut ws.scratch)
         }
         Some(Module::Lokr(m)) => {
-            let layer = Lokr::new(&LoraConfig::new(m.r, m.alpha), m.d1, m.d2, factor(&m.w1), factor(&m.w2))?;
+            let layer = m.layer()?;
             run_forward(backend, &base, &layer, x, y, &mut ws.scratch)
         }
         Some(Module::Vera(m, p)) => {
-            let proj = VeraProjection::new(p.r, p.max_in, p.max_out, &p.a[..], &p.b[..])?;
-            let layer = Vera::new(m.r, n_in, n_out, &m.lambda_d[..], &m.lambda_b[..])?;
+            let (proj, layer) = (p.projection()?, m.layer(n_in)?);
             run_forward(backend, &base, &layer.bound(&proj), x, y, &mut ws.scratch)
         }
     }
@@ -238,12 +213,12 @@ pub(super) fn backward<B: Backend<f32> + ?Sized>(
         Module::Lora(m) => {
             let [ga, gb] = grads else { return Err(bad()) };
             let g = LoraGrads::new(&mut ga[..], &mut gb[..]);
-            run_backward(backend, &base, &lora(m)?, x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
+            run_backward(backend, &base, &m.lora()?, x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
         }
-        Module::Dora(m, cfg) => {
+        Module::Dora(m) => {
             let [ga, gb, gm] = grads else { return Err(bad()) };
             let mut dx = core::mem::take(&mut ws.dx);
-            let (layer, scratch) = dora(backend, &base, m, &cfg, ws)?;
+            let (layer, scratch) = dora(backend, &base, m, ws)?;
             let g = DoraGrads { a: &mut ga[..], b: &mut gb[..], magnitude: &mut gm[..] };
             let done = run_backward(backend, &base, &layer, x, gy, gx, g, scratch, &mut dx);
             ws.dx = dx;
@@ -256,20 +231,18 @@ pub(super) fn backward<B: Backend<f32> + ?Sized>(
         }
         Module::Loha(m) => {
             let [g0, g1, g2, g3] = grads else { return Err(bad()) };
-            let [f0, f1, f2, f3] = &m.factors;
-            let layer = Loha::new(&LoraConfig::new(m.r, m.alpha), n_in, n_out, [&f0[..], &f1[..], &f2[..], &f3[..]])?;
+            let layer = m.layer()?;
             let g = LohaGrads { w1a: &mut g0[..], w1b: &mut g1[..], w2a: &mut g2[..], w2b: &mut g3[..] };
             run_backward(backend, &base, &layer, x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
         }
         Module::Lokr(m) => {
-            let layer = Lokr::new(&LoraConfig::new(m.r, m.alpha), m.d1, m.d2, factor(&m.w1), factor(&m.w2))?;
+            let layer = m.layer()?;
             let g = factor_grads(m, grads).ok_or_else(bad)?;
             run_backward(backend, &base, &layer, x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
         }
         Module::Vera(m, p) => {
             let [gd, gb] = grads else { return Err(bad()) };
-            let proj = VeraProjection::new(p.r, p.max_in, p.max_out, &p.a[..], &p.b[..])?;
-            let layer = Vera::new(m.r, n_in, n_out, &m.lambda_d[..], &m.lambda_b[..])?;
+            let (proj, layer) = (p.projection()?, m.layer(n_in)?);
             let g = VeraGrads { lambda_d: &mut gd[..], lambda_b: &mut gb[..] };
             run_backward(backend, &base, &layer.bound(&proj), x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
         }
