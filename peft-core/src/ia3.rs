@@ -30,7 +30,7 @@ use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len};
 use crate::lora::ParamReport;
 use crate::matrix::{MatMut, MatRef, checked_len};
-use crate::method::{Direction, LinearAdapter, UpdateKind, WeightUpdate};
+use crate::method::{BackwardPass, Direction, ForwardPass, LinearAdapter, Pass, UpdateKind, WeightUpdate};
 
 /// An (IA)^3 vector for a linear layer `in -> out`: `l [out]` on the
 /// output, or `l [in]` on the input of a feedforward layer.
@@ -129,12 +129,9 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Ia3<E, S> {
     /// `y = (x W^T + b) * l`, or `y = (x * l) W^T + b` when feedforward.
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
-        backend: &B,
-        base: &L,
-        x: MatRef<'_, E>,
-        mut y: MatMut<'_, E>,
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+        pass: ForwardPass<'_, E, B, L>,
+    ) -> Pass<E, B> {
+        let ForwardPass { backend, base, x, mut y, scratch } = pass;
         let need = self.forward_scratch_len(x.rows());
         if self.feedforward {
             let xs = scratch.get_mut(..need).ok_or(Error::ScratchTooSmall { needed: need, len: 0 })?;
@@ -154,16 +151,12 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Ia3<E, S> {
 
     /// Accumulates `dL/dl` into `grad_l` and, if `grad_x` is given, writes
     /// `dL/dx` into it (formulas in the [module docs](self)).
-    fn run_backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
-        &self,
-        backend: &B,
-        base: &L,
-        x: MatRef<'_, E>,
-        grad_y: MatRef<'_, E>,
-        grad_x: Option<MatMut<'_, E>>,
-        grad_l: &mut [E],
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Pass<E, B>
+    where
+        B: Backend<E> + ?Sized,
+        L: FrozenLinear<E> + ?Sized,
+    {
+        let BackwardPass { backend, base, x, grad_y, grad_x, grads: grad_l, scratch } = pass;
         let (tokens, n_in, n_out) = (x.rows(), self.in_features, self.out_features);
         if self.feedforward {
             // u = G W;  dl_j += sum_t x_tj u_tj;  dx = u * l

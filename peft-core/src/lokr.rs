@@ -29,7 +29,7 @@ use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len, check_scratch};
 use crate::lora::LoraConfig;
 use crate::matrix::{MatMut, MatRef, checked_len};
-use crate::method::LinearAdapter;
+use crate::method::{BackwardPass, ForwardPass, LinearAdapter, Pass};
 use crate::rng::Rng;
 
 /// PEFT's (LyCORIS') `factorization(n, f)`: `(m, k)` with `m k = n`,
@@ -292,12 +292,9 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Lokr<E, S> {
     /// `y = x W^T + b + x dW^T`.
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
-        backend: &B,
-        base: &L,
-        x: MatRef<'_, E>,
-        mut y: MatMut<'_, E>,
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+        pass: ForwardPass<'_, E, B, L>,
+    ) -> Pass<E, B> {
+        let ForwardPass { backend, base, x, mut y, scratch } = pass;
         let (o, i) = self.dims();
         base.forward(backend, x, y.rb_mut())?;
         let (dw, rest) = scratch.split_at_mut(o * i);
@@ -307,16 +304,12 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Lokr<E, S> {
 
     /// Accumulates the factors' gradients and, if `grad_x` is given,
     /// writes `dL/dx = G W + G dW` (formulas in the [module docs](self)).
-    fn run_backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
-        &self,
-        backend: &B,
-        base: &L,
-        x: MatRef<'_, E>,
-        grad_y: MatRef<'_, E>,
-        grad_x: Option<MatMut<'_, E>>,
-        grads: LokrGrads<'_, E>,
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Pass<E, B>
+    where
+        B: Backend<E> + ?Sized,
+        L: FrozenLinear<E> + ?Sized,
+    {
+        let BackwardPass { backend, base, x, grad_y, grad_x, grads, scratch } = pass;
         let ((o, i), r) = (self.dims(), self.rank);
         let ((a, c), (b, d)) = (self.d1, self.d2);
         let (n1, n2) = (a * c, b * d);

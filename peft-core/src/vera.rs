@@ -47,7 +47,7 @@ use crate::error::{Error, Operand, Result, check_len, check_scratch};
 use crate::ia3::{column_dots, scale_columns};
 use crate::lora::ParamReport;
 use crate::matrix::{MatMut, MatRef, checked_len};
-use crate::method::LinearAdapter;
+use crate::method::{BackwardPass, ForwardPass, LinearAdapter, Pass};
 use crate::rng::Rng;
 
 /// PEFT's default `d_initial`: the starting value of every `lambda_d`.
@@ -276,12 +276,9 @@ impl<E: Element, S: AsRef<[E]>, P: AsRef<[E]>> LinearAdapter<E> for BoundVera<'_
     /// another rank or too small for the layer, before anything is written.
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
-        backend: &B,
-        base: &L,
-        x: MatRef<'_, E>,
-        mut y: MatMut<'_, E>,
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+        pass: ForwardPass<'_, E, B, L>,
+    ) -> Pass<E, B> {
+        let ForwardPass { backend, base, x, mut y, scratch } = pass;
         let (vera, proj) = (self.vera, self.proj);
         let (t, r, o) = (x.rows(), vera.rank, vera.out_features);
         vera.check_projection(proj)?;
@@ -306,16 +303,12 @@ impl<E: Element, S: AsRef<[E]>, P: AsRef<[E]>> LinearAdapter<E> for BoundVera<'_
     /// The gradients of `lambda_d` and `lambda_b` (formulas in the [module
     /// docs](self)); the projections get none. Refuses projections that do
     /// not fit, as the forward does.
-    fn run_backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
-        &self,
-        backend: &B,
-        base: &L,
-        x: MatRef<'_, E>,
-        grad_y: MatRef<'_, E>,
-        grad_x: Option<MatMut<'_, E>>,
-        grads: VeraGrads<'_, E>,
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Pass<E, B>
+    where
+        B: Backend<E> + ?Sized,
+        L: FrozenLinear<E> + ?Sized,
+    {
+        let BackwardPass { backend, base, x, grad_y, grad_x, grads, scratch } = pass;
         let (vera, proj) = (self.vera, self.proj);
         let (t, r, o, i) = (x.rows(), vera.rank, vera.out_features, vera.in_features);
         vera.check_projection(proj)?;

@@ -16,7 +16,8 @@ use crate::backend::{Accum, Backend};
 use crate::base::FrozenLinear;
 use crate::element::Element;
 use crate::lora::LoraGrads;
-use crate::matrix::{MatMut, MatRef, checked_len};
+use crate::matrix::{MatMut, checked_len};
+use crate::method::{BackwardPass, Pass};
 
 /// Gradient buffers of a DoRA adapter, accumulated into (`+=`).
 #[derive(Debug)]
@@ -42,17 +43,12 @@ impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]>> Dora<E, S, C> {
     /// [`LinearAdapter::backward`](crate::method::LinearAdapter::backward);
     /// [`Error::InvalidParameter`](crate::Error::InvalidParameter) for a
     /// stale cache.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn backward_cached<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
-        &self,
-        backend: &B,
-        base: &L,
-        x: MatRef<'_, E>,
-        grad_y: MatRef<'_, E>,
-        grad_x: Option<MatMut<'_, E>>,
-        grads: DoraGrads<'_, E>,
-        scratch: &mut [E],
-    ) -> Result<(), B::Error> {
+    pub(super) fn backward_cached<B, L>(&self, pass: BackwardPass<'_, E, B, L, DoraGrads<'_, E>>) -> Pass<E, B>
+    where
+        B: Backend<E> + ?Sized,
+        L: FrozenLinear<E> + ?Sized,
+    {
+        let BackwardPass { backend, base, x, grad_y, grad_x, grads, scratch } = pass;
         let lora = &self.lora;
         let (tokens, n_out) = (x.rows(), lora.out_features());
         self.check_fresh()?;

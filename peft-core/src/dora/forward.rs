@@ -11,7 +11,8 @@ use super::Dora;
 use crate::backend::{Accum, Backend};
 use crate::base::{FrozenLinear, add_bias};
 use crate::element::Element;
-use crate::matrix::{MatMut, MatRef};
+use crate::matrix::MatMut;
+use crate::method::{ForwardPass, Pass};
 
 /// Scratch elements DoRA's forward needs: LoRA's, `tokens * r`.
 pub const fn forward_scratch_len(tokens: usize, rank: usize) -> usize {
@@ -24,14 +25,12 @@ impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]>> Dora<E, S, C> {
     /// [`LinearAdapter::forward`](crate::method::LinearAdapter::forward);
     /// [`Error::InvalidParameter`](crate::Error::InvalidParameter) (`"DoRA
     /// norms"`) for a stale cache.
-    pub(super) fn forward_cached<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
-        &self,
-        backend: &B,
-        base: &L,
-        x: MatRef<'_, E>,
-        mut y: MatMut<'_, E>,
-        scratch: &mut [E],
-    ) -> Result<(), B::Error> {
+    pub(super) fn forward_cached<B, L>(&self, pass: ForwardPass<'_, E, B, L>) -> Pass<E, B>
+    where
+        B: Backend<E> + ?Sized,
+        L: FrozenLinear<E> + ?Sized,
+    {
+        let ForwardPass { backend, base, x, mut y, scratch } = pass;
         let lora = &self.lora;
         self.check_fresh()?;
         base.apply(backend, x, y.rb_mut(), Accum::Replace)?;

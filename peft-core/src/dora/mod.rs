@@ -41,9 +41,8 @@ use crate::base::FrozenLinear;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len, check_scratch};
 use crate::lora::{Lora, LoraConfig, ParamReport};
-use crate::matrix::MatRef;
 use crate::matrix::{MatMut, checked_len};
-use crate::method::LinearAdapter;
+use crate::method::{BackwardPass, ForwardPass, LinearAdapter, Pass};
 use crate::rng::Rng;
 
 pub use backward::{DoraGrads, backward_scratch_len};
@@ -282,26 +281,17 @@ impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]> + AsMut<[E]>> LinearAdapter<E> for
 
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
-        backend: &B,
-        base: &L,
-        x: MatRef<'_, E>,
-        y: MatMut<'_, E>,
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
-        Dora::forward_cached(self, backend, base, x, y, scratch)
+        pass: ForwardPass<'_, E, B, L>,
+    ) -> Pass<E, B> {
+        self.forward_cached(pass)
     }
 
-    fn run_backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
-        &self,
-        backend: &B,
-        base: &L,
-        x: MatRef<'_, E>,
-        grad_y: MatRef<'_, E>,
-        grad_x: Option<MatMut<'_, E>>,
-        grads: DoraGrads<'_, E>,
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
-        Dora::backward_cached(self, backend, base, x, grad_y, grad_x, grads, scratch)
+    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Pass<E, B>
+    where
+        B: Backend<E> + ?Sized,
+        L: FrozenLinear<E> + ?Sized,
+    {
+        self.backward_cached(pass)
     }
 }
 

@@ -8,8 +8,8 @@ use crate::backend::{Accum, Backend};
 use crate::base::FrozenLinear;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len};
-use crate::matrix::{MatMut, MatRef, checked_len};
-use crate::method::LinearAdapter;
+use crate::matrix::{MatRef, checked_len};
+use crate::method::{BackwardPass, ForwardPass, LinearAdapter, Pass};
 use crate::rng::Rng;
 
 /// Scratch elements [`Lora::forward`] needs for `tokens` rows of a rank-`rank`
@@ -225,28 +225,21 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Lora<E, S> {
     /// [`forward`](super::forward)).
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
-        backend: &B,
-        base: &L,
-        x: MatRef<'_, E>,
-        mut y: MatMut<'_, E>,
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+        pass: ForwardPass<'_, E, B, L>,
+    ) -> Pass<E, B> {
+        let ForwardPass { backend, base, x, mut y, scratch } = pass;
         base.forward(backend, x, y.rb_mut())?;
         self.add_low_rank(backend, x, y, 1.0, scratch)
     }
 
     /// `dA`, `dB` (and `d lora_bias`) accumulated, `dL/dx = G W + s (G B)
     /// A` (see [`backward`](super::backward)).
-    fn run_backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
-        &self,
-        backend: &B,
-        base: &L,
-        x: MatRef<'_, E>,
-        grad_y: MatRef<'_, E>,
-        grad_x: Option<MatMut<'_, E>>,
-        grads: LoraGrads<'_, E>,
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Pass<E, B>
+    where
+        B: Backend<E> + ?Sized,
+        L: FrozenLinear<E> + ?Sized,
+    {
+        let BackwardPass { backend, base, x, grad_y, grad_x, grads, scratch } = pass;
         match grad_x {
             Some(mut gx) => {
                 base.apply_transpose(backend, grad_y, gx.rb_mut(), Accum::Replace)?;

@@ -128,7 +128,7 @@ pub trait LinearAdapter<E: Element> {
         self.check_base(base)?;
         check_io(x.rows(), x.cols(), self.in_features(), Operand::Output, y.rows(), y.cols(), self.out_features())?;
         check_scratch(self.forward_scratch_len(x.rows()), scratch.len())?;
-        self.run_forward(backend, base, x, y, scratch)
+        self.run_forward(ForwardPass { backend, base, x, y, scratch })
     }
 
     /// Accumulates the gradients of the method's tensors into `grads` and,
@@ -158,7 +158,7 @@ pub trait LinearAdapter<E: Element> {
         }
         self.check_grads(&grads)?;
         check_scratch(self.backward_scratch_len(tokens), scratch.len())?;
-        self.run_backward(backend, base, x, grad_y, grad_x, grads, scratch)
+        self.run_backward(BackwardPass { backend, base, x, grad_y, grad_x, grads, scratch })
     }
 
     /// `Ok` when `base` is an `in -> out` layer like the adapter.
@@ -177,29 +177,67 @@ pub trait LinearAdapter<E: Element> {
     /// The method's own refusals; the backend's own errors.
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
-        backend: &B,
-        base: &L,
-        x: MatRef<'_, E>,
-        y: MatMut<'_, E>,
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error>;
+        pass: ForwardPass<'_, E, B, L>,
+    ) -> Pass<E, B>;
 
     /// The method's backward, called by [`backward`](Self::backward) once
     /// the shapes, the gradient buffers and the scratch are checked.
     ///
     /// # Errors
     /// The method's own refusals; the backend's own errors.
-    #[allow(clippy::too_many_arguments)]
-    fn run_backward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
-        &self,
-        backend: &B,
-        base: &L,
-        x: MatRef<'_, E>,
-        grad_y: MatRef<'_, E>,
-        grad_x: Option<MatMut<'_, E>>,
-        grads: Self::Grads<'_>,
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error>;
+    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Pass<E, B>
+    where
+        B: Backend<E> + ?Sized,
+        L: FrozenLinear<E> + ?Sized;
+}
+
+/// What a pass returns: nothing, or the backend's error.
+pub type Pass<E, B> = core::result::Result<(), <B as Backend<E>>::Error>;
+
+/// The operands of one forward pass, checked by
+/// [`LinearAdapter::forward`] and handed to
+/// [`LinearAdapter::run_forward`]: `x [tokens, in]`, `y [tokens, out]`
+/// (overwritten, never read), and at least
+/// [`forward_scratch_len(tokens)`](LinearAdapter::forward_scratch_len)
+/// scratch elements.
+#[derive(Debug)]
+pub struct ForwardPass<'a, E, B: ?Sized, L: ?Sized> {
+    /// The backend that runs the products.
+    pub backend: &'a B,
+    /// The frozen base layer `in -> out`, read-only.
+    pub base: &'a L,
+    /// The input `[tokens, in]`.
+    pub x: MatRef<'a, E>,
+    /// The output `[tokens, out]`.
+    pub y: MatMut<'a, E>,
+    /// Scratch, contents unspecified on entry and on return.
+    pub scratch: &'a mut [E],
+}
+
+/// The operands of one backward pass, checked by
+/// [`LinearAdapter::backward`] and handed to
+/// [`LinearAdapter::run_backward`]: the forward input `x [tokens, in]`,
+/// `grad_y = dL/dy [tokens, out]`, `grad_x [tokens, in]` (overwritten with
+/// `dL/dx` when given), the method's gradient buffers `G` (accumulated
+/// into), and at least
+/// [`backward_scratch_len(tokens)`](LinearAdapter::backward_scratch_len)
+/// scratch elements.
+#[derive(Debug)]
+pub struct BackwardPass<'a, E, B: ?Sized, L: ?Sized, G> {
+    /// The backend that runs the products.
+    pub backend: &'a B,
+    /// The frozen base layer `in -> out`, read-only.
+    pub base: &'a L,
+    /// The forward input `[tokens, in]`.
+    pub x: MatRef<'a, E>,
+    /// `dL/dy [tokens, out]`.
+    pub grad_y: MatRef<'a, E>,
+    /// `dL/dx [tokens, in]`, written when given.
+    pub grad_x: Option<MatMut<'a, E>>,
+    /// The method's gradient buffers.
+    pub grads: G,
+    /// Scratch, contents unspecified on entry and on return.
+    pub scratch: &'a mut [E],
 }
 
 /// How a method's update enters the weight.
