@@ -30,6 +30,7 @@ use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterio
 use peft_core::activation::Activation;
 use peft_core::adapter::{AdapterConfig, AdapterParams, BottleneckAdapter};
 use peft_core::lora::{Lora, LoraConfig, LoraGrads};
+use peft_core::storage::quantize::{Owned, OwnedWeight};
 use peft_core::{Accum, Backend, Dense, Error, MatMut, MatRef, Op, Reference, Rng};
 use peft_faer::Faer;
 
@@ -435,80 +436,20 @@ fn dora_group(c: &mut Criterion) {
     g.finish();
 }
 
-/// A stored copy of `w [out, in]` in `format` (owned bytes).
-struct StoredCopy {
-    f: Vec<f32>,
-    h: Vec<u16>,
-    q: Vec<i8>,
-    scales: Vec<f32>,
-    b: Vec<u8>,
-    format: peft_core::storage::Format,
-    out: usize,
-    inn: usize,
-}
-
-impl StoredCopy {
-    fn new(format: peft_core::storage::Format, w: &[f32], out: usize, inn: usize) -> Self {
-        use peft_core::storage::quantize::Quantized;
-        use peft_core::storage::{Format, quantize};
-        let n = out * inn;
-        let mut st = StoredCopy {
-            f: Vec::new(),
-            h: Vec::new(),
-            q: Vec::new(),
-            scales: Vec::new(),
-            b: Vec::new(),
-            format,
-            out,
-            inn,
-        };
-        let dst = match format {
-            Format::F32 => {
-                st.f = vec![0.0; n];
-                Quantized::F32(&mut st.f)
-            }
-            Format::F16 | Format::Bf16 => {
-                st.h = vec![0; n];
-                if format == Format::F16 { Quantized::F16(&mut st.h) } else { Quantized::Bf16(&mut st.h) }
-            }
-            Format::Int8 => {
-                st.q = vec![0; n];
-                st.scales = vec![0.0; out];
-                Quantized::Int8(&mut st.q, &mut st.scales)
-            }
-            Format::Q8_0 | Format::Q4_0 => {
-                st.b = vec![0; out * format.row_bytes(inn).unwrap()];
-                if format == Format::Q8_0 { Quantized::Q8_0(&mut st.b) } else { Quantized::Q4_0(&mut st.b) }
-            }
-        };
-        quantize(w, out, inn, dst).unwrap();
-        st
-    }
-
-    fn weight(&self) -> peft_core::storage::StoredWeight<'_> {
-        use peft_core::storage::{Format, StoredWeight};
-        let (o, i) = (self.out, self.inn);
-        match self.format {
-            Format::F32 => StoredWeight::f32(&self.f, o, i),
-            Format::F16 => StoredWeight::f16(&self.h, o, i),
-            Format::Bf16 => StoredWeight::bf16(&self.h, o, i),
-            Format::Int8 => StoredWeight::int8(&self.q, &self.scales, o, i),
-            Format::Q8_0 => StoredWeight::q8_0(&self.b, o, i),
-            Format::Q4_0 => StoredWeight::q4_0(&self.b, o, i),
+/// One read of every stored byte of `st` (the memory-bound limit of a pass
+/// over `W`): a sum the compiler vectorizes.
+fn stream(st: &OwnedWeight) -> u64 {
+    let bytes = |b: &[u8]| b.iter().fold(0u32, |a, v| a.wrapping_add(u32::from(*v)));
+    let sum = match st.data() {
+        Owned::F32(f) => f.iter().fold(0u32, |a, v| a.wrapping_add(v.to_bits())),
+        Owned::F16(h) | Owned::Bf16(h) => h.iter().fold(0u32, |a, v| a.wrapping_add(u32::from(*v))),
+        Owned::Int8(q, s) => {
+            let q = q.iter().fold(0u32, |a, v| a.wrapping_add(*v as u8 as u32));
+            q.wrapping_add(s.iter().fold(0u32, |a, v| a.wrapping_add(v.to_bits())))
         }
-        .unwrap()
-    }
-
-    /// One read of every stored byte (the memory-bound limit of a pass
-    /// over `W`): a sum the compiler vectorizes.
-    fn stream(&self) -> u64 {
-        let f = self.f.iter().fold(0u32, |a, v| a.wrapping_add(v.to_bits()));
-        let h = self.h.iter().fold(0u32, |a, v| a.wrapping_add(u32::from(*v)));
-        let q = self.q.iter().fold(0u32, |a, v| a.wrapping_add(*v as u8 as u32));
-        let s = self.scales.iter().fold(0u32, |a, v| a.wrapping_add(v.to_bits()));
-        let b = self.b.iter().fold(0u32, |a, v| a.wrapping_add(u32::from(*v)));
-        u64::from(f) + u64::from(h) + u64::from(q) + u64::from(s) + u64::from(b)
-    }
+        Owned::Q8_0(b) | Owned::Q4_0(b) => bytes(b),
+    };
+    u64::from(sum)
 }
 
 /// LoRA's forward over a stored base: `x deq(W)^T + s (x A^T) B^T`.
@@ -544,22 +485,23 @@ fn storage_groups(c: &mut Criterion) {
     let mut y = vec![0.0f32; 128 * d];
     let mut scratch = vec![0.0f32; lora.forward_scratch_len(128)];
     let x1 = MatRef::new(&x[..d], 1, d).unwrap();
-    let stored: Vec<StoredCopy> = Format::ALL.iter().map(|f| StoredCopy::new(*f, &w, d, d)).collect();
+    let stored: Vec<(Format, OwnedWeight)> =
+        Format::ALL.iter().map(|&f| (f, OwnedWeight::quantize(f, &w, d, d).unwrap())).collect();
     let flops = 2 * (d * d + r * 2 * d) as u64;
-    for st in stored.iter().filter(|s| s.format != Format::F32) {
-        let mut g = c.benchmark_group(format!("storage.t1_4096_r16.{}.1t", st.format.name()));
+    for (format, st) in stored.iter().filter(|(f, _)| *f != Format::F32) {
+        let mut g = c.benchmark_group(format!("storage.t1_4096_r16.{}.1t", format.name()));
         configure(&mut g, true);
         g.throughput(Throughput::Elements(flops));
-        g.bench_function("stream", |bench| bench.iter(|| black_box(st.stream())));
+        g.bench_function("stream", |bench| bench.iter(|| black_box(stream(st))));
         g.bench_function("lora_forward", |bench| {
-            bench.iter(|| stored_lora_forward(&backend, &lora, st.weight(), x1, &mut y[..d], &mut scratch))
+            bench.iter(|| stored_lora_forward(&backend, &lora, st.weight().unwrap(), x1, &mut y[..d], &mut scratch))
         });
         g.bench_function("reference_lora_forward", |bench| {
-            bench.iter(|| stored_lora_forward(&Reference, &lora, st.weight(), x1, &mut y[..d], &mut scratch))
+            bench.iter(|| stored_lora_forward(&Reference, &lora, st.weight().unwrap(), x1, &mut y[..d], &mut scratch))
         });
         g.finish();
     }
-    let find = |f: Format| stored.iter().find(|s| s.format == f).unwrap();
+    let find = |f: Format| &stored.iter().find(|(g, _)| *g == f).unwrap().1;
     for (tokens, formats) in [(1usize, [Format::Bf16, Format::Q4_0]), (128, [Format::Bf16, Format::Q8_0])] {
         let mut g = c.benchmark_group(format!("storage_vs_f32_t{tokens}.d4096_r16.1t"));
         configure(&mut g, true);
@@ -568,7 +510,9 @@ fn storage_groups(c: &mut Criterion) {
         for f in [Format::F32, formats[0], formats[1]] {
             let st = find(f);
             g.bench_function(format!("{}_lora_forward", f.name()), |bench| {
-                bench.iter(|| stored_lora_forward(&backend, &lora, st.weight(), xt, &mut y[..tokens * d], &mut scratch))
+                bench.iter(|| {
+                    stored_lora_forward(&backend, &lora, st.weight().unwrap(), xt, &mut y[..tokens * d], &mut scratch)
+                })
             });
         }
         g.finish();

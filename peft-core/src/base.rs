@@ -18,7 +18,7 @@
 //! The one step that writes `W` is a merge, and it changes the type: see
 //! [`method::Merged`](crate::method::Merged).
 
-use crate::backend::{Accum, Backend, Op};
+use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::element::Element;
 use crate::error::{Operand, Result, check_io, check_len, check_shape};
 use crate::matrix::{MatMut, MatRef, checked_len};
@@ -52,7 +52,7 @@ pub trait FrozenLinear<E: Element> {
         x: MatRef<'_, E>,
         y: MatMut<'_, E>,
         accum: Accum,
-    ) -> core::result::Result<(), B::Error>;
+    ) -> Outcome<E, B>;
 
     /// `grad_x (=|+=) grad_y W`: the input gradient of `x W^T`.
     ///
@@ -67,7 +67,7 @@ pub trait FrozenLinear<E: Element> {
         grad_y: MatRef<'_, E>,
         grad_x: MatMut<'_, E>,
         accum: Accum,
-    ) -> core::result::Result<(), B::Error>;
+    ) -> Outcome<E, B>;
 
     /// Scratch [`rows`](Self::rows) needs for `n` rows: `n * out` for the
     /// provided version (the unit rows it multiplies), 0 for [`Dense`].
@@ -96,7 +96,7 @@ pub trait FrozenLinear<E: Element> {
         start: usize,
         dst: MatMut<'_, E>,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let (n, n_out) = (dst.rows(), self.out_features());
         check_rows(start, n, n_out, self.in_features(), &dst)?;
         let need = self.rows_scratch_len(n);
@@ -116,12 +116,7 @@ pub trait FrozenLinear<E: Element> {
     ///
     /// # Errors
     /// As [`apply`](Self::apply).
-    fn forward<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        x: MatRef<'_, E>,
-        mut y: MatMut<'_, E>,
-    ) -> core::result::Result<(), B::Error> {
+    fn forward<B: Backend<E> + ?Sized>(&self, backend: &B, x: MatRef<'_, E>, mut y: MatMut<'_, E>) -> Outcome<E, B> {
         self.apply(backend, x, y.rb_mut(), Accum::Replace)?;
         if let Some(bias) = self.bias() {
             add_bias(&mut y, bias);
@@ -209,7 +204,7 @@ impl<E: Element> FrozenLinear<E> for Dense<'_, E> {
         x: MatRef<'_, E>,
         y: MatMut<'_, E>,
         accum: Accum,
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         check_io(x.rows(), x.cols(), self.weight.cols(), Operand::Output, y.rows(), y.cols(), self.weight.rows())?;
         let one = <E::Accum as Element>::from_f64(1.0);
         backend.gemm(y, accum, x, Op::N, self.weight, Op::T, one)
@@ -221,7 +216,7 @@ impl<E: Element> FrozenLinear<E> for Dense<'_, E> {
         grad_y: MatRef<'_, E>,
         grad_x: MatMut<'_, E>,
         accum: Accum,
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         check_len(Operand::GradOutput, self.weight.rows(), grad_y.cols())?;
         check_shape(Operand::GradInput, grad_x.rows(), grad_x.cols(), grad_y.rows(), self.weight.cols())?;
         let one = <E::Accum as Element>::from_f64(1.0);
@@ -239,7 +234,7 @@ impl<E: Element> FrozenLinear<E> for Dense<'_, E> {
         start: usize,
         mut dst: MatMut<'_, E>,
         _scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         check_rows(start, dst.rows(), self.weight.rows(), self.weight.cols(), &dst)?;
         for (k, row) in dst.row_iter_mut().enumerate() {
             row.copy_from_slice(self.weight.row(start + k));

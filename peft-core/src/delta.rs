@@ -13,7 +13,7 @@
 //! ([`Merged`](crate::method::Merged)) and the streaming merge's row
 //! blocks without a line of its own.
 
-use crate::backend::{Accum, Backend};
+use crate::backend::{Accum, Backend, Outcome};
 use crate::element::Element;
 use crate::error::{Operand, check_len};
 use crate::matrix::MatMut;
@@ -48,7 +48,7 @@ pub trait DeltaRows<E: Element> {
         accum: Accum,
         factor: f64,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error>;
+    ) -> Outcome<E, B>;
 
     /// Whether the merge also adds to the layer's bias (LoRA with PEFT's
     /// `lora_bias`); `false` unless a method says so.
@@ -80,7 +80,7 @@ pub fn update_additive<E: Element, D: DeltaRows<E> + ?Sized, B: Backend<E> + ?Si
     bias: Option<&mut [E]>,
     direction: Direction,
     scratch: &mut [E],
-) -> core::result::Result<(), B::Error> {
+) -> Outcome<E, B> {
     let factor = match direction {
         Direction::Merge => 1.0,
         Direction::Unmerge => -1.0,
@@ -131,7 +131,7 @@ macro_rules! additive_update {
                 bias: Option<&mut [E]>,
                 direction: $crate::method::Direction,
                 scratch: &mut [E],
-            ) -> core::result::Result<(), B::Error> {
+            ) -> Outcome<E, B> {
                 $crate::delta::update_additive(self, backend, start, block, bias, direction, scratch)
             }
         }

@@ -68,6 +68,18 @@ pub trait Real:
     fn is_finite(self) -> bool;
 }
 
+/// `fn name(self) -> Self { f(self) }`, inlined, for each `name = f`.
+macro_rules! unary {
+    ($($name:ident = $f:path),*) => {
+        $(
+            #[inline(always)]
+            fn $name(self) -> Self {
+                $f(self)
+            }
+        )*
+    };
+}
+
 macro_rules! impl_real {
     ($t:ty, $name:literal, $sqrt:path, $exp:path, $ln:path, $tanh:path, $erf:path, $fabs:path) => {
         impl Element for $t {
@@ -105,30 +117,7 @@ macro_rules! impl_real {
         impl Real for $t {
             const ONE: Self = 1.0;
             const EPSILON: Self = <$t>::EPSILON;
-            #[inline(always)]
-            fn sqrt(self) -> Self {
-                $sqrt(self)
-            }
-            #[inline(always)]
-            fn abs(self) -> Self {
-                $fabs(self)
-            }
-            #[inline(always)]
-            fn exp(self) -> Self {
-                $exp(self)
-            }
-            #[inline(always)]
-            fn ln(self) -> Self {
-                $ln(self)
-            }
-            #[inline(always)]
-            fn tanh(self) -> Self {
-                $tanh(self)
-            }
-            #[inline(always)]
-            fn erf(self) -> Self {
-                $erf(self)
-            }
+            unary!(sqrt = $sqrt, abs = $fabs, exp = $exp, ln = $ln, tanh = $tanh, erf = $erf);
             #[inline(always)]
             fn is_finite(self) -> bool {
                 <$t>::is_finite(self)

@@ -24,13 +24,13 @@
 //! a backup when some `l_j = 0`).
 use core::marker::PhantomData;
 
-use crate::backend::{Accum, Backend};
+use crate::backend::{Accum, Backend, Outcome};
 use crate::base::{FrozenLinear, check_rows};
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len};
 use crate::lora::ParamReport;
 use crate::matrix::{MatMut, MatRef, checked_len};
-use crate::method::{BackwardPass, Direction, ForwardPass, LinearAdapter, Pass, UpdateKind, WeightUpdate};
+use crate::method::{BackwardPass, Direction, ForwardPass, LinearAdapter, UpdateKind, WeightUpdate};
 
 /// An (IA)^3 vector for a linear layer `in -> out`: `l [out]` on the
 /// output, or `l [in]` on the input of a feedforward layer.
@@ -130,7 +130,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Ia3<E, S> {
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         pass: ForwardPass<'_, E, B, L>,
-    ) -> Pass<E, B> {
+    ) -> Outcome<E, B> {
         let ForwardPass { backend, base, x, mut y, scratch } = pass;
         let need = self.forward_scratch_len(x.rows());
         if self.feedforward {
@@ -151,7 +151,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Ia3<E, S> {
 
     /// Accumulates `dL/dl` into `grad_l` and, if `grad_x` is given, writes
     /// `dL/dx` into it (formulas in the [module docs](self)).
-    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Pass<E, B>
+    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Outcome<E, B>
     where
         B: Backend<E> + ?Sized,
         L: FrozenLinear<E> + ?Sized,
@@ -235,7 +235,7 @@ impl<E: Element, S: AsRef<[E]>> WeightUpdate<E> for Ia3<E, S> {
         bias: Option<&mut [E]>,
         direction: Direction,
         _scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let n = block.rows();
         check_rows(start, n, self.out_features, self.in_features, &block)?;
         if let Some(b) = &bias {

@@ -23,14 +23,14 @@
 //! 0`.
 use core::marker::PhantomData;
 
-use crate::backend::{Accum, Backend, Op};
+use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::base::FrozenLinear;
 use crate::delta::DeltaRows;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len, check_scratch};
 use crate::lora::LoraConfig;
 use crate::matrix::{MatMut, MatRef, checked_len};
-use crate::method::{BackwardPass, ForwardPass, LinearAdapter, Pass};
+use crate::method::{BackwardPass, ForwardPass, LinearAdapter};
 use crate::rng::Rng;
 
 /// PEFT's names of the four factors, in [`Loha::factors`]' order.
@@ -112,12 +112,7 @@ impl<E: Element, S: AsRef<[E]>> Loha<E, S> {
     }
 
     /// `P1 = W1a W1b` and `P2 = W2a W2b` into the two halves of `buf`.
-    fn products<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        p1: &mut [E],
-        p2: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    fn products<B: Backend<E> + ?Sized>(&self, backend: &B, p1: &mut [E], p2: &mut [E]) -> Outcome<E, B> {
         let (o, i) = (self.out_features, self.in_features);
         let one = <E::Accum as Element>::from_f64(1.0);
         let [w1a, w1b, w2a, w2b] = self.views()?;
@@ -164,7 +159,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Loha<E, S> {
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         pass: ForwardPass<'_, E, B, L>,
-    ) -> Pass<E, B> {
+    ) -> Outcome<E, B> {
         let ForwardPass { backend, base, x, mut y, scratch } = pass;
         let (o, i) = (self.out_features, self.in_features);
         base.forward(backend, x, y.rb_mut())?;
@@ -184,7 +179,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Loha<E, S> {
     /// Accumulates the four factors' gradients into `grads` and, if
     /// `grad_x` is given, writes `dL/dx = G W + G dW` into it (formulas in
     /// the [module docs](self)).
-    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Pass<E, B>
+    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Outcome<E, B>
     where
         B: Backend<E> + ?Sized,
         L: FrozenLinear<E> + ?Sized,
@@ -245,7 +240,7 @@ impl<E: Element, S: AsRef<[E]>> DeltaRows<E> for Loha<E, S> {
         accum: Accum,
         factor: f64,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let (o, i, n) = (self.out_features, self.in_features, dst.rows());
         crate::base::check_rows(start, n, o, i, &dst)?;
         let ni = checked_len(n, i)?;
@@ -262,11 +257,7 @@ impl<E: Element, S: AsRef<[E]>> DeltaRows<E> for Loha<E, S> {
         for (k, row) in dst.row_iter_mut().enumerate() {
             let (r1, r2) = (p1.get(k * i..(k + 1) * i).unwrap_or(&[]), p2.get(k * i..(k + 1) * i).unwrap_or(&[]));
             for ((d, a), b) in row.iter_mut().zip(r1).zip(r2) {
-                let v = s * a.to_f64() * b.to_f64();
-                *d = match accum {
-                    Accum::Replace => E::from_f64(v),
-                    Accum::Add => E::from_f64(d.to_f64() + v),
-                };
+                accum.store_f64(d, s * a.to_f64() * b.to_f64());
             }
         }
         Ok(())

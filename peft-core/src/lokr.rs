@@ -22,14 +22,14 @@
 //! [`Lokr::init_adapter`] its fresh adapter (`W1 = 0`, so `dW = 0`).
 use core::marker::PhantomData;
 
-use crate::backend::{Accum, Backend, Op};
+use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::base::FrozenLinear;
 use crate::delta::DeltaRows;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len, check_scratch};
 use crate::lora::LoraConfig;
 use crate::matrix::{MatMut, MatRef, checked_len};
-use crate::method::{BackwardPass, ForwardPass, LinearAdapter, Pass};
+use crate::method::{BackwardPass, ForwardPass, LinearAdapter};
 use crate::rng::Rng;
 
 /// PEFT's (LyCORIS') `factorization(n, f)`: `(m, k)` with `m k = n`,
@@ -212,12 +212,7 @@ impl<E: Element, S: AsRef<[E]>> Lokr<E, S> {
     }
 
     /// The full `W1` and `W2` into `m1 [a c]`, `m2 [b d]`.
-    fn full<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        m1: &mut [E],
-        m2: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    fn full<B: Backend<E> + ?Sized>(&self, backend: &B, m1: &mut [E], m2: &mut [E]) -> Outcome<E, B> {
         let one = <E::Accum as Element>::from_f64(1.0);
         for (f, (rows, cols), dst) in [(&self.w1, self.d1, m1), (&self.w2, self.d2, m2)] {
             match f {
@@ -293,7 +288,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Lokr<E, S> {
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         pass: ForwardPass<'_, E, B, L>,
-    ) -> Pass<E, B> {
+    ) -> Outcome<E, B> {
         let ForwardPass { backend, base, x, mut y, scratch } = pass;
         let (o, i) = self.dims();
         base.forward(backend, x, y.rb_mut())?;
@@ -304,7 +299,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Lokr<E, S> {
 
     /// Accumulates the factors' gradients and, if `grad_x` is given,
     /// writes `dL/dx = G W + G dW` (formulas in the [module docs](self)).
-    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Pass<E, B>
+    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Outcome<E, B>
     where
         B: Backend<E> + ?Sized,
         L: FrozenLinear<E> + ?Sized,
@@ -402,7 +397,7 @@ impl<E: Element, S: AsRef<[E]>> DeltaRows<E> for Lokr<E, S> {
         accum: Accum,
         factor: f64,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let (o, i) = self.dims();
         crate::base::check_rows(start, dst.rows(), o, i, &dst)?;
         let (n1, n2) = (self.d1.0 * self.d1.1, self.d2.0 * self.d2.1);
@@ -419,10 +414,7 @@ impl<E: Element, S: AsRef<[E]>> DeltaRows<E> for Lokr<E, S> {
                 let w1 = m1.get(ii * c + j).map_or(0.0, |x| x.to_f64());
                 let w2 = m2.get(k * d + l).map_or(0.0, |x| x.to_f64());
                 let x = s * w1 * w2;
-                *v = match accum {
-                    Accum::Replace => E::from_f64(x),
-                    Accum::Add => E::from_f64(v.to_f64() + x),
-                };
+                accum.store_f64(v, x);
             }
         }
         Ok(())

@@ -39,7 +39,7 @@
 //! [`VeraProjection::init`] draws them from this crate's [`Rng`].
 use core::marker::PhantomData;
 
-use crate::backend::{Accum, Backend, Op};
+use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::base::{FrozenLinear, check_rows};
 use crate::delta::DeltaRows;
 use crate::element::Element;
@@ -47,7 +47,7 @@ use crate::error::{Error, Operand, Result, check_len, check_scratch};
 use crate::ia3::{column_dots, scale_columns};
 use crate::lora::ParamReport;
 use crate::matrix::{MatMut, MatRef, checked_len};
-use crate::method::{BackwardPass, ForwardPass, LinearAdapter, Pass};
+use crate::method::{BackwardPass, ForwardPass, LinearAdapter};
 use crate::rng::Rng;
 
 /// PEFT's default `d_initial`: the starting value of every `lambda_d`.
@@ -277,7 +277,7 @@ impl<E: Element, S: AsRef<[E]>, P: AsRef<[E]>> LinearAdapter<E> for BoundVera<'_
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         pass: ForwardPass<'_, E, B, L>,
-    ) -> Pass<E, B> {
+    ) -> Outcome<E, B> {
         let ForwardPass { backend, base, x, mut y, scratch } = pass;
         let (vera, proj) = (self.vera, self.proj);
         let (t, r, o) = (x.rows(), vera.rank, vera.out_features);
@@ -303,7 +303,7 @@ impl<E: Element, S: AsRef<[E]>, P: AsRef<[E]>> LinearAdapter<E> for BoundVera<'_
     /// The gradients of `lambda_d` and `lambda_b` (formulas in the [module
     /// docs](self)); the projections get none. Refuses projections that do
     /// not fit, as the forward does.
-    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Pass<E, B>
+    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Outcome<E, B>
     where
         B: Backend<E> + ?Sized,
         L: FrozenLinear<E> + ?Sized,
@@ -366,7 +366,7 @@ impl<E: Element, S: AsRef<[E]>, P: AsRef<[E]>> DeltaRows<E> for BoundVera<'_, E,
         accum: Accum,
         factor: f64,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let (vera, n) = (self.vera, dst.rows());
         let r = vera.rank;
         vera.check_projection(self.proj)?;

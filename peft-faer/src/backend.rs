@@ -152,10 +152,13 @@ fn faer_accum(a: Accum) -> faer::Accum {
     }
 }
 
+/// `Backend<$t> for Faer`: faer's gemm, and the stored-weight methods given
+/// after it (f32 has its own kernels; f64 keeps the portable ones).
 macro_rules! impl_faer {
-    ($t:ty) => {
+    ($t:ty $(, $($stored:tt)*)?) => {
         impl Backend<$t> for Faer {
             type Error = Error;
+$($($stored)*)?
 
             fn gemm(
                 &self,
@@ -184,33 +187,8 @@ macro_rules! impl_faer {
 }
 
 impl_faer!(f64);
-
-impl Backend<f32> for Faer {
-    type Error = Error;
-
-    fn gemm(
-        &self,
-        dst: MatMut<'_, f32>,
-        accum: Accum,
-        lhs: MatRef<'_, f32>,
-        lhs_op: Op,
-        rhs: MatRef<'_, f32>,
-        rhs_op: Op,
-        alpha: f32,
-    ) -> Result<()> {
-        let (m, n, k) = check_gemm(&dst, &lhs, lhs_op, &rhs, rhs_op)?;
-        faer::linalg::matmul::matmul(
-            faer_mut(dst),
-            faer_accum(accum),
-            faer_ref(lhs, lhs_op),
-            faer_ref(rhs, rhs_op),
-            alpha,
-            self.par_for(m, n, k),
-        );
-        self.after_call();
-        Ok(())
-    }
-
+impl_faer! {
+    f32,
     /// [`crate::stored`]'s kernels: no f32 copy of `W`.
     fn stored_apply(&self, w: &StoredWeight<'_>, x: MatRef<'_, f32>, y: MatMut<'_, f32>, accum: Accum) -> Result<()> {
         crate::stored::apply(self, w, x, y, accum)

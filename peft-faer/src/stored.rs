@@ -669,8 +669,8 @@ pub fn kernel(format: Format, tokens: usize) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use peft_core::storage::quantize::{Quantized, quantize};
-    use peft_core::storage::{Format, StoredWeight};
+    use peft_core::storage::Format;
+    use peft_core::storage::quantize::OwnedWeight;
     use peft_core::{Accum, Backend, MatMut, MatRef, Reference, Rng};
 
     use crate::Faer;
@@ -689,36 +689,8 @@ mod tests {
             let mut w = vec![0.0f32; out * inn];
             rng.fill_uniform(&mut w, -1.0, 1.0);
             for &format in formats {
-                let (mut f, mut h, mut q, mut s) =
-                    (vec![0.0; out * inn], vec![0u16; out * inn], vec![0i8; out * inn], vec![0.0; out]);
-                let mut b = vec![0u8; out * format.row_bytes(inn).unwrap_or(0)];
-                let sw = match format {
-                    Format::F32 => {
-                        quantize(&w, out, inn, Quantized::F32(&mut f)).unwrap();
-                        StoredWeight::f32(&f, out, inn)
-                    }
-                    Format::F16 => {
-                        quantize(&w, out, inn, Quantized::F16(&mut h)).unwrap();
-                        StoredWeight::f16(&h, out, inn)
-                    }
-                    Format::Bf16 => {
-                        quantize(&w, out, inn, Quantized::Bf16(&mut h)).unwrap();
-                        StoredWeight::bf16(&h, out, inn)
-                    }
-                    Format::Int8 => {
-                        quantize(&w, out, inn, Quantized::Int8(&mut q, &mut s)).unwrap();
-                        StoredWeight::int8(&q, &s, out, inn)
-                    }
-                    Format::Q8_0 => {
-                        quantize(&w, out, inn, Quantized::Q8_0(&mut b)).unwrap();
-                        StoredWeight::q8_0(&b, out, inn)
-                    }
-                    Format::Q4_0 => {
-                        quantize(&w, out, inn, Quantized::Q4_0(&mut b)).unwrap();
-                        StoredWeight::q4_0(&b, out, inn)
-                    }
-                }
-                .unwrap();
+                let owned = OwnedWeight::quantize(format, &w, out, inn).unwrap();
+                let sw = owned.weight().unwrap();
                 for t in [1, 3, 7] {
                     let mut x = vec![0.0f32; t * inn];
                     rng.fill_uniform(&mut x, -1.0, 1.0);

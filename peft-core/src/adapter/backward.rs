@@ -14,7 +14,7 @@
 //! ```
 
 use super::BottleneckAdapter;
-use crate::backend::{Accum, Backend, Op};
+use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::element::Element;
 use crate::error::{Operand, check_len, check_scratch, scratch_pair};
 use crate::matrix::{MatMut, MatRef};
@@ -56,7 +56,7 @@ impl<E: Element, S: AsRef<[E]>> BottleneckAdapter<E, S> {
         grad_x: Option<MatMut<'_, E>>,
         grads: AdapterGrads<'_, E>,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let (d, m, tokens) = (self.dim, self.width, x.rows());
         self.check_rows(&x, grad_h.rows(), grad_h.cols(), Operand::GradOutput)?;
         if let Some(gx) = &grad_x {

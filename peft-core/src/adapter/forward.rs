@@ -10,7 +10,7 @@
 //! of a zero), so a fresh adapter is the identity exactly.
 
 use super::BottleneckAdapter;
-use crate::backend::{Accum, Backend, Op};
+use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::element::Element;
 use crate::error::{Operand, Result, check_io, check_scratch};
 use crate::matrix::{MatMut, MatRef};
@@ -34,7 +34,7 @@ impl<E: Element, S: AsRef<[E]>> BottleneckAdapter<E, S> {
         x: MatRef<'_, E>,
         mut h: MatMut<'_, E>,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         self.check_rows(&x, h.rows(), h.cols(), Operand::Output)?;
         let tokens = x.rows();
         let need = self.forward_scratch_len(tokens);
@@ -62,7 +62,7 @@ impl<E: Element, S: AsRef<[E]>> BottleneckAdapter<E, S> {
         x: MatRef<'_, E>,
         z: &mut MatMut<'_, E>,
         activate: bool,
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let one = <E::Accum as Element>::from_f64(1.0);
         let w_down = MatRef::new(self.w_down.as_ref(), self.width, self.dim)?;
         backend.gemm(z.rb_mut(), Accum::Replace, x, Op::N, w_down, Op::T, one)?;

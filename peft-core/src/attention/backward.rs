@@ -17,7 +17,7 @@
 
 use super::forward::{HeadViews, split_cols};
 use super::{AttentionShape, Mask, Prefix, backward_scratch_len, validate};
-use crate::backend::{Accum, Backend, Op};
+use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::element::Element;
 use crate::error::{Error, Operand, check_scratch, check_shape, scratch_pair};
 use crate::matrix::{MatMut, MatRef};
@@ -67,7 +67,7 @@ pub fn backward<E: Element, B: Backend<E> + ?Sized>(
     grad_out: MatRef<'_, E>,
     mut grads: AttentionGrads<'_, E>,
     scratch: &mut [E],
-) -> core::result::Result<(), B::Error> {
+) -> Outcome<E, B> {
     let dims = validate(shape, &q, &k, &v, prefix, mask)?;
     check_shape(Operand::GradOutput, grad_out.rows(), grad_out.cols(), dims.tq, shape.q_width())?;
     check_shape(Operand::Query, grads.q.rows(), grads.q.cols(), dims.tq, shape.q_width())?;

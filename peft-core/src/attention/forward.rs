@@ -1,7 +1,7 @@
 //! Attention forward pass (see the [module docs](super) for the formula).
 
 use super::{AttentionShape, Dims, Mask, Prefix, forward_scratch_len, masked_softmax, validate};
-use crate::backend::{Accum, Backend, Op};
+use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_scratch, check_shape};
 use crate::matrix::{MatMut, MatRef};
@@ -26,7 +26,7 @@ pub fn forward<E: Element, B: Backend<E> + ?Sized>(
     mask: &Mask<'_, E>,
     mut out: MatMut<'_, E>,
     scratch: &mut [E],
-) -> core::result::Result<(), B::Error> {
+) -> Outcome<E, B> {
     let dims = validate(shape, &q, &k, &v, prefix, mask)?;
     check_shape(Operand::Output, out.rows(), out.cols(), dims.tq, shape.q_width())?;
     let need = forward_scratch_len(dims.tq, dims.tk, dims.p);
@@ -82,7 +82,7 @@ impl<'a, E: Element> HeadViews<'a, E> {
         dims: Dims,
         mask: &Mask<'_, E>,
         probs: &mut MatMut<'_, E>,
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let scale = <E::Accum as Element>::from_f64(1.0 / libm::sqrt(shape.head_dim() as f64));
         let s_pre = probs.cols_range_mut(0, dims.p).ok_or(Error::Overflow)?;
         backend.gemm(s_pre, Accum::Replace, self.q, Op::N, self.pk, Op::T, scale)?;

@@ -95,6 +95,29 @@ pub enum Accum {
     Add,
 }
 
+impl Accum {
+    /// `*dst = v` ([`Replace`](Self::Replace), `dst` never read) or `*dst
+    /// += v` ([`Add`](Self::Add)), in `E`'s accumulation type, rounded once
+    /// into `E`.
+    #[inline(always)]
+    pub fn store<E: Element>(self, dst: &mut E, v: E::Accum) {
+        *dst = match self {
+            Accum::Replace => E::from_accum(v),
+            Accum::Add => E::from_accum(dst.to_accum() + v),
+        };
+    }
+
+    /// [`store`](Self::store) of an f64 value: the sum is formed in f64 and
+    /// rounded once into `E`.
+    #[inline(always)]
+    pub fn store_f64<E: Element>(self, dst: &mut E, v: f64) {
+        *dst = match self {
+            Accum::Replace => E::from_f64(v),
+            Accum::Add => E::from_f64(dst.to_f64() + v),
+        };
+    }
+}
+
 /// Whether an operand is used as stored or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -178,45 +201,9 @@ pub trait Backend<E: Element> {
     }
 }
 
-impl<E: Element, B: Backend<E> + ?Sized> Backend<E> for &B {
-    type Error = B::Error;
-
-    #[inline]
-    fn gemm(
-        &self,
-        dst: MatMut<'_, E>,
-        accum: Accum,
-        lhs: MatRef<'_, E>,
-        lhs_op: Op,
-        rhs: MatRef<'_, E>,
-        rhs_op: Op,
-        alpha: E::Accum,
-    ) -> core::result::Result<(), B::Error> {
-        (**self).gemm(dst, accum, lhs, lhs_op, rhs, rhs_op, alpha)
-    }
-
-    #[inline]
-    fn stored_apply(
-        &self,
-        w: &StoredWeight<'_>,
-        x: MatRef<'_, E>,
-        y: MatMut<'_, E>,
-        accum: Accum,
-    ) -> core::result::Result<(), B::Error> {
-        (**self).stored_apply(w, x, y, accum)
-    }
-
-    #[inline]
-    fn stored_apply_transpose(
-        &self,
-        w: &StoredWeight<'_>,
-        grad_y: MatRef<'_, E>,
-        grad_x: MatMut<'_, E>,
-        accum: Accum,
-    ) -> core::result::Result<(), B::Error> {
-        (**self).stored_apply_transpose(w, grad_y, grad_x, accum)
-    }
-}
+/// What a backend-driven operation returns: nothing, or the backend's
+/// own error ([`Backend::Error`]).
+pub type Outcome<E, B> = core::result::Result<(), <B as Backend<E>>::Error>;
 
 /// Checks the shapes of a gemm and returns `(m, n, k)`.
 ///

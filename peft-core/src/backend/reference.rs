@@ -264,23 +264,26 @@ mod tests {
         }
     }
 
+    /// `dst = a^ta b^tb` through [`Reference`], each stored operand given as
+    /// `(data, rows, cols)`.
+    fn product<E: Element<Accum = E>>(
+        dst: MatMut<'_, E>,
+        (a, ar, ac): (&[E], usize, usize),
+        ta: Op,
+        (b, br, bc): (&[E], usize, usize),
+        tb: Op,
+    ) -> Result<()> {
+        let (a, b) = (MatRef::new(a, ar, ac)?, MatRef::new(b, br, bc)?);
+        Reference.gemm(dst, Accum::Replace, a, ta, b, tb, E::from_f64(1.0))
+    }
+
     #[test]
     fn strided_destination_leaves_padding_alone() {
         let a = [1.0f32, 2.0, 3.0, 4.0]; // 2x2
         let b = [1.0f32, 0.0, 0.0, 1.0]; // identity
         let mut c = [9.0f32; 5]; // 2x2 with stride 3: padding at index 2
         let dst = MatMut::with_stride(&mut c, 2, 2, 3).unwrap();
-        Reference
-            .gemm(
-                dst,
-                Accum::Replace,
-                MatRef::new(&a, 2, 2).unwrap(),
-                Op::N,
-                MatRef::new(&b, 2, 2).unwrap(),
-                Op::N,
-                1.0,
-            )
-            .unwrap();
+        product(dst, (&a, 2, 2), Op::N, (&b, 2, 2), Op::N).unwrap();
         assert_eq!(c, [1.0, 2.0, 9.0, 3.0, 4.0]);
     }
 
@@ -288,29 +291,9 @@ mod tests {
     fn shape_errors_write_nothing() {
         let a = [1.0f32; 6];
         let mut c = [7.0f32; 4];
-        let err = Reference
-            .gemm(
-                MatMut::new(&mut c, 2, 2).unwrap(),
-                Accum::Replace,
-                MatRef::new(&a, 2, 3).unwrap(),
-                Op::N,
-                MatRef::new(&a, 2, 3).unwrap(),
-                Op::N,
-                1.0,
-            )
-            .unwrap_err();
+        let err = product(MatMut::new(&mut c, 2, 2).unwrap(), (&a, 2, 3), Op::N, (&a, 2, 3), Op::N).unwrap_err();
         assert_eq!(err, Error::ShapeMismatch { operand: Operand::Rhs, expected: 3, found: 2 });
-        let err = Reference
-            .gemm(
-                MatMut::new(&mut c, 2, 2).unwrap(),
-                Accum::Replace,
-                MatRef::new(&a, 2, 3).unwrap(),
-                Op::N,
-                MatRef::new(&a, 3, 2).unwrap(),
-                Op::T,
-                1.0,
-            )
-            .unwrap_err();
+        let err = product(MatMut::new(&mut c, 2, 2).unwrap(), (&a, 2, 3), Op::N, (&a, 3, 2), Op::T).unwrap_err();
         assert_eq!(err, Error::ShapeMismatch { operand: Operand::Rhs, expected: 3, found: 2 });
         assert_eq!(c, [7.0; 4]);
     }
@@ -319,17 +302,7 @@ mod tests {
     fn replace_never_reads_destination() {
         let a = [1.0f64, 2.0];
         let mut c = [f64::NAN; 1];
-        Reference
-            .gemm(
-                MatMut::new(&mut c, 1, 1).unwrap(),
-                Accum::Replace,
-                MatRef::new(&a, 1, 2).unwrap(),
-                Op::N,
-                MatRef::new(&a, 1, 2).unwrap(),
-                Op::T,
-                1.0,
-            )
-            .unwrap();
+        product(MatMut::new(&mut c, 1, 1).unwrap(), (&a, 1, 2), Op::N, (&a, 1, 2), Op::T).unwrap();
         assert_eq!(c, [5.0]);
     }
 }

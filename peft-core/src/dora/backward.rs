@@ -12,12 +12,12 @@
 //!
 //! Each formula is checked against central differences in `peft-verify`.
 use super::Dora;
-use crate::backend::{Accum, Backend};
+use crate::backend::{Accum, Backend, Outcome};
 use crate::base::FrozenLinear;
 use crate::element::Element;
 use crate::lora::LoraGrads;
 use crate::matrix::{MatMut, checked_len};
-use crate::method::{BackwardPass, Pass};
+use crate::method::BackwardPass;
 
 /// Gradient buffers of a DoRA adapter, accumulated into (`+=`).
 #[derive(Debug)]
@@ -43,7 +43,7 @@ impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]>> Dora<E, S, C> {
     /// [`LinearAdapter::backward`](crate::method::LinearAdapter::backward);
     /// [`Error::InvalidParameter`](crate::Error::InvalidParameter) for a
     /// stale cache.
-    pub(super) fn backward_cached<B, L>(&self, pass: BackwardPass<'_, E, B, L, DoraGrads<'_, E>>) -> Pass<E, B>
+    pub(super) fn backward_cached<B, L>(&self, pass: BackwardPass<'_, E, B, L, DoraGrads<'_, E>>) -> Outcome<E, B>
     where
         B: Backend<E> + ?Sized,
         L: FrozenLinear<E> + ?Sized,

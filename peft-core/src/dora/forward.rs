@@ -8,11 +8,11 @@
 //! PEFT's order: the base and low-rank products first, then the magnitude
 //! scale, then the bias, which DoRA never scales.
 use super::Dora;
-use crate::backend::{Accum, Backend};
+use crate::backend::{Accum, Backend, Outcome};
 use crate::base::{FrozenLinear, add_bias};
 use crate::element::Element;
 use crate::matrix::MatMut;
-use crate::method::{ForwardPass, Pass};
+use crate::method::ForwardPass;
 
 /// Scratch elements DoRA's forward needs: LoRA's, `tokens * r`.
 pub const fn forward_scratch_len(tokens: usize, rank: usize) -> usize {
@@ -25,7 +25,7 @@ impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]>> Dora<E, S, C> {
     /// [`LinearAdapter::forward`](crate::method::LinearAdapter::forward);
     /// [`Error::InvalidParameter`](crate::Error::InvalidParameter) (`"DoRA
     /// norms"`) for a stale cache.
-    pub(super) fn forward_cached<B, L>(&self, pass: ForwardPass<'_, E, B, L>) -> Pass<E, B>
+    pub(super) fn forward_cached<B, L>(&self, pass: ForwardPass<'_, E, B, L>) -> Outcome<E, B>
     where
         B: Backend<E> + ?Sized,
         L: FrozenLinear<E> + ?Sized,

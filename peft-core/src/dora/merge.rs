@@ -18,7 +18,7 @@
 //! zero magnitude would make it impossible, so a merge without a backup
 //! refuses one.
 use super::Dora;
-use crate::backend::{Accum, Backend};
+use crate::backend::{Accum, Backend, Outcome};
 use crate::base::check_rows;
 use crate::delta::DeltaRows;
 use crate::element::Element;
@@ -64,7 +64,7 @@ impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]>> WeightUpdate<E> for Dora<E, S, C>
         _bias: Option<&mut [E]>,
         direction: Direction,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let (n_out, n_in) = self.weight_dims();
         let n = block.rows();
         check_rows(start, n, n_out, n_in, &block)?;

@@ -36,13 +36,13 @@
 pub mod backward;
 pub mod forward;
 pub mod merge;
-use crate::backend::{Accum, Backend, Op};
+use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::base::FrozenLinear;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len, check_scratch};
 use crate::lora::{Lora, LoraConfig, ParamReport};
 use crate::matrix::{MatMut, checked_len};
-use crate::method::{BackwardPass, ForwardPass, LinearAdapter, Pass};
+use crate::method::{BackwardPass, ForwardPass, LinearAdapter};
 use crate::rng::Rng;
 
 pub use backward::{DoraGrads, backward_scratch_len};
@@ -167,7 +167,7 @@ impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]> + AsMut<[E]>> Dora<E, S, C> {
         backend: &B,
         base: &L,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let (n_in, n_out) = (self.lora.in_features(), self.lora.out_features());
         check_len(Operand::Weight, n_in, base.in_features())?;
         check_len(Operand::Weight, n_out, base.out_features())?;
@@ -223,7 +223,7 @@ impl<E: Element, S: AsRef<[E]> + AsMut<[E]>, C: AsRef<[E]> + AsMut<[E]>> Dora<E,
         base: &L,
         rng: &mut Rng,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         self.lora.init_adapter(rng);
         self.refresh_norms(backend, base, scratch)?;
         self.magnitude.as_mut().copy_from_slice(self.norms.as_ref());
@@ -275,18 +275,18 @@ impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]> + AsMut<[E]>> LinearAdapter<E> for
         backend: &B,
         base: &L,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         self.refresh_norms(backend, base, scratch)
     }
 
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         pass: ForwardPass<'_, E, B, L>,
-    ) -> Pass<E, B> {
+    ) -> Outcome<E, B> {
         self.forward_cached(pass)
     }
 
-    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Pass<E, B>
+    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Outcome<E, B>
     where
         B: Backend<E> + ?Sized,
         L: FrozenLinear<E> + ?Sized,

@@ -22,7 +22,7 @@
 //! [`LinearAdapter::backward`](crate::method::LinearAdapter::backward)
 //! (the impl is in [`layer`](super::layer)).
 use super::layer::{Lora, forward_scratch_len};
-use crate::backend::{Accum, Backend, Op};
+use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::element::Element;
 use crate::error::scratch_pair;
 use crate::matrix::{MatMut, MatRef};
@@ -65,7 +65,7 @@ impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
         grads: Option<LoraGrads<'_, E>>,
         factor: f64,
         scratch: &mut [E],
-    ) -> Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let (tokens, r, n_in, n_out) = (x.rows(), self.rank, self.in_features, self.out_features);
         let (t_buf, u_buf) = scratch_pair(scratch, forward_scratch_len(tokens, r))?;
         let one = <E::Accum as Element>::from_f64(1.0);

@@ -15,7 +15,7 @@
 use core::marker::PhantomData;
 
 use super::config::LoraConfig;
-use crate::backend::{Accum, Backend, Op};
+use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::base::check_rows;
 use crate::delta::DeltaRows;
 use crate::element::Element;
@@ -123,7 +123,7 @@ impl<E: Element, S: AsRef<[E]>> LoraEmbedding<E, S> {
         ids: &[usize],
         mut y: MatMut<'_, E>,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let n = ids.len();
         check_len(Operand::EmbeddingTable, checked_len(self.vocab, self.dim)?, table.len())?;
         check_shape(Operand::Output, y.rows(), y.cols(), n, self.dim)?;
@@ -156,7 +156,7 @@ impl<E: Element, S: AsRef<[E]>> LoraEmbedding<E, S> {
         ids: &[usize],
         y: MatMut<'_, E>,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let n = ids.len();
         check_shape(Operand::Output, y.rows(), y.cols(), n, self.dim)?;
         self.check_ids(ids)?;
@@ -183,7 +183,7 @@ impl<E: Element, S: AsRef<[E]>> LoraEmbedding<E, S> {
         grad_y: MatRef<'_, E>,
         grads: LoraEmbeddingGrads<'_, E>,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let (n, r) = (ids.len(), self.rank);
         check_shape(Operand::GradOutput, grad_y.rows(), grad_y.cols(), n, self.dim)?;
         check_len(Operand::GradA, checked_len(r, self.vocab)?, grads.a.len())?;
@@ -242,7 +242,7 @@ impl<E: Element, S: AsRef<[E]>> DeltaRows<E> for LoraEmbedding<E, S> {
         accum: Accum,
         factor: f64,
         _scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         check_rows(start, dst.rows(), self.vocab, self.dim, &dst)?;
         let a = MatRef::new(self.a.as_ref(), self.rank, self.vocab)?;
         let a = a.cols_range(start, dst.rows()).ok_or(Error::Overflow)?;

@@ -13,7 +13,7 @@
 //! itself is [`LinearAdapter::forward`](crate::method::LinearAdapter::forward)
 //! (the impl is in [`layer`](super::layer)).
 use super::layer::{Lora, forward_scratch_len};
-use crate::backend::{Accum, Backend, Op};
+use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::element::Element;
 use crate::error::scratch_prefix;
 use crate::matrix::{MatMut, MatRef};
@@ -32,7 +32,7 @@ impl<E: Element, S: AsRef<[E]>> Lora<E, S> {
         mut y: MatMut<'_, E>,
         factor: f64,
         scratch: &mut [E],
-    ) -> Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let one = <E::Accum as Element>::from_f64(1.0);
         let (a, b) = self.views()?;
         let t_buf = scratch_prefix(scratch, forward_scratch_len(x.rows(), self.rank))?;

@@ -4,12 +4,12 @@ use core::marker::PhantomData;
 use super::backward::LoraGrads;
 use super::config::{LoraConfig, LoraInit};
 use super::params::ParamReport;
-use crate::backend::{Accum, Backend};
+use crate::backend::{Accum, Backend, Outcome};
 use crate::base::FrozenLinear;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len};
 use crate::matrix::{MatRef, checked_len};
-use crate::method::{BackwardPass, ForwardPass, LinearAdapter, Pass};
+use crate::method::{BackwardPass, ForwardPass, LinearAdapter};
 use crate::rng::Rng;
 
 /// Scratch elements [`Lora::forward`] needs for `tokens` rows of a rank-`rank`
@@ -226,7 +226,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Lora<E, S> {
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         pass: ForwardPass<'_, E, B, L>,
-    ) -> Pass<E, B> {
+    ) -> Outcome<E, B> {
         let ForwardPass { backend, base, x, mut y, scratch } = pass;
         base.forward(backend, x, y.rb_mut())?;
         self.add_low_rank(backend, x, y, 1.0, scratch)
@@ -234,7 +234,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Lora<E, S> {
 
     /// `dA`, `dB` (and `d lora_bias`) accumulated, `dL/dx = G W + s (G B)
     /// A` (see [`backward`](super::backward)).
-    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Pass<E, B>
+    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Outcome<E, B>
     where
         B: Backend<E> + ?Sized,
         L: FrozenLinear<E> + ?Sized,

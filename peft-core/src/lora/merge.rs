@@ -12,7 +12,7 @@
 //! it is restored (see [`method`](crate::method) for what it prevents and
 //! the drift bound without a backup).
 use super::layer::Lora;
-use crate::backend::{Accum, Backend, Op};
+use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::base::check_rows;
 use crate::delta::DeltaRows;
 use crate::element::Element;
@@ -41,7 +41,7 @@ impl<E: Element, S: AsRef<[E]>> DeltaRows<E> for Lora<E, S> {
         accum: Accum,
         factor: f64,
         _scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         check_rows(start, dst.rows(), self.out_features, self.in_features, &dst)?;
         let (a, b) = self.views()?;
         let b = b.rows_range(start, dst.rows()).ok_or(Error::Overflow)?;

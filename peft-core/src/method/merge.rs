@@ -75,7 +75,7 @@
 //! back bit for bit passes a backup buffer.
 
 use super::WeightUpdate;
-use crate::backend::Backend;
+use crate::backend::{Backend, Outcome};
 use crate::base::Dense;
 use crate::element::Element;
 use crate::error::{Operand, check_len, check_scratch};
@@ -210,7 +210,7 @@ impl<'w, E: Element, U: WeightUpdate<E> + ?Sized, B: Backend<E> + ?Sized> Merged
     ///
     /// # Errors
     /// As [`FrozenLinear::forward`](crate::base::FrozenLinear::forward).
-    pub fn forward(&self, x: MatRef<'_, E>, y: MatMut<'_, E>) -> core::result::Result<(), B::Error> {
+    pub fn forward(&self, x: MatRef<'_, E>, y: MatMut<'_, E>) -> Outcome<E, B> {
         crate::base::FrozenLinear::forward(&self.base(), self.backend, x, y)
     }
 
@@ -220,7 +220,7 @@ impl<'w, E: Element, U: WeightUpdate<E> + ?Sized, B: Backend<E> + ?Sized> Merged
     /// # Errors
     /// The backend's own errors when there is no backup (then `W` is
     /// unspecified).
-    pub fn unmerge(mut self) -> core::result::Result<(), B::Error> {
+    pub fn unmerge(mut self) -> Outcome<E, B> {
         self.restore()
     }
 
@@ -230,7 +230,7 @@ impl<'w, E: Element, U: WeightUpdate<E> + ?Sized, B: Backend<E> + ?Sized> Merged
         core::mem::take(&mut self.weight)
     }
 
-    fn restore(&mut self) -> core::result::Result<(), B::Error> {
+    fn restore(&mut self) -> Outcome<E, B> {
         if !core::mem::replace(&mut self.active, false) {
             return Ok(());
         }

@@ -41,7 +41,7 @@ pub mod registry;
 pub use merge::{MergeTarget, Merged};
 pub use registry::{Family, METHODS, MethodSpec};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Outcome};
 use crate::base::FrozenLinear;
 use crate::element::Element;
 #[cfg(doc)]
@@ -102,7 +102,7 @@ pub trait LinearAdapter<E: Element> {
         backend: &B,
         base: &L,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let _ = (backend, scratch);
         self.check_base(base)?;
         Ok(())
@@ -124,7 +124,7 @@ pub trait LinearAdapter<E: Element> {
         x: MatRef<'_, E>,
         y: MatMut<'_, E>,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         self.check_base(base)?;
         check_io(x.rows(), x.cols(), self.in_features(), Operand::Output, y.rows(), y.cols(), self.out_features())?;
         check_scratch(self.forward_scratch_len(x.rows()), scratch.len())?;
@@ -149,7 +149,7 @@ pub trait LinearAdapter<E: Element> {
         grad_x: Option<MatMut<'_, E>>,
         grads: Self::Grads<'_>,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let (tokens, n_in) = (x.rows(), self.in_features());
         self.check_base(base)?;
         check_io(tokens, x.cols(), n_in, Operand::GradOutput, grad_y.rows(), grad_y.cols(), self.out_features())?;
@@ -178,21 +178,18 @@ pub trait LinearAdapter<E: Element> {
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         pass: ForwardPass<'_, E, B, L>,
-    ) -> Pass<E, B>;
+    ) -> Outcome<E, B>;
 
     /// The method's backward, called by [`backward`](Self::backward) once
     /// the shapes, the gradient buffers and the scratch are checked.
     ///
     /// # Errors
     /// The method's own refusals; the backend's own errors.
-    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Pass<E, B>
+    fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Outcome<E, B>
     where
         B: Backend<E> + ?Sized,
         L: FrozenLinear<E> + ?Sized;
 }
-
-/// What a pass returns: nothing, or the backend's error.
-pub type Pass<E, B> = core::result::Result<(), <B as Backend<E>>::Error>;
 
 /// The operands of one forward pass, checked by
 /// [`LinearAdapter::forward`] and handed to
@@ -306,7 +303,7 @@ pub trait WeightUpdate<E: Element> {
         bias: Option<&mut [E]>,
         direction: Direction,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error>;
+    ) -> Outcome<E, B>;
 
     /// Merges the update into `target`'s weight (and bias, when the update
     /// touches it and `target` has one) and returns the guard that owns

@@ -18,7 +18,7 @@
 
 use super::PrefixConfig;
 use crate::adapter::backward::add_colsum;
-use crate::backend::{Accum, Backend, Op};
+use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::element::{Element, Real};
 use crate::error::{Error, Operand, Result, check_len, check_scratch, scratch_pair};
 use crate::matrix::{MatMut, MatRef, checked_len};
@@ -131,12 +131,7 @@ impl<'a, E: Element> PrefixEncoder<'a, E> {
     /// # Errors
     /// [`Error::ShapeMismatch`] (`Prefix`), [`Error::ScratchTooSmall`];
     /// nothing is written.
-    pub fn forward<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        kv: &mut [E],
-        scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    pub fn forward<B: Backend<E> + ?Sized>(&self, backend: &B, kv: &mut [E], scratch: &mut [E]) -> Outcome<E, B> {
         check_len(Operand::Prefix, self.cfg.len(), kv.len())?;
         let need = self.forward_scratch_len();
         check_scratch(need, scratch.len())?;
@@ -148,11 +143,7 @@ impl<'a, E: Element> PrefixEncoder<'a, E> {
     }
 
     /// `a = tanh(E W1^T + b1)`.
-    fn hidden_layer<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        a: &mut MatMut<'_, E>,
-    ) -> core::result::Result<(), B::Error> {
+    fn hidden_layer<B: Backend<E> + ?Sized>(&self, backend: &B, a: &mut MatMut<'_, E>) -> Outcome<E, B> {
         let one = <E::Accum as Element>::from_f64(1.0);
         let emb = MatRef::new(self.p.embedding, self.cfg.n_prefix(), self.d)?;
         let w1 = MatRef::new(self.p.w1, self.hidden, self.d)?;
@@ -171,7 +162,7 @@ impl<'a, E: Element> PrefixEncoder<'a, E> {
         backend: &B,
         a: MatRef<'_, E>,
         mut out: MatMut<'_, E>,
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let one = <E::Accum as Element>::from_f64(1.0);
         let w2 = MatRef::new(self.p.w2, self.cfg.row_width(), self.hidden)?;
         backend.gemm(out.rb_mut(), Accum::Replace, a, Op::N, w2, Op::T, one)?;
@@ -196,7 +187,7 @@ impl<'a, E: Element> PrefixEncoder<'a, E> {
         grad_kv: &[E],
         grads: EncoderGrads<'_, E>,
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         check_len(Operand::Prefix, self.cfg.len(), grad_kv.len())?;
         grads.check(&self.cfg, self.d, self.hidden)?;
         let need = self.backward_scratch_len();

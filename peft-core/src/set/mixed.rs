@@ -21,7 +21,7 @@
 //! explicitly: the set's active flags do not apply here, the multipliers
 //! do.
 use super::{AdapterSet, AdapterSlot, SlotStore};
-use crate::backend::{Accum, Backend};
+use crate::backend::{Accum, Backend, Outcome};
 use crate::base::FrozenLinear;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_io, check_len, check_scratch, check_shape};
@@ -83,7 +83,7 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<AdapterSlot<K, E, S>
         mut y: MatMut<'_, E>,
         routes: &[Route],
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         self.check_base(base)?;
         check_io(x.rows(), x.cols(), self.in_features, Operand::Output, y.rows(), y.cols(), self.out_features)?;
         self.check_routes(routes, x.rows())?;
@@ -125,7 +125,7 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<AdapterSlot<K, E, S>
         grads: &mut [Option<LoraGrads<'_, E>>],
         routes: &[Route],
         scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let tokens = x.rows();
         self.check_base(base)?;
         check_io(

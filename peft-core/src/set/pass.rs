@@ -9,7 +9,7 @@
 //! (sums over the active adapters `i`, in slot order; each term is LoRA's
 //! own pass at scale `m_i s_i`, see [`crate::lora::backward`]).
 use super::{AdapterSet, AdapterSlot, SlotStore};
-use crate::backend::{Accum, Backend};
+use crate::backend::{Accum, Backend, Outcome};
 use crate::base::FrozenLinear;
 use crate::element::Element;
 use crate::error::{Operand, check_io, check_len, check_scratch, check_shape};
@@ -35,7 +35,7 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<AdapterSlot<K, E, S>
         x: MatRef<'_, E>,
         mut y: MatMut<'_, E>,
         scratch: &mut [E],
-    ) -> Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         self.check_base(base)?;
         check_io(x.rows(), x.cols(), self.in_features, Operand::Output, y.rows(), y.cols(), self.out_features)?;
         check_scratch(self.forward_scratch_len(x.rows()), scratch.len())?;
@@ -72,7 +72,7 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<AdapterSlot<K, E, S>
         grad_x: Option<MatMut<'_, E>>,
         grads: &mut [Option<LoraGrads<'_, E>>],
         scratch: &mut [E],
-    ) -> Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let tokens = x.rows();
         self.check_base(base)?;
         check_io(

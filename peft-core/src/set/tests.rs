@@ -6,7 +6,6 @@ use crate::backend::Reference;
 use crate::base::Dense;
 use crate::lora::LoraConfig;
 use crate::matrix::{MatMut, MatRef};
-use crate::method::LinearAdapter;
 
 /// The identity 2 x 2, in "flash".
 static W: [f32; 4] = [1.0, 0.0, 0.0, 1.0];
@@ -101,6 +100,7 @@ mod mixed {
     use super::*;
     use crate::base::FrozenLinear;
     use crate::lora::LoraGrads;
+    use crate::method::LinearAdapter;
     use crate::rng::Rng;
 
     /// f64 data for the mixed-batch tests.

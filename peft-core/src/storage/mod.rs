@@ -30,7 +30,7 @@
 pub mod half;
 pub mod quantize;
 
-use crate::backend::{Accum, Backend};
+use crate::backend::{Accum, Backend, Outcome};
 use crate::base::FrozenLinear;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_io, check_len, check_shape};
@@ -467,7 +467,7 @@ impl<E: Element> FrozenLinear<E> for StoredLinear<'_, E> {
         x: MatRef<'_, E>,
         y: MatMut<'_, E>,
         accum: Accum,
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let w = &self.weight;
         check_io(x.rows(), x.cols(), w.in_features, Operand::Output, y.rows(), y.cols(), w.out_features)?;
         backend.stored_apply(w, x, y, accum)
@@ -479,7 +479,7 @@ impl<E: Element> FrozenLinear<E> for StoredLinear<'_, E> {
         grad_y: MatRef<'_, E>,
         grad_x: MatMut<'_, E>,
         accum: Accum,
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let w = &self.weight;
         check_shape(Operand::GradOutput, grad_y.rows(), grad_y.cols(), grad_y.rows(), w.out_features)?;
         check_shape(Operand::GradInput, grad_x.rows(), grad_x.cols(), grad_y.rows(), w.in_features)?;
@@ -496,7 +496,7 @@ impl<E: Element> FrozenLinear<E> for StoredLinear<'_, E> {
         start: usize,
         mut dst: MatMut<'_, E>,
         _scratch: &mut [E],
-    ) -> core::result::Result<(), B::Error> {
+    ) -> Outcome<E, B> {
         let w = &self.weight;
         check_shape(Operand::Dst, dst.rows(), dst.cols(), dst.rows(), w.in_features)?;
         if start.checked_add(dst.rows()).is_none_or(|end| end > w.out_features) {
@@ -523,10 +523,7 @@ pub fn apply<E: Element>(w: &StoredWeight<'_>, x: MatRef<'_, E>, mut y: MatMut<'
         let xr = x.row(t);
         for (j, v) in yr.iter_mut().enumerate() {
             let dot = w.row(j).map_or(<E::Accum as Element>::ZERO, |r| r.dot(xr));
-            *v = match accum {
-                Accum::Replace => E::from_accum(dot),
-                Accum::Add => E::from_accum(v.to_accum() + dot),
-            };
+            accum.store(v, dot);
         }
     }
     Ok(())
@@ -556,10 +553,7 @@ pub fn apply_transpose<E: Element>(
             for (j, g) in gy.iter().enumerate() {
                 acc += g.to_accum() * a(w.get(j, k).unwrap_or(0.0));
             }
-            *v = match accum {
-                Accum::Replace => E::from_accum(acc),
-                Accum::Add => E::from_accum(v.to_accum() + acc),
-            };
+            accum.store(v, acc);
         }
     }
     Ok(())

@@ -16,6 +16,11 @@
 //! for Q8_0) and non-finite inputs are refused.
 
 use super::half::{f32_to_bf16, f32_to_f16};
+#[cfg(any(test, feature = "alloc"))]
+use alloc::{vec, vec::Vec};
+
+#[cfg(any(test, feature = "alloc"))]
+use super::StoredWeight;
 use super::{Format, Q4_0_BYTES, Q8_0_BYTES, QK};
 use crate::error::{Error, Operand, Result, check_len};
 use crate::matrix::checked_len;
@@ -36,6 +41,99 @@ pub enum Quantized<'a> {
     /// Q4_0 blocks.
     Q4_0(&'a mut [u8]),
 }
+
+/// The buffers of an [`OwnedWeight`], one variant per [`Format`], laid out
+/// as [`quantize`] writes them.
+#[cfg(any(test, feature = "alloc"))]
+#[derive(Clone, Debug, PartialEq)]
+pub enum Owned {
+    /// f32 values `[out, in]`.
+    F32(Vec<f32>),
+    /// f16 bits `[out, in]`.
+    F16(Vec<u16>),
+    /// bf16 bits `[out, in]`.
+    Bf16(Vec<u16>),
+    /// int8 values `[out, in]` and scales `[out]`.
+    Int8(Vec<i8>, Vec<f32>),
+    /// Q8_0 blocks, `out * row_bytes(in)` bytes.
+    Q8_0(Vec<u8>),
+    /// Q4_0 blocks, `out * row_bytes(in)` bytes.
+    Q4_0(Vec<u8>),
+}
+
+/// A weight `[out, in]` quantized into buffers it owns, for hosts with a
+/// heap: [`quantize`] into [`Owned`], read through
+/// [`weight`](Self::weight).
+#[cfg(any(test, feature = "alloc"))]
+#[derive(Clone, Debug, PartialEq)]
+pub struct OwnedWeight {
+    data: Owned,
+    out_features: usize,
+    in_features: usize,
+}
+
+#[cfg(any(test, feature = "alloc"))]
+impl OwnedWeight {
+    /// Quantizes `w [out, in]` into `format`.
+    ///
+    /// # Errors
+    /// [`Error::Overflow`] for sizes past `usize`, [`Error::ShapeMismatch`]
+    /// (`Weight`) for `w` of another length, [`Error::InvalidParameter`]
+    /// (`in_features`) for a block format with `in` not a multiple of 32,
+    /// all before anything is allocated; [`quantize`]'s refusals.
+    pub fn quantize(format: Format, w: &[f32], out_features: usize, in_features: usize) -> Result<Self> {
+        let n = checked_len(out_features, in_features)?;
+        check_len(Operand::Weight, n, w.len())?;
+        let blocks = || match format.row_bytes(in_features) {
+            Some(row) => checked_len(out_features, row),
+            None if in_features % QK != 0 => Err(Error::InvalidParameter { name: "in_features", rule: MULTIPLE }),
+            None => Err(Error::Overflow),
+        };
+        let mut data = match format {
+            Format::F32 => Owned::F32(vec![0.0; n]),
+            Format::F16 => Owned::F16(vec![0; n]),
+            Format::Bf16 => Owned::Bf16(vec![0; n]),
+            Format::Int8 => Owned::Int8(vec![0; n], vec![0.0; out_features]),
+            Format::Q8_0 => Owned::Q8_0(vec![0; blocks()?]),
+            Format::Q4_0 => Owned::Q4_0(vec![0; blocks()?]),
+        };
+        let dst = match &mut data {
+            Owned::F32(f) => Quantized::F32(f),
+            Owned::F16(h) => Quantized::F16(h),
+            Owned::Bf16(h) => Quantized::Bf16(h),
+            Owned::Int8(q, s) => Quantized::Int8(q, s),
+            Owned::Q8_0(b) => Quantized::Q8_0(b),
+            Owned::Q4_0(b) => Quantized::Q4_0(b),
+        };
+        quantize(w, out_features, in_features, dst)?;
+        Ok(Self { data, out_features, in_features })
+    }
+
+    /// The buffers.
+    pub fn data(&self) -> &Owned {
+        &self.data
+    }
+
+    /// The weight, borrowed for the kernels.
+    ///
+    /// # Errors
+    /// None in practice: the buffers were sized by
+    /// [`quantize`](Self::quantize); [`StoredWeight`]'s own checks.
+    pub fn weight(&self) -> Result<StoredWeight<'_>> {
+        let (o, i) = (self.out_features, self.in_features);
+        match &self.data {
+            Owned::F32(f) => StoredWeight::f32(f, o, i),
+            Owned::F16(h) => StoredWeight::f16(h, o, i),
+            Owned::Bf16(h) => StoredWeight::bf16(h, o, i),
+            Owned::Int8(q, s) => StoredWeight::int8(q, s, o, i),
+            Owned::Q8_0(b) => StoredWeight::q8_0(b, o, i),
+            Owned::Q4_0(b) => StoredWeight::q4_0(b, o, i),
+        }
+    }
+}
+
+/// The rule a block format's row length breaks.
+const MULTIPLE: &str = "must be a multiple of 32 for Q8_0 and Q4_0";
 
 /// `C`'s `roundf`: half away from zero.
 fn round(x: f32) -> f32 {
@@ -69,9 +167,7 @@ pub fn quantize(w: &[f32], out_features: usize, in_features: usize, dst: Quantiz
         Quantized::Q8_0(_) => Format::Q8_0,
         Quantized::Q4_0(_) => Format::Q4_0,
     };
-    let row = format
-        .row_bytes(in_features)
-        .ok_or(Error::InvalidParameter { name: "in_features", rule: "must be a multiple of 32 for Q8_0 and Q4_0" })?;
+    let row = format.row_bytes(in_features).ok_or(Error::InvalidParameter { name: "in_features", rule: MULTIPLE })?;
     let overflow = |i: usize| Error::NonFinite { operand: Operand::Weight, index: i };
     match dst {
         Quantized::F32(d) => {

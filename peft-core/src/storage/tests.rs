@@ -2,7 +2,7 @@ extern crate std;
 use std::vec;
 use std::vec::Vec;
 
-use super::quantize::Quantized;
+use super::quantize::{OwnedWeight, Quantized};
 use super::*;
 use crate::backend::Reference;
 use crate::base::Dense;
@@ -42,40 +42,8 @@ fn every_format_stays_within_its_bound_and_forwards_as_the_dequantized_base() {
     let w = values(out * inn, 1);
     let x = values(t * inn, 2);
     for format in Format::ALL {
-        let (mut f, mut h, mut q, mut s, mut b) = (
-            vec![0f32; out * inn],
-            vec![0u16; out * inn],
-            vec![0i8; out * inn],
-            vec![0f32; out],
-            vec![0u8; out * format.row_bytes(inn).unwrap()],
-        );
-        let stored = match format {
-            Format::F32 => {
-                quantize(&w, out, inn, Quantized::F32(&mut f)).unwrap();
-                StoredWeight::f32(&f, out, inn)
-            }
-            Format::F16 => {
-                quantize(&w, out, inn, Quantized::F16(&mut h)).unwrap();
-                StoredWeight::f16(&h, out, inn)
-            }
-            Format::Bf16 => {
-                quantize(&w, out, inn, Quantized::Bf16(&mut h)).unwrap();
-                StoredWeight::bf16(&h, out, inn)
-            }
-            Format::Int8 => {
-                quantize(&w, out, inn, Quantized::Int8(&mut q, &mut s)).unwrap();
-                StoredWeight::int8(&q, &s, out, inn)
-            }
-            Format::Q8_0 => {
-                quantize(&w, out, inn, Quantized::Q8_0(&mut b)).unwrap();
-                StoredWeight::q8_0(&b, out, inn)
-            }
-            Format::Q4_0 => {
-                quantize(&w, out, inn, Quantized::Q4_0(&mut b)).unwrap();
-                StoredWeight::q4_0(&b, out, inn)
-            }
-        }
-        .unwrap();
+        let owned = OwnedWeight::quantize(format, &w, out, inn).unwrap();
+        let stored = owned.weight().unwrap();
         let mut deq = vec![0f32; out * inn];
         dequantize(&stored, &mut deq).unwrap();
         for (i, (d, v)) in deq.iter().zip(&w).enumerate() {

@@ -4,8 +4,8 @@
 //! against finite differences, the stored bytes unchanged.
 use peft_core::lora::{Lora, LoraConfig, LoraGrads};
 use peft_core::method::LinearAdapter;
-use peft_core::storage::quantize::Quantized;
-use peft_core::storage::{Format, QK, StoredLinear, StoredWeight, dequantize, error_bound, quantize};
+use peft_core::storage::quantize::{Owned, OwnedWeight};
+use peft_core::storage::{Format, QK, StoredLinear, StoredWeight, dequantize, error_bound};
 use peft_core::{Accum, Backend, FrozenLinear, MatMut, MatRef, Reference};
 use proptest::prelude::*;
 
@@ -57,61 +57,31 @@ fn fail(e: impl core::fmt::Display) -> TestCaseError {
 /// The stored bytes of one format (owned), and views of them.
 struct Stored {
     format: Format,
-    f: Vec<f32>,
-    h: Vec<u16>,
-    q: Vec<i8>,
-    s: Vec<f32>,
-    b: Vec<u8>,
+    owned: OwnedWeight,
     out: usize,
     inn: usize,
 }
 
 impl Stored {
     fn of(format: Format, w: &[f32], out: usize, inn: usize) -> Result<Self, TestCaseError> {
-        let n = out * inn;
-        let row = format.row_bytes(inn).ok_or_else(|| fail("row bytes"))?;
-        let mut st = Stored {
-            format,
-            f: vec![0.0; n],
-            h: vec![0; n],
-            q: vec![0; n],
-            s: vec![0.0; out],
-            b: vec![0; out * row],
-            out,
-            inn,
-        };
-        let dst = match format {
-            Format::F32 => Quantized::F32(&mut st.f),
-            Format::F16 => Quantized::F16(&mut st.h),
-            Format::Bf16 => Quantized::Bf16(&mut st.h),
-            Format::Int8 => Quantized::Int8(&mut st.q, &mut st.s),
-            Format::Q8_0 => Quantized::Q8_0(&mut st.b),
-            Format::Q4_0 => Quantized::Q4_0(&mut st.b),
-        };
-        quantize(w, out, inn, dst).map_err(fail)?;
-        Ok(st)
+        Ok(Stored { format, owned: OwnedWeight::quantize(format, w, out, inn).map_err(fail)?, out, inn })
     }
 
     fn weight(&self) -> Result<StoredWeight<'_>, TestCaseError> {
-        let (o, i) = (self.out, self.inn);
-        match self.format {
-            Format::F32 => StoredWeight::f32(&self.f, o, i),
-            Format::F16 => StoredWeight::f16(&self.h, o, i),
-            Format::Bf16 => StoredWeight::bf16(&self.h, o, i),
-            Format::Int8 => StoredWeight::int8(&self.q, &self.s, o, i),
-            Format::Q8_0 => StoredWeight::q8_0(&self.b, o, i),
-            Format::Q4_0 => StoredWeight::q4_0(&self.b, o, i),
-        }
-        .map_err(fail)
+        self.owned.weight().map_err(fail)
     }
 
     /// Every stored byte, for the "never written" check.
     fn bytes(&self) -> Vec<u64> {
-        let f = self.f.iter().map(|v| u64::from(v.to_bits()));
-        let h = self.h.iter().map(|v| u64::from(*v));
-        let q = self.q.iter().map(|v| u64::from(*v as u8));
-        let s = self.s.iter().map(|v| u64::from(v.to_bits()));
-        f.chain(h).chain(q).chain(s).chain(self.b.iter().map(|v| u64::from(*v))).collect()
+        match self.owned.data() {
+            Owned::F32(f) => f.iter().map(|v| u64::from(v.to_bits())).collect(),
+            Owned::F16(h) | Owned::Bf16(h) => h.iter().map(|v| u64::from(*v)).collect(),
+            Owned::Int8(q, s) => {
+                let q = q.iter().map(|v| u64::from(*v as u8));
+                q.chain(s.iter().map(|v| u64::from(v.to_bits()))).collect()
+            }
+            Owned::Q8_0(b) | Owned::Q4_0(b) => b.iter().map(|v| u64::from(*v)).collect(),
+        }
     }
 
     /// `deq(W)` decoded here from the stored bytes, independently of
@@ -119,20 +89,17 @@ impl Stored {
     /// the `half` crate), and checked against `peft_core::storage::dequantize`.
     fn dequantized(&self) -> Result<Vec<f64>, TestCaseError> {
         let scale16 = |blk: &[u8]| half::f16::from_le_bytes([blk[0], blk[1]]).to_f64();
-        let d: Vec<f64> = match self.format {
-            Format::F32 => self.f.iter().map(|v| f64::from(*v)).collect(),
-            Format::F16 => self.h.iter().map(|v| half::f16::from_bits(*v).to_f64()).collect(),
-            Format::Bf16 => self.h.iter().map(|v| half::bf16::from_bits(*v).to_f64()).collect(),
-            Format::Int8 => {
-                (0..self.out * self.inn).map(|i| f64::from(f32::from(self.q[i]) * self.s[i / self.inn])).collect()
-            }
-            Format::Q8_0 => self
-                .b
+        let inn = self.inn;
+        let d: Vec<f64> = match self.owned.data() {
+            Owned::F32(f) => f.iter().map(|v| f64::from(*v)).collect(),
+            Owned::F16(h) => h.iter().map(|v| half::f16::from_bits(*v).to_f64()).collect(),
+            Owned::Bf16(h) => h.iter().map(|v| half::bf16::from_bits(*v).to_f64()).collect(),
+            Owned::Int8(q, s) => q.iter().enumerate().map(|(i, q)| f64::from(f32::from(*q) * s[i / inn])).collect(),
+            Owned::Q8_0(b) => b
                 .chunks_exact(34)
                 .flat_map(|blk| blk[2..].iter().map(move |q| f64::from(*q as i8) * scale16(blk)))
                 .collect(),
-            Format::Q4_0 => self
-                .b
+            Owned::Q4_0(b) => b
                 .chunks_exact(18)
                 .flat_map(|blk| {
                     let lo = blk[2..].iter().map(move |q| f64::from(i32::from(q & 0x0F) - 8) * scale16(blk));
