@@ -14,12 +14,30 @@
 //! blocks without a line of its own.
 
 use crate::backend::{Accum, Backend, Outcome};
+use crate::base::check_rows;
 use crate::element::Element;
-use crate::error::{Operand, check_len};
+use crate::error::check_scratch;
 use crate::matrix::MatMut;
-use crate::method::Direction;
 #[cfg(doc)]
 use crate::method::WeightUpdate;
+use crate::method::{Direction, UpdateBlock};
+
+/// One block of rows of `factor * dW`, checked by
+/// [`DeltaRows::delta_rows`] and handed to [`DeltaRows::fill_delta_rows`]:
+/// rows `start..start + n` into `dst [n, cols]`.
+#[derive(Debug)]
+pub struct DeltaBlock<'a, E> {
+    /// The first row.
+    pub start: usize,
+    /// The block `[n, cols]`: overwritten (`Accum::Replace`) or added to.
+    pub dst: MatMut<'a, E>,
+    /// Whether `dst` is overwritten or added to.
+    pub accum: Accum,
+    /// `1` for a merge, `-1` for an unmerge (any factor scales `dW`).
+    pub factor: f64,
+    /// At least [`DeltaRows::delta_scratch_len`]`(n)` elements.
+    pub scratch: &'a mut [E],
+}
 
 /// A method whose update is a dense `dW [rows, cols]` added to a weight of
 /// that shape (`[out, in]` for a linear layer, `[vocab, dim]` for an
@@ -29,8 +47,11 @@ pub trait DeltaRows<E: Element> {
     fn delta_dims(&self) -> (usize, usize);
 
     /// Scratch (elements) [`delta_rows`](Self::delta_rows) needs for a
-    /// block of `rows` rows.
-    fn delta_scratch_len(&self, rows: usize) -> usize;
+    /// block of `rows` rows: none unless the method says so.
+    fn delta_scratch_len(&self, rows: usize) -> usize {
+        let _ = rows;
+        0
+    }
 
     /// Rows `start..start + n` of `factor * dW` into `dst [n, cols]`
     /// (`Accum::Replace`) or added to it (`Accum::Add`).
@@ -39,7 +60,8 @@ pub trait DeltaRows<E: Element> {
     /// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch): `Weight` for
     /// rows past the end, `Dst` for a `dst` of another width;
     /// [`Error::ScratchTooSmall`](crate::Error::ScratchTooSmall); all
-    /// before anything is written; the backend's own errors.
+    /// before anything is written; the method's own refusals; the
+    /// backend's own errors.
     fn delta_rows<B: Backend<E> + ?Sized>(
         &self,
         backend: &B,
@@ -48,7 +70,19 @@ pub trait DeltaRows<E: Element> {
         accum: Accum,
         factor: f64,
         scratch: &mut [E],
-    ) -> Outcome<E, B>;
+    ) -> Outcome<E, B> {
+        let (rows, cols) = self.delta_dims();
+        check_rows(start, dst.rows(), rows, cols, &dst)?;
+        check_scratch(self.delta_scratch_len(dst.rows()), scratch.len())?;
+        self.fill_delta_rows(backend, DeltaBlock { start, dst, accum, factor, scratch })
+    }
+
+    /// The method's [`delta_rows`](Self::delta_rows), called once the rows
+    /// and the scratch length are checked (callers use `delta_rows`).
+    ///
+    /// # Errors
+    /// The method's own refusals; the backend's own errors.
+    fn fill_delta_rows<B: Backend<E> + ?Sized>(&self, backend: &B, block: DeltaBlock<'_, E>) -> Outcome<E, B>;
 
     /// Whether the merge also adds to the layer's bias (LoRA with PEFT's
     /// `lora_bias`); `false` unless a method says so.
@@ -64,30 +98,25 @@ pub trait DeltaRows<E: Element> {
     }
 }
 
-/// [`WeightUpdate::update_rows`] of an additive method: `block += dW`
-/// rows (merge) or `block -= dW` rows (unmerge), and the bias likewise when
-/// the method has a bias delta.
+/// [`WeightUpdate::run_update`](crate::method::WeightUpdate::run_update)
+/// of an additive method: `block += dW` rows (merge) or `block -= dW` rows
+/// (unmerge), and the bias likewise when the method has a bias delta (the
+/// bias length checked by
+/// [`update_rows`](crate::method::WeightUpdate::update_rows)).
 ///
 /// # Errors
-/// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) (`Bias`) and
 /// [`DeltaRows::delta_rows`]' errors, before anything is written; the
 /// backend's own errors.
 pub fn update_additive<E: Element, D: DeltaRows<E> + ?Sized, B: Backend<E> + ?Sized>(
     delta: &D,
     backend: &B,
-    start: usize,
-    block: MatMut<'_, E>,
-    bias: Option<&mut [E]>,
-    direction: Direction,
-    scratch: &mut [E],
+    block: UpdateBlock<'_, E>,
 ) -> Outcome<E, B> {
+    let UpdateBlock { start, block, bias, direction, scratch } = block;
     let factor = match direction {
         Direction::Merge => 1.0,
         Direction::Unmerge => -1.0,
     };
-    if let Some(b) = &bias {
-        check_len(Operand::Bias, block.rows(), b.len())?;
-    }
     delta.delta_rows(backend, start, block, Accum::Add, factor, scratch)?;
     if let Some(b) = bias {
         delta.delta_bias(start, b, factor);
@@ -123,16 +152,12 @@ macro_rules! additive_update {
             }
 
             /// [`update_additive`](crate::delta::update_additive).
-            fn update_rows<B: $crate::backend::Backend<E> + ?Sized>(
+            fn run_update<B: $crate::backend::Backend<E> + ?Sized>(
                 &self,
                 backend: &B,
-                start: usize,
-                block: $crate::matrix::MatMut<'_, E>,
-                bias: Option<&mut [E]>,
-                direction: $crate::method::Direction,
-                scratch: &mut [E],
+                block: $crate::method::UpdateBlock<'_, E>,
             ) -> Outcome<E, B> {
-                $crate::delta::update_additive(self, backend, start, block, bias, direction, scratch)
+                $crate::delta::update_additive(self, backend, block)
             }
         }
     };

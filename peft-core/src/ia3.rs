@@ -25,12 +25,12 @@
 use core::marker::PhantomData;
 
 use crate::backend::{Accum, Backend, Outcome};
-use crate::base::{FrozenLinear, check_rows};
+use crate::base::FrozenLinear;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len};
 use crate::lora::ParamReport;
 use crate::matrix::{MatMut, MatRef, checked_len};
-use crate::method::{BackwardPass, Direction, ForwardPass, LinearAdapter, UpdateKind, WeightUpdate};
+use crate::method::{BackwardPass, Direction, ForwardPass, LinearAdapter, UpdateBlock, UpdateKind, WeightUpdate};
 
 /// An (IA)^3 vector for a linear layer `in -> out`: `l [out]` on the
 /// output, or `l [in]` on the input of a feedforward layer.
@@ -227,20 +227,8 @@ impl<E: Element, S: AsRef<[E]>> WeightUpdate<E> for Ia3<E, S> {
     /// `W[rows] *= l` (rows for the output kind, columns for the
     /// feedforward kind) and `b[rows] *= l` for the output kind; divides on
     /// unmerge. Each element rounds once.
-    fn update_rows<B: Backend<E> + ?Sized>(
-        &self,
-        _backend: &B,
-        start: usize,
-        mut block: MatMut<'_, E>,
-        bias: Option<&mut [E]>,
-        direction: Direction,
-        _scratch: &mut [E],
-    ) -> Outcome<E, B> {
-        let n = block.rows();
-        check_rows(start, n, self.out_features, self.in_features, &block)?;
-        if let Some(b) = &bias {
-            check_len(Operand::Bias, n, b.len())?;
-        }
+    fn run_update<B: Backend<E> + ?Sized>(&self, _backend: &B, block: UpdateBlock<'_, E>) -> Outcome<E, B> {
+        let UpdateBlock { start, mut block, bias, direction, .. } = block;
         let invert = direction == Direction::Unmerge;
         let f = |v: &mut E, l: &E| {
             let l = l.to_accum();

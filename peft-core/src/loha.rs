@@ -25,9 +25,9 @@ use core::marker::PhantomData;
 
 use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::base::FrozenLinear;
-use crate::delta::DeltaRows;
+use crate::delta::{DeltaBlock, DeltaRows};
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_len, check_scratch};
+use crate::error::{Error, Operand, Result, check_len};
 use crate::lora::LoraConfig;
 use crate::matrix::{MatMut, MatRef, checked_len};
 use crate::method::{BackwardPass, ForwardPass, LinearAdapter};
@@ -232,19 +232,10 @@ impl<E: Element, S: AsRef<[E]>> DeltaRows<E> for Loha<E, S> {
 
     /// Rows `start..start + n` of `factor * dW`, `dW = s (W1a W1b) * (W2a
     /// W2b)`, with scratch `2 n in` (not `2 out in`).
-    fn delta_rows<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        start: usize,
-        mut dst: MatMut<'_, E>,
-        accum: Accum,
-        factor: f64,
-        scratch: &mut [E],
-    ) -> Outcome<E, B> {
-        let (o, i, n) = (self.out_features, self.in_features, dst.rows());
-        crate::base::check_rows(start, n, o, i, &dst)?;
+    fn fill_delta_rows<B: Backend<E> + ?Sized>(&self, backend: &B, block: DeltaBlock<'_, E>) -> Outcome<E, B> {
+        let DeltaBlock { start, mut dst, accum, factor, scratch } = block;
+        let (i, n) = (self.in_features, dst.rows());
         let ni = checked_len(n, i)?;
-        check_scratch(ni.saturating_mul(2), scratch.len())?;
         let (p1, rest) = scratch.split_at_mut(ni);
         let (p2, _) = rest.split_at_mut(ni);
         let one = <E::Accum as Element>::from_f64(1.0);

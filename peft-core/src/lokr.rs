@@ -24,9 +24,9 @@ use core::marker::PhantomData;
 
 use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::base::FrozenLinear;
-use crate::delta::DeltaRows;
+use crate::delta::{DeltaBlock, DeltaRows};
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_len, check_scratch};
+use crate::error::{Error, Operand, Result, check_len};
 use crate::lora::LoraConfig;
 use crate::matrix::{MatMut, MatRef, checked_len};
 use crate::method::{BackwardPass, ForwardPass, LinearAdapter};
@@ -389,19 +389,9 @@ impl<E: Element, S: AsRef<[E]>> DeltaRows<E> for Lokr<E, S> {
     /// [`Error::ShapeMismatch`]: `Weight` for rows past `out`, `Dst` for a
     /// `dst` of another width; [`Error::ScratchTooSmall`]; all before
     /// anything is written; the backend's own errors.
-    fn delta_rows<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        start: usize,
-        mut dst: MatMut<'_, E>,
-        accum: Accum,
-        factor: f64,
-        scratch: &mut [E],
-    ) -> Outcome<E, B> {
-        let (o, i) = self.dims();
-        crate::base::check_rows(start, dst.rows(), o, i, &dst)?;
+    fn fill_delta_rows<B: Backend<E> + ?Sized>(&self, backend: &B, block: DeltaBlock<'_, E>) -> Outcome<E, B> {
+        let DeltaBlock { start, mut dst, accum, factor, scratch } = block;
         let (n1, n2) = (self.d1.0 * self.d1.1, self.d2.0 * self.d2.1);
-        check_scratch(n1 + n2, scratch.len())?;
         let (m1, rest) = scratch.split_at_mut(n1);
         let (m2, _) = rest.split_at_mut(n2);
         self.full(backend, m1, m2)?;

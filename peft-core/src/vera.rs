@@ -40,10 +40,10 @@
 use core::marker::PhantomData;
 
 use crate::backend::{Accum, Backend, Op, Outcome};
-use crate::base::{FrozenLinear, check_rows};
-use crate::delta::DeltaRows;
+use crate::base::FrozenLinear;
+use crate::delta::{DeltaBlock, DeltaRows};
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_len, check_scratch};
+use crate::error::{Error, Operand, Result, check_len};
 use crate::ia3::{column_dots, scale_columns};
 use crate::lora::ParamReport;
 use crate::matrix::{MatMut, MatRef, checked_len};
@@ -358,20 +358,11 @@ impl<E: Element, S: AsRef<[E]>, P: AsRef<[E]>> DeltaRows<E> for BoundVera<'_, E,
     /// Rows `start..start + n` of `factor * dW`, `dW = diag(lambda_b) B
     /// diag(lambda_d) A`; [`Error::ShapeMismatch`] (`LoraA`, `LoraB`) for
     /// projections that do not fit.
-    fn delta_rows<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        start: usize,
-        dst: MatMut<'_, E>,
-        accum: Accum,
-        factor: f64,
-        scratch: &mut [E],
-    ) -> Outcome<E, B> {
+    fn fill_delta_rows<B: Backend<E> + ?Sized>(&self, backend: &B, block: DeltaBlock<'_, E>) -> Outcome<E, B> {
+        let DeltaBlock { start, dst, accum, factor, scratch } = block;
         let (vera, n) = (self.vera, dst.rows());
         let r = vera.rank;
         vera.check_projection(self.proj)?;
-        check_rows(start, n, vera.out_features, vera.in_features, &dst)?;
-        check_scratch(self.delta_scratch_len(n), scratch.len())?;
         let (a, b) = self.proj.slices(vera.in_features, vera.out_features)?;
         let b = b.rows_range(start, n).ok_or(Error::Overflow)?;
         let lambda_b = vera.lambda_b.as_ref().get(start..).unwrap_or(&[]);

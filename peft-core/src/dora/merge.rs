@@ -19,12 +19,10 @@
 //! refuses one.
 use super::Dora;
 use crate::backend::{Accum, Backend, Outcome};
-use crate::base::check_rows;
 use crate::delta::DeltaRows;
 use crate::element::Element;
-use crate::error::{Error, Result, check_scratch};
-use crate::matrix::MatMut;
-use crate::method::{Direction, UpdateKind, WeightUpdate};
+use crate::error::{Error, Result};
+use crate::method::{Direction, UpdateBlock, UpdateKind, WeightUpdate};
 
 impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]>> WeightUpdate<E> for Dora<E, S, C> {
     /// `(out, in)`.
@@ -56,19 +54,8 @@ impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]>> WeightUpdate<E> for Dora<E, S, C>
     /// Merge: `V = W + s B A` rows, `n_j = ||V_j||` (summed in f64, rounded
     /// once, kept in `scratch[k]`), `W_j = (m_j / n_j) V_j`. Unmerge: `W_j
     /// = (n_j / m_j) W_j - s (B A)_j` with `n_j` from `scratch[k]`.
-    fn update_rows<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        start: usize,
-        mut block: MatMut<'_, E>,
-        _bias: Option<&mut [E]>,
-        direction: Direction,
-        scratch: &mut [E],
-    ) -> Outcome<E, B> {
-        let (n_out, n_in) = self.weight_dims();
-        let n = block.rows();
-        check_rows(start, n, n_out, n_in, &block)?;
-        check_scratch(n, scratch.len())?;
+    fn run_update<B: Backend<E> + ?Sized>(&self, backend: &B, block: UpdateBlock<'_, E>) -> Outcome<E, B> {
+        let UpdateBlock { start, mut block, direction, scratch, .. } = block;
         let mag = |k: usize| self.magnitude.as_ref().get(start + k).map_or(0.0, |v| v.to_f64());
         match direction {
             Direction::Merge => {

@@ -16,8 +16,7 @@ use core::marker::PhantomData;
 
 use super::config::LoraConfig;
 use crate::backend::{Accum, Backend, Op, Outcome};
-use crate::base::check_rows;
-use crate::delta::DeltaRows;
+use crate::delta::{DeltaBlock, DeltaRows};
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_len, check_scratch, check_shape};
 use crate::matrix::{MatMut, MatRef, checked_len};
@@ -226,24 +225,11 @@ impl<E: Element, S: AsRef<[E]>> DeltaRows<E> for LoraEmbedding<E, S> {
         (self.vocab, self.dim)
     }
 
-    /// None: the product is formed by the gemm into the table.
-    fn delta_scratch_len(&self, _rows: usize) -> usize {
-        0
-    }
-
     /// Rows `start..start + n` of `factor * s (B A)^T`: `factor s A[:,
     /// start..start + n]^T B^T`, one gemm (a merge adds it, `factor = 1`;
     /// an unmerge subtracts it, `-1`).
-    fn delta_rows<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        start: usize,
-        dst: MatMut<'_, E>,
-        accum: Accum,
-        factor: f64,
-        _scratch: &mut [E],
-    ) -> Outcome<E, B> {
-        check_rows(start, dst.rows(), self.vocab, self.dim, &dst)?;
+    fn fill_delta_rows<B: Backend<E> + ?Sized>(&self, backend: &B, block: DeltaBlock<'_, E>) -> Outcome<E, B> {
+        let DeltaBlock { start, dst, accum, factor, scratch: _ } = block;
         let a = MatRef::new(self.a.as_ref(), self.rank, self.vocab)?;
         let a = a.cols_range(start, dst.rows()).ok_or(Error::Overflow)?;
         let b = MatRef::new(self.b.as_ref(), self.dim, self.rank)?;

@@ -12,12 +12,10 @@
 //! it is restored (see [`method`](crate::method) for what it prevents and
 //! the drift bound without a backup).
 use super::layer::Lora;
-use crate::backend::{Accum, Backend, Op, Outcome};
-use crate::base::check_rows;
-use crate::delta::DeltaRows;
+use crate::backend::{Backend, Op, Outcome};
+use crate::delta::{DeltaBlock, DeltaRows};
 use crate::element::Element;
 use crate::error::Error;
-use crate::matrix::MatMut;
 
 impl<E: Element, S: AsRef<[E]>> DeltaRows<E> for Lora<E, S> {
     /// `(out, in)`.
@@ -25,24 +23,11 @@ impl<E: Element, S: AsRef<[E]>> DeltaRows<E> for Lora<E, S> {
         (self.out_features, self.in_features)
     }
 
-    /// None: the product is formed by the gemm into the weight.
-    fn delta_scratch_len(&self, _rows: usize) -> usize {
-        0
-    }
-
     /// `dst (=|+=) factor s B[start..start + n] A`: the product a merge
     /// adds (`factor = 1`) or an unmerge subtracts (`factor = -1`), one
     /// gemm.
-    fn delta_rows<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        start: usize,
-        dst: MatMut<'_, E>,
-        accum: Accum,
-        factor: f64,
-        _scratch: &mut [E],
-    ) -> Outcome<E, B> {
-        check_rows(start, dst.rows(), self.out_features, self.in_features, &dst)?;
+    fn fill_delta_rows<B: Backend<E> + ?Sized>(&self, backend: &B, block: DeltaBlock<'_, E>) -> Outcome<E, B> {
+        let DeltaBlock { start, dst, accum, factor, scratch: _ } = block;
         let (a, b) = self.views()?;
         let b = b.rows_range(start, dst.rows()).ok_or(Error::Overflow)?;
         backend.gemm(dst, accum, b, Op::N, a, Op::N, self.scale_times(factor))

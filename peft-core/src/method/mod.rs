@@ -42,7 +42,7 @@ pub use merge::{MergeTarget, Merged};
 pub use registry::{Family, METHODS, MethodSpec};
 
 use crate::backend::{Backend, Outcome};
-use crate::base::FrozenLinear;
+use crate::base::{FrozenLinear, check_rows};
 use crate::element::Element;
 #[cfg(doc)]
 use crate::error::Error;
@@ -258,6 +258,25 @@ pub enum Direction {
     Unmerge,
 }
 
+/// One block of a merge or an unmerge, checked by
+/// [`WeightUpdate::update_rows`] and handed to [`WeightUpdate::run_update`]:
+/// rows `start..start + n` of the weight in `block [n, cols]`, and of the
+/// bias in `bias [n]`.
+#[derive(Debug)]
+pub struct UpdateBlock<'a, E> {
+    /// The first row.
+    pub start: usize,
+    /// The rows, updated in place.
+    pub block: MatMut<'a, E>,
+    /// The bias rows, when the caller merges the bias.
+    pub bias: Option<&'a mut [E]>,
+    /// Merge or unmerge.
+    pub direction: Direction,
+    /// At least [`WeightUpdate::update_scratch_len`]`(n)` elements; what a
+    /// merge keeps for its unmerge is at the front.
+    pub scratch: &'a mut [E],
+}
+
 /// What merging a method does to a weight `[rows, cols]` and its bias
 /// `[rows]`, a block of rows at a time.
 pub trait WeightUpdate<E: Element> {
@@ -303,7 +322,23 @@ pub trait WeightUpdate<E: Element> {
         bias: Option<&mut [E]>,
         direction: Direction,
         scratch: &mut [E],
-    ) -> Outcome<E, B>;
+    ) -> Outcome<E, B> {
+        let ((rows, cols), n) = (self.weight_dims(), block.rows());
+        check_rows(start, n, rows, cols, &block)?;
+        if let Some(b) = &bias {
+            check_len(Operand::Bias, n, b.len())?;
+        }
+        check_scratch(self.update_scratch_len(n), scratch.len())?;
+        self.run_update(backend, UpdateBlock { start, block, bias, direction, scratch })
+    }
+
+    /// The method's [`update_rows`](Self::update_rows), called once the
+    /// rows, the bias length and the scratch length are checked (callers
+    /// use `update_rows`).
+    ///
+    /// # Errors
+    /// The method's own refusals; the backend's own errors.
+    fn run_update<B: Backend<E> + ?Sized>(&self, backend: &B, block: UpdateBlock<'_, E>) -> Outcome<E, B>;
 
     /// Merges the update into `target`'s weight (and bias, when the update
     /// touches it and `target` has one) and returns the guard that owns
