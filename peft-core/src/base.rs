@@ -23,6 +23,20 @@ use crate::element::Element;
 use crate::error::{Operand, Result, check_io, check_len, check_shape};
 use crate::matrix::{MatMut, MatRef, checked_len};
 
+/// The operands of one product with a frozen `W`, checked by
+/// [`FrozenLinear::apply`] (`dst (=|+=) src W^T`, `src [tokens, in]`,
+/// `dst [tokens, out]`) or [`FrozenLinear::apply_transpose`] (`dst (=|+=)
+/// src W`, `src [tokens, out]`, `dst [tokens, in]`).
+#[derive(Debug)]
+pub struct Product<'a, E> {
+    /// The left operand.
+    pub src: MatRef<'a, E>,
+    /// The destination; with [`Accum::Replace`] never read.
+    pub dst: MatMut<'a, E>,
+    /// Overwrite or add.
+    pub accum: Accum,
+}
+
 /// A frozen linear layer `y = x W^T + b`, `W [out, in]`, read only.
 ///
 /// Implementors compute the two products with `W` that forward and
@@ -52,7 +66,10 @@ pub trait FrozenLinear<E: Element> {
         x: MatRef<'_, E>,
         y: MatMut<'_, E>,
         accum: Accum,
-    ) -> Outcome<E, B>;
+    ) -> Outcome<E, B> {
+        check_io(x.rows(), x.cols(), self.in_features(), Operand::Output, y.rows(), y.cols(), self.out_features())?;
+        self.run_apply(backend, Product { src: x, dst: y, accum })
+    }
 
     /// `grad_x (=|+=) grad_y W`: the input gradient of `x W^T`.
     ///
@@ -67,7 +84,27 @@ pub trait FrozenLinear<E: Element> {
         grad_y: MatRef<'_, E>,
         grad_x: MatMut<'_, E>,
         accum: Accum,
-    ) -> Outcome<E, B>;
+    ) -> Outcome<E, B> {
+        let t = grad_y.rows();
+        check_shape(Operand::GradOutput, t, grad_y.cols(), t, self.out_features())?;
+        check_shape(Operand::GradInput, grad_x.rows(), grad_x.cols(), t, self.in_features())?;
+        self.run_apply_transpose(backend, Product { src: grad_y, dst: grad_x, accum })
+    }
+
+    /// The storage's `dst (=|+=) src W^T`, called by
+    /// [`apply`](Self::apply) once the shapes are checked.
+    ///
+    /// # Errors
+    /// The backend's own errors.
+    fn run_apply<B: Backend<E> + ?Sized>(&self, backend: &B, product: Product<'_, E>) -> Outcome<E, B>;
+
+    /// The storage's `dst (=|+=) src W`, called by
+    /// [`apply_transpose`](Self::apply_transpose) once the shapes are
+    /// checked.
+    ///
+    /// # Errors
+    /// The backend's own errors.
+    fn run_apply_transpose<B: Backend<E> + ?Sized>(&self, backend: &B, product: Product<'_, E>) -> Outcome<E, B>;
 
     /// Scratch [`rows`](Self::rows) needs for `n` rows: `n * out` for the
     /// provided version (the unit rows it multiplies), 0 for [`Dense`].
@@ -198,29 +235,12 @@ impl<E: Element> FrozenLinear<E> for Dense<'_, E> {
         self.bias
     }
 
-    fn apply<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        x: MatRef<'_, E>,
-        y: MatMut<'_, E>,
-        accum: Accum,
-    ) -> Outcome<E, B> {
-        check_io(x.rows(), x.cols(), self.weight.cols(), Operand::Output, y.rows(), y.cols(), self.weight.rows())?;
-        let one = <E::Accum as Element>::from_f64(1.0);
-        backend.gemm(y, accum, x, Op::N, self.weight, Op::T, one)
+    fn run_apply<B: Backend<E> + ?Sized>(&self, backend: &B, p: Product<'_, E>) -> Outcome<E, B> {
+        backend.gemm(p.dst, p.accum, p.src, Op::N, self.weight, Op::T, <E::Accum as Element>::from_f64(1.0))
     }
 
-    fn apply_transpose<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        grad_y: MatRef<'_, E>,
-        grad_x: MatMut<'_, E>,
-        accum: Accum,
-    ) -> Outcome<E, B> {
-        check_len(Operand::GradOutput, self.weight.rows(), grad_y.cols())?;
-        check_shape(Operand::GradInput, grad_x.rows(), grad_x.cols(), grad_y.rows(), self.weight.cols())?;
-        let one = <E::Accum as Element>::from_f64(1.0);
-        backend.gemm(grad_x, accum, grad_y, Op::N, self.weight, Op::N, one)
+    fn run_apply_transpose<B: Backend<E> + ?Sized>(&self, backend: &B, p: Product<'_, E>) -> Outcome<E, B> {
+        backend.gemm(p.dst, p.accum, p.src, Op::N, self.weight, Op::N, <E::Accum as Element>::from_f64(1.0))
     }
 
     fn rows_scratch_len(&self, _n: usize) -> usize {

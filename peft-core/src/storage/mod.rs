@@ -31,7 +31,7 @@ pub mod half;
 pub mod quantize;
 
 use crate::backend::{Accum, Backend, Outcome};
-use crate::base::FrozenLinear;
+use crate::base::{FrozenLinear, Product};
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_io, check_len, check_shape};
 use crate::matrix::{MatMut, MatRef, checked_len};
@@ -461,29 +461,12 @@ impl<E: Element> FrozenLinear<E> for StoredLinear<'_, E> {
         self.bias
     }
 
-    fn apply<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        x: MatRef<'_, E>,
-        y: MatMut<'_, E>,
-        accum: Accum,
-    ) -> Outcome<E, B> {
-        let w = &self.weight;
-        check_io(x.rows(), x.cols(), w.in_features, Operand::Output, y.rows(), y.cols(), w.out_features)?;
-        backend.stored_apply(w, x, y, accum)
+    fn run_apply<B: Backend<E> + ?Sized>(&self, backend: &B, p: Product<'_, E>) -> Outcome<E, B> {
+        backend.stored_apply(&self.weight, p.src, p.dst, p.accum)
     }
 
-    fn apply_transpose<B: Backend<E> + ?Sized>(
-        &self,
-        backend: &B,
-        grad_y: MatRef<'_, E>,
-        grad_x: MatMut<'_, E>,
-        accum: Accum,
-    ) -> Outcome<E, B> {
-        let w = &self.weight;
-        check_shape(Operand::GradOutput, grad_y.rows(), grad_y.cols(), grad_y.rows(), w.out_features)?;
-        check_shape(Operand::GradInput, grad_x.rows(), grad_x.cols(), grad_y.rows(), w.in_features)?;
-        backend.stored_apply_transpose(w, grad_y, grad_x, accum)
+    fn run_apply_transpose<B: Backend<E> + ?Sized>(&self, backend: &B, p: Product<'_, E>) -> Outcome<E, B> {
+        backend.stored_apply_transpose(&self.weight, p.src, p.dst, p.accum)
     }
 
     fn rows_scratch_len(&self, _n: usize) -> usize {

@@ -120,14 +120,51 @@ impl OwnedWeight {
     /// None in practice: the buffers were sized by
     /// [`quantize`](Self::quantize); [`StoredWeight`]'s own checks.
     pub fn weight(&self) -> Result<StoredWeight<'_>> {
-        let (o, i) = (self.out_features, self.in_features);
-        match &self.data {
+        self.data.view(self.out_features, self.in_features)
+    }
+}
+
+#[cfg(any(test, feature = "alloc"))]
+impl Owned {
+    /// The format the buffers hold.
+    pub fn format(&self) -> Format {
+        match self {
+            Owned::F32(_) => Format::F32,
+            Owned::F16(_) => Format::F16,
+            Owned::Bf16(_) => Format::Bf16,
+            Owned::Int8(..) => Format::Int8,
+            Owned::Q8_0(_) => Format::Q8_0,
+            Owned::Q4_0(_) => Format::Q4_0,
+        }
+    }
+
+    /// The buffers read as a weight `[out, in]`.
+    ///
+    /// # Errors
+    /// [`StoredWeight`]'s checks: [`Error::ShapeMismatch`] for buffers
+    /// that do not hold `[out, in]`, [`Error::InvalidParameter`] for a
+    /// block format with `in` not a multiple of 32.
+    pub fn view(&self, out_features: usize, in_features: usize) -> Result<StoredWeight<'_>> {
+        let (o, i) = (out_features, in_features);
+        match self {
             Owned::F32(f) => StoredWeight::f32(f, o, i),
             Owned::F16(h) => StoredWeight::f16(h, o, i),
             Owned::Bf16(h) => StoredWeight::bf16(h, o, i),
             Owned::Int8(q, s) => StoredWeight::int8(q, s, o, i),
             Owned::Q8_0(b) => StoredWeight::q8_0(b, o, i),
             Owned::Q4_0(b) => StoredWeight::q4_0(b, o, i),
+        }
+    }
+
+    /// Whether `self` and `other` hold the same format and the same bits (a
+    /// NaN equals itself here, unlike `==`).
+    pub fn same_bits(&self, other: &Self) -> bool {
+        let f32_bits =
+            |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        match (self, other) {
+            (Owned::F32(a), Owned::F32(b)) => f32_bits(a, b),
+            (Owned::Int8(a, sa), Owned::Int8(b, sb)) => a == b && f32_bits(sa, sb),
+            _ => self == other,
         }
     }
 }

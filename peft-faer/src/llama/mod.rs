@@ -54,12 +54,13 @@ use peft_core::LinearAdapter;
 use peft_core::attention::{AttentionShape, Mask, Prefix};
 use peft_core::lora::{LoraConfig, LoraEmbedding};
 use peft_core::storage::StoredLinear;
+use peft_core::storage::quantize::Owned;
 use peft_core::{Accum, Backend, MatMut, MatRef};
 
 pub use backward::{LlamaGrads, SiteGrads, lm_loss};
 pub use config::LlamaConfig;
 pub use sites::Module;
-pub use weights::{Matrix, OwnedWeight};
+pub use weights::Matrix;
 
 use crate::hf::base::Base;
 use crate::hf::{HfAdapter, HfError, HfTensor, LoraModule, PeftConfig, PromptConfig};
@@ -756,12 +757,8 @@ impl Llama {
     /// [`apply_replacements`](Self::apply_replacements) checks against
     /// without copying the weights.
     fn clone_shapes(&self) -> Self {
-        let empty = |m: &Matrix| Matrix {
-            name: m.name.clone(),
-            rows: m.rows,
-            cols: m.cols,
-            data: OwnedWeight::F32(Vec::new()),
-        };
+        let empty =
+            |m: &Matrix| Matrix { name: m.name.clone(), rows: m.rows, cols: m.cols, data: Owned::F32(Vec::new()) };
         let layers = self
             .layers
             .iter()
@@ -794,7 +791,7 @@ impl Llama {
             if t.shape != [rows, cols] {
                 return Err(bad(&format!("shape {:?}, the model's is [{rows}, {cols}]", t.shape)));
             }
-            Ok(Matrix { name: t.name.clone(), rows, cols, data: OwnedWeight::F32(t.data.clone()) })
+            Ok(Matrix { name: t.name.clone(), rows, cols, data: Owned::F32(t.data.clone()) })
         };
         let vector = |dst: &mut Vec<f32>| {
             if t.shape != [dst.len()] {

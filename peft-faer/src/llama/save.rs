@@ -13,11 +13,11 @@ use peft_core::activation::Activation;
 use peft_core::adapter::AdapterConfig;
 use safetensors::Dtype;
 
-use super::weights::OwnedWeight;
 use super::{Bottleneck, BottleneckTensors, Llama, PROJECTIONS};
 use crate::files::{write_dir, write_file};
 use crate::hf::HfError;
 use crate::hf::st::{OutEntry, StFile, header};
+use peft_core::storage::quantize::Owned;
 
 /// The activation's name in a bottleneck file.
 fn activation_name(a: Activation) -> &'static str {
@@ -63,7 +63,7 @@ impl Llama {
         });
         fn f32s(m: &super::Matrix) -> Result<&[f32], HfError> {
             match &m.data {
-                OwnedWeight::F32(v) => Ok(v.as_slice()),
+                Owned::F32(v) => Ok(v.as_slice()),
                 _ => Err(HfError::Unsupported(format!("{}: saving a matrix not stored as f32", m.name))),
             }
         }

@@ -19,7 +19,9 @@ use peft_core::vera::VeraProjection;
 use peft_core::{Backend, MatRef, Rng};
 use safetensors::Dtype;
 
-use super::weights::{Matrix, OwnedWeight};
+use peft_core::storage::quantize::Owned;
+
+use super::weights::Matrix;
 use super::{Bottleneck, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Projection, Trace};
 use crate::hf::{
     HfAdapter, HfError, HfTensor, Ia3Module, LohaModule, LokrModule, LoraModule, PeftConfig, VeraModule,
@@ -142,7 +144,7 @@ impl MethodSetup {
 fn random_matrix(rng: &mut Rng, name: String, rows: usize, cols: usize, std: f64) -> Matrix {
     let mut v = vec![0.0f32; rows * cols];
     rng.fill_normal(&mut v, std);
-    Matrix { name, rows, cols, data: OwnedWeight::F32(v) }
+    Matrix { name, rows, cols, data: Owned::F32(v) }
 }
 
 impl Llama {
@@ -186,7 +188,7 @@ impl Llama {
             for &p in projs {
                 let w = &mut layer.proj[p.index()].weight;
                 let (rows, cols) = (w.rows, w.cols);
-                let OwnedWeight::F32(v) = &mut w.data else {
+                let Owned::F32(v) = &mut w.data else {
                     return Err(HfError::Unsupported(format!("{}: a hidden change of a stored base", w.name)));
                 };
                 let mut u = vec![0.0f32; rows * rank];

@@ -3,28 +3,12 @@
 //! [`Backend::stored_apply`](peft_core::Backend::stored_apply), never
 //! widened to f32 whole.
 
+use peft_core::storage::quantize::Owned;
 use peft_core::storage::{Format, StoredWeight};
 
 use crate::hf::HfError;
 use crate::hf::base::Base;
 use crate::hf::st::row_bytes;
-
-/// A matrix `[rows, cols]`'s stored values, owned.
-#[derive(Clone, Debug, PartialEq)]
-pub enum OwnedWeight {
-    /// f32 values.
-    F32(Vec<f32>),
-    /// f16 bits.
-    F16(Vec<u16>),
-    /// bf16 bits.
-    Bf16(Vec<u16>),
-    /// int8 values and one f32 scale per row.
-    Int8(Vec<i8>, Vec<f32>),
-    /// GGUF Q8_0 blocks.
-    Q8_0(Vec<u8>),
-    /// GGUF Q4_0 blocks.
-    Q4_0(Vec<u8>),
-}
 
 /// A frozen matrix and its shape.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,21 +20,7 @@ pub struct Matrix {
     /// Columns (`in`).
     pub cols: usize,
     /// The values.
-    pub data: OwnedWeight,
-}
-
-impl OwnedWeight {
-    /// Whether `self` and `other` hold the same format and the same bits
-    /// (a NaN equals itself here, unlike `==`).
-    pub fn same_bits(&self, other: &Self) -> bool {
-        let f32_bits =
-            |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-        match (self, other) {
-            (OwnedWeight::F32(a), OwnedWeight::F32(b)) => f32_bits(a, b),
-            (OwnedWeight::Int8(a, sa), OwnedWeight::Int8(b, sb)) => a == b && f32_bits(sa, sb),
-            _ => self == other,
-        }
-    }
+    pub data: Owned,
 }
 
 impl Matrix {
@@ -72,10 +42,10 @@ impl Matrix {
         let halves = |b: &[u8]| b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         let data = match format {
             Format::F32 => {
-                OwnedWeight::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+                Owned::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
             }
-            Format::F16 => OwnedWeight::F16(halves(&bytes)),
-            Format::Bf16 => OwnedWeight::Bf16(halves(&bytes)),
+            Format::F16 => Owned::F16(halves(&bytes)),
+            Format::Bf16 => Owned::Bf16(halves(&bytes)),
             Format::Int8 => {
                 let rb = row_bytes(Format::Int8, cols).unwrap_or(cols + 4);
                 let (mut q, mut s) = (Vec::with_capacity(rows * cols), Vec::with_capacity(rows));
@@ -83,10 +53,10 @@ impl Matrix {
                     s.push(f32::from_le_bytes([row[0], row[1], row[2], row[3]]));
                     q.extend(row[4..].iter().map(|&b| b as i8));
                 }
-                OwnedWeight::Int8(q, s)
+                Owned::Int8(q, s)
             }
-            Format::Q8_0 => OwnedWeight::Q8_0(bytes),
-            Format::Q4_0 => OwnedWeight::Q4_0(bytes),
+            Format::Q8_0 => Owned::Q8_0(bytes),
+            Format::Q4_0 => Owned::Q4_0(bytes),
         };
         let m = Self { name: name.to_string(), rows, cols, data };
         m.view()?;
@@ -99,27 +69,11 @@ impl Matrix {
     /// [`HfError::Core`] if the values do not fill the shape (not after
     /// [`Matrix::read`], which checks).
     pub fn view(&self) -> Result<StoredWeight<'_>, HfError> {
-        let (r, c) = (self.rows, self.cols);
-        match &self.data {
-            OwnedWeight::F32(v) => StoredWeight::f32(v, r, c),
-            OwnedWeight::F16(v) => StoredWeight::f16(v, r, c),
-            OwnedWeight::Bf16(v) => StoredWeight::bf16(v, r, c),
-            OwnedWeight::Int8(q, s) => StoredWeight::int8(q, s, r, c),
-            OwnedWeight::Q8_0(b) => StoredWeight::q8_0(b, r, c),
-            OwnedWeight::Q4_0(b) => StoredWeight::q4_0(b, r, c),
-        }
-        .map_err(HfError::Core)
+        self.data.view(self.rows, self.cols).map_err(HfError::Core)
     }
 
     /// How the values are stored.
     pub fn format(&self) -> Format {
-        match &self.data {
-            OwnedWeight::F32(_) => Format::F32,
-            OwnedWeight::F16(_) => Format::F16,
-            OwnedWeight::Bf16(_) => Format::Bf16,
-            OwnedWeight::Int8(..) => Format::Int8,
-            OwnedWeight::Q8_0(_) => Format::Q8_0,
-            OwnedWeight::Q4_0(_) => Format::Q4_0,
-        }
+        self.data.format()
     }
 }
