@@ -98,7 +98,7 @@ pub trait DeltaRows<E: Element> {
     }
 }
 
-/// [`WeightUpdate::run_update`](crate::method::WeightUpdate::run_update)
+/// [`WeightUpdate::run_update`]
 /// of an additive method: `block += dW` rows (merge) or `block -= dW` rows
 /// (unmerge), and the bias likewise when the method has a bias delta (the
 /// bias length checked by

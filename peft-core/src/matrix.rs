@@ -43,6 +43,39 @@ pub struct MatMut<'a, E> {
     row_stride: usize,
 }
 
+/// `rows()`, `cols()` and `row_stride()`, the same for both views.
+macro_rules! dims {
+    () => {
+        /// Number of rows.
+        #[inline]
+        pub fn rows(&self) -> usize {
+            self.rows
+        }
+
+        /// Number of columns.
+        #[inline]
+        pub fn cols(&self) -> usize {
+            self.cols
+        }
+
+        /// Distance between the starts of consecutive rows.
+        #[inline]
+        pub fn row_stride(&self) -> usize {
+            self.row_stride
+        }
+    };
+}
+
+/// `Ok` when a slice of `len` elements holds a `rows x cols` view with
+/// rows `row_stride` apart.
+fn check_view(len: usize, rows: usize, cols: usize, row_stride: usize) -> Result<()> {
+    let needed = needed_len(rows, cols, row_stride)?;
+    if len < needed {
+        return Err(Error::SliceTooShort { needed, len });
+    }
+    Ok(())
+}
+
 impl<'a, E: Element> MatRef<'a, E> {
     /// The `0 x 0` view.
     pub const fn empty() -> Self {
@@ -66,30 +99,11 @@ impl<'a, E: Element> MatRef<'a, E> {
     /// if the slice is shorter than `(rows - 1) * row_stride + cols`;
     /// [`Error::Overflow`].
     pub fn with_stride(data: &'a [E], rows: usize, cols: usize, row_stride: usize) -> Result<Self> {
-        let needed = needed_len(rows, cols, row_stride)?;
-        if data.len() < needed {
-            return Err(Error::SliceTooShort { needed, len: data.len() });
-        }
+        check_view(data.len(), rows, cols, row_stride)?;
         Ok(Self { data, rows, cols, row_stride })
     }
 
-    /// Number of rows.
-    #[inline]
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Number of columns.
-    #[inline]
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// Distance between the starts of consecutive rows.
-    #[inline]
-    pub fn row_stride(&self) -> usize {
-        self.row_stride
-    }
+    dims!();
 
     /// The underlying slice: element `(i, j)` is at `i * row_stride + j`.
     /// It holds at least `(rows - 1) * row_stride + cols` elements (when
@@ -159,30 +173,11 @@ impl<'a, E: Element> MatMut<'a, E> {
     /// # Errors
     /// As [`MatRef::with_stride`].
     pub fn with_stride(data: &'a mut [E], rows: usize, cols: usize, row_stride: usize) -> Result<Self> {
-        let needed = needed_len(rows, cols, row_stride)?;
-        if data.len() < needed {
-            return Err(Error::SliceTooShort { needed, len: data.len() });
-        }
+        check_view(data.len(), rows, cols, row_stride)?;
         Ok(Self { data, rows, cols, row_stride })
     }
 
-    /// Number of rows.
-    #[inline]
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Number of columns.
-    #[inline]
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// Distance between the starts of consecutive rows.
-    #[inline]
-    pub fn row_stride(&self) -> usize {
-        self.row_stride
-    }
+    dims!();
 
     /// An immutable view of the same elements.
     #[inline]

@@ -67,6 +67,21 @@ fn forward<S: AsRef<[f64]>>(layer: &Lora<f64, S>, base: &Dense<'_, f64>, x: &[f6
     y
 }
 
+/// [`LinearAdapter::backward`] of `layer` over `base` at `x [t, in]`, `g [t,
+/// out]`: accumulates into `ga`, `gb` and writes `gx` when given.
+fn backward<S: AsRef<[f64]>>(
+    (layer, base): (&Lora<f64, S>, &Dense<'_, f64>),
+    (x, g, t): (&[f64], &[f64], usize),
+    (ga, gb): (&mut [f64], &mut [f64]),
+    gx: Option<&mut [f64]>,
+) {
+    let (n_in, n_out) = (layer.in_features(), layer.out_features());
+    let mut scratch = vec![0.0; layer.backward_scratch_len(t)];
+    let (xv, gv) = (MatRef::new(x, t, n_in).unwrap(), MatRef::new(g, t, n_out).unwrap());
+    let gx = gx.map(|gx| MatMut::new(gx, t, n_in).unwrap());
+    layer.backward(&Reference, base, xv, gv, gx, LoraGrads::new(ga, gb), &mut scratch).unwrap();
+}
+
 fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
     let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-300);
     got.iter().zip(want).fold(0.0f64, |m, (g, w)| m.max((g - w).abs())) / scale
@@ -385,18 +400,7 @@ fn gradients_match_central_finite_differences() {
         let mut layer = Lora::new(&cfg, n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
 
         let (mut ga, mut gb, mut gx) = (vec![0.0; r * n_in], vec![0.0; n_out * r], vec![0.0; t * n_in]);
-        let mut scratch = vec![0.0; layer.backward_scratch_len(t)];
-        layer
-            .backward(
-                &Reference,
-                &base,
-                MatRef::new(&x, t, n_in).unwrap(),
-                MatRef::new(&g, t, n_out).unwrap(),
-                Some(MatMut::new(&mut gx, t, n_in).unwrap()),
-                LoraGrads::new(&mut ga, &mut gb),
-                &mut scratch,
-            )
-            .unwrap();
+        backward((&layer, &base), (&x, &g, t), (&mut ga, &mut gb), Some(&mut gx));
 
         let h = 1e-6;
         let fd = |l: &Lora<f64, &mut [f64]>, x: &[f64]| loss(l, &base, x, t, &g);
@@ -460,20 +464,7 @@ fn gradients_accumulate_across_micro_batches() {
     let base = Dense::new(&bf.w, n_out, n_in).unwrap();
     let layer = Lora::new(&cfg, n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
     let (mut ga, mut gb) = (vec![0.0; r * n_in], vec![0.0; n_out * r]);
-    let mut scratch = vec![0.0; layer.backward_scratch_len(t)];
-    let mut run = |ga: &mut Vec<f64>, gb: &mut Vec<f64>| {
-        layer
-            .backward(
-                &Reference,
-                &base,
-                MatRef::new(&x, t, n_in).unwrap(),
-                MatRef::new(&g, t, n_out).unwrap(),
-                None,
-                LoraGrads::new(ga, gb),
-                &mut scratch,
-            )
-            .unwrap();
-    };
+    let run = |ga: &mut Vec<f64>, gb: &mut Vec<f64>| backward((&layer, &base), (&x, &g, t), (ga, gb), None);
     run(&mut ga, &mut gb);
     let (once_a, once_b) = (ga.clone(), gb.clone());
     run(&mut ga, &mut gb);
@@ -496,7 +487,6 @@ fn mistakes_1_and_12_base_is_bit_identical_after_training() {
     let base = Dense::new(&bf.w, n_out, n_in).unwrap().with_bias(&bias).unwrap();
     let mut layer = Lora::new(&cfg, n_in, n_out, &mut bf.a[..], &mut bf.b[..]).unwrap();
     layer.init_adapter(&mut rng);
-    let mut scratch = vec![0.0; layer.backward_scratch_len(t)];
     let mut first = None;
     let mut last = 0.0;
     for _ in 0..50 {
@@ -506,17 +496,7 @@ fn mistakes_1_and_12_base_is_bit_identical_after_training() {
         last = y.iter().zip(&target).map(|(a, b)| 0.5 * (a - b) * (a - b)).sum::<f64>() / t as f64;
         first.get_or_insert(last);
         let (mut ga, mut gb) = (vec![0.0; r * n_in], vec![0.0; n_out * r]);
-        layer
-            .backward(
-                &Reference,
-                &base,
-                MatRef::new(&x, t, n_in).unwrap(),
-                MatRef::new(&gy, t, n_out).unwrap(),
-                None,
-                LoraGrads::new(&mut ga, &mut gb),
-                &mut scratch,
-            )
-            .unwrap();
+        backward((&layer, &base), (&x, &gy, t), (&mut ga, &mut gb), None);
         let (a, b) = layer.adapter_mut();
         for (p, g) in a.iter_mut().zip(&ga).chain(b.iter_mut().zip(&gb)) {
             *p -= 0.05 * g;
