@@ -80,12 +80,7 @@ impl<E: Element, S: AsRef<[E]>> Ia3<E, S> {
     /// # Errors
     /// [`Error::Overflow`].
     pub fn param_report(&self, bias: bool) -> Result<ParamReport> {
-        let base = self
-            .in_features
-            .checked_mul(self.out_features)
-            .and_then(|w| w.checked_add(if bias { self.out_features } else { 0 }))
-            .ok_or(Error::Overflow)?;
-        Ok(ParamReport { trainable: self.l.as_ref().len(), base })
+        ParamReport::over_base(self.l.as_ref().len(), self.in_features, self.out_features, bias)
     }
 }
 

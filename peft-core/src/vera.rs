@@ -195,13 +195,8 @@ impl<E: Element, S: AsRef<[E]>> Vera<E, S> {
     /// # Errors
     /// [`Error::Overflow`].
     pub fn param_report(&self, bias: bool) -> Result<ParamReport> {
-        let base = self
-            .in_features
-            .checked_mul(self.out_features)
-            .and_then(|w| w.checked_add(if bias { self.out_features } else { 0 }))
-            .ok_or(Error::Overflow)?;
         let trainable = self.rank.checked_add(self.out_features).ok_or(Error::Overflow)?;
-        Ok(ParamReport { trainable, base })
+        ParamReport::over_base(trainable, self.in_features, self.out_features, bias)
     }
 
     /// `Ok` if `proj` has this rank and covers the layer.

@@ -22,6 +22,15 @@ impl ParamReport {
     pub fn for_layer(in_features: usize, out_features: usize, rank: usize, bias: bool) -> Result<Self> {
         let trainable =
             in_features.checked_add(out_features).and_then(|s| s.checked_mul(rank)).ok_or(Error::Overflow)?;
+        Self::over_base(trainable, in_features, out_features, bias)
+    }
+
+    /// `trainable` parameters over a base `in -> out` (`in * out`, `+ out`
+    /// with a bias).
+    ///
+    /// # Errors
+    /// [`Error::Overflow`] if the base's count overflows `usize`.
+    pub fn over_base(trainable: usize, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
         let base = in_features
             .checked_mul(out_features)
             .and_then(|w| w.checked_add(if bias { out_features } else { 0 }))
