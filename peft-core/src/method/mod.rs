@@ -150,14 +150,10 @@ pub trait LinearAdapter<E: Element> {
         grads: Self::Grads<'_>,
         scratch: &mut [E],
     ) -> Outcome<E, B> {
-        let (tokens, n_in) = (x.rows(), self.in_features());
         self.check_base(base)?;
-        check_io(tokens, x.cols(), n_in, Operand::GradOutput, grad_y.rows(), grad_y.cols(), self.out_features())?;
-        if let Some(gx) = &grad_x {
-            check_shape(Operand::GradInput, gx.rows(), gx.cols(), tokens, n_in)?;
-        }
+        check_backward_io((self.in_features(), self.out_features()), &x, &grad_y, grad_x.as_ref())?;
         self.check_grads(&grads)?;
-        check_scratch(self.backward_scratch_len(tokens), scratch.len())?;
+        check_scratch(self.backward_scratch_len(x.rows()), scratch.len())?;
         self.run_backward(BackwardPass { backend, base, x, grad_y, grad_x, grads, scratch })
     }
 
@@ -235,6 +231,25 @@ pub struct BackwardPass<'a, E, B: ?Sized, L: ?Sized, G> {
     pub grads: G,
     /// Scratch, contents unspecified on entry and on return.
     pub scratch: &'a mut [E],
+}
+
+/// `Ok` when `x [tokens, in]`, `grad_y [tokens, out]` and, when given,
+/// `grad_x [tokens, in]` fit a layer `(in, out)`.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] (`Input`, `GradOutput`, `GradInput`).
+pub(crate) fn check_backward_io<E: Element>(
+    (n_in, n_out): (usize, usize),
+    x: &MatRef<'_, E>,
+    grad_y: &MatRef<'_, E>,
+    grad_x: Option<&MatMut<'_, E>>,
+) -> Result<()> {
+    let tokens = x.rows();
+    check_io(tokens, x.cols(), n_in, Operand::GradOutput, grad_y.rows(), grad_y.cols(), n_out)?;
+    match grad_x {
+        Some(gx) => check_shape(Operand::GradInput, gx.rows(), gx.cols(), tokens, n_in),
+        None => Ok(()),
+    }
 }
 
 /// How a method's update enters the weight.

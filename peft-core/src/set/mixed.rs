@@ -24,9 +24,10 @@ use super::{AdapterSet, AdapterSlot, SlotStore};
 use crate::backend::{Accum, Backend, Outcome};
 use crate::base::FrozenLinear;
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_io, check_len, check_scratch, check_shape};
+use crate::error::{Error, Operand, Result, check_io, check_len, check_scratch};
 use crate::lora::LoraGrads;
 use crate::matrix::{MatMut, MatRef};
+use crate::method::check_backward_io;
 
 /// One sequence of a mixed batch: its number of rows and the slot index of
 /// its adapter (`None`: the base alone).
@@ -128,18 +129,7 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<AdapterSlot<K, E, S>
     ) -> Outcome<E, B> {
         let tokens = x.rows();
         self.check_base(base)?;
-        check_io(
-            tokens,
-            x.cols(),
-            self.in_features,
-            Operand::GradOutput,
-            grad_y.rows(),
-            grad_y.cols(),
-            self.out_features,
-        )?;
-        if let Some(gx) = &grad_x {
-            check_shape(Operand::GradInput, gx.rows(), gx.cols(), tokens, self.in_features)?;
-        }
+        check_backward_io((self.in_features, self.out_features), &x, &grad_y, grad_x.as_ref())?;
         self.check_routes(routes, tokens)?;
         self.check_grads(grads, |i| routes.iter().any(|r| r.adapter == Some(i)))?;
         let need = self.mixed_backward_scratch_len(routes);

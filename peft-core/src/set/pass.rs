@@ -12,9 +12,10 @@ use super::{AdapterSet, AdapterSlot, SlotStore};
 use crate::backend::{Accum, Backend, Outcome};
 use crate::base::FrozenLinear;
 use crate::element::Element;
-use crate::error::{Operand, check_io, check_len, check_scratch, check_shape};
+use crate::error::{Operand, check_io, check_len, check_scratch};
 use crate::lora::LoraGrads;
 use crate::matrix::{MatMut, MatRef, checked_len};
+use crate::method::check_backward_io;
 
 impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<AdapterSlot<K, E, S>>> AdapterSet<K, E, S, C> {
     /// `y = x W^T + b + sum_i m_i s_i (x A_i^T) B_i^T` over the active
@@ -75,18 +76,7 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<AdapterSlot<K, E, S>
     ) -> Outcome<E, B> {
         let tokens = x.rows();
         self.check_base(base)?;
-        check_io(
-            x.rows(),
-            x.cols(),
-            self.in_features,
-            Operand::GradOutput,
-            grad_y.rows(),
-            grad_y.cols(),
-            self.out_features,
-        )?;
-        if let Some(gx) = &grad_x {
-            check_shape(Operand::GradInput, gx.rows(), gx.cols(), tokens, self.in_features)?;
-        }
+        check_backward_io((self.in_features, self.out_features), &x, &grad_y, grad_x.as_ref())?;
         self.check_grads(grads, |i| self.slot(i).is_some_and(|s| s.active))?;
         let need = self.backward_scratch_len(tokens);
         check_scratch(need, scratch.len())?;
