@@ -6,16 +6,14 @@
 
 mod common;
 
-use peft_core::method::LinearAdapter;
 use std::path::PathBuf;
 use std::process::Command;
 
-use peft_core::dora::{Dora, refresh_scratch_len};
-use peft_core::{Dense, MatMut, MatRef};
-use peft_faer::Faer;
+use peft_core::dora::Dora;
+
 use peft_faer::hf::{HfAdapter, PeftConfig};
 
-use common::{assert_converts_bit_for_bit, assert_merge_matches, load, max_rel};
+use common::{assert_converts_bit_for_bit, assert_merge_matches, assert_module_forward, load};
 
 fn case() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/lora_dora")
@@ -33,36 +31,13 @@ fn dora_forward_matches_pefts_module_outputs() {
     let PeftConfig::Lora(lc) = &ad.config else { panic!("not LoRA") };
     assert!(lc.use_dora);
     let (base, refs) = (load(&case().join("base.safetensors")), load(&case().join("ref.safetensors")));
-    let backend = Faer::with_threads(1);
     assert_eq!(ad.modules.len(), 6);
     for m in &ad.modules {
-        let w = &base[&format!("{}.weight", m.name)].2;
-        let bias = base.get(&format!("{}.bias", m.name)).map(|b| b.2.clone());
-        let dense = Dense::new(w, m.n_out, m.n_in).unwrap();
-        let dense = match &bias {
-            Some(b) => dense.with_bias(b).unwrap(),
-            None => dense,
-        };
         let mag = m.magnitude.as_deref().expect("a DoRA module has its magnitude");
         let mut dora =
             Dora::new(&lc.core_config_for(&m.name), m.n_in, m.n_out, &m.a[..], &m.b[..], mag, vec![0.0; m.n_out])
                 .unwrap();
-        let mut sc = vec![0.0f32; refresh_scratch_len(&dense, 16)];
-        dora.refresh_norms(&backend, &dense, &mut sc).unwrap();
-        let x = &refs[&format!("x.{}", m.name)].2;
-        let t = x.len() / m.n_in;
-        let mut y = vec![0.0f32; t * m.n_out];
-        let mut scratch = vec![0.0f32; t * m.r];
-        dora.forward(
-            &backend,
-            &dense,
-            MatRef::new(x, t, m.n_in).unwrap(),
-            MatMut::new(&mut y, t, m.n_out).unwrap(),
-            &mut scratch,
-        )
-        .unwrap();
-        let rel = max_rel(&y, &refs[&format!("y.{}", m.name)].2);
-        assert!(rel <= 1e-5, "{}: relative error {rel:.2e}", m.name);
+        assert_module_forward(&base, &refs, &m.name, &mut dora);
     }
 }
 

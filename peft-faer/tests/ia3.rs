@@ -6,16 +6,14 @@
 
 mod common;
 
-use peft_core::method::LinearAdapter;
 use std::path::PathBuf;
 use std::process::Command;
 
 use peft_core::ia3::Ia3;
-use peft_core::{Dense, MatMut, MatRef};
-use peft_faer::Faer;
+
 use peft_faer::hf::{HfAdapter, PeftConfig};
 
-use common::{assert_converts_bit_for_bit, assert_merge_matches, load, max_rel, scratch};
+use common::{assert_converts_bit_for_bit, assert_merge_matches, assert_module_forward, load, scratch};
 
 fn case() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/ia3")
@@ -34,33 +32,11 @@ fn ia3_forward_matches_pefts_module_outputs() {
     let ad = HfAdapter::read_dir(&case()).unwrap();
     assert!(matches!(ad.config, PeftConfig::Ia3(_)));
     let (base, refs) = (load(&case().join("base.safetensors")), load(&case().join("ref.safetensors")));
-    let backend = Faer::with_threads(1);
     assert_eq!(ad.ia3.len(), 8);
     assert_eq!(ad.ia3.iter().filter(|m| m.feedforward).count(), 4, "fc1 and fc2 in both layers");
     for m in &ad.ia3 {
-        let (_, shape, w) = &base[&format!("{}.weight", m.name)];
-        let (n_out, n_in) = (shape[0], shape[1]);
-        let bias = base.get(&format!("{}.bias", m.name)).map(|b| b.2.clone());
-        let dense = Dense::new(w, n_out, n_in).unwrap();
-        let dense = match &bias {
-            Some(b) => dense.with_bias(b).unwrap(),
-            None => dense,
-        };
-        let ia3 = Ia3::new(n_in, n_out, m.feedforward, &m.l[..]).unwrap();
-        let x = &refs[&format!("x.{}", m.name)].2;
-        let t = x.len() / n_in;
-        let mut y = vec![0.0f32; t * n_out];
-        let mut sc = vec![0.0f32; ia3.forward_scratch_len(t)];
-        ia3.forward(
-            &backend,
-            &dense,
-            MatRef::new(x, t, n_in).unwrap(),
-            MatMut::new(&mut y, t, n_out).unwrap(),
-            &mut sc,
-        )
-        .unwrap();
-        let rel = max_rel(&y, &refs[&format!("y.{}", m.name)].2);
-        assert!(rel <= 1e-5, "{}: relative error {rel:.2e}", m.name);
+        let (n_out, n_in) = (base[&format!("{}.weight", m.name)].1[0], base[&format!("{}.weight", m.name)].1[1]);
+        assert_module_forward(&base, &refs, &m.name, &mut Ia3::new(n_in, n_out, m.feedforward, &m.l[..]).unwrap());
     }
 }
 

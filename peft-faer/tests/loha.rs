@@ -6,17 +6,15 @@
 
 mod common;
 
-use peft_core::method::LinearAdapter;
 use std::path::PathBuf;
 use std::process::Command;
 
 use peft_core::loha::Loha;
 use peft_core::lora::LoraConfig;
-use peft_core::{Dense, MatMut, MatRef};
-use peft_faer::Faer;
+
 use peft_faer::hf::{HfAdapter, PeftConfig};
 
-use common::{assert_converts_bit_for_bit, assert_merge_matches, load, max_rel, scratch};
+use common::{assert_converts_bit_for_bit, assert_merge_matches, assert_module_forward, load, max_rel, scratch};
 
 fn case() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/loha")
@@ -29,32 +27,11 @@ fn loha_merge_and_forward_match_peft() {
     let ad = HfAdapter::read_dir(&case()).unwrap();
     assert!(matches!(ad.config, PeftConfig::Loha(_)));
     assert_eq!(ad.loha.len(), 4);
-    let backend = Faer::with_threads(1);
     for m in &ad.loha {
-        let w = &base[&format!("{}.weight", m.name)].2;
-        let bias = base.get(&format!("{}.bias", m.name)).map(|b| b.2.clone());
-        let dense = Dense::new(w, m.n_out, m.n_in).unwrap();
-        let dense = match &bias {
-            Some(b) => dense.with_bias(b).unwrap(),
-            None => dense,
-        };
         let [f0, f1, f2, f3] = &m.factors;
-        let l =
+        let mut l =
             Loha::new(&LoraConfig::new(m.r, m.alpha), m.n_in, m.n_out, [&f0[..], &f1[..], &f2[..], &f3[..]]).unwrap();
-        let x = &refs[&format!("x.{}", m.name)].2;
-        let t = x.len() / m.n_in;
-        let mut y = vec![0.0f32; t * m.n_out];
-        let mut sc = vec![0.0f32; l.forward_scratch_len(t)];
-        l.forward(
-            &backend,
-            &dense,
-            MatRef::new(x, t, m.n_in).unwrap(),
-            MatMut::new(&mut y, t, m.n_out).unwrap(),
-            &mut sc,
-        )
-        .unwrap();
-        let rel = max_rel(&y, &refs[&format!("y.{}", m.name)].2);
-        assert!(rel <= 1e-5, "{}: relative error {rel:.2e}", m.name);
+        assert_module_forward(&base, &refs, &m.name, &mut l);
     }
     let dir = scratch("loha-back");
     ad.write_dir(&dir.join("back"), false).unwrap();

@@ -6,17 +6,15 @@
 
 mod common;
 
-use peft_core::method::LinearAdapter;
 use std::path::PathBuf;
 use std::process::Command;
 
 use peft_core::lokr::{Factor, Lokr};
 use peft_core::lora::LoraConfig;
-use peft_core::{Dense, MatMut, MatRef};
-use peft_faer::Faer;
+
 use peft_faer::hf::{HfAdapter, PeftConfig};
 
-use common::{assert_converts_bit_for_bit, assert_merge_matches, load, max_rel, scratch};
+use common::{assert_converts_bit_for_bit, assert_merge_matches, assert_module_forward, load, scratch};
 
 fn case(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft").join(name)
@@ -38,31 +36,10 @@ fn lokr_merge_and_forward_match_peft() {
         let ad = HfAdapter::read_dir(&case(name)).unwrap();
         assert!(matches!(ad.config, PeftConfig::Lokr(_)));
         assert_eq!(ad.lokr.len(), 6, "{name}");
-        let backend = Faer::with_threads(1);
         for m in &ad.lokr {
-            let (n_out, n_in) = m.dims();
-            let w = &base[&format!("{}.weight", m.name)].2;
-            let bias = base.get(&format!("{}.bias", m.name)).map(|b| b.2.clone());
-            let dense = Dense::new(w, n_out, n_in).unwrap();
-            let dense = match &bias {
-                Some(b) => dense.with_bias(b).unwrap(),
-                None => dense,
-            };
-            let l = Lokr::new(&LoraConfig::new(m.r, m.alpha), m.d1, m.d2, as_factor(&m.w1), as_factor(&m.w2)).unwrap();
-            let x = &refs[&format!("x.{}", m.name)].2;
-            let t = x.len() / n_in;
-            let mut y = vec![0.0f32; t * n_out];
-            let mut sc = vec![0.0f32; l.forward_scratch_len(t)];
-            l.forward(
-                &backend,
-                &dense,
-                MatRef::new(x, t, n_in).unwrap(),
-                MatMut::new(&mut y, t, n_out).unwrap(),
-                &mut sc,
-            )
-            .unwrap();
-            let rel = max_rel(&y, &refs[&format!("y.{}", m.name)].2);
-            assert!(rel <= 1e-5, "{name} {}: relative error {rel:.2e}", m.name);
+            let mut l =
+                Lokr::new(&LoraConfig::new(m.r, m.alpha), m.d1, m.d2, as_factor(&m.w1), as_factor(&m.w2)).unwrap();
+            assert_module_forward(&base, &refs, &m.name, &mut l);
         }
         let dir = scratch(&format!("{name}-back"));
         ad.write_dir(&dir.join("back"), false).unwrap();

@@ -7,15 +7,14 @@
 #![cfg(feature = "cli")]
 
 mod common;
-use peft_core::method::LinearAdapter;
+
 use std::process::Command;
 
 use peft_core::vera::{Vera, VeraProjection};
-use peft_core::{Dense, MatMut, MatRef};
-use peft_faer::Faer;
+
 use peft_faer::hf::{HfAdapter, PeftConfig};
 
-use common::{assert_converts_bit_for_bit, assert_merge_matches, case_dir, load, max_rel, scratch};
+use common::{assert_converts_bit_for_bit, assert_merge_matches, assert_module_forward, case_dir, load, scratch};
 
 #[test]
 fn vera_merge_and_forward_match_peft() {
@@ -26,27 +25,11 @@ fn vera_merge_and_forward_match_peft() {
     let p = ad.vera_projections.as_ref().unwrap();
     assert_eq!((p.r, p.max_in, p.max_out), (8, 64, 64));
     let proj = VeraProjection::new(p.r, p.max_in, p.max_out, &p.a[..], &p.b[..]).unwrap();
-    let backend = Faer::with_threads(1);
     assert_eq!(ad.vera.len(), 4);
     for m in &ad.vera {
-        let (_, shape, w) = &base[&format!("{}.weight", m.name)];
-        let (n_out, n_in) = (shape[0], shape[1]);
-        let bias = base.get(&format!("{}.bias", m.name)).map(|b| b.2.clone());
-        let dense = Dense::new(w, n_out, n_in).unwrap();
-        let dense = match &bias {
-            Some(b) => dense.with_bias(b).unwrap(),
-            None => dense,
-        };
-        let vera = Vera::new(p.r, n_in, n_out, &m.lambda_d[..], &m.lambda_b[..]).unwrap();
-        let layer = vera.bound(&proj);
-        let x = &refs[&format!("x.{}", m.name)].2;
-        let t = x.len() / n_in;
-        let mut y = vec![0.0f32; t * n_out];
-        let mut sc = vec![0.0f32; layer.forward_scratch_len(t)];
-        let (xv, yv) = (MatRef::new(x, t, n_in).unwrap(), MatMut::new(&mut y, t, n_out).unwrap());
-        layer.forward(&backend, &dense, xv, yv, &mut sc).unwrap();
-        let rel = max_rel(&y, &refs[&format!("y.{}", m.name)].2);
-        assert!(rel <= 1e-5, "{}: relative error {rel:.2e}", m.name);
+        let n_in = base[&format!("{}.weight", m.name)].1[1];
+        let vera = Vera::new(p.r, n_in, m.lambda_b.len(), &m.lambda_d[..], &m.lambda_b[..]).unwrap();
+        assert_module_forward(&base, &refs, &m.name, &mut vera.bound(&proj));
     }
     let dir = scratch("vera-back");
     ad.write_dir(&dir.join("back"), false).unwrap();

@@ -111,3 +111,34 @@ pub fn assert_converts_bit_for_bit(case: &Path) {
 
 /// Tensors by name: element type, shape, values as f32.
 pub type Tensors = HashMap<String, (Dtype, Vec<usize>, Vec<f32>)>;
+
+/// Runs `layer` over the fixture's base module `name` (`{name}.weight` and
+/// `{name}.bias` of `base`) at PEFT's recorded input `x.{name}` of `refs`,
+/// after [`LinearAdapter::prepare`] (DoRA's norms), and asserts the output
+/// within 1e-5 relative of PEFT's module output `y.{name}`.
+pub fn assert_module_forward<A: peft_core::LinearAdapter<f32>>(
+    base: &Tensors,
+    refs: &Tensors,
+    name: &str,
+    layer: &mut A,
+) {
+    use peft_core::{Dense, MatMut, MatRef};
+    let (n_out, n_in) = (layer.out_features(), layer.in_features());
+    let bias = base.get(&format!("{name}.bias")).map(|b| b.2.clone());
+    let dense = Dense::new(&base[&format!("{name}.weight")].2, n_out, n_in).unwrap();
+    let dense = match &bias {
+        Some(b) => dense.with_bias(b).unwrap(),
+        None => dense,
+    };
+    let backend = peft_faer::Faer::with_threads(1);
+    let mut sc = vec![0.0f32; layer.prepare_scratch_len(&dense)];
+    layer.prepare(&backend, &dense, &mut sc).unwrap();
+    let x = &refs[&format!("x.{name}")].2;
+    let t = x.len() / n_in;
+    let mut y = vec![0.0f32; t * n_out];
+    let mut sc = vec![0.0f32; layer.forward_scratch_len(t)];
+    let (xv, yv) = (MatRef::new(x, t, n_in).unwrap(), MatMut::new(&mut y, t, n_out).unwrap());
+    layer.forward(&backend, &dense, xv, yv, &mut sc).unwrap();
+    let rel = max_rel(&y, &refs[&format!("y.{name}")].2);
+    assert!(rel <= 1e-5, "{name}: relative error {rel:.2e}");
+}
