@@ -7,14 +7,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use common::{load, max_rel, scratch};
-
-fn case() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/lora_weighted")
-}
+use common::{case_dir, load, max_rel, scratch};
 
 fn peft(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_peft")).args(args).output().unwrap()
@@ -32,15 +28,15 @@ fn arg(p: &Path) -> String {
 #[test]
 fn combined_adapters_merge_to_pefts_weights() {
     let dir = scratch("combine");
-    let refs = load(&case().join("ref.safetensors"));
-    let base = arg(&case().join("base.safetensors"));
+    let refs = load(&case_dir("lora_weighted").join("ref.safetensors"));
+    let base = arg(&case_dir("lora_weighted").join("base.safetensors"));
     for (kind, sources, extra) in [
         ("cat", ["a:0.7", "b:0.3"], vec![]),
         ("linear", ["a:0.7", "c:0.3"], vec![]),
         ("svd", ["a:0.7", "b:0.3"], vec!["--svd-rank", "6"]),
     ] {
         let out = dir.join(format!("comb_{kind}"));
-        let [s1, s2] = sources.map(|s| arg(&case().join(s)));
+        let [s1, s2] = sources.map(|s| arg(&case_dir("lora_weighted").join(s)));
         let mut args = vec!["combine", "--adapter", &s1, "--adapter", &s2, "--combination", kind];
         args.extend(extra.iter().copied());
         let out_arg = arg(&out);
@@ -49,7 +45,8 @@ fn combined_adapters_merge_to_pefts_weights() {
         // PEFT's own combined folder and ours: the same config fields that
         // matter, and (for cat and linear) the same factors.
         let ours = std::fs::read_to_string(out.join("adapter_config.json")).unwrap();
-        let pefts = std::fs::read_to_string(case().join(format!("comb_{kind}/adapter_config.json"))).unwrap();
+        let pefts = std::fs::read_to_string(case_dir("lora_weighted").join(format!("comb_{kind}/adapter_config.json")))
+            .unwrap();
         let (ours, pefts): (serde_json::Value, serde_json::Value) =
             (serde_json::from_str(&ours).unwrap(), serde_json::from_str(&pefts).unwrap());
         for field in ["r", "lora_alpha", "use_rslora", "peft_type"] {
@@ -58,7 +55,7 @@ fn combined_adapters_merge_to_pefts_weights() {
         if kind != "svd" {
             let (got, want) = (
                 load(&out.join("adapter_model.safetensors")),
-                load(&case().join(format!("comb_{kind}/adapter_model.safetensors"))),
+                load(&case_dir("lora_weighted").join(format!("comb_{kind}/adapter_model.safetensors"))),
             );
             assert_eq!(got.len(), want.len());
             for (name, (_, shape, data)) in &want {
@@ -85,15 +82,15 @@ fn combined_adapters_merge_to_pefts_weights() {
 fn several_adapters_merge_in_one_pass_with_multipliers() {
     // Oracle in f64 from the source files: W + 1 * 2 B_a A_a + 0.5 * 3 B_c A_c.
     let dir = scratch("merge-many");
-    let base = load(&case().join("base.safetensors"));
-    let a = load(&case().join("a/adapter_model.safetensors"));
-    let c = load(&case().join("c/adapter_model.safetensors"));
+    let base = load(&case_dir("lora_weighted").join("base.safetensors"));
+    let a = load(&case_dir("lora_weighted").join("a/adapter_model.safetensors"));
+    let c = load(&case_dir("lora_weighted").join("c/adapter_model.safetensors"));
     let out = dir.join("m.safetensors");
-    let (sa, sc) = (arg(&case().join("a")), arg(&case().join("c:0.5")));
+    let (sa, sc) = (arg(&case_dir("lora_weighted").join("a")), arg(&case_dir("lora_weighted").join("c:0.5")));
     ok(&[
         "merge",
         "--base",
-        &arg(&case().join("base.safetensors")),
+        &arg(&case_dir("lora_weighted").join("base.safetensors")),
         "--adapter",
         &sa,
         "--adapter",
@@ -124,27 +121,18 @@ fn several_adapters_merge_in_one_pass_with_multipliers() {
     assert_eq!(got["layers.0.k_proj.weight"].2, base["layers.0.k_proj.weight"].2, "untouched tensors are copied");
 }
 
+/// `combine` of adapters `a` and `c` by `kind` at density 0.5, seed 3, into `out`.
+fn prune_args<'a>(a: &'a str, c: &'a str, kind: &'a str, out: &'a str) -> [&'a str; 13] {
+    ["combine", "--adapter", a, "--adapter", c, "--combination", kind, "--density", "0.5", "--seed", "3", "--out", out]
+}
+
 #[test]
 fn pruning_kinds_write_loadable_adapters_and_refuse_bad_arguments() {
     let dir = scratch("combine-prune");
-    let (sa, sc) = (arg(&case().join("a:0.7")), arg(&case().join("c:0.3")));
+    let (sa, sc) = (arg(&case_dir("lora_weighted").join("a:0.7")), arg(&case_dir("lora_weighted").join("c:0.3")));
     for kind in ["ties", "dare_linear", "dare_ties", "magnitude_prune"] {
         let out = arg(&dir.join(kind));
-        ok(&[
-            "combine",
-            "--adapter",
-            &sa,
-            "--adapter",
-            &sc,
-            "--combination",
-            kind,
-            "--density",
-            "0.5",
-            "--seed",
-            "3",
-            "--out",
-            &out,
-        ]);
+        ok(&prune_args(&sa, &sc, kind, &out));
         let got = load(&dir.join(kind).join("adapter_model.safetensors"));
         let a = &got["base_model.model.layers.0.q_proj.lora_A.weight"].2;
         let kept = a.iter().filter(|v| **v != 0.0).count();
@@ -155,21 +143,7 @@ fn pruning_kinds_write_loadable_adapters_and_refuse_bad_arguments() {
     }
     // DARE is reproducible from the seed.
     let again = arg(&dir.join("again"));
-    ok(&[
-        "combine",
-        "--adapter",
-        &sa,
-        "--adapter",
-        &sc,
-        "--combination",
-        "dare_ties",
-        "--density",
-        "0.5",
-        "--seed",
-        "3",
-        "--out",
-        &again,
-    ]);
+    ok(&prune_args(&sa, &sc, "dare_ties", &again));
     let bytes = |d: &str| std::fs::read(dir.join(d).join("adapter_model.safetensors")).unwrap();
     assert_eq!(bytes("again"), bytes("dare_ties"));
     // Refusals, each naming the problem, nothing written.
@@ -190,7 +164,7 @@ fn pruning_kinds_write_loadable_adapters_and_refuse_bad_arguments() {
         assert!(!out.exists());
     }
     // Linear needs equal ranks: a (r 4) and b (r 8) are refused.
-    let sb = arg(&case().join("b:0.3"));
+    let sb = arg(&case_dir("lora_weighted").join("b:0.3"));
     let res = peft(&[
         "combine",
         "--adapter",
@@ -213,7 +187,7 @@ fn pruning_kinds_write_loadable_adapters_and_refuse_bad_arguments() {
         "--combination",
         "cat",
         "--out",
-        &arg(&case().join("a")),
+        &arg(&case_dir("lora_weighted").join("a")),
         "--force",
     ]);
     assert!(!res.status.success());
@@ -226,7 +200,7 @@ fn pruning_kinds_write_loadable_adapters_and_refuse_bad_arguments() {
 fn an_svd_rank_beyond_the_module_is_refused() {
     let dir = scratch("combine-svd-rank");
     let out = dir.join("out");
-    let a = format!("{}:1", arg(&case().join("a")));
+    let a = format!("{}:1", arg(&case_dir("lora_weighted").join("a")));
     // The adapted modules are q_proj [64, 64] and v_proj [48, 64]: 49 > 48.
     for rank in ["18446744073709551615", "49"] {
         let o = peft(&[

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use peft_core::loha::Loha;
@@ -14,17 +13,15 @@ use peft_core::lora::LoraConfig;
 
 use peft_faer::hf::{HfAdapter, PeftConfig};
 
-use common::{assert_converts_bit_for_bit, assert_merge_matches, assert_module_forward, load, max_rel, scratch};
-
-fn case() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/loha")
-}
+use common::{
+    assert_converts_bit_for_bit, assert_merge_matches, assert_module_forward, case_dir, load, max_rel, scratch,
+};
 
 #[test]
 fn loha_merge_and_forward_match_peft() {
-    let (_, refs, base) = assert_merge_matches(&case());
-    assert_converts_bit_for_bit(&case());
-    let ad = HfAdapter::read_dir(&case()).unwrap();
+    let (_, refs, base) = assert_merge_matches(&case_dir("loha"));
+    assert_converts_bit_for_bit(&case_dir("loha"));
+    let ad = HfAdapter::read_dir(&case_dir("loha")).unwrap();
     assert!(matches!(ad.config, PeftConfig::Loha(_)));
     assert_eq!(ad.loha.len(), 4);
     for m in &ad.loha {
@@ -35,8 +32,11 @@ fn loha_merge_and_forward_match_peft() {
     }
     let dir = scratch("loha-back");
     ad.write_dir(&dir.join("back"), false).unwrap();
-    assert_eq!(load(&dir.join("back/adapter_model.safetensors")), load(&case().join("adapter_model.safetensors")));
-    let res = Command::new(env!("CARGO_BIN_EXE_peft")).arg("inspect").arg(case()).output().unwrap();
+    assert_eq!(
+        load(&dir.join("back/adapter_model.safetensors")),
+        load(&case_dir("loha").join("adapter_model.safetensors"))
+    );
+    let res = Command::new(env!("CARGO_BIN_EXE_peft")).arg("inspect").arg(case_dir("loha")).output().unwrap();
     let text = String::from_utf8_lossy(&res.stdout);
     assert!(res.status.success() && text.contains("method loha") && text.contains("layers.1.v_proj"), "{text}");
 }
@@ -51,9 +51,9 @@ fn two_loha_adapters_on_one_weight_add_their_deltas() {
     let dir = scratch("loha-twice");
     let merge = |adapters: &[&str], out: &str| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_peft"));
-        cmd.args(["merge", "--base"]).arg(case().join("base.safetensors"));
+        cmd.args(["merge", "--base"]).arg(case_dir("loha").join("base.safetensors"));
         for a in adapters {
-            cmd.arg("--adapter").arg(format!("{}{a}", case().display()));
+            cmd.arg("--adapter").arg(format!("{}{a}", case_dir("loha").display()));
         }
         let res = cmd.arg("--out").arg(dir.join(out)).output().unwrap();
         assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
@@ -61,9 +61,10 @@ fn two_loha_adapters_on_one_weight_add_their_deltas() {
     };
     let twice = merge(&["", ""], "twice.safetensors");
     let doubled = merge(&[":2"], "doubled.safetensors");
-    let (base, refs) = (load(&case().join("base.safetensors")), load(&case().join("ref.safetensors")));
+    let (base, refs) =
+        (load(&case_dir("loha").join("base.safetensors")), load(&case_dir("loha").join("ref.safetensors")));
     let modules: Vec<String> =
-        HfAdapter::read_dir(&case()).unwrap().loha.iter().map(|m| format!("{}.weight", m.name)).collect();
+        HfAdapter::read_dir(&case_dir("loha")).unwrap().loha.iter().map(|m| format!("{}.weight", m.name)).collect();
     let mut adapted = 0;
     for (name, (_, _, w2)) in &twice {
         if !modules.contains(name) {

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use peft_core::lokr::{Factor, Lokr};
@@ -14,11 +13,7 @@ use peft_core::lora::LoraConfig;
 
 use peft_faer::hf::{HfAdapter, PeftConfig};
 
-use common::{assert_converts_bit_for_bit, assert_merge_matches, assert_module_forward, load, scratch};
-
-fn case(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft").join(name)
-}
+use common::{assert_converts_bit_for_bit, assert_merge_matches, assert_module_forward, case_dir, load, scratch};
 
 fn as_factor(f: &[Vec<f32>]) -> Factor<&[f32]> {
     match f {
@@ -31,9 +26,9 @@ fn as_factor(f: &[Vec<f32>]) -> Factor<&[f32]> {
 #[test]
 fn lokr_merge_and_forward_match_peft() {
     for name in ["lokr", "lokr_decompose_both"] {
-        let (_, refs, base) = assert_merge_matches(&case(name));
-        assert_converts_bit_for_bit(&case(name));
-        let ad = HfAdapter::read_dir(&case(name)).unwrap();
+        let (_, refs, base) = assert_merge_matches(&case_dir(name));
+        assert_converts_bit_for_bit(&case_dir(name));
+        let ad = HfAdapter::read_dir(&case_dir(name)).unwrap();
         assert!(matches!(ad.config, PeftConfig::Lokr(_)));
         assert_eq!(ad.lokr.len(), 6, "{name}");
         for m in &ad.lokr {
@@ -45,9 +40,9 @@ fn lokr_merge_and_forward_match_peft() {
         ad.write_dir(&dir.join("back"), false).unwrap();
         assert_eq!(
             load(&dir.join("back/adapter_model.safetensors")),
-            load(&case(name).join("adapter_model.safetensors"))
+            load(&case_dir(name).join("adapter_model.safetensors"))
         );
-        let res = Command::new(env!("CARGO_BIN_EXE_peft")).arg("inspect").arg(case(name)).output().unwrap();
+        let res = Command::new(env!("CARGO_BIN_EXE_peft")).arg("inspect").arg(case_dir(name)).output().unwrap();
         let text = String::from_utf8_lossy(&res.stdout);
         assert!(res.status.success() && text.contains("method lokr"), "{text}");
     }

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use peft_core::lora::LoraEmbedding;
@@ -16,11 +15,7 @@ use peft_faer::hf::convert::{own_to_peft_dir, peft_dir_to_own};
 use peft_faer::hf::{HfAdapter, PeftConfig};
 use safetensors::{Dtype, SafeTensors};
 
-use common::{load, max_rel, scratch};
-
-fn case() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/lora_embedding")
-}
+use common::{case_dir, load, max_rel, scratch};
 
 #[test]
 fn embedding_merge_and_lookup_match_peft() {
@@ -28,9 +23,9 @@ fn embedding_merge_and_lookup_match_peft() {
     let out = dir.join("merged.safetensors");
     let res = Command::new(env!("CARGO_BIN_EXE_peft"))
         .args(["merge", "--base"])
-        .arg(case().join("base.safetensors"))
+        .arg(case_dir("lora_embedding").join("base.safetensors"))
         .arg("--adapter")
-        .arg(case())
+        .arg(case_dir("lora_embedding"))
         .arg("--out")
         .arg(&out)
         .output()
@@ -38,7 +33,7 @@ fn embedding_merge_and_lookup_match_peft() {
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     // `ref.safetensors` holds int64 ids, which `load` does not: read the
     // float tensors from a filtered copy of its header instead.
-    let bytes = std::fs::read(case().join("ref.safetensors")).unwrap();
+    let bytes = std::fs::read(case_dir("lora_embedding").join("ref.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let f32s = |name: &str| -> Vec<f32> {
         let t = st.tensor(name).unwrap();
@@ -55,12 +50,12 @@ fn embedding_merge_and_lookup_match_peft() {
     assert_eq!(ids_t.dtype(), Dtype::I64);
     let ids: Vec<usize> =
         ids_t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as usize).collect();
-    let ad = HfAdapter::read_dir(&case()).unwrap();
+    let ad = HfAdapter::read_dir(&case_dir("lora_embedding")).unwrap();
     let PeftConfig::Lora(lc) = &ad.config else { panic!("not LoRA") };
     let m = ad.modules.iter().find(|m| m.embedding).expect("the embedding module");
     assert_eq!((m.name.as_str(), m.n_in, m.n_out), ("embed_tokens", 100, 64));
     let lora = LoraEmbedding::new(&lc.core_config_for(&m.name), m.n_in, m.n_out, &m.a[..], &m.b[..]).unwrap();
-    let table = &load(&case().join("base.safetensors"))["embed_tokens.weight"].2;
+    let table = &load(&case_dir("lora_embedding").join("base.safetensors"))["embed_tokens.weight"].2;
     let mut y = vec![0.0f32; ids.len() * m.n_out];
     let mut sc = vec![0.0f32; lora.scratch_len(ids.len())];
     lora.forward(&Reference, table, &ids, MatMut::new(&mut y, ids.len(), m.n_out).unwrap(), &mut sc).unwrap();
@@ -71,10 +66,12 @@ fn embedding_merge_and_lookup_match_peft() {
 #[test]
 fn embedding_adapters_convert_both_ways_bit_for_bit() {
     let dir = scratch("emb-convert");
-    let own = peft_dir_to_own(&case()).unwrap();
+    let own = peft_dir_to_own(&case_dir("lora_embedding")).unwrap();
     own_to_peft_dir(&own, &dir.join("back"), false).unwrap();
-    let (got, want) =
-        (load(&dir.join("back/adapter_model.safetensors")), load(&case().join("adapter_model.safetensors")));
+    let (got, want) = (
+        load(&dir.join("back/adapter_model.safetensors")),
+        load(&case_dir("lora_embedding").join("adapter_model.safetensors")),
+    );
     assert_eq!(got, want);
     assert!(want.keys().any(|k| k.ends_with(".lora_embedding_A")));
     assert_eq!(peft_dir_to_own(&dir.join("back")).unwrap(), own);
