@@ -349,15 +349,24 @@ fn bad_ids_and_mismatched_adapters_are_refused() {
     assert!(err.contains("num_layers"), "{err}");
 }
 
+/// A Hugging Face folder `dir/name` with the `prefix_llama` fixture's
+/// `config.json` and, with `weights`, its `model.safetensors`.
+fn model_folder(dir: &Path, name: &str, weights: bool) -> PathBuf {
+    let (case, folder) = (case_dir("prefix_llama"), dir.join(name));
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::copy(case.join("base_config.json"), folder.join("config.json")).unwrap();
+    if weights {
+        std::fs::copy(case.join("base.safetensors"), folder.join("model.safetensors")).unwrap();
+    }
+    folder
+}
+
 #[test]
 fn cli_forward_and_generate() {
     let dir = scratch("llama-cli");
     // A Hugging Face folder: config.json + model.safetensors.
-    let model_dir = dir.join("model");
-    std::fs::create_dir_all(&model_dir).unwrap();
     let case = case_dir("prefix_llama");
-    std::fs::copy(case.join("base_config.json"), model_dir.join("config.json")).unwrap();
-    std::fs::copy(case.join("base.safetensors"), model_dir.join("model.safetensors")).unwrap();
+    let model_dir = model_folder(&dir, "model", true);
     let r = refs("prefix_llama");
     let id_list = ids(&r).iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let out = dir.join("logits.safetensors");
@@ -645,11 +654,7 @@ fn bottleneck_adapters_identity_and_gradients() {
 #[test]
 fn modules_to_save_run_in_forward_as_in_the_merged_model() {
     let dir = scratch("llama-modules-to-save");
-    let case = case_dir("prefix_llama");
-    let model_dir = dir.join("model");
-    std::fs::create_dir_all(&model_dir).unwrap();
-    std::fs::copy(case.join("base_config.json"), model_dir.join("config.json")).unwrap();
-    std::fs::copy(case.join("base.safetensors"), model_dir.join("model.safetensors")).unwrap();
+    let model_dir = model_folder(&dir, "model", true);
     let targets = ["q_proj", "v_proj"];
     let config = serde_json::json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
         "target_modules": targets, "bias": "none", "modules_to_save": ["lm_head", "norm"]});
@@ -665,9 +670,7 @@ fn modules_to_save_run_in_forward_as_in_the_merged_model() {
         let o = Command::new(env!("CARGO_BIN_EXE_peft")).args(args).output().unwrap();
         assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
     };
-    let merged_dir = dir.join("merged");
-    std::fs::create_dir_all(&merged_dir).unwrap();
-    std::fs::copy(case.join("base_config.json"), merged_dir.join("config.json")).unwrap();
+    let merged_dir = model_folder(&dir, "merged", false);
     let (md, ad, mm) = (model_dir.to_str().unwrap(), adapter.to_str().unwrap(), merged_dir.to_str().unwrap());
     peft(&[
         "merge",
@@ -710,10 +713,7 @@ fn modules_to_save_run_in_forward_as_in_the_merged_model() {
 fn lora_on_embeddings_and_lm_head_runs_as_merged() {
     let dir = scratch("llama-embed-head");
     let case = case_dir("prefix_llama");
-    let model_dir = dir.join("model");
-    std::fs::create_dir_all(&model_dir).unwrap();
-    std::fs::copy(case.join("base_config.json"), model_dir.join("config.json")).unwrap();
-    std::fs::copy(case.join("base.safetensors"), model_dir.join("model.safetensors")).unwrap();
+    let model_dir = model_folder(&dir, "model", true);
     let config = serde_json::json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
         "target_modules": ["q_proj", "embed_tokens", "lm_head"], "bias": "none"});
     let mut rng = peft_core::Rng::new(31);
@@ -738,9 +738,7 @@ fn lora_on_embeddings_and_lm_head_runs_as_merged() {
         tensors.push((key, base[name].1.clone(), base[name].2.clone()));
     }
     let adapter = write_adapter(&dir.join("adapter"), &config, &tensors);
-    let merged_dir = dir.join("merged");
-    std::fs::create_dir_all(&merged_dir).unwrap();
-    std::fs::copy(case.join("base_config.json"), merged_dir.join("config.json")).unwrap();
+    let merged_dir = model_folder(&dir, "merged", false);
     let o = Command::new(env!("CARGO_BIN_EXE_peft"))
         .args(["merge", "--base"])
         .arg(model_dir.join("model.safetensors"))
@@ -775,9 +773,7 @@ fn lora_on_embeddings_and_lm_head_runs_as_merged() {
 fn nan_logits_are_an_error_not_an_argmax() {
     let dir = scratch("llama-nan-logits");
     let case = case_dir("prefix_llama");
-    let model_dir = dir.join("model");
-    std::fs::create_dir_all(&model_dir).unwrap();
-    std::fs::copy(case.join("base_config.json"), model_dir.join("config.json")).unwrap();
+    let model_dir = model_folder(&dir, "model", false);
     let mut base = common::load(&case.join("base.safetensors"));
     base.get_mut("lm_head.weight").unwrap().2[5 * 64] = f32::NAN; // token 5's row
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = base
