@@ -19,12 +19,13 @@ use std::hint::black_box;
 
 use iai_callgrind::{library_benchmark, library_benchmark_group, main};
 use peft_core::adapter::{AdapterConfig, AdapterGrads, AdapterParams, BottleneckAdapter};
-use peft_core::attention::forward::forward as attention;
+use peft_core::attention::forward as attention;
 use peft_core::attention::{AttentionShape, Mask, Prefix};
 use peft_core::format::{AdapterFile, Tensor, Value, encode, encoded_len};
 use peft_core::lora::{Lora, LoraConfig, LoraGrads};
+use peft_core::optim::Method;
 use peft_core::prompt::PromptTuning;
-use peft_core::{Accum, Backend, Dense, MatMut, MatRef, Method, Op, Reference, Rng};
+use peft_core::{Accum, Backend, Dense, MatMut, MatRef, Op, Reference, Rng};
 
 /// Tokens, width and rank of the method benches.
 const T: usize = 8;

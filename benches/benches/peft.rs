@@ -30,7 +30,7 @@ use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterio
 use peft_core::activation::Activation;
 use peft_core::adapter::{AdapterConfig, AdapterParams, BottleneckAdapter};
 use peft_core::lora::{Lora, LoraConfig, LoraGrads};
-use peft_core::storage::quantize::{Owned, OwnedWeight};
+use peft_core::storage::{Owned, OwnedWeight};
 use peft_core::{Accum, Backend, Dense, Error, MatMut, MatRef, Op, Reference, Rng};
 use peft_faer::Faer;
 

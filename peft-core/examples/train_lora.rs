@@ -6,9 +6,9 @@
 //! loss should fall by orders of magnitude while `W` stays bit-identical.
 //!
 //! Run: `cargo run --release -p peft-core --example train_lora`
-use peft_core::backend::{Accum, Backend, Op, Reference};
 use peft_core::lora::{Lora, LoraConfig, LoraGrads};
 use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
+use peft_core::{Accum, Backend, Op, Reference};
 use peft_core::{Dense, MatMut, MatRef, Rng};
 
 const D: usize = 64;

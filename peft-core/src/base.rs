@@ -1,23 +1,3 @@
-//! The frozen base: a linear layer that adapters only ever read.
-//!
-//! ```text
-//! y = x W^T + b        x [tokens, in]   W [out, in]   b [out]   y [tokens, out]
-//! ```
-//!
-//! Every method of this crate takes its base through [`FrozenLinear`], a
-//! shared borrow: forward and backward read `W`, never write it, and compute
-//! no gradient for it. So one base serves any number of adapters and threads
-//! at once, and a base can live in flash (`static W: [f32; N]`).
-//!
-//! The trait names the products the methods need, not the storage: [`Dense`]
-//! is `W` as a row-major slice of the element type; bases stored in another
-//! type (half precision, int8 rows, quantized blocks) implement the same
-//! products with their own kernels and every method runs over them
-//! unchanged.
-//!
-//! The one step that writes `W` is a merge, and it changes the type: see
-//! [`method::Merged`](crate::method::Merged).
-
 use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::element::Element;
 use crate::error::{Operand, Result, check_io, check_len, check_shape};
@@ -42,6 +22,26 @@ pub struct Product<'a, E> {
 /// Implementors compute the two products with `W` that forward and
 /// backward passes need; they check shapes first and write nothing on a
 /// shape error.
+///
+/// The frozen base: a linear layer that adapters only ever read.
+///
+/// ```text
+/// y = x W^T + b        x [tokens, in]   W [out, in]   b [out]   y [tokens, out]
+/// ```
+///
+/// Every method of this crate takes its base through [`FrozenLinear`], a
+/// shared borrow: forward and backward read `W`, never write it, and compute
+/// no gradient for it. So one base serves any number of adapters and threads
+/// at once, and a base can live in flash (`static W: [f32; N]`).
+///
+/// The trait names the products the methods need, not the storage: [`Dense`]
+/// is `W` as a row-major slice of the element type; bases stored in another
+/// type (half precision, int8 rows, quantized blocks) implement the same
+/// products with their own kernels and every method runs over them
+/// unchanged.
+///
+/// The one step that writes `W` is a merge, and it changes the type: see
+/// [`method::Merged`](crate::method::Merged).
 pub trait FrozenLinear<E: Element> {
     /// Input features `in`.
     fn in_features(&self) -> usize;
@@ -167,7 +167,7 @@ pub trait FrozenLinear<E: Element> {
 /// `static` in flash).
 ///
 /// ```
-/// use peft_core::base::{Dense, FrozenLinear};
+/// use peft_core::{Dense, FrozenLinear};
 /// use peft_core::{MatMut, MatRef, Reference};
 ///
 /// static W: [f32; 6] = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]; // [3, 2], read-only

@@ -1,15 +1,15 @@
-//! Element types.
-//!
-//! An [`Element`] is what tensors store; its [`Element::Accum`] is what
-//! arithmetic runs in. For `f32` and `f64` the two are the same type. With
-//! the `half` feature, `f16` and `bf16` store in 16 bits and compute in `f32`:
-//! a value is widened exactly on load and rounded once, to nearest-even, on
-//! store.
-
 use core::fmt::Debug;
 use core::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
 
 /// A storage type for tensors.
+///
+/// Element types.
+///
+/// An [`Element`] is what tensors store; its [`Element::Accum`] is what
+/// arithmetic runs in. For `f32` and `f64` the two are the same type. With
+/// the `half` feature, `f16` and `bf16` store in 16 bits and compute in `f32`:
+/// a value is widened exactly on load and rounded once, to nearest-even, on
+/// store.
 pub trait Element: Copy + Default + PartialEq + Debug + Send + Sync + 'static {
     /// The type arithmetic on this element runs in.
     type Accum: Real;

@@ -1,8 +1,3 @@
-//! The error type of `peft-core`.
-//!
-//! Every variant is `Copy` and carries enough numbers to say what was wrong.
-//! A function that returns an error has written nothing to its outputs.
-
 use core::fmt;
 
 /// `Result` with [`Error`].
@@ -83,6 +78,11 @@ pub enum Operand {
 }
 
 /// Everything that can go wrong in `peft-core`.
+///
+/// The error type of `peft-core`.
+///
+/// Every variant is `Copy` and carries enough numbers to say what was wrong.
+/// A function that returns an error has written nothing to its outputs.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum Error {

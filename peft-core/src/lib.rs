@@ -3,17 +3,22 @@
 //! The math of parameter-efficient fine-tuning, `#![no_std]`, without a heap
 //! and without `unsafe`.
 //!
-//! * [`element`]: the element types (f32, f64; f16 and bf16 behind the `half`
+//! At the crate root, the vocabulary every method shares:
+//!
+//! * [`Element`]: the element types (f32, f64; f16 and bf16 behind the `half`
 //!   feature, stored in half precision and computed in f32).
-//! * [`matrix`]: checked row-major views over slices.
-//! * [`backend`]: the [`Backend`] trait (a gemm in faer's sense) and the
-//!   portable [`Reference`] backend.
-//! * [`rng`]: a seedable, bit-reproducible PRNG for initialization.
-//! * [`base`]: the frozen base, [`FrozenLinear`], read only and shared by
-//!   any number of adapters; [`Dense`] holds `W` as a slice (in flash too).
+//! * [`MatRef`], [`MatMut`]: checked row-major views over slices.
+//! * [`Backend`] (a gemm in faer's sense) and the portable [`Reference`]
+//!   backend; [`Error`], the one error type of this crate.
+//! * [`Rng`]: a seedable, bit-reproducible PRNG for initialization.
+//! * [`FrozenLinear`]: the frozen base, read only and shared by any number
+//!   of adapters; [`Dense`] holds `W` as a slice (in flash too).
+//!
+//! Each method and facility has a module of its own, and each public item
+//! one path:
 //! * [`method`]: the one trait of every weight-adapting method
-//!   ([`LinearAdapter`]: forward, backward, scratch lengths) and of its
-//!   merge ([`WeightUpdate`], with the one guard [`method::Merged`]);
+//!   ([`LinearAdapter`](method::LinearAdapter): forward, backward, scratch lengths) and of its
+//!   merge ([`WeightUpdate`](method::WeightUpdate), with the one guard [`method::Merged`]);
 //!   [`delta`]: the additive methods' rows of `dW`.
 //! * [`lora`]: LoRA and rsLoRA (and PEFT's `lora_bias`).
 //! * [`dora`]: DoRA, LoRA with a learned magnitude per output row; the row
@@ -65,35 +70,33 @@ extern crate alloc;
 pub mod activation;
 pub mod adapter;
 pub mod attention;
-pub mod backend;
-pub mod base;
+mod backend;
+mod base;
 pub mod combine;
 pub mod delta;
 pub mod dora;
-pub mod element;
-pub mod error;
+mod element;
+mod error;
 pub mod format;
 pub mod ia3;
 pub mod loha;
 pub mod lokr;
 pub mod lora;
-pub mod matrix;
+mod matrix;
 pub mod method;
 pub mod optim;
 pub mod prefix;
 pub mod prompt;
-pub mod rng;
+mod rng;
 pub mod set;
 pub mod storage;
 pub mod vera;
 
-pub use backend::{Accum, Backend, BackendError, ErrorKind, Op, Reference};
-pub use base::{Dense, FrozenLinear};
+pub use backend::{Accum, Backend, BackendError, ErrorKind, Op, Outcome, Reference, check_gemm};
+pub use base::{Dense, FrozenLinear, Product};
 pub use element::{Element, Real};
-pub use error::{Error, Result};
-pub use matrix::{MatMut, MatRef};
-pub use method::{LinearAdapter, WeightUpdate};
-pub use optim::Method;
+pub use error::{Error, Operand, Result};
+pub use matrix::{MatMut, MatRef, checked_len};
 pub use rng::Rng;
 
 /// The README's examples, compiled and run as doctests so it stays true.

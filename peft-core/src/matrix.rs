@@ -1,11 +1,3 @@
-//! Row-major matrix views over slices.
-//!
-//! A view is `rows x cols` with element `(i, j)` at `data[i * row_stride + j]`
-//! (`row_stride >= cols`). Constructors check, with `checked_mul`, that the
-//! slice holds `(rows - 1) * row_stride + cols` elements, so no access through
-//! a view can go out of bounds. A view with zero rows or columns is valid and
-//! empty.
-
 use crate::element::Element;
 use crate::error::{Error, Result};
 
@@ -26,6 +18,14 @@ pub fn checked_len(rows: usize, cols: usize) -> Result<usize> {
 }
 
 /// An immutable row-major view.
+///
+/// Row-major matrix views over slices.
+///
+/// A view is `rows x cols` with element `(i, j)` at `data[i * row_stride + j]`
+/// (`row_stride >= cols`). Constructors check, with `checked_mul`, that the
+/// slice holds `(rows - 1) * row_stride + cols` elements, so no access through
+/// a view can go out of bounds. A view with zero rows or columns is valid and
+/// empty.
 #[derive(Clone, Copy, Debug)]
 pub struct MatRef<'a, E> {
     data: &'a [E],

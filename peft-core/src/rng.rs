@@ -1,18 +1,18 @@
-//! A small seedable PRNG for initialization: xoshiro256++ (Blackman and
-//! Vigna, 2019), seeded through SplitMix64.
-//!
-//! Only integer arithmetic and `libm` are involved, so a seed gives the same
-//! bits on every target (x86-64, Cortex-M, RISC-V), which the firmware smoke
-//! test checks.
-//!
-//! * [`Rng::next_u64`]: xoshiro256++ output.
-//! * [`Rng::uniform_f64`]: `(x >> 11) * 2^-53`, uniform on `[0, 1)`.
-//! * [`Rng::normal_f64`]: Box-Muller, `sqrt(-2 ln u1) cos(2 pi u2)` with
-//!   `u1` in `(0, 1]`, computed with `libm` in f64.
-//!
-//! Not for cryptography.
-
 /// xoshiro256++ state.
+///
+/// A small seedable PRNG for initialization: xoshiro256++ (Blackman and
+/// Vigna, 2019), seeded through SplitMix64.
+///
+/// Only integer arithmetic and `libm` are involved, so a seed gives the same
+/// bits on every target (x86-64, Cortex-M, RISC-V), which the firmware smoke
+/// test checks.
+///
+/// * [`Rng::next_u64`]: xoshiro256++ output.
+/// * [`Rng::uniform_f64`]: `(x >> 11) * 2^-53`, uniform on `[0, 1)`.
+/// * [`Rng::normal_f64`]: Box-Muller, `sqrt(-2 ln u1) cos(2 pi u2)` with
+///   `u1` in `(0, 1]`, computed with `libm` in f64.
+///
+/// Not for cryptography.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rng {
     s: [u64; 4],

@@ -36,9 +36,9 @@ use core::cell::RefCell;
 use faer::Par;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use peft_core::backend::{BackendError, ErrorKind, check_gemm};
 use peft_core::storage::StoredWeight;
 use peft_core::{Accum, Backend, Element, Error, MatMut, MatRef, Op, Result};
+use peft_core::{BackendError, ErrorKind, check_gemm};
 
 /// Products with fewer multiply-adds than this run single-threaded
 /// whatever [`Faer::with_threads`] says (measured on 2 cores: a

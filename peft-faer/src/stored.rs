@@ -21,7 +21,7 @@
 //! products the portable kernels in `peft-core` do, in another order: the
 //! results agree within the rounding bound `peft-verify` checks.
 
-use peft_core::error::Operand;
+use peft_core::Operand;
 use peft_core::storage::{Format, Q4_0_BYTES, Q8_0_BYTES, QK, RowRef, StoredWeight};
 use peft_core::{Accum, Backend, Error, MatMut, MatRef, Op, Result};
 
@@ -448,7 +448,7 @@ fn q4_permute(x: &[f32]) -> Vec<f32> {
 /// per block.
 fn f16_table() -> &'static [f32] {
     static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
-    TABLE.get_or_init(|| (0..=u16::MAX).map(peft_core::storage::half::f16_to_f32).collect())
+    TABLE.get_or_init(|| (0..=u16::MAX).map(peft_core::storage::f16_to_f32).collect())
 }
 
 /// One Q4_0 row (`bytes`, whole blocks) dotted with one permuted input
@@ -631,7 +631,7 @@ unsafe fn decode_block_avx2(row: RowRef<'_>, bi: usize, w: &mut [f32; QK]) {
             }
             RowRef::Q8_0(b) => {
                 let blk = &b[bi * Q8_0_BYTES..(bi + 1) * Q8_0_BYTES];
-                let d = _mm256_set1_ps(peft_core::storage::half::f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])));
+                let d = _mm256_set1_ps(peft_core::storage::f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])));
                 let p = blk[2..].as_ptr();
                 for k in 0..QK / 8 {
                     let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * k).cast::<__m128i>()));
@@ -640,7 +640,7 @@ unsafe fn decode_block_avx2(row: RowRef<'_>, bi: usize, w: &mut [f32; QK]) {
             }
             RowRef::Q4_0(b) => {
                 let blk = &b[bi * Q4_0_BYTES..(bi + 1) * Q4_0_BYTES];
-                let d = _mm256_set1_ps(peft_core::storage::half::f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])));
+                let d = _mm256_set1_ps(peft_core::storage::f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])));
                 let bytes = _mm_loadu_si128(blk[2..].as_ptr().cast::<__m128i>());
                 let mask = _mm_set1_epi8(0x0F);
                 let eight = _mm256_set1_epi32(8);
@@ -670,7 +670,7 @@ pub fn kernel(format: Format, tokens: usize) -> &'static str {
 #[cfg(test)]
 mod tests {
     use peft_core::storage::Format;
-    use peft_core::storage::quantize::OwnedWeight;
+    use peft_core::storage::OwnedWeight;
     use peft_core::{Accum, Backend, MatMut, MatRef, Reference, Rng};
 
     use crate::Faer;

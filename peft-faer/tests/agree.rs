@@ -164,24 +164,9 @@ fn shape_errors_are_typed() {
     let a = [1.0f32; 6];
     let mut c = [7.0f32; 4];
     let cases: [(usize, usize, Op, Error); 3] = [
-        (
-            2,
-            3,
-            Op::N,
-            peft_core::Error::ShapeMismatch { operand: peft_core::error::Operand::Rhs, expected: 3, found: 2 },
-        ),
-        (
-            3,
-            2,
-            Op::T,
-            peft_core::Error::ShapeMismatch { operand: peft_core::error::Operand::Rhs, expected: 3, found: 2 },
-        ),
-        (
-            1,
-            6,
-            Op::N,
-            peft_core::Error::ShapeMismatch { operand: peft_core::error::Operand::Rhs, expected: 6, found: 2 },
-        ),
+        (2, 3, Op::N, peft_core::Error::ShapeMismatch { operand: peft_core::Operand::Rhs, expected: 3, found: 2 }),
+        (3, 2, Op::T, peft_core::Error::ShapeMismatch { operand: peft_core::Operand::Rhs, expected: 3, found: 2 }),
+        (1, 6, Op::N, peft_core::Error::ShapeMismatch { operand: peft_core::Operand::Rhs, expected: 6, found: 2 }),
     ];
     for (r, col, op, want) in cases {
         let lhs = MatRef::new(&a, r, col).unwrap();
@@ -193,7 +178,7 @@ fn shape_errors_are_typed() {
     let lhs = MatRef::new(&a, 2, 3).unwrap();
     let rhs = MatRef::new(&a, 3, 2).unwrap();
     let got = Faer::new().gemm(MatMut::new(&mut c, 1, 4).unwrap(), Accum::Add, lhs, Op::N, rhs, Op::N, 1.0);
-    assert_eq!(got, Err(Error::ShapeMismatch { operand: peft_core::error::Operand::Dst, expected: 2, found: 1 }));
+    assert_eq!(got, Err(Error::ShapeMismatch { operand: peft_core::Operand::Dst, expected: 2, found: 1 }));
     assert_eq!(c, [7.0; 4]);
 }
 

@@ -323,7 +323,7 @@ fn mixed_dtypes_are_kept_per_tensor() {
 fn own_file(config: &[(&str, Value<'_>)], tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
     let ts: Vec<Tensor<'_, f32>> = tensors.iter().map(|(n, s, d)| Tensor { name: n, shape: s, data: d }).collect();
     let mut out = vec![0u8; format::encoded_len(config, &ts).unwrap()];
-    let n = format::encode(peft_core::Method::Lora, config, &ts, &mut out).unwrap();
+    let n = format::encode(peft_core::optim::Method::Lora, config, &ts, &mut out).unwrap();
     out.truncate(n);
     out
 }

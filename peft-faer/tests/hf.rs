@@ -436,7 +436,7 @@ fn convert_round_trips_are_bit_exact() {
     let tensors = [peft_core::format::Tensor { name: "layers.0.down", shape: &[2, 2], data: &w[..] }];
     let config = [("bottleneck", peft_core::format::Value::U64(2))];
     let mut bytes = vec![0u8; peft_core::format::encoded_len(&config, &tensors).unwrap()];
-    let n = peft_core::format::encode(peft_core::Method::Adapter, &config, &tensors, &mut bytes).unwrap();
+    let n = peft_core::format::encode(peft_core::optim::Method::Adapter, &config, &tensors, &mut bytes).unwrap();
     bytes.truncate(n);
     assert!(matches!(own_to_peft_dir(&bytes, &dir.join("adapter"), false), Err(HfError::Unsupported(_))));
     assert!(!dir.join("adapter").exists());

@@ -16,8 +16,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-use peft_core::storage::quantize::{Quantized, quantize};
 use peft_core::storage::{Format, StoredWeight, dequantize, error_bound};
+use peft_core::storage::{Quantized, quantize};
 use peft_faer::Faer;
 use peft_faer::hf::HfAdapter;
 use peft_faer::hf::base::Base;

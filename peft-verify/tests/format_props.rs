@@ -8,8 +8,9 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use half::{bf16, f16};
+use peft_core::Element;
 use peft_core::format::{AdapterFile, FormatError, Tensor, Value, crc32, encode, encoded_len};
-use peft_core::{Element, Method};
+use peft_core::optim::Method;
 use proptest::prelude::*;
 
 /// Parses and, if that succeeds, walks everything a caller could touch.

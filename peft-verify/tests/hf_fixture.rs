@@ -6,8 +6,8 @@ use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use peft_core::backend::{Backend, Reference};
 use peft_core::lora::{Lora, LoraConfig, LoraGrads};
+use peft_core::{Backend, Reference};
 use peft_core::{Dense, FrozenLinear, MatMut, MatRef};
 use safetensors::{Dtype, SafeTensors};
 

@@ -9,7 +9,7 @@
 
 use peft_core::activation::Activation;
 use peft_core::adapter::{AdapterConfig, AdapterParams, BottleneckAdapter};
-use peft_core::attention::forward::forward;
+use peft_core::attention::forward;
 use peft_core::attention::{AttentionShape, Mask};
 use peft_core::lora::{Lora, LoraConfig, ParamReport};
 use peft_core::method::LinearAdapter;

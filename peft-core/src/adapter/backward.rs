@@ -1,17 +1,4 @@
-//! Bottleneck adapter backward pass.
-//!
-//! With `z = x W_down^T + b_down`, `a = act(z)`, `h = x + s (a W_up^T + b_up)`
-//! and `G = dL/dh` `[tokens, d]`:
-//!
-//! ```text
-//! dL/db_up   = s sum_rows(G)                 [d]
-//! dL/dW_up   = s G^T a                       [d, m]
-//! dL/da      = s G W_up                      [tokens, m]
-//! dL/dz      = dL/da * act'(z)  (elementwise)
-//! dL/db_down = sum_rows(dL/dz)               [m]
-//! dL/dW_down = (dL/dz)^T x                   [m, d]
-//! dL/dx      = G + (dL/dz) W_down            [tokens, d]   (G: the residual path)
-//! ```
+//! Bottleneck adapter backward pass. (derivation in the [parent module](super))
 
 use super::BottleneckAdapter;
 use crate::backend::{Accum, Backend, Op, Outcome};

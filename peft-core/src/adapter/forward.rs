@@ -1,13 +1,4 @@
-//! Bottleneck adapter forward pass.
-//!
-//! ```text
-//! z = x W_down^T + b_down         [tokens, m]   (scratch)
-//! a = act(z)                      [tokens, m]   (in place)
-//! h = x + scale * (a W_up^T + b_up)
-//! ```
-//!
-//! Adding an exactly-zero branch leaves `x` bit for bit (including the sign
-//! of a zero), so a fresh adapter is the identity exactly.
+//! Bottleneck adapter forward pass. (derivation in the [parent module](super))
 
 use super::BottleneckAdapter;
 use crate::backend::{Accum, Backend, Op, Outcome};

@@ -10,13 +10,40 @@
 //! output instead of refining it). `W_up` and `b_up` start at zero, so a
 //! fresh adapter returns its input bit for bit.
 //!
-//! * [`forward`]: the forward pass and its scratch.
-//! * [`backward`]: gradients of all four parameters and of `x`.
+//! The forward pass and the gradients of all four parameters and of `x`
+//! follow, each with its scratch.
+//!
+//! ## Bottleneck adapter forward pass
+//!
+//! ```text
+//! z = x W_down^T + b_down         [tokens, m]   (scratch)
+//! a = act(z)                      [tokens, m]   (in place)
+//! h = x + scale * (a W_up^T + b_up)
+//! ```
+//!
+//! Adding an exactly-zero branch leaves `x` bit for bit (including the sign
+//! of a zero), so a fresh adapter is the identity exactly.
+//!
+//! ## Bottleneck adapter backward pass
+//!
+//! With `z = x W_down^T + b_down`, `a = act(z)`, `h = x + s (a W_up^T + b_up)`
+//! and `G = dL/dh` `[tokens, d]`:
+//!
+//! ```text
+//! dL/db_up   = s sum_rows(G)                 [d]
+//! dL/dW_up   = s G^T a                       [d, m]
+//! dL/da      = s G W_up                      [tokens, m]
+//! dL/dz      = dL/da * act'(z)  (elementwise)
+//! dL/db_down = sum_rows(dL/dz)               [m]
+//! dL/dW_down = (dL/dz)^T x                   [m, d]
+//! dL/dx      = G + (dL/dz) W_down            [tokens, d]   (G: the residual path)
+//! ```
 
-pub mod backward;
-pub mod forward;
+mod backward;
+mod forward;
 
 pub use backward::AdapterGrads;
+pub(crate) use backward::add_colsum;
 
 use core::marker::PhantomData;
 

@@ -1,19 +1,4 @@
-//! Attention backward pass.
-//!
-//! Per query head `h` (key/value group `g`), with `c = 1 / sqrt(d_head)`,
-//! `P` the masked softmax probabilities `[tq, p + tk]`, `Kx = [PK_g; K_g]`,
-//! `Vx = [PV_g; V_g]` and `G = dL/dO_h`:
-//!
-//! ```text
-//! dP      = G Vx^T                                  [tq, p + tk]
-//! dVx    += P^T G                                   (summed over the heads of group g)
-//! dS      = P * (dP - rowsum(P * dP))               (softmax backward; hidden entries: P = 0, so dS = 0)
-//! dQ_h    = c dS Kx
-//! dKx    += c dS^T Q_h
-//! ```
-//!
-//! The first `p` rows of `dKx`, `dVx` are the prefix gradients. The mask
-//! has no parameters and gets no gradient.
+//! Attention backward pass. (derivation in the [parent module](super))
 
 use super::forward::{HeadViews, split_cols};
 use super::{AttentionShape, Mask, Prefix, backward_scratch_len, validate};

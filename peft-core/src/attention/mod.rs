@@ -29,11 +29,29 @@
 //! Each row subtracts its maximum over visible keys before `exp`, so no
 //! finite input overflows. A row with no visible key yields an output of
 //! zeros (and zero gradients), not NaN.
+//!
+//! ## Attention backward pass
+//!
+//! Per query head `h` (key/value group `g`), with `c = 1 / sqrt(d_head)`,
+//! `P` the masked softmax probabilities `[tq, p + tk]`, `Kx = [PK_g; K_g]`,
+//! `Vx = [PV_g; V_g]` and `G = dL/dO_h`:
+//!
+//! ```text
+//! dP      = G Vx^T                                  [tq, p + tk]
+//! dVx    += P^T G                                   (summed over the heads of group g)
+//! dS      = P * (dP - rowsum(P * dP))               (softmax backward; hidden entries: P = 0, so dS = 0)
+//! dQ_h    = c dS Kx
+//! dKx    += c dS^T Q_h
+//! ```
+//!
+//! The first `p` rows of `dKx`, `dVx` are the prefix gradients. The mask
+//! has no parameters and gets no gradient.
 
-pub mod backward;
-pub mod forward;
+mod backward;
+mod forward;
 
-pub use backward::{AttentionGrads, PrefixGrads};
+pub use backward::{AttentionGrads, PrefixGrads, backward};
+pub use forward::forward;
 
 use crate::element::{Element, Real};
 use crate::error::{Error, Operand, Result, check_len};

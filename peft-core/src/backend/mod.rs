@@ -1,33 +1,3 @@
-//! The compute backend: one gemm, in faer's sense.
-//!
-//! Every method in this crate is written against [`Backend`] alone, so a
-//! backend that implements it (the portable [`Reference`] here, the SIMD faer
-//! backend in `peft-faer`, or a user's DSP or GPU backend) runs all of them.
-//!
-//! ```text
-//! Accum::Replace:  C  = alpha * op(A) * op(B)     (C is never read)
-//! Accum::Add:      C += alpha * op(A) * op(B)
-//! ```
-//!
-//! `op(X)` is `X` or `X^T` as [`Op`] says; `op(A)` is `m x k`, `op(B)` is
-//! `k x n`, `C` is `m x n`. Products and sums run in the element's
-//! accumulation type and each element of `C` is rounded once.
-//!
-//! ## Errors belong to the backend
-//!
-//! As embedded-hal's `ErrorType`, a backend brings its own error type,
-//! [`Backend::Error`]: a GPU backend reports a lost device, the staged
-//! half-precision faer backend a busy staging buffer, each in its own words.
-//! Every method of this crate that runs a backend returns that type, so
-//! nothing is lost on the way to the caller. Two bounds make that work:
-//!
-//! * `From<`[`Error`]`>`: a method's own validation errors (a shape, a
-//!   scratch length) convert into the backend's type. The backends that can
-//!   fail only on shapes ([`Reference`], faer's f32/f64 backend) simply use
-//!   [`Error`] itself.
-//! * [`BackendError`]: code generic over the backend still learns what
-//!   kind of failure it was, through [`BackendError::kind`].
-
 mod reference;
 
 pub use reference::Reference;
@@ -60,6 +30,36 @@ pub enum ErrorKind {
 }
 
 /// The error of a [`Backend`]: printable, and classified by [`kind`](Self::kind).
+///
+/// The compute backend: one gemm, in faer's sense.
+///
+/// Every method in this crate is written against [`Backend`] alone, so a
+/// backend that implements it (the portable [`Reference`] here, the SIMD faer
+/// backend in `peft-faer`, or a user's DSP or GPU backend) runs all of them.
+///
+/// ```text
+/// Accum::Replace:  C  = alpha * op(A) * op(B)     (C is never read)
+/// Accum::Add:      C += alpha * op(A) * op(B)
+/// ```
+///
+/// `op(X)` is `X` or `X^T` as [`Op`] says; `op(A)` is `m x k`, `op(B)` is
+/// `k x n`, `C` is `m x n`. Products and sums run in the element's
+/// accumulation type and each element of `C` is rounded once.
+///
+/// ## Errors belong to the backend
+///
+/// As embedded-hal's `ErrorType`, a backend brings its own error type,
+/// [`Backend::Error`]: a GPU backend reports a lost device, the staged
+/// half-precision faer backend a busy staging buffer, each in its own words.
+/// Every method of this crate that runs a backend returns that type, so
+/// nothing is lost on the way to the caller. Two bounds make that work:
+///
+/// * `From<`[`Error`]`>`: a method's own validation errors (a shape, a
+///   scratch length) convert into the backend's type. The backends that can
+///   fail only on shapes ([`Reference`], faer's f32/f64 backend) simply use
+///   [`Error`] itself.
+/// * [`BackendError`]: code generic over the backend still learns what
+///   kind of failure it was, through [`BackendError::kind`].
 pub trait BackendError: fmt::Debug + fmt::Display {
     /// The kind of failure.
     fn kind(&self) -> ErrorKind;
@@ -140,7 +140,7 @@ impl Op {
 
 /// A matrix-multiply engine over element type `E`.
 pub trait Backend<E: Element> {
-    /// The backend's error (see the [module docs](self)). Backends that fail
+    /// The backend's error (see [`Backend`]'s docs). Backends that fail
     /// only on shapes use [`Error`].
     type Error: BackendError + From<Error>;
 

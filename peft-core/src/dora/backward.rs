@@ -1,16 +1,4 @@
-//! DoRA backward pass.
-//!
-//! With `z = x W^T + s (x A^T) B^T`, `y = b + (m / n) * z`, `n` held
-//! constant (PEFT detaches it) and `G = dL/dy`:
-//!
-//! ```text
-//! dL/dm_j = sum_t G_tj z_tj / n_j             [out]
-//! G'      = G * (m / n)                       [tokens, out]   (per column)
-//! dL/dA, dL/dB, dL/dx = LoRA's backward with G' in place of G
-//!         (dB = s G'^T (x A^T),  dA = s (G' B)^T x,  dx = G' W + s (G' B) A)
-//! ```
-//!
-//! Each formula is checked against central differences in `peft-verify`.
+//! DoRA backward pass. (derivation in the [parent module](super))
 use super::Dora;
 use crate::backend::{Accum, Backend, Outcome};
 use crate::base::FrozenLinear;
@@ -38,7 +26,7 @@ pub const fn backward_scratch_len(tokens: usize, out: usize, rank: usize) -> usi
 
 impl<E: Element, S: AsRef<[E]>, C: AsRef<[E]>> Dora<E, S, C> {
     /// Accumulates `dL/dA`, `dL/dB`, `dL/dm` into `grads` and, if `grad_x`
-    /// is given, writes `dL/dx` into it (see the [module docs](self)),
+    /// is given, writes `dL/dx` into it (see the [module docs](super)),
     /// shapes checked by
     /// [`LinearAdapter::backward`](crate::method::LinearAdapter::backward);
     /// [`Error::InvalidParameter`](crate::Error::InvalidParameter) for a

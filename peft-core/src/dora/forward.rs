@@ -1,12 +1,4 @@
-//! DoRA forward pass.
-//!
-//! ```text
-//! z = x W^T + s (x A^T) B^T          (LoRA's product, without the bias)
-//! y = (m / n) * z + b                (per output feature; n from the cache)
-//! ```
-//!
-//! PEFT's order: the base and low-rank products first, then the magnitude
-//! scale, then the bias, which DoRA never scales.
+//! DoRA forward pass. (derivation in the [parent module](super))
 use super::Dora;
 use crate::backend::{Accum, Backend, Outcome};
 use crate::base::{FrozenLinear, add_bias};

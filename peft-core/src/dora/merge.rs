@@ -1,22 +1,4 @@
-//! Merging a DoRA adapter into its base weight: DoRA's
-//! [`WeightUpdate`], row block by row block.
-//!
-//! ```text
-//! merge:    V = W + s B A;  n = ||V||_row;  W <- (m / n)[:, None] * V
-//! unmerge:  W <- backup                                  (bit-exact)
-//!       or  W <- (n / m)[:, None] * W - s B A             (needs m != 0)
-//! ```
-//!
-//! The norms are those of the weight being merged (formed here, row by
-//! row), not the adapter's cache: a weight that already holds another
-//! adapter's merge is normalized as it is, which is PEFT's order for
-//! several adapters on one layer. The merge keeps each row's `n` at the
-//! front of its scratch (`[rows]`), and the unmerge reads it back: the one
-//! guard ([`Merged`](crate::method::Merged)) hands it the same scratch.
-//! Without a backup the restore rounds three times per weight (the scale
-//! back, then `- s B A`), so it drifts by a few units in the last place; a
-//! zero magnitude would make it impossible, so a merge without a backup
-//! refuses one.
+//! Merging a DoRA adapter into its base weight: DoRA's (derivation in the [parent module](super))
 use super::Dora;
 use crate::backend::{Accum, Backend, Outcome};
 use crate::delta::DeltaRows;

@@ -28,14 +28,59 @@
 //! A row whose norm is 0 divides by zero, as in PEFT (which adds no
 //! epsilon either): the output is infinite or NaN there.
 //!
-//! * [`forward`], [`backward`]: the passes, behind [`LinearAdapter`];
-//!   [`merge`]: the [`WeightUpdate`](crate::method::WeightUpdate) that
-//!   merges through the one guard. [`LinearAdapter::prepare`] is
+//! * The passes (sections below), behind [`LinearAdapter`], and the
+//!   [`WeightUpdate`](crate::method::WeightUpdate) that merges through the
+//!   one guard. [`LinearAdapter::prepare`] is
 //!   [`Dora::refresh_norms`].
+//!
+//! ## DoRA forward pass
+//!
+//! ```text
+//! z = x W^T + s (x A^T) B^T          (LoRA's product, without the bias)
+//! y = (m / n) * z + b                (per output feature; n from the cache)
+//! ```
+//!
+//! PEFT's order: the base and low-rank products first, then the magnitude
+//! scale, then the bias, which DoRA never scales.
+//!
+//! ## DoRA backward pass
+//!
+//! With `z = x W^T + s (x A^T) B^T`, `y = b + (m / n) * z`, `n` held
+//! constant (PEFT detaches it) and `G = dL/dy`:
+//!
+//! ```text
+//! dL/dm_j = sum_t G_tj z_tj / n_j             [out]
+//! G'      = G * (m / n)                       [tokens, out]   (per column)
+//! dL/dA, dL/dB, dL/dx = LoRA's backward with G' in place of G
+//!         (dB = s G'^T (x A^T),  dA = s (G' B)^T x,  dx = G' W + s (G' B) A)
+//! ```
+//!
+//! Each formula is checked against central differences in `peft-verify`.
+//!
+//! ## Merging a DoRA adapter into its base weight: DoRA's
+//!
+//! [`WeightUpdate`](crate::method::WeightUpdate), row block by row block.
+//!
+//! ```text
+//! merge:    V = W + s B A;  n = ||V||_row;  W <- (m / n)[:, None] * V
+//! unmerge:  W <- backup                                  (bit-exact)
+//!       or  W <- (n / m)[:, None] * W - s B A             (needs m != 0)
+//! ```
+//!
+//! The norms are those of the weight being merged (formed here, row by
+//! row), not the adapter's cache: a weight that already holds another
+//! adapter's merge is normalized as it is, which is PEFT's order for
+//! several adapters on one layer. The merge keeps each row's `n` at the
+//! front of its scratch (`[rows]`), and the unmerge reads it back: the one
+//! guard ([`Merged`](crate::method::Merged)) hands it the same scratch.
+//! Without a backup the restore rounds three times per weight (the scale
+//! back, then `- s B A`), so it drifts by a few units in the last place; a
+//! zero magnitude would make it impossible, so a merge without a backup
+//! refuses one.
 
-pub mod backward;
-pub mod forward;
-pub mod merge;
+mod backward;
+mod forward;
+mod merge;
 use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::base::FrozenLinear;
 use crate::element::Element;

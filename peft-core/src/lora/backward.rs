@@ -1,26 +1,4 @@
-//! LoRA backward pass.
-//!
-//! With `t = x A^T` `[tokens, r]` and `G = dL/dy` `[tokens, out]`, the
-//! forward `y = x W^T + b + s t B^T` gives, element by element
-//! (`y_ij = ... + s sum_k t_ik B_jk`, `t_ik = sum_l x_il A_kl`):
-//!
-//! ```text
-//! dL/dB = s G^T t              [out, r]   = s G^T (x A^T)
-//! u     = G B                  [tokens, r]
-//! dL/dA = s u^T x              [r, in]    = s B^T G^T x
-//! dL/dx = G W + s u A          [tokens, in] = G (W + s B A), without forming B A
-//! dL/dlb = s sum_t G[t, :]     [out]      (PEFT's lora_bias, when present)
-//! ```
-//!
-//! The mistakes note's `grad_B = (x A^T)^T (s G)` has shape `[r, out]`, the
-//! transpose of `B`; the correct `s G^T (x A^T)` is `[out, r]`. Every formula
-//! here is checked against central finite differences in f64.
-//!
-//! There is no `dL/dW` and no `dL/db`: the base is frozen (mistakes 1 and
-//! 12 in `peft_verify::mistakes`), and it is a read-only
-//! [`FrozenLinear`](crate::base::FrozenLinear) here. The pass itself is
-//! [`LinearAdapter::backward`](crate::method::LinearAdapter::backward)
-//! (the impl is in [`layer`](super::layer)).
+//! LoRA backward pass. (derivation in the [parent module](super))
 use super::layer::{Lora, forward_scratch_len};
 use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::element::Element;

@@ -1,17 +1,4 @@
-//! LoRA on an embedding table (PEFT's `lora.Embedding`).
-//!
-//! ```text
-//! E [vocab, dim]   A [r, vocab]   B [dim, r]   ids [n]   y [n, dim]
-//! y_t  = E[id_t] + s B A[:, id_t]          (t_k = A[k, id_t]: a lookup, then t B^T)
-//! dE   = s (B A)^T                         (merged: E' = E + s (B A)^T)
-//! dA[:, id_t] += s (G_t B)^T               dB += s G^T T      (T [n, r] the looked-up rows)
-//! ```
-//!
-//! PEFT stores `lora_embedding_A` and `lora_embedding_B` under those names
-//! (no `.weight`), in this layout. Its fresh adapter has `A = 0` and `B`
-//! normal, the reverse of a linear layer's, so that `B A = 0` still. The
-//! table is frozen: no gradient for it, and ids outside the vocabulary are
-//! refused ([`Error::TokenOutOfRange`]) before anything is written.
+//! LoRA on an embedding table (PEFT's `lora.Embedding`). (derivation in the [parent module](super))
 use core::marker::PhantomData;
 
 use super::config::LoraConfig;

@@ -1,17 +1,4 @@
-//! LoRA forward pass.
-//!
-//! ```text
-//! y = x W^T + b + s (x A^T) B^T     (t = x A^T is [tokens, r], in scratch)
-//! ```
-//!
-//! The scale multiplies the low-rank path only, never the base output
-//! (mistake 3 in `peft_verify::mistakes`, and a bug in at least one
-//! published crate). The sum is formed in PEFT's order: base and bias first,
-//! then the low-rank term added, then `s lora_bias` (PEFT's `lora_bias`:
-//! `lora_B` has a bias, scaled with it). A merged base runs its own forward
-//! alone ([`Merged::forward`](crate::method::Merged::forward)). The pass
-//! itself is [`LinearAdapter::forward`](crate::method::LinearAdapter::forward)
-//! (the impl is in [`layer`](super::layer)).
+//! LoRA forward pass. (derivation in the [parent module](super))
 use super::layer::{Lora, forward_scratch_len};
 use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::element::Element;

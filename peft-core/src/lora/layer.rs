@@ -222,7 +222,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Lora<E, S> {
     }
 
     /// `y = x W^T + b + s (x A^T) B^T (+ s lora_bias)` (see
-    /// [`forward`](super::forward)).
+    /// the [module docs](super)).
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         pass: ForwardPass<'_, E, B, L>,
@@ -233,7 +233,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Lora<E, S> {
     }
 
     /// `dA`, `dB` (and `d lora_bias`) accumulated, `dL/dx = G W + s (G B)
-    /// A` (see [`backward`](super::backward)).
+    /// A` (see the [module docs](super)).
     fn run_backward<B, L>(&self, pass: BackwardPass<'_, E, B, L, Self::Grads<'_>>) -> Outcome<E, B>
     where
         B: Backend<E> + ?Sized,

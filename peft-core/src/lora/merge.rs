@@ -1,16 +1,4 @@
-//! LoRA's update for merging: `dW = s B A`, added row block by row block.
-//!
-//! ```text
-//! merge:    W[rows] += s B[rows] A        (one gemm with Accum::Add, alpha = s)
-//!           b       += s lora_bias        (when the adapter has PEFT's lora_bias)
-//! unmerge:  the same with -s, or the backup (bit-exact)
-//! ```
-//!
-//! LoRA is a [`DeltaRows`], so it merges through the one guard:
-//! [`WeightUpdate::merge_into`](crate::method::WeightUpdate::merge_into)
-//! returns a [`Merged`](crate::method::Merged) that owns the weight until
-//! it is restored (see [`method`](crate::method) for what it prevents and
-//! the drift bound without a backup).
+//! LoRA's update for merging: `dW = s B A`, added row block by row block. (derivation in the [parent module](super))
 use super::layer::Lora;
 use crate::backend::{Backend, Op, Outcome};
 use crate::delta::{DeltaBlock, DeltaRows};

@@ -24,7 +24,7 @@
 //!
 //! [`WeightUpdate::merge_into`] returns the one guard, [`Merged`], which
 //! owns the weight (and bias) until it is restored, for every method.
-//! [`METHODS`] ([`registry`]) is the one list of methods.
+//! [`METHODS`] is the one list of methods.
 //!
 //! ## Adding a method
 //!
@@ -34,12 +34,102 @@
 //! LinearAdapter` with its forward and backward (the derivation in the
 //! module docs, every derivative checked against finite differences by
 //! `peft-verify`); an `impl WeightUpdate` where the method can be merged.
+//!
+//! ## [`Merged`]: the one merge guard, for every [`WeightUpdate`]
+//!
+//! ```text
+//! merge:    W <- W'          (WeightUpdate::update_rows, Direction::Merge, all rows)
+//! unmerge:  W <- backup      (bit-exact), or W' <- W by the inverse update
+//! ```
+//!
+//! [`WeightUpdate::merge_into`] takes the weight (and bias) by `&mut` and
+//! returns a guard that owns those borrows, a shared borrow of the adapter
+//! and the scratch the unmerge needs, until it is unmerged. While it
+//! lives:
+//!
+//! * the only forward on offer is the merged base's own (one matmul,
+//!   mistake 6 in `peft_verify::mistakes`): the weight cannot be handed to
+//!   an adapter's forward, which would apply the update a second time;
+//! * the weight cannot be merged again, and the adapter cannot be changed
+//!   (its update is baked into `W`).
+//!
+//! Misuse does not compile:
+//!
+//! ```compile_fail
+//! use peft_core::Dense;
+//! use peft_core::lora::{Lora, LoraConfig};
+//! use peft_core::method::{MergeTarget, WeightUpdate};
+//! use peft_core::Reference;
+//! let mut w = [0.5f32; 4];
+//! let lora = Lora::new(&LoraConfig::new(1, 1.0), 2, 2, [1.0f32; 2], [1.0f32; 2]).unwrap();
+//! let merged = lora.merge_into(&Reference, MergeTarget::new(&mut w), &mut []).unwrap();
+//! // The weight is merged: reading it as a base for the adapter's forward
+//! // would add s B A twice. `w` is borrowed by the guard.
+//! let base = Dense::new(&w, 2, 2).unwrap();
+//! drop(merged);
+//! ```
+//!
+//! ```compile_fail
+//! use peft_core::lora::{Lora, LoraConfig};
+//! use peft_core::method::{MergeTarget, WeightUpdate};
+//! use peft_core::Reference;
+//! let mut w = [0.5f32; 4];
+//! let lora = Lora::new(&LoraConfig::new(1, 1.0), 2, 2, [1.0f32; 2], [1.0f32; 2]).unwrap();
+//! let first = lora.merge_into(&Reference, MergeTarget::new(&mut w), &mut []).unwrap();
+//! let second = lora.merge_into(&Reference, MergeTarget::new(&mut w), &mut []).unwrap(); // merged twice
+//! drop((first, second));
+//! ```
+//!
+//! ```compile_fail
+//! use peft_core::lora::{Lora, LoraConfig};
+//! use peft_core::method::{MergeTarget, WeightUpdate};
+//! use peft_core::Reference;
+//! let mut w = [0.5f32; 4];
+//! let mut lora = Lora::new(&LoraConfig::new(1, 1.0), 2, 2, [1.0f32; 2], [1.0f32; 2]).unwrap();
+//! let merged = lora.merge_into(&Reference, MergeTarget::new(&mut w), &mut []).unwrap();
+//! lora.adapter_mut().0[0] = 2.0; // the unmerge would subtract another product
+//! drop(merged);
+//! ```
+//!
+//! Dropping the guard unmerges, as a `MutexGuard` unlocks;
+//! [`Merged::keep`] leaves the weight merged for good (PEFT's
+//! `merge_and_unload`) and gives it back.
+//!
+//! ## Drift without a backup
+//!
+//! For an additive update the reference and faer backends compute `dW`
+//! with the same bits on merge and unmerge (the same operands; the sign
+//! only flips the rounded product), so one cycle is two roundings, `W1 =
+//! fl(W + p)`, `W2 = fl(W1 - p)`, and in the element's unit roundoff `u`
+//! (`2^-24` f32, `2^-53` f64, `2^-11` f16, `2^-8` bf16):
+//!
+//! ```text
+//! |W2 - W| <= u |W + p| + u |W1 - p|  <=  u (2 |W| + |p|) (1 + u)
+//! ```
+//!
+//! and `n` cycles drift by at most `n` times that. A multiplicative update
+//! rounds once more per element (the scale back). A caller who needs `W`
+//! back bit for bit passes a backup buffer.
+//!
+//! ## The one list of methods
+//!
+//! Every path that has to know every method reads [`METHODS`]: the `peft`
+//! command's `--method` values and the order of `peft finetune`'s table,
+//! the trainer's per-method setup (`peft_faer::llama::train`), the
+//! learning-rate defaults, inspect's names, and the PEFT `peft_type` each
+//! method's files carry. A test in `peft-faer` walks this list through
+//! each of those paths, so a method added here and forgotten there fails
+//! (libm's `check_coverage` does the same for its functions).
+//!
+//! Adding a method (the recipe is in CONTRIBUTING.md): its file in
+//! `peft-core/src/`, its module in `peft-faer/src/`, its properties in
+//! `peft-verify/src/props/`, and one line here.
 
 mod merge;
-pub mod registry;
+mod registry;
 
 pub use merge::{MergeTarget, Merged};
-pub use registry::{Family, METHODS, MethodSpec};
+pub use registry::{Family, METHODS, MethodSpec, find};
 
 use crate::backend::{Backend, Outcome};
 use crate::base::{FrozenLinear, check_rows};

@@ -1,16 +1,4 @@
-//! The one list of methods.
-//!
-//! Every path that has to know every method reads [`METHODS`]: the `peft`
-//! command's `--method` values and the order of `peft finetune`'s table,
-//! the trainer's per-method setup (`peft_faer::llama::train`), the
-//! learning-rate defaults, inspect's names, and the PEFT `peft_type` each
-//! method's files carry. A test in `peft-faer` walks this list through
-//! each of those paths, so a method added here and forgotten there fails
-//! (libm's `check_coverage` does the same for its functions).
-//!
-//! Adding a method (the recipe is in CONTRIBUTING.md): its file in
-//! `peft-core/src/`, its module in `peft-faer/src/`, its properties in
-//! `peft-verify/src/props/`, and one line here.
+//! The one list of methods. (derivation in the [parent module](super))
 
 use crate::optim::Method;
 

@@ -13,13 +13,33 @@
 //! (PEFT views its encoder output as `[n_prefix, n_layers * 2, heads,
 //! d_head]` and splits the second axis in pairs.) [`PrefixTuning::layer`]
 //! returns strided views into it, with no copy, for
-//! [`attention::forward`](crate::attention::forward::forward), which extends
+//! [`attention::forward`](crate::attention::forward), which extends
 //! the mask so every query sees the prefix. The optional MLP
-//! reparameterization is in [`reparam`].
+//! reparameterization is [`PrefixEncoder`].
+//!
+//! ## PEFT's prefix reparameterization (`prefix_projection=True`)
+//!
+//! PEFT's prefix reparameterization (`prefix_projection=True`):
+//!
+//! ```text
+//! kv = tanh(E W1^T + b1) W2^T + b2
+//! E [n_prefix, d]   W1 [hidden, d]   b1 [hidden]   W2 [n_layers * 2 * w, hidden]   b2 [n_layers * 2 * w]
+//! ```
+//!
+//! Training updates `E`, `W1`, `b1`, `W2`, `b2`; for deployment,
+//! [`PrefixEncoder::forward`] computes `kv` once and the MLP is dropped
+//! (collapsed to the plain prefix of [`PrefixTuning`]).
+//!
+//! Backward, with `a = tanh(E W1^T + b1)` and `G = dL/dkv`:
+//!
+//! ```text
+//! db2 += colsum(G)     dW2 += G^T a     da = G W2     dz = da * (1 - a^2)
+//! db1 += colsum(dz)    dW1 += dz^T E    dE += dz W1
+//! ```
 
-pub mod reparam;
+mod reparam;
 
-pub use reparam::{EncoderGrads, EncoderParams, PrefixEncoder};
+pub use reparam::{EncoderGrads, EncoderParams, PrefixEncoder, backward_scratch_len, forward_scratch_len};
 
 use core::marker::PhantomData;
 
@@ -94,7 +114,7 @@ impl PrefixConfig {
     }
 
     /// Layer `layer`'s block of a gradient buffer laid out like the prefix,
-    /// for [`attention::backward`](crate::attention::backward::backward).
+    /// for [`attention::backward`](crate::attention::backward).
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] (`"layer index"`);

@@ -1,23 +1,7 @@
-//! PEFT's prefix reparameterization (`prefix_projection=True`):
-//!
-//! ```text
-//! kv = tanh(E W1^T + b1) W2^T + b2
-//! E [n_prefix, d]   W1 [hidden, d]   b1 [hidden]   W2 [n_layers * 2 * w, hidden]   b2 [n_layers * 2 * w]
-//! ```
-//!
-//! Training updates `E`, `W1`, `b1`, `W2`, `b2`; for deployment,
-//! [`PrefixEncoder::forward`] computes `kv` once and the MLP is dropped
-//! (collapsed to the plain prefix of [`PrefixTuning`](super::PrefixTuning)).
-//!
-//! Backward, with `a = tanh(E W1^T + b1)` and `G = dL/dkv`:
-//!
-//! ```text
-//! db2 += colsum(G)     dW2 += G^T a     da = G W2     dz = da * (1 - a^2)
-//! db1 += colsum(dz)    dW1 += dz^T E    dE += dz W1
-//! ```
+//! PEFT's prefix reparameterization (`prefix_projection=True`): (derivation in the [parent module](super))
 
 use super::PrefixConfig;
-use crate::adapter::backward::add_colsum;
+use crate::adapter::add_colsum;
 use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::element::{Element, Real};
 use crate::error::{Error, Operand, Result, check_len, check_scratch, scratch_pair};

@@ -5,8 +5,8 @@ use std::vec;
 use std::vec::Vec;
 
 use super::*;
-use crate::attention::backward::backward;
-use crate::attention::forward::forward;
+use crate::attention::backward;
+use crate::attention::forward;
 use crate::attention::{AttentionGrads, Mask, backward_scratch_len, forward_scratch_len};
 use crate::backend::Reference;
 

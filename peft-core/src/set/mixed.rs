@@ -1,25 +1,4 @@
-//! Mixed-adapter batches: each sequence of a batch names its adapter (or
-//! the base alone), as PEFT's `adapter_names=` per sample, LoRAX, or
-//! llama.cpp's per-request adapters.
-//!
-//! The rows of `x` are the sequences one after another; [`Route`]s give
-//! each sequence's row count and adapter (a slot index of the set). The
-//! base product runs once for the whole batch; each adapter's low-rank path
-//! runs on its own rows only:
-//!
-//! ```text
-//! y            = x W^T + b                              (one gemm, all rows)
-//! y[rows_j]   += m_i s_i (x[rows_j] A_i^T) B_i^T         (route j uses adapter i)
-//! dx           = G W                                     (one gemm, all rows)
-//! dx[rows_j]  += m_i s_i (G[rows_j] B_i) A_i
-//! dA_i        += m_i s_i (G[rows_j] B_i)^T x[rows_j]     (summed over i's routes)
-//! dB_i        += m_i s_i G[rows_j]^T (x[rows_j] A_i^T)
-//! ```
-//!
-//! So every row equals that adapter's own forward on that row (a
-//! `peft-verify` property), whatever the mix. A route names its adapter
-//! explicitly: the set's active flags do not apply here, the multipliers
-//! do.
+//! Mixed-adapter batches: each sequence of a batch names its adapter (or (derivation in the [parent module](super))
 use super::{AdapterSet, AdapterSlot, SlotStore};
 use crate::backend::{Accum, Backend, Outcome};
 use crate::base::FrozenLinear;
@@ -65,7 +44,7 @@ impl<K: AsRef<str>, E: Element, S: AsRef<[E]>, C: SlotStore<AdapterSlot<K, E, S>
         self.mixed_forward_scratch_len(routes).saturating_mul(2)
     }
 
-    /// The forward of a mixed batch (see the [module docs](self)).
+    /// The forward of a mixed batch (see the [module docs](super)).
     ///
     /// Shapes: `x [tokens, in]`, `y [tokens, out]` (overwritten), the
     /// routes' rows summing to `tokens`; scratch at least

@@ -23,7 +23,7 @@
 //! AdapterSlot indices are stable: removing an adapter frees its slot and leaves
 //! the others where they are, so an index taken from
 //! [`index_of`](AdapterSet::index_of) stays valid (and a route of a
-//! [mixed batch](mixed) can name an adapter without a string lookup per
+//! [mixed batch](AdapterSet::forward_mixed) can name an adapter without a string lookup per
 //! sequence).
 //!
 //! **Hot swap.** [`replace`](AdapterSet::replace) puts new tensors in a
@@ -36,9 +36,44 @@
 //!
 //! The passes ([`forward`](AdapterSet::forward),
 //! [`backward`](AdapterSet::backward), and the mixed-batch ones in
-//! [`mixed`]) add each adapter in slot order.
+//! [`AdapterSet::forward_mixed`]) add each adapter in slot order.
+//!
+//! ## The set's forward and backward over its active adapters
+//!
+//! ```text
+//! y   = x W^T + b + sum_i m_i s_i (x A_i^T) B_i^T
+//! dA_i += m_i s_i (G B_i)^T x        dB_i += m_i s_i G^T (x A_i^T)
+//! dx  = G W + sum_i m_i s_i (G B_i) A_i
+//! ```
+//!
+//! (sums over the active adapters `i`, in slot order; each term is LoRA's
+//! own pass at scale `m_i s_i`, see [`crate::lora`]).
+//!
+//! ## Mixed-adapter batches: each sequence of a batch names its adapter (or
+//!
+//! the base alone), as PEFT's `adapter_names=` per sample, LoRAX, or
+//! llama.cpp's per-request adapters.
+//!
+//! The rows of `x` are the sequences one after another; [`Route`]s give
+//! each sequence's row count and adapter (a slot index of the set). The
+//! base product runs once for the whole batch; each adapter's low-rank path
+//! runs on its own rows only:
+//!
+//! ```text
+//! y            = x W^T + b                              (one gemm, all rows)
+//! y[rows_j]   += m_i s_i (x[rows_j] A_i^T) B_i^T         (route j uses adapter i)
+//! dx           = G W                                     (one gemm, all rows)
+//! dx[rows_j]  += m_i s_i (G[rows_j] B_i) A_i
+//! dA_i        += m_i s_i (G[rows_j] B_i)^T x[rows_j]     (summed over i's routes)
+//! dB_i        += m_i s_i G[rows_j]^T (x[rows_j] A_i^T)
+//! ```
+//!
+//! So every row equals that adapter's own forward on that row (a
+//! `peft-verify` property), whatever the mix. A route names its adapter
+//! explicitly: the set's active flags do not apply here, the multipliers
+//! do.
 
-pub mod mixed;
+mod mixed;
 mod pass;
 
 use core::marker::PhantomData;

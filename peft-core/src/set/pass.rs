@@ -1,13 +1,4 @@
-//! The set's forward and backward over its active adapters.
-//!
-//! ```text
-//! y   = x W^T + b + sum_i m_i s_i (x A_i^T) B_i^T
-//! dA_i += m_i s_i (G B_i)^T x        dB_i += m_i s_i G^T (x A_i^T)
-//! dx  = G W + sum_i m_i s_i (G B_i) A_i
-//! ```
-//!
-//! (sums over the active adapters `i`, in slot order; each term is LoRA's
-//! own pass at scale `m_i s_i`, see [`crate::lora::backward`]).
+//! The set's forward and backward over its active adapters. (derivation in the [parent module](super))
 use super::{AdapterSet, AdapterSlot, SlotStore};
 use crate::backend::{Accum, Backend, Outcome};
 use crate::base::FrozenLinear;

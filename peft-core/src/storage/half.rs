@@ -1,7 +1,4 @@
-//! IEEE binary16 and bfloat16 conversions on bits, without the `half`
-//! crate (`peft-core` needs them without its `half` feature: firmware
-//! bases in f16 or bf16). Widening is exact; narrowing rounds to nearest,
-//! ties to even, as F16C's `vcvtps2ph` and `half` do; NaN stays NaN.
+//! IEEE binary16 and bfloat16 conversions on bits, without the `half` (derivation in the [parent module](super))
 
 /// binary16 bits to f32 (exact; a NaN is quieted, its payload kept).
 ///

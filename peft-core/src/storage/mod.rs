@@ -24,11 +24,35 @@
 //! no scratch, no heap); a backend with faster kernels overrides them. The
 //! stored bytes are only ever read.
 //!
-//! [`quantize`](mod@quantize) has the quantizers from f32, with GGUF's reference
+//! [`quantize()`] has the quantizers from f32, with GGUF's reference
 //! rounding (`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`).
+//!
+//! ## IEEE binary16 and bfloat16 conversions on bits, without the `half`
+//!
+//! crate (`peft-core` needs them without its `half` feature: firmware
+//! bases in f16 or bf16). Widening is exact; narrowing rounds to nearest,
+//! ties to even, as F16C's `vcvtps2ph` and `half` do; NaN stays NaN.
+//!
+//! ## Quantizers from f32 into each [`Format`], with GGUF's reference
+//!
+//! rounding, and the error each guarantees.
+//!
+//! ```text
+//! int8   per row:    s = amax / 127           q = round(x / s)           (x ~ q s)
+//! Q8_0   per block:  d = amax / 127           q = round(x / d)           (x ~ q f16(d))
+//! Q4_0   per block:  d = max / -8 (max: the   q = min(15, trunc(x / d + 8.5))   (x ~ (q - 8) f16(d))
+//!                    value of largest |x|)
+//! f16, bf16:         round to nearest, ties to even
+//! ```
+//!
+//! `round` is half away from zero (C's `roundf`), and the Q formats keep
+//! `f16(d)` while quantizing with the f32 `1 / d`, exactly as ggml's
+//! `quantize_row_q8_0_ref` and `quantize_row_q4_0_ref`. A block or row
+//! whose scale would not be finite in its storage (|x| above `65504 * 127`
+//! for Q8_0) and non-finite inputs are refused.
 
-pub mod half;
-pub mod quantize;
+mod half;
+mod quantize;
 
 use crate::backend::{Accum, Backend, Outcome};
 use crate::base::{FrozenLinear, Product};
@@ -36,7 +60,10 @@ use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_io, check_len, check_shape};
 use crate::matrix::{MatMut, MatRef, checked_len};
 
-pub use quantize::{error_bound, quantize};
+pub use half::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+#[cfg(any(test, feature = "alloc"))]
+pub use quantize::{Owned, OwnedWeight};
+pub use quantize::{Quantized, error_bound, quantize};
 
 /// Values per Q8_0 / Q4_0 block.
 pub const QK: usize = 32;

@@ -1,19 +1,4 @@
-//! Quantizers from f32 into each [`Format`], with GGUF's reference
-//! rounding, and the error each guarantees.
-//!
-//! ```text
-//! int8   per row:    s = amax / 127           q = round(x / s)           (x ~ q s)
-//! Q8_0   per block:  d = amax / 127           q = round(x / d)           (x ~ q f16(d))
-//! Q4_0   per block:  d = max / -8 (max: the   q = min(15, trunc(x / d + 8.5))   (x ~ (q - 8) f16(d))
-//!                    value of largest |x|)
-//! f16, bf16:         round to nearest, ties to even
-//! ```
-//!
-//! `round` is half away from zero (C's `roundf`), and the Q formats keep
-//! `f16(d)` while quantizing with the f32 `1 / d`, exactly as ggml's
-//! `quantize_row_q8_0_ref` and `quantize_row_q4_0_ref`. A block or row
-//! whose scale would not be finite in its storage (|x| above `65504 * 127`
-//! for Q8_0) and non-finite inputs are refused.
+//! Quantizers from f32 into each [`Format`], with GGUF's reference (derivation in the [parent module](super))
 
 use super::half::{f32_to_bf16, f32_to_f16};
 #[cfg(any(test, feature = "alloc"))]

@@ -1,7 +1,7 @@
 //! `adapter_config.json`: every field that changes the math, read exactly;
 //! fields this crate cannot honour are errors naming the field.
 
-use peft_core::lora::config::module_matches;
+use peft_core::lora::module_matches;
 use regex::Regex;
 use serde::Deserialize;
 use serde_json::{Map, Value};

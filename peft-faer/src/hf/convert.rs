@@ -27,8 +27,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use peft_core::Method;
 use peft_core::format::{self, AdapterFile, Value};
+use peft_core::optim::Method;
 use safetensors::Dtype;
 use serde_json::json;
 

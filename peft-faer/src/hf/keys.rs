@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use peft_core::lora::config::module_matches;
+use peft_core::lora::module_matches;
 
 use super::st::{self, Entry, StFile};
 use super::{HfError, HfTensor};

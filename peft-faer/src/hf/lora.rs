@@ -2,7 +2,7 @@
 //! the module as read, and its reader.
 
 use peft_core::dora::Dora;
-use peft_core::lora::config::module_matches;
+use peft_core::lora::module_matches;
 use peft_core::lora::{Lora, LoraConfig};
 use safetensors::Dtype;
 

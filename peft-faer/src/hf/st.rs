@@ -369,7 +369,7 @@ pub fn decode_rows(f: Format, bytes: &[u8], cols: usize, out: &mut [f32]) -> Res
     let rows = bytes.len() / rb.max(1);
     if rows * rb != bytes.len() || rows * cols != out.len() {
         return Err(HfError::Core(peft_core::Error::ShapeMismatch {
-            operand: peft_core::error::Operand::Dst,
+            operand: peft_core::Operand::Dst,
             expected: rows * cols,
             found: out.len(),
         }));
@@ -405,7 +405,7 @@ pub fn decode_rows(f: Format, bytes: &[u8], cols: usize, out: &mut [f32]) -> Res
 /// multiple of 32 for Q8_0 and Q4_0, a non-finite value for a quantized
 /// format ([`peft_core::Error::NonFinite`] with its index in `vals`).
 pub fn encode_rows(f: Format, vals: &[f32], cols: usize, out: &mut Vec<u8>) -> Result<(), HfError> {
-    use peft_core::storage::quantize::{Quantized, quantize};
+    use peft_core::storage::{Quantized, quantize};
     let rows = vals.len() / cols.max(1);
     let rb = row_bytes(f, cols).ok_or(HfError::Core(peft_core::Error::Overflow))?;
     let start = out.len();

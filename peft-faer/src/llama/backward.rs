@@ -20,7 +20,7 @@
 //! A LoRA module's `lora_bias`, when present, is held fixed (it receives no
 //! gradient); so are VeRA's shared projections (frozen by the method).
 
-use peft_core::attention::backward::{AttentionGrads, PrefixGrads, backward as attn_backward};
+use peft_core::attention::{AttentionGrads, PrefixGrads, backward as attn_backward};
 use peft_core::attention::{AttentionShape, Mask, Prefix};
 use peft_core::prefix::PrefixConfig;
 use peft_core::{Accum, Backend, MatMut, MatRef};

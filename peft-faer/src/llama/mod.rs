@@ -50,11 +50,11 @@ pub mod weights;
 
 use std::path::Path;
 
-use peft_core::LinearAdapter;
 use peft_core::attention::{AttentionShape, Mask, Prefix};
 use peft_core::lora::{LoraConfig, LoraEmbedding};
+use peft_core::method::LinearAdapter;
+use peft_core::storage::Owned;
 use peft_core::storage::StoredLinear;
-use peft_core::storage::quantize::Owned;
 use peft_core::{Accum, Backend, MatMut, MatRef};
 
 pub use backward::{LlamaGrads, SiteGrads, lm_loss};
@@ -1072,7 +1072,7 @@ fn attend<B: Backend<f32> + ?Sized>(
     scratch.resize(peft_core::attention::forward_scratch_len(n, tk, p), 0.0);
     let mask = Mask { causal: true, key_padding: None, additive: None };
     let (q, k, v) = (MatRef::new(q, n, qw)?, MatRef::new(k, tk, kvw)?, MatRef::new(v, tk, kvw)?);
-    peft_core::attention::forward::forward(backend, shape, q, k, v, prefix, &mask, MatMut::new(attn, n, qw)?, scratch)
+    peft_core::attention::forward(backend, shape, q, k, v, prefix, &mask, MatMut::new(attn, n, qw)?, scratch)
         .map_err(HfError::backend)
 }
 

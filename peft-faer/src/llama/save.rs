@@ -17,7 +17,7 @@ use super::{Bottleneck, BottleneckTensors, Llama, PROJECTIONS};
 use crate::files::{write_dir, write_file};
 use crate::hf::HfError;
 use crate::hf::st::{OutEntry, StFile, header};
-use peft_core::storage::quantize::Owned;
+use peft_core::storage::Owned;
 
 /// The activation's name in a bottleneck file.
 fn activation_name(a: Activation) -> &'static str {

@@ -15,9 +15,10 @@ use peft_core::ia3::Ia3;
 use peft_core::loha::LohaGrads;
 use peft_core::lokr::{Factor, LokrGrads};
 use peft_core::lora::LoraGrads;
+use peft_core::method::LinearAdapter;
 use peft_core::storage::StoredLinear;
 use peft_core::vera::VeraGrads;
-use peft_core::{Accum, Backend, FrozenLinear, LinearAdapter, MatMut, MatRef};
+use peft_core::{Accum, Backend, FrozenLinear, MatMut, MatRef};
 
 use super::Linear;
 use crate::hf::{HfError, Ia3Module, LohaModule, LokrModule, LoraModule, VeraModule, VeraProjections};

@@ -19,7 +19,7 @@ use peft_core::vera::VeraProjection;
 use peft_core::{Backend, MatRef, Rng};
 use safetensors::Dtype;
 
-use peft_core::storage::quantize::Owned;
+use peft_core::storage::Owned;
 
 use super::weights::Matrix;
 use super::{Bottleneck, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Projection, Trace};

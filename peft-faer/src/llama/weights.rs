@@ -3,7 +3,7 @@
 //! [`Backend::stored_apply`](peft_core::Backend::stored_apply), never
 //! widened to f32 whole.
 
-use peft_core::storage::quantize::Owned;
+use peft_core::storage::Owned;
 use peft_core::storage::{Format, StoredWeight};
 
 use crate::hf::HfError;

@@ -116,7 +116,7 @@ pub type Tensors = HashMap<String, (Dtype, Vec<usize>, Vec<f32>)>;
 /// `{name}.bias` of `base`) at PEFT's recorded input `x.{name}` of `refs`,
 /// after [`LinearAdapter::prepare`] (DoRA's norms), and asserts the output
 /// within 1e-5 relative of PEFT's module output `y.{name}`.
-pub fn assert_module_forward<A: peft_core::LinearAdapter<f32>>(
+pub fn assert_module_forward<A: peft_core::method::LinearAdapter<f32>>(
     base: &Tensors,
     refs: &Tensors,
     name: &str,

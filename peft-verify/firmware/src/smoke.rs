@@ -20,7 +20,7 @@
 //! (the host) through `#[path]`.
 use peft_core::activation::Activation;
 use peft_core::adapter::{self, AdapterConfig, AdapterParams, BottleneckAdapter};
-use peft_core::attention::forward::forward as attention;
+use peft_core::attention::forward as attention;
 use peft_core::attention::{self as attn, AttentionShape, Mask};
 use peft_core::lora::{self, Lora, LoraConfig, LoraGrads};
 use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};

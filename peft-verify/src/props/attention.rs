@@ -1,8 +1,8 @@
 //! Attention with a prefix: the oracle, the mask extension, the empty
 //! prefix, gradients.
 
-use peft_core::attention::backward::{AttentionGrads, PrefixGrads, backward};
-use peft_core::attention::forward::forward;
+use peft_core::attention::forward;
+use peft_core::attention::{AttentionGrads, PrefixGrads, backward};
 use peft_core::attention::{AttentionShape, Mask, Prefix, backward_scratch_len, forward_scratch_len};
 use peft_core::{Backend, MatMut, MatRef};
 use proptest::prelude::*;

@@ -1,6 +1,6 @@
 //! Bad input: a typed error, outputs untouched, no panic.
 
-use peft_core::attention::forward::forward as attn_forward;
+use peft_core::attention::forward as attn_forward;
 use peft_core::attention::{AttentionShape, Mask};
 use peft_core::lora::{Lora, LoraConfig};
 use peft_core::method::LinearAdapter;

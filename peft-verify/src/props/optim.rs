@@ -18,8 +18,8 @@
 //! ```
 
 use peft_core::Element;
-use peft_core::error::{Error, Operand};
 use peft_core::optim::{AdamW, Sgd, Slot};
+use peft_core::{Error, Operand};
 use proptest::prelude::*;
 
 use crate::{Config, Precision, Report, narrow, run, wide};

@@ -4,8 +4,8 @@
 //! against finite differences, the stored bytes unchanged.
 use peft_core::lora::{Lora, LoraConfig, LoraGrads};
 use peft_core::method::LinearAdapter;
-use peft_core::storage::quantize::{Owned, OwnedWeight};
 use peft_core::storage::{Format, QK, StoredLinear, StoredWeight, dequantize, error_bound};
+use peft_core::storage::{Owned, OwnedWeight};
 use peft_core::{Accum, Backend, FrozenLinear, MatMut, MatRef, Reference};
 use proptest::prelude::*;
 

@@ -1,16 +1,17 @@
 //! Training steps never touch the frozen base (mistake 1), and adapter
 //! files hold the adapter alone (mistake 10).
 use peft_core::adapter::{AdapterConfig, AdapterGrads, AdapterParams, BottleneckAdapter};
-use peft_core::attention::backward::{AttentionGrads, backward as attn_backward};
-use peft_core::attention::forward::forward as attn_forward;
+use peft_core::attention::forward as attn_forward;
+use peft_core::attention::{AttentionGrads, backward as attn_backward};
 use peft_core::attention::{AttentionShape, Mask, backward_scratch_len, forward_scratch_len};
 use peft_core::format::{AdapterFile, Tensor, encode, encoded_len};
 use peft_core::lora::{Lora, LoraGrads};
 use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
+use peft_core::optim::Method;
 use peft_core::optim::{AdamW, Slot};
 use peft_core::prefix::{PrefixConfig, PrefixTuning};
 use peft_core::prompt::PromptTuning;
-use peft_core::{Backend, Dense, Error, MatMut, MatRef, Method, Rng};
+use peft_core::{Backend, Dense, Error, MatMut, MatRef, Rng};
 use proptest::prelude::*;
 
 use super::lora::{Tensors, case};

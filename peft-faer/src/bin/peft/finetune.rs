@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::path::Path;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use peft_core::method::{MethodSpec, registry};
+use peft_core::method::{MethodSpec, find};
 use peft_faer::Faer;
 use peft_faer::llama::finetune::{
     BATCH, CONTEXT, FinetuneReport, HELD_OUT, MethodRun, Options, SEQ, TRAIN, all_methods, setup, train_all,
@@ -19,7 +19,7 @@ use crate::cli::FinetuneArgs;
 fn options(args: &FinetuneArgs) -> Result<Options, String> {
     let methods = match args.method.as_str() {
         "all" => all_methods(),
-        name => vec![registry::find(name).ok_or_else(|| format!("--method {name}: no such method"))?],
+        name => vec![find(name).ok_or_else(|| format!("--method {name}: no such method"))?],
     };
     Ok(Options {
         methods,
