@@ -1,36 +1,3 @@
-//! `peft-core`'s [`Backend`] on faer's SIMD matmul.
-//!
-//! * [`Faer`] computes f32 and f64 gemms with
-//!   [`faer::linalg::matmul::matmul`]. `peft-core`'s row-major views map onto
-//!   faer's strided views with no copy: a view with row stride `s` is faer's
-//!   matrix with row stride `s` and column stride 1, and a transposed operand
-//!   is faer's `.transpose()` of it (a stride swap, not a copy).
-//! * [`FaerHalf`] computes f16 and bf16 gemms: operands are widened to f32
-//!   into a staging buffer the caller provides once, multiplied by faer in
-//!   f32, and each result is rounded once to the element type
-//!   (round-to-nearest-even). It never allocates; a staging buffer shorter
-//!   than [`FaerHalf::staging_len`] makes it work in tiles.
-//!
-//! Shapes are checked with [`check_gemm`] before faer is called, so a shape
-//! error is `peft-core`'s typed [`Error`], never a faer panic.
-//!
-//! ## Parallelism
-//!
-//! The default is single-threaded ([`Faer::new`]): a service usually runs
-//! one request per core, and the small LoRA products gain nothing from
-//! threads. [`Faer::with_threads`] splits each gemm over `n` tasks of rayon's
-//! global pool.
-//!
-//! ## AVX-512 and `vzeroupper`
-//!
-//! faer's AVX-512 kernels can return with the upper halves of the vector
-//! registers dirty. SSE code that runs afterwards on the same thread (every
-//! elementwise loop of a default, non-`target-cpu` build: activations,
-//! softmax, the LoRA scale) then pays a state-transition penalty on every
-//! instruction. After each faer call the backend therefore executes
-//! `vzeroupper` when the CPU has AVX (runtime detection, cached by std).
-//! [`Faer::clear_upper`] turns it off, only to measure the effect.
-
 use core::cell::RefCell;
 
 use faer::Par;
@@ -48,6 +15,39 @@ pub const PAR_MIN_MACS: usize = 1 << 22;
 /// The faer backend for `f32` and `f64`.
 ///
 /// `Copy` and cheap: it holds only the parallelism setting.
+///
+/// `peft-core`'s [`Backend`] on faer's SIMD matmul.
+///
+/// * [`Faer`] computes f32 and f64 gemms with
+///   [`faer::linalg::matmul::matmul`]. `peft-core`'s row-major views map onto
+///   faer's strided views with no copy: a view with row stride `s` is faer's
+///   matrix with row stride `s` and column stride 1, and a transposed operand
+///   is faer's `.transpose()` of it (a stride swap, not a copy).
+/// * [`FaerHalf`] computes f16 and bf16 gemms: operands are widened to f32
+///   into a staging buffer the caller provides once, multiplied by faer in
+///   f32, and each result is rounded once to the element type
+///   (round-to-nearest-even). It never allocates; a staging buffer shorter
+///   than [`FaerHalf::staging_len`] makes it work in tiles.
+///
+/// Shapes are checked with [`check_gemm`] before faer is called, so a shape
+/// error is `peft-core`'s typed [`Error`], never a faer panic.
+///
+/// ## Parallelism
+///
+/// The default is single-threaded ([`Faer::new`]): a service usually runs
+/// one request per core, and the small LoRA products gain nothing from
+/// threads. [`Faer::with_threads`] splits each gemm over `n` tasks of rayon's
+/// global pool.
+///
+/// ## AVX-512 and `vzeroupper`
+///
+/// faer's AVX-512 kernels can return with the upper halves of the vector
+/// registers dirty. SSE code that runs afterwards on the same thread (every
+/// elementwise loop of a default, non-`target-cpu` build: activations,
+/// softmax, the LoRA scale) then pays a state-transition penalty on every
+/// instruction. After each faer call the backend therefore executes
+/// `vzeroupper` when the CPU has AVX (runtime detection, cached by std).
+/// [`Faer::clear_upper`] turns it off, only to measure the effect.
 #[derive(Clone, Copy, Debug)]
 pub struct Faer {
     par: Par,

@@ -2,7 +2,7 @@
 //!
 //! The std side of `peft`:
 //!
-//! * [`backend`]: [`Faer`], `peft-core`'s [`Backend`](peft_core::Backend)
+//! * [`Faer`], `peft-core`'s [`Backend`](peft_core::Backend)
 //!   on faer's SIMD matmul (f32, f64), and [`FaerHalf`] for f16/bf16 staged
 //!   through f32 and rounded once; [`stored`]: `Faer`'s kernels for frozen
 //!   bases stored as f16, bf16, int8, Q8_0 or Q4_0.
@@ -28,7 +28,7 @@
 //! adds both and the `peft` command.
 #![deny(missing_docs)]
 
-pub mod backend;
+mod backend;
 #[cfg(feature = "hf")]
 pub mod files;
 #[cfg(feature = "hf")]
@@ -37,5 +37,4 @@ pub mod hf;
 pub mod llama;
 pub mod stored;
 
-pub use backend::{Faer, FaerHalf, HalfError};
-pub use peft_core as core;
+pub use backend::{Faer, FaerHalf, HalfError, PAR_MIN_MACS};

@@ -187,7 +187,7 @@ fn shape_errors_are_typed() {
 #[test]
 fn two_threads_split_large_products_correctly() {
     let (m, n, k) = (160, 200, 150);
-    assert!(m * n * k >= peft_faer::backend::PAR_MIN_MACS);
+    assert!(m * n * k >= peft_faer::PAR_MIN_MACS);
     let mut rng = Rng::new(11);
     for (lhs_op, rhs_op) in [(Op::N, Op::N), (Op::T, Op::N), (Op::N, Op::T), (Op::T, Op::T)] {
         let (lr, lc) = if lhs_op == Op::N { (m, k) } else { (k, m) };

@@ -12,7 +12,7 @@
 mod adapter;
 pub mod base;
 pub mod combine;
-pub mod config;
+mod config;
 pub mod convert;
 mod error;
 mod ia3;
@@ -30,7 +30,7 @@ pub use adapter::HfAdapter;
 pub use adapter::HfTensor;
 pub(crate) use adapter::write_raw_dir;
 pub use config::{
-    BiasMode, HfLoraConfig, Ia3Config, LohaConfig, LokrConfig, PeftConfig, PromptConfig, Targets, VeraConfig,
+    BiasMode, HfLoraConfig, Ia3Config, LohaConfig, LokrConfig, Pattern, PeftConfig, PromptConfig, Targets, VeraConfig,
 };
 pub use error::HfError;
 pub use ia3::Ia3Module;

@@ -41,12 +41,12 @@
 //! at a time give the same logits as one pass over the whole sequence.
 
 mod backward;
-pub mod config;
+mod config;
 pub mod finetune;
 mod save;
 mod sites;
 pub mod train;
-pub mod weights;
+mod weights;
 
 use std::path::Path;
 
@@ -58,7 +58,7 @@ use peft_core::storage::StoredLinear;
 use peft_core::{Accum, Backend, MatMut, MatRef};
 
 pub use backward::{LlamaGrads, SiteGrads, lm_loss};
-pub use config::LlamaConfig;
+pub use config::{LlamaConfig, MAX_DIM, MAX_ELEMENTS, MAX_LAYERS};
 pub use sites::Module;
 pub use weights::Matrix;
 

@@ -10,7 +10,7 @@ use crate::oracle::{self, Act, M};
 use crate::{Config, Precision, Report, close, close_norm, narrow, run, wide};
 
 #[derive(Debug, Clone)]
-pub struct Case {
+pub struct AdapterCase {
     pub t: usize,
     pub d: usize,
     pub m: usize,
@@ -25,16 +25,16 @@ pub struct Case {
     pub seed: u64,
 }
 
-pub fn case() -> impl Strategy<Value = Case> {
+pub fn case() -> impl Strategy<Value = AdapterCase> {
     (1usize..=5, 1usize..=10, 1usize..=6, 0usize..3, 0.25f64..2.0, any::<u64>()).prop_flat_map(
         |(t, d, m, act, scale, seed)| {
             (vals(m * d), vals(m), vals(d * m), vals(d), vals(t * d), vals(t * d))
-                .prop_map(move |(wd, bd, wu, bu, x, g)| Case { t, d, m, act, scale, wd, bd, wu, bu, x, g, seed })
+                .prop_map(move |(wd, bd, wu, bu, x, g)| AdapterCase { t, d, m, act, scale, wd, bd, wu, bu, x, g, seed })
         },
     )
 }
 
-impl Case {
+impl AdapterCase {
     pub fn activation(&self) -> (Activation, Act) {
         match self.act {
             0 => (Activation::Relu, Act::Relu),
@@ -56,7 +56,7 @@ fn fail(e: impl core::fmt::Display) -> TestCaseError {
 fn forward<E: Precision, B: Backend<E>>(
     backend: &B,
     ad: &BottleneckAdapter<E, &mut Vec<E>>,
-    c: &Case,
+    c: &AdapterCase,
     x: &[E],
 ) -> Result<Vec<E>, B::Error> {
     let mut h = vec![E::ZERO; c.t * c.d];

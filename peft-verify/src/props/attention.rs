@@ -12,7 +12,7 @@ use crate::oracle::{self, M};
 use crate::{Config, Precision, Report, close, close_norm, narrow, run, wide};
 
 #[derive(Debug, Clone)]
-pub struct Case {
+pub struct AttentionCase {
     pub heads: usize,
     pub kv: usize,
     pub dh: usize,
@@ -29,12 +29,12 @@ pub struct Case {
     pub g: Vec<f64>,
 }
 
-pub fn case() -> impl Strategy<Value = Case> {
+pub fn case() -> impl Strategy<Value = AttentionCase> {
     case_with(0..=3)
 }
 
 /// Cases whose prefix length is drawn from `p`.
-pub fn case_with(p: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Case> {
+pub fn case_with(p: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = AttentionCase> {
     (
         prop::sample::select(vec![(1usize, 1usize), (2, 1), (2, 2), (4, 2), (4, 1)]),
         1usize..=4,
@@ -49,7 +49,7 @@ pub fn case_with(p: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Ca
                 proptest::option::of(prop::collection::vec(0u8..=1, tk)),
                 (vals(tq * qw), vals(tk * kw), vals(tk * kw), vals(p * kw), vals(p * kw), vals(tq * qw)),
             )
-                .prop_map(move |(pad, (q, k, v, pk, pv, g))| Case {
+                .prop_map(move |(pad, (q, k, v, pk, pv, g))| AttentionCase {
                     heads,
                     kv,
                     dh,
@@ -72,7 +72,7 @@ fn fail(e: impl core::fmt::Display) -> TestCaseError {
     TestCaseError::fail(format!("unexpected error: {e}"))
 }
 
-impl Case {
+impl AttentionCase {
     fn shape(&self) -> AttentionShape {
         AttentionShape::new(self.heads, self.kv, self.dh).unwrap_or_else(|e| panic!("strategy made bad heads: {e}"))
     }
@@ -97,7 +97,7 @@ impl Case {
 /// Runs the backend's forward (with the prefix if `p > 0` or `force_prefix`).
 fn fwd<E: Precision, B: Backend<E>>(
     backend: &B,
-    c: &Case,
+    c: &AttentionCase,
     t: &[Vec<E>; 5],
     force_prefix: bool,
 ) -> Result<Vec<E>, B::Error> {
@@ -116,7 +116,7 @@ fn fwd<E: Precision, B: Backend<E>>(
 pub fn run_all<E: Precision, B: Backend<E>>(backend: &B, config: &Config, report: &mut Report) {
     let name = E::NAME;
     let tensors =
-        |c: &Case| -> [Vec<E>; 5] { [narrow(&c.q), narrow(&c.k), narrow(&c.v), narrow(&c.pk), narrow(&c.pv)] };
+        |c: &AttentionCase| -> [Vec<E>; 5] { [narrow(&c.q), narrow(&c.k), narrow(&c.v), narrow(&c.pk), narrow(&c.pv)] };
 
     run(report, config, "attention_matches_oracle", name, case(), |c| {
         let t = tensors(&c);

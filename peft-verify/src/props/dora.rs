@@ -6,7 +6,7 @@ use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::{Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
 
-use super::lora::{Case, Tensors, case, case_in};
+use super::lora::{LoraCase, Tensors, case, case_in};
 use crate::oracle::{self, M};
 use crate::{Config, Precision, Report, bound, close, close_norm, narrow, run, wide};
 
@@ -15,14 +15,14 @@ fn fail(e: impl core::fmt::Display) -> TestCaseError {
 }
 
 /// A magnitude in `[0.5, 2)` per output row, from the case's seed.
-fn magnitude(c: &Case) -> Vec<f64> {
+fn magnitude(c: &LoraCase) -> Vec<f64> {
     let mut rng = Rng::new(c.seed);
     (0..c.n_out).map(|_| rng.uniform_range(0.5, 2.0)).collect()
 }
 
 /// `|x| (|W| + s |B| |A|)^T`: the magnitude of `z` summed term by term (the
 /// base and low-rank parts may cancel in `z` itself).
-fn z_mag<E: Precision>(c: &Case, t: &Tensors<E>) -> M {
+fn z_mag<E: Precision>(c: &LoraCase, t: &Tensors<E>) -> M {
     let x = M::new(c.t, c.n_in, wide(&t.x)).abs();
     let (w, a, b) =
         (M::new(c.n_out, c.n_in, wide(&t.w)), M::new(c.r, c.n_in, wide(&t.a)), M::new(c.n_out, c.r, wide(&t.b)));
@@ -30,7 +30,7 @@ fn z_mag<E: Precision>(c: &Case, t: &Tensors<E>) -> M {
 }
 
 /// `V = W + s B A` of the rounded tensors, and its row norms, in f64.
-fn v_and_norms<E: Precision>(c: &Case, t: &Tensors<E>) -> (M, Vec<f64>) {
+fn v_and_norms<E: Precision>(c: &LoraCase, t: &Tensors<E>) -> (M, Vec<f64>) {
     let (w, a, b) =
         (M::new(c.n_out, c.n_in, wide(&t.w)), M::new(c.r, c.n_in, wide(&t.a)), M::new(c.n_out, c.r, wide(&t.b)));
     let v = w.add(&b.mul(&a).scale(c.scale()));
@@ -41,7 +41,7 @@ fn v_and_norms<E: Precision>(c: &Case, t: &Tensors<E>) -> (M, Vec<f64>) {
 /// DoRA divides by the row norms of `W + s B A` (PEFT adds no epsilon): a
 /// zero row is NaN in both. The properties take rows whose norm is at
 /// least 0.05 (entries are in [-1, 1]).
-fn well_posed<E: Precision>(c: &Case, t: &Tensors<E>) -> Result<(), TestCaseError> {
+fn well_posed<E: Precision>(c: &LoraCase, t: &Tensors<E>) -> Result<(), TestCaseError> {
     let (_, n) = v_and_norms(c, t);
     let w = M::new(c.n_out, c.n_in, wide(&t.w));
     let nw = (0..c.n_out).map(|i| (0..c.n_in).map(|j| w.at(i, j).powi(2)).sum::<f64>().sqrt());
@@ -53,7 +53,7 @@ fn well_posed<E: Precision>(c: &Case, t: &Tensors<E>) -> Result<(), TestCaseErro
 /// The adapter over the case's tensors (magnitude `m`), norms refreshed.
 fn dora<'t, E: Precision, B: Backend<E>>(
     backend: &B,
-    c: &Case,
+    c: &LoraCase,
     t: &'t Tensors<E>,
     m: &'t [E],
     base: &Dense<'_, E>,
@@ -64,7 +64,7 @@ fn dora<'t, E: Precision, B: Backend<E>>(
     Ok(d)
 }
 
-fn base_of<'w, E: Precision>(c: &Case, w: &'w [E], bias: Option<&'w [E]>) -> Result<Dense<'w, E>, TestCaseError> {
+fn base_of<'w, E: Precision>(c: &LoraCase, w: &'w [E], bias: Option<&'w [E]>) -> Result<Dense<'w, E>, TestCaseError> {
     let base = Dense::new(w, c.n_out, c.n_in).map_err(fail)?;
     match bias {
         Some(b) => base.with_bias(b).map_err(fail),
@@ -76,7 +76,7 @@ fn forward<E: Precision, B: Backend<E>>(
     backend: &B,
     d: &Dora<E, &[E], Vec<E>>,
     base: &Dense<'_, E>,
-    c: &Case,
+    c: &LoraCase,
     x: &[E],
 ) -> Result<Vec<E>, TestCaseError> {
     let mut y = vec![E::ZERO; c.t * c.n_out];

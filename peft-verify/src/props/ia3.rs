@@ -6,7 +6,7 @@ use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::{Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
 
-use super::lora::{Case, Tensors, case, case_in};
+use super::lora::{LoraCase, Tensors, case, case_in};
 use crate::oracle::{self, M};
 use crate::{Config, Precision, Report, close, close_norm, narrow, run, wide};
 
@@ -15,14 +15,14 @@ fn fail(e: impl core::fmt::Display) -> TestCaseError {
 }
 
 /// The kind (from the seed's parity) and a vector in `[0.5, 1.5)`.
-fn vector(c: &Case) -> (bool, Vec<f64>) {
+fn vector(c: &LoraCase) -> (bool, Vec<f64>) {
     let feedforward = c.seed % 2 == 1;
     let mut rng = Rng::new(c.seed);
     let n = if feedforward { c.n_in } else { c.n_out };
     (feedforward, (0..n).map(|_| rng.uniform_range(0.5, 1.5)).collect())
 }
 
-fn base_of<'w, E: Precision>(c: &Case, w: &'w [E], bias: Option<&'w [E]>) -> Result<Dense<'w, E>, TestCaseError> {
+fn base_of<'w, E: Precision>(c: &LoraCase, w: &'w [E], bias: Option<&'w [E]>) -> Result<Dense<'w, E>, TestCaseError> {
     let base = Dense::new(w, c.n_out, c.n_in).map_err(fail)?;
     match bias {
         Some(b) => base.with_bias(b).map_err(fail),
@@ -34,7 +34,7 @@ fn forward<E: Precision, B: Backend<E>, S: AsRef<[E]>>(
     backend: &B,
     ia3: &Ia3<E, S>,
     base: &Dense<'_, E>,
-    c: &Case,
+    c: &LoraCase,
     x: &[E],
 ) -> Result<Vec<E>, TestCaseError> {
     let mut y = vec![E::ZERO; c.t * c.n_out];
@@ -45,7 +45,7 @@ fn forward<E: Precision, B: Backend<E>, S: AsRef<[E]>>(
 }
 
 /// The oracle's output and magnitude for the rounded tensors and vector.
-fn oracle_y<E: Precision>(c: &Case, t: &Tensors<E>, ff: bool, l: &[f64]) -> (Vec<f64>, Vec<f64>) {
+fn oracle_y<E: Precision>(c: &LoraCase, t: &Tensors<E>, ff: bool, l: &[f64]) -> (Vec<f64>, Vec<f64>) {
     let w = M::new(c.n_out, c.n_in, wide(&t.w));
     let mut x = M::new(c.t, c.n_in, wide(&t.x));
     if ff {

@@ -8,7 +8,7 @@ use peft_core::method::LinearAdapter;
 use peft_core::{Accum, Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
 
-use super::lora::{Case, Tensors, case, case_in};
+use super::lora::{LoraCase, Tensors, case, case_in};
 use crate::oracle::{self, M};
 use crate::{Config, Precision, Report, close, close_norm, narrow, run, wide};
 
@@ -17,7 +17,7 @@ fn fail(e: impl core::fmt::Display) -> TestCaseError {
 }
 
 /// The four factors `[W1a, W1b, W2a, W2b]` in `[-1, 1)` from the seed.
-fn factors(c: &Case) -> [Vec<f64>; 4] {
+fn factors(c: &LoraCase) -> [Vec<f64>; 4] {
     let mut rng = Rng::new(c.seed);
     let mut v = |n: usize| (0..n).map(|_| rng.uniform_range(-1.0, 1.0)).collect::<Vec<f64>>();
     let (na, nb) = (c.n_out * c.r, c.r * c.n_in);
@@ -25,7 +25,7 @@ fn factors(c: &Case) -> [Vec<f64>; 4] {
 }
 
 /// `dW = s (W1a W1b) * (W2a W2b)` and its magnitude, from the rounded factors.
-fn delta(c: &Case, f: &[Vec<f64>; 4]) -> (M, M) {
+fn delta(c: &LoraCase, f: &[Vec<f64>; 4]) -> (M, M) {
     let s = c.alpha / c.r as f64;
     let m = |k: usize, r, cols| M::new(r, cols, f[k].clone());
     let (p1, p2) = (m(0, c.n_out, c.r).mul(&m(1, c.r, c.n_in)), m(2, c.n_out, c.r).mul(&m(3, c.r, c.n_in)));
@@ -44,10 +44,10 @@ where
 {
     let name = E::NAME;
     let dims = config.method_dims();
-    let layer = |c: &Case, f: &[Vec<E>; 4]| -> Result<Loha<E, Vec<E>>, TestCaseError> {
+    let layer = |c: &LoraCase, f: &[Vec<E>; 4]| -> Result<Loha<E, Vec<E>>, TestCaseError> {
         Loha::new(&LoraConfig::new(c.r, c.alpha), c.n_in, c.n_out, f.clone()).map_err(fail)
     };
-    let fwd = |c: &Case, l: &Loha<E, Vec<E>>, base: &Dense<'_, E>, x: &[E]| -> Result<Vec<E>, TestCaseError> {
+    let fwd = |c: &LoraCase, l: &Loha<E, Vec<E>>, base: &Dense<'_, E>, x: &[E]| -> Result<Vec<E>, TestCaseError> {
         let mut y = vec![E::ZERO; c.t * c.n_out];
         let mut sc = vec![E::ZERO; l.forward_scratch_len(0)];
         let (xv, yv) = (MatRef::new(x, c.t, c.n_in).map_err(fail)?, MatMut::new(&mut y, c.t, c.n_out).map_err(fail)?);

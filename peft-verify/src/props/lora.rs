@@ -11,7 +11,7 @@ use crate::{Config, Precision, Report, close, close_norm, narrow, run, wide};
 
 /// A LoRA layer and inputs, shape-matched.
 #[derive(Debug, Clone)]
-pub struct Case {
+pub struct LoraCase {
     pub t: usize,
     pub n_in: usize,
     pub n_out: usize,
@@ -28,12 +28,12 @@ pub struct Case {
 }
 
 /// Small shapes (up to 6 tokens, 10 features).
-pub fn case() -> impl Strategy<Value = Case> {
+pub fn case() -> impl Strategy<Value = LoraCase> {
     case_in((6, 10))
 }
 
 /// Shapes up to `max_t` tokens and `max_d` features in and out.
-pub fn case_in((max_t, max_d): (usize, usize)) -> impl Strategy<Value = Case> {
+pub fn case_in((max_t, max_d): (usize, usize)) -> impl Strategy<Value = LoraCase> {
     (1usize..=max_t, 1usize..=max_d, 1usize..=max_d)
         .prop_flat_map(|(t, n_in, n_out)| (Just((t, n_in, n_out)), 1..=n_in.min(n_out)))
         .prop_flat_map(|((t, n_in, n_out), r)| {
@@ -41,7 +41,7 @@ pub fn case_in((max_t, max_d): (usize, usize)) -> impl Strategy<Value = Case> {
                 (0.5f64..16.0, any::<bool>(), proptest::option::of(vals(n_out)), any::<u64>()),
                 (vals(n_out * n_in), vals(r * n_in), vals(n_out * r), vals(t * n_in), vals(t * n_out)),
             )
-                .prop_map(move |((alpha, rslora, bias, seed), (w, a, b, x, g))| Case {
+                .prop_map(move |((alpha, rslora, bias, seed), (w, a, b, x, g))| LoraCase {
                     t,
                     n_in,
                     n_out,
@@ -59,7 +59,7 @@ pub fn case_in((max_t, max_d): (usize, usize)) -> impl Strategy<Value = Case> {
         })
 }
 
-impl Case {
+impl LoraCase {
     pub fn config(&self) -> LoraConfig<'static> {
         LoraConfig::new(self.r, self.alpha).with_rslora(self.rslora)
     }
@@ -80,7 +80,7 @@ pub struct Tensors<E> {
 }
 
 impl<E: Precision> Tensors<E> {
-    pub fn of(c: &Case) -> Self {
+    pub fn of(c: &LoraCase) -> Self {
         Self {
             w: narrow(&c.w),
             bias: c.bias.as_deref().map(narrow),
@@ -98,7 +98,7 @@ fn fail(e: impl core::fmt::Display) -> TestCaseError {
 
 impl<E: Precision> Tensors<E> {
     /// The frozen base, with the case's bias.
-    fn base(&self, c: &Case) -> Result<Dense<'_, E>, TestCaseError> {
+    fn base(&self, c: &LoraCase) -> Result<Dense<'_, E>, TestCaseError> {
         let base = Dense::new(&self.w, c.n_out, c.n_in).map_err(fail)?;
         match &self.bias {
             Some(b) => base.with_bias(b).map_err(fail),
@@ -107,13 +107,13 @@ impl<E: Precision> Tensors<E> {
     }
 
     /// The adapter over this case's `A` and `B`.
-    fn lora(&self, c: &Case) -> Result<Lora<E, &[E]>, TestCaseError> {
+    fn lora(&self, c: &LoraCase) -> Result<Lora<E, &[E]>, TestCaseError> {
         Lora::new(&c.config(), c.n_in, c.n_out, &self.a[..], &self.b[..]).map_err(fail)
     }
 }
 
 /// The oracle's output and its magnitude for the tensors as rounded.
-fn oracle_y<E: Precision>(c: &Case, t: &Tensors<E>) -> (Vec<f64>, Vec<f64>) {
+fn oracle_y<E: Precision>(c: &LoraCase, t: &Tensors<E>) -> (Vec<f64>, Vec<f64>) {
     let m = |d: &[E], r, cols| M::new(r, cols, wide(d));
     let (x, w, a, b) = (m(&t.x, c.t, c.n_in), m(&t.w, c.n_out, c.n_in), m(&t.a, c.r, c.n_in), m(&t.b, c.n_out, c.r));
     let bias = t.bias.as_deref().map(wide);
@@ -127,7 +127,7 @@ fn forward<E: Precision, B: Backend<E>, S: AsRef<[E]>>(
     backend: &B,
     layer: &Lora<E, S>,
     base: &Dense<'_, E>,
-    c: &Case,
+    c: &LoraCase,
     x: &[E],
 ) -> Result<Vec<E>, B::Error> {
     let mut y = vec![E::ZERO; c.t * c.n_out];
@@ -140,7 +140,7 @@ fn forward<E: Precision, B: Backend<E>, S: AsRef<[E]>>(
 fn base_forward<E: Precision, B: Backend<E>>(
     backend: &B,
     base: &Dense<'_, E>,
-    c: &Case,
+    c: &LoraCase,
     x: &[E],
 ) -> Result<Vec<E>, B::Error> {
     let mut y = vec![E::ZERO; c.t * c.n_out];

@@ -9,7 +9,7 @@ use peft_core::vera::{D_INITIAL, Vera, VeraGrads, VeraProjection};
 use peft_core::{Accum, Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
 
-use super::lora::{Case, Tensors, case, case_in};
+use super::lora::{LoraCase, Tensors, case, case_in};
 use crate::oracle::{self, M};
 use crate::{Config, Precision, Report, close, close_norm, narrow, run, wide};
 
@@ -19,7 +19,7 @@ fn fail(e: impl core::fmt::Display) -> TestCaseError {
 
 /// The projections' widths and `[vera_A, vera_B, lambda_d, lambda_b]`
 /// drawn from the seed (uniform in `[-1, 1)`).
-fn tensors(c: &Case) -> (usize, usize, [Vec<f64>; 4]) {
+fn tensors(c: &LoraCase) -> (usize, usize, [Vec<f64>; 4]) {
     let (max_in, max_out) = (c.n_in + (c.seed % 3) as usize, c.n_out + ((c.seed / 3) % 3) as usize);
     let mut rng = Rng::new(c.seed);
     let mut v = |n: usize| (0..n).map(|_| rng.uniform_range(-1.0, 1.0)).collect::<Vec<f64>>();
@@ -28,7 +28,7 @@ fn tensors(c: &Case) -> (usize, usize, [Vec<f64>; 4]) {
 
 /// `dW = diag(lambda_b) B diag(lambda_d) A` with `A = vera_A[:, :in]`, `B =
 /// vera_B[:out, :]`, and its magnitude, from the rounded tensors.
-fn delta(c: &Case, max_in: usize, t: &[Vec<f64>; 4]) -> (M, M) {
+fn delta(c: &LoraCase, max_in: usize, t: &[Vec<f64>; 4]) -> (M, M) {
     let a = M::new(c.r, c.n_in, (0..c.r).flat_map(|k| t[0][k * max_in..k * max_in + c.n_in].to_vec()).collect());
     let bs = |abs: bool| {
         let d = (0..c.n_out)
@@ -48,11 +48,11 @@ where
     let name = E::NAME;
     let dims = config.method_dims();
     type Parts<E> = (VeraProjection<E, Vec<E>>, Vera<E, Vec<E>>);
-    let parts = |c: &Case, max_in: usize, max_out: usize, t: &[Vec<E>; 4]| -> Result<Parts<E>, TestCaseError> {
+    let parts = |c: &LoraCase, max_in: usize, max_out: usize, t: &[Vec<E>; 4]| -> Result<Parts<E>, TestCaseError> {
         let proj = VeraProjection::new(c.r, max_in, max_out, t[0].clone(), t[1].clone()).map_err(fail)?;
         Ok((proj, Vera::new(c.r, c.n_in, c.n_out, t[2].clone(), t[3].clone()).map_err(fail)?))
     };
-    let fwd = |c: &Case, (p, v): &Parts<E>, base: &Dense<'_, E>, x: &[E]| -> Result<Vec<E>, TestCaseError> {
+    let fwd = |c: &LoraCase, (p, v): &Parts<E>, base: &Dense<'_, E>, x: &[E]| -> Result<Vec<E>, TestCaseError> {
         let mut y = vec![E::ZERO; c.t * c.n_out];
         let mut sc = vec![E::ZERO; v.bound(p).forward_scratch_len(c.t)];
         let (xv, yv) = (MatRef::new(x, c.t, c.n_in).map_err(fail)?, MatMut::new(&mut y, c.t, c.n_out).map_err(fail)?);
