@@ -1,4 +1,4 @@
-//! Bottleneck adapter backward pass. (derivation in the [parent module](super))
+//! Bottleneck adapter backward pass. (its docs are in the [parent module](super))
 
 use super::BottleneckAdapter;
 use crate::backend::{Accum, Backend, Op, Outcome};

@@ -1,4 +1,4 @@
-//! Bottleneck adapter forward pass. (derivation in the [parent module](super))
+//! Bottleneck adapter forward pass. (its docs are in the [parent module](super))
 
 use super::BottleneckAdapter;
 use crate::backend::{Accum, Backend, Op, Outcome};

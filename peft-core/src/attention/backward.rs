@@ -1,4 +1,4 @@
-//! Attention backward pass. (derivation in the [parent module](super))
+//! Attention backward pass. (its docs are in the [parent module](super))
 
 use super::forward::{HeadViews, split_cols};
 use super::{AttentionShape, Mask, Prefix, backward_scratch_len, validate};

@@ -1,4 +1,4 @@
-//! DoRA forward pass. (derivation in the [parent module](super))
+//! DoRA forward pass. (its docs are in the [parent module](super))
 use super::Dora;
 use crate::backend::{Accum, Backend, Outcome};
 use crate::base::{FrozenLinear, add_bias};

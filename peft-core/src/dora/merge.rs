@@ -1,4 +1,4 @@
-//! Merging a DoRA adapter into its base weight: DoRA's (derivation in the [parent module](super))
+//! Merging a DoRA adapter into its base weight: DoRA's (its docs are in the [parent module](super))
 use super::Dora;
 use crate::backend::{Accum, Backend, Outcome};
 use crate::delta::DeltaRows;

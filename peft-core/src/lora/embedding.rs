@@ -1,4 +1,4 @@
-//! LoRA on an embedding table (PEFT's `lora.Embedding`). (derivation in the [parent module](super))
+//! LoRA on an embedding table (PEFT's `lora.Embedding`). (its docs are in the [parent module](super))
 use core::marker::PhantomData;
 
 use super::config::LoraConfig;

@@ -1,4 +1,4 @@
-//! LoRA forward pass. (derivation in the [parent module](super))
+//! LoRA forward pass. (its docs are in the [parent module](super))
 use super::layer::{Lora, forward_scratch_len};
 use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::element::Element;

@@ -1,4 +1,4 @@
-//! LoRA's update for merging: `dW = s B A`, added row block by row block. (derivation in the [parent module](super))
+//! LoRA's update for merging: `dW = s B A`, added row block by row block. (its docs are in the [parent module](super))
 use super::layer::Lora;
 use crate::backend::{Backend, Op, Outcome};
 use crate::delta::{DeltaBlock, DeltaRows};

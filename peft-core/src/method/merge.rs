@@ -1,4 +1,4 @@
-//! [`Merged`]: the one merge guard, for every [`WeightUpdate`]. (derivation in the [parent module](super))
+//! [`Merged`]: the one merge guard, for every [`WeightUpdate`]. (its docs are in the [parent module](super))
 
 use super::WeightUpdate;
 use crate::backend::{Backend, Outcome};

@@ -1,4 +1,4 @@
-//! The one list of methods. (derivation in the [parent module](super))
+//! The one list of methods. (its docs are in the [parent module](super))
 
 use crate::optim::Method;
 

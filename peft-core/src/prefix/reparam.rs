@@ -1,4 +1,4 @@
-//! PEFT's prefix reparameterization (`prefix_projection=True`): (derivation in the [parent module](super))
+//! PEFT's prefix reparameterization (`prefix_projection=True`): (its docs are in the [parent module](super))
 
 use super::PrefixConfig;
 use crate::adapter::add_colsum;

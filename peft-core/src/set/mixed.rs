@@ -1,4 +1,4 @@
-//! Mixed-adapter batches: each sequence of a batch names its adapter (or (derivation in the [parent module](super))
+//! Mixed-adapter batches: each sequence of a batch names its adapter (or (its docs are in the [parent module](super))
 use super::{AdapterSet, AdapterSlot, SlotStore};
 use crate::backend::{Accum, Backend, Outcome};
 use crate::base::FrozenLinear;

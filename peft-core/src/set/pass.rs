@@ -1,4 +1,4 @@
-//! The set's forward and backward over its active adapters. (derivation in the [parent module](super))
+//! The set's forward and backward over its active adapters. (its docs are in the [parent module](super))
 use super::{AdapterSet, AdapterSlot, SlotStore};
 use crate::backend::{Accum, Backend, Outcome};
 use crate::base::FrozenLinear;

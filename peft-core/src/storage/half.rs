@@ -1,4 +1,4 @@
-//! IEEE binary16 and bfloat16 conversions on bits, without the `half` (derivation in the [parent module](super))
+//! IEEE binary16 and bfloat16 conversions on bits, without the `half` (its docs are in the [parent module](super))
 
 /// binary16 bits to f32 (exact; a NaN is quieted, its payload kept).
 ///

@@ -1,4 +1,4 @@
-//! Quantizers from f32 into each [`Format`], with GGUF's reference (derivation in the [parent module](super))
+//! Quantizers from f32 into each [`Format`], with GGUF's reference (its docs are in the [parent module](super))
 
 use super::half::{f32_to_bf16, f32_to_f16};
 #[cfg(any(test, feature = "alloc"))]

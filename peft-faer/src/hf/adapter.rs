@@ -92,20 +92,17 @@ impl HfAdapter {
         match &config {
             PeftConfig::Prompt(pc) => {
                 let e = file.entries.iter().find(|e| normalize_key(&e.name) == "prompt_embeddings");
-                let e = e.ok_or_else(|| HfError::Tensor("`prompt_embeddings` is missing".into()))?;
+                let e = e.ok_or_else(|| HfError::missing("prompt_embeddings"))?;
                 if file.entries.len() != 1 {
-                    return Err(HfError::Tensor(format!(
-                        "{} tensors where prompt learning saves one",
-                        file.entries.len()
-                    )));
+                    return Err(HfError::TensorCount {
+                        found: file.entries.len(),
+                        expected: "prompt learning saves one",
+                    });
                 }
                 let rows = pc.num_virtual_tokens * pc.num_transformer_submodules.max(1);
                 let cols = if pc.prefix { pc.num_layers * 2 * pc.token_dim } else { pc.token_dim };
                 if e.shape != [rows, cols] {
-                    return Err(HfError::Tensor(format!(
-                        "prompt_embeddings has shape {:?}, the config implies [{rows}, {cols}]",
-                        e.shape
-                    )));
+                    return Err(HfError::shape(&e.name, &e.shape, format!("[{rows}, {cols}] (from the config)")));
                 }
                 out.prompt = Some(HfTensor {
                     name: e.name.clone(),
@@ -286,7 +283,7 @@ pub(crate) type RawOut<'a> = (&'a str, Dtype, &'a [usize], &'a [u8]);
 /// has read the finished folder back without error.
 ///
 /// # Errors
-/// [`HfError::Tensor`] for bytes that do not fill the shape; the reader's
+/// [`HfError::TensorShape`] for bytes that do not fill the shape; the reader's
 /// errors; [`HfError::OutputExists`]; I/O errors.
 pub(crate) fn write_raw_dir(
     dir: &Path,
@@ -301,7 +298,7 @@ pub(crate) fn write_raw_dir(
     let mut bytes = st::header(&entries, &metadata)?;
     for (e, (name, _, _, data)) in entries.iter().zip(tensors) {
         if e.bytes() != data.len() as u64 {
-            return Err(HfError::Tensor(format!("{name}: {} bytes for shape {:?}", data.len(), e.shape)));
+            return Err(HfError::shape(*name, &e.shape, format!("{} bytes of data", data.len())));
         }
         bytes.extend_from_slice(data);
     }

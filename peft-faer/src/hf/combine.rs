@@ -106,10 +106,8 @@ pub fn combine(sources: &[(&HfAdapter, f64)], combination: Combination, seed: u6
         let mut loras = Vec::with_capacity(parts.len());
         for &(m, _, i) in parts {
             if (m.n_in, m.n_out) != (m0.n_in, m0.n_out) {
-                return Err(HfError::Tensor(format!(
-                    "{name}: {} -> {} in one adapter, {} -> {} in another",
-                    m0.n_in, m0.n_out, m.n_in, m.n_out
-                )));
+                let expected = format!("[{}, {}] as in the first adapter", m0.n_out, m0.r);
+                return Err(HfError::shape(format!("{name}.lora_B.weight"), &[m.n_out, m.r], expected));
             }
             let cfg = configs[i].core_config_for(name);
             loras.push(Lora::new(&cfg, m.n_in, m.n_out, &m.a[..], &m.b[..])?);
@@ -120,7 +118,7 @@ pub fn combine(sources: &[(&HfAdapter, f64)], combination: Combination, seed: u6
         let (mut a, mut b) = (vec![0.0f32; na], vec![0.0f32; nb]);
         let mut scratch = vec![0.0f64; combine_scratch_len(&combination, &weighted, rank)];
         core_combine(&combination, &weighted, rank, &mut a, &mut b, &mut scratch, &mut rng)
-            .map_err(|e| HfError::Tensor(format!("{name}: {e}")))?;
+            .map_err(|error| HfError::InModule { module: name.to_string(), error })?;
         modules.push(LoraModule {
             name: name.to_string(),
             a,

@@ -237,8 +237,9 @@ fn restored_entries(ad: &HfAdapter, method: Method, config: &serde_json::Value) 
 /// # Errors
 /// The format's errors; [`HfError::Unsupported`] for bottleneck adapters
 /// and f64 tensors; [`HfError::Config`] if the entries cannot make a PEFT
-/// config; [`HfError::Tensor`] for a `lora_B` or bias without its
-/// `lora_A`, or factors that are not matrices of one rank; the reader's
+/// config; [`HfError::MissingTensor`] for a `lora_B` or bias without its
+/// `lora_A`; [`HfError::TensorShape`] for factors that are not matrices of
+/// one rank; the reader's
 /// errors for anything else PEFT could not load; [`HfError::OutputExists`].
 pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfError> {
     let f = AdapterFile::parse(bytes)?;
@@ -285,14 +286,19 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
                 if let Some((module, embedding)) = linear.or(name.strip_suffix(".lora_embedding_A").map(|m| (m, true)))
                 {
                     let b_name = if embedding { "lora_embedding_B" } else { "lora_B.weight" };
-                    let b = f.tensor(&format!("{module}.{b_name}")).map_err(|_| {
-                        HfError::Tensor(format!("{module}: `{module}.{b_name}` is missing (LoRA needs both factors)"))
-                    })?;
+                    let b = f
+                        .tensor(&format!("{module}.{b_name}"))
+                        .map_err(|_| HfError::MissingTensor { module: module.into(), tensor: b_name.into() })?;
                     let (&[r, n_in], &[n_out, r2]) = (t.shape(), b.shape()) else {
-                        return Err(HfError::Tensor(format!("{module}: LoRA factors must be matrices")));
+                        let bad = if t.shape().len() == 2 { &b } else { &t };
+                        return Err(HfError::shape(bad.name(), bad.shape(), "a matrix"));
                     };
                     if r != r2 {
-                        return Err(HfError::Tensor(format!("{module}: lora_A rank {r}, lora_B rank {r2}")));
+                        return Err(HfError::shape(
+                            b.name(),
+                            b.shape(),
+                            format!("[{n_out}, {r}]: lora_A has rank {r}"),
+                        ));
                     }
                     let bias = f.tensor(&format!("{module}.lora_B.bias")).ok().map(|t| read(&t)).transpose()?;
                     let (a, b) = (read(&t)?, read(&b)?);
@@ -325,7 +331,7 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
                 {
                     let has_a = |n: &str| f.tensor(&format!("{module}.{n}")).is_ok();
                     if !has_a("lora_A.weight") && !has_a("lora_embedding_A") {
-                        return Err(HfError::Tensor(format!("`{name}` has no `{module}.lora_A.weight`")));
+                        return Err(HfError::MissingTensor { module: module.into(), tensor: "lora_A.weight".into() });
                     }
                 } else {
                     ad.replacements.push(read(&t)?);

@@ -30,10 +30,53 @@ pub enum HfError {
     Safetensors(PathBuf, String),
     /// A safetensors header names a tensor twice.
     DuplicateKey(PathBuf, String),
-    /// A tensor the adapter or config needs is absent, or one is
-    /// unexpected (the message names it); see also the structured
-    /// variants below.
-    Tensor(String),
+    /// A tensor has a shape its method or config does not allow.
+    TensorShape {
+        /// The tensor (with its module).
+        tensor: String,
+        /// Its shape as stored.
+        shape: Vec<usize>,
+        /// The shape required, in words (`"[out]"`, `"a matrix"`, ...).
+        expected: String,
+    },
+    /// A module has the method's tensors, but the config's
+    /// `target_modules` (and `exclude_modules`) do not select it.
+    Untargeted {
+        /// The module.
+        module: String,
+        /// The method (`"LoRA"`, ...).
+        method: &'static str,
+    },
+    /// A tensor is present while the config field that calls for it is
+    /// false (`present`), or missing while the field is true.
+    FieldTensor {
+        /// The config field (`"use_dora"`, `"lora_bias"`).
+        field: &'static str,
+        /// The tensor.
+        tensor: String,
+        /// Whether the tensor is present.
+        present: bool,
+    },
+    /// The adapter file holds none of its method's tensors.
+    NoTensors {
+        /// The method's tensor keys (`"lora_A / lora_B"`, ...).
+        keys: &'static str,
+    },
+    /// A file holds another number of tensors than its kind has.
+    TensorCount {
+        /// Tensors found.
+        found: usize,
+        /// What the kind holds, in words.
+        expected: &'static str,
+    },
+    /// Two tensors or adapters claim one weight (adapted twice, adapted and
+    /// replaced, replaced twice, or both linear and embedding LoRA).
+    Conflict {
+        /// The weight or module.
+        name: String,
+        /// How (`"is adapted twice"`, ...).
+        reason: &'static str,
+    },
     /// A key the method does not have, and not a tensor the adapter may
     /// replace (`modules_to_save`, a trained bias).
     UnexpectedKey {
@@ -51,7 +94,7 @@ pub enum HfError {
     },
     /// A module lacks a tensor its method needs.
     MissingTensor {
-        /// The module.
+        /// The module (empty for a tensor of the whole adapter or model).
         module: String,
         /// The tensor.
         tensor: String,
@@ -73,6 +116,13 @@ pub enum HfError {
     OutputExists(PathBuf),
     /// `peft-core` rejected a value.
     Core(peft_core::Error),
+    /// `peft-core` rejected a value of one module.
+    InModule {
+        /// The module.
+        module: String,
+        /// What `peft-core` said.
+        error: peft_core::Error,
+    },
     /// The compute backend failed (its own error, printed, and its kind).
     Backend(String, peft_core::ErrorKind),
     /// Writing the output would replace or delete an input.
@@ -98,6 +148,21 @@ pub enum HfError {
 }
 
 impl HfError {
+    /// [`HfError::TensorShape`].
+    pub(crate) fn shape(tensor: impl Into<String>, shape: &[usize], expected: impl Into<String>) -> Self {
+        HfError::TensorShape { tensor: tensor.into(), shape: shape.to_vec(), expected: expected.into() }
+    }
+
+    /// [`HfError::MissingTensor`] of the whole adapter or model.
+    pub(crate) fn missing(tensor: impl Into<String>) -> Self {
+        HfError::MissingTensor { module: String::new(), tensor: tensor.into() }
+    }
+
+    /// [`HfError::Conflict`].
+    pub(crate) fn conflict(name: impl Into<String>, reason: &'static str) -> Self {
+        HfError::Conflict { name: name.into(), reason }
+    }
+
     pub(crate) fn config(field: &str, reason: &str) -> Self {
         HfError::Config { field: field.into(), reason: reason.into() }
     }
@@ -153,11 +218,26 @@ impl fmt::Display for HfError {
             HfError::Unsupported(what) => write!(f, "unsupported: {what}"),
             HfError::Safetensors(p, e) => write!(f, "{}: not a valid safetensors file: {e}", p.display()),
             HfError::DuplicateKey(p, k) => write!(f, "{}: tensor {k:?} appears twice in the header", p.display()),
-            HfError::Tensor(msg) => write!(f, "adapter tensors: {msg}"),
+            HfError::TensorShape { tensor, shape, expected } => {
+                write!(f, "`{tensor}` has shape {shape:?}, expected {expected}")
+            }
+            HfError::Untargeted { module, method } => {
+                write!(f, "{module}: has {method} tensors but the config does not target it")
+            }
+            HfError::FieldTensor { field, tensor, present: true } => {
+                write!(f, "`{tensor}` is present but {field} is false")
+            }
+            HfError::FieldTensor { field, tensor, present: false } => {
+                write!(f, "{field} is true but `{tensor}` is missing")
+            }
+            HfError::NoTensors { keys } => write!(f, "the adapter file has no {keys} tensors"),
+            HfError::TensorCount { found, expected } => write!(f, "{found} tensors, where {expected}"),
+            HfError::Conflict { name, reason } => write!(f, "{name} {reason}"),
             HfError::UnexpectedKey { key, method } => {
                 write!(f, "unexpected key `{key}` (not {method}, a trained bias or modules_to_save)")
             }
             HfError::DuplicateTensor { module, tensor } => write!(f, "{module}: {tensor} appears twice"),
+            HfError::MissingTensor { module, tensor } if module.is_empty() => write!(f, "`{tensor}` is missing"),
             HfError::MissingTensor { module, tensor } => write!(f, "{module}.{tensor} is missing"),
             HfError::RankMismatch { module, config, tensors } => {
                 write!(f, "{module}: the config says rank {config}, the tensors have rank {tensors}")
@@ -174,6 +254,7 @@ impl fmt::Display for HfError {
             ),
             HfError::At(p, e) => write!(f, "{}: {e}", p.display()),
             HfError::Core(e) => write!(f, "{e}"),
+            HfError::InModule { module, error } => write!(f, "{module}: {error}"),
             HfError::Backend(e, kind) => write!(f, "compute backend ({kind:?}): {e}"),
         }
     }

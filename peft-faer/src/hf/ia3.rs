@@ -35,7 +35,7 @@ impl HfAdapter {
         for (module, [e]) in groups {
             let Some(e) = e else { continue };
             if !ic.target_modules.matches(&module) {
-                return Err(HfError::Tensor(format!("{module}: has ia3_l but the config does not target it")));
+                return Err(HfError::Untargeted { module, method: "(IA)^3" });
             }
             let feedforward = ic.is_feedforward(&module);
             let ok = match (feedforward, e.shape.as_slice()) {
@@ -44,12 +44,12 @@ impl HfAdapter {
             };
             if !ok {
                 let want = if feedforward { "[1, in] (feedforward)" } else { "[out, 1]" };
-                return Err(HfError::Tensor(format!("{module}: ia3_l has shape {:?}, expected {want}", e.shape)));
+                return Err(HfError::shape(&e.name, &e.shape, want));
             }
             self.ia3.push(Ia3Module { name: module, l: read(file, e)?, feedforward, dtype: e.dtype });
         }
         if self.ia3.is_empty() {
-            return Err(HfError::Tensor("no ia3_l tensors".into()));
+            return Err(HfError::NoTensors { keys: "ia3_l" });
         }
         Ok(())
     }

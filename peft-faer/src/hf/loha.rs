@@ -56,16 +56,16 @@ impl HfAdapter {
                 es.push(e.ok_or_else(|| HfError::MissingTensor { module: name.clone(), tensor: key.into() })?);
             }
             let (&[n_out, r], &[r2, n_in]) = (es[0].shape.as_slice(), es[1].shape.as_slice()) else {
-                return Err(HfError::Tensor(format!("{name}: LoHa factors must be matrices")));
+                let bad = if es[0].shape.len() == 2 { es[1] } else { es[0] };
+                return Err(HfError::shape(&bad.name, &bad.shape, "a matrix"));
             };
             if r != r2 || es[2].shape != [n_out, r] || es[3].shape != [r, n_in] {
-                return Err(HfError::Tensor(format!(
-                    "{name}: factor shapes {:?}, {:?}, {:?}, {:?} do not agree",
-                    es[0].shape, es[1].shape, es[2].shape, es[3].shape
-                )));
+                let want = [[n_out, r], [r, n_in], [n_out, r], [r, n_in]];
+                let (bad, want) = es.iter().zip(want).find(|(e, w)| e.shape != w).unwrap_or((&es[1], [r, n_in]));
+                return Err(HfError::shape(&bad.name, &bad.shape, format!("{want:?} (hada_w1_a is [{n_out}, {r}])")));
             }
             if !lc.target_modules.matches(&name) {
-                return Err(HfError::Tensor(format!("{name}: has LoHa tensors but the config does not target it")));
+                return Err(HfError::Untargeted { module: name, method: "LoHa" });
             }
             let want = lc.rank_for(&name);
             if want != r {
@@ -82,7 +82,7 @@ impl HfAdapter {
             });
         }
         if self.loha.is_empty() {
-            return Err(HfError::Tensor("no hada_w1_a / hada_w1_b / hada_w2_a / hada_w2_b tensors".into()));
+            return Err(HfError::NoTensors { keys: "hada_w1_a / hada_w1_b / hada_w2_a / hada_w2_b" });
         }
         Ok(())
     }

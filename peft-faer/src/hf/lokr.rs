@@ -83,7 +83,7 @@ impl HfAdapter {
             group(file, file.entries.iter(), &suffixes, "LoKr", &replaces, &mut self.replacements, read)?;
         for (name, s) in groups {
             if !lc.target_modules.matches(&name) {
-                return Err(HfError::Tensor(format!("{name}: has LoKr tensors but the config does not target it")));
+                return Err(HfError::Untargeted { module: name, method: "LoKr" });
             }
             let r = lc.rank_for(&name);
             let mut dtypes = Vec::new();
@@ -95,7 +95,7 @@ impl HfAdapter {
                             dtypes.push(m.dtype);
                             Ok((vec![read(file, m)?], (rows, cols)))
                         }
-                        _ => Err(HfError::Tensor(format!("{name}: lokr_{which} is not a matrix"))),
+                        _ => Err(HfError::shape(&m.name, &m.shape, "a matrix")),
                     },
                     (None, Some(a), Some(b)) => match (a.shape.as_slice(), b.shape.as_slice()) {
                         (&[rows, ra], &[rb, cols]) if ra == r && rb == r => {
@@ -108,7 +108,10 @@ impl HfAdapter {
                             tensors: a.shape.get(1).copied().unwrap_or(0),
                         }),
                     },
-                    _ => Err(HfError::Tensor(format!("{name}: lokr_{which}, or lokr_{which}_a and _b, expected"))),
+                    _ => {
+                        let tensor = format!("lokr_{which} (or lokr_{which}_a and lokr_{which}_b)");
+                        Err(HfError::MissingTensor { module: name.clone(), tensor })
+                    }
                 }
             };
             let (w1, d1) = factor(s[0], s[1], s[2], "w1")?;
@@ -118,15 +121,16 @@ impl HfAdapter {
             let f = kc.decompose_factor;
             let (fo, fi) = (peft_core::lokr::factorization(n_out, f), peft_core::lokr::factorization(n_in, f));
             if fo != (d1.0, d2.0) || fi != (d1.1, d2.1) {
-                return Err(HfError::Tensor(format!(
-                    "{name}: factors [{}, {}] and [{}, {}] are not PEFT's factorization of {n_out} x {n_in} (decompose_factor {f})",
-                    d1.0, d1.1, d2.0, d2.1
-                )));
+                let expected = format!(
+                    "[{}, {}] with lokr_w2 [{}, {}]: PEFT's factorization of {n_out} x {n_in} (decompose_factor {f})",
+                    fo.0, fi.0, fo.1, fi.1
+                );
+                return Err(HfError::shape(format!("{name}.lokr_w1"), &[d1.0, d1.1], expected));
             }
             self.lokr.push(LokrModule { name: name.clone(), w1, w2, d1, d2, r, alpha: lc.alpha_for(&name), dtypes });
         }
         if self.lokr.is_empty() {
-            return Err(HfError::Tensor("no lokr_w1 / lokr_w2 tensors".into()));
+            return Err(HfError::NoTensors { keys: "lokr_w1 / lokr_w2" });
         }
         Ok(())
     }

@@ -7,7 +7,7 @@ use peft_core::lora::{Lora, LoraConfig};
 use safetensors::Dtype;
 
 use super::keys::{Groups, Reader, group, saved};
-use super::st::StFile;
+use super::st::{Entry, StFile};
 use super::{BiasMode, HfAdapter, HfError, HfLoraConfig};
 
 /// One LoRA-adapted module.
@@ -91,10 +91,10 @@ impl HfAdapter {
             group(file, file.entries.iter(), &suffixes, "LoRA", &replaces, &mut self.replacements, read)?;
         for (_, slots) in &groups {
             if let (Some(e), false) = (slots[2], lc.lora_bias) {
-                return Err(HfError::Tensor(format!("`{}` present but lora_bias is false", e.name)));
+                return Err(HfError::FieldTensor { field: "lora_bias", tensor: e.name.clone(), present: true });
             }
             if let (Some(e), false) = (slots[3], lc.use_dora) {
-                return Err(HfError::Tensor(format!("`{}` present but use_dora is false", e.name)));
+                return Err(HfError::FieldTensor { field: "use_dora", tensor: e.name.clone(), present: true });
             }
         }
         if lc.use_dora && (lc.fan_in_fan_out || lc.lora_bias) {
@@ -107,7 +107,7 @@ impl HfAdapter {
             // in = vocab and out = dim (its weight is `[vocab, dim]`).
             let embedding = ea.is_some() || eb.is_some();
             if embedding && (a.is_some() || b.is_some()) {
-                return Err(HfError::Tensor(format!("{name}: both lora_A/lora_B and lora_embedding_A/_B")));
+                return Err(HfError::conflict(name, "has both lora_A/lora_B and lora_embedding_A/_B"));
             }
             if embedding && (lc.use_dora || bias.is_some()) {
                 return Err(HfError::Unsupported(format!("{name}: DoRA or lora_bias on an embedding")));
@@ -123,33 +123,21 @@ impl HfAdapter {
                 return Err(HfError::MissingTensor { module: name, tensor: missing.into() });
             };
             let (&[r, n_in], &[n_out, r2]) = (a.shape.as_slice(), b.shape.as_slice()) else {
-                return Err(HfError::Tensor(format!(
-                    "{name}: lora_A {:?} / lora_B {:?} are not matrices",
-                    a.shape, b.shape
-                )));
+                let bad = if a.shape.len() == 2 { b } else { a };
+                return Err(HfError::shape(bad.name.clone(), &bad.shape, "a matrix"));
             };
             if r != r2 {
-                return Err(HfError::Tensor(format!("{name}: lora_A has rank {r}, lora_B has rank {r2}")));
+                return Err(HfError::shape(b.name.clone(), &b.shape, format!("[{n_out}, {r}]: lora_A has rank {r}")));
             }
             let want = lc.rank_for(&name);
             if want != r {
                 return Err(HfError::RankMismatch { module: name, config: want, tensors: r });
             }
             if !lc.adapts(&name) {
-                return Err(HfError::Tensor(format!("{name}: has LoRA tensors but the config does not target it")));
+                return Err(HfError::Untargeted { module: name, method: "LoRA" });
             }
-            if lc.lora_bias && bias.is_none() {
-                return Err(HfError::Tensor(format!("{name}: lora_bias is true but lora_B.bias is missing")));
-            }
-            if bias.is_some_and(|e| e.shape != [n_out]) {
-                return Err(HfError::Tensor(format!("{name}: lora_B.bias does not have shape [{n_out}]")));
-            }
-            if lc.use_dora && magnitude.is_none() {
-                return Err(HfError::Tensor(format!("{name}: use_dora is true but lora_magnitude_vector is missing")));
-            }
-            if magnitude.is_some_and(|e| e.shape != [n_out]) {
-                return Err(HfError::Tensor(format!("{name}: lora_magnitude_vector does not have shape [{n_out}]")));
-            }
+            check_vector(("lora_bias", lc.lora_bias), &name, "lora_B.bias", bias, n_out)?;
+            check_vector(("use_dora", lc.use_dora), &name, "lora_magnitude_vector", magnitude, n_out)?;
             let lora_bias = bias.map(|e| read(file, e)).transpose()?;
             let magnitude_values = magnitude.map(|e| read(file, e)).transpose()?;
             self.modules.push(LoraModule {
@@ -168,7 +156,7 @@ impl HfAdapter {
             });
         }
         if self.modules.is_empty() {
-            return Err(HfError::Tensor("no lora_A / lora_B tensors".into()));
+            return Err(HfError::NoTensors { keys: "lora_A / lora_B" });
         }
         Ok(())
     }
@@ -183,4 +171,25 @@ fn replaces(lc: &HfLoraConfig, key: &str) -> bool {
         .strip_suffix(".weight")
         .is_some_and(|owner| ["embed_tokens", "lm_head"].iter().any(|n| module_matches(owner, n)) && lc.adapts(owner));
     saved(&lc.modules_to_save, key) || (key.ends_with(".bias") && lc.bias != BiasMode::None) || embedding_layer
+}
+
+/// `Ok` when the per-row vector `module.tensor` (PEFT's `lora_B.bias` or
+/// `lora_magnitude_vector`) is present exactly when its config `field` is
+/// true, with shape `[out]`.
+///
+/// # Errors
+/// [`HfError::FieldTensor`] for a vector missing while its field is true;
+/// [`HfError::TensorShape`] for another shape.
+fn check_vector(
+    (field, on): (&'static str, bool),
+    module: &str,
+    tensor: &str,
+    entry: Option<&Entry>,
+    out: usize,
+) -> Result<(), HfError> {
+    match entry {
+        None if on => Err(HfError::FieldTensor { field, tensor: format!("{module}.{tensor}"), present: false }),
+        Some(e) if e.shape != [out] => Err(HfError::shape(e.name.clone(), &e.shape, format!("[{out}]"))),
+        _ => Ok(()),
+    }
 }

@@ -256,7 +256,7 @@ impl<'a> Plan<'a, '_> {
                 list.push(update);
                 Ok(())
             }
-            _ => Err(HfError::Tensor(format!("{name} is both adapted and replaced"))),
+            _ => Err(HfError::conflict(name, "is both adapted and replaced")),
         }
     }
 
@@ -267,7 +267,7 @@ impl<'a> Plan<'a, '_> {
                 list.push(update);
                 Ok(())
             }
-            _ => Err(HfError::Tensor(format!("{name} is both adapted and replaced"))),
+            _ => Err(HfError::conflict(name, "is both adapted and replaced")),
         }
     }
 
@@ -339,9 +339,9 @@ impl<'a> Plan<'a, '_> {
                 // The saved copy of an adapted weight: the changes apply to it.
                 Some(Action::Weight(start @ None, _)) => *start = Some(r),
                 Some(Action::Replace(_) | Action::Weight(Some(_), _)) => {
-                    return Err(HfError::Tensor(format!("{} is replaced by two adapters", r.name)));
+                    return Err(HfError::conflict(&r.name, "is replaced by two adapters"));
                 }
-                Some(_) => return Err(HfError::Tensor(format!("{} is both adapted and replaced", r.name))),
+                Some(_) => return Err(HfError::conflict(&r.name, "is both adapted and replaced")),
             }
         }
         Ok(())
@@ -378,10 +378,7 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
                 }
             }
             PeftConfig::Vera(_) => {
-                let proj = adapter
-                    .vera_projections
-                    .as_ref()
-                    .ok_or_else(|| HfError::Tensor("VeRA adapter without its shared projections".into()))?;
+                let proj = adapter.vera_projections.as_ref().ok_or_else(|| HfError::missing(crate::hf::VERA_A_KEY))?;
                 for m in &adapter.vera {
                     plan.vera(m, proj, multiplier)?;
                 }

@@ -79,13 +79,13 @@ impl HfAdapter {
     pub(super) fn read_vera(&mut self, vc: &VeraConfig, file: &StFile, read: Reader<'_>) -> Result<(), HfError> {
         let find = |k: &str| file.entries.iter().find(|e| e.name == k);
         let (Some(a), Some(b)) = (find(VERA_A_KEY), find(VERA_B_KEY)) else {
-            return Err(HfError::Tensor(format!(
-                "`{VERA_A_KEY}` and `{VERA_B_KEY}` are required (PEFT writes them with save_projection=True)"
-            )));
+            // PEFT writes them with save_projection=True (its default).
+            return Err(HfError::missing(if find(VERA_A_KEY).is_none() { VERA_A_KEY } else { VERA_B_KEY }));
         };
         let r = vc.r;
         let (&[ra, max_in], &[max_out, rb]) = (a.shape.as_slice(), b.shape.as_slice()) else {
-            return Err(HfError::Tensor("vera_A and vera_B must be matrices".into()));
+            let bad = if a.shape.len() == 2 { b } else { a };
+            return Err(HfError::shape(&bad.name, &bad.shape, "a matrix"));
         };
         if ra != r || rb != r {
             return Err(HfError::RankMismatch { module: "vera_A / vera_B".into(), config: r, tensors: ra });
@@ -96,10 +96,11 @@ impl HfAdapter {
         let groups: Groups<'_, 2> = group(file, own, &suffixes, "VeRA", &replaces, &mut self.replacements, read)?;
         for (name, slots) in groups {
             let [Some(d), Some(bv)] = slots else {
-                return Err(HfError::Tensor(format!("{name}: vera_lambda_d and vera_lambda_b are both required")));
+                let tensor = if slots[0].is_none() { "vera_lambda_d" } else { "vera_lambda_b" };
+                return Err(HfError::MissingTensor { module: name, tensor: tensor.into() });
             };
             if !vc.target_modules.matches(&name) {
-                return Err(HfError::Tensor(format!("{name}: has VeRA tensors but the config does not target it")));
+                return Err(HfError::Untargeted { module: name, method: "VeRA" });
             }
             if d.shape != [r] {
                 return Err(HfError::RankMismatch {
@@ -110,11 +111,7 @@ impl HfAdapter {
             }
             let n_out = match bv.shape.as_slice() {
                 &[n_out] if n_out > 0 && n_out <= max_out => n_out,
-                s => {
-                    return Err(HfError::Tensor(format!(
-                        "{name}: vera_lambda_b has shape {s:?}, expected [out] with out <= vera_B's {max_out} rows"
-                    )));
-                }
+                s => return Err(HfError::shape(&bv.name, s, format!("[out] with out <= vera_B's {max_out} rows"))),
             };
             self.vera.push(VeraModule {
                 lambda_d: read(file, d)?,
@@ -126,7 +123,7 @@ impl HfAdapter {
             });
         }
         if self.vera.is_empty() {
-            return Err(HfError::Tensor("no vera_lambda_d / vera_lambda_b tensors".into()));
+            return Err(HfError::NoTensors { keys: "vera_lambda_d / vera_lambda_b" });
         }
         self.vera_projections = Some(VeraProjections {
             a: read(file, a)?,

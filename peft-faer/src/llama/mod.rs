@@ -365,7 +365,7 @@ impl<'a> LlamaAdapter<'a> {
 
     /// Prompt or prefix tuning, its table checked against the model.
     fn prompt_learning(c: &LlamaConfig, p: &PromptConfig, adapter: &'a HfAdapter) -> Result<Self, HfError> {
-        let t = adapter.prompt.as_ref().ok_or_else(|| HfError::Tensor("prompt_embeddings is missing".into()))?;
+        let t = adapter.prompt.as_ref().ok_or_else(|| HfError::missing("prompt_embeddings"))?;
         let n = p.num_virtual_tokens;
         let bad = |field: &str, reason: String| Err(HfError::Config { field: field.into(), reason });
         if p.prefix {
@@ -422,7 +422,7 @@ impl<'a> LlamaAdapter<'a> {
                 )));
             }
             if layers[layer][proj.index()].replace(module).is_some() {
-                return Err(HfError::Tensor(format!("{name} is adapted twice")));
+                return Err(HfError::conflict(name, "is adapted twice"));
             }
             Ok(())
         };
@@ -484,10 +484,7 @@ impl<'a> LlamaAdapter<'a> {
                 }
             }
             PeftConfig::Vera(_) => {
-                let p = adapter
-                    .vera_projections
-                    .as_ref()
-                    .ok_or_else(|| HfError::Tensor("base_model.vera_A is missing".into()))?;
+                let p = adapter.vera_projections.as_ref().ok_or_else(|| HfError::missing("base_model.vera_A"))?;
                 for m in &adapter.vera {
                     place(&m.name, Module::Vera(m, p), (m.n_out, p.max_in))?;
                 }

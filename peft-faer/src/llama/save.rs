@@ -122,7 +122,7 @@ impl Bottleneck {
     /// Reads adapters written by [`Bottleneck::save`].
     ///
     /// # Errors
-    /// The file's errors; [`HfError::Tensor`] for a missing tensor or one
+    /// The file's errors; [`HfError::MissingTensor`] for a missing tensor, [`HfError::TensorShape`] for one
     /// of another shape; [`HfError::Config`] (`peft.bottleneck.activation`)
     /// for an unknown activation.
     pub fn load(path: &Path) -> Result<Self, HfError> {
@@ -140,17 +140,17 @@ impl Bottleneck {
             }
         };
         let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>, HfError> {
-            let e = st.entry(name).ok_or_else(|| HfError::Tensor(format!("{name} is missing")))?;
+            let e = st.entry(name).ok_or_else(|| HfError::missing(name))?;
             if e.shape != shape {
-                return Err(HfError::Tensor(format!("{name} has shape {:?}, expected {shape:?}", e.shape)));
+                return Err(HfError::shape(name, &e.shape, format!("{shape:?}")));
             }
             st.read_f32(e)
         };
         let first = st
             .entry("model.layers.0.adapter_attn.down.weight")
-            .ok_or_else(|| HfError::Tensor("model.layers.0.adapter_attn.down.weight is missing".into()))?;
+            .ok_or_else(|| HfError::missing("model.layers.0.adapter_attn.down.weight"))?;
         let &[m, d] = first.shape.as_slice() else {
-            return Err(HfError::Tensor("model.layers.0.adapter_attn.down.weight must be a matrix".into()));
+            return Err(HfError::shape("model.layers.0.adapter_attn.down.weight", &first.shape, "a matrix"));
         };
         let layers = st.entries.len() / 8;
         let mut sites = Vec::with_capacity(layers);
@@ -167,7 +167,10 @@ impl Bottleneck {
             sites.push([one(SITES[0])?, one(SITES[1])?]);
         }
         if sites.len() * 8 != st.entries.len() {
-            return Err(HfError::Tensor(format!("{} tensors: not 8 per layer", st.entries.len())));
+            return Err(HfError::TensorCount {
+                found: st.entries.len(),
+                expected: "a bottleneck adapter saves 8 per layer",
+            });
         }
         Ok(Self { config: AdapterConfig::width(m).with_activation(activation), sites })
     }
