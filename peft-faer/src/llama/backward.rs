@@ -125,41 +125,104 @@ fn rms_norm_backward(x: &[f32], w: &[f32], eps: f64, dy: &[f32], dx: &mut [f32])
 }
 
 /// With bottleneck adapters, `dL/dz` of `z + up(act(down(z)))` (the
-/// adapter at `site` of layer `l`, `z` its input) from `dL/d(output)`,
-/// accumulating the adapter's gradients; `None` without them.
+/// adapter at `site` of layer `l`, `z` its input) from `dL/d(output)` into
+/// `dz` (overwritten), accumulating the adapter's gradients; `false`
+/// (nothing written) without them.
 #[allow(clippy::too_many_arguments)]
 fn bottleneck_backward<B: Backend<f32> + ?Sized>(
     backend: &B,
     adapter: Option<&LlamaAdapter<'_>>,
     grads: Option<&mut Vec<[[Vec<f32>; 4]; 2]>>,
-    l: usize,
-    site: usize,
+    (l, site): (usize, usize),
     z: &[f32],
     dout: &[f32],
-) -> Result<Option<Vec<f32>>, HfError> {
-    let Some(LlamaAdapter::Bottleneck(b)) = adapter else { return Ok(None) };
+    dz: &mut [f32],
+    scratch: &mut Vec<f32>,
+) -> Result<bool, HfError> {
+    let Some(LlamaAdapter::Bottleneck(b)) = adapter else { return Ok(false) };
     let d = b.sites.first().map_or(0, |s| s[0].b_up.len());
     let n = z.len() / d.max(1);
     let layer = b.layer(l, site, d)?;
-    let mut dz = vec![0.0f32; n * d];
-    let mut scratch = vec![0.0f32; layer.backward_scratch_len(n)];
-    // Without gradient buffers, the adapter's gradients go to a spare set.
+    scratch.resize(layer.backward_scratch_len(n), 0.0);
+    // Without gradient buffers (a pass for `dL/dx` alone), the adapter's
+    // gradients go to a spare set.
     let t = &b.sites[l][site];
-    let mut spare: [Vec<f32>; 4] = [&t.w_down, &t.b_down, &t.w_up, &t.b_up].map(|v| vec![0.0f32; v.len()]);
-    let g = grads.and_then(|g| g.get_mut(l)).and_then(|s| s.get_mut(site)).unwrap_or(&mut spare);
+    let mut spare_set;
+    let g = match grads.and_then(|g| g.get_mut(l)).and_then(|s| s.get_mut(site)) {
+        Some(g) => g,
+        None => {
+            spare_set = [&t.w_down, &t.b_down, &t.w_up, &t.b_up].map(|v| vec![0.0f32; v.len()]);
+            &mut spare_set
+        }
+    };
     let [gwd, gbd, gwu, gbu] = g;
     let grads = peft_core::adapter::AdapterGrads { w_down: gwd, b_down: gbd, w_up: gwu, b_up: gbu };
-    layer
-        .backward(
-            backend,
-            MatRef::new(z, n, d)?,
-            MatRef::new(dout, n, d)?,
-            Some(MatMut::new(&mut dz, n, d)?),
-            grads,
-            &mut scratch,
-        )
-        .map_err(HfError::backend)?;
-    Ok(Some(dz))
+    let (zv, dv) = (MatRef::new(z, n, d)?, MatRef::new(dout, n, d)?);
+    layer.backward(backend, zv, dv, Some(MatMut::new(dz, n, d)?), grads, scratch).map_err(HfError::backend)?;
+    Ok(true)
+}
+
+/// Layer `l`'s adapted projections, each with its gradient buffers.
+fn layer_slots<'a, 'g>(
+    adapter: Option<&LlamaAdapter<'a>>,
+    grads: Option<&'g mut Vec<[Option<SiteGrads>; 7]>>,
+    l: usize,
+) -> [Slot<'a, 'g>; 7] {
+    let mut slots: [Slot<'a, 'g>; 7] = Default::default();
+    if let (Some(LlamaAdapter::Modules { layers, .. }), Some(gl)) = (adapter, grads) {
+        for ((slot, m), g) in slots.iter_mut().zip(&layers[l]).zip(gl[l].iter_mut()) {
+            if let (Some(m), Some(g)) = (m, g.as_mut()) {
+                *slot = Some((*m, &mut g[..]));
+            }
+        }
+    }
+    slots
+}
+
+/// The backward's buffers, allocated once per call and reused by every
+/// layer (each is fully written, or zeroed, before a layer reads it).
+struct Buffers {
+    /// `dL/d act [n, f]`, `dL/d gate`, `dL/d up`.
+    dact: Vec<f32>,
+    dg: Vec<f32>,
+    du: Vec<f32>,
+    /// `dL/dx` of the MLP's and the attention's normed inputs `[n, d]`.
+    dx2: Vec<f32>,
+    dx1: Vec<f32>,
+    /// The attention's normed input `[n, d]`, recomputed.
+    x1: Vec<f32>,
+    /// `dL/d attn [n, q_width]`, `dL/dq`, `dL/dk`, `dL/dv`.
+    dattn: Vec<f32>,
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    /// A bottleneck adapter's `dL/dz [n, d]`.
+    dz: Vec<f32>,
+    /// The attention's and the adapters' scratch.
+    attn_scratch: Vec<f32>,
+    adapter_scratch: Vec<f32>,
+}
+
+impl Buffers {
+    fn new(c: &super::LlamaConfig, n: usize) -> Self {
+        let (d, f, qw, kvw) = (c.hidden_size, c.intermediate_size, c.q_width(), c.kv_width());
+        let z = |len: usize| vec![0.0f32; n * len];
+        Buffers {
+            dact: z(f),
+            dg: z(f),
+            du: z(f),
+            dx2: z(d),
+            dx1: z(d),
+            x1: z(d),
+            dattn: z(qw),
+            dq: z(qw),
+            dk: z(kvw),
+            dv: z(kvw),
+            dz: z(d),
+            attn_scratch: Vec::new(),
+            adapter_scratch: Vec::new(),
+        }
+    }
 }
 
 impl Llama {
@@ -212,57 +275,51 @@ impl Llama {
             Some(LlamaGrads::Prompt(g)) => prompt_g = Some(g),
             None => {}
         }
-        let mut x1 = vec![0.0f32; n * d];
-        let mut scratch = Vec::new();
+        let mut buf = Buffers::new(c, n);
         let mut ws = sites::SiteScratch::default();
         for l in (0..c.num_layers).rev() {
             let (layer, t) = (&self.layers[l], &trace.layers[l]);
-            let mut lora_grads: [Slot<'_, '_>; 7] = Default::default();
-            if let (Some(LlamaAdapter::Modules { layers: ml, .. }), Some(gl)) = (adapter, lora_g.as_deref_mut()) {
-                for ((slot, m), g) in lora_grads.iter_mut().zip(&ml[l]).zip(gl[l].iter_mut()) {
-                    if let (Some(m), Some(g)) = (m, g.as_mut()) {
-                        *slot = Some((*m, &mut g[..]));
-                    }
-                }
-            }
-            let [gq_l, gk_l, gv_l, go_l, gg_l, gu_l, gd_l] = lora_grads;
+            let [gq_l, gk_l, gv_l, go_l, gg_l, gu_l, gd_l] = layer_slots(adapter, lora_g.as_deref_mut(), l);
+            let Buffers { dact, dg, du, dx2, dx1, x1, dattn, dq, dk, dv, dz, attn_scratch, adapter_scratch } = &mut buf;
             // h_out = a + down(act): da = dh + (norm2 and MLP's share).
-            let dmlp = bottleneck_backward(backend, adapter, bottleneck_g.as_deref_mut(), l, 1, &t.mlp_pre, &dh)?;
-            let dh_mlp = dmlp.as_deref().unwrap_or(&dh);
-            let mut dact = vec![0.0f32; n * f];
+            let bg = bottleneck_g.as_deref_mut();
+            let adapted = bottleneck_backward(backend, adapter, bg, (l, 1), &t.mlp_pre, &dh, dz, adapter_scratch)?;
+            let dh_mlp = if adapted { &dz[..] } else { &dh[..] };
+            dact.fill(0.0);
             let act = MatRef::new(&t.act, n, f)?;
-            sites::backward(backend, layer.linear(Down), gd_l, act, dh_mlp, &mut dact, &mut ws)?;
-            let (dg, du) = swiglu_backward(&dact, &t.gate, &t.up);
-            let mut dx2 = vec![0.0f32; n * d];
+            sites::backward(backend, layer.linear(Down), gd_l, act, dh_mlp, dact, &mut ws)?;
+            swiglu_backward(dact, &t.gate, &t.up, dg, du);
+            dx2.fill(0.0);
             let x2 = MatRef::new(&t.x2, n, d)?;
-            sites::backward(backend, layer.linear(Gate), gg_l, x2, &dg, &mut dx2, &mut ws)?;
-            sites::backward(backend, layer.linear(Up), gu_l, x2, &du, &mut dx2, &mut ws)?;
+            sites::backward(backend, layer.linear(Gate), gg_l, x2, dg, dx2, &mut ws)?;
+            sites::backward(backend, layer.linear(Up), gu_l, x2, du, dx2, &mut ws)?;
             let mut da = dh;
-            rms_norm_backward(&t.a, &layer.post_norm, c.rms_norm_eps, &dx2, &mut da);
+            rms_norm_backward(&t.a, &layer.post_norm, c.rms_norm_eps, dx2, &mut da);
             // a = h_in + o(attn).
-            let dpre = bottleneck_backward(backend, adapter, bottleneck_g.as_deref_mut(), l, 0, &t.attn_pre, &da)?;
-            let mut dattn = vec![0.0f32; n * qw];
-            let d_o = dpre.as_deref().unwrap_or(&da);
+            let bg = bottleneck_g.as_deref_mut();
+            let adapted = bottleneck_backward(backend, adapter, bg, (l, 0), &t.attn_pre, &da, dz, adapter_scratch)?;
+            let d_o = if adapted { &dz[..] } else { &da[..] };
+            dattn.fill(0.0);
             let attn = MatRef::new(&t.attn, n, qw)?;
-            sites::backward(backend, layer.linear(O), go_l, attn, d_o, &mut dattn, &mut ws)?;
+            sites::backward(backend, layer.linear(O), go_l, attn, d_o, dattn, &mut ws)?;
             let prefix = adapter.map(|a| a.prefix_layer(c, l)).transpose()?.flatten();
             let p = prefix.as_ref().map_or(0, |p| p.keys.rows());
             let prefix_grads = match (prefix_g.as_deref_mut(), p) {
                 (Some(gp), p) if p > 0 => Some(PrefixConfig::new(p, c.num_layers, &shape)?.layer_grads(gp, l)?),
                 _ => None,
             };
-            let [mut dq, mut dk, dv] =
-                attend_backward(backend, &shape, t, prefix.as_ref(), prefix_grads, &dattn, &mut scratch)?;
-            rotate(&mut dq, c.num_heads, c.head_dim, &rope, -1.0);
-            rotate(&mut dk, c.num_kv_heads, c.head_dim, &rope, -1.0);
-            rms_norm(&t.h_in, &layer.input_norm, c.rms_norm_eps, &mut x1);
-            let mut dx1 = vec![0.0f32; n * d];
-            let x1v = MatRef::new(&x1, n, d)?;
-            sites::backward(backend, layer.linear(Q), gq_l, x1v, &dq, &mut dx1, &mut ws)?;
-            sites::backward(backend, layer.linear(K), gk_l, x1v, &dk, &mut dx1, &mut ws)?;
-            sites::backward(backend, layer.linear(V), gv_l, x1v, &dv, &mut dx1, &mut ws)?;
+            let qkv = [&mut dq[..], &mut dk[..], &mut dv[..]];
+            attend_backward(backend, &shape, t, prefix.as_ref(), prefix_grads, dattn, qkv, attn_scratch)?;
+            rotate(dq, c.num_heads, c.head_dim, &rope, -1.0);
+            rotate(dk, c.num_kv_heads, c.head_dim, &rope, -1.0);
+            rms_norm(&t.h_in, &layer.input_norm, c.rms_norm_eps, x1);
+            dx1.fill(0.0);
+            let x1v = MatRef::new(x1, n, d)?;
+            sites::backward(backend, layer.linear(Q), gq_l, x1v, dq, dx1, &mut ws)?;
+            sites::backward(backend, layer.linear(K), gk_l, x1v, dk, dx1, &mut ws)?;
+            sites::backward(backend, layer.linear(V), gv_l, x1v, dv, dx1, &mut ws)?;
             let mut dh_in = da;
-            rms_norm_backward(&t.h_in, &layer.input_norm, c.rms_norm_eps, &dx1, &mut dh_in);
+            rms_norm_backward(&t.h_in, &layer.input_norm, c.rms_norm_eps, dx1, &mut dh_in);
             dh = dh_in;
         }
         if let Some(gp) = prompt_g {
@@ -286,20 +343,20 @@ fn grads_match(c: &super::LlamaConfig, adapter: Option<&LlamaAdapter<'_>>, grads
         }
 }
 
-/// The backward of `act = silu(gate) * up`: `(d gate, d up)` from `d act`.
-fn swiglu_backward(dact: &[f32], gate: &[f32], up: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let (mut dg, mut du) = (vec![0.0f32; dact.len()], vec![0.0f32; dact.len()]);
+/// The backward of `act = silu(gate) * up`: `d gate` and `d up`
+/// (overwritten) from `d act`.
+fn swiglu_backward(dact: &[f32], gate: &[f32], up: &[f32], dg: &mut [f32], du: &mut [f32]) {
     for ((((dg, du), &da), &g), &u) in dg.iter_mut().zip(du.iter_mut()).zip(dact).zip(gate).zip(up) {
         let sig = 1.0 / (1.0 + (-g).exp());
         *du = da * silu(g);
         *dg = da * u * sig * (1.0 + g * (1.0 - sig));
     }
-    (dg, du)
 }
 
-/// The attention's backward for one traced layer: `(dq, dk, dv)` from
-/// `dattn [n, q_width]`, the prefix's gradients accumulated into
-/// `prefix_grads`.
+/// The attention's backward for one traced layer: `[dq, dk, dv]`
+/// (overwritten) from `dattn [n, q_width]`, the prefix's gradients
+/// accumulated into `prefix_grads`.
+#[allow(clippy::too_many_arguments)]
 fn attend_backward<B: Backend<f32> + ?Sized>(
     backend: &B,
     shape: &AttentionShape,
@@ -307,23 +364,25 @@ fn attend_backward<B: Backend<f32> + ?Sized>(
     prefix: Option<&Prefix<'_, f32>>,
     prefix_grads: Option<PrefixGrads<'_, f32>>,
     dattn: &[f32],
+    [dq, dk, dv]: [&mut [f32]; 3],
     scratch: &mut Vec<f32>,
-) -> Result<[Vec<f32>; 3], HfError> {
+) -> Result<(), HfError> {
     let (qw, kvw) = (shape.q_width(), shape.kv_width());
     let n = dattn.len() / qw.max(1);
-    let (mut dq, mut dk, mut dv) = (vec![0.0f32; n * qw], vec![0.0f32; n * kvw], vec![0.0f32; n * kvw]);
     scratch.resize(peft_core::attention::backward_scratch_len(n, n, prefix.map_or(0, |p| p.keys.rows())), 0.0);
+    for g in [&mut *dq, &mut *dk, &mut *dv] {
+        g.fill(0.0);
+    }
     let ag = AttentionGrads {
-        q: MatMut::new(&mut dq, n, qw)?,
-        k: MatMut::new(&mut dk, n, kvw)?,
-        v: MatMut::new(&mut dv, n, kvw)?,
+        q: MatMut::new(dq, n, qw)?,
+        k: MatMut::new(dk, n, kvw)?,
+        v: MatMut::new(dv, n, kvw)?,
         prefix: prefix_grads,
     };
     let (q, k, v) = (MatRef::new(&t.q, n, qw)?, MatRef::new(&t.k, n, kvw)?, MatRef::new(&t.v, n, kvw)?);
     let mask = Mask { causal: true, key_padding: None, additive: None };
     attn_backward(backend, shape, q, k, v, prefix, &mask, MatRef::new(dattn, n, qw)?, ag, scratch)
-        .map_err(HfError::backend)?;
-    Ok([dq, dk, dv])
+        .map_err(HfError::backend)
 }
 
 /// Refuses the adapters the backward does not train: LoRA on the
