@@ -354,8 +354,10 @@ impl<'a> LlamaAdapter<'a> {
     /// [`HfError::Config`] for a prompt or prefix adapter whose
     /// `token_dim`, `num_layers` or table shape disagree with the model
     /// (naming the field); [`HfError::Base`] for a LoRA module the model
-    /// does not have or of another shape; [`HfError::Unsupported`] for
-    /// DoRA and for the methods not hosted yet (IA3, LoHa, LoKr, VeRA).
+    /// does not have or of another shape; [`HfError::Conflict`] for a
+    /// projection adapted twice; [`HfError::Unsupported`] for DoRA or
+    /// `lora_bias` on `embed_tokens` or `lm_head`, and LoRA on another
+    /// embedding.
     pub fn new(model: &Llama, adapter: &'a HfAdapter) -> Result<Self, HfError> {
         match &adapter.config {
             PeftConfig::Prompt(p) => Self::prompt_learning(&model.config, p, adapter),
