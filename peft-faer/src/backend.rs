@@ -4,7 +4,7 @@ use faer::Par;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use peft_core::storage::StoredWeight;
-use peft_core::{Accum, Backend, Element, Error, MatMut, MatRef, Op, Result};
+use peft_core::{Accum, Backend, Element, Error, MatMut, MatRef, Op, Product, Result};
 use peft_core::{BackendError, ErrorKind, check_gemm};
 
 /// Products with fewer multiply-adds than this run single-threaded
@@ -190,19 +190,13 @@ impl_faer!(f64);
 impl_faer! {
     f32,
     /// [`crate::stored`]'s kernels: no f32 copy of `W`.
-    fn stored_apply(&self, w: &StoredWeight<'_>, x: MatRef<'_, f32>, y: MatMut<'_, f32>, accum: Accum) -> Result<()> {
-        crate::stored::apply(self, w, x, y, accum)
+    fn stored_apply(&self, w: &StoredWeight<'_>, p: Product<'_, f32>) -> Result<()> {
+        crate::stored::apply(self, w, p.src, p.dst, p.accum)
     }
 
     /// [`crate::stored`]'s kernels: decoded panels, each multiplied by faer.
-    fn stored_apply_transpose(
-        &self,
-        w: &StoredWeight<'_>,
-        grad_y: MatRef<'_, f32>,
-        grad_x: MatMut<'_, f32>,
-        accum: Accum,
-    ) -> Result<()> {
-        crate::stored::apply_transpose(self, w, grad_y, grad_x, accum)
+    fn stored_apply_transpose(&self, w: &StoredWeight<'_>, p: Product<'_, f32>) -> Result<()> {
+        crate::stored::apply_transpose(self, w, p.src, p.dst, p.accum)
     }
 }
 

@@ -4,6 +4,7 @@ pub use reference::Reference;
 
 use core::fmt;
 
+use crate::base::Product;
 use crate::element::Element;
 use crate::error::{Error, Operand, Result};
 use crate::matrix::{MatMut, MatRef};
@@ -165,8 +166,9 @@ pub trait Backend<E: Element> {
         alpha: E::Accum,
     ) -> core::result::Result<(), Self::Error>;
 
-    /// `y (=|+=) x deq(W)^T` over a stored (half-precision or quantized)
-    /// weight, without an f32 copy of `W`: what
+    /// `y (=|+=) x deq(W)^T` (`p.src = x [tokens, in]`, `p.dst = y
+    /// [tokens, out]`) over a stored (half-precision or quantized) weight,
+    /// without an f32 copy of `W`: what
     /// [`StoredLinear`](crate::storage::StoredLinear) runs. The provided
     /// version is the portable kernel [`storage::apply`](crate::storage::apply);
     /// a backend overrides it with faster ones.
@@ -174,30 +176,19 @@ pub trait Backend<E: Element> {
     /// # Errors
     /// [`Error::ShapeMismatch`] (`Input`, `Output`) before anything is
     /// written; the backend's own errors.
-    fn stored_apply(
-        &self,
-        w: &StoredWeight<'_>,
-        x: MatRef<'_, E>,
-        y: MatMut<'_, E>,
-        accum: Accum,
-    ) -> core::result::Result<(), Self::Error> {
-        crate::storage::apply(w, x, y, accum).map_err(Self::Error::from)
+    fn stored_apply(&self, w: &StoredWeight<'_>, p: Product<'_, E>) -> core::result::Result<(), Self::Error> {
+        crate::storage::apply(w, p.src, p.dst, p.accum).map_err(Self::Error::from)
     }
 
-    /// `grad_x (=|+=) grad_y deq(W)` over a stored weight (provided:
+    /// `grad_x (=|+=) grad_y deq(W)` (`p.src = grad_y [tokens, out]`,
+    /// `p.dst = grad_x [tokens, in]`) over a stored weight (provided:
     /// [`storage::apply_transpose`](crate::storage::apply_transpose)).
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] (`GradOutput`, `GradInput`) before anything
     /// is written; the backend's own errors.
-    fn stored_apply_transpose(
-        &self,
-        w: &StoredWeight<'_>,
-        grad_y: MatRef<'_, E>,
-        grad_x: MatMut<'_, E>,
-        accum: Accum,
-    ) -> core::result::Result<(), Self::Error> {
-        crate::storage::apply_transpose(w, grad_y, grad_x, accum).map_err(Self::Error::from)
+    fn stored_apply_transpose(&self, w: &StoredWeight<'_>, p: Product<'_, E>) -> core::result::Result<(), Self::Error> {
+        crate::storage::apply_transpose(w, p.src, p.dst, p.accum).map_err(Self::Error::from)
     }
 }
 

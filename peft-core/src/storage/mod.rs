@@ -489,11 +489,11 @@ impl<E: Element> FrozenLinear<E> for StoredLinear<'_, E> {
     }
 
     fn run_apply<B: Backend<E> + ?Sized>(&self, backend: &B, p: Product<'_, E>) -> Outcome<E, B> {
-        backend.stored_apply(&self.weight, p.src, p.dst, p.accum)
+        backend.stored_apply(&self.weight, p)
     }
 
     fn run_apply_transpose<B: Backend<E> + ?Sized>(&self, backend: &B, p: Product<'_, E>) -> Outcome<E, B> {
-        backend.stored_apply_transpose(&self.weight, p.src, p.dst, p.accum)
+        backend.stored_apply_transpose(&self.weight, p)
     }
 
     fn rows_scratch_len(&self, _n: usize) -> usize {

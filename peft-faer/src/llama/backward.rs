@@ -23,7 +23,7 @@
 use peft_core::attention::{AttentionGrads, PrefixGrads, backward as attn_backward};
 use peft_core::attention::{AttentionShape, Mask, Prefix};
 use peft_core::prefix::PrefixConfig;
-use peft_core::{Accum, Backend, MatMut, MatRef};
+use peft_core::{Accum, Backend, MatMut, MatRef, Product};
 
 use super::Projection::{Down, Gate, K, O, Q, Up, V};
 use super::sites::{self, Module};
@@ -262,7 +262,8 @@ impl Llama {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed).view()?;
         let mut dnormed = vec![0.0f32; n * d];
         let dl = MatRef::new(dlogits, n, c.vocab_size)?;
-        backend.stored_apply_transpose(&head, dl, MatMut::new(&mut dnormed, n, d)?, Accum::Replace).map_err(be)?;
+        let p = Product { src: dl, dst: MatMut::new(&mut dnormed, n, d)?, accum: Accum::Replace };
+        backend.stored_apply_transpose(&head, p).map_err(be)?;
         let mut dh = vec![0.0f32; n * d];
         rms_norm_backward(&trace.h_final, &self.norm, c.rms_norm_eps, &dnormed, &mut dh);
 

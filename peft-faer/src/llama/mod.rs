@@ -55,7 +55,7 @@ use peft_core::lora::{LoraConfig, LoraEmbedding};
 use peft_core::method::LinearAdapter;
 use peft_core::storage::Owned;
 use peft_core::storage::StoredLinear;
-use peft_core::{Accum, Backend, MatMut, MatRef};
+use peft_core::{Accum, Backend, MatMut, MatRef, Product};
 
 pub use backward::{LlamaGrads, SiteGrads, lm_loss};
 pub use config::{LlamaConfig, MAX_DIM, MAX_ELEMENTS, MAX_LAYERS};
@@ -977,7 +977,9 @@ impl Llama {
         let mut logits = vec![0.0f32; n * vocab];
         let (x, y) = (MatRef::new(normed, n, d)?, MatMut::new(&mut logits, n, vocab)?);
         match lora {
-            None => backend.stored_apply(&head, x, y, Accum::Replace).map_err(HfError::backend)?,
+            None => backend
+                .stored_apply(&head, Product { src: x, dst: y, accum: Accum::Replace })
+                .map_err(HfError::backend)?,
             Some(m) => {
                 // LoRA on lm_head: peft-core's forward over the stored head.
                 let layer = m.lora()?;
