@@ -48,6 +48,11 @@ pub struct HfAdapter {
     pub vera_projections: Option<VeraProjections>,
     /// Whole-tensor replacements.
     pub replacements: Vec<HfTensor>,
+    /// Tensors PEFT saves that act in its training only (VeLoRA's
+    /// `lora_velora_embed`, MonteCLoRA's `lora_monteclora_sampler.*`),
+    /// named without `base_model.model.`: written back unchanged, never
+    /// read by a forward or a merge.
+    pub training_state: Vec<HfTensor>,
     /// Prompt or prefix tuning: `prompt_embeddings`.
     pub prompt: Option<HfTensor>,
     /// The element type of the adapter's first tensor, for display; every
@@ -131,6 +136,7 @@ impl HfAdapter {
             vera: Vec::new(),
             vera_projections: None,
             replacements: Vec::new(),
+            training_state: Vec::new(),
             prompt: None,
             dtype,
             metadata,
@@ -240,7 +246,7 @@ impl HfAdapter {
             tensors.push((VERA_A_KEY.into(), p.dtypes[0], vec![p.r, p.max_in], &p.a));
             tensors.push((VERA_B_KEY.into(), p.dtypes[1], vec![p.max_out, p.r], &p.b));
         }
-        for r in &self.replacements {
+        for r in self.replacements.iter().chain(&self.training_state) {
             tensors.push((format!("base_model.model.{}", r.name), r.dtype, r.shape.clone(), &r.data));
         }
         if let Some(p) = &self.prompt {

@@ -138,6 +138,15 @@ pub struct HfLoraConfig {
     pub layers_to_transform: Option<Vec<usize>>,
     /// Names of the layer containers for `layers_to_transform`.
     pub layers_pattern: Vec<String>,
+    /// VeLoRA (`velora_config`): each module also saves
+    /// `lora_velora_embed`, which compresses activations for the backward
+    /// pass in PEFT's training; inference and merge are plain LoRA, so the
+    /// tensor is kept only to be written back.
+    pub velora: bool,
+    /// MonteCLoRA (`monteclora_config`): each module also saves its
+    /// `lora_monteclora_sampler.*` state, which perturbs `A` in PEFT's
+    /// training only; kept only to be written back.
+    pub monteclora: bool,
     /// The JSON object as read, written back unchanged by `convert`.
     pub raw: Map<String, Value>,
 }
@@ -415,15 +424,19 @@ fn typed<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, HfError> {
     })
 }
 
-/// A field that must be absent, null, false, empty or equal to `ok`.
-fn unsupported_if_set(obj: &Map<String, Value>, field: &'static str, why: &str) -> Result<(), HfError> {
-    let set = match obj.get(field) {
+/// Whether `field` is set: present and not null, false or empty.
+fn is_set(obj: &Map<String, Value>, field: &str) -> bool {
+    match obj.get(field) {
         None | Some(Value::Null) | Some(Value::Bool(false)) => false,
         Some(Value::Object(m)) => !m.is_empty(),
         Some(Value::Array(a)) => !a.is_empty(),
         Some(_) => true,
-    };
-    if set { Err(HfError::Unsupported(format!("`{field}`: {why}"))) } else { Ok(()) }
+    }
+}
+
+/// A field that must be absent, null, false or empty.
+fn unsupported_if_set(obj: &Map<String, Value>, field: &'static str, why: &str) -> Result<(), HfError> {
+    if is_set(obj, field) { Err(HfError::Unsupported(format!("`{field}`: {why}"))) } else { Ok(()) }
 }
 
 impl PeftConfig {
@@ -533,6 +546,12 @@ impl PeftConfig {
             modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             layers_to_transform: raw.layers_to_transform.map(OneOrMany::into_vec),
             layers_pattern,
+            // Training-only variants: an eval forward and the merge are
+            // plain LoRA (PEFT's `VeloraLinearVariant` and
+            // `MontecloraLinearVariant` act only with grad enabled in
+            // training mode).
+            velora: is_set(rest, "velora_config"),
+            monteclora: is_set(rest, "monteclora_config"),
             raw: v.as_object().cloned().unwrap_or_default(),
         }))
     }

@@ -333,6 +333,8 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
                     if !has_a("lora_A.weight") && !has_a("lora_embedding_A") {
                         return Err(HfError::MissingTensor { module: module.into(), tensor: "lora_A.weight".into() });
                     }
+                } else if super::lora::training_state(lc, name).is_some() {
+                    ad.training_state.push(read(&t)?);
                 } else {
                     ad.replacements.push(read(&t)?);
                 }

@@ -190,6 +190,16 @@ impl InspectReport {
             "method lora{dora}: r={} lora_alpha={} use_rslora={} dtype {:?}",
             c.r, c.lora_alpha, c.use_rslora, ad.dtype
         );
+        for (on, variant, tensors) in [
+            (c.velora, "VeLoRA (velora_config)", "lora_velora_embed"),
+            (c.monteclora, "MonteCLoRA (monteclora_config)", "lora_monteclora_sampler.*"),
+        ] {
+            if on {
+                self.notes.push(format!(
+                    "{variant}: {tensors} acts in training only; forward and merge are plain LoRA, as in PEFT"
+                ));
+            }
+        }
         for m in &ad.modules {
             if !(m.scale as f32).is_finite() {
                 self.warnings

@@ -6,9 +6,10 @@ use peft_core::lora::module_matches;
 use peft_core::lora::{Lora, LoraConfig};
 use safetensors::Dtype;
 
+use super::keys::normalize_key;
 use super::keys::{Groups, Reader, group, saved};
 use super::st::{Entry, StFile};
-use super::{BiasMode, HfAdapter, HfError, HfLoraConfig};
+use super::{BiasMode, HfAdapter, HfError, HfLoraConfig, HfTensor};
 
 /// One LoRA-adapted module.
 #[derive(Clone, Debug, PartialEq)]
@@ -87,8 +88,18 @@ impl HfAdapter {
             (".lora_embedding_B", 5),
         ];
         let replaces = |key: &str| replaces(lc, key);
+        let (state, own): (Vec<&Entry>, Vec<&Entry>) =
+            file.entries.iter().partition(|e| training_state(lc, &normalize_key(&e.name)).is_some());
         let groups: Groups<'_, 6> =
-            group(file, file.entries.iter(), &suffixes, "LoRA", &replaces, &mut self.replacements, read)?;
+            group(file, own.into_iter(), &suffixes, "LoRA", &replaces, &mut self.replacements, read)?;
+        for e in state {
+            let name = normalize_key(&e.name);
+            let module = training_state(lc, &name).unwrap_or_default();
+            if !groups.iter().any(|(m, _)| m == module) {
+                return Err(HfError::MissingTensor { module: module.into(), tensor: "lora_A.weight".into() });
+            }
+            self.training_state.push(HfTensor { data: read(file, e)?, dtype: e.dtype, shape: e.shape.clone(), name });
+        }
         for (_, slots) in &groups {
             if let (Some(e), false) = (slots[2], lc.lora_bias) {
                 return Err(HfError::FieldTensor { field: "lora_bias", tensor: e.name.clone(), present: true });
@@ -192,4 +203,14 @@ fn check_vector(
         Some(e) if e.shape != [out] => Err(HfError::shape(e.name.clone(), &e.shape, format!("[{out}]"))),
         _ => Ok(()),
     }
+}
+
+/// The module whose training-only tensor `key` is (VeLoRA's
+/// `<module>.lora_velora_embed`, MonteCLoRA's
+/// `<module>.lora_monteclora_sampler.<buffer>`), when the config enables
+/// that variant; `None` otherwise (the key is then one of LoRA's own, or
+/// unexpected).
+pub(super) fn training_state<'k>(lc: &HfLoraConfig, key: &'k str) -> Option<&'k str> {
+    let velora = key.strip_suffix(".lora_velora_embed").filter(|_| lc.velora);
+    velora.or_else(|| key.split_once(".lora_monteclora_sampler.").map(|(m, _)| m).filter(|_| lc.monteclora))
 }
