@@ -249,6 +249,53 @@ fn nonfinite_merges_are_refused_by_default() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Issue 27, class 1: `merge` never writes an infinity into a half-precision
+/// output. A finite value above 65504 converted with `--dtype f16` (an
+/// unadapted tensor) and an f16 base whose merged weights pass 65504 (a
+/// large alpha) are refused naming the tensor, nothing written;
+/// `--allow-nonfinite` writes them; bf16, whose range is f32's, holds them.
+#[test]
+fn half_precision_outputs_never_overflow_to_infinity() {
+    let dir = scratch("f16-overflow");
+    let (ad, base) = copy_fixture(&dir);
+    let out = dir.join("out.safetensors");
+    let mut t = tensors_of(&base);
+    let k = t.iter_mut().find(|t| t.0 == "layers.0.k_proj.weight").unwrap();
+    k.3[8..12].copy_from_slice(&70000f32.to_le_bytes());
+    save(&base, &t);
+    let o = peft(&[&"merge", &"--base", &base, &"--adapter", &ad, &"--out", &out, &"--dtype", &"f16"]);
+    let msg = stderr(&o);
+    assert!(!o.status.success() && msg.contains("layers.0.k_proj.weight") && msg.contains("element 2"), "{msg}");
+    assert!(msg.contains("65504") && !out.exists(), "{msg}");
+    let o = peft(&[&"merge", &"--base", &base, &"--adapter", &ad, &"--out", &out, &"--dtype", &"bf16"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // An f16 base; alpha 1e7 (s = 2.5e6) takes s B A past 65504.
+    let f16 = dir.join("base_f16.safetensors");
+    let half: Vec<_> = tensors_of(&fixture().join("base.safetensors"))
+        .into_iter()
+        .map(|(n, _, s, b)| {
+            let v: Vec<u8> = b
+                .chunks_exact(4)
+                .flat_map(|c| half::f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes())
+                .collect();
+            (n, Dtype::F16, s, v)
+        })
+        .collect();
+    save(&f16, &half);
+    edit_config(&ad, |c| c["lora_alpha"] = serde_json::json!(1e7));
+    let out2 = dir.join("out2.safetensors");
+    let o = peft(&[&"merge", &"--base", &f16, &"--adapter", &ad, &"--out", &out2]);
+    let msg = stderr(&o);
+    assert!(!o.status.success() && msg.contains("layers.0.q_proj.weight") && msg.contains("65504"), "{msg}");
+    assert!(!out2.exists());
+    let o = peft(&[&"merge", &"--base", &f16, &"--adapter", &ad, &"--out", &out2, &"--allow-nonfinite"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let q = tensors_of(&out2).into_iter().find(|t| t.0 == "layers.0.q_proj.weight").unwrap();
+    assert!(q.3.chunks_exact(2).any(|c| half::f16::from_le_bytes([c[0], c[1]]).is_infinite()));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Class 5: SIGINT and SIGTERM during a merge remove the temporary output;
 /// a temporary left by a killed process is removed by the next run.
 #[cfg(unix)]

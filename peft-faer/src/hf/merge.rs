@@ -594,13 +594,13 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
     let mut error = out_f.is_quantized().then(|| QuantError::new(&e.name, out_f));
     let mut put = |vals: &[f32], offset: usize, w: &mut dyn Write| -> Result<(), WriteError> {
         out.clear();
-        encode(&e.name, out_f, vals, cols, offset, &mut out, error.as_mut())?;
+        encode((&e.name, offset, check_finite), out_f, vals, cols, &mut out, error.as_mut())?;
         w.write_all(&out)?;
         Ok(())
     };
     match action {
         Action::Copy if e.shape.len() == 2 => {
-            return map_rows(shard, e, out_f, false, w, |_, _, _, _| Ok(()));
+            return map_rows(shard, e, out_f, check_finite, w, |_, _, _, _| Ok(()));
         }
         Action::Copy => {
             // A dtype change of a float tensor that is not a matrix.
@@ -749,7 +749,7 @@ fn map_rows(
             refuse_new_nonfinite(&e.name, i0 * cols, vals, base)?;
         }
         encoded.clear();
-        encode(&e.name, out, vals, cols, i0 * cols, &mut encoded, error.as_mut())?;
+        encode((&e.name, i0 * cols, check_finite), out, vals, cols, &mut encoded, error.as_mut())?;
         w.write_all(&encoded)?;
         i0 += n;
     }
@@ -758,13 +758,14 @@ fn map_rows(
 
 /// Encodes `vals` (whole rows of `cols`; element 0 is element `offset` of
 /// tensor `name`) in format `f` onto `out`, and when `error` is given,
-/// takes the round trip's error into it.
+/// takes the round trip's error into it. With `check`, a finite value that
+/// the format cannot hold (above 65504 in f16, above bf16's largest value)
+/// is refused rather than written as an infinity.
 fn encode(
-    name: &str,
+    (name, offset, check): (&str, usize, bool),
     f: Format,
     vals: &[f32],
     cols: usize,
-    offset: usize,
     out: &mut Vec<u8>,
     error: Option<&mut QuantError>,
 ) -> Result<(), HfError> {
@@ -778,12 +779,37 @@ fn encode(
         },
         other => other,
     })?;
+    if check {
+        refuse_overflow(name, f, vals, &out[start..], offset)?;
+    }
     if let Some(error) = error {
         let mut back = vec![0.0f32; vals.len()];
         st::decode_rows(f, &out[start..], cols, &mut back)?;
         error.update(vals, &back);
     }
     Ok(())
+}
+
+/// Refuses the first finite value of `vals` that `encoded` (their f16 or
+/// bf16 encoding; other formats are not checked here) holds as an
+/// infinity: the value is beyond the format's range.
+fn refuse_overflow(name: &str, f: Format, vals: &[f32], encoded: &[u8], offset: usize) -> Result<(), HfError> {
+    let (inf, cause) = match f {
+        Format::F16 => (0x7c00u16, "beyond f16's largest finite value, 65504: it would be written as an infinity"),
+        Format::Bf16 => (0x7f80u16, "beyond bf16's largest finite value: it would be written as an infinity"),
+        _ => return Ok(()),
+    };
+    let overflow = encoded.chunks_exact(2).zip(vals).position(|(c, v)| {
+        let bits = u16::from_le_bytes([c[0], c[1]]) & 0x7fff;
+        bits == inf && v.is_finite()
+    });
+    match overflow {
+        Some(i) => {
+            let value = vals.get(i).copied().unwrap_or(f32::INFINITY);
+            Err(HfError::NonFinite { tensor: name.to_string(), index: offset + i, value, cause })
+        }
+        None => Ok(()),
+    }
 }
 
 /// Refuses the first element of `merged` (which starts at element `offset`
