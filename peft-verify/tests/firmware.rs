@@ -28,9 +28,12 @@ fn firmware_checksums_match_the_host_bit_for_bit() {
     }
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("firmware");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // The firmware's own target folder, named, so that a CARGO_TARGET_DIR
+    // set for the workspace does not move the ELF (issue 27, class 11).
     let build = Command::new(&cargo)
         .current_dir(&dir)
-        .args(["build", "--release", "--quiet"])
+        .args(["build", "--release", "--quiet", "--target-dir"])
+        .arg(dir.join("target"))
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .status()
