@@ -668,3 +668,67 @@ fn a_closed_stdout_is_not_a_panic() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && !err.contains("panicked"), "{err}");
 }
+
+/// Issue 27, class 4: `finetune` never replaces an output without
+/// `--force`: a second run into the same OUT is refused, naming the first
+/// output that exists, before any training, and a file a user put in
+/// `OUT/lora/` survives; `--force` replaces the outputs.
+#[test]
+fn finetune_needs_force_to_replace_its_outputs() {
+    let dir = scratch("finetune-force");
+    let out = dir.join("out");
+    let run = |force: bool| {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+            vec![&"finetune", &"--method", &"lora", &"--steps", &"1", &"--json", &"--out", &out];
+        if force {
+            args.push(&"--force");
+        }
+        peft(&args)
+    };
+    assert!(run(false).status.success());
+    std::fs::write(out.join("lora/notes.txt"), b"mine").unwrap();
+    let o = run(false);
+    let msg = stderr(&o);
+    assert!(!o.status.success() && msg.contains("already exists") && msg.contains("model"), "{msg}");
+    assert_eq!(std::fs::read(out.join("lora/notes.txt")).unwrap(), b"mine");
+    let o = run(true);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!out.join("lora/notes.txt").exists(), "--force replaced OUT/lora");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Issue 27, class 2: `finetune --model` on a sharded checkpoint (two
+/// shards and `model.safetensors.index.json`) trains, merges into a
+/// folder of shards for its merged-vs-unmerged check, and leaves no
+/// temporary behind (it used to fail with "Is a directory (os error 21)",
+/// no path, and leave a model-sized hidden folder).
+#[test]
+fn finetune_trains_on_a_sharded_checkpoint() {
+    let dir = scratch("finetune-sharded");
+    let first = dir.join("first");
+    assert!(peft(&[&"finetune", &"--method", &"lora", &"--steps", &"1", &"--json", &"--out", &first]).status.success());
+    let sharded = dir.join("sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    std::fs::copy(first.join("model/config.json"), sharded.join("config.json")).unwrap();
+    let tensors = tensors_of(&first.join("model/model.safetensors"));
+    let mut map = serde_json::Map::new();
+    let half = tensors.len() / 2;
+    for (i, part) in [&tensors[..half], &tensors[half..]].into_iter().enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        save(&sharded.join(&file), part);
+        for t in part {
+            map.insert(t.0.clone(), file.clone().into());
+        }
+    }
+    let total: usize = tensors.iter().map(|t| t.3.len()).sum();
+    let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": map });
+    std::fs::write(sharded.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let out = dir.join("out");
+    let o =
+        peft(&[&"finetune", &"--method", &"lora", &"--steps", &"2", &"--json", &"--model", &sharded, &"--out", &out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(doc["methods"][0]["merged_vs_unmerged_max_abs_diff"].as_f64().unwrap() < 1e-4);
+    assert_eq!(names(&out), ["lora"], "no temporary left in OUT");
+    std::fs::remove_dir_all(&dir).ok();
+}

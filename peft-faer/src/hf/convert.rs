@@ -279,69 +279,78 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
             return super::write_raw_dir(dst, &config_json, &ad.metadata, &raw, force);
         }
         PeftConfig::Prompt(_) => ad.prompt = Some(read(&f.tensor("prompt_embeddings")?)?),
-        PeftConfig::Lora(lc) => {
-            for t in f.tensors() {
-                let name = t.name();
-                let linear = name.strip_suffix(".lora_A.weight").map(|m| (m, false));
-                if let Some((module, embedding)) = linear.or(name.strip_suffix(".lora_embedding_A").map(|m| (m, true)))
-                {
-                    let b_name = if embedding { "lora_embedding_B" } else { "lora_B.weight" };
-                    let b = f
-                        .tensor(&format!("{module}.{b_name}"))
-                        .map_err(|_| HfError::MissingTensor { module: module.into(), tensor: b_name.into() })?;
-                    let (&[r, n_in], &[n_out, r2]) = (t.shape(), b.shape()) else {
-                        let bad = if t.shape().len() == 2 { &b } else { &t };
-                        return Err(HfError::shape(bad.name(), bad.shape(), "a matrix"));
-                    };
-                    if r != r2 {
-                        return Err(HfError::shape(
-                            b.name(),
-                            b.shape(),
-                            format!("[{n_out}, {r}]: lora_A has rank {r}"),
-                        ));
-                    }
-                    let bias = f.tensor(&format!("{module}.lora_B.bias")).ok().map(|t| read(&t)).transpose()?;
-                    let (a, b) = (read(&t)?, read(&b)?);
-                    let magnitude =
-                        f.tensor(&format!("{module}.lora_magnitude_vector")).ok().map(|t| read(&t)).transpose()?;
-                    ad.modules.push(LoraModule {
-                        name: module.to_string(),
-                        dtypes: [
-                            a.dtype,
-                            b.dtype,
-                            bias.as_ref().map_or(b.dtype, |t| t.dtype),
-                            magnitude.as_ref().map_or(b.dtype, |t| t.dtype),
-                        ],
-                        a: a.data,
-                        b: b.data,
-                        lora_bias: bias.map(|t| t.data),
-                        magnitude: magnitude.map(|t| t.data),
-                        embedding,
-                        r,
-                        n_in,
-                        n_out,
-                        alpha: lc.alpha_for(module),
-                        scale: lc.scale_for(module)?,
-                    });
-                } else if let Some(module) = name
-                    .strip_suffix(".lora_B.weight")
-                    .or(name.strip_suffix(".lora_B.bias"))
-                    .or(name.strip_suffix(".lora_magnitude_vector"))
-                    .or(name.strip_suffix(".lora_embedding_B"))
-                {
-                    let has_a = |n: &str| f.tensor(&format!("{module}.{n}")).is_ok();
-                    if !has_a("lora_A.weight") && !has_a("lora_embedding_A") {
-                        return Err(HfError::MissingTensor { module: module.into(), tensor: "lora_A.weight".into() });
-                    }
-                } else if super::lora::training_state(lc, name).is_some() {
-                    ad.training_state.push(read(&t)?);
-                } else {
-                    ad.replacements.push(read(&t)?);
-                }
-            }
-        }
+        PeftConfig::Lora(lc) => lora_modules(&f, lc, &mut ad, &read)?,
     }
     ad.write_dir(dst, force)
+}
+
+/// The LoRA modules (and the tensors they do not own: training-only state,
+/// replacements) of a `.peft` file's tensors, into `ad`.
+///
+/// # Errors
+/// [`HfError::MissingTensor`] for a `lora_B` or bias without its `lora_A`
+/// (or the reverse); [`HfError::TensorShape`] for factors that are not
+/// matrices of one rank; `read`'s errors.
+fn lora_modules(
+    f: &AdapterFile<'_>,
+    lc: &super::HfLoraConfig,
+    ad: &mut HfAdapter,
+    read: &dyn Fn(&format::TensorView<'_>) -> Result<HfTensor, HfError>,
+) -> Result<(), HfError> {
+    for t in f.tensors() {
+        let name = t.name();
+        let linear = name.strip_suffix(".lora_A.weight").map(|m| (m, false));
+        if let Some((module, embedding)) = linear.or(name.strip_suffix(".lora_embedding_A").map(|m| (m, true))) {
+            let b_name = if embedding { "lora_embedding_B" } else { "lora_B.weight" };
+            let b = f
+                .tensor(&format!("{module}.{b_name}"))
+                .map_err(|_| HfError::MissingTensor { module: module.into(), tensor: b_name.into() })?;
+            let (&[r, n_in], &[n_out, r2]) = (t.shape(), b.shape()) else {
+                let bad = if t.shape().len() == 2 { &b } else { &t };
+                return Err(HfError::shape(bad.name(), bad.shape(), "a matrix"));
+            };
+            if r != r2 {
+                return Err(HfError::shape(b.name(), b.shape(), format!("[{n_out}, {r}]: lora_A has rank {r}")));
+            }
+            let bias = f.tensor(&format!("{module}.lora_B.bias")).ok().map(|t| read(&t)).transpose()?;
+            let (a, b) = (read(&t)?, read(&b)?);
+            let magnitude = f.tensor(&format!("{module}.lora_magnitude_vector")).ok().map(|t| read(&t)).transpose()?;
+            ad.modules.push(LoraModule {
+                name: module.to_string(),
+                dtypes: [
+                    a.dtype,
+                    b.dtype,
+                    bias.as_ref().map_or(b.dtype, |t| t.dtype),
+                    magnitude.as_ref().map_or(b.dtype, |t| t.dtype),
+                ],
+                a: a.data,
+                b: b.data,
+                lora_bias: bias.map(|t| t.data),
+                magnitude: magnitude.map(|t| t.data),
+                embedding,
+                r,
+                n_in,
+                n_out,
+                alpha: lc.alpha_for(module),
+                scale: lc.scale_for(module)?,
+            });
+        } else if let Some(module) = name
+            .strip_suffix(".lora_B.weight")
+            .or(name.strip_suffix(".lora_B.bias"))
+            .or(name.strip_suffix(".lora_magnitude_vector"))
+            .or(name.strip_suffix(".lora_embedding_B"))
+        {
+            let has_a = |n: &str| f.tensor(&format!("{module}.{n}")).is_ok();
+            if !has_a("lora_A.weight") && !has_a("lora_embedding_A") {
+                return Err(HfError::MissingTensor { module: module.into(), tensor: "lora_A.weight".into() });
+            }
+        } else if super::lora::training_state(lc, name).is_some() {
+            ad.training_state.push(read(&t)?);
+        } else {
+            ad.replacements.push(read(&t)?);
+        }
+    }
+    Ok(())
 }
 
 /// A PEFT 0.21 config from a `.peft` file's typed entries.

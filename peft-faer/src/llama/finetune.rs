@@ -59,6 +59,9 @@ pub struct Options {
     /// A Hugging Face `LlamaForCausalLM` folder to train on (default: a
     /// small Llama from `seed`, saved to `out/model`).
     pub model: Option<PathBuf>,
+    /// Replace outputs that exist; without it, [`setup`] refuses them
+    /// before anything is trained.
+    pub force: bool,
 }
 
 /// One method's results.
@@ -190,16 +193,16 @@ fn bytes_of(path: &Path) -> u64 {
 
 /// Saves the trained adapter (a PEFT folder, or this crate's bottleneck
 /// file) under `out` and reads it back.
-fn save_and_reload(adapter: &Trainable, name: &str, out: &Path) -> Result<(PathBuf, Trainable), HfError> {
+fn save_and_reload(adapter: &Trainable, name: &str, options: &Options) -> Result<(PathBuf, Trainable), HfError> {
     Ok(match adapter {
         Trainable::Peft(ad) => {
-            let dir = out.join(name);
-            ad.write_dir(&dir, true)?;
+            let dir = options.out.join(name);
+            ad.write_dir(&dir, options.force)?;
             (dir.clone(), Trainable::Peft(Box::new(HfAdapter::read_dir(&dir)?)))
         }
         Trainable::Bottleneck(b) => {
-            let file = out.join(format!("{name}.safetensors"));
-            b.save(&file, true)?;
+            let file = options.out.join(format!("{name}.safetensors"));
+            b.save(&file, options.force)?;
             (file.clone(), Trainable::Bottleneck(Bottleneck::load(&file)?))
         }
     })
@@ -220,14 +223,19 @@ fn merge_diff(
         return Ok(None);
     }
     let name = file.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-    let merged_file = file.with_file_name(format!(".{name}-merged.safetensors"));
+    // A single-file base merges into a file; a sharded one into a folder of
+    // shards and its index (`merge_many`), which `Llama::load` opens alike.
+    let merged_out = file.with_file_name(format!(".{name}-merged.safetensors"));
     let base = Base::open(base_dir)?;
     let saved = HfAdapter::read_dir(file)?;
     let options = MergeOptions { force: true, ..Default::default() };
-    merge_many(&base, &[(&saved, 1.0)], &merged_file, &options, backend, |_| {})?;
-    let merged = Llama::load(&base_dir.join("config.json"), &merged_file);
-    std::fs::remove_file(&merged_file).map_err(|e| HfError::Io(merged_file.clone(), e))?;
-    let merged = held_out_logits(&merged?, None, task, backend)?;
+    let merged = merge_many(&base, &[(&saved, 1.0)], &merged_out, &options, backend, |_| {})
+        .and_then(|_| Llama::load(&base_dir.join("config.json"), &merged_out));
+    let removed =
+        if merged_out.is_dir() { std::fs::remove_dir_all(&merged_out) } else { std::fs::remove_file(&merged_out) };
+    let merged = merged?;
+    removed.map_err(|e| HfError::Io(merged_out.clone(), e))?;
+    let merged = held_out_logits(&merged, None, task, backend)?;
     Ok(Some(unmerged.iter().zip(&merged).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max)))
 }
 
@@ -260,7 +268,7 @@ pub fn run_method(
     let seconds = start.elapsed().as_secs_f64();
     let final_loss = task.held_out_loss(backend, model, Some(&adapter))?;
     let unmerged = held_out_logits(model, Some(&adapter), task, backend)?;
-    let (file, reloaded) = save_and_reload(&adapter, method.name, &options.out)?;
+    let (file, reloaded) = save_and_reload(&adapter, method.name, options)?;
     let again = held_out_logits(model, Some(&reloaded), task, backend)?;
     let reload_identical =
         again.len() == unmerged.len() && again.iter().zip(&unmerged).all(|(a, b)| a.to_bits() == b.to_bits());
@@ -287,13 +295,24 @@ pub fn run_method(
 /// # Errors
 /// As [`Llama::load_dir`], [`Llama::save_dir`] and [`Distill::new`].
 pub fn setup(options: &Options, backend: &Faer) -> Result<(Llama, PathBuf, Distill), HfError> {
+    if !options.force {
+        // Every output the run will write, refused before any training.
+        let model = options.model.is_none().then(|| options.out.join("model"));
+        let adapters = options.methods.iter().map(|m| match m.peft_type {
+            Some(_) => options.out.join(m.name),
+            None => options.out.join(format!("{}.safetensors", m.name)),
+        });
+        if let Some(p) = model.into_iter().chain(adapters).find(|p| p.symlink_metadata().is_ok()) {
+            return Err(HfError::OutputExists(p));
+        }
+    }
     std::fs::create_dir_all(&options.out).map_err(|e| HfError::Io(options.out.clone(), e))?;
     let (model, base_dir) = match &options.model {
         Some(dir) => (Llama::load_dir(dir)?, dir.clone()),
         None => {
             let model = Llama::random(default_llama()?, options.seed);
             let dir = options.out.join("model");
-            model.save_dir(&dir, true)?;
+            model.save_dir(&dir, options.force)?;
             (model, dir)
         }
     };

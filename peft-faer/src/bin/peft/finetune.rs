@@ -30,6 +30,7 @@ fn options(args: &FinetuneArgs) -> Result<Options, String> {
         lr: args.lr,
         out: args.out.clone(),
         model: args.model.clone(),
+        force: args.force,
     })
 }
 
