@@ -223,18 +223,19 @@ fn merge_diff(
         return Ok(None);
     }
     let name = file.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    // The merged model lives in a temporary folder that is never committed:
+    // removed when this returns, by the signal handler on SIGINT/SIGTERM,
+    // and (if the process was killed) by the next run's outputs in `out`.
+    let scratch = crate::files::Staging::dir(&file.with_file_name(format!("{name}-merge-check")))?;
     // A single-file base merges into a file; a sharded one into a folder of
     // shards and its index (`merge_many`), which `Llama::load` opens alike.
-    let merged_out = file.with_file_name(format!(".{name}-merged.safetensors"));
+    let merged_out = scratch.path().join("model.safetensors");
     let base = Base::open(base_dir)?;
     let saved = HfAdapter::read_dir(file)?;
     let options = MergeOptions { force: true, ..Default::default() };
-    let merged = merge_many(&base, &[(&saved, 1.0)], &merged_out, &options, backend, |_| {})
-        .and_then(|_| Llama::load(&base_dir.join("config.json"), &merged_out));
-    let removed =
-        if merged_out.is_dir() { std::fs::remove_dir_all(&merged_out) } else { std::fs::remove_file(&merged_out) };
-    let merged = merged?;
-    removed.map_err(|e| HfError::Io(merged_out.clone(), e))?;
+    merge_many(&base, &[(&saved, 1.0)], &merged_out, &options, backend, |_| {})?;
+    let merged = Llama::load(&base_dir.join("config.json"), &merged_out)?;
+    drop(scratch);
     let merged = held_out_logits(&merged, None, task, backend)?;
     Ok(Some(unmerged.iter().zip(&merged).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max)))
 }
