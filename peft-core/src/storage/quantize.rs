@@ -214,10 +214,18 @@ pub fn quantize(w: &[f32], out_features: usize, in_features: usize, dst: Quantiz
                 q.chunks_exact_mut(in_features.max(1)).zip(scales.iter_mut()).zip(w.chunks_exact(in_features.max(1)))
             {
                 let (a, _) = amax(wr);
-                let scale = a / 127.0;
-                let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+                let mut scale = a / 127.0;
+                if !(scale * 127.0).is_finite() {
+                    // a near f32::MAX: a / 127 rounded up would decode
+                    // 127 s to infinity; one step down decodes finite.
+                    scale = f32::from_bits(scale.to_bits() - 1);
+                }
+                // In f64: 1 / s of a subnormal scale overflows f32.
+                let inv = if scale != 0.0 { 1.0 / f64::from(scale) } else { 0.0 };
                 *s = scale;
-                qr.iter_mut().zip(wr).for_each(|(q, x)| *q = round(x * inv).clamp(-127.0, 127.0) as i8);
+                qr.iter_mut()
+                    .zip(wr)
+                    .for_each(|(q, x)| *q = libm::round(f64::from(*x) * inv).clamp(-127.0, 127.0) as i8);
             }
         }
         Quantized::Q8_0(d) => {
@@ -263,10 +271,17 @@ pub fn quantize(w: &[f32], out_features: usize, in_features: usize, dst: Quantiz
 ///
 /// ```text
 /// f32:  0          f16: 2^-11 a + 2^-25      bf16: 2^-8 a
-/// int8: s/2 + 2^-22 a                        (s = a / 127)
+/// int8: s/2 + 2^-22 a + 2^-143               (s = a / 127)
 /// Q8_0: d/2 + 127 e(d) + 2^-22 a             (d = a / 127, e(d) = max(2^-11 d, 2^-25): f16(d)'s error)
 /// Q4_0: d + 8 e(d) + 2^-22 a                 (d = a / 8: the element opposite the extreme may clamp by one step)
 /// ```
+///
+/// int8's `2^-143` is the floor a stored f32 scale sets: below f32's normal
+/// range the scale's own rounding (at most `2^-150`), the clamp it can
+/// cause (`127` times that) and the decode's rounding (`2^-150`) are
+/// absolute, not relative, errors; a row of subnormals meets the bound
+/// through it (a row whose `a / 127` underflows to 0 decodes to zeros, at
+/// most `127 2^-150` away).
 pub fn error_bound(format: Format, group_amax: f32) -> f64 {
     let a = f64::from(group_amax);
     let u = |bits: i32| libm::ldexp(1.0, -bits);
@@ -275,7 +290,7 @@ pub fn error_bound(format: Format, group_amax: f32) -> f64 {
         Format::F32 => 0.0,
         Format::F16 => a * u(11) + u(25),
         Format::Bf16 => a * u(8),
-        Format::Int8 => a / 127.0 / 2.0 + a * u(22),
+        Format::Int8 => a / 127.0 / 2.0 + a * u(22) + u(143),
         Format::Q8_0 => a / 127.0 / 2.0 + 127.0 * e(a / 127.0) + a * u(22),
         Format::Q4_0 => a / 8.0 + 8.0 * e(a / 8.0) + a * u(22),
     }

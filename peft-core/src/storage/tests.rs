@@ -111,3 +111,28 @@ fn bad_shapes_and_values_are_typed_errors() {
     );
     assert_eq!(b, vec![0u8; 34], "nothing written");
 }
+
+/// int8 rows at the ends of f32's range (issue 27, class 7): a row at
+/// `f32::MAX` decodes finite (its `a / 127` rounded up made `127 s`
+/// infinite), and rows of subnormals meet [`error_bound`] (their `1 / s`
+/// overflowed f32, so every element became +-127 steps).
+#[test]
+fn int8_rows_at_the_ends_of_the_range_decode_within_the_bound() {
+    let rows: [[f32; 4]; 4] = [
+        [f32::MAX, -f32::MAX, 1.0, 0.0],
+        [1e-40, -3e-41, 7e-45, 0.0],
+        [1e-44, 3e-45, -1.4e-45, 0.0],
+        [f32::MIN_POSITIVE, 1e-39, -5e-39, 2e-45],
+    ];
+    for row in rows {
+        let owned = OwnedWeight::quantize(Format::Int8, &row, 1, 4).unwrap();
+        let mut back = [0f32; 4];
+        dequantize(&owned.weight().unwrap(), &mut back).unwrap();
+        let a = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (x, d) in row.iter().zip(&back) {
+            assert!(d.is_finite(), "{row:?}: {x} decodes to {d}");
+            let err = (f64::from(*x) - f64::from(*d)).abs();
+            assert!(err <= error_bound(Format::Int8, a), "{row:?}: {x} -> {d}, error {err:e}");
+        }
+    }
+}
