@@ -289,8 +289,8 @@ pub(crate) struct FinetuneArgs {
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
-    /// Replace outputs that exist (OUT/model, OUT/<method>,
-    /// OUT/adapter.safetensors); without it they are refused before
+    /// Replace outputs that exist (`OUT/model`, `OUT/<method>`,
+    /// `OUT/adapter.safetensors`); without it they are refused before
     /// training starts.
     #[arg(long)]
     pub(crate) force: bool,
