@@ -155,12 +155,24 @@ pub enum Error {
         /// The vocabulary size.
         vocab: usize,
     },
-    /// A training step saw an infinite or NaN value (in a gradient or the
-    /// loss) and was refused: parameters and optimizer state are unchanged.
+    /// An infinite or NaN value where only finite ones are allowed: in a
+    /// training step's gradient or loss (the step is refused, parameters and
+    /// optimizer state unchanged), or in a weight or scale to be stored.
     NonFinite {
-        /// Where: [`Operand::Gradient`] or [`Operand::Loss`].
+        /// Where: [`Operand::Gradient`] or [`Operand::Loss`] for a step,
+        /// [`Operand::Weight`] or [`Operand::Parameter`] (a stored scale).
         operand: Operand,
-        /// Index of the offending tensor in the step's list (0 for the loss).
+        /// For a step, the index of the offending tensor in its list (0 for
+        /// the loss); otherwise the element's (or scale's) index.
+        index: usize,
+    },
+    /// A finite value beyond what its storage holds: above 65504 for f16,
+    /// or a block whose scale would pass f16's 65504 (`|x|` above `65504 *
+    /// 127` for Q8_0, `65504 * 8` for Q4_0).
+    OutOfRange {
+        /// Where ([`Operand::Weight`]).
+        operand: Operand,
+        /// The element's index (for a block format, its block's first).
         index: usize,
     },
     /// An adapter file is malformed; see [`FormatError`](crate::format::FormatError).
@@ -203,9 +215,15 @@ impl fmt::Display for Error {
             ),
             Error::InvalidParameter { name, rule } => write!(f, "invalid {name}: it {rule}"),
             Error::TokenOutOfRange { id, vocab } => write!(f, "token id {id} is outside a vocabulary of {vocab}"),
-            Error::NonFinite { operand, index } => {
+            Error::NonFinite { operand: operand @ (Operand::Gradient | Operand::Loss), index } => {
                 write!(f, "non-finite value in {operand:?} #{index}: step refused, nothing changed")
             }
+            Error::NonFinite { operand, index } => write!(f, "element {index} of the {operand:?} is NaN or infinite"),
+            Error::OutOfRange { operand, index } => write!(
+                f,
+                "element {index} of the {operand:?} is beyond what its format stores (f16: |x| <= 65504; \
+                 a Q8_0 or Q4_0 block's scale must fit f16)"
+            ),
             Error::Format(e) => write!(f, "adapter file: {e}"),
             Error::UnknownAdapter => f.write_str("the adapter set holds no adapter of that name"),
             Error::DuplicateAdapter => f.write_str("the adapter set already holds an adapter of that name"),

@@ -739,3 +739,25 @@ fn finetune_trains_on_a_sharded_checkpoint() {
     assert_eq!(names(&out), ["lora"], "no temporary left in OUT");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Issue 27, class 8: `quantize` of a finite 1e6 (a Q4_0 block scale of
+/// 125000, past f16's 65504) is refused as out of range, naming the tensor
+/// and the element, not called "non-finite" nor pointed at an
+/// `--allow-nonfinite` that `quantize` does not have.
+#[test]
+fn quantize_names_an_out_of_range_value_as_such() {
+    let dir = scratch("quantize-range");
+    let (_, base) = copy_fixture(&dir);
+    let mut t = tensors_of(&base);
+    let q = t.iter_mut().find(|t| t.0 == "layers.1.q_proj.weight").unwrap();
+    q.3[40 * 4..41 * 4].copy_from_slice(&1e6f32.to_le_bytes());
+    save(&base, &t);
+    let out = dir.join("q.safetensors");
+    let o = peft(&[&"quantize", &"--base", &base, &"--out", &out, &"--format", &"q4_0"]);
+    let msg = stderr(&o);
+    assert!(!o.status.success() && msg.contains("layers.1.q_proj.weight") && msg.contains("element 32"), "{msg}");
+    assert!(msg.contains("beyond what its format stores"), "{msg}");
+    assert!(!msg.contains("allow-nonfinite") && !msg.contains("non-finite") && !msg.contains("NaN"), "{msg}");
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

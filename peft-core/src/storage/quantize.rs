@@ -173,8 +173,9 @@ fn amax(xs: &[f32]) -> (f32, f32) {
 /// [`Error::ShapeMismatch`] (`Weight`, `Dst`, `Parameter` for the int8
 /// scales); [`Error::InvalidParameter`] (`in_features`) for a block format
 /// with `in` not a multiple of 32; [`Error::NonFinite`] (`Weight`) for a
-/// non-finite input or a scale that overflows its storage (the index of the
-/// first element of that block or row). All before anything is written.
+/// non-finite input; [`Error::OutOfRange`] (`Weight`) for a finite value
+/// beyond f16, or a block whose scale would overflow f16 (the index of the
+/// first element of that block). All before anything is written.
 pub fn quantize(w: &[f32], out_features: usize, in_features: usize, dst: Quantized<'_>) -> Result<()> {
     let n = checked_len(out_features, in_features)?;
     check_len(Operand::Weight, n, w.len())?;
@@ -190,7 +191,7 @@ pub fn quantize(w: &[f32], out_features: usize, in_features: usize, dst: Quantiz
         Quantized::Q4_0(_) => Format::Q4_0,
     };
     let row = format.row_bytes(in_features).ok_or(Error::InvalidParameter { name: "in_features", rule: MULTIPLE })?;
-    let overflow = |i: usize| Error::NonFinite { operand: Operand::Weight, index: i };
+    let overflow = |i: usize| Error::OutOfRange { operand: Operand::Weight, index: i };
     match dst {
         Quantized::F32(d) => {
             check_len(Operand::Dst, n, d.len())?;

@@ -116,9 +116,9 @@ pub enum HfError {
     OutputExists(PathBuf),
     /// `peft-core` rejected a value.
     Core(peft_core::Error),
-    /// `peft-core` rejected a value of one module.
+    /// `peft-core` rejected a value of one module or tensor.
     InModule {
-        /// The module.
+        /// The module or tensor.
         module: String,
         /// What `peft-core` said.
         error: peft_core::Error,
@@ -132,7 +132,9 @@ pub enum HfError {
         /// The input.
         input: PathBuf,
     },
-    /// A merged value is NaN or infinite (refused unless allowed).
+    /// A value to be written or used is NaN or infinite, or a finite value
+    /// its output type cannot hold (refused; `cause` says why, and names
+    /// `--allow-nonfinite` where that flag writes it anyway).
     NonFinite {
         /// The tensor.
         tensor: String,
@@ -248,10 +250,9 @@ impl fmt::Display for HfError {
             HfError::OutputIsInput { output, input } => {
                 write!(f, "refusing to write {}: it would overwrite the input {}", output.display(), input.display())
             }
-            HfError::NonFinite { tensor, index, value, cause } => write!(
-                f,
-                "{tensor}: merged element {index} is {value} ({cause}); refused (--allow-nonfinite writes it anyway)"
-            ),
+            HfError::NonFinite { tensor, index, value, cause } => {
+                write!(f, "{tensor}: element {index} is {value}: {cause}")
+            }
             HfError::At(p, e) => write!(f, "{}: {e}", p.display()),
             HfError::Core(e) => write!(f, "{e}"),
             HfError::InModule { module, error } => write!(f, "{module}: {error}"),

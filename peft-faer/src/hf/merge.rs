@@ -165,60 +165,88 @@ fn check_finite(adapter: &HfAdapter, multiplier: f64) -> Result<(), HfError> {
         let s = (m.scale * multiplier) as f32;
         if !s.is_finite() {
             let cause = if multiplier == 1.0 {
-                "the scale alpha / r overflows f32"
+                "the scale alpha / r overflows f32; --allow-nonfinite merges it anyway"
             } else {
-                "the scale alpha / r times the adapter's multiplier overflows f32"
+                "the scale alpha / r times the adapter's multiplier overflows f32; --allow-nonfinite merges it anyway"
             };
             return Err(bad(format!("{}.weight", m.name), (0, s), cause));
         }
         for (t, v) in [("lora_A.weight", &m.a), ("lora_B.weight", &m.b)] {
             if let Some(x) = first_nonfinite(v) {
-                return Err(bad(format!("{}.{t}", m.name), x, "the adapter holds it"));
+                return Err(bad(
+                    format!("{}.{t}", m.name),
+                    x,
+                    "the adapter holds it; --allow-nonfinite merges it anyway",
+                ));
             }
         }
         if let Some(x) = m.lora_bias.as_deref().and_then(first_nonfinite) {
-            return Err(bad(format!("{}.lora_B.bias", m.name), x, "the adapter holds it"));
+            return Err(bad(
+                format!("{}.lora_B.bias", m.name),
+                x,
+                "the adapter holds it; --allow-nonfinite merges it anyway",
+            ));
         }
         if let Some(x) = m.magnitude.as_deref().and_then(first_nonfinite) {
-            return Err(bad(format!("{}.lora_magnitude_vector", m.name), x, "the adapter holds it"));
+            return Err(bad(
+                format!("{}.lora_magnitude_vector", m.name),
+                x,
+                "the adapter holds it; --allow-nonfinite merges it anyway",
+            ));
         }
     }
     for m in &adapter.loha {
         for (i, f) in m.factors.iter().enumerate() {
             if let Some(x) = first_nonfinite(f) {
-                return Err(bad(format!("{}.{}", m.name, super::LOHA_KEYS[i]), x, "the adapter holds it"));
+                return Err(bad(
+                    format!("{}.{}", m.name, super::LOHA_KEYS[i]),
+                    x,
+                    "the adapter holds it; --allow-nonfinite merges it anyway",
+                ));
             }
         }
     }
     for m in &adapter.lokr {
         for (key, _, v) in m.stored() {
             if let Some(x) = first_nonfinite(v) {
-                return Err(bad(format!("{}.{key}", m.name), x, "the adapter holds it"));
+                return Err(bad(
+                    format!("{}.{key}", m.name),
+                    x,
+                    "the adapter holds it; --allow-nonfinite merges it anyway",
+                ));
             }
         }
     }
     for m in &adapter.vera {
         for (key, v) in [("vera_lambda_d", &m.lambda_d), ("vera_lambda_b", &m.lambda_b)] {
             if let Some(x) = first_nonfinite(v) {
-                return Err(bad(format!("{}.{key}", m.name), x, "the adapter holds it"));
+                return Err(bad(
+                    format!("{}.{key}", m.name),
+                    x,
+                    "the adapter holds it; --allow-nonfinite merges it anyway",
+                ));
             }
         }
     }
     if let Some(p) = &adapter.vera_projections {
         for (key, v) in [(super::VERA_A_KEY, &p.a), (super::VERA_B_KEY, &p.b)] {
             if let Some(x) = first_nonfinite(v) {
-                return Err(bad(key.to_string(), x, "the adapter holds it"));
+                return Err(bad(key.to_string(), x, "the adapter holds it; --allow-nonfinite merges it anyway"));
             }
         }
     }
     for m in &adapter.ia3 {
         if let Some(x) = first_nonfinite(&m.l) {
-            return Err(bad(format!("{}.ia3_l", m.name), x, "the adapter holds it"));
+            return Err(bad(
+                format!("{}.ia3_l", m.name),
+                x,
+                "the adapter holds it; --allow-nonfinite merges it anyway",
+            ));
         }
     }
     for r in &adapter.replacements {
         if let Some(x) = first_nonfinite(&r.data) {
-            return Err(bad(r.name.clone(), x, "the adapter holds it"));
+            return Err(bad(r.name.clone(), x, "the adapter holds it; --allow-nonfinite merges it anyway"));
         }
     }
     Ok(())
@@ -777,6 +805,10 @@ fn encode(
             value: vals.get(index).copied().unwrap_or(f32::NAN),
             cause: "a quantized format cannot store a non-finite value",
         },
+        HfError::Core(peft_core::Error::OutOfRange { operand, index }) => HfError::InModule {
+            module: name.to_string(),
+            error: peft_core::Error::OutOfRange { operand, index: offset + index },
+        },
         other => other,
     })?;
     if check {
@@ -795,8 +827,8 @@ fn encode(
 /// infinity: the value is beyond the format's range.
 fn refuse_overflow(name: &str, f: Format, vals: &[f32], encoded: &[u8], offset: usize) -> Result<(), HfError> {
     let (inf, cause) = match f {
-        Format::F16 => (0x7c00u16, "beyond f16's largest finite value, 65504: it would be written as an infinity"),
-        Format::Bf16 => (0x7f80u16, "beyond bf16's largest finite value: it would be written as an infinity"),
+        Format::F16 => (0x7c00u16, "beyond f16's largest finite value, 65504; --allow-nonfinite writes an infinity"),
+        Format::Bf16 => (0x7f80u16, "beyond bf16's largest finite value; --allow-nonfinite writes an infinity"),
         _ => return Ok(()),
     };
     let overflow = encoded.chunks_exact(2).zip(vals).position(|(c, v)| {
@@ -825,7 +857,7 @@ fn refuse_new_nonfinite(
     let mut at = 0;
     while let Some((i, value)) = first_nonfinite(rest) {
         if base(at + i).is_some_and(f32::is_finite) {
-            let cause = "W + s B A overflows or is undefined there";
+            let cause = "W + s B A overflows or is undefined there; --allow-nonfinite writes it anyway";
             return Err(HfError::NonFinite { tensor: name.to_string(), index: offset + at + i, value, cause });
         }
         at += i + 1;
