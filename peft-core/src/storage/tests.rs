@@ -1,4 +1,5 @@
 extern crate std;
+use std::string::ToString;
 use std::vec;
 use std::vec::Vec;
 
