@@ -223,3 +223,24 @@ fn an_svd_rank_beyond_the_module_is_refused() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Weights whose combination overflows f32 (issue 27, class 7: `cat` with
+/// 1e39 and `linear` with 1e300 wrote infinite factors, `svd` with 1e200
+/// zeros) are refused, naming the module's factor, and nothing is written.
+#[test]
+fn weights_that_overflow_the_factors_are_refused() {
+    let dir = scratch("combine-huge");
+    for (kind, sources) in
+        [("cat", ["a:1e39", "b:0.3"]), ("linear", ["a:1e300", "c:0.3"]), ("svd", ["a:1e200", "b:0.3"])]
+    {
+        let out = dir.join(kind);
+        let [s1, s2] = sources.map(|s| arg(&case_dir("lora_weighted").join(s)));
+        let out_arg = arg(&out);
+        let res = peft(&["combine", "--adapter", &s1, "--adapter", &s2, "--combination", kind, "--out", &out_arg]);
+        let msg = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success() && msg.contains("overflows f32"), "{kind}: {msg}");
+        assert!(msg.contains(".lora_A.weight") || msg.contains(".lora_B.weight"), "{kind}: {msg}");
+        assert!(!out.exists(), "{kind}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -232,9 +232,16 @@ pub fn combine<E: Element, S: AsRef<[E]>>(
             // The scratch length was checked above.
             let (bc, rest) = scratch.split_at_mut((n_out * r_total).min(scratch.len()));
             let (act, rest) = rest.split_at_mut((n_in * r_total).min(rest.len()));
+            // The SVD runs on k_i / 2^e, 2^e the power of two nearest
+            // max|k|, and B = U S is scaled back at the end: exact scalings,
+            // so ordinary weights give the same bits, while a weight near
+            // f64's range (1e200) no longer squares to infinity inside the
+            // decomposition (which gave zeros).
+            let kmax = sources.iter().map(|w| (w.weight * w.lora.scale()).abs()).fold(0.0f64, f64::max);
+            let norm = if kmax > 0.0 { libm::ldexp(1.0, libm::ilogb(kmax)) } else { 1.0 };
             let mut col = 0;
             for w in sources {
-                let (r, k) = (w.lora.rank(), w.weight * w.lora.scale());
+                let (r, k) = (w.lora.rank(), w.weight * w.lora.scale() / norm);
                 let (a, b) = (w.lora.lora_a(), w.lora.lora_b());
                 // Column block `col..col + r` of Bc [out, R] and of Ac^T [in, R].
                 for (dst, src) in bc.chunks_exact_mut(r_total).zip(b.chunks_exact(r)) {
@@ -257,7 +264,7 @@ pub fn combine<E: Element, S: AsRef<[E]>>(
                 r_total,
                 rank,
                 rest,
-                |i, l, v| put(b_out, i * rank + l, v),
+                |i, l, v| put(b_out, i * rank + l, v * norm),
                 |l, j, v| put(a_out, l * n_in + j, v),
             );
         }

@@ -195,6 +195,26 @@ fn svd_is_the_truncation_of_the_weighted_sum() {
     assert_eq!(run(&Combination::Svd { rank: Some(8) }, &src, 8, 0), Err(Error::InvalidRank { rank: 8, max: 7 }));
 }
 
+/// Weights near f64's range (issue 27, class 7: 1e200 gave zeros, its
+/// square overflowing inside the decomposition): the factors are those of
+/// weight 1 with `B = U S` scaled by the weight, bit for bit (the scaling
+/// is by a power of two, exact; 2^660 here).
+#[test]
+fn svd_of_huge_weights_is_the_scaled_svd() {
+    let (n_in, n_out) = (6, 5);
+    let mut rng = Rng::new(9);
+    let l1 = lora(2, n_in, n_out, 1.0, random(&mut rng, 2 * n_in), random(&mut rng, n_out * 2));
+    let l2 = lora(2, n_in, n_out, 1.0, random(&mut rng, 2 * n_in), random(&mut rng, n_out * 2));
+    let big = libm::ldexp(1.0, 660);
+    let unit = [Weighted { lora: &l1, weight: 1.0 }, Weighted { lora: &l2, weight: 0.5 }];
+    let huge = [Weighted { lora: &l1, weight: big }, Weighted { lora: &l2, weight: 0.5 * big }];
+    let (a1, b1) = run(&Combination::Svd { rank: Some(3) }, &unit, 3, 0).unwrap();
+    let (a2, b2) = run(&Combination::Svd { rank: Some(3) }, &huge, 3, 0).unwrap();
+    assert_eq!(a2, a1);
+    assert!(b2.iter().zip(&b1).all(|(h, u)| *h == u * big), "{b2:?} vs {b1:?} * 2^660");
+    assert!(b1.iter().any(|v| *v != 0.0));
+}
+
 #[test]
 fn bad_parameters_are_refused_before_writing() {
     let l1 = lora(1, 2, 2, 1.0, vec![1.0, 2.0], vec![3.0, 4.0]);

@@ -119,6 +119,15 @@ pub fn combine(sources: &[(&HfAdapter, f64)], combination: Combination, seed: u6
         let mut scratch = vec![0.0f64; combine_scratch_len(&combination, &weighted, rank)];
         core_combine(&combination, &weighted, rank, &mut a, &mut b, &mut scratch, &mut rng)
             .map_err(|error| HfError::InModule { module: name.to_string(), error })?;
+        // Weights large enough to overflow f32 in the factors (1e39 with
+        // `cat`, 1e300 with `linear`) are refused, not written as infinities.
+        for (t, v) in [("lora_A.weight", &a), ("lora_B.weight", &b)] {
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                let cause = "the weighted combination overflows f32: a weight is too large";
+                let value = v.get(i).copied().unwrap_or(f32::INFINITY);
+                return Err(HfError::NonFinite { tensor: format!("{name}.{t}"), index: i, value, cause });
+            }
+        }
         modules.push(LoraModule {
             name: name.to_string(),
             a,
