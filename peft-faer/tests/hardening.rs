@@ -68,6 +68,14 @@ fn tensors_of(path: &Path) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
     v
 }
 
+/// Sets element `index` of the f32 tensor `name` in the file `path`.
+fn poke(path: &Path, name: &str, index: usize, value: f32) {
+    let mut t = tensors_of(path);
+    let x = t.iter_mut().find(|t| t.0 == name).unwrap();
+    x.3[4 * index..4 * index + 4].copy_from_slice(&value.to_le_bytes());
+    save(path, &t);
+}
+
 fn save(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
     let views: Vec<(String, TensorView<'_>)> =
         tensors.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
@@ -259,10 +267,7 @@ fn half_precision_outputs_never_overflow_to_infinity() {
     let dir = scratch("f16-overflow");
     let (ad, base) = copy_fixture(&dir);
     let out = dir.join("out.safetensors");
-    let mut t = tensors_of(&base);
-    let k = t.iter_mut().find(|t| t.0 == "layers.0.k_proj.weight").unwrap();
-    k.3[8..12].copy_from_slice(&70000f32.to_le_bytes());
-    save(&base, &t);
+    poke(&base, "layers.0.k_proj.weight", 2, 70000.0);
     let o = peft(&[&"merge", &"--base", &base, &"--adapter", &ad, &"--out", &out, &"--dtype", &"f16"]);
     let msg = stderr(&o);
     assert!(!o.status.success() && msg.contains("layers.0.k_proj.weight") && msg.contains("element 2"), "{msg}");
@@ -748,10 +753,7 @@ fn finetune_trains_on_a_sharded_checkpoint() {
 fn quantize_names_an_out_of_range_value_as_such() {
     let dir = scratch("quantize-range");
     let (_, base) = copy_fixture(&dir);
-    let mut t = tensors_of(&base);
-    let q = t.iter_mut().find(|t| t.0 == "layers.1.q_proj.weight").unwrap();
-    q.3[40 * 4..41 * 4].copy_from_slice(&1e6f32.to_le_bytes());
-    save(&base, &t);
+    poke(&base, "layers.1.q_proj.weight", 40, 1e6);
     let out = dir.join("q.safetensors");
     let o = peft(&[&"quantize", &"--base", &base, &"--out", &out, &"--format", &"q4_0"]);
     let msg = stderr(&o);

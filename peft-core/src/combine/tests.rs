@@ -15,6 +15,12 @@ fn lora(r: usize, n_in: usize, n_out: usize, s: f64, a: Vec<f64>, b: Vec<f64>) -
     Lora::new(&LoraConfig::new(r, s * r as f64), n_in, n_out, a, b).unwrap()
 }
 
+/// A random rank-`r` adapter `in -> out` with scale `s`, its factors in
+/// `[-1, 1)`.
+fn random_lora(rng: &mut Rng, (n_in, n_out): (usize, usize), r: usize, s: f64) -> Lora<f64, Vec<f64>> {
+    lora(r, n_in, n_out, s, random(rng, r * n_in), random(rng, n_out * r))
+}
+
 fn random(rng: &mut Rng, n: usize) -> Vec<f64> {
     (0..n).map(|_| rng.uniform_range(-1.0, 1.0)).collect()
 }
@@ -90,8 +96,8 @@ fn magnitude_pruning_keeps_the_largest_and_the_first_of_equals() {
 fn densities_are_respected_and_density_one_is_linear() {
     let (n_in, n_out, r) = (40, 30, 8);
     let mut rng = Rng::new(3);
-    let l1 = lora(r, n_in, n_out, 2.0, random(&mut rng, r * n_in), random(&mut rng, n_out * r));
-    let l2 = lora(r, n_in, n_out, 0.5, random(&mut rng, r * n_in), random(&mut rng, n_out * r));
+    let l1 = random_lora(&mut rng, (n_in, n_out), r, 2.0);
+    let l2 = random_lora(&mut rng, (n_in, n_out), r, 0.5);
     let both = [Weighted { lora: &l1, weight: 0.7 }, Weighted { lora: &l2, weight: 0.3 }];
     let linear = run(&Combination::Linear, &both, r, 0).unwrap();
     for c in [Combination::MagnitudePrune { density: 1.0 }, Combination::DareLinear { density: 1.0 }] {
@@ -119,8 +125,8 @@ fn densities_are_respected_and_density_one_is_linear() {
 fn cat_is_exact_and_pads_with_zeros() {
     let (n_in, n_out) = (6, 5);
     let mut rng = Rng::new(11);
-    let l1 = lora(2, n_in, n_out, 2.0, random(&mut rng, 2 * n_in), random(&mut rng, n_out * 2));
-    let l2 = lora(3, n_in, n_out, 0.5, random(&mut rng, 3 * n_in), random(&mut rng, n_out * 3));
+    let l1 = random_lora(&mut rng, (n_in, n_out), 2, 2.0);
+    let l2 = random_lora(&mut rng, (n_in, n_out), 3, 0.5);
     let src = [Weighted { lora: &l1, weight: 0.7 }, Weighted { lora: &l2, weight: -0.3 }];
     let (a, b) = run(&Combination::Cat, &src, 6, 0).unwrap();
     let got = product(&b, &a, n_out, 6, n_in);
@@ -158,8 +164,8 @@ fn sigma_max(x: &[f64], m: usize, n: usize) -> f64 {
 fn svd_is_the_truncation_of_the_weighted_sum() {
     let (n_in, n_out) = (7, 9);
     let mut rng = Rng::new(5);
-    let l1 = lora(2, n_in, n_out, 2.0, random(&mut rng, 2 * n_in), random(&mut rng, n_out * 2));
-    let l2 = lora(3, n_in, n_out, 0.5, random(&mut rng, 3 * n_in), random(&mut rng, n_out * 3));
+    let l1 = random_lora(&mut rng, (n_in, n_out), 2, 2.0);
+    let l2 = random_lora(&mut rng, (n_in, n_out), 3, 0.5);
     let src = [Weighted { lora: &l1, weight: 0.7 }, Weighted { lora: &l2, weight: 0.3 }];
     let m1 = product(l1.lora_b(), l1.lora_a(), n_out, 2, n_in);
     let m2 = product(l2.lora_b(), l2.lora_a(), n_out, 3, n_in);
@@ -201,10 +207,8 @@ fn svd_is_the_truncation_of_the_weighted_sum() {
 /// is by a power of two, exact; 2^660 here).
 #[test]
 fn svd_of_huge_weights_is_the_scaled_svd() {
-    let (n_in, n_out) = (6, 5);
     let mut rng = Rng::new(9);
-    let l1 = lora(2, n_in, n_out, 1.0, random(&mut rng, 2 * n_in), random(&mut rng, n_out * 2));
-    let l2 = lora(2, n_in, n_out, 1.0, random(&mut rng, 2 * n_in), random(&mut rng, n_out * 2));
+    let [l1, l2] = [(); 2].map(|()| random_lora(&mut rng, (6, 5), 2, 1.0));
     let big = libm::ldexp(1.0, 660);
     let unit = [Weighted { lora: &l1, weight: 1.0 }, Weighted { lora: &l2, weight: 0.5 }];
     let huge = [Weighted { lora: &l1, weight: big }, Weighted { lora: &l2, weight: 0.5 * big }];
