@@ -826,3 +826,34 @@ fn model_config_errors_name_config_json() {
     assert!(!err.contains("adapter_config.json"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Issue 27, class 8: a Q8_0 block whose f16 scale is NaN in a stored
+/// checkpoint is refused when the model loads, naming the tensor and the
+/// block's first element (it passed silently, and every product through
+/// that block came out NaN).
+#[test]
+fn a_nan_block_scale_is_refused_when_the_model_loads() {
+    let dir = scratch("llama-nan-scale");
+    let model = model_folder(&dir, "model", true);
+    let q = model_folder(&dir, "q8", false);
+    let file = q.join("model.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(["quantize", "--format", "q8_0", "--base"])
+        .arg(model.join("model.safetensors"))
+        .arg("--out")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(Llama::load_dir(&q).is_ok());
+    // The second block's scale (bytes 34..36 of the tensor) set to an f16 NaN.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let (header, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let name = "model.layers.1.self_attn.q_proj.weight";
+    let start = 8 + header + meta.info(name).unwrap().data_offsets.0 + 34;
+    bytes[start..start + 2].copy_from_slice(&0x7e00u16.to_le_bytes());
+    std::fs::write(&file, &bytes).unwrap();
+    let err = Llama::load_dir(&q).unwrap_err().to_string();
+    assert!(err.contains(name) && err.contains("element 32") && err.contains("scale"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

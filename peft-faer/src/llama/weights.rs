@@ -58,6 +58,7 @@ impl Matrix {
             Format::Q8_0 => Owned::Q8_0(bytes),
             Format::Q4_0 => Owned::Q4_0(bytes),
         };
+        check_block_scales(name, &data)?;
         let m = Self { name: name.to_string(), rows, cols, data };
         m.view()?;
         Ok(m)
@@ -75,5 +76,30 @@ impl Matrix {
     /// How the values are stored.
     pub fn format(&self) -> Format {
         self.data.format()
+    }
+}
+
+/// `Ok` unless a Q8_0 or Q4_0 block's f16 scale is NaN or infinite (read
+/// once, when the matrix is loaded: every product would otherwise turn that
+/// block's row into NaN). int8's scales are checked by `StoredWeight::int8`.
+///
+/// # Errors
+/// [`HfError::NonFinite`] naming the tensor, the block's first element and
+/// the scale.
+fn check_block_scales(name: &str, data: &Owned) -> Result<(), HfError> {
+    let (bytes, block) = match data {
+        Owned::Q8_0(b) => (b, peft_core::storage::Q8_0_BYTES),
+        Owned::Q4_0(b) => (b, peft_core::storage::Q4_0_BYTES),
+        _ => return Ok(()),
+    };
+    let scales = bytes.chunks_exact(block).map(|b| peft_core::storage::f16_to_f32(u16::from_le_bytes([b[0], b[1]])));
+    match scales.enumerate().find(|(_, s)| !s.is_finite()) {
+        Some((i, value)) => Err(HfError::NonFinite {
+            tensor: name.to_string(),
+            index: i * peft_core::storage::QK,
+            value,
+            cause: "the scale of the block it starts is not finite",
+        }),
+        None => Ok(()),
     }
 }
