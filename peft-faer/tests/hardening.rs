@@ -763,3 +763,30 @@ fn quantize_names_an_out_of_range_value_as_such() {
     assert!(!out.exists());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Issue 27, class 11: a header listing more than `MAX_TENSORS` (2^18)
+/// tensors (here 2^18 + 1 empty ones, 16 MB of header) is refused, naming
+/// the file and the limit, before every entry is held (1.3M entries took
+/// `quantize` and `merge` to 1.93 GB).
+#[test]
+fn a_header_of_too_many_tensors_is_refused() {
+    use peft_faer::hf::st::MAX_TENSORS;
+    let dir = scratch("many-tensors");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut header = String::from("{");
+    for i in 0..=MAX_TENSORS {
+        header.push_str(&format!(r#""t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}},"#));
+    }
+    header.pop();
+    header.push('}');
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    let base = dir.join("many.safetensors");
+    std::fs::write(&base, &bytes).unwrap();
+    let out = dir.join("q.safetensors");
+    let o = peft(&[&"quantize", &"--base", &base, &"--out", &out, &"--format", &"int8"]);
+    let msg = stderr(&o);
+    assert!(!o.status.success() && msg.contains("many.safetensors") && msg.contains("262144 tensors"), "{msg}");
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

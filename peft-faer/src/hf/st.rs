@@ -24,6 +24,12 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use super::HfError;
 
+/// The most tensors one file's header may list (2^18; the largest real
+/// shards hold thousands): a header of a million tiny entries fits in
+/// [`MAX_HEADER_BYTES`] but would take gigabytes once parsed, so the
+/// reader stops at this count.
+pub const MAX_TENSORS: usize = 1 << 18;
+
 /// The largest header accepted (the `safetensors` crate's own limit).
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 
@@ -218,6 +224,11 @@ impl<'de> Visitor<'de> for HeaderVisitor {
                     .next_value::<BTreeMap<String, String>>()
                     .map_err(|e| de::Error::custom(format!("`__metadata__`: {e}")))?;
                 continue;
+            }
+            if out.tensors.len() >= MAX_TENSORS {
+                return Err(de::Error::custom(format!(
+                    "more than {MAX_TENSORS} tensors (a file with more is refused before they are all held)"
+                )));
             }
             let info = map.next_value::<RawInfo>().map_err(|e| de::Error::custom(format!("tensor {k:?}: {e}")))?;
             out.tensors.push((k, info));
