@@ -119,15 +119,7 @@ pub fn combine(sources: &[(&HfAdapter, f64)], combination: Combination, seed: u6
         let mut scratch = vec![0.0f64; combine_scratch_len(&combination, &weighted, rank)];
         core_combine(&combination, &weighted, rank, &mut a, &mut b, &mut scratch, &mut rng)
             .map_err(|error| HfError::InModule { module: name.to_string(), error })?;
-        // Weights large enough to overflow f32 in the factors (1e39 with
-        // `cat`, 1e300 with `linear`) are refused, not written as infinities.
-        for (t, v) in [("lora_A.weight", &a), ("lora_B.weight", &b)] {
-            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                let cause = "the weighted combination overflows f32: a weight is too large";
-                let value = v.get(i).copied().unwrap_or(f32::INFINITY);
-                return Err(HfError::NonFinite { tensor: format!("{name}.{t}"), index: i, value, cause });
-            }
-        }
+        check_factors(name, &a, &b)?;
         modules.push(LoraModule {
             name: name.to_string(),
             a,
@@ -188,4 +180,21 @@ fn factor_lens(combination: &Combination, rank: usize, m: &LoraModule, name: &st
     }
     let too_large = || HfError::Core(peft_core::Error::Overflow);
     Ok((rank.checked_mul(m.n_in).ok_or_else(too_large)?, m.n_out.checked_mul(rank).ok_or_else(too_large)?))
+}
+
+/// `Ok` when the combined factors of module `name` are finite: weights
+/// large enough to overflow f32 in them (1e39 with `cat`, 1e300 with
+/// `linear`) are refused, not written as infinities.
+///
+/// # Errors
+/// [`HfError::NonFinite`] naming the factor and its first bad element.
+fn check_factors(name: &str, a: &[f32], b: &[f32]) -> Result<(), HfError> {
+    for (t, v) in [("lora_A.weight", a), ("lora_B.weight", b)] {
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            let cause = "the weighted combination overflows f32: a weight is too large";
+            let value = v.get(i).copied().unwrap_or(f32::INFINITY);
+            return Err(HfError::NonFinite { tensor: format!("{name}.{t}"), index: i, value, cause });
+        }
+    }
+    Ok(())
 }

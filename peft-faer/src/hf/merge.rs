@@ -158,6 +158,9 @@ fn first_nonfinite(v: &[f32]) -> Option<(usize, f32)> {
     v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i]))
 }
 
+/// Why a non-finite value the adapter holds is refused (`bad`'s cause).
+const HELD: &str = "the adapter holds it; --allow-nonfinite merges it anyway";
+
 /// Refuses non-finite adapter values before anything is written.
 fn check_finite(adapter: &HfAdapter, multiplier: f64) -> Result<(), HfError> {
     let bad = |tensor: String, (index, value): (usize, f32), cause| HfError::NonFinite { tensor, index, value, cause };
@@ -173,80 +176,52 @@ fn check_finite(adapter: &HfAdapter, multiplier: f64) -> Result<(), HfError> {
         }
         for (t, v) in [("lora_A.weight", &m.a), ("lora_B.weight", &m.b)] {
             if let Some(x) = first_nonfinite(v) {
-                return Err(bad(
-                    format!("{}.{t}", m.name),
-                    x,
-                    "the adapter holds it; --allow-nonfinite merges it anyway",
-                ));
+                return Err(bad(format!("{}.{t}", m.name), x, HELD));
             }
         }
         if let Some(x) = m.lora_bias.as_deref().and_then(first_nonfinite) {
-            return Err(bad(
-                format!("{}.lora_B.bias", m.name),
-                x,
-                "the adapter holds it; --allow-nonfinite merges it anyway",
-            ));
+            return Err(bad(format!("{}.lora_B.bias", m.name), x, HELD));
         }
         if let Some(x) = m.magnitude.as_deref().and_then(first_nonfinite) {
-            return Err(bad(
-                format!("{}.lora_magnitude_vector", m.name),
-                x,
-                "the adapter holds it; --allow-nonfinite merges it anyway",
-            ));
+            return Err(bad(format!("{}.lora_magnitude_vector", m.name), x, HELD));
         }
     }
     for m in &adapter.loha {
         for (i, f) in m.factors.iter().enumerate() {
             if let Some(x) = first_nonfinite(f) {
-                return Err(bad(
-                    format!("{}.{}", m.name, super::LOHA_KEYS[i]),
-                    x,
-                    "the adapter holds it; --allow-nonfinite merges it anyway",
-                ));
+                return Err(bad(format!("{}.{}", m.name, super::LOHA_KEYS[i]), x, HELD));
             }
         }
     }
     for m in &adapter.lokr {
         for (key, _, v) in m.stored() {
             if let Some(x) = first_nonfinite(v) {
-                return Err(bad(
-                    format!("{}.{key}", m.name),
-                    x,
-                    "the adapter holds it; --allow-nonfinite merges it anyway",
-                ));
+                return Err(bad(format!("{}.{key}", m.name), x, HELD));
             }
         }
     }
     for m in &adapter.vera {
         for (key, v) in [("vera_lambda_d", &m.lambda_d), ("vera_lambda_b", &m.lambda_b)] {
             if let Some(x) = first_nonfinite(v) {
-                return Err(bad(
-                    format!("{}.{key}", m.name),
-                    x,
-                    "the adapter holds it; --allow-nonfinite merges it anyway",
-                ));
+                return Err(bad(format!("{}.{key}", m.name), x, HELD));
             }
         }
     }
     if let Some(p) = &adapter.vera_projections {
         for (key, v) in [(super::VERA_A_KEY, &p.a), (super::VERA_B_KEY, &p.b)] {
             if let Some(x) = first_nonfinite(v) {
-                return Err(bad(key.to_string(), x, "the adapter holds it; --allow-nonfinite merges it anyway"));
+                return Err(bad(key.to_string(), x, HELD));
             }
         }
     }
     for m in &adapter.ia3 {
         if let Some(x) = first_nonfinite(&m.l) {
-            return Err(bad(
-                format!("{}.ia3_l", m.name),
-                x,
-                "the adapter holds it; --allow-nonfinite merges it anyway",
-            ));
+            return Err(bad(format!("{}.ia3_l", m.name), x, HELD));
         }
     }
     for r in &adapter.replacements {
         if let Some(x) = first_nonfinite(&r.data) {
-            return Err(bad(r.name.clone(), x, "the adapter holds it; --allow-nonfinite merges it anyway"));
+            return Err(bad(r.name.clone(), x, HELD));
         }
     }
     Ok(())

@@ -191,21 +191,35 @@ fn bytes_of(path: &Path) -> u64 {
     }
 }
 
+/// Where `method`'s trained adapter is written under `out`: a PEFT folder
+/// `out/<name>`, or, for a method PEFT does not have (the bottleneck
+/// adapters), this crate's file `out/<name>.safetensors`.
+fn adapter_path(out: &Path, method: &MethodSpec) -> PathBuf {
+    match method.peft_type {
+        Some(_) => out.join(method.name),
+        None => out.join(format!("{}.safetensors", method.name)),
+    }
+}
+
 /// Saves the trained adapter (a PEFT folder, or this crate's bottleneck
-/// file) under `out` and reads it back.
-fn save_and_reload(adapter: &Trainable, name: &str, options: &Options) -> Result<(PathBuf, Trainable), HfError> {
-    Ok(match adapter {
+/// file) at [`adapter_path`] and reads it back.
+fn save_and_reload(
+    adapter: &Trainable,
+    method: &MethodSpec,
+    options: &Options,
+) -> Result<(PathBuf, Trainable), HfError> {
+    let path = adapter_path(&options.out, method);
+    let reloaded = match adapter {
         Trainable::Peft(ad) => {
-            let dir = options.out.join(name);
-            ad.write_dir(&dir, options.force)?;
-            (dir.clone(), Trainable::Peft(Box::new(HfAdapter::read_dir(&dir)?)))
+            ad.write_dir(&path, options.force)?;
+            Trainable::Peft(Box::new(HfAdapter::read_dir(&path)?))
         }
         Trainable::Bottleneck(b) => {
-            let file = options.out.join(format!("{name}.safetensors"));
-            b.save(&file, options.force)?;
-            (file.clone(), Trainable::Bottleneck(Bottleneck::load(&file)?))
+            b.save(&path, options.force)?;
+            Trainable::Bottleneck(Bottleneck::load(&path)?)
         }
-    })
+    };
+    Ok((path, reloaded))
 }
 
 /// `peft merge` of the saved folder into the saved model, and the largest
@@ -269,7 +283,7 @@ pub fn run_method(
     let seconds = start.elapsed().as_secs_f64();
     let final_loss = task.held_out_loss(backend, model, Some(&adapter))?;
     let unmerged = held_out_logits(model, Some(&adapter), task, backend)?;
-    let (file, reloaded) = save_and_reload(&adapter, method.name, options)?;
+    let (file, reloaded) = save_and_reload(&adapter, method, options)?;
     let again = held_out_logits(model, Some(&reloaded), task, backend)?;
     let reload_identical =
         again.len() == unmerged.len() && again.iter().zip(&unmerged).all(|(a, b)| a.to_bits() == b.to_bits());
@@ -299,10 +313,7 @@ pub fn setup(options: &Options, backend: &Faer) -> Result<(Llama, PathBuf, Disti
     if !options.force {
         // Every output the run will write, refused before any training.
         let model = options.model.is_none().then(|| options.out.join("model"));
-        let adapters = options.methods.iter().map(|m| match m.peft_type {
-            Some(_) => options.out.join(m.name),
-            None => options.out.join(format!("{}.safetensors", m.name)),
-        });
+        let adapters = options.methods.iter().map(|m| adapter_path(&options.out, m));
         if let Some(p) = model.into_iter().chain(adapters).find(|p| p.symlink_metadata().is_ok()) {
             return Err(HfError::OutputExists(p));
         }
