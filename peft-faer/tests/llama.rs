@@ -857,3 +857,28 @@ fn a_nan_block_scale_is_refused_when_the_model_loads() {
     assert!(err.contains(name) && err.contains("element 32") && err.contains("scale"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A prompt longer than `PREFILL_CHUNK` runs in chunks through the cache;
+/// its logits equal one unchunked pass (`forward_traced` runs the whole
+/// sequence at once) to rounding, with prompt tuning's virtual rows in the
+/// first chunk, and `forward_last` is the last of those rows.
+#[test]
+fn long_prompts_run_in_chunks_with_the_logits_of_one_pass() {
+    use peft_faer::llama::PREFILL_CHUNK;
+    let ids: Vec<u32> = (0..2 * PREFILL_CHUNK as u32 + 37).map(|i| (i * 13 + 5) % 100).collect();
+    for case in ["prefix_llama", "prompt_llama"] {
+        let m = model(case);
+        let ad = HfAdapter::read_dir(&case_dir(case)).unwrap();
+        let hosted = LlamaAdapter::new(&m, &ad).unwrap();
+        let b = Faer::new();
+        for adapter in [None, Some(&hosted)] {
+            let chunked = m.forward(&b, &ids, adapter, &mut KvCache::new()).unwrap();
+            let whole = m.forward_traced(&b, &ids, adapter, &mut Trace::default()).unwrap();
+            assert_eq!(chunked.len(), whole.len(), "{case}");
+            let whole64: Vec<f64> = whole.iter().map(|&v| f64::from(v)).collect();
+            assert!(rel(&chunked, &whole64) <= 1e-5, "{case}: {}", rel(&chunked, &whole64));
+            let last = m.forward_last(&b, &ids, adapter, &mut KvCache::new()).unwrap();
+            assert!(rel(&last, &whole64[whole.len() - 100..]) <= 1e-5, "{case}");
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! Attention forward pass (see the [module docs](super) for the formula).
 
-use super::{AttentionShape, Dims, Mask, Prefix, forward_scratch_len, masked_softmax, validate};
+use super::{AttentionShape, Block, Mask, Prefix, forward_scratch_len, masked_softmax, validate};
 use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_scratch, check_shape};
@@ -31,16 +31,20 @@ pub fn forward<E: Element, B: Backend<E> + ?Sized>(
     check_shape(Operand::Output, out.rows(), out.cols(), dims.tq, shape.q_width())?;
     let need = forward_scratch_len(dims.tq, dims.tk, dims.p);
     check_scratch(need, scratch.len())?;
-    let (s_buf, _) = scratch.split_at_mut(need);
-    let mut probs = MatMut::new(s_buf, dims.tq, dims.keys())?;
     let one = <E::Accum as Element>::from_f64(1.0);
-    for h in 0..shape.heads() {
-        let heads = HeadViews::new(shape, h, &q, &k, &v, prefix)?;
-        heads.probabilities(backend, shape, dims, mask, &mut probs)?;
-        let (p_pre, p_real) = split_cols(&probs.as_ref(), dims)?;
-        let mut o_h = out.cols_range_mut(h * shape.head_dim(), shape.head_dim()).ok_or(Error::Overflow)?;
-        backend.gemm(o_h.rb_mut(), Accum::Replace, p_pre, Op::N, heads.pv, Op::N, one)?;
-        backend.gemm(o_h, Accum::Add, p_real, Op::N, heads.v, Op::N, one)?;
+    for block in Block::all(dims, mask.causal) {
+        let (q_b, k_b, v_b) = (block.query_rows(&q)?, block.key_rows(&k)?, block.key_rows(&v)?);
+        let s_buf = scratch.get_mut(..block.rows * block.keys()).ok_or(Error::Overflow)?;
+        let mut probs = MatMut::new(s_buf, block.rows, block.keys())?;
+        let mut out_b = out.rb_mut().into_rows_range(block.row0, block.rows).ok_or(Error::Overflow)?;
+        for h in 0..shape.heads() {
+            let heads = HeadViews::new(shape, h, &q_b, &k_b, &v_b, prefix)?;
+            heads.probabilities(backend, shape, block, mask, &mut probs)?;
+            let (p_pre, p_real) = split_cols(&probs.as_ref(), block)?;
+            let mut o_h = out_b.cols_range_mut(h * shape.head_dim(), shape.head_dim()).ok_or(Error::Overflow)?;
+            backend.gemm(o_h.rb_mut(), Accum::Replace, p_pre, Op::N, heads.pv, Op::N, one)?;
+            backend.gemm(o_h, Accum::Add, p_real, Op::N, heads.v, Op::N, one)?;
+        }
     }
     Ok(())
 }
@@ -74,26 +78,28 @@ impl<'a, E: Element> HeadViews<'a, E> {
         Ok(Self { q: cols(q, h * dh)?, k: cols(k, g)?, v: cols(v, g)?, pk, pv })
     }
 
-    /// `probs = softmax(q [pk; k]^T / sqrt(d_head) + mask)`.
+    /// `probs = softmax(q [pk; k]^T / sqrt(d_head) + mask)` over one block
+    /// (these views are the block's rows and keys).
     pub(crate) fn probabilities<B: Backend<E> + ?Sized>(
         &self,
         backend: &B,
         shape: &AttentionShape,
-        dims: Dims,
+        block: Block,
         mask: &Mask<'_, E>,
         probs: &mut MatMut<'_, E>,
     ) -> Outcome<E, B> {
         let scale = <E::Accum as Element>::from_f64(1.0 / libm::sqrt(shape.head_dim() as f64));
-        let s_pre = probs.cols_range_mut(0, dims.p).ok_or(Error::Overflow)?;
+        let s_pre = probs.cols_range_mut(0, block.call.p).ok_or(Error::Overflow)?;
         backend.gemm(s_pre, Accum::Replace, self.q, Op::N, self.pk, Op::T, scale)?;
-        let s_real = probs.cols_range_mut(dims.p, dims.tk).ok_or(Error::Overflow)?;
+        let s_real = probs.cols_range_mut(block.call.p, block.tk).ok_or(Error::Overflow)?;
         backend.gemm(s_real, Accum::Replace, self.q, Op::N, self.k, Op::T, scale)?;
-        masked_softmax(probs, dims, mask);
+        masked_softmax(probs, block, mask);
         Ok(())
     }
 }
 
-/// `(m[:, ..p], m[:, p..])`.
-pub(crate) fn split_cols<'a, E: Element>(m: &MatRef<'a, E>, dims: Dims) -> Result<(MatRef<'a, E>, MatRef<'a, E>)> {
-    Ok((m.cols_range(0, dims.p).ok_or(Error::Overflow)?, m.cols_range(dims.p, dims.tk).ok_or(Error::Overflow)?))
+/// `(m[:, ..p], m[:, p..])` of one block's `[rows, p + tk]` matrix.
+pub(crate) fn split_cols<'a, E: Element>(m: &MatRef<'a, E>, block: Block) -> Result<(MatRef<'a, E>, MatRef<'a, E>)> {
+    let p = block.call.p;
+    Ok((m.cols_range(0, p).ok_or(Error::Overflow)?, m.cols_range(p, block.tk).ok_or(Error::Overflow)?))
 }

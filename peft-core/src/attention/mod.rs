@@ -24,6 +24,16 @@
 //! [`extend_additive_mask`] builds the extended mask from a `[tq, tk]` one
 //! the way the mistakes note's fix does (zeros in front).
 //!
+//! ## Blocks of queries
+//!
+//! Both passes run over the query rows in blocks of [`QUERY_BLOCK`], so the
+//! scratch holds one block's scores, `min(tq, QUERY_BLOCK) * (p + tk)`
+//! elements: memory is linear in the prompt. Under a causal mask a block
+//! reads only the real keys its last row can see; the keys after them have
+//! probability exactly 0 for every row of the block and are skipped, which
+//! halves a long prompt's attention work. Each row's softmax is over its
+//! whole visible key range, as before: blocking changes no formula.
+//!
 //! ## Softmax
 //!
 //! Each row subtracts its maximum over visible keys before `exp`, so no
@@ -192,15 +202,65 @@ pub(crate) fn validate<E: Element>(
     Ok(dims)
 }
 
-/// Scratch [`forward`](forward::forward) needs: `tq * (p + tk)` (one
-/// head's probabilities at a time).
+/// Query rows per block. Attention runs over the queries in blocks of this
+/// many rows, so its scratch holds one block's scores: memory grows
+/// linearly with the prompt, not with its square.
+pub const QUERY_BLOCK: usize = 64;
+
+/// Scratch [`forward`](forward::forward) needs: `min(tq, QUERY_BLOCK) * (p + tk)`
+/// (one head's probabilities for one block of query rows at a time).
 pub const fn forward_scratch_len(tq: usize, tk: usize, p: usize) -> usize {
-    tq.saturating_mul(p.saturating_add(tk))
+    let rows = if tq < QUERY_BLOCK { tq } else { QUERY_BLOCK };
+    rows.saturating_mul(p.saturating_add(tk))
 }
 
-/// Scratch [`backward`](backward::backward) needs: `2 * tq * (p + tk)`.
+/// Scratch [`backward`](backward::backward) needs: twice
+/// [`forward_scratch_len`], `2 * min(tq, QUERY_BLOCK) * (p + tk)`.
 pub const fn backward_scratch_len(tq: usize, tk: usize, p: usize) -> usize {
     forward_scratch_len(tq, tk, p).saturating_mul(2)
+}
+
+/// One block of query rows, `row0 .. row0 + rows` of the call, and the real
+/// keys it reads: all `tk` of them, or under a causal mask only the first
+/// `tk` the block's last row can see (a later key's probability is exactly
+/// 0 for every row of the block, so it is not computed).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Block {
+    /// The whole call's dimensions (the causal alignment needs them).
+    pub call: Dims,
+    /// First query row of the block.
+    pub row0: usize,
+    /// Query rows in the block.
+    pub rows: usize,
+    /// Real keys the block reads (`<= call.tk`).
+    pub tk: usize,
+}
+
+impl Block {
+    /// The blocks of a call, in order.
+    pub(crate) fn all(call: Dims, causal: bool) -> impl Iterator<Item = Block> {
+        (0..call.tq).step_by(QUERY_BLOCK).map(move |row0| {
+            let rows = QUERY_BLOCK.min(call.tq - row0);
+            // Row i sees real key r iff r + tq <= i + tk; the block's last row is row0 + rows - 1.
+            let tk = if causal { (row0 + rows + call.tk).saturating_sub(call.tq).min(call.tk) } else { call.tk };
+            Block { call, row0, rows, tk }
+        })
+    }
+
+    /// Columns of the block's scores: `p + tk`.
+    pub(crate) fn keys(&self) -> usize {
+        self.call.p + self.tk
+    }
+
+    /// The block's rows of a `[tq, _]` operand.
+    pub(crate) fn query_rows<'a, E: Element>(&self, m: &MatRef<'a, E>) -> Result<MatRef<'a, E>> {
+        m.rows_range(self.row0, self.rows).ok_or(Error::Overflow)
+    }
+
+    /// The keys the block reads of a `[tk, _]` operand.
+    pub(crate) fn key_rows<'a, E: Element>(&self, m: &MatRef<'a, E>) -> Result<MatRef<'a, E>> {
+        m.rows_range(0, self.tk).ok_or(Error::Overflow)
+    }
 }
 
 /// The fix for mistake 11 (`peft_verify::mistakes`), for callers with their own attention:
@@ -223,13 +283,15 @@ pub fn extend_additive_mask<E: Element>(mask: MatRef<'_, E>, n_prefix: usize, mu
     Ok(())
 }
 
-/// Softmax of each row of `s` (scaled scores) in place, under the mask.
+/// Softmax of each row of `s` (one block's scaled scores, `[rows, p + block.tk]`)
+/// in place, under the mask, row `i` of `s` being the call's row `row0 + i`.
 /// Hidden entries become exactly 0; a row with nothing visible becomes all
 /// zeros.
-pub(crate) fn masked_softmax<E: Element>(s: &mut MatMut<'_, E>, dims: Dims, mask: &Mask<'_, E>) {
+pub(crate) fn masked_softmax<E: Element>(s: &mut MatMut<'_, E>, block: Block, mask: &Mask<'_, E>) {
     let neg_inf = <E::Accum as Element>::from_f64(f64::NEG_INFINITY);
-    let Dims { tq, tk, p } = dims;
-    for (i, row) in s.row_iter_mut().enumerate() {
+    let Dims { tq, tk, p } = block.call;
+    for (local, row) in s.row_iter_mut().enumerate() {
+        let i = block.row0 + local;
         let add = mask.additive.as_ref().map(|m| m.row(i));
         let visible = |j: usize, v: E::Accum| -> E::Accum {
             let structural = j < p || {

@@ -171,49 +171,89 @@ fn forward_matches_f64_oracle() {
 fn gradients_match_central_finite_differences() {
     let mut rng = Rng::new(33);
     for pr in configs(&mut rng) {
-        let (qw, kw) = (pr.shape.q_width(), pr.shape.kv_width());
-        let g: Vec<f64> = (0..pr.tq * qw).map(|_| rng.uniform_range(-1.0, 1.0)).collect();
-        let (mut dq, mut dk, mut dv) = (vec![0.0; pr.q.len()], vec![0.0; pr.k.len()], vec![0.0; pr.v.len()]);
-        let mut dpkv = vec![0.0; 2 * pr.pk.len()];
-        {
-            let (q, k, v, prefix, mask) = pr.views();
-            let grads = AttentionGrads {
-                q: MatMut::new(&mut dq, pr.tq, qw).unwrap(),
-                k: MatMut::new(&mut dk, pr.tk, kw).unwrap(),
-                v: MatMut::new(&mut dv, pr.tk, kw).unwrap(),
-                prefix: prefix.as_ref().map(|_| PrefixGrads { kv: MatMut::new(&mut dpkv, pr.p, 2 * kw).unwrap() }),
-            };
-            let mut s = vec![0.0; backward_scratch_len(pr.tq, pr.tk, pr.p)];
-            let go = MatRef::new(&g, pr.tq, qw).unwrap();
-            backward(&Reference, &pr.shape, q, k, v, prefix.as_ref(), &mask, go, grads, &mut s).unwrap();
-        }
-        let (dpk, dpv): (Vec<f64>, Vec<f64>) = {
-            let rows: Vec<&[f64]> = dpkv.chunks(2 * kw).collect();
-            (rows.iter().flat_map(|r| r[..kw].to_vec()).collect(), rows.iter().flat_map(|r| r[kw..].to_vec()).collect())
-        };
-        let h = 1e-6;
-        for (which, analytic) in [(0, &dq), (1, &dk), (2, &dv), (3, &dpk), (4, &dpv)] {
-            for (idx, &want) in analytic.iter().enumerate() {
-                let perturbed = |delta: f64| {
-                    let mut p2 = pr.clone();
-                    let t = match which {
-                        0 => &mut p2.q,
-                        1 => &mut p2.k,
-                        2 => &mut p2.v,
-                        3 => &mut p2.pk,
-                        _ => &mut p2.pv,
-                    };
-                    t[idx] += delta;
-                    p2.loss(&g)
-                };
-                let fd = (perturbed(h) - perturbed(-h)) / (2.0 * h);
-                assert!(
-                    (fd - want).abs() <= 1e-6 * want.abs().max(1.0),
-                    "tensor {which} idx {idx}: fd {fd} vs {want} (causal {}, p {})",
-                    pr.causal,
-                    pr.p
-                );
+        check_gradients(&pr, &mut rng, 1);
+    }
+}
+
+/// Problems spanning several blocks of [`QUERY_BLOCK`] query rows: a key
+/// cache longer than the queries (`tk > tq`), a prefix, and each mask kind.
+fn multi_block_configs(rng: &mut Rng) -> Vec<Problem> {
+    let (tq, tk, p) = (2 * QUERY_BLOCK + 5, 2 * QUERY_BLOCK + 12, 2);
+    (0..4)
+        .map(|variant| {
+            let mut pr = Problem::random(rng, 2, 1, 2, tq, tk, p);
+            pr.causal = variant != 0;
+            if variant >= 2 {
+                let mut pad = vec![1u8; tk];
+                pad[3] = 0;
+                pad[QUERY_BLOCK + 1] = 0;
+                pr.pad = Some(pad);
             }
+            if variant == 3 {
+                pr.additive = Some((0..tq * (p + tk)).map(|_| rng.uniform_range(-1.0, 0.5)).collect());
+            }
+            pr
+        })
+        .collect()
+}
+
+#[test]
+fn blocks_of_queries_match_the_oracle_and_finite_differences() {
+    let mut rng = Rng::new(44);
+    for pr in multi_block_configs(&mut rng) {
+        assert!(forward_scratch_len(pr.tq, pr.tk, pr.p) == QUERY_BLOCK * (pr.p + pr.tk), "scratch is one block's");
+        close(&pr.run(), &pr.oracle(), 1e-13);
+        // Every 11th element of each gradient: rows in each block, keys
+        // before and after the first block's causal horizon.
+        check_gradients(&pr, &mut rng, 11);
+    }
+}
+
+/// The analytic gradients of `sum(O * g)` against central differences, at
+/// every `stride`-th element of each of dQ, dK, dV, dPK, dPV.
+fn check_gradients(pr: &Problem, rng: &mut Rng, stride: usize) {
+    let (qw, kw) = (pr.shape.q_width(), pr.shape.kv_width());
+    let g: Vec<f64> = (0..pr.tq * qw).map(|_| rng.uniform_range(-1.0, 1.0)).collect();
+    let (mut dq, mut dk, mut dv) = (vec![0.0; pr.q.len()], vec![0.0; pr.k.len()], vec![0.0; pr.v.len()]);
+    let mut dpkv = vec![0.0; 2 * pr.pk.len()];
+    {
+        let (q, k, v, prefix, mask) = pr.views();
+        let grads = AttentionGrads {
+            q: MatMut::new(&mut dq, pr.tq, qw).unwrap(),
+            k: MatMut::new(&mut dk, pr.tk, kw).unwrap(),
+            v: MatMut::new(&mut dv, pr.tk, kw).unwrap(),
+            prefix: prefix.as_ref().map(|_| PrefixGrads { kv: MatMut::new(&mut dpkv, pr.p, 2 * kw).unwrap() }),
+        };
+        let mut s = vec![0.0; backward_scratch_len(pr.tq, pr.tk, pr.p)];
+        let go = MatRef::new(&g, pr.tq, qw).unwrap();
+        backward(&Reference, &pr.shape, q, k, v, prefix.as_ref(), &mask, go, grads, &mut s).unwrap();
+    }
+    let (dpk, dpv): (Vec<f64>, Vec<f64>) = {
+        let rows: Vec<&[f64]> = dpkv.chunks(2 * kw).collect();
+        (rows.iter().flat_map(|r| r[..kw].to_vec()).collect(), rows.iter().flat_map(|r| r[kw..].to_vec()).collect())
+    };
+    let h = 1e-6;
+    for (which, analytic) in [(0, &dq), (1, &dk), (2, &dv), (3, &dpk), (4, &dpv)] {
+        for (idx, &want) in analytic.iter().enumerate().step_by(stride) {
+            let perturbed = |delta: f64| {
+                let mut p2 = pr.clone();
+                let t = match which {
+                    0 => &mut p2.q,
+                    1 => &mut p2.k,
+                    2 => &mut p2.v,
+                    3 => &mut p2.pk,
+                    _ => &mut p2.pv,
+                };
+                t[idx] += delta;
+                p2.loss(&g)
+            };
+            let fd = (perturbed(h) - perturbed(-h)) / (2.0 * h);
+            assert!(
+                (fd - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "tensor {which} idx {idx}: fd {fd} vs {want} (causal {}, p {})",
+                pr.causal,
+                pr.p
+            );
         }
     }
 }

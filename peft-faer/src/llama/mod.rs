@@ -228,6 +228,27 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Room for `rows` more positions in every layer of a model with
+    /// config `c` (the layers are created on first use).
+    ///
+    /// # Errors
+    /// [`HfError::Config`] (`ids`) when the cache for that many positions
+    /// cannot be allocated; the cache keeps what it held.
+    fn reserve(&mut self, c: &LlamaConfig, rows: usize) -> Result<(), HfError> {
+        if self.k.len() != c.num_layers {
+            self.k = vec![Vec::new(); c.num_layers];
+            self.v = vec![Vec::new(); c.num_layers];
+        }
+        let more = rows.saturating_mul(c.kv_width());
+        for kv in self.k.iter_mut().chain(self.v.iter_mut()) {
+            kv.try_reserve(more).map_err(|e| HfError::Config {
+                field: "ids".into(),
+                reason: format!("the key/value cache for {rows} more positions cannot be allocated ({e})"),
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// One bottleneck adapter's tensors: `W_down [m, d]`, `b_down [m]`, `W_up
@@ -671,6 +692,14 @@ impl Llama {
     /// ids.len()`), otherwise `rows = ids.len()`. The cache takes the new
     /// keys and values.
     ///
+    /// The ids run in chunks of [`PREFILL_CHUNK`] through the cache, so the
+    /// activations held at once are bounded by a chunk and only the cache
+    /// and the logits grow with the prompt (with attention's blocks of
+    /// queries, memory is linear in its length). A chunk's rows attend to
+    /// every key before them, so chunking changes no formula; the sums are
+    /// grouped differently, a rounding-level difference for prompts longer
+    /// than one chunk.
+    ///
     /// # Errors
     /// [`HfError::Config`] (`ids`) for an id outside the vocabulary, before
     /// anything runs; the backend's errors. Nothing to run (no ids, no
@@ -682,7 +711,57 @@ impl Llama {
         adapter: Option<&LlamaAdapter<'_>>,
         cache: &mut KvCache,
     ) -> Result<Vec<f32>, HfError> {
-        self.run(backend, ids, adapter, cache, None)
+        self.prefill(backend, ids, adapter, cache, Rows::All)
+    }
+
+    /// [`Llama::forward`], returning the last row's logits only, `[vocab]`
+    /// (empty when there is nothing to run): what decoding needs, without
+    /// `lm_head` over every row of the prompt or `[rows, vocab]` held.
+    ///
+    /// # Errors
+    /// As [`Llama::forward`].
+    pub fn forward_last<B: Backend<f32> + ?Sized>(
+        &self,
+        backend: &B,
+        ids: &[u32],
+        adapter: Option<&LlamaAdapter<'_>>,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>, HfError> {
+        self.prefill(backend, ids, adapter, cache, Rows::Last)
+    }
+
+    /// `ids` in chunks of [`PREFILL_CHUNK`] through the cache, keeping the
+    /// logits `want` asks for.
+    fn prefill<B: Backend<f32> + ?Sized>(
+        &self,
+        backend: &B,
+        ids: &[u32],
+        adapter: Option<&LlamaAdapter<'_>>,
+        cache: &mut KvCache,
+        want: Rows,
+    ) -> Result<Vec<f32>, HfError> {
+        // Every id is checked before the first chunk runs, so a bad id changes no cache.
+        self.check_ids(ids)?;
+        // The cache grows once, to its final size, not by doubling as chunks arrive.
+        let virtual_rows = match adapter {
+            Some(a @ LlamaAdapter::Prompt { .. }) if cache.is_empty() => a.virtual_tokens(),
+            _ => 0,
+        };
+        cache.reserve(&self.config, ids.len().saturating_add(virtual_rows))?;
+        if ids.len() <= PREFILL_CHUNK {
+            return self.run(backend, ids, adapter, cache, None, want);
+        }
+        let mut logits = Vec::new();
+        let mut chunks = ids.chunks(PREFILL_CHUNK).peekable();
+        while let Some(chunk) = chunks.next() {
+            let last = chunks.peek().is_none();
+            let rows = match want {
+                Rows::Last if !last => Rows::None,
+                w => w,
+            };
+            logits.extend(self.run(backend, chunk, adapter, cache, None, rows)?);
+        }
+        Ok(logits)
     }
 
     /// [`Llama::forward`] of a whole sequence (no cache) that keeps what
@@ -697,7 +776,7 @@ impl Llama {
         adapter: Option<&LlamaAdapter<'_>>,
         trace: &mut Trace,
     ) -> Result<Vec<f32>, HfError> {
-        self.run(backend, ids, adapter, &mut KvCache::new(), Some(trace))
+        self.run(backend, ids, adapter, &mut KvCache::new(), Some(trace), Rows::All)
     }
 
     /// Whether `other` holds the same weights bit for bit (a NaN weight
@@ -842,13 +921,8 @@ impl Llama {
     /// # Errors
     /// [`HfError::Config`] (`ids`) for an id outside the vocabulary.
     fn embed_rows(&self, ids: &[u32], prompt: Option<(&[f32], usize)>) -> Result<Vec<f32>, HfError> {
-        let (vocab, d) = (self.config.vocab_size, self.config.hidden_size);
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(HfError::Config {
-                field: "ids".into(),
-                reason: format!("token {id} is outside the vocabulary (vocab_size {vocab})"),
-            });
-        }
+        self.check_ids(ids)?;
+        let d = self.config.hidden_size;
         let n = ids.len() + prompt.map_or(0, |(_, t)| t);
         let mut h = vec![0.0f32; n * d];
         let mut at = 0;
@@ -863,6 +937,24 @@ impl Llama {
         Ok(h)
     }
 
+    /// `Ok` when every id is inside the vocabulary.
+    ///
+    /// # Errors
+    /// [`HfError::Config`] (`ids`) naming the first id outside it.
+    fn check_ids(&self, ids: &[u32]) -> Result<(), HfError> {
+        let vocab = self.config.vocab_size;
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(&id) => Err(HfError::Config {
+                field: "ids".into(),
+                reason: format!("token {id} is outside the vocabulary (vocab_size {vocab})"),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// One pass of `ids` (and the virtual tokens, on an empty cache) through
+    /// every layer, the cache taking their keys and values; the logits of
+    /// the rows `want` names.
     fn run<B: Backend<f32> + ?Sized>(
         &self,
         backend: &B,
@@ -870,6 +962,7 @@ impl Llama {
         adapter: Option<&LlamaAdapter<'_>>,
         cache: &mut KvCache,
         mut trace: Option<&mut Trace>,
+        want: Rows,
     ) -> Result<Vec<f32>, HfError> {
         let c = &self.config;
         let d = c.hidden_size;
@@ -890,10 +983,7 @@ impl Llama {
         // Positions: after the cache, and after a prefix's entries.
         let first_pos = adapter.map_or(0, LlamaAdapter::prefix_tokens) + cache.len;
         let rope: Vec<(Vec<f32>, Vec<f32>)> = (0..n).map(|i| self.rope(first_pos + i)).collect();
-        if cache.k.len() != c.num_layers {
-            cache.k = vec![Vec::new(); c.num_layers];
-            cache.v = vec![Vec::new(); c.num_layers];
-        }
+        cache.reserve(c, n)?;
         let shape = AttentionShape::new(c.num_heads, c.num_kv_heads, c.head_dim).map_err(HfError::Core)?;
         let (qw, f) = (c.q_width(), c.intermediate_size);
         let Buffers { mut norm, mut q, mut k, mut v, mut attn, mut out, mut gate, mut up, mut attention, mut sites } =
@@ -958,7 +1048,7 @@ impl Llama {
             t.h_final = h;
             t.normed = norm.clone();
         }
-        let logits = self.logits(backend, &norm, head_lora)?;
+        let logits = self.logits(backend, want.of(&norm, d), head_lora)?;
         cache.buffers = Buffers { norm, q, k, v, attn, out, gate, up, attention, sites };
         Ok(logits)
     }
@@ -1009,14 +1099,12 @@ impl Llama {
         // Grown as tokens come: `max_new` is a bound, not a size to reserve
         // (2^40 would ask for terabytes up front).
         let mut out = Vec::with_capacity(max_new.min(1 << 12));
-        let mut logits = self.forward(backend, ids, adapter, &mut cache)?;
+        let mut row = self.forward_last(backend, ids, adapter, &mut cache)?;
         for _ in 0..max_new {
-            let last = logits.len().saturating_sub(self.config.vocab_size);
-            let row = &logits[last..];
-            check_finite_logits(row, cache.len().saturating_sub(1))?;
-            let Some(next) = argmax(row) else { break };
+            check_finite_logits(&row, cache.len().saturating_sub(1))?;
+            let Some(next) = argmax(&row) else { break };
             out.push(next as u32);
-            logits = self.forward(backend, &[next as u32], adapter, &mut cache)?;
+            row = self.forward_last(backend, &[next as u32], adapter, &mut cache)?;
         }
         Ok(out)
     }
@@ -1036,6 +1124,35 @@ pub fn check_finite_logits(row: &[f32], pos: usize) -> Result<(), HfError> {
             value: row[t],
             cause: "the model's output is not finite (a NaN or infinite weight, or an overflow)",
         }),
+    }
+}
+
+/// Prompt rows per pass of [`Llama::forward`]: a longer prompt runs in
+/// chunks of this many through the key/value cache, which bounds the
+/// activations held at once (about `PREFILL_CHUNK * (4 hidden + 3
+/// intermediate)` floats, plus one chunk's logits) while keeping each
+/// product large enough to run at full speed.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// Which rows' logits a pass computes.
+#[derive(Clone, Copy, Debug)]
+enum Rows {
+    /// Every row's.
+    All,
+    /// The last row's.
+    Last,
+    /// None (a chunk before the last, when only the last row is wanted).
+    None,
+}
+
+impl Rows {
+    /// These rows of `m`, `[n, width]`.
+    fn of(self, m: &[f32], width: usize) -> &[f32] {
+        match self {
+            Self::All => m,
+            Self::Last => &m[m.len().saturating_sub(width)..],
+            Self::None => &[],
+        }
     }
 }
 

@@ -40,10 +40,15 @@ pub(crate) fn forward_cmd(
         check_output(out, &refs, force)?;
     }
     let hosted = ad.as_ref().map(|a| LlamaAdapter::new(&m, a)).transpose()?;
-    let logits = m.forward(&Faer::new(), ids, hosted.as_ref(), &mut KvCache::new())?;
+    // Every row's logits only when they are written: the top tokens need the last row alone.
+    let (backend, mut cache) = (Faer::new(), KvCache::new());
+    let logits = match out {
+        Some(_) => m.forward(&backend, ids, hosted.as_ref(), &mut cache)?,
+        None => m.forward_last(&backend, ids, hosted.as_ref(), &mut cache)?,
+    };
     let vocab = m.config.vocab_size;
-    let rows = logits.len() / vocab;
-    let last = &logits[(rows - 1) * vocab..];
+    let rows = cache.len();
+    let last = &logits[logits.len() - vocab..];
     // A NaN would sort first and an infinity would make every probability
     // NaN: refused, naming the position and token.
     peft_faer::llama::check_finite_logits(last, rows - 1)?;
