@@ -168,7 +168,8 @@ pub enum Error {
     },
     /// A finite value beyond what its storage holds: above 65504 for f16,
     /// or a block whose scale would pass f16's 65504 (`|x|` above `65504 *
-    /// 127` for Q8_0, `65504 * 8` for Q4_0).
+    /// 127` for Q8_0, `65504 * 8` for Q4_0); or a stored int8 row whose
+    /// scale times its largest value overflows f32 (`Parameter`, the row).
     OutOfRange {
         /// Where ([`Operand::Weight`]).
         operand: Operand,
@@ -219,6 +220,9 @@ impl fmt::Display for Error {
                 write!(f, "non-finite value in {operand:?} #{index}: step refused, nothing changed")
             }
             Error::NonFinite { operand, index } => write!(f, "element {index} of the {operand:?} is NaN or infinite"),
+            Error::OutOfRange { operand: Operand::Parameter, index } => {
+                write!(f, "int8 row {index}: its scale times its largest value overflows f32")
+            }
             Error::OutOfRange { operand, index } => write!(
                 f,
                 "element {index} of the {operand:?} is beyond what its format stores (f16: |x| <= 65504; \

@@ -858,6 +858,50 @@ fn a_nan_block_scale_is_refused_when_the_model_loads() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// An int8 row whose scale times its largest value overflows f32 (a
+/// `-128` with a scale of 3e36: 128 * 3e36 > f32::MAX = 3.4e38 while
+/// 127 * 3e36 is not, found by the `quantized_storage` fuzz target) is
+/// refused when a model loads and when `peft quantize` reads the base, naming
+/// the tensor and the row, instead of decoding to an infinity.
+#[test]
+fn an_int8_row_that_overflows_is_refused_where_it_is_read() {
+    let dir = scratch("llama-int8-overflow");
+    let model = model_folder(&dir, "model", true);
+    let q = model_folder(&dir, "int8", false);
+    let file = q.join("model.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(["quantize", "--format", "int8", "--base"])
+        .arg(model.join("model.safetensors"))
+        .arg("--out")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(Llama::load_dir(&q).is_ok());
+    // Row 2 of q_proj (64 columns: 4 scale bytes, then 64 int8): scale 3e36, first value -128.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let (header, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let name = "model.layers.1.self_attn.q_proj.weight";
+    let row = 8 + header + meta.info(name).unwrap().data_offsets.0 + 2 * (4 + 64);
+    bytes[row..row + 4].copy_from_slice(&3e36f32.to_le_bytes());
+    bytes[row + 4] = 0x80;
+    std::fs::write(&file, &bytes).unwrap();
+    let err = Llama::load_dir(&q).unwrap_err().to_string();
+    assert!(err.contains(name) && err.contains("row 2") && err.contains("overflows"), "{err}");
+    let out = dir.join("q8.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(["quantize", "--format", "q8_0", "--base"])
+        .arg(&file)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains(name) && err.contains("row 2"), "{err}");
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A prompt longer than `PREFILL_CHUNK` runs in chunks through the cache;
 /// its logits equal one unchunked pass (`forward_traced` runs the whole
 /// sequence at once) to rounding, with prompt tuning's virtual rows in the

@@ -582,5 +582,32 @@ pub fn dequantize(w: &StoredWeight<'_>, dst: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
+/// `Ok` when every row of an int8 matrix decodes to finite values: row `j`
+/// of `q [rows, cols]` (`rows = scales.len()`) has a finite scale and
+/// `max_k |q[j, k]| * |scales[j]|` does not overflow f32. A file's bytes
+/// can hold any scale and `-128`, which [`quantize()`] never writes (it
+/// keeps `127 |s|` finite), so the readers of files check this once when
+/// a matrix is loaded; [`StoredWeight::int8`], built on every product,
+/// checks only that the scales are finite.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] (`Parameter`) unless `q.len() == rows * cols`;
+/// [`Error::NonFinite`] (`Parameter`, the row) for a NaN or infinite scale;
+/// [`Error::OutOfRange`] (`Parameter`, the row) for a row whose largest
+/// value overflows.
+pub fn check_int8_rows(q: &[i8], scales: &[f32], cols: usize) -> Result<()> {
+    check_len(Operand::Parameter, checked_len(scales.len(), cols)?, q.len())?;
+    for (j, (&s, row)) in scales.iter().zip(q.chunks(cols.max(1))).enumerate() {
+        if !s.is_finite() {
+            return Err(Error::NonFinite { operand: Operand::Parameter, index: j });
+        }
+        let largest = row.iter().map(|&v| i16::from(v).unsigned_abs()).max().unwrap_or(0);
+        if !(f32::from(largest) * s).is_finite() {
+            return Err(Error::OutOfRange { operand: Operand::Parameter, index: j });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests;

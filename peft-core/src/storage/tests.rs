@@ -138,3 +138,31 @@ fn int8_rows_at_the_ends_of_the_range_decode_within_the_bound() {
         }
     }
 }
+
+/// `check_int8_rows` against hand-computed limits: f32::MAX is about
+/// 3.4028e38, so 128 * 2.65e36 = 3.392e38 is finite, 128 * 2.67e36 =
+/// 3.418e38 is not, and 127 * 2.67e36 = 3.391e38 is.
+#[test]
+fn int8_rows_that_would_decode_to_infinity_are_refused() {
+    let ok_scale = 2.65e36f32;
+    let edge = 2.67e36f32;
+    let rows = [-128i8, 5, 127, 1, 2, -127];
+    assert_eq!(check_int8_rows(&rows, &[ok_scale, edge], 3), Ok(()), "-128 * 2.65e36 and 127 * 2.67e36 are finite");
+    let rows = [1i8, 2, 3, 4, -128, 6];
+    assert_eq!(
+        check_int8_rows(&rows, &[1.0, edge], 3),
+        Err(Error::OutOfRange { operand: Operand::Parameter, index: 1 }),
+        "-128 * 2.67e36 overflows"
+    );
+    assert_eq!(
+        check_int8_rows(&rows, &[f32::NAN, 1.0], 3),
+        Err(Error::NonFinite { operand: Operand::Parameter, index: 0 })
+    );
+    assert!(matches!(check_int8_rows(&rows, &[1.0], 3), Err(Error::ShapeMismatch { .. })));
+    // What the quantizer writes for a row at f32::MAX passes: it keeps 127 |s| finite.
+    let row = [f32::MAX, -1.0, 0.5];
+    let (mut q, mut scales) = ([0i8; 3], [0.0f32; 1]);
+    quantize(&row, 1, 3, Quantized::Int8(&mut q, &mut scales)).unwrap();
+    assert!(q.contains(&127) && (127.0 * scales[0]).is_finite());
+    assert_eq!(check_int8_rows(&q, &scales, 3), Ok(()));
+}

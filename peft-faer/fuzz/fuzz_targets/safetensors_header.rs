@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use peft_faer::hf::st::parse_header;
+use peft_faer::hf::st::{parse_header, row_bytes};
 
 fuzz_target!(|data: &[u8]| {
     let Some((len, json)) = data.split_first_chunk::<8>() else { return };
@@ -16,8 +16,13 @@ fuzz_target!(|data: &[u8]| {
         let mut at = 8 + json.len() as u64;
         for e in &header.entries {
             assert_eq!(e.offset, at, "{}: not contiguous", e.name);
-            let numel: u64 = e.shape.iter().map(|&d| d as u64).product();
-            assert_eq!(numel * e.dtype.size() as u64, e.len, "{}: size", e.name);
+            // A quantized matrix's shape is its logical `[rows, cols]`, stored as whole rows of bytes.
+            let stored = match (e.quant, e.shape.as_slice()) {
+                (Some(f), &[rows, cols]) => rows as u64 * row_bytes(f, cols).expect("row size") as u64,
+                (Some(_), shape) => panic!("{}: quantized but not a matrix: {shape:?}", e.name),
+                (None, shape) => shape.iter().map(|&d| d as u64).product::<u64>() * e.dtype.size() as u64,
+            };
+            assert_eq!(stored, e.len, "{}: size", e.name);
             at += e.len;
         }
         assert_eq!(at, file_len);

@@ -374,7 +374,9 @@ pub fn from_f32(d: Dtype, vals: &[f32], out: &mut Vec<u8>) -> Result<(), HfError
 /// a file stores them, see [`row_bytes`]) into `out` (`rows * cols`).
 ///
 /// # Errors
-/// [`HfError::Core`] if the lengths disagree.
+/// [`HfError::Core`] if the lengths disagree; for an int8 row whose scale
+/// is not finite or would overflow its largest value
+/// ([`peft_core::storage::check_int8_rows`], the row's index in `bytes`).
 pub fn decode_rows(f: Format, bytes: &[u8], cols: usize, out: &mut [f32]) -> Result<(), HfError> {
     let rb = row_bytes(f, cols).ok_or(HfError::Core(peft_core::Error::Overflow))?;
     let rows = bytes.len() / rb.max(1);
@@ -388,10 +390,13 @@ pub fn decode_rows(f: Format, bytes: &[u8], cols: usize, out: &mut [f32]) -> Res
     match f {
         Format::F32 | Format::F16 | Format::Bf16 => to_f32(format_dtype(f), bytes, out),
         Format::Int8 => {
-            for (row, dst) in bytes.chunks_exact(rb).zip(out.chunks_exact_mut(cols.max(1))) {
+            for (j, (row, dst)) in bytes.chunks_exact(rb).zip(out.chunks_exact_mut(cols.max(1))).enumerate() {
                 let (scale, q) = row.split_at(4);
-                let scale = f32::from_le_bytes([scale[0], scale[1], scale[2], scale[3]]);
-                RowRef::Int8(bytemuck::cast_slice(q), scale).dequantize(dst);
+                let scale = [f32::from_le_bytes([scale[0], scale[1], scale[2], scale[3]])];
+                let q: &[i8] = bytemuck::cast_slice(q);
+                // A scale or a -128 that would decode to an infinity is refused, naming the row.
+                peft_core::storage::check_int8_rows(q, &scale, cols).map_err(|e| HfError::Core(at_row(e, j)))?;
+                RowRef::Int8(q, scale[0]).dequantize(dst);
             }
             Ok(())
         }
@@ -403,6 +408,17 @@ pub fn decode_rows(f: Format, bytes: &[u8], cols: usize, out: &mut [f32]) -> Res
             };
             peft_core::storage::dequantize(&w?, out).map_err(HfError::Core)
         }
+    }
+}
+
+/// `e` with its row index moved by `first` (an int8 scale's error from a
+/// block of rows that starts at row `first`).
+fn at_row(e: peft_core::Error, first: usize) -> peft_core::Error {
+    use peft_core::Error::{NonFinite, OutOfRange};
+    match e {
+        NonFinite { operand, index } => NonFinite { operand, index: index + first },
+        OutOfRange { operand, index } => OutOfRange { operand, index: index + first },
+        e => e,
     }
 }
 
@@ -520,7 +536,8 @@ impl StFile {
         while done < total {
             let n = units.min(total - done);
             self.read_at(e, (done * unit_bytes) as u64, &mut bytes[..n * unit_bytes])?;
-            decode_rows(format, &bytes[..n * unit_bytes], unit, &mut vals[..n * unit])?;
+            decode_rows(format, &bytes[..n * unit_bytes], unit, &mut vals[..n * unit])
+                .map_err(|err| self.in_tensor(e, err, done))?;
             if let Some(t) = f(done * unit, &vals[..n * unit])? {
                 return Ok(Some(t));
             }
@@ -544,7 +561,7 @@ impl StFile {
         let n = out.len() / cols.max(1);
         scratch.resize(n * rb, 0);
         self.read_at(e, (first * rb) as u64, scratch)?;
-        decode_rows(format, scratch, cols, out)
+        decode_rows(format, scratch, cols, out).map_err(|err| self.in_tensor(e, err, first))
     }
 
     /// The first NaN or infinity of a float tensor (its index and value),
@@ -569,8 +586,18 @@ impl StFile {
             (Some(_), &[_, cols]) => cols,
             _ => e.numel().max(1),
         };
-        decode_rows(format, &bytes, cols, &mut out)?;
+        decode_rows(format, &bytes, cols, &mut out).map_err(|err| self.in_tensor(e, err, 0))?;
         Ok(out)
+    }
+
+    /// `err`, from decoding rows of `e` from row `first` on, naming this
+    /// file, the tensor and the row.
+    fn in_tensor(&self, e: &Entry, err: HfError, first: usize) -> HfError {
+        let err = match err {
+            HfError::Core(c) => HfError::InModule { module: e.name.clone(), error: at_row(c, first) },
+            other => other,
+        };
+        HfError::At(self.path.clone(), Box::new(err))
     }
 }
 

@@ -53,6 +53,8 @@ impl Matrix {
                     s.push(f32::from_le_bytes([row[0], row[1], row[2], row[3]]));
                     q.extend(row[4..].iter().map(|&b| b as i8));
                 }
+                peft_core::storage::check_int8_rows(&q, &s, cols)
+                    .map_err(|error| HfError::InModule { module: name.to_string(), error })?;
                 Owned::Int8(q, s)
             }
             Format::Q8_0 => Owned::Q8_0(bytes),

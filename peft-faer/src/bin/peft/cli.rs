@@ -126,8 +126,9 @@ pub(crate) enum Command {
         /// Rank kept by `svd` (default: the largest source rank).
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         svd_rank: Option<u64>,
-        /// Fraction kept by ties, dare_linear, dare_ties and magnitude_prune.
-        #[arg(long)]
+        /// Fraction kept by ties, dare_linear, dare_ties and magnitude_prune:
+        /// in [0, 1] (DARE's, which divides by it, in (0, 1]).
+        #[arg(long, value_parser = unit_interval)]
         density: Option<f64>,
         /// How ties and dare_ties elect each entry's sign.
         #[arg(long, value_enum, default_value = "total")]
@@ -300,6 +301,15 @@ pub(crate) fn positive_finite(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
         Ok(v) => Err(format!("{v} is not positive and finite")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A number in `[0, 1]`.
+pub(crate) fn unit_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        Ok(v) => Err(format!("{v} is not in [0, 1]")),
         Err(e) => Err(e.to_string()),
     }
 }

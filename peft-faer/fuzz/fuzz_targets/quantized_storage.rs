@@ -1,0 +1,55 @@
+//! Quantized tensors in a safetensors file (`peft.storage.<name>` metadata,
+//! see `peft_faer::hf::st`), on arbitrary bytes taken as a whole file: the
+//! 8-byte header length, the header, the data. What `parse_header` accepts
+//! must be decodable: each quantized tensor's bytes are exactly its rows,
+//! and `decode_rows` either refuses an int8 row whose scale is not finite
+//! or would overflow (`check_int8_rows`, which the model loader applies
+//! too) or decodes them, every value finite unless a Q8_0/Q4_0 block's
+//! scale is not (the scale the model loader refuses).
+#![no_main]
+
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+use peft_core::storage::{Format, Q4_0_BYTES, Q8_0_BYTES, f16_to_f32};
+use peft_core::{Error, Operand};
+use peft_faer::hf::HfError;
+use peft_faer::hf::st::{decode_rows, parse_header, row_bytes};
+
+/// Whether every Q8_0/Q4_0 block scale of `bytes` is finite.
+fn block_scales_finite(f: Format, bytes: &[u8]) -> bool {
+    let half = |b: &[u8]| f16_to_f32(u16::from_le_bytes([b[0], b[1]])).is_finite();
+    match f {
+        Format::Q8_0 => bytes.chunks_exact(Q8_0_BYTES).all(half),
+        Format::Q4_0 => bytes.chunks_exact(Q4_0_BYTES).all(half),
+        _ => true,
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((len, rest)) = data.split_first_chunk::<8>() else { return };
+    let Ok(n) = usize::try_from(u64::from_le_bytes(*len)) else { return };
+    if n > rest.len() {
+        return;
+    }
+    let json = &rest[..n];
+    let Ok(header) = parse_header(Path::new("fuzz.safetensors"), json, data.len() as u64) else { return };
+    for e in header.entries {
+        let Some(f) = e.quant else { continue };
+        let &[rows, cols] = e.shape.as_slice() else { panic!("{}: quantized but not a matrix: {:?}", e.name, e.shape) };
+        let row = row_bytes(f, cols).expect("an accepted quantized shape has a row size");
+        assert_eq!(rows as u64 * row as u64, e.len, "{}: stored bytes", e.name);
+        let bytes = &data[e.offset as usize..(e.offset + e.len) as usize];
+        // The bytes bound the values: rows * cols <= rows * row <= the input's length.
+        let mut out = vec![0.0f32; rows * cols];
+        match decode_rows(f, bytes, cols, &mut out) {
+            Ok(()) if block_scales_finite(f, bytes) => {
+                assert!(out.iter().all(|v| v.is_finite()), "{}: finite scales, non-finite value", e.name);
+            }
+            Ok(()) => {}
+            Err(HfError::Core(Error::NonFinite { operand: Operand::Parameter, .. } | Error::OutOfRange { .. }))
+                if f == Format::Int8 => {}
+            Err(err) => panic!("{}: accepted, then {err}", e.name),
+        }
+    }
+});
