@@ -855,6 +855,18 @@ fn a_nan_block_scale_is_refused_when_the_model_loads() {
     std::fs::write(&file, &bytes).unwrap();
     let err = Llama::load_dir(&q).unwrap_err().to_string();
     assert!(err.contains(name) && err.contains("element 32") && err.contains("scale"), "{err}");
+    // Reading the rows for another format refuses it too, naming the file, the tensor and the element.
+    let out = dir.join("int8.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(["quantize", "--format", "int8", "--base"])
+        .arg(&file)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("model.safetensors") && err.contains(name), "{err}");
+    assert!(err.contains("element 32") && err.contains("scale") && !out.exists(), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -376,7 +376,9 @@ pub fn from_f32(d: Dtype, vals: &[f32], out: &mut Vec<u8>) -> Result<(), HfError
 /// # Errors
 /// [`HfError::Core`] if the lengths disagree; for an int8 row whose scale
 /// is not finite or would overflow its largest value
-/// ([`peft_core::storage::check_int8_rows`], the row's index in `bytes`).
+/// ([`peft_core::storage::check_int8_rows`], the row's index in `bytes`);
+/// [`HfError::NonFinite`] (no tensor name: the caller's to add) for a
+/// Q8_0 or Q4_0 block whose scale is not finite ([`first_bad_block_scale`]).
 pub fn decode_rows(f: Format, bytes: &[u8], cols: usize, out: &mut [f32]) -> Result<(), HfError> {
     let rb = row_bytes(f, cols).ok_or(HfError::Core(peft_core::Error::Overflow))?;
     let rows = bytes.len() / rb.max(1);
@@ -401,6 +403,9 @@ pub fn decode_rows(f: Format, bytes: &[u8], cols: usize, out: &mut [f32]) -> Res
             Ok(())
         }
         Format::Q8_0 | Format::Q4_0 => {
+            if let Some((index, value)) = first_bad_block_scale(f, bytes) {
+                return Err(HfError::NonFinite { tensor: String::new(), index, value, cause: BAD_BLOCK_SCALE });
+            }
             let w = if f == Format::Q8_0 {
                 StoredWeight::q8_0(bytes, rows, cols)
             } else {
@@ -409,6 +414,24 @@ pub fn decode_rows(f: Format, bytes: &[u8], cols: usize, out: &mut [f32]) -> Res
             peft_core::storage::dequantize(&w?, out).map_err(HfError::Core)
         }
     }
+}
+
+/// Why a Q8_0 or Q4_0 block is refused ([`first_bad_block_scale`]).
+pub const BAD_BLOCK_SCALE: &str = "the scale of the block it starts is not finite";
+
+/// The first Q8_0 or Q4_0 block of `bytes` (whole blocks of format `f`)
+/// whose f16 scale is NaN or infinite: its first element's index and the
+/// scale. Every value of such a block would decode to NaN or an infinity,
+/// so the readers refuse it ([`decode_rows`], the model loader). `None`
+/// for the other formats.
+pub fn first_bad_block_scale(f: Format, bytes: &[u8]) -> Option<(usize, f32)> {
+    let block = match f {
+        Format::Q8_0 => peft_core::storage::Q8_0_BYTES,
+        Format::Q4_0 => peft_core::storage::Q4_0_BYTES,
+        _ => return None,
+    };
+    let scales = bytes.chunks_exact(block).map(|b| peft_core::storage::f16_to_f32(u16::from_le_bytes([b[0], b[1]])));
+    scales.enumerate().find(|(_, s)| !s.is_finite()).map(|(i, s)| (i * peft_core::storage::QK, s))
 }
 
 /// `e` with its row index moved by `first` (an int8 scale's error from a
@@ -595,6 +618,10 @@ impl StFile {
     fn in_tensor(&self, e: &Entry, err: HfError, first: usize) -> HfError {
         let err = match err {
             HfError::Core(c) => HfError::InModule { module: e.name.clone(), error: at_row(c, first) },
+            HfError::NonFinite { index, value, cause, .. } => {
+                let cols = e.shape.get(1).copied().unwrap_or(0);
+                HfError::NonFinite { tensor: e.name.clone(), index: index + first * cols, value, cause }
+            }
             other => other,
         };
         HfError::At(self.path.clone(), Box::new(err))

@@ -8,7 +8,7 @@ use peft_core::storage::{Format, StoredWeight};
 
 use crate::hf::HfError;
 use crate::hf::base::Base;
-use crate::hf::st::row_bytes;
+use crate::hf::st::{BAD_BLOCK_SCALE, first_bad_block_scale, row_bytes};
 
 /// A frozen matrix and its shape.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,25 +83,21 @@ impl Matrix {
 
 /// `Ok` unless a Q8_0 or Q4_0 block's f16 scale is NaN or infinite (read
 /// once, when the matrix is loaded: every product would otherwise turn that
-/// block's row into NaN). int8's scales are checked by `StoredWeight::int8`.
+/// block's row into NaN). int8's scales are checked as the rows are read.
 ///
 /// # Errors
 /// [`HfError::NonFinite`] naming the tensor, the block's first element and
 /// the scale.
 fn check_block_scales(name: &str, data: &Owned) -> Result<(), HfError> {
-    let (bytes, block) = match data {
-        Owned::Q8_0(b) => (b, peft_core::storage::Q8_0_BYTES),
-        Owned::Q4_0(b) => (b, peft_core::storage::Q4_0_BYTES),
+    let (format, bytes) = match data {
+        Owned::Q8_0(b) => (Format::Q8_0, b),
+        Owned::Q4_0(b) => (Format::Q4_0, b),
         _ => return Ok(()),
     };
-    let scales = bytes.chunks_exact(block).map(|b| peft_core::storage::f16_to_f32(u16::from_le_bytes([b[0], b[1]])));
-    match scales.enumerate().find(|(_, s)| !s.is_finite()) {
-        Some((i, value)) => Err(HfError::NonFinite {
-            tensor: name.to_string(),
-            index: i * peft_core::storage::QK,
-            value,
-            cause: "the scale of the block it starts is not finite",
-        }),
+    match first_bad_block_scale(format, bytes) {
+        Some((index, value)) => {
+            Err(HfError::NonFinite { tensor: name.to_string(), index, value, cause: BAD_BLOCK_SCALE })
+        }
         None => Ok(()),
     }
 }
