@@ -323,7 +323,8 @@ impl Drop for Staging {
 pub fn write_file(path: &Path, bytes: &[u8], force: bool) -> Result<(), OutputError> {
     let staging = Staging::file(path)?;
     let tmp = staging.path().to_path_buf();
-    let io = io_at(&tmp);
+    // Errors name the output, not the temporary they remove.
+    let io = io_at(path);
     let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&tmp).map_err(&io)?;
     std::io::Write::write_all(&mut f, bytes).map_err(&io)?;
     f.sync_all().map_err(&io)?;
@@ -349,7 +350,9 @@ pub fn write_dir<E: From<OutputError>>(
     let staging = Staging::dir(dir)?;
     for (name, data) in files {
         let path = staging.path().join(name);
-        let io = io_at(&path);
+        // Errors name the output, not the temporary they remove.
+        let shown = dir.join(name);
+        let io = io_at(&shown);
         let mut f = File::create(&path).map_err(&io)?;
         std::io::Write::write_all(&mut f, data).map_err(&io)?;
         f.sync_all().map_err(&io)?;

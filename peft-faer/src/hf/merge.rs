@@ -469,9 +469,12 @@ pub fn merge_many<B: Backend<f32> + ?Sized>(
         let mut weight_map = serde_json::Map::new();
         for shard in &base.shards {
             let shard_name = shard.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let target = match base.index {
-                Some(_) => tmp.join(shard.path.file_name().unwrap_or_default()),
-                None => tmp.clone(),
+            let (target, shown) = match base.index {
+                Some(_) => {
+                    let name = shard.path.file_name().unwrap_or_default();
+                    (tmp.join(name), out.join(name))
+                }
+                None => (tmp.clone(), out.to_path_buf()),
             };
             let entries: Vec<OutEntry> = shard
                 .entries
@@ -491,9 +494,10 @@ pub fn merge_many<B: Backend<f32> + ?Sized>(
                 .collect();
             let mut metadata = shard.metadata.clone();
             metadata.entry("format".into()).or_insert_with(|| "pt".into());
-            let file = File::create(&target).map_err(|e| HfError::Io(target.clone(), e))?;
+            // Errors name the output, not the temporary they remove.
+            let file = File::create(&target).map_err(|e| HfError::Io(shown.clone(), e))?;
             let mut w = BufWriter::with_capacity(1 << 20, file);
-            let io = |e| HfError::Io(target.clone(), e);
+            let io = |e| HfError::Io(shown.clone(), e);
             w.write_all(&st::header(&entries, &metadata)?).map_err(io)?;
             for (e, oe) in shard.entries.iter().zip(&entries) {
                 let action = actions.get(&e.name).unwrap_or(&Action::Copy);
@@ -501,7 +505,7 @@ pub fn merge_many<B: Backend<f32> + ?Sized>(
                 let out_format = oe.quant.or_else(|| st::float_format(oe.dtype));
                 let error =
                     write_tensor(shard, e, out_format, action, backend, check, &mut w).map_err(|err| match err {
-                        WriteError::Io(x) => HfError::Io(target.clone(), x),
+                        WriteError::Io(x) => HfError::Io(shown.clone(), x),
                         WriteError::Hf(h) => h,
                     })?;
                 report.quantized.extend(error);
@@ -514,8 +518,8 @@ pub fn merge_many<B: Backend<f32> + ?Sized>(
                 progress(oe.bytes());
                 weight_map.insert(e.name.clone(), serde_json::Value::String(shard_name.clone()));
             }
-            let file = w.into_inner().map_err(|e| HfError::Io(target.clone(), e.into_error()))?;
-            file.sync_all().map_err(|e| HfError::Io(target.clone(), e))?;
+            let file = w.into_inner().map_err(|e| HfError::Io(shown.clone(), e.into_error()))?;
+            file.sync_all().map_err(|e| HfError::Io(shown.clone(), e))?;
         }
         if let Some((_, extra)) = &base.index {
             let mut index = extra.clone();
@@ -526,7 +530,8 @@ pub fn merge_many<B: Backend<f32> + ?Sized>(
             index.insert("weight_map".into(), serde_json::Value::Object(weight_map));
             let path = tmp.join(INDEX_FILE);
             let text = serde_json::to_vec_pretty(&index).map_err(HfError::json)?;
-            let io = |e| HfError::Io(path.clone(), e);
+            let shown = out.join(INDEX_FILE);
+            let io = |e| HfError::Io(shown.clone(), e);
             let mut f = File::create(&path).map_err(io)?;
             f.write_all(&text).map_err(io)?;
             f.sync_all().map_err(io)?;
