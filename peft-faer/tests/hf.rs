@@ -328,8 +328,9 @@ fn a_single_file_beside_an_index_is_what_is_read() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// fan_in_fan_out (GPT-2 `Conv1D`, weights `[in, out]`): the merge adds
-/// `s (B A)^T`, which equals PEFT's merge of the transposed base.
+/// fan_in_fan_out (GPT-2 `Conv1D`, weights `[in, out]`, the base's
+/// `config.json` saying `gpt2`): the merge adds `s (B A)^T`, which equals
+/// PEFT's merge of the transposed base.
 #[test]
 fn fan_in_fan_out_merges_the_transpose() {
     let dir = scratch("fifo");
@@ -348,6 +349,8 @@ fn fan_in_fan_out_merges_the_transpose() {
         .collect();
     let bt = dir.join("base_t.safetensors");
     save(&bt, &tensors, None);
+    // q_proj is square: only the model type beside the base says it is a Conv1D.
+    std::fs::write(dir.join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
     let ad = adapter_with(&dir, "fifo", |c| c["fan_in_fan_out"] = serde_json::json!(true));
     let out = dir.join("out.safetensors");
     merge_into(&bt, &ad, &out).unwrap();

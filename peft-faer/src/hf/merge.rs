@@ -55,7 +55,10 @@ pub const CHUNK_BYTES: usize = 8 << 20;
 /// One adapter module's change to a weight. A weight several adapters
 /// change takes each change in the adapters' order, as PEFT's
 /// `merge_and_unload` merges them: sums for the additive methods, products
-/// of scalings for (IA)^3, and DoRA's norm over the weight merged so far.
+/// of scalings for (IA)^3, and for DoRA `(m / ||W0 + s B A||) (W + s B A)`:
+/// the norm of the base weight `W0` plus the adapter's own delta (PEFT
+/// 0.21.2's `_unmerged_base_weight`, so the norm is the one its forward
+/// uses), the factor applied to the weight merged so far `W`.
 enum Update<'a> {
     /// LoRA (DoRA when the module has a magnitude), `W += f B A` with `f`
     /// the multiplier times the scale; `true`: `W` is `[in, out]`
@@ -231,7 +234,15 @@ fn check_finite(adapter: &HfAdapter, multiplier: f64) -> Result<(), HfError> {
 struct Plan<'a, 'b> {
     base: &'b Base,
     actions: BTreeMap<String, Action<'a>>,
+    /// The base model's `model_type` (from the `config.json` beside it),
+    /// read when first needed: `None` not yet read, `Some(None)` no config.
+    model_type: Option<Option<String>>,
 }
+
+/// transformers' models whose projections are GPT-2's `Conv1D`, weights
+/// `[in, out]` (the `model_type` of every model that imports it).
+const CONV1D_MODELS: [&str; 7] =
+    ["gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_encoder", "clvp_decoder"];
 
 impl<'a> Plan<'a, '_> {
     /// `Ok` when the base has float tensor `name` and `fits` its shape
@@ -274,10 +285,66 @@ impl<'a> Plan<'a, '_> {
         }
     }
 
+    /// Whether the LoRA module `m`'s base weight is `[in, out]` (GPT-2's
+    /// `Conv1D`), so that its update is `s (B A)^T`. PEFT decides by the
+    /// layer, not by the config: it sets `fan_in_fan_out` to false for an
+    /// `nn.Linear` and to true for a `Conv1D`, with a warning. Here the
+    /// weight's shape decides when it is not square; a square one is a
+    /// `Conv1D` exactly when the base's `config.json` names a model built
+    /// on it ([`CONV1D_MODELS`]).
+    ///
+    /// # Errors
+    /// [`HfError::Config`] (`fan_in_fan_out`) for a square weight, the
+    /// field true, and no `config.json` beside the base to tell the layer.
+    fn conv1d(&mut self, lc: &HfLoraConfig, m: &LoraModule) -> Result<bool, HfError> {
+        let shape = self.base.find(&format!("{}.weight", m.name)).map(|(_, e)| e.shape.clone());
+        match shape.as_deref() {
+            Some(&[o, i]) if o != i && [o, i] == [m.n_out, m.n_in] => return Ok(false),
+            Some(&[i, o]) if o != i && [i, o] == [m.n_in, m.n_out] => return Ok(true),
+            Some(&[o, i]) if o == i => {}
+            // Any other shape is refused by the shape check, which names it.
+            _ => return Ok(lc.fan_in_fan_out),
+        }
+        match self.model_type()? {
+            Some(t) => Ok(CONV1D_MODELS.contains(&t.as_str())),
+            None if lc.fan_in_fan_out => Err(HfError::config(
+                "fan_in_fan_out",
+                &format!(
+                    "is true and {}.weight is square: PEFT transposes only a GPT-2 Conv1D (and ignores the field for \
+                     nn.Linear), and without the base's config.json beside it the layer cannot be told",
+                    m.name
+                ),
+            )),
+            None => Ok(false),
+        }
+    }
+
+    /// The base's `model_type`, from the `config.json` in its folder (or
+    /// beside its file), read once; `None` when there is none.
+    fn model_type(&mut self) -> Result<Option<String>, HfError> {
+        if let Some(t) = &self.model_type {
+            return Ok(t.clone());
+        }
+        let path = self.base.path();
+        let dir = if path.is_dir() { path } else { path.parent().unwrap_or(Path::new(".")) };
+        let config = dir.join("config.json");
+        let t = match config.is_file() {
+            true => {
+                let bytes = crate::files::read_bounded(&config, super::MAX_CONFIG_BYTES)?;
+                let v: serde_json::Value =
+                    serde_json::from_slice(&bytes).map_err(|e| HfError::Json(format!("{}: {e}", config.display())))?;
+                v.get("model_type").and_then(|t| t.as_str()).map(str::to_string)
+            }
+            false => None,
+        };
+        self.model_type = Some(t.clone());
+        Ok(t)
+    }
+
     fn lora(&mut self, lc: &HfLoraConfig, m: &'a LoraModule, multiplier: f64) -> Result<(), HfError> {
         // An embedding's weight is `[vocab, dim]` = `[in, out]`: its update
         // `s (B A)^T` is the fan_in_fan_out one.
-        let transposed = lc.fan_in_fan_out || m.embedding;
+        let transposed = m.embedding || self.conv1d(lc, m)?;
         let shape = if transposed { [m.n_in, m.n_out] } else { [m.n_out, m.n_in] };
         let factor = (m.scale * multiplier) as f32;
         self.weight(&m.name, shape, Update::Lora(m, factor, transposed))?;
@@ -353,7 +420,7 @@ impl<'a> Plan<'a, '_> {
 
 /// What the merge of `adapters` into `base` does to each tensor.
 fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<String, Action<'a>>, HfError> {
-    let mut plan = Plan { base, actions: BTreeMap::new() };
+    let mut plan = Plan { base, actions: BTreeMap::new(), model_type: None };
     for &(adapter, multiplier) in adapters {
         match &adapter.config {
             PeftConfig::Lora(lc) => {
@@ -434,8 +501,10 @@ pub fn merge<B: Backend<f32> + ?Sized>(
 /// `m_i = 1`. Every method's change to a weight is applied in the order
 /// the adapters are given, a block of rows at a time, through `peft-core`'s
 /// merge of that method: several LoHa, LoKr or VeRA adapters on one weight
-/// add their deltas, several (IA)^3 vectors multiply, and DoRA normalizes
-/// the weight merged so far. A whole-tensor replacement (a trained bias,
+/// add their deltas, several (IA)^3 vectors multiply, and DoRA scales the
+/// weight merged so far plus its delta by `m / ||W0 + s B A||`, the norm
+/// taken over the unmerged base `W0` as PEFT 0.21.2 does (checked against
+/// its `merge_and_unload` in `tests/llama_cases.rs`). A whole-tensor replacement (a trained bias,
 /// `modules_to_save`) is written as saved, whatever the multiplier; a
 /// tensor replaced by two adapters, or replaced by one and adapted by
 /// another, is refused. Otherwise as [`merge`].
@@ -636,13 +705,21 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
         }
         Action::Weight(start, list) => {
             let mut scratch = Vec::new();
+            // A DoRA update after another needs the unmerged base rows for its norm.
+            let keep_base = list.iter().skip(1).any(Update::is_dora);
+            let mut base = Vec::new();
             return map_rows(shard, e, out_f, check_finite, w, |i0, n, cols, vals| {
                 if let Some(r) = start {
                     let rows = r.data.get(i0 * cols..(i0 + n) * cols).ok_or(peft_core::Error::Overflow)?;
                     vals.copy_from_slice(rows);
                 }
-                for u in list {
-                    u.apply(backend, i0, MatMut::new(&mut *vals, n, cols)?, &mut scratch)?;
+                if keep_base {
+                    base.clear();
+                    base.extend_from_slice(vals);
+                }
+                for (k, u) in list.iter().enumerate() {
+                    let unmerged = (k > 0 && keep_base).then_some(&base[..]);
+                    u.apply(backend, i0, MatMut::new(&mut *vals, n, cols)?, unmerged, &mut scratch)?;
                 }
                 Ok(())
             });
@@ -652,14 +729,22 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
 }
 
 impl Update<'_> {
+    /// Whether this is a DoRA update.
+    fn is_dora(&self) -> bool {
+        matches!(self, Update::Lora(m, _, false) if m.magnitude.is_some())
+    }
+
     /// Applies the change to rows `i0..i0 + n` of the weight, held in
     /// `block [n, cols]`, through `peft-core`'s [`WeightUpdate`] or
     /// [`DeltaRows`] of the method (`scratch` grows as they need).
+    /// `unmerged`: the base's rows before any adapter, when others were
+    /// merged into `block` first (DoRA's norm is taken over them).
     fn apply<B: Backend<f32> + ?Sized>(
         &self,
         backend: &B,
         i0: usize,
         block: MatMut<'_, f32>,
+        unmerged: Option<&[f32]>,
         scratch: &mut Vec<f32>,
     ) -> Result<(), HfError> {
         let be = HfError::backend;
@@ -677,15 +762,17 @@ impl Update<'_> {
                 let at = a.cols_range(i0, n).ok_or(peft_core::Error::Overflow)?;
                 backend.gemm(block, Accum::Add, at, Op::T, b, Op::T, s).map_err(be)
             }
-            Update::Lora(m, s, false) => match &m.magnitude {
-                // DoRA (the reader refused fan_in_fan_out): V = W + s B A,
-                // then (m / ||V||) V, each row over the weight merged so far.
-                // A merge forms its own norms: the cache is not read.
-                Some(mag) => {
+            Update::Lora(m, s, false) => match (&m.magnitude, unmerged) {
+                // DoRA (the reader refused fan_in_fan_out) on the base alone:
+                // V = W + s B A, then (m / ||V||) V, each row. A merge forms
+                // its own norms: the cache is not read.
+                (Some(mag), None) => {
                     let dora = m.dora(&mag[..])?.with_scale(f64::from(s))?;
                     dora.update_rows(backend, i0, block, None, Direction::Merge, grow(scratch, n)).map_err(be)
                 }
-                None => {
+                // After other adapters: (m / ||W0 + s B A||) (W + s B A).
+                (Some(mag), Some(w0)) => dora_after_others(backend, m, mag, s, i0, block, w0, scratch),
+                (None, _) => {
                     let lora = m.lora()?.with_scale(f64::from(s))?;
                     lora.update_rows(backend, i0, block, None, Direction::Merge, &mut []).map_err(be)
                 }
@@ -713,6 +800,36 @@ impl Update<'_> {
             }
         }
     }
+}
+
+/// A DoRA merge after other adapters, as PEFT 0.21.2 does it: row `j` of
+/// `block` (the weight merged so far, rows `i0..`) becomes `(m_j / n_j) (W
+/// + s B A)_j`, with `n_j = ||W0_j + s (B A)_j||` over the unmerged base
+/// rows `w0` (summed in f64, as `peft-core`'s DoRA merge does).
+#[allow(clippy::too_many_arguments)]
+fn dora_after_others<B: Backend<f32> + ?Sized>(
+    backend: &B,
+    m: &LoraModule,
+    mag: &[f32],
+    s: f32,
+    i0: usize,
+    mut block: MatMut<'_, f32>,
+    w0: &[f32],
+    scratch: &mut Vec<f32>,
+) -> Result<(), HfError> {
+    let (n, cols) = (block.rows(), block.cols());
+    let lora = m.lora()?.with_scale(f64::from(s))?;
+    scratch.clear();
+    scratch.extend_from_slice(w0);
+    lora.delta_rows(backend, i0, MatMut::new(&mut scratch[..], n, cols)?, Accum::Add, 1.0, &mut [])
+        .map_err(HfError::backend)?;
+    lora.delta_rows(backend, i0, block.rb_mut(), Accum::Add, 1.0, &mut []).map_err(HfError::backend)?;
+    for (k, (row, v)) in block.row_iter_mut().zip(scratch.chunks_exact(cols.max(1))).enumerate() {
+        let norm = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+        let ratio = (f64::from(mag.get(i0 + k).copied().unwrap_or(0.0)) / norm) as f32;
+        row.iter_mut().for_each(|x| *x *= ratio);
+    }
+    Ok(())
 }
 
 /// Writes the matrix `e` (`[rows, cols]`, any float or quantized format)

@@ -20,7 +20,7 @@ pub fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// Every tensor of a safetensors file as f32 (F32/F16/BF16), read with the
+/// Every tensor of a safetensors file as f32 (F32/F16/BF16, and I64 token ids), read with the
 /// `safetensors` crate (independent of this crate's reader).
 pub fn load(path: &Path) -> HashMap<String, (Dtype, Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap();
@@ -35,6 +35,10 @@ pub fn load(path: &Path) -> HashMap<String, (Dtype, Vec<usize>, Vec<f32>)> {
                 }
                 Dtype::BF16 => {
                     v.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+                }
+                // Token ids (small: exact in f32).
+                Dtype::I64 => {
+                    v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect()
                 }
                 d => panic!("{d:?}"),
             };
