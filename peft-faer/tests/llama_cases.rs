@@ -76,8 +76,10 @@ fn assert_logits(name: &str) {
 /// `name`'s.
 fn assert_logits_of(name: &str, adapter: &Path) {
     let (cfg, weights) = base();
-    let m = Llama::load(&cfg, &weights).unwrap();
+    let mut m = Llama::load(&cfg, &weights).unwrap();
     let ad = HfAdapter::read_dir(adapter).unwrap();
+    // As `peft forward` does: the adapter's saved modules replace the model's.
+    m.apply_replacements(&ad).unwrap();
     let hosted = LlamaAdapter::new(&m, &ad).unwrap();
     let refs = load(&case(name).join("ref.safetensors"));
     let ids: Vec<u32> = refs["input_ids"].2.iter().map(|&v| v as u32).collect();
@@ -142,4 +144,29 @@ fn fan_in_fan_out_on_a_linear_layer_is_ignored_as_peft_does() {
     assert_logits_of("exclude", &ad);
     let err = merge("exclude_bare", &base().1, &[&ad]).unwrap_err();
     assert!(err.contains("fan_in_fan_out") && err.contains("_proj.weight is square"), "{err}");
+}
+
+/// `modules_to_save` (PEFT matches by plain suffix: `["norm"]` saves every
+/// `*norm`, the layer norms included), LoRA on `embed_tokens` and `lm_head`
+/// with the base copies `save_embedding_layers="auto"` writes, and LoHa with
+/// a rank above `min(in, out)`: hosted logits as PEFT's, merges as its
+/// `merge_and_unload`.
+#[test]
+fn saved_modules_embeddings_and_large_ranks_run_and_merge_as_peft_does() {
+    for (name, changed) in
+        [("save_head", 5), ("save_embed", 5), ("save_norm", 9), ("lora_embed_head", 4), ("loha_big_rank", 4)]
+    {
+        assert_eq!(assert_merge(name, &[&case(name).join("adapter")]), changed, "{name}");
+        assert_logits(name);
+    }
+}
+
+/// Two LoKr, two LoHa or two (IA)^3 adapters on the same modules merge as
+/// PEFT merges them in turn: sums of deltas, products of scalings.
+#[test]
+fn two_adapters_of_one_method_merge_as_peft_does() {
+    for name in ["lokr_pair", "loha_pair", "ia3_pair"] {
+        let (first, second) = (case(name).join("first"), case(name).join("second"));
+        assert_eq!(assert_merge(name, &[&first, &second]), 4, "{name}");
+    }
 }

@@ -3,8 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use peft_core::lora::module_matches;
-
 use super::st::{self, Entry, StFile};
 use super::{HfError, HfTensor};
 
@@ -48,10 +46,12 @@ pub fn normalize_key(key: &str) -> String {
 }
 
 /// Whether `key` (normalized) is a parameter of a module that
-/// `modules_to_save` names (PEFT's suffix rule).
+/// `modules_to_save` names. PEFT's rule (`_set_trainable`) is a plain
+/// string suffix, not a module boundary: `"norm"` names
+/// `model.layers.0.input_layernorm` as well as `model.norm`.
 pub(crate) fn saved(modules_to_save: &[String], key: &str) -> bool {
     let owner = key.rsplit_once('.').map_or("", |(m, _)| m);
-    modules_to_save.iter().any(|m| module_matches(owner, m))
+    modules_to_save.iter().any(|m| owner.ends_with(m.as_str()))
 }
 
 /// One method's tensors grouped by module: each module (in the order of
