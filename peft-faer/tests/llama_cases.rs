@@ -76,7 +76,12 @@ fn assert_logits(name: &str) {
 /// `name`'s.
 fn assert_logits_of(name: &str, adapter: &Path) {
     let (cfg, weights) = base();
-    let mut m = Llama::load(&cfg, &weights).unwrap();
+    assert_logits_over(name, adapter, &cfg, &weights);
+}
+
+/// [`assert_logits_of`] over the model `config`, `weights`.
+fn assert_logits_over(name: &str, adapter: &Path, cfg: &Path, weights: &Path) {
+    let mut m = Llama::load(cfg, weights).unwrap();
     let ad = HfAdapter::read_dir(adapter).unwrap();
     // As `peft forward` does: the adapter's saved modules replace the model's.
     m.apply_replacements(&ad).unwrap();
@@ -169,4 +174,21 @@ fn two_adapters_of_one_method_merge_as_peft_does() {
         let (first, second) = (case(name).join("first"), case(name).join("second"));
         assert_eq!(assert_merge(name, &[&first, &second]), 4, "{name}");
     }
+}
+
+/// Trained biases (`bias="all"`: every bias of the model; `"lora_only"`:
+/// those of the adapted projections, saved as `base_layer.bias`) over a
+/// Llama with `attention_bias` and `mlp_bias`, and prefix tuning saved with
+/// `prefix_projection=True` (the file holds the projected prefix, which is
+/// what runs).
+#[test]
+fn trained_biases_and_projected_prefixes_run_as_peft_runs_them() {
+    let model = case("bias_llama");
+    let (cfg, weights) = (model.join("config.json"), model.join("model.safetensors"));
+    for (name, changed) in [("bias_all", 18), ("bias_lora_only", 8)] {
+        let ad = case(name).join("adapter");
+        assert_eq!(assert_merge_over(name, &model, &[&ad]), changed, "{name}");
+        assert_logits_over(name, &ad, &cfg, &weights);
+    }
+    assert_logits("prefix_projection");
 }
