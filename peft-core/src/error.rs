@@ -112,11 +112,12 @@ pub enum Error {
         /// The size given.
         found: usize,
     },
-    /// Rank 0, or a rank above `min(in, out)`.
+    /// Rank 0, or a rank above what the operation allows (an SVD's
+    /// `min(in, out)`; LoRA itself takes any positive rank, as PEFT does).
     InvalidRank {
         /// The rank given.
         rank: usize,
-        /// The largest rank allowed, `min(in, out)`.
+        /// The largest rank allowed (0 when only the rank 0 is at fault).
         max: usize,
     },
     /// `alpha` is zero, infinite or NaN.
@@ -202,6 +203,7 @@ impl fmt::Display for Error {
             Error::ShapeMismatch { operand, expected, found } => {
                 write!(f, "{operand:?}: expected dimension {expected}, found {found}")
             }
+            Error::InvalidRank { rank: 0, .. } => f.write_str("rank 0 is invalid: it must be at least 1"),
             Error::InvalidRank { rank, max } => {
                 write!(f, "rank {rank} is invalid: it must be in 1..={max} (min(in, out))")
             }

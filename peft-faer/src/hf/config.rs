@@ -613,9 +613,6 @@ impl PeftConfig {
         let raw: RawIa3 = typed(text)?;
         unsupported_if_set(&raw.rest, "layers_to_transform", "IA3 on a subset of layers is not supported")?;
         let fan_in_fan_out = raw.fan_in_fan_out.unwrap_or(false);
-        if fan_in_fan_out {
-            return Err(HfError::Unsupported("`fan_in_fan_out` with IA3".into()));
-        }
         Ok(PeftConfig::Ia3(Ia3Config {
             target_modules: targets("target_modules", raw.target_modules)?,
             feedforward_modules: match raw.feedforward_modules {

@@ -121,7 +121,10 @@ impl HfAdapter {
                 return Err(HfError::conflict(name, "has both lora_A/lora_B and lora_embedding_A/_B"));
             }
             if embedding && (lc.use_dora || bias.is_some()) {
-                return Err(HfError::Unsupported(format!("{name}: DoRA or lora_bias on an embedding")));
+                let field = if lc.use_dora { "use_dora" } else { "lora_bias" };
+                return Err(HfError::Unsupported(format!(
+                    "{name}: `{field}` on an embedding (DoRA and lora_bias are implemented for linear layers only)"
+                )));
             }
             let (a, b) = if embedding { (ea, eb) } else { (a, b) };
             let (Some(a), Some(b)) = (a, b) else {

@@ -43,8 +43,8 @@ use peft_core::{Accum, Backend, MatMut, MatRef, Op};
 use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry};
 use super::{
-    HfAdapter, HfError, HfLoraConfig, HfTensor, Ia3Module, LohaModule, LokrModule, LoraModule, PeftConfig, VeraModule,
-    VeraProjections,
+    HfAdapter, HfError, HfLoraConfig, HfTensor, Ia3Config, Ia3Module, LohaModule, LokrModule, LoraModule, PeftConfig,
+    VeraModule, VeraProjections,
 };
 use crate::files::{Staging, check_output};
 
@@ -64,8 +64,9 @@ enum Update<'a> {
     /// the multiplier times the scale; `true`: `W` is `[in, out]`
     /// (`fan_in_fan_out`, or an embedding's `[vocab, dim]`).
     Lora(&'a LoraModule, f32, bool),
-    /// (IA)^3: `W` scaled by rows (`l [out]`) or columns (feedforward).
-    Ia3(&'a Ia3Module),
+    /// (IA)^3: `W` scaled by rows (`l [out]`) or columns (feedforward);
+    /// `true`: `W` is a `Conv1D`'s `[in, out]`, the roles swapped.
+    Ia3(&'a Ia3Module, bool),
     /// LoHa: `W += m dW` (`m` the multiplier).
     Loha(&'a LohaModule, f64),
     /// LoKr: `W += m dW`.
@@ -286,33 +287,45 @@ impl<'a> Plan<'a, '_> {
     }
 
     /// Whether the LoRA module `m`'s base weight is `[in, out]` (GPT-2's
-    /// `Conv1D`), so that its update is `s (B A)^T`. PEFT decides by the
-    /// layer, not by the config: it sets `fan_in_fan_out` to false for an
-    /// `nn.Linear` and to true for a `Conv1D`, with a warning. Here the
-    /// weight's shape decides when it is not square; a square one is a
-    /// `Conv1D` exactly when the base's `config.json` names a model built
-    /// on it ([`CONV1D_MODELS`]).
+    /// `Conv1D`), so that its update is `s (B A)^T` ([`Plan::layout`]).
     ///
     /// # Errors
-    /// [`HfError::Config`] (`fan_in_fan_out`) for a square weight, the
-    /// field true, and no `config.json` beside the base to tell the layer.
+    /// As [`Plan::layout`].
     fn conv1d(&mut self, lc: &HfLoraConfig, m: &LoraModule) -> Result<bool, HfError> {
         let shape = self.base.find(&format!("{}.weight", m.name)).map(|(_, e)| e.shape.clone());
-        match shape.as_deref() {
-            Some(&[o, i]) if o != i && [o, i] == [m.n_out, m.n_in] => return Ok(false),
-            Some(&[i, o]) if o != i && [i, o] == [m.n_in, m.n_out] => return Ok(true),
-            Some(&[o, i]) if o == i => {}
-            // Any other shape is refused by the shape check, which names it.
-            _ => return Ok(lc.fan_in_fan_out),
+        let Some(&[rows, cols]) = shape.as_deref() else { return Ok(lc.fan_in_fan_out) };
+        let (linear, conv1d) = ([rows, cols] == [m.n_out, m.n_in], [rows, cols] == [m.n_in, m.n_out]);
+        self.layout(&m.name, linear, conv1d, lc.fan_in_fan_out)
+    }
+
+    /// Whether module `name`'s weight is a GPT-2 `Conv1D`'s, `[in, out]`,
+    /// given whether its shape fits `nn.Linear`'s layout and `Conv1D`'s.
+    /// PEFT decides by the layer, not by the config: it sets
+    /// `fan_in_fan_out` to false for an `nn.Linear` and to true for a
+    /// `Conv1D`, with a warning. Here the shape decides when only one
+    /// layout fits; when both do (a square weight), the weight is a
+    /// `Conv1D` exactly when the base's `config.json` names a model built
+    /// on it ([`CONV1D_MODELS`]). When neither fits, the config's field is
+    /// taken and the shape check names the mismatch.
+    ///
+    /// # Errors
+    /// [`HfError::Config`] (`fan_in_fan_out`) for a weight both layouts
+    /// fit, the field true, and no `config.json` beside the base to tell
+    /// the layer.
+    fn layout(&mut self, name: &str, linear: bool, conv1d: bool, fan_in_fan_out: bool) -> Result<bool, HfError> {
+        match (linear, conv1d) {
+            (true, false) => return Ok(false),
+            (false, true) => return Ok(true),
+            (false, false) => return Ok(fan_in_fan_out),
+            (true, true) => {}
         }
         match self.model_type()? {
             Some(t) => Ok(CONV1D_MODELS.contains(&t.as_str())),
-            None if lc.fan_in_fan_out => Err(HfError::config(
+            None if fan_in_fan_out => Err(HfError::config(
                 "fan_in_fan_out",
                 &format!(
-                    "is true and {}.weight is square: PEFT transposes only a GPT-2 Conv1D (and ignores the field for \
-                     nn.Linear), and without the base's config.json beside it the layer cannot be told",
-                    m.name
+                    "is true and {name}.weight is square: PEFT transposes only a GPT-2 Conv1D (and ignores the field \
+                     for nn.Linear), and without the base's config.json beside it the layer cannot be told"
                 ),
             )),
             None => Ok(false),
@@ -363,17 +376,22 @@ impl<'a> Plan<'a, '_> {
     }
 
     /// An (IA)^3 module: its weight scaled, and for the output kind its
-    /// bias (when the base has one).
-    fn ia3(&mut self, m: &'a Ia3Module) -> Result<(), HfError> {
+    /// bias (when the base has one). A GPT-2 `Conv1D` weight is `[in,
+    /// out]`: PEFT scales its rows for the feedforward kind and its columns
+    /// otherwise, the transpose of `nn.Linear`'s; which layout a weight
+    /// has is told as for LoRA ([`Plan::layout`]).
+    fn ia3(&mut self, ic: &Ia3Config, m: &'a Ia3Module) -> Result<(), HfError> {
         let name = format!("{}.weight", m.name);
         let n = m.l.len();
-        let fits = |s: &[usize]| matches!(s, &[out, n_in] if (if m.feedforward { n_in } else { out }) == n);
+        let shape = self.base.find(&name).map(|(_, e)| e.shape.clone()).unwrap_or_default();
+        let fits = |s: &[usize], transposed: bool| matches!(s, &[rows, cols] if (if m.feedforward != transposed { cols } else { rows }) == n);
+        let transposed = self.layout(&m.name, fits(&shape, false), fits(&shape, true), ic.fan_in_fan_out)?;
         self.check(
             &name,
-            &fits,
+            &|s| fits(s, transposed),
             &format!("{:?} for ia3_l {:?}", if m.feedforward { "[out, l]" } else { "[l, in]" }, m.shape()),
         )?;
-        self.push_weight(name, Update::Ia3(m))?;
+        self.push_weight(name, Update::Ia3(m, transposed))?;
         let bias = format!("{}.bias", m.name);
         if !m.feedforward && self.base.find(&bias).is_some() {
             self.bias(bias, BiasUpdate::Ia3(m))?;
@@ -431,9 +449,9 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
             PeftConfig::Ia3(_) if multiplier != 1.0 => {
                 return Err(HfError::Unsupported("a multiplier other than 1 for an IA3 adapter".into()));
             }
-            PeftConfig::Ia3(_) => {
+            PeftConfig::Ia3(ic) => {
                 for m in &adapter.ia3 {
-                    plan.ia3(m)?;
+                    plan.ia3(ic, m)?;
                 }
             }
             PeftConfig::Loha(_) => {
@@ -777,9 +795,11 @@ impl Update<'_> {
                     lora.update_rows(backend, i0, block, None, Direction::Merge, &mut []).map_err(be)
                 }
             },
-            Update::Ia3(m) => {
-                let n_out = if m.feedforward { i0 + n } else { m.l.len() };
-                let layer = peft_core::ia3::Ia3::new(cols, n_out, m.feedforward, &m.l[..])?;
+            Update::Ia3(m, transposed) => {
+                // A Conv1D's `[in, out]` weight: the input kind scales its rows, the output kind its columns.
+                let columns = m.feedforward != transposed;
+                let n_out = if columns { i0 + n } else { m.l.len() };
+                let layer = peft_core::ia3::Ia3::new(cols, n_out, columns, &m.l[..])?;
                 layer.update_rows(backend, i0, block, None, Direction::Merge, &mut []).map_err(be)
             }
             Update::Loha(m, factor) => {

@@ -42,14 +42,15 @@ pub fn run_all<E: Precision, B: Backend<E>>(backend: &B, config: &Config, report
     run(report, config, "bad_input_is_typed", E::NAME, bad(), |b| {
         let sentinel = E::from_f64(7.0);
         let t = 3;
-        // LoRA: rank out of range is InvalidRank; wrong input width, output
-        // rows or scratch are typed errors; y keeps its sentinel.
+        // LoRA: rank 0 is InvalidRank (any positive rank is valid, above
+        // min(in, out) too, as PEFT allows); wrong input width, output rows
+        // or scratch are typed errors; y keeps its sentinel.
         let (w, a, bb) =
             (vec![E::ZERO; b.n_out * b.n_in], vec![E::ZERO; b.rank * b.n_in], vec![E::ZERO; b.n_out * b.rank]);
         let base = Dense::new(&w, b.n_out, b.n_in).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let cfg = LoraConfig::new(b.rank, 4.0);
         let made = Lora::new(&cfg, b.n_in, b.n_out, &a[..], &bb[..]);
-        let valid_rank = b.rank >= 1 && b.rank <= b.n_in.min(b.n_out);
+        let valid_rank = b.rank >= 1;
         match made {
             Err(Error::InvalidRank { .. }) => prop_assert!(!valid_rank),
             Err(e) => return Err(TestCaseError::fail(format!("rank {}: unexpected {e}", b.rank))),
