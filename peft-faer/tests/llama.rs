@@ -827,6 +827,34 @@ fn model_config_errors_name_config_json() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `peft quantize --format FORMAT --base SRC --out OUT`.
+fn quantize_cli(format: &str, src: &Path, out: &Path) -> std::process::Output {
+    let args = ["quantize", "--format", format, "--base"];
+    Command::new(env!("CARGO_BIN_EXE_peft")).args(args).arg(src).arg("--out").arg(out).output().unwrap()
+}
+
+/// The folder `dir/name` with the tiny Llama quantized to `format` (it
+/// loads), and its weights file.
+fn quantized_model(dir: &Path, name: &str, format: &str) -> (PathBuf, PathBuf) {
+    let model = model_folder(dir, &format!("{name}-f32"), true);
+    let q = model_folder(dir, name, false);
+    let file = q.join("model.safetensors");
+    let o = quantize_cli(format, &model.join("model.safetensors"), &file);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(Llama::load_dir(&q).is_ok());
+    (q, file)
+}
+
+/// Overwrites the bytes of tensor `name` of the safetensors `file` from
+/// `offset` (within its data) with `new`.
+fn poke_tensor(file: &Path, name: &str, offset: usize, new: &[u8]) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let (header, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let start = 8 + header + meta.info(name).unwrap().data_offsets.0 + offset;
+    bytes[start..start + new.len()].copy_from_slice(new);
+    std::fs::write(file, &bytes).unwrap();
+}
+
 /// Issue 27, class 8: a Q8_0 block whose f16 scale is NaN in a stored
 /// checkpoint is refused when the model loads, naming the tensor and the
 /// block's first element (it passed silently, and every product through
@@ -834,36 +862,15 @@ fn model_config_errors_name_config_json() {
 #[test]
 fn a_nan_block_scale_is_refused_when_the_model_loads() {
     let dir = scratch("llama-nan-scale");
-    let model = model_folder(&dir, "model", true);
-    let q = model_folder(&dir, "q8", false);
-    let file = q.join("model.safetensors");
-    let o = Command::new(env!("CARGO_BIN_EXE_peft"))
-        .args(["quantize", "--format", "q8_0", "--base"])
-        .arg(model.join("model.safetensors"))
-        .arg("--out")
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(Llama::load_dir(&q).is_ok());
+    let (q, file) = quantized_model(&dir, "q8", "q8_0");
     // The second block's scale (bytes 34..36 of the tensor) set to an f16 NaN.
-    let mut bytes = std::fs::read(&file).unwrap();
-    let (header, meta) = SafeTensors::read_metadata(&bytes).unwrap();
     let name = "model.layers.1.self_attn.q_proj.weight";
-    let start = 8 + header + meta.info(name).unwrap().data_offsets.0 + 34;
-    bytes[start..start + 2].copy_from_slice(&0x7e00u16.to_le_bytes());
-    std::fs::write(&file, &bytes).unwrap();
+    poke_tensor(&file, name, 34, &0x7e00u16.to_le_bytes());
     let err = Llama::load_dir(&q).unwrap_err().to_string();
     assert!(err.contains(name) && err.contains("element 32") && err.contains("scale"), "{err}");
     // Reading the rows for another format refuses it too, naming the file, the tensor and the element.
     let out = dir.join("int8.safetensors");
-    let o = Command::new(env!("CARGO_BIN_EXE_peft"))
-        .args(["quantize", "--format", "int8", "--base"])
-        .arg(&file)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = quantize_cli("int8", &file, &out);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("model.safetensors") && err.contains(name), "{err}");
     assert!(err.contains("element 32") && err.contains("scale") && !out.exists(), "{err}");
@@ -878,36 +885,16 @@ fn a_nan_block_scale_is_refused_when_the_model_loads() {
 #[test]
 fn an_int8_row_that_overflows_is_refused_where_it_is_read() {
     let dir = scratch("llama-int8-overflow");
-    let model = model_folder(&dir, "model", true);
-    let q = model_folder(&dir, "int8", false);
-    let file = q.join("model.safetensors");
-    let o = Command::new(env!("CARGO_BIN_EXE_peft"))
-        .args(["quantize", "--format", "int8", "--base"])
-        .arg(model.join("model.safetensors"))
-        .arg("--out")
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(Llama::load_dir(&q).is_ok());
+    let (q, file) = quantized_model(&dir, "int8", "int8");
     // Row 2 of q_proj (64 columns: 4 scale bytes, then 64 int8): scale 3e36, first value -128.
-    let mut bytes = std::fs::read(&file).unwrap();
-    let (header, meta) = SafeTensors::read_metadata(&bytes).unwrap();
     let name = "model.layers.1.self_attn.q_proj.weight";
-    let row = 8 + header + meta.info(name).unwrap().data_offsets.0 + 2 * (4 + 64);
-    bytes[row..row + 4].copy_from_slice(&3e36f32.to_le_bytes());
-    bytes[row + 4] = 0x80;
-    std::fs::write(&file, &bytes).unwrap();
+    let mut row = 3e36f32.to_le_bytes().to_vec();
+    row.push(0x80);
+    poke_tensor(&file, name, 2 * (4 + 64), &row);
     let err = Llama::load_dir(&q).unwrap_err().to_string();
     assert!(err.contains(name) && err.contains("row 2") && err.contains("overflows"), "{err}");
     let out = dir.join("q8.safetensors");
-    let o = Command::new(env!("CARGO_BIN_EXE_peft"))
-        .args(["quantize", "--format", "q8_0", "--base"])
-        .arg(&file)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = quantize_cli("q8_0", &file, &out);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains(name) && err.contains("row 2"), "{err}");
     assert!(!out.exists());
