@@ -166,11 +166,11 @@ fn saved_modules_embeddings_and_large_ranks_run_and_merge_as_peft_does() {
     }
 }
 
-/// Two LoKr, two LoHa or two (IA)^3 adapters on the same modules merge as
+/// Two LoKr, LoHa, (IA)^3 or VeRA adapters on the same modules merge as
 /// PEFT merges them in turn: sums of deltas, products of scalings.
 #[test]
 fn two_adapters_of_one_method_merge_as_peft_does() {
-    for name in ["lokr_pair", "loha_pair", "ia3_pair"] {
+    for name in ["lokr_pair", "loha_pair", "ia3_pair", "vera_pair"] {
         let (first, second) = (case(name).join("first"), case(name).join("second"));
         assert_eq!(assert_merge(name, &[&first, &second]), 4, "{name}");
     }
