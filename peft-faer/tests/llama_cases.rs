@@ -29,7 +29,10 @@ fn base() -> (PathBuf, PathBuf) {
 /// `peft merge` of `adapters` (in order) over `base` (a model folder or a
 /// file); its error text, or the output's path.
 fn merge(name: &str, base: &Path, adapters: &[&Path]) -> Result<PathBuf, String> {
-    let out = scratch(&format!("llama-cases-{name}")).join("merged.safetensors");
+    // A folder of its own per call: tests running at once merge the same case.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = scratch(&format!("llama-cases-{name}-{n}")).join("merged.safetensors");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_peft"));
     cmd.args(["merge", "--base"]).arg(base).arg("--out").arg(&out);
     for a in adapters {
