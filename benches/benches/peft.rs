@@ -447,7 +447,7 @@ fn stream(st: &OwnedWeight) -> u64 {
             let q = q.iter().fold(0u32, |a, v| a.wrapping_add(*v as u8 as u32));
             q.wrapping_add(s.iter().fold(0u32, |a, v| a.wrapping_add(v.to_bits())))
         }
-        Owned::Q8_0(b) | Owned::Q4_0(b) => bytes(b),
+        Owned::Q8_0(b) | Owned::Q4_0(b) | Owned::Blocks(_, b) => bytes(b),
     };
     u64::from(sum)
 }
@@ -486,7 +486,7 @@ fn storage_groups(c: &mut Criterion) {
     let mut scratch = vec![0.0f32; lora.forward_scratch_len(128)];
     let x1 = MatRef::new(&x[..d], 1, d).unwrap();
     let stored: Vec<(Format, OwnedWeight)> =
-        Format::ALL.iter().map(|&f| (f, OwnedWeight::quantize(f, &w, d, d).unwrap())).collect();
+        Format::QUANTIZERS.iter().map(|&f| (f, OwnedWeight::quantize(f, &w, d, d).unwrap())).collect();
     let flops = 2 * (d * d + r * 2 * d) as u64;
     for (format, st) in stored.iter().filter(|(f, _)| *f != Format::F32) {
         let mut g = c.benchmark_group(format!("storage.t1_4096_r16.{}.1t", format.name()));

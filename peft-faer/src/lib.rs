@@ -9,6 +9,8 @@
 //! * [`hf`]: Hugging Face PEFT adapter directories (read, write, convert),
 //!   base checkpoints (single or sharded safetensors) and the streaming
 //!   merge behind `peft merge`.
+//! * [`gguf`]: llama.cpp's GGUF files, read as untrusted input; their
+//!   block types are `peft-core` storage formats.
 //! * [`llama`]: a Llama-architecture decoder (random, or loaded from a
 //!   Hugging Face checkpoint) hosting every method, with its backward and
 //!   trainer, behind `peft finetune`, `peft forward` and `peft generate`.
@@ -31,6 +33,8 @@
 mod backend;
 #[cfg(feature = "hf")]
 pub mod files;
+#[cfg(feature = "hf")]
+pub mod gguf;
 #[cfg(feature = "hf")]
 pub mod hf;
 #[cfg(feature = "llama")]

@@ -273,10 +273,10 @@ fn bad_storage_metadata_is_refused() {
         StFile::open(&path).map(|_| ()).unwrap_err().to_string()
     };
     let cases = [
-        ("w_unknown", Dtype::U8, vec![2, 34], r#"{"format":"q5_k","shape":[2,32]}"#, "unknown storage format"),
+        ("w_unknown", Dtype::U8, vec![2, 34], r#"{"format":"iq2_xxs","shape":[2,32]}"#, "unknown storage format"),
         ("w_shape", Dtype::U8, vec![2, 34], r#"{"format":"q8_0","shape":[2,64]}"#, "stored as"),
         ("w_dtype", Dtype::F32, vec![2, 32], r#"{"format":"int8","shape":[2,28]}"#, "stored as"),
-        ("w_blocks", Dtype::U8, vec![2, 18], r#"{"format":"q4_0","shape":[2,16]}"#, "multiple of 32"),
+        ("w_blocks", Dtype::U8, vec![2, 18], r#"{"format":"q4_0","shape":[2,16]}"#, "whole blocks of 32"),
         ("w_json", Dtype::U8, vec![2, 34], r#"q8_0 [2, 32]"#, "want"),
         ("w_rank", Dtype::U8, vec![68], r#"{"format":"q8_0","shape":[64]}"#, "stored as"),
     ];

@@ -61,6 +61,7 @@
 //! | `vera_gradients_match_fd` | `lambda_d`, `lambda_b` and dx against central differences (no gradient for the projections) | 12 |
 //! | `storage_quantization_within_bound` | int8, Q8_0, Q4_0 (GGUF's rounding), f16, bf16: `|w - deq(quant(w))|` within the format's bound (`storage::error_bound`) | - |
 //! | `storage_forward_matches_dequantized` | every storage: `x deq(W)^T` and `g deq(W)` through the backend against the oracle over the dequantized `W` | - |
+//! | `storage_block_formats_match_dequantized` | GGUF's read-only block formats (Q4_1 to Q6_K, random blocks, 1 to 5 rows of 256 to 512 values, 1 to 6 tokens): element access equals the block decoder bit for bit, `x deq(W)^T` and `g deq(W)` through the backend against the oracle | - |
 //! | `storage_lora_gradients_match_fd` | LoRA over every storage: dA, dB, dx against central differences; the stored bytes unchanged | 1, 12 |
 //! | `set_active_sum_matches_oracle` | an adapter set with several active adapters and multipliers: `x W^T + b + sum_i m_i s_i (x A_i^T) B_i^T` | - |
 //! | `set_mixed_rows_match_own_forward` | a mixed-adapter batch: every row equals its own adapter's (or the base's) oracle output | - |

@@ -1,6 +1,7 @@
-//! Frozen weights stored as f32, f16, bf16, int8 rows, GGUF's Q8_0 or
-//! GGUF's Q4_0, read by every method through [`FrozenLinear`] without an
-//! f32 copy of `W`.
+//! Frozen weights stored as f32, f16, bf16, int8 rows or one of GGUF's
+//! block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K,
+//! Q6_K), read by every method through [`FrozenLinear`] without an f32
+//! copy of `W`.
 //!
 //! | format | stored per row of `in` values | value |
 //! |---|---|---|
@@ -10,12 +11,18 @@
 //! | [`Format::Int8`] | `in` i8, one f32 scale per row | `q * scale` |
 //! | [`Format::Q8_0`] | `in / 32` blocks of 34 bytes: f16 `d` (little-endian), 32 i8 | `q * d` |
 //! | [`Format::Q4_0`] | `in / 32` blocks of 18 bytes: f16 `d`, 16 bytes of nibbles | `(nibble - 8) * d` |
+//! | Q4_1, Q5_0, Q5_1 | `in / 32` blocks of 20, 22, 24 bytes | see [`ggml`] |
+//! | Q2_K, Q3_K, Q4_K, Q5_K, Q6_K | `in / 256` blocks of 84, 110, 144, 176, 210 bytes | see [`ggml`] |
 //!
 //! Q8_0 and Q4_0 are GGUF's `block_q8_0` and `block_q4_0`, rows of blocks
 //! in row-major order: in a Q4_0 block, byte `j` holds element `j` in its low
 //! nibble and element `j + 16` in its high nibble. Every dequantized value
 //! is exact in f32 (a half times an 8-bit integer), so "the f32 forward over
-//! the dequantized `W`" is one well-defined oracle for every format.
+//! the dequantized `W`" is one well-defined oracle for every format. The
+//! other block formats are decoded exactly as ggml decodes them (the same
+//! f32 operations in the same order, [`ggml`]); their rows are
+//! [`RowRef::Blocks`]. This crate reads them (from GGUF files) and
+//! multiplies them in place; [`quantize()`] writes the first six formats.
 //!
 //! [`StoredLinear`] is the base: its products go through
 //! [`Backend::stored_apply`] and [`Backend::stored_apply_transpose`], whose
@@ -51,6 +58,7 @@
 //! whose scale would not be finite in its storage (|x| above `65504 * 127`
 //! for Q8_0) and non-finite inputs are refused.
 
+pub mod ggml;
 mod half;
 mod quantize;
 
@@ -60,6 +68,7 @@ use crate::element::Element;
 use crate::error::{Error, Operand, Result, check_io, check_len, check_shape};
 use crate::matrix::{MatMut, MatRef, checked_len};
 
+pub use ggml::{QK_K, first_bad_block_scale};
 pub use half::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 #[cfg(any(test, feature = "alloc"))]
 pub use quantize::{Owned, OwnedWeight};
@@ -73,6 +82,8 @@ pub const Q8_0_BYTES: usize = 34;
 pub const Q4_0_BYTES: usize = 18;
 
 /// How a frozen weight's values are stored (see the [module docs](self)).
+/// The block formats keep GGUF's names (`Q4_K`, not `Q4K`).
+#[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Format {
     /// f32.
@@ -87,14 +98,49 @@ pub enum Format {
     Q8_0,
     /// GGUF Q4_0 blocks.
     Q4_0,
+    /// GGUF Q4_1 blocks (read only).
+    Q4_1,
+    /// GGUF Q5_0 blocks (read only).
+    Q5_0,
+    /// GGUF Q5_1 blocks (read only).
+    Q5_1,
+    /// GGUF Q2_K super-blocks (read only).
+    Q2_K,
+    /// GGUF Q3_K super-blocks (read only).
+    Q3_K,
+    /// GGUF Q4_K super-blocks (read only).
+    Q4_K,
+    /// GGUF Q5_K super-blocks (read only).
+    Q5_K,
+    /// GGUF Q6_K super-blocks (read only).
+    Q6_K,
 }
 
 impl Format {
     /// Every format, in the table's order.
-    pub const ALL: [Format; 6] = [Format::F32, Format::F16, Format::Bf16, Format::Int8, Format::Q8_0, Format::Q4_0];
+    pub const ALL: [Format; 14] = [
+        Format::F32,
+        Format::F16,
+        Format::Bf16,
+        Format::Int8,
+        Format::Q8_0,
+        Format::Q4_0,
+        Format::Q4_1,
+        Format::Q5_0,
+        Format::Q5_1,
+        Format::Q2_K,
+        Format::Q3_K,
+        Format::Q4_K,
+        Format::Q5_K,
+        Format::Q6_K,
+    ];
 
-    /// The lower-case name (`"f32"`, `"f16"`, `"bf16"`, `"int8"`, `"q8_0"`,
-    /// `"q4_0"`).
+    /// The formats [`quantize()`] writes; the others are read from files.
+    pub const QUANTIZERS: [Format; 6] =
+        [Format::F32, Format::F16, Format::Bf16, Format::Int8, Format::Q8_0, Format::Q4_0];
+
+    /// The lower-case name (`"f32"`, `"int8"`, `"q8_0"`, `"q4_k"`, ...:
+    /// GGUF's type name in lower case).
     pub const fn name(self) -> &'static str {
         match self {
             Format::F32 => "f32",
@@ -103,26 +149,58 @@ impl Format {
             Format::Int8 => "int8",
             Format::Q8_0 => "q8_0",
             Format::Q4_0 => "q4_0",
+            Format::Q4_1 => "q4_1",
+            Format::Q5_0 => "q5_0",
+            Format::Q5_1 => "q5_1",
+            Format::Q2_K => "q2_k",
+            Format::Q3_K => "q3_k",
+            Format::Q4_K => "q4_k",
+            Format::Q5_K => "q5_k",
+            Format::Q6_K => "q6_k",
         }
     }
 
-    /// Whether values are quantized (int8, Q8_0, Q4_0) rather than floats.
+    /// Whether values are quantized (int8 and the block formats) rather
+    /// than floats.
     pub const fn is_quantized(self) -> bool {
-        matches!(self, Format::Int8 | Format::Q8_0 | Format::Q4_0)
+        !matches!(self, Format::F32 | Format::F16 | Format::Bf16)
+    }
+
+    /// Whether [`quantize()`] writes this format.
+    pub const fn has_quantizer(self) -> bool {
+        matches!(self, Format::F32 | Format::F16 | Format::Bf16 | Format::Int8 | Format::Q8_0 | Format::Q4_0)
+    }
+
+    /// `(values, bytes)` of one block: `(1, 4)` for f32, `(1, 2)` for the
+    /// halves, `(1, 1)` for int8 (its scales are separate), `(32, ...)`
+    /// for Q8_0 to Q5_1 and `(256, ...)` for the K-quants.
+    pub const fn block(self) -> (usize, usize) {
+        match self {
+            Format::F32 => (1, 4),
+            Format::F16 | Format::Bf16 => (1, 2),
+            Format::Int8 => (1, 1),
+            Format::Q8_0 => (QK, Q8_0_BYTES),
+            Format::Q4_0 => (QK, Q4_0_BYTES),
+            Format::Q4_1 => (QK, 20),
+            Format::Q5_0 => (QK, 22),
+            Format::Q5_1 => (QK, 24),
+            Format::Q2_K => (QK_K, 84),
+            Format::Q3_K => (QK_K, 110),
+            Format::Q4_K => (QK_K, 144),
+            Format::Q5_K => (QK_K, 176),
+            Format::Q6_K => (QK_K, 210),
+        }
     }
 
     /// Bytes one row of `cols` values takes (int8: the values only, the
     /// scale is separate); `None` on overflow or, for the block formats,
-    /// `cols` not a multiple of [`QK`].
+    /// `cols` not a multiple of the block ([`Format::block`]).
     pub fn row_bytes(self, cols: usize) -> Option<usize> {
-        match self {
-            Format::F32 => cols.checked_mul(4),
-            Format::F16 | Format::Bf16 => cols.checked_mul(2),
-            Format::Int8 => Some(cols),
-            Format::Q8_0 | Format::Q4_0 if cols % QK != 0 => None,
-            Format::Q8_0 => (cols / QK).checked_mul(Q8_0_BYTES),
-            Format::Q4_0 => (cols / QK).checked_mul(Q4_0_BYTES),
+        let (elems, bytes) = self.block();
+        if cols % elems != 0 {
+            return None;
         }
+        (cols / elems).checked_mul(bytes)
     }
 }
 
@@ -146,18 +224,17 @@ pub struct StoredWeight<'a> {
 }
 
 /// The error for block formats whose rows are not whole blocks.
-const NOT_BLOCKS: Error =
-    Error::InvalidParameter { name: "in_features", rule: "must be a multiple of 32 for Q8_0 and Q4_0" };
+const NOT_BLOCKS: Error = Error::InvalidParameter {
+    name: "in_features",
+    rule: "must be a multiple of the format's block (32 values; 256 for the K-quants)",
+};
 
 impl<'a> StoredWeight<'a> {
     fn new(format: Format, data: Data<'a>, out_features: usize, in_features: usize, len: usize) -> Result<Self> {
+        let (elems, size) = format.block();
         let row =
-            format.row_bytes(in_features).ok_or(if in_features % QK != 0 { NOT_BLOCKS } else { Error::Overflow })?;
-        let per = match format {
-            Format::F32 => 4,
-            Format::F16 | Format::Bf16 => 2,
-            Format::Int8 | Format::Q8_0 | Format::Q4_0 => 1,
-        };
+            format.row_bytes(in_features).ok_or(if in_features % elems != 0 { NOT_BLOCKS } else { Error::Overflow })?;
+        let per = if elems == 1 { size } else { 1 };
         check_len(Operand::Weight, out_features.checked_mul(row).ok_or(Error::Overflow)? / per, len)?;
         Ok(Self { format, data, out_features, in_features })
     }
@@ -220,6 +297,20 @@ impl<'a> StoredWeight<'a> {
         Self::new(Format::Q4_0, Data::Blocks(bytes), out_features, in_features, bytes.len())
     }
 
+    /// Blocks of any of GGUF's block formats (Q8_0 to Q6_K) for
+    /// `[out, in]`: `in` a multiple of the block's values, `out * in /
+    /// values * bytes` bytes ([`Format::block`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] (`format`) for f32, f16, bf16 and int8;
+    /// as [`q8_0`](Self::q8_0).
+    pub fn blocks(format: Format, bytes: &'a [u8], out_features: usize, in_features: usize) -> Result<Self> {
+        if format.block().0 == 1 {
+            return Err(Error::InvalidParameter { name: "format", rule: "must be a block format" });
+        }
+        Self::new(format, Data::Blocks(bytes), out_features, in_features, bytes.len())
+    }
+
     /// The format.
     pub fn format(&self) -> Format {
         self.format
@@ -265,6 +356,7 @@ impl<'a> StoredWeight<'a> {
             (Format::Int8, Data::Int8 { q, scales }) => RowRef::Int8(q.get(range(n)?)?, *scales.get(j)?),
             (Format::Q8_0, Data::Blocks(b)) => RowRef::Q8_0(b.get(range(n / QK * Q8_0_BYTES)?)?),
             (Format::Q4_0, Data::Blocks(b)) => RowRef::Q4_0(b.get(range(n / QK * Q4_0_BYTES)?)?),
+            (f, Data::Blocks(b)) => RowRef::Blocks(f, b.get(range(f.row_bytes(n)?)?)?),
             _ => return None,
         })
     }
@@ -306,6 +398,9 @@ pub enum RowRef<'a> {
     Q8_0(&'a [u8]),
     /// Q4_0 blocks.
     Q4_0(&'a [u8]),
+    /// Blocks of another of GGUF's formats (Q4_1 to Q6_K), decoded by
+    /// [`ggml::decode_block`].
+    Blocks(Format, &'a [u8]),
 }
 
 /// A block's f16 scale as f32.
@@ -335,6 +430,11 @@ impl RowRef<'_> {
                 let nibble = if i < QK / 2 { byte & 0x0F } else { byte >> 4 };
                 f32::from(i16::from(nibble) as i8 - 8) * block_scale(block)
             }
+            RowRef::Blocks(f, b) => {
+                let (elems, size) = f.block();
+                let block = b.get(k / elems * size..)?.get(..size)?;
+                ggml::element(f, block, k % elems)
+            }
         })
     }
 
@@ -361,6 +461,12 @@ impl RowRef<'_> {
                     }
                 }
             }
+            RowRef::Blocks(f, b) => {
+                let (elems, size) = f.block();
+                for (out, block) in dst.chunks_exact_mut(elems).zip(b.chunks_exact(size)) {
+                    ggml::decode_block(f, block, out);
+                }
+            }
         }
     }
 
@@ -370,10 +476,11 @@ impl RowRef<'_> {
     pub fn decode_range(&self, start: usize, dst: &mut [f32]) {
         let n = dst.len();
         let sub = |len: usize| start.checked_add(n).filter(|end| *end <= len).map(|end| start..end);
-        let blocks = |bytes: usize| {
-            let ok = start % QK == 0 && n % QK == 0;
-            ok.then(|| start / QK * bytes..(start + n) / QK * bytes)
+        let blocks_of = |elems: usize, bytes: usize| {
+            let ok = start % elems == 0 && n % elems == 0;
+            ok.then(|| start / elems * bytes..(start + n) / elems * bytes)
         };
+        let blocks = |bytes: usize| blocks_of(QK, bytes);
         let part = match *self {
             RowRef::F32(w) => sub(w.len()).and_then(|r| w.get(r)).map(RowRef::F32),
             RowRef::F16(w) => sub(w.len()).and_then(|r| w.get(r)).map(RowRef::F16),
@@ -381,6 +488,10 @@ impl RowRef<'_> {
             RowRef::Int8(q, s) => sub(q.len()).and_then(|r| q.get(r)).map(|q| RowRef::Int8(q, s)),
             RowRef::Q8_0(b) => blocks(Q8_0_BYTES).and_then(|r| b.get(r)).map(RowRef::Q8_0),
             RowRef::Q4_0(b) => blocks(Q4_0_BYTES).and_then(|r| b.get(r)).map(RowRef::Q4_0),
+            RowRef::Blocks(f, b) => {
+                let (elems, size) = f.block();
+                blocks_of(elems, size).and_then(|r| b.get(r)).map(|b| RowRef::Blocks(f, b))
+            }
         };
         if let Some(p) = part {
             p.dequantize(dst);
@@ -414,6 +525,17 @@ impl RowRef<'_> {
                         let d = half::f16_to_f32(u16::from_le_bytes([*lo, *hi]));
                         dot_elements(&mut lanes, qs, xlo, |q| f32::from((q & 0x0F) as i8 - 8) * d);
                         dot_elements(&mut lanes, qs, xhi, |q| f32::from((q >> 4) as i8 - 8) * d);
+                    }
+                }
+            }
+            RowRef::Blocks(f, b) => {
+                // Each block decoded on the stack (1 KiB), then dotted.
+                let (elems, size) = f.block();
+                let mut w = [0.0f32; QK_K];
+                for (block, xs) in b.chunks_exact(size).zip(x.chunks_exact(elems)) {
+                    if let Some(w) = w.get_mut(..elems) {
+                        ggml::decode_block(f, block, w);
+                        dot_elements(&mut lanes, w, xs, |v| v);
                     }
                 }
             }

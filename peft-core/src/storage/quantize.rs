@@ -44,6 +44,9 @@ pub enum Owned {
     Q8_0(Vec<u8>),
     /// Q4_0 blocks, `out * row_bytes(in)` bytes.
     Q4_0(Vec<u8>),
+    /// Blocks of another of GGUF's formats (Q4_1 to Q6_K), `out *
+    /// row_bytes(in)` bytes, as read from a file.
+    Blocks(Format, Vec<u8>),
 }
 
 /// A weight `[out, in]` quantized into buffers it owns, for hosts with a
@@ -65,7 +68,9 @@ impl OwnedWeight {
     /// [`Error::Overflow`] for sizes past `usize`, [`Error::ShapeMismatch`]
     /// (`Weight`) for `w` of another length, [`Error::InvalidParameter`]
     /// (`in_features`) for a block format with `in` not a multiple of 32,
-    /// all before anything is allocated; [`quantize`]'s refusals.
+    /// all before anything is allocated; [`Error::InvalidParameter`]
+    /// (`format`) for a format without a quantizer
+    /// ([`Format::has_quantizer`]); [`quantize`]'s refusals.
     pub fn quantize(format: Format, w: &[f32], out_features: usize, in_features: usize) -> Result<Self> {
         let n = checked_len(out_features, in_features)?;
         check_len(Operand::Weight, n, w.len())?;
@@ -81,6 +86,7 @@ impl OwnedWeight {
             Format::Int8 => Owned::Int8(vec![0; n], vec![0.0; out_features]),
             Format::Q8_0 => Owned::Q8_0(vec![0; blocks()?]),
             Format::Q4_0 => Owned::Q4_0(vec![0; blocks()?]),
+            _ => return Err(NO_QUANTIZER),
         };
         let dst = match &mut data {
             Owned::F32(f) => Quantized::F32(f),
@@ -89,6 +95,7 @@ impl OwnedWeight {
             Owned::Int8(q, s) => Quantized::Int8(q, s),
             Owned::Q8_0(b) => Quantized::Q8_0(b),
             Owned::Q4_0(b) => Quantized::Q4_0(b),
+            Owned::Blocks(..) => return Err(NO_QUANTIZER),
         };
         quantize(w, out_features, in_features, dst)?;
         Ok(Self { data, out_features, in_features })
@@ -120,6 +127,7 @@ impl Owned {
             Owned::Int8(..) => Format::Int8,
             Owned::Q8_0(_) => Format::Q8_0,
             Owned::Q4_0(_) => Format::Q4_0,
+            Owned::Blocks(f, _) => *f,
         }
     }
 
@@ -138,6 +146,7 @@ impl Owned {
             Owned::Int8(q, s) => StoredWeight::int8(q, s, o, i),
             Owned::Q8_0(b) => StoredWeight::q8_0(b, o, i),
             Owned::Q4_0(b) => StoredWeight::q4_0(b, o, i),
+            Owned::Blocks(f, b) => StoredWeight::blocks(*f, b, o, i),
         }
     }
 
@@ -166,6 +175,11 @@ fn round(x: f32) -> f32 {
 fn amax(xs: &[f32]) -> (f32, f32) {
     xs.iter().fold((0.0f32, 0.0f32), |(a, m), &v| if a < v.abs() { (v.abs(), v) } else { (a, m) })
 }
+
+/// The refusal for formats [`quantize`] does not write.
+#[cfg(any(test, feature = "alloc"))]
+const NO_QUANTIZER: Error =
+    Error::InvalidParameter { name: "format", rule: "has no quantizer here (Q4_1 to Q6_K are read from files only)" };
 
 /// Quantizes `w [out, in]` into `dst`, whose variant picks the format.
 ///
@@ -282,7 +296,7 @@ pub fn quantize(w: &[f32], out_features: usize, in_features: usize, dst: Quantiz
 /// cause (`127` times that) and the decode's rounding (`2^-150`) are
 /// absolute, not relative, errors; a row of subnormals meets the bound
 /// through it (a row whose `a / 127` underflows to 0 decodes to zeros, at
-/// most `127 2^-150` away).
+/// most `127 2^-150` away). Infinite for the formats without a quantizer.
 pub fn error_bound(format: Format, group_amax: f32) -> f64 {
     let a = f64::from(group_amax);
     let u = |bits: i32| libm::ldexp(1.0, -bits);
@@ -294,5 +308,6 @@ pub fn error_bound(format: Format, group_amax: f32) -> f64 {
         Format::Int8 => a / 127.0 / 2.0 + a * u(22) + u(143),
         Format::Q8_0 => a / 127.0 / 2.0 + 127.0 * e(a / 127.0) + a * u(22),
         Format::Q4_0 => a / 8.0 + 8.0 * e(a / 8.0) + a * u(22),
+        _ => f64::INFINITY,
     }
 }

@@ -4,25 +4,26 @@
 //! must be decodable: each quantized tensor's bytes are exactly its rows,
 //! and `decode_rows` either decodes them, every value finite, or refuses
 //! an int8 row whose scale is not finite or would overflow
-//! (`check_int8_rows`) or a Q8_0/Q4_0 block whose scale is not finite, as
+//! (`check_int8_rows`) or a block whose scale is not finite, as
 //! the model loader does.
 #![no_main]
 
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use peft_core::storage::{Format, Q4_0_BYTES, Q8_0_BYTES, f16_to_f32};
+use peft_core::storage::{Format, Q4_0_BYTES, Q8_0_BYTES, f16_to_f32, first_bad_block_scale};
 use peft_core::{Error, Operand};
 use peft_faer::hf::HfError;
 use peft_faer::hf::st::{decode_rows, parse_header, row_bytes};
 
-/// Whether every Q8_0/Q4_0 block scale of `bytes` is finite.
+/// Whether every block's f16 fields (scales, minimums) are finite: an
+/// independent check for Q8_0 and Q4_0, `peft-core`'s for the others.
 fn block_scales_finite(f: Format, bytes: &[u8]) -> bool {
     let half = |b: &[u8]| f16_to_f32(u16::from_le_bytes([b[0], b[1]])).is_finite();
     match f {
         Format::Q8_0 => bytes.chunks_exact(Q8_0_BYTES).all(half),
         Format::Q4_0 => bytes.chunks_exact(Q4_0_BYTES).all(half),
-        _ => true,
+        _ => first_bad_block_scale(f, bytes).is_none(),
     }
 }
 

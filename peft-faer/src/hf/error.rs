@@ -28,6 +28,9 @@ pub enum HfError {
     Unsupported(String),
     /// A malformed safetensors file.
     Safetensors(PathBuf, String),
+    /// A malformed GGUF file, or one this crate does not read (the message
+    /// names the key or tensor).
+    Gguf(PathBuf, String),
     /// A safetensors header names a tensor twice.
     DuplicateKey(PathBuf, String),
     /// A tensor has a shape its method or config does not allow.
@@ -190,6 +193,7 @@ impl HfError {
         match self {
             e @ (HfError::Io(..)
             | HfError::Safetensors(..)
+            | HfError::Gguf(..)
             | HfError::DuplicateKey(..)
             | HfError::MissingShard(_)
             | HfError::OutputExists(_)
@@ -219,6 +223,7 @@ impl fmt::Display for HfError {
             HfError::Config { field, reason } => write!(f, "`{field}`: {reason}"),
             HfError::Unsupported(what) => write!(f, "unsupported: {what}"),
             HfError::Safetensors(p, e) => write!(f, "{}: not a valid safetensors file: {e}", p.display()),
+            HfError::Gguf(p, e) => write!(f, "{}: GGUF: {e}", p.display()),
             HfError::DuplicateKey(p, k) => write!(f, "{}: tensor {k:?} appears twice in the header", p.display()),
             HfError::TensorShape { tensor, shape, expected } => {
                 write!(f, "`{tensor}` has shape {shape:?}, expected {expected}")

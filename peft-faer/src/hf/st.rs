@@ -50,7 +50,7 @@ pub struct Entry {
     pub offset: u64,
     /// Bytes of data.
     pub len: u64,
-    /// For a quantized matrix, its format (int8, Q8_0 or Q4_0; `dtype` is
+    /// For a quantized matrix, its format (int8 or a block format; `dtype` is
     /// then `U8`); `None` for a plain tensor.
     pub quant: Option<Format>,
 }
@@ -85,7 +85,7 @@ pub fn format_dtype(f: Format) -> Dtype {
         Format::F32 => Dtype::F32,
         Format::F16 => Dtype::F16,
         Format::Bf16 => Dtype::BF16,
-        Format::Int8 | Format::Q8_0 | Format::Q4_0 => Dtype::U8,
+        _ => Dtype::U8,
     }
 }
 
@@ -101,7 +101,7 @@ pub fn row_bytes(f: Format, cols: usize) -> Option<usize> {
 
 /// Whether a matrix of `shape` can be stored in format `f`: any tensor
 /// for the float formats; for the quantized ones a matrix `[rows, cols]`
-/// (Q8_0 and Q4_0: `cols` a multiple of 32).
+/// (block formats: `cols` whole blocks).
 pub fn fits(f: Format, shape: &[usize]) -> bool {
     match (f, shape) {
         (Format::F32 | Format::F16 | Format::Bf16, _) => true,
@@ -113,9 +113,7 @@ pub fn fits(f: Format, shape: &[usize]) -> bool {
 /// The stored bytes of a tensor of `shape` in format `f`.
 fn stored_bytes(f: Format, shape: &[usize]) -> u64 {
     match (f, shape) {
-        (Format::Int8 | Format::Q8_0 | Format::Q4_0, &[rows, cols]) => {
-            rows as u64 * row_bytes(f, cols).unwrap_or(0) as u64
-        }
+        (f, &[rows, cols]) if f.is_quantized() => rows as u64 * row_bytes(f, cols).unwrap_or(0) as u64,
         _ => shape.iter().product::<usize>() as u64 * format_dtype(f).size() as u64,
     }
 }
@@ -148,11 +146,14 @@ fn apply_storage(
         let name = &key[STORAGE_KEY.len()..];
         let info: QuantInfo = serde_json::from_str(&value)
             .map_err(|e| bad(format!("tensor {name:?}: metadata `{key}`: {e} (want {{\"format\", \"shape\"}})")))?;
-        let format = match info.format.as_str() {
-            "int8" => Format::Int8,
-            "q8_0" => Format::Q8_0,
-            "q4_0" => Format::Q4_0,
-            other => return Err(bad(format!("tensor {name:?}: unknown storage format {other:?} (int8, q8_0, q4_0)"))),
+        let format = match Format::ALL.into_iter().find(|f| f.is_quantized() && f.name() == info.format) {
+            Some(f) => f,
+            None => {
+                let other = &info.format;
+                return Err(bad(format!(
+                    "tensor {name:?}: unknown storage format {other:?} (int8, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k)"
+                )));
+            }
         };
         let &i = by_name.get(name).ok_or_else(|| bad(format!("metadata `{key}` names no tensor of the file")))?;
         let e = &entries[i];
@@ -162,8 +163,8 @@ fn apply_storage(
         };
         if e.dtype != Dtype::U8 || want.as_deref() != Some(e.shape.as_slice()) {
             return Err(bad(format!(
-                "tensor {name:?}: stored as {:?} {:?}, but {} {:?} is U8 [rows, row bytes] (q8_0, q4_0: cols a \
-                 multiple of 32)",
+                "tensor {name:?}: stored as {:?} {:?}, but {} {:?} is U8 [rows, row bytes] (block formats: cols \
+                 whole blocks of 32, or 256 for the K-quants)",
                 e.dtype, e.shape, info.format, info.shape
             )));
         }
@@ -378,7 +379,7 @@ pub fn from_f32(d: Dtype, vals: &[f32], out: &mut Vec<u8>) -> Result<(), HfError
 /// is not finite or would overflow its largest value
 /// ([`peft_core::storage::check_int8_rows`], the row's index in `bytes`);
 /// [`HfError::NonFinite`] (no tensor name: the caller's to add) for a
-/// Q8_0 or Q4_0 block whose scale is not finite ([`first_bad_block_scale`]).
+/// block whose scale is not finite ([`first_bad_block_scale`]).
 pub fn decode_rows(f: Format, bytes: &[u8], cols: usize, out: &mut [f32]) -> Result<(), HfError> {
     let rb = row_bytes(f, cols).ok_or(HfError::Core(peft_core::Error::Overflow))?;
     let rows = bytes.len() / rb.max(1);
@@ -402,37 +403,19 @@ pub fn decode_rows(f: Format, bytes: &[u8], cols: usize, out: &mut [f32]) -> Res
             }
             Ok(())
         }
-        Format::Q8_0 | Format::Q4_0 => {
+        _ => {
             if let Some((index, value)) = first_bad_block_scale(f, bytes) {
                 return Err(HfError::NonFinite { tensor: String::new(), index, value, cause: BAD_BLOCK_SCALE });
             }
-            let w = if f == Format::Q8_0 {
-                StoredWeight::q8_0(bytes, rows, cols)
-            } else {
-                StoredWeight::q4_0(bytes, rows, cols)
-            };
-            peft_core::storage::dequantize(&w?, out).map_err(HfError::Core)
+            peft_core::storage::dequantize(&StoredWeight::blocks(f, bytes, rows, cols)?, out).map_err(HfError::Core)
         }
     }
 }
 
-/// Why a Q8_0 or Q4_0 block is refused ([`first_bad_block_scale`]).
+/// Why a block is refused ([`first_bad_block_scale`]).
 pub const BAD_BLOCK_SCALE: &str = "the scale of the block it starts is not finite";
 
-/// The first Q8_0 or Q4_0 block of `bytes` (whole blocks of format `f`)
-/// whose f16 scale is NaN or infinite: its first element's index and the
-/// scale. Every value of such a block would decode to NaN or an infinity,
-/// so the readers refuse it ([`decode_rows`], the model loader). `None`
-/// for the other formats.
-pub fn first_bad_block_scale(f: Format, bytes: &[u8]) -> Option<(usize, f32)> {
-    let block = match f {
-        Format::Q8_0 => peft_core::storage::Q8_0_BYTES,
-        Format::Q4_0 => peft_core::storage::Q4_0_BYTES,
-        _ => return None,
-    };
-    let scales = bytes.chunks_exact(block).map(|b| peft_core::storage::f16_to_f32(u16::from_le_bytes([b[0], b[1]])));
-    scales.enumerate().find(|(_, s)| !s.is_finite()).map(|(i, s)| (i * peft_core::storage::QK, s))
-}
+pub use peft_core::storage::first_bad_block_scale;
 
 /// `e` with its row index moved by `first` (an int8 scale's error from a
 /// block of rows that starts at row `first`).
@@ -476,6 +459,10 @@ pub fn encode_rows(f: Format, vals: &[f32], cols: usize, out: &mut Vec<u8>) -> R
             let dst = &mut out[start..];
             quantize(vals, rows, cols, if f == Format::Q8_0 { Quantized::Q8_0(dst) } else { Quantized::Q4_0(dst) })
                 .inspect_err(|_| out.truncate(start))?;
+        }
+        _ => {
+            let rule = "has no quantizer here (Q4_1 to Q6_K are read from files only)";
+            return Err(HfError::Core(peft_core::Error::InvalidParameter { name: "format", rule }));
         }
     }
     Ok(())

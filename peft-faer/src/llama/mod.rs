@@ -43,6 +43,7 @@
 mod backward;
 mod config;
 pub mod finetune;
+pub mod gguf;
 mod save;
 mod sites;
 pub mod train;
@@ -60,7 +61,7 @@ use peft_core::{Accum, Backend, MatMut, MatRef, Product};
 pub use backward::{LlamaGrads, SiteGrads, lm_loss};
 pub use config::{LlamaConfig, MAX_DIM, MAX_ELEMENTS, MAX_LAYERS};
 pub use sites::Module;
-pub use weights::Matrix;
+pub use weights::{Matrix, Source};
 
 use crate::hf::base::Base;
 use crate::hf::{HfAdapter, HfError, HfTensor, LoraModule, PeftConfig, PromptConfig};
@@ -574,15 +575,6 @@ fn locate(name: &str, layers: usize) -> Option<(usize, Projection)> {
     Some((layer, Projection::from_name(proj)?))
 }
 
-/// Reads the vector `name` (`[len]`) as f32.
-fn vector(base: &Base, name: &str, len: usize) -> Result<Vec<f32>, HfError> {
-    let (shard, e) = base.find(name).ok_or_else(|| HfError::Base(format!("{name} is missing")))?;
-    if e.shape != [len] {
-        return Err(HfError::Base(format!("{name} has shape {:?}, the config needs [{len}]", e.shape)));
-    }
-    base.shards[shard].read_f32(e)
-}
-
 impl Llama {
     /// Loads a Hugging Face `LlamaForCausalLM` folder: `config.json` and
     /// `model.safetensors` (or `model.safetensors.index.json` and its
@@ -609,14 +601,16 @@ impl Llama {
         Self::from_base(config_parsed, &base).map_err(|e| e.in_file(weights))
     }
 
-    /// Builds the model from an open checkpoint.
+    /// Builds the model from an open checkpoint: a Hugging Face [`Base`]
+    /// or a GGUF file ([`gguf::GgufWeights`]), its tensors asked for by their
+    /// Hugging Face names.
     ///
     /// # Errors
     /// As [`Llama::load`].
-    pub fn from_base(config: LlamaConfig, base: &Base) -> Result<Self, HfError> {
+    pub fn from_base(config: LlamaConfig, base: &impl Source) -> Result<Self, HfError> {
         let c = &config;
         let (d, f) = (c.hidden_size, c.intermediate_size);
-        let embed = Matrix::read(base, "model.embed_tokens.weight", c.vocab_size, d)?;
+        let embed = base.matrix("model.embed_tokens.weight", c.vocab_size, d)?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let p = |s: &str| format!("model.layers.{l}.{s}");
@@ -625,23 +619,23 @@ impl Llama {
             let mut proj = Vec::with_capacity(7);
             for (pr, (rows, cols)) in Projection::ALL.into_iter().zip(shapes) {
                 let name = pr.name();
-                let weight = Matrix::read(base, &p(&format!("{name}.weight")), rows, cols)?;
+                let weight = base.matrix(&p(&format!("{name}.weight")), rows, cols)?;
                 let has_bias = if pr.is_attention() { c.attention_bias } else { c.mlp_bias };
-                let bias = if has_bias { Some(vector(base, &p(&format!("{name}.bias")), rows)?) } else { None };
+                let bias = if has_bias { Some(base.vector(&p(&format!("{name}.bias")), rows)?) } else { None };
                 proj.push(Linear { weight, bias });
             }
             let proj: [Linear; 7] = proj.try_into().map_err(|_| HfError::Base("projections".into()))?;
             layers.push(Layer {
-                input_norm: vector(base, &p("input_layernorm.weight"), d)?,
+                input_norm: base.vector(&p("input_layernorm.weight"), d)?,
                 proj,
-                post_norm: vector(base, &p("post_attention_layernorm.weight"), d)?,
+                post_norm: base.vector(&p("post_attention_layernorm.weight"), d)?,
             });
         }
-        let norm = vector(base, "model.norm.weight", d)?;
-        let lm_head = if c.tie_word_embeddings && base.find("lm_head.weight").is_none() {
+        let norm = base.vector("model.norm.weight", d)?;
+        let lm_head = if c.tie_word_embeddings && !base.contains("lm_head.weight") {
             None
         } else {
-            Some(Matrix::read(base, "lm_head.weight", c.vocab_size, d)?)
+            Some(base.matrix("lm_head.weight", c.vocab_size, d)?)
         };
         let inv_freq = Self::inv_freq(c);
         Ok(Self { config, embed, layers, norm, lm_head, inv_freq })

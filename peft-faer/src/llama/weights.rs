@@ -1,5 +1,5 @@
 //! Frozen matrices held in their stored format (f32, f16, bf16, int8,
-//! Q8_0, Q4_0): read once from a checkpoint, multiplied in place through
+//! or one of GGUF's block formats): read once from a checkpoint, multiplied in place through
 //! [`Backend::stored_apply`](peft_core::Backend::stored_apply), never
 //! widened to f32 whole.
 
@@ -9,6 +9,47 @@ use peft_core::storage::{Format, StoredWeight};
 use crate::hf::HfError;
 use crate::hf::base::Base;
 use crate::hf::st::{BAD_BLOCK_SCALE, first_bad_block_scale, row_bytes};
+
+/// Where a model's frozen tensors come from, asked for by their Hugging
+/// Face names (`model.layers.0.self_attn.q_proj.weight`): a safetensors
+/// checkpoint ([`Base`]) or a GGUF file
+/// ([`GgufWeights`](super::gguf::GgufWeights)).
+pub trait Source {
+    /// The matrix `name`, which must be `[rows, cols]`.
+    ///
+    /// # Errors
+    /// [`HfError::Base`] for a missing tensor or another shape;
+    /// [`HfError::Unsupported`] for an element type the host does not
+    /// read; I/O errors.
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix, HfError>;
+
+    /// The vector `name` (`[len]`) as f32.
+    ///
+    /// # Errors
+    /// As [`Source::matrix`].
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, HfError>;
+
+    /// Whether the checkpoint has a tensor `name`.
+    fn contains(&self, name: &str) -> bool;
+}
+
+impl Source for Base {
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix, HfError> {
+        Matrix::read(self, name, rows, cols)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, HfError> {
+        let (shard, e) = self.find(name).ok_or_else(|| HfError::Base(format!("{name} is missing")))?;
+        if e.shape != [len] {
+            return Err(HfError::Base(format!("{name} has shape {:?}, the config needs [{len}]", e.shape)));
+        }
+        self.shards[shard].read_f32(e)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.find(name).is_some()
+    }
+}
 
 /// A frozen matrix and its shape.
 #[derive(Clone, Debug, PartialEq)]
@@ -59,6 +100,7 @@ impl Matrix {
             }
             Format::Q8_0 => Owned::Q8_0(bytes),
             Format::Q4_0 => Owned::Q4_0(bytes),
+            f => Owned::Blocks(f, bytes),
         };
         check_block_scales(name, &data)?;
         let m = Self { name: name.to_string(), rows, cols, data };
@@ -81,17 +123,18 @@ impl Matrix {
     }
 }
 
-/// `Ok` unless a Q8_0 or Q4_0 block's f16 scale is NaN or infinite (read
+/// `Ok` unless a block's f16 scale (or minimum) is NaN or infinite (read
 /// once, when the matrix is loaded: every product would otherwise turn that
 /// block's row into NaN). int8's scales are checked as the rows are read.
 ///
 /// # Errors
 /// [`HfError::NonFinite`] naming the tensor, the block's first element and
 /// the scale.
-fn check_block_scales(name: &str, data: &Owned) -> Result<(), HfError> {
+pub(crate) fn check_block_scales(name: &str, data: &Owned) -> Result<(), HfError> {
     let (format, bytes) = match data {
         Owned::Q8_0(b) => (Format::Q8_0, b),
         Owned::Q4_0(b) => (Format::Q4_0, b),
+        Owned::Blocks(f, b) => (*f, b),
         _ => return Ok(()),
     };
     match first_bad_block_scale(format, bytes) {

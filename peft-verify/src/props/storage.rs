@@ -80,7 +80,7 @@ impl Stored {
                 let q = q.iter().map(|v| u64::from(*v as u8));
                 q.chain(s.iter().map(|v| u64::from(v.to_bits()))).collect()
             }
-            Owned::Q8_0(b) | Owned::Q4_0(b) => b.iter().map(|v| u64::from(*v)).collect(),
+            Owned::Q8_0(b) | Owned::Q4_0(b) | Owned::Blocks(_, b) => b.iter().map(|v| u64::from(*v)).collect(),
         }
     }
 
@@ -107,6 +107,13 @@ impl Stored {
                     lo.chain(hi)
                 })
                 .collect(),
+            // Pinned bit for bit to ggml's own decoder by peft-faer's GGUF
+            // fixtures; here it is the reference the kernels are held to.
+            Owned::Blocks(..) => {
+                let mut core = vec![0.0f32; self.out * self.inn];
+                dequantize(&self.weight()?, &mut core).map_err(fail)?;
+                core.iter().map(|v| f64::from(*v)).collect()
+            }
         };
         let mut core = vec![0.0f32; self.out * self.inn];
         dequantize(&self.weight()?, &mut core).map_err(fail)?;
@@ -124,15 +131,86 @@ impl Stored {
     }
 }
 
+/// A matrix in one of GGUF's read-only block formats (Q4_1 to Q6_K):
+/// `out` rows of `blocks` super-blocks of 256 values (8 blocks of 32 for
+/// the 32-value formats), random bytes whose f16 fields (`d`, `m`,
+/// `dmin`) are set to finite values of either sign from 1e-4 to 0.1; with
+/// 1 to 6 tokens of input and upstream gradient in `[-1, 1)`.
+#[derive(Debug, Clone)]
+pub struct BlockCase {
+    format: Format,
+    out: usize,
+    inn: usize,
+    t: usize,
+    bytes: Vec<u8>,
+    x: Vec<f64>,
+    g: Vec<f64>,
+}
+
+/// GGUF's formats without a quantizer here.
+fn read_only_formats() -> Vec<Format> {
+    Format::ALL.into_iter().filter(|f| !f.has_quantizer()).collect()
+}
+
+fn block_case() -> impl Strategy<Value = BlockCase> {
+    (prop::sample::select(read_only_formats()), 1usize..=5, 1usize..=2, 1usize..=6)
+        .prop_flat_map(|(format, out, blocks, t)| {
+            let inn = blocks * peft_core::storage::QK_K;
+            let len = out * format.row_bytes(inn).unwrap_or(0);
+            let scales = prop::collection::vec((1e-4f32..0.1, any::<bool>()), len);
+            (Just((format, out, inn, t)), prop::collection::vec(any::<u8>(), len), scales, vals(t * inn), vals(t * out))
+        })
+        .prop_map(|((format, out, inn, t), mut bytes, scales, x, g)| {
+            let size = format.block().1;
+            let fields = peft_core::storage::ggml::half_fields(format);
+            for (b, block) in bytes.chunks_exact_mut(size).enumerate() {
+                for (f, &at) in fields.iter().enumerate() {
+                    let (v, neg) = scales[b * 2 + f];
+                    let h = half::f16::from_f32(if neg { -v } else { v });
+                    block[at..at + 2].copy_from_slice(&h.to_le_bytes());
+                }
+            }
+            BlockCase { format, out, inn, t, bytes, x, g }
+        })
+}
+
 pub fn run_all<E: Precision, B: Backend<E>>(backend: &B, config: &Config, report: &mut Report)
 where
     Reference: Backend<E>,
 {
     let name = E::NAME;
 
+    run(report, config, "storage_block_formats_match_dequantized", name, block_case(), |c| {
+        let w = StoredWeight::blocks(c.format, &c.bytes, c.out, c.inn).map_err(fail)?;
+        let mut deq = vec![0.0f32; c.out * c.inn];
+        dequantize(&w, &mut deq).map_err(fail)?;
+        // Element access agrees with the block decoder everywhere.
+        for (i, v) in deq.iter().enumerate() {
+            let got = w.get(i / c.inn, i % c.inn);
+            prop_assert!(got.map(f32::to_bits) == Some(v.to_bits()), "{:?}[{}]: {:?} vs {}", c.format, i, got, v);
+        }
+        let wm = M::new(c.out, c.inn, deq.iter().map(|v| f64::from(*v)).collect());
+        let (x, g): (Vec<E>, Vec<E>) = (narrow(&c.x), narrow(&c.g));
+        let (xm, gm) = (M::new(c.t, c.inn, wide(&x)), M::new(c.t, c.out, wide(&g)));
+        let base = StoredLinear::<E>::new(w);
+        let mut y = vec![E::ZERO; c.t * c.out];
+        let (xv, yv) = (MatRef::new(&x, c.t, c.inn).map_err(fail)?, MatMut::new(&mut y, c.t, c.out).map_err(fail)?);
+        base.forward(backend, xv, yv).map_err(fail)?;
+        let (want, mag) = (xm.mul_t(&wm), xm.abs().mul_t(&wm.abs()));
+        close::<E>(&format!("{:?} y", c.format), &wide(&y), &want.d, &mag.d, c.inn + 2)?;
+        let mut gx = vec![E::from_f64(0.5); c.t * c.inn];
+        let (gv, gxv) = (MatRef::new(&g, c.t, c.out).map_err(fail)?, MatMut::new(&mut gx, c.t, c.inn).map_err(fail)?);
+        base.apply_transpose(backend, gv, gxv, Accum::Add).map_err(fail)?;
+        let (want, mag) = (gm.mul(&wm), gm.abs().mul(&wm.abs()));
+        let want: Vec<f64> = want.d.iter().map(|v| v + 0.5).collect();
+        let mag: Vec<f64> = mag.d.iter().map(|v| v + 0.5).collect();
+        close::<E>(&format!("{:?} grad_x", c.format), &wide(&gx), &want, &mag, c.out + 2)?;
+        Ok(())
+    });
+
     run(report, config, "storage_quantization_within_bound", name, storage_case(), |c| {
         let w: Vec<f32> = c.w.iter().map(|v| *v as f32).collect();
-        for format in Format::ALL {
+        for format in Format::QUANTIZERS {
             let deq = Stored::of(format, &w, c.out, c.inn)?.dequantized()?;
             for (i, (d, v)) in deq.iter().zip(&w).enumerate() {
                 let group: &[f32] = match format {
@@ -160,7 +238,7 @@ where
         let w: Vec<f32> = c.w.iter().map(|v| *v as f32).collect();
         let (x, g): (Vec<E>, Vec<E>) = (narrow(&c.x), narrow(&c.g));
         let (xm, gm) = (M::new(c.t, c.inn, wide(&x)), M::new(c.t, c.out, wide(&g)));
-        for format in Format::ALL {
+        for format in Format::QUANTIZERS {
             let st = Stored::of(format, &w, c.out, c.inn)?;
             let wm = M::new(c.out, c.inn, st.dequantized()?);
             let base = StoredLinear::<E>::new(st.weight()?);
@@ -187,7 +265,7 @@ where
         let (x, g, a, b): (Vec<E>, Vec<E>, Vec<E>, Vec<E>) = (narrow(&c.x), narrow(&c.g), narrow(&c.a), narrow(&c.b));
         let cfg = LoraConfig::new(c.r, 2.0 * c.r as f64);
         let layer = Lora::new(&cfg, c.inn, c.out, &a[..], &b[..]).map_err(fail)?;
-        for format in Format::ALL {
+        for format in Format::QUANTIZERS {
             let st = Stored::of(format, &w, c.out, c.inn)?;
             let before = st.bytes();
             let base = StoredLinear::<E>::new(st.weight()?);

