@@ -263,3 +263,85 @@ fn malformed_files_are_refused_naming_the_key_or_tensor() {
     let err = open(&gguf_bytes(&[arr], &[], &[]));
     assert!(err.contains("bytes left"), "{err}");
 }
+
+/// `peft convert` of the PEFT LoRA folder writes, byte for byte, the file
+/// llama.cpp's `convert_lora_to_gguf.py` wrote from it (`--outtype f32`
+/// and `f16`; `lora/` in the fixtures): the same metadata, tensor names,
+/// shapes, the query/key rows of `lora_b` permuted, f16 rounding.
+#[test]
+fn convert_writes_llama_cpps_lora_file_byte_for_byte() {
+    let out = common::scratch("gguf-lora-convert");
+    for t in ["f32", "f16"] {
+        let dst = out.join(format!("tiny-llama-lora-{t}.gguf"));
+        let res = std::process::Command::new(env!("CARGO_BIN_EXE_peft"))
+            .arg("convert")
+            .arg(dir().join("lora/tiny-llama-lora"))
+            .arg(&dst)
+            .arg("--base")
+            .arg(file("f32"))
+            .args(["--outtype", t])
+            .output()
+            .unwrap();
+        assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+        let (ours, theirs) = (
+            std::fs::read(&dst).unwrap(),
+            std::fs::read(dir().join(format!("lora/tiny-llama-lora-{t}.gguf"))).unwrap(),
+        );
+        assert!(ours == theirs, "{t}: differs from llama.cpp's converter's file");
+    }
+    // And back: the f32 file read as a PEFT folder holds PEFT's tensors exactly.
+    let back = out.join("back");
+    let res = std::process::Command::new(env!("CARGO_BIN_EXE_peft"))
+        .arg("convert")
+        .arg(dir().join("lora/tiny-llama-lora-f32.gguf"))
+        .arg(&back)
+        .arg("--base")
+        .arg(file("f32"))
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let (got, want) = (
+        load(&back.join("adapter_model.safetensors")),
+        load(&dir().join("lora/tiny-llama-lora/adapter_model.safetensors")),
+    );
+    assert_eq!(got.len(), want.len());
+    for (k, (_, shape, v)) in &want {
+        let (_, gs, gv) = &got[k];
+        assert_eq!(
+            (gs, gv.iter().map(|x| x.to_bits()).collect::<Vec<_>>()),
+            (shape, v.iter().map(|x| x.to_bits()).collect()),
+            "{k}"
+        );
+    }
+}
+
+/// llama.cpp's LoRA files run as PEFT runs the adapter: over the f32
+/// tiny model, the logits of `--adapter tiny-llama-lora-f32.gguf` are
+/// PEFT's (`expected/lora.logits.safetensors`, PEFT's unmerged forward)
+/// within 1e-4 relative; the f16 file's factors are PEFT's rounded to f16.
+#[test]
+fn llama_cpp_lora_files_run_as_peft_runs_them() {
+    use peft_faer::hf::HfAdapter;
+    use peft_faer::llama::LlamaAdapter;
+    let m = Llama::load_gguf(&file("f32")).unwrap();
+    let refs = load(&dir().join("expected/lora.logits.safetensors"));
+    let ad = peft_faer::gguf::lora::read(&dir().join("lora/tiny-llama-lora-f32.gguf"), m.config.head_dim).unwrap();
+    let peft = HfAdapter::read_dir(&dir().join("lora/tiny-llama-lora")).unwrap();
+    assert_eq!(ad.modules.len(), 14);
+    let hosted = LlamaAdapter::new(&m, &ad).unwrap();
+    for k in 0..2 {
+        let ids: Vec<u32> = refs[&format!("ids.{k}")].2.iter().map(|&v| v as u32).collect();
+        let got = m.forward(&Faer::new(), &ids, Some(&hosted), &mut KvCache::new()).unwrap();
+        let err = max_rel(&got, &refs[&format!("logits.{k}")].2);
+        eprintln!("lora ids.{k}: {err:.2e} relative from PEFT's");
+        assert!(err < 1e-4, "ids.{k}: {err:e}");
+    }
+    let f16 = peft_faer::gguf::lora::read(&dir().join("lora/tiny-llama-lora-f16.gguf"), m.config.head_dim).unwrap();
+    for (a, p) in f16.modules.iter().zip(&peft.modules) {
+        assert_eq!(a.name, p.name);
+        assert_eq!((a.r, a.alpha, a.scale), (8, 16.0, 2.0));
+        let round = |v: &[f32]| v.iter().map(|x| half::f16::from_f32(*x).to_f32().to_bits()).collect::<Vec<_>>();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!((bits(&a.a), bits(&a.b)), (round(&p.a), round(&p.b)), "{}", a.name);
+    }
+}

@@ -33,7 +33,12 @@
 //! [`MAX_DIMS`], [`MAX_DEPTH`]). Tensor data must lie inside the file,
 //! start on the alignment, and not overlap another tensor's.
 
+pub mod lora;
+mod names;
 mod read;
+pub mod write;
+
+pub use names::{gguf_name, hf_name, hf_row, is_permuted};
 
 pub use read::{
     Array, Gguf, MAX_ARRAY, MAX_DEPTH, MAX_DIMS, MAX_KEYS, MAX_STRING, MAX_TENSORS, TensorInfo, Value, format_of,

@@ -43,44 +43,8 @@ use super::Llama;
 use super::config::LlamaConfig;
 use super::weights::{Matrix, Source, check_block_scales};
 use crate::gguf::{Gguf, TensorInfo, Value};
+pub use crate::gguf::{gguf_name, hf_name, hf_row, is_permuted};
 use crate::hf::HfError;
-
-/// The GGUF name of a Hugging Face Llama tensor name.
-pub fn gguf_name(hf: &str) -> Option<String> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, kind) = rest.rsplit_once('.')?;
-    let short = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{short}.{kind}"))
-}
-
-/// The Hugging Face row that GGUF row `g` of a permuted projection holds
-/// (`head_dim` even; see the [module docs](self)).
-pub fn hf_row(g: usize, head_dim: usize) -> usize {
-    let (h, r) = (g / head_dim, g % head_dim);
-    h * head_dim + (r % 2) * (head_dim / 2) + r / 2
-}
 
 /// A GGUF file's tensors, served by Hugging Face name ([`Source`]), with
 /// the query and key rows un-permuted.
@@ -104,11 +68,7 @@ impl<'a> GgufWeights<'a> {
     /// un-permuted for `q_proj` and `k_proj`.
     fn bytes(&self, hf: &str, t: &TensorInfo, rows: usize, unit: usize) -> Result<Vec<u8>, HfError> {
         let bytes = self.file.read(t)?;
-        let permuted = hf.ends_with("self_attn.q_proj.weight")
-            || hf.ends_with("self_attn.k_proj.weight")
-            || hf.ends_with("self_attn.q_proj.bias")
-            || hf.ends_with("self_attn.k_proj.bias");
-        if !permuted {
+        if !is_permuted(hf) {
             return Ok(bytes);
         }
         let hd = self.head_dim;
@@ -294,6 +254,22 @@ impl Llama {
     pub fn open(path: &Path) -> Result<Self, HfError> {
         if is_gguf(path) { Self::load_gguf(path) } else { Self::load_dir(path) }
     }
+}
+
+/// The configuration of the model at `path`: a `.gguf` file's metadata or
+/// a Hugging Face folder's `config.json` (the tensors are not read).
+///
+/// # Errors
+/// As [`Gguf::open`] and [`LlamaConfig::from_gguf`], or reading and
+/// parsing `config.json`.
+pub fn config_of(path: &Path) -> Result<LlamaConfig, HfError> {
+    if is_gguf(path) {
+        return LlamaConfig::from_gguf(&Gguf::open(path)?);
+    }
+    let file = path.join("config.json");
+    let text = crate::files::read_bounded(&file, crate::hf::MAX_CONFIG_BYTES)?;
+    let text = String::from_utf8(text).map_err(|_| HfError::Json("config.json is not UTF-8".into()));
+    text.and_then(|t| LlamaConfig::parse(&t)).map_err(|e| e.in_file(&file))
 }
 
 /// Whether `path` names a GGUF file (by its extension, `.gguf`).

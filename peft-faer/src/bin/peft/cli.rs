@@ -143,18 +143,34 @@ pub(crate) enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Convert between this project's .peft files and PEFT directories (the
-    /// direction follows SRC: a folder becomes a .peft file, a file becomes
-    /// a folder). Bit-exact both ways.
+    /// Convert between this project's .peft files, PEFT directories and
+    /// llama.cpp LoRA .gguf files (the direction follows SRC and DST: a
+    /// folder becomes a .peft file or, when DST ends in .gguf, a llama.cpp
+    /// adapter; a .peft file or a .gguf adapter becomes a folder). .peft is
+    /// bit-exact both ways; .gguf is exact in f32.
     Convert {
-        /// A PEFT directory or a .peft file.
+        /// A PEFT directory, a .peft file or a llama.cpp LoRA .gguf.
         src: PathBuf,
-        /// The .peft file or PEFT directory to write.
+        /// The .peft file, PEFT directory or .gguf to write.
         dst: PathBuf,
+        /// The base model (a Hugging Face folder or a .gguf), needed for a
+        /// .gguf adapter: its head size orders the query and key rows.
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// The element type of a .gguf adapter's tensors.
+        #[arg(long, value_enum, default_value = "f32")]
+        outtype: OutType,
         /// Replace DST if it exists (once the new output is complete).
         #[arg(long)]
         force: bool,
     },
+}
+
+/// A llama.cpp LoRA's tensor type (`convert_lora_to_gguf.py --outtype`).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OutType {
+    F32,
+    F16,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -221,7 +237,7 @@ pub(crate) struct RunArgs {
     /// file.
     #[arg(long)]
     pub(crate) model: PathBuf,
-    /// A PEFT adapter directory.
+    /// A PEFT adapter directory, or a llama.cpp LoRA .gguf.
     #[arg(long)]
     pub(crate) adapter: Option<PathBuf>,
     /// Token ids (the prompt's, for generate), comma-separated.

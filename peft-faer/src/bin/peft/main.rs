@@ -65,7 +65,7 @@ fn main() -> ExitCode {
                 force: *force,
             })
         }
-        Command::Convert { src, dst, force } => convert_cmd(src, dst, *force),
+        Command::Convert { src, dst, base, outtype, force } => convert_cmd(src, dst, base.as_deref(), *outtype, *force),
         Command::Quantize { base, out, format, force } => quantize_cmd(base, out, *format, *force),
         Command::Forward { run, out, top, json, force } => {
             forward_cmd(&run.model, run.adapter.as_deref(), &run.ids.0, out.as_deref(), *top, *json, *force)

@@ -15,7 +15,11 @@ use serde_json::json;
 /// whole put in place.
 pub(crate) fn llama_and_adapter(model: &Path, adapter: Option<&Path>) -> Result<(Llama, Option<HfAdapter>), HfError> {
     let mut m = Llama::open(model)?;
-    let ad = adapter.map(HfAdapter::read_dir).transpose()?;
+    let ad = match adapter {
+        Some(p) if is_gguf(p) => Some(peft_faer::gguf::lora::read(p, m.config.head_dim)?),
+        Some(p) => Some(HfAdapter::read_dir(p)?),
+        None => None,
+    };
     // The tensors the adapter replaces whole (modules_to_save, trained
     // biases) run as PEFT runs them.
     if let Some(ad) = &ad {
