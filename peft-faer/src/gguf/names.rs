@@ -34,7 +34,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 }
 
 /// The Hugging Face row that GGUF row `g` of a permuted projection holds
-/// (`head_dim` even; see the [module docs](self)).
+/// (`head_dim` even; see [`crate::llama::gguf`]).
 pub fn hf_row(g: usize, head_dim: usize) -> usize {
     let (h, r) = (g / head_dim, g % head_dim);
     h * head_dim + (r % 2) * (head_dim / 2) + r / 2
