@@ -233,7 +233,9 @@ fn merge_diff(
     backend: &Faer,
 ) -> Result<Option<f32>, HfError> {
     let Trainable::Peft(ad) = adapter else { return Ok(None) };
-    if matches!(ad.config, PeftConfig::Prompt(_)) {
+    // A GGUF base is not merged here: `peft merge` writes safetensors
+    // checkpoints (the adapter itself runs over the GGUF unmerged).
+    if matches!(ad.config, PeftConfig::Prompt(_)) || crate::llama::gguf::is_gguf(base_dir) {
         return Ok(None);
     }
     let name = file.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
@@ -304,11 +306,14 @@ pub fn run_method(
     })
 }
 
-/// The frozen model (`options.model`, or the default small Llama saved to
-/// `out/model`) and its folder, and the task from `options.seed`.
+/// The frozen model (`options.model`, a Hugging Face folder or a `.gguf`
+/// file, or the default small Llama saved to `out/model`) and its path,
+/// and the task from `options.seed`. A GGUF model trains in its stored
+/// blocks (QLoRA's setting: the adapter's gradients flow through the
+/// quantized base, which is never dequantized whole or written).
 ///
 /// # Errors
-/// As [`Llama::load_dir`], [`Llama::save_dir`] and [`Distill::new`].
+/// As [`Llama::open`], [`Llama::save_dir`] and [`Distill::new`].
 pub fn setup(options: &Options, backend: &Faer) -> Result<(Llama, PathBuf, Distill), HfError> {
     if !options.force {
         // Every output the run will write, refused before any training.
@@ -320,7 +325,7 @@ pub fn setup(options: &Options, backend: &Faer) -> Result<(Llama, PathBuf, Disti
     }
     std::fs::create_dir_all(&options.out).map_err(|e| HfError::Io(options.out.clone(), e))?;
     let (model, base_dir) = match &options.model {
-        Some(dir) => (Llama::load_dir(dir)?, dir.clone()),
+        Some(path) => (Llama::open(path)?, path.clone()),
         None => {
             let model = Llama::random(default_llama()?, options.seed);
             let dir = options.out.join("model");

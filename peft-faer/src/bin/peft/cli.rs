@@ -300,8 +300,9 @@ pub(crate) struct FinetuneArgs {
     /// (`<method>/`, a PEFT folder; `adapter.safetensors`).
     #[arg(long, default_value = "peft-out")]
     pub(crate) out: PathBuf,
-    /// A Hugging Face LlamaForCausalLM folder to train on (default: a small
-    /// Llama from --seed, written to OUT/model).
+    /// A Hugging Face LlamaForCausalLM folder or a llama.cpp .gguf file to
+    /// train on, in its stored format (default: a small Llama from --seed,
+    /// written to OUT/model).
     #[arg(long)]
     pub(crate) model: Option<PathBuf>,
     /// Print one JSON document instead of the table.
