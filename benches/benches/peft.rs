@@ -436,6 +436,11 @@ fn dora_group(c: &mut Criterion) {
     g.finish();
 }
 
+/// One read of every byte of `b`: a sum the compiler vectorizes.
+fn stream_bytes(b: &[u8]) -> u64 {
+    u64::from(b.iter().fold(0u32, |a, v| a.wrapping_add(u32::from(*v))))
+}
+
 /// One read of every stored byte of `st` (the memory-bound limit of a pass
 /// over `W`): a sum the compiler vectorizes.
 fn stream(st: &OwnedWeight) -> u64 {
@@ -519,6 +524,48 @@ fn storage_groups(c: &mut Criterion) {
     }
 }
 
+/// GGUF's formats, one thread, one token: the product `x deq(W)^T` over
+/// llama.cpp's blocks against one read of the stored bytes, at SmolLM2's
+/// `down_proj` (1536 in, 576 out: 1536 is whole K-quant super-blocks;
+/// SmolLM2's hidden 576 is not) and at 4096 x 4096. The blocks are random
+/// bytes with finite scales (the kernels' cost does not depend on the
+/// values).
+fn gguf_groups(c: &mut Criterion) {
+    use peft_core::FrozenLinear;
+    use peft_core::storage::{Format, StoredLinear, StoredWeight};
+    let backend = Faer::with_threads(1);
+    let mut rng = Rng::new(13);
+    for (shape, out, inn) in [("smollm2_down_576x1536", 576usize, 1536usize), ("4096x4096", 4096, 4096)] {
+        let mut x = vec![0.0f32; inn];
+        rng.fill_uniform(&mut x, -1.0, 1.0);
+        let xv = MatRef::new(&x, 1, inn).unwrap();
+        let mut y = vec![0.0f32; out];
+        for format in [Format::Q8_0, Format::Q4_1, Format::Q4_K, Format::Q6_K] {
+            let (_, size) = format.block();
+            let len = out * format.row_bytes(inn).unwrap();
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            for block in bytes.chunks_exact_mut(size) {
+                for &at in peft_core::storage::ggml::half_fields(format) {
+                    let h = half::f16::from_f32(0.01 + (rng.next_u64() % 100) as f32 * 1e-4);
+                    block[at..at + 2].copy_from_slice(&h.to_le_bytes());
+                }
+            }
+            let base = StoredLinear::<f32>::new(StoredWeight::blocks(format, &bytes, out, inn).unwrap());
+            let mut g = c.benchmark_group(format!("gguf.t1_{shape}.{}.1t", format.name()));
+            configure(&mut g, true);
+            g.throughput(Throughput::Elements(2 * (out * inn) as u64));
+            g.bench_function("stream", |bench| bench.iter(|| black_box(stream_bytes(&bytes))));
+            g.bench_function("forward", |bench| {
+                bench.iter(|| {
+                    base.forward(&backend, xv, MatMut::new(&mut y, 1, out).unwrap()).unwrap();
+                    black_box(&y);
+                })
+            });
+            g.finish();
+        }
+    }
+}
+
 // `criterion_group!` makes an undocumented `pub fn`; it lives in a private
 // module so the missing-docs lint has nothing to say.
 mod group {
@@ -531,6 +578,7 @@ mod group {
         dora_group,
         mixed_batch_group,
         storage_groups,
+        gguf_groups,
         shard_index_group
     );
 }

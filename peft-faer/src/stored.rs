@@ -27,6 +27,8 @@ use peft_core::{Accum, Backend, Error, MatMut, MatRef, Op, Result};
 
 use crate::Faer;
 
+mod ggml;
+
 /// Up to this many tokens, a stored base is multiplied row by row
 /// (decoded once per row, dotted with every token).
 pub const GEMV_TOKENS: usize = 4;
@@ -197,8 +199,12 @@ fn decode_tile(w: &StoredWeight<'_>, j0: usize, k0: usize, k: usize, dst: &mut [
     let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c");
     for (i, out) in dst.chunks_exact_mut(k.max(1)).enumerate() {
         let row = w.row(j0 + i).ok_or(Error::Overflow)?;
+        if let RowRef::Blocks(..) = row {
+            ggml::decode_range(row, k0, out);
+            continue;
+        }
         #[cfg(target_arch = "x86_64")]
-        if avx2 && k0 % QK == 0 && !matches!(row, RowRef::Blocks(..)) {
+        if avx2 && k0 % QK == 0 {
             // SAFETY: `decode_row_avx2` needs AVX2 and F16C, detected at
             // run time above.
             unsafe { decode_row_avx2(row, k0 / QK, out) };
@@ -237,7 +243,7 @@ unsafe fn decode_row_avx2(row: RowRef<'_>, first: usize, out: &mut [f32]) {
 /// row decoded once.
 fn dot_rows(row: RowRef<'_>, xs: &[&[f32]], dots: &mut [f32]) {
     if let RowRef::Blocks(format, bytes) = row {
-        return dot_rows_blocks(format, bytes, xs, dots);
+        return ggml::dot_rows(format, bytes, xs, dots);
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2")
@@ -249,30 +255,6 @@ fn dot_rows(row: RowRef<'_>, xs: &[&[f32]], dots: &mut [f32]) {
         return unsafe { dot_rows_avx2(row, xs, dots) };
     }
     dot_rows_generic::<false>(row, xs, dots);
-}
-
-/// [`dot_rows`] for GGUF's other block formats (Q4_1 to Q6_K): each block
-/// decoded on the stack by `peft-core`'s exact decoder, then dotted with
-/// every token in eight lanes.
-fn dot_rows_blocks(format: Format, bytes: &[u8], xs: &[&[f32]], dots: &mut [f32]) {
-    let (elems, size) = format.block();
-    let mut w = [0.0f32; peft_core::storage::QK_K];
-    let mut acc = [[0.0f32; 8]; GEMV_TOKENS];
-    let Some(w) = w.get_mut(..elems) else { return };
-    for (bi, block) in bytes.chunks_exact(size).enumerate() {
-        peft_core::storage::ggml::decode_block(format, block, w);
-        for (a, x) in acc.iter_mut().zip(xs) {
-            let Some(x) = x.get(bi * elems..(bi + 1) * elems) else { continue };
-            for (w8, x8) in w.chunks_exact(8).zip(x.chunks_exact(8)) {
-                for ((l, wv), xv) in a.iter_mut().zip(w8).zip(x8) {
-                    *l += wv * xv;
-                }
-            }
-        }
-    }
-    for (d, a) in dots.iter_mut().zip(acc) {
-        *d = a.iter().sum();
-    }
 }
 
 /// [`dot_rows_generic`] compiled with AVX2, FMA and F16C; one token (the

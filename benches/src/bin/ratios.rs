@@ -41,7 +41,7 @@ pub const RATIO_LIMIT: f64 = 0.05;
 
 /// `(group prefix, numerator, denominator, bound)`: the ratio of mean times
 /// `numerator / denominator`, and its target (`Le(x)`: at most `x`).
-const RATIOS: [(&str, &str, &str, Bound); 19] = [
+const RATIOS: [(&str, &str, &str, Bound); 20] = [
     ("lora_forward_unmerged", "lora_forward_unmerged", "base_gemm", Bound::Le(1.05)),
     ("lora_forward_merged", "lora_forward_merged", "base_gemm", Bound::Le(1.02)),
     ("lora_backward", "lora_backward", "base_gemm", Bound::Le(1.10)),
@@ -61,6 +61,8 @@ const RATIOS: [(&str, &str, &str, Bound); 19] = [
     ("mixed_batch", "mixed_forward", "single_forward", Bound::Le(1.15)),
     // A stored base's LoRA forward at t = 1 against one read of its bytes.
     ("storage", "lora_forward", "stream", Bound::Le(1.3)),
+    // GGUF's formats at t = 1 (x deq(W)^T alone) against one read of the bytes.
+    ("gguf", "forward", "stream", Bound::Le(1.3)),
     // The portable kernels' speed as a share of faer's (time ratio faer / reference).
     ("storage", "lora_forward", "reference_lora_forward", Bound::Ge(0.25)),
     // t = 1: how much faster than f32 (f32 time / stored time).

@@ -1,0 +1,342 @@
+//! [`Faer`](crate::Faer)'s kernels for GGUF's other block formats (Q4_1 to
+//! Q6_K, [`RowRef::Blocks`]): each block decoded to f32 on the stack,
+//! then dotted with every token. Q4_1, Q4_K and Q6_K (the formats
+//! llama.cpp's users hold most) decode with AVX2 when the CPU has it,
+//! into exactly the values of `peft-core`'s decoder, which are ggml's:
+//! the same f32 multiply, then add or subtract, never fused (the test
+//! below checks every bit). The dot products use FMA, like the other
+//! stored formats' kernels.
+
+use peft_core::storage::ggml::decode_block;
+use peft_core::storage::{Format, QK_K, RowRef};
+
+/// Whether the CPU has AVX2, FMA and F16C (detected once per call site).
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+}
+
+/// One block of `format` decoded into `out` (its values): AVX2 for Q4_1,
+/// Q4_K and Q6_K when `simd`, `peft-core`'s decoder otherwise.
+fn decode(simd: bool, format: Format, block: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd && matches!(format, Format::Q4_1 | Format::Q4_K | Format::Q6_K) {
+        // SAFETY: `simd` is true only when `avx2()` said so.
+        unsafe { decode_avx2(format, block, out) };
+        return;
+    }
+    let _ = simd;
+    decode_block(format, block, out);
+}
+
+/// `out.len()` values of a row of blocks from value `start` on (both
+/// whole blocks), decoded block by block.
+pub(super) fn decode_range(row: RowRef<'_>, start: usize, out: &mut [f32]) {
+    let RowRef::Blocks(format, bytes) = row else {
+        row.decode_range(start, out);
+        return;
+    };
+    #[cfg(target_arch = "x86_64")]
+    let simd = avx2();
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = false;
+    let (elems, size) = format.block();
+    if start % elems != 0 || out.len() % elems != 0 {
+        return;
+    }
+    let blocks = bytes.chunks_exact(size).skip(start / elems);
+    for (o, b) in out.chunks_exact_mut(elems).zip(blocks) {
+        decode(simd, format, b, o);
+    }
+}
+
+/// `dots[i] = row . xs[i]` for a row of `format` blocks (at most four
+/// tokens): each block decoded once into a stack array, then multiplied
+/// into eight-lane accumulators per token.
+pub(super) fn dot_rows(format: Format, bytes: &[u8], xs: &[&[f32]], dots: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (just detected).
+        unsafe { dot_rows_avx2(format, bytes, xs, dots) };
+        return;
+    }
+    dot_rows_with::<false>(format, bytes, xs, dots);
+}
+
+/// [`dot_rows_with`] compiled for AVX2 and FMA.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_avx2(format: Format, bytes: &[u8], xs: &[&[f32]], dots: &mut [f32]) {
+    if let ([x], [d]) = (xs, &mut *dots) {
+        // SAFETY: this function's precondition.
+        *d = unsafe { dot1_avx2(format, bytes, x) };
+        return;
+    }
+    dot_rows_with::<true>(format, bytes, xs, dots);
+}
+
+#[inline(always)]
+fn dot_rows_with<const SIMD: bool>(format: Format, bytes: &[u8], xs: &[&[f32]], dots: &mut [f32]) {
+    let (elems, size) = format.block();
+    let mut w = [0.0f32; QK_K];
+    let mut acc = [[0.0f32; 8]; super::GEMV_TOKENS];
+    let Some(w) = w.get_mut(..elems) else { return };
+    for (bi, block) in bytes.chunks_exact(size).enumerate() {
+        decode(SIMD, format, block, w);
+        for (a, x) in acc.iter_mut().zip(xs) {
+            let Some(x) = x.get(bi * elems..(bi + 1) * elems) else { continue };
+            for (w8, x8) in w.chunks_exact(8).zip(x.chunks_exact(8)) {
+                for ((l, wv), xv) in a.iter_mut().zip(w8).zip(x8) {
+                    *l += wv * xv;
+                }
+            }
+        }
+    }
+    for (d, a) in dots.iter_mut().zip(acc) {
+        *d = a.iter().sum();
+    }
+}
+
+/// One row dotted with one token: each block decoded with AVX2 into a
+/// stack array (in L1), then four independent FMA chains.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot1_avx2(format: Format, bytes: &[u8], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let (elems, size) = format.block();
+    let mut w = [0.0f32; QK_K];
+    let nb = (bytes.len() / size.max(1)).min(x.len() / elems.max(1));
+    let w = &mut w[..elems];
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (bi, block) in bytes.chunks_exact(size).take(nb).enumerate() {
+        // SAFETY: the CPU has the features (this function's precondition).
+        unsafe { decode_avx2_or_portable(format, block, w) };
+        let xb = &x[bi * elems..(bi + 1) * elems];
+        // SAFETY: `w` and `xb` hold `elems` values, a multiple of 32.
+        unsafe {
+            for k in (0..elems).step_by(32) {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let o = k + 8 * j;
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(w.as_ptr().add(o)), _mm256_loadu_ps(xb.as_ptr().add(o)), *a);
+                }
+            }
+        }
+    }
+    // SAFETY: register and stack-array intrinsics; AVX2 is present.
+    unsafe {
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+        lanes.iter().sum()
+    }
+}
+
+/// [`decode_avx2`] for the formats it covers, `peft-core`'s decoder for
+/// the others.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_avx2_or_portable(format: Format, block: &[u8], out: &mut [f32]) {
+    if matches!(format, Format::Q4_1 | Format::Q4_K | Format::Q6_K) {
+        // SAFETY: this function's precondition.
+        unsafe { decode_avx2(format, block, out) };
+    } else {
+        decode_block(format, block, out);
+    }
+}
+
+/// What follows the product `q d` in a format's formula.
+#[derive(Clone, Copy)]
+enum Then {
+    /// Nothing (Q6_K): adding 0 would turn a `-0.0` into `+0.0`.
+    Keep,
+    /// `+ m` (Q4_1).
+    Add,
+    /// `- m` (Q4_K).
+    Sub,
+}
+
+/// Eight u8 or i8 values (the low 8 bytes of `v`) as f32, times `d`, then
+/// [`Then`] with `m`, stored at `out`.
+///
+/// # Safety
+/// AVX2; `out` has 8 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn store8(v: std::arch::x86_64::__m128i, signed: bool, d: f32, m: f32, then: Then, out: *mut f32) {
+    use std::arch::x86_64::*;
+    let i = if signed { _mm256_cvtepi8_epi32(v) } else { _mm256_cvtepu8_epi32(v) };
+    let p = _mm256_mul_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(d));
+    let y = match then {
+        Then::Keep => p,
+        Then::Add => _mm256_add_ps(p, _mm256_set1_ps(m)),
+        Then::Sub => _mm256_sub_ps(p, _mm256_set1_ps(m)),
+    };
+    // SAFETY: the caller's `out` holds 8 values.
+    unsafe { _mm256_storeu_ps(out, y) };
+}
+
+/// 32 bytes (`v`) as four runs of 8 (see [`store8`]) at `out`, with one
+/// `(d, m)` per 16 values (`dm[0]` for the first 16, `dm[1]` for the
+/// rest).
+///
+/// # Safety
+/// AVX2; `out` has 32 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn store32(v: std::arch::x86_64::__m256i, signed: bool, dm: [(f32, f32); 2], then: Then, out: *mut f32) {
+    use std::arch::x86_64::*;
+    let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    // SAFETY: `out` holds 32 values (the caller's precondition).
+    unsafe {
+        store8(lo, signed, dm[0].0, dm[0].1, then, out);
+        store8(_mm_srli_si128::<8>(lo), signed, dm[0].0, dm[0].1, then, out.add(8));
+        store8(hi, signed, dm[1].0, dm[1].1, then, out.add(16));
+        store8(_mm_srli_si128::<8>(hi), signed, dm[1].0, dm[1].1, then, out.add(24));
+    }
+}
+
+/// An f16 field at byte `at` of `b`, as f32.
+fn half(b: &[u8], at: usize) -> f32 {
+    peft_core::storage::f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
+}
+
+/// Q4_1, Q4_K or Q6_K: one block decoded with AVX2, the values of
+/// [`decode_block`] bit for bit. Other formats, blocks or outputs of
+/// other lengths leave `out` as it was.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C. Every load reads inside `block`
+/// (its length is checked) and every store writes inside `out`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_avx2(format: Format, block: &[u8], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (elems, size) = format.block();
+    if block.len() != size || out.len() != elems {
+        return;
+    }
+    let o = out.as_mut_ptr();
+    let p = block.as_ptr();
+    // SAFETY (all loads and stores below): `block` has `size` bytes and
+    // `out` `elems` values, checked above; the offsets stay inside them.
+    unsafe {
+        let low = _mm256_set1_epi8(0x0F);
+        match format {
+            Format::Q4_1 => {
+                // d m | qs[16]: x[j] = (qs[j] & 15) d + m, x[j+16] = (qs[j] >> 4) d + m.
+                let (d, m) = (half(block, 0), half(block, 2));
+                let q = _mm_loadu_si128(p.add(4).cast::<__m128i>());
+                let lo = _mm_and_si128(q, _mm_set1_epi8(0x0F));
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), _mm_set1_epi8(0x0F));
+                store8(lo, false, d, m, Then::Add, o);
+                store8(_mm_srli_si128::<8>(lo), false, d, m, Then::Add, o.add(8));
+                store8(hi, false, d, m, Then::Add, o.add(16));
+                store8(_mm_srli_si128::<8>(hi), false, d, m, Then::Add, o.add(24));
+            }
+            Format::Q4_K => {
+                // d dmin | scales[12] | qs[128]: chunk c holds 64 values,
+                // the low nibbles of 32 bytes then the high ones.
+                let (d, min) = (half(block, 0), half(block, 2));
+                let s = &block[4..16];
+                let sm = |k: usize| -> (u8, u8) {
+                    if k < 4 {
+                        (s[k] & 63, s[k + 4] & 63)
+                    } else {
+                        ((s[k + 4] & 15) | ((s[k - 4] >> 6) << 4), (s[k + 4] >> 4) | ((s[k] >> 6) << 4))
+                    }
+                };
+                for c in 0..4 {
+                    let (sc1, m1) = sm(2 * c);
+                    let (sc2, m2) = sm(2 * c + 1);
+                    let a = (d * f32::from(sc1), min * f32::from(m1));
+                    let b = (d * f32::from(sc2), min * f32::from(m2));
+                    let q = _mm256_loadu_si256(p.add(16 + 32 * c).cast::<__m256i>());
+                    let lo = _mm256_and_si256(q, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low);
+                    store32(lo, false, [a, a], Then::Sub, o.add(64 * c));
+                    store32(hi, false, [b, b], Then::Sub, o.add(64 * c + 32));
+                }
+            }
+            Format::Q6_K => {
+                // ql[128] | qh[64] | scales:i8[16] | d: halves of 128.
+                let d = half(block, 208);
+                let three = _mm256_set1_epi8(0x30);
+                let thirty_two = _mm256_set1_epi8(32);
+                for n in 0..2 {
+                    let ql0 = _mm256_loadu_si256(p.add(64 * n).cast::<__m256i>());
+                    let ql1 = _mm256_loadu_si256(p.add(64 * n + 32).cast::<__m256i>());
+                    let qh = _mm256_loadu_si256(p.add(128 + 32 * n).cast::<__m256i>());
+                    // The two high bits of each run, moved to bits 4-5.
+                    let h0 = _mm256_and_si256(_mm256_slli_epi16::<4>(qh), three);
+                    let h1 = _mm256_and_si256(_mm256_slli_epi16::<2>(qh), three);
+                    let h2 = _mm256_and_si256(qh, three);
+                    let h3 = _mm256_and_si256(_mm256_srli_epi16::<2>(qh), three);
+                    let q = [
+                        _mm256_or_si256(_mm256_and_si256(ql0, low), h0),
+                        _mm256_or_si256(_mm256_and_si256(ql1, low), h1),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low), h2),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low), h3),
+                    ];
+                    for (r, v) in q.into_iter().enumerate() {
+                        let v = _mm256_sub_epi8(v, thirty_two);
+                        let sc = |k: usize| d * f32::from(block[192 + 8 * n + k] as i8);
+                        // Values 0-15 of the run use scale r*2 + 0, 16-31 scale r*2 + 1 (`is = l / 16`).
+                        let dm = [(sc(2 * r), 0.0), (sc(2 * r + 1), 0.0)];
+                        store32(v, true, dm, Then::Keep, o.add(128 * n + 32 * r));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX2 decoders give `peft-core`'s (ggml's) values bit for bit,
+    /// on random blocks whose f16 fields are finite (and, here, also on
+    /// blocks with any f16 fields: NaN payloads and infinities included).
+    #[test]
+    fn avx2_decoders_equal_the_portable_decoder_bit_for_bit() {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            let mut rng = peft_core::Rng::new(5);
+            for format in [Format::Q4_1, Format::Q4_K, Format::Q6_K] {
+                let (elems, size) = format.block();
+                for trial in 0..2000 {
+                    let block: Vec<u8> = (0..size).map(|_| rng.next_u64() as u8).collect();
+                    let mut block = block;
+                    if trial % 2 == 0 {
+                        for &at in peft_core::storage::ggml::half_fields(format) {
+                            let h = half::f16::from_f32((rng.next_u64() % 2000) as f32 / 1000.0 - 1.0);
+                            block[at..at + 2].copy_from_slice(&h.to_le_bytes());
+                        }
+                    }
+                    let (mut a, mut b) = (vec![0.0f32; elems], vec![1.0f32; elems]);
+                    decode_block(format, &block, &mut a);
+                    // SAFETY: AVX2 and F16C detected above.
+                    unsafe { decode_avx2(format, &block, &mut b) };
+                    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                        let same = x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan());
+                        assert!(same, "{format:?} trial {trial} value {i}: {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+}
