@@ -76,6 +76,9 @@ pub(crate) fn apply(
         }
         return Ok(());
     }
+    if t == 1 && ggml::gemv1(w, x.row(0), y.row_mut(0), accum) {
+        return Ok(());
+    }
     if t <= GEMV_TOKENS {
         let mut dots = [0.0f32; GEMV_TOKENS];
         for j in 0..n_out {

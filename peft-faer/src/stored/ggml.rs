@@ -139,6 +139,164 @@ unsafe fn dot1_avx2(format: Format, bytes: &[u8], x: &[f32]) -> f32 {
     }
 }
 
+/// `y (=|+=) deq(W) x` for one token over Q4_1 or Q4_K rows, fused: the
+/// nibbles are widened in registers and multiplied into `x` without
+/// storing the decoded values, each 32-value group's scale applied once,
+/// its offset once through `sum(x)` of the group (computed once per
+/// product): `sum_i (d q_i + m) x_i = d sum_i q_i x_i + m sum_i x_i`
+/// (Q4_K: `d sc` and `- dmin m`). The same sum in another order than
+/// [`decode_block`]'s values dotted with `x`: within the rounding bound
+/// `peft-verify` checks, not bit for bit. Returns `false` (nothing
+/// written) for other formats or a CPU without AVX2, FMA and F16C.
+pub(super) fn gemv1(
+    w: &peft_core::storage::StoredWeight<'_>,
+    x: &[f32],
+    y: &mut [f32],
+    accum: peft_core::Accum,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(w.format(), Format::Q4_1 | Format::Q4_K) && avx2() && x.len() == w.in_features() {
+        let sums: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
+        for (j, v) in y.iter_mut().enumerate().take(w.out_features()) {
+            let Some(RowRef::Blocks(format, bytes)) = w.row(j) else { return false };
+            // SAFETY: AVX2, FMA and F16C detected above; `x` holds the
+            // row's values and `sums` one per 32 of them.
+            let d = unsafe {
+                if format == Format::Q4_1 { gemv1_q4_1(bytes, x, &sums) } else { gemv1_q4_k(bytes, x, &sums) }
+            };
+            *v = match accum {
+                peft_core::Accum::Replace => d,
+                peft_core::Accum::Add => *v + d,
+            };
+        }
+        return true;
+    }
+    let _ = (w, x, y, accum);
+    false
+}
+
+/// Sixteen bytes of nibbles (`q`) dotted with 32 values of `x` (`xp`: the
+/// low nibbles with `xp[0..16]`, the high with `xp[16..32]`), into two
+/// 8-lane partial sums.
+///
+/// # Safety
+/// AVX2 and FMA; `xp` points at 32 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn nibbles_dot(q: std::arch::x86_64::__m128i, xp: *const f32) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let mask = _mm_set1_epi8(0x0F);
+    let lo = _mm_and_si128(q, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
+    let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+    // SAFETY: `xp` holds 32 values (the caller's precondition).
+    unsafe {
+        let a = _mm256_mul_ps(f(lo), _mm256_loadu_ps(xp));
+        let b = _mm256_mul_ps(f(_mm_srli_si128::<8>(lo)), _mm256_loadu_ps(xp.add(8)));
+        let a = _mm256_fmadd_ps(f(hi), _mm256_loadu_ps(xp.add(16)), a);
+        let b = _mm256_fmadd_ps(f(_mm_srli_si128::<8>(hi)), _mm256_loadu_ps(xp.add(24)), b);
+        _mm256_add_ps(a, b)
+    }
+}
+
+/// Sum of the eight lanes of `v`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: a store to a stack array of 8.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+    lanes.iter().sum()
+}
+
+/// One Q4_1 row dotted with `x` (see [`gemv1`]).
+///
+/// # Safety
+/// AVX2, FMA and F16C; `x` holds the row's values, `sums` one per 32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv1_q4_1(bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = (bytes.len() / 20).min(x.len() / 32).min(sums.len());
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut offset = 0.0f32;
+    // SAFETY: block `bi` is bytes `20 bi..20 bi + 20` and values `32 bi..32 bi + 32` (`nb` bounds both).
+    unsafe {
+        let p = bytes.as_ptr();
+        for (bi, sum) in sums.iter().enumerate().take(nb) {
+            let blk = p.add(20 * bi);
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(blk.cast::<i32>().read_unaligned()));
+            let t = nibbles_dot(_mm_loadu_si128(blk.add(4).cast::<__m128i>()), x.as_ptr().add(32 * bi));
+            let d = _mm256_broadcastss_ps(dm);
+            if bi % 2 == 0 {
+                acc0 = _mm256_fmadd_ps(d, t, acc0)
+            } else {
+                acc1 = _mm256_fmadd_ps(d, t, acc1)
+            }
+            offset += _mm_cvtss_f32(_mm_movehdup_ps(dm)) * sum;
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) + offset
+    }
+}
+
+/// One Q4_K row dotted with `x` (see [`gemv1`]).
+///
+/// # Safety
+/// AVX2, FMA and F16C; `x` holds the row's values, `sums` one per 32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv1_q4_k(bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = (bytes.len() / 144).min(x.len() / 256).min(sums.len() / 8);
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut offset = 0.0f32;
+    for (bi, blk) in bytes.chunks_exact(144).take(nb).enumerate() {
+        let (d, min) = (half(blk, 0), half(blk, 2));
+        let s = &blk[4..16];
+        // SAFETY: `blk` has 144 bytes; values `256 bi..256 bi + 256` of `x` exist (`nb`).
+        unsafe {
+            let xb = x.as_ptr().add(256 * bi);
+            for c in 0..4 {
+                // Chunk c: 32 bytes, low nibbles = sub-block 2c, high = 2c + 1.
+                let (k0, k1) = (2 * c, 2 * c + 1);
+                let (sc0, m0, sc1, m1) = if c < 2 {
+                    (s[k0] & 63, s[k0 + 4] & 63, s[k1] & 63, s[k1 + 4] & 63)
+                } else {
+                    (
+                        (s[k0 + 4] & 15) | ((s[k0 - 4] >> 6) << 4),
+                        (s[k0 + 4] >> 4) | ((s[k0] >> 6) << 4),
+                        (s[k1 + 4] & 15) | ((s[k1 - 4] >> 6) << 4),
+                        (s[k1 + 4] >> 4) | ((s[k1] >> 6) << 4),
+                    )
+                };
+                let q = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * c).cast::<__m256i>());
+                let mask = _mm256_set1_epi8(0x0F);
+                let lo = _mm256_and_si256(q, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
+                let dot32 = |v: __m256i, xp: *const f32| {
+                    let f = |w: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(w));
+                    let (l, h) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+                    let a = _mm256_mul_ps(f(l), _mm256_loadu_ps(xp));
+                    let b = _mm256_mul_ps(f(_mm_srli_si128::<8>(l)), _mm256_loadu_ps(xp.add(8)));
+                    let a = _mm256_fmadd_ps(f(h), _mm256_loadu_ps(xp.add(16)), a);
+                    let b = _mm256_fmadd_ps(f(_mm_srli_si128::<8>(h)), _mm256_loadu_ps(xp.add(24)), b);
+                    _mm256_add_ps(a, b)
+                };
+                let t0 = dot32(lo, xb.add(64 * c));
+                let t1 = dot32(hi, xb.add(64 * c + 32));
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * f32::from(sc0)), t0, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d * f32::from(sc1)), t1, acc1);
+                offset += min * f32::from(m0) * sums[8 * bi + k0] + min * f32::from(m1) * sums[8 * bi + k1];
+            }
+        }
+    }
+    // SAFETY: AVX2 is present (this function's precondition).
+    unsafe { hsum(_mm256_add_ps(acc0, acc1)) - offset }
+}
+
 /// [`decode_avx2`] for the formats it covers, `peft-core`'s decoder for
 /// the others.
 ///
@@ -335,6 +493,50 @@ mod tests {
                         let same = x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan());
                         assert!(same, "{format:?} trial {trial} value {i}: {x} vs {y}");
                     }
+                }
+            }
+        }
+    }
+
+    /// Faer's paths over every GGUF block format against the portable
+    /// kernel, within 1e-6 of `sum |w| |x|` (f32 rounding of 512-term
+    /// sums; a 0.1% error in one term of the fused kernels' algebra
+    /// breaks it): 1 token (the fused Q4_1 / Q4_K kernels, the decode-then-
+    /// dot path for the others), 3 (the few-token path) and 7 (tiles).
+    #[test]
+    fn faer_paths_agree_with_the_portable_kernel_on_every_block_format() {
+        use peft_core::storage::{StoredLinear, StoredWeight};
+        use peft_core::{FrozenLinear, MatMut, MatRef, Reference};
+        let mut rng = peft_core::Rng::new(9);
+        let (out, inn) = (6, 512);
+        for format in Format::ALL.into_iter().filter(|f| f.block().0 > 1) {
+            let (_, size) = format.block();
+            let mut bytes: Vec<u8> = (0..out * format.row_bytes(inn).unwrap()).map(|_| rng.next_u64() as u8).collect();
+            for block in bytes.chunks_exact_mut(size) {
+                for &at in peft_core::storage::ggml::half_fields(format) {
+                    let h = half::f16::from_f32((rng.next_u64() % 2000) as f32 / 10000.0 - 0.1);
+                    block[at..at + 2].copy_from_slice(&h.to_le_bytes());
+                }
+            }
+            let w = StoredWeight::blocks(format, &bytes, out, inn).unwrap();
+            let mut deq = vec![0.0f32; out * inn];
+            peft_core::storage::dequantize(&w, &mut deq).unwrap();
+            let base = StoredLinear::<f32>::new(w);
+            for t in [1, 3, 7] {
+                let mut x = vec![0.0f32; t * inn];
+                rng.fill_uniform(&mut x, -1.0, 1.0);
+                let xv = MatRef::new(&x, t, inn).unwrap();
+                let (mut y, mut yr) = (vec![0.0f32; t * out], vec![0.0f32; t * out]);
+                base.forward(&crate::Faer::new(), xv, MatMut::new(&mut y, t, out).unwrap()).unwrap();
+                base.forward(&Reference, xv, MatMut::new(&mut yr, t, out).unwrap()).unwrap();
+                for (i, (a, b)) in y.iter().zip(&yr).enumerate() {
+                    let (ti, j) = (i / out, i % out);
+                    let mag: f32 = deq[j * inn..(j + 1) * inn]
+                        .iter()
+                        .zip(&x[ti * inn..(ti + 1) * inn])
+                        .map(|(w, x)| (w * x).abs())
+                        .sum();
+                    assert!((a - b).abs() <= 1e-6 * mag, "{format:?} t={t} y[{i}]: {a} vs {b} (sum |w x| = {mag})");
                 }
             }
         }
