@@ -139,12 +139,13 @@ unsafe fn dot1_avx2(format: Format, bytes: &[u8], x: &[f32]) -> f32 {
     }
 }
 
-/// `y (=|+=) deq(W) x` for one token over Q4_1 or Q4_K rows, fused: the
+/// `y (=|+=) deq(W) x` for one token over Q4_1, Q4_K or Q6_K rows, fused: the
 /// nibbles are widened in registers and multiplied into `x` without
 /// storing the decoded values, each 32-value group's scale applied once,
 /// its offset once through `sum(x)` of the group (computed once per
 /// product): `sum_i (d q_i + m) x_i = d sum_i q_i x_i + m sum_i x_i`
-/// (Q4_K: `d sc` and `- dmin m`). The same sum in another order than
+/// (Q4_K: `d sc` and `- dmin m`; Q6_K: `d sc` per 16 values, no offset).
+/// The same sum in another order than
 /// [`decode_block`]'s values dotted with `x`: within the rounding bound
 /// `peft-verify` checks, not bit for bit. Returns `false` (nothing
 /// written) for other formats or a CPU without AVX2, FMA and F16C.
@@ -155,14 +156,18 @@ pub(super) fn gemv1(
     accum: peft_core::Accum,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if matches!(w.format(), Format::Q4_1 | Format::Q4_K) && avx2() && x.len() == w.in_features() {
+    if matches!(w.format(), Format::Q4_1 | Format::Q4_K | Format::Q6_K) && avx2() && x.len() == w.in_features() {
         let sums: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
         for (j, v) in y.iter_mut().enumerate().take(w.out_features()) {
             let Some(RowRef::Blocks(format, bytes)) = w.row(j) else { return false };
             // SAFETY: AVX2, FMA and F16C detected above; `x` holds the
             // row's values and `sums` one per 32 of them.
             let d = unsafe {
-                if format == Format::Q4_1 { gemv1_q4_1(bytes, x, &sums) } else { gemv1_q4_k(bytes, x, &sums) }
+                match format {
+                    Format::Q4_1 => gemv1_q4_1(bytes, x, &sums),
+                    Format::Q4_K => gemv1_q4_k(bytes, x, &sums),
+                    _ => gemv1_q6_k(bytes, x),
+                }
             };
             *v = match accum {
                 peft_core::Accum::Replace => d,
@@ -295,6 +300,62 @@ unsafe fn gemv1_q4_k(bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
     }
     // SAFETY: AVX2 is present (this function's precondition).
     unsafe { hsum(_mm256_add_ps(acc0, acc1)) - offset }
+}
+
+/// One Q6_K row dotted with `x` (see [`gemv1`]): per 16 values,
+/// `(d sc) sum_i q_i x_i` with `q_i` in `-32..32`.
+///
+/// # Safety
+/// AVX2, FMA and F16C; `x` holds the row's values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv1_q6_k(bytes: &[u8], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = (bytes.len() / 210).min(x.len() / 256);
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let f = |w: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w));
+    for (bi, blk) in bytes.chunks_exact(210).take(nb).enumerate() {
+        let d = half(blk, 208);
+        // SAFETY: `blk` has 210 bytes; values `256 bi..256 bi + 256` of `x` exist (`nb`).
+        unsafe {
+            let p = blk.as_ptr();
+            let (low, three, bias) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30), _mm256_set1_epi8(32));
+            for n in 0..2 {
+                let ql0 = _mm256_loadu_si256(p.add(64 * n).cast::<__m256i>());
+                let ql1 = _mm256_loadu_si256(p.add(64 * n + 32).cast::<__m256i>());
+                let qh = _mm256_loadu_si256(p.add(128 + 32 * n).cast::<__m256i>());
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_and_si256(_mm256_slli_epi16::<4>(qh), three)),
+                    _mm256_or_si256(_mm256_and_si256(ql1, low), _mm256_and_si256(_mm256_slli_epi16::<2>(qh), three)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low), _mm256_and_si256(qh, three)),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low),
+                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), three),
+                    ),
+                ];
+                for (r, v) in q.into_iter().enumerate() {
+                    let v = _mm256_sub_epi8(v, bias);
+                    let xp = x.as_ptr().add(256 * bi + 128 * n + 32 * r);
+                    let (l, h) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+                    let t0 = _mm256_fmadd_ps(
+                        f(l),
+                        _mm256_loadu_ps(xp),
+                        _mm256_mul_ps(f(_mm_srli_si128::<8>(l)), _mm256_loadu_ps(xp.add(8))),
+                    );
+                    let t1 = _mm256_fmadd_ps(
+                        f(h),
+                        _mm256_loadu_ps(xp.add(16)),
+                        _mm256_mul_ps(f(_mm_srli_si128::<8>(h)), _mm256_loadu_ps(xp.add(24))),
+                    );
+                    let sc = |k: usize| d * f32::from(blk[192 + 8 * n + k] as i8);
+                    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(sc(2 * r)), t0, acc0);
+                    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(sc(2 * r + 1)), t1, acc1);
+                }
+            }
+        }
+    }
+    // SAFETY: AVX2 is present (this function's precondition).
+    unsafe { hsum(_mm256_add_ps(acc0, acc1)) }
 }
 
 /// [`decode_avx2`] for the formats it covers, `peft-core`'s decoder for
