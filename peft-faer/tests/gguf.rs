@@ -400,3 +400,44 @@ fn lora_trains_over_a_q4_1_gguf_and_exports_to_llama_cpp() {
     let base = m.forward(&Faer::new(), &ids, None, &mut KvCache::new()).unwrap();
     assert!(max_rel(&a, &base) > 1e-3, "the adapter changes nothing");
 }
+
+/// This crate's quantizers against llama-quantize's output (`--pure`, no
+/// imatrix: ggml's `quantize_row_*_ref`): every 2-D tensor of the f32
+/// file quantized here (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) is the quantized
+/// file's tensor byte for byte.
+#[test]
+fn quantizers_write_llama_quantizes_bytes() {
+    use peft_core::storage::OwnedWeight;
+    let src = Gguf::open(&file("f32")).unwrap();
+    let mut formats = Vec::new();
+    for (label, format) in LABELS {
+        if !format.has_quantizer() || !format.is_quantized() || label == "q4_k_m" {
+            continue;
+        }
+        let dst = Gguf::open(&file(label)).unwrap();
+        let mut checked = 0;
+        for t in src.tensors.iter().filter(|t| t.ne.len() == 2) {
+            let (rows, cols) = t.matrix().unwrap();
+            let vals: Vec<f32> =
+                src.read(t).unwrap().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let q = OwnedWeight::quantize(format, &vals, rows, cols).unwrap();
+            let ours: Vec<u8> = match q.data() {
+                peft_core::storage::Owned::Q8_0(b)
+                | peft_core::storage::Owned::Q4_0(b)
+                | peft_core::storage::Owned::Blocks(_, b) => b.clone(),
+                _ => unreachable!(),
+            };
+            let theirs = dst.read(dst.tensor(&t.name).unwrap()).unwrap();
+            let first = ours.iter().zip(&theirs).position(|(a, b)| a != b);
+            assert!(
+                first.is_none() && ours.len() == theirs.len(),
+                "{label} {}: first difference at byte {first:?}",
+                t.name
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, 16, "{label}");
+        formats.push(label);
+    }
+    assert_eq!(formats, ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]);
+}

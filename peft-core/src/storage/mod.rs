@@ -135,9 +135,18 @@ impl Format {
         Format::Q6_K,
     ];
 
-    /// The formats [`quantize()`] writes; the others are read from files.
-    pub const QUANTIZERS: [Format; 6] =
-        [Format::F32, Format::F16, Format::Bf16, Format::Int8, Format::Q8_0, Format::Q4_0];
+    /// The formats [`quantize()`] writes; the K-quants are read from files.
+    pub const QUANTIZERS: [Format; 9] = [
+        Format::F32,
+        Format::F16,
+        Format::Bf16,
+        Format::Int8,
+        Format::Q8_0,
+        Format::Q4_0,
+        Format::Q4_1,
+        Format::Q5_0,
+        Format::Q5_1,
+    ];
 
     /// The lower-case name (`"f32"`, `"int8"`, `"q8_0"`, `"q4_k"`, ...:
     /// GGUF's type name in lower case).
@@ -168,7 +177,7 @@ impl Format {
 
     /// Whether [`quantize()`] writes this format.
     pub const fn has_quantizer(self) -> bool {
-        matches!(self, Format::F32 | Format::F16 | Format::Bf16 | Format::Int8 | Format::Q8_0 | Format::Q4_0)
+        !matches!(self, Format::Q2_K | Format::Q3_K | Format::Q4_K | Format::Q5_K | Format::Q6_K)
     }
 
     /// `(values, bytes)` of one block: `(1, 4)` for f32, `(1, 2)` for the

@@ -25,6 +25,9 @@ pub enum Quantized<'a> {
     Q8_0(&'a mut [u8]),
     /// Q4_0 blocks.
     Q4_0(&'a mut [u8]),
+    /// Blocks of Q4_1, Q5_0 or Q5_1 (the other block formats have no
+    /// quantizer here: [`quantize`] refuses them).
+    Blocks(Format, &'a mut [u8]),
 }
 
 /// The buffers of an [`OwnedWeight`], one variant per [`Format`], laid out
@@ -86,6 +89,7 @@ impl OwnedWeight {
             Format::Int8 => Owned::Int8(vec![0; n], vec![0.0; out_features]),
             Format::Q8_0 => Owned::Q8_0(vec![0; blocks()?]),
             Format::Q4_0 => Owned::Q4_0(vec![0; blocks()?]),
+            f if f.has_quantizer() => Owned::Blocks(f, vec![0; blocks()?]),
             _ => return Err(NO_QUANTIZER),
         };
         let dst = match &mut data {
@@ -95,7 +99,7 @@ impl OwnedWeight {
             Owned::Int8(q, s) => Quantized::Int8(q, s),
             Owned::Q8_0(b) => Quantized::Q8_0(b),
             Owned::Q4_0(b) => Quantized::Q4_0(b),
-            Owned::Blocks(..) => return Err(NO_QUANTIZER),
+            Owned::Blocks(f, b) => Quantized::Blocks(*f, b),
         };
         quantize(w, out_features, in_features, dst)?;
         Ok(Self { data, out_features, in_features })
@@ -177,9 +181,8 @@ fn amax(xs: &[f32]) -> (f32, f32) {
 }
 
 /// The refusal for formats [`quantize`] does not write.
-#[cfg(any(test, feature = "alloc"))]
 const NO_QUANTIZER: Error =
-    Error::InvalidParameter { name: "format", rule: "has no quantizer here (Q4_1 to Q6_K are read from files only)" };
+    Error::InvalidParameter { name: "format", rule: "has no quantizer here (the K-quants are read from files only)" };
 
 /// Quantizes `w [out, in]` into `dst`, whose variant picks the format.
 ///
@@ -203,6 +206,8 @@ pub fn quantize(w: &[f32], out_features: usize, in_features: usize, dst: Quantiz
         Quantized::Int8(..) => Format::Int8,
         Quantized::Q8_0(_) => Format::Q8_0,
         Quantized::Q4_0(_) => Format::Q4_0,
+        Quantized::Blocks(f, _) if f.has_quantizer() && f.block().0 == QK => *f,
+        Quantized::Blocks(..) => return Err(NO_QUANTIZER),
     };
     let row = format.row_bytes(in_features).ok_or(Error::InvalidParameter { name: "in_features", rule: MULTIPLE })?;
     let overflow = |i: usize| Error::OutOfRange { operand: Operand::Weight, index: i };
@@ -276,8 +281,98 @@ pub fn quantize(w: &[f32], out_features: usize, in_features: usize, dst: Quantiz
                 }
             }
         }
+        Quantized::Blocks(f, d) => {
+            check_len(Operand::Dst, out_features.checked_mul(row).ok_or(Error::Overflow)?, d.len())?;
+            quantize_blocks(f, w, d)?;
+        }
     }
     Ok(())
+}
+
+/// The smallest and largest values of `xs` (ggml's loop: `FLT_MAX` and
+/// `-FLT_MAX` to start, strict comparisons).
+fn min_max(xs: &[f32]) -> (f32, f32) {
+    xs.iter().fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (if v < lo { v } else { lo }, if v > hi { v } else { hi }))
+}
+
+/// Q4_1, Q5_0 and Q5_1 with ggml's reference rounding
+/// (`quantize_row_q4_1_ref`, `quantize_row_q5_0_ref`,
+/// `quantize_row_q5_1_ref`), block by block into `dst` (whole blocks,
+/// sized by the caller):
+///
+/// ```text
+/// Q4_1: d = (max - min) / 15, m = min    q = min(15, trunc((x - min) / d + 0.5))
+/// Q5_0: d = max / -16 (max: the value     q = min(31, trunc(x / d + 16.5))
+///       of largest |x|)
+/// Q5_1: d = (max - min) / 31, m = min    q = trunc((x - min) / d + 0.5)
+/// ```
+///
+/// `d` and `m` are stored as f16 and the values quantized with the f32
+/// `1 / d`, as ggml does.
+///
+/// # Errors
+/// [`Error::OutOfRange`] (`Weight`, the block's first index) for a block
+/// whose `d` or `m` would overflow f16, before anything is written.
+fn quantize_blocks(format: Format, w: &[f32], dst: &mut [u8]) -> Result<()> {
+    let (_, size) = format.block();
+    let fits = |v: f32| v.abs() < 65520.0;
+    for (b, xs) in w.chunks_exact(QK).enumerate() {
+        let ok = match format {
+            Format::Q5_0 => fits(amax(xs).0 / 16.0),
+            f => {
+                let (lo, hi) = min_max(xs);
+                fits(lo) && fits((hi - lo) / if f == Format::Q4_1 { 15.0 } else { 31.0 })
+            }
+        };
+        if !ok {
+            return Err(Error::OutOfRange { operand: Operand::Weight, index: b * QK });
+        }
+    }
+    for (block, xs) in dst.chunks_exact_mut(size).zip(w.chunks_exact(QK)) {
+        let (lo, hi) = xs.split_at(QK / 2);
+        match format {
+            Format::Q4_1 | Format::Q5_1 => {
+                let (min, max) = min_max(xs);
+                let levels = if format == Format::Q4_1 { 15.0 } else { 31.0 };
+                let d = (max - min) / levels;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let (head, rest) = block.split_at_mut(4);
+                let ([d0, d1], [m0, m1]) = (f32_to_f16(d).to_le_bytes(), f32_to_f16(min).to_le_bytes());
+                head.copy_from_slice(&[d0, d1, m0, m1]);
+                let q = |x: f32| ((x - min) * id + 0.5) as u8;
+                if format == Format::Q4_1 {
+                    for ((out, x0), x1) in rest.iter_mut().zip(lo).zip(hi) {
+                        *out = q(*x0).min(15) | (q(*x1).min(15) << 4);
+                    }
+                } else {
+                    five_bits(rest, lo, hi, q);
+                }
+            }
+            _ => {
+                let (_, max) = amax(xs);
+                let d = max / -16.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let (head, rest) = block.split_at_mut(2);
+                head.copy_from_slice(&f32_to_f16(d).to_le_bytes());
+                five_bits(rest, lo, hi, |x| ((x * id + 16.5) as i8).min(31) as u8);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Q5's `qh:u32 | qs[16]`: the low nibbles of `q(lo[j])` and `q(hi[j])` in
+/// byte `j`, their fifth bits at bits `j` and `j + 16` of `qh`.
+fn five_bits(out: &mut [u8], lo: &[f32], hi: &[f32], q: impl Fn(f32) -> u8) {
+    let (qh_bytes, qs) = out.split_at_mut(4);
+    let mut qh = 0u32;
+    for (j, ((byte, x0), x1)) in qs.iter_mut().zip(lo).zip(hi).enumerate() {
+        let (a, b) = (q(*x0), q(*x1));
+        *byte = (a & 0x0F) | ((b & 0x0F) << 4);
+        qh |= u32::from((a & 0x10) >> 4) << j;
+        qh |= u32::from((b & 0x10) >> 4) << (j + QK / 2);
+    }
+    qh_bytes.copy_from_slice(&qh.to_le_bytes());
 }
 
 /// The largest `|x - deq(quant(x))|` [`quantize`] allows for an element of
@@ -308,6 +403,9 @@ pub fn error_bound(format: Format, group_amax: f32) -> f64 {
         Format::Int8 => a / 127.0 / 2.0 + a * u(22) + u(143),
         Format::Q8_0 => a / 127.0 / 2.0 + 127.0 * e(a / 127.0) + a * u(22),
         Format::Q4_0 => a / 8.0 + 8.0 * e(a / 8.0) + a * u(22),
+        Format::Q5_0 => a / 16.0 + 16.0 * e(a / 16.0) + a * u(22),
+        Format::Q4_1 => a / 15.0 + 15.0 * e(2.0 * a / 15.0) + e(a) + a * u(20),
+        Format::Q5_1 => a / 31.0 + 31.0 * e(2.0 * a / 31.0) + e(a) + a * u(20),
         _ => f64::INFINITY,
     }
 }

@@ -50,7 +50,7 @@ fn every_format_stays_within_its_bound_and_forwards_as_the_dequantized_base() {
         for (i, (d, v)) in deq.iter().zip(&w).enumerate() {
             let group: &[f32] = match format {
                 Format::Int8 => &w[i / inn * inn..][..inn],
-                Format::Q8_0 | Format::Q4_0 => &w[i / QK * QK..][..QK],
+                f if f.block().0 == QK => &w[i / QK * QK..][..QK],
                 _ => core::slice::from_ref(v),
             };
             let a = group.iter().fold(0f32, |m, v| m.max(v.abs()));

@@ -454,15 +454,16 @@ pub fn encode_rows(f: Format, vals: &[f32], cols: usize, out: &mut Vec<u8>) -> R
                 out.extend_from_slice(bytemuck::cast_slice(row));
             }
         }
-        Format::Q8_0 | Format::Q4_0 => {
+        _ => {
             out.resize(start + rows * rb, 0);
             let dst = &mut out[start..];
-            quantize(vals, rows, cols, if f == Format::Q8_0 { Quantized::Q8_0(dst) } else { Quantized::Q4_0(dst) })
-                .inspect_err(|_| out.truncate(start))?;
-        }
-        _ => {
-            let rule = "has no quantizer here (Q4_1 to Q6_K are read from files only)";
-            return Err(HfError::Core(peft_core::Error::InvalidParameter { name: "format", rule }));
+            let q = match f {
+                Format::Q8_0 => Quantized::Q8_0(dst),
+                Format::Q4_0 => Quantized::Q4_0(dst),
+                // The K-quants are refused here, by `quantize`.
+                f => Quantized::Blocks(f, dst),
+            };
+            quantize(vals, rows, cols, q).inspect_err(|_| out.truncate(start))?;
         }
     }
     Ok(())

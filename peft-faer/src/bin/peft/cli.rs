@@ -49,7 +49,7 @@ pub(crate) enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Storage of the output's float and quantized tensors (default: each
-        /// as in the base). int8, q8_0 and q4_0 apply to the matrices they
+        /// as in the base). int8 and the block formats apply to the matrices they
         /// fit; each quantized tensor's max error against the f32 merge is
         /// printed.
         #[arg(long, value_enum)]
@@ -183,6 +183,12 @@ pub(crate) enum DtypeArg {
     Q8_0,
     #[value(name = "q4_0")]
     Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+    #[value(name = "q5_0")]
+    Q5_0,
+    #[value(name = "q5_1")]
+    Q5_1,
 }
 
 impl DtypeArg {
@@ -194,6 +200,9 @@ impl DtypeArg {
             DtypeArg::Int8 => Format::Int8,
             DtypeArg::Q8_0 => Format::Q8_0,
             DtypeArg::Q4_0 => Format::Q4_0,
+            DtypeArg::Q4_1 => Format::Q4_1,
+            DtypeArg::Q5_0 => Format::Q5_0,
+            DtypeArg::Q5_1 => Format::Q5_1,
         }
     }
 }
@@ -206,6 +215,12 @@ pub(crate) enum QuantArg {
     Q8_0,
     #[value(name = "q4_0")]
     Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+    #[value(name = "q5_0")]
+    Q5_0,
+    #[value(name = "q5_1")]
+    Q5_1,
 }
 
 /// PEFT's `combination_type` names, written as PEFT writes them.

@@ -101,6 +101,9 @@ pub(crate) fn quantize_cmd(
         QuantArg::Int8 => Format::Int8,
         QuantArg::Q8_0 => Format::Q8_0,
         QuantArg::Q4_0 => Format::Q4_0,
+        QuantArg::Q4_1 => Format::Q4_1,
+        QuantArg::Q5_0 => Format::Q5_0,
+        QuantArg::Q5_1 => Format::Q5_1,
     };
     let options = MergeOptions { dtype: Some(format), force, allow_nonfinite: false };
     let start = Instant::now();
