@@ -441,3 +441,54 @@ fn quantizers_write_llama_quantizes_bytes() {
     }
     assert_eq!(formats, ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]);
 }
+
+/// `peft merge --base model.gguf`: the LoRA merged into the f32 tiny
+/// model gives PEFT's unmerged logits within 1e-4 relative; the norms and
+/// the embedding are copied byte for byte, the metadata kept (the file
+/// loads as the same Llama); a K-quant base is refused naming the tensor
+/// unless `--dtype` says what to write.
+#[test]
+fn merge_into_a_gguf_base_writes_a_gguf_with_peft_logits() {
+    let out = common::scratch("gguf-merge");
+    let merged = out.join("merged.gguf");
+    let run = |base: &std::path::Path, extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_peft"))
+            .args(["merge", "--base"])
+            .arg(base)
+            .arg("--adapter")
+            .arg(dir().join("lora/tiny-llama-lora"))
+            .arg("--out")
+            .arg(&merged)
+            .args(extra)
+            .arg("--force")
+            .output()
+            .unwrap()
+    };
+    let res = run(&file("f32"), &[]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let (g, base) = (Gguf::open(&merged).unwrap(), Gguf::open(&file("f32")).unwrap());
+    assert_eq!(g.metadata, base.metadata);
+    for t in &base.tensors {
+        let same = g.read(g.tensor(&t.name).unwrap()).unwrap() == base.read(t).unwrap();
+        assert_eq!(
+            same,
+            t.ne.len() == 1 || t.name.starts_with("token_embd") || t.name == "output.weight",
+            "{}",
+            t.name
+        );
+    }
+    let m = Llama::load_gguf(&merged).unwrap();
+    let refs = load(&dir().join("expected/lora.logits.safetensors"));
+    for k in 0..2 {
+        let ids: Vec<u32> = refs[&format!("ids.{k}")].2.iter().map(|&v| v as u32).collect();
+        let got = m.forward(&Faer::new(), &ids, None, &mut KvCache::new()).unwrap();
+        let err = max_rel(&got, &refs[&format!("logits.{k}")].2);
+        assert!(err < 1e-4, "ids.{k}: {err:e}");
+    }
+    let res = run(&file("q4_k"), &[]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("blk.0.attn_k.weight") && err.contains("--dtype"), "{err}");
+    let res = run(&file("q4_k"), &["--dtype", "q8_0"]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert_eq!(Gguf::open(&merged).unwrap().tensor("blk.0.attn_q.weight").unwrap().format, Format::Q8_0);
+}

@@ -34,6 +34,8 @@
 //! start on the alignment, and not overlap another tensor's.
 
 pub mod lora;
+#[cfg(feature = "llama")]
+pub mod merge;
 mod names;
 mod read;
 pub mod write;

@@ -38,7 +38,9 @@ pub(crate) enum Command {
     /// `W + sum_i m_i s_i B_i A_i` (f32, rounded once), everything else
     /// copied unchanged.
     Merge {
-        /// Base weights: a .safetensors file or a sharded checkpoint folder.
+        /// Base weights: a .safetensors file, a sharded checkpoint folder,
+        /// or a llama.cpp .gguf Llama (LoRA adapters only; OUT is then a
+        /// .gguf, --dtype sets the merged matrices' type).
         #[arg(long)]
         base: PathBuf,
         /// A PEFT adapter directory, optionally with a multiplier `m`

@@ -8,6 +8,7 @@ use std::io::IsTerminal;
 use indicatif::{ProgressBar, ProgressStyle};
 use peft_core::storage::Format;
 use peft_faer::Faer;
+use peft_faer::files::{check_output, write_file};
 use peft_faer::hf::base::Base;
 use peft_faer::hf::merge::{MergeOptions, MergeReport, merge_many};
 use peft_faer::hf::{HfAdapter, HfError};
@@ -24,10 +25,36 @@ pub(crate) struct MergeArgs<'a> {
     pub(crate) allow_nonfinite: bool,
 }
 
+/// `peft merge --base model.gguf`: LoRA adapters merged into a GGUF
+/// Llama, written as a GGUF file (`peft_faer::gguf::merge`).
+fn merge_gguf_cmd(a: &MergeArgs<'_>, ads: &[(&HfAdapter, f64)]) -> Result<bool, Box<dyn std::error::Error>> {
+    let mut inputs: Vec<PathBuf> = vec![a.base.to_path_buf()];
+    inputs.extend(ads.iter().flat_map(|(ad, _)| ad.source_files()));
+    let refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    check_output(a.out, &refs, a.force)?;
+    let start = Instant::now();
+    let dtype = a.dtype.map(DtypeArg::format);
+    let backend = Faer::with_threads(a.threads as usize);
+    let (bytes, report) = peft_faer::gguf::merge::merge_gguf(a.base, ads, dtype, &backend)?;
+    write_file(a.out, &bytes, a.force)?;
+    eprintln!(
+        "merged {} matrices, copied {} tensors: {} bytes to {} in {:.2} s",
+        report.merged.len(),
+        report.copied,
+        report.bytes,
+        a.out.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(true)
+}
+
 pub(crate) fn merge_cmd(a: &MergeArgs<'_>) -> Result<bool, Box<dyn std::error::Error>> {
     let read: Vec<(HfAdapter, f64)> =
         a.adapters.iter().map(|(dir, m)| Ok((HfAdapter::read_dir(dir)?, *m))).collect::<Result<_, HfError>>()?;
     let ads: Vec<(&HfAdapter, f64)> = read.iter().map(|(ad, m)| (ad, *m)).collect();
+    if peft_faer::llama::gguf::is_gguf(a.base) {
+        return merge_gguf_cmd(a, &ads);
+    }
     let b = Base::open(a.base)?;
     let dtype = a.dtype.map(DtypeArg::format);
     let bar = std::io::stderr().is_terminal().then(|| {
