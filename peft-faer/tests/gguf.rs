@@ -445,8 +445,8 @@ fn quantizers_write_llama_quantizes_bytes() {
 /// `peft merge --base model.gguf`: the LoRA merged into the f32 tiny
 /// model gives PEFT's unmerged logits within 1e-4 relative; the norms and
 /// the embedding are copied byte for byte, the metadata kept (the file
-/// loads as the same Llama); a K-quant base is refused naming the tensor
-/// unless `--dtype` says what to write.
+/// loads as the same Llama); over a K-quant base the merged matrices keep
+/// their type, or take `--dtype`.
 #[test]
 fn merge_into_a_gguf_base_writes_a_gguf_with_peft_logits() {
     let out = common::scratch("gguf-merge");
@@ -485,10 +485,47 @@ fn merge_into_a_gguf_base_writes_a_gguf_with_peft_logits() {
         let err = max_rel(&got, &refs[&format!("logits.{k}")].2);
         assert!(err < 1e-4, "ids.{k}: {err:e}");
     }
+    // A K-quant base: the merged matrices are requantized to Q4_K with
+    // ggml's reference rounding, or to `--dtype`.
     let res = run(&file("q4_k"), &[]);
-    let err = String::from_utf8_lossy(&res.stderr);
-    assert!(!res.status.success() && err.contains("blk.0.attn_k.weight") && err.contains("--dtype"), "{err}");
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert_eq!(Gguf::open(&merged).unwrap().tensor("blk.0.attn_q.weight").unwrap().format, Format::Q4_K);
     let res = run(&file("q4_k"), &["--dtype", "q8_0"]);
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     assert_eq!(Gguf::open(&merged).unwrap().tensor("blk.0.attn_q.weight").unwrap().format, Format::Q8_0);
+}
+
+/// The K-quant quantizers (std side, `gguf::kquant`) against
+/// llama-quantize's `--pure` files: every 2-D tensor byte for byte.
+#[test]
+fn k_quant_quantizers_write_llama_quantizes_bytes() {
+    let src = Gguf::open(&file("f32")).unwrap();
+    let all = [
+        ("q2_k", Format::Q2_K),
+        ("q3_k", Format::Q3_K),
+        ("q4_k", Format::Q4_K),
+        ("q5_k", Format::Q5_K),
+        ("q6_k", Format::Q6_K),
+    ];
+    for (label, format) in all {
+        let dst = Gguf::open(&file(label)).unwrap();
+        let mut checked = 0;
+        for t in src.tensors.iter().filter(|t| t.ne.len() == 2) {
+            let (_, cols) = t.matrix().unwrap();
+            let vals: Vec<f32> =
+                src.read(t).unwrap().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let mut ours = Vec::new();
+            peft_faer::gguf::kquant::quantize_rows(format, &vals, cols, &mut ours).unwrap();
+            let theirs = dst.read(dst.tensor(&t.name).unwrap()).unwrap();
+            let first = ours.iter().zip(&theirs).position(|(a, b)| a != b);
+            assert!(
+                first.is_none() && ours.len() == theirs.len(),
+                "{label} {}: first difference at byte {first:?} of {}",
+                t.name,
+                ours.len()
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, 16, "{label}");
+    }
 }

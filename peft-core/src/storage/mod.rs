@@ -175,7 +175,9 @@ impl Format {
         !matches!(self, Format::F32 | Format::F16 | Format::Bf16)
     }
 
-    /// Whether [`quantize()`] writes this format.
+    /// Whether [`quantize()`] writes this format (the K-quants' reference
+    /// quantizers search scales with per-block scratch and live on the
+    /// std side: `peft_faer::gguf::kquant`).
     pub const fn has_quantizer(self) -> bool {
         !matches!(self, Format::Q2_K | Format::Q3_K | Format::Q4_K | Format::Q5_K | Format::Q6_K)
     }

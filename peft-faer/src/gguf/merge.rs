@@ -8,9 +8,7 @@
 //! its own type (or `dtype`) with ggml's reference rounding. Every other
 //! tensor, the metadata (tokenizer included) and the tensor order are
 //! copied unchanged. LoRA only: DoRA, `lora_bias`, LoRA on embeddings,
-//! `modules_to_save` and the other methods are refused by name, as are
-//! matrices stored in a K-quant (this crate has no K-quant quantizer:
-//! pass `dtype`).
+//! `modules_to_save` and the other methods are refused by name.
 
 use std::path::Path;
 
@@ -125,12 +123,8 @@ pub fn merge_gguf<B: Backend<f32> + ?Sized>(
             continue;
         }
         let out_format = dtype.unwrap_or(t.format);
-        if !out_format.has_quantizer() || out_format == Format::Int8 {
-            return Err(HfError::Unsupported(format!(
-                "{}: merged values in {} (no quantizer here; pass --dtype f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1)",
-                t.name,
-                out_format.name()
-            )));
+        if out_format == Format::Int8 {
+            return Err(HfError::Unsupported(format!("{}: int8 in a GGUF file", t.name)));
         }
         let (rows, cols) = t.matrix().ok_or_else(|| HfError::Base(format!("{} is not a matrix", t.name)))?;
         let hf = format!("{}.weight", modules[0].0.name);

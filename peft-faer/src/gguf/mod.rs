@@ -33,6 +33,7 @@
 //! [`MAX_DIMS`], [`MAX_DEPTH`]). Tensor data must lie inside the file,
 //! start on the alignment, and not overlap another tensor's.
 
+pub mod kquant;
 pub mod lora;
 #[cfg(feature = "llama")]
 pub mod merge;

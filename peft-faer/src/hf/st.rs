@@ -454,6 +454,20 @@ pub fn encode_rows(f: Format, vals: &[f32], cols: usize, out: &mut Vec<u8>) -> R
                 out.extend_from_slice(bytemuck::cast_slice(row));
             }
         }
+        f if crate::gguf::kquant::has_quantizer(f) => {
+            if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
+                return Err(HfError::Core(peft_core::Error::NonFinite {
+                    operand: peft_core::Operand::Weight,
+                    index: i,
+                }));
+            }
+            crate::gguf::kquant::quantize_rows(f, vals, cols, out).ok_or(HfError::Core(
+                peft_core::Error::InvalidParameter {
+                    name: "in_features",
+                    rule: "must be whole 256-value super-blocks",
+                },
+            ))?;
+        }
         _ => {
             out.resize(start + rows * rb, 0);
             let dst = &mut out[start..];

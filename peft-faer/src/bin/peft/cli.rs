@@ -191,6 +191,16 @@ pub(crate) enum DtypeArg {
     Q5_0,
     #[value(name = "q5_1")]
     Q5_1,
+    #[value(name = "q2_k")]
+    Q2K,
+    #[value(name = "q3_k")]
+    Q3K,
+    #[value(name = "q4_k")]
+    Q4K,
+    #[value(name = "q5_k")]
+    Q5K,
+    #[value(name = "q6_k")]
+    Q6K,
 }
 
 impl DtypeArg {
@@ -205,6 +215,11 @@ impl DtypeArg {
             DtypeArg::Q4_1 => Format::Q4_1,
             DtypeArg::Q5_0 => Format::Q5_0,
             DtypeArg::Q5_1 => Format::Q5_1,
+            DtypeArg::Q2K => Format::Q2_K,
+            DtypeArg::Q3K => Format::Q3_K,
+            DtypeArg::Q4K => Format::Q4_K,
+            DtypeArg::Q5K => Format::Q5_K,
+            DtypeArg::Q6K => Format::Q6_K,
         }
     }
 }
@@ -223,6 +238,16 @@ pub(crate) enum QuantArg {
     Q5_0,
     #[value(name = "q5_1")]
     Q5_1,
+    #[value(name = "q2_k")]
+    Q2K,
+    #[value(name = "q3_k")]
+    Q3K,
+    #[value(name = "q4_k")]
+    Q4K,
+    #[value(name = "q5_k")]
+    Q5K,
+    #[value(name = "q6_k")]
+    Q6K,
 }
 
 /// PEFT's `combination_type` names, written as PEFT writes them.

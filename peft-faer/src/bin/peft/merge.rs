@@ -131,6 +131,11 @@ pub(crate) fn quantize_cmd(
         QuantArg::Q4_1 => Format::Q4_1,
         QuantArg::Q5_0 => Format::Q5_0,
         QuantArg::Q5_1 => Format::Q5_1,
+        QuantArg::Q2K => Format::Q2_K,
+        QuantArg::Q3K => Format::Q3_K,
+        QuantArg::Q4K => Format::Q4_K,
+        QuantArg::Q5K => Format::Q5_K,
+        QuantArg::Q6K => Format::Q6_K,
     };
     let options = MergeOptions { dtype: Some(format), force, allow_nonfinite: false };
     let start = Instant::now();
