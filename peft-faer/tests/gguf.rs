@@ -529,3 +529,23 @@ fn k_quant_quantizers_write_llama_quantizes_bytes() {
         assert_eq!(checked, 16, "{label}");
     }
 }
+
+/// The name map both ways, by hand from CASES.md's table.
+#[test]
+fn names_map_both_ways() {
+    use peft_faer::gguf::{gguf_name, hf_name};
+    for (g, h) in [
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("output.weight", "lm_head.weight"),
+        ("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight"),
+        ("blk.12.ffn_norm.weight", "model.layers.12.post_attention_layernorm.weight"),
+        ("blk.1.attn_output.weight", "model.layers.1.self_attn.o_proj.weight"),
+        ("blk.3.attn_q.bias", "model.layers.3.self_attn.q_proj.bias"),
+        ("blk.29.ffn_down.weight", "model.layers.29.mlp.down_proj.weight"),
+    ] {
+        assert_eq!(gguf_name(h).as_deref(), Some(g));
+        assert_eq!(hf_name(g).as_deref(), Some(h));
+    }
+    assert_eq!(gguf_name("model.layers.x.mlp.up_proj.weight"), None);
+    assert_eq!(hf_name("blk.0.attn_qkv.weight"), None);
+}

@@ -3,34 +3,45 @@
 //! permutation of the query and key projections (see
 //! [`crate::llama::gguf`] for the table and the why).
 
-/// The GGUF name of a Hugging Face Llama tensor name.
-pub fn gguf_name(hf: &str) -> Option<String> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
+/// Whole-tensor names: `(GGUF, Hugging Face)`.
+const FIXED: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// Per-layer modules: `(GGUF, Hugging Face)`, under `blk.N.` and
+/// `model.layers.N.`.
+const LAYER: [(&str, &str); 9] = [
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// `name` translated through the tables: from GGUF to Hugging Face when
+/// `to_hf`, the other way otherwise.
+fn translate(name: &str, to_hf: bool) -> Option<String> {
+    let pick = |(g, h): (&'static str, &'static str)| if to_hf { (g, h) } else { (h, g) };
+    if let Some((_, to)) = FIXED.into_iter().map(pick).find(|(from, _)| *from == name) {
+        return Some(to.to_string());
     }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
+    let (prefix, out_prefix) = if to_hf { ("blk.", "model.layers.") } else { ("model.layers.", "blk.") };
+    let (layer, rest) = name.strip_prefix(prefix)?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, kind) = rest.rsplit_once('.')?;
-    let short = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{short}.{kind}"))
+    let (_, to) = LAYER.into_iter().map(pick).find(|(from, _)| *from == module)?;
+    Some(format!("{out_prefix}{layer}.{to}.{kind}"))
+}
+
+/// The GGUF name of a Hugging Face Llama tensor name.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    translate(hf, false)
 }
 
 /// The Hugging Face row that GGUF row `g` of a permuted projection holds
@@ -43,32 +54,7 @@ pub fn hf_row(g: usize, head_dim: usize) -> usize {
 /// The Hugging Face name of a GGUF Llama tensor name (the inverse of
 /// [`gguf_name`]).
 pub fn hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, kind) = rest.rsplit_once('.')?;
-    let long = match module {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{long}.{kind}"))
+    translate(gguf, true)
 }
 
 /// Whether the Hugging Face tensor `hf` is stored row-permuted in GGUF

@@ -37,11 +37,11 @@
 
 use std::path::Path;
 
-use peft_core::storage::{Format, Owned, StoredWeight};
+use peft_core::storage::StoredWeight;
 
 use super::Llama;
 use super::config::LlamaConfig;
-use super::weights::{Matrix, Source, check_block_scales};
+use super::weights::{Matrix, Source};
 use crate::gguf::{Gguf, TensorInfo, Value};
 pub use crate::gguf::{gguf_name, hf_name, hf_row, is_permuted};
 use crate::hf::HfError;
@@ -84,26 +84,6 @@ impl<'a> GgufWeights<'a> {
     }
 }
 
-/// The matrix of `bytes` in `format` (rows of whole blocks).
-fn matrix_from_bytes(name: &str, rows: usize, cols: usize, format: Format, bytes: Vec<u8>) -> Result<Matrix, HfError> {
-    let halves = |b: &[u8]| b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
-    let data = match format {
-        Format::F32 => {
-            Owned::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-        }
-        Format::F16 => Owned::F16(halves(&bytes)),
-        Format::Bf16 => Owned::Bf16(halves(&bytes)),
-        Format::Q8_0 => Owned::Q8_0(bytes),
-        Format::Q4_0 => Owned::Q4_0(bytes),
-        Format::Int8 => return Err(HfError::Unsupported(format!("{name}: int8 in a GGUF file"))),
-        f => Owned::Blocks(f, bytes),
-    };
-    check_block_scales(name, &data)?;
-    let m = Matrix { name: name.to_string(), rows, cols, data };
-    m.view()?;
-    Ok(m)
-}
-
 impl Source for GgufWeights<'_> {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix, HfError> {
         let t = self.find(name)?;
@@ -115,7 +95,7 @@ impl Source for GgufWeights<'_> {
         }
         let unit = t.format.row_bytes(cols).ok_or(HfError::Core(peft_core::Error::Overflow))?;
         let bytes = self.bytes(name, t, rows, unit)?;
-        matrix_from_bytes(name, rows, cols, t.format, bytes)
+        Matrix::from_bytes(name, rows, cols, t.format, bytes)
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, HfError> {
@@ -126,13 +106,13 @@ impl Source for GgufWeights<'_> {
         let (elems, size) = t.format.block();
         if elems != 1 {
             // A vector of blocks: one row of `len` values, never permuted.
-            let m = matrix_from_bytes(name, 1, len, t.format, self.file.read(t)?)?;
+            let m = Matrix::from_bytes(name, 1, len, t.format, self.file.read(t)?)?;
             let mut out = vec![0.0f32; len];
             peft_core::storage::dequantize(&m.view()?, &mut out)?;
             return Ok(out);
         }
         let bytes = self.bytes(name, t, len, size)?;
-        let m = matrix_from_bytes(name, len, 1, t.format, bytes)?;
+        let m = Matrix::from_bytes(name, len, 1, t.format, bytes)?;
         let w: StoredWeight<'_> = m.view()?;
         let mut out = vec![0.0f32; len];
         peft_core::storage::dequantize(&w, &mut out)?;

@@ -80,13 +80,7 @@ impl Matrix {
         let st = &base.shards[shard];
         let mut bytes = vec![0u8; usize::try_from(e.len).map_err(|_| HfError::Base(format!("{name}: too large")))?];
         st.read_at(e, 0, &mut bytes)?;
-        let halves = |b: &[u8]| b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         let data = match format {
-            Format::F32 => {
-                Owned::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-            }
-            Format::F16 => Owned::F16(halves(&bytes)),
-            Format::Bf16 => Owned::Bf16(halves(&bytes)),
             Format::Int8 => {
                 let rb = row_bytes(Format::Int8, cols).unwrap_or(cols + 4);
                 let (mut q, mut s) = (Vec::with_capacity(rows * cols), Vec::with_capacity(rows));
@@ -98,8 +92,31 @@ impl Matrix {
                     .map_err(|error| HfError::InModule { module: name.to_string(), error })?;
                 Owned::Int8(q, s)
             }
+            f => return Self::from_bytes(name, rows, cols, f, bytes),
+        };
+        let m = Self { name: name.to_string(), rows, cols, data };
+        m.view()?;
+        Ok(m)
+    }
+
+    /// The matrix `name` `[rows, cols]` from its stored bytes in `format`
+    /// (little-endian floats, or whole blocks), its block scales checked.
+    ///
+    /// # Errors
+    /// [`HfError::Unsupported`] for int8 (whose rows carry their scales:
+    /// [`Matrix::read`]); [`HfError::NonFinite`] for a block whose scale is
+    /// not finite; [`HfError::Core`] for bytes that do not fill the shape.
+    pub fn from_bytes(name: &str, rows: usize, cols: usize, format: Format, bytes: Vec<u8>) -> Result<Self, HfError> {
+        let halves = |b: &[u8]| b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        let data = match format {
+            Format::F32 => {
+                Owned::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+            }
+            Format::F16 => Owned::F16(halves(&bytes)),
+            Format::Bf16 => Owned::Bf16(halves(&bytes)),
             Format::Q8_0 => Owned::Q8_0(bytes),
             Format::Q4_0 => Owned::Q4_0(bytes),
+            Format::Int8 => return Err(HfError::Unsupported(format!("{name}: int8 from bare bytes"))),
             f => Owned::Blocks(f, bytes),
         };
         check_block_scales(name, &data)?;
@@ -130,7 +147,7 @@ impl Matrix {
 /// # Errors
 /// [`HfError::NonFinite`] naming the tensor, the block's first element and
 /// the scale.
-pub(crate) fn check_block_scales(name: &str, data: &Owned) -> Result<(), HfError> {
+fn check_block_scales(name: &str, data: &Owned) -> Result<(), HfError> {
     let (format, bytes) = match data {
         Owned::Q8_0(b) => (Format::Q8_0, b),
         Owned::Q4_0(b) => (Format::Q4_0, b),

@@ -54,8 +54,8 @@ pub(crate) enum Command {
         /// as in the base). int8 and the block formats apply to the matrices they
         /// fit; each quantized tensor's max error against the f32 merge is
         /// printed.
-        #[arg(long, value_enum)]
-        dtype: Option<DtypeArg>,
+        #[arg(long, value_parser = format_parser(false))]
+        dtype: Option<Format>,
         /// Threads per matrix product.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         threads: u32,
@@ -67,9 +67,9 @@ pub(crate) enum Command {
         allow_nonfinite: bool,
     },
     /// Quantize a safetensors base: every matrix the format fits becomes
-    /// int8 (one scale per row), GGUF Q8_0 or GGUF Q4_0, stored as U8 with
-    /// its format and shape in the header metadata; prints each tensor's
-    /// max error.
+    /// int8 (one scale per row) or one of GGUF's block formats (ggml's
+    /// reference rounding), stored as U8 with its format and shape in the
+    /// header metadata; prints each tensor's max error.
     Quantize {
         /// Base weights: a .safetensors file or a sharded checkpoint folder.
         #[arg(long)]
@@ -78,8 +78,8 @@ pub(crate) enum Command {
         #[arg(long)]
         out: PathBuf,
         /// The format.
-        #[arg(long, value_enum)]
-        format: QuantArg,
+        #[arg(long, value_parser = format_parser(true))]
+        format: Format,
         /// Replace OUT if it exists (once the new output is complete).
         #[arg(long)]
         force: bool,
@@ -175,79 +175,16 @@ pub(crate) enum OutType {
     F16,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum DtypeArg {
-    F32,
-    F16,
-    Bf16,
-    Int8,
-    #[value(name = "q8_0")]
-    Q8_0,
-    #[value(name = "q4_0")]
-    Q4_0,
-    #[value(name = "q4_1")]
-    Q4_1,
-    #[value(name = "q5_0")]
-    Q5_0,
-    #[value(name = "q5_1")]
-    Q5_1,
-    #[value(name = "q2_k")]
-    Q2K,
-    #[value(name = "q3_k")]
-    Q3K,
-    #[value(name = "q4_k")]
-    Q4K,
-    #[value(name = "q5_k")]
-    Q5K,
-    #[value(name = "q6_k")]
-    Q6K,
-}
-
-impl DtypeArg {
-    pub(crate) fn format(self) -> Format {
-        match self {
-            DtypeArg::F32 => Format::F32,
-            DtypeArg::F16 => Format::F16,
-            DtypeArg::Bf16 => Format::Bf16,
-            DtypeArg::Int8 => Format::Int8,
-            DtypeArg::Q8_0 => Format::Q8_0,
-            DtypeArg::Q4_0 => Format::Q4_0,
-            DtypeArg::Q4_1 => Format::Q4_1,
-            DtypeArg::Q5_0 => Format::Q5_0,
-            DtypeArg::Q5_1 => Format::Q5_1,
-            DtypeArg::Q2K => Format::Q2_K,
-            DtypeArg::Q3K => Format::Q3_K,
-            DtypeArg::Q4K => Format::Q4_K,
-            DtypeArg::Q5K => Format::Q5_K,
-            DtypeArg::Q6K => Format::Q6_K,
-        }
-    }
-}
-
-/// The formats `peft quantize` writes.
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum QuantArg {
-    Int8,
-    #[value(name = "q8_0")]
-    Q8_0,
-    #[value(name = "q4_0")]
-    Q4_0,
-    #[value(name = "q4_1")]
-    Q4_1,
-    #[value(name = "q5_0")]
-    Q5_0,
-    #[value(name = "q5_1")]
-    Q5_1,
-    #[value(name = "q2_k")]
-    Q2K,
-    #[value(name = "q3_k")]
-    Q3K,
-    #[value(name = "q4_k")]
-    Q4K,
-    #[value(name = "q5_k")]
-    Q5K,
-    #[value(name = "q6_k")]
-    Q6K,
+/// A storage format by its name (`f32`, `int8`, `q4_k`, ...:
+/// [`Format::name`]); `quantized` limits it to int8 and the block formats
+/// (what `peft quantize` writes). The possible values are listed in
+/// `--help` and in the error for any other name.
+pub(crate) fn format_parser(quantized: bool) -> impl clap::builder::TypedValueParser<Value = Format> {
+    use clap::builder::TypedValueParser;
+    let names: Vec<&'static str> =
+        Format::ALL.into_iter().filter(|f| !quantized || f.is_quantized()).map(Format::name).collect();
+    clap::builder::PossibleValuesParser::new(names)
+        .map(|name| Format::ALL.into_iter().find(|f| f.name() == name).unwrap_or(Format::F32))
 }
 
 /// PEFT's `combination_type` names, written as PEFT writes them.

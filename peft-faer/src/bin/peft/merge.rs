@@ -13,13 +13,11 @@ use peft_faer::hf::base::Base;
 use peft_faer::hf::merge::{MergeOptions, MergeReport, merge_many};
 use peft_faer::hf::{HfAdapter, HfError};
 
-use crate::cli::{DtypeArg, QuantArg};
-
 pub(crate) struct MergeArgs<'a> {
     pub(crate) base: &'a Path,
     pub(crate) adapters: &'a [(PathBuf, f64)],
     pub(crate) out: &'a Path,
-    pub(crate) dtype: Option<DtypeArg>,
+    pub(crate) dtype: Option<Format>,
     pub(crate) threads: u32,
     pub(crate) force: bool,
     pub(crate) allow_nonfinite: bool,
@@ -33,7 +31,7 @@ fn merge_gguf_cmd(a: &MergeArgs<'_>, ads: &[(&HfAdapter, f64)]) -> Result<bool, 
     let refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
     check_output(a.out, &refs, a.force)?;
     let start = Instant::now();
-    let dtype = a.dtype.map(DtypeArg::format);
+    let dtype = a.dtype;
     let backend = Faer::with_threads(a.threads as usize);
     let (bytes, report) = peft_faer::gguf::merge::merge_gguf(a.base, ads, dtype, &backend)?;
     write_file(a.out, &bytes, a.force)?;
@@ -56,7 +54,7 @@ pub(crate) fn merge_cmd(a: &MergeArgs<'_>) -> Result<bool, Box<dyn std::error::E
         return merge_gguf_cmd(a, &ads);
     }
     let b = Base::open(a.base)?;
-    let dtype = a.dtype.map(DtypeArg::format);
+    let dtype = a.dtype;
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(b.total_bytes());
         if let Ok(style) = ProgressStyle::with_template("merge [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}") {
@@ -120,23 +118,10 @@ pub(crate) fn print_quant_report(report: &MergeReport, against: &str) -> std::io
 pub(crate) fn quantize_cmd(
     base: &Path,
     out: &Path,
-    format: QuantArg,
+    format: Format,
     force: bool,
 ) -> Result<bool, Box<dyn std::error::Error>> {
     let b = Base::open(base)?;
-    let format = match format {
-        QuantArg::Int8 => Format::Int8,
-        QuantArg::Q8_0 => Format::Q8_0,
-        QuantArg::Q4_0 => Format::Q4_0,
-        QuantArg::Q4_1 => Format::Q4_1,
-        QuantArg::Q5_0 => Format::Q5_0,
-        QuantArg::Q5_1 => Format::Q5_1,
-        QuantArg::Q2K => Format::Q2_K,
-        QuantArg::Q3K => Format::Q3_K,
-        QuantArg::Q4K => Format::Q4_K,
-        QuantArg::Q5K => Format::Q5_K,
-        QuantArg::Q6K => Format::Q6_K,
-    };
     let options = MergeOptions { dtype: Some(format), force, allow_nonfinite: false };
     let start = Instant::now();
     let report = merge_many(&b, &[], out, &options, &Faer::new(), |_| {})?;
