@@ -563,11 +563,13 @@ mod tests {
     /// kernel, within 1e-6 of `sum |w| |x|` (f32 rounding of 512-term
     /// sums; a 0.1% error in one term of the fused kernels' algebra
     /// breaks it): 1 token (the fused Q4_1 / Q4_K kernels, the decode-then-
-    /// dot path for the others), 3 (the few-token path) and 7 (tiles).
+    /// dot path for the others), 3 (the few-token path) and 7 (tiles), and
+    /// tiles of one super-block of columns by two rows for the forward and
+    /// the input gradient.
     #[test]
     fn faer_paths_agree_with_the_portable_kernel_on_every_block_format() {
         use peft_core::storage::{StoredLinear, StoredWeight};
-        use peft_core::{FrozenLinear, MatMut, MatRef, Reference};
+        use peft_core::{Accum, FrozenLinear, MatMut, MatRef, Reference};
         let mut rng = peft_core::Rng::new(9);
         let (out, inn) = (6, 512);
         for format in Format::ALL.into_iter().filter(|f| f.block().0 > 1) {
@@ -590,7 +592,27 @@ mod tests {
                 let (mut y, mut yr) = (vec![0.0f32; t * out], vec![0.0f32; t * out]);
                 base.forward(&crate::Faer::new(), xv, MatMut::new(&mut y, t, out).unwrap()).unwrap();
                 base.forward(&Reference, xv, MatMut::new(&mut yr, t, out).unwrap()).unwrap();
-                for (i, (a, b)) in y.iter().zip(&yr).enumerate() {
+                // Tiles of one super-block of columns by two rows (two
+                // column blocks, three row blocks), forward and input
+                // gradient, `accum` on the first product only.
+                let f = crate::Faer::new();
+                let mut yt = vec![0.0f32; t * out];
+                let w = StoredWeight::blocks(format, &bytes, out, inn).unwrap();
+                super::super::tiled(&f, &w, xv, MatMut::new(&mut yt, t, out).unwrap(), Accum::Replace, 256, 2, false)
+                    .unwrap();
+                let mut g = vec![0.0f32; t * out];
+                rng.fill_uniform(&mut g, -1.0, 1.0);
+                let gv = MatRef::new(&g, t, out).unwrap();
+                let (mut gt, mut gr) = (vec![0.5f32; t * inn], vec![0.5f32; t * inn]);
+                super::super::tiled(&f, &w, gv, MatMut::new(&mut gt, t, inn).unwrap(), Accum::Add, 256, 2, true)
+                    .unwrap();
+                base.apply_transpose(&Reference, gv, MatMut::new(&mut gr, t, inn).unwrap(), Accum::Add).unwrap();
+                for (k, (a, b)) in gt.iter().zip(&gr).enumerate() {
+                    let (ti, c) = (k / inn, k % inn);
+                    let mag: f32 = (0..out).map(|j| (deq[j * inn + c] * g[ti * out + j]).abs()).sum::<f32>() + 0.5;
+                    assert!((a - b).abs() <= 1e-6 * mag, "{format:?} t={t} tiled grad_x[{k}]: {a} vs {b}");
+                }
+                for (i, ((a, b), c)) in y.iter().zip(&yr).zip(&yt).enumerate() {
                     let (ti, j) = (i / out, i % out);
                     let mag: f32 = deq[j * inn..(j + 1) * inn]
                         .iter()
@@ -598,6 +620,7 @@ mod tests {
                         .map(|(w, x)| (w * x).abs())
                         .sum();
                     assert!((a - b).abs() <= 1e-6 * mag, "{format:?} t={t} y[{i}]: {a} vs {b} (sum |w x| = {mag})");
+                    assert!((c - b).abs() <= 1e-6 * mag, "{format:?} t={t} tiled y[{i}]: {c} vs {b}");
                 }
             }
         }
