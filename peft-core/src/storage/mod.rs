@@ -522,37 +522,57 @@ impl RowRef<'_> {
             RowRef::F16(v) => dot_elements(&mut lanes, v, x, half::f16_to_f32),
             RowRef::Bf16(v) => dot_elements(&mut lanes, v, x, half::bf16_to_f32),
             RowRef::Int8(q, s) => dot_elements(&mut lanes, q, x, |q| f32::from(q) * s),
-            RowRef::Q8_0(b) => {
-                for (block, xs) in b.chunks_exact(Q8_0_BYTES).zip(x.chunks_exact(QK)) {
-                    if let [lo, hi, qs @ ..] = block {
-                        let d = half::f16_to_f32(u16::from_le_bytes([*lo, *hi]));
-                        dot_elements(&mut lanes, qs, xs, |q| f32::from(q as i8) * d);
-                    }
-                }
-            }
-            RowRef::Q4_0(b) => {
-                for (block, xs) in b.chunks_exact(Q4_0_BYTES).zip(x.chunks_exact(QK)) {
-                    if let ([lo, hi, qs @ ..], (xlo, xhi)) = (block, xs.split_at(QK / 2)) {
-                        let d = half::f16_to_f32(u16::from_le_bytes([*lo, *hi]));
-                        dot_elements(&mut lanes, qs, xlo, |q| f32::from((q & 0x0F) as i8 - 8) * d);
-                        dot_elements(&mut lanes, qs, xhi, |q| f32::from((q >> 4) as i8 - 8) * d);
-                    }
-                }
-            }
-            RowRef::Blocks(f, b) => {
-                // Each block decoded on the stack (1 KiB), then dotted.
-                let (elems, size) = f.block();
-                let mut w = [0.0f32; QK_K];
-                for (block, xs) in b.chunks_exact(size).zip(x.chunks_exact(elems)) {
-                    if let Some(w) = w.get_mut(..elems) {
-                        ggml::decode_block(f, block, w);
-                        dot_elements(&mut lanes, w, xs, |v| v);
-                    }
-                }
-            }
+            RowRef::Q8_0(b) => lanes = dot_q8_0(b, x),
+            RowRef::Q4_0(b) => lanes = dot_q4_0(b, x),
+            RowRef::Blocks(f, b) => lanes = dot_blocks(f, b, x),
         }
         lanes.iter().fold(<E::Accum as Element>::ZERO, |s, l| s + *l)
     }
+}
+
+/// [`RowRef::dot`] over Q8_0 blocks (out of line, as each block format:
+/// one loop per function keeps each one's code generation its own).
+#[inline(never)]
+fn dot_q8_0<E: Element>(b: &[u8], x: &[E]) -> [E::Accum; 8] {
+    let mut lanes = [<E::Accum as Element>::ZERO; 8];
+    for (block, xs) in b.chunks_exact(Q8_0_BYTES).zip(x.chunks_exact(QK)) {
+        if let [lo, hi, qs @ ..] = block {
+            let d = half::f16_to_f32(u16::from_le_bytes([*lo, *hi]));
+            dot_elements(&mut lanes, qs, xs, |q| f32::from(q as i8) * d);
+        }
+    }
+    lanes
+}
+
+/// [`RowRef::dot`] over Q4_0 blocks.
+#[inline(never)]
+fn dot_q4_0<E: Element>(b: &[u8], x: &[E]) -> [E::Accum; 8] {
+    let mut lanes = [<E::Accum as Element>::ZERO; 8];
+    for (block, xs) in b.chunks_exact(Q4_0_BYTES).zip(x.chunks_exact(QK)) {
+        if let ([lo, hi, qs @ ..], (xlo, xhi)) = (block, xs.split_at(QK / 2)) {
+            let d = half::f16_to_f32(u16::from_le_bytes([*lo, *hi]));
+            dot_elements(&mut lanes, qs, xlo, |q| f32::from((q & 0x0F) as i8 - 8) * d);
+            dot_elements(&mut lanes, qs, xhi, |q| f32::from((q >> 4) as i8 - 8) * d);
+        }
+    }
+    lanes
+}
+
+/// [`RowRef::dot`] over GGUF's other block formats: each block decoded on
+/// the stack (1 KiB), then dotted. Kept out of line so that the other
+/// formats' loops do not carry its stack array.
+#[inline(never)]
+fn dot_blocks<E: Element>(f: Format, b: &[u8], x: &[E]) -> [E::Accum; 8] {
+    let mut lanes = [<E::Accum as Element>::ZERO; 8];
+    let (elems, size) = f.block();
+    let mut w = [0.0f32; QK_K];
+    for (block, xs) in b.chunks_exact(size).zip(x.chunks_exact(elems)) {
+        if let Some(w) = w.get_mut(..elems) {
+            ggml::decode_block(f, block, w);
+            dot_elements(&mut lanes, w, xs, |v| v);
+        }
+    }
+    lanes
 }
 
 /// `lanes[k mod 8] += decode(v_k) x_k` over `k < min(len v, len x)`,

@@ -128,6 +128,54 @@ pub fn to_gguf(adapter: &HfAdapter, head_dim: usize, dtype: LoraDtype, name: &st
     Ok(to_bytes(&metadata, &out))
 }
 
+/// The `adapter_config.json` of modules read from a llama.cpp file: `r`
+/// the largest rank, the others in `rank_pattern`; `lora_alpha` the file's
+/// alpha, or (none) each module's rank through `alpha_pattern`.
+fn config_json(modules: &[LoraModule], ranks: &BTreeMap<String, usize>, alpha: Option<f64>) -> serde_json::Value {
+    let r0 = ranks.values().copied().max().unwrap_or(1);
+    let targets: std::collections::BTreeSet<&str> = modules.iter().filter_map(|m| m.name.rsplit('.').next()).collect();
+    let rank_pattern: serde_json::Map<String, serde_json::Value> =
+        ranks.iter().filter(|(_, r)| **r != r0).map(|(n, r)| (n.clone(), (*r).into())).collect();
+    let alpha_pattern: serde_json::Map<String, serde_json::Value> = match alpha {
+        Some(_) => serde_json::Map::new(),
+        None => ranks.iter().filter(|(_, r)| **r != r0).map(|(n, r)| (n.clone(), (*r as f64).into())).collect(),
+    };
+    serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r0,
+        "lora_alpha": alpha.unwrap_or(r0 as f64),
+        "target_modules": targets,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "lora_dropout": 0.0,
+        "bias": "none",
+    })
+}
+
+/// A LoRA factor's values, widened to f32.
+///
+/// # Errors
+/// I/O errors; [`HfError::Gguf`] for a type other than F32, F16 or BF16.
+fn factor(g: &Gguf, t: &super::TensorInfo) -> Result<Vec<f32>, HfError> {
+    let bytes = g.read(t)?;
+    Ok(match t.format {
+        peft_core::storage::Format::F32 => {
+            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        }
+        peft_core::storage::Format::F16 => {
+            bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+        }
+        peft_core::storage::Format::Bf16 => {
+            bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+        }
+        f => {
+            let why = format!("`{}` is {}: LoRA factors are F32, F16 or BF16", t.name, f.name());
+            return Err(HfError::Gguf(g.path().to_path_buf(), why));
+        }
+    })
+}
+
 /// Reads a llama.cpp LoRA GGUF as a PEFT LoRA adapter over a Llama whose
 /// heads are `head_dim` wide: modules named as PEFT names them
 /// (`model.layers.0.self_attn.q_proj`), `lora_b` rows of `attn_q` and
@@ -187,21 +235,7 @@ pub fn read(path: &Path, head_dim: usize) -> Result<HfAdapter, HfError> {
         }
         let to_usize = |v: u64| usize::try_from(v).map_err(|_| bad(format!("`{}`: too large", ta.name)));
         let (n_in, r, n_out) = (to_usize(n_in)?, to_usize(r)?, to_usize(n_out)?);
-        let read_f32 = |t: &super::TensorInfo| -> Result<Vec<f32>, HfError> {
-            let bytes = g.read(t)?;
-            Ok(match t.format {
-                peft_core::storage::Format::F32 => {
-                    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-                }
-                peft_core::storage::Format::F16 => {
-                    bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-                }
-                peft_core::storage::Format::Bf16 => {
-                    bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-                }
-                f => return Err(bad(format!("`{}` is {}: LoRA factors are F32, F16 or BF16", t.name, f.name()))),
-            })
-        };
+        let read_f32 = |t: &super::TensorInfo| factor(&g, t);
         let permuted = is_permuted(&weight);
         if permuted && (head_dim == 0 || n_out % head_dim != 0) {
             return Err(bad(format!("`{}`: {n_out} rows are not whole heads of {head_dim}", tb.name)));
@@ -236,25 +270,7 @@ pub fn read(path: &Path, head_dim: usize) -> Result<HfAdapter, HfError> {
             dtypes: [dtype; 4],
         });
     }
-    let r0 = ranks.values().copied().max().unwrap_or(1);
-    let targets: std::collections::BTreeSet<&str> = modules.iter().filter_map(|m| m.name.rsplit('.').next()).collect();
-    let rank_pattern: serde_json::Map<String, serde_json::Value> =
-        ranks.iter().filter(|(_, r)| **r != r0).map(|(n, r)| (n.clone(), (*r).into())).collect();
-    let alpha_pattern: serde_json::Map<String, serde_json::Value> = match alpha {
-        Some(_) => serde_json::Map::new(),
-        None => ranks.iter().filter(|(_, r)| **r != r0).map(|(n, r)| (n.clone(), (*r as f64).into())).collect(),
-    };
-    let config = serde_json::json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": r0,
-        "lora_alpha": alpha.unwrap_or(r0 as f64),
-        "target_modules": targets,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "lora_dropout": 0.0,
-        "bias": "none",
-    });
+    let config = config_json(&modules, &ranks, alpha);
     let config = PeftConfig::parse(&config.to_string()).map_err(|e| e.in_file(path))?;
     let mut out = HfAdapter::empty(config, dtype, BTreeMap::new());
     out.modules = modules;
