@@ -72,9 +72,10 @@ pub fn first_bad_block_scale(format: Format, bytes: &[u8]) -> Option<(usize, f32
     })
 }
 
-/// Q4_K's and Q5_K's 6-bit scale and minimum of sub-block `k < 8`
-/// (ggml's `get_scale_min_k4`).
-fn scale_min_k4(s: &[u8], k: usize) -> (u8, u8) {
+/// Q4_K's and Q5_K's 6-bit scale and minimum of sub-block `k < 8` from
+/// the block's 12 scale bytes `s` (ggml's `get_scale_min_k4`; 0 past the
+/// end of `s`).
+pub fn scale_min_k4(s: &[u8], k: usize) -> (u8, u8) {
     if k < 4 {
         (byte(s, k) & 63, byte(s, k + 4) & 63)
     } else {

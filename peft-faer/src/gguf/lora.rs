@@ -27,10 +27,10 @@ use safetensors::Dtype;
 
 use super::read::{Gguf, Value};
 use super::write::{TensorOut, to_bytes};
-use super::{gguf_name, hf_name, hf_row, is_permuted};
-use crate::hf::LoraModule;
+use super::{gguf_name, hf_name, is_permuted, permute_rows};
 use crate::hf::PeftConfig;
 use crate::hf::{HfAdapter, HfError};
+use crate::hf::{HfLoraConfig, LoraModule};
 
 /// The element type the adapter's tensors are written in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,18 +46,35 @@ fn unsupported(what: &str) -> HfError {
     HfError::Unsupported(format!("{what}: llama.cpp's LoRA layout cannot hold it"))
 }
 
-/// `B [out, r]` with its rows in GGUF's order: GGUF row `g` is row
-/// `hf_row(g)` (`permuted`), or unchanged.
-fn rows_to_gguf(b: &[f32], r: usize, permuted: bool, head_dim: usize) -> Vec<f32> {
-    if !permuted || r == 0 {
-        return b.to_vec();
+/// `adapter`'s LoRA config when it is plain LoRA on Llama projections,
+/// what both llama.cpp's layout and the GGUF merge take: no DoRA, no
+/// `lora_bias`, no `modules_to_save`, no LoRA on embeddings, every module
+/// one of the seven projections.
+///
+/// # Errors
+/// [`HfError::Unsupported`] naming the method, field or module, as
+/// `refuse` words it.
+pub(crate) fn plain_lora(adapter: &HfAdapter, refuse: impl Fn(&str) -> HfError) -> Result<&HfLoraConfig, HfError> {
+    let PeftConfig::Lora(lc) = &adapter.config else {
+        return Err(refuse(&format!("peft_type {} (LoRA only)", adapter.config.method_name())));
+    };
+    for (flag, field) in [(lc.use_dora, "use_dora"), (lc.lora_bias, "lora_bias")] {
+        if flag {
+            return Err(refuse(field));
+        }
     }
-    let mut out = vec![0.0f32; b.len()];
-    for (g, dst) in out.chunks_exact_mut(r).enumerate() {
-        let h = hf_row(g, head_dim);
-        dst.copy_from_slice(&b[h * r..(h + 1) * r]);
+    if let Some(r) = adapter.replacements.first() {
+        return Err(refuse(&format!("modules_to_save ({})", r.name)));
     }
-    out
+    for m in &adapter.modules {
+        if m.embedding {
+            return Err(refuse(&format!("{}: LoRA on an embedding", m.name)));
+        }
+        if gguf_name(&format!("{}.weight", m.name)).is_none() {
+            return Err(refuse(&format!("{}: not a Llama projection", m.name)));
+        }
+    }
+    Ok(lc)
 }
 
 fn encode(vals: &[f32], dtype: LoraDtype) -> Vec<u8> {
@@ -77,35 +94,27 @@ fn encode(vals: &[f32], dtype: LoraDtype) -> Vec<u8> {
 /// hold (see the module docs), or for another method; [`HfError::Base`]
 /// for a `q_proj` / `k_proj` whose rows are not whole heads.
 pub fn to_gguf(adapter: &HfAdapter, head_dim: usize, dtype: LoraDtype, name: &str) -> Result<Vec<u8>, HfError> {
-    let PeftConfig::Lora(lc) = &adapter.config else {
-        return Err(unsupported(&format!("peft_type {}", adapter.config.method_name())));
-    };
-    for (flag, field) in [(lc.use_rslora, "use_rslora"), (lc.use_dora, "use_dora"), (lc.lora_bias, "lora_bias")] {
-        if flag {
-            return Err(unsupported(field));
-        }
-    }
-    if !adapter.replacements.is_empty() {
-        return Err(unsupported(&format!("modules_to_save ({})", adapter.replacements[0].name)));
+    let lc = plain_lora(adapter, unsupported)?;
+    if lc.use_rslora {
+        return Err(unsupported("use_rslora"));
     }
     let mut modules: Vec<&LoraModule> = adapter.modules.iter().collect();
     modules.sort_by(|a, b| a.name.cmp(&b.name));
     let alpha = lc.lora_alpha;
     let mut tensors = Vec::with_capacity(2 * modules.len());
     for m in &modules {
-        if m.embedding {
-            return Err(unsupported(&format!("{}: LoRA on an embedding", m.name)));
-        }
         if m.alpha != alpha {
             return Err(unsupported(&format!("{}: alpha_pattern {} differs from lora_alpha {alpha}", m.name, m.alpha)));
         }
         let weight = format!("{}.weight", m.name);
         let base = gguf_name(&weight).ok_or_else(|| unsupported(&format!("{}: not a Llama projection", m.name)))?;
-        let permuted = is_permuted(&weight);
-        if permuted && (head_dim == 0 || m.n_out % head_dim != 0) {
-            return Err(HfError::Base(format!("{}: {} rows are not whole heads of {head_dim}", m.name, m.n_out)));
-        }
-        let b = rows_to_gguf(&m.b, m.r, permuted, head_dim);
+        let b = if is_permuted(&weight) {
+            permute_rows(&m.b, m.r, head_dim, false).ok_or_else(|| {
+                HfError::Base(format!("{}: {} rows are not whole heads of {head_dim}", m.name, m.n_out))
+            })?
+        } else {
+            m.b.clone()
+        };
         tensors.push((format!("{base}.lora_a"), vec![m.n_in as u64, m.r as u64], encode(&m.a, dtype)));
         tensors.push((format!("{base}.lora_b"), vec![m.r as u64, m.n_out as u64], encode(&b, dtype)));
     }
@@ -236,17 +245,10 @@ pub fn read(path: &Path, head_dim: usize) -> Result<HfAdapter, HfError> {
         let to_usize = |v: u64| usize::try_from(v).map_err(|_| bad(format!("`{}`: too large", ta.name)));
         let (n_in, r, n_out) = (to_usize(n_in)?, to_usize(r)?, to_usize(n_out)?);
         let read_f32 = |t: &super::TensorInfo| factor(&g, t);
-        let permuted = is_permuted(&weight);
-        if permuted && (head_dim == 0 || n_out % head_dim != 0) {
-            return Err(bad(format!("`{}`: {n_out} rows are not whole heads of {head_dim}", tb.name)));
-        }
-        let gb = read_f32(tb)?;
-        let mut b = gb.clone();
-        if permuted {
-            for (gi, src) in gb.chunks_exact(r).enumerate() {
-                let h = hf_row(gi, head_dim);
-                b[h * r..(h + 1) * r].copy_from_slice(src);
-            }
+        let mut b = read_f32(tb)?;
+        if is_permuted(&weight) {
+            b = permute_rows(&b, r, head_dim, true)
+                .ok_or_else(|| bad(format!("`{}`: {n_out} rows are not whole heads of {head_dim}", tb.name)))?;
         }
         dtype = match ta.format {
             peft_core::storage::Format::F16 => Dtype::F16,

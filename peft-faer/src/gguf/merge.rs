@@ -17,8 +17,8 @@ use peft_core::method::{MergeTarget, WeightUpdate};
 use peft_core::storage::Format;
 
 use super::write::{TensorOut, to_bytes};
-use super::{Gguf, gguf_name, hf_row, is_permuted, type_of};
-use crate::hf::{HfAdapter, HfError, LoraModule, PeftConfig};
+use super::{Gguf, gguf_name, is_permuted, permute_rows, type_of};
+use crate::hf::{HfAdapter, HfError, LoraModule};
 use crate::llama::gguf::GgufWeights;
 use crate::llama::{LlamaConfig, Source};
 
@@ -50,31 +50,9 @@ fn modules_on<'a>(adapters: &[(&'a HfAdapter, f64)], name: &str) -> Vec<(&'a Lor
 /// Refuses what this merge does not do (see the [module docs](self)).
 fn check_adapters(adapters: &[(&HfAdapter, f64)]) -> Result<(), HfError> {
     for &(a, m) in adapters {
-        let PeftConfig::Lora(lc) = &a.config else {
-            return Err(HfError::Unsupported(format!(
-                "merging {} into a GGUF base (LoRA only)",
-                a.config.method_name()
-            )));
-        };
-        for (flag, field) in [(lc.use_dora, "use_dora"), (lc.lora_bias, "lora_bias")] {
-            if flag {
-                return Err(HfError::Unsupported(format!("{field} when merging into a GGUF base")));
-            }
-        }
-        if let Some(r) = a.replacements.first() {
-            return Err(HfError::Unsupported(format!("modules_to_save ({}) when merging into a GGUF base", r.name)));
-        }
+        super::lora::plain_lora(a, |what| HfError::Unsupported(format!("{what} when merging into a GGUF base")))?;
         if !m.is_finite() {
             return Err(HfError::Config { field: "adapter".into(), reason: format!("multiplier {m} is not finite") });
-        }
-        for module in &a.modules {
-            let known = gguf_name(&format!("{}.weight", module.name)).is_some();
-            if module.embedding || !known {
-                return Err(HfError::Unsupported(format!(
-                    "{}: not a Llama projection (merging into a GGUF base covers the seven)",
-                    module.name
-                )));
-            }
         }
     }
     Ok(())
@@ -145,13 +123,9 @@ pub fn merge_gguf<B: Backend<f32> + ?Sized>(
             });
         }
         if is_permuted(&hf) {
-            let hd = config.head_dim;
-            let mut g_rows = vec![0.0f32; w.len()];
-            for (gi, dst) in g_rows.chunks_exact_mut(cols.max(1)).enumerate() {
-                let h = hf_row(gi, hd);
-                dst.copy_from_slice(&w[h * cols..(h + 1) * cols]);
-            }
-            w = g_rows;
+            // The rows were un-permuted when read: whole heads.
+            w = permute_rows(&w, cols, config.head_dim, false)
+                .ok_or_else(|| HfError::Base(format!("{}: rows are not whole heads", t.name)))?;
         }
         let mut bytes = Vec::new();
         crate::hf::st::encode_rows(out_format, &w, cols, &mut bytes).map_err(|e| match e {

@@ -41,7 +41,7 @@ mod names;
 mod read;
 pub mod write;
 
-pub use names::{gguf_name, hf_name, hf_row, is_permuted};
+pub use names::{gguf_name, hf_name, hf_row, is_permuted, permute_rows};
 
 pub use read::{
     Array, Gguf, MAX_ARRAY, MAX_DEPTH, MAX_DIMS, MAX_KEYS, MAX_STRING, MAX_TENSORS, TensorInfo, Value, format_of,

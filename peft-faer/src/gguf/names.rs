@@ -57,6 +57,23 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     translate(gguf, true)
 }
 
+/// Rows of `unit` values between the two orders of a permuted projection
+/// (see [`hf_row`]): to Hugging Face's when `to_hf` (GGUF row `g` moves to
+/// row `hf_row(g)`), to GGUF's otherwise. `None` unless `src` is whole
+/// rows of whole heads (`head_dim` even and non-zero).
+pub fn permute_rows<T: Copy + Default>(src: &[T], unit: usize, head_dim: usize, to_hf: bool) -> Option<Vec<T>> {
+    if unit == 0 || head_dim == 0 || head_dim % 2 != 0 || src.len() % (unit * head_dim) != 0 {
+        return None;
+    }
+    let mut out = vec![T::default(); src.len()];
+    for (g, row) in src.chunks_exact(unit).enumerate() {
+        let h = hf_row(g, head_dim);
+        let (from, to) = if to_hf { (row, h) } else { (&src[h * unit..(h + 1) * unit], g) };
+        out[to * unit..(to + 1) * unit].copy_from_slice(from);
+    }
+    Some(out)
+}
+
 /// Whether the Hugging Face tensor `hf` is stored row-permuted in GGUF
 /// (the query and key projections' weights and biases).
 pub fn is_permuted(hf: &str) -> bool {

@@ -42,7 +42,7 @@ use peft_core::storage::StoredWeight;
 use super::Llama;
 use super::config::LlamaConfig;
 use super::weights::{Matrix, Source};
-use crate::gguf::{Gguf, TensorInfo, Value};
+use crate::gguf::{Gguf, TensorInfo, Value, permute_rows};
 pub use crate::gguf::{gguf_name, hf_name, hf_row, is_permuted};
 use crate::hf::HfError;
 
@@ -72,15 +72,11 @@ impl<'a> GgufWeights<'a> {
             return Ok(bytes);
         }
         let hd = self.head_dim;
-        if hd == 0 || rows % hd != 0 || bytes.len() != rows * unit {
-            return Err(HfError::Base(format!("{}: {rows} rows are not whole heads of {hd}", t.name)));
-        }
-        let mut out = vec![0u8; bytes.len()];
-        for (g, src) in bytes.chunks_exact(unit.max(1)).enumerate() {
-            let r = hf_row(g, hd);
-            out[r * unit..(r + 1) * unit].copy_from_slice(src);
-        }
-        Ok(out)
+        let whole = bytes.len() == rows * unit;
+        whole
+            .then(|| permute_rows(&bytes, unit, hd, true))
+            .flatten()
+            .ok_or_else(|| HfError::Base(format!("{}: {rows} rows are not whole heads of {hd}", t.name)))
     }
 }
 

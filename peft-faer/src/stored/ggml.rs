@@ -7,7 +7,7 @@
 //! below checks every bit). The dot products use FMA, like the other
 //! stored formats' kernels.
 
-use peft_core::storage::ggml::decode_block;
+use peft_core::storage::ggml::{decode_block, scale_min_k4};
 use peft_core::storage::{Format, QK_K, RowRef};
 
 /// Whether the CPU has AVX2, FMA and F16C (detected once per call site).
@@ -117,8 +117,8 @@ unsafe fn dot1_avx2(format: Format, bytes: &[u8], x: &[f32]) -> f32 {
     let w = &mut w[..elems];
     let mut acc = [_mm256_setzero_ps(); 4];
     for (bi, block) in bytes.chunks_exact(size).take(nb).enumerate() {
-        // SAFETY: the CPU has the features (this function's precondition).
-        unsafe { decode_avx2_or_portable(format, block, w) };
+        // The CPU has the features (this function's precondition).
+        decode(true, format, block, w);
         let xb = &x[bi * elems..(bi + 1) * elems];
         // SAFETY: `w` and `xb` hold `elems` values, a multiple of 32.
         unsafe {
@@ -267,16 +267,7 @@ unsafe fn gemv1_q4_k(bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
             for c in 0..4 {
                 // Chunk c: 32 bytes, low nibbles = sub-block 2c, high = 2c + 1.
                 let (k0, k1) = (2 * c, 2 * c + 1);
-                let (sc0, m0, sc1, m1) = if c < 2 {
-                    (s[k0] & 63, s[k0 + 4] & 63, s[k1] & 63, s[k1 + 4] & 63)
-                } else {
-                    (
-                        (s[k0 + 4] & 15) | ((s[k0 - 4] >> 6) << 4),
-                        (s[k0 + 4] >> 4) | ((s[k0] >> 6) << 4),
-                        (s[k1 + 4] & 15) | ((s[k1 - 4] >> 6) << 4),
-                        (s[k1 + 4] >> 4) | ((s[k1] >> 6) << 4),
-                    )
-                };
+                let ((sc0, m0), (sc1, m1)) = (scale_min_k4(s, k0), scale_min_k4(s, k1));
                 let q = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * c).cast::<__m256i>());
                 let mask = _mm256_set1_epi8(0x0F);
                 let lo = _mm256_and_si256(q, mask);
@@ -319,22 +310,8 @@ unsafe fn gemv1_q6_k(bytes: &[u8], x: &[f32]) -> f32 {
         // SAFETY: `blk` has 210 bytes; values `256 bi..256 bi + 256` of `x` exist (`nb`).
         unsafe {
             let p = blk.as_ptr();
-            let (low, three, bias) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30), _mm256_set1_epi8(32));
             for n in 0..2 {
-                let ql0 = _mm256_loadu_si256(p.add(64 * n).cast::<__m256i>());
-                let ql1 = _mm256_loadu_si256(p.add(64 * n + 32).cast::<__m256i>());
-                let qh = _mm256_loadu_si256(p.add(128 + 32 * n).cast::<__m256i>());
-                let q = [
-                    _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_and_si256(_mm256_slli_epi16::<4>(qh), three)),
-                    _mm256_or_si256(_mm256_and_si256(ql1, low), _mm256_and_si256(_mm256_slli_epi16::<2>(qh), three)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low), _mm256_and_si256(qh, three)),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low),
-                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), three),
-                    ),
-                ];
-                for (r, v) in q.into_iter().enumerate() {
-                    let v = _mm256_sub_epi8(v, bias);
+                for (r, v) in q6_k_runs(p, n).into_iter().enumerate() {
                     let xp = x.as_ptr().add(256 * bi + 128 * n + 32 * r);
                     let (l, h) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
                     let t0 = _mm256_fmadd_ps(
@@ -358,20 +335,37 @@ unsafe fn gemv1_q6_k(bytes: &[u8], x: &[f32]) -> f32 {
     unsafe { hsum(_mm256_add_ps(acc0, acc1)) }
 }
 
-/// [`decode_avx2`] for the formats it covers, `peft-core`'s decoder for
-/// the others.
+/// Half `n` (values `128 n..128 n + 128`) of the Q6_K block at `p`: four
+/// runs of 32 signed 6-bit values (`q - 32`, as i8), run `r` holding
+/// values `128 n + 32 r..`: the low nibbles of `ql` (runs 0 and 1 from
+/// bytes `64 n..` and `64 n + 32..`, runs 2 and 3 their high nibbles)
+/// joined with two bits of `qh` (bits `2 r`).
 ///
 /// # Safety
-/// The CPU must have AVX2 and F16C.
+/// AVX2; `p` points at a whole 210-byte block.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decode_avx2_or_portable(format: Format, block: &[u8], out: &mut [f32]) {
-    if matches!(format, Format::Q4_1 | Format::Q4_K | Format::Q6_K) {
-        // SAFETY: this function's precondition.
-        unsafe { decode_avx2(format, block, out) };
-    } else {
-        decode_block(format, block, out);
-    }
+#[inline]
+unsafe fn q6_k_runs(p: *const u8, n: usize) -> [std::arch::x86_64::__m256i; 4] {
+    use std::arch::x86_64::*;
+    let (low, three, bias) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30), _mm256_set1_epi8(32));
+    // SAFETY: bytes `64 n..64 n + 64` and `128 + 32 n..+32` lie in the block (n < 2).
+    let (ql0, ql1, qh) = unsafe {
+        (
+            _mm256_loadu_si256(p.add(64 * n).cast::<__m256i>()),
+            _mm256_loadu_si256(p.add(64 * n + 32).cast::<__m256i>()),
+            _mm256_loadu_si256(p.add(128 + 32 * n).cast::<__m256i>()),
+        )
+    };
+    // The two high bits of each run, moved to bits 4-5.
+    let h = [
+        _mm256_and_si256(_mm256_slli_epi16::<4>(qh), three),
+        _mm256_and_si256(_mm256_slli_epi16::<2>(qh), three),
+        _mm256_and_si256(qh, three),
+        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), three),
+    ];
+    let l = [ql0, ql1, _mm256_srli_epi16::<4>(ql0), _mm256_srli_epi16::<4>(ql1)];
+    core::array::from_fn(|r| _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l[r], low), h[r]), bias))
 }
 
 /// What follows the product `q d` in a format's formula.
@@ -470,16 +464,9 @@ unsafe fn decode_avx2(format: Format, block: &[u8], out: &mut [f32]) {
                 // the low nibbles of 32 bytes then the high ones.
                 let (d, min) = (half(block, 0), half(block, 2));
                 let s = &block[4..16];
-                let sm = |k: usize| -> (u8, u8) {
-                    if k < 4 {
-                        (s[k] & 63, s[k + 4] & 63)
-                    } else {
-                        ((s[k + 4] & 15) | ((s[k - 4] >> 6) << 4), (s[k + 4] >> 4) | ((s[k] >> 6) << 4))
-                    }
-                };
                 for c in 0..4 {
-                    let (sc1, m1) = sm(2 * c);
-                    let (sc2, m2) = sm(2 * c + 1);
+                    let (sc1, m1) = scale_min_k4(s, 2 * c);
+                    let (sc2, m2) = scale_min_k4(s, 2 * c + 1);
                     let a = (d * f32::from(sc1), min * f32::from(m1));
                     let b = (d * f32::from(sc2), min * f32::from(m2));
                     let q = _mm256_loadu_si256(p.add(16 + 32 * c).cast::<__m256i>());
@@ -492,25 +479,8 @@ unsafe fn decode_avx2(format: Format, block: &[u8], out: &mut [f32]) {
             Format::Q6_K => {
                 // ql[128] | qh[64] | scales:i8[16] | d: halves of 128.
                 let d = half(block, 208);
-                let three = _mm256_set1_epi8(0x30);
-                let thirty_two = _mm256_set1_epi8(32);
                 for n in 0..2 {
-                    let ql0 = _mm256_loadu_si256(p.add(64 * n).cast::<__m256i>());
-                    let ql1 = _mm256_loadu_si256(p.add(64 * n + 32).cast::<__m256i>());
-                    let qh = _mm256_loadu_si256(p.add(128 + 32 * n).cast::<__m256i>());
-                    // The two high bits of each run, moved to bits 4-5.
-                    let h0 = _mm256_and_si256(_mm256_slli_epi16::<4>(qh), three);
-                    let h1 = _mm256_and_si256(_mm256_slli_epi16::<2>(qh), three);
-                    let h2 = _mm256_and_si256(qh, three);
-                    let h3 = _mm256_and_si256(_mm256_srli_epi16::<2>(qh), three);
-                    let q = [
-                        _mm256_or_si256(_mm256_and_si256(ql0, low), h0),
-                        _mm256_or_si256(_mm256_and_si256(ql1, low), h1),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low), h2),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low), h3),
-                    ];
-                    for (r, v) in q.into_iter().enumerate() {
-                        let v = _mm256_sub_epi8(v, thirty_two);
+                    for (r, v) in q6_k_runs(p, n).into_iter().enumerate() {
                         let sc = |k: usize| d * f32::from(block[192 + 8 * n + k] as i8);
                         // Values 0-15 of the run use scale r*2 + 0, 16-31 scale r*2 + 1 (`is = l / 16`).
                         let dm = [(sc(2 * r), 0.0), (sc(2 * r + 1), 0.0)];
