@@ -15,6 +15,8 @@
 //!   Hugging Face checkpoint) hosting every method, with its backward and
 //!   trainer, behind `peft finetune`, `peft forward` and `peft generate`.
 //!
+//! * [`text`]: tokenizers (`tokenizer.json` or GGUF metadata), chat
+//!   templates, sampling, text generation and fine-tuning on JSONL data.
 //! * [`files`]: the one way outputs are written: atomically, never over
 //!   an input, never over an existing path without `force`, temporaries
 //!   cleaned up on failure, on SIGINT/SIGTERM, and (for killed processes)
@@ -27,7 +29,8 @@
 //! Without default features the crate is the backend alone (its
 //! dependencies: faer, half and peft-core). `hf` adds [`hf`] and
 //! [`files`]; `llama` (which needs `hf`) adds [`llama`]; `cli` (default)
-//! adds both and the `peft` command.
+//! adds both and the `peft` command; `text` (which needs `llama`) adds
+//! [`text`]; `cli` (default) adds all of them and the `peft` command.
 #![deny(missing_docs)]
 
 mod backend;
@@ -40,5 +43,7 @@ pub mod hf;
 #[cfg(feature = "llama")]
 pub mod llama;
 pub mod stored;
+#[cfg(feature = "text")]
+pub mod text;
 
 pub use backend::{Faer, FaerHalf, HalfError, PAR_MIN_MACS};

@@ -669,6 +669,18 @@ impl Trainer {
             }
             (loss / batch.len().max(1) as f64, grads)
         };
+        self.apply(adapter, &grads, loss)?;
+        Ok(loss)
+    }
+
+    /// AdamW over `adapter`'s tensors with gradients `grads` (of the same
+    /// adapter, [`LlamaGrads::zeros`] then accumulated); `loss` is the
+    /// step's loss, refused when not finite.
+    ///
+    /// # Errors
+    /// [`HfError::Config`] (`adapter`) when the tensors and gradients
+    /// disagree; AdamW's errors (nothing is written then).
+    pub fn apply(&mut self, adapter: &mut Trainable, grads: &LlamaGrads, loss: f64) -> Result<(), HfError> {
         let flat = grads.flatten();
         let mut params = adapter.tensors_mut();
         if params.len() != flat.len() {
@@ -684,6 +696,18 @@ impl Trainer {
             .map(|((p, g), s)| Slot { param: &mut p[..], grad: &g[..], state: &mut s[..], decay: false })
             .collect();
         self.opt.step(&mut slots, Some(loss))?;
-        Ok(loss)
+        Ok(())
+    }
+
+    /// The optimizer state, one vector per adapter tensor (empty before
+    /// the first step): what a checkpoint saves.
+    pub fn state(&self) -> &[Vec<f32>] {
+        &self.state
+    }
+
+    /// Restores a checkpoint's state and step count.
+    pub fn restore(&mut self, state: Vec<Vec<f32>>, steps: u64) {
+        self.state = state;
+        self.opt.set_steps(steps);
     }
 }

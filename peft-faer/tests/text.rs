@@ -1,0 +1,159 @@
+//! Tokenizers and chat templates against the references transformers and
+//! llama.cpp wrote (`tests/fixtures/gguf/tokenizer/`, see `CASES.md` in
+//! `../shared/fixtures/gguf/`): `encodings.json` has, for 47 strings,
+//! transformers' ids from `tokenizer.json` (`ids`) and llama.cpp's from the
+//! GGUF (`ids_llama_cpp`); `chat.json` has `apply_chat_template`'s text and
+//! ids for four conversations.
+#![cfg(feature = "text")]
+
+use std::path::{Path, PathBuf};
+
+use peft_faer::gguf::Gguf;
+use peft_faer::text::{ChatTemplate, Message, Tokenizer};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn hf_tokenizer() -> Tokenizer {
+    Tokenizer::from_dir(&fixtures().join("gguf/tokenizer/smollm2")).unwrap()
+}
+
+/// SmolLM2's tokenizer metadata, copied from its GGUF by
+/// `fixtures/text/make_tokenizer_gguf.py` (gguf-py).
+fn gguf_tokenizer() -> Tokenizer {
+    Tokenizer::from_gguf(&Gguf::open(&fixtures().join("text/smollm2-tokenizer.gguf")).unwrap()).unwrap()
+}
+
+fn strings() -> Vec<Value> {
+    json(&fixtures().join("gguf/tokenizer/encodings.json"))["strings"].as_array().unwrap().clone()
+}
+
+#[test]
+fn tokenizer_json_encodes_and_decodes_as_transformers() {
+    let tok = hf_tokenizer();
+    let cases = strings();
+    assert_eq!(cases.len(), 47);
+    for s in &cases {
+        let text = s["text"].as_str().unwrap();
+        assert_eq!(tok.encode(text, false).unwrap(), ids(&s["ids"]), "{text:?}");
+        assert_eq!(tok.encode(text, true).unwrap(), ids(&s["ids_default"]), "{text:?}");
+        let got = tok.encode(text, false).unwrap();
+        let tokens: Vec<String> = got.iter().map(|&i| tok.token(i).unwrap()).collect();
+        let want: Vec<String> =
+            s["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_owned()).collect();
+        assert_eq!(tokens, want, "{text:?}");
+        assert_eq!(tok.decode(&got, false).unwrap(), s["decoded"].as_str().unwrap(), "{text:?}");
+        assert_eq!(tok.decode(&got, true).unwrap(), s["decoded_skip_special"].as_str().unwrap(), "{text:?}");
+    }
+    assert_eq!((tok.bos, tok.eos, tok.pad), (Some(1), Some(2), Some(2)), "tokenizer_config.json's tokens");
+}
+
+#[test]
+fn gguf_metadata_encodes_as_llama_cpp_digits_included() {
+    let tok = gguf_tokenizer();
+    let mut differ = 0;
+    for s in &strings() {
+        let text = s["text"].as_str().unwrap();
+        let got = tok.encode(text, false).unwrap();
+        assert_eq!(got, ids(&s["ids_llama_cpp"]), "{text:?}");
+        differ += usize::from(got != ids(&s["ids"]));
+        // add_bos_token is false: nothing is added.
+        assert_eq!(tok.encode(text, true).unwrap(), got);
+        assert_eq!(tok.decode(&got, false).unwrap(), s["decoded"].as_str().unwrap(), "{text:?}");
+    }
+    // The two strings where llama.cpp's smollm pre-tokenizer splits digits
+    // first ("  2 apples", "x  12  y").
+    assert_eq!(differ, 2);
+    assert_eq!((tok.bos, tok.eos, tok.pad, tok.stop_ids.clone()), (Some(1), Some(2), Some(2), vec![2]));
+    assert_eq!(tok.vocab_size(), 49152);
+}
+
+#[test]
+fn streamed_pieces_are_whole_characters_and_add_up_to_the_text() {
+    let tok = hf_tokenizer();
+    for s in &strings() {
+        let text = s["text"].as_str().unwrap();
+        let mut stream = tok.stream(false);
+        let mut joined = String::new();
+        for id in tok.encode(text, false).unwrap() {
+            let piece = stream.push(id).unwrap();
+            assert!(!piece.contains('\u{FFFD}') || text.contains('\u{FFFD}'), "{text:?}: {piece:?}");
+            joined.push_str(&piece);
+        }
+        joined.push_str(&stream.finish().unwrap());
+        assert_eq!(joined, s["decoded"].as_str().unwrap());
+    }
+    // An emoji is 4 bytes over several byte-level tokens: nothing shows
+    // until the last of them.
+    let ids = tok.encode("😀", false).unwrap();
+    assert!(ids.len() > 1, "{ids:?}");
+    let mut stream = tok.stream(false);
+    let pieces: Vec<String> = ids.iter().map(|&i| stream.push(i).unwrap()).collect();
+    assert!(pieces[..pieces.len() - 1].iter().all(String::is_empty), "{pieces:?}");
+    assert_eq!(pieces.last().unwrap(), "😀");
+}
+
+#[test]
+fn chat_template_renders_as_apply_chat_template() {
+    let doc = json(&fixtures().join("gguf/tokenizer/chat.json"));
+    for (tok, which) in [(hf_tokenizer(), "ids"), (gguf_tokenizer(), "ids_llama_cpp")] {
+        let tpl = ChatTemplate::of(&tok).unwrap();
+        for c in doc["conversations"].as_array().unwrap() {
+            let messages: Vec<Message> = serde_json::from_value(c["messages"].clone()).unwrap();
+            let add_gen = c["add_generation_prompt"].as_bool().unwrap();
+            let text = tpl.render(&messages, add_gen).unwrap();
+            assert_eq!(text, c["text"].as_str().unwrap(), "{}", c["name"]);
+            assert_eq!(tok.encode(&text, false).unwrap(), ids(&c[which]), "{}", c["name"]);
+        }
+    }
+}
+
+#[test]
+fn template_errors_name_the_source_and_raise_exception_is_an_error() {
+    let tok = hf_tokenizer();
+    let src = Path::new("bad.jinja");
+    let e = ChatTemplate::new("{% for m in messages %}", src, &tok).unwrap_err().to_string();
+    assert!(e.contains("bad.jinja") && e.contains("chat template"), "{e}");
+    let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", src, &tok).unwrap();
+    let e = t.render(&[Message::new("user", "x")], false).unwrap_err().to_string();
+    assert!(e.contains("roles must alternate"), "{e}");
+    // Python string methods and transformers' generation tags.
+    let t = ChatTemplate::new(
+        "{% for m in messages %}{% generation %}{{ m.content.strip().upper() }}{% endgeneration %}{% endfor %}",
+        src,
+        &tok,
+    )
+    .unwrap();
+    assert_eq!(t.render(&[Message::new("user", "  hi ")], false).unwrap(), "HI");
+}
+
+#[test]
+fn a_gguf_without_a_byte_level_bpe_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spm.gguf");
+    // A minimal GGUF v3 with one key: tokenizer.ggml.model = "llama".
+    let mut b = Vec::new();
+    b.extend(b"GGUF");
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    let key = b"tokenizer.ggml.model";
+    b.extend((key.len() as u64).to_le_bytes());
+    b.extend(key);
+    b.extend(8u32.to_le_bytes());
+    b.extend(5u64.to_le_bytes());
+    b.extend(b"llama");
+    std::fs::write(&path, &b).unwrap();
+    let e = Tokenizer::from_gguf(&Gguf::open(&path).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("spm.gguf") && e.contains("tokenizer.ggml.model") && e.contains("llama"), "{e}");
+}
