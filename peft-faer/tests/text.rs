@@ -157,3 +157,76 @@ fn a_gguf_without_a_byte_level_bpe_is_refused_naming_the_key() {
     let e = Tokenizer::from_gguf(&Gguf::open(&path).unwrap()).unwrap_err().to_string();
     assert!(e.contains("spm.gguf") && e.contains("tokenizer.ggml.model") && e.contains("llama"), "{e}");
 }
+
+mod sft {
+    use super::*;
+    use peft_faer::Faer;
+    use peft_faer::hf::HfAdapter;
+    use peft_faer::llama::Llama;
+    use peft_faer::llama::train::Trainable;
+    use peft_faer::text::data::{Dataset, Encoder};
+    use peft_faer::text::sft::step_grads;
+    use safetensors::SafeTensors;
+
+    fn dir() -> PathBuf {
+        fixtures().join("text/sft")
+    }
+
+    fn i64s(st: &SafeTensors<'_>, name: &str) -> Vec<i64> {
+        st.tensor(name).unwrap().data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()
+    }
+
+    fn f32s(st: &SafeTensors<'_>, name: &str) -> Vec<f32> {
+        st.tensor(name).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    }
+
+    /// TRL's SFTTrainer (transformers + PEFT, `make.py`) on the tiny Llama:
+    /// for each data form, the tokens and loss masks TRL built, the first
+    /// step's loss (1e-4 relative) and the LoRA gradients (largest error
+    /// within 1e-3 of the tensor's largest gradient) from the same initial
+    /// adapter.
+    #[test]
+    fn the_first_step_matches_trl_for_every_data_form() {
+        let gguf = fixtures().join("gguf/tiny-llama-f32.gguf");
+        let model = Llama::open(&gguf).unwrap();
+        let tok = Tokenizer::open(&gguf).unwrap();
+        let tpl = ChatTemplate::from_file(&dir().join("chat_template.jinja"), &tok).unwrap();
+        let backend = Faer::new();
+        let init = HfAdapter::read_dir(&dir().join("init")).unwrap();
+        // Tensor names in the order LlamaGrads::flatten lists them: by layer,
+        // then projection (q before v), A before B.
+        let mut modules: Vec<String> = init.modules.iter().map(|m| m.name.clone()).collect();
+        modules.sort_by_key(|n| (n.split('.').nth(2).unwrap().parse::<usize>().unwrap(), n.ends_with("v_proj")));
+        let names: Vec<String> = modules
+            .iter()
+            .flat_map(|m| ["lora_A", "lora_B"].map(|k| format!("base_model.model.{m}.{k}.weight")))
+            .collect();
+        let adapter = Trainable::Peft(Box::new(init));
+        let hosted = adapter.hosted(&model).unwrap();
+        for form in ["text", "prompt_completion", "messages"] {
+            let bytes = std::fs::read(dir().join(format!("{form}.safetensors"))).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            let data = Dataset::load(&dir().join(format!("{form}.jsonl")), &Encoder::new(&tok, Some(&tpl))).unwrap();
+            for (i, ex) in data.examples.iter().enumerate() {
+                let ids: Vec<u32> = i64s(&st, &format!("ids.{i}")).into_iter().map(|v| v as u32).collect();
+                assert_eq!(ex.ids, ids, "{form} record {i}: ids");
+                let mask: Vec<u8> =
+                    i64s(&st, &format!("labels.{i}")).into_iter().map(|l| u8::from(l != -100)).collect();
+                assert_eq!(ex.mask, mask, "{form} record {i}: loss mask");
+            }
+            let batch: Vec<_> = data.examples.iter().collect();
+            let (loss, grads) = step_grads(&backend, &model, &hosted, &batch).unwrap();
+            let want = f64::from_le_bytes(st.tensor("loss").unwrap().data().try_into().unwrap());
+            assert!(((loss - want) / want).abs() < 1e-4, "{form}: loss {loss} vs TRL's {want}");
+            let flat = grads.flatten();
+            assert_eq!(flat.len(), names.len());
+            for (g, name) in flat.iter().zip(&names) {
+                let r = f32s(&st, &format!("grad.{name}"));
+                assert_eq!(g.len(), r.len(), "{name}");
+                let scale = r.iter().fold(0.0f32, |a, b| a.max(b.abs()));
+                let err = g.iter().zip(&r).fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
+                assert!(scale > 0.0 && err <= 1e-3 * scale, "{form} {name}: max error {err} vs max |grad| {scale}");
+            }
+        }
+    }
+}

@@ -9,16 +9,21 @@
 //!   `add_eos`, then `tokenizer(text)`).
 //! * `{"prompt": ..., "completion": ...}`: loss on the completion only.
 //!   EOS is appended to the completion as above; the mask is 0 over the
-//!   first `len(tokenizer(prompt))` ids of `tokenizer(prompt +
-//!   completion)` and 1 after (TRL's `completion_mask`).
+//!   leading ids of `tokenizer(prompt + completion)` that it shares with
+//!   `tokenizer(prompt)`, 1 after (TRL's `completion_mask` with its
+//!   `common_prefix_length`).
 //! * `{"messages": [{"role": ..., "content": ...}, ...]}`: a conversation
 //!   rendered with the model's chat template, encoded without special
 //!   tokens added (as `apply_chat_template(tokenize=True)`); loss on the
 //!   assistant turns only. Turn `i`'s tokens are those of
 //!   `render(messages[..=i])` after those of `render(messages[..i],
 //!   add_generation_prompt=True)`: TRL's masking of a conversational
-//!   prompt and completion, applied to every assistant turn. A record
-//!   whose prefixes do not tokenize as prefixes of the whole is refused.
+//!   prompt and completion, applied to every assistant turn. This is what
+//!   TRL's `assistant_only_loss` gives with a template whose `{% generation
+//!   %}` block holds the message, its end-of-turn token and what the
+//!   template writes after it (for ChatML, `content<|im_end|>\n`). A
+//!   record whose prefixes do not tokenize as prefixes of the whole is
+//!   refused.
 //!
 //! A `.txt` file is language-modelling text: paragraphs (separated by
 //! blank lines) are records of the first form.
@@ -179,7 +184,10 @@ impl<'a> Encoder<'a> {
             Record::PromptCompletion(p, c) => {
                 let prompt = self.tok.encode(p, true)?;
                 let ids = self.tok.encode(&format!("{p}{}", self.with_eos(c)), true)?;
-                let mask = (0..ids.len()).map(|i| u8::from(i >= prompt.len())).collect();
+                // Where the two encodings part (TRL's common_prefix_length):
+                // a token merging across the boundary belongs to the completion.
+                let start = prompt.iter().zip(&ids).take_while(|(a, b)| a == b).count();
+                let mask = (0..ids.len()).map(|i| u8::from(i >= start)).collect();
                 (ids, mask)
             }
             Record::Messages(m) => {
