@@ -230,3 +230,74 @@ mod sft {
         }
     }
 }
+
+/// SmolLM2-135M-Instruct's Q4_1 GGUF (see `tests/gguf.rs`); `None` (the
+/// test skips, saying so) when absent, unless `PEFT_REQUIRE_SMOLLM2` is set.
+fn smollm2() -> Option<PathBuf> {
+    let path = std::env::var_os("PEFT_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("PEFT_REQUIRE_SMOLLM2").is_none(),
+        "PEFT_REQUIRE_SMOLLM2 is set but {} is absent",
+        path.display()
+    );
+    eprintln!(
+        "skipped: {} is absent (run `sh peft-faer/tests/fixtures/gguf/fetch_smollm2.sh target/models`)",
+        path.display()
+    );
+    None
+}
+
+/// Text in, text out on the real model, from the lone GGUF file (its
+/// tokenizer and chat template are its metadata): the prompts encode to
+/// transformers' ids, greedy generation gives transformers' tokens and
+/// text (`real/smollm2.json`), the chat stops at `<|im_end|>` as
+/// `generate()` did (8 tokens), and a stop string cuts the text before it.
+#[test]
+fn smollm2_text_generation_matches_transformers() {
+    use peft_faer::Faer;
+    use peft_faer::llama::Llama;
+    use peft_faer::text::generate::Finish;
+    use peft_faer::text::{GenerateOptions, generate};
+    let Some(path) = smollm2() else { return };
+    let model = Llama::open(&path).unwrap();
+    let tok = Tokenizer::open(&path).unwrap();
+    let tpl = ChatTemplate::of(&tok).unwrap();
+    let refs = json(&fixtures().join("gguf/real/smollm2.json"));
+    let backend = Faer::new();
+    let cases = refs["cases"].as_array().unwrap();
+    let case = |name: &str| cases.iter().find(|c| c["name"] == name).unwrap().clone();
+    let (plain, chat) = (case("plain"), case("chat"));
+    assert_eq!(tok.encode(plain["prompt"].as_str().unwrap(), true).unwrap(), ids(&plain["prompt_ids"]));
+    let messages: Vec<Message> = serde_json::from_value(chat["messages"].clone()).unwrap();
+    let rendered = tpl.render(&messages, true).unwrap();
+    assert_eq!(rendered, chat["prompt"].as_str().unwrap());
+    let prompt = tok.encode(&rendered, false).unwrap();
+    assert_eq!(prompt, ids(&chat["prompt_ids"]));
+
+    // Past EOS, 24 tokens: transformers' greedy ids and text.
+    let opts = GenerateOptions { max_new_tokens: 24, ignore_eos: true, ..GenerateOptions::default() };
+    let mut streamed = String::new();
+    let g = generate(&model, &backend, None, &tok, &prompt, &opts, &mut |s| streamed.push_str(s)).unwrap();
+    assert_eq!(g.ids, ids(&chat["greedy_ids"]));
+    assert_eq!(tok.decode(&g.ids, false).unwrap(), chat["greedy_text"].as_str().unwrap());
+    assert_eq!((g.finish.clone(), streamed), (Finish::Length, g.text.clone()));
+
+    // Stopping at EOS: "The capital of France is Paris." and <|im_end|>.
+    let opts = GenerateOptions { max_new_tokens: 24, ..GenerateOptions::default() };
+    let g = generate(&model, &backend, None, &tok, &prompt, &opts, &mut |_| {}).unwrap();
+    assert_eq!(g.ids.len() as u64, chat["generate_len"].as_u64().unwrap());
+    assert_eq!((g.text.as_str(), g.finish), ("The capital of France is Paris.", Finish::Eos(2)));
+
+    // A stop string: the plain prompt's " Paris.\n\nThe answer" stops before "\n\n".
+    let opts = GenerateOptions { max_new_tokens: 24, stop: vec!["\n\n".into()], ..GenerateOptions::default() };
+    let mut streamed = String::new();
+    let p = ids(&plain["prompt_ids"]);
+    let g = generate(&model, &backend, None, &tok, &p, &opts, &mut |s| streamed.push_str(s)).unwrap();
+    assert_eq!((g.text.as_str(), streamed.as_str()), (" Paris.", " Paris."));
+    assert_eq!(g.finish, Finish::Stop("\n\n".into()));
+}

@@ -230,6 +230,20 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Keeps the first `len` positions and forgets the rest (a chat whose
+    /// new text diverges from what the cache read). Nothing happens when
+    /// `len >= self.len()`.
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        for kv in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let width = kv.len() / self.len.max(1);
+            kv.truncate(len * width);
+        }
+        self.len = len;
+    }
+
     /// Room for `rows` more positions in every layer of a model with
     /// config `c` (the layers are created on first use).
     ///

@@ -71,11 +71,11 @@ impl Generated {
 #[derive(Debug, Default)]
 pub struct Session {
     cache: KvCache,
-    /// The tokens the cache holds, in order.
+    /// The tokens of the conversation so far: what the cache has read,
+    /// then the last generated token when the cache has not read it yet.
     pub history: Vec<u32>,
-    /// The row of logits after the last token, when a turn ended on a
-    /// token the cache has not read yet.
-    pending: Option<u32>,
+    /// How many of `history` the cache has read.
+    cached: usize,
 }
 
 impl Session {
@@ -84,10 +84,12 @@ impl Session {
         Self::default()
     }
 
-    /// Reads `ids` after what the session holds, then generates. The
-    /// generated tokens stay in the history (and the cache), so the next
-    /// turn continues the conversation; `on_text` receives the text as it
-    /// is produced.
+    /// Generates after `ids`, the whole conversation so far. The tokens
+    /// the session already read and `ids` shares are not run again (a chat
+    /// re-rendered each turn costs only its new text); where `ids`
+    /// departs from them, the cache is cut back first. The generated
+    /// tokens join the history; `on_text` receives the text as it is
+    /// produced.
     ///
     /// # Errors
     /// [`TextError::Hf`] for the model's errors (an id outside the
@@ -107,10 +109,24 @@ impl Session {
         options.sampling.check().map_err(|(name, why)| TextError::Option(name.into(), why))?;
         let mut sampler = Sampler::new(options.sampling);
         let start = Instant::now();
-        // A turn ended by a token the cache has not read: read it first.
-        let feed: Vec<u32> = self.pending.take().into_iter().chain(ids.iter().copied()).collect();
-        let mut row = model.forward_last(backend, &feed, adapter, &mut self.cache)?;
-        self.history.extend_from_slice(ids);
+        // Keep what the cache read and `ids` repeats; prompt tuning's
+        // virtual rows stay in front of it.
+        let same = self.history.iter().zip(ids).take_while(|(a, b)| a == b).count();
+        let keep = same.min(self.cached).min(ids.len().saturating_sub(1));
+        let virtual_rows = self.cache.len() - self.cached;
+        if keep < self.cached {
+            if keep == 0 {
+                self.cache = KvCache::new();
+            } else {
+                self.cache.truncate(virtual_rows + keep);
+            }
+        }
+        self.history.truncate(keep);
+        self.cached = keep;
+        let feed = ids.get(keep..).unwrap_or_default();
+        let mut row = model.forward_last(backend, feed, adapter, &mut self.cache)?;
+        self.history.extend_from_slice(feed);
+        self.cached = self.history.len();
         let prefill_seconds = start.elapsed().as_secs_f64();
         let decode_start = Instant::now();
         let mut out = Generated {
@@ -129,7 +145,6 @@ impl Session {
             self.history.push(next);
             if !options.ignore_eos && tok.stop_ids.contains(&next) {
                 out.finish = Finish::Eos(next);
-                self.pending = Some(next);
                 break;
             }
             let text = tok.decode(&out.ids, true)?;
@@ -137,7 +152,6 @@ impl Session {
                 on_text(text.get(emitted..at).unwrap_or_default());
                 out.text = text.get(..at).unwrap_or_default().to_owned();
                 out.finish = Finish::Stop(s.to_owned());
-                self.pending = Some(next);
                 break;
             }
             let safe = safe_end(&text, &options.stop);
@@ -147,10 +161,10 @@ impl Session {
             }
             out.text = text;
             if out.ids.len() == options.max_new_tokens {
-                self.pending = Some(next);
                 break;
             }
             row = model.forward_last(backend, &[next], adapter, &mut self.cache)?;
+            self.cached += 1;
         }
         if matches!(out.finish, Finish::Length) {
             on_text(out.text.get(emitted..).unwrap_or_default());

@@ -103,18 +103,15 @@ pub(crate) enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Greedy decoding with a KV cache (prefix tuning enters as the cache's
-    /// first entries): print the new token ids.
-    Generate {
-        #[command(flatten)]
-        run: RunArgs,
-        /// Tokens to generate.
-        #[arg(long)]
-        max_new_tokens: usize,
-        /// One JSON document instead of text.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Generate text (or token ids) with a KV cache: greedy by default,
+    /// sampling with --temperature (transformers' order: repetition
+    /// penalty, temperature, top-k, top-p, min-p). Text streams to stdout
+    /// as it is produced; prefill and decode rates go to stderr.
+    Generate(GenerateArgs),
+    /// Talk to the model: each line read from stdin is a user turn,
+    /// rendered with the model's chat template; the key/value cache is
+    /// kept across turns. `/exit` or end of input ends it.
+    Chat(ChatArgs),
     /// Combine LoRA adapters into a new PEFT adapter directory, as PEFT's
     /// `add_weighted_adapter` (same math, same config; PEFT loads it).
     Combine {
@@ -210,6 +207,7 @@ pub(crate) enum MajoritySignArg {
 /// as a finite number; otherwise the whole text is the folder (weight 1).
 /// What `peft forward` and `peft generate` run.
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["ids", "prompt", "chat"])))]
 pub(crate) struct RunArgs {
     /// A Hugging Face LlamaForCausalLM folder (config.json and
     /// model.safetensors, or a sharded checkpoint), or a llama.cpp `.gguf`
@@ -221,7 +219,94 @@ pub(crate) struct RunArgs {
     pub(crate) adapter: Option<PathBuf>,
     /// Token ids (the prompt's, for generate), comma-separated.
     #[arg(long, value_parser = token_ids)]
-    pub(crate) ids: TokenIds,
+    pub(crate) ids: Option<TokenIds>,
+    /// A text prompt, encoded with the model's tokenizer (with its special
+    /// tokens, e.g. BOS). Repeat for several prompts (generate).
+    #[arg(long)]
+    pub(crate) prompt: Vec<String>,
+    /// A user message, rendered with the model's chat template (and
+    /// --system) with the assistant's header after it. Repeat for several.
+    #[arg(long)]
+    pub(crate) chat: Vec<String>,
+    #[command(flatten)]
+    pub(crate) text: TextArgs,
+}
+
+/// Where the tokenizer and chat template come from.
+#[derive(clap::Args, Clone)]
+pub(crate) struct TextArgs {
+    /// A system message for --chat.
+    #[arg(long)]
+    pub(crate) system: Option<String>,
+    /// The tokenizer: a folder with tokenizer.json or a .gguf (default:
+    /// the model's).
+    #[arg(long)]
+    pub(crate) tokenizer: Option<PathBuf>,
+    /// A Jinja chat template file (default: the model's).
+    #[arg(long)]
+    pub(crate) chat_template: Option<PathBuf>,
+}
+
+/// Sampling and stopping, as transformers' `generate` names them.
+#[derive(clap::Args, Clone)]
+pub(crate) struct SamplingArgs {
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) max_new_tokens: usize,
+    /// Sampling temperature; 0 (default) decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) temperature: f64,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens up to this mass.
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) top_p: f64,
+    /// Drop tokens below this fraction of the top probability.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) min_p: f64,
+    /// CTRL's repetition penalty (1: none).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) repetition_penalty: f64,
+    /// The sampler's seed.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Stop when this text appears (not printed). Repeat for several.
+    #[arg(long)]
+    pub(crate) stop: Vec<String>,
+    /// Go on past the model's end-of-sequence token.
+    #[arg(long)]
+    pub(crate) ignore_eos: bool,
+    /// Threads per matrix product.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) threads: u32,
+}
+
+/// `peft generate`'s arguments.
+#[derive(clap::Args)]
+pub(crate) struct GenerateArgs {
+    #[command(flatten)]
+    pub(crate) run: RunArgs,
+    #[command(flatten)]
+    pub(crate) sampling: SamplingArgs,
+    /// One JSON document instead of streamed text.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// `peft chat`'s arguments.
+#[derive(clap::Args)]
+pub(crate) struct ChatArgs {
+    /// A Hugging Face LlamaForCausalLM folder or a llama.cpp `.gguf` file.
+    #[arg(long)]
+    pub(crate) model: PathBuf,
+    /// A PEFT adapter directory, or a llama.cpp LoRA .gguf.
+    #[arg(long)]
+    pub(crate) adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) text: TextArgs,
+    #[command(flatten)]
+    pub(crate) sampling: SamplingArgs,
 }
 
 /// Token ids given on the command line.

@@ -21,6 +21,7 @@ mod finetune;
 mod inspect;
 mod merge;
 mod run;
+mod text;
 
 use cli::{Cli, Command};
 use combine::{CombineArgs, combine_cmd};
@@ -28,7 +29,8 @@ use convert::convert_cmd;
 use finetune::finetune;
 use inspect::inspect;
 use merge::{MergeArgs, merge_cmd, quantize_cmd};
-use run::{forward_cmd, generate_cmd};
+use run::forward_cmd;
+use text::{chat_cmd, generate_cmd};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -67,12 +69,9 @@ fn main() -> ExitCode {
         }
         Command::Convert { src, dst, base, outtype, force } => convert_cmd(src, dst, base.as_deref(), *outtype, *force),
         Command::Quantize { base, out, format, force } => quantize_cmd(base, out, *format, *force),
-        Command::Forward { run, out, top, json, force } => {
-            forward_cmd(&run.model, run.adapter.as_deref(), &run.ids.0, out.as_deref(), *top, *json, *force)
-        }
-        Command::Generate { run, max_new_tokens, json } => {
-            generate_cmd(&run.model, run.adapter.as_deref(), &run.ids.0, *max_new_tokens, *json)
-        }
+        Command::Forward { run, out, top, json, force } => forward_cmd(run, out.as_deref(), *top, *json, *force),
+        Command::Generate(args) => generate_cmd(args),
+        Command::Chat(args) => chat_cmd(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

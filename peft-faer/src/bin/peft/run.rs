@@ -8,6 +8,8 @@ use peft_faer::hf::base::Base;
 use peft_faer::hf::{HfAdapter, HfError};
 use peft_faer::llama::gguf::is_gguf;
 use peft_faer::llama::{KvCache, Llama, LlamaAdapter};
+
+use crate::cli::RunArgs;
 use serde_json::json;
 
 /// The model (a Hugging Face folder or a `.gguf` file) and, if given, the
@@ -29,14 +31,18 @@ pub(crate) fn llama_and_adapter(model: &Path, adapter: Option<&Path>) -> Result<
 }
 
 pub(crate) fn forward_cmd(
-    model: &Path,
-    adapter: Option<&Path>,
-    ids: &[u32],
+    run: &RunArgs,
     out: Option<&Path>,
     top: usize,
     as_json: bool,
     force: bool,
 ) -> Result<bool, Box<dyn std::error::Error>> {
+    let (model, adapter) = (run.model.as_path(), run.adapter.as_deref());
+    let (mut prompts, tok) = crate::text::prompts(run)?;
+    if prompts.len() != 1 {
+        return Err("forward takes one prompt (--ids, --prompt or --chat)".into());
+    }
+    let ids = &prompts.remove(0).1;
     let (m, ad) = llama_and_adapter(model, adapter)?;
     if let Some(out) = out {
         let mut inputs: Vec<PathBuf> = if is_gguf(model) {
@@ -78,38 +84,23 @@ pub(crate) fn forward_cmd(
         write_file(out, &file, force)?;
     }
     if as_json {
-        let top: Vec<_> = best.iter().map(|(t, l, p)| json!({ "token": t, "logit": l, "probability": p })).collect();
+        let text = |t: usize| tok.as_ref().and_then(|k| k.decode(&[t as u32], false).ok());
+        let top: Vec<_> = best
+            .iter()
+            .map(|(t, l, p)| json!({ "token": t, "text": text(*t), "logit": l, "probability": p }))
+            .collect();
         let doc = json!({ "rows": rows, "vocab": vocab, "next": top, "out": out });
         outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         outln!("next token after {} ids ({rows} rows of logits):", ids.len());
-        outln!("{:>8} {:>12} {:>12}", "token", "logit", "probability");
+        outln!("{:>8} {:>12} {:>12}  text", "token", "logit", "probability");
         for (t, l, p) in &best {
-            outln!("{t:>8} {l:>12.5} {p:>12.5}");
+            let text = tok.as_ref().and_then(|k| k.decode(&[*t as u32], false).ok()).unwrap_or_default();
+            outln!("{t:>8} {l:>12.5} {p:>12.5}  {text:?}");
         }
         if let Some(out) = out {
             outln!("logits [1, {rows}, {vocab}] written to {}", out.display());
         }
-    }
-    Ok(true)
-}
-
-pub(crate) fn generate_cmd(
-    model: &Path,
-    adapter: Option<&Path>,
-    ids: &[u32],
-    max_new: usize,
-    as_json: bool,
-) -> Result<bool, Box<dyn std::error::Error>> {
-    let (m, ad) = llama_and_adapter(model, adapter)?;
-    let hosted = ad.as_ref().map(|a| LlamaAdapter::new(&m, a)).transpose()?;
-    let new = m.generate(&Faer::new(), ids, hosted.as_ref(), max_new)?;
-    if as_json {
-        outln!("{}", serde_json::to_string_pretty(&json!({ "prompt": ids, "new_tokens": new }))?);
-    } else {
-        let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-        outln!("prompt:     {}", list(ids));
-        outln!("new tokens: {}", list(&new));
     }
     Ok(true)
 }
