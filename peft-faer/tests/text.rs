@@ -301,3 +301,142 @@ fn smollm2_text_generation_matches_transformers() {
     assert_eq!((g.text.as_str(), streamed.as_str()), (" Paris.", " Paris."));
     assert_eq!(g.finish, Finish::Stop("\n\n".into()));
 }
+
+mod finetune_cli {
+    use super::*;
+    use std::process::Command;
+
+    fn peft(args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_peft")).args(args).output().unwrap()
+    }
+
+    fn tiny() -> String {
+        fixtures().join("gguf/tiny-llama-f32.gguf").display().to_string()
+    }
+
+    fn data(name: &str) -> String {
+        fixtures().join("text/sft").join(name).display().to_string()
+    }
+
+    /// Twenty steps straight, and ten steps then ten more from the
+    /// checkpoint at step 10: the same adapter, bit for bit (the data
+    /// order, the optimizer's moments and its step count are restored).
+    #[test]
+    fn a_resumed_run_ends_where_the_uninterrupted_one_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let base = ["finetune", "--model", &tiny(), "--data", &data("text.jsonl"), "--batch-size", "2"];
+        let run = |out: &Path, extra: &[&str]| {
+            let mut args: Vec<&str> = base.to_vec();
+            args.extend(["--out", out.to_str().unwrap(), "--json"]);
+            args.extend(extra);
+            let o = peft(&args);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        };
+        run(&a, &["--steps", "20", "--lr-schedule", "cosine", "--warmup", "3"]);
+        run(&b, &["--steps", "20", "--lr-schedule", "cosine", "--warmup", "3", "--save-every", "10"]);
+        let ckpt = b.join("checkpoint-10");
+        let resumed = dir.path().join("c");
+        run(
+            &resumed,
+            &["--steps", "20", "--lr-schedule", "cosine", "--warmup", "3", "--resume", ckpt.to_str().unwrap()],
+        );
+        let bytes = |p: &Path| std::fs::read(p.join("adapter/adapter_model.safetensors")).unwrap();
+        assert_eq!(bytes(&a), bytes(&b));
+        assert_eq!(bytes(&a), bytes(&resumed));
+        // The checkpoint's adapter is not the final one.
+        assert_ne!(bytes(&a), bytes(&ckpt));
+        // A checkpoint is never written over: the same run again is refused
+        // before training, naming the first output that exists.
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(["--out", b.to_str().unwrap(), "--steps", "20", "--save-every", "10"]);
+        let o = peft(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("exists"), "{err}");
+        // Resuming with another batch size is refused, naming it.
+        let mut args: Vec<&str> = base.to_vec();
+        args[6] = "3";
+        let d = dir.path().join("d");
+        args.extend(["--out", d.to_str().unwrap(), "--steps", "20", "--resume", ckpt.to_str().unwrap()]);
+        let o = peft(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("sequences_per_step"), "{err}");
+    }
+
+    /// A bad record is refused with the file, the line and the reason, and
+    /// nothing is written.
+    #[test]
+    fn bad_records_are_refused_naming_the_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("{\"text\": \"ok\"}\n{\"text\": 3}\n", ":2:", "\"text\" must be a string"),
+            ("{\"text\": \"ok\"}\n\n{not json\n", ":3:", "not JSON"),
+            ("{\"prompt\": \"p\"}\n", ":1:", "\"completion\" is missing"),
+            ("{\"question\": \"q\"}\n", ":1:", "no \"text\""),
+            ("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n", ":1:", "no assistant turn"),
+            ("{\"messages\": [{\"role\": \"user\"}]}\n", ":1:", "messages[0]"),
+        ];
+        for (i, (body, line, reason)) in cases.iter().enumerate() {
+            let file = dir.path().join(format!("bad{i}.jsonl"));
+            std::fs::write(&file, body).unwrap();
+            let out = dir.path().join(format!("out{i}"));
+            let o = peft(&[
+                "finetune",
+                "--model",
+                &tiny(),
+                "--data",
+                file.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success(), "{body}");
+            assert!(err.contains(&format!("bad{i}.jsonl{line}")) && err.contains(reason), "{err}");
+            assert!(!out.exists(), "{body}: {} was written", out.display());
+        }
+    }
+
+    /// Chat data over the tiny model with a template file: the loss falls
+    /// and the PEFT folder is written.
+    #[test]
+    fn chat_records_train_with_a_template_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("chat");
+        let o = peft(&[
+            "finetune",
+            "--model",
+            &tiny(),
+            "--data",
+            &data("messages.jsonl"),
+            "--eval",
+            &data("messages.jsonl"),
+            "--chat-template",
+            &data("chat_template.jinja"),
+            "--steps",
+            "15",
+            "--batch-size",
+            "2",
+            "--json",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let (b, a) = (r["eval_loss_before"].as_f64().unwrap(), r["eval_loss_after"].as_f64().unwrap());
+        assert!(a < b - 0.5, "{b} -> {a}");
+        assert!(r["base_bit_identical"].as_bool().unwrap());
+        assert!(out.join("adapter/adapter_config.json").is_file());
+        // Without a template the tiny model cannot render conversations.
+        let o = peft(&[
+            "finetune",
+            "--model",
+            &tiny(),
+            "--data",
+            &data("messages.jsonl"),
+            "--out",
+            dir.path().join("x").to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("messages.jsonl:1:") && err.contains("chat template"), "{err}");
+    }
+}

@@ -294,6 +294,7 @@ pub struct CheckpointState {
 pub fn save_checkpoint(
     dir: &Path,
     method: &MethodSpec,
+    options: &SftOptions,
     step: usize,
     adapter: &Trainable,
     trainer: &Trainer,
@@ -315,7 +316,8 @@ pub fn save_checkpoint(
     for s in trainer.state() {
         bytes.extend(s.iter().flat_map(|v| v.to_le_bytes()));
     }
-    let state = json!({"step": step, "method": method.name, "optimizer_steps": trainer.opt.steps()});
+    let state = json!({"step": step, "method": method.name, "optimizer_steps": trainer.opt.steps(),
+        "sequences_per_step": options.per_step(), "seed": options.seed});
     for (name, data) in [("optimizer.safetensors", bytes), ("trainer_state.json", state.to_string().into_bytes())] {
         let path = tmp.join(name);
         std::fs::write(&path, data).map_err(|e| HfError::Io(dir.join(name), e))?;
@@ -325,12 +327,19 @@ pub fn save_checkpoint(
 }
 
 /// Reads a checkpoint [`save_checkpoint`] wrote: the adapter, the
-/// optimizer state into `trainer`, and the step.
+/// optimizer state into `trainer`, and the step. The checkpoint must have
+/// been written by a run with the same method, sequences per step and
+/// seed (the data order depends on them).
 ///
 /// # Errors
-/// [`TextError::Data`] naming the file and what is wrong; the readers'
-/// errors.
-pub fn load_checkpoint(dir: &Path, trainer: &mut Trainer) -> Result<(Trainable, CheckpointState), TextError> {
+/// [`TextError::Data`] naming the file and what is wrong or differs; the
+/// readers' errors.
+pub fn load_checkpoint(
+    dir: &Path,
+    method: &MethodSpec,
+    options: &SftOptions,
+    trainer: &mut Trainer,
+) -> Result<(Trainable, CheckpointState), TextError> {
     let state_path = dir.join("trainer_state.json");
     let bad = |file: &Path, reason: String| TextError::Data { file: file.to_path_buf(), line: 0, reason };
     let v: serde_json::Value = serde_json::from_str(&super::tokenizer::read_text(&state_path, 1 << 20)?)
@@ -343,6 +352,22 @@ pub fn load_checkpoint(dir: &Path, trainer: &mut Trainer) -> Result<(Trainable, 
         optimizer_steps: field("optimizer_steps")?,
         method: v.get("method").and_then(serde_json::Value::as_str).unwrap_or_default().to_owned(),
     };
+    let same = [
+        ("method", state.method == method.name, format!("{:?}", state.method), method.name.to_owned()),
+        (
+            "sequences_per_step",
+            field("sequences_per_step")? == options.per_step() as u64,
+            field("sequences_per_step")?.to_string(),
+            options.per_step().to_string(),
+        ),
+        ("seed", field("seed")? == options.seed, field("seed")?.to_string(), options.seed.to_string()),
+    ];
+    if let Some((k, _, was, now)) = same.into_iter().find(|(_, ok, _, _)| !ok) {
+        return Err(bad(
+            &state_path,
+            format!("{k} was {was}, this run has {now}: resume with the options the checkpoint was trained with"),
+        ));
+    }
     let adapter = if dir.join("adapter").is_dir() {
         Trainable::Peft(Box::new(HfAdapter::read_dir(&dir.join("adapter"))?))
     } else {

@@ -339,12 +339,17 @@ pub(crate) fn weighted_dir(text: &str) -> Result<(PathBuf, f64), String> {
 
 #[derive(clap::Args)]
 pub(crate) struct FinetuneArgs {
-    /// Which method to train (`all`: every one, in the table's order).
-    #[arg(long, default_value = "all", value_parser = method_names())]
-    pub(crate) method: String,
-    /// Optimizer steps per method (batches of 8 sequences).
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub(crate) steps: u64,
+    /// Which method to train (`all`: every one, in the table's order; the
+    /// built-in task only). Default: `all` for the built-in task, `lora`
+    /// with --data.
+    #[arg(long, value_parser = method_names())]
+    pub(crate) method: Option<String>,
+    /// Optimizer steps per method (default: 2000 batches of 8 sequences
+    /// for the built-in task; with --data, --epochs over the data).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) steps: Option<u64>,
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
     /// Rank of LoRA, DoRA, LoHa and LoKr (alpha = 2 r); VeRA's shared
     /// projections get 8 times it, as VeRA trains only `r + out` numbers per
     /// layer.
@@ -377,6 +382,63 @@ pub(crate) struct FinetuneArgs {
     /// training starts.
     #[arg(long)]
     pub(crate) force: bool,
+}
+
+/// Fine-tuning on the user's data (`peft finetune --data`).
+#[derive(clap::Args)]
+pub(crate) struct DataArgs {
+    /// Training data: JSONL records `{"text"}`, `{"prompt", "completion"}`
+    /// (loss on the completion) or `{"messages"}` (loss on the assistant
+    /// turns), as TRL's SFTTrainer takes them; or a .txt file (paragraphs).
+    /// Needs --model.
+    #[arg(long, requires = "model")]
+    pub(crate) data: Option<PathBuf>,
+    /// Held-out data in the same forms.
+    #[arg(long, requires = "data", conflicts_with = "eval_split")]
+    pub(crate) eval: Option<PathBuf>,
+    /// Hold out this fraction of --data (shuffled by --seed) instead.
+    #[arg(long, requires = "data", value_parser = unit_interval)]
+    pub(crate) eval_split: Option<f64>,
+    /// A Jinja chat template for `messages` records (default: the model's).
+    #[arg(long, requires = "data")]
+    pub(crate) chat_template: Option<PathBuf>,
+    /// Tokens per sequence at most (longer records are cut from the right).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(2..))]
+    pub(crate) max_len: u64,
+    /// Concatenate the records and cut the stream into --max-len sequences.
+    #[arg(long)]
+    pub(crate) packing: bool,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) batch_size: u64,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) grad_accum: u64,
+    /// Passes over the data (when --steps is not given).
+    #[arg(long, default_value_t = 1.0, value_parser = positive_finite)]
+    pub(crate) epochs: f64,
+    /// The learning-rate schedule.
+    #[arg(long, value_enum, default_value = "constant")]
+    pub(crate) lr_schedule: ScheduleArg,
+    /// Warmup steps of the cosine schedule.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) warmup: u64,
+    /// Evaluate every this many steps (0: before and after training only).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) eval_every: u64,
+    /// Save a checkpoint (OUT/checkpoint-STEP) every this many steps.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) save_every: u64,
+    /// Continue from a checkpoint folder (with the same data and options).
+    #[arg(long, requires = "data")]
+    pub(crate) resume: Option<PathBuf>,
+}
+
+/// `--lr-schedule`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ScheduleArg {
+    Constant,
+    Cosine,
 }
 
 pub(crate) fn positive_finite(s: &str) -> Result<f64, String> {

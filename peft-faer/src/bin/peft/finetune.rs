@@ -17,13 +17,13 @@ use crate::cli::FinetuneArgs;
 
 /// The library's options from the command line.
 fn options(args: &FinetuneArgs) -> Result<Options, String> {
-    let methods = match args.method.as_str() {
+    let methods = match args.method.as_deref().unwrap_or("all") {
         "all" => all_methods(),
         name => vec![find(name).ok_or_else(|| format!("--method {name}: no such method"))?],
     };
     Ok(Options {
         methods,
-        steps: args.steps as usize,
+        steps: args.steps.unwrap_or(2000) as usize,
         rank: args.rank as usize,
         seed: args.seed,
         threads: args.threads as usize,
@@ -76,6 +76,9 @@ impl Progress {
 }
 
 pub(crate) fn finetune(args: &FinetuneArgs) -> Result<bool, Box<dyn std::error::Error>> {
+    if args.data.data.is_some() {
+        return crate::sft::sft_cmd(args);
+    }
     let options = options(args)?;
     let backend = Faer::with_threads(options.threads);
     let (model, model_dir, task) = setup(&options, &backend)?;
@@ -136,7 +139,7 @@ fn print_json(report: &FinetuneReport, args: &FinetuneArgs) -> Result<(), Box<dy
                    "path": report.model_dir.display().to_string() },
         "task": { "hidden_context_tokens": CONTEXT, "sequence_tokens": SEQ, "train_sequences": TRAIN,
                   "held_out_sequences": HELD_OUT, "loss": "mean KL(teacher || student) per token" },
-        "steps": args.steps, "batch": BATCH, "rank": args.rank, "seed": args.seed, "threads": args.threads,
+        "steps": options(args)?.steps, "batch": BATCH, "rank": args.rank, "seed": args.seed, "threads": args.threads,
         "frozen_model_held_out_loss": report.base_loss,
         "methods": methods,
         "frozen_base_bit_identical": report.base_identical,

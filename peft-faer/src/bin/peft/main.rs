@@ -21,6 +21,7 @@ mod finetune;
 mod inspect;
 mod merge;
 mod run;
+mod sft;
 mod text;
 
 use cli::{Cli, Command};
