@@ -137,11 +137,35 @@ fn template_errors_name_the_source_and_raise_exception_is_an_error() {
     assert_eq!(t.render(&[Message::new("user", "  hi ")], false).unwrap(), "HI");
 }
 
+/// A SentencePiece vocabulary in GGUF (`fixtures/text/spm/make.py`:
+/// sentencepiece trained it, gguf-py wrote it as llama.cpp's converter
+/// does): our ids equal sentencepiece's own (which llama.cpp's SPM
+/// tokenizer reproduces), BOS in front as `add_bos_token` says, byte
+/// fallback for characters outside the vocabulary, and decoding restores
+/// the text.
 #[test]
-fn a_gguf_without_a_byte_level_bpe_is_refused_naming_the_key() {
+fn gguf_sentencepiece_vocabulary_encodes_as_sentencepiece() {
+    let dir = fixtures().join("text/spm");
+    let tok = Tokenizer::from_gguf(&Gguf::open(&dir.join("spm.gguf")).unwrap()).unwrap();
+    let doc = json(&dir.join("encodings.json"));
+    let mut bytes = 0;
+    for s in doc["strings"].as_array().unwrap() {
+        let text = s["text"].as_str().unwrap();
+        let want = ids(&s["ids_sentencepiece"]);
+        assert_eq!(tok.encode(text, false).unwrap(), want, "{text:?}");
+        assert_eq!(tok.encode(text, true).unwrap(), [&[1], &want[..]].concat(), "{text:?}");
+        assert_eq!(tok.decode(&want, false).unwrap(), s["decoded"].as_str().unwrap(), "{text:?}");
+        bytes += s["pieces"].as_array().unwrap().iter().filter(|p| p.as_str().unwrap().starts_with("<0x")).count();
+    }
+    assert!(bytes > 10, "the strings exercise byte fallback ({bytes} byte tokens)");
+    assert_eq!((tok.bos, tok.eos, tok.vocab_size()), (Some(1), Some(2), 640));
+}
+
+#[test]
+fn a_gguf_without_a_known_tokenizer_is_refused_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spm.gguf");
-    // A minimal GGUF v3 with one key: tokenizer.ggml.model = "llama".
+    // A minimal GGUF v3 with one key: tokenizer.ggml.model = "bert".
     let mut b = Vec::new();
     b.extend(b"GGUF");
     b.extend(3u32.to_le_bytes());
@@ -151,11 +175,11 @@ fn a_gguf_without_a_byte_level_bpe_is_refused_naming_the_key() {
     b.extend((key.len() as u64).to_le_bytes());
     b.extend(key);
     b.extend(8u32.to_le_bytes());
-    b.extend(5u64.to_le_bytes());
-    b.extend(b"llama");
+    b.extend(4u64.to_le_bytes());
+    b.extend(b"bert");
     std::fs::write(&path, &b).unwrap();
     let e = Tokenizer::from_gguf(&Gguf::open(&path).unwrap()).unwrap_err().to_string();
-    assert!(e.contains("spm.gguf") && e.contains("tokenizer.ggml.model") && e.contains("llama"), "{e}");
+    assert!(e.contains("spm.gguf") && e.contains("tokenizer.ggml.model") && e.contains("bert"), "{e}");
 }
 
 mod sft {

@@ -14,10 +14,15 @@
 //!   `gpt-2` (and `default`) is GPT-2's regex; `smollm` isolates every digit
 //!   first, then applies GPT-2's regex, as llama.cpp does (transformers'
 //!   own GGUF conversion does not, so the two differ on whitespace before
-//!   a digit). CONTROL tokens (`token_type` 3) are special, USER_DEFINED
-//!   (4) are added tokens; BOS/EOS are added when `add_bos_token` /
-//!   `add_eos_token` say so. Other models (SentencePiece `llama`, `bert`,
-//!   ...) and pre-tokenizers are refused naming the key and its value.
+//!   a digit); and `tokenizer.ggml.model = llama` (SentencePiece: pieces
+//!   with `scores`, byte fallback through the `<0xXX>` tokens, a `▁`
+//!   space prefix unless `add_space_prefix` is false), whose ids equal
+//!   sentencepiece's own. CONTROL tokens (`token_type` 3) and the unknown
+//!   token are special, USER_DEFINED (4) are added tokens; BOS/EOS are
+//!   added when `add_bos_token` / `add_eos_token` say so (llama.cpp's
+//!   defaults when absent: BOS for SentencePiece only). Other models
+//!   (`bert`, `t5`, `rwkv`, ...) and pre-tokenizers are refused naming the
+//!   key and its value.
 
 use std::path::{Path, PathBuf};
 
@@ -192,14 +197,14 @@ impl Tokenizer {
         let s = |key: &str| g.get(key).and_then(Value::as_str);
         let id = |key: &str| g.get(key).and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok());
         let flag = |key: &str| matches!(g.get(key), Some(Value::Bool(true)));
-        match s("tokenizer.ggml.model") {
-            Some("gpt2") => {}
-            Some(other) => {
-                return Err(e(format!(
-                    "tokenizer.ggml.model = {other:?}: only byte-level BPE (\"gpt2\") is read from GGUF metadata; pass the model's tokenizer.json folder instead"
-                )));
-            }
-            None => return Err(e("no tokenizer.ggml.model: the file carries no tokenizer".into())),
+        let model = s("tokenizer.ggml.model");
+        if !matches!(model, Some("gpt2" | "llama")) {
+            return Err(e(match model {
+                Some(other) => format!(
+                    "tokenizer.ggml.model = {other:?}: the tokenizers read from GGUF metadata are byte-level BPE (\"gpt2\") and SentencePiece (\"llama\"); pass the model's tokenizer.json folder instead"
+                ),
+                None => "no tokenizer.ggml.model: the file carries no tokenizer".into(),
+            }));
         }
         let strings = |key: &str| match g.get(key).and_then(Value::as_array) {
             Some(crate::gguf::Array::Str(v)) => Ok(v),
@@ -207,14 +212,28 @@ impl Tokenizer {
             None => Err(e(format!("{key} is missing"))),
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
         let types: Vec<i32> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
             Some(crate::gguf::Array::I32(v)) if v.len() == tokens.len() => v.clone(),
             Some(_) => return Err(e("tokenizer.ggml.token_type is not an i32 array as long as the tokens".into())),
             None => vec![1; tokens.len()],
         };
-        let pre = pre_tokenizer(s("tokenizer.ggml.pre").unwrap_or("default")).map_err(e)?;
-        let json = bpe_json(tokens, merges, &types, pre).map_err(e)?;
+        let json = match model {
+            Some("gpt2") => {
+                let merges = strings("tokenizer.ggml.merges")?;
+                let pre = pre_tokenizer(s("tokenizer.ggml.pre").unwrap_or("default")).map_err(e)?;
+                bpe_json(tokens, merges, &types, pre).map_err(e)?
+            }
+            Some("llama") => {
+                let scores = match g.get("tokenizer.ggml.scores").and_then(Value::as_array) {
+                    Some(crate::gguf::Array::F32(v)) if v.len() == tokens.len() => v,
+                    _ => return Err(e("tokenizer.ggml.scores is not an f32 array as long as the tokens".into())),
+                };
+                // llama.cpp's default for a SentencePiece vocabulary: a space prefix.
+                let prefix = !matches!(g.get("tokenizer.ggml.add_space_prefix"), Some(Value::Bool(false)));
+                spm_json(tokens, scores, &types, prefix).map_err(e)?
+            }
+            _ => return Err(e("tokenizer.ggml.model: checked above".into())),
+        };
         let inner: tokenizers::Tokenizer = json.to_string().parse().map_err(|x| e(format!("{x}")))?;
         let mut t = Self::bare(inner, path.to_path_buf());
         let vocab = tokens.len();
@@ -376,6 +395,76 @@ fn pre_tokenizer(name: &str) -> Result<Json, String> {
             "tokenizer.ggml.pre = {other:?}: the pre-tokenizers read from GGUF metadata are \"gpt-2\", \"default\" and \"smollm\"; pass the model's tokenizer.json folder instead"
         )),
     }
+}
+
+/// `tokenizer.json` for a SentencePiece vocabulary from GGUF metadata (the
+/// layout transformers' `LlamaConverter` gives): spaces become `▁` (with
+/// one in front when `prefix`), a BPE whose merges are every split of a
+/// piece into two pieces, ranked by the merged piece's score (highest
+/// first), which is SentencePiece's rule of merging the best-scoring
+/// adjacent pair; characters outside the vocabulary fall back to their
+/// `<0xXX>` byte tokens.
+fn spm_json(tokens: &[String], scores: &[f32], types: &[i32], prefix: bool) -> Result<Json, String> {
+    let mut vocab = serde_json::Map::with_capacity(tokens.len());
+    let mut ids = std::collections::HashMap::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        if ids.insert(t.as_str(), i).is_some() {
+            return Err(format!("tokenizer.ggml.tokens[{i}] = {t:?} appears twice"));
+        }
+        vocab.insert(t.clone(), json!(i));
+    }
+    // (score of the merged piece, its id, left id, right id).
+    let mut merges: Vec<(f32, usize, usize, usize, &str, &str)> = Vec::new();
+    for (i, (t, (&score, &kind))) in tokens.iter().zip(scores.iter().zip(types)).enumerate() {
+        if !matches!(kind, 1 | 4) {
+            continue;
+        }
+        for (cut, _) in t.char_indices().skip(1) {
+            let (l, r) = t.split_at(cut);
+            if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r)) {
+                merges.push((score, i, li, ri, l, r));
+            }
+        }
+    }
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2, a.3).cmp(&(b.1, b.2, b.3))));
+    let pairs: Vec<Json> = merges.iter().map(|m| json!([m.4, m.5])).collect();
+    let unk = types.iter().position(|&t| t == 2).and_then(|i| tokens.get(i));
+    let added: Vec<Json> = types
+        .iter()
+        .zip(tokens)
+        .enumerate()
+        .filter(|(_, (t, _))| matches!(t, 2..=4))
+        .map(|(i, (t, s))| {
+            json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": *t != 4})
+        })
+        .collect();
+    let mut normalizers = Vec::new();
+    if prefix {
+        normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
+    }
+    normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": pairs},
+    }))
 }
 
 /// `tokenizer.json` for a byte-level BPE vocabulary from GGUF metadata.
