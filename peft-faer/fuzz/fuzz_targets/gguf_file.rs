@@ -5,7 +5,8 @@
 //! block-format matrix decodes to finite values unless a block's f16
 //! field is refused (`first_bad_block_scale`), as the model loader does.
 //! The Llama config read from the metadata is refused or within
-//! `LlamaConfig`'s limits.
+//! `LlamaConfig`'s limits; the tokenizer built from the metadata is
+//! refused or encodes and decodes a short text.
 #![no_main]
 
 use std::path::Path;
@@ -43,5 +44,11 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(c) = LlamaConfig::from_gguf(&g) {
         assert!(c.hidden_size <= MAX_DIM && c.num_layers <= MAX_LAYERS && c.head_dim % 2 == 0);
+    }
+    if let Ok(tok) = peft_faer::text::Tokenizer::from_gguf(&g) {
+        if let Ok(ids) = tok.encode("Hello world 12 <|im_end|>", true) {
+            assert!(ids.iter().all(|&i| (i as usize) < tok.vocab_size()));
+            tok.decode(&ids, false).expect("ids it encoded decode");
+        }
     }
 });

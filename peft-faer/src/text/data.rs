@@ -81,6 +81,15 @@ pub enum Record {
 /// I/O.
 pub fn read_records(path: &Path) -> Result<Vec<(usize, Record)>, TextError> {
     let text = super::tokenizer::read_text(path, MAX_DATA_BYTES)?;
+    parse_records(&text, path)
+}
+
+/// The records of `text`, the contents of `path` (`.txt`: paragraphs;
+/// otherwise JSONL), with their line numbers.
+///
+/// # Errors
+/// [`TextError::Data`] naming `path` and the line.
+pub fn parse_records(text: &str, path: &Path) -> Result<Vec<(usize, Record)>, TextError> {
     let is_txt = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("txt"));
     let bad = |line: usize, reason: String| TextError::Data { file: path.to_path_buf(), line, reason };
     let mut out = Vec::new();

@@ -2,7 +2,7 @@
 //! `tokenizer.json` or a GGUF file's `tokenizer.ggml.*` metadata), its chat
 //! template ([`ChatTemplate`], rendered as transformers'
 //! `apply_chat_template`), sampling in transformers' order ([`Sampler`]),
-//! text generation over the Llama host ([`generate`]), and fine-tuning on
+//! text generation over the Llama host ([`generate()`]), and fine-tuning on
 //! JSONL data as TRL's `SFTTrainer` takes it ([`data`], [`sft`]).
 //!
 //! Everything here is pure Rust: `tokenizers` is built with `fancy-regex`
