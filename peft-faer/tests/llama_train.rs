@@ -107,3 +107,65 @@ fn saved_models_load_back_and_finetune_takes_a_checkpoint() {
     assert!(doc["methods"][0]["merged_vs_unmerged_max_abs_diff"].as_f64().unwrap() < 1e-4);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A batched traced pass (`forward_traced_batch`) gives each sequence the
+/// logits of its own pass, and one backward over it the sum of the
+/// sequences' gradients, for every method `peft finetune` trains but
+/// prompt tuning (refused, naming `segments`): sequences of different
+/// lengths, each its own positions and attention, prefix tuning's entries
+/// in front of each. Compared within 2e-5 of the largest value (the
+/// products sum over more rows, so the rounding differs).
+#[test]
+fn a_batched_pass_equals_its_sequences_one_by_one() {
+    use peft_faer::llama::LlamaGrads;
+    use peft_faer::llama::Trace;
+    use peft_faer::llama::finetune::trainable;
+    let be = Faer::new();
+    let model = Llama::random(config(), 3);
+    let vocab = model.config.vocab_size;
+    let seqs: Vec<Vec<u32>> = [5usize, 9, 1, 7]
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| (0..n as u32).map(|i| (i * 13 + s as u32 * 7) % 64).collect())
+        .collect();
+    let refs: Vec<&[u32]> = seqs.iter().map(|s| &s[..]).collect();
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-30);
+        let err = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(a.len() == b.len() && err <= 2e-5 * scale, "{what}: {err} of {scale}");
+    };
+    for method in peft_core::method::METHODS.iter() {
+        let Some(mut adapter) = trainable(&model, method, 4, 9).unwrap() else { continue };
+        // Nonzero everywhere, so that every factor has a gradient.
+        for t in adapter.tensors_mut() {
+            t.iter_mut().enumerate().for_each(|(i, v)| *v += 0.01 * ((i % 7) as f32 - 3.0));
+        }
+        let hosted = adapter.hosted(&model).unwrap();
+        let mut trace = Trace::default();
+        if method.name == "prompt" {
+            let e = model.forward_traced_batch(&be, &refs, Some(&hosted), &mut trace).unwrap_err().to_string();
+            assert!(e.contains("segments"), "{e}");
+            continue;
+        }
+        // One by one: logits, and gradients of sum(logits * w) for a fixed w.
+        let weight = |rows: usize, first: usize| -> Vec<f32> {
+            (0..rows * vocab).map(|i| (((first * vocab + i) % 11) as f32 - 5.0) * 0.01).collect()
+        };
+        let mut one = LlamaGrads::zeros(&hosted);
+        let (mut all, mut first) = (Vec::new(), 0);
+        for s in &refs {
+            let logits = model.forward_traced(&be, s, Some(&hosted), &mut trace).unwrap();
+            model.backward(&be, Some(&hosted), &trace, &weight(s.len(), first), Some(&mut one)).unwrap();
+            all.extend(logits);
+            first += s.len();
+        }
+        let mut batched = LlamaGrads::zeros(&hosted);
+        let logits = model.forward_traced_batch(&be, &refs, Some(&hosted), &mut trace).unwrap();
+        close(&logits, &all, &format!("{} logits", method.name));
+        model.backward(&be, Some(&hosted), &trace, &weight(first, 0), Some(&mut batched)).unwrap();
+        for (i, (b, o)) in batched.flatten().iter().zip(one.flatten()).enumerate() {
+            assert!(o.iter().any(|v| *v != 0.0), "{} tensor {i} has no gradient", method.name);
+            close(b, o, &format!("{} gradient {i}", method.name));
+        }
+    }
+}

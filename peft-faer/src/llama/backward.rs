@@ -226,6 +226,25 @@ impl Buffers {
 }
 
 impl Llama {
+    /// `dL/dh` of the last layer's output `[rows, d]` from `dlogits`,
+    /// through `lm_head` (or the tied embeddings) and the final norm.
+    fn head_backward<B: Backend<f32> + ?Sized>(
+        &self,
+        backend: &B,
+        trace: &Trace,
+        dlogits: &[f32],
+    ) -> Result<Vec<f32>, HfError> {
+        let (n, d, c) = (trace.rows, self.config.hidden_size, &self.config);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed).view()?;
+        let mut dnormed = vec![0.0f32; n * d];
+        let dl = MatRef::new(dlogits, n, c.vocab_size)?;
+        let p = Product { src: dl, dst: MatMut::new(&mut dnormed, n, d)?, accum: Accum::Replace };
+        backend.stored_apply_transpose(&head, p).map_err(HfError::backend)?;
+        let mut dh = vec![0.0f32; n * d];
+        rms_norm_backward(&trace.h_final, &self.norm, c.rms_norm_eps, &dnormed, &mut dh);
+        Ok(dh)
+    }
+
     /// Accumulates the adapter's gradients into `grads`, given `dlogits =
     /// dL/dlogits [rows, vocab]` and the [`Trace`] of the forward pass that
     /// produced the logits, with the same adapter (see the module docs).
@@ -253,19 +272,14 @@ impl Llama {
         if !grads_match(c, adapter, grads.as_deref()) {
             return Err(bad("grads", "must be LlamaGrads::zeros of the adapter"));
         }
-        let be = HfError::backend;
         let shape = AttentionShape::new(c.num_heads, c.num_kv_heads, c.head_dim).map_err(HfError::Core)?;
         let first_pos = adapter.map_or(0, LlamaAdapter::prefix_tokens);
-        let rope: Vec<(Vec<f32>, Vec<f32>)> = (0..n).map(|i| self.rope(first_pos + i)).collect();
+        let segments = super::ranges(&trace.segments);
+        let whole = [(0, n)];
+        let rope: Vec<(Vec<f32>, Vec<f32>)> =
+            super::positions(first_pos, n, &segments).into_iter().map(|p| self.rope(p)).collect();
 
-        // lm_head and the final norm.
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed).view()?;
-        let mut dnormed = vec![0.0f32; n * d];
-        let dl = MatRef::new(dlogits, n, c.vocab_size)?;
-        let p = Product { src: dl, dst: MatMut::new(&mut dnormed, n, d)?, accum: Accum::Replace };
-        backend.stored_apply_transpose(&head, p).map_err(be)?;
-        let mut dh = vec![0.0f32; n * d];
-        rms_norm_backward(&trace.h_final, &self.norm, c.rms_norm_eps, &dnormed, &mut dh);
+        let mut dh = self.head_backward(backend, trace, dlogits)?;
 
         // Each method's buffers, apart (they are never used together).
         let (mut lora_g, mut prefix_g, mut prompt_g, mut bottleneck_g) = (None, None, None, None);
@@ -304,13 +318,20 @@ impl Llama {
             let attn = MatRef::new(&t.attn, n, qw)?;
             sites::backward(backend, layer.linear(O), go_l, attn, d_o, dattn, &mut ws)?;
             let prefix = adapter.map(|a| a.prefix_layer(c, l)).transpose()?.flatten();
-            let p = prefix.as_ref().map_or(0, |p| p.keys.rows());
-            let prefix_grads = match (prefix_g.as_deref_mut(), p) {
-                (Some(gp), p) if p > 0 => Some(PrefixConfig::new(p, c.num_layers, &shape)?.layer_grads(gp, l)?),
-                _ => None,
-            };
-            let qkv = [&mut dq[..], &mut dk[..], &mut dv[..]];
-            attend_backward(backend, &shape, t, prefix.as_ref(), prefix_grads, dattn, qkv, attn_scratch)?;
+            // Each sequence of a batched pass attends to itself alone.
+            let segs = if segments.is_empty() { &whole[..] } else { &segments[..] };
+            let prefix_g_l = prefix_g.as_deref_mut().map(|g| (g, l, c.num_layers));
+            attend_backward_each(
+                backend,
+                &shape,
+                t,
+                segs,
+                prefix.as_ref(),
+                prefix_g_l,
+                dattn,
+                [dq, dk, dv],
+                attn_scratch,
+            )?;
             rotate(dq, c.num_heads, c.head_dim, &rope, -1.0);
             rotate(dk, c.num_kv_heads, c.head_dim, &rope, -1.0);
             rms_norm(&t.h_in, &layer.input_norm, c.rms_norm_eps, x1);
@@ -354,14 +375,56 @@ fn swiglu_backward(dact: &[f32], gate: &[f32], up: &[f32], dg: &mut [f32], du: &
     }
 }
 
-/// The attention's backward for one traced layer: `[dq, dk, dv]`
-/// (overwritten) from `dattn [n, q_width]`, the prefix's gradients
-/// accumulated into `prefix_grads`.
+/// [`attend_backward`] for each sequence `[a, b)` of `segs`, the prefix's
+/// gradients (the whole buffer, the layer and the number of layers)
+/// accumulated over all of them.
+#[allow(clippy::too_many_arguments)]
+fn attend_backward_each<B: Backend<f32> + ?Sized>(
+    backend: &B,
+    shape: &AttentionShape,
+    t: &LayerTrace,
+    segs: &[(usize, usize)],
+    prefix: Option<&Prefix<'_, f32>>,
+    mut prefix_g: Option<(&mut Vec<f32>, usize, usize)>,
+    dattn: &[f32],
+    [dq, dk, dv]: [&mut Vec<f32>; 3],
+    scratch: &mut Vec<f32>,
+) -> Result<(), HfError> {
+    let (qw, kvw) = (shape.q_width(), shape.kv_width());
+    let p = prefix.map_or(0, |p| p.keys.rows());
+    let bad = || HfError::Config { field: "trace".into(), reason: "a segment outside the traced rows".into() };
+    for &(a, b) in segs {
+        let prefix_grads = match prefix_g.as_mut() {
+            Some((gp, l, layers)) if p > 0 => Some(PrefixConfig::new(p, *layers, shape)?.layer_grads(gp, *l)?),
+            _ => None,
+        };
+        let qkv = [
+            dq.get_mut(a * qw..b * qw).ok_or_else(bad)?,
+            dk.get_mut(a * kvw..b * kvw).ok_or_else(bad)?,
+            dv.get_mut(a * kvw..b * kvw).ok_or_else(bad)?,
+        ];
+        let dattn = dattn.get(a * qw..b * qw).ok_or_else(bad)?;
+        attend_backward(backend, shape, t, (a, b), prefix, prefix_grads, dattn, qkv, scratch)?;
+    }
+    Ok(())
+}
+
+/// Rows `[a, b)` of a `[rows, width]` buffer.
+fn segment(v: &[f32], a: usize, b: usize, width: usize) -> Result<&[f32], HfError> {
+    v.get(a * width..b * width)
+        .ok_or_else(|| HfError::Config { field: "trace".into(), reason: "a segment outside the traced rows".into() })
+}
+
+/// The attention's backward for rows `[a, b)` (one sequence) of one
+/// traced layer: `[dq, dk, dv]` of those rows (overwritten) from their
+/// `dattn [b - a, q_width]`, the prefix's gradients accumulated into
+/// `prefix_grads`.
 #[allow(clippy::too_many_arguments)]
 fn attend_backward<B: Backend<f32> + ?Sized>(
     backend: &B,
     shape: &AttentionShape,
     t: &LayerTrace,
+    (a, b): (usize, usize),
     prefix: Option<&Prefix<'_, f32>>,
     prefix_grads: Option<PrefixGrads<'_, f32>>,
     dattn: &[f32],
@@ -369,7 +432,7 @@ fn attend_backward<B: Backend<f32> + ?Sized>(
     scratch: &mut Vec<f32>,
 ) -> Result<(), HfError> {
     let (qw, kvw) = (shape.q_width(), shape.kv_width());
-    let n = dattn.len() / qw.max(1);
+    let n = b - a;
     scratch.resize(peft_core::attention::backward_scratch_len(n, n, prefix.map_or(0, |p| p.keys.rows())), 0.0);
     for g in [&mut *dq, &mut *dk, &mut *dv] {
         g.fill(0.0);
@@ -380,7 +443,8 @@ fn attend_backward<B: Backend<f32> + ?Sized>(
         v: MatMut::new(dv, n, kvw)?,
         prefix: prefix_grads,
     };
-    let (q, k, v) = (MatRef::new(&t.q, n, qw)?, MatRef::new(&t.k, n, kvw)?, MatRef::new(&t.v, n, kvw)?);
+    let (q, k, v) = (segment(&t.q, a, b, qw)?, segment(&t.k, a, b, kvw)?, segment(&t.v, a, b, kvw)?);
+    let (q, k, v) = (MatRef::new(q, n, qw)?, MatRef::new(k, n, kvw)?, MatRef::new(v, n, kvw)?);
     let mask = Mask { causal: true, key_padding: None, additive: None };
     attn_backward(backend, shape, q, k, v, prefix, &mask, MatRef::new(dattn, n, qw)?, ag, scratch)
         .map_err(HfError::backend)

@@ -784,7 +784,37 @@ impl Llama {
         adapter: Option<&LlamaAdapter<'_>>,
         trace: &mut Trace,
     ) -> Result<Vec<f32>, HfError> {
+        trace.segments.clear();
         self.run(backend, ids, adapter, &mut KvCache::new(), Some(trace), Rows::All)
+    }
+
+    /// [`Llama::forward_traced`] of several sequences in one pass: their
+    /// rows stacked, every product over all of them (the frozen weights
+    /// read once per batch, not once per sequence), each sequence its own
+    /// positions and causal attention. The logits are `[sum len, vocab]`,
+    /// each sequence's rows where [`Llama::forward_traced`] of it alone
+    /// would put them (to rounding: the products' sums run over more
+    /// rows). [`Llama::backward`] takes the trace as it takes a single
+    /// sequence's.
+    ///
+    /// # Errors
+    /// As [`Llama::forward`]; [`HfError::Config`] (`segments`) with prompt
+    /// tuning, whose virtual rows belong to one sequence (run those one at
+    /// a time).
+    pub fn forward_traced_batch<B: Backend<f32> + ?Sized>(
+        &self,
+        backend: &B,
+        seqs: &[&[u32]],
+        adapter: Option<&LlamaAdapter<'_>>,
+        trace: &mut Trace,
+    ) -> Result<Vec<f32>, HfError> {
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
+        trace.segments = seqs.iter().map(|s| s.len()).collect();
+        let out = self.run(backend, &ids, adapter, &mut KvCache::new(), Some(&mut *trace), Rows::All);
+        if out.is_err() {
+            trace.segments.clear();
+        }
+        out
     }
 
     /// Whether `other` holds the same weights bit for bit (a NaN weight
@@ -988,10 +1018,16 @@ impl Llama {
         if let Some(m) = embed_lora {
             embedding_lora(backend, m, ids, &mut h)?;
         }
+        // Several sequences in one pass (a traced batch): each its own
+        // positions and attention, every product over all their rows.
+        let segments = batch_segments(trace.as_deref(), prompt.is_some() || !cache.is_empty(), n)?;
         // Positions: after the cache, and after a prefix's entries.
         let first_pos = adapter.map_or(0, LlamaAdapter::prefix_tokens) + cache.len;
-        let rope: Vec<(Vec<f32>, Vec<f32>)> = (0..n).map(|i| self.rope(first_pos + i)).collect();
-        cache.reserve(c, n)?;
+        let rope: Vec<(Vec<f32>, Vec<f32>)> =
+            positions(first_pos, n, &segments).into_iter().map(|p| self.rope(p)).collect();
+        if segments.is_empty() {
+            cache.reserve(c, n)?;
+        }
         let shape = AttentionShape::new(c.num_heads, c.num_kv_heads, c.head_dim).map_err(HfError::Core)?;
         let (qw, f) = (c.q_width(), c.intermediate_size);
         let Buffers { mut norm, mut q, mut k, mut v, mut attn, mut out, mut gate, mut up, mut attention, mut sites } =
@@ -1016,11 +1052,8 @@ impl Llama {
             sites::forward(backend, layer.linear(V), module(V), x, &mut v, ws)?;
             apply_rope(&mut q, c.num_heads, c.head_dim, &rope);
             apply_rope(&mut k, c.num_kv_heads, c.head_dim, &rope);
-            cache.k[l].extend_from_slice(&k);
-            cache.v[l].extend_from_slice(&v);
             let prefix = adapter.map(|a| a.prefix_layer(c, l)).transpose()?.flatten();
-            let kv = (&cache.k[l][..], &cache.v[l][..]);
-            attend(backend, &shape, &q, kv, prefix.as_ref(), &mut attn, scratch)?;
+            attend_layer(backend, &shape, &segments, (cache, l), (&q, &k, &v), prefix.as_ref(), &mut attn, scratch)?;
             sites::forward(backend, layer.linear(O), module(O), MatRef::new(&attn, n, qw)?, &mut out, ws)?;
             let attn_pre = bottleneck(backend, adapter, l, 0, &mut out, &mut ws.scratch)?;
             h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
@@ -1050,7 +1083,7 @@ impl Llama {
             }
             h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
         }
-        cache.len += n;
+        cache.len += if segments.is_empty() { n } else { 0 };
         rms_norm(&h, &self.norm, c.rms_norm_eps, &mut norm);
         if let Some(t) = trace {
             t.h_final = h;
@@ -1202,6 +1235,62 @@ fn attend<B: Backend<f32> + ?Sized>(
         .map_err(HfError::backend)
 }
 
+/// The row ranges of a traced batch ([`Llama::forward_traced_batch`]);
+/// empty for a single sequence.
+///
+/// # Errors
+/// [`HfError::Config`] (`segments`) for a batch over a cache or with
+/// prompt tuning (`shared`), or whose lengths do not add up to `n`.
+fn batch_segments(trace: Option<&Trace>, shared: bool, n: usize) -> Result<Vec<(usize, usize)>, HfError> {
+    match trace {
+        Some(t) if !t.segments.is_empty() => {
+            if shared || t.segments.iter().sum::<usize>() != n {
+                return Err(HfError::Config {
+                    field: "segments".into(),
+                    reason:
+                        "a batch of sequences needs a fresh pass whose lengths add up to its ids, without prompt tuning"
+                            .into(),
+                });
+            }
+            Ok(ranges(&t.segments))
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// One layer's attention: without segments, the new keys and values join
+/// layer `l` of the cache and the queries attend to all of it; with them
+/// (a batch), [`attend`] for each sequence alone: rows `[a, b)` of `q`,
+/// `k`, `v` and `attn`.
+#[allow(clippy::too_many_arguments)]
+fn attend_layer<B: Backend<f32> + ?Sized>(
+    backend: &B,
+    shape: &AttentionShape,
+    segments: &[(usize, usize)],
+    (cache, l): (&mut KvCache, usize),
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    prefix: Option<&Prefix<'_, f32>>,
+    attn: &mut [f32],
+    scratch: &mut Vec<f32>,
+) -> Result<(), HfError> {
+    if segments.is_empty() {
+        let missing =
+            || HfError::Config { field: "cache".into(), reason: "a layer the cache was not sized for".into() };
+        let (ck, cv) = (cache.k.get_mut(l).ok_or_else(missing)?, cache.v.get_mut(l).ok_or_else(missing)?);
+        ck.extend_from_slice(k);
+        cv.extend_from_slice(v);
+        return attend(backend, shape, q, (ck, cv), prefix, attn, scratch);
+    }
+    let (qw, kvw) = (shape.q_width(), shape.kv_width());
+    let bad = || HfError::Config { field: "segments".into(), reason: "a segment outside the pass's rows".into() };
+    for &(a, b) in segments {
+        let q = q.get(a * qw..b * qw).ok_or_else(bad)?;
+        let kv = (k.get(a * kvw..b * kvw).ok_or_else(bad)?, v.get(a * kvw..b * kvw).ok_or_else(bad)?);
+        attend(backend, shape, q, kv, prefix, attn.get_mut(a * qw..b * qw).ok_or_else(bad)?, scratch)?;
+    }
+    Ok(())
+}
+
 /// What [`Llama::forward_traced`] keeps of one layer.
 #[derive(Clone, Debug, Default)]
 struct LayerTrace {
@@ -1232,6 +1321,8 @@ struct LayerTrace {
 pub struct Trace {
     rows: usize,
     virtual_rows: usize,
+    /// The lengths of the sequences of a batched pass (empty: one).
+    segments: Vec<usize>,
     layers: Vec<LayerTrace>,
     h_final: Vec<f32>,
     normed: Vec<f32>,
@@ -1247,6 +1338,26 @@ impl Trace {
     pub fn virtual_rows(&self) -> usize {
         self.virtual_rows
     }
+}
+
+/// `[start, end)` of each segment of these lengths, in order.
+pub(super) fn ranges(lens: &[usize]) -> Vec<(usize, usize)> {
+    let mut start = 0;
+    lens.iter()
+        .map(|&n| {
+            start += n;
+            (start - n, start)
+        })
+        .collect()
+}
+
+/// The position of each of `n` rows: `first + i`, or with segments,
+/// `first + (i - the segment's start)`.
+pub(super) fn positions(first: usize, n: usize, segments: &[(usize, usize)]) -> Vec<usize> {
+    if segments.is_empty() {
+        return (0..n).map(|i| first + i).collect();
+    }
+    segments.iter().flat_map(|&(a, b)| (0..b - a).map(move |i| first + i)).collect()
 }
 
 /// The index of the largest value (the first on ties; NaN never wins).

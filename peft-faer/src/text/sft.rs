@@ -91,7 +91,11 @@ pub fn masked_loss(
 }
 
 /// The loss of one optimizer step over `batch` and the adapter's
-/// gradients (see the module docs for the normalization).
+/// gradients (see the module docs for the normalization). The sequences
+/// run `micro` at a time as one batched pass each
+/// ([`Llama::forward_traced_batch`]: one product per projection for all
+/// their rows); prompt tuning, whose virtual rows belong to one sequence,
+/// runs them one at a time.
 ///
 /// # Errors
 /// The forward and backward passes' errors; [`HfError::Config`]
@@ -101,6 +105,7 @@ pub fn step_grads<B: Backend<f32> + ?Sized>(
     model: &Llama,
     hosted: &LlamaAdapter<'_>,
     batch: &[&Example],
+    micro: usize,
 ) -> Result<(f64, LlamaGrads), HfError> {
     let denom = batch.iter().map(|e| e.targets()).sum::<usize>();
     if denom == 0 {
@@ -110,10 +115,25 @@ pub fn step_grads<B: Backend<f32> + ?Sized>(
     let mut grads = LlamaGrads::zeros(hosted);
     let mut trace = Trace::default();
     let mut loss = 0.0;
-    for ex in batch {
-        let logits = model.forward_traced(backend, &ex.ids, Some(hosted), &mut trace)?;
+    let one_at_a_time = matches!(hosted, LlamaAdapter::Prompt { .. });
+    for chunk in batch.chunks(if one_at_a_time { 1 } else { micro.max(1) }) {
+        let logits = if one_at_a_time {
+            let ids = chunk.first().map_or(&[][..], |e| &e.ids[..]);
+            model.forward_traced(backend, ids, Some(hosted), &mut trace)?
+        } else {
+            let seqs: Vec<&[u32]> = chunk.iter().map(|e| &e.ids[..]).collect();
+            model.forward_traced_batch(backend, &seqs, Some(hosted), &mut trace)?
+        };
         let mut dl = vec![0.0f32; logits.len()];
-        loss += masked_loss(&logits, vocab, trace.virtual_rows(), ex, denom as f64, Some(&mut dl));
+        let mut row = 0;
+        for ex in chunk {
+            let rows = if one_at_a_time { logits.len() / vocab.max(1) } else { ex.ids.len() };
+            let (z, g) = (logits.get(row * vocab..(row + rows) * vocab), dl.get_mut(row * vocab..(row + rows) * vocab));
+            let (Some(z), Some(g)) = (z, g) else { break };
+            let skip = if one_at_a_time { trace.virtual_rows() } else { 0 };
+            loss += masked_loss(z, vocab, skip, ex, denom as f64, Some(g));
+            row += rows;
+        }
         model.backward(backend, Some(hosted), &trace, &dl, Some(&mut grads))?;
     }
     Ok((loss, grads))
@@ -251,7 +271,7 @@ pub fn train<B: Backend<f32> + ?Sized>(
         trainer.opt.lr = lr;
         let (loss, grads) = {
             let hosted = adapter.hosted(model)?;
-            step_grads(backend, model, &hosted, &batch)?
+            step_grads(backend, model, &hosted, &batch, options.batch_size)?
         };
         // A warmup's first step has rate 0: AdamW refuses it, so the step
         // is counted and its moments skipped, as in transformers the update
