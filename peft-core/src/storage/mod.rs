@@ -356,6 +356,29 @@ impl<'a> StoredWeight<'a> {
         }
     }
 
+    /// Rows `start..end` of the weight as a weight of their own (`W[start..end,
+    /// :]`, same format, borrowed): what a backend hands to each thread when
+    /// it splits a product by output rows. `None` when the range is empty
+    /// or past the end.
+    pub fn rows(&self, start: usize, end: usize) -> Option<StoredWeight<'a>> {
+        if start >= end || end > self.out_features {
+            return None;
+        }
+        let n = self.in_features;
+        let data = match self.data {
+            Data::F32(w) => Data::F32(w.get(start.checked_mul(n)?..end.checked_mul(n)?)?),
+            Data::Half(w) => Data::Half(w.get(start.checked_mul(n)?..end.checked_mul(n)?)?),
+            Data::Int8 { q, scales } => {
+                Data::Int8 { q: q.get(start.checked_mul(n)?..end.checked_mul(n)?)?, scales: scales.get(start..end)? }
+            }
+            Data::Blocks(b) => {
+                let row = self.format.row_bytes(n)?;
+                Data::Blocks(b.get(start.checked_mul(row)?..end.checked_mul(row)?)?)
+            }
+        };
+        Some(StoredWeight { format: self.format, data, out_features: end - start, in_features: n })
+    }
+
     /// The raw stored data of row `j`, as [`RowRef`]; `None` past the end.
     pub fn row(&self, j: usize) -> Option<RowRef<'a>> {
         let n = self.in_features;

@@ -166,3 +166,29 @@ fn int8_rows_that_would_decode_to_infinity_are_refused() {
     assert!(q.contains(&127) && (127.0 * scales[0]).is_finite());
     assert_eq!(check_int8_rows(&q, &scales, 3), Ok(()));
 }
+
+/// `rows(a, b)` is `W[a..b, :]`: each of its rows is the whole weight's
+/// row `a + j` (same bytes), in every format; an empty or out-of-range
+/// range is `None`.
+#[test]
+fn a_row_range_is_a_weight_of_those_rows() {
+    let (out, inn) = (7, 64);
+    let w: Vec<f32> = (0..out * inn).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+    for format in Format::ALL.into_iter().filter(|f| f.has_quantizer()) {
+        let owned = OwnedWeight::quantize(format, &w, out, inn).unwrap();
+        let sw = owned.weight().unwrap();
+        let part = sw.rows(2, 5).unwrap();
+        assert_eq!((part.out_features(), part.in_features(), part.format()), (3, inn, format));
+        for j in 0..3 {
+            assert_eq!(
+                std::format!("{:?}", part.row(j).unwrap()),
+                std::format!("{:?}", sw.row(2 + j).unwrap()),
+                "{format:?}"
+            );
+        }
+        assert!(part.row(3).is_none());
+        assert!(sw.rows(3, 3).is_none() && sw.rows(5, 2).is_none() && sw.rows(0, out + 1).is_none());
+        let last = |w: StoredWeight<'_>| w.row(out - 1).map(|r| std::format!("{r:?}"));
+        assert_eq!(last(sw.rows(0, out).unwrap()), last(sw));
+    }
+}
