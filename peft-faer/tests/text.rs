@@ -320,6 +320,20 @@ fn smollm2_text_generation_matches_transformers() {
     assert_eq!(g.ids.len() as u64, chat["generate_len"].as_u64().unwrap());
     assert_eq!((g.text.as_str(), g.finish), ("The capital of France is Paris.", Finish::Eos(2)));
 
+    // The three prompts decoded together (one pass per step for all):
+    // each gets transformers' 24 greedy tokens.
+    let prompts: Vec<Vec<u32>> = ["plain", "chat", "plain_code"].iter().map(|n| ids(&case(n)["prompt_ids"])).collect();
+    let opts = GenerateOptions { max_new_tokens: 24, ignore_eos: true, ..GenerateOptions::default() };
+    let all = peft_faer::text::generate_batch(&model, &backend, None, &tok, &prompts, &opts, &mut |_, _| {}).unwrap();
+    for (g, n) in all.iter().zip(["plain", "chat", "plain_code"]) {
+        assert_eq!(g.ids, ids(&case(n)["greedy_ids"]), "{n} in a batch");
+    }
+    // Stopping differs per sequence: the chat ends at <|im_end|>, the others run on.
+    let opts = GenerateOptions { max_new_tokens: 10, ..GenerateOptions::default() };
+    let all = peft_faer::text::generate_batch(&model, &backend, None, &tok, &prompts, &opts, &mut |_, _| {}).unwrap();
+    assert_eq!((all[1].ids.len(), all[0].ids.len(), all[2].ids.len()), (8, 10, 10));
+    assert_eq!(all[1].text, "The capital of France is Paris.");
+
     // A stop string: the plain prompt's " Paris.\n\nThe answer" stops before "\n\n".
     let opts = GenerateOptions { max_new_tokens: 24, stop: vec!["\n\n".into()], ..GenerateOptions::default() };
     let mut streamed = String::new();

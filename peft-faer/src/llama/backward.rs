@@ -276,8 +276,10 @@ impl Llama {
         let first_pos = adapter.map_or(0, LlamaAdapter::prefix_tokens);
         let segments = super::ranges(&trace.segments);
         let whole = [(0, n)];
+        let segs = if segments.is_empty() { &whole[..] } else { &segments[..] };
+        let fresh = vec![super::KvCache::new(); segs.len()];
         let rope: Vec<(Vec<f32>, Vec<f32>)> =
-            super::positions(first_pos, n, &segments).into_iter().map(|p| self.rope(p)).collect();
+            super::positions(first_pos, segs, &fresh).into_iter().map(|p| self.rope(p)).collect();
 
         let mut dh = self.head_backward(backend, trace, dlogits)?;
 
@@ -319,7 +321,6 @@ impl Llama {
             sites::backward(backend, layer.linear(O), go_l, attn, d_o, dattn, &mut ws)?;
             let prefix = adapter.map(|a| a.prefix_layer(c, l)).transpose()?.flatten();
             // Each sequence of a batched pass attends to itself alone.
-            let segs = if segments.is_empty() { &whole[..] } else { &segments[..] };
             let prefix_g_l = prefix_g.as_deref_mut().map(|g| (g, l, c.num_layers));
             attend_backward_each(
                 backend,

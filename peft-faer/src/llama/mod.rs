@@ -757,7 +757,7 @@ impl Llama {
         };
         cache.reserve(&self.config, ids.len().saturating_add(virtual_rows))?;
         if ids.len() <= PREFILL_CHUNK {
-            return self.run(backend, ids, adapter, cache, None, want);
+            return self.run(backend, ids, &[ids.len()], adapter, std::slice::from_mut(cache), None, want);
         }
         let mut logits = Vec::new();
         let mut chunks = ids.chunks(PREFILL_CHUNK).peekable();
@@ -767,7 +767,15 @@ impl Llama {
                 Rows::Last if !last => Rows::None,
                 w => w,
             };
-            logits.extend(self.run(backend, chunk, adapter, cache, None, rows)?);
+            logits.extend(self.run(
+                backend,
+                chunk,
+                &[chunk.len()],
+                adapter,
+                std::slice::from_mut(cache),
+                None,
+                rows,
+            )?);
         }
         Ok(logits)
     }
@@ -784,8 +792,7 @@ impl Llama {
         adapter: Option<&LlamaAdapter<'_>>,
         trace: &mut Trace,
     ) -> Result<Vec<f32>, HfError> {
-        trace.segments.clear();
-        self.run(backend, ids, adapter, &mut KvCache::new(), Some(trace), Rows::All)
+        self.run(backend, ids, &[ids.len()], adapter, &mut [KvCache::new()], Some(trace), Rows::All)
     }
 
     /// [`Llama::forward_traced`] of several sequences in one pass: their
@@ -809,12 +816,32 @@ impl Llama {
         trace: &mut Trace,
     ) -> Result<Vec<f32>, HfError> {
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
-        trace.segments = seqs.iter().map(|s| s.len()).collect();
-        let out = self.run(backend, &ids, adapter, &mut KvCache::new(), Some(&mut *trace), Rows::All);
-        if out.is_err() {
-            trace.segments.clear();
-        }
-        out
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let mut caches = vec![KvCache::new(); seqs.len()];
+        self.run(backend, &ids, &lens, adapter, &mut caches, Some(trace), Rows::All)
+    }
+
+    /// Several sequences, each after its own cache, in one pass (every
+    /// product over all their rows, each sequence its own positions and
+    /// attention): the last row's logits of each, `[seqs, vocab]`. What
+    /// decoding several prompts at once runs at each step. Each sequence's
+    /// logits are those [`Llama::forward_last`] gives it alone, to
+    /// rounding.
+    ///
+    /// # Errors
+    /// As [`Llama::forward`]; [`HfError::Config`] (`segments`) for an
+    /// empty sequence, not one cache per sequence, or prompt tuning with
+    /// more than one sequence.
+    pub fn forward_batch_last<B: Backend<f32> + ?Sized>(
+        &self,
+        backend: &B,
+        seqs: &[&[u32]],
+        adapter: Option<&LlamaAdapter<'_>>,
+        caches: &mut [KvCache],
+    ) -> Result<Vec<f32>, HfError> {
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        self.run(backend, &ids, &lens, adapter, caches, None, Rows::Last)
     }
 
     /// Whether `other` holds the same weights bit for bit (a NaN weight
@@ -993,20 +1020,22 @@ impl Llama {
     /// One pass of `ids` (and the virtual tokens, on an empty cache) through
     /// every layer, the cache taking their keys and values; the logits of
     /// the rows `want` names.
+    #[allow(clippy::too_many_arguments)]
     fn run<B: Backend<f32> + ?Sized>(
         &self,
         backend: &B,
         ids: &[u32],
+        lens: &[usize],
         adapter: Option<&LlamaAdapter<'_>>,
-        cache: &mut KvCache,
+        caches: &mut [KvCache],
         mut trace: Option<&mut Trace>,
         want: Rows,
     ) -> Result<Vec<f32>, HfError> {
-        let c = &self.config;
-        let d = c.hidden_size;
+        let (c, d) = (&self.config, self.config.hidden_size);
+        let [cache0, ..] = caches else { return Ok(Vec::new()) };
         // The rows entering the first layer.
         let prompt = match adapter {
-            Some(LlamaAdapter::Prompt { embeddings, tokens }) if cache.is_empty() => Some((*embeddings, *tokens)),
+            Some(LlamaAdapter::Prompt { embeddings, tokens }) if cache0.is_empty() => Some((*embeddings, *tokens)),
             _ => None,
         };
         let mut h = self.embed_rows(ids, prompt)?;
@@ -1018,24 +1047,21 @@ impl Llama {
         if let Some(m) = embed_lora {
             embedding_lora(backend, m, ids, &mut h)?;
         }
-        // Several sequences in one pass (a traced batch): each its own
-        // positions and attention, every product over all their rows.
-        let segments = batch_segments(trace.as_deref(), prompt.is_some() || !cache.is_empty(), n)?;
-        // Positions: after the cache, and after a prefix's entries.
-        let first_pos = adapter.map_or(0, LlamaAdapter::prefix_tokens) + cache.len;
+        // Several sequences in one pass: each its own cache, positions (after
+        // its cache and a prefix's entries) and attention, every product over all their rows.
+        let segments = batch_segments(lens, caches.len(), prompt.is_some(), n)?;
+        let prefix_pos = adapter.map_or(0, LlamaAdapter::prefix_tokens);
         let rope: Vec<(Vec<f32>, Vec<f32>)> =
-            positions(first_pos, n, &segments).into_iter().map(|p| self.rope(p)).collect();
-        if segments.is_empty() {
-            cache.reserve(c, n)?;
-        }
+            positions(prefix_pos, &segments, caches).into_iter().map(|p| self.rope(p)).collect();
+        caches.iter_mut().zip(&segments).try_for_each(|(cache, &(a, b))| cache.reserve(c, b - a))?;
         let shape = AttentionShape::new(c.num_heads, c.num_kv_heads, c.head_dim).map_err(HfError::Core)?;
         let (qw, f) = (c.q_width(), c.intermediate_size);
+        let buffers = caches.first_mut().map(|c| std::mem::take(&mut c.buffers)).unwrap_or_default();
         let Buffers { mut norm, mut q, mut k, mut v, mut attn, mut out, mut gate, mut up, mut attention, mut sites } =
-            std::mem::take(&mut cache.buffers).sized(n, c);
+            buffers.sized(n, c);
         let (scratch, ws) = (&mut attention, &mut sites);
         if let Some(t) = trace.as_deref_mut() {
-            t.rows = n;
-            t.virtual_rows = prompt.map_or(0, |(_, t)| t);
+            (t.rows, t.virtual_rows, t.segments) = (n, prompt.map_or(0, |(_, t)| t), trace_segments(lens));
             t.layers.clear();
         }
         for (l, layer) in self.layers.iter().enumerate() {
@@ -1053,7 +1079,7 @@ impl Llama {
             apply_rope(&mut q, c.num_heads, c.head_dim, &rope);
             apply_rope(&mut k, c.num_kv_heads, c.head_dim, &rope);
             let prefix = adapter.map(|a| a.prefix_layer(c, l)).transpose()?.flatten();
-            attend_layer(backend, &shape, &segments, (cache, l), (&q, &k, &v), prefix.as_ref(), &mut attn, scratch)?;
+            attend_layer(backend, &shape, &segments, (caches, l), (&q, &k, &v), prefix.as_ref(), &mut attn, scratch)?;
             sites::forward(backend, layer.linear(O), module(O), MatRef::new(&attn, n, qw)?, &mut out, ws)?;
             let attn_pre = bottleneck(backend, adapter, l, 0, &mut out, &mut ws.scratch)?;
             h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
@@ -1083,14 +1109,15 @@ impl Llama {
             }
             h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
         }
-        cache.len += if segments.is_empty() { n } else { 0 };
+        caches.iter_mut().zip(&segments).for_each(|(cache, &(a, b))| cache.len += b - a);
         rms_norm(&h, &self.norm, c.rms_norm_eps, &mut norm);
         if let Some(t) = trace {
-            t.h_final = h;
-            t.normed = norm.clone();
+            (t.h_final, t.normed) = (h, norm.clone());
         }
-        let logits = self.logits(backend, want.of(&norm, d), head_lora)?;
-        cache.buffers = Buffers { norm, q, k, v, attn, out, gate, up, attention, sites };
+        let logits = self.logits(backend, &want.of(&norm, d, &segments), head_lora)?;
+        if let Some(first) = caches.first_mut() {
+            first.buffers = Buffers { norm, q, k, v, attn, out, gate, up, attention, sites };
+        }
         Ok(logits)
     }
 
@@ -1180,19 +1207,26 @@ pub const PREFILL_CHUNK: usize = 512;
 enum Rows {
     /// Every row's.
     All,
-    /// The last row's.
+    /// The last row of each sequence.
     Last,
     /// None (a chunk before the last, when only the last row is wanted).
     None,
 }
 
 impl Rows {
-    /// These rows of `m`, `[n, width]`.
-    fn of(self, m: &[f32], width: usize) -> &[f32] {
+    /// These rows of `m`, `[n, width]`, whose sequences are `segments`.
+    fn of<'m>(self, m: &'m [f32], width: usize, segments: &[(usize, usize)]) -> std::borrow::Cow<'m, [f32]> {
         match self {
-            Self::All => m,
-            Self::Last => &m[m.len().saturating_sub(width)..],
-            Self::None => &[],
+            Self::All => m.into(),
+            Self::Last if segments.len() <= 1 => m.get(m.len().saturating_sub(width)..).unwrap_or_default().into(),
+            Self::Last => segments
+                .iter()
+                .filter_map(|&(_, b)| m.get((b - 1) * width..b * width))
+                .flatten()
+                .copied()
+                .collect::<Vec<f32>>()
+                .into(),
+            Self::None => (&[][..]).into(),
         }
     }
 }
@@ -1235,58 +1269,56 @@ fn attend<B: Backend<f32> + ?Sized>(
         .map_err(HfError::backend)
 }
 
-/// The row ranges of a traced batch ([`Llama::forward_traced_batch`]);
-/// empty for a single sequence.
+/// The row ranges of the sequences of a pass: `lens` in order, or all
+/// `n` rows as one sequence with prompt tuning's virtual rows in front.
 ///
 /// # Errors
-/// [`HfError::Config`] (`segments`) for a batch over a cache or with
-/// prompt tuning (`shared`), or whose lengths do not add up to `n`.
-fn batch_segments(trace: Option<&Trace>, shared: bool, n: usize) -> Result<Vec<(usize, usize)>, HfError> {
-    match trace {
-        Some(t) if !t.segments.is_empty() => {
-            if shared || t.segments.iter().sum::<usize>() != n {
-                return Err(HfError::Config {
-                    field: "segments".into(),
-                    reason:
-                        "a batch of sequences needs a fresh pass whose lengths add up to its ids, without prompt tuning"
-                            .into(),
-                });
-            }
-            Ok(ranges(&t.segments))
-        }
-        _ => Ok(Vec::new()),
+/// [`HfError::Config`] (`segments`) when the lengths do not add up to the
+/// ids, there is not one cache per sequence, or prompt tuning meets more
+/// than one sequence.
+fn batch_segments(lens: &[usize], caches: usize, prompt: bool, n: usize) -> Result<Vec<(usize, usize)>, HfError> {
+    let bad = |reason: &str| Err(HfError::Config { field: "segments".into(), reason: reason.into() });
+    if lens.len() != caches {
+        return bad("a batch needs one key/value cache per sequence");
     }
+    if prompt {
+        return if lens.len() == 1 { Ok(vec![(0, n)]) } else { bad("prompt tuning runs one sequence at a time") };
+    }
+    if lens.iter().sum::<usize>() != n || lens.contains(&0) {
+        return bad("the sequences' lengths must be positive and add up to the ids");
+    }
+    Ok(ranges(lens))
 }
 
-/// One layer's attention: without segments, the new keys and values join
-/// layer `l` of the cache and the queries attend to all of it; with them
-/// (a batch), [`attend`] for each sequence alone: rows `[a, b)` of `q`,
-/// `k`, `v` and `attn`.
+/// What a trace records of a pass's sequences: their lengths when there
+/// are several (empty: one).
+fn trace_segments(lens: &[usize]) -> Vec<usize> {
+    if lens.len() > 1 { lens.to_vec() } else { Vec::new() }
+}
+
+/// One layer's attention: each sequence's new keys and values (rows
+/// `[a, b)` of `k`, `v`) join layer `l` of its own cache, and its queries
+/// attend to all of that cache ([`attend`]).
 #[allow(clippy::too_many_arguments)]
 fn attend_layer<B: Backend<f32> + ?Sized>(
     backend: &B,
     shape: &AttentionShape,
     segments: &[(usize, usize)],
-    (cache, l): (&mut KvCache, usize),
+    (caches, l): (&mut [KvCache], usize),
     (q, k, v): (&[f32], &[f32], &[f32]),
     prefix: Option<&Prefix<'_, f32>>,
     attn: &mut [f32],
     scratch: &mut Vec<f32>,
 ) -> Result<(), HfError> {
-    if segments.is_empty() {
-        let missing =
-            || HfError::Config { field: "cache".into(), reason: "a layer the cache was not sized for".into() };
-        let (ck, cv) = (cache.k.get_mut(l).ok_or_else(missing)?, cache.v.get_mut(l).ok_or_else(missing)?);
-        ck.extend_from_slice(k);
-        cv.extend_from_slice(v);
-        return attend(backend, shape, q, (ck, cv), prefix, attn, scratch);
-    }
     let (qw, kvw) = (shape.q_width(), shape.kv_width());
     let bad = || HfError::Config { field: "segments".into(), reason: "a segment outside the pass's rows".into() };
-    for &(a, b) in segments {
+    let missing = || HfError::Config { field: "cache".into(), reason: "a layer the cache was not sized for".into() };
+    for (cache, &(a, b)) in caches.iter_mut().zip(segments) {
+        let (ck, cv) = (cache.k.get_mut(l).ok_or_else(missing)?, cache.v.get_mut(l).ok_or_else(missing)?);
+        ck.extend_from_slice(k.get(a * kvw..b * kvw).ok_or_else(bad)?);
+        cv.extend_from_slice(v.get(a * kvw..b * kvw).ok_or_else(bad)?);
         let q = q.get(a * qw..b * qw).ok_or_else(bad)?;
-        let kv = (k.get(a * kvw..b * kvw).ok_or_else(bad)?, v.get(a * kvw..b * kvw).ok_or_else(bad)?);
-        attend(backend, shape, q, kv, prefix, attn.get_mut(a * qw..b * qw).ok_or_else(bad)?, scratch)?;
+        attend(backend, shape, q, (ck, cv), prefix, attn.get_mut(a * qw..b * qw).ok_or_else(bad)?, scratch)?;
     }
     Ok(())
 }
@@ -1351,13 +1383,10 @@ pub(super) fn ranges(lens: &[usize]) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// The position of each of `n` rows: `first + i`, or with segments,
-/// `first + (i - the segment's start)`.
-pub(super) fn positions(first: usize, n: usize, segments: &[(usize, usize)]) -> Vec<usize> {
-    if segments.is_empty() {
-        return (0..n).map(|i| first + i).collect();
-    }
-    segments.iter().flat_map(|&(a, b)| (0..b - a).map(move |i| first + i)).collect()
+/// The position of each row: for the sequence in rows `[a, b)`, `first`
+/// plus what its cache holds plus the row's index in it.
+pub(super) fn positions(first: usize, segments: &[(usize, usize)], caches: &[KvCache]) -> Vec<usize> {
+    segments.iter().zip(caches).flat_map(|(&(a, b), c)| (0..b - a).map(move |i| first + c.len + i)).collect()
 }
 
 /// The index of the largest value (the first on ties; NaN never wins).

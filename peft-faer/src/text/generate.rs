@@ -107,7 +107,6 @@ impl Session {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generated, TextError> {
         options.sampling.check().map_err(|(name, why)| TextError::Option(name.into(), why))?;
-        let mut sampler = Sampler::new(options.sampling);
         let start = Instant::now();
         // Keep what the cache read and `ids` repeats; prompt tuning's
         // virtual rows stay in front of it.
@@ -127,51 +126,149 @@ impl Session {
         let mut row = model.forward_last(backend, feed, adapter, &mut self.cache)?;
         self.history.extend_from_slice(feed);
         self.cached = self.history.len();
-        let prefill_seconds = start.elapsed().as_secs_f64();
         let decode_start = Instant::now();
-        let mut out = Generated {
-            prompt_tokens: feed.len(),
+        let mut stream = Stream::new(options, feed.len(), start.elapsed().as_secs_f64());
+        while let Some(next) = stream.step(&mut row, &mut self.history, tok, options, on_text)? {
+            row = model.forward_last(backend, &[next], adapter, &mut self.cache)?;
+            self.cached += 1;
+        }
+        Ok(stream.finish(decode_start, on_text))
+    }
+}
+
+/// One sequence's decoding state: its sampler, what it generated, how much
+/// text it has shown.
+struct Stream {
+    sampler: Sampler,
+    out: Generated,
+    emitted: usize,
+}
+
+impl Stream {
+    fn new(options: &GenerateOptions, prompt_tokens: usize, prefill_seconds: f64) -> Self {
+        let out = Generated {
+            prompt_tokens,
             ids: Vec::new(),
             text: String::new(),
             finish: Finish::Length,
             prefill_seconds,
             decode_seconds: 0.0,
         };
-        let mut emitted = 0;
-        while out.ids.len() < options.max_new_tokens {
-            check_finite_logits(&row, self.cache.len().saturating_sub(1))?;
-            let Some(next) = sampler.next(&mut row, &self.history) else { break };
-            out.ids.push(next);
-            self.history.push(next);
-            if !options.ignore_eos && tok.stop_ids.contains(&next) {
-                out.finish = Finish::Eos(next);
-                break;
-            }
-            let text = tok.decode(&out.ids, true)?;
-            if let Some((at, s)) = find_stop(&text, &options.stop) {
-                on_text(text.get(emitted..at).unwrap_or_default());
-                out.text = text.get(..at).unwrap_or_default().to_owned();
-                out.finish = Finish::Stop(s.to_owned());
-                break;
-            }
-            let safe = safe_end(&text, &options.stop);
-            if safe > emitted {
-                on_text(text.get(emitted..safe).unwrap_or_default());
-                emitted = safe;
-            }
-            out.text = text;
-            if out.ids.len() == options.max_new_tokens {
-                break;
-            }
-            row = model.forward_last(backend, &[next], adapter, &mut self.cache)?;
-            self.cached += 1;
-        }
-        if matches!(out.finish, Finish::Length) {
-            on_text(out.text.get(emitted..).unwrap_or_default());
-        }
-        out.decode_seconds = decode_start.elapsed().as_secs_f64();
-        Ok(out)
+        Self { sampler: Sampler::new(options.sampling), out, emitted: 0 }
     }
+
+    /// Takes the next token from `row` (the logits after `history`), shows
+    /// the new text, and returns the token when generation goes on (the
+    /// model must read it next), `None` when it has ended.
+    fn step(
+        &mut self,
+        row: &mut [f32],
+        history: &mut Vec<u32>,
+        tok: &Tokenizer,
+        options: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Option<u32>, TextError> {
+        let out = &mut self.out;
+        if out.ids.len() >= options.max_new_tokens {
+            return Ok(None);
+        }
+        check_finite_logits(row, history.len().saturating_sub(1))?;
+        let Some(next) = self.sampler.next(row, history) else { return Ok(None) };
+        out.ids.push(next);
+        history.push(next);
+        if !options.ignore_eos && tok.stop_ids.contains(&next) {
+            out.finish = Finish::Eos(next);
+            return Ok(None);
+        }
+        let text = tok.decode(&out.ids, true)?;
+        if let Some((at, s)) = find_stop(&text, &options.stop) {
+            on_text(text.get(self.emitted..at).unwrap_or_default());
+            self.emitted = at;
+            out.text = text.get(..at).unwrap_or_default().to_owned();
+            out.finish = Finish::Stop(s.to_owned());
+            return Ok(None);
+        }
+        let safe = safe_end(&text, &options.stop);
+        if safe > self.emitted {
+            on_text(text.get(self.emitted..safe).unwrap_or_default());
+            self.emitted = safe;
+        }
+        out.text = text;
+        Ok((out.ids.len() < options.max_new_tokens).then_some(next))
+    }
+
+    /// The result, the text still held back shown when the length ended it.
+    fn finish(mut self, decode_start: Instant, on_text: &mut dyn FnMut(&str)) -> Generated {
+        if matches!(self.out.finish, Finish::Length) {
+            on_text(self.out.text.get(self.emitted..).unwrap_or_default());
+        }
+        self.out.decode_seconds = decode_start.elapsed().as_secs_f64();
+        self.out
+    }
+}
+
+/// Several prompts decoded together over one base: one pass reads every
+/// prompt ([`Llama::forward_batch_last`]), then each step runs the
+/// unfinished sequences' new tokens as one batch (every projection once
+/// for all of them), each sequence with its own cache, sampler (seeded
+/// alike, so each gets the tokens [`generate`] would give it alone, to
+/// rounding) and stopping. `on_text(i, text)` receives prompt `i`'s text.
+/// The times of each result are the batch's.
+///
+/// # Errors
+/// As [`Session::turn`]; prompt tuning runs its prompts one at a time
+/// (its virtual rows belong to each sequence's first pass).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_batch<B: Backend<f32> + ?Sized>(
+    model: &Llama,
+    backend: &B,
+    adapter: Option<&LlamaAdapter<'_>>,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    options: &GenerateOptions,
+    on_text: &mut dyn FnMut(usize, &str),
+) -> Result<Vec<Generated>, TextError> {
+    options.sampling.check().map_err(|(name, why)| TextError::Option(name.into(), why))?;
+    if matches!(adapter, Some(LlamaAdapter::Prompt { .. })) || prompts.len() < 2 {
+        let each = prompts.iter().enumerate();
+        return each.map(|(i, p)| generate(model, backend, adapter, tok, p, options, &mut |s| on_text(i, s))).collect();
+    }
+    let start = Instant::now();
+    let mut caches = vec![KvCache::new(); prompts.len()];
+    let seqs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let mut rows = model.forward_batch_last(backend, &seqs, adapter, &mut caches)?;
+    let (prefill, decode_start) = (start.elapsed().as_secs_f64(), Instant::now());
+    let mut streams: Vec<Stream> = prompts.iter().map(|p| Stream::new(options, p.len(), prefill)).collect();
+    let mut histories: Vec<Vec<u32>> = prompts.to_vec();
+    let mut active: Vec<usize> = (0..prompts.len()).collect();
+    let vocab = model.config.vocab_size;
+    while !active.is_empty() {
+        let (mut next_active, mut feed) = (Vec::new(), Vec::new());
+        for (slot, &i) in active.iter().enumerate() {
+            let row = rows.get_mut(slot * vocab..(slot + 1) * vocab).unwrap_or_default();
+            if let Some(next) = streams[i].step(row, &mut histories[i], tok, options, &mut |s| on_text(i, s))? {
+                next_active.push(i);
+                feed.push([next]);
+            }
+        }
+        active = next_active;
+        if active.is_empty() {
+            break;
+        }
+        // The active sequences' caches, moved out for the pass and back.
+        let mut batch: Vec<KvCache> = active.iter().map(|&i| std::mem::take(&mut caches[i])).collect();
+        let seqs: Vec<&[u32]> = feed.iter().map(|f| &f[..]).collect();
+        let pass = model.forward_batch_last(backend, &seqs, adapter, &mut batch);
+        for (&i, c) in active.iter().zip(batch) {
+            caches[i] = c;
+        }
+        rows = pass?;
+    }
+    let mut out = Vec::with_capacity(streams.len());
+    for (i, s) in streams.into_iter().enumerate() {
+        out.push(s.finish(decode_start, &mut |t| on_text(i, t)));
+    }
+    Ok(out)
 }
 
 /// One generation from `ids` in a new [`Session`].

@@ -106,7 +106,29 @@ pub(crate) fn generate_cmd(args: &GenerateArgs) -> Result<bool, Box<dyn std::err
         return Ok(true);
     };
     let mut docs = Vec::new();
-    for (i, (text, ids)) in prompts.iter().enumerate() {
+    if prompts.len() > 1 {
+        // Decoded together over one base; printed when all are done.
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|(_, ids)| ids.clone()).collect();
+        let all = peft_faer::text::generate_batch(&m, &backend, hosted.as_ref(), &tok, &ids, &opts, &mut |_, _| {})?;
+        let made: usize = all.iter().map(|g| g.ids.len()).sum();
+        for (i, ((text, ids), g)) in prompts.iter().zip(&all).enumerate() {
+            if args.json {
+                docs.push(json!({
+                    "prompt": text, "prompt_ids": ids, "ids": g.ids, "text": g.text, "finish": finish_name(&g.finish),
+                }));
+            } else {
+                outln!("--- prompt {} of {} ({})", i + 1, prompts.len(), finish_name(&g.finish));
+                outln!("{}", g.text);
+            }
+        }
+        let seconds = all.first().map_or(0.0, |g| g.decode_seconds).max(1e-9);
+        eprintln!(
+            "[{} prompts decoded together: {made} tokens in {seconds:.2} s, {:.1} tokens/s]",
+            all.len(),
+            made as f64 / seconds
+        );
+    }
+    for (text, ids) in prompts.iter().filter(|_| prompts.len() == 1) {
         let mut out = std::io::stdout().lock();
         let mut write_err = None;
         let mut on_text = |s: &str| {
@@ -114,9 +136,6 @@ pub(crate) fn generate_cmd(args: &GenerateArgs) -> Result<bool, Box<dyn std::err
                 write_err = out.write_all(s.as_bytes()).and_then(|()| out.flush()).err();
             }
         };
-        if !args.json && prompts.len() > 1 {
-            eprintln!("--- prompt {} of {}", i + 1, prompts.len());
-        }
         let g = peft_faer::text::generate(&m, &backend, hosted.as_ref(), &tok, ids, &opts, &mut on_text)?;
         if let Some(e) = write_err {
             return Err(e.into());
