@@ -23,7 +23,7 @@
 //!   by the next run.
 //!
 //! The `peft` command (`src/bin/peft.rs`): `finetune`, `inspect`, `merge`,
-//! `quantize`, `combine`, `convert`, `forward`, `generate`.
+//! `quantize`, `combine`, `convert`, `forward`, `generate`, `chat`.
 //!
 //! # Features
 //! Without default features the crate is the backend alone (its

@@ -70,6 +70,12 @@ fn run_parts(parts: &mut [Part<'_>], par: faer::Par, f: &(dyn Fn(&mut Part<'_>) 
     faer::utils::thread::join_raw(|p| run_parts(a, p, f), |p| run_parts(b, p, f), par);
 }
 
+/// [`run_parts`], then the first part's error, if any.
+fn run_all(parts: &mut [Part<'_>], par: faer::Par, f: &(dyn Fn(&mut Part<'_>) + Sync)) -> Result<()> {
+    run_parts(parts, par, f);
+    parts.iter_mut().try_for_each(|p| core::mem::replace(&mut p.result, Ok(())))
+}
+
 /// The row ranges of `n_out` rows over `threads` parts (each a multiple
 /// of [`PAR_ROWS`] but the last), or `None` when the product should run on
 /// one thread.
@@ -133,17 +139,14 @@ pub(crate) fn apply(
             .map(|(&(a, b), o)| Part { start: a, end: b, out: o, result: Ok(()) })
             .collect()
     };
-    run_parts(&mut parts, faer.par(), &|part: &mut Part<'_>| {
+    run_all(&mut parts, faer.par(), &|part: &mut Part<'_>| {
         let (a, b) = (part.start, part.end);
         part.result = match (w.rows(a, b), MatMut::new(&mut *part.out, t, b - a)) {
             (Some(wp), Ok(out)) => apply_seq(&seq, &wp, x, out, accum),
             (_, Err(e)) => Err(e),
             (None, _) => Err(Error::Overflow),
         };
-    });
-    for part in &mut parts {
-        core::mem::replace(&mut part.result, Ok(()))?;
-    }
+    })?;
     drop(parts);
     for (&(a, b), buf) in ranges.iter().zip(&bufs) {
         for (i, src) in buf.chunks_exact(b - a).enumerate() {
@@ -237,7 +240,7 @@ pub(crate) fn apply_transpose(
         .zip(bufs.iter_mut())
         .map(|(&(a, b), o)| Part { start: a, end: b, out: o, result: Ok(()) })
         .collect();
-    run_parts(&mut parts, faer.par(), &|part: &mut Part<'_>| {
+    run_all(&mut parts, faer.par(), &|part: &mut Part<'_>| {
         let (a, b) = (part.start, part.end);
         let g = grad_y.cols_range(a, b - a);
         part.result = match (w.rows(a, b), g, MatMut::new(&mut *part.out, t, n_in)) {
@@ -245,10 +248,7 @@ pub(crate) fn apply_transpose(
             (_, _, Err(e)) => Err(e),
             _ => Err(Error::Overflow),
         };
-    });
-    for part in &mut parts {
-        core::mem::replace(&mut part.result, Ok(()))?;
-    }
+    })?;
     drop(parts);
     for i in 0..t {
         let row = grad_x.row_mut(i);

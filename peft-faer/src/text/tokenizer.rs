@@ -322,8 +322,8 @@ impl Tokenizer {
         TextStream { tok: self, ids: Vec::new(), emitted: 0, skip_special }
     }
 
-    /// The text of `id` alone, when it is a special token (for `--stop` on
-    /// specials and for display).
+    /// Whether `id` is a special token (left out of decoded text with
+    /// `skip_special`).
     pub fn is_special(&self, id: u32) -> bool {
         self.inner.get_added_tokens_decoder().get(&id).is_some_and(|t| t.special)
     }

