@@ -322,14 +322,21 @@ impl Drop for Staging {
 /// [`OutputError`]s; nothing is left behind on error.
 pub fn write_file(path: &Path, bytes: &[u8], force: bool) -> Result<(), OutputError> {
     let staging = Staging::file(path)?;
-    let tmp = staging.path().to_path_buf();
-    // Errors name the output, not the temporary they remove.
-    let io = io_at(path);
-    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&tmp).map_err(&io)?;
-    std::io::Write::write_all(&mut f, bytes).map_err(&io)?;
-    f.sync_all().map_err(&io)?;
-    drop(f);
+    write_synced(staging.path(), path, bytes)?;
     staging.commit(force)
+}
+
+/// Writes `bytes` to the file `path` (created or truncated) and syncs it;
+/// errors name `shown`, the output the caller is staging (not the
+/// temporary they are removed with).
+///
+/// # Errors
+/// [`OutputError::Io`] naming `shown`.
+pub fn write_synced(path: &Path, shown: &Path, bytes: &[u8]) -> Result<(), OutputError> {
+    let io = io_at(shown);
+    let mut f = File::create(path).map_err(&io)?;
+    std::io::Write::write_all(&mut f, bytes).map_err(&io)?;
+    f.sync_all().map_err(&io)
 }
 
 /// Writes `files` (name, contents) into the folder `dir` through a
@@ -349,13 +356,7 @@ pub fn write_dir<E: From<OutputError>>(
 ) -> Result<(), E> {
     let staging = Staging::dir(dir)?;
     for (name, data) in files {
-        let path = staging.path().join(name);
-        // Errors name the output, not the temporary they remove.
-        let shown = dir.join(name);
-        let io = io_at(&shown);
-        let mut f = File::create(&path).map_err(&io)?;
-        std::io::Write::write_all(&mut f, data).map_err(&io)?;
-        f.sync_all().map_err(&io)?;
+        write_synced(&staging.path().join(name), &dir.join(name), data)?;
     }
     check(staging.path())?;
     Ok(staging.commit(force)?)

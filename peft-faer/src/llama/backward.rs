@@ -95,19 +95,27 @@ pub fn lm_loss(logits: &[f32], vocab: usize, skip: usize, ids: &[u32], mut grad:
     for (j, next) in ids.iter().skip(1).enumerate() {
         let row = skip + j;
         let Some(z) = logits.get(row * vocab..(row + 1) * vocab) else { continue };
-        let max = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let sum: f64 = z.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum();
-        let log_z = f64::from(max) + sum.ln();
-        let t = *next as usize;
-        total += log_z - f64::from(z[t.min(vocab - 1)]);
-        if let Some(g) = grad.as_deref_mut().and_then(|g| g.get_mut(row * vocab..(row + 1) * vocab)) {
-            for (k, (gk, &zk)) in g.iter_mut().zip(z).enumerate() {
-                let p = (f64::from(zk) - log_z).exp();
-                *gk = ((p - if k == t { 1.0 } else { 0.0 }) / count as f64) as f32;
-            }
-        }
+        let g = grad.as_deref_mut().and_then(|g| g.get_mut(row * vocab..(row + 1) * vocab));
+        total += row_cross_entropy(z, *next as usize, count as f64, g);
     }
     total / count as f64
+}
+
+/// `-log softmax(z)[target]` of one row of logits (the target clamped to
+/// the row), in f64; with `grad`, `(softmax(z) - onehot(target)) / denom`
+/// written there.
+pub(crate) fn row_cross_entropy(z: &[f32], target: usize, denom: f64, grad: Option<&mut [f32]>) -> f64 {
+    let max = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let sum: f64 = z.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum();
+    let log_z = f64::from(max) + sum.ln();
+    let t = target.min(z.len().saturating_sub(1));
+    if let Some(g) = grad {
+        for (k, (gk, &zk)) in g.iter_mut().zip(z).enumerate() {
+            let p = (f64::from(zk) - log_z).exp();
+            *gk = ((p - if k == t { 1.0 } else { 0.0 }) / denom) as f32;
+        }
+    }
+    log_z - f64::from(z.get(t).copied().unwrap_or(0.0))
 }
 
 /// `dx` of `out = rms(x) w` for each row, accumulated into `dx`.
@@ -274,12 +282,9 @@ impl Llama {
         }
         let shape = AttentionShape::new(c.num_heads, c.num_kv_heads, c.head_dim).map_err(HfError::Core)?;
         let first_pos = adapter.map_or(0, LlamaAdapter::prefix_tokens);
-        let segments = super::ranges(&trace.segments);
-        let whole = [(0, n)];
-        let segs = if segments.is_empty() { &whole[..] } else { &segments[..] };
-        let fresh = vec![super::KvCache::new(); segs.len()];
+        let segs = &trace.segments[..];
         let rope: Vec<(Vec<f32>, Vec<f32>)> =
-            super::positions(first_pos, segs, &fresh).into_iter().map(|p| self.rope(p)).collect();
+            super::positions(segs, std::iter::repeat(first_pos)).into_iter().map(|p| self.rope(p)).collect();
 
         let mut dh = self.head_backward(backend, trace, dlogits)?;
 

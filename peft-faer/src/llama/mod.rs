@@ -58,6 +58,7 @@ use peft_core::storage::Owned;
 use peft_core::storage::StoredLinear;
 use peft_core::{Accum, Backend, MatMut, MatRef, Product};
 
+pub(crate) use backward::row_cross_entropy;
 pub use backward::{LlamaGrads, SiteGrads, lm_loss};
 pub use config::{LlamaConfig, MAX_DIM, MAX_ELEMENTS, MAX_LAYERS};
 pub use sites::Module;
@@ -1051,8 +1052,8 @@ impl Llama {
         // its cache and a prefix's entries) and attention, every product over all their rows.
         let segments = batch_segments(lens, caches.len(), prompt.is_some(), n)?;
         let prefix_pos = adapter.map_or(0, LlamaAdapter::prefix_tokens);
-        let rope: Vec<(Vec<f32>, Vec<f32>)> =
-            positions(prefix_pos, &segments, caches).into_iter().map(|p| self.rope(p)).collect();
+        let firsts = caches.iter().map(|c| prefix_pos + c.len);
+        let rope: Vec<(Vec<f32>, Vec<f32>)> = positions(&segments, firsts).into_iter().map(|p| self.rope(p)).collect();
         caches.iter_mut().zip(&segments).try_for_each(|(cache, &(a, b))| cache.reserve(c, b - a))?;
         let shape = AttentionShape::new(c.num_heads, c.num_kv_heads, c.head_dim).map_err(HfError::Core)?;
         let (qw, f) = (c.q_width(), c.intermediate_size);
@@ -1061,7 +1062,7 @@ impl Llama {
             buffers.sized(n, c);
         let (scratch, ws) = (&mut attention, &mut sites);
         if let Some(t) = trace.as_deref_mut() {
-            (t.rows, t.virtual_rows, t.segments) = (n, prompt.map_or(0, |(_, t)| t), trace_segments(lens));
+            (t.rows, t.virtual_rows, t.segments) = (n, prompt.map_or(0, |(_, t)| t), segments.clone());
             t.layers.clear();
         }
         for (l, layer) in self.layers.iter().enumerate() {
@@ -1290,12 +1291,6 @@ fn batch_segments(lens: &[usize], caches: usize, prompt: bool, n: usize) -> Resu
     Ok(ranges(lens))
 }
 
-/// What a trace records of a pass's sequences: their lengths when there
-/// are several (empty: one).
-fn trace_segments(lens: &[usize]) -> Vec<usize> {
-    if lens.len() > 1 { lens.to_vec() } else { Vec::new() }
-}
-
 /// One layer's attention: each sequence's new keys and values (rows
 /// `[a, b)` of `k`, `v`) join layer `l` of its own cache, and its queries
 /// attend to all of that cache ([`attend`]).
@@ -1353,8 +1348,9 @@ struct LayerTrace {
 pub struct Trace {
     rows: usize,
     virtual_rows: usize,
-    /// The lengths of the sequences of a batched pass (empty: one).
-    segments: Vec<usize>,
+    /// The row ranges `[a, b)` of the pass's sequences (one for a single
+    /// sequence, prompt tuning's virtual rows included).
+    segments: Vec<(usize, usize)>,
     layers: Vec<LayerTrace>,
     h_final: Vec<f32>,
     normed: Vec<f32>,
@@ -1373,7 +1369,7 @@ impl Trace {
 }
 
 /// `[start, end)` of each segment of these lengths, in order.
-pub(super) fn ranges(lens: &[usize]) -> Vec<(usize, usize)> {
+fn ranges(lens: &[usize]) -> Vec<(usize, usize)> {
     let mut start = 0;
     lens.iter()
         .map(|&n| {
@@ -1383,10 +1379,11 @@ pub(super) fn ranges(lens: &[usize]) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// The position of each row: for the sequence in rows `[a, b)`, `first`
-/// plus what its cache holds plus the row's index in it.
-pub(super) fn positions(first: usize, segments: &[(usize, usize)], caches: &[KvCache]) -> Vec<usize> {
-    segments.iter().zip(caches).flat_map(|(&(a, b), c)| (0..b - a).map(move |i| first + c.len + i)).collect()
+/// The position of each row: for the sequence in rows `[a, b)` whose
+/// first position is `first` (after its cache and a prefix's entries),
+/// `first` plus the row's index in it.
+pub(super) fn positions(segments: &[(usize, usize)], firsts: impl IntoIterator<Item = usize>) -> Vec<usize> {
+    segments.iter().zip(firsts).flat_map(|(&(a, b), first)| first..first + (b - a)).collect()
 }
 
 /// The index of the largest value (the first on ties; NaN never wins).

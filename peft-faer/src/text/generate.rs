@@ -113,13 +113,7 @@ impl Session {
         let same = self.history.iter().zip(ids).take_while(|(a, b)| a == b).count();
         let keep = same.min(self.cached).min(ids.len().saturating_sub(1));
         let virtual_rows = self.cache.len() - self.cached;
-        if keep < self.cached {
-            if keep == 0 {
-                self.cache = KvCache::new();
-            } else {
-                self.cache.truncate(virtual_rows + keep);
-            }
-        }
+        self.cache.truncate(virtual_rows + keep);
         self.history.truncate(keep);
         self.cached = keep;
         let feed = ids.get(keep..).unwrap_or_default();

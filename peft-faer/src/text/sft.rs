@@ -76,16 +76,8 @@ pub fn masked_loss(
         }
         let row = skip + j - 1;
         let Some(z) = logits.get(row * vocab..(row + 1) * vocab) else { continue };
-        let max = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let log_z = f64::from(max) + z.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum::<f64>().ln();
-        let t = (next as usize).min(vocab.saturating_sub(1));
-        total += log_z - f64::from(z.get(t).copied().unwrap_or(0.0));
-        if let Some(g) = grad.as_deref_mut().and_then(|g| g.get_mut(row * vocab..(row + 1) * vocab)) {
-            for (k, (gk, &zk)) in g.iter_mut().zip(z).enumerate() {
-                let p = (f64::from(zk) - log_z).exp();
-                *gk = ((p - if k == t { 1.0 } else { 0.0 }) / denom) as f32;
-            }
-        }
+        let g = grad.as_deref_mut().and_then(|g| g.get_mut(row * vocab..(row + 1) * vocab));
+        total += crate::llama::row_cross_entropy(z, next as usize, denom, g);
     }
     total / denom
 }
@@ -115,22 +107,18 @@ pub fn step_grads<B: Backend<f32> + ?Sized>(
     let mut grads = LlamaGrads::zeros(hosted);
     let mut trace = Trace::default();
     let mut loss = 0.0;
-    let one_at_a_time = matches!(hosted, LlamaAdapter::Prompt { .. });
-    for chunk in batch.chunks(if one_at_a_time { 1 } else { micro.max(1) }) {
-        let logits = if one_at_a_time {
-            let ids = chunk.first().map_or(&[][..], |e| &e.ids[..]);
-            model.forward_traced(backend, ids, Some(hosted), &mut trace)?
-        } else {
-            let seqs: Vec<&[u32]> = chunk.iter().map(|e| &e.ids[..]).collect();
-            model.forward_traced_batch(backend, &seqs, Some(hosted), &mut trace)?
-        };
+    // Prompt tuning's virtual rows belong to one sequence: a pass each.
+    let size = if matches!(hosted, LlamaAdapter::Prompt { .. }) { 1 } else { micro.max(1) };
+    for chunk in batch.chunks(size) {
+        let seqs: Vec<&[u32]> = chunk.iter().map(|e| &e.ids[..]).collect();
+        let logits = model.forward_traced_batch(backend, &seqs, Some(hosted), &mut trace)?;
+        let skip = trace.virtual_rows();
         let mut dl = vec![0.0f32; logits.len()];
         let mut row = 0;
         for ex in chunk {
-            let rows = if one_at_a_time { logits.len() / vocab.max(1) } else { ex.ids.len() };
+            let rows = skip + ex.ids.len();
             let (z, g) = (logits.get(row * vocab..(row + rows) * vocab), dl.get_mut(row * vocab..(row + rows) * vocab));
             let (Some(z), Some(g)) = (z, g) else { break };
-            let skip = if one_at_a_time { trace.virtual_rows() } else { 0 };
             loss += masked_loss(z, vocab, skip, ex, denom as f64, Some(g));
             row += rows;
         }
@@ -334,13 +322,12 @@ pub fn save_checkpoint(
         .collect();
     let mut bytes = crate::hf::st::header(&entries, &Default::default())?;
     for s in trainer.state() {
-        bytes.extend(s.iter().flat_map(|v| v.to_le_bytes()));
+        crate::hf::st::from_f32(Dtype::F32, s, &mut bytes)?;
     }
     let state = json!({"step": step, "method": method.name, "optimizer_steps": trainer.opt.steps(),
         "sequences_per_step": options.per_step(), "seed": options.seed});
     for (name, data) in [("optimizer.safetensors", bytes), ("trainer_state.json", state.to_string().into_bytes())] {
-        let path = tmp.join(name);
-        std::fs::write(&path, data).map_err(|e| HfError::Io(dir.join(name), e))?;
+        crate::files::write_synced(&tmp.join(name), &dir.join(name), &data).map_err(HfError::from)?;
     }
     staging.commit(force).map_err(HfError::from)?;
     Ok(())
@@ -372,15 +359,16 @@ pub fn load_checkpoint(
         optimizer_steps: field("optimizer_steps")?,
         method: v.get("method").and_then(serde_json::Value::as_str).unwrap_or_default().to_owned(),
     };
+    let (per_step, seed) = (field("sequences_per_step")?, field("seed")?);
     let same = [
         ("method", state.method == method.name, format!("{:?}", state.method), method.name.to_owned()),
         (
             "sequences_per_step",
-            field("sequences_per_step")? == options.per_step() as u64,
-            field("sequences_per_step")?.to_string(),
+            per_step == options.per_step() as u64,
+            per_step.to_string(),
             options.per_step().to_string(),
         ),
-        ("seed", field("seed")? == options.seed, field("seed")?.to_string(), options.seed.to_string()),
+        ("seed", seed == options.seed, seed.to_string(), options.seed.to_string()),
     ];
     if let Some((k, _, was, now)) = same.into_iter().find(|(_, ok, _, _)| !ok) {
         return Err(bad(
@@ -402,7 +390,9 @@ pub fn load_checkpoint(
         if t.dtype() != Dtype::F32 {
             return Err(bad(&opt_path, format!("state.{i} is {:?}, not F32", t.dtype())));
         }
-        moments.push(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
+        let mut m = vec![0.0f32; t.data().len() / 4];
+        crate::hf::st::to_f32(Dtype::F32, t.data(), &mut m)?;
+        moments.push(m);
     }
     trainer.restore(moments, state.optimizer_steps);
     Ok((adapter, state))

@@ -76,18 +76,15 @@ fn err(source: &Path, reason: impl Into<String>) -> TextError {
     TextError::Tokenizer { source: source.to_path_buf(), reason: reason.into() }
 }
 
-/// A file's text, refused past `limit` bytes before it is read.
+/// A regular file's text, read through [`crate::files::read_bounded`]
+/// (refused past `limit` bytes), which must be UTF-8.
 pub(crate) fn read_text(path: &Path, limit: u64) -> Result<String, TextError> {
-    let io = |e: std::io::Error| TextError::Hf(crate::hf::HfError::Io(path.to_path_buf(), e));
-    let len = std::fs::metadata(path).map_err(io)?.len();
-    if len > limit {
-        return Err(TextError::Data {
-            file: path.to_path_buf(),
-            line: 0,
-            reason: format!("{len} bytes, more than the {limit} read"),
-        });
-    }
-    std::fs::read_to_string(path).map_err(io)
+    let bytes = crate::files::read_bounded(path, limit).map_err(crate::hf::HfError::from)?;
+    String::from_utf8(bytes).map_err(|e| TextError::Data {
+        file: path.to_path_buf(),
+        line: 0,
+        reason: format!("not UTF-8 ({e})"),
+    })
 }
 
 /// A special token's text in `tokenizer_config.json`: a string or an
