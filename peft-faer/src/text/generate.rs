@@ -106,6 +106,22 @@ impl Session {
         options: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generated, TextError> {
+        self.turn_with(model, backend, adapter, Some(tok), ids, options, on_text)
+    }
+
+    /// [`Session::turn`]; without a tokenizer nothing but the length ends
+    /// it and no text is made.
+    #[allow(clippy::too_many_arguments)]
+    fn turn_with<B: Backend<f32> + ?Sized>(
+        &mut self,
+        model: &Llama,
+        backend: &B,
+        adapter: Option<&LlamaAdapter<'_>>,
+        tok: Option<&Tokenizer>,
+        ids: &[u32],
+        options: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generated, TextError> {
         options.sampling.check().map_err(|(name, why)| TextError::Option(name.into(), why))?;
         let start = Instant::now();
         // Keep what the cache read and `ids` repeats; prompt tuning's
@@ -158,7 +174,7 @@ impl Stream {
         &mut self,
         row: &mut [f32],
         history: &mut Vec<u32>,
-        tok: &Tokenizer,
+        tok: Option<&Tokenizer>,
         options: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Option<u32>, TextError> {
@@ -170,6 +186,7 @@ impl Stream {
         let Some(next) = self.sampler.next(row, history) else { return Ok(None) };
         out.ids.push(next);
         history.push(next);
+        let Some(tok) = tok else { return Ok((out.ids.len() < options.max_new_tokens).then_some(next)) };
         if !options.ignore_eos && tok.stop_ids.contains(&next) {
             out.finish = Finish::Eos(next);
             return Ok(None);
@@ -240,7 +257,7 @@ pub fn generate_batch<B: Backend<f32> + ?Sized>(
         let (mut next_active, mut feed) = (Vec::new(), Vec::new());
         for (slot, &i) in active.iter().enumerate() {
             let row = rows.get_mut(slot * vocab..(slot + 1) * vocab).unwrap_or_default();
-            if let Some(next) = streams[i].step(row, &mut histories[i], tok, options, &mut |s| on_text(i, s))? {
+            if let Some(next) = streams[i].step(row, &mut histories[i], Some(tok), options, &mut |s| on_text(i, s))? {
                 next_active.push(i);
                 feed.push([next]);
             }
@@ -280,6 +297,27 @@ pub fn generate<B: Backend<f32> + ?Sized>(
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generated, TextError> {
     Session::new().turn(model, backend, adapter, tok, ids, options, on_text)
+}
+
+/// Token ids in, token ids out, without a tokenizer: the sampling of
+/// [`generate`], ended by the length alone (the model's end tokens are
+/// not known).
+///
+/// # Errors
+/// As [`Session::turn`]; [`TextError::Option`] (`--stop`) for stop
+/// strings, which need text.
+pub fn generate_ids<B: Backend<f32> + ?Sized>(
+    model: &Llama,
+    backend: &B,
+    adapter: Option<&LlamaAdapter<'_>>,
+    ids: &[u32],
+    options: &GenerateOptions,
+) -> Result<Vec<u32>, TextError> {
+    if !options.stop.is_empty() {
+        let why = "needs text: give --prompt or --chat (with --ids there is no tokenizer)";
+        return Err(TextError::Option("--stop".into(), why.into()));
+    }
+    Ok(Session::new().turn_with(model, backend, adapter, None, ids, options, &mut |_| {})?.ids)
 }
 
 /// The first stop string in `text`: its byte position and the string.

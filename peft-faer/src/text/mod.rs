@@ -19,7 +19,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 pub use chat::{ChatTemplate, Message};
-pub use generate::{GenerateOptions, Generated, generate, generate_batch};
+pub use generate::{GenerateOptions, Generated, generate, generate_batch, generate_ids};
 pub use sample::{Sampler, SamplingOptions};
 pub use tokenizer::Tokenizer;
 

@@ -95,7 +95,7 @@ pub(crate) fn generate_cmd(args: &GenerateArgs) -> Result<bool, Box<dyn std::err
     let Some(tok) = tok else {
         // Token ids in, token ids out (no tokenizer needed).
         let ids = &prompts.first().ok_or("no prompt")?.1;
-        let new = ids_only(&m, &backend, hosted.as_ref(), ids, &opts)?;
+        let new = peft_faer::text::generate_ids(&m, &backend, hosted.as_ref(), ids, &opts)?;
         if args.json {
             outln!("{}", serde_json::to_string_pretty(&json!({ "prompt": ids, "new_tokens": new }))?);
         } else {
@@ -155,37 +155,6 @@ pub(crate) fn generate_cmd(args: &GenerateArgs) -> Result<bool, Box<dyn std::err
         outln!("{}", serde_json::to_string_pretty(&doc)?);
     }
     Ok(true)
-}
-
-/// Generation from ids without a tokenizer: the model's EOS is unknown,
-/// so only the length (or `--stop`, which needs text, is refused) ends it.
-fn ids_only(
-    m: &peft_faer::llama::Llama,
-    backend: &Faer,
-    hosted: Option<&LlamaAdapter<'_>>,
-    ids: &[u32],
-    opts: &GenerateOptions,
-) -> Result<Vec<u32>, Box<dyn std::error::Error>> {
-    if !opts.stop.is_empty() {
-        return Err("--stop needs text: give --prompt or --chat (with --ids there is no tokenizer)".into());
-    }
-    if opts.sampling == SamplingOptions::default() {
-        return Ok(m.generate(backend, ids, hosted, opts.max_new_tokens)?);
-    }
-    opts.sampling.check().map_err(|(name, why)| format!("{name}: {why}"))?;
-    let mut sampler = peft_faer::text::Sampler::new(opts.sampling);
-    let mut cache = peft_faer::llama::KvCache::new();
-    let mut history = ids.to_vec();
-    let mut row = m.forward_last(backend, ids, hosted, &mut cache)?;
-    let mut new = Vec::new();
-    while new.len() < opts.max_new_tokens {
-        peft_faer::llama::check_finite_logits(&row, cache.len().saturating_sub(1))?;
-        let Some(next) = sampler.next(&mut row, &history) else { break };
-        new.push(next);
-        history.push(next);
-        row = m.forward_last(backend, &[next], hosted, &mut cache)?;
-    }
-    Ok(new)
 }
 
 pub(crate) fn chat_cmd(args: &ChatArgs) -> Result<bool, Box<dyn std::error::Error>> {
