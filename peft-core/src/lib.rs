@@ -68,6 +68,7 @@
 extern crate alloc;
 
 pub mod activation;
+pub mod adalora;
 pub mod adapter;
 pub mod attention;
 mod backend;

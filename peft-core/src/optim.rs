@@ -30,6 +30,7 @@
 //! | (IA)^3 | `3e-3` | Liu et al. 2022 (T-Few) train the vectors at 3e-3 |
 //! | LoHa, LoKr | `1e-3` | as LoRA: low-rank factors of LoRA's kind; neither PEFT nor LyCORIS sets another default |
 //! | VeRA | `1e-2` | our choice: only scaling vectors train, as for (IA)^3 and prompts, so an order above LoRA's |
+//! | AdaLoRA | `1e-3` | as LoRA: PEFT's AdaLoRA examples train at LoRA's rates |
 //!
 //! DoRA is a LoRA variant ([`Method::Lora`], `use_dora` in its configuration) and takes LoRA's rate.
 
@@ -71,6 +72,8 @@ pub enum Method {
     Lokr,
     /// VeRA.
     Vera,
+    /// AdaLoRA.
+    AdaLora,
 }
 
 impl Method {
@@ -84,11 +87,12 @@ impl Method {
             Method::Ia3 => 3e-3,
             Method::Loha | Method::Lokr => 1e-3,
             Method::Vera => 1e-2,
+            Method::AdaLora => 1e-3,
         }
     }
 
     /// The lower-case name (`"lora"`, `"adapter"`, `"prompt"`, `"prefix"`,
-    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`).
+    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`).
     pub const fn name(self) -> &'static str {
         match self {
             Method::Lora => "lora",
@@ -99,6 +103,7 @@ impl Method {
             Method::Loha => "loha",
             Method::Lokr => "lokr",
             Method::Vera => "vera",
+            Method::AdaLora => "adalora",
         }
     }
 }

@@ -19,7 +19,7 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
     assert_eq!(doc["frozen_base_bit_identical"], true);
     let methods = doc["methods"].as_array().unwrap();
     let names: Vec<&str> = methods.iter().map(|m| m["method"].as_str().unwrap()).collect();
-    assert_eq!(names, ["lora", "dora", "ia3", "loha", "lokr", "vera", "adapter", "prompt", "prefix"]);
+    assert_eq!(names, ["lora", "dora", "ia3", "loha", "lokr", "vera", "adalora", "adapter", "prompt", "prefix"]);
     for m in methods {
         for key in [
             "trainable_params",
@@ -58,11 +58,11 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
     }
-    // The six methods on projections merge; the others have nothing to merge.
-    for m in &methods[..6] {
+    // The seven methods on projections merge; the others have nothing to merge.
+    for m in &methods[..7] {
         assert!(m["merged_vs_unmerged_max_abs_diff"].as_f64().unwrap() < 1e-4, "{m}");
     }
-    for m in &methods[6..] {
+    for m in &methods[7..] {
         assert!(m["merged_vs_unmerged_max_abs_diff"].is_null(), "{m}");
     }
     std::fs::remove_dir_all(&out_dir).ok();
@@ -70,9 +70,9 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
 
 #[test]
 fn bad_arguments_are_rejected() {
-    let out = Command::new(env!("CARGO_BIN_EXE_peft")).args(["finetune", "--method", "adalora"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_peft")).args(["finetune", "--method", "boft"]).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("adalora"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("boft"));
     // A rank no projection can hold is refused, naming it, before a factor
     // is allocated from it (issue 27, class 3: 1e8 asked for 25.6 GB).
     let dir = std::env::temp_dir().join(format!("peft-test-cli-rank-{}", std::process::id()));

@@ -50,6 +50,11 @@
 //! | `loha_merged_equals_unmerged` | `W + dW` gives the unmerged output | 6 |
 //! | `loha_unmerge_restores` | LoHa's typed merge: bit-exact with a backup, within two roundings without, `keep` stays merged | 6 |
 //! | `loha_gradients_match_fd` | the four factors' gradients and dx against central differences | 12 |
+//! | `adalora_identity_at_init` | AdaLoRA at PEFT's init (`E = 0`): exactly the base output | 2 |
+//! | `adalora_matches_oracle` | `x (W + s B diag(E) A)^T`, `s = alpha / (r + 1e-5)` | 3 |
+//! | `adalora_merged_equals_unmerged` | `W + dW` gives the unmerged output | 6 |
+//! | `adalora_unmerge_restores` | AdaLoRA's typed merge: as `loha_unmerge_restores` | 6 |
+//! | `adalora_gradients_match_fd` | dA, dE, dB and dx against central differences | 12 |
 //! | `lokr_matches_oracle_and_merges` | LoKr, each factor full or low rank: `x (W + s kron(W1, W2))^T`, and the merged weight gives it | 3, 6 |
 //! | `lokr_unmerge_restores` | LoKr's typed merge, each factor form: as `loha_unmerge_restores` | 6 |
 //! | `lokr_identity_at_init` | LoKr at PEFT's init (`W1 = 0`, each factor form): exactly the base output | 2 |
@@ -342,6 +347,7 @@ where
     props::ia3::run_all::<E, B>(backend, config, &mut report);
     props::embedding::run_all::<E, B>(backend, config, &mut report);
     props::loha::run_all::<E, B>(backend, config, &mut report);
+    props::adalora::run_all::<E, B>(backend, config, &mut report);
     props::lokr::run_all::<E, B>(backend, config, &mut report);
     props::vera::run_all::<E, B>(backend, config, &mut report);
     props::adapter::run_all::<E, B>(backend, config, &mut report);

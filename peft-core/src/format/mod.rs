@@ -20,7 +20,8 @@
 //!  0      8     magic "PEFTADPT"
 //!  8      4     version (1)
 //! 12      1     method (1 LoRA or DoRA, 2 adapter, 3 prompt, 4 prefix,
-//!                  5 IA3, 6 LoHa, 7 LoKr, 8 VeRA)
+//!                  5 IA3, 6 LoHa, 7 LoKr, 8 VeRA,
+//!                  9 AdaLoRA)
 //! 13      3     reserved, zero
 //! 16      4     n_config   (<= MAX_CONFIG)
 //! 20      4     n_tensors  (<= MAX_TENSORS)
@@ -309,6 +310,7 @@ fn method_code(m: Method) -> u8 {
         Method::Loha => 6,
         Method::Lokr => 7,
         Method::Vera => 8,
+        Method::AdaLora => 9,
     }
 }
 
@@ -322,6 +324,7 @@ const fn method_from_code(code: u8) -> Fmt<Method> {
         6 => Ok(Method::Loha),
         7 => Ok(Method::Lokr),
         8 => Ok(Method::Vera),
+        9 => Ok(Method::AdaLora),
         _ => Err(FormatError::UnknownMethod { code }),
     }
 }

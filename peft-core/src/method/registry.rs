@@ -45,7 +45,7 @@ impl MethodSpec {
 }
 
 /// Every method, in the order `peft finetune` trains and prints them.
-pub const METHODS: [MethodSpec; 9] = [
+pub const METHODS: [MethodSpec; 10] = [
     MethodSpec {
         name: "lora",
         peft_type: Some("LORA"),
@@ -95,6 +95,14 @@ pub const METHODS: [MethodSpec; 9] = [
         summary: "dW = diag(lambda_b) B diag(lambda_d) A, shared frozen A and B",
     },
     MethodSpec {
+        name: "adalora",
+        peft_type: Some("ADALORA"),
+        file_method: Method::AdaLora,
+        family: Family::Weight,
+        merges: true,
+        summary: "dW = s B diag(E) A, s = alpha / (init_r + 1e-5), the rank allocated per module",
+    },
+    MethodSpec {
         name: "adapter",
         peft_type: None,
         file_method: Method::Adapter,
@@ -139,7 +147,7 @@ mod tests {
         // until it is added to the list below and to METHODS.
         let known = |m: Method| match m {
             Method::Lora | Method::Adapter | Method::Prompt | Method::Prefix => true,
-            Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => true,
+            Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera | Method::AdaLora => true,
         };
         for m in [
             Method::Lora,
@@ -150,6 +158,7 @@ mod tests {
             Method::Loha,
             Method::Lokr,
             Method::Vera,
+            Method::AdaLora,
         ] {
             assert!(known(m));
             assert!(METHODS.iter().any(|s| s.file_method == m), "{m:?} has no entry");

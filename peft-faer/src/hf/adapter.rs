@@ -10,7 +10,7 @@ use safetensors::Dtype;
 use super::keys::{Reader, normalize_key};
 use super::st::{self, OutEntry, StFile};
 use super::{
-    CONFIG_FILE, HfError, Ia3Module, LOHA_KEYS, LohaModule, LokrModule, LoraModule, MAX_ADAPTER_BYTES,
+    AdaLoraModule, CONFIG_FILE, HfError, Ia3Module, LOHA_KEYS, LohaModule, LokrModule, LoraModule, MAX_ADAPTER_BYTES,
     MAX_CONFIG_BYTES, PeftConfig, VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections, WEIGHTS_FILE,
 };
 
@@ -46,6 +46,8 @@ pub struct HfAdapter {
     pub vera: Vec<VeraModule>,
     /// VeRA's shared projections.
     pub vera_projections: Option<VeraProjections>,
+    /// AdaLoRA modules, in the order of their keys.
+    pub adalora: Vec<AdaLoraModule>,
     /// Whole-tensor replacements.
     pub replacements: Vec<HfTensor>,
     /// Tensors PEFT saves that act in its training only (VeLoRA's
@@ -121,6 +123,7 @@ impl HfAdapter {
             PeftConfig::Loha(lc) => out.read_loha(lc, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Lokr(kc) => out.read_lokr(kc, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Vera(vc) => out.read_vera(vc, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::AdaLora(c) => out.read_adalora(c, &file, read).map_err(|e| e.in_file(&path))?,
         }
         Ok(out)
     }
@@ -135,6 +138,7 @@ impl HfAdapter {
             lokr: Vec::new(),
             vera: Vec::new(),
             vera_projections: None,
+            adalora: Vec::new(),
             replacements: Vec::new(),
             training_state: Vec::new(),
             prompt: None,
@@ -198,6 +202,7 @@ impl HfAdapter {
             PeftConfig::Loha(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Lokr(c) => serde_json::Value::Object(c.common.raw.clone()),
             PeftConfig::Vera(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::AdaLora(c) => serde_json::Value::Object(c.raw.clone()),
         }
     }
 
@@ -230,6 +235,11 @@ impl HfAdapter {
             }
         }
         for m in &self.lokr {
+            for ((key, shape, data), dtype) in m.stored().into_iter().zip(&m.dtypes) {
+                tensors.push((format!("base_model.model.{}.{key}", m.name), *dtype, shape, data));
+            }
+        }
+        for m in &self.adalora {
             for ((key, shape, data), dtype) in m.stored().into_iter().zip(&m.dtypes) {
                 tensors.push((format!("base_model.model.{}.{key}", m.name), *dtype, shape, data));
             }

@@ -259,9 +259,51 @@ pub struct VeraConfig {
     pub raw: Map<String, Value>,
 }
 
+/// An AdaLoRA adapter's configuration (`peft_type: "ADALORA"`).
+/// `target_r`, `tinit`, `tfinal`, `deltaT`, `beta1`, `beta2`,
+/// `orth_reg_weight` and `total_step` drive PEFT's training and rank
+/// allocation only; the field `r` is ignored by PEFT (`init_r` is the
+/// rank).
+#[derive(Clone, Debug)]
+pub struct AdaLoraConfig {
+    /// The rank every module starts at, and `ranknum` in `s = lora_alpha /
+    /// (ranknum + 1e-5)` for every module, before and after the allocation.
+    pub init_r: usize,
+    /// `lora_alpha` (`init_r` when not positive, as PEFT).
+    pub lora_alpha: f64,
+    /// After PEFT's allocation: per module (`<module>.lora_E`, in file
+    /// order), which of the `init_r` triplets were kept (and saved).
+    pub rank_pattern: Vec<(String, Vec<bool>)>,
+    /// Targeted modules.
+    pub target_modules: Targets,
+    /// Modules whose whole weights are trained and saved.
+    pub modules_to_save: Vec<String>,
+    /// The JSON object as read.
+    pub raw: Map<String, Value>,
+}
+
+impl AdaLoraConfig {
+    /// The saved rank of `module`: the `true` entries of its
+    /// `rank_pattern` mask, or `init_r` without one.
+    pub fn rank_for(&self, module: &str) -> usize {
+        let key = format!("{module}.lora_E");
+        self.rank_pattern.iter().find(|(k, _)| *k == key).map_or(self.init_r, |(_, m)| m.iter().filter(|&&b| b).count())
+    }
+
+    /// PEFT's factor `s` (`peft_core::adalora::scale`).
+    ///
+    /// # Errors
+    /// `peft-core`'s refusals (a non-finite `lora_alpha`).
+    pub fn scale(&self) -> Result<f64, HfError> {
+        Ok(peft_core::adalora::scale(self.lora_alpha, self.init_r)?)
+    }
+}
+
 /// A parsed `adapter_config.json`.
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
+    /// `peft_type: "ADALORA"`.
+    AdaLora(AdaLoraConfig),
     /// `peft_type: "LOHA"`.
     Loha(LohaConfig),
     /// `peft_type: "LOKR"`.
@@ -288,6 +330,7 @@ impl PeftConfig {
             PeftConfig::Prompt(_) => "PROMPT_TUNING",
             PeftConfig::Ia3(_) => "IA3",
             PeftConfig::Vera(_) => "VERA",
+            PeftConfig::AdaLora(_) => "ADALORA",
         }
     }
 }
@@ -363,6 +406,21 @@ struct RawVera {
     d_initial: Option<f64>,
     projection_prng_key: Option<u64>,
     save_projection: Option<bool>,
+    target_modules: Option<RawTargets>,
+    fan_in_fan_out: Option<bool>,
+    bias: Option<String>,
+    modules_to_save: Option<OneOrMany<String>>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// The fields of an AdaLoRA config that change the math.
+#[derive(Deserialize)]
+struct RawAdaLora {
+    init_r: usize,
+    /// An integer or a float in the file.
+    lora_alpha: f64,
+    rank_pattern: Option<Ordered<Vec<bool>>>,
     target_modules: Option<RawTargets>,
     fan_in_fan_out: Option<bool>,
     bias: Option<String>,
@@ -460,6 +518,7 @@ impl PeftConfig {
             "IA3" => Self::ia3(text, &v),
             "LOHA" => Self::loha(text, &v),
             "VERA" => Self::vera(text, &v),
+            "ADALORA" => Self::adalora(text, &v),
             "LOKR" => {
                 let PeftConfig::Loha(common) = Self::loha(text, &v)? else {
                     return Err(HfError::config("peft_type", "LOKR"));
@@ -472,7 +531,7 @@ impl PeftConfig {
                 Ok(PeftConfig::Lokr(LokrConfig { common, decompose_both, decompose_factor }))
             }
             other => Err(HfError::Unsupported(format!(
-                "`peft_type` {other:?} (supported: LORA, LOHA, LOKR, IA3, VERA, PROMPT_TUNING, PREFIX_TUNING)"
+                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }
@@ -607,6 +666,39 @@ impl PeftConfig {
             modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             raw: v.as_object().cloned().unwrap_or_default(),
         }))
+    }
+
+    fn adalora(text: &str, v: &Value) -> Result<Self, HfError> {
+        let raw: RawAdaLora = typed(text)?;
+        let rest = &raw.rest;
+        unsupported_if_set(rest, "layers_to_transform", "AdaLoRA on a subset of layers is not supported")?;
+        // PEFT refuses these itself (`AdaLoraConfig.__post_init__`).
+        unsupported_if_set(rest, "use_dora", "AdaLoRA does not support DoRA")?;
+        unsupported_if_set(rest, "lora_bias", "AdaLoRA has no lora_bias")?;
+        if raw.fan_in_fan_out.unwrap_or(false) {
+            return Err(HfError::Unsupported("`fan_in_fan_out` (Conv1D bases) with AdaLoRA".into()));
+        }
+        if !matches!(raw.bias.as_deref(), None | Some("none")) {
+            return Err(HfError::Unsupported("`bias` other than \"none\" with AdaLoRA".into()));
+        }
+        if raw.init_r == 0 {
+            return Err(HfError::config("init_r", "must be at least 1"));
+        }
+        let rank_pattern = raw.rank_pattern.map_or_else(Vec::new, |o| o.0);
+        if let Some((k, m)) = rank_pattern.iter().find(|(_, m)| m.len() != raw.init_r) {
+            let reason = format!("{k:?} has {} entries, init_r is {}", m.len(), raw.init_r);
+            return Err(HfError::config("rank_pattern", &reason));
+        }
+        let config = AdaLoraConfig {
+            init_r: raw.init_r,
+            lora_alpha: raw.lora_alpha,
+            rank_pattern,
+            target_modules: targets("target_modules", raw.target_modules)?,
+            modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
+            raw: v.as_object().cloned().unwrap_or_default(),
+        };
+        config.scale()?;
+        Ok(PeftConfig::AdaLora(config))
     }
 
     fn ia3(text: &str, v: &Value) -> Result<Self, HfError> {

@@ -140,6 +140,7 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
         PeftConfig::Loha(_) => Method::Loha,
         PeftConfig::Lokr(_) => Method::Lokr,
         PeftConfig::Vera(_) => Method::Vera,
+        PeftConfig::AdaLora(_) => Method::AdaLora,
     };
     let restored = restored_entries(&ad, method, &config_json);
     let mut config: Vec<(String, Value<'_>)> = Vec::new();
@@ -167,6 +168,12 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
                 PeftConfig::Vera(c) => {
                     config.push(("r".into(), Value::U64(c.r as u64)));
                     config.push(("d_initial".into(), Value::F64(c.d_initial)));
+                }
+                PeftConfig::AdaLora(c) => {
+                    config.push(("init_r".into(), Value::U64(c.init_r as u64)));
+                    config.push(("lora_alpha".into(), Value::F64(c.lora_alpha)));
+                    let total_step = c.raw.get("total_step").and_then(serde_json::Value::as_u64).unwrap_or(1);
+                    config.push(("total_step".into(), Value::U64(total_step)));
                 }
                 PeftConfig::Ia3(_) => {}
             }
@@ -260,7 +267,11 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
         Ok(HfTensor { name: t.name().to_string(), dtype: hf_dtype(t.dtype())?, shape: t.shape().to_vec(), data })
     };
     match &config {
-        PeftConfig::Ia3(_) | PeftConfig::Loha(_) | PeftConfig::Lokr(_) | PeftConfig::Vera(_) => {
+        PeftConfig::Ia3(_)
+        | PeftConfig::Loha(_)
+        | PeftConfig::Lokr(_)
+        | PeftConfig::Vera(_)
+        | PeftConfig::AdaLora(_) => {
             // Tensors as stored, under PEFT's keys; the reader checks them
             // against the config before the folder is committed.
             let names: Vec<String> = f
@@ -417,6 +428,18 @@ fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Valu
             "projection_prng_key": 0, "save_projection": true, "vera_dropout": 0.0, "d_initial": 0.1,
             "fan_in_fan_out": false, "bias": "none", "modules_to_save": null, "init_weights": true,
             "layers_to_transform": null, "layers_pattern": null,
+        })),
+        // PEFT's config refuses `total_step` unset; without a rank pattern
+        // every module has rank init_r, and target_r only drives training.
+        Method::AdaLora => Ok(json!({
+            "peft_type": "ADALORA", "task_type": null, "base_model_name_or_path": null, "revision": null,
+            "inference_mode": true, "r": 8, "init_r": u("init_r")?, "target_r": u("init_r")?,
+            "lora_alpha": number("lora_alpha")?, "target_modules": list("target_modules")?,
+            "lora_dropout": 0.0, "fan_in_fan_out": false, "bias": "none", "modules_to_save": null,
+            "init_lora_weights": true, "layers_to_transform": null, "layers_pattern": null,
+            "rank_pattern": null, "alpha_pattern": {}, "use_dora": false, "lora_bias": false,
+            "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5,
+            "total_step": u("total_step").unwrap_or(1),
         })),
         Method::Prompt | Method::Prefix => {
             let prefix = method == Method::Prefix;

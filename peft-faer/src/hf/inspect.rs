@@ -7,7 +7,9 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{AdapterSummary, HfLoraConfig, LohaConfig, LokrConfig, PeftConfig, PromptConfig, VeraConfig};
+use super::{
+    AdaLoraConfig, AdapterSummary, HfLoraConfig, LohaConfig, LokrConfig, PeftConfig, PromptConfig, VeraConfig,
+};
 
 /// One module's row: the columns of its method, in order, each a name and
 /// a value.
@@ -93,6 +95,7 @@ impl InspectReport {
             PeftConfig::Vera(c) => r.vera(c, ad, dtype)?,
             PeftConfig::Ia3(_) => r.ia3(ad, dtype),
             PeftConfig::Lora(c) => r.lora(c, ad, dtype),
+            PeftConfig::AdaLora(c) => r.adalora(c, ad, dtype),
         }
         if !r.modules.is_empty() {
             r.total_params = total(&r.modules);
@@ -165,6 +168,26 @@ impl InspectReport {
             self.modules.push(row);
         }
         Ok(())
+    }
+
+    /// AdaLoRA's modules, each with the rank it kept.
+    fn adalora(&mut self, c: &AdaLoraConfig, ad: &AdapterSummary, dtype: Value) {
+        self.method = "adalora";
+        let allocated = !c.rank_pattern.is_empty();
+        self.fields = json_map(json!({ "init_r": c.init_r, "lora_alpha": c.lora_alpha, "allocated": allocated,
+                "dtype": dtype }));
+        self.headline = format!(
+            "method adalora: init_r={} lora_alpha={} (dW = s B diag(E) A, s = lora_alpha / (init_r + 1e-5)){}",
+            c.init_r,
+            c.lora_alpha,
+            if allocated { ", ranks allocated (rank_pattern)" } else { "" }
+        );
+        for m in &ad.adalora {
+            let mut row = named(&m.name);
+            row.extend([("in", json!(m.n_in)), ("out", json!(m.n_out)), ("r", json!(m.r))]);
+            row.extend([("scale", json!(m.scale)), ("params", json!(m.r * (m.n_in + m.n_out + 1)))]);
+            self.modules.push(row);
+        }
     }
 
     /// (IA)^3's modules and what each scales.

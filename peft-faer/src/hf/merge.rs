@@ -43,8 +43,8 @@ use peft_core::{Accum, Backend, MatMut, MatRef, Op};
 use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry};
 use super::{
-    HfAdapter, HfError, HfLoraConfig, HfTensor, Ia3Config, Ia3Module, LohaModule, LokrModule, LoraModule, PeftConfig,
-    VeraModule, VeraProjections,
+    AdaLoraModule, HfAdapter, HfError, HfLoraConfig, HfTensor, Ia3Config, Ia3Module, LohaModule, LokrModule,
+    LoraModule, PeftConfig, VeraModule, VeraProjections,
 };
 use crate::files::{Staging, check_output};
 
@@ -73,6 +73,8 @@ enum Update<'a> {
     Lokr(&'a LokrModule, f64),
     /// VeRA: `W += m dW` over the shared projections.
     Vera(&'a VeraModule, &'a VeraProjections, f64),
+    /// AdaLoRA: `W += m dW`.
+    AdaLora(&'a AdaLoraModule, f64),
 }
 
 /// One adapter module's change to a bias, in the adapters' order.
@@ -215,6 +217,13 @@ fn check_finite(adapter: &HfAdapter, multiplier: f64) -> Result<(), HfError> {
         for (key, v) in [(super::VERA_A_KEY, &p.a), (super::VERA_B_KEY, &p.b)] {
             if let Some(x) = first_nonfinite(v) {
                 return Err(bad(key.to_string(), x, HELD));
+            }
+        }
+    }
+    for m in &adapter.adalora {
+        for (key, _, v) in m.stored() {
+            if let Some(x) = first_nonfinite(v) {
+                return Err(bad(format!("{}.{key}", m.name), x, HELD));
             }
         }
     }
@@ -463,6 +472,11 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
                 for m in &adapter.lokr {
                     let (n_out, n_in) = m.dims();
                     plan.weight(&m.name, [n_out, n_in], Update::Lokr(m, multiplier))?;
+                }
+            }
+            PeftConfig::AdaLora(_) => {
+                for m in &adapter.adalora {
+                    plan.weight(&m.name, [m.n_out, m.n_in], Update::AdaLora(m, multiplier))?;
                 }
             }
             PeftConfig::Vera(_) => {
@@ -815,6 +829,11 @@ impl Update<'_> {
             Update::Vera(m, p, factor) => {
                 let (proj, vera) = (p.projection()?, m.layer(cols)?);
                 let layer = vera.bound(&proj);
+                let sc = grow(scratch, layer.delta_scratch_len(n));
+                layer.delta_rows(backend, i0, block, Accum::Add, factor, sc).map_err(be)
+            }
+            Update::AdaLora(m, factor) => {
+                let layer = m.layer()?;
                 let sc = grow(scratch, layer.delta_scratch_len(n));
                 layer.delta_rows(backend, i0, block, Accum::Add, factor, sc).map_err(be)
             }

@@ -9,6 +9,7 @@
 //! written as PEFT 0.21 writes them (`base_model.model.<module>.lora_A.weight`,
 //! `A [r, in]`, `B [out, r]`, safetensors metadata `{"format": "pt"}`).
 
+mod adalora;
 mod adapter;
 pub mod base;
 pub mod combine;
@@ -26,11 +27,13 @@ pub mod st;
 mod summary;
 mod vera;
 
+pub use adalora::{ADALORA_KEYS, AdaLoraModule};
 pub use adapter::HfAdapter;
 pub use adapter::HfTensor;
 pub(crate) use adapter::write_raw_dir;
 pub use config::{
-    BiasMode, HfLoraConfig, Ia3Config, LohaConfig, LokrConfig, Pattern, PeftConfig, PromptConfig, Targets, VeraConfig,
+    AdaLoraConfig, BiasMode, HfLoraConfig, Ia3Config, LohaConfig, LokrConfig, Pattern, PeftConfig, PromptConfig,
+    Targets, VeraConfig,
 };
 pub use error::HfError;
 pub use ia3::Ia3Module;
@@ -39,8 +42,8 @@ pub use loha::{LOHA_KEYS, LohaModule};
 pub use lokr::LokrModule;
 pub use lora::LoraModule;
 pub use summary::{
-    AdapterSummary, Ia3Summary, LohaSummary, LokrSummary, ModuleSummary, NonFinite, ProjectionSummary, TensorSummary,
-    VeraSummary,
+    AdaLoraSummary, AdapterSummary, Ia3Summary, LohaSummary, LokrSummary, ModuleSummary, NonFinite, ProjectionSummary,
+    TensorSummary, VeraSummary,
 };
 pub use vera::{VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections};
 

@@ -62,6 +62,21 @@ pub struct LohaSummary {
     pub alpha: f64,
 }
 
+/// One AdaLoRA module of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdaLoraSummary {
+    /// Module name.
+    pub name: String,
+    /// Input features.
+    pub n_in: usize,
+    /// Output features.
+    pub n_out: usize,
+    /// The kept rank.
+    pub r: usize,
+    /// The factor `s`.
+    pub scale: f64,
+}
+
 /// One LoKr module of an [`AdapterSummary`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct LokrSummary {
@@ -150,6 +165,8 @@ pub struct AdapterSummary {
     pub vera: Vec<VeraSummary>,
     /// VeRA's shared projections.
     pub vera_projections: Option<ProjectionSummary>,
+    /// AdaLoRA modules.
+    pub adalora: Vec<AdaLoraSummary>,
     /// Every tensor holding a NaN or infinity.
     pub nonfinite: Vec<NonFinite>,
 }
@@ -223,6 +240,11 @@ impl HfAdapter {
                 max_in: p.max_in,
                 max_out: p.max_out,
             }),
+            adalora: ad
+                .adalora
+                .iter()
+                .map(|m| AdaLoraSummary { name: m.name.clone(), n_in: m.n_in, n_out: m.n_out, r: m.r, scale: m.scale })
+                .collect(),
             dtype: ad.dtype,
             config: ad.config,
             nonfinite,

@@ -513,14 +513,15 @@ impl<'a> LlamaAdapter<'a> {
                 }
             }
             PeftConfig::Loha(_) => {
-                for m in &adapter.loha {
-                    place(&m.name, Module::Loha(m), (m.n_out, m.n_in))?;
-                }
+                adapter.loha.iter().try_for_each(|m| place(&m.name, Module::Loha(m), (m.n_out, m.n_in)))?;
             }
             PeftConfig::Lokr(_) => {
                 for m in &adapter.lokr {
                     place(&m.name, Module::Lokr(m), m.dims())?;
                 }
+            }
+            PeftConfig::AdaLora(_) => {
+                adapter.adalora.iter().try_for_each(|m| place(&m.name, Module::AdaLora(m), (m.n_out, m.n_in)))?;
             }
             PeftConfig::Vera(_) => {
                 let p = adapter.vera_projections.as_ref().ok_or_else(|| HfError::missing("base_model.vera_A"))?;

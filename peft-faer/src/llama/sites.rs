@@ -10,6 +10,7 @@
 //! and `B` at every pass (nothing is cached between passes, and a training
 //! step changes `A` and `B`); their gradient is not propagated, as in
 //! PEFT, which detaches the norm.
+use peft_core::adalora::AdaLoraGrads;
 use peft_core::dora::{Dora, DoraGrads};
 use peft_core::ia3::Ia3;
 use peft_core::loha::LohaGrads;
@@ -21,7 +22,7 @@ use peft_core::vera::VeraGrads;
 use peft_core::{Accum, Backend, FrozenLinear, MatMut, MatRef};
 
 use super::Linear;
-use crate::hf::{HfError, Ia3Module, LohaModule, LokrModule, LoraModule, VeraModule, VeraProjections};
+use crate::hf::{AdaLoraModule, HfError, Ia3Module, LohaModule, LokrModule, LoraModule, VeraModule, VeraProjections};
 
 /// The adapter module on one projection, borrowed from an
 /// [`HfAdapter`](crate::hf::HfAdapter).
@@ -41,13 +42,15 @@ pub enum Module<'a> {
     /// VeRA: `dW = diag(lambda_b) B diag(lambda_d) A`, the shared
     /// projections sliced to the layer.
     Vera(&'a VeraModule, &'a VeraProjections),
+    /// AdaLoRA: `dW = s B diag(E) A`.
+    AdaLora(&'a AdaLoraModule),
 }
 
 impl Module<'_> {
     /// The module's trainable tensors' lengths, in the order of its
     /// gradient buffers: LoRA `A, B` (its `lora_bias` stays frozen); DoRA `A, B, m`; (IA)^3 `l`; LoHa
     /// `W1a, W1b, W2a, W2b`; LoKr `W1`'s stored tensors then `W2`'s; VeRA
-    /// `lambda_d, lambda_b`.
+    /// `lambda_d, lambda_b`; AdaLoRA `A, E, B`.
     pub fn tensor_lens(&self) -> Vec<usize> {
         match self {
             Module::Lora(m) => vec![m.a.len(), m.b.len()],
@@ -56,6 +59,7 @@ impl Module<'_> {
             Module::Loha(m) => m.factors.iter().map(Vec::len).collect(),
             Module::Lokr(m) => m.w1.iter().chain(&m.w2).map(Vec::len).collect(),
             Module::Vera(m, _) => vec![m.lambda_d.len(), m.lambda_b.len()],
+            Module::AdaLora(m) => vec![m.a.len(), m.e.len(), m.b.len()],
         }
     }
 }
@@ -189,6 +193,7 @@ pub(super) fn forward<B: Backend<f32> + ?Sized>(
             let (proj, layer) = (p.projection()?, m.layer(n_in)?);
             run_forward(backend, &base, &layer.bound(&proj), x, y, &mut ws.scratch)
         }
+        Some(Module::AdaLora(m)) => run_forward(backend, &base, &m.layer()?, x, y, &mut ws.scratch),
     }
 }
 
@@ -246,6 +251,11 @@ pub(super) fn backward<B: Backend<f32> + ?Sized>(
             let (proj, layer) = (p.projection()?, m.layer(n_in)?);
             let g = VeraGrads { lambda_d: &mut gd[..], lambda_b: &mut gb[..] };
             run_backward(backend, &base, &layer.bound(&proj), x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
+        }
+        Module::AdaLora(m) => {
+            let [ga, ge, gb] = grads else { return Err(bad()) };
+            let g = AdaLoraGrads { a: &mut ga[..], e: &mut ge[..], b: &mut gb[..] };
+            run_backward(backend, &base, &m.layer()?, x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
         }
     }
 }

@@ -24,7 +24,7 @@ use peft_core::storage::Owned;
 use super::weights::Matrix;
 use super::{Bottleneck, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Projection, Trace};
 use crate::hf::{
-    HfAdapter, HfError, HfTensor, Ia3Module, LohaModule, LokrModule, LoraModule, PeftConfig, VeraModule,
+    AdaLoraModule, HfAdapter, HfError, HfTensor, Ia3Module, LohaModule, LokrModule, LoraModule, PeftConfig, VeraModule,
     VeraProjections,
 };
 
@@ -75,6 +75,18 @@ pub enum MethodSetup {
         /// Adapted projections.
         targets: Vec<String>,
     },
+    /// AdaLoRA at rank `init_r` with `lora_alpha`: `A`, `E` and `B` train
+    /// on the task loss alone (PEFT's orthogonality penalty and budget
+    /// allocation are not applied; the folder is an AdaLoRA without a
+    /// `rank_pattern`, which PEFT loads and runs as written).
+    AdaLora {
+        /// `init_r`.
+        init_r: usize,
+        /// `lora_alpha`.
+        alpha: f64,
+        /// Adapted projections.
+        targets: Vec<String>,
+    },
     /// Prompt tuning with `n` virtual tokens.
     Prompt {
         /// Virtual tokens.
@@ -94,7 +106,8 @@ impl MethodSetup {
             MethodSetup::Lora { r, .. }
             | MethodSetup::Loha { r, .. }
             | MethodSetup::Lokr { r, .. }
-            | MethodSetup::Vera { r, .. } => Some(*r),
+            | MethodSetup::Vera { r, .. }
+            | MethodSetup::AdaLora { init_r: r, .. } => Some(*r),
             MethodSetup::Ia3 { .. } | MethodSetup::Prompt { .. } | MethodSetup::Prefix { .. } => None,
         }
     }
@@ -105,7 +118,8 @@ impl MethodSetup {
             | MethodSetup::Ia3 { targets, .. }
             | MethodSetup::Loha { targets, .. }
             | MethodSetup::Lokr { targets, .. }
-            | MethodSetup::Vera { targets, .. } => targets,
+            | MethodSetup::Vera { targets, .. }
+            | MethodSetup::AdaLora { targets, .. } => targets,
             MethodSetup::Prompt { .. } | MethodSetup::Prefix { .. } => &[],
         }
     }
@@ -128,6 +142,11 @@ impl MethodSetup {
             MethodSetup::Vera { r, targets } => json!({"peft_type": "VERA", "task_type": "CAUSAL_LM", "r": r,
                 "target_modules": targets, "save_projection": true, "projection_prng_key": 0, "d_initial": 0.1,
                 "fan_in_fan_out": false, "bias": "none"}),
+            // PEFT's config refuses `total_step` unset; it only drives PEFT's allocation schedule.
+            MethodSetup::AdaLora { init_r, alpha, targets } => json!({"peft_type": "ADALORA",
+                "task_type": "CAUSAL_LM", "r": 8, "init_r": init_r, "target_r": init_r, "lora_alpha": alpha,
+                "target_modules": targets, "fan_in_fan_out": false, "bias": "none", "lora_dropout": 0.0,
+                "rank_pattern": null, "total_step": 1, "tinit": 0, "tfinal": 0, "deltaT": 1}),
             MethodSetup::Prompt { n } => json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
                 "num_virtual_tokens": n, "token_dim": c.hidden_size, "num_layers": c.num_layers,
                 "num_attention_heads": c.num_heads, "num_transformer_submodules": 1,
@@ -258,6 +277,11 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
             }
         }
         MethodSetup::Vera { r, .. } => init_vera(&mut ad, sites, *r, &mut rng)?,
+        MethodSetup::AdaLora { init_r, alpha, .. } => {
+            for s in sites {
+                ad.adalora.push(init_adalora(s, *init_r, *alpha, &mut rng)?);
+            }
+        }
         MethodSetup::Prompt { n } => ad.prompt = Some(init_prompt(model, *n, &mut rng)?),
         MethodSetup::Prefix { n } => {
             let shape = peft_core::attention::AttentionShape::new(c.num_heads, c.num_kv_heads, c.head_dim)?;
@@ -366,6 +390,17 @@ fn init_lokr(s: Site<'_>, r: usize, alpha: f64, rng: &mut Rng) -> Result<LokrMod
     Ok(LokrModule { name: s.name, w1, w2, d1: layout.d1, d2: layout.d2, r, alpha, dtypes })
 }
 
+/// AdaLoRA as PEFT initializes it (`peft-core`'s init: `E = 0`).
+fn init_adalora(s: Site<'_>, r: usize, alpha: f64, rng: &mut Rng) -> Result<AdaLoraModule, HfError> {
+    let (n_out, n_in) = (s.weight.rows, s.weight.cols);
+    let scale = peft_core::adalora::scale(alpha, r)?;
+    let (a, e, b) = (vec![0.0f32; r * n_in], vec![0.0f32; r], vec![0.0f32; n_out * r]);
+    let mut layer = peft_core::adalora::AdaLora::new(r, n_in, n_out, scale, a, e, b)?;
+    layer.init_adapter(rng);
+    let [a, e, b] = layer.tensors_mut().map(|t| t.to_vec());
+    Ok(AdaLoraModule { name: s.name, a, e, b, r, n_in, n_out, scale, dtypes: [Dtype::F32; 3] })
+}
+
 /// VeRA: the shared projections sized for the largest site, Kaiming-
 /// uniform; per site `lambda_d = 0.1`, `lambda_b = 0`.
 fn init_vera(ad: &mut HfAdapter, sites: Vec<Site<'_>>, r: usize, rng: &mut Rng) -> Result<(), HfError> {
@@ -460,6 +495,9 @@ pub fn tensors_mut(ad: &mut HfAdapter) -> Vec<&mut Vec<f32>> {
     }
     for m in &mut ad.vera {
         named.push((m.name.clone(), vec![&mut m.lambda_d, &mut m.lambda_b]));
+    }
+    for m in &mut ad.adalora {
+        named.push((m.name.clone(), vec![&mut m.a, &mut m.e, &mut m.b]));
     }
     let key = |name: &str| {
         let rest = name.strip_prefix("model.layers.").unwrap_or(name);

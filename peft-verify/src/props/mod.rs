@@ -1,5 +1,6 @@
 //! The properties, one module per method (see the table in the crate docs).
 
+pub mod adalora;
 pub mod adapter;
 pub mod attention;
 pub mod dora;
