@@ -17,6 +17,7 @@
 //! | `gemm_rate` | faer `x W^T`, 128 x 1024 x 1024 | (absolute GFLOP/s) | >= 170 |
 //! | `ref_vs_faer` | reference gemm, 32 x 768 x 768 | faer gemm | >= 0.15 of faer's FLOP/s |
 //! | `dora_forward` | DoRA's unmerged forward, norms cached | LoRA's unmerged forward | <= 1.10 |
+//! | `method_forward` | each newer method's unmerged forward at r = 16 or its equivalent (AdaLoRA: k = 16) | LoRA's unmerged forward | <= 1.3 |
 //! | `mixed_batch` | 4 LoRA adapters (r 16) over 32 tokens each, one base gemm | one adapter over the 128 tokens | <= 1.15 |
 //! | `storage` | LoRA forward over a stored base (f16, bf16, int8, q8_0, q4_0), t = 1, d = 4096, r = 16 | `stream`: one read of the stored bytes (a sum) | <= 1.3 |
 //! | `storage` | the same through the `no_std` reference kernels | faer's path | faer time / reference time >= 0.25 |
@@ -436,6 +437,42 @@ fn dora_group(c: &mut Criterion) {
     g.finish();
 }
 
+/// Each newer method's unmerged forward against LoRA's, t = 128, d = 4096,
+/// r = 16 (or the method's equivalent), one thread (issue 29's target).
+fn method_group(c: &mut Criterion) {
+    use peft_core::adalora::{AdaLora, scale};
+    let s = SHAPES[0];
+    let p = Problem::new(s);
+    let backend = Faer::with_threads(1);
+    let base = Dense::new(&p.w, s.d_out, s.d_in).unwrap();
+    let lora = Lora::new(&LoraConfig::new(s.r, 2.0 * s.r as f64), s.d_in, s.d_out, &p.a[..], &p.b[..]).unwrap();
+    let mut e = vec![0.0f32; s.r];
+    Rng::new(6).fill_uniform(&mut e, -1.0, 1.0);
+    let ada_scale = scale(2.0 * s.r as f64, s.r).unwrap();
+    let ada = AdaLora::new(s.r, s.d_in, s.d_out, ada_scale, &p.a[..], &e[..], &p.b[..]).unwrap();
+    let x = MatRef::new(&p.x, s.tokens, s.d_in).unwrap();
+    let mut y = vec![0.0f32; s.tokens * s.d_out];
+    let mut scratch = vec![0.0f32; ada.forward_scratch_len(s.tokens).max(lora.forward_scratch_len(s.tokens))];
+    let mut g = c.benchmark_group("method_forward.t128_4096_r16.1t");
+    configure(&mut g, true);
+    g.throughput(Throughput::Elements(s.lora_forward_flops()));
+    g.bench_function("lora_forward", |bench| {
+        bench.iter(|| {
+            let yv = MatMut::new(&mut y, s.tokens, s.d_out).unwrap();
+            lora.forward(&backend, &base, x, yv, &mut scratch).unwrap();
+            black_box(&y);
+        })
+    });
+    g.bench_function("adalora_forward", |bench| {
+        bench.iter(|| {
+            let yv = MatMut::new(&mut y, s.tokens, s.d_out).unwrap();
+            ada.forward(&backend, &base, x, yv, &mut scratch).unwrap();
+            black_box(&y);
+        })
+    });
+    g.finish();
+}
+
 /// One read of every byte of `b`: a sum the compiler vectorizes.
 fn stream_bytes(b: &[u8]) -> u64 {
     u64::from(b.iter().fold(0u32, |a, v| a.wrapping_add(u32::from(*v))))
@@ -576,6 +613,7 @@ mod group {
         vzeroupper_group,
         lora_groups,
         dora_group,
+        method_group,
         mixed_batch_group,
         storage_groups,
         gguf_groups,
