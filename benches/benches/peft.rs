@@ -420,21 +420,31 @@ fn dora_group(c: &mut Criterion) {
     let mut g = c.benchmark_group("dora_forward.t128_4096_r16.1t");
     configure(&mut g, true);
     g.throughput(Throughput::Elements(s.lora_forward_flops()));
-    g.bench_function("lora_forward", |bench| {
-        bench.iter(|| {
-            let yv = MatMut::new(&mut y, s.tokens, s.d_out).unwrap();
-            lora.forward(&backend, &base, x, yv, &mut scratch).unwrap();
-            black_box(&y);
-        })
-    });
-    g.bench_function("dora_forward", |bench| {
-        bench.iter(|| {
-            let yv = MatMut::new(&mut y, s.tokens, s.d_out).unwrap();
-            dora.forward(&backend, &base, x, yv, &mut scratch).unwrap();
-            black_box(&y);
-        })
-    });
+    bench_adapter_forward(&mut g, "lora_forward", &backend, &base, x, &mut y, &mut scratch, &lora);
+    bench_adapter_forward(&mut g, "dora_forward", &backend, &base, x, &mut y, &mut scratch, &dora);
     g.finish();
+}
+
+/// One method's unmerged forward over `base`, `y = f(x)`.
+#[allow(clippy::too_many_arguments)]
+fn bench_adapter_forward<A: LinearAdapter<f32>>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    backend: &Faer,
+    base: &Dense<'_, f32>,
+    x: MatRef<'_, f32>,
+    y: &mut [f32],
+    scratch: &mut [f32],
+    layer: &A,
+) {
+    let (t, n_out) = (x.rows(), layer.out_features());
+    g.bench_function(name, |bench| {
+        bench.iter(|| {
+            let yv = MatMut::new(&mut *y, t, n_out).unwrap();
+            layer.forward(backend, base, x, yv, &mut *scratch).unwrap();
+            black_box(&*y);
+        })
+    });
 }
 
 /// Each newer method's unmerged forward against LoRA's, t = 128, d = 4096,
@@ -456,20 +466,8 @@ fn method_group(c: &mut Criterion) {
     let mut g = c.benchmark_group("method_forward.t128_4096_r16.1t");
     configure(&mut g, true);
     g.throughput(Throughput::Elements(s.lora_forward_flops()));
-    g.bench_function("lora_forward", |bench| {
-        bench.iter(|| {
-            let yv = MatMut::new(&mut y, s.tokens, s.d_out).unwrap();
-            lora.forward(&backend, &base, x, yv, &mut scratch).unwrap();
-            black_box(&y);
-        })
-    });
-    g.bench_function("adalora_forward", |bench| {
-        bench.iter(|| {
-            let yv = MatMut::new(&mut y, s.tokens, s.d_out).unwrap();
-            ada.forward(&backend, &base, x, yv, &mut scratch).unwrap();
-            black_box(&y);
-        })
-    });
+    bench_adapter_forward(&mut g, "lora_forward", &backend, &base, x, &mut y, &mut scratch, &lora);
+    bench_adapter_forward(&mut g, "adalora_forward", &backend, &base, x, &mut y, &mut scratch, &ada);
     g.finish();
 }
 

@@ -14,7 +14,7 @@ use std::process::Command;
 
 use peft_faer::hf::{HfAdapter, PeftConfig};
 
-use common::{assert_converts_bit_for_bit, assert_merge_matches, assert_module_forward, case_dir, scratch};
+use common::{assert_converts_bit_for_bit, assert_merge_matches, assert_module_forward, case_dir, edited, scratch};
 
 fn check_case(case: &str, ranks: &[(&str, usize)]) {
     let dir = case_dir(case);
@@ -59,18 +59,6 @@ fn adalora_allocated_keeps_ranknum_at_init_r() {
         ("layers.1.v_proj", 2),
     ];
     check_case("adalora_allocated", &ranks);
-}
-
-/// A copy of `case` with its config edited by `edit`.
-fn edited(case: &str, name: &str, edit: impl Fn(&mut serde_json::Value)) -> std::path::PathBuf {
-    let dir = scratch(name);
-    let case = case_dir(case);
-    std::fs::copy(case.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
-    let mut cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(case.join("adapter_config.json")).unwrap()).unwrap();
-    edit(&mut cfg);
-    std::fs::write(dir.join("adapter_config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
-    dir
 }
 
 #[test]

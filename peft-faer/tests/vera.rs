@@ -14,7 +14,9 @@ use peft_core::vera::{Vera, VeraProjection};
 
 use peft_faer::hf::{HfAdapter, PeftConfig};
 
-use common::{assert_converts_bit_for_bit, assert_merge_matches, assert_module_forward, case_dir, load, scratch};
+use common::{
+    assert_converts_bit_for_bit, assert_merge_matches, assert_module_forward, case_dir, edited, load, scratch,
+};
 
 #[test]
 fn vera_merge_and_forward_match_peft() {
@@ -41,25 +43,13 @@ fn vera_merge_and_forward_match_peft() {
     assert!(text.contains("total: 4 modules, 256 trainable parameters"), "2 (8 + 64) + 2 (8 + 48) = 256: {text}");
 }
 
-/// A copy of the fixture with its config edited by `edit`.
-fn edited(name: &str, edit: impl Fn(&mut serde_json::Value)) -> std::path::PathBuf {
-    let dir = scratch(name);
-    let case = case_dir("vera");
-    std::fs::copy(case.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
-    let mut cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(case.join("adapter_config.json")).unwrap()).unwrap();
-    edit(&mut cfg);
-    std::fs::write(dir.join("adapter_config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
-    dir
-}
-
 #[test]
 fn vera_refusals_name_the_field() {
-    let no_proj = edited("vera-no-proj", |c| c["save_projection"] = false.into());
+    let no_proj = edited("vera", "vera-no-proj", |c| c["save_projection"] = false.into());
     let err = HfAdapter::read_dir(&no_proj).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("unsupported") && text.contains("`save_projection` = false"), "{text}");
-    let rank = edited("vera-rank", |c| c["r"] = 4.into());
+    let rank = edited("vera", "vera-rank", |c| c["r"] = 4.into());
     let err = HfAdapter::read_dir(&rank).unwrap_err();
     assert!(err.to_string().contains("vera_A"), "{err}");
     // A base wider than vera_A: the merge refuses before writing.

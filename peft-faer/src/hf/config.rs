@@ -497,6 +497,18 @@ fn unsupported_if_set(obj: &Map<String, Value>, field: &'static str, why: &str) 
     if is_set(obj, field) { Err(HfError::Unsupported(format!("`{field}`: {why}"))) } else { Ok(()) }
 }
 
+/// Refuses `fan_in_fan_out` (GPT-2's `Conv1D` bases) and a trained `bias`
+/// other than `"none"`, for a method implemented on `nn.Linear` alone.
+fn linear_without_bias(method: &str, fan_in_fan_out: Option<bool>, bias: Option<&str>) -> Result<(), HfError> {
+    if fan_in_fan_out.unwrap_or(false) {
+        return Err(HfError::Unsupported(format!("`fan_in_fan_out` (Conv1D bases) with {method}")));
+    }
+    if !matches!(bias, None | Some("none")) {
+        return Err(HfError::Unsupported(format!("`bias` other than \"none\" with {method}")));
+    }
+    Ok(())
+}
+
 impl PeftConfig {
     /// Parses the text of `adapter_config.json`: the fields that change
     /// the math into typed values (serde), then a pass over every other
@@ -648,12 +660,7 @@ impl PeftConfig {
             ));
         }
         unsupported_if_set(&raw.rest, "layers_to_transform", "VeRA on a subset of layers is not supported")?;
-        if raw.fan_in_fan_out.unwrap_or(false) {
-            return Err(HfError::Unsupported("`fan_in_fan_out` with VeRA".into()));
-        }
-        if !matches!(raw.bias.as_deref(), None | Some("none")) {
-            return Err(HfError::Unsupported("`bias` other than \"none\" with VeRA".into()));
-        }
+        linear_without_bias("VeRA", raw.fan_in_fan_out, raw.bias.as_deref())?;
         if raw.r == 0 {
             return Err(HfError::config("r", "must be at least 1"));
         }
@@ -675,12 +682,7 @@ impl PeftConfig {
         // PEFT refuses these itself (`AdaLoraConfig.__post_init__`).
         unsupported_if_set(rest, "use_dora", "AdaLoRA does not support DoRA")?;
         unsupported_if_set(rest, "lora_bias", "AdaLoRA has no lora_bias")?;
-        if raw.fan_in_fan_out.unwrap_or(false) {
-            return Err(HfError::Unsupported("`fan_in_fan_out` (Conv1D bases) with AdaLoRA".into()));
-        }
-        if !matches!(raw.bias.as_deref(), None | Some("none")) {
-            return Err(HfError::Unsupported("`bias` other than \"none\" with AdaLoRA".into()));
-        }
+        linear_without_bias("AdaLoRA", raw.fan_in_fan_out, raw.bias.as_deref())?;
         if raw.init_r == 0 {
             return Err(HfError::config("init_r", "must be at least 1"));
         }

@@ -114,6 +114,20 @@ pub fn assert_converts_bit_for_bit(case: &Path) {
     assert_eq!(peft_dir_to_own(&dir.join("back")).unwrap(), own, "{name}: .peft bytes");
 }
 
+/// A copy of the fixture case `case` (its weights) in the scratch folder
+/// `name`, with its `adapter_config.json` edited by `edit`.
+#[cfg(feature = "cli")]
+pub fn edited(case: &str, name: &str, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
+    let dir = scratch(name);
+    let case = case_dir(case);
+    std::fs::copy(case.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(case.join("adapter_config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.join("adapter_config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    dir
+}
+
 /// Tensors by name: element type, shape, values as f32.
 pub type Tensors = HashMap<String, (Dtype, Vec<usize>, Vec<f32>)>;
 
