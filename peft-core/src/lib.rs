@@ -85,6 +85,7 @@ pub mod lokr;
 pub mod lora;
 mod matrix;
 pub mod method;
+pub mod miss;
 pub mod optim;
 pub mod prefix;
 pub mod prompt;

@@ -31,6 +31,7 @@
 //! | LoHa, LoKr | `1e-3` | as LoRA: low-rank factors of LoRA's kind; neither PEFT nor LyCORIS sets another default |
 //! | VeRA | `1e-2` | our choice: only scaling vectors train, as for (IA)^3 and prompts, so an order above LoRA's |
 //! | AdaLoRA | `1e-3` | as LoRA: PEFT's AdaLoRA examples train at LoRA's rates |
+//! | MiSS | `1e-3` | as LoRA: a zero-initialized shard of the weight's size class; PEFT sets no other default |
 //!
 //! DoRA is a LoRA variant ([`Method::Lora`], `use_dora` in its configuration) and takes LoRA's rate.
 
@@ -74,6 +75,8 @@ pub enum Method {
     Vera,
     /// AdaLoRA.
     AdaLora,
+    /// MiSS.
+    Miss,
 }
 
 impl Method {
@@ -88,11 +91,12 @@ impl Method {
             Method::Loha | Method::Lokr => 1e-3,
             Method::Vera => 1e-2,
             Method::AdaLora => 1e-3,
+            Method::Miss => 1e-3,
         }
     }
 
     /// The lower-case name (`"lora"`, `"adapter"`, `"prompt"`, `"prefix"`,
-    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`).
+    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`).
     pub const fn name(self) -> &'static str {
         match self {
             Method::Lora => "lora",
@@ -104,6 +108,7 @@ impl Method {
             Method::Lokr => "lokr",
             Method::Vera => "vera",
             Method::AdaLora => "adalora",
+            Method::Miss => "miss",
         }
     }
 }

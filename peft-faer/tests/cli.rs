@@ -19,7 +19,10 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
     assert_eq!(doc["frozen_base_bit_identical"], true);
     let methods = doc["methods"].as_array().unwrap();
     let names: Vec<&str> = methods.iter().map(|m| m["method"].as_str().unwrap()).collect();
-    assert_eq!(names, ["lora", "dora", "ia3", "loha", "lokr", "vera", "adalora", "adapter", "prompt", "prefix"]);
+    assert_eq!(
+        names,
+        ["lora", "dora", "ia3", "loha", "lokr", "vera", "adalora", "miss", "adapter", "prompt", "prefix"]
+    );
     for m in methods {
         for key in [
             "trainable_params",
@@ -58,11 +61,11 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
     }
-    // The seven methods on projections merge; the others have nothing to merge.
-    for m in &methods[..7] {
+    // The eight methods on projections merge; the others have nothing to merge.
+    for m in &methods[..8] {
         assert!(m["merged_vs_unmerged_max_abs_diff"].as_f64().unwrap() < 1e-4, "{m}");
     }
-    for m in &methods[7..] {
+    for m in &methods[8..] {
         assert!(m["merged_vs_unmerged_max_abs_diff"].is_null(), "{m}");
     }
     std::fs::remove_dir_all(&out_dir).ok();

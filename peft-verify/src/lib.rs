@@ -55,6 +55,11 @@
 //! | `adalora_merged_equals_unmerged` | `W + dW` gives the unmerged output | 6 |
 //! | `adalora_unmerge_restores` | AdaLoRA's typed merge: as `loha_unmerge_restores` | 6 |
 //! | `adalora_gradients_match_fd` | dA, dE, dB and dx against central differences | 12 |
+//! | `miss_identity_at_init` | MiSS at PEFT's init (`D = 0`), each variant: exactly the base output | 2 |
+//! | `miss_matches_oracle` | `x (W + dW)^T`, `dW` written from PEFT's balance, mini and bat formulas | 3 |
+//! | `miss_merged_equals_unmerged` | the merged weight (bat: from `W`'s blocks) gives the unmerged output | 6 |
+//! | `miss_unmerge_restores` | balance and mini as `loha_unmerge_restores`; bat restored from a backup, refused without one | 6 |
+//! | `miss_gradients_match_fd` | dD and dx against central differences, each variant | 12 |
 //! | `lokr_matches_oracle_and_merges` | LoKr, each factor full or low rank: `x (W + s kron(W1, W2))^T`, and the merged weight gives it | 3, 6 |
 //! | `lokr_unmerge_restores` | LoKr's typed merge, each factor form: as `loha_unmerge_restores` | 6 |
 //! | `lokr_identity_at_init` | LoKr at PEFT's init (`W1 = 0`, each factor form): exactly the base output | 2 |
@@ -348,6 +353,7 @@ where
     props::embedding::run_all::<E, B>(backend, config, &mut report);
     props::loha::run_all::<E, B>(backend, config, &mut report);
     props::adalora::run_all::<E, B>(backend, config, &mut report);
+    props::miss::run_all::<E, B>(backend, config, &mut report);
     props::lokr::run_all::<E, B>(backend, config, &mut report);
     props::vera::run_all::<E, B>(backend, config, &mut report);
     props::adapter::run_all::<E, B>(backend, config, &mut report);

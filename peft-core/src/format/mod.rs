@@ -21,7 +21,7 @@
 //!  8      4     version (1)
 //! 12      1     method (1 LoRA or DoRA, 2 adapter, 3 prompt, 4 prefix,
 //!                  5 IA3, 6 LoHa, 7 LoKr, 8 VeRA,
-//!                  9 AdaLoRA)
+//!                  9 AdaLoRA, 10 MiSS)
 //! 13      3     reserved, zero
 //! 16      4     n_config   (<= MAX_CONFIG)
 //! 20      4     n_tensors  (<= MAX_TENSORS)
@@ -311,6 +311,7 @@ fn method_code(m: Method) -> u8 {
         Method::Lokr => 7,
         Method::Vera => 8,
         Method::AdaLora => 9,
+        Method::Miss => 10,
     }
 }
 
@@ -325,6 +326,7 @@ const fn method_from_code(code: u8) -> Fmt<Method> {
         7 => Ok(Method::Lokr),
         8 => Ok(Method::Vera),
         9 => Ok(Method::AdaLora),
+        10 => Ok(Method::Miss),
         _ => Err(FormatError::UnknownMethod { code }),
     }
 }

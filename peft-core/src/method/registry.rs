@@ -45,7 +45,7 @@ impl MethodSpec {
 }
 
 /// Every method, in the order `peft finetune` trains and prints them.
-pub const METHODS: [MethodSpec; 10] = [
+pub const METHODS: [MethodSpec; 11] = [
     MethodSpec {
         name: "lora",
         peft_type: Some("LORA"),
@@ -103,6 +103,14 @@ pub const METHODS: [MethodSpec; 10] = [
         summary: "dW = s B diag(E) A, s = alpha / (init_r + 1e-5), the rank allocated per module",
     },
     MethodSpec {
+        name: "miss",
+        peft_type: Some("MISS"),
+        file_method: Method::Miss,
+        family: Family::Weight,
+        merges: true,
+        summary: "dW[o, c] = D[c mod r, o] (balance, mini), or W_{a,c} D[a] + D[a] per r x r block (bat)",
+    },
+    MethodSpec {
         name: "adapter",
         peft_type: None,
         file_method: Method::Adapter,
@@ -147,7 +155,7 @@ mod tests {
         // until it is added to the list below and to METHODS.
         let known = |m: Method| match m {
             Method::Lora | Method::Adapter | Method::Prompt | Method::Prefix => true,
-            Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera | Method::AdaLora => true,
+            Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera | Method::AdaLora | Method::Miss => true,
         };
         for m in [
             Method::Lora,
@@ -159,6 +167,7 @@ mod tests {
             Method::Lokr,
             Method::Vera,
             Method::AdaLora,
+            Method::Miss,
         ] {
             assert!(known(m));
             assert!(METHODS.iter().any(|s| s.file_method == m), "{m:?} has no entry");

@@ -11,7 +11,7 @@ use super::keys::{Reader, normalize_key};
 use super::st::{self, OutEntry, StFile};
 use super::{
     AdaLoraModule, CONFIG_FILE, HfError, Ia3Module, LOHA_KEYS, LohaModule, LokrModule, LoraModule, MAX_ADAPTER_BYTES,
-    MAX_CONFIG_BYTES, PeftConfig, VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections, WEIGHTS_FILE,
+    MAX_CONFIG_BYTES, MissModule, PeftConfig, VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections, WEIGHTS_FILE,
 };
 
 /// A whole tensor of an adapter: a base tensor it replaces (a trained bias
@@ -48,6 +48,8 @@ pub struct HfAdapter {
     pub vera_projections: Option<VeraProjections>,
     /// AdaLoRA modules, in the order of their keys.
     pub adalora: Vec<AdaLoraModule>,
+    /// MiSS modules, in the order of their keys.
+    pub miss: Vec<MissModule>,
     /// Whole-tensor replacements.
     pub replacements: Vec<HfTensor>,
     /// Tensors PEFT saves that act in its training only (VeLoRA's
@@ -124,6 +126,7 @@ impl HfAdapter {
             PeftConfig::Lokr(kc) => out.read_lokr(kc, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Vera(vc) => out.read_vera(vc, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::AdaLora(c) => out.read_adalora(c, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::Miss(c) => out.read_miss(c, &file, read).map_err(|e| e.in_file(&path))?,
         }
         Ok(out)
     }
@@ -139,6 +142,7 @@ impl HfAdapter {
             vera: Vec::new(),
             vera_projections: None,
             adalora: Vec::new(),
+            miss: Vec::new(),
             replacements: Vec::new(),
             training_state: Vec::new(),
             prompt: None,
@@ -203,6 +207,7 @@ impl HfAdapter {
             PeftConfig::Lokr(c) => serde_json::Value::Object(c.common.raw.clone()),
             PeftConfig::Vera(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::AdaLora(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::Miss(c) => serde_json::Value::Object(c.raw.clone()),
         }
     }
 
@@ -243,6 +248,9 @@ impl HfAdapter {
             for ((key, shape, data), dtype) in m.stored().into_iter().zip(&m.dtypes) {
                 tensors.push((format!("base_model.model.{}.{key}", m.name), *dtype, shape, data));
             }
+        }
+        for m in &self.miss {
+            tensors.push((format!("base_model.model.{}.miss_block", m.name), m.dtype, m.shape.clone(), &m.d));
         }
         for m in &self.ia3 {
             tensors.push((format!("base_model.model.{}.ia3_l", m.name), m.dtype, m.shape().to_vec(), &m.l));

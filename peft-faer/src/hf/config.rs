@@ -299,9 +299,27 @@ impl AdaLoraConfig {
     }
 }
 
+/// A MiSS adapter's configuration (`peft_type: "MISS"`).
+#[derive(Clone, Debug)]
+pub struct MissConfig {
+    /// The shard size `r`.
+    pub r: usize,
+    /// The variant: `init_weights` `true` (balance), `"mini"` (with
+    /// `mini_r`) or `"bat"`.
+    pub variant: peft_core::miss::MissVariant,
+    /// Targeted modules.
+    pub target_modules: Targets,
+    /// Modules whose whole weights are trained and saved.
+    pub modules_to_save: Vec<String>,
+    /// The JSON object as read.
+    pub raw: Map<String, Value>,
+}
+
 /// A parsed `adapter_config.json`.
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
+    /// `peft_type: "MISS"`.
+    Miss(MissConfig),
     /// `peft_type: "ADALORA"`.
     AdaLora(AdaLoraConfig),
     /// `peft_type: "LOHA"`.
@@ -331,6 +349,7 @@ impl PeftConfig {
             PeftConfig::Ia3(_) => "IA3",
             PeftConfig::Vera(_) => "VERA",
             PeftConfig::AdaLora(_) => "ADALORA",
+            PeftConfig::Miss(_) => "MISS",
         }
     }
 }
@@ -423,6 +442,20 @@ struct RawAdaLora {
     rank_pattern: Option<Ordered<Vec<bool>>>,
     target_modules: Option<RawTargets>,
     fan_in_fan_out: Option<bool>,
+    bias: Option<String>,
+    modules_to_save: Option<OneOrMany<String>>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// The fields of a MiSS config that change the math.
+#[derive(Deserialize)]
+struct RawMiss {
+    r: usize,
+    /// `true`, `false`, `"bat"` or `"mini"`.
+    init_weights: Option<Value>,
+    mini_r: Option<usize>,
+    target_modules: Option<RawTargets>,
     bias: Option<String>,
     modules_to_save: Option<OneOrMany<String>>,
     #[serde(flatten)]
@@ -531,6 +564,7 @@ impl PeftConfig {
             "LOHA" => Self::loha(text, &v),
             "VERA" => Self::vera(text, &v),
             "ADALORA" => Self::adalora(text, &v),
+            "MISS" => Self::miss(text, &v),
             "LOKR" => {
                 let PeftConfig::Loha(common) = Self::loha(text, &v)? else {
                     return Err(HfError::config("peft_type", "LOKR"));
@@ -543,7 +577,7 @@ impl PeftConfig {
                 Ok(PeftConfig::Lokr(LokrConfig { common, decompose_both, decompose_factor }))
             }
             other => Err(HfError::Unsupported(format!(
-                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, PROMPT_TUNING, PREFIX_TUNING)"
+                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }
@@ -701,6 +735,42 @@ impl PeftConfig {
         };
         config.scale()?;
         Ok(PeftConfig::AdaLora(config))
+    }
+
+    fn miss(text: &str, v: &Value) -> Result<Self, HfError> {
+        use peft_core::miss::MissVariant;
+        let raw: RawMiss = typed(text)?;
+        unsupported_if_set(&raw.rest, "layers_to_transform", "MiSS on a subset of layers is not supported")?;
+        linear_without_bias("MiSS", None, raw.bias.as_deref())?;
+        if raw.r == 0 {
+            return Err(HfError::config("r", "must be at least 1"));
+        }
+        // PEFT's `update_layer`: `init_weights` picks the variant; `false`
+        // (a random init) is the balance layout too.
+        let variant = match &raw.init_weights {
+            None | Some(Value::Bool(_)) => MissVariant::Balance,
+            Some(Value::String(s)) if s == "bat" => MissVariant::Bat,
+            Some(Value::String(s)) if s == "mini" => {
+                let mini_r = raw.mini_r.unwrap_or(1);
+                if mini_r == 0 {
+                    return Err(HfError::config("mini_r", "must be at least 1"));
+                }
+                MissVariant::Mini { mini_r }
+            }
+            Some(other) => {
+                return Err(HfError::config(
+                    "init_weights",
+                    &format!("{other} is not true, false, \"bat\" or \"mini\""),
+                ));
+            }
+        };
+        Ok(PeftConfig::Miss(MissConfig {
+            r: raw.r,
+            variant,
+            target_modules: targets("target_modules", raw.target_modules)?,
+            modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
+            raw: v.as_object().cloned().unwrap_or_default(),
+        }))
     }
 
     fn ia3(text: &str, v: &Value) -> Result<Self, HfError> {

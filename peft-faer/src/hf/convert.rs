@@ -141,6 +141,7 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
         PeftConfig::Lokr(_) => Method::Lokr,
         PeftConfig::Vera(_) => Method::Vera,
         PeftConfig::AdaLora(_) => Method::AdaLora,
+        PeftConfig::Miss(_) => Method::Miss,
     };
     let restored = restored_entries(&ad, method, &config_json);
     let mut config: Vec<(String, Value<'_>)> = Vec::new();
@@ -174,6 +175,16 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
                     config.push(("lora_alpha".into(), Value::F64(c.lora_alpha)));
                     let total_step = c.raw.get("total_step").and_then(serde_json::Value::as_u64).unwrap_or(1);
                     config.push(("total_step".into(), Value::U64(total_step)));
+                }
+                PeftConfig::Miss(c) => {
+                    config.push(("r".into(), Value::U64(c.r as u64)));
+                    let (variant, mini_r) = match c.variant {
+                        peft_core::miss::MissVariant::Balance => ("balance", 1),
+                        peft_core::miss::MissVariant::Mini { mini_r } => ("mini", mini_r),
+                        peft_core::miss::MissVariant::Bat => ("bat", 1),
+                    };
+                    config.push(("variant".into(), Value::Str(variant)));
+                    config.push(("mini_r".into(), Value::U64(mini_r as u64)));
                 }
                 PeftConfig::Ia3(_) => {}
             }
@@ -271,7 +282,8 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
         | PeftConfig::Loha(_)
         | PeftConfig::Lokr(_)
         | PeftConfig::Vera(_)
-        | PeftConfig::AdaLora(_) => {
+        | PeftConfig::AdaLora(_)
+        | PeftConfig::Miss(_) => {
             // Tensors as stored, under PEFT's keys; the reader checks them
             // against the config before the folder is committed.
             let names: Vec<String> = f
@@ -364,6 +376,37 @@ fn lora_modules(
     Ok(())
 }
 
+/// AdaLoRA's PEFT config at rank `init_r` without a rank pattern. PEFT's
+/// config refuses `total_step` unset; `target_r` only drives training.
+fn adalora_config(init_r: u64, alpha: serde_json::Value, targets: Vec<String>, total_step: u64) -> serde_json::Value {
+    json!({
+        "peft_type": "ADALORA", "task_type": null, "base_model_name_or_path": null, "revision": null,
+        "inference_mode": true, "r": 8, "init_r": init_r, "target_r": init_r,
+        "lora_alpha": alpha, "target_modules": targets,
+        "lora_dropout": 0.0, "fan_in_fan_out": false, "bias": "none", "modules_to_save": null,
+        "init_lora_weights": true, "layers_to_transform": null, "layers_pattern": null,
+        "rank_pattern": null, "alpha_pattern": {}, "use_dora": false, "lora_bias": false,
+        "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5,
+        "total_step": total_step,
+    })
+}
+
+/// MiSS's PEFT config; `variant` is the `.peft` entry (`"balance"`,
+/// `"mini"`, `"bat"`), PEFT's `init_weights` (`true`, `"mini"`, `"bat"`).
+fn miss_config(r: u64, mini_r: u64, variant: Option<Value<'_>>, targets: Vec<String>) -> serde_json::Value {
+    let init = match variant {
+        Some(Value::Str("bat")) => json!("bat"),
+        Some(Value::Str("mini")) => json!("mini"),
+        _ => json!(true),
+    };
+    json!({
+        "peft_type": "MISS", "task_type": null, "base_model_name_or_path": null, "revision": null,
+        "inference_mode": true, "r": r, "mini_r": mini_r, "miss_dropout": 0.0,
+        "target_modules": targets, "init_weights": init, "layers_to_transform": null,
+        "layers_pattern": null, "bias": "none", "modules_to_save": null,
+    })
+}
+
 /// A PEFT 0.21 config from a `.peft` file's typed entries.
 fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Value, HfError> {
     let missing = |k: &str| HfError::config(k, "missing from the .peft file, needed for a PEFT config");
@@ -431,16 +474,11 @@ fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Valu
         })),
         // PEFT's config refuses `total_step` unset; without a rank pattern
         // every module has rank init_r, and target_r only drives training.
-        Method::AdaLora => Ok(json!({
-            "peft_type": "ADALORA", "task_type": null, "base_model_name_or_path": null, "revision": null,
-            "inference_mode": true, "r": 8, "init_r": u("init_r")?, "target_r": u("init_r")?,
-            "lora_alpha": number("lora_alpha")?, "target_modules": list("target_modules")?,
-            "lora_dropout": 0.0, "fan_in_fan_out": false, "bias": "none", "modules_to_save": null,
-            "init_lora_weights": true, "layers_to_transform": null, "layers_pattern": null,
-            "rank_pattern": null, "alpha_pattern": {}, "use_dora": false, "lora_bias": false,
-            "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5,
-            "total_step": u("total_step").unwrap_or(1),
-        })),
+        Method::AdaLora => {
+            let (targets, total_step) = (list("target_modules")?, u("total_step").unwrap_or(1));
+            Ok(adalora_config(u("init_r")?, number("lora_alpha")?, targets, total_step))
+        }
+        Method::Miss => Ok(miss_config(u("r")?, u("mini_r").unwrap_or(1), get("variant"), list("target_modules")?)),
         Method::Prompt | Method::Prefix => {
             let prefix = method == Method::Prefix;
             let d = u("d_model").or_else(|_| u("token_dim"))?;

@@ -8,7 +8,8 @@
 use serde_json::{Map, Value, json};
 
 use super::{
-    AdaLoraConfig, AdapterSummary, HfLoraConfig, LohaConfig, LokrConfig, PeftConfig, PromptConfig, VeraConfig,
+    AdaLoraConfig, AdapterSummary, HfLoraConfig, LohaConfig, LokrConfig, MissConfig, PeftConfig, PromptConfig,
+    VeraConfig,
 };
 
 /// One module's row: the columns of its method, in order, each a name and
@@ -96,6 +97,7 @@ impl InspectReport {
             PeftConfig::Ia3(_) => r.ia3(ad, dtype),
             PeftConfig::Lora(c) => r.lora(c, ad, dtype),
             PeftConfig::AdaLora(c) => r.adalora(c, ad, dtype),
+            PeftConfig::Miss(c) => r.miss(c, ad, dtype),
         }
         if !r.modules.is_empty() {
             r.total_params = total(&r.modules);
@@ -186,6 +188,24 @@ impl InspectReport {
             let mut row = named(&m.name);
             row.extend([("in", json!(m.n_in)), ("out", json!(m.n_out)), ("r", json!(m.r))]);
             row.extend([("scale", json!(m.scale)), ("params", json!(m.r * (m.n_in + m.n_out + 1)))]);
+            self.modules.push(row);
+        }
+    }
+
+    /// MiSS's modules and their blocks.
+    fn miss(&mut self, c: &MissConfig, ad: &AdapterSummary, dtype: Value) {
+        use peft_core::miss::MissVariant;
+        self.method = "miss";
+        let (variant, formula) = match c.variant {
+            MissVariant::Balance => ("balance".to_string(), "dW[o, c] = D[c mod r, o]"),
+            MissVariant::Mini { mini_r } => (format!("mini, mini_r={mini_r}"), "dW[o, c] = D[c mod r, o mod mini_r]"),
+            MissVariant::Bat => ("bat".to_string(), "dW_{a,c} = W_{a,c} D[a] + D[a]"),
+        };
+        self.fields = json_map(json!({ "r": c.r, "variant": variant, "dtype": dtype }));
+        self.headline = format!("method miss: r={} {variant} ({formula})", c.r);
+        for m in &ad.miss {
+            let mut row = named(&m.name);
+            row.extend([("miss_block", json!(m.shape)), ("params", json!(m.shape.iter().product::<usize>()))]);
             self.modules.push(row);
         }
     }

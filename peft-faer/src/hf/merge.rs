@@ -44,7 +44,7 @@ use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry};
 use super::{
     AdaLoraModule, HfAdapter, HfError, HfLoraConfig, HfTensor, Ia3Config, Ia3Module, LohaModule, LokrModule,
-    LoraModule, PeftConfig, VeraModule, VeraProjections,
+    LoraModule, MissModule, PeftConfig, VeraModule, VeraProjections,
 };
 use crate::files::{Staging, check_output};
 
@@ -75,6 +75,9 @@ enum Update<'a> {
     Vera(&'a VeraModule, &'a VeraProjections, f64),
     /// AdaLoRA: `W += m dW`.
     AdaLora(&'a AdaLoraModule, f64),
+    /// MiSS on a weight `[out, in]`: `W += m dW` (balance, mini), or bat's
+    /// block update (multiplier 1).
+    Miss(&'a MissModule, [usize; 2], f64),
 }
 
 /// One adapter module's change to a bias, in the adapters' order.
@@ -157,6 +160,15 @@ pub struct MergeOptions {
     pub force: bool,
     /// Write NaN or infinite merged values instead of refusing them.
     pub allow_nonfinite: bool,
+}
+
+/// The least common multiple of `a` and `b` (both at least 1).
+fn lcm(a: usize, b: usize) -> usize {
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    a / x.max(1) * b
 }
 
 /// The first non-finite value of `v`: its index and value.
@@ -416,6 +428,25 @@ impl<'a> Plan<'a, '_> {
         self.push_weight(name, Update::Vera(m, proj, multiplier))
     }
 
+    /// MiSS on `<module>.weight`, whose input width only the base gives:
+    /// the block must fit the base's shape (`peft-core` checks it).
+    fn miss(&mut self, m: &'a MissModule, multiplier: f64) -> Result<(), HfError> {
+        let name = format!("{}.weight", m.name);
+        let shape = match self.base.find(&name) {
+            Some((_, e)) => e.shape.clone(),
+            None => return Err(HfError::Base(format!("{name}, adapted by the adapter, is missing"))),
+        };
+        let &[n_out, n_in] = shape.as_slice() else {
+            return Err(HfError::Base(format!("{name} has shape {shape:?}, the adapter needs a matrix")));
+        };
+        m.layer(n_in, n_out).map_err(|e| HfError::Base(format!("{name} has shape {shape:?}: {e}")))?;
+        if m.variant == peft_core::miss::MissVariant::Bat && multiplier != 1.0 {
+            return Err(HfError::Unsupported("a multiplier other than 1 for a MiSS bat adapter".into()));
+        }
+        self.check(&name, &|_| true, "a float matrix")?;
+        self.push_weight(name, Update::Miss(m, [n_out, n_in], multiplier))
+    }
+
     /// Every tensor an adapter replaces whole, once.
     fn replacements(&mut self, adapter: &'a HfAdapter) -> Result<(), HfError> {
         for r in &adapter.replacements {
@@ -472,6 +503,11 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
                 for m in &adapter.lokr {
                     let (n_out, n_in) = m.dims();
                     plan.weight(&m.name, [n_out, n_in], Update::Lokr(m, multiplier))?;
+                }
+            }
+            PeftConfig::Miss(_) => {
+                for m in &adapter.miss {
+                    plan.miss(m, multiplier)?;
                 }
             }
             PeftConfig::AdaLora(_) => {
@@ -709,7 +745,7 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
     };
     match action {
         Action::Copy if e.shape.len() == 2 => {
-            return map_rows(shard, e, out_f, check_finite, w, |_, _, _, _| Ok(()));
+            return map_rows(shard, e, out_f, check_finite, 1, w, |_, _, _, _| Ok(()));
         }
         Action::Copy => {
             // A dtype change of a float tensor that is not a matrix.
@@ -740,7 +776,9 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
             // A DoRA update after another needs the unmerged base rows for its norm.
             let keep_base = list.iter().skip(1).any(Update::is_dora);
             let mut base = Vec::new();
-            return map_rows(shard, e, out_f, check_finite, w, |i0, n, cols, vals| {
+            // MiSS bat updates whole blocks of r rows: blocks of a multiple of every such r.
+            let align = list.iter().fold(1, |a, u| lcm(a, u.row_align()));
+            return map_rows(shard, e, out_f, check_finite, align, w, |i0, n, cols, vals| {
                 if let Some(r) = start {
                     let rows = r.data.get(i0 * cols..(i0 + n) * cols).ok_or(peft_core::Error::Overflow)?;
                     vals.copy_from_slice(rows);
@@ -771,6 +809,14 @@ impl Update<'_> {
     /// [`DeltaRows`] of the method (`scratch` grows as they need).
     /// `unmerged`: the base's rows before any adapter, when others were
     /// merged into `block` first (DoRA's norm is taken over them).
+    /// The rows the update needs whole blocks of: MiSS bat's `r`, else 1.
+    fn row_align(&self) -> usize {
+        match self {
+            Update::Miss(m, ..) if m.variant == peft_core::miss::MissVariant::Bat => m.r,
+            _ => 1,
+        }
+    }
+
     fn apply<B: Backend<f32> + ?Sized>(
         &self,
         backend: &B,
@@ -832,6 +878,14 @@ impl Update<'_> {
                 let sc = grow(scratch, layer.delta_scratch_len(n));
                 layer.delta_rows(backend, i0, block, Accum::Add, factor, sc).map_err(be)
             }
+            Update::Miss(m, [n_out, n_in], factor) => {
+                let layer = m.layer(n_in, n_out)?;
+                if m.variant == peft_core::miss::MissVariant::Bat {
+                    layer.bat_update_rows(backend, i0, block, grow(scratch, m.r * n_in)).map_err(be)
+                } else {
+                    layer.delta_rows(backend, i0, block, Accum::Add, factor, &mut []).map_err(be)
+                }
+            }
             Update::AdaLora(m, factor) => {
                 let layer = m.layer()?;
                 let sc = grow(scratch, layer.delta_scratch_len(n));
@@ -876,13 +930,15 @@ fn dora_after_others<B: Backend<f32> + ?Sized>(
 /// [`CHUNK_BYTES`] of f32 is read, widened, handed to `f(first_row, rows,
 /// cols, values)`, checked (when `check_finite`, an element that became
 /// non-finite where the base's was finite is refused) and written in
-/// `out`. The one streaming loop of every merge that changes a weight;
+/// `out`. Blocks start at multiples of `align` rows and hold a multiple of
+/// it (the last block included, when `rows` is one). The one streaming loop of every merge that changes a weight;
 /// returns the rounding error when `out` is quantized.
 fn map_rows(
     shard: &st::StFile,
     e: &Entry,
     out: Format,
     check_finite: bool,
+    align: usize,
     w: &mut impl Write,
     mut f: impl FnMut(usize, usize, usize, &mut [f32]) -> Result<(), WriteError>,
 ) -> Result<Option<QuantError>, WriteError> {
@@ -890,7 +946,9 @@ fn map_rows(
         return Err(HfError::Base(format!("{}: an adapted weight must be a float matrix", e.name)).into());
     };
     let rb = st::row_bytes(own, cols).unwrap_or(0);
-    let block = (CHUNK_BYTES / 4 / cols.max(1)).clamp(1, rows.max(1));
+    let align = align.max(1);
+    let block = ((CHUNK_BYTES / 4 / cols.max(1)) / align).max(1) * align;
+    let block = block.min(rows.max(1));
     let mut bytes = Vec::new();
     let mut vals = vec![0.0f32; block * cols];
     let mut error = out.is_quantized().then(|| QuantError::new(&e.name, out));

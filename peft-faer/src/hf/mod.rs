@@ -23,6 +23,7 @@ mod loha;
 mod lokr;
 mod lora;
 pub mod merge;
+mod miss;
 pub mod st;
 mod summary;
 mod vera;
@@ -32,8 +33,8 @@ pub use adapter::HfAdapter;
 pub use adapter::HfTensor;
 pub(crate) use adapter::write_raw_dir;
 pub use config::{
-    AdaLoraConfig, BiasMode, HfLoraConfig, Ia3Config, LohaConfig, LokrConfig, Pattern, PeftConfig, PromptConfig,
-    Targets, VeraConfig,
+    AdaLoraConfig, BiasMode, HfLoraConfig, Ia3Config, LohaConfig, LokrConfig, MissConfig, Pattern, PeftConfig,
+    PromptConfig, Targets, VeraConfig,
 };
 pub use error::HfError;
 pub use ia3::Ia3Module;
@@ -41,9 +42,10 @@ pub use keys::normalize_key;
 pub use loha::{LOHA_KEYS, LohaModule};
 pub use lokr::LokrModule;
 pub use lora::LoraModule;
+pub use miss::MissModule;
 pub use summary::{
-    AdaLoraSummary, AdapterSummary, Ia3Summary, LohaSummary, LokrSummary, ModuleSummary, NonFinite, ProjectionSummary,
-    TensorSummary, VeraSummary,
+    AdaLoraSummary, AdapterSummary, Ia3Summary, LohaSummary, LokrSummary, MissSummary, ModuleSummary, NonFinite,
+    ProjectionSummary, TensorSummary, VeraSummary,
 };
 pub use vera::{VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections};
 

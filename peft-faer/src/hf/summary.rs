@@ -77,6 +77,15 @@ pub struct AdaLoraSummary {
     pub scale: f64,
 }
 
+/// One MiSS module of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct MissSummary {
+    /// Module name.
+    pub name: String,
+    /// `miss_block`'s shape.
+    pub shape: Vec<usize>,
+}
+
 /// One LoKr module of an [`AdapterSummary`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct LokrSummary {
@@ -167,6 +176,8 @@ pub struct AdapterSummary {
     pub vera_projections: Option<ProjectionSummary>,
     /// AdaLoRA modules.
     pub adalora: Vec<AdaLoraSummary>,
+    /// MiSS modules.
+    pub miss: Vec<MissSummary>,
     /// Every tensor holding a NaN or infinity.
     pub nonfinite: Vec<NonFinite>,
 }
@@ -245,6 +256,7 @@ impl HfAdapter {
                 .iter()
                 .map(|m| AdaLoraSummary { name: m.name.clone(), n_in: m.n_in, n_out: m.n_out, r: m.r, scale: m.scale })
                 .collect(),
+            miss: ad.miss.iter().map(|m| MissSummary { name: m.name.clone(), shape: m.shape.clone() }).collect(),
             dtype: ad.dtype,
             config: ad.config,
             nonfinite,

@@ -448,15 +448,9 @@ impl<'a> LlamaAdapter<'a> {
                 ))
             })?;
             let w = &model.layers[layer].linear(proj).weight;
-            let fits = match module {
-                // VeRA's layers read the first `in` columns of the shared
-                // projections.
-                Module::Vera(_, p) => out == w.rows && w.cols <= p.max_in,
-                _ => (out, inn) == (w.rows, w.cols),
-            };
-            if !fits {
+            if let Some(adapter) = module.misfit((out, inn), (w.rows, w.cols)) {
                 return Err(HfError::Base(format!(
-                    "{name}: the adapter is [{out}, {inn}], the model's weight [{}, {}]",
+                    "{name}: the adapter is {adapter}, the model's weight [{}, {}]",
                     w.rows, w.cols
                 )));
             }
@@ -519,6 +513,9 @@ impl<'a> LlamaAdapter<'a> {
                 for m in &adapter.lokr {
                     place(&m.name, Module::Lokr(m), m.dims())?;
                 }
+            }
+            PeftConfig::Miss(_) => {
+                adapter.miss.iter().try_for_each(|m| place(&m.name, Module::Miss(m), (0, 0)))?;
             }
             PeftConfig::AdaLora(_) => {
                 adapter.adalora.iter().try_for_each(|m| place(&m.name, Module::AdaLora(m), (m.n_out, m.n_in)))?;

@@ -22,7 +22,9 @@ use peft_core::vera::VeraGrads;
 use peft_core::{Accum, Backend, FrozenLinear, MatMut, MatRef};
 
 use super::Linear;
-use crate::hf::{AdaLoraModule, HfError, Ia3Module, LohaModule, LokrModule, LoraModule, VeraModule, VeraProjections};
+use crate::hf::{
+    AdaLoraModule, HfError, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule, VeraModule, VeraProjections,
+};
 
 /// The adapter module on one projection, borrowed from an
 /// [`HfAdapter`](crate::hf::HfAdapter).
@@ -44,13 +46,15 @@ pub enum Module<'a> {
     Vera(&'a VeraModule, &'a VeraProjections),
     /// AdaLoRA: `dW = s B diag(E) A`.
     AdaLora(&'a AdaLoraModule),
+    /// MiSS: `dW[o, c] = D[c mod r, o]`, or bat's block update.
+    Miss(&'a MissModule),
 }
 
 impl Module<'_> {
     /// The module's trainable tensors' lengths, in the order of its
     /// gradient buffers: LoRA `A, B` (its `lora_bias` stays frozen); DoRA `A, B, m`; (IA)^3 `l`; LoHa
     /// `W1a, W1b, W2a, W2b`; LoKr `W1`'s stored tensors then `W2`'s; VeRA
-    /// `lambda_d, lambda_b`; AdaLoRA `A, E, B`.
+    /// `lambda_d, lambda_b`; AdaLoRA `A, E, B`; MiSS `D`.
     pub fn tensor_lens(&self) -> Vec<usize> {
         match self {
             Module::Lora(m) => vec![m.a.len(), m.b.len()],
@@ -60,6 +64,24 @@ impl Module<'_> {
             Module::Lokr(m) => m.w1.iter().chain(&m.w2).map(Vec::len).collect(),
             Module::Vera(m, _) => vec![m.lambda_d.len(), m.lambda_b.len()],
             Module::AdaLora(m) => vec![m.a.len(), m.e.len(), m.b.len()],
+            Module::Miss(m) => vec![m.d.len()],
+        }
+    }
+
+    /// `None` when the module, declared `[out, in]`, fits a weight `[rows,
+    /// cols]`; else the adapter's side as an error names it. VeRA's layers
+    /// read the first `in` columns of the shared projections; a MiSS block
+    /// does not hold the input width and must fit the weight's shape.
+    pub(super) fn misfit(&self, (out, inn): (usize, usize), (rows, cols): (usize, usize)) -> Option<String> {
+        let fits = match self {
+            Module::Vera(_, p) => out == rows && cols <= p.max_in,
+            Module::Miss(m) => m.layer(cols, rows).is_ok(),
+            _ => (out, inn) == (rows, cols),
+        };
+        match self {
+            _ if fits => None,
+            Module::Miss(m) => Some(format!("miss_block {:?}", m.shape)),
+            _ => Some(format!("[{out}, {inn}]")),
         }
     }
 }
@@ -194,6 +216,7 @@ pub(super) fn forward<B: Backend<f32> + ?Sized>(
             run_forward(backend, &base, &layer.bound(&proj), x, y, &mut ws.scratch)
         }
         Some(Module::AdaLora(m)) => run_forward(backend, &base, &m.layer()?, x, y, &mut ws.scratch),
+        Some(Module::Miss(m)) => run_forward(backend, &base, &m.layer(n_in, n_out)?, x, y, &mut ws.scratch),
     }
 }
 
@@ -256,6 +279,11 @@ pub(super) fn backward<B: Backend<f32> + ?Sized>(
             let [ga, ge, gb] = grads else { return Err(bad()) };
             let g = AdaLoraGrads { a: &mut ga[..], e: &mut ge[..], b: &mut gb[..] };
             run_backward(backend, &base, &m.layer()?, x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
+        }
+        Module::Miss(m) => {
+            let [gd] = grads else { return Err(bad()) };
+            let layer = m.layer(n_in, n_out)?;
+            run_backward(backend, &base, &layer, x, gy, gx, &mut gd[..], &mut ws.scratch, &mut ws.dx)
         }
     }
 }

@@ -24,8 +24,8 @@ use peft_core::storage::Owned;
 use super::weights::Matrix;
 use super::{Bottleneck, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Projection, Trace};
 use crate::hf::{
-    AdaLoraModule, HfAdapter, HfError, HfTensor, Ia3Module, LohaModule, LokrModule, LoraModule, PeftConfig, VeraModule,
-    VeraProjections,
+    AdaLoraModule, HfAdapter, HfError, HfTensor, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule, PeftConfig,
+    VeraModule, VeraProjections,
 };
 
 /// A method and its configuration on the Llama model's projections
@@ -87,6 +87,13 @@ pub enum MethodSetup {
         /// Adapted projections.
         targets: Vec<String>,
     },
+    /// MiSS (balance) with shard size `r`.
+    Miss {
+        /// `r`.
+        r: usize,
+        /// Adapted projections.
+        targets: Vec<String>,
+    },
     /// Prompt tuning with `n` virtual tokens.
     Prompt {
         /// Virtual tokens.
@@ -107,7 +114,8 @@ impl MethodSetup {
             | MethodSetup::Loha { r, .. }
             | MethodSetup::Lokr { r, .. }
             | MethodSetup::Vera { r, .. }
-            | MethodSetup::AdaLora { init_r: r, .. } => Some(*r),
+            | MethodSetup::AdaLora { init_r: r, .. }
+            | MethodSetup::Miss { r, .. } => Some(*r),
             MethodSetup::Ia3 { .. } | MethodSetup::Prompt { .. } | MethodSetup::Prefix { .. } => None,
         }
     }
@@ -119,7 +127,8 @@ impl MethodSetup {
             | MethodSetup::Loha { targets, .. }
             | MethodSetup::Lokr { targets, .. }
             | MethodSetup::Vera { targets, .. }
-            | MethodSetup::AdaLora { targets, .. } => targets,
+            | MethodSetup::AdaLora { targets, .. }
+            | MethodSetup::Miss { targets, .. } => targets,
             MethodSetup::Prompt { .. } | MethodSetup::Prefix { .. } => &[],
         }
     }
@@ -147,6 +156,8 @@ impl MethodSetup {
                 "task_type": "CAUSAL_LM", "r": 8, "init_r": init_r, "target_r": init_r, "lora_alpha": alpha,
                 "target_modules": targets, "fan_in_fan_out": false, "bias": "none", "lora_dropout": 0.0,
                 "rank_pattern": null, "total_step": 1, "tinit": 0, "tfinal": 0, "deltaT": 1}),
+            MethodSetup::Miss { r, targets } => json!({"peft_type": "MISS", "task_type": "CAUSAL_LM", "r": r,
+                "mini_r": 1, "miss_dropout": 0.0, "target_modules": targets, "init_weights": true, "bias": "none"}),
             MethodSetup::Prompt { n } => json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
                 "num_virtual_tokens": n, "token_dim": c.hidden_size, "num_layers": c.num_layers,
                 "num_attention_heads": c.num_heads, "num_transformer_submodules": 1,
@@ -277,6 +288,15 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
             }
         }
         MethodSetup::Vera { r, .. } => init_vera(&mut ad, sites, *r, &mut rng)?,
+        MethodSetup::Miss { r, .. } => {
+            // PEFT's init: D = 0 [r, out] (balance).
+            for s in sites {
+                let (n_out, name) = (s.weight.rows, s.name);
+                let (variant, dtype) = (peft_core::miss::MissVariant::Balance, Dtype::F32);
+                let (d, shape) = (vec![0.0f32; *r * n_out], vec![*r, n_out]);
+                ad.miss.push(MissModule { name, d, shape, variant, r: *r, dtype });
+            }
+        }
         MethodSetup::AdaLora { init_r, alpha, .. } => {
             for s in sites {
                 ad.adalora.push(init_adalora(s, *init_r, *alpha, &mut rng)?);
@@ -498,6 +518,9 @@ pub fn tensors_mut(ad: &mut HfAdapter) -> Vec<&mut Vec<f32>> {
     }
     for m in &mut ad.adalora {
         named.push((m.name.clone(), vec![&mut m.a, &mut m.e, &mut m.b]));
+    }
+    for m in &mut ad.miss {
+        named.push((m.name.clone(), vec![&mut m.d]));
     }
     let key = |name: &str| {
         let rest = name.strip_prefix("model.layers.").unwrap_or(name);

@@ -11,6 +11,7 @@ pub mod ia3;
 pub mod loha;
 pub mod lokr;
 pub mod lora;
+pub mod miss;
 pub mod optim;
 pub mod prompt;
 pub mod set;
