@@ -184,7 +184,8 @@ const SHAPES: [(&str, usize, usize); 7] = [
 ];
 
 /// A PEFT adapter folder of `method` (`dora`, `ia3`, `loha`, `lokr`,
-/// `vera`) on all seven projections of both layers of the fixtures' model,
+/// `vera`, `adalora`, `miss_bat` with r 8, `miss_mini` with r 6 over inputs
+/// of 64 and 128, the padded path) on all seven projections of both layers of the fixtures' model,
 /// written as PEFT names and shapes its tensors, with random values (so
 /// that it changes the output). (IA)^3 scales the inputs of `up_proj` and
 /// `down_proj` (`feedforward_modules`).
@@ -202,6 +203,13 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
             "use_effective_conv2d": false, "init_weights": true}),
         "vera" => serde_json::json!({"peft_type": "VERA", "r": 4, "target_modules": targets, "save_projection": true,
             "projection_prng_key": 0, "d_initial": 0.1, "fan_in_fan_out": false, "bias": "none"}),
+        "adalora" => serde_json::json!({"peft_type": "ADALORA", "init_r": 4, "lora_alpha": 8, "total_step": 10,
+            "target_modules": targets, "fan_in_fan_out": false, "bias": "none"}),
+        "miss_bat" => {
+            serde_json::json!({"peft_type": "MISS", "r": 8, "init_weights": "bat", "target_modules": targets})
+        }
+        "miss_mini" => serde_json::json!({"peft_type": "MISS", "r": 6, "mini_r": 4, "init_weights": "mini",
+            "target_modules": targets}),
         other => panic!("{other}"),
     };
     let mut rng = peft_core::Rng::new(17);
@@ -245,6 +253,13 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
                     put(format!("{key}.vera_lambda_d"), vec![4], 0.5, 0.0);
                     put(format!("{key}.vera_lambda_b"), vec![o], 0.5, 0.0);
                 }
+                "adalora" => {
+                    put(format!("{key}.lora_A"), vec![4, i], 0.2, 0.0);
+                    put(format!("{key}.lora_E"), vec![4, 1], 0.5, 0.0);
+                    put(format!("{key}.lora_B"), vec![o, 4], 0.2, 0.0);
+                }
+                "miss_bat" => put(format!("{key}.miss_block"), vec![o / 8, 8, 8], 0.1, 0.0),
+                "miss_mini" => put(format!("{key}.miss_block"), vec![6, 4], 0.1, 0.0),
                 _ => unreachable!(),
             }
         }
@@ -261,7 +276,7 @@ fn every_hosted_method_equals_its_merged_model() {
     let m = model("prompt_llama");
     let ids = [3, 14, 15, 92, 65, 35, 89, 79];
     let plain = m.forward(&Faer::new(), &ids, None, &mut KvCache::new()).unwrap();
-    for method in ["dora", "ia3", "loha", "lokr", "vera"] {
+    for method in ["dora", "ia3", "loha", "lokr", "vera", "adalora", "miss_bat", "miss_mini"] {
         let ad = HfAdapter::read_dir(&method_dir(&dir, method)).unwrap();
         let hosted = LlamaAdapter::new(&m, &ad).unwrap();
         let merged_file = dir.join(format!("{method}-merged.safetensors"));
@@ -430,6 +445,16 @@ fn reach(ad: &HfAdapter, name: &str, k: usize) -> Reach {
             if k < n1 { &mut a.lokr[i].w1[k] } else { &mut a.lokr[i].w2[k - n1] }
         });
     }
+    if let Some(i) = ad.adalora.iter().position(|m| m.name == name) {
+        return Box::new(move |a: &mut HfAdapter| match k {
+            0 => &mut a.adalora[i].a,
+            1 => &mut a.adalora[i].e,
+            _ => &mut a.adalora[i].b,
+        });
+    }
+    if let Some(i) = ad.miss.iter().position(|m| m.name == name) {
+        return Box::new(move |a: &mut HfAdapter| &mut a.miss[i].d);
+    }
     let i = ad.vera.iter().position(|m| m.name == name).unwrap();
     Box::new(move |a: &mut HfAdapter| if k == 0 { &mut a.vera[i].lambda_d } else { &mut a.vera[i].lambda_b })
 }
@@ -442,8 +467,8 @@ fn reach(ad: &HfAdapter, name: &str, k: usize) -> Reach {
 /// plus the stencil's f32 rounding, about 1.5 eps L / h = 4e-4 (5e-4
 /// allowed), which only the smallest gradients (below 0.02) come near; a
 /// missing or wrong term exceeds it by far.
-/// LoRA, DoRA, (IA)^3, LoHa, LoKr and VeRA on all seven projections of
-/// both layers, prompt tuning and prefix tuning (GQA). DoRA's `A` and `B`
+/// LoRA, DoRA, (IA)^3, LoHa, LoKr, VeRA, AdaLoRA and MiSS (bat, mini) on
+/// all seven projections of both layers, prompt tuning and prefix tuning (GQA). DoRA's `A` and `B`
 /// are not compared: PEFT detaches the weight norm, so their gradient is
 /// not the loss's full derivative (peft-verify's `dora_gradients_match_fd`
 /// checks them with the norm held); the magnitude's is exact and checked.
@@ -459,7 +484,7 @@ fn backward_matches_finite_differences() {
         ("prompt_llama", case_dir("prompt_llama")),
         ("prefix_llama", case_dir("prefix_llama")),
     ];
-    for method in ["dora", "ia3", "loha", "lokr", "vera"] {
+    for method in ["dora", "ia3", "loha", "lokr", "vera", "adalora", "miss_bat", "miss_mini"] {
         cases.push(("prompt_llama", method_dir(&dir, method)));
     }
     for (case, adapter_dir) in cases {
