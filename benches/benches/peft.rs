@@ -17,7 +17,7 @@
 //! | `gemm_rate` | faer `x W^T`, 128 x 1024 x 1024 | (absolute GFLOP/s) | >= 170 |
 //! | `ref_vs_faer` | reference gemm, 32 x 768 x 768 | faer gemm | >= 0.15 of faer's FLOP/s |
 //! | `dora_forward` | DoRA's unmerged forward, norms cached | LoRA's unmerged forward | <= 1.10 |
-//! | `method_forward` | each newer method's unmerged forward at r = 16 or its equivalent (AdaLoRA: k = 16; MiSS balance: r = 16) | LoRA's unmerged forward | <= 1.3 |
+//! | `method_forward` | each newer method's unmerged forward at r = 16 or its equivalent (AdaLoRA: k = 16; MiSS balance: r = 16; HRA: 16 reflections) | LoRA's unmerged forward | <= 1.3 |
 //! | `mixed_batch` | 4 LoRA adapters (r 16) over 32 tokens each, one base gemm | one adapter over the 128 tokens | <= 1.15 |
 //! | `storage` | LoRA forward over a stored base (f16, bf16, int8, q8_0, q4_0), t = 1, d = 4096, r = 16 | `stream`: one read of the stored bytes (a sum) | <= 1.3 |
 //! | `storage` | the same through the `no_std` reference kernels | faer's path | faer time / reference time >= 0.25 |
@@ -451,6 +451,7 @@ fn bench_adapter_forward<A: LinearAdapter<f32>>(
 /// r = 16 (or the method's equivalent), one thread (issue 29's target).
 fn method_group(c: &mut Criterion) {
     use peft_core::adalora::{AdaLora, scale};
+    use peft_core::hra::Hra;
     use peft_core::miss::{Miss, MissVariant};
     let s = SHAPES[0];
     let p = Problem::new(s);
@@ -473,6 +474,10 @@ fn method_group(c: &mut Criterion) {
     let miss = Miss::new(MissVariant::Balance, s.r, s.d_in, s.d_out, &p.b[..]).unwrap();
     let mut miss_scratch = vec![0.0f32; miss.forward_scratch_len(s.tokens)];
     bench_adapter_forward(&mut g, "miss_forward", &backend, &base, x, &mut y, &mut miss_scratch, &miss);
+    // HRA at r = 16 reflections over a [4096, 16] U (p.a is [16, 4096]: same count).
+    let hra = Hra::new(s.r, s.d_in, s.d_out, false, &p.a[..]).unwrap();
+    let mut hra_scratch = vec![0.0f32; hra.forward_scratch_len(s.tokens)];
+    bench_adapter_forward(&mut g, "hra_forward", &backend, &base, x, &mut y, &mut hra_scratch, &hra);
     g.finish();
 }
 

@@ -79,6 +79,7 @@ pub mod dora;
 mod element;
 mod error;
 pub mod format;
+pub mod hra;
 pub mod ia3;
 pub mod loha;
 pub mod lokr;

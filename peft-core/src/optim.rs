@@ -32,6 +32,7 @@
 //! | VeRA | `1e-2` | our choice: only scaling vectors train, as for (IA)^3 and prompts, so an order above LoRA's |
 //! | AdaLoRA | `1e-3` | as LoRA: PEFT's AdaLoRA examples train at LoRA's rates |
 //! | MiSS | `1e-3` | as LoRA: a zero-initialized shard of the weight's size class; PEFT sets no other default |
+//! | HRA | `1e-3` | as LoRA: PEFT sets no default; the paper trains reflections at LoRA's rates |
 //!
 //! DoRA is a LoRA variant ([`Method::Lora`], `use_dora` in its configuration) and takes LoRA's rate.
 
@@ -77,6 +78,8 @@ pub enum Method {
     AdaLora,
     /// MiSS.
     Miss,
+    /// HRA.
+    Hra,
 }
 
 impl Method {
@@ -92,11 +95,12 @@ impl Method {
             Method::Vera => 1e-2,
             Method::AdaLora => 1e-3,
             Method::Miss => 1e-3,
+            Method::Hra => 1e-3,
         }
     }
 
     /// The lower-case name (`"lora"`, `"adapter"`, `"prompt"`, `"prefix"`,
-    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`).
+    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`).
     pub const fn name(self) -> &'static str {
         match self {
             Method::Lora => "lora",
@@ -109,6 +113,7 @@ impl Method {
             Method::Vera => "vera",
             Method::AdaLora => "adalora",
             Method::Miss => "miss",
+            Method::Hra => "hra",
         }
     }
 }

@@ -60,6 +60,11 @@
 //! | `miss_merged_equals_unmerged` | the merged weight (bat: from `W`'s blocks) gives the unmerged output | 6 |
 //! | `miss_unmerge_restores` | balance and mini as `loha_unmerge_restores`; bat restored from a backup, refused without one | 6 |
 //! | `miss_gradients_match_fd` | dD and dx against central differences, each variant | 12 |
+//! | `hra_identity_at_init` | HRA at PEFT's init (even `r`, equal column pairs): the base output, up to each reflection's rounding | 5 |
+//! | `hra_matches_oracle` | `x (W H)^T`, `H` the reflections' product or `I - 2 W W^T` after Gram-Schmidt | 5 |
+//! | `hra_merged_equals_unmerged` | `W H` gives the unmerged output | 5 |
+//! | `hra_unmerge_restores` | bit-exact from a backup; `H^T` undoes `H` without one | 5 |
+//! | `hra_gradients_match_fd` | dU (through the normalization, or through Gram-Schmidt) and dx against central differences | 12 |
 //! | `lokr_matches_oracle_and_merges` | LoKr, each factor full or low rank: `x (W + s kron(W1, W2))^T`, and the merged weight gives it | 3, 6 |
 //! | `lokr_unmerge_restores` | LoKr's typed merge, each factor form: as `loha_unmerge_restores` | 6 |
 //! | `lokr_identity_at_init` | LoKr at PEFT's init (`W1 = 0`, each factor form): exactly the base output | 2 |
@@ -354,6 +359,7 @@ where
     props::loha::run_all::<E, B>(backend, config, &mut report);
     props::adalora::run_all::<E, B>(backend, config, &mut report);
     props::miss::run_all::<E, B>(backend, config, &mut report);
+    props::hra::run_all::<E, B>(backend, config, &mut report);
     props::lokr::run_all::<E, B>(backend, config, &mut report);
     props::vera::run_all::<E, B>(backend, config, &mut report);
     props::adapter::run_all::<E, B>(backend, config, &mut report);

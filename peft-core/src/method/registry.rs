@@ -45,7 +45,7 @@ impl MethodSpec {
 }
 
 /// Every method, in the order `peft finetune` trains and prints them.
-pub const METHODS: [MethodSpec; 11] = [
+pub const METHODS: [MethodSpec; 12] = [
     MethodSpec {
         name: "lora",
         peft_type: Some("LORA"),
@@ -111,6 +111,14 @@ pub const METHODS: [MethodSpec; 11] = [
         summary: "dW[o, c] = D[c mod r, o] (balance, mini), or W_{a,c} D[a] + D[a] per r x r block (bat)",
     },
     MethodSpec {
+        name: "hra",
+        peft_type: Some("HRA"),
+        file_method: Method::Hra,
+        family: Family::Weight,
+        merges: true,
+        summary: "W' = W H, H = (I - 2 u_0 u_0^T) ... (I - 2 u_{r-1} u_{r-1}^T) (or over Gram-Schmidt(U))",
+    },
+    MethodSpec {
         name: "adapter",
         peft_type: None,
         file_method: Method::Adapter,
@@ -155,7 +163,9 @@ mod tests {
         // until it is added to the list below and to METHODS.
         let known = |m: Method| match m {
             Method::Lora | Method::Adapter | Method::Prompt | Method::Prefix => true,
-            Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera | Method::AdaLora | Method::Miss => true,
+            Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera | Method::AdaLora | Method::Miss | Method::Hra => {
+                true
+            }
         };
         for m in [
             Method::Lora,
@@ -168,6 +178,7 @@ mod tests {
             Method::Vera,
             Method::AdaLora,
             Method::Miss,
+            Method::Hra,
         ] {
             assert!(known(m));
             assert!(METHODS.iter().any(|s| s.file_method == m), "{m:?} has no entry");

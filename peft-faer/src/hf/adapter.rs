@@ -10,8 +10,9 @@ use safetensors::Dtype;
 use super::keys::{Reader, normalize_key};
 use super::st::{self, OutEntry, StFile};
 use super::{
-    AdaLoraModule, CONFIG_FILE, HfError, Ia3Module, LOHA_KEYS, LohaModule, LokrModule, LoraModule, MAX_ADAPTER_BYTES,
-    MAX_CONFIG_BYTES, MissModule, PeftConfig, VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections, WEIGHTS_FILE,
+    AdaLoraModule, CONFIG_FILE, HfError, HraModule, Ia3Module, LOHA_KEYS, LohaModule, LokrModule, LoraModule,
+    MAX_ADAPTER_BYTES, MAX_CONFIG_BYTES, MissModule, PeftConfig, VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections,
+    WEIGHTS_FILE,
 };
 
 /// A whole tensor of an adapter: a base tensor it replaces (a trained bias
@@ -50,6 +51,8 @@ pub struct HfAdapter {
     pub adalora: Vec<AdaLoraModule>,
     /// MiSS modules, in the order of their keys.
     pub miss: Vec<MissModule>,
+    /// HRA modules, in the order of their keys.
+    pub hra: Vec<HraModule>,
     /// Whole-tensor replacements.
     pub replacements: Vec<HfTensor>,
     /// Tensors PEFT saves that act in its training only (VeLoRA's
@@ -127,6 +130,7 @@ impl HfAdapter {
             PeftConfig::Vera(vc) => out.read_vera(vc, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::AdaLora(c) => out.read_adalora(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Miss(c) => out.read_miss(c, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::Hra(c) => out.read_hra(c, &file, read).map_err(|e| e.in_file(&path))?,
         }
         Ok(out)
     }
@@ -143,6 +147,7 @@ impl HfAdapter {
             vera_projections: None,
             adalora: Vec::new(),
             miss: Vec::new(),
+            hra: Vec::new(),
             replacements: Vec::new(),
             training_state: Vec::new(),
             prompt: None,
@@ -208,6 +213,7 @@ impl HfAdapter {
             PeftConfig::Vera(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::AdaLora(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Miss(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::Hra(c) => serde_json::Value::Object(c.raw.clone()),
         }
     }
 
@@ -248,6 +254,9 @@ impl HfAdapter {
             for ((key, shape, data), dtype) in m.stored().into_iter().zip(&m.dtypes) {
                 tensors.push((format!("base_model.model.{}.{key}", m.name), *dtype, shape, data));
             }
+        }
+        for m in &self.hra {
+            tensors.push((format!("base_model.model.{}.hra_u", m.name), m.dtype, vec![m.n_in, m.r], &m.u));
         }
         for m in &self.miss {
             tensors.push((format!("base_model.model.{}.miss_block", m.name), m.dtype, m.shape.clone(), &m.d));

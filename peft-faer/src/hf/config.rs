@@ -315,9 +315,26 @@ pub struct MissConfig {
     pub raw: Map<String, Value>,
 }
 
+/// An HRA adapter's configuration (`peft_type: "HRA"`).
+#[derive(Clone, Debug)]
+pub struct HraConfig {
+    /// The number of reflections `r`.
+    pub r: usize,
+    /// PEFT's `apply_GS`: orthonormalize the columns first.
+    pub apply_gs: bool,
+    /// Targeted modules.
+    pub target_modules: Targets,
+    /// Modules whose whole weights are trained and saved.
+    pub modules_to_save: Vec<String>,
+    /// The JSON object as read.
+    pub raw: Map<String, Value>,
+}
+
 /// A parsed `adapter_config.json`.
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
+    /// `peft_type: "HRA"`.
+    Hra(HraConfig),
     /// `peft_type: "MISS"`.
     Miss(MissConfig),
     /// `peft_type: "ADALORA"`.
@@ -350,6 +367,7 @@ impl PeftConfig {
             PeftConfig::Vera(_) => "VERA",
             PeftConfig::AdaLora(_) => "ADALORA",
             PeftConfig::Miss(_) => "MISS",
+            PeftConfig::Hra(_) => "HRA",
         }
     }
 }
@@ -462,6 +480,19 @@ struct RawMiss {
     rest: Map<String, Value>,
 }
 
+/// The fields of an HRA config that change the math.
+#[derive(Deserialize)]
+struct RawHra {
+    r: usize,
+    #[serde(rename = "apply_GS")]
+    apply_gs: Option<bool>,
+    target_modules: Option<RawTargets>,
+    bias: Option<String>,
+    modules_to_save: Option<OneOrMany<String>>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
 /// The fields of an IA3 config.
 #[derive(Deserialize)]
 struct RawIa3 {
@@ -565,6 +596,7 @@ impl PeftConfig {
             "VERA" => Self::vera(text, &v),
             "ADALORA" => Self::adalora(text, &v),
             "MISS" => Self::miss(text, &v),
+            "HRA" => Self::hra(text, &v),
             "LOKR" => {
                 let PeftConfig::Loha(common) = Self::loha(text, &v)? else {
                     return Err(HfError::config("peft_type", "LOKR"));
@@ -577,7 +609,7 @@ impl PeftConfig {
                 Ok(PeftConfig::Lokr(LokrConfig { common, decompose_both, decompose_factor }))
             }
             other => Err(HfError::Unsupported(format!(
-                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, PROMPT_TUNING, PREFIX_TUNING)"
+                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }
@@ -767,6 +799,22 @@ impl PeftConfig {
         Ok(PeftConfig::Miss(MissConfig {
             r: raw.r,
             variant,
+            target_modules: targets("target_modules", raw.target_modules)?,
+            modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
+            raw: v.as_object().cloned().unwrap_or_default(),
+        }))
+    }
+
+    fn hra(text: &str, v: &Value) -> Result<Self, HfError> {
+        let raw: RawHra = typed(text)?;
+        unsupported_if_set(&raw.rest, "layers_to_transform", "HRA on a subset of layers is not supported")?;
+        linear_without_bias("HRA", None, raw.bias.as_deref())?;
+        if raw.r == 0 {
+            return Err(HfError::config("r", "must be at least 1"));
+        }
+        Ok(PeftConfig::Hra(HraConfig {
+            r: raw.r,
+            apply_gs: raw.apply_gs.unwrap_or(false),
             target_modules: targets("target_modules", raw.target_modules)?,
             modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             raw: v.as_object().cloned().unwrap_or_default(),

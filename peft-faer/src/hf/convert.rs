@@ -142,6 +142,7 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
         PeftConfig::Vera(_) => Method::Vera,
         PeftConfig::AdaLora(_) => Method::AdaLora,
         PeftConfig::Miss(_) => Method::Miss,
+        PeftConfig::Hra(_) => Method::Hra,
     };
     let restored = restored_entries(&ad, method, &config_json);
     let mut config: Vec<(String, Value<'_>)> = Vec::new();
@@ -185,6 +186,10 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
                     };
                     config.push(("variant".into(), Value::Str(variant)));
                     config.push(("mini_r".into(), Value::U64(mini_r as u64)));
+                }
+                PeftConfig::Hra(c) => {
+                    config.push(("r".into(), Value::U64(c.r as u64)));
+                    config.push(("apply_GS".into(), Value::Bool(c.apply_gs)));
                 }
                 PeftConfig::Ia3(_) => {}
             }
@@ -283,7 +288,8 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
         | PeftConfig::Lokr(_)
         | PeftConfig::Vera(_)
         | PeftConfig::AdaLora(_)
-        | PeftConfig::Miss(_) => {
+        | PeftConfig::Miss(_)
+        | PeftConfig::Hra(_) => {
             // Tensors as stored, under PEFT's keys; the reader checks them
             // against the config before the folder is committed.
             let names: Vec<String> = f
@@ -407,6 +413,16 @@ fn miss_config(r: u64, mini_r: u64, variant: Option<Value<'_>>, targets: Vec<Str
     })
 }
 
+/// HRA's PEFT config.
+fn hra_config(r: u64, apply_gs: bool, targets: Vec<String>) -> serde_json::Value {
+    json!({
+        "peft_type": "HRA", "task_type": null, "base_model_name_or_path": null, "revision": null,
+        "inference_mode": true, "r": r, "apply_GS": apply_gs,
+        "target_modules": targets, "init_weights": true, "layers_to_transform": null,
+        "layers_pattern": null, "bias": "none", "modules_to_save": null,
+    })
+}
+
 /// A PEFT 0.21 config from a `.peft` file's typed entries.
 fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Value, HfError> {
     let missing = |k: &str| HfError::config(k, "missing from the .peft file, needed for a PEFT config");
@@ -479,6 +495,9 @@ fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Valu
             Ok(adalora_config(u("init_r")?, number("lora_alpha")?, targets, total_step))
         }
         Method::Miss => Ok(miss_config(u("r")?, u("mini_r").unwrap_or(1), get("variant"), list("target_modules")?)),
+        Method::Hra => {
+            Ok(hra_config(u("r")?, matches!(get("apply_GS"), Some(Value::Bool(true))), list("target_modules")?))
+        }
         Method::Prompt | Method::Prefix => {
             let prefix = method == Method::Prefix;
             let d = u("d_model").or_else(|_| u("token_dim"))?;

@@ -8,8 +8,8 @@
 use serde_json::{Map, Value, json};
 
 use super::{
-    AdaLoraConfig, AdapterSummary, HfLoraConfig, LohaConfig, LokrConfig, MissConfig, PeftConfig, PromptConfig,
-    VeraConfig,
+    AdaLoraConfig, AdapterSummary, HfLoraConfig, HraConfig, LohaConfig, LokrConfig, MissConfig, PeftConfig,
+    PromptConfig, VeraConfig,
 };
 
 /// One module's row: the columns of its method, in order, each a name and
@@ -98,6 +98,7 @@ impl InspectReport {
             PeftConfig::Lora(c) => r.lora(c, ad, dtype),
             PeftConfig::AdaLora(c) => r.adalora(c, ad, dtype),
             PeftConfig::Miss(c) => r.miss(c, ad, dtype),
+            PeftConfig::Hra(c) => r.hra(c, ad, dtype),
         }
         if !r.modules.is_empty() {
             r.total_params = total(&r.modules);
@@ -188,6 +189,20 @@ impl InspectReport {
             let mut row = named(&m.name);
             row.extend([("in", json!(m.n_in)), ("out", json!(m.n_out)), ("r", json!(m.r))]);
             row.extend([("scale", json!(m.scale)), ("params", json!(m.r * (m.n_in + m.n_out + 1)))]);
+            self.modules.push(row);
+        }
+    }
+
+    /// HRA's modules.
+    fn hra(&mut self, c: &HraConfig, ad: &AdapterSummary, dtype: Value) {
+        self.method = "hra";
+        self.fields = json_map(json!({ "r": c.r, "apply_GS": c.apply_gs, "dtype": dtype }));
+        let form =
+            if c.apply_gs { "I - 2 W W^T over Gram-Schmidt(U)" } else { "R_0 ... R_{r-1}, R_i = I - 2 u_i u_i^T" };
+        self.headline = format!("method hra: r={} apply_GS={} (W' = W H, H = {form})", c.r, c.apply_gs);
+        for m in &ad.hra {
+            let mut row = named(&m.name);
+            row.extend([("in", json!(m.n_in)), ("r", json!(m.r)), ("params", json!(m.n_in * m.r))]);
             self.modules.push(row);
         }
     }

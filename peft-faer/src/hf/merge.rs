@@ -43,7 +43,7 @@ use peft_core::{Accum, Backend, MatMut, MatRef, Op};
 use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry};
 use super::{
-    AdaLoraModule, HfAdapter, HfError, HfLoraConfig, HfTensor, Ia3Config, Ia3Module, LohaModule, LokrModule,
+    AdaLoraModule, HfAdapter, HfError, HfLoraConfig, HfTensor, HraModule, Ia3Config, Ia3Module, LohaModule, LokrModule,
     LoraModule, MissModule, PeftConfig, VeraModule, VeraProjections,
 };
 use crate::files::{Staging, check_output};
@@ -78,6 +78,8 @@ enum Update<'a> {
     /// MiSS on a weight `[out, in]`: `W += m dW` (balance, mini), or bat's
     /// block update (multiplier 1).
     Miss(&'a MissModule, [usize; 2], f64),
+    /// HRA: each row `w -> w H` (multiplier 1).
+    Hra(&'a HraModule, usize),
 }
 
 /// One adapter module's change to a bias, in the adapters' order.
@@ -447,6 +449,14 @@ impl<'a> Plan<'a, '_> {
         self.push_weight(name, Update::Miss(m, [n_out, n_in], multiplier))
     }
 
+    /// HRA on `<module>.weight` `[out, in]`: `in` must be `hra_u`'s rows.
+    fn hra(&mut self, m: &'a HraModule) -> Result<(), HfError> {
+        let name = format!("{}.weight", m.name);
+        self.check(&name, &|s| matches!(s, &[_, i] if i == m.n_in), &format!("[out, {}]", m.n_in))?;
+        let n_out = self.base.find(&name).and_then(|(_, e)| e.shape.first().copied()).unwrap_or(0);
+        self.push_weight(name, Update::Hra(m, n_out))
+    }
+
     /// Every tensor an adapter replaces whole, once.
     fn replacements(&mut self, adapter: &'a HfAdapter) -> Result<(), HfError> {
         for r in &adapter.replacements {
@@ -503,6 +513,14 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
                 for m in &adapter.lokr {
                     let (n_out, n_in) = m.dims();
                     plan.weight(&m.name, [n_out, n_in], Update::Lokr(m, multiplier))?;
+                }
+            }
+            PeftConfig::Hra(_) if multiplier != 1.0 => {
+                return Err(HfError::Unsupported("a multiplier other than 1 for an HRA adapter".into()));
+            }
+            PeftConfig::Hra(_) => {
+                for m in &adapter.hra {
+                    plan.hra(m)?;
                 }
             }
             PeftConfig::Miss(_) => {
@@ -885,6 +903,11 @@ impl Update<'_> {
                 } else {
                     layer.delta_rows(backend, i0, block, Accum::Add, factor, &mut []).map_err(be)
                 }
+            }
+            Update::Hra(m, n_out) => {
+                let layer = m.layer(n_out)?;
+                let sc = grow(scratch, layer.update_scratch_len(n));
+                layer.update_rows(backend, i0, block, None, Direction::Merge, sc).map_err(be)
             }
             Update::AdaLora(m, factor) => {
                 let layer = m.layer()?;

@@ -16,6 +16,7 @@ pub mod combine;
 mod config;
 pub mod convert;
 mod error;
+mod hra;
 mod ia3;
 pub mod inspect;
 mod keys;
@@ -33,10 +34,11 @@ pub use adapter::HfAdapter;
 pub use adapter::HfTensor;
 pub(crate) use adapter::write_raw_dir;
 pub use config::{
-    AdaLoraConfig, BiasMode, HfLoraConfig, Ia3Config, LohaConfig, LokrConfig, MissConfig, Pattern, PeftConfig,
-    PromptConfig, Targets, VeraConfig,
+    AdaLoraConfig, BiasMode, HfLoraConfig, HraConfig, Ia3Config, LohaConfig, LokrConfig, MissConfig, Pattern,
+    PeftConfig, PromptConfig, Targets, VeraConfig,
 };
 pub use error::HfError;
+pub use hra::HraModule;
 pub use ia3::Ia3Module;
 pub use keys::normalize_key;
 pub use loha::{LOHA_KEYS, LohaModule};
@@ -44,8 +46,8 @@ pub use lokr::LokrModule;
 pub use lora::LoraModule;
 pub use miss::MissModule;
 pub use summary::{
-    AdaLoraSummary, AdapterSummary, Ia3Summary, LohaSummary, LokrSummary, MissSummary, ModuleSummary, NonFinite,
-    ProjectionSummary, TensorSummary, VeraSummary,
+    AdaLoraSummary, AdapterSummary, HraSummary, Ia3Summary, LohaSummary, LokrSummary, MissSummary, ModuleSummary,
+    NonFinite, ProjectionSummary, TensorSummary, VeraSummary,
 };
 pub use vera::{VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections};
 

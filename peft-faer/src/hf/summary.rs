@@ -77,6 +77,17 @@ pub struct AdaLoraSummary {
     pub scale: f64,
 }
 
+/// One HRA module of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct HraSummary {
+    /// Module name.
+    pub name: String,
+    /// Input features.
+    pub n_in: usize,
+    /// Reflections.
+    pub r: usize,
+}
+
 /// One MiSS module of an [`AdapterSummary`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct MissSummary {
@@ -178,6 +189,8 @@ pub struct AdapterSummary {
     pub adalora: Vec<AdaLoraSummary>,
     /// MiSS modules.
     pub miss: Vec<MissSummary>,
+    /// HRA modules.
+    pub hra: Vec<HraSummary>,
     /// Every tensor holding a NaN or infinity.
     pub nonfinite: Vec<NonFinite>,
 }
@@ -257,6 +270,7 @@ impl HfAdapter {
                 .map(|m| AdaLoraSummary { name: m.name.clone(), n_in: m.n_in, n_out: m.n_out, r: m.r, scale: m.scale })
                 .collect(),
             miss: ad.miss.iter().map(|m| MissSummary { name: m.name.clone(), shape: m.shape.clone() }).collect(),
+            hra: ad.hra.iter().map(|m| HraSummary { name: m.name.clone(), n_in: m.n_in, r: m.r }).collect(),
             dtype: ad.dtype,
             config: ad.config,
             nonfinite,

@@ -138,7 +138,9 @@ pub fn default_llama() -> Result<LlamaConfig, HfError> {
 /// models where PEFT has them: LoRA, DoRA, LoHa, LoKr and AdaLoRA (`init_r = r`) on `q_proj` and
 /// `v_proj` with `alpha = 2 r`; (IA)^3 on `k_proj`, `v_proj` and the input
 /// of `down_proj` (PEFT's Llama targets); VeRA on `q_proj`, `v_proj` at
-/// rank `8 r`; MiSS (balance) on `q_proj`, `v_proj` with shard size `r`; bottleneck adapters of width 16 (GELU); prompt and prefix
+/// rank `8 r`; MiSS (balance) on `q_proj`, `v_proj` with shard size `r`;
+/// HRA on `q_proj`, `v_proj` with `r` reflections (rounded up to even, for
+/// PEFT's identity init); bottleneck adapters of width 16 (GELU); prompt and prefix
 /// tuning with [`CONTEXT`] virtual tokens. `None` for a method this
 /// function does not know (the registry test catches that).
 ///
@@ -159,6 +161,7 @@ pub fn trainable(model: &Llama, method: &MethodSpec, rank: usize, seed: u64) -> 
         "vera" => MethodSetup::Vera { r: 8 * r, targets: qv() },
         "adalora" => MethodSetup::AdaLora { init_r: r, alpha, targets: qv() },
         "miss" => MethodSetup::Miss { r, targets: qv() },
+        "hra" => MethodSetup::Hra { r: 2 * r.div_ceil(2), targets: qv() },
         "adapter" => {
             let config = AdapterConfig::width(16).with_activation(Activation::GeluErf);
             return Ok(Some(Trainable::Bottleneck(Bottleneck::new(model, config, seed)?)));

@@ -514,6 +514,9 @@ impl<'a> LlamaAdapter<'a> {
                     place(&m.name, Module::Lokr(m), m.dims())?;
                 }
             }
+            PeftConfig::Hra(_) => {
+                adapter.hra.iter().try_for_each(|m| place(&m.name, Module::Hra(m), (0, m.n_in)))?;
+            }
             PeftConfig::Miss(_) => {
                 adapter.miss.iter().try_for_each(|m| place(&m.name, Module::Miss(m), (0, 0)))?;
             }

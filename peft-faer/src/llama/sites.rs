@@ -23,7 +23,8 @@ use peft_core::{Accum, Backend, FrozenLinear, MatMut, MatRef};
 
 use super::Linear;
 use crate::hf::{
-    AdaLoraModule, HfError, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule, VeraModule, VeraProjections,
+    AdaLoraModule, HfError, HraModule, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule, VeraModule,
+    VeraProjections,
 };
 
 /// The adapter module on one projection, borrowed from an
@@ -48,13 +49,15 @@ pub enum Module<'a> {
     AdaLora(&'a AdaLoraModule),
     /// MiSS: `dW[o, c] = D[c mod r, o]`, or bat's block update.
     Miss(&'a MissModule),
+    /// HRA: `W' = W H`, a chain of Householder reflections.
+    Hra(&'a HraModule),
 }
 
 impl Module<'_> {
     /// The module's trainable tensors' lengths, in the order of its
     /// gradient buffers: LoRA `A, B` (its `lora_bias` stays frozen); DoRA `A, B, m`; (IA)^3 `l`; LoHa
     /// `W1a, W1b, W2a, W2b`; LoKr `W1`'s stored tensors then `W2`'s; VeRA
-    /// `lambda_d, lambda_b`; AdaLoRA `A, E, B`; MiSS `D`.
+    /// `lambda_d, lambda_b`; AdaLoRA `A, E, B`; MiSS `D`; HRA `U`.
     pub fn tensor_lens(&self) -> Vec<usize> {
         match self {
             Module::Lora(m) => vec![m.a.len(), m.b.len()],
@@ -65,6 +68,7 @@ impl Module<'_> {
             Module::Vera(m, _) => vec![m.lambda_d.len(), m.lambda_b.len()],
             Module::AdaLora(m) => vec![m.a.len(), m.e.len(), m.b.len()],
             Module::Miss(m) => vec![m.d.len()],
+            Module::Hra(m) => vec![m.u.len()],
         }
     }
 
@@ -76,11 +80,14 @@ impl Module<'_> {
         let fits = match self {
             Module::Vera(_, p) => out == rows && cols <= p.max_in,
             Module::Miss(m) => m.layer(cols, rows).is_ok(),
+            // HRA's file holds the input width only.
+            Module::Hra(m) => m.n_in == cols,
             _ => (out, inn) == (rows, cols),
         };
         match self {
             _ if fits => None,
             Module::Miss(m) => Some(format!("miss_block {:?}", m.shape)),
+            Module::Hra(m) => Some(format!("hra_u [{}, {}]", m.n_in, m.r)),
             _ => Some(format!("[{out}, {inn}]")),
         }
     }
@@ -217,6 +224,7 @@ pub(super) fn forward<B: Backend<f32> + ?Sized>(
         }
         Some(Module::AdaLora(m)) => run_forward(backend, &base, &m.layer()?, x, y, &mut ws.scratch),
         Some(Module::Miss(m)) => run_forward(backend, &base, &m.layer(n_in, n_out)?, x, y, &mut ws.scratch),
+        Some(Module::Hra(m)) => run_forward(backend, &base, &m.layer(n_out)?, x, y, &mut ws.scratch),
     }
 }
 
@@ -284,6 +292,11 @@ pub(super) fn backward<B: Backend<f32> + ?Sized>(
             let [gd] = grads else { return Err(bad()) };
             let layer = m.layer(n_in, n_out)?;
             run_backward(backend, &base, &layer, x, gy, gx, &mut gd[..], &mut ws.scratch, &mut ws.dx)
+        }
+        Module::Hra(m) => {
+            let [gu] = grads else { return Err(bad()) };
+            let layer = m.layer(n_out)?;
+            run_backward(backend, &base, &layer, x, gy, gx, &mut gu[..], &mut ws.scratch, &mut ws.dx)
         }
     }
 }

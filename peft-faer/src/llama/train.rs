@@ -24,8 +24,8 @@ use peft_core::storage::Owned;
 use super::weights::Matrix;
 use super::{Bottleneck, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Projection, Trace};
 use crate::hf::{
-    AdaLoraModule, HfAdapter, HfError, HfTensor, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule, PeftConfig,
-    VeraModule, VeraProjections,
+    AdaLoraModule, HfAdapter, HfError, HfTensor, HraModule, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule,
+    PeftConfig, VeraModule, VeraProjections,
 };
 
 /// A method and its configuration on the Llama model's projections
@@ -94,6 +94,14 @@ pub enum MethodSetup {
         /// Adapted projections.
         targets: Vec<String>,
     },
+    /// HRA with `r` reflections (even: PEFT's identity init), without
+    /// Gram-Schmidt.
+    Hra {
+        /// `r`.
+        r: usize,
+        /// Adapted projections.
+        targets: Vec<String>,
+    },
     /// Prompt tuning with `n` virtual tokens.
     Prompt {
         /// Virtual tokens.
@@ -115,7 +123,8 @@ impl MethodSetup {
             | MethodSetup::Lokr { r, .. }
             | MethodSetup::Vera { r, .. }
             | MethodSetup::AdaLora { init_r: r, .. }
-            | MethodSetup::Miss { r, .. } => Some(*r),
+            | MethodSetup::Miss { r, .. }
+            | MethodSetup::Hra { r, .. } => Some(*r),
             MethodSetup::Ia3 { .. } | MethodSetup::Prompt { .. } | MethodSetup::Prefix { .. } => None,
         }
     }
@@ -128,7 +137,8 @@ impl MethodSetup {
             | MethodSetup::Lokr { targets, .. }
             | MethodSetup::Vera { targets, .. }
             | MethodSetup::AdaLora { targets, .. }
-            | MethodSetup::Miss { targets, .. } => targets,
+            | MethodSetup::Miss { targets, .. }
+            | MethodSetup::Hra { targets, .. } => targets,
             MethodSetup::Prompt { .. } | MethodSetup::Prefix { .. } => &[],
         }
     }
@@ -158,6 +168,8 @@ impl MethodSetup {
                 "rank_pattern": null, "total_step": 1, "tinit": 0, "tfinal": 0, "deltaT": 1}),
             MethodSetup::Miss { r, targets } => json!({"peft_type": "MISS", "task_type": "CAUSAL_LM", "r": r,
                 "mini_r": 1, "miss_dropout": 0.0, "target_modules": targets, "init_weights": true, "bias": "none"}),
+            MethodSetup::Hra { r, targets } => json!({"peft_type": "HRA", "task_type": "CAUSAL_LM", "r": r,
+                "apply_GS": false, "target_modules": targets, "init_weights": true, "bias": "none"}),
             MethodSetup::Prompt { n } => json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
                 "num_virtual_tokens": n, "token_dim": c.hidden_size, "num_layers": c.num_layers,
                 "num_attention_heads": c.num_heads, "num_transformer_submodules": 1,
@@ -288,6 +300,15 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
             }
         }
         MethodSetup::Vera { r, .. } => init_vera(&mut ad, sites, *r, &mut rng)?,
+        MethodSetup::Hra { r, .. } => {
+            for s in sites {
+                let n_in = s.weight.cols;
+                let mut layer = peft_core::hra::Hra::new(*r, n_in, s.weight.rows, false, vec![0.0f32; n_in * r])?;
+                layer.init_adapter(&mut rng);
+                let u = layer.vectors().to_vec();
+                ad.hra.push(HraModule { name: s.name, u, r: *r, n_in, gram_schmidt: false, dtype: Dtype::F32 });
+            }
+        }
         MethodSetup::Miss { r, .. } => {
             // PEFT's init: D = 0 [r, out] (balance).
             for s in sites {
@@ -521,6 +542,9 @@ pub fn tensors_mut(ad: &mut HfAdapter) -> Vec<&mut Vec<f32>> {
     }
     for m in &mut ad.miss {
         named.push((m.name.clone(), vec![&mut m.d]));
+    }
+    for m in &mut ad.hra {
+        named.push((m.name.clone(), vec![&mut m.u]));
     }
     let key = |name: &str| {
         let rest = name.strip_prefix("model.layers.").unwrap_or(name);

@@ -7,6 +7,7 @@ pub mod dora;
 pub mod embedding;
 pub mod errors;
 pub mod gemm;
+pub mod hra;
 pub mod ia3;
 pub mod loha;
 pub mod lokr;
