@@ -17,7 +17,7 @@
 //! | `gemm_rate` | faer `x W^T`, 128 x 1024 x 1024 | (absolute GFLOP/s) | >= 170 |
 //! | `ref_vs_faer` | reference gemm, 32 x 768 x 768 | faer gemm | >= 0.15 of faer's FLOP/s |
 //! | `dora_forward` | DoRA's unmerged forward, norms cached | LoRA's unmerged forward | <= 1.10 |
-//! | `method_forward` | each newer method's unmerged forward at r = 16 or its equivalent (AdaLoRA: k = 16; MiSS balance: r = 16; HRA: 16 reflections) | LoRA's unmerged forward | <= 1.3 |
+//! | `method_forward` | each newer method's unmerged forward at r = 16 or its equivalent (AdaLoRA: k = 16; MiSS balance: r = 16; HRA: 16 reflections; RoAd road_2, groups of 64) | LoRA's unmerged forward | <= 1.3 |
 //! | `mixed_batch` | 4 LoRA adapters (r 16) over 32 tokens each, one base gemm | one adapter over the 128 tokens | <= 1.15 |
 //! | `storage` | LoRA forward over a stored base (f16, bf16, int8, q8_0, q4_0), t = 1, d = 4096, r = 16 | `stream`: one read of the stored bytes (a sum) | <= 1.3 |
 //! | `storage` | the same through the `no_std` reference kernels | faer's path | faer time / reference time >= 0.25 |
@@ -453,6 +453,7 @@ fn method_group(c: &mut Criterion) {
     use peft_core::adalora::{AdaLora, scale};
     use peft_core::hra::Hra;
     use peft_core::miss::{Miss, MissVariant};
+    use peft_core::road::{Road, RoadVariant};
     let s = SHAPES[0];
     let p = Problem::new(s);
     let backend = Faer::with_threads(1);
@@ -478,6 +479,11 @@ fn method_group(c: &mut Criterion) {
     let hra = Hra::new(s.r, s.d_in, s.d_out, false, &p.a[..]).unwrap();
     let mut hra_scratch = vec![0.0f32; hra.forward_scratch_len(s.tokens)];
     bench_adapter_forward(&mut g, "hra_forward", &backend, &base, x, &mut y, &mut hra_scratch, &hra);
+    // RoAd road_2 (one angle and scale per output; r has no meaning here).
+    let (theta, alpha) = (vec![0.3f32; s.d_out], vec![1.1f32; s.d_out]);
+    let road = Road::new(RoadVariant::Road2, 64, s.d_in, s.d_out, &theta[..], &alpha[..]).unwrap();
+    let mut road_scratch = vec![0.0f32; road.forward_scratch_len(s.tokens)];
+    bench_adapter_forward(&mut g, "road_forward", &backend, &base, x, &mut y, &mut road_scratch, &road);
     g.finish();
 }
 

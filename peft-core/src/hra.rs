@@ -75,27 +75,41 @@ fn norm2<E: Element>(v: &[E], r: usize, i: usize) -> Result<f64> {
     }
 }
 
-/// `row <- row R_i` (`R_i = I - 2 v_i v_i^T / ||v_i||^2`), rounding each
-/// element once.
-fn reflect_row<E: Element>(row: &mut [E], v: &[E], r: usize, i: usize, n2: f64) {
-    let d: f64 = row.iter().zip(col(v, r, i)).map(|(z, u)| z.to_f64() * u).sum();
+/// `row <- row R` (`R = I - 2 u u^T / ||u||^2`, `u` contiguous), rounding
+/// each element once.
+fn reflect_row<E: Element>(row: &mut [E], u: &[E], n2: f64) {
+    let d: f64 = row.iter().zip(u).map(|(z, u)| z.to_f64() * u.to_f64()).sum();
     let c = 2.0 * d / n2;
-    for (z, u) in row.iter_mut().zip(col(v, r, i)) {
-        *z = E::from_f64(z.to_f64() - c * u);
+    for (z, u) in row.iter_mut().zip(u) {
+        *z = E::from_f64(z.to_f64() - c * u.to_f64());
     }
 }
 
-/// Every row of `z` through the reflections `order` of `v`'s columns.
+/// Column `i` of `v [in, r]` copied (exactly) into `buf`, and its squared
+/// norm ([`norm2`]'s refusal).
+fn column<'b, E: Element>(v: &[E], r: usize, i: usize, buf: &'b mut [E]) -> Result<(&'b [E], f64)> {
+    for (dst, src) in buf.iter_mut().zip(v.iter().skip(i).step_by(r.max(1))) {
+        *dst = *src;
+    }
+    Ok((buf, norm2(v, r, i)?))
+}
+
+/// Every row of `z` through the reflections `order` of `v`'s columns
+/// (`buf`: at least `in` elements).
 fn reflect_rows<E: Element>(
     z: &mut MatMut<'_, E>,
     v: &[E],
     r: usize,
     order: impl Iterator<Item = usize>,
+    buf: &mut [E],
 ) -> Result<()> {
+    let n = z.cols();
+    let len = buf.len();
+    let buf = buf.get_mut(..n).ok_or(Error::ScratchTooSmall { needed: n, len })?;
     for i in order {
-        let n2 = norm2(v, r, i)?;
+        let (u, n2) = column(v, r, i, buf)?;
         for row in z.row_iter_mut() {
-            reflect_row(row, v, r, i, n2);
+            reflect_row(row, u, n2);
         }
     }
     Ok(())
@@ -192,19 +206,20 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Hra<E, S> {
         self.out_features
     }
 
-    /// `tokens in` (`x H^T`), plus `in r` with Gram-Schmidt (saturating).
+    /// `(tokens + 1) in` (`x H^T`, one column), plus `in r` with
+    /// Gram-Schmidt (saturating).
     fn forward_scratch_len(&self, tokens: usize) -> usize {
-        tokens.saturating_mul(self.in_features).saturating_add(self.gs_len())
+        tokens.saturating_add(1).saturating_mul(self.in_features).saturating_add(self.gs_len())
     }
 
-    /// `2 tokens in + in + 2 tokens` (`z`, `g`, `dL/du`, `a`, `b`), plus `3
-    /// in r` with Gram-Schmidt (`W`, `dL/dW`, the column's chain;
-    /// saturating).
+    /// `2 tokens in + 2 in + 2 tokens` (`z`, `g`, `dL/du`, one column, `a`,
+    /// `b`), plus `3 in r` with Gram-Schmidt (`W`, `dL/dW`, the column's
+    /// chain; saturating).
     fn backward_scratch_len(&self, tokens: usize) -> usize {
         let n = self.in_features;
         tokens
             .saturating_mul(n.saturating_mul(2).saturating_add(2))
-            .saturating_add(n)
+            .saturating_add(n.saturating_mul(2))
             .saturating_add(self.gs_len().saturating_mul(3))
     }
 
@@ -221,12 +236,13 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Hra<E, S> {
         let ForwardPass { backend, base, x, y, scratch } = pass;
         let (t, n, r) = (x.rows(), self.in_features, self.rank);
         let (z_buf, rest) = split(scratch, checked_len(t, n)?)?;
+        let (col_buf, rest) = split(rest, n)?;
         let v = self.reflectors(rest)?;
         let mut z = MatMut::new(z_buf, t, n)?;
         for (dst, src) in z.row_iter_mut().zip(x.row_iter()) {
             dst.copy_from_slice(src);
         }
-        reflect_rows(&mut z, v, r, (0..r).rev())?;
+        reflect_rows(&mut z, v, r, (0..r).rev(), col_buf)?;
         base.forward(backend, z.as_ref(), y)
     }
 
@@ -242,6 +258,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Hra<E, S> {
         let (z_buf, rest) = split(scratch, checked_len(t, n)?)?;
         let (g_buf, rest) = split(rest, checked_len(t, n)?)?;
         let (du, rest) = split(rest, n)?;
+        let (col_buf, rest) = split(rest, n)?;
         let (ab, rest) = split(rest, checked_len(t, 2)?)?;
         let (w_buf, rest) = split(rest, self.gs_len())?;
         let (dw_buf, chain) = split(rest, self.gs_len())?;
@@ -251,23 +268,24 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Hra<E, S> {
         for (dst, src) in z.row_iter_mut().zip(x.row_iter()) {
             dst.copy_from_slice(src);
         }
-        reflect_rows(&mut z, v, r, (0..r).rev())?;
+        reflect_rows(&mut z, v, r, (0..r).rev(), col_buf)?;
         let mut g = MatMut::new(g_buf, t, n)?;
         base.apply_transpose(backend, grad_y, g.rb_mut(), Accum::Replace)?;
         // With Gram-Schmidt the chain's gradients land in dL/dW first.
         dw_buf.fill(E::ZERO);
         let dv: &mut [E] = if self.gram_schmidt { &mut *dw_buf } else { &mut *grads };
         for i in 0..r {
-            let n2 = norm2(v, r, i)?;
+            let (u, n2) = column(v, r, i, col_buf)?;
             let norm = libm::sqrt(n2);
+            let unit = |k: usize| u.get(k).map_or(0.0, |x| x.to_f64() / norm);
             // Undo R_i: z becomes the reflection's input.
             for row in z.row_iter_mut() {
-                reflect_row(row, v, r, i, n2);
+                reflect_row(row, u, n2);
             }
             for ((zr, gr), slot) in z.as_ref().row_iter().zip(g.as_ref().row_iter()).zip(ab.chunks_exact_mut(2)) {
                 if let [sa, sb] = slot {
-                    *sa = E::from_f64(zr.iter().zip(col(v, r, i)).map(|(z, u)| z.to_f64() * u / norm).sum());
-                    *sb = E::from_f64(gr.iter().zip(col(v, r, i)).map(|(g, u)| g.to_f64() * u / norm).sum());
+                    *sa = E::from_f64(zr.iter().zip(u).map(|(z, u)| z.to_f64() * u.to_f64()).sum::<f64>() / norm);
+                    *sb = E::from_f64(gr.iter().zip(u).map(|(g, u)| g.to_f64() * u.to_f64()).sum::<f64>() / norm);
                 }
             }
             // dL/du_k = -2 sum_t (a_t g_tk + b_t z_tk), summed in f64.
@@ -286,17 +304,14 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Hra<E, S> {
             // g <- g - 2 b u.
             for (row, p) in g.row_iter_mut().zip(ab.chunks_exact(2)) {
                 let c = 2.0 * p.get(1).map_or(0.0, |b| b.to_f64()) / norm;
-                for (gv, u) in row.iter_mut().zip(col(v, r, i)) {
-                    *gv = E::from_f64(gv.to_f64() - c * u);
+                for (gv, uk) in row.iter_mut().zip(u) {
+                    *gv = E::from_f64(gv.to_f64() - c * uk.to_f64());
                 }
             }
             // dL/dv_i += (du - u (u . du)) / ||v_i||.
-            let proj: f64 = du.iter().zip(col(v, r, i)).map(|(d, u)| d.to_f64() * u / norm).sum();
-            for (k, d) in du.iter().enumerate() {
-                let u = v.get(k * r + i).map_or(0.0, |x| x.to_f64()) / norm;
-                if let Some(acc) = dv.get_mut(k * r + i) {
-                    *acc = E::from_f64(acc.to_f64() + (d.to_f64() - u * proj) / norm);
-                }
+            let proj: f64 = du.iter().enumerate().map(|(k, d)| d.to_f64() * unit(k)).sum();
+            for (k, (d, acc)) in du.iter().zip(dv.iter_mut().skip(i).step_by(r)).enumerate() {
+                *acc = E::from_f64(acc.to_f64() + (d.to_f64() - unit(k) * proj) / norm);
             }
         }
         if self.gram_schmidt {
@@ -392,19 +407,20 @@ impl<E: Element, S: AsRef<[E]>> WeightUpdate<E> for Hra<E, S> {
         UpdateKind::Multiplicative
     }
 
-    /// `in r` with Gram-Schmidt (its vectors), else 0.
+    /// `in` (one column), plus `in r` with Gram-Schmidt (its vectors).
     fn update_scratch_len(&self, _rows: usize) -> usize {
-        self.gs_len()
+        self.gs_len().saturating_add(self.in_features)
     }
 
     /// Merge: each row `w -> w R_0 ... R_{r-1}`; unmerge: `w -> w R_{r-1}
     /// ... R_0` (`H` is orthogonal: its inverse is its transpose).
     fn run_update<B: Backend<E> + ?Sized>(&self, _backend: &B, block: UpdateBlock<'_, E>) -> Outcome<E, B> {
         let UpdateBlock { mut block, direction, scratch, .. } = block;
-        let (v, r) = (self.reflectors(scratch)?, self.rank);
+        let (col_buf, rest) = split(scratch, self.in_features)?;
+        let (v, r) = (self.reflectors(rest)?, self.rank);
         match direction {
-            Direction::Merge => reflect_rows(&mut block, v, r, 0..r)?,
-            Direction::Unmerge => reflect_rows(&mut block, v, r, (0..r).rev())?,
+            Direction::Merge => reflect_rows(&mut block, v, r, 0..r, col_buf)?,
+            Direction::Unmerge => reflect_rows(&mut block, v, r, (0..r).rev(), col_buf)?,
         }
         Ok(())
     }
@@ -454,7 +470,8 @@ mod tests {
         let base = Dense::new(&w, 2, 2).unwrap();
         let hra = Hra::new(1, 2, 2, false, [2.0f64, 0.0]).unwrap();
         let mut y = [0.0; 2];
-        let mut sc = [0.0; 2];
+        let mut sc = [0.0; 4];
+        assert_eq!(hra.forward_scratch_len(1), sc.len());
         let x = MatRef::new(&[3.0, 4.0], 1, 2).unwrap();
         hra.forward(&Reference, &base, x, MatMut::new(&mut y, 1, 2).unwrap(), &mut sc).unwrap();
         assert_eq!(y, [-3.0, 4.0]);
@@ -464,7 +481,8 @@ mod tests {
         assert!(matches!(err, Err(Error::InvalidParameter { name: "hra_u", .. })));
         // Gram-Schmidt of [[1, 1], [0, 1]]: w0 = e0, w1 = e1; H = I - 2 I = -I.
         let gs = Hra::new(2, 2, 2, true, [1.0f64, 1.0, 0.0, 1.0]).unwrap();
-        let mut sc = [0.0; 6];
+        let mut sc = [0.0; 8];
+        assert_eq!(gs.forward_scratch_len(1), sc.len());
         gs.forward(&Reference, &base, x, MatMut::new(&mut y, 1, 2).unwrap(), &mut sc).unwrap();
         assert_eq!(y, [-3.0, -4.0]);
     }

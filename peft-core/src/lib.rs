@@ -91,6 +91,7 @@ pub mod optim;
 pub mod prefix;
 pub mod prompt;
 mod rng;
+pub mod road;
 pub mod set;
 pub mod storage;
 pub mod vera;

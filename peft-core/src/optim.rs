@@ -33,6 +33,7 @@
 //! | AdaLoRA | `1e-3` | as LoRA: PEFT's AdaLoRA examples train at LoRA's rates |
 //! | MiSS | `1e-3` | as LoRA: a zero-initialized shard of the weight's size class; PEFT sets no other default |
 //! | HRA | `1e-3` | as LoRA: PEFT sets no default; the paper trains reflections at LoRA's rates |
+//! | RoAd | `3e-3` | as (IA)^3: one angle and one scale per output; our choice, PEFT sets no default |
 //!
 //! DoRA is a LoRA variant ([`Method::Lora`], `use_dora` in its configuration) and takes LoRA's rate.
 
@@ -80,6 +81,8 @@ pub enum Method {
     Miss,
     /// HRA.
     Hra,
+    /// RoAd.
+    Road,
 }
 
 impl Method {
@@ -96,11 +99,12 @@ impl Method {
             Method::AdaLora => 1e-3,
             Method::Miss => 1e-3,
             Method::Hra => 1e-3,
+            Method::Road => 3e-3,
         }
     }
 
     /// The lower-case name (`"lora"`, `"adapter"`, `"prompt"`, `"prefix"`,
-    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`).
+    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`).
     pub const fn name(self) -> &'static str {
         match self {
             Method::Lora => "lora",
@@ -114,6 +118,7 @@ impl Method {
             Method::AdaLora => "adalora",
             Method::Miss => "miss",
             Method::Hra => "hra",
+            Method::Road => "road",
         }
     }
 }

@@ -185,8 +185,8 @@ const SHAPES: [(&str, usize, usize); 7] = [
 
 /// A PEFT adapter folder of `method` (`dora`, `ia3`, `loha`, `lokr`,
 /// `vera`, `adalora`, `miss_bat` with r 8, `miss_mini` with r 6 over inputs
-/// of 64 and 128, the padded path, `hra` with r 4, `hra_gs` with r 3) on
-/// all seven projections of both layers of the fixtures' model,
+/// of 64 and 128, the padded path, `hra` with r 4, `hra_gs` with r 3,
+/// `road_1` and `road_4` in groups of 16) on all seven projections of both layers of the fixtures' model,
 /// written as PEFT names and shapes its tensors, with random values (so
 /// that it changes the output). (IA)^3 scales the inputs of `up_proj` and
 /// `down_proj` (`feedforward_modules`).
@@ -213,6 +213,8 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
             "target_modules": targets}),
         "hra" => serde_json::json!({"peft_type": "HRA", "r": 4, "apply_GS": false, "target_modules": targets}),
         "hra_gs" => serde_json::json!({"peft_type": "HRA", "r": 3, "apply_GS": true, "target_modules": targets}),
+        "road_1" | "road_4" => serde_json::json!({"peft_type": "ROAD", "variant": method, "group_size": 16,
+            "target_modules": targets}),
         other => panic!("{other}"),
     };
     let mut rng = peft_core::Rng::new(17);
@@ -265,6 +267,11 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
                 "miss_mini" => put(format!("{key}.miss_block"), vec![6, 4], 0.1, 0.0),
                 "hra" => put(format!("{key}.hra_u"), vec![i, 4], 1.0, 0.0),
                 "hra_gs" => put(format!("{key}.hra_u"), vec![i, 3], 1.0, 0.0),
+                "road_1" | "road_4" => {
+                    let len = if method == "road_1" { o / 2 } else { 2 * o };
+                    put(format!("{key}.road_theta"), vec![len], 0.5, 0.0);
+                    put(format!("{key}.road_alpha"), vec![len], 0.2, 1.0);
+                }
                 _ => unreachable!(),
             }
         }
@@ -281,7 +288,8 @@ fn every_hosted_method_equals_its_merged_model() {
     let m = model("prompt_llama");
     let ids = [3, 14, 15, 92, 65, 35, 89, 79];
     let plain = m.forward(&Faer::new(), &ids, None, &mut KvCache::new()).unwrap();
-    for method in ["dora", "ia3", "loha", "lokr", "vera", "adalora", "miss_bat", "miss_mini", "hra", "hra_gs"] {
+    let methods = ["dora", "ia3", "loha", "lokr", "vera", "adalora", "miss_bat", "miss_mini", "hra", "hra_gs"];
+    for method in methods.into_iter().chain(["road_1", "road_4"]) {
         let ad = HfAdapter::read_dir(&method_dir(&dir, method)).unwrap();
         let hosted = LlamaAdapter::new(&m, &ad).unwrap();
         let merged_file = dir.join(format!("{method}-merged.safetensors"));
@@ -463,6 +471,9 @@ fn reach(ad: &HfAdapter, name: &str, k: usize) -> Reach {
     if let Some(i) = ad.hra.iter().position(|m| m.name == name) {
         return Box::new(move |a: &mut HfAdapter| &mut a.hra[i].u);
     }
+    if let Some(i) = ad.road.iter().position(|m| m.name == name) {
+        return Box::new(move |a: &mut HfAdapter| if k == 0 { &mut a.road[i].theta } else { &mut a.road[i].alpha });
+    }
     let i = ad.vera.iter().position(|m| m.name == name).unwrap();
     Box::new(move |a: &mut HfAdapter| if k == 0 { &mut a.vera[i].lambda_d } else { &mut a.vera[i].lambda_b })
 }
@@ -475,8 +486,9 @@ fn reach(ad: &HfAdapter, name: &str, k: usize) -> Reach {
 /// plus the stencil's f32 rounding, about 1.5 eps L / h = 4e-4 (5e-4
 /// allowed), which only the smallest gradients (below 0.02) come near; a
 /// missing or wrong term exceeds it by far.
-/// LoRA, DoRA, (IA)^3, LoHa, LoKr, VeRA, AdaLoRA, MiSS (bat, mini) and HRA
-/// (with and without Gram-Schmidt) on all seven projections of both layers, prompt tuning and prefix tuning (GQA). DoRA's `A` and `B`
+/// LoRA, DoRA, (IA)^3, LoHa, LoKr, VeRA, AdaLoRA, MiSS (bat, mini), HRA
+/// (with and without Gram-Schmidt) and RoAd (road_1, road_4) on all seven
+/// projections of both layers, prompt tuning and prefix tuning (GQA). DoRA's `A` and `B`
 /// are not compared: PEFT detaches the weight norm, so their gradient is
 /// not the loss's full derivative (peft-verify's `dora_gradients_match_fd`
 /// checks them with the norm held); the magnitude's is exact and checked.
@@ -492,7 +504,8 @@ fn backward_matches_finite_differences() {
         ("prompt_llama", case_dir("prompt_llama")),
         ("prefix_llama", case_dir("prefix_llama")),
     ];
-    for method in ["dora", "ia3", "loha", "lokr", "vera", "adalora", "miss_bat", "miss_mini", "hra", "hra_gs"] {
+    let methods = ["dora", "ia3", "loha", "lokr", "vera", "adalora", "miss_bat", "miss_mini", "hra", "hra_gs"];
+    for method in methods.into_iter().chain(["road_1", "road_4"]) {
         cases.push(("prompt_llama", method_dir(&dir, method)));
     }
     for (case, adapter_dir) in cases {

@@ -64,6 +64,11 @@
 //! | `hra_matches_oracle` | `x (W H)^T`, `H` the reflections' product or `I - 2 W W^T` after Gram-Schmidt | 5 |
 //! | `hra_merged_equals_unmerged` | `W H` gives the unmerged output | 5 |
 //! | `hra_unmerge_restores` | bit-exact from a backup; `H^T` undoes `H` without one | 5 |
+//! | `road_identity_at_init` | RoAd at PEFT's init (`theta = 0`, `alpha = 1`), each variant: exactly the base output | 2 |
+//! | `road_matches_oracle` | `R (x W^T + b)`, `R` built with PEFT's reshapes for road_1, road_2, road_4 | 8 |
+//! | `road_merged_equals_unmerged` | `R W` and `R b` give the unmerged output | 8 |
+//! | `road_unmerge_restores` | bit-exact from a backup; each pair's inverse without one | 8 |
+//! | `road_gradients_match_fd` | dtheta, dalpha and dx against central differences | 8 |
 //! | `hra_gradients_match_fd` | dU (through the normalization, or through Gram-Schmidt) and dx against central differences | 12 |
 //! | `lokr_matches_oracle_and_merges` | LoKr, each factor full or low rank: `x (W + s kron(W1, W2))^T`, and the merged weight gives it | 3, 6 |
 //! | `lokr_unmerge_restores` | LoKr's typed merge, each factor form: as `loha_unmerge_restores` | 6 |
@@ -360,6 +365,7 @@ where
     props::adalora::run_all::<E, B>(backend, config, &mut report);
     props::miss::run_all::<E, B>(backend, config, &mut report);
     props::hra::run_all::<E, B>(backend, config, &mut report);
+    props::road::run_all::<E, B>(backend, config, &mut report);
     props::lokr::run_all::<E, B>(backend, config, &mut report);
     props::vera::run_all::<E, B>(backend, config, &mut report);
     props::adapter::run_all::<E, B>(backend, config, &mut report);

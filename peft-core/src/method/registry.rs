@@ -45,7 +45,7 @@ impl MethodSpec {
 }
 
 /// Every method, in the order `peft finetune` trains and prints them.
-pub const METHODS: [MethodSpec; 12] = [
+pub const METHODS: [MethodSpec; 13] = [
     MethodSpec {
         name: "lora",
         peft_type: Some("LORA"),
@@ -119,6 +119,14 @@ pub const METHODS: [MethodSpec; 12] = [
         summary: "W' = W H, H = (I - 2 u_0 u_0^T) ... (I - 2 u_{r-1} u_{r-1}^T) (or over Gram-Schmidt(U))",
     },
     MethodSpec {
+        name: "road",
+        peft_type: Some("ROAD"),
+        file_method: Method::Road,
+        family: Family::Weight,
+        merges: true,
+        summary: "y = R (x W^T + b), R rotating and scaling pairs of outputs (alpha cos theta, alpha sin theta)",
+    },
+    MethodSpec {
         name: "adapter",
         peft_type: None,
         file_method: Method::Adapter,
@@ -163,9 +171,8 @@ mod tests {
         // until it is added to the list below and to METHODS.
         let known = |m: Method| match m {
             Method::Lora | Method::Adapter | Method::Prompt | Method::Prefix => true,
-            Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera | Method::AdaLora | Method::Miss | Method::Hra => {
-                true
-            }
+            Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => true,
+            Method::AdaLora | Method::Miss | Method::Hra | Method::Road => true,
         };
         for m in [
             Method::Lora,
@@ -179,6 +186,7 @@ mod tests {
             Method::AdaLora,
             Method::Miss,
             Method::Hra,
+            Method::Road,
         ] {
             assert!(known(m));
             assert!(METHODS.iter().any(|s| s.file_method == m), "{m:?} has no entry");

@@ -11,8 +11,8 @@ use super::keys::{Reader, normalize_key};
 use super::st::{self, OutEntry, StFile};
 use super::{
     AdaLoraModule, CONFIG_FILE, HfError, HraModule, Ia3Module, LOHA_KEYS, LohaModule, LokrModule, LoraModule,
-    MAX_ADAPTER_BYTES, MAX_CONFIG_BYTES, MissModule, PeftConfig, VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections,
-    WEIGHTS_FILE,
+    MAX_ADAPTER_BYTES, MAX_CONFIG_BYTES, MissModule, PeftConfig, RoadModule, VERA_A_KEY, VERA_B_KEY, VeraModule,
+    VeraProjections, WEIGHTS_FILE,
 };
 
 /// A whole tensor of an adapter: a base tensor it replaces (a trained bias
@@ -53,6 +53,8 @@ pub struct HfAdapter {
     pub miss: Vec<MissModule>,
     /// HRA modules, in the order of their keys.
     pub hra: Vec<HraModule>,
+    /// RoAd modules, in the order of their keys.
+    pub road: Vec<RoadModule>,
     /// Whole-tensor replacements.
     pub replacements: Vec<HfTensor>,
     /// Tensors PEFT saves that act in its training only (VeLoRA's
@@ -131,6 +133,7 @@ impl HfAdapter {
             PeftConfig::AdaLora(c) => out.read_adalora(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Miss(c) => out.read_miss(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Hra(c) => out.read_hra(c, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::Road(c) => out.read_road(c, &file, read).map_err(|e| e.in_file(&path))?,
         }
         Ok(out)
     }
@@ -148,6 +151,7 @@ impl HfAdapter {
             adalora: Vec::new(),
             miss: Vec::new(),
             hra: Vec::new(),
+            road: Vec::new(),
             replacements: Vec::new(),
             training_state: Vec::new(),
             prompt: None,
@@ -214,6 +218,7 @@ impl HfAdapter {
             PeftConfig::AdaLora(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Miss(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Hra(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::Road(c) => serde_json::Value::Object(c.raw.clone()),
         }
     }
 
@@ -254,6 +259,11 @@ impl HfAdapter {
             for ((key, shape, data), dtype) in m.stored().into_iter().zip(&m.dtypes) {
                 tensors.push((format!("base_model.model.{}.{key}", m.name), *dtype, shape, data));
             }
+        }
+        for m in &self.road {
+            let (key, len) = (format!("base_model.model.{}", m.name), m.theta.len());
+            tensors.push((format!("{key}.road_theta"), m.dtypes[0], vec![len], &m.theta));
+            tensors.push((format!("{key}.road_alpha"), m.dtypes[1], vec![len], &m.alpha));
         }
         for m in &self.hra {
             tensors.push((format!("base_model.model.{}.hra_u", m.name), m.dtype, vec![m.n_in, m.r], &m.u));

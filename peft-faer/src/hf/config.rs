@@ -330,9 +330,26 @@ pub struct HraConfig {
     pub raw: Map<String, Value>,
 }
 
+/// A RoAd adapter's configuration (`peft_type: "ROAD"`).
+#[derive(Clone, Debug)]
+pub struct RoadConfig {
+    /// `"road_1"`, `"road_2"` or `"road_4"`.
+    pub variant: peft_core::road::RoadVariant,
+    /// The group size `g` (even).
+    pub group_size: usize,
+    /// Targeted modules.
+    pub target_modules: Targets,
+    /// Modules whose whole weights are trained and saved.
+    pub modules_to_save: Vec<String>,
+    /// The JSON object as read.
+    pub raw: Map<String, Value>,
+}
+
 /// A parsed `adapter_config.json`.
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
+    /// `peft_type: "ROAD"`.
+    Road(RoadConfig),
     /// `peft_type: "HRA"`.
     Hra(HraConfig),
     /// `peft_type: "MISS"`.
@@ -368,6 +385,7 @@ impl PeftConfig {
             PeftConfig::AdaLora(_) => "ADALORA",
             PeftConfig::Miss(_) => "MISS",
             PeftConfig::Hra(_) => "HRA",
+            PeftConfig::Road(_) => "ROAD",
         }
     }
 }
@@ -493,6 +511,17 @@ struct RawHra {
     rest: Map<String, Value>,
 }
 
+/// The fields of a RoAd config that change the math.
+#[derive(Deserialize)]
+struct RawRoad {
+    variant: Option<String>,
+    group_size: Option<usize>,
+    target_modules: Option<RawTargets>,
+    modules_to_save: Option<OneOrMany<String>>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
 /// The fields of an IA3 config.
 #[derive(Deserialize)]
 struct RawIa3 {
@@ -597,6 +626,7 @@ impl PeftConfig {
             "ADALORA" => Self::adalora(text, &v),
             "MISS" => Self::miss(text, &v),
             "HRA" => Self::hra(text, &v),
+            "ROAD" => Self::road(text, &v),
             "LOKR" => {
                 let PeftConfig::Loha(common) = Self::loha(text, &v)? else {
                     return Err(HfError::config("peft_type", "LOKR"));
@@ -609,7 +639,7 @@ impl PeftConfig {
                 Ok(PeftConfig::Lokr(LokrConfig { common, decompose_both, decompose_factor }))
             }
             other => Err(HfError::Unsupported(format!(
-                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, PROMPT_TUNING, PREFIX_TUNING)"
+                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }
@@ -815,6 +845,30 @@ impl PeftConfig {
         Ok(PeftConfig::Hra(HraConfig {
             r: raw.r,
             apply_gs: raw.apply_gs.unwrap_or(false),
+            target_modules: targets("target_modules", raw.target_modules)?,
+            modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
+            raw: v.as_object().cloned().unwrap_or_default(),
+        }))
+    }
+
+    fn road(text: &str, v: &Value) -> Result<Self, HfError> {
+        use peft_core::road::RoadVariant;
+        let raw: RawRoad = typed(text)?;
+        unsupported_if_set(&raw.rest, "layers_to_transform", "RoAd on a subset of layers is not supported")?;
+        // PEFT's defaults (`RoadConfig`): road_1, groups of 64.
+        let variant = match raw.variant.as_deref().unwrap_or("road_1") {
+            "road_1" => RoadVariant::Road1,
+            "road_2" => RoadVariant::Road2,
+            "road_4" => RoadVariant::Road4,
+            other => return Err(HfError::config("variant", &format!("{other:?} is not road_1, road_2 or road_4"))),
+        };
+        let group_size = raw.group_size.unwrap_or(64);
+        if group_size == 0 || group_size % 2 != 0 {
+            return Err(HfError::config("group_size", "must be even and at least 2"));
+        }
+        Ok(PeftConfig::Road(RoadConfig {
+            variant,
+            group_size,
             target_modules: targets("target_modules", raw.target_modules)?,
             modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             raw: v.as_object().cloned().unwrap_or_default(),

@@ -143,6 +143,7 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
         PeftConfig::AdaLora(_) => Method::AdaLora,
         PeftConfig::Miss(_) => Method::Miss,
         PeftConfig::Hra(_) => Method::Hra,
+        PeftConfig::Road(_) => Method::Road,
     };
     let restored = restored_entries(&ad, method, &config_json);
     let mut config: Vec<(String, Value<'_>)> = Vec::new();
@@ -190,6 +191,15 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
                 PeftConfig::Hra(c) => {
                     config.push(("r".into(), Value::U64(c.r as u64)));
                     config.push(("apply_GS".into(), Value::Bool(c.apply_gs)));
+                }
+                PeftConfig::Road(c) => {
+                    let variant = match c.variant {
+                        peft_core::road::RoadVariant::Road1 => "road_1",
+                        peft_core::road::RoadVariant::Road2 => "road_2",
+                        peft_core::road::RoadVariant::Road4 => "road_4",
+                    };
+                    config.push(("variant".into(), Value::Str(variant)));
+                    config.push(("group_size".into(), Value::U64(c.group_size as u64)));
                 }
                 PeftConfig::Ia3(_) => {}
             }
@@ -289,7 +299,8 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
         | PeftConfig::Vera(_)
         | PeftConfig::AdaLora(_)
         | PeftConfig::Miss(_)
-        | PeftConfig::Hra(_) => {
+        | PeftConfig::Hra(_)
+        | PeftConfig::Road(_) => {
             // Tensors as stored, under PEFT's keys; the reader checks them
             // against the config before the folder is committed.
             let names: Vec<String> = f
@@ -413,6 +424,19 @@ fn miss_config(r: u64, mini_r: u64, variant: Option<Value<'_>>, targets: Vec<Str
     })
 }
 
+/// RoAd's PEFT config (`variant` road_1 unless the entry says otherwise).
+fn road_config(variant: Option<Value<'_>>, group_size: u64, targets: Vec<String>) -> serde_json::Value {
+    let variant = match variant {
+        Some(Value::Str(v @ ("road_2" | "road_4"))) => v,
+        _ => "road_1",
+    };
+    json!({
+        "peft_type": "ROAD", "task_type": null, "base_model_name_or_path": null, "revision": null,
+        "inference_mode": true, "variant": variant, "group_size": group_size, "init_weights": true,
+        "target_modules": targets, "modules_to_save": null,
+    })
+}
+
 /// HRA's PEFT config.
 fn hra_config(r: u64, apply_gs: bool, targets: Vec<String>) -> serde_json::Value {
     json!({
@@ -495,6 +519,7 @@ fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Valu
             Ok(adalora_config(u("init_r")?, number("lora_alpha")?, targets, total_step))
         }
         Method::Miss => Ok(miss_config(u("r")?, u("mini_r").unwrap_or(1), get("variant"), list("target_modules")?)),
+        Method::Road => Ok(road_config(get("variant"), u("group_size")?, list("target_modules")?)),
         Method::Hra => {
             Ok(hra_config(u("r")?, matches!(get("apply_GS"), Some(Value::Bool(true))), list("target_modules")?))
         }

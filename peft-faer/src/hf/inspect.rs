@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 
 use super::{
     AdaLoraConfig, AdapterSummary, HfLoraConfig, HraConfig, LohaConfig, LokrConfig, MissConfig, PeftConfig,
-    PromptConfig, VeraConfig,
+    PromptConfig, RoadConfig, VeraConfig,
 };
 
 /// One module's row: the columns of its method, in order, each a name and
@@ -99,6 +99,7 @@ impl InspectReport {
             PeftConfig::AdaLora(c) => r.adalora(c, ad, dtype),
             PeftConfig::Miss(c) => r.miss(c, ad, dtype),
             PeftConfig::Hra(c) => r.hra(c, ad, dtype),
+            PeftConfig::Road(c) => r.road(c, ad, dtype),
         }
         if !r.modules.is_empty() {
             r.total_params = total(&r.modules);
@@ -189,6 +190,26 @@ impl InspectReport {
             let mut row = named(&m.name);
             row.extend([("in", json!(m.n_in)), ("out", json!(m.n_out)), ("r", json!(m.r))]);
             row.extend([("scale", json!(m.scale)), ("params", json!(m.r * (m.n_in + m.n_out + 1)))]);
+            self.modules.push(row);
+        }
+    }
+
+    /// RoAd's modules.
+    fn road(&mut self, c: &RoadConfig, ad: &AdapterSummary, dtype: Value) {
+        let variant = match c.variant {
+            peft_core::road::RoadVariant::Road1 => "road_1",
+            peft_core::road::RoadVariant::Road2 => "road_2",
+            peft_core::road::RoadVariant::Road4 => "road_4",
+        };
+        self.method = "road";
+        self.fields = json_map(json!({ "variant": variant, "group_size": c.group_size, "dtype": dtype }));
+        self.headline = format!(
+            "method road: {variant} group_size={} (pairs of outputs rotated and scaled: y = R (x W^T + b))",
+            c.group_size
+        );
+        for m in &ad.road {
+            let mut row = named(&m.name);
+            row.extend([("out", json!(m.n_out)), ("params", json!(2 * m.len))]);
             self.modules.push(row);
         }
     }

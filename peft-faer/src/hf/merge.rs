@@ -44,7 +44,7 @@ use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry};
 use super::{
     AdaLoraModule, HfAdapter, HfError, HfLoraConfig, HfTensor, HraModule, Ia3Config, Ia3Module, LohaModule, LokrModule,
-    LoraModule, MissModule, PeftConfig, VeraModule, VeraProjections,
+    LoraModule, MissModule, PeftConfig, RoadModule, VeraModule, VeraProjections,
 };
 use crate::files::{Staging, check_output};
 
@@ -80,6 +80,8 @@ enum Update<'a> {
     Miss(&'a MissModule, [usize; 2], f64),
     /// HRA: each row `w -> w H` (multiplier 1).
     Hra(&'a HraModule, usize),
+    /// RoAd on a weight of `in` columns: pairs of rows rotated (multiplier 1).
+    Road(&'a RoadModule, usize),
 }
 
 /// One adapter module's change to a bias, in the adapters' order.
@@ -88,6 +90,8 @@ enum BiasUpdate<'a> {
     Lora(&'a LoraModule, f32),
     /// (IA)^3 on the output: `b *= l`.
     Ia3(&'a Ia3Module),
+    /// RoAd: `b <- R b`.
+    Road(&'a RoadModule),
 }
 
 /// What happens to one base tensor.
@@ -449,6 +453,20 @@ impl<'a> Plan<'a, '_> {
         self.push_weight(name, Update::Miss(m, [n_out, n_in], multiplier))
     }
 
+    /// RoAd on `<module>.weight` `[out, in]` (`out` from the vectors), and
+    /// on its bias when the base has one: PEFT rotates the bias too.
+    fn road(&mut self, m: &'a RoadModule) -> Result<(), HfError> {
+        let name = format!("{}.weight", m.name);
+        self.check(&name, &|s| matches!(s, &[o, _] if o == m.n_out), &format!("[{}, in]", m.n_out))?;
+        let n_in = self.base.find(&name).and_then(|(_, e)| e.shape.get(1).copied()).unwrap_or(0);
+        self.push_weight(name, Update::Road(m, n_in))?;
+        let bias = format!("{}.bias", m.name);
+        if self.base.find(&bias).is_some() {
+            self.bias(bias, BiasUpdate::Road(m))?;
+        }
+        Ok(())
+    }
+
     /// HRA on `<module>.weight` `[out, in]`: `in` must be `hra_u`'s rows.
     fn hra(&mut self, m: &'a HraModule) -> Result<(), HfError> {
         let name = format!("{}.weight", m.name);
@@ -513,6 +531,14 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
                 for m in &adapter.lokr {
                     let (n_out, n_in) = m.dims();
                     plan.weight(&m.name, [n_out, n_in], Update::Lokr(m, multiplier))?;
+                }
+            }
+            PeftConfig::Road(_) if multiplier != 1.0 => {
+                return Err(HfError::Unsupported("a multiplier other than 1 for a RoAd adapter".into()));
+            }
+            PeftConfig::Road(_) => {
+                for m in &adapter.road {
+                    plan.road(m)?;
                 }
             }
             PeftConfig::Hra(_) if multiplier != 1.0 => {
@@ -782,6 +808,7 @@ fn write_tensor<B: Backend<f32> + ?Sized>(
                         bias.iter_mut().zip(m.lora_bias.iter().flatten()).for_each(|(b, l)| *b += f * l);
                     }
                     BiasUpdate::Ia3(m) => bias.iter_mut().zip(&m.l).for_each(|(b, l)| *b *= l),
+                    BiasUpdate::Road(m) => m.layer(0)?.update_bias(0, &mut bias, Direction::Merge)?,
                 }
             }
             if check_finite {
@@ -831,6 +858,7 @@ impl Update<'_> {
     fn row_align(&self) -> usize {
         match self {
             Update::Miss(m, ..) if m.variant == peft_core::miss::MissVariant::Bat => m.r,
+            Update::Road(m, _) => m.group,
             _ => 1,
         }
     }
@@ -903,6 +931,10 @@ impl Update<'_> {
                 } else {
                     layer.delta_rows(backend, i0, block, Accum::Add, factor, &mut []).map_err(be)
                 }
+            }
+            Update::Road(m, n_in) => {
+                let layer = m.layer(n_in)?;
+                layer.update_rows(backend, i0, block, None, Direction::Merge, &mut []).map_err(be)
             }
             Update::Hra(m, n_out) => {
                 let layer = m.layer(n_out)?;

@@ -25,6 +25,7 @@ mod lokr;
 mod lora;
 pub mod merge;
 mod miss;
+mod road;
 pub mod st;
 mod summary;
 mod vera;
@@ -35,7 +36,7 @@ pub use adapter::HfTensor;
 pub(crate) use adapter::write_raw_dir;
 pub use config::{
     AdaLoraConfig, BiasMode, HfLoraConfig, HraConfig, Ia3Config, LohaConfig, LokrConfig, MissConfig, Pattern,
-    PeftConfig, PromptConfig, Targets, VeraConfig,
+    PeftConfig, PromptConfig, RoadConfig, Targets, VeraConfig,
 };
 pub use error::HfError;
 pub use hra::HraModule;
@@ -45,9 +46,10 @@ pub use loha::{LOHA_KEYS, LohaModule};
 pub use lokr::LokrModule;
 pub use lora::LoraModule;
 pub use miss::MissModule;
+pub use road::RoadModule;
 pub use summary::{
     AdaLoraSummary, AdapterSummary, HraSummary, Ia3Summary, LohaSummary, LokrSummary, MissSummary, ModuleSummary,
-    NonFinite, ProjectionSummary, TensorSummary, VeraSummary,
+    NonFinite, ProjectionSummary, RoadSummary, TensorSummary, VeraSummary,
 };
 pub use vera::{VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections};
 

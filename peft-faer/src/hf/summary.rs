@@ -77,6 +77,17 @@ pub struct AdaLoraSummary {
     pub scale: f64,
 }
 
+/// One RoAd module of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoadSummary {
+    /// Module name.
+    pub name: String,
+    /// Output features.
+    pub n_out: usize,
+    /// `theta`'s (and `alpha`'s) length.
+    pub len: usize,
+}
+
 /// One HRA module of an [`AdapterSummary`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct HraSummary {
@@ -191,6 +202,8 @@ pub struct AdapterSummary {
     pub miss: Vec<MissSummary>,
     /// HRA modules.
     pub hra: Vec<HraSummary>,
+    /// RoAd modules.
+    pub road: Vec<RoadSummary>,
     /// Every tensor holding a NaN or infinity.
     pub nonfinite: Vec<NonFinite>,
 }
@@ -271,6 +284,11 @@ impl HfAdapter {
                 .collect(),
             miss: ad.miss.iter().map(|m| MissSummary { name: m.name.clone(), shape: m.shape.clone() }).collect(),
             hra: ad.hra.iter().map(|m| HraSummary { name: m.name.clone(), n_in: m.n_in, r: m.r }).collect(),
+            road: ad
+                .road
+                .iter()
+                .map(|m| RoadSummary { name: m.name.clone(), n_out: m.n_out, len: m.variant.len(m.n_out) })
+                .collect(),
             dtype: ad.dtype,
             config: ad.config,
             nonfinite,

@@ -134,13 +134,19 @@ pub fn default_llama() -> Result<LlamaConfig, HfError> {
     )
 }
 
+/// The greatest common divisor.
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
 /// Each method's trainable for `peft finetune`, PEFT's defaults for Llama
 /// models where PEFT has them: LoRA, DoRA, LoHa, LoKr and AdaLoRA (`init_r = r`) on `q_proj` and
 /// `v_proj` with `alpha = 2 r`; (IA)^3 on `k_proj`, `v_proj` and the input
 /// of `down_proj` (PEFT's Llama targets); VeRA on `q_proj`, `v_proj` at
 /// rank `8 r`; MiSS (balance) on `q_proj`, `v_proj` with shard size `r`;
 /// HRA on `q_proj`, `v_proj` with `r` reflections (rounded up to even, for
-/// PEFT's identity init); bottleneck adapters of width 16 (GELU); prompt and prefix
+/// PEFT's identity init); RoAd (road_1) on `q_proj`, `v_proj` in groups of
+/// 64 or the largest divisor of both outputs below it; bottleneck adapters of width 16 (GELU); prompt and prefix
 /// tuning with [`CONTEXT`] virtual tokens. `None` for a method this
 /// function does not know (the registry test catches that).
 ///
@@ -162,6 +168,11 @@ pub fn trainable(model: &Llama, method: &MethodSpec, rank: usize, seed: u64) -> 
         "adalora" => MethodSetup::AdaLora { init_r: r, alpha, targets: qv() },
         "miss" => MethodSetup::Miss { r, targets: qv() },
         "hra" => MethodSetup::Hra { r: 2 * r.div_ceil(2), targets: qv() },
+        "road" => {
+            // PEFT's default groups of 64, cut to a size that divides q_proj's and v_proj's outputs.
+            let c = &model.config;
+            MethodSetup::Road { group: gcd(gcd(64, c.num_heads * c.head_dim), c.kv_width()), targets: qv() }
+        }
         "adapter" => {
             let config = AdapterConfig::width(16).with_activation(Activation::GeluErf);
             return Ok(Some(Trainable::Bottleneck(Bottleneck::new(model, config, seed)?)));

@@ -514,6 +514,9 @@ impl<'a> LlamaAdapter<'a> {
                     place(&m.name, Module::Lokr(m), m.dims())?;
                 }
             }
+            PeftConfig::Road(_) => {
+                adapter.road.iter().try_for_each(|m| place(&m.name, Module::Road(m), (m.n_out, 0)))?;
+            }
             PeftConfig::Hra(_) => {
                 adapter.hra.iter().try_for_each(|m| place(&m.name, Module::Hra(m), (0, m.n_in)))?;
             }

@@ -17,14 +17,15 @@ use peft_core::loha::LohaGrads;
 use peft_core::lokr::{Factor, LokrGrads};
 use peft_core::lora::LoraGrads;
 use peft_core::method::LinearAdapter;
+use peft_core::road::RoadGrads;
 use peft_core::storage::StoredLinear;
 use peft_core::vera::VeraGrads;
 use peft_core::{Accum, Backend, FrozenLinear, MatMut, MatRef};
 
 use super::Linear;
 use crate::hf::{
-    AdaLoraModule, HfError, HraModule, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule, VeraModule,
-    VeraProjections,
+    AdaLoraModule, HfError, HraModule, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule, RoadModule,
+    VeraModule, VeraProjections,
 };
 
 /// The adapter module on one projection, borrowed from an
@@ -51,13 +52,15 @@ pub enum Module<'a> {
     Miss(&'a MissModule),
     /// HRA: `W' = W H`, a chain of Householder reflections.
     Hra(&'a HraModule),
+    /// RoAd: `y = R (x W^T + b)`, pairs of outputs rotated and scaled.
+    Road(&'a RoadModule),
 }
 
 impl Module<'_> {
     /// The module's trainable tensors' lengths, in the order of its
     /// gradient buffers: LoRA `A, B` (its `lora_bias` stays frozen); DoRA `A, B, m`; (IA)^3 `l`; LoHa
     /// `W1a, W1b, W2a, W2b`; LoKr `W1`'s stored tensors then `W2`'s; VeRA
-    /// `lambda_d, lambda_b`; AdaLoRA `A, E, B`; MiSS `D`; HRA `U`.
+    /// `lambda_d, lambda_b`; AdaLoRA `A, E, B`; MiSS `D`; HRA `U`; RoAd `theta, alpha`.
     pub fn tensor_lens(&self) -> Vec<usize> {
         match self {
             Module::Lora(m) => vec![m.a.len(), m.b.len()],
@@ -69,6 +72,7 @@ impl Module<'_> {
             Module::AdaLora(m) => vec![m.a.len(), m.e.len(), m.b.len()],
             Module::Miss(m) => vec![m.d.len()],
             Module::Hra(m) => vec![m.u.len()],
+            Module::Road(m) => vec![m.theta.len(), m.alpha.len()],
         }
     }
 
@@ -82,12 +86,15 @@ impl Module<'_> {
             Module::Miss(m) => m.layer(cols, rows).is_ok(),
             // HRA's file holds the input width only.
             Module::Hra(m) => m.n_in == cols,
+            // RoAd's file holds the output width only.
+            Module::Road(m) => m.n_out == rows,
             _ => (out, inn) == (rows, cols),
         };
         match self {
             _ if fits => None,
             Module::Miss(m) => Some(format!("miss_block {:?}", m.shape)),
             Module::Hra(m) => Some(format!("hra_u [{}, {}]", m.n_in, m.r)),
+            Module::Road(m) => Some(format!("[{}, in]", m.n_out)),
             _ => Some(format!("[{out}, {inn}]")),
         }
     }
@@ -225,6 +232,7 @@ pub(super) fn forward<B: Backend<f32> + ?Sized>(
         Some(Module::AdaLora(m)) => run_forward(backend, &base, &m.layer()?, x, y, &mut ws.scratch),
         Some(Module::Miss(m)) => run_forward(backend, &base, &m.layer(n_in, n_out)?, x, y, &mut ws.scratch),
         Some(Module::Hra(m)) => run_forward(backend, &base, &m.layer(n_out)?, x, y, &mut ws.scratch),
+        Some(Module::Road(m)) => run_forward(backend, &base, &m.layer(n_in)?, x, y, &mut ws.scratch),
     }
 }
 
@@ -297,6 +305,11 @@ pub(super) fn backward<B: Backend<f32> + ?Sized>(
             let [gu] = grads else { return Err(bad()) };
             let layer = m.layer(n_out)?;
             run_backward(backend, &base, &layer, x, gy, gx, &mut gu[..], &mut ws.scratch, &mut ws.dx)
+        }
+        Module::Road(m) => {
+            let [gt, ga] = grads else { return Err(bad()) };
+            let (layer, g) = (m.layer(n_in)?, RoadGrads { theta: &mut gt[..], alpha: &mut ga[..] });
+            run_backward(backend, &base, &layer, x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
         }
     }
 }

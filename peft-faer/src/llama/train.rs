@@ -25,7 +25,7 @@ use super::weights::Matrix;
 use super::{Bottleneck, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Projection, Trace};
 use crate::hf::{
     AdaLoraModule, HfAdapter, HfError, HfTensor, HraModule, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule,
-    PeftConfig, VeraModule, VeraProjections,
+    PeftConfig, RoadModule, VeraModule, VeraProjections,
 };
 
 /// A method and its configuration on the Llama model's projections
@@ -102,6 +102,13 @@ pub enum MethodSetup {
         /// Adapted projections.
         targets: Vec<String>,
     },
+    /// RoAd (road_1) with groups of `group` outputs.
+    Road {
+        /// `group_size`.
+        group: usize,
+        /// Adapted projections.
+        targets: Vec<String>,
+    },
     /// Prompt tuning with `n` virtual tokens.
     Prompt {
         /// Virtual tokens.
@@ -125,7 +132,10 @@ impl MethodSetup {
             | MethodSetup::AdaLora { init_r: r, .. }
             | MethodSetup::Miss { r, .. }
             | MethodSetup::Hra { r, .. } => Some(*r),
-            MethodSetup::Ia3 { .. } | MethodSetup::Prompt { .. } | MethodSetup::Prefix { .. } => None,
+            MethodSetup::Ia3 { .. }
+            | MethodSetup::Road { .. }
+            | MethodSetup::Prompt { .. }
+            | MethodSetup::Prefix { .. } => None,
         }
     }
 
@@ -138,7 +148,8 @@ impl MethodSetup {
             | MethodSetup::Vera { targets, .. }
             | MethodSetup::AdaLora { targets, .. }
             | MethodSetup::Miss { targets, .. }
-            | MethodSetup::Hra { targets, .. } => targets,
+            | MethodSetup::Hra { targets, .. }
+            | MethodSetup::Road { targets, .. } => targets,
             MethodSetup::Prompt { .. } | MethodSetup::Prefix { .. } => &[],
         }
     }
@@ -170,6 +181,8 @@ impl MethodSetup {
                 "mini_r": 1, "miss_dropout": 0.0, "target_modules": targets, "init_weights": true, "bias": "none"}),
             MethodSetup::Hra { r, targets } => json!({"peft_type": "HRA", "task_type": "CAUSAL_LM", "r": r,
                 "apply_GS": false, "target_modules": targets, "init_weights": true, "bias": "none"}),
+            MethodSetup::Road { group, targets } => json!({"peft_type": "ROAD", "task_type": "CAUSAL_LM",
+                "variant": "road_1", "group_size": group, "target_modules": targets, "init_weights": true}),
             MethodSetup::Prompt { n } => json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
                 "num_virtual_tokens": n, "token_dim": c.hidden_size, "num_layers": c.num_layers,
                 "num_attention_heads": c.num_heads, "num_transformer_submodules": 1,
@@ -300,6 +313,15 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
             }
         }
         MethodSetup::Vera { r, .. } => init_vera(&mut ad, sites, *r, &mut rng)?,
+        MethodSetup::Road { group, .. } => {
+            // PEFT's init: theta = 0, alpha = 1 (the identity).
+            for s in sites {
+                let (n_out, variant) = (s.weight.rows, peft_core::road::RoadVariant::Road1);
+                let (theta, alpha) = (vec![0.0f32; n_out / 2], vec![1.0f32; n_out / 2]);
+                let (dtypes, group) = ([Dtype::F32; 2], *group);
+                ad.road.push(RoadModule { name: s.name, theta, alpha, variant, group, n_out, dtypes });
+            }
+        }
         MethodSetup::Hra { r, .. } => {
             for s in sites {
                 let n_in = s.weight.cols;
@@ -545,6 +567,9 @@ pub fn tensors_mut(ad: &mut HfAdapter) -> Vec<&mut Vec<f32>> {
     }
     for m in &mut ad.hra {
         named.push((m.name.clone(), vec![&mut m.u]));
+    }
+    for m in &mut ad.road {
+        named.push((m.name.clone(), vec![&mut m.theta, &mut m.alpha]));
     }
     let key = |name: &str| {
         let rest = name.strip_prefix("model.layers.").unwrap_or(name);

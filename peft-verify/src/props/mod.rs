@@ -15,6 +15,7 @@ pub mod lora;
 pub mod miss;
 pub mod optim;
 pub mod prompt;
+pub mod road;
 pub mod set;
 pub mod storage;
 pub mod training;
