@@ -33,6 +33,7 @@
 //! | AdaLoRA | `1e-3` | as LoRA: PEFT's AdaLoRA examples train at LoRA's rates |
 //! | MiSS | `1e-3` | as LoRA: a zero-initialized shard of the weight's size class; PEFT sets no other default |
 //! | HRA | `1e-3` | as LoRA: PEFT sets no default; the paper trains reflections at LoRA's rates |
+//! | C3A | `1e-3` | as LoRA: PEFT sets no default |
 //! | RoAd | `3e-3` | as (IA)^3: one angle and one scale per output; our choice, PEFT sets no default |
 //!
 //! DoRA is a LoRA variant ([`Method::Lora`], `use_dora` in its configuration) and takes LoRA's rate.
@@ -83,6 +84,8 @@ pub enum Method {
     Hra,
     /// RoAd.
     Road,
+    /// C3A.
+    C3a,
 }
 
 impl Method {
@@ -100,11 +103,12 @@ impl Method {
             Method::Miss => 1e-3,
             Method::Hra => 1e-3,
             Method::Road => 3e-3,
+            Method::C3a => 1e-3,
         }
     }
 
     /// The lower-case name (`"lora"`, `"adapter"`, `"prompt"`, `"prefix"`,
-    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`).
+    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`, `"c3a"`).
     pub const fn name(self) -> &'static str {
         match self {
             Method::Lora => "lora",
@@ -119,6 +123,7 @@ impl Method {
             Method::Miss => "miss",
             Method::Hra => "hra",
             Method::Road => "road",
+            Method::C3a => "c3a",
         }
     }
 }

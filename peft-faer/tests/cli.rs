@@ -22,8 +22,8 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
     assert_eq!(
         names,
         [
-            "lora", "dora", "ia3", "loha", "lokr", "vera", "adalora", "miss", "hra", "road", "adapter", "prompt",
-            "prefix"
+            "lora", "dora", "ia3", "loha", "lokr", "vera", "adalora", "miss", "hra", "road", "c3a", "adapter",
+            "prompt", "prefix"
         ]
     );
     for m in methods {
@@ -64,11 +64,11 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
     }
-    // The ten methods on projections merge; the others have nothing to merge.
-    for m in &methods[..10] {
+    // The eleven methods on projections merge; the others have nothing to merge.
+    for m in &methods[..11] {
         assert!(m["merged_vs_unmerged_max_abs_diff"].as_f64().unwrap() < 1e-4, "{m}");
     }
-    for m in &methods[10..] {
+    for m in &methods[11..] {
         assert!(m["merged_vs_unmerged_max_abs_diff"].is_null(), "{m}");
     }
     std::fs::remove_dir_all(&out_dir).ok();

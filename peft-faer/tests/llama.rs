@@ -186,7 +186,7 @@ const SHAPES: [(&str, usize, usize); 7] = [
 /// A PEFT adapter folder of `method` (`dora`, `ia3`, `loha`, `lokr`,
 /// `vera`, `adalora`, `miss_bat` with r 8, `miss_mini` with r 6 over inputs
 /// of 64 and 128, the padded path, `hra` with r 4, `hra_gs` with r 3,
-/// `road_1` and `road_4` in groups of 16) on all seven projections of both layers of the fixtures' model,
+/// `road_1` and `road_4` in groups of 16, `c3a` in blocks of 16) on all seven projections of both layers of the fixtures' model,
 /// written as PEFT names and shapes its tensors, with random values (so
 /// that it changes the output). (IA)^3 scales the inputs of `up_proj` and
 /// `down_proj` (`feedforward_modules`).
@@ -213,6 +213,7 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
             "target_modules": targets}),
         "hra" => serde_json::json!({"peft_type": "HRA", "r": 4, "apply_GS": false, "target_modules": targets}),
         "hra_gs" => serde_json::json!({"peft_type": "HRA", "r": 3, "apply_GS": true, "target_modules": targets}),
+        "c3a" => serde_json::json!({"peft_type": "C3A", "block_size": 16, "target_modules": targets}),
         "road_1" | "road_4" => serde_json::json!({"peft_type": "ROAD", "variant": method, "group_size": 16,
             "target_modules": targets}),
         other => panic!("{other}"),
@@ -267,6 +268,7 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
                 "miss_mini" => put(format!("{key}.miss_block"), vec![6, 4], 0.1, 0.0),
                 "hra" => put(format!("{key}.hra_u"), vec![i, 4], 1.0, 0.0),
                 "hra_gs" => put(format!("{key}.hra_u"), vec![i, 3], 1.0, 0.0),
+                "c3a" => put(format!("{key}.c3a_kernel"), vec![o / 16, i / 16, 16], 1.0, 0.0),
                 "road_1" | "road_4" => {
                     let len = if method == "road_1" { o / 2 } else { 2 * o };
                     put(format!("{key}.road_theta"), vec![len], 0.5, 0.0);
@@ -289,7 +291,7 @@ fn every_hosted_method_equals_its_merged_model() {
     let ids = [3, 14, 15, 92, 65, 35, 89, 79];
     let plain = m.forward(&Faer::new(), &ids, None, &mut KvCache::new()).unwrap();
     let methods = ["dora", "ia3", "loha", "lokr", "vera", "adalora", "miss_bat", "miss_mini", "hra", "hra_gs"];
-    for method in methods.into_iter().chain(["road_1", "road_4"]) {
+    for method in methods.into_iter().chain(["road_1", "road_4", "c3a"]) {
         let ad = HfAdapter::read_dir(&method_dir(&dir, method)).unwrap();
         let hosted = LlamaAdapter::new(&m, &ad).unwrap();
         let merged_file = dir.join(format!("{method}-merged.safetensors"));
@@ -471,6 +473,9 @@ fn reach(ad: &HfAdapter, name: &str, k: usize) -> Reach {
     if let Some(i) = ad.hra.iter().position(|m| m.name == name) {
         return Box::new(move |a: &mut HfAdapter| &mut a.hra[i].u);
     }
+    if let Some(i) = ad.c3a.iter().position(|m| m.name == name) {
+        return Box::new(move |a: &mut HfAdapter| &mut a.c3a[i].kernel);
+    }
     if let Some(i) = ad.road.iter().position(|m| m.name == name) {
         return Box::new(move |a: &mut HfAdapter| if k == 0 { &mut a.road[i].theta } else { &mut a.road[i].alpha });
     }
@@ -487,8 +492,8 @@ fn reach(ad: &HfAdapter, name: &str, k: usize) -> Reach {
 /// allowed), which only the smallest gradients (below 0.02) come near; a
 /// missing or wrong term exceeds it by far.
 /// LoRA, DoRA, (IA)^3, LoHa, LoKr, VeRA, AdaLoRA, MiSS (bat, mini), HRA
-/// (with and without Gram-Schmidt) and RoAd (road_1, road_4) on all seven
-/// projections of both layers, prompt tuning and prefix tuning (GQA). DoRA's `A` and `B`
+/// (with and without Gram-Schmidt), RoAd (road_1, road_4) and C3A on all
+/// seven projections of both layers, prompt tuning and prefix tuning (GQA). DoRA's `A` and `B`
 /// are not compared: PEFT detaches the weight norm, so their gradient is
 /// not the loss's full derivative (peft-verify's `dora_gradients_match_fd`
 /// checks them with the norm held); the magnitude's is exact and checked.
@@ -505,7 +510,7 @@ fn backward_matches_finite_differences() {
         ("prefix_llama", case_dir("prefix_llama")),
     ];
     let methods = ["dora", "ia3", "loha", "lokr", "vera", "adalora", "miss_bat", "miss_mini", "hra", "hra_gs"];
-    for method in methods.into_iter().chain(["road_1", "road_4"]) {
+    for method in methods.into_iter().chain(["road_1", "road_4", "c3a"]) {
         cases.push(("prompt_llama", method_dir(&dir, method)));
     }
     for (case, adapter_dir) in cases {

@@ -64,6 +64,11 @@
 //! | `hra_matches_oracle` | `x (W H)^T`, `H` the reflections' product or `I - 2 W W^T` after Gram-Schmidt | 5 |
 //! | `hra_merged_equals_unmerged` | `W H` gives the unmerged output | 5 |
 //! | `hra_unmerge_restores` | bit-exact from a backup; `H^T` undoes `H` without one | 5 |
+//! | `c3a_identity_at_init` | C3A at PEFT's zero init (`init_weights = true`): exactly the base output | 2 |
+//! | `c3a_matches_oracle` | `x (W + dW)^T`, `dW` written element-wise from PEFT's FFT formula | 3 |
+//! | `c3a_merged_equals_unmerged` | `W + dW` gives the unmerged output | 6 |
+//! | `c3a_unmerge_restores` | as `loha_unmerge_restores` | 6 |
+//! | `c3a_gradients_match_fd` | the kernel's gradient and dx against central differences | 12 |
 //! | `road_identity_at_init` | RoAd at PEFT's init (`theta = 0`, `alpha = 1`), each variant: exactly the base output | 2 |
 //! | `road_matches_oracle` | `R (x W^T + b)`, `R` built with PEFT's reshapes for road_1, road_2, road_4 | 8 |
 //! | `road_merged_equals_unmerged` | `R W` and `R b` give the unmerged output | 8 |
@@ -366,6 +371,7 @@ where
     props::miss::run_all::<E, B>(backend, config, &mut report);
     props::hra::run_all::<E, B>(backend, config, &mut report);
     props::road::run_all::<E, B>(backend, config, &mut report);
+    props::c3a::run_all::<E, B>(backend, config, &mut report);
     props::lokr::run_all::<E, B>(backend, config, &mut report);
     props::vera::run_all::<E, B>(backend, config, &mut report);
     props::adapter::run_all::<E, B>(backend, config, &mut report);

@@ -21,7 +21,7 @@
 //!  8      4     version (1)
 //! 12      1     method (1 LoRA or DoRA, 2 adapter, 3 prompt, 4 prefix,
 //!                  5 IA3, 6 LoHa, 7 LoKr, 8 VeRA,
-//!                  9 AdaLoRA, 10 MiSS, 11 HRA, 12 RoAd)
+//!                  9 AdaLoRA, 10 MiSS, 11 HRA, 12 RoAd, 13 C3A)
 //! 13      3     reserved, zero
 //! 16      4     n_config   (<= MAX_CONFIG)
 //! 20      4     n_tensors  (<= MAX_TENSORS)
@@ -314,6 +314,7 @@ fn method_code(m: Method) -> u8 {
         Method::Miss => 10,
         Method::Hra => 11,
         Method::Road => 12,
+        Method::C3a => 13,
     }
 }
 
@@ -331,6 +332,7 @@ const fn method_from_code(code: u8) -> Fmt<Method> {
         10 => Ok(Method::Miss),
         11 => Ok(Method::Hra),
         12 => Ok(Method::Road),
+        13 => Ok(Method::C3a),
         _ => Err(FormatError::UnknownMethod { code }),
     }
 }

@@ -45,7 +45,7 @@ impl MethodSpec {
 }
 
 /// Every method, in the order `peft finetune` trains and prints them.
-pub const METHODS: [MethodSpec; 13] = [
+pub const METHODS: [MethodSpec; 14] = [
     MethodSpec {
         name: "lora",
         peft_type: Some("LORA"),
@@ -127,6 +127,14 @@ pub const METHODS: [MethodSpec; 13] = [
         summary: "y = R (x W^T + b), R rotating and scaling pairs of outputs (alpha cos theta, alpha sin theta)",
     },
     MethodSpec {
+        name: "c3a",
+        peft_type: Some("C3A"),
+        file_method: Method::C3a,
+        family: Family::Weight,
+        merges: true,
+        summary: "dW[m b + j, n b + t] = w[m, n, (t - j) mod b] / in (block-circulant)",
+    },
+    MethodSpec {
         name: "adapter",
         peft_type: None,
         file_method: Method::Adapter,
@@ -172,7 +180,7 @@ mod tests {
         let known = |m: Method| match m {
             Method::Lora | Method::Adapter | Method::Prompt | Method::Prefix => true,
             Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => true,
-            Method::AdaLora | Method::Miss | Method::Hra | Method::Road => true,
+            Method::AdaLora | Method::Miss | Method::Hra | Method::Road | Method::C3a => true,
         };
         for m in [
             Method::Lora,
@@ -187,6 +195,7 @@ mod tests {
             Method::Miss,
             Method::Hra,
             Method::Road,
+            Method::C3a,
         ] {
             assert!(known(m));
             assert!(METHODS.iter().any(|s| s.file_method == m), "{m:?} has no entry");

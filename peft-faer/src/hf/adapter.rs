@@ -10,9 +10,9 @@ use safetensors::Dtype;
 use super::keys::{Reader, normalize_key};
 use super::st::{self, OutEntry, StFile};
 use super::{
-    AdaLoraModule, CONFIG_FILE, HfError, HraModule, Ia3Module, LOHA_KEYS, LohaModule, LokrModule, LoraModule,
-    MAX_ADAPTER_BYTES, MAX_CONFIG_BYTES, MissModule, PeftConfig, RoadModule, VERA_A_KEY, VERA_B_KEY, VeraModule,
-    VeraProjections, WEIGHTS_FILE,
+    AdaLoraModule, C3aModule, CONFIG_FILE, HfError, HraModule, Ia3Module, LOHA_KEYS, LohaModule, LokrModule,
+    LoraModule, MAX_ADAPTER_BYTES, MAX_CONFIG_BYTES, MissModule, PeftConfig, RoadModule, VERA_A_KEY, VERA_B_KEY,
+    VeraModule, VeraProjections, WEIGHTS_FILE,
 };
 
 /// A whole tensor of an adapter: a base tensor it replaces (a trained bias
@@ -55,6 +55,8 @@ pub struct HfAdapter {
     pub hra: Vec<HraModule>,
     /// RoAd modules, in the order of their keys.
     pub road: Vec<RoadModule>,
+    /// C3A modules, in the order of their keys.
+    pub c3a: Vec<C3aModule>,
     /// Whole-tensor replacements.
     pub replacements: Vec<HfTensor>,
     /// Tensors PEFT saves that act in its training only (VeLoRA's
@@ -134,6 +136,7 @@ impl HfAdapter {
             PeftConfig::Miss(c) => out.read_miss(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Hra(c) => out.read_hra(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Road(c) => out.read_road(c, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::C3a(c) => out.read_c3a(c, &file, read).map_err(|e| e.in_file(&path))?,
         }
         Ok(out)
     }
@@ -152,6 +155,7 @@ impl HfAdapter {
             miss: Vec::new(),
             hra: Vec::new(),
             road: Vec::new(),
+            c3a: Vec::new(),
             replacements: Vec::new(),
             training_state: Vec::new(),
             prompt: None,
@@ -219,6 +223,7 @@ impl HfAdapter {
             PeftConfig::Miss(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Hra(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Road(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::C3a(c) => serde_json::Value::Object(c.raw.clone()),
         }
     }
 
@@ -259,6 +264,10 @@ impl HfAdapter {
             for ((key, shape, data), dtype) in m.stored().into_iter().zip(&m.dtypes) {
                 tensors.push((format!("base_model.model.{}.{key}", m.name), *dtype, shape, data));
             }
+        }
+        for m in &self.c3a {
+            let shape = vec![m.n_out / m.block, m.n_in / m.block, m.block];
+            tensors.push((format!("base_model.model.{}.c3a_kernel", m.name), m.dtype, shape, &m.kernel));
         }
         for m in &self.road {
             let (key, len) = (format!("base_model.model.{}", m.name), m.theta.len());

@@ -345,9 +345,37 @@ pub struct RoadConfig {
     pub raw: Map<String, Value>,
 }
 
+/// A C3A adapter's configuration (`peft_type: "C3A"`).
+#[derive(Clone, Debug)]
+pub struct C3aConfig {
+    /// The default block size `b`.
+    pub block_size: usize,
+    /// Per-module block sizes: PEFT's rule is `re.match(rf".*\.{key}$",
+    /// module)`, the first key in file order that matches, else the
+    /// module's full name as a key.
+    pub block_size_pattern: Vec<(String, Regex, usize)>,
+    /// Targeted modules.
+    pub target_modules: Targets,
+    /// Modules whose whole weights are trained and saved.
+    pub modules_to_save: Vec<String>,
+    /// The JSON object as read.
+    pub raw: Map<String, Value>,
+}
+
+impl C3aConfig {
+    /// The block size PEFT gives `module`.
+    pub fn block_size_for(&self, module: &str) -> usize {
+        let hit = self.block_size_pattern.iter().find(|(_, re, _)| re.is_match(module));
+        let exact = || self.block_size_pattern.iter().find(|(k, _, _)| k == module);
+        hit.or_else(exact).map_or(self.block_size, |(_, _, b)| *b)
+    }
+}
+
 /// A parsed `adapter_config.json`.
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
+    /// `peft_type: "C3A"`.
+    C3a(C3aConfig),
     /// `peft_type: "ROAD"`.
     Road(RoadConfig),
     /// `peft_type: "HRA"`.
@@ -386,6 +414,7 @@ impl PeftConfig {
             PeftConfig::Miss(_) => "MISS",
             PeftConfig::Hra(_) => "HRA",
             PeftConfig::Road(_) => "ROAD",
+            PeftConfig::C3a(_) => "C3A",
         }
     }
 }
@@ -522,6 +551,18 @@ struct RawRoad {
     rest: Map<String, Value>,
 }
 
+/// The fields of a C3A config that change the math.
+#[derive(Deserialize)]
+struct RawC3a {
+    block_size: Option<usize>,
+    block_size_pattern: Option<Ordered<usize>>,
+    target_modules: Option<RawTargets>,
+    bias: Option<String>,
+    modules_to_save: Option<OneOrMany<String>>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
 /// The fields of an IA3 config.
 #[derive(Deserialize)]
 struct RawIa3 {
@@ -627,6 +668,7 @@ impl PeftConfig {
             "MISS" => Self::miss(text, &v),
             "HRA" => Self::hra(text, &v),
             "ROAD" => Self::road(text, &v),
+            "C3A" => Self::c3a(text, &v),
             "LOKR" => {
                 let PeftConfig::Loha(common) = Self::loha(text, &v)? else {
                     return Err(HfError::config("peft_type", "LOKR"));
@@ -639,7 +681,7 @@ impl PeftConfig {
                 Ok(PeftConfig::Lokr(LokrConfig { common, decompose_both, decompose_factor }))
             }
             other => Err(HfError::Unsupported(format!(
-                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, PROMPT_TUNING, PREFIX_TUNING)"
+                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, C3A, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }
@@ -869,6 +911,31 @@ impl PeftConfig {
         Ok(PeftConfig::Road(RoadConfig {
             variant,
             group_size,
+            target_modules: targets("target_modules", raw.target_modules)?,
+            modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
+            raw: v.as_object().cloned().unwrap_or_default(),
+        }))
+    }
+
+    fn c3a(text: &str, v: &Value) -> Result<Self, HfError> {
+        let raw: RawC3a = typed(text)?;
+        unsupported_if_set(&raw.rest, "layers_to_transform", "C3A on a subset of layers is not supported")?;
+        linear_without_bias("C3A", None, raw.bias.as_deref())?;
+        let mut block_size_pattern = Vec::new();
+        for (key, b) in raw.block_size_pattern.map_or_else(Vec::new, |o| o.0) {
+            // Python's re.match: anchored at the start only, the key inserted as written.
+            let re = Regex::new(&format!(r"^(?:.*\.{key}$)"))
+                .map_err(|e| HfError::config("block_size_pattern", &format!("key {key:?}: {e}")))?;
+            block_size_pattern.push((key, re, b));
+        }
+        // PEFT's default block size.
+        let block_size = raw.block_size.unwrap_or(256);
+        if block_size == 0 || block_size_pattern.iter().any(|p| p.2 == 0) {
+            return Err(HfError::config("block_size", "must be at least 1"));
+        }
+        Ok(PeftConfig::C3a(C3aConfig {
+            block_size,
+            block_size_pattern,
             target_modules: targets("target_modules", raw.target_modules)?,
             modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             raw: v.as_object().cloned().unwrap_or_default(),

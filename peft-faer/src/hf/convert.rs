@@ -144,6 +144,7 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
         PeftConfig::Miss(_) => Method::Miss,
         PeftConfig::Hra(_) => Method::Hra,
         PeftConfig::Road(_) => Method::Road,
+        PeftConfig::C3a(_) => Method::C3a,
     };
     let restored = restored_entries(&ad, method, &config_json);
     let mut config: Vec<(String, Value<'_>)> = Vec::new();
@@ -201,6 +202,7 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
                     config.push(("variant".into(), Value::Str(variant)));
                     config.push(("group_size".into(), Value::U64(c.group_size as u64)));
                 }
+                PeftConfig::C3a(c) => config.push(("block_size".into(), Value::U64(c.block_size as u64))),
                 PeftConfig::Ia3(_) => {}
             }
         }
@@ -300,7 +302,8 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
         | PeftConfig::AdaLora(_)
         | PeftConfig::Miss(_)
         | PeftConfig::Hra(_)
-        | PeftConfig::Road(_) => {
+        | PeftConfig::Road(_)
+        | PeftConfig::C3a(_) => {
             // Tensors as stored, under PEFT's keys; the reader checks them
             // against the config before the folder is committed.
             let names: Vec<String> = f
@@ -424,6 +427,16 @@ fn miss_config(r: u64, mini_r: u64, variant: Option<Value<'_>>, targets: Vec<Str
     })
 }
 
+/// C3A's PEFT config (one block size for every module).
+fn c3a_config(block_size: u64, targets: Vec<String>) -> serde_json::Value {
+    json!({
+        "peft_type": "C3A", "task_type": null, "base_model_name_or_path": null, "revision": null,
+        "inference_mode": true, "block_size": block_size, "block_size_pattern": {}, "init_weights": true,
+        "target_modules": targets, "bias": "none", "modules_to_save": null, "layers_to_transform": null,
+        "layers_pattern": null,
+    })
+}
+
 /// RoAd's PEFT config (`variant` road_1 unless the entry says otherwise).
 fn road_config(variant: Option<Value<'_>>, group_size: u64, targets: Vec<String>) -> serde_json::Value {
     let variant = match variant {
@@ -519,6 +532,7 @@ fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Valu
             Ok(adalora_config(u("init_r")?, number("lora_alpha")?, targets, total_step))
         }
         Method::Miss => Ok(miss_config(u("r")?, u("mini_r").unwrap_or(1), get("variant"), list("target_modules")?)),
+        Method::C3a => Ok(c3a_config(u("block_size")?, list("target_modules")?)),
         Method::Road => Ok(road_config(get("variant"), u("group_size")?, list("target_modules")?)),
         Method::Hra => {
             Ok(hra_config(u("r")?, matches!(get("apply_GS"), Some(Value::Bool(true))), list("target_modules")?))

@@ -8,7 +8,7 @@
 use serde_json::{Map, Value, json};
 
 use super::{
-    AdaLoraConfig, AdapterSummary, HfLoraConfig, HraConfig, LohaConfig, LokrConfig, MissConfig, PeftConfig,
+    AdaLoraConfig, AdapterSummary, C3aConfig, HfLoraConfig, HraConfig, LohaConfig, LokrConfig, MissConfig, PeftConfig,
     PromptConfig, RoadConfig, VeraConfig,
 };
 
@@ -100,6 +100,7 @@ impl InspectReport {
             PeftConfig::Miss(c) => r.miss(c, ad, dtype),
             PeftConfig::Hra(c) => r.hra(c, ad, dtype),
             PeftConfig::Road(c) => r.road(c, ad, dtype),
+            PeftConfig::C3a(c) => r.c3a(c, ad, dtype),
         }
         if !r.modules.is_empty() {
             r.total_params = total(&r.modules);
@@ -190,6 +191,22 @@ impl InspectReport {
             let mut row = named(&m.name);
             row.extend([("in", json!(m.n_in)), ("out", json!(m.n_out)), ("r", json!(m.r))]);
             row.extend([("scale", json!(m.scale)), ("params", json!(m.r * (m.n_in + m.n_out + 1)))]);
+            self.modules.push(row);
+        }
+    }
+
+    /// C3A's modules.
+    fn c3a(&mut self, c: &C3aConfig, ad: &AdapterSummary, dtype: Value) {
+        self.method = "c3a";
+        self.fields = json_map(json!({ "block_size": c.block_size, "dtype": dtype }));
+        self.headline = format!(
+            "method c3a: block_size={} (dW[m b + j, n b + t] = w[m, n, (t - j) mod b] / in, block-circulant)",
+            c.block_size
+        );
+        for m in &ad.c3a {
+            let mut row = named(&m.name);
+            row.extend([("in", json!(m.n_in)), ("out", json!(m.n_out)), ("block", json!(m.block))]);
+            row.push(("params", json!(m.n_out * m.n_in / m.block)));
             self.modules.push(row);
         }
     }

@@ -43,8 +43,8 @@ use peft_core::{Accum, Backend, MatMut, MatRef, Op};
 use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry};
 use super::{
-    AdaLoraModule, HfAdapter, HfError, HfLoraConfig, HfTensor, HraModule, Ia3Config, Ia3Module, LohaModule, LokrModule,
-    LoraModule, MissModule, PeftConfig, RoadModule, VeraModule, VeraProjections,
+    AdaLoraModule, C3aModule, HfAdapter, HfError, HfLoraConfig, HfTensor, HraModule, Ia3Config, Ia3Module, LohaModule,
+    LokrModule, LoraModule, MissModule, PeftConfig, RoadModule, VeraModule, VeraProjections,
 };
 use crate::files::{Staging, check_output};
 
@@ -82,6 +82,8 @@ enum Update<'a> {
     Hra(&'a HraModule, usize),
     /// RoAd on a weight of `in` columns: pairs of rows rotated (multiplier 1).
     Road(&'a RoadModule, usize),
+    /// C3A: `W += m dW`.
+    C3a(&'a C3aModule, f64),
 }
 
 /// One adapter module's change to a bias, in the adapters' order.
@@ -533,6 +535,11 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
                     plan.weight(&m.name, [n_out, n_in], Update::Lokr(m, multiplier))?;
                 }
             }
+            PeftConfig::C3a(_) => {
+                for m in &adapter.c3a {
+                    plan.weight(&m.name, [m.n_out, m.n_in], Update::C3a(m, multiplier))?;
+                }
+            }
             PeftConfig::Road(_) if multiplier != 1.0 => {
                 return Err(HfError::Unsupported("a multiplier other than 1 for a RoAd adapter".into()));
             }
@@ -931,6 +938,9 @@ impl Update<'_> {
                 } else {
                     layer.delta_rows(backend, i0, block, Accum::Add, factor, &mut []).map_err(be)
                 }
+            }
+            Update::C3a(m, factor) => {
+                m.layer()?.delta_rows(backend, i0, block, Accum::Add, factor, &mut []).map_err(be)
             }
             Update::Road(m, n_in) => {
                 let layer = m.layer(n_in)?;

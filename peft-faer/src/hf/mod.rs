@@ -12,6 +12,7 @@
 mod adalora;
 mod adapter;
 pub mod base;
+mod c3a;
 pub mod combine;
 mod config;
 pub mod convert;
@@ -34,9 +35,10 @@ pub use adalora::{ADALORA_KEYS, AdaLoraModule};
 pub use adapter::HfAdapter;
 pub use adapter::HfTensor;
 pub(crate) use adapter::write_raw_dir;
+pub use c3a::C3aModule;
 pub use config::{
-    AdaLoraConfig, BiasMode, HfLoraConfig, HraConfig, Ia3Config, LohaConfig, LokrConfig, MissConfig, Pattern,
-    PeftConfig, PromptConfig, RoadConfig, Targets, VeraConfig,
+    AdaLoraConfig, BiasMode, C3aConfig, HfLoraConfig, HraConfig, Ia3Config, LohaConfig, LokrConfig, MissConfig,
+    Pattern, PeftConfig, PromptConfig, RoadConfig, Targets, VeraConfig,
 };
 pub use error::HfError;
 pub use hra::HraModule;
@@ -48,8 +50,8 @@ pub use lora::LoraModule;
 pub use miss::MissModule;
 pub use road::RoadModule;
 pub use summary::{
-    AdaLoraSummary, AdapterSummary, HraSummary, Ia3Summary, LohaSummary, LokrSummary, MissSummary, ModuleSummary,
-    NonFinite, ProjectionSummary, RoadSummary, TensorSummary, VeraSummary,
+    AdaLoraSummary, AdapterSummary, C3aSummary, HraSummary, Ia3Summary, LohaSummary, LokrSummary, MissSummary,
+    ModuleSummary, NonFinite, ProjectionSummary, RoadSummary, TensorSummary, VeraSummary,
 };
 pub use vera::{VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections};
 

@@ -77,6 +77,19 @@ pub struct AdaLoraSummary {
     pub scale: f64,
 }
 
+/// One C3A module of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct C3aSummary {
+    /// Module name.
+    pub name: String,
+    /// Input features.
+    pub n_in: usize,
+    /// Output features.
+    pub n_out: usize,
+    /// Block size.
+    pub block: usize,
+}
+
 /// One RoAd module of an [`AdapterSummary`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoadSummary {
@@ -204,6 +217,8 @@ pub struct AdapterSummary {
     pub hra: Vec<HraSummary>,
     /// RoAd modules.
     pub road: Vec<RoadSummary>,
+    /// C3A modules.
+    pub c3a: Vec<C3aSummary>,
     /// Every tensor holding a NaN or infinity.
     pub nonfinite: Vec<NonFinite>,
 }
@@ -288,6 +303,11 @@ impl HfAdapter {
                 .road
                 .iter()
                 .map(|m| RoadSummary { name: m.name.clone(), n_out: m.n_out, len: m.variant.len(m.n_out) })
+                .collect(),
+            c3a: ad
+                .c3a
+                .iter()
+                .map(|m| C3aSummary { name: m.name.clone(), n_in: m.n_in, n_out: m.n_out, block: m.block })
                 .collect(),
             dtype: ad.dtype,
             config: ad.config,

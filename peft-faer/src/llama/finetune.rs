@@ -146,7 +146,9 @@ fn gcd(a: usize, b: usize) -> usize {
 /// rank `8 r`; MiSS (balance) on `q_proj`, `v_proj` with shard size `r`;
 /// HRA on `q_proj`, `v_proj` with `r` reflections (rounded up to even, for
 /// PEFT's identity init); RoAd (road_1) on `q_proj`, `v_proj` in groups of
-/// 64 or the largest divisor of both outputs below it; bottleneck adapters of width 16 (GELU); prompt and prefix
+/// 64 or the largest divisor of both outputs below it; C3A on `q_proj`,
+/// `v_proj` in blocks of 256 or the largest divisor of their shapes below
+/// it, starting from zero; bottleneck adapters of width 16 (GELU); prompt and prefix
 /// tuning with [`CONTEXT`] virtual tokens. `None` for a method this
 /// function does not know (the registry test catches that).
 ///
@@ -168,6 +170,12 @@ pub fn trainable(model: &Llama, method: &MethodSpec, rank: usize, seed: u64) -> 
         "adalora" => MethodSetup::AdaLora { init_r: r, alpha, targets: qv() },
         "miss" => MethodSetup::Miss { r, targets: qv() },
         "hra" => MethodSetup::Hra { r: 2 * r.div_ceil(2), targets: qv() },
+        "c3a" => {
+            // PEFT's default blocks of 256, cut to a size that divides q_proj's and v_proj's shapes.
+            let c = &model.config;
+            let block = [c.num_heads * c.head_dim, c.kv_width(), c.hidden_size].into_iter().fold(256, gcd);
+            MethodSetup::C3a { block, targets: qv() }
+        }
         "road" => {
             // PEFT's default groups of 64, cut to a size that divides q_proj's and v_proj's outputs.
             let c = &model.config;

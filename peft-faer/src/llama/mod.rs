@@ -506,25 +506,16 @@ impl<'a> LlamaAdapter<'a> {
                     place(&m.name, Module::Ia3(m), dims)?;
                 }
             }
-            PeftConfig::Loha(_) => {
-                adapter.loha.iter().try_for_each(|m| place(&m.name, Module::Loha(m), (m.n_out, m.n_in)))?;
-            }
-            PeftConfig::Lokr(_) => {
-                for m in &adapter.lokr {
-                    place(&m.name, Module::Lokr(m), m.dims())?;
+            PeftConfig::Loha(_)
+            | PeftConfig::Lokr(_)
+            | PeftConfig::AdaLora(_)
+            | PeftConfig::Miss(_)
+            | PeftConfig::Hra(_)
+            | PeftConfig::Road(_)
+            | PeftConfig::C3a(_) => {
+                for (name, module, dims) in sites::placed(adapter) {
+                    place(name, module, dims)?;
                 }
-            }
-            PeftConfig::Road(_) => {
-                adapter.road.iter().try_for_each(|m| place(&m.name, Module::Road(m), (m.n_out, 0)))?;
-            }
-            PeftConfig::Hra(_) => {
-                adapter.hra.iter().try_for_each(|m| place(&m.name, Module::Hra(m), (0, m.n_in)))?;
-            }
-            PeftConfig::Miss(_) => {
-                adapter.miss.iter().try_for_each(|m| place(&m.name, Module::Miss(m), (0, 0)))?;
-            }
-            PeftConfig::AdaLora(_) => {
-                adapter.adalora.iter().try_for_each(|m| place(&m.name, Module::AdaLora(m), (m.n_out, m.n_in)))?;
             }
             PeftConfig::Vera(_) => {
                 let p = adapter.vera_projections.as_ref().ok_or_else(|| HfError::missing("base_model.vera_A"))?;

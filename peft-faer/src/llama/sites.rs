@@ -24,8 +24,8 @@ use peft_core::{Accum, Backend, FrozenLinear, MatMut, MatRef};
 
 use super::Linear;
 use crate::hf::{
-    AdaLoraModule, HfError, HraModule, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule, RoadModule,
-    VeraModule, VeraProjections,
+    AdaLoraModule, C3aModule, HfAdapter, HfError, HraModule, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule,
+    RoadModule, VeraModule, VeraProjections,
 };
 
 /// The adapter module on one projection, borrowed from an
@@ -54,13 +54,15 @@ pub enum Module<'a> {
     Hra(&'a HraModule),
     /// RoAd: `y = R (x W^T + b)`, pairs of outputs rotated and scaled.
     Road(&'a RoadModule),
+    /// C3A: `dW` block-circulant.
+    C3a(&'a C3aModule),
 }
 
 impl Module<'_> {
     /// The module's trainable tensors' lengths, in the order of its
     /// gradient buffers: LoRA `A, B` (its `lora_bias` stays frozen); DoRA `A, B, m`; (IA)^3 `l`; LoHa
     /// `W1a, W1b, W2a, W2b`; LoKr `W1`'s stored tensors then `W2`'s; VeRA
-    /// `lambda_d, lambda_b`; AdaLoRA `A, E, B`; MiSS `D`; HRA `U`; RoAd `theta, alpha`.
+    /// `lambda_d, lambda_b`; AdaLoRA `A, E, B`; MiSS `D`; HRA `U`; RoAd `theta, alpha`; C3A the kernel.
     pub fn tensor_lens(&self) -> Vec<usize> {
         match self {
             Module::Lora(m) => vec![m.a.len(), m.b.len()],
@@ -73,6 +75,7 @@ impl Module<'_> {
             Module::Miss(m) => vec![m.d.len()],
             Module::Hra(m) => vec![m.u.len()],
             Module::Road(m) => vec![m.theta.len(), m.alpha.len()],
+            Module::C3a(m) => vec![m.kernel.len()],
         }
     }
 
@@ -98,6 +101,21 @@ impl Module<'_> {
             _ => Some(format!("[{out}, {inn}]")),
         }
     }
+}
+
+/// The modules of the methods placed by name alone (LoHa, LoKr, AdaLoRA,
+/// MiSS, HRA, RoAd, C3A), each with the `[out, in]` it declares (0 where
+/// the file does not hold that side: [`Module::misfit`] checks the rest).
+pub(super) fn placed(adapter: &HfAdapter) -> Vec<(&str, Module<'_>, (usize, usize))> {
+    let mut out: Vec<(&str, Module<'_>, (usize, usize))> = Vec::new();
+    out.extend(adapter.loha.iter().map(|m| (m.name.as_str(), Module::Loha(m), (m.n_out, m.n_in))));
+    out.extend(adapter.lokr.iter().map(|m| (m.name.as_str(), Module::Lokr(m), m.dims())));
+    out.extend(adapter.adalora.iter().map(|m| (m.name.as_str(), Module::AdaLora(m), (m.n_out, m.n_in))));
+    out.extend(adapter.miss.iter().map(|m| (m.name.as_str(), Module::Miss(m), (0, 0))));
+    out.extend(adapter.hra.iter().map(|m| (m.name.as_str(), Module::Hra(m), (0, m.n_in))));
+    out.extend(adapter.road.iter().map(|m| (m.name.as_str(), Module::Road(m), (m.n_out, 0))));
+    out.extend(adapter.c3a.iter().map(|m| (m.name.as_str(), Module::C3a(m), (m.n_out, m.n_in))));
+    out
 }
 
 /// LoKr's gradient buffers as `peft-core`'s form (`W1`'s then `W2`'s).
@@ -233,6 +251,7 @@ pub(super) fn forward<B: Backend<f32> + ?Sized>(
         Some(Module::Miss(m)) => run_forward(backend, &base, &m.layer(n_in, n_out)?, x, y, &mut ws.scratch),
         Some(Module::Hra(m)) => run_forward(backend, &base, &m.layer(n_out)?, x, y, &mut ws.scratch),
         Some(Module::Road(m)) => run_forward(backend, &base, &m.layer(n_in)?, x, y, &mut ws.scratch),
+        Some(Module::C3a(m)) => run_forward(backend, &base, &m.layer()?, x, y, &mut ws.scratch),
     }
 }
 
@@ -310,6 +329,10 @@ pub(super) fn backward<B: Backend<f32> + ?Sized>(
             let [gt, ga] = grads else { return Err(bad()) };
             let (layer, g) = (m.layer(n_in)?, RoadGrads { theta: &mut gt[..], alpha: &mut ga[..] });
             run_backward(backend, &base, &layer, x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
+        }
+        Module::C3a(m) => {
+            let [gk] = grads else { return Err(bad()) };
+            run_backward(backend, &base, &m.layer()?, x, gy, gx, &mut gk[..], &mut ws.scratch, &mut ws.dx)
         }
     }
 }

@@ -24,8 +24,8 @@ use peft_core::storage::Owned;
 use super::weights::Matrix;
 use super::{Bottleneck, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Projection, Trace};
 use crate::hf::{
-    AdaLoraModule, HfAdapter, HfError, HfTensor, HraModule, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule,
-    PeftConfig, RoadModule, VeraModule, VeraProjections,
+    AdaLoraModule, C3aModule, HfAdapter, HfError, HfTensor, HraModule, Ia3Module, LohaModule, LokrModule, LoraModule,
+    MissModule, PeftConfig, RoadModule, VeraModule, VeraProjections,
 };
 
 /// A method and its configuration on the Llama model's projections
@@ -109,6 +109,15 @@ pub enum MethodSetup {
         /// Adapted projections.
         targets: Vec<String>,
     },
+    /// C3A with blocks of `block`, the kernel zero (PEFT's `init_weights =
+    /// true`; PEFT's default draws it at random, which would change the
+    /// model before the first step).
+    C3a {
+        /// `block_size`.
+        block: usize,
+        /// Adapted projections.
+        targets: Vec<String>,
+    },
     /// Prompt tuning with `n` virtual tokens.
     Prompt {
         /// Virtual tokens.
@@ -134,6 +143,7 @@ impl MethodSetup {
             | MethodSetup::Hra { r, .. } => Some(*r),
             MethodSetup::Ia3 { .. }
             | MethodSetup::Road { .. }
+            | MethodSetup::C3a { .. }
             | MethodSetup::Prompt { .. }
             | MethodSetup::Prefix { .. } => None,
         }
@@ -149,7 +159,8 @@ impl MethodSetup {
             | MethodSetup::AdaLora { targets, .. }
             | MethodSetup::Miss { targets, .. }
             | MethodSetup::Hra { targets, .. }
-            | MethodSetup::Road { targets, .. } => targets,
+            | MethodSetup::Road { targets, .. }
+            | MethodSetup::C3a { targets, .. } => targets,
             MethodSetup::Prompt { .. } | MethodSetup::Prefix { .. } => &[],
         }
     }
@@ -183,6 +194,9 @@ impl MethodSetup {
                 "apply_GS": false, "target_modules": targets, "init_weights": true, "bias": "none"}),
             MethodSetup::Road { group, targets } => json!({"peft_type": "ROAD", "task_type": "CAUSAL_LM",
                 "variant": "road_1", "group_size": group, "target_modules": targets, "init_weights": true}),
+            MethodSetup::C3a { block, targets } => json!({"peft_type": "C3A", "task_type": "CAUSAL_LM",
+                "block_size": block, "block_size_pattern": {}, "target_modules": targets, "init_weights": true,
+                "bias": "none"}),
             MethodSetup::Prompt { n } => json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
                 "num_virtual_tokens": n, "token_dim": c.hidden_size, "num_layers": c.num_layers,
                 "num_attention_heads": c.num_heads, "num_transformer_submodules": 1,
@@ -313,6 +327,13 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
             }
         }
         MethodSetup::Vera { r, .. } => init_vera(&mut ad, sites, *r, &mut rng)?,
+        MethodSetup::C3a { block, .. } => {
+            for s in sites {
+                let (n_out, n_in, block) = (s.weight.rows, s.weight.cols, *block);
+                let kernel = vec![0.0f32; n_out / block.max(1) * n_in];
+                ad.c3a.push(C3aModule { name: s.name, kernel, block, n_in, n_out, dtype: Dtype::F32 });
+            }
+        }
         MethodSetup::Road { group, .. } => {
             // PEFT's init: theta = 0, alpha = 1 (the identity).
             for s in sites {
@@ -567,6 +588,9 @@ pub fn tensors_mut(ad: &mut HfAdapter) -> Vec<&mut Vec<f32>> {
     }
     for m in &mut ad.hra {
         named.push((m.name.clone(), vec![&mut m.u]));
+    }
+    for m in &mut ad.c3a {
+        named.push((m.name.clone(), vec![&mut m.kernel]));
     }
     for m in &mut ad.road {
         named.push((m.name.clone(), vec![&mut m.theta, &mut m.alpha]));
