@@ -42,7 +42,7 @@ use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::base::FrozenLinear;
 use crate::delta::{DeltaBlock, DeltaRows};
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_len};
+use crate::error::{Error, Operand, Result, check_len, split_scratch};
 use crate::ia3::{column_dots, scale_columns};
 use crate::lora::ParamReport;
 use crate::matrix::{MatMut, MatRef, checked_len};
@@ -228,7 +228,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for AdaLora<E, S> {
         }
         let (a, b) = self.views()?;
         let tk = checked_len(t, k)?;
-        let (h_buf, rest) = scratch.split_at_mut(tk);
+        let (h_buf, rest) = split_scratch(scratch, tk)?;
         let u_buf = rest.get_mut(..tk).unwrap_or(&mut []);
         let one = <E::Accum as Element>::from_f64(1.0);
         let s = <E::Accum as Element>::from_f64(self.scale);

@@ -31,7 +31,7 @@ use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::base::FrozenLinear;
 use crate::delta::{DeltaBlock, DeltaRows};
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_len};
+use crate::error::{Error, Operand, Result, check_len, split_scratch};
 use crate::lora::ParamReport;
 use crate::matrix::{MatMut, checked_len};
 use crate::method::{BackwardPass, ForwardPass, LinearAdapter};
@@ -177,9 +177,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for C3a<E, S> {
             base.apply_transpose(backend, grad_y, gx.rb_mut(), Accum::Replace)?;
         }
         let len = checked_len(b, n_in)?;
-        let have = scratch.len();
-        let (d_buf, rest) =
-            scratch.split_at_mut_checked(len).ok_or(Error::ScratchTooSmall { needed: len, len: have })?;
+        let (d_buf, rest) = split_scratch(scratch, len)?;
         let p_buf = rest.get_mut(..len).unwrap_or(&mut []);
         for m in 0..self.out_features / b {
             let gm = grad_y.cols_range(m * b, b).ok_or(Error::Overflow)?;

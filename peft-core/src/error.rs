@@ -301,3 +301,11 @@ pub(crate) fn scratch_prefix<E>(scratch: &mut [E], n: usize) -> Result<&mut [E]>
 pub(crate) fn check_scratch(needed: usize, len: usize) -> Result<()> {
     if len >= needed { Ok(()) } else { Err(Error::ScratchTooSmall { needed, len }) }
 }
+
+/// The first `n` elements of a scratch buffer and the rest;
+/// [`Error::ScratchTooSmall`] when it is shorter (never a panic, whatever
+/// a pass's own accounting says).
+pub(crate) fn split_scratch<E>(buf: &mut [E], n: usize) -> Result<(&mut [E], &mut [E])> {
+    let len = buf.len();
+    buf.split_at_mut_checked(n).ok_or(Error::ScratchTooSmall { needed: n, len })
+}

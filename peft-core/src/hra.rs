@@ -42,7 +42,7 @@ use core::marker::PhantomData;
 use crate::backend::{Accum, Backend, Outcome};
 use crate::base::FrozenLinear;
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_len};
+use crate::error::{Error, Operand, Result, check_len, split_scratch};
 use crate::lora::ParamReport;
 use crate::matrix::{MatMut, checked_len};
 use crate::method::{BackwardPass, Direction, ForwardPass, LinearAdapter, UpdateBlock, UpdateKind, WeightUpdate};
@@ -235,8 +235,8 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Hra<E, S> {
     ) -> Outcome<E, B> {
         let ForwardPass { backend, base, x, y, scratch } = pass;
         let (t, n, r) = (x.rows(), self.in_features, self.rank);
-        let (z_buf, rest) = split(scratch, checked_len(t, n)?)?;
-        let (col_buf, rest) = split(rest, n)?;
+        let (z_buf, rest) = split_scratch(scratch, checked_len(t, n)?)?;
+        let (col_buf, rest) = split_scratch(rest, n)?;
         let v = self.reflectors(rest)?;
         let mut z = MatMut::new(z_buf, t, n)?;
         for (dst, src) in z.row_iter_mut().zip(x.row_iter()) {
@@ -255,13 +255,13 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Hra<E, S> {
     {
         let BackwardPass { backend, base, x, grad_y, grad_x, grads, scratch } = pass;
         let (t, n, r) = (x.rows(), self.in_features, self.rank);
-        let (z_buf, rest) = split(scratch, checked_len(t, n)?)?;
-        let (g_buf, rest) = split(rest, checked_len(t, n)?)?;
-        let (du, rest) = split(rest, n)?;
-        let (col_buf, rest) = split(rest, n)?;
-        let (ab, rest) = split(rest, checked_len(t, 2)?)?;
-        let (w_buf, rest) = split(rest, self.gs_len())?;
-        let (dw_buf, chain) = split(rest, self.gs_len())?;
+        let (z_buf, rest) = split_scratch(scratch, checked_len(t, n)?)?;
+        let (g_buf, rest) = split_scratch(rest, checked_len(t, n)?)?;
+        let (du, rest) = split_scratch(rest, n)?;
+        let (col_buf, rest) = split_scratch(rest, n)?;
+        let (ab, rest) = split_scratch(rest, checked_len(t, 2)?)?;
+        let (w_buf, rest) = split_scratch(rest, self.gs_len())?;
+        let (dw_buf, chain) = split_scratch(rest, self.gs_len())?;
         let v = self.reflectors(w_buf)?;
         // z = x H^T (the chain's output), g = G W0.
         let mut z = MatMut::new(z_buf, t, n)?;
@@ -389,13 +389,6 @@ impl<E: Element, S: AsRef<[E]>> Hra<E, S> {
     }
 }
 
-/// The first `n` elements of `buf` and the rest; [`Error::ScratchTooSmall`]
-/// when `buf` is shorter.
-fn split<E>(buf: &mut [E], n: usize) -> Result<(&mut [E], &mut [E])> {
-    let len = buf.len();
-    buf.split_at_mut_checked(n).ok_or(Error::ScratchTooSmall { needed: n, len })
-}
-
 impl<E: Element, S: AsRef<[E]>> WeightUpdate<E> for Hra<E, S> {
     /// `(out, in)`.
     fn weight_dims(&self) -> (usize, usize) {
@@ -416,7 +409,7 @@ impl<E: Element, S: AsRef<[E]>> WeightUpdate<E> for Hra<E, S> {
     /// ... R_0` (`H` is orthogonal: its inverse is its transpose).
     fn run_update<B: Backend<E> + ?Sized>(&self, _backend: &B, block: UpdateBlock<'_, E>) -> Outcome<E, B> {
         let UpdateBlock { mut block, direction, scratch, .. } = block;
-        let (col_buf, rest) = split(scratch, self.in_features)?;
+        let (col_buf, rest) = split_scratch(scratch, self.in_features)?;
         let (v, r) = (self.reflectors(rest)?, self.rank);
         match direction {
             Direction::Merge => reflect_rows(&mut block, v, r, 0..r, col_buf)?,

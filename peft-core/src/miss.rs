@@ -38,7 +38,7 @@ use crate::backend::{Accum, Backend, Op, Outcome};
 use crate::base::FrozenLinear;
 use crate::delta::{DeltaBlock, DeltaRows};
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_len};
+use crate::error::{Error, Operand, Result, check_len, split_scratch};
 use crate::lora::ParamReport;
 use crate::matrix::{MatMut, MatRef, checked_len};
 use crate::method::{BackwardPass, Direction, ForwardPass, LinearAdapter, UpdateBlock, UpdateKind, WeightUpdate};
@@ -209,7 +209,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Miss<E, S> {
         base.forward(backend, x, y.rb_mut())?;
         let (t, r, m) = (x.rows(), self.rank, self.d_cols());
         let one = <E::Accum as Element>::from_f64(1.0);
-        let (s_buf, rest) = split(scratch, checked_len(t, r)?)?;
+        let (s_buf, rest) = split_scratch(scratch, checked_len(t, r)?)?;
         let mut s = MatMut::new(s_buf, t, r)?;
         chunk_sums(x, r, &mut s);
         match self.variant {
@@ -249,8 +249,8 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Miss<E, S> {
         }
         let (t, r, m, o) = (x.rows(), self.rank, self.d_cols(), self.out_features);
         let one = <E::Accum as Element>::from_f64(1.0);
-        let (s_buf, rest) = split(scratch, checked_len(t, r)?)?;
-        let (ds_buf, rest) = split(rest, checked_len(t, r)?)?;
+        let (s_buf, rest) = split_scratch(scratch, checked_len(t, r)?)?;
+        let (ds_buf, rest) = split_scratch(rest, checked_len(t, r)?)?;
         let mut s = MatMut::new(s_buf, t, r)?;
         chunk_sums(x, r, &mut s);
         // gm = G with the columns o = k (mod m) summed (mini), or G itself.
@@ -295,9 +295,9 @@ impl<E: Element, S: AsRef<[E]>> Miss<E, S> {
     ) -> Outcome<E, B> {
         let (t, r, n_in) = (x.rows(), self.rank, self.in_features);
         let one = <E::Accum as Element>::from_f64(1.0);
-        let (xd_buf, rest) = split(scratch, checked_len(t, n_in)?)?;
-        let (z_buf, rest) = split(rest, checked_len(t, r)?)?;
-        let (w_buf, rows_scratch) = split(rest, checked_len(r, n_in)?)?;
+        let (xd_buf, rest) = split_scratch(scratch, checked_len(t, n_in)?)?;
+        let (z_buf, rest) = split_scratch(rest, checked_len(t, r)?)?;
+        let (w_buf, rows_scratch) = split_scratch(rest, checked_len(r, n_in)?)?;
         for a in 0..self.out_features / r {
             let da = self.bat_block(a)?;
             let mut wa = MatMut::new(&mut *w_buf, r, n_in)?;
@@ -332,10 +332,10 @@ impl<E: Element, S: AsRef<[E]>> Miss<E, S> {
     ) -> Outcome<E, B> {
         let (t, r, n_in) = (x.rows(), self.rank, self.in_features);
         let one = <E::Accum as Element>::from_f64(1.0);
-        let (h_buf, rest) = split(scratch, checked_len(r, n_in)?)?;
-        let (gw_buf, rest) = split(rest, checked_len(t, n_in)?)?;
-        let (u_buf, rest) = split(rest, checked_len(t, r)?)?;
-        let (w_buf, rows_scratch) = split(rest, checked_len(r, n_in)?)?;
+        let (h_buf, rest) = split_scratch(scratch, checked_len(r, n_in)?)?;
+        let (gw_buf, rest) = split_scratch(rest, checked_len(t, n_in)?)?;
+        let (u_buf, rest) = split_scratch(rest, checked_len(t, r)?)?;
+        let (w_buf, rows_scratch) = split_scratch(rest, checked_len(r, n_in)?)?;
         let rr = r * r;
         for a in 0..self.out_features / r {
             let da = self.bat_block(a)?;
@@ -369,13 +369,6 @@ impl<E: Element, S: AsRef<[E]>> Miss<E, S> {
         }
         Ok(())
     }
-}
-
-/// The first `n` elements of `buf` and the rest; [`Error::ScratchTooSmall`]
-/// when `buf` is shorter.
-fn split<E>(buf: &mut [E], n: usize) -> Result<(&mut [E], &mut [E])> {
-    let len = buf.len();
-    buf.split_at_mut_checked(n).ok_or(Error::ScratchTooSmall { needed: n, len })
 }
 
 /// `dst += src`, rounding once per element.

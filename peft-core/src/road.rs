@@ -32,7 +32,7 @@ use core::marker::PhantomData;
 use crate::backend::{Accum, Backend, Outcome};
 use crate::base::FrozenLinear;
 use crate::element::Element;
-use crate::error::{Error, Operand, Result, check_len};
+use crate::error::{Error, Operand, Result, check_len, split_scratch};
 use crate::lora::ParamReport;
 use crate::matrix::{MatMut, checked_len};
 use crate::method::{BackwardPass, Direction, ForwardPass, LinearAdapter, UpdateBlock, UpdateKind, WeightUpdate};
@@ -225,7 +225,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Road<E, S> {
     ) -> Outcome<E, B> {
         let ForwardPass { backend, base, x, mut y, scratch } = pass;
         let (t, o) = (x.rows(), self.out_features);
-        let (cs, rest) = split(scratch, checked_len(2, o)?)?;
+        let (cs, rest) = split_scratch(scratch, checked_len(2, o)?)?;
         self.fill_cs(cs);
         let mut h = MatMut::new(rest.get_mut(..checked_len(t, o)?).unwrap_or(&mut []), t, o)?;
         base.forward(backend, x, h.rb_mut())?;
@@ -244,9 +244,9 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Road<E, S> {
     {
         let BackwardPass { backend, base, x, grad_y, grad_x, grads, scratch } = pass;
         let (t, o) = (x.rows(), self.out_features);
-        let (cs, rest) = split(scratch, checked_len(2, o)?)?;
-        let (dcs, rest) = split(rest, checked_len(2, o)?)?;
-        let (h_buf, rest) = split(rest, checked_len(t, o)?)?;
+        let (cs, rest) = split_scratch(scratch, checked_len(2, o)?)?;
+        let (dcs, rest) = split_scratch(rest, checked_len(2, o)?)?;
+        let (h_buf, rest) = split_scratch(rest, checked_len(t, o)?)?;
         let dh_buf = rest.get_mut(..checked_len(t, o)?).unwrap_or(&mut []);
         self.fill_cs(cs);
         let mut h = MatMut::new(h_buf, t, o)?;
@@ -310,13 +310,6 @@ impl<E: Element, S: AsRef<[E]>> Road<E, S> {
     }
 }
 
-/// The first `n` elements of `buf` and the rest; [`Error::ScratchTooSmall`]
-/// when `buf` is shorter.
-fn split<E>(buf: &mut [E], n: usize) -> Result<(&mut [E], &mut [E])> {
-    let len = buf.len();
-    buf.split_at_mut_checked(n).ok_or(Error::ScratchTooSmall { needed: n, len })
-}
-
 impl<E: Element, S: AsRef<[E]>> WeightUpdate<E> for Road<E, S> {
     /// `(out, in)`.
     fn weight_dims(&self) -> (usize, usize) {
@@ -367,7 +360,7 @@ impl<E: Element, S: AsRef<[E]>> WeightUpdate<E> for Road<E, S> {
             let (m00, m01, m10, m11) = self.pair_matrix(start + k, direction);
             let pair = |a: f64, b: f64| (m00 * a + m01 * b, m10 * a + m11 * b);
             let (stride, cols) = (block.row_stride(), block.cols());
-            let (lo, hi) = split(block.rb_mut().into_slice(), (k + half) * stride)?;
+            let (lo, hi) = split_scratch(block.rb_mut().into_slice(), (k + half) * stride)?;
             let top = lo.get_mut(k * stride..k * stride + cols).ok_or(Error::Overflow)?;
             let bottom = hi.get_mut(..cols).ok_or(Error::Overflow)?;
             for (a, b) in top.iter_mut().zip(bottom.iter_mut()) {
@@ -399,7 +392,7 @@ impl<E: Element, S: AsRef<[E]>> Road<E, S> {
         let half = g / 2;
         for k in (0..n).filter(|k| k % g < half) {
             let (m00, m01, m10, m11) = self.pair_matrix(start + k, direction);
-            let (lo, hi) = split(bias, k + half)?;
+            let (lo, hi) = split_scratch(bias, k + half)?;
             if let (Some(a), Some(b)) = (lo.get_mut(k), hi.first_mut()) {
                 let (x, y) = (a.to_f64(), b.to_f64());
                 (*a, *b) = (E::from_f64(m00 * x + m01 * y), E::from_f64(m10 * x + m11 * y));

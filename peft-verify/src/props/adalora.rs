@@ -4,10 +4,11 @@
 use peft_core::adalora::{AdaLora, AdaLoraGrads, scale};
 use peft_core::delta::DeltaRows;
 use peft_core::method::LinearAdapter;
-use peft_core::{Accum, Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, Rng};
+use peft_core::{Accum, Backend, Dense, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
 
 use super::lora::{LoraCase, Tensors, case, case_in};
+use super::{adapter_forward, base_forward};
 use crate::oracle::{self, M};
 use crate::{Config, Precision, Report, close, close_norm, narrow, run, wide};
 
@@ -49,26 +50,13 @@ where
         let [a, e, b] = t.clone();
         AdaLora::new(c.r, c.n_in, c.n_out, s_of(c), a, e, b).map_err(fail)
     };
-    let fwd = |c: &LoraCase, l: &AdaLora<E, Vec<E>>, base: &Dense<'_, E>, x: &[E]| -> Result<Vec<E>, TestCaseError> {
-        let mut y = vec![E::ZERO; c.t * c.n_out];
-        let mut sc = vec![E::ZERO; l.forward_scratch_len(c.t)];
-        let (xv, yv) = (MatRef::new(x, c.t, c.n_in).map_err(fail)?, MatMut::new(&mut y, c.t, c.n_out).map_err(fail)?);
-        l.forward(backend, base, xv, yv, &mut sc).map_err(fail)?;
-        Ok(y)
-    };
-    let base_y = |c: &LoraCase, base: &Dense<'_, E>, x: &[E]| -> Result<Vec<E>, TestCaseError> {
-        let mut yb = vec![E::ZERO; c.t * c.n_out];
-        let (xv, yv) = (MatRef::new(x, c.t, c.n_in).map_err(fail)?, MatMut::new(&mut yb, c.t, c.n_out).map_err(fail)?);
-        base.forward(backend, xv, yv).map_err(fail)?;
-        Ok(yb)
-    };
 
     run(report, config, "adalora_identity_at_init", name, case_in(dims), |c| {
         let t = Tensors::<E>::of(&c);
         let mut l = layer(&c, &tensors(&c).map(|v| narrow(&v)))?;
         l.init_adapter(&mut Rng::new(c.seed ^ 1));
         let base = Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?;
-        let (y, yb) = (fwd(&c, &l, &base, &t.x)?, base_y(&c, &base, &t.x)?);
+        let (y, yb) = (adapter_forward(backend, &l, &base, &t.x, c.t)?, base_forward(backend, &base, &t.x, c.t)?);
         // E = 0: the added term is s (h * 0) B^T, zeros (-0 aside).
         for (i, (got, want)) in y.iter().zip(&yb).enumerate() {
             prop_assert!(got.to_f64() == want.to_f64(), "y[{}] = {:?}, base {:?}", i, got, want);
@@ -80,7 +68,7 @@ where
         let t = Tensors::<E>::of(&c);
         let p: [Vec<E>; 3] = tensors(&c).map(|v| narrow(&v));
         let base = Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?;
-        let y = fwd(&c, &layer(&c, &p)?, &base, &t.x)?;
+        let y = adapter_forward(backend, &layer(&c, &p)?, &base, &t.x, c.t)?;
         let (d, dm) = delta(&c, &p.clone().map(|v| wide(&v)));
         let (x, w) = (M::new(c.t, c.n_in, wide(&t.x)), M::new(c.n_out, c.n_in, wide(&t.w)));
         let want = x.mul_t(&w.add(&d));
@@ -92,11 +80,11 @@ where
         let mut t = Tensors::<E>::of(&c);
         let p: [Vec<E>; 3] = tensors(&c).map(|v| narrow(&v));
         let l = layer(&c, &p)?;
-        let y = fwd(&c, &l, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x)?;
+        let y = adapter_forward(backend, &l, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x, c.t)?;
         let mut sc = vec![E::ZERO; l.delta_scratch_len(c.n_out)];
         l.delta_rows(backend, 0, MatMut::new(&mut t.w, c.n_out, c.n_in).map_err(fail)?, Accum::Add, 1.0, &mut sc)
             .map_err(fail)?;
-        let ym = base_y(&c, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x)?;
+        let ym = base_forward(backend, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x, c.t)?;
         let (_, dm) = delta(&c, &p.clone().map(|v| wide(&v)));
         let (x, w) = (M::new(c.t, c.n_in, wide(&t.x)), M::new(c.n_out, c.n_in, wide(&t.w)));
         let mag = x.abs().mul_t(&w.abs().add(&dm)).scale(3.0);

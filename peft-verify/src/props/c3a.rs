@@ -8,6 +8,7 @@ use peft_core::{Accum, Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, 
 use proptest::prelude::*;
 
 use super::lora::{LoraCase, Tensors, case, case_in};
+use super::{adapter_forward, base_forward};
 use crate::oracle::{self, M};
 use crate::{Config, Precision, Report, close, close_norm, narrow, run, wide};
 
@@ -63,24 +64,14 @@ where
         let kw = wide(&k);
         Ok((C3a::new(b, c.n_in, c.n_out, k).map_err(fail)?, kw))
     };
-    let fwd = |c: &LoraCase, l: &C3a<E, Vec<E>>, base: &Dense<'_, E>, x: &[E]| -> Result<Vec<E>, TestCaseError> {
-        let mut y = vec![E::ZERO; c.t * c.n_out];
-        let mut sc = vec![E::ZERO; l.forward_scratch_len(c.t)];
-        let (xv, yv) = (MatRef::new(x, c.t, c.n_in).map_err(fail)?, MatMut::new(&mut y, c.t, c.n_out).map_err(fail)?);
-        l.forward(backend, base, xv, yv, &mut sc).map_err(fail)?;
-        Ok(y)
-    };
 
     run(report, config, "c3a_identity_at_init", name, case_in(dims), |c| {
         let t = Tensors::<E>::of(&c);
         let (mut l, _) = layer(&c)?;
         l.init_adapter();
         let base = Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?;
-        let y = fwd(&c, &l, &base, &t.x)?;
-        let mut yb = vec![E::ZERO; c.t * c.n_out];
-        let (xv, yv) =
-            (MatRef::new(&t.x, c.t, c.n_in).map_err(fail)?, MatMut::new(&mut yb, c.t, c.n_out).map_err(fail)?);
-        base.forward(backend, xv, yv).map_err(fail)?;
+        let y = adapter_forward(backend, &l, &base, &t.x, c.t)?;
+        let yb = base_forward(backend, &base, &t.x, c.t)?;
         for (i, (got, want)) in y.iter().zip(&yb).enumerate() {
             prop_assert!(got.to_f64() == want.to_f64(), "y[{}] = {:?}, base {:?}", i, got, want);
         }
@@ -90,7 +81,7 @@ where
     run(report, config, "c3a_matches_oracle", name, case_in(dims), |c| {
         let t = Tensors::<E>::of(&c);
         let (l, k) = layer(&c)?;
-        let y = fwd(&c, &l, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x)?;
+        let y = adapter_forward(backend, &l, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x, c.t)?;
         let (d, dm) = delta(&c, block(&c), &k);
         let (x, w) = (M::new(c.t, c.n_in, wide(&t.x)), M::new(c.n_out, c.n_in, wide(&t.w)));
         let mag = x.abs().mul_t(&w.abs().add(&dm)).scale(1.5);
@@ -100,7 +91,7 @@ where
     run(report, config, "c3a_merged_equals_unmerged", name, case_in(dims), |c| {
         let mut t = Tensors::<E>::of(&c);
         let (l, k) = layer(&c)?;
-        let y = fwd(&c, &l, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x)?;
+        let y = adapter_forward(backend, &l, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x, c.t)?;
         let (_, dm) = delta(&c, block(&c), &k);
         let w0 = M::new(c.n_out, c.n_in, wide(&t.w));
         l.delta_rows(backend, 0, MatMut::new(&mut t.w, c.n_out, c.n_in).map_err(fail)?, Accum::Add, 1.0, &mut [])

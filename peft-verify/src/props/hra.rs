@@ -3,10 +3,11 @@
 //! typed merge's unmerge, gradients against finite differences.
 use peft_core::hra::Hra;
 use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
-use peft_core::{Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, Rng};
+use peft_core::{Backend, Dense, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
 
 use super::lora::{LoraCase, Tensors, case, case_in};
+use super::{adapter_forward, base_forward};
 use crate::oracle::{self, M};
 use crate::{Config, Precision, Report, close, close_norm, narrow, run, wide};
 
@@ -72,13 +73,6 @@ where
 {
     let name = E::NAME;
     let dims = config.method_dims();
-    let fwd = |c: &LoraCase, l: &Hra<E, Vec<E>>, base: &Dense<'_, E>, x: &[E]| -> Result<Vec<E>, TestCaseError> {
-        let mut y = vec![E::ZERO; c.t * c.n_out];
-        let mut sc = vec![E::ZERO; l.forward_scratch_len(c.t)];
-        let (xv, yv) = (MatRef::new(x, c.t, c.n_in).map_err(fail)?, MatMut::new(&mut y, c.t, c.n_out).map_err(fail)?);
-        l.forward(backend, base, xv, yv, &mut sc).map_err(fail)?;
-        Ok(y)
-    };
     // The layer over `U` in `E`, and `U` widened back (what the oracle reads).
     type Layer<E> = (Hra<E, Vec<E>>, Vec<f64>);
     let layer = |c: &LoraCase| -> Result<Layer<E>, TestCaseError> {
@@ -102,11 +96,8 @@ where
         l.init_adapter(&mut Rng::new(c.seed ^ 1));
         prop_assume!(l.vectors().chunks(r).any(|row| row.iter().any(|v| v.to_f64() != 0.0)));
         let base = Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?;
-        let y = fwd(&c, &l, &base, &t.x)?;
-        let mut yb = vec![E::ZERO; c.t * c.n_out];
-        let (xv, yv) =
-            (MatRef::new(&t.x, c.t, c.n_in).map_err(fail)?, MatMut::new(&mut yb, c.t, c.n_out).map_err(fail)?);
-        base.forward(backend, xv, yv).map_err(fail)?;
+        let y = adapter_forward(backend, &l, &base, &t.x, c.t)?;
+        let yb = base_forward(backend, &base, &t.x, c.t)?;
         let (x, w) = (M::new(c.t, c.n_in, wide(&t.x)), M::new(c.n_out, c.n_in, wide(&t.w)));
         // Pairs of equal reflections cancel up to the rounding of each step.
         close::<E>("y at init", &wide(&y), &wide(&yb), &bound(&c, &x, &w), 4 * r + c.n_in + 4)
@@ -115,7 +106,7 @@ where
     run(report, config, "hra_matches_oracle", name, case_in(dims), |c| {
         let t = Tensors::<E>::of(&c);
         let (l, u) = layer(&c)?;
-        let y = fwd(&c, &l, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x)?;
+        let y = adapter_forward(backend, &l, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x, c.t)?;
         let (gs, r) = form(&c);
         let h = h_matrix(c.n_in, r, gs, &u);
         let (x, w) = (M::new(c.t, c.n_in, wide(&t.x)), M::new(c.n_out, c.n_in, wide(&t.w)));
@@ -126,7 +117,7 @@ where
     run(report, config, "hra_merged_equals_unmerged", name, case_in(dims), |c| {
         let t = Tensors::<E>::of(&c);
         let (l, _) = layer(&c)?;
-        let y = fwd(&c, &l, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x)?;
+        let y = adapter_forward(backend, &l, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x, c.t)?;
         let mut w = t.w.clone();
         let mut backup = vec![E::ZERO; w.len()];
         let mut sc = vec![E::ZERO; l.update_scratch_len(c.n_out)];

@@ -4,10 +4,11 @@
 //! differences.
 use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::miss::{Miss, MissVariant};
-use peft_core::{Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, Rng};
+use peft_core::{Backend, Dense, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
 
 use super::lora::{LoraCase, Tensors, case, case_in};
+use super::{adapter_forward, base_forward};
 use crate::oracle::{self, M};
 use crate::{Config, Precision, Report, close, close_norm, narrow, run, wide};
 
@@ -84,13 +85,6 @@ where
 {
     let name = E::NAME;
     let dims = config.method_dims();
-    let fwd = |c: &LoraCase, l: &Miss<E, Vec<E>>, base: &Dense<'_, E>, x: &[E]| -> Result<Vec<E>, TestCaseError> {
-        let mut y = vec![E::ZERO; c.t * c.n_out];
-        let mut sc = vec![E::ZERO; l.forward_scratch_len(c.t)];
-        let (xv, yv) = (MatRef::new(x, c.t, c.n_in).map_err(fail)?, MatMut::new(&mut y, c.t, c.n_out).map_err(fail)?);
-        l.forward(backend, base, xv, yv, &mut sc).map_err(fail)?;
-        Ok(y)
-    };
     // The layer over `D` in `E`, and `D` widened back (what the oracle reads).
     type Layer<E> = (Miss<E, Vec<E>>, Vec<f64>);
     let layer = |c: &LoraCase| -> Result<Layer<E>, TestCaseError> {
@@ -105,11 +99,8 @@ where
         let (mut l, _) = layer(&c)?;
         l.init_adapter();
         let base = Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?;
-        let y = fwd(&c, &l, &base, &t.x)?;
-        let mut yb = vec![E::ZERO; c.t * c.n_out];
-        let (xv, yv) =
-            (MatRef::new(&t.x, c.t, c.n_in).map_err(fail)?, MatMut::new(&mut yb, c.t, c.n_out).map_err(fail)?);
-        base.forward(backend, xv, yv).map_err(fail)?;
+        let y = adapter_forward(backend, &l, &base, &t.x, c.t)?;
+        let yb = base_forward(backend, &base, &t.x, c.t)?;
         // D = 0: the added terms are sums of zeros (-0 aside).
         for (i, (got, want)) in y.iter().zip(&yb).enumerate() {
             prop_assert!(got.to_f64() == want.to_f64(), "y[{}] = {:?}, base {:?} ({:?})", i, got, want, l.variant());
@@ -120,7 +111,7 @@ where
     run(report, config, "miss_matches_oracle", name, case_in(dims), |c| {
         let t = Tensors::<E>::of(&c);
         let (l, d) = layer(&c)?;
-        let y = fwd(&c, &l, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x)?;
+        let y = adapter_forward(backend, &l, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x, c.t)?;
         let (v, r) = variant(&c);
         let (dw, dm) = delta(&c, v, r, &d, &wide(&t.w));
         let (x, w) = (M::new(c.t, c.n_in, wide(&t.x)), M::new(c.n_out, c.n_in, wide(&t.w)));
@@ -131,7 +122,7 @@ where
     run(report, config, "miss_merged_equals_unmerged", name, case_in(dims), |c| {
         let t = Tensors::<E>::of(&c);
         let (l, d) = layer(&c)?;
-        let y = fwd(&c, &l, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x)?;
+        let y = adapter_forward(backend, &l, &Dense::new(&t.w, c.n_out, c.n_in).map_err(fail)?, &t.x, c.t)?;
         let mut w = t.w.clone();
         let mut backup = vec![E::ZERO; w.len()];
         let mut sc = vec![E::ZERO; l.update_scratch_len(c.n_out)];

@@ -21,11 +21,46 @@ pub mod set;
 pub mod storage;
 pub mod training;
 pub mod vera;
-use peft_core::Backend;
-use peft_core::method::{MergeTarget, WeightUpdate};
+use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
+use peft_core::{Backend, FrozenLinear, MatMut, MatRef};
 use proptest::prelude::*;
 
 use crate::{CaseResult, Precision, close, wide};
+
+/// `y = f(x)` through `layer` over `base`, `x` of `t` rows, its scratch
+/// sized by the trait; an error is the case's failure.
+pub(crate) fn adapter_forward<E: Precision, B: Backend<E>, A: LinearAdapter<E>, L: FrozenLinear<E>>(
+    backend: &B,
+    layer: &A,
+    base: &L,
+    x: &[E],
+    t: usize,
+) -> Result<Vec<E>, TestCaseError> {
+    let fail = |e: &dyn core::fmt::Display| TestCaseError::fail(format!("unexpected error: {e}"));
+    let (n_in, n_out) = (layer.in_features(), layer.out_features());
+    let mut y = vec![E::ZERO; t * n_out];
+    let mut sc = vec![E::ZERO; layer.forward_scratch_len(t)];
+    let xv = MatRef::new(x, t, n_in).map_err(|e| fail(&e))?;
+    let yv = MatMut::new(&mut y, t, n_out).map_err(|e| fail(&e))?;
+    layer.forward(backend, base, xv, yv, &mut sc).map_err(|e| fail(&e))?;
+    Ok(y)
+}
+
+/// `y = x W^T + b` of `base` alone, `x` of `t` rows.
+pub(crate) fn base_forward<E: Precision, B: Backend<E>, L: FrozenLinear<E>>(
+    backend: &B,
+    base: &L,
+    x: &[E],
+    t: usize,
+) -> Result<Vec<E>, TestCaseError> {
+    let fail = |e: &dyn core::fmt::Display| TestCaseError::fail(format!("unexpected error: {e}"));
+    let (n_in, n_out) = (base.in_features(), base.out_features());
+    let mut y = vec![E::ZERO; t * n_out];
+    let xv = MatRef::new(x, t, n_in).map_err(|e| fail(&e))?;
+    let yv = MatMut::new(&mut y, t, n_out).map_err(|e| fail(&e))?;
+    base.forward(backend, xv, yv).map_err(|e| fail(&e))?;
+    Ok(y)
+}
 
 /// The typed merge ([`WeightUpdate::merge_into`]) of an additive `d` into
 /// a copy of `w0`, three ways: with a backup, dropping the guard gives `w0`

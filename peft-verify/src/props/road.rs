@@ -3,10 +3,11 @@
 //! typed merge's unmerge, gradients against finite differences.
 use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::road::{Road, RoadGrads, RoadVariant};
-use peft_core::{Backend, Dense, FrozenLinear, MatMut, MatRef, Reference, Rng};
+use peft_core::{Backend, Dense, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
 
 use super::lora::{LoraCase, Tensors, case, case_in};
+use super::{adapter_forward, base_forward};
 use crate::oracle::{self, M};
 use crate::{Config, Precision, Report, close, close_norm, narrow, run, wide};
 
@@ -112,13 +113,6 @@ where
         let (tw, aw) = (wide(&th), wide(&al));
         Ok((Road::new(v, g, c.n_in, c.n_out, th, al).map_err(fail)?, tw, aw))
     };
-    let fwd = |c: &LoraCase, l: &Road<E, Vec<E>>, base: &Dense<'_, E>, x: &[E]| -> Result<Vec<E>, TestCaseError> {
-        let mut y = vec![E::ZERO; c.t * c.n_out];
-        let mut sc = vec![E::ZERO; l.forward_scratch_len(c.t)];
-        let (xv, yv) = (MatRef::new(x, c.t, c.n_in).map_err(fail)?, MatMut::new(&mut y, c.t, c.n_out).map_err(fail)?);
-        l.forward(backend, base, xv, yv, &mut sc).map_err(fail)?;
-        Ok(y)
-    };
     // x W^T + b in f64, and its magnitude.
     let h_of = |c: &LoraCase, t: &Tensors<E>| -> (M, M) {
         let (x, w) = (M::new(c.t, c.n_in, wide(&t.x)), M::new(c.n_out, c.n_in, wide(&t.w)));
@@ -140,11 +134,8 @@ where
         let (mut l, _, _) = layer(&c)?;
         l.init_adapter();
         let base = base_of(&c, &t)?;
-        let y = fwd(&c, &l, &base, &t.x)?;
-        let mut yb = vec![E::ZERO; c.t * c.n_out];
-        let (xv, yv) =
-            (MatRef::new(&t.x, c.t, c.n_in).map_err(fail)?, MatMut::new(&mut yb, c.t, c.n_out).map_err(fail)?);
-        base.forward(backend, xv, yv).map_err(fail)?;
+        let y = adapter_forward(backend, &l, &base, &t.x, c.t)?;
+        let yb = base_forward(backend, &base, &t.x, c.t)?;
         // c = 1, s = 0: y = 1 h - 0 h' is h, exactly.
         for (i, (got, want)) in y.iter().zip(&yb).enumerate() {
             prop_assert!(got.to_f64() == want.to_f64(), "y[{}] = {:?}, base {:?}", i, got, want);
@@ -156,7 +147,7 @@ where
         let Some(c) = even(&c) else { return Ok(()) };
         let t = Tensors::<E>::of(&c);
         let (l, th, al) = layer(&c)?;
-        let y = fwd(&c, &l, &base_of(&c, &t)?, &t.x)?;
+        let y = adapter_forward(backend, &l, &base_of(&c, &t)?, &t.x, c.t)?;
         let (v, g) = setup(&c);
         let r = rotation(c.n_out, g, v, &th, &al);
         let (h, hm) = h_of(&c, &t);
@@ -170,7 +161,7 @@ where
         let Some(c) = even(&c) else { return Ok(()) };
         let t = Tensors::<E>::of(&c);
         let (l, th, al) = layer(&c)?;
-        let y = fwd(&c, &l, &base_of(&c, &t)?, &t.x)?;
+        let y = adapter_forward(backend, &l, &base_of(&c, &t)?, &t.x, c.t)?;
         let (mut w, mut bias) = (t.w.clone(), t.bias.clone());
         // The backup holds the bias too (RoAd rotates it).
         let mut backup = vec![E::ZERO; w.len() + bias.as_ref().map_or(0, Vec::len)];
