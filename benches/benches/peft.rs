@@ -17,7 +17,7 @@
 //! | `gemm_rate` | faer `x W^T`, 128 x 1024 x 1024 | (absolute GFLOP/s) | >= 170 |
 //! | `ref_vs_faer` | reference gemm, 32 x 768 x 768 | faer gemm | >= 0.15 of faer's FLOP/s |
 //! | `dora_forward` | DoRA's unmerged forward, norms cached | LoRA's unmerged forward | <= 1.10 |
-//! | `method_forward` | each newer method's unmerged forward at r = 16 or its equivalent (AdaLoRA: k = 16; MiSS balance: r = 16; HRA: 16 reflections; RoAd road_2, groups of 64; C3A, blocks of 256) | LoRA's unmerged forward | <= 1.3 |
+//! | `method_forward` | each newer method's unmerged forward at r = 16 or its equivalent (AdaLoRA: k = 16; MiSS balance: r = 16; HRA: 16 reflections; RoAd road_2, groups of 64; C3A, blocks of 256; SHiRA, r (in + out) positions) | LoRA's unmerged forward | <= 1.3 |
 //! | `mixed_batch` | 4 LoRA adapters (r 16) over 32 tokens each, one base gemm | one adapter over the 128 tokens | <= 1.15 |
 //! | `storage` | LoRA forward over a stored base (f16, bf16, int8, q8_0, q4_0), t = 1, d = 4096, r = 16 | `stream`: one read of the stored bytes (a sum) | <= 1.3 |
 //! | `storage` | the same through the `no_std` reference kernels | faer's path | faer time / reference time >= 0.25 |
@@ -455,6 +455,7 @@ fn method_group(c: &mut Criterion) {
     use peft_core::hra::Hra;
     use peft_core::miss::{Miss, MissVariant};
     use peft_core::road::{Road, RoadVariant};
+    use peft_core::shira::Shira;
     let s = SHAPES[0];
     let p = Problem::new(s);
     let backend = Faer::with_threads(1);
@@ -490,6 +491,13 @@ fn method_group(c: &mut Criterion) {
     let c3a = C3a::new(256, s.d_in, s.d_out, &kernel[..]).unwrap();
     let mut c3a_scratch = vec![0.0f32; c3a.forward_scratch_len(s.tokens)];
     bench_adapter_forward(&mut g, "c3a_forward", &backend, &base, x, &mut y, &mut c3a_scratch, &c3a);
+    // SHiRA at r = 16: r (in + out) = 131072 positions, every 128th of W.
+    let n = s.r * (s.d_in + s.d_out);
+    let (rows, cols): (Vec<u32>, Vec<u32>) =
+        (0..n).map(|k| ((k * 128 / s.d_in) as u32, (k * 128 % s.d_in) as u32)).unzip();
+    let vals = vec![0.01f32; n];
+    let shira = Shira::new(s.d_in, s.d_out, 1.0, &vals[..], &rows[..], &cols[..]).unwrap();
+    bench_adapter_forward(&mut g, "shira_forward", &backend, &base, x, &mut y, &mut [], &shira);
     g.finish();
 }
 

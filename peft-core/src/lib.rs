@@ -94,6 +94,7 @@ pub mod prompt;
 mod rng;
 pub mod road;
 pub mod set;
+pub mod shira;
 pub mod storage;
 pub mod vera;
 

@@ -34,6 +34,7 @@
 //! | MiSS | `1e-3` | as LoRA: a zero-initialized shard of the weight's size class; PEFT sets no other default |
 //! | HRA | `1e-3` | as LoRA: PEFT sets no default; the paper trains reflections at LoRA's rates |
 //! | C3A | `1e-3` | as LoRA: PEFT sets no default |
+//! | SHiRA | `1e-3` | as LoRA: PEFT sets no default |
 //! | RoAd | `3e-3` | as (IA)^3: one angle and one scale per output; our choice, PEFT sets no default |
 //!
 //! DoRA is a LoRA variant ([`Method::Lora`], `use_dora` in its configuration) and takes LoRA's rate.
@@ -86,6 +87,8 @@ pub enum Method {
     Road,
     /// C3A.
     C3a,
+    /// SHiRA.
+    Shira,
 }
 
 impl Method {
@@ -104,11 +107,12 @@ impl Method {
             Method::Hra => 1e-3,
             Method::Road => 3e-3,
             Method::C3a => 1e-3,
+            Method::Shira => 1e-3,
         }
     }
 
     /// The lower-case name (`"lora"`, `"adapter"`, `"prompt"`, `"prefix"`,
-    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`, `"c3a"`).
+    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`, `"c3a"`, `"shira"`).
     pub const fn name(self) -> &'static str {
         match self {
             Method::Lora => "lora",
@@ -124,6 +128,7 @@ impl Method {
             Method::Hra => "hra",
             Method::Road => "road",
             Method::C3a => "c3a",
+            Method::Shira => "shira",
         }
     }
 }

@@ -22,7 +22,7 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
     assert_eq!(
         names,
         [
-            "lora", "dora", "ia3", "loha", "lokr", "vera", "adalora", "miss", "hra", "road", "c3a", "adapter",
+            "lora", "dora", "ia3", "loha", "lokr", "vera", "adalora", "miss", "hra", "road", "c3a", "shira", "adapter",
             "prompt", "prefix"
         ]
     );
@@ -64,11 +64,11 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
     }
-    // The eleven methods on projections merge; the others have nothing to merge.
-    for m in &methods[..11] {
+    // The twelve methods on projections merge; the others have nothing to merge.
+    for m in &methods[..12] {
         assert!(m["merged_vs_unmerged_max_abs_diff"].as_f64().unwrap() < 1e-4, "{m}");
     }
-    for m in &methods[11..] {
+    for m in &methods[12..] {
         assert!(m["merged_vs_unmerged_max_abs_diff"].is_null(), "{m}");
     }
     std::fs::remove_dir_all(&out_dir).ok();

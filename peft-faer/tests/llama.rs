@@ -157,16 +157,29 @@ fn lora_tensors(rng: &mut peft_core::Rng, targets: &[&str]) -> Vec<(String, Vec<
 }
 
 /// Writes a PEFT adapter folder: `config` and the f32 `tensors` (name,
-/// shape, values), with the `safetensors` crate.
+/// shape, values; SHiRA's `shira_indices` as I32, as PEFT saves them),
+/// with the `safetensors` crate.
 fn write_adapter(out: &Path, config: &serde_json::Value, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> PathBuf {
     std::fs::create_dir_all(out).unwrap();
     std::fs::write(out.join("adapter_config.json"), config.to_string()).unwrap();
-    let bytes: Vec<Vec<u8>> =
-        tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let int = |k: &str| k.ends_with("shira_indices");
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(k, _, v)| {
+            if int(k) {
+                v.iter().flat_map(|x| (*x as i32).to_le_bytes()).collect()
+            } else {
+                v.iter().flat_map(|x| x.to_le_bytes()).collect()
+            }
+        })
+        .collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .zip(&bytes)
-        .map(|((k, s, _), b)| (k.clone(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
+        .map(|((k, s, _), b)| {
+            let dtype = if int(k) { Dtype::I32 } else { Dtype::F32 };
+            (k.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap())
+        })
         .collect();
     safetensors::serialize_to_file(views, &None, &out.join("adapter_model.safetensors")).unwrap();
     out.to_path_buf()
@@ -186,7 +199,7 @@ const SHAPES: [(&str, usize, usize); 7] = [
 /// A PEFT adapter folder of `method` (`dora`, `ia3`, `loha`, `lokr`,
 /// `vera`, `adalora`, `miss_bat` with r 8, `miss_mini` with r 6 over inputs
 /// of 64 and 128, the padded path, `hra` with r 4, `hra_gs` with r 3,
-/// `road_1` and `road_4` in groups of 16, `c3a` in blocks of 16) on all seven projections of both layers of the fixtures' model,
+/// `road_1` and `road_4` in groups of 16, `c3a` in blocks of 16, `shira` at every 7th position of each weight) on all seven projections of both layers of the fixtures' model,
 /// written as PEFT names and shapes its tensors, with random values (so
 /// that it changes the output). (IA)^3 scales the inputs of `up_proj` and
 /// `down_proj` (`feedforward_modules`).
@@ -214,6 +227,7 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
         "hra" => serde_json::json!({"peft_type": "HRA", "r": 4, "apply_GS": false, "target_modules": targets}),
         "hra_gs" => serde_json::json!({"peft_type": "HRA", "r": 3, "apply_GS": true, "target_modules": targets}),
         "c3a" => serde_json::json!({"peft_type": "C3A", "block_size": 16, "target_modules": targets}),
+        "shira" => serde_json::json!({"peft_type": "SHIRA", "r": 2, "target_modules": targets}),
         "road_1" | "road_4" => serde_json::json!({"peft_type": "ROAD", "variant": method, "group_size": 16,
             "target_modules": targets}),
         other => panic!("{other}"),
@@ -269,6 +283,11 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
                 "hra" => put(format!("{key}.hra_u"), vec![i, 4], 1.0, 0.0),
                 "hra_gs" => put(format!("{key}.hra_u"), vec![i, 3], 1.0, 0.0),
                 "c3a" => put(format!("{key}.c3a_kernel"), vec![o / 16, i / 16, 16], 1.0, 0.0),
+                "shira" => {
+                    // Every 7th position; the indices are filled in below.
+                    put(format!("{key}.shira_weight"), vec![o * i / 7], 0.5, 0.0);
+                    put(format!("{key}.shira_indices"), vec![2, o * i / 7], 0.0, 0.0);
+                }
                 "road_1" | "road_4" => {
                     let len = if method == "road_1" { o / 2 } else { 2 * o };
                     put(format!("{key}.road_theta"), vec![len], 0.5, 0.0);
@@ -276,6 +295,13 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
                 }
                 _ => unreachable!(),
             }
+        }
+    }
+    for (name, shape, v) in tensors.iter_mut().filter(|t| t.0.ends_with("shira_indices")) {
+        let proj = SHAPES.iter().find(|(p, ..)| name.contains(p)).map_or(1, |&(_, _, i)| i);
+        let n = shape[1];
+        for k in 0..n {
+            (v[k], v[n + k]) = (((7 * k) / proj) as f32, ((7 * k) % proj) as f32);
         }
     }
     write_adapter(&dir.join(method), &config, &tensors)
@@ -291,7 +317,7 @@ fn every_hosted_method_equals_its_merged_model() {
     let ids = [3, 14, 15, 92, 65, 35, 89, 79];
     let plain = m.forward(&Faer::new(), &ids, None, &mut KvCache::new()).unwrap();
     let methods = ["dora", "ia3", "loha", "lokr", "vera", "adalora", "miss_bat", "miss_mini", "hra", "hra_gs"];
-    for method in methods.into_iter().chain(["road_1", "road_4", "c3a"]) {
+    for method in methods.into_iter().chain(["road_1", "road_4", "c3a", "shira"]) {
         let ad = HfAdapter::read_dir(&method_dir(&dir, method)).unwrap();
         let hosted = LlamaAdapter::new(&m, &ad).unwrap();
         let merged_file = dir.join(format!("{method}-merged.safetensors"));
@@ -473,6 +499,9 @@ fn reach(ad: &HfAdapter, name: &str, k: usize) -> Reach {
     if let Some(i) = ad.hra.iter().position(|m| m.name == name) {
         return Box::new(move |a: &mut HfAdapter| &mut a.hra[i].u);
     }
+    if let Some(i) = ad.shira.iter().position(|m| m.name == name) {
+        return Box::new(move |a: &mut HfAdapter| &mut a.shira[i].weight);
+    }
     if let Some(i) = ad.c3a.iter().position(|m| m.name == name) {
         return Box::new(move |a: &mut HfAdapter| &mut a.c3a[i].kernel);
     }
@@ -492,7 +521,7 @@ fn reach(ad: &HfAdapter, name: &str, k: usize) -> Reach {
 /// allowed), which only the smallest gradients (below 0.02) come near; a
 /// missing or wrong term exceeds it by far.
 /// LoRA, DoRA, (IA)^3, LoHa, LoKr, VeRA, AdaLoRA, MiSS (bat, mini), HRA
-/// (with and without Gram-Schmidt), RoAd (road_1, road_4) and C3A on all
+/// (with and without Gram-Schmidt), RoAd (road_1, road_4), C3A and SHiRA on all
 /// seven projections of both layers, prompt tuning and prefix tuning (GQA). DoRA's `A` and `B`
 /// are not compared: PEFT detaches the weight norm, so their gradient is
 /// not the loss's full derivative (peft-verify's `dora_gradients_match_fd`
@@ -510,7 +539,7 @@ fn backward_matches_finite_differences() {
         ("prefix_llama", case_dir("prefix_llama")),
     ];
     let methods = ["dora", "ia3", "loha", "lokr", "vera", "adalora", "miss_bat", "miss_mini", "hra", "hra_gs"];
-    for method in methods.into_iter().chain(["road_1", "road_4", "c3a"]) {
+    for method in methods.into_iter().chain(["road_1", "road_4", "c3a", "shira"]) {
         cases.push(("prompt_llama", method_dir(&dir, method)));
     }
     for (case, adapter_dir) in cases {

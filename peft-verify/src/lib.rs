@@ -69,6 +69,11 @@
 //! | `c3a_merged_equals_unmerged` | `W + dW` gives the unmerged output | 6 |
 //! | `c3a_unmerge_restores` | as `loha_unmerge_restores` | 6 |
 //! | `c3a_gradients_match_fd` | the kernel's gradient and dx against central differences | 12 |
+//! | `shira_identity_at_init` | SHiRA at init (`w = 0` over a fresh mask): exactly the base output; the mask's positions distinct and row-major | 2 |
+//! | `shira_matches_oracle` | `x (W + dW)^T`, `dW` scattered from the positions | 3 |
+//! | `shira_merged_equals_unmerged` | `W + dW` gives the unmerged output | 6 |
+//! | `shira_unmerge_restores` | as `loha_unmerge_restores` | 6 |
+//! | `shira_gradients_match_fd` | dw and dx against central differences | 12 |
 //! | `road_identity_at_init` | RoAd at PEFT's init (`theta = 0`, `alpha = 1`), each variant: exactly the base output | 2 |
 //! | `road_matches_oracle` | `R (x W^T + b)`, `R` built with PEFT's reshapes for road_1, road_2, road_4 | 8 |
 //! | `road_merged_equals_unmerged` | `R W` and `R b` give the unmerged output | 8 |
@@ -372,6 +377,7 @@ where
     props::hra::run_all::<E, B>(backend, config, &mut report);
     props::road::run_all::<E, B>(backend, config, &mut report);
     props::c3a::run_all::<E, B>(backend, config, &mut report);
+    props::shira::run_all::<E, B>(backend, config, &mut report);
     props::lokr::run_all::<E, B>(backend, config, &mut report);
     props::vera::run_all::<E, B>(backend, config, &mut report);
     props::adapter::run_all::<E, B>(backend, config, &mut report);

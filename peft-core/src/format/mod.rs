@@ -21,7 +21,8 @@
 //!  8      4     version (1)
 //! 12      1     method (1 LoRA or DoRA, 2 adapter, 3 prompt, 4 prefix,
 //!                  5 IA3, 6 LoHa, 7 LoKr, 8 VeRA,
-//!                  9 AdaLoRA, 10 MiSS, 11 HRA, 12 RoAd, 13 C3A)
+//!                  9 AdaLoRA, 10 MiSS, 11 HRA, 12 RoAd, 13 C3A,
+//!                  14 SHiRA)
 //! 13      3     reserved, zero
 //! 16      4     n_config   (<= MAX_CONFIG)
 //! 20      4     n_tensors  (<= MAX_TENSORS)
@@ -315,6 +316,7 @@ fn method_code(m: Method) -> u8 {
         Method::Hra => 11,
         Method::Road => 12,
         Method::C3a => 13,
+        Method::Shira => 14,
     }
 }
 
@@ -333,6 +335,7 @@ const fn method_from_code(code: u8) -> Fmt<Method> {
         11 => Ok(Method::Hra),
         12 => Ok(Method::Road),
         13 => Ok(Method::C3a),
+        14 => Ok(Method::Shira),
         _ => Err(FormatError::UnknownMethod { code }),
     }
 }

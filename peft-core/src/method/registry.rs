@@ -45,7 +45,7 @@ impl MethodSpec {
 }
 
 /// Every method, in the order `peft finetune` trains and prints them.
-pub const METHODS: [MethodSpec; 14] = [
+pub const METHODS: [MethodSpec; 15] = [
     MethodSpec {
         name: "lora",
         peft_type: Some("LORA"),
@@ -135,6 +135,14 @@ pub const METHODS: [MethodSpec; 14] = [
         summary: "dW[m b + j, n b + t] = w[m, n, (t - j) mod b] / in (block-circulant)",
     },
     MethodSpec {
+        name: "shira",
+        peft_type: Some("SHIRA"),
+        file_method: Method::Shira,
+        family: Family::Weight,
+        merges: true,
+        summary: "dW[rows[j], cols[j]] = w[j] over a saved sparse mask of r (in + out) positions",
+    },
+    MethodSpec {
         name: "adapter",
         peft_type: None,
         file_method: Method::Adapter,
@@ -180,7 +188,7 @@ mod tests {
         let known = |m: Method| match m {
             Method::Lora | Method::Adapter | Method::Prompt | Method::Prefix => true,
             Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => true,
-            Method::AdaLora | Method::Miss | Method::Hra | Method::Road | Method::C3a => true,
+            Method::AdaLora | Method::Miss | Method::Hra | Method::Road | Method::C3a | Method::Shira => true,
         };
         for m in [
             Method::Lora,
@@ -196,6 +204,7 @@ mod tests {
             Method::Hra,
             Method::Road,
             Method::C3a,
+            Method::Shira,
         ] {
             assert!(known(m));
             assert!(METHODS.iter().any(|s| s.file_method == m), "{m:?} has no entry");

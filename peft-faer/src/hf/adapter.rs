@@ -11,8 +11,8 @@ use super::keys::{Reader, normalize_key};
 use super::st::{self, OutEntry, StFile};
 use super::{
     AdaLoraModule, C3aModule, CONFIG_FILE, HfError, HraModule, Ia3Module, LOHA_KEYS, LohaModule, LokrModule,
-    LoraModule, MAX_ADAPTER_BYTES, MAX_CONFIG_BYTES, MissModule, PeftConfig, RoadModule, VERA_A_KEY, VERA_B_KEY,
-    VeraModule, VeraProjections, WEIGHTS_FILE,
+    LoraModule, MAX_ADAPTER_BYTES, MAX_CONFIG_BYTES, MissModule, PeftConfig, RoadModule, ShiraModule, VERA_A_KEY,
+    VERA_B_KEY, VeraModule, VeraProjections, WEIGHTS_FILE,
 };
 
 /// A whole tensor of an adapter: a base tensor it replaces (a trained bias
@@ -57,6 +57,8 @@ pub struct HfAdapter {
     pub road: Vec<RoadModule>,
     /// C3A modules, in the order of their keys.
     pub c3a: Vec<C3aModule>,
+    /// SHiRA modules, in the order of their keys.
+    pub shira: Vec<ShiraModule>,
     /// Whole-tensor replacements.
     pub replacements: Vec<HfTensor>,
     /// Tensors PEFT saves that act in its training only (VeLoRA's
@@ -137,6 +139,7 @@ impl HfAdapter {
             PeftConfig::Hra(c) => out.read_hra(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Road(c) => out.read_road(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::C3a(c) => out.read_c3a(c, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::Shira(c) => out.read_shira(c, &file, read).map_err(|e| e.in_file(&path))?,
         }
         Ok(out)
     }
@@ -156,6 +159,7 @@ impl HfAdapter {
             hra: Vec::new(),
             road: Vec::new(),
             c3a: Vec::new(),
+            shira: Vec::new(),
             replacements: Vec::new(),
             training_state: Vec::new(),
             prompt: None,
@@ -224,6 +228,7 @@ impl HfAdapter {
             PeftConfig::Hra(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Road(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::C3a(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::Shira(c) => serde_json::Value::Object(c.raw.clone()),
         }
     }
 
@@ -264,6 +269,11 @@ impl HfAdapter {
             for ((key, shape, data), dtype) in m.stored().into_iter().zip(&m.dtypes) {
                 tensors.push((format!("base_model.model.{}.{key}", m.name), *dtype, shape, data));
             }
+        }
+        for m in &self.shira {
+            let (key, n) = (format!("base_model.model.{}", m.name), m.weight.len());
+            tensors.push((format!("{key}.shira_weight"), m.dtype, vec![n], &m.weight));
+            tensors.push((format!("{key}.shira_indices"), Dtype::I32, vec![2, n], &m.indices));
         }
         for m in &self.c3a {
             let shape = vec![m.n_out / m.block, m.n_in / m.block, m.block];

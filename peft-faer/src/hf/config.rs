@@ -371,9 +371,24 @@ impl C3aConfig {
     }
 }
 
+/// A SHiRA adapter's configuration (`peft_type: "SHIRA"`). `r`,
+/// `mask_type` and `random_seed` only drew the mask PEFT saved with the
+/// adapter.
+#[derive(Clone, Debug)]
+pub struct ShiraConfig {
+    /// Targeted modules.
+    pub target_modules: Targets,
+    /// Modules whose whole weights are trained and saved.
+    pub modules_to_save: Vec<String>,
+    /// The JSON object as read.
+    pub raw: Map<String, Value>,
+}
+
 /// A parsed `adapter_config.json`.
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
+    /// `peft_type: "SHIRA"`.
+    Shira(ShiraConfig),
     /// `peft_type: "C3A"`.
     C3a(C3aConfig),
     /// `peft_type: "ROAD"`.
@@ -415,6 +430,7 @@ impl PeftConfig {
             PeftConfig::Hra(_) => "HRA",
             PeftConfig::Road(_) => "ROAD",
             PeftConfig::C3a(_) => "C3A",
+            PeftConfig::Shira(_) => "SHIRA",
         }
     }
 }
@@ -563,6 +579,16 @@ struct RawC3a {
     rest: Map<String, Value>,
 }
 
+/// The fields of a SHiRA config that change the math.
+#[derive(Deserialize)]
+struct RawShira {
+    fan_in_fan_out: Option<bool>,
+    target_modules: Option<RawTargets>,
+    modules_to_save: Option<OneOrMany<String>>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
 /// The fields of an IA3 config.
 #[derive(Deserialize)]
 struct RawIa3 {
@@ -669,6 +695,7 @@ impl PeftConfig {
             "HRA" => Self::hra(text, &v),
             "ROAD" => Self::road(text, &v),
             "C3A" => Self::c3a(text, &v),
+            "SHIRA" => Self::shira(text, &v),
             "LOKR" => {
                 let PeftConfig::Loha(common) = Self::loha(text, &v)? else {
                     return Err(HfError::config("peft_type", "LOKR"));
@@ -681,7 +708,7 @@ impl PeftConfig {
                 Ok(PeftConfig::Lokr(LokrConfig { common, decompose_both, decompose_factor }))
             }
             other => Err(HfError::Unsupported(format!(
-                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, C3A, PROMPT_TUNING, PREFIX_TUNING)"
+                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, C3A, SHIRA, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }
@@ -936,6 +963,17 @@ impl PeftConfig {
         Ok(PeftConfig::C3a(C3aConfig {
             block_size,
             block_size_pattern,
+            target_modules: targets("target_modules", raw.target_modules)?,
+            modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
+            raw: v.as_object().cloned().unwrap_or_default(),
+        }))
+    }
+
+    fn shira(text: &str, v: &Value) -> Result<Self, HfError> {
+        let raw: RawShira = typed(text)?;
+        unsupported_if_set(&raw.rest, "layers_to_transform", "SHiRA on a subset of layers is not supported")?;
+        linear_without_bias("SHiRA", raw.fan_in_fan_out, None)?;
+        Ok(PeftConfig::Shira(ShiraConfig {
             target_modules: targets("target_modules", raw.target_modules)?,
             modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             raw: v.as_object().cloned().unwrap_or_default(),

@@ -123,6 +123,65 @@ fn hf_dtype(d: format::Dtype) -> Result<Dtype, HfError> {
     }
 }
 
+/// The `.peft` entries that type a PEFT config's numbers (the config's
+/// text travels beside them).
+fn typed_entries(config: &PeftConfig) -> Vec<(String, Value<'static>)> {
+    let mut out: Vec<(String, Value<'static>)> = Vec::new();
+    match config {
+        PeftConfig::Lora(c) => {
+            out.push(("r".into(), Value::U64(c.r as u64)));
+            out.push(("lora_alpha".into(), Value::F64(c.lora_alpha)));
+            out.push(("use_rslora".into(), Value::Bool(c.use_rslora)));
+        }
+        PeftConfig::Prompt(c) => {
+            out.push(("num_virtual_tokens".into(), Value::U64(c.num_virtual_tokens as u64)));
+            out.push(("token_dim".into(), Value::U64(c.token_dim as u64)));
+            out.push(("num_layers".into(), Value::U64(c.num_layers as u64)));
+            out.push(("num_attention_heads".into(), Value::U64(c.num_attention_heads as u64)));
+        }
+        PeftConfig::Loha(c) | PeftConfig::Lokr(super::LokrConfig { common: c, .. }) => {
+            out.push(("r".into(), Value::U64(c.r as u64)));
+            out.push(("alpha".into(), Value::F64(c.alpha)));
+        }
+        PeftConfig::Vera(c) => {
+            out.push(("r".into(), Value::U64(c.r as u64)));
+            out.push(("d_initial".into(), Value::F64(c.d_initial)));
+        }
+        PeftConfig::AdaLora(c) => {
+            out.push(("init_r".into(), Value::U64(c.init_r as u64)));
+            out.push(("lora_alpha".into(), Value::F64(c.lora_alpha)));
+            let total_step = c.raw.get("total_step").and_then(serde_json::Value::as_u64).unwrap_or(1);
+            out.push(("total_step".into(), Value::U64(total_step)));
+        }
+        PeftConfig::Miss(c) => {
+            out.push(("r".into(), Value::U64(c.r as u64)));
+            let (variant, mini_r) = match c.variant {
+                peft_core::miss::MissVariant::Balance => ("balance", 1),
+                peft_core::miss::MissVariant::Mini { mini_r } => ("mini", mini_r),
+                peft_core::miss::MissVariant::Bat => ("bat", 1),
+            };
+            out.push(("variant".into(), Value::Str(variant)));
+            out.push(("mini_r".into(), Value::U64(mini_r as u64)));
+        }
+        PeftConfig::Hra(c) => {
+            out.push(("r".into(), Value::U64(c.r as u64)));
+            out.push(("apply_GS".into(), Value::Bool(c.apply_gs)));
+        }
+        PeftConfig::Road(c) => {
+            let variant = match c.variant {
+                peft_core::road::RoadVariant::Road1 => "road_1",
+                peft_core::road::RoadVariant::Road2 => "road_2",
+                peft_core::road::RoadVariant::Road4 => "road_4",
+            };
+            out.push(("variant".into(), Value::Str(variant)));
+            out.push(("group_size".into(), Value::U64(c.group_size as u64)));
+        }
+        PeftConfig::C3a(c) => out.push(("block_size".into(), Value::U64(c.block_size as u64))),
+        PeftConfig::Ia3(_) | PeftConfig::Shira(_) => {}
+    }
+    out
+}
+
 /// A PEFT directory as `.peft` bytes.
 ///
 /// # Errors
@@ -145,6 +204,11 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
         PeftConfig::Hra(_) => Method::Hra,
         PeftConfig::Road(_) => Method::Road,
         PeftConfig::C3a(_) => Method::C3a,
+        PeftConfig::Shira(_) => {
+            return Err(HfError::Unsupported(
+                "SHiRA in .peft files (its I32 indices have no .peft element type)".into(),
+            ));
+        }
     };
     let restored = restored_entries(&ad, method, &config_json);
     let mut config: Vec<(String, Value<'_>)> = Vec::new();
@@ -153,58 +217,7 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
         Some(entries) => config.extend(entries.iter().map(|(k, v)| (k.clone(), v.as_value()))),
         None => {
             config.extend(config_chunks(&config_text).into_iter().map(|(k, v)| (k, Value::Str(v))));
-            match &ad.config {
-                PeftConfig::Lora(c) => {
-                    config.push(("r".into(), Value::U64(c.r as u64)));
-                    config.push(("lora_alpha".into(), Value::F64(c.lora_alpha)));
-                    config.push(("use_rslora".into(), Value::Bool(c.use_rslora)));
-                }
-                PeftConfig::Prompt(c) => {
-                    config.push(("num_virtual_tokens".into(), Value::U64(c.num_virtual_tokens as u64)));
-                    config.push(("token_dim".into(), Value::U64(c.token_dim as u64)));
-                    config.push(("num_layers".into(), Value::U64(c.num_layers as u64)));
-                    config.push(("num_attention_heads".into(), Value::U64(c.num_attention_heads as u64)));
-                }
-                PeftConfig::Loha(c) | PeftConfig::Lokr(super::LokrConfig { common: c, .. }) => {
-                    config.push(("r".into(), Value::U64(c.r as u64)));
-                    config.push(("alpha".into(), Value::F64(c.alpha)));
-                }
-                PeftConfig::Vera(c) => {
-                    config.push(("r".into(), Value::U64(c.r as u64)));
-                    config.push(("d_initial".into(), Value::F64(c.d_initial)));
-                }
-                PeftConfig::AdaLora(c) => {
-                    config.push(("init_r".into(), Value::U64(c.init_r as u64)));
-                    config.push(("lora_alpha".into(), Value::F64(c.lora_alpha)));
-                    let total_step = c.raw.get("total_step").and_then(serde_json::Value::as_u64).unwrap_or(1);
-                    config.push(("total_step".into(), Value::U64(total_step)));
-                }
-                PeftConfig::Miss(c) => {
-                    config.push(("r".into(), Value::U64(c.r as u64)));
-                    let (variant, mini_r) = match c.variant {
-                        peft_core::miss::MissVariant::Balance => ("balance", 1),
-                        peft_core::miss::MissVariant::Mini { mini_r } => ("mini", mini_r),
-                        peft_core::miss::MissVariant::Bat => ("bat", 1),
-                    };
-                    config.push(("variant".into(), Value::Str(variant)));
-                    config.push(("mini_r".into(), Value::U64(mini_r as u64)));
-                }
-                PeftConfig::Hra(c) => {
-                    config.push(("r".into(), Value::U64(c.r as u64)));
-                    config.push(("apply_GS".into(), Value::Bool(c.apply_gs)));
-                }
-                PeftConfig::Road(c) => {
-                    let variant = match c.variant {
-                        peft_core::road::RoadVariant::Road1 => "road_1",
-                        peft_core::road::RoadVariant::Road2 => "road_2",
-                        peft_core::road::RoadVariant::Road4 => "road_4",
-                    };
-                    config.push(("variant".into(), Value::Str(variant)));
-                    config.push(("group_size".into(), Value::U64(c.group_size as u64)));
-                }
-                PeftConfig::C3a(c) => config.push(("block_size".into(), Value::U64(c.block_size as u64))),
-                PeftConfig::Ia3(_) => {}
-            }
+            config.extend(typed_entries(&ad.config));
         }
     }
     let tensors = ad.tensors();
@@ -303,7 +316,8 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
         | PeftConfig::Miss(_)
         | PeftConfig::Hra(_)
         | PeftConfig::Road(_)
-        | PeftConfig::C3a(_) => {
+        | PeftConfig::C3a(_)
+        | PeftConfig::Shira(_) => {
             // Tensors as stored, under PEFT's keys; the reader checks them
             // against the config before the folder is committed.
             let names: Vec<String> = f
@@ -427,6 +441,15 @@ fn miss_config(r: u64, mini_r: u64, variant: Option<Value<'_>>, targets: Vec<Str
     })
 }
 
+/// (IA)^3's PEFT config.
+fn ia3_config(targets: Vec<String>, feedforward: Vec<String>) -> serde_json::Value {
+    json!({
+        "peft_type": "IA3", "task_type": null, "base_model_name_or_path": null, "revision": null,
+        "inference_mode": true, "target_modules": targets, "feedforward_modules": feedforward,
+        "fan_in_fan_out": false, "modules_to_save": null, "init_ia3_weights": true,
+    })
+}
+
 /// C3A's PEFT config (one block size for every module).
 fn c3a_config(block_size: u64, targets: Vec<String>) -> serde_json::Value {
     json!({
@@ -494,12 +517,7 @@ fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Valu
                 "lora_bias": false,
             }))
         }
-        Method::Ia3 => Ok(json!({
-            "peft_type": "IA3", "task_type": null, "base_model_name_or_path": null, "revision": null,
-            "inference_mode": true, "target_modules": list("target_modules")?,
-            "feedforward_modules": list("feedforward_modules")?, "fan_in_fan_out": false,
-            "modules_to_save": null, "init_ia3_weights": true,
-        })),
+        Method::Ia3 => Ok(ia3_config(list("target_modules")?, list("feedforward_modules")?)),
         Method::Loha | Method::Lokr => {
             let mut cfg = json!({
                 "peft_type": if method == Method::Loha { "LOHA" } else { "LOKR" }, "task_type": null,
@@ -532,6 +550,9 @@ fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Valu
             Ok(adalora_config(u("init_r")?, number("lora_alpha")?, targets, total_step))
         }
         Method::Miss => Ok(miss_config(u("r")?, u("mini_r").unwrap_or(1), get("variant"), list("target_modules")?)),
+        Method::Shira => {
+            Err(HfError::Unsupported("SHiRA in .peft files (its I32 indices have no .peft element type)".into()))
+        }
         Method::C3a => Ok(c3a_config(u("block_size")?, list("target_modules")?)),
         Method::Road => Ok(road_config(get("variant"), u("group_size")?, list("target_modules")?)),
         Method::Hra => {

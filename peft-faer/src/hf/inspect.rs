@@ -101,6 +101,7 @@ impl InspectReport {
             PeftConfig::Hra(c) => r.hra(c, ad, dtype),
             PeftConfig::Road(c) => r.road(c, ad, dtype),
             PeftConfig::C3a(c) => r.c3a(c, ad, dtype),
+            PeftConfig::Shira(_) => r.shira(ad, dtype),
         }
         if !r.modules.is_empty() {
             r.total_params = total(&r.modules);
@@ -191,6 +192,18 @@ impl InspectReport {
             let mut row = named(&m.name);
             row.extend([("in", json!(m.n_in)), ("out", json!(m.n_out)), ("r", json!(m.r))]);
             row.extend([("scale", json!(m.scale)), ("params", json!(m.r * (m.n_in + m.n_out + 1)))]);
+            self.modules.push(row);
+        }
+    }
+
+    /// SHiRA's modules.
+    fn shira(&mut self, ad: &AdapterSummary, dtype: Value) {
+        self.method = "shira";
+        self.fields = json_map(json!({ "dtype": dtype }));
+        self.headline = "method shira: dW[rows[j], cols[j]] = shira_weight[j] (a saved sparse mask)".into();
+        for (name, n) in &ad.shira {
+            let mut row = named(name);
+            row.push(("params", json!(n)));
             self.modules.push(row);
         }
     }

@@ -44,7 +44,7 @@ use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry};
 use super::{
     AdaLoraModule, C3aModule, HfAdapter, HfError, HfLoraConfig, HfTensor, HraModule, Ia3Config, Ia3Module, LohaModule,
-    LokrModule, LoraModule, MissModule, PeftConfig, RoadModule, VeraModule, VeraProjections,
+    LokrModule, LoraModule, MissModule, PeftConfig, RoadModule, ShiraModule, VeraModule, VeraProjections,
 };
 use crate::files::{Staging, check_output};
 
@@ -84,6 +84,8 @@ enum Update<'a> {
     Road(&'a RoadModule, usize),
     /// C3A: `W += m dW`.
     C3a(&'a C3aModule, f64),
+    /// SHiRA on a weight `[out, in]`: `W += m dW`.
+    Shira(&'a ShiraModule, [usize; 2], f64),
 }
 
 /// One adapter module's change to a bias, in the adapters' order.
@@ -469,6 +471,18 @@ impl<'a> Plan<'a, '_> {
         Ok(())
     }
 
+    /// SHiRA on `<module>.weight`: every position inside its shape.
+    fn shira(&mut self, m: &'a ShiraModule, multiplier: f64) -> Result<(), HfError> {
+        let name = format!("{}.weight", m.name);
+        let shape = self.base.find(&name).map(|(_, e)| e.shape.clone()).unwrap_or_default();
+        let &[n_out, n_in] = shape.as_slice() else {
+            return Err(HfError::Base(format!("{name}, adapted by the adapter, is missing or not a matrix")));
+        };
+        m.layer(n_in, n_out).map_err(|e| HfError::Base(format!("{name} has shape {shape:?}: {e}")))?;
+        self.check(&name, &|_| true, "a float matrix")?;
+        self.push_weight(name, Update::Shira(m, [n_out, n_in], multiplier))
+    }
+
     /// HRA on `<module>.weight` `[out, in]`: `in` must be `hra_u`'s rows.
     fn hra(&mut self, m: &'a HraModule) -> Result<(), HfError> {
         let name = format!("{}.weight", m.name);
@@ -533,6 +547,11 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
                 for m in &adapter.lokr {
                     let (n_out, n_in) = m.dims();
                     plan.weight(&m.name, [n_out, n_in], Update::Lokr(m, multiplier))?;
+                }
+            }
+            PeftConfig::Shira(_) => {
+                for m in &adapter.shira {
+                    plan.shira(m, multiplier)?;
                 }
             }
             PeftConfig::C3a(_) => {
@@ -938,6 +957,9 @@ impl Update<'_> {
                 } else {
                     layer.delta_rows(backend, i0, block, Accum::Add, factor, &mut []).map_err(be)
                 }
+            }
+            Update::Shira(m, [n_out, n_in], factor) => {
+                m.layer(n_in, n_out)?.delta_rows(backend, i0, block, Accum::Add, factor, &mut []).map_err(be)
             }
             Update::C3a(m, factor) => {
                 m.layer()?.delta_rows(backend, i0, block, Accum::Add, factor, &mut []).map_err(be)

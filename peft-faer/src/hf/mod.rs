@@ -27,6 +27,7 @@ mod lora;
 pub mod merge;
 mod miss;
 mod road;
+mod shira;
 pub mod st;
 mod summary;
 mod vera;
@@ -38,7 +39,7 @@ pub(crate) use adapter::write_raw_dir;
 pub use c3a::C3aModule;
 pub use config::{
     AdaLoraConfig, BiasMode, C3aConfig, HfLoraConfig, HraConfig, Ia3Config, LohaConfig, LokrConfig, MissConfig,
-    Pattern, PeftConfig, PromptConfig, RoadConfig, Targets, VeraConfig,
+    Pattern, PeftConfig, PromptConfig, RoadConfig, ShiraConfig, Targets, VeraConfig,
 };
 pub use error::HfError;
 pub use hra::HraModule;
@@ -49,6 +50,7 @@ pub use lokr::LokrModule;
 pub use lora::LoraModule;
 pub use miss::MissModule;
 pub use road::RoadModule;
+pub use shira::ShiraModule;
 pub use summary::{
     AdaLoraSummary, AdapterSummary, C3aSummary, HraSummary, Ia3Summary, LohaSummary, LokrSummary, MissSummary,
     ModuleSummary, NonFinite, ProjectionSummary, RoadSummary, TensorSummary, VeraSummary,

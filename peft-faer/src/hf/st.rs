@@ -345,8 +345,18 @@ fn unsupported(d: Dtype) -> HfError {
 }
 
 /// Rounds `vals` once (to nearest, ties to even) to type `d`, appending the
-/// little-endian bytes to `out`.
+/// little-endian bytes to `out`. `I32` takes integers (index tensors held
+/// as f32, exact below 2^24) and refuses any other value.
 pub fn from_f32(d: Dtype, vals: &[f32], out: &mut Vec<u8>) -> Result<(), HfError> {
+    if d == Dtype::I32 {
+        for &v in vals {
+            if v.fract() != 0.0 || v.abs() >= (1 << 24) as f32 {
+                return Err(HfError::Unsupported(format!("{v} as an I32 index (integers below 2^24)")));
+            }
+            out.extend_from_slice(&(v as i32).to_le_bytes());
+        }
+        return Ok(());
+    }
     float_size(d).ok_or_else(|| unsupported(d))?;
     if cfg!(target_endian = "little") && matches!(d, Dtype::F16 | Dtype::BF16) {
         let start = out.len();
@@ -596,6 +606,20 @@ impl StFile {
     /// [`HfError::Io`], [`HfError::Unsupported`] for a non-float type.
     pub fn first_nonfinite(&self, e: &Entry) -> Result<Option<(usize, f32)>, HfError> {
         self.scan_f32(e, 1 << 18, |start, v| Ok(v.iter().position(|x| !x.is_finite()).map(|i| (start + i, v[i]))))
+    }
+
+    /// A whole `I32` tensor (index tensors of adapters: SHiRA's
+    /// `shira_indices`).
+    ///
+    /// # Errors
+    /// [`HfError::Unsupported`] for another element type; [`HfError::Io`].
+    pub fn read_i32(&self, e: &Entry) -> Result<Vec<i32>, HfError> {
+        if e.dtype != Dtype::I32 || e.quant.is_some() || e.len != 4 * e.numel() as u64 {
+            return Err(HfError::shape(&e.name, &e.shape, "an I32 tensor"));
+        }
+        let mut bytes = vec![0u8; e.len as usize];
+        self.read_at(e, 0, &mut bytes)?;
+        Ok(bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
     /// A whole float tensor, widened to f32 (for small tensors: adapters).

@@ -219,6 +219,8 @@ pub struct AdapterSummary {
     pub road: Vec<RoadSummary>,
     /// C3A modules.
     pub c3a: Vec<C3aSummary>,
+    /// SHiRA modules: name and number of positions.
+    pub shira: Vec<(String, usize)>,
     /// Every tensor holding a NaN or infinity.
     pub nonfinite: Vec<NonFinite>,
 }
@@ -309,6 +311,7 @@ impl HfAdapter {
                 .iter()
                 .map(|m| C3aSummary { name: m.name.clone(), n_in: m.n_in, n_out: m.n_out, block: m.block })
                 .collect(),
+            shira: ad.shira.iter().map(|m| (m.name.clone(), m.rows.len())).collect(),
             dtype: ad.dtype,
             config: ad.config,
             nonfinite,

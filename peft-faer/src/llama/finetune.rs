@@ -148,7 +148,8 @@ fn gcd(a: usize, b: usize) -> usize {
 /// PEFT's identity init); RoAd (road_1) on `q_proj`, `v_proj` in groups of
 /// 64 or the largest divisor of both outputs below it; C3A on `q_proj`,
 /// `v_proj` in blocks of 256 or the largest divisor of their shapes below
-/// it, starting from zero; bottleneck adapters of width 16 (GELU); prompt and prefix
+/// it, starting from zero; SHiRA on `q_proj`, `v_proj` at `r (in + out)`
+/// random positions; bottleneck adapters of width 16 (GELU); prompt and prefix
 /// tuning with [`CONTEXT`] virtual tokens. `None` for a method this
 /// function does not know (the registry test catches that).
 ///
@@ -170,6 +171,7 @@ pub fn trainable(model: &Llama, method: &MethodSpec, rank: usize, seed: u64) -> 
         "adalora" => MethodSetup::AdaLora { init_r: r, alpha, targets: qv() },
         "miss" => MethodSetup::Miss { r, targets: qv() },
         "hra" => MethodSetup::Hra { r: 2 * r.div_ceil(2), targets: qv() },
+        "shira" => MethodSetup::Shira { r, targets: qv() },
         "c3a" => {
             // PEFT's default blocks of 256, cut to a size that divides q_proj's and v_proj's shapes.
             let c = &model.config;

@@ -512,7 +512,8 @@ impl<'a> LlamaAdapter<'a> {
             | PeftConfig::Miss(_)
             | PeftConfig::Hra(_)
             | PeftConfig::Road(_)
-            | PeftConfig::C3a(_) => {
+            | PeftConfig::C3a(_)
+            | PeftConfig::Shira(_) => {
                 for (name, module, dims) in sites::placed(adapter) {
                     place(name, module, dims)?;
                 }

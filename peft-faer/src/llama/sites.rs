@@ -25,7 +25,7 @@ use peft_core::{Accum, Backend, FrozenLinear, MatMut, MatRef};
 use super::Linear;
 use crate::hf::{
     AdaLoraModule, C3aModule, HfAdapter, HfError, HraModule, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule,
-    RoadModule, VeraModule, VeraProjections,
+    RoadModule, ShiraModule, VeraModule, VeraProjections,
 };
 
 /// The adapter module on one projection, borrowed from an
@@ -56,13 +56,15 @@ pub enum Module<'a> {
     Road(&'a RoadModule),
     /// C3A: `dW` block-circulant.
     C3a(&'a C3aModule),
+    /// SHiRA: `dW` sparse, at saved positions.
+    Shira(&'a ShiraModule),
 }
 
 impl Module<'_> {
     /// The module's trainable tensors' lengths, in the order of its
     /// gradient buffers: LoRA `A, B` (its `lora_bias` stays frozen); DoRA `A, B, m`; (IA)^3 `l`; LoHa
     /// `W1a, W1b, W2a, W2b`; LoKr `W1`'s stored tensors then `W2`'s; VeRA
-    /// `lambda_d, lambda_b`; AdaLoRA `A, E, B`; MiSS `D`; HRA `U`; RoAd `theta, alpha`; C3A the kernel.
+    /// `lambda_d, lambda_b`; AdaLoRA `A, E, B`; MiSS `D`; HRA `U`; RoAd `theta, alpha`; C3A the kernel; SHiRA `w`.
     pub fn tensor_lens(&self) -> Vec<usize> {
         match self {
             Module::Lora(m) => vec![m.a.len(), m.b.len()],
@@ -76,6 +78,7 @@ impl Module<'_> {
             Module::Hra(m) => vec![m.u.len()],
             Module::Road(m) => vec![m.theta.len(), m.alpha.len()],
             Module::C3a(m) => vec![m.kernel.len()],
+            Module::Shira(m) => vec![m.weight.len()],
         }
     }
 
@@ -87,6 +90,8 @@ impl Module<'_> {
         let fits = match self {
             Module::Vera(_, p) => out == rows && cols <= p.max_in,
             Module::Miss(m) => m.layer(cols, rows).is_ok(),
+            // SHiRA's positions must lie inside the weight.
+            Module::Shira(m) => m.layer(cols, rows).is_ok(),
             // HRA's file holds the input width only.
             Module::Hra(m) => m.n_in == cols,
             // RoAd's file holds the output width only.
@@ -96,6 +101,9 @@ impl Module<'_> {
         match self {
             _ if fits => None,
             Module::Miss(m) => Some(format!("miss_block {:?}", m.shape)),
+            Module::Shira(m) => {
+                Some(format!("shira_indices reaching past [{rows}, {cols}] ({} positions)", m.rows.len()))
+            }
             Module::Hra(m) => Some(format!("hra_u [{}, {}]", m.n_in, m.r)),
             Module::Road(m) => Some(format!("[{}, in]", m.n_out)),
             _ => Some(format!("[{out}, {inn}]")),
@@ -104,7 +112,7 @@ impl Module<'_> {
 }
 
 /// The modules of the methods placed by name alone (LoHa, LoKr, AdaLoRA,
-/// MiSS, HRA, RoAd, C3A), each with the `[out, in]` it declares (0 where
+/// MiSS, HRA, RoAd, C3A, SHiRA), each with the `[out, in]` it declares (0 where
 /// the file does not hold that side: [`Module::misfit`] checks the rest).
 pub(super) fn placed(adapter: &HfAdapter) -> Vec<(&str, Module<'_>, (usize, usize))> {
     let mut out: Vec<(&str, Module<'_>, (usize, usize))> = Vec::new();
@@ -115,6 +123,7 @@ pub(super) fn placed(adapter: &HfAdapter) -> Vec<(&str, Module<'_>, (usize, usiz
     out.extend(adapter.hra.iter().map(|m| (m.name.as_str(), Module::Hra(m), (0, m.n_in))));
     out.extend(adapter.road.iter().map(|m| (m.name.as_str(), Module::Road(m), (m.n_out, 0))));
     out.extend(adapter.c3a.iter().map(|m| (m.name.as_str(), Module::C3a(m), (m.n_out, m.n_in))));
+    out.extend(adapter.shira.iter().map(|m| (m.name.as_str(), Module::Shira(m), (0, 0))));
     out
 }
 
@@ -252,6 +261,7 @@ pub(super) fn forward<B: Backend<f32> + ?Sized>(
         Some(Module::Hra(m)) => run_forward(backend, &base, &m.layer(n_out)?, x, y, &mut ws.scratch),
         Some(Module::Road(m)) => run_forward(backend, &base, &m.layer(n_in)?, x, y, &mut ws.scratch),
         Some(Module::C3a(m)) => run_forward(backend, &base, &m.layer()?, x, y, &mut ws.scratch),
+        Some(Module::Shira(m)) => run_forward(backend, &base, &m.layer(n_in, n_out)?, x, y, &mut ws.scratch),
     }
 }
 
@@ -333,6 +343,11 @@ pub(super) fn backward<B: Backend<f32> + ?Sized>(
         Module::C3a(m) => {
             let [gk] = grads else { return Err(bad()) };
             run_backward(backend, &base, &m.layer()?, x, gy, gx, &mut gk[..], &mut ws.scratch, &mut ws.dx)
+        }
+        Module::Shira(m) => {
+            let [gw] = grads else { return Err(bad()) };
+            let layer = m.layer(n_in, n_out)?;
+            run_backward(backend, &base, &layer, x, gy, gx, &mut gw[..], &mut ws.scratch, &mut ws.dx)
         }
     }
 }

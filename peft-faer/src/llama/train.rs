@@ -25,7 +25,7 @@ use super::weights::Matrix;
 use super::{Bottleneck, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Projection, Trace};
 use crate::hf::{
     AdaLoraModule, C3aModule, HfAdapter, HfError, HfTensor, HraModule, Ia3Module, LohaModule, LokrModule, LoraModule,
-    MissModule, PeftConfig, RoadModule, VeraModule, VeraProjections,
+    MissModule, PeftConfig, RoadModule, ShiraModule, VeraModule, VeraProjections,
 };
 
 /// A method and its configuration on the Llama model's projections
@@ -118,6 +118,13 @@ pub enum MethodSetup {
         /// Adapted projections.
         targets: Vec<String>,
     },
+    /// SHiRA with `r (in + out)` random positions per module, zero values.
+    Shira {
+        /// `r`.
+        r: usize,
+        /// Adapted projections.
+        targets: Vec<String>,
+    },
     /// Prompt tuning with `n` virtual tokens.
     Prompt {
         /// Virtual tokens.
@@ -140,7 +147,8 @@ impl MethodSetup {
             | MethodSetup::Vera { r, .. }
             | MethodSetup::AdaLora { init_r: r, .. }
             | MethodSetup::Miss { r, .. }
-            | MethodSetup::Hra { r, .. } => Some(*r),
+            | MethodSetup::Hra { r, .. }
+            | MethodSetup::Shira { r, .. } => Some(*r),
             MethodSetup::Ia3 { .. }
             | MethodSetup::Road { .. }
             | MethodSetup::C3a { .. }
@@ -160,7 +168,8 @@ impl MethodSetup {
             | MethodSetup::Miss { targets, .. }
             | MethodSetup::Hra { targets, .. }
             | MethodSetup::Road { targets, .. }
-            | MethodSetup::C3a { targets, .. } => targets,
+            | MethodSetup::C3a { targets, .. }
+            | MethodSetup::Shira { targets, .. } => targets,
             MethodSetup::Prompt { .. } | MethodSetup::Prefix { .. } => &[],
         }
     }
@@ -197,6 +206,9 @@ impl MethodSetup {
             MethodSetup::C3a { block, targets } => json!({"peft_type": "C3A", "task_type": "CAUSAL_LM",
                 "block_size": block, "block_size_pattern": {}, "target_modules": targets, "init_weights": true,
                 "bias": "none"}),
+            MethodSetup::Shira { r, targets } => json!({"peft_type": "SHIRA", "task_type": "CAUSAL_LM", "r": r,
+                "mask_type": "random", "random_seed": null, "target_modules": targets, "init_weights": true,
+                "fan_in_fan_out": false}),
             MethodSetup::Prompt { n } => json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
                 "num_virtual_tokens": n, "token_dim": c.hidden_size, "num_layers": c.num_layers,
                 "num_attention_heads": c.num_heads, "num_transformer_submodules": 1,
@@ -327,6 +339,7 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
             }
         }
         MethodSetup::Vera { r, .. } => init_vera(&mut ad, sites, *r, &mut rng)?,
+        MethodSetup::Shira { r, .. } => init_shira(&mut ad, sites, *r, &mut rng)?,
         MethodSetup::C3a { block, .. } => {
             for s in sites {
                 let (n_out, n_in, block) = (s.weight.rows, s.weight.cols, *block);
@@ -485,6 +498,20 @@ fn init_adalora(s: Site<'_>, r: usize, alpha: f64, rng: &mut Rng) -> Result<AdaL
     Ok(AdaLoraModule { name: s.name, a, e, b, r, n_in, n_out, scale, dtypes: [Dtype::F32; 3] })
 }
 
+/// SHiRA: `min(r (in + out), out in)` random positions per site
+/// (`peft-core`'s mask, not torch's `randperm`), zero values.
+fn init_shira(ad: &mut HfAdapter, sites: Vec<Site<'_>>, r: usize, rng: &mut Rng) -> Result<(), HfError> {
+    for s in sites {
+        let (n_out, n_in) = (s.weight.rows, s.weight.cols);
+        let n = (r * (n_in + n_out)).min(n_in * n_out);
+        let mut layer = peft_core::shira::Shira::new(n_in, n_out, 1.0, vec![0.0f32; n], vec![0u32; n], vec![0u32; n])?;
+        layer.init_adapter(rng)?;
+        let (rows, cols) = (layer.rows().to_vec(), layer.cols().to_vec());
+        ad.shira.push(ShiraModule::new(s.name, vec![0.0; n], rows, cols));
+    }
+    Ok(())
+}
+
 /// VeRA: the shared projections sized for the largest site, Kaiming-
 /// uniform; per site `lambda_d = 0.1`, `lambda_b = 0`.
 fn init_vera(ad: &mut HfAdapter, sites: Vec<Site<'_>>, r: usize, rng: &mut Rng) -> Result<(), HfError> {
@@ -588,6 +615,9 @@ pub fn tensors_mut(ad: &mut HfAdapter) -> Vec<&mut Vec<f32>> {
     }
     for m in &mut ad.hra {
         named.push((m.name.clone(), vec![&mut m.u]));
+    }
+    for m in &mut ad.shira {
+        named.push((m.name.clone(), vec![&mut m.weight]));
     }
     for m in &mut ad.c3a {
         named.push((m.name.clone(), vec![&mut m.kernel]));

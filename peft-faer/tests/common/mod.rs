@@ -37,9 +37,12 @@ pub fn load(path: &Path) -> HashMap<String, (Dtype, Vec<usize>, Vec<f32>)> {
                 Dtype::BF16 => {
                     v.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
                 }
-                // Token ids (small: exact in f32).
+                // Token ids and index tensors (small: exact in f32).
                 Dtype::I64 => {
                     v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect()
+                }
+                Dtype::I32 => {
+                    v.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32).collect()
                 }
                 d => panic!("{d:?}"),
             };

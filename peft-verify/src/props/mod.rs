@@ -18,6 +18,7 @@ pub mod optim;
 pub mod prompt;
 pub mod road;
 pub mod set;
+pub mod shira;
 pub mod storage;
 pub mod training;
 pub mod vera;
