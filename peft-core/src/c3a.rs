@@ -82,33 +82,28 @@ impl<E: Element, S: AsRef<[E]>> C3a<E, S> {
         ParamReport::over_base(self.kernel.as_ref().len(), self.in_features, self.out_features, bias)
     }
 
-    /// `w[m, n, s]` in f64.
-    fn w(&self, m: usize, n: usize, s: usize) -> f64 {
-        let (b, nb) = (self.block, self.in_features / self.block);
-        self.kernel.as_ref().get((m * nb + n) * b + s).map_or(0.0, |v| v.to_f64())
-    }
-
-    /// Rows `m b .. (m + 1) b` of `factor dW` into `dst [b, in]` (replaced
-    /// or added to), each entry rounded once. Row `j`'s segment of column
-    /// block `n` is `w[m, n, :]` rotated right by `j`.
-    fn block_rows(&self, m: usize, dst: &mut MatMut<'_, E>, accum: Accum, factor: f64) {
+    /// Row `m b + j` of `factor dW` into `row [in]` (replaced or added to,
+    /// each entry rounded once): in column block `n` it is `w[m, n, :]`
+    /// rotated right by `j`, `row[n b + t] = w[m, n, (t - j) mod b] / in`.
+    fn fill_row(&self, m: usize, j: usize, row: &mut [E], accum: Accum, factor: f64) {
         let (b, nb) = (self.block, self.in_features / self.block);
         let scale = factor / self.in_features as f64;
         let kernel = self.kernel.as_ref();
-        for (j, row) in dst.row_iter_mut().enumerate() {
-            for (n, seg) in row.chunks_exact_mut(b).enumerate() {
-                let w = kernel.get((m * nb + n) * b..(m * nb + n + 1) * b).unwrap_or(&[]);
-                // seg[t] = w[(t - j) mod b]: seg[j..] = w[..b - j], seg[..j] = w[b - j..].
-                let (head, tail) = seg.split_at_mut(j % b);
-                let (w_hi, w_lo) = w.split_at(b - j % b);
-                for (v, wv) in tail.iter_mut().zip(w_hi).chain(head.iter_mut().zip(w_lo)) {
-                    let d = scale * wv.to_f64();
-                    *v = match accum {
-                        Accum::Replace => E::from_f64(d),
-                        Accum::Add => E::from_f64(v.to_f64() + d),
-                    };
-                }
+        for (n, seg) in row.chunks_exact_mut(b).enumerate() {
+            let w = kernel.get((m * nb + n) * b..(m * nb + n + 1) * b).unwrap_or(&[]);
+            // seg[j..] = w[..b - j], seg[..j] = w[b - j..].
+            let (head, tail) = seg.split_at_mut(j % b);
+            let (w_hi, w_lo) = w.split_at(b - j % b);
+            for (v, wv) in tail.iter_mut().zip(w_hi).chain(head.iter_mut().zip(w_lo)) {
+                accum.store_f64(v, scale * wv.to_f64());
             }
+        }
+    }
+
+    /// Rows `m b .. (m + 1) b` of `dW` into `dst [b, in]` (replaced).
+    fn block_rows(&self, m: usize, dst: &mut MatMut<'_, E>) {
+        for (j, row) in dst.row_iter_mut().enumerate() {
+            self.fill_row(m, j, row, Accum::Replace, 1.0);
         }
     }
 }
@@ -155,7 +150,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for C3a<E, S> {
         let d_buf = scratch.get_mut(..checked_len(b, n_in)?).unwrap_or(&mut []);
         for m in 0..self.out_features / b {
             let mut d = MatMut::new(&mut *d_buf, b, n_in)?;
-            self.block_rows(m, &mut d, Accum::Replace, 1.0);
+            self.block_rows(m, &mut d);
             let ym = y.cols_range_mut(m * b, b).ok_or(Error::Overflow)?;
             backend.gemm(ym, Accum::Add, x, Op::N, d.as_ref(), Op::T, one)?;
         }
@@ -195,7 +190,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for C3a<E, S> {
             }
             if let Some(gx) = grad_x.as_mut() {
                 let mut d = MatMut::new(&mut *d_buf, b, n_in)?;
-                self.block_rows(m, &mut d, Accum::Replace, 1.0);
+                self.block_rows(m, &mut d);
                 backend.gemm(gx.rb_mut(), Accum::Add, gm, Op::N, d.as_ref(), Op::N, one)?;
             }
         }
@@ -212,16 +207,9 @@ impl<E: Element, S: AsRef<[E]>> DeltaRows<E> for C3a<E, S> {
     /// Rows `start..start + n` of `factor * dW`.
     fn fill_delta_rows<B: Backend<E> + ?Sized>(&self, _backend: &B, block: DeltaBlock<'_, E>) -> Outcome<E, B> {
         let DeltaBlock { start, mut dst, accum, factor, .. } = block;
-        let (b, scale) = (self.block, factor / self.in_features as f64);
+        let b = self.block;
         for (k, row) in dst.row_iter_mut().enumerate() {
-            let (m, j) = ((start + k) / b, (start + k) % b);
-            for (c, v) in row.iter_mut().enumerate() {
-                let d = scale * self.w(m, c / b, (c % b + b - j) % b);
-                *v = match accum {
-                    Accum::Replace => E::from_f64(d),
-                    Accum::Add => E::from_f64(v.to_f64() + d),
-                };
-            }
+            self.fill_row((start + k) / b, (start + k) % b, row, accum, factor);
         }
         Ok(())
     }

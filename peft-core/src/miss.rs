@@ -402,12 +402,7 @@ impl<E: Element, S: AsRef<[E]>> DeltaRows<E> for Miss<E, S> {
         for (k, row) in dst.row_iter_mut().enumerate() {
             let col = (start + k) % m;
             for (c, v) in row.iter_mut().enumerate() {
-                let dv = d.get((c % r) * m + col).map_or(0.0, |x| x.to_f64());
-                let add = factor * dv;
-                *v = match accum {
-                    Accum::Replace => E::from_f64(add),
-                    Accum::Add => E::from_f64(v.to_f64() + add),
-                };
+                accum.store_f64(v, factor * d.get((c % r) * m + col).map_or(0.0, |x| x.to_f64()));
             }
         }
         Ok(())

@@ -277,16 +277,27 @@ const CONV1D_MODELS: [&str; 7] =
     ["gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_encoder", "clvp_decoder"];
 
 impl<'a> Plan<'a, '_> {
-    /// `Ok` when the base has float tensor `name` and `fits` its shape
-    /// (`want` says what the adapter needs).
-    fn check(&self, name: &str, fits: &dyn Fn(&[usize]) -> bool, want: &str) -> Result<(), HfError> {
+    /// The shape of float tensor `name` of the base when it `fits` (`want`
+    /// says what the adapter needs).
+    fn check(&self, name: &str, fits: &dyn Fn(&[usize]) -> bool, want: &str) -> Result<&[usize], HfError> {
         let (_, e) =
             self.base.find(name).ok_or_else(|| HfError::Base(format!("{name}, adapted by the adapter, is missing")))?;
         if !fits(&e.shape) {
             return Err(HfError::Base(format!("{name} has shape {:?}, the adapter needs {want}", e.shape)));
         }
         e.format().ok_or_else(|| HfError::Unsupported(format!("{name}: element type {:?}", e.dtype)))?;
-        Ok(())
+        Ok(&e.shape)
+    }
+
+    /// `[out, in]` of the base's float matrix `name` when `fits(out, in)`
+    /// ([`check`](Self::check)'s refusals otherwise): for the methods whose
+    /// files hold one side of the shape, or none.
+    fn matrix(&self, name: &str, fits: &dyn Fn(usize, usize) -> bool, want: &str) -> Result<[usize; 2], HfError> {
+        let fits_matrix = |s: &[usize]| matches!(*s, [o, i] if fits(o, i));
+        match *self.check(name, &fits_matrix, want)? {
+            [o, i] => Ok([o, i]),
+            _ => Err(HfError::Base(format!("{name}: the adapter needs {want}"))),
+        }
     }
 
     /// Adds `update` to `<module>.weight`, of shape `[rows, cols]`.
@@ -442,18 +453,11 @@ impl<'a> Plan<'a, '_> {
     /// the block must fit the base's shape (`peft-core` checks it).
     fn miss(&mut self, m: &'a MissModule, multiplier: f64) -> Result<(), HfError> {
         let name = format!("{}.weight", m.name);
-        let shape = match self.base.find(&name) {
-            Some((_, e)) => e.shape.clone(),
-            None => return Err(HfError::Base(format!("{name}, adapted by the adapter, is missing"))),
-        };
-        let &[n_out, n_in] = shape.as_slice() else {
-            return Err(HfError::Base(format!("{name} has shape {shape:?}, the adapter needs a matrix")));
-        };
-        m.layer(n_in, n_out).map_err(|e| HfError::Base(format!("{name} has shape {shape:?}: {e}")))?;
+        let want = format!("a matrix miss_block {:?} fits", m.shape);
+        let [n_out, n_in] = self.matrix(&name, &|o, i| m.layer(i, o).is_ok(), &want)?;
         if m.variant == peft_core::miss::MissVariant::Bat && multiplier != 1.0 {
             return Err(HfError::Unsupported("a multiplier other than 1 for a MiSS bat adapter".into()));
         }
-        self.check(&name, &|_| true, "a float matrix")?;
         self.push_weight(name, Update::Miss(m, [n_out, n_in], multiplier))
     }
 
@@ -461,8 +465,7 @@ impl<'a> Plan<'a, '_> {
     /// on its bias when the base has one: PEFT rotates the bias too.
     fn road(&mut self, m: &'a RoadModule) -> Result<(), HfError> {
         let name = format!("{}.weight", m.name);
-        self.check(&name, &|s| matches!(s, &[o, _] if o == m.n_out), &format!("[{}, in]", m.n_out))?;
-        let n_in = self.base.find(&name).and_then(|(_, e)| e.shape.get(1).copied()).unwrap_or(0);
+        let [_, n_in] = self.matrix(&name, &|o, _| o == m.n_out, &format!("[{}, in]", m.n_out))?;
         self.push_weight(name, Update::Road(m, n_in))?;
         let bias = format!("{}.bias", m.name);
         if self.base.find(&bias).is_some() {
@@ -474,20 +477,15 @@ impl<'a> Plan<'a, '_> {
     /// SHiRA on `<module>.weight`: every position inside its shape.
     fn shira(&mut self, m: &'a ShiraModule, multiplier: f64) -> Result<(), HfError> {
         let name = format!("{}.weight", m.name);
-        let shape = self.base.find(&name).map(|(_, e)| e.shape.clone()).unwrap_or_default();
-        let &[n_out, n_in] = shape.as_slice() else {
-            return Err(HfError::Base(format!("{name}, adapted by the adapter, is missing or not a matrix")));
-        };
-        m.layer(n_in, n_out).map_err(|e| HfError::Base(format!("{name} has shape {shape:?}: {e}")))?;
-        self.check(&name, &|_| true, "a float matrix")?;
+        let want = format!("a matrix holding its {} positions", m.rows.len());
+        let [n_out, n_in] = self.matrix(&name, &|o, i| m.layer(i, o).is_ok(), &want)?;
         self.push_weight(name, Update::Shira(m, [n_out, n_in], multiplier))
     }
 
     /// HRA on `<module>.weight` `[out, in]`: `in` must be `hra_u`'s rows.
     fn hra(&mut self, m: &'a HraModule) -> Result<(), HfError> {
         let name = format!("{}.weight", m.name);
-        self.check(&name, &|s| matches!(s, &[_, i] if i == m.n_in), &format!("[out, {}]", m.n_in))?;
-        let n_out = self.base.find(&name).and_then(|(_, e)| e.shape.first().copied()).unwrap_or(0);
+        let [n_out, _] = self.matrix(&name, &|_, i| i == m.n_in, &format!("[out, {}]", m.n_in))?;
         self.push_weight(name, Update::Hra(m, n_out))
     }
 

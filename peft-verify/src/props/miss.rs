@@ -8,16 +8,12 @@ use peft_core::{Backend, Dense, MatMut, MatRef, Reference, Rng};
 use proptest::prelude::*;
 
 use super::lora::{LoraCase, Tensors, case, case_in};
-use super::{adapter_forward, base_forward};
+use super::{adapter_forward, base_forward, gcd};
 use crate::oracle::{self, M};
 use crate::{Config, Precision, Report, close, close_norm, narrow, run, wide};
 
 fn fail(e: impl core::fmt::Display) -> TestCaseError {
     TestCaseError::fail(format!("unexpected error: {e}"))
-}
-
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// The case's variant and shard size, from its seed: balance with `r <=

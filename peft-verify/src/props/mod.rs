@@ -28,6 +28,11 @@ use proptest::prelude::*;
 
 use crate::{CaseResult, Precision, close, wide};
 
+/// The greatest common divisor (the block sizes the shapes of a case admit).
+pub(crate) fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
 /// `y = f(x)` through `layer` over `base`, `x` of `t` rows, its scratch
 /// sized by the trait; an error is the case's failure.
 pub(crate) fn adapter_forward<E: Precision, B: Backend<E>, A: LinearAdapter<E>, L: FrozenLinear<E>>(
