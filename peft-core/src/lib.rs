@@ -88,6 +88,7 @@ pub mod lora;
 mod matrix;
 pub mod method;
 pub mod miss;
+pub mod oft;
 pub mod optim;
 pub mod prefix;
 pub mod prompt;

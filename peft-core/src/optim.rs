@@ -35,6 +35,7 @@
 //! | HRA | `1e-3` | as LoRA: PEFT sets no default; the paper trains reflections at LoRA's rates |
 //! | C3A | `1e-3` | as LoRA: PEFT sets no default |
 //! | SHiRA | `1e-3` | as LoRA: PEFT sets no default |
+//! | OFT | `1e-3` | as LoRA: PEFT sets no default; zero-initialized rotations, trained at LoRA's rates in the paper's examples |
 //! | RoAd | `3e-3` | as (IA)^3: one angle and one scale per output; our choice, PEFT sets no default |
 //!
 //! DoRA is a LoRA variant ([`Method::Lora`], `use_dora` in its configuration) and takes LoRA's rate.
@@ -89,6 +90,8 @@ pub enum Method {
     C3a,
     /// SHiRA.
     Shira,
+    /// OFT.
+    Oft,
 }
 
 impl Method {
@@ -108,11 +111,12 @@ impl Method {
             Method::Road => 3e-3,
             Method::C3a => 1e-3,
             Method::Shira => 1e-3,
+            Method::Oft => 1e-3,
         }
     }
 
     /// The lower-case name (`"lora"`, `"adapter"`, `"prompt"`, `"prefix"`,
-    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`, `"c3a"`, `"shira"`).
+    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`, `"c3a"`, `"shira"`, `"oft"`).
     pub const fn name(self) -> &'static str {
         match self {
             Method::Lora => "lora",
@@ -129,6 +133,7 @@ impl Method {
             Method::Road => "road",
             Method::C3a => "c3a",
             Method::Shira => "shira",
+            Method::Oft => "oft",
         }
     }
 }

@@ -20,7 +20,8 @@ mod common;
 use common::{case_dir, load, max_rel, scratch};
 
 /// The methods this crate merges.
-const SUPPORTED: [&str; 11] = ["LORA", "IA3", "LOHA", "LOKR", "VERA", "ADALORA", "MISS", "HRA", "ROAD", "C3A", "SHIRA"];
+const SUPPORTED: [&str; 12] =
+    ["LORA", "IA3", "LOHA", "LOKR", "VERA", "ADALORA", "MISS", "HRA", "ROAD", "C3A", "SHIRA", "OFT"];
 
 /// The cases of those methods refused, each with the field its refusal
 /// names (README, "PEFT's test matrix", says why): DoRA and VeRA on GPT-2's

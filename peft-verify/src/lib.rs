@@ -80,6 +80,11 @@
 //! | `road_unmerge_restores` | bit-exact from a backup; each pair's inverse without one | 8 |
 //! | `road_gradients_match_fd` | dtheta, dalpha and dx against central differences | 8 |
 //! | `hra_gradients_match_fd` | dU (through the normalization, or through Gram-Schmidt) and dx against central differences | 12 |
+//! | `oft_identity_at_init` | OFT at PEFT's init (`oft_R = 0`): exactly the base output | 2 |
+//! | `oft_matches_oracle` | `x R_bd W^T`, `R_bd` from the series (1 to 6 terms), the exact Cayley transform, one shared block, or COFT's projection | 5 |
+//! | `oft_merged_equals_unmerged` | `W R_bd^T` gives the unmerged output | 5 |
+//! | `oft_unmerge_restores` | bit-exact from a backup; each block's inverse undoes it without one | 5 |
+//! | `oft_gradients_match_fd` | d`oft_R` (through the series or the exact transform; at the projected vector with COFT) and dx against central differences | 12 |
 //! | `lokr_matches_oracle_and_merges` | LoKr, each factor full or low rank: `x (W + s kron(W1, W2))^T`, and the merged weight gives it | 3, 6 |
 //! | `lokr_unmerge_restores` | LoKr's typed merge, each factor form: as `loha_unmerge_restores` | 6 |
 //! | `lokr_identity_at_init` | LoKr at PEFT's init (`W1 = 0`, each factor form): exactly the base output | 2 |
@@ -375,6 +380,7 @@ where
     props::adalora::run_all::<E, B>(backend, config, &mut report);
     props::miss::run_all::<E, B>(backend, config, &mut report);
     props::hra::run_all::<E, B>(backend, config, &mut report);
+    props::oft::run_all::<E, B>(backend, config, &mut report);
     props::road::run_all::<E, B>(backend, config, &mut report);
     props::c3a::run_all::<E, B>(backend, config, &mut report);
     props::shira::run_all::<E, B>(backend, config, &mut report);

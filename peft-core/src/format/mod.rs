@@ -22,7 +22,7 @@
 //! 12      1     method (1 LoRA or DoRA, 2 adapter, 3 prompt, 4 prefix,
 //!                  5 IA3, 6 LoHa, 7 LoKr, 8 VeRA,
 //!                  9 AdaLoRA, 10 MiSS, 11 HRA, 12 RoAd, 13 C3A,
-//!                  14 SHiRA)
+//!                  14 SHiRA, 15 OFT)
 //! 13      3     reserved, zero
 //! 16      4     n_config   (<= MAX_CONFIG)
 //! 20      4     n_tensors  (<= MAX_TENSORS)
@@ -317,6 +317,7 @@ fn method_code(m: Method) -> u8 {
         Method::Road => 12,
         Method::C3a => 13,
         Method::Shira => 14,
+        Method::Oft => 15,
     }
 }
 
@@ -336,6 +337,7 @@ const fn method_from_code(code: u8) -> Fmt<Method> {
         12 => Ok(Method::Road),
         13 => Ok(Method::C3a),
         14 => Ok(Method::Shira),
+        15 => Ok(Method::Oft),
         _ => Err(FormatError::UnknownMethod { code }),
     }
 }

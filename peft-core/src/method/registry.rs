@@ -45,7 +45,7 @@ impl MethodSpec {
 }
 
 /// Every method, in the order `peft finetune` trains and prints them.
-pub const METHODS: [MethodSpec; 15] = [
+pub const METHODS: [MethodSpec; 16] = [
     MethodSpec {
         name: "lora",
         peft_type: Some("LORA"),
@@ -143,6 +143,14 @@ pub const METHODS: [MethodSpec; 15] = [
         summary: "dW[rows[j], cols[j]] = w[j] over a saved sparse mask of r (in + out) positions",
     },
     MethodSpec {
+        name: "oft",
+        peft_type: Some("OFT"),
+        file_method: Method::Oft,
+        family: Family::Weight,
+        merges: true,
+        summary: "W' = W R_bd^T, R_bd = diag(R_k), R_k = Cayley(Q_k) (Neumann series or exact), Q_k skew-symmetric",
+    },
+    MethodSpec {
         name: "adapter",
         peft_type: None,
         file_method: Method::Adapter,
@@ -189,6 +197,7 @@ mod tests {
             Method::Lora | Method::Adapter | Method::Prompt | Method::Prefix => true,
             Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => true,
             Method::AdaLora | Method::Miss | Method::Hra | Method::Road | Method::C3a | Method::Shira => true,
+            Method::Oft => true,
         };
         for m in [
             Method::Lora,
@@ -205,6 +214,7 @@ mod tests {
             Method::Road,
             Method::C3a,
             Method::Shira,
+            Method::Oft,
         ] {
             assert!(known(m));
             assert!(METHODS.iter().any(|s| s.file_method == m), "{m:?} has no entry");

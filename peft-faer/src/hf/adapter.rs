@@ -11,8 +11,8 @@ use super::keys::{Reader, normalize_key};
 use super::st::{self, OutEntry, StFile};
 use super::{
     AdaLoraModule, C3aModule, CONFIG_FILE, HfError, HraModule, Ia3Module, LOHA_KEYS, LohaModule, LokrModule,
-    LoraModule, MAX_ADAPTER_BYTES, MAX_CONFIG_BYTES, MissModule, PeftConfig, RoadModule, ShiraModule, VERA_A_KEY,
-    VERA_B_KEY, VeraModule, VeraProjections, WEIGHTS_FILE,
+    LoraModule, MAX_ADAPTER_BYTES, MAX_CONFIG_BYTES, MissModule, OftModule, PeftConfig, RoadModule, ShiraModule,
+    VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections, WEIGHTS_FILE,
 };
 
 /// A whole tensor of an adapter: a base tensor it replaces (a trained bias
@@ -53,6 +53,8 @@ pub struct HfAdapter {
     pub miss: Vec<MissModule>,
     /// HRA modules, in the order of their keys.
     pub hra: Vec<HraModule>,
+    /// OFT modules, in the order of their keys.
+    pub oft: Vec<OftModule>,
     /// RoAd modules, in the order of their keys.
     pub road: Vec<RoadModule>,
     /// C3A modules, in the order of their keys.
@@ -137,6 +139,7 @@ impl HfAdapter {
             PeftConfig::AdaLora(c) => out.read_adalora(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Miss(c) => out.read_miss(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Hra(c) => out.read_hra(c, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::Oft(c) => out.read_oft(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Road(c) => out.read_road(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::C3a(c) => out.read_c3a(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Shira(c) => out.read_shira(c, &file, read).map_err(|e| e.in_file(&path))?,
@@ -157,6 +160,7 @@ impl HfAdapter {
             adalora: Vec::new(),
             miss: Vec::new(),
             hra: Vec::new(),
+            oft: Vec::new(),
             road: Vec::new(),
             c3a: Vec::new(),
             shira: Vec::new(),
@@ -226,6 +230,7 @@ impl HfAdapter {
             PeftConfig::AdaLora(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Miss(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Hra(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::Oft(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Road(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::C3a(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Shira(c) => serde_json::Value::Object(c.raw.clone()),
@@ -283,6 +288,10 @@ impl HfAdapter {
             let (key, len) = (format!("base_model.model.{}", m.name), m.theta.len());
             tensors.push((format!("{key}.road_theta"), m.dtypes[0], vec![len], &m.theta));
             tensors.push((format!("{key}.road_alpha"), m.dtypes[1], vec![len], &m.alpha));
+        }
+        for m in &self.oft {
+            let shape = vec![m.rows, m.spec.block * (m.spec.block - 1) / 2];
+            tensors.push((format!("base_model.model.{}.{}", m.name, m.key()), m.dtype, shape, &m.v));
         }
         for m in &self.hra {
             tensors.push((format!("base_model.model.{}.hra_u", m.name), m.dtype, vec![m.n_in, m.r], &m.u));

@@ -384,9 +384,36 @@ pub struct ShiraConfig {
     pub raw: Map<String, Value>,
 }
 
+/// An OFT adapter's configuration (`peft_type: "OFT"`).
+#[derive(Clone, Debug)]
+pub struct OftConfig {
+    /// PEFT's `r`: the number of blocks (0 when `oft_block_size` is set).
+    pub r: usize,
+    /// PEFT's `oft_block_size` (0 when `r` is set).
+    pub oft_block_size: usize,
+    /// The Cayley-Neumann series (default) or the exact transform.
+    pub use_cayley_neumann: bool,
+    /// The series' terms (default 5).
+    pub num_cayley_neumann_terms: usize,
+    /// COFT: project each block onto `||Q|| <= eps / sqrt(r_s)`.
+    pub coft: bool,
+    /// COFT's `eps` (default 6e-5).
+    pub eps: f64,
+    /// One block for all.
+    pub block_share: bool,
+    /// Targeted modules.
+    pub target_modules: Targets,
+    /// Modules whose whole weights are trained and saved.
+    pub modules_to_save: Vec<String>,
+    /// The JSON object as read.
+    pub raw: Map<String, Value>,
+}
+
 /// A parsed `adapter_config.json`.
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
+    /// `peft_type: "OFT"`.
+    Oft(OftConfig),
     /// `peft_type: "SHIRA"`.
     Shira(ShiraConfig),
     /// `peft_type: "C3A"`.
@@ -431,6 +458,7 @@ impl PeftConfig {
             PeftConfig::Road(_) => "ROAD",
             PeftConfig::C3a(_) => "C3A",
             PeftConfig::Shira(_) => "SHIRA",
+            PeftConfig::Oft(_) => "OFT",
         }
     }
 }
@@ -536,6 +564,25 @@ struct RawMiss {
     /// `true`, `false`, `"bat"` or `"mini"`.
     init_weights: Option<Value>,
     mini_r: Option<usize>,
+    target_modules: Option<RawTargets>,
+    bias: Option<String>,
+    modules_to_save: Option<OneOrMany<String>>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// The fields of an OFT config that change the math (PEFT's defaults
+/// where absent).
+#[derive(Deserialize)]
+struct RawOft {
+    r: Option<usize>,
+    oft_block_size: Option<usize>,
+    use_cayley_neumann: Option<bool>,
+    num_cayley_neumann_terms: Option<usize>,
+    coft: Option<bool>,
+    eps: Option<f64>,
+    block_share: Option<bool>,
+    fan_in_fan_out: Option<bool>,
     target_modules: Option<RawTargets>,
     bias: Option<String>,
     modules_to_save: Option<OneOrMany<String>>,
@@ -696,6 +743,7 @@ impl PeftConfig {
             "ROAD" => Self::road(text, &v),
             "C3A" => Self::c3a(text, &v),
             "SHIRA" => Self::shira(text, &v),
+            "OFT" => Self::oft(text, &v),
             "LOKR" => {
                 let PeftConfig::Loha(common) = Self::loha(text, &v)? else {
                     return Err(HfError::config("peft_type", "LOKR"));
@@ -708,7 +756,7 @@ impl PeftConfig {
                 Ok(PeftConfig::Lokr(LokrConfig { common, decompose_both, decompose_factor }))
             }
             other => Err(HfError::Unsupported(format!(
-                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, C3A, SHIRA, PROMPT_TUNING, PREFIX_TUNING)"
+                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, C3A, SHIRA, OFT, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }
@@ -898,6 +946,37 @@ impl PeftConfig {
         Ok(PeftConfig::Miss(MissConfig {
             r: raw.r,
             variant,
+            target_modules: targets("target_modules", raw.target_modules)?,
+            modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
+            raw: v.as_object().cloned().unwrap_or_default(),
+        }))
+    }
+
+    fn oft(text: &str, v: &Value) -> Result<Self, HfError> {
+        let raw: RawOft = typed(text)?;
+        unsupported_if_set(&raw.rest, "layers_to_transform", "OFT on a subset of layers is not supported")?;
+        linear_without_bias("OFT", raw.fan_in_fan_out, raw.bias.as_deref())?;
+        let (r, oft_block_size) = (raw.r.unwrap_or(0), raw.oft_block_size.unwrap_or(32));
+        if (r == 0) == (oft_block_size == 0) {
+            return Err(HfError::config("r", "exactly one of `r` and `oft_block_size` must be non-zero"));
+        }
+        let terms = raw.num_cayley_neumann_terms.unwrap_or(5);
+        if terms == 0 {
+            return Err(HfError::config("num_cayley_neumann_terms", "must be at least 1"));
+        }
+        let eps = raw.eps.unwrap_or(6e-5);
+        let coft = raw.coft.unwrap_or(false);
+        if coft && !(eps > 0.0 && eps.is_finite()) {
+            return Err(HfError::config("eps", "must be positive and finite with `coft`"));
+        }
+        Ok(PeftConfig::Oft(OftConfig {
+            r,
+            oft_block_size,
+            use_cayley_neumann: raw.use_cayley_neumann.unwrap_or(true),
+            num_cayley_neumann_terms: terms,
+            coft,
+            eps,
+            block_share: raw.block_share.unwrap_or(false),
             target_modules: targets("target_modules", raw.target_modules)?,
             modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             raw: v.as_object().cloned().unwrap_or_default(),

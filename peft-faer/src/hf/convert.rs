@@ -177,6 +177,15 @@ fn typed_entries(config: &PeftConfig) -> Vec<(String, Value<'static>)> {
             out.push(("group_size".into(), Value::U64(c.group_size as u64)));
         }
         PeftConfig::C3a(c) => out.push(("block_size".into(), Value::U64(c.block_size as u64))),
+        PeftConfig::Oft(c) => {
+            out.push(("r".into(), Value::U64(c.r as u64)));
+            out.push(("oft_block_size".into(), Value::U64(c.oft_block_size as u64)));
+            out.push(("use_cayley_neumann".into(), Value::Bool(c.use_cayley_neumann)));
+            out.push(("num_cayley_neumann_terms".into(), Value::U64(c.num_cayley_neumann_terms as u64)));
+            out.push(("coft".into(), Value::Bool(c.coft)));
+            out.push(("eps".into(), Value::F64(c.eps)));
+            out.push(("block_share".into(), Value::Bool(c.block_share)));
+        }
         PeftConfig::Ia3(_) | PeftConfig::Shira(_) => {}
     }
     out
@@ -202,6 +211,7 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
         PeftConfig::AdaLora(_) => Method::AdaLora,
         PeftConfig::Miss(_) => Method::Miss,
         PeftConfig::Hra(_) => Method::Hra,
+        PeftConfig::Oft(_) => Method::Oft,
         PeftConfig::Road(_) => Method::Road,
         PeftConfig::C3a(_) => Method::C3a,
         PeftConfig::Shira(_) => {
@@ -315,6 +325,7 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
         | PeftConfig::AdaLora(_)
         | PeftConfig::Miss(_)
         | PeftConfig::Hra(_)
+        | PeftConfig::Oft(_)
         | PeftConfig::Road(_)
         | PeftConfig::C3a(_)
         | PeftConfig::Shira(_) => {
@@ -473,6 +484,32 @@ fn road_config(variant: Option<Value<'_>>, group_size: u64, targets: Vec<String>
     })
 }
 
+/// OFT's PEFT config from a `.peft` file's entries (PEFT's defaults for
+/// those absent).
+fn oft_config(get: Get<'_, '_>, targets: Vec<String>) -> serde_json::Value {
+    let u = |k: &str, d: u64| match get(k) {
+        Some(Value::U64(x)) => x,
+        _ => d,
+    };
+    let flag = |k: &str, d: bool| match get(k) {
+        Some(Value::Bool(x)) => x,
+        _ => d,
+    };
+    let eps = match get("eps") {
+        Some(Value::F64(x)) => x,
+        _ => 6e-5,
+    };
+    json!({
+        "peft_type": "OFT", "task_type": null, "base_model_name_or_path": null, "revision": null,
+        "inference_mode": true, "r": u("r", 0), "oft_block_size": u("oft_block_size", 32),
+        "use_cayley_neumann": flag("use_cayley_neumann", true),
+        "num_cayley_neumann_terms": u("num_cayley_neumann_terms", 5), "coft": flag("coft", false), "eps": eps,
+        "block_share": flag("block_share", false), "module_dropout": 0.0, "fan_in_fan_out": false,
+        "bias": "none", "init_weights": true, "target_modules": targets, "modules_to_save": null,
+        "layers_to_transform": null, "layers_pattern": null,
+    })
+}
+
 /// HRA's PEFT config.
 fn hra_config(r: u64, apply_gs: bool, targets: Vec<String>) -> serde_json::Value {
     json!({
@@ -555,6 +592,7 @@ fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Valu
         }
         Method::C3a => Ok(c3a_config(u("block_size")?, list("target_modules")?)),
         Method::Road => Ok(road_config(get("variant"), u("group_size")?, list("target_modules")?)),
+        Method::Oft => Ok(oft_config(get, list("target_modules")?)),
         Method::Hra => {
             Ok(hra_config(u("r")?, matches!(get("apply_GS"), Some(Value::Bool(true))), list("target_modules")?))
         }

@@ -8,8 +8,8 @@
 use serde_json::{Map, Value, json};
 
 use super::{
-    AdaLoraConfig, AdapterSummary, C3aConfig, HfLoraConfig, HraConfig, LohaConfig, LokrConfig, MissConfig, PeftConfig,
-    PromptConfig, RoadConfig, VeraConfig,
+    AdaLoraConfig, AdapterSummary, C3aConfig, HfLoraConfig, HraConfig, LohaConfig, LokrConfig, MissConfig, OftConfig,
+    PeftConfig, PromptConfig, RoadConfig, VeraConfig,
 };
 
 /// One module's row: the columns of its method, in order, each a name and
@@ -99,6 +99,7 @@ impl InspectReport {
             PeftConfig::AdaLora(c) => r.adalora(c, ad, dtype),
             PeftConfig::Miss(c) => r.miss(c, ad, dtype),
             PeftConfig::Hra(c) => r.hra(c, ad, dtype),
+            PeftConfig::Oft(c) => r.oft(c, ad, dtype),
             PeftConfig::Road(c) => r.road(c, ad, dtype),
             PeftConfig::C3a(c) => r.c3a(c, ad, dtype),
             PeftConfig::Shira(_) => r.shira(ad, dtype),
@@ -240,6 +241,32 @@ impl InspectReport {
         for m in &ad.road {
             let mut row = named(&m.name);
             row.extend([("out", json!(m.n_out)), ("params", json!(2 * m.len))]);
+            self.modules.push(row);
+        }
+    }
+
+    /// OFT's modules: blocks, block size and parameters.
+    fn oft(&mut self, c: &OftConfig, ad: &AdapterSummary, dtype: Value) {
+        self.method = "oft";
+        self.fields = json_map(json!({
+            "r": c.r, "oft_block_size": c.oft_block_size, "use_cayley_neumann": c.use_cayley_neumann,
+            "num_cayley_neumann_terms": c.num_cayley_neumann_terms, "coft": c.coft, "eps": c.eps,
+            "block_share": c.block_share, "dtype": dtype,
+        }));
+        let form = if c.use_cayley_neumann {
+            format!("Cayley-Neumann, {} terms", c.num_cayley_neumann_terms)
+        } else {
+            "exact Cayley".to_string()
+        };
+        let coft = if c.coft { format!(" coft eps={}", c.eps) } else { String::new() };
+        self.headline = format!(
+            "method oft: r={} oft_block_size={} block_share={}{coft} (W' = W R_bd^T, {form})",
+            c.r, c.oft_block_size, c.block_share
+        );
+        for m in &ad.oft {
+            let mut row = named(&m.name);
+            let n = m.rows * (m.block * m.block.saturating_sub(1) / 2);
+            row.extend([("blocks", json!(m.rows)), ("block_size", json!(m.block)), ("params", json!(n))]);
             self.modules.push(row);
         }
     }

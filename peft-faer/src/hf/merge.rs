@@ -44,7 +44,7 @@ use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry};
 use super::{
     AdaLoraModule, C3aModule, HfAdapter, HfError, HfLoraConfig, HfTensor, HraModule, Ia3Config, Ia3Module, LohaModule,
-    LokrModule, LoraModule, MissModule, PeftConfig, RoadModule, ShiraModule, VeraModule, VeraProjections,
+    LokrModule, LoraModule, MissModule, OftModule, PeftConfig, RoadModule, ShiraModule, VeraModule, VeraProjections,
 };
 use crate::files::{Staging, check_output};
 
@@ -78,6 +78,9 @@ enum Update<'a> {
     /// MiSS on a weight `[out, in]`: `W += m dW` (balance, mini), or bat's
     /// block update (multiplier 1).
     Miss(&'a MissModule, [usize; 2], f64),
+    /// OFT on a weight `[out, in]`: each row's blocks `w_k -> w_k R_k^T`;
+    /// on an embedding `[vocab, dim]`, `e_k -> e_k R_k` (multiplier 1).
+    Oft(&'a OftModule, [usize; 2]),
     /// HRA: each row `w -> w H` (multiplier 1).
     Hra(&'a HraModule, usize),
     /// RoAd on a weight of `in` columns: pairs of rows rotated (multiplier 1).
@@ -482,6 +485,15 @@ impl<'a> Plan<'a, '_> {
         self.push_weight(name, Update::Shira(m, [n_out, n_in], multiplier))
     }
 
+    /// OFT on `<module>.weight` `[out, in]`: the blocks must be the ones
+    /// PEFT gives `in`.
+    fn oft(&mut self, m: &'a OftModule) -> Result<(), HfError> {
+        let name = format!("{}.weight", m.name);
+        let want = format!("a matrix whose input takes {} blocks of {}", m.rows, m.spec.block);
+        let [n_out, n_in] = self.matrix(&name, &|o, i| m.layer(i, o).is_ok(), &want)?;
+        self.push_weight(name, Update::Oft(m, [n_out, n_in]))
+    }
+
     /// HRA on `<module>.weight` `[out, in]`: `in` must be `hra_u`'s rows.
     fn hra(&mut self, m: &'a HraModule) -> Result<(), HfError> {
         let name = format!("{}.weight", m.name);
@@ -563,6 +575,14 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
             PeftConfig::Road(_) => {
                 for m in &adapter.road {
                     plan.road(m)?;
+                }
+            }
+            PeftConfig::Oft(_) if multiplier != 1.0 => {
+                return Err(HfError::Unsupported("a multiplier other than 1 for an OFT adapter".into()));
+            }
+            PeftConfig::Oft(_) => {
+                for m in &adapter.oft {
+                    plan.oft(m)?;
                 }
             }
             PeftConfig::Hra(_) if multiplier != 1.0 => {
@@ -965,6 +985,15 @@ impl Update<'_> {
             Update::Road(m, n_in) => {
                 let layer = m.layer(n_in)?;
                 layer.update_rows(backend, i0, block, None, Direction::Merge, &mut []).map_err(be)
+            }
+            Update::Oft(m, [n_out, n_in]) => {
+                let layer = m.layer(n_in, n_out)?;
+                let sc = grow(scratch, layer.update_scratch_len(n));
+                if m.embedding {
+                    layer.embedding_rows(backend, block, Direction::Merge, sc).map_err(be)
+                } else {
+                    layer.update_rows(backend, i0, block, None, Direction::Merge, sc).map_err(be)
+                }
             }
             Update::Hra(m, n_out) => {
                 let layer = m.layer(n_out)?;

@@ -26,6 +26,7 @@ mod lokr;
 mod lora;
 pub mod merge;
 mod miss;
+mod oft;
 mod road;
 mod shira;
 pub mod st;
@@ -39,7 +40,7 @@ pub(crate) use adapter::write_raw_dir;
 pub use c3a::C3aModule;
 pub use config::{
     AdaLoraConfig, BiasMode, C3aConfig, HfLoraConfig, HraConfig, Ia3Config, LohaConfig, LokrConfig, MissConfig,
-    Pattern, PeftConfig, PromptConfig, RoadConfig, ShiraConfig, Targets, VeraConfig,
+    OftConfig, Pattern, PeftConfig, PromptConfig, RoadConfig, ShiraConfig, Targets, VeraConfig,
 };
 pub use error::HfError;
 pub use hra::HraModule;
@@ -49,11 +50,12 @@ pub use loha::{LOHA_KEYS, LohaModule};
 pub use lokr::LokrModule;
 pub use lora::LoraModule;
 pub use miss::MissModule;
+pub use oft::{OftModule, adjust_oft_parameters};
 pub use road::RoadModule;
 pub use shira::ShiraModule;
 pub use summary::{
     AdaLoraSummary, AdapterSummary, C3aSummary, HraSummary, Ia3Summary, LohaSummary, LokrSummary, MissSummary,
-    ModuleSummary, NonFinite, ProjectionSummary, RoadSummary, TensorSummary, VeraSummary,
+    ModuleSummary, NonFinite, OftSummary, ProjectionSummary, RoadSummary, TensorSummary, VeraSummary,
 };
 pub use vera::{VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections};
 

@@ -101,6 +101,17 @@ pub struct RoadSummary {
     pub len: usize,
 }
 
+/// One OFT module of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct OftSummary {
+    /// Module name.
+    pub name: String,
+    /// Stored blocks (1 when shared).
+    pub rows: usize,
+    /// Block size.
+    pub block: usize,
+}
+
 /// One HRA module of an [`AdapterSummary`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct HraSummary {
@@ -215,6 +226,8 @@ pub struct AdapterSummary {
     pub miss: Vec<MissSummary>,
     /// HRA modules.
     pub hra: Vec<HraSummary>,
+    /// OFT modules.
+    pub oft: Vec<OftSummary>,
     /// RoAd modules.
     pub road: Vec<RoadSummary>,
     /// C3A modules.
@@ -301,6 +314,11 @@ impl HfAdapter {
                 .collect(),
             miss: ad.miss.iter().map(|m| MissSummary { name: m.name.clone(), shape: m.shape.clone() }).collect(),
             hra: ad.hra.iter().map(|m| HraSummary { name: m.name.clone(), n_in: m.n_in, r: m.r }).collect(),
+            oft: ad
+                .oft
+                .iter()
+                .map(|m| OftSummary { name: m.name.clone(), rows: m.rows, block: m.spec.block })
+                .collect(),
             road: ad
                 .road
                 .iter()

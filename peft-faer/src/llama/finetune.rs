@@ -149,7 +149,8 @@ fn gcd(a: usize, b: usize) -> usize {
 /// 64 or the largest divisor of both outputs below it; C3A on `q_proj`,
 /// `v_proj` in blocks of 256 or the largest divisor of their shapes below
 /// it, starting from zero; SHiRA on `q_proj`, `v_proj` at `r (in + out)`
-/// random positions; bottleneck adapters of width 16 (GELU); prompt and prefix
+/// random positions; OFT on `q_proj`, `v_proj` with PEFT's `r` = `rank`
+/// blocks (Cayley-Neumann, 5 terms); bottleneck adapters of width 16 (GELU); prompt and prefix
 /// tuning with [`CONTEXT`] virtual tokens. `None` for a method this
 /// function does not know (the registry test catches that).
 ///
@@ -172,6 +173,7 @@ pub fn trainable(model: &Llama, method: &MethodSpec, rank: usize, seed: u64) -> 
         "miss" => MethodSetup::Miss { r, targets: qv() },
         "hra" => MethodSetup::Hra { r: 2 * r.div_ceil(2), targets: qv() },
         "shira" => MethodSetup::Shira { r, targets: qv() },
+        "oft" => MethodSetup::Oft { r, targets: qv() },
         "c3a" => {
             // PEFT's default blocks of 256, cut to a size that divides q_proj's and v_proj's shapes.
             let c = &model.config;

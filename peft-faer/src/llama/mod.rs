@@ -511,6 +511,7 @@ impl<'a> LlamaAdapter<'a> {
             | PeftConfig::AdaLora(_)
             | PeftConfig::Miss(_)
             | PeftConfig::Hra(_)
+            | PeftConfig::Oft(_)
             | PeftConfig::Road(_)
             | PeftConfig::C3a(_)
             | PeftConfig::Shira(_) => {

@@ -25,7 +25,7 @@ use super::weights::Matrix;
 use super::{Bottleneck, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Projection, Trace};
 use crate::hf::{
     AdaLoraModule, C3aModule, HfAdapter, HfError, HfTensor, HraModule, Ia3Module, LohaModule, LokrModule, LoraModule,
-    MissModule, PeftConfig, RoadModule, ShiraModule, VeraModule, VeraProjections,
+    MissModule, OftModule, PeftConfig, RoadModule, ShiraModule, VeraModule, VeraProjections,
 };
 
 /// A method and its configuration on the Llama model's projections
@@ -102,6 +102,15 @@ pub enum MethodSetup {
         /// Adapted projections.
         targets: Vec<String>,
     },
+    /// OFT with PEFT's `r` blocks per projection (the block size `in /
+    /// r`, adjusted as PEFT adjusts it), the Cayley-Neumann series of 5
+    /// terms, from the identity (`oft_R = 0`).
+    Oft {
+        /// PEFT's `r`.
+        r: usize,
+        /// Adapted projections.
+        targets: Vec<String>,
+    },
     /// RoAd (road_1) with groups of `group` outputs.
     Road {
         /// `group_size`.
@@ -148,6 +157,7 @@ impl MethodSetup {
             | MethodSetup::AdaLora { init_r: r, .. }
             | MethodSetup::Miss { r, .. }
             | MethodSetup::Hra { r, .. }
+            | MethodSetup::Oft { r, .. }
             | MethodSetup::Shira { r, .. } => Some(*r),
             MethodSetup::Ia3 { .. }
             | MethodSetup::Road { .. }
@@ -167,6 +177,7 @@ impl MethodSetup {
             | MethodSetup::AdaLora { targets, .. }
             | MethodSetup::Miss { targets, .. }
             | MethodSetup::Hra { targets, .. }
+            | MethodSetup::Oft { targets, .. }
             | MethodSetup::Road { targets, .. }
             | MethodSetup::C3a { targets, .. }
             | MethodSetup::Shira { targets, .. } => targets,
@@ -201,6 +212,10 @@ impl MethodSetup {
                 "mini_r": 1, "miss_dropout": 0.0, "target_modules": targets, "init_weights": true, "bias": "none"}),
             MethodSetup::Hra { r, targets } => json!({"peft_type": "HRA", "task_type": "CAUSAL_LM", "r": r,
                 "apply_GS": false, "target_modules": targets, "init_weights": true, "bias": "none"}),
+            MethodSetup::Oft { r, targets } => json!({"peft_type": "OFT", "task_type": "CAUSAL_LM", "r": r,
+                "oft_block_size": 0, "use_cayley_neumann": true, "num_cayley_neumann_terms": 5, "coft": false,
+                "eps": 6e-5, "block_share": false, "module_dropout": 0.0, "target_modules": targets,
+                "init_weights": true, "fan_in_fan_out": false, "bias": "none"}),
             MethodSetup::Road { group, targets } => json!({"peft_type": "ROAD", "task_type": "CAUSAL_LM",
                 "variant": "road_1", "group_size": group, "target_modules": targets, "init_weights": true}),
             MethodSetup::C3a { block, targets } => json!({"peft_type": "C3A", "task_type": "CAUSAL_LM",
@@ -356,6 +371,11 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
                 ad.road.push(RoadModule { name: s.name, theta, alpha, variant, group, n_out, dtypes });
             }
         }
+        MethodSetup::Oft { r, .. } => {
+            for s in sites {
+                ad.oft.push(init_oft(s, *r)?);
+            }
+        }
         MethodSetup::Hra { r, .. } => {
             for s in sites {
                 let n_in = s.weight.cols;
@@ -390,6 +410,21 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
         }
     }
     Ok(ad)
+}
+
+/// OFT on a site as PEFT initializes it (`oft_R = 0`, the identity) with
+/// PEFT's `r` blocks, adjusted as PEFT adjusts a count that does not
+/// divide the input; the series of 5 terms.
+fn init_oft(s: Site<'_>, r: usize) -> Result<OftModule, HfError> {
+    use peft_core::oft::{Cayley, OftSpec};
+    let n_in = s.weight.cols;
+    let block = n_in / crate::hf::adjust_oft_parameters(n_in, r).max(1);
+    let spec = OftSpec { block, shared: false, cayley: Cayley::Neumann { terms: 5 }, coft_eps: None };
+    let rows = n_in / block.max(1);
+    let v = vec![0.0f32; rows * (block * block.saturating_sub(1) / 2)];
+    let m = OftModule { name: s.name, v, rows, spec, requested: (r, 0), embedding: false, dtype: Dtype::F32 };
+    m.layer(n_in, s.weight.rows)?;
+    Ok(m)
 }
 
 /// A projection of the model that a method targets.
@@ -615,6 +650,9 @@ pub fn tensors_mut(ad: &mut HfAdapter) -> Vec<&mut Vec<f32>> {
     }
     for m in &mut ad.hra {
         named.push((m.name.clone(), vec![&mut m.u]));
+    }
+    for m in &mut ad.oft {
+        named.push((m.name.clone(), vec![&mut m.v]));
     }
     for m in &mut ad.shira {
         named.push((m.name.clone(), vec![&mut m.weight]));

@@ -14,6 +14,7 @@ pub mod loha;
 pub mod lokr;
 pub mod lora;
 pub mod miss;
+pub mod oft;
 pub mod optim;
 pub mod prompt;
 pub mod road;
