@@ -17,7 +17,7 @@
 //! | `gemm_rate` | faer `x W^T`, 128 x 1024 x 1024 | (absolute GFLOP/s) | >= 170 |
 //! | `ref_vs_faer` | reference gemm, 32 x 768 x 768 | faer gemm | >= 0.15 of faer's FLOP/s |
 //! | `dora_forward` | DoRA's unmerged forward, norms cached | LoRA's unmerged forward | <= 1.10 |
-//! | `method_forward` | each newer method's unmerged forward at r = 16 or its equivalent (AdaLoRA: k = 16; MiSS balance: r = 16; HRA: 16 reflections; RoAd road_2, groups of 64; C3A, blocks of 256; SHiRA, r (in + out) positions; OFT, blocks of 32 (PEFT's default), the series of 5 terms) | LoRA's unmerged forward | <= 1.3 |
+//! | `method_forward` | each newer method's unmerged forward at r = 16 or its equivalent (AdaLoRA: k = 16; MiSS balance: r = 16; HRA: 16 reflections; RoAd road_2, groups of 64; C3A, blocks of 256; SHiRA, r (in + out) positions; OFT, blocks of 32 (PEFT's default), the series of 5 terms; BOFT, blocks of 4 and one factor (PEFT's defaults), and blocks of 8 with two butterfly factors) | LoRA's unmerged forward | <= 1.3 |
 //! | `mixed_batch` | 4 LoRA adapters (r 16) over 32 tokens each, one base gemm | one adapter over the 128 tokens | <= 1.15 |
 //! | `storage` | LoRA forward over a stored base (f16, bf16, int8, q8_0, q4_0), t = 1, d = 4096, r = 16 | `stream`: one read of the stored bytes (a sum) | <= 1.3 |
 //! | `storage` | the same through the `no_std` reference kernels | faer's path | faer time / reference time >= 0.25 |
@@ -451,6 +451,7 @@ fn bench_adapter_forward<A: LinearAdapter<f32>>(
 /// r = 16 (or the method's equivalent), one thread (issue 29's target).
 fn method_group(c: &mut Criterion) {
     use peft_core::adalora::{AdaLora, scale};
+    use peft_core::boft::Boft;
     use peft_core::c3a::C3a;
     use peft_core::hra::Hra;
     use peft_core::miss::{Miss, MissVariant};
@@ -505,6 +506,14 @@ fn method_group(c: &mut Criterion) {
     let oft = Oft::new(spec, s.d_in, s.d_out, &v[..]).unwrap();
     let mut oft_scratch = vec![0.0f32; oft.forward_scratch_len(s.tokens)];
     bench_adapter_forward(&mut g, "oft_forward", &backend, &base, x, &mut y, &mut oft_scratch, &oft);
+    // BOFT: PEFT's defaults (blocks of 4, one factor), and a butterfly of two factors in blocks of 8.
+    let s_out = vec![1.0f32; s.d_out];
+    for (name, f, b) in [("boft_forward", 1, 4), ("boft_butterfly_forward", 2, 8)] {
+        let r = vec![0.01f32; f * s.d_in * b];
+        let boft = Boft::new(f, b, s.d_in, s.d_out, &r[..], &s_out[..]).unwrap();
+        let mut sc = vec![0.0f32; boft.forward_scratch_len(s.tokens)];
+        bench_adapter_forward(&mut g, name, &backend, &base, x, &mut y, &mut sc, &boft);
+    }
     g.finish();
 }
 

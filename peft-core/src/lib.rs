@@ -73,6 +73,7 @@ pub mod adapter;
 pub mod attention;
 mod backend;
 mod base;
+pub mod boft;
 pub mod c3a;
 pub mod combine;
 pub mod delta;

@@ -38,7 +38,9 @@
 //! saved COFT vector is already inside its ball).
 //!
 //! PEFT's fresh adapter is `v = 0`: `R = I` exactly, the base output. The
-//! rotations are built in the element type, each product summed in `f64`.
+//! rotations are built in the element type by the backend's gemm (each
+//! product summed in the element's accumulation type, as PEFT's `bmm`),
+//! and so are the blocks' products with the inputs.
 //! `module_dropout` (PEFT's `MultiplicativeDropoutLayer`) is never called
 //! by PEFT 0.21's `Linear.forward`, so it has no counterpart here.
 use core::marker::PhantomData;

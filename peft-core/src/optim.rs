@@ -36,6 +36,7 @@
 //! | C3A | `1e-3` | as LoRA: PEFT sets no default |
 //! | SHiRA | `1e-3` | as LoRA: PEFT sets no default |
 //! | OFT | `1e-3` | as LoRA: PEFT sets no default; zero-initialized rotations, trained at LoRA's rates in the paper's examples |
+//! | BOFT | `1e-3` | as LoRA and OFT: PEFT sets no default |
 //! | RoAd | `3e-3` | as (IA)^3: one angle and one scale per output; our choice, PEFT sets no default |
 //!
 //! DoRA is a LoRA variant ([`Method::Lora`], `use_dora` in its configuration) and takes LoRA's rate.
@@ -92,6 +93,8 @@ pub enum Method {
     Shira,
     /// OFT.
     Oft,
+    /// BOFT.
+    Boft,
 }
 
 impl Method {
@@ -112,11 +115,12 @@ impl Method {
             Method::C3a => 1e-3,
             Method::Shira => 1e-3,
             Method::Oft => 1e-3,
+            Method::Boft => 1e-3,
         }
     }
 
     /// The lower-case name (`"lora"`, `"adapter"`, `"prompt"`, `"prefix"`,
-    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`, `"c3a"`, `"shira"`, `"oft"`).
+    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`, `"c3a"`, `"shira"`, `"oft"`, `"boft"`).
     pub const fn name(self) -> &'static str {
         match self {
             Method::Lora => "lora",
@@ -134,6 +138,7 @@ impl Method {
             Method::C3a => "c3a",
             Method::Shira => "shira",
             Method::Oft => "oft",
+            Method::Boft => "boft",
         }
     }
 }

@@ -23,7 +23,7 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
         names,
         [
             "lora", "dora", "ia3", "loha", "lokr", "vera", "adalora", "miss", "hra", "road", "c3a", "shira", "oft",
-            "adapter", "prompt", "prefix"
+            "boft", "adapter", "prompt", "prefix"
         ]
     );
     for m in methods {
@@ -64,11 +64,11 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
     }
-    // The thirteen methods on projections merge; the others have nothing to merge.
-    for m in &methods[..13] {
+    // The fourteen methods on projections merge; the others have nothing to merge.
+    for m in &methods[..14] {
         assert!(m["merged_vs_unmerged_max_abs_diff"].as_f64().unwrap() < 1e-4, "{m}");
     }
-    for m in &methods[13..] {
+    for m in &methods[14..] {
         assert!(m["merged_vs_unmerged_max_abs_diff"].is_null(), "{m}");
     }
     std::fs::remove_dir_all(&out_dir).ok();
@@ -76,9 +76,9 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
 
 #[test]
 fn bad_arguments_are_rejected() {
-    let out = Command::new(env!("CARGO_BIN_EXE_peft")).args(["finetune", "--method", "boft"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_peft")).args(["finetune", "--method", "xlora"]).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("boft"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("xlora"));
     // A rank no projection can hold is refused, naming it, before a factor
     // is allocated from it (issue 27, class 3: 1e8 asked for 25.6 GB).
     let dir = std::env::temp_dir().join(format!("peft-test-cli-rank-{}", std::process::id()));

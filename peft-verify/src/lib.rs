@@ -85,6 +85,11 @@
 //! | `oft_merged_equals_unmerged` | `W R_bd^T` gives the unmerged output | 5 |
 //! | `oft_unmerge_restores` | bit-exact from a backup; each block's inverse undoes it without one | 5 |
 //! | `oft_gradients_match_fd` | d`oft_R` (through the series or the exact transform; at the projected vector with COFT) and dx against central differences | 12 |
+//! | `boft_identity_at_init` | BOFT at PEFT's init (`boft_R = 0`, `boft_s = 1`): exactly the base output | 2 |
+//! | `boft_matches_oracle` | `(x M W^T) s + b`, `M` the butterfly product of exact-Cayley blocks, one to four factors | 5 |
+//! | `boft_merged_equals_unmerged` | `(W M^T) s` gives the unmerged output | 5 |
+//! | `boft_unmerge_restores` | bit-exact from a backup; `1 / s` and `M` undo it without one | 5 |
+//! | `boft_gradients_match_fd` | d`boft_R` (through the Cayley transform and the permutations), d`boft_s` and dx against central differences | 12 |
 //! | `lokr_matches_oracle_and_merges` | LoKr, each factor full or low rank: `x (W + s kron(W1, W2))^T`, and the merged weight gives it | 3, 6 |
 //! | `lokr_unmerge_restores` | LoKr's typed merge, each factor form: as `loha_unmerge_restores` | 6 |
 //! | `lokr_identity_at_init` | LoKr at PEFT's init (`W1 = 0`, each factor form): exactly the base output | 2 |
@@ -381,6 +386,7 @@ where
     props::miss::run_all::<E, B>(backend, config, &mut report);
     props::hra::run_all::<E, B>(backend, config, &mut report);
     props::oft::run_all::<E, B>(backend, config, &mut report);
+    props::boft::run_all::<E, B>(backend, config, &mut report);
     props::road::run_all::<E, B>(backend, config, &mut report);
     props::c3a::run_all::<E, B>(backend, config, &mut report);
     props::shira::run_all::<E, B>(backend, config, &mut report);

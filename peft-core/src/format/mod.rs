@@ -22,7 +22,7 @@
 //! 12      1     method (1 LoRA or DoRA, 2 adapter, 3 prompt, 4 prefix,
 //!                  5 IA3, 6 LoHa, 7 LoKr, 8 VeRA,
 //!                  9 AdaLoRA, 10 MiSS, 11 HRA, 12 RoAd, 13 C3A,
-//!                  14 SHiRA, 15 OFT)
+//!                  14 SHiRA, 15 OFT, 16 BOFT)
 //! 13      3     reserved, zero
 //! 16      4     n_config   (<= MAX_CONFIG)
 //! 20      4     n_tensors  (<= MAX_TENSORS)
@@ -318,6 +318,7 @@ fn method_code(m: Method) -> u8 {
         Method::C3a => 13,
         Method::Shira => 14,
         Method::Oft => 15,
+        Method::Boft => 16,
     }
 }
 
@@ -338,6 +339,7 @@ const fn method_from_code(code: u8) -> Fmt<Method> {
         13 => Ok(Method::C3a),
         14 => Ok(Method::Shira),
         15 => Ok(Method::Oft),
+        16 => Ok(Method::Boft),
         _ => Err(FormatError::UnknownMethod { code }),
     }
 }

@@ -45,7 +45,7 @@ impl MethodSpec {
 }
 
 /// Every method, in the order `peft finetune` trains and prints them.
-pub const METHODS: [MethodSpec; 16] = [
+pub const METHODS: [MethodSpec; 17] = [
     MethodSpec {
         name: "lora",
         peft_type: Some("LORA"),
@@ -151,6 +151,14 @@ pub const METHODS: [MethodSpec; 16] = [
         summary: "W' = W R_bd^T, R_bd = diag(R_k), R_k = Cayley(Q_k) (Neumann series or exact), Q_k skew-symmetric",
     },
     MethodSpec {
+        name: "boft",
+        peft_type: Some("BOFT"),
+        file_method: Method::Boft,
+        family: Family::Weight,
+        merges: true,
+        summary: "W' = (W M^T) s, M = prod_f P_f diag(Cayley(R_f,k)) P_f^T (butterfly factors)",
+    },
+    MethodSpec {
         name: "adapter",
         peft_type: None,
         file_method: Method::Adapter,
@@ -197,7 +205,7 @@ mod tests {
             Method::Lora | Method::Adapter | Method::Prompt | Method::Prefix => true,
             Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => true,
             Method::AdaLora | Method::Miss | Method::Hra | Method::Road | Method::C3a | Method::Shira => true,
-            Method::Oft => true,
+            Method::Oft | Method::Boft => true,
         };
         for m in [
             Method::Lora,
@@ -215,6 +223,7 @@ mod tests {
             Method::C3a,
             Method::Shira,
             Method::Oft,
+            Method::Boft,
         ] {
             assert!(known(m));
             assert!(METHODS.iter().any(|s| s.file_method == m), "{m:?} has no entry");

@@ -384,6 +384,24 @@ pub struct ShiraConfig {
     pub raw: Map<String, Value>,
 }
 
+/// A BOFT adapter's configuration (`peft_type: "BOFT"`).
+#[derive(Clone, Debug)]
+pub struct BoftConfig {
+    /// PEFT's `boft_block_size` (0 when `boft_block_num` is set).
+    pub boft_block_size: usize,
+    /// PEFT's `boft_block_num` (0 when `boft_block_size` is set).
+    pub boft_block_num: usize,
+    /// PEFT's `boft_n_butterfly_factor` as configured (the tensors hold the
+    /// factors PEFT kept: one on a CPU).
+    pub boft_n_butterfly_factor: usize,
+    /// Targeted modules.
+    pub target_modules: Targets,
+    /// Modules whose whole weights are trained and saved.
+    pub modules_to_save: Vec<String>,
+    /// The JSON object as read.
+    pub raw: Map<String, Value>,
+}
+
 /// An OFT adapter's configuration (`peft_type: "OFT"`).
 #[derive(Clone, Debug)]
 pub struct OftConfig {
@@ -412,6 +430,8 @@ pub struct OftConfig {
 /// A parsed `adapter_config.json`.
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
+    /// `peft_type: "BOFT"`.
+    Boft(BoftConfig),
     /// `peft_type: "OFT"`.
     Oft(OftConfig),
     /// `peft_type: "SHIRA"`.
@@ -459,6 +479,7 @@ impl PeftConfig {
             PeftConfig::C3a(_) => "C3A",
             PeftConfig::Shira(_) => "SHIRA",
             PeftConfig::Oft(_) => "OFT",
+            PeftConfig::Boft(_) => "BOFT",
         }
     }
 }
@@ -564,6 +585,21 @@ struct RawMiss {
     /// `true`, `false`, `"bat"` or `"mini"`.
     init_weights: Option<Value>,
     mini_r: Option<usize>,
+    target_modules: Option<RawTargets>,
+    bias: Option<String>,
+    modules_to_save: Option<OneOrMany<String>>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// The fields of a BOFT config that change the math (PEFT's defaults
+/// where absent).
+#[derive(Deserialize)]
+struct RawBoft {
+    boft_block_size: Option<usize>,
+    boft_block_num: Option<usize>,
+    boft_n_butterfly_factor: Option<usize>,
+    fan_in_fan_out: Option<bool>,
     target_modules: Option<RawTargets>,
     bias: Option<String>,
     modules_to_save: Option<OneOrMany<String>>,
@@ -744,6 +780,7 @@ impl PeftConfig {
             "C3A" => Self::c3a(text, &v),
             "SHIRA" => Self::shira(text, &v),
             "OFT" => Self::oft(text, &v),
+            "BOFT" => Self::boft(text, &v),
             "LOKR" => {
                 let PeftConfig::Loha(common) = Self::loha(text, &v)? else {
                     return Err(HfError::config("peft_type", "LOKR"));
@@ -756,7 +793,7 @@ impl PeftConfig {
                 Ok(PeftConfig::Lokr(LokrConfig { common, decompose_both, decompose_factor }))
             }
             other => Err(HfError::Unsupported(format!(
-                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, C3A, SHIRA, OFT, PROMPT_TUNING, PREFIX_TUNING)"
+                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, C3A, SHIRA, OFT, BOFT, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }
@@ -946,6 +983,31 @@ impl PeftConfig {
         Ok(PeftConfig::Miss(MissConfig {
             r: raw.r,
             variant,
+            target_modules: targets("target_modules", raw.target_modules)?,
+            modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
+            raw: v.as_object().cloned().unwrap_or_default(),
+        }))
+    }
+
+    fn boft(text: &str, v: &Value) -> Result<Self, HfError> {
+        let raw: RawBoft = typed(text)?;
+        unsupported_if_set(&raw.rest, "layers_to_transform", "BOFT on a subset of layers is not supported")?;
+        linear_without_bias("BOFT", raw.fan_in_fan_out, raw.bias.as_deref())?;
+        let (size, num) = (raw.boft_block_size.unwrap_or(4), raw.boft_block_num.unwrap_or(0));
+        if (size == 0) == (num == 0) {
+            return Err(HfError::config(
+                "boft_block_size",
+                "exactly one of `boft_block_size` and `boft_block_num` must be non-zero",
+            ));
+        }
+        let factor = raw.boft_n_butterfly_factor.unwrap_or(1);
+        if factor == 0 {
+            return Err(HfError::config("boft_n_butterfly_factor", "must be at least 1"));
+        }
+        Ok(PeftConfig::Boft(BoftConfig {
+            boft_block_size: size,
+            boft_block_num: num,
+            boft_n_butterfly_factor: factor,
             target_modules: targets("target_modules", raw.target_modules)?,
             modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             raw: v.as_object().cloned().unwrap_or_default(),

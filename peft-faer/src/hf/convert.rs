@@ -177,6 +177,11 @@ fn typed_entries(config: &PeftConfig) -> Vec<(String, Value<'static>)> {
             out.push(("group_size".into(), Value::U64(c.group_size as u64)));
         }
         PeftConfig::C3a(c) => out.push(("block_size".into(), Value::U64(c.block_size as u64))),
+        PeftConfig::Boft(c) => {
+            out.push(("boft_block_size".into(), Value::U64(c.boft_block_size as u64)));
+            out.push(("boft_block_num".into(), Value::U64(c.boft_block_num as u64)));
+            out.push(("boft_n_butterfly_factor".into(), Value::U64(c.boft_n_butterfly_factor as u64)));
+        }
         PeftConfig::Oft(c) => {
             out.push(("r".into(), Value::U64(c.r as u64)));
             out.push(("oft_block_size".into(), Value::U64(c.oft_block_size as u64)));
@@ -212,6 +217,7 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
         PeftConfig::Miss(_) => Method::Miss,
         PeftConfig::Hra(_) => Method::Hra,
         PeftConfig::Oft(_) => Method::Oft,
+        PeftConfig::Boft(_) => Method::Boft,
         PeftConfig::Road(_) => Method::Road,
         PeftConfig::C3a(_) => Method::C3a,
         PeftConfig::Shira(_) => {
@@ -326,6 +332,7 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
         | PeftConfig::Miss(_)
         | PeftConfig::Hra(_)
         | PeftConfig::Oft(_)
+        | PeftConfig::Boft(_)
         | PeftConfig::Road(_)
         | PeftConfig::C3a(_)
         | PeftConfig::Shira(_) => {
@@ -510,6 +517,21 @@ fn oft_config(get: Get<'_, '_>, targets: Vec<String>) -> serde_json::Value {
     })
 }
 
+/// BOFT's PEFT config from a `.peft` file's entries.
+fn boft_config(get: Get<'_, '_>, targets: Vec<String>) -> serde_json::Value {
+    let u = |k: &str, d: u64| match get(k) {
+        Some(Value::U64(x)) => x,
+        _ => d,
+    };
+    json!({
+        "peft_type": "BOFT", "task_type": null, "base_model_name_or_path": null, "revision": null,
+        "inference_mode": true, "boft_block_size": u("boft_block_size", 4),
+        "boft_block_num": u("boft_block_num", 0), "boft_n_butterfly_factor": u("boft_n_butterfly_factor", 1),
+        "boft_dropout": 0.0, "fan_in_fan_out": false, "bias": "none", "init_weights": true,
+        "target_modules": targets, "modules_to_save": null, "layers_to_transform": null, "layers_pattern": null,
+    })
+}
+
 /// HRA's PEFT config.
 fn hra_config(r: u64, apply_gs: bool, targets: Vec<String>) -> serde_json::Value {
     json!({
@@ -593,6 +615,7 @@ fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Valu
         Method::C3a => Ok(c3a_config(u("block_size")?, list("target_modules")?)),
         Method::Road => Ok(road_config(get("variant"), u("group_size")?, list("target_modules")?)),
         Method::Oft => Ok(oft_config(get, list("target_modules")?)),
+        Method::Boft => Ok(boft_config(get, list("target_modules")?)),
         Method::Hra => {
             Ok(hra_config(u("r")?, matches!(get("apply_GS"), Some(Value::Bool(true))), list("target_modules")?))
         }

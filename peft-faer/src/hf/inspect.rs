@@ -8,8 +8,8 @@
 use serde_json::{Map, Value, json};
 
 use super::{
-    AdaLoraConfig, AdapterSummary, C3aConfig, HfLoraConfig, HraConfig, LohaConfig, LokrConfig, MissConfig, OftConfig,
-    PeftConfig, PromptConfig, RoadConfig, VeraConfig,
+    AdaLoraConfig, AdapterSummary, BoftConfig, C3aConfig, HfLoraConfig, HraConfig, LohaConfig, LokrConfig, MissConfig,
+    OftConfig, PeftConfig, PromptConfig, RoadConfig, VeraConfig,
 };
 
 /// One module's row: the columns of its method, in order, each a name and
@@ -100,6 +100,7 @@ impl InspectReport {
             PeftConfig::Miss(c) => r.miss(c, ad, dtype),
             PeftConfig::Hra(c) => r.hra(c, ad, dtype),
             PeftConfig::Oft(c) => r.oft(c, ad, dtype),
+            PeftConfig::Boft(c) => r.boft(c, ad, dtype),
             PeftConfig::Road(c) => r.road(c, ad, dtype),
             PeftConfig::C3a(c) => r.c3a(c, ad, dtype),
             PeftConfig::Shira(_) => r.shira(ad, dtype),
@@ -241,6 +242,31 @@ impl InspectReport {
         for m in &ad.road {
             let mut row = named(&m.name);
             row.extend([("out", json!(m.n_out)), ("params", json!(2 * m.len))]);
+            self.modules.push(row);
+        }
+    }
+
+    /// BOFT's modules: factors kept, blocks, block size and parameters.
+    fn boft(&mut self, c: &BoftConfig, ad: &AdapterSummary, dtype: Value) {
+        self.method = "boft";
+        self.fields = json_map(json!({
+            "boft_block_size": c.boft_block_size, "boft_block_num": c.boft_block_num,
+            "boft_n_butterfly_factor": c.boft_n_butterfly_factor, "dtype": dtype,
+        }));
+        self.headline = format!(
+            "method boft: boft_block_size={} boft_block_num={} boft_n_butterfly_factor={} (W' = (W M^T) s, M the butterfly product)",
+            c.boft_block_size, c.boft_block_num, c.boft_n_butterfly_factor
+        );
+        for m in &ad.boft {
+            let mut row = named(&m.name);
+            let [f, n, b, _] = m.shape;
+            let params = f * n * b * b + m.n_out;
+            row.extend([
+                ("factors", json!(f)),
+                ("blocks", json!(n)),
+                ("block_size", json!(b)),
+                ("params", json!(params)),
+            ]);
             self.modules.push(row);
         }
     }

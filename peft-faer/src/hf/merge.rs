@@ -43,8 +43,9 @@ use peft_core::{Accum, Backend, MatMut, MatRef, Op};
 use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry};
 use super::{
-    AdaLoraModule, C3aModule, HfAdapter, HfError, HfLoraConfig, HfTensor, HraModule, Ia3Config, Ia3Module, LohaModule,
-    LokrModule, LoraModule, MissModule, OftModule, PeftConfig, RoadModule, ShiraModule, VeraModule, VeraProjections,
+    AdaLoraModule, BoftModule, C3aModule, HfAdapter, HfError, HfLoraConfig, HfTensor, HraModule, Ia3Config, Ia3Module,
+    LohaModule, LokrModule, LoraModule, MissModule, OftModule, PeftConfig, RoadModule, ShiraModule, VeraModule,
+    VeraProjections,
 };
 use crate::files::{Staging, check_output};
 
@@ -81,6 +82,9 @@ enum Update<'a> {
     /// OFT on a weight `[out, in]`: each row's blocks `w_k -> w_k R_k^T`;
     /// on an embedding `[vocab, dim]`, `e_k -> e_k R_k` (multiplier 1).
     Oft(&'a OftModule, [usize; 2]),
+    /// BOFT on a weight `[out, in]`: each row `w_o -> (w_o M^T) s_o`
+    /// (multiplier 1).
+    Boft(&'a BoftModule, [usize; 2]),
     /// HRA: each row `w -> w H` (multiplier 1).
     Hra(&'a HraModule, usize),
     /// RoAd on a weight of `in` columns: pairs of rows rotated (multiplier 1).
@@ -494,6 +498,16 @@ impl<'a> Plan<'a, '_> {
         self.push_weight(name, Update::Oft(m, [n_out, n_in]))
     }
 
+    /// BOFT on `<module>.weight` `[out, in]`: `N b = in`, `boft_s` `out`
+    /// long.
+    fn boft(&mut self, m: &'a BoftModule) -> Result<(), HfError> {
+        let name = format!("{}.weight", m.name);
+        let [_, n, b, _] = m.shape;
+        let want = format!("[{}, {}]", m.s.len(), n * b);
+        let [n_out, n_in] = self.matrix(&name, &|o, i| m.layer(i, o).is_ok(), &want)?;
+        self.push_weight(name, Update::Boft(m, [n_out, n_in]))
+    }
+
     /// HRA on `<module>.weight` `[out, in]`: `in` must be `hra_u`'s rows.
     fn hra(&mut self, m: &'a HraModule) -> Result<(), HfError> {
         let name = format!("{}.weight", m.name);
@@ -575,6 +589,14 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
             PeftConfig::Road(_) => {
                 for m in &adapter.road {
                     plan.road(m)?;
+                }
+            }
+            PeftConfig::Boft(_) if multiplier != 1.0 => {
+                return Err(HfError::Unsupported("a multiplier other than 1 for a BOFT adapter".into()));
+            }
+            PeftConfig::Boft(_) => {
+                for m in &adapter.boft {
+                    plan.boft(m)?;
                 }
             }
             PeftConfig::Oft(_) if multiplier != 1.0 => {
@@ -917,12 +939,6 @@ impl Update<'_> {
     ) -> Result<(), HfError> {
         let be = HfError::backend;
         let (n, cols) = (block.rows(), block.cols());
-        fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
-            if v.len() < len {
-                v.resize(len, 0.0);
-            }
-            &mut v[..len]
-        }
         match *self {
             Update::Lora(m, s, true) => {
                 // W [in, out]: rows i0.. += s A^T[i0.., :] B^T.
@@ -982,24 +998,15 @@ impl Update<'_> {
             Update::C3a(m, factor) => {
                 m.layer()?.delta_rows(backend, i0, block, Accum::Add, factor, &mut []).map_err(be)
             }
-            Update::Road(m, n_in) => {
-                let layer = m.layer(n_in)?;
-                layer.update_rows(backend, i0, block, None, Direction::Merge, &mut []).map_err(be)
-            }
-            Update::Oft(m, [n_out, n_in]) => {
+            Update::Road(m, n_in) => merge_rows(backend, &m.layer(n_in)?, i0, block, scratch),
+            Update::Boft(m, [n_out, n_in]) => merge_rows(backend, &m.layer(n_in, n_out)?, i0, block, scratch),
+            Update::Oft(m, [n_out, n_in]) if m.embedding => {
                 let layer = m.layer(n_in, n_out)?;
                 let sc = grow(scratch, layer.update_scratch_len(n));
-                if m.embedding {
-                    layer.embedding_rows(backend, block, Direction::Merge, sc).map_err(be)
-                } else {
-                    layer.update_rows(backend, i0, block, None, Direction::Merge, sc).map_err(be)
-                }
+                layer.embedding_rows(backend, block, Direction::Merge, sc).map_err(be)
             }
-            Update::Hra(m, n_out) => {
-                let layer = m.layer(n_out)?;
-                let sc = grow(scratch, layer.update_scratch_len(n));
-                layer.update_rows(backend, i0, block, None, Direction::Merge, sc).map_err(be)
-            }
+            Update::Oft(m, [n_out, n_in]) => merge_rows(backend, &m.layer(n_in, n_out)?, i0, block, scratch),
+            Update::Hra(m, n_out) => merge_rows(backend, &m.layer(n_out)?, i0, block, scratch),
             Update::AdaLora(m, factor) => {
                 let layer = m.layer()?;
                 let sc = grow(scratch, layer.delta_scratch_len(n));
@@ -1007,6 +1014,27 @@ impl Update<'_> {
             }
         }
     }
+}
+
+/// `v`'s first `len` elements, grown (zeros) to that length first.
+fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
+}
+
+/// A multiplicative method's merge of the rows `i0..` in `block`, its
+/// scratch grown to what it needs.
+fn merge_rows<B: Backend<f32> + ?Sized, U: WeightUpdate<f32>>(
+    backend: &B,
+    layer: &U,
+    i0: usize,
+    block: MatMut<'_, f32>,
+    scratch: &mut Vec<f32>,
+) -> Result<(), HfError> {
+    let sc = grow(scratch, layer.update_scratch_len(block.rows()));
+    layer.update_rows(backend, i0, block, None, Direction::Merge, sc).map_err(HfError::backend)
 }
 
 /// A DoRA merge after other adapters, as PEFT 0.21.2 does it: row `j` of

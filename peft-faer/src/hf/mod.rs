@@ -12,6 +12,7 @@
 mod adalora;
 mod adapter;
 pub mod base;
+mod boft;
 mod c3a;
 pub mod combine;
 mod config;
@@ -37,10 +38,11 @@ pub use adalora::{ADALORA_KEYS, AdaLoraModule};
 pub use adapter::HfAdapter;
 pub use adapter::HfTensor;
 pub(crate) use adapter::write_raw_dir;
+pub use boft::BoftModule;
 pub use c3a::C3aModule;
 pub use config::{
-    AdaLoraConfig, BiasMode, C3aConfig, HfLoraConfig, HraConfig, Ia3Config, LohaConfig, LokrConfig, MissConfig,
-    OftConfig, Pattern, PeftConfig, PromptConfig, RoadConfig, ShiraConfig, Targets, VeraConfig,
+    AdaLoraConfig, BiasMode, BoftConfig, C3aConfig, HfLoraConfig, HraConfig, Ia3Config, LohaConfig, LokrConfig,
+    MissConfig, OftConfig, Pattern, PeftConfig, PromptConfig, RoadConfig, ShiraConfig, Targets, VeraConfig,
 };
 pub use error::HfError;
 pub use hra::HraModule;
@@ -54,8 +56,8 @@ pub use oft::{OftModule, adjust_oft_parameters};
 pub use road::RoadModule;
 pub use shira::ShiraModule;
 pub use summary::{
-    AdaLoraSummary, AdapterSummary, C3aSummary, HraSummary, Ia3Summary, LohaSummary, LokrSummary, MissSummary,
-    ModuleSummary, NonFinite, OftSummary, ProjectionSummary, RoadSummary, TensorSummary, VeraSummary,
+    AdaLoraSummary, AdapterSummary, BoftSummary, C3aSummary, HraSummary, Ia3Summary, LohaSummary, LokrSummary,
+    MissSummary, ModuleSummary, NonFinite, OftSummary, ProjectionSummary, RoadSummary, TensorSummary, VeraSummary,
 };
 pub use vera::{VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections};
 

@@ -101,6 +101,17 @@ pub struct RoadSummary {
     pub len: usize,
 }
 
+/// One BOFT module of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct BoftSummary {
+    /// Module name.
+    pub name: String,
+    /// `boft_R`'s shape `[F, N, b, b]`.
+    pub shape: [usize; 4],
+    /// Output features (`boft_s`'s length).
+    pub n_out: usize,
+}
+
 /// One OFT module of an [`AdapterSummary`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct OftSummary {
@@ -228,6 +239,8 @@ pub struct AdapterSummary {
     pub hra: Vec<HraSummary>,
     /// OFT modules.
     pub oft: Vec<OftSummary>,
+    /// BOFT modules.
+    pub boft: Vec<BoftSummary>,
     /// RoAd modules.
     pub road: Vec<RoadSummary>,
     /// C3A modules.
@@ -314,6 +327,14 @@ impl HfAdapter {
                 .collect(),
             miss: ad.miss.iter().map(|m| MissSummary { name: m.name.clone(), shape: m.shape.clone() }).collect(),
             hra: ad.hra.iter().map(|m| HraSummary { name: m.name.clone(), n_in: m.n_in, r: m.r }).collect(),
+            boft: ad
+                .boft
+                .iter()
+                .map(|m| {
+                    let n_out = lens.get(&format!("{}.boft_s", m.name)).copied().unwrap_or(0);
+                    BoftSummary { name: m.name.clone(), shape: m.shape, n_out }
+                })
+                .collect(),
             oft: ad
                 .oft
                 .iter()

@@ -150,7 +150,8 @@ fn gcd(a: usize, b: usize) -> usize {
 /// `v_proj` in blocks of 256 or the largest divisor of their shapes below
 /// it, starting from zero; SHiRA on `q_proj`, `v_proj` at `r (in + out)`
 /// random positions; OFT on `q_proj`, `v_proj` with PEFT's `r` = `rank`
-/// blocks (Cayley-Neumann, 5 terms); bottleneck adapters of width 16 (GELU); prompt and prefix
+/// blocks (Cayley-Neumann, 5 terms); BOFT on `q_proj`, `v_proj` in blocks
+/// of `rank` (one factor, as PEFT trains on a CPU); bottleneck adapters of width 16 (GELU); prompt and prefix
 /// tuning with [`CONTEXT`] virtual tokens. `None` for a method this
 /// function does not know (the registry test catches that).
 ///
@@ -174,6 +175,8 @@ pub fn trainable(model: &Llama, method: &MethodSpec, rank: usize, seed: u64) -> 
         "hra" => MethodSetup::Hra { r: 2 * r.div_ceil(2), targets: qv() },
         "shira" => MethodSetup::Shira { r, targets: qv() },
         "oft" => MethodSetup::Oft { r, targets: qv() },
+        // One factor in blocks of `rank` (cut to divide the hidden size).
+        "boft" => MethodSetup::Boft { block: gcd(r, model.config.hidden_size), targets: qv() },
         "c3a" => {
             // PEFT's default blocks of 256, cut to a size that divides q_proj's and v_proj's shapes.
             let c = &model.config;

@@ -512,6 +512,7 @@ impl<'a> LlamaAdapter<'a> {
             | PeftConfig::Miss(_)
             | PeftConfig::Hra(_)
             | PeftConfig::Oft(_)
+            | PeftConfig::Boft(_)
             | PeftConfig::Road(_)
             | PeftConfig::C3a(_)
             | PeftConfig::Shira(_) => {

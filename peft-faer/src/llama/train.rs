@@ -24,8 +24,8 @@ use peft_core::storage::Owned;
 use super::weights::Matrix;
 use super::{Bottleneck, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Projection, Trace};
 use crate::hf::{
-    AdaLoraModule, C3aModule, HfAdapter, HfError, HfTensor, HraModule, Ia3Module, LohaModule, LokrModule, LoraModule,
-    MissModule, OftModule, PeftConfig, RoadModule, ShiraModule, VeraModule, VeraProjections,
+    AdaLoraModule, BoftModule, C3aModule, HfAdapter, HfError, HfTensor, HraModule, Ia3Module, LohaModule, LokrModule,
+    LoraModule, MissModule, OftModule, PeftConfig, RoadModule, ShiraModule, VeraModule, VeraProjections,
 };
 
 /// A method and its configuration on the Llama model's projections
@@ -111,6 +111,14 @@ pub enum MethodSetup {
         /// Adapted projections.
         targets: Vec<String>,
     },
+    /// BOFT with one factor (what PEFT trains on a CPU) in blocks of
+    /// `block`, from the identity (`boft_R = 0`, `boft_s = 1`).
+    Boft {
+        /// `boft_block_size`.
+        block: usize,
+        /// Adapted projections.
+        targets: Vec<String>,
+    },
     /// RoAd (road_1) with groups of `group` outputs.
     Road {
         /// `group_size`.
@@ -161,6 +169,7 @@ impl MethodSetup {
             | MethodSetup::Shira { r, .. } => Some(*r),
             MethodSetup::Ia3 { .. }
             | MethodSetup::Road { .. }
+            | MethodSetup::Boft { .. }
             | MethodSetup::C3a { .. }
             | MethodSetup::Prompt { .. }
             | MethodSetup::Prefix { .. } => None,
@@ -178,6 +187,7 @@ impl MethodSetup {
             | MethodSetup::Miss { targets, .. }
             | MethodSetup::Hra { targets, .. }
             | MethodSetup::Oft { targets, .. }
+            | MethodSetup::Boft { targets, .. }
             | MethodSetup::Road { targets, .. }
             | MethodSetup::C3a { targets, .. }
             | MethodSetup::Shira { targets, .. } => targets,
@@ -216,6 +226,9 @@ impl MethodSetup {
                 "oft_block_size": 0, "use_cayley_neumann": true, "num_cayley_neumann_terms": 5, "coft": false,
                 "eps": 6e-5, "block_share": false, "module_dropout": 0.0, "target_modules": targets,
                 "init_weights": true, "fan_in_fan_out": false, "bias": "none"}),
+            MethodSetup::Boft { block, targets } => json!({"peft_type": "BOFT", "task_type": "CAUSAL_LM",
+                "boft_block_size": block, "boft_block_num": 0, "boft_n_butterfly_factor": 1, "boft_dropout": 0.0,
+                "target_modules": targets, "init_weights": true, "fan_in_fan_out": false, "bias": "none"}),
             MethodSetup::Road { group, targets } => json!({"peft_type": "ROAD", "task_type": "CAUSAL_LM",
                 "variant": "road_1", "group_size": group, "target_modules": targets, "init_weights": true}),
             MethodSetup::C3a { block, targets } => json!({"peft_type": "C3A", "task_type": "CAUSAL_LM",
@@ -319,17 +332,7 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
     let mut ad = HfAdapter::empty(config, Dtype::F32, BTreeMap::new());
     let mut rng = Rng::new(seed);
     let sites = sites(model, method)?;
-    // A rank is checked before any factor is allocated from it (a rank of
-    // 1e8 asked for gigabytes before the layers' own checks).
-    if let (Some(r), Some(s)) = (method.rank(), sites.iter().min_by_key(|s| s.weight.rows.max(s.weight.cols))) {
-        let side = s.weight.rows.max(s.weight.cols);
-        if r > side {
-            return Err(HfError::Config {
-                field: "rank".into(),
-                reason: format!("{r} is above {side}, the larger side of {}", s.name),
-            });
-        }
-    }
+    check_rank(method, &sites)?;
     match method {
         MethodSetup::Lora { r, alpha, dora, .. } => {
             for s in sites {
@@ -371,6 +374,11 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
                 ad.road.push(RoadModule { name: s.name, theta, alpha, variant, group, n_out, dtypes });
             }
         }
+        MethodSetup::Boft { block, .. } => {
+            for s in sites {
+                ad.boft.push(init_boft(s, *block)?);
+            }
+        }
         MethodSetup::Oft { r, .. } => {
             for s in sites {
                 ad.oft.push(init_oft(s, *r)?);
@@ -410,6 +418,35 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
         }
     }
     Ok(ad)
+}
+
+/// A rank is checked before any factor is allocated from it (a rank of
+/// 1e8 asked for gigabytes before the layers' own checks).
+///
+/// # Errors
+/// [`HfError::Config`] (`rank`) above the larger side of the smallest site.
+fn check_rank(method: &MethodSetup, sites: &[Site<'_>]) -> Result<(), HfError> {
+    if let (Some(r), Some(s)) = (method.rank(), sites.iter().min_by_key(|s| s.weight.rows.max(s.weight.cols))) {
+        let side = s.weight.rows.max(s.weight.cols);
+        if r > side {
+            return Err(HfError::Config {
+                field: "rank".into(),
+                reason: format!("{r} is above {side}, the larger side of {}", s.name),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// BOFT on a site as PEFT initializes it (`boft_R = 0`, `boft_s = 1`, the
+/// identity), one factor in blocks of `b`.
+fn init_boft(s: Site<'_>, b: usize) -> Result<BoftModule, HfError> {
+    let (n_in, n_out) = (s.weight.cols, s.weight.rows);
+    let shape = [1, n_in / b.max(1), b, b];
+    let (r, sv) = (vec![0.0f32; n_in * b], vec![1.0f32; n_out]);
+    let m = BoftModule { name: s.name, r, s: sv, shape, dtypes: [Dtype::F32; 2] };
+    m.layer(n_in, n_out)?;
+    Ok(m)
 }
 
 /// OFT on a site as PEFT initializes it (`oft_R = 0`, the identity) with
@@ -653,6 +690,9 @@ pub fn tensors_mut(ad: &mut HfAdapter) -> Vec<&mut Vec<f32>> {
     }
     for m in &mut ad.oft {
         named.push((m.name.clone(), vec![&mut m.v]));
+    }
+    for m in &mut ad.boft {
+        named.push((m.name.clone(), vec![&mut m.r, &mut m.s]));
     }
     for m in &mut ad.shira {
         named.push((m.name.clone(), vec![&mut m.weight]));

@@ -3,6 +3,7 @@
 pub mod adalora;
 pub mod adapter;
 pub mod attention;
+pub mod boft;
 pub mod c3a;
 pub mod dora;
 pub mod embedding;
