@@ -81,6 +81,7 @@ pub mod dora;
 mod element;
 mod error;
 pub mod format;
+pub mod fourierft;
 pub mod hra;
 pub mod ia3;
 pub mod loha;

@@ -37,6 +37,7 @@
 //! | SHiRA | `1e-3` | as LoRA: PEFT sets no default |
 //! | OFT | `1e-3` | as LoRA: PEFT sets no default; zero-initialized rotations, trained at LoRA's rates in the paper's examples |
 //! | BOFT | `1e-3` | as LoRA and OFT: PEFT sets no default |
+//! | FourierFT | `6e-2` | PEFT's FourierFT notebook (`examples/sequence_classification`) trains the spectrum at 6e-2 |
 //! | RoAd | `3e-3` | as (IA)^3: one angle and one scale per output; our choice, PEFT sets no default |
 //!
 //! DoRA is a LoRA variant ([`Method::Lora`], `use_dora` in its configuration) and takes LoRA's rate.
@@ -95,6 +96,8 @@ pub enum Method {
     Oft,
     /// BOFT.
     Boft,
+    /// FourierFT.
+    FourierFt,
 }
 
 impl Method {
@@ -116,11 +119,12 @@ impl Method {
             Method::Shira => 1e-3,
             Method::Oft => 1e-3,
             Method::Boft => 1e-3,
+            Method::FourierFt => 6e-2,
         }
     }
 
     /// The lower-case name (`"lora"`, `"adapter"`, `"prompt"`, `"prefix"`,
-    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`, `"c3a"`, `"shira"`, `"oft"`, `"boft"`).
+    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`, `"c3a"`, `"shira"`, `"oft"`, `"boft"`, `"fourierft"`).
     pub const fn name(self) -> &'static str {
         match self {
             Method::Lora => "lora",
@@ -139,6 +143,7 @@ impl Method {
             Method::Shira => "shira",
             Method::Oft => "oft",
             Method::Boft => "boft",
+            Method::FourierFt => "fourierft",
         }
     }
 }

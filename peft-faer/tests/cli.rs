@@ -22,8 +22,24 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
     assert_eq!(
         names,
         [
-            "lora", "dora", "ia3", "loha", "lokr", "vera", "adalora", "miss", "hra", "road", "c3a", "shira", "oft",
-            "boft", "adapter", "prompt", "prefix"
+            "lora",
+            "dora",
+            "ia3",
+            "loha",
+            "lokr",
+            "vera",
+            "adalora",
+            "miss",
+            "hra",
+            "road",
+            "c3a",
+            "shira",
+            "oft",
+            "boft",
+            "fourierft",
+            "adapter",
+            "prompt",
+            "prefix"
         ]
     );
     for m in methods {
@@ -64,11 +80,11 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
     }
-    // The fourteen methods on projections merge; the others have nothing to merge.
-    for m in &methods[..14] {
+    // The fifteen methods on projections merge; the others have nothing to merge.
+    for m in &methods[..15] {
         assert!(m["merged_vs_unmerged_max_abs_diff"].as_f64().unwrap() < 1e-4, "{m}");
     }
-    for m in &methods[14..] {
+    for m in &methods[15..] {
         assert!(m["merged_vs_unmerged_max_abs_diff"].is_null(), "{m}");
     }
     std::fs::remove_dir_all(&out_dir).ok();

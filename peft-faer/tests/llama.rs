@@ -199,7 +199,7 @@ const SHAPES: [(&str, usize, usize); 7] = [
 /// A PEFT adapter folder of `method` (`dora`, `ia3`, `loha`, `lokr`,
 /// `vera`, `adalora`, `miss_bat` with r 8, `miss_mini` with r 6 over inputs
 /// of 64 and 128, the padded path, `hra` with r 4, `hra_gs` with r 3,
-/// `road_1` and `road_4` in groups of 16, `c3a` in blocks of 16, `shira` at every 7th position of each weight, `oft` in blocks of 16 (the series, 5 terms), `oft_exact` one shared block of 8 (the exact transform); COFT's projection is outside PEFT's gradient, so finite differences cannot check it here: peft-verify's properties and the `oft_coft` fixture do), `boft` one factor in blocks of 8, `boft_butterfly` two factors in blocks of 4 on all seven projections of both layers of the fixtures' model,
+/// `road_1` and `road_4` in groups of 16, `c3a` in blocks of 16, `shira` at every 7th position of each weight, `oft` in blocks of 16 (the series, 5 terms), `oft_exact` one shared block of 8 (the exact transform); COFT's projection is outside PEFT's gradient, so finite differences cannot check it here: peft-verify's properties and the `oft_coft` fixture do), `boft` one factor in blocks of 8, `boft_butterfly` two factors in blocks of 4, `fourierft` 50 frequencies (seed 5, scaling 300) on all seven projections of both layers of the fixtures' model,
 /// written as PEFT names and shapes its tensors, with random values (so
 /// that it changes the output). (IA)^3 scales the inputs of `up_proj` and
 /// `down_proj` (`feedforward_modules`).
@@ -229,6 +229,8 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
         "oft" => serde_json::json!({"peft_type": "OFT", "r": 0, "oft_block_size": 16, "target_modules": targets}),
         "oft_exact" => serde_json::json!({"peft_type": "OFT", "r": 0, "oft_block_size": 8, "block_share": true,
             "use_cayley_neumann": false, "target_modules": targets}),
+        "fourierft" => serde_json::json!({"peft_type": "FOURIERFT", "n_frequency": 50, "scaling": 300.0,
+            "random_loc_seed": 5, "target_modules": targets}),
         "boft" => serde_json::json!({"peft_type": "BOFT", "boft_block_size": 8, "target_modules": targets}),
         "boft_butterfly" => serde_json::json!({"peft_type": "BOFT", "boft_block_size": 4,
             "boft_n_butterfly_factor": 2, "target_modules": targets}),
@@ -290,6 +292,7 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
                 "hra_gs" => put(format!("{key}.hra_u"), vec![i, 3], 1.0, 0.0),
                 "oft" => put(format!("{key}.oft_R.weight"), vec![i / 16, 120], 0.1, 0.0),
                 "oft_exact" => put(format!("{key}.oft_R.weight"), vec![1, 28], 0.2, 0.0),
+                "fourierft" => put(format!("{key}.fourierft_spectrum"), vec![50], 2.0, 0.0),
                 "boft" | "boft_butterfly" => {
                     let (f, b) = if method == "boft" { (1, 8) } else { (2, 4) };
                     put(format!("{key}.boft_R"), vec![f, i / b, b, b], 0.2, 0.0);
@@ -330,9 +333,17 @@ fn every_hosted_method_equals_its_merged_model() {
     let ids = [3, 14, 15, 92, 65, 35, 89, 79];
     let plain = m.forward(&Faer::new(), &ids, None, &mut KvCache::new()).unwrap();
     let methods = ["dora", "ia3", "loha", "lokr", "vera", "adalora", "miss_bat", "miss_mini", "hra", "hra_gs"];
-    for method in
-        methods.into_iter().chain(["road_1", "road_4", "c3a", "shira", "oft", "oft_exact", "boft", "boft_butterfly"])
-    {
+    for method in methods.into_iter().chain([
+        "road_1",
+        "road_4",
+        "c3a",
+        "shira",
+        "oft",
+        "oft_exact",
+        "boft",
+        "boft_butterfly",
+        "fourierft",
+    ]) {
         let ad = HfAdapter::read_dir(&method_dir(&dir, method)).unwrap();
         let hosted = LlamaAdapter::new(&m, &ad).unwrap();
         let merged_file = dir.join(format!("{method}-merged.safetensors"));
@@ -514,6 +525,9 @@ fn reach(ad: &HfAdapter, name: &str, k: usize) -> Reach {
     if let Some(i) = ad.hra.iter().position(|m| m.name == name) {
         return Box::new(move |a: &mut HfAdapter| &mut a.hra[i].u);
     }
+    if let Some(i) = ad.fourierft.iter().position(|m| m.name == name) {
+        return Box::new(move |a: &mut HfAdapter| &mut a.fourierft[i].spectrum);
+    }
     if let Some(i) = ad.boft.iter().position(|m| m.name == name) {
         return Box::new(move |a: &mut HfAdapter| if k == 0 { &mut a.boft[i].r } else { &mut a.boft[i].s });
     }
@@ -542,7 +556,7 @@ fn reach(ad: &HfAdapter, name: &str, k: usize) -> Reach {
 /// allowed), which only the smallest gradients (below 0.02) come near; a
 /// missing or wrong term exceeds it by far.
 /// LoRA, DoRA, (IA)^3, LoHa, LoKr, VeRA, AdaLoRA, MiSS (bat, mini), HRA
-/// (with and without Gram-Schmidt), RoAd (road_1, road_4), C3A, SHiRA, OFT (the series; the exact transform, shared) and BOFT (one factor; two butterfly factors) on all
+/// (with and without Gram-Schmidt), RoAd (road_1, road_4), C3A, SHiRA, OFT (the series; the exact transform, shared) BOFT (one factor; two butterfly factors) and FourierFT on all
 /// seven projections of both layers, prompt tuning and prefix tuning (GQA). DoRA's `A` and `B`
 /// are not compared: PEFT detaches the weight norm, so their gradient is
 /// not the loss's full derivative (peft-verify's `dora_gradients_match_fd`
@@ -560,9 +574,17 @@ fn backward_matches_finite_differences() {
         ("prefix_llama", case_dir("prefix_llama")),
     ];
     let methods = ["dora", "ia3", "loha", "lokr", "vera", "adalora", "miss_bat", "miss_mini", "hra", "hra_gs"];
-    for method in
-        methods.into_iter().chain(["road_1", "road_4", "c3a", "shira", "oft", "oft_exact", "boft", "boft_butterfly"])
-    {
+    for method in methods.into_iter().chain([
+        "road_1",
+        "road_4",
+        "c3a",
+        "shira",
+        "oft",
+        "oft_exact",
+        "boft",
+        "boft_butterfly",
+        "fourierft",
+    ]) {
         cases.push(("prompt_llama", method_dir(&dir, method)));
     }
     for (case, adapter_dir) in cases {

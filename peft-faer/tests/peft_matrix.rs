@@ -20,8 +20,22 @@ mod common;
 use common::{case_dir, load, max_rel, scratch};
 
 /// The methods this crate merges.
-const SUPPORTED: [&str; 13] =
-    ["LORA", "IA3", "LOHA", "LOKR", "VERA", "ADALORA", "MISS", "HRA", "ROAD", "C3A", "SHIRA", "OFT", "BOFT"];
+const SUPPORTED: [&str; 14] = [
+    "LORA",
+    "IA3",
+    "LOHA",
+    "LOKR",
+    "VERA",
+    "ADALORA",
+    "MISS",
+    "HRA",
+    "ROAD",
+    "C3A",
+    "SHIRA",
+    "OFT",
+    "BOFT",
+    "FOURIERFT",
+];
 
 /// The cases of those methods refused, each with the field its refusal
 /// names (README, "PEFT's test matrix", says why): DoRA and VeRA on GPT-2's

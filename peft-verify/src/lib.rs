@@ -90,6 +90,11 @@
 //! | `boft_merged_equals_unmerged` | `(W M^T) s` gives the unmerged output | 5 |
 //! | `boft_unmerge_restores` | bit-exact from a backup; `1 / s` and `M` undo it without one | 5 |
 //! | `boft_gradients_match_fd` | d`boft_R` (through the Cayley transform and the permutations), d`boft_s` and dx against central differences | 12 |
+//! | `fourierft_identity_at_init` | FourierFT with a zero spectrum (PEFT's `init_weights = True`): exactly the base output | 2 |
+//! | `fourierft_matches_oracle` | `x (W + dW)^T`, `dW` PEFT's `ifft2(S).real * scaling` as a sum of cosines | 5 |
+//! | `fourierft_merged_equals_unmerged` | `W + dW` gives the unmerged output | 5 |
+//! | `fourierft_unmerge_restores` | the typed merge, as `loha_unmerge_restores` | 5 |
+//! | `fourierft_gradients_match_fd` | d`fourierft_spectrum` and dx against central differences | 12 |
 //! | `lokr_matches_oracle_and_merges` | LoKr, each factor full or low rank: `x (W + s kron(W1, W2))^T`, and the merged weight gives it | 3, 6 |
 //! | `lokr_unmerge_restores` | LoKr's typed merge, each factor form: as `loha_unmerge_restores` | 6 |
 //! | `lokr_identity_at_init` | LoKr at PEFT's init (`W1 = 0`, each factor form): exactly the base output | 2 |
@@ -387,6 +392,7 @@ where
     props::hra::run_all::<E, B>(backend, config, &mut report);
     props::oft::run_all::<E, B>(backend, config, &mut report);
     props::boft::run_all::<E, B>(backend, config, &mut report);
+    props::fourierft::run_all::<E, B>(backend, config, &mut report);
     props::road::run_all::<E, B>(backend, config, &mut report);
     props::c3a::run_all::<E, B>(backend, config, &mut report);
     props::shira::run_all::<E, B>(backend, config, &mut report);

@@ -22,7 +22,8 @@
 //! 12      1     method (1 LoRA or DoRA, 2 adapter, 3 prompt, 4 prefix,
 //!                  5 IA3, 6 LoHa, 7 LoKr, 8 VeRA,
 //!                  9 AdaLoRA, 10 MiSS, 11 HRA, 12 RoAd, 13 C3A,
-//!                  14 SHiRA, 15 OFT, 16 BOFT)
+//!                  14 SHiRA, 15 OFT, 16 BOFT,
+//!                  17 FourierFT)
 //! 13      3     reserved, zero
 //! 16      4     n_config   (<= MAX_CONFIG)
 //! 20      4     n_tensors  (<= MAX_TENSORS)
@@ -319,6 +320,7 @@ fn method_code(m: Method) -> u8 {
         Method::Shira => 14,
         Method::Oft => 15,
         Method::Boft => 16,
+        Method::FourierFt => 17,
     }
 }
 
@@ -340,6 +342,7 @@ const fn method_from_code(code: u8) -> Fmt<Method> {
         14 => Ok(Method::Shira),
         15 => Ok(Method::Oft),
         16 => Ok(Method::Boft),
+        17 => Ok(Method::FourierFt),
         _ => Err(FormatError::UnknownMethod { code }),
     }
 }

@@ -45,7 +45,7 @@ impl MethodSpec {
 }
 
 /// Every method, in the order `peft finetune` trains and prints them.
-pub const METHODS: [MethodSpec; 17] = [
+pub const METHODS: [MethodSpec; 18] = [
     MethodSpec {
         name: "lora",
         peft_type: Some("LORA"),
@@ -159,6 +159,14 @@ pub const METHODS: [MethodSpec; 17] = [
         summary: "W' = (W M^T) s, M = prod_f P_f diag(Cayley(R_f,k)) P_f^T (butterfly factors)",
     },
     MethodSpec {
+        name: "fourierft",
+        peft_type: Some("FOURIERFT"),
+        file_method: Method::FourierFt,
+        family: Family::Weight,
+        merges: true,
+        summary: "dW = Re(ifft2(S)) scaling, S sparse: w[j] at frequencies regenerated from a seed (torch's randperm)",
+    },
+    MethodSpec {
         name: "adapter",
         peft_type: None,
         file_method: Method::Adapter,
@@ -205,7 +213,7 @@ mod tests {
             Method::Lora | Method::Adapter | Method::Prompt | Method::Prefix => true,
             Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => true,
             Method::AdaLora | Method::Miss | Method::Hra | Method::Road | Method::C3a | Method::Shira => true,
-            Method::Oft | Method::Boft => true,
+            Method::Oft | Method::Boft | Method::FourierFt => true,
         };
         for m in [
             Method::Lora,
@@ -224,6 +232,7 @@ mod tests {
             Method::Shira,
             Method::Oft,
             Method::Boft,
+            Method::FourierFt,
         ] {
             assert!(known(m));
             assert!(METHODS.iter().any(|s| s.file_method == m), "{m:?} has no entry");

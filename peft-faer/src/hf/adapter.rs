@@ -10,9 +10,9 @@ use safetensors::Dtype;
 use super::keys::{Reader, normalize_key};
 use super::st::{self, OutEntry, StFile};
 use super::{
-    AdaLoraModule, BoftModule, C3aModule, CONFIG_FILE, HfError, HraModule, Ia3Module, LOHA_KEYS, LohaModule,
-    LokrModule, LoraModule, MAX_ADAPTER_BYTES, MAX_CONFIG_BYTES, MissModule, OftModule, PeftConfig, RoadModule,
-    ShiraModule, VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections, WEIGHTS_FILE,
+    AdaLoraModule, BoftModule, C3aModule, CONFIG_FILE, FourierFtModule, HfError, HraModule, Ia3Module, LOHA_KEYS,
+    LohaModule, LokrModule, LoraModule, MAX_ADAPTER_BYTES, MAX_CONFIG_BYTES, MissModule, OftModule, PeftConfig,
+    RoadModule, ShiraModule, VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections, WEIGHTS_FILE,
 };
 
 /// A whole tensor of an adapter: a base tensor it replaces (a trained bias
@@ -57,6 +57,8 @@ pub struct HfAdapter {
     pub oft: Vec<OftModule>,
     /// BOFT modules, in the order of their keys.
     pub boft: Vec<BoftModule>,
+    /// FourierFT modules, in the order of their keys.
+    pub fourierft: Vec<FourierFtModule>,
     /// RoAd modules, in the order of their keys.
     pub road: Vec<RoadModule>,
     /// C3A modules, in the order of their keys.
@@ -143,6 +145,7 @@ impl HfAdapter {
             PeftConfig::Hra(c) => out.read_hra(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Oft(c) => out.read_oft(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Boft(c) => out.read_boft(c, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::FourierFt(c) => out.read_fourierft(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Road(c) => out.read_road(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::C3a(c) => out.read_c3a(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Shira(c) => out.read_shira(c, &file, read).map_err(|e| e.in_file(&path))?,
@@ -165,6 +168,7 @@ impl HfAdapter {
             hra: Vec::new(),
             oft: Vec::new(),
             boft: Vec::new(),
+            fourierft: Vec::new(),
             road: Vec::new(),
             c3a: Vec::new(),
             shira: Vec::new(),
@@ -236,6 +240,7 @@ impl HfAdapter {
             PeftConfig::Hra(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Oft(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Boft(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::FourierFt(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Road(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::C3a(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Shira(c) => serde_json::Value::Object(c.raw.clone()),
@@ -293,6 +298,10 @@ impl HfAdapter {
             let (key, len) = (format!("base_model.model.{}", m.name), m.theta.len());
             tensors.push((format!("{key}.road_theta"), m.dtypes[0], vec![len], &m.theta));
             tensors.push((format!("{key}.road_alpha"), m.dtypes[1], vec![len], &m.alpha));
+        }
+        for m in &self.fourierft {
+            let key = format!("base_model.model.{}.fourierft_spectrum", m.name);
+            tensors.push((key, m.dtype, vec![m.spectrum.len()], &m.spectrum));
         }
         for m in &self.boft {
             let key = |k: &str| format!("base_model.model.{}.{k}", m.name);

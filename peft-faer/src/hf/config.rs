@@ -384,6 +384,36 @@ pub struct ShiraConfig {
     pub raw: Map<String, Value>,
 }
 
+/// A FourierFT adapter's configuration (`peft_type: "FOURIERFT"`).
+#[derive(Clone, Debug)]
+pub struct FourierFtConfig {
+    /// Frequencies per module (default 1000).
+    pub n_frequency: usize,
+    /// Per-module counts, in the file's order: `(key, PEFT's
+    /// re.match(".*\.key$"), n)`; an exact full path matches too.
+    pub n_frequency_pattern: Vec<(String, Regex, usize)>,
+    /// `dW`'s scale (default 150).
+    pub scaling: f64,
+    /// The seed the frequencies are drawn from (default 777).
+    pub random_loc_seed: u64,
+    /// Targeted modules.
+    pub target_modules: Targets,
+    /// Modules whose whole weights are trained and saved.
+    pub modules_to_save: Vec<String>,
+    /// The JSON object as read.
+    pub raw: Map<String, Value>,
+}
+
+impl FourierFtConfig {
+    /// The frequency count PEFT gives `module` (the first pattern key that
+    /// matches, in the file's order; else `n_frequency`).
+    pub fn n_frequency_for(&self, module: &str) -> usize {
+        let hit = self.n_frequency_pattern.iter().find(|(_, re, _)| re.is_match(module));
+        let exact = || self.n_frequency_pattern.iter().find(|(k, _, _)| k == module);
+        hit.or_else(exact).map_or(self.n_frequency, |(_, _, n)| *n)
+    }
+}
+
 /// A BOFT adapter's configuration (`peft_type: "BOFT"`).
 #[derive(Clone, Debug)]
 pub struct BoftConfig {
@@ -430,6 +460,8 @@ pub struct OftConfig {
 /// A parsed `adapter_config.json`.
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
+    /// `peft_type: "FOURIERFT"`.
+    FourierFt(FourierFtConfig),
     /// `peft_type: "BOFT"`.
     Boft(BoftConfig),
     /// `peft_type: "OFT"`.
@@ -480,6 +512,7 @@ impl PeftConfig {
             PeftConfig::Shira(_) => "SHIRA",
             PeftConfig::Oft(_) => "OFT",
             PeftConfig::Boft(_) => "BOFT",
+            PeftConfig::FourierFt(_) => "FOURIERFT",
         }
     }
 }
@@ -585,6 +618,22 @@ struct RawMiss {
     /// `true`, `false`, `"bat"` or `"mini"`.
     init_weights: Option<Value>,
     mini_r: Option<usize>,
+    target_modules: Option<RawTargets>,
+    bias: Option<String>,
+    modules_to_save: Option<OneOrMany<String>>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// The fields of a FourierFT config that change the math (PEFT's defaults
+/// where absent).
+#[derive(Deserialize)]
+struct RawFourierFt {
+    n_frequency: Option<usize>,
+    n_frequency_pattern: Option<Ordered<usize>>,
+    scaling: Option<f64>,
+    random_loc_seed: Option<u64>,
+    fan_in_fan_out: Option<bool>,
     target_modules: Option<RawTargets>,
     bias: Option<String>,
     modules_to_save: Option<OneOrMany<String>>,
@@ -781,6 +830,7 @@ impl PeftConfig {
             "SHIRA" => Self::shira(text, &v),
             "OFT" => Self::oft(text, &v),
             "BOFT" => Self::boft(text, &v),
+            "FOURIERFT" => Self::fourierft(text, &v),
             "LOKR" => {
                 let PeftConfig::Loha(common) = Self::loha(text, &v)? else {
                     return Err(HfError::config("peft_type", "LOKR"));
@@ -793,7 +843,7 @@ impl PeftConfig {
                 Ok(PeftConfig::Lokr(LokrConfig { common, decompose_both, decompose_factor }))
             }
             other => Err(HfError::Unsupported(format!(
-                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, C3A, SHIRA, OFT, BOFT, PROMPT_TUNING, PREFIX_TUNING)"
+                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, C3A, SHIRA, OFT, BOFT, FOURIERFT, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }
@@ -983,6 +1033,36 @@ impl PeftConfig {
         Ok(PeftConfig::Miss(MissConfig {
             r: raw.r,
             variant,
+            target_modules: targets("target_modules", raw.target_modules)?,
+            modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
+            raw: v.as_object().cloned().unwrap_or_default(),
+        }))
+    }
+
+    fn fourierft(text: &str, v: &Value) -> Result<Self, HfError> {
+        let raw: RawFourierFt = typed(text)?;
+        unsupported_if_set(&raw.rest, "layers_to_transform", "FourierFT on a subset of layers is not supported")?;
+        linear_without_bias("FourierFT", raw.fan_in_fan_out, raw.bias.as_deref())?;
+        let mut n_frequency_pattern = Vec::new();
+        for (key, n) in raw.n_frequency_pattern.map_or_else(Vec::new, |o| o.0) {
+            // Python's re.match: anchored at the start only, the key inserted as written.
+            let re = Regex::new(&format!(r"^(?:.*\.{key}$)"))
+                .map_err(|e| HfError::config("n_frequency_pattern", &format!("key {key:?}: {e}")))?;
+            n_frequency_pattern.push((key, re, n));
+        }
+        let n_frequency = raw.n_frequency.unwrap_or(1000);
+        if n_frequency == 0 || n_frequency_pattern.iter().any(|p| p.2 == 0) {
+            return Err(HfError::config("n_frequency", "must be at least 1"));
+        }
+        let scaling = raw.scaling.unwrap_or(150.0);
+        if !scaling.is_finite() {
+            return Err(HfError::config("scaling", "must be finite"));
+        }
+        Ok(PeftConfig::FourierFt(FourierFtConfig {
+            n_frequency,
+            n_frequency_pattern,
+            scaling,
+            random_loc_seed: raw.random_loc_seed.unwrap_or(777),
             target_modules: targets("target_modules", raw.target_modules)?,
             modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             raw: v.as_object().cloned().unwrap_or_default(),

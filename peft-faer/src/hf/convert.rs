@@ -177,6 +177,11 @@ fn typed_entries(config: &PeftConfig) -> Vec<(String, Value<'static>)> {
             out.push(("group_size".into(), Value::U64(c.group_size as u64)));
         }
         PeftConfig::C3a(c) => out.push(("block_size".into(), Value::U64(c.block_size as u64))),
+        PeftConfig::FourierFt(c) => {
+            out.push(("n_frequency".into(), Value::U64(c.n_frequency as u64)));
+            out.push(("scaling".into(), Value::F64(c.scaling)));
+            out.push(("random_loc_seed".into(), Value::U64(c.random_loc_seed)));
+        }
         PeftConfig::Boft(c) => {
             out.push(("boft_block_size".into(), Value::U64(c.boft_block_size as u64)));
             out.push(("boft_block_num".into(), Value::U64(c.boft_block_num as u64)));
@@ -218,6 +223,7 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
         PeftConfig::Hra(_) => Method::Hra,
         PeftConfig::Oft(_) => Method::Oft,
         PeftConfig::Boft(_) => Method::Boft,
+        PeftConfig::FourierFt(_) => Method::FourierFt,
         PeftConfig::Road(_) => Method::Road,
         PeftConfig::C3a(_) => Method::C3a,
         PeftConfig::Shira(_) => {
@@ -333,6 +339,7 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
         | PeftConfig::Hra(_)
         | PeftConfig::Oft(_)
         | PeftConfig::Boft(_)
+        | PeftConfig::FourierFt(_)
         | PeftConfig::Road(_)
         | PeftConfig::C3a(_)
         | PeftConfig::Shira(_) => {
@@ -517,6 +524,29 @@ fn oft_config(get: Get<'_, '_>, targets: Vec<String>) -> serde_json::Value {
     })
 }
 
+/// FourierFT's PEFT config from a `.peft` file's entries (no
+/// `n_frequency_pattern`: the entries carry one count).
+fn fourierft_config(get: Get<'_, '_>, targets: Vec<String>) -> serde_json::Value {
+    let n = match get("n_frequency") {
+        Some(Value::U64(x)) => x,
+        _ => 1000,
+    };
+    let seed = match get("random_loc_seed") {
+        Some(Value::U64(x)) => x,
+        _ => 777,
+    };
+    let scaling = match get("scaling") {
+        Some(Value::F64(x)) => x,
+        _ => 150.0,
+    };
+    json!({
+        "peft_type": "FOURIERFT", "task_type": null, "base_model_name_or_path": null, "revision": null,
+        "inference_mode": true, "n_frequency": n, "n_frequency_pattern": {}, "scaling": scaling,
+        "random_loc_seed": seed, "fan_in_fan_out": false, "bias": "none", "init_weights": false,
+        "target_modules": targets, "modules_to_save": null, "layers_to_transform": null, "layers_pattern": null,
+    })
+}
+
 /// BOFT's PEFT config from a `.peft` file's entries.
 fn boft_config(get: Get<'_, '_>, targets: Vec<String>) -> serde_json::Value {
     let u = |k: &str, d: u64| match get(k) {
@@ -540,6 +570,26 @@ fn hra_config(r: u64, apply_gs: bool, targets: Vec<String>) -> serde_json::Value
         "target_modules": targets, "init_weights": true, "layers_to_transform": null,
         "layers_pattern": null, "bias": "none", "modules_to_save": null,
     })
+}
+
+/// Prompt or prefix tuning's PEFT config, `u` reading an integer entry.
+fn prompt_config(prefix: bool, u: &dyn Fn(&'static str) -> Result<u64, HfError>) -> Result<serde_json::Value, HfError> {
+    let d = u("d_model").or_else(|_| u("token_dim"))?;
+    let mut cfg = json!({
+        "peft_type": if prefix { "PREFIX_TUNING" } else { "PROMPT_TUNING" },
+        "task_type": "CAUSAL_LM", "base_model_name_or_path": null, "revision": null, "inference_mode": true,
+        "num_virtual_tokens": u("num_virtual_tokens")?, "token_dim": d, "num_transformer_submodules": 1,
+        "num_attention_heads": u("num_attention_heads")?, "num_layers": u("num_layers")?,
+    });
+    if let Some(obj) = cfg.as_object_mut() {
+        if prefix {
+            obj.insert("encoder_hidden_size".into(), json!(d));
+            obj.insert("prefix_projection".into(), json!(false));
+        } else {
+            obj.insert("prompt_tuning_init".into(), json!("RANDOM"));
+        }
+    }
+    Ok(cfg)
 }
 
 /// A PEFT 0.21 config from a `.peft` file's typed entries.
@@ -616,28 +666,11 @@ fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Valu
         Method::Road => Ok(road_config(get("variant"), u("group_size")?, list("target_modules")?)),
         Method::Oft => Ok(oft_config(get, list("target_modules")?)),
         Method::Boft => Ok(boft_config(get, list("target_modules")?)),
+        Method::FourierFt => Ok(fourierft_config(get, list("target_modules")?)),
         Method::Hra => {
             Ok(hra_config(u("r")?, matches!(get("apply_GS"), Some(Value::Bool(true))), list("target_modules")?))
         }
-        Method::Prompt | Method::Prefix => {
-            let prefix = method == Method::Prefix;
-            let d = u("d_model").or_else(|_| u("token_dim"))?;
-            let mut cfg = json!({
-                "peft_type": if prefix { "PREFIX_TUNING" } else { "PROMPT_TUNING" },
-                "task_type": "CAUSAL_LM", "base_model_name_or_path": null, "revision": null, "inference_mode": true,
-                "num_virtual_tokens": u("num_virtual_tokens")?, "token_dim": d, "num_transformer_submodules": 1,
-                "num_attention_heads": u("num_attention_heads")?, "num_layers": u("num_layers")?,
-            });
-            if let Some(obj) = cfg.as_object_mut() {
-                if prefix {
-                    obj.insert("encoder_hidden_size".into(), json!(d));
-                    obj.insert("prefix_projection".into(), json!(false));
-                } else {
-                    obj.insert("prompt_tuning_init".into(), json!("RANDOM"));
-                }
-            }
-            Ok(cfg)
-        }
+        Method::Prompt | Method::Prefix => prompt_config(method == Method::Prefix, &u),
         Method::Adapter => {
             Err(HfError::Unsupported("bottleneck adapters: Hugging Face PEFT has no such adapter type".into()))
         }

@@ -8,8 +8,8 @@
 use serde_json::{Map, Value, json};
 
 use super::{
-    AdaLoraConfig, AdapterSummary, BoftConfig, C3aConfig, HfLoraConfig, HraConfig, LohaConfig, LokrConfig, MissConfig,
-    OftConfig, PeftConfig, PromptConfig, RoadConfig, VeraConfig,
+    AdaLoraConfig, AdapterSummary, BoftConfig, C3aConfig, FourierFtConfig, HfLoraConfig, HraConfig, LohaConfig,
+    LokrConfig, MissConfig, OftConfig, PeftConfig, PromptConfig, RoadConfig, VeraConfig,
 };
 
 /// One module's row: the columns of its method, in order, each a name and
@@ -101,6 +101,7 @@ impl InspectReport {
             PeftConfig::Hra(c) => r.hra(c, ad, dtype),
             PeftConfig::Oft(c) => r.oft(c, ad, dtype),
             PeftConfig::Boft(c) => r.boft(c, ad, dtype),
+            PeftConfig::FourierFt(c) => r.fourierft(c, ad, dtype),
             PeftConfig::Road(c) => r.road(c, ad, dtype),
             PeftConfig::C3a(c) => r.c3a(c, ad, dtype),
             PeftConfig::Shira(_) => r.shira(ad, dtype),
@@ -242,6 +243,25 @@ impl InspectReport {
         for m in &ad.road {
             let mut row = named(&m.name);
             row.extend([("out", json!(m.n_out)), ("params", json!(2 * m.len))]);
+            self.modules.push(row);
+        }
+    }
+
+    /// FourierFT's modules: frequencies.
+    fn fourierft(&mut self, c: &FourierFtConfig, ad: &AdapterSummary, dtype: Value) {
+        self.method = "fourierft";
+        let pattern: Map<String, Value> = c.n_frequency_pattern.iter().map(|(k, _, n)| (k.clone(), json!(n))).collect();
+        self.fields = json_map(json!({
+            "n_frequency": c.n_frequency, "n_frequency_pattern": pattern, "scaling": c.scaling,
+            "random_loc_seed": c.random_loc_seed, "dtype": dtype,
+        }));
+        self.headline = format!(
+            "method fourierft: n_frequency={} scaling={} random_loc_seed={} (dW = Re(ifft2(S)) scaling, frequencies from torch's randperm)",
+            c.n_frequency, c.scaling, c.random_loc_seed
+        );
+        for m in &ad.fourierft {
+            let mut row = named(&m.name);
+            row.extend([("frequencies", json!(m.n)), ("params", json!(m.n))]);
             self.modules.push(row);
         }
     }

@@ -43,9 +43,9 @@ use peft_core::{Accum, Backend, MatMut, MatRef, Op};
 use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry};
 use super::{
-    AdaLoraModule, BoftModule, C3aModule, HfAdapter, HfError, HfLoraConfig, HfTensor, HraModule, Ia3Config, Ia3Module,
-    LohaModule, LokrModule, LoraModule, MissModule, OftModule, PeftConfig, RoadModule, ShiraModule, VeraModule,
-    VeraProjections,
+    AdaLoraModule, BoftModule, C3aModule, FourierFtModule, HfAdapter, HfError, HfLoraConfig, HfTensor, HraModule,
+    Ia3Config, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule, OftModule, PeftConfig, RoadModule,
+    ShiraModule, VeraModule, VeraProjections,
 };
 use crate::files::{Staging, check_output};
 
@@ -82,6 +82,8 @@ enum Update<'a> {
     /// OFT on a weight `[out, in]`: each row's blocks `w_k -> w_k R_k^T`;
     /// on an embedding `[vocab, dim]`, `e_k -> e_k R_k` (multiplier 1).
     Oft(&'a OftModule, [usize; 2]),
+    /// FourierFT on a weight `[out, in]`: `W += m dW`.
+    FourierFt(&'a FourierFtModule, [usize; 2], f64),
     /// BOFT on a weight `[out, in]`: each row `w_o -> (w_o M^T) s_o`
     /// (multiplier 1).
     Boft(&'a BoftModule, [usize; 2]),
@@ -498,6 +500,15 @@ impl<'a> Plan<'a, '_> {
         self.push_weight(name, Update::Oft(m, [n_out, n_in]))
     }
 
+    /// FourierFT on `<module>.weight`: its frequencies drawn for the
+    /// weight's shape.
+    fn fourierft(&mut self, m: &'a FourierFtModule, multiplier: f64) -> Result<(), HfError> {
+        let name = format!("{}.weight", m.name);
+        let want = format!("a matrix of at least {} weights", m.spectrum.len());
+        let [n_out, n_in] = self.matrix(&name, &|o, i| m.layer(i, o).is_ok(), &want)?;
+        self.push_weight(name, Update::FourierFt(m, [n_out, n_in], multiplier))
+    }
+
     /// BOFT on `<module>.weight` `[out, in]`: `N b = in`, `boft_s` `out`
     /// long.
     fn boft(&mut self, m: &'a BoftModule) -> Result<(), HfError> {
@@ -548,14 +559,19 @@ impl<'a> Plan<'a, '_> {
 fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<String, Action<'a>>, HfError> {
     let mut plan = Plan { base, actions: BTreeMap::new(), model_type: None };
     for &(adapter, multiplier) in adapters {
+        // The multiplicative methods have no scale for a multiplier to act on.
+        let c = &adapter.config;
+        let unscaled = matches!(c, PeftConfig::Ia3(_) | PeftConfig::Road(_) | PeftConfig::Boft(_))
+            || matches!(c, PeftConfig::Oft(_) | PeftConfig::Hra(_));
+        if unscaled && multiplier != 1.0 {
+            let method = c.method_name();
+            return Err(HfError::Unsupported(format!("a multiplier other than 1 for a {method} adapter")));
+        }
         match &adapter.config {
             PeftConfig::Lora(lc) => {
                 for m in &adapter.modules {
                     plan.lora(lc, m, multiplier)?;
                 }
-            }
-            PeftConfig::Ia3(_) if multiplier != 1.0 => {
-                return Err(HfError::Unsupported("a multiplier other than 1 for an IA3 adapter".into()));
             }
             PeftConfig::Ia3(ic) => {
                 for m in &adapter.ia3 {
@@ -583,32 +599,25 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
                     plan.weight(&m.name, [m.n_out, m.n_in], Update::C3a(m, multiplier))?;
                 }
             }
-            PeftConfig::Road(_) if multiplier != 1.0 => {
-                return Err(HfError::Unsupported("a multiplier other than 1 for a RoAd adapter".into()));
-            }
             PeftConfig::Road(_) => {
                 for m in &adapter.road {
                     plan.road(m)?;
                 }
             }
-            PeftConfig::Boft(_) if multiplier != 1.0 => {
-                return Err(HfError::Unsupported("a multiplier other than 1 for a BOFT adapter".into()));
+            PeftConfig::FourierFt(_) => {
+                for m in &adapter.fourierft {
+                    plan.fourierft(m, multiplier)?;
+                }
             }
             PeftConfig::Boft(_) => {
                 for m in &adapter.boft {
                     plan.boft(m)?;
                 }
             }
-            PeftConfig::Oft(_) if multiplier != 1.0 => {
-                return Err(HfError::Unsupported("a multiplier other than 1 for an OFT adapter".into()));
-            }
             PeftConfig::Oft(_) => {
                 for m in &adapter.oft {
                     plan.oft(m)?;
                 }
-            }
-            PeftConfig::Hra(_) if multiplier != 1.0 => {
-                return Err(HfError::Unsupported("a multiplier other than 1 for an HRA adapter".into()));
             }
             PeftConfig::Hra(_) => {
                 for m in &adapter.hra {
@@ -997,6 +1006,11 @@ impl Update<'_> {
             }
             Update::C3a(m, factor) => {
                 m.layer()?.delta_rows(backend, i0, block, Accum::Add, factor, &mut []).map_err(be)
+            }
+            Update::FourierFt(m, [n_out, n_in], factor) => {
+                let layer = m.layer(n_in, n_out)?;
+                let sc = grow(scratch, layer.delta_scratch_len(n));
+                layer.delta_rows(backend, i0, block, Accum::Add, factor, sc).map_err(be)
             }
             Update::Road(m, n_in) => merge_rows(backend, &m.layer(n_in)?, i0, block, scratch),
             Update::Boft(m, [n_out, n_in]) => merge_rows(backend, &m.layer(n_in, n_out)?, i0, block, scratch),

@@ -18,6 +18,7 @@ pub mod combine;
 mod config;
 pub mod convert;
 mod error;
+mod fourierft;
 mod hra;
 mod ia3;
 pub mod inspect;
@@ -41,10 +42,11 @@ pub(crate) use adapter::write_raw_dir;
 pub use boft::BoftModule;
 pub use c3a::C3aModule;
 pub use config::{
-    AdaLoraConfig, BiasMode, BoftConfig, C3aConfig, HfLoraConfig, HraConfig, Ia3Config, LohaConfig, LokrConfig,
-    MissConfig, OftConfig, Pattern, PeftConfig, PromptConfig, RoadConfig, ShiraConfig, Targets, VeraConfig,
+    AdaLoraConfig, BiasMode, BoftConfig, C3aConfig, FourierFtConfig, HfLoraConfig, HraConfig, Ia3Config, LohaConfig,
+    LokrConfig, MissConfig, OftConfig, Pattern, PeftConfig, PromptConfig, RoadConfig, ShiraConfig, Targets, VeraConfig,
 };
 pub use error::HfError;
+pub use fourierft::{FourierFtModule, torch_randperm_prefix};
 pub use hra::HraModule;
 pub use ia3::Ia3Module;
 pub use keys::normalize_key;
@@ -56,8 +58,9 @@ pub use oft::{OftModule, adjust_oft_parameters};
 pub use road::RoadModule;
 pub use shira::ShiraModule;
 pub use summary::{
-    AdaLoraSummary, AdapterSummary, BoftSummary, C3aSummary, HraSummary, Ia3Summary, LohaSummary, LokrSummary,
-    MissSummary, ModuleSummary, NonFinite, OftSummary, ProjectionSummary, RoadSummary, TensorSummary, VeraSummary,
+    AdaLoraSummary, AdapterSummary, BoftSummary, C3aSummary, FourierFtSummary, HraSummary, Ia3Summary, LohaSummary,
+    LokrSummary, MissSummary, ModuleSummary, NonFinite, OftSummary, ProjectionSummary, RoadSummary, TensorSummary,
+    VeraSummary,
 };
 pub use vera::{VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections};
 

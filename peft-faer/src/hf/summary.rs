@@ -101,6 +101,15 @@ pub struct RoadSummary {
     pub len: usize,
 }
 
+/// One FourierFT module of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct FourierFtSummary {
+    /// Module name.
+    pub name: String,
+    /// Frequencies.
+    pub n: usize,
+}
+
 /// One BOFT module of an [`AdapterSummary`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct BoftSummary {
@@ -241,6 +250,8 @@ pub struct AdapterSummary {
     pub oft: Vec<OftSummary>,
     /// BOFT modules.
     pub boft: Vec<BoftSummary>,
+    /// FourierFT modules.
+    pub fourierft: Vec<FourierFtSummary>,
     /// RoAd modules.
     pub road: Vec<RoadSummary>,
     /// C3A modules.
@@ -327,14 +338,8 @@ impl HfAdapter {
                 .collect(),
             miss: ad.miss.iter().map(|m| MissSummary { name: m.name.clone(), shape: m.shape.clone() }).collect(),
             hra: ad.hra.iter().map(|m| HraSummary { name: m.name.clone(), n_in: m.n_in, r: m.r }).collect(),
-            boft: ad
-                .boft
-                .iter()
-                .map(|m| {
-                    let n_out = lens.get(&format!("{}.boft_s", m.name)).copied().unwrap_or(0);
-                    BoftSummary { name: m.name.clone(), shape: m.shape, n_out }
-                })
-                .collect(),
+            fourierft: fourierft_summaries(&ad, &lens),
+            boft: boft_summaries(&ad, &lens),
             oft: ad
                 .oft
                 .iter()
@@ -356,4 +361,16 @@ impl HfAdapter {
             nonfinite,
         })
     }
+}
+
+/// FourierFT's modules, their lengths from the headers.
+fn fourierft_summaries(ad: &HfAdapter, lens: &std::collections::BTreeMap<String, usize>) -> Vec<FourierFtSummary> {
+    let n = |name: &str| lens.get(&format!("{name}.fourierft_spectrum")).copied().unwrap_or(0);
+    ad.fourierft.iter().map(|m| FourierFtSummary { name: m.name.clone(), n: n(&m.name) }).collect()
+}
+
+/// BOFT's modules, `boft_s`'s length from the headers.
+fn boft_summaries(ad: &HfAdapter, lens: &std::collections::BTreeMap<String, usize>) -> Vec<BoftSummary> {
+    let n_out = |name: &str| lens.get(&format!("{name}.boft_s")).copied().unwrap_or(0);
+    ad.boft.iter().map(|m| BoftSummary { name: m.name.clone(), shape: m.shape, n_out: n_out(&m.name) }).collect()
 }

@@ -151,7 +151,9 @@ fn gcd(a: usize, b: usize) -> usize {
 /// it, starting from zero; SHiRA on `q_proj`, `v_proj` at `r (in + out)`
 /// random positions; OFT on `q_proj`, `v_proj` with PEFT's `r` = `rank`
 /// blocks (Cayley-Neumann, 5 terms); BOFT on `q_proj`, `v_proj` in blocks
-/// of `rank` (one factor, as PEFT trains on a CPU); bottleneck adapters of width 16 (GELU); prompt and prefix
+/// of `rank` (one factor, as PEFT trains on a CPU); FourierFT on `q_proj`,
+/// `v_proj` with PEFT's 1000 frequencies (at most a quarter of a
+/// projection's weights), a zero spectrum; bottleneck adapters of width 16 (GELU); prompt and prefix
 /// tuning with [`CONTEXT`] virtual tokens. `None` for a method this
 /// function does not know (the registry test catches that).
 ///
@@ -175,6 +177,11 @@ pub fn trainable(model: &Llama, method: &MethodSpec, rank: usize, seed: u64) -> 
         "hra" => MethodSetup::Hra { r: 2 * r.div_ceil(2), targets: qv() },
         "shira" => MethodSetup::Shira { r, targets: qv() },
         "oft" => MethodSetup::Oft { r, targets: qv() },
+        // PEFT's default 1000 frequencies, cut to a quarter of the smaller projection's weights.
+        "fourierft" => {
+            let c = &model.config;
+            MethodSetup::FourierFt { n: 1000.min(c.hidden_size * c.kv_width() / 4), targets: qv() }
+        }
         // One factor in blocks of `rank` (cut to divide the hidden size).
         "boft" => MethodSetup::Boft { block: gcd(r, model.config.hidden_size), targets: qv() },
         "c3a" => {

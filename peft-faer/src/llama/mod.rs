@@ -513,6 +513,7 @@ impl<'a> LlamaAdapter<'a> {
             | PeftConfig::Hra(_)
             | PeftConfig::Oft(_)
             | PeftConfig::Boft(_)
+            | PeftConfig::FourierFt(_)
             | PeftConfig::Road(_)
             | PeftConfig::C3a(_)
             | PeftConfig::Shira(_) => {

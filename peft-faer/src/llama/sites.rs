@@ -25,8 +25,8 @@ use peft_core::{Accum, Backend, FrozenLinear, MatMut, MatRef};
 
 use super::Linear;
 use crate::hf::{
-    AdaLoraModule, BoftModule, C3aModule, HfAdapter, HfError, HraModule, Ia3Module, LohaModule, LokrModule, LoraModule,
-    MissModule, OftModule, RoadModule, ShiraModule, VeraModule, VeraProjections,
+    AdaLoraModule, BoftModule, C3aModule, FourierFtModule, HfAdapter, HfError, HraModule, Ia3Module, LohaModule,
+    LokrModule, LoraModule, MissModule, OftModule, RoadModule, ShiraModule, VeraModule, VeraProjections,
 };
 
 /// The adapter module on one projection, borrowed from an
@@ -57,6 +57,8 @@ pub enum Module<'a> {
     Oft(&'a OftModule),
     /// BOFT: `W' = (W M^T) s`, butterfly factors of Cayley rotations.
     Boft(&'a BoftModule),
+    /// FourierFT: `dW = Re(ifft2(S)) scaling`, a sparse spectrum.
+    FourierFt(&'a FourierFtModule),
     /// RoAd: `y = R (x W^T + b)`, pairs of outputs rotated and scaled.
     Road(&'a RoadModule),
     /// C3A: `dW` block-circulant.
@@ -69,7 +71,7 @@ impl Module<'_> {
     /// The module's trainable tensors' lengths, in the order of its
     /// gradient buffers: LoRA `A, B` (its `lora_bias` stays frozen); DoRA `A, B, m`; (IA)^3 `l`; LoHa
     /// `W1a, W1b, W2a, W2b`; LoKr `W1`'s stored tensors then `W2`'s; VeRA
-    /// `lambda_d, lambda_b`; AdaLoRA `A, E, B`; MiSS `D`; HRA `U`; OFT `oft_R`; BOFT `boft_R, boft_s`; RoAd `theta, alpha`; C3A the kernel; SHiRA `w`.
+    /// `lambda_d, lambda_b`; AdaLoRA `A, E, B`; MiSS `D`; HRA `U`; OFT `oft_R`; BOFT `boft_R, boft_s`; FourierFT the spectrum; RoAd `theta, alpha`; C3A the kernel; SHiRA `w`.
     pub fn tensor_lens(&self) -> Vec<usize> {
         match self {
             Module::Lora(m) => vec![m.a.len(), m.b.len()],
@@ -83,6 +85,7 @@ impl Module<'_> {
             Module::Hra(m) => vec![m.u.len()],
             Module::Oft(m) => vec![m.v.len()],
             Module::Boft(m) => vec![m.r.len(), m.s.len()],
+            Module::FourierFt(m) => vec![m.spectrum.len()],
             Module::Road(m) => vec![m.theta.len(), m.alpha.len()],
             Module::C3a(m) => vec![m.kernel.len()],
             Module::Shira(m) => vec![m.weight.len()],
@@ -102,6 +105,7 @@ impl Module<'_> {
             // OFT's blocks must be the ones PEFT gives the input width.
             Module::Oft(m) => !m.embedding && m.layer(cols, rows).is_ok(),
             Module::Boft(m) => m.layer(cols, rows).is_ok(),
+            Module::FourierFt(m) => m.layer(cols, rows).is_ok(),
             // HRA's file holds the input width only.
             Module::Hra(m) => m.n_in == cols,
             // RoAd's file holds the output width only.
@@ -117,6 +121,7 @@ impl Module<'_> {
             Module::Hra(m) => Some(format!("hra_u [{}, {}]", m.n_in, m.r)),
             Module::Oft(m) => Some(format!("oft_R: {} blocks of {}", m.rows, m.spec.block)),
             Module::Boft(m) => Some(format!("boft_R {:?}, boft_s [{}, 1]", m.shape, m.s.len())),
+            Module::FourierFt(m) => Some(format!("fourierft_spectrum [{}]", m.spectrum.len())),
             Module::Road(m) => Some(format!("[{}, in]", m.n_out)),
             _ => Some(format!("[{out}, {inn}]")),
         }
@@ -124,7 +129,7 @@ impl Module<'_> {
 }
 
 /// The modules of the methods placed by name alone (LoHa, LoKr, AdaLoRA,
-/// MiSS, HRA, OFT, BOFT, RoAd, C3A, SHiRA), each with the `[out, in]` it declares (0 where
+/// MiSS, HRA, OFT, BOFT, FourierFT, RoAd, C3A, SHiRA), each with the `[out, in]` it declares (0 where
 /// the file does not hold that side: [`Module::misfit`] checks the rest).
 pub(super) fn placed(adapter: &HfAdapter) -> Vec<(&str, Module<'_>, (usize, usize))> {
     let mut out: Vec<(&str, Module<'_>, (usize, usize))> = Vec::new();
@@ -135,6 +140,7 @@ pub(super) fn placed(adapter: &HfAdapter) -> Vec<(&str, Module<'_>, (usize, usiz
     out.extend(adapter.hra.iter().map(|m| (m.name.as_str(), Module::Hra(m), (0, m.n_in))));
     out.extend(adapter.oft.iter().map(|m| (m.name.as_str(), Module::Oft(m), (0, 0))));
     out.extend(adapter.boft.iter().map(|m| (m.name.as_str(), Module::Boft(m), (0, 0))));
+    out.extend(adapter.fourierft.iter().map(|m| (m.name.as_str(), Module::FourierFt(m), (0, 0))));
     out.extend(adapter.road.iter().map(|m| (m.name.as_str(), Module::Road(m), (m.n_out, 0))));
     out.extend(adapter.c3a.iter().map(|m| (m.name.as_str(), Module::C3a(m), (m.n_out, m.n_in))));
     out.extend(adapter.shira.iter().map(|m| (m.name.as_str(), Module::Shira(m), (0, 0))));
@@ -275,6 +281,7 @@ pub(super) fn forward<B: Backend<f32> + ?Sized>(
         Some(Module::Hra(m)) => run_forward(backend, &base, &m.layer(n_out)?, x, y, &mut ws.scratch),
         Some(Module::Oft(m)) => run_forward(backend, &base, &m.layer(n_in, n_out)?, x, y, &mut ws.scratch),
         Some(Module::Boft(m)) => run_forward(backend, &base, &m.layer(n_in, n_out)?, x, y, &mut ws.scratch),
+        Some(Module::FourierFt(m)) => run_forward(backend, &base, &m.layer(n_in, n_out)?, x, y, &mut ws.scratch),
         Some(Module::Road(m)) => run_forward(backend, &base, &m.layer(n_in)?, x, y, &mut ws.scratch),
         Some(Module::C3a(m)) => run_forward(backend, &base, &m.layer()?, x, y, &mut ws.scratch),
         Some(Module::Shira(m)) => run_forward(backend, &base, &m.layer(n_in, n_out)?, x, y, &mut ws.scratch),
@@ -355,6 +362,11 @@ pub(super) fn backward<B: Backend<f32> + ?Sized>(
             let [gv] = grads else { return Err(bad()) };
             let layer = m.layer(n_in, n_out)?;
             run_backward(backend, &base, &layer, x, gy, gx, &mut gv[..], &mut ws.scratch, &mut ws.dx)
+        }
+        Module::FourierFt(m) => {
+            let [gw] = grads else { return Err(bad()) };
+            let layer = m.layer(n_in, n_out)?;
+            run_backward(backend, &base, &layer, x, gy, gx, &mut gw[..], &mut ws.scratch, &mut ws.dx)
         }
         Module::Boft(m) => {
             let [gr, gs] = grads else { return Err(bad()) };

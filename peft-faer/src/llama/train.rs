@@ -24,8 +24,9 @@ use peft_core::storage::Owned;
 use super::weights::Matrix;
 use super::{Bottleneck, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Projection, Trace};
 use crate::hf::{
-    AdaLoraModule, BoftModule, C3aModule, HfAdapter, HfError, HfTensor, HraModule, Ia3Module, LohaModule, LokrModule,
-    LoraModule, MissModule, OftModule, PeftConfig, RoadModule, ShiraModule, VeraModule, VeraProjections,
+    AdaLoraModule, BoftModule, C3aModule, FourierFtModule, HfAdapter, HfError, HfTensor, HraModule, Ia3Module,
+    LohaModule, LokrModule, LoraModule, MissModule, OftModule, PeftConfig, RoadModule, ShiraModule, VeraModule,
+    VeraProjections,
 };
 
 /// A method and its configuration on the Llama model's projections
@@ -119,6 +120,16 @@ pub enum MethodSetup {
         /// Adapted projections.
         targets: Vec<String>,
     },
+    /// FourierFT with `n` frequencies per projection (PEFT's
+    /// `random_loc_seed` 777 and `scaling` 150), the spectrum zero (PEFT's
+    /// `init_weights = True`; its default draws it at random, which would
+    /// change the model before the first step).
+    FourierFt {
+        /// `n_frequency`.
+        n: usize,
+        /// Adapted projections.
+        targets: Vec<String>,
+    },
     /// RoAd (road_1) with groups of `group` outputs.
     Road {
         /// `group_size`.
@@ -170,6 +181,7 @@ impl MethodSetup {
             MethodSetup::Ia3 { .. }
             | MethodSetup::Road { .. }
             | MethodSetup::Boft { .. }
+            | MethodSetup::FourierFt { .. }
             | MethodSetup::C3a { .. }
             | MethodSetup::Prompt { .. }
             | MethodSetup::Prefix { .. } => None,
@@ -188,6 +200,7 @@ impl MethodSetup {
             | MethodSetup::Hra { targets, .. }
             | MethodSetup::Oft { targets, .. }
             | MethodSetup::Boft { targets, .. }
+            | MethodSetup::FourierFt { targets, .. }
             | MethodSetup::Road { targets, .. }
             | MethodSetup::C3a { targets, .. }
             | MethodSetup::Shira { targets, .. } => targets,
@@ -226,6 +239,9 @@ impl MethodSetup {
                 "oft_block_size": 0, "use_cayley_neumann": true, "num_cayley_neumann_terms": 5, "coft": false,
                 "eps": 6e-5, "block_share": false, "module_dropout": 0.0, "target_modules": targets,
                 "init_weights": true, "fan_in_fan_out": false, "bias": "none"}),
+            MethodSetup::FourierFt { n, targets } => json!({"peft_type": "FOURIERFT", "task_type": "CAUSAL_LM",
+                "n_frequency": n, "n_frequency_pattern": {}, "scaling": 150.0, "random_loc_seed": 777,
+                "target_modules": targets, "init_weights": true, "fan_in_fan_out": false, "bias": "none"}),
             MethodSetup::Boft { block, targets } => json!({"peft_type": "BOFT", "task_type": "CAUSAL_LM",
                 "boft_block_size": block, "boft_block_num": 0, "boft_n_butterfly_factor": 1, "boft_dropout": 0.0,
                 "target_modules": targets, "init_weights": true, "fan_in_fan_out": false, "bias": "none"}),
@@ -372,6 +388,13 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
                 let (theta, alpha) = (vec![0.0f32; n_out / 2], vec![1.0f32; n_out / 2]);
                 let (dtypes, group) = ([Dtype::F32; 2], *group);
                 ad.road.push(RoadModule { name: s.name, theta, alpha, variant, group, n_out, dtypes });
+            }
+        }
+        MethodSetup::FourierFt { n, .. } => {
+            for s in sites {
+                let m = FourierFtModule::new(s.name, vec![0.0f32; *n], 150.0, 777, Dtype::F32);
+                m.layer(s.weight.cols, s.weight.rows)?;
+                ad.fourierft.push(m);
             }
         }
         MethodSetup::Boft { block, .. } => {
@@ -690,6 +713,9 @@ pub fn tensors_mut(ad: &mut HfAdapter) -> Vec<&mut Vec<f32>> {
     }
     for m in &mut ad.oft {
         named.push((m.name.clone(), vec![&mut m.v]));
+    }
+    for m in &mut ad.fourierft {
+        named.push((m.name.clone(), vec![&mut m.spectrum]));
     }
     for m in &mut ad.boft {
         named.push((m.name.clone(), vec![&mut m.r, &mut m.s]));

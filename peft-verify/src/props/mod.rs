@@ -8,6 +8,7 @@ pub mod c3a;
 pub mod dora;
 pub mod embedding;
 pub mod errors;
+pub mod fourierft;
 pub mod gemm;
 pub mod hra;
 pub mod ia3;
