@@ -17,7 +17,7 @@
 //! | `gemm_rate` | faer `x W^T`, 128 x 1024 x 1024 | (absolute GFLOP/s) | >= 170 |
 //! | `ref_vs_faer` | reference gemm, 32 x 768 x 768 | faer gemm | >= 0.15 of faer's FLOP/s |
 //! | `dora_forward` | DoRA's unmerged forward, norms cached | LoRA's unmerged forward | <= 1.10 |
-//! | `method_forward` | each newer method's unmerged forward at r = 16 or its equivalent (AdaLoRA: k = 16; MiSS balance: r = 16; HRA: 16 reflections; RoAd road_2, groups of 64; C3A, blocks of 256; SHiRA, r (in + out) positions; OFT, blocks of 32 (PEFT's default), the series of 5 terms; BOFT, blocks of 4 and one factor (PEFT's defaults), and blocks of 8 with two butterfly factors; FourierFT, PEFT's 1000 frequencies) | LoRA's unmerged forward | <= 1.3 |
+//! | `method_forward` | each newer method's unmerged forward at r = 16 or its equivalent (AdaLoRA: k = 16; MiSS balance: r = 16; HRA: 16 reflections; RoAd road_2, groups of 64; C3A, blocks of 256; SHiRA, r (in + out) positions; OFT, blocks of 32 (PEFT's default), the series of 5 terms; BOFT, blocks of 4 and one factor (PEFT's defaults), and blocks of 8 with two butterfly factors; FourierFT, PEFT's 1000 frequencies; RandLoRA at r = 32, PEFT's default: full rank, nb = 128) | LoRA's unmerged forward | <= 1.3 |
 //! | `mixed_batch` | 4 LoRA adapters (r 16) over 32 tokens each, one base gemm | one adapter over the 128 tokens | <= 1.15 |
 //! | `storage` | LoRA forward over a stored base (f16, bf16, int8, q8_0, q4_0), t = 1, d = 4096, r = 16 | `stream`: one read of the stored bytes (a sum) | <= 1.3 |
 //! | `storage` | the same through the `no_std` reference kernels | faer's path | faer time / reference time >= 0.25 |
@@ -457,6 +457,7 @@ fn method_group(c: &mut Criterion) {
     use peft_core::hra::Hra;
     use peft_core::miss::{Miss, MissVariant};
     use peft_core::oft::{Cayley, Oft, OftSpec};
+    use peft_core::randlora::{RandLora, RandLoraBases};
     use peft_core::road::{Road, RoadVariant};
     use peft_core::shira::Shira;
     let s = SHAPES[0];
@@ -522,6 +523,14 @@ fn method_group(c: &mut Criterion) {
     let fourierft = FourierFt::new(s.d_in, s.d_out, 150.0, &spectrum[..], &rows[..], &cols[..]).unwrap();
     let mut fourierft_scratch = vec![0.0f32; fourierft.forward_scratch_len(s.tokens)];
     bench_adapter_forward(&mut g, "fourierft_forward", &backend, &base, x, &mut y, &mut fourierft_scratch, &fourierft);
+    // RandLoRA at PEFT's default r = 32: nb = 128 blocks, J = 4096 (full rank).
+    let (rr, nb) = (32, s.d_in.min(s.d_out).div_ceil(32));
+    let (ba, bb) = (vec![0.5f32; rr * s.d_in], vec![0.5f32; s.d_out * nb * rr]);
+    let bases = RandLoraBases::new(rr, s.d_in.min(s.d_out), s.d_in.max(s.d_out), nb, &ba[..], &bb[..]).unwrap();
+    let (lam, gam) = (vec![0.01f32; rr * nb], vec![0.01f32; nb * s.d_in.min(s.d_out)]);
+    let randlora = RandLora::new(&bases, s.d_in, s.d_out, 20.0, &lam[..], &gam[..]).unwrap();
+    let mut randlora_scratch = vec![0.0f32; randlora.forward_scratch_len(s.tokens)];
+    bench_adapter_forward(&mut g, "randlora_forward", &backend, &base, x, &mut y, &mut randlora_scratch, &randlora);
     g.finish();
 }
 

@@ -94,6 +94,7 @@ pub mod oft;
 pub mod optim;
 pub mod prefix;
 pub mod prompt;
+pub mod randlora;
 mod rng;
 pub mod road;
 pub mod set;

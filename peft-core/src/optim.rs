@@ -38,6 +38,7 @@
 //! | OFT | `1e-3` | as LoRA: PEFT sets no default; zero-initialized rotations, trained at LoRA's rates in the paper's examples |
 //! | BOFT | `1e-3` | as LoRA and OFT: PEFT sets no default |
 //! | FourierFT | `6e-2` | PEFT's FourierFT notebook (`examples/sequence_classification`) trains the spectrum at 6e-2 |
+//! | RandLoRA | `1e-3` | as LoRA: PEFT sets no default |
 //! | RoAd | `3e-3` | as (IA)^3: one angle and one scale per output; our choice, PEFT sets no default |
 //!
 //! DoRA is a LoRA variant ([`Method::Lora`], `use_dora` in its configuration) and takes LoRA's rate.
@@ -98,6 +99,8 @@ pub enum Method {
     Boft,
     /// FourierFT.
     FourierFt,
+    /// RandLoRA.
+    RandLora,
 }
 
 impl Method {
@@ -120,11 +123,12 @@ impl Method {
             Method::Oft => 1e-3,
             Method::Boft => 1e-3,
             Method::FourierFt => 6e-2,
+            Method::RandLora => 1e-3,
         }
     }
 
     /// The lower-case name (`"lora"`, `"adapter"`, `"prompt"`, `"prefix"`,
-    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`, `"c3a"`, `"shira"`, `"oft"`, `"boft"`, `"fourierft"`).
+    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`, `"c3a"`, `"shira"`, `"oft"`, `"boft"`, `"fourierft"`, `"randlora"`).
     pub const fn name(self) -> &'static str {
         match self {
             Method::Lora => "lora",
@@ -144,6 +148,7 @@ impl Method {
             Method::Oft => "oft",
             Method::Boft => "boft",
             Method::FourierFt => "fourierft",
+            Method::RandLora => "randlora",
         }
     }
 }

@@ -199,7 +199,7 @@ const SHAPES: [(&str, usize, usize); 7] = [
 /// A PEFT adapter folder of `method` (`dora`, `ia3`, `loha`, `lokr`,
 /// `vera`, `adalora`, `miss_bat` with r 8, `miss_mini` with r 6 over inputs
 /// of 64 and 128, the padded path, `hra` with r 4, `hra_gs` with r 3,
-/// `road_1` and `road_4` in groups of 16, `c3a` in blocks of 16, `shira` at every 7th position of each weight, `oft` in blocks of 16 (the series, 5 terms), `oft_exact` one shared block of 8 (the exact transform); COFT's projection is outside PEFT's gradient, so finite differences cannot check it here: peft-verify's properties and the `oft_coft` fixture do), `boft` one factor in blocks of 8, `boft_butterfly` two factors in blocks of 4, `fourierft` 50 frequencies (seed 5, scaling 300) on all seven projections of both layers of the fixtures' model,
+/// `road_1` and `road_4` in groups of 16, `c3a` in blocks of 16, `shira` at every 7th position of each weight, `oft` in blocks of 16 (the series, 5 terms), `oft_exact` one shared block of 8 (the exact transform); COFT's projection is outside PEFT's gradient, so finite differences cannot check it here: peft-verify's properties and the `oft_coft` fixture do), `boft` one factor in blocks of 8, `boft_butterfly` two factors in blocks of 4, `fourierft` 50 frequencies (seed 5, scaling 300), `randlora` r 8 over shared bases without per-module copies on all seven projections of both layers of the fixtures' model,
 /// written as PEFT names and shapes its tensors, with random values (so
 /// that it changes the output). (IA)^3 scales the inputs of `up_proj` and
 /// `down_proj` (`feedforward_modules`).
@@ -229,6 +229,8 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
         "oft" => serde_json::json!({"peft_type": "OFT", "r": 0, "oft_block_size": 16, "target_modules": targets}),
         "oft_exact" => serde_json::json!({"peft_type": "OFT", "r": 0, "oft_block_size": 8, "block_share": true,
             "use_cayley_neumann": false, "target_modules": targets}),
+        "randlora" => serde_json::json!({"peft_type": "RANDLORA", "r": 8, "randlora_alpha": 16,
+            "save_projection": true, "target_modules": targets}),
         "fourierft" => serde_json::json!({"peft_type": "FOURIERFT", "n_frequency": 50, "scaling": 300.0,
             "random_loc_seed": 5, "target_modules": targets}),
         "boft" => serde_json::json!({"peft_type": "BOFT", "boft_block_size": 8, "target_modules": targets}),
@@ -248,6 +250,11 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
         v.iter_mut().for_each(|x| *x += offset);
         tensors.push((name, shape, v));
     };
+    if method == "randlora" {
+        // The shared bases for the largest projection, [128, 64] (min 64, max 128, n_b 8).
+        put("base_model.randlora_A".into(), vec![8, 1, 64], 1.0, 0.0);
+        put("base_model.randlora_B".into(), vec![128, 8, 8], 1.0, 0.0);
+    }
     if method == "vera" {
         put("base_model.vera_A".into(), vec![4, 128], 0.3, 0.0);
         put("base_model.vera_B".into(), vec![128, 4], 0.3, 0.0);
@@ -293,6 +300,11 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
                 "oft" => put(format!("{key}.oft_R.weight"), vec![i / 16, 120], 0.1, 0.0),
                 "oft_exact" => put(format!("{key}.oft_R.weight"), vec![1, 28], 0.2, 0.0),
                 "fourierft" => put(format!("{key}.fourierft_spectrum"), vec![50], 2.0, 0.0),
+                "randlora" => {
+                    let nb = o.min(i).div_ceil(8);
+                    put(format!("{key}.randlora_lambda"), vec![8, nb], 0.05, 0.0);
+                    put(format!("{key}.randlora_gamma"), vec![nb, o.min(i)], 0.01, 0.01);
+                }
                 "boft" | "boft_butterfly" => {
                     let (f, b) = if method == "boft" { (1, 8) } else { (2, 4) };
                     put(format!("{key}.boft_R"), vec![f, i / b, b, b], 0.2, 0.0);
@@ -525,6 +537,11 @@ fn reach(ad: &HfAdapter, name: &str, k: usize) -> Reach {
     if let Some(i) = ad.hra.iter().position(|m| m.name == name) {
         return Box::new(move |a: &mut HfAdapter| &mut a.hra[i].u);
     }
+    if let Some(i) = ad.randlora.iter().position(|m| m.name == name) {
+        return Box::new(
+            move |a: &mut HfAdapter| if k == 0 { &mut a.randlora[i].lambda } else { &mut a.randlora[i].gamma },
+        );
+    }
     if let Some(i) = ad.fourierft.iter().position(|m| m.name == name) {
         return Box::new(move |a: &mut HfAdapter| &mut a.fourierft[i].spectrum);
     }
@@ -556,7 +573,7 @@ fn reach(ad: &HfAdapter, name: &str, k: usize) -> Reach {
 /// allowed), which only the smallest gradients (below 0.02) come near; a
 /// missing or wrong term exceeds it by far.
 /// LoRA, DoRA, (IA)^3, LoHa, LoKr, VeRA, AdaLoRA, MiSS (bat, mini), HRA
-/// (with and without Gram-Schmidt), RoAd (road_1, road_4), C3A, SHiRA, OFT (the series; the exact transform, shared) BOFT (one factor; two butterfly factors) and FourierFT on all
+/// (with and without Gram-Schmidt), RoAd (road_1, road_4), C3A, SHiRA, OFT (the series; the exact transform, shared) BOFT (one factor; two butterfly factors), FourierFT and RandLoRA on all
 /// seven projections of both layers, prompt tuning and prefix tuning (GQA). DoRA's `A` and `B`
 /// are not compared: PEFT detaches the weight norm, so their gradient is
 /// not the loss's full derivative (peft-verify's `dora_gradients_match_fd`

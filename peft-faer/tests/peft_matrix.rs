@@ -20,7 +20,7 @@ mod common;
 use common::{case_dir, load, max_rel, scratch};
 
 /// The methods this crate merges.
-const SUPPORTED: [&str; 14] = [
+const SUPPORTED: [&str; 15] = [
     "LORA",
     "IA3",
     "LOHA",
@@ -35,6 +35,7 @@ const SUPPORTED: [&str; 14] = [
     "OFT",
     "BOFT",
     "FOURIERFT",
+    "RANDLORA",
 ];
 
 /// The cases of those methods refused, each with the field its refusal

@@ -95,6 +95,10 @@
 //! | `fourierft_merged_equals_unmerged` | `W + dW` gives the unmerged output | 5 |
 //! | `fourierft_unmerge_restores` | the typed merge, as `loha_unmerge_restores` | 5 |
 //! | `fourierft_gradients_match_fd` | d`fourierft_spectrum` and dx against central differences | 12 |
+//! | `randlora_identity_at_init` | RandLoRA at PEFT's init (`lambda = 0`): exactly the base output | 2 |
+//! | `randlora_matches_oracle_and_merges` | `x (W + dW)^T`, `dW` from PEFT's `get_scaled_bases` (its index pairing, both orientations), and the merged weight gives it | 5 |
+//! | `randlora_unmerge_restores` | the typed merge, as `loha_unmerge_restores` | 5 |
+//! | `randlora_gradients_match_fd` | d`lambda`, d`gamma` and dx against central differences | 12 |
 //! | `lokr_matches_oracle_and_merges` | LoKr, each factor full or low rank: `x (W + s kron(W1, W2))^T`, and the merged weight gives it | 3, 6 |
 //! | `lokr_unmerge_restores` | LoKr's typed merge, each factor form: as `loha_unmerge_restores` | 6 |
 //! | `lokr_identity_at_init` | LoKr at PEFT's init (`W1 = 0`, each factor form): exactly the base output | 2 |
@@ -393,6 +397,7 @@ where
     props::oft::run_all::<E, B>(backend, config, &mut report);
     props::boft::run_all::<E, B>(backend, config, &mut report);
     props::fourierft::run_all::<E, B>(backend, config, &mut report);
+    props::randlora::run_all::<E, B>(backend, config, &mut report);
     props::road::run_all::<E, B>(backend, config, &mut report);
     props::c3a::run_all::<E, B>(backend, config, &mut report);
     props::shira::run_all::<E, B>(backend, config, &mut report);

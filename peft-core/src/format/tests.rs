@@ -73,6 +73,7 @@ fn every_method_code_round_trips() {
         (Method::Oft, 15),
         (Method::Boft, 16),
         (Method::FourierFt, 17),
+        (Method::RandLora, 18),
     ];
     let t = [Tensor { name: "x", shape: &[1], data: &[1.0f32][..] }];
     for (m, code) in methods {
@@ -200,7 +201,7 @@ fn header_checks_with_a_valid_checksum() {
     };
     assert_eq!(resealed(&|b| b[0] = b'X'), Err(FormatError::BadMagic));
     assert_eq!(resealed(&|b| b[8] = 2), Err(FormatError::UnsupportedVersion { version: 2 }));
-    assert_eq!(resealed(&|b| b[12] = 18), Err(FormatError::UnknownMethod { code: 18 }));
+    assert_eq!(resealed(&|b| b[12] = 19), Err(FormatError::UnknownMethod { code: 19 }));
     assert_eq!(resealed(&|b| b[12] = 0), Err(FormatError::UnknownMethod { code: 0 }));
     assert_eq!(resealed(&|b| b[13] = 1), Err(FormatError::Reserved));
     assert_eq!(resealed(&|b| b[23] = 1), Err(FormatError::TooMany { what: "tensors", count: (1 << 24) + 1 }));

@@ -45,7 +45,7 @@ impl MethodSpec {
 }
 
 /// Every method, in the order `peft finetune` trains and prints them.
-pub const METHODS: [MethodSpec; 18] = [
+pub const METHODS: [MethodSpec; 19] = [
     MethodSpec {
         name: "lora",
         peft_type: Some("LORA"),
@@ -167,6 +167,14 @@ pub const METHODS: [MethodSpec; 18] = [
         summary: "dW = Re(ifft2(S)) scaling, S sparse: w[j] at frequencies regenerated from a seed (torch's randperm)",
     },
     MethodSpec {
+        name: "randlora",
+        peft_type: Some("RANDLORA"),
+        file_method: Method::RandLora,
+        family: Family::Weight,
+        merges: true,
+        summary: "dW = s UB UA, UA rows lambda[k, b] A[k] * gamma[b], UB columns B[:, b, k] (shared random bases)",
+    },
+    MethodSpec {
         name: "adapter",
         peft_type: None,
         file_method: Method::Adapter,
@@ -213,7 +221,7 @@ mod tests {
             Method::Lora | Method::Adapter | Method::Prompt | Method::Prefix => true,
             Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => true,
             Method::AdaLora | Method::Miss | Method::Hra | Method::Road | Method::C3a | Method::Shira => true,
-            Method::Oft | Method::Boft | Method::FourierFt => true,
+            Method::Oft | Method::Boft | Method::FourierFt | Method::RandLora => true,
         };
         for m in [
             Method::Lora,
@@ -233,6 +241,7 @@ mod tests {
             Method::Oft,
             Method::Boft,
             Method::FourierFt,
+            Method::RandLora,
         ] {
             assert!(known(m));
             assert!(METHODS.iter().any(|s| s.file_method == m), "{m:?} has no entry");

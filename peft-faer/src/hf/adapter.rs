@@ -12,7 +12,8 @@ use super::st::{self, OutEntry, StFile};
 use super::{
     AdaLoraModule, BoftModule, C3aModule, CONFIG_FILE, FourierFtModule, HfError, HraModule, Ia3Module, LOHA_KEYS,
     LohaModule, LokrModule, LoraModule, MAX_ADAPTER_BYTES, MAX_CONFIG_BYTES, MissModule, OftModule, PeftConfig,
-    RoadModule, ShiraModule, VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections, WEIGHTS_FILE,
+    RANDLORA_A_KEY, RANDLORA_B_KEY, RandLoraModule, RandLoraShared, RoadModule, ShiraModule, VERA_A_KEY, VERA_B_KEY,
+    VeraModule, VeraProjections, WEIGHTS_FILE,
 };
 
 /// A whole tensor of an adapter: a base tensor it replaces (a trained bias
@@ -59,6 +60,10 @@ pub struct HfAdapter {
     pub boft: Vec<BoftModule>,
     /// FourierFT modules, in the order of their keys.
     pub fourierft: Vec<FourierFtModule>,
+    /// RandLoRA modules, in the order of their keys.
+    pub randlora: Vec<RandLoraModule>,
+    /// RandLoRA's shared bases.
+    pub randlora_bases: Option<RandLoraShared>,
     /// RoAd modules, in the order of their keys.
     pub road: Vec<RoadModule>,
     /// C3A modules, in the order of their keys.
@@ -146,6 +151,7 @@ impl HfAdapter {
             PeftConfig::Oft(c) => out.read_oft(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Boft(c) => out.read_boft(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::FourierFt(c) => out.read_fourierft(c, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::RandLora(c) => out.read_randlora(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Road(c) => out.read_road(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::C3a(c) => out.read_c3a(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Shira(c) => out.read_shira(c, &file, read).map_err(|e| e.in_file(&path))?,
@@ -169,6 +175,8 @@ impl HfAdapter {
             oft: Vec::new(),
             boft: Vec::new(),
             fourierft: Vec::new(),
+            randlora: Vec::new(),
+            randlora_bases: None,
             road: Vec::new(),
             c3a: Vec::new(),
             shira: Vec::new(),
@@ -241,6 +249,7 @@ impl HfAdapter {
             PeftConfig::Oft(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Boft(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::FourierFt(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::RandLora(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Road(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::C3a(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Shira(c) => serde_json::Value::Object(c.raw.clone()),
@@ -299,10 +308,7 @@ impl HfAdapter {
             tensors.push((format!("{key}.road_theta"), m.dtypes[0], vec![len], &m.theta));
             tensors.push((format!("{key}.road_alpha"), m.dtypes[1], vec![len], &m.alpha));
         }
-        for m in &self.fourierft {
-            let key = format!("base_model.model.{}.fourierft_spectrum", m.name);
-            tensors.push((key, m.dtype, vec![m.spectrum.len()], &m.spectrum));
-        }
+        self.newer_tensors(&mut tensors);
         for m in &self.boft {
             let key = |k: &str| format!("base_model.model.{}.{k}", m.name);
             tensors.push((key("boft_R"), m.dtypes[0], m.shape.to_vec(), &m.r));
@@ -337,6 +343,28 @@ impl HfAdapter {
             tensors.push((p.name.clone(), p.dtype, p.shape.clone(), &p.data));
         }
         tensors
+    }
+
+    /// RandLoRA's and FourierFT's tensors, in [`tensors`](Self::tensors)'
+    /// order.
+    fn newer_tensors<'s>(&'s self, tensors: &mut Vec<(String, Dtype, Vec<usize>, &'s [f32])>) {
+        for m in &self.randlora {
+            let key = |k: &str| format!("base_model.model.{}.{k}", m.name);
+            tensors.push((key("randlora_lambda"), m.dtypes[0], m.lambda_shape.to_vec(), &m.lambda));
+            tensors.push((key("randlora_gamma"), m.dtypes[1], m.gamma_shape.to_vec(), &m.gamma));
+            if let (true, Some(p)) = (m.copies, &self.randlora_bases) {
+                tensors.push((key("randlora_A"), p.dtypes[0], p.a_shape.to_vec(), &p.a));
+                tensors.push((key("randlora_B"), p.dtypes[1], p.b_shape.to_vec(), &p.b));
+            }
+        }
+        if let Some(p) = &self.randlora_bases {
+            tensors.push((RANDLORA_A_KEY.into(), p.dtypes[0], p.a_shape.to_vec(), &p.a));
+            tensors.push((RANDLORA_B_KEY.into(), p.dtypes[1], p.b_shape.to_vec(), &p.b));
+        }
+        for m in &self.fourierft {
+            let key = format!("base_model.model.{}.fourierft_spectrum", m.name);
+            tensors.push((key, m.dtype, vec![m.spectrum.len()], &m.spectrum));
+        }
     }
 
     /// Writes the directory PEFT's `PeftModel.from_pretrained` loads, each

@@ -384,6 +384,23 @@ pub struct ShiraConfig {
     pub raw: Map<String, Value>,
 }
 
+/// A RandLoRA adapter's configuration (`peft_type: "RANDLORA"`).
+/// `sparse`, `very_sparse` and `projection_prng_key` only drew the bases,
+/// which the file holds (`save_projection = true`).
+#[derive(Clone, Debug)]
+pub struct RandLoraConfig {
+    /// The bases' rank `r`.
+    pub r: usize,
+    /// `randlora_alpha` (the scale is `randlora_alpha / r`).
+    pub randlora_alpha: f64,
+    /// Targeted modules.
+    pub target_modules: Targets,
+    /// Modules whose whole weights are trained and saved.
+    pub modules_to_save: Vec<String>,
+    /// The JSON object as read.
+    pub raw: Map<String, Value>,
+}
+
 /// A FourierFT adapter's configuration (`peft_type: "FOURIERFT"`).
 #[derive(Clone, Debug)]
 pub struct FourierFtConfig {
@@ -460,6 +477,8 @@ pub struct OftConfig {
 /// A parsed `adapter_config.json`.
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
+    /// `peft_type: "RANDLORA"`.
+    RandLora(RandLoraConfig),
     /// `peft_type: "FOURIERFT"`.
     FourierFt(FourierFtConfig),
     /// `peft_type: "BOFT"`.
@@ -513,6 +532,7 @@ impl PeftConfig {
             PeftConfig::Oft(_) => "OFT",
             PeftConfig::Boft(_) => "BOFT",
             PeftConfig::FourierFt(_) => "FOURIERFT",
+            PeftConfig::RandLora(_) => "RANDLORA",
         }
     }
 }
@@ -618,6 +638,21 @@ struct RawMiss {
     /// `true`, `false`, `"bat"` or `"mini"`.
     init_weights: Option<Value>,
     mini_r: Option<usize>,
+    target_modules: Option<RawTargets>,
+    bias: Option<String>,
+    modules_to_save: Option<OneOrMany<String>>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// The fields of a RandLoRA config that change the math (PEFT's defaults
+/// where absent).
+#[derive(Deserialize)]
+struct RawRandLora {
+    r: Option<usize>,
+    randlora_alpha: Option<f64>,
+    save_projection: Option<bool>,
+    fan_in_fan_out: Option<bool>,
     target_modules: Option<RawTargets>,
     bias: Option<String>,
     modules_to_save: Option<OneOrMany<String>>,
@@ -831,6 +866,7 @@ impl PeftConfig {
             "OFT" => Self::oft(text, &v),
             "BOFT" => Self::boft(text, &v),
             "FOURIERFT" => Self::fourierft(text, &v),
+            "RANDLORA" => Self::randlora(text, &v),
             "LOKR" => {
                 let PeftConfig::Loha(common) = Self::loha(text, &v)? else {
                     return Err(HfError::config("peft_type", "LOKR"));
@@ -843,7 +879,7 @@ impl PeftConfig {
                 Ok(PeftConfig::Lokr(LokrConfig { common, decompose_both, decompose_factor }))
             }
             other => Err(HfError::Unsupported(format!(
-                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, C3A, SHIRA, OFT, BOFT, FOURIERFT, PROMPT_TUNING, PREFIX_TUNING)"
+                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, C3A, SHIRA, OFT, BOFT, FOURIERFT, RANDLORA, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }
@@ -1033,6 +1069,31 @@ impl PeftConfig {
         Ok(PeftConfig::Miss(MissConfig {
             r: raw.r,
             variant,
+            target_modules: targets("target_modules", raw.target_modules)?,
+            modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
+            raw: v.as_object().cloned().unwrap_or_default(),
+        }))
+    }
+
+    fn randlora(text: &str, v: &Value) -> Result<Self, HfError> {
+        let raw: RawRandLora = typed(text)?;
+        unsupported_if_set(&raw.rest, "layers_to_transform", "RandLoRA on a subset of layers is not supported")?;
+        linear_without_bias("RandLoRA", raw.fan_in_fan_out, raw.bias.as_deref())?;
+        if raw.save_projection == Some(false) {
+            return Err(HfError::Unsupported(
+                "`save_projection`: false (the bases are drawn again from projection_prng_key with torch's generator on bf16, not reproduced here)".into(),
+            ));
+        }
+        let (r, alpha) = (raw.r.unwrap_or(32), raw.randlora_alpha.unwrap_or(640.0));
+        if r == 0 {
+            return Err(HfError::config("r", "must be at least 1"));
+        }
+        if !alpha.is_finite() {
+            return Err(HfError::config("randlora_alpha", "must be finite"));
+        }
+        Ok(PeftConfig::RandLora(RandLoraConfig {
+            r,
+            randlora_alpha: alpha,
             target_modules: targets("target_modules", raw.target_modules)?,
             modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             raw: v.as_object().cloned().unwrap_or_default(),

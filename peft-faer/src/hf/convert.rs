@@ -177,6 +177,10 @@ fn typed_entries(config: &PeftConfig) -> Vec<(String, Value<'static>)> {
             out.push(("group_size".into(), Value::U64(c.group_size as u64)));
         }
         PeftConfig::C3a(c) => out.push(("block_size".into(), Value::U64(c.block_size as u64))),
+        PeftConfig::RandLora(c) => {
+            out.push(("r".into(), Value::U64(c.r as u64)));
+            out.push(("randlora_alpha".into(), Value::F64(c.randlora_alpha)));
+        }
         PeftConfig::FourierFt(c) => {
             out.push(("n_frequency".into(), Value::U64(c.n_frequency as u64)));
             out.push(("scaling".into(), Value::F64(c.scaling)));
@@ -224,6 +228,7 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
         PeftConfig::Oft(_) => Method::Oft,
         PeftConfig::Boft(_) => Method::Boft,
         PeftConfig::FourierFt(_) => Method::FourierFt,
+        PeftConfig::RandLora(_) => Method::RandLora,
         PeftConfig::Road(_) => Method::Road,
         PeftConfig::C3a(_) => Method::C3a,
         PeftConfig::Shira(_) => {
@@ -340,6 +345,7 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
         | PeftConfig::Oft(_)
         | PeftConfig::Boft(_)
         | PeftConfig::FourierFt(_)
+        | PeftConfig::RandLora(_)
         | PeftConfig::Road(_)
         | PeftConfig::C3a(_)
         | PeftConfig::Shira(_) => {
@@ -524,6 +530,17 @@ fn oft_config(get: Get<'_, '_>, targets: Vec<String>) -> serde_json::Value {
     })
 }
 
+/// RandLoRA's PEFT config (the bases travel in the file).
+fn randlora_config(r: u64, alpha: serde_json::Value, targets: Vec<String>) -> serde_json::Value {
+    json!({
+        "peft_type": "RANDLORA", "task_type": null, "base_model_name_or_path": null, "revision": null,
+        "inference_mode": true, "r": r, "randlora_alpha": alpha, "save_projection": true, "sparse": false,
+        "very_sparse": false, "projection_prng_key": 0, "randlora_dropout": 0.0, "fan_in_fan_out": false,
+        "bias": "none", "init_weights": true, "target_modules": targets, "modules_to_save": null,
+        "layers_to_transform": null, "layers_pattern": null,
+    })
+}
+
 /// FourierFT's PEFT config from a `.peft` file's entries (no
 /// `n_frequency_pattern`: the entries carry one count).
 fn fourierft_config(get: Get<'_, '_>, targets: Vec<String>) -> serde_json::Value {
@@ -667,6 +684,7 @@ fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Valu
         Method::Oft => Ok(oft_config(get, list("target_modules")?)),
         Method::Boft => Ok(boft_config(get, list("target_modules")?)),
         Method::FourierFt => Ok(fourierft_config(get, list("target_modules")?)),
+        Method::RandLora => Ok(randlora_config(u("r")?, number("randlora_alpha")?, list("target_modules")?)),
         Method::Hra => {
             Ok(hra_config(u("r")?, matches!(get("apply_GS"), Some(Value::Bool(true))), list("target_modules")?))
         }

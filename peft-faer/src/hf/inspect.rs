@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 
 use super::{
     AdaLoraConfig, AdapterSummary, BoftConfig, C3aConfig, FourierFtConfig, HfLoraConfig, HraConfig, LohaConfig,
-    LokrConfig, MissConfig, OftConfig, PeftConfig, PromptConfig, RoadConfig, VeraConfig,
+    LokrConfig, MissConfig, OftConfig, PeftConfig, PromptConfig, RandLoraConfig, RoadConfig, VeraConfig,
 };
 
 /// One module's row: the columns of its method, in order, each a name and
@@ -102,6 +102,7 @@ impl InspectReport {
             PeftConfig::Oft(c) => r.oft(c, ad, dtype),
             PeftConfig::Boft(c) => r.boft(c, ad, dtype),
             PeftConfig::FourierFt(c) => r.fourierft(c, ad, dtype),
+            PeftConfig::RandLora(c) => r.randlora(c, ad, dtype),
             PeftConfig::Road(c) => r.road(c, ad, dtype),
             PeftConfig::C3a(c) => r.c3a(c, ad, dtype),
             PeftConfig::Shira(_) => r.shira(ad, dtype),
@@ -243,6 +244,26 @@ impl InspectReport {
         for m in &ad.road {
             let mut row = named(&m.name);
             row.extend([("out", json!(m.n_out)), ("params", json!(2 * m.len))]);
+            self.modules.push(row);
+        }
+    }
+
+    /// RandLoRA's shared bases and modules.
+    fn randlora(&mut self, c: &RandLoraConfig, ad: &AdapterSummary, dtype: Value) {
+        self.method = "randlora";
+        self.fields = json_map(json!({ "r": c.r, "randlora_alpha": c.randlora_alpha, "dtype": dtype,
+            "bases": ad.randlora_bases.map(|[a, b]| json!({ "randlora_A": a, "randlora_B": b })) }));
+        self.headline = format!(
+            "method randlora: r={} randlora_alpha={} (dW = (alpha / r) UB UA over shared random bases)",
+            c.r, c.randlora_alpha
+        );
+        if let Some([a, b]) = ad.randlora_bases {
+            self.notes.push(format!("shared frozen bases: randlora_A {a:?}, randlora_B {b:?}"));
+        }
+        for m in &ad.randlora {
+            let mut row = named(&m.name);
+            let params = m.lambda[0] * m.lambda[1] + m.gamma[0] * m.gamma[1];
+            row.extend([("lambda", json!(m.lambda)), ("gamma", json!(m.gamma)), ("params", json!(params))]);
             self.modules.push(row);
         }
     }

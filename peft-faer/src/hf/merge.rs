@@ -44,8 +44,8 @@ use super::base::{Base, INDEX_FILE};
 use super::st::{self, Entry, OutEntry};
 use super::{
     AdaLoraModule, BoftModule, C3aModule, FourierFtModule, HfAdapter, HfError, HfLoraConfig, HfTensor, HraModule,
-    Ia3Config, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule, OftModule, PeftConfig, RoadModule,
-    ShiraModule, VeraModule, VeraProjections,
+    Ia3Config, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule, OftModule, PeftConfig, RandLoraModule,
+    RandLoraShared, RoadModule, ShiraModule, VeraModule, VeraProjections,
 };
 use crate::files::{Staging, check_output};
 
@@ -82,6 +82,8 @@ enum Update<'a> {
     /// OFT on a weight `[out, in]`: each row's blocks `w_k -> w_k R_k^T`;
     /// on an embedding `[vocab, dim]`, `e_k -> e_k R_k` (multiplier 1).
     Oft(&'a OftModule, [usize; 2]),
+    /// RandLoRA on a weight `[out, in]` over the shared bases: `W += m dW`.
+    RandLora(&'a RandLoraModule, &'a RandLoraShared, [usize; 2], f64),
     /// FourierFT on a weight `[out, in]`: `W += m dW`.
     FourierFt(&'a FourierFtModule, [usize; 2], f64),
     /// BOFT on a weight `[out, in]`: each row `w_o -> (w_o M^T) s_o`
@@ -223,49 +225,16 @@ fn check_finite(adapter: &HfAdapter, multiplier: f64) -> Result<(), HfError> {
             return Err(bad(format!("{}.lora_magnitude_vector", m.name), x, HELD));
         }
     }
-    for m in &adapter.loha {
-        for (i, f) in m.factors.iter().enumerate() {
-            if let Some(x) = first_nonfinite(f) {
-                return Err(bad(format!("{}.{}", m.name, super::LOHA_KEYS[i]), x, HELD));
-            }
+    // Every other tensor the adapter holds, under its key (training-only state aside: it is not merged).
+    let training = |name: &str| adapter.training_state.iter().any(|t| name == format!("base_model.model.{}", t.name));
+    for (name, _, _, v) in adapter.tensors() {
+        let key = name.strip_prefix("base_model.model.").unwrap_or(&name);
+        let lora = adapter.modules.iter().any(|m| key.starts_with(&format!("{}.lora_", m.name)));
+        if lora || training(&name) {
+            continue;
         }
-    }
-    for m in &adapter.lokr {
-        for (key, _, v) in m.stored() {
-            if let Some(x) = first_nonfinite(v) {
-                return Err(bad(format!("{}.{key}", m.name), x, HELD));
-            }
-        }
-    }
-    for m in &adapter.vera {
-        for (key, v) in [("vera_lambda_d", &m.lambda_d), ("vera_lambda_b", &m.lambda_b)] {
-            if let Some(x) = first_nonfinite(v) {
-                return Err(bad(format!("{}.{key}", m.name), x, HELD));
-            }
-        }
-    }
-    if let Some(p) = &adapter.vera_projections {
-        for (key, v) in [(super::VERA_A_KEY, &p.a), (super::VERA_B_KEY, &p.b)] {
-            if let Some(x) = first_nonfinite(v) {
-                return Err(bad(key.to_string(), x, HELD));
-            }
-        }
-    }
-    for m in &adapter.adalora {
-        for (key, _, v) in m.stored() {
-            if let Some(x) = first_nonfinite(v) {
-                return Err(bad(format!("{}.{key}", m.name), x, HELD));
-            }
-        }
-    }
-    for m in &adapter.ia3 {
-        if let Some(x) = first_nonfinite(&m.l) {
-            return Err(bad(format!("{}.ia3_l", m.name), x, HELD));
-        }
-    }
-    for r in &adapter.replacements {
-        if let Some(x) = first_nonfinite(&r.data) {
-            return Err(bad(r.name.clone(), x, HELD));
+        if let Some(x) = first_nonfinite(v) {
+            return Err(bad(key.to_string(), x, HELD));
         }
     }
     Ok(())
@@ -500,6 +469,16 @@ impl<'a> Plan<'a, '_> {
         self.push_weight(name, Update::Oft(m, [n_out, n_in]))
     }
 
+    /// RandLoRA on `<module>.weight`: `gamma`'s width is `min(in, out)`,
+    /// the bases cover the shape.
+    fn randlora(&mut self, m: &'a RandLoraModule, p: &'a RandLoraShared, multiplier: f64) -> Result<(), HfError> {
+        let name = format!("{}.weight", m.name);
+        let bases = p.bases()?;
+        let want = format!("a matrix of min(out, in) = {} that the bases cover", m.gamma_shape[1]);
+        let [n_out, n_in] = self.matrix(&name, &|o, i| m.layer(&bases, i, o).is_ok(), &want)?;
+        self.push_weight(name, Update::RandLora(m, p, [n_out, n_in], multiplier))
+    }
+
     /// FourierFT on `<module>.weight`: its frequencies drawn for the
     /// weight's shape.
     fn fourierft(&mut self, m: &'a FourierFtModule, multiplier: f64) -> Result<(), HfError> {
@@ -567,6 +546,19 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
             let method = c.method_name();
             return Err(HfError::Unsupported(format!("a multiplier other than 1 for a {method} adapter")));
         }
+        plan.adapter(adapter, multiplier)?;
+    }
+    for &(adapter, _) in adapters {
+        plan.replacements(adapter)?;
+    }
+    Ok(plan.actions)
+}
+
+impl<'a> Plan<'a, '_> {
+    /// Every change `adapter` makes, scaled by `multiplier` where the
+    /// method has a scale.
+    fn adapter(&mut self, adapter: &'a HfAdapter, multiplier: f64) -> Result<(), HfError> {
+        let plan = self;
         match &adapter.config {
             PeftConfig::Lora(lc) => {
                 for m in &adapter.modules {
@@ -602,6 +594,12 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
             PeftConfig::Road(_) => {
                 for m in &adapter.road {
                     plan.road(m)?;
+                }
+            }
+            PeftConfig::RandLora(_) => {
+                let p = adapter.randlora_bases.as_ref().ok_or_else(|| HfError::missing(crate::hf::RANDLORA_A_KEY))?;
+                for m in &adapter.randlora {
+                    plan.randlora(m, p, multiplier)?;
                 }
             }
             PeftConfig::FourierFt(_) => {
@@ -646,11 +644,8 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
                 ));
             }
         }
+        Ok(())
     }
-    for &(adapter, _) in adapters {
-        plan.replacements(adapter)?;
-    }
-    Ok(plan.actions)
 }
 
 /// Merges `adapter` into `base`, writing `out` (a `.safetensors` file for a
@@ -1006,6 +1001,12 @@ impl Update<'_> {
             }
             Update::C3a(m, factor) => {
                 m.layer()?.delta_rows(backend, i0, block, Accum::Add, factor, &mut []).map_err(be)
+            }
+            Update::RandLora(m, p, [n_out, n_in], factor) => {
+                let bases = p.bases()?;
+                let layer = m.layer(&bases, n_in, n_out)?;
+                let sc = grow(scratch, layer.delta_scratch_len(n));
+                layer.delta_rows(backend, i0, block, Accum::Add, factor, sc).map_err(be)
             }
             Update::FourierFt(m, [n_out, n_in], factor) => {
                 let layer = m.layer(n_in, n_out)?;

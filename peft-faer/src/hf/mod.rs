@@ -29,6 +29,7 @@ mod lora;
 pub mod merge;
 mod miss;
 mod oft;
+mod randlora;
 mod road;
 mod shira;
 pub mod st;
@@ -43,7 +44,8 @@ pub use boft::BoftModule;
 pub use c3a::C3aModule;
 pub use config::{
     AdaLoraConfig, BiasMode, BoftConfig, C3aConfig, FourierFtConfig, HfLoraConfig, HraConfig, Ia3Config, LohaConfig,
-    LokrConfig, MissConfig, OftConfig, Pattern, PeftConfig, PromptConfig, RoadConfig, ShiraConfig, Targets, VeraConfig,
+    LokrConfig, MissConfig, OftConfig, Pattern, PeftConfig, PromptConfig, RandLoraConfig, RoadConfig, ShiraConfig,
+    Targets, VeraConfig,
 };
 pub use error::HfError;
 pub use fourierft::{FourierFtModule, torch_randperm_prefix};
@@ -55,12 +57,13 @@ pub use lokr::LokrModule;
 pub use lora::LoraModule;
 pub use miss::MissModule;
 pub use oft::{OftModule, adjust_oft_parameters};
+pub use randlora::{RANDLORA_A_KEY, RANDLORA_B_KEY, RandLoraModule, RandLoraShared};
 pub use road::RoadModule;
 pub use shira::ShiraModule;
 pub use summary::{
     AdaLoraSummary, AdapterSummary, BoftSummary, C3aSummary, FourierFtSummary, HraSummary, Ia3Summary, LohaSummary,
-    LokrSummary, MissSummary, ModuleSummary, NonFinite, OftSummary, ProjectionSummary, RoadSummary, TensorSummary,
-    VeraSummary,
+    LokrSummary, MissSummary, ModuleSummary, NonFinite, OftSummary, ProjectionSummary, RandLoraSummary, RoadSummary,
+    TensorSummary, VeraSummary,
 };
 pub use vera::{VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections};
 

@@ -101,6 +101,17 @@ pub struct RoadSummary {
     pub len: usize,
 }
 
+/// One RandLoRA module of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct RandLoraSummary {
+    /// Module name.
+    pub name: String,
+    /// `randlora_lambda`'s shape `[r, nb]`.
+    pub lambda: [usize; 2],
+    /// `randlora_gamma`'s shape `[nb, mn]`.
+    pub gamma: [usize; 2],
+}
+
 /// One FourierFT module of an [`AdapterSummary`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct FourierFtSummary {
@@ -252,6 +263,10 @@ pub struct AdapterSummary {
     pub boft: Vec<BoftSummary>,
     /// FourierFT modules.
     pub fourierft: Vec<FourierFtSummary>,
+    /// RandLoRA modules.
+    pub randlora: Vec<RandLoraSummary>,
+    /// RandLoRA's shared bases' shapes, `randlora_A` and `randlora_B`.
+    pub randlora_bases: Option<[[usize; 3]; 2]>,
     /// RoAd modules.
     pub road: Vec<RoadSummary>,
     /// C3A modules.
@@ -339,6 +354,12 @@ impl HfAdapter {
             miss: ad.miss.iter().map(|m| MissSummary { name: m.name.clone(), shape: m.shape.clone() }).collect(),
             hra: ad.hra.iter().map(|m| HraSummary { name: m.name.clone(), n_in: m.n_in, r: m.r }).collect(),
             fourierft: fourierft_summaries(&ad, &lens),
+            randlora: ad
+                .randlora
+                .iter()
+                .map(|m| RandLoraSummary { name: m.name.clone(), lambda: m.lambda_shape, gamma: m.gamma_shape })
+                .collect(),
+            randlora_bases: ad.randlora_bases.as_ref().map(|p| [p.a_shape, p.b_shape]),
             boft: boft_summaries(&ad, &lens),
             oft: ad
                 .oft

@@ -153,7 +153,8 @@ fn gcd(a: usize, b: usize) -> usize {
 /// blocks (Cayley-Neumann, 5 terms); BOFT on `q_proj`, `v_proj` in blocks
 /// of `rank` (one factor, as PEFT trains on a CPU); FourierFT on `q_proj`,
 /// `v_proj` with PEFT's 1000 frequencies (at most a quarter of a
-/// projection's weights), a zero spectrum; bottleneck adapters of width 16 (GELU); prompt and prefix
+/// projection's weights), a zero spectrum; RandLoRA on `q_proj`, `v_proj`
+/// with bases of rank `rank` (`alpha = 20 r`); bottleneck adapters of width 16 (GELU); prompt and prefix
 /// tuning with [`CONTEXT`] virtual tokens. `None` for a method this
 /// function does not know (the registry test catches that).
 ///
@@ -177,6 +178,7 @@ pub fn trainable(model: &Llama, method: &MethodSpec, rank: usize, seed: u64) -> 
         "hra" => MethodSetup::Hra { r: 2 * r.div_ceil(2), targets: qv() },
         "shira" => MethodSetup::Shira { r, targets: qv() },
         "oft" => MethodSetup::Oft { r, targets: qv() },
+        "randlora" => MethodSetup::RandLora { r, targets: qv() },
         // PEFT's default 1000 frequencies, cut to a quarter of the smaller projection's weights.
         "fourierft" => {
             let c = &model.config;

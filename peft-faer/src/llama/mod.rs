@@ -514,17 +514,13 @@ impl<'a> LlamaAdapter<'a> {
             | PeftConfig::Oft(_)
             | PeftConfig::Boft(_)
             | PeftConfig::FourierFt(_)
+            | PeftConfig::RandLora(_)
+            | PeftConfig::Vera(_)
             | PeftConfig::Road(_)
             | PeftConfig::C3a(_)
             | PeftConfig::Shira(_) => {
                 for (name, module, dims) in sites::placed(adapter) {
                     place(name, module, dims)?;
-                }
-            }
-            PeftConfig::Vera(_) => {
-                let p = adapter.vera_projections.as_ref().ok_or_else(|| HfError::missing("base_model.vera_A"))?;
-                for m in &adapter.vera {
-                    place(&m.name, Module::Vera(m, p), (m.n_out, p.max_in))?;
                 }
             }
             PeftConfig::Prompt(_) => {}

@@ -18,6 +18,7 @@ use peft_core::loha::LohaGrads;
 use peft_core::lokr::{Factor, LokrGrads};
 use peft_core::lora::LoraGrads;
 use peft_core::method::LinearAdapter;
+use peft_core::randlora::RandLoraGrads;
 use peft_core::road::RoadGrads;
 use peft_core::storage::StoredLinear;
 use peft_core::vera::VeraGrads;
@@ -26,7 +27,8 @@ use peft_core::{Accum, Backend, FrozenLinear, MatMut, MatRef};
 use super::Linear;
 use crate::hf::{
     AdaLoraModule, BoftModule, C3aModule, FourierFtModule, HfAdapter, HfError, HraModule, Ia3Module, LohaModule,
-    LokrModule, LoraModule, MissModule, OftModule, RoadModule, ShiraModule, VeraModule, VeraProjections,
+    LokrModule, LoraModule, MissModule, OftModule, RandLoraModule, RandLoraShared, RoadModule, ShiraModule, VeraModule,
+    VeraProjections,
 };
 
 /// The adapter module on one projection, borrowed from an
@@ -59,6 +61,8 @@ pub enum Module<'a> {
     Boft(&'a BoftModule),
     /// FourierFT: `dW = Re(ifft2(S)) scaling`, a sparse spectrum.
     FourierFt(&'a FourierFtModule),
+    /// RandLoRA: `dW = s UB UA` over the shared random bases.
+    RandLora(&'a RandLoraModule, &'a RandLoraShared),
     /// RoAd: `y = R (x W^T + b)`, pairs of outputs rotated and scaled.
     Road(&'a RoadModule),
     /// C3A: `dW` block-circulant.
@@ -71,7 +75,7 @@ impl Module<'_> {
     /// The module's trainable tensors' lengths, in the order of its
     /// gradient buffers: LoRA `A, B` (its `lora_bias` stays frozen); DoRA `A, B, m`; (IA)^3 `l`; LoHa
     /// `W1a, W1b, W2a, W2b`; LoKr `W1`'s stored tensors then `W2`'s; VeRA
-    /// `lambda_d, lambda_b`; AdaLoRA `A, E, B`; MiSS `D`; HRA `U`; OFT `oft_R`; BOFT `boft_R, boft_s`; FourierFT the spectrum; RoAd `theta, alpha`; C3A the kernel; SHiRA `w`.
+    /// `lambda_d, lambda_b`; AdaLoRA `A, E, B`; MiSS `D`; HRA `U`; OFT `oft_R`; BOFT `boft_R, boft_s`; FourierFT the spectrum; RandLoRA `lambda, gamma`; RoAd `theta, alpha`; C3A the kernel; SHiRA `w`.
     pub fn tensor_lens(&self) -> Vec<usize> {
         match self {
             Module::Lora(m) => vec![m.a.len(), m.b.len()],
@@ -86,6 +90,7 @@ impl Module<'_> {
             Module::Oft(m) => vec![m.v.len()],
             Module::Boft(m) => vec![m.r.len(), m.s.len()],
             Module::FourierFt(m) => vec![m.spectrum.len()],
+            Module::RandLora(m, _) => vec![m.lambda.len(), m.gamma.len()],
             Module::Road(m) => vec![m.theta.len(), m.alpha.len()],
             Module::C3a(m) => vec![m.kernel.len()],
             Module::Shira(m) => vec![m.weight.len()],
@@ -106,6 +111,7 @@ impl Module<'_> {
             Module::Oft(m) => !m.embedding && m.layer(cols, rows).is_ok(),
             Module::Boft(m) => m.layer(cols, rows).is_ok(),
             Module::FourierFt(m) => m.layer(cols, rows).is_ok(),
+            Module::RandLora(m, p) => p.bases().is_ok_and(|b| m.layer(&b, cols, rows).is_ok()),
             // HRA's file holds the input width only.
             Module::Hra(m) => m.n_in == cols,
             // RoAd's file holds the output width only.
@@ -122,6 +128,7 @@ impl Module<'_> {
             Module::Oft(m) => Some(format!("oft_R: {} blocks of {}", m.rows, m.spec.block)),
             Module::Boft(m) => Some(format!("boft_R {:?}, boft_s [{}, 1]", m.shape, m.s.len())),
             Module::FourierFt(m) => Some(format!("fourierft_spectrum [{}]", m.spectrum.len())),
+            Module::RandLora(m, _) => Some(format!("randlora_gamma {:?} over the shared bases", m.gamma_shape)),
             Module::Road(m) => Some(format!("[{}, in]", m.n_out)),
             _ => Some(format!("[{out}, {inn}]")),
         }
@@ -129,7 +136,8 @@ impl Module<'_> {
 }
 
 /// The modules of the methods placed by name alone (LoHa, LoKr, AdaLoRA,
-/// MiSS, HRA, OFT, BOFT, FourierFT, RoAd, C3A, SHiRA), each with the `[out, in]` it declares (0 where
+/// MiSS, HRA, OFT, BOFT, FourierFT, RoAd, C3A, SHiRA, and VeRA and
+/// RandLoRA over their shared tensors), each with the `[out, in]` it declares (0 where
 /// the file does not hold that side: [`Module::misfit`] checks the rest).
 pub(super) fn placed(adapter: &HfAdapter) -> Vec<(&str, Module<'_>, (usize, usize))> {
     let mut out: Vec<(&str, Module<'_>, (usize, usize))> = Vec::new();
@@ -141,6 +149,13 @@ pub(super) fn placed(adapter: &HfAdapter) -> Vec<(&str, Module<'_>, (usize, usiz
     out.extend(adapter.oft.iter().map(|m| (m.name.as_str(), Module::Oft(m), (0, 0))));
     out.extend(adapter.boft.iter().map(|m| (m.name.as_str(), Module::Boft(m), (0, 0))));
     out.extend(adapter.fourierft.iter().map(|m| (m.name.as_str(), Module::FourierFt(m), (0, 0))));
+    // The shared-projection methods: every module over the adapter's one set (the reader requires it).
+    if let Some(p) = &adapter.vera_projections {
+        out.extend(adapter.vera.iter().map(|m| (m.name.as_str(), Module::Vera(m, p), (m.n_out, p.max_in))));
+    }
+    if let Some(p) = &adapter.randlora_bases {
+        out.extend(adapter.randlora.iter().map(|m| (m.name.as_str(), Module::RandLora(m, p), (0, 0))));
+    }
     out.extend(adapter.road.iter().map(|m| (m.name.as_str(), Module::Road(m), (m.n_out, 0))));
     out.extend(adapter.c3a.iter().map(|m| (m.name.as_str(), Module::C3a(m), (m.n_out, m.n_in))));
     out.extend(adapter.shira.iter().map(|m| (m.name.as_str(), Module::Shira(m), (0, 0))));
@@ -241,6 +256,31 @@ fn run_backward<A: LinearAdapter<f32>, B: Backend<f32> + ?Sized>(
     Ok(())
 }
 
+/// [`run_backward`] for a method with one trainable tensor (`grads` its
+/// one buffer).
+#[allow(clippy::too_many_arguments)]
+fn one_grad<A, B: Backend<f32> + ?Sized>(
+    backend: &B,
+    base: &StoredLinear<'_, f32>,
+    layer: &A,
+    x: MatRef<'_, f32>,
+    gy: MatRef<'_, f32>,
+    gx: &mut [f32],
+    grads: &mut [Vec<f32>],
+    ws: &mut SiteScratch,
+) -> Result<(), HfError>
+where
+    A: for<'g> LinearAdapter<f32, Grads<'g> = &'g mut [f32]>,
+{
+    let [g] = grads else {
+        return Err(HfError::Config {
+            field: "grads".into(),
+            reason: "must be LlamaGrads::zeros of the adapter".into(),
+        });
+    };
+    run_backward(backend, base, layer, x, gy, gx, &mut g[..], &mut ws.scratch, &mut ws.dx)
+}
+
 /// `y = f(x)` for the projection `lin` through `module` (or the frozen
 /// layer alone).
 pub(super) fn forward<B: Backend<f32> + ?Sized>(
@@ -281,6 +321,10 @@ pub(super) fn forward<B: Backend<f32> + ?Sized>(
         Some(Module::Hra(m)) => run_forward(backend, &base, &m.layer(n_out)?, x, y, &mut ws.scratch),
         Some(Module::Oft(m)) => run_forward(backend, &base, &m.layer(n_in, n_out)?, x, y, &mut ws.scratch),
         Some(Module::Boft(m)) => run_forward(backend, &base, &m.layer(n_in, n_out)?, x, y, &mut ws.scratch),
+        Some(Module::RandLora(m, p)) => {
+            let bases = p.bases()?;
+            run_forward(backend, &base, &m.layer(&bases, n_in, n_out)?, x, y, &mut ws.scratch)
+        }
         Some(Module::FourierFt(m)) => run_forward(backend, &base, &m.layer(n_in, n_out)?, x, y, &mut ws.scratch),
         Some(Module::Road(m)) => run_forward(backend, &base, &m.layer(n_in)?, x, y, &mut ws.scratch),
         Some(Module::C3a(m)) => run_forward(backend, &base, &m.layer()?, x, y, &mut ws.scratch),
@@ -348,26 +392,16 @@ pub(super) fn backward<B: Backend<f32> + ?Sized>(
             let g = AdaLoraGrads { a: &mut ga[..], e: &mut ge[..], b: &mut gb[..] };
             run_backward(backend, &base, &m.layer()?, x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
         }
-        Module::Miss(m) => {
-            let [gd] = grads else { return Err(bad()) };
-            let layer = m.layer(n_in, n_out)?;
-            run_backward(backend, &base, &layer, x, gy, gx, &mut gd[..], &mut ws.scratch, &mut ws.dx)
+        Module::Miss(m) => one_grad(backend, &base, &m.layer(n_in, n_out)?, x, gy, gx, grads, ws),
+        Module::Hra(m) => one_grad(backend, &base, &m.layer(n_out)?, x, gy, gx, grads, ws),
+        Module::Oft(m) => one_grad(backend, &base, &m.layer(n_in, n_out)?, x, gy, gx, grads, ws),
+        Module::RandLora(m, p) => {
+            let [gl, gg] = grads else { return Err(bad()) };
+            let bases = p.bases()?;
+            let (layer, g) = (m.layer(&bases, n_in, n_out)?, RandLoraGrads { lambda: &mut gl[..], gamma: &mut gg[..] });
+            run_backward(backend, &base, &layer, x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
         }
-        Module::Hra(m) => {
-            let [gu] = grads else { return Err(bad()) };
-            let layer = m.layer(n_out)?;
-            run_backward(backend, &base, &layer, x, gy, gx, &mut gu[..], &mut ws.scratch, &mut ws.dx)
-        }
-        Module::Oft(m) => {
-            let [gv] = grads else { return Err(bad()) };
-            let layer = m.layer(n_in, n_out)?;
-            run_backward(backend, &base, &layer, x, gy, gx, &mut gv[..], &mut ws.scratch, &mut ws.dx)
-        }
-        Module::FourierFt(m) => {
-            let [gw] = grads else { return Err(bad()) };
-            let layer = m.layer(n_in, n_out)?;
-            run_backward(backend, &base, &layer, x, gy, gx, &mut gw[..], &mut ws.scratch, &mut ws.dx)
-        }
+        Module::FourierFt(m) => one_grad(backend, &base, &m.layer(n_in, n_out)?, x, gy, gx, grads, ws),
         Module::Boft(m) => {
             let [gr, gs] = grads else { return Err(bad()) };
             let (layer, g) = (m.layer(n_in, n_out)?, BoftGrads { r: &mut gr[..], s: &mut gs[..] });
@@ -378,14 +412,7 @@ pub(super) fn backward<B: Backend<f32> + ?Sized>(
             let (layer, g) = (m.layer(n_in)?, RoadGrads { theta: &mut gt[..], alpha: &mut ga[..] });
             run_backward(backend, &base, &layer, x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
         }
-        Module::C3a(m) => {
-            let [gk] = grads else { return Err(bad()) };
-            run_backward(backend, &base, &m.layer()?, x, gy, gx, &mut gk[..], &mut ws.scratch, &mut ws.dx)
-        }
-        Module::Shira(m) => {
-            let [gw] = grads else { return Err(bad()) };
-            let layer = m.layer(n_in, n_out)?;
-            run_backward(backend, &base, &layer, x, gy, gx, &mut gw[..], &mut ws.scratch, &mut ws.dx)
-        }
+        Module::C3a(m) => one_grad(backend, &base, &m.layer()?, x, gy, gx, grads, ws),
+        Module::Shira(m) => one_grad(backend, &base, &m.layer(n_in, n_out)?, x, gy, gx, grads, ws),
     }
 }

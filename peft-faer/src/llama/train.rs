@@ -25,8 +25,8 @@ use super::weights::Matrix;
 use super::{Bottleneck, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Projection, Trace};
 use crate::hf::{
     AdaLoraModule, BoftModule, C3aModule, FourierFtModule, HfAdapter, HfError, HfTensor, HraModule, Ia3Module,
-    LohaModule, LokrModule, LoraModule, MissModule, OftModule, PeftConfig, RoadModule, ShiraModule, VeraModule,
-    VeraProjections,
+    LohaModule, LokrModule, LoraModule, MissModule, OftModule, PeftConfig, RandLoraModule, RandLoraShared, RoadModule,
+    ShiraModule, VeraModule, VeraProjections,
 };
 
 /// A method and its configuration on the Llama model's projections
@@ -120,6 +120,17 @@ pub enum MethodSetup {
         /// Adapted projections.
         targets: Vec<String>,
     },
+    /// RandLoRA with bases of rank `r` (PEFT's `randlora_alpha = 20 r`,
+    /// its default ratio 640 / 32), `lambda = 0`, `gamma = 1 / max(in,
+    /// out)`; the bases drawn here with unit variance (PEFT's are
+    /// Kaiming-uniform divided by their standard deviation, from torch's
+    /// generator).
+    RandLora {
+        /// `r`.
+        r: usize,
+        /// Adapted projections.
+        targets: Vec<String>,
+    },
     /// FourierFT with `n` frequencies per projection (PEFT's
     /// `random_loc_seed` 777 and `scaling` 150), the spectrum zero (PEFT's
     /// `init_weights = True`; its default draws it at random, which would
@@ -177,6 +188,7 @@ impl MethodSetup {
             | MethodSetup::Miss { r, .. }
             | MethodSetup::Hra { r, .. }
             | MethodSetup::Oft { r, .. }
+            | MethodSetup::RandLora { r, .. }
             | MethodSetup::Shira { r, .. } => Some(*r),
             MethodSetup::Ia3 { .. }
             | MethodSetup::Road { .. }
@@ -201,6 +213,7 @@ impl MethodSetup {
             | MethodSetup::Oft { targets, .. }
             | MethodSetup::Boft { targets, .. }
             | MethodSetup::FourierFt { targets, .. }
+            | MethodSetup::RandLora { targets, .. }
             | MethodSetup::Road { targets, .. }
             | MethodSetup::C3a { targets, .. }
             | MethodSetup::Shira { targets, .. } => targets,
@@ -239,6 +252,9 @@ impl MethodSetup {
                 "oft_block_size": 0, "use_cayley_neumann": true, "num_cayley_neumann_terms": 5, "coft": false,
                 "eps": 6e-5, "block_share": false, "module_dropout": 0.0, "target_modules": targets,
                 "init_weights": true, "fan_in_fan_out": false, "bias": "none"}),
+            MethodSetup::RandLora { r, targets } => json!({"peft_type": "RANDLORA", "task_type": "CAUSAL_LM",
+                "r": r, "randlora_alpha": 20 * r, "save_projection": true, "projection_prng_key": 0,
+                "target_modules": targets, "init_weights": true, "fan_in_fan_out": false, "bias": "none"}),
             MethodSetup::FourierFt { n, targets } => json!({"peft_type": "FOURIERFT", "task_type": "CAUSAL_LM",
                 "n_frequency": n, "n_frequency_pattern": {}, "scaling": 150.0, "random_loc_seed": 777,
                 "target_modules": targets, "init_weights": true, "fan_in_fan_out": false, "bias": "none"}),
@@ -390,6 +406,7 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
                 ad.road.push(RoadModule { name: s.name, theta, alpha, variant, group, n_out, dtypes });
             }
         }
+        MethodSetup::RandLora { r, .. } => init_randlora(&mut ad, sites, *r, &mut rng)?,
         MethodSetup::FourierFt { n, .. } => {
             for s in sites {
                 let m = FourierFtModule::new(s.name, vec![0.0f32; *n], 150.0, 777, Dtype::F32);
@@ -409,11 +426,7 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
         }
         MethodSetup::Hra { r, .. } => {
             for s in sites {
-                let n_in = s.weight.cols;
-                let mut layer = peft_core::hra::Hra::new(*r, n_in, s.weight.rows, false, vec![0.0f32; n_in * r])?;
-                layer.init_adapter(&mut rng);
-                let u = layer.vectors().to_vec();
-                ad.hra.push(HraModule { name: s.name, u, r: *r, n_in, gram_schmidt: false, dtype: Dtype::F32 });
+                ad.hra.push(init_hra(s, *r, &mut rng)?);
             }
         }
         MethodSetup::Miss { r, .. } => {
@@ -459,6 +472,15 @@ fn check_rank(method: &MethodSetup, sites: &[Site<'_>]) -> Result<(), HfError> {
         }
     }
     Ok(())
+}
+
+/// HRA on a site as PEFT initializes it: `r` reflections in equal pairs.
+fn init_hra(s: Site<'_>, r: usize, rng: &mut Rng) -> Result<HraModule, HfError> {
+    let n_in = s.weight.cols;
+    let mut layer = peft_core::hra::Hra::new(r, n_in, s.weight.rows, false, vec![0.0f32; n_in * r])?;
+    layer.init_adapter(rng);
+    let u = layer.vectors().to_vec();
+    Ok(HraModule { name: s.name, u, r, n_in, gram_schmidt: false, dtype: Dtype::F32 })
 }
 
 /// BOFT on a site as PEFT initializes it (`boft_R = 0`, `boft_s = 1`, the
@@ -623,6 +645,35 @@ fn init_vera(ad: &mut HfAdapter, sites: Vec<Site<'_>>, r: usize, rng: &mut Rng) 
     Ok(())
 }
 
+/// RandLoRA's shared bases over `sites` (PEFT's `_find_dim`: the
+/// element-wise largest `[out, in]`), unit-variance uniform values, and
+/// each site's `lambda = 0`, `gamma = 1 / max(in, out)`, the bases'
+/// copies saved with each module as PEFT saves them.
+fn init_randlora(ad: &mut HfAdapter, sites: Vec<Site<'_>>, r: usize, rng: &mut Rng) -> Result<(), HfError> {
+    let (o, i) = sites.iter().fold((0, 0), |(o, i), s| (o.max(s.weight.rows), i.max(s.weight.cols)));
+    let (min_dim, max_dim) = (o.min(i), o.max(i));
+    let n_b = min_dim.div_ceil(r.max(1));
+    let bound = 3f64.sqrt();
+    let mut draw = |n: usize| (0..n).map(|_| rng.uniform_range(-bound, bound) as f32).collect::<Vec<f32>>();
+    let (a, b) = (draw(r * min_dim), draw(max_dim * n_b * r));
+    let shared = RandLoraShared { a, b, a_shape: [r, 1, min_dim], b_shape: [max_dim, n_b, r], dtypes: [Dtype::F32; 2] };
+    let bases = shared.bases()?;
+    for s in sites {
+        let (n_out, n_in) = (s.weight.rows, s.weight.cols);
+        let mn = n_in.min(n_out);
+        let nb = mn.div_ceil(r.max(1));
+        let (lambda, gamma) = (vec![0.0f32; r * nb], vec![1.0 / n_in.max(n_out) as f32; nb * mn]);
+        let (lambda_shape, gamma_shape, dtypes) = ([r, nb], [nb, mn], [Dtype::F32; 2]);
+        let scaling = 20.0;
+        let m =
+            RandLoraModule { name: s.name, lambda, gamma, lambda_shape, gamma_shape, scaling, copies: true, dtypes };
+        m.layer(&bases, n_in, n_out)?;
+        ad.randlora.push(m);
+    }
+    ad.randlora_bases = Some(shared);
+    Ok(())
+}
+
 /// Prompt tuning: `n` rows of the embedding table sampled at random
 /// (`SAMPLE_VOCAB`).
 fn init_prompt(model: &Llama, n: usize, rng: &mut Rng) -> Result<HfTensor, HfError> {
@@ -713,6 +764,9 @@ pub fn tensors_mut(ad: &mut HfAdapter) -> Vec<&mut Vec<f32>> {
     }
     for m in &mut ad.oft {
         named.push((m.name.clone(), vec![&mut m.v]));
+    }
+    for m in &mut ad.randlora {
+        named.push((m.name.clone(), vec![&mut m.lambda, &mut m.gamma]));
     }
     for m in &mut ad.fourierft {
         named.push((m.name.clone(), vec![&mut m.spectrum]));

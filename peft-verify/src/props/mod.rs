@@ -19,6 +19,7 @@ pub mod miss;
 pub mod oft;
 pub mod optim;
 pub mod prompt;
+pub mod randlora;
 pub mod road;
 pub mod set;
 pub mod shira;
