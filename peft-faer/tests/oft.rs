@@ -11,6 +11,9 @@ mod common;
 
 use std::process::Command;
 
+use peft_faer::Faer;
+use peft_faer::hf::base::Base;
+use peft_faer::hf::merge::{MergeOptions, merge};
 use peft_faer::hf::{HfAdapter, PeftConfig};
 
 use common::{
@@ -80,4 +83,20 @@ fn oft_refusals_name_the_field() {
     let dir = edited("oft_cayley_exact", "oft-adjusted", |c| c["oft_block_size"] = 10.into());
     let ad = HfAdapter::read_dir(&dir).unwrap();
     assert!(ad.oft.iter().filter(|m| m.name.ends_with("q_proj")).all(|m| m.layer(64, 64).is_ok()));
+}
+
+/// A NaN an OFT adapter holds is refused before anything is written, naming
+/// the tensor and its index (the merge's check reads every method's
+/// tensors; it once skipped the methods after AdaLoRA).
+#[test]
+fn oft_nonfinite_values_are_refused_naming_the_tensor() {
+    let dir = case_dir("oft");
+    let mut ad = HfAdapter::read_dir(&dir).unwrap();
+    let name = ad.oft[1].name.clone();
+    ad.oft[1].v[7] = f32::NAN;
+    let out = scratch("oft-nan").join("merged.safetensors");
+    let base = Base::open(&dir.join("base.safetensors")).unwrap();
+    let err = merge(&base, &ad, &out, &MergeOptions::default(), &Faer::new(), |_| {}).unwrap_err().to_string();
+    assert!(err.contains(&format!("{name}.oft_R.weight")) && err.contains('7'), "{err}");
+    assert!(!out.exists(), "nothing is written");
 }
