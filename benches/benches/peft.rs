@@ -17,7 +17,7 @@
 //! | `gemm_rate` | faer `x W^T`, 128 x 1024 x 1024 | (absolute GFLOP/s) | >= 170 |
 //! | `ref_vs_faer` | reference gemm, 32 x 768 x 768 | faer gemm | >= 0.15 of faer's FLOP/s |
 //! | `dora_forward` | DoRA's unmerged forward, norms cached | LoRA's unmerged forward | <= 1.10 |
-//! | `method_forward` | each newer method's unmerged forward at r = 16 or its equivalent (AdaLoRA: k = 16; MiSS balance: r = 16; HRA: 16 reflections; RoAd road_2, groups of 64; C3A, blocks of 256; SHiRA, r (in + out) positions; OFT, blocks of 32 (PEFT's default), the series of 5 terms; BOFT, blocks of 4 and one factor (PEFT's defaults), and blocks of 8 with two butterfly factors; FourierFT, PEFT's 1000 frequencies; RandLoRA at r = 32, PEFT's default: full rank, nb = 128) | LoRA's unmerged forward | <= 1.3 |
+//! | `method_forward` | each newer method's unmerged forward at r = 16 or its equivalent (AdaLoRA: k = 16; MiSS balance: r = 16; HRA: 16 reflections; RoAd road_2, groups of 64; C3A, blocks of 256; SHiRA, r (in + out) positions; OFT, blocks of 32 (PEFT's default), the series of 5 terms; BOFT, blocks of 4 and one factor (PEFT's defaults), and blocks of 8 with two butterfly factors; FourierFT, PEFT's 1000 frequencies; RandLoRA at r = 32, PEFT's default: full rank, nb = 128; VB-LoRA at r = 16, 256 vectors of 256, top 2) | LoRA's unmerged forward | <= 1.3 |
 //! | `mixed_batch` | 4 LoRA adapters (r 16) over 32 tokens each, one base gemm | one adapter over the 128 tokens | <= 1.15 |
 //! | `storage` | LoRA forward over a stored base (f16, bf16, int8, q8_0, q4_0), t = 1, d = 4096, r = 16 | `stream`: one read of the stored bytes (a sum) | <= 1.3 |
 //! | `storage` | the same through the `no_std` reference kernels | faer's path | faer time / reference time >= 0.25 |
@@ -460,6 +460,7 @@ fn method_group(c: &mut Criterion) {
     use peft_core::randlora::{RandLora, RandLoraBases};
     use peft_core::road::{Road, RoadVariant};
     use peft_core::shira::Shira;
+    use peft_core::vblora::VbLora;
     let s = SHAPES[0];
     let p = Problem::new(s);
     let backend = Faer::with_threads(1);
@@ -531,6 +532,12 @@ fn method_group(c: &mut Criterion) {
     let randlora = RandLora::new(&bases, s.d_in, s.d_out, 20.0, &lam[..], &gam[..]).unwrap();
     let mut randlora_scratch = vec![0.0f32; randlora.forward_scratch_len(s.tokens)];
     bench_adapter_forward(&mut g, "randlora_forward", &backend, &base, x, &mut y, &mut randlora_scratch, &randlora);
+    // VB-LoRA at r = 16 over PEFT's default bank (256 vectors of 256), top 2.
+    let bank = vec![0.01f32; 256 * 256];
+    let (la, lb) = (vec![0.1f32; 16 * (s.d_in / 256) * 256], vec![0.1f32; (s.d_out / 256) * 16 * 256]);
+    let vblora = VbLora::new(16, 256, 2, s.d_in, s.d_out, &bank[..], &la[..], &lb[..]).unwrap();
+    let mut vblora_scratch = vec![0.0f32; vblora.forward_scratch_len(s.tokens)];
+    bench_adapter_forward(&mut g, "vblora_forward", &backend, &base, x, &mut y, &mut vblora_scratch, &vblora);
     g.finish();
 }
 

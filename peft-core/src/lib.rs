@@ -100,6 +100,7 @@ pub mod road;
 pub mod set;
 pub mod shira;
 pub mod storage;
+pub mod vblora;
 pub mod vera;
 
 pub use backend::{Accum, Backend, BackendError, ErrorKind, Op, Outcome, Reference, check_gemm};

@@ -39,6 +39,7 @@
 //! | BOFT | `1e-3` | as LoRA and OFT: PEFT sets no default |
 //! | FourierFT | `6e-2` | PEFT's FourierFT notebook (`examples/sequence_classification`) trains the spectrum at 6e-2 |
 //! | RandLoRA | `1e-3` | as LoRA: PEFT sets no default |
+//! | VB-LoRA | `1e-3` | as LoRA: PEFT's VB-LoRA examples train the logits at LoRA's rates (the bank at a higher one, which this crate's trainer keeps frozen) |
 //! | RoAd | `3e-3` | as (IA)^3: one angle and one scale per output; our choice, PEFT sets no default |
 //!
 //! DoRA is a LoRA variant ([`Method::Lora`], `use_dora` in its configuration) and takes LoRA's rate.
@@ -101,6 +102,8 @@ pub enum Method {
     FourierFt,
     /// RandLoRA.
     RandLora,
+    /// VB-LoRA.
+    VbLora,
 }
 
 impl Method {
@@ -124,11 +127,12 @@ impl Method {
             Method::Boft => 1e-3,
             Method::FourierFt => 6e-2,
             Method::RandLora => 1e-3,
+            Method::VbLora => 1e-3,
         }
     }
 
     /// The lower-case name (`"lora"`, `"adapter"`, `"prompt"`, `"prefix"`,
-    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`, `"c3a"`, `"shira"`, `"oft"`, `"boft"`, `"fourierft"`, `"randlora"`).
+    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`, `"c3a"`, `"shira"`, `"oft"`, `"boft"`, `"fourierft"`, `"randlora"`, `"vblora"`).
     pub const fn name(self) -> &'static str {
         match self {
             Method::Lora => "lora",
@@ -149,6 +153,7 @@ impl Method {
             Method::Boft => "boft",
             Method::FourierFt => "fourierft",
             Method::RandLora => "randlora",
+            Method::VbLora => "vblora",
         }
     }
 }

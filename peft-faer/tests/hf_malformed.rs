@@ -71,7 +71,7 @@ fn config_problems() {
     std::fs::write(dir.join("adapter_config.json"), b"{ not json").unwrap();
     assert!(matches!(merge_fails(&dir, &base), HfError::Json(_)));
 
-    for method in ["POLY", "XLORA", "VBLORA", "WAVEFT"] {
+    for method in ["POLY", "XLORA", "GRALORA", "WAVEFT"] {
         copy_fixture(&dir);
         edit_config(&dir, |c| c["peft_type"] = method.into());
         let e = merge_fails(&dir, &base);

@@ -199,7 +199,7 @@ const SHAPES: [(&str, usize, usize); 7] = [
 /// A PEFT adapter folder of `method` (`dora`, `ia3`, `loha`, `lokr`,
 /// `vera`, `adalora`, `miss_bat` with r 8, `miss_mini` with r 6 over inputs
 /// of 64 and 128, the padded path, `hra` with r 4, `hra_gs` with r 3,
-/// `road_1` and `road_4` in groups of 16, `c3a` in blocks of 16, `shira` at every 7th position of each weight, `oft` in blocks of 16 (the series, 5 terms), `oft_exact` one shared block of 8 (the exact transform); COFT's projection is outside PEFT's gradient, so finite differences cannot check it here: peft-verify's properties and the `oft_coft` fixture do), `boft` one factor in blocks of 8, `boft_butterfly` two factors in blocks of 4, `fourierft` 50 frequencies (seed 5, scaling 300), `randlora` r 8 over shared bases without per-module copies on all seven projections of both layers of the fixtures' model,
+/// `road_1` and `road_4` in groups of 16, `c3a` in blocks of 16, `shira` at every 7th position of each weight, `oft` in blocks of 16 (the series, 5 terms), `oft_exact` one shared block of 8 (the exact transform); COFT's projection is outside PEFT's gradient, so finite differences cannot check it here: peft-verify's properties and the `oft_coft` fixture do), `boft` one factor in blocks of 8, `boft_butterfly` two factors in blocks of 4, `fourierft` 50 frequencies (seed 5, scaling 300), `randlora` r 8 over shared bases without per-module copies, `vblora` r 4 over 8 bank vectors of 16, top 2 on all seven projections of both layers of the fixtures' model,
 /// written as PEFT names and shapes its tensors, with random values (so
 /// that it changes the output). (IA)^3 scales the inputs of `up_proj` and
 /// `down_proj` (`feedforward_modules`).
@@ -229,6 +229,8 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
         "oft" => serde_json::json!({"peft_type": "OFT", "r": 0, "oft_block_size": 16, "target_modules": targets}),
         "oft_exact" => serde_json::json!({"peft_type": "OFT", "r": 0, "oft_block_size": 8, "block_share": true,
             "use_cayley_neumann": false, "target_modules": targets}),
+        "vblora" => serde_json::json!({"peft_type": "VBLORA", "r": 4, "num_vectors": 8, "vector_length": 16,
+            "topk": 2, "target_modules": targets}),
         "randlora" => serde_json::json!({"peft_type": "RANDLORA", "r": 8, "randlora_alpha": 16,
             "save_projection": true, "target_modules": targets}),
         "fourierft" => serde_json::json!({"peft_type": "FOURIERFT", "n_frequency": 50, "scaling": 300.0,
@@ -250,6 +252,9 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
         v.iter_mut().for_each(|x| *x += offset);
         tensors.push((name, shape, v));
     };
+    if method == "vblora" {
+        put("base_model.vblora_vector_bank".into(), vec![8, 16], 0.3, 0.0);
+    }
     if method == "randlora" {
         // The shared bases for the largest projection, [128, 64] (min 64, max 128, n_b 8).
         put("base_model.randlora_A".into(), vec![8, 1, 64], 1.0, 0.0);
@@ -300,6 +305,10 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
                 "oft" => put(format!("{key}.oft_R.weight"), vec![i / 16, 120], 0.1, 0.0),
                 "oft_exact" => put(format!("{key}.oft_R.weight"), vec![1, 28], 0.2, 0.0),
                 "fourierft" => put(format!("{key}.fourierft_spectrum"), vec![50], 2.0, 0.0),
+                "vblora" => {
+                    put(format!("{key}.vblora_logits_A"), vec![4, i / 16, 8], 1.0, 0.0);
+                    put(format!("{key}.vblora_logits_B"), vec![o / 16, 4, 8], 1.0, 0.0);
+                }
                 "randlora" => {
                     let nb = o.min(i).div_ceil(8);
                     put(format!("{key}.randlora_lambda"), vec![8, nb], 0.05, 0.0);
@@ -537,6 +546,11 @@ fn reach(ad: &HfAdapter, name: &str, k: usize) -> Reach {
     if let Some(i) = ad.hra.iter().position(|m| m.name == name) {
         return Box::new(move |a: &mut HfAdapter| &mut a.hra[i].u);
     }
+    if let Some(i) = ad.vblora.iter().position(|m| m.name == name) {
+        return Box::new(
+            move |a: &mut HfAdapter| if k == 0 { &mut a.vblora[i].logits_a } else { &mut a.vblora[i].logits_b },
+        );
+    }
     if let Some(i) = ad.randlora.iter().position(|m| m.name == name) {
         return Box::new(
             move |a: &mut HfAdapter| if k == 0 { &mut a.randlora[i].lambda } else { &mut a.randlora[i].gamma },
@@ -573,7 +587,7 @@ fn reach(ad: &HfAdapter, name: &str, k: usize) -> Reach {
 /// allowed), which only the smallest gradients (below 0.02) come near; a
 /// missing or wrong term exceeds it by far.
 /// LoRA, DoRA, (IA)^3, LoHa, LoKr, VeRA, AdaLoRA, MiSS (bat, mini), HRA
-/// (with and without Gram-Schmidt), RoAd (road_1, road_4), C3A, SHiRA, OFT (the series; the exact transform, shared) BOFT (one factor; two butterfly factors), FourierFT and RandLoRA on all
+/// (with and without Gram-Schmidt), RoAd (road_1, road_4), C3A, SHiRA, OFT (the series; the exact transform, shared) BOFT (one factor; two butterfly factors), FourierFT, RandLoRA and VB-LoRA (the logits; its bank is held frozen in training) on all
 /// seven projections of both layers, prompt tuning and prefix tuning (GQA). DoRA's `A` and `B`
 /// are not compared: PEFT detaches the weight norm, so their gradient is
 /// not the loss's full derivative (peft-verify's `dora_gradients_match_fd`

@@ -99,6 +99,9 @@
 //! | `randlora_matches_oracle_and_merges` | `x (W + dW)^T`, `dW` from PEFT's `get_scaled_bases` (its index pairing, both orientations), and the merged weight gives it | 5 |
 //! | `randlora_unmerge_restores` | the typed merge, as `loha_unmerge_restores` | 5 |
 //! | `randlora_gradients_match_fd` | d`lambda`, d`gamma` and dx against central differences | 12 |
+//! | `vblora_matches_oracle_and_merges` | `x (W + B A)^T`, `A`, `B` PEFT's top-k softmax mixes of the bank, and the merged weight gives it | 3 |
+//! | `vblora_unmerge_restores` | the typed merge, as `loha_unmerge_restores` | 3 |
+//! | `vblora_gradients_match_fd` | d`logits_A`, d`logits_B`, the bank's and dx against central differences (away from ties at the k-th place) | 12 |
 //! | `lokr_matches_oracle_and_merges` | LoKr, each factor full or low rank: `x (W + s kron(W1, W2))^T`, and the merged weight gives it | 3, 6 |
 //! | `lokr_unmerge_restores` | LoKr's typed merge, each factor form: as `loha_unmerge_restores` | 6 |
 //! | `lokr_identity_at_init` | LoKr at PEFT's init (`W1 = 0`, each factor form): exactly the base output | 2 |
@@ -398,6 +401,7 @@ where
     props::boft::run_all::<E, B>(backend, config, &mut report);
     props::fourierft::run_all::<E, B>(backend, config, &mut report);
     props::randlora::run_all::<E, B>(backend, config, &mut report);
+    props::vblora::run_all::<E, B>(backend, config, &mut report);
     props::road::run_all::<E, B>(backend, config, &mut report);
     props::c3a::run_all::<E, B>(backend, config, &mut report);
     props::shira::run_all::<E, B>(backend, config, &mut report);

@@ -23,7 +23,7 @@
 //!                  5 IA3, 6 LoHa, 7 LoKr, 8 VeRA,
 //!                  9 AdaLoRA, 10 MiSS, 11 HRA, 12 RoAd, 13 C3A,
 //!                  14 SHiRA, 15 OFT, 16 BOFT,
-//!                  17 FourierFT, 18 RandLoRA)
+//!                  17 FourierFT, 18 RandLoRA, 19 VB-LoRA)
 //! 13      3     reserved, zero
 //! 16      4     n_config   (<= MAX_CONFIG)
 //! 20      4     n_tensors  (<= MAX_TENSORS)
@@ -322,6 +322,7 @@ fn method_code(m: Method) -> u8 {
         Method::Boft => 16,
         Method::FourierFt => 17,
         Method::RandLora => 18,
+        Method::VbLora => 19,
     }
 }
 
@@ -345,6 +346,7 @@ const fn method_from_code(code: u8) -> Fmt<Method> {
         16 => Ok(Method::Boft),
         17 => Ok(Method::FourierFt),
         18 => Ok(Method::RandLora),
+        19 => Ok(Method::VbLora),
         _ => Err(FormatError::UnknownMethod { code }),
     }
 }

@@ -45,7 +45,7 @@ impl MethodSpec {
 }
 
 /// Every method, in the order `peft finetune` trains and prints them.
-pub const METHODS: [MethodSpec; 19] = [
+pub const METHODS: [MethodSpec; 20] = [
     MethodSpec {
         name: "lora",
         peft_type: Some("LORA"),
@@ -175,6 +175,14 @@ pub const METHODS: [MethodSpec; 19] = [
         summary: "dW = s UB UA, UA rows lambda[k, b] A[k] * gamma[b], UB columns B[:, b, k] (shared random bases)",
     },
     MethodSpec {
+        name: "vblora",
+        peft_type: Some("VBLORA"),
+        file_method: Method::VbLora,
+        family: Family::Weight,
+        merges: true,
+        summary: "dW = B A, each sub-vector of A and B a softmax mix of its top-k entries of a shared vector bank",
+    },
+    MethodSpec {
         name: "adapter",
         peft_type: None,
         file_method: Method::Adapter,
@@ -222,6 +230,7 @@ mod tests {
             Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => true,
             Method::AdaLora | Method::Miss | Method::Hra | Method::Road | Method::C3a | Method::Shira => true,
             Method::Oft | Method::Boft | Method::FourierFt | Method::RandLora => true,
+            Method::VbLora => true,
         };
         for m in [
             Method::Lora,
@@ -242,6 +251,7 @@ mod tests {
             Method::Boft,
             Method::FourierFt,
             Method::RandLora,
+            Method::VbLora,
         ] {
             assert!(known(m));
             assert!(METHODS.iter().any(|s| s.file_method == m), "{m:?} has no entry");

@@ -12,8 +12,8 @@ use super::st::{self, OutEntry, StFile};
 use super::{
     AdaLoraModule, BoftModule, C3aModule, CONFIG_FILE, FourierFtModule, HfError, HraModule, Ia3Module, LOHA_KEYS,
     LohaModule, LokrModule, LoraModule, MAX_ADAPTER_BYTES, MAX_CONFIG_BYTES, MissModule, OftModule, PeftConfig,
-    RANDLORA_A_KEY, RANDLORA_B_KEY, RandLoraModule, RandLoraShared, RoadModule, ShiraModule, VERA_A_KEY, VERA_B_KEY,
-    VeraModule, VeraProjections, WEIGHTS_FILE,
+    RANDLORA_A_KEY, RANDLORA_B_KEY, RandLoraModule, RandLoraShared, RoadModule, ShiraModule, VBLORA_BANK_KEY,
+    VERA_A_KEY, VERA_B_KEY, VbLoraBank, VbLoraModule, VbLoraStored, VeraModule, VeraProjections, WEIGHTS_FILE,
 };
 
 /// A whole tensor of an adapter: a base tensor it replaces (a trained bias
@@ -62,6 +62,10 @@ pub struct HfAdapter {
     pub fourierft: Vec<FourierFtModule>,
     /// RandLoRA modules, in the order of their keys.
     pub randlora: Vec<RandLoraModule>,
+    /// VB-LoRA modules, in the order of their keys.
+    pub vblora: Vec<VbLoraModule>,
+    /// VB-LoRA's shared vector bank.
+    pub vblora_bank: Option<VbLoraBank>,
     /// RandLoRA's shared bases.
     pub randlora_bases: Option<RandLoraShared>,
     /// RoAd modules, in the order of their keys.
@@ -152,6 +156,7 @@ impl HfAdapter {
             PeftConfig::Boft(c) => out.read_boft(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::FourierFt(c) => out.read_fourierft(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::RandLora(c) => out.read_randlora(c, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::VbLora(c) => out.read_vblora(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Road(c) => out.read_road(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::C3a(c) => out.read_c3a(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Shira(c) => out.read_shira(c, &file, read).map_err(|e| e.in_file(&path))?,
@@ -176,6 +181,8 @@ impl HfAdapter {
             boft: Vec::new(),
             fourierft: Vec::new(),
             randlora: Vec::new(),
+            vblora: Vec::new(),
+            vblora_bank: None,
             randlora_bases: None,
             road: Vec::new(),
             c3a: Vec::new(),
@@ -250,6 +257,7 @@ impl HfAdapter {
             PeftConfig::Boft(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::FourierFt(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::RandLora(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::VbLora(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Road(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::C3a(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Shira(c) => serde_json::Value::Object(c.raw.clone()),
@@ -348,6 +356,34 @@ impl HfAdapter {
     /// RandLoRA's and FourierFT's tensors, in [`tensors`](Self::tensors)'
     /// order.
     fn newer_tensors<'s>(&'s self, tensors: &mut Vec<(String, Dtype, Vec<usize>, &'s [f32])>) {
+        for m in &self.vblora {
+            let key = |k: &str| format!("base_model.model.{}.{k}", m.name);
+            match &m.stored {
+                VbLoraStored::Logits => {
+                    tensors.push((key("vblora_logits_A"), m.dtypes[0], m.shapes[0].to_vec(), &m.logits_a));
+                    tensors.push((key("vblora_logits_B"), m.dtypes[1], m.shapes[1].to_vec(), &m.logits_b));
+                }
+                VbLoraStored::TopK(parts) => {
+                    for (which, [ix, w]) in ["A", "B"].iter().zip(parts.iter()) {
+                        tensors.push((
+                            key(&format!("vblora_logits_{which}_topk_indices")),
+                            ix.dtype,
+                            ix.shape.clone(),
+                            &ix.data,
+                        ));
+                        tensors.push((
+                            key(&format!("vblora_logits_{which}_topk_weights")),
+                            w.dtype,
+                            w.shape.clone(),
+                            &w.data,
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(b) = &self.vblora_bank {
+            tensors.push((VBLORA_BANK_KEY.into(), b.dtype, b.shape.to_vec(), &b.v));
+        }
         for m in &self.randlora {
             let key = |k: &str| format!("base_model.model.{}.{k}", m.name);
             tensors.push((key("randlora_lambda"), m.dtypes[0], m.lambda_shape.to_vec(), &m.lambda));

@@ -384,6 +384,27 @@ pub struct ShiraConfig {
     pub raw: Map<String, Value>,
 }
 
+/// A VB-LoRA adapter's configuration (`peft_type: "VBLORA"`).
+#[derive(Clone, Debug)]
+pub struct VbLoraConfig {
+    /// The rank `r`.
+    pub r: usize,
+    /// The bank's vectors `nv`.
+    pub num_vectors: usize,
+    /// Their length `L`.
+    pub vector_length: usize,
+    /// The top-k mixed per sub-vector.
+    pub topk: usize,
+    /// Whether the logits are saved in their top-k form.
+    pub save_only_topk_weights: bool,
+    /// Targeted modules.
+    pub target_modules: Targets,
+    /// Modules whose whole weights are trained and saved.
+    pub modules_to_save: Vec<String>,
+    /// The JSON object as read.
+    pub raw: Map<String, Value>,
+}
+
 /// A RandLoRA adapter's configuration (`peft_type: "RANDLORA"`).
 /// `sparse`, `very_sparse` and `projection_prng_key` only drew the bases,
 /// which the file holds (`save_projection = true`).
@@ -477,6 +498,8 @@ pub struct OftConfig {
 /// A parsed `adapter_config.json`.
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
+    /// `peft_type: "VBLORA"`.
+    VbLora(VbLoraConfig),
     /// `peft_type: "RANDLORA"`.
     RandLora(RandLoraConfig),
     /// `peft_type: "FOURIERFT"`.
@@ -533,6 +556,7 @@ impl PeftConfig {
             PeftConfig::Boft(_) => "BOFT",
             PeftConfig::FourierFt(_) => "FOURIERFT",
             PeftConfig::RandLora(_) => "RANDLORA",
+            PeftConfig::VbLora(_) => "VBLORA",
         }
     }
 }
@@ -638,6 +662,23 @@ struct RawMiss {
     /// `true`, `false`, `"bat"` or `"mini"`.
     init_weights: Option<Value>,
     mini_r: Option<usize>,
+    target_modules: Option<RawTargets>,
+    bias: Option<String>,
+    modules_to_save: Option<OneOrMany<String>>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// The fields of a VB-LoRA config that change the math (PEFT's defaults
+/// where absent).
+#[derive(Deserialize)]
+struct RawVbLora {
+    r: Option<usize>,
+    num_vectors: Option<usize>,
+    vector_length: Option<usize>,
+    topk: Option<usize>,
+    save_only_topk_weights: Option<bool>,
+    fan_in_fan_out: Option<bool>,
     target_modules: Option<RawTargets>,
     bias: Option<String>,
     modules_to_save: Option<OneOrMany<String>>,
@@ -867,6 +908,7 @@ impl PeftConfig {
             "BOFT" => Self::boft(text, &v),
             "FOURIERFT" => Self::fourierft(text, &v),
             "RANDLORA" => Self::randlora(text, &v),
+            "VBLORA" => Self::vblora(text, &v),
             "LOKR" => {
                 let PeftConfig::Loha(common) = Self::loha(text, &v)? else {
                     return Err(HfError::config("peft_type", "LOKR"));
@@ -879,7 +921,7 @@ impl PeftConfig {
                 Ok(PeftConfig::Lokr(LokrConfig { common, decompose_both, decompose_factor }))
             }
             other => Err(HfError::Unsupported(format!(
-                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, C3A, SHIRA, OFT, BOFT, FOURIERFT, RANDLORA, PROMPT_TUNING, PREFIX_TUNING)"
+                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, C3A, SHIRA, OFT, BOFT, FOURIERFT, RANDLORA, VBLORA, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }
@@ -1069,6 +1111,36 @@ impl PeftConfig {
         Ok(PeftConfig::Miss(MissConfig {
             r: raw.r,
             variant,
+            target_modules: targets("target_modules", raw.target_modules)?,
+            modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
+            raw: v.as_object().cloned().unwrap_or_default(),
+        }))
+    }
+
+    fn vblora(text: &str, v: &Value) -> Result<Self, HfError> {
+        let raw: RawVbLora = typed(text)?;
+        unsupported_if_set(&raw.rest, "layers_to_transform", "VB-LoRA on a subset of layers is not supported")?;
+        linear_without_bias("VB-LoRA", raw.fan_in_fan_out, raw.bias.as_deref())?;
+        let (r, nv, l, k) = (
+            raw.r.unwrap_or(4),
+            raw.num_vectors.unwrap_or(256),
+            raw.vector_length.unwrap_or(256),
+            raw.topk.unwrap_or(2),
+        );
+        for (field, v) in [("r", r), ("num_vectors", nv), ("vector_length", l), ("topk", k)] {
+            if v == 0 {
+                return Err(HfError::config(field, "must be at least 1"));
+            }
+        }
+        if k > nv.min(peft_core::vblora::MAX_TOPK) {
+            return Err(HfError::config("topk", "must be at most num_vectors and at most 64"));
+        }
+        Ok(PeftConfig::VbLora(VbLoraConfig {
+            r,
+            num_vectors: nv,
+            vector_length: l,
+            topk: k,
+            save_only_topk_weights: raw.save_only_topk_weights.unwrap_or(false),
             target_modules: targets("target_modules", raw.target_modules)?,
             modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             raw: v.as_object().cloned().unwrap_or_default(),

@@ -177,6 +177,12 @@ fn typed_entries(config: &PeftConfig) -> Vec<(String, Value<'static>)> {
             out.push(("group_size".into(), Value::U64(c.group_size as u64)));
         }
         PeftConfig::C3a(c) => out.push(("block_size".into(), Value::U64(c.block_size as u64))),
+        PeftConfig::VbLora(c) => {
+            out.push(("r".into(), Value::U64(c.r as u64)));
+            out.push(("num_vectors".into(), Value::U64(c.num_vectors as u64)));
+            out.push(("vector_length".into(), Value::U64(c.vector_length as u64)));
+            out.push(("topk".into(), Value::U64(c.topk as u64)));
+        }
         PeftConfig::RandLora(c) => {
             out.push(("r".into(), Value::U64(c.r as u64)));
             out.push(("randlora_alpha".into(), Value::F64(c.randlora_alpha)));
@@ -229,6 +235,12 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
         PeftConfig::Boft(_) => Method::Boft,
         PeftConfig::FourierFt(_) => Method::FourierFt,
         PeftConfig::RandLora(_) => Method::RandLora,
+        PeftConfig::VbLora(c) if c.save_only_topk_weights => {
+            return Err(HfError::Unsupported(
+                "VB-LoRA's top-k form in .peft files (its integer indices have no .peft element type)".into(),
+            ));
+        }
+        PeftConfig::VbLora(_) => Method::VbLora,
         PeftConfig::Road(_) => Method::Road,
         PeftConfig::C3a(_) => Method::C3a,
         PeftConfig::Shira(_) => {
@@ -346,6 +358,7 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
         | PeftConfig::Boft(_)
         | PeftConfig::FourierFt(_)
         | PeftConfig::RandLora(_)
+        | PeftConfig::VbLora(_)
         | PeftConfig::Road(_)
         | PeftConfig::C3a(_)
         | PeftConfig::Shira(_) => {
@@ -530,6 +543,21 @@ fn oft_config(get: Get<'_, '_>, targets: Vec<String>) -> serde_json::Value {
     })
 }
 
+/// VB-LoRA's PEFT config (the logits whole: `save_only_topk_weights`
+/// false).
+fn vblora_config(
+    u: &dyn Fn(&'static str) -> Result<u64, HfError>,
+    targets: Vec<String>,
+) -> Result<serde_json::Value, HfError> {
+    Ok(json!({
+        "peft_type": "VBLORA", "task_type": null, "base_model_name_or_path": null, "revision": null,
+        "inference_mode": true, "r": u("r")?, "num_vectors": u("num_vectors")?, "vector_length": u("vector_length")?,
+        "topk": u("topk")?, "save_only_topk_weights": false, "vblora_dropout": 0.0, "fan_in_fan_out": false,
+        "bias": "none", "init_vector_bank_bound": 0.02, "init_logits_std": 0.1, "target_modules": targets,
+        "modules_to_save": null, "layers_to_transform": null, "layers_pattern": null,
+    }))
+}
+
 /// RandLoRA's PEFT config (the bases travel in the file).
 fn randlora_config(r: u64, alpha: serde_json::Value, targets: Vec<String>) -> serde_json::Value {
     json!({
@@ -684,6 +712,7 @@ fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Valu
         Method::Oft => Ok(oft_config(get, list("target_modules")?)),
         Method::Boft => Ok(boft_config(get, list("target_modules")?)),
         Method::FourierFt => Ok(fourierft_config(get, list("target_modules")?)),
+        Method::VbLora => vblora_config(&u, list("target_modules")?),
         Method::RandLora => Ok(randlora_config(u("r")?, number("randlora_alpha")?, list("target_modules")?)),
         Method::Hra => {
             Ok(hra_config(u("r")?, matches!(get("apply_GS"), Some(Value::Bool(true))), list("target_modules")?))

@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 
 use super::{
     AdaLoraConfig, AdapterSummary, BoftConfig, C3aConfig, FourierFtConfig, HfLoraConfig, HraConfig, LohaConfig,
-    LokrConfig, MissConfig, OftConfig, PeftConfig, PromptConfig, RandLoraConfig, RoadConfig, VeraConfig,
+    LokrConfig, MissConfig, OftConfig, PeftConfig, PromptConfig, RandLoraConfig, RoadConfig, VbLoraConfig, VeraConfig,
 };
 
 /// One module's row: the columns of its method, in order, each a name and
@@ -103,6 +103,7 @@ impl InspectReport {
             PeftConfig::Boft(c) => r.boft(c, ad, dtype),
             PeftConfig::FourierFt(c) => r.fourierft(c, ad, dtype),
             PeftConfig::RandLora(c) => r.randlora(c, ad, dtype),
+            PeftConfig::VbLora(c) => r.vblora(c, ad, dtype),
             PeftConfig::Road(c) => r.road(c, ad, dtype),
             PeftConfig::C3a(c) => r.c3a(c, ad, dtype),
             PeftConfig::Shira(_) => r.shira(ad, dtype),
@@ -244,6 +245,27 @@ impl InspectReport {
         for m in &ad.road {
             let mut row = named(&m.name);
             row.extend([("out", json!(m.n_out)), ("params", json!(2 * m.len))]);
+            self.modules.push(row);
+        }
+    }
+
+    /// VB-LoRA's bank and modules (the logits' counts; PEFT's own count
+    /// of a top-k file's saved values differs).
+    fn vblora(&mut self, c: &VbLoraConfig, ad: &AdapterSummary, dtype: Value) {
+        self.method = "vblora";
+        self.fields = json_map(json!({ "r": c.r, "num_vectors": c.num_vectors, "vector_length": c.vector_length,
+            "topk": c.topk, "save_only_topk_weights": c.save_only_topk_weights, "dtype": dtype }));
+        self.headline = format!(
+            "method vblora: r={} num_vectors={} vector_length={} topk={} (dW = B A, sub-vectors mixed from a shared bank)",
+            c.r, c.num_vectors, c.vector_length, c.topk
+        );
+        if let Some([nv, l]) = ad.vblora_bank {
+            self.notes.push(format!("shared vector bank: [{nv}, {l}] ({} parameters)", nv * l));
+        }
+        for m in &ad.vblora {
+            let mut row = named(&m.name);
+            let params: usize = m.shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+            row.extend([("logits_A", json!(m.shapes[0])), ("logits_B", json!(m.shapes[1])), ("params", json!(params))]);
             self.modules.push(row);
         }
     }

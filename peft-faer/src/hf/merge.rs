@@ -45,7 +45,7 @@ use super::st::{self, Entry, OutEntry};
 use super::{
     AdaLoraModule, BoftModule, C3aModule, FourierFtModule, HfAdapter, HfError, HfLoraConfig, HfTensor, HraModule,
     Ia3Config, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule, OftModule, PeftConfig, RandLoraModule,
-    RandLoraShared, RoadModule, ShiraModule, VeraModule, VeraProjections,
+    RandLoraShared, RoadModule, ShiraModule, VbLoraBank, VbLoraModule, VeraModule, VeraProjections,
 };
 use crate::files::{Staging, check_output};
 
@@ -82,6 +82,8 @@ enum Update<'a> {
     /// OFT on a weight `[out, in]`: each row's blocks `w_k -> w_k R_k^T`;
     /// on an embedding `[vocab, dim]`, `e_k -> e_k R_k` (multiplier 1).
     Oft(&'a OftModule, [usize; 2]),
+    /// VB-LoRA on a weight `[out, in]` over the bank: `W += m B A`.
+    VbLora(&'a VbLoraModule, &'a VbLoraBank, [usize; 2], f64),
     /// RandLoRA on a weight `[out, in]` over the shared bases: `W += m dW`.
     RandLora(&'a RandLoraModule, &'a RandLoraShared, [usize; 2], f64),
     /// FourierFT on a weight `[out, in]`: `W += m dW`.
@@ -469,6 +471,16 @@ impl<'a> Plan<'a, '_> {
         self.push_weight(name, Update::Oft(m, [n_out, n_in]))
     }
 
+    /// VB-LoRA on `<module>.weight`: the logits' blocks times the vector
+    /// length give its shape.
+    fn vblora(&mut self, m: &'a VbLoraModule, bank: &'a VbLoraBank, multiplier: f64) -> Result<(), HfError> {
+        let name = format!("{}.weight", m.name);
+        let l = bank.shape[1];
+        let want = format!("[{}, {}]", m.shapes[1][0] * l, m.shapes[0][1] * l);
+        let [n_out, n_in] = self.matrix(&name, &|o, i| m.layer(bank, i, o).is_ok(), &want)?;
+        self.push_weight(name, Update::VbLora(m, bank, [n_out, n_in], multiplier))
+    }
+
     /// RandLoRA on `<module>.weight`: `gamma`'s width is `min(in, out)`,
     /// the bases cover the shape.
     fn randlora(&mut self, m: &'a RandLoraModule, p: &'a RandLoraShared, multiplier: f64) -> Result<(), HfError> {
@@ -594,6 +606,12 @@ impl<'a> Plan<'a, '_> {
             PeftConfig::Road(_) => {
                 for m in &adapter.road {
                     plan.road(m)?;
+                }
+            }
+            PeftConfig::VbLora(_) => {
+                let bank = adapter.vblora_bank.as_ref().ok_or_else(|| HfError::missing(crate::hf::VBLORA_BANK_KEY))?;
+                for m in &adapter.vblora {
+                    plan.vblora(m, bank, multiplier)?;
                 }
             }
             PeftConfig::RandLora(_) => {
@@ -972,16 +990,8 @@ impl Update<'_> {
                 let layer = peft_core::ia3::Ia3::new(cols, n_out, columns, &m.l[..])?;
                 layer.update_rows(backend, i0, block, None, Direction::Merge, &mut []).map_err(be)
             }
-            Update::Loha(m, factor) => {
-                let loha = m.layer()?;
-                let sc = grow(scratch, loha.delta_scratch_len(n));
-                loha.delta_rows(backend, i0, block, Accum::Add, factor, sc).map_err(be)
-            }
-            Update::Lokr(m, factor) => {
-                let lokr = m.layer()?;
-                let sc = grow(scratch, lokr.delta_scratch_len(n));
-                lokr.delta_rows(backend, i0, block, Accum::Add, factor, sc).map_err(be)
-            }
+            Update::Loha(m, factor) => add_rows(backend, &m.layer()?, i0, block, factor, scratch),
+            Update::Lokr(m, factor) => add_rows(backend, &m.layer()?, i0, block, factor, scratch),
             Update::Vera(m, p, factor) => {
                 let (proj, vera) = (p.projection()?, m.layer(cols)?);
                 let layer = vera.bound(&proj);
@@ -1002,17 +1012,16 @@ impl Update<'_> {
             Update::C3a(m, factor) => {
                 m.layer()?.delta_rows(backend, i0, block, Accum::Add, factor, &mut []).map_err(be)
             }
+            Update::VbLora(m, bank, [n_out, n_in], f) => {
+                add_rows(backend, &m.layer(bank, n_in, n_out)?, i0, block, f, scratch)
+            }
             Update::RandLora(m, p, [n_out, n_in], factor) => {
                 let bases = p.bases()?;
                 let layer = m.layer(&bases, n_in, n_out)?;
                 let sc = grow(scratch, layer.delta_scratch_len(n));
                 layer.delta_rows(backend, i0, block, Accum::Add, factor, sc).map_err(be)
             }
-            Update::FourierFt(m, [n_out, n_in], factor) => {
-                let layer = m.layer(n_in, n_out)?;
-                let sc = grow(scratch, layer.delta_scratch_len(n));
-                layer.delta_rows(backend, i0, block, Accum::Add, factor, sc).map_err(be)
-            }
+            Update::FourierFt(m, [n_out, n_in], f) => add_rows(backend, &m.layer(n_in, n_out)?, i0, block, f, scratch),
             Update::Road(m, n_in) => merge_rows(backend, &m.layer(n_in)?, i0, block, scratch),
             Update::Boft(m, [n_out, n_in]) => merge_rows(backend, &m.layer(n_in, n_out)?, i0, block, scratch),
             Update::Oft(m, [n_out, n_in]) if m.embedding => {
@@ -1022,11 +1031,7 @@ impl Update<'_> {
             }
             Update::Oft(m, [n_out, n_in]) => merge_rows(backend, &m.layer(n_in, n_out)?, i0, block, scratch),
             Update::Hra(m, n_out) => merge_rows(backend, &m.layer(n_out)?, i0, block, scratch),
-            Update::AdaLora(m, factor) => {
-                let layer = m.layer()?;
-                let sc = grow(scratch, layer.delta_scratch_len(n));
-                layer.delta_rows(backend, i0, block, Accum::Add, factor, sc).map_err(be)
-            }
+            Update::AdaLora(m, factor) => add_rows(backend, &m.layer()?, i0, block, factor, scratch),
         }
     }
 }
@@ -1037,6 +1042,20 @@ fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
         v.resize(len, 0.0);
     }
     &mut v[..len]
+}
+
+/// An additive method's `block += factor dW` over the rows `i0..`, its
+/// scratch grown to what it needs.
+fn add_rows<B: Backend<f32> + ?Sized, D: DeltaRows<f32>>(
+    backend: &B,
+    layer: &D,
+    i0: usize,
+    block: MatMut<'_, f32>,
+    factor: f64,
+    scratch: &mut Vec<f32>,
+) -> Result<(), HfError> {
+    let sc = grow(scratch, layer.delta_scratch_len(block.rows()));
+    layer.delta_rows(backend, i0, block, Accum::Add, factor, sc).map_err(HfError::backend)
 }
 
 /// A multiplicative method's merge of the rows `i0..` in `block`, its

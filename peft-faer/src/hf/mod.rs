@@ -34,6 +34,7 @@ mod road;
 mod shira;
 pub mod st;
 mod summary;
+mod vblora;
 mod vera;
 
 pub use adalora::{ADALORA_KEYS, AdaLoraModule};
@@ -45,7 +46,7 @@ pub use c3a::C3aModule;
 pub use config::{
     AdaLoraConfig, BiasMode, BoftConfig, C3aConfig, FourierFtConfig, HfLoraConfig, HraConfig, Ia3Config, LohaConfig,
     LokrConfig, MissConfig, OftConfig, Pattern, PeftConfig, PromptConfig, RandLoraConfig, RoadConfig, ShiraConfig,
-    Targets, VeraConfig,
+    Targets, VbLoraConfig, VeraConfig,
 };
 pub use error::HfError;
 pub use fourierft::{FourierFtModule, torch_randperm_prefix};
@@ -65,6 +66,7 @@ pub use summary::{
     LokrSummary, MissSummary, ModuleSummary, NonFinite, OftSummary, ProjectionSummary, RandLoraSummary, RoadSummary,
     TensorSummary, VeraSummary,
 };
+pub use vblora::{SavedTensor, VBLORA_BANK_KEY, VbLoraBank, VbLoraModule, VbLoraStored};
 pub use vera::{VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections};
 
 /// The file names PEFT uses.

@@ -344,16 +344,33 @@ fn unsupported(d: Dtype) -> HfError {
     HfError::Unsupported(format!("element type {d:?} (need F32, F16 or BF16)"))
 }
 
+/// The range of an integer element type that index tensors use (U8, I16,
+/// I32, I64), or `None`.
+fn index_range(d: Dtype) -> Option<(f32, f32)> {
+    match d {
+        Dtype::U8 => Some((0.0, 255.0)),
+        Dtype::I16 => Some((-32768.0, 32767.0)),
+        Dtype::I32 | Dtype::I64 => Some((f32::MIN, f32::MAX)),
+        _ => None,
+    }
+}
+
 /// Rounds `vals` once (to nearest, ties to even) to type `d`, appending the
-/// little-endian bytes to `out`. `I32` takes integers (index tensors held
-/// as f32, exact below 2^24) and refuses any other value.
+/// little-endian bytes to `out`. The integer types index tensors use (U8,
+/// I16, I32, I64) take integers in their range (index tensors held as f32,
+/// exact below 2^24) and refuse any other value.
 pub fn from_f32(d: Dtype, vals: &[f32], out: &mut Vec<u8>) -> Result<(), HfError> {
-    if d == Dtype::I32 {
+    if let Some((min, max)) = index_range(d) {
         for &v in vals {
-            if v.fract() != 0.0 || v.abs() >= (1 << 24) as f32 {
-                return Err(HfError::Unsupported(format!("{v} as an I32 index (integers below 2^24)")));
+            if v.fract() != 0.0 || v < min || v > max || v.abs() >= (1 << 24) as f32 {
+                return Err(HfError::Unsupported(format!("{v} as a {d:?} index (integers below 2^24)")));
             }
-            out.extend_from_slice(&(v as i32).to_le_bytes());
+            match d {
+                Dtype::U8 => out.push(v as u8),
+                Dtype::I16 => out.extend_from_slice(&(v as i16).to_le_bytes()),
+                Dtype::I32 => out.extend_from_slice(&(v as i32).to_le_bytes()),
+                _ => out.extend_from_slice(&(v as i64).to_le_bytes()),
+            }
         }
         return Ok(());
     }
@@ -606,6 +623,36 @@ impl StFile {
     /// [`HfError::Io`], [`HfError::Unsupported`] for a non-float type.
     pub fn first_nonfinite(&self, e: &Entry) -> Result<Option<(usize, f32)>, HfError> {
         self.scan_f32(e, 1 << 18, |start, v| Ok(v.iter().position(|x| !x.is_finite()).map(|i| (start + i, v[i]))))
+    }
+
+    /// A whole integer tensor (index tensors of adapters: VB-LoRA's top-k
+    /// indices, U8, I16, I32 or I64), widened to i64.
+    ///
+    /// # Errors
+    /// [`HfError::TensorShape`] for another element type or a length that
+    /// does not match; [`HfError::Io`].
+    pub fn read_index(&self, e: &Entry) -> Result<Vec<i64>, HfError> {
+        let size = match e.dtype {
+            Dtype::U8 => 1,
+            Dtype::I16 => 2,
+            Dtype::I32 => 4,
+            Dtype::I64 => 8,
+            _ => return Err(HfError::shape(&e.name, &e.shape, "an integer tensor (U8, I16, I32 or I64)")),
+        };
+        if e.quant.is_some() || e.len != size * e.numel() as u64 {
+            return Err(HfError::shape(&e.name, &e.shape, format!("{:?} values", e.dtype)));
+        }
+        let mut bytes = vec![0u8; e.len as usize];
+        self.read_at(e, 0, &mut bytes)?;
+        Ok(bytes
+            .chunks_exact(size as usize)
+            .map(|c| match c {
+                [a] => i64::from(*a),
+                [a, b] => i64::from(i16::from_le_bytes([*a, *b])),
+                [a, b, c2, d] => i64::from(i32::from_le_bytes([*a, *b, *c2, *d])),
+                _ => i64::from_le_bytes(c.try_into().unwrap_or([0; 8])),
+            })
+            .collect())
     }
 
     /// A whole `I32` tensor (index tensors of adapters: SHiRA's

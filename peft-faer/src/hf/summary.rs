@@ -101,6 +101,17 @@ pub struct RoadSummary {
     pub len: usize,
 }
 
+/// One VB-LoRA module of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct VbLoraSummary {
+    /// Module name.
+    pub name: String,
+    /// `logits_A`'s and `logits_B`'s shapes.
+    pub shapes: [[usize; 3]; 2],
+    /// Saved in the top-k form.
+    pub topk_form: bool,
+}
+
 /// One RandLoRA module of an [`AdapterSummary`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct RandLoraSummary {
@@ -265,6 +276,10 @@ pub struct AdapterSummary {
     pub fourierft: Vec<FourierFtSummary>,
     /// RandLoRA modules.
     pub randlora: Vec<RandLoraSummary>,
+    /// VB-LoRA modules.
+    pub vblora: Vec<VbLoraSummary>,
+    /// VB-LoRA's bank's shape `[nv, L]`.
+    pub vblora_bank: Option<[usize; 2]>,
     /// RandLoRA's shared bases' shapes, `randlora_A` and `randlora_B`.
     pub randlora_bases: Option<[[usize; 3]; 2]>,
     /// RoAd modules.
@@ -354,12 +369,10 @@ impl HfAdapter {
             miss: ad.miss.iter().map(|m| MissSummary { name: m.name.clone(), shape: m.shape.clone() }).collect(),
             hra: ad.hra.iter().map(|m| HraSummary { name: m.name.clone(), n_in: m.n_in, r: m.r }).collect(),
             fourierft: fourierft_summaries(&ad, &lens),
-            randlora: ad
-                .randlora
-                .iter()
-                .map(|m| RandLoraSummary { name: m.name.clone(), lambda: m.lambda_shape, gamma: m.gamma_shape })
-                .collect(),
+            randlora: randlora_summaries(&ad),
             randlora_bases: ad.randlora_bases.as_ref().map(|p| [p.a_shape, p.b_shape]),
+            vblora: vblora_summaries(&ad),
+            vblora_bank: ad.vblora_bank.as_ref().map(|b| b.shape),
             boft: boft_summaries(&ad, &lens),
             oft: ad
                 .oft
@@ -394,4 +407,20 @@ fn fourierft_summaries(ad: &HfAdapter, lens: &std::collections::BTreeMap<String,
 fn boft_summaries(ad: &HfAdapter, lens: &std::collections::BTreeMap<String, usize>) -> Vec<BoftSummary> {
     let n_out = |name: &str| lens.get(&format!("{name}.boft_s")).copied().unwrap_or(0);
     ad.boft.iter().map(|m| BoftSummary { name: m.name.clone(), shape: m.shape, n_out: n_out(&m.name) }).collect()
+}
+
+/// RandLoRA's modules.
+fn randlora_summaries(ad: &HfAdapter) -> Vec<RandLoraSummary> {
+    let one = |m: &super::RandLoraModule| RandLoraSummary {
+        name: m.name.clone(),
+        lambda: m.lambda_shape,
+        gamma: m.gamma_shape,
+    };
+    ad.randlora.iter().map(one).collect()
+}
+
+/// VB-LoRA's modules.
+fn vblora_summaries(ad: &HfAdapter) -> Vec<VbLoraSummary> {
+    let topk = |m: &super::VbLoraModule| matches!(m.stored, super::VbLoraStored::TopK(_));
+    ad.vblora.iter().map(|m| VbLoraSummary { name: m.name.clone(), shapes: m.shapes, topk_form: topk(m) }).collect()
 }

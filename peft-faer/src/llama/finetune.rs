@@ -154,7 +154,10 @@ fn gcd(a: usize, b: usize) -> usize {
 /// of `rank` (one factor, as PEFT trains on a CPU); FourierFT on `q_proj`,
 /// `v_proj` with PEFT's 1000 frequencies (at most a quarter of a
 /// projection's weights), a zero spectrum; RandLoRA on `q_proj`, `v_proj`
-/// with bases of rank `rank` (`alpha = 20 r`); bottleneck adapters of width 16 (GELU); prompt and prefix
+/// with bases of rank `rank` (`alpha = 20 r`); VB-LoRA on `q_proj`,
+/// `v_proj` at rank `rank` over 256 vectors (of length 256 or the largest
+/// divisor of the projections' shapes below it), top 2, the bank frozen;
+/// bottleneck adapters of width 16 (GELU); prompt and prefix
 /// tuning with [`CONTEXT`] virtual tokens. `None` for a method this
 /// function does not know (the registry test catches that).
 ///
@@ -179,6 +182,12 @@ pub fn trainable(model: &Llama, method: &MethodSpec, rank: usize, seed: u64) -> 
         "shira" => MethodSetup::Shira { r, targets: qv() },
         "oft" => MethodSetup::Oft { r, targets: qv() },
         "randlora" => MethodSetup::RandLora { r, targets: qv() },
+        "vblora" => {
+            // PEFT's vectors of 256, cut to a length that divides q_proj's and v_proj's shapes.
+            let c = &model.config;
+            let len = [c.num_heads * c.head_dim, c.kv_width(), c.hidden_size].into_iter().fold(256, gcd);
+            MethodSetup::VbLora { r, len, targets: qv() }
+        }
         // PEFT's default 1000 frequencies, cut to a quarter of the smaller projection's weights.
         "fourierft" => {
             let c = &model.config;

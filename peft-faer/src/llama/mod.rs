@@ -515,6 +515,7 @@ impl<'a> LlamaAdapter<'a> {
             | PeftConfig::Boft(_)
             | PeftConfig::FourierFt(_)
             | PeftConfig::RandLora(_)
+            | PeftConfig::VbLora(_)
             | PeftConfig::Vera(_)
             | PeftConfig::Road(_)
             | PeftConfig::C3a(_)

@@ -21,14 +21,15 @@ use peft_core::method::LinearAdapter;
 use peft_core::randlora::RandLoraGrads;
 use peft_core::road::RoadGrads;
 use peft_core::storage::StoredLinear;
+use peft_core::vblora::VbLoraGrads;
 use peft_core::vera::VeraGrads;
 use peft_core::{Accum, Backend, FrozenLinear, MatMut, MatRef};
 
 use super::Linear;
 use crate::hf::{
     AdaLoraModule, BoftModule, C3aModule, FourierFtModule, HfAdapter, HfError, HraModule, Ia3Module, LohaModule,
-    LokrModule, LoraModule, MissModule, OftModule, RandLoraModule, RandLoraShared, RoadModule, ShiraModule, VeraModule,
-    VeraProjections,
+    LokrModule, LoraModule, MissModule, OftModule, RandLoraModule, RandLoraShared, RoadModule, ShiraModule, VbLoraBank,
+    VbLoraModule, VeraModule, VeraProjections,
 };
 
 /// The adapter module on one projection, borrowed from an
@@ -63,6 +64,8 @@ pub enum Module<'a> {
     FourierFt(&'a FourierFtModule),
     /// RandLoRA: `dW = s UB UA` over the shared random bases.
     RandLora(&'a RandLoraModule, &'a RandLoraShared),
+    /// VB-LoRA: `dW = B A` mixed from the shared bank (held frozen here).
+    VbLora(&'a VbLoraModule, &'a VbLoraBank),
     /// RoAd: `y = R (x W^T + b)`, pairs of outputs rotated and scaled.
     Road(&'a RoadModule),
     /// C3A: `dW` block-circulant.
@@ -75,7 +78,7 @@ impl Module<'_> {
     /// The module's trainable tensors' lengths, in the order of its
     /// gradient buffers: LoRA `A, B` (its `lora_bias` stays frozen); DoRA `A, B, m`; (IA)^3 `l`; LoHa
     /// `W1a, W1b, W2a, W2b`; LoKr `W1`'s stored tensors then `W2`'s; VeRA
-    /// `lambda_d, lambda_b`; AdaLoRA `A, E, B`; MiSS `D`; HRA `U`; OFT `oft_R`; BOFT `boft_R, boft_s`; FourierFT the spectrum; RandLoRA `lambda, gamma`; RoAd `theta, alpha`; C3A the kernel; SHiRA `w`.
+    /// `lambda_d, lambda_b`; AdaLoRA `A, E, B`; MiSS `D`; HRA `U`; OFT `oft_R`; BOFT `boft_R, boft_s`; FourierFT the spectrum; RandLoRA `lambda, gamma`; VB-LoRA `logits_A, logits_B` (the bank frozen); RoAd `theta, alpha`; C3A the kernel; SHiRA `w`.
     pub fn tensor_lens(&self) -> Vec<usize> {
         match self {
             Module::Lora(m) => vec![m.a.len(), m.b.len()],
@@ -91,6 +94,7 @@ impl Module<'_> {
             Module::Boft(m) => vec![m.r.len(), m.s.len()],
             Module::FourierFt(m) => vec![m.spectrum.len()],
             Module::RandLora(m, _) => vec![m.lambda.len(), m.gamma.len()],
+            Module::VbLora(m, _) => vec![m.logits_a.len(), m.logits_b.len()],
             Module::Road(m) => vec![m.theta.len(), m.alpha.len()],
             Module::C3a(m) => vec![m.kernel.len()],
             Module::Shira(m) => vec![m.weight.len()],
@@ -112,6 +116,7 @@ impl Module<'_> {
             Module::Boft(m) => m.layer(cols, rows).is_ok(),
             Module::FourierFt(m) => m.layer(cols, rows).is_ok(),
             Module::RandLora(m, p) => p.bases().is_ok_and(|b| m.layer(&b, cols, rows).is_ok()),
+            Module::VbLora(m, bank) => m.layer(bank, cols, rows).is_ok(),
             // HRA's file holds the input width only.
             Module::Hra(m) => m.n_in == cols,
             // RoAd's file holds the output width only.
@@ -129,6 +134,9 @@ impl Module<'_> {
             Module::Boft(m) => Some(format!("boft_R {:?}, boft_s [{}, 1]", m.shape, m.s.len())),
             Module::FourierFt(m) => Some(format!("fourierft_spectrum [{}]", m.spectrum.len())),
             Module::RandLora(m, _) => Some(format!("randlora_gamma {:?} over the shared bases", m.gamma_shape)),
+            Module::VbLora(m, _) => {
+                Some(format!("vblora_logits_A {:?}, vblora_logits_B {:?}", m.shapes[0], m.shapes[1]))
+            }
             Module::Road(m) => Some(format!("[{}, in]", m.n_out)),
             _ => Some(format!("[{out}, {inn}]")),
         }
@@ -152,6 +160,9 @@ pub(super) fn placed(adapter: &HfAdapter) -> Vec<(&str, Module<'_>, (usize, usiz
     // The shared-projection methods: every module over the adapter's one set (the reader requires it).
     if let Some(p) = &adapter.vera_projections {
         out.extend(adapter.vera.iter().map(|m| (m.name.as_str(), Module::Vera(m, p), (m.n_out, p.max_in))));
+    }
+    if let Some(bank) = &adapter.vblora_bank {
+        out.extend(adapter.vblora.iter().map(|m| (m.name.as_str(), Module::VbLora(m, bank), (0, 0))));
     }
     if let Some(p) = &adapter.randlora_bases {
         out.extend(adapter.randlora.iter().map(|m| (m.name.as_str(), Module::RandLora(m, p), (0, 0))));
@@ -321,6 +332,9 @@ pub(super) fn forward<B: Backend<f32> + ?Sized>(
         Some(Module::Hra(m)) => run_forward(backend, &base, &m.layer(n_out)?, x, y, &mut ws.scratch),
         Some(Module::Oft(m)) => run_forward(backend, &base, &m.layer(n_in, n_out)?, x, y, &mut ws.scratch),
         Some(Module::Boft(m)) => run_forward(backend, &base, &m.layer(n_in, n_out)?, x, y, &mut ws.scratch),
+        Some(Module::VbLora(m, bank)) => {
+            run_forward(backend, &base, &m.layer(bank, n_in, n_out)?, x, y, &mut ws.scratch)
+        }
         Some(Module::RandLora(m, p)) => {
             let bases = p.bases()?;
             run_forward(backend, &base, &m.layer(&bases, n_in, n_out)?, x, y, &mut ws.scratch)
@@ -395,6 +409,11 @@ pub(super) fn backward<B: Backend<f32> + ?Sized>(
         Module::Miss(m) => one_grad(backend, &base, &m.layer(n_in, n_out)?, x, gy, gx, grads, ws),
         Module::Hra(m) => one_grad(backend, &base, &m.layer(n_out)?, x, gy, gx, grads, ws),
         Module::Oft(m) => one_grad(backend, &base, &m.layer(n_in, n_out)?, x, gy, gx, grads, ws),
+        Module::VbLora(m, bank) => {
+            let [ga, gb] = grads else { return Err(bad()) };
+            let g = VbLoraGrads { logits_a: &mut ga[..], logits_b: &mut gb[..], bank: None };
+            run_backward(backend, &base, &m.layer(bank, n_in, n_out)?, x, gy, gx, g, &mut ws.scratch, &mut ws.dx)
+        }
         Module::RandLora(m, p) => {
             let [gl, gg] = grads else { return Err(bad()) };
             let bases = p.bases()?;

@@ -26,7 +26,7 @@ use super::{Bottleneck, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGr
 use crate::hf::{
     AdaLoraModule, BoftModule, C3aModule, FourierFtModule, HfAdapter, HfError, HfTensor, HraModule, Ia3Module,
     LohaModule, LokrModule, LoraModule, MissModule, OftModule, PeftConfig, RandLoraModule, RandLoraShared, RoadModule,
-    ShiraModule, VeraModule, VeraProjections,
+    ShiraModule, VbLoraBank, VbLoraModule, VbLoraStored, VeraModule, VeraProjections,
 };
 
 /// A method and its configuration on the Llama model's projections
@@ -120,6 +120,19 @@ pub enum MethodSetup {
         /// Adapted projections.
         targets: Vec<String>,
     },
+    /// VB-LoRA at rank `r` with PEFT's 256 bank vectors of length `len`
+    /// and top-2 mixes, its init (bank `U(-0.02, 0.02)`, logits `N(0,
+    /// 0.1^2)`: not the identity); the logits train, the bank is held
+    /// frozen (PEFT trains it too: its gradient is shared by every module,
+    /// which this trainer's per-module buffers do not sum yet).
+    VbLora {
+        /// `r`.
+        r: usize,
+        /// `vector_length`.
+        len: usize,
+        /// Adapted projections.
+        targets: Vec<String>,
+    },
     /// RandLoRA with bases of rank `r` (PEFT's `randlora_alpha = 20 r`,
     /// its default ratio 640 / 32), `lambda = 0`, `gamma = 1 / max(in,
     /// out)`; the bases drawn here with unit variance (PEFT's are
@@ -189,6 +202,7 @@ impl MethodSetup {
             | MethodSetup::Hra { r, .. }
             | MethodSetup::Oft { r, .. }
             | MethodSetup::RandLora { r, .. }
+            | MethodSetup::VbLora { r, .. }
             | MethodSetup::Shira { r, .. } => Some(*r),
             MethodSetup::Ia3 { .. }
             | MethodSetup::Road { .. }
@@ -214,6 +228,7 @@ impl MethodSetup {
             | MethodSetup::Boft { targets, .. }
             | MethodSetup::FourierFt { targets, .. }
             | MethodSetup::RandLora { targets, .. }
+            | MethodSetup::VbLora { targets, .. }
             | MethodSetup::Road { targets, .. }
             | MethodSetup::C3a { targets, .. }
             | MethodSetup::Shira { targets, .. } => targets,
@@ -252,6 +267,9 @@ impl MethodSetup {
                 "oft_block_size": 0, "use_cayley_neumann": true, "num_cayley_neumann_terms": 5, "coft": false,
                 "eps": 6e-5, "block_share": false, "module_dropout": 0.0, "target_modules": targets,
                 "init_weights": true, "fan_in_fan_out": false, "bias": "none"}),
+            MethodSetup::VbLora { r, len, targets } => json!({"peft_type": "VBLORA", "task_type": "CAUSAL_LM",
+                "r": r, "num_vectors": 256, "vector_length": len, "topk": 2, "save_only_topk_weights": false,
+                "target_modules": targets, "fan_in_fan_out": false, "bias": "none"}),
             MethodSetup::RandLora { r, targets } => json!({"peft_type": "RANDLORA", "task_type": "CAUSAL_LM",
                 "r": r, "randlora_alpha": 20 * r, "save_projection": true, "projection_prng_key": 0,
                 "target_modules": targets, "init_weights": true, "fan_in_fan_out": false, "bias": "none"}),
@@ -407,6 +425,7 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
             }
         }
         MethodSetup::RandLora { r, .. } => init_randlora(&mut ad, sites, *r, &mut rng)?,
+        MethodSetup::VbLora { r, len, .. } => init_vblora(&mut ad, sites, *r, *len, &mut rng)?,
         MethodSetup::FourierFt { n, .. } => {
             for s in sites {
                 let m = FourierFtModule::new(s.name, vec![0.0f32; *n], 150.0, 777, Dtype::F32);
@@ -645,6 +664,30 @@ fn init_vera(ad: &mut HfAdapter, sites: Vec<Site<'_>>, r: usize, rng: &mut Rng) 
     Ok(())
 }
 
+/// VB-LoRA as PEFT initializes it: a bank of 256 vectors `U(-0.02,
+/// 0.02)`, every module's logits `N(0, 0.1^2)`, top 2.
+fn init_vblora(ad: &mut HfAdapter, sites: Vec<Site<'_>>, r: usize, len: usize, rng: &mut Rng) -> Result<(), HfError> {
+    let nv = 256;
+    let v: Vec<f32> = (0..nv * len).map(|_| rng.uniform_range(-0.02, 0.02) as f32).collect();
+    let bank = VbLoraBank { v, shape: [nv, len], dtype: Dtype::F32 };
+    for s in sites {
+        let (n_out, n_in) = (s.weight.rows, s.weight.cols);
+        let shapes = [[r, n_in / len.max(1), nv], [n_out / len.max(1), r, nv]];
+        let mut logits = |shape: [usize; 3]| {
+            let mut v = vec![0.0f32; shape.iter().product()];
+            rng.fill_normal(&mut v, 0.1);
+            v
+        };
+        let (logits_a, logits_b) = (logits(shapes[0]), logits(shapes[1]));
+        let (stored, dtypes) = (VbLoraStored::Logits, [Dtype::F32; 2]);
+        let m = VbLoraModule { name: s.name, logits_a, logits_b, shapes, topk: 2, stored, dtypes };
+        m.layer(&bank, n_in, n_out)?;
+        ad.vblora.push(m);
+    }
+    ad.vblora_bank = Some(bank);
+    Ok(())
+}
+
 /// RandLoRA's shared bases over `sites` (PEFT's `_find_dim`: the
 /// element-wise largest `[out, in]`), unit-variance uniform values, and
 /// each site's `lambda = 0`, `gamma = 1 / max(in, out)`, the bases'
@@ -764,6 +807,9 @@ pub fn tensors_mut(ad: &mut HfAdapter) -> Vec<&mut Vec<f32>> {
     }
     for m in &mut ad.oft {
         named.push((m.name.clone(), vec![&mut m.v]));
+    }
+    for m in &mut ad.vblora {
+        named.push((m.name.clone(), vec![&mut m.logits_a, &mut m.logits_b]));
     }
     for m in &mut ad.randlora {
         named.push((m.name.clone(), vec![&mut m.lambda, &mut m.gamma]));

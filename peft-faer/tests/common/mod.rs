@@ -41,6 +41,8 @@ pub fn load(path: &Path) -> HashMap<String, (Dtype, Vec<usize>, Vec<f32>)> {
                 Dtype::I64 => {
                     v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect()
                 }
+                Dtype::U8 => v.data().iter().map(|&b| f32::from(b)).collect(),
+                Dtype::I16 => v.data().chunks_exact(2).map(|c| f32::from(i16::from_le_bytes([c[0], c[1]]))).collect(),
                 Dtype::I32 => {
                     v.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32).collect()
                 }

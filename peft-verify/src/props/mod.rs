@@ -25,6 +25,7 @@ pub mod set;
 pub mod shira;
 pub mod storage;
 pub mod training;
+pub mod vblora;
 pub mod vera;
 use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use peft_core::{Backend, FrozenLinear, MatMut, MatRef};
