@@ -41,7 +41,7 @@ use crate::error::{Error, Operand, Result, check_len, split_scratch};
 use crate::lora::ParamReport;
 use crate::matrix::{MatMut, MatRef, checked_len};
 use crate::method::{BackwardPass, Direction, ForwardPass, LinearAdapter, UpdateBlock, UpdateKind, WeightUpdate};
-use crate::oft::{add, at, identity, invert, prod};
+use crate::oft::{Slots, add, at, identity, invert, prod};
 
 /// A BOFT adapter for a linear layer `in -> out`: `boft_R [F, N, b, b]`
 /// and `boft_s [out]`.
@@ -63,25 +63,6 @@ pub struct BoftGrads<'g, E> {
     pub r: &'g mut [E],
     /// `dL/dboft_s`.
     pub s: &'g mut [E],
-}
-
-/// One block's matrices: the rotation `B`, `S`, `(I + S)^-1`, and a spare.
-struct Block<'w, E> {
-    rot: &'w mut [E],
-    skew: &'w mut [E],
-    inv: &'w mut [E],
-    spare: &'w mut [E],
-}
-
-impl<'w, E: Element> Block<'w, E> {
-    /// Four `b^2` slots from the front of `ws`, and the rest.
-    fn split(ws: &'w mut [E], b2: usize) -> Result<(Self, &'w mut [E])> {
-        let (rot, rest) = split_scratch(ws, b2)?;
-        let (skew, rest) = split_scratch(rest, b2)?;
-        let (inv, rest) = split_scratch(rest, b2)?;
-        let (spare, rest) = split_scratch(rest, b2)?;
-        Ok((Self { rot, skew, inv, spare }, rest))
-    }
 }
 
 impl<E: Element, S: AsRef<[E]>> Boft<E, S> {
@@ -160,27 +141,27 @@ impl<E: Element, S: AsRef<[E]>> Boft<E, S> {
         base + seq * r + t
     }
 
-    /// Block `(f, k)`'s rotation `B` into `w.rot`, with `S` in `w.skew`
-    /// and `(I + S)^-1` in `w.inv`.
+    /// Block `(f, k)`'s rotation `B` into `w.r`, with `S` in `w.q` and `(I
+    /// + S)^-1` in `w.b` (`w.a` spare).
     fn rotation<B: Backend<E> + ?Sized>(
         &self,
         backend: &B,
         (f, k): (usize, usize),
-        w: &mut Block<'_, E>,
+        w: &mut Slots<'_, E>,
     ) -> Outcome<E, B> {
         let b = self.block;
         let n = self.in_features / b;
         let r = self.r.as_ref().get((f * n + k) * b * b..).unwrap_or(&[]);
-        for (idx, e) in w.skew.iter_mut().enumerate() {
+        for (idx, e) in w.q.iter_mut().enumerate() {
             *e = E::from_f64(0.5 * (at(r, b, idx / b, idx % b) - at(r, b, idx % b, idx / b)));
         }
-        identity(w.spare, b);
-        add(w.spare, w.skew, 1.0);
-        invert(w.spare, w.inv, b, "boft_R")?;
+        identity(w.a, b);
+        add(w.a, w.q, 1.0);
+        invert(w.a, w.b, b, "boft_R")?;
         // B = (I - S)(I + S)^-1.
-        prod(backend, w.spare, w.skew, false, w.inv, false, b, -1.0)?;
-        w.rot.copy_from_slice(w.inv);
-        add(w.rot, w.spare, 1.0);
+        prod(backend, w.a, w.q, false, w.b, false, b, -1.0)?;
+        w.r.copy_from_slice(w.b);
+        add(w.r, w.a, 1.0);
         Ok(())
     }
 
@@ -194,7 +175,7 @@ impl<E: Element, S: AsRef<[E]>> Boft<E, S> {
         data: &mut [E],
         (p, u): (&mut [E], &mut [E]),
         transpose: bool,
-        w: &mut Block<'_, E>,
+        w: &mut Slots<'_, E>,
     ) -> Outcome<E, B> {
         let (n, b) = (self.in_features, self.block);
         let rows = data.len() / n.max(1);
@@ -206,7 +187,7 @@ impl<E: Element, S: AsRef<[E]>> Boft<E, S> {
             self.rotation(backend, (f, k), w)?;
             let (src, dst) = (pm.cols_range(k * b, b).ok_or(cols)?, um.cols_range_mut(k * b, b).ok_or(cols)?);
             let op = if transpose { Op::T } else { Op::N };
-            backend.gemm(dst, Accum::Replace, src, Op::N, MatRef::new(w.rot, b, b)?, op, one)?;
+            backend.gemm(dst, Accum::Replace, src, Op::N, MatRef::new(w.r, b, b)?, op, one)?;
         }
         self.permute_into(f, um.as_ref().as_slice(), data, false);
         Ok(())
@@ -241,7 +222,7 @@ impl<E: Element, S: AsRef<[E]>> Boft<E, S> {
     fn chain<B: Backend<E> + ?Sized>(
         &self,
         backend: &B,
-        (f, k, w): (usize, usize, &Block<'_, E>),
+        (f, k, w): (usize, usize, &Slots<'_, E>),
         d: &[E],
         work: &mut [E],
         grads: &mut [E],
@@ -249,9 +230,9 @@ impl<E: Element, S: AsRef<[E]>> Boft<E, S> {
         let b = self.block;
         let (tmp, ds) = split_scratch(work, b * b)?;
         // tmp = (I + B)^T D, ds = -tmp (I + S)^-T.
-        prod(backend, tmp, w.rot, true, d, false, b, 1.0)?;
+        prod(backend, tmp, w.r, true, d, false, b, 1.0)?;
         add(tmp, d, 1.0);
-        prod(backend, ds, tmp, false, w.inv, true, b, -1.0)?;
+        prod(backend, ds, tmp, false, w.b, true, b, -1.0)?;
         let n = self.in_features / b;
         let g = grads.iter_mut().skip((f * n + k) * b * b).take(b * b);
         for (idx, e) in g.enumerate() {
@@ -310,7 +291,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Boft<E, S> {
         let (z, rest) = split_scratch(scratch, checked_len(t, n)?)?;
         let (p, rest) = split_scratch(rest, checked_len(t, n)?)?;
         let (u, rest) = split_scratch(rest, checked_len(t, n)?)?;
-        let (mut w, _) = Block::split(rest, self.block * self.block)?;
+        let (mut w, _) = Slots::split(rest, self.block * self.block)?;
         for (dst, src) in z.chunks_exact_mut(n.max(1)).zip(x.row_iter()) {
             dst.copy_from_slice(src);
         }
@@ -338,7 +319,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Boft<E, S> {
         let (gu, rest) = split_scratch(rest, ti)?;
         let (gp, rest) = split_scratch(rest, ti)?;
         let (h, rest) = split_scratch(rest, checked_len(t, o)?)?;
-        let (mut w, rest) = Block::split(rest, b * b)?;
+        let (mut w, rest) = Slots::split(rest, b * b)?;
         let (d, rest) = split_scratch(rest, b * b)?;
         let (work, _) = split_scratch(rest, 2 * b * b)?;
         // The factors' inputs: slot f holds a_f, the input of M_f (slot F-1 is x).
@@ -381,7 +362,7 @@ impl<E: Element, S: AsRef<[E]>> LinearAdapter<E> for Boft<E, S> {
                 // D = p_k^T (g_u)_k; g_p = g_u B^T.
                 backend.gemm(MatMut::new(d, b, b)?, Accum::Replace, pk, Op::T, gk, Op::N, one)?;
                 let dst = gpm.cols_range_mut(k * b, b).ok_or(cols)?;
-                backend.gemm(dst, Accum::Replace, gk, Op::N, MatRef::new(w.rot, b, b)?, Op::T, one)?;
+                backend.gemm(dst, Accum::Replace, gk, Op::N, MatRef::new(w.r, b, b)?, Op::T, one)?;
                 self.chain(backend, (f, k, &w), d, work, grads.r)?;
             }
             self.permute_into(f, gpm.as_ref().as_slice(), z, false);
@@ -433,7 +414,7 @@ impl<E: Element, S: AsRef<[E]>> WeightUpdate<E> for Boft<E, S> {
         let (data, rest) = split_scratch(scratch, checked_len(rows, n)?)?;
         let (p, rest) = split_scratch(rest, checked_len(rows, n)?)?;
         let (u, rest) = split_scratch(rest, checked_len(rows, n)?)?;
-        let (mut w, _) = Block::split(rest, self.block * self.block)?;
+        let (mut w, _) = Slots::split(rest, self.block * self.block)?;
         for (dst, src) in data.chunks_exact_mut(n.max(1)).zip(block.as_ref().row_iter()) {
             dst.copy_from_slice(src);
         }

@@ -195,17 +195,18 @@ pub(crate) fn invert<E: Element>(m: &mut [E], inv: &mut [E], n: usize, name: &'s
     Ok(())
 }
 
-/// The `n x n` slots of a workspace: the rotation, `Q`, and two more.
-struct Slots<'w, E> {
-    r: &'w mut [E],
-    q: &'w mut [E],
-    a: &'w mut [E],
-    b: &'w mut [E],
+/// The `n x n` slots of a workspace: the rotation, `Q` (the skew matrix),
+/// and two more (OFT's and BOFT's).
+pub(crate) struct Slots<'w, E> {
+    pub(crate) r: &'w mut [E],
+    pub(crate) q: &'w mut [E],
+    pub(crate) a: &'w mut [E],
+    pub(crate) b: &'w mut [E],
 }
 
 impl<'w, E: Element> Slots<'w, E> {
     /// Four slots of `n2` elements from the front of `ws`, and the rest.
-    fn split(ws: &'w mut [E], n2: usize) -> Result<(Self, &'w mut [E])> {
+    pub(crate) fn split(ws: &'w mut [E], n2: usize) -> Result<(Self, &'w mut [E])> {
         let (r, rest) = split_scratch(ws, n2)?;
         let (q, rest) = split_scratch(rest, n2)?;
         let (a, rest) = split_scratch(rest, n2)?;

@@ -193,3 +193,31 @@ pub fn grad_fd(theta: &[f64], h: f64, mut f: impl FnMut(&[f64]) -> f64) -> Vec<f
 pub fn dot(g: &M, y: &M) -> f64 {
     g.d.iter().zip(&y.d).map(|(a, b)| a * b).sum()
 }
+
+/// `a^-1` for a square `a`, by Gauss-Jordan elimination with partial
+/// pivoting in f64 (OFT's and BOFT's rotation blocks).
+pub fn inverse(a: &M) -> M {
+    let n = a.r;
+    let (mut m, mut inv) = (a.d.clone(), vec![0.0; n * n]);
+    (0..n).for_each(|i| inv[i * n + i] = 1.0);
+    for col in 0..n {
+        let p = (col..n).max_by(|&x, &y| m[x * n + col].abs().total_cmp(&m[y * n + col].abs())).unwrap_or(col);
+        for j in 0..n {
+            m.swap(col * n + j, p * n + j);
+            inv.swap(col * n + j, p * n + j);
+        }
+        let d = m[col * n + col];
+        for j in 0..n {
+            m[col * n + j] /= d;
+            inv[col * n + j] /= d;
+        }
+        for row in (0..n).filter(|&r| r != col) {
+            let f = m[row * n + col];
+            for j in 0..n {
+                m[row * n + j] -= f * m[col * n + j];
+                inv[row * n + j] -= f * inv[col * n + j];
+            }
+        }
+    }
+    M::new(n, n, inv)
+}

@@ -59,33 +59,6 @@ fn butterfly_perm(n: usize, nb: usize, r: usize, m: usize) -> Vec<usize> {
     idx
 }
 
-/// `a^-1` by Gauss-Jordan in f64.
-fn inverse(a: &M) -> M {
-    let n = a.r;
-    let (mut m, mut inv) = (a.d.clone(), vec![0.0; n * n]);
-    (0..n).for_each(|i| inv[i * n + i] = 1.0);
-    for col in 0..n {
-        let p = (col..n).max_by(|&x, &y| m[x * n + col].abs().total_cmp(&m[y * n + col].abs())).unwrap();
-        for j in 0..n {
-            m.swap(col * n + j, p * n + j);
-            inv.swap(col * n + j, p * n + j);
-        }
-        let d = m[col * n + col];
-        (0..n).for_each(|j| {
-            m[col * n + j] /= d;
-            inv[col * n + j] /= d;
-        });
-        for row in (0..n).filter(|&r| r != col) {
-            let f = m[row * n + col];
-            for j in 0..n {
-                m[row * n + j] -= f * m[col * n + j];
-                inv[row * n + j] -= f * inv[col * n + j];
-            }
-        }
-    }
-    M::new(n, n, inv)
-}
-
 /// `M [in, in]` from PEFT's formulas (`cayley_batch`, `block_diag`,
 /// `boft_P`), in f64, without `peft-core`.
 fn rotation(n_in: usize, factors: usize, b: usize, r: &[f64]) -> M {
@@ -102,7 +75,7 @@ fn rotation(n_in: usize, factors: usize, b: usize, r: &[f64]) -> M {
                     s.d[i * b + j] = 0.5 * (blk[i * b + j] - blk[j * b + i]);
                 }
             }
-            let q = eye(b).add(&s.scale(-1.0)).mul(&inverse(&eye(b).add(&s)));
+            let q = eye(b).add(&s.scale(-1.0)).mul(&oracle::inverse(&eye(b).add(&s)));
             for i in 0..b {
                 for j in 0..b {
                     bd.d[(k * b + i) * n_in + k * b + j] = q.d[i * b + j];

@@ -44,33 +44,6 @@ fn vectors(c: &LoraCase, s: &OftSpec) -> Vec<f64> {
     (0..rs * n).map(|_| rng.uniform_range(-0.4, 0.4)).collect()
 }
 
-/// `a^-1` by Gauss-Jordan with partial pivoting, in f64.
-fn inverse(a: &M) -> M {
-    let n = a.r;
-    let (mut m, mut inv) = (a.d.clone(), M::zeros(n, n).d);
-    (0..n).for_each(|i| inv[i * n + i] = 1.0);
-    for col in 0..n {
-        let p = (col..n).max_by(|&x, &y| m[x * n + col].abs().total_cmp(&m[y * n + col].abs())).unwrap();
-        for j in 0..n {
-            m.swap(col * n + j, p * n + j);
-            inv.swap(col * n + j, p * n + j);
-        }
-        let d = m[col * n + col];
-        for j in 0..n {
-            m[col * n + j] /= d;
-            inv[col * n + j] /= d;
-        }
-        for row in (0..n).filter(|&r| r != col) {
-            let f = m[row * n + col];
-            for j in 0..n {
-                m[row * n + j] -= f * m[col * n + j];
-                inv[row * n + j] -= f * inv[col * n + j];
-            }
-        }
-    }
-    M::new(n, n, inv)
-}
-
 /// `R_bd [in, in]` from PEFT's formulas (`_pytorch_skew_symmetric`,
 /// `_project_batch`, `_cayley_batch`, `_block_diagonal`), in f64, without
 /// `peft-core`.
@@ -99,7 +72,7 @@ fn rotation(n_in: usize, s: &OftSpec, v: &[f64]) -> M {
             }
         }
         let r = match s.cayley {
-            Cayley::Exact => eye(b).add(&q.scale(-1.0)).mul(&inverse(&eye(b).add(&q))),
+            Cayley::Exact => eye(b).add(&q.scale(-1.0)).mul(&oracle::inverse(&eye(b).add(&q))),
             Cayley::Neumann { terms } => {
                 // PEFT's loop: I, += 2Q, += 2Q^2, += 2Q^p for p = 3 .. terms - 2, += Q^(last + 1).
                 let mut r = eye(b);
@@ -204,7 +177,7 @@ where
         l.merge_into(backend, MergeTarget::new(&mut w), &mut sc).map_err(fail)?.unmerge().map_err(fail)?;
         let r = rotation(c.n_in, &spec(&c), &v);
         let w0 = M::new(c.n_out, c.n_in, wide(&t.w));
-        let mag = w0.abs().mul_t(&r.abs()).mul_t(&inverse(&r).abs()).d;
+        let mag = w0.abs().mul_t(&r.abs()).mul_t(&oracle::inverse(&r).abs()).d;
         close::<E>("unmerged W", &wide(&w), &wide(&t.w), &mag, 4 * count(&c))
     });
 
