@@ -546,7 +546,7 @@ impl<E: Element, S: AsRef<[E]>> Oft<E, S> {
         direction: Direction,
         scratch: &mut [E],
     ) -> Outcome<E, B> {
-        crate::error::check_len(Operand::Weight, self.in_features, block.cols())?;
+        check_len(Operand::Weight, self.in_features, block.cols())?;
         self.rotate_rows(backend, block, direction, true, scratch)
     }
 

@@ -280,6 +280,21 @@ impl<'a> Plan<'a, '_> {
         }
     }
 
+    /// Adds `update(shape)` to `<module>.weight` when its shape `fits`
+    /// (the methods whose files do not hold the whole shape; `want` says
+    /// what they need).
+    fn fitted(
+        &mut self,
+        module: &str,
+        want: &str,
+        fits: &dyn Fn(usize, usize) -> bool,
+        update: impl FnOnce([usize; 2]) -> Update<'a>,
+    ) -> Result<(), HfError> {
+        let name = format!("{module}.weight");
+        let shape = self.matrix(&name, fits, want)?;
+        self.push_weight(name, update(shape))
+    }
+
     /// Adds `update` to `<module>.weight`, of shape `[rows, cols]`.
     fn weight(&mut self, module: &str, shape: [usize; 2], update: Update<'a>) -> Result<(), HfError> {
         let name = format!("{module}.weight");
@@ -456,58 +471,46 @@ impl<'a> Plan<'a, '_> {
 
     /// SHiRA on `<module>.weight`: every position inside its shape.
     fn shira(&mut self, m: &'a ShiraModule, multiplier: f64) -> Result<(), HfError> {
-        let name = format!("{}.weight", m.name);
         let want = format!("a matrix holding its {} positions", m.rows.len());
-        let [n_out, n_in] = self.matrix(&name, &|o, i| m.layer(i, o).is_ok(), &want)?;
-        self.push_weight(name, Update::Shira(m, [n_out, n_in], multiplier))
+        self.fitted(&m.name, &want, &|o, i| m.layer(i, o).is_ok(), |d| Update::Shira(m, d, multiplier))
     }
 
     /// OFT on `<module>.weight` `[out, in]`: the blocks must be the ones
     /// PEFT gives `in`.
     fn oft(&mut self, m: &'a OftModule) -> Result<(), HfError> {
-        let name = format!("{}.weight", m.name);
         let want = format!("a matrix whose input takes {} blocks of {}", m.rows, m.spec.block);
-        let [n_out, n_in] = self.matrix(&name, &|o, i| m.layer(i, o).is_ok(), &want)?;
-        self.push_weight(name, Update::Oft(m, [n_out, n_in]))
+        self.fitted(&m.name, &want, &|o, i| m.layer(i, o).is_ok(), |d| Update::Oft(m, d))
     }
 
     /// VB-LoRA on `<module>.weight`: the logits' blocks times the vector
     /// length give its shape.
     fn vblora(&mut self, m: &'a VbLoraModule, bank: &'a VbLoraBank, multiplier: f64) -> Result<(), HfError> {
-        let name = format!("{}.weight", m.name);
         let l = bank.shape[1];
         let want = format!("[{}, {}]", m.shapes[1][0] * l, m.shapes[0][1] * l);
-        let [n_out, n_in] = self.matrix(&name, &|o, i| m.layer(bank, i, o).is_ok(), &want)?;
-        self.push_weight(name, Update::VbLora(m, bank, [n_out, n_in], multiplier))
+        self.fitted(&m.name, &want, &|o, i| m.layer(bank, i, o).is_ok(), |d| Update::VbLora(m, bank, d, multiplier))
     }
 
     /// RandLoRA on `<module>.weight`: `gamma`'s width is `min(in, out)`,
     /// the bases cover the shape.
     fn randlora(&mut self, m: &'a RandLoraModule, p: &'a RandLoraShared, multiplier: f64) -> Result<(), HfError> {
-        let name = format!("{}.weight", m.name);
         let bases = p.bases()?;
         let want = format!("a matrix of min(out, in) = {} that the bases cover", m.gamma_shape[1]);
-        let [n_out, n_in] = self.matrix(&name, &|o, i| m.layer(&bases, i, o).is_ok(), &want)?;
-        self.push_weight(name, Update::RandLora(m, p, [n_out, n_in], multiplier))
+        self.fitted(&m.name, &want, &|o, i| m.layer(&bases, i, o).is_ok(), |d| Update::RandLora(m, p, d, multiplier))
     }
 
     /// FourierFT on `<module>.weight`: its frequencies drawn for the
     /// weight's shape.
     fn fourierft(&mut self, m: &'a FourierFtModule, multiplier: f64) -> Result<(), HfError> {
-        let name = format!("{}.weight", m.name);
         let want = format!("a matrix of at least {} weights", m.spectrum.len());
-        let [n_out, n_in] = self.matrix(&name, &|o, i| m.layer(i, o).is_ok(), &want)?;
-        self.push_weight(name, Update::FourierFt(m, [n_out, n_in], multiplier))
+        self.fitted(&m.name, &want, &|o, i| m.layer(i, o).is_ok(), |d| Update::FourierFt(m, d, multiplier))
     }
 
     /// BOFT on `<module>.weight` `[out, in]`: `N b = in`, `boft_s` `out`
     /// long.
     fn boft(&mut self, m: &'a BoftModule) -> Result<(), HfError> {
-        let name = format!("{}.weight", m.name);
         let [_, n, b, _] = m.shape;
         let want = format!("[{}, {}]", m.s.len(), n * b);
-        let [n_out, n_in] = self.matrix(&name, &|o, i| m.layer(i, o).is_ok(), &want)?;
-        self.push_weight(name, Update::Boft(m, [n_out, n_in]))
+        self.fitted(&m.name, &want, &|o, i| m.layer(i, o).is_ok(), |d| Update::Boft(m, d))
     }
 
     /// HRA on `<module>.weight` `[out, in]`: `in` must be `hra_u`'s rows.

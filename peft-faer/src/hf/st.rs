@@ -661,12 +661,11 @@ impl StFile {
     /// # Errors
     /// [`HfError::Unsupported`] for another element type; [`HfError::Io`].
     pub fn read_i32(&self, e: &Entry) -> Result<Vec<i32>, HfError> {
-        if e.dtype != Dtype::I32 || e.quant.is_some() || e.len != 4 * e.numel() as u64 {
+        if e.dtype != Dtype::I32 {
             return Err(HfError::shape(&e.name, &e.shape, "an I32 tensor"));
         }
-        let mut bytes = vec![0u8; e.len as usize];
-        self.read_at(e, 0, &mut bytes)?;
-        Ok(bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        // I32 values widened by read_index narrow back exactly.
+        Ok(self.read_index(e)?.into_iter().map(|v| v as i32).collect())
     }
 
     /// A whole float tensor, widened to f32 (for small tensors: adapters).

@@ -73,6 +73,24 @@ pub(crate) fn base_forward<E: Precision, B: Backend<E>, L: FrozenLinear<E>>(
     Ok(y)
 }
 
+/// `layer` over `base` gives exactly (bit for bit) the base's own output
+/// on `x` of `t` rows: what a method at an identity initialization must
+/// do.
+pub(crate) fn check_base_output<E: Precision, B: Backend<E>, A: LinearAdapter<E>, L: FrozenLinear<E>>(
+    backend: &B,
+    layer: &A,
+    base: &L,
+    x: &[E],
+    t: usize,
+) -> CaseResult {
+    let y = adapter_forward(backend, layer, base, x, t)?;
+    let yb = base_forward(backend, base, x, t)?;
+    for (i, (got, want)) in y.iter().zip(&yb).enumerate() {
+        prop_assert!(got.to_f64() == want.to_f64(), "y[{}] = {:?}, base {:?}", i, got, want);
+    }
+    Ok(())
+}
+
 /// The typed merge ([`WeightUpdate::merge_into`]) of an additive `d` into
 /// a copy of `w0`, three ways: with a backup, dropping the guard gives `w0`
 /// back bit for bit; without, [`unmerge`](peft_core::method::Merged::unmerge)
