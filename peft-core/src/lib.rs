@@ -28,6 +28,8 @@
 //! * [`loha`]: LoHa, the Hadamard product of two low-rank products.
 //! * [`lokr`]: LoKr, the Kronecker product of two (possibly low-rank) factors.
 //! * [`adapter`]: bottleneck adapters (Houlsby/Pfeiffer), with [`activation`]s.
+//! * [`ln_tuning`]: LN tuning, a norm layer's own weight (and bias) trained in
+//!   place of the frozen ones; merged by replacement.
 //! * [`prompt`]: prompt tuning (soft prompts prepended to the input embeddings).
 //! * [`attention`]: multi-head and grouped-query attention with masks, forward
 //!   and backward, optionally with a trainable prefix.
@@ -84,6 +86,7 @@ pub mod format;
 pub mod fourierft;
 pub mod hra;
 pub mod ia3;
+pub mod ln_tuning;
 pub mod loha;
 pub mod lokr;
 pub mod lora;

@@ -40,6 +40,7 @@
 //! | FourierFT | `6e-2` | PEFT's FourierFT notebook (`examples/sequence_classification`) trains the spectrum at 6e-2 |
 //! | RandLoRA | `1e-3` | as LoRA: PEFT sets no default |
 //! | VB-LoRA | `1e-3` | as LoRA: PEFT's VB-LoRA examples train the logits at LoRA's rates (the bank at a higher one, which this crate's trainer keeps frozen) |
+//! | LN tuning | `1e-3` | as LoRA: PEFT's LN tuning examples train the norms at LoRA's rates |
 //! | RoAd | `3e-3` | as (IA)^3: one angle and one scale per output; our choice, PEFT sets no default |
 //!
 //! DoRA is a LoRA variant ([`Method::Lora`], `use_dora` in its configuration) and takes LoRA's rate.
@@ -104,6 +105,8 @@ pub enum Method {
     RandLora,
     /// VB-LoRA.
     VbLora,
+    /// LN tuning.
+    LnTuning,
 }
 
 impl Method {
@@ -128,11 +131,12 @@ impl Method {
             Method::FourierFt => 6e-2,
             Method::RandLora => 1e-3,
             Method::VbLora => 1e-3,
+            Method::LnTuning => 1e-3,
         }
     }
 
     /// The lower-case name (`"lora"`, `"adapter"`, `"prompt"`, `"prefix"`,
-    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`, `"c3a"`, `"shira"`, `"oft"`, `"boft"`, `"fourierft"`, `"randlora"`, `"vblora"`).
+    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`, `"c3a"`, `"shira"`, `"oft"`, `"boft"`, `"fourierft"`, `"randlora"`, `"vblora"`, `"ln_tuning"`).
     pub const fn name(self) -> &'static str {
         match self {
             Method::Lora => "lora",
@@ -154,6 +158,7 @@ impl Method {
             Method::FourierFt => "fourierft",
             Method::RandLora => "randlora",
             Method::VbLora => "vblora",
+            Method::LnTuning => "ln_tuning",
         }
     }
 }

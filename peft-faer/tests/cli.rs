@@ -39,6 +39,7 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
             "fourierft",
             "randlora",
             "vblora",
+            "ln_tuning",
             "adapter",
             "prompt",
             "prefix"
@@ -82,11 +83,11 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
     }
-    // The seventeen methods on projections merge; the others have nothing to merge.
-    for m in &methods[..17] {
+    // The seventeen methods on projections and LN tuning merge; the others have nothing to merge.
+    for m in &methods[..18] {
         assert!(m["merged_vs_unmerged_max_abs_diff"].as_f64().unwrap() < 1e-4, "{m}");
     }
-    for m in &methods[17..] {
+    for m in &methods[18..] {
         assert!(m["merged_vs_unmerged_max_abs_diff"].is_null(), "{m}");
     }
     std::fs::remove_dir_all(&out_dir).ok();

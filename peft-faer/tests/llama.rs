@@ -18,7 +18,7 @@ use peft_faer::Faer;
 use peft_faer::hf::HfAdapter;
 use peft_faer::hf::base::Base;
 use peft_faer::hf::merge::{MergeOptions, merge};
-use peft_faer::llama::{KvCache, Llama, LlamaAdapter, LlamaGrads, Trace, argmax, lm_loss};
+use peft_faer::llama::{KvCache, LAYER_NORMS, Llama, LlamaAdapter, LlamaGrads, Trace, argmax, lm_loss};
 use safetensors::{Dtype, SafeTensors};
 
 use common::{case_dir, scratch};
@@ -199,7 +199,8 @@ const SHAPES: [(&str, usize, usize); 7] = [
 /// A PEFT adapter folder of `method` (`dora`, `ia3`, `loha`, `lokr`,
 /// `vera`, `adalora`, `miss_bat` with r 8, `miss_mini` with r 6 over inputs
 /// of 64 and 128, the padded path, `hra` with r 4, `hra_gs` with r 3,
-/// `road_1` and `road_4` in groups of 16, `c3a` in blocks of 16, `shira` at every 7th position of each weight, `oft` in blocks of 16 (the series, 5 terms), `oft_exact` one shared block of 8 (the exact transform); COFT's projection is outside PEFT's gradient, so finite differences cannot check it here: peft-verify's properties and the `oft_coft` fixture do), `boft` one factor in blocks of 8, `boft_butterfly` two factors in blocks of 4, `fourierft` 50 frequencies (seed 5, scaling 300), `randlora` r 8 over shared bases without per-module copies, `vblora` r 4 over 8 bank vectors of 16, top 2 on all seven projections of both layers of the fixtures' model,
+/// `road_1` and `road_4` in groups of 16, `c3a` in blocks of 16, `shira` at every 7th position of each weight, `oft` in blocks of 16 (the series, 5 terms), `oft_exact` one shared block of 8 (the exact transform); COFT's projection is outside PEFT's gradient, so finite differences cannot check it here: peft-verify's properties and the `oft_coft` fixture do), `boft` one factor in blocks of 8, `boft_butterfly` two factors in blocks of 4, `fourierft` 50 frequencies (seed 5, scaling 300), `randlora` r 8 over shared bases without per-module copies, `vblora` r 4 over 8 bank vectors of 16, top 2 on all seven projections of both layers of the fixtures' model
+/// (`ln_tuning`: every norm of the model, weights `1 + N(0, 0.2^2)`),
 /// written as PEFT names and shapes its tensors, with random values (so
 /// that it changes the output). (IA)^3 scales the inputs of `up_proj` and
 /// `down_proj` (`feedforward_modules`).
@@ -242,6 +243,8 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
         "shira" => serde_json::json!({"peft_type": "SHIRA", "r": 2, "target_modules": targets}),
         "road_1" | "road_4" => serde_json::json!({"peft_type": "ROAD", "variant": method, "group_size": 16,
             "target_modules": targets}),
+        "ln_tuning" => serde_json::json!({"peft_type": "LN_TUNING",
+            "target_modules": ["input_layernorm", "post_attention_layernorm", "norm"]}),
         other => panic!("{other}"),
     };
     let mut rng = peft_core::Rng::new(17);
@@ -259,6 +262,15 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
         // The shared bases for the largest projection, [128, 64] (min 64, max 128, n_b 8).
         put("base_model.randlora_A".into(), vec![8, 1, 64], 1.0, 0.0);
         put("base_model.randlora_B".into(), vec![128, 8, 8], 1.0, 0.0);
+    }
+    if method == "ln_tuning" {
+        for name in ["layers.0.input_layernorm", "layers.0.post_attention_layernorm", "layers.1.input_layernorm"]
+            .into_iter()
+            .chain(["layers.1.post_attention_layernorm", "norm"])
+        {
+            put(format!("base_model.model.model.{name}.ln_tuning_layers.weight"), vec![64], 0.2, 1.0);
+        }
+        return write_adapter(&dir.join(method), &config, &tensors);
     }
     if method == "vera" {
         put("base_model.vera_A".into(), vec![4, 128], 0.3, 0.0);
@@ -364,6 +376,7 @@ fn every_hosted_method_equals_its_merged_model() {
         "boft",
         "boft_butterfly",
         "fourierft",
+        "ln_tuning",
     ]) {
         let ad = HfAdapter::read_dir(&method_dir(&dir, method)).unwrap();
         let hosted = LlamaAdapter::new(&m, &ad).unwrap();
@@ -588,7 +601,7 @@ fn reach(ad: &HfAdapter, name: &str, k: usize) -> Reach {
 /// missing or wrong term exceeds it by far.
 /// LoRA, DoRA, (IA)^3, LoHa, LoKr, VeRA, AdaLoRA, MiSS (bat, mini), HRA
 /// (with and without Gram-Schmidt), RoAd (road_1, road_4), C3A, SHiRA, OFT (the series; the exact transform, shared) BOFT (one factor; two butterfly factors), FourierFT, RandLoRA and VB-LoRA (the logits; its bank is held frozen in training) on all
-/// seven projections of both layers, prompt tuning and prefix tuning (GQA). DoRA's `A` and `B`
+/// seven projections of both layers, LN tuning on every norm, prompt tuning and prefix tuning (GQA). DoRA's `A` and `B`
 /// are not compared: PEFT detaches the weight norm, so their gradient is
 /// not the loss's full derivative (peft-verify's `dora_gradients_match_fd`
 /// checks them with the norm held); the magnitude's is exact and checked.
@@ -615,6 +628,7 @@ fn backward_matches_finite_differences() {
         "boft",
         "boft_butterfly",
         "fourierft",
+        "ln_tuning",
     ]) {
         cases.push(("prompt_llama", method_dir(&dir, method)));
     }
@@ -660,6 +674,16 @@ fn backward_matches_finite_differences() {
                     }
                 }
                 assert!(checks.len() >= 14, "every projection of both layers");
+            }
+            LlamaGrads::Norms { layers, last } => {
+                let names = layers.iter().enumerate().flat_map(|(l, norms)| {
+                    norms.iter().zip(LAYER_NORMS).map(move |(g, n)| (format!("model.layers.{l}.{n}"), g))
+                });
+                for (name, g) in names.chain([("model.norm".to_string(), last)]) {
+                    let i = ad.ln_tuning.iter().position(|m| m.name == name).unwrap();
+                    let g = g.clone().unwrap_or_else(|| panic!("{name}: tuned, without a gradient"));
+                    checks.push((name, g, Box::new(move |a: &mut HfAdapter| &mut a.ln_tuning[i].params[0].data)));
+                }
             }
             LlamaGrads::Bottleneck(_) => unreachable!("no PEFT adapter is a bottleneck adapter"),
         }

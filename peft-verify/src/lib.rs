@@ -74,6 +74,11 @@
 //! | `shira_merged_equals_unmerged` | `W + dW` gives the unmerged output | 6 |
 //! | `shira_unmerge_restores` | as `loha_unmerge_restores` | 6 |
 //! | `shira_gradients_match_fd` | dw and dx against central differences | 12 |
+//! | `ln_tuning_identity_at_init` | LN tuning at PEFT's init (a copy of the base norm's parameters): exactly the base norm's output | 0 |
+//! | `ln_tuning_matches_oracle` | torch's LayerNorm (with and without a bias) and Llama's RMSNorm over the adapter's parameters | 1 |
+//! | `ln_tuning_merged_equals_unmerged` | the norm with the replaced parameters gives the unmerged output bit for bit | 0 |
+//! | `ln_tuning_unmerge_restores` | the merge writes the adapter's values; the unmerge puts the originals back bit for bit, without a backup | 0 |
+//! | `ln_tuning_gradients_match_fd` | dw', db' and dx against central differences, each norm | 12 |
 //! | `road_identity_at_init` | RoAd at PEFT's init (`theta = 0`, `alpha = 1`), each variant: exactly the base output | 2 |
 //! | `road_matches_oracle` | `R (x W^T + b)`, `R` built with PEFT's reshapes for road_1, road_2, road_4 | 8 |
 //! | `road_merged_equals_unmerged` | `R W` and `R b` give the unmerged output | 8 |
@@ -405,6 +410,7 @@ where
     props::road::run_all::<E, B>(backend, config, &mut report);
     props::c3a::run_all::<E, B>(backend, config, &mut report);
     props::shira::run_all::<E, B>(backend, config, &mut report);
+    props::ln_tuning::run_all::<E, B>(backend, config, &mut report);
     props::lokr::run_all::<E, B>(backend, config, &mut report);
     props::vera::run_all::<E, B>(backend, config, &mut report);
     props::adapter::run_all::<E, B>(backend, config, &mut report);

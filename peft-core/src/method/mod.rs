@@ -352,6 +352,11 @@ pub enum UpdateKind {
     /// normalization of `W + dW`, rotations). Merges of several adapters on
     /// one weight are applied in order and do not commute.
     Multiplicative,
+    /// `W'` holds the adapter's own values in place of `W`'s (LN tuning's
+    /// norm parameters, trainable tokens' embedding rows): the merge keeps
+    /// the originals at the front of its scratch, and the unmerge puts them
+    /// back bit for bit. Only one such adapter merges into a weight.
+    Replacement,
 }
 
 /// Whether [`WeightUpdate::update_rows`] merges or undoes a merge.

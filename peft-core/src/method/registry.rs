@@ -14,6 +14,9 @@ pub enum Family {
     /// Layers inserted after a block (bottleneck adapters): no PEFT
     /// equivalent.
     Inserted,
+    /// A normalization layer's own parameters, trained in place of the
+    /// frozen ones and merged by replacement: LN tuning.
+    Norm,
 }
 
 /// One method: its name and what the rest of the code needs to know of it.
@@ -45,7 +48,7 @@ impl MethodSpec {
 }
 
 /// Every method, in the order `peft finetune` trains and prints them.
-pub const METHODS: [MethodSpec; 20] = [
+pub const METHODS: [MethodSpec; 21] = [
     MethodSpec {
         name: "lora",
         peft_type: Some("LORA"),
@@ -183,6 +186,14 @@ pub const METHODS: [MethodSpec; 20] = [
         summary: "dW = B A, each sub-vector of A and B a softmax mix of its top-k entries of a shared vector bank",
     },
     MethodSpec {
+        name: "ln_tuning",
+        peft_type: Some("LN_TUNING"),
+        file_method: Method::LnTuning,
+        family: Family::Norm,
+        merges: true,
+        summary: "y = norm(x) * w' (+ b'): the norm's weight and bias replaced by trained copies",
+    },
+    MethodSpec {
         name: "adapter",
         peft_type: None,
         file_method: Method::Adapter,
@@ -230,7 +241,7 @@ mod tests {
             Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => true,
             Method::AdaLora | Method::Miss | Method::Hra | Method::Road | Method::C3a | Method::Shira => true,
             Method::Oft | Method::Boft | Method::FourierFt | Method::RandLora => true,
-            Method::VbLora => true,
+            Method::VbLora | Method::LnTuning => true,
         };
         for m in [
             Method::Lora,
@@ -252,10 +263,11 @@ mod tests {
             Method::FourierFt,
             Method::RandLora,
             Method::VbLora,
+            Method::LnTuning,
         ] {
             assert!(known(m));
             assert!(METHODS.iter().any(|s| s.file_method == m), "{m:?} has no entry");
         }
-        assert!(METHODS.iter().all(|m| m.merges == (m.family == Family::Weight)));
+        assert!(METHODS.iter().all(|m| m.merges == matches!(m.family, Family::Weight | Family::Norm)));
     }
 }

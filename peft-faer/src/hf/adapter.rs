@@ -11,9 +11,10 @@ use super::keys::{Reader, normalize_key};
 use super::st::{self, OutEntry, StFile};
 use super::{
     AdaLoraModule, BoftModule, C3aModule, CONFIG_FILE, FourierFtModule, HfError, HraModule, Ia3Module, LOHA_KEYS,
-    LohaModule, LokrModule, LoraModule, MAX_ADAPTER_BYTES, MAX_CONFIG_BYTES, MissModule, OftModule, PeftConfig,
-    RANDLORA_A_KEY, RANDLORA_B_KEY, RandLoraModule, RandLoraShared, RoadModule, ShiraModule, VBLORA_BANK_KEY,
-    VERA_A_KEY, VERA_B_KEY, VbLoraBank, VbLoraModule, VbLoraStored, VeraModule, VeraProjections, WEIGHTS_FILE,
+    LnTuningModule, LohaModule, LokrModule, LoraModule, MAX_ADAPTER_BYTES, MAX_CONFIG_BYTES, MissModule, OftModule,
+    PeftConfig, RANDLORA_A_KEY, RANDLORA_B_KEY, RandLoraModule, RandLoraShared, RoadModule, ShiraModule,
+    VBLORA_BANK_KEY, VERA_A_KEY, VERA_B_KEY, VbLoraBank, VbLoraModule, VbLoraStored, VeraModule, VeraProjections,
+    WEIGHTS_FILE,
 };
 
 /// A whole tensor of an adapter: a base tensor it replaces (a trained bias
@@ -74,6 +75,8 @@ pub struct HfAdapter {
     pub c3a: Vec<C3aModule>,
     /// SHiRA modules, in the order of their keys.
     pub shira: Vec<ShiraModule>,
+    /// LN tuning modules, in the order of their keys.
+    pub ln_tuning: Vec<LnTuningModule>,
     /// Whole-tensor replacements.
     pub replacements: Vec<HfTensor>,
     /// Tensors PEFT saves that act in its training only (VeLoRA's
@@ -160,6 +163,7 @@ impl HfAdapter {
             PeftConfig::Road(c) => out.read_road(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::C3a(c) => out.read_c3a(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Shira(c) => out.read_shira(c, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::LnTuning(c) => out.read_ln_tuning(c, &file, read).map_err(|e| e.in_file(&path))?,
         }
         Ok(out)
     }
@@ -187,6 +191,7 @@ impl HfAdapter {
             road: Vec::new(),
             c3a: Vec::new(),
             shira: Vec::new(),
+            ln_tuning: Vec::new(),
             replacements: Vec::new(),
             training_state: Vec::new(),
             prompt: None,
@@ -261,6 +266,7 @@ impl HfAdapter {
             PeftConfig::Road(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::C3a(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Shira(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::LnTuning(c) => serde_json::Value::Object(c.raw.clone()),
         }
     }
 
@@ -343,6 +349,13 @@ impl HfAdapter {
         if let Some(p) = &self.vera_projections {
             tensors.push((VERA_A_KEY.into(), p.dtypes[0], vec![p.r, p.max_in], &p.a));
             tensors.push((VERA_B_KEY.into(), p.dtypes[1], vec![p.max_out, p.r], &p.b));
+        }
+        for m in &self.ln_tuning {
+            for t in &m.params {
+                let param = t.name.strip_prefix(m.name.as_str()).unwrap_or(&t.name);
+                let key = format!("base_model.model.{}.ln_tuning_layers{param}", m.name);
+                tensors.push((key, t.dtype, t.shape.clone(), &t.data));
+            }
         }
         for r in self.replacements.iter().chain(&self.training_state) {
             tensors.push((format!("base_model.model.{}", r.name), r.dtype, r.shape.clone(), &r.data));

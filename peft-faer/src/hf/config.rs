@@ -384,6 +384,19 @@ pub struct ShiraConfig {
     pub raw: Map<String, Value>,
 }
 
+/// An LN tuning adapter's configuration (`peft_type: "LN_TUNING"`): PEFT
+/// copies each targeted module whole and trains the copy, so every
+/// parameter the file holds for a module replaces the base's.
+#[derive(Clone, Debug)]
+pub struct LnTuningConfig {
+    /// Targeted modules.
+    pub target_modules: Targets,
+    /// Modules whose whole weights are trained and saved.
+    pub modules_to_save: Vec<String>,
+    /// The JSON object as read.
+    pub raw: Map<String, Value>,
+}
+
 /// A VB-LoRA adapter's configuration (`peft_type: "VBLORA"`).
 #[derive(Clone, Debug)]
 pub struct VbLoraConfig {
@@ -498,6 +511,8 @@ pub struct OftConfig {
 /// A parsed `adapter_config.json`.
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
+    /// `peft_type: "LN_TUNING"`.
+    LnTuning(LnTuningConfig),
     /// `peft_type: "VBLORA"`.
     VbLora(VbLoraConfig),
     /// `peft_type: "RANDLORA"`.
@@ -557,6 +572,7 @@ impl PeftConfig {
             PeftConfig::FourierFt(_) => "FOURIERFT",
             PeftConfig::RandLora(_) => "RANDLORA",
             PeftConfig::VbLora(_) => "VBLORA",
+            PeftConfig::LnTuning(_) => "LN_TUNING",
         }
     }
 }
@@ -787,6 +803,13 @@ struct RawC3a {
     rest: Map<String, Value>,
 }
 
+/// The fields of an LN tuning config.
+#[derive(Deserialize)]
+struct RawLnTuning {
+    target_modules: Option<RawTargets>,
+    modules_to_save: Option<OneOrMany<String>>,
+}
+
 /// The fields of a SHiRA config that change the math.
 #[derive(Deserialize)]
 struct RawShira {
@@ -909,6 +932,7 @@ impl PeftConfig {
             "FOURIERFT" => Self::fourierft(text, &v),
             "RANDLORA" => Self::randlora(text, &v),
             "VBLORA" => Self::vblora(text, &v),
+            "LN_TUNING" => Self::ln_tuning(text, &v),
             "LOKR" => {
                 let PeftConfig::Loha(common) = Self::loha(text, &v)? else {
                     return Err(HfError::config("peft_type", "LOKR"));
@@ -921,7 +945,7 @@ impl PeftConfig {
                 Ok(PeftConfig::Lokr(LokrConfig { common, decompose_both, decompose_factor }))
             }
             other => Err(HfError::Unsupported(format!(
-                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, C3A, SHIRA, OFT, BOFT, FOURIERFT, RANDLORA, VBLORA, PROMPT_TUNING, PREFIX_TUNING)"
+                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, C3A, SHIRA, OFT, BOFT, FOURIERFT, RANDLORA, VBLORA, LN_TUNING, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }
@@ -1317,6 +1341,15 @@ impl PeftConfig {
         Ok(PeftConfig::C3a(C3aConfig {
             block_size,
             block_size_pattern,
+            target_modules: targets("target_modules", raw.target_modules)?,
+            modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
+            raw: v.as_object().cloned().unwrap_or_default(),
+        }))
+    }
+
+    fn ln_tuning(text: &str, v: &Value) -> Result<Self, HfError> {
+        let raw: RawLnTuning = typed(text)?;
+        Ok(PeftConfig::LnTuning(LnTuningConfig {
             target_modules: targets("target_modules", raw.target_modules)?,
             modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             raw: v.as_object().cloned().unwrap_or_default(),

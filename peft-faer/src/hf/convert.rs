@@ -206,7 +206,7 @@ fn typed_entries(config: &PeftConfig) -> Vec<(String, Value<'static>)> {
             out.push(("eps".into(), Value::F64(c.eps)));
             out.push(("block_share".into(), Value::Bool(c.block_share)));
         }
-        PeftConfig::Ia3(_) | PeftConfig::Shira(_) => {}
+        PeftConfig::Ia3(_) | PeftConfig::Shira(_) | PeftConfig::LnTuning(_) => {}
     }
     out
 }
@@ -243,6 +243,7 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
         PeftConfig::VbLora(_) => Method::VbLora,
         PeftConfig::Road(_) => Method::Road,
         PeftConfig::C3a(_) => Method::C3a,
+        PeftConfig::LnTuning(_) => Method::LnTuning,
         PeftConfig::Shira(_) => {
             return Err(HfError::Unsupported(
                 "SHiRA in .peft files (its I32 indices have no .peft element type)".into(),
@@ -361,6 +362,7 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
         | PeftConfig::VbLora(_)
         | PeftConfig::Road(_)
         | PeftConfig::C3a(_)
+        | PeftConfig::LnTuning(_)
         | PeftConfig::Shira(_) => {
             // Tensors as stored, under PEFT's keys; the reader checks them
             // against the config before the folder is committed.
@@ -501,6 +503,14 @@ fn c3a_config(block_size: u64, targets: Vec<String>) -> serde_json::Value {
         "inference_mode": true, "block_size": block_size, "block_size_pattern": {}, "init_weights": true,
         "target_modules": targets, "bias": "none", "modules_to_save": null, "layers_to_transform": null,
         "layers_pattern": null,
+    })
+}
+
+/// LN tuning's PEFT config: the targets alone.
+fn ln_tuning_config(targets: Vec<String>) -> serde_json::Value {
+    json!({
+        "peft_type": "LN_TUNING", "task_type": null, "base_model_name_or_path": null, "revision": null,
+        "inference_mode": true, "target_modules": targets, "exclude_modules": null, "modules_to_save": null,
     })
 }
 
@@ -708,6 +718,7 @@ fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Valu
             Err(HfError::Unsupported("SHiRA in .peft files (its I32 indices have no .peft element type)".into()))
         }
         Method::C3a => Ok(c3a_config(u("block_size")?, list("target_modules")?)),
+        Method::LnTuning => Ok(ln_tuning_config(list("target_modules")?)),
         Method::Road => Ok(road_config(get("variant"), u("group_size")?, list("target_modules")?)),
         Method::Oft => Ok(oft_config(get, list("target_modules")?)),
         Method::Boft => Ok(boft_config(get, list("target_modules")?)),

@@ -107,6 +107,7 @@ impl InspectReport {
             PeftConfig::Road(c) => r.road(c, ad, dtype),
             PeftConfig::C3a(c) => r.c3a(c, ad, dtype),
             PeftConfig::Shira(_) => r.shira(ad, dtype),
+            PeftConfig::LnTuning(_) => r.ln_tuning(ad, dtype),
         }
         if !r.modules.is_empty() {
             r.total_params = total(&r.modules);
@@ -209,6 +210,27 @@ impl InspectReport {
         for (name, n) in &ad.shira {
             let mut row = named(name);
             row.push(("params", json!(n)));
+            self.modules.push(row);
+        }
+    }
+
+    /// LN tuning's modules: each saved parameter's shape.
+    fn ln_tuning(&mut self, ad: &AdapterSummary, dtype: Value) {
+        self.method = "ln_tuning";
+        self.fields = json_map(json!({ "dtype": dtype }));
+        self.headline =
+            "method ln_tuning: each module's saved parameters replace the base's (y = norm(x) * w' + b')".into();
+        for m in &ad.ln_tuning {
+            let mut row = named(&m.name);
+            for (param, shape) in &m.params {
+                let cell = match param.as_str() {
+                    "weight" => "weight",
+                    "bias" => "bias",
+                    _ => "param",
+                };
+                row.push((cell, json!(shape)));
+            }
+            row.push(("params", json!(m.params.iter().map(|(_, s)| s.iter().product::<usize>()).sum::<usize>())));
             self.modules.push(row);
         }
     }

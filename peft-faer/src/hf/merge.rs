@@ -522,28 +522,29 @@ impl<'a> Plan<'a, '_> {
 
     /// Every tensor an adapter replaces whole, once.
     fn replacements(&mut self, adapter: &'a HfAdapter) -> Result<(), HfError> {
-        for r in &adapter.replacements {
-            let (_, e) = self
-                .base
-                .find(&r.name)
-                .ok_or_else(|| HfError::Base(format!("{}, saved by the adapter, is missing", r.name)))?;
-            if e.shape != r.shape {
-                return Err(HfError::Base(format!(
-                    "{} has shape {:?}, the adapter's has {:?}",
-                    r.name, e.shape, r.shape
-                )));
+        adapter.replacements.iter().try_for_each(|r| self.replace(r))
+    }
+
+    /// `r` written in place of the base's tensor of its name (which must
+    /// exist, of `r`'s shape, and not be replaced or adapted by another).
+    fn replace(&mut self, r: &'a HfTensor) -> Result<(), HfError> {
+        let (_, e) = self
+            .base
+            .find(&r.name)
+            .ok_or_else(|| HfError::Base(format!("{}, saved by the adapter, is missing", r.name)))?;
+        if e.shape != r.shape {
+            return Err(HfError::Base(format!("{} has shape {:?}, the adapter's has {:?}", r.name, e.shape, r.shape)));
+        }
+        match self.actions.get_mut(&r.name) {
+            None => {
+                self.actions.insert(r.name.clone(), Action::Replace(r));
             }
-            match self.actions.get_mut(&r.name) {
-                None => {
-                    self.actions.insert(r.name.clone(), Action::Replace(r));
-                }
-                // The saved copy of an adapted weight: the changes apply to it.
-                Some(Action::Weight(start @ None, _)) => *start = Some(r),
-                Some(Action::Replace(_) | Action::Weight(Some(_), _)) => {
-                    return Err(HfError::conflict(&r.name, "is replaced by two adapters"));
-                }
-                Some(_) => return Err(HfError::conflict(&r.name, "is both adapted and replaced")),
+            // The saved copy of an adapted weight: the changes apply to it.
+            Some(Action::Weight(start @ None, _)) => *start = Some(r),
+            Some(Action::Replace(_) | Action::Weight(Some(_), _)) => {
+                return Err(HfError::conflict(&r.name, "is replaced by two adapters"));
             }
+            Some(_) => return Err(HfError::conflict(&r.name, "is both adapted and replaced")),
         }
         Ok(())
     }
@@ -556,7 +557,7 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
         // The multiplicative methods have no scale for a multiplier to act on.
         let c = &adapter.config;
         let unscaled = matches!(c, PeftConfig::Ia3(_) | PeftConfig::Road(_) | PeftConfig::Boft(_))
-            || matches!(c, PeftConfig::Oft(_) | PeftConfig::Hra(_));
+            || matches!(c, PeftConfig::Oft(_) | PeftConfig::Hra(_) | PeftConfig::LnTuning(_));
         if unscaled && multiplier != 1.0 {
             let method = c.method_name();
             return Err(HfError::Unsupported(format!("a multiplier other than 1 for a {method} adapter")));
@@ -599,6 +600,12 @@ impl<'a> Plan<'a, '_> {
             PeftConfig::Shira(_) => {
                 for m in &adapter.shira {
                     plan.shira(m, multiplier)?;
+                }
+            }
+            // PEFT's merge swaps the trained copy in: its parameters replace the base's.
+            PeftConfig::LnTuning(_) => {
+                for t in adapter.ln_tuning.iter().flat_map(|m| &m.params) {
+                    plan.replace(t)?;
                 }
             }
             PeftConfig::C3a(_) => {

@@ -23,6 +23,7 @@ mod hra;
 mod ia3;
 pub mod inspect;
 mod keys;
+mod ln_tuning;
 mod loha;
 mod lokr;
 mod lora;
@@ -44,15 +45,16 @@ pub(crate) use adapter::write_raw_dir;
 pub use boft::BoftModule;
 pub use c3a::C3aModule;
 pub use config::{
-    AdaLoraConfig, BiasMode, BoftConfig, C3aConfig, FourierFtConfig, HfLoraConfig, HraConfig, Ia3Config, LohaConfig,
-    LokrConfig, MissConfig, OftConfig, Pattern, PeftConfig, PromptConfig, RandLoraConfig, RoadConfig, ShiraConfig,
-    Targets, VbLoraConfig, VeraConfig,
+    AdaLoraConfig, BiasMode, BoftConfig, C3aConfig, FourierFtConfig, HfLoraConfig, HraConfig, Ia3Config,
+    LnTuningConfig, LohaConfig, LokrConfig, MissConfig, OftConfig, Pattern, PeftConfig, PromptConfig, RandLoraConfig,
+    RoadConfig, ShiraConfig, Targets, VbLoraConfig, VeraConfig,
 };
 pub use error::HfError;
 pub use fourierft::{FourierFtModule, torch_randperm_prefix};
 pub use hra::HraModule;
 pub use ia3::Ia3Module;
 pub use keys::normalize_key;
+pub use ln_tuning::LnTuningModule;
 pub use loha::{LOHA_KEYS, LohaModule};
 pub use lokr::LokrModule;
 pub use lora::LoraModule;
@@ -62,9 +64,9 @@ pub use randlora::{RANDLORA_A_KEY, RANDLORA_B_KEY, RandLoraModule, RandLoraShare
 pub use road::RoadModule;
 pub use shira::ShiraModule;
 pub use summary::{
-    AdaLoraSummary, AdapterSummary, BoftSummary, C3aSummary, FourierFtSummary, HraSummary, Ia3Summary, LohaSummary,
-    LokrSummary, MissSummary, ModuleSummary, NonFinite, OftSummary, ProjectionSummary, RandLoraSummary, RoadSummary,
-    TensorSummary, VeraSummary,
+    AdaLoraSummary, AdapterSummary, BoftSummary, C3aSummary, FourierFtSummary, HraSummary, Ia3Summary, LnTuningSummary,
+    LohaSummary, LokrSummary, MissSummary, ModuleSummary, NonFinite, OftSummary, ProjectionSummary, RandLoraSummary,
+    RoadSummary, TensorSummary, VeraSummary,
 };
 pub use vblora::{SavedTensor, VBLORA_BANK_KEY, VbLoraBank, VbLoraModule, VbLoraStored};
 pub use vera::{VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections};

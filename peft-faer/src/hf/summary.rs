@@ -77,6 +77,15 @@ pub struct AdaLoraSummary {
     pub scale: f64,
 }
 
+/// One LN tuning module of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct LnTuningSummary {
+    /// Module name.
+    pub name: String,
+    /// Each saved parameter's name (`weight`, `bias`) and shape.
+    pub params: Vec<(String, Vec<usize>)>,
+}
+
 /// One C3A module of an [`AdapterSummary`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct C3aSummary {
@@ -288,6 +297,8 @@ pub struct AdapterSummary {
     pub c3a: Vec<C3aSummary>,
     /// SHiRA modules: name and number of positions.
     pub shira: Vec<(String, usize)>,
+    /// LN tuning modules.
+    pub ln_tuning: Vec<LnTuningSummary>,
     /// Every tensor holding a NaN or infinity.
     pub nonfinite: Vec<NonFinite>,
 }
@@ -390,6 +401,7 @@ impl HfAdapter {
                 .map(|m| C3aSummary { name: m.name.clone(), n_in: m.n_in, n_out: m.n_out, block: m.block })
                 .collect(),
             shira: ad.shira.iter().map(|m| (m.name.clone(), m.rows.len())).collect(),
+            ln_tuning: ad.ln_tuning.iter().map(ln_tuning_summary).collect(),
             dtype: ad.dtype,
             config: ad.config,
             nonfinite,
@@ -423,4 +435,13 @@ fn randlora_summaries(ad: &HfAdapter) -> Vec<RandLoraSummary> {
 fn vblora_summaries(ad: &HfAdapter) -> Vec<VbLoraSummary> {
     let topk = |m: &super::VbLoraModule| matches!(m.stored, super::VbLoraStored::TopK(_));
     ad.vblora.iter().map(|m| VbLoraSummary { name: m.name.clone(), shapes: m.shapes, topk_form: topk(m) }).collect()
+}
+
+/// An LN tuning module's saved parameters, named without the module.
+fn ln_tuning_summary(m: &super::LnTuningModule) -> LnTuningSummary {
+    let param = |t: &super::HfTensor| {
+        let name = t.name.strip_prefix(m.name.as_str()).unwrap_or(&t.name);
+        name.trim_start_matches('.').to_string()
+    };
+    LnTuningSummary { name: m.name.clone(), params: m.params.iter().map(|t| (param(t), t.shape.clone())).collect() }
 }

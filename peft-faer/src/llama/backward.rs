@@ -26,6 +26,7 @@ use peft_core::prefix::PrefixConfig;
 use peft_core::{Accum, Backend, MatMut, MatRef, Product};
 
 use super::Projection::{Down, Gate, K, O, Q, Up, V};
+use super::norms::norm_backward;
 use super::sites::{self, Module};
 use super::{LayerTrace, Llama, LlamaAdapter, Trace, rms_norm, rotate, silu};
 use crate::hf::HfError;
@@ -49,6 +50,14 @@ pub enum LlamaGrads {
     /// Per layer, the two bottleneck adapters' `[dW_down, db_down, dW_up,
     /// db_up]`.
     Bottleneck(Vec<[[Vec<f32>; 4]; 2]>),
+    /// LN tuning: per layer the two norms' `dL/dw'` where tuned
+    /// ([`LAYER_NORMS`](super::LAYER_NORMS)' order), and `model.norm`'s.
+    Norms {
+        /// Per layer.
+        layers: Vec<[Option<Vec<f32>>; 2]>,
+        /// `model.norm`.
+        last: Option<Vec<f32>>,
+    },
 }
 
 impl LlamaGrads {
@@ -63,6 +72,10 @@ impl LlamaGrads {
                     .map(|s| s.clone().map(|t| [t.w_down, t.b_down, t.w_up, t.b_up].map(|v| vec![0.0f32; v.len()])))
                     .collect(),
             ),
+            LlamaAdapter::Norms(w) => Self::Norms {
+                layers: w.layers.iter().map(|n| n.map(|w| w.map(|w| vec![0.0; w.len()]))).collect(),
+                last: w.last.map(|w| vec![0.0; w.len()]),
+            },
             LlamaAdapter::Modules { layers, .. } => Self::Modules(
                 layers
                     .iter()
@@ -119,7 +132,7 @@ pub(crate) fn row_cross_entropy(z: &[f32], target: usize, denom: f64, grad: Opti
 }
 
 /// `dx` of `out = rms(x) w` for each row, accumulated into `dx`.
-fn rms_norm_backward(x: &[f32], w: &[f32], eps: f64, dy: &[f32], dx: &mut [f32]) {
+pub(super) fn rms_norm_backward(x: &[f32], w: &[f32], eps: f64, dy: &[f32], dx: &mut [f32]) {
     let d = w.len().max(1);
     for ((row, g), o) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
         let ms = row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>() / d as f64;
@@ -235,12 +248,15 @@ impl Buffers {
 
 impl Llama {
     /// `dL/dh` of the last layer's output `[rows, d]` from `dlogits`,
-    /// through `lm_head` (or the tied embeddings) and the final norm.
+    /// through `lm_head` (or the tied embeddings) and the final norm (its
+    /// weight `norm`: the model's, or LN tuning's, whose gradient `grad`
+    /// accumulates).
     fn head_backward<B: Backend<f32> + ?Sized>(
         &self,
         backend: &B,
         trace: &Trace,
         dlogits: &[f32],
+        (norm, grad): (&[f32], Option<&mut [f32]>),
     ) -> Result<Vec<f32>, HfError> {
         let (n, d, c) = (trace.rows, self.config.hidden_size, &self.config);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed).view()?;
@@ -249,7 +265,7 @@ impl Llama {
         let p = Product { src: dl, dst: MatMut::new(&mut dnormed, n, d)?, accum: Accum::Replace };
         backend.stored_apply_transpose(&head, p).map_err(HfError::backend)?;
         let mut dh = vec![0.0f32; n * d];
-        rms_norm_backward(&trace.h_final, &self.norm, c.rms_norm_eps, &dnormed, &mut dh);
+        norm_backward(&trace.h_final, norm, c.rms_norm_eps, &dnormed, &mut dh, grad)?;
         Ok(dh)
     }
 
@@ -286,17 +302,19 @@ impl Llama {
         let rope: Vec<(Vec<f32>, Vec<f32>)> =
             super::positions(segs, std::iter::repeat(first_pos)).into_iter().map(|p| self.rope(p)).collect();
 
-        let mut dh = self.head_backward(backend, trace, dlogits)?;
-
         // Each method's buffers, apart (they are never used together).
         let (mut lora_g, mut prefix_g, mut prompt_g, mut bottleneck_g) = (None, None, None, None);
+        let (mut norm_g, mut last_g) = (None, None);
         match grads {
+            Some(LlamaGrads::Norms { layers, last }) => (norm_g, last_g) = (Some(layers), last.as_deref_mut()),
             Some(LlamaGrads::Bottleneck(g)) => bottleneck_g = Some(g),
             Some(LlamaGrads::Modules(g)) => lora_g = Some(g),
             Some(LlamaGrads::Prefix(g)) => prefix_g = Some(g),
             Some(LlamaGrads::Prompt(g)) => prompt_g = Some(g),
             None => {}
         }
+        let last = adapter.and_then(|a| a.last_norm()).unwrap_or(&self.norm);
+        let mut dh = self.head_backward(backend, trace, dlogits, (last, last_g))?;
         let mut buf = Buffers::new(c, n);
         let mut ws = sites::SiteScratch::default();
         for l in (0..c.num_layers).rev() {
@@ -315,8 +333,14 @@ impl Llama {
             let x2 = MatRef::new(&t.x2, n, d)?;
             sites::backward(backend, layer.linear(Gate), gg_l, x2, dg, dx2, &mut ws)?;
             sites::backward(backend, layer.linear(Up), gu_l, x2, du, dx2, &mut ws)?;
+            let tuned = |site: usize| adapter.and_then(|a| a.layer_norm(l, site));
+            let [g_in, g_post] = match norm_g.as_deref_mut().and_then(|g| g.get_mut(l)) {
+                Some([i, p]) => [i.as_deref_mut(), p.as_deref_mut()],
+                None => [None, None],
+            };
             let mut da = dh;
-            rms_norm_backward(&t.a, &layer.post_norm, c.rms_norm_eps, dx2, &mut da);
+            let w_post = tuned(1).unwrap_or(&layer.post_norm);
+            norm_backward(&t.a, w_post, c.rms_norm_eps, dx2, &mut da, g_post)?;
             // a = h_in + o(attn).
             let bg = bottleneck_g.as_deref_mut();
             let adapted = bottleneck_backward(backend, adapter, bg, (l, 0), &t.attn_pre, &da, dz, adapter_scratch)?;
@@ -340,14 +364,15 @@ impl Llama {
             )?;
             rotate(dq, c.num_heads, c.head_dim, &rope, -1.0);
             rotate(dk, c.num_kv_heads, c.head_dim, &rope, -1.0);
-            rms_norm(&t.h_in, &layer.input_norm, c.rms_norm_eps, x1);
+            let w_in = tuned(0).unwrap_or(&layer.input_norm);
+            rms_norm(&t.h_in, w_in, c.rms_norm_eps, x1);
             dx1.fill(0.0);
             let x1v = MatRef::new(x1, n, d)?;
             sites::backward(backend, layer.linear(Q), gq_l, x1v, dq, dx1, &mut ws)?;
             sites::backward(backend, layer.linear(K), gk_l, x1v, dk, dx1, &mut ws)?;
             sites::backward(backend, layer.linear(V), gv_l, x1v, dv, dx1, &mut ws)?;
             let mut dh_in = da;
-            rms_norm_backward(&t.h_in, &layer.input_norm, c.rms_norm_eps, dx1, &mut dh_in);
+            norm_backward(&t.h_in, w_in, c.rms_norm_eps, dx1, &mut dh_in, g_in)?;
             dh = dh_in;
         }
         if let Some(gp) = prompt_g {
@@ -367,6 +392,7 @@ fn grads_match(c: &super::LlamaConfig, adapter: Option<&LlamaAdapter<'_>>, grads
             | (LlamaAdapter::Prefix { table: p, .. }, LlamaGrads::Prefix(gp)) => p.len() == gp.len(),
             (LlamaAdapter::Modules { .. }, LlamaGrads::Modules(gl)) => gl.len() == c.num_layers,
             (LlamaAdapter::Bottleneck(_), LlamaGrads::Bottleneck(gb)) => gb.len() == c.num_layers,
+            (LlamaAdapter::Norms(_), LlamaGrads::Norms { layers, .. }) => layers.len() == c.num_layers,
             _ => false,
         }
 }

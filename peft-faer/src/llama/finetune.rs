@@ -210,6 +210,10 @@ pub fn trainable(model: &Llama, method: &MethodSpec, rank: usize, seed: u64) -> 
             let config = AdapterConfig::width(16).with_activation(Activation::GeluErf);
             return Ok(Some(Trainable::Bottleneck(Bottleneck::new(model, config, seed)?)));
         }
+        // PEFT's default LN tuning targets for Llama: every norm.
+        "ln_tuning" => MethodSetup::LnTuning {
+            targets: ["input_layernorm", "post_attention_layernorm", "norm"].map(String::from).to_vec(),
+        },
         "prompt" => MethodSetup::Prompt { n: CONTEXT },
         "prefix" => MethodSetup::Prefix { n: CONTEXT },
         _ => return Ok(None),

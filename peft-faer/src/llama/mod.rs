@@ -44,6 +44,7 @@ mod backward;
 mod config;
 pub mod finetune;
 pub mod gguf;
+mod norms;
 mod save;
 mod sites;
 pub mod train;
@@ -61,6 +62,7 @@ use peft_core::{Accum, Backend, MatMut, MatRef, Product};
 pub(crate) use backward::row_cross_entropy;
 pub use backward::{LlamaGrads, SiteGrads, lm_loss};
 pub use config::{LlamaConfig, MAX_DIM, MAX_ELEMENTS, MAX_LAYERS};
+pub use norms::{LAYER_NORMS, NormWeights};
 pub use sites::Module;
 pub use weights::{Matrix, Source};
 
@@ -373,6 +375,8 @@ pub enum LlamaAdapter<'a> {
     },
     /// Bottleneck adapters (one per layer and site).
     Bottleneck(&'a Bottleneck),
+    /// LN tuning: the norms' weights it replaces.
+    Norms(NormWeights<'a>),
 }
 
 impl<'a> LlamaAdapter<'a> {
@@ -398,6 +402,7 @@ impl<'a> LlamaAdapter<'a> {
     pub fn new(model: &Llama, adapter: &'a HfAdapter) -> Result<Self, HfError> {
         match &adapter.config {
             PeftConfig::Prompt(p) => Self::prompt_learning(&model.config, p, adapter),
+            PeftConfig::LnTuning(_) => Ok(Self::Norms(NormWeights::place(model, adapter)?)),
             _ => Self::modules(model, adapter),
         }
     }
@@ -524,7 +529,7 @@ impl<'a> LlamaAdapter<'a> {
                     place(name, module, dims)?;
                 }
             }
-            PeftConfig::Prompt(_) => {}
+            PeftConfig::Prompt(_) | PeftConfig::LnTuning(_) => {}
         }
         Ok(Self::Modules { layers, embed, head })
     }
@@ -550,6 +555,23 @@ impl<'a> LlamaAdapter<'a> {
         Ok(Self::Bottleneck(b))
     }
 
+    /// The weight of layer `l`'s norm `site` ([`LAYER_NORMS`]) where LN
+    /// tuning replaces it.
+    fn layer_norm(&self, l: usize, site: usize) -> Option<&'a [f32]> {
+        match self {
+            Self::Norms(w) => w.layers.get(l).and_then(|n| n.get(site).copied().flatten()),
+            _ => None,
+        }
+    }
+
+    /// `model.norm`'s weight where LN tuning replaces it.
+    fn last_norm(&self) -> Option<&'a [f32]> {
+        match self {
+            Self::Norms(w) => w.last,
+            _ => None,
+        }
+    }
+
     /// Prefix tuning's entries ahead of every layer's keys (0 otherwise).
     fn prefix_tokens(&self) -> usize {
         match self {
@@ -573,7 +595,7 @@ impl<'a> LlamaAdapter<'a> {
     pub fn virtual_tokens(&self) -> usize {
         match self {
             Self::Prompt { tokens, .. } | Self::Prefix { tokens, .. } => *tokens,
-            Self::Modules { .. } | Self::Bottleneck(_) => 0,
+            Self::Modules { .. } | Self::Bottleneck(_) | Self::Norms(_) => 0,
         }
     }
 }
@@ -1068,7 +1090,8 @@ impl Llama {
                 _ => None,
             };
             use Projection::{Down, Gate, K, O, Q, Up, V};
-            rms_norm(&h, &layer.input_norm, c.rms_norm_eps, &mut norm);
+            let tuned = |site: usize| adapter.and_then(|a| a.layer_norm(l, site));
+            rms_norm(&h, tuned(0).unwrap_or(&layer.input_norm), c.rms_norm_eps, &mut norm);
             let x = MatRef::new(&norm, n, d)?;
             sites::forward(backend, layer.linear(Q), module(Q), x, &mut q, ws)?;
             sites::forward(backend, layer.linear(K), module(K), x, &mut k, ws)?;
@@ -1080,7 +1103,7 @@ impl Llama {
             sites::forward(backend, layer.linear(O), module(O), MatRef::new(&attn, n, qw)?, &mut out, ws)?;
             let attn_pre = bottleneck(backend, adapter, l, 0, &mut out, &mut ws.scratch)?;
             h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
-            rms_norm(&h, &layer.post_norm, c.rms_norm_eps, &mut norm);
+            rms_norm(&h, tuned(1).unwrap_or(&layer.post_norm), c.rms_norm_eps, &mut norm);
             let x = MatRef::new(&norm, n, d)?;
             sites::forward(backend, layer.linear(Gate), module(Gate), x, &mut gate, ws)?;
             sites::forward(backend, layer.linear(Up), module(Up), x, &mut up, ws)?;
@@ -1107,7 +1130,8 @@ impl Llama {
             h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
         }
         caches.iter_mut().zip(&segments).for_each(|(cache, &(a, b))| cache.len += b - a);
-        rms_norm(&h, &self.norm, c.rms_norm_eps, &mut norm);
+        let last = adapter.and_then(LlamaAdapter::last_norm);
+        rms_norm(&h, last.unwrap_or(&self.norm), c.rms_norm_eps, &mut norm);
         if let Some(t) = trace {
             (t.h_final, t.normed) = (h, norm.clone());
         }

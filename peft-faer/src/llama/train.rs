@@ -21,12 +21,16 @@ use safetensors::Dtype;
 
 use peft_core::storage::Owned;
 
+use super::norms::locate_norm;
 use super::weights::Matrix;
-use super::{Bottleneck, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Projection, Trace};
+use super::{
+    Bottleneck, LAYER_NORMS, Layer, Linear, Llama, LlamaAdapter, LlamaConfig, LlamaGrads, PROJECTIONS, Projection,
+    Trace,
+};
 use crate::hf::{
     AdaLoraModule, BoftModule, C3aModule, FourierFtModule, HfAdapter, HfError, HfTensor, HraModule, Ia3Module,
-    LohaModule, LokrModule, LoraModule, MissModule, OftModule, PeftConfig, RandLoraModule, RandLoraShared, RoadModule,
-    ShiraModule, VbLoraBank, VbLoraModule, VbLoraStored, VeraModule, VeraProjections,
+    LnTuningModule, LohaModule, LokrModule, LoraModule, MissModule, OftModule, PeftConfig, RandLoraModule,
+    RandLoraShared, RoadModule, ShiraModule, VbLoraBank, VbLoraModule, VbLoraStored, VeraModule, VeraProjections,
 };
 
 /// A method and its configuration on the Llama model's projections
@@ -177,6 +181,13 @@ pub enum MethodSetup {
         /// Adapted projections.
         targets: Vec<String>,
     },
+    /// LN tuning of the norms `targets` names (`input_layernorm`,
+    /// `post_attention_layernorm`, `norm`: PEFT's defaults for Llama), from
+    /// copies of the model's weights (PEFT's init: the model unchanged).
+    LnTuning {
+        /// Tuned norms.
+        targets: Vec<String>,
+    },
     /// Prompt tuning with `n` virtual tokens.
     Prompt {
         /// Virtual tokens.
@@ -209,6 +220,7 @@ impl MethodSetup {
             | MethodSetup::Boft { .. }
             | MethodSetup::FourierFt { .. }
             | MethodSetup::C3a { .. }
+            | MethodSetup::LnTuning { .. }
             | MethodSetup::Prompt { .. }
             | MethodSetup::Prefix { .. } => None,
         }
@@ -232,7 +244,8 @@ impl MethodSetup {
             | MethodSetup::Road { targets, .. }
             | MethodSetup::C3a { targets, .. }
             | MethodSetup::Shira { targets, .. } => targets,
-            MethodSetup::Prompt { .. } | MethodSetup::Prefix { .. } => &[],
+            // Norms, not projections: placed by `init_ln_tuning`.
+            MethodSetup::LnTuning { .. } | MethodSetup::Prompt { .. } | MethodSetup::Prefix { .. } => &[],
         }
     }
 
@@ -287,6 +300,8 @@ impl MethodSetup {
             MethodSetup::Shira { r, targets } => json!({"peft_type": "SHIRA", "task_type": "CAUSAL_LM", "r": r,
                 "mask_type": "random", "random_seed": null, "target_modules": targets, "init_weights": true,
                 "fan_in_fan_out": false}),
+            MethodSetup::LnTuning { targets } => json!({"peft_type": "LN_TUNING", "task_type": "CAUSAL_LM",
+                "target_modules": targets, "exclude_modules": null, "modules_to_save": null}),
             MethodSetup::Prompt { n } => json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
                 "num_virtual_tokens": n, "token_dim": c.hidden_size, "num_layers": c.num_layers,
                 "num_attention_heads": c.num_heads, "num_transformer_submodules": 1,
@@ -462,6 +477,7 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
                 ad.adalora.push(init_adalora(s, *init_r, *alpha, &mut rng)?);
             }
         }
+        MethodSetup::LnTuning { targets } => init_ln_tuning(model, &mut ad, targets)?,
         MethodSetup::Prompt { n } => ad.prompt = Some(init_prompt(model, *n, &mut rng)?),
         MethodSetup::Prefix { n } => {
             let shape = peft_core::attention::AttentionShape::new(c.num_heads, c.num_kv_heads, c.head_dim)?;
@@ -473,6 +489,38 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
         }
     }
     Ok(ad)
+}
+
+/// LN tuning of every norm `targets` names, each a copy of the model's
+/// weight (PEFT's deep copy).
+///
+/// # Errors
+/// [`HfError::Config`] (`target_modules`) for a target that is not one of
+/// the model's norms.
+fn init_ln_tuning(model: &Llama, ad: &mut HfAdapter, targets: &[String]) -> Result<(), HfError> {
+    let known = [LAYER_NORMS[0], LAYER_NORMS[1], "norm"];
+    if let Some(t) = targets.iter().find(|t| !known.contains(&t.as_str())) {
+        let reason = format!("{t:?} is not a norm of the model ({})", known.join(", "));
+        return Err(HfError::Config { field: "target_modules".into(), reason });
+    }
+    let wanted = |t: &str| targets.iter().any(|x| x == t);
+    let mut norms: Vec<(String, &Vec<f32>)> = Vec::new();
+    for (l, layer) in model.layers.iter().enumerate() {
+        for (name, w) in LAYER_NORMS.iter().zip([&layer.input_norm, &layer.post_norm]) {
+            if wanted(name) {
+                norms.push((format!("model.layers.{l}.{name}"), w));
+            }
+        }
+    }
+    if wanted("norm") {
+        norms.push(("model.norm".into(), &model.norm));
+    }
+    for (name, w) in norms {
+        let weight =
+            HfTensor { name: format!("{name}.weight"), dtype: Dtype::F32, shape: vec![w.len()], data: w.clone() };
+        ad.ln_tuning.push(LnTuningModule { name, params: vec![weight] });
+    }
+    Ok(())
 }
 
 /// A rank is checked before any factor is allocated from it (a rank of
@@ -775,6 +823,13 @@ pub fn tensors_mut(ad: &mut HfAdapter) -> Vec<&mut Vec<f32>> {
     if let Some(p) = ad.prompt.as_mut() {
         return vec![&mut p.data];
     }
+    if !ad.ln_tuning.is_empty() {
+        // Per layer, input then post-attention norm; `model.norm` last.
+        let order = |name: &str| locate_norm(name, usize::MAX).unwrap_or((usize::MAX, usize::MAX));
+        let mut norms: Vec<_> = ad.ln_tuning.iter_mut().collect();
+        norms.sort_by_key(|m| order(&m.name));
+        return norms.into_iter().flat_map(|m| m.params.iter_mut().map(|t| &mut t.data)).collect();
+    }
     // By module name, in (layer, projection) order.
     let mut named: Vec<(String, Vec<&mut Vec<f32>>)> = Vec::new();
     for m in &mut ad.modules {
@@ -847,6 +902,7 @@ impl LlamaGrads {
             LlamaGrads::Prompt(g) | LlamaGrads::Prefix(g) => vec![g],
             LlamaGrads::Modules(layers) => layers.iter().flat_map(|p| p.iter().flatten().flatten()).collect(),
             LlamaGrads::Bottleneck(layers) => layers.iter().flat_map(|s| s.iter().flatten()).collect(),
+            LlamaGrads::Norms { layers, last } => layers.iter().flatten().chain(Some(last)).flatten().collect(),
         }
     }
 
@@ -859,6 +915,9 @@ impl LlamaGrads {
             }
             LlamaGrads::Bottleneck(layers) => {
                 layers.iter_mut().flat_map(|s| s.iter_mut().flatten()).for_each(|g| g.fill(0.0))
+            }
+            LlamaGrads::Norms { layers, last } => {
+                layers.iter_mut().flatten().chain(Some(last)).flatten().for_each(|g| g.fill(0.0))
             }
         }
     }

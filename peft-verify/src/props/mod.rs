@@ -12,6 +12,7 @@ pub mod fourierft;
 pub mod gemm;
 pub mod hra;
 pub mod ia3;
+pub mod ln_tuning;
 pub mod loha;
 pub mod lokr;
 pub mod lora;
