@@ -538,6 +538,18 @@ fn method_group(c: &mut Criterion) {
     let vblora = VbLora::new(16, 256, 2, s.d_in, s.d_out, &bank[..], &la[..], &lb[..]).unwrap();
     let mut vblora_scratch = vec![0.0f32; vblora.forward_scratch_len(s.tokens)];
     bench_adapter_forward(&mut g, "vblora_forward", &backend, &base, x, &mut y, &mut vblora_scratch, &vblora);
+    // LN tuning: its forward is the tuned norm's (a LayerNorm with a bias
+    // over the layer's input rows), the whole of what it adds to a model.
+    let (lw, lb) = (vec![1.1f32; s.d_in], vec![0.1f32; s.d_in]);
+    let ln =
+        peft_core::ln_tuning::LnTuning::new(peft_core::ln_tuning::Norm::Layer, s.d_in, 1e-5, &lw[..], Some(&lb[..]));
+    let (ln, mut ly) = (ln.unwrap(), vec![0.0f32; s.tokens * s.d_in]);
+    g.bench_function("ln_tuning_forward", |bench| {
+        bench.iter(|| {
+            ln.forward(x, MatMut::new(&mut ly, s.tokens, s.d_in).unwrap()).unwrap();
+            black_box(&ly);
+        })
+    });
     g.finish();
 }
 

@@ -604,9 +604,7 @@ impl<'a> Plan<'a, '_> {
             }
             // PEFT's merge swaps the trained copy in: its parameters replace the base's.
             PeftConfig::LnTuning(_) => {
-                for t in adapter.ln_tuning.iter().flat_map(|m| &m.params) {
-                    plan.replace(t)?;
-                }
+                adapter.ln_tuning.iter().flat_map(|m| &m.params).try_for_each(|t| plan.replace(t))?
             }
             PeftConfig::C3a(_) => {
                 for m in &adapter.c3a {

@@ -26,7 +26,7 @@ use peft_core::prefix::PrefixConfig;
 use peft_core::{Accum, Backend, MatMut, MatRef, Product};
 
 use super::Projection::{Down, Gate, K, O, Q, Up, V};
-use super::norms::norm_backward;
+use super::norms::{layer_norms, norm_backward};
 use super::sites::{self, Module};
 use super::{LayerTrace, Llama, LlamaAdapter, Trace, rms_norm, rotate, silu};
 use crate::hf::HfError;
@@ -333,13 +333,9 @@ impl Llama {
             let x2 = MatRef::new(&t.x2, n, d)?;
             sites::backward(backend, layer.linear(Gate), gg_l, x2, dg, dx2, &mut ws)?;
             sites::backward(backend, layer.linear(Up), gu_l, x2, du, dx2, &mut ws)?;
-            let tuned = |site: usize| adapter.and_then(|a| a.layer_norm(l, site));
-            let [g_in, g_post] = match norm_g.as_deref_mut().and_then(|g| g.get_mut(l)) {
-                Some([i, p]) => [i.as_deref_mut(), p.as_deref_mut()],
-                None => [None, None],
-            };
+            let ([w_in, w_post], [g_in, g_post]) =
+                layer_norms(adapter, layer, norm_g.as_deref_mut().map(Vec::as_mut_slice), l);
             let mut da = dh;
-            let w_post = tuned(1).unwrap_or(&layer.post_norm);
             norm_backward(&t.a, w_post, c.rms_norm_eps, dx2, &mut da, g_post)?;
             // a = h_in + o(attn).
             let bg = bottleneck_g.as_deref_mut();
@@ -364,7 +360,6 @@ impl Llama {
             )?;
             rotate(dq, c.num_heads, c.head_dim, &rope, -1.0);
             rotate(dk, c.num_kv_heads, c.head_dim, &rope, -1.0);
-            let w_in = tuned(0).unwrap_or(&layer.input_norm);
             rms_norm(&t.h_in, w_in, c.rms_norm_eps, x1);
             dx1.fill(0.0);
             let x1v = MatRef::new(x1, n, d)?;

@@ -1130,8 +1130,7 @@ impl Llama {
             h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
         }
         caches.iter_mut().zip(&segments).for_each(|(cache, &(a, b))| cache.len += b - a);
-        let last = adapter.and_then(LlamaAdapter::last_norm);
-        rms_norm(&h, last.unwrap_or(&self.norm), c.rms_norm_eps, &mut norm);
+        rms_norm(&h, adapter.and_then(LlamaAdapter::last_norm).unwrap_or(&self.norm), c.rms_norm_eps, &mut norm);
         if let Some(t) = trace {
             (t.h_final, t.normed) = (h, norm.clone());
         }

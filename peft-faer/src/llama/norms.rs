@@ -13,8 +13,8 @@
 use peft_core::ln_tuning::{LnTuning, LnTuningGrads, Norm};
 use peft_core::{MatMut, MatRef};
 
-use super::Llama;
 use super::backward::rms_norm_backward;
+use super::{Layer, Llama, LlamaAdapter};
 use crate::hf::{HfAdapter, HfError};
 
 /// The two norms of a layer, in [`NormWeights::layers`]' order.
@@ -82,6 +82,26 @@ impl<'a> NormWeights<'a> {
             }
         }
         Ok(out)
+    }
+}
+
+/// Layer `l`'s `[input, post-attention]` norm weights (LN tuning's where
+/// it tunes them, else the layer's own) and, from LN tuning's gradients
+/// `grads`, their buffers.
+pub(super) type LayerNorms<'w, 'g> = ([&'w [f32]; 2], [Option<&'g mut [f32]>; 2]);
+
+/// [`LayerNorms`] of layer `l`.
+pub(super) fn layer_norms<'w, 'g>(
+    adapter: Option<&LlamaAdapter<'w>>,
+    layer: &'w Layer,
+    grads: Option<&'g mut [[Option<Vec<f32>>; 2]]>,
+    l: usize,
+) -> LayerNorms<'w, 'g> {
+    let tuned = |site: usize| adapter.and_then(|a| a.layer_norm(l, site));
+    let weights = [tuned(0).unwrap_or(&layer.input_norm), tuned(1).unwrap_or(&layer.post_norm)];
+    match grads.and_then(|g| g.get_mut(l)) {
+        Some([i, p]) => (weights, [i.as_deref_mut(), p.as_deref_mut()]),
+        None => (weights, [None, None]),
     }
 }
 
