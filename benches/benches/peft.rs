@@ -550,6 +550,18 @@ fn method_group(c: &mut Criterion) {
             black_box(&ly);
         })
     });
+    // Trainable tokens: the lookup of `tokens` ids in a table of `d_out`
+    // rows (the layer's weight), 16 of whose rows are trained, every
+    // fourth id one of them.
+    let (indices, rows) = ((0..16u32).map(|i| 7 * i).collect::<Vec<_>>(), vec![0.5f32; 16 * s.d_in]);
+    let tt = peft_core::trainable_tokens::TrainableTokens::new(s.d_out, s.d_in, &indices[..], &rows[..]).unwrap();
+    let ids: Vec<usize> = (0..s.tokens).map(|t| if t % 4 == 0 { 7 * (t % 16) } else { (31 * t) % s.d_out }).collect();
+    g.bench_function("trainable_tokens_forward", |bench| {
+        bench.iter(|| {
+            tt.forward(&p.w, &ids, MatMut::new(&mut ly, s.tokens, s.d_in).unwrap()).unwrap();
+            black_box(&ly);
+        })
+    });
     g.finish();
 }
 

@@ -30,6 +30,8 @@
 //! * [`adapter`]: bottleneck adapters (Houlsby/Pfeiffer), with [`activation`]s.
 //! * [`ln_tuning`]: LN tuning, a norm layer's own weight (and bias) trained in
 //!   place of the frozen ones; merged by replacement.
+//! * [`trainable_tokens`]: trainable tokens, chosen rows of an embedding table
+//!   trained in place of the frozen ones (and of a tied output layer's).
 //! * [`prompt`]: prompt tuning (soft prompts prepended to the input embeddings).
 //! * [`attention`]: multi-head and grouped-query attention with masks, forward
 //!   and backward, optionally with a trainable prefix.
@@ -103,6 +105,7 @@ pub mod road;
 pub mod set;
 pub mod shira;
 pub mod storage;
+pub mod trainable_tokens;
 pub mod vblora;
 pub mod vera;
 

@@ -41,6 +41,7 @@
 //! | RandLoRA | `1e-3` | as LoRA: PEFT sets no default |
 //! | VB-LoRA | `1e-3` | as LoRA: PEFT's VB-LoRA examples train the logits at LoRA's rates (the bank at a higher one, which this crate's trainer keeps frozen) |
 //! | LN tuning | `1e-3` | as LoRA: PEFT's LN tuning examples train the norms at LoRA's rates |
+//! | trainable tokens | `1e-3` | as LoRA: PEFT's trainable-tokens examples train the rows at LoRA's rates |
 //! | RoAd | `3e-3` | as (IA)^3: one angle and one scale per output; our choice, PEFT sets no default |
 //!
 //! DoRA is a LoRA variant ([`Method::Lora`], `use_dora` in its configuration) and takes LoRA's rate.
@@ -107,6 +108,8 @@ pub enum Method {
     VbLora,
     /// LN tuning.
     LnTuning,
+    /// Trainable tokens.
+    TrainableTokens,
 }
 
 impl Method {
@@ -132,11 +135,12 @@ impl Method {
             Method::RandLora => 1e-3,
             Method::VbLora => 1e-3,
             Method::LnTuning => 1e-3,
+            Method::TrainableTokens => 1e-3,
         }
     }
 
     /// The lower-case name (`"lora"`, `"adapter"`, `"prompt"`, `"prefix"`,
-    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`, `"c3a"`, `"shira"`, `"oft"`, `"boft"`, `"fourierft"`, `"randlora"`, `"vblora"`, `"ln_tuning"`).
+    /// `"ia3"`, `"loha"`, `"lokr"`, `"vera"`, `"adalora"`, `"miss"`, `"hra"`, `"road"`, `"c3a"`, `"shira"`, `"oft"`, `"boft"`, `"fourierft"`, `"randlora"`, `"vblora"`, `"ln_tuning"`, `"trainable_tokens"`).
     pub const fn name(self) -> &'static str {
         match self {
             Method::Lora => "lora",
@@ -159,6 +163,7 @@ impl Method {
             Method::RandLora => "randlora",
             Method::VbLora => "vblora",
             Method::LnTuning => "ln_tuning",
+            Method::TrainableTokens => "trainable_tokens",
         }
     }
 }

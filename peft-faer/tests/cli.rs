@@ -40,6 +40,7 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
             "randlora",
             "vblora",
             "ln_tuning",
+            "trainable_tokens",
             "adapter",
             "prompt",
             "prefix"
@@ -83,11 +84,12 @@ fn finetune_json_is_one_document_with_the_tables_fields() {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
     }
-    // The seventeen methods on projections and LN tuning merge; the others have nothing to merge.
-    for m in &methods[..18] {
+    // The seventeen methods on projections, LN tuning and trainable tokens
+    // merge; the others have nothing to merge.
+    for m in &methods[..19] {
         assert!(m["merged_vs_unmerged_max_abs_diff"].as_f64().unwrap() < 1e-4, "{m}");
     }
-    for m in &methods[18..] {
+    for m in &methods[19..] {
         assert!(m["merged_vs_unmerged_max_abs_diff"].is_null(), "{m}");
     }
     std::fs::remove_dir_all(&out_dir).ok();

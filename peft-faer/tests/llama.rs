@@ -24,8 +24,23 @@ use safetensors::{Dtype, SafeTensors};
 use common::{case_dir, scratch};
 
 fn model(case: &str) -> Llama {
-    let dir = case_dir(case);
+    let dir = if case == "tied_llama" { tied_llama() } else { case_dir(case) };
     Llama::load(&dir.join("base_config.json"), &dir.join("base.safetensors")).unwrap()
+}
+
+/// The `prompt_llama` model with its head tied to the embeddings
+/// (`tie_word_embeddings`, no `lm_head.weight`), as SmolLM2's is.
+fn tied_llama() -> PathBuf {
+    let (dir, case) = (scratch("tied-llama"), case_dir("prompt_llama"));
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(case.join("base_config.json")).unwrap()).unwrap();
+    cfg["tie_word_embeddings"] = true.into();
+    std::fs::write(dir.join("base_config.json"), cfg.to_string()).unwrap();
+    let bytes = std::fs::read(case.join("base.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<_> = st.tensors().into_iter().filter(|(k, _)| k != "lm_head.weight").collect();
+    safetensors::serialize_to_file(kept, &None, &dir.join("base.safetensors")).unwrap();
+    dir
 }
 
 /// `ref.safetensors`: f32 tensors as values, i64 ones (`input_ids`) widened.
@@ -185,6 +200,10 @@ fn write_adapter(out: &Path, config: &serde_json::Value, tensors: &[(String, Vec
     out.to_path_buf()
 }
 
+/// The tokens `trainable_tokens` and `lora_tokens` train: unsorted, the
+/// first id among them, and most of the ids the tests run.
+const TOKENS: [u32; 7] = [3, 14, 91, 0, 7, 55, 79];
+
 /// The shapes `(out, in)` of the seven projections of the fixtures' model.
 const SHAPES: [(&str, usize, usize); 7] = [
     ("self_attn.q_proj", 64, 64),
@@ -245,6 +264,10 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
             "target_modules": targets}),
         "ln_tuning" => serde_json::json!({"peft_type": "LN_TUNING",
             "target_modules": ["input_layernorm", "post_attention_layernorm", "norm"]}),
+        "trainable_tokens" => serde_json::json!({"peft_type": "TRAINABLE_TOKENS",
+            "token_indices": TOKENS, "target_modules": ["embed_tokens"]}),
+        "lora_tokens" => serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+            "target_modules": ["q_proj", "v_proj"], "trainable_token_indices": {"embed_tokens": TOKENS}}),
         other => panic!("{other}"),
     };
     let mut rng = peft_core::Rng::new(17);
@@ -262,6 +285,15 @@ fn method_dir(dir: &Path, method: &str) -> PathBuf {
         // The shared bases for the largest projection, [128, 64] (min 64, max 128, n_b 8).
         put("base_model.randlora_A".into(), vec![8, 1, 64], 1.0, 0.0);
         put("base_model.randlora_B".into(), vec![128, 8, 8], 1.0, 0.0);
+    }
+    if method == "trainable_tokens" || method == "lora_tokens" {
+        let key =
+            if method == "lora_tokens" { "token_adapter.trainable_tokens_delta" } else { "trainable_tokens_delta" };
+        put(format!("base_model.model.model.embed_tokens.{key}"), vec![TOKENS.len(), 64], 1.0, 0.0);
+        if method == "lora_tokens" {
+            tensors.extend(lora_tensors(&mut peft_core::Rng::new(9), &["q_proj", "v_proj"]));
+        }
+        return write_adapter(&dir.join(method), &config, &tensors);
     }
     if method == "ln_tuning" {
         for name in ["layers.0.input_layernorm", "layers.0.post_attention_layernorm", "layers.1.input_layernorm"]
@@ -377,6 +409,8 @@ fn every_hosted_method_equals_its_merged_model() {
         "boft_butterfly",
         "fourierft",
         "ln_tuning",
+        "trainable_tokens",
+        "lora_tokens",
     ]) {
         let ad = HfAdapter::read_dir(&method_dir(&dir, method)).unwrap();
         let hosted = LlamaAdapter::new(&m, &ad).unwrap();
@@ -395,6 +429,37 @@ fn every_hosted_method_equals_its_merged_model() {
         eprintln!("{method}: hosted vs merged, relative error {e:.2e}");
         assert!(e <= 1e-5, "{method}: hosted vs merged {e}");
         assert!(rel(&plain, &want) > 1e-2, "{method}: the adapter changes the output");
+    }
+}
+
+/// Trainable tokens on a tied head (the fixtures' model with `lm_head`
+/// tied to the embeddings, as SmolLM2's is): hosted, the trained tokens'
+/// logits come from their new rows, as in the model `peft merge` writes,
+/// whose tied head reads the merged table.
+#[test]
+fn trainable_tokens_on_a_tied_head_equal_the_merged_model() {
+    let (dir, tied) = (scratch("llama-tied-tokens"), tied_llama());
+    let m = model("tied_llama");
+    let ad = HfAdapter::read_dir(&method_dir(&dir, "trainable_tokens")).unwrap();
+    let hosted = LlamaAdapter::new(&m, &ad).unwrap();
+    let merged_file = dir.join("merged.safetensors");
+    let base = Base::open(&tied.join("base.safetensors")).unwrap();
+    merge(&base, &ad, &merged_file, &MergeOptions::default(), &Faer::new(), |_| {}).unwrap();
+    let merged = Llama::load(&tied.join("base_config.json"), &merged_file).unwrap();
+    let run = |model: &Llama, a: Option<&LlamaAdapter<'_>>, ids: &[u32]| {
+        model.forward(&Faer::new(), ids, a, &mut KvCache::new()).unwrap()
+    };
+    let ids = [3, 14, 15, 92, 65, 35, 89, 8];
+    let want: Vec<f64> = run(&merged, None, &ids).iter().map(|&v| f64::from(v)).collect();
+    let e = rel(&run(&m, Some(&hosted), &ids), &want);
+    assert!(e <= 1e-5, "hosted vs merged {e}");
+    // Over untrained tokens alone the hidden states are the model's: only
+    // the trained tokens' columns of the logits differ, through the head.
+    let ids = [15, 92, 65, 35, 89, 8];
+    let (p, g) = (run(&m, None, &ids), run(&m, Some(&hosted), &ids));
+    for (i, (a, b)) in p.iter().zip(&g).enumerate() {
+        let trained = TOKENS.contains(&((i % 100) as u32));
+        assert!(trained != (a == b), "row {}, token {}: trained {trained}, {a} vs {b}", i / 100, i % 100);
     }
 }
 
@@ -629,9 +694,12 @@ fn backward_matches_finite_differences() {
         "boft_butterfly",
         "fourierft",
         "ln_tuning",
+        "trainable_tokens",
     ]) {
         cases.push(("prompt_llama", method_dir(&dir, method)));
     }
+    // On a tied head the trained rows also give their tokens' logits.
+    cases.push(("tied_llama", method_dir(&dir, "trainable_tokens")));
     for (case, adapter_dir) in cases {
         let m = model(case);
         let ad = HfAdapter::read_dir(&adapter_dir).unwrap();
@@ -685,6 +753,11 @@ fn backward_matches_finite_differences() {
                     checks.push((name, g, Box::new(move |a: &mut HfAdapter| &mut a.ln_tuning[i].params[0].data)));
                 }
             }
+            LlamaGrads::Tokens(g) => checks.push((
+                "trainable_tokens_delta".into(),
+                g.clone(),
+                Box::new(|a: &mut HfAdapter| &mut a.trainable_tokens[0].rows),
+            )),
             LlamaGrads::Bottleneck(_) => unreachable!("no PEFT adapter is a bottleneck adapter"),
         }
         let mut rng = peft_core::Rng::new(5);

@@ -20,7 +20,7 @@ mod common;
 use common::{case_dir, load, max_rel, scratch};
 
 /// The methods this crate merges.
-const SUPPORTED: [&str; 17] = [
+const SUPPORTED: [&str; 18] = [
     "LORA",
     "IA3",
     "LOHA",
@@ -38,17 +38,17 @@ const SUPPORTED: [&str; 17] = [
     "RANDLORA",
     "VBLORA",
     "LN_TUNING",
+    "TRAINABLE_TOKENS",
 ];
 
 /// The cases of those methods refused, each with the field its refusal
 /// names (README, "PEFT's test matrix", says why): DoRA and VeRA on GPT-2's
-/// `Conv1D`, DoRA on an embedding, trainable tokens, LoRA on parameters,
-/// VB-LoRA on a `Conv1D`.
-const REFUSED: [(&str, &str); 7] = [
+/// `Conv1D`, DoRA on an embedding, LoRA on parameters, VB-LoRA on a
+/// `Conv1D`.
+const REFUSED: [(&str, &str); 6] = [
     ("Embedding + transformers Conv1D 1 DoRA", "`fan_in_fan_out`"),
     ("Embedding + transformers Conv1D 2 DoRA", "`use_dora`"),
     ("Embedding + transformers Conv1D 3 DoRA", "`fan_in_fan_out`"),
-    ("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "`trainable_token_indices`"),
     ("MLP 2 using nn.Parameter LoRA", "`target_parameters`"),
     ("Embedding + transformers Conv1D 1 VeRA", "`fan_in_fan_out`"),
     ("Embedding + transformers Conv1D 1 VBLoRA", "`fan_in_fan_out`"),

@@ -79,6 +79,11 @@
 //! | `ln_tuning_merged_equals_unmerged` | the norm with the replaced parameters gives the unmerged output bit for bit | 0 |
 //! | `ln_tuning_unmerge_restores` | the merge writes the adapter's values; the unmerge puts the originals back bit for bit, without a backup | 0 |
 //! | `ln_tuning_gradients_match_fd` | dw', db' and dx against central differences, each norm | 12 |
+//! | `trainable_tokens_identity_at_init` | trainable tokens at PEFT's init (copies of the table's rows): exactly the table's lookup | 0 |
+//! | `trainable_tokens_matches_oracle` | the lookup in `E'` (the rows replaced), exactly; a tied output layer's `x E'^T` | 1 |
+//! | `trainable_tokens_merged_equals_unmerged` | the merged table's rows are the unmerged lookup, bit for bit | 0 |
+//! | `trainable_tokens_unmerge_restores` | the merge writes `E'`; the unmerge restores the table bit for bit without a backup, whole and in blocks of 3 rows | 0 |
+//! | `trainable_tokens_gradients_match_fd` | the rows' gradient through the lookup and the tied output layer, and the layer's input gradient, against central differences | 12 |
 //! | `road_identity_at_init` | RoAd at PEFT's init (`theta = 0`, `alpha = 1`), each variant: exactly the base output | 2 |
 //! | `road_matches_oracle` | `R (x W^T + b)`, `R` built with PEFT's reshapes for road_1, road_2, road_4 | 8 |
 //! | `road_merged_equals_unmerged` | `R W` and `R b` give the unmerged output | 8 |
@@ -411,6 +416,7 @@ where
     props::c3a::run_all::<E, B>(backend, config, &mut report);
     props::shira::run_all::<E, B>(backend, config, &mut report);
     props::ln_tuning::run_all::<E, B>(backend, config, &mut report);
+    props::trainable_tokens::run_all::<E, B>(backend, config, &mut report);
     props::lokr::run_all::<E, B>(backend, config, &mut report);
     props::vera::run_all::<E, B>(backend, config, &mut report);
     props::adapter::run_all::<E, B>(backend, config, &mut report);

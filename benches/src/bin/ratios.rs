@@ -41,7 +41,7 @@ pub const RATIO_LIMIT: f64 = 0.05;
 
 /// `(group prefix, numerator, denominator, bound)`: the ratio of mean times
 /// `numerator / denominator`, and its target (`Le(x)`: at most `x`).
-const RATIOS: [(&str, &str, &str, Bound); 33] = [
+const RATIOS: [(&str, &str, &str, Bound); 34] = [
     ("lora_forward_unmerged", "lora_forward_unmerged", "base_gemm", Bound::Le(1.05)),
     ("lora_forward_merged", "lora_forward_merged", "base_gemm", Bound::Le(1.02)),
     ("lora_backward", "lora_backward", "base_gemm", Bound::Le(1.10)),
@@ -71,6 +71,7 @@ const RATIOS: [(&str, &str, &str, Bound); 33] = [
     ("method_forward", "randlora_forward", "lora_forward", Bound::Le(1.3)),
     ("method_forward", "vblora_forward", "lora_forward", Bound::Le(1.3)),
     ("method_forward", "ln_tuning_forward", "lora_forward", Bound::Le(1.3)),
+    ("method_forward", "trainable_tokens_forward", "lora_forward", Bound::Le(1.3)),
     // Four adapters' low-rank paths on 32 rows each beside one base gemm.
     ("mixed_batch", "mixed_forward", "single_forward", Bound::Le(1.15)),
     // A stored base's LoRA forward at t = 1 against one read of its bytes.

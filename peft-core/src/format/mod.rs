@@ -23,7 +23,8 @@
 //!                  5 IA3, 6 LoHa, 7 LoKr, 8 VeRA,
 //!                  9 AdaLoRA, 10 MiSS, 11 HRA, 12 RoAd, 13 C3A,
 //!                  14 SHiRA, 15 OFT, 16 BOFT,
-//!                  17 FourierFT, 18 RandLoRA, 19 VB-LoRA, 20 LN tuning)
+//!                  17 FourierFT, 18 RandLoRA, 19 VB-LoRA, 20 LN tuning,
+//!                  21 trainable tokens)
 //! 13      3     reserved, zero
 //! 16      4     n_config   (<= MAX_CONFIG)
 //! 20      4     n_tensors  (<= MAX_TENSORS)
@@ -324,6 +325,7 @@ fn method_code(m: Method) -> u8 {
         Method::RandLora => 18,
         Method::VbLora => 19,
         Method::LnTuning => 20,
+        Method::TrainableTokens => 21,
     }
 }
 
@@ -349,6 +351,7 @@ const fn method_from_code(code: u8) -> Fmt<Method> {
         18 => Ok(Method::RandLora),
         19 => Ok(Method::VbLora),
         20 => Ok(Method::LnTuning),
+        21 => Ok(Method::TrainableTokens),
         _ => Err(FormatError::UnknownMethod { code }),
     }
 }

@@ -76,6 +76,7 @@ fn every_method_code_round_trips() {
         (Method::RandLora, 18),
         (Method::VbLora, 19),
         (Method::LnTuning, 20),
+        (Method::TrainableTokens, 21),
     ];
     let t = [Tensor { name: "x", shape: &[1], data: &[1.0f32][..] }];
     for (m, code) in methods {
@@ -203,7 +204,7 @@ fn header_checks_with_a_valid_checksum() {
     };
     assert_eq!(resealed(&|b| b[0] = b'X'), Err(FormatError::BadMagic));
     assert_eq!(resealed(&|b| b[8] = 2), Err(FormatError::UnsupportedVersion { version: 2 }));
-    assert_eq!(resealed(&|b| b[12] = 21), Err(FormatError::UnknownMethod { code: 21 }));
+    assert_eq!(resealed(&|b| b[12] = 22), Err(FormatError::UnknownMethod { code: 22 }));
     assert_eq!(resealed(&|b| b[12] = 0), Err(FormatError::UnknownMethod { code: 0 }));
     assert_eq!(resealed(&|b| b[13] = 1), Err(FormatError::Reserved));
     assert_eq!(resealed(&|b| b[23] = 1), Err(FormatError::TooMany { what: "tensors", count: (1 << 24) + 1 }));

@@ -6,7 +6,8 @@ use crate::optim::Method;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
     /// A linear layer's weight ([`LinearAdapter`](super::LinearAdapter)):
-    /// LoRA, DoRA, (IA)^3, LoHa, LoKr, VeRA.
+    /// LoRA, DoRA, (IA)^3, LoHa, LoKr, VeRA, ...; or an embedding table's
+    /// (trainable tokens).
     Weight,
     /// The input of the model (prompt tuning) or the keys and values of
     /// every attention layer (prefix tuning).
@@ -48,7 +49,7 @@ impl MethodSpec {
 }
 
 /// Every method, in the order `peft finetune` trains and prints them.
-pub const METHODS: [MethodSpec; 21] = [
+pub const METHODS: [MethodSpec; 22] = [
     MethodSpec {
         name: "lora",
         peft_type: Some("LORA"),
@@ -194,6 +195,14 @@ pub const METHODS: [MethodSpec; 21] = [
         summary: "y = norm(x) * w' (+ b'): the norm's weight and bias replaced by trained copies",
     },
     MethodSpec {
+        name: "trainable_tokens",
+        peft_type: Some("TRAINABLE_TOKENS"),
+        file_method: Method::TrainableTokens,
+        family: Family::Weight,
+        merges: true,
+        summary: "E'[indices[i]] = rows[i]: chosen embedding rows (and a tied output layer's) replaced by trained ones",
+    },
+    MethodSpec {
         name: "adapter",
         peft_type: None,
         file_method: Method::Adapter,
@@ -241,7 +250,7 @@ mod tests {
             Method::Ia3 | Method::Loha | Method::Lokr | Method::Vera => true,
             Method::AdaLora | Method::Miss | Method::Hra | Method::Road | Method::C3a | Method::Shira => true,
             Method::Oft | Method::Boft | Method::FourierFt | Method::RandLora => true,
-            Method::VbLora | Method::LnTuning => true,
+            Method::VbLora | Method::LnTuning | Method::TrainableTokens => true,
         };
         for m in [
             Method::Lora,
@@ -264,6 +273,7 @@ mod tests {
             Method::RandLora,
             Method::VbLora,
             Method::LnTuning,
+            Method::TrainableTokens,
         ] {
             assert!(known(m));
             assert!(METHODS.iter().any(|s| s.file_method == m), "{m:?} has no entry");

@@ -13,8 +13,8 @@ use super::{
     AdaLoraModule, BoftModule, C3aModule, CONFIG_FILE, FourierFtModule, HfError, HraModule, Ia3Module, LOHA_KEYS,
     LnTuningModule, LohaModule, LokrModule, LoraModule, MAX_ADAPTER_BYTES, MAX_CONFIG_BYTES, MissModule, OftModule,
     PeftConfig, RANDLORA_A_KEY, RANDLORA_B_KEY, RandLoraModule, RandLoraShared, RoadModule, ShiraModule,
-    VBLORA_BANK_KEY, VERA_A_KEY, VERA_B_KEY, VbLoraBank, VbLoraModule, VbLoraStored, VeraModule, VeraProjections,
-    WEIGHTS_FILE,
+    TrainableTokensModule, VBLORA_BANK_KEY, VERA_A_KEY, VERA_B_KEY, VbLoraBank, VbLoraModule, VbLoraStored, VeraModule,
+    VeraProjections, WEIGHTS_FILE,
 };
 
 /// A whole tensor of an adapter: a base tensor it replaces (a trained bias
@@ -77,6 +77,9 @@ pub struct HfAdapter {
     pub shira: Vec<ShiraModule>,
     /// LN tuning modules, in the order of their keys.
     pub ln_tuning: Vec<LnTuningModule>,
+    /// Embeddings with trainable tokens (a `TRAINABLE_TOKENS` adapter's, or
+    /// a LoRA's `trainable_token_indices`), in the order of their keys.
+    pub trainable_tokens: Vec<TrainableTokensModule>,
     /// Whole-tensor replacements.
     pub replacements: Vec<HfTensor>,
     /// Tensors PEFT saves that act in its training only (VeLoRA's
@@ -164,6 +167,9 @@ impl HfAdapter {
             PeftConfig::C3a(c) => out.read_c3a(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::Shira(c) => out.read_shira(c, &file, read).map_err(|e| e.in_file(&path))?,
             PeftConfig::LnTuning(c) => out.read_ln_tuning(c, &file, read).map_err(|e| e.in_file(&path))?,
+            PeftConfig::TrainableTokens(c) => {
+                out.read_trainable_tokens(c, &file, read).map_err(|e| e.in_file(&path))?
+            }
         }
         Ok(out)
     }
@@ -192,6 +198,7 @@ impl HfAdapter {
             c3a: Vec::new(),
             shira: Vec::new(),
             ln_tuning: Vec::new(),
+            trainable_tokens: Vec::new(),
             replacements: Vec::new(),
             training_state: Vec::new(),
             prompt: None,
@@ -267,6 +274,7 @@ impl HfAdapter {
             PeftConfig::C3a(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::Shira(c) => serde_json::Value::Object(c.raw.clone()),
             PeftConfig::LnTuning(c) => serde_json::Value::Object(c.raw.clone()),
+            PeftConfig::TrainableTokens(c) => serde_json::Value::Object(c.raw.clone()),
         }
     }
 
@@ -356,6 +364,9 @@ impl HfAdapter {
                 let key = format!("base_model.model.{}.ln_tuning_layers{param}", m.name);
                 tensors.push((key, t.dtype, t.shape.clone(), &t.data));
             }
+        }
+        for m in &self.trainable_tokens {
+            tensors.push((m.key(), m.dtype, vec![m.indices.len(), m.dim], &m.rows));
         }
         for r in self.replacements.iter().chain(&self.training_state) {
             tensors.push((format!("base_model.model.{}", r.name), r.dtype, r.shape.clone(), &r.data));

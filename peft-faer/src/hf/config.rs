@@ -147,6 +147,9 @@ pub struct HfLoraConfig {
     /// `lora_monteclora_sampler.*` state, which perturbs `A` in PEFT's
     /// training only; kept only to be written back.
     pub monteclora: bool,
+    /// `trainable_token_indices`: embeddings whose chosen rows train
+    /// beside the LoRA (PEFT's trainable tokens).
+    pub trainable_token_indices: Option<TokenIndices>,
     /// The JSON object as read, written back unchanged by `convert`.
     pub raw: Map<String, Value>,
 }
@@ -384,6 +387,72 @@ pub struct ShiraConfig {
     pub raw: Map<String, Value>,
 }
 
+/// LoRA's `trainable_token_indices`: one list, for the model's input
+/// embedding (the module the saved key names), or lists by module name
+/// (PEFT's rule for the names: a plain suffix of the module's).
+#[derive(Clone, Debug, PartialEq)]
+pub enum TokenIndices {
+    /// `[i, ...]`: the input embedding's tokens.
+    List(Vec<u32>),
+    /// `{"<module>": [i, ...], ...}`.
+    Map(Vec<(String, Vec<u32>)>),
+}
+
+impl TokenIndices {
+    /// The field's value (`None` or JSON `null`: no trainable tokens).
+    ///
+    /// # Errors
+    /// [`HfError::Config`] (`trainable_token_indices`) for anything but a
+    /// list of token ids or an object of such lists.
+    fn parse(v: Option<&Value>) -> Result<Option<Self>, HfError> {
+        let bad = || HfError::config("trainable_token_indices", "must be a list of token ids or an object of lists");
+        let ids = |v: &Value| -> Result<Vec<u32>, HfError> {
+            let list = v.as_array().ok_or_else(bad)?;
+            let ids: Vec<u32> = list
+                .iter()
+                .map(|i| i.as_u64().and_then(|i| u32::try_from(i).ok()).ok_or_else(bad))
+                .collect::<Result<_, _>>()?;
+            // PEFT's index_copy leaves the winner of a repeated token unspecified.
+            let mut seen = std::collections::BTreeSet::new();
+            match ids.iter().find(|&&i| !seen.insert(i)) {
+                Some(i) => Err(HfError::config(
+                    "trainable_token_indices",
+                    &format!("token {i} is listed twice: each token once"),
+                )),
+                None => Ok(ids),
+            }
+        };
+        match v {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(m)) => {
+                Ok(Some(Self::Map(m.iter().map(|(k, v)| Ok((k.clone(), ids(v)?))).collect::<Result<_, HfError>>()?)))
+            }
+            Some(v) => Ok(Some(Self::List(ids(v)?))),
+        }
+    }
+
+    /// The tokens of `module`: the list, or the entry whose name is a
+    /// suffix of `module`'s.
+    pub fn of(&self, module: &str) -> Option<&[u32]> {
+        match self {
+            Self::List(l) => Some(l),
+            Self::Map(m) => m.iter().find(|(k, _)| module.ends_with(k.as_str())).map(|(_, v)| &v[..]),
+        }
+    }
+}
+
+/// A trainable-tokens adapter's configuration (`peft_type:
+/// "TRAINABLE_TOKENS"`).
+#[derive(Clone, Debug)]
+pub struct TrainableTokensConfig {
+    /// The trained tokens, in the rows' order (as given, unsorted).
+    pub token_indices: Vec<u32>,
+    /// Targeted embeddings.
+    pub target_modules: Targets,
+    /// The JSON object as read.
+    pub raw: Map<String, Value>,
+}
+
 /// An LN tuning adapter's configuration (`peft_type: "LN_TUNING"`): PEFT
 /// copies each targeted module whole and trains the copy, so every
 /// parameter the file holds for a module replaces the base's.
@@ -511,6 +580,8 @@ pub struct OftConfig {
 /// A parsed `adapter_config.json`.
 #[derive(Clone, Debug)]
 pub enum PeftConfig {
+    /// `peft_type: "TRAINABLE_TOKENS"`.
+    TrainableTokens(TrainableTokensConfig),
     /// `peft_type: "LN_TUNING"`.
     LnTuning(LnTuningConfig),
     /// `peft_type: "VBLORA"`.
@@ -573,6 +644,7 @@ impl PeftConfig {
             PeftConfig::RandLora(_) => "RANDLORA",
             PeftConfig::VbLora(_) => "VBLORA",
             PeftConfig::LnTuning(_) => "LN_TUNING",
+            PeftConfig::TrainableTokens(_) => "TRAINABLE_TOKENS",
         }
     }
 }
@@ -933,6 +1005,7 @@ impl PeftConfig {
             "RANDLORA" => Self::randlora(text, &v),
             "VBLORA" => Self::vblora(text, &v),
             "LN_TUNING" => Self::ln_tuning(text, &v),
+            "TRAINABLE_TOKENS" => Self::trainable_tokens(&v),
             "LOKR" => {
                 let PeftConfig::Loha(common) = Self::loha(text, &v)? else {
                     return Err(HfError::config("peft_type", "LOKR"));
@@ -945,7 +1018,7 @@ impl PeftConfig {
                 Ok(PeftConfig::Lokr(LokrConfig { common, decompose_both, decompose_factor }))
             }
             other => Err(HfError::Unsupported(format!(
-                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, C3A, SHIRA, OFT, BOFT, FOURIERFT, RANDLORA, VBLORA, LN_TUNING, PROMPT_TUNING, PREFIX_TUNING)"
+                "`peft_type` {other:?} (supported: LORA, ADALORA, LOHA, LOKR, IA3, VERA, MISS, HRA, ROAD, C3A, SHIRA, OFT, BOFT, FOURIERFT, RANDLORA, VBLORA, LN_TUNING, TRAINABLE_TOKENS, PROMPT_TUNING, PREFIX_TUNING)"
             ))),
         }
     }
@@ -957,7 +1030,6 @@ impl PeftConfig {
         unsupported_if_set(rest, "eva_config", "EVA-initialized adapters carry data this reader does not interpret")?;
         unsupported_if_set(rest, "layer_replication", "replicated layers are not supported")?;
         unsupported_if_set(rest, "target_parameters", "LoRA on nn.Parameter targets is not supported")?;
-        unsupported_if_set(rest, "trainable_token_indices", "trainable tokens are not supported")?;
         unsupported_if_set(rest, "alora_invocation_tokens", "activated LoRA is not supported")?;
         unsupported_if_set(rest, "kasa_config", "KaSA adapters are not supported")?;
         unsupported_if_set(rest, "arrow_config", "Arrow routing over LoRA experts is not supported")?;
@@ -1025,6 +1097,7 @@ impl PeftConfig {
             // training mode).
             velora: is_set(rest, "velora_config"),
             monteclora: is_set(rest, "monteclora_config"),
+            trainable_token_indices: TokenIndices::parse(rest.get("trainable_token_indices"))?,
             raw: v.as_object().cloned().unwrap_or_default(),
         }))
     }
@@ -1344,6 +1417,33 @@ impl PeftConfig {
             target_modules: targets("target_modules", raw.target_modules)?,
             modules_to_save: raw.modules_to_save.map_or_else(Vec::new, OneOrMany::into_vec),
             raw: v.as_object().cloned().unwrap_or_default(),
+        }))
+    }
+
+    fn trainable_tokens(v: &Value) -> Result<Self, HfError> {
+        let obj = v.as_object().cloned().unwrap_or_default();
+        let field = |k: &str| obj.get(k).filter(|v| !v.is_null());
+        let renamed = |e: HfError| match e {
+            HfError::Config { reason, .. } => HfError::Config { field: "token_indices".into(), reason },
+            other => other,
+        };
+        let token_indices = match TokenIndices::parse(field("token_indices")).map_err(renamed)? {
+            Some(TokenIndices::List(l)) => l,
+            _ => return Err(HfError::config("token_indices", "must be a list of token ids")),
+        };
+        if token_indices.is_empty() {
+            return Err(HfError::config("token_indices", "is empty: no token to train"));
+        }
+        let raw_targets = match field("target_modules") {
+            Some(t) => {
+                Some(serde_json::from_value(t.clone()).map_err(|e| HfError::config("target_modules", &e.to_string()))?)
+            }
+            None => Some(RawTargets::List(vec!["embed_tokens".into()])),
+        };
+        Ok(PeftConfig::TrainableTokens(TrainableTokensConfig {
+            token_indices,
+            target_modules: targets("target_modules", raw_targets)?,
+            raw: obj,
         }))
     }
 

@@ -206,7 +206,8 @@ fn typed_entries(config: &PeftConfig) -> Vec<(String, Value<'static>)> {
             out.push(("eps".into(), Value::F64(c.eps)));
             out.push(("block_share".into(), Value::Bool(c.block_share)));
         }
-        PeftConfig::Ia3(_) | PeftConfig::Shira(_) | PeftConfig::LnTuning(_) => {}
+        // Trainable tokens' indices travel in the config's text.
+        PeftConfig::Ia3(_) | PeftConfig::Shira(_) | PeftConfig::LnTuning(_) | PeftConfig::TrainableTokens(_) => {}
     }
     out
 }
@@ -244,6 +245,7 @@ pub fn peft_dir_to_own(src: &Path) -> Result<Vec<u8>, HfError> {
         PeftConfig::Road(_) => Method::Road,
         PeftConfig::C3a(_) => Method::C3a,
         PeftConfig::LnTuning(_) => Method::LnTuning,
+        PeftConfig::TrainableTokens(_) => Method::TrainableTokens,
         PeftConfig::Shira(_) => {
             return Err(HfError::Unsupported(
                 "SHiRA in .peft files (its I32 indices have no .peft element type)".into(),
@@ -363,6 +365,7 @@ pub fn own_to_peft_dir(bytes: &[u8], dst: &Path, force: bool) -> Result<(), HfEr
         | PeftConfig::Road(_)
         | PeftConfig::C3a(_)
         | PeftConfig::LnTuning(_)
+        | PeftConfig::TrainableTokens(_)
         | PeftConfig::Shira(_) => {
             // Tensors as stored, under PEFT's keys; the reader checks them
             // against the config before the folder is committed.
@@ -447,6 +450,20 @@ fn lora_modules(
             if !has_a("lora_A.weight") && !has_a("lora_embedding_A") {
                 return Err(HfError::MissingTensor { module: module.into(), tensor: "lora_A.weight".into() });
             }
+        } else if let Some(module) = name.strip_suffix(super::trainable_tokens::WRAPPED_DELTA) {
+            // LoRA's `trainable_token_indices`: the rows of the tokens the config lists.
+            let tokens = lc.trainable_token_indices.as_ref().and_then(|t| t.of(module));
+            let field =
+                || HfError::FieldTensor { field: "trainable_token_indices", tensor: name.into(), present: true };
+            let (indices, rows) = (tokens.ok_or_else(field)?.to_vec(), read(&t)?);
+            let (&[k, dim], dtype) = (rows.shape.as_slice(), rows.dtype) else {
+                return Err(HfError::shape(name, &rows.shape, "a matrix [k, dim]"));
+            };
+            if k != indices.len() {
+                return Err(HfError::shape(name, &rows.shape, format!("[{}, dim]", indices.len())));
+            }
+            let (name, rows) = (module.to_string(), rows.data);
+            ad.trainable_tokens.push(super::TrainableTokensModule { name, indices, rows, dim, dtype, wrapped: true });
         } else if super::lora::training_state(lc, name).is_some() {
             ad.training_state.push(read(&t)?);
         } else {
@@ -719,6 +736,15 @@ fn generated_config(method: Method, get: Get<'_, '_>) -> Result<serde_json::Valu
         }
         Method::C3a => Ok(c3a_config(u("block_size")?, list("target_modules")?)),
         Method::LnTuning => Ok(ln_tuning_config(list("target_modules")?)),
+        Method::TrainableTokens => {
+            let ids: Result<Vec<u32>, _> = list("token_indices")?.iter().map(|s| s.parse::<u32>()).collect();
+            let ids = ids.map_err(|_| HfError::config("token_indices", "not a list of token ids"))?;
+            Ok(json!({
+                "peft_type": "TRAINABLE_TOKENS", "task_type": null, "base_model_name_or_path": null,
+                "revision": null, "inference_mode": true, "token_indices": ids,
+                "target_modules": list("target_modules")?, "init_weights": true,
+            }))
+        }
         Method::Road => Ok(road_config(get("variant"), u("group_size")?, list("target_modules")?)),
         Method::Oft => Ok(oft_config(get, list("target_modules")?)),
         Method::Boft => Ok(boft_config(get, list("target_modules")?)),

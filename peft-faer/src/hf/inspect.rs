@@ -108,9 +108,18 @@ impl InspectReport {
             PeftConfig::C3a(c) => r.c3a(c, ad, dtype),
             PeftConfig::Shira(_) => r.shira(ad, dtype),
             PeftConfig::LnTuning(_) => r.ln_tuning(ad, dtype),
+            PeftConfig::TrainableTokens(_) => r.trainable_tokens(ad, dtype),
         }
         if !r.modules.is_empty() {
             r.total_params = total(&r.modules);
+        }
+        if !matches!(ad.config, PeftConfig::TrainableTokens(_)) {
+            // LoRA's `trainable_token_indices`: rows trained beside the modules.
+            for m in &ad.trainable_tokens {
+                let (k, params) = (m.indices.len(), m.indices.len() * m.dim);
+                r.notes.push(format!("trainable tokens on {}: {k} rows of {} ({params} parameters)", m.name, m.dim));
+                r.total_params += params;
+            }
         }
         Ok(r)
     }
@@ -211,6 +220,20 @@ impl InspectReport {
             let mut row = named(name);
             row.push(("params", json!(n)));
             self.modules.push(row);
+        }
+    }
+
+    /// Trainable tokens' embeddings: the tokens and their rows.
+    fn trainable_tokens(&mut self, ad: &AdapterSummary, dtype: Value) {
+        self.method = "trainable_tokens";
+        self.fields = json_map(json!({ "dtype": dtype }));
+        self.headline =
+            "method trainable_tokens: E'[token_indices[i]] = trainable_tokens_delta[i] (rows replaced)".into();
+        for m in &ad.trainable_tokens {
+            let mut row = vec![("module", json!(m.name)), ("base_tensor", json!(format!("{}.weight", m.name)))];
+            row.extend([("tokens", json!(m.indices)), ("dim", json!(m.dim))]);
+            row.push(("params", json!(m.indices.len() * m.dim)));
+            self.modules.push(Row { cells: row });
         }
     }
 

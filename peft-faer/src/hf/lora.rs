@@ -88,8 +88,9 @@ impl HfAdapter {
             (".lora_embedding_B", 5),
         ];
         let replaces = |key: &str| replaces(lc, key);
+        let entries = self.read_lora_tokens(lc.trainable_token_indices.as_ref(), file, read)?;
         let (state, own): (Vec<&Entry>, Vec<&Entry>) =
-            file.entries.iter().partition(|e| training_state(lc, &normalize_key(&e.name)).is_some());
+            entries.into_iter().partition(|e| training_state(lc, &normalize_key(&e.name)).is_some());
         let groups: Groups<'_, 6> =
             group(file, own.into_iter(), &suffixes, "LoRA", &replaces, &mut self.replacements, read)?;
         for e in state {

@@ -45,7 +45,8 @@ use super::st::{self, Entry, OutEntry};
 use super::{
     AdaLoraModule, BoftModule, C3aModule, FourierFtModule, HfAdapter, HfError, HfLoraConfig, HfTensor, HraModule,
     Ia3Config, Ia3Module, LohaModule, LokrModule, LoraModule, MissModule, OftModule, PeftConfig, RandLoraModule,
-    RandLoraShared, RoadModule, ShiraModule, VbLoraBank, VbLoraModule, VeraModule, VeraProjections,
+    RandLoraShared, RoadModule, ShiraModule, TrainableTokensModule, VbLoraBank, VbLoraModule, VeraModule,
+    VeraProjections,
 };
 use crate::files::{Staging, check_output};
 
@@ -99,6 +100,9 @@ enum Update<'a> {
     C3a(&'a C3aModule, f64),
     /// SHiRA on a weight `[out, in]`: `W += m dW`.
     Shira(&'a ShiraModule, [usize; 2], f64),
+    /// Trainable tokens on an embedding of `vocab` rows: the tokens' rows
+    /// replaced (multiplier 1).
+    Tokens(&'a TrainableTokensModule, usize),
 }
 
 /// One adapter module's change to a bias, in the adapters' order.
@@ -520,6 +524,19 @@ impl<'a> Plan<'a, '_> {
         self.push_weight(name, Update::Hra(m, n_out))
     }
 
+    /// LN tuning: each module's saved parameters replace the base's (PEFT's
+    /// merge swaps the trained copy in).
+    fn ln_tuning(&mut self, adapter: &'a HfAdapter) -> Result<(), HfError> {
+        adapter.ln_tuning.iter().flat_map(|m| &m.params).try_for_each(|t| self.replace(t))
+    }
+
+    /// Trainable tokens: `<module>.weight` `[vocab, dim]` with the tokens'
+    /// rows replaced.
+    fn tokens(&mut self, m: &'a TrainableTokensModule) -> Result<(), HfError> {
+        let want = format!("an embedding [vocab, {}] holding every token of `token_indices` {:?}", m.dim, m.indices);
+        self.fitted(&m.name, &want, &|v, d| d == m.dim && m.layer(v).is_ok(), |[v, _]| Update::Tokens(m, v))
+    }
+
     /// Every tensor an adapter replaces whole, once.
     fn replacements(&mut self, adapter: &'a HfAdapter) -> Result<(), HfError> {
         adapter.replacements.iter().try_for_each(|r| self.replace(r))
@@ -557,7 +574,8 @@ fn plan<'a>(base: &Base, adapters: &[(&'a HfAdapter, f64)]) -> Result<BTreeMap<S
         // The multiplicative methods have no scale for a multiplier to act on.
         let c = &adapter.config;
         let unscaled = matches!(c, PeftConfig::Ia3(_) | PeftConfig::Road(_) | PeftConfig::Boft(_))
-            || matches!(c, PeftConfig::Oft(_) | PeftConfig::Hra(_) | PeftConfig::LnTuning(_));
+            || matches!(c, PeftConfig::Oft(_) | PeftConfig::Hra(_) | PeftConfig::LnTuning(_))
+            || matches!(c, PeftConfig::TrainableTokens(_));
         if unscaled && multiplier != 1.0 {
             let method = c.method_name();
             return Err(HfError::Unsupported(format!("a multiplier other than 1 for a {method} adapter")));
@@ -603,9 +621,8 @@ impl<'a> Plan<'a, '_> {
                 }
             }
             // PEFT's merge swaps the trained copy in: its parameters replace the base's.
-            PeftConfig::LnTuning(_) => {
-                adapter.ln_tuning.iter().flat_map(|m| &m.params).try_for_each(|t| plan.replace(t))?
-            }
+            // Trainable tokens: below, for this method and for LoRA's `trainable_token_indices`.
+            PeftConfig::LnTuning(_) | PeftConfig::TrainableTokens(_) => plan.ln_tuning(adapter)?,
             PeftConfig::C3a(_) => {
                 for m in &adapter.c3a {
                     plan.weight(&m.name, [m.n_out, m.n_in], Update::C3a(m, multiplier))?;
@@ -670,7 +687,7 @@ impl<'a> Plan<'a, '_> {
                 ));
             }
         }
-        Ok(())
+        adapter.trainable_tokens.iter().try_for_each(|m| plan.tokens(m))
     }
 }
 
@@ -1039,6 +1056,7 @@ impl Update<'_> {
             }
             Update::Oft(m, [n_out, n_in]) => merge_rows(backend, &m.layer(n_in, n_out)?, i0, block, scratch),
             Update::Hra(m, n_out) => merge_rows(backend, &m.layer(n_out)?, i0, block, scratch),
+            Update::Tokens(m, vocab) => merge_rows(backend, &m.layer(vocab)?, i0, block, scratch),
             Update::AdaLora(m, factor) => add_rows(backend, &m.layer()?, i0, block, factor, scratch),
         }
     }

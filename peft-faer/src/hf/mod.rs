@@ -35,6 +35,7 @@ mod road;
 mod shira;
 pub mod st;
 mod summary;
+mod trainable_tokens;
 mod vblora;
 mod vera;
 
@@ -47,7 +48,7 @@ pub use c3a::C3aModule;
 pub use config::{
     AdaLoraConfig, BiasMode, BoftConfig, C3aConfig, FourierFtConfig, HfLoraConfig, HraConfig, Ia3Config,
     LnTuningConfig, LohaConfig, LokrConfig, MissConfig, OftConfig, Pattern, PeftConfig, PromptConfig, RandLoraConfig,
-    RoadConfig, ShiraConfig, Targets, VbLoraConfig, VeraConfig,
+    RoadConfig, ShiraConfig, Targets, TokenIndices, TrainableTokensConfig, VbLoraConfig, VeraConfig,
 };
 pub use error::HfError;
 pub use fourierft::{FourierFtModule, torch_randperm_prefix};
@@ -66,8 +67,9 @@ pub use shira::ShiraModule;
 pub use summary::{
     AdaLoraSummary, AdapterSummary, BoftSummary, C3aSummary, FourierFtSummary, HraSummary, Ia3Summary, LnTuningSummary,
     LohaSummary, LokrSummary, MissSummary, ModuleSummary, NonFinite, OftSummary, ProjectionSummary, RandLoraSummary,
-    RoadSummary, TensorSummary, VeraSummary,
+    RoadSummary, TensorSummary, TrainableTokensSummary, VeraSummary,
 };
+pub use trainable_tokens::TrainableTokensModule;
 pub use vblora::{SavedTensor, VBLORA_BANK_KEY, VbLoraBank, VbLoraModule, VbLoraStored};
 pub use vera::{VERA_A_KEY, VERA_B_KEY, VeraModule, VeraProjections};
 

@@ -86,6 +86,17 @@ pub struct LnTuningSummary {
     pub params: Vec<(String, Vec<usize>)>,
 }
 
+/// One embedding with trainable tokens, of an [`AdapterSummary`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainableTokensSummary {
+    /// Module name.
+    pub name: String,
+    /// The tokens, in the rows' order.
+    pub indices: Vec<u32>,
+    /// The embedding width.
+    pub dim: usize,
+}
+
 /// One C3A module of an [`AdapterSummary`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct C3aSummary {
@@ -299,6 +310,8 @@ pub struct AdapterSummary {
     pub shira: Vec<(String, usize)>,
     /// LN tuning modules.
     pub ln_tuning: Vec<LnTuningSummary>,
+    /// Embeddings with trainable tokens.
+    pub trainable_tokens: Vec<TrainableTokensSummary>,
     /// Every tensor holding a NaN or infinity.
     pub nonfinite: Vec<NonFinite>,
 }
@@ -402,6 +415,7 @@ impl HfAdapter {
                 .collect(),
             shira: ad.shira.iter().map(|m| (m.name.clone(), m.rows.len())).collect(),
             ln_tuning: ad.ln_tuning.iter().map(ln_tuning_summary).collect(),
+            trainable_tokens: ad.trainable_tokens.iter().map(tokens_summary).collect(),
             dtype: ad.dtype,
             config: ad.config,
             nonfinite,
@@ -444,4 +458,9 @@ fn ln_tuning_summary(m: &super::LnTuningModule) -> LnTuningSummary {
         name.trim_start_matches('.').to_string()
     };
     LnTuningSummary { name: m.name.clone(), params: m.params.iter().map(|t| (param(t), t.shape.clone())).collect() }
+}
+
+/// An embedding's trainable tokens.
+fn tokens_summary(m: &super::TrainableTokensModule) -> TrainableTokensSummary {
+    TrainableTokensSummary { name: m.name.clone(), indices: m.indices.clone(), dim: m.dim }
 }

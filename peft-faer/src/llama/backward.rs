@@ -28,8 +28,9 @@ use peft_core::{Accum, Backend, MatMut, MatRef, Product};
 use super::Projection::{Down, Gate, K, O, Q, Up, V};
 use super::norms::{layer_norms, norm_backward};
 use super::sites::{self, Module};
+use super::tokens;
 use super::{LayerTrace, Llama, LlamaAdapter, Trace, rms_norm, rotate, silu};
-use crate::hf::HfError;
+use crate::hf::{HfError, TrainableTokensModule};
 
 /// An adapted projection's module and its gradient buffers.
 type Slot<'a, 'g> = Option<(Module<'a>, &'g mut [Vec<f32>])>;
@@ -50,6 +51,8 @@ pub enum LlamaGrads {
     /// Per layer, the two bottleneck adapters' `[dW_down, db_down, dW_up,
     /// db_up]`.
     Bottleneck(Vec<[[Vec<f32>; 4]; 2]>),
+    /// Trainable tokens: `dL/drows`, `[k, hidden]`.
+    Tokens(Vec<f32>),
     /// LN tuning: per layer the two norms' `dL/dw'` where tuned
     /// ([`LAYER_NORMS`](super::LAYER_NORMS)' order), and `model.norm`'s.
     Norms {
@@ -72,6 +75,7 @@ impl LlamaGrads {
                     .map(|s| s.clone().map(|t| [t.w_down, t.b_down, t.w_up, t.b_up].map(|v| vec![0.0f32; v.len()])))
                     .collect(),
             ),
+            LlamaAdapter::Tokens(m) => Self::Tokens(vec![0.0; m.rows.len()]),
             LlamaAdapter::Norms(w) => Self::Norms {
                 layers: w.layers.iter().map(|n| n.map(|w| w.map(|w| vec![0.0; w.len()]))).collect(),
                 last: w.last.map(|w| vec![0.0; w.len()]),
@@ -250,13 +254,15 @@ impl Llama {
     /// `dL/dh` of the last layer's output `[rows, d]` from `dlogits`,
     /// through `lm_head` (or the tied embeddings) and the final norm (its
     /// weight `norm`: the model's, or LN tuning's, whose gradient `grad`
-    /// accumulates).
+    /// accumulates); trainable tokens' rows on a tied head take their
+    /// gradient into `tokens`' buffer.
     fn head_backward<B: Backend<f32> + ?Sized>(
         &self,
         backend: &B,
         trace: &Trace,
         dlogits: &[f32],
         (norm, grad): (&[f32], Option<&mut [f32]>),
+        tokens: Option<(&TrainableTokensModule, &mut [f32])>,
     ) -> Result<Vec<f32>, HfError> {
         let (n, d, c) = (trace.rows, self.config.hidden_size, &self.config);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed).view()?;
@@ -264,6 +270,9 @@ impl Llama {
         let dl = MatRef::new(dlogits, n, c.vocab_size)?;
         let p = Product { src: dl, dst: MatMut::new(&mut dnormed, n, d)?, accum: Accum::Replace };
         backend.stored_apply_transpose(&head, p).map_err(HfError::backend)?;
+        if let (Some((m, g)), None) = (tokens, &self.lm_head) {
+            self.head_tokens_backward(m, &trace.normed, dlogits, &mut dnormed, g)?;
+        }
         let mut dh = vec![0.0f32; n * d];
         norm_backward(&trace.h_final, norm, c.rms_norm_eps, &dnormed, &mut dh, grad)?;
         Ok(dh)
@@ -302,19 +311,11 @@ impl Llama {
         let rope: Vec<(Vec<f32>, Vec<f32>)> =
             super::positions(segs, std::iter::repeat(first_pos)).into_iter().map(|p| self.rope(p)).collect();
 
-        // Each method's buffers, apart (they are never used together).
-        let (mut lora_g, mut prefix_g, mut prompt_g, mut bottleneck_g) = (None, None, None, None);
-        let (mut norm_g, mut last_g) = (None, None);
-        match grads {
-            Some(LlamaGrads::Norms { layers, last }) => (norm_g, last_g) = (Some(layers), last.as_deref_mut()),
-            Some(LlamaGrads::Bottleneck(g)) => bottleneck_g = Some(g),
-            Some(LlamaGrads::Modules(g)) => lora_g = Some(g),
-            Some(LlamaGrads::Prefix(g)) => prefix_g = Some(g),
-            Some(LlamaGrads::Prompt(g)) => prompt_g = Some(g),
-            None => {}
-        }
+        let Split { mut lora_g, mut prefix_g, prompt_g, mut bottleneck_g, mut norm_g, last_g, mut tokens_g } =
+            Split::of(grads);
         let last = adapter.and_then(|a| a.last_norm()).unwrap_or(&self.norm);
-        let mut dh = self.head_backward(backend, trace, dlogits, (last, last_g))?;
+        let tokens = adapter.and_then(LlamaAdapter::token_rows).zip(tokens_g.as_deref_mut());
+        let mut dh = self.head_backward(backend, trace, dlogits, (last, last_g), tokens)?;
         let mut buf = Buffers::new(c, n);
         let mut ws = sites::SiteScratch::default();
         for l in (0..c.num_layers).rev() {
@@ -373,7 +374,39 @@ impl Llama {
         if let Some(gp) = prompt_g {
             gp.iter_mut().zip(&dh[..trace.virtual_rows * d]).for_each(|(g, d)| *g += d);
         }
+        if let (Some(g), Some(m)) = (tokens_g, adapter.and_then(LlamaAdapter::token_rows)) {
+            tokens::embed_backward(m, c.vocab_size, &trace.ids, &dh, g)?;
+        }
         Ok(())
+    }
+}
+
+/// Each method's gradient buffers of a [`LlamaGrads`], apart (they are
+/// never used together).
+#[derive(Default)]
+struct Split<'g> {
+    lora_g: Option<&'g mut Vec<[Option<SiteGrads>; 7]>>,
+    prefix_g: Option<&'g mut Vec<f32>>,
+    prompt_g: Option<&'g mut Vec<f32>>,
+    bottleneck_g: Option<&'g mut Vec<[[Vec<f32>; 4]; 2]>>,
+    norm_g: Option<&'g mut Vec<[Option<Vec<f32>>; 2]>>,
+    last_g: Option<&'g mut [f32]>,
+    tokens_g: Option<&'g mut [f32]>,
+}
+
+impl<'g> Split<'g> {
+    fn of(grads: Option<&'g mut LlamaGrads>) -> Self {
+        let mut s = Self::default();
+        match grads {
+            Some(LlamaGrads::Tokens(g)) => s.tokens_g = Some(g),
+            Some(LlamaGrads::Norms { layers, last }) => (s.norm_g, s.last_g) = (Some(layers), last.as_deref_mut()),
+            Some(LlamaGrads::Bottleneck(g)) => s.bottleneck_g = Some(g),
+            Some(LlamaGrads::Modules(g)) => s.lora_g = Some(g),
+            Some(LlamaGrads::Prefix(g)) => s.prefix_g = Some(g),
+            Some(LlamaGrads::Prompt(g)) => s.prompt_g = Some(g),
+            None => {}
+        }
+        s
     }
 }
 
@@ -388,6 +421,7 @@ fn grads_match(c: &super::LlamaConfig, adapter: Option<&LlamaAdapter<'_>>, grads
             (LlamaAdapter::Modules { .. }, LlamaGrads::Modules(gl)) => gl.len() == c.num_layers,
             (LlamaAdapter::Bottleneck(_), LlamaGrads::Bottleneck(gb)) => gb.len() == c.num_layers,
             (LlamaAdapter::Norms(_), LlamaGrads::Norms { layers, .. }) => layers.len() == c.num_layers,
+            (LlamaAdapter::Tokens(m), LlamaGrads::Tokens(g)) => g.len() == m.rows.len(),
             _ => false,
         }
 }
@@ -481,6 +515,9 @@ fn attend_backward<B: Backend<f32> + ?Sized>(
 /// embeddings or on `lm_head` (they run in the forward).
 fn refuse_untrainable(adapter: Option<&LlamaAdapter<'_>>) -> Result<(), HfError> {
     match adapter {
+        Some(LlamaAdapter::Modules { tokens: Some(_), .. }) => {
+            Err(HfError::Unsupported("training LoRA's trainable tokens (`trainable_token_indices`)".into()))
+        }
         Some(LlamaAdapter::Modules { embed, head, .. }) if embed.is_some() || head.is_some() => {
             Err(HfError::Unsupported("training LoRA on embed_tokens or lm_head".into()))
         }

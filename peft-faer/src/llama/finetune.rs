@@ -214,6 +214,11 @@ pub fn trainable(model: &Llama, method: &MethodSpec, rank: usize, seed: u64) -> 
         "ln_tuning" => MethodSetup::LnTuning {
             targets: ["input_layernorm", "post_attention_layernorm", "norm"].map(String::from).to_vec(),
         },
+        // Rows of the first 16 r tokens of the vocabulary (the task's
+        // sequences draw every token alike).
+        "trainable_tokens" => {
+            MethodSetup::TrainableTokens { tokens: (0..(16 * rank).min(model.config.vocab_size) as u32).collect() }
+        }
         "prompt" => MethodSetup::Prompt { n: CONTEXT },
         "prefix" => MethodSetup::Prefix { n: CONTEXT },
         _ => return Ok(None),

@@ -47,6 +47,7 @@ pub mod gguf;
 mod norms;
 mod save;
 mod sites;
+mod tokens;
 pub mod train;
 mod weights;
 
@@ -67,7 +68,8 @@ pub use sites::Module;
 pub use weights::{Matrix, Source};
 
 use crate::hf::base::Base;
-use crate::hf::{HfAdapter, HfError, HfTensor, LoraModule, PeftConfig, PromptConfig};
+use crate::hf::{HfAdapter, HfError, HfTensor, LoraModule, PeftConfig, PromptConfig, TrainableTokensModule};
+use tokens::Head;
 
 /// A projection of a decoder layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -372,7 +374,13 @@ pub enum LlamaAdapter<'a> {
         embed: Option<&'a LoraModule>,
         /// LoRA on `lm_head`.
         head: Option<&'a LoraModule>,
+        /// LoRA's `trainable_token_indices` on `model.embed_tokens` (and
+        /// a tied `lm_head`), which run in the forward (training them
+        /// beside LoRA is refused).
+        tokens: Option<&'a TrainableTokensModule>,
     },
+    /// Trainable tokens on `model.embed_tokens` (and a tied `lm_head`).
+    Tokens(&'a TrainableTokensModule),
     /// Bottleneck adapters (one per layer and site).
     Bottleneck(&'a Bottleneck),
     /// LN tuning: the norms' weights it replaces.
@@ -385,6 +393,15 @@ impl<'a> LlamaAdapter<'a> {
         match self {
             Self::Modules { embed, head, .. } => (*embed, *head),
             _ => (None, None),
+        }
+    }
+
+    /// Trainable tokens, alone or beside LoRA.
+    fn token_rows(&self) -> Option<&'a TrainableTokensModule> {
+        match self {
+            Self::Tokens(m) => Some(m),
+            Self::Modules { tokens, .. } => *tokens,
+            _ => None,
         }
     }
 
@@ -403,6 +420,14 @@ impl<'a> LlamaAdapter<'a> {
         match &adapter.config {
             PeftConfig::Prompt(p) => Self::prompt_learning(&model.config, p, adapter),
             PeftConfig::LnTuning(_) => Ok(Self::Norms(NormWeights::place(model, adapter)?)),
+            PeftConfig::TrainableTokens(_) => {
+                tokens::place(model, adapter)?;
+                adapter
+                    .trainable_tokens
+                    .first()
+                    .map(Self::Tokens)
+                    .ok_or_else(|| HfError::missing("trainable_tokens_delta"))
+            }
             _ => Self::modules(model, adapter),
         }
     }
@@ -529,9 +554,10 @@ impl<'a> LlamaAdapter<'a> {
                     place(name, module, dims)?;
                 }
             }
-            PeftConfig::Prompt(_) | PeftConfig::LnTuning(_) => {}
+            PeftConfig::Prompt(_) | PeftConfig::LnTuning(_) | PeftConfig::TrainableTokens(_) => {}
         }
-        Ok(Self::Modules { layers, embed, head })
+        tokens::place(model, adapter)?;
+        Ok(Self::Modules { layers, embed, head, tokens: adapter.trainable_tokens.first() })
     }
 
     /// Bottleneck adapters on `model`.
@@ -595,7 +621,7 @@ impl<'a> LlamaAdapter<'a> {
     pub fn virtual_tokens(&self) -> usize {
         match self {
             Self::Prompt { tokens, .. } | Self::Prefix { tokens, .. } => *tokens,
-            Self::Modules { .. } | Self::Bottleneck(_) | Self::Norms(_) => 0,
+            Self::Modules { .. } | Self::Bottleneck(_) | Self::Norms(_) | Self::Tokens(_) => 0,
         }
     }
 }
@@ -1062,10 +1088,7 @@ impl Llama {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let (embed_lora, head_lora) = adapter.map_or((None, None), LlamaAdapter::whole_model_lora);
-        if let Some(m) = embed_lora {
-            embedding_lora(backend, m, ids, &mut h)?;
-        }
+        let head = self.adapt_embeddings(backend, adapter, ids, &mut h)?;
         // Several sequences in one pass: each its own cache, positions (after
         // its cache and a prefix's entries) and attention, every product over all their rows.
         let segments = batch_segments(lens, caches.len(), prompt.is_some(), n)?;
@@ -1081,6 +1104,7 @@ impl Llama {
         let (scratch, ws) = (&mut attention, &mut sites);
         if let Some(t) = trace.as_deref_mut() {
             (t.rows, t.virtual_rows, t.segments) = (n, prompt.map_or(0, |(_, t)| t), segments.clone());
+            t.ids = ids.to_vec();
             t.layers.clear();
         }
         for (l, layer) in self.layers.iter().enumerate() {
@@ -1134,7 +1158,7 @@ impl Llama {
         if let Some(t) = trace {
             (t.h_final, t.normed) = (h, norm.clone());
         }
-        let logits = self.logits(backend, &want.of(&norm, d, &segments), head_lora)?;
+        let logits = self.logits(backend, &want.of(&norm, d, &segments), head)?;
         if let Some(first) = caches.first_mut() {
             first.buffers = Buffers { norm, q, k, v, attn, out, gate, up, attention, sites };
         }
@@ -1147,14 +1171,14 @@ impl Llama {
         &self,
         backend: &B,
         normed: &[f32],
-        lora: Option<&LoraModule>,
+        with: Head<'_>,
     ) -> Result<Vec<f32>, HfError> {
         let (d, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let n = normed.len() / d.max(1);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed).view()?;
         let mut logits = vec![0.0f32; n * vocab];
         let (x, y) = (MatRef::new(normed, n, d)?, MatMut::new(&mut logits, n, vocab)?);
-        match lora {
+        match with.lora {
             None => backend
                 .stored_apply(&head, Product { src: x, dst: y, accum: Accum::Replace })
                 .map_err(HfError::backend)?,
@@ -1164,6 +1188,11 @@ impl Llama {
                 let mut sc = vec![0.0f32; layer.forward_scratch_len(n)];
                 layer.forward(backend, &StoredLinear::new(head), x, y, &mut sc).map_err(HfError::backend)?;
             }
+        }
+        if let Some(m) = with.tokens {
+            // Trainable tokens on a tied head: their columns from the trained rows.
+            let (x, y) = (MatRef::new(normed, n, d)?, MatMut::new(&mut logits, n, vocab)?);
+            m.layer(vocab)?.head_forward(x, y)?;
         }
         Ok(logits)
     }
@@ -1373,6 +1402,8 @@ pub struct Trace {
     layers: Vec<LayerTrace>,
     h_final: Vec<f32>,
     normed: Vec<f32>,
+    /// The pass's token ids (trainable tokens' backward).
+    ids: Vec<u32>,
 }
 
 impl Trace {

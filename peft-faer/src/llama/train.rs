@@ -30,7 +30,8 @@ use super::{
 use crate::hf::{
     AdaLoraModule, BoftModule, C3aModule, FourierFtModule, HfAdapter, HfError, HfTensor, HraModule, Ia3Module,
     LnTuningModule, LohaModule, LokrModule, LoraModule, MissModule, OftModule, PeftConfig, RandLoraModule,
-    RandLoraShared, RoadModule, ShiraModule, VbLoraBank, VbLoraModule, VbLoraStored, VeraModule, VeraProjections,
+    RandLoraShared, RoadModule, ShiraModule, TrainableTokensModule, VbLoraBank, VbLoraModule, VbLoraStored, VeraModule,
+    VeraProjections,
 };
 
 /// A method and its configuration on the Llama model's projections
@@ -188,6 +189,13 @@ pub enum MethodSetup {
         /// Tuned norms.
         targets: Vec<String>,
     },
+    /// Trainable tokens: the rows of `tokens` in `model.embed_tokens` (and
+    /// a tied `lm_head`), from copies of the model's (PEFT's
+    /// `init_weights = True`: the model unchanged).
+    TrainableTokens {
+        /// The trained tokens, in the rows' order.
+        tokens: Vec<u32>,
+    },
     /// Prompt tuning with `n` virtual tokens.
     Prompt {
         /// Virtual tokens.
@@ -221,6 +229,7 @@ impl MethodSetup {
             | MethodSetup::FourierFt { .. }
             | MethodSetup::C3a { .. }
             | MethodSetup::LnTuning { .. }
+            | MethodSetup::TrainableTokens { .. }
             | MethodSetup::Prompt { .. }
             | MethodSetup::Prefix { .. } => None,
         }
@@ -245,7 +254,10 @@ impl MethodSetup {
             | MethodSetup::C3a { targets, .. }
             | MethodSetup::Shira { targets, .. } => targets,
             // Norms, not projections: placed by `init_ln_tuning`.
-            MethodSetup::LnTuning { .. } | MethodSetup::Prompt { .. } | MethodSetup::Prefix { .. } => &[],
+            MethodSetup::LnTuning { .. }
+            | MethodSetup::TrainableTokens { .. }
+            | MethodSetup::Prompt { .. }
+            | MethodSetup::Prefix { .. } => &[],
         }
     }
 
@@ -302,6 +314,9 @@ impl MethodSetup {
                 "fan_in_fan_out": false}),
             MethodSetup::LnTuning { targets } => json!({"peft_type": "LN_TUNING", "task_type": "CAUSAL_LM",
                 "target_modules": targets, "exclude_modules": null, "modules_to_save": null}),
+            MethodSetup::TrainableTokens { tokens } => json!({"peft_type": "TRAINABLE_TOKENS",
+                "task_type": "CAUSAL_LM", "token_indices": tokens, "target_modules": ["embed_tokens"],
+                "init_weights": true}),
             MethodSetup::Prompt { n } => json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
                 "num_virtual_tokens": n, "token_dim": c.hidden_size, "num_layers": c.num_layers,
                 "num_attention_heads": c.num_heads, "num_transformer_submodules": 1,
@@ -478,6 +493,7 @@ pub fn init_adapter(model: &Llama, method: &MethodSetup, seed: u64) -> Result<Hf
             }
         }
         MethodSetup::LnTuning { targets } => init_ln_tuning(model, &mut ad, targets)?,
+        MethodSetup::TrainableTokens { tokens } => ad.trainable_tokens.push(init_tokens(model, tokens)?),
         MethodSetup::Prompt { n } => ad.prompt = Some(init_prompt(model, *n, &mut rng)?),
         MethodSetup::Prefix { n } => {
             let shape = peft_core::attention::AttentionShape::new(c.num_heads, c.num_kv_heads, c.head_dim)?;
@@ -521,6 +537,29 @@ fn init_ln_tuning(model: &Llama, ad: &mut HfAdapter, targets: &[String]) -> Resu
         ad.ln_tuning.push(LnTuningModule { name, params: vec![weight] });
     }
     Ok(())
+}
+
+/// Trainable tokens on `model.embed_tokens` as PEFT initializes them: each
+/// row a copy of the model's.
+///
+/// # Errors
+/// [`HfError::Config`] (`token_indices`) for a token outside the
+/// vocabulary, before anything is allocated from the list.
+fn init_tokens(model: &Llama, tokens: &[u32]) -> Result<TrainableTokensModule, HfError> {
+    let (vocab, d) = (model.config.vocab_size, model.config.hidden_size);
+    if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        let reason = format!("token {t} is outside the vocabulary (vocab_size {vocab})");
+        return Err(HfError::Config { field: "token_indices".into(), reason });
+    }
+    let embed = model.embed.view()?;
+    let mut rows = vec![0.0f32; tokens.len() * d];
+    for (&t, row) in tokens.iter().zip(rows.chunks_exact_mut(d.max(1))) {
+        embed.row(t as usize).ok_or(HfError::Core(peft_core::Error::Overflow))?.dequantize(row);
+    }
+    let (name, indices, dtype) = (super::tokens::EMBED.to_string(), tokens.to_vec(), Dtype::F32);
+    let m = TrainableTokensModule { name, indices, rows, dim: d, dtype, wrapped: false };
+    m.layer(vocab)?;
+    Ok(m)
 }
 
 /// A rank is checked before any factor is allocated from it (a rank of
@@ -823,6 +862,9 @@ pub fn tensors_mut(ad: &mut HfAdapter) -> Vec<&mut Vec<f32>> {
     if let Some(p) = ad.prompt.as_mut() {
         return vec![&mut p.data];
     }
+    if let (PeftConfig::TrainableTokens(_), [m]) = (&ad.config, &mut ad.trainable_tokens[..]) {
+        return vec![&mut m.rows];
+    }
     if !ad.ln_tuning.is_empty() {
         // Per layer, input then post-attention norm; `model.norm` last.
         let order = |name: &str| locate_norm(name, usize::MAX).unwrap_or((usize::MAX, usize::MAX));
@@ -899,7 +941,7 @@ impl LlamaGrads {
     /// bottleneck adapter's four.
     pub fn flatten(&self) -> Vec<&Vec<f32>> {
         match self {
-            LlamaGrads::Prompt(g) | LlamaGrads::Prefix(g) => vec![g],
+            LlamaGrads::Prompt(g) | LlamaGrads::Prefix(g) | LlamaGrads::Tokens(g) => vec![g],
             LlamaGrads::Modules(layers) => layers.iter().flat_map(|p| p.iter().flatten().flatten()).collect(),
             LlamaGrads::Bottleneck(layers) => layers.iter().flat_map(|s| s.iter().flatten()).collect(),
             LlamaGrads::Norms { layers, last } => layers.iter().flatten().chain(Some(last)).flatten().collect(),
@@ -909,7 +951,7 @@ impl LlamaGrads {
     /// Sets every buffer to zero.
     pub fn zero(&mut self) {
         match self {
-            LlamaGrads::Prompt(g) | LlamaGrads::Prefix(g) => g.fill(0.0),
+            LlamaGrads::Prompt(g) | LlamaGrads::Prefix(g) | LlamaGrads::Tokens(g) => g.fill(0.0),
             LlamaGrads::Modules(layers) => {
                 layers.iter_mut().flat_map(|p| p.iter_mut().flatten().flatten()).for_each(|g| g.fill(0.0))
             }

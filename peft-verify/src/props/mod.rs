@@ -25,6 +25,7 @@ pub mod road;
 pub mod set;
 pub mod shira;
 pub mod storage;
+pub mod trainable_tokens;
 pub mod training;
 pub mod vblora;
 pub mod vera;
