@@ -149,8 +149,10 @@ fn print_json(report: &FinetuneReport, args: &FinetuneArgs) -> Result<(), Box<dy
 }
 
 fn print_table(rows: &[MethodRun], full_state: usize, base_identical: bool, out: &Path) -> std::io::Result<()> {
+    // The method column as wide as the longest name run.
+    let w = rows.iter().map(|r| r.method.name.len()).max().unwrap_or(0).max(8);
     outln!(
-        "{:<8} {:>9} {:>7} {:>21} {:>7} {:>10} {:>10} {:>7} {:>11} {:>9} {:>7}",
+        "{:<w$} {:>9} {:>7} {:>21} {:>7} {:>10} {:>10} {:>7} {:>11} {:>9} {:>7}",
         "method",
         "trainable",
         "% base",
@@ -165,7 +167,7 @@ fn print_table(rows: &[MethodRun], full_state: usize, base_identical: bool, out:
     );
     for r in rows {
         outln!(
-            "{:<8} {:>9} {:>6.2}% {:>21} {:>7.0e} {:>10.4e} {:>10.4e} {:>7.1} {:>11} {:>9} {:>7}",
+            "{:<w$} {:>9} {:>6.2}% {:>21} {:>7.0e} {:>10.4e} {:>10.4e} {:>7.1} {:>11} {:>9} {:>7}",
             r.method.name,
             r.params,
             100.0 * r.params as f64 / r.base_params as f64,
