@@ -58,28 +58,42 @@ impl TrainableTokensModule {
     }
 }
 
-/// The module of `entry` (`<module><suffix>`) read as trainable tokens
-/// with `indices`: the rows must be `[indices.len(), dim]`.
-///
-/// # Errors
-/// [`HfError::TensorShape`] naming the tensor; `read`'s errors.
-pub(crate) fn read_rows(
-    file: &StFile,
-    e: &Entry,
-    (module, wrapped): (&str, bool),
-    indices: &[u32],
-    read: Reader<'_>,
-) -> Result<TrainableTokensModule, HfError> {
-    let &[k, dim] = e.shape.as_slice() else { return Err(HfError::shape(&e.name, &e.shape, "a matrix [k, dim]")) };
-    if k != indices.len() || dim == 0 {
-        let want = format!("[{}, dim] (one row per token of the config's indices)", indices.len());
-        return Err(HfError::shape(&e.name, &e.shape, want));
-    }
-    let (name, rows, dtype) = (module.to_string(), read(file, e)?, e.dtype);
-    Ok(TrainableTokensModule { name, indices: indices.to_vec(), rows, dim, dtype, wrapped })
-}
-
 impl HfAdapter {
+    /// The entry `e` of `module` read as its trainable tokens with
+    /// `indices`: the rows must be `[indices.len(), dim]`, and the module
+    /// not read already.
+    ///
+    /// # Errors
+    /// [`HfError::TensorShape`] naming the tensor;
+    /// [`HfError::DuplicateTensor`]; `read`'s errors.
+    fn add_tokens(
+        &mut self,
+        file: &StFile,
+        e: &Entry,
+        (module, wrapped): (&str, bool),
+        indices: &[u32],
+        read: Reader<'_>,
+    ) -> Result<(), HfError> {
+        if self.trainable_tokens.iter().any(|m| m.name == module) {
+            return Err(HfError::DuplicateTensor { module: module.into(), tensor: "trainable_tokens_delta".into() });
+        }
+        let &[k, dim] = e.shape.as_slice() else { return Err(HfError::shape(&e.name, &e.shape, "a matrix [k, dim]")) };
+        if k != indices.len() || dim == 0 {
+            let want = format!("[{}, dim] (one row per token of the config's indices)", indices.len());
+            return Err(HfError::shape(&e.name, &e.shape, want));
+        }
+        let (name, rows, dtype) = (module.to_string(), read(file, e)?, e.dtype);
+        self.trainable_tokens.push(TrainableTokensModule {
+            name,
+            indices: indices.to_vec(),
+            rows,
+            dim,
+            dtype,
+            wrapped,
+        });
+        Ok(())
+    }
+
     /// Trainable tokens (`peft_type: "TRAINABLE_TOKENS"`): one
     /// `trainable_tokens_delta [k, dim]` per targeted embedding.
     pub(super) fn read_trainable_tokens(
@@ -96,14 +110,7 @@ impl HfAdapter {
             if !c.target_modules.matches(module) {
                 return Err(HfError::Untargeted { module: module.into(), method: "trainable tokens" });
             }
-            if self.trainable_tokens.iter().any(|m| m.name == module) {
-                return Err(HfError::DuplicateTensor {
-                    module: module.into(),
-                    tensor: "trainable_tokens_delta".into(),
-                });
-            }
-            let m = read_rows(file, e, (module, false), &c.token_indices, read)?;
-            self.trainable_tokens.push(m);
+            self.add_tokens(file, e, (module, false), &c.token_indices, read)?;
         }
         if self.trainable_tokens.is_empty() {
             return Err(HfError::NoTensors { keys: "trainable_tokens_delta" });
@@ -119,7 +126,7 @@ impl HfAdapter {
     /// # Errors
     /// [`HfError::FieldTensor`] for such a tensor without the field, or a
     /// module the field does not name, and for the field without any such
-    /// tensor; [`read_rows`]'s errors.
+    /// tensor; [`add_tokens`](Self::add_tokens)' errors.
     pub(super) fn read_lora_tokens<'f>(
         &mut self,
         indices: Option<&TokenIndices>,
@@ -136,14 +143,7 @@ impl HfAdapter {
             let field =
                 HfError::FieldTensor { field: "trainable_token_indices", tensor: e.name.clone(), present: true };
             let ix = indices.and_then(|t| t.of(module)).ok_or(field)?;
-            if self.trainable_tokens.iter().any(|m| m.name == module) {
-                return Err(HfError::DuplicateTensor {
-                    module: module.into(),
-                    tensor: "trainable_tokens_delta".into(),
-                });
-            }
-            let m = read_rows(file, e, (module, true), ix, read)?;
-            self.trainable_tokens.push(m);
+            self.add_tokens(file, e, (module, true), ix, read)?;
         }
         if let (Some(t), true) = (indices, self.trainable_tokens.is_empty()) {
             let module = match t {

@@ -7,7 +7,7 @@ use peft_core::method::{MergeTarget, WeightUpdate};
 use peft_core::{Backend, MatMut, MatRef, Reference};
 use proptest::prelude::*;
 
-use super::vals;
+use super::{bits, vals};
 use crate::oracle;
 use crate::{Config, Precision, Report, close, close_norm, narrow, run, wide};
 
@@ -112,7 +112,6 @@ where
         l.init_from_base(&w0, b0.as_deref()).map_err(fail)?;
         let base = LnTuning::new(c.norm, c.d, c.eps, &w0[..], b0.as_deref()).map_err(fail)?;
         let (y, yb) = (forward(&l, &c, &x)?, forward(&base, &c, &x)?);
-        let bits = |v: &[E]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
         prop_assert!(bits(&y) == bits(&yb), "the fresh adapter's output is not the base norm's");
         prop_assert!(bits(l.weight()) == bits(&w0), "the fresh weight is not a copy of the base's");
         Ok(())
@@ -137,14 +136,12 @@ where
         let kept_w = guard.map_err(fail)?.keep().to_vec();
         let merged = LnTuning::new(c.norm, c.d, c.eps, &kept_w[..], b.as_deref()).map_err(fail)?;
         let (y, ym) = (forward(&l, &c, &x)?, forward(&merged, &c, &x)?);
-        let bits = |v: &[E]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
         prop_assert!(bits(&y) == bits(&ym), "the merged norm's output differs from the unmerged adapter's");
         Ok(())
     });
 
     run(report, config, "ln_tuning_unmerge_restores", name, case_in(dims), |c| {
         let l = adapter::<E>(&c)?;
-        let bits = |v: &[E]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
         let (w0, b0) = (narrow::<E>(&c.w0), c.b0.as_deref().map(narrow::<E>));
         let (mut w, mut b) = (w0.clone(), b0.clone());
         let mut sc = vec![E::ZERO; l.update_scratch_len(c.d)];
@@ -156,7 +153,10 @@ where
         }
         guard.unmerge().map_err(fail)?;
         prop_assert!(bits(&w) == bits(&w0), "the unmerge did not restore the weight bit for bit");
-        prop_assert!(b.as_deref().map(bits) == b0.as_deref().map(bits), "the unmerge did not restore the bias");
+        prop_assert!(
+            b.as_deref().map(bits::<E>) == b0.as_deref().map(bits::<E>),
+            "the unmerge did not restore the bias"
+        );
         Ok(())
     });
 

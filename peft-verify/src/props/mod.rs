@@ -106,7 +106,6 @@ pub(crate) fn check_delta_guard<E: Precision, B: Backend<E>, D: WeightUpdate<E>>
     dmag: &[f64],
 ) -> CaseResult {
     let fail = |e: B::Error| TestCaseError::fail(format!("unexpected error: {e}"));
-    let bits = |v: &[E]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
     let mut sc = vec![E::ZERO; d.update_scratch_len(d.weight_dims().0)];
     let (mut w, mut backup) = (w0.to_vec(), vec![E::ZERO; w0.len()]);
     let merged =
@@ -121,6 +120,12 @@ pub(crate) fn check_delta_guard<E: Precision, B: Backend<E>, D: WeightUpdate<E>>
     let kept = d.merge_into(backend, MergeTarget::new(&mut w), &mut sc).map_err(fail)?.keep();
     prop_assert!(bits(kept) == merged, "keep did not leave the merged weight");
     Ok(())
+}
+
+/// The bits of each value (widened to f64, exactly): what a bit-for-bit
+/// comparison compares.
+pub(crate) fn bits<E: Precision>(v: &[E]) -> Vec<u64> {
+    v.iter().map(|x| x.to_f64().to_bits()).collect()
 }
 
 /// `n` values uniform in `[-1, 1)`.

@@ -7,7 +7,7 @@ use peft_core::trainable_tokens::TrainableTokens;
 use peft_core::{Backend, MatMut, MatRef, Reference};
 use proptest::prelude::*;
 
-use super::vals;
+use super::{bits, vals};
 use crate::oracle;
 use crate::{Config, Precision, Report, close, close_norm, narrow, run, wide};
 
@@ -82,10 +82,6 @@ fn lookup<E: Precision>(l: &Layer<E>, c: &TokensCase, table: &[E]) -> Result<Vec
     let mut y = vec![E::ZERO; c.ids.len() * c.dim];
     l.forward(table, &c.ids, MatMut::new(&mut y, c.ids.len(), c.dim).map_err(fail)?).map_err(fail)?;
     Ok(y)
-}
-
-fn bits<E: Precision>(v: &[E]) -> Vec<u64> {
-    v.iter().map(|x| x.to_f64().to_bits()).collect()
 }
 
 pub fn run_all<E: Precision, B: Backend<E>>(backend: &B, config: &Config, report: &mut Report)
