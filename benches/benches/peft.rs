@@ -17,7 +17,7 @@
 //! | `gemm_rate` | faer `x W^T`, 128 x 1024 x 1024 | (absolute GFLOP/s) | >= 170 |
 //! | `ref_vs_faer` | reference gemm, 32 x 768 x 768 | faer gemm | >= 0.15 of faer's FLOP/s |
 //! | `dora_forward` | DoRA's unmerged forward, norms cached | LoRA's unmerged forward | <= 1.10 |
-//! | `method_forward` | each newer method's unmerged forward at r = 16 or its equivalent (AdaLoRA: k = 16; MiSS balance: r = 16; HRA: 16 reflections; RoAd road_2, groups of 64; C3A, blocks of 256; SHiRA, r (in + out) positions; OFT, blocks of 32 (PEFT's default), the series of 5 terms; BOFT, blocks of 4 and one factor (PEFT's defaults), and blocks of 8 with two butterfly factors; FourierFT, PEFT's 1000 frequencies; RandLoRA at r = 32, PEFT's default: full rank, nb = 128; VB-LoRA at r = 16, 256 vectors of 256, top 2) | LoRA's unmerged forward | <= 1.3 |
+//! | `method_forward` | each newer method's unmerged forward at r = 16 or its equivalent (AdaLoRA: k = 16; MiSS balance: r = 16; HRA: 16 reflections; RoAd road_2, groups of 64; C3A, blocks of 256; SHiRA, r (in + out) positions; OFT, blocks of 32 (PEFT's default), the series of 5 terms; BOFT, blocks of 4 and one factor (PEFT's defaults), and blocks of 8 with two butterfly factors; FourierFT, PEFT's 1000 frequencies; RandLoRA at r = 32, PEFT's default: full rank, nb = 128; VB-LoRA at r = 16, 256 vectors of 256, top 2; LN tuning, a LayerNorm with a bias over the input; trainable tokens, the lookup of 128 ids in a `[4096, 4096]` table, 16 rows trained) | LoRA's unmerged forward | <= 1.3 |
 //! | `mixed_batch` | 4 LoRA adapters (r 16) over 32 tokens each, one base gemm | one adapter over the 128 tokens | <= 1.15 |
 //! | `storage` | LoRA forward over a stored base (f16, bf16, int8, q8_0, q4_0), t = 1, d = 4096, r = 16 | `stream`: one read of the stored bytes (a sum) | <= 1.3 |
 //! | `storage` | the same through the `no_std` reference kernels | faer's path | faer time / reference time >= 0.25 |
@@ -502,7 +502,8 @@ fn method_group(c: &mut Criterion) {
         (0..n).map(|k| ((k * 128 / s.d_in) as u32, (k * 128 % s.d_in) as u32)).unzip();
     let vals = vec![0.01f32; n];
     let shira = Shira::new(s.d_in, s.d_out, 1.0, &vals[..], &rows[..], &cols[..]).unwrap();
-    bench_adapter_forward(&mut g, "shira_forward", &backend, &base, x, &mut y, &mut [], &shira);
+    let mut shira_scratch = vec![0.0f32; shira.forward_scratch_len(s.tokens)];
+    bench_adapter_forward(&mut g, "shira_forward", &backend, &base, x, &mut y, &mut shira_scratch, &shira);
     // OFT in blocks of 32 (PEFT's default oft_block_size), 5 terms: in / 32 * 496 = 63488 parameters.
     let spec = OftSpec { block: 32, shared: false, cayley: Cayley::Neumann { terms: 5 }, coft_eps: None };
     let v = vec![0.01f32; s.d_in / 32 * 496];

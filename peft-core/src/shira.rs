@@ -29,6 +29,9 @@ use crate::lora::ParamReport;
 use crate::method::{BackwardPass, ForwardPass, LinearAdapter};
 use crate::rng::Rng;
 
+/// Tokens the forward runs together over one read of the positions.
+const TILE: usize = 8;
+
 /// A SHiRA adapter for a linear layer `in -> out`: `n` positions and their
 /// values.
 #[derive(Clone, Debug)]
@@ -114,9 +117,9 @@ impl<E: Element, S: AsRef<[E]>, I: AsRef<[u32]>> LinearAdapter<E> for Shira<E, S
         self.out_features
     }
 
-    /// None.
-    fn forward_scratch_len(&self, _tokens: usize) -> usize {
-        0
+    /// `min(tokens, TILE) in`: a tile of the input, transposed.
+    fn forward_scratch_len(&self, tokens: usize) -> usize {
+        tokens.min(TILE).saturating_mul(self.in_features)
     }
 
     /// None.
@@ -129,19 +132,56 @@ impl<E: Element, S: AsRef<[E]>, I: AsRef<[u32]>> LinearAdapter<E> for Shira<E, S
         check_len(Operand::Gradient, self.weight.as_ref().len(), grads.len())
     }
 
-    /// `y = x W^T + b`, then `y[t, rows[j]] += s w[j] x[t, cols[j]]`.
+    /// `y = x W^T + b`, then `y[t, rows[j]] += s w[j] x[t, cols[j]]`: each
+    /// run of positions in one row (PEFT's row-major order makes every
+    /// row one run) summed in the accumulation type, then added with one
+    /// rounding; [`TILE`] tokens at a time, so the positions are read once
+    /// per tile, over the tile's input transposed in the scratch (each
+    /// column's values side by side).
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
         &self,
         pass: ForwardPass<'_, E, B, L>,
     ) -> Outcome<E, B> {
-        let ForwardPass { backend, base, x, mut y, .. } = pass;
+        let ForwardPass { backend, base, x, mut y, scratch } = pass;
         base.forward(backend, x, y.rb_mut())?;
-        for (t, yr) in y.row_iter_mut().enumerate() {
-            let xr = x.row(t);
-            for (r, c, w) in self.entries() {
-                if let (Some(v), Some(xv)) = (yr.get_mut(r), xr.get(c)) {
-                    *v = E::from_f64(v.to_f64() + w * xv.to_f64());
+        let (zero, s) = (E::Accum::ZERO, <E::Accum as Element>::from_f64(self.scale));
+        let (rows, cols, w) = (self.rows.as_ref(), self.cols.as_ref(), self.weight.as_ref());
+        for t0 in (0..x.rows()).step_by(TILE) {
+            let n = TILE.min(x.rows() - t0);
+            // xt[c n + k] = x[t0 + k, c].
+            let xt = scratch.get_mut(..n * self.in_features).unwrap_or(&mut []);
+            for k in 0..n {
+                for (c, v) in x.row(t0 + k).iter().enumerate() {
+                    if let Some(dst) = xt.get_mut(c * n + k) {
+                        *dst = *v;
+                    }
                 }
+            }
+            let mut flush = |r: u32, sums: &[E::Accum; TILE]| {
+                for (k, sum) in sums.iter().enumerate().take(n) {
+                    if let Some(v) = y.row_mut(t0 + k).get_mut(r as usize) {
+                        *v = E::from_accum(v.to_accum() + s * *sum);
+                    }
+                }
+            };
+            let (mut cur, mut sums) = (None, [zero; TILE]);
+            for ((&r, &c), wv) in rows.iter().zip(cols).zip(w) {
+                if cur != Some(r) {
+                    if let Some(done) = cur {
+                        flush(done, &sums);
+                    }
+                    (cur, sums) = (Some(r), [zero; TILE]);
+                }
+                let (wa, at) = (wv.to_accum(), c as usize * n);
+                let column = xt.get(at..at + n).unwrap_or(&[]);
+                match <&[E; TILE]>::try_from(column) {
+                    // A whole tile: a fixed trip count the compiler unrolls.
+                    Ok(full) => sums.iter_mut().zip(full).for_each(|(sum, v)| *sum += wa * v.to_accum()),
+                    Err(_) => sums.iter_mut().zip(column).for_each(|(sum, v)| *sum += wa * v.to_accum()),
+                }
+            }
+            if let Some(done) = cur {
+                flush(done, &sums);
             }
         }
         Ok(())
@@ -274,7 +314,8 @@ mod tests {
         let w = [1.0, 0.0, 0.0, 1.0];
         let mut y = [0.0; 2];
         let x = MatRef::new(&[1.0, 2.0], 1, 2).unwrap();
-        s.forward(&Reference, &Dense::new(&w, 2, 2).unwrap(), x, MatMut::new(&mut y, 1, 2).unwrap(), &mut []).unwrap();
+        let mut sc = [0.0; 2];
+        s.forward(&Reference, &Dense::new(&w, 2, 2).unwrap(), x, MatMut::new(&mut y, 1, 2).unwrap(), &mut sc).unwrap();
         assert_eq!(y, [7.0, 1.0]);
         assert!(Shira::new(2, 2, 1.0, [1.0f64], [2u32], [0u32]).is_err(), "row 2 of 2");
         // A fresh mask: distinct positions, row-major, zero values.

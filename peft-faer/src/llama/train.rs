@@ -19,7 +19,7 @@ use peft_core::vera::VeraProjection;
 use peft_core::{Backend, MatRef, Rng};
 use safetensors::Dtype;
 
-use peft_core::storage::Owned;
+use peft_core::storage::{Format, Owned, OwnedWeight};
 
 use super::norms::locate_norm;
 use super::weights::Matrix;
@@ -363,6 +363,35 @@ impl Llama {
             .then(|| random_matrix(&mut rng, "lm_head.weight".into(), c.vocab_size, d, 1.0 / (d as f64).sqrt()));
         let inv_freq = Self::inv_freq(c);
         Self { config, embed, layers, norm: vec![1.0; d], lm_head, inv_freq }
+    }
+
+    /// A copy with every projection, the embeddings and `lm_head` stored
+    /// in `format` (the norms stay f32), quantized as `peft quantize`
+    /// quantizes them: a model at real shapes in any storage without a
+    /// file (the model-level benchmarks).
+    ///
+    /// # Errors
+    /// [`HfError::Unsupported`] for a matrix not stored as f32;
+    /// `peft-core`'s refusals (a block format over rows not a multiple of
+    /// its block, a format without a quantizer), naming the matrix.
+    pub fn quantized(&self, format: Format) -> Result<Self, HfError> {
+        let q = |m: &Matrix| -> Result<Matrix, HfError> {
+            let Owned::F32(v) = &m.data else {
+                return Err(HfError::Unsupported(format!("{}: quantizing a matrix not stored as f32", m.name)));
+            };
+            let w = OwnedWeight::quantize(format, v, m.rows, m.cols)
+                .map_err(|error| HfError::InModule { module: m.name.clone(), error })?;
+            Ok(Matrix { name: m.name.clone(), rows: m.rows, cols: m.cols, data: w.data().clone() })
+        };
+        let mut out = self.clone();
+        out.embed = q(&self.embed)?;
+        out.lm_head = self.lm_head.as_ref().map(q).transpose()?;
+        for (dst, src) in out.layers.iter_mut().zip(&self.layers) {
+            for (d, s) in dst.proj.iter_mut().zip(&src.proj) {
+                d.weight = q(&s.weight)?;
+            }
+        }
+        Ok(out)
     }
 
     /// A copy with `W += U V` on the projections `projs` of every layer, `U [out, rank]` and `V [rank, in]`
