@@ -23,6 +23,8 @@
 //! | `storage` | the same through the `no_std` reference kernels | faer's path | faer time / reference time >= 0.25 |
 //! | `storage_vs_f32_t1`, `storage_vs_f32_t128` | bf16 and q4_0 LoRA forward at t = 1; bf16 and q8_0 at t = 128 | f32 LoRA forward | t = 1: f32 / bf16 >= 1.7, f32 / q4_0 >= 4; t = 128: <= 1.15 |
 //! | `vzeroupper` | adapter forward (2 gemms + GELU + residual) without `vzeroupper` | with it | the penalty avoided |
+//! | `model` | SmolLM2-135M's shapes (random weights) in f32, q8_0 and q4_0: prefill of 128 tokens (last-row logits, what `generate` runs) and one decode step after them, plain and with a hosted LoRA (r = 16 on q and v), at 1 and 2 threads | the plain model at the same threads; the same pass at 1 thread | LoRA at most 1.075 of plain (0.93x its speed, issue 31); 2 threads at least 1.6x faster |
+//! | `model_train` | one LoRA training step (r = 16 on q and v) of 8 sequences of 16 tokens, batched into one pass, at SmolLM2's shapes in f32 | the same at 1 thread | 2 threads at least 1.6x faster |
 use peft_core::method::{LinearAdapter, MergeTarget, WeightUpdate};
 use std::hint::black_box;
 use std::time::Duration;
@@ -34,6 +36,7 @@ use peft_core::lora::{Lora, LoraConfig, LoraGrads};
 use peft_core::storage::{Owned, OwnedWeight};
 use peft_core::{Accum, Backend, Dense, Error, MatMut, MatRef, Op, Reference, Rng};
 use peft_faer::Faer;
+use peft_faer::llama::LlamaConfig;
 
 /// A LoRA problem: `tokens x d_in -> tokens x d_out`, rank `r`.
 #[derive(Clone, Copy)]
@@ -566,6 +569,82 @@ fn method_group(c: &mut Criterion) {
     g.finish();
 }
 
+/// SmolLM2-135M-Instruct's configuration (its `config.json`'s fields that
+/// shape the model).
+fn smollm2_135m() -> LlamaConfig {
+    LlamaConfig::parse(
+        r#"{"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+            "num_attention_heads": 9, "num_key_value_heads": 3, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+            "tie_word_embeddings": true}"#,
+    )
+    .unwrap()
+}
+
+/// Issue 31's model-level figures at SmolLM2-135M's shapes, random weights
+/// (the speed does not depend on the values): prefill and decode in f32,
+/// q8_0 and q4_0, plain and with a hosted LoRA, at 1 and 2 threads; a LoRA
+/// training step in f32. Peers (llama.cpp, transformers) are not run here.
+fn model_groups(c: &mut Criterion) {
+    use peft_core::storage::Format;
+    use peft_faer::llama::train::{MethodSetup, init_adapter};
+    use peft_faer::llama::{KvCache, Llama, LlamaAdapter, LlamaGrads, Trace, lm_loss};
+    let f32_model = Llama::random(smollm2_135m(), 31);
+    let setup = MethodSetup::Lora { r: 16, alpha: 32.0, dora: false, targets: vec!["q_proj".into(), "v_proj".into()] };
+    let mut rng = Rng::new(3);
+    let ids: Vec<u32> = (0..129).map(|_| (rng.next_u64() % 49152) as u32).collect();
+    let (prompt, next) = (&ids[..128], &ids[128..]);
+    for (name, format) in [("f32", Format::F32), ("q8_0", Format::Q8_0), ("q4_0", Format::Q4_0)] {
+        let model = if format == Format::F32 { f32_model.clone() } else { f32_model.quantized(format).unwrap() };
+        let adapter = init_adapter(&model, &setup, 5).unwrap();
+        let lora = LlamaAdapter::new(&model, &adapter).unwrap();
+        let mut g = c.benchmark_group(format!("model.smollm2_135m.{name}"));
+        g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+        for threads in [1, 2] {
+            let be = Faer::with_threads(threads);
+            for (tag, a) in [("", None), ("_lora", Some(&lora))] {
+                g.bench_function(format!("prefill{tag}_{threads}t"), |b| {
+                    b.iter(|| black_box(model.forward_last(&be, prompt, a, &mut KvCache::new()).unwrap()))
+                });
+                let mut cache = KvCache::new();
+                model.forward_last(&be, prompt, a, &mut cache).unwrap();
+                g.bench_function(format!("decode{tag}_{threads}t"), |b| {
+                    b.iter_batched_ref(
+                        || cache.clone(),
+                        |c| black_box(model.forward_last(&be, next, a, c).unwrap()),
+                        criterion::BatchSize::LargeInput,
+                    )
+                });
+            }
+        }
+        g.finish();
+    }
+    // One training step: 8 sequences of 16 tokens in one pass, the loss's
+    // gradient through the adapter (what `peft sft` runs per micro-batch).
+    let adapter = init_adapter(&f32_model, &setup, 5).unwrap();
+    let lora = LlamaAdapter::new(&f32_model, &adapter).unwrap();
+    let seqs: Vec<&[u32]> = ids[..128].chunks(16).collect();
+    let mut g = c.benchmark_group("model_train.smollm2_135m.f32");
+    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(5));
+    for threads in [1, 2] {
+        let be = Faer::with_threads(threads);
+        g.bench_function(format!("lora_step_{threads}t"), |b| {
+            b.iter(|| {
+                let mut trace = Trace::default();
+                let logits = f32_model.forward_traced_batch(&be, &seqs, Some(&lora), &mut trace).unwrap();
+                let mut dl = vec![0.0f32; logits.len()];
+                for (k, s) in seqs.iter().enumerate() {
+                    let rows = k * 16 * 49152..(k + 1) * 16 * 49152;
+                    lm_loss(&logits[rows.clone()], 49152, 0, s, Some(&mut dl[rows]));
+                }
+                let mut grads = LlamaGrads::zeros(&lora);
+                f32_model.backward(&be, Some(&lora), &trace, &dl, Some(&mut grads)).unwrap();
+                black_box(grads)
+            })
+        });
+    }
+    g.finish();
+}
+
 /// One read of every byte of `b`: a sum the compiler vectorizes.
 fn stream_bytes(b: &[u8]) -> u64 {
     u64::from(b.iter().fold(0u32, |a, v| a.wrapping_add(u32::from(*v))))
@@ -710,6 +789,7 @@ mod group {
         mixed_batch_group,
         storage_groups,
         gguf_groups,
+        model_groups,
         shard_index_group
     );
 }
