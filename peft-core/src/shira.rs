@@ -135,7 +135,7 @@ impl<E: Element, S: AsRef<[E]>, I: AsRef<[u32]>> LinearAdapter<E> for Shira<E, S
     /// `y = x W^T + b`, then `y[t, rows[j]] += s w[j] x[t, cols[j]]`: each
     /// run of positions in one row (PEFT's row-major order makes every
     /// row one run) summed in the accumulation type, then added with one
-    /// rounding; [`TILE`] tokens at a time, so the positions are read once
+    /// rounding; eight tokens at a time, so the positions are read once
     /// per tile, over the tile's input transposed in the scratch (each
     /// column's values side by side).
     fn run_forward<B: Backend<E> + ?Sized, L: FrozenLinear<E> + ?Sized>(
