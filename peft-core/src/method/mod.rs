@@ -17,7 +17,10 @@
 //!   LoRA on embeddings: [`UpdateKind::Additive`]), a transform of the
 //!   rows for the others ((IA)^3 scales rows or columns, DoRA rescales the
 //!   rows of `W + dW`, and rotations such as OFT's multiply each row by a
-//!   matrix: [`UpdateKind::Multiplicative`]). Row blocks are what a
+//!   matrix: [`UpdateKind::Multiplicative`]), or the adapter's own values
+//!   in place of `W`'s (LN tuning's norm parameters, trainable tokens'
+//!   embedding rows: [`UpdateKind::Replacement`], the originals kept in
+//!   the merge's scratch for the unmerge). Row blocks are what a
 //!   streaming merge of a large checkpoint needs, and every method's update
 //!   is row-local: row `i` of the merged weight depends on row `i` of `W`
 //!   alone.
