@@ -387,6 +387,33 @@ mod finetune_cli {
         assert!(!o.status.success() && err.contains("sequences_per_step"), "{err}");
     }
 
+    /// `--token-indices` names the tokens trainable tokens train on the
+    /// user's data: the folder PEFT loads holds them in the order given,
+    /// one trained row each; with another method the flag is refused,
+    /// naming it, before anything is written.
+    #[test]
+    fn trainable_tokens_train_the_tokens_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("tt");
+        let base = ["finetune", "--model", &tiny(), "--data", &data("text.jsonl"), "--batch-size", "2"];
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(["--method", "trainable_tokens", "--token-indices", "9,2,40", "--steps", "3", "--json"]);
+        args.extend(["--out", out.to_str().unwrap()]);
+        let o = peft(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let ad = peft_faer::hf::HfAdapter::read_dir(&out.join("adapter")).unwrap();
+        let peft_faer::hf::PeftConfig::TrainableTokens(c) = &ad.config else { panic!("{:?}", ad.config) };
+        assert_eq!(c.token_indices, [9, 2, 40]);
+        assert_eq!(ad.trainable_tokens[0].rows.len(), 3 * ad.trainable_tokens[0].dim);
+        let out2 = dir.path().join("lora");
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(["--method", "lora", "--token-indices", "9", "--steps", "3", "--out", out2.to_str().unwrap()]);
+        let o = peft(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("--token-indices"), "{err}");
+        assert!(!out2.exists(), "nothing written");
+    }
+
     /// A bad record is refused with the file, the line and the reason, and
     /// nothing is written.
     #[test]

@@ -432,6 +432,10 @@ pub(crate) struct DataArgs {
     /// Continue from a checkpoint folder (with the same data and options).
     #[arg(long, requires = "data")]
     pub(crate) resume: Option<PathBuf>,
+    /// The tokens `--method trainable_tokens` trains, comma-separated ids
+    /// (default: the first 16 r of the vocabulary).
+    #[arg(long, requires = "data", value_delimiter = ',')]
+    pub(crate) token_indices: Vec<u32>,
 }
 
 /// `--lr-schedule`.

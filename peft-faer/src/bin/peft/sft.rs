@@ -11,7 +11,7 @@ use peft_core::optim::AdamW;
 use peft_faer::Faer;
 use peft_faer::llama::Llama;
 use peft_faer::llama::finetune::trainable;
-use peft_faer::llama::train::{Trainable, Trainer};
+use peft_faer::llama::train::{MethodSetup, Trainable, Trainer, init_adapter};
 use peft_faer::text::data::{Dataset, Encoder, Example, Shaping, shape};
 use peft_faer::text::sft::{Event, Schedule, SftOptions, eval_loss, load_checkpoint, save_checkpoint, train};
 use peft_faer::text::{ChatTemplate, Tokenizer};
@@ -170,6 +170,13 @@ pub(crate) fn sft_cmd(args: &FinetuneArgs) -> Result<bool, Box<dyn std::error::E
         Some(dir) => {
             let (a, state) = load_checkpoint(dir, method, &o, &mut trainer)?;
             (a, state.step)
+        }
+        None if !args.data.token_indices.is_empty() => {
+            if name != "trainable_tokens" {
+                return Err(format!("--token-indices: only with --method trainable_tokens, not {name}").into());
+            }
+            let setup = MethodSetup::TrainableTokens { tokens: args.data.token_indices.clone() };
+            (Trainable::Peft(Box::new(init_adapter(&model, &setup, args.seed ^ 0xada)?)), 0)
         }
         None => {
             let unknown = || format!("--method {name} has no trainer");
