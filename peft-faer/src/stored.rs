@@ -102,7 +102,10 @@ pub(crate) fn apply(
     check(Operand::Input, x.cols(), n_in)?;
     check(Operand::Output, y.rows(), t)?;
     check(Operand::Output, y.cols(), n_out)?;
-    let Some(ranges) = split_rows(faer, t, n_in, n_out).filter(|_| w.as_f32().is_none()) else {
+    // f32 products of several rows are faer's own parallel gemm; one row
+    // (a decode step) is split here, where faer's one-row kernel stays on
+    // the calling thread.
+    let Some(ranges) = split_rows(faer, t, n_in, n_out).filter(|_| w.as_f32().is_none() || t == 1) else {
         return apply_seq(faer, w, x, y, accum);
     };
     let seq = Faer::new();
@@ -230,7 +233,10 @@ pub(crate) fn apply_transpose(
     check(Operand::GradOutput, grad_y.cols(), n_out)?;
     check(Operand::GradInput, grad_x.rows(), t)?;
     check(Operand::GradInput, grad_x.cols(), n_in)?;
-    let Some(ranges) = split_rows(faer, t, n_in, n_out).filter(|_| w.as_f32().is_none()) else {
+    // f32 products of several rows are faer's own parallel gemm; one row
+    // (a decode step) is split here, where faer's one-row kernel stays on
+    // the calling thread.
+    let Some(ranges) = split_rows(faer, t, n_in, n_out).filter(|_| w.as_f32().is_none() || t == 1) else {
         return apply_transpose_seq(faer, w, grad_y, grad_x, accum);
     };
     let seq = Faer::new();
@@ -861,9 +867,10 @@ mod tests {
 
     /// Two threads split the rows of `W` (the forward's output columns,
     /// the input gradient's partial sums) and give what one thread gives:
-    /// every storage format, one token (the row split in place), three
-    /// (few-token path) and 40 (tiles), `Replace` and `Add`, 600 rows (not
-    /// a multiple of the split's 16). Within 1e-6 of `sum |w x|`.
+    /// every storage format, one token (the row split in place; f32's too),
+    /// three (few-token path; f32's is faer's gemm) and 40 (tiles),
+    /// `Replace` and `Add`, 600 rows (not a multiple of the split's 16).
+    /// Within 1e-6 of `sum |w x|`.
     #[test]
     fn two_threads_give_what_one_gives() {
         use super::{apply, apply_transpose, split_rows};
@@ -872,7 +879,7 @@ mod tests {
         let mut w = vec![0.0f32; out * inn];
         rng.fill_uniform(&mut w, -1.0, 1.0);
         let (one, two) = (Faer::new(), Faer::with_threads(2));
-        for format in Format::ALL.into_iter().filter(|f| f.has_quantizer() && *f != Format::F32) {
+        for format in Format::ALL.into_iter().filter(|f| f.has_quantizer()) {
             let owned = OwnedWeight::quantize(format, &w, out, inn).unwrap();
             let sw = owned.weight().unwrap();
             for t in [1usize, 3, 40] {
