@@ -41,7 +41,7 @@ use crate::error::{Error, Operand, Result, check_len, split_scratch};
 use crate::lora::ParamReport;
 use crate::matrix::{MatMut, MatRef, checked_len};
 use crate::method::{BackwardPass, Direction, ForwardPass, LinearAdapter, UpdateBlock, UpdateKind, WeightUpdate};
-use crate::oft::{Slots, add, at, identity, invert, prod};
+use crate::oft::{Slots, add, at, prod};
 
 /// A BOFT adapter for a linear layer `in -> out`: `boft_R [F, N, b, b]`
 /// and `boft_s [out]`.
@@ -155,14 +155,8 @@ impl<E: Element, S: AsRef<[E]>> Boft<E, S> {
         for (idx, e) in w.q.iter_mut().enumerate() {
             *e = E::from_f64(0.5 * (at(r, b, idx / b, idx % b) - at(r, b, idx % b, idx / b)));
         }
-        identity(w.a, b);
-        add(w.a, w.q, 1.0);
-        invert(w.a, w.b, b, "boft_R")?;
         // B = (I - S)(I + S)^-1.
-        prod(backend, w.a, w.q, false, w.b, false, b, -1.0)?;
-        w.r.copy_from_slice(w.b);
-        add(w.r, w.a, 1.0);
-        Ok(())
+        w.cayley_exact(backend, b, "boft_R")
     }
 
     /// Each row of `data` (`rows x in`, in place) through factor `f`:

@@ -213,6 +213,28 @@ impl<'w, E: Element> Slots<'w, E> {
         let (b, rest) = split_scratch(rest, n2)?;
         Ok((Self { r, q, a, b }, rest))
     }
+
+    /// The exact Cayley transform of the skew matrix in `q` (`n x n`):
+    /// `a = I + Q`, `b = a^-1`, `r = (I - Q) b`, written as `a = -Q b`,
+    /// `r = b + a` (OFT's exact form and every BOFT block).
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] naming `name` when `I + Q` is singular;
+    /// the backend's own errors.
+    pub(crate) fn cayley_exact<B: Backend<E> + ?Sized>(
+        &mut self,
+        backend: &B,
+        n: usize,
+        name: &'static str,
+    ) -> Outcome<E, B> {
+        identity(self.a, n);
+        add(self.a, self.q, 1.0);
+        invert(self.a, self.b, n, name)?;
+        prod(backend, self.a, self.q, false, self.b, false, n, -1.0)?;
+        self.r.copy_from_slice(self.b);
+        add(self.r, self.a, 1.0);
+        Ok(())
+    }
 }
 
 impl<E: Element, S: AsRef<[E]>> Oft<E, S> {
@@ -323,15 +345,7 @@ impl<E: Element, S: AsRef<[E]>> Oft<E, S> {
                     add(w.r, w.a, self.spec.cayley.coef(d));
                 }
             }
-            Cayley::Exact => {
-                // a = I + Q, b = a^-1, R = (I - Q) b.
-                identity(w.a, b);
-                add(w.a, w.q, 1.0);
-                invert(w.a, w.b, b, "oft_R")?;
-                prod(backend, w.a, w.q, false, w.b, false, b, -1.0)?;
-                w.r.copy_from_slice(w.b);
-                add(w.r, w.a, 1.0);
-            }
+            Cayley::Exact => w.cayley_exact(backend, b, "oft_R")?,
         }
         Ok(())
     }
