@@ -52,6 +52,7 @@ pub const PAR_MIN_MACS: usize = 1 << 22;
 pub struct Faer {
     par: Par,
     clear_upper: bool,
+    int8_activations: bool,
 }
 
 impl Default for Faer {
@@ -63,14 +64,14 @@ impl Default for Faer {
 impl Faer {
     /// A single-threaded faer backend.
     pub fn new() -> Self {
-        Self { par: Par::Seq, clear_upper: true }
+        Self { par: Par::Seq, clear_upper: true, int8_activations: false }
     }
 
     /// A backend that splits each gemm over `threads` tasks on rayon's
     /// global pool; `0` or `1` means single-threaded.
     pub fn with_threads(threads: usize) -> Self {
         let par = if threads <= 1 { Par::Seq } else { Par::rayon(threads) };
-        Self { par, clear_upper: true }
+        Self { par, clear_upper: true, int8_activations: false }
     }
 
     /// The number of tasks each gemm is split over.
@@ -87,6 +88,28 @@ impl Faer {
     pub fn clear_upper(mut self, on: bool) -> Self {
         self.clear_upper = on;
         self
+    }
+
+    /// Opt in (`true`) to the integer path for one-token products over
+    /// Q8_0 and Q4_0 bases: the input quantized to int8 per block of 32
+    /// and dotted with the stored integers, as ggml's decode does
+    /// ([`crate::stored`]'s `int8` module states the formula and its error
+    /// bound). Off by default: the exact f32 product over the dequantized
+    /// weights is the reference, and every other product (other formats,
+    /// several tokens, gradients) stays on it either way.
+    pub fn int8_activations(mut self, on: bool) -> Self {
+        self.int8_activations = on;
+        self
+    }
+
+    /// Whether [`Faer::int8_activations`] is on.
+    pub fn uses_int8_activations(&self) -> bool {
+        self.int8_activations
+    }
+
+    /// These settings on the calling thread only.
+    pub(crate) fn single_threaded(&self) -> Self {
+        Self { par: Par::Seq, ..*self }
     }
 
     /// The faer parallelism this backend runs with (`Par::Seq` when

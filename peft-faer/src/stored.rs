@@ -28,6 +28,7 @@ use peft_core::{Accum, Backend, Error, MatMut, MatRef, Op, Result};
 use crate::Faer;
 
 mod ggml;
+mod int8;
 
 /// Up to this many tokens, a stored base is multiplied row by row
 /// (decoded once per row, dotted with every token).
@@ -108,7 +109,7 @@ pub(crate) fn apply(
     let Some(ranges) = split_rows(faer, t, n_in, n_out).filter(|_| w.as_f32().is_none() || t == 1) else {
         return apply_seq(faer, w, x, y, accum);
     };
-    let seq = Faer::new();
+    let seq = faer.single_threaded();
     // Each part's columns of `y`, gathered (one token: the row itself, split).
     let mut bufs: Vec<Vec<f32>> = if t == 1 {
         Vec::new()
@@ -173,6 +174,9 @@ fn apply_seq(
     check(Operand::Output, y.cols(), n_out)?;
     if let Some(full) = w.as_f32() {
         return faer.gemm(y, accum, x, Op::N, MatRef::new(full, n_out, n_in)?, Op::T, 1.0);
+    }
+    if t == 1 && faer.uses_int8_activations() && int8::gemv1(w, x.row(0), y.row_mut(0), accum)? {
+        return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
     if t == 1
@@ -239,7 +243,7 @@ pub(crate) fn apply_transpose(
     let Some(ranges) = split_rows(faer, t, n_in, n_out).filter(|_| w.as_f32().is_none() || t == 1) else {
         return apply_transpose_seq(faer, w, grad_y, grad_x, accum);
     };
-    let seq = Faer::new();
+    let seq = faer.single_threaded();
     let mut bufs: Vec<Vec<f32>> = ranges.iter().map(|_| vec![0.0f32; t * n_in]).collect();
     let mut parts: Vec<Part<'_>> = ranges
         .iter()

@@ -715,6 +715,14 @@ impl Llama {
         m(&self.embed) + layers + self.norm.len() + self.lm_head.as_ref().map_or(0, m)
     }
 
+    /// The frozen matrices one decode step reads whole: every layer's
+    /// seven projections, then the output layer (the embedding when tied).
+    /// Their bytes are what a token must stream from memory at least once.
+    pub fn decode_matrices(&self) -> Vec<&Matrix> {
+        let proj = self.layers.iter().flat_map(|l| l.proj.iter().map(|p| &p.weight));
+        proj.chain(core::iter::once(self.lm_head.as_ref().unwrap_or(&self.embed))).collect()
+    }
+
     /// RoPE's `1 / theta^(2i / head_dim)`, `i < head_dim / 2`, in f32 as
     /// transformers computes it.
     fn inv_freq(c: &LlamaConfig) -> Vec<f32> {
