@@ -112,12 +112,6 @@ impl Faer {
         Self { par: Par::Seq, ..*self }
     }
 
-    /// The faer parallelism this backend runs with (`Par::Seq` when
-    /// single-threaded).
-    pub(crate) fn par(&self) -> Par {
-        self.par
-    }
-
     /// The parallelism for an `m x n x k` product: products below
     /// [`PAR_MIN_MACS`] run on the calling thread, where waking a second
     /// one costs more than it saves (a one-token LoRA step is a handful of

@@ -42,6 +42,7 @@ pub mod gguf;
 pub mod hf;
 #[cfg(feature = "llama")]
 pub mod llama;
+mod pool;
 pub mod stored;
 #[cfg(feature = "text")]
 pub mod text;

@@ -42,10 +42,12 @@ pub const PANEL_BYTES: usize = 256 << 10;
 pub const INPUT_BLOCK_BYTES: usize = 256 << 10;
 
 /// A stored product of at least this many multiply-adds (`t * in * out`)
-/// is split by rows of `W` over the backend's threads (a one-token
-/// product of a 576 x 1536 matrix is 0.9 M); smaller ones run on the
-/// calling thread, where waking another costs more than it saves.
-pub const PAR_MIN_STORED_MACS: usize = 1 << 19;
+/// is split by rows of `W` over the backend's threads; smaller ones run on
+/// the calling thread. At SmolLM2's shapes every one-token product is
+/// above it (`k_proj`, 192 x 576, is 0.11 M): with [`crate::pool`]'s
+/// helpers awake, a split costs a few microseconds (rayon's `join`, 15 to
+/// 70, needed 0.5 M, and left the attention's products serial).
+pub const PAR_MIN_STORED_MACS: usize = 1 << 16;
 
 /// Rows of `W` per thread are a multiple of this.
 const PAR_ROWS: usize = 16;
@@ -59,21 +61,28 @@ struct Part<'o> {
     result: Result<()>,
 }
 
-/// Runs `f` on every part, the parts split in two halves over faer's
-/// thread pool until each half has one thread (`faer`'s own `join_raw`,
-/// so no second pool exists).
-fn run_parts(parts: &mut [Part<'_>], par: faer::Par, f: &(dyn Fn(&mut Part<'_>) + Sync)) {
-    if parts.len() <= 1 || faer::utils::thread::parallelism_degree(par) <= 1 {
+/// Runs `f` on every part over up to `threads` threads ([`crate::pool`]:
+/// helpers that stay awake between a decode step's products), each part
+/// whole on one thread.
+fn run_parts(parts: &mut [Part<'_>], threads: usize, f: &(dyn Fn(&mut Part<'_>) + Sync)) {
+    if parts.len() <= 1 || threads <= 1 {
         parts.iter_mut().for_each(f);
         return;
     }
-    let (a, b) = parts.split_at_mut(parts.len() / 2);
-    faer::utils::thread::join_raw(|p| run_parts(a, p, f), |p| run_parts(b, p, f), par);
+    // Each part behind its own (uncontended) lock: the pool hands out
+    // indices, and every index is taken by exactly one thread.
+    let cells: Vec<std::sync::Mutex<&mut Part<'_>>> = parts.iter_mut().map(std::sync::Mutex::new).collect();
+    crate::pool::run(threads, cells.len(), &|i| {
+        if let Some(cell) = cells.get(i) {
+            let mut part = cell.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut part);
+        }
+    });
 }
 
 /// [`run_parts`], then the first part's error, if any.
-fn run_all(parts: &mut [Part<'_>], par: faer::Par, f: &(dyn Fn(&mut Part<'_>) + Sync)) -> Result<()> {
-    run_parts(parts, par, f);
+fn run_all(parts: &mut [Part<'_>], threads: usize, f: &(dyn Fn(&mut Part<'_>) + Sync)) -> Result<()> {
+    run_parts(parts, threads, f);
     parts.iter_mut().try_for_each(|p| core::mem::replace(&mut p.result, Ok(())))
 }
 
@@ -143,7 +152,7 @@ pub(crate) fn apply(
             .map(|(&(a, b), o)| Part { start: a, end: b, out: o, result: Ok(()) })
             .collect()
     };
-    run_all(&mut parts, faer.par(), &|part: &mut Part<'_>| {
+    run_all(&mut parts, faer.threads(), &|part: &mut Part<'_>| {
         let (a, b) = (part.start, part.end);
         part.result = match (w.rows(a, b), MatMut::new(&mut *part.out, t, b - a)) {
             (Some(wp), Ok(out)) => apply_seq(&seq, &wp, x, out, accum),
@@ -250,7 +259,7 @@ pub(crate) fn apply_transpose(
         .zip(bufs.iter_mut())
         .map(|(&(a, b), o)| Part { start: a, end: b, out: o, result: Ok(()) })
         .collect();
-    run_all(&mut parts, faer.par(), &|part: &mut Part<'_>| {
+    run_all(&mut parts, faer.threads(), &|part: &mut Part<'_>| {
         let (a, b) = (part.start, part.end);
         let g = grad_y.cols_range(a, b - a);
         part.result = match (w.rows(a, b), g, MatMut::new(&mut *part.out, t, n_in)) {

@@ -124,6 +124,7 @@
 //! | `storage_quantization_within_bound` | int8, Q8_0, Q4_0 (GGUF's rounding), f16, bf16: `|w - deq(quant(w))|` within the format's bound (`storage::error_bound`) | - |
 //! | `storage_forward_matches_dequantized` | every storage: `x deq(W)^T` and `g deq(W)` through the backend against the oracle over the dequantized `W` | - |
 //! | `storage_block_formats_match_dequantized` | GGUF's read-only block formats (Q4_1 to Q6_K, random blocks, 1 to 5 rows of 256 to 512 values, 1 to 6 tokens): element access equals the block decoder bit for bit, `x deq(W)^T` and `g deq(W)` through the backend against the oracle | - |
+//! | `storage_int8_activations_within_bound` | ([`verify_int8_activations`] only) one token's `x deq(W)^T` over Q8_0 and Q4_0 within the int8 path's stated bound of the oracle (`props::storage::run_int8_activations`) | - |
 //! | `storage_lora_gradients_match_fd` | LoRA over every storage: dA, dB, dx against central differences; the stored bytes unchanged | 1, 12 |
 //! | `set_active_sum_matches_oracle` | an adapter set with several active adapters and multipliers: `x W^T + b + sum_i m_i s_i (x A_i^T) B_i^T` | - |
 //! | `set_mixed_rows_match_own_forward` | a mixed-adapter batch: every row equals its own adapter's (or the base's) oracle output | - |
@@ -390,6 +391,16 @@ pub(crate) fn run_n<S: proptest::strategy::Strategy>(
         Err(TestError::Abort(why)) => Err(format!("aborted: {why}")),
     };
     report.results.push((name, elem, result));
+}
+
+/// Runs `storage_int8_activations_within_bound` against `backend`: the
+/// contract of an integer decode path (`peft-faer`'s
+/// `Faer::int8_activations`), whose results are not held to
+/// [`verify`]'s rounding bounds. One property, f32 only.
+pub fn verify_int8_activations<B: Backend<f32>>(backend: &B, config: &Config) -> Report {
+    let mut report = Report::default();
+    props::storage::run_int8_activations(backend, config, &mut report);
+    report
 }
 
 /// Runs every property against `backend` in element type `E`.

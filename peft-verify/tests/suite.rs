@@ -6,7 +6,7 @@
 use half::{bf16, f16};
 use peft_core::Reference;
 use peft_faer::{Faer, FaerHalf};
-use peft_verify::{Config, verify};
+use peft_verify::{Config, verify, verify_int8_activations};
 
 fn config() -> Config {
     Config {
@@ -53,6 +53,18 @@ fn faer_f16() {
 #[test]
 fn faer_bf16() {
     verify::<bf16, _>(&FaerHalf::new(Faer::new(), vec![0.0f32; 4096]), &config()).assert_ok();
+}
+
+/// The integer decode path (`Faer::int8_activations`) on one and two
+/// threads, and the exact paths (which meet its looser bound too), within
+/// the int8 path's stated bound of the oracle.
+#[test]
+fn int8_activations_within_bound() {
+    let cfg = config();
+    verify_int8_activations(&Faer::new().int8_activations(true), &cfg).assert_ok();
+    verify_int8_activations(&Faer::with_threads(2).int8_activations(true), &cfg).assert_ok();
+    verify_int8_activations(&Faer::new(), &cfg).assert_ok();
+    verify_int8_activations(&Reference, &cfg).assert_ok();
 }
 
 /// The report names every property of the crate docs' table.

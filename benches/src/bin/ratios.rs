@@ -41,7 +41,7 @@ pub const RATIO_LIMIT: f64 = 0.05;
 
 /// `(group prefix, numerator, denominator, bound)`: the ratio of mean times
 /// `numerator / denominator`, and its target (`Le(x)`: at most `x`).
-const RATIOS: [(&str, &str, &str, Bound); 43] = [
+const RATIOS: [(&str, &str, &str, Bound); 47] = [
     ("lora_forward_unmerged", "lora_forward_unmerged", "base_gemm", Bound::Le(1.05)),
     ("lora_forward_merged", "lora_forward_merged", "base_gemm", Bound::Le(1.02)),
     ("lora_backward", "lora_backward", "base_gemm", Bound::Le(1.10)),
@@ -84,6 +84,13 @@ const RATIOS: [(&str, &str, &str, Bound); 43] = [
     ("model", "prefill_lora_1t", "prefill_lora_2t", Bound::Ge(1.6)),
     ("model", "decode_lora_1t", "decode_lora_2t", Bound::Ge(1.6)),
     ("model_train", "lora_step_1t", "lora_step_2t", Bound::Ge(1.6)),
+    // Q8_0 and Q4_0 decode through the opt-in integer path within 1.3x
+    // one read of every byte the step multiplies by (same threads), and
+    // two threads at least 1.6x one; the exact path's time over it.
+    ("model", "decode_int8_1t", "stream_weights_1t", Bound::Le(1.3)),
+    ("model", "decode_int8_2t", "stream_weights_2t", Bound::Le(1.3)),
+    ("model", "decode_int8_1t", "decode_int8_2t", Bound::Ge(1.6)),
+    ("model", "decode_1t", "decode_int8_1t", Bound::None),
     // Four adapters' low-rank paths on 32 rows each beside one base gemm.
     ("mixed_batch", "mixed_forward", "single_forward", Bound::Le(1.15)),
     // A stored base's LoRA forward at t = 1 against one read of its bytes.

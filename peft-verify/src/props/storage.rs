@@ -304,3 +304,86 @@ where
         Ok(())
     });
 }
+
+/// One token over a Q8_0 or Q4_0 `W [out, in]`: `W` scaled by 1e-3, 1 or
+/// 30, the input by 1e-6, 1 or 300 per block (a block may be all zeros),
+/// and for half the cases signed as row 0 of `W`.
+#[derive(Debug, Clone)]
+pub struct Int8Case {
+    format: Format,
+    out: usize,
+    inn: usize,
+    w: Vec<f64>,
+    x: Vec<f64>,
+}
+
+fn int8_case() -> impl Strategy<Value = Int8Case> {
+    let scale = || prop_oneof![Just(1e-3), Just(1.0), Just(30.0)];
+    let x_scale = prop_oneof![Just(0.0), Just(1e-6), Just(1.0), Just(300.0)];
+    (prop_oneof![Just(Format::Q8_0), Just(Format::Q4_0)], 1usize..=40, 1usize..=4, scale(), any::<bool>())
+        .prop_flat_map(move |(format, out, blocks, ws, aligned)| {
+            let inn = blocks * QK;
+            let xs = proptest::collection::vec(x_scale.clone(), blocks);
+            (Just((format, out, inn, ws, aligned)), vals(out * inn), vals(inn), xs)
+        })
+        .prop_map(|((format, out, inn, ws, aligned), w, x, xs)| Int8Case {
+            format,
+            out,
+            inn,
+            // `aligned`: every product of row 0 is positive, so that a
+            // rounding biased toward zero adds up instead of cancelling.
+            x: x.iter()
+                .enumerate()
+                .map(|(k, v)| if aligned { v.abs() * w[k].signum() } else { *v } * xs[k / QK])
+                .collect(),
+            w: w.iter().map(|v| v * ws).collect(),
+        })
+}
+
+/// The opt-in integer path's contract (`peft-faer`'s
+/// `Faer::int8_activations`; any backend's exact path meets it too): one
+/// token's `x deq(W)^T` over Q8_0 and Q4_0, against the f64 oracle over
+/// the dequantized `W`, within
+///
+/// ```text
+/// sum_b d_b (1/2 + 2^-10) sum_{k in b} |w_k|  +  (n + 4) u sum_k m_k (|x_k| + d_b)
+/// ```
+///
+/// per output, `d_b = max_{k in b} |x_k| / 127` (the activation's int8
+/// step), `u = 2^-24`, `m_k = |w_k|` (Q8_0) or `|w_k| + 16 |dw_b|`
+/// (Q4_0: the nibble and its offset of 8 are summed apart). The first term
+/// is the input's rounding to int8; the second, f32 arithmetic.
+pub fn run_int8_activations<B: Backend<f32>>(backend: &B, config: &Config, report: &mut Report) {
+    run(report, config, "storage_int8_activations_within_bound", "f32", int8_case(), |c| {
+        let w: Vec<f32> = c.w.iter().map(|v| *v as f32).collect();
+        let x: Vec<f32> = c.x.iter().map(|v| *v as f32).collect();
+        let st = Stored::of(c.format, &w, c.out, c.inn)?;
+        let deq = st.dequantized()?;
+        let mut y = vec![f32::NAN; c.out];
+        let xv = MatRef::new(&x, 1, c.inn).map_err(fail)?;
+        StoredLinear::<f32>::new(st.weight()?)
+            .forward(backend, xv, MatMut::new(&mut y, 1, c.out).map_err(fail)?)
+            .map_err(fail)?;
+        let u = f64::from(f32::EPSILON) / 2.0;
+        let step: Vec<f64> =
+            x.chunks_exact(QK).map(|b| b.iter().fold(0f64, |m, v| m.max(f64::from(v.abs()))) / 127.0).collect();
+        for j in 0..c.out {
+            let row = &deq[j * c.inn..(j + 1) * c.inn];
+            let (mut want, mut bound) = (0.0, 0.0);
+            for (b, (wb, xb)) in row.chunks_exact(QK).zip(x.chunks_exact(QK)).enumerate() {
+                // Q4_0's |dw| is max |w| / 8: its quantizer maps the
+                // largest magnitude to -8.
+                let dw = wb.iter().fold(0f64, |m, v| m.max(v.abs())) / 8.0;
+                for (wk, xk) in wb.iter().zip(xb) {
+                    let m = if c.format == Format::Q4_0 { wk.abs() + 16.0 * dw } else { wk.abs() };
+                    want += wk * f64::from(*xk);
+                    bound += step[b] * (0.5 + 2f64.powi(-10)) * wk.abs()
+                        + (c.inn as f64 + 4.0) * u * m * (f64::from(xk.abs()) + step[b]);
+                }
+            }
+            let err = (f64::from(y[j]) - want).abs();
+            prop_assert!(err <= bound, "{:?} y[{}] = {} vs {} (bound {})", c.format, j, y[j], want, bound);
+        }
+        Ok(())
+    });
+}

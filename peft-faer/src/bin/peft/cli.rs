@@ -102,6 +102,9 @@ pub(crate) enum Command {
         /// Replace OUT if it exists.
         #[arg(long)]
         force: bool,
+        /// Threads per matrix product.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        threads: u32,
     },
     /// Generate text (or token ids) with a KV cache: greedy by default,
     /// sampling with --temperature (transformers' order: repetition
@@ -280,6 +283,13 @@ pub(crate) struct SamplingArgs {
     /// Threads per matrix product.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) threads: u32,
+    /// Q8_0 and Q4_0 models: each decode step quantizes its activations to
+    /// int8 per block of 32 and multiplies with integer dot products, as
+    /// llama.cpp does (faster; a looser numerical contract, whose error
+    /// bound `peft_faer::Faer::int8_activations` states). Without it every
+    /// product is the exact f32 one over the dequantized weights.
+    #[arg(long)]
+    pub(crate) int8_activations: bool,
 }
 
 /// `peft generate`'s arguments.

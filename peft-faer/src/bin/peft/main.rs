@@ -70,7 +70,9 @@ fn main() -> ExitCode {
         }
         Command::Convert { src, dst, base, outtype, force } => convert_cmd(src, dst, base.as_deref(), *outtype, *force),
         Command::Quantize { base, out, format, force } => quantize_cmd(base, out, *format, *force),
-        Command::Forward { run, out, top, json, force } => forward_cmd(run, out.as_deref(), *top, *json, *force),
+        Command::Forward { run, out, top, json, force, threads } => {
+            forward_cmd(run, out.as_deref(), *top, *json, *force, *threads)
+        }
         Command::Generate(args) => generate_cmd(args),
         Command::Chat(args) => chat_cmd(args),
     };

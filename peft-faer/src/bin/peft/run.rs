@@ -36,6 +36,7 @@ pub(crate) fn forward_cmd(
     top: usize,
     as_json: bool,
     force: bool,
+    threads: u32,
 ) -> Result<bool, Box<dyn std::error::Error>> {
     let (model, adapter) = (run.model.as_path(), run.adapter.as_deref());
     let (mut prompts, tok) = crate::text::prompts(run)?;
@@ -58,7 +59,7 @@ pub(crate) fn forward_cmd(
     }
     let hosted = ad.as_ref().map(|a| LlamaAdapter::new(&m, a)).transpose()?;
     // Every row's logits only when they are written: the top tokens need the last row alone.
-    let (backend, mut cache) = (Faer::new(), KvCache::new());
+    let (backend, mut cache) = (Faer::with_threads(threads as usize), KvCache::new());
     let logits = match out {
         Some(_) => m.forward(&backend, ids, hosted.as_ref(), &mut cache)?,
         None => m.forward_last(&backend, ids, hosted.as_ref(), &mut cache)?,

@@ -90,7 +90,7 @@ pub(crate) fn generate_cmd(args: &GenerateArgs) -> Result<bool, Box<dyn std::err
     let (prompts, tok) = prompts(run)?;
     let (m, ad) = llama_and_adapter(&run.model, run.adapter.as_deref())?;
     let hosted = ad.as_ref().map(|a| LlamaAdapter::new(&m, a)).transpose()?;
-    let backend = Faer::with_threads(args.sampling.threads as usize);
+    let backend = Faer::with_threads(args.sampling.threads as usize).int8_activations(args.sampling.int8_activations);
     let opts = options(&args.sampling);
     let Some(tok) = tok else {
         // Token ids in, token ids out (no tokenizer needed).
@@ -162,7 +162,7 @@ pub(crate) fn chat_cmd(args: &ChatArgs) -> Result<bool, Box<dyn std::error::Erro
     let tpl = template(&tok, &args.text)?;
     let (m, ad) = llama_and_adapter(&args.model, args.adapter.as_deref())?;
     let hosted = ad.as_ref().map(|a| LlamaAdapter::new(&m, a)).transpose()?;
-    let backend = Faer::with_threads(args.sampling.threads as usize);
+    let backend = Faer::with_threads(args.sampling.threads as usize).int8_activations(args.sampling.int8_activations);
     let opts = options(&args.sampling);
     let mut messages: Vec<Message> = args.text.system.iter().map(|s| Message::new("system", s)).collect();
     let mut session = Session::new();
