@@ -20,6 +20,17 @@
 //! f32 bases go straight to faer (no copy at all). Every path computes the
 //! products the portable kernels in `peft-core` do, in another order: the
 //! results agree within the rounding bound `peft-verify` checks.
+//!
+//! With several threads ([`Faer::with_threads`]), a product of at least
+//! [`PAR_MIN_STORED_MACS`] is split by rows of `W` (columns of the output)
+//! over [`crate::pool`]'s helpers, f32 included; each part runs one of the
+//! paths above on its rows, so a row's result does not depend on the
+//! thread count.
+//!
+//! **Opt-in integer decode** (`int8` module,
+//! [`Faer::int8_activations`]): one-token products over Q8_0 and Q4_0
+//! quantize the input to int8 per block and use integer dot products, as
+//! ggml does; a different numerical contract with a stated error bound.
 
 use peft_core::Operand;
 use peft_core::storage::{Format, Q4_0_BYTES, Q8_0_BYTES, QK, RowRef, StoredWeight};
@@ -112,10 +123,10 @@ pub(crate) fn apply(
     check(Operand::Input, x.cols(), n_in)?;
     check(Operand::Output, y.rows(), t)?;
     check(Operand::Output, y.cols(), n_out)?;
-    // f32 products of several rows are faer's own parallel gemm; one row
-    // (a decode step) is split here, where faer's one-row kernel stays on
-    // the calling thread.
-    let Some(ranges) = split_rows(faer, t, n_in, n_out).filter(|_| w.as_f32().is_none() || t == 1) else {
+    // f32 too: split by rows of `W`, each part one single-threaded faer
+    // gemm (faer's own two-thread gemm gave 1.2x at SmolLM2's prefill
+    // shapes, this split 1.4x; its one-row kernel stays on one thread).
+    let Some(ranges) = split_rows(faer, t, n_in, n_out) else {
         return apply_seq(faer, w, x, y, accum);
     };
     let seq = faer.single_threaded();
@@ -246,10 +257,10 @@ pub(crate) fn apply_transpose(
     check(Operand::GradOutput, grad_y.cols(), n_out)?;
     check(Operand::GradInput, grad_x.rows(), t)?;
     check(Operand::GradInput, grad_x.cols(), n_in)?;
-    // f32 products of several rows are faer's own parallel gemm; one row
-    // (a decode step) is split here, where faer's one-row kernel stays on
-    // the calling thread.
-    let Some(ranges) = split_rows(faer, t, n_in, n_out).filter(|_| w.as_f32().is_none() || t == 1) else {
+    // f32 too: split by rows of `W`, each part one single-threaded faer
+    // gemm (faer's own two-thread gemm gave 1.2x at SmolLM2's prefill
+    // shapes, this split 1.4x; its one-row kernel stays on one thread).
+    let Some(ranges) = split_rows(faer, t, n_in, n_out) else {
         return apply_transpose_seq(faer, w, grad_y, grad_x, accum);
     };
     let seq = faer.single_threaded();

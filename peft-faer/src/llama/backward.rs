@@ -128,16 +128,20 @@ pub fn lm_loss(logits: &[f32], vocab: usize, skip: usize, ids: &[u32], mut grad:
 /// gradient it is summed into that is not itself subnormal.
 pub(crate) fn row_cross_entropy(z: &[f32], target: usize, denom: f64, grad: Option<&mut [f32]>) -> f64 {
     let max = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let sum: f64 = z.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum();
-    let log_z = f64::from(max) + sum.ln();
     let t = target.min(z.len().saturating_sub(1));
-    if let Some(g) = grad {
-        for (k, (gk, &zk)) in g.iter_mut().zip(z).enumerate() {
-            let p = (f64::from(zk) - log_z).exp();
-            let v = ((p - if k == t { 1.0 } else { 0.0 }) / denom) as f32;
-            *gk = if v.is_subnormal() { 0.0 } else { v };
+    let log_z = match grad {
+        None => f64::from(max) + z.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum::<f64>().ln(),
+        Some(g) => {
+            // `e^(z_k - max)` once, kept in f64 until the division.
+            let e: Vec<f64> = z.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for (k, (gk, ek)) in g.iter_mut().zip(&e).enumerate() {
+                let v = ((ek / sum - if k == t { 1.0 } else { 0.0 }) / denom) as f32;
+                *gk = if v.is_subnormal() { 0.0 } else { v };
+            }
+            f64::from(max) + sum.ln()
         }
-    }
+    };
     log_z - f64::from(z.get(t).copied().unwrap_or(0.0))
 }
 
