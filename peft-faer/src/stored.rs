@@ -23,7 +23,7 @@
 //!
 //! With several threads ([`Faer::with_threads`]), a product of at least
 //! [`PAR_MIN_STORED_MACS`] is split by rows of `W` (columns of the output)
-//! over [`crate::pool`]'s helpers, f32 included; each part runs one of the
+//! over the crate's pool of helper threads (`pool.rs`), f32 included; each part runs one of the
 //! paths above on its rows, so a row's result does not depend on the
 //! thread count.
 //!
@@ -55,7 +55,7 @@ pub const INPUT_BLOCK_BYTES: usize = 256 << 10;
 /// A stored product of at least this many multiply-adds (`t * in * out`)
 /// is split by rows of `W` over the backend's threads; smaller ones run on
 /// the calling thread. At SmolLM2's shapes every one-token product is
-/// above it (`k_proj`, 192 x 576, is 0.11 M): with [`crate::pool`]'s
+/// above it (`k_proj`, 192 x 576, is 0.11 M): with the pool's (`pool.rs`)
 /// helpers awake, a split costs a few microseconds (rayon's `join`, 15 to
 /// 70, needed 0.5 M, and left the attention's products serial).
 pub const PAR_MIN_STORED_MACS: usize = 1 << 16;
