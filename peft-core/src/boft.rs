@@ -78,14 +78,17 @@ impl<E: Element, S: AsRef<[E]>> Boft<E, S> {
     /// [`Error::ShapeMismatch`] (`Parameter`) for `r` or `s` of the wrong
     /// length; [`Error::Overflow`].
     pub fn new(factors: usize, block: usize, in_features: usize, out_features: usize, r: S, s: S) -> Result<Self> {
-        if block == 0 || in_features % block != 0 {
+        if block == 0 || !in_features.is_multiple_of(block) {
             return Err(Error::InvalidParameter { name: "boft_block_size", rule: "must be a positive divisor of in" });
         }
         let n = in_features / block;
         let butterfly_ok = factors == 1
-            || (block % 2 == 0
-                && n % 2 == 0
-                && u32::try_from(factors - 1).ok().and_then(|m| 1usize.checked_shl(m)).is_some_and(|p| n % p == 0));
+            || (block.is_multiple_of(2)
+                && n.is_multiple_of(2)
+                && u32::try_from(factors - 1)
+                    .ok()
+                    .and_then(|m| 1usize.checked_shl(m))
+                    .is_some_and(|p| n.is_multiple_of(p)));
         if factors == 0 || !butterfly_ok {
             return Err(Error::InvalidParameter {
                 name: "boft_n_butterfly_factor",

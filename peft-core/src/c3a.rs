@@ -56,7 +56,7 @@ impl<E: Element, S: AsRef<[E]>> C3a<E, S> {
     /// dividing both `in` and `out`; [`Error::ShapeMismatch`]
     /// (`Parameter`) for a kernel of the wrong length; [`Error::Overflow`].
     pub fn new(block: usize, in_features: usize, out_features: usize, kernel: S) -> Result<Self> {
-        if block == 0 || in_features % block != 0 || out_features % block != 0 {
+        if block == 0 || !in_features.is_multiple_of(block) || !out_features.is_multiple_of(block) {
             return Err(Error::InvalidParameter { name: "block_size", rule: "must divide in and out" });
         }
         let len = checked_len(out_features / block, in_features)?;

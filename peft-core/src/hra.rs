@@ -429,7 +429,7 @@ impl<E: Element, S: AsRef<[E]> + AsMut<[E]>> Hra<E, S> {
     pub fn init_adapter(&mut self, rng: &mut Rng) {
         let r = self.rank;
         let u = self.u.as_mut();
-        if r % 2 == 0 {
+        if r.is_multiple_of(2) {
             let bound = 1.0 / libm::sqrt((r / 2).max(1) as f64);
             for row in u.chunks_exact_mut(r) {
                 for pair in row.chunks_exact_mut(2) {

@@ -54,14 +54,14 @@ pub fn factorization(n: usize, f: i64) -> (usize, usize) {
     if n == 0 {
         return (0, 0);
     }
-    if f > 0 && n % (f as usize) == 0 {
+    if f > 0 && n.is_multiple_of(f as usize) {
         return (f as usize, n / f as usize);
     }
     let f = if f == -1 { n } else { f.max(0) as usize };
     let (mut m, mut k) = (1usize, n);
     while m < k {
         let mut m2 = m + 1;
-        while n % m2 != 0 {
+        while !n.is_multiple_of(m2) {
             m2 += 1;
         }
         if m2 + n / m2 > 1 + n || m2 > f {

@@ -85,13 +85,13 @@ impl<E: Element, S: AsRef<[E]>> Miss<E, S> {
         let len = match variant {
             MissVariant::Balance => checked_len(rank, out_features)?,
             MissVariant::Mini { mini_r } => {
-                if mini_r == 0 || out_features % mini_r != 0 {
+                if mini_r == 0 || !out_features.is_multiple_of(mini_r) {
                     return Err(Error::InvalidParameter { name: "mini_r", rule: "must divide out" });
                 }
                 checked_len(rank, mini_r)?
             }
             MissVariant::Bat => {
-                if in_features % rank != 0 || out_features % rank != 0 {
+                if !in_features.is_multiple_of(rank) || !out_features.is_multiple_of(rank) {
                     return Err(Error::InvalidParameter { name: "MiSS r", rule: "must divide in and out for bat" });
                 }
                 checked_len(out_features, rank)?
@@ -428,7 +428,7 @@ impl<E: Element, S: AsRef<[E]>> Miss<E, S> {
         scratch: &mut [E],
     ) -> Outcome<E, B> {
         let (r, n_in, n) = (self.rank, self.in_features, block.rows());
-        if self.variant != MissVariant::Bat || start % r != 0 || n % r != 0 {
+        if self.variant != MissVariant::Bat || !start.is_multiple_of(r) || n % r != 0 {
             return Err(Error::InvalidParameter { name: "MiSS bat rows", rule: "whole blocks of r rows" }.into());
         }
         crate::base::check_rows(start, n, self.out_features, n_in, &block)?;

@@ -249,7 +249,7 @@ impl<E: Element, S: AsRef<[E]>> Oft<E, S> {
     /// length; [`Error::Overflow`].
     pub fn new(spec: OftSpec, in_features: usize, out_features: usize, v: S) -> Result<Self> {
         let b = spec.block;
-        if b == 0 || in_features % b != 0 {
+        if b == 0 || !in_features.is_multiple_of(b) {
             return Err(Error::InvalidParameter { name: "oft_block_size", rule: "must be a positive divisor of in" });
         }
         if spec.cayley == (Cayley::Neumann { terms: 0 }) {

@@ -182,10 +182,10 @@ pub struct StepInfo {
 /// Validates a step: lengths (state `per` times the parameter), finite
 /// gradients and loss. Returns the global gradient norm (summed in f64).
 fn check_step<E: Element>(slots: &[Slot<'_, E>], per: usize, loss: Option<f64>) -> Result<f64> {
-    if let Some(l) = loss {
-        if !l.is_finite() {
-            return Err(Error::NonFinite { operand: Operand::Loss, index: 0 });
-        }
+    if let Some(l) = loss
+        && !l.is_finite()
+    {
+        return Err(Error::NonFinite { operand: Operand::Loss, index: 0 });
     }
     let mut sum = 0.0f64;
     for (i, s) in slots.iter().enumerate() {

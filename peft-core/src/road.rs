@@ -96,7 +96,7 @@ impl<E: Element, S: AsRef<[E]>> Road<E, S> {
         theta: S,
         alpha: S,
     ) -> Result<Self> {
-        if group == 0 || group % 2 != 0 || out_features % group != 0 {
+        if group == 0 || !group.is_multiple_of(2) || !out_features.is_multiple_of(group) {
             return Err(Error::InvalidParameter { name: "group_size", rule: "must be even and divide out" });
         }
         check_len(Operand::Parameter, variant.len(out_features), theta.as_ref().len())?;
@@ -386,7 +386,7 @@ impl<E: Element, S: AsRef<[E]>> Road<E, S> {
     /// groups and within `out`.
     pub fn update_bias(&self, start: usize, bias: &mut [E], direction: Direction) -> Result<()> {
         let (g, n) = (self.group, bias.len());
-        if start % g != 0 || n % g != 0 || start.saturating_add(n) > self.out_features {
+        if !start.is_multiple_of(g) || n % g != 0 || start.saturating_add(n) > self.out_features {
             return Err(Error::InvalidParameter { name: "RoAd bias", rule: "whole groups within out" });
         }
         let half = g / 2;

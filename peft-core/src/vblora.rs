@@ -113,7 +113,7 @@ impl<E: Element, S: AsRef<[E]>, P: AsRef<[E]>> VbLora<E, S, P> {
         if r == 0 {
             return Err(Error::InvalidRank { rank: 0, max: 0 });
         }
-        if len == 0 || in_features % len != 0 || out_features % len != 0 {
+        if len == 0 || !in_features.is_multiple_of(len) || !out_features.is_multiple_of(len) {
             return Err(Error::InvalidParameter { name: "vector_length", rule: "must divide in and out" });
         }
         let num_vectors = bank.as_ref().len() / len;

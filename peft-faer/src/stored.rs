@@ -398,7 +398,7 @@ fn decode_tile(w: &StoredWeight<'_>, j0: usize, k0: usize, k: usize, dst: &mut [
             continue;
         }
         #[cfg(target_arch = "x86_64")]
-        if avx2 && k0 % QK == 0 {
+        if avx2 && k0.is_multiple_of(QK) {
             // SAFETY: `decode_row_avx2` needs AVX2 and F16C, detected at
             // run time above.
             unsafe { decode_row_avx2(row, k0 / QK, out) };

@@ -59,9 +59,9 @@ where
     let mut rng = Rng::new(seed);
     for case in 0..cases {
         let (m, n, k) = (dim(&mut rng), dim(&mut rng), dim(&mut rng));
-        let lhs_op = if rng.next_u64() % 2 == 0 { Op::N } else { Op::T };
-        let rhs_op = if rng.next_u64() % 2 == 0 { Op::N } else { Op::T };
-        let accum = if rng.next_u64() % 2 == 0 { Accum::Replace } else { Accum::Add };
+        let lhs_op = if rng.next_u64().is_multiple_of(2) { Op::N } else { Op::T };
+        let rhs_op = if rng.next_u64().is_multiple_of(2) { Op::N } else { Op::T };
+        let accum = if rng.next_u64().is_multiple_of(2) { Accum::Replace } else { Accum::Add };
         let pad = (rng.next_u64() % 3) as usize;
         let (lr, lc) = if lhs_op == Op::N { (m, k) } else { (k, m) };
         let (rr, rc) = if rhs_op == Op::N { (k, n) } else { (n, k) };

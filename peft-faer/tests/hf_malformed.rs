@@ -38,7 +38,7 @@ fn merge_fails(dir: &Path, base: &Path) -> HfError {
 /// A safetensors file from a header string and data bytes.
 fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
     let mut h = header.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

@@ -83,7 +83,7 @@ impl AttentionShape {
     /// [`Error::InvalidHeads`] unless all three are positive and `heads` is
     /// a multiple of `kv_heads`.
     pub fn new(heads: usize, kv_heads: usize, head_dim: usize) -> Result<Self> {
-        if heads == 0 || kv_heads == 0 || head_dim == 0 || heads % kv_heads != 0 {
+        if heads == 0 || kv_heads == 0 || head_dim == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(Error::InvalidHeads { heads, kv_heads, head_dim });
         }
         Ok(Self { heads, kv_heads, head_dim })

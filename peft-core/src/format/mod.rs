@@ -439,7 +439,7 @@ impl Encodable for RawTensor<'_> {
     }
     fn len(&self) -> usize {
         // A partial trailing element makes the length check fail.
-        if self.data.len() % self.dtype.size() == 0 { self.data.len() / self.dtype.size() } else { usize::MAX }
+        if self.data.len().is_multiple_of(self.dtype.size()) { self.data.len() / self.dtype.size() } else { usize::MAX }
     }
     fn write_data(&self, w: &mut Writer<'_>) {
         w.put(self.data);

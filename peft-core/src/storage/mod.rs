@@ -208,7 +208,7 @@ impl Format {
     /// `cols` not a multiple of the block ([`Format::block`]).
     pub fn row_bytes(self, cols: usize) -> Option<usize> {
         let (elems, bytes) = self.block();
-        if cols % elems != 0 {
+        if !cols.is_multiple_of(elems) {
             return None;
         }
         (cols / elems).checked_mul(bytes)
@@ -243,8 +243,11 @@ const NOT_BLOCKS: Error = Error::InvalidParameter {
 impl<'a> StoredWeight<'a> {
     fn new(format: Format, data: Data<'a>, out_features: usize, in_features: usize, len: usize) -> Result<Self> {
         let (elems, size) = format.block();
-        let row =
-            format.row_bytes(in_features).ok_or(if in_features % elems != 0 { NOT_BLOCKS } else { Error::Overflow })?;
+        let row = format.row_bytes(in_features).ok_or(if !in_features.is_multiple_of(elems) {
+            NOT_BLOCKS
+        } else {
+            Error::Overflow
+        })?;
         let per = if elems == 1 { size } else { 1 };
         check_len(Operand::Weight, out_features.checked_mul(row).ok_or(Error::Overflow)? / per, len)?;
         Ok(Self { format, data, out_features, in_features })
@@ -511,7 +514,7 @@ impl RowRef<'_> {
         let n = dst.len();
         let sub = |len: usize| start.checked_add(n).filter(|end| *end <= len).map(|end| start..end);
         let blocks_of = |elems: usize, bytes: usize| {
-            let ok = start % elems == 0 && n % elems == 0;
+            let ok = start.is_multiple_of(elems) && n.is_multiple_of(elems);
             ok.then(|| start / elems * bytes..(start + n) / elems * bytes)
         };
         let blocks = |bytes: usize| blocks_of(QK, bytes);

@@ -79,7 +79,9 @@ impl OwnedWeight {
         check_len(Operand::Weight, n, w.len())?;
         let blocks = || match format.row_bytes(in_features) {
             Some(row) => checked_len(out_features, row),
-            None if in_features % QK != 0 => Err(Error::InvalidParameter { name: "in_features", rule: MULTIPLE }),
+            None if !in_features.is_multiple_of(QK) => {
+                Err(Error::InvalidParameter { name: "in_features", rule: MULTIPLE })
+            }
             None => Err(Error::Overflow),
         };
         let mut data = match format {

@@ -483,7 +483,7 @@ pub fn has_quantizer(format: Format) -> bool {
 /// a format without a quantizer here or rows that are not whole
 /// super-blocks; nothing is appended then.
 pub fn quantize_rows(format: Format, vals: &[f32], cols: usize, out: &mut Vec<u8>) -> Option<()> {
-    if !has_quantizer(format) || cols % QK_K != 0 || vals.len() % QK_K != 0 {
+    if !has_quantizer(format) || !cols.is_multiple_of(QK_K) || !vals.len().is_multiple_of(QK_K) {
         return None;
     }
     let (_, size) = format.block();

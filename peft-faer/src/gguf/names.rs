@@ -62,7 +62,7 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 /// row `hf_row(g)`), to GGUF's otherwise. `None` unless `src` is whole
 /// rows of whole heads (`head_dim` even and non-zero).
 pub fn permute_rows<T: Copy + Default>(src: &[T], unit: usize, head_dim: usize, to_hf: bool) -> Option<Vec<T>> {
-    if unit == 0 || head_dim == 0 || head_dim % 2 != 0 || src.len() % (unit * head_dim) != 0 {
+    if unit == 0 || head_dim == 0 || !head_dim.is_multiple_of(2) || !src.len().is_multiple_of(unit * head_dim) {
         return None;
     }
     let mut out = vec![T::default(); src.len()];

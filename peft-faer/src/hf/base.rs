@@ -229,10 +229,10 @@ impl Base {
         // Every tensor the shards hold is listed, with its shard, and names
         // are unique: if the counts agree, every listed tensor is held.
         let held: usize = shards.iter().map(|s| s.entries.len()).sum();
-        if held != index.weight_map.len() {
-            if let Some((tensor, &j)) = index.weight_map.iter().find(|(t, j)| shards[**j].entry(t).is_none()) {
-                return Err(bad(format!("the index puts {tensor} in {}, which does not hold it", files[j])));
-            }
+        if held != index.weight_map.len()
+            && let Some((tensor, &j)) = index.weight_map.iter().find(|(t, j)| shards[**j].entry(t).is_none())
+        {
+            return Err(bad(format!("the index puts {tensor} in {}, which does not hold it", files[j])));
         }
         Ok(Self { shards, index: Some((path.to_path_buf(), index.extra)) })
     }

@@ -1383,7 +1383,7 @@ impl PeftConfig {
             other => return Err(HfError::config("variant", &format!("{other:?} is not road_1, road_2 or road_4"))),
         };
         let group_size = raw.group_size.unwrap_or(64);
-        if group_size == 0 || group_size % 2 != 0 {
+        if group_size == 0 || !group_size.is_multiple_of(2) {
             return Err(HfError::config("group_size", "must be even and at least 2"));
         }
         Ok(PeftConfig::Road(RoadConfig {

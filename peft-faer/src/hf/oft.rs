@@ -44,11 +44,11 @@ pub fn adjust_oft_parameters(n: usize, p: usize) -> usize {
         return n;
     }
     let mut higher = p;
-    while higher <= n && n % higher != 0 {
+    while higher <= n && !n.is_multiple_of(higher) {
         higher += 1;
     }
     let mut lower = p;
-    while lower > 1 && n % lower != 0 {
+    while lower > 1 && !n.is_multiple_of(lower) {
         lower -= 1;
     }
     if p - lower <= higher - p { lower } else { higher }
@@ -59,9 +59,9 @@ impl OftModule {
     /// `r` or `oft_block_size` (`update_layer`).
     pub fn block_for(&self, n_in: usize) -> usize {
         match self.requested {
-            (0, b) if b > 0 && (n_in % b != 0 || b > n_in) => adjust_oft_parameters(n_in, b),
+            (0, b) if b > 0 && (!n_in.is_multiple_of(b) || b > n_in) => adjust_oft_parameters(n_in, b),
             (0, b) => b,
-            (r, _) if n_in % r != 0 || r > n_in => n_in / adjust_oft_parameters(n_in, r).max(1),
+            (r, _) if !n_in.is_multiple_of(r) || r > n_in => n_in / adjust_oft_parameters(n_in, r).max(1),
             (r, _) => n_in / r,
         }
     }

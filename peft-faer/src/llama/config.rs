@@ -80,10 +80,10 @@ impl LlamaConfig {
                 Some(_) => Err(bad(f, "must be true or false")),
             }
         };
-        if let Some(t) = obj.get("model_type").and_then(Value::as_str) {
-            if t != "llama" {
-                return Err(bad("model_type", &format!("{t:?}: this model reads \"llama\"")));
-            }
+        if let Some(t) = obj.get("model_type").and_then(Value::as_str)
+            && t != "llama"
+        {
+            return Err(bad("model_type", &format!("{t:?}: this model reads \"llama\"")));
         }
         match obj.get("hidden_act").and_then(Value::as_str) {
             None | Some("silu") => {}
@@ -167,12 +167,10 @@ fn rope_theta(obj: &Map<String, Value>) -> Result<f64, HfError> {
         }
     }
     let params = obj.get("rope_parameters").and_then(Value::as_object);
-    if let Some(t) = params.and_then(|p| p.get("rope_type")).and_then(Value::as_str) {
-        if t != "default" {
-            return Err(HfError::Unsupported(format!(
-                "config.json: rope_parameters.rope_type {t:?} (only \"default\")"
-            )));
-        }
+    if let Some(t) = params.and_then(|p| p.get("rope_type")).and_then(Value::as_str)
+        && t != "default"
+    {
+        return Err(HfError::Unsupported(format!("config.json: rope_parameters.rope_type {t:?} (only \"default\")")));
     }
     let (field, value) = match (obj.get("rope_theta"), params.and_then(|p| p.get("rope_theta"))) {
         (_, Some(v)) => ("rope_parameters.rope_theta", v),

@@ -154,10 +154,10 @@ impl LlamaConfig {
                 }
             }
         };
-        if let Some(kind) = file.get("llama.rope.scaling.type").and_then(Value::as_str) {
-            if kind != "none" {
-                return Err(HfError::Unsupported(format!("llama.rope.scaling.type {kind:?} (scaled RoPE)")));
-            }
+        if let Some(kind) = file.get("llama.rope.scaling.type").and_then(Value::as_str)
+            && kind != "none"
+        {
+            return Err(HfError::Unsupported(format!("llama.rope.scaling.type {kind:?} (scaled RoPE)")));
         }
         let hidden = need("embedding_length")?;
         let heads = need("attention.head_count")?;
@@ -167,17 +167,17 @@ impl LlamaConfig {
             None if heads > 0 => hidden / heads,
             None => 0,
         };
-        if let Some(v) = int("attention.value_length")? {
-            if v != head_dim {
-                return Err(bad(format!("llama.attention.value_length {v} differs from key_length {head_dim}")));
-            }
+        if let Some(v) = int("attention.value_length")?
+            && v != head_dim
+        {
+            return Err(bad(format!("llama.attention.value_length {v} differs from key_length {head_dim}")));
         }
-        if let Some(r) = int("rope.dimension_count")? {
-            if r != head_dim {
-                return Err(HfError::Unsupported(format!(
-                    "llama.rope.dimension_count {r} below the head dimension {head_dim} (partial rotary)"
-                )));
-            }
+        if let Some(r) = int("rope.dimension_count")?
+            && r != head_dim
+        {
+            return Err(HfError::Unsupported(format!(
+                "llama.rope.dimension_count {r} below the head dimension {head_dim} (partial rotary)"
+            )));
         }
         let embd = file.tensor("token_embd.weight").ok_or_else(|| bad("token_embd.weight is missing".into()))?;
         let vocab = match (int("vocab_size")?, embd.ne.get(1)) {

@@ -43,7 +43,7 @@ pub(super) fn decode_range(row: RowRef<'_>, start: usize, out: &mut [f32]) {
     #[cfg(not(target_arch = "x86_64"))]
     let simd = false;
     let (elems, size) = format.block();
-    if start % elems != 0 || out.len() % elems != 0 {
+    if !start.is_multiple_of(elems) || !out.len().is_multiple_of(elems) {
         return;
     }
     let blocks = bytes.chunks_exact(size).skip(start / elems);

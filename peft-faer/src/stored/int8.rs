@@ -31,8 +31,11 @@
 //! not whole blocks, takes the exact path instead: its result is then the
 //! reference's.
 //!
-//! AVX2 (`vpmaddubsw`, then `vpmaddwd` into eight i32 lanes) when the CPU
-//! has it; a portable integer loop otherwise.
+//! Kernels, chosen at run time: AVX-512 VNNI (`vpdpbusd`, two blocks per
+//! instruction; the reason the MSRV is Rust 1.89, whose stable
+//! intrinsics it uses), AVX2 (`vpmaddubsw`, then `vpmaddwd` into eight
+//! i32 lanes), and a portable integer loop. They add the same exact
+//! block sums in different orders.
 
 use peft_core::storage::{Format, Q4_0_BYTES, Q8_0_BYTES, QK, RowRef, StoredWeight};
 use peft_core::{Accum, Error, Result};
@@ -44,15 +47,27 @@ pub(super) struct Int8Input {
     q: Vec<i8>,
     /// `d_b` per block.
     d: Vec<f32>,
-    /// `8 d_b sum_{k in b} q_k` per block: Q4_0's offset of 8.
+    /// `8 d_b sum_{k in b} q_k` per block: Q4_0's offset of 8 (Q8_0's
+    /// offset of 128 in the AVX-512 kernel is 16 times it).
     offset: Vec<f32>,
+    /// `q` with each pair of blocks `b, b + 1` laid out as Q4_0's nibbles
+    /// come out of two blocks in [`dot_avx512`]: values 0..16 of `b`, of
+    /// `b + 1`, then values 16..32 of `b`, of `b + 1` (an odd last block
+    /// as it is).
+    q4_pairs: Vec<i8>,
+    /// Per four values of `q4_pairs`: `-8` times their sum, the start of
+    /// each `vpdpbusd` lane (Q4_0's offset of 8, in integers).
+    q4_bias: Vec<i32>,
+    /// Per four values of `q`: `-128` times their sum (Q8_0's values enter
+    /// `vpdpbusd` plus 128).
+    q8_bias: Vec<i32>,
 }
 
 impl Int8Input {
     /// `x` quantized, or `None` when it holds a non-finite value or is
     /// not whole blocks (the caller then takes the exact path).
     pub(super) fn new(x: &[f32]) -> Option<Self> {
-        if x.is_empty() || x.len() % QK != 0 || x.iter().any(|v| !v.is_finite()) {
+        if x.is_empty() || !x.len().is_multiple_of(QK) || x.iter().any(|v| !v.is_finite()) {
             return None;
         }
         let blocks = x.len() / QK;
@@ -73,7 +88,19 @@ impl Int8Input {
             d.push(db);
             offset.push(8.0 * db * sum as f32);
         }
-        Some(Self { q, d, offset })
+        let mut q4_pairs = Vec::with_capacity(q.len());
+        let mut pairs = q.chunks_exact(2 * QK);
+        for p in &mut pairs {
+            let h = QK / 2;
+            for part in [&p[..h], &p[QK..QK + h], &p[h..QK], &p[QK + h..]] {
+                q4_pairs.extend_from_slice(part);
+            }
+        }
+        q4_pairs.extend_from_slice(pairs.remainder());
+        let sum4 = |v: &[i8]| v.iter().map(|q| i32::from(*q)).sum::<i32>();
+        let q4_bias = q4_pairs.chunks_exact(4).map(|v| -8 * sum4(v)).collect();
+        let q8_bias = q.chunks_exact(4).map(|v| -128 * sum4(v)).collect();
+        Some(Self { q, d, offset, q4_pairs, q4_bias, q8_bias })
     }
 }
 
@@ -87,6 +114,12 @@ pub(super) fn gemv1(w: &StoredWeight<'_>, x: &[f32], y: &mut [f32], accum: Accum
     let Some(xq) = Int8Input::new(x) else { return Ok(false) };
     let table = super::f16_table();
     let n = w.out_features().min(y.len());
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the AVX-512 features `dot_avx512` needs were detected.
+        unsafe { rows_avx512(w, &xq, table, &mut y[..n], accum)? };
+        return Ok(true);
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
@@ -125,6 +158,141 @@ unsafe fn rows_avx2(w: &StoredWeight<'_>, xq: &Int8Input, table: &[f32], y: &mut
     }
     Ok(())
 }
+
+/// Whether the CPU has what [`dot_avx512`] needs (AVX-512 F, BW, DQ and
+/// VNNI, with AVX2, FMA and F16C).
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+}
+
+/// [`rows_avx2`] with [`dot_avx512`].
+///
+/// # Safety
+/// The CPU must have the features [`avx512`] checks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows_avx512(w: &StoredWeight<'_>, xq: &Int8Input, table: &[f32], y: &mut [f32], accum: Accum) -> Result<()> {
+    for (j, v) in y.iter_mut().enumerate() {
+        let row = w.row(j).ok_or(Error::Overflow)?;
+        // SAFETY: this function's own precondition.
+        let d = unsafe { dot_avx512(row, xq, table) };
+        *v = match accum {
+            Accum::Replace => d,
+            Accum::Add => *v + d,
+        };
+    }
+    Ok(())
+}
+
+/// [`dot`] over two blocks per step in AVX-512: `vpdpbusd` multiplies 64
+/// unsigned bytes of `W` by 64 signed bytes of the input and adds each
+/// four products into one of 16 i32 lanes (exact). Both formats enter
+/// unsigned: Q4_0's nibbles as they are, Q8_0's values plus 128 (a
+/// flipped sign bit); each lane starts from minus its offset (`8` or
+/// `128` times the sum of its four inputs, [`Int8Input`]'s `q4_bias`,
+/// `q8_bias`), so the i32 sums are the signed ones, exact, and no scalar
+/// chain remains. Two accumulators. Q4_0's two blocks come out as `[low nibbles
+/// of b, of b + 1, high of b, of b + 1]`, which [`Int8Input`]'s
+/// `q4_pairs` matches. An odd last block is summed in scalar code.
+///
+/// # Safety
+/// The CPU must have the features [`avx512`] checks. Loads stay inside
+/// the row's bytes and the input (the block count is the smaller of the
+/// two) and the table (indexed by a `u16`; 65536 entries).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_avx512(row: RowRef<'_>, xq: &Int8Input, table: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    // SAFETY (all intrinsics and loads): the CPU features are this
+    // function's precondition; blocks `bi, bi + 1 < nb` lie inside the
+    // row's bytes (`nb` is bounded by them below) and their 64 inputs
+    // inside `xq.q` and `xq.q4_pairs` (both `nb QK` long), their biases
+    // inside `q8_bias` and `q4_bias` (`nb QK / 4` long) and their scales
+    // inside `xq.d`.
+    unsafe {
+        let (d, bytes, block, x, bias, lanes) = match row {
+            RowRef::Q8_0(b) => (xq.d.as_ptr(), b, Q8_0_BYTES, xq.q.as_ptr(), xq.q8_bias.as_ptr(), Q8_LANES),
+            RowRef::Q4_0(b) => (xq.d.as_ptr(), b, Q4_0_BYTES, xq.q4_pairs.as_ptr(), xq.q4_bias.as_ptr(), Q4_LANES),
+            _ => return 0.0,
+        };
+        let q8 = block == Q8_0_BYTES;
+        let nb = xq.d.len().min(bytes.len() / block);
+        let (flip, mask) = (_mm512_set1_epi8(i8::MIN), _mm256_set1_epi8(0x0F));
+        let lanes = _mm512_loadu_si512(lanes.as_ptr().cast::<__m512i>());
+        // `scale_b d_b` of blocks `bi, bi + 1` spread over the lanes that
+        // hold each (F16C converts both scales at once, no table).
+        let scales = |b0: *const u8, b1: *const u8, bi: usize| {
+            let h = u32::from(b0.cast::<u16>().read_unaligned()) | (u32::from(b1.cast::<u16>().read_unaligned()) << 16);
+            let s = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes(h.to_le_bytes())));
+            let dd = _mm_castsi128_ps(_mm_loadl_epi64(d.add(bi).cast::<__m128i>()));
+            _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_mul_ps(s, dd)))
+        };
+        // Blocks `bi, bi + 1`: their scaled sums, 16 lanes.
+        let pair = |bi: usize| {
+            let (b0, b1) = (bytes.as_ptr().add(bi * block), bytes.as_ptr().add((bi + 1) * block));
+            let w = if q8 {
+                let lo = _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(2).cast::<__m256i>()));
+                _mm512_xor_si512(_mm512_inserti64x4::<1>(lo, _mm256_loadu_si256(b1.add(2).cast::<__m256i>())), flip)
+            } else {
+                let raw = _mm256_set_m128i(
+                    _mm_loadu_si128(b1.add(2).cast::<__m128i>()),
+                    _mm_loadu_si128(b0.add(2).cast::<__m128i>()),
+                );
+                let lo = _mm256_and_si256(raw, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+            };
+            let xv = _mm512_loadu_si512(x.add(bi * QK).cast::<__m512i>());
+            let start = _mm512_loadu_si512(bias.add(bi * QK / 4).cast::<__m512i>());
+            (scales(b0, b1, bi), _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, w, xv)))
+        };
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut bi = 0;
+        while bi + 4 <= nb {
+            let (s0, v0) = pair(bi);
+            let (s1, v1) = pair(bi + 2);
+            acc0 = _mm512_fmadd_ps(s0, v0, acc0);
+            acc1 = _mm512_fmadd_ps(s1, v1, acc1);
+            bi += 4;
+        }
+        if bi + 2 <= nb {
+            let (s0, v0) = pair(bi);
+            acc0 = _mm512_fmadd_ps(s0, v0, acc0);
+            bi += 2;
+        }
+        let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        if bi < nb {
+            // An odd last block: the portable sum of that block alone.
+            let one = Int8Input {
+                q: xq.q[bi * QK..(bi + 1) * QK].to_vec(),
+                d: vec![xq.d[bi]],
+                offset: vec![xq.offset[bi]],
+                q4_pairs: Vec::new(),
+                q4_bias: Vec::new(),
+                q8_bias: Vec::new(),
+            };
+            let blk = &bytes[bi * block..(bi + 1) * block];
+            total += dot(if q8 { RowRef::Q8_0(blk) } else { RowRef::Q4_0(blk) }, &one, table);
+        }
+        total
+    }
+}
+
+/// [`dot_avx512`]'s lane-to-block maps (index 0: block `bi`, 1: `bi + 1`):
+/// Q8_0's blocks are the low and high halves of the 64 bytes; Q4_0's
+/// alternate by 16 bytes (`q4_pairs`' order).
+#[cfg(target_arch = "x86_64")]
+const Q8_LANES: [i32; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1];
+#[cfg(target_arch = "x86_64")]
+const Q4_LANES: [i32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1];
 
 /// One row's dot product with the quantized input, in portable integer
 /// code (the same sums as [`dot_avx2`], added in another order).
@@ -247,15 +415,16 @@ mod tests {
         b
     }
 
-    /// Both formats, one and two threads, AVX2 (when present) and the
-    /// portable loop: within the stated bound of the f64 product over the
+    /// Both formats, one and two threads, each kernel the CPU can run
+    /// (AVX-512 VNNI, AVX2, the portable loop): within the stated bound of the f64 product over the
     /// dequantized weights, not equal to the exact path (the path ran),
     /// and the two threads' result equal to one thread's bit for bit (each
     /// row is one thread's). The expected values are the f64 sums here.
     #[test]
     fn within_the_stated_bound_of_the_exact_product() {
         let mut rng = Rng::new(11);
-        let (out, inn) = (70, 4 * QK);
+        // Five blocks: the AVX-512 kernel's pairs and its odd last block.
+        let (out, inn) = (70, 5 * QK);
         let mut w = vec![0.0f32; out * inn];
         rng.fill_uniform(&mut w, -2.0, 2.0);
         let mut x = vec![0.0f32; inn];
@@ -292,9 +461,26 @@ mod tests {
             let xq = Int8Input::new(&x).unwrap();
             let table = super::super::f16_table();
             let portable: Vec<f32> = (0..out).map(|j| dot(sw.row(j).unwrap(), &xq, table)).collect();
+            let mut kernels = vec![("portable", portable)];
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                // SAFETY: the features were detected just above.
+                let avx2 = (0..out).map(|j| unsafe { super::dot_avx2(sw.row(j).unwrap(), &xq, table) }).collect();
+                kernels.push(("avx2", avx2));
+            }
+            #[cfg(target_arch = "x86_64")]
+            if super::avx512() {
+                // SAFETY: `avx512` checked every feature the kernel needs.
+                let wide = (0..out).map(|j| unsafe { super::dot_avx512(sw.row(j).unwrap(), &xq, table) }).collect();
+                kernels.push(("avx512", wide));
+            }
             assert!(ys[0].iter().zip(&ys[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "{format:?}: threads differ");
             assert!(ys[0] != exact, "{format:?}: the integer path did not run");
-            for (name, y) in [("avx2", &ys[0]), ("portable", &portable)] {
+            kernels.push(("dispatched", ys[0].clone()));
+            for (name, y) in &kernels {
                 for j in 0..out {
                     let want: f64 = (0..inn).map(|k| f64::from(deq[j * inn + k]) * f64::from(x[k])).sum();
                     let b = bound(format, &deq, &scales, &x, inn, j);

@@ -333,10 +333,10 @@ fn safe_end(text: &str, stops: &[String]) -> usize {
     let mut hold = 0;
     for s in stops {
         for (i, _) in s.char_indices().skip(1) {
-            if let Some(prefix) = s.get(..i) {
-                if text.get(..end).is_some_and(|t| t.ends_with(prefix)) {
-                    hold = hold.max(prefix.len());
-                }
+            if let Some(prefix) = s.get(..i)
+                && text.get(..end).is_some_and(|t| t.ends_with(prefix))
+            {
+                hold = hold.max(prefix.len());
             }
         }
     }

@@ -245,10 +245,10 @@ impl Tokenizer {
         t.pad = check("tokenizer.ggml.padding_token_id")?;
         let mut stops: Vec<u32> = t.eos.into_iter().collect();
         for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
-            if let Some(v) = check(key)? {
-                if !stops.contains(&v) {
-                    stops.push(v);
-                }
+            if let Some(v) = check(key)?
+                && !stops.contains(&v)
+            {
+                stops.push(v);
             }
         }
         t.stop_ids = stops;

@@ -21,10 +21,10 @@ fn fail(e: impl core::fmt::Display) -> TestCaseError {
 /// `2^(F-1)`); else the largest block up to 3 dividing `in`, one factor.
 fn form(c: &LoraCase) -> (usize, usize) {
     if c.n_in % 2 == 1 {
-        return (1, (1..=3).rev().find(|b| c.n_in % b == 0).unwrap_or(1));
+        return (1, (1..=3).rev().find(|b| c.n_in.is_multiple_of(*b)).unwrap_or(1));
     }
     let n = c.n_in / 2;
-    let max_m = (0..).take_while(|&m| m == 0 || (n % (1 << m) == 0)).last().unwrap_or(0);
+    let max_m = (0..).take_while(|&m| m == 0 || n.is_multiple_of(1 << m)).last().unwrap_or(0);
     (1 + (c.seed as usize / 3) % (max_m + 1), 2)
 }
 

@@ -18,7 +18,7 @@ fn fail(e: impl core::fmt::Display) -> TestCaseError {
 
 /// The largest block size up to 4 dividing `in` and `out`.
 fn block(c: &LoraCase) -> usize {
-    (1..=4).rev().find(|b| gcd(c.n_in, c.n_out) % b == 0).unwrap_or(1)
+    (1..=4).rev().find(|b| gcd(c.n_in, c.n_out).is_multiple_of(*b)).unwrap_or(1)
 }
 
 /// The kernel `[out/b, in/b, b]` in `[-1, 1)` from the seed.

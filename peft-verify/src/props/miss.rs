@@ -24,10 +24,13 @@ fn variant(c: &LoraCase) -> (MissVariant, usize) {
     match c.seed % 3 {
         0 => (MissVariant::Balance, r),
         1 => (
-            (1..=3).rev().find(|m| c.n_out % m == 0).map_or(MissVariant::Balance, |m| MissVariant::Mini { mini_r: m }),
+            (1..=3)
+                .rev()
+                .find(|m| c.n_out.is_multiple_of(*m))
+                .map_or(MissVariant::Balance, |m| MissVariant::Mini { mini_r: m }),
             r,
         ),
-        _ => (MissVariant::Bat, (1..=4).rev().find(|k| gcd(c.n_in, c.n_out) % k == 0).unwrap_or(1)),
+        _ => (MissVariant::Bat, (1..=4).rev().find(|k| gcd(c.n_in, c.n_out).is_multiple_of(*k)).unwrap_or(1)),
     }
 }
 

@@ -21,7 +21,7 @@ fn fail(e: impl core::fmt::Display) -> TestCaseError {
 /// `in`; seed mod 4 picks the series (1 to 6 terms), the exact transform,
 /// a shared block (5 terms) or COFT (`eps` 0.3, the series).
 fn spec(c: &LoraCase) -> OftSpec {
-    let block = (1..=4).rev().find(|b| c.n_in % b == 0).unwrap_or(1);
+    let block = (1..=4).rev().find(|b| c.n_in.is_multiple_of(*b)).unwrap_or(1);
     let terms = 1 + (c.seed / 4 % 6) as usize;
     let neumann = Cayley::Neumann { terms };
     match c.seed % 4 {

@@ -37,7 +37,7 @@ fn even(c: &LoraCase) -> Option<LoraCase> {
 /// divides `out`.
 fn setup(c: &LoraCase) -> (RoadVariant, usize) {
     let v = [RoadVariant::Road1, RoadVariant::Road2, RoadVariant::Road4][(c.seed % 3) as usize];
-    (v, [6, 4, 2].into_iter().find(|g| c.n_out % g == 0).unwrap_or(2))
+    (v, [6, 4, 2].into_iter().find(|g| c.n_out.is_multiple_of(*g)).unwrap_or(2))
 }
 
 /// `(theta, alpha)` from the seed: theta in `[-1.5, 1.5)`, alpha in `[0.5,

@@ -19,7 +19,7 @@ fn fail(e: impl core::fmt::Display) -> TestCaseError {
 /// `(r, L, nv, k)`: the case's rank, the largest vector length up to 3
 /// dividing `in` and `out`, 4 to 6 bank vectors, top 1 to 3.
 fn shape(c: &LoraCase) -> (usize, usize, usize, usize) {
-    let l = (1..=3).rev().find(|l| gcd(c.n_in, c.n_out) % l == 0).unwrap_or(1);
+    let l = (1..=3).rev().find(|l| gcd(c.n_in, c.n_out).is_multiple_of(*l)).unwrap_or(1);
     let nv = 4 + (c.seed as usize % 3);
     (c.r, l, nv, 1 + (c.seed as usize / 3) % 3)
 }

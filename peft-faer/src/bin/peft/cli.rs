@@ -336,13 +336,13 @@ pub(crate) fn token_ids(text: &str) -> Result<TokenIds, String> {
 }
 
 pub(crate) fn weighted_dir(text: &str) -> Result<(PathBuf, f64), String> {
-    if let Some((dir, w)) = text.rsplit_once(':') {
-        if let Ok(w) = w.parse::<f64>() {
-            if !w.is_finite() {
-                return Err(format!("the weight {w} of {dir} is not finite"));
-            }
-            return Ok((PathBuf::from(dir), w));
+    if let Some((dir, w)) = text.rsplit_once(':')
+        && let Ok(w) = w.parse::<f64>()
+    {
+        if !w.is_finite() {
+            return Err(format!("the weight {w} of {dir} is not finite"));
         }
+        return Ok((PathBuf::from(dir), w));
     }
     Ok((PathBuf::from(text), 1.0))
 }

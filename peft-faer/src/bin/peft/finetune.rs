@@ -49,7 +49,7 @@ impl Progress {
             return;
         }
         if !std::io::stderr().is_terminal() {
-            if (step + 1) % (self.steps / 5).max(1) == 0 {
+            if (step + 1).is_multiple_of((self.steps / 5).max(1)) {
                 eprintln!("{name:>8} step {:>5}/{}  train loss {loss:.5}", step + 1, self.steps);
             }
             return;
