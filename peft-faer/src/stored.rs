@@ -126,8 +126,10 @@ pub(crate) fn apply(
     // f32 too: split by rows of `W`, each part one single-threaded faer
     // gemm (faer's own two-thread gemm gave 1.2x at SmolLM2's prefill
     // shapes, this split 1.4x; its one-row kernel stays on one thread).
+    // The integer path's quantized input, once for all the parts.
+    let xq = int8::prepare(faer, w, x);
     let Some(ranges) = split_rows(faer, t, n_in, n_out) else {
-        return apply_seq(faer, w, x, y, accum);
+        return apply_seq(faer, w, x, y, accum, xq.as_ref());
     };
     let seq = faer.single_threaded();
     // Each part's columns of `y`, gathered (one token: the row itself, split).
@@ -166,7 +168,7 @@ pub(crate) fn apply(
     run_all(&mut parts, faer.threads(), &|part: &mut Part<'_>| {
         let (a, b) = (part.start, part.end);
         part.result = match (w.rows(a, b), MatMut::new(&mut *part.out, t, b - a)) {
-            (Some(wp), Ok(out)) => apply_seq(&seq, &wp, x, out, accum),
+            (Some(wp), Ok(out)) => apply_seq(&seq, &wp, x, out, accum, xq.as_ref()),
             (_, Err(e)) => Err(e),
             (None, _) => Err(Error::Overflow),
         };
@@ -180,13 +182,15 @@ pub(crate) fn apply(
     Ok(())
 }
 
-/// [`apply`] on the calling thread.
+/// [`apply`] on the calling thread; `xq` the input quantized for the
+/// integer path when it applies ([`int8::prepare`]).
 fn apply_seq(
     faer: &Faer,
     w: &StoredWeight<'_>,
     x: MatRef<'_, f32>,
     mut y: MatMut<'_, f32>,
     accum: Accum,
+    xq: Option<&int8::Int8Input>,
 ) -> Result<()> {
     let (t, n_in, n_out) = (x.rows(), w.in_features(), w.out_features());
     check(Operand::Input, x.cols(), n_in)?;
@@ -195,8 +199,8 @@ fn apply_seq(
     if let Some(full) = w.as_f32() {
         return faer.gemm(y, accum, x, Op::N, MatRef::new(full, n_out, n_in)?, Op::T, 1.0);
     }
-    if t == 1 && faer.uses_int8_activations() && int8::gemv1(w, x.row(0), y.row_mut(0), accum)? {
-        return Ok(());
+    if let Some(xq) = xq {
+        return int8::gemv1(w, xq, y.row_mut(0), accum);
     }
     #[cfg(target_arch = "x86_64")]
     if t == 1
@@ -257,9 +261,8 @@ pub(crate) fn apply_transpose(
     check(Operand::GradOutput, grad_y.cols(), n_out)?;
     check(Operand::GradInput, grad_x.rows(), t)?;
     check(Operand::GradInput, grad_x.cols(), n_in)?;
-    // f32 too: split by rows of `W`, each part one single-threaded faer
-    // gemm (faer's own two-thread gemm gave 1.2x at SmolLM2's prefill
-    // shapes, this split 1.4x; its one-row kernel stays on one thread).
+    // f32 too, as in `apply` (a SmolLM2-shaped LoRA training step at two
+    // threads: 628 ms through faer's own parallel gemm, 474 ms split).
     let Some(ranges) = split_rows(faer, t, n_in, n_out) else {
         return apply_transpose_seq(faer, w, grad_y, grad_x, accum);
     };

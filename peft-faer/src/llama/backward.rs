@@ -108,12 +108,12 @@ pub fn lm_loss(logits: &[f32], vocab: usize, skip: usize, ids: &[u32], mut grad:
     if count == 0 || vocab == 0 {
         return 0.0;
     }
-    let mut total = 0.0f64;
+    let (mut total, mut scratch) = (0.0f64, Vec::new());
     for (j, next) in ids.iter().skip(1).enumerate() {
         let row = skip + j;
         let Some(z) = logits.get(row * vocab..(row + 1) * vocab) else { continue };
         let g = grad.as_deref_mut().and_then(|g| g.get_mut(row * vocab..(row + 1) * vocab));
-        total += row_cross_entropy(z, *next as usize, count as f64, g);
+        total += row_cross_entropy(z, *next as usize, count as f64, g, &mut scratch);
     }
     total / count as f64
 }
@@ -125,17 +125,26 @@ pub fn lm_loss(logits: &[f32], vocab: usize, skip: usize, ids: &[u32], mut grad:
 /// vocabulary) written as 0: a subnormal operand slows every product it
 /// enters by 10x or more on x86 (the head's backward took 1.4 s instead of
 /// 0.06 s at SmolLM2's shapes), and it is below the resolution of any f32
-/// gradient it is summed into that is not itself subnormal.
-pub(crate) fn row_cross_entropy(z: &[f32], target: usize, denom: f64, grad: Option<&mut [f32]>) -> f64 {
+/// gradient it is summed into that is not itself subnormal. `scratch`
+/// holds the row's exponentials in f64 (one buffer for all the rows of a
+/// loss: a vocabulary's row is 393 KB, too large to allocate per row).
+pub(crate) fn row_cross_entropy(
+    z: &[f32],
+    target: usize,
+    denom: f64,
+    grad: Option<&mut [f32]>,
+    scratch: &mut Vec<f64>,
+) -> f64 {
     let max = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let t = target.min(z.len().saturating_sub(1));
     let log_z = match grad {
         None => f64::from(max) + z.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum::<f64>().ln(),
         Some(g) => {
             // `e^(z_k - max)` once, kept in f64 until the division.
-            let e: Vec<f64> = z.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).collect();
-            let sum: f64 = e.iter().sum();
-            for (k, (gk, ek)) in g.iter_mut().zip(&e).enumerate() {
+            scratch.clear();
+            scratch.extend(z.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()));
+            let sum: f64 = scratch.iter().sum();
+            for (k, (gk, ek)) in g.iter_mut().zip(scratch.iter()).enumerate() {
                 let v = ((ek / sum - if k == t { 1.0 } else { 0.0 }) / denom) as f32;
                 *gk = if v.is_subnormal() { 0.0 } else { v };
             }

@@ -47,31 +47,36 @@ pub(super) struct Int8Input {
     q: Vec<i8>,
     /// `d_b` per block.
     d: Vec<f32>,
-    /// `8 d_b sum_{k in b} q_k` per block: Q4_0's offset of 8 (Q8_0's
-    /// offset of 128 in the AVX-512 kernel is 16 times it).
+    /// Q4_0 only: `8 d_b sum_{k in b} q_k` per block, its offset of 8
+    /// (the portable and AVX2 kernels).
     offset: Vec<f32>,
-    /// `q` with each pair of blocks `b, b + 1` laid out as Q4_0's nibbles
-    /// come out of two blocks in [`dot_avx512`]: values 0..16 of `b`, of
-    /// `b + 1`, then values 16..32 of `b`, of `b + 1` (an odd last block
-    /// as it is).
-    q4_pairs: Vec<i8>,
-    /// Per four values of `q4_pairs`: `-8` times their sum, the start of
-    /// each `vpdpbusd` lane (Q4_0's offset of 8, in integers).
-    q4_bias: Vec<i32>,
-    /// Per four values of `q`: `-128` times their sum (Q8_0's values enter
-    /// `vpdpbusd` plus 128).
-    q8_bias: Vec<i32>,
+    /// What [`dot_avx512`] reads: for Q4_0, `q` with each pair of blocks
+    /// `b, b + 1` laid out as the nibbles come out of two blocks (values
+    /// 0..16 of `b`, of `b + 1`, then values 16..32 of `b`, of `b + 1`; an
+    /// odd last block as it is); for Q8_0, `q` itself (left empty: the
+    /// kernel reads `q`).
+    pairs: Vec<i8>,
+    /// Per four values of the AVX-512 layout: minus the format's offset (8
+    /// for Q4_0, 128 for Q8_0, whose values enter `vpdpbusd` plus 128)
+    /// times their sum, the start of each `vpdpbusd` lane.
+    bias: Vec<i32>,
 }
 
 impl Int8Input {
-    /// `x` quantized, or `None` when it holds a non-finite value or is
-    /// not whole blocks (the caller then takes the exact path).
-    pub(super) fn new(x: &[f32]) -> Option<Self> {
+    /// `x` quantized for a `format` matrix, or `None` when `format` is
+    /// neither Q8_0 nor Q4_0, `x` holds a non-finite value or is not whole
+    /// blocks (the caller then takes the exact path).
+    fn new(x: &[f32], format: Format) -> Option<Self> {
+        let q4 = match format {
+            Format::Q4_0 => true,
+            Format::Q8_0 => false,
+            _ => return None,
+        };
         if x.is_empty() || !x.len().is_multiple_of(QK) || x.iter().any(|v| !v.is_finite()) {
             return None;
         }
         let blocks = x.len() / QK;
-        let (mut q, mut d, mut offset) = (vec![0i8; x.len()], Vec::with_capacity(blocks), Vec::with_capacity(blocks));
+        let (mut q, mut d, mut offset) = (vec![0i8; x.len()], Vec::with_capacity(blocks), Vec::new());
         for (xb, qb) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)) {
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
             let mut sum = 0i32;
@@ -86,39 +91,49 @@ impl Int8Input {
             }
             let db = amax / 127.0;
             d.push(db);
-            offset.push(8.0 * db * sum as f32);
-        }
-        let mut q4_pairs = Vec::with_capacity(q.len());
-        let mut pairs = q.chunks_exact(2 * QK);
-        for p in &mut pairs {
-            let h = QK / 2;
-            for part in [&p[..h], &p[QK..QK + h], &p[h..QK], &p[QK + h..]] {
-                q4_pairs.extend_from_slice(part);
+            if q4 {
+                offset.push(8.0 * db * sum as f32);
             }
         }
-        q4_pairs.extend_from_slice(pairs.remainder());
-        let sum4 = |v: &[i8]| v.iter().map(|q| i32::from(*q)).sum::<i32>();
-        let q4_bias = q4_pairs.chunks_exact(4).map(|v| -8 * sum4(v)).collect();
-        let q8_bias = q.chunks_exact(4).map(|v| -128 * sum4(v)).collect();
-        Some(Self { q, d, offset, q4_pairs, q4_bias, q8_bias })
+        let mut pairs = Vec::new();
+        if q4 {
+            pairs.reserve(q.len());
+            let mut two = q.chunks_exact(2 * QK);
+            for p in &mut two {
+                let h = QK / 2;
+                for part in [&p[..h], &p[QK..QK + h], &p[h..QK], &p[QK + h..]] {
+                    pairs.extend_from_slice(part);
+                }
+            }
+            pairs.extend_from_slice(two.remainder());
+        }
+        let (layout, off) = if q4 { (&pairs, -8) } else { (&q, -128) };
+        let bias = layout.chunks_exact(4).map(|v| off * v.iter().map(|q| i32::from(*q)).sum::<i32>()).collect();
+        Some(Self { q, d, offset, pairs, bias })
     }
 }
 
-/// `y (=|+=) x deq(W)^T` for one token through the integer path, or
-/// `Ok(false)` (nothing written) when it does not apply: `W` is not Q8_0
-/// or Q4_0, or `x` is not quantizable ([`Int8Input::new`]).
-pub(super) fn gemv1(w: &StoredWeight<'_>, x: &[f32], y: &mut [f32], accum: Accum) -> Result<bool> {
-    if !matches!(w.format(), Format::Q8_0 | Format::Q4_0) {
-        return Ok(false);
+/// One token's input quantized for `w` when `faer` opts in to the integer
+/// path and it applies (one row of input, a Q8_0 or Q4_0 `w`, see
+/// [`Int8Input::new`]): done once per product, before the product is
+/// split over threads.
+pub(super) fn prepare(faer: &crate::Faer, w: &StoredWeight<'_>, x: peft_core::MatRef<'_, f32>) -> Option<Int8Input> {
+    if x.rows() != 1 || !faer.uses_int8_activations() {
+        return None;
     }
-    let Some(xq) = Int8Input::new(x) else { return Ok(false) };
+    Int8Input::new(x.row(0), w.format())
+}
+
+/// `y (=|+=) x deq(W)^T` for one token through the integer path, `xq`
+/// the token from [`prepare`] for this `W` (or its rows).
+pub(super) fn gemv1(w: &StoredWeight<'_>, xq: &Int8Input, y: &mut [f32], accum: Accum) -> Result<()> {
     let table = super::f16_table();
     let n = w.out_features().min(y.len());
+    let y = &mut y[..n];
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: the AVX-512 features `dot_avx512` needs were detected.
-        unsafe { rows_avx512(w, &xq, table, &mut y[..n], accum)? };
-        return Ok(true);
+        return unsafe { rows_avx512(w, xq, table, y, accum) };
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2")
@@ -126,17 +141,24 @@ pub(super) fn gemv1(w: &StoredWeight<'_>, x: &[f32], y: &mut [f32], accum: Accum
         && std::arch::is_x86_feature_detected!("f16c")
     {
         // SAFETY: AVX2, FMA and F16C were detected just above.
-        unsafe { rows_avx2(w, &xq, table, &mut y[..n], accum)? };
-        return Ok(true);
+        return unsafe { rows_avx2(w, xq, table, y, accum) };
     }
-    for (j, v) in y[..n].iter_mut().enumerate() {
-        let d = dot(w.row(j).ok_or(Error::Overflow)?, &xq, table);
+    each_row(w, y, accum, |row| dot(row, xq, table, 0))
+}
+
+/// `y[j] (=|+=) dot(row j of W)` for every `j < y.len()`. Inlined into
+/// each caller, so that a kernel compiled with target features inlines
+/// into a loop compiled with them.
+#[inline(always)]
+fn each_row(w: &StoredWeight<'_>, y: &mut [f32], accum: Accum, mut dot: impl FnMut(RowRef<'_>) -> f32) -> Result<()> {
+    for (j, v) in y.iter_mut().enumerate() {
+        let d = dot(w.row(j).ok_or(Error::Overflow)?);
         *v = match accum {
             Accum::Replace => d,
             Accum::Add => *v + d,
         };
     }
-    Ok(true)
+    Ok(())
 }
 
 /// [`gemv1`]'s loop over the rows of `W`, compiled with AVX2 so that
@@ -147,16 +169,8 @@ pub(super) fn gemv1(w: &StoredWeight<'_>, x: &[f32], y: &mut [f32], accum: Accum
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_avx2(w: &StoredWeight<'_>, xq: &Int8Input, table: &[f32], y: &mut [f32], accum: Accum) -> Result<()> {
-    for (j, v) in y.iter_mut().enumerate() {
-        let row = w.row(j).ok_or(Error::Overflow)?;
-        // SAFETY: this function's own precondition.
-        let d = unsafe { dot_avx2(row, xq, table) };
-        *v = match accum {
-            Accum::Replace => d,
-            Accum::Add => *v + d,
-        };
-    }
-    Ok(())
+    // SAFETY: this function's own precondition.
+    each_row(w, y, accum, |row| unsafe { dot_avx2(row, xq, table) })
 }
 
 /// Whether the CPU has what [`dot_avx512`] needs (AVX-512 F, BW, DQ and
@@ -172,23 +186,15 @@ fn avx512() -> bool {
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
-/// [`rows_avx2`] with [`dot_avx512`].
+/// [`gemv1`]'s loop with [`dot_avx512`].
 ///
 /// # Safety
 /// The CPU must have the features [`avx512`] checks.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c")]
 unsafe fn rows_avx512(w: &StoredWeight<'_>, xq: &Int8Input, table: &[f32], y: &mut [f32], accum: Accum) -> Result<()> {
-    for (j, v) in y.iter_mut().enumerate() {
-        let row = w.row(j).ok_or(Error::Overflow)?;
-        // SAFETY: this function's own precondition.
-        let d = unsafe { dot_avx512(row, xq, table) };
-        *v = match accum {
-            Accum::Replace => d,
-            Accum::Add => *v + d,
-        };
-    }
-    Ok(())
+    // SAFETY: this function's own precondition.
+    each_row(w, y, accum, |row| unsafe { dot_avx512(row, xq, table) })
 }
 
 /// [`dot`] over two blocks per step in AVX-512: `vpdpbusd` multiplies 64
@@ -196,11 +202,11 @@ unsafe fn rows_avx512(w: &StoredWeight<'_>, xq: &Int8Input, table: &[f32], y: &m
 /// four products into one of 16 i32 lanes (exact). Both formats enter
 /// unsigned: Q4_0's nibbles as they are, Q8_0's values plus 128 (a
 /// flipped sign bit); each lane starts from minus its offset (`8` or
-/// `128` times the sum of its four inputs, [`Int8Input`]'s `q4_bias`,
-/// `q8_bias`), so the i32 sums are the signed ones, exact, and no scalar
+/// `128` times the sum of its four inputs, [`Int8Input`]'s `bias`), so
+/// the i32 sums are the signed ones, exact, and no scalar
 /// chain remains. Two accumulators. Q4_0's two blocks come out as `[low nibbles
 /// of b, of b + 1, high of b, of b + 1]`, which [`Int8Input`]'s
-/// `q4_pairs` matches. An odd last block is summed in scalar code.
+/// `pairs` matches. An odd last block is summed by [`dot`].
 ///
 /// # Safety
 /// The CPU must have the features [`avx512`] checks. Loads stay inside
@@ -214,13 +220,13 @@ unsafe fn dot_avx512(row: RowRef<'_>, xq: &Int8Input, table: &[f32]) -> f32 {
     // SAFETY (all intrinsics and loads): the CPU features are this
     // function's precondition; blocks `bi, bi + 1 < nb` lie inside the
     // row's bytes (`nb` is bounded by them below) and their 64 inputs
-    // inside `xq.q` and `xq.q4_pairs` (both `nb QK` long), their biases
-    // inside `q8_bias` and `q4_bias` (`nb QK / 4` long) and their scales
-    // inside `xq.d`.
+    // inside `xq.q` (Q8_0) or `xq.pairs` (Q4_0), both `nb QK` long, their
+    // biases inside `xq.bias` (`nb QK / 4` long) and their scales inside
+    // `xq.d`.
     unsafe {
         let (d, bytes, block, x, bias, lanes) = match row {
-            RowRef::Q8_0(b) => (xq.d.as_ptr(), b, Q8_0_BYTES, xq.q.as_ptr(), xq.q8_bias.as_ptr(), Q8_LANES),
-            RowRef::Q4_0(b) => (xq.d.as_ptr(), b, Q4_0_BYTES, xq.q4_pairs.as_ptr(), xq.q4_bias.as_ptr(), Q4_LANES),
+            RowRef::Q8_0(b) => (xq.d.as_ptr(), b, Q8_0_BYTES, xq.q.as_ptr(), xq.bias.as_ptr(), Q8_LANES),
+            RowRef::Q4_0(b) => (xq.d.as_ptr(), b, Q4_0_BYTES, xq.pairs.as_ptr(), xq.bias.as_ptr(), Q4_LANES),
             _ => return 0.0,
         };
         let q8 = block == Q8_0_BYTES;
@@ -268,47 +274,36 @@ unsafe fn dot_avx512(row: RowRef<'_>, xq: &Int8Input, table: &[f32]) -> f32 {
             acc0 = _mm512_fmadd_ps(s0, v0, acc0);
             bi += 2;
         }
-        let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-        if bi < nb {
-            // An odd last block: the portable sum of that block alone.
-            let one = Int8Input {
-                q: xq.q[bi * QK..(bi + 1) * QK].to_vec(),
-                d: vec![xq.d[bi]],
-                offset: vec![xq.offset[bi]],
-                q4_pairs: Vec::new(),
-                q4_bias: Vec::new(),
-                q8_bias: Vec::new(),
-            };
-            let blk = &bytes[bi * block..(bi + 1) * block];
-            total += dot(if q8 { RowRef::Q8_0(blk) } else { RowRef::Q4_0(blk) }, &one, table);
-        }
-        total
+        let total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        // An odd last block: the portable sum of that block alone.
+        if bi < nb { total + dot(row, xq, table, bi) } else { total }
     }
 }
 
 /// [`dot_avx512`]'s lane-to-block maps (index 0: block `bi`, 1: `bi + 1`):
 /// Q8_0's blocks are the low and high halves of the 64 bytes; Q4_0's
-/// alternate by 16 bytes (`q4_pairs`' order).
+/// alternate by 16 bytes (`pairs`' order).
 #[cfg(target_arch = "x86_64")]
 const Q8_LANES: [i32; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1];
 #[cfg(target_arch = "x86_64")]
 const Q4_LANES: [i32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1];
 
-/// One row's dot product with the quantized input, in portable integer
-/// code (the same sums as [`dot_avx2`], added in another order).
-fn dot(row: RowRef<'_>, xq: &Int8Input, table: &[f32]) -> f32 {
+/// One row's dot product with the quantized input from block `first` on,
+/// in portable integer code (the same sums as [`dot_avx2`], added in
+/// another order).
+fn dot(row: RowRef<'_>, xq: &Int8Input, table: &[f32], first: usize) -> f32 {
     let scale = |blk: &[u8]| table[usize::from(u16::from_le_bytes([blk[0], blk[1]]))];
     let mut total = 0.0f32;
     match row {
         RowRef::Q8_0(bytes) => {
-            for ((blk, xb), db) in bytes.chunks_exact(Q8_0_BYTES).zip(xq.q.chunks_exact(QK)).zip(&xq.d) {
+            for ((blk, xb), db) in bytes.chunks_exact(Q8_0_BYTES).zip(xq.q.chunks_exact(QK)).zip(&xq.d).skip(first) {
                 let s: i32 = blk[2..].iter().zip(xb).map(|(w, x)| i32::from(*w as i8) * i32::from(*x)).sum();
                 total += scale(blk) * db * s as f32;
             }
         }
         RowRef::Q4_0(bytes) => {
             for (((blk, xb), db), off) in
-                bytes.chunks_exact(Q4_0_BYTES).zip(xq.q.chunks_exact(QK)).zip(&xq.d).zip(&xq.offset)
+                bytes.chunks_exact(Q4_0_BYTES).zip(xq.q.chunks_exact(QK)).zip(&xq.d).zip(&xq.offset).skip(first)
             {
                 let (lo, hi) = xb.split_at(QK / 2);
                 let s: i32 = blk[2..]
@@ -397,7 +392,7 @@ mod tests {
     use peft_core::storage::{Format, OwnedWeight, QK, dequantize};
     use peft_core::{Accum, MatMut, MatRef, Rng};
 
-    use super::{Int8Input, dot, gemv1};
+    use super::{Int8Input, dot, prepare};
     use crate::Faer;
 
     /// The module's bound for row `j` (`deq` the dequantized matrix), in
@@ -458,9 +453,9 @@ mod tests {
                 super::super::apply(&be, &sw, xv, MatMut::new(&mut y, 1, out).unwrap(), Accum::Replace).unwrap();
                 ys.push(y);
             }
-            let xq = Int8Input::new(&x).unwrap();
+            let xq = Int8Input::new(&x, format).unwrap();
             let table = super::super::f16_table();
-            let portable: Vec<f32> = (0..out).map(|j| dot(sw.row(j).unwrap(), &xq, table)).collect();
+            let portable: Vec<f32> = (0..out).map(|j| dot(sw.row(j).unwrap(), &xq, table, 0)).collect();
             let mut kernels = vec![("portable", portable)];
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2")
@@ -491,20 +486,29 @@ mod tests {
         }
     }
 
-    /// An input with a NaN, or not whole blocks, is not taken (nothing
-    /// written); Q4_1 is not taken either.
+    /// An input with a NaN or an infinity, or not whole blocks, is not
+    /// quantized, nor is any format but Q8_0 and Q4_0, nor anything with
+    /// the path off: such a product takes the exact path (its result bit
+    /// for bit).
     #[test]
     fn declines_what_it_cannot_compute() {
         let w = vec![0.5f32; 2 * QK];
         let owned = OwnedWeight::quantize(Format::Q8_0, &w, 2, QK).unwrap();
+        let sw = owned.weight().unwrap();
         let mut x = vec![1.0f32; QK];
         x[3] = f32::NAN;
-        let mut y = [7.0f32; 2];
-        assert!(!gemv1(&owned.weight().unwrap(), &x, &mut y, Accum::Replace).unwrap());
-        assert_eq!(y, [7.0; 2]);
-        assert!(Int8Input::new(&[1.0; QK + 1]).is_none());
-        assert!(Int8Input::new(&[f32::INFINITY; QK]).is_none());
-        let zero = Int8Input::new(&[0.0; QK]).unwrap();
+        let (on, off) = (Faer::new().int8_activations(true), Faer::new());
+        let xv = MatRef::new(&x, 1, QK).unwrap();
+        assert!(prepare(&on, &sw, xv).is_none());
+        let (mut a, mut b) = ([7.0f32; 2], [7.0f32; 2]);
+        super::super::apply(&on, &sw, xv, MatMut::new(&mut a, 1, 2).unwrap(), Accum::Replace).unwrap();
+        super::super::apply(&off, &sw, xv, MatMut::new(&mut b, 1, 2).unwrap(), Accum::Replace).unwrap();
+        assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits));
+        assert!(prepare(&off, &sw, MatRef::new(&[1.0; QK], 1, QK).unwrap()).is_none());
+        assert!(Int8Input::new(&[1.0; QK + 1], Format::Q8_0).is_none());
+        assert!(Int8Input::new(&[f32::INFINITY; QK], Format::Q8_0).is_none());
+        assert!(Int8Input::new(&[1.0; QK], Format::Q4_1).is_none());
+        let zero = Int8Input::new(&[0.0; QK], Format::Q4_0).unwrap();
         assert!(zero.q.iter().all(|q| *q == 0) && zero.d == [0.0]);
     }
 }

@@ -69,7 +69,7 @@ pub fn masked_loss(
     if let Some(g) = grad.as_deref_mut() {
         g.fill(0.0);
     }
-    let mut total = 0.0f64;
+    let (mut total, mut scratch) = (0.0f64, Vec::new());
     for (j, (&next, &m)) in ex.ids.iter().zip(&ex.mask).enumerate().skip(1) {
         if m == 0 {
             continue;
@@ -77,7 +77,7 @@ pub fn masked_loss(
         let row = skip + j - 1;
         let Some(z) = logits.get(row * vocab..(row + 1) * vocab) else { continue };
         let g = grad.as_deref_mut().and_then(|g| g.get_mut(row * vocab..(row + 1) * vocab));
-        total += crate::llama::row_cross_entropy(z, next as usize, denom, g);
+        total += crate::llama::row_cross_entropy(z, next as usize, denom, g, &mut scratch);
     }
     total / denom
 }
