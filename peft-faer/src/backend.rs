@@ -205,6 +205,15 @@ $($($stored)*)?
                 self.after_call();
                 Ok(())
             }
+
+            /// Over the pool's helper threads (`pool.rs`) with
+            /// [`Faer::threads`] of them, each part on a single-threaded
+            /// copy of these settings, so a part's result does not depend
+            /// on the thread count.
+            fn for_each_part(&self, parts: usize, f: &(dyn Fn(usize, &Self) + Sync)) {
+                let seq = self.single_threaded();
+                crate::pool::run(self.threads(), parts, &|i| f(i, &seq));
+            }
         }
     };
 }

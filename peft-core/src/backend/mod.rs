@@ -190,6 +190,17 @@ pub trait Backend<E: Element> {
     fn stored_apply_transpose(&self, w: &StoredWeight<'_>, p: Product<'_, E>) -> core::result::Result<(), Self::Error> {
         crate::storage::apply_transpose(w, p.src, p.dst, p.accum).map_err(Self::Error::from)
     }
+
+    /// Calls `f(i, backend)` once for every `i in 0..parts`, each call
+    /// whole on one thread with `backend` (this backend's settings, for
+    /// that thread). A backend with threads may run several parts at once
+    /// and in any order, so a caller's parts must be independent and each
+    /// must write only what is its own (a host splits attention by heads
+    /// this way). The provided version calls them in order on the calling
+    /// thread with `self`. It returns when every part has.
+    fn for_each_part(&self, parts: usize, f: &(dyn Fn(usize, &Self) + Sync)) {
+        (0..parts).for_each(|i| f(i, self));
+    }
 }
 
 /// What a backend-driven operation returns: nothing, or the backend's

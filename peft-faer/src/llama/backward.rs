@@ -21,6 +21,8 @@
 //! gradient); so are VeRA's shared projections (frozen by the method).
 
 use peft_core::attention::{AttentionGrads, PrefixGrads, backward as attn_backward};
+use std::sync::{Mutex, PoisonError};
+
 use peft_core::attention::{AttentionShape, Mask, Prefix};
 use peft_core::prefix::PrefixConfig;
 use peft_core::{Accum, Backend, MatMut, MatRef, Product};
@@ -29,7 +31,7 @@ use super::Projection::{Down, Gate, K, O, Q, Up, V};
 use super::norms::{layer_norms, norm_backward};
 use super::sites::{self, Module};
 use super::tokens;
-use super::{LayerTrace, Llama, LlamaAdapter, Trace, rms_norm, rotate, silu};
+use super::{LayerTrace, Llama, LlamaAdapter, Trace, head_cols, rms_norm, rotate, silu};
 use crate::hf::{HfError, TrainableTokensModule};
 
 /// An adapted projection's module and its gradient buffers.
@@ -137,21 +139,19 @@ pub(crate) fn row_cross_entropy(
 ) -> f64 {
     let max = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let t = target.min(z.len().saturating_sub(1));
-    let log_z = match grad {
-        None => f64::from(max) + z.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum::<f64>().ln(),
-        Some(g) => {
-            // `e^(z_k - max)` once, kept in f64 until the division.
-            scratch.clear();
-            scratch.extend(z.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()));
-            let sum: f64 = scratch.iter().sum();
-            for (k, (gk, ek)) in g.iter_mut().zip(scratch.iter()).enumerate() {
-                let v = ((ek / sum - if k == t { 1.0 } else { 0.0 }) / denom) as f32;
-                *gk = if v.is_subnormal() { 0.0 } else { v };
-            }
-            f64::from(max) + sum.ln()
+    // `e^(z_k - max)` once, kept in f64 until the division.
+    let sum = super::exp::exp_shifted(z, max, scratch);
+    if let Some(g) = grad {
+        for (gk, ek) in g.iter_mut().zip(scratch.iter()) {
+            let v = (ek / sum / denom) as f32;
+            *gk = if v.is_subnormal() { 0.0 } else { v };
         }
-    };
-    log_z - f64::from(z.get(t).copied().unwrap_or(0.0))
+        if let (Some(gt), Some(et)) = (g.get_mut(t), scratch.get(t)) {
+            let v = ((et / sum - 1.0) / denom) as f32;
+            *gt = if v.is_subnormal() { 0.0 } else { v };
+        }
+    }
+    f64::from(max) + sum.ln() - f64::from(z.get(t).copied().unwrap_or(0.0))
 }
 
 /// `dx` of `out = rms(x) w` for each row, accumulated into `dx`.
@@ -473,6 +473,11 @@ fn attend_backward_each<B: Backend<f32> + ?Sized>(
     let (qw, kvw) = (shape.q_width(), shape.kv_width());
     let p = prefix.map_or(0, |p| p.keys.rows());
     let bad = || HfError::Config { field: "trace".into(), reason: "a segment outside the traced rows".into() };
+    let trained_prefix = prefix_g.is_some() && p > 0;
+    let macs = segs.iter().map(|&(a, b)| (b - a) * (b - a + p)).sum::<usize>().saturating_mul(4 * qw);
+    if !trained_prefix && macs >= super::ATTEND_PAR_MIN_MACS {
+        return attend_backward_split(backend, shape, t, segs, prefix, dattn, [dq, dk, dv]);
+    }
     for &(a, b) in segs {
         let prefix_grads = match prefix_g.as_mut() {
             Some((gp, l, layers)) if p > 0 => Some(PrefixConfig::new(p, *layers, shape)?.layer_grads(gp, *l)?),
@@ -485,6 +490,75 @@ fn attend_backward_each<B: Backend<f32> + ?Sized>(
         ];
         let dattn = dattn.get(a * qw..b * qw).ok_or_else(bad)?;
         attend_backward(backend, shape, t, (a, b), prefix, prefix_grads, dattn, qkv, scratch)?;
+    }
+    Ok(())
+}
+
+/// [`attend_backward_each`] without prefix gradients, split by sequence
+/// and key/value group, each pair a part of [`Backend::for_each_part`]
+/// (so a backend with threads runs several at once): the group's query
+/// heads and its key/value columns through [`attn_backward`] into the
+/// part's own buffers, then copied into `dq`, `dk`, `dv`. The group's
+/// arithmetic is what the whole call does (same blocks, same products,
+/// its heads in the same order), at any thread count. A trained prefix's
+/// gradients, summed over all groups' columns of one buffer, take the
+/// whole call instead.
+#[allow(clippy::too_many_arguments)]
+fn attend_backward_split<'a, B: Backend<f32> + ?Sized>(
+    backend: &B,
+    shape: &AttentionShape,
+    t: &'a LayerTrace,
+    segs: &[(usize, usize)],
+    prefix: Option<&Prefix<'a, f32>>,
+    dattn: &'a [f32],
+    [dq, dk, dv]: [&mut Vec<f32>; 3],
+) -> Result<(), HfError> {
+    let (qw, kvw, dh, groups) = (shape.q_width(), shape.kv_width(), shape.head_dim(), shape.kv_heads().max(1));
+    let gw = qw / groups;
+    let gshape = AttentionShape::new(shape.heads() / groups, 1, dh).map_err(HfError::Core)?;
+    let p = prefix.map_or(0, |p| p.keys.rows());
+    type Cell = Mutex<Result<[Vec<f32>; 3], HfError>>;
+    let cells: Vec<Cell> = (0..segs.len() * groups).map(|_| Mutex::new(Ok(Default::default()))).collect();
+    backend.for_each_part(cells.len(), &|i, be| {
+        let (Some(cell), Some(&(a, b))) = (cells.get(i), segs.get(i / groups)) else { return };
+        let (g, n) = (i % groups, b - a);
+        let run = || -> Result<[Vec<f32>; 3], HfError> {
+            let block = |v: &'a [f32], w: usize, c: usize, cw: usize| -> Result<MatRef<'a, f32>, HfError> {
+                head_cols(&MatRef::new(segment(v, a, b, w)?, n, w)?, c, cw)
+            };
+            let q = block(&t.q, qw, g * gw, gw)?;
+            let (k, v) = (block(&t.k, kvw, g * dh, dh)?, block(&t.v, kvw, g * dh, dh)?);
+            let go = block(dattn, qw, g * gw, gw)?;
+            let pre = match prefix {
+                Some(pr) => {
+                    Some(Prefix { keys: head_cols(&pr.keys, g * dh, dh)?, values: head_cols(&pr.values, g * dh, dh)? })
+                }
+                None => None,
+            };
+            let (mut gq, mut gk, mut gv) = (vec![0.0f32; n * gw], vec![0.0f32; n * dh], vec![0.0f32; n * dh]);
+            let mut sc = vec![0.0f32; peft_core::attention::backward_scratch_len(n, n, p)];
+            let ag = AttentionGrads {
+                q: MatMut::new(&mut gq, n, gw)?,
+                k: MatMut::new(&mut gk, n, dh)?,
+                v: MatMut::new(&mut gv, n, dh)?,
+                prefix: None,
+            };
+            let mask = Mask { causal: true, key_padding: None, additive: None };
+            attn_backward(be, &gshape, q, k, v, pre.as_ref(), &mask, go, ag, &mut sc).map_err(HfError::backend)?;
+            Ok([gq, gk, gv])
+        };
+        let result = run();
+        *cell.lock().unwrap_or_else(PoisonError::into_inner) = result;
+    });
+    for (i, cell) in cells.into_iter().enumerate() {
+        let [gq, gk, gv] = cell.into_inner().unwrap_or_else(PoisonError::into_inner)?;
+        let (Some(&(a, b)), g) = (segs.get(i / groups), i % groups) else { continue };
+        for (dst, w, c, src) in [(&mut *dq, qw, gw, &gq), (&mut *dk, kvw, dh, &gk), (&mut *dv, kvw, dh, &gv)] {
+            let rows = dst.get_mut(a * w..b * w).ok_or(peft_core::Error::Overflow)?;
+            for (d, s) in rows.chunks_exact_mut(w).zip(src.chunks_exact(c)) {
+                d[g * c..(g + 1) * c].copy_from_slice(s);
+            }
+        }
     }
     Ok(())
 }
@@ -541,5 +615,93 @@ fn refuse_untrainable(adapter: Option<&LlamaAdapter<'_>>) -> Result<(), HfError>
             Err(HfError::Unsupported("training LoRA on embed_tokens or lm_head".into()))
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Faer;
+
+    /// Random `[n, w]` values (fixed seed per call site).
+    fn random(rng: &mut peft_core::Rng, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.normal_f64() as f32).collect()
+    }
+
+    /// The split attention (forward: by sequence and head; backward: by
+    /// sequence and key/value group) gives the bits of one whole
+    /// [`peft_core::attention`] call per sequence, at one and two threads,
+    /// with and without a prefix: a wrong column offset, a head read from
+    /// the wrong group or a sequence's rows mixed up changes them. The
+    /// shapes are above `ATTEND_PAR_MIN_MACS`, so the split runs.
+    #[test]
+    fn split_attention_gives_the_whole_calls_bits() {
+        let shape = AttentionShape::new(6, 2, 16).unwrap();
+        let (qw, kvw) = (shape.q_width(), shape.kv_width());
+        let segs = [(0usize, 70usize), (70, 150)];
+        let n = 150;
+        let mut rng = peft_core::Rng::new(17);
+        let t = LayerTrace {
+            q: random(&mut rng, n * qw),
+            k: random(&mut rng, n * kvw),
+            v: random(&mut rng, n * kvw),
+            ..LayerTrace::default()
+        };
+        let dattn = random(&mut rng, n * qw);
+        let (pk, pv) = (random(&mut rng, 5 * kvw), random(&mut rng, 5 * kvw));
+        let macs = segs.iter().map(|&(a, b)| (b - a) * (b - a)).sum::<usize>() * 2 * qw;
+        assert!(macs >= super::super::ATTEND_PAR_MIN_MACS);
+        let mask = Mask { causal: true, key_padding: None, additive: None };
+        for with_prefix in [false, true] {
+            let prefix = with_prefix
+                .then(|| Prefix { keys: MatRef::new(&pk, 5, kvw).unwrap(), values: MatRef::new(&pv, 5, kvw).unwrap() });
+            let p = if with_prefix { 5 } else { 0 };
+            // The whole calls, one per sequence, on the reference backend's order of work.
+            let be = Faer::new();
+            let mut want_out = vec![0.0f32; n * qw];
+            let mut want = [vec![0.0f32; n * qw], vec![0.0f32; n * kvw], vec![0.0f32; n * kvw]];
+            for &(a, b) in &segs {
+                let m = b - a;
+                let (q, k, v) = (
+                    MatRef::new(&t.q[a * qw..b * qw], m, qw).unwrap(),
+                    MatRef::new(&t.k[a * kvw..b * kvw], m, kvw).unwrap(),
+                    MatRef::new(&t.v[a * kvw..b * kvw], m, kvw).unwrap(),
+                );
+                let mut sc = vec![0.0f32; peft_core::attention::backward_scratch_len(m, m, p)];
+                let out = MatMut::new(&mut want_out[a * qw..b * qw], m, qw).unwrap();
+                peft_core::attention::forward(&be, &shape, q, k, v, prefix.as_ref(), &mask, out, &mut sc).unwrap();
+                let [gq, gk, gv] = &mut want;
+                let ag = AttentionGrads {
+                    q: MatMut::new(&mut gq[a * qw..b * qw], m, qw).unwrap(),
+                    k: MatMut::new(&mut gk[a * kvw..b * kvw], m, kvw).unwrap(),
+                    v: MatMut::new(&mut gv[a * kvw..b * kvw], m, kvw).unwrap(),
+                    prefix: None,
+                };
+                let go = MatRef::new(&dattn[a * qw..b * qw], m, qw).unwrap();
+                attn_backward(&be, &shape, q, k, v, prefix.as_ref(), &mask, go, ag, &mut sc).unwrap();
+            }
+            for threads in [1, 2] {
+                let be = Faer::with_threads(threads);
+                let seqs: Vec<super::super::Sequence<'_>> = segs
+                    .iter()
+                    .map(|&(a, b)| super::super::Sequence {
+                        q: MatRef::new(&t.q[a * qw..b * qw], b - a, qw).unwrap(),
+                        k: MatRef::new(&t.k[a * kvw..b * kvw], b - a, kvw).unwrap(),
+                        v: MatRef::new(&t.v[a * kvw..b * kvw], b - a, kvw).unwrap(),
+                        row0: a,
+                    })
+                    .collect();
+                let mut out = vec![f32::NAN; n * qw];
+                super::super::attend(&be, &shape, &seqs, prefix.as_ref(), &mut out, &mut Vec::new()).unwrap();
+                assert!(out.iter().zip(&want_out).all(|(a, b)| a.to_bits() == b.to_bits()), "forward, {threads}t");
+                let [mut gq, mut gk, mut gv] =
+                    [vec![f32::NAN; n * qw], vec![f32::NAN; n * kvw], vec![f32::NAN; n * kvw]];
+                attend_backward_split(&be, &shape, &t, &segs, prefix.as_ref(), &dattn, [&mut gq, &mut gk, &mut gv])
+                    .unwrap();
+                for (got, want) in [gq, gk, gv].iter().zip(&want) {
+                    assert!(got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "backward, {threads}t");
+                }
+            }
+        }
     }
 }

@@ -42,6 +42,7 @@
 
 mod backward;
 mod config;
+mod exp;
 pub mod finetune;
 pub mod gguf;
 mod norms;
@@ -52,6 +53,7 @@ pub mod train;
 mod weights;
 
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 
 use peft_core::attention::{AttentionShape, Mask, Prefix};
 use peft_core::lora::{LoraConfig, LoraEmbedding};
@@ -1304,26 +1306,103 @@ fn embedding_lora<B: Backend<f32> + ?Sized>(
     layer.add_low_rank(backend, &idx, rows, &mut sc).map_err(HfError::backend)
 }
 
-/// Causal attention of `q [n, q_width]` over the cached keys and values
-/// `kv` (`[tk, kv_width]` each, the new rows last) and a prefix, into
-/// `attn [n, q_width]`.
+/// A layer's attention of fewer multiply-adds than this (`2 n (p + tk)
+/// heads head_dim` over its sequences) runs on the calling thread:
+/// splitting a decode step's (0.15 M at SmolLM2's shapes after a
+/// 128-token prompt) cost more than it saved.
+pub(super) const ATTEND_PAR_MIN_MACS: usize = 1 << 20;
+
+/// One sequence's share of a layer's attention: its queries `[n,
+/// q_width]`, its cache's keys and values `[tk, kv_width]` (its new rows
+/// last), and the first row of its output.
+struct Sequence<'a> {
+    q: MatRef<'a, f32>,
+    k: MatRef<'a, f32>,
+    v: MatRef<'a, f32>,
+    row0: usize,
+}
+
+/// Causal attention of each sequence's queries over its keys and values
+/// and a prefix, into its rows of `attn [rows, q_width]`.
+///
+/// Sequence by sequence and head by head, each pair a part of
+/// [`Backend::for_each_part`] (so a backend with threads runs several at
+/// once): [`peft_core::attention`]'s forward over the head's columns of
+/// `q` and its key/value group's columns, into the part's own `[n,
+/// head_dim]` block of `scratch`, then copied into the head's columns of
+/// `attn`. Each part allocates its own scores (one block of queries,
+/// [`peft_core::attention::forward_scratch_len`]), so their memory grows
+/// with the threads, not with the heads. A head's arithmetic is what the whole call does (same blocks,
+/// same products, same order), at any thread count.
 fn attend<B: Backend<f32> + ?Sized>(
     backend: &B,
     shape: &AttentionShape,
-    q: &[f32],
-    (k, v): (&[f32], &[f32]),
+    seqs: &[Sequence<'_>],
     prefix: Option<&Prefix<'_, f32>>,
     attn: &mut [f32],
     scratch: &mut Vec<f32>,
 ) -> Result<(), HfError> {
-    let (qw, kvw) = (shape.q_width(), shape.kv_width());
-    let (n, tk) = (q.len() / qw.max(1), k.len() / kvw.max(1));
+    let (qw, dh, heads) = (shape.q_width(), shape.head_dim(), shape.heads());
+    let group = heads / shape.kv_heads().max(1);
     let p = prefix.map_or(0, |p| p.keys.rows());
-    scratch.resize(peft_core::attention::forward_scratch_len(n, tk, p), 0.0);
+    let one = AttentionShape::new(1, 1, dh).map_err(HfError::Core)?;
+    // Each part's block of `scratch` is its output; the attention's own
+    // scratch (one block's scores) is the part's, so memory grows with the
+    // threads running at once, not with the heads.
+    let len = |s: &Sequence<'_>| s.q.rows() * dh;
+    scratch.resize(seqs.iter().map(|s| heads * len(s)).sum(), 0.0);
+    let mut cells = Vec::with_capacity(seqs.len() * heads);
+    let mut rest = scratch.as_mut_slice();
+    for s in seqs {
+        for _ in 0..heads {
+            let (mine, tail) = core::mem::take(&mut rest).split_at_mut(len(s));
+            cells.push(Mutex::new((mine, Ok(()))));
+            rest = tail;
+        }
+    }
     let mask = Mask { causal: true, key_padding: None, additive: None };
-    let (q, k, v) = (MatRef::new(q, n, qw)?, MatRef::new(k, tk, kvw)?, MatRef::new(v, tk, kvw)?);
-    peft_core::attention::forward(backend, shape, q, k, v, prefix, &mask, MatMut::new(attn, n, qw)?, scratch)
-        .map_err(HfError::backend)
+    let part = |i: usize, be: &B| {
+        let (Some(cell), Some(s)) = (cells.get(i), seqs.get(i / heads.max(1))) else { return };
+        let mut cell = cell.lock().unwrap_or_else(PoisonError::into_inner);
+        let (buf, result): &mut (&mut [f32], Result<(), HfError>) = &mut cell;
+        let (h, n) = (i % heads, s.q.rows());
+        let g = h / group.max(1) * dh;
+        let mut sc = vec![0.0f32; peft_core::attention::forward_scratch_len(n, s.k.rows(), p)];
+        *result = (|| {
+            let pre = match prefix {
+                Some(pr) => Some(Prefix { keys: head_cols(&pr.keys, g, dh)?, values: head_cols(&pr.values, g, dh)? }),
+                None => None,
+            };
+            let (q, k, v) = (head_cols(&s.q, h * dh, dh)?, head_cols(&s.k, g, dh)?, head_cols(&s.v, g, dh)?);
+            let out = MatMut::new(buf, n, dh)?;
+            peft_core::attention::forward(be, &one, q, k, v, pre.as_ref(), &mask, out, &mut sc)
+                .map_err(HfError::backend)
+        })();
+    };
+    // A decode step's attention (one query per sequence) is a few
+    // microseconds of work: on the calling thread (its products are far
+    // below the backend's own split, so the arithmetic is the same).
+    let macs = seqs.iter().map(|s| s.q.rows() * (s.k.rows() + p)).sum::<usize>().saturating_mul(2 * heads * dh);
+    if macs < ATTEND_PAR_MIN_MACS {
+        (0..cells.len()).for_each(|i| part(i, backend));
+    } else {
+        backend.for_each_part(cells.len(), &part);
+    }
+    for (i, cell) in cells.into_iter().enumerate() {
+        let (buf, result) = cell.into_inner().unwrap_or_else(PoisonError::into_inner);
+        result?;
+        let (Some(s), h) = (seqs.get(i / heads.max(1)), i % heads) else { continue };
+        let rows = attn.get_mut(s.row0 * qw..(s.row0 + s.q.rows()) * qw).ok_or(peft_core::Error::Overflow)?;
+        for (dst, src) in rows.chunks_exact_mut(qw).zip(buf.chunks_exact(dh)) {
+            dst[h * dh..(h + 1) * dh].copy_from_slice(src);
+        }
+    }
+    Ok(())
+}
+
+/// Columns `c..c + width` of `m` (a head's, or its key/value group's).
+pub(super) fn head_cols<'a>(m: &MatRef<'a, f32>, c: usize, width: usize) -> Result<MatRef<'a, f32>, HfError> {
+    m.cols_range(c, width).ok_or(HfError::Core(peft_core::Error::Overflow))
 }
 
 /// The row ranges of the sequences of a pass: `lens` in order, or all
@@ -1368,10 +1447,15 @@ fn attend_layer<B: Backend<f32> + ?Sized>(
         let (ck, cv) = (cache.k.get_mut(l).ok_or_else(missing)?, cache.v.get_mut(l).ok_or_else(missing)?);
         ck.extend_from_slice(k.get(a * kvw..b * kvw).ok_or_else(bad)?);
         cv.extend_from_slice(v.get(a * kvw..b * kvw).ok_or_else(bad)?);
-        let q = q.get(a * qw..b * qw).ok_or_else(bad)?;
-        attend(backend, shape, q, (ck, cv), prefix, attn.get_mut(a * qw..b * qw).ok_or_else(bad)?, scratch)?;
     }
-    Ok(())
+    let mut seqs = Vec::with_capacity(segments.len());
+    for (cache, &(a, b)) in caches.iter().zip(segments) {
+        let (ck, cv) = (cache.k.get(l).ok_or_else(missing)?, cache.v.get(l).ok_or_else(missing)?);
+        let q = MatRef::new(q.get(a * qw..b * qw).ok_or_else(bad)?, b - a, qw)?;
+        let tk = ck.len() / kvw.max(1);
+        seqs.push(Sequence { q, k: MatRef::new(ck, tk, kvw)?, v: MatRef::new(cv, tk, kvw)?, row0: a });
+    }
+    attend(backend, shape, &seqs, prefix, attn, scratch)
 }
 
 /// What [`Llama::forward_traced`] keeps of one layer.

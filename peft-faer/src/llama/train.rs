@@ -1022,11 +1022,11 @@ pub struct Distill {
 
 /// `softmax` of each row of `logits` (`vocab` wide), in f64, rounded once.
 fn softmax_rows(logits: &[f32], vocab: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; logits.len()];
+    let (mut out, mut e) = (vec![0.0f32; logits.len()], Vec::new());
     for (z, p) in logits.chunks_exact(vocab).zip(out.chunks_exact_mut(vocab)) {
         let max = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let sum: f64 = z.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum();
-        p.iter_mut().zip(z).for_each(|(p, &v)| *p = ((f64::from(v) - f64::from(max)).exp() / sum) as f32);
+        let sum = super::exp::exp_shifted(z, max, &mut e);
+        p.iter_mut().zip(&e).for_each(|(p, e)| *p = (e / sum) as f32);
     }
     out
 }
@@ -1039,20 +1039,21 @@ pub fn kl_loss(logits: &[f32], teacher: &[f32], vocab: usize, skip: usize, mut g
         g.fill(0.0);
     }
     let rows = teacher.len() / vocab.max(1);
-    let mut total = 0.0f64;
+    let (mut total, mut e) = (0.0f64, Vec::new());
     for (i, p) in teacher.chunks_exact(vocab).enumerate() {
         let r = skip + i;
         let Some(z) = logits.get(r * vocab..(r + 1) * vocab) else { continue };
         let max = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let log_sum = f64::from(max) + z.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum::<f64>().ln();
+        let sum = super::exp::exp_shifted(z, max, &mut e);
+        let log_sum = f64::from(max) + sum.ln();
         for (&pk, &zk) in p.iter().zip(z) {
             if pk > 0.0 {
                 total += f64::from(pk) * (f64::from(pk).ln() - (f64::from(zk) - log_sum));
             }
         }
         if let Some(g) = grad.as_deref_mut().and_then(|g| g.get_mut(r * vocab..(r + 1) * vocab)) {
-            for ((gk, &zk), &pk) in g.iter_mut().zip(z).zip(p) {
-                *gk = (((f64::from(zk) - log_sum).exp() - f64::from(pk)) / rows as f64) as f32;
+            for ((gk, ek), &pk) in g.iter_mut().zip(&e).zip(p) {
+                *gk = ((ek / sum - f64::from(pk)) / rows as f64) as f32;
             }
         }
     }
