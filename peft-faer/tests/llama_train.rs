@@ -117,33 +117,67 @@ fn saved_models_load_back_and_finetune_takes_a_checkpoint() {
 /// products sum over more rows, so the rounding differs).
 #[test]
 fn a_batched_pass_equals_its_sequences_one_by_one() {
-    use peft_faer::llama::LlamaGrads;
-    use peft_faer::llama::Trace;
-    use peft_faer::llama::finetune::trainable;
-    let be = Faer::new();
-    let model = Llama::random(config(), 3);
-    let vocab = model.config.vocab_size;
     let seqs: Vec<Vec<u32>> = [5usize, 9, 1, 7]
         .iter()
         .enumerate()
         .map(|(s, &n)| (0..n as u32).map(|i| (i * 13 + s as u32 * 7) % 64).collect())
         .collect();
+    batched_equals_one_by_one(&Faer::new(), &Llama::random(config(), 3), &seqs);
+}
+
+/// The same at shapes where the host splits its work over
+/// `Backend::for_each_part` in the batched pass (12 sequences of 16
+/// tokens, hidden 256: the norms, RoPE and SwiGLU by blocks of rows, the
+/// attention by sequence and head), at one thread and at two, and not
+/// when the sequences run one by one (16 rows, one block; each
+/// sequence's attention below the split's size): a block handed the wrong
+/// rows, or a head the wrong columns, breaks the agreement. The two
+/// thread counts also give the same bits.
+#[test]
+fn the_split_host_work_equals_the_unsplit() {
+    let config = LlamaConfig::parse(
+        r#"{"vocab_size": 64, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}"#,
+    )
+    .unwrap();
+    let model = Llama::random(config, 4);
+    let seqs: Vec<Vec<u32>> = (0..12u32).map(|s| (0..16u32).map(|i| (i * 29 + s * 11) % 64).collect()).collect();
+    let bits: Vec<Vec<u32>> = [1, 2]
+        .into_iter()
+        .map(|threads| {
+            let logits = batched_equals_one_by_one(&Faer::with_threads(threads), &model, &seqs);
+            logits.iter().map(|v| v.to_bits()).collect()
+        })
+        .collect();
+    assert_eq!(bits[0], bits[1], "1 and 2 threads");
+}
+
+/// Every method (but prompt tuning, refused in a batch) on `seqs`, run as
+/// one batched pass and one by one: logits, and gradients of
+/// `sum(logits w)` for a fixed `w`, within 2e-5 of the largest value.
+/// Returns the batched logits of all methods, in order.
+fn batched_equals_one_by_one(be: &Faer, model: &Llama, seqs: &[Vec<u32>]) -> Vec<f32> {
+    use peft_faer::llama::LlamaGrads;
+    use peft_faer::llama::Trace;
+    use peft_faer::llama::finetune::trainable;
+    let vocab = model.config.vocab_size;
     let refs: Vec<&[u32]> = seqs.iter().map(|s| &s[..]).collect();
     let close = |a: &[f32], b: &[f32], what: &str| {
         let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-30);
         let err = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
         assert!(a.len() == b.len() && err <= 2e-5 * scale, "{what}: {err} of {scale}");
     };
+    let mut every = Vec::new();
     for method in peft_core::method::METHODS.iter() {
-        let Some(mut adapter) = trainable(&model, method, 4, 9).unwrap() else { continue };
+        let Some(mut adapter) = trainable(model, method, 4, 9).unwrap() else { continue };
         // Nonzero everywhere, so that every factor has a gradient.
         for t in adapter.tensors_mut() {
             t.iter_mut().enumerate().for_each(|(i, v)| *v += 0.01 * ((i % 7) as f32 - 3.0));
         }
-        let hosted = adapter.hosted(&model).unwrap();
+        let hosted = adapter.hosted(model).unwrap();
         let mut trace = Trace::default();
         if method.name == "prompt" {
-            let e = model.forward_traced_batch(&be, &refs, Some(&hosted), &mut trace).unwrap_err().to_string();
+            let e = model.forward_traced_batch(be, &refs, Some(&hosted), &mut trace).unwrap_err().to_string();
             assert!(e.contains("segments"), "{e}");
             continue;
         }
@@ -154,18 +188,20 @@ fn a_batched_pass_equals_its_sequences_one_by_one() {
         let mut one = LlamaGrads::zeros(&hosted);
         let (mut all, mut first) = (Vec::new(), 0);
         for s in &refs {
-            let logits = model.forward_traced(&be, s, Some(&hosted), &mut trace).unwrap();
-            model.backward(&be, Some(&hosted), &trace, &weight(s.len(), first), Some(&mut one)).unwrap();
+            let logits = model.forward_traced(be, s, Some(&hosted), &mut trace).unwrap();
+            model.backward(be, Some(&hosted), &trace, &weight(s.len(), first), Some(&mut one)).unwrap();
             all.extend(logits);
             first += s.len();
         }
         let mut batched = LlamaGrads::zeros(&hosted);
-        let logits = model.forward_traced_batch(&be, &refs, Some(&hosted), &mut trace).unwrap();
+        let logits = model.forward_traced_batch(be, &refs, Some(&hosted), &mut trace).unwrap();
         close(&logits, &all, &format!("{} logits", method.name));
-        model.backward(&be, Some(&hosted), &trace, &weight(first, 0), Some(&mut batched)).unwrap();
+        model.backward(be, Some(&hosted), &trace, &weight(first, 0), Some(&mut batched)).unwrap();
         for (i, (b, o)) in batched.flatten().iter().zip(one.flatten()).enumerate() {
             assert!(o.iter().any(|v| *v != 0.0), "{} tensor {i} has no gradient", method.name);
             close(b, o, &format!("{} gradient {i}", method.name));
         }
+        every.extend(logits);
     }
+    every
 }

@@ -31,7 +31,7 @@ use super::Projection::{Down, Gate, K, O, Q, Up, V};
 use super::norms::{layer_norms, norm_backward};
 use super::sites::{self, Module};
 use super::tokens;
-use super::{LayerTrace, Llama, LlamaAdapter, Trace, head_cols, rms_norm, rotate, silu};
+use super::{LayerTrace, Llama, LlamaAdapter, Trace, head_cols, rms_norm_rows, rotate_rows, rows};
 use crate::hf::{HfError, TrainableTokensModule};
 
 /// An adapted projection's module and its gradient buffers.
@@ -152,6 +152,28 @@ pub(crate) fn row_cross_entropy(
         }
     }
     f64::from(max) + sum.ln() - f64::from(z.get(t).copied().unwrap_or(0.0))
+}
+
+/// [`norm_backward`]: over blocks of rows ([`rows::by_rows`]) when the
+/// norm's weight is frozen; with its gradient (summed over all rows), on
+/// the calling thread.
+fn norm_backward_rows<B: Backend<f32> + ?Sized>(
+    backend: &B,
+    x: &[f32],
+    w: &[f32],
+    eps: f64,
+    dy: &[f32],
+    dx: &mut [f32],
+    grad: Option<&mut [f32]>,
+) -> Result<(), HfError> {
+    if grad.is_some() {
+        return norm_backward(x, w, eps, dy, dx, grad);
+    }
+    let d = w.len().max(1);
+    rows::by_rows(backend, [(dx, d)], &|r0, [dx]| {
+        rms_norm_backward(rows::from(x, r0, d), w, eps, rows::from(dy, r0, d), dx);
+    });
+    Ok(())
 }
 
 /// `dx` of `out = rms(x) w` for each row, accumulated into `dx`.
@@ -348,7 +370,10 @@ impl Llama {
             dact.fill(0.0);
             let act = MatRef::new(&t.act, n, f)?;
             sites::backward(backend, layer.linear(Down), gd_l, act, dh_mlp, dact, &mut ws)?;
-            swiglu_backward(dact, &t.gate, &t.up, dg, du);
+            rows::by_rows(backend, [(&mut dg[..], f), (&mut du[..], f)], &|r0, [dg, du]| {
+                let (da, g, u) = (rows::from(dact, r0, f), rows::from(&t.gate, r0, f), rows::from(&t.up, r0, f));
+                swiglu_backward(da, g, u, dg, du);
+            });
             dx2.fill(0.0);
             let x2 = MatRef::new(&t.x2, n, d)?;
             sites::backward(backend, layer.linear(Gate), gg_l, x2, dg, dx2, &mut ws)?;
@@ -356,7 +381,7 @@ impl Llama {
             let ([w_in, w_post], [g_in, g_post]) =
                 layer_norms(adapter, layer, norm_g.as_deref_mut().map(Vec::as_mut_slice), l);
             let mut da = dh;
-            norm_backward(&t.a, w_post, c.rms_norm_eps, dx2, &mut da, g_post)?;
+            norm_backward_rows(backend, &t.a, w_post, c.rms_norm_eps, dx2, &mut da, g_post)?;
             // a = h_in + o(attn).
             let bg = bottleneck_g.as_deref_mut();
             let adapted = bottleneck_backward(backend, adapter, bg, (l, 0), &t.attn_pre, &da, dz, adapter_scratch)?;
@@ -378,16 +403,15 @@ impl Llama {
                 [dq, dk, dv],
                 attn_scratch,
             )?;
-            rotate(dq, c.num_heads, c.head_dim, &rope, -1.0);
-            rotate(dk, c.num_kv_heads, c.head_dim, &rope, -1.0);
-            rms_norm(&t.h_in, w_in, c.rms_norm_eps, x1);
+            rotate_rows(backend, [dq, dk], c, &rope, -1.0);
+            rms_norm_rows(backend, &t.h_in, w_in, c.rms_norm_eps, x1);
             dx1.fill(0.0);
             let x1v = MatRef::new(x1, n, d)?;
             sites::backward(backend, layer.linear(Q), gq_l, x1v, dq, dx1, &mut ws)?;
             sites::backward(backend, layer.linear(K), gk_l, x1v, dk, dx1, &mut ws)?;
             sites::backward(backend, layer.linear(V), gv_l, x1v, dv, dx1, &mut ws)?;
             let mut dh_in = da;
-            norm_backward(&t.h_in, w_in, c.rms_norm_eps, dx1, &mut dh_in, g_in)?;
+            norm_backward_rows(backend, &t.h_in, w_in, c.rms_norm_eps, dx1, &mut dh_in, g_in)?;
             dh = dh_in;
         }
         if let Some(gp) = prompt_g {
@@ -449,8 +473,10 @@ fn grads_match(c: &super::LlamaConfig, adapter: Option<&LlamaAdapter<'_>>, grads
 /// (overwritten) from `d act`.
 fn swiglu_backward(dact: &[f32], gate: &[f32], up: &[f32], dg: &mut [f32], du: &mut [f32]) {
     for ((((dg, du), &da), &g), &u) in dg.iter_mut().zip(du.iter_mut()).zip(dact).zip(gate).zip(up) {
-        let sig = 1.0 / (1.0 + (-g).exp());
-        *du = da * silu(g);
+        // One exponential for both: `silu(g) = g / (1 + e^-g)`, bit for bit.
+        let e1 = 1.0 + (-g).exp();
+        let sig = 1.0 / e1;
+        *du = da * (g / e1);
         *dg = da * u * sig * (1.0 + g * (1.0 - sig));
     }
 }

@@ -46,6 +46,7 @@ mod exp;
 pub mod finetune;
 pub mod gguf;
 mod norms;
+mod rows;
 mod save;
 mod sites;
 mod tokens;
@@ -581,6 +582,14 @@ impl<'a> LlamaAdapter<'a> {
             }
         }
         Ok(Self::Bottleneck(b))
+    }
+
+    /// The module on layer `l`'s projection `p`, if any.
+    fn module(&self, l: usize, p: Projection) -> Option<Module<'a>> {
+        match self {
+            Self::Modules { layers, .. } => layers.get(l).and_then(|m| m[p.index()]),
+            _ => None,
+        }
     }
 
     /// The weight of layer `l`'s norm `site` ([`LAYER_NORMS`]) where LN
@@ -1119,30 +1128,26 @@ impl Llama {
         }
         for (l, layer) in self.layers.iter().enumerate() {
             let h_in = trace.is_some().then(|| h.clone());
-            let module = |p: Projection| match adapter {
-                Some(LlamaAdapter::Modules { layers, .. }) => layers.get(l).and_then(|m| m[p.index()]),
-                _ => None,
-            };
+            let module = |p: Projection| adapter.and_then(|a| a.module(l, p));
             use Projection::{Down, Gate, K, O, Q, Up, V};
             let tuned = |site: usize| adapter.and_then(|a| a.layer_norm(l, site));
-            rms_norm(&h, tuned(0).unwrap_or(&layer.input_norm), c.rms_norm_eps, &mut norm);
+            rms_norm_rows(backend, &h, tuned(0).unwrap_or(&layer.input_norm), c.rms_norm_eps, &mut norm);
             let x = MatRef::new(&norm, n, d)?;
             sites::forward(backend, layer.linear(Q), module(Q), x, &mut q, ws)?;
             sites::forward(backend, layer.linear(K), module(K), x, &mut k, ws)?;
             sites::forward(backend, layer.linear(V), module(V), x, &mut v, ws)?;
-            apply_rope(&mut q, c.num_heads, c.head_dim, &rope);
-            apply_rope(&mut k, c.num_kv_heads, c.head_dim, &rope);
+            rotate_rows(backend, [&mut q, &mut k], c, &rope, 1.0);
             let prefix = adapter.map(|a| a.prefix_layer(c, l)).transpose()?.flatten();
             attend_layer(backend, &shape, &segments, (caches, l), (&q, &k, &v), prefix.as_ref(), &mut attn, scratch)?;
             sites::forward(backend, layer.linear(O), module(O), MatRef::new(&attn, n, qw)?, &mut out, ws)?;
             let attn_pre = bottleneck(backend, adapter, l, 0, &mut out, &mut ws.scratch)?;
             h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
-            rms_norm(&h, tuned(1).unwrap_or(&layer.post_norm), c.rms_norm_eps, &mut norm);
+            rms_norm_rows(backend, &h, tuned(1).unwrap_or(&layer.post_norm), c.rms_norm_eps, &mut norm);
             let x = MatRef::new(&norm, n, d)?;
             sites::forward(backend, layer.linear(Gate), module(Gate), x, &mut gate, ws)?;
             sites::forward(backend, layer.linear(Up), module(Up), x, &mut up, ws)?;
             let pre_gate = trace.is_some().then(|| gate.clone());
-            gate.iter_mut().zip(&up).for_each(|(g, u)| *g = silu(*g) * u);
+            silu_mul_rows(backend, &mut gate, &up, f);
             sites::forward(backend, layer.linear(Down), module(Down), MatRef::new(&gate, n, f)?, &mut out, ws)?;
             let mlp_pre = bottleneck(backend, adapter, l, 1, &mut out, &mut ws.scratch)?;
             if let Some(t) = trace.as_deref_mut() {
@@ -1164,7 +1169,13 @@ impl Llama {
             h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
         }
         caches.iter_mut().zip(&segments).for_each(|(cache, &(a, b))| cache.len += b - a);
-        rms_norm(&h, adapter.and_then(LlamaAdapter::last_norm).unwrap_or(&self.norm), c.rms_norm_eps, &mut norm);
+        rms_norm_rows(
+            backend,
+            &h,
+            adapter.and_then(LlamaAdapter::last_norm).unwrap_or(&self.norm),
+            c.rms_norm_eps,
+            &mut norm,
+        );
         if let Some(t) = trace {
             (t.h_final, t.normed) = (h, norm.clone());
         }
@@ -1573,10 +1584,35 @@ pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
     }
 }
 
-/// Rotates each head's pairs `(i, i + half)` of every row by its
-/// position's angles (`rope[row]`).
-pub(super) fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, rope: &[(Vec<f32>, Vec<f32>)]) {
-    rotate(x, heads, head_dim, rope, 1.0);
+/// [`rms_norm`] over blocks of rows ([`rows::by_rows`]).
+pub(super) fn rms_norm_rows<B: Backend<f32> + ?Sized>(backend: &B, x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
+    let d = w.len().max(1);
+    rows::by_rows(backend, [(out, d)], &|r0, [o]| rms_norm(rows::from(x, r0, d), w, eps, o));
+}
+
+/// `gate = silu(gate) * up`, rows `f` wide, over blocks of rows
+/// ([`rows::by_rows`]).
+fn silu_mul_rows<B: Backend<f32> + ?Sized>(backend: &B, gate: &mut [f32], up: &[f32], f: usize) {
+    rows::by_rows(backend, [(gate, f)], &|r0, [g]| {
+        g.iter_mut().zip(rows::from(up, r0, f)).for_each(|(g, u)| *g = silu(*g) * u);
+    });
+}
+
+/// [`rotate`] of the queries `[n, q_width]` and keys `[n, kv_width]` of a
+/// pass (their rows' angles `rope`) over blocks of rows ([`rows::by_rows`]).
+pub(super) fn rotate_rows<B: Backend<f32> + ?Sized>(
+    backend: &B,
+    [q, k]: [&mut [f32]; 2],
+    c: &LlamaConfig,
+    rope: &[(Vec<f32>, Vec<f32>)],
+    sign: f32,
+) {
+    let (hd, qw, kvw) = (c.head_dim, c.q_width(), c.kv_width());
+    rows::by_rows(backend, [(q, qw), (k, kvw)], &|r0, [q, k]| {
+        let rope = rope.get(r0..).unwrap_or_default();
+        rotate(q, c.num_heads, hd, rope, sign);
+        rotate(k, c.num_kv_heads, hd, rope, sign);
+    });
 }
 
 /// Each pair rotated by `sign` times its angle (`-1`: the transpose, which
