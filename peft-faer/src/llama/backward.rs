@@ -154,28 +154,6 @@ pub(crate) fn row_cross_entropy(
     f64::from(max) + sum.ln() - f64::from(z.get(t).copied().unwrap_or(0.0))
 }
 
-/// [`norm_backward`]: over blocks of rows ([`rows::by_rows`]) when the
-/// norm's weight is frozen; with its gradient (summed over all rows), on
-/// the calling thread.
-fn norm_backward_rows<B: Backend<f32> + ?Sized>(
-    backend: &B,
-    x: &[f32],
-    w: &[f32],
-    eps: f64,
-    dy: &[f32],
-    dx: &mut [f32],
-    grad: Option<&mut [f32]>,
-) -> Result<(), HfError> {
-    if grad.is_some() {
-        return norm_backward(x, w, eps, dy, dx, grad);
-    }
-    let d = w.len().max(1);
-    rows::by_rows(backend, [(dx, d)], &|r0, [dx]| {
-        rms_norm_backward(rows::from(x, r0, d), w, eps, rows::from(dy, r0, d), dx);
-    });
-    Ok(())
-}
-
 /// `dx` of `out = rms(x) w` for each row, accumulated into `dx`.
 pub(super) fn rms_norm_backward(x: &[f32], w: &[f32], eps: f64, dy: &[f32], dx: &mut [f32]) {
     let d = w.len().max(1);
@@ -315,7 +293,7 @@ impl Llama {
             self.head_tokens_backward(m, &trace.normed, dlogits, &mut dnormed, g)?;
         }
         let mut dh = vec![0.0f32; n * d];
-        norm_backward(&trace.h_final, norm, c.rms_norm_eps, &dnormed, &mut dh, grad)?;
+        norm_backward(backend, &trace.h_final, norm, c.rms_norm_eps, &dnormed, &mut dh, grad)?;
         Ok(dh)
     }
 
@@ -381,7 +359,7 @@ impl Llama {
             let ([w_in, w_post], [g_in, g_post]) =
                 layer_norms(adapter, layer, norm_g.as_deref_mut().map(Vec::as_mut_slice), l);
             let mut da = dh;
-            norm_backward_rows(backend, &t.a, w_post, c.rms_norm_eps, dx2, &mut da, g_post)?;
+            norm_backward(backend, &t.a, w_post, c.rms_norm_eps, dx2, &mut da, g_post)?;
             // a = h_in + o(attn).
             let bg = bottleneck_g.as_deref_mut();
             let adapted = bottleneck_backward(backend, adapter, bg, (l, 0), &t.attn_pre, &da, dz, adapter_scratch)?;
@@ -411,7 +389,7 @@ impl Llama {
             sites::backward(backend, layer.linear(K), gk_l, x1v, dk, dx1, &mut ws)?;
             sites::backward(backend, layer.linear(V), gv_l, x1v, dv, dx1, &mut ws)?;
             let mut dh_in = da;
-            norm_backward_rows(backend, &t.h_in, w_in, c.rms_norm_eps, dx1, &mut dh_in, g_in)?;
+            norm_backward(backend, &t.h_in, w_in, c.rms_norm_eps, dx1, &mut dh_in, g_in)?;
             dh = dh_in;
         }
         if let Some(gp) = prompt_g {

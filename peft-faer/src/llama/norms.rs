@@ -11,10 +11,10 @@
 //! default LN tuning targets for Llama); they have a weight and no bias.
 
 use peft_core::ln_tuning::{LnTuning, LnTuningGrads, Norm};
-use peft_core::{MatMut, MatRef};
+use peft_core::{Backend, MatMut, MatRef};
 
 use super::backward::rms_norm_backward;
-use super::{Layer, Llama, LlamaAdapter};
+use super::{Layer, Llama, LlamaAdapter, rows};
 use crate::hf::{HfAdapter, HfError};
 
 /// The two norms of a layer, in [`NormWeights::layers`]' order.
@@ -105,13 +105,16 @@ pub(super) fn layer_norms<'w, 'g>(
     }
 }
 
-/// `dx += dL/dx` of `out = rms(x) w` over rows of `w.len()`; with `grad`
-/// (LN tuning's weight, trained), `dL/dw` accumulated into it, both
-/// through `peft-core`'s [`LnTuning::backward`].
+/// `dx += dL/dx` of `out = rms(x) w` over rows of `w.len()`: with the
+/// weight frozen, row by row in blocks of rows ([`rows::by_rows`]); with
+/// `grad` (LN tuning's weight, trained, summed over all rows), `dL/dw`
+/// accumulated into it, both through `peft-core`'s [`LnTuning::backward`]
+/// on the calling thread.
 ///
 /// # Errors
 /// `peft-core`'s shape checks.
-pub(super) fn norm_backward(
+pub(super) fn norm_backward<B: Backend<f32> + ?Sized>(
+    backend: &B,
     x: &[f32],
     w: &[f32],
     eps: f64,
@@ -120,7 +123,10 @@ pub(super) fn norm_backward(
     grad: Option<&mut [f32]>,
 ) -> Result<(), HfError> {
     let Some(g) = grad else {
-        rms_norm_backward(x, w, eps, dy, dx);
+        let d = w.len().max(1);
+        rows::by_rows(backend, [(dx, d)], &|r0, [dx]| {
+            rms_norm_backward(rows::from(x, r0, d), w, eps, rows::from(dy, r0, d), dx);
+        });
         return Ok(());
     };
     let d = w.len();
