@@ -478,7 +478,8 @@ fn attend_backward_each<B: Backend<f32> + ?Sized>(
     let p = prefix.map_or(0, |p| p.keys.rows());
     let bad = || HfError::Config { field: "trace".into(), reason: "a segment outside the traced rows".into() };
     let trained_prefix = prefix_g.is_some() && p > 0;
-    let macs = segs.iter().map(|&(a, b)| (b - a) * (b - a + p)).sum::<usize>().saturating_mul(4 * qw);
+    let macs = segs.iter().map(|&(a, b)| b.saturating_sub(a) * (b.saturating_sub(a) + p)).sum::<usize>();
+    let macs = macs.saturating_mul(4 * qw);
     if !trained_prefix && macs >= super::ATTEND_PAR_MIN_MACS {
         return attend_backward_split(backend, shape, t, segs, prefix, dattn, [dq, dk, dv]);
     }
@@ -507,7 +508,6 @@ fn attend_backward_each<B: Backend<f32> + ?Sized>(
 /// its heads in the same order), at any thread count. A trained prefix's
 /// gradients, summed over all groups' columns of one buffer, take the
 /// whole call instead.
-#[allow(clippy::too_many_arguments)]
 fn attend_backward_split<'a, B: Backend<f32> + ?Sized>(
     backend: &B,
     shape: &AttentionShape,
@@ -525,7 +525,7 @@ fn attend_backward_split<'a, B: Backend<f32> + ?Sized>(
     let cells: Vec<Cell> = (0..segs.len() * groups).map(|_| Mutex::new(Ok(Default::default()))).collect();
     backend.for_each_part(cells.len(), &|i, be| {
         let (Some(cell), Some(&(a, b))) = (cells.get(i), segs.get(i / groups)) else { return };
-        let (g, n) = (i % groups, b - a);
+        let (g, n) = (i % groups, b.saturating_sub(a));
         let run = || -> Result<[Vec<f32>; 3], HfError> {
             let block = |v: &'a [f32], w: usize, c: usize, cw: usize| -> Result<MatRef<'a, f32>, HfError> {
                 head_cols(&MatRef::new(segment(v, a, b, w)?, n, w)?, c, cw)

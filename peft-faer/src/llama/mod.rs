@@ -1343,8 +1343,9 @@ struct Sequence<'a> {
 /// head_dim]` block of `scratch`, then copied into the head's columns of
 /// `attn`. Each part allocates its own scores (one block of queries,
 /// [`peft_core::attention::forward_scratch_len`]), so their memory grows
-/// with the threads, not with the heads. A head's arithmetic is what the whole call does (same blocks,
-/// same products, same order), at any thread count.
+/// with the threads, not with the heads. A head's arithmetic is what the
+/// whole call does (same blocks, same products, same order), at any
+/// thread count.
 fn attend<B: Backend<f32> + ?Sized>(
     backend: &B,
     shape: &AttentionShape,
@@ -1357,9 +1358,7 @@ fn attend<B: Backend<f32> + ?Sized>(
     let group = heads / shape.kv_heads().max(1);
     let p = prefix.map_or(0, |p| p.keys.rows());
     let one = AttentionShape::new(1, 1, dh).map_err(HfError::Core)?;
-    // Each part's block of `scratch` is its output; the attention's own
-    // scratch (one block's scores) is the part's, so memory grows with the
-    // threads running at once, not with the heads.
+    // Each part's block of `scratch` is its output.
     let len = |s: &Sequence<'_>| s.q.rows() * dh;
     scratch.resize(seqs.iter().map(|s| heads * len(s)).sum(), 0.0);
     let mut cells = Vec::with_capacity(seqs.len() * heads);
