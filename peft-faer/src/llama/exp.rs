@@ -108,7 +108,9 @@ unsafe fn exp_shifted_avx2(z: &[f32], max: f32, out: &mut [f64]) -> f64 {
     exp_shifted_generic(z, max, out)
 }
 
-/// The loop itself (`out` as long as `z`).
+/// The loop itself (`out` as long as `z`). Writing into the zeroed
+/// buffer vectorizes; `Vec::extend` over the same map did not (3x slower,
+/// measured on 128 rows of 49152).
 #[inline(always)]
 fn exp_shifted_generic(z: &[f32], max: f32, out: &mut [f64]) -> f64 {
     let m = f64::from(max);
@@ -157,8 +159,9 @@ mod tests {
         let max = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let mut want = vec![0.0; z.len()];
         let sum = exp_shifted_generic(&z, max, &mut want);
-        let mut got = Vec::new();
+        let mut got = vec![7.0; 5];
         assert_eq!(exp_shifted(&z, max, &mut got).to_bits(), sum.to_bits());
+        assert_eq!(got.len(), z.len(), "the earlier contents replaced");
         assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
         let naive: f64 = z.iter().map(|&v| (f64::from(v) - f64::from(max)).exp()).sum();
         assert!((sum - naive).abs() <= 1e-13 * naive, "{sum} vs {naive}");
